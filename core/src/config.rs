@@ -1,0 +1,172 @@
+//! `pipeline.toml`: what to build and run. Keys follow AutoDeploy's vocabulary where one exists.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Local folder or file, or a Hugging Face Hub id.
+    pub model: String,
+    /// Importer plugin name; detected from the files when absent.
+    #[serde(default)]
+    pub importer: Option<String>,
+    /// `auto` (the checkpoint's dtype), `float32`, `bfloat16` or `float16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default = "default_compile_backend")]
+    pub compile_backend: String,
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub prompts: Vec<Prompt>,
+    /// `[transforms.<name>]` tables; each name must be a registered transform.
+    #[serde(default)]
+    pub transforms: BTreeMap<String, toml::Table>,
+    /// The folder of the config file, for resolving relative paths.
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prompt {
+    /// Token ids of the prompt (text prompts arrive with the tokenizer).
+    pub token_ids: Vec<i64>,
+}
+
+fn default_dtype() -> String {
+    "auto".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_compile_backend() -> String {
+    "simple".into()
+}
+fn default_max_batch_size() -> usize {
+    8
+}
+fn default_max_seq_len() -> usize {
+    2048
+}
+fn default_max_new_tokens() -> usize {
+    16
+}
+
+impl PipelineConfig {
+    pub fn from_file(path: &Path) -> Result<PipelineConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut cfg: PipelineConfig = toml::from_str(&text).map_err(|e| Error::BadFile {
+            file: path.into(),
+            msg: e.to_string(),
+        })?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf);
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    /// The requested dtype; `None` for `auto`.
+    pub fn dtype(&self) -> Option<DType> {
+        match self.dtype.as_str() {
+            "auto" => None,
+            s => DType::parse(s),
+        }
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        if self.dtype != "auto" && !DType::parse(&self.dtype).is_some_and(|d| d.is_float()) {
+            return Err(Error::config(
+                path,
+                "dtype",
+                format!(
+                    "`{}` is not one of auto, float32, bfloat16, float16",
+                    self.dtype
+                ),
+            ));
+        }
+        if self.device != "cpu" {
+            return Err(Error::config(
+                path,
+                "device",
+                format!(
+                    "`{}` is not available in this build; use device = \"cpu\"",
+                    self.device
+                ),
+            ));
+        }
+        if self.max_batch_size == 0 {
+            return Err(Error::config(path, "max_batch_size", "must be at least 1"));
+        }
+        if self.max_seq_len == 0 {
+            return Err(Error::config(path, "max_seq_len", "must be at least 1"));
+        }
+        if let Some(name) = self.transforms.keys().next() {
+            return Err(Error::config(
+                path,
+                &format!("transforms.{name}"),
+                "unknown transform; this build registers none yet",
+            ));
+        }
+        for (i, p) in self.prompts.iter().enumerate() {
+            if p.token_ids.is_empty() {
+                return Err(Error::config(
+                    path,
+                    &format!("prompts[{i}].token_ids"),
+                    "is empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<PipelineConfig> {
+        let dir = std::env::temp_dir().join(format!("adcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!(
+            "{:x}.toml",
+            text.len() * 7919 + text.bytes().map(|b| b as usize).sum::<usize>()
+        ));
+        std::fs::write(&p, text).unwrap();
+        PipelineConfig::from_file(&p)
+    }
+
+    #[test]
+    fn defaults_and_errors_name_the_key() {
+        let c = parse("model = \"m\"\n").unwrap();
+        assert_eq!(
+            (c.dtype(), c.compile_backend.as_str(), c.max_batch_size),
+            (None, "simple", 8)
+        );
+        let e = parse("model = \"m\"\nmodle = 1\n").unwrap_err().to_string();
+        assert!(e.contains("modle"), "{e}");
+        let e = parse("model = \"m\"\ndtype = \"int8\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dtype") && e.contains("int8"), "{e}");
+        let e = parse("model = \"m\"\n[transforms.fuse_gemms]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transforms.fuse_gemms"), "{e}");
+        let e = parse("model = \"m\"\n[[prompts]]\ntoken_ids = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prompts[0].token_ids"), "{e}");
+    }
+}

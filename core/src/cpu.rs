@@ -1,0 +1,425 @@
+//! CPU implementation of every op, on host tensors.
+//!
+//! Floating-point math runs in f32 and each op rounds its result once to its output dtype, which
+//! is what torch's CPU kernels do for bf16 and f16. Data movement (views, transposes, slices,
+//! concatenation) is exact for every dtype.
+
+use autodeploy_kernels::cpu as k;
+use rayon::prelude::*;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ir::TensorMeta;
+use crate::ops::{infer, norm_dim, slice_bounds, Op};
+use crate::shape::{static_shape, Bindings, SizeArg};
+use crate::tensor::{Storage, Tensor};
+
+/// Elementwise work below this many elements stays on one thread.
+const PAR_MIN: usize = 1 << 15;
+
+/// Applies `f` to the storage of the same variant, for dtype-generic data movement.
+macro_rules! with_storage {
+    ($s:expr, |$v:ident| $body:expr) => {
+        match $s {
+            Storage::F32($v) => Storage::F32($body),
+            Storage::F16($v) => Storage::F16($body),
+            Storage::BF16($v) => Storage::BF16($body),
+            Storage::I64($v) => Storage::I64($body),
+            Storage::Bool($v) => Storage::Bool($body),
+        }
+    };
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Copies `src` viewed with `strides` (elements, may be 0 for broadcast) from `offset` into a
+/// new contiguous buffer of `shape`.
+fn strided_copy<T: Copy + Send + Sync>(
+    src: &[T],
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+) -> Vec<T> {
+    let n: usize = shape.iter().product();
+    if n == 0 {
+        return Vec::new();
+    }
+    let rank = shape.len();
+    if rank == 0 {
+        return vec![src[offset]];
+    }
+    let inner = shape[rank - 1];
+    let inner_stride = strides[rank - 1];
+    let rows = n / inner;
+    let mut out = Vec::with_capacity(n);
+    for r in 0..rows {
+        // Offset of row r: decompose its index over the outer dims.
+        let mut rem = r;
+        let mut off = offset;
+        for d in (0..rank - 1).rev() {
+            off += (rem % shape[d]) * strides[d];
+            rem /= shape[d];
+        }
+        if inner_stride == 1 {
+            out.extend_from_slice(&src[off..off + inner]);
+        } else {
+            out.extend((0..inner).map(|i| src[off + i * inner_stride]));
+        }
+    }
+    out
+}
+
+fn copy_view(t: &Tensor, shape: &[usize], strides: &[usize], offset: usize) -> Result<Tensor> {
+    let data = with_storage!(t.storage(), |v| strided_copy(v, shape, strides, offset));
+    Tensor::new(shape.to_vec(), data)
+}
+
+/// Strides that broadcast `shape` (right-aligned) to `out` (0 where the dim is broadcast).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let cs = contiguous_strides(shape);
+    let off = out.len() - shape.len();
+    (0..out.len())
+        .map(|i| {
+            if i < off || shape[i - off] == 1 {
+                0
+            } else {
+                cs[i - off]
+            }
+        })
+        .collect()
+}
+
+fn unary(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Result<Tensor> {
+    let v = x.to_f32();
+    let out: Vec<f32> = if v.len() >= PAR_MIN {
+        v.par_iter().map(|&a| f(a)).collect()
+    } else {
+        v.iter().map(|&a| f(a)).collect()
+    };
+    Tensor::from_f32_as(x.dtype(), x.shape().to_vec(), out)
+}
+
+fn binary(
+    op: &Op,
+    a: &Tensor,
+    b: &Tensor,
+    dtype: DType,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Result<Tensor> {
+    let shape: Vec<usize> =
+        crate::ops::broadcast(op, &static_shape(a.shape()), &static_shape(b.shape()))?
+            .iter()
+            .map(|d| d.as_static().expect("static"))
+            .collect();
+    if dtype == DType::I64 {
+        return Err(Error::op(
+            op.name(),
+            "integer arithmetic is not supported on the CPU backend",
+        ));
+    }
+    let (av, bv) = (a.to_f32(), b.to_f32());
+    let n: usize = shape.iter().product();
+    let out: Vec<f32> = if a.shape() == b.shape() {
+        av.iter().zip(bv.iter()).map(|(&x, &y)| f(x, y)).collect()
+    } else {
+        let (sa, sb) = (
+            broadcast_strides(a.shape(), &shape),
+            broadcast_strides(b.shape(), &shape),
+        );
+        let rank = shape.len();
+        let inner = *shape.last().unwrap_or(&1);
+        let mut out = vec![0f32; n];
+        let row = |r: usize, o: &mut [f32]| {
+            let (mut oa, mut ob, mut rem) = (0, 0, r);
+            for d in (0..rank.saturating_sub(1)).rev() {
+                let i = rem % shape[d];
+                rem /= shape[d];
+                oa += i * sa[d];
+                ob += i * sb[d];
+            }
+            let (ia, ib) = (
+                sa.last().copied().unwrap_or(0),
+                sb.last().copied().unwrap_or(0),
+            );
+            for (j, oo) in o.iter_mut().enumerate() {
+                *oo = f(av[oa + j * ia], bv[ob + j * ib]);
+            }
+        };
+        if inner > 0 {
+            if n >= PAR_MIN {
+                out.par_chunks_mut(inner)
+                    .enumerate()
+                    .for_each(|(r, o)| row(r, o));
+            } else {
+                out.chunks_mut(inner)
+                    .enumerate()
+                    .for_each(|(r, o)| row(r, o));
+            }
+        }
+        out
+    };
+    Tensor::from_f32_as(dtype, shape, out)
+}
+
+fn resolve(sizes: &[SizeArg], bind: &Bindings) -> Result<Vec<SizeArg>> {
+    sizes.iter().map(|s| s.eval(bind)).collect()
+}
+
+fn to_usize(shape: &[crate::shape::Dim]) -> Vec<usize> {
+    shape
+        .iter()
+        .map(|d| d.as_static().expect("concrete shape"))
+        .collect()
+}
+
+/// Evaluates one op. `bind` gives the values of symbolic sizes in the op's attributes.
+pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
+    // Resolve symbolic size arguments, then check the op's shape rules on the concrete inputs.
+    let op = match op {
+        Op::View(s) => Op::View(resolve(s, bind)?),
+        Op::Reshape(s) => Op::Reshape(resolve(s, bind)?),
+        Op::Expand(s) => Op::Expand(resolve(s, bind)?),
+        o => o.clone(),
+    };
+    let metas: Vec<TensorMeta> = ins
+        .iter()
+        .map(|t| TensorMeta {
+            dtype: t.dtype(),
+            shape: static_shape(t.shape()),
+        })
+        .collect();
+    let out_meta = infer(&op, &metas)?.remove(0);
+    let out_shape = to_usize(&out_meta.shape);
+    let x = ins[0];
+    match &op {
+        Op::Embedding => {
+            let (w, idx) = (ins[0], ins[1]);
+            let (rows, dim) = (w.shape()[0], w.shape()[1]);
+            let ids = idx.to_i64();
+            if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= rows) {
+                return Err(Error::op(
+                    op.name(),
+                    format!("index {bad} out of range for {rows} rows"),
+                ));
+            }
+            let data = with_storage!(w.storage(), |v| {
+                let mut out = Vec::with_capacity(ids.len() * dim);
+                for &i in ids.iter() {
+                    out.extend_from_slice(&v[i as usize * dim..(i as usize + 1) * dim]);
+                }
+                out
+            });
+            Tensor::new(out_shape, data)
+        }
+        Op::Linear => {
+            let w = ins[1];
+            let (n, kk) = (w.shape()[0], w.shape()[1]);
+            let m = x.numel() / kk.max(1);
+            let (xv, wv) = (x.to_f32(), w.to_f32());
+            let bias = ins.get(2).map(|b| b.to_f32());
+            let mut y = vec![0f32; m * n];
+            k::linear(m, n, kk, &xv, &wv, bias.as_deref(), &mut y);
+            Tensor::from_f32_as(out_meta.dtype, out_shape, y)
+        }
+        Op::Matmul => matmul(x, ins[1], out_meta.dtype, out_shape),
+        Op::Add => binary(&op, x, ins[1], out_meta.dtype, |a, b| a + b),
+        Op::Sub => binary(&op, x, ins[1], out_meta.dtype, |a, b| a - b),
+        Op::Mul => binary(&op, x, ins[1], out_meta.dtype, |a, b| a * b),
+        Op::Div => binary(&op, x, ins[1], out_meta.dtype, |a, b| a / b),
+        Op::AddScalar(s) => scalar_op(x, |a| a + *s as f32, |a| a + *s as i64),
+        Op::MulScalar(s) => scalar_op(x, |a| a * *s as f32, |a| a * *s as i64),
+        Op::Neg => scalar_op(x, |a| -a, |a| -a),
+        Op::PowScalar(p) => {
+            let p = *p as f32;
+            if p == 2.0 {
+                unary(x, |a| a * a)
+            } else {
+                unary(x, move |a| a.powf(p))
+            }
+        }
+        Op::Rsqrt => unary(x, |a| 1.0 / a.sqrt()),
+        Op::Silu => unary(x, |a| a / (1.0 + (-a).exp())),
+        Op::Cos => unary(x, f32::cos),
+        Op::Sin => unary(x, f32::sin),
+        Op::Mean { dims, .. } => mean(&op, x, dims, out_shape),
+        Op::ToDtype(d) => x.cast(*d),
+        Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => x.reshape(out_shape),
+        Op::Expand(_) => {
+            let strides = broadcast_strides(x.shape(), &out_shape);
+            copy_view(x, &out_shape, &strides, 0)
+        }
+        Op::Transpose(a, b) => {
+            let (a, b) = (norm_dim(&op, *a, x.rank())?, norm_dim(&op, *b, x.rank())?);
+            let mut strides = contiguous_strides(x.shape());
+            strides.swap(a, b);
+            copy_view(x, &out_shape, &strides, 0)
+        }
+        Op::Slice {
+            dim,
+            start,
+            end,
+            step,
+        } => {
+            let d = norm_dim(&op, *dim, x.rank())?;
+            let (s, _) = slice_bounds(*start, *end, x.shape()[d]);
+            let mut strides = contiguous_strides(x.shape());
+            let offset = s * strides[d];
+            strides[d] *= *step as usize;
+            copy_view(x, &out_shape, &strides, offset)
+        }
+        Op::Cat { dim } => {
+            let d = norm_dim(&op, *dim, x.rank())?;
+            let outer: usize = x.shape()[..d].iter().product();
+            let inner: usize = x.shape()[d + 1..].iter().product();
+            let data = cat_storage(ins, outer, inner, d)?;
+            Tensor::new(out_shape, data)
+        }
+        Op::Sdpa {
+            is_causal, scale, ..
+        } => {
+            let (q, kt, v) = (ins[0], ins[1], ins[2]);
+            let (qs, ks, vs) = (q.shape(), kt.shape(), v.shape());
+            let dims = k::AttnDims {
+                batch: qs[0],
+                q_heads: qs[1],
+                kv_heads: ks[1],
+                q_len: qs[2],
+                kv_len: ks[2],
+                head_dim: qs[3],
+                v_dim: vs[3],
+            };
+            let scale = scale
+                .map(|s| s as f32)
+                .unwrap_or(1.0 / (qs[3] as f32).sqrt());
+            let mut out = vec![0f32; out_shape.iter().product()];
+            k::attention(
+                dims,
+                &q.to_f32(),
+                &kt.to_f32(),
+                &v.to_f32(),
+                *is_causal,
+                scale,
+                &mut out,
+            );
+            Tensor::from_f32_as(out_meta.dtype, out_shape, out)
+        }
+    }
+}
+
+fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<Storage> {
+    macro_rules! cat_as {
+        ($variant:ident) => {{
+            let mut out = Vec::new();
+            for o in 0..outer {
+                for t in ins {
+                    let Storage::$variant(v) = t.storage() else {
+                        return Err(Error::op("aten.cat", "inputs have different dtypes"));
+                    };
+                    let chunk = t.shape()[d] * inner;
+                    out.extend_from_slice(&v[o * chunk..(o + 1) * chunk]);
+                }
+            }
+            Storage::$variant(out)
+        }};
+    }
+    Ok(match ins[0].storage() {
+        Storage::F32(_) => cat_as!(F32),
+        Storage::F16(_) => cat_as!(F16),
+        Storage::BF16(_) => cat_as!(BF16),
+        Storage::I64(_) => cat_as!(I64),
+        Storage::Bool(_) => cat_as!(Bool),
+    })
+}
+
+fn scalar_op(
+    x: &Tensor,
+    f: impl Fn(f32) -> f32 + Sync + Send,
+    g: impl Fn(i64) -> i64,
+) -> Result<Tensor> {
+    match x.as_i64() {
+        Some(v) => Tensor::from_i64(x.shape().to_vec(), v.iter().map(|&a| g(a)).collect()),
+        None => unary(x, f),
+    }
+}
+
+fn mean(op: &Op, x: &Tensor, dims: &[i64], out_shape: Vec<usize>) -> Result<Tensor> {
+    let rank = x.rank();
+    let mut red = vec![false; rank];
+    for &d in dims {
+        red[norm_dim(op, d, rank)?] = true;
+    }
+    let v = x.to_f32();
+    let count: usize = x
+        .shape()
+        .iter()
+        .zip(&red)
+        .filter(|(_, &r)| r)
+        .map(|(s, _)| s)
+        .product();
+    // Fast path: reducing the last dim only, row by row.
+    if red.iter().enumerate().all(|(i, &r)| r == (i == rank - 1)) {
+        let inner = x.shape()[rank - 1];
+        let out: Vec<f32> = v
+            .chunks(inner.max(1))
+            .map(|row| row.iter().sum::<f32>() / inner as f32)
+            .collect();
+        return Tensor::from_f32_as(x.dtype(), out_shape, out);
+    }
+    let kept: Vec<usize> = x
+        .shape()
+        .iter()
+        .zip(&red)
+        .map(|(&s, &r)| if r { 1 } else { s })
+        .collect();
+    let ks = contiguous_strides(&kept);
+    let xs = contiguous_strides(x.shape());
+    let mut acc = vec![0f32; kept.iter().product()];
+    for (i, &val) in v.iter().enumerate() {
+        let mut o = 0;
+        for d in 0..rank {
+            if !red[d] {
+                o += (i / xs[d] % x.shape()[d]) * ks[d];
+            }
+        }
+        acc[o] += val;
+    }
+    let out: Vec<f32> = acc.iter().map(|a| a / count as f32).collect();
+    Tensor::from_f32_as(x.dtype(), out_shape, out)
+}
+
+fn matmul(a: &Tensor, b: &Tensor, dtype: DType, out_shape: Vec<usize>) -> Result<Tensor> {
+    let (ar, br) = (a.rank(), b.rank());
+    let (m, kk, n) = (a.shape()[ar - 2], a.shape()[ar - 1], b.shape()[br - 1]);
+    let batch_shape = &out_shape[..out_shape.len() - 2];
+    let batches: usize = batch_shape.iter().product();
+    let sa = broadcast_strides(&a.shape()[..ar - 2], batch_shape);
+    let sb = broadcast_strides(&b.shape()[..br - 2], batch_shape);
+    let (av, bv) = (a.to_f32(), b.to_f32());
+    let mut out = vec![0f32; batches * m * n];
+    for (bi, c) in out.chunks_mut((m * n).max(1)).enumerate().take(batches) {
+        let (mut oa, mut ob, mut rem) = (0, 0, bi);
+        for d in (0..batch_shape.len()).rev() {
+            let i = rem % batch_shape[d];
+            rem /= batch_shape[d];
+            oa += i * sa[d];
+            ob += i * sb[d];
+        }
+        let a_mat = &av[oa * m * kk..(oa + 1) * m * kk];
+        let b_mat = &bv[ob * kk * n..(ob + 1) * kk * n];
+        k::matmul(
+            m,
+            n,
+            kk,
+            k::MatRef::row_major(a_mat, kk),
+            k::MatRef::row_major(b_mat, n),
+            c,
+        );
+    }
+    Tensor::from_f32_as(dtype, out_shape, out)
+}

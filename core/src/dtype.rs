@@ -1,0 +1,72 @@
+//! Element types.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I64,
+    Bool,
+}
+
+impl DType {
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::I64 => 8,
+            DType::Bool => 1,
+        }
+    }
+
+    /// Short name as printed in graph dumps.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I64 => "i64",
+            DType::Bool => "bool",
+        }
+    }
+
+    /// Accepts our short names and the names `torch` and Hugging Face configs use.
+    pub fn parse(s: &str) -> Option<DType> {
+        Some(match s {
+            "f32" | "float32" | "float" | "torch.float32" => DType::F32,
+            "f16" | "float16" | "half" | "torch.float16" => DType::F16,
+            "bf16" | "bfloat16" | "torch.bfloat16" => DType::BF16,
+            "i64" | "int64" | "long" | "torch.int64" => DType::I64,
+            "bool" | "torch.bool" => DType::Bool,
+            _ => return None,
+        })
+    }
+
+    /// torch's result type for a binary op on two tensors of these dtypes.
+    pub fn promote(a: DType, b: DType) -> DType {
+        use DType::*;
+        if a == b {
+            return a;
+        }
+        match (a, b) {
+            (F32, _) | (_, F32) => F32,
+            (BF16, F16) | (F16, BF16) => F32,
+            (BF16, _) | (_, BF16) => BF16,
+            (F16, _) | (_, F16) => F16,
+            (I64, _) | (_, I64) => I64,
+            _ => Bool,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

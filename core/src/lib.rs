@@ -1,0 +1,24 @@
+//! The autodeploy host: graph IR, op rules and CPU implementations, tensors, weights, config,
+//! model sources and the plugin registry.
+
+pub mod config;
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+pub mod hub;
+pub mod ir;
+pub mod ops;
+pub mod registry;
+pub mod shape;
+pub mod tensor;
+pub mod weights;
+
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use ir::{Graph, GraphBuilder, TensorMeta, ValueId};
+pub use ops::Op;
+pub use shape::{Dim, Shape, SizeArg};
+pub use tensor::Tensor;
+
+/// Re-exported so plugin crates register with the same `inventory` the host collects from.
+pub use inventory;

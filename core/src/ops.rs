@@ -1,0 +1,564 @@
+//! The op set and its shape/dtype rules.
+//!
+//! Ops are ATen-level, named as `torch.export` names them, so an imported graph reads like an
+//! exported one. The same inference runs on symbolic shapes at build time and on concrete shapes
+//! at run time (a concrete shape is a symbolic one without symbols).
+
+use std::fmt::Write as _;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ir::TensorMeta;
+use crate::shape::{fmt_shape, numel, Dim, Shape, SizeArg};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// `aten.embedding(weight, indices)`
+    Embedding,
+    /// `aten.linear(x, weight[, bias])`, weight `[out, in]`
+    Linear,
+    /// `aten.matmul(a, b)` with broadcast batch dims
+    Matmul,
+    Add,
+    Sub,
+    Mul,
+    Div,
+    AddScalar(f64),
+    MulScalar(f64),
+    PowScalar(f64),
+    Neg,
+    Rsqrt,
+    Silu,
+    Cos,
+    Sin,
+    /// `aten.mean.dim`
+    Mean {
+        dims: Vec<i64>,
+        keepdim: bool,
+    },
+    /// `aten._to_copy(dtype=...)`
+    ToDtype(DType),
+    View(Vec<SizeArg>),
+    Reshape(Vec<SizeArg>),
+    /// `aten.expand`; `-1` keeps the input's size.
+    Expand(Vec<SizeArg>),
+    Transpose(i64, i64),
+    Unsqueeze(i64),
+    /// `aten.slice.Tensor(x, dim, start, end, step)`; `end = i64::MAX` means to the end.
+    Slice {
+        dim: i64,
+        start: i64,
+        end: i64,
+        step: i64,
+    },
+    Cat {
+        dim: i64,
+    },
+    /// `aten.scaled_dot_product_attention(q, k, v)`, layout `[batch, heads, seq, head_dim]`.
+    Sdpa {
+        is_causal: bool,
+        scale: Option<f64>,
+        enable_gqa: bool,
+    },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embedding => "aten.embedding",
+            Op::Linear => "aten.linear",
+            Op::Matmul => "aten.matmul",
+            Op::Add => "aten.add.Tensor",
+            Op::Sub => "aten.sub.Tensor",
+            Op::Mul => "aten.mul.Tensor",
+            Op::Div => "aten.div.Tensor",
+            Op::AddScalar(_) => "aten.add.Scalar",
+            Op::MulScalar(_) => "aten.mul.Scalar",
+            Op::PowScalar(_) => "aten.pow.Tensor_Scalar",
+            Op::Neg => "aten.neg",
+            Op::Rsqrt => "aten.rsqrt",
+            Op::Silu => "aten.silu",
+            Op::Cos => "aten.cos",
+            Op::Sin => "aten.sin",
+            Op::Mean { .. } => "aten.mean.dim",
+            Op::ToDtype(_) => "aten._to_copy",
+            Op::View(_) => "aten.view",
+            Op::Reshape(_) => "aten.reshape",
+            Op::Expand(_) => "aten.expand",
+            Op::Transpose(..) => "aten.transpose.int",
+            Op::Unsqueeze(_) => "aten.unsqueeze",
+            Op::Slice { .. } => "aten.slice.Tensor",
+            Op::Cat { .. } => "aten.cat",
+            Op::Sdpa { .. } => "aten.scaled_dot_product_attention",
+        }
+    }
+
+    /// Non-tensor arguments, as printed after the tensor arguments in a dump.
+    pub fn attrs(&self) -> String {
+        let sizes = |v: &[SizeArg]| {
+            let p: Vec<String> = v.iter().map(|a| a.to_string()).collect();
+            format!("[{}]", p.join(", "))
+        };
+        match self {
+            Op::AddScalar(x) | Op::MulScalar(x) | Op::PowScalar(x) => format!("{x:?}"),
+            Op::Mean { dims, keepdim } => format!("dim={dims:?}, keepdim={keepdim}"),
+            Op::ToDtype(d) => format!("dtype={d}"),
+            Op::View(s) | Op::Reshape(s) | Op::Expand(s) => sizes(s),
+            Op::Transpose(a, b) => format!("{a}, {b}"),
+            Op::Unsqueeze(d) => format!("{d}"),
+            Op::Slice {
+                dim,
+                start,
+                end,
+                step,
+            } => {
+                let end = if *end == i64::MAX {
+                    "end".to_string()
+                } else {
+                    end.to_string()
+                };
+                let mut s = format!("dim={dim}, start={start}, end={end}");
+                if *step != 1 {
+                    let _ = write!(s, ", step={step}");
+                }
+                s
+            }
+            Op::Cat { dim } => format!("dim={dim}"),
+            Op::Sdpa {
+                is_causal,
+                scale,
+                enable_gqa,
+            } => {
+                let mut s = format!("is_causal={is_causal}");
+                if let Some(x) = scale {
+                    let _ = write!(s, ", scale={x:?}");
+                }
+                if *enable_gqa {
+                    s.push_str(", enable_gqa=true");
+                }
+                s
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// How many tensor inputs the op takes: (min, max).
+    fn arity(&self) -> (usize, usize) {
+        match self {
+            Op::Linear => (2, 3),
+            Op::Embedding | Op::Matmul | Op::Add | Op::Sub | Op::Mul | Op::Div => (2, 2),
+            Op::Sdpa { .. } => (3, 3),
+            Op::Cat { .. } => (1, usize::MAX),
+            _ => (1, 1),
+        }
+    }
+}
+
+fn err(op: &Op, msg: impl Into<String>) -> Error {
+    Error::Shape {
+        op: op.name().into(),
+        node: String::new(),
+        msg: msg.into(),
+    }
+}
+
+/// Resolves a possibly negative dim index against a rank.
+pub fn norm_dim(op: &Op, d: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    let i = if d < 0 { d + r } else { d };
+    if i < 0 || i >= r {
+        return Err(err(op, format!("dim {d} out of range for rank {rank}")));
+    }
+    Ok(i as usize)
+}
+
+/// Broadcasts two shapes numpy-style.
+pub fn broadcast(op: &Op, a: &[Dim], b: &[Dim]) -> Result<Shape> {
+    let n = a.len().max(b.len());
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let da = if i + a.len() >= n {
+            Some(&a[i + a.len() - n])
+        } else {
+            None
+        };
+        let db = if i + b.len() >= n {
+            Some(&b[i + b.len() - n])
+        } else {
+            None
+        };
+        let d = match (da, db) {
+            (Some(x), Some(y)) if x == y => x.clone(),
+            (Some(x), Some(y)) if y.is_one() => x.clone(),
+            (Some(x), Some(y)) if x.is_one() => y.clone(),
+            (Some(x), None) => x.clone(),
+            (None, Some(y)) => y.clone(),
+            _ => {
+                return Err(err(
+                    op,
+                    format!(
+                        "shapes {} and {} do not broadcast",
+                        fmt_shape(a),
+                        fmt_shape(b)
+                    ),
+                ))
+            }
+        };
+        out.push(d);
+    }
+    Ok(out)
+}
+
+fn float_only(op: &Op, m: &TensorMeta) -> Result<()> {
+    if !m.dtype.is_float() {
+        return Err(err(op, format!("needs a float tensor, got {m}")));
+    }
+    Ok(())
+}
+
+/// Output size list of a view/reshape, resolving one `-1`.
+pub fn view_shape(op: &Op, input: &[Dim], sizes: &[SizeArg]) -> Result<Shape> {
+    let total = numel(input);
+    let mut known = Dim::new(1);
+    let mut infer_at = None;
+    for (i, s) in sizes.iter().enumerate() {
+        match s {
+            SizeArg::Dim(d) => known = known.mul(d),
+            SizeArg::Infer if infer_at.is_none() => infer_at = Some(i),
+            SizeArg::Infer => return Err(err(op, "more than one -1 in the size list")),
+        }
+    }
+    let mut out: Shape = sizes
+        .iter()
+        .map(|s| match s {
+            SizeArg::Dim(d) => d.clone(),
+            SizeArg::Infer => Dim::new(0),
+        })
+        .collect();
+    let bad = || {
+        let p: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
+        err(
+            op,
+            format!("cannot view {} as [{}]", fmt_shape(input), p.join(", ")),
+        )
+    };
+    match infer_at {
+        Some(i) => out[i] = total.div(&known).ok_or_else(bad)?,
+        None if known == total => {}
+        None => return Err(bad()),
+    }
+    Ok(out)
+}
+
+/// Output metadata of `op` applied to inputs with metadata `ins`.
+pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+    let (lo, hi) = op.arity();
+    if ins.len() < lo || ins.len() > hi {
+        return Err(err(
+            op,
+            format!("takes {lo}..={hi} tensor inputs, got {}", ins.len()),
+        ));
+    }
+    let x = &ins[0];
+    let same = |shape: Shape| {
+        Ok(vec![TensorMeta {
+            dtype: x.dtype,
+            shape,
+        }])
+    };
+    match op {
+        Op::Embedding => {
+            let (w, idx) = (&ins[0], &ins[1]);
+            if w.shape.len() != 2 {
+                return Err(err(op, format!("weight must be 2-D, got {w}")));
+            }
+            if idx.dtype != DType::I64 {
+                return Err(err(op, format!("indices must be i64, got {idx}")));
+            }
+            let mut shape = idx.shape.clone();
+            shape.push(w.shape[1].clone());
+            Ok(vec![TensorMeta {
+                dtype: w.dtype,
+                shape,
+            }])
+        }
+        Op::Linear => {
+            let w = &ins[1];
+            float_only(op, x)?;
+            if w.shape.len() != 2 || x.shape.is_empty() {
+                return Err(err(
+                    op,
+                    format!("input {x} vs weight {w}: weight must be [out, in]"),
+                ));
+            }
+            if x.shape.last() != Some(&w.shape[1]) || x.dtype != w.dtype {
+                return Err(err(op, format!("input {x} vs weight {w}")));
+            }
+            if let Some(b) = ins.get(2) {
+                if b.shape.len() != 1 || b.shape[0] != w.shape[0] || b.dtype != w.dtype {
+                    return Err(err(op, format!("bias {b} vs weight {w}")));
+                }
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().unwrap() = w.shape[0].clone();
+            same(shape)
+        }
+        Op::Matmul => {
+            let b = &ins[1];
+            if x.shape.len() < 2 || b.shape.len() < 2 || x.dtype != b.dtype {
+                return Err(err(
+                    op,
+                    format!("operands {x} and {b} (both need rank >= 2, one dtype)"),
+                ));
+            }
+            let (m, k) = (&x.shape[x.shape.len() - 2], &x.shape[x.shape.len() - 1]);
+            let (k2, n) = (&b.shape[b.shape.len() - 2], &b.shape[b.shape.len() - 1]);
+            if k != k2 {
+                return Err(err(op, format!("inner dims differ: {x} @ {b}")));
+            }
+            let mut shape = broadcast(
+                op,
+                &x.shape[..x.shape.len() - 2],
+                &b.shape[..b.shape.len() - 2],
+            )?;
+            shape.push(m.clone());
+            shape.push(n.clone());
+            same(shape)
+        }
+        Op::Add | Op::Sub | Op::Mul | Op::Div => {
+            let b = &ins[1];
+            let shape = broadcast(op, &x.shape, &b.shape)?;
+            let mut dtype = DType::promote(x.dtype, b.dtype);
+            if matches!(op, Op::Div) && !dtype.is_float() {
+                dtype = DType::F32;
+            }
+            Ok(vec![TensorMeta { dtype, shape }])
+        }
+        Op::AddScalar(_) | Op::MulScalar(_) | Op::PowScalar(_) | Op::Neg => same(x.shape.clone()),
+        Op::Rsqrt | Op::Silu | Op::Cos | Op::Sin => {
+            float_only(op, x)?;
+            same(x.shape.clone())
+        }
+        Op::Mean { dims, keepdim } => {
+            float_only(op, x)?;
+            let mut red = vec![false; x.shape.len()];
+            for &d in dims {
+                red[norm_dim(op, d, x.shape.len())?] = true;
+            }
+            let shape = x
+                .shape
+                .iter()
+                .zip(&red)
+                .filter_map(|(d, &r)| match (r, keepdim) {
+                    (false, _) => Some(d.clone()),
+                    (true, true) => Some(Dim::new(1)),
+                    (true, false) => None,
+                })
+                .collect();
+            same(shape)
+        }
+        Op::ToDtype(d) => Ok(vec![TensorMeta {
+            dtype: *d,
+            shape: x.shape.clone(),
+        }]),
+        Op::View(sizes) | Op::Reshape(sizes) => same(view_shape(op, &x.shape, sizes)?),
+        Op::Expand(sizes) => {
+            if sizes.len() < x.shape.len() {
+                return Err(err(
+                    op,
+                    format!("cannot expand {x} to {} dims", sizes.len()),
+                ));
+            }
+            let off = sizes.len() - x.shape.len();
+            let mut shape = Vec::with_capacity(sizes.len());
+            for (i, s) in sizes.iter().enumerate() {
+                let cur = (i >= off).then(|| &x.shape[i - off]);
+                let d = match (s, cur) {
+                    (SizeArg::Infer, Some(c)) => c.clone(),
+                    (SizeArg::Infer, None) => {
+                        return Err(err(op, "-1 not allowed for a new leading dim"))
+                    }
+                    (SizeArg::Dim(d), Some(c)) if c == d || c.is_one() => d.clone(),
+                    (SizeArg::Dim(d), None) => d.clone(),
+                    (SizeArg::Dim(d), Some(c)) => {
+                        return Err(err(
+                            op,
+                            format!("cannot expand size {c} to {d} (input {x})"),
+                        ))
+                    }
+                };
+                shape.push(d);
+            }
+            same(shape)
+        }
+        Op::Transpose(a, b) => {
+            let (a, b) = (
+                norm_dim(op, *a, x.shape.len())?,
+                norm_dim(op, *b, x.shape.len())?,
+            );
+            let mut shape = x.shape.clone();
+            shape.swap(a, b);
+            same(shape)
+        }
+        Op::Unsqueeze(d) => {
+            let d = norm_dim(op, *d, x.shape.len() + 1)?;
+            let mut shape = x.shape.clone();
+            shape.insert(d, Dim::new(1));
+            same(shape)
+        }
+        Op::Slice {
+            dim,
+            start,
+            end,
+            step,
+        } => {
+            let d = norm_dim(op, *dim, x.shape.len())?;
+            let mut shape = x.shape.clone();
+            let len = x.shape[d].as_static().ok_or_else(|| {
+                err(
+                    op,
+                    format!("slicing the symbolic dim {} is not supported", x.shape[d]),
+                )
+            })?;
+            shape[d] = Dim::new(
+                slice_len(*start, *end, *step, len).ok_or_else(|| err(op, "step must be > 0"))?,
+            );
+            same(shape)
+        }
+        Op::Cat { dim } => {
+            let d = norm_dim(op, *dim, x.shape.len())?;
+            let mut total = 0usize;
+            for m in ins {
+                let ok = m.dtype == x.dtype
+                    && m.shape.len() == x.shape.len()
+                    && m.shape
+                        .iter()
+                        .zip(&x.shape)
+                        .enumerate()
+                        .all(|(i, (a, b))| i == d || a == b);
+                if !ok {
+                    return Err(err(
+                        op,
+                        format!("cannot concatenate {m} with {x} along dim {d}"),
+                    ));
+                }
+                total += m.shape[d].as_static().ok_or_else(|| {
+                    err(
+                        op,
+                        format!("concatenating along symbolic dim {}", m.shape[d]),
+                    )
+                })?;
+            }
+            let mut shape = x.shape.clone();
+            shape[d] = Dim::new(total);
+            same(shape)
+        }
+        Op::Sdpa { enable_gqa, .. } => {
+            let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+            float_only(op, q)?;
+            let ok = q.shape.len() == 4
+                && k.shape.len() == 4
+                && v.shape.len() == 4
+                && q.dtype == k.dtype
+                && k.dtype == v.dtype
+                && q.shape[0] == k.shape[0]
+                && k.shape[0] == v.shape[0]
+                && q.shape[3] == k.shape[3]
+                && k.shape[1] == v.shape[1]
+                && k.shape[2] == v.shape[2];
+            if !ok {
+                return Err(err(
+                    op,
+                    format!("q {q}, k {k}, v {v}: want [batch, heads, seq, head_dim]"),
+                ));
+            }
+            let heads_ok = if *enable_gqa {
+                q.shape[1].div(&k.shape[1]).is_some()
+            } else {
+                q.shape[1] == k.shape[1]
+            };
+            if !heads_ok {
+                return Err(err(
+                    op,
+                    format!(
+                        "q has {} heads, k/v {} (enable_gqa={enable_gqa})",
+                        q.shape[1], k.shape[1]
+                    ),
+                ));
+            }
+            let mut shape = q.shape.clone();
+            shape[3] = v.shape[3].clone();
+            same(shape)
+        }
+    }
+}
+
+/// Length of `x[start:end:step]` on a dim of `len`, with Python's clamping.
+pub fn slice_len(start: i64, end: i64, step: i64, len: usize) -> Option<usize> {
+    let (s, e) = slice_bounds(start, end, len);
+    (step > 0).then(|| {
+        if e > s {
+            (e - s).div_ceil(step as usize)
+        } else {
+            0
+        }
+    })
+}
+
+pub fn slice_bounds(start: i64, end: i64, len: usize) -> (usize, usize) {
+    let l = len as i64;
+    let clamp = |i: i64| if i < 0 { (i + l).max(0) } else { i.min(l) } as usize;
+    (clamp(start), clamp(end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::static_shape;
+
+    fn m(dtype: DType, shape: Shape) -> TensorMeta {
+        TensorMeta { dtype, shape }
+    }
+
+    #[test]
+    fn linear_and_view_on_symbolic_shapes() {
+        let b = Dim::sym("batch");
+        let s = Dim::sym("seq");
+        let x = m(DType::F32, vec![b.clone(), s.clone(), Dim::new(64)]);
+        let w = m(DType::F32, static_shape(&[128, 64]));
+        let y = infer(&Op::Linear, &[x.clone(), w]).unwrap().remove(0);
+        assert_eq!(y.to_string(), "f32[batch, seq, 128]");
+        let v = Op::View(vec![
+            SizeArg::Dim(b),
+            SizeArg::Dim(s),
+            SizeArg::Infer,
+            SizeArg::Dim(Dim::new(32)),
+        ]);
+        assert_eq!(
+            infer(&v, &[y]).unwrap()[0].to_string(),
+            "f32[batch, seq, 4, 32]"
+        );
+        let bad = m(DType::F32, static_shape(&[100, 32]));
+        let e = infer(&Op::Linear, &[x, bad]).unwrap_err().to_string();
+        assert!(e.contains("aten.linear") && e.contains("[100, 32]"), "{e}");
+    }
+
+    #[test]
+    fn broadcasting_and_promotion() {
+        let a = m(DType::BF16, static_shape(&[2, 1, 4]));
+        let b = m(DType::F32, static_shape(&[3, 1]));
+        let y = infer(&Op::Mul, &[a, b]).unwrap().remove(0);
+        assert_eq!(y.to_string(), "f32[2, 3, 4]");
+        let c = m(DType::F32, static_shape(&[5]));
+        assert!(infer(&Op::Add, &[y, c]).is_err());
+    }
+
+    #[test]
+    fn slices_clamp_like_python() {
+        assert_eq!(slice_len(0, 8, 1, 16), Some(8));
+        assert_eq!(slice_len(8, i64::MAX, 1, 16), Some(8));
+        assert_eq!(slice_len(-4, i64::MAX, 1, 16), Some(4));
+        assert_eq!(slice_len(0, 16, 3, 16), Some(6));
+        assert_eq!(slice_len(0, 4, 0, 16), None);
+    }
+}

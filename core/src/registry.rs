@@ -1,0 +1,139 @@
+//! Built-in plugins register themselves here with `inventory`; the host looks them up by kind
+//! and name. External libraries join the same tables when the plugin ABI loads them.
+
+use std::path::PathBuf;
+
+use autodeploy_sdk::PluginKind;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::tensor::Tensor;
+
+/// What an importer is asked to import.
+#[derive(Clone, Debug)]
+pub struct ImportRequest {
+    /// A local folder or file the model lives in (hub ids are resolved before this).
+    pub path: PathBuf,
+    /// Requested compute dtype; `None` means the checkpoint's own.
+    pub dtype: Option<DType>,
+    pub max_batch_size: usize,
+    pub max_seq_len: usize,
+}
+
+pub trait ModelImporter: Send + Sync {
+    /// Whether this importer recognises what is at `path` (used when the config names none).
+    fn accepts(&self, path: &std::path::Path) -> bool;
+    fn import(&self, req: &ImportRequest) -> Result<Graph>;
+}
+
+/// A graph made runnable: inputs in the graph's input order, outputs in its output order.
+pub trait CompiledModel: Send {
+    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>>;
+}
+
+pub trait CompileBackend: Send + Sync {
+    fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledModel>>;
+}
+
+pub struct ImporterPlugin {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub make: fn() -> Box<dyn ModelImporter>,
+}
+
+pub struct CompileBackendPlugin {
+    pub name: &'static str,
+    /// Other names accepted in configs (AutoDeploy's, such as `torch-simple`).
+    pub aliases: &'static [&'static str],
+    pub version: &'static str,
+    pub make: fn() -> Box<dyn CompileBackend>,
+}
+
+inventory::collect!(ImporterPlugin);
+inventory::collect!(CompileBackendPlugin);
+
+/// One row of `autodeploy plugins`.
+#[derive(Clone, Debug)]
+pub struct PluginListing {
+    pub kind: PluginKind,
+    pub name: &'static str,
+    pub version: &'static str,
+    pub origin: String,
+}
+
+pub fn list_plugins() -> Vec<PluginListing> {
+    let mut v: Vec<PluginListing> = inventory::iter::<ImporterPlugin>
+        .into_iter()
+        .map(|p| PluginListing {
+            kind: PluginKind::ModelImporter,
+            name: p.name,
+            version: p.version,
+            origin: "built-in".into(),
+        })
+        .chain(
+            inventory::iter::<CompileBackendPlugin>
+                .into_iter()
+                .map(|p| PluginListing {
+                    kind: PluginKind::CompileBackend,
+                    name: p.name,
+                    version: p.version,
+                    origin: "built-in".into(),
+                }),
+        )
+        .collect();
+    v.sort_by(|a, b| (a.kind, a.name).cmp(&(b.kind, b.name)));
+    v
+}
+
+fn names<T>(it: impl Iterator<Item = T>, f: impl Fn(T) -> &'static str) -> String {
+    let mut v: Vec<&str> = it.map(f).collect();
+    v.sort();
+    if v.is_empty() {
+        "(none)".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+pub fn importer(name: &str) -> Result<Box<dyn ModelImporter>> {
+    inventory::iter::<ImporterPlugin>
+        .into_iter()
+        .find(|p| p.name == name)
+        .map(|p| (p.make)())
+        .ok_or_else(|| {
+            Error::Msg(format!(
+                "unknown importer `{name}`; available: {}",
+                names(inventory::iter::<ImporterPlugin>.into_iter(), |p| p.name)
+            ))
+        })
+}
+
+/// The first importer that recognises `path`.
+pub fn detect_importer(path: &std::path::Path) -> Result<(&'static str, Box<dyn ModelImporter>)> {
+    for p in inventory::iter::<ImporterPlugin> {
+        let imp = (p.make)();
+        if imp.accepts(path) {
+            return Ok((p.name, imp));
+        }
+    }
+    Err(Error::Msg(format!(
+        "{}: no importer recognises this model (importers: {}); a Hugging Face folder needs config.json",
+        path.display(),
+        names(inventory::iter::<ImporterPlugin>.into_iter(), |p| p.name)
+    )))
+}
+
+pub fn compile_backend(name: &str) -> Result<Box<dyn CompileBackend>> {
+    inventory::iter::<CompileBackendPlugin>
+        .into_iter()
+        .find(|p| p.name == name || p.aliases.contains(&name))
+        .map(|p| (p.make)())
+        .ok_or_else(|| {
+            Error::Msg(format!(
+                "unknown compile_backend `{name}`; available: {}",
+                names(inventory::iter::<CompileBackendPlugin>.into_iter(), |p| p
+                    .name)
+            ))
+        })
+}

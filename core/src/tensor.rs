@@ -1,0 +1,196 @@
+//! Host (CPU) tensors: contiguous, row-major, shared storage so views and weights are cheap.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+pub enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I64(Vec<i64>),
+    Bool(Vec<bool>),
+}
+
+impl Storage {
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::F32(v) => v.len(),
+            Storage::F16(v) => v.len(),
+            Storage::BF16(v) => v.len(),
+            Storage::I64(v) => v.len(),
+            Storage::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::F32(_) => DType::F32,
+            Storage::F16(_) => DType::F16,
+            Storage::BF16(_) => DType::BF16,
+            Storage::I64(_) => DType::I64,
+            Storage::Bool(_) => DType::Bool,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Arc<Storage>,
+}
+
+/// Converting large buffers is worth spreading over the cores; small ones are not.
+const PAR_MIN: usize = 1 << 14;
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Storage) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::Msg(format!(
+                "tensor of shape {shape:?} needs {n} elements, got {}",
+                data.len()
+            )));
+        }
+        Ok(Tensor {
+            shape,
+            data: Arc::new(data),
+        })
+    }
+
+    pub fn from_f32(shape: Vec<usize>, v: Vec<f32>) -> Result<Tensor> {
+        Tensor::new(shape, Storage::F32(v))
+    }
+
+    pub fn from_i64(shape: Vec<usize>, v: Vec<i64>) -> Result<Tensor> {
+        Tensor::new(shape, Storage::I64(v))
+    }
+
+    /// A float tensor of `dtype` from f32 values, rounding to nearest even as torch does.
+    pub fn from_f32_as(dtype: DType, shape: Vec<usize>, v: Vec<f32>) -> Result<Tensor> {
+        let data = match dtype {
+            DType::F32 => Storage::F32(v),
+            DType::BF16 => Storage::BF16(map_par(&v, |x| bf16::from_f32(x))),
+            DType::F16 => Storage::F16(map_par(&v, |x| f16::from_f32(x))),
+            DType::I64 => Storage::I64(v.iter().map(|&x| x as i64).collect()),
+            DType::Bool => Storage::Bool(v.iter().map(|&x| x != 0.0).collect()),
+        };
+        Tensor::new(shape, data)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.data
+    }
+
+    /// The same data under another shape with the same element count.
+    pub fn reshape(&self, shape: Vec<usize>) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            return Err(Error::Msg(format!(
+                "cannot view {:?} ({} elements) as {shape:?}",
+                self.shape,
+                self.numel()
+            )));
+        }
+        Ok(Tensor {
+            shape,
+            data: self.data.clone(),
+        })
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &*self.data {
+            Storage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<&[i64]> {
+        match &*self.data {
+            Storage::I64(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The values as f32 (borrowed when already f32). Integers and bools convert by value.
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match &*self.data {
+            Storage::F32(v) => Cow::Borrowed(v),
+            Storage::BF16(v) => Cow::Owned(map_par(v, |x| x.to_f32())),
+            Storage::F16(v) => Cow::Owned(map_par(v, |x| x.to_f32())),
+            Storage::I64(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
+            Storage::Bool(v) => Cow::Owned(v.iter().map(|&x| x as u8 as f32).collect()),
+        }
+    }
+
+    pub fn to_i64(&self) -> Cow<'_, [i64]> {
+        match &*self.data {
+            Storage::I64(v) => Cow::Borrowed(v),
+            _ => Cow::Owned(self.to_f32().iter().map(|&x| x as i64).collect()),
+        }
+    }
+
+    /// `aten._to_copy(dtype=...)`.
+    pub fn cast(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        if dtype == DType::I64 {
+            return Tensor::from_i64(
+                self.shape.clone(),
+                self.to_f32().iter().map(|&x| x as i64).collect(),
+            );
+        }
+        Tensor::from_f32_as(dtype, self.shape.clone(), self.to_f32().into_owned())
+    }
+}
+
+fn map_par<A: Copy + Sync, B: Send>(v: &[A], f: impl Fn(A) -> B + Sync + Send) -> Vec<B> {
+    if v.len() >= PAR_MIN {
+        v.par_iter().map(|&x| f(x)).collect()
+    } else {
+        v.iter().map(|&x| f(x)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_cast_rounds_to_nearest_even() {
+        // 1 + 2^-8 is halfway between two bf16 values; ties go to the even mantissa (1.0).
+        let t =
+            Tensor::from_f32(vec![3], vec![1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5]).unwrap();
+        let b = t.cast(DType::BF16).unwrap();
+        assert_eq!(b.to_f32().as_ref(), &[1.0, 1.0 + 4.0 / 256.0, -2.5]);
+        assert!(Tensor::from_f32(vec![2, 2], vec![0.0; 3]).is_err());
+        assert!(t.reshape(vec![2, 2]).is_err());
+    }
+}

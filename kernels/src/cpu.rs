@@ -1,0 +1,335 @@
+//! CPU kernels in f32: GEMM through the `gemm` crate (blocked, SIMD, all cores through rayon)
+//! and attention. Callers convert other dtypes to f32 and round the result, which is what torch's
+//! CPU kernels do for bf16/f16 (f32 accumulation, one rounding at the end).
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+/// Row-major strided view of a matrix operand: element (r, c) is at `r * rs + c * cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    pub fn row_major(data: &'a [f32], cols: usize) -> Self {
+        MatRef {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major `[cols, rows]` matrix, without copying.
+    pub fn transposed(data: &'a [f32], rows_of_stored: usize) -> Self {
+        MatRef {
+            data,
+            rs: 1,
+            cs: rows_of_stored,
+        }
+    }
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
+        assert!(
+            last < self.data.len(),
+            "{what}: {rows}x{cols} view exceeds buffer of {}",
+            self.data.len()
+        );
+    }
+}
+
+fn parallelism(flops: usize) -> Parallelism {
+    // Below ~64k multiply-adds, spawning threads costs more than it saves.
+    if flops < (1 << 16) || rayon::current_num_threads() == 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(rayon::current_num_threads())
+    }
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]` (c row-major, overwritten).
+pub fn matmul(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
+    a.check(m, k, "matmul lhs");
+    b.check(k, n, "matmul rhs");
+    assert_eq!(c.len(), m * n, "matmul output");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    // SAFETY: the views were bounds-checked above and `c` is exactly m*n, row-major.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m * n * k),
+        );
+    }
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`: torch's `linear`.
+pub fn linear(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    matmul(
+        m,
+        n,
+        k,
+        MatRef::row_major(x, k),
+        MatRef::transposed(w, k),
+        y,
+    );
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "linear bias");
+        for row in y.chunks_exact_mut(n) {
+            for (o, bi) in row.iter_mut().zip(b) {
+                *o += bi;
+            }
+        }
+    }
+}
+
+/// Dimensions of a scaled-dot-product attention call, layout `[batch, heads, seq, dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    pub v_dim: usize,
+}
+
+/// torch's `scaled_dot_product_attention` without a mask: softmax(q·kᵀ·scale)·v, query head h
+/// reading kv head h / (q_heads / kv_heads). `causal` masks key j > query i (top-left aligned,
+/// as torch's `is_causal`).
+pub fn attention(
+    d: AttnDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    causal: bool,
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert!(
+        d.kv_heads > 0 && d.q_heads % d.kv_heads == 0,
+        "attention: heads {} vs kv heads {}",
+        d.q_heads,
+        d.kv_heads
+    );
+    assert_eq!(
+        q.len(),
+        d.batch * d.q_heads * d.q_len * d.head_dim,
+        "attention q"
+    );
+    assert_eq!(
+        k.len(),
+        d.batch * d.kv_heads * d.kv_len * d.head_dim,
+        "attention k"
+    );
+    assert_eq!(
+        v.len(),
+        d.batch * d.kv_heads * d.kv_len * d.v_dim,
+        "attention v"
+    );
+    assert_eq!(
+        out.len(),
+        d.batch * d.q_heads * d.q_len * d.v_dim,
+        "attention out"
+    );
+    let group = d.q_heads / d.kv_heads;
+    // One task per (batch, head, query row): rows are independent.
+    out.par_chunks_mut(d.v_dim).enumerate().for_each_init(
+        || vec![0f32; d.kv_len],
+        |scores, (row, o)| {
+            let i = row % d.q_len;
+            let bh = row / d.q_len;
+            let (b, h) = (bh / d.q_heads, bh % d.q_heads);
+            let kvh = b * d.kv_heads + h / group;
+            let qrow = &q[row * d.head_dim..(row + 1) * d.head_dim];
+            let kbase = &k[kvh * d.kv_len * d.head_dim..(kvh + 1) * d.kv_len * d.head_dim];
+            let vbase = &v[kvh * d.kv_len * d.v_dim..(kvh + 1) * d.kv_len * d.v_dim];
+            let n = if causal {
+                (i + 1).min(d.kv_len)
+            } else {
+                d.kv_len
+            };
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores[..n].iter_mut().enumerate() {
+                let krow = &kbase[j * d.head_dim..(j + 1) * d.head_dim];
+                *s = dot(qrow, krow) * scale;
+                max = max.max(*s);
+            }
+            o.fill(0.0);
+            if n == 0 {
+                // torch yields NaN for a fully masked row; no row is fully masked when kv_len > 0.
+                o.fill(f32::NAN);
+                return;
+            }
+            let mut sum = 0.0f32;
+            for s in scores[..n].iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (j, &p) in scores[..n].iter().enumerate() {
+                let vrow = &vbase[j * d.v_dim..(j + 1) * d.v_dim];
+                for (oo, vv) in o.iter_mut().zip(vrow) {
+                    *oo += p * vv;
+                }
+            }
+            let inv = 1.0 / sum;
+            for oo in o.iter_mut() {
+                *oo *= inv;
+            }
+        },
+    );
+}
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorise the loop.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    fn rand(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matmul_and_linear_match_naive() {
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 96, 128)] {
+            let a = rand(m * k, 1);
+            let b = rand(k * n, 2);
+            let mut c = vec![0f32; m * n];
+            matmul(
+                m,
+                n,
+                k,
+                MatRef::row_major(&a, k),
+                MatRef::row_major(&b, n),
+                &mut c,
+            );
+            let r = naive_matmul(m, n, k, &a, &b);
+            for (x, y) in c.iter().zip(&r) {
+                assert!((x - y).abs() < 1e-4, "{m}x{n}x{k}: {x} vs {y}");
+            }
+            // linear with w = bᵀ stored [n, k]
+            let mut w = vec![0f32; n * k];
+            for p in 0..k {
+                for j in 0..n {
+                    w[j * k + p] = b[p * n + j];
+                }
+            }
+            let bias = rand(n, 3);
+            let mut y = vec![0f32; m * n];
+            linear(m, n, k, &a, &w, Some(&bias), &mut y);
+            for i in 0..m * n {
+                assert!((y[i] - r[i] - bias[i % n]).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_naive_with_gqa_and_causal() {
+        let d = AttnDims {
+            batch: 2,
+            q_heads: 4,
+            kv_heads: 2,
+            q_len: 5,
+            kv_len: 5,
+            head_dim: 8,
+            v_dim: 8,
+        };
+        let q = rand(2 * 4 * 5 * 8, 4);
+        let k = rand(2 * 2 * 5 * 8, 5);
+        let v = rand(2 * 2 * 5 * 8, 6);
+        let mut out = vec![0f32; q.len()];
+        attention(d, &q, &k, &v, true, 0.3, &mut out);
+        // Query row 0 attends only key 0: output equals v row 0 of its kv head.
+        for b in 0..2 {
+            for h in 0..4 {
+                let o = &out[((b * 4 + h) * 5) * 8..][..8];
+                let vr = &v[((b * 2 + h / 2) * 5) * 8..][..8];
+                assert_eq!(o, vr);
+            }
+        }
+        // Last row: full softmax over all keys, computed naively.
+        let (b, h, i) = (1, 3, 4);
+        let qr = &q[((b * 4 + h) * 5 + i) * 8..][..8];
+        let kv = b * 2 + h / 2;
+        let s: Vec<f32> = (0..5)
+            .map(|j| dot(qr, &k[(kv * 5 + j) * 8..][..8]) * 0.3)
+            .collect();
+        let mx = s.iter().cloned().fold(f32::MIN, f32::max);
+        let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
+        let z: f32 = e.iter().sum();
+        for c in 0..8 {
+            let want: f32 = (0..5).map(|j| e[j] / z * v[(kv * 5 + j) * 8 + c]).sum();
+            let got = out[((b * 4 + h) * 5 + i) * 8 + c];
+            assert!((want - got).abs() < 1e-5, "{want} vs {got}");
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Math kernels. CPU kernels here are the reference every device kernel is checked against.
+
+pub mod cpu;

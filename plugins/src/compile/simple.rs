@@ -1,0 +1,175 @@
+//! The `simple` compile backend: an interpreter that runs every node on the CPU in graph order,
+//! freeing each intermediate after its last use.
+
+use autodeploy_core::cpu;
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::registry::{CompileBackend, CompileBackendPlugin, CompiledModel};
+use autodeploy_core::shape::Bindings;
+use autodeploy_core::{Graph, Tensor};
+
+pub struct SimpleBackend;
+
+autodeploy_core::inventory::submit! {
+    CompileBackendPlugin {
+        name: "simple",
+        aliases: &["torch-simple"],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(SimpleBackend),
+    }
+}
+
+impl CompileBackend for SimpleBackend {
+    fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledModel>> {
+        graph.validate()?;
+        let mut params = Vec::with_capacity(graph.params.len());
+        for p in &graph.params {
+            let meta = graph.meta(p.value);
+            let t = graph.weights.load(&p.weight, meta.dtype)?;
+            let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
+            if want.len() != meta.shape.len() || t.shape() != want.as_slice() {
+                return Err(Error::TensorShape {
+                    file: graph.weights.location(&p.weight).into(),
+                    name: p.weight.clone(),
+                    expected: want,
+                    found: t.shape().to_vec(),
+                });
+            }
+            params.push((p.value.0 as usize, t));
+        }
+        // Index of the last node reading each value; graph outputs live to the end.
+        let mut last_use = vec![usize::MAX; graph.values.len()];
+        for (i, n) in graph.nodes.iter().enumerate() {
+            for v in &n.inputs {
+                last_use[v.0 as usize] = i;
+            }
+        }
+        for o in &graph.outputs {
+            last_use[o.0 as usize] = usize::MAX;
+        }
+        for (v, _) in &params {
+            last_use[*v] = usize::MAX;
+        }
+        Ok(Box::new(Interpreter {
+            graph: graph.clone(),
+            params,
+            last_use,
+        }))
+    }
+}
+
+struct Interpreter {
+    graph: Graph,
+    params: Vec<(usize, Tensor)>,
+    last_use: Vec<usize>,
+}
+
+/// Binds the symbols of the graph inputs' shapes from concrete inputs, checking every static
+/// size, dtype and symbol range.
+pub fn bind_inputs(g: &Graph, inputs: &[Tensor]) -> Result<Bindings> {
+    if inputs.len() != g.inputs.len() {
+        return Err(Error::Msg(format!(
+            "the graph takes {} inputs, got {}",
+            g.inputs.len(),
+            inputs.len()
+        )));
+    }
+    let mut bind = Bindings::new();
+    for (&v, t) in g.inputs.iter().zip(inputs) {
+        let info = g.value(v);
+        let bad = |msg: String| Error::Input {
+            input: info.name.clone(),
+            msg,
+        };
+        if t.dtype() != info.meta.dtype || t.rank() != info.meta.shape.len() {
+            return Err(bad(format!(
+                "expected {}, got {}{:?}",
+                info.meta,
+                t.dtype(),
+                t.shape()
+            )));
+        }
+        for (d, &n) in info.meta.shape.iter().zip(t.shape()) {
+            if let [s] = d.symbols() {
+                if d.as_static().is_none() && d.eval(&Bindings::from([(s.clone(), 1)]))? == 1 {
+                    if let Some(&prev) = bind.get(s) {
+                        if prev != n {
+                            return Err(bad(format!(
+                                "`{s}` is {n} here but {prev} in an earlier input"
+                            )));
+                        }
+                    }
+                    bind.insert(s.clone(), n);
+                }
+            }
+        }
+    }
+    for (&v, t) in g.inputs.iter().zip(inputs) {
+        let info = g.value(v);
+        for (d, &n) in info.meta.shape.iter().zip(t.shape()) {
+            if d.eval(&bind)? != n {
+                return Err(Error::Input {
+                    input: info.name.clone(),
+                    msg: format!("size {n} where the graph wants {d}"),
+                });
+            }
+        }
+    }
+    for (s, r) in &g.symbols {
+        if let Some(&n) = bind.get(s) {
+            if n < r.min || n > r.max {
+                return Err(Error::Msg(format!(
+                    "`{s}` = {n} is outside the supported range [{}, {}]",
+                    r.min, r.max
+                )));
+            }
+        }
+    }
+    Ok(bind)
+}
+
+impl CompiledModel for Interpreter {
+    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let g = &self.graph;
+        let bind = bind_inputs(g, inputs)?;
+        let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        for (&v, t) in g.inputs.iter().zip(inputs) {
+            slots[v.0 as usize] = Some(t.clone());
+        }
+        for (v, t) in &self.params {
+            slots[*v] = Some(t.clone());
+        }
+        for (i, n) in g.nodes.iter().enumerate() {
+            let ins: Vec<&Tensor> = n
+                .inputs
+                .iter()
+                .map(|v| {
+                    slots[v.0 as usize]
+                        .as_ref()
+                        .expect("validated graph defines values before use")
+                })
+                .collect();
+            let name = &g.value(n.outputs[0]).name;
+            let out = cpu::eval(&n.op, &ins, &bind).map_err(|e| match e {
+                Error::Shape { .. } => e.at_node(name),
+                e => Error::Op {
+                    op: n.op.name().into(),
+                    msg: format!("node `{name}`: {e}"),
+                },
+            })?;
+            slots[n.outputs[0].0 as usize] = Some(out);
+            for v in &n.inputs {
+                if self.last_use[v.0 as usize] == i {
+                    slots[v.0 as usize] = None;
+                }
+            }
+        }
+        g.outputs
+            .iter()
+            .map(|v| {
+                slots[v.0 as usize]
+                    .take()
+                    .ok_or_else(|| Error::Msg("graph output was not computed".into()))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,450 @@
+//! The unfused ATen graph of a Llama-style decoder, as `torch.export` of the Hugging Face model
+//! gives it (DESIGN.md, boundary 1). Importers of checkpoint formats (HF folders, GGUF) fill in a
+//! [`DecoderConfig`] and a weight store with HF tensor names, then call [`build_decoder`].
+
+use std::sync::Arc;
+
+use autodeploy_core::error::Result;
+use autodeploy_core::shape::static_shape;
+use autodeploy_core::weights::WeightStore;
+use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, SizeArg, Tensor, ValueId};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Architecture hyper-parameters, normalised across checkpoint formats.
+#[derive(Clone, Debug)]
+pub struct DecoderConfig {
+    /// For the graph's history line and dumps.
+    pub family: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    /// Attention window; sequences longer than this are refused (the graph has no window mask).
+    pub sliding_window: Option<usize>,
+    pub tie_word_embeddings: bool,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Qwen3-style RMSNorm of each q and k head before RoPE.
+    pub qk_norm: bool,
+    pub dtype: DType,
+}
+
+/// Name of the RoPE inverse-frequency buffer the importer computes.
+pub const INV_FREQ: &str = "model.rotary_emb.inv_freq";
+
+/// One expected weight: name and shape.
+pub type WeightSpec = (String, Vec<usize>);
+
+impl DecoderConfig {
+    pub fn lm_head_weight(&self) -> &'static str {
+        if self.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        }
+    }
+
+    /// Every checkpoint tensor the graph reads, with its expected shape.
+    pub fn expected_weights(&self) -> Vec<WeightSpec> {
+        let (h, hd, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let (q, kv) = (self.num_heads * hd, self.num_kv_heads * hd);
+        let mut v: Vec<WeightSpec> =
+            vec![("model.embed_tokens.weight".into(), vec![self.vocab_size, h])];
+        for l in 0..self.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut add = |n: &str, s: Vec<usize>| v.push((format!("{p}.{n}"), s));
+            add("input_layernorm.weight", vec![h]);
+            add("self_attn.q_proj.weight", vec![q, h]);
+            add("self_attn.k_proj.weight", vec![kv, h]);
+            add("self_attn.v_proj.weight", vec![kv, h]);
+            if self.qkv_bias {
+                add("self_attn.q_proj.bias", vec![q]);
+                add("self_attn.k_proj.bias", vec![kv]);
+                add("self_attn.v_proj.bias", vec![kv]);
+            }
+            if self.qk_norm {
+                add("self_attn.q_norm.weight", vec![hd]);
+                add("self_attn.k_norm.weight", vec![hd]);
+            }
+            add("self_attn.o_proj.weight", vec![h, q]);
+            if self.o_bias {
+                add("self_attn.o_proj.bias", vec![h]);
+            }
+            add("post_attention_layernorm.weight", vec![h]);
+            add("mlp.gate_proj.weight", vec![i, h]);
+            add("mlp.up_proj.weight", vec![i, h]);
+            add("mlp.down_proj.weight", vec![h, i]);
+            if self.mlp_bias {
+                add("mlp.gate_proj.bias", vec![i]);
+                add("mlp.up_proj.bias", vec![i]);
+                add("mlp.down_proj.bias", vec![h]);
+            }
+        }
+        v.push(("model.norm.weight".into(), vec![h]));
+        if !self.tie_word_embeddings {
+            v.push(("lm_head.weight".into(), vec![self.vocab_size, h]));
+        }
+        v
+    }
+
+    /// RoPE inverse frequencies in f32, computed the way transformers computes them.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim;
+        let base = self.rope_theta as f32;
+        let inv: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+            .collect();
+        match self.rope_scaling {
+            RopeScaling::None => inv,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    original_max_position_embeddings as f32,
+                );
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                inv.iter()
+                    .map(|&f| {
+                        let wavelen = (1.0 / f) * (2.0 * std::f64::consts::PI) as f32;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        if wavelen < high_wavelen || wavelen > low_wavelen {
+                            return scaled;
+                        }
+                        let smooth = ((1.0 / wavelen) * old - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Longest sequence the graph accepts.
+    pub fn max_seq(&self, max_seq_len: usize) -> usize {
+        let mut m = max_seq_len.min(self.max_position_embeddings);
+        if let Some(w) = self.sliding_window {
+            m = m.min(w);
+        }
+        m
+    }
+}
+
+struct Ctx<'a> {
+    b: GraphBuilder,
+    cfg: &'a DecoderConfig,
+    batch: Dim,
+    seq: Dim,
+}
+
+impl Ctx<'_> {
+    fn w(&mut self, name: &str, shape: &[usize]) -> ValueId {
+        self.b.param(name, self.cfg.dtype, static_shape(shape))
+    }
+
+    fn linear(
+        &mut self,
+        hint: &str,
+        x: ValueId,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<ValueId> {
+        let w = self.w(&format!("{prefix}.weight"), &[out, inp]);
+        let mut args = vec![x, w];
+        if bias {
+            args.push(self.w(&format!("{prefix}.bias"), &[out]));
+        }
+        self.b.op(hint, Op::Linear, &args)
+    }
+
+    /// transformers' RMSNorm: upcast to f32, x * rsqrt(mean(x²) + eps), back to the input
+    /// dtype, times the weight.
+    fn rmsnorm(&mut self, hint: &str, x: ValueId, weight: &str, dim: usize) -> Result<ValueId> {
+        let in_dtype = self.b.meta(x).dtype;
+        let xf = if in_dtype != DType::F32 {
+            self.b
+                .op(&format!("{hint}.to_f32"), Op::ToDtype(DType::F32), &[x])?
+        } else {
+            x
+        };
+        let sq = self
+            .b
+            .op(&format!("{hint}.pow"), Op::PowScalar(2.0), &[xf])?;
+        let var = self.b.op(
+            &format!("{hint}.mean"),
+            Op::Mean {
+                dims: vec![-1],
+                keepdim: true,
+            },
+            &[sq],
+        )?;
+        let ve = self.b.op(
+            &format!("{hint}.add_eps"),
+            Op::AddScalar(self.cfg.rms_norm_eps),
+            &[var],
+        )?;
+        let r = self.b.op(&format!("{hint}.rsqrt"), Op::Rsqrt, &[ve])?;
+        let y = self.b.op(&format!("{hint}.normed"), Op::Mul, &[xf, r])?;
+        let y = if in_dtype != DType::F32 {
+            self.b
+                .op(&format!("{hint}.to_in"), Op::ToDtype(in_dtype), &[y])?
+        } else {
+            y
+        };
+        let w = self.w(weight, &[dim]);
+        self.b.op(hint, Op::Mul, &[w, y])
+    }
+
+    fn rotate_half(&mut self, hint: &str, x: ValueId) -> Result<ValueId> {
+        let half = self.cfg.head_dim as i64 / 2;
+        let x1 = self.b.op(
+            &format!("{hint}.x1"),
+            Op::Slice {
+                dim: -1,
+                start: 0,
+                end: half,
+                step: 1,
+            },
+            &[x],
+        )?;
+        let x2 = self.b.op(
+            &format!("{hint}.x2"),
+            Op::Slice {
+                dim: -1,
+                start: half,
+                end: i64::MAX,
+                step: 1,
+            },
+            &[x],
+        )?;
+        let n2 = self.b.op(&format!("{hint}.neg"), Op::Neg, &[x2])?;
+        self.b.op(hint, Op::Cat { dim: -1 }, &[n2, x1])
+    }
+
+    fn apply_rope(
+        &mut self,
+        hint: &str,
+        x: ValueId,
+        cos: ValueId,
+        sin: ValueId,
+    ) -> Result<ValueId> {
+        let xc = self.b.op(&format!("{hint}.mul_cos"), Op::Mul, &[x, cos])?;
+        let rot = self.rotate_half(&format!("{hint}.rot"), x)?;
+        let rs = self
+            .b
+            .op(&format!("{hint}.mul_sin"), Op::Mul, &[rot, sin])?;
+        self.b.op(hint, Op::Add, &[xc, rs])
+    }
+
+    /// `x.view(batch, seq, -1, head_dim)` then optional per-head norm, then `transpose(1, 2)`.
+    fn heads(&mut self, hint: &str, x: ValueId, norm: Option<&str>) -> Result<ValueId> {
+        let sizes = vec![
+            SizeArg::Dim(self.batch.clone()),
+            SizeArg::Dim(self.seq.clone()),
+            SizeArg::Infer,
+            SizeArg::Dim(Dim::new(self.cfg.head_dim)),
+        ];
+        let mut v = self.b.op(&format!("{hint}.view"), Op::View(sizes), &[x])?;
+        if let Some(w) = norm {
+            v = self.rmsnorm(&format!("{hint}.norm"), v, w, self.cfg.head_dim)?;
+        }
+        self.b.op(&format!("{hint}.t"), Op::Transpose(1, 2), &[v])
+    }
+
+    fn layer(&mut self, l: usize, h: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
+        let c = self.cfg;
+        let (hs, hd, is) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let p = format!("model.layers.{l}");
+        let n = format!("l{l}");
+        let x = self.rmsnorm(
+            &format!("{n}.input_norm"),
+            h,
+            &format!("{p}.input_layernorm.weight"),
+            hs,
+        )?;
+        let q = self.linear(
+            &format!("{n}.q_proj"),
+            x,
+            &format!("{p}.self_attn.q_proj"),
+            c.num_heads * hd,
+            hs,
+            c.qkv_bias,
+        )?;
+        let k = self.linear(
+            &format!("{n}.k_proj"),
+            x,
+            &format!("{p}.self_attn.k_proj"),
+            c.num_kv_heads * hd,
+            hs,
+            c.qkv_bias,
+        )?;
+        let v = self.linear(
+            &format!("{n}.v_proj"),
+            x,
+            &format!("{p}.self_attn.v_proj"),
+            c.num_kv_heads * hd,
+            hs,
+            c.qkv_bias,
+        )?;
+        let (qn, kn) = (
+            format!("{p}.self_attn.q_norm.weight"),
+            format!("{p}.self_attn.k_norm.weight"),
+        );
+        let q = self.heads(&format!("{n}.q"), q, c.qk_norm.then_some(qn.as_str()))?;
+        let k = self.heads(&format!("{n}.k"), k, c.qk_norm.then_some(kn.as_str()))?;
+        let v = self.heads(&format!("{n}.v"), v, None)?;
+        let cos_u = self.b.op(&format!("{n}.cos"), Op::Unsqueeze(1), &[cos])?;
+        let sin_u = self.b.op(&format!("{n}.sin"), Op::Unsqueeze(1), &[sin])?;
+        let q = self.apply_rope(&format!("{n}.q_rope"), q, cos_u, sin_u)?;
+        let k = self.apply_rope(&format!("{n}.k_rope"), k, cos_u, sin_u)?;
+        let sdpa = Op::Sdpa {
+            is_causal: true,
+            scale: Some((hd as f64).powf(-0.5)),
+            enable_gqa: c.num_kv_heads != c.num_heads,
+        };
+        let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
+        let a = self
+            .b
+            .op(&format!("{n}.attn.t"), Op::Transpose(1, 2), &[a])?;
+        let flat = vec![
+            SizeArg::Dim(self.batch.clone()),
+            SizeArg::Dim(self.seq.clone()),
+            SizeArg::Infer,
+        ];
+        let a = self
+            .b
+            .op(&format!("{n}.attn.flat"), Op::Reshape(flat), &[a])?;
+        let o = self.linear(
+            &format!("{n}.o_proj"),
+            a,
+            &format!("{p}.self_attn.o_proj"),
+            hs,
+            c.num_heads * hd,
+            c.o_bias,
+        )?;
+        let h = self.b.op(&format!("{n}.attn_residual"), Op::Add, &[h, o])?;
+        let x = self.rmsnorm(
+            &format!("{n}.post_attn_norm"),
+            h,
+            &format!("{p}.post_attention_layernorm.weight"),
+            hs,
+        )?;
+        let g = self.linear(
+            &format!("{n}.gate_proj"),
+            x,
+            &format!("{p}.mlp.gate_proj"),
+            is,
+            hs,
+            c.mlp_bias,
+        )?;
+        let u = self.linear(
+            &format!("{n}.up_proj"),
+            x,
+            &format!("{p}.mlp.up_proj"),
+            is,
+            hs,
+            c.mlp_bias,
+        )?;
+        let g = self.b.op(&format!("{n}.act"), Op::Silu, &[g])?;
+        let m = self.b.op(&format!("{n}.act_mul"), Op::Mul, &[g, u])?;
+        let d = self.linear(
+            &format!("{n}.down_proj"),
+            m,
+            &format!("{p}.mlp.down_proj"),
+            hs,
+            is,
+            c.mlp_bias,
+        )?;
+        self.b.op(&format!("{n}.mlp_residual"), Op::Add, &[h, d])
+    }
+}
+
+/// Builds the graph `(input_ids, position_ids) -> logits`. The store must hold every tensor of
+/// [`DecoderConfig::expected_weights`]; this adds the RoPE buffer itself.
+pub fn build_decoder(
+    cfg: &DecoderConfig,
+    mut store: WeightStore,
+    max_batch: usize,
+    max_seq_len: usize,
+) -> Result<Graph> {
+    let inv = cfg.inv_freq();
+    let half = inv.len();
+    store.add_tensor(INV_FREQ, Tensor::from_f32(vec![half], inv)?);
+    let mut b = GraphBuilder::new(Arc::new(store));
+    let (batch, seq) = (Dim::sym("batch"), Dim::sym("seq"));
+    b.symbol("batch", 1, max_batch);
+    b.symbol("seq", 1, cfg.max_seq(max_seq_len));
+    let ids = b.input("input_ids", DType::I64, vec![batch.clone(), seq.clone()]);
+    let pos = b.input("position_ids", DType::I64, vec![batch.clone(), seq.clone()]);
+    let mut cx = Ctx { b, cfg, batch, seq };
+
+    let emb_w = cx.w(
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size, cfg.hidden_size],
+    );
+    let mut h = cx.b.op("embed", Op::Embedding, &[emb_w, ids])?;
+
+    // Rotary embedding, once for all layers: freqs = position_ids[..., None].float() * inv_freq.
+    let inv_freq = cx.b.param(INV_FREQ, DType::F32, static_shape(&[half]));
+    let p = cx.b.op("rope.pos", Op::Unsqueeze(-1), &[pos])?;
+    let p = cx.b.op("rope.pos_f32", Op::ToDtype(DType::F32), &[p])?;
+    let freqs = cx.b.op("rope.freqs", Op::Mul, &[p, inv_freq])?;
+    let emb = cx.b.op("rope.emb", Op::Cat { dim: -1 }, &[freqs, freqs])?;
+    let mut cs = Vec::new();
+    for (name, op) in [("cos", Op::Cos), ("sin", Op::Sin)] {
+        let t = cx.b.op(&format!("rope.{name}_f32"), op, &[emb])?;
+        // attention_scaling is 1.0 for the default and llama3 RoPE types.
+        let t =
+            cx.b.op(&format!("rope.{name}_scaled"), Op::MulScalar(1.0), &[t])?;
+        let t = if cfg.dtype != DType::F32 {
+            cx.b.op(&format!("rope.{name}"), Op::ToDtype(cfg.dtype), &[t])?
+        } else {
+            t
+        };
+        cs.push(t);
+    }
+    for l in 0..cfg.num_layers {
+        h = cx.layer(l, h, cs[0], cs[1])?;
+    }
+    let h = cx.rmsnorm("final_norm", h, "model.norm.weight", cfg.hidden_size)?;
+    let lm = cx.w(cfg.lm_head_weight(), &[cfg.vocab_size, cfg.hidden_size]);
+    let logits = cx.b.op("logits", Op::Linear, &[h, lm])?;
+    cx.b.output(logits);
+    cx.b.note(format!(
+        "import: {} decoder, {} layers, hidden {}, heads {}/{} (kv), head_dim {}, dtype {}",
+        cfg.family,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.dtype
+    ));
+    cx.b.finish()
+}

@@ -1,0 +1,349 @@
+//! Hugging Face checkpoint folders: `config.json` plus `model.safetensors` or the shards listed
+//! in `model.safetensors.index.json`. Families: llama, mistral, qwen2, qwen3.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::registry::{ImportRequest, ImporterPlugin, ModelImporter};
+use autodeploy_core::weights::{SafetensorsFile, WeightStore};
+use autodeploy_core::{DType, Graph};
+use serde_json::{Map, Value};
+
+use super::decoder::{build_decoder, DecoderConfig, RopeScaling};
+
+pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+
+pub struct HfImporter;
+
+autodeploy_core::inventory::submit! {
+    ImporterPlugin { name: "hf", version: env!("CARGO_PKG_VERSION"), make: || Box::new(HfImporter) }
+}
+
+impl ModelImporter for HfImporter {
+    fn accepts(&self, path: &Path) -> bool {
+        path.is_dir() && path.join("config.json").is_file()
+    }
+
+    fn import(&self, req: &ImportRequest) -> Result<Graph> {
+        let cfg_path = req.path.join("config.json");
+        let cfg = parse_config(&cfg_path, req.dtype)?;
+        let store = open_weights(&req.path)?;
+        check_weights(&cfg, &store)?;
+        let mut g = build_decoder(&cfg, store, req.max_batch_size, req.max_seq_len)?;
+        g.history.insert(
+            0,
+            format!("import: hf importer read {}", req.path.display()),
+        );
+        Ok(g)
+    }
+}
+
+/// Typed access to `config.json` keys with errors that name the file and key.
+struct Keys<'a> {
+    file: &'a Path,
+    map: &'a Map<String, Value>,
+    prefix: &'a str,
+}
+
+impl<'a> Keys<'a> {
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::config(self.file, format!("{}{key}", self.prefix), msg)
+    }
+
+    fn present(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(key, format!("expected a positive integer, found {v}"))),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    fn f64(&self, key: &str) -> Result<f64> {
+        self.f64_opt(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    fn str_opt(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+        }
+    }
+}
+
+/// Reads `config.json` into the normalised decoder description.
+pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
+        file: path.into(),
+        msg: format!("invalid JSON: {e}"),
+    })?;
+    let map = json.as_object().ok_or_else(|| Error::BadFile {
+        file: path.into(),
+        msg: "not a JSON object".into(),
+    })?;
+    let k = Keys {
+        file: path,
+        map,
+        prefix: "",
+    };
+
+    let model_type = k
+        .str_opt("model_type")?
+        .ok_or_else(|| k.err("model_type", "missing"))?;
+    if !SUPPORTED.contains(&model_type) {
+        return Err(Error::UnknownModelType {
+            file: path.into(),
+            model_type: model_type.into(),
+            supported: SUPPORTED.join(", "),
+        });
+    }
+    let hidden_size = k.usize("hidden_size")?;
+    let num_heads = k.usize("num_attention_heads")?;
+    let num_kv_heads = k.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
+    if num_heads % num_kv_heads != 0 {
+        return Err(k.err(
+            "num_key_value_heads",
+            format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
+        ));
+    }
+    let head_dim =
+        match k.usize_opt("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => return Err(k.err(
+                "head_dim",
+                format!(
+                    "missing, and hidden_size {hidden_size} is not a multiple of {num_heads} heads"
+                ),
+            )),
+        };
+    if head_dim % 2 != 0 {
+        return Err(k.err(
+            "head_dim",
+            format!("{head_dim} is odd; rotary embedding needs an even head_dim"),
+        ));
+    }
+    if let Some(act) = k.str_opt("hidden_act")? {
+        if act != "silu" {
+            return Err(k.err(
+                "hidden_act",
+                format!("`{act}` is not supported for {model_type} (only silu)"),
+            ));
+        }
+    }
+
+    let (rope_theta, rope_scaling) = parse_rope(&k)?;
+
+    let attention_bias = k.bool_or("attention_bias", false)?;
+    let (qkv_bias, o_bias) = match model_type {
+        "qwen2" => (true, false),
+        "mistral" => (false, false),
+        _ => (attention_bias, attention_bias),
+    };
+    let sliding_window = match model_type {
+        "mistral" => k.usize_opt("sliding_window")?,
+        _ if k.bool_or("use_sliding_window", false)? => {
+            return Err(k.err(
+                "use_sliding_window",
+                "sliding-window layers are not supported yet for this family",
+            ))
+        }
+        _ => None,
+    };
+    let file_dtype = match k.str_opt("torch_dtype")?.or(k.str_opt("dtype")?) {
+        None => DType::F32,
+        Some(s) => DType::parse(s)
+            .filter(|d| d.is_float())
+            .ok_or_else(|| k.err("torch_dtype", format!("unknown dtype `{s}`")))?,
+    };
+    let max_position_embeddings = k.usize_opt("max_position_embeddings")?.unwrap_or(4096);
+    Ok(DecoderConfig {
+        family: model_type.to_string(),
+        vocab_size: k.usize("vocab_size")?,
+        hidden_size,
+        intermediate_size: k.usize("intermediate_size")?,
+        num_layers: k.usize("num_hidden_layers")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings,
+        sliding_window,
+        tie_word_embeddings: k.bool_or("tie_word_embeddings", false)?,
+        qkv_bias,
+        o_bias,
+        mlp_bias: model_type == "llama" && k.bool_or("mlp_bias", false)?,
+        qk_norm: model_type == "qwen3",
+        dtype: dtype.unwrap_or(file_dtype),
+    })
+}
+
+/// RoPE from either `rope_theta` + `rope_scaling` (transformers 4.x) or `rope_parameters` (5.x).
+fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
+    let (params, key) = match (k.present("rope_parameters"), k.present("rope_scaling")) {
+        (Some(p), _) => (Some(p), "rope_parameters"),
+        (None, Some(s)) => (Some(s), "rope_scaling"),
+        (None, None) => (None, ""),
+    };
+    let prefix = format!("{key}.");
+    let sub = match params {
+        None => None,
+        Some(v) => Some(Keys {
+            file: k.file,
+            map: v
+                .as_object()
+                .ok_or_else(|| k.err(key, format!("expected an object, found {v}")))?,
+            prefix: &prefix,
+        }),
+    };
+    let theta = match sub
+        .as_ref()
+        .map(|s| s.f64_opt("rope_theta"))
+        .transpose()?
+        .flatten()
+    {
+        Some(t) => t,
+        None => k.f64_opt("rope_theta")?.unwrap_or(10000.0),
+    };
+    let Some(s) = sub else {
+        return Ok((theta, RopeScaling::None));
+    };
+    let rope_type = match s.str_opt("rope_type")? {
+        Some(t) => t,
+        None => s.str_opt("type")?.unwrap_or("default"),
+    };
+    let scaling = match rope_type {
+        "default" => RopeScaling::None,
+        "llama3" => RopeScaling::Llama3 {
+            factor: s.f64("factor")?,
+            low_freq_factor: s.f64("low_freq_factor")?,
+            high_freq_factor: s.f64("high_freq_factor")?,
+            original_max_position_embeddings: s.f64("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(s.err(
+                "rope_type",
+                format!("`{other}` is not supported (supported: default, llama3)"),
+            ))
+        }
+    };
+    if let RopeScaling::Llama3 {
+        low_freq_factor,
+        high_freq_factor,
+        ..
+    } = scaling
+    {
+        if high_freq_factor <= low_freq_factor {
+            return Err(s.err("high_freq_factor", "must be greater than low_freq_factor"));
+        }
+    }
+    Ok((theta, scaling))
+}
+
+/// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
+pub fn open_weights(dir: &Path) -> Result<WeightStore> {
+    let index = dir.join("model.safetensors.index.json");
+    let single = dir.join("model.safetensors");
+    let mut store = WeightStore::new(dir.display().to_string());
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
+            file: index.clone(),
+            msg: format!("invalid JSON: {e}"),
+        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::config(&index, "weight_map", "missing or not an object"))?;
+        let mut by_file: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                Error::config(&index, format!("weight_map.{name}"), "expected a file name")
+            })?;
+            by_file.entry(f).or_default().push(name.clone());
+        }
+        for (f, names) in by_file {
+            let path = dir.join(f);
+            let file = SafetensorsFile::open(&path)?;
+            for n in &names {
+                if file.info(n).is_none() {
+                    return Err(Error::MissingTensor {
+                        name: n.clone(),
+                        where_: format!(
+                            "{} (the index {} places it there)",
+                            path.display(),
+                            index.display()
+                        ),
+                    });
+                }
+            }
+            store.add_file(file, Some(&names));
+        }
+    } else if single.is_file() {
+        store.add_file(SafetensorsFile::open(&single)?, None);
+    } else {
+        return Err(Error::BadFile {
+            file: dir.into(),
+            msg: "no model.safetensors or model.safetensors.index.json in this folder".into(),
+        });
+    }
+    Ok(store)
+}
+
+/// Every tensor the graph needs is present, a float, and of the shape the config implies.
+fn check_weights(cfg: &DecoderConfig, store: &WeightStore) -> Result<()> {
+    for (name, shape) in cfg.expected_weights() {
+        if !store.contains(&name) {
+            return Err(Error::MissingTensor {
+                name,
+                where_: store.describe(),
+            });
+        }
+        let (_, found) = store.stored_meta(&name)?;
+        if found != shape {
+            return Err(Error::TensorShape {
+                file: PathBuf::from(store.location(&name)),
+                name,
+                expected: shape,
+                found,
+            });
+        }
+    }
+    Ok(())
+}

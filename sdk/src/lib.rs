@@ -1,0 +1,109 @@
+//! The surface a plugin may depend on.
+//!
+//! Today this holds the vocabulary shared by the host and every plugin: the SDK version, the
+//! plugin kinds and the pipeline stages. The FFI-safe interfaces (graph view, rewrite API,
+//! attention-backend entry points) are added here as the plugin ABI lands; the host adapts its
+//! own types to these at the boundary.
+
+use std::fmt;
+
+/// Version of the plugin interface. A plugin built against a different major version is refused.
+pub const SDK_VERSION: (u32, u32, u32) = (0, 1, 0);
+
+/// What a plugin does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PluginKind {
+    ModelImporter,
+    Transform,
+    AttentionBackend,
+    CompileBackend,
+    Runtime,
+}
+
+impl PluginKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::ModelImporter => "model-importer",
+            PluginKind::Transform => "transform",
+            PluginKind::AttentionBackend => "attention-backend",
+            PluginKind::CompileBackend => "compile-backend",
+            PluginKind::Runtime => "runtime",
+        }
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The pipeline stages, in the order they run (AutoDeploy's order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    Import,
+    PostImport,
+    PatternMatcher,
+    Quantize,
+    Sharding,
+    WeightLoad,
+    PostLoadFusion,
+    CacheInit,
+    Compile,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 9] = [
+        Stage::Import,
+        Stage::PostImport,
+        Stage::PatternMatcher,
+        Stage::Quantize,
+        Stage::Sharding,
+        Stage::WeightLoad,
+        Stage::PostLoadFusion,
+        Stage::CacheInit,
+        Stage::Compile,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Import => "import",
+            Stage::PostImport => "post_import",
+            Stage::PatternMatcher => "pattern_matcher",
+            Stage::Quantize => "quantize",
+            Stage::Sharding => "sharding",
+            Stage::WeightLoad => "weight_load",
+            Stage::PostLoadFusion => "post_load_fusion",
+            Stage::CacheInit => "cache_init",
+            Stage::Compile => "compile",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_names_round_trip_in_order() {
+        let mut prev = None;
+        for s in Stage::ALL {
+            assert_eq!(Stage::parse(s.as_str()), Some(s));
+            if let Some(p) = prev {
+                assert!(p < s, "{p} must run before {s}");
+            }
+            prev = Some(s);
+        }
+        assert_eq!(Stage::parse("nope"), None);
+    }
+}

@@ -1,0 +1,149 @@
+//! Full-forward logits of every fixture family against Hugging Face transformers.
+
+mod common;
+
+use autodeploy_core::DType;
+use common::*;
+
+/// f32: the bound. bf16: errors relative to the logit's size (bf16 keeps 8 significant
+/// bits, so one rounding of a logit near 40 is 0.125). The measured worst cases are in
+/// tests/README.md; the bounds leave headroom for accumulation order, not for wrong math.
+const F32_MAX_ABS: f32 = 1e-4;
+/// max over positions of max |got - want| / max |want| (error against the row's logit scale)
+const BF16_MAX_REL: f32 = 0.02;
+/// sum |got - want| / sum |want|
+const BF16_MEAN_REL: f32 = 0.01;
+/// Argmax may differ only where the reference's top two logits are closer than this.
+const BF16_TIE: f32 = 0.5;
+
+struct Stats {
+    max_abs: f32,
+    max_rel: f32,
+    mean_rel: f32,
+    argmax_mismatch: usize,
+    /// Mismatches where the reference's top two are further apart than `tie`.
+    clear_mismatch: usize,
+    positions: usize,
+}
+
+fn compare(got: &[f32], want: &[f32], vocab: usize, tie: f32) -> Stats {
+    assert_eq!(got.len(), want.len());
+    let mut s = Stats {
+        max_abs: 0.0,
+        max_rel: 0.0,
+        mean_rel: 0.0,
+        argmax_mismatch: 0,
+        clear_mismatch: 0,
+        positions: 0,
+    };
+    let (mut sum_d, mut sum_w) = (0.0f64, 0.0f64);
+    for (g, w) in got.chunks(vocab).zip(want.chunks(vocab)) {
+        let scale = w.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        for (a, b) in g.iter().zip(w) {
+            let d = (a - b).abs();
+            assert!(d.is_finite(), "non-finite logit: got {a}, want {b}");
+            s.max_abs = s.max_abs.max(d);
+            s.max_rel = s.max_rel.max(d / scale);
+            sum_d += d as f64;
+            sum_w += b.abs() as f64;
+        }
+        s.positions += 1;
+        let (ag, aw) = (argmax(g), argmax(w));
+        if ag != aw {
+            s.argmax_mismatch += 1;
+            let mut sorted = w.to_vec();
+            sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            if sorted[0] - sorted[1] > tie {
+                s.clear_mismatch += 1;
+            }
+        }
+    }
+    s.mean_rel = (sum_d / sum_w.max(1e-30)) as f32;
+    s
+}
+
+/// Mean |a - b| over two logit tensors.
+fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .sum::<f64>() as f32
+        / a.len() as f32
+}
+
+fn run(family: &str, dtype: DType) -> Vec<Stats> {
+    let g = import(family, dtype);
+    let mut model = compile(&g);
+    let r = Reference::load(family);
+    let tag = if dtype == DType::F32 { "f32" } else { "bf16" };
+    let mut all = Vec::new();
+    let mut i = 0;
+    while r.has(&format!("tokens_{i}")) {
+        let (shape, ids) = r.i64(&format!("tokens_{i}"));
+        let (lshape, want) = r.f32(&format!("logits_{tag}_{i}"));
+        let got = logits(model.as_mut(), &shape, &ids);
+        if dtype == DType::BF16 {
+            // Ours must be at least as close to transformers' bf16 as transformers' bf16 is to
+            // its own f32: the rounding noise of bf16, not more.
+            let (_, f32_ref) = r.f32(&format!("logits_f32_{i}"));
+            let (ours, theirs) = (mean_abs_diff(&got, &want), mean_abs_diff(&want, &f32_ref));
+            eprintln!("{family} bf16 seq {i}: mean |ours - hf bf16| {ours:.3e}, mean |hf bf16 - hf f32| {theirs:.3e}");
+            assert!(
+                ours <= theirs,
+                "{family} seq {i}: bf16 error {ours} exceeds transformers' own bf16 noise {theirs}"
+            );
+        }
+        let s = compare(&got, &want, lshape[2], BF16_TIE);
+        eprintln!(
+            "{family} {tag} seq {i} {shape:?}: max abs {:.3e}, max rel {:.3e}, mean rel {:.3e}, argmax mismatches {}/{}",
+            s.max_abs, s.max_rel, s.mean_rel, s.argmax_mismatch, s.positions
+        );
+        all.push(s);
+        i += 1;
+    }
+    assert!(
+        i >= 3,
+        "{family}: expected at least 3 reference sequences, found {i}"
+    );
+    all
+}
+
+#[test]
+fn f32_logits_match_transformers() {
+    for fam in FAMILIES {
+        for s in run(fam, DType::F32) {
+            assert!(
+                s.max_abs <= F32_MAX_ABS,
+                "{fam}: max abs error {} > {F32_MAX_ABS}",
+                s.max_abs
+            );
+            assert_eq!(
+                s.argmax_mismatch, 0,
+                "{fam}: argmax differs at {} positions",
+                s.argmax_mismatch
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_logits_match_transformers_within_tolerance() {
+    for fam in FAMILIES {
+        for s in run(fam, DType::BF16) {
+            assert!(
+                s.max_rel <= BF16_MAX_REL,
+                "{fam}: bf16 max relative error {} > {BF16_MAX_REL}",
+                s.max_rel
+            );
+            assert!(
+                s.mean_rel <= BF16_MEAN_REL,
+                "{fam}: bf16 mean relative error {} > {BF16_MEAN_REL}",
+                s.mean_rel
+            );
+            assert_eq!(
+                s.clear_mismatch, 0,
+                "{fam}: bf16 argmax differs where the reference is not a near-tie"
+            );
+        }
+    }
+}
