@@ -68,12 +68,19 @@ fn default_max_new_tokens() -> usize {
 impl PipelineConfig {
     pub fn from_file(path: &Path) -> Result<PipelineConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut cfg: PipelineConfig = toml::from_str(&text).map_err(|e| Error::BadFile {
-            file: path.into(),
+        let cfg = PipelineConfig::from_toml_str(&text, Some(path))?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Parses without validating, so command-line overrides can apply first.
+    pub fn from_toml_str(text: &str, path: Option<&Path>) -> Result<PipelineConfig> {
+        let file = path.unwrap_or(Path::new("<command line>"));
+        let mut cfg: PipelineConfig = toml::from_str(text).map_err(|e| Error::BadFile {
+            file: file.into(),
             msg: e.to_string(),
         })?;
-        cfg.base_dir = path.parent().map(Path::to_path_buf);
-        cfg.check(path)?;
+        cfg.base_dir = path.and_then(Path::parent).map(Path::to_path_buf);
         Ok(cfg)
     }
 
@@ -85,7 +92,8 @@ impl PipelineConfig {
         }
     }
 
-    fn check(&self, path: &Path) -> Result<()> {
+    /// Checks values; errors name `path` and the key.
+    pub fn validate(&self, path: &Path) -> Result<()> {
         if self.dtype != "auto" && !DType::parse(&self.dtype).is_some_and(|d| d.is_float()) {
             return Err(Error::config(
                 path,
@@ -115,7 +123,7 @@ impl PipelineConfig {
         if let Some(name) = self.transforms.keys().next() {
             return Err(Error::config(
                 path,
-                &format!("transforms.{name}"),
+                format!("transforms.{name}"),
                 "unknown transform; this build registers none yet",
             ));
         }
@@ -123,7 +131,7 @@ impl PipelineConfig {
             if p.token_ids.is_empty() {
                 return Err(Error::config(
                     path,
-                    &format!("prompts[{i}].token_ids"),
+                    format!("prompts[{i}].token_ids"),
                     "is empty",
                 ));
             }

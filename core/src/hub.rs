@@ -15,6 +15,9 @@ const OPTIONAL_FILES: &[&str] = &[
     "tokenizer_config.json",
 ];
 
+/// Fetches one file of a repo: `Ok(None)` when the repo has no such file.
+type FileGetter<'a> = dyn Fn(&str) -> Result<Option<PathBuf>> + 'a;
+
 /// Resolves `spec` to a local path. A path that exists (relative paths are tried against
 /// `base_dir`, the config file's folder, then the working directory) wins; otherwise a spec
 /// shaped like `owner/name` is a Hub id.
@@ -66,7 +69,7 @@ pub fn fetch(repo_id: &str) -> Result<PathBuf> {
         file: file.into(),
         msg,
     };
-    let getter: Box<dyn Fn(&str) -> Result<Option<PathBuf>>> = if offline() {
+    let getter: Box<FileGetter<'_>> = if offline() {
         let cache = Cache::from_env().repo(Repo::new(repo_id.into(), RepoType::Model));
         Box::new(move |f: &str| Ok(cache.get(f)))
     } else {

@@ -8,6 +8,7 @@ pub mod error;
 pub mod hub;
 pub mod ir;
 pub mod ops;
+pub mod pipeline;
 pub mod registry;
 pub mod shape;
 pub mod tensor;

@@ -56,7 +56,7 @@ impl Dim {
 
     /// Exact quotient, if there is one.
     pub fn div(&self, o: &Dim) -> Option<Dim> {
-        if o.factor == 0 || self.factor % o.factor != 0 {
+        if o.factor == 0 || !self.factor.is_multiple_of(o.factor) {
             return None;
         }
         let mut syms = self.syms.clone();

@@ -80,8 +80,8 @@ impl Tensor {
     pub fn from_f32_as(dtype: DType, shape: Vec<usize>, v: Vec<f32>) -> Result<Tensor> {
         let data = match dtype {
             DType::F32 => Storage::F32(v),
-            DType::BF16 => Storage::BF16(map_par(&v, |x| bf16::from_f32(x))),
-            DType::F16 => Storage::F16(map_par(&v, |x| f16::from_f32(x))),
+            DType::BF16 => Storage::BF16(map_par(&v, bf16::from_f32)),
+            DType::F16 => Storage::F16(map_par(&v, f16::from_f32)),
             DType::I64 => Storage::I64(v.iter().map(|&x| x as i64).collect()),
             DType::Bool => Storage::Bool(v.iter().map(|&x| x != 0.0).collect()),
         };

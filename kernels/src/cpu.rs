@@ -142,7 +142,7 @@ pub fn attention(
     out: &mut [f32],
 ) {
     assert!(
-        d.kv_heads > 0 && d.q_heads % d.kv_heads == 0,
+        d.kv_heads > 0 && d.q_heads.is_multiple_of(d.kv_heads),
         "attention: heads {} vs kv heads {}",
         d.q_heads,
         d.kv_heads

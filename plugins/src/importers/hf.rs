@@ -140,17 +140,18 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
         ));
     }
-    let head_dim =
-        match k.usize_opt("head_dim")? {
-            Some(d) => d,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-            None => return Err(k.err(
+    let head_dim = match k.usize_opt("head_dim")? {
+        Some(d) => d,
+        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        None => {
+            return Err(k.err(
                 "head_dim",
                 format!(
                     "missing, and hidden_size {hidden_size} is not a multiple of {num_heads} heads"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     if head_dim % 2 != 0 {
         return Err(k.err(
             "head_dim",
