@@ -120,13 +120,7 @@ impl PipelineConfig {
         if self.max_seq_len == 0 {
             return Err(Error::config(path, "max_seq_len", "must be at least 1"));
         }
-        if let Some(name) = self.transforms.keys().next() {
-            return Err(Error::config(
-                path,
-                format!("transforms.{name}"),
-                "unknown transform; this build registers none yet",
-            ));
-        }
+        crate::transform::check_config(&self.transforms).map_err(|(key, msg)| Error::config(path, key, msg))?;
         for (i, p) in self.prompts.iter().enumerate() {
             if p.token_ids.is_empty() {
                 return Err(Error::config(

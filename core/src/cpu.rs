@@ -280,35 +280,15 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
             let data = cat_storage(ins, outer, inner, d)?;
             Tensor::new(out_shape, data)
         }
-        Op::Sdpa {
-            is_causal, scale, ..
-        } => {
-            let (q, kt, v) = (ins[0], ins[1], ins[2]);
-            let (qs, ks, vs) = (q.shape(), kt.shape(), v.shape());
-            let dims = k::AttnDims {
-                batch: qs[0],
-                q_heads: qs[1],
-                kv_heads: ks[1],
-                q_len: qs[2],
-                kv_len: ks[2],
-                head_dim: qs[3],
-                v_dim: vs[3],
-            };
-            let scale = scale
-                .map(|s| s as f32)
-                .unwrap_or(1.0 / (qs[3] as f32).sqrt());
-            let mut out = vec![0f32; out_shape.iter().product()];
-            k::attention(
-                dims,
-                &q.to_f32(),
-                &kt.to_f32(),
-                &v.to_f32(),
-                *is_causal,
-                scale,
-                &mut out,
-            );
-            Tensor::from_f32_as(out_meta.dtype, out_shape, out)
+        Op::Sdpa { is_causal, scale, .. } => sdpa(ins, *is_causal, *scale, out_meta.dtype, out_shape),
+        Op::Attention { causal, scale } => sdpa(ins, *causal, Some(*scale), out_meta.dtype, out_shape),
+        Op::Softmax { dim } => {
+            let d = norm_dim(&op, *dim, x.rank())?;
+            softmax(x, d)
         }
+        Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
+        Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
+        Op::SwiGluMlp { fused } => swiglu(ins, *fused, out_shape),
     }
 }
 
@@ -422,4 +402,135 @@ fn matmul(a: &Tensor, b: &Tensor, dtype: DType, out_shape: Vec<usize>) -> Result
         );
     }
     Tensor::from_f32_as(dtype, out_shape, out)
+}
+
+fn sdpa(ins: &[&Tensor], causal: bool, scale: Option<f64>, dtype: DType, out_shape: Vec<usize>) -> Result<Tensor> {
+    let (q, kt, v) = (ins[0], ins[1], ins[2]);
+    let (qs, ks, vs) = (q.shape(), kt.shape(), v.shape());
+    let dims = k::AttnDims {
+        batch: qs[0],
+        q_heads: qs[1],
+        kv_heads: ks[1],
+        q_len: qs[2],
+        kv_len: ks[2],
+        head_dim: qs[3],
+        v_dim: vs[3],
+    };
+    let scale = scale.map(|s| s as f32).unwrap_or(1.0 / (qs[3] as f32).sqrt());
+    let mut out = vec![0f32; out_shape.iter().product()];
+    k::attention(dims, &q.to_f32(), &kt.to_f32(), &v.to_f32(), causal, scale, &mut out);
+    Tensor::from_f32_as(dtype, out_shape, out)
+}
+
+/// Rounds an f32 to `dtype` and back: the value an op of that output dtype would store.
+#[inline]
+pub fn round_as(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+fn softmax(x: &Tensor, d: usize) -> Result<Tensor> {
+    let shape = x.shape();
+    let n = shape[d];
+    let inner: usize = shape[d + 1..].iter().product();
+    let v = x.to_f32();
+    let mut out = vec![0f32; v.len()];
+    let outer = v.len() / (n * inner).max(1);
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| o * n * inner + j * inner + i;
+            let max = (0..n).map(|j| v[at(j)]).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for j in 0..n {
+                let e = (v[at(j)] - max).exp();
+                out[at(j)] = e;
+                sum += e;
+            }
+            for j in 0..n {
+                out[at(j)] /= sum;
+            }
+        }
+    }
+    Tensor::from_f32_as(x.dtype(), shape.to_vec(), out)
+}
+
+/// The same arithmetic, in the same order, as the unfused RMSNorm the importers emit, so the
+/// fused op gives identical results.
+fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32, norm_dtype: DType, out_dtype: DType) -> Result<Tensor> {
+    let n = *x.shape().last().expect("rank >= 1");
+    let (xv, wv) = (x.to_f32(), w.to_f32());
+    let mut out = vec![0f32; xv.len()];
+    let row = |(xr, o): (&[f32], &mut [f32])| {
+        let var = xr.iter().map(|a| a * a).sum::<f32>() / n as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        for ((oo, &a), &ww) in o.iter_mut().zip(xr).zip(wv.iter()) {
+            *oo = ww * round_as(norm_dtype, a * r);
+        }
+    };
+    if xv.len() >= PAR_MIN {
+        xv.par_chunks(n).zip(out.par_chunks_mut(n)).for_each(row);
+    } else {
+        xv.chunks(n).zip(out.chunks_mut(n)).for_each(row);
+    }
+    Tensor::from_f32_as(out_dtype, x.shape().to_vec(), out)
+}
+
+/// RoPE through the primitive ops, so it rounds exactly where the unfused graph does.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bind: &Bindings) -> Result<Tensor> {
+    let d = *x.shape().last().expect("rank >= 1");
+    let half = (d / 2) as i64;
+    let r = x.rank();
+    let x = if interleaved {
+        // [..., d] holding (even, odd) pairs -> [..., d/2, 2] -> [..., 2, d/2] -> [..., d]
+        let mut pairs: Vec<SizeArg> = x.shape()[..r - 1].iter().map(|&n| SizeArg::Dim(n.into())).collect();
+        pairs.push(SizeArg::Dim((d / 2).into()));
+        pairs.push(SizeArg::Dim(2.into()));
+        let p = eval(&Op::View(pairs), &[x], bind)?;
+        let t = eval(&Op::Transpose(-1, -2), &[&p], bind)?;
+        t.reshape(x.shape().to_vec())?
+    } else {
+        x.clone()
+    };
+    let xc = eval(&Op::Mul, &[&x, cos], bind)?;
+    let x1 = eval(&Op::Slice { dim: -1, start: 0, end: half, step: 1 }, &[&x], bind)?;
+    let x2 = eval(&Op::Slice { dim: -1, start: half, end: i64::MAX, step: 1 }, &[&x], bind)?;
+    let n2 = eval(&Op::Neg, &[&x2], bind)?;
+    let rot = eval(&Op::Cat { dim: -1 }, &[&n2, &x1], bind)?;
+    let rs = eval(&Op::Mul, &[&rot, sin], bind)?;
+    eval(&Op::Add, &[&xc, &rs], bind)
+}
+
+fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>) -> Result<Tensor> {
+    let x = ins[0];
+    let dtype = x.dtype();
+    let wd = ins[ins.len() - 1];
+    let (hidden, inter) = (wd.shape()[0], wd.shape()[1]);
+    let kk = *x.shape().last().expect("rank >= 1");
+    let m = x.numel() / kk.max(1);
+    let xv = x.to_f32();
+    let lin = |w: &Tensor, n: usize| {
+        let mut y = vec![0f32; m * n];
+        k::linear(m, n, kk, &xv, &w.to_f32(), None, &mut y);
+        y.iter_mut().for_each(|v| *v = round_as(dtype, *v));
+        y
+    };
+    let (g, u): (Vec<f32>, Vec<f32>) = if fused {
+        let gu = lin(ins[1], 2 * inter);
+        let (mut g, mut u) = (Vec::with_capacity(m * inter), Vec::with_capacity(m * inter));
+        for row in gu.chunks(2 * inter) {
+            g.extend_from_slice(&row[..inter]);
+            u.extend_from_slice(&row[inter..]);
+        }
+        (g, u)
+    } else {
+        (lin(ins[1], inter), lin(ins[2], inter))
+    };
+    let act: Vec<f32> =
+        g.iter().zip(&u).map(|(&a, &b)| round_as(dtype, round_as(dtype, a / (1.0 + (-a).exp())) * b)).collect();
+    let mut y = vec![0f32; m * hidden];
+    k::linear(m, hidden, inter, &act, &wd.to_f32(), None, &mut y);
+    Tensor::from_f32_as(dtype, out_shape, y)
 }

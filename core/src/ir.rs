@@ -11,7 +11,7 @@ use crate::ops::{infer, Op};
 use crate::shape::{fmt_shape, Shape, SymRange};
 use crate::weights::WeightStore;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ValueId(pub u32);
 
 #[derive(Clone, Debug, PartialEq)]
@@ -306,5 +306,110 @@ impl GraphBuilder {
     pub fn finish(self) -> Result<Graph> {
         self.g.validate()?;
         Ok(self.g)
+    }
+}
+
+/// Rewriting: insert nodes, redirect uses, drop dead code.
+impl Graph {
+    fn unique_name(&self, hint: &str) -> String {
+        let taken: HashSet<&str> = self.values.iter().map(|v| v.name.as_str()).collect();
+        if !taken.contains(hint) {
+            return hint.to_string();
+        }
+        (1..).map(|k| format!("{hint}_{k}")).find(|n| !taken.contains(n.as_str())).expect("unbounded")
+    }
+
+    /// Index of the node that defines `v`, if a node does.
+    pub fn producer(&self, v: ValueId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.outputs.contains(&v))
+    }
+
+    /// Map from value to defining node index, for passes that look up many producers.
+    pub fn producers(&self) -> Vec<Option<usize>> {
+        let mut p = vec![None; self.values.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for o in &n.outputs {
+                p[o.0 as usize] = Some(i);
+            }
+        }
+        p
+    }
+
+    /// Number of nodes reading each value (graph outputs count as a use).
+    pub fn use_counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.values.len()];
+        for n in &self.nodes {
+            for i in &n.inputs {
+                c[i.0 as usize] += 1;
+            }
+        }
+        for o in &self.outputs {
+            c[o.0 as usize] += 1;
+        }
+        c
+    }
+
+    /// Inserts `op(inputs)` as node `pos`, inferring its output; returns the output value.
+    pub fn insert_node(&mut self, pos: usize, hint: &str, op: Op, inputs: &[ValueId]) -> Result<ValueId> {
+        let metas: Vec<TensorMeta> = inputs.iter().map(|&i| self.meta(i).clone()).collect();
+        let mut out = infer(&op, &metas).map_err(|e| e.at_node(hint))?;
+        if out.len() != 1 {
+            return Err(Error::op(op.name(), format!("expected one output, got {}", out.len())));
+        }
+        let name = self.unique_name(hint);
+        let v = ValueId(self.values.len() as u32);
+        self.values.push(ValueInfo { name, meta: out.remove(0) });
+        self.nodes.insert(pos, Node { op, inputs: inputs.to_vec(), outputs: vec![v] });
+        Ok(v)
+    }
+
+    /// Adds a weight parameter backed by the store entry `weight`.
+    pub fn add_param(&mut self, weight: &str, meta: TensorMeta) -> ValueId {
+        if let Some(p) = self.params.iter().find(|p| p.weight == weight) {
+            return p.value;
+        }
+        let name = self.unique_name(weight);
+        let v = ValueId(self.values.len() as u32);
+        self.values.push(ValueInfo { name, meta });
+        self.params.push(Param { value: v, weight: weight.to_string() });
+        v
+    }
+
+    /// Makes every reader of `old` (nodes and graph outputs) read `new` instead.
+    pub fn replace_uses(&mut self, old: ValueId, new: ValueId) {
+        for n in &mut self.nodes {
+            for i in &mut n.inputs {
+                if *i == old {
+                    *i = new;
+                }
+            }
+        }
+        for o in &mut self.outputs {
+            if *o == old {
+                *o = new;
+            }
+        }
+    }
+
+    /// Removes nodes and params whose results nobody reads. Returns how many nodes went.
+    pub fn dce(&mut self) -> usize {
+        let before = self.nodes.len();
+        let mut used = vec![false; self.values.len()];
+        for o in &self.outputs {
+            used[o.0 as usize] = true;
+        }
+        let mut keep = vec![false; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate().rev() {
+            if n.outputs.iter().any(|o| used[o.0 as usize]) {
+                keep[i] = true;
+                for x in &n.inputs {
+                    used[x.0 as usize] = true;
+                }
+            }
+        }
+        let mut k = keep.into_iter();
+        self.nodes.retain(|_| k.next().unwrap_or(false));
+        self.params.retain(|p| used[p.value.0 as usize]);
+        before - self.nodes.len()
     }
 }

@@ -8,10 +8,12 @@ pub mod error;
 pub mod hub;
 pub mod ir;
 pub mod ops;
+pub mod pattern;
 pub mod pipeline;
 pub mod registry;
 pub mod shape;
 pub mod tensor;
+pub mod transform;
 pub mod weights;
 
 pub use dtype::DType;

@@ -60,6 +60,22 @@ pub enum Op {
         scale: Option<f64>,
         enable_gqa: bool,
     },
+    /// `aten._softmax(x, dim)`, computed in f32, result in the input dtype.
+    Softmax { dim: i64 },
+
+    // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
+    /// `torch_rmsnorm(x, weight)`: `weight * to(norm_dtype)(x·rsqrt(mean(x²) + eps))`, with the
+    /// normalisation in f32.
+    RmsNorm { eps: f64, norm_dtype: DType },
+    /// `torch_rope_with_explicit_cos_sin(x, cos, sin)`: `x·cos + rotate_half(x)·sin`. With
+    /// `interleaved`, `x`'s last dim holds (even, odd) pairs and is de-interleaved first.
+    Rope { interleaved: bool },
+    /// `torch_attention(q, k, v)`: softmax(q·kᵀ·scale)·v, `[batch, heads, seq, head_dim]`,
+    /// k/v may have fewer heads (GQA).
+    Attention { causal: bool, scale: f64 },
+    /// `torch_swiglu_mlp(x, w_gate, w_up, w_down)`: `down(silu(gate(x)) · up(x))`; with `fused`,
+    /// the inputs are `(x, w_gate_up, w_down)`, gate rows first.
+    SwiGluMlp { fused: bool },
 }
 
 impl Op {
@@ -90,6 +106,11 @@ impl Op {
             Op::Slice { .. } => "aten.slice.Tensor",
             Op::Cat { .. } => "aten.cat",
             Op::Sdpa { .. } => "aten.scaled_dot_product_attention",
+            Op::Softmax { .. } => "aten._softmax",
+            Op::RmsNorm { .. } => "torch_rmsnorm",
+            Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
+            Op::Attention { .. } => "torch_attention",
+            Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
         }
     }
 
@@ -123,7 +144,11 @@ impl Op {
                 }
                 s
             }
-            Op::Cat { dim } => format!("dim={dim}"),
+            Op::Cat { dim } | Op::Softmax { dim } => format!("dim={dim}"),
+            Op::RmsNorm { eps, norm_dtype } => format!("eps={eps:?}, norm_dtype={norm_dtype}"),
+            Op::Rope { interleaved } => format!("interleaved={interleaved}"),
+            Op::Attention { causal, scale } => format!("causal={causal}, scale={scale:?}"),
+            Op::SwiGluMlp { fused } => format!("fused={fused}"),
             Op::Sdpa {
                 is_causal,
                 scale,
@@ -147,7 +172,10 @@ impl Op {
         match self {
             Op::Linear => (2, 3),
             Op::Embedding | Op::Matmul | Op::Add | Op::Sub | Op::Mul | Op::Div => (2, 2),
-            Op::Sdpa { .. } => (3, 3),
+            Op::Sdpa { .. } | Op::Rope { .. } | Op::Attention { .. } => (3, 3),
+            Op::RmsNorm { .. } => (2, 2),
+            Op::SwiGluMlp { fused: true } => (3, 3),
+            Op::SwiGluMlp { fused: false } => (4, 4),
             Op::Cat { .. } => (1, usize::MAX),
             _ => (1, 1),
         }
@@ -335,6 +363,50 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             Ok(vec![TensorMeta { dtype, shape }])
         }
         Op::AddScalar(_) | Op::MulScalar(_) | Op::PowScalar(_) | Op::Neg => same(x.shape.clone()),
+        Op::Softmax { dim } => {
+            float_only(op, x)?;
+            norm_dim(op, *dim, x.shape.len())?;
+            same(x.shape.clone())
+        }
+        Op::RmsNorm { norm_dtype, .. } => {
+            let w = &ins[1];
+            float_only(op, x)?;
+            if w.shape.len() != 1 || x.shape.last() != Some(&w.shape[0]) {
+                return Err(err(op, format!("weight {w} does not fit the last dim of {x}")));
+            }
+            Ok(vec![TensorMeta { dtype: DType::promote(w.dtype, *norm_dtype), shape: x.shape.clone() }])
+        }
+        Op::Rope { .. } => {
+            let (c, s_) = (&ins[1], &ins[2]);
+            float_only(op, x)?;
+            if c != s_ || x.shape.last() != c.shape.last() || x.shape.last().and_then(Dim::as_static).is_none_or(|d| d % 2 != 0) {
+                return Err(err(op, format!("x {x}, cos {c}, sin {s_}: cos and sin must match and share x's even last dim")));
+            }
+            let shape = broadcast(op, &x.shape, &c.shape)?;
+            if shape != x.shape {
+                return Err(err(op, format!("cos {c} must broadcast to x {x}")));
+            }
+            Ok(vec![TensorMeta { dtype: DType::promote(x.dtype, c.dtype), shape }])
+        }
+        Op::Attention { .. } => infer(&Op::Sdpa { is_causal: false, scale: None, enable_gqa: true }, ins),
+        Op::SwiGluMlp { fused } => {
+            let w_down = ins.last().expect("arity checked");
+            let (inter, ok) = if *fused {
+                let w = &ins[1];
+                let i = w.shape.first().and_then(Dim::as_static).map(|n| n / 2).unwrap_or(0);
+                (Dim::new(i), w.shape.len() == 2 && w.shape[0] == Dim::new(2 * i) && x.shape.last() == Some(&w.shape[1]))
+            } else {
+                let (g, u) = (&ins[1], &ins[2]);
+                (g.shape[0].clone(), g.shape.len() == 2 && g == u && x.shape.last() == Some(&g.shape[1]))
+            };
+            if !ok || w_down.shape.len() != 2 || w_down.shape[1] != inter || ins.iter().any(|m| m.dtype != x.dtype) {
+                let all: Vec<String> = ins.iter().map(|m| m.to_string()).collect();
+                return Err(err(op, format!("inconsistent operands {}", all.join(", "))));
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("checked") = w_down.shape[0].clone();
+            same(shape)
+        }
         Op::Rsqrt | Op::Silu | Op::Cos | Op::Sin => {
             float_only(op, x)?;
             same(x.shape.clone())

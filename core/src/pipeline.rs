@@ -35,13 +35,7 @@ pub fn import(cfg: &PipelineConfig) -> Result<Graph> {
 /// The graph as it stands after `stage`.
 pub fn graph_after(cfg: &PipelineConfig, stage: Stage) -> Result<Graph> {
     let mut g = import(cfg)?;
-    for s in Stage::ALL
-        .into_iter()
-        .filter(|s| *s != Stage::Import && *s <= stage)
-    {
-        // No transform is registered for any stage yet; the graph passes through unchanged.
-        g.history.push(format!("{s}: no transforms registered"));
-    }
+    crate::transform::run_stages(&mut g, cfg, stage)?;
     Ok(g)
 }
 

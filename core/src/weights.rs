@@ -65,14 +65,16 @@ pub fn float_dtype(d: StDtype) -> Option<DType> {
     }
 }
 
+#[derive(Clone)]
 enum Entry {
     File(usize),
     Owned(Tensor),
 }
 
-#[derive(Default)]
+/// Cloning is cheap: files are shared, owned tensors share their storage.
+#[derive(Default, Clone)]
 pub struct WeightStore {
-    files: Vec<SafetensorsFile>,
+    files: Vec<std::sync::Arc<SafetensorsFile>>,
     entries: HashMap<String, Entry>,
     origin: String,
 }
@@ -96,7 +98,7 @@ impl WeightStore {
         for n in names {
             self.entries.insert(n, Entry::File(idx));
         }
-        self.files.push(file);
+        self.files.push(std::sync::Arc::new(file));
     }
 
     pub fn add_tensor(&mut self, name: &str, t: Tensor) {

@@ -1,5 +1,5 @@
 //! Built-in plugins. Each registers itself with `inventory` under its kind and name; the host
-//! finds them through `autodeploy_core::registry`.
+//! finds them through `autodeploy_core::registry` and `autodeploy_core::transform`.
 
 pub mod compile {
     pub mod simple;
@@ -7,6 +7,10 @@ pub mod compile {
 pub mod importers {
     pub mod decoder;
     pub mod hf;
+}
+pub mod transforms {
+    pub mod fusion;
+    pub mod matchers;
 }
 
 /// Referencing this from a binary keeps the crate (and so its registrations) linked in.

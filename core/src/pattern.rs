@@ -1,0 +1,193 @@
+//! A declarative pattern matcher. A pattern is a small graph written once with [`PatternBuilder`]:
+//! free inputs bind to any value (the same input to the same value), op nodes test the graph's op
+//! and may capture attributes, commutative nodes match their two inputs in either order, and
+//! optional nodes (typically casts) match whether or not the graph has them.
+
+use std::collections::HashMap;
+
+use crate::ir::{Graph, ValueId};
+use crate::ops::Op;
+
+pub type PId = usize;
+
+/// Values a pattern captured from attributes (`eps`, `scale`, ...).
+#[derive(Clone, Debug, Default)]
+pub struct Captures {
+    pub f: HashMap<&'static str, f64>,
+    pub b: HashMap<&'static str, bool>,
+}
+
+type Pred = Box<dyn Fn(&Op, &mut Captures) -> bool + Send + Sync>;
+
+enum PNode {
+    Input(&'static str),
+    Op { pred: Pred, inputs: Vec<PId>, commutative: bool },
+    /// A one-input op that the graph may or may not have between `input` and its user.
+    Optional { pred: Pred, input: PId },
+}
+
+pub struct Pattern {
+    nodes: Vec<PNode>,
+    output: PId,
+}
+
+#[derive(Default)]
+pub struct PatternBuilder {
+    nodes: Vec<PNode>,
+}
+
+impl PatternBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn input(&mut self, name: &'static str) -> PId {
+        self.nodes.push(PNode::Input(name));
+        self.nodes.len() - 1
+    }
+
+    /// An op node; `pred` decides whether a graph op fits and records captures.
+    pub fn op(&mut self, pred: impl Fn(&Op, &mut Captures) -> bool + Send + Sync + 'static, inputs: &[PId]) -> PId {
+        self.nodes.push(PNode::Op { pred: Box::new(pred), inputs: inputs.to_vec(), commutative: false });
+        self.nodes.len() - 1
+    }
+
+    /// A two-input op whose inputs may appear in either order (add, mul).
+    pub fn commutative(&mut self, pred: impl Fn(&Op, &mut Captures) -> bool + Send + Sync + 'static, a: PId, b: PId) -> PId {
+        self.nodes.push(PNode::Op { pred: Box::new(pred), inputs: vec![a, b], commutative: true });
+        self.nodes.len() - 1
+    }
+
+    pub fn optional(&mut self, pred: impl Fn(&Op, &mut Captures) -> bool + Send + Sync + 'static, input: PId) -> PId {
+        self.nodes.push(PNode::Optional { pred: Box::new(pred), input });
+        self.nodes.len() - 1
+    }
+
+    /// An optional dtype cast (`aten._to_copy`), as real exports put around norms.
+    pub fn opt_cast(&mut self, input: PId) -> PId {
+        self.optional(|op, _| matches!(op, Op::ToDtype(_)), input)
+    }
+
+    pub fn build(self, output: PId) -> Pattern {
+        Pattern { nodes: self.nodes, output }
+    }
+}
+
+/// One match: the values bound to each pattern node, the captures, and the graph nodes covered.
+#[derive(Clone, Debug, Default)]
+pub struct Match {
+    pub bound: HashMap<PId, ValueId>,
+    pub inputs: HashMap<&'static str, ValueId>,
+    pub caps: Captures,
+    /// Graph node indices the pattern covered.
+    pub nodes: Vec<usize>,
+    pub output: ValueId,
+}
+
+impl Match {
+    pub fn input(&self, name: &str) -> ValueId {
+        self.inputs[name]
+    }
+}
+
+impl Pattern {
+    /// Matches rooted at each node of `g`, in graph order. Matches may overlap; callers that
+    /// rewrite should skip a match whose nodes an earlier rewrite already consumed.
+    pub fn find_all(&self, g: &Graph) -> Vec<Match> {
+        let prod = g.producers();
+        let mut out = Vec::new();
+        for n in &g.nodes {
+            for &o in &n.outputs {
+                let mut m = Match { output: o, ..Default::default() };
+                if self.m(g, &prod, self.output, o, &mut m) {
+                    m.nodes.sort_unstable();
+                    m.nodes.dedup();
+                    out.push(m);
+                }
+            }
+        }
+        out
+    }
+
+    fn m(&self, g: &Graph, prod: &[Option<usize>], p: PId, v: ValueId, st: &mut Match) -> bool {
+        if let Some(&b) = st.bound.get(&p) {
+            return b == v;
+        }
+        let ok = match &self.nodes[p] {
+            PNode::Input(name) => match st.inputs.get(name) {
+                Some(&b) => b == v,
+                None => {
+                    st.inputs.insert(name, v);
+                    true
+                }
+            },
+            PNode::Op { pred, inputs, commutative } => {
+                let Some(ni) = prod[v.0 as usize] else { return false };
+                let node = &g.nodes[ni];
+                if node.inputs.len() != inputs.len() || !pred(&node.op, &mut st.caps) {
+                    return false;
+                }
+                let orders: Vec<Vec<usize>> =
+                    if *commutative { vec![vec![0, 1], vec![1, 0]] } else { vec![(0..inputs.len()).collect()] };
+                let mut matched = false;
+                for ord in orders {
+                    let saved = st.clone();
+                    if ord.iter().zip(inputs).all(|(&gi, &pi)| self.m(g, prod, pi, node.inputs[gi], st)) {
+                        st.nodes.push(ni);
+                        matched = true;
+                        break;
+                    }
+                    *st = saved;
+                }
+                matched
+            }
+            PNode::Optional { pred, input } => {
+                let saved = st.clone();
+                let present = prod[v.0 as usize].is_some_and(|ni| {
+                    let node = &g.nodes[ni];
+                    node.inputs.len() == 1 && pred(&node.op, &mut st.caps) && self.m(g, prod, *input, node.inputs[0], st) && {
+                        st.nodes.push(ni);
+                        true
+                    }
+                });
+                if present {
+                    true
+                } else {
+                    *st = saved;
+                    self.m(g, prod, *input, v, st)
+                }
+            }
+        };
+        if ok {
+            st.bound.insert(p, v);
+        }
+        ok
+    }
+}
+
+/// Applies `rewrite` to each non-overlapping match of `pattern`, then drops dead code. The
+/// rewrite returns the value replacing the match's output (or `None` to skip the match).
+/// Returns the number of rewrites.
+pub fn rewrite_all(
+    g: &mut Graph,
+    pattern: &Pattern,
+    mut rewrite: impl FnMut(&mut Graph, &Match, usize) -> crate::Result<Option<ValueId>>,
+) -> crate::Result<usize> {
+    let mut count = 0;
+    // Rewriting shifts node indices, so find matches again after each rewrite.
+    let mut skip = 0;
+    loop {
+        let matches = pattern.find_all(g);
+        let Some(m) = matches.into_iter().nth(skip) else { break };
+        let pos = g.producer(m.output).expect("a match's output is a node output") + 1;
+        match rewrite(g, &m, pos)? {
+            Some(new) => {
+                g.replace_uses(m.output, new);
+                g.dce();
+                count += 1;
+            }
+            None => skip += 1,
+        }
+    }
+    Ok(count)
+}

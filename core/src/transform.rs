@@ -1,0 +1,136 @@
+//! Graph transforms: registered by name with their stage, configured from
+//! `[transforms.<name>]`, run in stage order, each logging and recording what it changed.
+
+use autodeploy_sdk::Stage;
+
+use crate::config::PipelineConfig;
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+
+/// A declared option of a transform, with its default as TOML text.
+pub struct OptionSpec {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// What a transform sees besides the graph.
+pub struct TransformContext<'a> {
+    pub config: &'a PipelineConfig,
+    /// The transform's options: the config's values over the declared defaults.
+    pub options: toml::Table,
+}
+
+impl TransformContext<'_> {
+    pub fn bool(&self, name: &str) -> Result<bool> {
+        self.options
+            .get(name)
+            .and_then(toml::Value::as_bool)
+            .ok_or_else(|| Error::Msg(format!("transform option `{name}` must be true or false")))
+    }
+    pub fn int(&self, name: &str) -> Result<i64> {
+        self.options
+            .get(name)
+            .and_then(toml::Value::as_integer)
+            .ok_or_else(|| Error::Msg(format!("transform option `{name}` must be an integer")))
+    }
+}
+
+pub trait Transform: Send + Sync {
+    /// Rewrites the graph; returns a one-line summary such as `matched 4 rmsnorm`.
+    fn apply(&self, graph: &mut Graph, cx: &TransformContext) -> Result<String>;
+}
+
+pub struct TransformPlugin {
+    pub name: &'static str,
+    pub stage: Stage,
+    /// Order within the stage (lower first; ties by name).
+    pub order: i32,
+    pub enabled_by_default: bool,
+    pub options: &'static [OptionSpec],
+    pub version: &'static str,
+    pub make: fn() -> Box<dyn Transform>,
+}
+
+inventory::collect!(TransformPlugin);
+
+/// Every registered transform, in the order the pipeline runs them.
+pub fn all() -> Vec<&'static TransformPlugin> {
+    let mut v: Vec<&TransformPlugin> = inventory::iter::<TransformPlugin>.into_iter().collect();
+    v.sort_by(|a, b| (a.stage, a.order, a.name).cmp(&(b.stage, b.order, b.name)));
+    v
+}
+
+pub fn find(name: &str) -> Option<&'static TransformPlugin> {
+    inventory::iter::<TransformPlugin>.into_iter().find(|t| t.name == name)
+}
+
+fn parse_default(t: &TransformPlugin, o: &OptionSpec) -> Result<toml::Value> {
+    let text = format!("v = {}", o.default);
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| Error::Msg(format!("transform {}: bad default for `{}`: {e}", t.name, o.name)))?;
+    Ok(table["v"].clone())
+}
+
+/// Checks `[transforms.*]` against the registry: known names, `enabled` a bool, known options of
+/// the declared types. Errors name the key.
+pub fn check_config(tables: &std::collections::BTreeMap<String, toml::Table>) -> std::result::Result<(), (String, String)> {
+    for (name, table) in tables {
+        let Some(t) = find(name) else {
+            let known: Vec<&str> = all().iter().map(|t| t.name).collect();
+            return Err((format!("transforms.{name}"), format!("unknown transform; known: {}", known.join(", "))));
+        };
+        for (k, v) in table {
+            if k == "enabled" {
+                if !v.is_bool() {
+                    return Err((format!("transforms.{name}.enabled"), "must be true or false".into()));
+                }
+                continue;
+            }
+            let Some(spec) = t.options.iter().find(|o| o.name == k) else {
+                let mut opts: Vec<&str> = t.options.iter().map(|o| o.name).collect();
+                opts.insert(0, "enabled");
+                return Err((format!("transforms.{name}.{k}"), format!("`{name}` has no option `{k}`; options: {}", opts.join(", "))));
+            };
+            let d = parse_default(t, spec).map_err(|e| (format!("transforms.{name}.{k}"), e.to_string()))?;
+            if d.type_str() != v.type_str() {
+                return Err((format!("transforms.{name}.{k}"), format!("expected {}, found {}", d.type_str(), v.type_str())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the config enables `t`, and its options.
+fn settings(t: &TransformPlugin, cfg: &PipelineConfig) -> Result<(bool, toml::Table)> {
+    let user = cfg.transforms.get(t.name);
+    let enabled = user.and_then(|u| u.get("enabled")).and_then(toml::Value::as_bool).unwrap_or(t.enabled_by_default);
+    let mut opts = toml::Table::new();
+    for o in t.options {
+        let v = user.and_then(|u| u.get(o.name)).cloned().map(Ok).unwrap_or_else(|| parse_default(t, o))?;
+        opts.insert(o.name.to_string(), v);
+    }
+    Ok((enabled, opts))
+}
+
+/// Runs the transforms of stages after `import` up to and including `until`.
+pub fn run_stages(graph: &mut Graph, cfg: &PipelineConfig, until: Stage) -> Result<()> {
+    for t in all().into_iter().filter(|t| t.stage != Stage::Import && t.stage <= until) {
+        let (enabled, options) = settings(t, cfg)?;
+        if !enabled {
+            graph.history.push(format!("[stage={}, transform={}] disabled", t.stage, t.name));
+            continue;
+        }
+        let cx = TransformContext { config: cfg, options };
+        let summary = (t.make)()
+            .apply(graph, &cx)
+            .map_err(|e| Error::Msg(format!("transform {} (stage {}): {e}", t.name, t.stage)))?;
+        graph.validate().map_err(|e| {
+            Error::Msg(format!("transform {} (stage {}) left an invalid graph: {e}", t.name, t.stage))
+        })?;
+        let line = format!("[stage={}, transform={}] {summary}", t.stage, t.name);
+        tracing::info!("{line}");
+        graph.history.push(line);
+    }
+    Ok(())
+}

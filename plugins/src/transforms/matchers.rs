@@ -1,0 +1,293 @@
+//! Pattern-matcher stage: find the structure of a decoder in the unfused graph and replace it
+//! with canonical ops. Patterns know ops and shapes, never model names.
+
+use autodeploy_core::error::Result;
+use autodeploy_core::ir::Graph;
+use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
+use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
+use autodeploy_core::{DType, Op, SizeArg};
+use autodeploy_sdk::Stage;
+
+macro_rules! register {
+    ($name:literal, $order:expr, $ty:expr) => {
+        autodeploy_core::inventory::submit! {
+            TransformPlugin {
+                name: $name,
+                stage: Stage::PatternMatcher,
+                order: $order,
+                enabled_by_default: true,
+                options: &[],
+                version: env!("CARGO_PKG_VERSION"),
+                make: || Box::new($ty),
+            }
+        }
+    };
+}
+
+register!("match_rmsnorm", 10, MatchRmsNorm);
+register!("match_rope", 20, MatchRope);
+register!("match_rope_interleaved", 21, MatchRopeInterleaved);
+register!("match_attention", 30, MatchAttention);
+register!("match_swiglu", 40, MatchSwiGlu);
+
+fn is_last_dim(d: i64, rank: usize) -> bool {
+    d == -1 || d == rank as i64 - 1
+}
+
+/// `w * cast?(cast?(x) * rsqrt(mean(cast?(x)², -1, keepdim) + eps))`, the cast to f32 where present.
+pub fn rmsnorm_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let x = p.input("x");
+    let w = p.input("w");
+    let xf = p.optional(|op, _| matches!(op, Op::ToDtype(DType::F32)), x);
+    let sq = p.op(|op, _| matches!(op, Op::PowScalar(e) if *e == 2.0), &[xf]);
+    let var = p.op(|op, _| matches!(op, Op::Mean { dims, keepdim: true } if dims.len() == 1), &[sq]);
+    let ve = p.op(
+        |op, c: &mut Captures| match op {
+            Op::AddScalar(e) => {
+                c.f.insert("eps", *e);
+                true
+            }
+            _ => false,
+        },
+        &[var],
+    );
+    let r = p.op(|op, _| matches!(op, Op::Rsqrt), &[ve]);
+    let y = p.commutative(|op, _| matches!(op, Op::Mul), xf, r);
+    let yc = p.opt_cast(y);
+    let out = p.commutative(|op, _| matches!(op, Op::Mul), w, yc);
+    p.build(out)
+}
+
+pub struct MatchRmsNorm;
+
+impl Transform for MatchRmsNorm {
+    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+        let pat = rmsnorm_pattern();
+        let n = rewrite_all(g, &pat, |g, m, pos| {
+            let (x, w) = (m.input("x"), m.input("w"));
+            let xm = g.meta(x).clone();
+            // The mean must run over the last dim, in f32, and the weight be one per channel.
+            let mean_ok = m.nodes.iter().any(|&i| match &g.nodes[i].op {
+                Op::Mean { dims, .. } => is_last_dim(dims[0], xm.shape.len()),
+                _ => false,
+            });
+            let wm = g.meta(w);
+            if !mean_ok || wm.shape.len() != 1 || xm.shape.last() != Some(&wm.shape[0]) || !xm.dtype.is_float() {
+                return Ok(None);
+            }
+            let norm_in = m.nodes.iter().find_map(|&i| matches!(g.nodes[i].op, Op::PowScalar(_)).then(|| g.nodes[i].inputs[0]));
+            if norm_in.is_some_and(|v| g.meta(v).dtype != DType::F32) {
+                return Ok(None);
+            }
+            // The dtype the normalised value has before the weight multiplies it.
+            let out_mul = g.producer(m.output).expect("match output is a node");
+            let yc = *g.nodes[out_mul].inputs.iter().find(|&&v| v != w).unwrap_or(&w);
+            let norm_dtype = g.meta(yc).dtype;
+            let op = Op::RmsNorm { eps: m.caps.f["eps"], norm_dtype };
+            let hint = format!("{}.rmsnorm", g.value(m.output).name);
+            Ok(Some(g.insert_node(pos, &hint, op, &[x, w])?))
+        })?;
+        Ok(format!("matched {n} rmsnorm"))
+    }
+}
+
+fn capture_slice(tag: &'static str) -> impl Fn(&Op, &mut Captures) -> bool + Send + Sync {
+    move |op, c| match op {
+        Op::Slice { dim, start, end, step: 1 } => {
+            let (ks, ke, kd) = match tag {
+                "x1" => ("x1_start", "x1_end", "x1_dim"),
+                _ => ("x2_start", "x2_end", "x2_dim"),
+            };
+            c.f.insert(ks, *start as f64);
+            c.f.insert(ke, *end as f64);
+            c.f.insert(kd, *dim as f64);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// `x·cos + cat(-x[..., d/2:], x[..., :d/2])·sin`
+pub fn rope_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let x = p.input("x");
+    let cos = p.input("cos");
+    let sin = p.input("sin");
+    let xc = p.commutative(|op, _| matches!(op, Op::Mul), x, cos);
+    let x1 = p.op(capture_slice("x1"), &[x]);
+    let x2 = p.op(capture_slice("x2"), &[x]);
+    let n2 = p.op(|op, _| matches!(op, Op::Neg), &[x2]);
+    let rot = p.op(|op, c| matches!(op, Op::Cat { dim } if { c.f.insert("cat_dim", *dim as f64); true }), &[n2, x1]);
+    let rs = p.commutative(|op, _| matches!(op, Op::Mul), rot, sin);
+    let out = p.commutative(|op, _| matches!(op, Op::Add), xc, rs);
+    p.build(out)
+}
+
+pub struct MatchRope;
+
+impl Transform for MatchRope {
+    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+        let pat = rope_pattern();
+        let n = rewrite_all(g, &pat, |g, m, pos| {
+            let x = m.input("x");
+            let xm = g.meta(x).clone();
+            let rank = xm.shape.len();
+            let Some(d) = xm.shape.last().and_then(|d| d.as_static()) else { return Ok(None) };
+            let c = &m.caps.f;
+            let half = (d / 2) as f64;
+            let ends = |e: f64| if e >= d as f64 { d as f64 } else { e };
+            let ok = d % 2 == 0
+                && [c["x1_dim"], c["x2_dim"], c["cat_dim"]].iter().all(|&k| is_last_dim(k as i64, rank))
+                && c["x1_start"] == 0.0
+                && ends(c["x1_end"]) == half
+                && c["x2_start"] == half
+                && ends(c["x2_end"]) == d as f64;
+            if !ok {
+                return Ok(None);
+            }
+            let hint = format!("{}.rope", g.value(m.output).name);
+            let ins = [x, m.input("cos"), m.input("sin")];
+            // The canonical op must reproduce the matched result's dtype and shape exactly.
+            match g.insert_node(pos, &hint, Op::Rope { interleaved: false }, &ins) {
+                Ok(v) if g.meta(v) == g.meta(m.output) => Ok(Some(v)),
+                Ok(_) => {
+                    g.nodes.remove(pos);
+                    Ok(None)
+                }
+                Err(_) => Ok(None),
+            }
+        })?;
+        Ok(format!("matched {n} rope"))
+    }
+}
+
+/// `rope(reshape(transpose(view(x, [..., d/2, 2]), -1, -2), [..., d]))`: RoPE on a q/k whose
+/// channel pairs are interleaved (as DeepSeek-style checkpoints store them).
+pub fn rope_interleaved_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let x = p.input("x");
+    let cos = p.input("cos");
+    let sin = p.input("sin");
+    let v = p.op(|op, _| matches!(op, Op::View(s) | Op::Reshape(s) if matches!(s.last(), Some(SizeArg::Dim(d)) if d.as_static() == Some(2))), &[x]);
+    let t = p.op(|op, _| matches!(op, Op::Transpose(a, b) if (*a, *b) == (-1, -2) || (*a, *b) == (-2, -1)), &[v]);
+    let r = p.op(|op, _| matches!(op, Op::View(_) | Op::Reshape(_)), &[t]);
+    let out = p.op(|op, _| matches!(op, Op::Rope { interleaved: false }), &[r, cos, sin]);
+    p.build(out)
+}
+
+pub struct MatchRopeInterleaved;
+
+impl Transform for MatchRopeInterleaved {
+    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+        let pat = rope_interleaved_pattern();
+        let n = rewrite_all(g, &pat, |g, m, pos| {
+            let x = m.input("x");
+            // The de-interleaved value must have x's shape: only the last dim was permuted.
+            let deint = g.nodes[g.producer(m.output).expect("node")].inputs[0];
+            if g.meta(deint).shape != g.meta(x).shape {
+                return Ok(None);
+            }
+            let hint = format!("{}.rope", g.value(m.output).name);
+            Ok(Some(g.insert_node(pos, &hint, Op::Rope { interleaved: true }, &[x, m.input("cos"), m.input("sin")])?))
+        })?;
+        Ok(format!("matched {n} interleaved rope"))
+    }
+}
+
+fn capture_sdpa(op: &Op, c: &mut Captures) -> bool {
+    match op {
+        Op::Sdpa { is_causal, scale, enable_gqa } => {
+            c.b.insert("causal", *is_causal);
+            c.b.insert("gqa", *enable_gqa);
+            if let Some(s) = scale {
+                c.f.insert("scale", *s);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// `reshape(expand(unsqueeze(x, 2), [b, hk, n, s, d]), [b, hk·n, s, d])`: transformers' repeat_kv.
+fn repeat_kv(p: &mut PatternBuilder, x: usize) -> usize {
+    let u = p.op(|op, _| matches!(op, Op::Unsqueeze(2)), &[x]);
+    let e = p.op(|op, _| matches!(op, Op::Expand(s) if s.len() == 5), &[u]);
+    p.op(|op, _| matches!(op, Op::Reshape(s) | Op::View(s) if s.len() == 4), &[e])
+}
+
+/// SDPA whose k and v went through repeat_kv (GQA spelled out).
+pub fn attention_repeat_kv_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let (q, k, v) = (p.input("q"), p.input("k"), p.input("v"));
+    let kr = repeat_kv(&mut p, k);
+    let vr = repeat_kv(&mut p, v);
+    let out = p.op(capture_sdpa, &[q, kr, vr]);
+    p.build(out)
+}
+
+pub fn attention_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let (q, k, v) = (p.input("q"), p.input("k"), p.input("v"));
+    let out = p.op(capture_sdpa, &[q, k, v]);
+    p.build(out)
+}
+
+pub struct MatchAttention;
+
+impl Transform for MatchAttention {
+    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+        let mut counts = [0usize; 2];
+        for (i, pat) in [attention_repeat_kv_pattern(), attention_pattern()].iter().enumerate() {
+            counts[i] = rewrite_all(g, pat, |g, m, pos| {
+                let (q, k, v) = (m.input("q"), m.input("k"), m.input("v"));
+                let (qm, km) = (g.meta(q).clone(), g.meta(k).clone());
+                if qm.shape.len() != 4 || km.shape.len() != 4 {
+                    return Ok(None);
+                }
+                // repeat_kv must repeat each kv head in place (kv head h serves q heads h·n..h·n+n).
+                if i == 0 && qm.shape[1].div(&km.shape[1]).is_none() {
+                    return Ok(None);
+                }
+                let Some(d) = qm.shape[3].as_static() else { return Ok(None) };
+                let scale = m.caps.f.get("scale").copied().unwrap_or(1.0 / (d as f64).sqrt());
+                let op = Op::Attention { causal: m.caps.b["causal"], scale };
+                let hint = format!("{}.attention", g.value(m.output).name);
+                Ok(Some(g.insert_node(pos, &hint, op, &[q, k, v])?))
+            })?;
+        }
+        Ok(format!("matched {} attention ({} with repeat_kv GQA)", counts[0] + counts[1], counts[0]))
+    }
+}
+
+/// `down(silu(gate(x)) · up(x))` with bias-free linears.
+pub fn swiglu_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let (x, wg, wu, wd) = (p.input("x"), p.input("w_gate"), p.input("w_up"), p.input("w_down"));
+    let gt = p.op(|op, _| matches!(op, Op::Linear), &[x, wg]);
+    let up = p.op(|op, _| matches!(op, Op::Linear), &[x, wu]);
+    let a = p.op(|op, _| matches!(op, Op::Silu), &[gt]);
+    let m = p.commutative(|op, _| matches!(op, Op::Mul), a, up);
+    let out = p.op(|op, _| matches!(op, Op::Linear), &[m, wd]);
+    p.build(out)
+}
+
+pub struct MatchSwiGlu;
+
+impl Transform for MatchSwiGlu {
+    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+        let n = rewrite_all(g, &swiglu_pattern(), |g, m, pos| {
+            let ins = [m.input("x"), m.input("w_gate"), m.input("w_up"), m.input("w_down")];
+            let hint = format!("{}.swiglu", g.value(m.output).name);
+            match g.insert_node(pos, &hint, Op::SwiGluMlp { fused: false }, &ins) {
+                Ok(v) if g.meta(v) == g.meta(m.output) => Ok(Some(v)),
+                Ok(_) => {
+                    g.nodes.remove(pos);
+                    Ok(None)
+                }
+                Err(_) => Ok(None),
+            }
+        })?;
+        Ok(format!("matched {n} swiglu mlp"))
+    }
+}
