@@ -12,11 +12,7 @@ use autodeploy_sdk::Stage;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "autodeploy",
-    version,
-    about = "Turn a model into an inference engine and run it"
-)]
+#[command(name = "autodeploy", version, about = "Turn a model into an inference engine and run it")]
 struct Cli {
     /// Pipeline configuration (TOML).
     #[arg(long, global = true)]
@@ -54,7 +50,9 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
         Some(p) => PipelineConfig::from_file(p)?,
         None => match &cli.model {
             Some(m) => PipelineConfig::from_toml_str(&format!("model = {m:?}"), None)?,
-            None => anyhow::bail!("no --config given (and no --model); try `autodeploy --config examples/llama-fixture.toml`"),
+            None => anyhow::bail!(
+                "no --config given (and no --model); try `autodeploy --config examples/llama-fixture.toml`"
+            ),
         },
     };
     if let Some(m) = &cli.model {
@@ -89,9 +87,8 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
     }
     for (i, p) in cfg.prompts.iter().enumerate() {
         let t = Instant::now();
-        let (out, prefill) =
-            pipeline::generate_greedy(&mut engine, &p.token_ids, cfg.max_new_tokens)
-                .with_context(|| format!("prompts[{i}]"))?;
+        let (out, prefill) = pipeline::generate_greedy(&mut engine, &p.token_ids, cfg.max_new_tokens)
+            .with_context(|| format!("prompts[{i}]"))?;
         let total = t.elapsed();
         let decode = total.saturating_sub(prefill);
         let steps = out.len().saturating_sub(1).max(1);
@@ -114,8 +111,7 @@ fn main() -> ExitCode {
     autodeploy_plugins::link();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "autodeploy=info,warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "autodeploy=info,warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -124,13 +120,7 @@ fn main() -> ExitCode {
         Some(Cmd::Plugins) => {
             println!("{:<18} {:<12} {:<8} origin", "kind", "name", "version");
             for p in registry::list_plugins() {
-                println!(
-                    "{:<18} {:<12} {:<8} {}",
-                    p.kind.as_str(),
-                    p.name,
-                    p.version,
-                    p.origin
-                );
+                println!("{:<18} {:<12} {:<8} {}", p.kind.as_str(), p.name, p.version, p.origin);
             }
             Ok(())
         }

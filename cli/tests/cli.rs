@@ -4,37 +4,20 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn autodeploy(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_autodeploy")).args(args).current_dir(root()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 #[test]
 fn run_prints_completions_and_timing() {
     let (ok, out, err) = autodeploy(&["--config", "examples/llama-fixture.toml"]);
     assert!(ok, "{err}");
-    assert!(
-        out.contains("[0] output [") && out.contains("[1] output ["),
-        "{out}"
-    );
-    assert!(
-        out.contains("build:") && out.contains("prefill") && out.contains("tok/s"),
-        "{out}"
-    );
+    assert!(out.contains("[0] output [") && out.contains("[1] output ["), "{out}");
+    assert!(out.contains("build:") && out.contains("prefill") && out.contains("tok/s"), "{out}");
 }
 
 #[test]
@@ -44,10 +27,7 @@ fn graph_dump_at_import_reads_like_an_export() {
         let (ok, out, err) = autodeploy(&["graph", "--model", &model, "--stage", "import"]);
         assert!(ok, "{fam}: {err}");
         assert!(out.starts_with("# import:"), "{out}");
-        assert!(
-            out.contains("graph(%input_ids: i64[batch, seq], %position_ids: i64[batch, seq])"),
-            "{out}"
-        );
+        assert!(out.contains("graph(%input_ids: i64[batch, seq], %position_ids: i64[batch, seq])"), "{out}");
         for op in [
             "aten.embedding",
             "aten.linear",
@@ -67,22 +47,10 @@ fn graph_dump_at_import_reads_like_an_export() {
 
 #[test]
 fn bad_stage_and_bad_config_fail_with_a_message() {
-    let (ok, _, err) = autodeploy(&[
-        "graph",
-        "--model",
-        "tests/fixtures/llama",
-        "--stage",
-        "lunch",
-    ]);
-    assert!(
-        !ok && err.contains("unknown stage `lunch`") && err.contains("post_load_fusion"),
-        "{err}"
-    );
+    let (ok, _, err) = autodeploy(&["graph", "--model", "tests/fixtures/llama", "--stage", "lunch"]);
+    assert!(!ok && err.contains("unknown stage `lunch`") && err.contains("post_load_fusion"), "{err}");
     let (ok, _, err) = autodeploy(&["--model", "tests/fixtures/llama", "--dtype", "int3"]);
-    assert!(
-        !ok && err.contains("dtype") && err.contains("int3"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("dtype") && err.contains("int3"), "{err}");
     let (ok, _, err) = autodeploy(&["--model", "tests/fixtures/nope"]);
     assert!(!ok && err.contains("tests/fixtures/nope"), "{err}");
     let (ok, _, err) = autodeploy(&["--config", "examples/does-not-exist.toml"]);

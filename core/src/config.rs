@@ -76,10 +76,8 @@ impl PipelineConfig {
     /// Parses without validating, so command-line overrides can apply first.
     pub fn from_toml_str(text: &str, path: Option<&Path>) -> Result<PipelineConfig> {
         let file = path.unwrap_or(Path::new("<command line>"));
-        let mut cfg: PipelineConfig = toml::from_str(text).map_err(|e| Error::BadFile {
-            file: file.into(),
-            msg: e.to_string(),
-        })?;
+        let mut cfg: PipelineConfig =
+            toml::from_str(text).map_err(|e| Error::BadFile { file: file.into(), msg: e.to_string() })?;
         cfg.base_dir = path.and_then(Path::parent).map(Path::to_path_buf);
         Ok(cfg)
     }
@@ -98,20 +96,14 @@ impl PipelineConfig {
             return Err(Error::config(
                 path,
                 "dtype",
-                format!(
-                    "`{}` is not one of auto, float32, bfloat16, float16",
-                    self.dtype
-                ),
+                format!("`{}` is not one of auto, float32, bfloat16, float16", self.dtype),
             ));
         }
         if self.device != "cpu" {
             return Err(Error::config(
                 path,
                 "device",
-                format!(
-                    "`{}` is not available in this build; use device = \"cpu\"",
-                    self.device
-                ),
+                format!("`{}` is not available in this build; use device = \"cpu\"", self.device),
             ));
         }
         if self.max_batch_size == 0 {
@@ -123,11 +115,7 @@ impl PipelineConfig {
         crate::transform::check_config(&self.transforms).map_err(|(key, msg)| Error::config(path, key, msg))?;
         for (i, p) in self.prompts.iter().enumerate() {
             if p.token_ids.is_empty() {
-                return Err(Error::config(
-                    path,
-                    format!("prompts[{i}].token_ids"),
-                    "is empty",
-                ));
+                return Err(Error::config(path, format!("prompts[{i}].token_ids"), "is empty"));
             }
         }
         Ok(())
@@ -141,10 +129,7 @@ mod tests {
     fn parse(text: &str) -> Result<PipelineConfig> {
         let dir = std::env::temp_dir().join(format!("adcfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(format!(
-            "{:x}.toml",
-            text.len() * 7919 + text.bytes().map(|b| b as usize).sum::<usize>()
-        ));
+        let p = dir.join(format!("{:x}.toml", text.len() * 7919 + text.bytes().map(|b| b as usize).sum::<usize>()));
         std::fs::write(&p, text).unwrap();
         PipelineConfig::from_file(&p)
     }
@@ -152,23 +137,14 @@ mod tests {
     #[test]
     fn defaults_and_errors_name_the_key() {
         let c = parse("model = \"m\"\n").unwrap();
-        assert_eq!(
-            (c.dtype(), c.compile_backend.as_str(), c.max_batch_size),
-            (None, "simple", 8)
-        );
+        assert_eq!((c.dtype(), c.compile_backend.as_str(), c.max_batch_size), (None, "simple", 8));
         let e = parse("model = \"m\"\nmodle = 1\n").unwrap_err().to_string();
         assert!(e.contains("modle"), "{e}");
-        let e = parse("model = \"m\"\ndtype = \"int8\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse("model = \"m\"\ndtype = \"int8\"\n").unwrap_err().to_string();
         assert!(e.contains("dtype") && e.contains("int8"), "{e}");
-        let e = parse("model = \"m\"\n[transforms.fuse_gemms]\nenabled = true\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse("model = \"m\"\n[transforms.fuse_gemms]\nenabled = true\n").unwrap_err().to_string();
         assert!(e.contains("transforms.fuse_gemms"), "{e}");
-        let e = parse("model = \"m\"\n[[prompts]]\ntoken_ids = []\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse("model = \"m\"\n[[prompts]]\ntoken_ids = []\n").unwrap_err().to_string();
         assert!(e.contains("prompts[0].token_ids"), "{e}");
     }
 }

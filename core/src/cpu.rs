@@ -40,12 +40,7 @@ fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 
 /// Copies `src` viewed with `strides` (elements, may be 0 for broadcast) from `offset` into a
 /// new contiguous buffer of `shape`.
-fn strided_copy<T: Copy + Send + Sync>(
-    src: &[T],
-    shape: &[usize],
-    strides: &[usize],
-    offset: usize,
-) -> Vec<T> {
+fn strided_copy<T: Copy + Send + Sync>(src: &[T], shape: &[usize], strides: &[usize], offset: usize) -> Vec<T> {
     let n: usize = shape.iter().product();
     if n == 0 {
         return Vec::new();
@@ -84,54 +79,30 @@ fn copy_view(t: &Tensor, shape: &[usize], strides: &[usize], offset: usize) -> R
 fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let cs = contiguous_strides(shape);
     let off = out.len() - shape.len();
-    (0..out.len())
-        .map(|i| {
-            if i < off || shape[i - off] == 1 {
-                0
-            } else {
-                cs[i - off]
-            }
-        })
-        .collect()
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { cs[i - off] }).collect()
 }
 
 fn unary(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Result<Tensor> {
     let v = x.to_f32();
-    let out: Vec<f32> = if v.len() >= PAR_MIN {
-        v.par_iter().map(|&a| f(a)).collect()
-    } else {
-        v.iter().map(|&a| f(a)).collect()
-    };
+    let out: Vec<f32> =
+        if v.len() >= PAR_MIN { v.par_iter().map(|&a| f(a)).collect() } else { v.iter().map(|&a| f(a)).collect() };
     Tensor::from_f32_as(x.dtype(), x.shape().to_vec(), out)
 }
 
-fn binary(
-    op: &Op,
-    a: &Tensor,
-    b: &Tensor,
-    dtype: DType,
-    f: impl Fn(f32, f32) -> f32 + Sync + Send,
-) -> Result<Tensor> {
-    let shape: Vec<usize> =
-        crate::ops::broadcast(op, &static_shape(a.shape()), &static_shape(b.shape()))?
-            .iter()
-            .map(|d| d.as_static().expect("static"))
-            .collect();
+fn binary(op: &Op, a: &Tensor, b: &Tensor, dtype: DType, f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Result<Tensor> {
+    let shape: Vec<usize> = crate::ops::broadcast(op, &static_shape(a.shape()), &static_shape(b.shape()))?
+        .iter()
+        .map(|d| d.as_static().expect("static"))
+        .collect();
     if dtype == DType::I64 {
-        return Err(Error::op(
-            op.name(),
-            "integer arithmetic is not supported on the CPU backend",
-        ));
+        return Err(Error::op(op.name(), "integer arithmetic is not supported on the CPU backend"));
     }
     let (av, bv) = (a.to_f32(), b.to_f32());
     let n: usize = shape.iter().product();
     let out: Vec<f32> = if a.shape() == b.shape() {
         av.iter().zip(bv.iter()).map(|(&x, &y)| f(x, y)).collect()
     } else {
-        let (sa, sb) = (
-            broadcast_strides(a.shape(), &shape),
-            broadcast_strides(b.shape(), &shape),
-        );
+        let (sa, sb) = (broadcast_strides(a.shape(), &shape), broadcast_strides(b.shape(), &shape));
         let rank = shape.len();
         let inner = *shape.last().unwrap_or(&1);
         let mut out = vec![0f32; n];
@@ -143,23 +114,16 @@ fn binary(
                 oa += i * sa[d];
                 ob += i * sb[d];
             }
-            let (ia, ib) = (
-                sa.last().copied().unwrap_or(0),
-                sb.last().copied().unwrap_or(0),
-            );
+            let (ia, ib) = (sa.last().copied().unwrap_or(0), sb.last().copied().unwrap_or(0));
             for (j, oo) in o.iter_mut().enumerate() {
                 *oo = f(av[oa + j * ia], bv[ob + j * ib]);
             }
         };
         if inner > 0 {
             if n >= PAR_MIN {
-                out.par_chunks_mut(inner)
-                    .enumerate()
-                    .for_each(|(r, o)| row(r, o));
+                out.par_chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
             } else {
-                out.chunks_mut(inner)
-                    .enumerate()
-                    .for_each(|(r, o)| row(r, o));
+                out.chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
             }
         }
         out
@@ -172,10 +136,7 @@ fn resolve(sizes: &[SizeArg], bind: &Bindings) -> Result<Vec<SizeArg>> {
 }
 
 fn to_usize(shape: &[crate::shape::Dim]) -> Vec<usize> {
-    shape
-        .iter()
-        .map(|d| d.as_static().expect("concrete shape"))
-        .collect()
+    shape.iter().map(|d| d.as_static().expect("concrete shape")).collect()
 }
 
 /// Evaluates one op. `bind` gives the values of symbolic sizes in the op's attributes.
@@ -187,13 +148,8 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
         Op::Expand(s) => Op::Expand(resolve(s, bind)?),
         o => o.clone(),
     };
-    let metas: Vec<TensorMeta> = ins
-        .iter()
-        .map(|t| TensorMeta {
-            dtype: t.dtype(),
-            shape: static_shape(t.shape()),
-        })
-        .collect();
+    let metas: Vec<TensorMeta> =
+        ins.iter().map(|t| TensorMeta { dtype: t.dtype(), shape: static_shape(t.shape()) }).collect();
     let out_meta = infer(&op, &metas)?.remove(0);
     let out_shape = to_usize(&out_meta.shape);
     let x = ins[0];
@@ -203,10 +159,7 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
             let (rows, dim) = (w.shape()[0], w.shape()[1]);
             let ids = idx.to_i64();
             if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= rows) {
-                return Err(Error::op(
-                    op.name(),
-                    format!("index {bad} out of range for {rows} rows"),
-                ));
+                return Err(Error::op(op.name(), format!("index {bad} out of range for {rows} rows")));
             }
             let data = with_storage!(w.storage(), |v| {
                 let mut out = Vec::with_capacity(ids.len() * dim);
@@ -260,12 +213,7 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
             strides.swap(a, b);
             copy_view(x, &out_shape, &strides, 0)
         }
-        Op::Slice {
-            dim,
-            start,
-            end,
-            step,
-        } => {
+        Op::Slice { dim, start, end, step } => {
             let d = norm_dim(&op, *dim, x.rank())?;
             let (s, _) = slice_bounds(*start, *end, x.shape()[d]);
             let mut strides = contiguous_strides(x.shape());
@@ -317,11 +265,7 @@ fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<
     })
 }
 
-fn scalar_op(
-    x: &Tensor,
-    f: impl Fn(f32) -> f32 + Sync + Send,
-    g: impl Fn(i64) -> i64,
-) -> Result<Tensor> {
+fn scalar_op(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send, g: impl Fn(i64) -> i64) -> Result<Tensor> {
     match x.as_i64() {
         Some(v) => Tensor::from_i64(x.shape().to_vec(), v.iter().map(|&a| g(a)).collect()),
         None => unary(x, f),
@@ -335,28 +279,14 @@ fn mean(op: &Op, x: &Tensor, dims: &[i64], out_shape: Vec<usize>) -> Result<Tens
         red[norm_dim(op, d, rank)?] = true;
     }
     let v = x.to_f32();
-    let count: usize = x
-        .shape()
-        .iter()
-        .zip(&red)
-        .filter(|(_, &r)| r)
-        .map(|(s, _)| s)
-        .product();
+    let count: usize = x.shape().iter().zip(&red).filter(|(_, &r)| r).map(|(s, _)| s).product();
     // Fast path: reducing the last dim only, row by row.
     if red.iter().enumerate().all(|(i, &r)| r == (i == rank - 1)) {
         let inner = x.shape()[rank - 1];
-        let out: Vec<f32> = v
-            .chunks(inner.max(1))
-            .map(|row| row.iter().sum::<f32>() / inner as f32)
-            .collect();
+        let out: Vec<f32> = v.chunks(inner.max(1)).map(|row| row.iter().sum::<f32>() / inner as f32).collect();
         return Tensor::from_f32_as(x.dtype(), out_shape, out);
     }
-    let kept: Vec<usize> = x
-        .shape()
-        .iter()
-        .zip(&red)
-        .map(|(&s, &r)| if r { 1 } else { s })
-        .collect();
+    let kept: Vec<usize> = x.shape().iter().zip(&red).map(|(&s, &r)| if r { 1 } else { s }).collect();
     let ks = contiguous_strides(&kept);
     let xs = contiguous_strides(x.shape());
     let mut acc = vec![0f32; kept.iter().product()];
@@ -392,14 +322,7 @@ fn matmul(a: &Tensor, b: &Tensor, dtype: DType, out_shape: Vec<usize>) -> Result
         }
         let a_mat = &av[oa * m * kk..(oa + 1) * m * kk];
         let b_mat = &bv[ob * kk * n..(ob + 1) * kk * n];
-        k::matmul(
-            m,
-            n,
-            kk,
-            k::MatRef::row_major(a_mat, kk),
-            k::MatRef::row_major(b_mat, n),
-            c,
-        );
+        k::matmul(m, n, kk, k::MatRef::row_major(a_mat, kk), k::MatRef::row_major(b_mat, n), c);
     }
     Tensor::from_f32_as(dtype, out_shape, out)
 }

@@ -9,11 +9,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use crate::error::{Error, Result};
 
 /// Files fetched besides the weights when they exist.
-const OPTIONAL_FILES: &[&str] = &[
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-];
+const OPTIONAL_FILES: &[&str] = &["generation_config.json", "tokenizer.json", "tokenizer_config.json"];
 
 /// Fetches one file of a repo: `Ok(None)` when the repo has no such file.
 type FileGetter<'a> = dyn Fn(&str) -> Result<Option<PathBuf>> + 'a;
@@ -38,37 +34,25 @@ pub fn resolve_model(spec: &str, base_dir: Option<&Path>) -> Result<PathBuf> {
     if looks_like_hub_id(spec) {
         return fetch(spec);
     }
-    Err(Error::Msg(format!(
-        "model `{spec}`: no such file or folder, and not a Hub id (owner/name)"
-    )))
+    Err(Error::Msg(format!("model `{spec}`: no such file or folder, and not a Hub id (owner/name)")))
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|s| {
-            !s.is_empty()
-                && !s.starts_with('.')
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
 fn offline() -> bool {
-    matches!(
-        std::env::var("HF_HUB_OFFLINE").as_deref(),
-        Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes")
-    )
+    matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes"))
 }
 
 /// Fetches config, weights (single file or every shard of an index) and the optional files of
 /// `repo_id`, returning the snapshot folder that holds them.
 pub fn fetch(repo_id: &str) -> Result<PathBuf> {
-    let herr = |file: &str, msg: String| Error::Hub {
-        repo: repo_id.into(),
-        file: file.into(),
-        msg,
-    };
+    let herr = |file: &str, msg: String| Error::Hub { repo: repo_id.into(), file: file.into(), msg };
     let getter: Box<FileGetter<'_>> = if offline() {
         let cache = Cache::from_env().repo(Repo::new(repo_id.into(), RepoType::Model));
         Box::new(move |f: &str| Ok(cache.get(f)))
@@ -86,11 +70,7 @@ pub fn fetch(repo_id: &str) -> Result<PathBuf> {
     };
     let need = |f: &str| -> Result<PathBuf> {
         getter(f)?.ok_or_else(|| {
-            let why = if offline() {
-                "not in the local cache (HF_HUB_OFFLINE is set)"
-            } else {
-                "not found on the Hub"
-            };
+            let why = if offline() { "not in the local cache (HF_HUB_OFFLINE is set)" } else { "not found on the Hub" };
             herr(f, why.into())
         })
     };
@@ -99,11 +79,8 @@ pub fn fetch(repo_id: &str) -> Result<PathBuf> {
     match getter("model.safetensors.index.json")? {
         Some(index) => {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::BadFile {
-                    file: index.clone(),
-                    msg: format!("invalid JSON: {e}"),
-                })?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::BadFile { file: index.clone(), msg: format!("invalid JSON: {e}") })?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())

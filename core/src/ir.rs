@@ -78,10 +78,7 @@ impl Graph {
                 return Err(Error::Msg(format!("{what}: value %{} does not exist", v.0)));
             }
             if !defined.insert(v) {
-                return Err(Error::Msg(format!(
-                    "{what}: value %{} defined twice",
-                    self.value(v).name
-                )));
+                return Err(Error::Msg(format!("{what}: value %{} defined twice", self.value(v).name)));
             }
             Ok(())
         };
@@ -92,11 +89,7 @@ impl Graph {
             define(&mut defined, p.value, "param")?;
         }
         for n in &self.nodes {
-            let name = n
-                .outputs
-                .first()
-                .map(|&v| self.value(v).name.clone())
-                .unwrap_or_default();
+            let name = n.outputs.first().map(|&v| self.value(v).name.clone()).unwrap_or_default();
             for &i in &n.inputs {
                 if !defined.contains(&i) {
                     return Err(Error::Shape {
@@ -112,11 +105,7 @@ impl Graph {
                 return Err(Error::Shape {
                     op: n.op.name().into(),
                     node: name,
-                    msg: format!(
-                        "op gives {} outputs, node lists {}",
-                        out.len(),
-                        n.outputs.len()
-                    ),
+                    msg: format!("op gives {} outputs, node lists {}", out.len(), n.outputs.len()),
                 });
             }
             for (m, &o) in out.iter().zip(&n.outputs) {
@@ -132,10 +121,7 @@ impl Graph {
         }
         for &o in &self.outputs {
             if !defined.contains(&o) {
-                return Err(Error::Msg(format!(
-                    "graph output %{} is never defined",
-                    self.value(o).name
-                )));
+                return Err(Error::Msg(format!("graph output %{} is never defined", self.value(o).name)));
             }
         }
         Ok(())
@@ -144,26 +130,15 @@ impl Graph {
     /// Readable text form: inputs, symbol ranges, weights, one line per node, outputs.
     pub fn dump(&self) -> String {
         let mut s = String::new();
-        let sig: Vec<String> = self
-            .inputs
-            .iter()
-            .map(|&v| format!("%{}: {}", self.value(v).name, self.meta(v)))
-            .collect();
+        let sig: Vec<String> =
+            self.inputs.iter().map(|&v| format!("%{}: {}", self.value(v).name, self.meta(v))).collect();
         let _ = writeln!(s, "graph({}) {{", sig.join(", "));
         if !self.symbols.is_empty() {
-            let syms: Vec<String> = self
-                .symbols
-                .iter()
-                .map(|(k, r)| format!("{k} in [{}, {}]", r.min, r.max))
-                .collect();
+            let syms: Vec<String> =
+                self.symbols.iter().map(|(k, r)| format!("{k} in [{}, {}]", r.min, r.max)).collect();
             let _ = writeln!(s, "  # symbols: {}", syms.join(", "));
         }
-        let _ = writeln!(
-            s,
-            "  # weights: {} tensors from {}",
-            self.params.len(),
-            self.weights.describe()
-        );
+        let _ = writeln!(s, "  # weights: {} tensors from {}", self.params.len(), self.weights.describe());
         for p in &self.params {
             let v = self.value(p.value);
             if v.name == p.weight {
@@ -173,29 +148,14 @@ impl Graph {
             }
         }
         for n in &self.nodes {
-            let outs: Vec<String> = n
-                .outputs
-                .iter()
-                .map(|&v| format!("%{}: {}", self.value(v).name, self.meta(v)))
-                .collect();
-            let ins: Vec<String> = n
-                .inputs
-                .iter()
-                .map(|&v| format!("%{}", self.value(v).name))
-                .collect();
+            let outs: Vec<String> =
+                n.outputs.iter().map(|&v| format!("%{}: {}", self.value(v).name, self.meta(v))).collect();
+            let ins: Vec<String> = n.inputs.iter().map(|&v| format!("%{}", self.value(v).name)).collect();
             let attrs = n.op.attrs();
-            let args = if attrs.is_empty() {
-                ins.join(", ")
-            } else {
-                [ins.join(", "), attrs].join(", ")
-            };
+            let args = if attrs.is_empty() { ins.join(", ") } else { [ins.join(", "), attrs].join(", ") };
             let _ = writeln!(s, "  {} = {}({})", outs.join(", "), n.op.name(), args);
         }
-        let outs: Vec<String> = self
-            .outputs
-            .iter()
-            .map(|&v| format!("%{}", self.value(v).name))
-            .collect();
+        let outs: Vec<String> = self.outputs.iter().map(|&v| format!("%{}", self.value(v).name)).collect();
         let _ = writeln!(s, "  return {}", outs.join(", "));
         s.push_str("}\n");
         s
@@ -248,9 +208,7 @@ impl GraphBuilder {
     }
 
     pub fn symbol(&mut self, name: &str, min: usize, max: usize) {
-        self.g
-            .symbols
-            .insert(name.to_string(), SymRange { min, max });
+        self.g.symbols.insert(name.to_string(), SymRange { min, max });
     }
 
     pub fn input(&mut self, name: &str, dtype: DType, shape: Shape) -> ValueId {
@@ -265,10 +223,7 @@ impl GraphBuilder {
             return p.value;
         }
         let v = self.fresh(weight, TensorMeta { dtype, shape });
-        self.g.params.push(Param {
-            value: v,
-            weight: weight.to_string(),
-        });
+        self.g.params.push(Param { value: v, weight: weight.to_string() });
         v
     }
 
@@ -277,17 +232,10 @@ impl GraphBuilder {
         let metas: Vec<TensorMeta> = inputs.iter().map(|&i| self.g.meta(i).clone()).collect();
         let mut out = infer(&op, &metas).map_err(|e| e.at_node(hint))?;
         if out.len() != 1 {
-            return Err(Error::op(
-                op.name(),
-                format!("expected one output, got {}", out.len()),
-            ));
+            return Err(Error::op(op.name(), format!("expected one output, got {}", out.len())));
         }
         let v = self.fresh(hint, out.remove(0));
-        self.g.nodes.push(Node {
-            op,
-            inputs: inputs.to_vec(),
-            outputs: vec![v],
-        });
+        self.g.nodes.push(Node { op, inputs: inputs.to_vec(), outputs: vec![v] });
         Ok(v)
     }
 

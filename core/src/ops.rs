@@ -61,21 +61,33 @@ pub enum Op {
         enable_gqa: bool,
     },
     /// `aten._softmax(x, dim)`, computed in f32, result in the input dtype.
-    Softmax { dim: i64 },
+    Softmax {
+        dim: i64,
+    },
 
     // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
     /// `torch_rmsnorm(x, weight)`: `weight * to(norm_dtype)(x·rsqrt(mean(x²) + eps))`, with the
     /// normalisation in f32.
-    RmsNorm { eps: f64, norm_dtype: DType },
+    RmsNorm {
+        eps: f64,
+        norm_dtype: DType,
+    },
     /// `torch_rope_with_explicit_cos_sin(x, cos, sin)`: `x·cos + rotate_half(x)·sin`. With
     /// `interleaved`, `x`'s last dim holds (even, odd) pairs and is de-interleaved first.
-    Rope { interleaved: bool },
+    Rope {
+        interleaved: bool,
+    },
     /// `torch_attention(q, k, v)`: softmax(q·kᵀ·scale)·v, `[batch, heads, seq, head_dim]`,
     /// k/v may have fewer heads (GQA).
-    Attention { causal: bool, scale: f64 },
+    Attention {
+        causal: bool,
+        scale: f64,
+    },
     /// `torch_swiglu_mlp(x, w_gate, w_up, w_down)`: `down(silu(gate(x)) · up(x))`; with `fused`,
     /// the inputs are `(x, w_gate_up, w_down)`, gate rows first.
-    SwiGluMlp { fused: bool },
+    SwiGluMlp {
+        fused: bool,
+    },
 }
 
 impl Op {
@@ -127,17 +139,8 @@ impl Op {
             Op::View(s) | Op::Reshape(s) | Op::Expand(s) => sizes(s),
             Op::Transpose(a, b) => format!("{a}, {b}"),
             Op::Unsqueeze(d) => format!("{d}"),
-            Op::Slice {
-                dim,
-                start,
-                end,
-                step,
-            } => {
-                let end = if *end == i64::MAX {
-                    "end".to_string()
-                } else {
-                    end.to_string()
-                };
+            Op::Slice { dim, start, end, step } => {
+                let end = if *end == i64::MAX { "end".to_string() } else { end.to_string() };
                 let mut s = format!("dim={dim}, start={start}, end={end}");
                 if *step != 1 {
                     let _ = write!(s, ", step={step}");
@@ -149,11 +152,7 @@ impl Op {
             Op::Rope { interleaved } => format!("interleaved={interleaved}"),
             Op::Attention { causal, scale } => format!("causal={causal}, scale={scale:?}"),
             Op::SwiGluMlp { fused } => format!("fused={fused}"),
-            Op::Sdpa {
-                is_causal,
-                scale,
-                enable_gqa,
-            } => {
+            Op::Sdpa { is_causal, scale, enable_gqa } => {
                 let mut s = format!("is_causal={is_causal}");
                 if let Some(x) = scale {
                     let _ = write!(s, ", scale={x:?}");
@@ -183,11 +182,7 @@ impl Op {
 }
 
 fn err(op: &Op, msg: impl Into<String>) -> Error {
-    Error::Shape {
-        op: op.name().into(),
-        node: String::new(),
-        msg: msg.into(),
-    }
+    Error::Shape { op: op.name().into(), node: String::new(), msg: msg.into() }
 }
 
 /// Resolves a possibly negative dim index against a rank.
@@ -205,32 +200,15 @@ pub fn broadcast(op: &Op, a: &[Dim], b: &[Dim]) -> Result<Shape> {
     let n = a.len().max(b.len());
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let da = if i + a.len() >= n {
-            Some(&a[i + a.len() - n])
-        } else {
-            None
-        };
-        let db = if i + b.len() >= n {
-            Some(&b[i + b.len() - n])
-        } else {
-            None
-        };
+        let da = if i + a.len() >= n { Some(&a[i + a.len() - n]) } else { None };
+        let db = if i + b.len() >= n { Some(&b[i + b.len() - n]) } else { None };
         let d = match (da, db) {
             (Some(x), Some(y)) if x == y => x.clone(),
             (Some(x), Some(y)) if y.is_one() => x.clone(),
             (Some(x), Some(y)) if x.is_one() => y.clone(),
             (Some(x), None) => x.clone(),
             (None, Some(y)) => y.clone(),
-            _ => {
-                return Err(err(
-                    op,
-                    format!(
-                        "shapes {} and {} do not broadcast",
-                        fmt_shape(a),
-                        fmt_shape(b)
-                    ),
-                ))
-            }
+            _ => return Err(err(op, format!("shapes {} and {} do not broadcast", fmt_shape(a), fmt_shape(b)))),
         };
         out.push(d);
     }
@@ -265,10 +243,7 @@ pub fn view_shape(op: &Op, input: &[Dim], sizes: &[SizeArg]) -> Result<Shape> {
         .collect();
     let bad = || {
         let p: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
-        err(
-            op,
-            format!("cannot view {} as [{}]", fmt_shape(input), p.join(", ")),
-        )
+        err(op, format!("cannot view {} as [{}]", fmt_shape(input), p.join(", ")))
     };
     match infer_at {
         Some(i) => out[i] = total.div(&known).ok_or_else(bad)?,
@@ -282,18 +257,10 @@ pub fn view_shape(op: &Op, input: &[Dim], sizes: &[SizeArg]) -> Result<Shape> {
 pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
     let (lo, hi) = op.arity();
     if ins.len() < lo || ins.len() > hi {
-        return Err(err(
-            op,
-            format!("takes {lo}..={hi} tensor inputs, got {}", ins.len()),
-        ));
+        return Err(err(op, format!("takes {lo}..={hi} tensor inputs, got {}", ins.len())));
     }
     let x = &ins[0];
-    let same = |shape: Shape| {
-        Ok(vec![TensorMeta {
-            dtype: x.dtype,
-            shape,
-        }])
-    };
+    let same = |shape: Shape| Ok(vec![TensorMeta { dtype: x.dtype, shape }]);
     match op {
         Op::Embedding => {
             let (w, idx) = (&ins[0], &ins[1]);
@@ -305,19 +272,13 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             }
             let mut shape = idx.shape.clone();
             shape.push(w.shape[1].clone());
-            Ok(vec![TensorMeta {
-                dtype: w.dtype,
-                shape,
-            }])
+            Ok(vec![TensorMeta { dtype: w.dtype, shape }])
         }
         Op::Linear => {
             let w = &ins[1];
             float_only(op, x)?;
             if w.shape.len() != 2 || x.shape.is_empty() {
-                return Err(err(
-                    op,
-                    format!("input {x} vs weight {w}: weight must be [out, in]"),
-                ));
+                return Err(err(op, format!("input {x} vs weight {w}: weight must be [out, in]")));
             }
             if x.shape.last() != Some(&w.shape[1]) || x.dtype != w.dtype {
                 return Err(err(op, format!("input {x} vs weight {w}")));
@@ -334,21 +295,14 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
         Op::Matmul => {
             let b = &ins[1];
             if x.shape.len() < 2 || b.shape.len() < 2 || x.dtype != b.dtype {
-                return Err(err(
-                    op,
-                    format!("operands {x} and {b} (both need rank >= 2, one dtype)"),
-                ));
+                return Err(err(op, format!("operands {x} and {b} (both need rank >= 2, one dtype)")));
             }
             let (m, k) = (&x.shape[x.shape.len() - 2], &x.shape[x.shape.len() - 1]);
             let (k2, n) = (&b.shape[b.shape.len() - 2], &b.shape[b.shape.len() - 1]);
             if k != k2 {
                 return Err(err(op, format!("inner dims differ: {x} @ {b}")));
             }
-            let mut shape = broadcast(
-                op,
-                &x.shape[..x.shape.len() - 2],
-                &b.shape[..b.shape.len() - 2],
-            )?;
+            let mut shape = broadcast(op, &x.shape[..x.shape.len() - 2], &b.shape[..b.shape.len() - 2])?;
             shape.push(m.clone());
             shape.push(n.clone());
             same(shape)
@@ -379,8 +333,14 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
         Op::Rope { .. } => {
             let (c, s_) = (&ins[1], &ins[2]);
             float_only(op, x)?;
-            if c != s_ || x.shape.last() != c.shape.last() || x.shape.last().and_then(Dim::as_static).is_none_or(|d| d % 2 != 0) {
-                return Err(err(op, format!("x {x}, cos {c}, sin {s_}: cos and sin must match and share x's even last dim")));
+            if c != s_
+                || x.shape.last() != c.shape.last()
+                || x.shape.last().and_then(Dim::as_static).is_none_or(|d| d % 2 != 0)
+            {
+                return Err(err(
+                    op,
+                    format!("x {x}, cos {c}, sin {s_}: cos and sin must match and share x's even last dim"),
+                ));
             }
             let shape = broadcast(op, &x.shape, &c.shape)?;
             if shape != x.shape {
@@ -394,7 +354,10 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             let (inter, ok) = if *fused {
                 let w = &ins[1];
                 let i = w.shape.first().and_then(Dim::as_static).map(|n| n / 2).unwrap_or(0);
-                (Dim::new(i), w.shape.len() == 2 && w.shape[0] == Dim::new(2 * i) && x.shape.last() == Some(&w.shape[1]))
+                (
+                    Dim::new(i),
+                    w.shape.len() == 2 && w.shape[0] == Dim::new(2 * i) && x.shape.last() == Some(&w.shape[1]),
+                )
             } else {
                 let (g, u) = (&ins[1], &ins[2]);
                 (g.shape[0].clone(), g.shape.len() == 2 && g == u && x.shape.last() == Some(&g.shape[1]))
@@ -429,17 +392,11 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
                 .collect();
             same(shape)
         }
-        Op::ToDtype(d) => Ok(vec![TensorMeta {
-            dtype: *d,
-            shape: x.shape.clone(),
-        }]),
+        Op::ToDtype(d) => Ok(vec![TensorMeta { dtype: *d, shape: x.shape.clone() }]),
         Op::View(sizes) | Op::Reshape(sizes) => same(view_shape(op, &x.shape, sizes)?),
         Op::Expand(sizes) => {
             if sizes.len() < x.shape.len() {
-                return Err(err(
-                    op,
-                    format!("cannot expand {x} to {} dims", sizes.len()),
-                ));
+                return Err(err(op, format!("cannot expand {x} to {} dims", sizes.len())));
             }
             let off = sizes.len() - x.shape.len();
             let mut shape = Vec::with_capacity(sizes.len());
@@ -447,16 +404,11 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
                 let cur = (i >= off).then(|| &x.shape[i - off]);
                 let d = match (s, cur) {
                     (SizeArg::Infer, Some(c)) => c.clone(),
-                    (SizeArg::Infer, None) => {
-                        return Err(err(op, "-1 not allowed for a new leading dim"))
-                    }
+                    (SizeArg::Infer, None) => return Err(err(op, "-1 not allowed for a new leading dim")),
                     (SizeArg::Dim(d), Some(c)) if c == d || c.is_one() => d.clone(),
                     (SizeArg::Dim(d), None) => d.clone(),
                     (SizeArg::Dim(d), Some(c)) => {
-                        return Err(err(
-                            op,
-                            format!("cannot expand size {c} to {d} (input {x})"),
-                        ))
+                        return Err(err(op, format!("cannot expand size {c} to {d} (input {x})")))
                     }
                 };
                 shape.push(d);
@@ -464,10 +416,7 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             same(shape)
         }
         Op::Transpose(a, b) => {
-            let (a, b) = (
-                norm_dim(op, *a, x.shape.len())?,
-                norm_dim(op, *b, x.shape.len())?,
-            );
+            let (a, b) = (norm_dim(op, *a, x.shape.len())?, norm_dim(op, *b, x.shape.len())?);
             let mut shape = x.shape.clone();
             shape.swap(a, b);
             same(shape)
@@ -478,23 +427,13 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             shape.insert(d, Dim::new(1));
             same(shape)
         }
-        Op::Slice {
-            dim,
-            start,
-            end,
-            step,
-        } => {
+        Op::Slice { dim, start, end, step } => {
             let d = norm_dim(op, *dim, x.shape.len())?;
             let mut shape = x.shape.clone();
-            let len = x.shape[d].as_static().ok_or_else(|| {
-                err(
-                    op,
-                    format!("slicing the symbolic dim {} is not supported", x.shape[d]),
-                )
-            })?;
-            shape[d] = Dim::new(
-                slice_len(*start, *end, *step, len).ok_or_else(|| err(op, "step must be > 0"))?,
-            );
+            let len = x.shape[d]
+                .as_static()
+                .ok_or_else(|| err(op, format!("slicing the symbolic dim {} is not supported", x.shape[d])))?;
+            shape[d] = Dim::new(slice_len(*start, *end, *step, len).ok_or_else(|| err(op, "step must be > 0"))?);
             same(shape)
         }
         Op::Cat { dim } => {
@@ -503,23 +442,13 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             for m in ins {
                 let ok = m.dtype == x.dtype
                     && m.shape.len() == x.shape.len()
-                    && m.shape
-                        .iter()
-                        .zip(&x.shape)
-                        .enumerate()
-                        .all(|(i, (a, b))| i == d || a == b);
+                    && m.shape.iter().zip(&x.shape).enumerate().all(|(i, (a, b))| i == d || a == b);
                 if !ok {
-                    return Err(err(
-                        op,
-                        format!("cannot concatenate {m} with {x} along dim {d}"),
-                    ));
+                    return Err(err(op, format!("cannot concatenate {m} with {x} along dim {d}")));
                 }
-                total += m.shape[d].as_static().ok_or_else(|| {
-                    err(
-                        op,
-                        format!("concatenating along symbolic dim {}", m.shape[d]),
-                    )
-                })?;
+                total += m.shape[d]
+                    .as_static()
+                    .ok_or_else(|| err(op, format!("concatenating along symbolic dim {}", m.shape[d])))?;
             }
             let mut shape = x.shape.clone();
             shape[d] = Dim::new(total);
@@ -539,23 +468,13 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
                 && k.shape[1] == v.shape[1]
                 && k.shape[2] == v.shape[2];
             if !ok {
-                return Err(err(
-                    op,
-                    format!("q {q}, k {k}, v {v}: want [batch, heads, seq, head_dim]"),
-                ));
+                return Err(err(op, format!("q {q}, k {k}, v {v}: want [batch, heads, seq, head_dim]")));
             }
-            let heads_ok = if *enable_gqa {
-                q.shape[1].div(&k.shape[1]).is_some()
-            } else {
-                q.shape[1] == k.shape[1]
-            };
+            let heads_ok = if *enable_gqa { q.shape[1].div(&k.shape[1]).is_some() } else { q.shape[1] == k.shape[1] };
             if !heads_ok {
                 return Err(err(
                     op,
-                    format!(
-                        "q has {} heads, k/v {} (enable_gqa={enable_gqa})",
-                        q.shape[1], k.shape[1]
-                    ),
+                    format!("q has {} heads, k/v {} (enable_gqa={enable_gqa})", q.shape[1], k.shape[1]),
                 ));
             }
             let mut shape = q.shape.clone();
@@ -568,13 +487,7 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
 /// Length of `x[start:end:step]` on a dim of `len`, with Python's clamping.
 pub fn slice_len(start: i64, end: i64, step: i64, len: usize) -> Option<usize> {
     let (s, e) = slice_bounds(start, end, len);
-    (step > 0).then(|| {
-        if e > s {
-            (e - s).div_ceil(step as usize)
-        } else {
-            0
-        }
-    })
+    (step > 0).then(|| if e > s { (e - s).div_ceil(step as usize) } else { 0 })
 }
 
 pub fn slice_bounds(start: i64, end: i64, len: usize) -> (usize, usize) {
@@ -600,16 +513,8 @@ mod tests {
         let w = m(DType::F32, static_shape(&[128, 64]));
         let y = infer(&Op::Linear, &[x.clone(), w]).unwrap().remove(0);
         assert_eq!(y.to_string(), "f32[batch, seq, 128]");
-        let v = Op::View(vec![
-            SizeArg::Dim(b),
-            SizeArg::Dim(s),
-            SizeArg::Infer,
-            SizeArg::Dim(Dim::new(32)),
-        ]);
-        assert_eq!(
-            infer(&v, &[y]).unwrap()[0].to_string(),
-            "f32[batch, seq, 4, 32]"
-        );
+        let v = Op::View(vec![SizeArg::Dim(b), SizeArg::Dim(s), SizeArg::Infer, SizeArg::Dim(Dim::new(32))]);
+        assert_eq!(infer(&v, &[y]).unwrap()[0].to_string(), "f32[batch, seq, 4, 32]");
         let bad = m(DType::F32, static_shape(&[100, 32]));
         let e = infer(&Op::Linear, &[x, bad]).unwrap_err().to_string();
         assert!(e.contains("aten.linear") && e.contains("[100, 32]"), "{e}");

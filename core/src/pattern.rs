@@ -21,9 +21,16 @@ type Pred = Box<dyn Fn(&Op, &mut Captures) -> bool + Send + Sync>;
 
 enum PNode {
     Input(&'static str),
-    Op { pred: Pred, inputs: Vec<PId>, commutative: bool },
+    Op {
+        pred: Pred,
+        inputs: Vec<PId>,
+        commutative: bool,
+    },
     /// A one-input op that the graph may or may not have between `input` and its user.
-    Optional { pred: Pred, input: PId },
+    Optional {
+        pred: Pred,
+        input: PId,
+    },
 }
 
 pub struct Pattern {
@@ -53,7 +60,12 @@ impl PatternBuilder {
     }
 
     /// A two-input op whose inputs may appear in either order (add, mul).
-    pub fn commutative(&mut self, pred: impl Fn(&Op, &mut Captures) -> bool + Send + Sync + 'static, a: PId, b: PId) -> PId {
+    pub fn commutative(
+        &mut self,
+        pred: impl Fn(&Op, &mut Captures) -> bool + Send + Sync + 'static,
+        a: PId,
+        b: PId,
+    ) -> PId {
         self.nodes.push(PNode::Op { pred: Box::new(pred), inputs: vec![a, b], commutative: true });
         self.nodes.len() - 1
     }
@@ -98,8 +110,8 @@ impl Pattern {
         let mut out = Vec::new();
         for n in &g.nodes {
             for &o in &n.outputs {
-                let mut m = Match { output: o, ..Default::default() };
-                if self.m(g, &prod, self.output, o, &mut m) {
+                let start = Match { output: o, ..Default::default() };
+                if let Some(mut m) = self.m(g, &prod, self.output, o, start).into_iter().next() {
                     m.nodes.sort_unstable();
                     m.nodes.dedup();
                     out.push(m);
@@ -109,59 +121,58 @@ impl Pattern {
         out
     }
 
-    fn m(&self, g: &Graph, prod: &[Option<usize>], p: PId, v: ValueId, st: &mut Match) -> bool {
+    /// Every consistent extension of `st` that binds pattern node `p` to value `v`. Returning all
+    /// alternatives (not the first) lets a later mismatch undo an earlier commutative or optional
+    /// choice.
+    fn m(&self, g: &Graph, prod: &[Option<usize>], p: PId, v: ValueId, mut st: Match) -> Vec<Match> {
         if let Some(&b) = st.bound.get(&p) {
-            return b == v;
+            return if b == v { vec![st] } else { Vec::new() };
         }
-        let ok = match &self.nodes[p] {
+        let mut out = match &self.nodes[p] {
             PNode::Input(name) => match st.inputs.get(name) {
-                Some(&b) => b == v,
-                None => {
+                Some(&b) if b != v => Vec::new(),
+                _ => {
                     st.inputs.insert(name, v);
-                    true
+                    vec![st]
                 }
             },
             PNode::Op { pred, inputs, commutative } => {
-                let Some(ni) = prod[v.0 as usize] else { return false };
+                let Some(ni) = prod[v.0 as usize] else { return Vec::new() };
                 let node = &g.nodes[ni];
                 if node.inputs.len() != inputs.len() || !pred(&node.op, &mut st.caps) {
-                    return false;
+                    return Vec::new();
                 }
+                st.nodes.push(ni);
                 let orders: Vec<Vec<usize>> =
                     if *commutative { vec![vec![0, 1], vec![1, 0]] } else { vec![(0..inputs.len()).collect()] };
-                let mut matched = false;
+                let mut all = Vec::new();
                 for ord in orders {
-                    let saved = st.clone();
-                    if ord.iter().zip(inputs).all(|(&gi, &pi)| self.m(g, prod, pi, node.inputs[gi], st)) {
-                        st.nodes.push(ni);
-                        matched = true;
-                        break;
+                    let mut states = vec![st.clone()];
+                    for (&gi, &pi) in ord.iter().zip(inputs) {
+                        states = states.into_iter().flat_map(|s| self.m(g, prod, pi, node.inputs[gi], s)).collect();
                     }
-                    *st = saved;
+                    all.extend(states);
                 }
-                matched
+                all
             }
             PNode::Optional { pred, input } => {
-                let saved = st.clone();
-                let present = prod[v.0 as usize].is_some_and(|ni| {
+                let mut all = Vec::new();
+                if let Some(ni) = prod[v.0 as usize] {
                     let node = &g.nodes[ni];
-                    node.inputs.len() == 1 && pred(&node.op, &mut st.caps) && self.m(g, prod, *input, node.inputs[0], st) && {
-                        st.nodes.push(ni);
-                        true
+                    let mut s = st.clone();
+                    if node.inputs.len() == 1 && pred(&node.op, &mut s.caps) {
+                        s.nodes.push(ni);
+                        all.extend(self.m(g, prod, *input, node.inputs[0], s));
                     }
-                });
-                if present {
-                    true
-                } else {
-                    *st = saved;
-                    self.m(g, prod, *input, v, st)
                 }
+                all.extend(self.m(g, prod, *input, v, st));
+                all
             }
         };
-        if ok {
-            st.bound.insert(p, v);
+        for s in &mut out {
+            s.bound.insert(p, v);
         }
-        ok
+        out
     }
 }
 

@@ -23,12 +23,8 @@ pub fn import(cfg: &PipelineConfig) -> Result<Graph> {
         }
     };
     tracing::info!(importer = %name, path = %path.display(), "importing");
-    let req = ImportRequest {
-        path,
-        dtype: cfg.dtype(),
-        max_batch_size: cfg.max_batch_size,
-        max_seq_len: cfg.max_seq_len,
-    };
+    let req =
+        ImportRequest { path, dtype: cfg.dtype(), max_batch_size: cfg.max_batch_size, max_seq_len: cfg.max_seq_len };
     importer.import(&req)
 }
 
@@ -51,11 +47,7 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let model = backend.compile(&graph)?;
-    Ok(Engine {
-        graph,
-        model,
-        build_time: t0.elapsed(),
-    })
+    Ok(Engine { graph, model, build_time: t0.elapsed() })
 }
 
 /// Longest sequence the graph accepts (its `seq` range), if it has one.
@@ -65,11 +57,7 @@ pub fn max_seq(graph: &Graph) -> Option<usize> {
 
 /// Greedy generation by re-running the full sequence each step (no KV cache yet).
 /// Returns the new tokens and the time of the first forward (the prefill).
-pub fn generate_greedy(
-    engine: &mut Engine,
-    prompt: &[i64],
-    max_new_tokens: usize,
-) -> Result<(Vec<i64>, Duration)> {
+pub fn generate_greedy(engine: &mut Engine, prompt: &[i64], max_new_tokens: usize) -> Result<(Vec<i64>, Duration)> {
     if let Some(max) = max_seq(&engine.graph) {
         if prompt.len() + max_new_tokens > max {
             return Err(Error::Msg(format!(

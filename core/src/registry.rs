@@ -71,16 +71,12 @@ pub fn list_plugins() -> Vec<PluginListing> {
             version: p.version,
             origin: "built-in".into(),
         })
-        .chain(
-            inventory::iter::<CompileBackendPlugin>
-                .into_iter()
-                .map(|p| PluginListing {
-                    kind: PluginKind::CompileBackend,
-                    name: p.name,
-                    version: p.version,
-                    origin: "built-in".into(),
-                }),
-        )
+        .chain(inventory::iter::<CompileBackendPlugin>.into_iter().map(|p| PluginListing {
+            kind: PluginKind::CompileBackend,
+            name: p.name,
+            version: p.version,
+            origin: "built-in".into(),
+        }))
         .collect();
     v.sort_by(|a, b| (a.kind, a.name).cmp(&(b.kind, b.name)));
     v
@@ -97,16 +93,12 @@ fn names<T>(it: impl Iterator<Item = T>, f: impl Fn(T) -> &'static str) -> Strin
 }
 
 pub fn importer(name: &str) -> Result<Box<dyn ModelImporter>> {
-    inventory::iter::<ImporterPlugin>
-        .into_iter()
-        .find(|p| p.name == name)
-        .map(|p| (p.make)())
-        .ok_or_else(|| {
-            Error::Msg(format!(
-                "unknown importer `{name}`; available: {}",
-                names(inventory::iter::<ImporterPlugin>.into_iter(), |p| p.name)
-            ))
-        })
+    inventory::iter::<ImporterPlugin>.into_iter().find(|p| p.name == name).map(|p| (p.make)()).ok_or_else(|| {
+        Error::Msg(format!(
+            "unknown importer `{name}`; available: {}",
+            names(inventory::iter::<ImporterPlugin>.into_iter(), |p| p.name)
+        ))
+    })
 }
 
 /// The first importer that recognises `path`.
@@ -132,8 +124,7 @@ pub fn compile_backend(name: &str) -> Result<Box<dyn CompileBackend>> {
         .ok_or_else(|| {
             Error::Msg(format!(
                 "unknown compile_backend `{name}`; available: {}",
-                names(inventory::iter::<CompileBackendPlugin>.into_iter(), |p| p
-                    .name)
+                names(inventory::iter::<CompileBackendPlugin>.into_iter(), |p| p.name)
             ))
         })
 }

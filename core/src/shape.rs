@@ -18,17 +18,11 @@ pub struct Dim {
 
 impl Dim {
     pub fn new(n: usize) -> Dim {
-        Dim {
-            factor: n,
-            syms: Vec::new(),
-        }
+        Dim { factor: n, syms: Vec::new() }
     }
 
     pub fn sym(name: &str) -> Dim {
-        Dim {
-            factor: 1,
-            syms: vec![name.to_string()],
-        }
+        Dim { factor: 1, syms: vec![name.to_string()] }
     }
 
     pub fn as_static(&self) -> Option<usize> {
@@ -64,18 +58,13 @@ impl Dim {
             let i = syms.iter().position(|x| x == s)?;
             syms.remove(i);
         }
-        Some(Dim {
-            factor: self.factor / o.factor,
-            syms,
-        })
+        Some(Dim { factor: self.factor / o.factor, syms })
     }
 
     pub fn eval(&self, bind: &Bindings) -> Result<usize> {
         let mut n = self.factor;
         for s in &self.syms {
-            let v = bind
-                .get(s)
-                .ok_or_else(|| Error::Msg(format!("symbol `{s}` is not bound")))?;
+            let v = bind.get(s).ok_or_else(|| Error::Msg(format!("symbol `{s}` is not bound")))?;
             n *= v;
         }
         Ok(n)
@@ -165,10 +154,7 @@ mod tests {
         let s = Dim::sym("seq");
         let bs = b.mul(&s).mul(&Dim::new(64));
         assert_eq!(bs.to_string(), "64*batch*seq");
-        assert_eq!(
-            bs.div(&s.mul(&Dim::new(16))).unwrap().to_string(),
-            "4*batch"
-        );
+        assert_eq!(bs.div(&s.mul(&Dim::new(16))).unwrap().to_string(), "4*batch");
         assert_eq!(bs.div(&Dim::new(3)), None);
         assert_eq!(b.div(&s), None);
         let mut bind = Bindings::new();

@@ -57,15 +57,9 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: Storage) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::Msg(format!(
-                "tensor of shape {shape:?} needs {n} elements, got {}",
-                data.len()
-            )));
+            return Err(Error::Msg(format!("tensor of shape {shape:?} needs {n} elements, got {}", data.len())));
         }
-        Ok(Tensor {
-            shape,
-            data: Arc::new(data),
-        })
+        Ok(Tensor { shape, data: Arc::new(data) })
     }
 
     pub fn from_f32(shape: Vec<usize>, v: Vec<f32>) -> Result<Tensor> {
@@ -112,16 +106,9 @@ impl Tensor {
     pub fn reshape(&self, shape: Vec<usize>) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != self.numel() {
-            return Err(Error::Msg(format!(
-                "cannot view {:?} ({} elements) as {shape:?}",
-                self.shape,
-                self.numel()
-            )));
+            return Err(Error::Msg(format!("cannot view {:?} ({} elements) as {shape:?}", self.shape, self.numel())));
         }
-        Ok(Tensor {
-            shape,
-            data: self.data.clone(),
-        })
+        Ok(Tensor { shape, data: self.data.clone() })
     }
 
     pub fn as_f32(&self) -> Option<&[f32]> {
@@ -162,10 +149,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         if dtype == DType::I64 {
-            return Tensor::from_i64(
-                self.shape.clone(),
-                self.to_f32().iter().map(|&x| x as i64).collect(),
-            );
+            return Tensor::from_i64(self.shape.clone(), self.to_f32().iter().map(|&x| x as i64).collect());
         }
         Tensor::from_f32_as(dtype, self.shape.clone(), self.to_f32().into_owned())
     }
@@ -186,8 +170,7 @@ mod tests {
     #[test]
     fn bf16_cast_rounds_to_nearest_even() {
         // 1 + 2^-8 is halfway between two bf16 values; ties go to the even mantissa (1.0).
-        let t =
-            Tensor::from_f32(vec![3], vec![1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5]).unwrap();
+        let t = Tensor::from_f32(vec![3], vec![1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5]).unwrap();
         let b = t.cast(DType::BF16).unwrap();
         assert_eq!(b.to_f32().as_ref(), &[1.0, 1.0 + 4.0 / 256.0, -2.5]);
         assert!(Tensor::from_f32(vec![2, 2], vec![0.0; 3]).is_err());

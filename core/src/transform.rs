@@ -14,6 +14,9 @@ pub struct OptionSpec {
     pub help: &'static str,
 }
 
+/// A transform's options table.
+pub type Options = toml::Table;
+
 /// What a transform sees besides the graph.
 pub struct TransformContext<'a> {
     pub config: &'a PipelineConfig,
@@ -74,7 +77,9 @@ fn parse_default(t: &TransformPlugin, o: &OptionSpec) -> Result<toml::Value> {
 
 /// Checks `[transforms.*]` against the registry: known names, `enabled` a bool, known options of
 /// the declared types. Errors name the key.
-pub fn check_config(tables: &std::collections::BTreeMap<String, toml::Table>) -> std::result::Result<(), (String, String)> {
+pub fn check_config(
+    tables: &std::collections::BTreeMap<String, toml::Table>,
+) -> std::result::Result<(), (String, String)> {
     for (name, table) in tables {
         let Some(t) = find(name) else {
             let known: Vec<&str> = all().iter().map(|t| t.name).collect();
@@ -90,11 +95,17 @@ pub fn check_config(tables: &std::collections::BTreeMap<String, toml::Table>) ->
             let Some(spec) = t.options.iter().find(|o| o.name == k) else {
                 let mut opts: Vec<&str> = t.options.iter().map(|o| o.name).collect();
                 opts.insert(0, "enabled");
-                return Err((format!("transforms.{name}.{k}"), format!("`{name}` has no option `{k}`; options: {}", opts.join(", "))));
+                return Err((
+                    format!("transforms.{name}.{k}"),
+                    format!("`{name}` has no option `{k}`; options: {}", opts.join(", ")),
+                ));
             };
             let d = parse_default(t, spec).map_err(|e| (format!("transforms.{name}.{k}"), e.to_string()))?;
             if d.type_str() != v.type_str() {
-                return Err((format!("transforms.{name}.{k}"), format!("expected {}, found {}", d.type_str(), v.type_str())));
+                return Err((
+                    format!("transforms.{name}.{k}"),
+                    format!("expected {}, found {}", d.type_str(), v.type_str()),
+                ));
             }
         }
     }
@@ -125,9 +136,9 @@ pub fn run_stages(graph: &mut Graph, cfg: &PipelineConfig, until: Stage) -> Resu
         let summary = (t.make)()
             .apply(graph, &cx)
             .map_err(|e| Error::Msg(format!("transform {} (stage {}): {e}", t.name, t.stage)))?;
-        graph.validate().map_err(|e| {
-            Error::Msg(format!("transform {} (stage {}) left an invalid graph: {e}", t.name, t.stage))
-        })?;
+        graph
+            .validate()
+            .map_err(|e| Error::Msg(format!("transform {} (stage {}) left an invalid graph: {e}", t.name, t.stage)))?;
         let line = format!("[stage={}, transform={}] {summary}", t.stage, t.name);
         tracing::info!("{line}");
         graph.history.push(line);

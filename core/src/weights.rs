@@ -31,12 +31,7 @@ impl SafetensorsFile {
             file: path.to_path_buf(),
             msg: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
         })?;
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            mmap,
-            data_start: 8 + n,
-            meta,
-        })
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + n, meta })
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
@@ -81,10 +76,7 @@ pub struct WeightStore {
 
 impl WeightStore {
     pub fn new(origin: impl Into<String>) -> WeightStore {
-        WeightStore {
-            origin: origin.into(),
-            ..Default::default()
-        }
+        WeightStore { origin: origin.into(), ..Default::default() }
     }
 
     /// Adds every tensor of a file. With `only`, just those names (a sharded checkpoint's index
@@ -127,10 +119,9 @@ impl WeightStore {
         match self.entries.get(name) {
             Some(Entry::File(i)) => {
                 let f = &self.files[*i];
-                let info = f.info(name).ok_or_else(|| Error::MissingTensor {
-                    name: name.into(),
-                    where_: f.path.display().to_string(),
-                })?;
+                let info = f
+                    .info(name)
+                    .ok_or_else(|| Error::MissingTensor { name: name.into(), where_: f.path.display().to_string() })?;
                 let dt = float_dtype(info.dtype).ok_or_else(|| Error::TensorDtype {
                     file: f.path.clone(),
                     name: name.into(),
@@ -140,10 +131,7 @@ impl WeightStore {
                 Ok((dt, info.shape.clone()))
             }
             Some(Entry::Owned(t)) => Ok((t.dtype(), t.shape().to_vec())),
-            None => Err(Error::MissingTensor {
-                name: name.into(),
-                where_: self.origin.clone(),
-            }),
+            None => Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         }
     }
 
@@ -152,12 +140,7 @@ impl WeightStore {
         let i = match self.entries.get(name) {
             Some(Entry::Owned(t)) => return t.cast(dtype),
             Some(Entry::File(i)) => *i,
-            None => {
-                return Err(Error::MissingTensor {
-                    name: name.into(),
-                    where_: self.origin.clone(),
-                })
-            }
+            None => return Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         };
         let (stored, shape) = self.stored_meta(name)?;
         let f = &self.files[i];
@@ -167,15 +150,11 @@ impl WeightStore {
             DType::F32 => Tensor::from_f32(shape, le_chunks(b, f32::from_le_bytes))?,
             DType::BF16 => Tensor::new(
                 shape,
-                crate::tensor::Storage::BF16(le_chunks(b, |x: [u8; 2]| {
-                    bf16::from_bits(u16::from_le_bytes(x))
-                })),
+                crate::tensor::Storage::BF16(le_chunks(b, |x: [u8; 2]| bf16::from_bits(u16::from_le_bytes(x)))),
             )?,
             DType::F16 => Tensor::new(
                 shape,
-                crate::tensor::Storage::F16(le_chunks(b, |x: [u8; 2]| {
-                    f16::from_bits(u16::from_le_bytes(x))
-                })),
+                crate::tensor::Storage::F16(le_chunks(b, |x: [u8; 2]| f16::from_bits(u16::from_le_bytes(x)))),
             )?,
             _ => unreachable!("float_dtype admits only float types"),
         };
@@ -184,7 +163,5 @@ impl WeightStore {
 }
 
 fn le_chunks<const N: usize, T>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-    b.chunks_exact(N)
-        .map(|c| f(c.try_into().expect("exact chunk")))
-        .collect()
+    b.chunks_exact(N).map(|c| f(c.try_into().expect("exact chunk"))).collect()
 }

@@ -15,30 +15,18 @@ pub struct MatRef<'a> {
 
 impl<'a> MatRef<'a> {
     pub fn row_major(data: &'a [f32], cols: usize) -> Self {
-        MatRef {
-            data,
-            rs: cols,
-            cs: 1,
-        }
+        MatRef { data, rs: cols, cs: 1 }
     }
     /// The transpose of a row-major `[cols, rows]` matrix, without copying.
     pub fn transposed(data: &'a [f32], rows_of_stored: usize) -> Self {
-        MatRef {
-            data,
-            rs: 1,
-            cs: rows_of_stored,
-        }
+        MatRef { data, rs: 1, cs: rows_of_stored }
     }
     fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows == 0 || cols == 0 {
             return;
         }
         let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
-        assert!(
-            last < self.data.len(),
-            "{what}: {rows}x{cols} view exceeds buffer of {}",
-            self.data.len()
-        );
+        assert!(last < self.data.len(), "{what}: {rows}x{cols} view exceeds buffer of {}", self.data.len());
     }
 }
 
@@ -90,23 +78,8 @@ pub fn matmul(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32])
 }
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`: torch's `linear`.
-pub fn linear(
-    m: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    matmul(
-        m,
-        n,
-        k,
-        MatRef::row_major(x, k),
-        MatRef::transposed(w, k),
-        y,
-    );
+pub fn linear(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    matmul(m, n, k, MatRef::row_major(x, k), MatRef::transposed(w, k), y);
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear bias");
         for row in y.chunks_exact_mut(n) {
@@ -132,41 +105,17 @@ pub struct AttnDims {
 /// torch's `scaled_dot_product_attention` without a mask: softmax(q·kᵀ·scale)·v, query head h
 /// reading kv head h / (q_heads / kv_heads). `causal` masks key j > query i (top-left aligned,
 /// as torch's `is_causal`).
-pub fn attention(
-    d: AttnDims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    causal: bool,
-    scale: f32,
-    out: &mut [f32],
-) {
+pub fn attention(d: AttnDims, q: &[f32], k: &[f32], v: &[f32], causal: bool, scale: f32, out: &mut [f32]) {
     assert!(
         d.kv_heads > 0 && d.q_heads.is_multiple_of(d.kv_heads),
         "attention: heads {} vs kv heads {}",
         d.q_heads,
         d.kv_heads
     );
-    assert_eq!(
-        q.len(),
-        d.batch * d.q_heads * d.q_len * d.head_dim,
-        "attention q"
-    );
-    assert_eq!(
-        k.len(),
-        d.batch * d.kv_heads * d.kv_len * d.head_dim,
-        "attention k"
-    );
-    assert_eq!(
-        v.len(),
-        d.batch * d.kv_heads * d.kv_len * d.v_dim,
-        "attention v"
-    );
-    assert_eq!(
-        out.len(),
-        d.batch * d.q_heads * d.q_len * d.v_dim,
-        "attention out"
-    );
+    assert_eq!(q.len(), d.batch * d.q_heads * d.q_len * d.head_dim, "attention q");
+    assert_eq!(k.len(), d.batch * d.kv_heads * d.kv_len * d.head_dim, "attention k");
+    assert_eq!(v.len(), d.batch * d.kv_heads * d.kv_len * d.v_dim, "attention v");
+    assert_eq!(out.len(), d.batch * d.q_heads * d.q_len * d.v_dim, "attention out");
     let group = d.q_heads / d.kv_heads;
     // One task per (batch, head, query row): rows are independent.
     out.par_chunks_mut(d.v_dim).enumerate().for_each_init(
@@ -179,11 +128,7 @@ pub fn attention(
             let qrow = &q[row * d.head_dim..(row + 1) * d.head_dim];
             let kbase = &k[kvh * d.kv_len * d.head_dim..(kvh + 1) * d.kv_len * d.head_dim];
             let vbase = &v[kvh * d.kv_len * d.v_dim..(kvh + 1) * d.kv_len * d.v_dim];
-            let n = if causal {
-                (i + 1).min(d.kv_len)
-            } else {
-                d.kv_len
-            };
+            let n = if causal { (i + 1).min(d.kv_len) } else { d.kv_len };
             let mut max = f32::NEG_INFINITY;
             for (j, s) in scores[..n].iter_mut().enumerate() {
                 let krow = &kbase[j * d.head_dim..(j + 1) * d.head_dim];
@@ -264,14 +209,7 @@ mod tests {
             let a = rand(m * k, 1);
             let b = rand(k * n, 2);
             let mut c = vec![0f32; m * n];
-            matmul(
-                m,
-                n,
-                k,
-                MatRef::row_major(&a, k),
-                MatRef::row_major(&b, n),
-                &mut c,
-            );
+            matmul(m, n, k, MatRef::row_major(&a, k), MatRef::row_major(&b, n), &mut c);
             let r = naive_matmul(m, n, k, &a, &b);
             for (x, y) in c.iter().zip(&r) {
                 assert!((x - y).abs() < 1e-4, "{m}x{n}x{k}: {x} vs {y}");
@@ -294,15 +232,7 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_with_gqa_and_causal() {
-        let d = AttnDims {
-            batch: 2,
-            q_heads: 4,
-            kv_heads: 2,
-            q_len: 5,
-            kv_len: 5,
-            head_dim: 8,
-            v_dim: 8,
-        };
+        let d = AttnDims { batch: 2, q_heads: 4, kv_heads: 2, q_len: 5, kv_len: 5, head_dim: 8, v_dim: 8 };
         let q = rand(2 * 4 * 5 * 8, 4);
         let k = rand(2 * 2 * 5 * 8, 5);
         let v = rand(2 * 2 * 5 * 8, 6);
@@ -320,9 +250,7 @@ mod tests {
         let (b, h, i) = (1, 3, 4);
         let qr = &q[((b * 4 + h) * 5 + i) * 8..][..8];
         let kv = b * 2 + h / 2;
-        let s: Vec<f32> = (0..5)
-            .map(|j| dot(qr, &k[(kv * 5 + j) * 8..][..8]) * 0.3)
-            .collect();
+        let s: Vec<f32> = (0..5).map(|j| dot(qr, &k[(kv * 5 + j) * 8..][..8]) * 0.3).collect();
         let mx = s.iter().cloned().fold(f32::MIN, f32::max);
         let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
         let z: f32 = e.iter().sum();

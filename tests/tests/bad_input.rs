@@ -25,12 +25,7 @@ fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn import_err(dir: &Path) -> String {
-    let req = ImportRequest {
-        path: dir.to_path_buf(),
-        dtype: Some(DType::F32),
-        max_batch_size: 4,
-        max_seq_len: 64,
-    };
+    let req = ImportRequest { path: dir.to_path_buf(), dtype: Some(DType::F32), max_batch_size: 4, max_seq_len: 64 };
     match registry::importer("hf").unwrap().import(&req) {
         Ok(_) => panic!("import of {} should fail", dir.display()),
         Err(e) => e.to_string(),
@@ -49,16 +44,11 @@ type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
 fn edit_weights(file: &Path, f: impl FnOnce(&mut Tensors)) {
     let bytes = std::fs::read(file).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut t: Tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
+    let mut t: Tensors =
+        st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
     f(&mut t);
-    let views: Vec<(String, TensorView)> = t
-        .iter()
-        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        t.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, file).unwrap();
 }
 
@@ -74,20 +64,13 @@ fn missing_config_key_names_file_and_key() {
     edit_config(&dir, |m| {
         m.remove("hidden_size");
     });
-    expect(
-        &import_err(&dir),
-        &["config.json", "hidden_size", "missing"],
-    );
+    expect(&import_err(&dir), &["config.json", "hidden_size", "missing"]);
 }
 
 #[test]
 fn malformed_config_values_name_the_key() {
     let cases: &[(&str, Value, &str)] = &[
-        (
-            "num_attention_heads",
-            Value::from("four"),
-            "positive integer",
-        ),
+        ("num_attention_heads", Value::from("four"), "positive integer"),
         ("rms_norm_eps", Value::from("small"), "number"),
         ("tie_word_embeddings", Value::from(3), "true or false"),
         ("num_key_value_heads", Value::from(3), "does not divide"),
@@ -105,10 +88,7 @@ fn malformed_config_values_name_the_key() {
     edit_config(&dir, |m| {
         m["rope_parameters"]["rope_type"] = Value::from("yarn-ish");
     });
-    expect(
-        &import_err(&dir),
-        &["config.json", "rope_parameters.rope_type", "yarn-ish"],
-    );
+    expect(&import_err(&dir), &["config.json", "rope_parameters.rope_type", "yarn-ish"]);
 }
 
 #[test]
@@ -124,10 +104,7 @@ fn unknown_model_type_lists_the_supported_ones() {
     edit_config(&dir, |m| {
         m.insert("model_type".into(), Value::from("gpt2"));
     });
-    expect(
-        &import_err(&dir),
-        &["config.json", "gpt2", "llama, mistral, qwen2, qwen3"],
-    );
+    expect(&import_err(&dir), &["config.json", "gpt2", "llama, mistral, qwen2, qwen3"]);
 }
 
 #[test]
@@ -136,10 +113,7 @@ fn missing_tensor_is_named() {
     edit_weights(&dir.join("model.safetensors"), |t| {
         t.remove("model.layers.1.self_attn.k_norm.weight");
     });
-    expect(
-        &import_err(&dir),
-        &["model.layers.1.self_attn.k_norm.weight", "not found"],
-    );
+    expect(&import_err(&dir), &["model.layers.1.self_attn.k_norm.weight", "not found"]);
 }
 
 #[test]
@@ -149,15 +123,7 @@ fn wrong_shape_names_file_tensor_and_shapes() {
         let e = t.get_mut("model.layers.0.mlp.up_proj.weight").unwrap();
         e.1 = vec![e.1[1], e.1[0]]; // [96, 64] -> [64, 96]: same bytes, transposed shape
     });
-    expect(
-        &import_err(&dir),
-        &[
-            "model.safetensors",
-            "model.layers.0.mlp.up_proj.weight",
-            "[64, 96]",
-            "[96, 64]",
-        ],
-    );
+    expect(&import_err(&dir), &["model.safetensors", "model.layers.0.mlp.up_proj.weight", "[64, 96]", "[96, 64]"]);
 }
 
 #[test]
@@ -166,10 +132,7 @@ fn wrong_dtype_names_file_and_tensor() {
     edit_weights(&dir.join("model.safetensors"), |t| {
         t.get_mut("model.norm.weight").unwrap().0 = Dtype::I32;
     });
-    expect(
-        &import_err(&dir),
-        &["model.safetensors", "model.norm.weight", "I32"],
-    );
+    expect(&import_err(&dir), &["model.safetensors", "model.norm.weight", "I32"]);
 }
 
 #[test]
@@ -178,29 +141,17 @@ fn truncated_and_corrupt_safetensors_name_the_file() {
     let f = dir.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
-    expect(
-        &import_err(&dir),
-        &["model.safetensors", "truncated or corrupt"],
-    );
+    expect(&import_err(&dir), &["model.safetensors", "truncated or corrupt"]);
     std::fs::write(&f, &bytes[..4]).unwrap();
-    expect(
-        &import_err(&dir),
-        &["model.safetensors", "truncated or corrupt"],
-    );
+    expect(&import_err(&dir), &["model.safetensors", "truncated or corrupt"]);
     let mut garbage = bytes.clone();
     garbage[8..40].copy_from_slice(&[b'#'; 32]);
     std::fs::write(&f, &garbage).unwrap();
-    expect(
-        &import_err(&dir),
-        &["model.safetensors", "truncated or corrupt"],
-    );
+    expect(&import_err(&dir), &["model.safetensors", "truncated or corrupt"]);
     let mut huge = bytes;
     huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&f, &huge).unwrap();
-    expect(
-        &import_err(&dir),
-        &["model.safetensors", "truncated or corrupt"],
-    );
+    expect(&import_err(&dir), &["model.safetensors", "truncated or corrupt"]);
 }
 
 #[test]
@@ -211,14 +162,7 @@ fn sharded_index_problems_are_named() {
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
     v["weight_map"]["model.norm.weight"] = Value::from("model-00001-of-00004.safetensors");
     std::fs::write(&idx, v.to_string()).unwrap();
-    expect(
-        &import_err(&dir),
-        &[
-            "model.norm.weight",
-            "model-00001-of-00004.safetensors",
-            "index",
-        ],
-    );
+    expect(&import_err(&dir), &["model.norm.weight", "model-00001-of-00004.safetensors", "index"]);
     // A shard is missing.
     let (_t2, dir) = copy_fixture("llama");
     std::fs::remove_file(dir.join("model-00003-of-00004.safetensors")).unwrap();
@@ -226,10 +170,7 @@ fn sharded_index_problems_are_named() {
     // No weights at all.
     let (_t3, dir) = copy_fixture("qwen2");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    expect(
-        &import_err(&dir),
-        &["no model.safetensors or model.safetensors.index.json"],
-    );
+    expect(&import_err(&dir), &["no model.safetensors or model.safetensors.index.json"]);
 }
 
 #[test]
@@ -238,19 +179,10 @@ fn bad_runtime_inputs_are_named() {
     let mut m = compile(&g);
     let ids = autodeploy_core::Tensor::from_i64(vec![1, 3], vec![1, 2, 3]).unwrap();
     let pos = autodeploy_core::Tensor::from_i64(vec![1, 4], vec![0, 1, 2, 3]).unwrap();
-    expect(
-        &m.forward(&[ids.clone(), pos]).unwrap_err().to_string(),
-        &["position_ids", "`seq` is 4"],
-    );
+    expect(&m.forward(&[ids.clone(), pos]).unwrap_err().to_string(), &["position_ids", "`seq` is 4"]);
     let fpos = autodeploy_core::Tensor::from_f32(vec![1, 3], vec![0.0, 1.0, 2.0]).unwrap();
-    expect(
-        &m.forward(&[ids.clone(), fpos]).unwrap_err().to_string(),
-        &["position_ids", "expected i64[batch, seq]"],
-    );
+    expect(&m.forward(&[ids.clone(), fpos]).unwrap_err().to_string(), &["position_ids", "expected i64[batch, seq]"]);
     let big = autodeploy_core::Tensor::from_i64(vec![1, 3], vec![1, 9999, 3]).unwrap();
     let pos = autodeploy_core::Tensor::from_i64(vec![1, 3], vec![0, 1, 2]).unwrap();
-    expect(
-        &m.forward(&[big, pos]).unwrap_err().to_string(),
-        &["aten.embedding", "9999", "out of range"],
-    );
+    expect(&m.forward(&[big, pos]).unwrap_err().to_string(), &["aten.embedding", "9999", "out of range"]);
 }

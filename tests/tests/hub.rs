@@ -46,25 +46,17 @@ fn respond(mut s: TcpStream, root: &std::path::Path, hits: &AtomicUsize) {
     let body = match file.as_ref().map(std::fs::read) {
         Some(Ok(b)) => b,
         _ => {
-            let _ = s.write_all(
-                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
+            let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             return;
         }
     };
     let size = body.len();
     let etag = format!(
         "{:016x}",
-        body.iter()
-            .fold(1469598103934665603u64, |h, &b| (h ^ b as u64)
-                .wrapping_mul(1099511628211))
+        body.iter().fold(1469598103934665603u64, |h, &b| (h ^ b as u64).wrapping_mul(1099511628211))
     );
     let (status, start, end) = match range {
-        Some((a, b)) => (
-            "206 Partial Content",
-            a,
-            b.map(|b| b + 1).unwrap_or(size).min(size),
-        ),
+        Some((a, b)) => ("206 Partial Content", a, b.map(|b| b + 1).unwrap_or(size).min(size)),
         None => ("200 OK", 0, size),
     };
     let head = format!(
@@ -99,28 +91,14 @@ fn hub_download_cache_and_offline_mode() {
 
     // Download: config, index, every shard; the folder lands under HF_HOME/hub.
     let dir = hub::resolve_model(REPO, None).unwrap();
-    assert!(
-        dir.starts_with(home.path().join("hub")),
-        "{}",
-        dir.display()
-    );
-    for f in [
-        "config.json",
-        "model.safetensors.index.json",
-        "model-00004-of-00004.safetensors",
-    ] {
-        assert_eq!(
-            std::fs::read(dir.join(f)).unwrap(),
-            std::fs::read(fixture("llama").join(f)).unwrap(),
-            "{f}"
-        );
+    assert!(dir.starts_with(home.path().join("hub")), "{}", dir.display());
+    for f in ["config.json", "model.safetensors.index.json", "model-00004-of-00004.safetensors"] {
+        assert_eq!(std::fs::read(dir.join(f)).unwrap(), std::fs::read(fixture("llama").join(f)).unwrap(), "{f}");
     }
     assert!(hits.load(Ordering::SeqCst) >= 6);
 
     // The downloaded model builds and matches the reference logits of the local fixture.
-    let cfg =
-        PipelineConfig::from_toml_str(&format!("model = {REPO:?}\ndtype = \"float32\""), None)
-            .unwrap();
+    let cfg = PipelineConfig::from_toml_str(&format!("model = {REPO:?}\ndtype = \"float32\""), None).unwrap();
     let mut engine = pipeline::build(&cfg).unwrap();
     let r = Reference::load("llama");
     let (shape, ids) = r.i64("tokens_0");
@@ -132,28 +110,12 @@ fn hub_download_cache_and_offline_mode() {
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let before = hits.load(Ordering::SeqCst);
     assert_eq!(hub::resolve_model(REPO, None).unwrap(), dir);
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        before,
-        "offline mode must not touch the network"
-    );
-    let e = hub::resolve_model("tiny-org/not-cached", None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("tiny-org/not-cached")
-            && e.contains("config.json")
-            && e.contains("HF_HUB_OFFLINE"),
-        "{e}"
-    );
+    assert_eq!(hits.load(Ordering::SeqCst), before, "offline mode must not touch the network");
+    let e = hub::resolve_model("tiny-org/not-cached", None).unwrap_err().to_string();
+    assert!(e.contains("tiny-org/not-cached") && e.contains("config.json") && e.contains("HF_HUB_OFFLINE"), "{e}");
 
     // Online, a repo the server does not have: a clear not-found naming repo and file.
     std::env::remove_var("HF_HUB_OFFLINE");
-    let e = hub::resolve_model("tiny-org/missing", None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("tiny-org/missing") && e.contains("config.json") && e.contains("not found"),
-        "{e}"
-    );
+    let e = hub::resolve_model("tiny-org/missing", None).unwrap_err().to_string();
+    assert!(e.contains("tiny-org/missing") && e.contains("config.json") && e.contains("not found"), "{e}");
 }

@@ -28,14 +28,8 @@ struct Stats {
 
 fn compare(got: &[f32], want: &[f32], vocab: usize, tie: f32) -> Stats {
     assert_eq!(got.len(), want.len());
-    let mut s = Stats {
-        max_abs: 0.0,
-        max_rel: 0.0,
-        mean_rel: 0.0,
-        argmax_mismatch: 0,
-        clear_mismatch: 0,
-        positions: 0,
-    };
+    let mut s =
+        Stats { max_abs: 0.0, max_rel: 0.0, mean_rel: 0.0, argmax_mismatch: 0, clear_mismatch: 0, positions: 0 };
     let (mut sum_d, mut sum_w) = (0.0f64, 0.0f64);
     for (g, w) in got.chunks(vocab).zip(want.chunks(vocab)) {
         let scale = w.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
@@ -64,11 +58,7 @@ fn compare(got: &[f32], want: &[f32], vocab: usize, tie: f32) -> Stats {
 
 /// Mean |a - b| over two logit tensors.
 fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() as f64)
-        .sum::<f64>() as f32
-        / a.len() as f32
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() as f32 / a.len() as f32
 }
 
 fn run(family: &str, dtype: DType) -> Vec<Stats> {
@@ -101,10 +91,7 @@ fn run(family: &str, dtype: DType) -> Vec<Stats> {
         all.push(s);
         i += 1;
     }
-    assert!(
-        i >= 3,
-        "{family}: expected at least 3 reference sequences, found {i}"
-    );
+    assert!(i >= 3, "{family}: expected at least 3 reference sequences, found {i}");
     all
 }
 
@@ -112,16 +99,8 @@ fn run(family: &str, dtype: DType) -> Vec<Stats> {
 fn f32_logits_match_transformers() {
     for fam in FAMILIES {
         for s in run(fam, DType::F32) {
-            assert!(
-                s.max_abs <= F32_MAX_ABS,
-                "{fam}: max abs error {} > {F32_MAX_ABS}",
-                s.max_abs
-            );
-            assert_eq!(
-                s.argmax_mismatch, 0,
-                "{fam}: argmax differs at {} positions",
-                s.argmax_mismatch
-            );
+            assert!(s.max_abs <= F32_MAX_ABS, "{fam}: max abs error {} > {F32_MAX_ABS}", s.max_abs);
+            assert_eq!(s.argmax_mismatch, 0, "{fam}: argmax differs at {} positions", s.argmax_mismatch);
         }
     }
 }
@@ -130,20 +109,9 @@ fn f32_logits_match_transformers() {
 fn bf16_logits_match_transformers_within_tolerance() {
     for fam in FAMILIES {
         for s in run(fam, DType::BF16) {
-            assert!(
-                s.max_rel <= BF16_MAX_REL,
-                "{fam}: bf16 max relative error {} > {BF16_MAX_REL}",
-                s.max_rel
-            );
-            assert!(
-                s.mean_rel <= BF16_MEAN_REL,
-                "{fam}: bf16 mean relative error {} > {BF16_MEAN_REL}",
-                s.mean_rel
-            );
-            assert_eq!(
-                s.clear_mismatch, 0,
-                "{fam}: bf16 argmax differs where the reference is not a near-tie"
-            );
+            assert!(s.max_rel <= BF16_MAX_REL, "{fam}: bf16 max relative error {} > {BF16_MAX_REL}", s.max_rel);
+            assert!(s.mean_rel <= BF16_MEAN_REL, "{fam}: bf16 mean relative error {} > {BF16_MEAN_REL}", s.mean_rel);
+            assert_eq!(s.clear_mismatch, 0, "{fam}: bf16 argmax differs where the reference is not a near-tie");
         }
     }
 }

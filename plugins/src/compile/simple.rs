@@ -49,11 +49,7 @@ impl CompileBackend for SimpleBackend {
         for (v, _) in &params {
             last_use[*v] = usize::MAX;
         }
-        Ok(Box::new(Interpreter {
-            graph: graph.clone(),
-            params,
-            last_use,
-        }))
+        Ok(Box::new(Interpreter { graph: graph.clone(), params, last_use }))
     }
 }
 
@@ -67,35 +63,21 @@ struct Interpreter {
 /// size, dtype and symbol range.
 pub fn bind_inputs(g: &Graph, inputs: &[Tensor]) -> Result<Bindings> {
     if inputs.len() != g.inputs.len() {
-        return Err(Error::Msg(format!(
-            "the graph takes {} inputs, got {}",
-            g.inputs.len(),
-            inputs.len()
-        )));
+        return Err(Error::Msg(format!("the graph takes {} inputs, got {}", g.inputs.len(), inputs.len())));
     }
     let mut bind = Bindings::new();
     for (&v, t) in g.inputs.iter().zip(inputs) {
         let info = g.value(v);
-        let bad = |msg: String| Error::Input {
-            input: info.name.clone(),
-            msg,
-        };
+        let bad = |msg: String| Error::Input { input: info.name.clone(), msg };
         if t.dtype() != info.meta.dtype || t.rank() != info.meta.shape.len() {
-            return Err(bad(format!(
-                "expected {}, got {}{:?}",
-                info.meta,
-                t.dtype(),
-                t.shape()
-            )));
+            return Err(bad(format!("expected {}, got {}{:?}", info.meta, t.dtype(), t.shape())));
         }
         for (d, &n) in info.meta.shape.iter().zip(t.shape()) {
             if let [s] = d.symbols() {
                 if d.as_static().is_none() && d.eval(&Bindings::from([(s.clone(), 1)]))? == 1 {
                     if let Some(&prev) = bind.get(s) {
                         if prev != n {
-                            return Err(bad(format!(
-                                "`{s}` is {n} here but {prev} in an earlier input"
-                            )));
+                            return Err(bad(format!("`{s}` is {n} here but {prev} in an earlier input")));
                         }
                     }
                     bind.insert(s.clone(), n);
@@ -117,10 +99,7 @@ pub fn bind_inputs(g: &Graph, inputs: &[Tensor]) -> Result<Bindings> {
     for (s, r) in &g.symbols {
         if let Some(&n) = bind.get(s) {
             if n < r.min || n > r.max {
-                return Err(Error::Msg(format!(
-                    "`{s}` = {n} is outside the supported range [{}, {}]",
-                    r.min, r.max
-                )));
+                return Err(Error::Msg(format!("`{s}` = {n} is outside the supported range [{}, {}]", r.min, r.max)));
             }
         }
     }
@@ -142,19 +121,12 @@ impl CompiledModel for Interpreter {
             let ins: Vec<&Tensor> = n
                 .inputs
                 .iter()
-                .map(|v| {
-                    slots[v.0 as usize]
-                        .as_ref()
-                        .expect("validated graph defines values before use")
-                })
+                .map(|v| slots[v.0 as usize].as_ref().expect("validated graph defines values before use"))
                 .collect();
             let name = &g.value(n.outputs[0]).name;
             let out = cpu::eval(&n.op, &ins, &bind).map_err(|e| match e {
                 Error::Shape { .. } => e.at_node(name),
-                e => Error::Op {
-                    op: n.op.name().into(),
-                    msg: format!("node `{name}`: {e}"),
-                },
+                e => Error::Op { op: n.op.name().into(), msg: format!("node `{name}`: {e}") },
             })?;
             slots[n.outputs[0].0 as usize] = Some(out);
             for v in &n.inputs {
@@ -165,11 +137,7 @@ impl CompiledModel for Interpreter {
         }
         g.outputs
             .iter()
-            .map(|v| {
-                slots[v.0 as usize]
-                    .take()
-                    .ok_or_else(|| Error::Msg("graph output was not computed".into()))
-            })
+            .map(|v| slots[v.0 as usize].take().ok_or_else(|| Error::Msg("graph output was not computed".into())))
             .collect()
     }
 }

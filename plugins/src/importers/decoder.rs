@@ -67,8 +67,7 @@ impl DecoderConfig {
     pub fn expected_weights(&self) -> Vec<WeightSpec> {
         let (h, hd, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
         let (q, kv) = (self.num_heads * hd, self.num_kv_heads * hd);
-        let mut v: Vec<WeightSpec> =
-            vec![("model.embed_tokens.weight".into(), vec![self.vocab_size, h])];
+        let mut v: Vec<WeightSpec> = vec![("model.embed_tokens.weight".into(), vec![self.vocab_size, h])];
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
             let mut add = |n: &str, s: Vec<usize>| v.push((format!("{p}.{n}"), s));
@@ -110,18 +109,10 @@ impl DecoderConfig {
     pub fn inv_freq(&self) -> Vec<f32> {
         let dim = self.head_dim;
         let base = self.rope_theta as f32;
-        let inv: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
-            .collect();
+        let inv: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
         match self.rope_scaling {
             RopeScaling::None => inv,
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let (factor, low, high, old) = (
                     factor as f32,
                     low_freq_factor as f32,
@@ -166,15 +157,7 @@ impl Ctx<'_> {
         self.b.param(name, self.cfg.dtype, static_shape(shape))
     }
 
-    fn linear(
-        &mut self,
-        hint: &str,
-        x: ValueId,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<ValueId> {
+    fn linear(&mut self, hint: &str, x: ValueId, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<ValueId> {
         let w = self.w(&format!("{prefix}.weight"), &[out, inp]);
         let mut args = vec![x, w];
         if bias {
@@ -188,77 +171,33 @@ impl Ctx<'_> {
     fn rmsnorm(&mut self, hint: &str, x: ValueId, weight: &str, dim: usize) -> Result<ValueId> {
         let in_dtype = self.b.meta(x).dtype;
         let xf = if in_dtype != DType::F32 {
-            self.b
-                .op(&format!("{hint}.to_f32"), Op::ToDtype(DType::F32), &[x])?
+            self.b.op(&format!("{hint}.to_f32"), Op::ToDtype(DType::F32), &[x])?
         } else {
             x
         };
-        let sq = self
-            .b
-            .op(&format!("{hint}.pow"), Op::PowScalar(2.0), &[xf])?;
-        let var = self.b.op(
-            &format!("{hint}.mean"),
-            Op::Mean {
-                dims: vec![-1],
-                keepdim: true,
-            },
-            &[sq],
-        )?;
-        let ve = self.b.op(
-            &format!("{hint}.add_eps"),
-            Op::AddScalar(self.cfg.rms_norm_eps),
-            &[var],
-        )?;
+        let sq = self.b.op(&format!("{hint}.pow"), Op::PowScalar(2.0), &[xf])?;
+        let var = self.b.op(&format!("{hint}.mean"), Op::Mean { dims: vec![-1], keepdim: true }, &[sq])?;
+        let ve = self.b.op(&format!("{hint}.add_eps"), Op::AddScalar(self.cfg.rms_norm_eps), &[var])?;
         let r = self.b.op(&format!("{hint}.rsqrt"), Op::Rsqrt, &[ve])?;
         let y = self.b.op(&format!("{hint}.normed"), Op::Mul, &[xf, r])?;
-        let y = if in_dtype != DType::F32 {
-            self.b
-                .op(&format!("{hint}.to_in"), Op::ToDtype(in_dtype), &[y])?
-        } else {
-            y
-        };
+        let y =
+            if in_dtype != DType::F32 { self.b.op(&format!("{hint}.to_in"), Op::ToDtype(in_dtype), &[y])? } else { y };
         let w = self.w(weight, &[dim]);
         self.b.op(hint, Op::Mul, &[w, y])
     }
 
     fn rotate_half(&mut self, hint: &str, x: ValueId) -> Result<ValueId> {
         let half = self.cfg.head_dim as i64 / 2;
-        let x1 = self.b.op(
-            &format!("{hint}.x1"),
-            Op::Slice {
-                dim: -1,
-                start: 0,
-                end: half,
-                step: 1,
-            },
-            &[x],
-        )?;
-        let x2 = self.b.op(
-            &format!("{hint}.x2"),
-            Op::Slice {
-                dim: -1,
-                start: half,
-                end: i64::MAX,
-                step: 1,
-            },
-            &[x],
-        )?;
+        let x1 = self.b.op(&format!("{hint}.x1"), Op::Slice { dim: -1, start: 0, end: half, step: 1 }, &[x])?;
+        let x2 = self.b.op(&format!("{hint}.x2"), Op::Slice { dim: -1, start: half, end: i64::MAX, step: 1 }, &[x])?;
         let n2 = self.b.op(&format!("{hint}.neg"), Op::Neg, &[x2])?;
         self.b.op(hint, Op::Cat { dim: -1 }, &[n2, x1])
     }
 
-    fn apply_rope(
-        &mut self,
-        hint: &str,
-        x: ValueId,
-        cos: ValueId,
-        sin: ValueId,
-    ) -> Result<ValueId> {
+    fn apply_rope(&mut self, hint: &str, x: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
         let xc = self.b.op(&format!("{hint}.mul_cos"), Op::Mul, &[x, cos])?;
         let rot = self.rotate_half(&format!("{hint}.rot"), x)?;
-        let rs = self
-            .b
-            .op(&format!("{hint}.mul_sin"), Op::Mul, &[rot, sin])?;
+        let rs = self.b.op(&format!("{hint}.mul_sin"), Op::Mul, &[rot, sin])?;
         self.b.op(hint, Op::Add, &[xc, rs])
     }
 
@@ -282,20 +221,9 @@ impl Ctx<'_> {
         let (hs, hd, is) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let p = format!("model.layers.{l}");
         let n = format!("l{l}");
-        let x = self.rmsnorm(
-            &format!("{n}.input_norm"),
-            h,
-            &format!("{p}.input_layernorm.weight"),
-            hs,
-        )?;
-        let q = self.linear(
-            &format!("{n}.q_proj"),
-            x,
-            &format!("{p}.self_attn.q_proj"),
-            c.num_heads * hd,
-            hs,
-            c.qkv_bias,
-        )?;
+        let x = self.rmsnorm(&format!("{n}.input_norm"), h, &format!("{p}.input_layernorm.weight"), hs)?;
+        let q =
+            self.linear(&format!("{n}.q_proj"), x, &format!("{p}.self_attn.q_proj"), c.num_heads * hd, hs, c.qkv_bias)?;
         let k = self.linear(
             &format!("{n}.k_proj"),
             x,
@@ -312,10 +240,7 @@ impl Ctx<'_> {
             hs,
             c.qkv_bias,
         )?;
-        let (qn, kn) = (
-            format!("{p}.self_attn.q_norm.weight"),
-            format!("{p}.self_attn.k_norm.weight"),
-        );
+        let (qn, kn) = (format!("{p}.self_attn.q_norm.weight"), format!("{p}.self_attn.k_norm.weight"));
         let q = self.heads(&format!("{n}.q"), q, c.qk_norm.then_some(qn.as_str()))?;
         let k = self.heads(&format!("{n}.k"), k, c.qk_norm.then_some(kn.as_str()))?;
         let v = self.heads(&format!("{n}.v"), v, None)?;
@@ -329,58 +254,18 @@ impl Ctx<'_> {
             enable_gqa: c.num_kv_heads != c.num_heads,
         };
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
-        let a = self
-            .b
-            .op(&format!("{n}.attn.t"), Op::Transpose(1, 2), &[a])?;
-        let flat = vec![
-            SizeArg::Dim(self.batch.clone()),
-            SizeArg::Dim(self.seq.clone()),
-            SizeArg::Infer,
-        ];
-        let a = self
-            .b
-            .op(&format!("{n}.attn.flat"), Op::Reshape(flat), &[a])?;
-        let o = self.linear(
-            &format!("{n}.o_proj"),
-            a,
-            &format!("{p}.self_attn.o_proj"),
-            hs,
-            c.num_heads * hd,
-            c.o_bias,
-        )?;
+        let a = self.b.op(&format!("{n}.attn.t"), Op::Transpose(1, 2), &[a])?;
+        let flat = vec![SizeArg::Dim(self.batch.clone()), SizeArg::Dim(self.seq.clone()), SizeArg::Infer];
+        let a = self.b.op(&format!("{n}.attn.flat"), Op::Reshape(flat), &[a])?;
+        let o =
+            self.linear(&format!("{n}.o_proj"), a, &format!("{p}.self_attn.o_proj"), hs, c.num_heads * hd, c.o_bias)?;
         let h = self.b.op(&format!("{n}.attn_residual"), Op::Add, &[h, o])?;
-        let x = self.rmsnorm(
-            &format!("{n}.post_attn_norm"),
-            h,
-            &format!("{p}.post_attention_layernorm.weight"),
-            hs,
-        )?;
-        let g = self.linear(
-            &format!("{n}.gate_proj"),
-            x,
-            &format!("{p}.mlp.gate_proj"),
-            is,
-            hs,
-            c.mlp_bias,
-        )?;
-        let u = self.linear(
-            &format!("{n}.up_proj"),
-            x,
-            &format!("{p}.mlp.up_proj"),
-            is,
-            hs,
-            c.mlp_bias,
-        )?;
+        let x = self.rmsnorm(&format!("{n}.post_attn_norm"), h, &format!("{p}.post_attention_layernorm.weight"), hs)?;
+        let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{p}.mlp.gate_proj"), is, hs, c.mlp_bias)?;
+        let u = self.linear(&format!("{n}.up_proj"), x, &format!("{p}.mlp.up_proj"), is, hs, c.mlp_bias)?;
         let g = self.b.op(&format!("{n}.act"), Op::Silu, &[g])?;
         let m = self.b.op(&format!("{n}.act_mul"), Op::Mul, &[g, u])?;
-        let d = self.linear(
-            &format!("{n}.down_proj"),
-            m,
-            &format!("{p}.mlp.down_proj"),
-            hs,
-            is,
-            c.mlp_bias,
-        )?;
+        let d = self.linear(&format!("{n}.down_proj"), m, &format!("{p}.mlp.down_proj"), hs, is, c.mlp_bias)?;
         self.b.op(&format!("{n}.mlp_residual"), Op::Add, &[h, d])
     }
 }
@@ -404,10 +289,7 @@ pub fn build_decoder(
     let pos = b.input("position_ids", DType::I64, vec![batch.clone(), seq.clone()]);
     let mut cx = Ctx { b, cfg, batch, seq };
 
-    let emb_w = cx.w(
-        "model.embed_tokens.weight",
-        &[cfg.vocab_size, cfg.hidden_size],
-    );
+    let emb_w = cx.w("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size]);
     let mut h = cx.b.op("embed", Op::Embedding, &[emb_w, ids])?;
 
     // Rotary embedding, once for all layers: freqs = position_ids[..., None].float() * inv_freq.
@@ -420,13 +302,9 @@ pub fn build_decoder(
     for (name, op) in [("cos", Op::Cos), ("sin", Op::Sin)] {
         let t = cx.b.op(&format!("rope.{name}_f32"), op, &[emb])?;
         // attention_scaling is 1.0 for the default and llama3 RoPE types.
+        let t = cx.b.op(&format!("rope.{name}_scaled"), Op::MulScalar(1.0), &[t])?;
         let t =
-            cx.b.op(&format!("rope.{name}_scaled"), Op::MulScalar(1.0), &[t])?;
-        let t = if cfg.dtype != DType::F32 {
-            cx.b.op(&format!("rope.{name}"), Op::ToDtype(cfg.dtype), &[t])?
-        } else {
-            t
-        };
+            if cfg.dtype != DType::F32 { cx.b.op(&format!("rope.{name}"), Op::ToDtype(cfg.dtype), &[t])? } else { t };
         cs.push(t);
     }
     for l in 0..cfg.num_layers {
@@ -438,13 +316,7 @@ pub fn build_decoder(
     cx.b.output(logits);
     cx.b.note(format!(
         "import: {} decoder, {} layers, hidden {}, heads {}/{} (kv), head_dim {}, dtype {}",
-        cfg.family,
-        cfg.num_layers,
-        cfg.hidden_size,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        cfg.dtype
+        cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
     ));
     cx.b.finish()
 }

@@ -31,10 +31,7 @@ impl ModelImporter for HfImporter {
         let store = open_weights(&req.path)?;
         check_weights(&cfg, &store)?;
         let mut g = build_decoder(&cfg, store, req.max_batch_size, req.max_seq_len)?;
-        g.history.insert(
-            0,
-            format!("import: hf importer read {}", req.path.display()),
-        );
+        g.history.insert(0, format!("import: hf importer read {}", req.path.display()));
         Ok(g)
     }
 }
@@ -73,10 +70,7 @@ impl<'a> Keys<'a> {
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
         }
     }
 
@@ -87,19 +81,14 @@ impl<'a> Keys<'a> {
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.present(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
         }
     }
 
     fn str_opt(&self, key: &str) -> Result<Option<&'a str>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
         }
     }
 }
@@ -107,23 +96,12 @@ impl<'a> Keys<'a> {
 /// Reads `config.json` into the normalised decoder description.
 pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
-        file: path.into(),
-        msg: format!("invalid JSON: {e}"),
-    })?;
-    let map = json.as_object().ok_or_else(|| Error::BadFile {
-        file: path.into(),
-        msg: "not a JSON object".into(),
-    })?;
-    let k = Keys {
-        file: path,
-        map,
-        prefix: "",
-    };
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::BadFile { file: path.into(), msg: format!("invalid JSON: {e}") })?;
+    let map = json.as_object().ok_or_else(|| Error::BadFile { file: path.into(), msg: "not a JSON object".into() })?;
+    let k = Keys { file: path, map, prefix: "" };
 
-    let model_type = k
-        .str_opt("model_type")?
-        .ok_or_else(|| k.err("model_type", "missing"))?;
+    let model_type = k.str_opt("model_type")?.ok_or_else(|| k.err("model_type", "missing"))?;
     if !SUPPORTED.contains(&model_type) {
         return Err(Error::UnknownModelType {
             file: path.into(),
@@ -135,10 +113,9 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
     let num_heads = k.usize("num_attention_heads")?;
     let num_kv_heads = k.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
     if num_heads % num_kv_heads != 0 {
-        return Err(k.err(
-            "num_key_value_heads",
-            format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
-        ));
+        return Err(
+            k.err("num_key_value_heads", format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"))
+        );
     }
     let head_dim = match k.usize_opt("head_dim")? {
         Some(d) => d,
@@ -146,24 +123,16 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         None => {
             return Err(k.err(
                 "head_dim",
-                format!(
-                    "missing, and hidden_size {hidden_size} is not a multiple of {num_heads} heads"
-                ),
+                format!("missing, and hidden_size {hidden_size} is not a multiple of {num_heads} heads"),
             ))
         }
     };
     if head_dim % 2 != 0 {
-        return Err(k.err(
-            "head_dim",
-            format!("{head_dim} is odd; rotary embedding needs an even head_dim"),
-        ));
+        return Err(k.err("head_dim", format!("{head_dim} is odd; rotary embedding needs an even head_dim")));
     }
     if let Some(act) = k.str_opt("hidden_act")? {
         if act != "silu" {
-            return Err(k.err(
-                "hidden_act",
-                format!("`{act}` is not supported for {model_type} (only silu)"),
-            ));
+            return Err(k.err("hidden_act", format!("`{act}` is not supported for {model_type} (only silu)")));
         }
     }
 
@@ -178,10 +147,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
     let sliding_window = match model_type {
         "mistral" => k.usize_opt("sliding_window")?,
         _ if k.bool_or("use_sliding_window", false)? => {
-            return Err(k.err(
-                "use_sliding_window",
-                "sliding-window layers are not supported yet for this family",
-            ))
+            return Err(k.err("use_sliding_window", "sliding-window layers are not supported yet for this family"))
         }
         _ => None,
     };
@@ -227,18 +193,11 @@ fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
         None => None,
         Some(v) => Some(Keys {
             file: k.file,
-            map: v
-                .as_object()
-                .ok_or_else(|| k.err(key, format!("expected an object, found {v}")))?,
+            map: v.as_object().ok_or_else(|| k.err(key, format!("expected an object, found {v}")))?,
             prefix: &prefix,
         }),
     };
-    let theta = match sub
-        .as_ref()
-        .map(|s| s.f64_opt("rope_theta"))
-        .transpose()?
-        .flatten()
-    {
+    let theta = match sub.as_ref().map(|s| s.f64_opt("rope_theta")).transpose()?.flatten() {
         Some(t) => t,
         None => k.f64_opt("rope_theta")?.unwrap_or(10000.0),
     };
@@ -257,19 +216,9 @@ fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
             high_freq_factor: s.f64("high_freq_factor")?,
             original_max_position_embeddings: s.f64("original_max_position_embeddings")?,
         },
-        other => {
-            return Err(s.err(
-                "rope_type",
-                format!("`{other}` is not supported (supported: default, llama3)"),
-            ))
-        }
+        other => return Err(s.err("rope_type", format!("`{other}` is not supported (supported: default, llama3)"))),
     };
-    if let RopeScaling::Llama3 {
-        low_freq_factor,
-        high_freq_factor,
-        ..
-    } = scaling
-    {
+    if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = scaling {
         if high_freq_factor <= low_freq_factor {
             return Err(s.err("high_freq_factor", "must be greater than low_freq_factor"));
         }
@@ -284,19 +233,17 @@ pub fn open_weights(dir: &Path) -> Result<WeightStore> {
     let mut store = WeightStore::new(dir.display().to_string());
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
-            file: index.clone(),
-            msg: format!("invalid JSON: {e}"),
-        })?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::BadFile { file: index.clone(), msg: format!("invalid JSON: {e}") })?;
         let map = json
             .get("weight_map")
             .and_then(Value::as_object)
             .ok_or_else(|| Error::config(&index, "weight_map", "missing or not an object"))?;
         let mut by_file: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (name, f) in map {
-            let f = f.as_str().ok_or_else(|| {
-                Error::config(&index, format!("weight_map.{name}"), "expected a file name")
-            })?;
+            let f = f
+                .as_str()
+                .ok_or_else(|| Error::config(&index, format!("weight_map.{name}"), "expected a file name"))?;
             by_file.entry(f).or_default().push(name.clone());
         }
         for (f, names) in by_file {
@@ -306,11 +253,7 @@ pub fn open_weights(dir: &Path) -> Result<WeightStore> {
                 if file.info(n).is_none() {
                     return Err(Error::MissingTensor {
                         name: n.clone(),
-                        where_: format!(
-                            "{} (the index {} places it there)",
-                            path.display(),
-                            index.display()
-                        ),
+                        where_: format!("{} (the index {} places it there)", path.display(), index.display()),
                     });
                 }
             }
@@ -331,10 +274,7 @@ pub fn open_weights(dir: &Path) -> Result<WeightStore> {
 fn check_weights(cfg: &DecoderConfig, store: &WeightStore) -> Result<()> {
     for (name, shape) in cfg.expected_weights() {
         if !store.contains(&name) {
-            return Err(Error::MissingTensor {
-                name,
-                where_: store.describe(),
-            });
+            return Err(Error::MissingTensor { name, where_: store.describe() });
         }
         let (_, found) = store.stored_meta(&name)?;
         if found != shape {

@@ -83,7 +83,8 @@ impl FuseGemms {
         for (k, l) in lin.iter().enumerate() {
             let width = g.meta(l.1).shape[0].as_static().expect("static weight") as i64;
             let name = g.value(l.3).name.clone();
-            let s = g.insert_node(pos + 1 + k, &name, Op::Slice { dim: -1, start, end: start + width, step: 1 }, &[y])?;
+            let s =
+                g.insert_node(pos + 1 + k, &name, Op::Slice { dim: -1, start, end: start + width, step: 1 }, &[y])?;
             g.replace_uses(l.3, s);
             start += width;
         }

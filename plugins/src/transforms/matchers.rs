@@ -76,7 +76,8 @@ impl Transform for MatchRmsNorm {
             if !mean_ok || wm.shape.len() != 1 || xm.shape.last() != Some(&wm.shape[0]) || !xm.dtype.is_float() {
                 return Ok(None);
             }
-            let norm_in = m.nodes.iter().find_map(|&i| matches!(g.nodes[i].op, Op::PowScalar(_)).then(|| g.nodes[i].inputs[0]));
+            let norm_in =
+                m.nodes.iter().find_map(|&i| matches!(g.nodes[i].op, Op::PowScalar(_)).then(|| g.nodes[i].inputs[0]));
             if norm_in.is_some_and(|v| g.meta(v).dtype != DType::F32) {
                 return Ok(None);
             }

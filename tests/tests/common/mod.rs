@@ -11,9 +11,7 @@ pub const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 pub fn fixture(name: &str) -> PathBuf {
     autodeploy_plugins::link();
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
 /// Reference outputs of one fixture, as written by `fixtures/make_fixtures.py`.
@@ -24,67 +22,39 @@ pub struct Reference {
 impl Reference {
     pub fn load(family: &str) -> Reference {
         let p = fixture(family).join("reference.safetensors");
-        Reference {
-            bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-        }
+        Reference { bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())) }
     }
 
     pub fn has(&self, name: &str) -> bool {
-        SafeTensors::deserialize(&self.bytes)
-            .unwrap()
-            .tensor(name)
-            .is_ok()
+        SafeTensors::deserialize(&self.bytes).unwrap().tensor(name).is_ok()
     }
 
     fn view(&self, name: &str) -> (Vec<usize>, Vec<u8>, safetensors::Dtype) {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st
-            .tensor(name)
-            .unwrap_or_else(|e| panic!("reference tensor {name}: {e}"));
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("reference tensor {name}: {e}"));
         (t.shape().to_vec(), t.data().to_vec(), t.dtype())
     }
 
     pub fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let (s, d, dt) = self.view(name);
         assert_eq!(dt, safetensors::Dtype::F32);
-        (
-            s,
-            d.chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        )
+        (s, d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
     }
 
     pub fn i64(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
         let (s, d, dt) = self.view(name);
         assert_eq!(dt, safetensors::Dtype::I64);
-        (
-            s,
-            d.chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        )
+        (s, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
     }
 }
 
 pub fn import(family: &str, dtype: DType) -> Graph {
-    let req = ImportRequest {
-        path: fixture(family),
-        dtype: Some(dtype),
-        max_batch_size: 8,
-        max_seq_len: 128,
-    };
-    registry::importer("hf")
-        .unwrap()
-        .import(&req)
-        .unwrap_or_else(|e| panic!("import {family}: {e}"))
+    let req = ImportRequest { path: fixture(family), dtype: Some(dtype), max_batch_size: 8, max_seq_len: 128 };
+    registry::importer("hf").unwrap().import(&req).unwrap_or_else(|e| panic!("import {family}: {e}"))
 }
 
 pub fn compile(g: &Graph) -> Box<dyn CompiledModel> {
-    registry::compile_backend("simple")
-        .unwrap()
-        .compile(g)
-        .unwrap()
+    registry::compile_backend("simple").unwrap().compile(g).unwrap()
 }
 
 /// Logits `[batch, seq, vocab]` as f32 for token ids `[batch, seq]`, positions 0..seq.
@@ -92,10 +62,7 @@ pub fn logits(model: &mut dyn CompiledModel, shape: &[usize], ids: &[i64]) -> Ve
     let (b, s) = (shape[0], shape[1]);
     let pos: Vec<i64> = (0..b).flat_map(|_| 0..s as i64).collect();
     let out = model
-        .forward(&[
-            Tensor::from_i64(vec![b, s], ids.to_vec()).unwrap(),
-            Tensor::from_i64(vec![b, s], pos).unwrap(),
-        ])
+        .forward(&[Tensor::from_i64(vec![b, s], ids.to_vec()).unwrap(), Tensor::from_i64(vec![b, s], pos).unwrap()])
         .unwrap();
     out[0].to_f32().into_owned()
 }

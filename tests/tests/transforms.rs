@@ -1,0 +1,350 @@
+//! Each transform: a graph-text snapshot on a small hand-built graph, and a numeric check that
+//! the graph before and after gives the same outputs on random inputs. Then the whole pipeline
+//! on every fixture family.
+
+mod common;
+
+use std::sync::Arc;
+
+use autodeploy_core::config::PipelineConfig;
+use autodeploy_core::ir::GraphBuilder;
+use autodeploy_core::registry;
+use autodeploy_core::shape::static_shape;
+use autodeploy_core::transform::{self, TransformContext};
+use autodeploy_core::weights::WeightStore;
+use autodeploy_core::{DType, Dim, Graph, Op, SizeArg, Tensor};
+use autodeploy_sdk::Stage;
+use common::*;
+
+/// Deterministic values in [-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn rand_tensor(dtype: DType, shape: &[usize], seed: u64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_f32_as(dtype, shape.to_vec(), rand_vec(n, seed)).unwrap()
+}
+
+/// Runs graph `g` on `inputs` with the interpreter.
+fn run(g: &Graph, inputs: &[Tensor]) -> Vec<Vec<f32>> {
+    let mut m = registry::compile_backend("simple").unwrap().compile(g).unwrap();
+    m.forward(inputs).unwrap().iter().map(|t| t.to_f32().into_owned()).collect()
+}
+
+fn apply(name: &str, g: &mut Graph) -> String {
+    autodeploy_plugins::link();
+    let t = transform::find(name).unwrap_or_else(|| panic!("no transform {name}"));
+    let cfg = PipelineConfig::from_toml_str("model = \"unused\"", None).unwrap();
+    let cx = TransformContext { config: &cfg, options: toml_table() };
+    let summary = (t.make)().apply(g, &cx).unwrap();
+    g.validate().unwrap();
+    summary
+}
+
+fn toml_table() -> autodeploy_core::transform::Options {
+    Default::default()
+}
+
+/// The node lines of a dump (weights and header dropped), for compact snapshots.
+fn body(g: &Graph) -> String {
+    g.dump()
+        .lines()
+        .filter(|l| l.starts_with("  %") && !l.contains("= weight"))
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Checks the transform changes the graph to `want` and keeps its outputs (max abs diff ≤ tol).
+fn check(name: &str, mut g: Graph, inputs: &[Tensor], want: &str, tol: f32) {
+    let before = run(&g, inputs);
+    let summary = apply(name, &mut g);
+    let got = body(&g);
+    assert_eq!(got.trim(), want.trim(), "{name} ({summary}) snapshot:\n{got}");
+    let after = run(&g, inputs);
+    for (a, b) in before.iter().zip(&after) {
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(d <= tol, "{name}: outputs moved by {d} > {tol}");
+    }
+}
+
+fn store(ws: &[(&str, Tensor)]) -> Arc<WeightStore> {
+    let mut s = WeightStore::new("test");
+    for (n, t) in ws {
+        s.add_tensor(n, t.clone());
+    }
+    Arc::new(s)
+}
+
+#[test]
+fn rmsnorm_with_casts_in_bf16() {
+    let w = rand_tensor(DType::BF16, &[8], 1);
+    let mut b = GraphBuilder::new(store(&[("w", w)]));
+    b.symbol("n", 1, 16);
+    let x = b.input("x", DType::BF16, vec![Dim::sym("n"), Dim::new(8)]);
+    let w = b.param("w", DType::BF16, static_shape(&[8]));
+    let xf = b.op("xf", Op::ToDtype(DType::F32), &[x]).unwrap();
+    let sq = b.op("sq", Op::PowScalar(2.0), &[xf]).unwrap();
+    let var = b.op("var", Op::Mean { dims: vec![-1], keepdim: true }, &[sq]).unwrap();
+    let ve = b.op("ve", Op::AddScalar(1e-6), &[var]).unwrap();
+    let r = b.op("r", Op::Rsqrt, &[ve]).unwrap();
+    let y = b.op("y", Op::Mul, &[r, xf]).unwrap(); // operands swapped: commutativity
+    let yc = b.op("yc", Op::ToDtype(DType::BF16), &[y]).unwrap();
+    let out = b.op("out", Op::Mul, &[yc, w]).unwrap();
+    b.output(out);
+    let g = b.finish().unwrap();
+    let want = "%out.rmsnorm: bf16[n, 8] = torch_rmsnorm(%x, %w, eps=1e-6, norm_dtype=bf16)";
+    // Same arithmetic in the same order: bit-identical.
+    check("match_rmsnorm", g, &[rand_tensor(DType::BF16, &[5, 8], 2)], want, 0.0);
+}
+
+#[test]
+fn rmsnorm_without_the_f32_upcast_is_left_alone() {
+    // x·rsqrt(mean(x²)+eps) computed in bf16 is not transformers' RMSNorm: no match.
+    let w = rand_tensor(DType::BF16, &[8], 1);
+    let mut b = GraphBuilder::new(store(&[("w", w)]));
+    let x = b.input("x", DType::BF16, static_shape(&[2, 8]));
+    let w = b.param("w", DType::BF16, static_shape(&[8]));
+    let sq = b.op("sq", Op::PowScalar(2.0), &[x]).unwrap();
+    let var = b.op("var", Op::Mean { dims: vec![-1], keepdim: true }, &[sq]).unwrap();
+    let ve = b.op("ve", Op::AddScalar(1e-6), &[var]).unwrap();
+    let r = b.op("r", Op::Rsqrt, &[ve]).unwrap();
+    let y = b.op("y", Op::Mul, &[x, r]).unwrap();
+    let out = b.op("out", Op::Mul, &[w, y]).unwrap();
+    b.output(out);
+    let mut g = b.finish().unwrap();
+    assert_eq!(apply("match_rmsnorm", &mut g), "matched 0 rmsnorm");
+}
+
+fn rope_graph(interleaved_input: bool) -> (Graph, Vec<Tensor>) {
+    let mut b = GraphBuilder::new(store(&[]));
+    b.symbol("s", 1, 32);
+    let s = Dim::sym("s");
+    let x = b.input("x", DType::F32, vec![Dim::new(1), Dim::new(2), s.clone(), Dim::new(8)]);
+    let cos = b.input("cos", DType::F32, vec![Dim::new(1), s.clone(), Dim::new(8)]);
+    let sin = b.input("sin", DType::F32, vec![Dim::new(1), s.clone(), Dim::new(8)]);
+    let mut xin = x;
+    if interleaved_input {
+        let sz = |v: &[Dim]| v.iter().cloned().map(SizeArg::Dim).collect::<Vec<_>>();
+        let v = b
+            .op("pairs", Op::View(sz(&[Dim::new(1), Dim::new(2), s.clone(), Dim::new(4), Dim::new(2)])), &[x])
+            .unwrap();
+        let t = b.op("pairs_t", Op::Transpose(-1, -2), &[v]).unwrap();
+        xin = b.op("deint", Op::Reshape(sz(&[Dim::new(1), Dim::new(2), s.clone(), Dim::new(8)])), &[t]).unwrap();
+    }
+    let cu = b.op("cos_u", Op::Unsqueeze(1), &[cos]).unwrap();
+    let su = b.op("sin_u", Op::Unsqueeze(1), &[sin]).unwrap();
+    let xc = b.op("xc", Op::Mul, &[cu, xin]).unwrap();
+    let x1 = b.op("x1", Op::Slice { dim: 3, start: 0, end: 4, step: 1 }, &[xin]).unwrap();
+    let x2 = b.op("x2", Op::Slice { dim: -1, start: 4, end: i64::MAX, step: 1 }, &[xin]).unwrap();
+    let n2 = b.op("n2", Op::Neg, &[x2]).unwrap();
+    let rot = b.op("rot", Op::Cat { dim: -1 }, &[n2, x1]).unwrap();
+    let rs = b.op("rs", Op::Mul, &[rot, su]).unwrap();
+    let out = b.op("out", Op::Add, &[rs, xc]).unwrap();
+    b.output(out);
+    let ins = vec![
+        rand_tensor(DType::F32, &[1, 2, 6, 8], 3),
+        rand_tensor(DType::F32, &[1, 6, 8], 4),
+        rand_tensor(DType::F32, &[1, 6, 8], 5),
+    ];
+    (b.finish().unwrap(), ins)
+}
+
+#[test]
+fn rope_rotate_half() {
+    let (g, ins) = rope_graph(false);
+
+    let want = "%cos_u: f32[1, 1, s, 8] = aten.unsqueeze(%cos, 1)
+%sin_u: f32[1, 1, s, 8] = aten.unsqueeze(%sin, 1)
+%out.rope: f32[1, 2, s, 8] = torch_rope_with_explicit_cos_sin(%x, %cos_u, %sin_u, interleaved=false)";
+    check("match_rope", g, &ins, want, 0.0);
+}
+
+#[test]
+fn rope_interleaved() {
+    let (mut g, ins) = rope_graph(true);
+    let before = run(&g, &ins);
+    apply("match_rope", &mut g);
+    let want = "%cos_u: f32[1, 1, s, 8] = aten.unsqueeze(%cos, 1)
+%sin_u: f32[1, 1, s, 8] = aten.unsqueeze(%sin, 1)
+%out.rope.rope: f32[1, 2, s, 8] = torch_rope_with_explicit_cos_sin(%x, %cos_u, %sin_u, interleaved=true)";
+    check("match_rope_interleaved", g.clone(), &ins, want, 0.0);
+    apply("match_rope_interleaved", &mut g);
+    assert_eq!(run(&g, &ins), before);
+}
+
+fn attention_graph(repeat: bool) -> (Graph, Vec<Tensor>) {
+    let mut b = GraphBuilder::new(store(&[]));
+    b.symbol("s", 1, 32);
+    let s = Dim::sym("s");
+    let d = |n: usize| Dim::new(n);
+    let q = b.input("q", DType::F32, vec![d(1), d(4), s.clone(), d(8)]);
+    let k = b.input("k", DType::F32, vec![d(1), d(2), s.clone(), d(8)]);
+    let v = b.input("v", DType::F32, vec![d(1), d(2), s.clone(), d(8)]);
+    let (mut kk, mut vv) = (k, v);
+    if repeat {
+        let sz = |v: Vec<Dim>| v.into_iter().map(SizeArg::Dim).collect::<Vec<_>>();
+        for (name, x) in [("k", k), ("v", v)] {
+            let u = b.op(&format!("{name}_u"), Op::Unsqueeze(2), &[x]).unwrap();
+            let e = b.op(&format!("{name}_e"), Op::Expand(sz(vec![d(1), d(2), d(2), s.clone(), d(8)])), &[u]).unwrap();
+            let r = b.op(&format!("{name}_r"), Op::Reshape(sz(vec![d(1), d(4), s.clone(), d(8)])), &[e]).unwrap();
+            if name == "k" {
+                kk = r
+            } else {
+                vv = r
+            }
+        }
+    }
+    let sdpa = Op::Sdpa { is_causal: true, scale: None, enable_gqa: !repeat };
+    let out = b.op("out", sdpa, &[q, kk, vv]).unwrap();
+    b.output(out);
+    let ins = vec![
+        rand_tensor(DType::F32, &[1, 4, 5, 8], 6),
+        rand_tensor(DType::F32, &[1, 2, 5, 8], 7),
+        rand_tensor(DType::F32, &[1, 2, 5, 8], 8),
+    ];
+    (b.finish().unwrap(), ins)
+}
+
+#[test]
+fn attention_with_repeat_kv_and_with_enable_gqa() {
+    let want = "%out.attention: f32[1, 4, s, 8] = torch_attention(%q, %k, %v, causal=true, scale=0.35355339059327373)";
+    let (g, ins) = attention_graph(true);
+    check("match_attention", g, &ins, want, 0.0);
+    let (g, ins) = attention_graph(false);
+    check("match_attention", g, &ins, want, 0.0);
+}
+
+fn mlp_graph(bias_on_up: bool) -> (Graph, Vec<Tensor>) {
+    let ws = [
+        ("wg", rand_tensor(DType::F32, &[12, 8], 9)),
+        ("wu", rand_tensor(DType::F32, &[12, 8], 10)),
+        ("wd", rand_tensor(DType::F32, &[8, 12], 11)),
+        ("bu", rand_tensor(DType::F32, &[12], 12)),
+    ];
+    let mut b = GraphBuilder::new(store(&ws));
+    let x = b.input("x", DType::F32, static_shape(&[3, 8]));
+    let wg = b.param("wg", DType::F32, static_shape(&[12, 8]));
+    let wu = b.param("wu", DType::F32, static_shape(&[12, 8]));
+    let wd = b.param("wd", DType::F32, static_shape(&[8, 12]));
+    let g_ = b.op("gate", Op::Linear, &[x, wg]).unwrap();
+    let mut up_in = vec![x, wu];
+    if bias_on_up {
+        up_in.push(b.param("bu", DType::F32, static_shape(&[12])));
+    }
+    let u = b.op("up", Op::Linear, &up_in).unwrap();
+    let a = b.op("act", Op::Silu, &[g_]).unwrap();
+    let m = b.op("prod", Op::Mul, &[u, a]).unwrap();
+    let out = b.op("down", Op::Linear, &[m, wd]).unwrap();
+    b.output(out);
+    (b.finish().unwrap(), vec![rand_tensor(DType::F32, &[3, 8], 13)])
+}
+
+#[test]
+fn swiglu_and_its_gate_up_fusion() {
+    let (g, ins) = mlp_graph(false);
+    check(
+        "match_swiglu",
+        g.clone(),
+        &ins,
+        "%down.swiglu: f32[3, 8] = torch_swiglu_mlp(%x, %wg, %wu, %wd, fused=false)",
+        0.0,
+    );
+    let mut m = g;
+    apply("match_swiglu", &mut m);
+    check(
+        "fuse_gemms",
+        m,
+        &ins,
+        "%down.swiglu_1: f32[3, 8] = torch_swiglu_mlp(%x, %fused[wg+wu], %wd, fused=true)",
+        1e-5,
+    );
+    // A biased projection is not a plain SwiGLU: left for GEMM fusion, which fuses gate and up.
+    let (g, ins) = mlp_graph(true);
+    let mut g2 = g.clone();
+    assert_eq!(apply("match_swiglu", &mut g2), "matched 0 swiglu mlp");
+    let out = body(&g);
+    assert!(out.contains("aten.silu"), "{out}");
+    let mut fused = g;
+    let before = run(&fused, &ins);
+    let summary = apply("fuse_gemms", &mut fused);
+    assert!(summary.starts_with("fused 0 linears"), "mixed bias must not fuse: {summary}");
+    assert_eq!(run(&fused, &ins), before);
+}
+
+#[test]
+fn gemm_fusion_of_linears_sharing_an_input() {
+    let ws = [
+        ("wq", rand_tensor(DType::F32, &[8, 8], 20)),
+        ("wk", rand_tensor(DType::F32, &[4, 8], 21)),
+        ("wv", rand_tensor(DType::F32, &[4, 8], 22)),
+        ("bq", rand_tensor(DType::F32, &[8], 23)),
+        ("bk", rand_tensor(DType::F32, &[4], 24)),
+        ("bv", rand_tensor(DType::F32, &[4], 25)),
+    ];
+    let mut b = GraphBuilder::new(store(&ws));
+    let x = b.input("x", DType::F32, vec![Dim::sym("n"), Dim::new(8)]);
+    b.symbol("n", 1, 8);
+    let mut outs = Vec::new();
+    for (w, bias, rows) in [("wq", "bq", 8), ("wk", "bk", 4), ("wv", "bv", 4)] {
+        let wv = b.param(w, DType::F32, static_shape(&[rows, 8]));
+        let bv = b.param(bias, DType::F32, static_shape(&[rows]));
+        outs.push(b.op(&format!("{w}_out"), Op::Linear, &[x, wv, bv]).unwrap());
+    }
+    let qk = b.op("qk", Op::Cat { dim: -1 }, &[outs[0], outs[1], outs[2]]).unwrap();
+    b.output(qk);
+    let g = b.finish().unwrap();
+    let want = "%wq_out.fused: f32[n, 16] = aten.linear(%x, %fused[wq+wk+wv], %fused[wq+wk+wv].bias)
+%wq_out_1: f32[n, 8] = aten.slice.Tensor(%wq_out.fused, dim=-1, start=0, end=8)
+%wk_out_1: f32[n, 4] = aten.slice.Tensor(%wq_out.fused, dim=-1, start=8, end=12)
+%wv_out_1: f32[n, 4] = aten.slice.Tensor(%wq_out.fused, dim=-1, start=12, end=16)
+%qk: f32[n, 16] = aten.cat(%wq_out_1, %wk_out_1, %wv_out_1, dim=-1)";
+    check("fuse_gemms", g, &[rand_tensor(DType::F32, &[3, 8], 26)], want, 1e-5);
+}
+
+fn pipeline_graph(fam: &str, dtype: &str, stage: Stage) -> Graph {
+    autodeploy_plugins::link();
+    let toml = format!("model = {:?}\ndtype = {dtype:?}\nmax_seq_len = 128\n", fixture(fam).display().to_string());
+    let cfg = PipelineConfig::from_toml_str(&toml, None).unwrap();
+    autodeploy_core::pipeline::graph_after(&cfg, stage).unwrap()
+}
+
+#[test]
+fn every_family_reaches_the_canonical_ops_with_unchanged_logits() {
+    for fam in FAMILIES {
+        for (dtype, tol) in [("float32", 1e-5f32), ("bfloat16", 0.0)] {
+            let before = pipeline_graph(fam, dtype, Stage::Import);
+            let after = pipeline_graph(fam, dtype, Stage::PostLoadFusion);
+            let ops = after.op_counts();
+            for gone in ["aten.rsqrt", "aten.scaled_dot_product_attention", "aten.silu", "aten.neg"] {
+                assert!(!ops.contains_key(gone), "{fam}: {gone} left after fusion:\n{}", after.dump());
+            }
+            let layers = 2;
+            let norms = 2 * layers + 1 + if *fam == "qwen3" { 2 * layers } else { 0 };
+            assert_eq!(ops.get("torch_rmsnorm"), Some(&norms), "{fam}");
+            assert_eq!(ops.get("torch_rope_with_explicit_cos_sin"), Some(&(2 * layers)), "{fam}");
+            assert_eq!(ops.get("torch_attention"), Some(&layers), "{fam}");
+            assert_eq!(ops.get("torch_swiglu_mlp"), Some(&layers), "{fam}");
+            // Per layer: fused qkv, o_proj; plus lm_head.
+            assert_eq!(ops.get("aten.linear"), Some(&(2 * layers + 1)), "{fam}");
+            let r = Reference::load(fam);
+            let (shape, ids) = r.i64("tokens_1");
+            let pos: Vec<i64> = (0..shape[1] as i64).collect();
+            let inputs = [Tensor::from_i64(shape.clone(), ids).unwrap(), Tensor::from_i64(shape.clone(), pos).unwrap()];
+            let (a, b) = (run(&before, &inputs), run(&after, &inputs));
+            let d = a[0].iter().zip(&b[0]).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            // bf16: the canonical ops round where the unfused ones did, and GEMM fusion keeps each
+            // dot product's order here, so the logits are identical.
+            assert!(d <= tol, "{fam} {dtype}: transforms moved logits by {d}");
+        }
+    }
+}
