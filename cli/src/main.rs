@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::pipeline;
 use autodeploy_core::registry;
+use autodeploy_core::runtime::{self, Request};
 use autodeploy_sdk::Stage;
 use clap::{Parser, Subcommand};
 
@@ -70,12 +70,21 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
 
 fn run(cfg: &PipelineConfig) -> Result<()> {
     let mut engine = pipeline::build(cfg)?;
+    let dtype = engine.graph.meta(engine.graph.outputs[0]).dtype;
+    let mode = match &engine.cache {
+        Some(c) => format!(
+            "paged KV cache ({} layers, attn_backend {}, page {})",
+            c.layers.len(),
+            c.backend,
+            cfg.attn_page_size
+        ),
+        None => "no KV cache (full recompute per token)".into(),
+    };
     println!(
-        "model: {}  dtype: {}  backend: {}",
-        cfg.model,
-        engine.graph.meta(engine.graph.outputs[0]).dtype,
-        cfg.compile_backend
+        "model: {}  dtype: {dtype}  compile_backend: {}  runtime: {}",
+        cfg.model, cfg.compile_backend, cfg.runtime
     );
+    println!("engine: {mode}");
     println!(
         "build: {:.1} ms ({} nodes, {} weights)",
         engine.build_time.as_secs_f64() * 1e3,
@@ -84,25 +93,38 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
     );
     if cfg.prompts.is_empty() {
         println!("no prompts in the config; nothing to generate");
+        return Ok(());
     }
-    for (i, p) in cfg.prompts.iter().enumerate() {
-        let t = Instant::now();
-        let (out, prefill) = pipeline::generate_greedy(&mut engine, &p.token_ids, cfg.max_new_tokens)
-            .with_context(|| format!("prompts[{i}]"))?;
-        let total = t.elapsed();
-        let decode = total.saturating_sub(prefill);
-        let steps = out.len().saturating_sub(1).max(1);
-        println!("[{i}] prompt {:?}", p.token_ids);
-        println!("[{i}] output {out:?}");
-        println!(
-            "[{i}] prefill {} tokens in {:.1} ms ({:.0} tok/s); decode {} tokens in {:.1} ms ({:.1} tok/s, no KV cache yet)",
-            p.token_ids.len(),
-            prefill.as_secs_f64() * 1e3,
-            p.token_ids.len() as f64 / prefill.as_secs_f64().max(1e-9),
-            out.len().saturating_sub(1),
-            decode.as_secs_f64() * 1e3,
-            steps as f64 / decode.as_secs_f64().max(1e-9),
-        );
+    let requests: Vec<Request> =
+        cfg.prompts.iter().map(|p| Request { prompt: p.token_ids.clone(), sampling: cfg.sampling(Some(p)) }).collect();
+    let mut rt = runtime::runtime(cfg)?;
+    let (results, stats) = rt.generate(&mut engine, &requests);
+    let mut failed = 0;
+    for (i, (r, req)) in results.iter().zip(&requests).enumerate() {
+        println!("[{i}] prompt {:?}", req.prompt);
+        match r {
+            Ok(c) => println!("[{i}] output {:?} ({:?})", c.tokens, c.finish),
+            Err(e) => {
+                failed += 1;
+                println!("[{i}] error: prompts[{i}]: {e}");
+            }
+        }
+    }
+    let rate = |n: usize, t: std::time::Duration| n as f64 / t.as_secs_f64().max(1e-9);
+    println!(
+        "timing: prefill {} tokens in {:.1} ms ({:.0} tok/s); decode {} tokens in {:.1} ms ({:.1} tok/s); {} steps, peak {} KV pages ({:.1} MiB cache)",
+        stats.prefill_tokens,
+        stats.prefill_time.as_secs_f64() * 1e3,
+        rate(stats.prefill_tokens, stats.prefill_time),
+        stats.decode_tokens,
+        stats.decode_time.as_secs_f64() * 1e3,
+        rate(stats.decode_tokens, stats.decode_time),
+        stats.steps,
+        stats.peak_pages,
+        stats.cache_bytes as f64 / (1 << 20) as f64,
+    );
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} prompts failed", requests.len());
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::sampling::SamplingParams;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,8 +28,30 @@ pub struct PipelineConfig {
     pub max_batch_size: usize,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
+    /// Attention backend for cached attention (`torch`: the CPU reference over pages).
+    #[serde(default = "default_attn_backend")]
+    pub attn_backend: String,
+    /// Tokens per KV-cache page.
+    #[serde(default = "default_attn_page_size")]
+    pub attn_page_size: usize,
+    /// Most tokens one forward step may carry (all sequences together).
+    #[serde(default)]
+    pub max_num_tokens: Option<usize>,
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
+    /// Sampling defaults; each prompt may override them.
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "default_top_p")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop_token_ids: Vec<i64>,
     #[serde(default)]
     pub prompts: Vec<Prompt>,
     /// `[transforms.<name>]` tables; each name must be a registered transform.
@@ -44,6 +67,12 @@ pub struct PipelineConfig {
 pub struct Prompt {
     /// Token ids of the prompt (text prompts arrive with the tokenizer).
     pub token_ids: Vec<i64>,
+    pub max_new_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop_token_ids: Option<Vec<i64>>,
 }
 
 fn default_dtype() -> String {
@@ -64,6 +93,18 @@ fn default_max_seq_len() -> usize {
 fn default_max_new_tokens() -> usize {
     16
 }
+fn default_attn_backend() -> String {
+    "torch".into()
+}
+fn default_attn_page_size() -> usize {
+    16
+}
+fn default_runtime() -> String {
+    "demollm".into()
+}
+fn default_top_p() -> f32 {
+    1.0
+}
 
 impl PipelineConfig {
     pub fn from_file(path: &Path) -> Result<PipelineConfig> {
@@ -80,6 +121,23 @@ impl PipelineConfig {
             toml::from_str(text).map_err(|e| Error::BadFile { file: file.into(), msg: e.to_string() })?;
         cfg.base_dir = path.and_then(Path::parent).map(Path::to_path_buf);
         Ok(cfg)
+    }
+
+    /// Sampling for a prompt: its own values over the config's defaults.
+    pub fn sampling(&self, p: Option<&Prompt>) -> SamplingParams {
+        SamplingParams {
+            max_new_tokens: p.and_then(|p| p.max_new_tokens).unwrap_or(self.max_new_tokens),
+            temperature: p.and_then(|p| p.temperature).unwrap_or(self.temperature),
+            top_k: p.and_then(|p| p.top_k).unwrap_or(self.top_k),
+            top_p: p.and_then(|p| p.top_p).unwrap_or(self.top_p),
+            seed: p.and_then(|p| p.seed).or(self.seed),
+            stop_token_ids: p.and_then(|p| p.stop_token_ids.clone()).unwrap_or_else(|| self.stop_token_ids.clone()),
+        }
+    }
+
+    /// Tokens one step may carry: `max_num_tokens`, else room for a full batch of prompts.
+    pub fn max_num_tokens(&self) -> usize {
+        self.max_num_tokens.unwrap_or(self.max_batch_size * self.max_seq_len)
     }
 
     /// The requested dtype; `None` for `auto`.
@@ -113,9 +171,28 @@ impl PipelineConfig {
             return Err(Error::config(path, "max_seq_len", "must be at least 1"));
         }
         crate::transform::check_config(&self.transforms).map_err(|(key, msg)| Error::config(path, key, msg))?;
+        if self.attn_page_size == 0 {
+            return Err(Error::config(path, "attn_page_size", "must be at least 1"));
+        }
+        if self.max_num_tokens == Some(0) {
+            return Err(Error::config(path, "max_num_tokens", "must be at least 1"));
+        }
+        if let Err(Error::Input { input, msg }) = self.sampling(None).validate() {
+            return Err(Error::config(path, input, msg));
+        }
         for (i, p) in self.prompts.iter().enumerate() {
             if p.token_ids.is_empty() {
                 return Err(Error::config(path, format!("prompts[{i}].token_ids"), "is empty"));
+            }
+            if p.token_ids.len() > self.max_seq_len {
+                return Err(Error::config(
+                    path,
+                    format!("prompts[{i}].token_ids"),
+                    format!("{} tokens exceed max_seq_len = {}", p.token_ids.len(), self.max_seq_len),
+                ));
+            }
+            if let Err(Error::Input { input, msg }) = self.sampling(Some(p)).validate() {
+                return Err(Error::config(path, format!("prompts[{i}].{input}"), msg));
             }
         }
         Ok(())
@@ -146,5 +223,11 @@ mod tests {
         assert!(e.contains("transforms.fuse_gemms"), "{e}");
         let e = parse("model = \"m\"\n[[prompts]]\ntoken_ids = []\n").unwrap_err().to_string();
         assert!(e.contains("prompts[0].token_ids"), "{e}");
+        let e = parse("model = \"m\"\nmax_new_tokens = 0\n").unwrap_err().to_string();
+        assert!(e.contains("key `max_new_tokens`"), "{e}");
+        let e = parse("model = \"m\"\n[[prompts]]\ntoken_ids = [1]\ntop_p = 1.5\n").unwrap_err().to_string();
+        assert!(e.contains("prompts[0].top_p") && e.contains("(0, 1]"), "{e}");
+        let e = parse("model = \"m\"\nmax_seq_len = 2\n[[prompts]]\ntoken_ids = [1, 2, 3]\n").unwrap_err().to_string();
+        assert!(e.contains("prompts[0].token_ids") && e.contains("max_seq_len = 2"), "{e}");
     }
 }

@@ -237,6 +237,30 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
         Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
         Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
         Op::SwiGluMlp { fused } => swiglu(ins, *fused, out_shape),
+        Op::IndexSelect { dim } => {
+            let d = norm_dim(&op, *dim, x.rank())?;
+            let idx = ins[1].to_i64();
+            let len = x.shape()[d];
+            if let Some(&bad) = idx.iter().find(|&&i| i < 0 || i as usize >= len) {
+                return Err(Error::op(op.name(), format!("index {bad} out of range for size {len}")));
+            }
+            let outer: usize = x.shape()[..d].iter().product();
+            let inner: usize = x.shape()[d + 1..].iter().product();
+            let data = with_storage!(x.storage(), |v| {
+                let mut out = Vec::with_capacity(outer * idx.len() * inner);
+                for o in 0..outer {
+                    for &i in idx.iter() {
+                        let at = (o * len + i as usize) * inner;
+                        out.extend_from_slice(&v[at..at + inner]);
+                    }
+                }
+                out
+            });
+            Tensor::new(out_shape, data)
+        }
+        Op::CachedAttention { .. } => {
+            Err(Error::op(op.name(), "needs a KV cache: run it through a runtime step with batch metadata"))
+        }
     }
 }
 

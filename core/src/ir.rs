@@ -311,6 +311,34 @@ impl Graph {
         Ok(v)
     }
 
+    /// Fixes symbol `name` to `n` everywhere: value shapes and size arguments of ops.
+    pub fn specialize(&mut self, name: &str, n: usize) {
+        for v in &mut self.values {
+            for d in &mut v.meta.shape {
+                *d = d.substitute(name, n);
+            }
+        }
+        for node in &mut self.nodes {
+            if let Op::View(sizes) | Op::Reshape(sizes) | Op::Expand(sizes) = &mut node.op {
+                for s in sizes.iter_mut() {
+                    if let crate::shape::SizeArg::Dim(d) = s {
+                        *d = d.substitute(name, n);
+                    }
+                }
+            }
+        }
+        self.symbols.remove(name);
+    }
+
+    /// Appends a graph input.
+    pub fn add_input(&mut self, name: &str, meta: TensorMeta) -> ValueId {
+        let name = self.unique_name(name);
+        let v = ValueId(self.values.len() as u32);
+        self.values.push(ValueInfo { name, meta });
+        self.inputs.push(v);
+        v
+    }
+
     /// Adds a weight parameter backed by the store entry `weight`.
     pub fn add_param(&mut self, weight: &str, meta: TensorMeta) -> ValueId {
         if let Some(p) = self.params.iter().find(|p| p.weight == weight) {

@@ -88,6 +88,19 @@ pub enum Op {
     SwiGluMlp {
         fused: bool,
     },
+    /// `aten.index_select(x, dim, index)`: picks entries of `dim` (the runtime's logits gather).
+    IndexSelect {
+        dim: i64,
+    },
+    /// `<backend>_attention_with_kv_cache(q, k, v)` for layer `layer`: writes k/v of this step's
+    /// tokens into the paged cache, then attends each token to its sequence's cached prefix.
+    /// Tokens of all sequences are flattened into `seq` (batch 1); the step's batch metadata
+    /// says which token belongs to which sequence.
+    CachedAttention {
+        backend: String,
+        layer: usize,
+        scale: f64,
+    },
 }
 
 impl Op {
@@ -123,6 +136,8 @@ impl Op {
             Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
             Op::Attention { .. } => "torch_attention",
             Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
+            Op::IndexSelect { .. } => "aten.index_select",
+            Op::CachedAttention { .. } => "attention_with_kv_cache",
         }
     }
 
@@ -152,6 +167,10 @@ impl Op {
             Op::Rope { interleaved } => format!("interleaved={interleaved}"),
             Op::Attention { causal, scale } => format!("causal={causal}, scale={scale:?}"),
             Op::SwiGluMlp { fused } => format!("fused={fused}"),
+            Op::IndexSelect { dim } => format!("dim={dim}"),
+            Op::CachedAttention { backend, layer, scale } => {
+                format!("backend={backend}, layer={layer}, scale={scale:?}")
+            }
             Op::Sdpa { is_causal, scale, enable_gqa } => {
                 let mut s = format!("is_causal={is_causal}");
                 if let Some(x) = scale {
@@ -172,7 +191,8 @@ impl Op {
             Op::Linear => (2, 3),
             Op::Embedding | Op::Matmul | Op::Add | Op::Sub | Op::Mul | Op::Div => (2, 2),
             Op::Sdpa { .. } | Op::Rope { .. } | Op::Attention { .. } => (3, 3),
-            Op::RmsNorm { .. } => (2, 2),
+            Op::RmsNorm { .. } | Op::IndexSelect { .. } => (2, 2),
+            Op::CachedAttention { .. } => (3, 3),
             Op::SwiGluMlp { fused: true } => (3, 3),
             Op::SwiGluMlp { fused: false } => (4, 4),
             Op::Cat { .. } => (1, usize::MAX),
@@ -347,6 +367,23 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
                 return Err(err(op, format!("cos {c} must broadcast to x {x}")));
             }
             Ok(vec![TensorMeta { dtype: DType::promote(x.dtype, c.dtype), shape }])
+        }
+        Op::IndexSelect { dim } => {
+            let idx = &ins[1];
+            let d = norm_dim(op, *dim, x.shape.len())?;
+            if idx.dtype != DType::I64 || idx.shape.len() != 1 {
+                return Err(err(op, format!("index must be a 1-D i64 tensor, got {idx}")));
+            }
+            let mut shape = x.shape.clone();
+            shape[d] = idx.shape[0].clone();
+            same(shape)
+        }
+        Op::CachedAttention { .. } => {
+            let out = infer(&Op::Sdpa { is_causal: true, scale: None, enable_gqa: true }, ins)?;
+            if !x.shape[0].is_one() {
+                return Err(err(op, format!("expects the flattened batch [1, heads, tokens, dim], got {x}")));
+            }
+            Ok(out)
         }
         Op::Attention { .. } => infer(&Op::Sdpa { is_causal: false, scale: None, enable_gqa: true }, ins),
         Op::SwiGluMlp { fused } => {

@@ -1,16 +1,16 @@
-//! From a pipeline config to a runnable engine: resolve the model, import it, run the stages,
-//! compile. Transforms register per stage as they land; a stage with none leaves the graph as is.
+//! From a pipeline config to a runnable engine: resolve the model, import it, run the transform
+//! stages, compile.
 
 use std::time::{Duration, Instant};
 
 use autodeploy_sdk::Stage;
 
 use crate::config::PipelineConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::hub;
 use crate::ir::Graph;
+use crate::kvcache::CacheSpec;
 use crate::registry::{self, CompiledModel, ImportRequest};
-use crate::tensor::Tensor;
 
 /// Resolves and imports the model named by the config.
 pub fn import(cfg: &PipelineConfig) -> Result<Graph> {
@@ -38,7 +38,16 @@ pub fn graph_after(cfg: &PipelineConfig, stage: Stage) -> Result<Graph> {
 pub struct Engine {
     pub graph: Graph,
     pub model: Box<dyn CompiledModel>,
+    /// Set when the graph has cached attention; `None` means full-sequence forwards.
+    pub cache: Option<CacheSpec>,
     pub build_time: Duration,
+}
+
+impl Engine {
+    /// Longest sequence one request may reach (prompt + generated).
+    pub fn max_seq_len(&self, cfg: &PipelineConfig) -> usize {
+        self.graph.symbols.get("seq").map(|r| r.max).unwrap_or(usize::MAX).min(cfg.max_seq_len)
+    }
 }
 
 pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
@@ -47,46 +56,6 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let model = backend.compile(&graph)?;
-    Ok(Engine { graph, model, build_time: t0.elapsed() })
-}
-
-/// Longest sequence the graph accepts (its `seq` range), if it has one.
-pub fn max_seq(graph: &Graph) -> Option<usize> {
-    graph.symbols.get("seq").map(|r| r.max)
-}
-
-/// Greedy generation by re-running the full sequence each step (no KV cache yet).
-/// Returns the new tokens and the time of the first forward (the prefill).
-pub fn generate_greedy(engine: &mut Engine, prompt: &[i64], max_new_tokens: usize) -> Result<(Vec<i64>, Duration)> {
-    if let Some(max) = max_seq(&engine.graph) {
-        if prompt.len() + max_new_tokens > max {
-            return Err(Error::Msg(format!(
-                "prompt of {} tokens + max_new_tokens {max_new_tokens} exceeds the longest sequence the engine accepts ({max}; see max_seq_len)",
-                prompt.len()
-            )));
-        }
-    }
-    let mut seq = prompt.to_vec();
-    let mut prefill = Duration::ZERO;
-    for step in 0..max_new_tokens {
-        let t = Instant::now();
-        let n = seq.len();
-        let ids = Tensor::from_i64(vec![1, n], seq.clone())?;
-        let pos = Tensor::from_i64(vec![1, n], (0..n as i64).collect())?;
-        let out = engine.model.forward(&[ids, pos])?;
-        let logits = out[0].to_f32();
-        let vocab = *out[0].shape().last().unwrap_or(&1);
-        let last = &logits[(n - 1) * vocab..n * vocab];
-        let mut best = 0;
-        for (i, &x) in last.iter().enumerate() {
-            if x > last[best] {
-                best = i;
-            }
-        }
-        seq.push(best as i64);
-        if step == 0 {
-            prefill = t.elapsed();
-        }
-    }
-    Ok((seq[prompt.len()..].to_vec(), prefill))
+    let cache = CacheSpec::of(&graph)?;
+    Ok(Engine { graph, model, cache, build_time: t0.elapsed() })
 }

@@ -8,6 +8,7 @@ use autodeploy_sdk::PluginKind;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
+use crate::kvcache::{AttentionBackendPlugin, StepContext};
 use crate::tensor::Tensor;
 
 /// What an importer is asked to import.
@@ -28,8 +29,9 @@ pub trait ModelImporter: Send + Sync {
 }
 
 /// A graph made runnable: inputs in the graph's input order, outputs in its output order.
+/// Graphs with cached attention need the step's context (plan and KV cache).
 pub trait CompiledModel: Send {
-    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>>;
+    fn forward(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Vec<Tensor>>;
 }
 
 pub trait CompileBackend: Send + Sync {
@@ -75,6 +77,24 @@ pub fn list_plugins() -> Vec<PluginListing> {
             kind: PluginKind::CompileBackend,
             name: p.name,
             version: p.version,
+            origin: "built-in".into(),
+        }))
+        .chain(inventory::iter::<AttentionBackendPlugin>.into_iter().map(|p| PluginListing {
+            kind: PluginKind::AttentionBackend,
+            name: p.name,
+            version: p.version,
+            origin: "built-in".into(),
+        }))
+        .chain(inventory::iter::<crate::runtime::RuntimePlugin>.into_iter().map(|p| PluginListing {
+            kind: PluginKind::Runtime,
+            name: p.name,
+            version: p.version,
+            origin: "built-in".into(),
+        }))
+        .chain(crate::transform::all().into_iter().map(|t| PluginListing {
+            kind: PluginKind::Transform,
+            name: t.name,
+            version: t.version,
             origin: "built-in".into(),
         }))
         .collect();

@@ -61,6 +61,22 @@ impl Dim {
         Some(Dim { factor: self.factor / o.factor, syms })
     }
 
+    /// Replaces symbol `name` by the number `n`.
+    pub fn substitute(&self, name: &str, n: usize) -> Dim {
+        let mut out = Dim { factor: self.factor, syms: Vec::new() };
+        for s in &self.syms {
+            if s == name {
+                out.factor *= n;
+            } else {
+                out.syms.push(s.clone());
+            }
+        }
+        if out.factor == 0 {
+            return Dim::new(0);
+        }
+        out
+    }
+
     pub fn eval(&self, bind: &Bindings) -> Result<usize> {
         let mut n = self.factor;
         for s in &self.syms {

@@ -1,6 +1,9 @@
 //! Built-in plugins. Each registers itself with `inventory` under its kind and name; the host
-//! finds them through `autodeploy_core::registry` and `autodeploy_core::transform`.
+//! finds them through `autodeploy_core::registry`, `transform`, `kvcache` and `runtime`.
 
+pub mod attention {
+    pub mod torch_cpu;
+}
 pub mod compile {
     pub mod simple;
 }
@@ -8,8 +11,12 @@ pub mod importers {
     pub mod decoder;
     pub mod hf;
 }
+pub mod runtime {
+    pub mod demollm;
+}
 pub mod transforms {
     pub mod fusion;
+    pub mod kvcache;
     pub mod matchers;
 }
 

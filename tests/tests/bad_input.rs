@@ -179,10 +179,13 @@ fn bad_runtime_inputs_are_named() {
     let mut m = compile(&g);
     let ids = autodeploy_core::Tensor::from_i64(vec![1, 3], vec![1, 2, 3]).unwrap();
     let pos = autodeploy_core::Tensor::from_i64(vec![1, 4], vec![0, 1, 2, 3]).unwrap();
-    expect(&m.forward(&[ids.clone(), pos]).unwrap_err().to_string(), &["position_ids", "`seq` is 4"]);
+    expect(&m.forward(&[ids.clone(), pos], None).unwrap_err().to_string(), &["position_ids", "`seq` is 4"]);
     let fpos = autodeploy_core::Tensor::from_f32(vec![1, 3], vec![0.0, 1.0, 2.0]).unwrap();
-    expect(&m.forward(&[ids.clone(), fpos]).unwrap_err().to_string(), &["position_ids", "expected i64[batch, seq]"]);
+    expect(
+        &m.forward(&[ids.clone(), fpos], None).unwrap_err().to_string(),
+        &["position_ids", "expected i64[batch, seq]"],
+    );
     let big = autodeploy_core::Tensor::from_i64(vec![1, 3], vec![1, 9999, 3]).unwrap();
     let pos = autodeploy_core::Tensor::from_i64(vec![1, 3], vec![0, 1, 2]).unwrap();
-    expect(&m.forward(&[big, pos]).unwrap_err().to_string(), &["aten.embedding", "9999", "out of range"]);
+    expect(&m.forward(&[big, pos], None).unwrap_err().to_string(), &["aten.embedding", "9999", "out of range"]);
 }

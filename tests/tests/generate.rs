@@ -1,40 +1,141 @@
-//! Greedy generation (full recompute per step) equals transformers' `generate` for every family.
+//! Generation through the transform pipeline, the paged KV cache and the demollm runtime,
+//! against transformers' `generate`.
 
 mod common;
 
-use autodeploy_core::config::PipelineConfig;
-use autodeploy_core::pipeline;
+use autodeploy_core::runtime::FinishReason;
+use autodeploy_core::sampling::SamplingParams;
+use autodeploy_core::transform;
 use common::*;
 
-#[test]
-fn greedy_tokens_match_transformers_generate() {
-    for fam in FAMILIES {
-        let toml =
-            format!("model = {:?}\ndtype = \"float32\"\nmax_seq_len = 128\n", fixture(fam).display().to_string());
-        let cfg = PipelineConfig::from_toml_str(&toml, None).unwrap();
-        let mut engine = pipeline::build(&cfg).unwrap();
-        let r = Reference::load(fam);
-        let mut j = 0;
-        while r.has(&format!("gen_prompt_{j}")) {
-            let (_, prompt) = r.i64(&format!("gen_prompt_{j}"));
-            let (_, want) = r.i64(&format!("gen_output_{j}"));
-            let (got, _) = pipeline::generate_greedy(&mut engine, &prompt, want.len()).unwrap();
-            assert_eq!(got, want, "{fam} prompt {j}");
-            j += 1;
-        }
-        assert!(j >= 2, "{fam}: expected generation references");
+/// (prompt, the 24 tokens transformers' greedy `generate` picked) for each fixture prompt.
+fn references(fam: &str) -> Vec<(Vec<i64>, Vec<i64>)> {
+    let r = Reference::load(fam);
+    let mut v = Vec::new();
+    let mut j = 0;
+    while r.has(&format!("gen_prompt_{j}")) {
+        v.push((r.i64(&format!("gen_prompt_{j}")).1, r.i64(&format!("gen_output_{j}")).1));
+        j += 1;
+    }
+    assert!(v.len() >= 2, "{fam}: expected generation references");
+    v
+}
+
+fn check_greedy(fam: &str, extra: &str, what: &str) {
+    let refs = references(fam);
+    let reqs: Vec<_> = refs.iter().map(|(p, w)| greedy(p, w.len())).collect();
+    for (i, (res, (_, want))) in generate(fam, extra, &reqs).into_iter().zip(&refs).enumerate() {
+        let got = res.unwrap_or_else(|e| panic!("{fam} {what} prompt {i}: {e}"));
+        assert_eq!(&got.tokens, want, "{fam} {what} prompt {i}");
+        assert_eq!(got.finish, FinishReason::Length);
     }
 }
 
 #[test]
-fn too_long_a_request_is_refused_with_the_limit() {
-    let toml = format!("model = {:?}\nmax_seq_len = 16\n", fixture("qwen2").display().to_string());
-    let cfg = PipelineConfig::from_toml_str(&toml, None).unwrap();
-    let mut engine = pipeline::build(&cfg).unwrap();
-    let e = pipeline::generate_greedy(&mut engine, &[5; 10], 7).unwrap_err().to_string();
-    assert!(e.contains("max_new_tokens 7") && e.contains("16"), "{e}");
-    // A forward longer than the graph's `seq` range names the symbol and the range.
-    let ids = autodeploy_core::Tensor::from_i64(vec![1, 20], vec![3; 20]).unwrap();
-    let e = engine.model.forward(&[ids.clone(), ids]).unwrap_err().to_string();
-    assert!(e.contains("`seq` = 20") && e.contains("[1, 16]"), "{e}");
+fn greedy_through_the_kv_cache_matches_transformers_generate() {
+    for fam in FAMILIES {
+        let e = engine(fam, "");
+        assert!(e.cache.is_some(), "{fam}: the default pipeline should insert cached attention");
+        // Small pages so every sequence crosses page boundaries.
+        check_greedy(fam, "attn_page_size = 4", "cached");
+    }
+}
+
+#[test]
+fn disabling_any_single_transform_keeps_greedy_output() {
+    autodeploy_plugins::link();
+    let names: Vec<&str> = transform::all().iter().map(|t| t.name).collect();
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        for fam in ["llama", "qwen3"] {
+            check_greedy(fam, &format!("[transforms.{name}]\nenabled = false\n"), &format!("without {name}"));
+        }
+    }
+}
+
+#[test]
+fn unrecognised_attention_falls_back_to_the_uncached_path() {
+    // Without the attention matcher the graph keeps aten.scaled_dot_product_attention, which cache
+    // insertion does not know: it leaves the graph uncached and says which node stopped it.
+    let e = engine("mistral", "[transforms.match_attention]\nenabled = false\n");
+    assert!(e.cache.is_none());
+    let note = e.graph.history.iter().find(|h| h.contains("insert_cached_attention")).unwrap();
+    assert!(note.contains("kept uncached") && note.contains("aten.scaled_dot_product_attention"), "{note}");
+    check_greedy("mistral", "[transforms.match_attention]\nenabled = false\n", "uncached fallback");
+}
+
+#[test]
+fn a_batch_generates_what_each_prompt_generates_alone() {
+    for fam in FAMILIES {
+        let refs = references(fam);
+        let prompts: Vec<Vec<i64>> = vec![
+            refs[0].0.clone(),
+            refs[1].0.clone(),
+            vec![5, 9, 200, 31, 7, 7, 100, 3, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
+            vec![17],
+        ];
+        let reqs: Vec<_> = prompts.iter().map(|p| greedy(p, 12)).collect();
+        let batched = generate(fam, "attn_page_size = 4\nmax_batch_size = 4", &reqs);
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = generate(fam, "attn_page_size = 4", &[greedy(p, 12)]).remove(0).unwrap();
+            assert_eq!(batched[i].as_ref().unwrap().tokens, alone.tokens, "{fam} prompt {i}");
+        }
+        // With room for only two sequences at a time, later prompts wait and still match.
+        let queued = generate(fam, "attn_page_size = 4\nmax_batch_size = 2", &reqs);
+        for i in 0..prompts.len() {
+            assert_eq!(queued[i].as_ref().unwrap().tokens, batched[i].as_ref().unwrap().tokens, "{fam} queued {i}");
+        }
+    }
+}
+
+#[test]
+fn sampling_is_seeded_and_stops_where_asked() {
+    let prompt = vec![3, 14, 15, 92];
+    // The fixture's logits span tens of units, so a high temperature is what makes sampling vary.
+    let sampled = |seed: u64| SamplingParams {
+        max_new_tokens: 16,
+        temperature: 40.0,
+        top_k: 50,
+        top_p: 0.95,
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let req = |s: SamplingParams| autodeploy_core::runtime::Request { prompt: prompt.clone(), sampling: s };
+    let a = generate("qwen2", "", &[req(sampled(1)), req(sampled(1)), req(sampled(2))]);
+    let (a0, a1, a2) = (a[0].as_ref().unwrap(), a[1].as_ref().unwrap(), a[2].as_ref().unwrap());
+    assert_eq!(a0.tokens, a1.tokens, "same seed, same tokens (even batched together)");
+    assert_ne!(a0.tokens, a2.tokens, "different seeds should differ over 16 tokens");
+    // Stop at the third greedy token.
+    let g = generate("qwen2", "", &[greedy(&prompt, 8)]).remove(0).unwrap();
+    let stop = g.tokens[2];
+    let first = g.tokens.iter().position(|&t| t == stop).unwrap();
+    let s = SamplingParams { max_new_tokens: 8, stop_token_ids: vec![stop], ..Default::default() };
+    let c = generate("qwen2", "", &[req(s)]).remove(0).unwrap();
+    assert_eq!(c.finish, FinishReason::Stop);
+    assert_eq!(c.tokens, g.tokens[..=first].to_vec());
+}
+
+#[test]
+fn bad_requests_fail_alone_with_the_field_named() {
+    let ok = greedy(&[5, 6, 7], 4);
+    let zero = greedy(&[5, 6, 7], 0);
+    let bad_p = autodeploy_core::runtime::Request {
+        prompt: vec![5, 6, 7],
+        sampling: SamplingParams { top_p: 1.5, temperature: 1.0, ..Default::default() },
+    };
+    let too_long = greedy(&vec![9; 40], 4);
+    let out = generate("llama", "max_seq_len = 32", &[ok.clone(), zero, bad_p, too_long, ok]);
+    assert!(out[0].is_ok() && out[4].is_ok());
+    assert_eq!(out[0].as_ref().unwrap().tokens, out[4].as_ref().unwrap().tokens);
+    let msg = |i: usize| out[i].as_ref().unwrap_err().to_string();
+    assert!(msg(1).contains("max_new_tokens"), "{}", msg(1));
+    assert!(msg(2).contains("top_p"), "{}", msg(2));
+    assert!(msg(3).contains("prompt") && msg(3).contains("40 tokens") && msg(3).contains("32"), "{}", msg(3));
+}
+
+#[test]
+fn generation_stops_at_the_longest_sequence() {
+    let c = generate("qwen2", "max_seq_len = 12", &[greedy(&[4; 8], 100)]).remove(0).unwrap();
+    assert_eq!(c.tokens.len(), 4);
+    assert_eq!(c.finish, FinishReason::Length);
 }

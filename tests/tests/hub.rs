@@ -99,11 +99,12 @@ fn hub_download_cache_and_offline_mode() {
 
     // The downloaded model builds and matches the reference logits of the local fixture.
     let cfg = PipelineConfig::from_toml_str(&format!("model = {REPO:?}\ndtype = \"float32\""), None).unwrap();
-    let mut engine = pipeline::build(&cfg).unwrap();
+    let g = pipeline::graph_after(&cfg, autodeploy_sdk::Stage::Import).unwrap();
+    let mut model = compile(&g);
     let r = Reference::load("llama");
     let (shape, ids) = r.i64("tokens_0");
     let (_, want) = r.f32("logits_f32_0");
-    let got = logits(engine.model.as_mut(), &shape, &ids);
+    let got = logits(model.as_mut(), &shape, &ids);
     assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4));
 
     // Offline: served from the cache without a single request.

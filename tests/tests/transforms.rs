@@ -37,7 +37,7 @@ fn rand_tensor(dtype: DType, shape: &[usize], seed: u64) -> Tensor {
 /// Runs graph `g` on `inputs` with the interpreter.
 fn run(g: &Graph, inputs: &[Tensor]) -> Vec<Vec<f32>> {
     let mut m = registry::compile_backend("simple").unwrap().compile(g).unwrap();
-    m.forward(inputs).unwrap().iter().map(|t| t.to_f32().into_owned()).collect()
+    m.forward(inputs, None).unwrap().iter().map(|t| t.to_f32().into_owned()).collect()
 }
 
 fn apply(name: &str, g: &mut Graph) -> String {

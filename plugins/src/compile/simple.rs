@@ -3,9 +3,10 @@
 
 use autodeploy_core::cpu;
 use autodeploy_core::error::{Error, Result};
+use autodeploy_core::kvcache::{attention_backend, AttentionBackend, CacheSpec, StepContext};
 use autodeploy_core::registry::{CompileBackend, CompileBackendPlugin, CompiledModel};
 use autodeploy_core::shape::Bindings;
-use autodeploy_core::{Graph, Tensor};
+use autodeploy_core::{Graph, Op, Tensor};
 
 pub struct SimpleBackend;
 
@@ -49,7 +50,11 @@ impl CompileBackend for SimpleBackend {
         for (v, _) in &params {
             last_use[*v] = usize::MAX;
         }
-        Ok(Box::new(Interpreter { graph: graph.clone(), params, last_use }))
+        let attention = match CacheSpec::of(graph)? {
+            Some(spec) => Some(attention_backend(&spec.backend)?.1),
+            None => None,
+        };
+        Ok(Box::new(Interpreter { graph: graph.clone(), params, last_use, attention }))
     }
 }
 
@@ -57,6 +62,8 @@ struct Interpreter {
     graph: Graph,
     params: Vec<(usize, Tensor)>,
     last_use: Vec<usize>,
+    /// The backend behind the graph's cached-attention ops, if it has any.
+    attention: Option<Box<dyn AttentionBackend>>,
 }
 
 /// Binds the symbols of the graph inputs' shapes from concrete inputs, checking every static
@@ -107,7 +114,7 @@ pub fn bind_inputs(g: &Graph, inputs: &[Tensor]) -> Result<Bindings> {
 }
 
 impl CompiledModel for Interpreter {
-    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    fn forward(&mut self, inputs: &[Tensor], mut step: Option<&mut StepContext>) -> Result<Vec<Tensor>> {
         let g = &self.graph;
         let bind = bind_inputs(g, inputs)?;
         let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
@@ -124,7 +131,17 @@ impl CompiledModel for Interpreter {
                 .map(|v| slots[v.0 as usize].as_ref().expect("validated graph defines values before use"))
                 .collect();
             let name = &g.value(n.outputs[0]).name;
-            let out = cpu::eval(&n.op, &ins, &bind).map_err(|e| match e {
+            let res = match (&n.op, &self.attention, step.as_deref_mut()) {
+                (Op::CachedAttention { layer, scale, .. }, Some(b), Some(cx)) => {
+                    b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx)
+                }
+                (Op::CachedAttention { .. }, _, None) => Err(Error::Msg(
+                    "this graph has cached attention: forward needs a step context (batch metadata and KV cache)"
+                        .into(),
+                )),
+                _ => cpu::eval(&n.op, &ins, &bind),
+            };
+            let out = res.map_err(|e| match e {
                 Error::Shape { .. } => e.at_node(name),
                 e => Error::Op { op: n.op.name().into(), msg: format!("node `{name}`: {e}") },
             })?;

@@ -62,9 +62,45 @@ pub fn logits(model: &mut dyn CompiledModel, shape: &[usize], ids: &[i64]) -> Ve
     let (b, s) = (shape[0], shape[1]);
     let pos: Vec<i64> = (0..b).flat_map(|_| 0..s as i64).collect();
     let out = model
-        .forward(&[Tensor::from_i64(vec![b, s], ids.to_vec()).unwrap(), Tensor::from_i64(vec![b, s], pos).unwrap()])
+        .forward(
+            &[Tensor::from_i64(vec![b, s], ids.to_vec()).unwrap(), Tensor::from_i64(vec![b, s], pos).unwrap()],
+            None,
+        )
         .unwrap();
     out[0].to_f32().into_owned()
+}
+
+fn config_text(family: &str, extra: &str) -> String {
+    let seq = if extra.contains("max_seq_len") { "" } else { "max_seq_len = 128\n" };
+    format!("model = {:?}\ndtype = \"float32\"\n{seq}{extra}", fixture(family).display().to_string())
+}
+
+/// Builds the engine for a fixture with extra config lines.
+pub fn engine(family: &str, extra: &str) -> autodeploy_core::pipeline::Engine {
+    let toml = config_text(family, extra);
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+    cfg.validate(std::path::Path::new("test.toml")).unwrap();
+    autodeploy_core::pipeline::build(&cfg).unwrap_or_else(|e| panic!("build {family}: {e}"))
+}
+
+/// Generates for `requests` with the demollm runtime configured by `extra`.
+pub fn generate(
+    family: &str,
+    extra: &str,
+    requests: &[autodeploy_core::runtime::Request],
+) -> Vec<autodeploy_core::Result<autodeploy_core::runtime::Completion>> {
+    let toml = config_text(family, extra);
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+    let mut e = engine(family, extra);
+    let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+    rt.generate(&mut e, requests).0
+}
+
+pub fn greedy(prompt: &[i64], n: usize) -> autodeploy_core::runtime::Request {
+    autodeploy_core::runtime::Request {
+        prompt: prompt.to_vec(),
+        sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: n, ..Default::default() },
+    }
 }
 
 pub fn argmax(row: &[f32]) -> usize {

@@ -1,0 +1,226 @@
+//! The paged KV cache the runtime owns, the per-step batch metadata, and the attention-backend
+//! interface that reads and writes the cache.
+
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::ops::Op;
+use crate::tensor::Tensor;
+
+/// Cache geometry of one attention layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerCache {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// What a graph with cached attention needs from the runtime, derived from its nodes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheSpec {
+    pub backend: String,
+    pub layers: Vec<LayerCache>,
+}
+
+impl CacheSpec {
+    /// `None` when the graph has no cached attention (it runs uncached, full sequence).
+    pub fn of(g: &Graph) -> Result<Option<CacheSpec>> {
+        let mut layers: Vec<Option<LayerCache>> = Vec::new();
+        let mut backend = None;
+        for n in &g.nodes {
+            if let Op::CachedAttention { backend: b, layer, .. } = &n.op {
+                let km = g.meta(n.inputs[1]);
+                let (kv_heads, head_dim) = match km.shape.as_slice() {
+                    [_, h, _, d] => match (h.as_static(), d.as_static()) {
+                        (Some(h), Some(d)) => (h, d),
+                        _ => {
+                            return Err(Error::op(
+                                n.op.name(),
+                                format!("k heads and head_dim must be static, got {km}"),
+                            ))
+                        }
+                    },
+                    _ => return Err(Error::op(n.op.name(), format!("k must be 4-D, got {km}"))),
+                };
+                if layers.len() <= *layer {
+                    layers.resize(layer + 1, None);
+                }
+                layers[*layer] = Some(LayerCache { kv_heads, head_dim });
+                match &backend {
+                    None => backend = Some(b.clone()),
+                    Some(x) if x != b => return Err(Error::Msg(format!("graph mixes attention backends {x} and {b}"))),
+                    _ => {}
+                }
+            }
+        }
+        let Some(backend) = backend else { return Ok(None) };
+        let layers = layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| l.ok_or_else(|| Error::Msg(format!("cached attention layer {i} is missing"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(CacheSpec { backend, layers }))
+    }
+}
+
+/// Hands out page ids; the runtime owns it.
+#[derive(Debug)]
+pub struct PagePool {
+    free: Vec<u32>,
+    capacity: usize,
+}
+
+impl PagePool {
+    pub fn new(capacity: usize) -> PagePool {
+        // Lowest ids first, so the cache's storage grows only as far as it is used.
+        PagePool { free: (0..capacity as u32).rev().collect(), capacity }
+    }
+    pub fn alloc(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+    pub fn release(&mut self, pages: impl IntoIterator<Item = u32>) {
+        self.free.extend(pages);
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// K and V pages per layer, layout `[page, slot, kv_head, head_dim]`, stored as f32 (values
+/// keep the precision the model computed them in: a bf16 k is stored exactly).
+pub struct PagedKvCache {
+    pub spec: CacheSpec,
+    pub page_size: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    pages: usize,
+}
+
+impl PagedKvCache {
+    pub fn new(spec: CacheSpec, page_size: usize) -> PagedKvCache {
+        let n = spec.layers.len();
+        PagedKvCache { spec, page_size, k: vec![Vec::new(); n], v: vec![Vec::new(); n], pages: 0 }
+    }
+
+    fn page_len(&self, layer: usize) -> usize {
+        let l = &self.spec.layers[layer];
+        self.page_size * l.kv_heads * l.head_dim
+    }
+
+    /// Grows storage to hold pages `0..n`.
+    pub fn ensure_pages(&mut self, n: usize) {
+        if n <= self.pages {
+            return;
+        }
+        for l in 0..self.k.len() {
+            let len = n * self.page_len(l);
+            self.k[l].resize(len, 0.0);
+            self.v[l].resize(len, 0.0);
+        }
+        self.pages = n;
+    }
+
+    pub fn bytes(&self) -> usize {
+        (0..self.k.len()).map(|l| 2 * self.pages * self.page_len(l) * 4).sum()
+    }
+
+    /// Mutable K and V storage of one layer.
+    pub fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
+        (&mut self.k[layer], &mut self.v[layer])
+    }
+}
+
+/// One forward step over a batch of sequences, tokens flattened in sequence order.
+#[derive(Clone, Debug, Default)]
+pub struct BatchMetadata {
+    /// New tokens of each sequence in this step.
+    pub seq_lens: Vec<usize>,
+    /// Tokens each sequence already has in the cache (its first new token's position).
+    pub cached_lens: Vec<usize>,
+    /// Pages of each sequence, in order; must cover `cached_len + seq_len` positions.
+    pub page_tables: Vec<Vec<u32>>,
+}
+
+/// Per-token view of a step, planned once and shared by every layer.
+#[derive(Clone, Debug)]
+pub struct StepPlan {
+    /// For each flattened token: its sequence and its position in that sequence.
+    pub token_seq: Vec<usize>,
+    pub token_pos: Vec<usize>,
+    pub page_size: usize,
+    pub page_tables: Vec<Vec<u32>>,
+}
+
+impl StepPlan {
+    pub fn new(meta: &BatchMetadata, page_size: usize) -> Result<StepPlan> {
+        let n = meta.seq_lens.len();
+        if meta.cached_lens.len() != n || meta.page_tables.len() != n {
+            return Err(Error::Msg("batch metadata: seq_lens, cached_lens and page_tables differ in length".into()));
+        }
+        let (mut token_seq, mut token_pos) = (Vec::new(), Vec::new());
+        for s in 0..n {
+            let end = meta.cached_lens[s] + meta.seq_lens[s];
+            if meta.page_tables[s].len() * page_size < end {
+                return Err(Error::Msg(format!(
+                    "batch metadata: sequence {s} needs {end} positions but has {} pages of {page_size}",
+                    meta.page_tables[s].len()
+                )));
+            }
+            for p in meta.cached_lens[s]..end {
+                token_seq.push(s);
+                token_pos.push(p);
+            }
+        }
+        Ok(StepPlan { token_seq, token_pos, page_size, page_tables: meta.page_tables.clone() })
+    }
+
+    /// Flat slot index (page · page_size + slot) of position `pos` of sequence `seq`.
+    pub fn slot(&self, seq: usize, pos: usize) -> usize {
+        self.page_tables[seq][pos / self.page_size] as usize * self.page_size + pos % self.page_size
+    }
+}
+
+/// What a step gives the ops that need runtime state.
+pub struct StepContext<'a> {
+    pub plan: &'a StepPlan,
+    pub cache: &'a mut PagedKvCache,
+}
+
+/// An attention backend: cached attention over the paged cache for one layer.
+pub trait AttentionBackend: Send + Sync {
+    /// `q [1, heads, tokens, dim]`, `k`/`v [1, kv_heads, tokens, dim]` for this step's tokens;
+    /// writes k/v into the cache, returns `[1, heads, tokens, dim]`.
+    fn attend(
+        &self,
+        layer: usize,
+        scale: f32,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cx: &mut StepContext,
+    ) -> Result<Tensor>;
+}
+
+pub struct AttentionBackendPlugin {
+    pub name: &'static str,
+    /// Other names accepted in configs.
+    pub aliases: &'static [&'static str],
+    pub version: &'static str,
+    pub make: fn() -> Box<dyn AttentionBackend>,
+}
+
+inventory::collect!(AttentionBackendPlugin);
+
+pub fn attention_backend(name: &str) -> Result<(&'static str, Box<dyn AttentionBackend>)> {
+    inventory::iter::<AttentionBackendPlugin>
+        .into_iter()
+        .find(|p| p.name == name || p.aliases.contains(&name))
+        .map(|p| (p.name, (p.make)()))
+        .ok_or_else(|| {
+            let mut names: Vec<&str> = inventory::iter::<AttentionBackendPlugin>.into_iter().map(|p| p.name).collect();
+            names.sort();
+            Error::Msg(format!("unknown attn_backend `{name}`; available: {}", names.join(", ")))
+        })
+}

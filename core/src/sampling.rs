@@ -1,0 +1,163 @@
+//! Per-request sampling: greedy, temperature, top-k, top-p, with a seeded generator so a seed
+//! gives the same tokens every run.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k filter.
+    pub top_k: usize,
+    /// In (0, 1]; 1 means no nucleus filter.
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    /// Generation stops after emitting any of these.
+    pub stop_token_ids: Vec<i64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            max_new_tokens: 16,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the values; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(Error::Input { input: field.into(), msg });
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens", "must be at least 1".into());
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", format!("{} is not a finite number >= 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", format!("{} is outside (0, 1]", self.top_p));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Sampler {
+        let rng = match params.seed {
+            Some(s) => ChaCha8Rng::seed_from_u64(s),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        Sampler { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> i64 {
+        if self.params.is_greedy() {
+            return argmax(logits) as i64;
+        }
+        let t = self.params.temperature;
+        let mut cand: Vec<(usize, f32)> = logits.iter().enumerate().map(|(i, &x)| (i, x / t)).collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.params.top_k > 0 {
+            cand.truncate(self.params.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|&(_, x)| (x - max).exp()).collect();
+        let z: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
+        if self.params.top_p < 1.0 {
+            // Smallest prefix whose mass reaches top_p (always at least one token).
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                acc += p;
+                if acc >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let z: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= z);
+        }
+        let r: f32 = self.rng.random();
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if r < acc {
+                return cand[i].0 as i64;
+            }
+        }
+        cand[probs.len() - 1].0 as i64
+    }
+}
+
+/// Index of the largest value (the first, on ties), as torch's argmax.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_topk_topp_and_seeds() {
+        let logits = [0.0, 3.0, 1.0, 2.9, -5.0];
+        let mut g = Sampler::new(SamplingParams::default());
+        assert_eq!(g.sample(&logits), 1);
+        // top_k = 2: only tokens 1 and 3 can appear.
+        let p = SamplingParams { temperature: 1.0, top_k: 2, seed: Some(7), ..Default::default() };
+        let mut s = Sampler::new(p.clone());
+        let draws: Vec<i64> = (0..200).map(|_| s.sample(&logits)).collect();
+        assert!(draws.iter().all(|&t| t == 1 || t == 3));
+        assert!(draws.contains(&1) && draws.contains(&3));
+        // Same seed, same tokens.
+        let mut s2 = Sampler::new(p);
+        assert_eq!((0..200).map(|_| s2.sample(&logits)).collect::<Vec<_>>(), draws);
+        // top_p small: only the most likely token survives.
+        let mut s3 =
+            Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.01, seed: Some(1), ..Default::default() });
+        assert!((0..50).all(|_| s3.sample(&logits) == 1));
+    }
+
+    #[test]
+    fn invalid_params_name_the_field() {
+        let e = SamplingParams { max_new_tokens: 0, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("max_new_tokens"), "{e}");
+        for bad in [0.0, 1.5, -0.1, f32::NAN] {
+            let e = SamplingParams { top_p: bad, ..Default::default() }.validate().unwrap_err().to_string();
+            assert!(e.contains("top_p"), "{e}");
+        }
+        let e = SamplingParams { temperature: -1.0, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("temperature"), "{e}");
+    }
+}

@@ -1,0 +1,249 @@
+//! `demollm`: a simple, debuggable runtime. Admits up to `max_batch_size` requests, prefills the
+//! new ones together in one flattened step, then decodes all active sequences one token per step,
+//! with pages of the KV cache assigned as sequences grow and freed when they finish.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use autodeploy_core::config::PipelineConfig;
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::kvcache::{BatchMetadata, PagePool, PagedKvCache, StepContext, StepPlan};
+use autodeploy_core::pipeline::Engine;
+use autodeploy_core::runtime::{Completion, FinishReason, Request, RunStats, Runtime, RuntimePlugin};
+use autodeploy_core::sampling::Sampler;
+use autodeploy_core::Tensor;
+
+use crate::transforms::kvcache::GATHER_INPUT;
+
+autodeploy_core::inventory::submit! {
+    RuntimePlugin { name: "demollm", aliases: &["demo"], version: env!("CARGO_PKG_VERSION"), make: |cfg| Box::new(DemoLlm::new(cfg)) }
+}
+
+pub struct DemoLlm {
+    max_batch: usize,
+    page_size: usize,
+    max_num_tokens: usize,
+    max_seq_len: usize,
+}
+
+struct Seq {
+    req: usize,
+    tokens: Vec<i64>,
+    prompt_len: usize,
+    /// Tokens already in the KV cache.
+    cached: usize,
+    pages: Vec<u32>,
+    sampler: Sampler,
+}
+
+impl DemoLlm {
+    pub fn new(cfg: &PipelineConfig) -> DemoLlm {
+        DemoLlm {
+            max_batch: cfg.max_batch_size,
+            page_size: cfg.attn_page_size,
+            max_num_tokens: cfg.max_num_tokens(),
+            max_seq_len: cfg.max_seq_len,
+        }
+    }
+
+    fn pages_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.page_size)
+    }
+}
+
+/// Longest sequence the engine accepts: the per-sequence bound the importer set (kept as
+/// `seq_len` once cache insertion widened `seq` to the flattened token count).
+fn engine_max_len(engine: &Engine, cfg_max: usize) -> usize {
+    let g = &engine.graph;
+    let r = g.symbols.get("seq_len").or_else(|| g.symbols.get("seq"));
+    r.map(|r| r.max).unwrap_or(usize::MAX).min(cfg_max)
+}
+
+fn input_index(engine: &Engine, name: &str) -> Result<usize> {
+    engine
+        .graph
+        .inputs
+        .iter()
+        .position(|&v| engine.graph.value(v).name == name)
+        .ok_or_else(|| Error::Msg(format!("the engine's graph has no input `{name}`")))
+}
+
+impl DemoLlm {
+    /// One forward over `seqs`, each contributing `tokens[cached..]`; returns one logits row per
+    /// sequence (its last token).
+    fn step(&self, engine: &mut Engine, cache: Option<&mut PagedKvCache>, seqs: &[&mut Seq]) -> Result<Vec<Vec<f32>>> {
+        let Some(cache) = cache else {
+            // Uncached graph: a full-sequence forward per sequence.
+            let mut rows = Vec::new();
+            for s in seqs {
+                let n = s.tokens.len();
+                let ids = Tensor::from_i64(vec![1, n], s.tokens.clone())?;
+                let pos = Tensor::from_i64(vec![1, n], (0..n as i64).collect())?;
+                let out = engine.model.forward(&[ids, pos], None)?;
+                let v = *out[0].shape().last().unwrap_or(&1);
+                rows.push(out[0].to_f32()[(n - 1) * v..n * v].to_vec());
+            }
+            return Ok(rows);
+        };
+        let mut meta = BatchMetadata::default();
+        let (mut ids, mut pos, mut gather) = (Vec::new(), Vec::new(), Vec::new());
+        for s in seqs {
+            let new = &s.tokens[s.cached..];
+            ids.extend_from_slice(new);
+            pos.extend(s.cached as i64..s.tokens.len() as i64);
+            gather.push(ids.len() as i64 - 1);
+            meta.seq_lens.push(new.len());
+            meta.cached_lens.push(s.cached);
+            meta.page_tables.push(s.pages.clone());
+        }
+        let t = ids.len();
+        let plan = StepPlan::new(&meta, self.page_size)?;
+        let mut inputs = vec![Tensor::from_i64(vec![0], vec![])?; engine.graph.inputs.len()];
+        inputs[input_index(engine, "input_ids")?] = Tensor::from_i64(vec![1, t], ids)?;
+        inputs[input_index(engine, "position_ids")?] = Tensor::from_i64(vec![1, t], pos)?;
+        inputs[input_index(engine, GATHER_INPUT)?] = Tensor::from_i64(vec![gather.len()], gather)?;
+        let mut cx = StepContext { plan: &plan, cache };
+        let out = engine.model.forward(&inputs, Some(&mut cx))?;
+        let v = *out[0].shape().last().unwrap_or(&1);
+        Ok(out[0].to_f32().chunks(v).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl Runtime for DemoLlm {
+    fn generate(&mut self, engine: &mut Engine, requests: &[Request]) -> (Vec<Result<Completion>>, RunStats) {
+        let mut results: Vec<Option<Result<Completion>>> = (0..requests.len()).map(|_| None).collect();
+        let mut stats = RunStats::default();
+        let max_len = engine_max_len(engine, self.max_seq_len);
+        let pool_pages = self.max_batch * self.pages_for(max_len);
+        let mut pool = PagePool::new(pool_pages);
+        let mut cache = engine.cache.clone().map(|spec| PagedKvCache::new(spec, self.page_size));
+
+        let mut queue: VecDeque<usize> = VecDeque::new();
+        for (i, r) in requests.iter().enumerate() {
+            let check = r.sampling.validate().and_then(|_| {
+                if r.prompt.is_empty() {
+                    Err(Error::Input { input: "prompt".into(), msg: "is empty".into() })
+                } else if r.prompt.len() >= max_len {
+                    Err(Error::Input {
+                        input: "prompt".into(),
+                        msg: format!(
+                            "{} tokens leave no room to generate: the longest sequence is {max_len} (max_seq_len)",
+                            r.prompt.len()
+                        ),
+                    })
+                } else if r.prompt.len() > self.max_num_tokens {
+                    Err(Error::Input {
+                        input: "prompt".into(),
+                        msg: format!("{} tokens exceed max_num_tokens = {}", r.prompt.len(), self.max_num_tokens),
+                    })
+                } else {
+                    Ok(())
+                }
+            });
+            match check {
+                Ok(()) => queue.push_back(i),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+
+        let mut active: Vec<Seq> = Vec::new();
+        loop {
+            // Admit new sequences while the batch, the token budget and the pages allow.
+            let mut new: Vec<Seq> = Vec::new();
+            let mut new_tokens = 0;
+            while let Some(&i) = queue.front() {
+                let r = &requests[i];
+                let need = self.pages_for(r.prompt.len());
+                if active.len() + new.len() >= self.max_batch
+                    || (!new.is_empty() && new_tokens + r.prompt.len() > self.max_num_tokens)
+                    || pool.available() < need
+                {
+                    break;
+                }
+                queue.pop_front();
+                new_tokens += r.prompt.len();
+                let pages = (0..need).map(|_| pool.alloc().expect("availability checked")).collect();
+                new.push(Seq {
+                    req: i,
+                    tokens: r.prompt.clone(),
+                    prompt_len: r.prompt.len(),
+                    cached: 0,
+                    pages,
+                    sampler: Sampler::new(r.sampling.clone()),
+                });
+            }
+            let prefill = !new.is_empty();
+            let mut batch: Vec<Seq> = if prefill {
+                new
+            } else if !active.is_empty() {
+                std::mem::take(&mut active)
+            } else {
+                break;
+            };
+            // Room for this step's tokens.
+            for s in batch.iter_mut() {
+                while s.pages.len() < self.pages_for(s.tokens.len()) {
+                    s.pages.push(pool.alloc().expect("the pool holds max_batch_size full sequences"));
+                }
+            }
+            if let Some(c) = cache.as_mut() {
+                let top = batch.iter().flat_map(|s| s.pages.iter()).map(|&p| p as usize + 1).max().unwrap_or(0);
+                c.ensure_pages(top);
+            }
+            stats.peak_pages = stats.peak_pages.max(pool.capacity() - pool.available());
+            let t0 = Instant::now();
+            let n_tokens: usize = batch.iter().map(|s| s.tokens.len() - s.cached).sum();
+            let refs: Vec<&mut Seq> = batch.iter_mut().collect();
+            let step = self.step(engine, cache.as_mut(), &refs);
+            stats.steps += 1;
+            let rows = match step {
+                Ok(rows) => rows,
+                Err(e) => {
+                    // A failed step fails the sequences in it, not the run.
+                    let msg = e.to_string();
+                    for s in batch {
+                        pool.release(s.pages);
+                        results[s.req] = Some(Err(Error::Msg(format!("forward step failed: {msg}"))));
+                    }
+                    continue;
+                }
+            };
+            for (s, row) in batch.iter_mut().zip(&rows) {
+                s.cached = s.tokens.len();
+                s.tokens.push(s.sampler.sample(row));
+            }
+            if prefill {
+                stats.prefill_tokens += n_tokens;
+                stats.prefill_time += t0.elapsed();
+            } else {
+                stats.decode_tokens += batch.len();
+                stats.decode_time += t0.elapsed();
+            }
+            for s in batch {
+                let generated = s.tokens.len() - s.prompt_len;
+                let last = *s.tokens.last().expect("just pushed");
+                let p = s.sampler.params();
+                let finish = if p.stop_token_ids.contains(&last) {
+                    Some(FinishReason::Stop)
+                } else if generated >= p.max_new_tokens || s.tokens.len() >= max_len {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+                match finish {
+                    Some(f) => {
+                        pool.release(s.pages);
+                        results[s.req] = Some(Ok(Completion { tokens: s.tokens[s.prompt_len..].to_vec(), finish: f }));
+                    }
+                    None => active.push(s),
+                }
+            }
+        }
+        stats.cache_bytes = cache.as_ref().map(|c| c.bytes()).unwrap_or(0);
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Msg("request was never scheduled (KV cache too small?)".into()))))
+            .collect();
+        (results, stats)
+    }
+}

@@ -1,0 +1,92 @@
+//! Cache insertion (stage `cache_init`): every causal attention becomes the configured backend's
+//! cached-attention op, tokens of all sequences are flattened into one `[1, tokens]` batch, and
+//! the logits are gathered at the positions the runtime asks for before the LM head.
+
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::ir::{Graph, TensorMeta};
+use autodeploy_core::kvcache::attention_backend;
+use autodeploy_core::shape::{Dim, SymRange};
+use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
+use autodeploy_core::{DType, Op};
+use autodeploy_sdk::Stage;
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "insert_cached_attention",
+        stage: Stage::CacheInit,
+        order: 10,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(InsertCachedAttention),
+    }
+}
+
+/// Name of the graph input holding the flattened-token indices whose logits the runtime wants.
+pub const GATHER_INPUT: &str = "logits_gather_idx";
+
+pub struct InsertCachedAttention;
+
+impl Transform for InsertCachedAttention {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        let (backend, _) = attention_backend(&cx.config.attn_backend)?;
+        // Every attention must be one we can cache; otherwise the graph stays uncached (correct,
+        // slower) and we say which node stopped us.
+        let blockers: Vec<String> = g
+            .nodes
+            .iter()
+            .filter(|n| match n.op {
+                Op::Attention { causal, .. } => !causal,
+                Op::Sdpa { .. } | Op::Softmax { .. } => true,
+                _ => false,
+            })
+            .map(|n| format!("%{} ({})", g.value(n.outputs[0]).name, n.op.name()))
+            .collect();
+        if !blockers.is_empty() {
+            tracing::warn!(
+                "cache_init: attention not recognised at {}; the graph stays uncached (full recompute each step)",
+                blockers.join(", ")
+            );
+            return Ok(format!("kept uncached: unrecognised attention at {}", blockers.join(", ")));
+        }
+        let mut layer = 0;
+        for i in 0..g.nodes.len() {
+            if let Op::Attention { scale, .. } = g.nodes[i].op {
+                g.nodes[i].op = Op::CachedAttention { backend: backend.to_string(), layer, scale };
+                layer += 1;
+            }
+        }
+        if layer == 0 {
+            return Ok("no attention found; graph unchanged".into());
+        }
+        // Gather the hidden states of the requested tokens before the LM head.
+        let out = *g.outputs.first().ok_or_else(|| Error::Msg("graph has no output".into()))?;
+        let head = g.producer(out).filter(|&i| matches!(g.nodes[i].op, Op::Linear));
+        let Some(head) = head else {
+            return Err(Error::Msg(format!(
+                "cache_init: graph output %{} is not produced by a linear (LM head)",
+                g.value(out).name
+            )));
+        };
+        let max_tokens = cx.config.max_num_tokens();
+        g.symbols.insert("gather".into(), SymRange { min: 1, max: max_tokens });
+        // `seq` now counts the flattened tokens of a step; the per-sequence bound moves to `seq_len`.
+        if let Some(r) = g.symbols.get_mut("seq") {
+            let per_seq = *r;
+            r.max = max_tokens;
+            g.symbols.insert("seq_len".into(), per_seq);
+        }
+        // All sequences of a step travel as one flattened row.
+        g.specialize("batch", 1);
+        let idx = g.add_input(GATHER_INPUT, TensorMeta { dtype: DType::I64, shape: vec![Dim::sym("gather")] });
+        let hidden = g.nodes[head].inputs[0];
+        let gathered = g.insert_node(head, "gathered", Op::IndexSelect { dim: 1 }, &[hidden, idx])?;
+        g.nodes[head + 1].inputs[0] = gathered;
+        let new_meta = autodeploy_core::ops::infer(
+            &Op::Linear,
+            &g.nodes[head + 1].inputs.iter().map(|&v| g.meta(v).clone()).collect::<Vec<_>>(),
+        )?;
+        g.values[out.0 as usize].meta = new_meta[0].clone();
+        Ok(format!("inserted {layer} cached attention ({backend}); logits gathered before the LM head"))
+    }
+}
