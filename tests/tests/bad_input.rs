@@ -189,3 +189,20 @@ fn bad_runtime_inputs_are_named() {
     let pos = autodeploy_core::Tensor::from_i64(vec![1, 3], vec![0, 1, 2]).unwrap();
     expect(&m.forward(&[big, pos], None).unwrap_err().to_string(), &["aten.embedding", "9999", "out of range"]);
 }
+
+#[test]
+fn bad_transform_settings_name_the_key() {
+    autodeploy_plugins::link();
+    let check = |extra: &str, parts: &[&str]| {
+        let text = format!("model = \"m\"\n{extra}");
+        let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&text, None).unwrap();
+        let e = cfg.validate(Path::new("pipeline.toml")).unwrap_err().to_string();
+        expect(&e, parts);
+    };
+    check("[transforms.fuse_gemms]\nfoo = 1\n", &["pipeline.toml", "transforms.fuse_gemms.foo", "has no option"]);
+    check("[transforms.fuse_gemms]\nenabled = \"yes\"\n", &["transforms.fuse_gemms.enabled", "true or false"]);
+    check("[transforms.fuse_gemm]\nenabled = false\n", &["transforms.fuse_gemm", "unknown transform", "fuse_gemms"]);
+    check("max_new_tokens = 0\n", &["max_new_tokens"]);
+    check("top_p = 0.0\n", &["top_p", "(0, 1]"]);
+    check("max_seq_len = 4\n[[prompts]]\ntoken_ids = [1, 2, 3, 4, 5]\n", &["prompts[0].token_ids", "max_seq_len = 4"]);
+}

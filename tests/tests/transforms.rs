@@ -224,6 +224,51 @@ fn attention_with_repeat_kv_and_with_enable_gqa() {
     check("match_attention", g, &ins, want, 0.0);
 }
 
+#[test]
+fn eager_attention_becomes_non_causal_attention() {
+    for repeat in [true, false] {
+        let mut b = GraphBuilder::new(store(&[]));
+        b.symbol("s", 1, 32);
+        let s = Dim::sym("s");
+        let d = |n: usize| Dim::new(n);
+        let hk = if repeat { 2 } else { 4 };
+        let q = b.input("q", DType::BF16, vec![d(1), d(4), s.clone(), d(8)]);
+        let k = b.input("k", DType::BF16, vec![d(1), d(hk), s.clone(), d(8)]);
+        let v = b.input("v", DType::BF16, vec![d(1), d(hk), s.clone(), d(8)]);
+        let (mut kk, mut vv) = (k, v);
+        if repeat {
+            let sz = |v: Vec<Dim>| v.into_iter().map(SizeArg::Dim).collect::<Vec<_>>();
+            let rep = |b: &mut GraphBuilder, name: &str, x| {
+                let u = b.op(&format!("{name}_u"), Op::Unsqueeze(2), &[x]).unwrap();
+                let e =
+                    b.op(&format!("{name}_e"), Op::Expand(sz(vec![d(1), d(2), d(2), s.clone(), d(8)])), &[u]).unwrap();
+                b.op(&format!("{name}_r"), Op::Reshape(sz(vec![d(1), d(4), s.clone(), d(8)])), &[e]).unwrap()
+            };
+            kk = rep(&mut b, "k", k);
+            vv = rep(&mut b, "v", v);
+        }
+        let kt = b.op("kt", Op::Transpose(2, 3), &[kk]).unwrap();
+        let sc = b.op("scores", Op::Matmul, &[q, kt]).unwrap();
+        let sc = b.op("scaled", Op::MulScalar(0.5), &[sc]).unwrap();
+        let sc = b.op("scores_f32", Op::ToDtype(DType::F32), &[sc]).unwrap();
+        let w = b.op("probs", Op::Softmax { dim: -1 }, &[sc]).unwrap();
+        let w = b.op("probs_bf16", Op::ToDtype(DType::BF16), &[w]).unwrap();
+        let out = b.op("out", Op::Matmul, &[w, vv]).unwrap();
+        b.output(out);
+        let g = b.finish().unwrap();
+        let ins = vec![
+            rand_tensor(DType::BF16, &[1, 4, 5, 8], 30),
+            rand_tensor(DType::BF16, &[1, hk, 5, 8], 31),
+            rand_tensor(DType::BF16, &[1, hk, 5, 8], 32),
+        ];
+        // transformers' form: scores upcast to f32 for the softmax, weights cast back. The
+        // canonical op runs the softmax in f32 too, rounding once at the end instead of after
+        // the softmax: equal within bf16 rounding.
+        let want = "%out.attention: bf16[1, 4, s, 8] = torch_attention(%q, %k, %v, causal=false, scale=0.5)";
+        check("match_attention", g, &ins, want, 0.02);
+    }
+}
+
 fn mlp_graph(bias_on_up: bool) -> (Graph, Vec<Tensor>) {
     let ws = [
         ("wg", rand_tensor(DType::F32, &[12, 8], 9)),

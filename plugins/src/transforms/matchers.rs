@@ -234,12 +234,49 @@ pub fn attention_pattern() -> Pattern {
     p.build(out)
 }
 
+/// The eager form transformers' `eager_attention_forward` exports without a mask:
+/// `matmul(cast?(softmax(cast?(matmul(q, kᵀ)·scale), -1)), v)`, k/v optionally through repeat_kv.
+/// (A masked form is left alone: a mask tensor's causality cannot be read off the graph, and
+/// the uncached path stays correct.)
+fn eager_attention_pattern(with_repeat_kv: bool) -> Pattern {
+    let mut p = PatternBuilder::new();
+    let (q, k, v) = (p.input("q"), p.input("k"), p.input("v"));
+    let (k, v) = if with_repeat_kv { (repeat_kv(&mut p, k), repeat_kv(&mut p, v)) } else { (k, v) };
+    let kt = p.op(
+        |op, _| matches!(op, Op::Transpose(a, b) if matches!((*a, *b), (2, 3) | (3, 2) | (-2, -1) | (-1, -2))),
+        &[k],
+    );
+    let scores = p.op(|op, _| matches!(op, Op::Matmul), &[q, kt]);
+    let scaled = p.op(
+        |op, c| match op {
+            Op::MulScalar(s) => {
+                c.f.insert("scale", *s);
+                true
+            }
+            _ => false,
+        },
+        &[scores],
+    );
+    // transformers upcasts the scores to f32 for the softmax and casts the weights back.
+    let up = p.opt_cast(scaled);
+    let sm = p.op(|op, _| matches!(op, Op::Softmax { dim: -1 | 3 }), &[up]);
+    let w = p.opt_cast(sm);
+    let out = p.op(|op, _| matches!(op, Op::Matmul), &[w, v]);
+    p.build(out)
+}
+
 pub struct MatchAttention;
 
 impl Transform for MatchAttention {
     fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
-        let mut counts = [0usize; 2];
-        for (i, pat) in [attention_repeat_kv_pattern(), attention_pattern()].iter().enumerate() {
+        let mut counts = [0usize; 4];
+        let patterns = [
+            (attention_repeat_kv_pattern(), true),
+            (attention_pattern(), false),
+            (eager_attention_pattern(true), true),
+            (eager_attention_pattern(false), false),
+        ];
+        for (i, (pat, repeated)) in patterns.iter().enumerate() {
             counts[i] = rewrite_all(g, pat, |g, m, pos| {
                 let (q, k, v) = (m.input("q"), m.input("k"), m.input("v"));
                 let (qm, km) = (g.meta(q).clone(), g.meta(k).clone());
@@ -247,17 +284,25 @@ impl Transform for MatchAttention {
                     return Ok(None);
                 }
                 // repeat_kv must repeat each kv head in place (kv head h serves q heads h·n..h·n+n).
-                if i == 0 && qm.shape[1].div(&km.shape[1]).is_none() {
+                if *repeated && qm.shape[1].div(&km.shape[1]).is_none() {
                     return Ok(None);
                 }
                 let Some(d) = qm.shape[3].as_static() else { return Ok(None) };
                 let scale = m.caps.f.get("scale").copied().unwrap_or(1.0 / (d as f64).sqrt());
-                let op = Op::Attention { causal: m.caps.b["causal"], scale };
+                // The eager form carries no mask here, so it is not causal.
+                let causal = m.caps.b.get("causal").copied().unwrap_or(false);
+                let op = Op::Attention { causal, scale };
                 let hint = format!("{}.attention", g.value(m.output).name);
                 Ok(Some(g.insert_node(pos, &hint, op, &[q, k, v])?))
             })?;
         }
-        Ok(format!("matched {} attention ({} with repeat_kv GQA)", counts[0] + counts[1], counts[0]))
+        Ok(format!(
+            "matched {} attention ({} sdpa, {} eager; {} with repeat_kv GQA)",
+            counts.iter().sum::<usize>(),
+            counts[0] + counts[1],
+            counts[2] + counts[3],
+            counts[0] + counts[2]
+        ))
     }
 }
 
