@@ -129,6 +129,14 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
     Ok(())
 }
 
+/// `plugin-registry.toml` beside the config file, else in the working directory.
+fn check_plugin_registry(cli: &Cli) -> Result<()> {
+    let beside = cli.config.as_ref().and_then(|c| c.parent()).map(|d| d.join("plugin-registry.toml"));
+    let path = beside.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("plugin-registry.toml"));
+    registry::read_plugin_registry(&path)?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     autodeploy_plugins::link();
     tracing_subscriber::fmt()
@@ -138,6 +146,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Err(e) = check_plugin_registry(&cli) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let res = match &cli.cmd {
         Some(Cmd::Plugins) => {
             println!("{:<18} {:<12} {:<8} origin", "kind", "name", "version");

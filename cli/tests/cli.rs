@@ -69,3 +69,24 @@ fn plugins_lists_the_builtins() {
         "{out}"
     );
 }
+
+#[test]
+fn plugin_registry_entries_are_checked_at_start_up() {
+    let dir = std::env::temp_dir().join(format!("adreg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("pipeline.toml");
+    std::fs::write(&cfg, format!("model = {:?}\n", root().join("tests/fixtures/llama").display().to_string())).unwrap();
+    std::fs::write(dir.join("plugin-registry.toml"), "[[library]]\npath = \"libmissing.so\"\n").unwrap();
+    let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("plugin-registry.toml") && err.contains("library[0].path") && err.contains("libmissing.so"),
+        "{err}"
+    );
+    std::fs::write(dir.join("plugin-registry.toml"), "[[librry]]\n").unwrap();
+    let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("librry"), "{err}");
+    // The repository's own registry lists nothing and is accepted.
+    let (ok, _, err) = autodeploy(&["plugins"]);
+    assert!(ok, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -53,6 +53,8 @@ pub struct PipelineConfig {
     #[serde(default)]
     pub stop_token_ids: Vec<i64>,
     #[serde(default)]
+    pub stop_strings: Vec<String>,
+    #[serde(default)]
     pub prompts: Vec<Prompt>,
     /// `[transforms.<name>]` tables; each name must be a registered transform.
     #[serde(default)]
@@ -73,6 +75,7 @@ pub struct Prompt {
     pub top_p: Option<f32>,
     pub seed: Option<u64>,
     pub stop_token_ids: Option<Vec<i64>>,
+    pub stop_strings: Option<Vec<String>>,
 }
 
 fn default_dtype() -> String {
@@ -132,6 +135,7 @@ impl PipelineConfig {
             top_p: p.and_then(|p| p.top_p).unwrap_or(self.top_p),
             seed: p.and_then(|p| p.seed).or(self.seed),
             stop_token_ids: p.and_then(|p| p.stop_token_ids.clone()).unwrap_or_else(|| self.stop_token_ids.clone()),
+            stop_strings: p.and_then(|p| p.stop_strings.clone()).unwrap_or_else(|| self.stop_strings.clone()),
         }
     }
 

@@ -40,6 +40,8 @@ pub struct Engine {
     pub model: Box<dyn CompiledModel>,
     /// Set when the graph has cached attention; `None` means full-sequence forwards.
     pub cache: Option<CacheSpec>,
+    /// The model's tokenizer, when its importer provides one (needed for stop strings).
+    pub detokenizer: Option<std::sync::Arc<dyn crate::runtime::Detokenizer>>,
     pub build_time: Duration,
 }
 
@@ -57,5 +59,5 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let model = backend.compile(&graph)?;
     let cache = CacheSpec::of(&graph)?;
-    Ok(Engine { graph, model, cache, build_time: t0.elapsed() })
+    Ok(Engine { graph, model, cache, detokenizer: None, build_time: t0.elapsed() })
 }

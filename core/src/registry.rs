@@ -148,3 +148,40 @@ pub fn compile_backend(name: &str) -> Result<Box<dyn CompileBackend>> {
             ))
         })
 }
+
+/// `plugin-registry.toml`: the external plugin libraries to load.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRegistryFile {
+    #[serde(default)]
+    pub library: Vec<LibraryEntry>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibraryEntry {
+    pub path: PathBuf,
+}
+
+/// Reads the registry file at `path` (absent: no external plugins). Every listed library must
+/// exist. Loading external libraries needs the plugin ABI, which this build does not have yet:
+/// a listed library is refused with that reason rather than ignored.
+pub fn read_plugin_registry(path: &std::path::Path) -> Result<PluginRegistryFile> {
+    if !path.exists() {
+        return Ok(PluginRegistryFile::default());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let reg: PluginRegistryFile =
+        toml::from_str(&text).map_err(|e| Error::BadFile { file: path.into(), msg: e.to_string() })?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    if let Some((i, lib)) = reg.library.iter().enumerate().next() {
+        let p = base.join(&lib.path);
+        let why = if p.exists() {
+            "loading external plugin libraries is not supported by this build yet"
+        } else {
+            "does not exist"
+        };
+        return Err(Error::config(path, format!("library[{i}].path"), format!("{}: {why}", p.display())));
+    }
+    Ok(reg)
+}

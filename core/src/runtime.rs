@@ -19,14 +19,21 @@ pub struct Request {
 pub enum FinishReason {
     /// Reached `max_new_tokens` or the longest sequence the engine accepts.
     Length,
-    /// Emitted a stop token.
+    /// Emitted a stop token or produced a stop string.
     Stop,
 }
 
 #[derive(Clone, Debug)]
 pub struct Completion {
     pub tokens: Vec<i64>,
+    /// The decoded completion, when the engine has a tokenizer; it ends before a stop string.
+    pub text: Option<String>,
     pub finish: FinishReason,
+}
+
+/// Turns token ids back into text: what stop strings are matched against.
+pub trait Detokenizer: Send + Sync {
+    fn decode(&self, ids: &[i64]) -> String;
 }
 
 /// Where the time went, for the timing line users see.

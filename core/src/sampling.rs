@@ -18,6 +18,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Generation stops after emitting any of these.
     pub stop_token_ids: Vec<i64>,
+    /// Generation stops when the decoded text contains any of these (needs a tokenizer); the
+    /// completion's text ends before it.
+    pub stop_strings: Vec<String>,
 }
 
 impl Default for SamplingParams {
@@ -29,6 +32,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             seed: None,
             stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
         }
     }
 }
@@ -45,6 +49,9 @@ impl SamplingParams {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("{} is outside (0, 1]", self.top_p));
+        }
+        if self.stop_strings.iter().any(String::is_empty) {
+            return bad("stop_strings", "an empty stop string would stop at once".into());
         }
         Ok(())
     }

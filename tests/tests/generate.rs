@@ -3,7 +3,7 @@
 
 mod common;
 
-use autodeploy_core::runtime::FinishReason;
+use autodeploy_core::runtime::{Detokenizer, FinishReason};
 use autodeploy_core::sampling::SamplingParams;
 use autodeploy_core::transform;
 use common::*;
@@ -138,4 +138,39 @@ fn generation_stops_at_the_longest_sequence() {
     let c = generate("qwen2", "max_seq_len = 12", &[greedy(&[4; 8], 100)]).remove(0).unwrap();
     assert_eq!(c.tokens.len(), 4);
     assert_eq!(c.finish, FinishReason::Length);
+}
+
+/// A stand-in tokenizer for the fixtures (their vocabulary has no text): id → one letter.
+struct Letters;
+impl autodeploy_core::runtime::Detokenizer for Letters {
+    fn decode(&self, ids: &[i64]) -> String {
+        ids.iter().map(|&i| (b'a' + (i % 26) as u8) as char).collect()
+    }
+}
+
+#[test]
+fn stop_strings_match_decoded_text_across_tokens() {
+    let prompt = vec![3, 14, 15, 92, 65];
+    let mut e = engine("qwen3", "");
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str("model = \"x\"", None).unwrap();
+    let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+    // Without a tokenizer, stop strings are refused by name (and other requests still run).
+    let req = |stop: Vec<String>| autodeploy_core::runtime::Request {
+        prompt: prompt.clone(),
+        sampling: SamplingParams { max_new_tokens: 10, stop_strings: stop, ..Default::default() },
+    };
+    let (out, _) = rt.generate(&mut e, &[req(vec!["ab".into()]), req(vec![])]);
+    let msg = out[0].as_ref().unwrap_err().to_string();
+    assert!(msg.contains("stop_strings") && msg.contains("tokenizer"), "{msg}");
+    let full = out[1].as_ref().unwrap().tokens.clone();
+    e.detokenizer = Some(std::sync::Arc::new(Letters));
+    let text = Letters.decode(&full);
+    // A stop string spanning generated tokens 3 and 4.
+    let stop = text[3..5].to_string();
+    let first = text.find(&stop).unwrap();
+    let (out, _) = rt.generate(&mut e, &[req(vec!["not-there".into(), stop.clone()])]);
+    let c = out[0].as_ref().unwrap();
+    assert_eq!(c.finish, FinishReason::Stop);
+    assert_eq!(c.tokens, full[..first + stop.len()].to_vec());
+    assert_eq!(c.text.as_deref(), Some(&text[..first]));
 }

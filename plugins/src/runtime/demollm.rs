@@ -131,6 +131,11 @@ impl Runtime for DemoLlm {
                             r.prompt.len()
                         ),
                     })
+                } else if !r.sampling.stop_strings.is_empty() && engine.detokenizer.is_none() {
+                    Err(Error::Input {
+                        input: "stop_strings".into(),
+                        msg: "need a tokenizer to match text, and this model has none (use stop_token_ids)".into(),
+                    })
                 } else if r.prompt.len() > self.max_num_tokens {
                     Err(Error::Input {
                         input: "prompt".into(),
@@ -223,7 +228,13 @@ impl Runtime for DemoLlm {
                 let generated = s.tokens.len() - s.prompt_len;
                 let last = *s.tokens.last().expect("just pushed");
                 let p = s.sampler.params();
-                let finish = if p.stop_token_ids.contains(&last) {
+                let mut text = engine.detokenizer.as_ref().map(|d| d.decode(&s.tokens[s.prompt_len..]));
+                let stop_at =
+                    text.as_ref().and_then(|t| p.stop_strings.iter().filter_map(|x| t.find(x.as_str())).min());
+                if let (Some(t), Some(at)) = (text.as_mut(), stop_at) {
+                    t.truncate(at);
+                }
+                let finish = if p.stop_token_ids.contains(&last) || stop_at.is_some() {
                     Some(FinishReason::Stop)
                 } else if generated >= p.max_new_tokens || s.tokens.len() >= max_len {
                     Some(FinishReason::Length)
@@ -233,7 +244,8 @@ impl Runtime for DemoLlm {
                 match finish {
                     Some(f) => {
                         pool.release(s.pages);
-                        results[s.req] = Some(Ok(Completion { tokens: s.tokens[s.prompt_len..].to_vec(), finish: f }));
+                        results[s.req] =
+                            Some(Ok(Completion { tokens: s.tokens[s.prompt_len..].to_vec(), text, finish: f }));
                     }
                     None => active.push(s),
                 }
