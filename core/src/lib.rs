@@ -5,6 +5,7 @@ pub mod config;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod gguf;
 pub mod hub;
 pub mod ir;
 pub mod kvcache;

@@ -60,10 +60,15 @@ pub fn float_dtype(d: StDtype) -> Option<DType> {
     }
 }
 
+/// Produces a weight on demand (dequantizing, permuting) in f32.
+pub type LazyLoad = std::sync::Arc<dyn Fn() -> Result<Tensor> + Send + Sync>;
+
 #[derive(Clone)]
 enum Entry {
     File(usize),
     Owned(Tensor),
+    /// Computed when loaded: shape, where it comes from (for messages), and the loader.
+    Lazy(Vec<usize>, String, LazyLoad),
 }
 
 /// Cloning is cheap: files are shared, owned tensors share their storage.
@@ -97,6 +102,11 @@ impl WeightStore {
         self.entries.insert(name.to_string(), Entry::Owned(t));
     }
 
+    /// A weight produced on demand by `load` (f32, of `shape`); `origin` names its source.
+    pub fn add_lazy(&mut self, name: &str, shape: Vec<usize>, origin: String, load: LazyLoad) {
+        self.entries.insert(name.to_string(), Entry::Lazy(shape, origin, load));
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
@@ -110,6 +120,7 @@ impl WeightStore {
         match self.entries.get(name) {
             Some(Entry::File(i)) => self.files[*i].path.display().to_string(),
             Some(Entry::Owned(_)) => "computed by the importer".into(),
+            Some(Entry::Lazy(_, origin, _)) => origin.clone(),
             None => self.origin.clone(),
         }
     }
@@ -131,6 +142,7 @@ impl WeightStore {
                 Ok((dt, info.shape.clone()))
             }
             Some(Entry::Owned(t)) => Ok((t.dtype(), t.shape().to_vec())),
+            Some(Entry::Lazy(shape, ..)) => Ok((DType::F32, shape.clone())),
             None => Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         }
     }
@@ -139,6 +151,13 @@ impl WeightStore {
     pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let i = match self.entries.get(name) {
             Some(Entry::Owned(t)) => return t.cast(dtype),
+            Some(Entry::Lazy(shape, origin, f)) => {
+                let t = f()?;
+                if t.shape() != shape.as_slice() {
+                    return Err(Error::TensorShape { file: origin.into(), name: name.into(), expected: shape.clone(), found: t.shape().to_vec() });
+                }
+                return t.cast(dtype);
+            }
             Some(Entry::File(i)) => *i,
             None => return Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         };

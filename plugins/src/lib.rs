@@ -9,6 +9,7 @@ pub mod compile {
 }
 pub mod importers {
     pub mod decoder;
+    pub mod gguf;
     pub mod hf;
 }
 pub mod runtime {

@@ -1,0 +1,233 @@
+//! GGUF files (llama.cpp's format): the model config from the metadata, tensors renamed to
+//! Hugging Face names and dequantized when the engine loads them, and the Q/K row permutation
+//! llama.cpp's converter applies to llama-architecture models undone.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::gguf::{GgufFile, Value};
+use autodeploy_core::registry::{ImportRequest, ImporterPlugin, ModelImporter};
+use autodeploy_core::weights::WeightStore;
+use autodeploy_core::{DType, Graph, Tensor};
+
+use super::decoder::{build_decoder, DecoderConfig, RopeScaling};
+
+/// Architectures whose GGUF tensors map onto the llama-style decoder.
+pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+
+pub struct GgufImporter;
+
+autodeploy_core::inventory::submit! {
+    ImporterPlugin { name: "gguf", version: env!("CARGO_PKG_VERSION"), make: || Box::new(GgufImporter) }
+}
+
+impl ModelImporter for GgufImporter {
+    fn accepts(&self, path: &Path) -> bool {
+        path.is_file()
+            && std::fs::File::open(path)
+                .and_then(|mut f| {
+                    let mut m = [0u8; 4];
+                    std::io::Read::read_exact(&mut f, &mut m).map(|_| m)
+                })
+                .is_ok_and(|m| &m == b"GGUF")
+    }
+
+    fn import(&self, req: &ImportRequest) -> Result<Graph> {
+        let file = Arc::new(GgufFile::open(&req.path)?);
+        let cfg = config(&file, req.dtype)?;
+        let store = weights(&file, &cfg)?;
+        let mut g = build_decoder(&cfg, store, req.max_batch_size, req.max_seq_len)?;
+        g.history.insert(0, format!("import: gguf importer read {} (GGUF v{})", req.path.display(), file.header.version));
+        Ok(g)
+    }
+}
+
+struct Meta<'a> {
+    f: &'a GgufFile,
+    arch: &'a str,
+}
+
+impl Meta<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::config(&self.f.path, key, msg)
+    }
+    fn opt(&self, k: &str) -> Option<&Value> {
+        self.f.header.get(&self.key(k))
+    }
+    fn usize_opt(&self, k: &str) -> Result<Option<usize>> {
+        match self.opt(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(&self.key(k), format!("expected a positive integer, found {v:?}"))),
+        }
+    }
+    fn usize(&self, k: &str) -> Result<usize> {
+        self.usize_opt(k)?.ok_or_else(|| self.err(&self.key(k), "missing"))
+    }
+    fn f64_opt(&self, k: &str) -> Result<Option<f64>> {
+        match self.opt(k) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(&self.key(k), format!("expected a number, found {v:?}"))),
+        }
+    }
+}
+
+/// The decoder description from the GGUF metadata.
+pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
+    let arch = f
+        .header
+        .get("general.architecture")
+        .ok_or_else(|| Error::config(&f.path, "general.architecture", "missing"))?
+        .as_str()
+        .ok_or_else(|| Error::config(&f.path, "general.architecture", "not a string"))?;
+    if !SUPPORTED.contains(&arch) {
+        return Err(Error::config(
+            &f.path,
+            "general.architecture",
+            format!("`{arch}` is not supported; supported: {}", SUPPORTED.join(", ")),
+        ));
+    }
+    let m = Meta { f, arch };
+    let hidden = m.usize("embedding_length")?;
+    let heads = m.usize("attention.head_count")?;
+    let kv_heads = m.usize_opt("attention.head_count_kv")?.unwrap_or(heads);
+    if heads % kv_heads != 0 {
+        return Err(m.err(&m.key("attention.head_count_kv"), format!("{kv_heads} does not divide head_count {heads}")));
+    }
+    let head_dim = match m.usize_opt("attention.key_length")? {
+        Some(d) => d,
+        None => hidden / heads,
+    };
+    if let Some(rd) = m.usize_opt("rope.dimension_count")? {
+        if rd != head_dim {
+            return Err(m.err(&m.key("rope.dimension_count"), format!("partial rotary ({rd} of {head_dim}) is not supported")));
+        }
+    }
+    if f.header.tensor("rope_freqs.weight").is_some() {
+        return Err(Error::BadFile {
+            file: f.path.clone(),
+            msg: "tensor `rope_freqs.weight` (baked RoPE frequency factors) is not supported yet".into(),
+        });
+    }
+    let vocab = match m.usize_opt("vocab_size")? {
+        Some(v) => v,
+        None => f
+            .header
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .map(<[Value]>::len)
+            .ok_or_else(|| m.err(&m.key("vocab_size"), "missing, and no tokenizer.ggml.tokens to count"))?,
+    };
+    let has = |n: &str| f.header.tensor(n).is_some();
+    Ok(DecoderConfig {
+        family: arch.to_string(),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: m.usize("feed_forward_length")?,
+        num_layers: m.usize("block_count")?,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: m.f64_opt("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+        rope_theta: m.f64_opt("rope.freq_base")?.unwrap_or(10000.0),
+        rope_scaling: RopeScaling::None,
+        max_position_embeddings: m.usize_opt("context_length")?.unwrap_or(4096),
+        sliding_window: None,
+        tie_word_embeddings: !has("output.weight"),
+        qkv_bias: has("blk.0.attn_q.bias"),
+        o_bias: has("blk.0.attn_output.bias"),
+        mlp_bias: has("blk.0.ffn_up.bias"),
+        qk_norm: has("blk.0.attn_q_norm.weight"),
+        // Quantized weights are dequantized to f32 unless asked otherwise.
+        dtype: dtype.unwrap_or(DType::F32),
+    })
+}
+
+/// GGUF tensor name for an HF tensor name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let (module, suffix) = part.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Undoes llama.cpp's Q/K permutation: `hf[h·hd + j·hd/2 + i] = gguf[h·hd + 2i + j]`, on whole
+/// rows of `cols` values.
+pub fn unpermute_rows(v: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let dst = h * hd + j * hd / 2 + i;
+                let src = h * hd + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
+    let mut store = WeightStore::new(f.path.display().to_string());
+    let permute = matches!(cfg.family.as_str(), "llama" | "mistral");
+    for (hf, shape) in cfg.expected_weights() {
+        let g = gguf_name(&hf).ok_or_else(|| Error::Msg(format!("no GGUF name for tensor `{hf}`")))?;
+        let info = f.header.tensor(&g).ok_or_else(|| Error::MissingTensor { name: g.clone(), where_: f.path.display().to_string() })?;
+        if info.shape() != shape {
+            return Err(Error::TensorShape { file: f.path.clone(), name: g, expected: shape, found: info.shape() });
+        }
+        let heads = match (permute, g.rsplit('.').nth(1)) {
+            (true, Some("attn_q")) => Some(cfg.num_heads),
+            (true, Some("attn_k")) => Some(cfg.num_kv_heads),
+            _ => None,
+        };
+        let (file, name, shp) = (f.clone(), g.clone(), shape.clone());
+        let load = Arc::new(move || -> Result<Tensor> {
+            let mut v = file.dequantize(&name)?;
+            if let Some(h) = heads {
+                let rows = shp[0];
+                let cols = shp.get(1).copied().unwrap_or(1);
+                v = unpermute_rows(&v, h, rows, cols);
+            }
+            Tensor::from_f32(shp.clone(), v)
+        });
+        store.add_lazy(&hf, shape, format!("{} tensor `{g}`", f.path.display()), load);
+    }
+    // Every tensor's type is known and its data lies inside the file: a truncated file fails
+    // here, naming a tensor, not when the engine loads.
+    for t in &f.header.tensors {
+        f.header.tensor_range(f.len(), t).map_err(|msg| Error::BadFile { file: f.path.clone(), msg })?;
+    }
+    Ok(store)
+}

@@ -1,0 +1,65 @@
+//! SmolLM2-135M-Instruct from its real GGUF file (Q4_1 linears, Q8_0 embeddings) against
+//! transformers running the same file (tests/fixtures/make_smollm2_reference.py).
+//!
+//! The 98 MB GGUF is not committed: `scripts/fetch-smollm2.sh` puts it in `.cache/models/`
+//! (CI runs it first). Without it the tests say so and pass only outside CI.
+
+mod common;
+
+use std::path::PathBuf;
+
+use autodeploy_core::registry::{self, ImportRequest};
+use autodeploy_core::runtime::Request;
+use autodeploy_core::sampling::SamplingParams;
+use autodeploy_core::DType;
+use common::*;
+
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let p = std::env::var_os("AUTODEPLOY_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI: .ci/run must fetch it", p.display());
+    eprintln!("SKIPPED: {} not found; run scripts/fetch-smollm2.sh", p.display());
+    None
+}
+
+/// Max |ours − transformers| over the prompt's logits. Both dequantize the same blocks to f32 and
+/// run f32 math, so what differs is accumulation order over 30 layers.
+const LOGITS_MAX_ABS: f32 = 2e-3;
+
+#[test]
+fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
+    let Some(path) = smollm2_gguf() else { return };
+    autodeploy_plugins::link();
+    let r = Reference::load("smollm2");
+    let (_, prompt) = r.i64("prompt_ids");
+    let (lshape, want) = r.f32("logits");
+    let req = ImportRequest { path: path.clone(), dtype: Some(DType::F32), max_batch_size: 1, max_seq_len: 256 };
+    let g = registry::importer("gguf").unwrap().import(&req).unwrap();
+    let mut m = compile(&g);
+    let got = logits(m.as_mut(), &[1, prompt.len()], &prompt);
+    let vocab = lshape[1];
+    let mut max_abs = 0f32;
+    for (row, (a, b)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        for (x, y) in a.iter().zip(b) {
+            max_abs = max_abs.max((x - y).abs());
+        }
+        assert_eq!(argmax(a), argmax(b), "argmax differs at position {row}");
+    }
+    eprintln!("smollm2 logits: max abs error {max_abs:.3e} over {} positions", prompt.len());
+    assert!(max_abs <= LOGITS_MAX_ABS, "max abs error {max_abs} > {LOGITS_MAX_ABS}");
+
+    // 32 greedy tokens through the whole pipeline (transforms, KV cache, demollm).
+    let (_, greedy) = r.i64("greedy_ids");
+    let toml = format!("model = {:?}\nmax_seq_len = 256\nmax_batch_size = 2\n", path.display().to_string());
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+    let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
+    assert!(e.cache.is_some());
+    let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+    let req = Request { prompt: prompt.clone(), sampling: SamplingParams { max_new_tokens: greedy.len(), ..Default::default() } };
+    let (out, _) = rt.generate(&mut e, &[req]);
+    assert_eq!(out[0].as_ref().unwrap().tokens, greedy);
+}
