@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod shape;
 pub mod tensor;
+pub mod tokenizer;
 pub mod transform;
 pub mod weights;
 

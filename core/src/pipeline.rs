@@ -11,9 +11,16 @@ use crate::hub;
 use crate::ir::Graph;
 use crate::kvcache::CacheSpec;
 use crate::registry::{self, CompiledModel, ImportRequest};
+use crate::tokenizer::Tokenizer;
+use std::sync::Arc;
 
 /// Resolves and imports the model named by the config.
 pub fn import(cfg: &PipelineConfig) -> Result<Graph> {
+    Ok(import_with_tokenizer(cfg)?.0)
+}
+
+/// The graph and, when the model files carry one, the tokenizer.
+pub fn import_with_tokenizer(cfg: &PipelineConfig) -> Result<(Graph, Option<Tokenizer>)> {
     let path = hub::resolve_model(&cfg.model, cfg.base_dir.as_deref())?;
     let (name, importer) = match &cfg.importer {
         Some(n) => (n.clone(), registry::importer(n)?),
@@ -23,9 +30,10 @@ pub fn import(cfg: &PipelineConfig) -> Result<Graph> {
         }
     };
     tracing::info!(importer = %name, path = %path.display(), "importing");
+    let tokenizer = importer.tokenizer(&path)?;
     let req =
         ImportRequest { path, dtype: cfg.dtype(), max_batch_size: cfg.max_batch_size, max_seq_len: cfg.max_seq_len };
-    importer.import(&req)
+    Ok((importer.import(&req)?, tokenizer))
 }
 
 /// The graph as it stands after `stage`.
@@ -35,13 +43,21 @@ pub fn graph_after(cfg: &PipelineConfig, stage: Stage) -> Result<Graph> {
     Ok(g)
 }
 
+fn transformed(cfg: &PipelineConfig, stage: Stage) -> Result<(Graph, Option<Tokenizer>)> {
+    let (mut g, t) = import_with_tokenizer(cfg)?;
+    crate::transform::run_stages(&mut g, cfg, stage)?;
+    Ok((g, t))
+}
+
 pub struct Engine {
     pub graph: Graph,
     pub model: Box<dyn CompiledModel>,
     /// Set when the graph has cached attention; `None` means full-sequence forwards.
     pub cache: Option<CacheSpec>,
-    /// The model's tokenizer, when its importer provides one (needed for stop strings).
-    pub detokenizer: Option<std::sync::Arc<dyn crate::runtime::Detokenizer>>,
+    /// The model's tokenizer, when its importer provides one.
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// What stop strings are matched with: the tokenizer, or a stand-in a caller sets.
+    pub detokenizer: Option<Arc<dyn crate::runtime::Detokenizer>>,
     pub build_time: Duration,
 }
 
@@ -54,10 +70,12 @@ impl Engine {
 
 pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let t0 = Instant::now();
-    let graph = graph_after(cfg, Stage::CacheInit)?;
+    let (graph, tokenizer) = transformed(cfg, Stage::CacheInit)?;
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let model = backend.compile(&graph)?;
     let cache = CacheSpec::of(&graph)?;
-    Ok(Engine { graph, model, cache, detokenizer: None, build_time: t0.elapsed() })
+    let tokenizer = tokenizer.map(Arc::new);
+    let detokenizer = tokenizer.clone().map(|t| t as Arc<dyn crate::runtime::Detokenizer>);
+    Ok(Engine { graph, model, cache, tokenizer, detokenizer, build_time: t0.elapsed() })
 }

@@ -26,6 +26,10 @@ pub trait ModelImporter: Send + Sync {
     /// Whether this importer recognises what is at `path` (used when the config names none).
     fn accepts(&self, path: &std::path::Path) -> bool;
     fn import(&self, req: &ImportRequest) -> Result<Graph>;
+    /// The model's tokenizer, if the files carry one.
+    fn tokenizer(&self, _path: &std::path::Path) -> Result<Option<crate::tokenizer::Tokenizer>> {
+        Ok(None)
+    }
 }
 
 /// A graph made runnable: inputs in the graph's input order, outputs in its output order.

@@ -33,6 +33,11 @@ impl ModelImporter for GgufImporter {
                 .is_ok_and(|m| &m == b"GGUF")
     }
 
+    fn tokenizer(&self, path: &Path) -> Result<Option<autodeploy_core::tokenizer::Tokenizer>> {
+        let f = GgufFile::open(path)?;
+        autodeploy_core::tokenizer::Tokenizer::from_gguf(&f.header, path)
+    }
+
     fn import(&self, req: &ImportRequest) -> Result<Graph> {
         let file = Arc::new(GgufFile::open(&req.path)?);
         let cfg = config(&file, req.dtype)?;

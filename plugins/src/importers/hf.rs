@@ -25,6 +25,10 @@ impl ModelImporter for HfImporter {
         path.is_dir() && path.join("config.json").is_file()
     }
 
+    fn tokenizer(&self, path: &Path) -> Result<Option<autodeploy_core::tokenizer::Tokenizer>> {
+        autodeploy_core::tokenizer::Tokenizer::from_hf_dir(path)
+    }
+
     fn import(&self, req: &ImportRequest) -> Result<Graph> {
         let cfg_path = req.path.join("config.json");
         let cfg = parse_config(&cfg_path, req.dtype)?;

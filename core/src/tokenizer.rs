@@ -1,0 +1,236 @@
+//! Tokenizers through the `tokenizers` crate: `tokenizer.json` for Hugging Face folders, and for
+//! GGUF files one built from the `tokenizer.ggml.*` metadata (byte-level BPE with the
+//! pre-tokenizer `tokenizer.ggml.pre` names). Plus streaming detokenization that never splits a
+//! multi-byte character, and chat templates rendered with `minijinja`.
+
+use std::path::{Path, PathBuf};
+
+use minijinja::{context, Environment};
+use serde::Serialize;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{Error, Result};
+use crate::gguf::{Header, Value};
+
+/// Pre-tokenizer families (`tokenizer.ggml.pre`) this builds.
+pub const SUPPORTED_PRE: &[&str] = &["default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2"];
+
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_id: Option<i64>,
+    pub eos_id: Option<i64>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+    /// Where it came from, for error messages.
+    pub source: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+fn tk_err(source: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::BadFile { file: source.into(), msg: format!("{what}: {e}") }
+}
+
+impl Tokenizer {
+    /// The tokenizer a GGUF file describes; `None` when it has no `tokenizer.ggml.model`.
+    pub fn from_gguf(h: &Header, path: &Path) -> Result<Option<Tokenizer>> {
+        let Some(model) = h.get("tokenizer.ggml.model") else { return Ok(None) };
+        let key_err = |k: &str, m: String| Error::config(path, k, m);
+        let model = model.as_str().ok_or_else(|| key_err("tokenizer.ggml.model", "not a string".into()))?;
+        if model != "gpt2" {
+            return Err(key_err(
+                "tokenizer.ggml.model",
+                format!("`{model}` is not supported yet (supported: gpt2, byte-level BPE)"),
+            ));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            let arr = h.get(k).and_then(Value::as_array).ok_or_else(|| key_err(k, "missing or not an array".into()))?;
+            arr.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| key_err(k, "holds a non-string".into()))).collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| key_err("tokenizer.ggml.merges", format!("entry {i} `{m}` is not two tokens")))
+            })
+            .collect::<Result<_>>()?;
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| tk_err(path, "tokenizer.ggml.merges", e))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = h.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+        let byte_level = |regex: bool| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, regex));
+        let split = |re: &str| -> Result<PreTokenizerWrapper> {
+            let s = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| tk_err(path, "tokenizer.ggml.pre", e))?;
+            Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::Split(s), byte_level(false)])))
+        };
+        let pt = match pre {
+            "default" | "gpt2" => byte_level(true),
+            // SmolLM's tokenizer splits digits one by one before GPT-2's byte-level regex.
+            "smollm" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level(true),
+            ])),
+            "llama-bpe" | "llama3" => split(LLAMA3_REGEX)?,
+            "qwen2" => split(QWEN2_REGEX)?,
+            other => {
+                return Err(key_err(
+                    "tokenizer.ggml.pre",
+                    format!("`{other}` is not supported; supported: {}", SUPPORTED_PRE.join(", ")),
+                ))
+            }
+        };
+        inner.with_pre_tokenizer(Some(pt));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control (3) and user-defined (4) tokens are matched whole, before BPE.
+        if let Some(types) = h.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+            let special: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(t, _)| matches!(t.as_u64(), Some(3) | Some(4)))
+                .map(|(_, s)| AddedToken::from(s.clone(), true))
+                .collect();
+            inner.add_special_tokens(&special);
+        }
+        let id = |k: &str| h.get(k).and_then(Value::as_u64).map(|v| v as i64);
+        Ok(Some(Tokenizer {
+            inner,
+            bos_id: id("tokenizer.ggml.bos_token_id"),
+            eos_id: id("tokenizer.ggml.eos_token_id"),
+            add_bos: h.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+            chat_template: h.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
+            source: path.into(),
+        }))
+    }
+
+    /// `tokenizer.json` (and `tokenizer_config.json` for the chat template and bos/eos) in a
+    /// Hugging Face folder; `None` when there is no `tokenizer.json`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Option<Tokenizer>> {
+        let file = dir.join("tokenizer.json");
+        if !file.is_file() {
+            return Ok(None);
+        }
+        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| tk_err(&file, "cannot load tokenizer", e))?;
+        let mut t = Tokenizer { inner, bos_id: None, eos_id: None, add_bos: false, chat_template: None, source: file };
+        let cfg = dir.join("tokenizer_config.json");
+        if cfg.is_file() {
+            let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::BadFile { file: cfg.clone(), msg: format!("invalid JSON: {e}") })?;
+            let tok_id = |k: &str| {
+                let s = match v.get(k)? {
+                    serde_json::Value::String(s) => s.clone(),
+                    o => o.get("content")?.as_str()?.to_string(),
+                };
+                t.inner.token_to_id(&s).map(|i| i as i64)
+            };
+            t.bos_id = tok_id("bos_token");
+            t.eos_id = tok_id("eos_token");
+            t.add_bos = v.get("add_bos_token").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            t.chat_template = v.get("chat_template").and_then(serde_json::Value::as_str).map(str::to_string);
+        }
+        let jinja = dir.join("chat_template.jinja");
+        if t.chat_template.is_none() && jinja.is_file() {
+            t.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        Ok(Some(t))
+    }
+
+    /// Token ids of `text`. Special tokens written in the text are recognised; `add_bos` puts
+    /// the BOS token first when the model asks for one.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<i64>> {
+        let enc = self.inner.encode(text, false).map_err(|e| tk_err(&self.source, "tokenization failed", e))?;
+        let mut ids: Vec<i64> = Vec::with_capacity(enc.len() + 1);
+        if add_bos && self.add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend(enc.get_ids().iter().map(|&i| i as i64));
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[i64]) -> String {
+        let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        self.inner.decode(&ids, false).unwrap_or_default()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(|i| i as i64)
+    }
+
+    /// Renders the chat template for `messages`, ending with the assistant's turn opened.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let tpl = self.chat_template.as_deref().ok_or_else(|| Error::Msg(format!("{}: the model has no chat template", self.source.display())))?;
+        let mut env = Environment::new();
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let tok = |id: Option<i64>| id.map(|i| self.decode(&[i])).unwrap_or_default();
+        env.add_template("chat", tpl).map_err(|e| Error::Msg(format!("chat template: {e:#}")))?;
+        let t = env.get_template("chat").map_err(|e| Error::Msg(format!("chat template: {e:#}")))?;
+        t.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => tok(self.bos_id),
+            eos_token => tok(self.eos_id),
+        })
+        .map_err(|e| Error::Msg(format!("chat template failed to render: {e:#}")))
+    }
+}
+
+impl crate::runtime::Detokenizer for Tokenizer {
+    fn decode(&self, ids: &[i64]) -> String {
+        Tokenizer::decode(self, ids)
+    }
+}
+
+/// Turns a growing list of token ids into text pieces, holding back bytes until they form whole
+/// characters (a multi-byte character split across tokens is emitted once complete).
+pub struct StreamDecoder<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<i64>,
+    prefix: usize,
+    read: usize,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tok: &'a Tokenizer) -> Self {
+        StreamDecoder { tok, ids: Vec::new(), prefix: 0, read: 0 }
+    }
+
+    /// Adds a token; returns the text it completes, if any.
+    pub fn push(&mut self, id: i64) -> Option<String> {
+        self.ids.push(id);
+        let before = self.tok.decode(&self.ids[self.prefix..self.read]);
+        let now = self.tok.decode(&self.ids[self.prefix..]);
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return None;
+        }
+        let piece = now.get(before.len()..)?.to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Some(piece)
+    }
+}
