@@ -8,6 +8,8 @@ use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::pipeline;
 use autodeploy_core::registry;
 use autodeploy_core::runtime::{self, Request};
+use autodeploy_core::sampling::SamplingParams;
+use autodeploy_core::tokenizer::{ChatMessage, StreamDecoder};
 use autodeploy_sdk::Stage;
 use clap::{Parser, Subcommand};
 
@@ -40,6 +42,12 @@ enum Cmd {
         /// post_load_fusion, cache_init or compile.
         #[arg(long, default_value = "import")]
         stage: String,
+    },
+    /// Chat with the model in the terminal, the answer streamed as it is generated.
+    Chat {
+        /// A system message to start the conversation with.
+        #[arg(long)]
+        system: Option<String>,
     },
     /// List the plugins this binary knows.
     Plugins,
@@ -95,18 +103,45 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
         println!("no prompts in the config; nothing to generate");
         return Ok(());
     }
-    let requests: Vec<Request> =
-        cfg.prompts.iter().map(|p| Request { prompt: p.token_ids.clone(), sampling: cfg.sampling(Some(p)) }).collect();
+    let tok = engine.tokenizer.clone();
+    // Prompts that cannot be tokenized fail alone, like any bad request.
+    let mut prepared: Vec<std::result::Result<Request, String>> = Vec::new();
+    for (i, p) in cfg.prompts.iter().enumerate() {
+        prepared.push(
+            cfg.prompt_ids(i, tok.as_deref())
+                .map(|ids| Request { prompt: ids, sampling: sampling_with_eos(cfg, cfg.sampling(Some(p)), &engine) })
+                .map_err(|e| e.to_string()),
+        );
+    }
+    let requests: Vec<Request> = prepared.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
     let mut rt = runtime::runtime(cfg)?;
     let (results, stats) = rt.generate(&mut engine, &requests);
+    let mut results = results.into_iter();
     let mut failed = 0;
-    for (i, (r, req)) in results.iter().zip(&requests).enumerate() {
-        println!("[{i}] prompt {:?}", req.prompt);
-        match r {
-            Ok(c) => println!("[{i}] output {:?} ({:?})", c.tokens, c.finish),
+    for (i, prep) in prepared.iter().enumerate() {
+        let res = match prep {
+            Ok(req) => results.next().expect("one result per request").map_err(|e| e.to_string()).map(|c| (req, c)),
+            Err(e) => Err(e.clone()),
+        };
+        let p = &cfg.prompts[i];
+        match (&p.text, &p.messages, &tok) {
+            (Some(t), _, _) => println!("[{i}] prompt: {t:?}"),
+            (_, Some(m), _) => println!("[{i}] chat: {:?}", m.last().map(|m| m.content.as_str()).unwrap_or("")),
+            _ => {}
+        }
+        match res {
+            Ok((req, c)) => {
+                if tok.is_none() {
+                    println!("[{i}] prompt {:?}", req.prompt);
+                }
+                match &c.text {
+                    Some(t) => println!("[{i}] output ({} tokens, {:?}): {t:?}", c.tokens.len(), c.finish),
+                    None => println!("[{i}] output {:?} ({:?})", c.tokens, c.finish),
+                }
+            }
             Err(e) => {
                 failed += 1;
-                println!("[{i}] error: prompts[{i}]: {e}");
+                println!("[{i}] error: {e}");
             }
         }
     }
@@ -124,7 +159,7 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
         stats.cache_bytes as f64 / (1 << 20) as f64,
     );
     if failed > 0 {
-        anyhow::bail!("{failed} of {} prompts failed", requests.len());
+        anyhow::bail!("{failed} of {} prompts failed", prepared.len());
     }
     Ok(())
 }
@@ -134,6 +169,84 @@ fn check_plugin_registry(cli: &Cli) -> Result<()> {
     let beside = cli.config.as_ref().and_then(|c| c.parent()).map(|d| d.join("plugin-registry.toml"));
     let path = beside.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("plugin-registry.toml"));
     registry::read_plugin_registry(&path)?;
+    Ok(())
+}
+
+/// The model's end-of-sequence token ends generation unless `ignore_eos` is set.
+fn sampling_with_eos(cfg: &PipelineConfig, mut s: SamplingParams, engine: &pipeline::Engine) -> SamplingParams {
+    if let Some(eos) = engine.tokenizer.as_ref().and_then(|t| t.eos_id) {
+        if !cfg.ignore_eos && !s.stop_token_ids.contains(&eos) {
+            s.stop_token_ids.push(eos);
+        }
+    }
+    s
+}
+
+/// `autodeploy chat`: a read-eval-print loop over the chat template, answers streamed.
+fn chat(cfg: &PipelineConfig, system: Option<&str>) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let mut engine = pipeline::build(cfg)?;
+    let tok = engine.tokenizer.clone().context("this model has no tokenizer, so it cannot chat")?;
+    if tok.chat_template.is_none() {
+        anyhow::bail!("{}: the model has no chat template", tok.source.display());
+    }
+    let mut rt = runtime::runtime(cfg)?;
+    let mut history: Vec<ChatMessage> = Vec::new();
+    if let Some(s) = system {
+        history.push(ChatMessage { role: "system".into(), content: s.into() });
+    }
+    eprintln!("chatting with {} (build {:.1} s). /reset clears the conversation, /exit or Ctrl-D quits.", cfg.model, engine.build_time.as_secs_f64());
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage { role: "user".into(), content: line.into() });
+        let prompt = tok.apply_chat_template(&history, true)?;
+        let ids = tok.encode(&prompt, true)?;
+        let req = Request { prompt: ids, sampling: sampling_with_eos(cfg, cfg.sampling(None), &engine) };
+        let mut dec = StreamDecoder::new(&tok);
+        let eos = tok.eos_id;
+        let t0 = std::time::Instant::now();
+        let (res, stats) = rt.generate_streaming(&mut engine, &[req], &mut |_, t| {
+            if Some(t) != eos {
+                if let Some(piece) = dec.push(t) {
+                    let _ = write!(out, "{piece}");
+                    let _ = out.flush();
+                }
+            }
+        });
+        println!();
+        match res.into_iter().next().expect("one request") {
+            Ok(c) => {
+                let answer = c.text.unwrap_or_default();
+                eprintln!(
+                    "[{} tokens, {:.1} tok/s decode, {:.2} s]",
+                    c.tokens.len(),
+                    stats.decode_tokens as f64 / stats.decode_time.as_secs_f64().max(1e-9),
+                    t0.elapsed().as_secs_f64()
+                );
+                history.push(ChatMessage { role: "assistant".into(), content: answer.trim_end_matches("<|im_end|>").into() });
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                history.pop();
+            }
+        }
+    }
     Ok(())
 }
 
@@ -171,6 +284,7 @@ fn main() -> ExitCode {
             print!("{}", g.dump());
             Ok(())
         })(),
+        Some(Cmd::Chat { system }) => load_config(&cli).and_then(|c| chat(&c, system.as_deref())),
         Some(Cmd::Run) | None => load_config(&cli).and_then(|c| run(&c)),
     };
     match res {

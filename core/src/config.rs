@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
+use crate::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +55,9 @@ pub struct PipelineConfig {
     pub stop_token_ids: Vec<i64>,
     #[serde(default)]
     pub stop_strings: Vec<String>,
+    /// Keep generating past the model's end-of-sequence token.
+    #[serde(default)]
+    pub ignore_eos: bool,
     #[serde(default)]
     pub prompts: Vec<Prompt>,
     /// `[transforms.<name>]` tables; each name must be a registered transform.
@@ -67,8 +71,14 @@ pub struct PipelineConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Prompt {
-    /// Token ids of the prompt (text prompts arrive with the tokenizer).
-    pub token_ids: Vec<i64>,
+    /// Exactly one of these: token ids, plain text, or chat messages (rendered with the model's
+    /// chat template).
+    #[serde(default)]
+    pub token_ids: Option<Vec<i64>>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
     pub max_new_tokens: Option<usize>,
     pub temperature: Option<f32>,
     pub top_k: Option<usize>,
@@ -139,6 +149,28 @@ impl PipelineConfig {
         }
     }
 
+    /// Token ids of prompt `i`: as given, or text tokenized (chat messages rendered with the
+    /// chat template first). Errors name the prompt.
+    pub fn prompt_ids(&self, i: usize, tok: Option<&Tokenizer>) -> Result<Vec<i64>> {
+        let p = &self.prompts[i];
+        if let Some(ids) = &p.token_ids {
+            return Ok(ids.clone());
+        }
+        let field = if p.text.is_some() { "text" } else { "messages" };
+        let tok = tok.ok_or_else(|| Error::Input {
+            input: format!("prompts[{i}].{field}"),
+            msg: "this model has no tokenizer; give token_ids".into(),
+        })?;
+        let text = match (&p.text, &p.messages) {
+            (Some(t), _) => t.clone(),
+            (None, Some(m)) => tok
+                .apply_chat_template(m, true)
+                .map_err(|e| Error::Input { input: format!("prompts[{i}].messages"), msg: e.to_string() })?,
+            (None, None) => unreachable!("validated: one prompt form is given"),
+        };
+        tok.encode(&text, true).map_err(|e| Error::Input { input: format!("prompts[{i}].{field}"), msg: e.to_string() })
+    }
+
     /// Tokens one step may carry: `max_num_tokens`, else room for a full batch of prompts.
     pub fn max_num_tokens(&self) -> usize {
         self.max_num_tokens.unwrap_or(self.max_batch_size * self.max_seq_len)
@@ -185,14 +217,24 @@ impl PipelineConfig {
             return Err(Error::config(path, input, msg));
         }
         for (i, p) in self.prompts.iter().enumerate() {
-            if p.token_ids.is_empty() {
+            let given = [p.token_ids.is_some(), p.text.is_some(), p.messages.is_some()].iter().filter(|&&b| b).count();
+            if given != 1 {
+                return Err(Error::config(path, format!("prompts[{i}]"), "give exactly one of token_ids, text, messages"));
+            }
+            if let Some(m) = &p.messages {
+                if m.is_empty() {
+                    return Err(Error::config(path, format!("prompts[{i}].messages"), "is empty"));
+                }
+            }
+            let Some(ids) = &p.token_ids else { continue };
+            if ids.is_empty() {
                 return Err(Error::config(path, format!("prompts[{i}].token_ids"), "is empty"));
             }
-            if p.token_ids.len() > self.max_seq_len {
+            if ids.len() > self.max_seq_len {
                 return Err(Error::config(
                     path,
                     format!("prompts[{i}].token_ids"),
-                    format!("{} tokens exceed max_seq_len = {}", p.token_ids.len(), self.max_seq_len),
+                    format!("{} tokens exceed max_seq_len = {}", ids.len(), self.max_seq_len),
                 ));
             }
             if let Err(Error::Input { input, msg }) = self.sampling(Some(p)).validate() {

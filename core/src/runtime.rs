@@ -50,9 +50,18 @@ pub struct RunStats {
 }
 
 pub trait Runtime {
-    /// Generates for every request. A bad request fails alone: its slot holds the error, the
-    /// others complete.
-    fn generate(&mut self, engine: &mut Engine, requests: &[Request]) -> (Vec<Result<Completion>>, RunStats);
+    /// Generates for every request, calling `on_token(request index, token)` as each token is
+    /// sampled. A bad request fails alone: its slot holds the error, the others complete.
+    fn generate_streaming(
+        &mut self,
+        engine: &mut Engine,
+        requests: &[Request],
+        on_token: &mut dyn FnMut(usize, i64),
+    ) -> (Vec<Result<Completion>>, RunStats);
+
+    fn generate(&mut self, engine: &mut Engine, requests: &[Request]) -> (Vec<Result<Completion>>, RunStats) {
+        self.generate_streaming(engine, requests, &mut |_, _| {})
+    }
 }
 
 pub struct RuntimePlugin {

@@ -42,14 +42,14 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
     let mut m = compile(&g);
     let got = logits(m.as_mut(), &[1, prompt.len()], &prompt);
     let vocab = lshape[1];
-    let mut max_abs = 0f32;
-    for (row, (a, b)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
-        for (x, y) in a.iter().zip(b) {
-            max_abs = max_abs.max((x - y).abs());
-        }
-        assert_eq!(argmax(a), argmax(b), "argmax differs at position {row}");
+    let (_, am) = r.i64("argmax");
+    for (row, a) in got.chunks(vocab).enumerate() {
+        assert_eq!(argmax(a) as i64, am[row], "argmax differs at position {row}");
     }
-    eprintln!("smollm2 logits: max abs error {max_abs:.3e} over {} positions", prompt.len());
+    // The reference keeps the logits of the last rows.
+    let tail = &got[got.len() - want.len()..];
+    let max_abs = tail.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    eprintln!("smollm2 logits: max abs error {max_abs:.3e} over the last {} positions", lshape[0]);
     assert!(max_abs <= LOGITS_MAX_ABS, "max abs error {max_abs} > {LOGITS_MAX_ABS}");
 
     // 32 greedy tokens through the whole pipeline (transforms, KV cache, demollm).

@@ -110,7 +110,12 @@ impl DemoLlm {
 }
 
 impl Runtime for DemoLlm {
-    fn generate(&mut self, engine: &mut Engine, requests: &[Request]) -> (Vec<Result<Completion>>, RunStats) {
+    fn generate_streaming(
+        &mut self,
+        engine: &mut Engine,
+        requests: &[Request],
+        on_token: &mut dyn FnMut(usize, i64),
+    ) -> (Vec<Result<Completion>>, RunStats) {
         let mut results: Vec<Option<Result<Completion>>> = (0..requests.len()).map(|_| None).collect();
         let mut stats = RunStats::default();
         let max_len = engine_max_len(engine, self.max_seq_len);
@@ -215,7 +220,9 @@ impl Runtime for DemoLlm {
             };
             for (s, row) in batch.iter_mut().zip(&rows) {
                 s.cached = s.tokens.len();
-                s.tokens.push(s.sampler.sample(row));
+                let t = s.sampler.sample(row);
+                s.tokens.push(t);
+                on_token(s.req, t);
             }
             if prefill {
                 stats.prefill_tokens += n_tokens;
