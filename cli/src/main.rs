@@ -195,7 +195,11 @@ fn chat(cfg: &PipelineConfig, system: Option<&str>) -> Result<()> {
     if let Some(s) = system {
         history.push(ChatMessage { role: "system".into(), content: s.into() });
     }
-    eprintln!("chatting with {} (build {:.1} s). /reset clears the conversation, /exit or Ctrl-D quits.", cfg.model, engine.build_time.as_secs_f64());
+    eprintln!(
+        "chatting with {} (build {:.1} s). /reset clears the conversation, /exit or Ctrl-D quits.",
+        cfg.model,
+        engine.build_time.as_secs_f64()
+    );
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     loop {
@@ -239,7 +243,10 @@ fn chat(cfg: &PipelineConfig, system: Option<&str>) -> Result<()> {
                     stats.decode_tokens as f64 / stats.decode_time.as_secs_f64().max(1e-9),
                     t0.elapsed().as_secs_f64()
                 );
-                history.push(ChatMessage { role: "assistant".into(), content: answer.trim_end_matches("<|im_end|>").into() });
+                history.push(ChatMessage {
+                    role: "assistant".into(),
+                    content: answer.trim_end_matches("<|im_end|>").into(),
+                });
             }
             Err(e) => {
                 eprintln!("error: {e}");

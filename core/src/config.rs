@@ -219,7 +219,11 @@ impl PipelineConfig {
         for (i, p) in self.prompts.iter().enumerate() {
             let given = [p.token_ids.is_some(), p.text.is_some(), p.messages.is_some()].iter().filter(|&&b| b).count();
             if given != 1 {
-                return Err(Error::config(path, format!("prompts[{i}]"), "give exactly one of token_ids, text, messages"));
+                return Err(Error::config(
+                    path,
+                    format!("prompts[{i}]"),
+                    "give exactly one of token_ids, text, messages",
+                ));
             }
             if let Some(m) = &p.messages {
                 if m.is_empty() {

@@ -288,13 +288,21 @@ impl Header {
     }
 
     /// Type and byte range of tensor `t` in a file of `file_len` bytes, checked.
-    pub fn tensor_range(&self, file_len: usize, t: &TensorInfo) -> std::result::Result<(GgmlType, std::ops::Range<usize>), String> {
+    pub fn tensor_range(
+        &self,
+        file_len: usize,
+        t: &TensorInfo,
+    ) -> std::result::Result<(GgmlType, std::ops::Range<usize>), String> {
         let ty = GgmlType::from_id(t.type_id)
             .ok_or_else(|| format!("tensor `{}`: ggml type {} is not supported", t.name, t.type_id))?;
         let (per, bytes) = ty.block();
         let row = t.dims[0] as usize;
-        if row % per != 0 {
-            return Err(format!("tensor `{}`: row of {row} is not a multiple of the {} block ({per})", t.name, ty.name()));
+        if !row.is_multiple_of(per) {
+            return Err(format!(
+                "tensor `{}`: row of {row} is not a multiple of the {} block ({per})",
+                t.name,
+                ty.name()
+            ));
         }
         let size = t.numel() / per * bytes;
         let start = (self.data_start as u64).checked_add(t.offset);
@@ -344,7 +352,10 @@ impl GgufFile {
     /// Dequantized values of a tensor, in ggml order (which is PyTorch's row-major order).
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
         let bad = |msg: String| Error::BadFile { file: self.path.clone(), msg };
-        let t = self.header.tensor(name).ok_or_else(|| Error::MissingTensor { name: name.into(), where_: self.path.display().to_string() })?;
+        let t = self
+            .header
+            .tensor(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into(), where_: self.path.display().to_string() })?;
         let (ty, bytes) = self.header.tensor_bytes(&self.mmap, t).map_err(bad)?;
         Ok(dequantize(ty, bytes))
     }
@@ -387,7 +398,10 @@ pub fn dequantize(ty: GgmlType, b: &[u8]) -> Vec<f32> {
                     if j < 4 {
                         ((sc[j] & 63) as f32, (sc[j + 4] & 63) as f32)
                     } else {
-                        (((sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4)) as f32, ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f32)
+                        (
+                            ((sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4)) as f32,
+                            ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f32,
+                        )
                     }
                 };
                 for c in 0..4 {

@@ -22,7 +22,8 @@ use crate::gguf::{Header, Value};
 pub const SUPPORTED_PRE: &[&str] = &["default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2"];
 
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -59,7 +60,9 @@ impl Tokenizer {
         }
         let strings = |k: &str| -> Result<Vec<String>> {
             let arr = h.get(k).and_then(Value::as_array).ok_or_else(|| key_err(k, "missing or not an array".into()))?;
-            arr.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| key_err(k, "holds a non-string".into()))).collect()
+            arr.iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| key_err(k, "holds a non-string".into())))
+                .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
@@ -135,8 +138,8 @@ impl Tokenizer {
         let cfg = dir.join("tokenizer_config.json");
         if cfg.is_file() {
             let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::BadFile { file: cfg.clone(), msg: format!("invalid JSON: {e}") })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::BadFile { file: cfg.clone(), msg: format!("invalid JSON: {e}") })?;
             let tok_id = |k: &str| {
                 let s = match v.get(k)? {
                     serde_json::Value::String(s) => s.clone(),
@@ -183,7 +186,10 @@ impl Tokenizer {
 
     /// Renders the chat template for `messages`, ending with the assistant's turn opened.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let tpl = self.chat_template.as_deref().ok_or_else(|| Error::Msg(format!("{}: the model has no chat template", self.source.display())))?;
+        let tpl = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Msg(format!("{}: the model has no chat template", self.source.display())))?;
         let mut env = Environment::new();
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))

@@ -154,7 +154,12 @@ impl WeightStore {
             Some(Entry::Lazy(shape, origin, f)) => {
                 let t = f()?;
                 if t.shape() != shape.as_slice() {
-                    return Err(Error::TensorShape { file: origin.into(), name: name.into(), expected: shape.clone(), found: t.shape().to_vec() });
+                    return Err(Error::TensorShape {
+                        file: origin.into(),
+                        name: name.into(),
+                        expected: shape.clone(),
+                        found: t.shape().to_vec(),
+                    });
                 }
                 return t.cast(dtype);
             }

@@ -59,7 +59,10 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
     let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
     assert!(e.cache.is_some());
     let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
-    let req = Request { prompt: prompt.clone(), sampling: SamplingParams { max_new_tokens: greedy.len(), ..Default::default() } };
+    let req = Request {
+        prompt: prompt.clone(),
+        sampling: SamplingParams { max_new_tokens: greedy.len(), ..Default::default() },
+    };
     let (out, _) = rt.generate(&mut e, &[req]);
     assert_eq!(out[0].as_ref().unwrap().tokens, greedy);
 }

@@ -23,7 +23,15 @@ impl CompileBackend for SimpleBackend {
     fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledModel>> {
         graph.validate()?;
         let mut params = Vec::with_capacity(graph.params.len());
+        // A bar while weights load (dequantizing a GGUF takes seconds); hidden when stderr is not
+        // a terminal.
+        let bar = indicatif::ProgressBar::new(graph.params.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
         for p in &graph.params {
+            bar.set_message(p.weight.clone());
+            bar.inc(1);
             let meta = graph.meta(p.value);
             let t = graph.weights.load(&p.weight, meta.dtype)?;
             let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
@@ -37,6 +45,7 @@ impl CompileBackend for SimpleBackend {
             }
             params.push((p.value.0 as usize, t));
         }
+        bar.finish_and_clear();
         // Index of the last node reading each value; graph outputs live to the end.
         let mut last_use = vec![usize::MAX; graph.values.len()];
         for (i, n) in graph.nodes.iter().enumerate() {

@@ -43,7 +43,8 @@ impl ModelImporter for GgufImporter {
         let cfg = config(&file, req.dtype)?;
         let store = weights(&file, &cfg)?;
         let mut g = build_decoder(&cfg, store, req.max_batch_size, req.max_seq_len)?;
-        g.history.insert(0, format!("import: gguf importer read {} (GGUF v{})", req.path.display(), file.header.version));
+        g.history
+            .insert(0, format!("import: gguf importer read {} (GGUF v{})", req.path.display(), file.header.version));
         Ok(g)
     }
 }
@@ -79,7 +80,9 @@ impl Meta<'_> {
     fn f64_opt(&self, k: &str) -> Result<Option<f64>> {
         match self.opt(k) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(&self.key(k), format!("expected a number, found {v:?}"))),
+            Some(v) => {
+                v.as_f64().map(Some).ok_or_else(|| self.err(&self.key(k), format!("expected a number, found {v:?}")))
+            }
         }
     }
 }
@@ -112,7 +115,9 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
     };
     if let Some(rd) = m.usize_opt("rope.dimension_count")? {
         if rd != head_dim {
-            return Err(m.err(&m.key("rope.dimension_count"), format!("partial rotary ({rd} of {head_dim}) is not supported")));
+            return Err(
+                m.err(&m.key("rope.dimension_count"), format!("partial rotary ({rd} of {head_dim}) is not supported"))
+            );
         }
     }
     if f.header.tensor("rope_freqs.weight").is_some() {
@@ -208,7 +213,10 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
     let permute = matches!(cfg.family.as_str(), "llama" | "mistral");
     for (hf, shape) in cfg.expected_weights() {
         let g = gguf_name(&hf).ok_or_else(|| Error::Msg(format!("no GGUF name for tensor `{hf}`")))?;
-        let info = f.header.tensor(&g).ok_or_else(|| Error::MissingTensor { name: g.clone(), where_: f.path.display().to_string() })?;
+        let info = f
+            .header
+            .tensor(&g)
+            .ok_or_else(|| Error::MissingTensor { name: g.clone(), where_: f.path.display().to_string() })?;
         if info.shape() != shape {
             return Err(Error::TensorShape { file: f.path.clone(), name: g, expected: shape, found: info.shape() });
         }

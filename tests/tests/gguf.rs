@@ -1,0 +1,199 @@
+//! The GGUF importer on a small llama-architecture file written by llama.cpp's own `gguf`
+//! package (tests/fixtures/make_gguf_fixtures.py): every tensor type, the Q/K permutation, the
+//! logits, and bad files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use autodeploy_core::gguf::{dequantize, GgmlType};
+use autodeploy_core::registry::{self, ImportRequest};
+use autodeploy_core::DType;
+use common::*;
+use safetensors::SafeTensors;
+
+fn tiny() -> PathBuf {
+    fixture("gguf").join("tiny-mistral.gguf")
+}
+
+fn reference() -> Vec<u8> {
+    std::fs::read(fixture("gguf").join("tiny-mistral.reference.safetensors")).unwrap()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn import(path: &Path) -> autodeploy_core::Result<autodeploy_core::Graph> {
+    autodeploy_plugins::link();
+    let req = ImportRequest { path: path.into(), dtype: Some(DType::F32), max_batch_size: 2, max_seq_len: 64 };
+    registry::importer("gguf").unwrap().import(&req)
+}
+
+#[test]
+fn every_tensor_dequantizes_and_unpermutes_like_llama_cpp() {
+    let g = import(&tiny()).unwrap();
+    let bytes = reference();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut n = 0;
+    for (name, view) in st.tensors() {
+        let Some(hf) = name.strip_prefix("weight.") else { continue };
+        let want = f32s(view.data());
+        let got = g.weights.load(hf, DType::F32).unwrap();
+        assert_eq!(got.shape(), view.shape(), "{hf}");
+        assert_eq!(got.to_f32().as_ref(), want.as_slice(), "{hf} differs from the gguf package's dequantization");
+        n += 1;
+    }
+    assert_eq!(n, 21);
+}
+
+#[test]
+fn logits_match_transformers_with_the_dequantized_weights() {
+    let g = import(&tiny()).unwrap();
+    let mut m = compile(&g);
+    let bytes = reference();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<i64> = st
+        .tensor("tokens")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want = f32s(st.tensor("logits").unwrap().data());
+    let got = logits(m.as_mut(), &[1, ids.len()], &ids);
+    let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d <= 1e-4, "max abs error {d}");
+}
+
+#[test]
+fn k_quant_blocks_match_the_gguf_package() {
+    let bytes = std::fs::read(fixture("gguf").join("blocks.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for (ty, name) in [(GgmlType::Q4K, "Q4_K"), (GgmlType::Q6K, "Q6_K")] {
+        let raw = st.tensor(&format!("raw.{name}")).unwrap().data().to_vec();
+        let want = f32s(st.tensor(&format!("deq.{name}")).unwrap().data());
+        let got = dequantize(ty, &raw);
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name}[{i}]: {a} vs {b}");
+        }
+    }
+}
+
+fn import_err(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.gguf");
+    std::fs::write(&p, bytes).unwrap();
+    match import(&p) {
+        Ok(g) => {
+            // Parsing may succeed; loading every weight must then succeed or fail cleanly too.
+            for prm in &g.params {
+                if let Err(e) = g.weights.load(&prm.weight, DType::F32) {
+                    return e.to_string();
+                }
+            }
+            String::new()
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Rewrites one metadata key's string value in place (same length).
+fn patch(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let pos = bytes.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
+    let mut b = bytes.to_vec();
+    b[pos..pos + to.len()].copy_from_slice(to.as_bytes());
+    b
+}
+
+#[test]
+fn bad_gguf_files_name_the_key_or_tensor() {
+    let good = std::fs::read(tiny()).unwrap();
+    let e = import_err(&good[..good.len() - 1000]);
+    assert!(e.contains("model.gguf") && e.contains("past the end") && e.contains("tensor `"), "{e}");
+    let e = import_err(&good[..200]);
+    assert!(e.contains("model.gguf") && e.contains("truncated"), "{e}");
+    // An architecture we do not support.
+    let e = import_err(&patch(
+        &good,
+        "general.architecture\u{8}\0\0\0\u{5}\0\0\0\0\0\0\0llama",
+        "general.architecture\u{8}\0\0\0\u{5}\0\0\0\0\0\0\0gpt2x",
+    ));
+    assert!(e.contains("general.architecture") && e.contains("gpt2x") && e.contains("supported: llama"), "{e}");
+    // A missing metadata key: rename it so it is no longer found.
+    let e = import_err(&patch(&good, "llama.block_count", "llama.blockxcount"));
+    assert!(e.contains("llama.block_count") && e.contains("missing"), "{e}");
+    // An unknown tensor type id on the last tensor's info (its name is unique in the file).
+    let h = autodeploy_core::gguf::Header::parse(&good).unwrap();
+    let t = h.tensors.last().unwrap();
+    let name_pos = good
+        .windows(t.name.len() + 8)
+        .position(|w| w[8..] == *t.name.as_bytes() && w[..8] == (t.name.len() as u64).to_le_bytes())
+        .unwrap()
+        + 8;
+    let type_pos = name_pos + t.name.len() + 4 + 8 * t.dims.len();
+    let mut b = good.clone();
+    b[type_pos..type_pos + 4].copy_from_slice(&77u32.to_le_bytes());
+    let e = import_err(&b);
+    assert!(e.contains(&format!("tensor `{}`", t.name)) && e.contains("ggml type 77"), "{e}");
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Mutations of a valid file: byte flips, a truncation, a spliced run of bytes.
+    fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+        let n = base.len();
+        (
+            proptest::collection::vec((0..n, any::<u8>()), 0..16),
+            prop_oneof![Just(n), 0..n],
+            proptest::option::of((0..n, proptest::collection::vec(any::<u8>(), 1..64))),
+        )
+            .prop_map(move |(flips, cut, splice)| {
+                let mut b = base.clone();
+                for (i, v) in flips {
+                    b[i] = v;
+                }
+                if let Some((at, run)) = splice {
+                    let end = (at + run.len()).min(b.len());
+                    b[at..end].copy_from_slice(&run[..end - at]);
+                }
+                b.truncate(cut);
+                b
+            })
+    }
+
+    fn cases() -> u32 {
+        std::env::var("FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// The GGUF header parser, the importer, dequantization of every tensor and the
+        /// tokenizer builder never panic on a corrupted file.
+        #[test]
+        fn gguf_reader_never_panics(bytes in mutated(std::fs::read(tiny()).unwrap())) {
+            let _ = autodeploy_core::gguf::Header::parse(&bytes);
+            let _ = import_err(&bytes);
+        }
+
+        /// Same for safetensors files through the HF importer.
+        #[test]
+        fn safetensors_reader_never_panics(bytes in mutated(std::fs::read(fixture("qwen2").join("model.safetensors")).unwrap())) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::copy(fixture("qwen2").join("config.json"), dir.path().join("config.json")).unwrap();
+            std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
+            autodeploy_plugins::link();
+            let req = ImportRequest { path: dir.path().into(), dtype: Some(DType::F32), max_batch_size: 1, max_seq_len: 8 };
+            if let Ok(g) = registry::importer("hf").unwrap().import(&req) {
+                for p in &g.params {
+                    let _ = g.weights.load(&p.weight, DType::F32);
+                }
+            }
+        }
+    }
+}
