@@ -90,3 +90,64 @@ fn plugin_registry_entries_are_checked_at_start_up() {
     assert!(ok, "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn smollm2() -> Option<PathBuf> {
+    let p = root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI", p.display());
+    eprintln!("SKIPPED: {} not found; run scripts/fetch-smollm2.sh", p.display());
+    None
+}
+
+#[test]
+fn quick_start_config_answers_in_text() {
+    if smollm2().is_none() {
+        return;
+    }
+    let (ok, out, err) = autodeploy(&["--config", "examples/smollm2-cpu.toml", "--max-new-tokens", "12"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("engine: paged KV cache (30 layers"), "{out}");
+    // The first prompt asks for the capital of France; greedy SmolLM2 answers with Paris.
+    assert!(out.contains("[0] output") && out.contains("Paris"), "{out}");
+    assert!(out.contains("[2] prompt: \"The three primary colors are\""), "{out}");
+}
+
+#[test]
+fn chat_streams_answers_and_keeps_the_conversation() {
+    use std::io::Write;
+    if smollm2().is_none() {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
+        .args(["chat", "--config", "examples/smollm2-cpu.toml", "--max-new-tokens", "16"])
+        .current_dir(root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"What is the capital of France?\n/reset\nSay hello.\n/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "{stdout}");
+    assert_eq!(stderr.matches("tok/s decode").count(), 2, "two answers: {stderr}");
+    assert!(!stdout.contains("<|im_end|>"), "the end-of-turn token is not printed: {stdout}");
+}
+
+#[test]
+fn text_prompts_need_a_tokenizer_and_fail_alone() {
+    let dir = std::env::temp_dir().join(format!("adtext-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("p.toml");
+    let model = root().join("tests/fixtures/qwen2").display().to_string();
+    std::fs::write(&cfg, format!("model = {model:?}\nmax_new_tokens = 3\n[[prompts]]\ntext = \"hello\"\n[[prompts]]\ntoken_ids = [1, 2, 3]\n")).unwrap();
+    let (ok, out, err) = autodeploy(&["--config", cfg.to_str().unwrap()]);
+    assert!(!ok, "one prompt failed, so the run reports failure");
+    assert!(out.contains("[0] error: prompts[0].text") && out.contains("no tokenizer"), "{out}");
+    assert!(out.contains("[1] output ["), "the good prompt still ran: {out}");
+    assert!(err.contains("1 of 2 prompts failed"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

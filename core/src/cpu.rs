@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 use crate::ir::TensorMeta;
 use crate::ops::{infer, norm_dim, slice_bounds, Op};
 use crate::shape::{static_shape, Bindings, SizeArg};
@@ -26,8 +27,38 @@ macro_rules! with_storage {
             Storage::BF16($v) => Storage::BF16($body),
             Storage::I64($v) => Storage::I64($body),
             Storage::Bool($v) => Storage::Bool($body),
+            // Data movement on block-quantized weights works on the dequantized values.
+            Storage::Block { ty, bytes, .. } => {
+                let deq = crate::gguf::dequantize(*ty, bytes);
+                let $v = &deq;
+                Storage::F32($body)
+            }
         }
     };
+}
+
+fn block_kind(t: GgmlType) -> Option<k::BlockKind> {
+    Some(match t {
+        GgmlType::Q4_0 => k::BlockKind::Q4_0,
+        GgmlType::Q4_1 => k::BlockKind::Q4_1,
+        GgmlType::Q8_0 => k::BlockKind::Q8_0,
+        _ => return None,
+    })
+}
+
+/// Inputs with at least this many rows dequantize a block weight and use the f32 GEMM; fewer
+/// (decode) read the blocks as stored.
+const QUANT_GEMM_MIN_ROWS: usize = 8;
+
+/// `x[m, k] · w[n, k]ᵀ (+ bias)` in f32 for any weight storage.
+pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32]>) -> Vec<f32> {
+    let n = w.shape()[0];
+    let mut y = vec![0f32; m * n];
+    match w.as_blocks().and_then(|(t, b)| block_kind(t).map(|kd| (kd, b))) {
+        Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS => k::qlinear(m, n, k_, x, kind, bytes, bias, &mut y),
+        _ => k::linear(m, n, k_, x, &w.to_f32(), bias, &mut y),
+    }
+    y
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
@@ -161,6 +192,15 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
             if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= rows) {
                 return Err(Error::op(op.name(), format!("index {bad} out of range for {rows} rows")));
             }
+            if let Some((ty, bytes)) = w.as_blocks() {
+                // Dequantize only the rows looked up.
+                let rb = dim / ty.block().0 * ty.block().1;
+                let mut out = Vec::with_capacity(ids.len() * dim);
+                for &i in ids.iter() {
+                    out.extend(crate::gguf::dequantize(ty, &bytes[i as usize * rb..(i as usize + 1) * rb]));
+                }
+                return Tensor::from_f32_as(out_meta.dtype, out_shape, out);
+            }
             let data = with_storage!(w.storage(), |v| {
                 let mut out = Vec::with_capacity(ids.len() * dim);
                 for &i in ids.iter() {
@@ -174,10 +214,9 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
             let w = ins[1];
             let (n, kk) = (w.shape()[0], w.shape()[1]);
             let m = x.numel() / kk.max(1);
-            let (xv, wv) = (x.to_f32(), w.to_f32());
+            let _ = n;
             let bias = ins.get(2).map(|b| b.to_f32());
-            let mut y = vec![0f32; m * n];
-            k::linear(m, n, kk, &xv, &wv, bias.as_deref(), &mut y);
+            let y = linear_f32(&x.to_f32(), m, kk, w, bias.as_deref());
             Tensor::from_f32_as(out_meta.dtype, out_shape, y)
         }
         Op::Matmul => matmul(x, ins[1], out_meta.dtype, out_shape),
@@ -225,6 +264,17 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
             let d = norm_dim(&op, *dim, x.rank())?;
             let outer: usize = x.shape()[..d].iter().product();
             let inner: usize = x.shape()[d + 1..].iter().product();
+            if let (Some((ty, _)), 0) = (x.as_blocks(), d) {
+                // Whole rows of blocks: concatenating rows is concatenating bytes.
+                let mut bytes = Vec::new();
+                for t in ins {
+                    match t.as_blocks() {
+                        Some((t2, b)) if t2 == ty => bytes.extend_from_slice(b),
+                        _ => return Err(Error::op(op.name(), "cannot concatenate different weight formats")),
+                    }
+                }
+                return Tensor::from_blocks(ty, out_shape, bytes);
+            }
             let data = cat_storage(ins, outer, inner, d)?;
             Tensor::new(out_shape, data)
         }
@@ -286,6 +336,9 @@ fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<
         Storage::BF16(_) => cat_as!(BF16),
         Storage::I64(_) => cat_as!(I64),
         Storage::Bool(_) => cat_as!(Bool),
+        Storage::Block { .. } => {
+            return Err(Error::op("aten.cat", "block-quantized tensors concatenate along dim 0 only"))
+        }
     })
 }
 
@@ -454,13 +507,14 @@ fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>) -> Result<Tensor>
     let x = ins[0];
     let dtype = x.dtype();
     let wd = ins[ins.len() - 1];
+    let m_rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
     let (hidden, inter) = (wd.shape()[0], wd.shape()[1]);
     let kk = *x.shape().last().expect("rank >= 1");
     let m = x.numel() / kk.max(1);
     let xv = x.to_f32();
     let lin = |w: &Tensor, n: usize| {
-        let mut y = vec![0f32; m * n];
-        k::linear(m, n, kk, &xv, &w.to_f32(), None, &mut y);
+        let mut y = linear_f32(&xv, m, kk, w, None);
+        debug_assert_eq!(y.len(), m * n);
         y.iter_mut().for_each(|v| *v = round_as(dtype, *v));
         y
     };
@@ -477,7 +531,7 @@ fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>) -> Result<Tensor>
     };
     let act: Vec<f32> =
         g.iter().zip(&u).map(|(&a, &b)| round_as(dtype, round_as(dtype, a / (1.0 + (-a).exp())) * b)).collect();
-    let mut y = vec![0f32; m * hidden];
-    k::linear(m, hidden, inter, &act, &wd.to_f32(), None, &mut y);
+    let _ = (hidden, m_rows);
+    let y = linear_f32(&act, m, inter, wd, None);
     Tensor::from_f32_as(dtype, out_shape, y)
 }

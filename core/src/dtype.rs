@@ -9,6 +9,9 @@ pub enum DType {
     BF16,
     I64,
     Bool,
+    /// Block-quantized weights kept as stored (GGUF Q4_0, Q4_1, Q8_0): a 2-D `[rows, cols]`
+    /// tensor whose rows are whole blocks. Only weights have this dtype.
+    Block(crate::gguf::GgmlType),
 }
 
 impl DType {
@@ -21,7 +24,7 @@ impl DType {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::I64 => 8,
-            DType::Bool => 1,
+            DType::Bool | DType::Block(_) => 1,
         }
     }
 
@@ -33,6 +36,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::I64 => "i64",
             DType::Bool => "bool",
+            DType::Block(t) => t.dtype_name(),
         }
     }
 
@@ -48,6 +52,10 @@ impl DType {
         })
     }
 
+    pub fn is_block(self) -> bool {
+        matches!(self, DType::Block(_))
+    }
+
     /// torch's result type for a binary op on two tensors of these dtypes.
     pub fn promote(a: DType, b: DType) -> DType {
         use DType::*;
@@ -60,6 +68,7 @@ impl DType {
             (BF16, _) | (_, BF16) => BF16,
             (F16, _) | (_, F16) => F16,
             (I64, _) | (_, I64) => I64,
+            (Block(_), _) | (_, Block(_)) => F32,
             _ => Bool,
         }
     }

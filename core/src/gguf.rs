@@ -72,7 +72,7 @@ impl Value {
 }
 
 /// ggml tensor types this reader dequantizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgmlType {
     F32,
     F16,
@@ -110,6 +110,25 @@ impl GgmlType {
             GgmlType::Q6K => (256, 210),
         }
     }
+    /// Name in graph dumps (`q4_1[576, 576]`).
+    pub fn dtype_name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "f32",
+            GgmlType::F16 => "f16",
+            GgmlType::Q4_0 => "q4_0",
+            GgmlType::Q4_1 => "q4_1",
+            GgmlType::Q8_0 => "q8_0",
+            GgmlType::Q4K => "q4_k",
+            GgmlType::Q6K => "q6_k",
+            GgmlType::BF16 => "bf16",
+        }
+    }
+
+    /// Types the CPU kernels compute on directly, without dequantizing the weight first.
+    pub fn computes_quantized(self) -> bool {
+        matches!(self, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -347,6 +366,17 @@ impl GgufFile {
 
     pub fn is_empty(&self) -> bool {
         self.mmap.is_empty()
+    }
+
+    /// The stored bytes of a tensor.
+    pub fn raw(&self, name: &str) -> Result<&[u8]> {
+        let t = self
+            .header
+            .tensor(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into(), where_: self.path.display().to_string() })?;
+        let (_, bytes) =
+            self.header.tensor_bytes(&self.mmap, t).map_err(|msg| Error::BadFile { file: self.path.clone(), msg })?;
+        Ok(bytes)
     }
 
     /// Dequantized values of a tensor, in ggml order (which is PyTorch's row-major order).

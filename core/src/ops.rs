@@ -292,7 +292,9 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             }
             let mut shape = idx.shape.clone();
             shape.push(w.shape[1].clone());
-            Ok(vec![TensorMeta { dtype: w.dtype, shape }])
+            // Block-quantized tables give f32 rows.
+            let dtype = if w.dtype.is_block() { DType::F32 } else { w.dtype };
+            Ok(vec![TensorMeta { dtype, shape }])
         }
         Op::Linear => {
             let w = &ins[1];
@@ -300,11 +302,12 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             if w.shape.len() != 2 || x.shape.is_empty() {
                 return Err(err(op, format!("input {x} vs weight {w}: weight must be [out, in]")));
             }
-            if x.shape.last() != Some(&w.shape[1]) || x.dtype != w.dtype {
+            // A block-quantized weight serves any float input.
+            if x.shape.last() != Some(&w.shape[1]) || (x.dtype != w.dtype && !w.dtype.is_block()) {
                 return Err(err(op, format!("input {x} vs weight {w}")));
             }
             if let Some(b) = ins.get(2) {
-                if b.shape.len() != 1 || b.shape[0] != w.shape[0] || b.dtype != w.dtype {
+                if b.shape.len() != 1 || b.shape[0] != w.shape[0] || (b.dtype != w.dtype && b.dtype != x.dtype) {
                     return Err(err(op, format!("bias {b} vs weight {w}")));
                 }
             }
@@ -399,7 +402,11 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
                 let (g, u) = (&ins[1], &ins[2]);
                 (g.shape[0].clone(), g.shape.len() == 2 && g == u && x.shape.last() == Some(&g.shape[1]))
             };
-            if !ok || w_down.shape.len() != 2 || w_down.shape[1] != inter || ins.iter().any(|m| m.dtype != x.dtype) {
+            if !ok
+                || w_down.shape.len() != 2
+                || w_down.shape[1] != inter
+                || ins.iter().any(|m| m.dtype != x.dtype && !m.dtype.is_block())
+            {
                 let all: Vec<String> = ins.iter().map(|m| m.to_string()).collect();
                 return Err(err(op, format!("inconsistent operands {}", all.join(", "))));
             }

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 
 #[derive(Debug)]
 pub enum Storage {
@@ -16,6 +17,12 @@ pub enum Storage {
     BF16(Vec<bf16>),
     I64(Vec<i64>),
     Bool(Vec<bool>),
+    /// Block-quantized rows, as stored in GGUF; `len` counts values, not bytes.
+    Block {
+        ty: GgmlType,
+        bytes: Vec<u8>,
+        len: usize,
+    },
 }
 
 impl Storage {
@@ -26,6 +33,7 @@ impl Storage {
             Storage::BF16(v) => v.len(),
             Storage::I64(v) => v.len(),
             Storage::Bool(v) => v.len(),
+            Storage::Block { len, .. } => *len,
         }
     }
 
@@ -40,6 +48,7 @@ impl Storage {
             Storage::BF16(_) => DType::BF16,
             Storage::I64(_) => DType::I64,
             Storage::Bool(_) => DType::Bool,
+            Storage::Block { ty, .. } => DType::Block(*ty),
         }
     }
 }
@@ -78,6 +87,12 @@ impl Tensor {
             DType::F16 => Storage::F16(map_par(&v, f16::from_f32)),
             DType::I64 => Storage::I64(v.iter().map(|&x| x as i64).collect()),
             DType::Bool => Storage::Bool(v.iter().map(|&x| x != 0.0).collect()),
+            DType::Block(t) => {
+                return Err(Error::Msg(format!(
+                    "cannot quantize to {} here; block weights come from the checkpoint",
+                    t.name()
+                )))
+            }
         };
         Tensor::new(shape, data)
     }
@@ -111,6 +126,24 @@ impl Tensor {
         Ok(Tensor { shape, data: self.data.clone() })
     }
 
+    /// Block-quantized rows `[rows, cols]`, checked to be whole blocks.
+    pub fn from_blocks(ty: GgmlType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Tensor> {
+        let (per, size) = ty.block();
+        let cols = *shape.last().unwrap_or(&0);
+        let len: usize = shape.iter().product();
+        if shape.len() != 2 || cols % per != 0 || bytes.len() != len / per * size {
+            return Err(Error::Msg(format!("{} blocks do not fit shape {shape:?} ({} bytes)", ty.name(), bytes.len())));
+        }
+        Ok(Tensor { shape, data: Arc::new(Storage::Block { ty, bytes, len }) })
+    }
+
+    pub fn as_blocks(&self) -> Option<(GgmlType, &[u8])> {
+        match &*self.data {
+            Storage::Block { ty, bytes, .. } => Some((*ty, bytes)),
+            _ => None,
+        }
+    }
+
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &*self.data {
             Storage::F32(v) => Some(v),
@@ -133,6 +166,7 @@ impl Tensor {
             Storage::F16(v) => Cow::Owned(map_par(v, |x| x.to_f32())),
             Storage::I64(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
             Storage::Bool(v) => Cow::Owned(v.iter().map(|&x| x as u8 as f32).collect()),
+            Storage::Block { ty, bytes, .. } => Cow::Owned(crate::gguf::dequantize(*ty, bytes)),
         }
     }
 

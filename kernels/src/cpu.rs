@@ -230,6 +230,65 @@ mod tests {
         }
     }
 
+    /// Reference dequantization of one block, written out from the ggml formulas.
+    fn deq(kind: BlockKind, blk: &[u8]) -> Vec<f32> {
+        let d = half_f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+        match kind {
+            BlockKind::Q8_0 => blk[2..34].iter().map(|&q| q as i8 as f32 * d).collect(),
+            BlockKind::Q4_0 => {
+                let qs = &blk[2..18];
+                qs.iter()
+                    .map(|&q| ((q & 15) as f32 - 8.0) * d)
+                    .chain(qs.iter().map(|&q| ((q >> 4) as f32 - 8.0) * d))
+                    .collect()
+            }
+            BlockKind::Q4_1 => {
+                let m = half_f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]));
+                let qs = &blk[4..20];
+                qs.iter().map(|&q| (q & 15) as f32 * d + m).chain(qs.iter().map(|&q| (q >> 4) as f32 * d + m)).collect()
+            }
+        }
+    }
+
+    #[test]
+    fn half_conversion_covers_normals_subnormals_and_specials() {
+        for (bits, want) in
+            [(0x3c00u16, 1.0f32), (0xc000, -2.0), (0x0001, 5.960_464_5e-8), (0x7bff, 65504.0), (0x0000, 0.0)]
+        {
+            assert_eq!(half_f16_to_f32(bits), want, "{bits:#x}");
+        }
+        assert!(half_f16_to_f32(0x7c00).is_infinite() && half_f16_to_f32(0x7e00).is_nan());
+    }
+
+    #[test]
+    fn qlinear_matches_dequantized_linear() {
+        for kind in [BlockKind::Q4_0, BlockKind::Q4_1, BlockKind::Q8_0] {
+            let (m, n, k) = (3, 70, 96);
+            let mut w = Vec::new();
+            let raw = rand(n * k / 32 * kind.bytes(), 9);
+            for (i, r) in raw.iter().enumerate() {
+                w.push(((r + 1.0) * 127.5) as u8 ^ (i as u8));
+            }
+            // Sane f16 scales (0.01..0.05) at the start of every block, and min for Q4_1.
+            for b in 0..n * k / 32 {
+                let at = b * kind.bytes();
+                w[at..at + 2].copy_from_slice(&(0x2000u16 + (b as u16 % 512)).to_le_bytes());
+                if kind == BlockKind::Q4_1 {
+                    w[at + 2..at + 4].copy_from_slice(&(0xa000u16 + (b as u16 % 256)).to_le_bytes());
+                }
+            }
+            let wf: Vec<f32> = w.chunks(kind.bytes()).flat_map(|b| deq(kind, b)).collect();
+            let x = rand(m * k, 10);
+            let bias = rand(n, 11);
+            let (mut y, mut r) = (vec![0f32; m * n], vec![0f32; m * n]);
+            qlinear(m, n, k, &x, kind, &w, Some(&bias), &mut y);
+            linear(m, n, k, &x, &wf, Some(&bias), &mut r);
+            for (a, b) in y.iter().zip(&r) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kind:?}: {a} vs {b}");
+            }
+        }
+    }
+
     #[test]
     fn attention_matches_naive_with_gqa_and_causal() {
         let d = AttnDims { batch: 2, q_heads: 4, kv_heads: 2, q_len: 5, kv_len: 5, head_dim: 8, v_dim: 8 };
@@ -258,6 +317,166 @@ mod tests {
             let want: f32 = (0..5).map(|j| e[j] / z * v[(kv * 5 + j) * 8 + c]).sum();
             let got = out[((b * 4 + h) * 5 + i) * 8 + c];
             assert!((want - got).abs() < 1e-5, "{want} vs {got}");
+        }
+    }
+}
+
+/// Block-quantized weight formats the linear kernel reads as stored (ggml layouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    /// 32 values: f16 d, 16 bytes of nibbles; `(q - 8)·d`
+    Q4_0,
+    /// 32 values: f16 d, f16 m, 16 bytes of nibbles; `q·d + m`
+    Q4_1,
+    /// 32 values: f16 d, 32 i8; `q·d`
+    Q8_0,
+}
+
+impl BlockKind {
+    pub fn bytes(self) -> usize {
+        match self {
+            BlockKind::Q4_0 => 18,
+            BlockKind::Q4_1 => 20,
+            BlockKind::Q8_0 => 34,
+        }
+    }
+}
+
+#[inline(always)]
+fn f16le(b: &[u8], i: usize) -> f32 {
+    half_f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+
+/// IEEE half to f32 without a dependency (the kernels crate stays math-only).
+#[inline(always)]
+fn half_f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match exp {
+        0 if man == 0 => sign,
+        0 => {
+            // subnormal: normalise
+            let mut e = 127 - 15 + 1;
+            let mut m = man;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((m & 0x3ff) << 13)
+        }
+        31 => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Dot product of one quantized row with `x`, block by block. `xsum[b]` is the sum of `x` over
+/// block `b` (Q4_1's offset term).
+#[inline(always)]
+fn qdot_row(kind: BlockKind, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let nb = x.len() / 32;
+    let bs = kind.bytes();
+    let mut acc = 0f32;
+    for b in 0..nb {
+        let blk = &row[b * bs..(b + 1) * bs];
+        let xb = &x[b * 32..b * 32 + 32];
+        match kind {
+            BlockKind::Q8_0 => {
+                let d = f16le(blk, 0);
+                let mut s = [0f32; 8];
+                for (j, (q, xv)) in blk[2..34].iter().zip(xb).enumerate() {
+                    s[j % 8] += (*q as i8) as f32 * xv;
+                }
+                acc += d * s.iter().sum::<f32>();
+            }
+            BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                let off = if kind == BlockKind::Q4_1 { 4 } else { 2 };
+                let qs = &blk[off..off + 16];
+                let mut s = [0f32; 16];
+                for j in 0..16 {
+                    s[j] = (qs[j] & 15) as f32 * xb[j] + (qs[j] >> 4) as f32 * xb[j + 16];
+                }
+                let dot: f32 = s.iter().sum();
+                let d = f16le(blk, 0);
+                if kind == BlockKind::Q4_1 {
+                    acc += d * dot + f16le(blk, 2) * xsum[b];
+                } else {
+                    acc += d * (dot - 8.0 * xsum[b]);
+                }
+            }
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn qdot_rows_avx2(
+    kind: BlockKind,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    xsum: &[f32],
+    out: &mut [f32],
+    first: usize,
+) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let r = first + i;
+        *o = qdot_row(kind, &w[r * row_bytes..(r + 1) * row_bytes], x, xsum);
+    }
+}
+
+fn qdot_rows(kind: BlockKind, w: &[u8], row_bytes: usize, x: &[f32], xsum: &[f32], out: &mut [f32], first: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features this function was compiled for.
+        unsafe { qdot_rows_avx2(kind, w, row_bytes, x, xsum, out, first) };
+        return;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        let r = first + i;
+        *o = qdot_row(kind, &w[r * row_bytes..(r + 1) * row_bytes], x, xsum);
+    }
+}
+
+/// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` with `W` block-quantized (`kind`), read as stored: the
+/// weight traffic of a decode step is the quantized size, not f32's.
+#[allow(clippy::too_many_arguments)]
+pub fn qlinear(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    kind: BlockKind,
+    w: &[u8],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    assert!(k.is_multiple_of(32), "qlinear: k = {k} is not a multiple of 32");
+    let row_bytes = k / 32 * kind.bytes();
+    assert_eq!(w.len(), n * row_bytes, "qlinear weight bytes");
+    assert_eq!(x.len(), m * k, "qlinear input");
+    assert_eq!(y.len(), m * n, "qlinear output");
+    // Rows of y are computed in chunks of output channels; each chunk's weight rows stay in cache
+    // while every input row passes over them.
+    let chunk = 64;
+    let xsums: Vec<Vec<f32>> = x.chunks(k).map(|xr| xr.chunks(32).map(|b| b.iter().sum()).collect()).collect();
+    let mut yt = vec![0f32; n * m]; // [n, m], transposed so chunks are contiguous
+    yt.par_chunks_mut(chunk * m).enumerate().for_each(|(c, out)| {
+        let first = c * chunk;
+        let rows = out.len() / m;
+        let mut tmp = vec![0f32; rows];
+        for (i, xr) in x.chunks(k).enumerate() {
+            qdot_rows(kind, w, row_bytes, xr, &xsums[i], &mut tmp, first);
+            for (r, v) in tmp.iter().enumerate() {
+                out[r * m + i] = *v;
+            }
+        }
+    });
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = yt[j * m + i] + bias.map_or(0.0, |b| b[j]);
         }
     }
 }

@@ -52,7 +52,25 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
     eprintln!("smollm2 logits: max abs error {max_abs:.3e} over the last {} positions", lshape[0]);
     assert!(max_abs <= LOGITS_MAX_ABS, "max abs error {max_abs} > {LOGITS_MAX_ABS}");
 
-    // 32 greedy tokens through the whole pipeline (transforms, KV cache, demollm).
+    // The same with the Q4_1/Q8_0 weights kept as stored (`dtype = auto`): the kernels read the
+    // blocks directly, the arithmetic is the same up to summation order.
+    let req = ImportRequest { path: path.clone(), dtype: None, max_batch_size: 1, max_seq_len: 256 };
+    let gq = registry::importer("gguf").unwrap().import(&req).unwrap();
+    assert!(gq.dump().contains("q4_1["), "linears should stay block-quantized");
+    let mut mq = compile(&gq);
+    // One token at a time exercises the decode kernel (few rows), the whole prompt the GEMM path.
+    let gotq = logits(mq.as_mut(), &[1, prompt.len()], &prompt);
+    let tailq = &gotq[gotq.len() - want.len()..];
+    let dq = tailq.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    eprintln!("smollm2 logits, quantized weights: max abs error {dq:.3e}");
+    assert!(dq <= LOGITS_MAX_ABS, "quantized path: max abs error {dq}");
+    let last = &prompt[prompt.len() - 3..];
+    let few = logits(mq.as_mut(), &[1, last.len()], last);
+    let few_f32 = logits(m.as_mut(), &[1, last.len()], last);
+    let d3 = few.iter().zip(&few_f32).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d3 <= LOGITS_MAX_ABS, "decode kernel vs f32: {d3}");
+
+    // 32 greedy tokens through the whole pipeline (transforms, KV cache, demollm; auto dtype).
     let (_, greedy) = r.i64("greedy_ids");
     let toml = format!("model = {:?}\nmax_seq_len = 256\nmax_batch_size = 2\n", path.display().to_string());
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
@@ -118,4 +136,21 @@ fn streaming_never_splits_a_multibyte_character() {
         }
     }
     assert_eq!(pieces.concat(), text);
+}
+
+#[test]
+fn chat_template_errors_name_the_template_problem() {
+    let Some(path) = smollm2_gguf() else { return };
+    autodeploy_plugins::link();
+    let mut tok = registry::importer("gguf").unwrap().tokenizer(&path).unwrap().unwrap();
+    let msgs = vec![autodeploy_core::tokenizer::ChatMessage { role: "user".into(), content: "hi".into() }];
+    tok.chat_template = Some("{% for m in messages %}{{ m.content }".into());
+    let e = tok.apply_chat_template(&msgs, true).unwrap_err().to_string();
+    assert!(e.contains("chat template") && e.contains("syntax"), "{e}");
+    tok.chat_template = Some("{{ raise_exception('roles must alternate') }}".into());
+    let e = tok.apply_chat_template(&msgs, true).unwrap_err().to_string();
+    assert!(e.contains("failed to render") && e.contains("roles must alternate"), "{e}");
+    tok.chat_template = None;
+    let e = tok.apply_chat_template(&msgs, true).unwrap_err().to_string();
+    assert!(e.contains("no chat template"), "{e}");
 }

@@ -45,7 +45,10 @@ pub struct DecoderConfig {
     pub mlp_bias: bool,
     /// Qwen3-style RMSNorm of each q and k head before RoPE.
     pub qk_norm: bool,
+    /// Compute dtype of activations, and of weights not listed in `weight_dtypes`.
     pub dtype: DType,
+    /// Weights kept in another dtype (block-quantized GGUF linears).
+    pub weight_dtypes: std::collections::BTreeMap<String, DType>,
 }
 
 /// Name of the RoPE inverse-frequency buffer the importer computes.
@@ -154,7 +157,8 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn w(&mut self, name: &str, shape: &[usize]) -> ValueId {
-        self.b.param(name, self.cfg.dtype, static_shape(shape))
+        let dtype = self.cfg.weight_dtypes.get(name).copied().unwrap_or(self.cfg.dtype);
+        self.b.param(name, dtype, static_shape(shape))
     }
 
     fn linear(&mut self, hint: &str, x: ValueId, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<ValueId> {

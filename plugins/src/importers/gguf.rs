@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use autodeploy_core::error::{Error, Result};
-use autodeploy_core::gguf::{GgufFile, Value};
+use autodeploy_core::gguf::{GgmlType, GgufFile, Value};
 use autodeploy_core::registry::{ImportRequest, ImporterPlugin, ModelImporter};
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Graph, Tensor};
@@ -40,7 +40,19 @@ impl ModelImporter for GgufImporter {
 
     fn import(&self, req: &ImportRequest) -> Result<Graph> {
         let file = Arc::new(GgufFile::open(&req.path)?);
-        let cfg = config(&file, req.dtype)?;
+        let mut cfg = config(&file, req.dtype)?;
+        // With `dtype = "auto"`, 2-D weights in a format the CPU kernels read directly (Q4_0,
+        // Q4_1, Q8_0) stay as stored; everything else is dequantized.
+        if req.dtype.is_none() {
+            for (hf, shape) in cfg.expected_weights() {
+                let t = gguf_name(&hf).and_then(|g| file.header.tensor(&g));
+                if let Some(ty) = t.and_then(|t| GgmlType::from_id(t.type_id)).filter(|ty| ty.computes_quantized()) {
+                    if shape.len() == 2 {
+                        cfg.weight_dtypes.insert(hf, DType::Block(ty));
+                    }
+                }
+            }
+        }
         let store = weights(&file, &cfg)?;
         let mut g = build_decoder(&cfg, store, req.max_batch_size, req.max_seq_len)?;
         g.history
@@ -155,8 +167,9 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         o_bias: has("blk.0.attn_output.bias"),
         mlp_bias: has("blk.0.ffn_up.bias"),
         qk_norm: has("blk.0.attn_q_norm.weight"),
-        // Quantized weights are dequantized to f32 unless asked otherwise.
+        // Activations in f32 unless asked otherwise; see `weights` for which weights stay quantized.
         dtype: dtype.unwrap_or(DType::F32),
+        weight_dtypes: Default::default(),
     })
 }
 
@@ -192,10 +205,10 @@ fn gguf_name(hf: &str) -> Option<String> {
 }
 
 /// Undoes llama.cpp's Q/K permutation: `hf[h·hd + j·hd/2 + i] = gguf[h·hd + 2i + j]`, on whole
-/// rows of `cols` values.
-pub fn unpermute_rows(v: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+/// rows of `cols` elements (values, or bytes of quantized blocks).
+pub fn unpermute_rows<T: Copy + Default>(v: &[T], heads: usize, rows: usize, cols: usize) -> Vec<T> {
     let hd = rows / heads;
-    let mut out = vec![0f32; v.len()];
+    let mut out = vec![T::default(); v.len()];
     for h in 0..heads {
         for i in 0..hd / 2 {
             for j in 0..2 {
@@ -226,7 +239,16 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
             _ => None,
         };
         let (file, name, shp) = (f.clone(), g.clone(), shape.clone());
+        let keep = cfg.weight_dtypes.get(&hf).copied();
         let load = Arc::new(move || -> Result<Tensor> {
+            if let Some(DType::Block(ty)) = keep {
+                let mut bytes = file.raw(&name)?.to_vec();
+                if let Some(h) = heads {
+                    let row_bytes = bytes.len() / shp[0];
+                    bytes = unpermute_rows(&bytes, h, shp[0], row_bytes);
+                }
+                return Tensor::from_blocks(ty, shp.clone(), bytes);
+            }
             let mut v = file.dequantize(&name)?;
             if let Some(h) = heads {
                 let rows = shp[0];

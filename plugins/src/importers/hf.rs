@@ -182,6 +182,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         mlp_bias: model_type == "llama" && k.bool_or("mlp_bias", false)?,
         qk_norm: model_type == "qwen3",
         dtype: dtype.unwrap_or(file_dtype),
+        weight_dtypes: Default::default(),
     })
 }
 
