@@ -146,7 +146,7 @@ fn text_prompts_need_a_tokenizer_and_fail_alone() {
     std::fs::write(&cfg, format!("model = {model:?}\nmax_new_tokens = 3\n[[prompts]]\ntext = \"hello\"\n[[prompts]]\ntoken_ids = [1, 2, 3]\n")).unwrap();
     let (ok, out, err) = autodeploy(&["--config", cfg.to_str().unwrap()]);
     assert!(!ok, "one prompt failed, so the run reports failure");
-    assert!(out.contains("[0] error: prompts[0].text") && out.contains("no tokenizer"), "{out}");
+    assert!(out.contains("[0] error: input `prompts[0].text`") && out.contains("no tokenizer"), "{out}");
     assert!(out.contains("[1] output ["), "the good prompt still ran: {out}");
     assert!(err.contains("1 of 2 prompts failed"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();

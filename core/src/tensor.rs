@@ -131,7 +131,7 @@ impl Tensor {
         let (per, size) = ty.block();
         let cols = *shape.last().unwrap_or(&0);
         let len: usize = shape.iter().product();
-        if shape.len() != 2 || cols % per != 0 || bytes.len() != len / per * size {
+        if shape.len() != 2 || !cols.is_multiple_of(per) || bytes.len() != len / per * size {
             return Err(Error::Msg(format!("{} blocks do not fit shape {shape:?} ({} bytes)", ty.name(), bytes.len())));
         }
         Ok(Tensor { shape, data: Arc::new(Storage::Block { ty, bytes, len }) })
