@@ -48,9 +48,9 @@ def run_llama_cpp(tokens, threads, new_tokens):
     return len(tokens) / prefill, new_tokens / decode, out
 
 
-def run_autodeploy(tokens, threads, new_tokens):
+def run_autodeploy(tokens, threads, new_tokens, dtype):
     cfg = f"""model = {GGUF!r}
-dtype = "float32"
+dtype = "{dtype}"
 max_batch_size = 1
 max_seq_len = 1024
 max_new_tokens = {new_tokens}
@@ -83,12 +83,17 @@ def main():
           f"threads: {a.threads}  repeats: {a.repeats} (best)  cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}")
     print(f"llama-cpp-python {llama_cpp.__version__}; autodeploy {BIN}")
     best = {}
-    for name, fn in [("llama.cpp", run_llama_cpp), ("autodeploy", run_autodeploy)]:
-        runs = [fn(tokens, a.threads, a.new_tokens) for _ in range(a.repeats)]
+    engines = [
+        ("llama.cpp", lambda: run_llama_cpp(tokens, a.threads, a.new_tokens)),
+        ("autodeploy (auto: Q4_1 kept)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto")),
+        ("autodeploy (float32)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "float32")),
+    ]
+    for name, fn in engines:
+        runs = [fn() for _ in range(a.repeats)]
         best[name] = (max(r[0] for r in runs), max(r[1] for r in runs))
-    print(f"{'engine':<12} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    print(f"{'engine':<30} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, (p, d) in best.items():
-        print(f"{name:<12} {p:>14.1f} {d:>13.1f}")
+        print(f"{name:<30} {p:>14.1f} {d:>13.1f}")
 
 
 if __name__ == "__main__":
