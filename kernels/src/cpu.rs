@@ -440,6 +440,7 @@ mod avx2 {
 
     /// One weight row against `x`: the same value as the scalar `qdot_row`, vectorised 8 wide.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // `b` indexes the blocks, x and xsum together
     pub unsafe fn qdot_row(kind: BlockKind, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let nb = x.len() / 32;
         let bs = kind.bytes();
