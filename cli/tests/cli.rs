@@ -112,6 +112,7 @@ fn quick_start_config_answers_in_text() {
     // The first prompt asks for the capital of France; greedy SmolLM2 answers with Paris.
     assert!(out.contains("[0] output") && out.contains("Paris"), "{out}");
     assert!(out.contains("[2] prompt: \"The three primary colors are\""), "{out}");
+    assert!(!out.contains("<|im_end|>"), "the end-of-turn token is not part of the text: {out}");
 }
 
 #[test]

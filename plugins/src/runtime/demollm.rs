@@ -241,6 +241,10 @@ impl Runtime for DemoLlm {
                 if let (Some(t), Some(at)) = (text.as_mut(), stop_at) {
                     t.truncate(at);
                 }
+                if p.stop_token_ids.contains(&last) && stop_at.is_none() {
+                    // The stop token ends the text; it is not part of it.
+                    text = engine.detokenizer.as_ref().map(|d| d.decode(&s.tokens[s.prompt_len..s.tokens.len() - 1]));
+                }
                 let finish = if p.stop_token_ids.contains(&last) || stop_at.is_some() {
                     Some(FinishReason::Stop)
                 } else if generated >= p.max_new_tokens || s.tokens.len() >= max_len {
