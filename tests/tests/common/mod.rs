@@ -103,12 +103,6 @@ pub fn greedy(prompt: &[i64], n: usize) -> autodeploy_core::runtime::Request {
     }
 }
 
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
-}
+/// The argmax the runtime's greedy sampler uses (first index on ties, as torch).
+#[allow(unused_imports)] // not every test binary uses it
+pub use autodeploy_core::sampling::argmax;
