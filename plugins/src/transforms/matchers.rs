@@ -2,7 +2,7 @@
 //! with canonical ops. Patterns know ops and shapes, never model names.
 
 use autodeploy_core::error::Result;
-use autodeploy_core::ir::Graph;
+use autodeploy_core::ir::{Graph, ValueId};
 use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
 use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
 use autodeploy_core::{DType, Op, SizeArg};
@@ -29,6 +29,25 @@ register!("match_rope", 20, MatchRope);
 register!("match_rope_interleaved", 21, MatchRopeInterleaved);
 register!("match_attention", 30, MatchAttention);
 register!("match_swiglu", 40, MatchSwiGlu);
+
+/// Inserts `op(ins)` at `pos` when it is valid on these inputs and gives exactly the dtype and
+/// shape of the matched output; otherwise leaves the graph as it was and returns `None`.
+fn insert_if_equivalent(
+    g: &mut Graph,
+    pos: usize,
+    hint: &str,
+    op: Op,
+    ins: &[ValueId],
+    matched: ValueId,
+) -> Option<ValueId> {
+    let v = g.insert_node(pos, hint, op, ins).ok()?;
+    if g.meta(v) == g.meta(matched) {
+        Some(v)
+    } else {
+        g.nodes.remove(pos);
+        None
+    }
+}
 
 fn is_last_dim(d: i64, rank: usize) -> bool {
     d == -1 || d == rank as i64 - 1
@@ -149,15 +168,7 @@ impl Transform for MatchRope {
             }
             let hint = format!("{}.rope", g.value(m.output).name);
             let ins = [x, m.input("cos"), m.input("sin")];
-            // The canonical op must reproduce the matched result's dtype and shape exactly.
-            match g.insert_node(pos, &hint, Op::Rope { interleaved: false }, &ins) {
-                Ok(v) if g.meta(v) == g.meta(m.output) => Ok(Some(v)),
-                Ok(_) => {
-                    g.nodes.remove(pos);
-                    Ok(None)
-                }
-                Err(_) => Ok(None),
-            }
+            Ok(insert_if_equivalent(g, pos, &hint, Op::Rope { interleaved: false }, &ins, m.output))
         })?;
         Ok(format!("matched {n} rope"))
     }
@@ -325,14 +336,7 @@ impl Transform for MatchSwiGlu {
         let n = rewrite_all(g, &swiglu_pattern(), |g, m, pos| {
             let ins = [m.input("x"), m.input("w_gate"), m.input("w_up"), m.input("w_down")];
             let hint = format!("{}.swiglu", g.value(m.output).name);
-            match g.insert_node(pos, &hint, Op::SwiGluMlp { fused: false }, &ins) {
-                Ok(v) if g.meta(v) == g.meta(m.output) => Ok(Some(v)),
-                Ok(_) => {
-                    g.nodes.remove(pos);
-                    Ok(None)
-                }
-                Err(_) => Ok(None),
-            }
+            Ok(insert_if_equivalent(g, pos, &hint, Op::SwiGluMlp { fused: false }, &ins, m.output))
         })?;
         Ok(format!("matched {n} swiglu mlp"))
     }
