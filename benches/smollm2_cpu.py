@@ -48,9 +48,10 @@ def run_llama_cpp(tokens, threads, new_tokens):
     return len(tokens) / prefill, new_tokens / decode, out
 
 
-def run_autodeploy(tokens, threads, new_tokens, dtype):
+def run_autodeploy(tokens, threads, new_tokens, dtype, act="none"):
     cfg = f"""model = {GGUF!r}
 dtype = "{dtype}"
+activation_quant = "{act}"
 max_batch_size = 1
 max_seq_len = 1024
 max_new_tokens = {new_tokens}
@@ -85,6 +86,7 @@ def main():
     best = {}
     engines = [
         ("llama.cpp", lambda: run_llama_cpp(tokens, a.threads, a.new_tokens)),
+        ("autodeploy (auto, int8 act)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto", "int8")),
         ("autodeploy (auto: Q4_1 kept)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto")),
         ("autodeploy (float32)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "float32")),
     ]

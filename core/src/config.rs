@@ -25,6 +25,11 @@ pub struct PipelineConfig {
     pub device: String,
     #[serde(default = "default_compile_backend")]
     pub compile_backend: String,
+    /// `none` (exact f32 activations) or `int8`: decode-sized linears over block-quantized
+    /// weights quantize their activations to int8 per 32 values (llama.cpp's method; faster on
+    /// the CPU, adds the activation rounding error).
+    #[serde(default)]
+    pub activation_quant: ActivationQuant,
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: usize,
     #[serde(default = "default_max_seq_len")]
@@ -66,6 +71,14 @@ pub struct PipelineConfig {
     /// The folder of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationQuant {
+    #[default]
+    None,
+    Int8,
 }
 
 #[derive(Clone, Debug, Deserialize)]

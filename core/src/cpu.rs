@@ -50,11 +50,23 @@ fn block_kind(t: GgmlType) -> Option<k::BlockKind> {
 /// (decode) read the blocks as stored.
 const QUANT_GEMM_MIN_ROWS: usize = 8;
 
+/// Kernel choices a compile backend makes for the whole model; the default is exact f32 math.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// Linears over block-quantized weights (decode-sized inputs) quantize their activations to
+    /// int8 per 32-value block and multiply in integers, as llama.cpp does: faster, with the
+    /// activation rounding error added (`autodeploy_kernels::quant` states it).
+    pub int8_activations: bool,
+}
+
 /// `x[m, k] · w[n, k]ᵀ (+ bias)` in f32 for any weight storage.
-pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32]>) -> Vec<f32> {
+pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32]>, opts: &KernelOptions) -> Vec<f32> {
     let n = w.shape()[0];
     let mut y = vec![0f32; m * n];
     match w.as_blocks().and_then(|(t, b)| block_kind(t).map(|kd| (kd, b))) {
+        Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS && opts.int8_activations => {
+            autodeploy_kernels::quant::qlinear_i8(m, n, k_, x, kind, bytes, bias, &mut y)
+        }
         Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS => k::qlinear(m, n, k_, x, kind, bytes, bias, &mut y),
         _ => k::linear(m, n, k_, x, &w.to_f32(), bias, &mut y),
     }
@@ -170,8 +182,14 @@ fn to_usize(shape: &[crate::shape::Dim]) -> Vec<usize> {
     shape.iter().map(|d| d.as_static().expect("concrete shape")).collect()
 }
 
-/// Evaluates one op. `bind` gives the values of symbolic sizes in the op's attributes.
+/// Evaluates one op with exact kernels. `bind` gives the values of symbolic sizes in the op's
+/// attributes.
 pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
+    eval_with(op, ins, bind, &KernelOptions::default())
+}
+
+/// [`eval`] with the kernel choices `opts`.
+pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Tensor> {
     // Resolve symbolic size arguments, then check the op's shape rules on the concrete inputs.
     let op = match op {
         Op::View(s) => Op::View(resolve(s, bind)?),
@@ -212,11 +230,10 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
         }
         Op::Linear => {
             let w = ins[1];
-            let (n, kk) = (w.shape()[0], w.shape()[1]);
+            let kk = w.shape()[1];
             let m = x.numel() / kk.max(1);
-            let _ = n;
             let bias = ins.get(2).map(|b| b.to_f32());
-            let y = linear_f32(&x.to_f32(), m, kk, w, bias.as_deref());
+            let y = linear_f32(&x.to_f32(), m, kk, w, bias.as_deref(), opts);
             Tensor::from_f32_as(out_meta.dtype, out_shape, y)
         }
         Op::Matmul => matmul(x, ins[1], out_meta.dtype, out_shape),
@@ -286,7 +303,7 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
         }
         Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
         Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
-        Op::SwiGluMlp { fused } => swiglu(ins, *fused, out_shape),
+        Op::SwiGluMlp { fused } => swiglu(ins, *fused, out_shape, opts),
         Op::IndexSelect { dim } => {
             let d = norm_dim(&op, *dim, x.rank())?;
             let idx = ins[1].to_i64();
@@ -503,17 +520,16 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bind: &Bindin
     eval(&Op::Add, &[&xc, &rs], bind)
 }
 
-fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>) -> Result<Tensor> {
+fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>, opts: &KernelOptions) -> Result<Tensor> {
     let x = ins[0];
     let dtype = x.dtype();
     let wd = ins[ins.len() - 1];
-    let m_rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
-    let (hidden, inter) = (wd.shape()[0], wd.shape()[1]);
+    let inter = wd.shape()[1];
     let kk = *x.shape().last().expect("rank >= 1");
     let m = x.numel() / kk.max(1);
     let xv = x.to_f32();
     let lin = |w: &Tensor, n: usize| {
-        let mut y = linear_f32(&xv, m, kk, w, None);
+        let mut y = linear_f32(&xv, m, kk, w, None, opts);
         debug_assert_eq!(y.len(), m * n);
         y.iter_mut().for_each(|v| *v = round_as(dtype, *v));
         y
@@ -531,7 +547,6 @@ fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>) -> Result<Tensor>
     };
     let act: Vec<f32> =
         g.iter().zip(&u).map(|(&a, &b)| round_as(dtype, round_as(dtype, a / (1.0 + (-a).exp())) * b)).collect();
-    let _ = (hidden, m_rows);
-    let y = linear_f32(&act, m, inter, wd, None);
+    let y = linear_f32(&act, m, inter, wd, None, opts);
     Tensor::from_f32_as(dtype, out_shape, y)
 }

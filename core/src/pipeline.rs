@@ -73,7 +73,7 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let (graph, tokenizer) = transformed(cfg, Stage::CacheInit)?;
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
-    let model = backend.compile(&graph)?;
+    let model = backend.compile(&graph, &registry::CompileOptions::from_config(cfg))?;
     let cache = CacheSpec::of(&graph)?;
     let tokenizer = tokenizer.map(Arc::new);
     let detokenizer = tokenizer.clone().map(|t| t as Arc<dyn crate::runtime::Detokenizer>);

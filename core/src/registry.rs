@@ -38,8 +38,21 @@ pub trait CompiledModel: Send {
     fn forward(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Vec<Tensor>>;
 }
 
+/// What a compile backend is asked for besides the graph.
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    pub kernels: crate::cpu::KernelOptions,
+}
+
+impl CompileOptions {
+    pub fn from_config(cfg: &crate::config::PipelineConfig) -> CompileOptions {
+        let int8_activations = cfg.activation_quant == crate::config::ActivationQuant::Int8;
+        CompileOptions { kernels: crate::cpu::KernelOptions { int8_activations } }
+    }
+}
+
 pub trait CompileBackend: Send + Sync {
-    fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledModel>>;
+    fn compile(&self, graph: &Graph, opts: &CompileOptions) -> Result<Box<dyn CompiledModel>>;
 }
 
 pub struct ImporterPlugin {

@@ -1,3 +1,4 @@
 //! Math kernels. CPU kernels here are the reference every device kernel is checked against.
 
 pub mod cpu;
+pub mod quant;

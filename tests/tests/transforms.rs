@@ -36,7 +36,7 @@ fn rand_tensor(dtype: DType, shape: &[usize], seed: u64) -> Tensor {
 
 /// Runs graph `g` on `inputs` with the interpreter.
 fn run(g: &Graph, inputs: &[Tensor]) -> Vec<Vec<f32>> {
-    let mut m = registry::compile_backend("simple").unwrap().compile(g).unwrap();
+    let mut m = registry::compile_backend("simple").unwrap().compile(g, &Default::default()).unwrap();
     m.forward(inputs, None).unwrap().iter().map(|t| t.to_f32().into_owned()).collect()
 }
 

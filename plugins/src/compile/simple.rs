@@ -4,7 +4,7 @@
 use autodeploy_core::cpu;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::{attention_backend, AttentionBackend, CacheSpec, StepContext};
-use autodeploy_core::registry::{CompileBackend, CompileBackendPlugin, CompiledModel};
+use autodeploy_core::registry::{CompileBackend, CompileBackendPlugin, CompileOptions, CompiledModel};
 use autodeploy_core::shape::Bindings;
 use autodeploy_core::{Graph, Op, Tensor};
 
@@ -20,7 +20,7 @@ autodeploy_core::inventory::submit! {
 }
 
 impl CompileBackend for SimpleBackend {
-    fn compile(&self, graph: &Graph) -> Result<Box<dyn CompiledModel>> {
+    fn compile(&self, graph: &Graph, opts: &CompileOptions) -> Result<Box<dyn CompiledModel>> {
         graph.validate()?;
         let mut params = Vec::with_capacity(graph.params.len());
         // A bar while weights load (dequantizing a GGUF takes seconds); hidden when stderr is not
@@ -63,7 +63,8 @@ impl CompileBackend for SimpleBackend {
             Some(spec) => Some(attention_backend(&spec.backend)?.1),
             None => None,
         };
-        Ok(Box::new(Interpreter { graph: graph.clone(), params, last_use, attention }))
+        let profile = std::env::var_os("AUTODEPLOY_PROFILE").map(|_| Default::default());
+        Ok(Box::new(Interpreter { graph: graph.clone(), params, last_use, attention, kernels: opts.kernels, profile }))
     }
 }
 
@@ -73,6 +74,23 @@ struct Interpreter {
     last_use: Vec<usize>,
     /// The backend behind the graph's cached-attention ops, if it has any.
     attention: Option<Box<dyn AttentionBackend>>,
+    kernels: cpu::KernelOptions,
+    /// Time per op name, kept when `AUTODEPLOY_PROFILE` is set and printed when the model drops.
+    profile: Option<std::collections::BTreeMap<String, (u64, std::time::Duration)>>,
+}
+
+impl Drop for Interpreter {
+    fn drop(&mut self) {
+        let Some(p) = &self.profile else { return };
+        let total: std::time::Duration = p.values().map(|v| v.1).sum();
+        let mut rows: Vec<_> = p.iter().collect();
+        rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.1));
+        eprintln!("op profile (simple backend, {:.1} ms in ops):", total.as_secs_f64() * 1e3);
+        for (op, (calls, t)) in rows {
+            let share = 100.0 * t.as_secs_f64() / total.as_secs_f64().max(1e-12);
+            eprintln!("  {op:<32} {calls:>8} calls {:>10.1} ms {share:>5.1}%", t.as_secs_f64() * 1e3);
+        }
+    }
 }
 
 /// Binds the symbols of the graph inputs' shapes from concrete inputs, checking every static
@@ -140,6 +158,7 @@ impl CompiledModel for Interpreter {
                 .map(|v| slots[v.0 as usize].as_ref().expect("validated graph defines values before use"))
                 .collect();
             let name = &g.value(n.outputs[0]).name;
+            let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
             let res = match (&n.op, &self.attention, step.as_deref_mut()) {
                 (Op::CachedAttention { layer, scale, .. }, Some(b), Some(cx)) => {
                     b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx)
@@ -148,12 +167,17 @@ impl CompiledModel for Interpreter {
                     "this graph has cached attention: forward needs a step context (batch metadata and KV cache)"
                         .into(),
                 )),
-                _ => cpu::eval(&n.op, &ins, &bind),
+                _ => cpu::eval_with(&n.op, &ins, &bind, &self.kernels),
             };
             let out = res.map_err(|e| match e {
                 Error::Shape { .. } => e.at_node(name),
                 e => Error::Op { op: n.op.name().into(), msg: format!("node `{name}`: {e}") },
             })?;
+            if let (Some(p), Some(t0)) = (self.profile.as_mut(), t0) {
+                let e = p.entry(n.op.name().to_string()).or_default();
+                e.0 += 1;
+                e.1 += t0.elapsed();
+            }
             slots[n.outputs[0].0 as usize] = Some(out);
             for v in &n.inputs {
                 if self.last_use[v.0 as usize] == i {

@@ -54,7 +54,7 @@ pub fn import(family: &str, dtype: DType) -> Graph {
 }
 
 pub fn compile(g: &Graph) -> Box<dyn CompiledModel> {
-    registry::compile_backend("simple").unwrap().compile(g).unwrap()
+    registry::compile_backend("simple").unwrap().compile(g, &Default::default()).unwrap()
 }
 
 /// Logits `[batch, seq, vocab]` as f32 for token ids `[batch, seq]`, positions 0..seq.
