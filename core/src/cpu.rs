@@ -46,8 +46,8 @@ fn block_kind(t: GgmlType) -> Option<k::BlockKind> {
     })
 }
 
-/// Inputs with at least this many rows dequantize a block weight and use the f32 GEMM; fewer
-/// (decode) read the blocks as stored.
+/// Inputs with at least this many rows dequantize a block weight tile by tile into an f32 GEMM;
+/// fewer (decode) multiply the blocks as stored.
 const QUANT_GEMM_MIN_ROWS: usize = 8;
 
 /// Kernel choices a compile backend makes for the whole model; the default is exact f32 math.
@@ -68,7 +68,8 @@ pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32
             autodeploy_kernels::quant::qlinear_i8(m, n, k_, x, kind, bytes, bias, &mut y)
         }
         Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS => k::qlinear(m, n, k_, x, kind, bytes, bias, &mut y),
-        _ => k::linear(m, n, k_, x, &w.to_f32(), bias, &mut y),
+        Some((kind, bytes)) => autodeploy_kernels::quant::qlinear_tiled(m, n, k_, x, kind, bytes, bias, &mut y),
+        None => k::linear(m, n, k_, x, &w.to_f32(), bias, &mut y),
     }
     y
 }
@@ -495,11 +496,36 @@ fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32, norm_dtype: DType, out_dtype: DType
     Tensor::from_f32_as(out_dtype, x.shape().to_vec(), out)
 }
 
-/// RoPE through the primitive ops, so it rounds exactly where the unfused graph does.
+/// RoPE (rotate-half), rounding exactly where the unfused graph does: `x·cos` and `rot(x)·sin`
+/// each round to the dtype, then their sum. Direct when cos/sin are one `[T, d]` table
+/// broadcast over the leading dims (how the importers build them), else through the primitive
+/// ops.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bind: &Bindings) -> Result<Tensor> {
     let d = *x.shape().last().expect("rank >= 1");
-    let half = (d / 2) as i64;
     let r = x.rank();
+    let table = |t: &Tensor| {
+        r >= 2
+            && t.rank() <= r
+            && t.shape().len() >= 2
+            && t.shape()[t.rank() - 2..] == x.shape()[r - 2..]
+            && t.shape()[..t.rank() - 2].iter().all(|&n| n == 1)
+    };
+    let same_dtype = cos.dtype() == x.dtype() && sin.dtype() == x.dtype();
+    if !interleaved && d.is_multiple_of(2) && table(cos) && table(sin) && same_dtype && x.dtype().is_float() {
+        let dtype = x.dtype();
+        let (xv, cv, sv) = (x.to_f32(), cos.to_f32(), sin.to_f32());
+        let (h, tab) = (d / 2, cv.len());
+        let mut out = vec![0f32; xv.len()];
+        for ((o, xr), at) in out.chunks_mut(d).zip(xv.chunks(d)).zip((0..).map(|i: usize| (i * d) % tab)) {
+            let (c, s) = (&cv[at..at + d], &sv[at..at + d]);
+            for j in 0..d {
+                let rot = if j < h { -xr[j + h] } else { xr[j - h] };
+                o[j] = round_as(dtype, round_as(dtype, xr[j] * c[j]) + round_as(dtype, rot * s[j]));
+            }
+        }
+        return Tensor::from_f32_as(dtype, x.shape().to_vec(), out);
+    }
+    let half = (d / 2) as i64;
     let x = if interleaved {
         // [..., d] holding (even, odd) pairs -> [..., d/2, 2] -> [..., 2, d/2] -> [..., d]
         let mut pairs: Vec<SizeArg> = x.shape()[..r - 1].iter().map(|&n| SizeArg::Dim(n.into())).collect();

@@ -11,7 +11,7 @@ fn main() {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("thread pool");
     println!("threads: {threads}  memory read bandwidth: {:.1} GB/s", read_bandwidth());
     for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
-        for (n, k, copies) in [(1536usize, 576usize, 1usize), (1536, 576, 64)] {
+        for (n, k, copies) in [(1536usize, 576usize, 1usize), (1536, 576, 64), (3072, 576, 32), (576, 1536, 64)] {
             let rb = k / 32 * kind.bytes();
             // Random bytes with small f16 scales at the start of each block.
             let mut s = 12345u32;

@@ -164,19 +164,88 @@ pub fn attention(d: AttnDims, q: &[f32], k: &[f32], v: &[f32], causal: bool, sca
 
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { simd::dot(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorise the loop.
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
+    let n = a.len().min(b.len());
+    let chunks = n / 8;
     for c in 0..chunks {
         for l in 0..8 {
             acc[l] += a[c * 8 + l] * b[c * 8 + l];
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
+    for i in chunks * 8..n {
         s += a[i] * b[i];
     }
     s
+}
+
+/// `y += alpha · x`.
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { simd::axpy(alpha, x, y) };
+    }
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * v;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            i += 8;
+        }
+        let s = _mm256_add_ps(s0, s1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let mut r = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+        while i < n {
+            r += a[i] * b[i];
+            i += 1;
+        }
+        r
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let a = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+            i += 8;
+        }
+        while i < n {
+            y[i] += alpha * x[i];
+            i += 1;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +298,19 @@ mod tests {
             for i in 0..m * n {
                 assert!((y[i] - r[i] - bias[i % n]).abs() < 1e-4);
             }
+        }
+    }
+
+    #[test]
+    fn dot_and_axpy_match_scalar_at_every_length() {
+        for n in [0, 1, 7, 8, 15, 16, 17, 64, 100] {
+            let (a, b) = (rand(n, 3), rand(n, 4));
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - want).abs() < 1e-5, "dot of {n}");
+            assert!((dot_portable(&a, &b) - want).abs() < 1e-5, "portable dot of {n}");
+            let mut y = b.clone();
+            axpy(0.5, &a, &mut y);
+            assert!(y.iter().zip(a.iter().zip(&b)).all(|(o, (x, z))| (o - (z + 0.5 * x)).abs() < 1e-6), "axpy of {n}");
         }
     }
 

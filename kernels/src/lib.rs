@@ -1,4 +1,5 @@
 //! Math kernels. CPU kernels here are the reference every device kernel is checked against.
 
 pub mod cpu;
+pub mod pool;
 pub mod quant;

@@ -9,8 +9,6 @@
 //!   are multiplied with integer instructions (`pmaddubsw`/`pmaddwd`), four times fewer
 //!   conversions per block. This adds the activation rounding error (at most `d / 2` per value).
 
-use rayon::prelude::*;
-
 /// Block-quantized weight formats the linear kernels read as stored (ggml layouts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockKind {
@@ -80,6 +78,101 @@ pub(crate) fn half_f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// Expands blocks of `kind` from `blocks` until `out` is full, on the calling thread.
+fn dequantize_serial(kind: BlockKind, blocks: &[u8], out: &mut [f32]) {
+    let bs = kind.bytes();
+    for (blk, o) in blocks.chunks_exact(bs).zip(out.chunks_exact_mut(32)) {
+        let d = f16le(blk, 0);
+        let qs = &blk[kind.quants_at()..];
+        match kind {
+            BlockKind::Q8_0 => {
+                for (v, q) in o.iter_mut().zip(&qs[..32]) {
+                    *v = (*q as i8) as f32 * d;
+                }
+            }
+            BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                let (scale, offset) = if kind == BlockKind::Q4_1 { (d, f16le(blk, 2)) } else { (d, -8.0 * d) };
+                let (lo, hi) = o.split_at_mut(16);
+                for j in 0..16 {
+                    lo[j] = (qs[j] & 15) as f32 * scale + offset;
+                    hi[j] = (qs[j] >> 4) as f32 * scale + offset;
+                }
+            }
+        }
+    }
+}
+
+/// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` for many rows (prefill) with `W` block-quantized: a tile
+/// of W's rows at a time is dequantized into a per-thread buffer that stays in cache, and that
+/// tile's GEMM runs single-threaded; tiles spread over the pool. W is never expanded whole.
+#[allow(clippy::too_many_arguments)]
+pub fn qlinear_tiled(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    kind: BlockKind,
+    w: &[u8],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    assert!(k.is_multiple_of(32), "qlinear: k = {k} is not a multiple of 32");
+    let row_bytes = k / 32 * kind.bytes();
+    assert_eq!(w.len(), n * row_bytes, "qlinear weight bytes");
+    assert_eq!(x.len(), m * k, "qlinear input");
+    assert_eq!(y.len(), m * n, "qlinear output");
+    thread_local! {
+        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    // About 128 KiB of f32 weights per tile.
+    let tn = (32768 / k).next_multiple_of(16).clamp(16, 256);
+    struct Out(*mut f32);
+    // SAFETY: tiles write disjoint column ranges of `y` (see below).
+    unsafe impl Sync for Out {}
+    let out = Out(y.as_mut_ptr());
+    let out = &out;
+    crate::pool::for_each_chunk(n.div_ceil(tn), &|t| {
+        let (j0, j1) = (t * tn, ((t + 1) * tn).min(n));
+        TILE.with_borrow_mut(|tile| {
+            tile.resize((j1 - j0) * k, 0.0);
+            dequantize_serial(kind, &w[j0 * row_bytes..j1 * row_bytes], tile);
+            // SAFETY: x is m×k row-major, the tile (j1-j0)×k row-major, read as its transpose;
+            // the destination is columns j0..j1 of y (m×n row-major), which no other tile
+            // writes, and y outlives the pool call.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    j1 - j0,
+                    k,
+                    out.0.add(j0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    tile.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    });
+    if let Some(b) = bias {
+        for row in y.chunks_mut(n) {
+            for (v, bj) in row.iter_mut().zip(b) {
+                *v += bj;
+            }
+        }
+    }
+}
+
 /// One activation row quantized per 32-value block: `x ≈ q · d` within each block.
 pub struct QuantRow {
     pub q: Vec<i8>,
@@ -90,8 +183,28 @@ pub struct QuantRow {
     pub sum: Vec<f32>,
 }
 
-/// Quantizes `x` (a multiple of 32 long) to int8 per block, rounding to nearest.
+/// Quantizes `x` (a multiple of 32 long) to int8 per block, rounding to nearest (ties away from
+/// zero).
 pub fn quantize_row_i8(x: &[f32]) -> QuantRow {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { avx2::quantize_row(x) };
+    }
+    quantize_row_portable(x)
+}
+
+/// Rounds to nearest, ties away from zero (llama.cpp rounds its 8-bit activations with
+/// `roundf`), by the arithmetic the SIMD path uses: `trunc(y + copysign(0.49999997, y))`.
+#[inline(always)]
+fn round_half_away(y: f32) -> f32 {
+    (y + HALF_BELOW.copysign(y)).trunc()
+}
+
+/// The largest f32 below 0.5.
+const HALF_BELOW: f32 = 0.49999997;
+
+fn quantize_row_portable(x: &[f32]) -> QuantRow {
     let nb = x.len() / 32;
     let mut q = vec![0i8; x.len()];
     let (mut d, mut sum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
@@ -101,7 +214,7 @@ pub fn quantize_row_i8(x: &[f32]) -> QuantRow {
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         let mut s = 0i32;
         for (o, v) in qb.iter_mut().zip(xb) {
-            let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            let r = round_half_away(v * inv).clamp(-127.0, 127.0) as i8;
             *o = r;
             s += r as i32;
         }
@@ -313,6 +426,46 @@ mod avx2 {
         out
     }
 
+    /// [`super::quantize_row_i8`], 32 values at a time: the same scales, and the same integers
+    /// (the same `trunc(y + copysign(0.49999997, y))` arithmetic).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_row(x: &[f32]) -> QuantRow {
+        let nb = x.len() / 32;
+        let mut q = vec![0i8; nb * 32];
+        let (mut d, mut sum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+        let sign = _mm256_set1_ps(-0.0);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * 32);
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
+            let m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
+            let m = _mm256_max_ps(m01, m23);
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            let half = _mm256_set1_ps(super::HALF_BELOW);
+            let i = [0, 1, 2, 3].map(|j| {
+                let y = _mm256_mul_ps(v[j], inv);
+                _mm256_cvttps_epi32(_mm256_add_ps(y, _mm256_or_ps(_mm256_and_ps(y, sign), half)))
+            });
+            let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b00_00_00_01)));
+            // i32 → i16 → i8 packs work within 128-bit lanes; the permute restores value order.
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            let packed = _mm256_permutevar8x32_epi32(packed, order);
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * 32) as *mut __m256i, packed);
+            d.push(scale);
+            sum.push(scale * s as f32);
+        }
+        QuantRow { q, d, sum }
+    }
+
     /// `out[i]` = row `first + i` of `w` against `x`, for f32 activations.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn qdot_rows(
@@ -363,7 +516,8 @@ mod avx2 {
     }
 }
 
-fn has_avx2() -> bool {
+/// Whether this CPU runs the AVX2/FMA/F16C kernels (checked once, cached by std).
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")
@@ -467,16 +621,16 @@ fn qlinear_impl(
             }
         })
         .collect();
-    // Output channels in chunks; each chunk's weight rows stay in cache while every activation
-    // row passes over them.
-    let chunk = 64;
+    // Output channels in chunks, on the spinning pool (decode-sized work); each chunk's weight
+    // rows stay in cache while every activation row passes over them.
+    // About 8 chunks per thread: enough to balance, few enough that claiming one (an atomic on a
+    // shared line) stays small next to its work. Multiples of 4 rows keep whole tiles.
+    let chunk = n.div_ceil(8 * crate::pool::threads()).next_multiple_of(4).max(4);
     if m == 1 {
-        y.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(c, out)| acts[0].dot_rows(kind, w, row_bytes, out, c * chunk, simd));
+        crate::pool::for_each_chunk_mut(y, chunk, |c, out| acts[0].dot_rows(kind, w, row_bytes, out, c * chunk, simd));
     } else {
         let mut yt = vec![0f32; n * m]; // [n, m], transposed so chunks are contiguous
-        yt.par_chunks_mut(chunk * m).enumerate().for_each(|(c, out)| {
+        crate::pool::for_each_chunk_mut(&mut yt, chunk * m, |c, out| {
             let mut tmp = vec![0f32; out.len() / m];
             for (i, a) in acts.iter().enumerate() {
                 a.dot_rows(kind, w, row_bytes, &mut tmp, c * chunk, simd);
@@ -565,6 +719,33 @@ mod tests {
     const KINDS: [BlockKind; 3] = [BlockKind::Q4_0, BlockKind::Q4_1, BlockKind::Q8_0];
 
     #[test]
+    fn tiled_qlinear_matches_dequantized_linear() {
+        for kind in KINDS {
+            // Several tiles and a short last one (the tile is 64 rows at k = 512).
+            let (m, n, k) = (9, 150, 512);
+            let (w, wf) = random_weights(kind, n, k, 31);
+            let x = rand(m * k, 32);
+            let bias = rand(n, 33);
+            let (mut y, mut r) = (vec![0f32; m * n], vec![0f32; m * n]);
+            qlinear_tiled(m, n, k, &x, kind, &w, Some(&bias), &mut y);
+            linear(m, n, k, &x, &wf, Some(&bias), &mut r);
+            for (a, b) in y.iter().zip(&r) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kind:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn dequantize_matches_the_ggml_formulas() {
+        for kind in KINDS {
+            let (w, wf) = random_weights(kind, 4100, 32, 5);
+            let mut out = vec![0f32; wf.len()];
+            dequantize_serial(kind, &w, &mut out);
+            assert!(out.iter().zip(&wf).all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0)), "{kind:?}");
+        }
+    }
+
+    #[test]
     fn qlinear_matches_dequantized_linear() {
         for kind in KINDS {
             for m in [1, 3] {
@@ -597,6 +778,11 @@ mod tests {
             let s: i32 = q.q[b * 32..b * 32 + 32].iter().map(|&v| v as i32).sum();
             assert!((q.sum[b] - q.d[b] * s as f32).abs() < 1e-6);
         }
+        // The SIMD path gives the same integers and scales as the portable one.
+        let p = quantize_row_portable(&x);
+        assert_eq!((&q.q, &q.d, &q.sum), (&p.q, &p.d, &p.sum));
+        let ties: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.5 * 127.0 / 16.0).collect();
+        assert_eq!(quantize_row_i8(&ties).q, quantize_row_portable(&ties).q, "ties round the same way");
         let zero = quantize_row_i8(&[0.0; 32]);
         assert_eq!((zero.d[0], zero.q.iter().all(|&v| v == 0)), (0.0, true));
     }

@@ -6,8 +6,7 @@ use autodeploy_core::cpu::round_as;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::{AttentionBackend, AttentionBackendPlugin, StepContext};
 use autodeploy_core::Tensor;
-use autodeploy_kernels::cpu::dot;
-use rayon::prelude::*;
+use autodeploy_kernels::cpu::{axpy, dot};
 
 pub struct TorchCpuAttention;
 
@@ -69,19 +68,26 @@ impl AttentionBackend for TorchCpuAttention {
         let (kc, vc) = (&*kc, &*vc);
         let qv = q.to_f32();
         let mut out = vec![0f32; heads * tokens * dim];
-        // Rows of `out` are (head, token); each attends to its sequence's positions 0..=pos.
-        out.par_chunks_mut(dim).enumerate().for_each_init(Vec::new, |scores, (row, o)| {
+        let attend_row = |row: usize, o: &mut [f32], scores: &mut Vec<f32>| {
             let (h, t) = (row / tokens, row % tokens);
             let (s, pos) = (plan.token_seq[t], plan.token_pos[t]);
             let kvh = h / group;
             let qrow = &qv[row * dim..(row + 1) * dim];
             scores.clear();
+            // Positions 0..=pos, page by page: within a page, slots are consecutive.
+            let row_stride = kv_heads * dim;
             let mut max = f32::NEG_INFINITY;
-            for j in 0..=pos {
-                let at = (plan.slot(s, j) * kv_heads + kvh) * dim;
-                let x = dot(qrow, &kc[at..at + dim]) * scale;
-                max = max.max(x);
-                scores.push(x);
+            let mut j = 0;
+            while j <= pos {
+                let n = (plan.page_size - j % plan.page_size).min(pos + 1 - j);
+                let base = (plan.slot(s, j) * kv_heads + kvh) * dim;
+                for i in 0..n {
+                    let at = base + i * row_stride;
+                    let x = dot(qrow, &kc[at..at + dim]) * scale;
+                    max = max.max(x);
+                    scores.push(x);
+                }
+                j += n;
             }
             let mut sum = 0.0f32;
             for x in scores.iter_mut() {
@@ -89,14 +95,28 @@ impl AttentionBackend for TorchCpuAttention {
                 sum += *x;
             }
             o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let at = (plan.slot(s, j) * kv_heads + kvh) * dim;
-                for (oo, vvv) in o.iter_mut().zip(&vc[at..at + dim]) {
-                    *oo += p * vvv;
+            let mut j = 0;
+            while j <= pos {
+                let n = (plan.page_size - j % plan.page_size).min(pos + 1 - j);
+                let base = (plan.slot(s, j) * kv_heads + kvh) * dim;
+                for i in 0..n {
+                    let at = base + i * row_stride;
+                    axpy(scores[j + i], &vc[at..at + dim], o);
                 }
+                j += n;
             }
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|x| *x = round_as(q.dtype(), *x * inv));
+        };
+        // Rows of `out` are (head, token); each attends to its sequence's positions 0..=pos.
+        // Decode has few rows (one per head): they run on the kernels' spinning pool, a few rows
+        // per chunk.
+        let rows_per_chunk = (heads * tokens).div_ceil(8 * autodeploy_kernels::pool::threads()).max(1);
+        autodeploy_kernels::pool::for_each_chunk_mut(&mut out, rows_per_chunk * dim, |c, piece| {
+            let mut scores = Vec::new();
+            for (i, o) in piece.chunks_mut(dim).enumerate() {
+                attend_row(c * rows_per_chunk + i, o, &mut scores);
+            }
         });
         Tensor::from_f32_as(q.dtype(), vec![1, heads, tokens, dim], out)
     }
