@@ -6,7 +6,7 @@ on the same file, same prompt tokens, same thread count, in one run.
 
 Needs: the release binary (cargo build --release), the GGUF (scripts/fetch-smollm2.sh) and
 `pip install llama-cpp-python`. Prints the configuration, then prefill and decode tok/s for each
-engine (best of --repeats runs).
+engine (best of --repeats runs, the engines taking turns).
 """
 
 import argparse
@@ -90,9 +90,12 @@ def main():
         ("autodeploy (auto: Q4_1 kept)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto")),
         ("autodeploy (float32)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "float32")),
     ]
-    for name, fn in engines:
-        runs = [fn() for _ in range(a.repeats)]
-        best[name] = (max(r[0] for r in runs), max(r[1] for r in runs))
+    # Repeats interleave the engines, so a slow spell of the machine does not favour one.
+    for _ in range(a.repeats):
+        for name, fn in engines:
+            p, d, _ = fn()
+            bp, bd = best.get(name, (0.0, 0.0))
+            best[name] = (max(bp, p), max(bd, d))
     print(f"{'engine':<30} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, (p, d) in best.items():
         print(f"{name:<30} {p:>14.1f} {d:>13.1f}")

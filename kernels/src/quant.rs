@@ -399,7 +399,8 @@ mod avx2 {
     const PREFETCH: usize = 384;
 
     /// `R` weight rows (`row_bytes` apart from `row`) against one int8 row. The rows share each
-    /// activation load and keep `R` independent FMA chains in flight.
+    /// activation load and keep `R` independent FMA chains in flight (see `rows_i8` for the
+    /// `R` in use).
     #[inline(always)]
     unsafe fn qdot_tile_i8<const K: u8, const R: usize>(row: *const u8, row_bytes: usize, x: &QuantRow) -> [f32; R] {
         let kind = BlockKind::from_tag(K);
@@ -502,16 +503,13 @@ mod avx2 {
 
     #[inline(always)]
     unsafe fn rows_i8<const K: u8>(w: &[u8], row_bytes: usize, x: &QuantRow, out: &mut [f32], first: usize) {
+        // One row at a time: a single forward stream per thread. Tiles of 2–8 rows share the
+        // activation loads and run as fast from cache, but from memory (how decode reads the
+        // weights) their interleaved streams were 20–40% slower on the development machine
+        // (`cargo run --release -p autodeploy-kernels --example qgemv`).
         let base = w.as_ptr().add(first * row_bytes);
-        let mut tiles = out.chunks_exact_mut(4);
-        let mut r = 0;
-        for o in &mut tiles {
-            o.copy_from_slice(&qdot_tile_i8::<K, 4>(base.add(r * row_bytes), row_bytes, x));
-            r += 4;
-        }
-        for o in tiles.into_remainder() {
+        for (r, o) in out.iter_mut().enumerate() {
             *o = qdot_tile_i8::<K, 1>(base.add(r * row_bytes), row_bytes, x)[0];
-            r += 1;
         }
     }
 }
