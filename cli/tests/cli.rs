@@ -129,7 +129,7 @@ fn chat_streams_answers_and_keeps_the_conversation() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"What is the capital of France?\n/reset\nSay hello.\n/exit\n").unwrap();
+    child.stdin.take().unwrap().write_all(b"What is the capital of France? Answer in one sentence.\n/reset\nSay hello.\n/exit\n").unwrap();
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stderr}");
