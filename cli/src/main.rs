@@ -272,9 +272,12 @@ fn main() -> ExitCode {
     }
     let res = match &cli.cmd {
         Some(Cmd::Plugins) => {
-            println!("{:<18} {:<12} {:<8} origin", "kind", "name", "version");
+            println!("{:<18} {:<24} {:<8} origin", "kind", "name", "version");
             for p in registry::list_plugins() {
-                println!("{:<18} {:<12} {:<8} {}", p.kind.as_str(), p.name, p.version, p.origin);
+                println!("{:<18} {:<24} {:<8} {}", p.kind.as_str(), p.name, p.version, p.origin);
+            }
+            for r in autodeploy_core::plugin_abi::refusals() {
+                println!("refused: {}: {}", r.library.display(), r.reason);
             }
             Ok(())
         }

@@ -77,11 +77,10 @@ fn plugin_registry_entries_are_checked_at_start_up() {
     let cfg = dir.join("pipeline.toml");
     std::fs::write(&cfg, format!("model = {:?}\n", root().join("tests/fixtures/llama").display().to_string())).unwrap();
     std::fs::write(dir.join("plugin-registry.toml"), "[[library]]\npath = \"libmissing.so\"\n").unwrap();
+    // A missing library is refused with a warning naming it; the host runs on, since this
+    // config needs nothing from it (cli/tests/plugins.rs covers configs that do).
     let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap()]);
-    assert!(
-        !ok && err.contains("plugin-registry.toml") && err.contains("library[0].path") && err.contains("libmissing.so"),
-        "{err}"
-    );
+    assert!(ok && err.contains("libmissing.so") && err.contains("does not exist"), "{err}");
     std::fs::write(dir.join("plugin-registry.toml"), "[[librry]]\n").unwrap();
     let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap()]);
     assert!(!ok && err.contains("librry"), "{err}");
@@ -129,7 +128,12 @@ fn chat_streams_answers_and_keeps_the_conversation() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"What is the capital of France? Answer in one sentence.\n/reset\nSay hello.\n/exit\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France? Answer in one sentence.\n/reset\nSay hello.\n/exit\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stderr}");

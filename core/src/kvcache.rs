@@ -213,14 +213,46 @@ pub struct AttentionBackendPlugin {
 
 inventory::collect!(AttentionBackendPlugin);
 
+/// An attention backend from a plugin library.
+pub struct ExternalAttention {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub origin: &'static str,
+    pub make: Box<dyn Fn() -> Box<dyn AttentionBackend> + Send + Sync>,
+}
+
+static EXTERNAL: std::sync::RwLock<Vec<&'static ExternalAttention>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds an attention backend from a plugin library; refused if the name is taken.
+pub fn register_external_attention(b: ExternalAttention) -> std::result::Result<(), String> {
+    if inventory::iter::<AttentionBackendPlugin>.into_iter().any(|p| p.name == b.name || p.aliases.contains(&b.name)) {
+        return Err(format!("an attention backend named `{}` already exists (built-in)", b.name));
+    }
+    let mut ext = EXTERNAL.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(prev) = ext.iter().find(|p| p.name == b.name) {
+        return Err(format!("an attention backend named `{}` already exists ({})", b.name, prev.origin));
+    }
+    ext.push(Box::leak(Box::new(b)));
+    Ok(())
+}
+
+/// The attention backends from plugin libraries.
+pub fn external_attention_backends() -> Vec<&'static ExternalAttention> {
+    EXTERNAL.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 pub fn attention_backend(name: &str) -> Result<(&'static str, Box<dyn AttentionBackend>)> {
-    inventory::iter::<AttentionBackendPlugin>
-        .into_iter()
-        .find(|p| p.name == name || p.aliases.contains(&name))
-        .map(|p| (p.name, (p.make)()))
-        .ok_or_else(|| {
-            let mut names: Vec<&str> = inventory::iter::<AttentionBackendPlugin>.into_iter().map(|p| p.name).collect();
-            names.sort();
-            Error::Msg(format!("unknown attn_backend `{name}`; available: {}", names.join(", ")))
-        })
+    if let Some(p) =
+        inventory::iter::<AttentionBackendPlugin>.into_iter().find(|p| p.name == name || p.aliases.contains(&name))
+    {
+        return Ok((p.name, (p.make)()));
+    }
+    if let Some(p) = external_attention_backends().into_iter().find(|p| p.name == name) {
+        return Ok((p.name, (p.make)()));
+    }
+    let mut names: Vec<&str> = inventory::iter::<AttentionBackendPlugin>.into_iter().map(|p| p.name).collect();
+    names.extend(external_attention_backends().iter().map(|p| p.name));
+    names.sort();
+    let refused = crate::plugin_abi::refusals_note();
+    Err(Error::Msg(format!("unknown attn_backend `{name}`; available: {}{refused}", names.join(", "))))
 }

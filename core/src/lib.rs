@@ -12,6 +12,7 @@ pub mod kvcache;
 pub mod ops;
 pub mod pattern;
 pub mod pipeline;
+pub mod plugin_abi;
 pub mod registry;
 pub mod runtime;
 pub mod sampling;

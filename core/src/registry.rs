@@ -108,11 +108,17 @@ pub fn list_plugins() -> Vec<PluginListing> {
             version: p.version,
             origin: "built-in".into(),
         }))
+        .chain(crate::kvcache::external_attention_backends().into_iter().map(|p| PluginListing {
+            kind: PluginKind::AttentionBackend,
+            name: p.name,
+            version: p.version,
+            origin: p.origin.into(),
+        }))
         .chain(crate::transform::all().into_iter().map(|t| PluginListing {
             kind: PluginKind::Transform,
             name: t.name,
             version: t.version,
-            origin: "built-in".into(),
+            origin: t.origin.into(),
         }))
         .collect();
     v.sort_by(|a, b| (a.kind, a.name).cmp(&(b.kind, b.name)));
@@ -180,9 +186,9 @@ pub struct LibraryEntry {
     pub path: PathBuf,
 }
 
-/// Reads the registry file at `path` (absent: no external plugins). Every listed library must
-/// exist. Loading external libraries needs the plugin ABI, which this build does not have yet:
-/// a listed library is refused with that reason rather than ignored.
+/// Reads the registry file at `path` (absent: no external plugins) and loads the libraries it
+/// lists. A malformed file is an error; a library that cannot be used is refused with its reason
+/// (`plugin_abi::refusals`) and the host runs on.
 pub fn read_plugin_registry(path: &std::path::Path) -> Result<PluginRegistryFile> {
     if !path.exists() {
         return Ok(PluginRegistryFile::default());
@@ -190,15 +196,7 @@ pub fn read_plugin_registry(path: &std::path::Path) -> Result<PluginRegistryFile
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let reg: PluginRegistryFile =
         toml::from_str(&text).map_err(|e| Error::BadFile { file: path.into(), msg: e.to_string() })?;
-    let base = path.parent().unwrap_or(std::path::Path::new("."));
-    if let Some((i, lib)) = reg.library.iter().enumerate().next() {
-        let p = base.join(&lib.path);
-        let why = if p.exists() {
-            "loading external plugin libraries is not supported by this build yet"
-        } else {
-            "does not exist"
-        };
-        return Err(Error::config(path, format!("library[{i}].path"), format!("{}: {why}", p.display())));
-    }
+    let paths: Vec<PathBuf> = reg.library.iter().map(|l| l.path.clone()).collect();
+    crate::plugin_abi::load_libraries(path, &paths);
     Ok(reg)
 }

@@ -57,18 +57,88 @@ pub struct TransformPlugin {
 
 inventory::collect!(TransformPlugin);
 
+/// A registered transform, built in or from a plugin library.
+#[derive(Clone, Copy)]
+pub struct TransformRef {
+    pub name: &'static str,
+    pub stage: Stage,
+    pub order: i32,
+    pub enabled_by_default: bool,
+    pub options: &'static [OptionSpec],
+    pub version: &'static str,
+    /// `built-in`, or the library it came from.
+    pub origin: &'static str,
+    make: &'static (dyn Fn() -> Box<dyn Transform> + Send + Sync),
+}
+
+impl TransformRef {
+    pub fn instantiate(&self) -> Box<dyn Transform> {
+        (self.make)()
+    }
+
+    /// A transform from a plugin library (metadata leaked: libraries stay loaded for the
+    /// process's life).
+    #[allow(clippy::too_many_arguments)]
+    pub fn external(
+        name: &str,
+        stage: Stage,
+        order: i32,
+        enabled_by_default: bool,
+        options: &'static [OptionSpec],
+        version: &str,
+        origin: &str,
+        make: Box<dyn Fn() -> Box<dyn Transform> + Send + Sync>,
+    ) -> TransformRef {
+        let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+        TransformRef {
+            name: leak(name),
+            stage,
+            order,
+            enabled_by_default,
+            options,
+            version: leak(version),
+            origin: leak(origin),
+            make: Box::leak(make),
+        }
+    }
+}
+
+static EXTERNAL: std::sync::RwLock<Vec<TransformRef>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds a transform from a plugin library; refused if one of that name exists.
+pub fn register_external(t: TransformRef) -> std::result::Result<(), String> {
+    if let Some(prev) = find(t.name) {
+        return Err(format!("a transform named `{}` already exists ({})", t.name, prev.origin));
+    }
+    EXTERNAL.write().unwrap_or_else(|e| e.into_inner()).push(t);
+    Ok(())
+}
+
 /// Every registered transform, in the order the pipeline runs them.
-pub fn all() -> Vec<&'static TransformPlugin> {
-    let mut v: Vec<&TransformPlugin> = inventory::iter::<TransformPlugin>.into_iter().collect();
+pub fn all() -> Vec<TransformRef> {
+    let mut v: Vec<TransformRef> = inventory::iter::<TransformPlugin>
+        .into_iter()
+        .map(|t| TransformRef {
+            name: t.name,
+            stage: t.stage,
+            order: t.order,
+            enabled_by_default: t.enabled_by_default,
+            options: t.options,
+            version: t.version,
+            origin: "built-in",
+            make: &t.make,
+        })
+        .collect();
+    v.extend(EXTERNAL.read().unwrap_or_else(|e| e.into_inner()).iter().copied());
     v.sort_by(|a, b| (a.stage, a.order, a.name).cmp(&(b.stage, b.order, b.name)));
     v
 }
 
-pub fn find(name: &str) -> Option<&'static TransformPlugin> {
-    inventory::iter::<TransformPlugin>.into_iter().find(|t| t.name == name)
+pub fn find(name: &str) -> Option<TransformRef> {
+    all().into_iter().find(|t| t.name == name)
 }
 
-fn parse_default(t: &TransformPlugin, o: &OptionSpec) -> Result<toml::Value> {
+fn parse_default(t: &TransformRef, o: &OptionSpec) -> Result<toml::Value> {
     let text = format!("v = {}", o.default);
     let table: toml::Table = toml::from_str(&text)
         .map_err(|e| Error::Msg(format!("transform {}: bad default for `{}`: {e}", t.name, o.name)))?;
@@ -100,7 +170,7 @@ pub fn check_config(
                     format!("`{name}` has no option `{k}`; options: {}", opts.join(", ")),
                 ));
             };
-            let d = parse_default(t, spec).map_err(|e| (format!("transforms.{name}.{k}"), e.to_string()))?;
+            let d = parse_default(&t, spec).map_err(|e| (format!("transforms.{name}.{k}"), e.to_string()))?;
             if d.type_str() != v.type_str() {
                 return Err((
                     format!("transforms.{name}.{k}"),
@@ -113,7 +183,7 @@ pub fn check_config(
 }
 
 /// Whether the config enables `t`, and its options.
-fn settings(t: &TransformPlugin, cfg: &PipelineConfig) -> Result<(bool, toml::Table)> {
+fn settings(t: &TransformRef, cfg: &PipelineConfig) -> Result<(bool, toml::Table)> {
     let user = cfg.transforms.get(t.name);
     let enabled = user.and_then(|u| u.get("enabled")).and_then(toml::Value::as_bool).unwrap_or(t.enabled_by_default);
     let mut opts = toml::Table::new();
@@ -127,15 +197,16 @@ fn settings(t: &TransformPlugin, cfg: &PipelineConfig) -> Result<(bool, toml::Ta
 /// Runs the transforms of stages after `import` up to and including `until`.
 pub fn run_stages(graph: &mut Graph, cfg: &PipelineConfig, until: Stage) -> Result<()> {
     for t in all().into_iter().filter(|t| t.stage != Stage::Import && t.stage <= until) {
-        let (enabled, options) = settings(t, cfg)?;
+        let (enabled, options) = settings(&t, cfg)?;
         if !enabled {
             graph.history.push(format!("[stage={}, transform={}] disabled", t.stage, t.name));
             continue;
         }
         let cx = TransformContext { config: cfg, options };
-        let summary = (t.make)()
-            .apply(graph, &cx)
-            .map_err(|e| Error::Msg(format!("transform {} (stage {}): {e}", t.name, t.stage)))?;
+        let summary = t.instantiate().apply(graph, &cx).map_err(|e| {
+            let from = if t.origin == "built-in" { String::new() } else { format!(" from {}", t.origin) };
+            Error::Msg(format!("transform {}{from} (stage {}): {e}", t.name, t.stage))
+        })?;
         graph
             .validate()
             .map_err(|e| Error::Msg(format!("transform {} (stage {}) left an invalid graph: {e}", t.name, t.stage)))?;

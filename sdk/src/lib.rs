@@ -1,14 +1,18 @@
-//! The surface a plugin may depend on.
-//!
-//! Today this holds the vocabulary shared by the host and every plugin: the SDK version, the
-//! plugin kinds and the pipeline stages. The FFI-safe interfaces (graph view, rewrite API,
-//! attention-backend entry points) are added here as the plugin ABI lands; the host adapts its
-//! own types to these at the boundary.
+//! The surface a plugin may depend on: the vocabulary shared by the host and every plugin (the
+//! SDK version, plugin kinds, pipeline stages) and, in [`ffi`], the stable ABI plugin libraries
+//! are built against. A plugin crate depends on this crate alone; `abi_stable` is re-exported
+//! for the types the interfaces use.
 
 use std::fmt;
 
-/// Version of the plugin interface. A plugin built against a different major version is refused.
-pub const SDK_VERSION: (u32, u32, u32) = (0, 1, 0);
+pub use abi_stable;
+
+pub mod ffi;
+
+/// Version of the plugin interface: this crate's version. abi_stable refuses a library built
+/// against an incompatible one (for 0.x, another minor).
+pub const SDK_VERSION: (u32, u32, u32) = (0, 2, 0);
+pub const SDK_VERSION_STR: &str = env!("CARGO_PKG_VERSION");
 
 /// What a plugin does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,6 +97,13 @@ impl fmt::Display for Stage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pinned_names_match_abi_stable_and_the_crate() {
+        assert_eq!(abi_stable::library::ROOT_MODULE_LOADER_NAME, ffi::ROOT_SYMBOL);
+        let (a, b, c) = SDK_VERSION;
+        assert_eq!(format!("{a}.{b}.{c}"), SDK_VERSION_STR);
+    }
 
     #[test]
     fn stage_names_round_trip_in_order() {

@@ -45,7 +45,7 @@ fn apply(name: &str, g: &mut Graph) -> String {
     let t = transform::find(name).unwrap_or_else(|| panic!("no transform {name}"));
     let cfg = PipelineConfig::from_toml_str("model = \"unused\"", None).unwrap();
     let cx = TransformContext { config: &cfg, options: toml_table() };
-    let summary = (t.make)().apply(g, &cx).unwrap();
+    let summary = t.instantiate().apply(g, &cx).unwrap();
     g.validate().unwrap();
     summary
 }

@@ -1,0 +1,248 @@
+//! The plugin ABI end to end: the host binary is built once (by cargo, for this test), the
+//! example plugin library (`examples/plugin`, depending only on the SDK) is built separately,
+//! and the unchanged host loads it from `plugin-registry.toml`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let p = root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI", p.display());
+    eprintln!("SKIPPED: {} not found; run scripts/fetch-smollm2.sh", p.display());
+    None
+}
+
+/// Builds the plugin crate at `manifest` (release, its own workspace) into the shared
+/// `target/plugin-example` folder; returns the library's path.
+fn build_plugin(manifest: &Path, lib_name: &str) -> PathBuf {
+    let target = root().join("target/plugin-example");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .arg(manifest)
+        .arg("--target-dir")
+        .arg(&target)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "building {}: {}", manifest.display(), String::from_utf8_lossy(&out.stderr));
+    let lib = target.join("release").join(format!(
+        "{}{lib_name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(lib.is_file(), "{} was not built", lib.display());
+    lib
+}
+
+fn example_plugin() -> PathBuf {
+    build_plugin(&root().join("examples/plugin/Cargo.toml"), "autodeploy_example_plugin")
+}
+
+/// A fresh folder for a config and its `plugin-registry.toml`.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("autodeploy-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_registry(dir: &Path, libs: &[&Path]) {
+    let mut s = String::new();
+    for l in libs {
+        s += &format!("[[library]]\npath = {:?}\n\n", l.display().to_string());
+    }
+    std::fs::write(dir.join("plugin-registry.toml"), s).unwrap();
+}
+
+/// Runs the host with `args`, the config at `dir/cfg.toml` holding `toml`.
+fn host(dir: &Path, toml: &str, args: &[&str]) -> (bool, String, String) {
+    let cfg = dir.join("cfg.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
+        .args(args)
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn file_hash(p: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(p).unwrap().hash(&mut h);
+    h.finish()
+}
+
+fn smollm2_config(model: &Path, attn: &str, fold: &str) -> String {
+    format!(
+        "model = {:?}\ndtype = \"float32\"\nattn_backend = \"{attn}\"\nmax_seq_len = 256\nmax_new_tokens = 16\n\
+         [[prompts]]\ntext = \"The three primary colors are\"\n\n[transforms.fold_norm_scale]\n{fold}\n",
+        model.display().to_string()
+    )
+}
+
+fn output_lines(stdout: &str) -> Vec<&str> {
+    stdout.lines().filter(|l| l.contains("] output")).collect()
+}
+
+#[test]
+fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
+    let Some(model) = smollm2() else { return };
+    let host_bin = PathBuf::from(env!("CARGO_BIN_EXE_autodeploy"));
+    let before = file_hash(&host_bin);
+    let lib = example_plugin();
+    let dir = scratch("plugin-load");
+    write_registry(&dir, &[&lib]);
+
+    // Listed with kind, name, version and the library it came from.
+    let (ok, out, err) = host(&dir, &smollm2_config(&model, "torch", ""), &["plugins"]);
+    assert!(ok, "{err}");
+    let lib_s = lib.display().to_string();
+    for (kind, name) in [("attention-backend", "naive_cpu"), ("transform", "fold_norm_scale")] {
+        assert!(
+            out.lines().any(|l| l.starts_with(kind) && l.contains(name) && l.contains("0.1.0") && l.ends_with(&lib_s)),
+            "{kind} {name} missing: {out}"
+        );
+    }
+    assert!(out.lines().any(|l| l.contains(" torch ") && l.ends_with("built-in")), "{out}");
+
+    // The plugin's attention backend gives the built-in backend's greedy tokens.
+    let (ok, reference, err) = host(&dir, &smollm2_config(&model, "torch", "enabled = false"), &[]);
+    assert!(ok, "{err}");
+    let (ok, plugged, err) = host(&dir, &smollm2_config(&model, "naive_cpu", "enabled = false"), &[]);
+    assert!(ok, "{err}");
+    assert!(!output_lines(&reference).is_empty(), "{reference}");
+    assert_eq!(output_lines(&plugged), output_lines(&reference));
+
+    // The plugin's transform runs at post_load_fusion (before fuse_gemms), shows in the graph,
+    // and keeps the greedy tokens (f32: the folded products differ only in rounding).
+    let (ok, graph, err) = host(&dir, &smollm2_config(&model, "torch", ""), &["graph", "--stage", "post_load_fusion"]);
+    assert!(ok, "{err}");
+    let history: Vec<&str> = graph.lines().filter(|l| l.starts_with("# [stage=post_load_fusion")).collect();
+    assert!(history[0].contains("transform=fold_norm_scale] folded 31 rmsnorm scales into 91 linears"), "{history:?}");
+    assert!(history[1].contains("transform=fuse_gemms"), "{history:?}");
+    assert!(graph.contains("%model.norm.weight.folded: f32[576] = weight"), "the folded final norm");
+    let (ok, folded, err) = host(&dir, &smollm2_config(&model, "naive_cpu", ""), &[]);
+    assert!(ok, "{err}");
+    assert_eq!(output_lines(&folded), output_lines(&reference));
+    let (_, graph_off, _) =
+        host(&dir, &smollm2_config(&model, "torch", "enabled = false"), &["graph", "--stage", "post_load_fusion"]);
+    assert!(graph_off.contains("[stage=post_load_fusion, transform=fold_norm_scale] disabled"), "{graph_off}");
+
+    // An error from the plugin's transform fails the build with the plugin's message.
+    let (ok, _, err) = host(&dir, &smollm2_config(&model, "torch", "require_all = true"), &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("transform fold_norm_scale from")
+            && err.contains(&lib_s)
+            && err.contains("require_all: 30 norm outputs are read by ops other than linear (torch_swiglu_mlp)"),
+        "{err}"
+    );
+    // Options are checked against what the plugin declared.
+    let (ok, _, err) = host(&dir, &smollm2_config(&model, "torch", "require_al = true"), &[]);
+    assert!(!ok && err.contains("transforms.fold_norm_scale.require_al") && err.contains("require_all"), "{err}");
+
+    assert_eq!(file_hash(&host_bin), before, "the host binary changed between runs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A copy of the example plugin built against a copy of the SDK whose version is 0.1.0: what a
+/// plugin built for an older host looks like.
+fn old_sdk_plugin() -> PathBuf {
+    let work = root().join("target/plugin-example/old-sdk-src");
+    let _ = std::fs::remove_dir_all(&work);
+    let (sdk, plugin) = (work.join("sdk"), work.join("plugin"));
+    std::fs::create_dir_all(sdk.join("src")).unwrap();
+    std::fs::create_dir_all(plugin.join("src")).unwrap();
+    for f in ["lib.rs", "ffi.rs"] {
+        std::fs::copy(root().join("sdk/src").join(f), sdk.join("src").join(f)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(root().join("sdk/Cargo.toml")).unwrap();
+    let manifest = manifest
+        .replace("version = \"0.2.0\"", "version = \"0.1.0\"")
+        .replace("edition.workspace = true", "edition = \"2021\"")
+        .replace("license.workspace = true", "license = \"Apache-2.0\"");
+    assert!(manifest.contains("version = \"0.1.0\""), "the SDK manifest changed shape: update this test");
+    std::fs::write(sdk.join("Cargo.toml"), manifest).unwrap();
+    std::fs::copy(root().join("examples/plugin/src/lib.rs"), plugin.join("src/lib.rs")).unwrap();
+    let pm = std::fs::read_to_string(root().join("examples/plugin/Cargo.toml"))
+        .unwrap()
+        .replace("name = \"autodeploy-example-plugin\"", "name = \"autodeploy-old-sdk-plugin\"")
+        .replace("path = \"../../sdk\"", "path = \"../sdk\"");
+    std::fs::write(plugin.join("Cargo.toml"), pm).unwrap();
+    // The example's lock, so the copy resolves to the same dependency versions (and builds).
+    std::fs::copy(root().join("examples/plugin/Cargo.lock"), plugin.join("Cargo.lock")).unwrap();
+    build_plugin(&plugin.join("Cargo.toml"), "autodeploy_old_sdk_plugin")
+}
+
+#[test]
+fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
+    let good = example_plugin();
+    let old = old_sdk_plugin();
+    let dir = scratch("plugin-bad");
+    let missing = dir.join("libmissing.so");
+    let garbage = dir.join("libgarbage.so");
+    std::fs::write(&garbage, b"not a shared library").unwrap();
+    // A real shared library that is not a plugin: the Rust standard library of the toolchain.
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
+    let not_plugin = std::fs::read_dir(&sysroot)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libstd-")));
+    let mut libs: Vec<&Path> = vec![&missing, &garbage, &old, &good, &good];
+    if let Some(p) = &not_plugin {
+        libs.push(p);
+    }
+    write_registry(&dir, &libs);
+    let fixture = root().join("tests/fixtures/llama");
+    let cfg = |attn: &str| {
+        format!(
+            "model = {:?}\ndtype = \"float32\"\nattn_backend = \"{attn}\"\nmax_new_tokens = 4\n[[prompts]]\ntoken_ids = [1, 17, 42]\n",
+            fixture.display().to_string()
+        )
+    };
+
+    let (ok, out, err) = host(&dir, &cfg("torch"), &["plugins"]);
+    assert!(ok, "{err}");
+    let refused: Vec<&str> = out.lines().filter(|l| l.starts_with("refused: ")).collect();
+    let has =
+        |path: &Path, why: &str| refused.iter().any(|l| l.contains(&path.display().to_string()) && l.contains(why));
+    assert!(has(&missing, "does not exist"), "{refused:?}");
+    assert!(has(&garbage, "libgarbage.so"), "{refused:?}");
+    assert!(has(&old, "built against autodeploy-sdk 0.1.0, incompatible with this host's sdk 0.2.0"), "{refused:?}");
+    assert!(has(&good, "a transform named `fold_norm_scale` already exists"), "{refused:?}");
+    assert!(has(&good, "an attention backend named `naive_cpu` already exists"), "{refused:?}");
+    if let Some(p) = &not_plugin {
+        assert!(has(p, "has no autodeploy root module"), "{refused:?}");
+    }
+    // The good library's first listing still registered its plugins.
+    assert!(out.lines().any(|l| l.contains("naive_cpu") && l.ends_with(&good.display().to_string())), "{out}");
+
+    // A config that needs nothing from the refused libraries runs.
+    let (ok, out, err) = host(&dir, &cfg("torch"), &[]);
+    assert!(ok && out.contains("[0] output"), "{err}");
+
+    // Only the old library: a config that needs its backend stops, naming the library and why.
+    write_registry(&dir, &[&old]);
+    let (ok, _, err) = host(&dir, &cfg("naive_cpu"), &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown attn_backend `naive_cpu`")
+            && err.contains(&old.display().to_string())
+            && err.contains("incompatible with this host's sdk 0.2.0"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,376 @@
+//! The host side of the plugin ABI (`autodeploy_sdk::ffi`): loading the libraries listed in
+//! `plugin-registry.toml`, and one wrapper per interface, so that the rest of the host only sees
+//! its own types (`Transform`, `AttentionBackend`, `Graph`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use autodeploy_sdk::abi_stable::library::{lib_header_from_path, LibraryError};
+use autodeploy_sdk::abi_stable::sabi_trait::TD_Opaque;
+use autodeploy_sdk::abi_stable::std_types::{RBox, ROption, RResult, RStr, RString, RVec};
+use autodeploy_sdk::ffi;
+use autodeploy_sdk::Stage;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ir::{Graph, TensorMeta, ValueId};
+use crate::kvcache::{AttentionBackend, ExternalAttention, StepContext};
+use crate::shape::static_shape;
+use crate::tensor::Tensor;
+use crate::transform::{OptionSpec, Transform, TransformContext, TransformRef};
+
+/// A library or plugin the host refused at start-up, and why.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub library: PathBuf,
+    pub reason: String,
+}
+
+static REFUSED: RwLock<Vec<Refusal>> = RwLock::new(Vec::new());
+
+/// Libraries (and single plugins) refused at start-up.
+pub fn refusals() -> Vec<Refusal> {
+    REFUSED.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// A line for "unknown plugin" errors: what was refused at start-up, so a config that needs a
+/// refused plugin says why it is missing.
+pub fn refusals_note() -> String {
+    let r = refusals();
+    if r.is_empty() {
+        return String::new();
+    }
+    let lines: Vec<String> = r.iter().map(|r| format!("{}: {}", r.library.display(), r.reason)).collect();
+    format!("; refused at start-up: {}", lines.join("; "))
+}
+
+fn refuse(library: &Path, reason: String) {
+    tracing::warn!("plugin library {} refused: {reason}", library.display());
+    REFUSED.write().unwrap_or_else(|e| e.into_inner()).push(Refusal { library: library.to_path_buf(), reason });
+}
+
+/// The files a registry entry names: the file itself, or the shared libraries in a folder.
+fn library_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == std::env::consts::DLL_EXTENSION))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Loads every library the registry lists (paths relative to the registry's folder). A library
+/// that cannot be used is refused with the reason, and the host runs on: a config that needs
+/// one of its plugins fails later with that reason. Returns how many plugins were registered.
+pub fn load_libraries(registry: &Path, entries: &[PathBuf]) -> usize {
+    let base = registry.parent().unwrap_or(Path::new("."));
+    let mut n = 0;
+    for entry in entries {
+        let path = base.join(entry);
+        if !path.exists() {
+            refuse(&path, format!("does not exist (listed in {})", registry.display()));
+            continue;
+        }
+        match library_files(&path) {
+            Ok(files) => {
+                for f in files {
+                    n += load_library(&f);
+                }
+            }
+            Err(e) => refuse(&path, format!("cannot list the folder: {e}")),
+        }
+    }
+    n
+}
+
+fn describe(e: &LibraryError) -> String {
+    match e {
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
+            "built against autodeploy-sdk {actual_version}, incompatible with this host's sdk {expected_version}; \
+             rebuild the plugin against sdk {expected_version}"
+        ),
+        LibraryError::AbiInstability(_) => {
+            format!("its plugin interface types differ from this host's (sdk {}): {e}", autodeploy_sdk::SDK_VERSION_STR)
+        }
+        LibraryError::GetSymbolError { .. } => {
+            "has no autodeploy root module (not built with `autodeploy_sdk::export_plugins!`)".to_string()
+        }
+        _ => e.to_string(),
+    }
+}
+
+fn load_library(path: &Path) -> usize {
+    let module = match lib_header_from_path(path).and_then(|h| h.init_root_module::<ffi::PluginModule_Ref>()) {
+        Ok(m) => m,
+        Err(e) => {
+            refuse(path, describe(&e));
+            return 0;
+        }
+    };
+    let origin = path.display().to_string();
+    let mut n = 0;
+    for decl in (module.plugins())() {
+        let name = decl.name.to_string();
+        let version = decl.version.to_string();
+        let res = match decl.body {
+            ffi::PluginBody::Transform { stage, order, enabled_by_default, options, transform } => {
+                match Stage::parse(stage.as_str()) {
+                    None => Err(format!("transform `{name}` declares an unknown stage `{stage}`")),
+                    Some(stage) => {
+                        let leak = |s: &RString| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+                        let options: Vec<OptionSpec> = options
+                            .iter()
+                            .map(|o| OptionSpec { name: leak(&o.name), default: leak(&o.default), help: leak(&o.help) })
+                            .collect();
+                        let t = Arc::new(transform);
+                        let make = move || Box::new(ExternalTransform(t.clone())) as Box<dyn Transform>;
+                        crate::transform::register_external(TransformRef::external(
+                            &name,
+                            stage,
+                            order,
+                            enabled_by_default,
+                            Box::leak(options.into_boxed_slice()),
+                            &version,
+                            &origin,
+                            Box::new(make),
+                        ))
+                    }
+                }
+            }
+            ffi::PluginBody::AttentionBackend { backend } => {
+                let b = Arc::new(backend);
+                crate::kvcache::register_external_attention(ExternalAttention {
+                    name: Box::leak(name.clone().into_boxed_str()),
+                    version: Box::leak(version.into_boxed_str()),
+                    origin: Box::leak(origin.clone().into_boxed_str()),
+                    make: Box::new(move || Box::new(ExternalAttentionBackend(b.clone())) as Box<dyn AttentionBackend>),
+                })
+            }
+        };
+        match res {
+            Ok(()) => n += 1,
+            Err(why) => refuse(path, format!("plugin `{name}`: {why}")),
+        }
+    }
+    tracing::info!("loaded {n} plugins from {}", path.display());
+    n
+}
+
+type FfiTransform = ffi::Transform_TO<'static, RBox<()>>;
+type FfiAttention = ffi::AttentionBackend_TO<'static, RBox<()>>;
+
+/// A library's transform as a host transform.
+struct ExternalTransform(Arc<FfiTransform>);
+
+impl Transform for ExternalTransform {
+    fn apply(&self, graph: &mut Graph, cx: &TransformContext) -> Result<String> {
+        let options = toml::to_string(&cx.options).map_err(|e| Error::Msg(format!("options: {e}")))?;
+        let mut host = HostGraph { g: graph };
+        let view = ffi::GraphEdit_TO::from_ptr(&mut host, TD_Opaque);
+        match self.0.apply(view, options.as_str().into()) {
+            RResult::ROk(s) => Ok(s.into_string()),
+            RResult::RErr(e) => Err(Error::Msg(e.into_string())),
+        }
+    }
+}
+
+/// The host graph behind the plugin-facing `GraphEdit` interface.
+struct HostGraph<'g> {
+    g: &'g mut Graph,
+}
+
+impl HostGraph<'_> {
+    fn valid(&self, v: u32) -> bool {
+        (v as usize) < self.g.values.len()
+    }
+    fn weight_name(&self, v: u32) -> Option<String> {
+        self.g.params.iter().find(|p| p.value.0 == v).map(|p| p.weight.clone())
+    }
+}
+
+impl ffi::GraphEdit for HostGraph<'_> {
+    fn num_nodes(&self) -> usize {
+        self.g.nodes.len()
+    }
+
+    fn node(&self, index: usize) -> ROption<ffi::NodeInfo> {
+        self.g
+            .nodes
+            .get(index)
+            .map(|n| ffi::NodeInfo {
+                op: n.op.name().into(),
+                attrs: n.op.attrs().into(),
+                inputs: n.inputs.iter().map(|v| v.0).collect(),
+                outputs: n.outputs.iter().map(|v| v.0).collect(),
+            })
+            .into()
+    }
+
+    fn find_nodes(&self, op: RStr<'_>) -> RVec<usize> {
+        self.g.nodes.iter().enumerate().filter(|(_, n)| n.op.name() == op.as_str()).map(|(i, _)| i).collect()
+    }
+
+    fn value(&self, value: u32) -> ROption<ffi::ValueInfo> {
+        if !self.valid(value) {
+            return ROption::RNone;
+        }
+        let info = self.g.value(ValueId(value));
+        ROption::RSome(ffi::ValueInfo {
+            name: info.name.as_str().into(),
+            dtype: info.meta.dtype.to_string().into(),
+            shape: info.meta.shape.iter().map(|d| d.as_static().unwrap_or(0) as u64).collect(),
+            shape_text: info.meta.to_string().into(),
+            weight: self.weight_name(value).map(RString::from).into(),
+        })
+    }
+
+    fn users(&self, value: u32) -> RVec<usize> {
+        self.g.nodes.iter().enumerate().filter(|(_, n)| n.inputs.contains(&ValueId(value))).map(|(i, _)| i).collect()
+    }
+
+    fn is_output(&self, value: u32) -> bool {
+        self.g.outputs.contains(&ValueId(value))
+    }
+
+    fn read_weight(&self, value: u32) -> RResult<ffi::HostTensor, RString> {
+        let Some(name) = self.weight_name(value) else {
+            return RResult::RErr(format!("value {value} is not a weight").into());
+        };
+        match self.g.weights.load(&name, DType::F32) {
+            Ok(t) => RResult::ROk(ffi::HostTensor {
+                shape: t.shape().iter().map(|&n| n as u64).collect(),
+                data: t.to_f32().into_owned().into(),
+            }),
+            Err(e) => RResult::RErr(format!("reading weight `{name}`: {e}").into()),
+        }
+    }
+
+    fn add_weight(&mut self, name: RStr<'_>, dtype: RStr<'_>, tensor: ffi::HostTensor) -> RResult<u32, RString> {
+        let Some(dt) = DType::parse(dtype.as_str()).filter(|d| d.is_float()) else {
+            return RResult::RErr(format!("add_weight `{name}`: `{dtype}` is not f32, bf16 or f16").into());
+        };
+        let shape: Vec<usize> = tensor.shape.iter().map(|&n| n as usize).collect();
+        if shape.iter().product::<usize>() != tensor.data.len() {
+            return RResult::RErr(
+                format!(
+                    "add_weight `{name}`: shape {shape:?} holds {} values, got {}",
+                    shape.iter().product::<usize>(),
+                    tensor.data.len()
+                )
+                .into(),
+            );
+        }
+        if self.g.weights.contains(name.as_str()) {
+            return RResult::RErr(format!("add_weight: a weight named `{name}` exists").into());
+        }
+        let t = match Tensor::from_f32_as(dt, shape.clone(), tensor.data.into_vec()) {
+            Ok(t) => t,
+            Err(e) => return RResult::RErr(format!("add_weight `{name}`: {e}").into()),
+        };
+        Arc::make_mut(&mut self.g.weights).add_tensor(name.as_str(), t);
+        let v = self.g.add_param(name.as_str(), TensorMeta { dtype: dt, shape: static_shape(&shape) });
+        RResult::ROk(v.0)
+    }
+
+    fn set_input(&mut self, node: usize, slot: usize, value: u32) -> RResult<(), RString> {
+        if !self.valid(value) {
+            return RResult::RErr(format!("set_input: value {value} does not exist").into());
+        }
+        let Some(n) = self.g.nodes.get(node) else {
+            return RResult::RErr(format!("set_input: node {node} does not exist").into());
+        };
+        if slot >= n.inputs.len() {
+            return RResult::RErr(
+                format!("set_input: node {node} ({}) has {} inputs", n.op.name(), n.inputs.len()).into(),
+            );
+        }
+        // The new input must give the node the same output types (the op's shape rules).
+        let mut ins: Vec<TensorMeta> = n.inputs.iter().map(|&v| self.g.meta(v).clone()).collect();
+        ins[slot] = self.g.meta(ValueId(value)).clone();
+        let want: Vec<TensorMeta> = n.outputs.iter().map(|&v| self.g.meta(v).clone()).collect();
+        match crate::ops::infer(&n.op, &ins) {
+            Ok(got) if got == want => {}
+            Ok(got) => {
+                let g: Vec<String> = got.iter().map(|m| m.to_string()).collect();
+                let w: Vec<String> = want.iter().map(|m| m.to_string()).collect();
+                return RResult::RErr(
+                    format!("set_input: node {node} ({}) would produce {g:?} instead of {w:?}", n.op.name()).into(),
+                );
+            }
+            Err(e) => return RResult::RErr(format!("set_input: node {node} ({}): {e}", n.op.name()).into()),
+        }
+        self.g.nodes[node].inputs[slot] = ValueId(value);
+        RResult::ROk(())
+    }
+
+    fn remove_dead_nodes(&mut self) -> usize {
+        self.g.dce()
+    }
+}
+
+/// A library's attention backend as a host attention backend.
+struct ExternalAttentionBackend(Arc<FfiAttention>);
+
+impl AttentionBackend for ExternalAttentionBackend {
+    fn attend(
+        &self,
+        layer: usize,
+        scale: f32,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cx: &mut StepContext,
+    ) -> Result<Tensor> {
+        let bad = |msg: String| Error::op("attention_with_kv_cache", msg);
+        let (qs, ks) = (q.shape(), k.shape());
+        if qs.len() != 4 || ks.len() != 4 || v.shape() != ks || qs[2] != ks[2] || qs[3] != ks[3] {
+            return Err(bad(format!("q {qs:?}, k {ks:?}, v {:?}: expected [1, heads, tokens, dim]", v.shape())));
+        }
+        let (heads, kv_heads, tokens, dim) = (qs[1], ks[1], qs[2], qs[3]);
+        let plan = cx.plan;
+        let lc = cx.cache.spec.layers.get(layer).cloned().ok_or_else(|| bad(format!("layer {layer} has no cache")))?;
+        if lc.kv_heads != kv_heads || lc.head_dim != dim || plan.token_seq.len() != tokens {
+            return Err(bad(format!(
+                "layer {layer}: k {ks:?} does not fit the cache ({} kv heads of {}) or the step ({} tokens)",
+                lc.kv_heads,
+                lc.head_dim,
+                plan.token_seq.len()
+            )));
+        }
+        let mut page_indptr = vec![0usize];
+        let mut page_indices = Vec::new();
+        for t in &plan.page_tables {
+            page_indices.extend_from_slice(t);
+            page_indptr.push(page_indices.len());
+        }
+        let (qv, kv, vv) = (q.to_f32(), k.to_f32(), v.to_f32());
+        let mut out = vec![0f32; heads * tokens * dim];
+        let (kc, vc) = cx.cache.layer_mut(layer);
+        let call = ffi::AttentionCall {
+            layer,
+            scale,
+            heads,
+            kv_heads,
+            tokens,
+            head_dim: dim,
+            q: qv.as_ref().into(),
+            k: kv.as_ref().into(),
+            v: vv.as_ref().into(),
+            token_seq: plan.token_seq.as_slice().into(),
+            token_pos: plan.token_pos.as_slice().into(),
+            page_size: plan.page_size,
+            page_indptr: page_indptr.as_slice().into(),
+            page_indices: page_indices.as_slice().into(),
+            k_cache: kc.into(),
+            v_cache: vc.into(),
+            out: out.as_mut_slice().into(),
+        };
+        match self.0.attend(call) {
+            RResult::ROk(()) => Tensor::from_f32_as(q.dtype(), vec![1, heads, tokens, dim], out),
+            RResult::RErr(e) => Err(bad(format!("layer {layer}: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! An example plugin library: a graph transform and an attention backend, written against the
+//! `autodeploy-sdk` crate only and loaded by an unchanged host through `plugin-registry.toml`.
+//!
+//! - `fold_norm_scale` (transform, stage `post_load_fusion`): an RMSNorm multiplies its output by
+//!   a per-channel weight `w`; when every reader of that output is a linear layer, the scale can
+//!   live in the linears' weights instead (`W[:, j] · w[j]`), and the norm's weight becomes ones.
+//! - `naive_cpu` (attention backend): causal attention over the paged KV cache, written out
+//!   loop by loop.
+
+use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RStr, RString};
+use autodeploy_sdk::ffi::{AttentionBackend, AttentionCall, GraphRef, HostTensor, PluginDecl, Transform};
+use autodeploy_sdk::Stage;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn plugins() -> Vec<PluginDecl> {
+    vec![
+        PluginDecl::transform(
+            "fold_norm_scale",
+            VERSION,
+            Stage::PostLoadFusion,
+            &[("require_all", "false", "fail unless every RMSNorm could be folded")],
+            FoldNormScale,
+        ),
+        PluginDecl::attention_backend("naive_cpu", VERSION, NaiveCpu),
+    ]
+}
+
+autodeploy_sdk::export_plugins!(plugins);
+
+struct FoldNormScale;
+
+/// One norm that can be folded: its node, weight value, and the linear nodes reading it.
+struct Candidate {
+    node: usize,
+    weight: u32,
+    linears: Vec<usize>,
+}
+
+impl FoldNormScale {
+    /// The norms whose output only linears read (as their input, with a float weight), and the
+    /// ops that keep the others from folding.
+    fn candidates(g: &GraphRef<'_>) -> (Vec<Candidate>, Vec<String>) {
+        let (mut found, mut blocked) = (Vec::new(), Vec::new());
+        for i in g.find_nodes("torch_rmsnorm".into()) {
+            let ROption::RSome(n) = g.node(i) else { continue };
+            let (weight, out) = (n.inputs[1], n.outputs[0]);
+            let is_weight = matches!(g.value(weight), ROption::RSome(v) if v.weight.is_some());
+            let users = g.users(out);
+            let mut linears = Vec::new();
+            for &u in users.iter() {
+                let ROption::RSome(un) = g.node(u) else { continue };
+                let float_weight = matches!(g.value(un.inputs[1]),
+                    ROption::RSome(v) if v.weight.is_some() && ["f32", "bf16", "f16"].contains(&v.dtype.as_str()));
+                if un.op.as_str() == "aten.linear" && un.inputs[0] == out && un.inputs[1] != out && float_weight {
+                    linears.push(u);
+                } else {
+                    blocked.push(un.op.to_string());
+                }
+            }
+            if is_weight && !g.is_output(out) && !users.is_empty() && linears.len() == users.len() {
+                found.push(Candidate { node: i, weight, linears });
+            }
+        }
+        (found, blocked)
+    }
+
+    fn fold(g: &mut GraphRef<'_>, c: &Candidate) -> Result<(), String> {
+        let w = g.read_weight(c.weight).into_result()?;
+        let wname = match g.value(c.weight) {
+            ROption::RSome(v) => v.weight.map(|s| s.to_string()).unwrap_or_default(),
+            ROption::RNone => return Err(format!("value {} vanished", c.weight)),
+        };
+        let k = w.data.len();
+        for &l in &c.linears {
+            let ROption::RSome(ln) = g.node(l) else { return Err(format!("node {l} vanished")) };
+            let wv = ln.inputs[1];
+            let ROption::RSome(info) = g.value(wv) else { return Err(format!("value {wv} vanished")) };
+            let mut lw = g.read_weight(wv).into_result()?;
+            if lw.shape.len() != 2 || lw.shape[1] as usize != k {
+                return Err(format!("linear weight {} is {:?}, the norm has {k} channels", info.name, lw.shape));
+            }
+            for row in lw.data.chunks_mut(k) {
+                for (x, s) in row.iter_mut().zip(w.data.iter()) {
+                    *x *= s;
+                }
+            }
+            let lname = info.weight.map(|s| s.to_string()).unwrap_or_else(|| info.name.to_string());
+            let new = g
+                .add_weight(format!("{lname}*{wname}").as_str().into(), info.dtype.as_str().into(), lw)
+                .into_result()?;
+            g.set_input(l, 1, new).into_result()?;
+        }
+        let ROption::RSome(wi) = g.value(c.weight) else { return Err("norm weight vanished".into()) };
+        let ones = HostTensor { shape: w.shape.clone(), data: vec![1.0f32; k].into() };
+        let one =
+            g.add_weight(format!("{wname}.folded").as_str().into(), wi.dtype.as_str().into(), ones).into_result()?;
+        g.set_input(c.node, 1, one).into_result()?;
+        Ok(())
+    }
+}
+
+impl Transform for FoldNormScale {
+    fn apply(&self, mut graph: GraphRef<'_>, options: RStr<'_>) -> RResult<RString, RString> {
+        let require_all = options.as_str().lines().any(|l| l.replace(' ', "") == "require_all=true");
+        let (found, blocked) = Self::candidates(&graph);
+        if require_all && !blocked.is_empty() {
+            let mut ops = blocked.clone();
+            ops.sort();
+            ops.dedup();
+            return RResult::RErr(
+                format!(
+                    "require_all: {} norm outputs are read by ops other than linear ({})",
+                    blocked.len(),
+                    ops.join(", ")
+                )
+                .into(),
+            );
+        }
+        for c in &found {
+            if let Err(e) = Self::fold(&mut graph, c) {
+                return RResult::RErr(e.into());
+            }
+        }
+        let dead = graph.remove_dead_nodes();
+        RResult::ROk(
+            format!(
+                "folded {} rmsnorm scales into {} linears ({dead} nodes removed)",
+                found.len(),
+                found.iter().map(|c| c.linears.len()).sum::<usize>()
+            )
+            .into(),
+        )
+    }
+}
+
+struct NaiveCpu;
+
+impl AttentionBackend for NaiveCpu {
+    fn attend(&self, c: AttentionCall<'_>) -> RResult<(), RString> {
+        let d = c.head_dim;
+        let (h, kvh, t) = (c.heads, c.kv_heads, c.tokens);
+        if h == 0 || kvh == 0 || h % kvh != 0 {
+            return RResult::RErr(format!("{h} query heads cannot share {kvh} kv heads").into());
+        }
+        let slot = |s: usize, p: usize| -> Option<usize> {
+            let page = *c.page_indices.get(c.page_indptr.get(s)? + p / c.page_size)? as usize;
+            Some(page * c.page_size + p % c.page_size)
+        };
+        let (k_cache, v_cache, out) = (c.k_cache.into_mut_slice(), c.v_cache.into_mut_slice(), c.out.into_mut_slice());
+        // This step's keys and values into their slots.
+        for tok in 0..t {
+            let Some(sl) = slot(c.token_seq[tok], c.token_pos[tok]) else {
+                return RResult::RErr(format!("token {tok} has no page").into());
+            };
+            for j in 0..kvh {
+                let (src, dst) = ((j * t + tok) * d, (sl * kvh + j) * d);
+                if dst + d > k_cache.len() {
+                    return RResult::RErr(format!("slot {sl} is outside the cache").into());
+                }
+                k_cache[dst..dst + d].copy_from_slice(&c.k[src..src + d]);
+                v_cache[dst..dst + d].copy_from_slice(&c.v[src..src + d]);
+            }
+        }
+        // Each query row attends to its sequence's positions 0..=pos.
+        let mut scores = Vec::new();
+        for head in 0..h {
+            let j = head / (h / kvh);
+            for tok in 0..t {
+                let (s, pos) = (c.token_seq[tok], c.token_pos[tok]);
+                let q = &c.q[(head * t + tok) * d..(head * t + tok + 1) * d];
+                scores.clear();
+                for p in 0..=pos {
+                    let at = (slot(s, p).unwrap_or(0) * kvh + j) * d;
+                    let dot: f32 = q.iter().zip(&k_cache[at..at + d]).map(|(a, b)| a * b).sum();
+                    scores.push(dot * c.scale);
+                }
+                let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0.0;
+                for x in scores.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let o = &mut out[(head * t + tok) * d..(head * t + tok + 1) * d];
+                o.fill(0.0);
+                for (p, w) in scores.iter().enumerate() {
+                    let at = (slot(s, p).unwrap_or(0) * kvh + j) * d;
+                    for (x, v) in o.iter_mut().zip(&v_cache[at..at + d]) {
+                        *x += w / sum * v;
+                    }
+                }
+            }
+        }
+        RResult::ROk(())
+    }
+}

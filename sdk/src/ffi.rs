@@ -1,0 +1,278 @@
+//! The plugin ABI: what crosses the boundary between the host and a plugin library.
+//!
+//! Everything here is `#[repr(C)]` and checked by `abi_stable` when a library loads: the layout
+//! of every type reachable from [`PluginModule`], and the SDK version (this crate's version; a
+//! plugin built against another 0.x minor is refused). A plugin library exports one root module
+//! with [`export_plugins!`](crate::export_plugins); the host turns each [`PluginDecl`] into its own
+//! plugin types through one wrapper per interface, so host code never handles these types.
+//!
+//! Plugin code must not panic: a panic cannot unwind across the boundary and aborts the
+//! process. Return an error instead; the host reports it with the plugin's name.
+//!
+//! Interfaces:
+//! - [`Transform`]: rewrites the graph through [`GraphEdit`], a view and rewrite API the host
+//!   implements over its IR (find nodes by op, read value metadata and weights, add weights,
+//!   rewire inputs, drop dead nodes).
+//! - [`AttentionBackend`]: cached attention for one layer over raw buffers: this step's q/k/v,
+//!   the per-token sequence and position, the page table in CSR form, the layer's paged K/V
+//!   cache, the output.
+
+// abi_stable's derive and trait macros generate impls and names the lints dislike.
+#![allow(non_local_definitions, non_camel_case_types)]
+
+use abi_stable::library::RootModule;
+use abi_stable::sabi_types::VersionStrings;
+use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
+use abi_stable::{declare_root_module_statics, package_version_strings, sabi_trait, StableAbi};
+
+/// One node of the graph as a plugin sees it.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct NodeInfo {
+    /// The op's name: ATen names (`aten.linear`, `aten.mul.Tensor`) or canonical ops
+    /// (`torch_rmsnorm`, `torch_attention`, ...).
+    pub op: RString,
+    /// The op's attributes as the graph dump prints them (`eps=1e-05`, `dim=-1`, ...).
+    pub attrs: RString,
+    /// Value ids read and written.
+    pub inputs: RVec<u32>,
+    pub outputs: RVec<u32>,
+}
+
+/// Metadata of one value.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct ValueInfo {
+    pub name: RString,
+    /// `f32`, `bf16`, `f16`, `i64`, `bool`, or a block type such as `q4_1`.
+    pub dtype: RString,
+    /// Sizes; symbolic sizes (`seq`, `batch*seq`) are 0 here and spelled out in `shape_text`.
+    pub shape: RVec<u64>,
+    pub shape_text: RString,
+    /// Set when the value is a weight: its name in the checkpoint or the name it was added under.
+    pub weight: ROption<RString>,
+}
+
+/// A dense f32 tensor crossing the boundary (weights are converted to and from the graph's
+/// dtype by the host).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: RVec<u64>,
+    pub data: RVec<f32>,
+}
+
+/// The graph view and rewrite API, implemented by the host. Node indices are positions in
+/// topological order; they stay valid until [`GraphEdit::remove_dead_nodes`].
+#[sabi_trait]
+pub trait GraphEdit {
+    fn num_nodes(&self) -> usize;
+    /// `None` past the last node.
+    fn node(&self, index: usize) -> ROption<NodeInfo>;
+    /// Indices of the nodes whose op is `op`, in order.
+    fn find_nodes(&self, op: RStr<'_>) -> RVec<usize>;
+    /// `None` for an id that names no value.
+    fn value(&self, value: u32) -> ROption<ValueInfo>;
+    /// Indices of the nodes reading `value`; whether a graph output is `value` is
+    /// [`GraphEdit::is_output`].
+    fn users(&self, value: u32) -> RVec<usize>;
+    fn is_output(&self, value: u32) -> bool;
+    /// The values of a weight, as f32.
+    fn read_weight(&self, value: u32) -> RResult<HostTensor, RString>;
+    /// Adds a weight named `name` holding `tensor`, stored in `dtype` (`f32`, `bf16`, `f16`);
+    /// returns its value id.
+    fn add_weight(&mut self, name: RStr<'_>, dtype: RStr<'_>, tensor: HostTensor) -> RResult<u32, RString>;
+    /// Makes input `slot` of node `node` read `value`; the host checks the op's shape rules.
+    fn set_input(&mut self, node: usize, slot: usize, value: u32) -> RResult<(), RString>;
+    /// Removes nodes whose outputs nobody reads; returns how many.
+    fn remove_dead_nodes(&mut self) -> usize;
+}
+
+/// The graph a transform receives for the duration of one call.
+pub type GraphRef<'a> = GraphEdit_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+
+/// A graph transform. Returns a one-line summary of what it changed (logged and kept in the
+/// graph's history), or an error message that fails the build. `options` is the transform's
+/// `[transforms.<name>]` table from the pipeline config as TOML text (declared options with their
+/// defaults filled in; `enabled` left out).
+#[sabi_trait]
+pub trait Transform: Send + Sync {
+    fn apply(&self, graph: GraphRef<'_>, options: RStr<'_>) -> RResult<RString, RString>;
+}
+
+/// An option a transform accepts; the host checks the config's value has the default's type.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct OptionDecl {
+    pub name: RString,
+    /// The default as a TOML value (`true`, `3`, `"text"`).
+    pub default: RString,
+    pub help: RString,
+}
+
+/// One layer's cached attention for one step. Layouts (row-major):
+/// `q`/`out` `[heads, tokens, head_dim]`; `k`/`v` `[kv_heads, tokens, head_dim]`;
+/// caches `[slot, kv_heads, head_dim]` where token position `p` of sequence `s` lives in slot
+/// `page_indices[page_indptr[s] + p / page_size] * page_size + p % page_size`.
+/// The backend writes this step's k/v into the caches, then attends each query token to its
+/// sequence's positions `0..=token_pos[t]` (causal).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct AttentionCall<'a> {
+    pub layer: usize,
+    pub scale: f32,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub tokens: usize,
+    pub head_dim: usize,
+    pub q: RSlice<'a, f32>,
+    pub k: RSlice<'a, f32>,
+    pub v: RSlice<'a, f32>,
+    /// Per token: its sequence, its position in that sequence.
+    pub token_seq: RSlice<'a, usize>,
+    pub token_pos: RSlice<'a, usize>,
+    pub page_size: usize,
+    /// The page table in CSR form: sequence `s` owns `page_indices[page_indptr[s]..page_indptr[s+1]]`.
+    pub page_indptr: RSlice<'a, usize>,
+    pub page_indices: RSlice<'a, u32>,
+    pub k_cache: RSliceMut<'a, f32>,
+    pub v_cache: RSliceMut<'a, f32>,
+    pub out: RSliceMut<'a, f32>,
+}
+
+/// An attention backend (selected with `attn_backend` in the pipeline config).
+#[sabi_trait]
+pub trait AttentionBackend: Send + Sync {
+    fn attend(&self, call: AttentionCall<'_>) -> RResult<(), RString>;
+}
+
+/// What a plugin declares.
+#[repr(u8)]
+#[derive(StableAbi)]
+pub enum PluginBody {
+    Transform {
+        /// The pipeline stage it runs at (`post_load_fusion`, ...; see [`crate::Stage`]).
+        stage: RString,
+        /// Order within the stage (lower first; ties by name).
+        order: i32,
+        enabled_by_default: bool,
+        options: RVec<OptionDecl>,
+        transform: Transform_TO<'static, RBox<()>>,
+    },
+    AttentionBackend {
+        backend: AttentionBackend_TO<'static, RBox<()>>,
+    },
+}
+
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct PluginDecl {
+    pub name: RString,
+    pub version: RString,
+    pub body: PluginBody,
+}
+
+impl PluginDecl {
+    /// A transform running at `stage` (before the built-in transforms of that stage), enabled
+    /// unless the config disables it, with `options` as `(name, default TOML value, help)`.
+    pub fn transform(
+        name: &str,
+        version: &str,
+        stage: crate::Stage,
+        options: &[(&str, &str, &str)],
+        t: impl Transform + 'static,
+    ) -> PluginDecl {
+        PluginDecl {
+            name: name.into(),
+            version: version.into(),
+            body: PluginBody::Transform {
+                stage: stage.as_str().into(),
+                order: 0,
+                enabled_by_default: true,
+                options: options
+                    .iter()
+                    .map(|(n, d, h)| OptionDecl { name: (*n).into(), default: (*d).into(), help: (*h).into() })
+                    .collect(),
+                transform: Transform_TO::from_value(t, abi_stable::sabi_trait::TD_Opaque),
+            },
+        }
+    }
+
+    /// An attention backend, selectable as `attn_backend = "<name>"`.
+    pub fn attention_backend(name: &str, version: &str, b: impl AttentionBackend + 'static) -> PluginDecl {
+        PluginDecl {
+            name: name.into(),
+            version: version.into(),
+            body: PluginBody::AttentionBackend {
+                backend: AttentionBackend_TO::from_value(b, abi_stable::sabi_trait::TD_Opaque),
+            },
+        }
+    }
+}
+
+/// The root module every plugin library exports.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModule_Ref)))]
+#[sabi(missing_field(panic))]
+pub struct PluginModule {
+    /// The SDK version the library was built against, for messages.
+    pub sdk_version: RStr<'static>,
+    #[sabi(last_prefix_field)]
+    pub plugins: extern "C" fn() -> RVec<PluginDecl>,
+}
+
+impl RootModule for PluginModule_Ref {
+    declare_root_module_statics! {PluginModule_Ref}
+    const BASE_NAME: &'static str = "autodeploy_plugin";
+    const NAME: &'static str = "autodeploy plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+/// The exported symbol's name for the abi_stable version the SDK pins; checked by a test.
+#[doc(hidden)]
+pub const ROOT_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_bloader";
+
+/// Exports a plugin library's root module. `$plugins` is a `fn() -> Vec<PluginDecl>` listing
+/// the library's plugins. Use once, at the crate root of a `cdylib`.
+///
+/// ```ignore
+/// fn plugins() -> Vec<PluginDecl> { vec![PluginDecl::attention_backend("mine", "0.1.0", Mine)] }
+/// autodeploy_sdk::export_plugins!(plugins);
+/// ```
+#[macro_export]
+macro_rules! export_plugins {
+    ($plugins:path) => {
+        #[doc(hidden)]
+        extern "C" fn __autodeploy_plugins() -> $crate::abi_stable::std_types::RVec<$crate::ffi::PluginDecl> {
+            let v: ::std::vec::Vec<$crate::ffi::PluginDecl> = $plugins();
+            v.into()
+        }
+
+        #[doc(hidden)]
+        fn __autodeploy_root_module() -> $crate::ffi::PluginModule_Ref {
+            use $crate::abi_stable::prefix_type::PrefixTypeTrait;
+            $crate::ffi::PluginModule {
+                sdk_version: $crate::abi_stable::std_types::RStr::from_str($crate::SDK_VERSION_STR),
+                plugins: __autodeploy_plugins,
+            }
+            .leak_into_prefix()
+        }
+
+        // What `#[abi_stable::export_root_module]` generates, spelled with `$crate` paths so the
+        // plugin crate needs no dependency besides the SDK (the symbol name is pinned by a test).
+        #[no_mangle]
+        #[allow(non_upper_case_globals)]
+        pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::abi_stable::library::LibHeader = {
+            extern "C" fn erased() -> $crate::abi_stable::library::RootModuleResult {
+                $crate::abi_stable::library::__call_root_module_loader(__autodeploy_root_module)
+            }
+            unsafe {
+                $crate::abi_stable::library::LibHeader::from_constructor::<$crate::ffi::PluginModule_Ref>(
+                    erased,
+                    $crate::abi_stable::library::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
