@@ -190,6 +190,12 @@ pub struct StepContext<'a> {
 
 /// An attention backend: cached attention over the paged cache for one layer.
 pub trait AttentionBackend: Send + Sync {
+    /// Called once per step before any layer's `attend`, with the step's plan: a backend
+    /// derives what every layer shares here (FlashInfer's plan/run split). Default: nothing.
+    fn begin_step(&mut self, _plan: &StepPlan) -> Result<()> {
+        Ok(())
+    }
+
     /// `q [1, heads, tokens, dim]`, `k`/`v [1, kv_heads, tokens, dim]` for this step's tokens;
     /// writes k/v into the cache, returns `[1, heads, tokens, dim]`.
     fn attend(

@@ -140,13 +140,15 @@ fn load_library(path: &Path) -> usize {
                     }
                 }
             }
-            ffi::PluginBody::AttentionBackend { backend } => {
-                let b = Arc::new(backend);
+            ffi::PluginBody::AttentionBackend { make } => {
                 crate::kvcache::register_external_attention(ExternalAttention {
                     name: Box::leak(name.clone().into_boxed_str()),
                     version: Box::leak(version.into_boxed_str()),
                     origin: Box::leak(origin.clone().into_boxed_str()),
-                    make: Box::new(move || Box::new(ExternalAttentionBackend(b.clone())) as Box<dyn AttentionBackend>),
+                    make: Box::new(move || {
+                        Box::new(ExternalAttentionBackend { inner: make(), csr: Default::default() })
+                            as Box<dyn AttentionBackend>
+                    }),
                 })
             }
         };
@@ -160,7 +162,6 @@ fn load_library(path: &Path) -> usize {
 }
 
 type FfiTransform = ffi::Transform_TO<'static, RBox<()>>;
-type FfiAttention = ffi::AttentionBackend_TO<'static, RBox<()>>;
 
 /// A library's transform as a host transform.
 struct ExternalTransform(Arc<FfiTransform>);
@@ -312,9 +313,39 @@ impl ffi::GraphEdit for HostGraph<'_> {
 }
 
 /// A library's attention backend as a host attention backend.
-struct ExternalAttentionBackend(Arc<FfiAttention>);
+struct ExternalAttentionBackend {
+    inner: ffi::AttentionBackendBox,
+    /// This step's page table in CSR form (built in `begin_step`, shared by every layer).
+    csr: (Vec<usize>, Vec<u32>),
+}
+
+fn page_table_csr(tables: &[Vec<u32>]) -> (Vec<usize>, Vec<u32>) {
+    let mut indptr = vec![0usize];
+    let mut indices = Vec::new();
+    for t in tables {
+        indices.extend_from_slice(t);
+        indptr.push(indices.len());
+    }
+    (indptr, indices)
+}
 
 impl AttentionBackend for ExternalAttentionBackend {
+    fn begin_step(&mut self, plan: &crate::kvcache::StepPlan) -> Result<()> {
+        self.csr = page_table_csr(&plan.page_tables);
+        let step = ffi::StepInfo {
+            tokens: plan.token_seq.len(),
+            token_seq: plan.token_seq.as_slice().into(),
+            token_pos: plan.token_pos.as_slice().into(),
+            page_size: plan.page_size,
+            page_indptr: self.csr.0.as_slice().into(),
+            page_indices: self.csr.1.as_slice().into(),
+        };
+        match self.inner.begin_step(step) {
+            RResult::ROk(()) => Ok(()),
+            RResult::RErr(e) => Err(Error::op("attention_with_kv_cache", format!("planning the step: {e}"))),
+        }
+    }
+
     fn attend(
         &self,
         layer: usize,
@@ -340,12 +371,14 @@ impl AttentionBackend for ExternalAttentionBackend {
                 plan.token_seq.len()
             )));
         }
-        let mut page_indptr = vec![0usize];
-        let mut page_indices = Vec::new();
-        for t in &plan.page_tables {
-            page_indices.extend_from_slice(t);
-            page_indptr.push(page_indices.len());
-        }
+        // The CSR table from begin_step; built here for a caller that did not plan the step.
+        let local;
+        let (page_indptr, page_indices) = if self.csr.0.len() == plan.page_tables.len() + 1 {
+            (&self.csr.0, &self.csr.1)
+        } else {
+            local = page_table_csr(&plan.page_tables);
+            (&local.0, &local.1)
+        };
         let (qv, kv, vv) = (q.to_f32(), k.to_f32(), v.to_f32());
         let mut out = vec![0f32; heads * tokens * dim];
         let (kc, vc) = cx.cache.layer_mut(layer);
@@ -368,7 +401,7 @@ impl AttentionBackend for ExternalAttentionBackend {
             v_cache: vc.into(),
             out: out.as_mut_slice().into(),
         };
-        match self.0.attend(call) {
+        match self.inner.attend(call) {
             RResult::ROk(()) => Tensor::from_f32_as(q.dtype(), vec![1, heads, tokens, dim], out),
             RResult::RErr(e) => Err(bad(format!("layer {layer}: {e}"))),
         }

@@ -140,10 +140,34 @@ pub struct AttentionCall<'a> {
     pub out: RSliceMut<'a, f32>,
 }
 
-/// An attention backend (selected with `attn_backend` in the pipeline config).
+/// One step's batch as every layer will see it, given to [`AttentionBackend::begin_step`]
+/// before the first layer (the same fields as in [`AttentionCall`]).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct StepInfo<'a> {
+    pub tokens: usize,
+    pub token_seq: RSlice<'a, usize>,
+    pub token_pos: RSlice<'a, usize>,
+    pub page_size: usize,
+    pub page_indptr: RSlice<'a, usize>,
+    pub page_indices: RSlice<'a, u32>,
+}
+
+/// An attention backend (selected with `attn_backend` in the pipeline config). The host creates
+/// one instance per engine, calls `begin_step` once per step (plan what all layers share), then
+/// `attend` for each layer.
 #[sabi_trait]
 pub trait AttentionBackend: Send + Sync {
+    fn begin_step(&mut self, step: StepInfo<'_>) -> RResult<(), RString>;
     fn attend(&self, call: AttentionCall<'_>) -> RResult<(), RString>;
+}
+
+/// An owned attention backend instance.
+pub type AttentionBackendBox = AttentionBackend_TO<'static, RBox<()>>;
+
+/// Boxes a backend for [`PluginDecl::attention_backend`]'s `make`.
+pub fn attention_backend_box(b: impl AttentionBackend + 'static) -> AttentionBackendBox {
+    AttentionBackend_TO::from_value(b, abi_stable::sabi_trait::TD_Opaque)
 }
 
 /// What a plugin declares.
@@ -160,7 +184,8 @@ pub enum PluginBody {
         transform: Transform_TO<'static, RBox<()>>,
     },
     AttentionBackend {
-        backend: AttentionBackend_TO<'static, RBox<()>>,
+        /// Creates one backend instance (each engine gets its own: `begin_step` keeps state).
+        make: extern "C" fn() -> AttentionBackendBox,
     },
 }
 
@@ -198,15 +223,10 @@ impl PluginDecl {
         }
     }
 
-    /// An attention backend, selectable as `attn_backend = "<name>"`.
-    pub fn attention_backend(name: &str, version: &str, b: impl AttentionBackend + 'static) -> PluginDecl {
-        PluginDecl {
-            name: name.into(),
-            version: version.into(),
-            body: PluginBody::AttentionBackend {
-                backend: AttentionBackend_TO::from_value(b, abi_stable::sabi_trait::TD_Opaque),
-            },
-        }
+    /// An attention backend, selectable as `attn_backend = "<name>"`; `make` creates one
+    /// instance per engine.
+    pub fn attention_backend(name: &str, version: &str, make: extern "C" fn() -> AttentionBackendBox) -> PluginDecl {
+        PluginDecl { name: name.into(), version: version.into(), body: PluginBody::AttentionBackend { make } }
     }
 }
 

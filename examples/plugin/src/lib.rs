@@ -8,7 +8,10 @@
 //!   loop by loop.
 
 use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RStr, RString};
-use autodeploy_sdk::ffi::{AttentionBackend, AttentionCall, GraphRef, HostTensor, PluginDecl, Transform};
+use autodeploy_sdk::ffi::{
+    attention_backend_box, AttentionBackend, AttentionBackendBox, AttentionCall, GraphRef, HostTensor, PluginDecl,
+    StepInfo, Transform,
+};
 use autodeploy_sdk::Stage;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -22,7 +25,7 @@ fn plugins() -> Vec<PluginDecl> {
             &[("require_all", "false", "fail unless every RMSNorm could be folded")],
             FoldNormScale,
         ),
-        PluginDecl::attention_backend("naive_cpu", VERSION, NaiveCpu),
+        PluginDecl::attention_backend("naive_cpu", VERSION, new_naive_cpu),
     ]
 }
 
@@ -134,30 +137,56 @@ impl Transform for FoldNormScale {
     }
 }
 
-struct NaiveCpu;
+/// Causal attention over the paged cache, loop by loop. `begin_step` resolves every (sequence,
+/// position) of the step to its cache slot once; each layer's `attend` reuses that table.
+#[derive(Default)]
+struct NaiveCpu {
+    /// Per token: the slots of positions `0..=pos` of its sequence, in order.
+    slots: Vec<Vec<usize>>,
+}
+
+extern "C" fn new_naive_cpu() -> AttentionBackendBox {
+    attention_backend_box(NaiveCpu::default())
+}
 
 impl AttentionBackend for NaiveCpu {
+    fn begin_step(&mut self, step: StepInfo<'_>) -> RResult<(), RString> {
+        self.slots.clear();
+        for tok in 0..step.tokens {
+            let (s, pos) = (step.token_seq[tok], step.token_pos[tok]);
+            let (Some(&first), Some(&end)) = (step.page_indptr.get(s), step.page_indptr.get(s + 1)) else {
+                return RResult::RErr(format!("token {tok}: sequence {s} has no page table").into());
+            };
+            let pages = &step.page_indices[first..end];
+            if pos / step.page_size >= pages.len() {
+                return RResult::RErr(format!("token {tok}: position {pos} is past sequence {s}'s pages").into());
+            }
+            self.slots.push(
+                (0..=pos).map(|p| pages[p / step.page_size] as usize * step.page_size + p % step.page_size).collect(),
+            );
+        }
+        RResult::ROk(())
+    }
+
     fn attend(&self, c: AttentionCall<'_>) -> RResult<(), RString> {
         let d = c.head_dim;
         let (h, kvh, t) = (c.heads, c.kv_heads, c.tokens);
         if h == 0 || kvh == 0 || h % kvh != 0 {
             return RResult::RErr(format!("{h} query heads cannot share {kvh} kv heads").into());
         }
-        let slot = |s: usize, p: usize| -> Option<usize> {
-            let page = *c.page_indices.get(c.page_indptr.get(s)? + p / c.page_size)? as usize;
-            Some(page * c.page_size + p % c.page_size)
-        };
+        if self.slots.len() != t {
+            return RResult::RErr(format!("the step was planned for {} tokens, not {t}", self.slots.len()).into());
+        }
         let (k_cache, v_cache, out) = (c.k_cache.into_mut_slice(), c.v_cache.into_mut_slice(), c.out.into_mut_slice());
-        // This step's keys and values into their slots.
-        for tok in 0..t {
-            let Some(sl) = slot(c.token_seq[tok], c.token_pos[tok]) else {
-                return RResult::RErr(format!("token {tok} has no page").into());
-            };
+        let max_slot = self.slots.iter().flatten().copied().max().unwrap_or(0);
+        if (max_slot + 1) * kvh * d > k_cache.len().min(v_cache.len()) {
+            return RResult::RErr(format!("slot {max_slot} is outside the cache").into());
+        }
+        // This step's keys and values into their slots (each token's own position is its last).
+        for (tok, slots) in self.slots.iter().enumerate() {
+            let sl = slots[slots.len() - 1];
             for j in 0..kvh {
                 let (src, dst) = ((j * t + tok) * d, (sl * kvh + j) * d);
-                if dst + d > k_cache.len() {
-                    return RResult::RErr(format!("slot {sl} is outside the cache").into());
-                }
                 k_cache[dst..dst + d].copy_from_slice(&c.k[src..src + d]);
                 v_cache[dst..dst + d].copy_from_slice(&c.v[src..src + d]);
             }
@@ -166,12 +195,11 @@ impl AttentionBackend for NaiveCpu {
         let mut scores = Vec::new();
         for head in 0..h {
             let j = head / (h / kvh);
-            for tok in 0..t {
-                let (s, pos) = (c.token_seq[tok], c.token_pos[tok]);
+            for (tok, slots) in self.slots.iter().enumerate() {
                 let q = &c.q[(head * t + tok) * d..(head * t + tok + 1) * d];
                 scores.clear();
-                for p in 0..=pos {
-                    let at = (slot(s, p).unwrap_or(0) * kvh + j) * d;
+                for &sl in slots {
+                    let at = (sl * kvh + j) * d;
                     let dot: f32 = q.iter().zip(&k_cache[at..at + d]).map(|(a, b)| a * b).sum();
                     scores.push(dot * c.scale);
                 }
@@ -183,8 +211,8 @@ impl AttentionBackend for NaiveCpu {
                 }
                 let o = &mut out[(head * t + tok) * d..(head * t + tok + 1) * d];
                 o.fill(0.0);
-                for (p, w) in scores.iter().enumerate() {
-                    let at = (slot(s, p).unwrap_or(0) * kvh + j) * d;
+                for (&sl, w) in slots.iter().zip(&scores) {
+                    let at = (sl * kvh + j) * d;
                     for (x, v) in o.iter_mut().zip(&v_cache[at..at + d]) {
                         *x += w / sum * v;
                     }

@@ -144,6 +144,9 @@ impl CompiledModel for Interpreter {
     fn forward(&mut self, inputs: &[Tensor], mut step: Option<&mut StepContext>) -> Result<Vec<Tensor>> {
         let g = &self.graph;
         let bind = bind_inputs(g, inputs)?;
+        if let (Some(b), Some(cx)) = (self.attention.as_mut(), step.as_deref()) {
+            b.begin_step(cx.plan)?;
+        }
         let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
         for (&v, t) in g.inputs.iter().zip(inputs) {
             slots[v.0 as usize] = Some(t.clone());
