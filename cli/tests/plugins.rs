@@ -109,7 +109,12 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let (ok, out, err) = host(&dir, &smollm2_config(&model, "torch", ""), &["plugins"]);
     assert!(ok, "{err}");
     let lib_s = lib.display().to_string();
-    for (kind, name) in [("attention-backend", "naive_cpu"), ("transform", "fold_norm_scale")] {
+    for (kind, name) in [
+        ("attention-backend", "naive_cpu"),
+        ("transform", "fold_norm_scale"),
+        ("transform", "use_example_rmsnorm"),
+        ("op", "example.rms_norm"),
+    ] {
         assert!(
             out.lines().any(|l| l.starts_with(kind) && l.contains(name) && l.contains("0.1.0") && l.ends_with(&lib_s)),
             "{kind} {name} missing: {out}"
@@ -131,7 +136,8 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     assert!(ok, "{err}");
     let history: Vec<&str> = graph.lines().filter(|l| l.starts_with("# [stage=post_load_fusion")).collect();
     assert!(history[0].contains("transform=fold_norm_scale] folded 31 rmsnorm scales into 91 linears"), "{history:?}");
-    assert!(history[1].contains("transform=fuse_gemms"), "{history:?}");
+    assert!(history[1].contains("transform=use_example_rmsnorm] disabled"), "{history:?}");
+    assert!(history[2].contains("transform=fuse_gemms"), "{history:?}");
     assert!(graph.contains("%model.norm.weight.folded: f32[576] = weight"), "the folded final norm");
     let (ok, folded, err) = host(&dir, &smollm2_config(&model, "naive_cpu", ""), &[]);
     assert!(ok, "{err}");
@@ -139,6 +145,20 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let (_, graph_off, _) =
         host(&dir, &smollm2_config(&model, "torch", "enabled = false"), &["graph", "--stage", "post_load_fusion"]);
     assert!(graph_off.contains("[stage=post_load_fusion, transform=fold_norm_scale] disabled"), "{graph_off}");
+
+    // The plugin's own op: its transform (off by default) puts `example.rms_norm`, computed by
+    // the plugin's CPU kernel, in place of every torch_rmsnorm; the tokens stay the same.
+    let own_op = smollm2_config(&model, "torch", "enabled = false\n[transforms.use_example_rmsnorm]\nenabled = true");
+    let (ok, graph, err) = host(&dir, &own_op, &["graph", "--stage", "post_load_fusion"]);
+    assert!(ok, "{err}");
+    assert!(
+        graph.contains("transform=use_example_rmsnorm] replaced 61 torch_rmsnorm with example.rms_norm"),
+        "{graph}"
+    );
+    assert!(!graph.contains("= torch_rmsnorm("), "every norm replaced");
+    let (ok, own, err) = host(&dir, &own_op, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(output_lines(&own), output_lines(&reference));
 
     // An error from the plugin's transform fails the build with the plugin's message.
     let (ok, _, err) = host(&dir, &smollm2_config(&model, "torch", "require_all = true"), &[]);

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod custom_op;
 pub mod dtype;
 pub mod error;
 pub mod gguf;

@@ -101,6 +101,14 @@ pub enum Op {
         layer: usize,
         scale: f64,
     },
+    /// An op a plugin registered (`custom_op`): `inputs` tensors in, one tensor out with the
+    /// dtype and shape of input `output_like`; `attrs` is the plugin's own attribute text.
+    Custom {
+        name: &'static str,
+        inputs: usize,
+        output_like: usize,
+        attrs: String,
+    },
 }
 
 impl Op {
@@ -138,6 +146,7 @@ impl Op {
             Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
             Op::IndexSelect { .. } => "aten.index_select",
             Op::CachedAttention { .. } => "attention_with_kv_cache",
+            Op::Custom { name, .. } => name,
         }
     }
 
@@ -181,6 +190,7 @@ impl Op {
                 }
                 s
             }
+            Op::Custom { attrs, .. } => attrs.clone(),
             _ => String::new(),
         }
     }
@@ -193,6 +203,7 @@ impl Op {
             Op::Sdpa { .. } | Op::Rope { .. } | Op::Attention { .. } => (3, 3),
             Op::RmsNorm { .. } | Op::IndexSelect { .. } => (2, 2),
             Op::CachedAttention { .. } => (3, 3),
+            Op::Custom { inputs, .. } => (*inputs, *inputs),
             Op::SwiGluMlp { fused: true } => (3, 3),
             Op::SwiGluMlp { fused: false } => (4, 4),
             Op::Cat { .. } => (1, usize::MAX),
@@ -282,6 +293,10 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
     let x = &ins[0];
     let same = |shape: Shape| Ok(vec![TensorMeta { dtype: x.dtype, shape }]);
     match op {
+        Op::Custom { output_like, .. } => ins
+            .get(*output_like)
+            .map(|m| vec![m.clone()])
+            .ok_or_else(|| err(op, format!("output_like = {output_like} but {} inputs", ins.len()))),
         Op::Embedding => {
             let (w, idx) = (&ins[0], &ins[1]);
             if w.shape.len() != 2 {

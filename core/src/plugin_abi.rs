@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use autodeploy_sdk::abi_stable::library::{lib_header_from_path, LibraryError};
 use autodeploy_sdk::abi_stable::sabi_trait::TD_Opaque;
-use autodeploy_sdk::abi_stable::std_types::{RBox, ROption, RResult, RStr, RString, RVec};
+use autodeploy_sdk::abi_stable::std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec};
 use autodeploy_sdk::ffi;
 use autodeploy_sdk::Stage;
 
@@ -151,6 +151,18 @@ fn load_library(path: &Path) -> usize {
                     }),
                 })
             }
+            ffi::PluginBody::Op { inputs, output_like, cpu } => {
+                crate::custom_op::register(crate::custom_op::CustomOp {
+                    name: Box::leak(name.clone().into_boxed_str()),
+                    version: Box::leak(version.clone().into_boxed_str()),
+                    inputs: inputs as usize,
+                    output_like: output_like as usize,
+                    origin: Box::leak(origin.clone().into_boxed_str()),
+                    cpu: Arc::new(move |ins: &[&Tensor], attrs: &str| {
+                        run_cpu_kernel(cpu, ins, attrs, output_like as usize)
+                    }),
+                })
+            }
         };
         match res {
             Ok(()) => n += 1,
@@ -162,6 +174,27 @@ fn load_library(path: &Path) -> usize {
 }
 
 type FfiTransform = ffi::Transform_TO<'static, RBox<()>>;
+
+/// Calls a library's CPU kernel on host tensors.
+fn run_cpu_kernel(
+    k: ffi::CpuKernel,
+    ins: &[&Tensor],
+    attrs: &str,
+    output_like: usize,
+) -> std::result::Result<Vec<f32>, String> {
+    let data: Vec<std::borrow::Cow<[f32]>> = ins.iter().map(|t| t.to_f32()).collect();
+    let views: Vec<ffi::TensorView> = ins
+        .iter()
+        .zip(&data)
+        .map(|(t, d)| ffi::TensorView { shape: t.shape().into(), data: d.as_ref().into() })
+        .collect();
+    let n = ins.get(output_like).map_or(0, |t| t.numel());
+    let mut out = vec![0f32; n];
+    match k(views.as_slice().into(), attrs.into(), out.as_mut_slice().into()) {
+        RResult::ROk(()) => Ok(out),
+        RResult::RErr(e) => Err(e.into_string()),
+    }
+}
 
 /// A library's transform as a host transform.
 struct ExternalTransform(Arc<FfiTransform>);
@@ -304,6 +337,63 @@ impl ffi::GraphEdit for HostGraph<'_> {
             Err(e) => return RResult::RErr(format!("set_input: node {node} ({}): {e}", n.op.name()).into()),
         }
         self.g.nodes[node].inputs[slot] = ValueId(value);
+        RResult::ROk(())
+    }
+
+    fn insert_node(
+        &mut self,
+        before: usize,
+        op: RStr<'_>,
+        inputs: RSlice<'_, u32>,
+        attrs: RStr<'_>,
+    ) -> RResult<u32, RString> {
+        let fail = |m: String| RResult::RErr(format!("insert_node {op}: {m}").into());
+        if before > self.g.nodes.len() {
+            return fail(format!("position {before} is past the {} nodes", self.g.nodes.len()));
+        }
+        let the_op = match crate::custom_op::op(op.as_str(), attrs.as_str()) {
+            Ok(o) => o,
+            Err(e) => return fail(e.to_string()),
+        };
+        // Every input must exist before `before`: a graph input, a weight, or an earlier node's output.
+        let producers = self.g.producers();
+        for &v in inputs.iter() {
+            if !self.valid(v) {
+                return fail(format!("value {v} does not exist"));
+            }
+            if let Some(p) = producers[v as usize] {
+                if p >= before {
+                    return fail(format!("value {v} is produced by node {p}, not before node {before}"));
+                }
+            }
+        }
+        let ins: Vec<ValueId> = inputs.iter().map(|&v| ValueId(v)).collect();
+        match self.g.insert_node(before, op.as_str(), the_op, &ins) {
+            Ok(v) => RResult::ROk(v.0),
+            Err(e) => fail(e.to_string()),
+        }
+    }
+
+    fn replace_uses(&mut self, old: u32, new: u32) -> RResult<(), RString> {
+        if !self.valid(old) || !self.valid(new) {
+            return RResult::RErr(format!("replace_uses: value {old} or {new} does not exist").into());
+        }
+        let (a, b) = (self.g.meta(ValueId(old)), self.g.meta(ValueId(new)));
+        if a != b {
+            return RResult::RErr(format!("replace_uses: {a} and {b} differ").into());
+        }
+        // A reader of `old` placed before `new`'s producer would break the order.
+        let producers = self.g.producers();
+        if let Some(p) = producers[new as usize] {
+            if let Some(first) = self.g.nodes.iter().position(|n| n.inputs.contains(&ValueId(old))) {
+                if first <= p {
+                    return RResult::RErr(
+                        format!("replace_uses: node {first} reads value {old} before node {p} computes {new}").into(),
+                    );
+                }
+            }
+        }
+        self.g.replace_uses(ValueId(old), ValueId(new));
         RResult::ROk(())
     }
 

@@ -114,6 +114,12 @@ pub fn list_plugins() -> Vec<PluginListing> {
             version: p.version,
             origin: p.origin.into(),
         }))
+        .chain(crate::custom_op::all().into_iter().map(|o| PluginListing {
+            kind: PluginKind::Op,
+            name: o.name,
+            version: o.version,
+            origin: o.origin.into(),
+        }))
         .chain(crate::transform::all().into_iter().map(|t| PluginListing {
             kind: PluginKind::Transform,
             name: t.name,

@@ -84,9 +84,34 @@ pub trait GraphEdit {
     fn add_weight(&mut self, name: RStr<'_>, dtype: RStr<'_>, tensor: HostTensor) -> RResult<u32, RString>;
     /// Makes input `slot` of node `node` read `value`; the host checks the op's shape rules.
     fn set_input(&mut self, node: usize, slot: usize, value: u32) -> RResult<(), RString>;
+    /// Inserts a node of a registered op (one a plugin library declared with
+    /// [`PluginDecl::op`]) before node `before`, reading `inputs`, with the op's own attribute
+    /// text; returns its output value. The inputs must be defined before that position.
+    fn insert_node(
+        &mut self,
+        before: usize,
+        op: RStr<'_>,
+        inputs: RSlice<'_, u32>,
+        attrs: RStr<'_>,
+    ) -> RResult<u32, RString>;
+    /// Makes every reader of `old` (nodes and graph outputs) read `new`; refused unless both
+    /// have the same dtype and shape.
+    fn replace_uses(&mut self, old: u32, new: u32) -> RResult<(), RString>;
     /// Removes nodes whose outputs nobody reads; returns how many.
     fn remove_dead_nodes(&mut self) -> usize;
 }
+
+/// A tensor an op implementation reads: row-major f32 values.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct TensorView<'a> {
+    pub shape: RSlice<'a, usize>,
+    pub data: RSlice<'a, f32>,
+}
+
+/// A CPU implementation of a plugin op: the inputs, the node's attribute text, the output
+/// buffer to fill (sized like the input the op's output copies).
+pub type CpuKernel = extern "C" fn(RSlice<'_, TensorView<'_>>, RStr<'_>, RSliceMut<'_, f32>) -> RResult<(), RString>;
 
 /// The graph a transform receives for the duration of one call.
 pub type GraphRef<'a> = GraphEdit_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
@@ -187,6 +212,13 @@ pub enum PluginBody {
         /// Creates one backend instance (each engine gets its own: `begin_step` keeps state).
         make: extern "C" fn() -> AttentionBackendBox,
     },
+    /// A new op: `inputs` tensors in, one out with the dtype and shape of input `output_like`.
+    Op {
+        inputs: u32,
+        output_like: u32,
+        /// A [`CpuKernel`] (spelled out: the layout checker reads fn pointer types inline).
+        cpu: extern "C" fn(RSlice<'_, TensorView<'_>>, RStr<'_>, RSliceMut<'_, f32>) -> RResult<(), RString>,
+    },
 }
 
 #[repr(C)]
@@ -221,6 +253,20 @@ impl PluginDecl {
                 transform: Transform_TO::from_value(t, abi_stable::sabi_trait::TD_Opaque),
             },
         }
+    }
+
+    /// A new op transforms can insert by name (`GraphEdit::insert_node`), with its CPU kernel.
+    pub fn op(name: &str, version: &str, inputs: u32, output_like: u32, cpu: CpuKernel) -> PluginDecl {
+        PluginDecl { name: name.into(), version: version.into(), body: PluginBody::Op { inputs, output_like, cpu } }
+    }
+
+    /// For a transform: leave it off unless the config enables it (`[transforms.<name>]
+    /// enabled = true`).
+    pub fn disabled_by_default(mut self) -> PluginDecl {
+        if let PluginBody::Transform { enabled_by_default, .. } = &mut self.body {
+            *enabled_by_default = false;
+        }
+        self
     }
 
     /// An attention backend, selectable as `attn_backend = "<name>"`; `make` creates one

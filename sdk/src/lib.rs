@@ -22,6 +22,8 @@ pub enum PluginKind {
     AttentionBackend,
     CompileBackend,
     Runtime,
+    /// An op with its own kernels, which transforms can put in graphs.
+    Op,
 }
 
 impl PluginKind {
@@ -32,6 +34,7 @@ impl PluginKind {
             PluginKind::AttentionBackend => "attention-backend",
             PluginKind::CompileBackend => "compile-backend",
             PluginKind::Runtime => "runtime",
+            PluginKind::Op => "op",
         }
     }
 }

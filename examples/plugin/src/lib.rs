@@ -6,11 +6,13 @@
 //!   live in the linears' weights instead (`W[:, j] · w[j]`), and the norm's weight becomes ones.
 //! - `naive_cpu` (attention backend): causal attention over the paged KV cache, written out
 //!   loop by loop.
+//! - `example.rms_norm` (op) with its CPU kernel, and `use_example_rmsnorm` (transform, off
+//!   unless the config enables it), which puts that op in place of every f32 `torch_rmsnorm`.
 
-use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RStr, RString};
+use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use autodeploy_sdk::ffi::{
     attention_backend_box, AttentionBackend, AttentionBackendBox, AttentionCall, GraphRef, HostTensor, PluginDecl,
-    StepInfo, Transform,
+    StepInfo, TensorView, Transform,
 };
 use autodeploy_sdk::Stage;
 
@@ -26,6 +28,9 @@ fn plugins() -> Vec<PluginDecl> {
             FoldNormScale,
         ),
         PluginDecl::attention_backend("naive_cpu", VERSION, new_naive_cpu),
+        PluginDecl::op("example.rms_norm", VERSION, 2, 0, rms_norm_cpu),
+        PluginDecl::transform("use_example_rmsnorm", VERSION, Stage::PostLoadFusion, &[], UseExampleRmsNorm)
+            .disabled_by_default(),
     ]
 }
 
@@ -220,5 +225,69 @@ impl AttentionBackend for NaiveCpu {
             }
         }
         RResult::ROk(())
+    }
+}
+
+/// `example.rms_norm(x, w)`, attrs `eps=<value>`: `x / sqrt(mean(x²) + eps) · w` over the last dim.
+extern "C" fn rms_norm_cpu(
+    ins: RSlice<'_, TensorView<'_>>,
+    attrs: RStr<'_>,
+    out: RSliceMut<'_, f32>,
+) -> RResult<(), RString> {
+    let Some(eps) = attr(attrs.as_str(), "eps").and_then(|v| v.parse::<f32>().ok()) else {
+        return RResult::RErr(format!("attrs `{attrs}` have no eps").into());
+    };
+    let (x, w) = (ins[0], ins[1]);
+    let n = w.data.len();
+    if n == 0 || x.shape.last() != Some(&n) {
+        return RResult::RErr(
+            format!("x {:?} and w {:?} disagree on the last dim", x.shape.as_slice(), w.shape.as_slice()).into(),
+        );
+    }
+    let out = out.into_mut_slice();
+    for (xr, o) in x.data.chunks(n).zip(out.chunks_mut(n)) {
+        let var = xr.iter().map(|a| a * a).sum::<f32>() / n as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        for ((o, a), wv) in o.iter_mut().zip(xr).zip(w.data.iter()) {
+            *o = wv * (a * r);
+        }
+    }
+    RResult::ROk(())
+}
+
+/// The value of `key` in attribute text such as `eps=1e-5, norm_dtype=f32`.
+fn attr<'a>(attrs: &'a str, key: &str) -> Option<&'a str> {
+    attrs.split(',').map(str::trim).find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+struct UseExampleRmsNorm;
+
+impl Transform for UseExampleRmsNorm {
+    fn apply(&self, mut graph: GraphRef<'_>, _options: RStr<'_>) -> RResult<RString, RString> {
+        let mut replaced = 0;
+        // From the last norm back: inserting a node shifts only the indices after it.
+        for i in graph.find_nodes("torch_rmsnorm".into()).into_iter().rev() {
+            let ROption::RSome(n) = graph.node(i) else { continue };
+            let f32_out = matches!(graph.value(n.outputs[0]), ROption::RSome(v) if v.dtype.as_str() == "f32");
+            let (Some(eps), Some("f32")) = (attr(&n.attrs, "eps"), attr(&n.attrs, "norm_dtype")) else { continue };
+            if !f32_out {
+                continue;
+            }
+            let new = match graph.insert_node(
+                i,
+                "example.rms_norm".into(),
+                n.inputs.as_slice().into(),
+                format!("eps={eps}").as_str().into(),
+            ) {
+                RResult::ROk(v) => v,
+                RResult::RErr(e) => return RResult::RErr(e),
+            };
+            if let RResult::RErr(e) = graph.replace_uses(n.outputs[0], new) {
+                return RResult::RErr(e);
+            }
+            replaced += 1;
+        }
+        let dead = graph.remove_dead_nodes();
+        RResult::ROk(format!("replaced {replaced} torch_rmsnorm with example.rms_norm ({dead} nodes removed)").into())
     }
 }
