@@ -1,5 +1,6 @@
 //! Math kernels. CPU kernels here are the reference every device kernel is checked against.
 
 pub mod cpu;
+pub mod cuda;
 pub mod pool;
 pub mod quant;

@@ -1,0 +1,323 @@
+//! Runs every CUDA kernel on the GPU against a CPU reference, f32 and bf16, and prints the
+//! largest error of each; exits non-zero if one is outside its tolerance.
+//!
+//!   cargo run --release -p autodeploy-kernels --example cuda_check [-- ORDINAL]
+//!
+//! Tolerances: f32 1e-5 relative (summation order); bf16 two bf16 ulps of the larger of the two
+//! values (2/128 relative): a block sum in another order can move RMSNorm's f32 scale by an ulp,
+//! `x·r` then rounds one bf16 ulp away, and the weight multiplies that step (|w| up to 2 here).
+use std::process::ExitCode;
+
+use autodeploy_kernels::cuda::Device;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+fn rand(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 20000) as f32 / 10000.0 - 1.0
+        })
+        .collect()
+}
+
+fn bf16(x: f32) -> u16 {
+    let u = x.to_bits();
+    if (u & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+fn f32_of(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+fn rnd(bf: bool, x: f32) -> f32 {
+    if bf {
+        f32_of(bf16(x))
+    } else {
+        x
+    }
+}
+
+/// Reference results, computed the way the kernels round.
+fn rmsnorm_ref(bf: bool, x: &[f32], res: Option<&[f32]>, w: &[f32], n: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut out = vec![0f32; x.len()];
+    let mut resid = vec![0f32; x.len()];
+    for r in 0..x.len() / n {
+        let row: Vec<f32> =
+            (0..n).map(|i| res.map_or(x[r * n + i], |q| rnd(bf, x[r * n + i] + q[r * n + i]))).collect();
+        let ss: f32 = row.iter().map(|v| v * v).sum();
+        let rs = 1.0 / (ss / n as f32 + eps).sqrt();
+        for i in 0..n {
+            resid[r * n + i] = row[i];
+            out[r * n + i] = rnd(bf, w[i] * rnd(bf, row[i] * rs));
+        }
+    }
+    (out, resid)
+}
+
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn check(&mut self, what: &str, bf: bool, got: &[f32], want: &[f32]) {
+        let tol_rel = if bf { 2.0 / 128.0 } else { 1e-5 };
+        let mut worst = 0f32;
+        let mut at = (0f32, 0f32);
+        let mut bad = 0;
+        for (g, w) in got.iter().zip(want) {
+            let e = (g - w).abs();
+            if e > worst {
+                worst = e;
+                at = (*g, *w);
+            }
+            if e > tol_rel * g.abs().max(w.abs()).max(1e-2) + 1e-6 {
+                bad += 1;
+            }
+        }
+        let ok = bad == 0 && got.len() == want.len();
+        self.failed |= !ok;
+        println!(
+            "{:<28} {:<5} max |err| {worst:.3e} (got {:.5} want {:.5})  {}",
+            what,
+            if bf { "bf16" } else { "f32" },
+            at.0,
+            at.1,
+            if ok { "ok" } else { "FAILED" }
+        );
+    }
+}
+
+fn main() -> ExitCode {
+    let ordinal: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let dev = match Device::open(ordinal) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("device: cuda:{ordinal} {} (sm_{}{})", dev.name, dev.cc.0, dev.cc.1);
+    let s = dev.ctx.default_stream();
+    let mut rep = Report { failed: false };
+    for bf in [false, true] {
+        let sfx = if bf { "bf16" } else { "f32" };
+        // Uploads f32 values as the kernel's dtype; downloads back to f32.
+        macro_rules! up {
+            ($v:expr) => {{
+                let v: &[f32] = $v;
+                let bytes: Vec<u16> = v.iter().map(|&x| bf16(x)).collect();
+                if bf {
+                    Buf::B(s.memcpy_stod(&bytes).unwrap())
+                } else {
+                    Buf::F(s.memcpy_stod(v).unwrap())
+                }
+            }};
+        }
+        enum Buf {
+            F(cudarc::driver::CudaSlice<f32>),
+            B(cudarc::driver::CudaSlice<u16>),
+        }
+        let down = |b: &Buf| -> Vec<f32> {
+            match b {
+                Buf::F(d) => s.memcpy_dtov(d).unwrap(),
+                Buf::B(d) => s.memcpy_dtov(d).unwrap().into_iter().map(f32_of).collect(),
+            }
+        };
+        // Inputs are made representable in the dtype first, as they would be in a bf16 model.
+        let inp = |n: usize, seed: u32| -> Vec<f32> { rand(n, seed).into_iter().map(|x| rnd(bf, x * 2.0)).collect() };
+
+        // RMSNorm, plain and with the residual add fused (hidden 576 and 4096, 7 rows).
+        for n in [576usize, 4096] {
+            let rows = 7;
+            let (x, res, w) = (inp(rows * n, 1), inp(rows * n, 2), inp(n, 3));
+            for fused in [false, true] {
+                let (dx, dres, dw) = (up!(&x), up!(&res), up!(&w));
+                let (mut dout, mut dresout) = (up!(&vec![0.0; rows * n]), up!(&vec![0.0; rows * n]));
+                let f = dev.function(&format!("rmsnorm_residual_{sfx}")).unwrap();
+                let mut b = s.launch_builder(&f);
+                let null = 0u64;
+                let (n_i, eps) = (n as i32, 1e-5f32);
+                match (&dx, &dres, &mut dresout, &dw, &mut dout) {
+                    (Buf::F(a), Buf::F(r), Buf::F(ro), Buf::F(ww), Buf::F(o)) => {
+                        b.arg(a);
+                        if fused {
+                            b.arg(r)
+                        } else {
+                            b.arg(&null)
+                        };
+                        b.arg(ro).arg(ww).arg(o);
+                    }
+                    (Buf::B(a), Buf::B(r), Buf::B(ro), Buf::B(ww), Buf::B(o)) => {
+                        b.arg(a);
+                        if fused {
+                            b.arg(r)
+                        } else {
+                            b.arg(&null)
+                        };
+                        b.arg(ro).arg(ww).arg(o);
+                    }
+                    _ => unreachable!(),
+                }
+                b.arg(&n_i).arg(&eps);
+                let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the arguments match the kernel's signature; buffers hold rows * n values.
+                unsafe { b.launch(cfg) }.unwrap();
+                let (want, want_res) = rmsnorm_ref(bf, &x, fused.then_some(&res[..]), &w, n, 1e-5);
+                rep.check(&format!("rmsnorm{} n={n}", if fused { "+residual" } else { "" }), bf, &down(&dout), &want);
+                if fused {
+                    rep.check(&format!("  residual out n={n}"), bf, &down(&dresout), &want_res);
+                }
+            }
+        }
+
+        // SiLU-and-multiply over [gate | up] rows.
+        {
+            let (rows, inter) = (5usize, 1536usize);
+            let gu = inp(rows * 2 * inter, 4);
+            let dgu = up!(&gu);
+            let mut dout = up!(&vec![0.0; rows * inter]);
+            let f = dev.function(&format!("silu_mul_{sfx}")).unwrap();
+            let mut b = s.launch_builder(&f);
+            match (&dgu, &mut dout) {
+                (Buf::F(a), Buf::F(o)) => b.arg(a).arg(o),
+                (Buf::B(a), Buf::B(o)) => b.arg(a).arg(o),
+                _ => unreachable!(),
+            };
+            let (r, i) = (rows as i64, inter as i32);
+            b.arg(&r).arg(&i);
+            // SAFETY: matches silu_mul's signature.
+            unsafe { b.launch(LaunchConfig::for_num_elems((rows * inter) as u32)) }.unwrap();
+            let mut want = Vec::new();
+            for row in gu.chunks(2 * inter) {
+                for j in 0..inter {
+                    let g = row[j];
+                    want.push(rnd(bf, rnd(bf, g / (1.0 + (-g).exp())) * row[inter + j]));
+                }
+            }
+            rep.check("silu_mul", bf, &down(&dout), &want);
+        }
+
+        // Embedding rows, and an id out of range flagged.
+        {
+            let (rows, dim) = (1000usize, 576usize);
+            let w = inp(rows * dim, 5);
+            let ids: Vec<i64> = vec![0, 999, 17, 17, 512];
+            let (dw, dids) = (up!(&w), s.memcpy_stod(&ids).unwrap());
+            let mut dout = up!(&vec![0.0; ids.len() * dim]);
+            let mut bad = s.alloc_zeros::<i32>(1).unwrap();
+            let f = dev.function(&format!("embedding_{sfx}")).unwrap();
+            let mut b = s.launch_builder(&f);
+            match (&dw, &mut dout) {
+                (Buf::F(a), Buf::F(o)) => b.arg(a).arg(&dids).arg(o),
+                (Buf::B(a), Buf::B(o)) => b.arg(a).arg(&dids).arg(o),
+                _ => unreachable!(),
+            };
+            let (t, d, r) = (ids.len() as i64, dim as i32, rows as i64);
+            b.arg(&t).arg(&d).arg(&r).arg(&mut bad);
+            // SAFETY: matches embedding's signature.
+            unsafe { b.launch(LaunchConfig::for_num_elems((ids.len() * dim) as u32)) }.unwrap();
+            let want: Vec<f32> =
+                ids.iter().flat_map(|&i| w[i as usize * dim..(i as usize + 1) * dim].to_vec()).collect();
+            rep.check("embedding", bf, &down(&dout), &want);
+            let flag = s.memcpy_dtov(&bad).unwrap()[0];
+            if flag != 0 {
+                rep.failed = true;
+                println!("embedding: in-range ids were flagged FAILED");
+            }
+        }
+
+        // RoPE in place over [heads, tokens, d].
+        {
+            let (heads, tokens, d) = (9usize, 6usize, 64usize);
+            let x = inp(heads * tokens * d, 6);
+            let (cos, sin) = (inp(tokens * d, 7), inp(tokens * d, 8));
+            let mut dx = up!(&x);
+            let (dc, ds) = (up!(&cos), up!(&sin));
+            let f = dev.function(&format!("rope_{sfx}")).unwrap();
+            let mut b = s.launch_builder(&f);
+            match (&mut dx, &dc, &ds) {
+                (Buf::F(a), Buf::F(c), Buf::F(si)) => b.arg(a).arg(c).arg(si),
+                (Buf::B(a), Buf::B(c), Buf::B(si)) => b.arg(a).arg(c).arg(si),
+                _ => unreachable!(),
+            };
+            let (h, t, dd) = (heads as i64, tokens as i64, d as i32);
+            b.arg(&h).arg(&t).arg(&dd);
+            // SAFETY: matches rope's signature.
+            unsafe { b.launch(LaunchConfig::for_num_elems((heads * tokens * d / 2) as u32)) }.unwrap();
+            let mut want = x.clone();
+            let half = d / 2;
+            for row in 0..heads * tokens {
+                let tt = row % tokens;
+                for j in 0..d {
+                    let xv = x[row * d + j];
+                    let rot = if j < half { -x[row * d + j + half] } else { x[row * d + j - half] };
+                    want[row * d + j] = rnd(bf, rnd(bf, xv * cos[tt * d + j]) + rnd(bf, rot * sin[tt * d + j]));
+                }
+            }
+            rep.check("rope", bf, &down(&dx), &want);
+        }
+    }
+
+    // Greedy argmax per row (vocab 49152 and 128256, ties to the lowest index).
+    for vocab in [49152usize, 128256] {
+        let rows = 4;
+        let mut l = rand(rows * vocab, 9);
+        l[vocab + 100] = 5.0;
+        l[vocab + 200] = 5.0; // a tie: the lower index wins
+        let dl = s.memcpy_stod(&l).unwrap();
+        let mut dout = s.alloc_zeros::<i64>(rows).unwrap();
+        let f = dev.function("argmax_rows_f32").unwrap();
+        let mut b = s.launch_builder(&f);
+        let v = vocab as i32;
+        b.arg(&dl).arg(&mut dout).arg(&v);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches argmax_rows_f32's signature.
+        unsafe { b.launch(cfg) }.unwrap();
+        let got = s.memcpy_dtov(&dout).unwrap();
+        let want: Vec<i64> = l
+            .chunks(vocab)
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) })
+                    .0 as i64
+            })
+            .collect();
+        let ok = got == want;
+        rep.failed |= !ok;
+        println!(
+            "{:<28} f32   {got:?} vs {want:?}  {}",
+            format!("argmax vocab={vocab}"),
+            if ok { "ok" } else { "FAILED" }
+        );
+    }
+    // The memory floor this card offers: a 2 GiB device-to-device copy (read + write), best of 5.
+    {
+        let n = 1usize << 29; // f32s: 2 GiB
+        let src = s.alloc_zeros::<f32>(n).unwrap();
+        let mut dst = s.alloc_zeros::<f32>(n).unwrap();
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            s.synchronize().unwrap();
+            let t0 = std::time::Instant::now();
+            s.memcpy_dtod(&src, &mut dst).unwrap();
+            s.synchronize().unwrap();
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        println!(
+            "device copy: 2 GiB in {:.3} ms = {:.0} GB/s (read + write)",
+            best * 1e3,
+            2.0 * (n * 4) as f64 / best / 1e9
+        );
+    }
+    if rep.failed {
+        ExitCode::FAILURE
+    } else {
+        println!("all kernels match the CPU reference");
+        ExitCode::SUCCESS
+    }
+}

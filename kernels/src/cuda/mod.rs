@@ -1,0 +1,169 @@
+//! CUDA kernels: CUDA C sources compiled at first use by NVRTC for the device's architecture and
+//! cached on disk, keyed by source hash, architecture and NVRTC version. `cudarc` loads the
+//! driver and NVRTC libraries at run time, so the same binary runs where there is no GPU.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaModule};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+/// Helpers every source includes (dtype conversions, block reductions).
+const COMMON: &str = include_str!("common.cuh");
+
+/// Every kernel source: (module name, CUDA C, entry points).
+pub const SOURCES: &[(&str, &str, &[&str])] = &[
+    (
+        "elementwise",
+        include_str!("elementwise.cu"),
+        &[
+            "rmsnorm_residual_f32",
+            "rmsnorm_residual_bf16",
+            "silu_mul_f32",
+            "silu_mul_bf16",
+            "embedding_f32",
+            "embedding_bf16",
+            "rope_f32",
+            "rope_bf16",
+        ],
+    ),
+    ("sampling", include_str!("sampling.cu"), &["argmax_rows_f32"]),
+];
+
+/// Why CUDA cannot be used here, in words a user can act on.
+#[derive(Debug, Clone)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether the NVRTC library can be loaded (it compiles kernels; no GPU needed).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library by name.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// NVRTC's version, e.g. (13, 0).
+pub fn nvrtc_version() -> Result<(i32, i32), Unavailable> {
+    if !nvrtc_available() {
+        return Err(Unavailable("the NVRTC library (libnvrtc) was not found: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH".into()));
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked above); the call writes two ints.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(Unavailable(format!("NVRTC did not report its version: {r:?}")));
+    }
+    Ok((major, minor))
+}
+
+/// The full source NVRTC compiles for `module`.
+pub fn full_source(src: &str) -> String {
+    format!("{COMMON}\n{src}")
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AUTODEPLOY_KERNEL_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("autodeploy").join("kernels")
+}
+
+/// FNV-1a, enough to key a cache by content.
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for p in parts {
+        for b in p.iter().chain(&[0xff]) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+/// PTX for `module`'s source, compiled for `arch` (`sm_90`): from the disk cache when this
+/// source, arch and NVRTC version were compiled before, else by NVRTC (then cached).
+pub fn compile(module: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool), Unavailable> {
+    let (major, minor) = nvrtc_version()?;
+    let full = full_source(src);
+    let key = fnv(&[full.as_bytes(), arch.as_bytes(), format!("{major}.{minor}").as_bytes()]);
+    let path = cache_dir().join(format!("{module}-{arch}-{key:016x}.ptx"));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok((Ptx::from_src(text), true));
+    }
+    let opts = CompileOptions { arch: Some(arch), name: Some(format!("{module}.cu")), ..Default::default() };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&full, opts)
+        .map_err(|e| Unavailable(format!("NVRTC could not compile kernels/src/cuda/{module}.cu for {arch}: {e:?}")))?;
+    // Best effort: a cache that cannot be written costs a recompile next time, nothing more.
+    if std::fs::create_dir_all(path.parent().expect("has a parent")).is_ok() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, ptx.to_src()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok((ptx, false))
+}
+
+/// A CUDA device with its kernels loaded.
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub name: String,
+    /// Compute capability, e.g. (9, 0) for an H100.
+    pub cc: (i32, i32),
+    pub modules: Vec<(&'static str, Arc<CudaModule>)>,
+}
+
+/// `sm_XY` for a compute capability, as NVRTC names it.
+pub fn arch_name(cc: (i32, i32)) -> &'static str {
+    Box::leak(format!("sm_{}{}", cc.0, cc.1).into_boxed_str())
+}
+
+impl Device {
+    /// Opens GPU `ordinal` and loads every kernel module (compiled or from the cache).
+    pub fn open(ordinal: usize) -> Result<Device, Unavailable> {
+        // SAFETY: only tries to dlopen the driver library by name.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Unavailable(
+                "no CUDA driver (libcuda) on this machine, so no NVIDIA GPU can be used; set device = \"cpu\"".into(),
+            ));
+        }
+        let count = cudarc::driver::result::init()
+            .and_then(|_| cudarc::driver::result::device::get_count())
+            .map_err(|e| Unavailable(format!("the CUDA driver did not start ({e:?}); set device = \"cpu\"")))?;
+        if ordinal as i32 >= count {
+            return Err(Unavailable(format!(
+                "cuda:{ordinal} asked for, but this machine has {count} CUDA device(s); set device = \"cpu\" or a smaller index"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Unavailable(format!("opening cuda:{ordinal}: {e:?}")))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let cc = ctx.compute_capability().map_err(|e| Unavailable(format!("cuda:{ordinal}: {e:?}")))?;
+        let arch = arch_name(cc);
+        let mut modules = Vec::new();
+        for (m, src, _) in SOURCES {
+            let (ptx, _) = compile(m, src, arch)?;
+            let module =
+                ctx.load_module(ptx).map_err(|e| Unavailable(format!("loading kernels {m} on {name}: {e:?}")))?;
+            modules.push((*m, module));
+        }
+        Ok(Device { ctx, name, cc, modules })
+    }
+
+    /// A kernel by entry-point name.
+    pub fn function(&self, name: &str) -> Result<cudarc::driver::CudaFunction, Unavailable> {
+        for (m, module) in &self.modules {
+            if let Ok(f) = module.load_function(name) {
+                return Ok(f);
+            }
+            let _ = m;
+        }
+        Err(Unavailable(format!("no kernel named `{name}`")))
+    }
+}

@@ -1,0 +1,33 @@
+//! Every CUDA kernel compiles with NVRTC for sm_80 (A100) and sm_90 (H100/H200), without a GPU.
+//! CI installs NVRTC from PyPI (`nvidia-cuda-nvrtc`, see .ci/run); elsewhere the test says it
+//! skipped when the library is missing.
+
+use autodeploy_kernels::cuda::{compile, nvrtc_available, nvrtc_version, SOURCES};
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90_and_is_cached() {
+    if !nvrtc_available() {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide NVRTC (.ci/run installs nvidia-cuda-nvrtc)");
+        eprintln!("SKIPPED: libnvrtc not found (pip install nvidia-cuda-nvrtc; add its lib folder to LD_LIBRARY_PATH)");
+        return;
+    }
+    let cache = std::env::temp_dir().join(format!("autodeploy-kernel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    std::env::set_var("AUTODEPLOY_KERNEL_CACHE", &cache);
+    eprintln!("NVRTC {:?}", nvrtc_version().unwrap());
+    for arch in ["sm_80", "sm_90"] {
+        for (module, src, entries) in SOURCES {
+            let (ptx, cached) = compile(module, src, arch).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!cached, "{module} {arch}: the cache was empty");
+            let text = ptx.to_src();
+            assert!(text.contains(&format!(".target {arch}")), "{module}: PTX is not for {arch}");
+            for e in *entries {
+                assert!(text.contains(&format!(".entry {e}(")), "{module} {arch}: no entry point {e}");
+            }
+            // The second time comes from the disk cache, unchanged.
+            let (again, cached) = compile(module, src, arch).unwrap();
+            assert!(cached && again.to_src() == text, "{module} {arch}: not served from the cache");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
