@@ -31,8 +31,13 @@ pub fn import_with_tokenizer(cfg: &PipelineConfig) -> Result<(Graph, Option<Toke
     };
     tracing::info!(importer = %name, path = %path.display(), "importing");
     let tokenizer = importer.tokenizer(&path)?;
-    let req =
-        ImportRequest { path, dtype: cfg.dtype(), max_batch_size: cfg.max_batch_size, max_seq_len: cfg.max_seq_len };
+    let req = ImportRequest {
+        path,
+        dtype: cfg.dtype(),
+        max_batch_size: cfg.max_batch_size,
+        max_seq_len: cfg.max_seq_len,
+        dummy_weights: cfg.load_format == crate::config::LoadFormat::Dummy,
+    };
     Ok((importer.import(&req)?, tokenizer))
 }
 

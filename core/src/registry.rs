@@ -20,6 +20,9 @@ pub struct ImportRequest {
     pub dtype: Option<DType>,
     pub max_batch_size: usize,
     pub max_seq_len: usize,
+    /// Random weights from the config alone (`load_format = "dummy"`): for benchmarking shapes
+    /// whose checkpoints are not at hand. Importers that cannot do this say so.
+    pub dummy_weights: bool,
 }
 
 pub trait ModelImporter: Send + Sync {

@@ -25,7 +25,13 @@ fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn import_err(dir: &Path) -> String {
-    let req = ImportRequest { path: dir.to_path_buf(), dtype: Some(DType::F32), max_batch_size: 4, max_seq_len: 64 };
+    let req = ImportRequest {
+        path: dir.to_path_buf(),
+        dtype: Some(DType::F32),
+        max_batch_size: 4,
+        max_seq_len: 64,
+        dummy_weights: false,
+    };
     match registry::importer("hf").unwrap().import(&req) {
         Ok(_) => panic!("import of {} should fail", dir.display()),
         Err(e) => e.to_string(),

@@ -26,7 +26,13 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 
 fn import(path: &Path) -> autodeploy_core::Result<autodeploy_core::Graph> {
     autodeploy_plugins::link();
-    let req = ImportRequest { path: path.into(), dtype: Some(DType::F32), max_batch_size: 2, max_seq_len: 64 };
+    let req = ImportRequest {
+        path: path.into(),
+        dtype: Some(DType::F32),
+        max_batch_size: 2,
+        max_seq_len: 64,
+        dummy_weights: false,
+    };
     registry::importer("gguf").unwrap().import(&req)
 }
 
@@ -188,7 +194,7 @@ mod fuzz {
             std::fs::copy(fixture("qwen2").join("config.json"), dir.path().join("config.json")).unwrap();
             std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
             autodeploy_plugins::link();
-            let req = ImportRequest { path: dir.path().into(), dtype: Some(DType::F32), max_batch_size: 1, max_seq_len: 8 };
+            let req = ImportRequest { path: dir.path().into(), dtype: Some(DType::F32), max_batch_size: 1, max_seq_len: 8, dummy_weights: false };
             if let Ok(g) = registry::importer("hf").unwrap().import(&req) {
                 for p in &g.params {
                     let _ = g.weights.load(&p.weight, DType::F32);

@@ -37,7 +37,13 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
     let r = Reference::load("smollm2");
     let (_, prompt) = r.i64("prompt_ids");
     let (lshape, want) = r.f32("logits");
-    let req = ImportRequest { path: path.clone(), dtype: Some(DType::F32), max_batch_size: 1, max_seq_len: 256 };
+    let req = ImportRequest {
+        path: path.clone(),
+        dtype: Some(DType::F32),
+        max_batch_size: 1,
+        max_seq_len: 256,
+        dummy_weights: false,
+    };
     let g = registry::importer("gguf").unwrap().import(&req).unwrap();
     let mut m = compile(&g);
     let got = logits(m.as_mut(), &[1, prompt.len()], &prompt);
@@ -54,7 +60,8 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
 
     // The same with the Q4_1/Q8_0 weights kept as stored (`dtype = auto`): the kernels read the
     // blocks directly, the arithmetic is the same up to summation order.
-    let req = ImportRequest { path: path.clone(), dtype: None, max_batch_size: 1, max_seq_len: 256 };
+    let req =
+        ImportRequest { path: path.clone(), dtype: None, max_batch_size: 1, max_seq_len: 256, dummy_weights: false };
     let gq = registry::importer("gguf").unwrap().import(&req).unwrap();
     assert!(gq.dump().contains("q4_1["), "linears should stay block-quantized");
     let mut mq = compile(&gq);

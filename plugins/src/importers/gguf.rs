@@ -39,6 +39,12 @@ impl ModelImporter for GgufImporter {
     }
 
     fn import(&self, req: &ImportRequest) -> Result<Graph> {
+        if req.dummy_weights {
+            return Err(Error::Msg(format!(
+                "{}: load_format = \"dummy\" builds weights from a Hugging Face config.json; point `model` at a folder holding one",
+                req.path.display()
+            )));
+        }
         let file = Arc::new(GgufFile::open(&req.path)?);
         let mut cfg = config(&file, req.dtype)?;
         // With `dtype = "auto"`, 2-D weights in a format the CPU kernels read directly (Q4_0,

@@ -32,7 +32,7 @@ impl ModelImporter for HfImporter {
     fn import(&self, req: &ImportRequest) -> Result<Graph> {
         let cfg_path = req.path.join("config.json");
         let cfg = parse_config(&cfg_path, req.dtype)?;
-        let store = open_weights(&req.path)?;
+        let store = if req.dummy_weights { dummy_weights(&cfg, &req.path) } else { open_weights(&req.path)? };
         check_weights(&cfg, &store)?;
         let mut g = build_decoder(&cfg, store, req.max_batch_size, req.max_seq_len)?;
         g.history.insert(0, format!("import: hf importer read {}", req.path.display()));
@@ -273,6 +273,39 @@ pub fn open_weights(dir: &Path) -> Result<WeightStore> {
         });
     }
     Ok(store)
+}
+
+/// Random weights for every tensor the config implies (`load_format = "dummy"`), generated when
+/// the backend loads them: norms 1, biases 0, the rest uniform in ±1/√fan_in, each seeded by its
+/// name, so two runs see the same model.
+pub fn dummy_weights(cfg: &DecoderConfig, dir: &Path) -> WeightStore {
+    let mut store = WeightStore::new(format!("{} (random weights: load_format = \"dummy\")", dir.display()));
+    for (name, shape) in cfg.expected_weights() {
+        let origin = format!("random `{name}` (load_format = \"dummy\", {})", dir.display());
+        let (n, s) = (name.clone(), shape.clone());
+        let load: autodeploy_core::weights::LazyLoad = std::sync::Arc::new(move || {
+            let count: usize = s.iter().product();
+            let values = if n.ends_with("norm.weight") {
+                vec![1.0f32; count]
+            } else if n.ends_with(".bias") {
+                vec![0.0f32; count]
+            } else {
+                let a = 1.0 / (*s.last().unwrap_or(&1) as f32).sqrt();
+                let mut x = n.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x01000193)) | 1;
+                (0..count)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        (x as f32 / u32::MAX as f32 * 2.0 - 1.0) * a
+                    })
+                    .collect()
+            };
+            autodeploy_core::Tensor::from_f32(s.clone(), values)
+        });
+        store.add_lazy(&name, shape, origin, load);
+    }
+    store
 }
 
 /// Every tensor the graph needs is present, a float, and of the shape the config implies.

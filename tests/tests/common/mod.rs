@@ -49,7 +49,13 @@ impl Reference {
 }
 
 pub fn import(family: &str, dtype: DType) -> Graph {
-    let req = ImportRequest { path: fixture(family), dtype: Some(dtype), max_batch_size: 8, max_seq_len: 128 };
+    let req = ImportRequest {
+        path: fixture(family),
+        dtype: Some(dtype),
+        max_batch_size: 8,
+        max_seq_len: 128,
+        dummy_weights: false,
+    };
     registry::importer("hf").unwrap().import(&req).unwrap_or_else(|e| panic!("import {family}: {e}"))
 }
 
