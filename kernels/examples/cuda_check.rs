@@ -64,6 +64,12 @@ struct Report {
 
 impl Report {
     fn check(&mut self, what: &str, bf: bool, got: &[f32], want: &[f32]) {
+        self.check_scaled(what, bf, got, want, 0.0);
+    }
+
+    /// As `check`, with an absolute allowance too (dot products: summation-order error scales
+    /// with the terms, not with a result near zero).
+    fn check_scaled(&mut self, what: &str, bf: bool, got: &[f32], want: &[f32], atol: f32) {
         let tol_rel = if bf { 2.0 / 128.0 } else { 1e-5 };
         let mut worst = 0f32;
         let mut at = (0f32, 0f32);
@@ -74,7 +80,7 @@ impl Report {
                 worst = e;
                 at = (*g, *w);
             }
-            if e > tol_rel * g.abs().max(w.abs()).max(1e-2) + 1e-6 {
+            if e > tol_rel * g.abs().max(w.abs()).max(1e-2) + 1e-6 + atol {
                 bad += 1;
             }
         }
@@ -295,6 +301,74 @@ fn main() -> ExitCode {
             if ok { "ok" } else { "FAILED" }
         );
     }
+    // cuBLAS linear (x · wᵀ) against the CPU, f32 and bf16.
+    let blas = match autodeploy_kernels::cuda::blas::handle(s.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    {
+        use autodeploy_kernels::cuda::blas::linear;
+        let (m, n, k) = (5usize, 300usize, 576usize);
+        let (x, w) = (rand(m * k, 11), rand(n * k, 12));
+        let mut want = vec![0f32; m * n];
+        autodeploy_kernels::cpu::linear(m, n, k, &x, &w, None, &mut want);
+        let (dx, dw) = (s.memcpy_stod(&x).unwrap(), s.memcpy_stod(&w).unwrap());
+        let mut dy = s.alloc_zeros::<f32>(m * n).unwrap();
+        linear(&blas, m, n, k, &dx, &dw, &mut dy).unwrap();
+        // f32: 1e-6 of the largest output (k = 576 terms of |x|, |w| <= 1 summed in another order).
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        rep.check_scaled("cublas linear 5x300x576", false, &s.memcpy_dtov(&dy).unwrap(), &want, 1e-6 * scale);
+        // bf16 inputs: the reference multiplies the same rounded values in f32, then rounds.
+        let (xb, wb): (Vec<half::bf16>, Vec<half::bf16>) = (
+            x.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+            w.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+        );
+        let (xr, wr): (Vec<f32>, Vec<f32>) =
+            (xb.iter().map(|v| v.to_f32()).collect(), wb.iter().map(|v| v.to_f32()).collect());
+        autodeploy_kernels::cpu::linear(m, n, k, &xr, &wr, None, &mut want);
+        let want: Vec<f32> = want.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let (dx, dw) = (s.memcpy_stod(&xb).unwrap(), s.memcpy_stod(&wb).unwrap());
+        let mut dy = s.alloc_zeros::<half::bf16>(m * n).unwrap();
+        linear(&blas, m, n, k, &dx, &dw, &mut dy).unwrap();
+        let got: Vec<f32> = s.memcpy_dtov(&dy).unwrap().iter().map(|v| v.to_f32()).collect();
+        rep.check("cublas linear 5x300x576", true, &got, &want);
+    }
+
+    // Decode-shaped GEMVs (batch 1) of Llama-3.1-8B's bf16 linears: the weight bandwidth cuBLAS
+    // reaches, next to the copy floor below.
+    {
+        use autodeploy_kernels::cuda::blas::linear;
+        let shapes = [
+            ("qkv", 6144usize, 4096usize),
+            ("o", 4096, 4096),
+            ("gate_up", 28672, 4096),
+            ("down", 4096, 14336),
+            ("lm_head", 128256, 4096),
+        ];
+        for (name, n, k) in shapes {
+            let w = s.alloc_zeros::<half::bf16>(n * k).unwrap();
+            let x = s.alloc_zeros::<half::bf16>(k).unwrap();
+            let mut y = s.alloc_zeros::<half::bf16>(n).unwrap();
+            linear(&blas, 1, n, k, &x, &w, &mut y).unwrap();
+            s.synchronize().unwrap();
+            let reps = 50;
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                linear(&blas, 1, n, k, &x, &w, &mut y).unwrap();
+            }
+            s.synchronize().unwrap();
+            let dt = t0.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "cublas gemv bf16 {name:<8} {n:>6}x{k:<5}: {:8.1} us  {:6.0} GB/s of weights",
+                dt * 1e6,
+                (n * k * 2) as f64 / dt / 1e9
+            );
+        }
+    }
+
     // The memory floor this card offers: a 2 GiB device-to-device copy (read + write), best of 5.
     {
         let n = 1usize << 29; // f32s: 2 GiB

@@ -2,6 +2,8 @@
 //! cached on disk, keyed by source hash, architecture and NVRTC version. `cudarc` loads the
 //! driver and NVRTC libraries at run time, so the same binary runs where there is no GPU.
 
+pub mod blas;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
