@@ -301,6 +301,124 @@ fn main() -> ExitCode {
             if ok { "ok" } else { "FAILED" }
         );
     }
+    // Paged attention over a ragged batch: a decode token (37 cached), a 20-token prefill, and 3
+    // tokens whose positions cross a page boundary; pages scattered; GQA 1, 4, 8; head dim 64, 128.
+    for bf in [false, true] {
+        for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2)] {
+            for d in [64usize, 128] {
+                let page = 16usize;
+                let seqs: [(usize, usize); 3] = [(37, 1), (0, 20), (15, 3)]; // (cached, new)
+                let mut page_tables: Vec<Vec<i32>> = Vec::new();
+                let mut next_page = 0i32;
+                for (c, n) in seqs {
+                    let pages = (c + n).div_ceil(page);
+                    // Scattered: this sequence's pages interleave with unused ones.
+                    page_tables.push((0..pages).map(|i| next_page + 2 * i as i32 + 1).collect());
+                    next_page += 2 * pages as i32 + 1;
+                }
+                let slots = next_page as usize * page;
+                let (mut tseq, mut tpos) = (Vec::new(), Vec::new());
+                for (si, (c, n)) in seqs.iter().enumerate() {
+                    for p in *c..c + n {
+                        tseq.push(si as i64);
+                        tpos.push(p as i64);
+                    }
+                }
+                let tokens = tseq.len();
+                let r = |n: usize, seed: u32| -> Vec<f32> { rand(n, seed).into_iter().map(|x| rnd(bf, x)).collect() };
+                let (mut kc, mut vc) = (r(slots * kv_heads * d, 21), r(slots * kv_heads * d, 22));
+                let (q, k, v) = (r(heads * tokens * d, 23), r(kv_heads * tokens * d, 24), r(kv_heads * tokens * d, 25));
+                let scale = 1.0 / (d as f32).sqrt();
+                let indptr: Vec<i64> = std::iter::once(0)
+                    .chain(page_tables.iter().scan(0i64, |a, t| {
+                        *a += t.len() as i64;
+                        Some(*a)
+                    }))
+                    .collect();
+                let indices: Vec<i32> = page_tables.concat();
+                let slot = |s: usize, p: usize| page_tables[s][p / page] as usize * page + p % page;
+                // Device side.
+                let sfx = if bf { "bf16" } else { "f32" };
+                let dev_ints = (
+                    s.memcpy_stod(&tseq).unwrap(),
+                    s.memcpy_stod(&tpos).unwrap(),
+                    s.memcpy_stod(&indptr).unwrap(),
+                    s.memcpy_stod(&indices).unwrap(),
+                );
+                let (ps, kvh_i, tok_i, d_i, h_i) =
+                    (page as i32, kv_heads as i32, tokens as i64, d as i32, heads as i32);
+                macro_rules! run {
+                    ($ty:ty, $conv:expr, $back:expr) => {{
+                        let up = |v: &[f32]| s.memcpy_stod(&v.iter().map(|&x| $conv(x)).collect::<Vec<$ty>>()).unwrap();
+                        let (dq, dk, dv) = (up(&q), up(&k), up(&v));
+                        let (mut dkc, mut dvc) = (up(&kc), up(&vc));
+                        let mut dout = s.alloc_zeros::<$ty>(heads * tokens * d).unwrap();
+                        let f = dev.function(&format!("write_kv_{sfx}")).unwrap();
+                        let mut b = s.launch_builder(&f);
+                        b.arg(&dk).arg(&dv).arg(&mut dkc).arg(&mut dvc);
+                        b.arg(&dev_ints.0).arg(&dev_ints.1).arg(&dev_ints.2).arg(&dev_ints.3);
+                        b.arg(&ps).arg(&kvh_i).arg(&tok_i).arg(&d_i);
+                        // SAFETY: matches write_kv's signature; every slot addressed is in the caches.
+                        unsafe { b.launch(LaunchConfig::for_num_elems((kv_heads * tokens * d) as u32)) }.unwrap();
+                        let f = dev.function(&format!("paged_attention_d{d}_{sfx}")).unwrap();
+                        let mut b = s.launch_builder(&f);
+                        b.arg(&dq).arg(&dkc).arg(&dvc);
+                        b.arg(&dev_ints.0).arg(&dev_ints.1).arg(&dev_ints.2).arg(&dev_ints.3);
+                        b.arg(&ps).arg(&h_i).arg(&kvh_i).arg(&tok_i).arg(&scale).arg(&mut dout);
+                        let cfg = LaunchConfig {
+                            grid_dim: (tokens as u32, heads as u32, 1),
+                            block_dim: (128, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        // SAFETY: matches paged_attention's signature.
+                        unsafe { b.launch(cfg) }.unwrap();
+                        let back = |d: &cudarc::driver::CudaSlice<$ty>| -> Vec<f32> {
+                            s.memcpy_dtov(d).unwrap().into_iter().map($back).collect()
+                        };
+                        (back(&dout), back(&dkc))
+                    }};
+                }
+                let (got, got_kc) = if bf { run!(u16, bf16, f32_of) } else { run!(f32, |x: f32| x, |x: f32| x) };
+                // Reference: the same cache writes, then causal attention per (token, head).
+                for t in 0..tokens {
+                    let sl = slot(tseq[t] as usize, tpos[t] as usize);
+                    for j in 0..kv_heads {
+                        let (src, dst) = ((j * tokens + t) * d, (sl * kv_heads + j) * d);
+                        kc[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                        vc[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                    }
+                }
+                let mut want = vec![0f32; heads * tokens * d];
+                for h in 0..heads {
+                    let j = h / (heads / kv_heads);
+                    for t in 0..tokens {
+                        let qr = &q[(h * tokens + t) * d..(h * tokens + t + 1) * d];
+                        let sc: Vec<f32> = (0..=tpos[t] as usize)
+                            .map(|p| {
+                                let at = (slot(tseq[t] as usize, p) * kv_heads + j) * d;
+                                qr.iter().zip(&kc[at..at + d]).map(|(a, b)| a * b).sum::<f32>() * scale
+                            })
+                            .collect();
+                        let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                        let e: Vec<f32> = sc.iter().map(|x| (x - mx).exp()).collect();
+                        let sum: f32 = e.iter().sum();
+                        let o = &mut want[(h * tokens + t) * d..(h * tokens + t + 1) * d];
+                        for (p, w) in e.iter().enumerate() {
+                            let at = (slot(tseq[t] as usize, p) * kv_heads + j) * d;
+                            for (x, vv) in o.iter_mut().zip(&vc[at..at + d]) {
+                                *x += w / sum * vv;
+                            }
+                        }
+                        o.iter_mut().for_each(|x| *x = rnd(bf, *x));
+                    }
+                }
+                let name = format!("paged attn h{heads}/kv{kv_heads} d{d}");
+                rep.check_scaled(&name, bf, &got, &want, 1e-5);
+                rep.check("  k cache after write", bf, &got_kc, &kc);
+            }
+        }
+    }
+
     // cuBLAS linear (x · wᵀ) against the CPU, f32 and bf16.
     let blas = match autodeploy_kernels::cuda::blas::handle(s.clone()) {
         Ok(b) => b,

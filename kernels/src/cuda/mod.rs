@@ -30,6 +30,18 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     ("sampling", include_str!("sampling.cu"), &["argmax_rows_f32"]),
+    (
+        "attention",
+        include_str!("attention.cu"),
+        &[
+            "write_kv_f32",
+            "write_kv_bf16",
+            "paged_attention_d64_f32",
+            "paged_attention_d128_f32",
+            "paged_attention_d64_bf16",
+            "paged_attention_d128_bf16",
+        ],
+    ),
 ];
 
 /// Why CUDA cannot be used here, in words a user can act on.
