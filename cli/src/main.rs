@@ -51,6 +51,24 @@ enum Cmd {
     },
     /// List the plugins this binary knows.
     Plugins,
+    /// Time prefill and decode on synthetic prompts and print one JSON object: the
+    /// configuration, the device, build time, prefill ms, decode ms per step, output tok/s, and
+    /// the weight bandwidth achieved next to the floor measured in the same run.
+    Bench {
+        /// `latency` (one batch of `--batch`, default 1) or `throughput` (default batch: the
+        /// config's max_batch_size).
+        #[arg(long, default_value = "latency")]
+        mode: String,
+        /// Prompt tokens per request.
+        #[arg(long, default_value_t = 128)]
+        isl: usize,
+        /// Generated tokens per request.
+        #[arg(long, default_value_t = 128)]
+        osl: usize,
+        /// Requests run together.
+        #[arg(long)]
+        batch: Option<usize>,
+    },
 }
 
 fn load_config(cli: &Cli) -> Result<PipelineConfig> {
@@ -161,6 +179,78 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
     if failed > 0 {
         anyhow::bail!("{failed} of {} prompts failed", prepared.len());
     }
+    Ok(())
+}
+
+/// Bytes of weights one forward reads: every param at its stored size (blocks as stored).
+fn weight_bytes(g: &autodeploy_core::Graph) -> usize {
+    g.params
+        .iter()
+        .map(|p| {
+            let m = g.meta(p.value);
+            let n: usize = m.shape.iter().map(|d| d.as_static().unwrap_or(0)).product();
+            match m.dtype {
+                autodeploy_core::DType::Block(t) => n / t.block().0 * t.block().1,
+                d => n * d.size_in_bytes(),
+            }
+        })
+        .sum()
+}
+
+fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option<usize>) -> Result<()> {
+    let batch = match (mode, batch) {
+        ("latency" | "throughput", Some(b)) => b,
+        ("latency", None) => 1,
+        ("throughput", None) => cfg.max_batch_size,
+        (m, _) => anyhow::bail!("--mode {m}: expected latency or throughput"),
+    };
+    anyhow::ensure!(batch >= 1 && isl >= 1 && osl >= 1, "--batch, --isl and --osl must be at least 1");
+    anyhow::ensure!(
+        batch <= cfg.max_batch_size,
+        "--batch {batch} is more than max_batch_size = {} in the config",
+        cfg.max_batch_size
+    );
+    let mut engine = pipeline::build(cfg)?;
+    let vocab = engine.graph.meta(engine.graph.outputs[0]).shape.last().and_then(|d| d.as_static()).unwrap_or(2);
+    // Deterministic prompts of ordinary token ids, different per request.
+    let requests: Vec<Request> = (0..batch)
+        .map(|r| Request {
+            prompt: (0..isl).map(|i| ((i * 7919 + r * 104729 + 13) % (vocab - 1) + 1) as i64).collect(),
+            sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: osl, ..cfg.sampling(None) },
+        })
+        .collect();
+    let mut rt = runtime::runtime(cfg)?;
+    let (results, stats) = rt.generate(&mut engine, &requests);
+    if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+        anyhow::bail!("a bench request failed: {e}");
+    }
+    let floor = autodeploy_kernels::cpu::measure_read_bandwidth();
+    let bytes = weight_bytes(&engine.graph);
+    let steps = stats.decode_tokens as f64 / batch as f64;
+    let decode_ms = stats.decode_time.as_secs_f64() * 1e3 / steps.max(1.0);
+    let achieved = bytes as f64 / (decode_ms / 1e3);
+    let threads = autodeploy_kernels::pool::threads();
+    let out = serde_json::json!({
+        "config": {
+            "model": cfg.model, "dtype": engine.graph.meta(engine.graph.outputs[0]).dtype.to_string(),
+            "device": cfg.device, "compile_backend": cfg.compile_backend, "attn_backend": cfg.attn_backend,
+            "activation_quant": format!("{:?}", cfg.activation_quant).to_lowercase(),
+            "load_format": format!("{:?}", cfg.load_format).to_lowercase(),
+            "mode": mode, "isl": isl, "osl": osl, "batch": batch,
+        },
+        "device": format!("cpu, {threads} threads ({} cores)", std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "build_ms": engine.build_time.as_secs_f64() * 1e3,
+        "prefill_ms": stats.prefill_time.as_secs_f64() * 1e3,
+        "prefill_tok_per_s": stats.prefill_tokens as f64 / stats.prefill_time.as_secs_f64(),
+        "decode_ms_per_step": decode_ms,
+        "output_tok_per_s": stats.decode_tokens as f64 / stats.decode_time.as_secs_f64(),
+        "weight_bytes": bytes,
+        "achieved_weight_gb_per_s": achieved / 1e9,
+        "floor_gb_per_s": floor / 1e9,
+        "floor_method": "read of a 512 MiB buffer on the decode pool, best of 3, same run",
+        "fraction_of_floor": achieved / floor,
+    });
+    println!("{out}");
     Ok(())
 }
 
@@ -295,6 +385,9 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Some(Cmd::Chat { system }) => load_config(&cli).and_then(|c| chat(&c, system.as_deref())),
+        Some(Cmd::Bench { mode, isl, osl, batch }) => {
+            load_config(&cli).and_then(|c| bench(&c, mode, *isl, *osl, *batch))
+        }
         Some(Cmd::Run) | None => load_config(&cli).and_then(|c| run(&c)),
     };
     match res {

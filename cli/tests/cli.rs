@@ -156,3 +156,44 @@ fn text_prompts_need_a_tokenizer_and_fail_alone() {
     assert!(err.contains("1 of 2 prompts failed"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bench_prints_one_json_object_with_the_floor() {
+    let (ok, out, err) = autodeploy(&["bench", "--config", "examples/llama-fixture.toml", "--isl", "8", "--osl", "4"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["config"]["mode"], "latency");
+    assert_eq!(
+        (v["config"]["batch"].as_u64(), v["config"]["isl"].as_u64(), v["config"]["osl"].as_u64()),
+        (Some(1), Some(8), Some(4))
+    );
+    for key in [
+        "build_ms",
+        "prefill_ms",
+        "decode_ms_per_step",
+        "output_tok_per_s",
+        "achieved_weight_gb_per_s",
+        "floor_gb_per_s",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {out}");
+    }
+    assert!(v["weight_bytes"].as_u64().is_some_and(|b| b > 100_000), "{out}");
+    assert!(v["device"].as_str().is_some_and(|d| d.starts_with("cpu")), "{out}");
+    // Throughput mode batches max_batch_size requests by default (the fixture config leaves it at 8).
+    let (ok, out, err) = autodeploy(&[
+        "bench",
+        "--config",
+        "examples/llama-fixture.toml",
+        "--mode",
+        "throughput",
+        "--isl",
+        "4",
+        "--osl",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["config"]["batch"].as_u64(), Some(8));
+    let (ok, _, err) = autodeploy(&["bench", "--config", "examples/llama-fixture.toml", "--mode", "fast"]);
+    assert!(!ok && err.contains("latency or throughput"), "{err}");
+}

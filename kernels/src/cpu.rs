@@ -189,6 +189,27 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The memory read bandwidth this machine gives the decode kernels, in bytes per second:
+/// summing a 512 MiB buffer (far larger than the caches) on the decode pool, best of 3. The
+/// floor a CPU decode step is held to is weight bytes over this.
+pub fn measure_read_bandwidth() -> f64 {
+    let buf = vec![1u64; 64 << 20];
+    let chunk = 1 << 16;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let sums: Vec<std::sync::atomic::AtomicU64> =
+            (0..buf.len() / chunk).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
+        let t0 = std::time::Instant::now();
+        crate::pool::for_each_chunk(sums.len(), &|c| {
+            let s = buf[c * chunk..(c + 1) * chunk].iter().fold(0u64, |a, v| a.wrapping_add(*v));
+            sums[c].store(s, std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+        std::hint::black_box(&sums);
+    }
+    (buf.len() * 8) as f64 / best
+}
+
 /// `y += alpha · x`.
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
