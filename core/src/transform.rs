@@ -153,7 +153,10 @@ pub fn check_config(
     for (name, table) in tables {
         let Some(t) = find(name) else {
             let known: Vec<&str> = all().iter().map(|t| t.name).collect();
-            return Err((format!("transforms.{name}"), format!("unknown transform; known: {}", known.join(", "))));
+            return Err((
+                format!("transforms.{name}"),
+                format!("unknown transform; known: {}{}", known.join(", "), crate::plugin_abi::refusals_note()),
+            ));
         };
         for (k, v) in table {
             if k == "enabled" {
