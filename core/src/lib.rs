@@ -14,6 +14,7 @@ pub mod ops;
 pub mod pattern;
 pub mod pipeline;
 pub mod plugin_abi;
+pub mod pt2;
 pub mod registry;
 pub mod runtime;
 pub mod sampling;

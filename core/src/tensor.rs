@@ -63,6 +63,29 @@ pub struct Tensor {
 const PAR_MIN: usize = 1 << 14;
 
 impl Tensor {
+    /// A tensor from little-endian bytes of `dtype` (float, i64 or bool), row-major.
+    pub fn from_le_bytes(dtype: DType, shape: Vec<usize>, b: &[u8]) -> Result<Tensor> {
+        fn chunks<const N: usize, T>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            b.chunks_exact(N).map(|c| f(c.try_into().expect("exact chunk"))).collect()
+        }
+        let n: usize = shape.iter().product();
+        if dtype.is_block() || b.len() != n * dtype.size_in_bytes() {
+            return Err(crate::error::Error::Msg(format!(
+                "{} bytes do not hold a {dtype} tensor of shape {shape:?}",
+                b.len()
+            )));
+        }
+        let storage = match dtype {
+            DType::F32 => Storage::F32(chunks(b, f32::from_le_bytes)),
+            DType::BF16 => Storage::BF16(chunks(b, |x: [u8; 2]| bf16::from_bits(u16::from_le_bytes(x)))),
+            DType::F16 => Storage::F16(chunks(b, |x: [u8; 2]| f16::from_bits(u16::from_le_bytes(x)))),
+            DType::I64 => Storage::I64(chunks(b, i64::from_le_bytes)),
+            DType::Bool => Storage::Bool(b.iter().map(|&x| x != 0).collect()),
+            DType::Block(_) => unreachable!("refused above"),
+        };
+        Tensor::new(shape, storage)
+    }
+
     pub fn new(shape: Vec<usize>, data: Storage) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != data.len() {

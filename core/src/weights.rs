@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors, TensorInfo};
 
@@ -170,22 +169,6 @@ impl WeightStore {
         let f = &self.files[i];
         let info = f.info(name).expect("checked by stored_meta");
         let b = f.bytes(info);
-        let t = match stored {
-            DType::F32 => Tensor::from_f32(shape, le_chunks(b, f32::from_le_bytes))?,
-            DType::BF16 => Tensor::new(
-                shape,
-                crate::tensor::Storage::BF16(le_chunks(b, |x: [u8; 2]| bf16::from_bits(u16::from_le_bytes(x)))),
-            )?,
-            DType::F16 => Tensor::new(
-                shape,
-                crate::tensor::Storage::F16(le_chunks(b, |x: [u8; 2]| f16::from_bits(u16::from_le_bytes(x)))),
-            )?,
-            _ => unreachable!("float_dtype admits only float types"),
-        };
-        t.cast(dtype)
+        Tensor::from_le_bytes(stored, shape, b)?.cast(dtype)
     }
-}
-
-fn le_chunks<const N: usize, T>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-    b.chunks_exact(N).map(|c| f(c.try_into().expect("exact chunk"))).collect()
 }

@@ -1,0 +1,202 @@
+//! torch.export archives (`.pt2`, the PT2 archive layout written by `torch.export.save` in
+//! torch >= 2.8): the model's graph JSON and its weights, read without Python.
+//!
+//! Layout inside the zip (one top-level folder, the archive's name):
+//! `<a>/archive_format` (`pt2`), `<a>/models/<model>.json` (the serialized ExportedProgram),
+//! `<a>/data/weights/<model>_weights_config.json` (per weight: file, dtype, sizes, strides,
+//! storage offset) and the raw storages `<a>/data/weights/weight_N`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// One weight as the archive describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightInfo {
+    pub name: String,
+    /// The storage's entry in the zip.
+    pub file: String,
+    pub dtype: DType,
+    pub sizes: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub storage_offset: usize,
+    pub is_param: bool,
+}
+
+/// An opened `.pt2` archive.
+pub struct Pt2Archive {
+    pub path: PathBuf,
+    /// The top-level folder every entry lives in.
+    pub prefix: String,
+    pub model_name: String,
+    /// The serialized ExportedProgram (`models/<model>.json`).
+    pub program: Value,
+    pub weights: Vec<WeightInfo>,
+}
+
+/// torch's ScalarType numbering in the export schema, for the dtypes the host computes in.
+fn scalar_type(code: i64) -> Option<DType> {
+    Some(match code {
+        5 => DType::I64,
+        6 => DType::F16,
+        7 => DType::F32,
+        12 => DType::Bool,
+        13 => DType::BF16,
+        _ => return None,
+    })
+}
+
+fn as_int(v: &Value) -> Option<i64> {
+    v.get("as_int").and_then(Value::as_i64)
+}
+
+impl Pt2Archive {
+    fn bad(&self, msg: impl Into<String>) -> Error {
+        Error::BadFile { file: self.path.clone(), msg: msg.into() }
+    }
+
+    fn zip(path: &Path) -> Result<zip::ZipArchive<std::fs::File>> {
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        zip::ZipArchive::new(f)
+            .map_err(|e| Error::BadFile { file: path.into(), msg: format!("not a readable zip archive: {e}") })
+    }
+
+    fn read_entry(path: &Path, z: &mut zip::ZipArchive<std::fs::File>, name: &str) -> Result<Vec<u8>> {
+        let bad = |msg: String| Error::BadFile { file: path.into(), msg };
+        let mut e = z.by_name(name).map_err(|_| bad(format!("missing entry `{name}`")))?;
+        let mut buf = Vec::with_capacity(e.size().min(1 << 30) as usize);
+        e.read_to_end(&mut buf).map_err(|err| bad(format!("entry `{name}`: {err}")))?;
+        Ok(buf)
+    }
+
+    fn json(path: &Path, z: &mut zip::ZipArchive<std::fs::File>, name: &str) -> Result<Value> {
+        let bytes = Self::read_entry(path, z, name)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::BadFile { file: path.into(), msg: format!("entry `{name}`: invalid JSON: {e}") })
+    }
+
+    /// Opens the archive and reads its graph JSON and weight table (not the weights).
+    pub fn open(path: &Path) -> Result<Pt2Archive> {
+        let mut z = Self::zip(path)?;
+        let bad = |msg: String| Error::BadFile { file: path.into(), msg };
+        let names: Vec<String> = z.file_names().map(str::to_string).collect();
+        let format = names
+            .iter()
+            .find(|n| n.ends_with("/archive_format"))
+            .ok_or_else(|| bad("no archive_format entry: not a torch.export PT2 archive (torch >= 2.8)".into()))?
+            .clone();
+        let prefix = format.trim_end_matches("archive_format").to_string();
+        let kind = String::from_utf8_lossy(&Self::read_entry(path, &mut z, &format)?).trim().to_string();
+        if kind != "pt2" {
+            return Err(bad(format!("archive_format is `{kind}`, expected `pt2`")));
+        }
+        let model_json = names
+            .iter()
+            .find(|n| n.starts_with(&format!("{prefix}models/")) && n.ends_with(".json"))
+            .ok_or_else(|| bad(format!("no {prefix}models/<name>.json entry")))?
+            .clone();
+        let model_name =
+            model_json.trim_start_matches(&format!("{prefix}models/")).trim_end_matches(".json").to_string();
+        let program = Self::json(path, &mut z, &model_json)?;
+        let cfg_name = format!("{prefix}data/weights/{model_name}_weights_config.json");
+        let cfg = Self::json(path, &mut z, &cfg_name)?;
+        let table = cfg
+            .get("config")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad(format!("{cfg_name}: no `config` object")))?;
+        let mut weights = Vec::new();
+        for (name, w) in table {
+            let field = |k: &str| bad(format!("{cfg_name}: weight `{name}`: missing or bad `{k}`"));
+            let meta = w.get("tensor_meta").ok_or_else(|| field("tensor_meta"))?;
+            let code = meta.get("dtype").and_then(Value::as_i64).ok_or_else(|| field("tensor_meta.dtype"))?;
+            let dtype = scalar_type(code)
+                .ok_or_else(|| bad(format!("{cfg_name}: weight `{name}`: dtype code {code} is not supported")))?;
+            let ints = |k: &str| -> Result<Vec<usize>> {
+                meta.get(k)
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| field(&format!("tensor_meta.{k}")))?
+                    .iter()
+                    .map(|v| {
+                        as_int(v)
+                            .and_then(|i| usize::try_from(i).ok())
+                            .ok_or_else(|| field(&format!("tensor_meta.{k}")))
+                    })
+                    .collect()
+            };
+            let (sizes, strides) = (ints("sizes")?, ints("strides")?);
+            if sizes.len() != strides.len() {
+                return Err(field("tensor_meta.strides"));
+            }
+            let storage_offset = meta
+                .get("storage_offset")
+                .and_then(as_int)
+                .and_then(|i| usize::try_from(i).ok())
+                .ok_or_else(|| field("tensor_meta.storage_offset"))?;
+            if w.get("use_pickle").and_then(Value::as_bool) == Some(true) {
+                return Err(bad(format!("{cfg_name}: weight `{name}` is pickled; only raw storages are read")));
+            }
+            let file = w.get("path_name").and_then(Value::as_str).ok_or_else(|| field("path_name"))?;
+            weights.push(WeightInfo {
+                name: name.clone(),
+                file: format!("{prefix}data/weights/{file}"),
+                dtype,
+                sizes,
+                strides,
+                storage_offset,
+                is_param: w.get("is_param").and_then(Value::as_bool).unwrap_or(false),
+            });
+        }
+        Ok(Pt2Archive { path: path.into(), prefix, model_name, program, weights })
+    }
+
+    /// Reads one weight: its storage's bytes viewed with the sizes, strides and offset the
+    /// archive records (tied weights share a storage), copied out contiguous.
+    pub fn load(&self, name: &str) -> Result<Tensor> {
+        let w = self
+            .weights
+            .iter()
+            .find(|w| w.name == name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into(), where_: self.path.display().to_string() })?;
+        let mut z = Self::zip(&self.path)?;
+        let bytes = Self::read_entry(&self.path, &mut z, &w.file)?;
+        let esz = w.dtype.size_in_bytes();
+        // The last element the view reaches must lie inside the storage.
+        let n: usize = w.sizes.iter().product();
+        let reach =
+            w.storage_offset + w.sizes.iter().zip(&w.strides).map(|(s, st)| s.saturating_sub(1) * st).sum::<usize>();
+        if n > 0 && (reach + 1) * esz > bytes.len() {
+            return Err(self.bad(format!(
+                "weight `{name}`: sizes {:?}, strides {:?}, offset {} reach past its storage `{}` of {} bytes",
+                w.sizes,
+                w.strides,
+                w.storage_offset,
+                w.file,
+                bytes.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(n * esz);
+        let rank = w.sizes.len();
+        for i in 0..n {
+            let (mut rem, mut at) = (i, w.storage_offset);
+            for d in (0..rank).rev() {
+                at += (rem % w.sizes[d]) * w.strides[d];
+                rem /= w.sizes[d];
+            }
+            out.extend_from_slice(&bytes[at * esz..(at + 1) * esz]);
+        }
+        Tensor::from_le_bytes(w.dtype, w.sizes.clone(), &out).map_err(|e| self.bad(format!("weight `{name}`: {e}")))
+    }
+
+    /// The ATen targets of the graph's nodes, in order.
+    pub fn node_targets(&self) -> Vec<String> {
+        self.program["graph_module"]["graph"]["nodes"]
+            .as_array()
+            .map(|ns| ns.iter().filter_map(|n| n["target"].as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    }
+}
