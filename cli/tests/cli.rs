@@ -1,11 +1,9 @@
 //! The `autodeploy` binary end to end: run, graph dump, plugin list, errors.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+use common::{root, smollm2};
+use std::process::Command;
 
 fn autodeploy(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_autodeploy")).args(args).current_dir(root()).output().unwrap();
@@ -88,16 +86,6 @@ fn plugin_registry_entries_are_checked_at_start_up() {
     let (ok, _, err) = autodeploy(&["plugins"]);
     assert!(ok, "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let p = root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI", p.display());
-    eprintln!("SKIPPED: {} not found; run scripts/fetch-smollm2.sh", p.display());
-    None
 }
 
 #[test]

@@ -2,22 +2,11 @@
 //! example plugin library (`examples/plugin`, depending only on the SDK) is built separately,
 //! and the unchanged host loads it from `plugin-registry.toml`.
 
+mod common;
+
+use common::{root, smollm2};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let p = root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI", p.display());
-    eprintln!("SKIPPED: {} not found; run scripts/fetch-smollm2.sh", p.display());
-    None
-}
 
 /// Builds the plugin crate at `manifest` (release, its own workspace) into the shared
 /// `target/plugin-example` folder; returns the library's path.

@@ -270,7 +270,7 @@ mod simd {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn naive_matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -283,7 +283,8 @@ mod tests {
         c
     }
 
-    fn rand(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (xorshift), shared by the kernels' tests.
+    pub(crate) fn rand(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).max(1);
         (0..n)
             .map(|_| {

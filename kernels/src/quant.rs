@@ -102,6 +102,27 @@ fn dequantize_serial(kind: BlockKind, blocks: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Checks a quantized linear's buffers against its dimensions; returns the bytes of one weight row.
+fn check_qlinear(m: usize, n: usize, k: usize, x: &[f32], kind: BlockKind, w: &[u8], y: &[f32]) -> usize {
+    assert!(k.is_multiple_of(32), "qlinear: k = {k} is not a multiple of 32");
+    let row_bytes = k / 32 * kind.bytes();
+    assert_eq!(w.len(), n * row_bytes, "qlinear weight bytes");
+    assert_eq!(x.len(), m * k, "qlinear input");
+    assert_eq!(y.len(), m * n, "qlinear output");
+    row_bytes
+}
+
+/// Adds `bias[n]` to every row of `y`.
+fn add_bias(y: &mut [f32], n: usize, bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in y.chunks_mut(n) {
+            for (v, bj) in row.iter_mut().zip(b) {
+                *v += bj;
+            }
+        }
+    }
+}
+
 /// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` for many rows (prefill) with `W` block-quantized: a tile
 /// of W's rows at a time is dequantized into a per-thread buffer that stays in cache, and that
 /// tile's GEMM runs single-threaded; tiles spread over the pool. W is never expanded whole.
@@ -116,11 +137,7 @@ pub fn qlinear_tiled(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    assert!(k.is_multiple_of(32), "qlinear: k = {k} is not a multiple of 32");
-    let row_bytes = k / 32 * kind.bytes();
-    assert_eq!(w.len(), n * row_bytes, "qlinear weight bytes");
-    assert_eq!(x.len(), m * k, "qlinear input");
-    assert_eq!(y.len(), m * n, "qlinear output");
+    let row_bytes = check_qlinear(m, n, k, x, kind, w, y);
     thread_local! {
         static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -164,13 +181,7 @@ pub fn qlinear_tiled(
             }
         });
     });
-    if let Some(b) = bias {
-        for row in y.chunks_mut(n) {
-            for (v, bj) in row.iter_mut().zip(b) {
-                *v += bj;
-            }
-        }
-    }
+    add_bias(y, n, bias);
 }
 
 /// One activation row quantized per 32-value block: `x ≈ q · d` within each block.
@@ -603,11 +614,7 @@ fn qlinear_impl(
     y: &mut [f32],
     int8: bool,
 ) {
-    assert!(k.is_multiple_of(32), "qlinear: k = {k} is not a multiple of 32");
-    let row_bytes = k / 32 * kind.bytes();
-    assert_eq!(w.len(), n * row_bytes, "qlinear weight bytes");
-    assert_eq!(x.len(), m * k, "qlinear input");
-    assert_eq!(y.len(), m * n, "qlinear output");
+    let row_bytes = check_qlinear(m, n, k, x, kind, w, y);
     let simd = has_avx2();
     let acts: Vec<Activations> = x
         .chunks(k)
@@ -643,31 +650,15 @@ fn qlinear_impl(
             }
         }
     }
-    if let Some(b) = bias {
-        for row in y.chunks_mut(n) {
-            for (v, bj) in row.iter_mut().zip(b) {
-                *v += bj;
-            }
-        }
-    }
+    add_bias(y, n, bias);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu::linear;
+    use crate::cpu::tests::rand;
 
-    fn rand(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2000) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
     /// Reference dequantization of one block, written out from the ggml formulas.
     fn deq(kind: BlockKind, blk: &[u8]) -> Vec<f32> {
         let d = half_f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));

@@ -172,11 +172,10 @@ impl Device {
 
     /// A kernel by entry-point name.
     pub fn function(&self, name: &str) -> Result<cudarc::driver::CudaFunction, Unavailable> {
-        for (m, module) in &self.modules {
+        for (_, module) in &self.modules {
             if let Ok(f) = module.load_function(name) {
                 return Ok(f);
             }
-            let _ = m;
         }
         Err(Unavailable(format!("no kernel named `{name}`")))
     }
