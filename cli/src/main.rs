@@ -28,6 +28,15 @@ struct Cli {
     /// Override `max_new_tokens`.
     #[arg(long, global = true)]
     max_new_tokens: Option<usize>,
+    /// Override `device` (auto, cpu, cuda, cuda:N).
+    #[arg(long, global = true)]
+    device: Option<String>,
+    /// Override `compile_backend` (simple, cudagraph, compile, opt).
+    #[arg(long, global = true)]
+    compile_backend: Option<String>,
+    /// Override `attn_backend`.
+    #[arg(long, global = true)]
+    attn_backend: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -73,7 +82,11 @@ enum Cmd {
 
 fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     let mut cfg = match &cli.config {
-        Some(p) => PipelineConfig::from_file(p)?,
+        // Validated below, once the command line's overrides are in.
+        Some(p) => PipelineConfig::from_toml_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            Some(p),
+        )?,
         None => match &cli.model {
             Some(m) => PipelineConfig::from_toml_str(&format!("model = {m:?}"), None)?,
             None => anyhow::bail!(
@@ -83,6 +96,15 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     };
     if let Some(m) = &cli.model {
         cfg.model = m.clone();
+    }
+    if let Some(d) = &cli.device {
+        cfg.device = d.clone();
+    }
+    if let Some(b) = &cli.compile_backend {
+        cfg.compile_backend = b.clone();
+    }
+    if let Some(b) = &cli.attn_backend {
+        cfg.attn_backend = b.clone();
     }
     if let Some(d) = &cli.dtype {
         cfg.dtype = d.clone();
@@ -183,9 +205,19 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
 }
 
 /// Bytes of weights one forward reads: every param at its stored size (blocks as stored).
+/// Bytes of the weights a decode step reads: every weight but the embedding tables (a step
+/// reads one row of those per token), unless a table is also read whole (a tied LM head).
 fn weight_bytes(g: &autodeploy_core::Graph) -> usize {
+    let only_looked_up = |v: autodeploy_core::ValueId| {
+        let uses: Vec<&autodeploy_core::ir::Node> = g.nodes.iter().filter(|n| n.inputs.contains(&v)).collect();
+        !uses.is_empty()
+            && uses
+                .iter()
+                .all(|n| matches!(n.op, autodeploy_core::Op::Embedding) && n.inputs[0] == v && n.inputs[1] != v)
+    };
     g.params
         .iter()
+        .filter(|p| !only_looked_up(p.value))
         .map(|p| {
             let m = g.meta(p.value);
             let n: usize = m.shape.iter().map(|d| d.as_static().unwrap_or(0)).product();
@@ -224,12 +256,30 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
     if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
         anyhow::bail!("a bench request failed: {e}");
     }
-    let floor = autodeploy_kernels::cpu::measure_read_bandwidth();
+    let (device, floor, floor_method) = match cfg.resolved_device() {
+        autodeploy_core::config::Device::Cpu => (
+            format!(
+                "cpu, {} threads ({} cores)",
+                autodeploy_kernels::pool::threads(),
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
+            autodeploy_kernels::cpu::measure_read_bandwidth(),
+            "read of a 512 MiB buffer on the decode pool, best of 3, same run",
+        ),
+        autodeploy_core::config::Device::Cuda(n) => {
+            let gpu = autodeploy_kernels::cuda::exec::Gpu::open(n).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let bw = gpu.copy_bandwidth(1 << 30, 20).map_err(|e| anyhow::anyhow!("{e}"))?;
+            (
+                format!("cuda:{n} {}", gpu.dev.name),
+                bw,
+                "device-to-device copy of 1 GiB (read + write bytes), 20 copies, best of 3, same run",
+            )
+        }
+    };
     let bytes = weight_bytes(&engine.graph);
     let steps = stats.decode_tokens as f64 / batch as f64;
     let decode_ms = stats.decode_time.as_secs_f64() * 1e3 / steps.max(1.0);
     let achieved = bytes as f64 / (decode_ms / 1e3);
-    let threads = autodeploy_kernels::pool::threads();
     let out = serde_json::json!({
         "config": {
             "model": cfg.model, "dtype": engine.graph.meta(engine.graph.outputs[0]).dtype.to_string(),
@@ -238,7 +288,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
             "load_format": format!("{:?}", cfg.load_format).to_lowercase(),
             "mode": mode, "isl": isl, "osl": osl, "batch": batch,
         },
-        "device": format!("cpu, {threads} threads ({} cores)", std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "device": device,
         "build_ms": engine.build_time.as_secs_f64() * 1e3,
         "prefill_ms": stats.prefill_time.as_secs_f64() * 1e3,
         "prefill_tok_per_s": stats.prefill_tokens as f64 / stats.prefill_time.as_secs_f64(),
@@ -247,7 +297,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
         "weight_bytes": bytes,
         "achieved_weight_gb_per_s": achieved / 1e9,
         "floor_gb_per_s": floor / 1e9,
-        "floor_method": "read of a 512 MiB buffer on the decode pool, best of 3, same run",
+        "floor_method": floor_method,
         "fraction_of_floor": achieved / floor,
     });
     println!("{out}");

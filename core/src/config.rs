@@ -21,8 +21,14 @@ pub struct PipelineConfig {
     /// `auto` (the checkpoint's dtype), `float32`, `bfloat16` or `float16`.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// `auto` (the first CUDA GPU when one is usable, else the CPU), `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Decode batch sizes the `cudagraph` and `opt` backends capture as CUDA graphs; a decode
+    /// step pads to the next one, larger batches run uncaptured. Default: 1, 2, 4, 8, 16, 32,
+    /// 64, ... up to `max_batch_size`.
+    #[serde(default)]
+    pub cuda_graph_batch_sizes: Option<Vec<usize>>,
     #[serde(default = "default_compile_backend")]
     pub compile_backend: String,
     /// `auto` (the checkpoint's weights) or `dummy` (random weights from the model's config alone,
@@ -117,7 +123,37 @@ fn default_dtype() -> String {
     "auto".into()
 }
 fn default_device() -> String {
-    "cpu".into()
+    "auto".into()
+}
+
+/// Where a model runs, resolved from `device`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Whether GPU `ordinal` can be used, probed once per process (no kernels compiled).
+pub fn cuda_usable(ordinal: usize) -> std::result::Result<String, String> {
+    static PROBED: std::sync::Mutex<Vec<(usize, std::result::Result<String, String>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut p = PROBED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, r)) = p.iter().find(|(o, _)| *o == ordinal) {
+        return r.clone();
+    }
+    let r = autodeploy_kernels::cuda::probe(ordinal).map_err(|e| e.to_string());
+    p.push((ordinal, r.clone()));
+    r
 }
 fn default_compile_backend() -> String {
     "simple".into()
@@ -196,6 +232,30 @@ impl PipelineConfig {
         tok.encode(&text, true).map_err(|e| Error::Input { input: format!("prompts[{i}].{field}"), msg: e.to_string() })
     }
 
+    /// The device `device` names; `auto` is the first GPU when one is usable.
+    pub fn resolved_device(&self) -> Device {
+        match self.device.as_str() {
+            "cpu" => Device::Cpu,
+            "auto" => match cuda_usable(0) {
+                Ok(_) => Device::Cuda(0),
+                Err(_) => Device::Cpu,
+            },
+            "cuda" => Device::Cuda(0),
+            d => d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda).unwrap_or(Device::Cpu),
+        }
+    }
+
+    /// `cuda_graph_batch_sizes`, or powers of two up to `max_batch_size` (and it).
+    pub fn cuda_graph_batch_sizes(&self) -> Vec<usize> {
+        if let Some(v) = &self.cuda_graph_batch_sizes {
+            return v.clone();
+        }
+        let mut v: Vec<usize> =
+            std::iter::successors(Some(1usize), |b| Some(b * 2)).take_while(|&b| b < self.max_batch_size).collect();
+        v.push(self.max_batch_size);
+        v
+    }
+
     /// Tokens one step may carry: `max_num_tokens`, else room for a full batch of prompts.
     pub fn max_num_tokens(&self) -> usize {
         self.max_num_tokens.unwrap_or(self.max_batch_size * self.max_seq_len)
@@ -218,7 +278,7 @@ impl PipelineConfig {
                 format!("`{}` is not one of auto, float32, bfloat16, float16", self.dtype),
             ));
         }
-        if self.device != "cpu" {
+        if !matches!(self.device.as_str(), "cpu" | "auto") {
             let ordinal = match self.device.as_str() {
                 "cuda" => Some(0),
                 d => d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
@@ -227,20 +287,18 @@ impl PipelineConfig {
                 return Err(Error::config(
                     path,
                     "device",
-                    format!("`{}` is not one of cpu, cuda, cuda:N", self.device),
+                    format!("`{}` is not one of auto, cpu, cuda, cuda:N", self.device),
                 ));
             };
-            // Say what is missing: the driver or the GPU, or (with a GPU) that the CUDA kernels do
-            // not yet run whole models.
-            let why = match autodeploy_kernels::cuda::Device::open(ordinal) {
-                Err(e) => e.to_string(),
-                Ok(d) => format!(
-                    "{} found, but the CUDA backend runs single kernels only so far (kernels/src/cuda); \
-                     models run on device = \"cpu\"",
-                    d.name
-                ),
-            };
-            return Err(Error::config(path, "device", format!("`{}`: {why}", self.device)));
+            // Say what is missing: the driver or the GPU.
+            if let Err(why) = cuda_usable(ordinal) {
+                return Err(Error::config(path, "device", format!("`{}`: {why}", self.device)));
+            }
+        }
+        if let Some(b) = &self.cuda_graph_batch_sizes {
+            if b.contains(&0) {
+                return Err(Error::config(path, "cuda_graph_batch_sizes", "batch sizes must be at least 1"));
+            }
         }
         if self.max_batch_size == 0 {
             return Err(Error::config(path, "max_batch_size", "must be at least 1"));
@@ -321,12 +379,19 @@ mod tests {
         assert!(e.contains("prompts[0].top_p") && e.contains("(0, 1]"), "{e}");
         let e = parse("model = \"m\"\nmax_seq_len = 2\n[[prompts]]\ntoken_ids = [1, 2, 3]\n").unwrap_err().to_string();
         assert!(e.contains("prompts[0].token_ids") && e.contains("max_seq_len = 2"), "{e}");
-        // CUDA asked for: without a driver (CI) the message says so; with a GPU it says the
-        // CUDA backend does not run models yet; either way it names the CPU option.
-        let e = parse("model = \"m\"\ndevice = \"cuda:0\"\n").unwrap_err().to_string();
-        assert!(e.contains("key `device`") && e.contains("device = \"cpu\""), "{e}");
+        // CUDA asked for where there is none (CI): the message says why and names the CPU
+        // option; `auto` falls back to the CPU.
+        if autodeploy_kernels::cuda::probe(0).is_err() {
+            let e = parse("model = \"m\"\ndevice = \"cuda:0\"\n").unwrap_err().to_string();
+            assert!(e.contains("key `device`") && e.contains("device = \"cpu\""), "{e}");
+            assert_eq!(parse("model = \"m\"\n").unwrap().resolved_device(), Device::Cpu);
+        }
         let e = parse("model = \"m\"\ndevice = \"gpu\"\n").unwrap_err().to_string();
         assert!(e.contains("cpu, cuda, cuda:N"), "{e}");
+        let e = parse("model = \"m\"\ncuda_graph_batch_sizes = [0]\n").unwrap_err().to_string();
+        assert!(e.contains("cuda_graph_batch_sizes"), "{e}");
+        let c = parse("model = \"m\"\nmax_batch_size = 12\n").unwrap();
+        assert_eq!(c.cuda_graph_batch_sizes(), vec![1, 2, 4, 8, 12]);
         let e = parse("model = \"m\"\nload_format = \"pt\"\n").unwrap_err().to_string();
         assert!(e.contains("load_format") && e.contains("dummy"), "{e}");
     }

@@ -214,7 +214,9 @@ pub struct AttentionBackendPlugin {
     /// Other names accepted in configs.
     pub aliases: &'static [&'static str],
     pub version: &'static str,
-    pub make: fn() -> Box<dyn AttentionBackend>,
+    /// The CPU implementation; `None` for a backend whose kernels run on CUDA only (the CUDA
+    /// executor launches them).
+    pub make: Option<fn() -> Box<dyn AttentionBackend>>,
 }
 
 inventory::collect!(AttentionBackendPlugin);
@@ -247,18 +249,42 @@ pub fn external_attention_backends() -> Vec<&'static ExternalAttention> {
     EXTERNAL.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// The CPU implementation of attention backend `name` (or an alias).
 pub fn attention_backend(name: &str) -> Result<(&'static str, Box<dyn AttentionBackend>)> {
     if let Some(p) =
         inventory::iter::<AttentionBackendPlugin>.into_iter().find(|p| p.name == name || p.aliases.contains(&name))
     {
-        return Ok((p.name, (p.make)()));
+        let make = p.make.ok_or_else(|| {
+            Error::Msg(format!(
+                "attn_backend `{}` runs on CUDA GPUs only (device = \"cuda\"); on the CPU use attn_backend = \"torch\"",
+                p.name
+            ))
+        })?;
+        return Ok((p.name, make()));
     }
     if let Some(p) = external_attention_backends().into_iter().find(|p| p.name == name) {
         return Ok((p.name, (p.make)()));
     }
+    Err(unknown_backend(name))
+}
+
+/// The canonical name of attention backend `name` (or an alias), whatever device it runs on.
+pub fn attention_backend_name(name: &str) -> Result<&'static str> {
+    if let Some(p) =
+        inventory::iter::<AttentionBackendPlugin>.into_iter().find(|p| p.name == name || p.aliases.contains(&name))
+    {
+        return Ok(p.name);
+    }
+    if let Some(p) = external_attention_backends().into_iter().find(|p| p.name == name) {
+        return Ok(p.name);
+    }
+    Err(unknown_backend(name))
+}
+
+fn unknown_backend(name: &str) -> Error {
     let mut names: Vec<&str> = inventory::iter::<AttentionBackendPlugin>.into_iter().map(|p| p.name).collect();
     names.extend(external_attention_backends().iter().map(|p| p.name));
     names.sort();
     let refused = crate::plugin_abi::refusals_note();
-    Err(Error::Msg(format!("unknown attn_backend `{name}`; available: {}{refused}", names.join(", "))))
+    Error::Msg(format!("unknown attn_backend `{name}`; available: {}{refused}", names.join(", ")))
 }

@@ -64,13 +64,33 @@ pub struct Engine {
     /// What stop strings are matched with: the tokenizer, or a stand-in a caller sets.
     pub detokenizer: Option<Arc<dyn crate::runtime::Detokenizer>>,
     pub build_time: Duration,
+    /// KV-cache pages the runtime may hand out (all sequences together).
+    pub kv_pages: usize,
 }
 
 impl Engine {
     /// Longest sequence one request may reach (prompt + generated).
     pub fn max_seq_len(&self, cfg: &PipelineConfig) -> usize {
-        self.graph.symbols.get("seq").map(|r| r.max).unwrap_or(usize::MAX).min(cfg.max_seq_len)
+        self.max_seq_len_within(cfg.max_seq_len)
     }
+
+    /// Longest sequence the graph accepts, within `cap`.
+    pub fn max_seq_len_within(&self, cap: usize) -> usize {
+        max_len(&self.graph, cap)
+    }
+}
+
+/// Longest sequence the graph accepts: the per-sequence bound the importer set (kept as
+/// `seq_len` once cache insertion widened `seq` to the flattened token count), within
+/// `max_seq_len`.
+fn max_len(g: &Graph, cap: usize) -> usize {
+    let r = g.symbols.get("seq_len").or_else(|| g.symbols.get("seq"));
+    r.map(|r| r.max).unwrap_or(usize::MAX).min(cap)
+}
+
+/// Pages of the KV cache: enough for `max_batch_size` sequences of the longest length.
+pub fn kv_pages(g: &Graph, cfg: &PipelineConfig) -> usize {
+    cfg.max_batch_size * max_len(g, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1))
 }
 
 pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
@@ -78,9 +98,10 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let (graph, tokenizer) = transformed(cfg, Stage::CacheInit)?;
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
-    let model = backend.compile(&graph, &registry::CompileOptions::from_config(cfg))?;
+    let kv_pages = kv_pages(&graph, cfg);
+    let model = backend.compile(&graph, &registry::CompileOptions::from_config(cfg, kv_pages))?;
     let cache = CacheSpec::of(&graph)?;
     let tokenizer = tokenizer.map(Arc::new);
     let detokenizer = tokenizer.clone().map(|t| t as Arc<dyn crate::runtime::Detokenizer>);
-    Ok(Engine { graph, model, cache, tokenizer, detokenizer, build_time: t0.elapsed() })
+    Ok(Engine { graph, model, cache, tokenizer, detokenizer, build_time: t0.elapsed(), kv_pages })
 }

@@ -39,18 +39,46 @@ pub trait ModelImporter: Send + Sync {
 /// Graphs with cached attention need the step's context (plan and KV cache).
 pub trait CompiledModel: Send {
     fn forward(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Vec<Tensor>>;
+
+    /// Whether the model keeps the KV cache itself (on its device), so the runtime only plans
+    /// pages and never grows the host cache. Default: the runtime's `PagedKvCache` holds it.
+    fn owns_kv_cache(&self) -> bool {
+        false
+    }
+
+    /// A forward step that returns the argmax token of each gathered row instead of logits
+    /// (greedy sampling where the logits live). `None`: not supported, use `forward`.
+    fn forward_greedy(&mut self, _inputs: &[Tensor], _step: Option<&mut StepContext>) -> Result<Option<Vec<i64>>> {
+        Ok(None)
+    }
 }
 
 /// What a compile backend is asked for besides the graph.
 #[derive(Clone, Debug, Default)]
 pub struct CompileOptions {
     pub kernels: crate::cpu::KernelOptions,
+    /// Where the model runs.
+    pub device: crate::config::Device,
+    /// Tokens per KV-cache page, and how many pages the runtime may hand out (a backend that
+    /// keeps the cache on its device allocates them all up front).
+    pub page_size: usize,
+    pub kv_pages: usize,
+    /// Decode batch sizes to capture as CUDA graphs (`cudagraph`, `opt`).
+    pub cuda_graph_batch_sizes: Vec<usize>,
 }
 
 impl CompileOptions {
-    pub fn from_config(cfg: &crate::config::PipelineConfig) -> CompileOptions {
+    /// The options a config asks for; `kv_pages` is the engine's page pool (see
+    /// `pipeline::kv_pages`).
+    pub fn from_config(cfg: &crate::config::PipelineConfig, kv_pages: usize) -> CompileOptions {
         let int8_activations = cfg.activation_quant == crate::config::ActivationQuant::Int8;
-        CompileOptions { kernels: crate::cpu::KernelOptions { int8_activations } }
+        CompileOptions {
+            kernels: crate::cpu::KernelOptions { int8_activations },
+            device: cfg.resolved_device(),
+            page_size: cfg.attn_page_size,
+            kv_pages,
+            cuda_graph_batch_sizes: cfg.cuda_graph_batch_sizes(),
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod attention {
     pub mod torch_cpu;
 }
 pub mod compile {
+    pub mod cuda;
     pub mod simple;
 }
 pub mod importers {

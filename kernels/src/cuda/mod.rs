@@ -3,6 +3,9 @@
 //! driver and NVRTC libraries at run time, so the same binary runs where there is no GPU.
 
 pub mod blas;
+pub mod exec;
+
+pub use cudarc;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +33,22 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     ("sampling", include_str!("sampling.cu"), &["argmax_rows_f32"]),
+    (
+        "graph",
+        include_str!("graph.cu"),
+        &[
+            "copy_strided",
+            "binary",
+            "unary",
+            "mean_last",
+            "rmsnorm",
+            "rope",
+            "silu_mul",
+            "embedding_rows",
+            "index_select",
+            "argmax_rows",
+        ],
+    ),
     (
         "attention",
         include_str!("attention.cu"),
@@ -125,6 +144,28 @@ pub fn compile(module: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool
     Ok((ptx, false))
 }
 
+/// Whether GPU `ordinal` can be opened (driver present, device exists), without compiling any
+/// kernel; `Ok` holds the GPU's name.
+pub fn probe(ordinal: usize) -> Result<String, Unavailable> {
+    // SAFETY: only tries to dlopen the driver library by name.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Unavailable(
+            "no CUDA driver (libcuda) on this machine, so no NVIDIA GPU can be used; set device = \"cpu\"".into(),
+        ));
+    }
+    let count = cudarc::driver::result::init()
+        .and_then(|_| cudarc::driver::result::device::get_count())
+        .map_err(|e| Unavailable(format!("the CUDA driver did not start ({e:?}); set device = \"cpu\"")))?;
+    if ordinal as i32 >= count {
+        return Err(Unavailable(format!(
+            "cuda:{ordinal} asked for, but this machine has {count} CUDA device(s); set device = \"cpu\" or a smaller index"
+        )));
+    }
+    let dev = cudarc::driver::result::device::get(ordinal as i32)
+        .map_err(|e| Unavailable(format!("cuda:{ordinal}: {e:?}; set device = \"cpu\"")))?;
+    Ok(cudarc::driver::result::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".into()))
+}
+
 /// A CUDA device with its kernels loaded.
 pub struct Device {
     pub ctx: Arc<CudaContext>,
@@ -142,20 +183,7 @@ pub fn arch_name(cc: (i32, i32)) -> &'static str {
 impl Device {
     /// Opens GPU `ordinal` and loads every kernel module (compiled or from the cache).
     pub fn open(ordinal: usize) -> Result<Device, Unavailable> {
-        // SAFETY: only tries to dlopen the driver library by name.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Unavailable(
-                "no CUDA driver (libcuda) on this machine, so no NVIDIA GPU can be used; set device = \"cpu\"".into(),
-            ));
-        }
-        let count = cudarc::driver::result::init()
-            .and_then(|_| cudarc::driver::result::device::get_count())
-            .map_err(|e| Unavailable(format!("the CUDA driver did not start ({e:?}); set device = \"cpu\"")))?;
-        if ordinal as i32 >= count {
-            return Err(Unavailable(format!(
-                "cuda:{ordinal} asked for, but this machine has {count} CUDA device(s); set device = \"cpu\" or a smaller index"
-            )));
-        }
+        probe(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| Unavailable(format!("opening cuda:{ordinal}: {e:?}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let cc = ctx.compute_capability().map_err(|e| Unavailable(format!("cuda:{ordinal}: {e:?}")))?;

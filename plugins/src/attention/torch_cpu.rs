@@ -11,7 +11,13 @@ use autodeploy_kernels::cpu::{axpy, dot};
 pub struct TorchCpuAttention;
 
 autodeploy_core::inventory::submit! {
-    AttentionBackendPlugin { name: "torch", aliases: &["cpu"], version: env!("CARGO_PKG_VERSION"), make: || Box::new(TorchCpuAttention) }
+    AttentionBackendPlugin { name: "torch", aliases: &["cpu"], version: env!("CARGO_PKG_VERSION"), make: Some(|| Box::new(TorchCpuAttention)) }
+}
+
+// FlashInfer's design on CUDA (plugins/src/compile/cuda.rs launches its kernels: a CSR page
+// table planned once per step, kernels/src/cuda/attention.cu); no CPU implementation.
+autodeploy_core::inventory::submit! {
+    AttentionBackendPlugin { name: "flashinfer", aliases: &[], version: env!("CARGO_PKG_VERSION"), make: None }
 }
 
 impl AttentionBackend for TorchCpuAttention {

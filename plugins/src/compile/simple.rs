@@ -1,6 +1,8 @@
-//! The `simple` compile backend: an interpreter that runs every node on the CPU in graph order,
-//! freeing each intermediate after its last use.
+//! The `simple` compile backend: on the CPU, an interpreter that runs every node in graph order,
+//! freeing each intermediate after its last use; on CUDA, the GPU executor (compile/cuda.rs)
+//! without fusion or graphs. The `cudagraph`, `compile` and `opt` backends are registered here too.
 
+use autodeploy_core::config::Device;
 use autodeploy_core::cpu;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::{attention_backend, AttentionBackend, CacheSpec, StepContext};
@@ -19,8 +21,58 @@ autodeploy_core::inventory::submit! {
     }
 }
 
+/// The backends past `simple`: on CUDA each is the executor in a mode; on the CPU they run as
+/// `simple` (CUDA graphs and kernel fusion are GPU features), saying so once.
+pub struct ModeBackend {
+    name: &'static str,
+    mode: super::cuda::Mode,
+}
+
+autodeploy_core::inventory::submit! {
+    CompileBackendPlugin {
+        name: "cudagraph",
+        aliases: &["torch-cudagraph"],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(ModeBackend { name: "cudagraph", mode: super::cuda::Mode { fuse: false, graphs: true } }),
+    }
+}
+autodeploy_core::inventory::submit! {
+    CompileBackendPlugin {
+        name: "compile",
+        aliases: &["torch-compile"],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(ModeBackend { name: "compile", mode: super::cuda::Mode { fuse: true, graphs: false } }),
+    }
+}
+autodeploy_core::inventory::submit! {
+    CompileBackendPlugin {
+        name: "opt",
+        aliases: &["torch-opt"],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(ModeBackend { name: "opt", mode: super::cuda::Mode { fuse: true, graphs: true } }),
+    }
+}
+
+impl CompileBackend for ModeBackend {
+    fn compile(&self, graph: &Graph, opts: &CompileOptions) -> Result<Box<dyn CompiledModel>> {
+        match opts.device {
+            Device::Cuda(n) => Ok(Box::new(super::cuda::CudaModel::compile(graph, opts, n, self.mode)?)),
+            Device::Cpu => {
+                tracing::info!(
+                    "compile_backend `{}` on the CPU runs as `simple` (CUDA graphs and kernel fusion are GPU features)",
+                    self.name
+                );
+                SimpleBackend.compile(graph, opts)
+            }
+        }
+    }
+}
+
 impl CompileBackend for SimpleBackend {
     fn compile(&self, graph: &Graph, opts: &CompileOptions) -> Result<Box<dyn CompiledModel>> {
+        if let Device::Cuda(n) = opts.device {
+            return Ok(Box::new(super::cuda::CudaModel::compile(graph, opts, n, super::cuda::Mode::default())?));
+        }
         graph.validate()?;
         let mut params = Vec::with_capacity(graph.params.len());
         // A bar while weights load (dequantizing a GGUF takes seconds); hidden when stderr is not

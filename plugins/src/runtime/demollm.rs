@@ -51,12 +51,10 @@ impl DemoLlm {
     }
 }
 
-/// Longest sequence the engine accepts: the per-sequence bound the importer set (kept as
-/// `seq_len` once cache insertion widened `seq` to the flattened token count).
-fn engine_max_len(engine: &Engine, cfg_max: usize) -> usize {
-    let g = &engine.graph;
-    let r = g.symbols.get("seq_len").or_else(|| g.symbols.get("seq"));
-    r.map(|r| r.max).unwrap_or(usize::MAX).min(cfg_max)
+/// What a forward step gave: logits rows to sample from, or the greedy tokens themselves.
+enum Step {
+    Logits(Vec<Vec<f32>>),
+    Ids(Vec<i64>),
 }
 
 fn input_index(engine: &Engine, name: &str) -> Result<usize> {
@@ -69,9 +67,25 @@ fn input_index(engine: &Engine, name: &str) -> Result<usize> {
 }
 
 impl DemoLlm {
-    /// One forward over `seqs`, each contributing `tokens[cached..]`; returns one logits row per
-    /// sequence (its last token).
-    fn step(&self, engine: &mut Engine, cache: Option<&mut PagedKvCache>, seqs: &[&mut Seq]) -> Result<Vec<Vec<f32>>> {
+    /// One forward over `seqs`, each contributing `tokens[cached..]`; returns each sequence's
+    /// next token, sampled from its last token's logits (greedy batches on a model that can
+    /// take the argmax where the logits are get ids back, not logits).
+    fn step(&self, engine: &mut Engine, cache: Option<&mut PagedKvCache>, seqs: &mut [&mut Seq]) -> Result<Vec<i64>> {
+        let greedy = seqs.iter().all(|s| s.sampler.params().is_greedy());
+        let rows = match self.forward(engine, cache, seqs, greedy)? {
+            Step::Ids(ids) => return Ok(ids),
+            Step::Logits(rows) => rows,
+        };
+        Ok(seqs.iter_mut().zip(&rows).map(|(s, row)| s.sampler.sample(row)).collect())
+    }
+
+    fn forward(
+        &self,
+        engine: &mut Engine,
+        cache: Option<&mut PagedKvCache>,
+        seqs: &[&mut Seq],
+        greedy: bool,
+    ) -> Result<Step> {
         let Some(cache) = cache else {
             // Uncached graph: a full-sequence forward per sequence.
             let mut rows = Vec::new();
@@ -83,7 +97,7 @@ impl DemoLlm {
                 let v = *out[0].shape().last().unwrap_or(&1);
                 rows.push(out[0].to_f32()[(n - 1) * v..n * v].to_vec());
             }
-            return Ok(rows);
+            return Ok(Step::Logits(rows));
         };
         let mut meta = BatchMetadata::default();
         let (mut ids, mut pos, mut gather) = (Vec::new(), Vec::new(), Vec::new());
@@ -103,9 +117,14 @@ impl DemoLlm {
         inputs[input_index(engine, "position_ids")?] = Tensor::from_i64(vec![1, t], pos)?;
         inputs[input_index(engine, GATHER_INPUT)?] = Tensor::from_i64(vec![gather.len()], gather)?;
         let mut cx = StepContext { plan: &plan, cache };
+        if greedy {
+            if let Some(ids) = engine.model.forward_greedy(&inputs, Some(&mut cx))? {
+                return Ok(Step::Ids(ids));
+            }
+        }
         let out = engine.model.forward(&inputs, Some(&mut cx))?;
         let v = *out[0].shape().last().unwrap_or(&1);
-        Ok(out[0].to_f32().chunks(v).map(<[f32]>::to_vec).collect())
+        Ok(Step::Logits(out[0].to_f32().chunks(v).map(<[f32]>::to_vec).collect()))
     }
 }
 
@@ -118,9 +137,8 @@ impl Runtime for DemoLlm {
     ) -> (Vec<Result<Completion>>, RunStats) {
         let mut results: Vec<Option<Result<Completion>>> = (0..requests.len()).map(|_| None).collect();
         let mut stats = RunStats::default();
-        let max_len = engine_max_len(engine, self.max_seq_len);
-        let pool_pages = self.max_batch * self.pages_for(max_len);
-        let mut pool = PagePool::new(pool_pages);
+        let max_len = engine.max_seq_len_within(self.max_seq_len);
+        let mut pool = PagePool::new(engine.kv_pages);
         let mut cache = engine.cache.clone().map(|spec| PagedKvCache::new(spec, self.page_size));
 
         let mut queue: VecDeque<usize> = VecDeque::new();
@@ -196,18 +214,18 @@ impl Runtime for DemoLlm {
                     s.pages.push(pool.alloc().expect("the pool holds max_batch_size full sequences"));
                 }
             }
-            if let Some(c) = cache.as_mut() {
+            if let Some(c) = cache.as_mut().filter(|_| !engine.model.owns_kv_cache()) {
                 let top = batch.iter().flat_map(|s| s.pages.iter()).map(|&p| p as usize + 1).max().unwrap_or(0);
                 c.ensure_pages(top);
             }
             stats.peak_pages = stats.peak_pages.max(pool.capacity() - pool.available());
             let t0 = Instant::now();
             let n_tokens: usize = batch.iter().map(|s| s.tokens.len() - s.cached).sum();
-            let refs: Vec<&mut Seq> = batch.iter_mut().collect();
-            let step = self.step(engine, cache.as_mut(), &refs);
+            let mut refs: Vec<&mut Seq> = batch.iter_mut().collect();
+            let step = self.step(engine, cache.as_mut(), &mut refs);
             stats.steps += 1;
-            let rows = match step {
-                Ok(rows) => rows,
+            let next = match step {
+                Ok(ids) => ids,
                 Err(e) => {
                     // A failed step fails the sequences in it, not the run.
                     let msg = e.to_string();
@@ -218,9 +236,8 @@ impl Runtime for DemoLlm {
                     continue;
                 }
             };
-            for (s, row) in batch.iter_mut().zip(&rows) {
+            for (s, &t) in batch.iter_mut().zip(&next) {
                 s.cached = s.tokens.len();
-                let t = s.sampler.sample(row);
                 s.tokens.push(t);
                 on_token(s.req, t);
             }

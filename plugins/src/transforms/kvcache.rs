@@ -4,7 +4,7 @@
 
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta};
-use autodeploy_core::kvcache::attention_backend;
+use autodeploy_core::kvcache::attention_backend_name;
 use autodeploy_core::shape::{Dim, SymRange};
 use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
 use autodeploy_core::{DType, Op};
@@ -29,7 +29,7 @@ pub struct InsertCachedAttention;
 
 impl Transform for InsertCachedAttention {
     fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
-        let (backend, _) = attention_backend(&cx.config.attn_backend)?;
+        let backend = attention_backend_name(&cx.config.attn_backend)?;
         // Every attention must be one we can cache; otherwise the graph stays uncached (correct,
         // slower) and we say which node stopped us.
         let blockers: Vec<String> = g

@@ -11,7 +11,12 @@ pub const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 pub fn fixture(name: &str) -> PathBuf {
     autodeploy_plugins::link();
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    // A test binary built on one machine and run on another (the GPU machine) is pointed at
+    // the fixtures with AUTODEPLOY_FIXTURES.
+    let root = std::env::var_os("AUTODEPLOY_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"));
+    root.join(name)
 }
 
 /// Reference outputs of one fixture, as written by `fixtures/make_fixtures.py`.
@@ -78,7 +83,8 @@ pub fn logits(model: &mut dyn CompiledModel, shape: &[usize], ids: &[i64]) -> Ve
 
 fn config_text(family: &str, extra: &str) -> String {
     let seq = if extra.contains("max_seq_len") { "" } else { "max_seq_len = 128\n" };
-    format!("model = {:?}\ndtype = \"float32\"\n{seq}{extra}", fixture(family).display().to_string())
+    let dtype = if extra.contains("dtype") { "" } else { "dtype = \"float32\"\n" };
+    format!("model = {:?}\n{dtype}{seq}{extra}", fixture(family).display().to_string())
 }
 
 /// Builds the engine for a fixture with extra config lines.

@@ -1,0 +1,558 @@
+//! Launchers over raw device addresses, for an executor that plans its own memory: one stream,
+//! no per-buffer event tracking (so a whole step can be captured in a CUDA graph), every
+//! failure an error that says what was being done.
+
+use std::sync::Arc;
+
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::{result as drv, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::{Device, Unavailable};
+
+/// A device address.
+pub type Ptr = u64;
+
+/// Element types as the kernels in `graph.cu` number them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dt {
+    F32 = 0,
+    BF16 = 1,
+    F16 = 2,
+    I64 = 3,
+    Bool = 4,
+}
+
+impl Dt {
+    pub fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::BF16 | Dt::F16 => 2,
+            Dt::I64 => 8,
+            Dt::Bool => 1,
+        }
+    }
+}
+
+/// At most this many dims in a strided kernel.
+pub const MAX_RANK: usize = 6;
+
+/// Sizes of the output and the element strides two operands are read (or written) with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Strided {
+    pub rank: i32,
+    pub size: [i64; MAX_RANK],
+    pub sa: [i64; MAX_RANK],
+    pub sb: [i64; MAX_RANK],
+}
+
+// SAFETY: plain `repr(C)` data, laid out as `struct Strided` in graph.cu.
+unsafe impl cudarc::driver::DeviceRepr for Strided {}
+
+impl Strided {
+    pub fn new(size: &[usize], sa: &[i64], sb: &[i64]) -> Result<Strided, Unavailable> {
+        if size.len() > MAX_RANK {
+            return Err(Unavailable(format!(
+                "a rank-{} tensor is beyond the CUDA kernels' {MAX_RANK} dims",
+                size.len()
+            )));
+        }
+        let mut s = Strided { rank: size.len().max(1) as i32, ..Default::default() };
+        s.size[0] = 1;
+        for (i, &n) in size.iter().enumerate() {
+            s.size[i] = n as i64;
+            s.sa[i] = sa[i];
+            s.sb[i] = sb[i];
+        }
+        Ok(s)
+    }
+}
+
+/// Unary ops of `graph.cu`'s `unary`.
+#[derive(Clone, Copy, Debug)]
+pub enum Unary {
+    Neg = 0,
+    Rsqrt = 1,
+    Silu = 2,
+    Cos = 3,
+    Sin = 4,
+    AddScalar = 5,
+    MulScalar = 6,
+    PowScalar = 7,
+}
+
+/// Binary ops of `graph.cu`'s `binary`.
+#[derive(Clone, Copy, Debug)]
+pub enum Binary {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+}
+
+struct Funcs {
+    copy_strided: CudaFunction,
+    binary: CudaFunction,
+    unary: CudaFunction,
+    mean_last: CudaFunction,
+    rmsnorm: CudaFunction,
+    rope: CudaFunction,
+    silu_mul: CudaFunction,
+    embedding_rows: CudaFunction,
+    index_select: CudaFunction,
+    argmax_rows: CudaFunction,
+    write_kv: [CudaFunction; 2],
+    paged_attention: [[CudaFunction; 2]; 2],
+}
+
+/// One GPU, one stream, cuBLAS on it, and the executor's kernels.
+pub struct Gpu {
+    pub dev: Device,
+    pub stream: Arc<CudaStream>,
+    blas: cudarc::cublas::CudaBlas,
+    _blas_workspace: CudaSlice<u8>,
+    f: Funcs,
+}
+
+fn grid(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn launched(what: &str, r: Result<(), cudarc::driver::DriverError>) -> Result<(), Unavailable> {
+    r.map_err(|e| Unavailable(format!("launching {what}: {e:?}")))
+}
+
+/// Device memory a caller owns; freed on drop.
+pub struct Buffer {
+    slice: CudaSlice<u8>,
+    pub ptr: Ptr,
+}
+
+impl Buffer {
+    pub fn bytes(&self) -> usize {
+        self.slice.len()
+    }
+}
+
+impl Gpu {
+    pub fn open(ordinal: usize) -> Result<Gpu, Unavailable> {
+        let dev = Device::open(ordinal)?;
+        // One stream and addresses we plan ourselves: cudarc's per-buffer events would only
+        // add work (and would be recorded into captured graphs).
+        // SAFETY: every buffer of this context is used from this one stream.
+        unsafe { dev.ctx.disable_event_tracking() };
+        let stream = dev.ctx.new_stream().map_err(|e| Unavailable(format!("creating a CUDA stream: {e:?}")))?;
+        let blas = super::blas::handle(stream.clone())?;
+        // cuBLAS takes its workspace from us, so nothing is allocated while a graph is captured.
+        let ws_bytes = 32 << 20;
+        let ws = stream
+            .alloc_zeros::<u8>(ws_bytes)
+            .map_err(|e| Unavailable(format!("allocating cuBLAS's {} MiB workspace: {e:?}", ws_bytes >> 20)))?;
+        let (ws_ptr, _g) = ws.device_ptr(&stream);
+        // SAFETY: the workspace lives as long as the handle (both in `Gpu`).
+        unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut _, ws_bytes) }
+            .result()
+            .map_err(|e| Unavailable(format!("cublasSetWorkspace: {e:?}")))?;
+        drop(_g);
+        let g = |n: &str| dev.function(n);
+        let f = Funcs {
+            copy_strided: g("copy_strided")?,
+            binary: g("binary")?,
+            unary: g("unary")?,
+            mean_last: g("mean_last")?,
+            rmsnorm: g("rmsnorm")?,
+            rope: g("rope")?,
+            silu_mul: g("silu_mul")?,
+            embedding_rows: g("embedding_rows")?,
+            index_select: g("index_select")?,
+            argmax_rows: g("argmax_rows")?,
+            write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
+            paged_attention: [
+                [g("paged_attention_d64_f32")?, g("paged_attention_d128_f32")?],
+                [g("paged_attention_d64_bf16")?, g("paged_attention_d128_bf16")?],
+            ],
+        };
+        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f })
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn mem_info(&self) -> (usize, usize) {
+        let _ = self.dev.ctx.bind_to_thread();
+        drv::mem_get_info().unwrap_or((0, 0))
+    }
+
+    /// `bytes` of zeroed device memory for `what`; out of memory says how much was asked and
+    /// how much the device has free.
+    pub fn alloc(&self, bytes: usize, what: &str) -> Result<Buffer, Unavailable> {
+        let slice = self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| {
+            let (free, total) = self.mem_info();
+            Unavailable(format!(
+                "out of GPU memory allocating {what}: {:.2} GiB asked, {:.2} GiB free of {:.2} GiB on {} ({e:?})",
+                bytes as f64 / GIB,
+                free as f64 / GIB,
+                total as f64 / GIB,
+                self.dev.name
+            ))
+        })?;
+        let (ptr, g) = slice.device_ptr(&self.stream);
+        drop(g);
+        Ok(Buffer { slice, ptr })
+    }
+
+    pub fn upload(&self, dst: Ptr, bytes: &[u8]) -> Result<(), Unavailable> {
+        // SAFETY: callers pass an address with room for `bytes` (planned regions and buffers).
+        unsafe { drv::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }
+            .map_err(|e| Unavailable(format!("copying {} bytes to the GPU: {e:?}", bytes.len())))
+    }
+
+    /// Waits for the stream, then copies `out.len()` bytes from `src`.
+    pub fn download(&self, src: Ptr, out: &mut [u8]) -> Result<(), Unavailable> {
+        self.sync()?;
+        // SAFETY: `src` holds at least `out.len()` bytes (callers read planned outputs).
+        unsafe { drv::memcpy_dtoh_sync(out, src) }
+            .map_err(|e| Unavailable(format!("copying {} bytes from the GPU: {e:?}", out.len())))
+    }
+
+    pub fn memset(&self, dst: Ptr, bytes: usize) -> Result<(), Unavailable> {
+        // SAFETY: `dst` holds `bytes` (callers pass their own buffers).
+        unsafe { drv::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| Unavailable(format!("clearing {bytes} bytes: {e:?}")))
+    }
+
+    pub fn copy(&self, dst: Ptr, src: Ptr, bytes: usize) -> Result<(), Unavailable> {
+        // SAFETY: both hold `bytes`.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(|e| Unavailable(format!("copying {bytes} bytes on the GPU: {e:?}")))
+    }
+
+    /// Device memory bandwidth in bytes/s: a `bytes` device-to-device copy (read + write) timed
+    /// over `reps` copies after a warm-up, best of 3 rounds. The decode floor's reference.
+    pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64, Unavailable> {
+        let a = self.alloc(bytes, "the bandwidth probe's source")?;
+        let b = self.alloc(bytes, "the bandwidth probe's destination")?;
+        self.copy(b.ptr, a.ptr, bytes)?;
+        self.sync()?;
+        let mut best = 0.0f64;
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                self.copy(b.ptr, a.ptr, bytes)?;
+            }
+            self.sync()?;
+            best = best.max(2.0 * bytes as f64 * reps as f64 / t0.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    }
+
+    /// Waits for everything queued; a kernel that faulted is reported here.
+    pub fn sync(&self) -> Result<(), Unavailable> {
+        self.stream.synchronize().map_err(|e| Unavailable(format!("a GPU kernel failed: {e:?}")))
+    }
+
+    /// `out` (contiguous, `dt_out`) = `input` read with `s.sa` strides; with `strided_dst`,
+    /// written at `s.sb` strides instead of contiguously.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_strided(
+        &self,
+        input: Ptr,
+        dt_in: Dt,
+        out: Ptr,
+        dt_out: Dt,
+        n: usize,
+        s: Strided,
+        strided_dst: bool,
+    ) -> Result<(), Unavailable> {
+        let (di, dout, n64, sd) = (dt_in as i32, dt_out as i32, n as i64, strided_dst as i32);
+        let mut b = self.stream.launch_builder(&self.f.copy_strided);
+        b.arg(&input).arg(&di).arg(&out).arg(&dout).arg(&n64).arg(&s).arg(&sd);
+        // SAFETY: the kernel reads/writes at offsets the strides give within the callers' tensors.
+        launched("copy_strided", unsafe { b.launch(grid(n, 256)) }.map(|_| ()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn binary(
+        &self,
+        op: Binary,
+        a: (Ptr, Dt),
+        b: (Ptr, Dt),
+        out: (Ptr, Dt),
+        n: usize,
+        s: Strided,
+    ) -> Result<(), Unavailable> {
+        let (da, db, dout, n64, o) = (a.1 as i32, b.1 as i32, out.1 as i32, n as i64, op as i32);
+        let mut l = self.stream.launch_builder(&self.f.binary);
+        l.arg(&a.0).arg(&da).arg(&b.0).arg(&db).arg(&out.0).arg(&dout).arg(&n64).arg(&o).arg(&s);
+        // SAFETY: offsets from the strides stay within the operands (shapes checked by the caller).
+        launched("binary", unsafe { l.launch(grid(n, 256)) }.map(|_| ()))
+    }
+
+    pub fn unary(&self, op: Unary, input: Ptr, out: Ptr, dt: Dt, n: usize, scalar: f64) -> Result<(), Unavailable> {
+        let (d, n64, o) = (dt as i32, n as i64, op as i32);
+        let mut l = self.stream.launch_builder(&self.f.unary);
+        l.arg(&input).arg(&out).arg(&d).arg(&n64).arg(&o).arg(&scalar);
+        // SAFETY: both hold n elements of dt.
+        launched("unary", unsafe { l.launch(grid(n, 256)) }.map(|_| ()))
+    }
+
+    pub fn mean_last(
+        &self,
+        input: Ptr,
+        dt_in: Dt,
+        out: Ptr,
+        dt_out: Dt,
+        rows: usize,
+        n: usize,
+    ) -> Result<(), Unavailable> {
+        let (di, dout, n32) = (dt_in as i32, dt_out as i32, n as i32);
+        let mut l = self.stream.launch_builder(&self.f.mean_last);
+        l.arg(&input).arg(&di).arg(&out).arg(&dout).arg(&n32);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: rows × n in, rows out.
+        launched("mean_last", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+
+    /// RMSNorm over `rows` of `n`; with `residual = Some((res, res_out))`, `x + res` is formed,
+    /// stored to `res_out` and normalised.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm(
+        &self,
+        x: (Ptr, Dt),
+        residual: Option<(Ptr, Ptr)>,
+        w: (Ptr, Dt),
+        out: (Ptr, Dt),
+        norm_dt: Dt,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<(), Unavailable> {
+        let (res, res_out) = residual.unwrap_or((0, 0));
+        let (dx, dw, dout, dn, n32) = (x.1 as i32, w.1 as i32, out.1 as i32, norm_dt as i32, n as i32);
+        let mut l = self.stream.launch_builder(&self.f.rmsnorm);
+        l.arg(&x.0)
+            .arg(&res)
+            .arg(&res_out)
+            .arg(&dx)
+            .arg(&w.0)
+            .arg(&dw)
+            .arg(&out.0)
+            .arg(&dout)
+            .arg(&dn)
+            .arg(&n32)
+            .arg(&eps);
+        let block = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: rows × n elements in each of x, res, res_out, out; n in w.
+        launched("rmsnorm", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: Ptr,
+        dt: Dt,
+        cos: Ptr,
+        sin: Ptr,
+        out: Ptr,
+        rows: usize,
+        table_rows: usize,
+        d: usize,
+    ) -> Result<(), Unavailable> {
+        let (dt32, r64, t64, d32) = (dt as i32, rows as i64, table_rows as i64, d as i32);
+        let mut l = self.stream.launch_builder(&self.f.rope);
+        l.arg(&x).arg(&dt32).arg(&cos).arg(&sin).arg(&out).arg(&r64).arg(&t64).arg(&d32);
+        // SAFETY: rows × d in x and out, table_rows × d in cos and sin.
+        launched("rope", unsafe { l.launch(grid(rows * d / 2, 256)) }.map(|_| ()))
+    }
+
+    /// `out [rows, inter] = silu(gate) * up`; `up = None` reads both from `gate` rows of 2·inter.
+    pub fn silu_mul(
+        &self,
+        gate: Ptr,
+        up: Option<Ptr>,
+        dt: Dt,
+        out: Ptr,
+        rows: usize,
+        inter: usize,
+    ) -> Result<(), Unavailable> {
+        let (u, d, r64, i32_) = (up.unwrap_or(0), dt as i32, rows as i64, inter as i32);
+        let mut l = self.stream.launch_builder(&self.f.silu_mul);
+        l.arg(&gate).arg(&u).arg(&d).arg(&out).arg(&r64).arg(&i32_);
+        // SAFETY: sizes as documented.
+        launched("silu_mul", unsafe { l.launch(grid(rows * inter, 256)) }.map(|_| ()))
+    }
+
+    /// Rows of `row_bytes` picked by i64 ids; a bad id is recorded (id + 1) at `bad`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding(
+        &self,
+        weight: Ptr,
+        ids: Ptr,
+        out: Ptr,
+        tokens: usize,
+        row_bytes: usize,
+        rows: usize,
+        bad: Ptr,
+    ) -> Result<(), Unavailable> {
+        let (t64, rb, r64) = (tokens as i64, row_bytes as i64, rows as i64);
+        let mut l = self.stream.launch_builder(&self.f.embedding_rows);
+        l.arg(&weight).arg(&ids).arg(&out).arg(&t64).arg(&rb).arg(&r64).arg(&bad);
+        // SAFETY: ids are checked in the kernel against `rows`.
+        launched("embedding", unsafe { l.launch(grid(tokens * row_bytes, 256)) }.map(|_| ()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn index_select(
+        &self,
+        x: Ptr,
+        idx: Ptr,
+        out: Ptr,
+        outer: usize,
+        nidx: usize,
+        len: usize,
+        inner_bytes: usize,
+        bad: Ptr,
+    ) -> Result<(), Unavailable> {
+        let (o, k, n, ib) = (outer as i64, nidx as i64, len as i64, inner_bytes as i64);
+        let mut l = self.stream.launch_builder(&self.f.index_select);
+        l.arg(&x).arg(&idx).arg(&out).arg(&o).arg(&k).arg(&n).arg(&ib).arg(&bad);
+        // SAFETY: indices are checked in the kernel against `len`.
+        launched("index_select", unsafe { l.launch(grid(outer * nidx * inner_bytes, 256)) }.map(|_| ()))
+    }
+
+    pub fn argmax_rows(&self, logits: Ptr, dt: Dt, out: Ptr, rows: usize, vocab: usize) -> Result<(), Unavailable> {
+        let (d, v) = (dt as i32, vocab as i32);
+        let mut l = self.stream.launch_builder(&self.f.argmax_rows);
+        l.arg(&logits).arg(&d).arg(&out).arg(&v);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: rows × vocab logits, rows ids out.
+        launched("argmax_rows", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when `accumulate`)`, row-major, f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        dt: Dt,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: Ptr,
+        w: Ptr,
+        y: Ptr,
+        accumulate: bool,
+    ) -> Result<(), Unavailable> {
+        use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+        let ty = match dt {
+            Dt::F32 => cudaDataType::CUDA_R_32F,
+            Dt::BF16 => cudaDataType::CUDA_R_16BF,
+            Dt::F16 => cudaDataType::CUDA_R_16F,
+            _ => return Err(Unavailable(format!("linear over {dt:?} has no cuBLAS type"))),
+        };
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // Column-major view: yᵀ [n, m] = w [k, n]ᵀ-read · xᵀ [k, m].
+        // SAFETY: sizes are the callers' tensors' (checked by the op rules at build time).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                ty,
+                k as i32,
+                x as *const _,
+                ty,
+                k as i32,
+                &beta as *const f32 as *const _,
+                y as *mut _,
+                ty,
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Unavailable(format!("cuBLAS linear {m}x{k} · ({n}x{k})ᵀ ({dt:?}): {e:?}")))
+    }
+
+    /// Writes this step's k/v `[kv_heads, tokens, d]` into their cache slots.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_kv(
+        &self,
+        dt: Dt,
+        k: Ptr,
+        v: Ptr,
+        kc: Ptr,
+        vc: Ptr,
+        meta: &StepMeta,
+        kv_heads: usize,
+        d: usize,
+    ) -> Result<(), Unavailable> {
+        let f = &self.f.write_kv[attn_dt(dt)?];
+        let (ps, kvh, t, d32) = (meta.page_size as i32, kv_heads as i32, meta.tokens as i64, d as i32);
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&k).arg(&v).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
+        l.arg(&meta.page_indices).arg(&ps).arg(&kvh).arg(&t).arg(&d32);
+        // SAFETY: slots come from the page table the runtime planned within the cache's pages.
+        launched("write_kv", unsafe { l.launch(grid(kv_heads * meta.tokens * d, 256)) }.map(|_| ()))
+    }
+
+    /// Paged attention of q `[heads, tokens, d]` over the cache, into out (same layout).
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        dt: Dt,
+        q: Ptr,
+        kc: Ptr,
+        vc: Ptr,
+        out: Ptr,
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+    ) -> Result<(), Unavailable> {
+        let di = match d {
+            64 => 0,
+            128 => 1,
+            _ => return Err(Unavailable(format!("paged attention has kernels for head_dim 64 and 128, not {d}"))),
+        };
+        let f = &self.f.paged_attention[attn_dt(dt)?][di];
+        let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
+        l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+        let cfg = LaunchConfig {
+            grid_dim: (meta.tokens as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as write_kv.
+        launched("paged_attention", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+}
+
+fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {
+    match dt {
+        Dt::F32 => Ok(0),
+        Dt::BF16 => Ok(1),
+        _ => Err(Unavailable(format!("paged attention has f32 and bf16 kernels, not {dt:?}"))),
+    }
+}
+
+/// A step's batch metadata on the device (FlashInfer's CSR page table), shared by all layers.
+#[derive(Clone, Copy, Debug)]
+pub struct StepMeta {
+    pub tokens: usize,
+    pub page_size: usize,
+    /// i64 per token: its sequence, its position.
+    pub token_seq: Ptr,
+    pub token_pos: Ptr,
+    /// i64 per sequence + 1, i32 per page.
+    pub page_indptr: Ptr,
+    pub page_indices: Ptr,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;

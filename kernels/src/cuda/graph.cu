@@ -1,0 +1,277 @@
+// Kernels behind the CUDA graph executor (plugins/src/compile/cuda): each takes its tensors'
+// dtypes as run-time codes, so one kernel serves every dtype mix the op rules allow (torch's
+// promotion: bf16 * f32 -> f32). Each computes in f32 (i64 stays integral) and rounds once to
+// the output dtype, as the CPU reference does.
+
+// Dtype codes, as kernels/src/cuda/exec.rs numbers them.
+#define DT_F32 0
+#define DT_BF16 1
+#define DT_F16 2
+#define DT_I64 3
+#define DT_BOOL 4
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short f32_to_f16(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float ld(const void* p, int dt, long i) {
+    switch (dt) {
+        case DT_F32: return ((const float*)p)[i];
+        case DT_BF16: return bf16_to_f32(((const bf16_t*)p)[i]);
+        case DT_F16: return f16_to_f32(((const unsigned short*)p)[i]);
+        case DT_I64: return (float)((const long long*)p)[i];
+        default: return (float)((const unsigned char*)p)[i];
+    }
+}
+__device__ __forceinline__ void st(void* p, int dt, long i, float v) {
+    switch (dt) {
+        case DT_F32: ((float*)p)[i] = v; break;
+        case DT_BF16: ((bf16_t*)p)[i] = f32_to_bf16(v); break;
+        case DT_F16: ((unsigned short*)p)[i] = f32_to_f16(v); break;
+        case DT_I64: ((long long*)p)[i] = (long long)v; break;
+        default: ((unsigned char*)p)[i] = v != 0.0f; break;
+    }
+}
+// What storing `v` as `dt` and loading it back gives.
+__device__ __forceinline__ float rnd(int dt, float v) {
+    switch (dt) {
+        case DT_BF16: return bf16_to_f32(f32_to_bf16(v));
+        case DT_F16: return f16_to_f32(f32_to_f16(v));
+        default: return v;
+    }
+}
+__device__ __forceinline__ int dt_size(int dt) {
+    return dt == DT_F32 ? 4 : dt == DT_I64 ? 8 : dt == DT_BOOL ? 1 : 2;
+}
+
+#define MAXR 6
+// Sizes of the (contiguous) output and, per input, the strides (in elements) it is read with;
+// a broadcast dim has stride 0.
+struct Strided {
+    int rank;
+    long long size[MAXR];
+    long long sa[MAXR];
+    long long sb[MAXR];
+};
+
+__device__ __forceinline__ void offsets(const Strided& s, long i, long& oa, long& ob) {
+    oa = 0;
+    ob = 0;
+    for (int d = s.rank - 1; d >= 0; d--) {
+        long long c = i % s.size[d];
+        i /= s.size[d];
+        oa += c * s.sa[d];
+        ob += c * s.sb[d];
+    }
+}
+
+// out[i] (contiguous over s.size, dtype dt_out) = in (read with strides s.sa), converted.
+// Used for contiguous copies of transposes, slices, expands, casts, and (with s.sb as the
+// destination's strides) for writing into a slice of a larger tensor (cat).
+extern "C" __global__ void copy_strided(const void* in, int dt_in, void* out, int dt_out, long n, Strided s,
+                                        int strided_dst) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long oa, ob;
+    offsets(s, i, oa, ob);
+    long dst = strided_dst ? ob : i;
+    if (dt_in == dt_out) {
+        switch (dt_size(dt_in)) {
+            case 8: ((long long*)out)[dst] = ((const long long*)in)[oa]; return;
+            case 4: ((float*)out)[dst] = ((const float*)in)[oa]; return;
+            case 2: ((unsigned short*)out)[dst] = ((const unsigned short*)in)[oa]; return;
+            default: ((unsigned char*)out)[dst] = ((const unsigned char*)in)[oa]; return;
+        }
+    }
+    st(out, dt_out, dst, ld(in, dt_in, oa));
+}
+
+// Binary ops with broadcasting: 0 add, 1 sub, 2 mul, 3 div.
+extern "C" __global__ void binary(const void* a, int dt_a, const void* b, int dt_b, void* out, int dt_out, long n,
+                                  int op, Strided s) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long oa, ob;
+    offsets(s, i, oa, ob);
+    if (dt_out == DT_I64) {
+        long long x = ((const long long*)a)[oa], y = ((const long long*)b)[ob];
+        long long r = op == 0 ? x + y : op == 1 ? x - y : op == 2 ? x * y : (y != 0 ? x / y : 0);
+        ((long long*)out)[i] = r;
+        return;
+    }
+    float x = ld(a, dt_a, oa), y = ld(b, dt_b, ob);
+    float r = op == 0 ? x + y : op == 1 ? x - y : op == 2 ? x * y : x / y;
+    st(out, dt_out, i, r);
+}
+
+// Unary ops over contiguous tensors, output dtype = input dtype: 0 neg, 1 rsqrt, 2 silu, 3 cos,
+// 4 sin, 5 add scalar, 6 mul scalar, 7 pow scalar (x*x when p = 2, as the CPU does).
+extern "C" __global__ void unary(const void* in, void* out, int dt, long n, int op, double scalar) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (dt == DT_I64) {
+        long long x = ((const long long*)in)[i];
+        long long r = op == 0 ? -x : op == 5 ? x + (long long)scalar : op == 6 ? x * (long long)scalar : x;
+        ((long long*)out)[i] = r;
+        return;
+    }
+    float x = ld(in, dt, i), r;
+    float sf = (float)scalar;
+    switch (op) {
+        case 0: r = -x; break;
+        case 1: r = 1.0f / sqrtf(x); break;
+        case 2: r = x / (1.0f + expf(-x)); break;
+        case 3: r = cosf(x); break;
+        case 4: r = sinf(x); break;
+        case 5: r = x + sf; break;
+        case 6: r = x * sf; break;
+        default: r = sf == 2.0f ? x * x : powf(x, sf); break;
+    }
+    st(out, dt, i, r);
+}
+
+// Mean over the last dim of `n`; one block per row.
+extern "C" __global__ void mean_last(const void* in, int dt_in, void* out, int dt_out, int n) {
+    long row = blockIdx.x;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += ld(in, dt_in, row * n + i);
+    s = block_sum(s);
+    if (threadIdx.x == 0) st(out, dt_out, row, s / n);
+}
+
+// RMSNorm of rows of `n`, one block per row: out = w * round_norm(x * rsqrt(mean(x²) + eps)).
+// With `res` set, x = round(x + res) first, and that sum is written to `res_out` (the residual
+// stream of a fused add + norm).
+extern "C" __global__ void rmsnorm(const void* x, const void* res, void* res_out, int dt_x, const void* w, int dt_w,
+                                   void* out, int dt_out, int dt_norm, int n, float eps) {
+    long row = blockIdx.x;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = ld(x, dt_x, row * n + i);
+        if (res) {
+            v = rnd(dt_x, v + ld(res, dt_x, row * n + i));
+            st(res_out, dt_x, row * n + i, v);
+        }
+        ss += v * v;
+    }
+    float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
+    const void* src = res ? res_out : x;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = ld(src, dt_x, row * n + i);
+        st(out, dt_out, row * n + i, ld(w, dt_w, i) * rnd(dt_norm, v * r));
+    }
+}
+
+// Rotate-half RoPE: x [rows, d] contiguous where the table row of x's row r is
+// (r % table_rows); cos/sin [table_rows, d]. out = round(round(x·cos) + round(rot(x)·sin)).
+extern "C" __global__ void rope(const void* x, int dt, const void* cos, const void* sin, void* out, long rows,
+                                long table_rows, int d) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    int h = d / 2;
+    if (i >= rows * h) return;
+    long r = i / h;
+    int j = i % h;
+    long t = r % table_rows;
+    float a = ld(x, dt, r * d + j), b = ld(x, dt, r * d + j + h);
+    float c1 = ld(cos, dt, t * d + j), s1 = ld(sin, dt, t * d + j);
+    float c2 = ld(cos, dt, t * d + j + h), s2 = ld(sin, dt, t * d + j + h);
+    st(out, dt, r * d + j, rnd(dt, rnd(dt, a * c1) + rnd(dt, -b * s1)));
+    st(out, dt, r * d + j + h, rnd(dt, rnd(dt, b * c2) + rnd(dt, a * s2)));
+}
+
+// gate_up rows [gate (inter) | up (inter)] (or two tensors: `up` set) ->
+// out = round(round(silu(gate)) * up).
+extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, void* out, long rows, int inter) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * inter) return;
+    long r = i / inter, j = i % inter;
+    float g, u;
+    if (up) {
+        g = ld(gate, dt, i);
+        u = ld(up, dt, i);
+    } else {
+        g = ld(gate, dt, r * 2 * inter + j);
+        u = ld(gate, dt, r * 2 * inter + inter + j);
+    }
+    float s = rnd(dt, g / (1.0f + expf(-g)));
+    st(out, dt, i, s * u);
+}
+
+// out[t] = weight[ids[t]], rows of `row_bytes`; an id outside [0, rows) writes zeros and sets
+// *bad to the id + 1 (the host reports it).
+extern "C" __global__ void embedding_rows(const unsigned char* weight, const long long* ids, unsigned char* out,
+                                          long tokens, long row_bytes, long rows, long long* bad) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= tokens * row_bytes) return;
+    long t = i / row_bytes, j = i % row_bytes;
+    long long id = ids[t];
+    if (id < 0 || id >= rows) {
+        if (j == 0) atomicExch((unsigned long long*)bad, (unsigned long long)(id + 1));
+        out[i] = 0;
+        return;
+    }
+    out[i] = weight[id * row_bytes + j];
+}
+
+// out[o, k, :] = x[o, idx[k], :] for x [outer, len, inner] (elements of `esize` bytes);
+// a bad index sets *bad.
+extern "C" __global__ void index_select(const unsigned char* x, const long long* idx, unsigned char* out, long outer,
+                                        long nidx, long len, long inner_bytes, long long* bad) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= outer * nidx * inner_bytes) return;
+    long b = i % inner_bytes, k = (i / inner_bytes) % nidx, o = i / (inner_bytes * nidx);
+    long long j = idx[k];
+    if (j < 0 || j >= len) {
+        if (b == 0) atomicExch((unsigned long long*)bad, (unsigned long long)(j + 1));
+        out[i] = 0;
+        return;
+    }
+    out[i] = x[(o * len + j) * inner_bytes + b];
+}
+
+// Greedy sampling: argmax of each row (any float dtype), one block per row; ties pick the
+// lowest index and NaN wins, as torch.argmax.
+extern "C" __global__ void argmax_rows(const void* logits, int dt, long long* out, int vocab) {
+    long base = (long)blockIdx.x * vocab;
+    float best = __int_as_float(0xff800000);
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = ld(logits, dt, base + i);
+        if (v > best || (v == best && i < idx) || (v != v && best == best)) {
+            best = v;
+            idx = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ob > best || (ob == best && oi < idx) || (ob != ob && best == best)) {
+            best = ob;
+            idx = oi;
+        }
+    }
+    __shared__ float sb[32];
+    __shared__ int si[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sb[warp] = best;
+        si[warp] = idx;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
+            if (sb[w] > best || (sb[w] == best && si[w] < idx) || (sb[w] != sb[w] && best == best)) {
+                best = sb[w];
+                idx = si[w];
+            }
+        }
+        out[blockIdx.x] = idx;
+    }
+}

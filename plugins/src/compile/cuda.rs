@@ -1,0 +1,979 @@
+//! The graph executor on a CUDA GPU, behind every compile backend when `device = "cuda"`.
+//!
+//! At compile time it uploads the weights (at the graph's dtypes), allocates the paged KV cache
+//! for the runtime's whole page pool, and plans activation memory once: every value gets a
+//! region of one arena, sized for the largest shape its symbols allow and reused once the value
+//! is dead (views keep what they alias alive). A step then only evaluates shapes, uploads the
+//! step's inputs and metadata in one copy, and launches kernels at fixed addresses, which is
+//! what lets `cudagraph` capture a decode step once per batch-size bucket and replay it.
+//!
+//! Modes: `fuse` (the `compile` backend) runs an add followed by the RMSNorm of its result as one
+//! kernel; `graphs` (`cudagraph`) captures decode steps. `opt` is both.
+
+use std::collections::HashMap;
+
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::kvcache::StepContext;
+use autodeploy_core::registry::{CompileOptions, CompiledModel};
+use autodeploy_core::shape::{eval_shape, Bindings};
+use autodeploy_core::{DType, Graph, Op, Tensor};
+use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
+use autodeploy_kernels::cuda::exec::{Binary, Buffer, Dt, Gpu, Ptr, StepMeta, Strided, Unary, MAX_RANK};
+use autodeploy_kernels::cuda::Unavailable;
+
+/// What the CUDA executor does beyond running nodes in order.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mode {
+    pub fuse: bool,
+    pub graphs: bool,
+}
+
+fn gpu_err(e: Unavailable) -> Error {
+    Error::Msg(e.0)
+}
+
+fn dt(d: DType, what: &str) -> Result<Dt> {
+    Ok(match d {
+        DType::F32 => Dt::F32,
+        DType::BF16 => Dt::BF16,
+        DType::F16 => Dt::F16,
+        DType::I64 => Dt::I64,
+        DType::Bool => Dt::Bool,
+        DType::Block(t) => {
+            return Err(Error::Msg(format!(
+                "{what}: {} block-quantized weights have no CUDA kernels yet; set dtype = \"bfloat16\" to dequantize them at load",
+                t.dtype_name()
+            )))
+        }
+    })
+}
+
+/// The bytes of a host tensor, as stored (little-endian on every host we build for).
+fn host_bytes(t: &Tensor) -> Result<&[u8]> {
+    use autodeploy_core::tensor::Storage;
+    fn bytes<T: Copy>(v: &[T]) -> &[u8] {
+        // SAFETY: plain numeric element types without padding, read as bytes.
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    }
+    Ok(match t.storage() {
+        Storage::F32(v) => bytes(v),
+        Storage::F16(v) => bytes(v),
+        Storage::BF16(v) => bytes(v),
+        Storage::I64(v) => bytes(v),
+        Storage::Bool(v) => bytes(v),
+        Storage::Block { .. } => return Err(Error::Msg("block-quantized tensors cannot be uploaded as is".into())),
+    })
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
+    let mut s = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1] as i64;
+    }
+    s
+}
+
+/// Whether a view with these sizes and strides is the contiguous layout of its shape.
+fn is_contiguous(shape: &[usize], strides: &[i64]) -> bool {
+    let mut want = 1i64;
+    for (&n, &s) in shape.iter().zip(strides).rev() {
+        if n != 1 && s != want {
+            return false;
+        }
+        want *= n as i64;
+    }
+    true
+}
+
+/// Strides to read a tensor of `shape` broadcast to `out` (right-aligned, size-1 dims repeat).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<i64> {
+    let cs = contiguous_strides(shape);
+    let off = out.len() - shape.len();
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 && out[i] != 1 { 0 } else { cs[i - off] }).collect()
+}
+
+fn norm_dim(d: i64, rank: usize) -> usize {
+    if d < 0 {
+        (d + rank as i64) as usize
+    } else {
+        d as usize
+    }
+}
+
+/// Ops whose output may share the input's memory (decided per step from the shapes).
+fn may_alias(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) | Op::Transpose(..) | Op::Slice { .. } | Op::ToDtype(_)
+    )
+}
+
+/// Why this executor cannot run `op`, if it cannot.
+fn unsupported(op: &Op) -> Option<&'static str> {
+    match op {
+        Op::Matmul | Op::Sdpa { .. } | Op::Attention { .. } | Op::Softmax { .. } => {
+            Some("uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)")
+        }
+        Op::Custom { .. } => Some("plugin ops have CPU kernels only so far"),
+        Op::Mean { dims, .. } if dims.as_slice() != [-1] => Some("mean has a CUDA kernel over the last dim only"),
+        Op::Rope { interleaved: true } => Some("interleaved RoPE has no CUDA kernel yet"),
+        _ => None,
+    }
+}
+
+/// Bytes, padded so every region starts 256-byte aligned.
+fn padded(bytes: usize) -> usize {
+    bytes.div_ceil(256) * 256
+}
+
+/// First-fit allocator over offsets of one arena; `top` is its high-water mark.
+#[derive(Default)]
+struct Arena {
+    free: Vec<(usize, usize)>,
+    top: usize,
+}
+
+impl Arena {
+    fn alloc(&mut self, bytes: usize) -> usize {
+        let bytes = padded(bytes.max(1));
+        if let Some(i) = self.free.iter().position(|&(_, n)| n >= bytes) {
+            let (at, n) = self.free[i];
+            if n == bytes {
+                self.free.remove(i);
+            } else {
+                self.free[i] = (at + bytes, n - bytes);
+            }
+            return at;
+        }
+        // Grow from the top, merging with a free block that ends there.
+        if let Some(i) = self.free.iter().position(|&(at, n)| at + n == self.top) {
+            let (at, _) = self.free.remove(i);
+            self.top = at + bytes;
+            return at;
+        }
+        let at = self.top;
+        self.top += bytes;
+        at
+    }
+
+    fn release(&mut self, at: usize, bytes: usize) {
+        self.free.push((at, padded(bytes.max(1))));
+        self.free.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.free.len());
+        for &(a, n) in &self.free {
+            match merged.last_mut() {
+                Some((pa, pn)) if *pa + *pn == a => *pn += n,
+                _ => merged.push((a, n)),
+            }
+        }
+        self.free = merged;
+    }
+}
+
+/// Per node: the regions its output and scratch use (arena offsets), planned once.
+struct Planned {
+    out: usize,
+    scratch: Vec<usize>,
+}
+
+struct Layer {
+    k: Buffer,
+    v: Buffer,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+pub struct CudaModel {
+    gpu: Gpu,
+    graph: Graph,
+    mode: Mode,
+    _params: Vec<Buffer>,
+    /// Device address of each param value.
+    param_ptr: HashMap<usize, Ptr>,
+    arena: Buffer,
+    plan: Vec<Planned>,
+    /// Node i is an add whose work node i+1 (its RMSNorm) does.
+    fused_into_next: Vec<bool>,
+    cache: Vec<Layer>,
+    page_size: usize,
+    /// Pages the runtime may use; page `kv_pages` is the padding sequences' scratch page.
+    kv_pages: usize,
+    /// Step inputs and metadata, uploaded in one copy.
+    staging: Buffer,
+    /// Error flags the kernels set (a bad embedding id, a bad gather index), and argmax ids.
+    flags: Buffer,
+    ids_out: Buffer,
+    graphs: HashMap<usize, Captured>,
+    buckets: Vec<usize>,
+    /// Largest tokens per step the plan allows.
+    max_tokens: usize,
+}
+
+struct Captured {
+    graph: autodeploy_kernels::cuda::cudarc::driver::CudaGraph,
+}
+
+// SAFETY: a captured graph is launched only by the model that owns it, from one thread at a
+// time (`CompiledModel` is `Send`, not `Sync`); CUDA allows graph execs on any thread.
+unsafe impl Send for Captured {}
+
+const FLAG_EMBEDDING: u64 = 0;
+const FLAG_GATHER: u64 = 8;
+
+impl CudaModel {
+    pub fn compile(graph: &Graph, opts: &CompileOptions, ordinal: usize, mode: Mode) -> Result<CudaModel> {
+        graph.validate()?;
+        for n in &graph.nodes {
+            if let Some(why) = unsupported(&n.op) {
+                return Err(Error::Op {
+                    op: n.op.name().into(),
+                    msg: format!(
+                        "node `{}`: {why}; run this model with device = \"cpu\"",
+                        graph.value(n.outputs[0]).name
+                    ),
+                });
+            }
+            if let Op::CachedAttention { backend, .. } = &n.op {
+                if !matches!(backend.as_str(), "flashinfer" | "torch") {
+                    return Err(Error::Msg(format!(
+                        "attn_backend `{backend}` has no CUDA implementation; on CUDA use attn_backend = \"flashinfer\""
+                    )));
+                }
+            }
+        }
+        let gpu = Gpu::open(ordinal).map_err(gpu_err)?;
+        tracing::info!(gpu = %gpu.dev.name, "compiling for CUDA");
+
+        // Weights at the graph's dtypes.
+        let bar = indicatif::ProgressBar::new(graph.params.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template("uploading weights {bar:30} {pos}/{len} {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let mut params = Vec::with_capacity(graph.params.len());
+        let mut param_ptr = HashMap::new();
+        for p in &graph.params {
+            dt(graph.meta(p.value).dtype, &p.weight)?;
+        }
+        // Read (or generate) a few weights at a time on the host's cores, then upload them.
+        for chunk in graph.params.chunks(8) {
+            use rayon::prelude::*;
+            let loaded: Vec<Result<Tensor>> = chunk
+                .par_iter()
+                .map(|p| {
+                    let meta = graph.meta(p.value);
+                    let t = graph.weights.load(&p.weight, meta.dtype)?;
+                    let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
+                    if t.shape() != want.as_slice() {
+                        return Err(Error::TensorShape {
+                            file: graph.weights.location(&p.weight).into(),
+                            name: p.weight.clone(),
+                            expected: want,
+                            found: t.shape().to_vec(),
+                        });
+                    }
+                    Ok(t)
+                })
+                .collect();
+            for (p, t) in chunk.iter().zip(loaded) {
+                let t = t?;
+                bar.set_message(p.weight.clone());
+                bar.inc(1);
+                let bytes = host_bytes(&t)?;
+                let buf = gpu.alloc(bytes.len(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
+                gpu.upload(buf.ptr, bytes).map_err(gpu_err)?;
+                // The upload may read the host copy after it returns: wait before dropping it.
+                gpu.sync().map_err(gpu_err)?;
+                param_ptr.insert(p.value.0 as usize, buf.ptr);
+                params.push(buf);
+            }
+        }
+        gpu.sync().map_err(gpu_err)?;
+        bar.finish_and_clear();
+
+        // The largest shapes: every symbol at the top of its range.
+        let max_bind: Bindings = graph.symbols.iter().map(|(s, r)| (s.clone(), r.max)).collect();
+        let max_tokens = max_bind.get("seq").copied().unwrap_or(1);
+        let bytes_of = |v: autodeploy_core::ValueId| -> Result<usize> {
+            let m = graph.meta(v);
+            Ok(eval_shape(&m.shape, &max_bind)?.iter().product::<usize>() * m.dtype.size_in_bytes())
+        };
+
+        // Fusion: an add whose result the very next node normalises.
+        let n = graph.nodes.len();
+        let mut fused_into_next = vec![false; n];
+        if mode.fuse {
+            for (i, pair) in graph.nodes.windows(2).enumerate() {
+                let (a, b) = (&pair[0], &pair[1]);
+                if let (Op::Add, Op::RmsNorm { .. }) = (&a.op, &b.op) {
+                    let (x, r, o) = (graph.meta(a.inputs[0]), graph.meta(a.inputs[1]), graph.meta(a.outputs[0]));
+                    if b.inputs[0] == a.outputs[0] && x.shape == r.shape && x == o && r.dtype == o.dtype {
+                        fused_into_next[i] = true;
+                    }
+                }
+            }
+        }
+
+        // Liveness: last node reading each value; views keep their source alive; fused adds
+        // read their inputs one node later.
+        let mut last_use = vec![0usize; graph.values.len()];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let at = if fused_into_next[i] { i + 1 } else { i };
+            for v in &node.inputs {
+                last_use[v.0 as usize] = last_use[v.0 as usize].max(at);
+            }
+        }
+        for o in &graph.outputs {
+            last_use[o.0 as usize] = usize::MAX;
+        }
+        for node in graph.nodes.iter().rev() {
+            if may_alias(&node.op) {
+                let (src, dst) = (node.inputs[0].0 as usize, node.outputs[0].0 as usize);
+                last_use[src] = last_use[src].max(last_use[dst]);
+            }
+        }
+        let mut arena = Arena::default();
+        let mut region: Vec<Option<(usize, usize)>> = vec![None; graph.values.len()];
+        let mut plan = Vec::with_capacity(n);
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let bytes = bytes_of(node.outputs[0])?;
+            let out = arena.alloc(bytes);
+            region[node.outputs[0].0 as usize] = Some((out, bytes));
+            let scratch_sizes = scratch_bytes(graph, node, &max_bind)?;
+            let scratch: Vec<usize> = scratch_sizes.iter().map(|&b| arena.alloc(b)).collect();
+            for (&at, &b) in scratch.iter().zip(&scratch_sizes) {
+                arena.release(at, b);
+            }
+            plan.push(Planned { out, scratch });
+            let mut dead: Vec<usize> = node.inputs.iter().map(|v| v.0 as usize).collect();
+            if i > 0 && fused_into_next[i - 1] {
+                dead.extend(graph.nodes[i - 1].inputs.iter().map(|v| v.0 as usize));
+            }
+            dead.push(node.outputs[0].0 as usize);
+            dead.sort_unstable();
+            dead.dedup();
+            for v in dead {
+                if last_use[v] <= i {
+                    if let Some((at, b)) = region[v].take() {
+                        arena.release(at, b);
+                    }
+                }
+            }
+        }
+        let arena_buf = gpu.alloc(arena.top, "activations (planned for the largest step)").map_err(gpu_err)?;
+        tracing::info!(
+            arena_mib = arena.top >> 20,
+            max_tokens,
+            "planned activation memory for {} nodes",
+            graph.nodes.len()
+        );
+
+        // The KV cache: every page the runtime may hand out, plus one scratch page.
+        let spec = autodeploy_core::kvcache::CacheSpec::of(graph)?;
+        let page_size = opts.page_size.max(1);
+        let kv_pages = opts.kv_pages;
+        let mut cache = Vec::new();
+        if let Some(spec) = &spec {
+            let cache_dt = graph
+                .nodes
+                .iter()
+                .find(|n| matches!(n.op, Op::CachedAttention { .. }))
+                .map(|n| graph.meta(n.inputs[1]).dtype)
+                .unwrap_or(DType::F32);
+            let total: usize = spec
+                .layers
+                .iter()
+                .map(|l| 2 * (kv_pages + 1) * page_size * l.kv_heads * l.head_dim * cache_dt.size_in_bytes())
+                .sum();
+            tracing::info!(
+                layers = spec.layers.len(),
+                pages = kv_pages,
+                page_size,
+                gib = total as f64 / (1u64 << 30) as f64,
+                "allocating the KV cache"
+            );
+            for (i, l) in spec.layers.iter().enumerate() {
+                let bytes = (kv_pages + 1) * page_size * l.kv_heads * l.head_dim * cache_dt.size_in_bytes();
+                let what = format!(
+                    "the KV cache (layer {i} of {}; {} pages of {page_size} tokens, {:.2} GiB in all)",
+                    spec.layers.len(),
+                    kv_pages + 1,
+                    total as f64 / (1u64 << 30) as f64
+                );
+                let k = gpu.alloc(bytes, &what).map_err(gpu_err)?;
+                let v = gpu.alloc(bytes, &what).map_err(gpu_err)?;
+                cache.push(Layer { k, v, kv_heads: l.kv_heads, head_dim: l.head_dim });
+            }
+        }
+        // Staging: the graph inputs at their largest, then token_seq, token_pos, indptr (i64),
+        // page indices (i32).
+        let mut staging_bytes = 0;
+        for &v in &graph.inputs {
+            staging_bytes += padded(bytes_of(v)?);
+        }
+        let pad_pages = opts.cuda_graph_batch_sizes.iter().copied().max().unwrap_or(0);
+        staging_bytes += 3 * padded(8 * (max_tokens + 1)) + padded(4 * (kv_pages + pad_pages + 1));
+        let staging = gpu.alloc(staging_bytes, "step inputs").map_err(gpu_err)?;
+        let flags = gpu.alloc(64, "error flags").map_err(gpu_err)?;
+        let ids_out = gpu.alloc(8 * (max_tokens + 1), "sampled ids").map_err(gpu_err)?;
+        let mut buckets: Vec<usize> =
+            opts.cuda_graph_batch_sizes.iter().copied().filter(|&b| b >= 1 && b <= max_tokens).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        Ok(CudaModel {
+            gpu,
+            graph: graph.clone(),
+            mode,
+            _params: params,
+            param_ptr,
+            arena: arena_buf,
+            plan,
+            fused_into_next,
+            cache,
+            page_size,
+            kv_pages,
+            staging,
+            flags,
+            ids_out,
+            graphs: HashMap::new(),
+            buckets,
+            max_tokens,
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.gpu.dev.name
+    }
+}
+
+/// Scratch regions a node needs besides its output, at the largest shapes.
+fn scratch_bytes(g: &Graph, node: &autodeploy_core::ir::Node, bind: &Bindings) -> Result<Vec<usize>> {
+    Ok(match node.op {
+        Op::SwiGluMlp { fused } => {
+            let x = g.meta(node.inputs[0]);
+            let xs = eval_shape(&x.shape, bind)?;
+            let m: usize = xs[..xs.len() - 1].iter().product();
+            let wd = g.meta(node.inputs[node.inputs.len() - 1]);
+            let inter = wd.shape[1].as_static().unwrap_or(0);
+            let e = x.dtype.size_in_bytes();
+            if fused {
+                vec![m * 2 * inter * e, m * inter * e]
+            } else {
+                vec![m * inter * e, m * inter * e, m * inter * e]
+            }
+        }
+        _ => vec![],
+    })
+}
+
+/// Where a step's inputs landed on the device.
+struct Staged {
+    meta: Option<StepMeta>,
+    input_ptrs: Vec<Ptr>,
+    /// Sequences in the step (rows of logits wanted), before padding.
+    rows: usize,
+}
+
+impl CudaModel {
+    /// Packs the graph inputs and the step's metadata (CSR page table) into one upload.
+    /// `pad_to` adds one-token sequences on the scratch page up to that many sequences.
+    fn stage(
+        &self,
+        inputs: &[Tensor],
+        step: Option<&StepContext>,
+        pad_to: Option<usize>,
+    ) -> Result<(Staged, Vec<Tensor>)> {
+        let mut inputs: Vec<Tensor> = inputs.to_vec();
+        let rows = inputs.last().map(|t| t.numel()).unwrap_or(0);
+        let mut host = Vec::new();
+        let mut offsets = Vec::new();
+        let push = |host: &mut Vec<u8>, b: &[u8]| -> usize {
+            let at = host.len();
+            host.extend_from_slice(b);
+            host.resize(at + padded(b.len()), 0);
+            at
+        };
+        let mut meta_host = None;
+        if let Some(cx) = step {
+            let plan = cx.plan;
+            let (mut seq, mut pos) = (
+                plan.token_seq.iter().map(|&s| s as i64).collect::<Vec<_>>(),
+                plan.token_pos.iter().map(|&p| p as i64).collect::<Vec<_>>(),
+            );
+            let mut indptr = vec![0i64];
+            let mut indices: Vec<i32> = Vec::new();
+            for pt in &plan.page_tables {
+                indices.extend(pt.iter().map(|&p| p as i32));
+                indptr.push(indices.len() as i64);
+            }
+            if let Some(b) = pad_to {
+                let (s0, t0) = (plan.page_tables.len(), seq.len());
+                for k in 0..b.saturating_sub(s0) {
+                    seq.push((s0 + k) as i64);
+                    pos.push(0);
+                    indices.push(self.kv_pages as i32);
+                    indptr.push(indices.len() as i64);
+                }
+                // The graph inputs grow the same way: token 0 at position 0, its own logits row.
+                let extra = b.saturating_sub(t0);
+                for (i, &v) in self.graph.inputs.iter().enumerate() {
+                    let name = &self.graph.value(v).name;
+                    let mut vals = inputs[i].to_i64().into_owned();
+                    match name.as_str() {
+                        "input_ids" | "position_ids" => vals.extend(std::iter::repeat_n(0, extra)),
+                        _ => vals.extend((t0..t0 + extra).map(|t| t as i64)),
+                    }
+                    let mut shape = inputs[i].shape().to_vec();
+                    *shape.last_mut().expect("rank >= 1") += extra;
+                    inputs[i] = Tensor::from_i64(shape, vals)?;
+                }
+            }
+            meta_host = Some((seq, pos, indptr, indices));
+        }
+        for t in &inputs {
+            offsets.push(push(&mut host, host_bytes(t)?));
+        }
+        let mut meta = None;
+        if let Some((seq, pos, indptr, indices)) = meta_host {
+            let b = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+            let (a, p, ip) = (push(&mut host, &b(&seq)), push(&mut host, &b(&pos)), push(&mut host, &b(&indptr)));
+            let ix: Vec<u8> = indices.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let ii = push(&mut host, &ix);
+            let base = self.staging.ptr;
+            meta = Some(StepMeta {
+                tokens: seq.len(),
+                page_size: self.page_size,
+                token_seq: base + a as u64,
+                token_pos: base + p as u64,
+                page_indptr: base + ip as u64,
+                page_indices: base + ii as u64,
+            });
+        }
+        if host.len() > self.staging.bytes() {
+            return Err(Error::Msg(format!(
+                "this step's inputs take {} bytes, more than the {} planned for the largest step",
+                host.len(),
+                self.staging.bytes()
+            )));
+        }
+        self.gpu.upload(self.staging.ptr, &host).map_err(gpu_err)?;
+        let input_ptrs = offsets.iter().map(|&o| self.staging.ptr + o as u64).collect();
+        Ok((Staged { meta, input_ptrs, rows }, inputs))
+    }
+
+    /// Queues every node's kernels for inputs of these shapes (nothing is read back).
+    fn enqueue(&self, bind: &Bindings, staged: &Staged) -> Result<(Ptr, Vec<usize>)> {
+        let g = &self.graph;
+        let gpu = &self.gpu;
+        let mut ptr: Vec<Ptr> = vec![0; g.values.len()];
+        for (&v, &p) in g.inputs.iter().zip(&staged.input_ptrs) {
+            ptr[v.0 as usize] = p;
+        }
+        for (&v, &p) in &self.param_ptr {
+            ptr[v] = p;
+        }
+        gpu.memset(self.flags.ptr, 64).map_err(gpu_err)?;
+        let shape_of = |v: autodeploy_core::ValueId| eval_shape(&g.meta(v).shape, bind);
+        let dt_of = |v: autodeploy_core::ValueId| dt(g.meta(v).dtype, &g.value(v).name);
+        let base = self.arena.ptr;
+        for (i, node) in g.nodes.iter().enumerate() {
+            if self.fused_into_next[i] {
+                continue;
+            }
+            let outv = node.outputs[0];
+            let name = &g.value(outv).name;
+            let out_shape = shape_of(outv)?;
+            let odt = dt_of(outv)?;
+            let n_out: usize = out_shape.iter().product();
+            let planned = base + self.plan[i].out as u64;
+            let scratch = |k: usize| base + self.plan[i].scratch[k] as u64;
+            let inp = |k: usize| ptr[node.inputs[k].0 as usize];
+            let in_shape = |k: usize| shape_of(node.inputs[k]);
+            let in_dt = |k: usize| dt_of(node.inputs[k]);
+            let fail = |e: Unavailable| Error::Op { op: node.op.name().into(), msg: format!("node `{name}`: {}", e.0) };
+            let mut out = planned;
+            let mut also: Option<(usize, Ptr)> = None;
+            match &node.op {
+                Op::Embedding => {
+                    let ws = in_shape(0)?;
+                    let row_bytes = ws[1] * in_dt(0)?.size();
+                    gpu.embedding(
+                        inp(0),
+                        inp(1),
+                        planned,
+                        n_out / ws[1].max(1),
+                        row_bytes,
+                        ws[0],
+                        self.flags.ptr + FLAG_EMBEDDING,
+                    )
+                    .map_err(fail)?;
+                }
+                Op::Linear => {
+                    let ws = in_shape(1)?;
+                    let (nn, k) = (ws[0], ws[1]);
+                    let m = n_out / nn.max(1);
+                    let wdt = in_dt(1)?;
+                    if in_dt(0)? != wdt || odt != wdt {
+                        return Err(fail(Unavailable(format!(
+                            "x, weight and output dtypes differ ({:?}, {wdt:?}, {odt:?})",
+                            in_dt(0)?
+                        ))));
+                    }
+                    if node.inputs.len() > 2 {
+                        // y starts as the bias on every row; the GEMM adds x·wᵀ in f32 and rounds once.
+                        let s = Strided::new(&[m, nn], &[0, 1], &[0, 0]).map_err(fail)?;
+                        gpu.copy_strided(inp(2), in_dt(2)?, planned, odt, m * nn, s, false).map_err(fail)?;
+                    }
+                    gpu.linear(odt, m, nn, k, inp(0), inp(1), planned, node.inputs.len() > 2).map_err(fail)?;
+                }
+                Op::Add | Op::Sub | Op::Mul | Op::Div => {
+                    let op = match node.op {
+                        Op::Add => Binary::Add,
+                        Op::Sub => Binary::Sub,
+                        Op::Mul => Binary::Mul,
+                        _ => Binary::Div,
+                    };
+                    let (a, b) = (in_shape(0)?, in_shape(1)?);
+                    let s = Strided::new(
+                        &out_shape,
+                        &broadcast_strides(&a, &out_shape),
+                        &broadcast_strides(&b, &out_shape),
+                    )
+                    .map_err(fail)?;
+                    gpu.binary(op, (inp(0), in_dt(0)?), (inp(1), in_dt(1)?), (planned, odt), n_out, s).map_err(fail)?;
+                }
+                Op::AddScalar(s) | Op::MulScalar(s) | Op::PowScalar(s) => {
+                    let op = match node.op {
+                        Op::AddScalar(_) => Unary::AddScalar,
+                        Op::MulScalar(_) => Unary::MulScalar,
+                        _ => Unary::PowScalar,
+                    };
+                    gpu.unary(op, inp(0), planned, odt, n_out, *s).map_err(fail)?;
+                }
+                Op::Neg | Op::Rsqrt | Op::Silu | Op::Cos | Op::Sin => {
+                    let op = match node.op {
+                        Op::Neg => Unary::Neg,
+                        Op::Rsqrt => Unary::Rsqrt,
+                        Op::Silu => Unary::Silu,
+                        Op::Cos => Unary::Cos,
+                        _ => Unary::Sin,
+                    };
+                    gpu.unary(op, inp(0), planned, odt, n_out, 0.0).map_err(fail)?;
+                }
+                Op::Mean { .. } => {
+                    let xs = in_shape(0)?;
+                    let last = *xs.last().unwrap_or(&1);
+                    gpu.mean_last(inp(0), in_dt(0)?, planned, odt, n_out, last).map_err(fail)?;
+                }
+                Op::ToDtype(_) => {
+                    if in_dt(0)? == odt {
+                        out = inp(0);
+                    } else {
+                        let s = Strided::new(&[n_out], &[1], &[0]).map_err(fail)?;
+                        gpu.copy_strided(inp(0), in_dt(0)?, planned, odt, n_out, s, false).map_err(fail)?;
+                    }
+                }
+                Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => out = inp(0),
+                Op::Expand(_) => {
+                    let xs = in_shape(0)?;
+                    let s = Strided::new(&out_shape, &broadcast_strides(&xs, &out_shape), &vec![0; out_shape.len()])
+                        .map_err(fail)?;
+                    gpu.copy_strided(inp(0), in_dt(0)?, planned, odt, n_out, s, false).map_err(fail)?;
+                }
+                Op::Transpose(a, b) => {
+                    let xs = in_shape(0)?;
+                    let (a, b) = (norm_dim(*a, xs.len()), norm_dim(*b, xs.len()));
+                    let mut st = contiguous_strides(&xs);
+                    st.swap(a, b);
+                    out = self.view_or_copy(inp(0), odt, &out_shape, &st, 0, planned).map_err(fail)?;
+                }
+                Op::Slice { dim, start, step, .. } => {
+                    let xs = in_shape(0)?;
+                    let d = norm_dim(*dim, xs.len());
+                    let s0 =
+                        if *start < 0 { (*start + xs[d] as i64).max(0) } else { (*start).min(xs[d] as i64) } as usize;
+                    let mut st = contiguous_strides(&xs);
+                    let off = s0 as i64 * st[d];
+                    st[d] *= *step;
+                    out = self.view_or_copy(inp(0), odt, &out_shape, &st, off, planned).map_err(fail)?;
+                }
+                Op::Cat { dim } => {
+                    let d = norm_dim(*dim, out_shape.len());
+                    let ost = contiguous_strides(&out_shape);
+                    let mut at = 0usize;
+                    for k in 0..node.inputs.len() {
+                        let xs = in_shape(k)?;
+                        let s = Strided::new(&xs, &contiguous_strides(&xs), &ost).map_err(fail)?;
+                        let dst = planned + (at as i64 * ost[d]) as u64 * odt.size() as u64;
+                        gpu.copy_strided(inp(k), in_dt(k)?, dst, odt, xs.iter().product(), s, true).map_err(fail)?;
+                        at += xs[d];
+                    }
+                }
+                Op::RmsNorm { eps, norm_dtype } => {
+                    let xs = in_shape(0)?;
+                    let last = *xs.last().unwrap_or(&1);
+                    let norm_dt = dt(*norm_dtype, name)?;
+                    let (x, residual) = if i > 0 && self.fused_into_next[i - 1] {
+                        let add = &g.nodes[i - 1];
+                        let res_out = base + self.plan[i - 1].out as u64;
+                        also = Some((add.outputs[0].0 as usize, res_out));
+                        (ptr[add.inputs[0].0 as usize], Some((ptr[add.inputs[1].0 as usize], res_out)))
+                    } else {
+                        (inp(0), None)
+                    };
+                    gpu.rmsnorm(
+                        (x, in_dt(0)?),
+                        residual,
+                        (inp(1), in_dt(1)?),
+                        (planned, odt),
+                        norm_dt,
+                        n_out / last.max(1),
+                        last,
+                        *eps as f32,
+                    )
+                    .map_err(fail)?;
+                }
+                Op::Rope { .. } => {
+                    let xs = in_shape(0)?;
+                    let (cs, ss) = (in_shape(1)?, in_shape(2)?);
+                    let d = *xs.last().unwrap_or(&1);
+                    let t = if xs.len() >= 2 { xs[xs.len() - 2] } else { 1 };
+                    let table = |s: &[usize]| {
+                        s.len() >= 2 && s[s.len() - 2..] == [t, d] && s[..s.len() - 2].iter().all(|&n| n == 1)
+                    };
+                    if !table(&cs) || !table(&ss) || in_dt(1)? != odt || in_dt(2)? != odt || d % 2 != 0 {
+                        return Err(fail(Unavailable(format!(
+                            "cos/sin of shapes {cs:?}/{ss:?} are not one [tokens, head_dim] table for x {xs:?}"
+                        ))));
+                    }
+                    gpu.rope(inp(0), odt, inp(1), inp(2), planned, n_out / d, t, d).map_err(fail)?;
+                }
+                Op::SwiGluMlp { fused } => {
+                    let xs = in_shape(0)?;
+                    let k = *xs.last().unwrap_or(&1);
+                    let m = n_out / out_shape.last().copied().unwrap_or(1).max(1);
+                    let wd = in_shape(node.inputs.len() - 1)?;
+                    let (hidden, inter) = (wd[0], wd[1]);
+                    if in_dt(0)? != odt || (1..node.inputs.len()).any(|j| in_dt(j).ok() != Some(odt)) {
+                        return Err(fail(Unavailable("x and the weights must share one dtype".into())));
+                    }
+                    if *fused {
+                        gpu.linear(odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
+                        gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
+                        gpu.linear(odt, m, hidden, inter, scratch(1), inp(2), planned, false).map_err(fail)?;
+                    } else {
+                        gpu.linear(odt, m, inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
+                        gpu.linear(odt, m, inter, k, inp(0), inp(2), scratch(1), false).map_err(fail)?;
+                        gpu.silu_mul(scratch(0), Some(scratch(1)), odt, scratch(2), m, inter).map_err(fail)?;
+                        gpu.linear(odt, m, hidden, inter, scratch(2), inp(3), planned, false).map_err(fail)?;
+                    }
+                }
+                Op::IndexSelect { dim } => {
+                    let xs = in_shape(0)?;
+                    let d = norm_dim(*dim, xs.len());
+                    let outer: usize = xs[..d].iter().product();
+                    let inner: usize = xs[d + 1..].iter().product();
+                    let nidx = in_shape(1)?.iter().product();
+                    gpu.index_select(
+                        inp(0),
+                        inp(1),
+                        planned,
+                        outer,
+                        nidx,
+                        xs[d],
+                        inner * odt.size(),
+                        self.flags.ptr + FLAG_GATHER,
+                    )
+                    .map_err(fail)?;
+                }
+                Op::CachedAttention { layer, scale, .. } => {
+                    let meta = staged.meta.as_ref().ok_or_else(|| {
+                        Error::Msg("this graph has cached attention: forward needs a step context".into())
+                    })?;
+                    let l = &self.cache[*layer];
+                    let qs = in_shape(0)?;
+                    let heads = qs[1];
+                    gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim).map_err(fail)?;
+                    gpu.paged_attention(
+                        odt,
+                        inp(0),
+                        l.k.ptr,
+                        l.v.ptr,
+                        planned,
+                        meta,
+                        heads,
+                        l.kv_heads,
+                        l.head_dim,
+                        *scale as f32,
+                    )
+                    .map_err(fail)?;
+                }
+                op => {
+                    return Err(Error::Op {
+                        op: op.name().into(),
+                        msg: format!("node `{name}`: no CUDA implementation"),
+                    })
+                }
+            }
+            ptr[outv.0 as usize] = out;
+            if let Some((v, p)) = also {
+                ptr[v] = p;
+            }
+        }
+        let o = g.outputs[0];
+        Ok((ptr[o.0 as usize], shape_of(o)?))
+    }
+
+    /// A strided view of `src`: the same memory when it is contiguous, else copied to `planned`.
+    fn view_or_copy(
+        &self,
+        src: Ptr,
+        d: Dt,
+        shape: &[usize],
+        strides: &[i64],
+        offset: i64,
+        planned: Ptr,
+    ) -> std::result::Result<Ptr, Unavailable> {
+        if is_contiguous(shape, strides) {
+            return Ok(src + (offset * d.size() as i64) as u64);
+        }
+        if shape.len() > MAX_RANK {
+            return Err(Unavailable(format!("rank {} is beyond {MAX_RANK}", shape.len())));
+        }
+        let n = shape.iter().product();
+        let s = Strided::new(shape, strides, &vec![0; shape.len()])?;
+        self.gpu.copy_strided(src + (offset * d.size() as i64) as u64, d, planned, d, n, s, false)?;
+        Ok(planned)
+    }
+
+    fn check_flags(&self) -> Result<()> {
+        let mut f = [0u8; 16];
+        self.gpu.download(self.flags.ptr, &mut f).map_err(gpu_err)?;
+        let emb = i64::from_le_bytes(f[0..8].try_into().expect("8 bytes"));
+        let gat = i64::from_le_bytes(f[8..16].try_into().expect("8 bytes"));
+        if emb != 0 {
+            return Err(Error::op(
+                "aten.embedding",
+                format!("token id {} is out of range for the vocabulary", emb - 1),
+            ));
+        }
+        if gat != 0 {
+            return Err(Error::op("aten.index_select", format!("index {} is out of range", gat - 1)));
+        }
+        Ok(())
+    }
+
+    /// The bucket a decode step of `rows` sequences replays, if graphs are on and it fits.
+    fn bucket(&self, step: Option<&StepContext>, rows: usize) -> Option<usize> {
+        let cx = step?;
+        if !self.mode.graphs || cx.plan.token_seq.len() != cx.plan.page_tables.len() {
+            return None;
+        }
+        self.buckets.iter().copied().find(|&b| b >= rows)
+    }
+
+    /// Runs a step; the result's device address, shape and dtype are those of the graph output.
+    fn run(&mut self, inputs: &[Tensor], step: Option<&StepContext>) -> Result<(Ptr, Vec<usize>, usize)> {
+        let rows = inputs.last().map(|t| t.numel()).unwrap_or(0);
+        let bucket = self.bucket(step, rows);
+        let (staged, inputs) = self.stage(inputs, step, bucket)?;
+        let bind = super::simple::bind_inputs(&self.graph, &inputs)?;
+        if bind.get("seq").is_some_and(|&t| t > self.max_tokens) {
+            return Err(Error::Msg(format!("{} tokens in one step; the plan holds {}", bind["seq"], self.max_tokens)));
+        }
+        let Some(b) = bucket else {
+            let (p, s) = self.enqueue(&bind, &staged)?;
+            return Ok((p, s, staged.rows));
+        };
+        if let Some(c) = self.graphs.get(&b) {
+            c.graph.launch().map_err(|e| Error::Msg(format!("replaying the CUDA graph of batch {b}: {e:?}")))?;
+            let o = self.graph.outputs[0];
+            return Ok((
+                self.output_ptr_of(&bind, &staged)?,
+                eval_shape(&self.graph.meta(o).shape, &bind)?,
+                staged.rows,
+            ));
+        }
+        // First step of this bucket: run it eagerly (its results are this step's), then capture
+        // the same launches for the next ones.
+        let (p, s) = self.enqueue(&bind, &staged)?;
+        self.gpu.sync().map_err(gpu_err)?;
+        let stream = self.gpu.stream.clone();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| Error::Msg(format!("starting CUDA graph capture for batch {b}: {e:?}")))?;
+        let res = self.enqueue(&bind, &staged);
+        let graph = stream.end_capture(
+            autodeploy_kernels::cuda::cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+        );
+        res?;
+        match graph {
+            Ok(Some(graph)) => {
+                tracing::info!(batch = b, "captured a CUDA graph for decode");
+                self.graphs.insert(b, Captured { graph });
+            }
+            Ok(None) => return Err(Error::Msg(format!("CUDA graph capture for batch {b} recorded nothing"))),
+            Err(e) => return Err(Error::Msg(format!("capturing the CUDA graph of batch {b}: {e:?}"))),
+        }
+        Ok((p, s, staged.rows))
+    }
+
+    /// Where the output lands for these shapes (addresses are fixed by the plan; the same walk
+    /// `enqueue` does decides which views alias).
+    fn output_ptr_of(&self, bind: &Bindings, staged: &Staged) -> Result<Ptr> {
+        // The output is produced by a node that is never a view in the graphs we capture (the
+        // LM head's linear); views fall back to walking aliases.
+        let g = &self.graph;
+        let o = g.outputs[0];
+        let i = g.producer(o).ok_or_else(|| Error::Msg("graph output has no producer".into()))?;
+        if may_alias(&g.nodes[i].op) {
+            let _ = (bind, staged);
+            return Err(Error::Msg("graphs whose output is a view cannot be replayed from a CUDA graph".into()));
+        }
+        Ok(self.arena.ptr + self.plan[i].out as u64)
+    }
+
+    fn download_rows(&self, p: Ptr, shape: &[usize], rows: usize) -> Result<Tensor> {
+        let o = self.graph.outputs[0];
+        let dtype = self.graph.meta(o).dtype;
+        let width: usize = shape[1..].iter().product();
+        let take = rows.min(shape.first().copied().unwrap_or(0));
+        let mut bytes = vec![0u8; take * width * dtype.size_in_bytes()];
+        self.gpu.download(p, &mut bytes).map_err(gpu_err)?;
+        self.check_flags()?;
+        let mut s = shape.to_vec();
+        if !s.is_empty() {
+            s[0] = take;
+        }
+        Tensor::from_le_bytes(dtype, s, &bytes)
+    }
+}
+
+impl CompiledModel for CudaModel {
+    fn forward(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Vec<Tensor>> {
+        let step = step.map(|s| &*s);
+        let cached = step.is_some();
+        let (p, shape, rows) = self.run(inputs, step)?;
+        // Cached graphs give one logits row per gathered token; uncached ones the whole output.
+        let rows = if cached { rows } else { shape.first().copied().unwrap_or(0) };
+        Ok(vec![self.download_rows(p, &shape, rows)?])
+    }
+
+    fn owns_kv_cache(&self) -> bool {
+        true
+    }
+
+    fn forward_greedy(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Option<Vec<i64>>> {
+        let step = step.map(|s| &*s);
+        let Some(_) = step else { return Ok(None) };
+        let (p, shape, rows) = self.run(inputs, step)?;
+        let o = self.graph.outputs[0];
+        let odt = dt(self.graph.meta(o).dtype, "logits")?;
+        let vocab = *shape.last().unwrap_or(&1);
+        let n = rows.min(shape.first().copied().unwrap_or(0));
+        self.gpu.argmax_rows(p, odt, self.ids_out.ptr, n, vocab).map_err(gpu_err)?;
+        let mut b = vec![0u8; 8 * n];
+        self.gpu.download(self.ids_out.ptr, &mut b).map_err(gpu_err)?;
+        self.check_flags()?;
+        Ok(Some(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))
+    }
+}

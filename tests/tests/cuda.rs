@@ -1,0 +1,197 @@
+//! The CUDA executor against the CPU reference, on every fixture family in f32 and bf16, for
+//! every compile backend: logits of a ragged prefill and of decode steps crossing page
+//! boundaries, and greedy generations through the runtime. Needs an NVIDIA GPU; where there is
+//! none (CI) each test says it was skipped and why.
+//!
+//! Tolerances (max |logit difference| against the CPU, fed the same tokens):
+//! f32 ≤ 1e-3 (cuBLAS sums in another order); bf16 ≤ 4 bf16 steps of the largest logit
+//! (every op rounds to bf16 as on the CPU, but a different summation order can land a value on
+//! the neighbouring bf16 number, and that difference travels through the layers).
+
+mod common;
+
+use autodeploy_core::kvcache::{BatchMetadata, PagePool, PagedKvCache, StepContext, StepPlan};
+use autodeploy_core::pipeline::Engine;
+use autodeploy_core::Tensor;
+use common::{engine, greedy, FAMILIES};
+
+const BACKENDS: &[&str] = &["simple", "cudagraph", "compile", "opt"];
+const PAGE: usize = 4;
+
+fn gpu() -> bool {
+    match autodeploy_core::config::cuda_usable(0) {
+        Ok(name) => {
+            eprintln!("running on {name}");
+            true
+        }
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
+fn input_index(e: &Engine, name: &str) -> usize {
+    e.graph.inputs.iter().position(|&v| e.graph.value(v).name == name).unwrap()
+}
+
+/// Runs `steps` of a two-sequence batch through the engine's cached forward, the tokens fixed
+/// by the caller, and returns each step's logits rows.
+fn run_steps(e: &mut Engine, prompts: &[Vec<i64>], decode: &[Vec<i64>]) -> Vec<Vec<Vec<f32>>> {
+    let spec = e.cache.clone().expect("fixtures get a KV cache");
+    let mut cache = PagedKvCache::new(spec, PAGE);
+    let mut pool = PagePool::new(e.kv_pages);
+    let mut seqs: Vec<(Vec<i64>, usize, Vec<u32>)> = prompts.iter().map(|p| (p.clone(), 0, vec![])).collect();
+    let mut out = Vec::new();
+    for step in 0..=decode.len() {
+        if step > 0 {
+            for (s, &t) in seqs.iter_mut().zip(&decode[step - 1]) {
+                s.0.push(t);
+            }
+        }
+        let mut meta = BatchMetadata::default();
+        let (mut ids, mut pos, mut gather) = (vec![], vec![], vec![]);
+        for s in seqs.iter_mut() {
+            while s.2.len() * PAGE < s.0.len() {
+                s.2.push(pool.alloc().unwrap());
+            }
+            ids.extend_from_slice(&s.0[s.1..]);
+            pos.extend(s.1 as i64..s.0.len() as i64);
+            gather.push(ids.len() as i64 - 1);
+            meta.seq_lens.push(s.0.len() - s.1);
+            meta.cached_lens.push(s.1);
+            meta.page_tables.push(s.2.clone());
+            s.1 = s.0.len();
+        }
+        if !e.model.owns_kv_cache() {
+            cache.ensure_pages(e.kv_pages);
+        }
+        let plan = StepPlan::new(&meta, PAGE).unwrap();
+        let mut inputs = vec![Tensor::from_i64(vec![0], vec![]).unwrap(); e.graph.inputs.len()];
+        let t = ids.len();
+        inputs[input_index(e, "input_ids")] = Tensor::from_i64(vec![1, t], ids).unwrap();
+        inputs[input_index(e, "position_ids")] = Tensor::from_i64(vec![1, t], pos).unwrap();
+        inputs[input_index(e, "logits_gather_idx")] = Tensor::from_i64(vec![gather.len()], gather).unwrap();
+        let mut cx = StepContext { plan: &plan, cache: &mut cache };
+        let o = e.model.forward(&inputs, Some(&mut cx)).unwrap();
+        let v = *o[0].shape().last().unwrap();
+        out.push(o[0].to_f32().chunks(v).map(<[f32]>::to_vec).collect());
+    }
+    out
+}
+
+fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> (f32, f32) {
+    let (mut d, mut m) = (0f32, 0f32);
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        assert_eq!(x.len(), y.len());
+        for (p, q) in x.iter().zip(y) {
+            d = d.max((p - q).abs());
+            m = m.max(p.abs());
+        }
+    }
+    (d, m)
+}
+
+fn check_family_dtype(family: &str, dtype: &str) {
+    let base = format!("dtype = \"{dtype}\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\n");
+    let mut cpu = engine(family, &format!("{base}device = \"cpu\"\n"));
+    // A 9-token and a 3-token prompt (ragged prefill), then 6 decode steps: the first sequence
+    // crosses from page 3 into page 4, the second from page 1 into page 2.
+    let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
+    let first = run_steps(&mut cpu, &prompts, &[]);
+    let mut decode = vec![];
+    let mut last = first[0].clone();
+    for _ in 0..6 {
+        let next: Vec<i64> = last.iter().map(|r| common::argmax(r) as i64).collect();
+        decode.push(next.clone());
+        let all = run_steps(&mut cpu, &prompts, &decode);
+        last = all.last().unwrap().clone();
+    }
+    let reference = run_steps(&mut cpu, &prompts, &decode);
+    let requests: Vec<_> = prompts.iter().map(|p| greedy(p, 12)).collect();
+    let cfg_text = |extra: &str| {
+        format!("model = {:?}\n{base}max_seq_len = 128\n{extra}", common::fixture(family).display().to_string())
+    };
+    let cpu_cfg =
+        autodeploy_core::config::PipelineConfig::from_toml_str(&cfg_text("device = \"cpu\"\n"), None).unwrap();
+    let cpu_tokens: Vec<Vec<i64>> = autodeploy_core::runtime::runtime(&cpu_cfg)
+        .unwrap()
+        .generate(&mut cpu, &requests)
+        .0
+        .into_iter()
+        .map(|r| r.unwrap().tokens)
+        .collect();
+    for backend in BACKENDS {
+        let extra = format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"flashinfer\"\n");
+        let mut gpu = engine(family, &format!("{base}{extra}"));
+        let got = run_steps(&mut gpu, &prompts, &decode);
+        let (d, m) = max_diff(&reference, &got);
+        let tol = if dtype == "float32" { 1e-3 } else { 4.0 * m.max(1.0) / 128.0 };
+        eprintln!("{family} {dtype} {backend}: max |logit diff| {d:.3e} (max |logit| {m:.2}, tolerance {tol:.3e})");
+        assert!(d <= tol, "{family} {dtype} {backend}: logits differ from the CPU by {d} > {tol}");
+        let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&cfg_text(&extra), None).unwrap();
+        let tokens: Vec<Vec<i64>> = autodeploy_core::runtime::runtime(&cfg)
+            .unwrap()
+            .generate(&mut gpu, &requests)
+            .0
+            .into_iter()
+            .map(|r| r.unwrap().tokens)
+            .collect();
+        assert_eq!(tokens, cpu_tokens, "{family} {dtype} {backend}: greedy tokens differ from the CPU's");
+    }
+}
+
+#[test]
+fn cuda_matches_cpu_f32() {
+    if !gpu() {
+        return;
+    }
+    for f in FAMILIES {
+        check_family_dtype(f, "float32");
+    }
+}
+
+#[test]
+fn cuda_matches_cpu_bf16() {
+    if !gpu() {
+        return;
+    }
+    for f in FAMILIES {
+        check_family_dtype(f, "bfloat16");
+    }
+}
+
+/// A decode batch larger than every captured bucket runs uncaptured, and a batch between
+/// buckets pads: both give the CPU's greedy tokens.
+#[test]
+fn cudagraph_buckets_pad_and_fall_back() {
+    if !gpu() {
+        return;
+    }
+    let prompts: Vec<Vec<i64>> = (0..5).map(|i| vec![1, 10 + i, 20 + 2 * i, 30]).collect();
+    // 10, 8, 6, 4, 2 new tokens: decode batches of 5 (uncaptured), 4 (uncaptured), 3 (bucket 3), 2
+    // (padded to 3) and 1 (bucket 1).
+    let requests: Vec<_> = prompts.iter().enumerate().map(|(i, p)| greedy(p, 10 - 2 * i)).collect();
+    let base = "max_batch_size = 5\nattn_page_size = 4\n";
+    let cpu = common::generate("llama", &format!("{base}device = \"cpu\"\n"), &requests);
+    let gpu = common::generate(
+        "llama",
+        &format!("{base}device = \"cuda\"\ncompile_backend = \"opt\"\ncuda_graph_batch_sizes = [1, 3]\n"),
+        &requests,
+    );
+    let t = |v: Vec<autodeploy_core::Result<autodeploy_core::runtime::Completion>>| -> Vec<Vec<i64>> {
+        v.into_iter().map(|r| r.unwrap().tokens).collect()
+    };
+    assert_eq!(t(gpu), t(cpu));
+}
+
+/// Bad token ids on the GPU fail the request with the op named, not the process.
+#[test]
+fn bad_token_id_is_an_error_on_cuda() {
+    if !gpu() {
+        return;
+    }
+    let r = common::generate("llama", "device = \"cuda\"\n", &[greedy(&[1, 99999, 3], 4), greedy(&[1, 2, 3], 4)]);
+    let e = r[0].as_ref().unwrap_err().to_string();
+    assert!(e.contains("out of range"), "{e}");
+}
