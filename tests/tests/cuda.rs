@@ -195,3 +195,27 @@ fn bad_token_id_is_an_error_on_cuda() {
     let e = r[0].as_ref().unwrap_err().to_string();
     assert!(e.contains("out of range"), "{e}");
 }
+
+/// A prefill of more than 256 tokens runs the ragged paged kernel (shorter steps take the
+/// split-KV one): greedy tokens still equal the CPU's.
+#[test]
+fn long_prefill_matches_cpu() {
+    if !gpu() {
+        return;
+    }
+    let prompts: Vec<Vec<i64>> = (0..3).map(|r| (0..100).map(|i| 1 + (i * 37 + r * 11) % 250).collect()).collect();
+    let requests: Vec<_> = prompts.iter().map(|p| greedy(p, 8)).collect();
+    let base = "max_batch_size = 4\nattn_page_size = 16\n";
+    let t = |v: Vec<autodeploy_core::Result<autodeploy_core::runtime::Completion>>| -> Vec<Vec<i64>> {
+        v.into_iter().map(|r| r.unwrap().tokens).collect()
+    };
+    let cpu = t(common::generate("qwen3", &format!("{base}device = \"cpu\"\n"), &requests));
+    for backend in BACKENDS {
+        let gpu = common::generate(
+            "qwen3",
+            &format!("{base}device = \"cuda\"\ncompile_backend = \"{backend}\"\n"),
+            &requests,
+        );
+        assert_eq!(t(gpu), cpu, "{backend}");
+    }
+}

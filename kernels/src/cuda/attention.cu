@@ -30,7 +30,7 @@ template <typename T, int D>
 __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
                                 int page_size, int heads, int kv_heads, long tokens, float scale, T* out) {
-    constexpr int PER = D / 32;
+    constexpr int PER = (D + 31) / 32;  // elements per lane; lanes past D idle when D < 32
     constexpr int WARPS = 4;
     long t = blockIdx.x;
     int h = blockIdx.y;
@@ -39,8 +39,9 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     long long s = token_seq[t], pos = token_pos[t];
     const int* pages = page_indices + page_indptr[s];
     float qv[PER], acc[PER];
+    const bool live = lane * PER < D;
     for (int i = 0; i < PER; i++) {
-        qv[i] = load_f(q, ((long)h * tokens + t) * D + lane * PER + i);
+        qv[i] = live ? load_f(q, ((long)h * tokens + t) * D + lane * PER + i) : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
@@ -48,13 +49,15 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
         long slot = (long)pages[p / page_size] * page_size + p % page_size;
         long base = (slot * kv_heads + kvh) * D + lane * PER;
         float dot = 0.0f;
-        for (int i = 0; i < PER; i++) dot += qv[i] * load_f(k_cache, base + i);
+        if (live)
+            for (int i = 0; i < PER; i++) dot += qv[i] * load_f(k_cache, base + i);
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         float sc = dot * scale;
         float m2 = fmaxf(m, sc);
         float corr = __expf(m - m2), w = __expf(sc - m2);
         l = l * corr + w;
-        for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * load_f(v_cache, base + i);
+        if (live)
+            for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * load_f(v_cache, base + i);
         m = m2;
     }
     __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
@@ -62,14 +65,15 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
         sm[warp] = m;
         sl[warp] = l;
     }
-    for (int i = 0; i < PER; i++) sacc[warp][lane * PER + i] = acc[i];
+    if (live)
+        for (int i = 0; i < PER; i++) sacc[warp][lane * PER + i] = acc[i];
     __syncthreads();
     if (warp == 0) {
         float M = sm[0];
         for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2]);
         float L = 0.0f;
         for (int w2 = 0; w2 < WARPS; w2++) L += sl[w2] * __expf(sm[w2] - M);
-        for (int i = 0; i < PER; i++) {
+        for (int i = 0; i < PER && live; i++) {
             int e = lane * PER + i;
             float o = 0.0f;
             for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
@@ -77,6 +81,15 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
         }
     }
 }
+
+#define PAGED(T, S, D)                                                                                                \
+    extern "C" __global__ void paged_attention_d##D##_##S(                                                           \
+        const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
+        const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
+        float scale, T* out) {                                                                                        \
+        paged_attention<T, D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,       \
+                              heads, kv_heads, tokens, scale, out);                                                   \
+    }
 
 #define ATTN_INSTANTIATE(T, S)                                                                                        \
     extern "C" __global__ void write_kv_##S(const T* k, const T* v, T* k_cache, T* v_cache,                          \
@@ -86,20 +99,188 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
         write_kv<T>(k, v, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, kv_heads,    \
                     tokens, d);                                                                                       \
     }                                                                                                                 \
-    extern "C" __global__ void paged_attention_d64_##S(                                                              \
-        const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
-        const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out) {                                                                                        \
-        paged_attention<T, 64>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,      \
-                               heads, kv_heads, tokens, scale, out);                                                  \
-    }                                                                                                                 \
-    extern "C" __global__ void paged_attention_d128_##S(                                                             \
-        const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
-        const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out) {                                                                                        \
-        paged_attention<T, 128>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,     \
-                                heads, kv_heads, tokens, scale, out);                                                 \
-    }
+    PAGED(T, S, 16) PAGED(T, S, 32) PAGED(T, S, 64) PAGED(T, S, 128) PAGED(T, S, 256)
 
 ATTN_INSTANTIATE(float, f32)
 ATTN_INSTANTIATE(bf16_t, bf16)
+
+// Split-KV decode (FlashInfer's decode design): a query token's positions are cut into
+// `splits` chunks of `chunk`; block (t, h, s) attends over chunk s only and writes its partial
+// softmax state (max m, sum l, unnormalised output row) to `partial`; `merge_splits` combines
+// the chunks. More blocks than (tokens × heads) keep the GPU busy when a decode batch is small,
+// and each warp keeps four positions in flight. The grid is fixed by `splits` (chunks past a
+// sequence's length exit at once), so a captured CUDA graph replays as the sequence grows.
+// partial layout: [tokens, heads, splits, D + 2] floats.
+template <typename T, int D>
+__device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
+                                   const long long* token_pos, const long long* page_indptr, const int* page_indices,
+                                   int page_size, int heads, int kv_heads, long tokens, float scale, int chunk,
+                                   int splits, float* partial) {
+    constexpr int PER = (D + 31) / 32;
+    constexpr int WARPS = 4;
+    constexpr int U = 4;
+    long t = blockIdx.x;
+    int h = blockIdx.y, s = blockIdx.z;
+    int kvh = h / (heads / kv_heads);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    long long seq = token_seq[t], pos = token_pos[t];
+    long long lo = (long long)s * chunk, hi = lo + chunk - 1;
+    if (hi > pos) hi = pos;
+    float* out = partial + (((long)t * heads + h) * splits + s) * (D + 2);
+    if (lo > hi) {
+        if (threadIdx.x == 0) {
+            out[D] = -3.0e38f;
+            out[D + 1] = 0.0f;
+        }
+        return;
+    }
+    const int* pages = page_indices + page_indptr[seq];
+    const bool live = lane * PER < D;
+    float qv[PER], acc[PER];
+    for (int i = 0; i < PER; i++) {
+        qv[i] = live ? load_f(q, ((long)h * tokens + t) * D + lane * PER + i) * scale : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float m = -3.0e38f, l = 0.0f;
+    for (long long p0 = lo + warp * U; p0 <= hi; p0 += WARPS * U) {
+        float dot[U];
+        long base[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            long long p = p0 + u;
+            long long pc = p <= hi ? p : hi;
+            long slot = (long)pages[pc / page_size] * page_size + pc % page_size;
+            base[u] = (slot * kv_heads + kvh) * D + lane * PER;
+            float d = 0.0f;
+            if (live)
+                for (int i = 0; i < PER; i++) d += qv[i] * load_f(k_cache, base[u] + i);
+            dot[u] = d;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < U; u++) dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], o);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (p0 + u > hi) break;
+            float m2 = fmaxf(m, dot[u]);
+            float corr = __expf(m - m2), w = __expf(dot[u] - m2);
+            l = l * corr + w;
+            if (live)
+                for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * load_f(v_cache, base[u] + i);
+            m = m2;
+        }
+    }
+    __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+    if (live)
+        for (int i = 0; i < PER; i++) sacc[warp][lane * PER + i] = acc[i];
+    __syncthreads();
+    float M = sm[0];
+    for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2]);
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+        float o = 0.0f;
+        for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
+        out[e] = o;
+    }
+    if (threadIdx.x == 0) {
+        float L = 0.0f;
+        for (int w2 = 0; w2 < WARPS; w2++) L += sl[w2] * __expf(sm[w2] - M);
+        out[D] = M;
+        out[D + 1] = L;
+    }
+}
+
+// out[h, t, :] = the chunks' partial states combined; one block of D threads per (t, h).
+template <typename T>
+__device__ void merge_splits(const float* partial, T* out, int heads, long tokens, int splits, int d) {
+    long t = blockIdx.x;
+    int h = blockIdx.y;
+    const float* p = partial + ((long)t * heads + h) * splits * (d + 2);
+    float M = -3.0e38f;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, p[s * (d + 2) + d]);
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float o = 0.0f, L = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float* ps = p + s * (d + 2);
+            float w = __expf(ps[d] - M);
+            o += ps[e] * w;
+            L += ps[d + 1] * w;
+        }
+        store_f(out, ((long)h * tokens + t) * d + e, o / L);
+    }
+}
+
+#define SPLIT(T, S, D)                                                                                                \
+    extern "C" __global__ void paged_decode_split_d##D##_##S(                                                        \
+        const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
+        const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
+        float scale, int chunk, int splits, float* partial) {                                                         \
+        paged_decode_split<T, D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,    \
+                                 heads, kv_heads, tokens, scale, chunk, splits, partial);                             \
+    }
+
+#define SPLIT_INSTANTIATE(T, S)                                                                                       \
+    SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 128) SPLIT(T, S, 256)                                 \
+    extern "C" __global__ void merge_splits_##S(const float* partial, T* out, int heads, long tokens, int splits,     \
+                                                int d) {                                                              \
+        merge_splits<T>(partial, out, heads, tokens, splits, d);                                                      \
+    }
+
+SPLIT_INSTANTIATE(float, f32)
+SPLIT_INSTANTIATE(bf16_t, bf16)
+
+// RoPE of q and k fused with the KV-cache write (rotate-half; cos/sin one [tokens, d] table):
+// q_out = rope(q); the cache slots of this step's tokens get rope(k) and v. Rounds where the
+// unfused rope does. One thread per (row, j < d/2) over q's heads, then k's.
+template <typename T>
+__device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, T* k_cache,
+                              T* v_cache, const long long* token_seq, const long long* token_pos,
+                              const long long* page_indptr, const int* page_indices, int page_size, int heads,
+                              int kv_heads, long tokens, int d) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    int half = d / 2;
+    long per_head = tokens * half;
+    if (i >= (long)(heads + kv_heads) * per_head) return;
+    int hh = i / per_head;
+    long rest = i % per_head;
+    long t = rest / half;
+    int j = rest % half;
+    float c1 = load_f(cos, t * d + j), s1 = load_f(sin, t * d + j);
+    float c2 = load_f(cos, t * d + j + half), s2 = load_f(sin, t * d + j + half);
+    const T* x = hh < heads ? q + ((long)hh * tokens + t) * d : k + ((long)(hh - heads) * tokens + t) * d;
+    float a = load_f(x, j), b = load_f(x, j + half);
+    float lo = round_as(x, round_as(x, a * c1) + round_as(x, -b * s1));
+    float hi = round_as(x, round_as(x, b * c2) + round_as(x, a * s2));
+    if (hh < heads) {
+        T* o = q_out + ((long)hh * tokens + t) * d;
+        store_f(o, j, lo);
+        store_f(o, j + half, hi);
+        return;
+    }
+    int kh = hh - heads;
+    long long pos = token_pos[t];
+    long slot = (long)page_indices[page_indptr[token_seq[t]] + pos / page_size] * page_size + pos % page_size;
+    long dst = (slot * kv_heads + kh) * d;
+    store_f(k_cache + dst, j, lo);
+    store_f(k_cache + dst, j + half, hi);
+    const T* vr = v + ((long)kh * tokens + t) * d;
+    v_cache[dst + j] = vr[j];
+    v_cache[dst + j + half] = vr[j + half];
+}
+
+#define ROPE_KV(T, S)                                                                                                 \
+    extern "C" __global__ void rope_write_kv_##S(const T* q, const T* k, const T* v, const T* cos, const T* sin,     \
+                                                 T* q_out, T* k_cache, T* v_cache, const long long* token_seq,       \
+                                                 const long long* token_pos, const long long* page_indptr,           \
+                                                 const int* page_indices, int page_size, int heads, int kv_heads,    \
+                                                 long tokens, int d) {                                                \
+        rope_write_kv<T>(q, k, v, cos, sin, q_out, k_cache, v_cache, token_seq, token_pos, page_indptr,              \
+                         page_indices, page_size, heads, kv_heads, tokens, d);                                        \
+    }
+
+ROPE_KV(float, f32)
+ROPE_KV(bf16_t, bf16)

@@ -102,7 +102,11 @@ struct Funcs {
     index_select: CudaFunction,
     argmax_rows: CudaFunction,
     write_kv: [CudaFunction; 2],
-    paged_attention: [[CudaFunction; 2]; 2],
+    /// [f32, bf16] × head dims `HEAD_DIMS`.
+    paged_attention: [Vec<CudaFunction>; 2],
+    paged_decode_split: [Vec<CudaFunction>; 2],
+    merge_splits: [CudaFunction; 2],
+    rope_write_kv: [CudaFunction; 2],
 }
 
 /// One GPU, one stream, cuBLAS on it, and the executor's kernels.
@@ -168,9 +172,15 @@ impl Gpu {
             argmax_rows: g("argmax_rows")?,
             write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
             paged_attention: [
-                [g("paged_attention_d64_f32")?, g("paged_attention_d128_f32")?],
-                [g("paged_attention_d64_bf16")?, g("paged_attention_d128_bf16")?],
+                HEAD_DIMS.iter().map(|d| g(&format!("paged_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
+                HEAD_DIMS.iter().map(|d| g(&format!("paged_attention_d{d}_bf16"))).collect::<Result<_, _>>()?,
             ],
+            paged_decode_split: [
+                HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_f32"))).collect::<Result<_, _>>()?,
+                HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_bf16"))).collect::<Result<_, _>>()?,
+            ],
+            merge_splits: [g("merge_splits_f32")?, g("merge_splits_bf16")?],
+            rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
         };
         Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f })
     }
@@ -514,11 +524,10 @@ impl Gpu {
         d: usize,
         scale: f32,
     ) -> Result<(), Unavailable> {
-        let di = match d {
-            64 => 0,
-            128 => 1,
-            _ => return Err(Unavailable(format!("paged attention has kernels for head_dim 64 and 128, not {d}"))),
-        };
+        let di = HEAD_DIMS
+            .iter()
+            .position(|&x| x == d)
+            .ok_or_else(|| Unavailable(format!("paged attention has kernels for head_dim {HEAD_DIMS:?}, not {d}")))?;
         let f = &self.f.paged_attention[attn_dt(dt)?][di];
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let mut l = self.stream.launch_builder(f);
@@ -534,6 +543,99 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Split-KV decode attention: positions cut into `split.splits` chunks of `split.chunk`,
+    /// partial states in `split.partial` (`tokens × heads × splits × (d + 2)` f32), then merged
+    /// into out `[heads, tokens, d]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_split(
+        &self,
+        dt: Dt,
+        q: Ptr,
+        kc: Ptr,
+        vc: Ptr,
+        out: Ptr,
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+        split: Split,
+    ) -> Result<(), Unavailable> {
+        let di = HEAD_DIMS
+            .iter()
+            .position(|&x| x == d)
+            .ok_or_else(|| Unavailable(format!("paged attention has kernels for head_dim {HEAD_DIMS:?}, not {d}")))?;
+        let a = attn_dt(dt)?;
+        let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
+        let (chunk, splits) = (split.chunk as i32, split.splits as i32);
+        let mut l = self.stream.launch_builder(&self.f.paged_decode_split[a][di]);
+        l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
+        l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&chunk).arg(&splits);
+        l.arg(&split.partial);
+        let cfg = LaunchConfig {
+            grid_dim: (meta.tokens as u32, heads as u32, split.splits as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as paged_attention; `partial` holds tokens × heads × splits × (d + 2) floats.
+        launched("paged_decode_split", unsafe { l.launch(cfg) }.map(|_| ()))?;
+        let d32 = d as i32;
+        let mut l = self.stream.launch_builder(&self.f.merge_splits[a]);
+        l.arg(&split.partial).arg(&out).arg(&h).arg(&t).arg(&splits).arg(&d32);
+        let cfg = LaunchConfig {
+            grid_dim: (meta.tokens as u32, heads as u32, 1),
+            block_dim: (d.clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads the partials written above, writes out.
+        launched("merge_splits", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+
+    /// RoPE of q `[heads, tokens, d]` into `q_out` and of k into the cache, v copied to the
+    /// cache: the rope and KV-write of a layer in one launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_write_kv(
+        &self,
+        dt: Dt,
+        qkv: (Ptr, Ptr, Ptr),
+        cos: Ptr,
+        sin: Ptr,
+        q_out: Ptr,
+        cache: (Ptr, Ptr),
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+    ) -> Result<(), Unavailable> {
+        let f = &self.f.rope_write_kv[attn_dt(dt)?];
+        let (ps, h, kvh, t, d32) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64, d as i32);
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&q_out).arg(&cache.0).arg(&cache.1);
+        l.arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr).arg(&meta.page_indices);
+        l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&d32);
+        // SAFETY: as write_kv; q, q_out [heads, tokens, d], k, v [kv_heads, tokens, d].
+        launched("rope_write_kv", unsafe { l.launch(grid((heads + kv_heads) * meta.tokens * d / 2, 256)) }.map(|_| ()))
+    }
+}
+
+/// How split-KV decode cuts positions, and where its partial states go.
+#[derive(Clone, Copy, Debug)]
+pub struct Split {
+    pub chunk: usize,
+    pub splits: usize,
+    pub partial: Ptr,
+}
+
+impl Split {
+    /// Chunks for sequences of up to `max_len` positions: at most 32 chunks, at least 16
+    /// positions each.
+    pub fn plan(max_len: usize) -> (usize, usize) {
+        let splits = max_len.div_ceil(16).clamp(1, 32);
+        (max_len.div_ceil(splits), splits)
+    }
+}
+
 fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {
     match dt {
         Dt::F32 => Ok(0),
@@ -541,6 +643,9 @@ fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {
         _ => Err(Unavailable(format!("paged attention has f32 and bf16 kernels, not {dt:?}"))),
     }
 }
+
+/// Head dims the paged attention kernels are instantiated for.
+pub const HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
 
 /// A step's batch metadata on the device (FlashInfer's CSR page table), shared by all layers.
 #[derive(Clone, Copy, Debug)]

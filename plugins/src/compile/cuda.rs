@@ -18,7 +18,7 @@ use autodeploy_core::registry::{CompileOptions, CompiledModel};
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
-use autodeploy_kernels::cuda::exec::{Binary, Buffer, Dt, Gpu, Ptr, StepMeta, Strided, Unary, MAX_RANK};
+use autodeploy_kernels::cuda::exec::{Binary, Buffer, Dt, Gpu, Ptr, Split, StepMeta, Strided, Unary, MAX_RANK};
 use autodeploy_kernels::cuda::Unavailable;
 
 /// What the CUDA executor does beyond running nodes in order.
@@ -192,8 +192,13 @@ pub struct CudaModel {
     param_ptr: HashMap<usize, Ptr>,
     arena: Buffer,
     plan: Vec<Planned>,
-    /// Node i is an add whose work node i+1 (its RMSNorm) does.
-    fused_into_next: Vec<bool>,
+    /// Node i's work is done by a later node (fusion): an add by its RMSNorm, q/k RoPEs by
+    /// their cached attention.
+    deferred_to: Vec<Option<usize>>,
+    /// Split-KV decode: used for steps of up to `split_tokens` tokens.
+    split: Option<Split>,
+    split_tokens: usize,
+    _split_buf: Option<Buffer>,
     cache: Vec<Layer>,
     page_size: usize,
     /// Pages the runtime may use; page `kv_pages` is the padding sequences' scratch page.
@@ -207,6 +212,26 @@ pub struct CudaModel {
     buckets: Vec<usize>,
     /// Largest tokens per step the plan allows.
     max_tokens: usize,
+    /// `AUTODEPLOY_PROFILE`: time per op name (calls, total), printed when the model drops.
+    profile_on: bool,
+    profile: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>,
+}
+
+impl Drop for CudaModel {
+    fn drop(&mut self) {
+        if !self.profile_on {
+            return;
+        }
+        let p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        let total: std::time::Duration = p.values().map(|v| v.1).sum();
+        let mut rows: Vec<_> = p.iter().collect();
+        rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.1));
+        eprintln!("op profile (CUDA, synchronised after every node; {:.1} ms in ops):", total.as_secs_f64() * 1e3);
+        for (op, (calls, t)) in rows {
+            let share = 100.0 * t.as_secs_f64() / total.as_secs_f64().max(1e-12);
+            eprintln!("  {op:<32} {calls:>8} calls {:>10.1} ms {share:>5.1}%", t.as_secs_f64() * 1e3);
+        }
+    }
 }
 
 struct Captured {
@@ -298,28 +323,56 @@ impl CudaModel {
             Ok(eval_shape(&m.shape, &max_bind)?.iter().product::<usize>() * m.dtype.size_in_bytes())
         };
 
-        // Fusion: an add whose result the very next node normalises.
+        // Fusion (`compile`, `opt`): an add whose result the next node normalises runs inside
+        // that RMSNorm; the RoPEs of a cached attention's q and k run with its KV write.
         let n = graph.nodes.len();
-        let mut fused_into_next = vec![false; n];
+        let mut deferred_to: Vec<Option<usize>> = vec![None; n];
         if mode.fuse {
             for (i, pair) in graph.nodes.windows(2).enumerate() {
                 let (a, b) = (&pair[0], &pair[1]);
                 if let (Op::Add, Op::RmsNorm { .. }) = (&a.op, &b.op) {
                     let (x, r, o) = (graph.meta(a.inputs[0]), graph.meta(a.inputs[1]), graph.meta(a.outputs[0]));
                     if b.inputs[0] == a.outputs[0] && x.shape == r.shape && x == o && r.dtype == o.dtype {
-                        fused_into_next[i] = true;
+                        deferred_to[i] = Some(i + 1);
                     }
                 }
+            }
+            let producers = graph.producers();
+            let uses = graph.use_counts();
+            for (j, node) in graph.nodes.iter().enumerate() {
+                if !matches!(node.op, Op::CachedAttention { .. }) {
+                    continue;
+                }
+                let rope = |v: autodeploy_core::ValueId| {
+                    producers[v.0 as usize].filter(|&p| {
+                        matches!(graph.nodes[p].op, Op::Rope { interleaved: false }) && uses[v.0 as usize] == 1
+                    })
+                };
+                if let (Some(rq), Some(rk)) = (rope(node.inputs[0]), rope(node.inputs[1])) {
+                    let (a, b) = (&graph.nodes[rq].inputs, &graph.nodes[rk].inputs);
+                    if a[1..] == b[1..] && !graph.outputs.contains(&node.inputs[0]) {
+                        deferred_to[rq] = Some(j);
+                        deferred_to[rk] = Some(j);
+                    }
+                }
+            }
+        }
+        // What each node reads: its inputs and those of the nodes deferred into it.
+        let mut reads_at: Vec<Vec<usize>> =
+            graph.nodes.iter().map(|nd| nd.inputs.iter().map(|v| v.0 as usize).collect()).collect();
+        for (i, d) in deferred_to.iter().enumerate() {
+            if let Some(j) = *d {
+                let extra: Vec<usize> = graph.nodes[i].inputs.iter().map(|v| v.0 as usize).collect();
+                reads_at[j].extend(extra);
             }
         }
 
         // Liveness: last node reading each value; views keep their source alive; fused adds
         // read their inputs one node later.
         let mut last_use = vec![0usize; graph.values.len()];
-        for (i, node) in graph.nodes.iter().enumerate() {
-            let at = if fused_into_next[i] { i + 1 } else { i };
-            for v in &node.inputs {
-                last_use[v.0 as usize] = last_use[v.0 as usize].max(at);
+        for (i, reads) in reads_at.iter().enumerate() {
+            for &v in reads {
+                last_use[v] = last_use[v].max(i);
             }
         }
         for o in &graph.outputs {
@@ -344,10 +397,7 @@ impl CudaModel {
                 arena.release(at, b);
             }
             plan.push(Planned { out, scratch });
-            let mut dead: Vec<usize> = node.inputs.iter().map(|v| v.0 as usize).collect();
-            if i > 0 && fused_into_next[i - 1] {
-                dead.extend(graph.nodes[i - 1].inputs.iter().map(|v| v.0 as usize));
-            }
+            let mut dead = reads_at[i].clone();
             dead.push(node.outputs[0].0 as usize);
             dead.sort_unstable();
             dead.dedup();
@@ -404,6 +454,34 @@ impl CudaModel {
                 cache.push(Layer { k, v, kv_heads: l.kv_heads, head_dim: l.head_dim });
             }
         }
+        // Split-KV decode for steps of up to 256 tokens (decode batches, short prefills).
+        let max_len = graph.symbols.get("seq_len").or_else(|| graph.symbols.get("seq")).map(|r| r.max).unwrap_or(1);
+        let split_tokens = max_tokens.min(256);
+        let attn_heads = graph
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::CachedAttention { .. }))
+            .map(|n| {
+                graph.meta(n.inputs[0]).shape[1].as_static().unwrap_or(0)
+                    * graph.meta(n.inputs[0]).shape[3].as_static().unwrap_or(0)
+            })
+            .max();
+        let (split, split_buf) = match attn_heads {
+            Some(hd) => {
+                let (chunk, splits) = Split::plan(max_len);
+                let heads_max = graph
+                    .nodes
+                    .iter()
+                    .filter(|n| matches!(n.op, Op::CachedAttention { .. }))
+                    .map(|n| graph.meta(n.inputs[0]).shape[1].as_static().unwrap_or(0))
+                    .max()
+                    .unwrap_or(0);
+                let bytes = 4 * split_tokens * splits * (hd + 2 * heads_max);
+                let buf = gpu.alloc(bytes, "split-KV decode partials").map_err(gpu_err)?;
+                (Some(Split { chunk, splits, partial: buf.ptr }), Some(buf))
+            }
+            None => (None, None),
+        };
         // Staging: the graph inputs at their largest, then token_seq, token_pos, indptr (i64),
         // page indices (i32).
         let mut staging_bytes = 0;
@@ -427,7 +505,10 @@ impl CudaModel {
             param_ptr,
             arena: arena_buf,
             plan,
-            fused_into_next,
+            deferred_to,
+            split,
+            split_tokens,
+            _split_buf: split_buf,
             cache,
             page_size,
             kv_pages,
@@ -437,6 +518,8 @@ impl CudaModel {
             graphs: HashMap::new(),
             buckets,
             max_tokens,
+            profile_on: std::env::var_os("AUTODEPLOY_PROFILE").is_some(),
+            profile: Default::default(),
         })
     }
 
@@ -561,7 +644,7 @@ impl CudaModel {
     }
 
     /// Queues every node's kernels for inputs of these shapes (nothing is read back).
-    fn enqueue(&self, bind: &Bindings, staged: &Staged) -> Result<(Ptr, Vec<usize>)> {
+    fn enqueue(&self, bind: &Bindings, staged: &Staged, capturing: bool) -> Result<(Ptr, Vec<usize>)> {
         let g = &self.graph;
         let gpu = &self.gpu;
         let mut ptr: Vec<Ptr> = vec![0; g.values.len()];
@@ -575,8 +658,10 @@ impl CudaModel {
         let shape_of = |v: autodeploy_core::ValueId| eval_shape(&g.meta(v).shape, bind);
         let dt_of = |v: autodeploy_core::ValueId| dt(g.meta(v).dtype, &g.value(v).name);
         let base = self.arena.ptr;
+        // Per-op times (synchronising after every node) when profiling and not capturing.
+        let profiling = self.profile_on && !capturing;
         for (i, node) in g.nodes.iter().enumerate() {
-            if self.fused_into_next[i] {
+            if self.deferred_to[i].is_some() {
                 continue;
             }
             let outv = node.outputs[0];
@@ -592,6 +677,7 @@ impl CudaModel {
             let fail = |e: Unavailable| Error::Op { op: node.op.name().into(), msg: format!("node `{name}`: {}", e.0) };
             let mut out = planned;
             let mut also: Option<(usize, Ptr)> = None;
+            let t0 = profiling.then(std::time::Instant::now);
             match &node.op {
                 Op::Embedding => {
                     let ws = in_shape(0)?;
@@ -712,7 +798,7 @@ impl CudaModel {
                     let xs = in_shape(0)?;
                     let last = *xs.last().unwrap_or(&1);
                     let norm_dt = dt(*norm_dtype, name)?;
-                    let (x, residual) = if i > 0 && self.fused_into_next[i - 1] {
+                    let (x, residual) = if i > 0 && self.deferred_to[i - 1] == Some(i) {
                         let add = &g.nodes[i - 1];
                         let res_out = base + self.plan[i - 1].out as u64;
                         also = Some((add.outputs[0].0 as usize, res_out));
@@ -792,20 +878,73 @@ impl CudaModel {
                     let l = &self.cache[*layer];
                     let qs = in_shape(0)?;
                     let heads = qs[1];
-                    gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim).map_err(fail)?;
-                    gpu.paged_attention(
-                        odt,
-                        inp(0),
-                        l.k.ptr,
-                        l.v.ptr,
-                        planned,
-                        meta,
-                        heads,
-                        l.kv_heads,
-                        l.head_dim,
-                        *scale as f32,
-                    )
-                    .map_err(fail)?;
+                    let ropes: Vec<usize> = (0..i).filter(|&r| self.deferred_to[r] == Some(i)).collect();
+                    let q = if let [rq, rk] = ropes[..] {
+                        // q and k still need their RoPE: one kernel rotates q into rq's region and
+                        // writes rotated k and v into the cache.
+                        let (nq, nk) = (&g.nodes[rq], &g.nodes[rk]);
+                        let cs = shape_of(nq.inputs[1])?;
+                        let t = qs[2];
+                        if cs.len() < 2
+                            || cs[cs.len() - 2..] != [t, l.head_dim]
+                            || cs[..cs.len() - 2].iter().any(|&x| x != 1)
+                        {
+                            return Err(fail(Unavailable(format!(
+                                "cos/sin {cs:?} are not one [tokens, head_dim] table"
+                            ))));
+                        }
+                        let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
+                        let q_out = base + self.plan[rq].out as u64;
+                        gpu.rope_write_kv(
+                            odt,
+                            (p(nq.inputs[0]), p(nk.inputs[0]), inp(2)),
+                            p(nq.inputs[1]),
+                            p(nq.inputs[2]),
+                            q_out,
+                            (l.k.ptr, l.v.ptr),
+                            meta,
+                            heads,
+                            l.kv_heads,
+                            l.head_dim,
+                        )
+                        .map_err(fail)?;
+                        q_out
+                    } else {
+                        gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim)
+                            .map_err(fail)?;
+                        inp(0)
+                    };
+                    match self.split {
+                        Some(split) if meta.tokens <= self.split_tokens => gpu
+                            .paged_decode_split(
+                                odt,
+                                q,
+                                l.k.ptr,
+                                l.v.ptr,
+                                planned,
+                                meta,
+                                heads,
+                                l.kv_heads,
+                                l.head_dim,
+                                *scale as f32,
+                                split,
+                            )
+                            .map_err(fail)?,
+                        _ => gpu
+                            .paged_attention(
+                                odt,
+                                q,
+                                l.k.ptr,
+                                l.v.ptr,
+                                planned,
+                                meta,
+                                heads,
+                                l.kv_heads,
+                                l.head_dim,
+                                *scale as f32,
+                            )
+                            .map_err(fail)?,
+                    }
                 }
                 op => {
                     return Err(Error::Op {
@@ -813,6 +952,13 @@ impl CudaModel {
                         msg: format!("node `{name}`: no CUDA implementation"),
                     })
                 }
+            }
+            if let Some(t0) = t0 {
+                gpu.sync().map_err(gpu_err)?;
+                let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(node.op.name()).or_default();
+                e.0 += 1;
+                e.1 += t0.elapsed();
             }
             ptr[outv.0 as usize] = out;
             if let Some((v, p)) = also {
@@ -881,7 +1027,7 @@ impl CudaModel {
             return Err(Error::Msg(format!("{} tokens in one step; the plan holds {}", bind["seq"], self.max_tokens)));
         }
         let Some(b) = bucket else {
-            let (p, s) = self.enqueue(&bind, &staged)?;
+            let (p, s) = self.enqueue(&bind, &staged, false)?;
             return Ok((p, s, staged.rows));
         };
         if let Some(c) = self.graphs.get(&b) {
@@ -895,13 +1041,13 @@ impl CudaModel {
         }
         // First step of this bucket: run it eagerly (its results are this step's), then capture
         // the same launches for the next ones.
-        let (p, s) = self.enqueue(&bind, &staged)?;
+        let (p, s) = self.enqueue(&bind, &staged, false)?;
         self.gpu.sync().map_err(gpu_err)?;
         let stream = self.gpu.stream.clone();
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| Error::Msg(format!("starting CUDA graph capture for batch {b}: {e:?}")))?;
-        let res = self.enqueue(&bind, &staged);
+        let res = self.enqueue(&bind, &staged, true);
         let graph = stream.end_capture(
             autodeploy_kernels::cuda::cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
@@ -975,5 +1121,45 @@ impl CompiledModel for CudaModel {
         self.gpu.download(self.ids_out.ptr, &mut b).map_err(gpu_err)?;
         self.check_flags()?;
         Ok(Some(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arena_reuses_freed_regions_and_merges_neighbours() {
+        let mut a = Arena::default();
+        let x = a.alloc(1000);
+        let y = a.alloc(300);
+        let z = a.alloc(10);
+        // Regions are padded to 256 bytes.
+        assert_eq!((x, y, z), (0, 1024, 1536));
+        a.release(x, 1000);
+        a.release(y, 300);
+        // x and y merged: 1536 bytes free at 0; 1280 of them taken.
+        assert_eq!(a.alloc(1200), 0);
+        assert_eq!(a.top, 1792);
+        a.release(z, 10);
+        // The rest of that block and z's merge at the top, and grow there.
+        assert_eq!(a.alloc(4096), 1280);
+        assert_eq!(a.top, 1280 + 4096);
+    }
+
+    #[test]
+    fn views_are_contiguous_only_when_their_strides_say_so() {
+        // [1, seq, h, d] -> [1, h, seq, d]: a copy unless seq or h is 1.
+        let st = |s: &[usize], a: usize, b: usize| {
+            let mut v = contiguous_strides(s);
+            v.swap(a, b);
+            v
+        };
+        assert!(is_contiguous(&[1, 4, 1, 16], &st(&[1, 1, 4, 16], 1, 2)));
+        assert!(!is_contiguous(&[1, 4, 3, 16], &st(&[1, 3, 4, 16], 1, 2)));
+        // A slice of the last dim of [1, 1, 96] is contiguous; of [1, 2, 96] it is not.
+        assert!(is_contiguous(&[1, 1, 32], &contiguous_strides(&[1, 1, 96])));
+        assert!(!is_contiguous(&[1, 2, 32], &contiguous_strides(&[1, 2, 96])));
+        assert_eq!(broadcast_strides(&[1, 16], &[1, 4, 3, 16]), vec![0, 0, 0, 1]);
     }
 }
