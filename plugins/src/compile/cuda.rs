@@ -205,9 +205,8 @@ pub struct CudaModel {
     kv_pages: usize,
     /// Step inputs and metadata, uploaded in one copy.
     staging: Buffer,
-    /// Error flags the kernels set (a bad embedding id, a bad gather index), and argmax ids.
+    /// Error flags the kernels set (a bad embedding id, a bad gather index), then argmax ids.
     flags: Buffer,
-    ids_out: Buffer,
     graphs: HashMap<usize, Captured>,
     buckets: Vec<usize>,
     /// Largest tokens per step the plan allows.
@@ -244,6 +243,8 @@ unsafe impl Send for Captured {}
 
 const FLAG_EMBEDDING: u64 = 0;
 const FLAG_GATHER: u64 = 8;
+/// Where in the flags buffer greedy ids are written.
+const IDS_AT: u64 = 64;
 
 impl CudaModel {
     pub fn compile(graph: &Graph, opts: &CompileOptions, ordinal: usize, mode: Mode) -> Result<CudaModel> {
@@ -491,8 +492,7 @@ impl CudaModel {
         let pad_pages = opts.cuda_graph_batch_sizes.iter().copied().max().unwrap_or(0);
         staging_bytes += 3 * padded(8 * (max_tokens + 1)) + padded(4 * (kv_pages + pad_pages + 1));
         let staging = gpu.alloc(staging_bytes, "step inputs").map_err(gpu_err)?;
-        let flags = gpu.alloc(64, "error flags").map_err(gpu_err)?;
-        let ids_out = gpu.alloc(8 * (max_tokens + 1), "sampled ids").map_err(gpu_err)?;
+        let flags = gpu.alloc(IDS_AT as usize + 8 * (max_tokens + 1), "error flags and sampled ids").map_err(gpu_err)?;
         let mut buckets: Vec<usize> =
             opts.cuda_graph_batch_sizes.iter().copied().filter(|&b| b >= 1 && b <= max_tokens).collect();
         buckets.sort_unstable();
@@ -514,7 +514,6 @@ impl CudaModel {
             kv_pages,
             staging,
             flags,
-            ids_out,
             graphs: HashMap::new(),
             buckets,
             max_tokens,
@@ -991,9 +990,21 @@ impl CudaModel {
         Ok(planned)
     }
 
+    fn note(&self, what: &'static str, d: std::time::Duration) {
+        let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(what).or_default();
+        e.0 += 1;
+        e.1 += d;
+    }
+
     fn check_flags(&self) -> Result<()> {
         let mut f = [0u8; 16];
         self.gpu.download(self.flags.ptr, &mut f).map_err(gpu_err)?;
+        self.flags_ok(&f)
+    }
+
+    /// The kernels' error flags (the first 16 bytes of the flags buffer) as an error.
+    fn flags_ok(&self, f: &[u8]) -> Result<()> {
         let emb = i64::from_le_bytes(f[0..8].try_into().expect("8 bytes"));
         let gat = i64::from_le_bytes(f[8..16].try_into().expect("8 bytes"));
         if emb != 0 {
@@ -1111,16 +1122,24 @@ impl CompiledModel for CudaModel {
     fn forward_greedy(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Option<Vec<i64>>> {
         let step = step.map(|s| &*s);
         let Some(_) = step else { return Ok(None) };
+        let t0 = std::time::Instant::now();
         let (p, shape, rows) = self.run(inputs, step)?;
+        let t1 = std::time::Instant::now();
         let o = self.graph.outputs[0];
         let odt = dt(self.graph.meta(o).dtype, "logits")?;
         let vocab = *shape.last().unwrap_or(&1);
         let n = rows.min(shape.first().copied().unwrap_or(0));
-        self.gpu.argmax_rows(p, odt, self.ids_out.ptr, n, vocab).map_err(gpu_err)?;
-        let mut b = vec![0u8; 8 * n];
-        self.gpu.download(self.ids_out.ptr, &mut b).map_err(gpu_err)?;
-        self.check_flags()?;
-        Ok(Some(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))
+        // The ids land right after the error flags: one copy back brings both.
+        self.gpu.argmax_rows(p, odt, self.flags.ptr + IDS_AT, n, vocab).map_err(gpu_err)?;
+        let mut b = vec![0u8; IDS_AT as usize + 8 * n];
+        self.gpu.download(self.flags.ptr, &mut b).map_err(gpu_err)?;
+        self.flags_ok(&b)?;
+        if self.profile_on {
+            self.note("step: stage, upload, launch (host)", t1 - t0);
+            self.note("step: wait for the GPU, argmax, copy ids back", t1.elapsed());
+        }
+        let ids = &b[IDS_AT as usize..];
+        Ok(Some(ids.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))
     }
 }
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU benchmarks recorded in BENCHMARKS.md: `bash benches/gpu/run.sh [path/to/autodeploy]`
+# (default: target/release/autodeploy). One JSON line per run, summarised.
+set -euo pipefail
+bin=${1:-target/release/autodeploy}
+here=$(dirname "$0")
+run() { "$bin" bench --config "$here/$1" --compile-backend "$2" --mode "$3" --isl 128 --osl 128 --batch "$4" 2>/dev/null | python3 "$here/summarize.py"; }
+for m in qwen2.5-0.5b.toml llama-3.2-1b.toml; do
+  for b in simple cudagraph compile opt; do run "$m" "$b" latency 1; done
+done
+run llama-3.1-8b.toml opt latency 1
+run llama-3.1-8b.toml simple latency 1
+run llama-3.1-8b.toml opt throughput 64
