@@ -41,10 +41,17 @@ fn main() {
         (4096, 14336),
         (128256, 4096),
     ] {
-        for &m in &[1usize, 64] {
+        for &m in &[1usize, 8, 64] {
             let us = time(&gpu, reps, || gpu.linear(Dt::BF16, m, n, k, x.ptr, big.ptr, y.ptr, false).unwrap());
             let gbs = (n * k * 2) as f64 / (us * 1e-6) / 1e9;
-            println!("linear bf16 m={m} n={n} k={k}: {us:.2} us, {gbs:.0} GB/s of weights");
+            println!("cuBLAS bf16 m={m} n={n} k={k}: {us:.2} us, {gbs:.0} GB/s of weights");
+            if m <= 8 {
+                let us = time(&gpu, reps, || {
+                    assert!(gpu.gemv(Dt::BF16, m, n, k, x.ptr, big.ptr, y.ptr, false, false).unwrap());
+                });
+                let gbs = (n * k * 2) as f64 / (us * 1e-6) / 1e9;
+                println!("  gemv bf16 m={m}: {us:.2} us, {gbs:.0} GB/s of weights");
+            }
         }
     }
     println!("copy floor: {:.0} GB/s", gpu.copy_bandwidth(1 << 30, 20).unwrap() / 1e9);

@@ -194,23 +194,33 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
     }
 }
 
-// out[h, t, :] = the chunks' partial states combined; one block of D threads per (t, h).
+// out[h, t, :] = the chunks' partial states combined; one block per (t, h). The chunks' weights
+// exp(m_s - M) are computed once into shared memory (at most 64 chunks), then each thread sums
+// its output elements over the chunks.
 template <typename T>
 __device__ void merge_splits(const float* partial, T* out, int heads, long tokens, int splits, int d) {
     long t = blockIdx.x;
     int h = blockIdx.y;
     const float* p = partial + ((long)t * heads + h) * splits * (d + 2);
-    float M = -3.0e38f;
-    for (int s = 0; s < splits; s++) M = fmaxf(M, p[s * (d + 2) + d]);
-    for (int e = threadIdx.x; e < d; e += blockDim.x) {
-        float o = 0.0f, L = 0.0f;
+    __shared__ float w[64];
+    __shared__ float inv_l;
+    if (threadIdx.x < splits) w[threadIdx.x] = p[threadIdx.x * (d + 2) + d];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = -3.0e38f;
+        for (int s = 0; s < splits; s++) M = fmaxf(M, w[s]);
+        float L = 0.0f;
         for (int s = 0; s < splits; s++) {
-            const float* ps = p + s * (d + 2);
-            float w = __expf(ps[d] - M);
-            o += ps[e] * w;
-            L += ps[d + 1] * w;
+            w[s] = __expf(w[s] - M);
+            L += p[s * (d + 2) + d + 1] * w[s];
         }
-        store_f(out, ((long)h * tokens + t) * d + e, o / L);
+        inv_l = 1.0f / L;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < splits; s++) o += p[s * (d + 2) + e] * w[s];
+        store_f(out, ((long)h * tokens + t) * d + e, o * inv_l);
     }
 }
 

@@ -100,7 +100,10 @@ struct Funcs {
     silu_mul: CudaFunction,
     embedding_rows: CudaFunction,
     index_select: CudaFunction,
-    argmax_rows: CudaFunction,
+    argmax_partial: CudaFunction,
+    /// bf16 decode GEMV for m = 1, 2, 4, 8.
+    gemv_bf16: [CudaFunction; 4],
+    argmax_final: CudaFunction,
     write_kv: [CudaFunction; 2],
     /// [f32, bf16] × head dims `HEAD_DIMS`.
     paged_attention: [Vec<CudaFunction>; 2],
@@ -169,7 +172,9 @@ impl Gpu {
             silu_mul: g("silu_mul")?,
             embedding_rows: g("embedding_rows")?,
             index_select: g("index_select")?,
-            argmax_rows: g("argmax_rows")?,
+            argmax_partial: g("argmax_partial")?,
+            gemv_bf16: [g("gemv_bf16_m1")?, g("gemv_bf16_m2")?, g("gemv_bf16_m4")?, g("gemv_bf16_m8")?],
+            argmax_final: g("argmax_final")?,
             write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
             paged_attention: [
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
@@ -429,13 +434,69 @@ impl Gpu {
         launched("index_select", unsafe { l.launch(grid(outer * nidx * inner_bytes, 256)) }.map(|_| ()))
     }
 
-    pub fn argmax_rows(&self, logits: Ptr, dt: Dt, out: Ptr, rows: usize, vocab: usize) -> Result<(), Unavailable> {
-        let (d, v) = (dt as i32, vocab as i32);
-        let mut l = self.stream.launch_builder(&self.f.argmax_rows);
-        l.arg(&logits).arg(&d).arg(&out).arg(&v);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: rows × vocab logits, rows ids out.
-        launched("argmax_rows", unsafe { l.launch(cfg) }.map(|_| ()))
+    /// Argmax of each of `rows` rows of logits into i64 `out`; `scratch` holds
+    /// `rows × ARGMAX_PARTS` (f32, i32) pairs.
+    pub fn argmax_rows(
+        &self,
+        logits: Ptr,
+        dt: Dt,
+        out: Ptr,
+        rows: usize,
+        vocab: usize,
+        scratch: Ptr,
+    ) -> Result<(), Unavailable> {
+        let (d, v, parts) = (dt as i32, vocab as i32, ARGMAX_PARTS as i32);
+        let part_i = scratch + 4 * (rows * ARGMAX_PARTS) as u64;
+        let mut l = self.stream.launch_builder(&self.f.argmax_partial);
+        l.arg(&logits).arg(&d).arg(&scratch).arg(&part_i).arg(&v);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, ARGMAX_PARTS as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: rows × vocab logits; rows × ARGMAX_PARTS partials in scratch.
+        launched("argmax_partial", unsafe { l.launch(cfg) }.map(|_| ()))?;
+        let mut l = self.stream.launch_builder(&self.f.argmax_final);
+        l.arg(&scratch).arg(&part_i).arg(&out).arg(&parts);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: reads the partials written above; rows ids out.
+        launched("argmax_final", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+
+    /// The decode GEMV (bf16, m in 1, 2, 4, 8, k % 8 == 0, 16-byte aligned) when it applies:
+    /// `Ok(false)` means use `linear`. With `swiglu`, x is `[m, 2k]` rows of gate | up and the
+    /// GEMV reads silu(gate) * up.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(
+        &self,
+        dt: Dt,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: Ptr,
+        w: Ptr,
+        y: Ptr,
+        accumulate: bool,
+        swiglu: bool,
+    ) -> Result<bool, Unavailable> {
+        let i = match m {
+            1 => 0,
+            2 => 1,
+            4 => 2,
+            8 => 3,
+            _ => return Ok(false),
+        };
+        if dt != Dt::BF16 || !k.is_multiple_of(8) || !(x | w).is_multiple_of(16) {
+            return Ok(false);
+        }
+        let (n32, k32, acc, sw) = (n as i32, k as i32, accumulate as i32, swiglu as i32);
+        let mut l = self.stream.launch_builder(&self.f.gemv_bf16[i]);
+        l.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32).arg(&acc).arg(&sw);
+        let cfg =
+            LaunchConfig { grid_dim: ((n as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x [m, k] (or [m, 2k]), w [n, k], y [m, n] as the caller's tensors; alignment checked.
+        launched("gemv_bf16", unsafe { l.launch(cfg) }.map(|_| ()))?;
+        Ok(true)
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when `accumulate`)`, row-major, f32 accumulation.
@@ -585,7 +646,7 @@ impl Gpu {
         l.arg(&split.partial).arg(&out).arg(&h).arg(&t).arg(&splits).arg(&d32);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, 1),
-            block_dim: (d.clamp(32, 256) as u32, 1, 1),
+            block_dim: (d.clamp(64, 256) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: reads the partials written above, writes out.
@@ -628,11 +689,11 @@ pub struct Split {
 }
 
 impl Split {
-    /// Chunks for sequences of up to `max_len` positions: at most 32 chunks, at least 16
-    /// positions each.
+    /// Chunks for sequences of up to `max_len` positions: at least 64 positions each (a
+    /// block's four warps take four positions at a time), at most 32 chunks.
     pub fn plan(max_len: usize) -> (usize, usize) {
-        let splits = max_len.div_ceil(16).clamp(1, 32);
-        (max_len.div_ceil(splits), splits)
+        let chunk = max_len.div_ceil(32).max(64);
+        (chunk, max_len.div_ceil(chunk).max(1))
     }
 }
 
@@ -643,6 +704,9 @@ fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {
         _ => Err(Unavailable(format!("paged attention has f32 and bf16 kernels, not {dt:?}"))),
     }
 }
+
+/// Blocks per row in the argmax's first pass.
+pub const ARGMAX_PARTS: usize = 64;
 
 /// Head dims the paged attention kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];

@@ -236,23 +236,18 @@ extern "C" __global__ void index_select(const unsigned char* x, const long long*
     out[i] = x[(o * len + j) * inner_bytes + b];
 }
 
-// Greedy sampling: argmax of each row (any float dtype), one block per row; ties pick the
-// lowest index and NaN wins, as torch.argmax.
-extern "C" __global__ void argmax_rows(const void* logits, int dt, long long* out, int vocab) {
-    long base = (long)blockIdx.x * vocab;
-    float best = __int_as_float(0xff800000);
-    int idx = 0x7fffffff;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        float v = ld(logits, dt, base + i);
-        if (v > best || (v == best && i < idx) || (v != v && best == best)) {
-            best = v;
-            idx = i;
-        }
-    }
+// Greedy sampling in two passes: block (r, b) of `argmax_partial` finds the best of its slice
+// of row r (ties: lowest index; NaN wins, as torch.argmax), then `argmax_final` picks among a
+// row's blocks. Many blocks per row keep a large vocabulary from running on one SM.
+__device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
+    return v > bv || (v == bv && i < bi) || (v != v && bv == bv) || (v != v && bv != bv && i < bi);
+}
+
+__device__ void block_best(float& best, int& idx) {
     for (int o = 16; o > 0; o >>= 1) {
         float ob = __shfl_xor_sync(0xffffffffu, best, o);
         int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ob > best || (ob == best && oi < idx) || (ob != ob && best == best)) {
+        if (better(ob, oi, best, idx)) {
             best = ob;
             idx = oi;
         }
@@ -267,11 +262,115 @@ extern "C" __global__ void argmax_rows(const void* logits, int dt, long long* ou
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
-            if (sb[w] > best || (sb[w] == best && si[w] < idx) || (sb[w] != sb[w] && best == best)) {
+            if (better(sb[w], si[w], best, idx)) {
                 best = sb[w];
                 idx = si[w];
             }
         }
-        out[blockIdx.x] = idx;
     }
 }
+
+extern "C" __global__ void argmax_partial(const void* logits, int dt, float* part_v, int* part_i, int vocab) {
+    long base = (long)blockIdx.x * vocab;
+    int per = (vocab + gridDim.y - 1) / gridDim.y;
+    int lo = blockIdx.y * per, hi = min(vocab, lo + per);
+    float best = __int_as_float(0xff800000);
+    int idx = 0x7fffffff;
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        float v = ld(logits, dt, base + i);
+        if (better(v, i, best, idx)) {
+            best = v;
+            idx = i;
+        }
+    }
+    block_best(best, idx);
+    if (threadIdx.x == 0) {
+        part_v[blockIdx.x * gridDim.y + blockIdx.y] = best;
+        part_i[blockIdx.x * gridDim.y + blockIdx.y] = idx;
+    }
+}
+
+extern "C" __global__ void argmax_final(const float* part_v, const int* part_i, long long* out, int parts) {
+    float best = __int_as_float(0xff800000);
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < parts; i += blockDim.x) {
+        float v = part_v[blockIdx.x * parts + i];
+        int j = part_i[blockIdx.x * parts + i];
+        if (better(v, j, best, idx)) {
+            best = v;
+            idx = j;
+        }
+    }
+    block_best(best, idx);
+    if (threadIdx.x == 0) out[blockIdx.x] = idx;
+}
+
+// Decode-sized linear layers (m <= 8 rows of activations), bf16: y[m, n] = x[m, k] · w[n, k]ᵀ
+// (+ y when `accumulate`), f32 accumulation, one warp per output row reading the weight row
+// 16 bytes per lane at a time (the activations are small and stay in cache). With `swiglu`,
+// x is formed on the fly from rows [gate (k) | up (k)] as round(round(silu(gate)) * up), so
+// the MLP's activation needs no kernel of its own. Rows of 8 weights are read whole: k % 8 == 0
+// and 16-byte aligned pointers (the launcher checks, else cuBLAS runs it).
+template <int M>
+__device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, int accumulate, int swiglu) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= n) return;
+    const uint4* wr = (const uint4*)(w + (long)warp * k);
+    float acc[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] = 0.0f;
+    int chunks = k / 8;
+    long xs = swiglu ? 2L * k : (long)k;  // elements between activation rows
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 wv = wr[c];
+        const bf16_t* wp = (const bf16_t*)&wv;
+        float wf[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) wf[j] = bf16_to_f32(wp[j]);
+#pragma unroll
+        for (int i = 0; i < M; i++) {
+            float xf[8];
+            if (swiglu) {
+                uint4 gv = *(const uint4*)(x + i * xs + c * 8);
+                uint4 uv = *(const uint4*)(x + i * xs + k + c * 8);
+                const bf16_t* gp = (const bf16_t*)&gv;
+                const bf16_t* up = (const bf16_t*)&uv;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    float g = bf16_to_f32(gp[j]);
+                    float s = bf16_to_f32(f32_to_bf16(g / (1.0f + __expf(-g))));
+                    xf[j] = bf16_to_f32(f32_to_bf16(s * bf16_to_f32(up[j])));
+                }
+            } else {
+                uint4 xv = *(const uint4*)(x + i * xs + c * 8);
+                const bf16_t* xp = (const bf16_t*)&xv;
+#pragma unroll
+                for (int j = 0; j < 8; j++) xf[j] = bf16_to_f32(xp[j]);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[i] += wf[j] * xf[j];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        float v = acc[i];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) {
+            long at = (long)i * n + warp;
+            if (accumulate) v += bf16_to_f32(y[at]);
+            y[at] = f32_to_bf16(v);
+        }
+    }
+}
+
+#define GEMV(M)                                                                                                       \
+    extern "C" __global__ void gemv_bf16_m##M(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k,             \
+                                              int accumulate, int swiglu) {                                           \
+        gemv_bf16<M>(x, w, y, n, k, accumulate, swiglu);                                                              \
+    }
+GEMV(1)
+GEMV(2)
+GEMV(4)
+GEMV(8)

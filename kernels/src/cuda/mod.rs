@@ -46,7 +46,12 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "silu_mul",
             "embedding_rows",
             "index_select",
-            "argmax_rows",
+            "argmax_partial",
+            "argmax_final",
+            "gemv_bf16_m1",
+            "gemv_bf16_m2",
+            "gemv_bf16_m4",
+            "gemv_bf16_m8",
         ],
     ),
     (

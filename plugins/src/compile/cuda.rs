@@ -207,6 +207,7 @@ pub struct CudaModel {
     staging: Buffer,
     /// Error flags the kernels set (a bad embedding id, a bad gather index), then argmax ids.
     flags: Buffer,
+    argmax_scratch: Buffer,
     graphs: HashMap<usize, Captured>,
     buckets: Vec<usize>,
     /// Largest tokens per step the plan allows.
@@ -492,7 +493,11 @@ impl CudaModel {
         let pad_pages = opts.cuda_graph_batch_sizes.iter().copied().max().unwrap_or(0);
         staging_bytes += 3 * padded(8 * (max_tokens + 1)) + padded(4 * (kv_pages + pad_pages + 1));
         let staging = gpu.alloc(staging_bytes, "step inputs").map_err(gpu_err)?;
-        let flags = gpu.alloc(IDS_AT as usize + 8 * (max_tokens + 1), "error flags and sampled ids").map_err(gpu_err)?;
+        let argmax_scratch = gpu
+            .alloc(8 * (max_tokens + 1) * autodeploy_kernels::cuda::exec::ARGMAX_PARTS, "argmax partials")
+            .map_err(gpu_err)?;
+        let flags =
+            gpu.alloc(IDS_AT as usize + 8 * (max_tokens + 1), "error flags and sampled ids").map_err(gpu_err)?;
         let mut buckets: Vec<usize> =
             opts.cuda_graph_batch_sizes.iter().copied().filter(|&b| b >= 1 && b <= max_tokens).collect();
         buckets.sort_unstable();
@@ -514,6 +519,7 @@ impl CudaModel {
             kv_pages,
             staging,
             flags,
+            argmax_scratch,
             graphs: HashMap::new(),
             buckets,
             max_tokens,
@@ -525,6 +531,25 @@ impl CudaModel {
     pub fn device_name(&self) -> &str {
         &self.gpu.dev.name
     }
+}
+
+/// A linear layer: the decode GEMV where it applies (bf16, a few rows), else cuBLAS.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    gpu: &Gpu,
+    d: Dt,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: Ptr,
+    w: Ptr,
+    y: Ptr,
+    acc: bool,
+) -> std::result::Result<(), Unavailable> {
+    if gpu.gemv(d, m, n, k, x, w, y, acc, false)? {
+        return Ok(());
+    }
+    gpu.linear(d, m, n, k, x, w, y, acc)
 }
 
 /// Scratch regions a node needs besides its output, at the largest shapes.
@@ -708,7 +733,7 @@ impl CudaModel {
                         let s = Strided::new(&[m, nn], &[0, 1], &[0, 0]).map_err(fail)?;
                         gpu.copy_strided(inp(2), in_dt(2)?, planned, odt, m * nn, s, false).map_err(fail)?;
                     }
-                    gpu.linear(odt, m, nn, k, inp(0), inp(1), planned, node.inputs.len() > 2).map_err(fail)?;
+                    linear(gpu, odt, m, nn, k, inp(0), inp(1), planned, node.inputs.len() > 2).map_err(fail)?;
                 }
                 Op::Add | Op::Sub | Op::Mul | Op::Div => {
                     let op = match node.op {
@@ -842,14 +867,21 @@ impl CudaModel {
                         return Err(fail(Unavailable("x and the weights must share one dtype".into())));
                     }
                     if *fused {
-                        gpu.linear(odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
-                        gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
-                        gpu.linear(odt, m, hidden, inter, scratch(1), inp(2), planned, false).map_err(fail)?;
+                        linear(gpu, odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
+                        // With fusion on, the down projection's GEMV forms silu(gate) * up itself.
+                        let fused_act = self.mode.fuse
+                            && gpu
+                                .gemv(odt, m, hidden, inter, scratch(0), inp(2), planned, false, true)
+                                .map_err(fail)?;
+                        if !fused_act {
+                            gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
+                            linear(gpu, odt, m, hidden, inter, scratch(1), inp(2), planned, false).map_err(fail)?;
+                        }
                     } else {
-                        gpu.linear(odt, m, inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
-                        gpu.linear(odt, m, inter, k, inp(0), inp(2), scratch(1), false).map_err(fail)?;
+                        linear(gpu, odt, m, inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
+                        linear(gpu, odt, m, inter, k, inp(0), inp(2), scratch(1), false).map_err(fail)?;
                         gpu.silu_mul(scratch(0), Some(scratch(1)), odt, scratch(2), m, inter).map_err(fail)?;
-                        gpu.linear(odt, m, hidden, inter, scratch(2), inp(3), planned, false).map_err(fail)?;
+                        linear(gpu, odt, m, hidden, inter, scratch(2), inp(3), planned, false).map_err(fail)?;
                     }
                 }
                 Op::IndexSelect { dim } => {
@@ -1130,7 +1162,7 @@ impl CompiledModel for CudaModel {
         let vocab = *shape.last().unwrap_or(&1);
         let n = rows.min(shape.first().copied().unwrap_or(0));
         // The ids land right after the error flags: one copy back brings both.
-        self.gpu.argmax_rows(p, odt, self.flags.ptr + IDS_AT, n, vocab).map_err(gpu_err)?;
+        self.gpu.argmax_rows(p, odt, self.flags.ptr + IDS_AT, n, vocab, self.argmax_scratch.ptr).map_err(gpu_err)?;
         let mut b = vec![0u8; IDS_AT as usize + 8 * n];
         self.gpu.download(self.flags.ptr, &mut b).map_err(gpu_err)?;
         self.flags_ok(&b)?;
