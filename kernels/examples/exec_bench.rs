@@ -47,7 +47,7 @@ fn main() {
             println!("cuBLAS bf16 m={m} n={n} k={k}: {us:.2} us, {gbs:.0} GB/s of weights");
             if m <= 8 {
                 let us = time(&gpu, reps, || {
-                    assert!(gpu.gemv(Dt::BF16, m, n, k, x.ptr, big.ptr, y.ptr, false, false).unwrap());
+                    assert!(gpu.gemv(Dt::BF16, m, n, k, x.ptr, big.ptr, y.ptr, false).unwrap());
                 });
                 let gbs = (n * k * 2) as f64 / (us * 1e-6) / 1e9;
                 println!("  gemv bf16 m={m}: {us:.2} us, {gbs:.0} GB/s of weights");

@@ -464,8 +464,7 @@ impl Gpu {
     }
 
     /// The decode GEMV (bf16, m in 1, 2, 4, 8, k % 8 == 0, 16-byte aligned) when it applies:
-    /// `Ok(false)` means use `linear`. With `swiglu`, x is `[m, 2k]` rows of gate | up and the
-    /// GEMV reads silu(gate) * up.
+    /// `Ok(false)` means use `linear`.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv(
         &self,
@@ -477,7 +476,6 @@ impl Gpu {
         w: Ptr,
         y: Ptr,
         accumulate: bool,
-        swiglu: bool,
     ) -> Result<bool, Unavailable> {
         let i = match m {
             1 => 0,
@@ -489,12 +487,12 @@ impl Gpu {
         if dt != Dt::BF16 || !k.is_multiple_of(8) || !(x | w).is_multiple_of(16) {
             return Ok(false);
         }
-        let (n32, k32, acc, sw) = (n as i32, k as i32, accumulate as i32, swiglu as i32);
+        let (n32, k32, acc) = (n as i32, k as i32, accumulate as i32);
         let mut l = self.stream.launch_builder(&self.f.gemv_bf16[i]);
-        l.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32).arg(&acc).arg(&sw);
+        l.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32).arg(&acc);
         let cfg =
             LaunchConfig { grid_dim: ((n as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: x [m, k] (or [m, 2k]), w [n, k], y [m, n] as the caller's tensors; alignment checked.
+        // SAFETY: x [m, k], w [n, k], y [m, n] as the caller's tensors; alignment checked.
         launched("gemv_bf16", unsafe { l.launch(cfg) }.map(|_| ()))?;
         Ok(true)
     }

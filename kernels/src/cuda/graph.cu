@@ -307,12 +307,11 @@ extern "C" __global__ void argmax_final(const float* part_v, const int* part_i, 
 
 // Decode-sized linear layers (m <= 8 rows of activations), bf16: y[m, n] = x[m, k] · w[n, k]ᵀ
 // (+ y when `accumulate`), f32 accumulation, one warp per output row reading the weight row
-// 16 bytes per lane at a time (the activations are small and stay in cache). With `swiglu`,
-// x is formed on the fly from rows [gate (k) | up (k)] as round(round(silu(gate)) * up), so
-// the MLP's activation needs no kernel of its own. Rows of 8 weights are read whole: k % 8 == 0
-// and 16-byte aligned pointers (the launcher checks, else cuBLAS runs it).
+// 16 bytes per lane at a time (the activations are small and stay in cache). Rows of 8 weights
+// are read whole: k % 8 == 0 and 16-byte aligned pointers (the launcher checks, else cuBLAS
+// runs it).
 template <int M>
-__device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, int accumulate, int swiglu) {
+__device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, int accumulate) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= n) return;
@@ -321,7 +320,6 @@ __device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, in
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0.0f;
     int chunks = k / 8;
-    long xs = swiglu ? 2L * k : (long)k;  // elements between activation rows
 #pragma unroll 4
     for (int c = lane; c < chunks; c += 32) {
         uint4 wv = wr[c];
@@ -332,23 +330,10 @@ __device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, in
 #pragma unroll
         for (int i = 0; i < M; i++) {
             float xf[8];
-            if (swiglu) {
-                uint4 gv = *(const uint4*)(x + i * xs + c * 8);
-                uint4 uv = *(const uint4*)(x + i * xs + k + c * 8);
-                const bf16_t* gp = (const bf16_t*)&gv;
-                const bf16_t* up = (const bf16_t*)&uv;
+            uint4 xv = *(const uint4*)(x + (long)i * k + c * 8);
+            const bf16_t* xp = (const bf16_t*)&xv;
 #pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    float g = bf16_to_f32(gp[j]);
-                    float s = bf16_to_f32(f32_to_bf16(g / (1.0f + __expf(-g))));
-                    xf[j] = bf16_to_f32(f32_to_bf16(s * bf16_to_f32(up[j])));
-                }
-            } else {
-                uint4 xv = *(const uint4*)(x + i * xs + c * 8);
-                const bf16_t* xp = (const bf16_t*)&xv;
-#pragma unroll
-                for (int j = 0; j < 8; j++) xf[j] = bf16_to_f32(xp[j]);
-            }
+            for (int j = 0; j < 8; j++) xf[j] = bf16_to_f32(xp[j]);
 #pragma unroll
             for (int j = 0; j < 8; j++) acc[i] += wf[j] * xf[j];
         }
@@ -367,8 +352,8 @@ __device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, in
 
 #define GEMV(M)                                                                                                       \
     extern "C" __global__ void gemv_bf16_m##M(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k,             \
-                                              int accumulate, int swiglu) {                                           \
-        gemv_bf16<M>(x, w, y, n, k, accumulate, swiglu);                                                              \
+                                              int accumulate) {                                                       \
+        gemv_bf16<M>(x, w, y, n, k, accumulate);                                                                      \
     }
 GEMV(1)
 GEMV(2)

@@ -533,7 +533,9 @@ impl CudaModel {
     }
 }
 
-/// A linear layer: the decode GEMV where it applies (bf16, a few rows), else cuBLAS.
+/// A linear layer: the decode GEMV for one row of bf16 activations (measured on an H200 with
+/// kernels/examples/exec_bench: faster than cuBLAS there, except for a very wide, shallow
+/// matrix such as a small model's LM head), else cuBLAS.
 #[allow(clippy::too_many_arguments)]
 fn linear(
     gpu: &Gpu,
@@ -546,7 +548,7 @@ fn linear(
     y: Ptr,
     acc: bool,
 ) -> std::result::Result<(), Unavailable> {
-    if gpu.gemv(d, m, n, k, x, w, y, acc, false)? {
+    if m == 1 && (k >= 2048 || n <= 32768) && gpu.gemv(d, m, n, k, x, w, y, acc)? {
         return Ok(());
     }
     gpu.linear(d, m, n, k, x, w, y, acc)
@@ -868,15 +870,8 @@ impl CudaModel {
                     }
                     if *fused {
                         linear(gpu, odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
-                        // With fusion on, the down projection's GEMV forms silu(gate) * up itself.
-                        let fused_act = self.mode.fuse
-                            && gpu
-                                .gemv(odt, m, hidden, inter, scratch(0), inp(2), planned, false, true)
-                                .map_err(fail)?;
-                        if !fused_act {
-                            gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
-                            linear(gpu, odt, m, hidden, inter, scratch(1), inp(2), planned, false).map_err(fail)?;
-                        }
+                        gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
+                        linear(gpu, odt, m, hidden, inter, scratch(1), inp(2), planned, false).map_err(fail)?;
                     } else {
                         linear(gpu, odt, m, inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
                         linear(gpu, odt, m, inter, k, inp(0), inp(2), scratch(1), false).map_err(fail)?;
