@@ -104,10 +104,37 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
 ATTN_INSTANTIATE(float, f32)
 ATTN_INSTANTIATE(bf16_t, bf16)
 
+// Combines `splits` partial softmax states (rows of d values, then m and l) into one output
+// row; called by one block (reads bypass L1: other blocks wrote the partials).
+template <typename T>
+__device__ void merge_partials(const float* p, int splits, int d, T* out_row) {
+    __shared__ float w[64];
+    __shared__ float inv_l;
+    if (threadIdx.x < splits) w[threadIdx.x] = __ldcg(&p[threadIdx.x * (d + 2) + d]);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = -3.0e38f;
+        for (int s = 0; s < splits; s++) M = fmaxf(M, w[s]);
+        float L = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            w[s] = __expf(w[s] - M);
+            L += __ldcg(&p[s * (d + 2) + d + 1]) * w[s];
+        }
+        inv_l = 1.0f / L;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < splits; s++) o += __ldcg(&p[s * (d + 2) + e]) * w[s];
+        store_f(out_row, e, o * inv_l);
+    }
+}
+
 // Split-KV decode (FlashInfer's decode design): a query token's positions are cut into
 // `splits` chunks of `chunk`; block (t, h, s) attends over chunk s only and writes its partial
-// softmax state (max m, sum l, unnormalised output row) to `partial`; `merge_splits` combines
-// the chunks. More blocks than (tokens × heads) keep the GPU busy when a decode batch is small,
+// softmax state (max m, sum l, unnormalised output row) to `partial`; the last block of
+// (t, h) to finish (an atomic counter per (t, h) in `counters`, zero between steps) combines
+// the chunks into out. More blocks than (tokens × heads) keep the GPU busy when a decode batch is small,
 // and each warp keeps four positions in flight. The grid is fixed by `splits` (chunks past a
 // sequence's length exit at once), so a captured CUDA graph replays as the sequence grows.
 // partial layout: [tokens, heads, splits, D + 2] floats.
@@ -115,7 +142,7 @@ template <typename T, int D>
 __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
                                    const long long* token_pos, const long long* page_indptr, const int* page_indices,
                                    int page_size, int heads, int kv_heads, long tokens, float scale, int chunk,
-                                   int splits, float* partial) {
+                                   int splits, float* partial, int* counters, T* out_all) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = 4;
@@ -126,14 +153,10 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
     long long seq = token_seq[t], pos = token_pos[t];
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
+    // Chunks past this token's position have nothing to do; the active ones are 0..active.
+    int active = (int)(pos / chunk) + 1;
+    if (s >= active) return;
     float* out = partial + (((long)t * heads + h) * splits + s) * (D + 2);
-    if (lo > hi) {
-        if (threadIdx.x == 0) {
-            out[D] = -3.0e38f;
-            out[D + 1] = 0.0f;
-        }
-        return;
-    }
     const int* pages = page_indices + page_indptr[seq];
     const bool live = lane * PER < D;
     float qv[PER], acc[PER];
@@ -192,53 +215,34 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
         out[D] = M;
         out[D + 1] = L;
     }
+    // The last chunk to finish merges them all (and re-arms the counter for the next step).
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* c = counters + t * heads + h;
+        last = atomicAdd(c, 1) == active - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    merge_partials<T>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_all + ((long)h * tokens + t) * D);
 }
 
 // out[h, t, :] = the chunks' partial states combined; one block per (t, h). The chunks' weights
 // exp(m_s - M) are computed once into shared memory (at most 64 chunks), then each thread sums
 // its output elements over the chunks.
-template <typename T>
-__device__ void merge_splits(const float* partial, T* out, int heads, long tokens, int splits, int d) {
-    long t = blockIdx.x;
-    int h = blockIdx.y;
-    const float* p = partial + ((long)t * heads + h) * splits * (d + 2);
-    __shared__ float w[64];
-    __shared__ float inv_l;
-    if (threadIdx.x < splits) w[threadIdx.x] = p[threadIdx.x * (d + 2) + d];
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float M = -3.0e38f;
-        for (int s = 0; s < splits; s++) M = fmaxf(M, w[s]);
-        float L = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            w[s] = __expf(w[s] - M);
-            L += p[s * (d + 2) + d + 1] * w[s];
-        }
-        inv_l = 1.0f / L;
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < d; e += blockDim.x) {
-        float o = 0.0f;
-        for (int s = 0; s < splits; s++) o += p[s * (d + 2) + e] * w[s];
-        store_f(out, ((long)h * tokens + t) * d + e, o * inv_l);
-    }
-}
-
 #define SPLIT(T, S, D)                                                                                                \
     extern "C" __global__ void paged_decode_split_d##D##_##S(                                                        \
         const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, int chunk, int splits, float* partial) {                                                         \
+        float scale, int chunk, int splits, float* partial, int* counters, T* out) {                                  \
         paged_decode_split<T, D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,    \
-                                 heads, kv_heads, tokens, scale, chunk, splits, partial);                             \
+                                 heads, kv_heads, tokens, scale, chunk, splits, partial, counters, out);              \
     }
 
-#define SPLIT_INSTANTIATE(T, S)                                                                                       \
-    SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 128) SPLIT(T, S, 256)                                 \
-    extern "C" __global__ void merge_splits_##S(const float* partial, T* out, int heads, long tokens, int splits,     \
-                                                int d) {                                                              \
-        merge_splits<T>(partial, out, heads, tokens, splits, d);                                                      \
-    }
+#define SPLIT_INSTANTIATE(T, S) SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 128) SPLIT(T, S, 256)
 
 SPLIT_INSTANTIATE(float, f32)
 SPLIT_INSTANTIATE(bf16_t, bf16)

@@ -103,12 +103,13 @@ struct Funcs {
     argmax_partial: CudaFunction,
     /// bf16 decode GEMV for m = 1, 2, 4, 8.
     gemv_bf16: [CudaFunction; 4],
+    rmsnorm_bf16x8: CudaFunction,
+    gemv_swiglu_bf16: CudaFunction,
     argmax_final: CudaFunction,
     write_kv: [CudaFunction; 2],
     /// [f32, bf16] × head dims `HEAD_DIMS`.
     paged_attention: [Vec<CudaFunction>; 2],
     paged_decode_split: [Vec<CudaFunction>; 2],
-    merge_splits: [CudaFunction; 2],
     rope_write_kv: [CudaFunction; 2],
 }
 
@@ -174,6 +175,8 @@ impl Gpu {
             index_select: g("index_select")?,
             argmax_partial: g("argmax_partial")?,
             gemv_bf16: [g("gemv_bf16_m1")?, g("gemv_bf16_m2")?, g("gemv_bf16_m4")?, g("gemv_bf16_m8")?],
+            rmsnorm_bf16x8: g("rmsnorm_bf16x8")?,
+            gemv_swiglu_bf16: g("gemv_swiglu_bf16")?,
             argmax_final: g("argmax_final")?,
             write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
             paged_attention: [
@@ -184,7 +187,6 @@ impl Gpu {
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_f32"))).collect::<Result<_, _>>()?,
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_bf16"))).collect::<Result<_, _>>()?,
             ],
-            merge_splits: [g("merge_splits_f32")?, g("merge_splits_bf16")?],
             rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
         };
         Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f })
@@ -341,6 +343,21 @@ impl Gpu {
         eps: f32,
     ) -> Result<(), Unavailable> {
         let (res, res_out) = residual.unwrap_or((0, 0));
+        let all_bf16 = [x.1, w.1, out.1, norm_dt].iter().all(|&d| d == Dt::BF16);
+        if all_bf16
+            && n.is_multiple_of(8)
+            && n <= 8 * 1024
+            && [x.0, w.0, out.0, res, res_out].iter().all(|p| p.is_multiple_of(16))
+        {
+            let n32 = n as i32;
+            let mut l = self.stream.launch_builder(&self.f.rmsnorm_bf16x8);
+            l.arg(&x.0).arg(&res).arg(&res_out).arg(&w.0).arg(&out.0).arg(&n32).arg(&eps);
+            let block = (n / 8).div_ceil(32) * 32;
+            let cfg =
+                LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block as u32, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: rows × n bf16 in x, res, res_out, out; n in w; 16-byte aligned (checked).
+            return launched("rmsnorm_bf16x8", unsafe { l.launch(cfg) }.map(|_| ()));
+        }
         let (dx, dw, dout, dn, n32) = (x.1 as i32, w.1 as i32, out.1 as i32, norm_dt as i32, n as i32);
         let mut l = self.stream.launch_builder(&self.f.rmsnorm);
         l.arg(&x.0)
@@ -497,6 +514,32 @@ impl Gpu {
         Ok(true)
     }
 
+    /// One bf16 row through a fused gate/up weight `[2·inter, k]` with the SwiGLU activation as
+    /// the epilogue: `out[inter] = silu(gate) * up`. `Ok(false)`: does not apply.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_swiglu(
+        &self,
+        dt: Dt,
+        m: usize,
+        inter: usize,
+        k: usize,
+        x: Ptr,
+        w: Ptr,
+        out: Ptr,
+    ) -> Result<bool, Unavailable> {
+        if dt != Dt::BF16 || m != 1 || !k.is_multiple_of(8) || !(x | w).is_multiple_of(16) {
+            return Ok(false);
+        }
+        let (i32_, k32) = (inter as i32, k as i32);
+        let mut l = self.stream.launch_builder(&self.f.gemv_swiglu_bf16);
+        l.arg(&x).arg(&w).arg(&out).arg(&i32_).arg(&k32);
+        let cfg =
+            LaunchConfig { grid_dim: ((inter as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x [1, k], w [2·inter, k], out [1, inter]; alignment checked.
+        launched("gemv_swiglu_bf16", unsafe { l.launch(cfg) }.map(|_| ()))?;
+        Ok(true)
+    }
+
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when `accumulate`)`, row-major, f32 accumulation.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
@@ -604,8 +647,8 @@ impl Gpu {
 
 impl Gpu {
     /// Split-KV decode attention: positions cut into `split.splits` chunks of `split.chunk`,
-    /// partial states in `split.partial` (`tokens × heads × splits × (d + 2)` f32), then merged
-    /// into out `[heads, tokens, d]`.
+    /// partial states in `split.partial` (`tokens × heads × splits × (d + 2)` f32), merged into
+    /// out `[heads, tokens, d]` by the last chunk to finish.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_split(
         &self,
@@ -631,24 +674,15 @@ impl Gpu {
         let mut l = self.stream.launch_builder(&self.f.paged_decode_split[a][di]);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&chunk).arg(&splits);
-        l.arg(&split.partial);
+        l.arg(&split.partial).arg(&split.counters).arg(&out);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, split.splits as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as paged_attention; `partial` holds tokens × heads × splits × (d + 2) floats.
-        launched("paged_decode_split", unsafe { l.launch(cfg) }.map(|_| ()))?;
-        let d32 = d as i32;
-        let mut l = self.stream.launch_builder(&self.f.merge_splits[a]);
-        l.arg(&split.partial).arg(&out).arg(&h).arg(&t).arg(&splits).arg(&d32);
-        let cfg = LaunchConfig {
-            grid_dim: (meta.tokens as u32, heads as u32, 1),
-            block_dim: (d.clamp(64, 256) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: reads the partials written above, writes out.
-        launched("merge_splits", unsafe { l.launch(cfg) }.map(|_| ()))
+        // SAFETY: as paged_attention; `partial` holds tokens × heads × splits × (d + 2) floats,
+        // `counters` tokens × heads zeroed ints.
+        launched("paged_decode_split", unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
     /// RoPE of q `[heads, tokens, d]` into `q_out` and of k into the cache, v copied to the
@@ -684,6 +718,8 @@ pub struct Split {
     pub chunk: usize,
     pub splits: usize,
     pub partial: Ptr,
+    /// One zeroed i32 per (token, head); the kernel leaves them zero.
+    pub counters: Ptr,
 }
 
 impl Split {

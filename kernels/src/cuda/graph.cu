@@ -359,3 +359,80 @@ GEMV(1)
 GEMV(2)
 GEMV(4)
 GEMV(8)
+
+// RMSNorm of bf16 rows (bf16 weight, output and norm dtype: the HF Llama family), the row held
+// in registers: each thread loads 8 values with one 16-byte load (n % 8 == 0, n <= 8 * 1024),
+// one block reduction, one store. Same rounding as `rmsnorm`.
+extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf16_t* res_out, const bf16_t* w,
+                                          bf16_t* out, int n, float eps) {
+    long row = blockIdx.x;
+    int c = threadIdx.x;  // chunk of 8
+    bool live = c * 8 < n;
+    float v[8];
+    float ss = 0.0f;
+    if (live) {
+        uint4 xv = *(const uint4*)(x + row * n + c * 8);
+        const bf16_t* xp = (const bf16_t*)&xv;
+        if (res) {
+            uint4 rv = *(const uint4*)(res + row * n + c * 8);
+            const bf16_t* rp = (const bf16_t*)&rv;
+            uint4 sv;
+            bf16_t* sp = (bf16_t*)&sv;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                sp[j] = f32_to_bf16(bf16_to_f32(xp[j]) + bf16_to_f32(rp[j]));
+                v[j] = bf16_to_f32(sp[j]);
+            }
+            *(uint4*)(res_out + row * n + c * 8) = sv;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = bf16_to_f32(xp[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) ss += v[j] * v[j];
+    }
+    float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
+    if (!live) return;
+    uint4 wv = *(const uint4*)(w + c * 8);
+    const bf16_t* wp = (const bf16_t*)&wv;
+    uint4 ov;
+    bf16_t* op = (bf16_t*)&ov;
+#pragma unroll
+    for (int j = 0; j < 8; j++) op[j] = f32_to_bf16(bf16_to_f32(wp[j]) * bf16_to_f32(f32_to_bf16(v[j] * r)));
+    *(uint4*)(out + row * n + c * 8) = ov;
+}
+
+// The gate/up linear of a SwiGLU MLP with its activation as the epilogue, for one bf16 row:
+// w_gate_up [2·inter, k] (gate rows first); warp j computes gate_j and up_j (each rounded to
+// bf16, as the linear's output is) and writes out[j] = round(round(silu(gate_j)) * up_j).
+extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k) {
+    int j = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (j >= inter) return;
+    const uint4* wg = (const uint4*)(w + (long)j * k);
+    const uint4* wu = (const uint4*)(w + (long)(j + inter) * k);
+    const uint4* xr = (const uint4*)x;
+    float g = 0.0f, u = 0.0f;
+#pragma unroll 4
+    for (int c = lane; c < k / 8; c += 32) {
+        uint4 gv = wg[c], uv = wu[c], xv = xr[c];
+        const bf16_t* gp = (const bf16_t*)&gv;
+        const bf16_t* up = (const bf16_t*)&uv;
+        const bf16_t* xp = (const bf16_t*)&xv;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float xf = bf16_to_f32(xp[e]);
+            g += bf16_to_f32(gp[e]) * xf;
+            u += bf16_to_f32(up[e]) * xf;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        g += __shfl_xor_sync(0xffffffffu, g, o);
+        u += __shfl_xor_sync(0xffffffffu, u, o);
+    }
+    if (lane == 0) {
+        float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
+        float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
+        out[j] = f32_to_bf16(s * ur);
+    }
+}

@@ -52,6 +52,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gemv_bf16_m2",
             "gemv_bf16_m4",
             "gemv_bf16_m8",
+            "rmsnorm_bf16x8",
+            "gemv_swiglu_bf16",
         ],
     ),
     (
@@ -80,8 +82,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_decode_split_d64_bf16",
             "paged_decode_split_d128_bf16",
             "paged_decode_split_d256_bf16",
-            "merge_splits_f32",
-            "merge_splits_bf16",
             "rope_write_kv_f32",
             "rope_write_kv_bf16",
         ],

@@ -478,9 +478,12 @@ impl CudaModel {
                     .map(|n| graph.meta(n.inputs[0]).shape[1].as_static().unwrap_or(0))
                     .max()
                     .unwrap_or(0);
+                // Partials, then one counter per (token, head) (zeroed at allocation; the kernel
+                // leaves them zero).
                 let bytes = 4 * split_tokens * splits * (hd + 2 * heads_max);
-                let buf = gpu.alloc(bytes, "split-KV decode partials").map_err(gpu_err)?;
-                (Some(Split { chunk, splits, partial: buf.ptr }), Some(buf))
+                let buf =
+                    gpu.alloc(bytes + 4 * split_tokens * heads_max, "split-KV decode partials").map_err(gpu_err)?;
+                (Some(Split { chunk, splits, partial: buf.ptr, counters: buf.ptr + bytes as u64 }), Some(buf))
             }
             None => (None, None),
         };
@@ -869,8 +872,13 @@ impl CudaModel {
                         return Err(fail(Unavailable("x and the weights must share one dtype".into())));
                     }
                     if *fused {
-                        linear(gpu, odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
-                        gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
+                        // With fusion on, a single row's activation is the gate/up GEMV's epilogue.
+                        let fused_act = self.mode.fuse
+                            && gpu.gemv_swiglu(odt, m, inter, k, inp(0), inp(1), scratch(1)).map_err(fail)?;
+                        if !fused_act {
+                            linear(gpu, odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
+                            gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
+                        }
                         linear(gpu, odt, m, hidden, inter, scratch(1), inp(2), planned, false).map_err(fail)?;
                     } else {
                         linear(gpu, odt, m, inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
