@@ -723,10 +723,10 @@ pub struct Split {
 }
 
 impl Split {
-    /// Chunks for sequences of up to `max_len` positions: at least 64 positions each (a
+    /// Chunks for sequences of up to `max_len` positions: at least 32 positions each (a
     /// block's four warps take four positions at a time), at most 32 chunks.
     pub fn plan(max_len: usize) -> (usize, usize) {
-        let chunk = max_len.div_ceil(32).max(64);
+        let chunk = max_len.div_ceil(32).max(32);
         (chunk, max_len.div_ceil(chunk).max(1))
     }
 }
