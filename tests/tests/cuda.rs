@@ -82,6 +82,10 @@ fn run_steps(e: &mut Engine, prompts: &[Vec<i64>], decode: &[Vec<i64>]) -> Vec<V
 
 fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> (f32, f32) {
     let (mut d, mut m) = (0f32, 0f32);
+    assert_eq!(a.len(), b.len(), "steps");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), y.len(), "logits rows in a step");
+    }
     for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
         assert_eq!(x.len(), y.len());
         for (p, q) in x.iter().zip(y) {

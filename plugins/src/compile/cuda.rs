@@ -531,6 +531,17 @@ impl CudaModel {
         })
     }
 
+    /// Logits rows a cached step asks for: the size of its gather input.
+    fn gather_rows(&self, inputs: &[Tensor]) -> usize {
+        let gather = crate::transforms::kvcache::GATHER_INPUT;
+        self.graph
+            .inputs
+            .iter()
+            .zip(inputs)
+            .find(|(&v, _)| self.graph.value(v).name == gather)
+            .map_or(0, |(_, t)| t.numel())
+    }
+
     pub fn device_name(&self) -> &str {
         &self.gpu.dev.name
     }
@@ -595,7 +606,7 @@ impl CudaModel {
         pad_to: Option<usize>,
     ) -> Result<(Staged, Vec<Tensor>)> {
         let mut inputs: Vec<Tensor> = inputs.to_vec();
-        let rows = inputs.last().map(|t| t.numel()).unwrap_or(0);
+        let rows = self.gather_rows(inputs);
         let mut host = Vec::new();
         let mut offsets = Vec::new();
         let push = |host: &mut Vec<u8>, b: &[u8]| -> usize {
@@ -1065,7 +1076,7 @@ impl CudaModel {
 
     /// Runs a step; the result's device address, shape and dtype are those of the graph output.
     fn run(&mut self, inputs: &[Tensor], step: Option<&StepContext>) -> Result<(Ptr, Vec<usize>, usize)> {
-        let rows = inputs.last().map(|t| t.numel()).unwrap_or(0);
+        let rows = self.gather_rows(inputs);
         let bucket = self.bucket(step, rows);
         let (staged, inputs) = self.stage(inputs, step, bucket)?;
         let bind = super::simple::bind_inputs(&self.graph, &inputs)?;
@@ -1124,20 +1135,31 @@ impl CudaModel {
         Ok(self.arena.ptr + self.plan[i].out as u64)
     }
 
+    /// The first `rows` rows of the output (rows: everything but the last dim; a CUDA-graph
+    /// step computes padding rows after them), shaped like the graph's output.
     fn download_rows(&self, p: Ptr, shape: &[usize], rows: usize) -> Result<Tensor> {
         let o = self.graph.outputs[0];
         let dtype = self.graph.meta(o).dtype;
-        let width: usize = shape[1..].iter().product();
-        let take = rows.min(shape.first().copied().unwrap_or(0));
+        let width = shape.last().copied().unwrap_or(1);
+        let take = rows.min(total_rows(shape));
         let mut bytes = vec![0u8; take * width * dtype.size_in_bytes()];
         self.gpu.download(p, &mut bytes).map_err(gpu_err)?;
         self.check_flags()?;
-        let mut s = shape.to_vec();
-        if !s.is_empty() {
-            s[0] = take;
-        }
+        let s = if take == total_rows(shape) {
+            shape.to_vec()
+        } else {
+            // Padding rows dropped: [1, .., 1, rows, width].
+            let mut s = vec![1; shape.len().saturating_sub(2)];
+            s.extend([take, width]);
+            s
+        };
         Tensor::from_le_bytes(dtype, s, &bytes)
     }
+}
+
+/// Rows of an output of this shape: all but its last dim.
+fn total_rows(shape: &[usize]) -> usize {
+    shape[..shape.len().saturating_sub(1)].iter().product()
 }
 
 impl CompiledModel for CudaModel {
@@ -1146,7 +1168,7 @@ impl CompiledModel for CudaModel {
         let cached = step.is_some();
         let (p, shape, rows) = self.run(inputs, step)?;
         // Cached graphs give one logits row per gathered token; uncached ones the whole output.
-        let rows = if cached { rows } else { shape.first().copied().unwrap_or(0) };
+        let rows = if cached { rows } else { total_rows(&shape) };
         Ok(vec![self.download_rows(p, &shape, rows)?])
     }
 
@@ -1163,7 +1185,7 @@ impl CompiledModel for CudaModel {
         let o = self.graph.outputs[0];
         let odt = dt(self.graph.meta(o).dtype, "logits")?;
         let vocab = *shape.last().unwrap_or(&1);
-        let n = rows.min(shape.first().copied().unwrap_or(0));
+        let n = rows.min(total_rows(&shape));
         // The ids land right after the error flags: one copy back brings both.
         self.gpu.argmax_rows(p, odt, self.flags.ptr + IDS_AT, n, vocab, self.argmax_scratch.ptr).map_err(gpu_err)?;
         let mut b = vec![0u8; IDS_AT as usize + 8 * n];

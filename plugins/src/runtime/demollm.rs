@@ -72,7 +72,15 @@ impl DemoLlm {
     /// take the argmax where the logits are get ids back, not logits).
     fn step(&self, engine: &mut Engine, cache: Option<&mut PagedKvCache>, seqs: &mut [&mut Seq]) -> Result<Vec<i64>> {
         let greedy = seqs.iter().all(|s| s.sampler.params().is_greedy());
-        let rows = match self.forward(engine, cache, seqs, greedy)? {
+        let got = self.forward(engine, cache, seqs, greedy)?;
+        let n = match &got {
+            Step::Ids(ids) => ids.len(),
+            Step::Logits(rows) => rows.len(),
+        };
+        if n != seqs.len() {
+            return Err(Error::Msg(format!("the model returned {n} rows for a step of {} sequences", seqs.len())));
+        }
+        let rows = match got {
             Step::Ids(ids) => return Ok(ids),
             Step::Logits(rows) => rows,
         };
