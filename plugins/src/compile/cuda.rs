@@ -606,7 +606,7 @@ impl CudaModel {
         pad_to: Option<usize>,
     ) -> Result<(Staged, Vec<Tensor>)> {
         let mut inputs: Vec<Tensor> = inputs.to_vec();
-        let rows = self.gather_rows(inputs);
+        let rows = self.gather_rows(&inputs);
         let mut host = Vec::new();
         let mut offsets = Vec::new();
         let push = |host: &mut Vec<u8>, b: &[u8]| -> usize {
