@@ -68,6 +68,22 @@ pub struct PagePool {
     capacity: usize,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::PagePool;
+
+    #[test]
+    fn runs_are_aligned_and_come_back() {
+        let mut p = PagePool::new(8);
+        assert_eq!(p.alloc_run(4), Some(vec![0, 1, 2, 3]));
+        assert_eq!(p.alloc_run(4), Some(vec![4, 5, 6, 7]));
+        assert_eq!(p.alloc_run(4), None);
+        p.release(vec![0, 1, 2, 3]);
+        assert_eq!(p.alloc_run(4), Some(vec![0, 1, 2, 3]));
+        assert_eq!(p.available(), 0);
+    }
+}
+
 impl PagePool {
     pub fn new(capacity: usize) -> PagePool {
         // Lowest ids first, so the cache's storage grows only as far as it is used.
@@ -76,6 +92,22 @@ impl PagePool {
     pub fn alloc(&mut self) -> Option<u32> {
         self.free.pop()
     }
+    /// `n` consecutive pages starting at a multiple of `n` (a per-sequence slot, for attention
+    /// backends that want each sequence contiguous), lowest first.
+    pub fn alloc_run(&mut self, n: usize) -> Option<Vec<u32>> {
+        if n == 0 {
+            return Some(Vec::new());
+        }
+        let mut free = vec![false; self.capacity];
+        for &p in &self.free {
+            free[p as usize] = true;
+        }
+        let slot = (0..self.capacity / n).find(|&i| free[i * n..(i + 1) * n].iter().all(|&f| f))?;
+        let run: Vec<u32> = (slot * n..(slot + 1) * n).map(|p| p as u32).collect();
+        self.free.retain(|p| !run.contains(p));
+        Some(run)
+    }
+
     pub fn release(&mut self, pages: impl IntoIterator<Item = u32>) {
         self.free.extend(pages);
         self.free.sort_unstable_by(|a, b| b.cmp(a));

@@ -46,6 +46,12 @@ pub trait CompiledModel: Send {
         false
     }
 
+    /// `Some(n)`: the model's attention wants each sequence in one contiguous slot of `n` pages
+    /// (the `triton` backend); the runtime reserves such a slot per sequence at admission.
+    fn kv_pages_per_sequence(&self) -> Option<usize> {
+        None
+    }
+
     /// A forward step that returns the argmax token of each gathered row instead of logits
     /// (greedy sampling where the logits live). `None`: not supported, use `forward`.
     fn forward_greedy(&mut self, _inputs: &[Tensor], _step: Option<&mut StepContext>) -> Result<Option<Vec<i64>>> {

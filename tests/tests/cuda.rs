@@ -1,5 +1,5 @@
 //! The CUDA executor against the CPU reference, on every fixture family in f32 and bf16, for
-//! every compile backend: logits of a ragged prefill and of decode steps crossing page
+//! every compile backend and both CUDA attention backends (`flashinfer`, `triton`): logits of a ragged prefill and of decode steps crossing page
 //! boundaries, and greedy generations through the runtime. Needs an NVIDIA GPU; where there is
 //! none (CI) each test says it was skipped and why.
 //!
@@ -16,6 +16,7 @@ use autodeploy_core::Tensor;
 use common::{engine, greedy, FAMILIES};
 
 const BACKENDS: &[&str] = &["simple", "cudagraph", "compile", "opt"];
+const ATTENTION: &[&str] = &["flashinfer", "triton"];
 const PAGE: usize = 4;
 
 fn gpu() -> bool {
@@ -125,14 +126,16 @@ fn check_family_dtype(family: &str, dtype: &str) {
         .into_iter()
         .map(|r| r.unwrap().tokens)
         .collect();
-    for backend in BACKENDS {
-        let extra = format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"flashinfer\"\n");
+    for (backend, attn) in BACKENDS.iter().flat_map(|b| ATTENTION.iter().map(move |a| (b, a))) {
+        let extra = format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"{attn}\"\n");
         let mut gpu = engine(family, &format!("{base}{extra}"));
         let got = run_steps(&mut gpu, &prompts, &decode);
         let (d, m) = max_diff(&reference, &got);
         let tol = if dtype == "float32" { 1e-3 } else { 4.0 * m.max(1.0) / 128.0 };
-        eprintln!("{family} {dtype} {backend}: max |logit diff| {d:.3e} (max |logit| {m:.2}, tolerance {tol:.3e})");
-        assert!(d <= tol, "{family} {dtype} {backend}: logits differ from the CPU by {d} > {tol}");
+        eprintln!(
+            "{family} {dtype} {backend} {attn}: max |logit diff| {d:.3e} (max |logit| {m:.2}, tolerance {tol:.3e})"
+        );
+        assert!(d <= tol, "{family} {dtype} {backend} {attn}: logits differ from the CPU by {d} > {tol}");
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&cfg_text(&extra), None).unwrap();
         let tokens: Vec<Vec<i64>> = autodeploy_core::runtime::runtime(&cfg)
             .unwrap()
@@ -141,7 +144,7 @@ fn check_family_dtype(family: &str, dtype: &str) {
             .into_iter()
             .map(|r| r.unwrap().tokens)
             .collect();
-        assert_eq!(tokens, cpu_tokens, "{family} {dtype} {backend}: greedy tokens differ from the CPU's");
+        assert_eq!(tokens, cpu_tokens, "{family} {dtype} {backend} {attn}: greedy tokens differ from the CPU's");
     }
 }
 
@@ -178,15 +181,20 @@ fn cudagraph_buckets_pad_and_fall_back() {
     let requests: Vec<_> = prompts.iter().enumerate().map(|(i, p)| greedy(p, 10 - 2 * i)).collect();
     let base = "max_batch_size = 5\nattn_page_size = 4\n";
     let cpu = common::generate("llama", &format!("{base}device = \"cpu\"\n"), &requests);
-    let gpu = common::generate(
-        "llama",
-        &format!("{base}device = \"cuda\"\ncompile_backend = \"opt\"\ncuda_graph_batch_sizes = [1, 3]\n"),
-        &requests,
-    );
     let t = |v: Vec<autodeploy_core::Result<autodeploy_core::runtime::Completion>>| -> Vec<Vec<i64>> {
         v.into_iter().map(|r| r.unwrap().tokens).collect()
     };
-    assert_eq!(t(gpu), t(cpu));
+    let cpu = t(cpu);
+    for attn in ATTENTION {
+        let gpu = common::generate(
+            "llama",
+            &format!(
+                "{base}device = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"{attn}\"\ncuda_graph_batch_sizes = [1, 3]\n"
+            ),
+            &requests,
+        );
+        assert_eq!(t(gpu), cpu, "{attn}");
+    }
 }
 
 /// Bad token ids on the GPU fail the request with the op named, not the process.
@@ -201,7 +209,7 @@ fn bad_token_id_is_an_error_on_cuda() {
 }
 
 /// A prefill of more than 256 tokens runs the ragged paged kernel (shorter steps take the
-/// split-KV one): greedy tokens still equal the CPU's.
+/// split-KV one; `triton` its own): greedy tokens still equal the CPU's.
 #[test]
 fn long_prefill_matches_cpu() {
     if !gpu() {
@@ -214,12 +222,9 @@ fn long_prefill_matches_cpu() {
         v.into_iter().map(|r| r.unwrap().tokens).collect()
     };
     let cpu = t(common::generate("qwen3", &format!("{base}device = \"cpu\"\n"), &requests));
-    for backend in BACKENDS {
-        let gpu = common::generate(
-            "qwen3",
-            &format!("{base}device = \"cuda\"\ncompile_backend = \"{backend}\"\n"),
-            &requests,
-        );
-        assert_eq!(t(gpu), cpu, "{backend}");
+    for (backend, attn) in BACKENDS.iter().flat_map(|b| ATTENTION.iter().map(move |a| (b, a))) {
+        let extra = format!("{base}device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"{attn}\"\n");
+        let gpu = common::generate("qwen3", &extra, &requests);
+        assert_eq!(t(gpu), cpu, "{backend} {attn}");
     }
 }

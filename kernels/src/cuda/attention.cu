@@ -298,3 +298,93 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
 
 ROPE_KV(float, f32)
 ROPE_KV(bf16_t, bf16)
+
+// AutoDeploy's triton backend's design: each sequence owns one contiguous slot of the cache
+// (its pages are consecutive, so position p of sequence s is row slot_base(s) + p), and one
+// fused kernel writes this step's k/v and attends. Block (t, h): positions before the
+// sequence's cached length come from the cache, the step's own positions straight from k/v
+// (so no block reads what another is writing); the first query head of each kv group then
+// stores the token's k/v. seq_start[s]: the step's first token of s; cached_len[s]: its
+// position. q, out [heads, tokens, D]; k, v [kv_heads, tokens, D].
+template <typename T, int D>
+__device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,
+                               const long long* token_pos, const long long* seq_start, const long long* cached_len,
+                               const long long* page_indptr, const int* page_indices, int page_size, int heads,
+                               int kv_heads, long tokens, float scale, T* out) {
+    constexpr int PER = (D + 31) / 32;
+    constexpr int WARPS = 4;
+    long t = blockIdx.x;
+    int h = blockIdx.y;
+    int group = heads / kv_heads, kvh = h / group;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    long long s = token_seq[t], pos = token_pos[t];
+    long long cached = cached_len[s], start = seq_start[s];
+    long base = (long)page_indices[page_indptr[s]] * page_size;  // the slot's first row
+    const bool live = lane * PER < D;
+    float qv[PER], acc[PER];
+    for (int i = 0; i < PER; i++) {
+        qv[i] = live ? load_f(q, ((long)h * tokens + t) * D + lane * PER + i) * scale : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float m = -3.0e38f, l = 0.0f;
+    for (long long p = warp; p <= pos; p += WARPS) {
+        const T *kr, *vr;
+        if (p < cached) {
+            long row = ((base + p) * kv_heads + kvh) * D;
+            kr = k_cache + row;
+            vr = v_cache + row;
+        } else {
+            long row = ((long)kvh * tokens + start + (p - cached)) * D;
+            kr = k + row;
+            vr = v + row;
+        }
+        float dot = 0.0f;
+        if (live)
+            for (int i = 0; i < PER; i++) dot += qv[i] * load_f(kr, lane * PER + i);
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        float m2 = fmaxf(m, dot);
+        float corr = __expf(m - m2), w = __expf(dot - m2);
+        l = l * corr + w;
+        if (live)
+            for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * load_f(vr, lane * PER + i);
+        m = m2;
+    }
+    __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+    if (live)
+        for (int i = 0; i < PER; i++) sacc[warp][lane * PER + i] = acc[i];
+    __syncthreads();
+    float M = sm[0];
+    for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2]);
+    float L = 0.0f;
+    for (int w2 = 0; w2 < WARPS; w2++) L += sl[w2] * __expf(sm[w2] - M);
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+        float o = 0.0f;
+        for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
+        store_f(out, ((long)h * tokens + t) * D + e, o / L);
+    }
+    if (h % group == 0) {
+        long dst = ((base + pos) * kv_heads + kvh) * D;
+        long src = ((long)kvh * tokens + t) * D;
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+            k_cache[dst + e] = k[src + e];
+            v_cache[dst + e] = v[src + e];
+        }
+    }
+}
+
+#define SLOT(T, S, D)                                                                                                 \
+    extern "C" __global__ void slot_attention_d##D##_##S(                                                            \
+        const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,                     \
+        const long long* token_pos, const long long* seq_start, const long long* cached_len,                        \
+        const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
+        float scale, T* out) {                                                                                        \
+        slot_attention<T, D>(q, k, v, k_cache, v_cache, token_seq, token_pos, seq_start, cached_len, page_indptr,    \
+                             page_indices, page_size, heads, kv_heads, tokens, scale, out);                           \
+    }
+#define SLOT_INSTANTIATE(T, S) SLOT(T, S, 16) SLOT(T, S, 32) SLOT(T, S, 64) SLOT(T, S, 128) SLOT(T, S, 256)
+SLOT_INSTANTIATE(float, f32)
+SLOT_INSTANTIATE(bf16_t, bf16)

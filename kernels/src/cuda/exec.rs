@@ -111,6 +111,7 @@ struct Funcs {
     paged_attention: [Vec<CudaFunction>; 2],
     paged_decode_split: [Vec<CudaFunction>; 2],
     rope_write_kv: [CudaFunction; 2],
+    slot_attention: [Vec<CudaFunction>; 2],
 }
 
 /// One GPU, one stream, cuBLAS on it, and the executor's kernels.
@@ -188,6 +189,10 @@ impl Gpu {
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_bf16"))).collect::<Result<_, _>>()?,
             ],
             rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
+            slot_attention: [
+                HEAD_DIMS.iter().map(|d| g(&format!("slot_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
+                HEAD_DIMS.iter().map(|d| g(&format!("slot_attention_d{d}_bf16"))).collect::<Result<_, _>>()?,
+            ],
         };
         Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f })
     }
@@ -712,6 +717,42 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// The `triton` backend's fused kernel: attention over per-sequence contiguous cache slots,
+    /// this step's k/v read directly and then stored. Needs `meta.seq_start`/`meta.cached_len`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn slot_attention(
+        &self,
+        dt: Dt,
+        qkv: (Ptr, Ptr, Ptr),
+        cache: (Ptr, Ptr),
+        out: Ptr,
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+    ) -> Result<(), Unavailable> {
+        let di = HEAD_DIMS
+            .iter()
+            .position(|&x| x == d)
+            .ok_or_else(|| Unavailable(format!("slot attention has kernels for head_dim {HEAD_DIMS:?}, not {d}")))?;
+        let f = &self.f.slot_attention[attn_dt(dt)?][di];
+        let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cache.0).arg(&cache.1).arg(&meta.token_seq).arg(&meta.token_pos);
+        l.arg(&meta.seq_start).arg(&meta.cached_len).arg(&meta.page_indptr).arg(&meta.page_indices);
+        l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+        let cfg = LaunchConfig {
+            grid_dim: (meta.tokens as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: slots are whole runs of pages the runtime reserved; step tokens index k/v.
+        launched("slot_attention", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+}
+
 /// How split-KV decode cuts positions, and where its partial states go.
 #[derive(Clone, Copy, Debug)]
 pub struct Split {
@@ -756,6 +797,9 @@ pub struct StepMeta {
     /// i64 per sequence + 1, i32 per page.
     pub page_indptr: Ptr,
     pub page_indices: Ptr,
+    /// i64 per sequence: its first token in this step, and its cached length.
+    pub seq_start: Ptr,
+    pub cached_len: Ptr,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;

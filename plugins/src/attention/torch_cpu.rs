@@ -20,6 +20,13 @@ autodeploy_core::inventory::submit! {
     AttentionBackendPlugin { name: "flashinfer", aliases: &[], version: env!("CARGO_PKG_VERSION"), make: None }
 }
 
+// AutoDeploy's triton backend's design on CUDA: each sequence in one contiguous cache slot, one
+// fused kernel that writes this step's k/v and attends (kernels/src/cuda/attention.cu,
+// `slot_attention`); no CPU implementation.
+autodeploy_core::inventory::submit! {
+    AttentionBackendPlugin { name: "triton", aliases: &[], version: env!("CARGO_PKG_VERSION"), make: None }
+}
+
 impl AttentionBackend for TorchCpuAttention {
     fn attend(
         &self,

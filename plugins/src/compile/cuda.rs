@@ -195,6 +195,8 @@ pub struct CudaModel {
     /// Node i's work is done by a later node (fusion): an add by its RMSNorm, q/k RoPEs by
     /// their cached attention.
     deferred_to: Vec<Option<usize>>,
+    /// `triton` backend: pages per sequence slot (the runtime reserves a slot per sequence).
+    slot_pages: Option<usize>,
     /// Split-KV decode: used for steps of up to `split_tokens` tokens.
     split: Option<Split>,
     split_tokens: usize,
@@ -261,9 +263,9 @@ impl CudaModel {
                 });
             }
             if let Op::CachedAttention { backend, .. } = &n.op {
-                if !matches!(backend.as_str(), "flashinfer" | "torch") {
+                if !matches!(backend.as_str(), "flashinfer" | "torch" | "triton") {
                     return Err(Error::Msg(format!(
-                        "attn_backend `{backend}` has no CUDA implementation; on CUDA use attn_backend = \"flashinfer\""
+                        "attn_backend `{backend}` has no CUDA implementation; on CUDA use attn_backend = \"flashinfer\" or \"triton\""
                     )));
                 }
             }
@@ -342,7 +344,8 @@ impl CudaModel {
             let producers = graph.producers();
             let uses = graph.use_counts();
             for (j, node) in graph.nodes.iter().enumerate() {
-                if !matches!(node.op, Op::CachedAttention { .. }) {
+                // The triton backend reads this step's rotated k/v itself: no RoPE fusion there.
+                if !matches!(&node.op, Op::CachedAttention { backend, .. } if backend != "triton") {
                     continue;
                 }
                 let rope = |v: autodeploy_core::ValueId| {
@@ -456,6 +459,12 @@ impl CudaModel {
                 cache.push(Layer { k, v, kv_heads: l.kv_heads, head_dim: l.head_dim });
             }
         }
+        let slots =
+            graph.nodes.iter().any(|n| matches!(&n.op, Op::CachedAttention { backend, .. } if backend == "triton"));
+        let slot_pages = slots.then(|| {
+            let max_len = graph.symbols.get("seq_len").or_else(|| graph.symbols.get("seq")).map(|r| r.max).unwrap_or(1);
+            max_len.div_ceil(page_size)
+        });
         // Split-KV decode for steps of up to 256 tokens (decode batches, short prefills).
         let max_len = graph.symbols.get("seq_len").or_else(|| graph.symbols.get("seq")).map(|r| r.max).unwrap_or(1);
         let split_tokens = max_tokens.min(256);
@@ -494,7 +503,7 @@ impl CudaModel {
             staging_bytes += padded(bytes_of(v)?);
         }
         let pad_pages = opts.cuda_graph_batch_sizes.iter().copied().max().unwrap_or(0);
-        staging_bytes += 3 * padded(8 * (max_tokens + 1)) + padded(4 * (kv_pages + pad_pages + 1));
+        staging_bytes += 5 * padded(8 * (max_tokens + 1)) + padded(4 * (kv_pages + pad_pages + 1));
         let staging = gpu.alloc(staging_bytes, "step inputs").map_err(gpu_err)?;
         let argmax_scratch = gpu
             .alloc(8 * (max_tokens + 1) * autodeploy_kernels::cuda::exec::ARGMAX_PARTS, "argmax partials")
@@ -514,6 +523,7 @@ impl CudaModel {
             arena: arena_buf,
             plan,
             deferred_to,
+            slot_pages,
             split,
             split_tokens,
             _split_buf: split_buf,
@@ -657,8 +667,19 @@ impl CudaModel {
         }
         let mut meta = None;
         if let Some((seq, pos, indptr, indices)) = meta_host {
+            // Per sequence: its first token in the step and that token's position.
+            let nseq = indptr.len() - 1;
+            let (mut start, mut cached) = (vec![-1i64; nseq], vec![0i64; nseq]);
+            for (t, (&sq, &ps)) in seq.iter().zip(&pos).enumerate() {
+                if start[sq as usize] < 0 {
+                    start[sq as usize] = t as i64;
+                    cached[sq as usize] = ps;
+                }
+            }
             let b = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
             let (a, p, ip) = (push(&mut host, &b(&seq)), push(&mut host, &b(&pos)), push(&mut host, &b(&indptr)));
+            let (ss, cl) = (push(&mut host, &b(&start)), push(&mut host, &b(&cached)));
+            // Last: the only array whose length varies between steps of one batch size.
             let ix: Vec<u8> = indices.iter().flat_map(|x| x.to_le_bytes()).collect();
             let ii = push(&mut host, &ix);
             let base = self.staging.ptr;
@@ -669,6 +690,8 @@ impl CudaModel {
                 token_pos: base + p as u64,
                 page_indptr: base + ip as u64,
                 page_indices: base + ii as u64,
+                seq_start: base + ss as u64,
+                cached_len: base + cl as u64,
             });
         }
         if host.len() > self.staging.bytes() {
@@ -923,72 +946,87 @@ impl CudaModel {
                     let l = &self.cache[*layer];
                     let qs = in_shape(0)?;
                     let heads = qs[1];
-                    let ropes: Vec<usize> = (0..i).filter(|&r| self.deferred_to[r] == Some(i)).collect();
-                    let q = if let [rq, rk] = ropes[..] {
-                        // q and k still need their RoPE: one kernel rotates q into rq's region and
-                        // writes rotated k and v into the cache.
-                        let (nq, nk) = (&g.nodes[rq], &g.nodes[rk]);
-                        let cs = shape_of(nq.inputs[1])?;
-                        let t = qs[2];
-                        if cs.len() < 2
-                            || cs[cs.len() - 2..] != [t, l.head_dim]
-                            || cs[..cs.len() - 2].iter().any(|&x| x != 1)
-                        {
-                            return Err(fail(Unavailable(format!(
-                                "cos/sin {cs:?} are not one [tokens, head_dim] table"
-                            ))));
-                        }
-                        let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
-                        let q_out = base + self.plan[rq].out as u64;
-                        gpu.rope_write_kv(
+                    if self.slot_pages.is_some() {
+                        gpu.slot_attention(
                             odt,
-                            (p(nq.inputs[0]), p(nk.inputs[0]), inp(2)),
-                            p(nq.inputs[1]),
-                            p(nq.inputs[2]),
-                            q_out,
+                            (inp(0), inp(1), inp(2)),
                             (l.k.ptr, l.v.ptr),
+                            planned,
                             meta,
                             heads,
                             l.kv_heads,
                             l.head_dim,
+                            *scale as f32,
                         )
                         .map_err(fail)?;
-                        q_out
                     } else {
-                        gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim)
+                        let ropes: Vec<usize> = (0..i).filter(|&r| self.deferred_to[r] == Some(i)).collect();
+                        let q = if let [rq, rk] = ropes[..] {
+                            // q and k still need their RoPE: one kernel rotates q into rq's region and
+                            // writes rotated k and v into the cache.
+                            let (nq, nk) = (&g.nodes[rq], &g.nodes[rk]);
+                            let cs = shape_of(nq.inputs[1])?;
+                            let t = qs[2];
+                            if cs.len() < 2
+                                || cs[cs.len() - 2..] != [t, l.head_dim]
+                                || cs[..cs.len() - 2].iter().any(|&x| x != 1)
+                            {
+                                return Err(fail(Unavailable(format!(
+                                    "cos/sin {cs:?} are not one [tokens, head_dim] table"
+                                ))));
+                            }
+                            let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
+                            let q_out = base + self.plan[rq].out as u64;
+                            gpu.rope_write_kv(
+                                odt,
+                                (p(nq.inputs[0]), p(nk.inputs[0]), inp(2)),
+                                p(nq.inputs[1]),
+                                p(nq.inputs[2]),
+                                q_out,
+                                (l.k.ptr, l.v.ptr),
+                                meta,
+                                heads,
+                                l.kv_heads,
+                                l.head_dim,
+                            )
                             .map_err(fail)?;
-                        inp(0)
-                    };
-                    match self.split {
-                        Some(split) if meta.tokens <= self.split_tokens => gpu
-                            .paged_decode_split(
-                                odt,
-                                q,
-                                l.k.ptr,
-                                l.v.ptr,
-                                planned,
-                                meta,
-                                heads,
-                                l.kv_heads,
-                                l.head_dim,
-                                *scale as f32,
-                                split,
-                            )
-                            .map_err(fail)?,
-                        _ => gpu
-                            .paged_attention(
-                                odt,
-                                q,
-                                l.k.ptr,
-                                l.v.ptr,
-                                planned,
-                                meta,
-                                heads,
-                                l.kv_heads,
-                                l.head_dim,
-                                *scale as f32,
-                            )
-                            .map_err(fail)?,
+                            q_out
+                        } else {
+                            gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim)
+                                .map_err(fail)?;
+                            inp(0)
+                        };
+                        match self.split {
+                            Some(split) if meta.tokens <= self.split_tokens => gpu
+                                .paged_decode_split(
+                                    odt,
+                                    q,
+                                    l.k.ptr,
+                                    l.v.ptr,
+                                    planned,
+                                    meta,
+                                    heads,
+                                    l.kv_heads,
+                                    l.head_dim,
+                                    *scale as f32,
+                                    split,
+                                )
+                                .map_err(fail)?,
+                            _ => gpu
+                                .paged_attention(
+                                    odt,
+                                    q,
+                                    l.k.ptr,
+                                    l.v.ptr,
+                                    planned,
+                                    meta,
+                                    heads,
+                                    l.kv_heads,
+                                    l.head_dim,
+                                    *scale as f32,
+                                )
+                                .map_err(fail)?,
+                        }
                     }
                 }
                 op => {
@@ -1174,6 +1212,10 @@ impl CompiledModel for CudaModel {
 
     fn owns_kv_cache(&self) -> bool {
         true
+    }
+
+    fn kv_pages_per_sequence(&self) -> Option<usize> {
+        self.slot_pages
     }
 
     fn forward_greedy(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Option<Vec<i64>>> {

@@ -189,7 +189,9 @@ impl Runtime for DemoLlm {
             let mut new_tokens = 0;
             while let Some(&i) = queue.front() {
                 let r = &requests[i];
-                let need = self.pages_for(r.prompt.len());
+                // A backend with per-sequence slots gets a whole slot up front.
+                let slot = engine.model.kv_pages_per_sequence();
+                let need = slot.unwrap_or_else(|| self.pages_for(r.prompt.len()));
                 if active.len() + new.len() >= self.max_batch
                     || (!new.is_empty() && new_tokens + r.prompt.len() > self.max_num_tokens)
                     || pool.available() < need
@@ -198,7 +200,13 @@ impl Runtime for DemoLlm {
                 }
                 queue.pop_front();
                 new_tokens += r.prompt.len();
-                let pages = (0..need).map(|_| pool.alloc().expect("availability checked")).collect();
+                let pages = match slot {
+                    Some(n) => match pool.alloc_run(n) {
+                        Some(run) => run,
+                        None => break,
+                    },
+                    None => (0..need).map(|_| pool.alloc().expect("availability checked")).collect(),
+                };
                 new.push(Seq {
                     req: i,
                     tokens: r.prompt.clone(),
