@@ -53,6 +53,10 @@ fn run_steps(e: &mut Engine, prompts: &[Vec<i64>], decode: &[Vec<i64>]) -> Vec<V
         let mut meta = BatchMetadata::default();
         let (mut ids, mut pos, mut gather) = (vec![], vec![], vec![]);
         for s in seqs.iter_mut() {
+            // A backend with per-sequence slots gets its slot whole, as the runtime does.
+            if let (Some(n), true) = (e.model.kv_pages_per_sequence(), s.2.is_empty()) {
+                s.2 = pool.alloc_run(n).unwrap();
+            }
             while s.2.len() * PAGE < s.0.len() {
                 s.2.push(pool.alloc().unwrap());
             }
