@@ -637,7 +637,7 @@ impl CudaModel {
             if let Some(n) = self.slot_pages {
                 for (i, pt) in plan.page_tables.iter().enumerate() {
                     let run = pt.len() >= n
-                        && pt[0] as usize % n == 0
+                        && (pt[0] as usize).is_multiple_of(n)
                         && pt.iter().enumerate().all(|(j, &p)| p == pt[0] + j as u32);
                     if !run {
                         return Err(Error::Msg(format!(
