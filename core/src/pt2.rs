@@ -40,7 +40,7 @@ pub struct Pt2Archive {
 }
 
 /// torch's ScalarType numbering in the export schema, for the dtypes the host computes in.
-fn scalar_type(code: i64) -> Option<DType> {
+pub fn scalar_type(code: i64) -> Option<DType> {
     Some(match code {
         5 => DType::I64,
         6 => DType::F16,
@@ -80,36 +80,13 @@ impl Pt2Archive {
             .map_err(|e| Error::BadFile { file: path.into(), msg: format!("entry `{name}`: invalid JSON: {e}") })
     }
 
-    /// Opens the archive and reads its graph JSON and weight table (not the weights).
-    pub fn open(path: &Path) -> Result<Pt2Archive> {
-        let mut z = Self::zip(path)?;
+    /// Reads one `*_config.json` table of stored tensors (weights or constants) into `out`.
+    fn read_table(path: &Path, cfg: &Value, cfg_name: &str, dir: &str, out: &mut Vec<WeightInfo>) -> Result<()> {
         let bad = |msg: String| Error::BadFile { file: path.into(), msg };
-        let names: Vec<String> = z.file_names().map(str::to_string).collect();
-        let format = names
-            .iter()
-            .find(|n| n.ends_with("/archive_format"))
-            .ok_or_else(|| bad("no archive_format entry: not a torch.export PT2 archive (torch >= 2.8)".into()))?
-            .clone();
-        let prefix = format.trim_end_matches("archive_format").to_string();
-        let kind = String::from_utf8_lossy(&Self::read_entry(path, &mut z, &format)?).trim().to_string();
-        if kind != "pt2" {
-            return Err(bad(format!("archive_format is `{kind}`, expected `pt2`")));
-        }
-        let model_json = names
-            .iter()
-            .find(|n| n.starts_with(&format!("{prefix}models/")) && n.ends_with(".json"))
-            .ok_or_else(|| bad(format!("no {prefix}models/<name>.json entry")))?
-            .clone();
-        let model_name =
-            model_json.trim_start_matches(&format!("{prefix}models/")).trim_end_matches(".json").to_string();
-        let program = Self::json(path, &mut z, &model_json)?;
-        let cfg_name = format!("{prefix}data/weights/{model_name}_weights_config.json");
-        let cfg = Self::json(path, &mut z, &cfg_name)?;
         let table = cfg
             .get("config")
             .and_then(Value::as_object)
             .ok_or_else(|| bad(format!("{cfg_name}: no `config` object")))?;
-        let mut weights = Vec::new();
         for (name, w) in table {
             let field = |k: &str| bad(format!("{cfg_name}: weight `{name}`: missing or bad `{k}`"));
             let meta = w.get("tensor_meta").ok_or_else(|| field("tensor_meta"))?;
@@ -141,15 +118,52 @@ impl Pt2Archive {
                 return Err(bad(format!("{cfg_name}: weight `{name}` is pickled; only raw storages are read")));
             }
             let file = w.get("path_name").and_then(Value::as_str).ok_or_else(|| field("path_name"))?;
-            weights.push(WeightInfo {
+            out.push(WeightInfo {
                 name: name.clone(),
-                file: format!("{prefix}data/weights/{file}"),
+                file: format!("{dir}{file}"),
                 dtype,
                 sizes,
                 strides,
                 storage_offset,
                 is_param: w.get("is_param").and_then(Value::as_bool).unwrap_or(false),
             });
+        }
+        Ok(())
+    }
+
+    /// Opens the archive and reads its graph JSON and weight table (not the weights).
+    pub fn open(path: &Path) -> Result<Pt2Archive> {
+        let mut z = Self::zip(path)?;
+        let bad = |msg: String| Error::BadFile { file: path.into(), msg };
+        let names: Vec<String> = z.file_names().map(str::to_string).collect();
+        let format = names
+            .iter()
+            .find(|n| n.ends_with("/archive_format"))
+            .ok_or_else(|| bad("no archive_format entry: not a torch.export PT2 archive (torch >= 2.8)".into()))?
+            .clone();
+        let prefix = format.trim_end_matches("archive_format").to_string();
+        let kind = String::from_utf8_lossy(&Self::read_entry(path, &mut z, &format)?).trim().to_string();
+        if kind != "pt2" {
+            return Err(bad(format!("archive_format is `{kind}`, expected `pt2`")));
+        }
+        let model_json = names
+            .iter()
+            .find(|n| n.starts_with(&format!("{prefix}models/")) && n.ends_with(".json"))
+            .ok_or_else(|| bad(format!("no {prefix}models/<name>.json entry")))?
+            .clone();
+        let model_name =
+            model_json.trim_start_matches(&format!("{prefix}models/")).trim_end_matches(".json").to_string();
+        let program = Self::json(path, &mut z, &model_json)?;
+        // Parameters and persistent buffers under data/weights; non-persistent buffers and
+        // other constants under data/constants (absent when the model has none).
+        let mut weights = Vec::new();
+        for dir in ["weights", "constants"] {
+            let cfg_name = format!("{prefix}data/{dir}/{model_name}_{dir}_config.json");
+            if dir == "constants" && !names.contains(&cfg_name) {
+                continue;
+            }
+            let cfg = Self::json(path, &mut z, &cfg_name)?;
+            Self::read_table(path, &cfg, &cfg_name, &format!("{prefix}data/{dir}/"), &mut weights)?;
         }
         Ok(Pt2Archive { path: path.into(), prefix, model_name, program, weights })
     }

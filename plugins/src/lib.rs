@@ -12,6 +12,7 @@ pub mod importers {
     pub mod decoder;
     pub mod gguf;
     pub mod hf;
+    pub mod torch_export;
 }
 pub mod runtime {
     pub mod demollm;

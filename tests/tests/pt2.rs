@@ -95,3 +95,50 @@ fn corrupt_archives_fail_naming_the_file_and_entry() {
     assert!(e.contains("reach past its storage"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn import_pt2(name: &str) -> autodeploy_core::Result<autodeploy_core::Graph> {
+    let req = autodeploy_core::registry::ImportRequest {
+        path: fixture(&format!("pt2/{name}")),
+        dtype: None,
+        max_batch_size: 8,
+        max_seq_len: 128,
+        dummy_weights: false,
+    };
+    autodeploy_core::registry::importer("torch-export").unwrap().import(&req)
+}
+
+/// A user's own nn.Module (embedding → linear → tanh GELU → linear → log_softmax, dynamic
+/// sequence length) exported by torch.export runs end to end and matches torch's output.
+#[test]
+fn a_non_transformer_export_runs_end_to_end() {
+    let g = import_pt2("mlp.pt2").unwrap();
+    assert_eq!(g.symbols.get("s70").map(|r| (r.min, r.max)), Some((1, 512)));
+    let r = safetensors::SafeTensors::deserialize(&std::fs::read(fixture("pt2/mlp.reference.safetensors")).unwrap())
+        .unwrap()
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (t.shape().to_vec(), t.data().to_vec())))
+        .collect::<std::collections::HashMap<_, _>>();
+    let (ids_shape, ids) = &r["input_ids"];
+    let ids: Vec<i64> = ids.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let (out_shape, want) = &r["output"];
+    let want: Vec<f32> = want.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let mut m = compile(&g);
+    let out = m.forward(&[autodeploy_core::Tensor::from_i64(ids_shape.clone(), ids).unwrap()], None).unwrap();
+    assert_eq!(out[0].shape(), out_shape.as_slice());
+    let err = out[0].to_f32().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err <= 1e-5, "max |error| against torch: {err}");
+    // Outside the exported range, the symbol check refuses the input by name.
+    let long = autodeploy_core::Tensor::from_i64(vec![2, 600], vec![1; 1200]).unwrap();
+    let e = m.forward(&[long], None).err().unwrap().to_string();
+    assert!(e.contains("s70") && e.contains("[1, 512]"), "{e}");
+}
+
+/// An op the importer does not know yet fails the import naming the op, the node, and where in
+/// the source model it came from.
+#[test]
+fn an_unknown_op_is_named_with_its_node_and_source_line() {
+    let e = import_pt2("llama.pt2").err().unwrap().to_string();
+    assert!(e.contains("torch.ops.aten.") && e.contains("node `"), "{e}");
+    assert!(e.contains("exported from") && e.contains(".py"), "{e}");
+}

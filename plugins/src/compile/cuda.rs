@@ -115,6 +115,7 @@ fn unsupported(op: &Op) -> Option<&'static str> {
             Some("uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)")
         }
         Op::Custom { .. } => Some("plugin ops have CPU kernels only so far"),
+        Op::Gelu { .. } | Op::LogSoftmax { .. } => Some("this op has a CPU kernel only so far"),
         Op::Mean { dims, .. } if dims.as_slice() != [-1] => Some("mean has a CUDA kernel over the last dim only"),
         Op::Rope { interleaved: true } => Some("interleaved RoPE has no CUDA kernel yet"),
         _ => None,
