@@ -619,3 +619,27 @@ fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>, opts: &KernelOpti
     let y = linear_f32(&act, m, inter, wd, None, opts);
     Tensor::from_f32_as(dtype, out_shape, y)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn erf_matches_reference_values() {
+        // Python's math.erf.
+        for (x, want) in
+            [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3), (3.0, 0.999_977_9)]
+        {
+            let got = super::erf(x);
+            assert!((got - want).abs() <= 1e-6, "erf({x}) = {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn log_softmax_is_log_of_softmax() {
+        let x = crate::Tensor::from_f32(vec![2, 3], vec![1.0, 2.0, 3.0, -1.0, 0.0, 5.0]).unwrap();
+        let s = super::softmax(&x, 1, false).unwrap().to_f32().into_owned();
+        let l = super::softmax(&x, 1, true).unwrap().to_f32().into_owned();
+        for (a, b) in s.iter().zip(&l) {
+            assert!((a.ln() - b).abs() < 1e-6, "{a} {b}");
+        }
+    }
+}
