@@ -185,3 +185,30 @@ fn bench_prints_one_json_object_with_the_floor() {
     let (ok, _, err) = autodeploy(&["bench", "--config", "examples/llama-fixture.toml", "--mode", "fast"]);
     assert!(!ok && err.contains("latency or throughput"), "{err}");
 }
+
+/// The compile backend, device and attention backend are config keys with flags: on the CPU
+/// every backend name runs the interpreter and gives the same tokens; a GPU-only attention
+/// backend on the CPU, an unknown backend and CUDA where there is none are refused, saying why.
+#[test]
+fn backend_and_device_flags_override_the_config() {
+    let cfg = ["--config", "examples/llama-fixture.toml"];
+    let outputs = |out: &str| out.lines().filter(|l| l.contains("] output [")).map(str::to_string).collect::<Vec<_>>();
+    let (ok, base, err) = autodeploy(&[&cfg[..], &["--device", "cpu"]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(outputs(&base).len(), 2, "{base}");
+    for b in ["cudagraph", "compile", "opt", "torch-opt"] {
+        let (ok, out, err) = autodeploy(&[&cfg[..], &["--device", "cpu", "--compile-backend", b]].concat());
+        assert!(ok, "{b}: {err}");
+        assert_eq!(outputs(&out), outputs(&base), "{b}");
+    }
+    let (ok, _, err) = autodeploy(&[&cfg[..], &["--device", "cpu", "--compile-backend", "fast"]].concat());
+    assert!(!ok && err.contains("unknown compile_backend `fast`") && err.contains("opt"), "{err}");
+    for attn in ["flashinfer", "triton"] {
+        let (ok, _, err) = autodeploy(&[&cfg[..], &["--device", "cpu", "--attn-backend", attn]].concat());
+        assert!(!ok && err.contains("CUDA") && err.contains("attn_backend = \"torch\""), "{attn}: {err}");
+    }
+    if autodeploy_kernels::cuda::probe(0).is_err() {
+        let (ok, _, err) = autodeploy(&[&cfg[..], &["--device", "cuda"]].concat());
+        assert!(!ok && err.contains("key `device`") && err.contains("device = \"cpu\""), "{err}");
+    }
+}
