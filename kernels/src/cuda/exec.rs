@@ -631,10 +631,7 @@ impl Gpu {
         d: usize,
         scale: f32,
     ) -> Result<(), Unavailable> {
-        let di = HEAD_DIMS
-            .iter()
-            .position(|&x| x == d)
-            .ok_or_else(|| Unavailable(format!("paged attention has kernels for head_dim {HEAD_DIMS:?}, not {d}")))?;
+        let di = head_dim_index(d, "paged attention")?;
         let f = &self.f.paged_attention[attn_dt(dt)?][di];
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let mut l = self.stream.launch_builder(f);
@@ -669,10 +666,7 @@ impl Gpu {
         scale: f32,
         split: Split,
     ) -> Result<(), Unavailable> {
-        let di = HEAD_DIMS
-            .iter()
-            .position(|&x| x == d)
-            .ok_or_else(|| Unavailable(format!("paged attention has kernels for head_dim {HEAD_DIMS:?}, not {d}")))?;
+        let di = head_dim_index(d, "paged attention")?;
         let a = attn_dt(dt)?;
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let (chunk, splits) = (split.chunk as i32, split.splits as i32);
@@ -733,10 +727,7 @@ impl Gpu {
         d: usize,
         scale: f32,
     ) -> Result<(), Unavailable> {
-        let di = HEAD_DIMS
-            .iter()
-            .position(|&x| x == d)
-            .ok_or_else(|| Unavailable(format!("slot attention has kernels for head_dim {HEAD_DIMS:?}, not {d}")))?;
+        let di = head_dim_index(d, "slot attention")?;
         let f = &self.f.slot_attention[attn_dt(dt)?][di];
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let mut l = self.stream.launch_builder(f);
@@ -782,6 +773,14 @@ fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {
 
 /// Blocks per row in the argmax's first pass.
 pub const ARGMAX_PARTS: usize = 64;
+
+/// Which of `HEAD_DIMS` an attention kernel for head dim `d` is, or why there is none.
+fn head_dim_index(d: usize, kernel: &str) -> Result<usize, Unavailable> {
+    HEAD_DIMS
+        .iter()
+        .position(|&x| x == d)
+        .ok_or_else(|| Unavailable(format!("{kernel} has kernels for head_dim {HEAD_DIMS:?}, not {d}")))
+}
 
 /// Head dims the paged attention kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];

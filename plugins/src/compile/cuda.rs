@@ -222,23 +222,17 @@ pub struct CudaModel {
 
 impl Drop for CudaModel {
     fn drop(&mut self) {
-        if !self.profile_on {
-            return;
-        }
-        let p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
-        let total: std::time::Duration = p.values().map(|v| v.1).sum();
-        let mut rows: Vec<_> = p.iter().collect();
-        rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.1));
-        eprintln!("op profile (CUDA, synchronised after every node; {:.1} ms in ops):", total.as_secs_f64() * 1e3);
-        for (op, (calls, t)) in rows {
-            let share = 100.0 * t.as_secs_f64() / total.as_secs_f64().max(1e-12);
-            eprintln!("  {op:<32} {calls:>8} calls {:>10.1} ms {share:>5.1}%", t.as_secs_f64() * 1e3);
+        if self.profile_on {
+            let p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+            super::simple::print_profile("CUDA, synchronised after every node", &p);
         }
     }
 }
 
 struct Captured {
     graph: autodeploy_kernels::cuda::cudarc::driver::CudaGraph,
+    /// Where the captured launches leave the graph output, and its shape.
+    out: (Ptr, Vec<usize>),
 }
 
 // SAFETY: a captured graph is launched only by the model that owns it, from one thread at a
@@ -1140,12 +1134,7 @@ impl CudaModel {
         };
         if let Some(c) = self.graphs.get(&b) {
             c.graph.launch().map_err(|e| Error::Msg(format!("replaying the CUDA graph of batch {b}: {e:?}")))?;
-            let o = self.graph.outputs[0];
-            return Ok((
-                self.output_ptr_of(&bind, &staged)?,
-                eval_shape(&self.graph.meta(o).shape, &bind)?,
-                staged.rows,
-            ));
+            return Ok((c.out.0, c.out.1.clone(), staged.rows));
         }
         // First step of this bucket: run it eagerly (its results are this step's), then capture
         // the same launches for the next ones.
@@ -1159,31 +1148,16 @@ impl CudaModel {
         let graph = stream.end_capture(
             autodeploy_kernels::cuda::cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
-        res?;
+        let out = res?;
         match graph {
             Ok(Some(graph)) => {
                 tracing::info!(batch = b, "captured a CUDA graph for decode");
-                self.graphs.insert(b, Captured { graph });
+                self.graphs.insert(b, Captured { graph, out });
             }
             Ok(None) => return Err(Error::Msg(format!("CUDA graph capture for batch {b} recorded nothing"))),
             Err(e) => return Err(Error::Msg(format!("capturing the CUDA graph of batch {b}: {e:?}"))),
         }
         Ok((p, s, staged.rows))
-    }
-
-    /// Where the output lands for these shapes (addresses are fixed by the plan; the same walk
-    /// `enqueue` does decides which views alias).
-    fn output_ptr_of(&self, bind: &Bindings, staged: &Staged) -> Result<Ptr> {
-        // The output is produced by a node that is never a view in the graphs we capture (the
-        // LM head's linear); views fall back to walking aliases.
-        let g = &self.graph;
-        let o = g.outputs[0];
-        let i = g.producer(o).ok_or_else(|| Error::Msg("graph output has no producer".into()))?;
-        if may_alias(&g.nodes[i].op) {
-            let _ = (bind, staged);
-            return Err(Error::Msg("graphs whose output is a view cannot be replayed from a CUDA graph".into()));
-        }
-        Ok(self.arena.ptr + self.plan[i].out as u64)
     }
 
     /// The first `rows` rows of the output (rows: everything but the last dim; a CUDA-graph

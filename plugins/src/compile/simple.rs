@@ -133,15 +133,21 @@ struct Interpreter {
 
 impl Drop for Interpreter {
     fn drop(&mut self) {
-        let Some(p) = &self.profile else { return };
-        let total: std::time::Duration = p.values().map(|v| v.1).sum();
-        let mut rows: Vec<_> = p.iter().collect();
-        rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.1));
-        eprintln!("op profile (simple backend, {:.1} ms in ops):", total.as_secs_f64() * 1e3);
-        for (op, (calls, t)) in rows {
-            let share = 100.0 * t.as_secs_f64() / total.as_secs_f64().max(1e-12);
-            eprintln!("  {op:<32} {calls:>8} calls {:>10.1} ms {share:>5.1}%", t.as_secs_f64() * 1e3);
+        if let Some(p) = &self.profile {
+            print_profile("simple backend", p);
         }
+    }
+}
+
+/// Prints `AUTODEPLOY_PROFILE`'s table: calls and time per op, slowest first.
+pub fn print_profile<K: std::fmt::Display>(what: &str, p: &std::collections::BTreeMap<K, (u64, std::time::Duration)>) {
+    let total: std::time::Duration = p.values().map(|v| v.1).sum();
+    let mut rows: Vec<_> = p.iter().collect();
+    rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.1));
+    eprintln!("op profile ({what}; {:.1} ms in ops):", total.as_secs_f64() * 1e3);
+    for (op, (calls, t)) in rows {
+        let share = 100.0 * t.as_secs_f64() / total.as_secs_f64().max(1e-12);
+        eprintln!("  {:<32} {calls:>8} calls {:>10.1} ms {share:>5.1}%", op.to_string(), t.as_secs_f64() * 1e3);
     }
 }
 
