@@ -180,19 +180,25 @@ impl Pt2Archive {
         let bytes = Self::read_entry(&self.path, &mut z, &w.file)?;
         let esz = w.dtype.size_in_bytes();
         // The last element the view reaches must lie inside the storage.
-        let n: usize = w.sizes.iter().product();
-        let reach =
-            w.storage_offset + w.sizes.iter().zip(&w.strides).map(|(s, st)| s.saturating_sub(1) * st).sum::<usize>();
-        if n > 0 && (reach + 1) * esz > bytes.len() {
-            return Err(self.bad(format!(
-                "weight `{name}`: sizes {:?}, strides {:?}, offset {} reach past its storage `{}` of {} bytes",
-                w.sizes,
-                w.strides,
-                w.storage_offset,
-                w.file,
-                bytes.len()
-            )));
-        }
+        let n = w.sizes.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
+        let reach = w.sizes.iter().zip(&w.strides).try_fold(w.storage_offset, |acc, (s, st)| {
+            s.saturating_sub(1).checked_mul(*st).and_then(|x| acc.checked_add(x))
+        });
+        let end = reach.and_then(|r| r.checked_add(1)).and_then(|r| r.checked_mul(esz));
+        let n = match (n, end) {
+            (Some(0), _) => 0,
+            (Some(n), Some(end)) if end <= bytes.len() => n,
+            _ => {
+                return Err(self.bad(format!(
+                    "weight `{name}`: sizes {:?}, strides {:?}, offset {} reach past its storage `{}` of {} bytes",
+                    w.sizes,
+                    w.strides,
+                    w.storage_offset,
+                    w.file,
+                    bytes.len()
+                )))
+            }
+        };
         let mut out = Vec::with_capacity(n * esz);
         let rank = w.sizes.len();
         for i in 0..n {

@@ -41,7 +41,8 @@ impl Dim {
         let mut syms = self.syms.clone();
         syms.extend(o.syms.iter().cloned());
         syms.sort();
-        let factor = self.factor * o.factor;
+        // Saturates: a size that large fails every later check instead of wrapping.
+        let factor = self.factor.saturating_mul(o.factor);
         if factor == 0 {
             return Dim::new(0);
         }

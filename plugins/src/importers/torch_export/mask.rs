@@ -1,0 +1,460 @@
+//! The attention masks an export builds for itself.
+//!
+//! transformers (5.x) computes the SDPA mask inside the traced forward: from `position_ids` it
+//! derives a causal mask (`arange`, `index`, `le`) and a packed-sequence mask (`diff`, `ne`,
+//! `cumsum`, `eq`), joined with `&`. The host's cached attention is causal over each sequence,
+//! so the importer does not translate these ops into the graph: it evaluates the mask's
+//! subgraph here, on small integer tensors, for a few batches of contiguous positions (what the
+//! runtime feeds), and accepts the SDPA as causal only when the mask is exactly the causal one.
+//! Anything else (sliding windows, bidirectional prefixes, padding masks) is refused by name.
+
+use std::collections::HashMap;
+
+use autodeploy_core::shape::Bindings;
+use serde_json::Value;
+
+/// An integer (or bool, as 0/1) tensor, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<i64>,
+}
+
+impl IntTensor {
+    fn new(shape: Vec<usize>, data: Vec<i64>) -> IntTensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        IntTensor { shape, data }
+    }
+
+    fn strides(shape: &[usize]) -> Vec<usize> {
+        let mut s = vec![1; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            s[d] = s[d + 1] * shape[d + 1];
+        }
+        s
+    }
+
+    /// The element at a multi-index of a shape this tensor broadcasts to (`idx` aligned right).
+    fn at_broadcast(&self, idx: &[usize]) -> i64 {
+        let st = Self::strides(&self.shape);
+        let off = idx.len() - self.shape.len();
+        let mut at = 0;
+        for (d, (&n, &s)) in self.shape.iter().zip(&st).enumerate() {
+            if n != 1 {
+                at += idx[off + d] * s;
+            }
+        }
+        self.data[at]
+    }
+
+    /// Every multi-index of `shape`, in row-major order.
+    fn indices(shape: &[usize]) -> impl Iterator<Item = Vec<usize>> + '_ {
+        let n: usize = shape.iter().product();
+        (0..n).map(move |mut i| {
+            let mut idx = vec![0; shape.len()];
+            for d in (0..shape.len()).rev() {
+                idx[d] = i % shape[d];
+                i /= shape[d];
+            }
+            idx
+        })
+    }
+}
+
+/// The mask check evaluates masks of a handful of tokens; anything bigger is a malformed graph.
+const MAX_ELEMENTS: usize = 1 << 20;
+
+fn check_size(shape: &[usize]) -> Result<(), String> {
+    match shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n)) {
+        Some(n) if n <= MAX_ELEMENTS => Ok(()),
+        _ => Err(format!("a tensor of shape {shape:?} is too large for a mask of a few tokens")),
+    }
+}
+
+fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+    let r = a.len().max(b.len());
+    (0..r)
+        .map(|i| {
+            let x = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+            let y = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+            match (x, y) {
+                (x, y) if x == y => Ok(x),
+                (1, y) => Ok(y),
+                (x, 1) => Ok(x),
+                _ => Err(format!("shapes {a:?} and {b:?} do not broadcast")),
+            }
+        })
+        .collect()
+}
+
+fn binary(a: &IntTensor, b: &IntTensor, f: impl Fn(i64, i64) -> i64) -> Result<IntTensor, String> {
+    let shape = broadcast_shape(&a.shape, &b.shape)?;
+    check_size(&shape)?;
+    let data = IntTensor::indices(&shape).map(|i| f(a.at_broadcast(&i), b.at_broadcast(&i))).collect();
+    Ok(IntTensor::new(shape, data))
+}
+
+fn norm_dim(d: i64, rank: usize) -> Result<usize, String> {
+    let r = rank as i64;
+    let d = if d < 0 { d + r } else { d };
+    if (0..r).contains(&d) {
+        Ok(d as usize)
+    } else {
+        Err(format!("dim {d} out of range for rank {rank}"))
+    }
+}
+
+/// Evaluates tensors of the export's graph on concrete integer inputs.
+pub struct MaskEval<'a> {
+    /// Producing node of each tensor, by name.
+    pub nodes: &'a HashMap<String, Value>,
+    /// Symbolic ints of the graph (`sym_size_int_N`) as host dims, evaluated with `bind`.
+    pub sym_ints: &'a HashMap<String, autodeploy_core::Dim>,
+    pub bind: Bindings,
+    pub values: HashMap<String, IntTensor>,
+}
+
+fn short(target: &str) -> &str {
+    target.strip_prefix("torch.ops.aten.").unwrap_or(target)
+}
+
+impl MaskEval<'_> {
+    fn int(&self, a: &Value) -> Result<i64, String> {
+        if let Some(i) = a.get("as_int").and_then(Value::as_i64) {
+            return Ok(i);
+        }
+        if let Some(b) = a.get("as_bool").and_then(Value::as_bool) {
+            return Ok(b as i64);
+        }
+        let name = a
+            .get("as_sym_int")
+            .and_then(|s| s.get("as_name"))
+            .or_else(|| a.get("as_name"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("argument {a} is not an int"))?;
+        let d = self.sym_ints.get(name).ok_or_else(|| format!("symbolic int `{name}` is not known"))?;
+        d.eval(&self.bind).map(|n| n as i64).map_err(|e| e.to_string())
+    }
+
+    fn ints(&self, a: &Value) -> Result<Vec<i64>, String> {
+        let list = a
+            .get("as_ints")
+            .or_else(|| a.get("as_sym_ints"))
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("argument {a} is not an int list"))?;
+        list.iter().map(|x| self.int(x)).collect()
+    }
+
+    /// The value of tensor `name`.
+    pub fn eval(&mut self, name: &str) -> Result<IntTensor, String> {
+        if let Some(t) = self.values.get(name) {
+            return Ok(t.clone());
+        }
+        let n = self.nodes.get(name).ok_or_else(|| format!("`{name}` is not computed by a node of the graph"))?;
+        let target = n["target"].as_str().unwrap_or("?");
+        let args: HashMap<&str, &Value> = n["inputs"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|a| Some((a["name"].as_str()?, &a["arg"]))).collect())
+            .unwrap_or_default();
+        let node = n["name"].as_str().unwrap_or("?").to_string();
+        let out = self.node(short(target), &args).map_err(|e| format!("{target} (node `{node}`): {e}"))?;
+        self.values.insert(name.to_string(), out.clone());
+        Ok(out)
+    }
+
+    fn tensor(&mut self, args: &HashMap<&str, &Value>, k: &str) -> Result<IntTensor, String> {
+        let name = args
+            .get(k)
+            .and_then(|a| a["as_tensor"]["name"].as_str())
+            .ok_or_else(|| format!("argument `{k}` is not a tensor"))?
+            .to_string();
+        self.eval(&name)
+    }
+
+    fn opt<'v>(args: &HashMap<&str, &'v Value>, k: &str) -> Option<&'v Value> {
+        args.get(k).copied().filter(|a| a.get("as_none").is_none())
+    }
+
+    fn node(&mut self, target: &str, args: &HashMap<&str, &Value>) -> Result<IntTensor, String> {
+        let int_or = |s: &Self, k: &str, d: i64| Self::opt(args, k).map_or(Ok(d), |a| s.int(a));
+        Ok(match target {
+            "arange.default" | "arange.start" | "arange.start_step" => {
+                let (start, end, step) = (int_or(self, "start", 0)?, int_or(self, "end", 0)?, int_or(self, "step", 1)?);
+                if step <= 0 {
+                    return Err(format!("step {step}"));
+                }
+                if end.saturating_sub(start) / step > MAX_ELEMENTS as i64 {
+                    return Err(format!("arange({start}, {end}, {step}) is too long"));
+                }
+                let data: Vec<i64> = (start..end).step_by(step as usize).collect();
+                IntTensor::new(vec![data.len()], data)
+            }
+            "alias.default" | "clone.default" | "contiguous.default" | "lift_fresh_copy.default" => {
+                self.tensor(args, "self")?
+            }
+            "to.dtype" | "to.dtype_layout" | "to.device" | "_to_copy.default" => {
+                let x = self.tensor(args, "self")?;
+                match Self::opt(args, "dtype").and_then(|d| d["as_scalar_type"].as_i64()) {
+                    Some(12) => IntTensor::new(x.shape, x.data.iter().map(|&v| (v != 0) as i64).collect()),
+                    None | Some(5) | Some(3) | Some(4) | Some(2) | Some(1) => x,
+                    Some(code) => return Err(format!("conversion to dtype code {code} (a float mask)")),
+                }
+            }
+            "unsqueeze.default" => {
+                let mut x = self.tensor(args, "self")?;
+                let d = norm_dim(int_or(self, "dim", 0)?, x.shape.len() + 1)?;
+                x.shape.insert(d, 1);
+                x
+            }
+            "view.default" | "reshape.default" | "_unsafe_view.default" => {
+                let x = self.tensor(args, "self")?;
+                let sizes = self.ints(args.get("size").or_else(|| args.get("shape")).ok_or("no size")?)?;
+                let known = sizes
+                    .iter()
+                    .filter(|&&s| s >= 0)
+                    .try_fold(1i64, |a, &s| a.checked_mul(s))
+                    .ok_or("size overflow")?;
+                let shape: Vec<usize> = sizes
+                    .iter()
+                    .map(|&s| if s < 0 { x.data.len() / known.max(1) as usize } else { s as usize })
+                    .collect();
+                check_size(&shape)?;
+                if shape.iter().product::<usize>() != x.data.len() {
+                    return Err(format!("view of {:?} as {sizes:?}", x.shape));
+                }
+                IntTensor::new(shape, x.data)
+            }
+            "expand.default" => {
+                let x = self.tensor(args, "self")?;
+                let sizes = self.ints(args.get("size").ok_or("no size")?)?;
+                let off = sizes.len().checked_sub(x.shape.len()).ok_or("expand to a lower rank")?;
+                let shape: Vec<usize> =
+                    sizes.iter().enumerate().map(|(i, &s)| if s < 0 { x.shape[i - off] } else { s as usize }).collect();
+                let data = IntTensor::indices(&shape).map(|i| x.at_broadcast(&i)).collect();
+                IntTensor::new(shape, data)
+            }
+            "slice.Tensor" => {
+                let x = self.tensor(args, "self")?;
+                let d = norm_dim(int_or(self, "dim", 0)?, x.shape.len())?;
+                let n = x.shape[d] as i64;
+                let clamp = |v: i64| if v < 0 { (v + n).max(0) } else { v.min(n) };
+                let (start, end, step) =
+                    (clamp(int_or(self, "start", 0)?), clamp(int_or(self, "end", i64::MAX)?), int_or(self, "step", 1)?);
+                if step <= 0 {
+                    return Err(format!("step {step}"));
+                }
+                let keep: Vec<usize> = (start..end.max(start)).step_by(step as usize).map(|i| i as usize).collect();
+                let mut shape = x.shape.clone();
+                shape[d] = keep.len();
+                let data = IntTensor::indices(&shape)
+                    .map(|mut i| {
+                        i[d] = keep[i[d]];
+                        x.at_broadcast(&i)
+                    })
+                    .collect();
+                IntTensor::new(shape, data)
+            }
+            "add.Tensor" | "sub.Tensor" | "mul.Tensor" | "add.Scalar" | "sub.Scalar" | "mul.Scalar" => {
+                let x = self.tensor(args, "self")?;
+                let other = args.get("other").ok_or("no `other`")?;
+                let y = if other.get("as_tensor").is_some() {
+                    self.tensor(args, "other")?
+                } else {
+                    IntTensor::new(vec![], vec![self.int(other)?])
+                };
+                let alpha = int_or(self, "alpha", 1)?;
+                match &target[..3] {
+                    "add" => binary(&x, &y, |a, b| a + alpha * b)?,
+                    "sub" => binary(&x, &y, |a, b| a - alpha * b)?,
+                    _ => binary(&x, &y, |a, b| a * b)?,
+                }
+            }
+            "ne.Scalar" | "eq.Scalar" | "le.Scalar" | "lt.Scalar" | "ge.Scalar" | "gt.Scalar" | "ne.Tensor"
+            | "eq.Tensor" | "le.Tensor" | "lt.Tensor" | "ge.Tensor" | "gt.Tensor" => {
+                let x = self.tensor(args, "self")?;
+                let y = if target.ends_with("Tensor") {
+                    self.tensor(args, "other")?
+                } else {
+                    IntTensor::new(vec![], vec![self.int(args.get("other").ok_or("no `other`")?)?])
+                };
+                let f: fn(i64, i64) -> bool = match &target[..2] {
+                    "ne" => |a, b| a != b,
+                    "eq" => |a, b| a == b,
+                    "le" => |a, b| a <= b,
+                    "lt" => |a, b| a < b,
+                    "ge" => |a, b| a >= b,
+                    _ => |a, b| a > b,
+                };
+                binary(&x, &y, |a, b| f(a, b) as i64)?
+            }
+            "__and__.Tensor" | "bitwise_and.Tensor" | "logical_and.default" => {
+                let (x, y) = (self.tensor(args, "self")?, self.tensor(args, "other")?);
+                binary(&x, &y, |a, b| ((a != 0) && (b != 0)) as i64)?
+            }
+            "__or__.Tensor" | "bitwise_or.Tensor" | "logical_or.default" => {
+                let (x, y) = (self.tensor(args, "self")?, self.tensor(args, "other")?);
+                binary(&x, &y, |a, b| ((a != 0) || (b != 0)) as i64)?
+            }
+            "logical_not.default" | "bitwise_not.default" => {
+                let x = self.tensor(args, "self")?;
+                IntTensor::new(x.shape, x.data.iter().map(|&v| (v == 0) as i64).collect())
+            }
+            "new_ones.default" | "new_zeros.default" => {
+                let shape: Vec<usize> =
+                    self.ints(args.get("size").ok_or("no size")?)?.into_iter().map(|s| s.max(0) as usize).collect();
+                check_size(&shape)?;
+                let v = target.starts_with("new_ones") as i64;
+                let n = shape.iter().product();
+                IntTensor::new(shape, vec![v; n])
+            }
+            "cumsum.default" => {
+                let x = self.tensor(args, "self")?;
+                let d = norm_dim(int_or(self, "dim", 0)?, x.shape.len())?;
+                let st = IntTensor::strides(&x.shape);
+                let mut data = x.data.clone();
+                for i in 0..data.len() {
+                    if !(i / st[d]).is_multiple_of(x.shape[d]) {
+                        data[i] += data[i - st[d]];
+                    }
+                }
+                IntTensor::new(x.shape, data)
+            }
+            "diff.default" => {
+                if int_or(self, "n", 1)? != 1 {
+                    return Err("only n = 1".into());
+                }
+                let mut x = self.tensor(args, "self")?;
+                let d = norm_dim(int_or(self, "dim", -1)?, x.shape.len())?;
+                if Self::opt(args, "prepend").is_some() {
+                    x = cat(&self.tensor(args, "prepend")?, &x, d)?;
+                }
+                if Self::opt(args, "append").is_some() {
+                    x = cat(&x, &self.tensor(args, "append")?, d)?;
+                }
+                let mut shape = x.shape.clone();
+                shape[d] = shape[d].checked_sub(1).ok_or("diff of an empty dim")?;
+                let data = IntTensor::indices(&shape)
+                    .map(|mut i| {
+                        let a = x.at_broadcast(&i);
+                        i[d] += 1;
+                        x.at_broadcast(&i) - a
+                    })
+                    .collect();
+                IntTensor::new(shape, data)
+            }
+            "index.Tensor" => {
+                let x = self.tensor(args, "self")?;
+                let list = args
+                    .get("indices")
+                    .and_then(|a| a.get("as_optional_tensors").or_else(|| a.get("as_tensors")))
+                    .and_then(Value::as_array)
+                    .ok_or("`indices` is not a tensor list")?
+                    .clone();
+                let mut idx = Vec::new();
+                for t in &list {
+                    let name = t
+                        .get("as_tensor")
+                        .and_then(|t| t["name"].as_str())
+                        .or_else(|| t["name"].as_str())
+                        .ok_or("only leading, non-None index tensors are supported")?;
+                    idx.push(self.eval(name)?);
+                }
+                if idx.len() > x.shape.len() {
+                    return Err("more indices than dims".into());
+                }
+                let mut bshape: Vec<usize> = vec![];
+                for t in &idx {
+                    bshape = broadcast_shape(&bshape, &t.shape)?;
+                }
+                let rest = &x.shape[idx.len()..];
+                let mut shape = bshape.clone();
+                shape.extend_from_slice(rest);
+                check_size(&shape)?;
+                let mut data = Vec::with_capacity(shape.iter().product());
+                for i in IntTensor::indices(&shape) {
+                    let mut src: Vec<usize> = Vec::with_capacity(x.shape.len());
+                    for (k, t) in idx.iter().enumerate() {
+                        let v = t.at_broadcast(&i[..bshape.len()]);
+                        let n = x.shape[k] as i64;
+                        let v = if v < 0 { v + n } else { v };
+                        if !(0..n).contains(&v) {
+                            return Err(format!("index {v} out of range for size {n}"));
+                        }
+                        src.push(v as usize);
+                    }
+                    src.extend_from_slice(&i[bshape.len()..]);
+                    data.push(x.at_broadcast(&src));
+                }
+                IntTensor::new(shape, data)
+            }
+            other => return Err(format!("`{other}` is not an op the mask check can evaluate")),
+        })
+    }
+}
+
+fn cat(a: &IntTensor, b: &IntTensor, d: usize) -> Result<IntTensor, String> {
+    let mut shape = a.shape.clone();
+    if a.shape.len() != b.shape.len() || a.shape.iter().zip(&b.shape).enumerate().any(|(i, (x, y))| i != d && x != y) {
+        return Err(format!("cat of {:?} and {:?}", a.shape, b.shape));
+    }
+    shape[d] += b.shape[d];
+    let data = IntTensor::indices(&shape)
+        .map(|mut i| {
+            if i[d] < a.shape[d] {
+                a.at_broadcast(&i)
+            } else {
+                i[d] -= a.shape[d];
+                b.at_broadcast(&i)
+            }
+        })
+        .collect();
+    Ok(IntTensor::new(shape, data))
+}
+
+/// Whether `mask` (`[batch|1, heads|1, seq, seq]`, nonzero = attend) is the causal mask for
+/// `batch` rows of `seq` tokens.
+pub fn is_causal(mask: &IntTensor, batch: usize, seq: usize) -> Result<(), String> {
+    let s = &mask.shape;
+    if s.len() != 4 || !(s[0] == batch || s[0] == 1) || s[2] != seq || s[3] != seq {
+        return Err(format!("has shape {s:?}, not [{batch}, heads, {seq}, {seq}]"));
+    }
+    for idx in IntTensor::indices(s) {
+        let (i, j) = (idx[2], idx[3]);
+        let attend = mask.at_broadcast(&idx) != 0;
+        if attend != (j <= i) {
+            return Err(format!(
+                "at row {} query {i} key {j} it {} attend, where a causal mask {}",
+                idx[0],
+                if attend { "does" } else { "does not" },
+                if j <= i { "does" } else { "does not" }
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_compare_and_causal_check() {
+        let rows = IntTensor::new(vec![3, 1], vec![0, 1, 2]);
+        let cols = IntTensor::new(vec![1, 3], vec![0, 1, 2]);
+        let m = binary(&cols, &rows, |a, b| (a <= b) as i64).unwrap();
+        assert_eq!(m.data, vec![1, 0, 0, 1, 1, 0, 1, 1, 1]);
+        let m4 = IntTensor::new(vec![1, 1, 3, 3], m.data.clone());
+        assert!(is_causal(&m4, 2, 3).is_ok());
+        let full = IntTensor::new(vec![1, 1, 3, 3], vec![1; 9]);
+        let e = is_causal(&full, 1, 3).unwrap_err();
+        assert!(e.contains("query 0 key 1"), "{e}");
+    }
+
+    #[test]
+    fn cat_and_strides() {
+        let a = IntTensor::new(vec![2, 1], vec![1, 2]);
+        let b = IntTensor::new(vec![2, 2], vec![3, 4, 5, 6]);
+        assert_eq!(cat(&a, &b, 1).unwrap().data, vec![1, 3, 4, 2, 5, 6]);
+        assert!(cat(&a, &b, 0).is_err());
+    }
+}

@@ -1,0 +1,623 @@
+//! `torch-export`: an archive written by `torch.export.save` (the PT2 layout of torch >= 2.8,
+//! read by core/src/pt2.rs) into the IR. Parameters and buffers become weights (read lazily,
+//! as stored), user inputs become graph inputs with the export's symbolic sizes and their range
+//! constraints, and each ATen node becomes the op of the same name. An op the host does not
+//! know is an error naming the op and the node and quoting where in the user's model it came
+//! from (the node's stack trace).
+//!
+//! Three things make a transformers export read like the HF importer's graph:
+//! - symbols: the export names its dims `s44`, `s70`; the batch and sequence dims of
+//!   `input_ids` become the host's `batch` and `seq`, which the runtime and cache transforms use;
+//! - only what the outputs need is translated (transformers' mask construction, the
+//!   `_assert_tensor_metadata` checks and `sym_size` reads are not graph ops here);
+//! - an SDPA attention mask built inside the graph is evaluated by `mask` and, when it is the
+//!   causal mask, becomes `is_causal = true` (the form the attention matcher and the cached
+//!   attention take); any other mask is refused naming the node.
+
+mod mask;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::pt2::{scalar_type, Pt2Archive};
+use autodeploy_core::registry::{ImportRequest, ImporterPlugin, ModelImporter};
+use autodeploy_core::weights::WeightStore;
+use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, Shape, SizeArg, ValueId};
+use serde_json::Value;
+
+pub struct TorchExportImporter;
+
+autodeploy_core::inventory::submit! {
+    ImporterPlugin { name: "torch-export", version: env!("CARGO_PKG_VERSION"), make: || Box::new(TorchExportImporter) }
+}
+
+impl ModelImporter for TorchExportImporter {
+    fn accepts(&self, path: &Path) -> bool {
+        path.is_file() && path.extension().is_some_and(|e| e == "pt2")
+    }
+
+    fn import(&self, req: &ImportRequest) -> Result<Graph> {
+        if req.dummy_weights {
+            return Err(Error::Msg(format!(
+                "{}: load_format = \"dummy\" needs a Hugging Face config.json; a .pt2 archive carries its own weights",
+                req.path.display()
+            )));
+        }
+        let archive = Arc::new(Pt2Archive::open(&req.path)?);
+        let g = Importer::new(&archive).build(&archive)?;
+        // The export fixed the compute dtype; converting it is not this importer's job.
+        if let Some(want) = req.dtype {
+            let have: Vec<DType> = g.params.iter().map(|p| g.meta(p.value).dtype).filter(|d| d.is_float()).collect();
+            if let Some(&d) = have.iter().find(|&&d| d != want) {
+                return Err(Error::BadFile {
+                    file: req.path.clone(),
+                    msg: format!(
+                        "the export computes in {d}, the config asks for {want}; set dtype = \"auto\" or re-export \
+                         with scripts/export.py --dtype"
+                    ),
+                });
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// A size from the export: an int, or a sympy expression over symbols (`Symbol('s70', ...)`,
+/// `Mul(Integer(16), Symbol('s70', ...))`), with symbols renamed by `rename`.
+fn parse_dim(v: &Value, rename: &HashMap<String, String>) -> Option<Dim> {
+    if let Some(i) = v.get("as_int").and_then(Value::as_i64) {
+        return usize::try_from(i).ok().map(Dim::new);
+    }
+    let e = v.get("as_expr")?.get("expr_str")?.as_str()?;
+    parse_expr(e.trim(), rename)
+}
+
+/// The symbol a sympy `Symbol('name', ...)` expression names.
+fn symbol_name(e: &str) -> Option<&str> {
+    let rest = e.strip_prefix("Symbol(")?;
+    Some(rest.split(',').next()?.trim().trim_matches(|c| c == '\'' || c == '"' || c == ')'))
+}
+
+fn parse_expr(e: &str, rename: &HashMap<String, String>) -> Option<Dim> {
+    if let Some(name) = symbol_name(e) {
+        return Some(Dim::sym(rename.get(name).map_or(name, String::as_str)));
+    }
+    if let Some(rest) = e.strip_prefix("Integer(") {
+        return rest.trim_end_matches(')').trim().parse().ok().map(Dim::new);
+    }
+    if let Some(inner) = e.strip_prefix("Mul(").and_then(|r| r.strip_suffix(')')) {
+        // Split the top-level arguments.
+        let (mut depth, mut start, mut acc) = (0i32, 0usize, Dim::new(1));
+        for (i, c) in inner.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    acc = acc.mul(&parse_expr(inner[start..i].trim(), rename)?);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        return Some(acc.mul(&parse_expr(inner[start..].trim(), rename)?));
+    }
+    None
+}
+
+/// Names of the tensors an argument reads (`as_tensor`, `as_tensors`, `as_optional_tensors`).
+fn tensor_args(arg: &Value, out: &mut Vec<String>) {
+    if let Some(n) = arg.get("as_tensor").and_then(|t| t["name"].as_str()) {
+        out.push(n.to_string());
+    }
+    for k in ["as_tensors", "as_optional_tensors"] {
+        for t in arg.get(k).and_then(Value::as_array).into_iter().flatten() {
+            if let Some(n) = t["name"].as_str() {
+                out.push(n.to_string());
+            }
+            tensor_args(t, out);
+        }
+    }
+}
+
+const SDPA: &str = "torch.ops.aten.scaled_dot_product_attention.default";
+
+struct Importer<'a> {
+    a: &'a Pt2Archive,
+    /// Export tensor name → graph value (identity ops map their output to their input's value).
+    values: HashMap<String, ValueId>,
+    /// Export symbol → host symbol (`s44` → `batch`).
+    rename: HashMap<String, String>,
+    /// The graph's symbolic ints (`sym_size_int_14`) as dims.
+    sym_ints: HashMap<String, Dim>,
+    /// The node that computes each tensor, by tensor name.
+    producers: HashMap<String, Value>,
+    /// User inputs: name, dtype, shape (for evaluating masks).
+    user_inputs: Vec<(String, DType, Shape)>,
+}
+
+impl<'a> Importer<'a> {
+    fn new(a: &'a Pt2Archive) -> Importer<'a> {
+        Importer {
+            a,
+            values: HashMap::new(),
+            rename: HashMap::new(),
+            sym_ints: HashMap::new(),
+            producers: HashMap::new(),
+            user_inputs: Vec::new(),
+        }
+    }
+
+    fn bad(&self, msg: impl Into<String>) -> Error {
+        Error::BadFile { file: self.a.path.clone(), msg: msg.into() }
+    }
+
+    fn graph_json(&self) -> &'a Value {
+        &self.a.program["graph_module"]["graph"]
+    }
+
+    /// dtype and shape of a tensor value from the graph's `tensor_values`.
+    fn meta(&self, name: &str) -> Result<(DType, Shape)> {
+        let t = &self.graph_json()["tensor_values"][name];
+        let code = t["dtype"].as_i64().ok_or_else(|| self.bad(format!("tensor `{name}` has no dtype")))?;
+        let dtype = scalar_type(code)
+            .ok_or_else(|| self.bad(format!("tensor `{name}`: dtype code {code} is not supported")))?;
+        let sizes = t["sizes"].as_array().ok_or_else(|| self.bad(format!("tensor `{name}` has no sizes")))?;
+        let shape = sizes
+            .iter()
+            .map(|s| {
+                parse_dim(s, &self.rename)
+                    .ok_or_else(|| self.bad(format!("tensor `{name}`: size {s} is not understood")))
+            })
+            .collect::<Result<Shape>>()?;
+        Ok((dtype, shape))
+    }
+
+    /// The host names the dims of `input_ids` `[batch, seq]`; the export's symbols for them
+    /// are renamed so the runtime's transforms find them.
+    fn plan_renames(&mut self, specs: &[Value]) {
+        let user = |name: &str| {
+            specs.iter().find_map(|s| s["user_input"]["arg"]["as_tensor"]["name"].as_str().filter(|n| *n == name))
+        };
+        let Some(ids) = user("input_ids") else { return };
+        let sizes = self.graph_json()["tensor_values"][ids]["sizes"].as_array().cloned().unwrap_or_default();
+        let host = if sizes.len() == 2 { ["batch", "seq"].as_slice() } else { &[] };
+        for (s, h) in sizes.iter().zip(host) {
+            if let Some(sym) = s["as_expr"]["expr_str"].as_str().and_then(|e| symbol_name(e.trim())) {
+                self.rename.insert(sym.to_string(), h.to_string());
+            }
+        }
+    }
+
+    fn build(mut self, archive: &Arc<Pt2Archive>) -> Result<Graph> {
+        let a = self.a;
+        let mut store = WeightStore::new(a.path.display().to_string());
+        for w in &a.weights {
+            let (ar, name) = (archive.clone(), w.name.clone());
+            let origin = format!("{} ({})", a.path.display(), w.file);
+            store.add_lazy(&w.name, w.sizes.clone(), origin, Arc::new(move || ar.load(&name)));
+        }
+        let sig = &a.program["graph_module"]["signature"];
+        let specs = sig["input_specs"].as_array().ok_or_else(|| self.bad("signature has no input_specs"))?;
+        self.plan_renames(specs);
+        if let Some(syms) = self.graph_json()["sym_int_values"].as_object() {
+            for (name, v) in syms {
+                if let Some(d) = parse_dim(v, &self.rename) {
+                    self.sym_ints.insert(name.clone(), d);
+                }
+            }
+        }
+        let mut b = GraphBuilder::new(Arc::new(store));
+        if let Some(ranges) = a.program["range_constraints"].as_object() {
+            for (sym, r) in ranges {
+                let min = r["min_val"].as_u64().unwrap_or(1) as usize;
+                // An unbounded symbol (int_oo) gets the widest range the host can hold.
+                let max = r["max_val"].as_u64().map_or(u32::MAX as usize, |m| m as usize);
+                b.symbol(self.rename.get(sym).map_or(sym.as_str(), String::as_str), min, max);
+            }
+        }
+        for spec in specs {
+            let (kind, body) = spec
+                .as_object()
+                .and_then(|o| o.iter().next())
+                .ok_or_else(|| self.bad(format!("input spec {spec} is not understood")))?;
+            match kind.as_str() {
+                "parameter" | "buffer" | "constant_tensor" => {
+                    let arg = body["arg"]["name"].as_str().ok_or_else(|| self.bad(format!("{kind} spec {body}")))?;
+                    let key = match kind.as_str() {
+                        "parameter" => "parameter_name",
+                        "buffer" => "buffer_name",
+                        _ => "tensor_constant_name",
+                    };
+                    let target = body[key].as_str().ok_or_else(|| self.bad(format!("{kind} spec {body}")))?;
+                    if !a.weights.iter().any(|w| w.name == target) {
+                        return Err(self.bad(format!("{kind} `{target}` is not among the archive's stored tensors")));
+                    }
+                    let (dtype, shape) = self.meta(arg)?;
+                    let v = b.param(target, dtype, shape);
+                    self.values.insert(arg.to_string(), v);
+                }
+                "user_input" => {
+                    let arg = body["arg"]["as_tensor"]["name"].as_str().ok_or_else(|| {
+                        self.bad(format!("user input {body} is not a tensor (only tensor inputs are supported)"))
+                    })?;
+                    let (dtype, shape) = self.meta(arg)?;
+                    let v = b.input(arg, dtype, shape.clone());
+                    self.values.insert(arg.to_string(), v);
+                    self.user_inputs.push((arg.to_string(), dtype, shape));
+                }
+                other => return Err(self.bad(format!("input spec kind `{other}` is not supported ({body})"))),
+            }
+        }
+        let nodes = self.graph_json()["nodes"].as_array().cloned().unwrap_or_default();
+        let mut outputs = Vec::new();
+        for spec in sig["output_specs"].as_array().ok_or_else(|| self.bad("signature has no output_specs"))? {
+            let name = spec["user_output"]["arg"]["as_tensor"]["name"]
+                .as_str()
+                .ok_or_else(|| self.bad(format!("output spec {spec} is not a user tensor output")))?;
+            outputs.push(name.to_string());
+        }
+        for n in &nodes {
+            for o in n["outputs"].as_array().into_iter().flatten() {
+                if let Some(name) = o["as_tensor"]["name"].as_str() {
+                    self.producers.insert(name.to_string(), n.clone());
+                }
+            }
+        }
+        // Translate only what the outputs need; an SDPA's mask is checked, not translated.
+        let mut live: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut stack = outputs.clone();
+        while let Some(t) = stack.pop() {
+            if !live.insert(t.clone()) {
+                continue;
+            }
+            let Some(n) = self.producers.get(&t) else { continue };
+            for i in n["inputs"].as_array().into_iter().flatten() {
+                if n["target"] == SDPA && i["name"] == "attn_mask" {
+                    continue;
+                }
+                tensor_args(&i["arg"], &mut stack);
+            }
+        }
+        let mut translated = 0;
+        for n in &nodes {
+            let produces_live = n["outputs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|o| o["as_tensor"]["name"].as_str().is_some_and(|t| live.contains(t)));
+            if produces_live {
+                self.node(&mut b, n)?;
+                translated += 1;
+            }
+        }
+        for name in &outputs {
+            let v = *self.values.get(name).ok_or_else(|| self.bad(format!("output `{name}` is never computed")))?;
+            b.output(v);
+        }
+        b.note(format!(
+            "import: torch-export importer read {} (torch {}, {} nodes, {translated} translated, {} stored tensors)",
+            a.path.display(),
+            a.program["torch_version"].as_str().unwrap_or("?"),
+            nodes.len(),
+            a.weights.len()
+        ));
+        let mut g = b.finish()?;
+        g.dce();
+        Ok(g)
+    }
+
+    /// A size list (`as_ints` or `as_sym_ints`) as the IR's size arguments; `-1` infers/keeps.
+    fn size_list(&self, a: &Value) -> Option<Vec<SizeArg>> {
+        let list = a.get("as_ints").or_else(|| a.get("as_sym_ints"))?.as_array()?;
+        list.iter()
+            .map(|x| {
+                let i = x.as_i64().or_else(|| x.get("as_int").and_then(Value::as_i64));
+                match i {
+                    Some(-1) => Some(SizeArg::Infer),
+                    Some(n) => usize::try_from(n).ok().map(|n| SizeArg::Dim(Dim::new(n))),
+                    None => self.sym_ints.get(x.get("as_name")?.as_str()?).cloned().map(SizeArg::Dim),
+                }
+            })
+            .collect()
+    }
+
+    /// Checks that an SDPA's `attn_mask` is the causal mask, by evaluating it for a few
+    /// batches of contiguous positions.
+    fn check_causal_mask(&self, mask: &str) -> std::result::Result<(), String> {
+        if self.meta(mask).map(|m| m.0).ok() != Some(DType::Bool) {
+            return Err(format!("the mask `{mask}` is not boolean (additive float masks are not recognised)"));
+        }
+        for (batch, seq, offsets) in [(2usize, 5usize, [0i64, 3, 0]), (1, 7, [11, 0, 0]), (3, 1, [0, 4, 9])] {
+            let mut bind = autodeploy_core::shape::Bindings::new();
+            bind.insert("batch".into(), batch);
+            bind.insert("seq".into(), seq);
+            let mut values = HashMap::new();
+            for (name, _, shape) in &self.user_inputs {
+                let dims: Vec<usize> = match autodeploy_core::shape::eval_shape(shape, &bind) {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                };
+                let data = match name.as_str() {
+                    "position_ids" if dims.len() == 2 => {
+                        (0..dims[0]).flat_map(|r| (0..dims[1] as i64).map(move |i| offsets[r] + i)).collect()
+                    }
+                    "input_ids" => vec![1; dims.iter().product()],
+                    _ => continue,
+                };
+                values.insert(name.clone(), mask::IntTensor { shape: dims, data });
+            }
+            let mut ev = mask::MaskEval { nodes: &self.producers, sym_ints: &self.sym_ints, bind, values };
+            let m = ev.eval(mask).map_err(|e| format!("the mask `{mask}` could not be evaluated: {e}"))?;
+            mask::is_causal(&m, batch, seq).map_err(|e| {
+                format!("the mask `{mask}` is not the causal mask (for {batch} rows of {seq} positions it {e})")
+            })?;
+        }
+        Ok(())
+    }
+
+    fn node(&mut self, b: &mut GraphBuilder, n: &Value) -> Result<()> {
+        let target = n["target"].as_str().unwrap_or("?");
+        let name = n["name"].as_str().unwrap_or("?").to_string();
+        let args: HashMap<&str, &Value> = n["inputs"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|a| Some((a["name"].as_str()?, &a["arg"]))).collect())
+            .unwrap_or_default();
+        let unsupported = |why: &str| {
+            let trace = n["metadata"]["stack_trace"].as_str().unwrap_or("(no stack trace recorded)");
+            Error::Op {
+                op: target.to_string(),
+                msg: format!(
+                    "node `{name}`: {why}; the torch-export importer supports {}.\n  exported from:\n    {}",
+                    SUPPORTED.join(", "),
+                    trace.trim().replace('\n', "\n    ")
+                ),
+            }
+        };
+        let tensor = |k: &str| -> Result<ValueId> {
+            let t = args
+                .get(k)
+                .and_then(|a| a["as_tensor"]["name"].as_str())
+                .ok_or_else(|| unsupported(&format!("argument `{k}` is not a tensor")))?;
+            self.values.get(t).copied().ok_or_else(|| {
+                let why = if self.producers.get(t).is_some_and(|p| MASK_OPS.iter().any(|m| p["target"] == *m)) {
+                    "which is built by attention-mask ops the host only takes as an SDPA attn_mask"
+                } else {
+                    "which is not defined before it"
+                };
+                unsupported(&format!("argument `{k}` reads `{t}`, {why}"))
+            })
+        };
+        let is_none = |k: &str| args.get(k).is_none_or(|a| a.get("as_none").is_some());
+        let int = |k: &str, default: i64| -> Result<i64> {
+            if is_none(k) {
+                return Ok(default);
+            }
+            args[k]["as_int"].as_i64().ok_or_else(|| unsupported(&format!("argument `{k}` is not an int")))
+        };
+        let float = |k: &str| -> Option<f64> {
+            let a = args.get(k)?;
+            a["as_float"].as_f64().or_else(|| a["as_int"].as_i64().map(|i| i as f64))
+        };
+        let boolean = |k: &str| args.get(k).and_then(|a| a["as_bool"].as_bool()).unwrap_or(false);
+        let sizes = |k: &str| {
+            args.get(k)
+                .and_then(|a| self.size_list(a))
+                .ok_or_else(|| unsupported(&format!("argument `{k}` is not a size list the host understands")))
+        };
+        let short = target.strip_prefix("torch.ops.aten.").unwrap_or(target);
+        let translated: Option<(Op, Vec<ValueId>)> = match short {
+            "embedding.default" => Some((Op::Embedding, vec![tensor("weight")?, tensor("indices")?])),
+            "linear.default" => {
+                let mut ins = vec![tensor("input")?, tensor("weight")?];
+                if !is_none("bias") {
+                    ins.push(tensor("bias")?);
+                }
+                Some((Op::Linear, ins))
+            }
+            "matmul.default" => Some((Op::Matmul, vec![tensor("self")?, tensor("other")?])),
+            "gelu.default" => {
+                let approx = args.get("approximate").and_then(|a| a["as_string"].as_str()).unwrap_or("none");
+                match approx {
+                    "none" | "tanh" => Some((Op::Gelu { tanh: approx == "tanh" }, vec![tensor("self")?])),
+                    _ => return Err(unsupported(&format!("gelu approximate=`{approx}`"))),
+                }
+            }
+            "log_softmax.int" | "_log_softmax.default" => {
+                if !is_none("dtype") {
+                    return Err(unsupported("log_softmax with a dtype"));
+                }
+                Some((Op::LogSoftmax { dim: int("dim", -1)? }, vec![tensor("self")?]))
+            }
+            "_softmax.default" | "softmax.int" => Some((Op::Softmax { dim: int("dim", -1)? }, vec![tensor("self")?])),
+            "silu.default" => Some((Op::Silu, vec![tensor("self")?])),
+            "neg.default" => Some((Op::Neg, vec![tensor("self")?])),
+            "rsqrt.default" => Some((Op::Rsqrt, vec![tensor("self")?])),
+            "cos.default" => Some((Op::Cos, vec![tensor("self")?])),
+            "sin.default" => Some((Op::Sin, vec![tensor("self")?])),
+            "add.Tensor" | "sub.Tensor" | "mul.Tensor" | "div.Tensor" | "add.Scalar" | "sub.Scalar" | "mul.Scalar"
+            | "div.Scalar" => {
+                let alpha = float("alpha").unwrap_or(1.0);
+                let kind = &short[..3];
+                if args.get("other").is_some_and(|a| a.get("as_tensor").is_some()) {
+                    if alpha != 1.0 {
+                        return Err(unsupported("add/sub of a tensor with alpha != 1"));
+                    }
+                    let op = match kind {
+                        "add" => Op::Add,
+                        "sub" => Op::Sub,
+                        "mul" => Op::Mul,
+                        _ => Op::Div,
+                    };
+                    Some((op, vec![tensor("self")?, tensor("other")?]))
+                } else {
+                    let x = float("other").ok_or_else(|| unsupported("argument `other` is not a tensor or number"))?;
+                    let op = match kind {
+                        "add" => Op::AddScalar(alpha * x),
+                        "sub" => Op::AddScalar(-alpha * x),
+                        "mul" => Op::MulScalar(x),
+                        _ => Op::MulScalar(1.0 / x),
+                    };
+                    Some((op, vec![tensor("self")?]))
+                }
+            }
+            "pow.Tensor_Scalar" => {
+                let e = float("exponent").ok_or_else(|| unsupported("argument `exponent` is not a number"))?;
+                Some((Op::PowScalar(e), vec![tensor("self")?]))
+            }
+            "mean.dim" => {
+                if !is_none("dtype") {
+                    return Err(unsupported("mean with a dtype"));
+                }
+                let dims = args
+                    .get("dim")
+                    .and_then(|a| a["as_ints"].as_array())
+                    .map(|v| v.iter().filter_map(Value::as_i64).collect::<Vec<_>>())
+                    .ok_or_else(|| unsupported("argument `dim` is not an int list"))?;
+                Some((Op::Mean { dims, keepdim: boolean("keepdim") }, vec![tensor("self")?]))
+            }
+            "to.dtype" | "to.dtype_layout" | "to.device" | "_to_copy.default" => {
+                let x = tensor("self")?;
+                let want = match args.get("dtype").and_then(|a| a["as_scalar_type"].as_i64()) {
+                    Some(c) => Some(scalar_type(c).ok_or_else(|| unsupported(&format!("dtype code {c}")))?),
+                    None => None,
+                };
+                match want {
+                    Some(d) if d != b.meta(x).dtype => Some((Op::ToDtype(d), vec![x])),
+                    _ => None,
+                }
+            }
+            // Ops that pass their input through: the output is the input's value.
+            "alias.default" | "clone.default" | "contiguous.default" | "lift_fresh_copy.default" => None,
+            "view.default" | "_unsafe_view.default" => Some((Op::View(sizes("size")?), vec![tensor("self")?])),
+            "reshape.default" => Some((Op::Reshape(sizes("shape")?), vec![tensor("self")?])),
+            "expand.default" => Some((Op::Expand(sizes("size")?), vec![tensor("self")?])),
+            "transpose.int" => Some((Op::Transpose(int("dim0", 0)?, int("dim1", 1)?), vec![tensor("self")?])),
+            "unsqueeze.default" => Some((Op::Unsqueeze(int("dim", 0)?), vec![tensor("self")?])),
+            "slice.Tensor" => {
+                let op = Op::Slice {
+                    dim: int("dim", 0)?,
+                    start: int("start", 0)?,
+                    end: int("end", i64::MAX)?,
+                    step: int("step", 1)?,
+                };
+                Some((op, vec![tensor("self")?]))
+            }
+            "cat.default" => {
+                let names = args
+                    .get("tensors")
+                    .and_then(|a| a["as_tensors"].as_array())
+                    .ok_or_else(|| unsupported("argument `tensors` is not a tensor list"))?;
+                let mut ins = Vec::new();
+                for t in names {
+                    let t = t["name"].as_str().unwrap_or("?");
+                    ins.push(self.values.get(t).copied().ok_or_else(|| {
+                        unsupported(&format!("argument `tensors` reads `{t}`, which is not defined before it"))
+                    })?);
+                }
+                Some((Op::Cat { dim: int("dim", 0)? }, ins))
+            }
+            "scaled_dot_product_attention.default" => {
+                if float("dropout_p").is_some_and(|p| p != 0.0) {
+                    return Err(unsupported("SDPA with dropout"));
+                }
+                let mut is_causal = boolean("is_causal");
+                if !is_none("attn_mask") {
+                    let m = args["attn_mask"]["as_tensor"]["name"]
+                        .as_str()
+                        .ok_or_else(|| unsupported("argument `attn_mask` is not a tensor"))?;
+                    if is_causal {
+                        return Err(unsupported("SDPA with both a mask and is_causal"));
+                    }
+                    self.check_causal_mask(m).map_err(|e| {
+                        unsupported(&format!(
+                            "{e}; the host's attention is causal over each sequence (sliding windows, padding and \
+                             bidirectional masks are not supported)"
+                        ))
+                    })?;
+                    is_causal = true;
+                }
+                let op = Op::Sdpa { is_causal, scale: float("scale"), enable_gqa: boolean("enable_gqa") };
+                Some((op, vec![tensor("query")?, tensor("key")?, tensor("value")?]))
+            }
+            _ => return Err(unsupported("not supported yet")),
+        };
+        let outs = n["outputs"].as_array().cloned().unwrap_or_default();
+        let out = match outs.as_slice() {
+            [o] => {
+                o["as_tensor"]["name"].as_str().ok_or_else(|| unsupported("its output is not one tensor"))?.to_string()
+            }
+            _ => return Err(unsupported("it has more than one output")),
+        };
+        let v = match translated {
+            // A view, reshape or expand to the shape its input already has is the input.
+            Some((Op::View(s) | Op::Reshape(s) | Op::Expand(s), inputs))
+                if s.len() == b.meta(inputs[0]).shape.len()
+                    && s.iter().zip(&b.meta(inputs[0]).shape).all(|(a, d)| match a {
+                        SizeArg::Dim(x) => x == d,
+                        SizeArg::Infer => true,
+                    })
+                    && s.iter().filter(|a| **a == SizeArg::Infer).count() <= 1 =>
+            {
+                inputs[0]
+            }
+            Some((op, inputs)) => {
+                b.op(&out, op, &inputs).map_err(|e| unsupported(&format!("its shapes do not check: {e}")))?
+            }
+            // An identity op: its one tensor argument.
+            None => tensor(if args.contains_key("self") { "self" } else { "input" })?,
+        };
+        // The export's own metadata must agree with the shape rules.
+        let (dtype, shape) = self.meta(&out)?;
+        let got = b.meta(v);
+        if got.dtype != dtype || got.shape != shape {
+            return Err(unsupported(&format!("the export says {dtype}{shape:?}, the host's shape rules give {got}")));
+        }
+        self.values.insert(out, v);
+        Ok(())
+    }
+}
+
+/// The ATen targets this importer translates into graph ops.
+const SUPPORTED: &[&str] = &[
+    "embedding",
+    "linear",
+    "matmul",
+    "gelu",
+    "log_softmax",
+    "_softmax",
+    "silu",
+    "neg",
+    "rsqrt",
+    "cos",
+    "sin",
+    "add/sub/mul/div (tensor or scalar)",
+    "pow.Tensor_Scalar",
+    "mean.dim",
+    "to/_to_copy",
+    "alias/clone/contiguous",
+    "view",
+    "reshape",
+    "expand",
+    "transpose.int",
+    "unsqueeze",
+    "slice.Tensor",
+    "cat",
+    "scaled_dot_product_attention (causal, or with the causal mask transformers builds)",
+];
+
+/// Targets that build attention masks (evaluated by `mask`, never translated).
+const MASK_OPS: &[&str] = &[
+    "torch.ops.aten.arange.default",
+    "torch.ops.aten.arange.start",
+    "torch.ops.aten.arange.start_step",
+    "torch.ops.aten.diff.default",
+    "torch.ops.aten.cumsum.default",
+    "torch.ops.aten.index.Tensor",
+    "torch.ops.aten.le.Tensor",
+    "torch.ops.aten.eq.Tensor",
+    "torch.ops.aten.ne.Scalar",
+    "torch.ops.aten.__and__.Tensor",
+    "torch.ops.aten.new_ones.default",
+];
