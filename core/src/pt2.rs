@@ -1,10 +1,16 @@
-//! torch.export archives (`.pt2`, the PT2 archive layout written by `torch.export.save` in
-//! torch >= 2.8): the model's graph JSON and its weights, read without Python.
+//! torch.export archives (`.pt2`, written by `torch.export.save`): the model's graph JSON and
+//! its weights, read without Python. Two layouts:
 //!
-//! Layout inside the zip (one top-level folder, the archive's name):
-//! `<a>/archive_format` (`pt2`), `<a>/models/<model>.json` (the serialized ExportedProgram),
-//! `<a>/data/weights/<model>_weights_config.json` (per weight: file, dtype, sizes, strides,
-//! storage offset) and the raw storages `<a>/data/weights/weight_N`.
+//! - PT2 archive (torch >= 2.8), one top-level folder, the archive's name:
+//!   `<a>/archive_format` (`pt2`), `<a>/models/<model>.json` (the serialized ExportedProgram),
+//!   `<a>/data/weights/<model>_weights_config.json` (per weight: file, dtype, sizes, strides,
+//!   storage offset) and the raw storages `<a>/data/weights/weight_N`; constants likewise under
+//!   `data/constants`.
+//! - Legacy (torch 2.6, 2.7): `serialized_exported_program.json` and the state dict and constants
+//!   as `torch.save` containers (`serialized_state_dict.pt`, `serialized_constants.pt`: a zip
+//!   of a pickle and raw storages). The pickles are read by the `pytorch-reader` crate (a
+//!   pickle reader that understands torch's storages and never runs code); it opens files, so
+//!   the two inner containers are copied to a private temporary folder for the archive's life.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -37,6 +43,35 @@ pub struct Pt2Archive {
     /// The serialized ExportedProgram (`models/<model>.json`).
     pub program: Value,
     pub weights: Vec<WeightInfo>,
+    /// For the legacy layout: where the inner `torch.save` containers were copied.
+    legacy: Option<LegacyFiles>,
+}
+
+/// The legacy layout's inner containers, copied out of the archive; removed on drop.
+struct LegacyFiles {
+    dir: PathBuf,
+}
+
+impl Drop for LegacyFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The legacy layout's two `torch.save` containers: parameters and persistent buffers, then
+/// constants (non-persistent buffers, lifted tensors).
+const LEGACY_CONTAINERS: [&str; 2] = ["serialized_state_dict.pt", "serialized_constants.pt"];
+
+fn reader_dtype(d: pytorch_reader::DType) -> Option<DType> {
+    use pytorch_reader::DType as P;
+    Some(match d {
+        P::F32 => DType::F32,
+        P::F16 => DType::F16,
+        P::BF16 => DType::BF16,
+        P::I64 => DType::I64,
+        P::Bool => DType::Bool,
+        _ => return None,
+    })
 }
 
 /// torch's ScalarType numbering in the export schema, for the dtypes the host computes in.
@@ -135,11 +170,22 @@ impl Pt2Archive {
     pub fn open(path: &Path) -> Result<Pt2Archive> {
         let mut z = Self::zip(path)?;
         let bad = |msg: String| Error::BadFile { file: path.into(), msg };
-        let names: Vec<String> = z.file_names().map(str::to_string).collect();
+        let names: Vec<String> = z
+            .file_names()
+            .map(|n| n.map(|n| n.into_owned()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(format!("unreadable zip directory: {e}")))?;
+        if names.iter().any(|n| n == "serialized_exported_program.json") {
+            return Self::open_legacy(path, &mut z, &names);
+        }
         let format = names
             .iter()
             .find(|n| n.ends_with("/archive_format"))
-            .ok_or_else(|| bad("no archive_format entry: not a torch.export PT2 archive (torch >= 2.8)".into()))?
+            .ok_or_else(|| {
+                bad("neither an archive_format entry (PT2 archive, torch >= 2.8) nor serialized_exported_program.json \
+                     (torch 2.6/2.7): not a torch.export archive"
+                    .into())
+            })?
             .clone();
         let prefix = format.trim_end_matches("archive_format").to_string();
         let kind = String::from_utf8_lossy(&Self::read_entry(path, &mut z, &format)?).trim().to_string();
@@ -165,7 +211,72 @@ impl Pt2Archive {
             let cfg = Self::json(path, &mut z, &cfg_name)?;
             Self::read_table(path, &cfg, &cfg_name, &format!("{prefix}data/{dir}/"), &mut weights)?;
         }
-        Ok(Pt2Archive { path: path.into(), prefix, model_name, program, weights })
+        Ok(Pt2Archive { path: path.into(), prefix, model_name, program, weights, legacy: None })
+    }
+
+    /// The legacy layout: the program JSON, and the tensors of the two inner containers.
+    fn open_legacy(path: &Path, z: &mut zip::ZipArchive<std::fs::File>, names: &[String]) -> Result<Pt2Archive> {
+        let bad = |msg: String| Error::BadFile { file: path.into(), msg };
+        let program = Self::json(path, z, "serialized_exported_program.json")?;
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("autodeploy-pt2-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let files = LegacyFiles { dir };
+        let mut weights = Vec::new();
+        for entry in LEGACY_CONTAINERS {
+            if !names.iter().any(|n| n == entry) {
+                if entry == LEGACY_CONTAINERS[0] {
+                    return Err(bad(format!("missing entry `{entry}`")));
+                }
+                continue;
+            }
+            let copy = files.dir.join(entry);
+            std::fs::write(&copy, Self::read_entry(path, z, entry)?).map_err(|e| Error::io(&copy, e))?;
+            let r = pytorch_reader::PytorchReader::new(&copy)
+                .map_err(|e| bad(format!("entry `{entry}`: not a readable torch.save container: {e}")))?;
+            let mut keys = r.keys();
+            keys.sort();
+            for name in keys {
+                let t = r.get(&name).expect("listed key");
+                let dtype = reader_dtype(t.dtype()).ok_or_else(|| {
+                    bad(format!("entry `{entry}`: tensor `{name}` has dtype {:?}, which is not supported", t.dtype()))
+                })?;
+                let sizes = t.shape().to_vec();
+                let mut strides = vec![1; sizes.len()];
+                for d in (0..sizes.len().saturating_sub(1)).rev() {
+                    strides[d] = strides[d + 1] * sizes[d + 1];
+                }
+                weights.push(WeightInfo {
+                    name,
+                    file: entry.to_string(),
+                    dtype,
+                    sizes,
+                    strides,
+                    storage_offset: 0,
+                    is_param: entry == LEGACY_CONTAINERS[0],
+                });
+            }
+        }
+        Ok(Pt2Archive {
+            path: path.into(),
+            prefix: String::new(),
+            model_name: "model".into(),
+            program,
+            weights,
+            legacy: Some(files),
+        })
+    }
+
+    /// Reads one weight of the legacy layout from its copied container.
+    fn load_legacy(&self, dir: &Path, w: &WeightInfo) -> Result<Tensor> {
+        let copy = dir.join(&w.file);
+        let r = pytorch_reader::PytorchReader::new(&copy)
+            .map_err(|e| self.bad(format!("entry `{}`: not a readable torch.save container: {e}", w.file)))?;
+        let t = r.get(&w.name).ok_or_else(|| self.bad(format!("entry `{}` no longer holds `{}`", w.file, w.name)))?;
+        let bytes = t.read().map_err(|e| self.bad(format!("entry `{}`: tensor `{}`: {e}", w.file, w.name)))?;
+        Tensor::from_le_bytes(w.dtype, w.sizes.clone(), &bytes)
+            .map_err(|e| self.bad(format!("weight `{}`: {e}", w.name)))
     }
 
     /// Reads one weight: its storage's bytes viewed with the sizes, strides and offset the
@@ -176,6 +287,9 @@ impl Pt2Archive {
             .iter()
             .find(|w| w.name == name)
             .ok_or_else(|| Error::MissingTensor { name: name.into(), where_: self.path.display().to_string() })?;
+        if let Some(l) = &self.legacy {
+            return self.load_legacy(&l.dir, w);
+        }
         let mut z = Self::zip(&self.path)?;
         let bytes = Self::read_entry(&self.path, &mut z, &w.file)?;
         let esz = w.dtype.size_in_bytes();

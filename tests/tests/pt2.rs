@@ -9,10 +9,14 @@ use autodeploy_core::pt2::Pt2Archive;
 use autodeploy_core::DType;
 use common::*;
 
+/// The transformer exports: (fixture family, archive). `llama-legacy.pt2` is the llama
+/// fixture exported by torch 2.7 (the legacy layout); the others by torch 2.15 (PT2 archive).
+const EXPORTS: &[(&str, &str)] = &[("llama", "llama.pt2"), ("qwen3", "qwen3.pt2"), ("llama", "llama-legacy.pt2")];
+
 #[test]
 fn exported_weights_equal_the_checkpoints() {
-    for family in ["llama", "qwen3"] {
-        let a = Pt2Archive::open(&fixture(&format!("pt2/{family}.pt2"))).unwrap();
+    for &(family, file) in EXPORTS {
+        let a = Pt2Archive::open(&fixture(&format!("pt2/{file}"))).unwrap();
         assert_eq!(a.model_name, "model");
         let targets = a.node_targets();
         assert!(targets.iter().any(|t| t == "torch.ops.aten.linear.default"), "{targets:?}");
@@ -62,7 +66,7 @@ fn rewrite_archive(src: &[u8], out: &std::path::Path, edit: &EntryEdit<'_>) -> s
     let mut w = zip::ZipWriter::new(std::fs::File::create(out).unwrap());
     for i in 0..z.len() {
         let mut f = z.by_index(i).unwrap();
-        let n = f.name().to_string();
+        let n = f.name().unwrap().into_owned();
         let mut buf = Vec::new();
         std::io::Read::read_to_end(&mut f, &mut buf).unwrap();
         if let Some(b) = edit(&n, buf) {
@@ -97,6 +101,16 @@ fn corrupt_archives_fail_naming_the_file_and_entry() {
     let p = rewrite("short.pt2", &|n, b| Some(if n.ends_with("weights/weight_0") { b[..10].to_vec() } else { b }));
     let e = Pt2Archive::open(&p).unwrap().load("embed.weight").err().unwrap().to_string();
     assert!(e.contains("reach past its storage"), "{e}");
+    // The legacy layout: the state dict missing, or not a torch.save container.
+    let legacy = std::fs::read(fixture("pt2/llama-legacy.pt2")).unwrap();
+    let p = rewrite_archive(&legacy, &dir.join("nostate.pt2"), &|n, b| (n != "serialized_state_dict.pt").then_some(b));
+    let e = Pt2Archive::open(&p).err().unwrap().to_string();
+    assert!(e.contains("nostate.pt2") && e.contains("missing entry `serialized_state_dict.pt`"), "{e}");
+    let p = rewrite_archive(&legacy, &dir.join("badstate.pt2"), &|n, b| {
+        Some(if n == "serialized_state_dict.pt" { b"not a container".to_vec() } else { b })
+    });
+    let e = Pt2Archive::open(&p).err().unwrap().to_string();
+    assert!(e.contains("badstate.pt2") && e.contains("serialized_state_dict.pt") && e.contains("torch.save"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -151,8 +165,8 @@ fn an_unknown_op_is_named_with_its_node_and_source_line() {
 /// The transformer exports give transformers' logits (the Foundation's f32 bound).
 #[test]
 fn exported_transformers_match_transformers_logits() {
-    for family in ["llama", "qwen3"] {
-        let g = import_pt2(&format!("{family}.pt2")).unwrap();
+    for &(family, file) in EXPORTS {
+        let g = import_pt2(file).unwrap();
         let mut model = compile(&g);
         let r = Reference::load(family);
         let mut i = 0;
@@ -162,10 +176,10 @@ fn exported_transformers_match_transformers_logits() {
             let got = logits(model.as_mut(), &shape, &ids);
             assert_eq!(got.len(), want.len());
             let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            eprintln!("{family}.pt2 seq {i} {shape:?}: max |logit error| {err:.3e}");
-            assert!(err <= 1e-4, "{family}.pt2 seq {i}: max abs error {err}");
+            eprintln!("{file} seq {i} {shape:?}: max |logit error| {err:.3e}");
+            assert!(err <= 1e-4, "{file} seq {i}: max abs error {err}");
             for (row_g, row_w) in got.chunks(lshape[2]).zip(want.chunks(lshape[2])) {
-                assert_eq!(argmax(row_g), argmax(row_w), "{family}.pt2 seq {i}: argmax differs");
+                assert_eq!(argmax(row_g), argmax(row_w), "{file} seq {i}: argmax differs");
             }
             i += 1;
         }
@@ -177,7 +191,7 @@ fn exported_transformers_match_transformers_logits() {
 /// the export equals the HF importer's, token for token, and transformers' `generate`.
 #[test]
 fn exported_transformers_generate_what_the_hf_import_generates() {
-    for family in ["llama", "qwen3"] {
+    for &(family, file) in EXPORTS {
         let r = Reference::load(family);
         let mut reqs = Vec::new();
         let mut want = Vec::new();
@@ -189,12 +203,12 @@ fn exported_transformers_generate_what_the_hf_import_generates() {
         }
         assert!(j >= 2, "{family}: generation references");
         let extra = "attn_page_size = 4\nmax_batch_size = 4";
-        let from_pt2 = generate(&format!("pt2/{family}.pt2"), extra, &reqs);
+        let from_pt2 = generate(&format!("pt2/{file}"), extra, &reqs);
         let from_hf = generate(family, extra, &reqs);
         for (k, ((p, h), w)) in from_pt2.into_iter().zip(from_hf).zip(&want).enumerate() {
             let (p, h) = (p.unwrap().tokens, h.unwrap().tokens);
-            assert_eq!(p, h, "{family} prompt {k}: pt2 vs HF importer");
-            assert_eq!(&p, w, "{family} prompt {k}: pt2 vs transformers generate");
+            assert_eq!(p, h, "{file} prompt {k}: export vs HF importer");
+            assert_eq!(&p, w, "{file} prompt {k}: export vs transformers generate");
         }
     }
 }
@@ -204,7 +218,7 @@ fn exported_transformers_generate_what_the_hf_import_generates() {
 #[test]
 fn the_export_reaches_the_hf_imports_canonical_graph() {
     use autodeploy_core::config::PipelineConfig;
-    for family in ["llama", "qwen3"] {
+    for &(family, file) in EXPORTS {
         let ops = |model: &std::path::Path| {
             let toml = format!(
                 "model = {:?}\ndtype = \"float32\"\nmax_seq_len = 128\ndevice = \"cpu\"\n",
@@ -220,9 +234,9 @@ fn the_export_reaches_the_hf_imports_canonical_graph() {
                 })
                 .collect::<Vec<_>>()
         };
-        let (hf, pt2) = (ops(&fixture(family)), ops(&fixture(&format!("pt2/{family}.pt2"))));
+        let (hf, pt2) = (ops(&fixture(family)), ops(&fixture(&format!("pt2/{file}"))));
         assert!(hf.iter().any(|o| o.starts_with("torch_attention")), "{hf:?}");
-        assert_eq!(hf, pt2, "{family}: canonical ops after post_load_fusion");
+        assert_eq!(hf, pt2, "{file}: canonical ops after post_load_fusion");
     }
 }
 
@@ -365,11 +379,13 @@ fn fuzzed_archives_error_without_panicking() {
     let seed = std::env::var("AUTODEPLOY_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x9e37_79b9_7f4a_7c15);
     let mut rng = Rng(seed);
     let (mut runs, mut imported) = (0, 0);
-    for archive in ["mlp.pt2", "llama.pt2"] {
+    for archive in ["mlp.pt2", "llama.pt2", "llama-legacy.pt2"] {
         let src = std::fs::read(fixture(&format!("pt2/{archive}"))).unwrap();
         let mut z = zip::ZipArchive::new(std::io::Cursor::new(&src)).unwrap();
-        let json_entries: Vec<String> =
-            (0..z.len()).map(|i| z.by_index(i).unwrap().name().to_string()).filter(|n| n.ends_with(".json")).collect();
+        let json_entries: Vec<String> = (0..z.len())
+            .map(|i| z.by_index(i).unwrap().name().unwrap().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
         for it in 0..iterations {
             let entry = json_entries[rng.below(json_entries.len())].clone();
             let mut f = z.by_name(&entry).unwrap();

@@ -359,7 +359,9 @@ impl<'a> Importer<'a> {
 
     fn node(&mut self, b: &mut GraphBuilder, n: &Value) -> Result<()> {
         let target = n["target"].as_str().unwrap_or("?");
-        let name = n["name"].as_str().unwrap_or("?").to_string();
+        // Nodes of torch 2.6/2.7 exports have no name of their own: they go by their first output.
+        let name =
+            n["name"].as_str().or_else(|| n["outputs"][0]["as_tensor"]["name"].as_str()).unwrap_or("?").to_string();
         let args: HashMap<&str, &Value> = n["inputs"]
             .as_array()
             .map(|v| v.iter().filter_map(|a| Some((a["name"].as_str()?, &a["arg"]))).collect())
@@ -551,6 +553,16 @@ impl<'a> Importer<'a> {
             _ => return Err(unsupported("it has more than one output")),
         };
         let v = match translated {
+            // A slice of a whole dim (torch 2.6/2.7 exports spell `x[:, :]` out) is its input.
+            Some((Op::Slice { start: 0, end, step: 1, dim }, inputs))
+                if end == i64::MAX
+                    || usize::try_from(dim.rem_euclid(b.meta(inputs[0]).shape.len().max(1) as i64))
+                        .ok()
+                        .and_then(|d| b.meta(inputs[0]).shape.get(d)?.as_static())
+                        .is_some_and(|n| end >= n as i64) =>
+            {
+                inputs[0]
+            }
             // A view, reshape or expand to the shape its input already has is the input.
             Some((Op::View(s) | Op::Reshape(s) | Op::Expand(s), inputs))
                 if s.len() == b.meta(inputs[0]).shape.len()
