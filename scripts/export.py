@@ -10,10 +10,13 @@ dynamic_shapes=...) with the batch and sequence dims dynamic, then torch.export.
 
 The exported graph takes `input_ids` and `position_ids` (int64 [batch, seq]) and returns the
 logits [batch, seq, vocab]; no KV cache, no attention mask (causal attention): autodeploy's
-pipeline inserts its own cache. Needs: pip install torch transformers.
+pipeline inserts its own cache. The model's tokenizer, when it has one, is saved beside the
+archive in `out.tokenizer/` (where the torch-export importer looks for it), so text prompts
+and chat work on the archive as on the Hugging Face folder. Needs: pip install torch transformers.
 """
 
 import argparse
+import os
 
 import torch
 from torch.export import Dim
@@ -56,6 +59,16 @@ def main():
         ep = export_module(CausalLM(model), max_seq)
     torch.export.save(ep, a.out)
     print(f"saved {a.out} (torch {torch.__version__}); graph: {len(ep.graph.nodes)} nodes")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.model)
+    except (OSError, ValueError):
+        tok = None  # a model without a tokenizer: token-id prompts only
+    if tok is not None:
+        tok_dir = os.path.splitext(a.out)[0] + ".tokenizer"
+        tok.save_pretrained(tok_dir)
+        print(f"saved its tokenizer in {tok_dir}")
 
 
 if __name__ == "__main__":

@@ -441,3 +441,29 @@ fn fuzzed_archives_error_without_panicking() {
     eprintln!("fuzz: {runs} mutated archives, {imported} of the JSON edits still imported; no panic");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The tokenizer scripts/export.py saves beside an archive (`x.pt2` → `x.tokenizer/`) is the
+/// model's tokenizer: text prompts run on the archive.
+#[test]
+fn the_tokenizer_beside_an_archive_is_used() {
+    let dir = std::env::temp_dir().join(format!("adpt2-tok-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("tiny.tokenizer")).unwrap();
+    std::fs::copy(fixture("pt2/llama.pt2"), dir.join("tiny.pt2")).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        ["<unk>", "<s>", "</s>", "hello", "world"].iter().enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tiny.tokenizer/tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(dir.join("tiny.tokenizer/tokenizer_config.json"), r#"{"eos_token": "</s>"}"#).unwrap();
+    let path = dir.join("tiny.pt2");
+    let t = autodeploy_core::registry::importer("torch-export").unwrap().tokenizer(&path).unwrap().expect("tokenizer");
+    assert_eq!(t.encode("hello world", false).unwrap(), vec![3, 4]);
+    assert_eq!(t.eos_id, Some(2));
+    // Without the folder: no tokenizer (token-id prompts), not an error.
+    std::fs::remove_dir_all(dir.join("tiny.tokenizer")).unwrap();
+    assert!(autodeploy_core::registry::importer("torch-export").unwrap().tokenizer(&path).unwrap().is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+}

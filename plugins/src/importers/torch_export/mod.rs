@@ -38,6 +38,16 @@ impl ModelImporter for TorchExportImporter {
         path.is_file() && path.extension().is_some_and(|e| e == "pt2")
     }
 
+    /// The tokenizer scripts/export.py saves beside the archive: `model.pt2` → `model.tokenizer/`.
+    fn tokenizer(&self, path: &Path) -> Result<Option<autodeploy_core::tokenizer::Tokenizer>> {
+        let dir = path.with_extension("tokenizer");
+        if !dir.is_dir() {
+            tracing::info!("{}: no {} beside it; prompts must be token ids", path.display(), dir.display());
+            return Ok(None);
+        }
+        autodeploy_core::tokenizer::Tokenizer::from_hf_dir(&dir)
+    }
+
     fn import(&self, req: &ImportRequest) -> Result<Graph> {
         if req.dummy_weights {
             return Err(Error::Msg(format!(
