@@ -64,8 +64,11 @@ def main():
 
         tok = AutoTokenizer.from_pretrained(a.model)
     except (OSError, ValueError):
-        tok = None  # a model without a tokenizer: token-id prompts only
-    if tok is not None:
+        tok = None
+    # A folder without tokenizer files can still yield an empty stand-in: not a tokenizer.
+    if tok is None or len(tok) < 2:
+        print("no tokenizer found for the model: prompts to the archive must be token ids")
+    else:
         tok_dir = os.path.splitext(a.out)[0] + ".tokenizer"
         tok.save_pretrained(tok_dir)
         print(f"saved its tokenizer in {tok_dir}")

@@ -467,3 +467,45 @@ fn the_tokenizer_beside_an_archive_is_used() {
     assert!(autodeploy_core::registry::importer("torch-export").unwrap().tokenizer(&path).unwrap().is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A bfloat16 export (qwen3, `--dtype bfloat16`) keeps the Foundation's bf16 bounds against
+/// transformers' bf16 logits, and generates what the HF importer generates in bf16.
+#[test]
+fn a_bf16_export_matches_transformers_bf16_and_the_hf_import() {
+    let g = import_pt2("qwen3-bf16.pt2").unwrap();
+    let mut model = compile(&g);
+    let r = Reference::load("qwen3");
+    for i in 0..3 {
+        let (shape, ids) = r.i64(&format!("tokens_{i}"));
+        let (lshape, want) = r.f32(&format!("logits_bf16_{i}"));
+        let got = logits(model.as_mut(), &shape, &ids);
+        let (mut max_rel, mut sum_d, mut sum_w) = (0f32, 0f64, 0f64);
+        for (g, w) in got.chunks(lshape[2]).zip(want.chunks(lshape[2])) {
+            let scale = w.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            for (a, b) in g.iter().zip(w) {
+                max_rel = max_rel.max((a - b).abs() / scale);
+                sum_d += (a - b).abs() as f64;
+                sum_w += b.abs() as f64;
+            }
+        }
+        let mean_rel = (sum_d / sum_w) as f32;
+        eprintln!("qwen3-bf16.pt2 seq {i}: max rel {max_rel:.3e}, mean rel {mean_rel:.3e}");
+        assert!(max_rel <= 0.02 && mean_rel <= 0.01, "seq {i}: max rel {max_rel}, mean rel {mean_rel}");
+    }
+    let reqs: Vec<_> = (0..2).map(|j| greedy(&r.i64(&format!("gen_prompt_{j}")).1, 24)).collect();
+    let from_pt2 = generate("pt2/qwen3-bf16.pt2", "dtype = \"auto\"", &reqs);
+    let from_hf = generate("qwen3", "dtype = \"bfloat16\"", &reqs);
+    for (k, (p, h)) in from_pt2.into_iter().zip(from_hf).enumerate() {
+        assert_eq!(p.unwrap().tokens, h.unwrap().tokens, "prompt {k}: bf16 export vs bf16 HF import");
+    }
+    // Asking a bf16 export for float32 is refused naming both dtypes.
+    let req = autodeploy_core::registry::ImportRequest {
+        path: fixture("pt2/qwen3-bf16.pt2"),
+        dtype: Some(DType::F32),
+        max_batch_size: 8,
+        max_seq_len: 128,
+        dummy_weights: false,
+    };
+    let e = autodeploy_core::registry::importer("torch-export").unwrap().import(&req).err().unwrap().to_string();
+    assert!(e.contains("bf16") && e.contains("f32") && e.contains("--dtype"), "{e}");
+}
