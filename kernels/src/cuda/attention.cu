@@ -86,7 +86,7 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     extern "C" __global__ void paged_attention_d##D##_##S(                                                           \
         const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out) {                                                                                        \
+        float scale, T* out) { pdl_enter();                                                                                        \
         paged_attention<T, D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,       \
                               heads, kv_heads, tokens, scale, out);                                                   \
     }
@@ -95,7 +95,7 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     extern "C" __global__ void write_kv_##S(const T* k, const T* v, T* k_cache, T* v_cache,                          \
                                            const long long* token_seq, const long long* token_pos,                   \
                                            const long long* page_indptr, const int* page_indices, int page_size,     \
-                                           int kv_heads, long tokens, int d) {                                       \
+                                           int kv_heads, long tokens, int d) { pdl_enter();                                       \
         write_kv<T>(k, v, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, kv_heads,    \
                     tokens, d);                                                                                       \
     }                                                                                                                 \
@@ -103,6 +103,43 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
 
 ATTN_INSTANTIATE(float, f32)
 ATTN_INSTANTIATE(bf16_t, bf16)
+
+// `N` consecutive values (a lane's share of a head row) as f32: one 8- or 16-byte load for
+// bf16 rows of 4 or 8, one 16-byte load for f32 rows of 4, else element by element. Callers'
+// offsets are multiples of N (rows start at multiples of the head dim).
+template <int N>
+__device__ __forceinline__ void load_row(const bf16_t* p, float* out) {
+    if constexpr (N == 4) {
+        uint2 v = *(const uint2*)p;
+        const bf16_t* h = (const bf16_t*)&v;
+#pragma unroll
+        for (int i = 0; i < 4; i++) out[i] = bf16_to_f32(h[i]);
+    } else if constexpr (N == 8) {
+        uint4 v = *(const uint4*)p;
+        const bf16_t* h = (const bf16_t*)&v;
+#pragma unroll
+        for (int i = 0; i < 8; i++) out[i] = bf16_to_f32(h[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++) out[i] = bf16_to_f32(p[i]);
+    }
+}
+template <int N>
+__device__ __forceinline__ void load_row(const float* p, float* out) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            float4 v = *(const float4*)(p + i);
+            out[i] = v.x;
+            out[i + 1] = v.y;
+            out[i + 2] = v.z;
+            out[i + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++) out[i] = p[i];
+    }
+}
 
 // Combines `splits` partial softmax states (rows of d values, then m and l) into one output
 // row; called by one block (reads bypass L1: other blocks wrote the partials).
@@ -166,17 +203,26 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
     }
     float m = -3.0e38f, l = 0.0f;
     for (long long p0 = lo + warp * U; p0 <= hi; p0 += WARPS * U) {
-        float dot[U];
-        long base[U];
+        float dot[U], kf[U][PER], vf[U][PER];
+        // K and V of all U positions are requested together (one memory latency per
+        // iteration, not two), PER values per lane in one vector load where they fit.
 #pragma unroll
         for (int u = 0; u < U; u++) {
             long long p = p0 + u;
             long long pc = p <= hi ? p : hi;
             long slot = (long)pages[pc / page_size] * page_size + pc % page_size;
-            base[u] = (slot * kv_heads + kvh) * D + lane * PER;
+            long base = (slot * kv_heads + kvh) * D + lane * PER;
+            if (live) {
+                load_row<PER>(k_cache + base, kf[u]);
+                load_row<PER>(v_cache + base, vf[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
             float d = 0.0f;
             if (live)
-                for (int i = 0; i < PER; i++) d += qv[i] * load_f(k_cache, base[u] + i);
+#pragma unroll
+                for (int i = 0; i < PER; i++) d += qv[i] * kf[u][i];
             dot[u] = d;
         }
 #pragma unroll
@@ -190,7 +236,8 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
             float corr = __expf(m - m2), w = __expf(dot[u] - m2);
             l = l * corr + w;
             if (live)
-                for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * load_f(v_cache, base[u] + i);
+#pragma unroll
+                for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * vf[u][i];
             m = m2;
         }
     }
@@ -237,7 +284,7 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
     extern "C" __global__ void paged_decode_split_d##D##_##S(                                                        \
         const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, int chunk, int splits, float* partial, int* counters, T* out) {                                  \
+        float scale, int chunk, int splits, float* partial, int* counters, T* out) { pdl_enter();                                  \
         paged_decode_split<T, D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,    \
                                  heads, kv_heads, tokens, scale, chunk, splits, partial, counters, out);              \
     }
@@ -291,7 +338,7 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
                                                  T* q_out, T* k_cache, T* v_cache, const long long* token_seq,       \
                                                  const long long* token_pos, const long long* page_indptr,           \
                                                  const int* page_indices, int page_size, int heads, int kv_heads,    \
-                                                 long tokens, int d) {                                                \
+                                                 long tokens, int d) { pdl_enter();                                                \
         rope_write_kv<T>(q, k, v, cos, sin, q_out, k_cache, v_cache, token_seq, token_pos, page_indptr,              \
                          page_indices, page_size, heads, kv_heads, tokens, d);                                        \
     }
@@ -381,7 +428,7 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
         const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,                     \
         const long long* token_pos, const long long* seq_start, const long long* cached_len,                        \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out) {                                                                                        \
+        float scale, T* out) { pdl_enter();                                                                                        \
         slot_attention<T, D>(q, k, v, k_cache, v_cache, token_seq, token_pos, seq_start, cached_len, page_indptr,    \
                              page_indices, page_size, heads, kv_heads, tokens, scale, out);                           \
     }

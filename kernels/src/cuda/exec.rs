@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use cudarc::cublas::sys as blas_sys;
-use cudarc::driver::{result as drv, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as drv, sys as drv_sys, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
 
-use super::{Device, Unavailable};
+use super::{Device, Kernel, Unavailable};
 
 /// A device address.
 pub type Ptr = u64;
@@ -91,27 +91,27 @@ pub enum Binary {
 }
 
 struct Funcs {
-    copy_strided: CudaFunction,
-    binary: CudaFunction,
-    unary: CudaFunction,
-    mean_last: CudaFunction,
-    rmsnorm: CudaFunction,
-    rope: CudaFunction,
-    silu_mul: CudaFunction,
-    embedding_rows: CudaFunction,
-    index_select: CudaFunction,
-    argmax_partial: CudaFunction,
+    copy_strided: Kernel,
+    binary: Kernel,
+    unary: Kernel,
+    mean_last: Kernel,
+    rmsnorm: Kernel,
+    rope: Kernel,
+    silu_mul: Kernel,
+    embedding_rows: Kernel,
+    index_select: Kernel,
+    argmax_partial: Kernel,
     /// bf16 decode GEMV for m = 1, 2, 4, 8.
-    gemv_bf16: [CudaFunction; 4],
-    rmsnorm_bf16x8: CudaFunction,
-    gemv_swiglu_bf16: CudaFunction,
-    argmax_final: CudaFunction,
-    write_kv: [CudaFunction; 2],
+    gemv_bf16: [Kernel; 4],
+    rmsnorm_bf16x8: Kernel,
+    gemv_swiglu_bf16: Kernel,
+    argmax_final: Kernel,
+    write_kv: [Kernel; 2],
     /// [f32, bf16] × head dims `HEAD_DIMS`.
-    paged_attention: [Vec<CudaFunction>; 2],
-    paged_decode_split: [Vec<CudaFunction>; 2],
-    rope_write_kv: [CudaFunction; 2],
-    slot_attention: [Vec<CudaFunction>; 2],
+    paged_attention: [Vec<Kernel>; 2],
+    paged_decode_split: [Vec<Kernel>; 2],
+    rope_write_kv: [Kernel; 2],
+    slot_attention: [Vec<Kernel>; 2],
 }
 
 /// One GPU, one stream, cuBLAS on it, and the executor's kernels.
@@ -121,6 +121,48 @@ pub struct Gpu {
     blas: cudarc::cublas::CudaBlas,
     _blas_workspace: CudaSlice<u8>,
     f: Funcs,
+    /// Launch with programmatic stream serialization (sm_90+, unless `AUTODEPLOY_PDL=0`): a
+    /// kernel may start while the one before it drains; every executor kernel begins with
+    /// `pdl_enter()` (common.cuh), which waits for its predecessors before touching memory.
+    pub pdl: bool,
+}
+
+/// One kernel launch: arguments by reference, then `launch`.
+struct Launch<'a> {
+    gpu: &'a Gpu,
+    f: Kernel,
+    args: Vec<*mut std::ffi::c_void>,
+}
+
+impl<'a> Launch<'a> {
+    fn arg<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
+        self.args.push(v as *const T as *mut std::ffi::c_void);
+        self
+    }
+
+    /// # Safety
+    /// The arguments must match the kernel's parameters and the memory they address.
+    unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), drv::DriverError> {
+        self.gpu.dev.ctx.bind_to_thread()?;
+        // SAFETY: all-zero is a valid launch attribute (its value is a plain union).
+        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = drv_sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.gpu.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: self.gpu.pdl as u32,
+        };
+        // SAFETY: the caller vouches for the arguments; `args` outlives the call.
+        unsafe { drv_sys::cuLaunchKernelEx(&config, self.f.0, self.args.as_mut_ptr(), std::ptr::null_mut()) }.result()
+    }
 }
 
 fn grid(n: usize, block: u32) -> LaunchConfig {
@@ -163,7 +205,7 @@ impl Gpu {
             .result()
             .map_err(|e| Unavailable(format!("cublasSetWorkspace: {e:?}")))?;
         drop(_g);
-        let g = |n: &str| dev.function(n);
+        let g = |n: &str| dev.kernel(n);
         let f = Funcs {
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,
@@ -194,7 +236,12 @@ impl Gpu {
                 HEAD_DIMS.iter().map(|d| g(&format!("slot_attention_d{d}_bf16"))).collect::<Result<_, _>>()?,
             ],
         };
-        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f })
+        let pdl = dev.cc.0 >= 9 && std::env::var("AUTODEPLOY_PDL").map_or(true, |v| v != "0");
+        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl })
+    }
+
+    fn launcher(&self, f: Kernel) -> Launch<'_> {
+        Launch { gpu: self, f, args: Vec::with_capacity(16) }
     }
 
     /// Free and total device memory in bytes.
@@ -285,7 +332,7 @@ impl Gpu {
         strided_dst: bool,
     ) -> Result<(), Unavailable> {
         let (di, dout, n64, sd) = (dt_in as i32, dt_out as i32, n as i64, strided_dst as i32);
-        let mut b = self.stream.launch_builder(&self.f.copy_strided);
+        let mut b = self.launcher(self.f.copy_strided);
         b.arg(&input).arg(&di).arg(&out).arg(&dout).arg(&n64).arg(&s).arg(&sd);
         // SAFETY: the kernel reads/writes at offsets the strides give within the callers' tensors.
         launched("copy_strided", unsafe { b.launch(grid(n, 256)) }.map(|_| ()))
@@ -302,7 +349,7 @@ impl Gpu {
         s: Strided,
     ) -> Result<(), Unavailable> {
         let (da, db, dout, n64, o) = (a.1 as i32, b.1 as i32, out.1 as i32, n as i64, op as i32);
-        let mut l = self.stream.launch_builder(&self.f.binary);
+        let mut l = self.launcher(self.f.binary);
         l.arg(&a.0).arg(&da).arg(&b.0).arg(&db).arg(&out.0).arg(&dout).arg(&n64).arg(&o).arg(&s);
         // SAFETY: offsets from the strides stay within the operands (shapes checked by the caller).
         launched("binary", unsafe { l.launch(grid(n, 256)) }.map(|_| ()))
@@ -310,7 +357,7 @@ impl Gpu {
 
     pub fn unary(&self, op: Unary, input: Ptr, out: Ptr, dt: Dt, n: usize, scalar: f64) -> Result<(), Unavailable> {
         let (d, n64, o) = (dt as i32, n as i64, op as i32);
-        let mut l = self.stream.launch_builder(&self.f.unary);
+        let mut l = self.launcher(self.f.unary);
         l.arg(&input).arg(&out).arg(&d).arg(&n64).arg(&o).arg(&scalar);
         // SAFETY: both hold n elements of dt.
         launched("unary", unsafe { l.launch(grid(n, 256)) }.map(|_| ()))
@@ -326,7 +373,7 @@ impl Gpu {
         n: usize,
     ) -> Result<(), Unavailable> {
         let (di, dout, n32) = (dt_in as i32, dt_out as i32, n as i32);
-        let mut l = self.stream.launch_builder(&self.f.mean_last);
+        let mut l = self.launcher(self.f.mean_last);
         l.arg(&input).arg(&di).arg(&out).arg(&dout).arg(&n32);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: rows × n in, rows out.
@@ -355,7 +402,7 @@ impl Gpu {
             && [x.0, w.0, out.0, res, res_out].iter().all(|p| p.is_multiple_of(16))
         {
             let n32 = n as i32;
-            let mut l = self.stream.launch_builder(&self.f.rmsnorm_bf16x8);
+            let mut l = self.launcher(self.f.rmsnorm_bf16x8);
             l.arg(&x.0).arg(&res).arg(&res_out).arg(&w.0).arg(&out.0).arg(&n32).arg(&eps);
             let block = (n / 8).div_ceil(32) * 32;
             let cfg =
@@ -364,7 +411,7 @@ impl Gpu {
             return launched("rmsnorm_bf16x8", unsafe { l.launch(cfg) }.map(|_| ()));
         }
         let (dx, dw, dout, dn, n32) = (x.1 as i32, w.1 as i32, out.1 as i32, norm_dt as i32, n as i32);
-        let mut l = self.stream.launch_builder(&self.f.rmsnorm);
+        let mut l = self.launcher(self.f.rmsnorm);
         l.arg(&x.0)
             .arg(&res)
             .arg(&res_out)
@@ -395,7 +442,7 @@ impl Gpu {
         d: usize,
     ) -> Result<(), Unavailable> {
         let (dt32, r64, t64, d32) = (dt as i32, rows as i64, table_rows as i64, d as i32);
-        let mut l = self.stream.launch_builder(&self.f.rope);
+        let mut l = self.launcher(self.f.rope);
         l.arg(&x).arg(&dt32).arg(&cos).arg(&sin).arg(&out).arg(&r64).arg(&t64).arg(&d32);
         // SAFETY: rows × d in x and out, table_rows × d in cos and sin.
         launched("rope", unsafe { l.launch(grid(rows * d / 2, 256)) }.map(|_| ()))
@@ -412,7 +459,7 @@ impl Gpu {
         inter: usize,
     ) -> Result<(), Unavailable> {
         let (u, d, r64, i32_) = (up.unwrap_or(0), dt as i32, rows as i64, inter as i32);
-        let mut l = self.stream.launch_builder(&self.f.silu_mul);
+        let mut l = self.launcher(self.f.silu_mul);
         l.arg(&gate).arg(&u).arg(&d).arg(&out).arg(&r64).arg(&i32_);
         // SAFETY: sizes as documented.
         launched("silu_mul", unsafe { l.launch(grid(rows * inter, 256)) }.map(|_| ()))
@@ -431,7 +478,7 @@ impl Gpu {
         bad: Ptr,
     ) -> Result<(), Unavailable> {
         let (t64, rb, r64) = (tokens as i64, row_bytes as i64, rows as i64);
-        let mut l = self.stream.launch_builder(&self.f.embedding_rows);
+        let mut l = self.launcher(self.f.embedding_rows);
         l.arg(&weight).arg(&ids).arg(&out).arg(&t64).arg(&rb).arg(&r64).arg(&bad);
         // SAFETY: ids are checked in the kernel against `rows`.
         launched("embedding", unsafe { l.launch(grid(tokens * row_bytes, 256)) }.map(|_| ()))
@@ -450,7 +497,7 @@ impl Gpu {
         bad: Ptr,
     ) -> Result<(), Unavailable> {
         let (o, k, n, ib) = (outer as i64, nidx as i64, len as i64, inner_bytes as i64);
-        let mut l = self.stream.launch_builder(&self.f.index_select);
+        let mut l = self.launcher(self.f.index_select);
         l.arg(&x).arg(&idx).arg(&out).arg(&o).arg(&k).arg(&n).arg(&ib).arg(&bad);
         // SAFETY: indices are checked in the kernel against `len`.
         launched("index_select", unsafe { l.launch(grid(outer * nidx * inner_bytes, 256)) }.map(|_| ()))
@@ -469,7 +516,7 @@ impl Gpu {
     ) -> Result<(), Unavailable> {
         let (d, v, parts) = (dt as i32, vocab as i32, ARGMAX_PARTS as i32);
         let part_i = scratch + 4 * (rows * ARGMAX_PARTS) as u64;
-        let mut l = self.stream.launch_builder(&self.f.argmax_partial);
+        let mut l = self.launcher(self.f.argmax_partial);
         l.arg(&logits).arg(&d).arg(&scratch).arg(&part_i).arg(&v);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, ARGMAX_PARTS as u32, 1),
@@ -478,7 +525,7 @@ impl Gpu {
         };
         // SAFETY: rows × vocab logits; rows × ARGMAX_PARTS partials in scratch.
         launched("argmax_partial", unsafe { l.launch(cfg) }.map(|_| ()))?;
-        let mut l = self.stream.launch_builder(&self.f.argmax_final);
+        let mut l = self.launcher(self.f.argmax_final);
         l.arg(&scratch).arg(&part_i).arg(&out).arg(&parts);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: reads the partials written above; rows ids out.
@@ -510,7 +557,7 @@ impl Gpu {
             return Ok(false);
         }
         let (n32, k32, acc) = (n as i32, k as i32, accumulate as i32);
-        let mut l = self.stream.launch_builder(&self.f.gemv_bf16[i]);
+        let mut l = self.launcher(self.f.gemv_bf16[i]);
         l.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32).arg(&acc);
         let cfg =
             LaunchConfig { grid_dim: ((n as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -536,7 +583,7 @@ impl Gpu {
             return Ok(false);
         }
         let (i32_, k32) = (inter as i32, k as i32);
-        let mut l = self.stream.launch_builder(&self.f.gemv_swiglu_bf16);
+        let mut l = self.launcher(self.f.gemv_swiglu_bf16);
         l.arg(&x).arg(&w).arg(&out).arg(&i32_).arg(&k32);
         let cfg =
             LaunchConfig { grid_dim: ((inter as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -609,7 +656,7 @@ impl Gpu {
     ) -> Result<(), Unavailable> {
         let f = &self.f.write_kv[attn_dt(dt)?];
         let (ps, kvh, t, d32) = (meta.page_size as i32, kv_heads as i32, meta.tokens as i64, d as i32);
-        let mut l = self.stream.launch_builder(f);
+        let mut l = self.launcher(*f);
         l.arg(&k).arg(&v).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&kvh).arg(&t).arg(&d32);
         // SAFETY: slots come from the page table the runtime planned within the cache's pages.
@@ -634,7 +681,7 @@ impl Gpu {
         let di = head_dim_index(d, "paged attention")?;
         let f = &self.f.paged_attention[attn_dt(dt)?][di];
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
-        let mut l = self.stream.launch_builder(f);
+        let mut l = self.launcher(*f);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
         let cfg = LaunchConfig {
@@ -670,7 +717,7 @@ impl Gpu {
         let a = attn_dt(dt)?;
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let (chunk, splits) = (split.chunk as i32, split.splits as i32);
-        let mut l = self.stream.launch_builder(&self.f.paged_decode_split[a][di]);
+        let mut l = self.launcher(self.f.paged_decode_split[a][di]);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&chunk).arg(&splits);
         l.arg(&split.partial).arg(&split.counters).arg(&out);
@@ -702,7 +749,7 @@ impl Gpu {
     ) -> Result<(), Unavailable> {
         let f = &self.f.rope_write_kv[attn_dt(dt)?];
         let (ps, h, kvh, t, d32) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64, d as i32);
-        let mut l = self.stream.launch_builder(f);
+        let mut l = self.launcher(*f);
         l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&q_out).arg(&cache.0).arg(&cache.1);
         l.arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr).arg(&meta.page_indices);
         l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&d32);
@@ -730,7 +777,7 @@ impl Gpu {
         let di = head_dim_index(d, "slot attention")?;
         let f = &self.f.slot_attention[attn_dt(dt)?][di];
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
-        let mut l = self.stream.launch_builder(f);
+        let mut l = self.launcher(*f);
         l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cache.0).arg(&cache.1).arg(&meta.token_seq).arg(&meta.token_pos);
         l.arg(&meta.seq_start).arg(&meta.cached_len).arg(&meta.page_indptr).arg(&meta.page_indices);
         l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);

@@ -76,7 +76,7 @@ __device__ __forceinline__ void offsets(const Strided& s, long i, long& oa, long
 // Used for contiguous copies of transposes, slices, expands, casts, and (with s.sb as the
 // destination's strides) for writing into a slice of a larger tensor (cat).
 extern "C" __global__ void copy_strided(const void* in, int dt_in, void* out, int dt_out, long n, Strided s,
-                                        int strided_dst) {
+                                        int strided_dst) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long oa, ob;
@@ -95,7 +95,7 @@ extern "C" __global__ void copy_strided(const void* in, int dt_in, void* out, in
 
 // Binary ops with broadcasting: 0 add, 1 sub, 2 mul, 3 div.
 extern "C" __global__ void binary(const void* a, int dt_a, const void* b, int dt_b, void* out, int dt_out, long n,
-                                  int op, Strided s) {
+                                  int op, Strided s) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long oa, ob;
@@ -113,7 +113,7 @@ extern "C" __global__ void binary(const void* a, int dt_a, const void* b, int dt
 
 // Unary ops over contiguous tensors, output dtype = input dtype: 0 neg, 1 rsqrt, 2 silu, 3 cos,
 // 4 sin, 5 add scalar, 6 mul scalar, 7 pow scalar (x*x when p = 2, as the CPU does).
-extern "C" __global__ void unary(const void* in, void* out, int dt, long n, int op, double scalar) {
+extern "C" __global__ void unary(const void* in, void* out, int dt, long n, int op, double scalar) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     if (dt == DT_I64) {
@@ -138,7 +138,7 @@ extern "C" __global__ void unary(const void* in, void* out, int dt, long n, int 
 }
 
 // Mean over the last dim of `n`; one block per row.
-extern "C" __global__ void mean_last(const void* in, int dt_in, void* out, int dt_out, int n) {
+extern "C" __global__ void mean_last(const void* in, int dt_in, void* out, int dt_out, int n) { pdl_enter();
     long row = blockIdx.x;
     float s = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) s += ld(in, dt_in, row * n + i);
@@ -150,7 +150,7 @@ extern "C" __global__ void mean_last(const void* in, int dt_in, void* out, int d
 // With `res` set, x = round(x + res) first, and that sum is written to `res_out` (the residual
 // stream of a fused add + norm).
 extern "C" __global__ void rmsnorm(const void* x, const void* res, void* res_out, int dt_x, const void* w, int dt_w,
-                                   void* out, int dt_out, int dt_norm, int n, float eps) {
+                                   void* out, int dt_out, int dt_norm, int n, float eps) { pdl_enter();
     long row = blockIdx.x;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -172,7 +172,7 @@ extern "C" __global__ void rmsnorm(const void* x, const void* res, void* res_out
 // Rotate-half RoPE: x [rows, d] contiguous where the table row of x's row r is
 // (r % table_rows); cos/sin [table_rows, d]. out = round(round(x·cos) + round(rot(x)·sin)).
 extern "C" __global__ void rope(const void* x, int dt, const void* cos, const void* sin, void* out, long rows,
-                                long table_rows, int d) {
+                                long table_rows, int d) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     int h = d / 2;
     if (i >= rows * h) return;
@@ -188,7 +188,7 @@ extern "C" __global__ void rope(const void* x, int dt, const void* cos, const vo
 
 // gate_up rows [gate (inter) | up (inter)] (or two tensors: `up` set) ->
 // out = round(round(silu(gate)) * up).
-extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, void* out, long rows, int inter) {
+extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, void* out, long rows, int inter) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * inter) return;
     long r = i / inter, j = i % inter;
@@ -207,7 +207,7 @@ extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, vo
 // out[t] = weight[ids[t]], rows of `row_bytes`; an id outside [0, rows) writes zeros and sets
 // *bad to the id + 1 (the host reports it).
 extern "C" __global__ void embedding_rows(const unsigned char* weight, const long long* ids, unsigned char* out,
-                                          long tokens, long row_bytes, long rows, long long* bad) {
+                                          long tokens, long row_bytes, long rows, long long* bad) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= tokens * row_bytes) return;
     long t = i / row_bytes, j = i % row_bytes;
@@ -223,7 +223,7 @@ extern "C" __global__ void embedding_rows(const unsigned char* weight, const lon
 // out[o, k, :] = x[o, idx[k], :] for x [outer, len, inner] (elements of `esize` bytes);
 // a bad index sets *bad.
 extern "C" __global__ void index_select(const unsigned char* x, const long long* idx, unsigned char* out, long outer,
-                                        long nidx, long len, long inner_bytes, long long* bad) {
+                                        long nidx, long len, long inner_bytes, long long* bad) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= outer * nidx * inner_bytes) return;
     long b = i % inner_bytes, k = (i / inner_bytes) % nidx, o = i / (inner_bytes * nidx);
@@ -270,7 +270,7 @@ __device__ void block_best(float& best, int& idx) {
     }
 }
 
-extern "C" __global__ void argmax_partial(const void* logits, int dt, float* part_v, int* part_i, int vocab) {
+extern "C" __global__ void argmax_partial(const void* logits, int dt, float* part_v, int* part_i, int vocab) { pdl_enter();
     long base = (long)blockIdx.x * vocab;
     int per = (vocab + gridDim.y - 1) / gridDim.y;
     int lo = blockIdx.y * per, hi = min(vocab, lo + per);
@@ -290,7 +290,7 @@ extern "C" __global__ void argmax_partial(const void* logits, int dt, float* par
     }
 }
 
-extern "C" __global__ void argmax_final(const float* part_v, const int* part_i, long long* out, int parts) {
+extern "C" __global__ void argmax_final(const float* part_v, const int* part_i, long long* out, int parts) { pdl_enter();
     float best = __int_as_float(0xff800000);
     int idx = 0x7fffffff;
     for (int i = threadIdx.x; i < parts; i += blockDim.x) {
@@ -353,6 +353,9 @@ __device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, in
 #define GEMV(M)                                                                                                       \
     extern "C" __global__ void gemv_bf16_m##M(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k,             \
                                               int accumulate) {                                                       \
+        int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                                                       \
+        if (row < n) prefetch_l2(w + (long)row * k, (long)k * 2, threadIdx.x & 31);                                  \
+        pdl_enter();                                                                                                  \
         gemv_bf16<M>(x, w, y, n, k, accumulate);                                                                      \
     }
 GEMV(1)
@@ -364,7 +367,7 @@ GEMV(8)
 // in registers: each thread loads 8 values with one 16-byte load (n % 8 == 0, n <= 8 * 1024),
 // one block reduction, one store. Same rounding as `rmsnorm`.
 extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf16_t* res_out, const bf16_t* w,
-                                          bf16_t* out, int n, float eps) {
+                                          bf16_t* out, int n, float eps) { pdl_enter();
     long row = blockIdx.x;
     int c = threadIdx.x;  // chunk of 8
     bool live = c * 8 < n;
@@ -408,6 +411,11 @@ extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf
 extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k) {
     int j = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
+    if (j < inter) {
+        prefetch_l2(w + (long)j * k, (long)k * 2, lane);
+        prefetch_l2(w + (long)(j + inter) * k, (long)k * 2, lane);
+    }
+    pdl_enter();
     if (j >= inter) return;
     const uint4* wg = (const uint4*)(w + (long)j * k);
     const uint4* wu = (const uint4*)(w + (long)(j + inter) * k);

@@ -208,7 +208,41 @@ pub struct Device {
     /// Compute capability, e.g. (9, 0) for an H100.
     pub cc: (i32, i32),
     pub modules: Vec<(&'static str, Arc<CudaModule>)>,
+    /// Modules whose kernels `exec` launches itself (with `cuLaunchKernelEx`, for programmatic
+    /// dependent launch): loaded through the driver API, as cudarc keeps its handles private.
+    raw: Vec<(&'static str, RawModule)>,
 }
+
+/// The sources `exec::Gpu` launches through raw function handles.
+const RAW_MODULES: &[&str] = &["graph", "attention"];
+
+/// A module loaded with `cuModuleLoadData`; unloaded on drop.
+struct RawModule {
+    ctx: Arc<CudaContext>,
+    module: cudarc::driver::sys::CUmodule,
+}
+
+// SAFETY: a CUmodule handle may be used from any thread with its context bound.
+unsafe impl Send for RawModule {}
+unsafe impl Sync for RawModule {}
+
+impl Drop for RawModule {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: loaded by `cuModuleLoadData` in this context; its kernels are not used
+            // after the device (which owns every `Gpu` launching them) goes.
+            let _ = unsafe { cudarc::driver::result::module::unload(self.module) };
+        }
+    }
+}
+
+/// A kernel's raw handle (from a `RawModule`).
+#[derive(Clone, Copy)]
+pub struct Kernel(pub cudarc::driver::sys::CUfunction);
+
+// SAFETY: a CUfunction handle may be used from any thread with its context bound.
+unsafe impl Send for Kernel {}
+unsafe impl Sync for Kernel {}
 
 /// `sm_XY` for a compute capability, as NVRTC names it.
 pub fn arch_name(cc: (i32, i32)) -> &'static str {
@@ -223,14 +257,34 @@ impl Device {
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let cc = ctx.compute_capability().map_err(|e| Unavailable(format!("cuda:{ordinal}: {e:?}")))?;
         let arch = arch_name(cc);
-        let mut modules = Vec::new();
+        let (mut modules, mut raw) = (Vec::new(), Vec::new());
         for (m, src, _) in SOURCES {
             let (ptx, _) = compile(m, src, arch)?;
-            let module =
-                ctx.load_module(ptx).map_err(|e| Unavailable(format!("loading kernels {m} on {name}: {e:?}")))?;
-            modules.push((*m, module));
+            let loading = |e| Unavailable(format!("loading kernels {m} on {name}: {e:?}"));
+            if RAW_MODULES.contains(m) {
+                let text = std::ffi::CString::new(ptx.to_src()).map_err(|e| loading(format!("{e}")))?;
+                ctx.bind_to_thread().map_err(|e| loading(format!("{e:?}")))?;
+                // SAFETY: a NUL-terminated PTX image, loaded into the bound context.
+                let module = unsafe { cudarc::driver::result::module::load_data(text.as_ptr() as *const _) }
+                    .map_err(|e| loading(format!("{e:?}")))?;
+                raw.push((*m, RawModule { ctx: ctx.clone(), module }));
+            } else {
+                modules.push((*m, ctx.load_module(ptx).map_err(|e| loading(format!("{e:?}")))?));
+            }
         }
-        Ok(Device { ctx, name, cc, modules })
+        Ok(Device { ctx, name, cc, modules, raw })
+    }
+
+    /// A kernel of the modules `exec` launches itself, by entry-point name.
+    pub fn kernel(&self, name: &str) -> Result<Kernel, Unavailable> {
+        let c = std::ffi::CString::new(name).map_err(|_| Unavailable(format!("bad kernel name `{name}`")))?;
+        for (_, m) in &self.raw {
+            // SAFETY: a module of this device's context; an unknown name is an error, not UB.
+            if let Ok(f) = unsafe { cudarc::driver::result::module::get_function(m.module, c.clone()) } {
+                return Ok(Kernel(f));
+            }
+        }
+        Err(Unavailable(format!("no kernel named `{name}`")))
     }
 
     /// A kernel by entry-point name.
