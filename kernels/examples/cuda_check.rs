@@ -8,6 +8,7 @@
 //! `x·r` then rounds one bf16 ulp away, and the weight multiplies that step (|w| up to 2 here).
 use std::process::ExitCode;
 
+use autodeploy_kernels::cuda::exec::{Dt, Gpu, Split, StepMeta};
 use autodeploy_kernels::cuda::Device;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -301,120 +302,23 @@ fn main() -> ExitCode {
             if ok { "ok" } else { "FAILED" }
         );
     }
-    // Paged attention over a ragged batch: a decode token (37 cached), a 20-token prefill, and 3
-    // tokens whose positions cross a page boundary; pages scattered; GQA 1, 4, 8; head dim 64, 128.
+    // The executor's attention kernels (exec::Gpu, as both attention backends launch them)
+    // against one CPU reference, on random inputs: a ragged batch of a decode token (37
+    // cached), a 20-token prefill and 3 tokens whose positions cross a page boundary; GQA 1, 4,
+    // 8; head dims 64 and 128. `flashinfer`: KV write, then the ragged paged kernel, and the
+    // split-KV decode kernel, over scattered pages. `triton`: the fused write-and-attend kernel
+    // over per-sequence contiguous slots.
+    let gpu = match autodeploy_kernels::cuda::exec::Gpu::open(ordinal) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     for bf in [false, true] {
         for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2)] {
             for d in [64usize, 128] {
-                let page = 16usize;
-                let seqs: [(usize, usize); 3] = [(37, 1), (0, 20), (15, 3)]; // (cached, new)
-                let mut page_tables: Vec<Vec<i32>> = Vec::new();
-                let mut next_page = 0i32;
-                for (c, n) in seqs {
-                    let pages = (c + n).div_ceil(page);
-                    // Scattered: this sequence's pages interleave with unused ones.
-                    page_tables.push((0..pages).map(|i| next_page + 2 * i as i32 + 1).collect());
-                    next_page += 2 * pages as i32 + 1;
-                }
-                let slots = next_page as usize * page;
-                let (mut tseq, mut tpos) = (Vec::new(), Vec::new());
-                for (si, (c, n)) in seqs.iter().enumerate() {
-                    for p in *c..c + n {
-                        tseq.push(si as i64);
-                        tpos.push(p as i64);
-                    }
-                }
-                let tokens = tseq.len();
-                let r = |n: usize, seed: u32| -> Vec<f32> { rand(n, seed).into_iter().map(|x| rnd(bf, x)).collect() };
-                let (mut kc, mut vc) = (r(slots * kv_heads * d, 21), r(slots * kv_heads * d, 22));
-                let (q, k, v) = (r(heads * tokens * d, 23), r(kv_heads * tokens * d, 24), r(kv_heads * tokens * d, 25));
-                let scale = 1.0 / (d as f32).sqrt();
-                let indptr: Vec<i64> = std::iter::once(0)
-                    .chain(page_tables.iter().scan(0i64, |a, t| {
-                        *a += t.len() as i64;
-                        Some(*a)
-                    }))
-                    .collect();
-                let indices: Vec<i32> = page_tables.concat();
-                let slot = |s: usize, p: usize| page_tables[s][p / page] as usize * page + p % page;
-                // Device side.
-                let sfx = if bf { "bf16" } else { "f32" };
-                let dev_ints = (
-                    s.memcpy_stod(&tseq).unwrap(),
-                    s.memcpy_stod(&tpos).unwrap(),
-                    s.memcpy_stod(&indptr).unwrap(),
-                    s.memcpy_stod(&indices).unwrap(),
-                );
-                let (ps, kvh_i, tok_i, d_i, h_i) =
-                    (page as i32, kv_heads as i32, tokens as i64, d as i32, heads as i32);
-                macro_rules! run {
-                    ($ty:ty, $conv:expr, $back:expr) => {{
-                        let up = |v: &[f32]| s.memcpy_stod(&v.iter().map(|&x| $conv(x)).collect::<Vec<$ty>>()).unwrap();
-                        let (dq, dk, dv) = (up(&q), up(&k), up(&v));
-                        let (mut dkc, mut dvc) = (up(&kc), up(&vc));
-                        let mut dout = s.alloc_zeros::<$ty>(heads * tokens * d).unwrap();
-                        let f = dev.function(&format!("write_kv_{sfx}")).unwrap();
-                        let mut b = s.launch_builder(&f);
-                        b.arg(&dk).arg(&dv).arg(&mut dkc).arg(&mut dvc);
-                        b.arg(&dev_ints.0).arg(&dev_ints.1).arg(&dev_ints.2).arg(&dev_ints.3);
-                        b.arg(&ps).arg(&kvh_i).arg(&tok_i).arg(&d_i);
-                        // SAFETY: matches write_kv's signature; every slot addressed is in the caches.
-                        unsafe { b.launch(LaunchConfig::for_num_elems((kv_heads * tokens * d) as u32)) }.unwrap();
-                        let f = dev.function(&format!("paged_attention_d{d}_{sfx}")).unwrap();
-                        let mut b = s.launch_builder(&f);
-                        b.arg(&dq).arg(&dkc).arg(&dvc);
-                        b.arg(&dev_ints.0).arg(&dev_ints.1).arg(&dev_ints.2).arg(&dev_ints.3);
-                        b.arg(&ps).arg(&h_i).arg(&kvh_i).arg(&tok_i).arg(&scale).arg(&mut dout);
-                        let cfg = LaunchConfig {
-                            grid_dim: (tokens as u32, heads as u32, 1),
-                            block_dim: (128, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        // SAFETY: matches paged_attention's signature.
-                        unsafe { b.launch(cfg) }.unwrap();
-                        let back = |d: &cudarc::driver::CudaSlice<$ty>| -> Vec<f32> {
-                            s.memcpy_dtov(d).unwrap().into_iter().map($back).collect()
-                        };
-                        (back(&dout), back(&dkc))
-                    }};
-                }
-                let (got, got_kc) = if bf { run!(u16, bf16, f32_of) } else { run!(f32, |x: f32| x, |x: f32| x) };
-                // Reference: the same cache writes, then causal attention per (token, head).
-                for t in 0..tokens {
-                    let sl = slot(tseq[t] as usize, tpos[t] as usize);
-                    for j in 0..kv_heads {
-                        let (src, dst) = ((j * tokens + t) * d, (sl * kv_heads + j) * d);
-                        kc[dst..dst + d].copy_from_slice(&k[src..src + d]);
-                        vc[dst..dst + d].copy_from_slice(&v[src..src + d]);
-                    }
-                }
-                let mut want = vec![0f32; heads * tokens * d];
-                for h in 0..heads {
-                    let j = h / (heads / kv_heads);
-                    for t in 0..tokens {
-                        let qr = &q[(h * tokens + t) * d..(h * tokens + t + 1) * d];
-                        let sc: Vec<f32> = (0..=tpos[t] as usize)
-                            .map(|p| {
-                                let at = (slot(tseq[t] as usize, p) * kv_heads + j) * d;
-                                qr.iter().zip(&kc[at..at + d]).map(|(a, b)| a * b).sum::<f32>() * scale
-                            })
-                            .collect();
-                        let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                        let e: Vec<f32> = sc.iter().map(|x| (x - mx).exp()).collect();
-                        let sum: f32 = e.iter().sum();
-                        let o = &mut want[(h * tokens + t) * d..(h * tokens + t + 1) * d];
-                        for (p, w) in e.iter().enumerate() {
-                            let at = (slot(tseq[t] as usize, p) * kv_heads + j) * d;
-                            for (x, vv) in o.iter_mut().zip(&vc[at..at + d]) {
-                                *x += w / sum * vv;
-                            }
-                        }
-                        o.iter_mut().for_each(|x| *x = rnd(bf, *x));
-                    }
-                }
-                let name = format!("paged attn h{heads}/kv{kv_heads} d{d}");
-                rep.check_scaled(&name, bf, &got, &want, 1e-5);
-                rep.check("  k cache after write", bf, &got_kc, &kc);
+                check_attention(&gpu, &mut rep, bf, heads, kv_heads, d);
             }
         }
     }
@@ -512,4 +416,164 @@ fn main() -> ExitCode {
         println!("all kernels match the CPU reference");
         ExitCode::SUCCESS
     }
+}
+
+/// One attention configuration through the three kernels; see the call in `main`.
+fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads: usize, d: usize) {
+    let page = 16usize;
+    let seqs: [(usize, usize); 3] = [(37, 1), (0, 20), (15, 3)]; // (cached, new)
+                                                                 // Scattered pages (flashinfer): each sequence's pages interleave with unused ones.
+                                                                 // Slots (triton): each sequence owns a run of `slot` consecutive pages.
+    let slot = 4usize;
+    let (mut scattered, mut slots): (Vec<Vec<i32>>, Vec<Vec<i32>>) = (Vec::new(), Vec::new());
+    let mut next = 0i32;
+    for (i, (c, n)) in seqs.iter().enumerate() {
+        let pages = (c + n).div_ceil(page);
+        scattered.push((0..pages).map(|j| next + 2 * j as i32 + 1).collect());
+        next += 2 * pages as i32 + 1;
+        slots.push((0..pages).map(|j| (i * slot + j) as i32).collect());
+    }
+    let n_pages = (next as usize).max(seqs.len() * slot);
+    let rows = n_pages * page;
+    let (mut tseq, mut tpos, mut start) = (Vec::new(), Vec::new(), Vec::new());
+    for (si, (c, n)) in seqs.iter().enumerate() {
+        start.push(tseq.len() as i64);
+        for p in *c..c + n {
+            tseq.push(si as i64);
+            tpos.push(p as i64);
+        }
+    }
+    let cached: Vec<i64> = seqs.iter().map(|s| s.0 as i64).collect();
+    let tokens = tseq.len();
+    let r = |n: usize, seed: u32| -> Vec<f32> { rand(n, seed).into_iter().map(|x| rnd(bf, x)).collect() };
+    let (kc0, vc0) = (r(rows * kv_heads * d, 21), r(rows * kv_heads * d, 22));
+    let (q, k, v) = (r(heads * tokens * d, 23), r(kv_heads * tokens * d, 24), r(kv_heads * tokens * d, 25));
+    let scale = 1.0 / (d as f32).sqrt();
+    let dt = if bf { Dt::BF16 } else { Dt::F32 };
+    let bytes = |v: &[f32]| -> Vec<u8> {
+        if bf {
+            v.iter().flat_map(|&x| bf16(x).to_le_bytes()).collect()
+        } else {
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+    };
+    let back = |raw: &[u8]| -> Vec<f32> {
+        if bf {
+            raw.chunks_exact(2).map(|c| f32_of(u16::from_le_bytes([c[0], c[1]]))).collect()
+        } else {
+            raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        }
+    };
+    let mut keep = Vec::new();
+    let mut put = |raw: Vec<u8>| -> u64 {
+        let b = gpu.alloc(raw.len(), "attention check input").unwrap();
+        gpu.upload(b.ptr, &raw).unwrap();
+        let p = b.ptr;
+        keep.push(b);
+        p
+    };
+    let ints64 = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let ints32 = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let csr = |tables: &[Vec<i32>]| -> (Vec<i64>, Vec<i32>) {
+        let mut indptr = vec![0i64];
+        for t in tables {
+            indptr.push(indptr.last().unwrap() + t.len() as i64);
+        }
+        (indptr, tables.concat())
+    };
+    let (dq, dk, dv) = (put(bytes(&q)), put(bytes(&k)), put(bytes(&v)));
+    let (ts, tp, ss, cl) = (put(ints64(&tseq)), put(ints64(&tpos)), put(ints64(&start)), put(ints64(&cached)));
+    let meta_for = |put: &mut dyn FnMut(Vec<u8>) -> u64, tables: &[Vec<i32>]| {
+        let (indptr, indices) = csr(tables);
+        StepMeta {
+            tokens,
+            page_size: page,
+            token_seq: ts,
+            token_pos: tp,
+            page_indptr: put(ints64(&indptr)),
+            page_indices: put(ints32(&indices)),
+            seq_start: ss,
+            cached_len: cl,
+        }
+    };
+    let m_scattered = meta_for(&mut put, &scattered);
+    let m_slots = meta_for(&mut put, &slots);
+    let esz = if bf { 2 } else { 4 };
+    let out_bytes = heads * tokens * d * esz;
+    let cache_bytes = rows * kv_heads * d * esz;
+    // CPU reference over a page table: the step's k/v written at their positions, then causal
+    // attention per (token, head).
+    let reference = |tables: &[Vec<i32>]| -> (Vec<f32>, Vec<f32>) {
+        let at = |s: usize, p: usize| tables[s][p / page] as usize * page + p % page;
+        let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+        for t in 0..tokens {
+            let sl = at(tseq[t] as usize, tpos[t] as usize);
+            for j in 0..kv_heads {
+                let (src, dst) = ((j * tokens + t) * d, (sl * kv_heads + j) * d);
+                kc[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                vc[dst..dst + d].copy_from_slice(&v[src..src + d]);
+            }
+        }
+        let mut want = vec![0f32; heads * tokens * d];
+        for h in 0..heads {
+            let j = h / (heads / kv_heads);
+            for t in 0..tokens {
+                let qr = &q[(h * tokens + t) * d..(h * tokens + t + 1) * d];
+                let sc: Vec<f32> = (0..=tpos[t] as usize)
+                    .map(|p| {
+                        let o = (at(tseq[t] as usize, p) * kv_heads + j) * d;
+                        qr.iter().zip(&kc[o..o + d]).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let e: Vec<f32> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                let o = &mut want[(h * tokens + t) * d..(h * tokens + t + 1) * d];
+                for (p, w) in e.iter().enumerate() {
+                    let a = (at(tseq[t] as usize, p) * kv_heads + j) * d;
+                    for (x, vv) in o.iter_mut().zip(&vc[a..a + d]) {
+                        *x += w / sum * vv;
+                    }
+                }
+                o.iter_mut().for_each(|x| *x = rnd(bf, *x));
+            }
+        }
+        (want, kc)
+    };
+    let fresh_cache = |put: &mut dyn FnMut(Vec<u8>) -> u64| (put(bytes(&kc0)), put(bytes(&vc0)));
+    let read = |ptr: u64, n: usize| {
+        let mut raw = vec![0u8; n];
+        gpu.sync().unwrap();
+        gpu.download(ptr, &mut raw).unwrap();
+        back(&raw)
+    };
+    let name = |kernel: &str| format!("{kernel} h{heads}/kv{kv_heads} d{d}");
+    let (want_s, want_kc_s) = reference(&scattered);
+    // flashinfer, ragged prefill kernel.
+    let (kc, vc) = fresh_cache(&mut put);
+    let out = put(vec![0u8; out_bytes]);
+    gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
+    gpu.paged_attention(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale).unwrap();
+    rep.check_scaled(&name("paged"), bf, &read(out, out_bytes), &want_s, 1e-5);
+    rep.check("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
+    // flashinfer, split-KV decode kernel (16-position chunks: several per sequence).
+    let (kc, vc) = fresh_cache(&mut put);
+    let out = put(vec![0u8; out_bytes]);
+    let (chunk, splits) = (16usize, 4usize);
+    let split = Split {
+        chunk,
+        splits,
+        partial: put(vec![0u8; tokens * heads * splits * (d + 2) * 4]),
+        counters: put(vec![0u8; tokens * heads * 4]),
+    };
+    gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
+    gpu.paged_decode_split(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale, split).unwrap();
+    rep.check_scaled(&name("split-KV decode"), bf, &read(out, out_bytes), &want_s, 1e-5);
+    // triton, fused write-and-attend over slots.
+    let (want_t, want_kc_t) = reference(&slots);
+    let (kc, vc) = fresh_cache(&mut put);
+    let out = put(vec![0u8; out_bytes]);
+    gpu.slot_attention(dt, (dq, dk, dv), (kc, vc), out, &m_slots, heads, kv_heads, d, scale).unwrap();
+    rep.check_scaled(&name("triton slot"), bf, &read(out, out_bytes), &want_t, 1e-5);
+    rep.check("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_t);
 }
