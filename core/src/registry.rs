@@ -57,6 +57,18 @@ pub trait CompiledModel: Send {
     fn forward_greedy(&mut self, _inputs: &[Tensor], _step: Option<&mut StepContext>) -> Result<Option<Vec<i64>>> {
         Ok(None)
     }
+
+    /// A forward step that returns one token per gathered row, picked as `draws[row]` says
+    /// (`sampling::pick`'s semantics, with the runtime's uniform draw) where the logits live,
+    /// so they are not copied to the host. `None`: not supported, use `forward`.
+    fn forward_sampled(
+        &mut self,
+        _inputs: &[Tensor],
+        _step: Option<&mut StepContext>,
+        _draws: &[crate::sampling::RowDraw],
+    ) -> Result<Option<Vec<i64>>> {
+        Ok(None)
+    }
 }
 
 /// What a compile backend is asked for besides the graph.

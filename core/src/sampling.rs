@@ -81,44 +81,75 @@ impl Sampler {
 
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> i64 {
+        let d = self.draw();
+        pick(logits, &d)
+    }
+
+    /// What picking this sequence's next token needs besides the logits: its parameters and,
+    /// unless greedy, one uniform draw from the sequence's generator (the only draw a token
+    /// takes, so the CPU and a device that samples where its logits are pick alike).
+    pub fn draw(&mut self) -> RowDraw {
         if self.params.is_greedy() {
-            return argmax(logits) as i64;
+            return RowDraw { temperature: 0.0, top_k: 0, top_p: 1.0, u: 0.0 };
         }
-        let t = self.params.temperature;
-        let mut cand: Vec<(usize, f32)> = logits.iter().enumerate().map(|(i, &x)| (i, x / t)).collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            cand.truncate(self.params.top_k);
-        }
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|&(_, x)| (x - max).exp()).collect();
-        let z: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= z);
-        if self.params.top_p < 1.0 {
-            // Smallest prefix whose mass reaches top_p (always at least one token).
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                acc += p;
-                if acc >= self.params.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            let z: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= z);
-        }
-        let r: f32 = self.rng.random();
+        let u: f32 = self.rng.random();
+        RowDraw { temperature: self.params.temperature, top_k: self.params.top_k, top_p: self.params.top_p, u }
+    }
+}
+
+/// One token's sampling: temperature (0: argmax), top-k (0: off), top-p (1: off) and the
+/// uniform draw `u` in [0, 1) that picks within what the filters keep.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowDraw {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub u: f32,
+}
+
+/// The token `d` picks from `logits`: scores x/T sorted descending (ties: lower index first),
+/// the first `top_k` kept, then the shortest prefix whose softmax mass reaches `top_p`, then
+/// the first token whose cumulative mass exceeds `u`.
+pub fn pick(logits: &[f32], d: &RowDraw) -> i64 {
+    if d.temperature <= 0.0 || d.top_k == 1 {
+        return argmax(logits) as i64;
+    }
+    let t = d.temperature;
+    let mut cand: Vec<(usize, f32)> = logits.iter().enumerate().map(|(i, &x)| (i, x / t)).collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if d.top_k > 0 {
+        cand.truncate(d.top_k);
+    }
+    // Masses in f64: summed in order over up to a whole vocabulary, f32 would drift by ~1e-5
+    // and move the boundaries between tokens (a device summing in another order would then
+    // pick differently for the same draw).
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|&(_, x)| ((x - max) as f64).exp()).collect();
+    let z: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if d.top_p < 1.0 {
+        // Smallest prefix whose mass reaches top_p (always at least one token).
         let mut acc = 0.0;
+        let mut keep = probs.len();
         for (i, p) in probs.iter().enumerate() {
             acc += p;
-            if r < acc {
-                return cand[i].0 as i64;
+            if acc >= d.top_p as f64 {
+                keep = i + 1;
+                break;
             }
         }
-        cand[probs.len() - 1].0 as i64
+        probs.truncate(keep);
+        let z: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
     }
+    let mut acc = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p;
+        if (d.u as f64) < acc {
+            return cand[i].0 as i64;
+        }
+    }
+    cand[probs.len() - 1].0 as i64
 }
 
 /// Index of the largest value (the first, on ties), as torch's argmax.

@@ -33,6 +33,31 @@ impl Dt {
     }
 }
 
+/// How one row is sampled, laid out as `graph.cu`'s `RowSampling` (16 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowSampling {
+    /// 0 (or less): argmax.
+    pub temperature: f32,
+    /// 0: no top-k.
+    pub top_k: i32,
+    /// 1: no top-p.
+    pub top_p: f32,
+    /// The uniform draw in [0, 1) that picks the token.
+    pub u: f32,
+}
+
+impl RowSampling {
+    pub fn to_le_bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&self.temperature.to_le_bytes());
+        b[4..8].copy_from_slice(&self.top_k.to_le_bytes());
+        b[8..12].copy_from_slice(&self.top_p.to_le_bytes());
+        b[12..].copy_from_slice(&self.u.to_le_bytes());
+        b
+    }
+}
+
 /// At most this many dims in a strided kernel.
 pub const MAX_RANK: usize = 6;
 
@@ -106,6 +131,7 @@ struct Funcs {
     rmsnorm_bf16x8: Kernel,
     gemv_swiglu_bf16: Kernel,
     argmax_final: Kernel,
+    sample_rows: Kernel,
     write_kv: [Kernel; 2],
     /// [f32, bf16] × head dims `HEAD_DIMS`.
     paged_attention: [Vec<Kernel>; 2],
@@ -221,6 +247,7 @@ impl Gpu {
             rmsnorm_bf16x8: g("rmsnorm_bf16x8")?,
             gemv_swiglu_bf16: g("gemv_swiglu_bf16")?,
             argmax_final: g("argmax_final")?,
+            sample_rows: g("sample_rows")?,
             write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
             paged_attention: [
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
@@ -530,6 +557,28 @@ impl Gpu {
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: reads the partials written above; rows ids out.
         launched("argmax_final", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+
+    /// One token per row of logits `[rows, vocab]` (f32 or bf16) sampled as `params[row]`
+    /// says (`RowSampling`, uploaded by the caller): the CPU sampler's semantics on the GPU.
+    pub fn sample_rows(
+        &self,
+        logits: Ptr,
+        dt: Dt,
+        params: Ptr,
+        out: Ptr,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<(), Unavailable> {
+        if !matches!(dt, Dt::F32 | Dt::BF16) {
+            return Err(Unavailable(format!("GPU sampling reads f32 or bf16 logits, not {dt:?}")));
+        }
+        let (d, v) = (dt as i32, vocab as i32);
+        let mut l = self.launcher(self.f.sample_rows);
+        l.arg(&logits).arg(&d).arg(&params).arg(&out).arg(&v);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: rows × vocab logits, rows `RowSampling` params, rows i64 ids out.
+        launched("sample_rows", unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
     /// The decode GEMV (bf16, m in 1, 2, 4, 8, k % 8 == 0, 16-byte aligned) when it applies:

@@ -444,3 +444,135 @@ extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf
         out[j] = f32_to_bf16(s * ur);
     }
 }
+
+// Sampling on the GPU, with the CPU sampler's semantics (core/src/sampling.rs) so a seeded
+// request picks the same token on either device: scores x/T ordered descending (ties: lower
+// index first); top-k keeps the first k; top-p the shortest prefix whose softmax mass reaches
+// top_p; the token is the first whose cumulative mass exceeds u·(kept mass), u the runtime's
+// uniform draw. T <= 0 is argmax. One block per row: each kept set is a threshold on a 64-bit
+// order key (score bits, then the inverted index), found by a bitwise search over block sums, so
+// nothing is sorted.
+struct RowSampling {
+    float temperature;
+    int top_k;
+    float top_p;
+    float u;
+};
+
+__device__ __forceinline__ unsigned long long order_key(float s, int i) {
+    unsigned int b = __float_as_uint(s);
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)b << 32) | (unsigned int)(0xffffffffu - (unsigned int)i);
+}
+
+__device__ __forceinline__ float sample_score(const void* logits, int dt, long at, float t) {
+    float x = dt == 0 ? ((const float*)logits)[at] : bf16_to_f32(((const bf16_t*)logits)[at]);
+    return t > 0.0f ? x / t : x;
+}
+
+__device__ float block_max_f(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? part[lane] : -3.0e38f;
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    return total;
+}
+
+__device__ unsigned long long block_min_u64(unsigned long long v) {
+    __shared__ unsigned long long part[32];
+    __shared__ unsigned long long total;
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w < v ? w : v;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? part[lane] : ~0ull;
+        for (int o = 16; o > 0; o >>= 1) {
+            unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
+            v = w < v ? w : v;
+        }
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    return total;
+}
+
+// Softmax mass (exp(s - mx)) of the scores whose key is >= `from`; or their count.
+__device__ float mass_from(const void* logits, int dt, long base, int vocab, float t, float mx,
+                           unsigned long long from, bool count) {
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float s = sample_score(logits, dt, base + i, t);
+        if (order_key(s, i) >= from) acc += count ? 1.0f : expf(s - mx);
+    }
+    return block_sum(acc);
+}
+
+extern "C" __global__ void sample_rows(const void* logits, int dt, const RowSampling* params, long long* out,
+                                       int vocab) { pdl_enter();
+    long row = blockIdx.x, base = row * (long)vocab;
+    RowSampling p = params[row];
+    float t = p.temperature;
+    float mx = -3.0e38f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, sample_score(logits, dt, base + i, t));
+    mx = block_max_f(mx);
+    unsigned long long lo = 0;  // the kept set: keys >= lo
+    if (t > 0.0f && p.top_k > 0 && p.top_k < vocab) {
+        // The largest threshold that still keeps top_k scores: the k-th key.
+        for (int b = 63; b >= 0; b--) {
+            unsigned long long c = lo | (1ull << b);
+            if (mass_from(logits, dt, base, vocab, t, mx, c, true) >= (float)p.top_k) lo = c;
+        }
+    }
+    unsigned long long pick = lo;
+    if (t > 0.0f) {
+        float z = mass_from(logits, dt, base, vocab, t, mx, lo, false);
+        if (p.top_p < 1.0f) {
+            // The largest threshold whose kept mass still reaches top_p: the shortest prefix.
+            float target = p.top_p * z;
+            unsigned long long c0 = 0;
+            for (int b = 63; b >= 0; b--) {
+                unsigned long long c = c0 | (1ull << b);
+                if (mass_from(logits, dt, base, vocab, t, mx, c > lo ? c : lo, false) >= target) c0 = c;
+            }
+            if (c0 > lo) lo = c0;
+            z = mass_from(logits, dt, base, vocab, t, mx, lo, false);
+        }
+        // The first key (descending) whose cumulative mass exceeds u·z.
+        float target = p.u * z;
+        unsigned long long c0 = 0;
+        for (int b = 63; b >= 0; b--) {
+            unsigned long long c = c0 | (1ull << b);
+            if (mass_from(logits, dt, base, vocab, t, mx, c > lo ? c : lo, false) > target) c0 = c;
+        }
+        pick = c0 > lo ? c0 : lo;
+    } else {
+        // Argmax: the largest key.
+        pick = ~0ull;
+        unsigned long long best = 0;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            unsigned long long k = order_key(sample_score(logits, dt, base + i, 0.0f), i);
+            best = k > best ? k : best;
+        }
+        pick = ~block_min_u64(~best);
+    }
+    // The smallest kept key at or above `pick` is the chosen token.
+    unsigned long long best = ~0ull;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        unsigned long long k = order_key(sample_score(logits, dt, base + i, t), i);
+        if (k >= pick && k < best) best = k;
+    }
+    best = block_min_u64(best);
+    if (threadIdx.x == 0) out[row] = (long long)(0xffffffffu - (unsigned int)(best & 0xffffffffu));
+}

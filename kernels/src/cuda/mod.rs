@@ -54,6 +54,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gemv_bf16_m8",
             "rmsnorm_bf16x8",
             "gemv_swiglu_bf16",
+            "sample_rows",
         ],
     ),
     (

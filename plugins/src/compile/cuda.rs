@@ -15,10 +15,13 @@ use std::collections::HashMap;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepContext;
 use autodeploy_core::registry::{CompileOptions, CompiledModel};
+use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
-use autodeploy_kernels::cuda::exec::{Binary, Buffer, Dt, Gpu, Ptr, Split, StepMeta, Strided, Unary, MAX_RANK};
+use autodeploy_kernels::cuda::exec::{
+    Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK,
+};
 use autodeploy_kernels::cuda::Unavailable;
 
 /// What the CUDA executor does beyond running nodes in order.
@@ -1206,6 +1209,29 @@ impl CompiledModel for CudaModel {
     }
 
     fn forward_greedy(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Option<Vec<i64>>> {
+        self.forward_ids(inputs, step, None)
+    }
+
+    fn forward_sampled(
+        &mut self,
+        inputs: &[Tensor],
+        step: Option<&mut StepContext>,
+        draws: &[RowDraw],
+    ) -> Result<Option<Vec<i64>>> {
+        self.forward_ids(inputs, step, Some(draws))
+    }
+}
+
+impl CudaModel {
+    /// A step whose tokens are picked on the GPU: the argmax of each gathered row, or with
+    /// `draws` each row sampled as its draw says. The ids land right after the error flags, so
+    /// one copy back brings both.
+    fn forward_ids(
+        &mut self,
+        inputs: &[Tensor],
+        step: Option<&mut StepContext>,
+        draws: Option<&[RowDraw]>,
+    ) -> Result<Option<Vec<i64>>> {
         let step = step.map(|s| &*s);
         let Some(_) = step else { return Ok(None) };
         let t0 = std::time::Instant::now();
@@ -1215,14 +1241,36 @@ impl CompiledModel for CudaModel {
         let odt = dt(self.graph.meta(o).dtype, "logits")?;
         let vocab = *shape.last().unwrap_or(&1);
         let n = rows.min(total_rows(&shape));
-        // The ids land right after the error flags: one copy back brings both.
-        self.gpu.argmax_rows(p, odt, self.flags.ptr + IDS_AT, n, vocab, self.argmax_scratch.ptr).map_err(gpu_err)?;
+        let ids_at = self.flags.ptr + IDS_AT;
+        match draws {
+            None => self.gpu.argmax_rows(p, odt, ids_at, n, vocab, self.argmax_scratch.ptr).map_err(gpu_err)?,
+            Some(d) => {
+                if d.len() != n {
+                    return Err(Error::Msg(format!("{} sampling draws for a step of {n} rows", d.len())));
+                }
+                // The rows' parameters go where the argmax keeps its partials (unused here).
+                let params: Vec<u8> = d
+                    .iter()
+                    .flat_map(|d| {
+                        RowSampling {
+                            temperature: d.temperature,
+                            top_k: d.top_k.min(i32::MAX as usize) as i32,
+                            top_p: d.top_p,
+                            u: d.u,
+                        }
+                        .to_le_bytes()
+                    })
+                    .collect();
+                self.gpu.upload(self.argmax_scratch.ptr, &params).map_err(gpu_err)?;
+                self.gpu.sample_rows(p, odt, self.argmax_scratch.ptr, ids_at, n, vocab).map_err(gpu_err)?;
+            }
+        }
         let mut b = vec![0u8; IDS_AT as usize + 8 * n];
         self.gpu.download(self.flags.ptr, &mut b).map_err(gpu_err)?;
         self.flags_ok(&b)?;
         if self.profile_on {
             self.note("step: stage, upload, launch (host)", t1 - t0);
-            self.note("step: wait for the GPU, argmax, copy ids back", t1.elapsed());
+            self.note("step: wait for the GPU, pick tokens, copy ids back", t1.elapsed());
         }
         let ids = &b[IDS_AT as usize..];
         Ok(Some(ids.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))

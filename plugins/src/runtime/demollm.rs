@@ -10,7 +10,7 @@ use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::{BatchMetadata, PagePool, PagedKvCache, StepContext, StepPlan};
 use autodeploy_core::pipeline::Engine;
 use autodeploy_core::runtime::{Completion, FinishReason, Request, RunStats, Runtime, RuntimePlugin};
-use autodeploy_core::sampling::Sampler;
+use autodeploy_core::sampling::{pick, RowDraw, Sampler};
 use autodeploy_core::Tensor;
 
 use crate::transforms::kvcache::GATHER_INPUT;
@@ -71,8 +71,10 @@ impl DemoLlm {
     /// next token, sampled from its last token's logits (greedy batches on a model that can
     /// take the argmax where the logits are get ids back, not logits).
     fn step(&self, engine: &mut Engine, cache: Option<&mut PagedKvCache>, seqs: &mut [&mut Seq]) -> Result<Vec<i64>> {
-        let greedy = seqs.iter().all(|s| s.sampler.params().is_greedy());
-        let got = self.forward(engine, cache, seqs, greedy)?;
+        // Each sequence's draw for this token, taken before the forward: the same draw picks
+        // the token on the host or where the logits are.
+        let draws: Vec<RowDraw> = seqs.iter_mut().map(|s| s.sampler.draw()).collect();
+        let got = self.forward(engine, cache, seqs, &draws)?;
         let n = match &got {
             Step::Ids(ids) => ids.len(),
             Step::Logits(rows) => rows.len(),
@@ -84,7 +86,7 @@ impl DemoLlm {
             Step::Ids(ids) => return Ok(ids),
             Step::Logits(rows) => rows,
         };
-        Ok(seqs.iter_mut().zip(&rows).map(|(s, row)| s.sampler.sample(row)).collect())
+        Ok(rows.iter().zip(&draws).map(|(row, d)| pick(row, d)).collect())
     }
 
     fn forward(
@@ -92,7 +94,7 @@ impl DemoLlm {
         engine: &mut Engine,
         cache: Option<&mut PagedKvCache>,
         seqs: &[&mut Seq],
-        greedy: bool,
+        draws: &[RowDraw],
     ) -> Result<Step> {
         let Some(cache) = cache else {
             // Uncached graph: a full-sequence forward per sequence.
@@ -125,10 +127,12 @@ impl DemoLlm {
         inputs[input_index(engine, "position_ids")?] = Tensor::from_i64(vec![1, t], pos)?;
         inputs[input_index(engine, GATHER_INPUT)?] = Tensor::from_i64(vec![gather.len()], gather)?;
         let mut cx = StepContext { plan: &plan, cache };
-        if greedy {
+        if draws.iter().all(|d| d.temperature <= 0.0 || d.top_k == 1) {
             if let Some(ids) = engine.model.forward_greedy(&inputs, Some(&mut cx))? {
                 return Ok(Step::Ids(ids));
             }
+        } else if let Some(ids) = engine.model.forward_sampled(&inputs, Some(&mut cx), draws)? {
+            return Ok(Step::Ids(ids));
         }
         let out = engine.model.forward(&inputs, Some(&mut cx))?;
         let v = *out[0].shape().last().unwrap_or(&1);
