@@ -43,6 +43,36 @@ fn graph_dump_at_import_reads_like_an_export() {
     assert!(out.contains("%l0.q.norm.rsqrt"), "{out}");
 }
 
+/// `autodeploy graph --stage post_load_fusion` on a torch.export archive shows the same
+/// canonical ops, dtypes and shapes, in the same order, as on the Hugging Face folder it was
+/// exported from (issue 7); only value and weight names differ.
+#[test]
+fn an_exported_archive_reaches_the_hf_imports_canonical_graph() {
+    let ops = |model: &str| -> Vec<String> {
+        let (ok, out, err) = autodeploy(&["graph", "--model", model, "--stage", "post_load_fusion", "--device", "cpu"]);
+        assert!(ok, "{model}: {err}");
+        out.lines()
+            .filter_map(|l| {
+                let (_, rest) = l.trim_start().strip_prefix('%')?.split_once(": ")?;
+                let (meta, op) = rest.split_once(" = ")?;
+                let op = op.split('(').next()?;
+                (op != "weight").then(|| format!("{meta} = {op}"))
+            })
+            .collect()
+    };
+    for (hf, pt2) in [
+        ("tests/fixtures/llama", "tests/fixtures/pt2/llama.pt2"),
+        ("tests/fixtures/qwen3", "tests/fixtures/pt2/qwen3.pt2"),
+        ("tests/fixtures/llama", "tests/fixtures/pt2/llama-legacy.pt2"),
+    ] {
+        let (a, b) = (ops(hf), ops(pt2));
+        for canonical in ["torch_rmsnorm", "torch_rope_with_explicit_cos_sin", "torch_attention", "torch_swiglu_mlp"] {
+            assert!(a.iter().any(|o| o.ends_with(canonical)), "{hf}: no {canonical} in {a:?}");
+        }
+        assert_eq!(a, b, "{pt2} against {hf}");
+    }
+}
+
 #[test]
 fn bad_stage_and_bad_config_fail_with_a_message() {
     let (ok, _, err) = autodeploy(&["graph", "--model", "tests/fixtures/llama", "--stage", "lunch"]);
