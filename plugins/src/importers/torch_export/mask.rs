@@ -228,8 +228,20 @@ impl MaskEval<'_> {
                 let x = self.tensor(args, "self")?;
                 let sizes = self.ints(args.get("size").ok_or("no size")?)?;
                 let off = sizes.len().checked_sub(x.shape.len()).ok_or("expand to a lower rank")?;
-                let shape: Vec<usize> =
-                    sizes.iter().enumerate().map(|(i, &s)| if s < 0 { x.shape[i - off] } else { s as usize }).collect();
+                let shape: Vec<usize> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &s)| match (s, i.checked_sub(off)) {
+                        (s, _) if s >= 0 => Ok(s as usize),
+                        (_, Some(j)) => Ok(x.shape[j]),
+                        _ => Err("-1 for a new leading dim".to_string()),
+                    })
+                    .collect::<Result<_, _>>()?;
+                // Only size-1 dims stretch.
+                if x.shape.iter().zip(&shape[off..]).any(|(&have, &want)| have != 1 && have != want) {
+                    return Err(format!("expand of {:?} to {shape:?}", x.shape));
+                }
+                check_size(&shape)?;
                 let data = IntTensor::indices(&shape).map(|i| x.at_broadcast(&i)).collect();
                 IntTensor::new(shape, data)
             }
