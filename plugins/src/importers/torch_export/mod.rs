@@ -350,9 +350,9 @@ impl<'a> Importer<'a> {
                     Err(_) => continue,
                 };
                 let data = match name.as_str() {
-                    "position_ids" if dims.len() == 2 => {
-                        (0..dims[0]).flat_map(|r| (0..dims[1] as i64).map(move |i| offsets[r] + i)).collect()
-                    }
+                    "position_ids" if dims.len() == 2 => (0..dims[0])
+                        .flat_map(|r| (0..dims[1] as i64).map(move |i| offsets.get(r).unwrap_or(&0) + i))
+                        .collect(),
                     "input_ids" => vec![1; dims.iter().product()],
                     _ => continue,
                 };
@@ -563,27 +563,9 @@ impl<'a> Importer<'a> {
             _ => return Err(unsupported("it has more than one output")),
         };
         let v = match translated {
-            // A slice of a whole dim (torch 2.6/2.7 exports spell `x[:, :]` out) is its input.
-            Some((Op::Slice { start: 0, end, step: 1, dim }, inputs))
-                if end == i64::MAX
-                    || usize::try_from(dim.rem_euclid(b.meta(inputs[0]).shape.len().max(1) as i64))
-                        .ok()
-                        .and_then(|d| b.meta(inputs[0]).shape.get(d)?.as_static())
-                        .is_some_and(|n| end >= n as i64) =>
-            {
-                inputs[0]
-            }
-            // A view, reshape or expand to the shape its input already has is the input.
-            Some((Op::View(s) | Op::Reshape(s) | Op::Expand(s), inputs))
-                if s.len() == b.meta(inputs[0]).shape.len()
-                    && s.iter().zip(&b.meta(inputs[0]).shape).all(|(a, d)| match a {
-                        SizeArg::Dim(x) => x == d,
-                        SizeArg::Infer => true,
-                    })
-                    && s.iter().filter(|a| **a == SizeArg::Infer).count() <= 1 =>
-            {
-                inputs[0]
-            }
+            // An op that changes nothing (a whole-dim slice, which torch 2.6/2.7 exports spell
+            // out; a view to the shape its input has) is its input.
+            Some((op, inputs)) if is_identity(&op, b.meta(inputs[0])) => inputs[0],
             Some((op, inputs)) => {
                 b.op(&out, op, &inputs).map_err(|e| unsupported(&format!("its shapes do not check: {e}")))?
             }
@@ -598,6 +580,18 @@ impl<'a> Importer<'a> {
         }
         self.values.insert(out, v);
         Ok(())
+    }
+}
+
+/// Whether `op` on `x` gives `x` back: a slice from 0 to the end with step 1, or a view,
+/// reshape, expand or slice whose shape rule returns `x`'s own shape.
+fn is_identity(op: &Op, x: &autodeploy_core::TensorMeta) -> bool {
+    match op {
+        Op::Slice { start: 0, end: i64::MAX, step: 1, .. } => true,
+        Op::View(_) | Op::Reshape(_) | Op::Expand(_) | Op::Slice { .. } => {
+            autodeploy_core::ops::infer(op, std::slice::from_ref(x)).is_ok_and(|o| o.first() == Some(x))
+        }
+        _ => false,
     }
 }
 
