@@ -103,6 +103,7 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
         ("transform", "fold_norm_scale"),
         ("transform", "use_example_rmsnorm"),
         ("op", "example.rms_norm"),
+        ("model-importer", "llama2c"),
     ] {
         assert!(
             out.lines().any(|l| l.starts_with(kind) && l.contains(name) && l.contains("0.1.0") && l.ends_with(&lib_s)),
@@ -166,7 +167,7 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A copy of the example plugin built against a copy of the SDK whose version is 0.1.0: what a
+/// A copy of the example plugin built against a copy of the SDK one minor version older (0.2.0): what a
 /// plugin built for an older host looks like.
 fn old_sdk_plugin() -> PathBuf {
     let work = root().join("target/plugin-example/old-sdk-src");
@@ -179,12 +180,15 @@ fn old_sdk_plugin() -> PathBuf {
     }
     let manifest = std::fs::read_to_string(root().join("sdk/Cargo.toml")).unwrap();
     let manifest = manifest
-        .replace("version = \"0.2.0\"", "version = \"0.1.0\"")
+        .replace("version = \"0.3.0\"", "version = \"0.2.0\"")
         .replace("edition.workspace = true", "edition = \"2021\"")
         .replace("license.workspace = true", "license = \"Apache-2.0\"");
-    assert!(manifest.contains("version = \"0.1.0\""), "the SDK manifest changed shape: update this test");
+    assert!(manifest.contains("version = \"0.2.0\""), "the SDK manifest changed shape: update this test");
     std::fs::write(sdk.join("Cargo.toml"), manifest).unwrap();
-    std::fs::copy(root().join("examples/plugin/src/lib.rs"), plugin.join("src/lib.rs")).unwrap();
+    for f in std::fs::read_dir(root().join("examples/plugin/src")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, plugin.join("src").join(f.file_name().unwrap())).unwrap();
+    }
     let pm = std::fs::read_to_string(root().join("examples/plugin/Cargo.toml"))
         .unwrap()
         .replace("name = \"autodeploy-example-plugin\"", "name = \"autodeploy-old-sdk-plugin\"")
@@ -230,7 +234,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
         |path: &Path, why: &str| refused.iter().any(|l| l.contains(&path.display().to_string()) && l.contains(why));
     assert!(has(&missing, "does not exist"), "{refused:?}");
     assert!(has(&garbage, "libgarbage.so"), "{refused:?}");
-    assert!(has(&old, "built against autodeploy-sdk 0.1.0, incompatible with this host's sdk 0.2.0"), "{refused:?}");
+    assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.3.0"), "{refused:?}");
     assert!(has(&good, "a transform named `fold_norm_scale` already exists"), "{refused:?}");
     assert!(has(&good, "an attention backend named `naive_cpu` already exists"), "{refused:?}");
     if let Some(p) = &not_plugin {
@@ -250,7 +254,65 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     assert!(
         err.contains("unknown attn_backend `naive_cpu`")
             && err.contains(&old.display().to_string())
-            && err.contains("incompatible with this host's sdk 0.2.0"),
+            && err.contains("incompatible with this host's sdk 0.3.0"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The example plugin's `llama2c` importer: a model format the host does not know, read by the
+/// library and built from the host's built-in ops by name. The same tiny Llama as a llama2.c
+/// checkpoint and as a Hugging Face folder (tests/fixtures/make_llama2c_fixture.py) generates
+/// what transformers generated, through either importer; bad files fail with the plugin's message.
+#[test]
+fn a_plugin_importer_reads_a_format_the_host_does_not_know() {
+    let fixtures = root().join("tests/fixtures/llama2c");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
+    let want = format!(
+        "{:?}",
+        reference["greedy"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect::<Vec<_>>()
+    );
+    let prompt = format!(
+        "{:?}",
+        reference["prompt"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect::<Vec<_>>()
+    );
+    let lib = example_plugin();
+    let dir = scratch("plugin-importer");
+    let cfg = |model: &Path, extra: &str| {
+        format!(
+            "{extra}model = {:?}\ndevice = \"cpu\"\nmax_new_tokens = 10\n[[prompts]]\ntoken_ids = {prompt}\n",
+            model.display().to_string()
+        )
+    };
+    let bin = fixtures.join("model.bin");
+
+    // Without the library no importer knows the file.
+    write_registry(&dir, &[]);
+    let (ok, _, err) = host(&dir, &cfg(&bin, ""), &[]);
+    assert!(!ok && err.contains("no importer recognises this model"), "{err}");
+
+    write_registry(&dir, &[&lib]);
+    for (model, importer) in [(bin.clone(), "llama2c"), (fixtures.join("hf"), "hf")] {
+        let (ok, out, err) = host(&dir, &cfg(&model, ""), &[]);
+        assert!(ok, "{importer}: {err}");
+        let line = output_lines(&out).join("\n");
+        assert!(line.contains(&format!("output {want}")), "{importer}: {line} (transformers: {want})");
+    }
+    // bf16 through the plugin: the weights are stored and computed in bf16.
+    let (ok, out, err) = host(&dir, &cfg(&bin, "dtype = \"bfloat16\"\n"), &["graph", "--stage", "post_load_fusion"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("# import: llama2c importer") && out.contains("computing in bf16"), "{out}");
+    assert!(out.contains("%layers.0.wo: bf16[64, 64] = weight"), "{out}");
+    assert!(out.contains("torch_rope_with_explicit_cos_sin(") && out.contains("interleaved=true"), "{out}");
+
+    // A truncated file: refused by the plugin with the file and the sizes.
+    let short = dir.join("short.bin");
+    std::fs::write(&short, &std::fs::read(&bin).unwrap()[..1000]).unwrap();
+    let (ok, _, err) = host(&dir, &cfg(&short, "importer = \"llama2c\"\n"), &[]);
+    assert!(!ok, "a truncated checkpoint must fail");
+    assert!(
+        err.contains("importer `llama2c`") && err.contains("short.bin") && err.contains("the file has 1000"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

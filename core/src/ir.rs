@@ -243,6 +243,16 @@ impl GraphBuilder {
         self.g.meta(v)
     }
 
+    /// The graph so far.
+    pub fn graph(&self) -> &Graph {
+        &self.g
+    }
+
+    /// The weight store, while nothing else shares it (an importer adding tensors as it builds).
+    pub fn weights_mut(&mut self) -> Option<&mut WeightStore> {
+        Arc::get_mut(&mut self.g.weights)
+    }
+
     pub fn output(&mut self, v: ValueId) {
         self.g.outputs.push(v);
     }

@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod hub;
 pub mod ir;
 pub mod kvcache;
+pub mod op_text;
 pub mod ops;
 pub mod pattern;
 pub mod pipeline;

@@ -151,6 +151,18 @@ fn load_library(path: &Path) -> usize {
                     }),
                 })
             }
+            ffi::PluginBody::ModelImporter { accepts, import } => {
+                let (n, o) = (name.clone(), origin.clone());
+                crate::registry::register_external_importer(crate::registry::ExternalImporter {
+                    name: Box::leak(name.clone().into_boxed_str()),
+                    version: Box::leak(version.clone().into_boxed_str()),
+                    origin: Box::leak(origin.clone().into_boxed_str()),
+                    make: Box::new(move || {
+                        Box::new(ExternalImporter { name: n.clone(), origin: o.clone(), accepts, import })
+                            as Box<dyn crate::registry::ModelImporter>
+                    }),
+                })
+            }
             ffi::PluginBody::Op { inputs, output_like, cpu } => {
                 crate::custom_op::register(crate::custom_op::CustomOp {
                     name: Box::leak(name.clone().into_boxed_str()),
@@ -211,6 +223,160 @@ impl Transform for ExternalTransform {
     }
 }
 
+/// Value `value` of `g` as a plugin sees it.
+fn value_info(g: &Graph, value: u32) -> ROption<ffi::ValueInfo> {
+    if value as usize >= g.values.len() {
+        return ROption::RNone;
+    }
+    let info = g.value(ValueId(value));
+    let weight = g.params.iter().find(|p| p.value.0 == value).map(|p| RString::from(p.weight.as_str()));
+    ROption::RSome(ffi::ValueInfo {
+        name: info.name.as_str().into(),
+        dtype: info.meta.dtype.to_string().into(),
+        shape: info.meta.shape.iter().map(|d| d.as_static().unwrap_or(0) as u64).collect(),
+        shape_text: info.meta.to_string().into(),
+        weight: weight.into(),
+    })
+}
+
+/// A weight a plugin hands over: its dtype (a float type), shape and values, checked.
+fn host_weight(
+    name: &str,
+    dtype: &str,
+    tensor: ffi::HostTensor,
+) -> std::result::Result<(DType, Vec<usize>, Tensor), String> {
+    let Some(dt) = DType::parse(dtype).filter(|d| d.is_float()) else {
+        return Err(format!("`{name}`: `{dtype}` is not f32, bf16 or f16"));
+    };
+    let shape: Vec<usize> = tensor.shape.iter().map(|&n| n as usize).collect();
+    let n: usize = shape.iter().product();
+    if n != tensor.data.len() {
+        return Err(format!("`{name}`: shape {shape:?} holds {n} values, got {}", tensor.data.len()));
+    }
+    let t = Tensor::from_f32_as(dt, shape.clone(), tensor.data.into_vec()).map_err(|e| format!("`{name}`: {e}"))?;
+    Ok((dt, shape, t))
+}
+
+/// A library's model importer as a host importer: the library builds the graph through
+/// [`HostBuild`].
+struct ExternalImporter {
+    name: String,
+    origin: String,
+    accepts: extern "C" fn(RStr<'_>) -> bool,
+    import: ffi::ImportFn,
+}
+
+impl crate::registry::ModelImporter for ExternalImporter {
+    fn accepts(&self, path: &Path) -> bool {
+        (self.accepts)(path.to_string_lossy().as_ref().into())
+    }
+
+    fn import(&self, req: &crate::registry::ImportRequest) -> Result<Graph> {
+        let mut options = toml::Table::new();
+        if let Some(d) = req.dtype {
+            options.insert("dtype".into(), toml::Value::String(d.to_string()));
+        }
+        options.insert("max_seq_len".into(), toml::Value::Integer(req.max_seq_len as i64));
+        options.insert("max_batch_size".into(), toml::Value::Integer(req.max_batch_size as i64));
+        options.insert("dummy_weights".into(), toml::Value::Boolean(req.dummy_weights));
+        let options = toml::to_string(&options).map_err(|e| Error::Msg(format!("importer options: {e}")))?;
+        let store = crate::weights::WeightStore::new(format!("{} (importer {})", req.path.display(), self.name));
+        let mut host = HostBuild { b: crate::ir::GraphBuilder::new(Arc::new(store)) };
+        let path = req.path.to_string_lossy().into_owned();
+        let build = ffi::GraphBuild_TO::from_ptr(&mut host, TD_Opaque);
+        let summary = match (self.import)(path.as_str().into(), options.as_str().into(), build) {
+            RResult::ROk(s) => s.into_string(),
+            RResult::RErr(e) => {
+                return Err(Error::Msg(format!("importer `{}` ({}): {}", self.name, self.origin, e.as_str())))
+            }
+        };
+        let mut b = host.b;
+        b.note(format!("import: {} importer ({}): {summary}", self.name, self.origin));
+        b.finish()
+            .map_err(|e| Error::Msg(format!("importer `{}` ({}) built an invalid graph: {e}", self.name, self.origin)))
+    }
+}
+
+/// The host graph builder behind the plugin-facing `GraphBuild` interface.
+struct HostBuild {
+    b: crate::ir::GraphBuilder,
+}
+
+impl HostBuild {
+    fn ids(&self, inputs: RSlice<'_, u32>) -> std::result::Result<Vec<ValueId>, String> {
+        let n = self.b.graph().values.len();
+        inputs
+            .iter()
+            .map(|&v| if (v as usize) < n { Ok(ValueId(v)) } else { Err(format!("value {v} does not exist")) })
+            .collect()
+    }
+}
+
+impl ffi::GraphBuild for HostBuild {
+    fn symbol(&mut self, name: RStr<'_>, min: u64, max: u64) {
+        self.b.symbol(name.as_str(), min as usize, max as usize);
+    }
+
+    fn input(&mut self, name: RStr<'_>, dtype: RStr<'_>, shape: RStr<'_>) -> RResult<u32, RString> {
+        let Some(dt) = DType::parse(dtype.as_str()) else {
+            return RResult::RErr(format!("input `{name}`: `{dtype}` is not a dtype").into());
+        };
+        let Some(shape) = crate::op_text::parse_shape(shape.as_str()) else {
+            return RResult::RErr(format!("input `{name}`: `{shape}` is not a shape like [1, seq]").into());
+        };
+        RResult::ROk(self.b.input(name.as_str(), dt, shape).0)
+    }
+
+    fn weight(&mut self, name: RStr<'_>, dtype: RStr<'_>, tensor: ffi::HostTensor) -> RResult<u32, RString> {
+        let (dt, shape, t) = match host_weight(name.as_str(), dtype.as_str(), tensor) {
+            Ok(w) => w,
+            Err(e) => return RResult::RErr(format!("weight {e}").into()),
+        };
+        let Some(store) = self.b.weights_mut() else {
+            return RResult::RErr("weight: the weight store is shared".into());
+        };
+        if store.contains(name.as_str()) {
+            return RResult::RErr(format!("weight: a weight named `{name}` exists").into());
+        }
+        store.add_tensor(name.as_str(), t);
+        RResult::ROk(self.b.param(name.as_str(), dt, static_shape(&shape)).0)
+    }
+
+    fn node(
+        &mut self,
+        name: RStr<'_>,
+        op: RStr<'_>,
+        inputs: RSlice<'_, u32>,
+        attrs: RStr<'_>,
+    ) -> RResult<u32, RString> {
+        let fail = |m: String| RResult::RErr(format!("node `{name}` ({op}): {m}").into());
+        let the_op = match crate::op_text::parse_op(op.as_str(), attrs.as_str()) {
+            Ok(o) => o,
+            Err(e) => return fail(e.to_string()),
+        };
+        let ids = match self.ids(inputs) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        match self.b.op(name.as_str(), the_op, &ids) {
+            Ok(v) => RResult::ROk(v.0),
+            Err(e) => fail(e.to_string()),
+        }
+    }
+
+    fn value(&self, value: u32) -> ROption<ffi::ValueInfo> {
+        value_info(self.b.graph(), value)
+    }
+
+    fn output(&mut self, value: u32) -> RResult<(), RString> {
+        if value as usize >= self.b.graph().values.len() {
+            return RResult::RErr(format!("output: value {value} does not exist").into());
+        }
+        self.b.output(ValueId(value));
+        RResult::ROk(())
+    }
+}
+
 /// The host graph behind the plugin-facing `GraphEdit` interface.
 struct HostGraph<'g> {
     g: &'g mut Graph,
@@ -248,17 +414,7 @@ impl ffi::GraphEdit for HostGraph<'_> {
     }
 
     fn value(&self, value: u32) -> ROption<ffi::ValueInfo> {
-        if !self.valid(value) {
-            return ROption::RNone;
-        }
-        let info = self.g.value(ValueId(value));
-        ROption::RSome(ffi::ValueInfo {
-            name: info.name.as_str().into(),
-            dtype: info.meta.dtype.to_string().into(),
-            shape: info.meta.shape.iter().map(|d| d.as_static().unwrap_or(0) as u64).collect(),
-            shape_text: info.meta.to_string().into(),
-            weight: self.weight_name(value).map(RString::from).into(),
-        })
+        value_info(self.g, value)
     }
 
     fn users(&self, value: u32) -> RVec<usize> {
@@ -283,26 +439,12 @@ impl ffi::GraphEdit for HostGraph<'_> {
     }
 
     fn add_weight(&mut self, name: RStr<'_>, dtype: RStr<'_>, tensor: ffi::HostTensor) -> RResult<u32, RString> {
-        let Some(dt) = DType::parse(dtype.as_str()).filter(|d| d.is_float()) else {
-            return RResult::RErr(format!("add_weight `{name}`: `{dtype}` is not f32, bf16 or f16").into());
-        };
-        let shape: Vec<usize> = tensor.shape.iter().map(|&n| n as usize).collect();
-        if shape.iter().product::<usize>() != tensor.data.len() {
-            return RResult::RErr(
-                format!(
-                    "add_weight `{name}`: shape {shape:?} holds {} values, got {}",
-                    shape.iter().product::<usize>(),
-                    tensor.data.len()
-                )
-                .into(),
-            );
-        }
         if self.g.weights.contains(name.as_str()) {
             return RResult::RErr(format!("add_weight: a weight named `{name}` exists").into());
         }
-        let t = match Tensor::from_f32_as(dt, shape.clone(), tensor.data.into_vec()) {
-            Ok(t) => t,
-            Err(e) => return RResult::RErr(format!("add_weight `{name}`: {e}").into()),
+        let (dt, shape, t) = match host_weight(name.as_str(), dtype.as_str(), tensor) {
+            Ok(w) => w,
+            Err(e) => return RResult::RErr(format!("add_weight {e}").into()),
         };
         Arc::make_mut(&mut self.g.weights).add_tensor(name.as_str(), t);
         let v = self.g.add_param(name.as_str(), TensorMeta { dtype: dt, shape: static_shape(&shape) });
@@ -351,7 +493,7 @@ impl ffi::GraphEdit for HostGraph<'_> {
         if before > self.g.nodes.len() {
             return fail(format!("position {before} is past the {} nodes", self.g.nodes.len()));
         }
-        let the_op = match crate::custom_op::op(op.as_str(), attrs.as_str()) {
+        let the_op = match crate::op_text::parse_op(op.as_str(), attrs.as_str()) {
             Ok(o) => o,
             Err(e) => return fail(e.to_string()),
         };

@@ -121,6 +121,45 @@ pub struct CompileBackendPlugin {
 inventory::collect!(ImporterPlugin);
 inventory::collect!(CompileBackendPlugin);
 
+/// A model importer from a plugin library.
+pub struct ExternalImporter {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// The library's path.
+    pub origin: &'static str,
+    pub make: Box<dyn Fn() -> Box<dyn ModelImporter> + Send + Sync>,
+}
+
+static EXTERNAL_IMPORTERS: std::sync::RwLock<Vec<&'static ExternalImporter>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds a model importer from a plugin library; refused if the name is taken.
+pub fn register_external_importer(i: ExternalImporter) -> std::result::Result<(), String> {
+    if inventory::iter::<ImporterPlugin>.into_iter().any(|p| p.name == i.name) {
+        return Err(format!("a model importer named `{}` already exists (built-in)", i.name));
+    }
+    let mut ext = EXTERNAL_IMPORTERS.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(prev) = ext.iter().find(|p| p.name == i.name) {
+        return Err(format!("a model importer named `{}` already exists ({})", i.name, prev.origin));
+    }
+    ext.push(Box::leak(Box::new(i)));
+    Ok(())
+}
+
+fn external_importers() -> Vec<&'static ExternalImporter> {
+    EXTERNAL_IMPORTERS.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Every importer's name, built-in and from libraries.
+fn importer_names() -> String {
+    names(
+        inventory::iter::<ImporterPlugin>
+            .into_iter()
+            .map(|p| p.name)
+            .chain(external_importers().iter().map(|p| p.name)),
+        |n| n,
+    )
+}
+
 /// One row of `autodeploy plugins`.
 #[derive(Clone, Debug)]
 pub struct PluginListing {
@@ -157,6 +196,12 @@ pub fn list_plugins() -> Vec<PluginListing> {
             version: p.version,
             origin: "built-in".into(),
         }))
+        .chain(external_importers().into_iter().map(|p| PluginListing {
+            kind: PluginKind::ModelImporter,
+            name: p.name,
+            version: p.version,
+            origin: p.origin.into(),
+        }))
         .chain(crate::kvcache::external_attention_backends().into_iter().map(|p| PluginListing {
             kind: PluginKind::AttentionBackend,
             name: p.name,
@@ -191,17 +236,25 @@ fn names<T>(it: impl Iterator<Item = T>, f: impl Fn(T) -> &'static str) -> Strin
 }
 
 pub fn importer(name: &str) -> Result<Box<dyn ModelImporter>> {
-    inventory::iter::<ImporterPlugin>.into_iter().find(|p| p.name == name).map(|p| (p.make)()).ok_or_else(|| {
-        Error::Msg(format!(
-            "unknown importer `{name}`; available: {}",
-            names(inventory::iter::<ImporterPlugin>.into_iter(), |p| p.name)
-        ))
-    })
+    if let Some(p) = inventory::iter::<ImporterPlugin>.into_iter().find(|p| p.name == name) {
+        return Ok((p.make)());
+    }
+    if let Some(p) = external_importers().into_iter().find(|p| p.name == name) {
+        return Ok((p.make)());
+    }
+    Err(Error::Msg(format!("unknown importer `{name}`; available: {}", importer_names())))
 }
 
-/// The first importer that recognises `path`.
+/// The first importer that recognises `path`: the built-in ones first, then those of plugin
+/// libraries in the order they loaded.
 pub fn detect_importer(path: &std::path::Path) -> Result<(&'static str, Box<dyn ModelImporter>)> {
     for p in inventory::iter::<ImporterPlugin> {
+        let imp = (p.make)();
+        if imp.accepts(path) {
+            return Ok((p.name, imp));
+        }
+    }
+    for p in external_importers() {
         let imp = (p.make)();
         if imp.accepts(path) {
             return Ok((p.name, imp));
@@ -210,7 +263,7 @@ pub fn detect_importer(path: &std::path::Path) -> Result<(&'static str, Box<dyn 
     Err(Error::Msg(format!(
         "{}: no importer recognises this model (importers: {}); a Hugging Face folder needs config.json",
         path.display(),
-        names(inventory::iter::<ImporterPlugin>.into_iter(), |p| p.name)
+        importer_names()
     )))
 }
 

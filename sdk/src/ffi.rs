@@ -16,6 +16,9 @@
 //! - [`AttentionBackend`]: cached attention for one layer over raw buffers: this step's q/k/v,
 //!   the per-token sequence and position, the page table in CSR form, the layer's paged K/V
 //!   cache, the output.
+//! - Model importers ([`PluginDecl::model_importer`]): read a model format the host does not
+//!   know and build its graph through [`GraphBuild`] (inputs, weights, nodes of built-in or
+//!   plugin ops by name, outputs).
 
 // abi_stable's derive and trait macros generate impls and names the lints dislike.
 #![allow(non_local_definitions, non_camel_case_types)]
@@ -84,9 +87,11 @@ pub trait GraphEdit {
     fn add_weight(&mut self, name: RStr<'_>, dtype: RStr<'_>, tensor: HostTensor) -> RResult<u32, RString>;
     /// Makes input `slot` of node `node` read `value`; the host checks the op's shape rules.
     fn set_input(&mut self, node: usize, slot: usize, value: u32) -> RResult<(), RString>;
-    /// Inserts a node of a registered op (one a plugin library declared with
-    /// [`PluginDecl::op`]) before node `before`, reading `inputs`, with the op's own attribute
-    /// text; returns its output value. The inputs must be defined before that position.
+    /// Inserts a node before node `before`, reading `inputs`, and returns its output value: a
+    /// built-in op by the name and attribute text a graph dump prints (`aten.mul.Scalar` with
+    /// `0.5`, `aten.slice.Tensor` with `dim=-1, start=0, end=64`), or an op a plugin library
+    /// declared with [`PluginDecl::op`] with its own attribute text. The host checks the op's
+    /// shape rules; the inputs must be defined before that position.
     fn insert_node(
         &mut self,
         before: usize,
@@ -100,6 +105,37 @@ pub trait GraphEdit {
     /// Removes nodes whose outputs nobody reads; returns how many.
     fn remove_dead_nodes(&mut self) -> usize;
 }
+
+/// Builds a model's graph, implemented by the host for an importer plugin. Ops are named as a
+/// graph dump prints them (see [`GraphEdit::insert_node`]); shapes are written as dumps print
+/// them too (`[1, seq]`, with symbols declared by [`GraphBuild::symbol`]). The host runs every
+/// op's shape rules as nodes are added, so a mistake fails at the node that makes it.
+#[sabi_trait]
+pub trait GraphBuild {
+    /// Declares symbol `name` (a dynamic size such as `seq`) with its inclusive range.
+    fn symbol(&mut self, name: RStr<'_>, min: u64, max: u64);
+    /// Adds a graph input; returns its value id. The runtime feeds `input_ids` and
+    /// `position_ids` (`i64 [1, seq]`) to a decoder.
+    fn input(&mut self, name: RStr<'_>, dtype: RStr<'_>, shape: RStr<'_>) -> RResult<u32, RString>;
+    /// Adds a weight named `name` holding `tensor`, stored in `dtype` (`f32`, `bf16`, `f16`).
+    fn weight(&mut self, name: RStr<'_>, dtype: RStr<'_>, tensor: HostTensor) -> RResult<u32, RString>;
+    /// Adds a node of op `op` with attribute text `attrs` reading `inputs`; its output is named
+    /// after `name` (made unique). Returns the output's value id.
+    fn node(&mut self, name: RStr<'_>, op: RStr<'_>, inputs: RSlice<'_, u32>, attrs: RStr<'_>)
+        -> RResult<u32, RString>;
+    /// Metadata of a value added so far.
+    fn value(&self, value: u32) -> ROption<ValueInfo>;
+    /// Marks `value` a graph output (a decoder's first output is its logits).
+    fn output(&mut self, value: u32) -> RResult<(), RString>;
+}
+
+/// The graph an importer builds, for the duration of one call.
+pub type GraphBuildRef<'a> = GraphBuild_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+
+/// What an importer is asked for: the file or folder and the pipeline config's wishes, as TOML
+/// text (`dtype = "bfloat16"` or absent for the checkpoint's own, `max_seq_len`,
+/// `max_batch_size`, `dummy_weights`).
+pub type ImportFn = extern "C" fn(RStr<'_>, RStr<'_>, GraphBuildRef<'_>) -> RResult<RString, RString>;
 
 /// A tensor an op implementation reads: row-major f32 values.
 #[repr(C)]
@@ -212,6 +248,16 @@ pub enum PluginBody {
         /// Creates one backend instance (each engine gets its own: `begin_step` keeps state).
         make: extern "C" fn() -> AttentionBackendBox,
     },
+    /// A model importer, selectable as `importer = "<name>"` and asked (through `accepts`)
+    /// about models whose config names no importer.
+    ModelImporter {
+        /// Whether this importer reads what is at the path.
+        accepts: extern "C" fn(RStr<'_>) -> bool,
+        /// Builds the graph; returns a one-line description of what was read (for the graph's
+        /// history) or an error message naming the file and what is wrong with it.
+        /// An [`ImportFn`] (spelled out: the layout checker reads fn pointer types inline).
+        import: extern "C" fn(RStr<'_>, RStr<'_>, GraphBuildRef<'_>) -> RResult<RString, RString>,
+    },
     /// A new op: `inputs` tensors in, one out with the dtype and shape of input `output_like`.
     Op {
         inputs: u32,
@@ -258,6 +304,17 @@ impl PluginDecl {
     /// A new op transforms can insert by name (`GraphEdit::insert_node`), with its CPU kernel.
     pub fn op(name: &str, version: &str, inputs: u32, output_like: u32, cpu: CpuKernel) -> PluginDecl {
         PluginDecl { name: name.into(), version: version.into(), body: PluginBody::Op { inputs, output_like, cpu } }
+    }
+
+    /// A model importer: `accepts(path)` says whether it reads what is at `path`; `import(path,
+    /// options, graph)` builds the graph (see [`ImportFn`]).
+    pub fn model_importer(
+        name: &str,
+        version: &str,
+        accepts: extern "C" fn(RStr<'_>) -> bool,
+        import: ImportFn,
+    ) -> PluginDecl {
+        PluginDecl { name: name.into(), version: version.into(), body: PluginBody::ModelImporter { accepts, import } }
     }
 
     /// For a transform: leave it off unless the config enables it (`[transforms.<name>]

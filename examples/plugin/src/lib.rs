@@ -8,6 +8,10 @@
 //!   loop by loop.
 //! - `example.rms_norm` (op) with its CPU kernel, and `use_example_rmsnorm` (transform, off
 //!   unless the config enables it), which puts that op in place of every f32 `torch_rmsnorm`.
+//! - `llama2c` (model importer): llama2.c checkpoints (`model.bin`), built from the host's
+//!   built-in ops by name (see `llama2c.rs`).
+
+mod llama2c;
 
 use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use autodeploy_sdk::ffi::{
@@ -28,6 +32,7 @@ fn plugins() -> Vec<PluginDecl> {
             FoldNormScale,
         ),
         PluginDecl::attention_backend("naive_cpu", VERSION, new_naive_cpu),
+        PluginDecl::model_importer("llama2c", VERSION, llama2c::accepts, llama2c::import),
         PluginDecl::op("example.rms_norm", VERSION, 2, 0, rms_norm_cpu),
         PluginDecl::transform("use_example_rmsnorm", VERSION, Stage::PostLoadFusion, &[], UseExampleRmsNorm)
             .disabled_by_default(),

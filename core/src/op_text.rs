@@ -1,0 +1,332 @@
+//! Ops from their text form: the name and attribute text a graph dump prints
+//! (`aten.slice.Tensor` with `dim=-1, start=0, end=64`), the inverse of [`Op::name`] and
+//! [`Op::attrs`]. Plugins build and rewrite graphs across the ABI with this spelling, so an op
+//! any dump shows can be written back by name.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ops::Op;
+use crate::shape::{Dim, SizeArg};
+
+/// The op named `name` with attributes `attrs` (as [`Op::attrs`] prints them); plugin ops
+/// (registered with `custom_op`) by their own name and attribute text.
+pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
+    let mut a = Attrs::new(name, attrs)?;
+    let op = match name {
+        "aten.embedding" => Op::Embedding,
+        "aten.linear" => Op::Linear,
+        "aten.matmul" => Op::Matmul,
+        "aten.add.Tensor" => Op::Add,
+        "aten.sub.Tensor" => Op::Sub,
+        "aten.mul.Tensor" => Op::Mul,
+        "aten.div.Tensor" => Op::Div,
+        "aten.add.Scalar" => Op::AddScalar(a.positional_f64()?),
+        "aten.mul.Scalar" => Op::MulScalar(a.positional_f64()?),
+        "aten.pow.Tensor_Scalar" => Op::PowScalar(a.positional_f64()?),
+        "aten.neg" => Op::Neg,
+        "aten.rsqrt" => Op::Rsqrt,
+        "aten.silu" => Op::Silu,
+        "aten.cos" => Op::Cos,
+        "aten.sin" => Op::Sin,
+        "aten.mean.dim" => Op::Mean { dims: a.int_list("dim")?, keepdim: a.opt_bool("keepdim")?.unwrap_or(false) },
+        "aten._to_copy" => Op::ToDtype(a.dtype("dtype")?),
+        "aten.view" => Op::View(a.sizes()?),
+        "aten.reshape" => Op::Reshape(a.sizes()?),
+        "aten.expand" => Op::Expand(a.sizes()?),
+        "aten.transpose.int" => {
+            let x = a.positional_i64()?;
+            Op::Transpose(x, a.positional_i64()?)
+        }
+        "aten.unsqueeze" => Op::Unsqueeze(a.positional_i64()?),
+        "aten.slice.Tensor" => Op::Slice {
+            dim: a.int("dim")?,
+            start: a.opt_int("start")?.unwrap_or(0),
+            end: match a.take("end") {
+                None | Some("end") => i64::MAX,
+                Some(v) => a.as_i64("end", v)?,
+            },
+            step: a.opt_int("step")?.unwrap_or(1),
+        },
+        "aten.cat" => Op::Cat { dim: a.int("dim")? },
+        "aten.scaled_dot_product_attention" => Op::Sdpa {
+            is_causal: a.opt_bool("is_causal")?.unwrap_or(false),
+            scale: a.opt_f64("scale")?,
+            enable_gqa: a.opt_bool("enable_gqa")?.unwrap_or(false),
+        },
+        "aten._softmax" => Op::Softmax { dim: a.int("dim")? },
+        "aten.log_softmax.int" => Op::LogSoftmax { dim: a.int("dim")? },
+        "aten.gelu" => Op::Gelu {
+            tanh: match a.take("approximate") {
+                None | Some("none") => false,
+                Some("tanh") => true,
+                Some(v) => return Err(a.bad("approximate", v, "`none` or `tanh`")),
+            },
+        },
+        "torch_rmsnorm" => Op::RmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
+        "torch_rope_with_explicit_cos_sin" => Op::Rope { interleaved: a.opt_bool("interleaved")?.unwrap_or(false) },
+        "torch_attention" => Op::Attention { causal: a.bool("causal")?, scale: a.f64("scale")? },
+        "torch_swiglu_mlp" => Op::SwiGluMlp { fused: a.opt_bool("fused")?.unwrap_or(false) },
+        "aten.index_select" => Op::IndexSelect { dim: a.int("dim")? },
+        "attention_with_kv_cache" => Op::CachedAttention {
+            backend: a.take("backend").ok_or_else(|| a.missing("backend"))?.to_string(),
+            layer: usize::try_from(a.int("layer")?).map_err(|_| a.bad("layer", "negative", "a layer index"))?,
+            scale: a.f64("scale")?,
+        },
+        _ => return crate::custom_op::op(name, attrs),
+    };
+    a.finish()?;
+    Ok(op)
+}
+
+/// Attribute text split at its top-level commas: `key=value` items and positional ones.
+struct Attrs<'a> {
+    op: &'a str,
+    keyed: Vec<(&'a str, &'a str)>,
+    positional: std::collections::VecDeque<&'a str>,
+}
+
+impl<'a> Attrs<'a> {
+    fn new(op: &'a str, text: &'a str) -> Result<Attrs<'a>> {
+        let mut items = Vec::new();
+        let (mut depth, mut start) = (0i32, 0usize);
+        for (i, c) in text.char_indices() {
+            match c {
+                '[' | '(' => depth += 1,
+                ']' | ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    items.push(&text[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+            if depth < 0 {
+                return Err(Error::op(op, format!("unbalanced brackets in attributes `{text}`")));
+            }
+        }
+        if depth != 0 {
+            return Err(Error::op(op, format!("unbalanced brackets in attributes `{text}`")));
+        }
+        items.push(&text[start..]);
+        let mut a = Attrs { op, keyed: Vec::new(), positional: Default::default() };
+        for item in items.into_iter().map(str::trim).filter(|s| !s.is_empty()) {
+            match item.split_once('=') {
+                Some((k, v)) if !k.trim().starts_with('[') => a.keyed.push((k.trim(), v.trim())),
+                _ => a.positional.push_back(item),
+            }
+        }
+        Ok(a)
+    }
+
+    fn take(&mut self, key: &str) -> Option<&'a str> {
+        let i = self.keyed.iter().position(|(k, _)| *k == key)?;
+        Some(self.keyed.remove(i).1)
+    }
+
+    fn missing(&self, key: &str) -> Error {
+        Error::op(self.op, format!("attribute `{key}` is missing"))
+    }
+
+    fn bad(&self, key: &str, value: &str, want: &str) -> Error {
+        Error::op(self.op, format!("attribute `{key}` is `{value}`, not {want}"))
+    }
+
+    fn as_i64(&self, key: &str, v: &str) -> Result<i64> {
+        v.parse().map_err(|_| self.bad(key, v, "an integer"))
+    }
+
+    fn as_f64(&self, key: &str, v: &str) -> Result<f64> {
+        v.parse().map_err(|_| self.bad(key, v, "a number"))
+    }
+
+    fn as_bool(&self, key: &str, v: &str) -> Result<bool> {
+        match v {
+            "true" | "True" => Ok(true),
+            "false" | "False" => Ok(false),
+            _ => Err(self.bad(key, v, "true or false")),
+        }
+    }
+
+    fn int(&mut self, key: &str) -> Result<i64> {
+        self.opt_int(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    fn opt_int(&mut self, key: &str) -> Result<Option<i64>> {
+        self.take(key).map(|v| self.as_i64(key, v)).transpose()
+    }
+
+    fn f64(&mut self, key: &str) -> Result<f64> {
+        self.opt_f64(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    fn opt_f64(&mut self, key: &str) -> Result<Option<f64>> {
+        self.take(key).map(|v| self.as_f64(key, v)).transpose()
+    }
+
+    fn bool(&mut self, key: &str) -> Result<bool> {
+        self.opt_bool(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    fn opt_bool(&mut self, key: &str) -> Result<Option<bool>> {
+        self.take(key).map(|v| self.as_bool(key, v)).transpose()
+    }
+
+    fn dtype(&mut self, key: &str) -> Result<DType> {
+        let v = self.take(key).ok_or_else(|| self.missing(key))?;
+        DType::parse(v).ok_or_else(|| self.bad(key, v, "a dtype (f32, bf16, f16, i64, bool)"))
+    }
+
+    fn int_list(&mut self, key: &str) -> Result<Vec<i64>> {
+        let v = self.take(key).ok_or_else(|| self.missing(key))?;
+        let inner = v.strip_prefix('[').and_then(|s| s.strip_suffix(']')).ok_or_else(|| self.bad(key, v, "a list"))?;
+        inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|x| self.as_i64(key, x)).collect()
+    }
+
+    fn positional(&mut self, what: &str) -> Result<&'a str> {
+        self.positional.pop_front().ok_or_else(|| Error::op(self.op, format!("{what} is missing")))
+    }
+
+    fn positional_i64(&mut self) -> Result<i64> {
+        let v = self.positional("an integer argument")?;
+        self.as_i64("(positional)", v)
+    }
+
+    fn positional_f64(&mut self) -> Result<f64> {
+        let v = self.positional("the scalar")?;
+        self.as_f64("(positional)", v)
+    }
+
+    /// A size list such as `[1, seq, -1, 64]` or `[2*batch*seq]`.
+    fn sizes(&mut self) -> Result<Vec<SizeArg>> {
+        let v = self.positional("the size list")?;
+        let inner = v
+            .strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .ok_or_else(|| self.bad("sizes", v, "a list like [1, seq, -1]"))?;
+        inner
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                if s == "-1" {
+                    Ok(SizeArg::Infer)
+                } else {
+                    parse_dim(s).map(SizeArg::Dim).ok_or_else(|| self.bad("sizes", s, "a size (64, seq, 2*seq or -1)"))
+                }
+            })
+            .collect()
+    }
+
+    /// Refuses what no rule consumed.
+    fn finish(self) -> Result<()> {
+        if let Some((k, _)) = self.keyed.first() {
+            return Err(Error::op(self.op, format!("unknown attribute `{k}`")));
+        }
+        if let Some(p) = self.positional.front() {
+            return Err(Error::op(self.op, format!("unexpected argument `{p}`")));
+        }
+        Ok(())
+    }
+}
+
+/// A size as a dump prints it: `64`, `seq`, `2*batch*seq`.
+pub fn parse_dim(s: &str) -> Option<Dim> {
+    let mut d = Dim::new(1);
+    for part in s.split('*').map(str::trim) {
+        let f = if let Ok(n) = part.parse::<usize>() {
+            Dim::new(n)
+        } else if !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            Dim::sym(part)
+        } else {
+            return None;
+        };
+        d = d.mul(&f);
+    }
+    Some(d)
+}
+
+/// A shape as a dump prints it: `[1, seq, 64]`.
+pub fn parse_shape(s: &str) -> Option<Vec<Dim>> {
+    let inner = s.trim().strip_prefix('[')?.strip_suffix(']')?;
+    inner.split(',').map(str::trim).filter(|p| !p.is_empty()).map(parse_dim).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_op() -> Vec<Op> {
+        let sizes = vec![SizeArg::Dim(Dim::new(1)), SizeArg::Dim(Dim::sym("seq").mul(&Dim::new(2))), SizeArg::Infer];
+        vec![
+            Op::Embedding,
+            Op::Linear,
+            Op::Matmul,
+            Op::Add,
+            Op::Sub,
+            Op::Mul,
+            Op::Div,
+            Op::AddScalar(1e-5),
+            Op::MulScalar(-0.125),
+            Op::PowScalar(2.0),
+            Op::Neg,
+            Op::Rsqrt,
+            Op::Silu,
+            Op::Cos,
+            Op::Sin,
+            Op::Mean { dims: vec![-1], keepdim: true },
+            Op::Mean { dims: vec![1, 2], keepdim: false },
+            Op::ToDtype(DType::BF16),
+            Op::View(sizes.clone()),
+            Op::Reshape(sizes.clone()),
+            Op::Expand(sizes),
+            Op::Transpose(1, 2),
+            Op::Unsqueeze(-1),
+            Op::Slice { dim: -1, start: 0, end: 64, step: 1 },
+            Op::Slice { dim: 2, start: 3, end: i64::MAX, step: 2 },
+            Op::Cat { dim: -1 },
+            Op::Sdpa { is_causal: true, scale: None, enable_gqa: false },
+            Op::Sdpa { is_causal: false, scale: Some(0.125), enable_gqa: true },
+            Op::Softmax { dim: -1 },
+            Op::LogSoftmax { dim: 1 },
+            Op::Gelu { tanh: true },
+            Op::Gelu { tanh: false },
+            Op::RmsNorm { eps: 1e-6, norm_dtype: DType::F32 },
+            Op::Rope { interleaved: true },
+            Op::Attention { causal: true, scale: 0.088 },
+            Op::SwiGluMlp { fused: true },
+            Op::IndexSelect { dim: 1 },
+            Op::CachedAttention { backend: "flashinfer".into(), layer: 3, scale: 0.125 },
+        ]
+    }
+
+    #[test]
+    fn every_op_round_trips_through_its_printed_form() {
+        for op in every_op() {
+            let back =
+                parse_op(op.name(), &op.attrs()).unwrap_or_else(|e| panic!("{} `{}`: {e}", op.name(), op.attrs()));
+            assert_eq!(back, op, "{} `{}`", op.name(), op.attrs());
+        }
+    }
+
+    #[test]
+    fn bad_attribute_text_names_the_op_and_the_attribute() {
+        let e = |n: &str, a: &str| parse_op(n, a).unwrap_err().to_string();
+        assert!(e("aten.cat", "").contains("`dim` is missing"), "{}", e("aten.cat", ""));
+        assert!(e("aten.cat", "dim=x").contains("attribute `dim` is `x`, not an integer"));
+        assert!(e("aten.cat", "dim=1, axis=2").contains("unknown attribute `axis`"));
+        assert!(e("aten.add.Tensor", "3").contains("unexpected argument `3`"));
+        assert!(e("aten.view", "[1, seq").contains("unbalanced"));
+        assert!(e("aten.view", "[1, se-q]").contains("not a size"));
+        assert!(e("torch_rmsnorm", "eps=1e-5, norm_dtype=int8").contains("not a dtype"));
+        assert!(e("aten.gelu", "approximate=erf").contains("`none` or `tanh`"));
+        let unknown = e("my.op", "");
+        assert!(unknown.contains("no op named `my.op`"), "{unknown}");
+    }
+
+    #[test]
+    fn shapes_parse_as_dumps_print_them() {
+        let s = parse_shape("[1, seq, 2*batch*seq, 64]").unwrap();
+        assert_eq!(crate::shape::fmt_shape(&s), "[1, seq, 2*batch*seq, 64]");
+        assert!(parse_shape("[1, seq").is_none());
+        assert!(parse_shape("[1, -2]").is_none());
+    }
+}
