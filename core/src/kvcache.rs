@@ -254,31 +254,20 @@ pub struct AttentionBackendPlugin {
 inventory::collect!(AttentionBackendPlugin);
 
 /// An attention backend from a plugin library.
-pub struct ExternalAttention {
-    pub name: &'static str,
-    pub version: &'static str,
-    pub origin: &'static str,
-    pub make: Box<dyn Fn() -> Box<dyn AttentionBackend> + Send + Sync>,
-}
+pub type ExternalAttention = crate::registry::External<dyn AttentionBackend>;
 
-static EXTERNAL: std::sync::RwLock<Vec<&'static ExternalAttention>> = std::sync::RwLock::new(Vec::new());
+static EXTERNAL: crate::registry::ExternalTable<dyn AttentionBackend> = crate::registry::ExternalTable::new();
 
 /// Adds an attention backend from a plugin library; refused if the name is taken.
 pub fn register_external_attention(b: ExternalAttention) -> std::result::Result<(), String> {
-    if inventory::iter::<AttentionBackendPlugin>.into_iter().any(|p| p.name == b.name || p.aliases.contains(&b.name)) {
-        return Err(format!("an attention backend named `{}` already exists (built-in)", b.name));
-    }
-    let mut ext = EXTERNAL.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(prev) = ext.iter().find(|p| p.name == b.name) {
-        return Err(format!("an attention backend named `{}` already exists ({})", b.name, prev.origin));
-    }
-    ext.push(Box::leak(Box::new(b)));
-    Ok(())
+    let builtin =
+        inventory::iter::<AttentionBackendPlugin>.into_iter().any(|p| p.name == b.name || p.aliases.contains(&b.name));
+    EXTERNAL.register(b, "an attention backend", builtin)
 }
 
 /// The attention backends from plugin libraries.
 pub fn external_attention_backends() -> Vec<&'static ExternalAttention> {
-    EXTERNAL.read().unwrap_or_else(|e| e.into_inner()).clone()
+    EXTERNAL.all()
 }
 
 /// The CPU implementation of attention backend `name` (or an alias).

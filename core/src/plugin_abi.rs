@@ -153,12 +153,12 @@ fn load_library(path: &Path) -> usize {
             }
             ffi::PluginBody::ModelImporter { accepts, import } => {
                 let (n, o) = (name.clone(), origin.clone());
-                crate::registry::register_external_importer(crate::registry::ExternalImporter {
+                crate::registry::register_external_importer(crate::registry::External {
                     name: Box::leak(name.clone().into_boxed_str()),
                     version: Box::leak(version.clone().into_boxed_str()),
                     origin: Box::leak(origin.clone().into_boxed_str()),
                     make: Box::new(move || {
-                        Box::new(ExternalImporter { name: n.clone(), origin: o.clone(), accepts, import })
+                        Box::new(LibraryImporter { name: n.clone(), origin: o.clone(), accepts, import })
                             as Box<dyn crate::registry::ModelImporter>
                     }),
                 })
@@ -259,14 +259,14 @@ fn host_weight(
 
 /// A library's model importer as a host importer: the library builds the graph through
 /// [`HostBuild`].
-struct ExternalImporter {
+struct LibraryImporter {
     name: String,
     origin: String,
     accepts: extern "C" fn(RStr<'_>) -> bool,
     import: ffi::ImportFn,
 }
 
-impl crate::registry::ModelImporter for ExternalImporter {
+impl crate::registry::ModelImporter for LibraryImporter {
     fn accepts(&self, path: &Path) -> bool {
         (self.accepts)(path.to_string_lossy().as_ref().into())
     }

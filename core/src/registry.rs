@@ -121,32 +121,60 @@ pub struct CompileBackendPlugin {
 inventory::collect!(ImporterPlugin);
 inventory::collect!(CompileBackendPlugin);
 
-/// A model importer from a plugin library.
-pub struct ExternalImporter {
+/// A plugin from a library: its listing and how to make an instance (`T` is the host trait it
+/// implements, through its ABI wrapper).
+pub struct External<T: ?Sized> {
     pub name: &'static str,
     pub version: &'static str,
     /// The library's path.
     pub origin: &'static str,
-    pub make: Box<dyn Fn() -> Box<dyn ModelImporter> + Send + Sync>,
+    pub make: Box<dyn Fn() -> Box<T> + Send + Sync>,
 }
 
-static EXTERNAL_IMPORTERS: std::sync::RwLock<Vec<&'static ExternalImporter>> = std::sync::RwLock::new(Vec::new());
+/// The plugins of one kind that libraries registered, in load order. Libraries are never
+/// unloaded, so entries live for the process.
+pub struct ExternalTable<T: ?Sized + 'static>(std::sync::RwLock<Vec<&'static External<T>>>);
+
+impl<T: ?Sized + 'static> ExternalTable<T> {
+    pub const fn new() -> Self {
+        ExternalTable(std::sync::RwLock::new(Vec::new()))
+    }
+
+    /// Adds `p`; refused if a built-in plugin of this kind (`builtin_taken`) or an earlier
+    /// library's has its name. `kind` words the refusal (`a model importer`).
+    pub fn register(&self, p: External<T>, kind: &str, builtin_taken: bool) -> std::result::Result<(), String> {
+        if builtin_taken {
+            return Err(format!("{kind} named `{}` already exists (built-in)", p.name));
+        }
+        let mut ext = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(prev) = ext.iter().find(|q| q.name == p.name) {
+            return Err(format!("{kind} named `{}` already exists ({})", p.name, prev.origin));
+        }
+        ext.push(Box::leak(Box::new(p)));
+        Ok(())
+    }
+
+    pub fn all(&self) -> Vec<&'static External<T>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl<T: ?Sized + 'static> Default for ExternalTable<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static EXTERNAL_IMPORTERS: ExternalTable<dyn ModelImporter> = ExternalTable::new();
 
 /// Adds a model importer from a plugin library; refused if the name is taken.
-pub fn register_external_importer(i: ExternalImporter) -> std::result::Result<(), String> {
-    if inventory::iter::<ImporterPlugin>.into_iter().any(|p| p.name == i.name) {
-        return Err(format!("a model importer named `{}` already exists (built-in)", i.name));
-    }
-    let mut ext = EXTERNAL_IMPORTERS.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(prev) = ext.iter().find(|p| p.name == i.name) {
-        return Err(format!("a model importer named `{}` already exists ({})", i.name, prev.origin));
-    }
-    ext.push(Box::leak(Box::new(i)));
-    Ok(())
+pub fn register_external_importer(i: External<dyn ModelImporter>) -> std::result::Result<(), String> {
+    let builtin = inventory::iter::<ImporterPlugin>.into_iter().any(|p| p.name == i.name);
+    EXTERNAL_IMPORTERS.register(i, "a model importer", builtin)
 }
 
-fn external_importers() -> Vec<&'static ExternalImporter> {
-    EXTERNAL_IMPORTERS.read().unwrap_or_else(|e| e.into_inner()).clone()
+fn external_importers() -> Vec<&'static External<dyn ModelImporter>> {
+    EXTERNAL_IMPORTERS.all()
 }
 
 /// Every importer's name, built-in and from libraries.
