@@ -13,10 +13,19 @@ use autodeploy_sdk::abi_stable::std_types::{RResult, RStr, RString};
 use autodeploy_sdk::ffi::{GraphBuildRef, HostTensor};
 
 /// Whether `path` looks like a llama2.c checkpoint: a `.bin` file whose header's sizes account
-/// for the file's length.
+/// for the file's length (only the header is read).
 pub extern "C" fn accepts(path: RStr<'_>) -> bool {
     let p = std::path::Path::new(path.as_str());
-    p.extension().is_some_and(|e| e == "bin") && std::fs::read(p).ok().and_then(|b| Header::parse(&b).ok()).is_some()
+    p.extension().is_some_and(|e| e == "bin") && head_of(p).is_ok_and(|(head, len)| Header::parse(&head, len).is_ok())
+}
+
+/// The first 28 bytes of the file at `p` and its length.
+fn head_of(p: &std::path::Path) -> std::io::Result<([u8; 28], u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p)?;
+    let mut head = [0u8; 28];
+    f.read_exact(&mut head)?;
+    Ok((head, f.metadata()?.len()))
 }
 
 pub extern "C" fn import(path: RStr<'_>, options: RStr<'_>, graph: GraphBuildRef<'_>) -> RResult<RString, RString> {
@@ -38,9 +47,10 @@ struct Header {
 }
 
 impl Header {
-    fn parse(bytes: &[u8]) -> Result<Header, String> {
+    /// The header at the start of `bytes`, checked against the file's length `len`.
+    fn parse(bytes: &[u8], len: u64) -> Result<Header, String> {
         if bytes.len() < 28 {
-            return Err(format!("{} bytes: too short for the 28-byte header", bytes.len()));
+            return Err(format!("{len} bytes: too short for the 28-byte header"));
         }
         let f: Vec<i32> = bytes[..28].chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"];
@@ -66,9 +76,9 @@ impl Header {
                 h.dim, h.heads, h.kv_heads
             ));
         }
-        let want = 28 + 4 * h.floats();
-        if bytes.len() != want {
-            return Err(format!("the header's sizes need {want} bytes, the file has {}", bytes.len()));
+        let want = 28 + 4 * h.floats() as u64;
+        if len != want {
+            return Err(format!("the header's sizes need {want} bytes, the file has {len}"));
         }
         Ok(h)
     }
@@ -137,7 +147,7 @@ fn n(g: &mut GraphBuildRef<'_>, name: &str, op: &str, ins: &[u32], attrs: &str) 
 
 fn build(path: &str, options: &str, mut g: GraphBuildRef<'_>) -> Result<String, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let h = Header::parse(&bytes)?;
+    let h = Header::parse(&bytes, bytes.len() as u64)?;
     if option(options, "dummy_weights") == Some("true") {
         return Err("random weights (load_format = \"dummy\") are not supported: the file is the model".into());
     }
