@@ -639,3 +639,37 @@ impl AttentionBackend for ExternalAttentionBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::GraphBuilder;
+    use ffi::GraphEdit;
+
+    /// `insert_node` takes built-in ops by their dump spelling, runs their shape rules, and
+    /// refuses bad attribute text naming the op.
+    #[test]
+    fn insert_node_takes_built_in_ops_by_name() {
+        let mut b = GraphBuilder::new(Arc::new(crate::weights::WeightStore::new("test")));
+        let x = b.input("x", DType::F32, static_shape(&[2, 6]));
+        let y = b.op("y", crate::ops::Op::Neg, &[x]).unwrap();
+        b.output(y);
+        let mut g = b.finish().unwrap();
+        let mut host = HostGraph { g: &mut g };
+        let v = host.insert_node(1, "aten.slice.Tensor".into(), [x.0][..].into(), "dim=-1, start=0, end=4".into());
+        let v = v.into_result().unwrap();
+        assert_eq!(host.value(v).unwrap().shape_text.as_str(), "f32[2, 4]");
+        let h = host.insert_node(2, "aten.mul.Scalar".into(), [v][..].into(), "0.5".into()).into_result().unwrap();
+        assert_eq!(host.node(2).unwrap().op.as_str(), "aten.mul.Scalar");
+        assert_eq!(host.node(2).unwrap().attrs.as_str(), "0.5");
+        assert_eq!(host.value(h).unwrap().shape_text.as_str(), "f32[2, 4]");
+        let e = host.insert_node(0, "aten.cat".into(), [x.0][..].into(), "axis=1".into()).into_result().unwrap_err();
+        assert!(e.contains("aten.cat") && e.contains("`dim` is missing"), "{e}");
+        // The op's shape rules run: a transpose of a dim the input lacks is refused.
+        let e = host
+            .insert_node(0, "aten.transpose.int".into(), [x.0][..].into(), "0, 5".into())
+            .into_result()
+            .unwrap_err();
+        assert!(e.contains("dim 5 out of range"), "{e}");
+    }
+}
