@@ -290,16 +290,22 @@ pub fn dummy_weights(cfg: &DecoderConfig, dir: &Path) -> WeightStore {
             } else if n.ends_with(".bias") {
                 vec![0.0f32; count]
             } else {
+                // Chunks of 64 Ki values, each its own xorshift stream seeded by the name and the
+                // chunk's index, filled in parallel (an 8B model is 8·10⁹ values).
+                use rayon::prelude::*;
                 let a = 1.0 / (*s.last().unwrap_or(&1) as f32).sqrt();
-                let mut x = n.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x01000193)) | 1;
-                (0..count)
-                    .map(|_| {
+                let seed = n.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x01000193));
+                let mut values = vec![0f32; count];
+                values.par_chunks_mut(1 << 16).enumerate().for_each(|(c, out)| {
+                    let mut x = (seed ^ (c as u32).wrapping_mul(0x9e37_79b9)) | 1;
+                    for v in out {
                         x ^= x << 13;
                         x ^= x >> 17;
                         x ^= x << 5;
-                        (x as f32 / u32::MAX as f32 * 2.0 - 1.0) * a
-                    })
-                    .collect()
+                        *v = (x as f32 / u32::MAX as f32 * 2.0 - 1.0) * a;
+                    }
+                });
+                values
             };
             autodeploy_core::Tensor::from_f32(s.clone(), values)
         });
