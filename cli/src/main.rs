@@ -155,6 +155,19 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
     }
     let requests: Vec<Request> = prepared.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
     let mut rt = runtime::runtime(cfg)?;
+    // One untimed pass first (the same batch, prefill and one decode step): first-use costs
+    // (kernel loading, cuBLAS's plans, capturing this batch's CUDA graph) stay out of the numbers.
+    let warmup: Vec<Request> = requests
+        .iter()
+        .map(|r| Request {
+            prompt: r.prompt.clone(),
+            sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: 2, ..r.sampling.clone() },
+        })
+        .collect();
+    let (results, _) = rt.generate(&mut engine, &warmup);
+    if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+        anyhow::bail!("the bench's warm-up pass failed: {e}");
+    }
     let (results, stats) = rt.generate(&mut engine, &requests);
     let mut results = results.into_iter();
     let mut failed = 0;
@@ -252,6 +265,19 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
         })
         .collect();
     let mut rt = runtime::runtime(cfg)?;
+    // One untimed pass first (the same batch, prefill and one decode step): first-use costs
+    // (kernel loading, cuBLAS's plans, capturing this batch's CUDA graph) stay out of the numbers.
+    let warmup: Vec<Request> = requests
+        .iter()
+        .map(|r| Request {
+            prompt: r.prompt.clone(),
+            sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: 2, ..r.sampling.clone() },
+        })
+        .collect();
+    let (results, _) = rt.generate(&mut engine, &warmup);
+    if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+        anyhow::bail!("the bench's warm-up pass failed: {e}");
+    }
     let (results, stats) = rt.generate(&mut engine, &requests);
     if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
         anyhow::bail!("a bench request failed: {e}");
@@ -286,7 +312,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
             "device": cfg.device, "compile_backend": cfg.compile_backend, "attn_backend": cfg.attn_backend,
             "activation_quant": format!("{:?}", cfg.activation_quant).to_lowercase(),
             "load_format": format!("{:?}", cfg.load_format).to_lowercase(),
-            "mode": mode, "isl": isl, "osl": osl, "batch": batch,
+            "mode": mode, "isl": isl, "osl": osl, "batch": batch, "warmup": "one untimed pass (prefill + 1 decode step)",
         },
         "device": device,
         "build_ms": engine.build_time.as_secs_f64() * 1e3,
