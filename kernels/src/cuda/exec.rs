@@ -136,6 +136,8 @@ struct Funcs {
     /// [f32, bf16] × head dims `HEAD_DIMS`.
     paged_attention: [Vec<Kernel>; 2],
     paged_decode_split: [Vec<Kernel>; 2],
+    /// The latency build of the same (attention.cu: EARLY).
+    paged_decode_split_early: [Vec<Kernel>; 2],
     rope_write_kv: [Kernel; 2],
     slot_attention: [Vec<Kernel>; 2],
 }
@@ -151,7 +153,20 @@ pub struct Gpu {
     /// kernel may start while the one before it drains; every executor kernel begins with
     /// `pdl_enter()` (common.cuh), which waits for its predecessors before touching memory.
     pub pdl: bool,
+    /// Bytes of each weight row the decode GEMVs ask L2 for before waiting on the kernel ahead
+    /// (`AUTODEPLOY_PREFETCH_ROW`, default 1024; on an H200, 0 to 1024 gave the same 8B step
+    /// and 2048 or more a slower one, see BENCHMARKS.md).
+    pub prefetch_row: usize,
+    /// Steps of at most this many tokens use the split-KV decode's latency build (its first K/V
+    /// loads before the wait, twice the registers); larger ones the throughput build. Starts at
+    /// `SPLIT_EARLY_MAX_TOKENS`.
+    pub split_early_max_tokens: std::sync::atomic::AtomicUsize,
 }
+
+/// The split-KV decode's latency build serves steps of up to this many tokens: on an H200 it
+/// made the 8B decode step faster at one token and slower at 64 (more registers, fewer resident
+/// blocks); sizes between were not measured.
+pub const SPLIT_EARLY_MAX_TOKENS: usize = 4;
 
 /// One kernel launch: arguments by reference, then `launch`.
 struct Launch<'a> {
@@ -257,6 +272,13 @@ impl Gpu {
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_f32"))).collect::<Result<_, _>>()?,
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_bf16"))).collect::<Result<_, _>>()?,
             ],
+            paged_decode_split_early: [
+                HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_early_d{d}_f32"))).collect::<Result<_, _>>()?,
+                HEAD_DIMS
+                    .iter()
+                    .map(|d| g(&format!("paged_decode_split_early_d{d}_bf16")))
+                    .collect::<Result<_, _>>()?,
+            ],
             rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
             slot_attention: [
                 HEAD_DIMS.iter().map(|d| g(&format!("slot_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
@@ -264,7 +286,18 @@ impl Gpu {
             ],
         };
         let pdl = dev.cc.0 >= 9 && std::env::var("AUTODEPLOY_PDL").map_or(true, |v| v != "0");
-        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl })
+        let prefetch_row =
+            std::env::var("AUTODEPLOY_PREFETCH_ROW").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1024);
+        Ok(Gpu {
+            dev,
+            stream,
+            blas,
+            _blas_workspace: ws,
+            f,
+            pdl,
+            prefetch_row,
+            split_early_max_tokens: SPLIT_EARLY_MAX_TOKENS.into(),
+        })
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {
@@ -606,13 +639,19 @@ impl Gpu {
             return Ok(false);
         }
         let (n32, k32, acc) = (n as i32, k as i32, accumulate as i32);
+        let pf = self.prefetch_bytes(k);
         let mut l = self.launcher(self.f.gemv_bf16[i]);
-        l.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32).arg(&acc);
+        l.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32).arg(&acc).arg(&pf);
         let cfg =
             LaunchConfig { grid_dim: ((n as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: x [m, k], w [n, k], y [m, n] as the caller's tensors; alignment checked.
         launched("gemv_bf16", unsafe { l.launch(cfg) }.map(|_| ()))?;
         Ok(true)
+    }
+
+    /// Bytes of each weight row of `k` bf16 a GEMV prefetches (see `prefetch_row`).
+    fn prefetch_bytes(&self, k: usize) -> i32 {
+        self.prefetch_row.min(k * 2) as i32
     }
 
     /// One bf16 row through a fused gate/up weight `[2·inter, k]` with the SwiGLU activation as
@@ -632,8 +671,9 @@ impl Gpu {
             return Ok(false);
         }
         let (i32_, k32) = (inter as i32, k as i32);
+        let pf = self.prefetch_bytes(k);
         let mut l = self.launcher(self.f.gemv_swiglu_bf16);
-        l.arg(&x).arg(&w).arg(&out).arg(&i32_).arg(&k32);
+        l.arg(&x).arg(&w).arg(&out).arg(&i32_).arg(&k32).arg(&pf);
         let cfg =
             LaunchConfig { grid_dim: ((inter as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: x [1, k], w [2·inter, k], out [1, inter]; alignment checked.
@@ -766,9 +806,22 @@ impl Gpu {
         let a = attn_dt(dt)?;
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let (chunk, splits) = (split.chunk as i32, split.splits as i32);
-        let mut l = self.launcher(self.f.paged_decode_split[a][di]);
+        let builds = if meta.tokens <= self.split_early_max_tokens.load(std::sync::atomic::Ordering::Relaxed) {
+            &self.f.paged_decode_split_early
+        } else {
+            &self.f.paged_decode_split
+        };
+        let mut l = self.launcher(builds[a][di]);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
-        l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&chunk).arg(&splits);
+        l.arg(&meta.page_indices)
+            .arg(&meta.cached_len)
+            .arg(&ps)
+            .arg(&h)
+            .arg(&kvh)
+            .arg(&t)
+            .arg(&scale)
+            .arg(&chunk)
+            .arg(&splits);
         l.arg(&split.partial).arg(&split.counters).arg(&out);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, split.splits as u32),

@@ -352,9 +352,9 @@ __device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, in
 
 #define GEMV(M)                                                                                                       \
     extern "C" __global__ void gemv_bf16_m##M(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k,             \
-                                              int accumulate) {                                                       \
+                                              int accumulate, int prefetch) {                                         \
         int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                                                       \
-        if (row < n) prefetch_l2(w + (long)row * k, (long)k * 2, threadIdx.x & 31);                                  \
+        if (row < n) prefetch_l2(w + (long)row * k, min(prefetch, k * 2), threadIdx.x & 31);                         \
         pdl_enter();                                                                                                  \
         gemv_bf16<M>(x, w, y, n, k, accumulate);                                                                      \
     }
@@ -367,10 +367,14 @@ GEMV(8)
 // in registers: each thread loads 8 values with one 16-byte load (n % 8 == 0, n <= 8 * 1024),
 // one block reduction, one store. Same rounding as `rmsnorm`.
 extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf16_t* res_out, const bf16_t* w,
-                                          bf16_t* out, int n, float eps) { pdl_enter();
+                                          bf16_t* out, int n, float eps) {
     long row = blockIdx.x;
     int c = threadIdx.x;  // chunk of 8
     bool live = c * 8 < n;
+    // The norm's weight is never written during a step: read before waiting on the kernel ahead.
+    uint4 wv;
+    if (live) wv = *(const uint4*)(w + c * 8);
+    pdl_enter();
     float v[8];
     float ss = 0.0f;
     if (live) {
@@ -396,7 +400,6 @@ extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf
     }
     float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
     if (!live) return;
-    uint4 wv = *(const uint4*)(w + c * 8);
     const bf16_t* wp = (const bf16_t*)&wv;
     uint4 ov;
     bf16_t* op = (bf16_t*)&ov;
@@ -408,12 +411,13 @@ extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf
 // The gate/up linear of a SwiGLU MLP with its activation as the epilogue, for one bf16 row:
 // w_gate_up [2·inter, k] (gate rows first); warp j computes gate_j and up_j (each rounded to
 // bf16, as the linear's output is) and writes out[j] = round(round(silu(gate_j)) * up_j).
-extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k) {
+extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k,
+                                            int prefetch) {
     int j = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (j < inter) {
-        prefetch_l2(w + (long)j * k, (long)k * 2, lane);
-        prefetch_l2(w + (long)(j + inter) * k, (long)k * 2, lane);
+        prefetch_l2(w + (long)j * k, min(prefetch, k * 2), lane);
+        prefetch_l2(w + (long)(j + inter) * k, min(prefetch, k * 2), lane);
     }
     pdl_enter();
     if (j >= inter) return;
