@@ -315,6 +315,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    check_gemv(&gpu, &mut rep);
     for bf in [false, true] {
         for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2)] {
             for d in [64usize, 128] {
@@ -419,6 +420,47 @@ fn main() -> ExitCode {
 }
 
 /// One attention configuration through the three kernels; see the call in `main`.
+/// The executor's decode GEMVs (bf16, one row of activations): plain, accumulating into y, and
+/// the gate/up + SwiGLU one, against the CPU on the same bf16-rounded inputs; rows not a
+/// multiple of the kernel's block, k from 896 to 14336.
+fn check_gemv(gpu: &Gpu, rep: &mut Report) {
+    let up = |v: &[f32]| {
+        let raw: Vec<u8> = v.iter().flat_map(|&x| bf16(x).to_le_bytes()).collect();
+        let b = gpu.alloc(raw.len(), "gemv check input").unwrap();
+        gpu.upload(b.ptr, &raw).unwrap();
+        b
+    };
+    let down = |p: u64, n: usize| -> Vec<f32> {
+        let mut raw = vec![0u8; n * 2];
+        gpu.download(p, &mut raw).unwrap();
+        raw.chunks_exact(2).map(|c| f32_of(u16::from_le_bytes([c[0], c[1]]))).collect()
+    };
+    let r = |n: usize, seed: u32| -> Vec<f32> { rand(n, seed).into_iter().map(|x| rnd(true, x)).collect() };
+    for (n, k) in [(6144usize, 4096usize), (4099, 2048), (1000, 14336), (300, 896)] {
+        let (x, w, y0) = (r(k, 31), r(2 * n * k, 32), r(n, 33));
+        let dot = |row: usize| -> f32 { (0..k).map(|j| x[j] * w[row * k + j]).sum() };
+        let (dx, dw) = (up(&x), up(&w));
+        // Dot products of k terms in another order: 1e-5 of the terms' magnitude (k · 1 · 1).
+        let atol = 1e-5 * k as f32;
+        for acc in [false, true] {
+            let dy = up(&y0);
+            assert!(gpu.gemv(Dt::BF16, 1, n, k, dx.ptr, dw.ptr, dy.ptr, acc).unwrap());
+            let want: Vec<f32> = (0..n).map(|i| rnd(true, dot(i) + if acc { y0[i] } else { 0.0 })).collect();
+            let what = format!("gemv {n}x{k}{}", if acc { " +=" } else { "" });
+            rep.check_scaled(&what, true, &down(dy.ptr, n), &want, atol);
+        }
+        let dout = up(&y0);
+        assert!(gpu.gemv_swiglu(Dt::BF16, 1, n, k, dx.ptr, dw.ptr, dout.ptr).unwrap());
+        let want: Vec<f32> = (0..n)
+            .map(|i| {
+                let (g, u) = (rnd(true, dot(i)), rnd(true, dot(n + i)));
+                rnd(true, rnd(true, g / (1.0 + (-g).exp())) * u)
+            })
+            .collect();
+        rep.check_scaled(&format!("gemv_swiglu {n}x{k}"), true, &down(dout.ptr, n), &want, atol);
+    }
+}
+
 fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads: usize, d: usize) {
     let page = 16usize;
     let seqs: [(usize, usize); 3] = [(37, 1), (0, 20), (15, 3)]; // (cached, new)
@@ -556,19 +598,26 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     gpu.paged_attention(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale).unwrap();
     rep.check_scaled(&name("paged"), bf, &read(out, out_bytes), &want_s, 1e-5);
     rep.check("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
-    // flashinfer, split-KV decode kernel (16-position chunks: several per sequence).
-    let (kc, vc) = fresh_cache(&mut put);
-    let out = put(vec![0u8; out_bytes]);
-    let (chunk, splits) = (16usize, 4usize);
-    let split = Split {
-        chunk,
-        splits,
-        partial: put(vec![0u8; tokens * heads * splits * (d + 2) * 4]),
-        counters: put(vec![0u8; tokens * heads * 4]),
-    };
-    gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
-    gpu.paged_decode_split(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale, split).unwrap();
-    rep.check_scaled(&name("split-KV decode"), bf, &read(out, out_bytes), &want_s, 1e-5);
+    // flashinfer, split-KV decode kernel, both builds (throughput, and latency: first K/V loads
+    // before the wait): 16-position chunks (several per sequence) and one 64-position chunk
+    // (several passes).
+    for (chunk, splits, early) in [(16usize, 4usize, false), (64, 1, false), (16, 4, true), (64, 1, true)] {
+        let (kc, vc) = fresh_cache(&mut put);
+        let out = put(vec![0u8; out_bytes]);
+        let split = Split {
+            chunk,
+            splits,
+            partial: put(vec![0u8; tokens * heads * splits * (d + 2) * 4]),
+            counters: put(vec![0u8; tokens * heads * 4]),
+        };
+        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
+        let limit = &gpu.split_early_max_tokens;
+        limit.store(if early { usize::MAX } else { 0 }, std::sync::atomic::Ordering::Relaxed);
+        gpu.paged_decode_split(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale, split).unwrap();
+        limit.store(autodeploy_kernels::cuda::exec::SPLIT_EARLY_MAX_TOKENS, std::sync::atomic::Ordering::Relaxed);
+        let what = format!("split-KV decode{} /{chunk}", if early { " early" } else { "" });
+        rep.check_scaled(&name(&what), bf, &read(out, out_bytes), &want_s, 1e-5);
+    }
     // triton, fused write-and-attend over slots.
     let (want_t, want_kc_t) = reference(&slots);
     let (kc, vc) = fresh_cache(&mut put);
