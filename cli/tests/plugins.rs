@@ -104,6 +104,7 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
         ("transform", "use_example_rmsnorm"),
         ("op", "example.rms_norm"),
         ("model-importer", "llama2c"),
+        ("runtime", "sequential"),
     ] {
         assert!(
             out.lines().any(|l| l.starts_with(kind) && l.contains(name) && l.contains("0.1.0") && l.ends_with(&lib_s)),
@@ -150,6 +151,22 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     assert!(ok, "{err}");
     assert_eq!(output_lines(&own), output_lines(&reference));
 
+    // The plugin's runtime (one request at a time) gives the built-in runtime's (batching)
+    // greedy tokens for two prompts.
+    let two = |runtime: &str| {
+        format!(
+            "model = {:?}\ndtype = \"float32\"\nruntime = \"{runtime}\"\nmax_seq_len = 256\nmax_new_tokens = 12\n\
+             [[prompts]]\ntext = \"The three primary colors are\"\n[[prompts]]\ntext = \"Water boils at\"\n",
+            model.display().to_string()
+        )
+    };
+    let (ok, batched, err) = host(&dir, &two("demollm"), &[]);
+    assert!(ok, "{err}");
+    let (ok, sequential, err) = host(&dir, &two("sequential"), &[]);
+    assert!(ok, "{err}");
+    assert_eq!(output_lines(&batched).len(), 2, "{batched}");
+    assert_eq!(output_lines(&sequential), output_lines(&batched));
+
     // An error from the plugin's transform fails the build with the plugin's message.
     let (ok, _, err) = host(&dir, &smollm2_config(&model, "torch", "require_all = true"), &[]);
     assert!(!ok);
@@ -180,7 +197,7 @@ fn old_sdk_plugin() -> PathBuf {
     }
     let manifest = std::fs::read_to_string(root().join("sdk/Cargo.toml")).unwrap();
     let manifest = manifest
-        .replace("version = \"0.3.0\"", "version = \"0.2.0\"")
+        .replace("version = \"0.4.0\"", "version = \"0.2.0\"")
         .replace("edition.workspace = true", "edition = \"2021\"")
         .replace("license.workspace = true", "license = \"Apache-2.0\"");
     assert!(manifest.contains("version = \"0.2.0\""), "the SDK manifest changed shape: update this test");
@@ -234,7 +251,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
         |path: &Path, why: &str| refused.iter().any(|l| l.contains(&path.display().to_string()) && l.contains(why));
     assert!(has(&missing, "does not exist"), "{refused:?}");
     assert!(has(&garbage, "libgarbage.so"), "{refused:?}");
-    assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.3.0"), "{refused:?}");
+    assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.4.0"), "{refused:?}");
     assert!(has(&good, "a transform named `fold_norm_scale` already exists"), "{refused:?}");
     assert!(has(&good, "an attention backend named `naive_cpu` already exists"), "{refused:?}");
     if let Some(p) = &not_plugin {
@@ -254,7 +271,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     assert!(
         err.contains("unknown attn_backend `naive_cpu`")
             && err.contains(&old.display().to_string())
-            && err.contains("incompatible with this host's sdk 0.3.0"),
+            && err.contains("incompatible with this host's sdk 0.4.0"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -163,6 +163,20 @@ fn load_library(path: &Path) -> usize {
                     }),
                 })
             }
+            ffi::PluginBody::Runtime { make } => {
+                let (n, o) = (name.clone(), origin.clone());
+                crate::runtime::register_external_runtime(crate::registry::External {
+                    name: Box::leak(name.clone().into_boxed_str()),
+                    version: Box::leak(version.clone().into_boxed_str()),
+                    origin: Box::leak(origin.clone().into_boxed_str()),
+                    make: Box::new(move || {
+                        let (n, o) = (n.clone(), o.clone());
+                        Box::new(move |cfg: &crate::config::PipelineConfig| {
+                            Box::new(LibraryRuntime::new(&n, &o, make(), cfg)) as Box<dyn crate::runtime::Runtime>
+                        }) as Box<crate::runtime::RuntimeMaker>
+                    }),
+                })
+            }
             ffi::PluginBody::Op { inputs, output_like, cpu } => {
                 crate::custom_op::register(crate::custom_op::CustomOp {
                     name: Box::leak(name.clone().into_boxed_str()),
@@ -541,6 +555,264 @@ impl ffi::GraphEdit for HostGraph<'_> {
 
     fn remove_dead_nodes(&mut self) -> usize {
         self.g.dce()
+    }
+}
+
+/// A library's runtime as a host runtime: the host checks the requests, hands the valid ones to
+/// the library with an engine handle (`HostEngine`), and turns its results into completions.
+struct LibraryRuntime {
+    name: String,
+    origin: String,
+    inner: ffi::RuntimeBox,
+    max_batch: usize,
+    page_size: usize,
+    max_num_tokens: usize,
+    max_seq_len: usize,
+}
+
+impl LibraryRuntime {
+    fn new(name: &str, origin: &str, inner: ffi::RuntimeBox, cfg: &crate::config::PipelineConfig) -> LibraryRuntime {
+        LibraryRuntime {
+            name: name.into(),
+            origin: origin.into(),
+            inner,
+            max_batch: cfg.max_batch_size,
+            page_size: cfg.attn_page_size,
+            max_num_tokens: cfg.max_num_tokens(),
+            max_seq_len: cfg.max_seq_len,
+        }
+    }
+}
+
+impl crate::runtime::Runtime for LibraryRuntime {
+    fn generate_streaming(
+        &mut self,
+        engine: &mut crate::pipeline::Engine,
+        requests: &[crate::runtime::Request],
+        on_token: &mut dyn FnMut(usize, i64),
+    ) -> (Vec<Result<crate::runtime::Completion>>, crate::runtime::RunStats) {
+        use crate::runtime::{check_request, Completion, FinishReason};
+        let max_len = engine.max_seq_len_within(self.max_seq_len);
+        let mut results: Vec<Option<Result<Completion>>> = (0..requests.len()).map(|_| None).collect();
+        // The requests the library sees (valid ones), and where each came from.
+        let (mut given, mut from) = (Vec::new(), Vec::new());
+        for (i, r) in requests.iter().enumerate() {
+            let check = check_request(engine, r, max_len, self.max_num_tokens).and_then(|_| {
+                if r.sampling.stop_strings.is_empty() {
+                    Ok(())
+                } else {
+                    Err(Error::Input {
+                        input: "stop_strings".into(),
+                        msg: format!(
+                            "runtime `{}` ({}) matches stop tokens only (use stop_token_ids)",
+                            self.name, self.origin
+                        ),
+                    })
+                }
+            });
+            match check {
+                Ok(()) => {
+                    from.push(i);
+                    given.push(ffi::RuntimeRequest {
+                        prompt: r.prompt.clone().into(),
+                        max_new_tokens: r.sampling.max_new_tokens,
+                        stop_token_ids: r.sampling.stop_token_ids.clone().into(),
+                    });
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let mut host = HostEngine {
+            engine,
+            cache: None,
+            samplers: from.iter().map(|&i| crate::sampling::Sampler::new(requests[i].sampling.clone())).collect(),
+            from: &from,
+            on_token,
+            max_batch: self.max_batch,
+            page_size: self.page_size,
+            max_num_tokens: self.max_num_tokens,
+            max_len,
+            stats: Default::default(),
+        };
+        host.cache = host.engine.cache.clone().map(|spec| crate::kvcache::PagedKvCache::new(spec, self.page_size));
+        let out = self.inner.generate(ffi::EngineOps_TO::from_ptr(&mut host, TD_Opaque), given.as_slice().into());
+        let mut stats = std::mem::take(&mut host.stats);
+        stats.cache_bytes = host.cache.as_ref().map_or(0, |c| c.bytes());
+        let detok = host.engine.detokenizer.clone();
+        let who = format!("runtime `{}` ({})", self.name, self.origin);
+        if out.len() != from.len() {
+            for &i in &from {
+                results[i] =
+                    Some(Err(Error::Msg(format!("{who} returned {} results for {} requests", out.len(), from.len()))));
+            }
+        } else {
+            for (r, &i) in out.into_iter().zip(&from) {
+                results[i] = Some(match r {
+                    RResult::RErr(e) => Err(Error::Msg(format!("{who}: {e}"))),
+                    RResult::ROk(c) => {
+                        let tokens: Vec<i64> = c.tokens.into();
+                        // A stop token ends the text; it is not part of it.
+                        let stop_last =
+                            c.stopped && tokens.last().is_some_and(|t| requests[i].sampling.stop_token_ids.contains(t));
+                        let text_tokens = if stop_last { &tokens[..tokens.len() - 1] } else { &tokens[..] };
+                        let text = detok.as_ref().map(|d| d.decode(text_tokens));
+                        let finish = if c.stopped { FinishReason::Stop } else { FinishReason::Length };
+                        Ok(Completion { tokens, text, finish })
+                    }
+                });
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Msg("request was never scheduled".into()))))
+            .collect();
+        (results, stats)
+    }
+}
+
+/// The engine as a library's runtime drives it (ffi::EngineOps): every step is checked against
+/// the limits before it runs; tokens are sampled with each request's own seeded sampler, as the
+/// built-in runtime does.
+struct HostEngine<'a> {
+    engine: &'a mut crate::pipeline::Engine,
+    cache: Option<crate::kvcache::PagedKvCache>,
+    /// Per request the library sees: its sampler, and its index among the caller's requests.
+    samplers: Vec<crate::sampling::Sampler>,
+    from: &'a [usize],
+    on_token: &'a mut dyn FnMut(usize, i64),
+    max_batch: usize,
+    page_size: usize,
+    max_num_tokens: usize,
+    max_len: usize,
+    stats: crate::runtime::RunStats,
+}
+
+impl HostEngine<'_> {
+    /// Why `seqs` cannot run as one step, if it cannot.
+    fn check(&self, seqs: &[ffi::SeqStep]) -> std::result::Result<(), String> {
+        let pages = self.engine.kv_pages;
+        let total: usize = seqs.iter().map(|s| s.new_tokens.len()).sum();
+        if seqs.is_empty() {
+            return Err("a step needs at least one sequence".into());
+        }
+        if seqs.len() > self.max_batch {
+            return Err(format!("{} sequences in one step; max_batch_size is {}", seqs.len(), self.max_batch));
+        }
+        if total > self.max_num_tokens {
+            return Err(format!("{total} tokens in one step; max_num_tokens is {}", self.max_num_tokens));
+        }
+        let mut seen_req = std::collections::HashSet::new();
+        let mut seen_page = std::collections::HashSet::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let len = s.cached + s.new_tokens.len();
+            if s.request >= self.samplers.len() || !seen_req.insert(s.request) {
+                return Err(format!(
+                    "sequence {i}: request {} is not one of the {} given, or repeats",
+                    s.request,
+                    self.samplers.len()
+                ));
+            }
+            if s.new_tokens.is_empty() {
+                return Err(format!("sequence {i}: no new tokens"));
+            }
+            if len > self.max_len {
+                return Err(format!("sequence {i}: {len} positions; the longest sequence is {}", self.max_len));
+            }
+            if s.pages.len() * self.page_size < len {
+                return Err(format!(
+                    "sequence {i}: {} pages of {} positions cannot hold {len}",
+                    s.pages.len(),
+                    self.page_size
+                ));
+            }
+            for &p in s.pages.iter() {
+                if p as usize >= pages || !seen_page.insert(p) {
+                    return Err(format!("sequence {i}: page {p} is not below {pages}, or is used twice in the step"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ffi::EngineOps for HostEngine<'_> {
+    fn max_batch_size(&self) -> usize {
+        self.max_batch
+    }
+    fn max_seq_len(&self) -> usize {
+        self.max_len
+    }
+    fn max_num_tokens(&self) -> usize {
+        self.max_num_tokens
+    }
+    fn page_size(&self) -> usize {
+        self.page_size
+    }
+    fn num_pages(&self) -> usize {
+        self.engine.kv_pages
+    }
+    fn pages_per_sequence(&self) -> usize {
+        self.engine.model.kv_pages_per_sequence().unwrap_or(0)
+    }
+
+    fn step(&mut self, seqs: RSlice<'_, ffi::SeqStep<'_>>) -> RResult<RVec<i64>, RString> {
+        if let Err(e) = self.check(&seqs) {
+            return RResult::RErr(format!("refused step: {e}").into());
+        }
+        let Some(cache) = self.cache.as_mut() else {
+            return RResult::RErr(
+                "this engine's graph has no cached attention; runtimes from libraries need it".into(),
+            );
+        };
+        if !self.engine.model.owns_kv_cache() {
+            let top = seqs.iter().flat_map(|s| s.pages.iter()).map(|&p| p as usize + 1).max().unwrap_or(0);
+            cache.ensure_pages(top);
+        }
+        let t0 = std::time::Instant::now();
+        let draws: Vec<crate::sampling::RowDraw> = seqs.iter().map(|s| self.samplers[s.request].draw()).collect();
+        let steps: Vec<crate::runtime::SeqStep> = seqs
+            .iter()
+            .map(|s| crate::runtime::SeqStep {
+                new_tokens: s.new_tokens.as_slice(),
+                cached: s.cached,
+                pages: s.pages.as_slice(),
+            })
+            .collect();
+        let out = match crate::runtime::forward_cached(self.engine, cache, self.page_size, &steps, Some(&draws)) {
+            Ok(o) => o,
+            Err(e) => return RResult::RErr(format!("forward step failed: {e}").into()),
+        };
+        let ids: Vec<i64> = match out {
+            crate::runtime::StepOut::Ids(ids) => ids,
+            crate::runtime::StepOut::Logits(rows) => {
+                rows.iter().zip(&draws).map(|(r, d)| crate::sampling::pick(r, d)).collect()
+            }
+        };
+        if ids.len() != seqs.len() {
+            return RResult::RErr(
+                format!("the model returned {} rows for a step of {} sequences", ids.len(), seqs.len()).into(),
+            );
+        }
+        let (n_tokens, prefill) = (
+            seqs.iter().map(|s| s.new_tokens.len()).sum::<usize>(),
+            seqs.iter().any(|s| s.cached == 0 || s.new_tokens.len() > 1),
+        );
+        self.stats.steps += 1;
+        self.stats.peak_pages = self.stats.peak_pages.max(seqs.iter().map(|s| s.pages.len()).sum());
+        if prefill {
+            self.stats.prefill_tokens += n_tokens;
+            self.stats.prefill_time += t0.elapsed();
+        } else {
+            self.stats.decode_tokens += seqs.len();
+            self.stats.decode_time += t0.elapsed();
+        }
+        RResult::ROk(ids.into())
+    }
+
+    fn emit(&mut self, request: usize, token: i64) {
+        if let Some(&i) = self.from.get(request) {
+            (self.on_token)(i, token);
+        }
     }
 }
 

@@ -236,6 +236,12 @@ pub fn list_plugins() -> Vec<PluginListing> {
             version: p.version,
             origin: p.origin.into(),
         }))
+        .chain(crate::runtime::external_runtimes().into_iter().map(|p| PluginListing {
+            kind: PluginKind::Runtime,
+            name: p.name,
+            version: p.version,
+            origin: p.origin.into(),
+        }))
         .chain(crate::custom_op::all().into_iter().map(|o| PluginListing {
             kind: PluginKind::Op,
             name: o.name,

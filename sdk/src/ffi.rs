@@ -19,6 +19,9 @@
 //! - Model importers ([`PluginDecl::model_importer`]): read a model format the host does not
 //!   know and build its graph through [`GraphBuild`] (inputs, weights, nodes of built-in or
 //!   plugin ops by name, outputs).
+//! - [`Runtime`]: schedules requests into forward steps on the engine through [`EngineOps`]
+//!   (limits, one batched step that samples each sequence's next token, streaming), owning the
+//!   batching policy and the KV-cache page assignment.
 
 // abi_stable's derive and trait macros generate impls and names the lints dislike.
 #![allow(non_local_definitions, non_camel_case_types)]
@@ -231,6 +234,93 @@ pub fn attention_backend_box(b: impl AttentionBackend + 'static) -> AttentionBac
     AttentionBackend_TO::from_value(b, abi_stable::sabi_trait::TD_Opaque)
 }
 
+/// One sequence's share of a forward step (see [`EngineOps::step`]).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct SeqStep<'a> {
+    /// Its tokens not yet in the KV cache (at least one); their positions follow `cached`.
+    pub new_tokens: RSlice<'a, i64>,
+    /// How many of its tokens the KV cache holds already (0 for a new sequence).
+    pub cached: usize,
+    /// Its KV-cache pages in order, enough for `cached + new_tokens.len()` positions; page ids
+    /// are below [`EngineOps::num_pages`] and no two sequences of a step share one.
+    pub pages: RSlice<'a, u32>,
+    /// Which request (an index into the `requests` given to [`Runtime::generate`]) it is: the
+    /// next token is sampled with that request's parameters and seed.
+    pub request: usize,
+}
+
+/// A request as a runtime receives it. The host has checked it (a non-empty prompt shorter
+/// than [`EngineOps::max_seq_len`] and within [`EngineOps::max_num_tokens`], sampling
+/// parameters in range) and keeps its sampling parameters: [`EngineOps::step`] samples.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct RuntimeRequest {
+    pub prompt: RVec<i64>,
+    pub max_new_tokens: usize,
+    /// Generation ends after any of these.
+    pub stop_token_ids: RVec<i64>,
+}
+
+/// A finished request: the tokens generated (the prompt not included), and whether a stop
+/// token ended it (else its length did: `max_new_tokens` or `max_seq_len`).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct RuntimeCompletion {
+    pub tokens: RVec<i64>,
+    pub stopped: bool,
+}
+
+/// The engine as a runtime drives it, implemented by the host: limits, one batched forward
+/// step with sampling, and streaming of generated tokens. The runtime owns scheduling and the
+/// KV-cache page assignment; the host checks every step against the limits and refuses a bad
+/// one with a message, without running it.
+#[sabi_trait]
+pub trait EngineOps {
+    /// Most sequences in one step.
+    fn max_batch_size(&self) -> usize;
+    /// Most positions of one sequence (prompt + generated).
+    fn max_seq_len(&self) -> usize;
+    /// Most tokens in one step, over all its sequences.
+    fn max_num_tokens(&self) -> usize;
+    /// Positions per KV-cache page.
+    fn page_size(&self) -> usize;
+    /// Page ids go from 0 to this, exclusive.
+    fn num_pages(&self) -> usize;
+    /// `n > 0`: the model's attention wants each sequence's pages to be one run of `n`
+    /// consecutive ids, assigned when it starts; 0: any pages.
+    fn pages_per_sequence(&self) -> usize;
+    /// One forward over `seqs`: their new tokens enter the KV cache, and each sequence's next
+    /// token comes back, in order, sampled from its last token's logits as its request asks.
+    fn step(&mut self, seqs: RSlice<'_, SeqStep<'_>>) -> RResult<RVec<i64>, RString>;
+    /// Reports `token` as generated for request `request` (streamed to the user as it comes).
+    fn emit(&mut self, request: usize, token: i64);
+}
+
+/// The engine a runtime drives, for the duration of one [`Runtime::generate`] call.
+pub type EngineRef<'a> = EngineOps_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+
+/// A runtime (selected with `runtime` in the pipeline config): turns requests into completions
+/// by scheduling forward steps on the engine.
+#[sabi_trait]
+pub trait Runtime {
+    /// One result per request, in order: a completion, or an error message for that request
+    /// alone.
+    fn generate(
+        &mut self,
+        engine: EngineRef<'_>,
+        requests: RSlice<'_, RuntimeRequest>,
+    ) -> RVec<RResult<RuntimeCompletion, RString>>;
+}
+
+/// An owned runtime instance.
+pub type RuntimeBox = Runtime_TO<'static, RBox<()>>;
+
+/// Boxes a runtime for [`PluginDecl::runtime`]'s `make`.
+pub fn runtime_box(r: impl Runtime + 'static) -> RuntimeBox {
+    Runtime_TO::from_value(r, abi_stable::sabi_trait::TD_Opaque)
+}
+
 /// What a plugin declares.
 #[repr(u8)]
 #[derive(StableAbi)]
@@ -257,6 +347,11 @@ pub enum PluginBody {
         /// history) or an error message naming the file and what is wrong with it.
         /// An [`ImportFn`] (spelled out: the layout checker reads fn pointer types inline).
         import: extern "C" fn(RStr<'_>, RStr<'_>, GraphBuildRef<'_>) -> RResult<RString, RString>,
+    },
+    /// A runtime, selectable as `runtime = "<name>"`.
+    Runtime {
+        /// Creates one runtime instance (one per engine run).
+        make: extern "C" fn() -> RuntimeBox,
     },
     /// A new op: `inputs` tensors in, one out with the dtype and shape of input `output_like`.
     Op {
@@ -324,6 +419,11 @@ impl PluginDecl {
             *enabled_by_default = false;
         }
         self
+    }
+
+    /// A runtime, selectable as `runtime = "<name>"`; `make` creates one instance per run.
+    pub fn runtime(name: &str, version: &str, make: extern "C" fn() -> RuntimeBox) -> PluginDecl {
+        PluginDecl { name: name.into(), version: version.into(), body: PluginBody::Runtime { make } }
     }
 
     /// An attention backend, selectable as `attn_backend = "<name>"`; `make` creates one

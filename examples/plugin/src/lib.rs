@@ -10,8 +10,11 @@
 //!   unless the config enables it), which puts that op in place of every f32 `torch_rmsnorm`.
 //! - `llama2c` (model importer): llama2.c checkpoints (`model.bin`), built from the host's
 //!   built-in ops by name (see `llama2c.rs`).
+//! - `sequential` (runtime): one request at a time, prompt then one token per step (see
+//!   `sequential.rs`).
 
 mod llama2c;
+mod sequential;
 
 use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use autodeploy_sdk::ffi::{
@@ -33,6 +36,7 @@ fn plugins() -> Vec<PluginDecl> {
         ),
         PluginDecl::attention_backend("naive_cpu", VERSION, new_naive_cpu),
         PluginDecl::model_importer("llama2c", VERSION, llama2c::accepts, llama2c::import),
+        PluginDecl::runtime("sequential", VERSION, sequential::new_sequential),
         PluginDecl::op("example.rms_norm", VERSION, 2, 0, rms_norm_cpu),
         PluginDecl::transform("use_example_rmsnorm", VERSION, Stage::PostLoadFusion, &[], UseExampleRmsNorm)
             .disabled_by_default(),

@@ -7,13 +7,14 @@ use std::time::Instant;
 
 use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::error::{Error, Result};
-use autodeploy_core::kvcache::{BatchMetadata, PagePool, PagedKvCache, StepContext, StepPlan};
+use autodeploy_core::kvcache::{PagePool, PagedKvCache};
 use autodeploy_core::pipeline::Engine;
-use autodeploy_core::runtime::{Completion, FinishReason, Request, RunStats, Runtime, RuntimePlugin};
+use autodeploy_core::runtime::{
+    check_request, forward_cached, Completion, FinishReason, Request, RunStats, Runtime, RuntimePlugin, SeqStep,
+    StepOut as Step,
+};
 use autodeploy_core::sampling::{pick, RowDraw, Sampler};
 use autodeploy_core::Tensor;
-
-use crate::transforms::kvcache::GATHER_INPUT;
 
 autodeploy_core::inventory::submit! {
     RuntimePlugin { name: "demollm", aliases: &["demo"], version: env!("CARGO_PKG_VERSION"), make: |cfg| Box::new(DemoLlm::new(cfg)) }
@@ -49,21 +50,6 @@ impl DemoLlm {
     fn pages_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.page_size)
     }
-}
-
-/// What a forward step gave: logits rows to sample from, or the greedy tokens themselves.
-enum Step {
-    Logits(Vec<Vec<f32>>),
-    Ids(Vec<i64>),
-}
-
-fn input_index(engine: &Engine, name: &str) -> Result<usize> {
-    engine
-        .graph
-        .inputs
-        .iter()
-        .position(|&v| engine.graph.value(v).name == name)
-        .ok_or_else(|| Error::Msg(format!("the engine's graph has no input `{name}`")))
 }
 
 impl DemoLlm {
@@ -109,34 +95,11 @@ impl DemoLlm {
             }
             return Ok(Step::Logits(rows));
         };
-        let mut meta = BatchMetadata::default();
-        let (mut ids, mut pos, mut gather) = (Vec::new(), Vec::new(), Vec::new());
-        for s in seqs {
-            let new = &s.tokens[s.cached..];
-            ids.extend_from_slice(new);
-            pos.extend(s.cached as i64..s.tokens.len() as i64);
-            gather.push(ids.len() as i64 - 1);
-            meta.seq_lens.push(new.len());
-            meta.cached_lens.push(s.cached);
-            meta.page_tables.push(s.pages.clone());
-        }
-        let t = ids.len();
-        let plan = StepPlan::new(&meta, self.page_size)?;
-        let mut inputs = vec![Tensor::from_i64(vec![0], vec![])?; engine.graph.inputs.len()];
-        inputs[input_index(engine, "input_ids")?] = Tensor::from_i64(vec![1, t], ids)?;
-        inputs[input_index(engine, "position_ids")?] = Tensor::from_i64(vec![1, t], pos)?;
-        inputs[input_index(engine, GATHER_INPUT)?] = Tensor::from_i64(vec![gather.len()], gather)?;
-        let mut cx = StepContext { plan: &plan, cache };
-        if draws.iter().all(|d| d.temperature <= 0.0 || d.top_k == 1) {
-            if let Some(ids) = engine.model.forward_greedy(&inputs, Some(&mut cx))? {
-                return Ok(Step::Ids(ids));
-            }
-        } else if let Some(ids) = engine.model.forward_sampled(&inputs, Some(&mut cx), draws)? {
-            return Ok(Step::Ids(ids));
-        }
-        let out = engine.model.forward(&inputs, Some(&mut cx))?;
-        let v = *out[0].shape().last().unwrap_or(&1);
-        Ok(Step::Logits(out[0].to_f32().chunks(v).map(<[f32]>::to_vec).collect()))
+        let steps: Vec<SeqStep> = seqs
+            .iter()
+            .map(|s| SeqStep { new_tokens: &s.tokens[s.cached..], cached: s.cached, pages: &s.pages })
+            .collect();
+        forward_cached(engine, cache, self.page_size, &steps, Some(draws))
     }
 }
 
@@ -155,31 +118,7 @@ impl Runtime for DemoLlm {
 
         let mut queue: VecDeque<usize> = VecDeque::new();
         for (i, r) in requests.iter().enumerate() {
-            let check = r.sampling.validate().and_then(|_| {
-                if r.prompt.is_empty() {
-                    Err(Error::Input { input: "prompt".into(), msg: "is empty".into() })
-                } else if r.prompt.len() >= max_len {
-                    Err(Error::Input {
-                        input: "prompt".into(),
-                        msg: format!(
-                            "{} tokens leave no room to generate: the longest sequence is {max_len} (max_seq_len)",
-                            r.prompt.len()
-                        ),
-                    })
-                } else if !r.sampling.stop_strings.is_empty() && engine.detokenizer.is_none() {
-                    Err(Error::Input {
-                        input: "stop_strings".into(),
-                        msg: "need a tokenizer to match text, and this model has none (use stop_token_ids)".into(),
-                    })
-                } else if r.prompt.len() > self.max_num_tokens {
-                    Err(Error::Input {
-                        input: "prompt".into(),
-                        msg: format!("{} tokens exceed max_num_tokens = {}", r.prompt.len(), self.max_num_tokens),
-                    })
-                } else {
-                    Ok(())
-                }
-            });
+            let check = check_request(engine, r, max_len, self.max_num_tokens);
             match check {
                 Ok(()) => queue.push_back(i),
                 Err(e) => results[i] = Some(Err(e)),

@@ -22,8 +22,7 @@ autodeploy_core::inventory::submit! {
     }
 }
 
-/// Name of the graph input holding the flattened-token indices whose logits the runtime wants.
-pub const GATHER_INPUT: &str = "logits_gather_idx";
+pub use autodeploy_core::runtime::GATHER_INPUT;
 
 pub struct InsertCachedAttention;
 
