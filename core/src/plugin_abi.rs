@@ -687,52 +687,62 @@ struct HostEngine<'a> {
     stats: crate::runtime::RunStats,
 }
 
-impl HostEngine<'_> {
-    /// Why `seqs` cannot run as one step, if it cannot.
-    fn check(&self, seqs: &[ffi::SeqStep]) -> std::result::Result<(), String> {
-        let pages = self.engine.kv_pages;
-        let total: usize = seqs.iter().map(|s| s.new_tokens.len()).sum();
-        if seqs.is_empty() {
-            return Err("a step needs at least one sequence".into());
-        }
-        if seqs.len() > self.max_batch {
-            return Err(format!("{} sequences in one step; max_batch_size is {}", seqs.len(), self.max_batch));
-        }
-        if total > self.max_num_tokens {
-            return Err(format!("{total} tokens in one step; max_num_tokens is {}", self.max_num_tokens));
-        }
-        let mut seen_req = std::collections::HashSet::new();
-        let mut seen_page = std::collections::HashSet::new();
-        for (i, s) in seqs.iter().enumerate() {
-            let len = s.cached + s.new_tokens.len();
-            if s.request >= self.samplers.len() || !seen_req.insert(s.request) {
-                return Err(format!(
-                    "sequence {i}: request {} is not one of the {} given, or repeats",
-                    s.request,
-                    self.samplers.len()
-                ));
-            }
-            if s.new_tokens.is_empty() {
-                return Err(format!("sequence {i}: no new tokens"));
-            }
-            if len > self.max_len {
-                return Err(format!("sequence {i}: {len} positions; the longest sequence is {}", self.max_len));
-            }
-            if s.pages.len() * self.page_size < len {
-                return Err(format!(
-                    "sequence {i}: {} pages of {} positions cannot hold {len}",
-                    s.pages.len(),
-                    self.page_size
-                ));
-            }
-            for &p in s.pages.iter() {
-                if p as usize >= pages || !seen_page.insert(p) {
-                    return Err(format!("sequence {i}: page {p} is not below {pages}, or is used twice in the step"));
-                }
-            }
-        }
-        Ok(())
+/// What a library runtime's step must keep within.
+struct StepLimits {
+    max_batch: usize,
+    page_size: usize,
+    max_num_tokens: usize,
+    max_len: usize,
+    num_pages: usize,
+    /// Requests the runtime was given (valid `SeqStep::request` values are below this).
+    requests: usize,
+}
+
+/// Why `seqs` cannot run as one step, if it cannot.
+fn check_step(l: &StepLimits, seqs: &[ffi::SeqStep]) -> std::result::Result<(), String> {
+    let total: usize = seqs.iter().map(|s| s.new_tokens.len()).sum();
+    if seqs.is_empty() {
+        return Err("a step needs at least one sequence".into());
     }
+    if seqs.len() > l.max_batch {
+        return Err(format!("{} sequences in one step; max_batch_size is {}", seqs.len(), l.max_batch));
+    }
+    if total > l.max_num_tokens {
+        return Err(format!("{total} tokens in one step; max_num_tokens is {}", l.max_num_tokens));
+    }
+    let mut seen_req = std::collections::HashSet::new();
+    let mut seen_page = std::collections::HashSet::new();
+    for (i, s) in seqs.iter().enumerate() {
+        let len = s.cached + s.new_tokens.len();
+        if s.request >= l.requests || !seen_req.insert(s.request) {
+            return Err(format!(
+                "sequence {i}: request {} is not one of the {} given, or repeats",
+                s.request, l.requests
+            ));
+        }
+        if s.new_tokens.is_empty() {
+            return Err(format!("sequence {i}: no new tokens"));
+        }
+        if len > l.max_len {
+            return Err(format!("sequence {i}: {len} positions; the longest sequence is {}", l.max_len));
+        }
+        if s.pages.len() * l.page_size < len {
+            return Err(format!(
+                "sequence {i}: {} pages of {} positions cannot hold {len}",
+                s.pages.len(),
+                l.page_size
+            ));
+        }
+        for &p in s.pages.iter() {
+            if p as usize >= l.num_pages || !seen_page.insert(p) {
+                return Err(format!(
+                    "sequence {i}: page {p} is not below {}, or is used twice in the step",
+                    l.num_pages
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl ffi::EngineOps for HostEngine<'_> {
@@ -756,7 +766,15 @@ impl ffi::EngineOps for HostEngine<'_> {
     }
 
     fn step(&mut self, seqs: RSlice<'_, ffi::SeqStep<'_>>) -> RResult<RVec<i64>, RString> {
-        if let Err(e) = self.check(&seqs) {
+        let limits = StepLimits {
+            max_batch: self.max_batch,
+            page_size: self.page_size,
+            max_num_tokens: self.max_num_tokens,
+            max_len: self.max_len,
+            num_pages: self.engine.kv_pages,
+            requests: self.samplers.len(),
+        };
+        if let Err(e) = check_step(&limits, &seqs) {
             return RResult::RErr(format!("refused step: {e}").into());
         }
         let Some(cache) = self.cache.as_mut() else {
@@ -920,6 +938,34 @@ mod tests {
 
     /// `insert_node` takes built-in ops by their dump spelling, runs their shape rules, and
     /// refuses bad attribute text naming the op.
+    #[test]
+    fn a_library_runtimes_bad_steps_are_refused_with_the_reason() {
+        let l = StepLimits { max_batch: 2, page_size: 4, max_num_tokens: 5, max_len: 16, num_pages: 6, requests: 2 };
+        let (t3, t1): (&'static [i64], &'static [i64]) = (&[5, 6, 7], &[9]);
+        let seq = |tokens: &'static [i64], cached, pages: &'static [u32], request| ffi::SeqStep {
+            new_tokens: tokens.into(),
+            cached,
+            pages: pages.into(),
+            request,
+        };
+        // A prefill of 3 and a decode at position 5, on their own pages: fine.
+        assert_eq!(check_step(&l, &[seq(t3, 0, &[0], 0), seq(t1, 5, &[1, 2], 1)]), Ok(()));
+        let refused = |seqs: &[ffi::SeqStep], why: &str| {
+            let e = check_step(&l, seqs).unwrap_err();
+            assert!(e.contains(why), "{e} (wanted {why})");
+        };
+        refused(&[], "at least one sequence");
+        refused(&[seq(t1, 0, &[0], 0), seq(t1, 0, &[1], 1), seq(t1, 0, &[2], 0)], "max_batch_size is 2");
+        refused(&[seq(t3, 0, &[0], 0), seq(t3, 0, &[1], 1)], "6 tokens in one step; max_num_tokens is 5");
+        refused(&[seq(t3, 0, &[0], 2)], "request 2 is not one of the 2 given");
+        refused(&[seq(t3, 0, &[0], 0), seq(t1, 0, &[1], 0)], "or repeats");
+        refused(&[seq(&[], 0, &[0], 0)], "no new tokens");
+        refused(&[seq(t1, 16, &[0, 1, 2, 3, 4], 0)], "17 positions; the longest sequence is 16");
+        refused(&[seq(t1, 4, &[0], 0)], "1 pages of 4 positions cannot hold 5");
+        refused(&[seq(t1, 0, &[6], 0)], "page 6 is not below 6");
+        refused(&[seq(t1, 0, &[3], 0), seq(t1, 0, &[3], 1)], "page 3");
+    }
+
     #[test]
     fn insert_node_takes_built_in_ops_by_name() {
         let mut b = GraphBuilder::new(Arc::new(crate::weights::WeightStore::new("test")));
