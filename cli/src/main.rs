@@ -155,19 +155,6 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
     }
     let requests: Vec<Request> = prepared.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
     let mut rt = runtime::runtime(cfg)?;
-    // One untimed pass first (the same batch, prefill and one decode step): first-use costs
-    // (kernel loading, cuBLAS's plans, capturing this batch's CUDA graph) stay out of the numbers.
-    let warmup: Vec<Request> = requests
-        .iter()
-        .map(|r| Request {
-            prompt: r.prompt.clone(),
-            sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: 2, ..r.sampling.clone() },
-        })
-        .collect();
-    let (results, _) = rt.generate(&mut engine, &warmup);
-    if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
-        anyhow::bail!("the bench's warm-up pass failed: {e}");
-    }
     let (results, stats) = rt.generate(&mut engine, &requests);
     let mut results = results.into_iter();
     let mut failed = 0;

@@ -105,6 +105,7 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
         ("op", "example.rms_norm"),
         ("model-importer", "llama2c"),
         ("runtime", "sequential"),
+        ("compile-backend", "checked"),
     ] {
         assert!(
             out.lines().any(|l| l.starts_with(kind) && l.contains(name) && l.contains("0.1.0") && l.ends_with(&lib_s)),
@@ -166,6 +167,13 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     assert!(ok, "{err}");
     assert_eq!(output_lines(&batched).len(), 2, "{batched}");
     assert_eq!(output_lines(&sequential), output_lines(&batched));
+
+    // The plugin's compile backend (node by node on the host's kernels, checking every value)
+    // gives the built-in `simple` backend's tokens.
+    let checked = two("demollm").replace("runtime = \"demollm\"", "compile_backend = \"checked\"");
+    let (ok, out, err) = host(&dir, &checked, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(output_lines(&out), output_lines(&batched));
 
     // An error from the plugin's transform fails the build with the plugin's message.
     let (ok, _, err) = host(&dir, &smollm2_config(&model, "torch", "require_all = true"), &[]);
@@ -331,6 +339,27 @@ fn a_plugin_importer_reads_a_format_the_host_does_not_know() {
     assert!(
         err.contains("importer `llama2c`") && err.contains("short.bin") && err.contains("the file has 1000"),
         "{err}"
+    );
+
+    // The example compile backend `checked` stops at the first non-finite value and names the
+    // node: an infinity planted in token 17's embedding row fails that request at `embed`.
+    let (ok, out, err) = host(&dir, &cfg(&bin, "compile_backend = \"checked\"\n"), &[]);
+    assert!(ok && output_lines(&out).join("\n").contains(&format!("output {want}")), "{err}{out}");
+    let mut bytes = std::fs::read(&bin).unwrap();
+    let dim = i32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+    let at = 28 + (17 * dim + 3) * 4;
+    bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let inf = dir.join("inf.bin");
+    std::fs::write(&inf, bytes).unwrap();
+    assert!(prompt.contains("17"), "the prompt reads token 17: {prompt}");
+    let (ok, out, _) = host(&dir, &cfg(&inf, "compile_backend = \"checked\"\n"), &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("compile backend `checked`")
+            && out.contains("`embed` (aten.embedding)")
+            && out.contains("computed inf")
+            && out.contains("the first non-finite value"),
+        "{out}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

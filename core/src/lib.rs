@@ -8,6 +8,7 @@ pub mod dtype;
 pub mod error;
 pub mod gguf;
 pub mod hub;
+pub mod interp;
 pub mod ir;
 pub mod kvcache;
 pub mod op_text;

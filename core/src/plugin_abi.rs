@@ -163,6 +163,18 @@ fn load_library(path: &Path) -> usize {
                     }),
                 })
             }
+            ffi::PluginBody::CompileBackend { compile } => {
+                let (n, o) = (name.clone(), origin.clone());
+                crate::registry::register_external_compile_backend(crate::registry::External {
+                    name: Box::leak(name.clone().into_boxed_str()),
+                    version: Box::leak(version.clone().into_boxed_str()),
+                    origin: Box::leak(origin.clone().into_boxed_str()),
+                    make: Box::new(move || {
+                        Box::new(LibraryCompileBackend { name: n.clone(), origin: o.clone(), compile })
+                            as Box<dyn crate::registry::CompileBackend>
+                    }),
+                })
+            }
             ffi::PluginBody::Runtime { make } => {
                 let (n, o) = (name.clone(), origin.clone());
                 crate::runtime::register_external_runtime(crate::registry::External {
@@ -235,6 +247,19 @@ impl Transform for ExternalTransform {
             RResult::RErr(e) => Err(Error::Msg(e.into_string())),
         }
     }
+}
+
+/// Node `index` of `g` as a plugin sees it.
+fn node_info(g: &Graph, index: usize) -> ROption<ffi::NodeInfo> {
+    g.nodes
+        .get(index)
+        .map(|n| ffi::NodeInfo {
+            op: n.op.name().into(),
+            attrs: n.op.attrs().into(),
+            inputs: n.inputs.iter().map(|v| v.0).collect(),
+            outputs: n.outputs.iter().map(|v| v.0).collect(),
+        })
+        .into()
 }
 
 /// Value `value` of `g` as a plugin sees it.
@@ -411,16 +436,7 @@ impl ffi::GraphEdit for HostGraph<'_> {
     }
 
     fn node(&self, index: usize) -> ROption<ffi::NodeInfo> {
-        self.g
-            .nodes
-            .get(index)
-            .map(|n| ffi::NodeInfo {
-                op: n.op.name().into(),
-                attrs: n.op.attrs().into(),
-                inputs: n.inputs.iter().map(|v| v.0).collect(),
-                outputs: n.outputs.iter().map(|v| v.0).collect(),
-            })
-            .into()
+        node_info(self.g, index)
     }
 
     fn find_nodes(&self, op: RStr<'_>) -> RVec<usize> {
@@ -555,6 +571,175 @@ impl ffi::GraphEdit for HostGraph<'_> {
 
     fn remove_dead_nodes(&mut self) -> usize {
         self.g.dce()
+    }
+}
+
+/// A library's compile backend as a host one: the host loads the weights and keeps every value;
+/// the library's compiled model decides which nodes run when and what is released, through
+/// `HostRun` (ffi::RunGraph) over the CPU kernels.
+struct LibraryCompileBackend {
+    name: String,
+    origin: String,
+    compile: extern "C" fn(RStr<'_>) -> RResult<ffi::CompiledGraphBox, RString>,
+}
+
+impl crate::registry::CompileBackend for LibraryCompileBackend {
+    fn compile(
+        &self,
+        graph: &Graph,
+        opts: &crate::registry::CompileOptions,
+    ) -> Result<Box<dyn crate::registry::CompiledModel>> {
+        let who = format!("compile backend `{}` ({})", self.name, self.origin);
+        if let crate::config::Device::Cuda(n) = opts.device {
+            return Err(Error::Msg(format!(
+                "{who} runs the host's CPU kernels; this config asks for cuda:{n} (set device = \"cpu\")"
+            )));
+        }
+        graph.validate()?;
+        let params = crate::interp::load_params(graph, |_| {})?;
+        let attention = match crate::kvcache::CacheSpec::of(graph)? {
+            Some(spec) => Some(crate::kvcache::attention_backend(&spec.backend)?.1),
+            None => None,
+        };
+        let options = format!("device = \"cpu\"\npage_size = {}\nkv_pages = {}\n", opts.page_size, opts.kv_pages);
+        let inner = match (self.compile)(options.as_str().into()) {
+            RResult::ROk(c) => c,
+            RResult::RErr(e) => return Err(Error::Msg(format!("{who}: {e}"))),
+        };
+        Ok(Box::new(LibraryModel { who, graph: graph.clone(), params, attention, kernels: opts.kernels, inner }))
+    }
+}
+
+struct LibraryModel {
+    /// `compile backend `name` (library)`, for messages.
+    who: String,
+    graph: Graph,
+    params: Vec<(usize, Tensor)>,
+    attention: Option<Box<dyn AttentionBackend>>,
+    kernels: crate::cpu::KernelOptions,
+    inner: ffi::CompiledGraphBox,
+}
+
+impl crate::registry::CompiledModel for LibraryModel {
+    fn forward(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Vec<Tensor>> {
+        let g = &self.graph;
+        let bind = crate::interp::bind_inputs(g, inputs)?;
+        if let (Some(b), Some(cx)) = (self.attention.as_mut(), step.as_deref()) {
+            b.begin_step(cx.plan)?;
+        }
+        let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        let mut keep = vec![false; g.values.len()];
+        for (&v, t) in g.inputs.iter().zip(inputs) {
+            slots[v.0 as usize] = Some(t.clone());
+            keep[v.0 as usize] = true;
+        }
+        for (v, t) in &self.params {
+            slots[*v] = Some(t.clone());
+            keep[*v] = true;
+        }
+        let mut run = HostRun {
+            g,
+            slots: &mut slots,
+            keep: &keep,
+            bind: &bind,
+            kernels: &self.kernels,
+            attention: self.attention.as_deref(),
+            step,
+        };
+        if let RResult::RErr(e) = self.inner.forward(ffi::RunGraph_TO::from_ptr(&mut run, TD_Opaque)) {
+            return Err(Error::Msg(format!("{}: {e}", self.who)));
+        }
+        g.outputs
+            .iter()
+            .map(|v| {
+                slots[v.0 as usize].take().ok_or_else(|| {
+                    Error::Msg(format!("{} left graph output `{}` without a value", self.who, g.value(*v).name))
+                })
+            })
+            .collect()
+    }
+}
+
+/// One forward of a library-compiled model: the graph's values so far and the host's kernels.
+struct HostRun<'a, 'c> {
+    g: &'a Graph,
+    slots: &'a mut Vec<Option<Tensor>>,
+    /// Inputs and weights: never released.
+    keep: &'a [bool],
+    bind: &'a crate::shape::Bindings,
+    kernels: &'a crate::cpu::KernelOptions,
+    attention: Option<&'a dyn AttentionBackend>,
+    step: Option<&'a mut StepContext<'c>>,
+}
+
+impl ffi::RunGraph for HostRun<'_, '_> {
+    fn num_nodes(&self) -> usize {
+        self.g.nodes.len()
+    }
+    fn node(&self, index: usize) -> ROption<ffi::NodeInfo> {
+        node_info(self.g, index)
+    }
+    fn value(&self, value: u32) -> ROption<ffi::ValueInfo> {
+        value_info(self.g, value)
+    }
+    fn outputs(&self) -> RVec<u32> {
+        self.g.outputs.iter().map(|v| v.0).collect()
+    }
+
+    fn run_node(&mut self, index: usize) -> RResult<(), RString> {
+        let Some(n) = self.g.nodes.get(index) else {
+            return RResult::RErr(format!("no node {index}: the graph has {}", self.g.nodes.len()).into());
+        };
+        let mut ins = Vec::with_capacity(n.inputs.len());
+        for v in &n.inputs {
+            match &self.slots[v.0 as usize] {
+                Some(t) => ins.push(t),
+                None => {
+                    return RResult::RErr(
+                        format!(
+                            "node {index} (`{}`, {}) reads `{}`, which holds no value (not computed yet, or released)",
+                            self.g.value(n.outputs[0]).name,
+                            n.op.name(),
+                            self.g.value(*v).name
+                        )
+                        .into(),
+                    )
+                }
+            }
+        }
+        let out = crate::interp::eval_node(
+            self.g,
+            index,
+            &ins,
+            self.bind,
+            self.kernels,
+            self.attention,
+            self.step.as_deref_mut(),
+        );
+        match out {
+            Ok(t) => {
+                self.slots[n.outputs[0].0 as usize] = Some(t);
+                RResult::ROk(())
+            }
+            Err(e) => RResult::RErr(e.to_string().into()),
+        }
+    }
+
+    fn read(&self, value: u32) -> RResult<ffi::HostTensor, RString> {
+        match self.slots.get(value as usize) {
+            Some(Some(t)) => RResult::ROk(ffi::HostTensor {
+                shape: t.shape().iter().map(|&d| d as u64).collect(),
+                data: t.to_f32().into_owned().into(),
+            }),
+            _ => RResult::RErr(format!("value {value} holds no value").into()),
+        }
+    }
+
+    fn release(&mut self, value: u32) {
+        let v = value as usize;
+        if v < self.slots.len() && !self.keep[v] {
+            self.slots[v] = None;
+        }
     }
 }
 

@@ -236,6 +236,12 @@ pub fn list_plugins() -> Vec<PluginListing> {
             version: p.version,
             origin: p.origin.into(),
         }))
+        .chain(EXTERNAL_COMPILE_BACKENDS.all().into_iter().map(|p| PluginListing {
+            kind: PluginKind::CompileBackend,
+            name: p.name,
+            version: p.version,
+            origin: p.origin.into(),
+        }))
         .chain(crate::runtime::external_runtimes().into_iter().map(|p| PluginListing {
             kind: PluginKind::Runtime,
             name: p.name,
@@ -301,17 +307,34 @@ pub fn detect_importer(path: &std::path::Path) -> Result<(&'static str, Box<dyn 
     )))
 }
 
+static EXTERNAL_COMPILE_BACKENDS: ExternalTable<dyn CompileBackend> = ExternalTable::new();
+
+/// Adds a compile backend from a plugin library; refused if the name is taken.
+pub fn register_external_compile_backend(b: External<dyn CompileBackend>) -> std::result::Result<(), String> {
+    let builtin =
+        inventory::iter::<CompileBackendPlugin>.into_iter().any(|p| p.name == b.name || p.aliases.contains(&b.name));
+    EXTERNAL_COMPILE_BACKENDS.register(b, "a compile backend", builtin)
+}
+
+/// The compile backend `name` names: built-in (by name or alias), then from libraries.
 pub fn compile_backend(name: &str) -> Result<Box<dyn CompileBackend>> {
-    inventory::iter::<CompileBackendPlugin>
-        .into_iter()
-        .find(|p| p.name == name || p.aliases.contains(&name))
-        .map(|p| (p.make)())
-        .ok_or_else(|| {
-            Error::Msg(format!(
-                "unknown compile_backend `{name}`; available: {}",
-                names(inventory::iter::<CompileBackendPlugin>.into_iter(), |p| p.name)
-            ))
-        })
+    if let Some(p) =
+        inventory::iter::<CompileBackendPlugin>.into_iter().find(|p| p.name == name || p.aliases.contains(&name))
+    {
+        return Ok((p.make)());
+    }
+    let ext = EXTERNAL_COMPILE_BACKENDS.all();
+    if let Some(p) = ext.iter().find(|p| p.name == name) {
+        return Ok((p.make)());
+    }
+    Err(Error::Msg(format!(
+        "unknown compile_backend `{name}`; available: {}{}",
+        names(
+            inventory::iter::<CompileBackendPlugin>.into_iter().map(|p| p.name).chain(ext.iter().map(|p| p.name)),
+            |n| n
+        ),
+        crate::plugin_abi::refusals_note()
+    )))
 }
 
 /// `plugin-registry.toml`: the external plugin libraries to load.

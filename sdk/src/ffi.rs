@@ -19,6 +19,9 @@
 //! - Model importers ([`PluginDecl::model_importer`]): read a model format the host does not
 //!   know and build its graph through [`GraphBuild`] (inputs, weights, nodes of built-in or
 //!   plugin ops by name, outputs).
+//! - Compile backends ([`PluginDecl::compile_backend`]): run a model's forward by choosing the
+//!   order nodes run in and when storage is released, through [`RunGraph`] (the host's CPU
+//!   kernels, one node at a time).
 //! - [`Runtime`]: schedules requests into forward steps on the engine through [`EngineOps`]
 //!   (limits, one batched step that samples each sequence's next token, streaming), owning the
 //!   batching policy and the KV-cache page assignment.
@@ -321,6 +324,47 @@ pub fn runtime_box(r: impl Runtime + 'static) -> RuntimeBox {
     Runtime_TO::from_value(r, abi_stable::sabi_trait::TD_Opaque)
 }
 
+/// One forward call of a compiled model as the host runs it for a library compile backend: the
+/// graph (read-only), and the host's kernels, one node at a time. Values are named by their ids;
+/// graph inputs and weights hold their values when the call starts, every other value once the
+/// node that writes it has run. The call succeeds when every graph output holds a value.
+#[sabi_trait]
+pub trait RunGraph {
+    fn num_nodes(&self) -> usize;
+    /// `None` past the last node.
+    fn node(&self, index: usize) -> ROption<NodeInfo>;
+    fn value(&self, value: u32) -> ROption<ValueInfo>;
+    /// The graph's outputs, in order.
+    fn outputs(&self) -> RVec<u32>;
+    /// Runs node `index` with the host's kernel for its op (cached attention: the engine's
+    /// attention backend over this step's KV cache): its inputs must hold values; its output
+    /// gets one. Errors name the node.
+    fn run_node(&mut self, index: usize) -> RResult<(), RString>;
+    /// A copy of a value, as f32 (`None`-like error if it holds none).
+    fn read(&self, value: u32) -> RResult<HostTensor, RString>;
+    /// Drops a value's storage (a later read or use of it is an error until a node writes it
+    /// again). Graph inputs and weights are kept whatever this says.
+    fn release(&mut self, value: u32);
+}
+
+/// The graph a compiled model runs, for the duration of one forward call.
+pub type RunGraphRef<'a> = RunGraph_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+
+/// A compiled model: runs one forward by choosing which nodes run, in what order, and when
+/// storage is released.
+#[sabi_trait]
+pub trait CompiledGraph: Send {
+    fn forward(&mut self, run: RunGraphRef<'_>) -> RResult<(), RString>;
+}
+
+/// An owned compiled model.
+pub type CompiledGraphBox = CompiledGraph_TO<'static, RBox<()>>;
+
+/// Boxes a compiled model for a compile backend's `compile` to return.
+pub fn compiled_graph_box(c: impl CompiledGraph + 'static) -> CompiledGraphBox {
+    CompiledGraph_TO::from_value(c, abi_stable::sabi_trait::TD_Opaque)
+}
+
 /// What a plugin declares.
 #[repr(u8)]
 #[derive(StableAbi)]
@@ -347,6 +391,12 @@ pub enum PluginBody {
         /// history) or an error message naming the file and what is wrong with it.
         /// An [`ImportFn`] (spelled out: the layout checker reads fn pointer types inline).
         import: extern "C" fn(RStr<'_>, RStr<'_>, GraphBuildRef<'_>) -> RResult<RString, RString>,
+    },
+    /// A compile backend, selectable as `compile_backend = "<name>"`: it runs the graph on the
+    /// host's CPU kernels, node by node, through [`RunGraph`].
+    CompileBackend {
+        /// Compiles for one engine; `options` is TOML text (`device`, `page_size`, `kv_pages`).
+        compile: extern "C" fn(RStr<'_>) -> RResult<CompiledGraphBox, RString>,
     },
     /// A runtime, selectable as `runtime = "<name>"`.
     Runtime {
@@ -419,6 +469,16 @@ impl PluginDecl {
             *enabled_by_default = false;
         }
         self
+    }
+
+    /// A compile backend, selectable as `compile_backend = "<name>"`; `compile(options)` makes
+    /// one compiled model per engine.
+    pub fn compile_backend(
+        name: &str,
+        version: &str,
+        compile: extern "C" fn(RStr<'_>) -> RResult<CompiledGraphBox, RString>,
+    ) -> PluginDecl {
+        PluginDecl { name: name.into(), version: version.into(), body: PluginBody::CompileBackend { compile } }
     }
 
     /// A runtime, selectable as `runtime = "<name>"`; `make` creates one instance per run.

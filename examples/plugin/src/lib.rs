@@ -12,7 +12,10 @@
 //!   built-in ops by name (see `llama2c.rs`).
 //! - `sequential` (runtime): one request at a time, prompt then one token per step (see
 //!   `sequential.rs`).
+//! - `checked` (compile backend): runs the graph node by node on the host's kernels and stops
+//!   at the first NaN or infinity, naming the node (see `checked.rs`).
 
+mod checked;
 mod llama2c;
 mod sequential;
 
@@ -37,6 +40,7 @@ fn plugins() -> Vec<PluginDecl> {
         PluginDecl::attention_backend("naive_cpu", VERSION, new_naive_cpu),
         PluginDecl::model_importer("llama2c", VERSION, llama2c::accepts, llama2c::import),
         PluginDecl::runtime("sequential", VERSION, sequential::new_sequential),
+        PluginDecl::compile_backend("checked", VERSION, checked::compile),
         PluginDecl::op("example.rms_norm", VERSION, 2, 0, rms_norm_cpu),
         PluginDecl::transform("use_example_rmsnorm", VERSION, Stage::PostLoadFusion, &[], UseExampleRmsNorm)
             .disabled_by_default(),

@@ -5,10 +5,11 @@
 use autodeploy_core::config::Device;
 use autodeploy_core::cpu;
 use autodeploy_core::error::{Error, Result};
+pub use autodeploy_core::interp::bind_inputs;
+use autodeploy_core::interp::{eval_node, load_params};
 use autodeploy_core::kvcache::{attention_backend, AttentionBackend, CacheSpec, StepContext};
 use autodeploy_core::registry::{CompileBackend, CompileBackendPlugin, CompileOptions, CompiledModel};
-use autodeploy_core::shape::Bindings;
-use autodeploy_core::{Graph, Op, Tensor};
+use autodeploy_core::{Graph, Tensor};
 
 pub struct SimpleBackend;
 
@@ -74,29 +75,16 @@ impl CompileBackend for SimpleBackend {
             return Ok(Box::new(super::cuda::CudaModel::compile(graph, opts, n, super::cuda::Mode::default())?));
         }
         graph.validate()?;
-        let mut params = Vec::with_capacity(graph.params.len());
         // A bar while weights load (dequantizing a GGUF takes seconds); hidden when stderr is not
         // a terminal.
         let bar = indicatif::ProgressBar::new(graph.params.len() as u64).with_style(
             indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} {wide_msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        for p in &graph.params {
-            bar.set_message(p.weight.clone());
+        let params = load_params(graph, |name| {
+            bar.set_message(name.to_string());
             bar.inc(1);
-            let meta = graph.meta(p.value);
-            let t = graph.weights.load(&p.weight, meta.dtype)?;
-            let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
-            if want.len() != meta.shape.len() || t.shape() != want.as_slice() {
-                return Err(Error::TensorShape {
-                    file: graph.weights.location(&p.weight).into(),
-                    name: p.weight.clone(),
-                    expected: want,
-                    found: t.shape().to_vec(),
-                });
-            }
-            params.push((p.value.0 as usize, t));
-        }
+        })?;
         bar.finish_and_clear();
         // Index of the last node reading each value; graph outputs live to the end.
         let mut last_use = vec![usize::MAX; graph.values.len()];
@@ -151,53 +139,6 @@ pub fn print_profile<K: std::fmt::Display>(what: &str, p: &std::collections::BTr
     }
 }
 
-/// Binds the symbols of the graph inputs' shapes from concrete inputs, checking every static
-/// size, dtype and symbol range.
-pub fn bind_inputs(g: &Graph, inputs: &[Tensor]) -> Result<Bindings> {
-    if inputs.len() != g.inputs.len() {
-        return Err(Error::Msg(format!("the graph takes {} inputs, got {}", g.inputs.len(), inputs.len())));
-    }
-    let mut bind = Bindings::new();
-    for (&v, t) in g.inputs.iter().zip(inputs) {
-        let info = g.value(v);
-        let bad = |msg: String| Error::Input { input: info.name.clone(), msg };
-        if t.dtype() != info.meta.dtype || t.rank() != info.meta.shape.len() {
-            return Err(bad(format!("expected {}, got {}{:?}", info.meta, t.dtype(), t.shape())));
-        }
-        for (d, &n) in info.meta.shape.iter().zip(t.shape()) {
-            if let [s] = d.symbols() {
-                if d.as_static().is_none() && d.eval(&Bindings::from([(s.clone(), 1)]))? == 1 {
-                    if let Some(&prev) = bind.get(s) {
-                        if prev != n {
-                            return Err(bad(format!("`{s}` is {n} here but {prev} in an earlier input")));
-                        }
-                    }
-                    bind.insert(s.clone(), n);
-                }
-            }
-        }
-    }
-    for (&v, t) in g.inputs.iter().zip(inputs) {
-        let info = g.value(v);
-        for (d, &n) in info.meta.shape.iter().zip(t.shape()) {
-            if d.eval(&bind)? != n {
-                return Err(Error::Input {
-                    input: info.name.clone(),
-                    msg: format!("size {n} where the graph wants {d}"),
-                });
-            }
-        }
-    }
-    for (s, r) in &g.symbols {
-        if let Some(&n) = bind.get(s) {
-            if n < r.min || n > r.max {
-                return Err(Error::Msg(format!("`{s}` = {n} is outside the supported range [{}, {}]", r.min, r.max)));
-            }
-        }
-    }
-    Ok(bind)
-}
-
 impl CompiledModel for Interpreter {
     fn forward(&mut self, inputs: &[Tensor], mut step: Option<&mut StepContext>) -> Result<Vec<Tensor>> {
         let g = &self.graph;
@@ -218,22 +159,8 @@ impl CompiledModel for Interpreter {
                 .iter()
                 .map(|v| slots[v.0 as usize].as_ref().expect("validated graph defines values before use"))
                 .collect();
-            let name = &g.value(n.outputs[0]).name;
             let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
-            let res = match (&n.op, &self.attention, step.as_deref_mut()) {
-                (Op::CachedAttention { layer, scale, .. }, Some(b), Some(cx)) => {
-                    b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx)
-                }
-                (Op::CachedAttention { .. }, _, None) => Err(Error::Msg(
-                    "this graph has cached attention: forward needs a step context (batch metadata and KV cache)"
-                        .into(),
-                )),
-                _ => cpu::eval_with(&n.op, &ins, &bind, &self.kernels),
-            };
-            let out = res.map_err(|e| match e {
-                Error::Shape { .. } => e.at_node(name),
-                e => Error::Op { op: n.op.name().into(), msg: format!("node `{name}`: {e}") },
-            })?;
+            let out = eval_node(g, i, &ins, &bind, &self.kernels, self.attention.as_deref(), step.as_deref_mut())?;
             if let (Some(p), Some(t0)) = (self.profile.as_mut(), t0) {
                 let e = p.entry(n.op.name().to_string()).or_default();
                 e.0 += 1;

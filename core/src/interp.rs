@@ -1,0 +1,107 @@
+//! Running a graph node by node on the CPU kernels: what the `simple` compile backend's
+//! interpreter and compile backends from plugin libraries (plugin_abi.rs) share.
+
+use crate::cpu;
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::kvcache::{AttentionBackend, StepContext};
+use crate::ops::Op;
+use crate::shape::Bindings;
+use crate::tensor::Tensor;
+
+/// Every weight the graph reads, loaded in the dtype the graph gives it and checked against its
+/// shape: `(value id, tensor)`. `each(name)` is called before each load (for a progress bar).
+pub fn load_params(graph: &Graph, mut each: impl FnMut(&str)) -> Result<Vec<(usize, Tensor)>> {
+    let mut params = Vec::with_capacity(graph.params.len());
+    for p in &graph.params {
+        each(&p.weight);
+        let meta = graph.meta(p.value);
+        let t = graph.weights.load(&p.weight, meta.dtype)?;
+        let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
+        if want.len() != meta.shape.len() || t.shape() != want.as_slice() {
+            return Err(Error::TensorShape {
+                file: graph.weights.location(&p.weight).into(),
+                name: p.weight.clone(),
+                expected: want,
+                found: t.shape().to_vec(),
+            });
+        }
+        params.push((p.value.0 as usize, t));
+    }
+    Ok(params)
+}
+
+/// Node `i` of `g` on `ins` (its inputs' values): cached attention through `attention` with the
+/// step's plan and KV cache, every other op through the CPU kernels. Errors name the node.
+pub fn eval_node(
+    g: &Graph,
+    i: usize,
+    ins: &[&Tensor],
+    bind: &Bindings,
+    kernels: &cpu::KernelOptions,
+    attention: Option<&dyn AttentionBackend>,
+    step: Option<&mut StepContext>,
+) -> Result<Tensor> {
+    let n = &g.nodes[i];
+    let name = &g.value(n.outputs[0]).name;
+    let res = match (&n.op, attention, step) {
+        (Op::CachedAttention { layer, scale, .. }, Some(b), Some(cx)) => {
+            b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx)
+        }
+        (Op::CachedAttention { .. }, _, None) => Err(Error::Msg(
+            "this graph has cached attention: forward needs a step context (batch metadata and KV cache)".into(),
+        )),
+        _ => cpu::eval_with(&n.op, ins, bind, kernels),
+    };
+    res.map_err(|e| match e {
+        Error::Shape { .. } => e.at_node(name),
+        e => Error::Op { op: n.op.name().into(), msg: format!("node `{name}`: {e}") },
+    })
+}
+
+/// Binds the symbols of the graph inputs' shapes from concrete inputs, checking every static
+/// size, dtype and symbol range.
+pub fn bind_inputs(g: &Graph, inputs: &[Tensor]) -> Result<Bindings> {
+    if inputs.len() != g.inputs.len() {
+        return Err(Error::Msg(format!("the graph takes {} inputs, got {}", g.inputs.len(), inputs.len())));
+    }
+    let mut bind = Bindings::new();
+    for (&v, t) in g.inputs.iter().zip(inputs) {
+        let info = g.value(v);
+        let bad = |msg: String| Error::Input { input: info.name.clone(), msg };
+        if t.dtype() != info.meta.dtype || t.rank() != info.meta.shape.len() {
+            return Err(bad(format!("expected {}, got {}{:?}", info.meta, t.dtype(), t.shape())));
+        }
+        for (d, &n) in info.meta.shape.iter().zip(t.shape()) {
+            if let [s] = d.symbols() {
+                if d.as_static().is_none() && d.eval(&Bindings::from([(s.clone(), 1)]))? == 1 {
+                    if let Some(&prev) = bind.get(s) {
+                        if prev != n {
+                            return Err(bad(format!("`{s}` is {n} here but {prev} in an earlier input")));
+                        }
+                    }
+                    bind.insert(s.clone(), n);
+                }
+            }
+        }
+    }
+    for (&v, t) in g.inputs.iter().zip(inputs) {
+        let info = g.value(v);
+        for (d, &n) in info.meta.shape.iter().zip(t.shape()) {
+            if d.eval(&bind)? != n {
+                return Err(Error::Input {
+                    input: info.name.clone(),
+                    msg: format!("size {n} where the graph wants {d}"),
+                });
+            }
+        }
+    }
+    for (s, r) in &g.symbols {
+        if let Some(&n) = bind.get(s) {
+            if n < r.min || n > r.max {
+                return Err(Error::Msg(format!("`{s}` = {n} is outside the supported range [{}, {}]", r.min, r.max)));
+            }
+        }
+    }
+    Ok(bind)
+}
