@@ -313,25 +313,17 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
 // out[h, t, :] = the chunks' partial states combined; one block per (t, h). The chunks' weights
 // exp(m_s - M) are computed once into shared memory (at most 64 chunks), then each thread sums
 // its output elements over the chunks.
-#define SPLIT(T, S, D)                                                                                                \
-    extern "C" __global__ void paged_decode_split_d##D##_##S(                                                        \
+#define SPLIT_ENTRY(T, S, D, NAME, EARLY)                                                                             \
+    extern "C" __global__ void NAME##_d##D##_##S(                                                                     \
         const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, const long long* cached_len, int page_size,          \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
         T* out) {                                                                                                     \
-        paged_decode_split<T, D, false>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,        \
+        paged_decode_split<T, D, EARLY>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,        \
                                         cached_len, page_size, heads, kv_heads, tokens, scale, chunk, splits,        \
                                         partial, counters, out);                                                      \
-    }                                                                                                                 \
-    extern "C" __global__ void paged_decode_split_early_d##D##_##S(                                                  \
-        const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
-        const long long* page_indptr, const int* page_indices, const long long* cached_len, int page_size,          \
-        int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out) {                                                                                                     \
-        paged_decode_split<T, D, true>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,         \
-                                       cached_len, page_size, heads, kv_heads, tokens, scale, chunk, splits,         \
-                                       partial, counters, out);                                                       \
     }
+#define SPLIT(T, S, D) SPLIT_ENTRY(T, S, D, paged_decode_split, false) SPLIT_ENTRY(T, S, D, paged_decode_split_early, true)
 
 #define SPLIT_INSTANTIATE(T, S) SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 128) SPLIT(T, S, 256)
 
