@@ -55,8 +55,9 @@ __device__ __forceinline__ void pdl_enter() {
 // Asks L2 for the first `bytes` at `p` (128-byte lines, the warp's lanes taking turns). The
 // GEMVs call it for their weight rows before `pdl_enter()`: weights are never written during a
 // step, so under programmatic dependent launch a GEMV's first weight reads are under way while
-// the kernels ahead run (the launcher sizes `bytes` so that a kernel's prefetch stays well
-// inside L2: measured on an H200, whole rows of every GEMV made the 8B decode step 24% slower).
+// the kernels ahead run. Only the head of each row (`Gpu::prefetch_row`, at most the row, 1 KiB
+// by default): on an H200 whole rows made the 8B decode step 24% slower, a budget of 16-32 MB
+// a kernel made it slower too, and 2 KiB a row slowed the GEMVs alone.
 __device__ __forceinline__ void prefetch_l2(const void* p, long bytes, int lane) {
     for (long off = (long)lane * 128; off < bytes; off += 32 * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + off));

@@ -155,7 +155,7 @@ pub struct Gpu {
     pub pdl: bool,
     /// Bytes of each weight row the decode GEMVs ask L2 for before waiting on the kernel ahead
     /// (`AUTODEPLOY_PREFETCH_ROW`, default 1024; on an H200, 0 to 1024 gave the same 8B step
-    /// and 2048 or more a slower one, see BENCHMARKS.md).
+    /// and 2048 slower GEMVs in `gemv_bench`, see BENCHMARKS.md).
     pub prefetch_row: usize,
     /// Steps of at most this many tokens use the split-KV decode's latency build (its first K/V
     /// loads before the wait, twice the registers); larger ones the throughput build. Starts at

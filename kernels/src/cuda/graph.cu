@@ -354,7 +354,7 @@ __device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, in
     extern "C" __global__ void gemv_bf16_m##M(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k,             \
                                               int accumulate, int prefetch) {                                         \
         int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                                                       \
-        if (row < n) prefetch_l2(w + (long)row * k, min(prefetch, k * 2), threadIdx.x & 31);                         \
+        if (row < n) prefetch_l2(w + (long)row * k, prefetch, threadIdx.x & 31);                                      \
         pdl_enter();                                                                                                  \
         gemv_bf16<M>(x, w, y, n, k, accumulate);                                                                      \
     }
@@ -416,8 +416,8 @@ extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf
     int j = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (j < inter) {
-        prefetch_l2(w + (long)j * k, min(prefetch, k * 2), lane);
-        prefetch_l2(w + (long)(j + inter) * k, min(prefetch, k * 2), lane);
+        prefetch_l2(w + (long)j * k, prefetch, lane);
+        prefetch_l2(w + (long)(j + inter) * k, prefetch, lane);
     }
     pdl_enter();
     if (j >= inter) return;
