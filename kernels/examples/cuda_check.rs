@@ -419,7 +419,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// One attention configuration through the three kernels; see the call in `main`.
 /// The executor's decode GEMVs (bf16, one row of activations): plain, accumulating into y, and
 /// the gate/up + SwiGLU one, against the CPU on the same bf16-rounded inputs; rows not a
 /// multiple of the kernel's block, k from 896 to 14336.
@@ -461,6 +460,7 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
     }
 }
 
+/// One attention configuration through the three kernels; see the call in `main`.
 fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads: usize, d: usize) {
     let page = 16usize;
     let seqs: [(usize, usize); 3] = [(37, 1), (0, 20), (15, 3)]; // (cached, new)
