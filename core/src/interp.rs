@@ -31,6 +31,19 @@ pub fn load_params(graph: &Graph, mut each: impl FnMut(&str)) -> Result<Vec<(usi
     Ok(params)
 }
 
+/// A forward's value table, indexed by value id: the graph inputs and the weights hold their
+/// tensors (clones share storage), every other value nothing yet.
+pub fn initial_values(g: &Graph, inputs: &[Tensor], params: &[(usize, Tensor)]) -> Vec<Option<Tensor>> {
+    let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
+    for (&v, t) in g.inputs.iter().zip(inputs) {
+        slots[v.0 as usize] = Some(t.clone());
+    }
+    for (v, t) in params {
+        slots[*v] = Some(t.clone());
+    }
+    slots
+}
+
 /// Node `i` of `g` on `ins` (its inputs' values): cached attention through `attention` with the
 /// step's plan and KV cache, every other op through the CPU kernels. Errors name the node.
 pub fn eval_node(

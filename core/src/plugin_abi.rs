@@ -14,7 +14,7 @@ use autodeploy_sdk::Stage;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ir::{Graph, TensorMeta, ValueId};
-use crate::kvcache::{AttentionBackend, ExternalAttention, StepContext};
+use crate::kvcache::{AttentionBackend, StepContext};
 use crate::shape::static_shape;
 use crate::tensor::Tensor;
 use crate::transform::{OptionSpec, Transform, TransformContext, TransformRef};
@@ -141,53 +141,33 @@ fn load_library(path: &Path) -> usize {
                 }
             }
             ffi::PluginBody::AttentionBackend { make } => {
-                crate::kvcache::register_external_attention(ExternalAttention {
-                    name: Box::leak(name.clone().into_boxed_str()),
-                    version: Box::leak(version.into_boxed_str()),
-                    origin: Box::leak(origin.clone().into_boxed_str()),
-                    make: Box::new(move || {
-                        Box::new(ExternalAttentionBackend { inner: make(), csr: Default::default() })
-                            as Box<dyn AttentionBackend>
-                    }),
-                })
+                crate::kvcache::register_external_attention(external(&name, &version, &origin, move || {
+                    Box::new(ExternalAttentionBackend { inner: make(), csr: Default::default() })
+                        as Box<dyn AttentionBackend>
+                }))
             }
             ffi::PluginBody::ModelImporter { accepts, import } => {
                 let (n, o) = (name.clone(), origin.clone());
-                crate::registry::register_external_importer(crate::registry::External {
-                    name: Box::leak(name.clone().into_boxed_str()),
-                    version: Box::leak(version.clone().into_boxed_str()),
-                    origin: Box::leak(origin.clone().into_boxed_str()),
-                    make: Box::new(move || {
-                        Box::new(LibraryImporter { name: n.clone(), origin: o.clone(), accepts, import })
-                            as Box<dyn crate::registry::ModelImporter>
-                    }),
-                })
+                crate::registry::register_external_importer(external(&name, &version, &origin, move || {
+                    Box::new(LibraryImporter { name: n.clone(), origin: o.clone(), accepts, import })
+                        as Box<dyn crate::registry::ModelImporter>
+                }))
             }
             ffi::PluginBody::CompileBackend { compile } => {
                 let (n, o) = (name.clone(), origin.clone());
-                crate::registry::register_external_compile_backend(crate::registry::External {
-                    name: Box::leak(name.clone().into_boxed_str()),
-                    version: Box::leak(version.clone().into_boxed_str()),
-                    origin: Box::leak(origin.clone().into_boxed_str()),
-                    make: Box::new(move || {
-                        Box::new(LibraryCompileBackend { name: n.clone(), origin: o.clone(), compile })
-                            as Box<dyn crate::registry::CompileBackend>
-                    }),
-                })
+                crate::registry::register_external_compile_backend(external(&name, &version, &origin, move || {
+                    Box::new(LibraryCompileBackend { name: n.clone(), origin: o.clone(), compile })
+                        as Box<dyn crate::registry::CompileBackend>
+                }))
             }
             ffi::PluginBody::Runtime { make } => {
                 let (n, o) = (name.clone(), origin.clone());
-                crate::runtime::register_external_runtime(crate::registry::External {
-                    name: Box::leak(name.clone().into_boxed_str()),
-                    version: Box::leak(version.clone().into_boxed_str()),
-                    origin: Box::leak(origin.clone().into_boxed_str()),
-                    make: Box::new(move || {
-                        let (n, o) = (n.clone(), o.clone());
-                        Box::new(move |cfg: &crate::config::PipelineConfig| {
-                            Box::new(LibraryRuntime::new(&n, &o, make(), cfg)) as Box<dyn crate::runtime::Runtime>
-                        }) as Box<crate::runtime::RuntimeMaker>
-                    }),
-                })
+                crate::runtime::register_external_runtime(external(&name, &version, &origin, move || {
+                    let (n, o) = (n.clone(), o.clone());
+                    Box::new(move |cfg: &crate::config::PipelineConfig| {
+                        Box::new(LibraryRuntime::new(&n, &o, make(), cfg)) as Box<dyn crate::runtime::Runtime>
+                    }) as Box<crate::runtime::RuntimeMaker>
+                }))
             }
             ffi::PluginBody::Op { inputs, output_like, cpu } => {
                 crate::custom_op::register(crate::custom_op::CustomOp {
@@ -209,6 +189,18 @@ fn load_library(path: &Path) -> usize {
     }
     tracing::info!("loaded {n} plugins from {}", path.display());
     n
+}
+
+/// A registry entry for a library's plugin: its listing (kept for the process: libraries are
+/// never unloaded) and how to make an instance.
+fn external<T: ?Sized>(
+    name: &str,
+    version: &str,
+    origin: &str,
+    make: impl Fn() -> Box<T> + Send + Sync + 'static,
+) -> crate::registry::External<T> {
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+    crate::registry::External { name: leak(name), version: leak(version), origin: leak(origin), make: Box::new(make) }
 }
 
 type FfiTransform = ffi::Transform_TO<'static, RBox<()>>;
@@ -627,16 +619,8 @@ impl crate::registry::CompiledModel for LibraryModel {
         if let (Some(b), Some(cx)) = (self.attention.as_mut(), step.as_deref()) {
             b.begin_step(cx.plan)?;
         }
-        let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
-        let mut keep = vec![false; g.values.len()];
-        for (&v, t) in g.inputs.iter().zip(inputs) {
-            slots[v.0 as usize] = Some(t.clone());
-            keep[v.0 as usize] = true;
-        }
-        for (v, t) in &self.params {
-            slots[*v] = Some(t.clone());
-            keep[*v] = true;
-        }
+        let mut slots = crate::interp::initial_values(g, inputs, &self.params);
+        let keep: Vec<bool> = slots.iter().map(Option::is_some).collect();
         let mut run = HostRun {
             g,
             slots: &mut slots,
@@ -807,19 +791,24 @@ impl crate::runtime::Runtime for LibraryRuntime {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        let mut host = HostEngine {
-            engine,
-            cache: None,
-            samplers: from.iter().map(|&i| crate::sampling::Sampler::new(requests[i].sampling.clone())).collect(),
-            from: &from,
-            on_token,
+        let limits = StepLimits {
             max_batch: self.max_batch,
             page_size: self.page_size,
             max_num_tokens: self.max_num_tokens,
             max_len,
+            num_pages: engine.kv_pages,
+            requests: from.len(),
+        };
+        let cache = engine.cache.clone().map(|spec| crate::kvcache::PagedKvCache::new(spec, self.page_size));
+        let mut host = HostEngine {
+            engine,
+            cache,
+            samplers: from.iter().map(|&i| crate::sampling::Sampler::new(requests[i].sampling.clone())).collect(),
+            from: &from,
+            on_token,
+            limits,
             stats: Default::default(),
         };
-        host.cache = host.engine.cache.clone().map(|spec| crate::kvcache::PagedKvCache::new(spec, self.page_size));
         let out = self.inner.generate(ffi::EngineOps_TO::from_ptr(&mut host, TD_Opaque), given.as_slice().into());
         let mut stats = std::mem::take(&mut host.stats);
         stats.cache_bytes = host.cache.as_ref().map_or(0, |c| c.bytes());
@@ -865,10 +854,7 @@ struct HostEngine<'a> {
     samplers: Vec<crate::sampling::Sampler>,
     from: &'a [usize],
     on_token: &'a mut dyn FnMut(usize, i64),
-    max_batch: usize,
-    page_size: usize,
-    max_num_tokens: usize,
-    max_len: usize,
+    limits: StepLimits,
     stats: crate::runtime::RunStats,
 }
 
@@ -932,34 +918,26 @@ fn check_step(l: &StepLimits, seqs: &[ffi::SeqStep]) -> std::result::Result<(), 
 
 impl ffi::EngineOps for HostEngine<'_> {
     fn max_batch_size(&self) -> usize {
-        self.max_batch
+        self.limits.max_batch
     }
     fn max_seq_len(&self) -> usize {
-        self.max_len
+        self.limits.max_len
     }
     fn max_num_tokens(&self) -> usize {
-        self.max_num_tokens
+        self.limits.max_num_tokens
     }
     fn page_size(&self) -> usize {
-        self.page_size
+        self.limits.page_size
     }
     fn num_pages(&self) -> usize {
-        self.engine.kv_pages
+        self.limits.num_pages
     }
     fn pages_per_sequence(&self) -> usize {
         self.engine.model.kv_pages_per_sequence().unwrap_or(0)
     }
 
     fn step(&mut self, seqs: RSlice<'_, ffi::SeqStep<'_>>) -> RResult<RVec<i64>, RString> {
-        let limits = StepLimits {
-            max_batch: self.max_batch,
-            page_size: self.page_size,
-            max_num_tokens: self.max_num_tokens,
-            max_len: self.max_len,
-            num_pages: self.engine.kv_pages,
-            requests: self.samplers.len(),
-        };
-        if let Err(e) = check_step(&limits, &seqs) {
+        if let Err(e) = check_step(&self.limits, &seqs) {
             return RResult::RErr(format!("refused step: {e}").into());
         }
         let Some(cache) = self.cache.as_mut() else {
@@ -981,21 +959,12 @@ impl ffi::EngineOps for HostEngine<'_> {
                 pages: s.pages.as_slice(),
             })
             .collect();
-        let out = match crate::runtime::forward_cached(self.engine, cache, self.page_size, &steps, Some(&draws)) {
-            Ok(o) => o,
+        let ids = match crate::runtime::forward_cached(self.engine, cache, self.limits.page_size, &steps, &draws)
+            .and_then(|out| out.tokens(&draws))
+        {
+            Ok(ids) => ids,
             Err(e) => return RResult::RErr(format!("forward step failed: {e}").into()),
         };
-        let ids: Vec<i64> = match out {
-            crate::runtime::StepOut::Ids(ids) => ids,
-            crate::runtime::StepOut::Logits(rows) => {
-                rows.iter().zip(&draws).map(|(r, d)| crate::sampling::pick(r, d)).collect()
-            }
-        };
-        if ids.len() != seqs.len() {
-            return RResult::RErr(
-                format!("the model returned {} rows for a step of {} sequences", ids.len(), seqs.len()).into(),
-            );
-        }
         let (n_tokens, prefill) = (
             seqs.iter().map(|s| s.new_tokens.len()).sum::<usize>(),
             seqs.iter().any(|s| s.cached == 0 || s.new_tokens.len() > 1),

@@ -32,6 +32,24 @@ pub enum StepOut {
     Ids(Vec<i64>),
 }
 
+impl StepOut {
+    /// Each sequence's next token: the model's ids, or picked from the logits with the same
+    /// `draws` (`sampling::pick`). Refused unless there is one per draw.
+    pub fn tokens(self, draws: &[RowDraw]) -> Result<Vec<i64>> {
+        let n = match &self {
+            StepOut::Ids(ids) => ids.len(),
+            StepOut::Logits(rows) => rows.len(),
+        };
+        if n != draws.len() {
+            return Err(Error::Msg(format!("the model returned {n} rows for a step of {} sequences", draws.len())));
+        }
+        Ok(match self {
+            StepOut::Ids(ids) => ids,
+            StepOut::Logits(rows) => rows.iter().zip(draws).map(|(row, d)| crate::sampling::pick(row, d)).collect(),
+        })
+    }
+}
+
 /// Whether `r` can run on `engine`: sampling parameters in range, a non-empty prompt shorter
 /// than `max_len` and within `max_num_tokens`, stop strings only with a tokenizer. The error
 /// names the request field at fault.
@@ -68,14 +86,14 @@ pub fn input_index(engine: &Engine, name: &str) -> Result<usize> {
 }
 
 /// One forward over `seqs` (flattened into one batch of tokens with the page table as metadata).
-/// With `draws` (one per sequence), a model that can pick tokens where the logits are returns
+/// A model that can pick tokens where the logits are, with `draws` (one per sequence), returns
 /// ids instead of logits.
 pub fn forward_cached(
     engine: &mut Engine,
     cache: &mut PagedKvCache,
     page_size: usize,
     seqs: &[SeqStep],
-    draws: Option<&[RowDraw]>,
+    draws: &[RowDraw],
 ) -> Result<StepOut> {
     let mut meta = BatchMetadata::default();
     let (mut ids, mut pos, mut gather) = (Vec::new(), Vec::new(), Vec::new());
@@ -94,14 +112,12 @@ pub fn forward_cached(
     inputs[input_index(engine, "position_ids")?] = Tensor::from_i64(vec![1, t], pos)?;
     inputs[input_index(engine, GATHER_INPUT)?] = Tensor::from_i64(vec![gather.len()], gather)?;
     let mut cx = StepContext { plan: &plan, cache };
-    if let Some(draws) = draws {
-        if draws.iter().all(|d| d.temperature <= 0.0 || d.top_k == 1) {
-            if let Some(ids) = engine.model.forward_greedy(&inputs, Some(&mut cx))? {
-                return Ok(StepOut::Ids(ids));
-            }
-        } else if let Some(ids) = engine.model.forward_sampled(&inputs, Some(&mut cx), draws)? {
+    if draws.iter().all(|d| d.temperature <= 0.0 || d.top_k == 1) {
+        if let Some(ids) = engine.model.forward_greedy(&inputs, Some(&mut cx))? {
             return Ok(StepOut::Ids(ids));
         }
+    } else if let Some(ids) = engine.model.forward_sampled(&inputs, Some(&mut cx), draws)? {
+        return Ok(StepOut::Ids(ids));
     }
     let out = engine.model.forward(&inputs, Some(&mut cx))?;
     let v = *out[0].shape().last().unwrap_or(&1);

@@ -6,7 +6,7 @@ use autodeploy_core::config::Device;
 use autodeploy_core::cpu;
 use autodeploy_core::error::{Error, Result};
 pub use autodeploy_core::interp::bind_inputs;
-use autodeploy_core::interp::{eval_node, load_params};
+use autodeploy_core::interp::{eval_node, initial_values, load_params};
 use autodeploy_core::kvcache::{attention_backend, AttentionBackend, CacheSpec, StepContext};
 use autodeploy_core::registry::{CompileBackend, CompileBackendPlugin, CompileOptions, CompiledModel};
 use autodeploy_core::{Graph, Tensor};
@@ -146,13 +146,7 @@ impl CompiledModel for Interpreter {
         if let (Some(b), Some(cx)) = (self.attention.as_mut(), step.as_deref()) {
             b.begin_step(cx.plan)?;
         }
-        let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
-        for (&v, t) in g.inputs.iter().zip(inputs) {
-            slots[v.0 as usize] = Some(t.clone());
-        }
-        for (v, t) in &self.params {
-            slots[*v] = Some(t.clone());
-        }
+        let mut slots = initial_values(g, inputs, &self.params);
         for (i, n) in g.nodes.iter().enumerate() {
             let ins: Vec<&Tensor> = n
                 .inputs

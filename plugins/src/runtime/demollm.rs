@@ -13,7 +13,7 @@ use autodeploy_core::runtime::{
     check_request, forward_cached, Completion, FinishReason, Request, RunStats, Runtime, RuntimePlugin, SeqStep,
     StepOut as Step,
 };
-use autodeploy_core::sampling::{pick, RowDraw, Sampler};
+use autodeploy_core::sampling::{RowDraw, Sampler};
 use autodeploy_core::Tensor;
 
 autodeploy_core::inventory::submit! {
@@ -60,19 +60,7 @@ impl DemoLlm {
         // Each sequence's draw for this token, taken before the forward: the same draw picks
         // the token on the host or where the logits are.
         let draws: Vec<RowDraw> = seqs.iter_mut().map(|s| s.sampler.draw()).collect();
-        let got = self.forward(engine, cache, seqs, &draws)?;
-        let n = match &got {
-            Step::Ids(ids) => ids.len(),
-            Step::Logits(rows) => rows.len(),
-        };
-        if n != seqs.len() {
-            return Err(Error::Msg(format!("the model returned {n} rows for a step of {} sequences", seqs.len())));
-        }
-        let rows = match got {
-            Step::Ids(ids) => return Ok(ids),
-            Step::Logits(rows) => rows,
-        };
-        Ok(rows.iter().zip(&draws).map(|(row, d)| pick(row, d)).collect())
+        self.forward(engine, cache, seqs, &draws)?.tokens(&draws)
     }
 
     fn forward(
@@ -99,7 +87,7 @@ impl DemoLlm {
             .iter()
             .map(|s| SeqStep { new_tokens: &s.tokens[s.cached..], cached: s.cached, pages: &s.pages })
             .collect();
-        forward_cached(engine, cache, self.page_size, &steps, Some(draws))
+        forward_cached(engine, cache, self.page_size, &steps, draws)
     }
 }
 
