@@ -545,7 +545,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     let cache_bytes = rows * kv_heads * d * esz;
     // CPU reference over a page table: the step's k/v written at their positions, then causal
     // attention per (token, head).
-    let reference = |tables: &[Vec<i32>]| -> (Vec<f32>, Vec<f32>) {
+    let reference = |tables: &[Vec<i32>], q: &[f32], k: &[f32]| -> (Vec<f32>, Vec<f32>) {
         let at = |s: usize, p: usize| tables[s][p / page] as usize * page + p % page;
         let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
         for t in 0..tokens {
@@ -590,7 +590,23 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         back(&raw)
     };
     let name = |kernel: &str| format!("{kernel} h{heads}/kv{kv_heads} d{d}");
-    let (want_s, want_kc_s) = reference(&scattered);
+    let (want_s, want_kc_s) = reference(&scattered, &q, &k);
+    // RoPE (rotate-half, rounded as the `rope` kernel) of [rows, tokens, d] with a [tokens, d]
+    // table, for the split-KV kernel's own rotation.
+    let (cos, sin) = (r(tokens * d, 26), r(tokens * d, 27));
+    let rope = |x: &[f32]| -> Vec<f32> {
+        let half = d / 2;
+        (0..x.len())
+            .map(|i| {
+                let (row, j) = (i / d, i % d);
+                let tt = row % tokens;
+                let rot = if j < half { -x[i + half] } else { x[i - half] };
+                rnd(bf, rnd(bf, x[i] * cos[tt * d + j]) + rnd(bf, rot * sin[tt * d + j]))
+            })
+            .collect()
+    };
+    let (want_r, want_kc_r) = reference(&scattered, &rope(&q), &rope(&k));
+    let (dcos, dsin) = (put(bytes(&cos)), put(bytes(&sin)));
     // flashinfer, ragged prefill kernel.
     let (kc, vc) = fresh_cache(&mut put);
     let out = put(vec![0u8; out_bytes]);
@@ -600,26 +616,63 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     rep.check("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
     // flashinfer, split-KV decode kernel, both builds (throughput, and latency: first K/V loads
     // before the wait): 16-position chunks (several per sequence) and one 64-position chunk
-    // (several passes).
+    // (several passes); the step's k/v straight from the linears, written into the cache by the
+    // kernel, with and without its own RoPE of q and k.
     for (chunk, splits, early) in [(16usize, 4usize, false), (64, 1, false), (16, 4, true), (64, 1, true)] {
-        let (kc, vc) = fresh_cache(&mut put);
-        let out = put(vec![0u8; out_bytes]);
-        let split = Split {
-            chunk,
-            splits,
-            partial: put(vec![0u8; tokens * heads * splits * (d + 2) * 4]),
-            counters: put(vec![0u8; tokens * heads * 4]),
-        };
-        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
-        let limit = &gpu.split_early_max_tokens;
-        limit.store(if early { usize::MAX } else { 0 }, std::sync::atomic::Ordering::Relaxed);
-        gpu.paged_decode_split(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale, split).unwrap();
-        limit.store(autodeploy_kernels::cuda::exec::SPLIT_EARLY_MAX_TOKENS, std::sync::atomic::Ordering::Relaxed);
-        let what = format!("split-KV decode{} /{chunk}", if early { " early" } else { "" });
-        rep.check_scaled(&name(&what), bf, &read(out, out_bytes), &want_s, 1e-5);
+        for rotate in [false, true] {
+            let (kc, vc) = fresh_cache(&mut put);
+            let out = put(vec![0u8; out_bytes]);
+            let split = Split {
+                chunk,
+                splits,
+                partial: put(vec![0u8; tokens * heads * splits * (d + 2) * 4]),
+                counters: put(vec![0u8; tokens * heads * 4]),
+            };
+            let tables = rotate.then_some((dcos, dsin));
+            if early {
+                let qkv = (dq, dk, dv);
+                gpu.paged_decode_split_fused(
+                    dt,
+                    qkv,
+                    tables,
+                    (kc, vc),
+                    out,
+                    &m_scattered,
+                    heads,
+                    kv_heads,
+                    d,
+                    scale,
+                    split,
+                )
+            } else {
+                // The throughput build reads rotated q and the step's k/v from the cache.
+                let q = match tables {
+                    Some((c, s)) => {
+                        let q_out = put(vec![0u8; out_bytes]);
+                        gpu.rope_write_kv(dt, (dq, dk, dv), c, s, q_out, (kc, vc), &m_scattered, heads, kv_heads, d)
+                            .unwrap();
+                        q_out
+                    }
+                    None => {
+                        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
+                        dq
+                    }
+                };
+                gpu.paged_decode_split(dt, q, (kc, vc), out, &m_scattered, heads, kv_heads, d, scale, split)
+            }
+            .unwrap();
+            let what = format!(
+                "split-KV decode{}{} /{chunk}",
+                if early { " early" } else { "" },
+                if rotate { " +rope" } else { "" }
+            );
+            let (want, want_kc) = if rotate { (&want_r, &want_kc_r) } else { (&want_s, &want_kc_s) };
+            rep.check_scaled(&name(&what), bf, &read(out, out_bytes), want, 1e-5);
+            rep.check("  k cache after write", bf, &read(kc, cache_bytes), want_kc);
+        }
     }
     // triton, fused write-and-attend over slots.
-    let (want_t, want_kc_t) = reference(&slots);
+    let (want_t, want_kc_t) = reference(&slots, &q, &k);
     let (kc, vc) = fresh_cache(&mut put);
     let out = put(vec![0u8; out_bytes]);
     gpu.slot_attention(dt, (dq, dk, dv), (kc, vc), out, &m_slots, heads, kv_heads, d, scale).unwrap();

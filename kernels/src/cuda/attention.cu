@@ -141,29 +141,61 @@ __device__ __forceinline__ void load_row(const float* p, float* out) {
     }
 }
 
-// Combines `splits` partial softmax states (rows of d values, then m and l) into one output
-// row; called by one block (reads bypass L1: other blocks wrote the partials).
+// Combines `splits` (at most 64) partial softmax states (rows of d values, then m and l) into
+// one output row; called by one block of at least 32 threads (reads bypass L1: other blocks
+// wrote the partials). Every load of a stage is issued together: the first warp reads all the
+// chunks' m and l at once, then each thread its output elements of every chunk.
 template <typename T>
 __device__ void merge_partials(const float* p, int splits, int d, T* out_row) {
     __shared__ float w[64];
     __shared__ float inv_l;
-    if (threadIdx.x < splits) w[threadIdx.x] = __ldcg(&p[threadIdx.x * (d + 2) + d]);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float M = -3.0e38f;
-        for (int s = 0; s < splits; s++) M = fmaxf(M, w[s]);
+    if (threadIdx.x < 32) {
+        int lane = threadIdx.x;
+        float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            if (lane + 32 * j < splits) {
+                m[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d]);
+                l[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d + 1]);
+            }
+        float M = fmaxf(m[0], m[1]);
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
         float L = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            w[s] = __expf(w[s] - M);
-            L += __ldcg(&p[s * (d + 2) + d + 1]) * w[s];
-        }
-        inv_l = 1.0f / L;
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            if (lane + 32 * j < splits) {
+                float e = __expf(m[j] - M);
+                w[lane + 32 * j] = e;
+                L += l[j] * e;
+            }
+        for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+        if (lane == 0) inv_l = 1.0f / L;
     }
     __syncthreads();
     for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float o = 0.0f;
+#pragma unroll 8
         for (int s = 0; s < splits; s++) o += __ldcg(&p[s * (d + 2) + e]) * w[s];
         store_f(out_row, e, o * inv_l);
+    }
+}
+
+// RoPE (rotate-half) of one head row held across a warp, PER values a lane (lane L holds
+// elements L·PER ..): the partner of element j is j ± D/2, in lane L ^ (D/2/PER). `c`/`s`
+// point at the lane's elements of the token's cos/sin row. Rounds as the `rope` kernel does:
+// each product, then their sum, to T. Every lane of the warp must call it (shuffles).
+template <typename T, int D, int PER>
+__device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, bool live, int lane) {
+    constexpr int HALF = D / 2;
+    bool lower = lane * PER < HALF;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        float y = __shfl_xor_sync(0xffffffffu, x[i], HALF / PER);
+        if (live) {
+            float cv = load_f(c, i), sv = load_f(s, i);
+            float a = round_as(c, x[i] * cv), b = round_as(c, (lower ? -y : y) * sv);
+            x[i] = round_as(c, a + b);
+        }
     }
 }
 
@@ -176,13 +208,22 @@ __device__ void merge_partials(const float* p, int splits, int d, T* out_row) {
 // sequence's length exit at once), so a captured CUDA graph replays as the sequence grows.
 // partial layout: [tokens, heads, splits, D + 2] floats.
 //
-// Two builds: the throughput one (EARLY false: 4 positions per warp and pass, everything after
-// the wait, few registers so many blocks fit) and the latency one for a few decode tokens (EARLY:
-// 8 positions per warp and pass at head dims up to 128, the first pass's K/V requested before
-// the wait, about twice the registers: at batch 64 on an H200 it made the 8B step 9.2 -> 12.1 ms).
+// Two builds. The throughput one (EARLY false: 4 positions per warp and pass, everything after
+// the wait, few registers so many blocks fit) reads every position from the cache: the step's
+// k/v were written (and rotated) by `write_kv`/`rope_write_kv` before it; k_new, v_new, cos and
+// sin are unused. The latency one, for a few decode tokens (EARLY: 8 positions per warp and pass
+// at head dims up to 128, the first pass's cached K/V requested before the wait, about twice the
+// registers: at batch 64 on an H200 it made the 8B step 9.2 -> 12.1 ms), saves that launch: the
+// step's keys and values come straight from the linears' output (k_new/v_new, [kv_heads,
+// tokens, D]) and, when `cos` is given, q and k get their RoPE here (cos/sin one [tokens, D]
+// table, rounded as the `rope` kernel rounds). Positions below a sequence's cached length come
+// from the cache, the step's own positions (its tokens are consecutive, the first at
+// seq_start) from k_new/v_new, so no block reads a slot this kernel writes; block (t, first q
+// head of a kv group, chunk 0) stores token t's k and v in the cache for the steps after.
 template <typename T, int D, bool EARLY>
-__device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
-                                   const long long* token_pos, const long long* page_indptr, const int* page_indices,
+__device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin,
+                                   T* k_cache, T* v_cache, const long long* token_seq, const long long* token_pos,
+                                   const long long* page_indptr, const int* page_indices, const long long* seq_start,
                                    const long long* cached_len, int page_size, int heads, int kv_heads, long tokens,
                                    float scale, int chunk, int splits, float* partial, int* counters, T* out_all) {
     constexpr int PER = (D + 31) / 32;
@@ -191,59 +232,76 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
     if constexpr (!EARLY) pdl_enter();
     long t = blockIdx.x;
     int h = blockIdx.y, s = blockIdx.z;
-    int kvh = h / (heads / kv_heads);
+    int group = heads / kv_heads;
+    int kvh = h / group;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     long long seq = token_seq[t], pos = token_pos[t];
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
     // Chunks past this token's position have nothing to do; the active ones are 0..active.
     int active = (int)(pos / chunk) + 1;
+    bool writer = s == 0 && h % group == 0;
     if (s >= active) {
         if constexpr (EARLY) pdl_enter();
         return;
     }
     float* out = partial + (((long)t * heads + h) * splits + s) * (D + 2);
     const int* pages = page_indices + page_indptr[seq];
+    const long long cached = cached_len[seq], first_tok = seq_start[seq];
+    const long long ready = cached - 1;  // the last position written before this step
     const bool live = lane * PER < D;
     // K and V of all U positions are requested together (one memory latency per iteration,
-    // not two), PER values per lane in one vector load where they fit. Positions below the
-    // sequence's cached length were written by earlier steps, so the first iteration's are
-    // requested before waiting for the kernels ahead (the step metadata is uploaded before the
-    // step, too); those this step wrote, just now by the kernel before, are read after the wait.
+    // not two), PER values per lane in one vector load where they fit.
     float kf[U][PER], vf[U][PER];
+    auto load_cached = [&](int u, long long p) {
+        long slot = (long)pages[p / page_size] * page_size + p % page_size;
+        long base = (slot * kv_heads + kvh) * D + lane * PER;
+        if (live) {
+            load_row<PER>(k_cache + base, kf[u]);
+            load_row<PER>(v_cache + base, vf[u]);
+        }
+    };
+    // Position p of this step: its token's row of k_new/v_new, k rotated.
+    auto load_new = [&](float* kr, float* vr, long long p) {
+        long tp = first_tok + (p - cached);
+        long base = ((long)kvh * tokens + tp) * D + lane * PER;
+        if (live) {
+            load_row<PER>(k_new + base, kr);
+            load_row<PER>(v_new + base, vr);
+        }
+        if (cos) rope_lanes<T, D, PER>(kr, cos + tp * D + lane * PER, sin + tp * D + lane * PER, live, lane);
+    };
     auto load = [&](long long p0, long long last) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            long long p = p0 + u;
-            long long pc = p <= last ? p : last;
-            long slot = (long)pages[pc / page_size] * page_size + pc % page_size;
-            long base = (slot * kv_heads + kvh) * D + lane * PER;
-            if (live && (!EARLY || pc >= 0)) {
-                load_row<PER>(k_cache + base, kf[u]);
-                load_row<PER>(v_cache + base, vf[u]);
-            }
+            long long p = p0 + u <= last ? p0 + u : last;
+            if (!EARLY || p <= ready)
+                load_cached(u, p);
+            else
+                load_new(kf[u], vf[u], p);
         }
     };
     long long first = lo + warp * U;
     if constexpr (EARLY) {
-        long long ready = cached_len[seq] - 1;  // the last position written before this step
-        if (ready > hi) ready = hi;
-        load(first, ready);
+        // Cached positions were written by earlier steps: the first pass's are requested before
+        // waiting for the kernels ahead (the step metadata is uploaded before the step, too).
+        long long lim = ready < hi ? ready : hi;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (first + u <= lim) load_cached(u, first + u);
         pdl_enter();
 #pragma unroll
         for (int u = 0; u < U; u++) {
             long long p = first + u;
-            if (live && p > ready && p <= hi) {
-                long slot = (long)pages[p / page_size] * page_size + p % page_size;
-                long base = (slot * kv_heads + kvh) * D + lane * PER;
-                load_row<PER>(k_cache + base, kf[u]);
-                load_row<PER>(v_cache + base, vf[u]);
-            }
+            if (p > ready && p <= hi) load_new(kf[u], vf[u], p);
         }
     }
     float qv[PER], acc[PER];
+    const long qrow = ((long)h * tokens + t) * D + lane * PER;
+    if (live) load_row<PER>(q + qrow, qv);
+    if (EARLY && cos) rope_lanes<T, D, PER>(qv, cos + t * D + lane * PER, sin + t * D + lane * PER, live, lane);
     for (int i = 0; i < PER; i++) {
-        qv[i] = live ? load_f(q, ((long)h * tokens + t) * D + lane * PER + i) * scale : 0.0f;
+        qv[i] = live ? qv[i] * scale : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
@@ -273,6 +331,18 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
                 for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * vf[u][i];
             m = m2;
         }
+    }
+    if (EARLY && writer && warp == 0) {
+        // Token t's k (rotated) and v into its cache slot, for the steps after this one.
+        float kr[PER], vr[PER];
+        load_new(kr, vr, pos);
+        long slot = (long)pages[pos / page_size] * page_size + pos % page_size;
+        long base = (slot * kv_heads + kvh) * D + lane * PER;
+        if (live)
+            for (int i = 0; i < PER; i++) {
+                store_f(k_cache, base + i, kr[i]);
+                store_f(v_cache, base + i, vr[i]);
+            }
     }
     __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
     if (lane == 0) {
@@ -310,18 +380,16 @@ __device__ void paged_decode_split(const T* q, const T* k_cache, const T* v_cach
     merge_partials<T>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_all + ((long)h * tokens + t) * D);
 }
 
-// out[h, t, :] = the chunks' partial states combined; one block per (t, h). The chunks' weights
-// exp(m_s - M) are computed once into shared memory (at most 64 chunks), then each thread sums
-// its output elements over the chunks.
 #define SPLIT_ENTRY(T, S, D, NAME, EARLY)                                                                             \
     extern "C" __global__ void NAME##_d##D##_##S(                                                                     \
-        const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
-        const long long* page_indptr, const int* page_indices, const long long* cached_len, int page_size,          \
+        const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, T* k_cache, T* v_cache,              \
+        const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
+        const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
         T* out) {                                                                                                     \
-        paged_decode_split<T, D, EARLY>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,        \
-                                        cached_len, page_size, heads, kv_heads, tokens, scale, chunk, splits,        \
-                                        partial, counters, out);                                                      \
+        paged_decode_split<T, D, EARLY>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,           \
+                                        page_indptr, page_indices, seq_start, cached_len, page_size, heads,         \
+                                        kv_heads, tokens, scale, chunk, splits, partial, counters, out);            \
     }
 #define SPLIT(T, S, D) SPLIT_ENTRY(T, S, D, paged_decode_split, false) SPLIT_ENTRY(T, S, D, paged_decode_split_early, true)
 

@@ -157,10 +157,6 @@ pub struct Gpu {
     /// (`AUTODEPLOY_PREFETCH_ROW`, default 1024; on an H200, 0 to 1024 gave the same 8B step
     /// and 2048 slower GEMVs in `gemv_bench`, see BENCHMARKS.md).
     pub prefetch_row: usize,
-    /// Steps of at most this many tokens use the split-KV decode's latency build (its first K/V
-    /// loads before the wait, twice the registers); larger ones the throughput build. Starts at
-    /// `SPLIT_EARLY_MAX_TOKENS`.
-    pub split_early_max_tokens: std::sync::atomic::AtomicUsize,
 }
 
 /// The split-KV decode's latency build serves steps of up to this many tokens: on an H200 it
@@ -288,16 +284,7 @@ impl Gpu {
         let pdl = dev.cc.0 >= 9 && std::env::var("AUTODEPLOY_PDL").map_or(true, |v| v != "0");
         let prefetch_row =
             std::env::var("AUTODEPLOY_PREFETCH_ROW").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1024);
-        Ok(Gpu {
-            dev,
-            stream,
-            blas,
-            _blas_workspace: ws,
-            f,
-            pdl,
-            prefetch_row,
-            split_early_max_tokens: SPLIT_EARLY_MAX_TOKENS.into(),
-        })
+        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row })
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {
@@ -784,16 +771,16 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// Split-KV decode attention: positions cut into `split.splits` chunks of `split.chunk`,
-    /// partial states in `split.partial` (`tokens × heads × splits × (d + 2)` f32), merged into
-    /// out `[heads, tokens, d]` by the last chunk to finish.
+    /// Split-KV decode attention, throughput build: positions cut into `split.splits` chunks of
+    /// `split.chunk`, partial states in `split.partial` (`tokens × heads × splits × (d + 2)`
+    /// f32), merged into out `[heads, tokens, d]` by the last chunk to finish. Reads q (rotated)
+    /// and every position's k/v from the cache: `write_kv` or `rope_write_kv` runs first.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_split(
         &self,
         dt: Dt,
         q: Ptr,
-        kc: Ptr,
-        vc: Ptr,
+        cache: (Ptr, Ptr),
         out: Ptr,
         meta: &StepMeta,
         heads: usize,
@@ -802,18 +789,57 @@ impl Gpu {
         scale: f32,
         split: Split,
     ) -> Result<(), Unavailable> {
+        let f = &self.f.paged_decode_split;
+        self.launch_split(f, dt, (q, 0, 0), (0, 0), cache, out, meta, (heads, kv_heads, d), scale, split)
+    }
+
+    /// Split-KV decode attention, latency build (for steps of at most `SPLIT_EARLY_MAX_TOKENS`
+    /// tokens), with the layer's RoPE and KV-cache write in the same launch: `qkv` are this
+    /// step's q `[heads, tokens, d]` and k, v `[kv_heads, tokens, d]` as the linears left them;
+    /// with `rope` (one `[tokens, d]` cos and sin table) q and k are rotated first. The kernel
+    /// stores the step's k and v in the cache. Otherwise as `paged_decode_split`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_split_fused(
+        &self,
+        dt: Dt,
+        qkv: (Ptr, Ptr, Ptr),
+        rope: Option<(Ptr, Ptr)>,
+        cache: (Ptr, Ptr),
+        out: Ptr,
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+        split: Split,
+    ) -> Result<(), Unavailable> {
+        let f = &self.f.paged_decode_split_early;
+        let tables = rope.unwrap_or((0, 0));
+        self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), scale, split)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_split(
+        &self,
+        builds: &[Vec<Kernel>; 2],
+        dt: Dt,
+        qkv: (Ptr, Ptr, Ptr),
+        (cos, sin): (Ptr, Ptr),
+        cache: (Ptr, Ptr),
+        out: Ptr,
+        meta: &StepMeta,
+        (heads, kv_heads, d): (usize, usize, usize),
+        scale: f32,
+        split: Split,
+    ) -> Result<(), Unavailable> {
         let di = head_dim_index(d, "paged attention")?;
         let a = attn_dt(dt)?;
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let (chunk, splits) = (split.chunk as i32, split.splits as i32);
-        let builds = if meta.tokens <= self.split_early_max_tokens.load(std::sync::atomic::Ordering::Relaxed) {
-            &self.f.paged_decode_split_early
-        } else {
-            &self.f.paged_decode_split
-        };
         let mut l = self.launcher(builds[a][di]);
-        l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
-        l.arg(&meta.page_indices)
+        l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&cache.0).arg(&cache.1);
+        l.arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr).arg(&meta.page_indices);
+        l.arg(&meta.seq_start)
             .arg(&meta.cached_len)
             .arg(&ps)
             .arg(&h)
@@ -828,8 +854,8 @@ impl Gpu {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as paged_attention; `partial` holds tokens × heads × splits × (d + 2) floats,
-        // `counters` tokens × heads zeroed ints.
+        // SAFETY: as paged_attention; the step's tokens index q/k/v and cos/sin; `partial` holds
+        // tokens × heads × splits × (d + 2) floats, `counters` tokens × heads zeroed ints.
         launched("paged_decode_split", unsafe { l.launch(cfg) }.map(|_| ()))
     }
 

@@ -20,7 +20,7 @@ use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
 use autodeploy_kernels::cuda::exec::{
-    Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK,
+    Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK, SPLIT_EARLY_MAX_TOKENS,
 };
 use autodeploy_kernels::cuda::Unavailable;
 
@@ -971,9 +971,10 @@ impl CudaModel {
                         .map_err(fail)?;
                     } else {
                         let ropes: Vec<usize> = (0..i).filter(|&r| self.deferred_to[r] == Some(i)).collect();
-                        let q = if let [rq, rk] = ropes[..] {
-                            // q and k still need their RoPE: one kernel rotates q into rq's region and
-                            // writes rotated k and v into the cache.
+                        let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
+                        // q and k may still need their RoPE (deferred to this node): the raw q
+                        // and k, and the cos/sin table.
+                        let rope = if let [rq, rk] = ropes[..] {
                             let (nq, nk) = (&g.nodes[rq], &g.nodes[rk]);
                             let cs = shape_of(nq.inputs[1])?;
                             let t = qs[2];
@@ -985,34 +986,19 @@ impl CudaModel {
                                     "cos/sin {cs:?} are not one [tokens, head_dim] table"
                                 ))));
                             }
-                            let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
-                            let q_out = base + self.plan[rq].out as u64;
-                            gpu.rope_write_kv(
-                                odt,
-                                (p(nq.inputs[0]), p(nk.inputs[0]), inp(2)),
-                                p(nq.inputs[1]),
-                                p(nq.inputs[2]),
-                                q_out,
-                                (l.k.ptr, l.v.ptr),
-                                meta,
-                                heads,
-                                l.kv_heads,
-                                l.head_dim,
-                            )
-                            .map_err(fail)?;
-                            q_out
+                            Some((rq, p(nq.inputs[0]), p(nk.inputs[0]), (p(nq.inputs[1]), p(nq.inputs[2]))))
                         } else {
-                            gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim)
-                                .map_err(fail)?;
-                            inp(0)
+                            None
                         };
                         match self.split {
-                            Some(split) if meta.tokens <= self.split_tokens => gpu
-                                .paged_decode_split(
+                            // A few decode tokens: one kernel rotates, writes the cache and attends.
+                            Some(split) if meta.tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS) => {
+                                let (q, k) = rope.map_or((inp(0), inp(1)), |(_, q, k, _)| (q, k));
+                                gpu.paged_decode_split_fused(
                                     odt,
-                                    q,
-                                    l.k.ptr,
-                                    l.v.ptr,
+                                    (q, k, inp(2)),
+                                    rope.map(|r| r.3),
+                                    (l.k.ptr, l.v.ptr),
                                     planned,
                                     meta,
                                     heads,
@@ -1021,21 +1007,43 @@ impl CudaModel {
                                     *scale as f32,
                                     split,
                                 )
-                                .map_err(fail)?,
-                            _ => gpu
-                                .paged_attention(
-                                    odt,
-                                    q,
-                                    l.k.ptr,
-                                    l.v.ptr,
-                                    planned,
-                                    meta,
-                                    heads,
-                                    l.kv_heads,
-                                    l.head_dim,
-                                    *scale as f32,
-                                )
-                                .map_err(fail)?,
+                                .map_err(fail)?
+                            }
+                            split => {
+                                let q = if let Some((rq, q, k, (cos, sin))) = rope {
+                                    // One kernel rotates q into rq's region and writes rotated k
+                                    // and v into the cache.
+                                    let q_out = base + self.plan[rq].out as u64;
+                                    gpu.rope_write_kv(
+                                        odt,
+                                        (q, k, inp(2)),
+                                        cos,
+                                        sin,
+                                        q_out,
+                                        (l.k.ptr, l.v.ptr),
+                                        meta,
+                                        heads,
+                                        l.kv_heads,
+                                        l.head_dim,
+                                    )
+                                    .map_err(fail)?;
+                                    q_out
+                                } else {
+                                    gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim)
+                                        .map_err(fail)?;
+                                    inp(0)
+                                };
+                                let cache = (l.k.ptr, l.v.ptr);
+                                let (kvh, d, sc) = (l.kv_heads, l.head_dim, *scale as f32);
+                                match split {
+                                    Some(split) if meta.tokens <= self.split_tokens => gpu
+                                        .paged_decode_split(odt, q, cache, planned, meta, heads, kvh, d, sc, split)
+                                        .map_err(fail)?,
+                                    _ => gpu
+                                        .paged_attention(odt, q, cache.0, cache.1, planned, meta, heads, kvh, d, sc)
+                                        .map_err(fail)?,
+                                }
+                            }
                         }
                     }
                 }
