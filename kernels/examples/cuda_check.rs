@@ -8,7 +8,7 @@
 //! `x·r` then rounds one bf16 ulp away, and the weight multiplies that step (|w| up to 2 here).
 use std::process::ExitCode;
 
-use autodeploy_kernels::cuda::exec::{Dt, Gpu, Split, StepMeta};
+use autodeploy_kernels::cuda::exec::{plan_tiles, Dt, Gpu, Split, StepMeta, PREFILL_TC_DIMS};
 use autodeploy_kernels::cuda::Device;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -525,6 +525,8 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     };
     let (dq, dk, dv) = (put(bytes(&q)), put(bytes(&k)), put(bytes(&v)));
     let (ts, tp, ss, cl) = (put(ints64(&tseq)), put(ints64(&tpos)), put(ints64(&start)), put(ints64(&cached)));
+    let tiles = plan_tiles(&tseq, &tpos, seqs.len());
+    let dtiles = put(ints64(&tiles));
     let meta_for = |put: &mut dyn FnMut(Vec<u8>) -> u64, tables: &[Vec<i32>]| {
         let (indptr, indices) = csr(tables);
         StepMeta {
@@ -536,6 +538,8 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
             page_indices: put(ints32(&indices)),
             seq_start: ss,
             cached_len: cl,
+            tiles: dtiles,
+            tile_slots: tiles.len() / 2,
         }
     };
     let m_scattered = meta_for(&mut put, &scattered);
@@ -607,13 +611,30 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     };
     let (want_r, want_kc_r) = reference(&scattered, &rope(&q), &rope(&k));
     let (dcos, dsin) = (put(bytes(&cos)), put(bytes(&sin)));
-    // flashinfer, ragged prefill kernel.
-    let (kc, vc) = fresh_cache(&mut put);
-    let out = put(vec![0u8; out_bytes]);
-    gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
-    gpu.paged_attention(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale).unwrap();
-    rep.check_scaled(&name("paged"), bf, &read(out, out_bytes), &want_s, 1e-5);
-    rep.check("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
+    // flashinfer, ragged prefill kernel: one block per token on CUDA cores, and (bf16, sm_80+)
+    // one warp per tile of 16 tokens on tensor cores.
+    let tc_applies = bf && gpu.dev.cc.0 >= 8 && PREFILL_TC_DIMS.contains(&d);
+    for tc in [false, true] {
+        if tc && !tc_applies {
+            continue;
+        }
+        let (kc, vc) = fresh_cache(&mut put);
+        let out = put(vec![0u8; out_bytes]);
+        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
+        let mut m = m_scattered;
+        if !tc {
+            m.tile_slots = 0; // no tiles planned: the CUDA-core kernel
+        }
+        gpu.paged_attention(dt, dq, kc, vc, out, &m, heads, kv_heads, d, scale).unwrap();
+        rep.check_scaled(
+            &name(if tc { "paged tensor-core" } else { "paged" }),
+            bf,
+            &read(out, out_bytes),
+            &want_s,
+            1e-5,
+        );
+        rep.check("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
+    }
     // flashinfer, split-KV decode kernel, both builds (throughput, and latency: first K/V loads
     // before the wait): 16-position chunks (several per sequence) and one 64-position chunk
     // (several passes); the step's k/v straight from the linears, written into the cache by the

@@ -227,6 +227,29 @@ fn long_prefill_matches_cpu() {
     }
 }
 
+/// bf16 prompts of 100 tokens, three in one 300-token step, take the ragged kernel on tensor
+/// cores (head dim 32, sm_80+; f32 keeps the CUDA-core kernel): the logits of that step and of
+/// a decode step after it stay within bf16's tolerance of the CPU's.
+#[test]
+fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
+    let Some(_turn) = gpu() else { return };
+    let prompts: Vec<Vec<i64>> = (0..3).map(|r| (0..100).map(|i| 1 + (i * 37 + r * 11) % 250).collect()).collect();
+    let decode = [vec![5, 6, 7]];
+    let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\nmax_seq_len = 256\n");
+    let mut cpu = engine("qwen3", &format!("{base}device = \"cpu\"\n"));
+    let reference = run_steps(&mut cpu, &prompts, &decode);
+    for backend in ["simple", "opt"] {
+        let extra =
+            format!("{base}device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"flashinfer\"\n");
+        let mut gpu = engine("qwen3", &extra);
+        let got = run_steps(&mut gpu, &prompts, &decode);
+        let (d, m) = max_diff(&reference, &got);
+        let tol = 4.0 * m.max(1.0) / 128.0;
+        eprintln!("qwen3 bf16 300-token prefill, {backend}: max |logit diff| {d:.3e} (max |logit| {m:.2}, tolerance {tol:.3e})");
+        assert!(d <= tol, "{backend}: logits differ from the CPU by {d} > {tol}");
+    }
+}
+
 /// Seeded sampled requests (temperature, top-k, top-p) picked on the GPU (`forward_sampled`,
 /// no logits copied back) generate the tokens the CPU samples from its own logits: the same
 /// uniform draw per token, the same filters. f32, so the logits agree to ~1e-5 and no draw

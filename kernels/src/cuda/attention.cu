@@ -104,6 +104,184 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
 ATTN_INSTANTIATE(float, f32)
 ATTN_INSTANTIATE(bf16_t, bf16)
 
+// Tensor-core prefill over the paged cache (bf16, FlashAttention-2's scheme with mma.sync
+// m16n8k16, sm_80+): one warp per (tile, query head), a tile being up to 16 consecutive query
+// tokens of one sequence (`tiles`: i64 pairs of first token and count, planned once per step on
+// the host; count 0: nothing to do). The warp walks the sequence's positions 16 at a time up
+// to its last token's: K and V of those positions go to shared memory, S = Q·Kᵀ (f32
+// accumulate) is scaled and causally masked, an online softmax per row keeps m and l, and
+// O += P·V with P split into two bf16 terms (P = hi + lo), so the weights keep ~16 bits as the
+// CPU's f32 softmax does rather than bf16's 8. Output rounds once to bf16.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): g = lane / 4, c = lane % 4. A (16×16, row):
+// regs {A[g][2c..], A[g+8][2c..], A[g][2c+8..], A[g+8][2c+8..]}, two bf16 each, lower column in
+// the low half. B (16×8, col): {B[2c..][g], B[2c+8..][g]}. C (16×8 f32): {C[g][2c], C[g][2c+1],
+// C[g+8][2c], C[g+8][2c+1]}.
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host launches this kernel on sm_80+ only
+#endif
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+__device__ __forceinline__ unsigned pack_raw(bf16_t lo, bf16_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+
+template <int D>
+__device__ void paged_prefill_tc(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                                 const long long* token_seq, const long long* token_pos, const long long* page_indptr,
+                                 const int* page_indices, const long long* tiles, int page_size, int heads,
+                                 int kv_heads, long tokens, float scale, bf16_t* out) {
+    constexpr int KS = D / 16;  // k-steps of S over the head dim
+    constexpr int NT = D / 8;   // 8-wide column tiles of O
+    constexpr int RS = D + 8;   // shared row stride in bf16 (16-byte multiple, fewer bank conflicts)
+    __shared__ __align__(16) bf16_t ks[16 * RS];
+    __shared__ __align__(16) bf16_t vs[16 * RS];
+    int tile = blockIdx.x, h = blockIdx.y;
+    long t0 = (long)tiles[2 * tile];
+    int cnt = (int)tiles[2 * tile + 1];
+    if (cnt <= 0) return;
+    int kvh = h / (heads / kv_heads);
+    int lane = threadIdx.x, g = lane >> 2, c = lane & 3;
+    long long seq = token_seq[t0], pos0 = token_pos[t0];
+    long long last = pos0 + cnt - 1;  // the tile's rows sit at positions pos0 + row
+    const int* pages = page_indices + page_indptr[seq];
+    // Q as A fragments, rows past the tile zero.
+    unsigned qa[KS][4];
+    const bf16_t* qh = q + ((long)h * tokens + t0) * D;
+    auto q2 = [&](int row, int col) -> unsigned {
+        return row < cnt ? *(const unsigned*)(qh + (long)row * D + col) : 0u;
+    };
+#pragma unroll
+    for (int k = 0; k < KS; k++) {
+        qa[k][0] = q2(g, k * 16 + 2 * c);
+        qa[k][1] = q2(g + 8, k * 16 + 2 * c);
+        qa[k][2] = q2(g, k * 16 + 2 * c + 8);
+        qa[k][3] = q2(g + 8, k * 16 + 2 * c + 8);
+    }
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};  // rows g and g + 8
+    for (long long kb = 0; kb <= last; kb += 16) {
+        // K and V of positions kb .. kb + 15 (past `last`: zero, masked below).
+        __syncwarp();
+        for (int i = lane; i < 16 * (D / 8); i += 32) {
+            int r = i / (D / 8), ch = i % (D / 8);
+            long long p = kb + r;
+            uint4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
+            if (p <= last) {
+                long slot = (long)pages[p / page_size] * page_size + p % page_size;
+                long base = (slot * kv_heads + kvh) * D + ch * 8;
+                kv = *(const uint4*)(k_cache + base);
+                vv = *(const uint4*)(v_cache + base);
+            }
+            *(uint4*)(ks + r * RS + ch * 8) = kv;
+            *(uint4*)(vs + r * RS + ch * 8) = vv;
+        }
+        __syncwarp();
+        // S for keys kb + 8j + (0..8), j = 0, 1.
+        float sc[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+            const bf16_t* kr = ks + (8 * j + g) * RS + 2 * c;
+#pragma unroll
+            for (int k = 0; k < KS; k++)
+                mma_bf16(sc[j], qa[k], *(const unsigned*)(kr + k * 16), *(const unsigned*)(kr + k * 16 + 8));
+        }
+        // Scale, causal mask, online softmax per row (the row's 16 scores sit in 4 lanes).
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int row = g + 8 * half;
+            long long lim = row < cnt ? pos0 + row : -1;
+            float mx = -3.0e38f;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    long long key = kb + 8 * j + 2 * c + e;
+                    float v = key <= lim ? sc[j][2 * half + e] * scale : __int_as_float(0xff800000);  // -inf
+                    sc[j][2 * half + e] = v;
+                    mx = fmaxf(mx, v);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m2 = fmaxf(m[half], mx);
+            float corr = __expf(m[half] - m2);
+            m[half] = m2;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float p = __expf(sc[j][2 * half + e] - m2);
+                    sc[j][2 * half + e] = p;
+                    sum += p;
+                }
+            l[half] = l[half] * corr + sum;  // this lane's share; the row's 4 lanes summed at the end
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                o[n][2 * half] *= corr;
+                o[n][2 * half + 1] *= corr;
+            }
+        }
+        // P (16 rows × 16 keys) as A fragments: hi = bf16(P), lo = bf16(P - hi).
+        unsigned phi[4], plo[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            // regs: (row g, keys 2c..) tile 0, (row g+8) tile 0, (row g) tile 1, (row g+8) tile 1
+            int j = r >> 1, e = (r & 1) * 2;
+            float a = sc[j][e], b = sc[j][e + 1];
+            phi[r] = pack_bf16(a, b);
+            float ah = bf16_to_f32((bf16_t)(phi[r] & 0xffffu)), bh = bf16_to_f32((bf16_t)(phi[r] >> 16));
+            plo[r] = pack_bf16(a - ah, b - bh);
+        }
+        // O += P · V: B[key][dim] = V rows 2c, 2c+1 and 2c+8, 2c+9 at dim 8n + g.
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            const bf16_t* vc = vs + 8 * n + g;
+            unsigned b0 = pack_raw(vc[(2 * c) * RS], vc[(2 * c + 1) * RS]);
+            unsigned b1 = pack_raw(vc[(2 * c + 8) * RS], vc[(2 * c + 9) * RS]);
+            mma_bf16(o[n], phi, b0, b1);
+            mma_bf16(o[n], plo, b0, b1);
+        }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        float L = l[half];
+        L += __shfl_xor_sync(0xffffffffu, L, 1);
+        L += __shfl_xor_sync(0xffffffffu, L, 2);
+        int row = g + 8 * half;
+        if (row >= cnt) continue;
+        bf16_t* orow = out + ((long)h * tokens + t0 + row) * D;
+        float inv = 1.0f / L;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+            *(unsigned*)(orow + 8 * n + 2 * c) = pack_bf16(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+    }
+}
+
+#define PREFILL_TC(D)                                                                                                 \
+    extern "C" __global__ void paged_prefill_tc_d##D##_bf16(                                                          \
+        const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, const long long* token_seq,                  \
+        const long long* token_pos, const long long* page_indptr, const int* page_indices, const long long* tiles,   \
+        int page_size, int heads, int kv_heads, long tokens, float scale, bf16_t* out) {                            \
+        pdl_enter();                                                                                                  \
+        paged_prefill_tc<D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles, page_size,  \
+                            heads, kv_heads, tokens, scale, out);                                                     \
+    }
+PREFILL_TC(32)
+PREFILL_TC(64)
+PREFILL_TC(128)
+
 // `N` consecutive values (a lane's share of a head row) as f32: one 8- or 16-byte load for
 // bf16 rows of 4 or 8, one 16-byte load for f32 rows of 4, else element by element. Callers'
 // offsets are multiples of N (rows start at multiples of the head dim).

@@ -140,6 +140,8 @@ struct Funcs {
     paged_decode_split_early: [Vec<Kernel>; 2],
     rope_write_kv: [Kernel; 2],
     slot_attention: [Vec<Kernel>; 2],
+    /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`.
+    paged_prefill_tc: Vec<Kernel>,
 }
 
 /// One GPU, one stream, cuBLAS on it, and the executor's kernels.
@@ -157,6 +159,10 @@ pub struct Gpu {
     /// (`AUTODEPLOY_PREFETCH_ROW`, default 1024; on an H200, 0 to 1024 gave the same 8B step
     /// and 2048 slower GEMVs in `gemv_bench`, see BENCHMARKS.md).
     pub prefetch_row: usize,
+    /// Prefill attention on tensor cores where it applies (bf16, head dim in
+    /// `PREFILL_TC_DIMS`, sm_80+, a step with planned tiles); `AUTODEPLOY_PREFILL_TC=0`: the
+    /// CUDA-core kernel everywhere.
+    pub prefill_tc: bool,
 }
 
 /// The split-KV decode's latency build serves steps of up to this many tokens: on an H200 it
@@ -260,6 +266,10 @@ impl Gpu {
             argmax_final: g("argmax_final")?,
             sample_rows: g("sample_rows")?,
             write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
+            paged_prefill_tc: PREFILL_TC_DIMS
+                .iter()
+                .map(|d| g(&format!("paged_prefill_tc_d{d}_bf16")))
+                .collect::<Result<_, _>>()?,
             paged_attention: [
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
                 HEAD_DIMS.iter().map(|d| g(&format!("paged_attention_d{d}_bf16"))).collect::<Result<_, _>>()?,
@@ -284,7 +294,8 @@ impl Gpu {
         let pdl = dev.cc.0 >= 9 && std::env::var("AUTODEPLOY_PDL").map_or(true, |v| v != "0");
         let prefetch_row =
             std::env::var("AUTODEPLOY_PREFETCH_ROW").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1024);
-        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row })
+        let prefill_tc = dev.cc.0 >= 8 && std::env::var("AUTODEPLOY_PREFILL_TC").map_or(true, |v| v != "0");
+        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row, prefill_tc })
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {
@@ -739,7 +750,9 @@ impl Gpu {
         launched("write_kv", unsafe { l.launch(grid(kv_heads * meta.tokens * d, 256)) }.map(|_| ()))
     }
 
-    /// Paged attention of q `[heads, tokens, d]` over the cache, into out (same layout).
+    /// Paged attention of q `[heads, tokens, d]` over the cache, into out (same layout): on
+    /// tensor cores (one warp per tile of 16 query tokens and head) where `prefill_tc` allows
+    /// and the step has tiles, else one block per query token and head.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention(
         &self,
@@ -754,9 +767,23 @@ impl Gpu {
         d: usize,
         scale: f32,
     ) -> Result<(), Unavailable> {
+        let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
+        let tc = PREFILL_TC_DIMS.iter().position(|&x| x == d);
+        if let (true, Dt::BF16, Some(i), true) = (self.prefill_tc, dt, tc, meta.tile_slots > 0) {
+            let mut l = self.launcher(self.f.paged_prefill_tc[i]);
+            l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
+            l.arg(&meta.page_indices).arg(&meta.tiles).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+            let cfg = LaunchConfig {
+                grid_dim: (meta.tile_slots as u32, heads as u32, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as write_kv; `tiles` holds tile_slots (first token, count) pairs of
+            // consecutive tokens of one sequence each (`plan_tiles`).
+            return launched("paged_prefill_tc", unsafe { l.launch(cfg) }.map(|_| ()));
+        }
         let di = head_dim_index(d, "paged attention")?;
         let f = &self.f.paged_attention[attn_dt(dt)?][di];
-        let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let mut l = self.launcher(*f);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
@@ -957,6 +984,40 @@ fn head_dim_index(d: usize, kernel: &str) -> Result<usize, Unavailable> {
         .ok_or_else(|| Unavailable(format!("{kernel} has kernels for head_dim {HEAD_DIMS:?}, not {d}")))
 }
 
+/// Head dims the tensor-core prefill is instantiated for (larger ones take the CUDA-core
+/// kernel: their output fragments would not fit a thread's registers).
+pub const PREFILL_TC_DIMS: [usize; 3] = [32, 64, 128];
+
+/// The tensor-core prefill's tiles for a step: runs of up to 16 consecutive tokens of one
+/// sequence at consecutive positions, as (first token, count) i64 pairs, padded with (0, 0) to
+/// `tile_slots(tokens, seqs)` pairs so the launch's grid depends only on the step's shape (a
+/// captured CUDA graph replays any step of that shape).
+pub fn plan_tiles(token_seq: &[i64], token_pos: &[i64], seqs: usize) -> Vec<i64> {
+    let mut tiles = Vec::new();
+    let mut t = 0;
+    while t < token_seq.len() {
+        let mut n = 1;
+        while n < 16
+            && t + n < token_seq.len()
+            && token_seq[t + n] == token_seq[t]
+            && token_pos[t + n] == token_pos[t] + n as i64
+        {
+            n += 1;
+        }
+        tiles.extend([t as i64, n as i64]);
+        t += n;
+    }
+    let slots = tile_slots(token_seq.len(), seqs).max(tiles.len() / 2);
+    tiles.resize(2 * slots, 0);
+    tiles
+}
+
+/// An upper bound of `plan_tiles`' tile count for `tokens` tokens of `seqs` sequences (each
+/// sequence's tokens consecutive): every sequence starts a tile, every 16 tokens another.
+pub fn tile_slots(tokens: usize, seqs: usize) -> usize {
+    (tokens + 15 * seqs.min(tokens)) / 16
+}
+
 /// Head dims the paged attention kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
 
@@ -974,6 +1035,43 @@ pub struct StepMeta {
     /// i64 per sequence: its first token in this step, and its cached length.
     pub seq_start: Ptr,
     pub cached_len: Ptr,
+    /// The tensor-core prefill's tiles (`plan_tiles`): `tile_slots` i64 pairs; 0 slots: none
+    /// planned (the CUDA-core kernel runs).
+    pub tiles: Ptr,
+    pub tile_slots: usize,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+#[cfg(test)]
+mod tests {
+    use super::{plan_tiles, tile_slots};
+
+    #[test]
+    fn tiles_cut_runs_of_16_within_a_sequence_and_pad_to_the_shape_bound() {
+        // A 20-token prefill, one decode token, 3 tokens of a third sequence.
+        let seq: Vec<i64> = [vec![0; 20], vec![1], vec![2; 3]].concat();
+        let pos: Vec<i64> = [(0..20).collect::<Vec<i64>>(), vec![37], vec![15, 16, 17]].concat();
+        let tiles = plan_tiles(&seq, &pos, 3);
+        assert_eq!(tile_slots(24, 3), 4);
+        assert_eq!(tiles, vec![0, 16, 16, 4, 20, 1, 21, 3]);
+        // Decode-only: one tile a token, no padding needed.
+        let t = plan_tiles(&[0, 1, 2, 3], &[5, 9, 1, 7], 4);
+        assert_eq!(t, vec![0, 1, 1, 1, 2, 1, 3, 1]);
+        // One long sequence: 40 tokens, tiles of 16, 16, 8, padded to the bound (40 + 15) / 16.
+        let t = plan_tiles(&[0; 40], &(100..140).collect::<Vec<i64>>(), 1);
+        assert_eq!(t, vec![0, 16, 16, 16, 32, 8]);
+        // Fewer tiles than slots: the rest (0, 0).
+        let t = plan_tiles(&[0; 16], &(0..16).collect::<Vec<i64>>(), 1);
+        assert_eq!(tile_slots(16, 1), 1);
+        assert_eq!(t, vec![0, 16]);
+        let t = plan_tiles(&[0, 0, 1], &[0, 1, 0], 2);
+        assert_eq!(tile_slots(3, 2), 2);
+        assert_eq!(t, vec![0, 2, 2, 1]);
+        let t = plan_tiles(&[0, 1, 1], &[4, 0, 1], 2);
+        assert_eq!(t, vec![0, 1, 1, 2]);
+        // A sequence whose positions are not consecutive still gets correct tiles.
+        let t = plan_tiles(&[0, 0, 0], &[0, 1, 5], 1);
+        assert_eq!(t, vec![0, 2, 2, 1]);
+    }
+}

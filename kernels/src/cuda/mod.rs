@@ -105,6 +105,9 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "slot_attention_d256_bf16",
             "rope_write_kv_f32",
             "rope_write_kv_bf16",
+            "paged_prefill_tc_d32_bf16",
+            "paged_prefill_tc_d64_bf16",
+            "paged_prefill_tc_d128_bf16",
         ],
     ),
 ];

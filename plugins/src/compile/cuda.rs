@@ -20,7 +20,8 @@ use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
 use autodeploy_kernels::cuda::exec::{
-    Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK, SPLIT_EARLY_MAX_TOKENS,
+    plan_tiles, Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK,
+    SPLIT_EARLY_MAX_TOKENS,
 };
 use autodeploy_kernels::cuda::Unavailable;
 
@@ -689,6 +690,8 @@ impl CudaModel {
             let b = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
             let (a, p, ip) = (push(&mut host, &b(&seq)), push(&mut host, &b(&pos)), push(&mut host, &b(&indptr)));
             let (ss, cl) = (push(&mut host, &b(&start)), push(&mut host, &b(&cached)));
+            let tiles = plan_tiles(&seq, &pos, nseq);
+            let tl = push(&mut host, &b(&tiles));
             // Last: the only array whose length varies between steps of one batch size.
             let ix: Vec<u8> = indices.iter().flat_map(|x| x.to_le_bytes()).collect();
             let ii = push(&mut host, &ix);
@@ -702,6 +705,8 @@ impl CudaModel {
                 page_indices: base + ii as u64,
                 seq_start: base + ss as u64,
                 cached_len: base + cl as u64,
+                tiles: base + tl as u64,
+                tile_slots: tiles.len() / 2,
             });
         }
         if host.len() > self.staging.bytes() {
