@@ -151,6 +151,18 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let (ok, own, err) = host(&dir, &own_op, &[]);
     assert!(ok, "{err}");
     assert_eq!(output_lines(&own), output_lines(&reference));
+    // The same op on a GPU, where there is one: its CUDA kernel (CUDA C source in the plugin,
+    // compiled and launched by the host) in place of every norm; the tokens stay the same.
+    match autodeploy_kernels::cuda::probe(0) {
+        Ok(gpu) => {
+            let on_gpu = own_op.replace("dtype = \"float32\"\n", "dtype = \"float32\"\ndevice = \"cuda\"\n");
+            assert!(on_gpu.contains("device = \"cuda\""));
+            let (ok, out, err) = host(&dir, &on_gpu, &[]);
+            assert!(ok, "{gpu}: {err}");
+            assert_eq!(output_lines(&out), output_lines(&reference), "{gpu}");
+        }
+        Err(why) => eprintln!("skipped example.rms_norm on CUDA: {why}"),
+    }
 
     // The plugin's runtime (one request at a time) gives the built-in runtime's (batching)
     // greedy tokens for two prompts.
@@ -205,7 +217,7 @@ fn old_sdk_plugin() -> PathBuf {
     }
     let manifest = std::fs::read_to_string(root().join("sdk/Cargo.toml")).unwrap();
     let manifest = manifest
-        .replace("version = \"0.4.0\"", "version = \"0.2.0\"")
+        .replace("version = \"0.5.0\"", "version = \"0.2.0\"")
         .replace("edition.workspace = true", "edition = \"2021\"")
         .replace("license.workspace = true", "license = \"Apache-2.0\"");
     assert!(manifest.contains("version = \"0.2.0\""), "the SDK manifest changed shape: update this test");
@@ -259,7 +271,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
         |path: &Path, why: &str| refused.iter().any(|l| l.contains(&path.display().to_string()) && l.contains(why));
     assert!(has(&missing, "does not exist"), "{refused:?}");
     assert!(has(&garbage, "libgarbage.so"), "{refused:?}");
-    assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.4.0"), "{refused:?}");
+    assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.5.0"), "{refused:?}");
     assert!(has(&good, "a transform named `fold_norm_scale` already exists"), "{refused:?}");
     assert!(has(&good, "an attention backend named `naive_cpu` already exists"), "{refused:?}");
     if let Some(p) = &not_plugin {
@@ -279,7 +291,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     assert!(
         err.contains("unknown attn_backend `naive_cpu`")
             && err.contains(&old.display().to_string())
-            && err.contains("incompatible with this host's sdk 0.4.0"),
+            && err.contains("incompatible with this host's sdk 0.5.0"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

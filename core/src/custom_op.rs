@@ -1,5 +1,6 @@
 //! Ops registered at run time (by plugin libraries): a name, an arity, which input the output
-//! copies its dtype and shape from, and a CPU implementation. `Op::Custom` nodes dispatch here.
+//! copies its dtype and shape from, a CPU implementation and optionally a CUDA one.
+//! `Op::Custom` nodes dispatch here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -12,6 +13,51 @@ use crate::tensor::Tensor;
 /// values out (the host rounds them to the output dtype).
 pub type CpuImpl = Arc<dyn Fn(&[&Tensor], &str) -> std::result::Result<Vec<f32>, String> + Send + Sync>;
 
+/// A tensor on the GPU as a CUDA implementation sees it (dense, row-major).
+#[derive(Clone, Debug)]
+pub struct DeviceTensor {
+    pub ptr: u64,
+    pub shape: Vec<usize>,
+    pub dtype: crate::DType,
+}
+
+/// One kernel argument.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// Grid and block sizes of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_mem_bytes: u32,
+}
+
+/// What a CUDA implementation launches through (the CUDA compile backend implements it):
+/// compiles `source` for the device (cached) and queues `entry` on the step's stream.
+pub trait KernelLauncher {
+    fn launch(
+        &mut self,
+        source: &str,
+        entry: &str,
+        dims: LaunchDims,
+        args: &[KernelArg],
+    ) -> std::result::Result<(), String>;
+}
+
+/// A CUDA implementation: the inputs and the output on the device, the node's attribute text,
+/// and the launcher; it queues kernels and returns.
+pub type CudaImpl = Arc<
+    dyn Fn(&[DeviceTensor], &DeviceTensor, &str, &mut dyn KernelLauncher) -> std::result::Result<(), String>
+        + Send
+        + Sync,
+>;
+
 pub struct CustomOp {
     pub name: &'static str,
     pub version: &'static str,
@@ -20,6 +66,8 @@ pub struct CustomOp {
     /// `built-in` or the library that registered it.
     pub origin: &'static str,
     pub cpu: CpuImpl,
+    /// None: CPU only (a CUDA engine with this op is refused at build, naming it).
+    pub cuda: Option<CudaImpl>,
 }
 
 static OPS: RwLock<Option<HashMap<&'static str, Arc<CustomOp>>>> = RwLock::new(None);

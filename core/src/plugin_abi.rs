@@ -169,7 +169,7 @@ fn load_library(path: &Path) -> usize {
                     }) as Box<crate::runtime::RuntimeMaker>
                 }))
             }
-            ffi::PluginBody::Op { inputs, output_like, cpu } => {
+            ffi::PluginBody::Op { inputs, output_like, cpu, cuda } => {
                 crate::custom_op::register(crate::custom_op::CustomOp {
                     name: Box::leak(name.clone().into_boxed_str()),
                     version: Box::leak(version.clone().into_boxed_str()),
@@ -178,6 +178,16 @@ fn load_library(path: &Path) -> usize {
                     origin: Box::leak(origin.clone().into_boxed_str()),
                     cpu: Arc::new(move |ins: &[&Tensor], attrs: &str| {
                         run_cpu_kernel(cpu, ins, attrs, output_like as usize)
+                    }),
+                    cuda: cuda.into_option().map(|k| {
+                        Arc::new(
+                            move |ins: &[crate::custom_op::DeviceTensor],
+                                  out: &crate::custom_op::DeviceTensor,
+                                  attrs: &str,
+                                  launcher: &mut dyn crate::custom_op::KernelLauncher| {
+                                run_cuda_kernel(k, ins, out, attrs, launcher)
+                            },
+                        ) as crate::custom_op::CudaImpl
                     }),
                 })
             }
@@ -222,6 +232,70 @@ fn run_cpu_kernel(
     let mut out = vec![0f32; n];
     match k(views.as_slice().into(), attrs.into(), out.as_mut_slice().into()) {
         RResult::ROk(()) => Ok(out),
+        RResult::RErr(e) => Err(e.into_string()),
+    }
+}
+
+/// The host's launcher as the ABI's `CudaLauncher`.
+struct HostLauncher<'a>(&'a mut dyn crate::custom_op::KernelLauncher);
+
+impl ffi::CudaLauncher for HostLauncher<'_> {
+    fn launch(
+        &mut self,
+        source: RStr<'_>,
+        entry: RStr<'_>,
+        grid: ffi::Dim3,
+        block: ffi::Dim3,
+        shared_mem_bytes: u32,
+        args: RSlice<'_, ffi::KernelArg>,
+    ) -> RResult<(), RString> {
+        use crate::custom_op::KernelArg as A;
+        let args: Vec<A> = args
+            .iter()
+            .map(|a| match a.kind {
+                ffi::ArgKind::Ptr => A::Ptr(a.bits),
+                ffi::ArgKind::I32 => A::I32(a.bits as u32 as i32),
+                ffi::ArgKind::I64 => A::I64(a.bits as i64),
+                ffi::ArgKind::F32 => A::F32(f32::from_bits(a.bits as u32)),
+            })
+            .collect();
+        let dims = crate::custom_op::LaunchDims {
+            grid: [grid.x, grid.y, grid.z],
+            block: [block.x, block.y, block.z],
+            shared_mem_bytes,
+        };
+        match self.0.launch(source.as_str(), entry.as_str(), dims, &args) {
+            Ok(()) => RResult::ROk(()),
+            Err(e) => RResult::RErr(e.into()),
+        }
+    }
+}
+
+fn device_dtype(d: DType) -> std::result::Result<ffi::DeviceDtype, String> {
+    match d {
+        DType::F32 => Ok(ffi::DeviceDtype::F32),
+        DType::BF16 => Ok(ffi::DeviceDtype::BF16),
+        DType::F16 => Ok(ffi::DeviceDtype::F16),
+        other => Err(format!("a plugin's CUDA kernel takes f32, bf16 or f16 tensors, not {other:?}")),
+    }
+}
+
+/// Calls a library's CUDA kernel on device tensors.
+fn run_cuda_kernel(
+    k: ffi::CudaKernel,
+    ins: &[crate::custom_op::DeviceTensor],
+    out: &crate::custom_op::DeviceTensor,
+    attrs: &str,
+    launcher: &mut dyn crate::custom_op::KernelLauncher,
+) -> std::result::Result<(), String> {
+    fn view(t: &crate::custom_op::DeviceTensor) -> std::result::Result<ffi::DeviceTensorView<'_>, String> {
+        Ok(ffi::DeviceTensorView { ptr: t.ptr, shape: t.shape.as_slice().into(), dtype: device_dtype(t.dtype)? })
+    }
+    let views = ins.iter().map(view).collect::<std::result::Result<Vec<_>, _>>()?;
+    let out = view(out)?;
+    let mut host = HostLauncher(launcher);
+    match k(views.as_slice().into(), out, attrs.into(), ffi::CudaLauncher_TO::from_ptr(&mut host, TD_Opaque)) {
+        RResult::ROk(()) => Ok(()),
         RResult::RErr(e) => Err(e.into_string()),
     }
 }

@@ -2,7 +2,7 @@
 //! CI installs NVRTC from PyPI (`nvidia-cuda-nvrtc`, see .ci/run); elsewhere the test says it
 //! skipped when the library is missing.
 
-use autodeploy_kernels::cuda::{compile, nvrtc_available, nvrtc_version, SOURCES};
+use autodeploy_kernels::cuda::{compile, compile_labeled, nvrtc_available, nvrtc_version, SOURCES};
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90_and_is_cached() {
@@ -27,6 +27,16 @@ fn every_kernel_compiles_for_sm80_and_sm90_and_is_cached() {
             // The second time comes from the disk cache, unchanged.
             let (again, cached) = compile(module, src, arch).unwrap();
             assert!(cached && again.to_src() == text, "{module} {arch}: not served from the cache");
+        }
+    }
+    // A plugin's CUDA source, compiled the way the host compiles it for a plugin op (the shared
+    // helpers prepended): the example plugin's `example.rms_norm` kernels.
+    let src = include_str!("../../examples/plugin/src/rms_norm.cu");
+    for arch in ["sm_80", "sm_90"] {
+        let (ptx, _) = compile_labeled("example-rms-norm", "examples/plugin/src/rms_norm.cu", src, arch)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for e in ["example_rms_norm_f32", "example_rms_norm_bf16"] {
+            assert!(ptx.to_src().contains(&format!(".entry {e}(")), "{arch}: no entry point {e}");
         }
     }
     let _ = std::fs::remove_dir_all(&cache);

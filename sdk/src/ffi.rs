@@ -155,6 +155,100 @@ pub struct TensorView<'a> {
 /// buffer to fill (sized like the input the op's output copies).
 pub type CpuKernel = extern "C" fn(RSlice<'_, TensorView<'_>>, RStr<'_>, RSliceMut<'_, f32>) -> RResult<(), RString>;
 
+/// An element type on the GPU.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+/// A tensor on the GPU as a CUDA implementation sees it: a device address (row-major, dense)
+/// with its shape and element type.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct DeviceTensorView<'a> {
+    pub ptr: u64,
+    pub shape: RSlice<'a, usize>,
+    pub dtype: DeviceDtype,
+}
+
+/// What a kernel argument is.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgKind {
+    /// A device address (`T*` in the kernel).
+    Ptr,
+    I32,
+    I64,
+    F32,
+}
+
+/// One kernel argument: its kind and its bits (little end first, as the kernel reads them).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelArg {
+    pub kind: ArgKind,
+    pub bits: u64,
+}
+
+impl KernelArg {
+    pub fn ptr(p: u64) -> KernelArg {
+        KernelArg { kind: ArgKind::Ptr, bits: p }
+    }
+    pub fn i32(v: i32) -> KernelArg {
+        KernelArg { kind: ArgKind::I32, bits: v as u32 as u64 }
+    }
+    pub fn i64(v: i64) -> KernelArg {
+        KernelArg { kind: ArgKind::I64, bits: v as u64 }
+    }
+    pub fn f32(v: f32) -> KernelArg {
+        KernelArg { kind: ArgKind::F32, bits: v.to_bits() as u64 }
+    }
+}
+
+/// A grid or block size.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dim3 {
+    pub x: u32,
+    pub y: u32,
+    pub z: u32,
+}
+
+/// The host's CUDA service for a plugin op's CUDA implementation: compiles CUDA C source with
+/// NVRTC for the device's architecture (once; cached on disk like the host's own kernels, the
+/// host's `common.cuh` helpers prepended: `bf16_t`, `bf16_to_f32`, `f32_to_bf16`, `block_sum`)
+/// and queues kernel `entry` on the stream the step runs on (inside a CUDA graph when the step
+/// is being captured). Kernels run in stream order: one starts after the kernels queued before
+/// it have finished.
+#[sabi_trait]
+pub trait CudaLauncher {
+    fn launch(
+        &mut self,
+        source: RStr<'_>,
+        entry: RStr<'_>,
+        grid: Dim3,
+        block: Dim3,
+        shared_mem_bytes: u32,
+        args: RSlice<'_, KernelArg>,
+    ) -> RResult<(), RString>;
+}
+
+pub type CudaLauncherRef<'a> = CudaLauncher_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+
+/// A CUDA implementation of a plugin op: the inputs and the output on the device (the output
+/// has the dtype and shape of input `output_like`), the node's attribute text, and the host's
+/// launcher. It queues kernels and returns; it must not wait for them. An error fails the step
+/// with the plugin's message.
+pub type CudaKernel = extern "C" fn(
+    RSlice<'_, DeviceTensorView<'_>>,
+    DeviceTensorView<'_>,
+    RStr<'_>,
+    CudaLauncherRef<'_>,
+) -> RResult<(), RString>;
+
 /// The graph a transform receives for the duration of one call.
 pub type GraphRef<'a> = GraphEdit_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
 
@@ -404,11 +498,22 @@ pub enum PluginBody {
         make: extern "C" fn() -> RuntimeBox,
     },
     /// A new op: `inputs` tensors in, one out with the dtype and shape of input `output_like`.
+    /// The CPU kernel is the op's reference and always given; the CUDA one is optional (without
+    /// it, a CUDA engine with this op in its graph is refused, naming the op).
     Op {
         inputs: u32,
         output_like: u32,
         /// A [`CpuKernel`] (spelled out: the layout checker reads fn pointer types inline).
         cpu: extern "C" fn(RSlice<'_, TensorView<'_>>, RStr<'_>, RSliceMut<'_, f32>) -> RResult<(), RString>,
+        /// A [`CudaKernel`].
+        cuda: ROption<
+            extern "C" fn(
+                RSlice<'_, DeviceTensorView<'_>>,
+                DeviceTensorView<'_>,
+                RStr<'_>,
+                CudaLauncherRef<'_>,
+            ) -> RResult<(), RString>,
+        >,
     },
 }
 
@@ -446,9 +551,25 @@ impl PluginDecl {
         }
     }
 
-    /// A new op transforms can insert by name (`GraphEdit::insert_node`), with its CPU kernel.
+    /// A new op transforms can insert by name (`GraphEdit::insert_node`), with its CPU kernel
+    /// (CPU engines only; see [`PluginDecl::op_with_cuda`]).
     pub fn op(name: &str, version: &str, inputs: u32, output_like: u32, cpu: CpuKernel) -> PluginDecl {
-        PluginDecl { name: name.into(), version: version.into(), body: PluginBody::Op { inputs, output_like, cpu } }
+        let body = PluginBody::Op { inputs, output_like, cpu, cuda: ROption::RNone };
+        PluginDecl { name: name.into(), version: version.into(), body }
+    }
+
+    /// A new op with a CPU kernel (the reference) and a CUDA one, so engines on either device
+    /// can run graphs that hold it.
+    pub fn op_with_cuda(
+        name: &str,
+        version: &str,
+        inputs: u32,
+        output_like: u32,
+        cpu: CpuKernel,
+        cuda: CudaKernel,
+    ) -> PluginDecl {
+        let body = PluginBody::Op { inputs, output_like, cpu, cuda: ROption::RSome(cuda) };
+        PluginDecl { name: name.into(), version: version.into(), body }
     }
 
     /// A model importer: `accepts(path)` says whether it reads what is at `path`; `import(path,

@@ -6,8 +6,9 @@
 //!   live in the linears' weights instead (`W[:, j] · w[j]`), and the norm's weight becomes ones.
 //! - `naive_cpu` (attention backend): causal attention over the paged KV cache, written out
 //!   loop by loop.
-//! - `example.rms_norm` (op) with its CPU kernel, and `use_example_rmsnorm` (transform, off
-//!   unless the config enables it), which puts that op in place of every f32 `torch_rmsnorm`.
+//! - `example.rms_norm` (op) with its CPU kernel and a CUDA one (CUDA C source in `rms_norm.cu`
+//!   the host compiles and launches), and `use_example_rmsnorm` (transform, off unless the
+//!   config enables it), which puts that op in place of every f32 `torch_rmsnorm`.
 //! - `llama2c` (model importer): llama2.c checkpoints (`model.bin`), built from the host's
 //!   built-in ops by name (see `llama2c.rs`).
 //! - `sequential` (runtime): one request at a time, prompt then one token per step (see
@@ -21,8 +22,8 @@ mod sequential;
 
 use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use autodeploy_sdk::ffi::{
-    attention_backend_box, AttentionBackend, AttentionBackendBox, AttentionCall, GraphRef, HostTensor, PluginDecl,
-    StepInfo, TensorView, Transform,
+    attention_backend_box, AttentionBackend, AttentionBackendBox, AttentionCall, CudaLauncherRef, DeviceDtype,
+    DeviceTensorView, Dim3, GraphRef, HostTensor, KernelArg, PluginDecl, StepInfo, TensorView, Transform,
 };
 use autodeploy_sdk::Stage;
 
@@ -41,7 +42,7 @@ fn plugins() -> Vec<PluginDecl> {
         PluginDecl::model_importer("llama2c", VERSION, llama2c::accepts, llama2c::import),
         PluginDecl::runtime("sequential", VERSION, sequential::new_sequential),
         PluginDecl::compile_backend("checked", VERSION, checked::compile),
-        PluginDecl::op("example.rms_norm", VERSION, 2, 0, rms_norm_cpu),
+        PluginDecl::op_with_cuda("example.rms_norm", VERSION, 2, 0, rms_norm_cpu, rms_norm_cuda),
         PluginDecl::transform("use_example_rmsnorm", VERSION, Stage::PostLoadFusion, &[], UseExampleRmsNorm)
             .disabled_by_default(),
     ]
@@ -266,6 +267,58 @@ extern "C" fn rms_norm_cpu(
         }
     }
     RResult::ROk(())
+}
+
+/// The same op on the GPU: the kernels of `rms_norm.cu`, one block per row.
+extern "C" fn rms_norm_cuda(
+    ins: RSlice<'_, DeviceTensorView<'_>>,
+    out: DeviceTensorView<'_>,
+    attrs: RStr<'_>,
+    mut gpu: CudaLauncherRef<'_>,
+) -> RResult<(), RString> {
+    let Some(eps) = attr(attrs.as_str(), "eps").and_then(|v| v.parse::<f32>().ok()) else {
+        return RResult::RErr(format!("attrs `{attrs}` have no eps").into());
+    };
+    let (x, w) = (ins[0], ins[1]);
+    let n = w.shape.iter().product::<usize>();
+    if n == 0 || x.shape.last() != Some(&n) || x.dtype != w.dtype || x.dtype != out.dtype {
+        return RResult::RErr(
+            format!(
+                "x {:?} {:?}, w {:?} {:?}, out {:?}: want one dtype and w as long as x's last dim",
+                x.shape.as_slice(),
+                x.dtype,
+                w.shape.as_slice(),
+                w.dtype,
+                out.dtype
+            )
+            .into(),
+        );
+    }
+    let entry = match x.dtype {
+        DeviceDtype::F32 => "example_rms_norm_f32",
+        DeviceDtype::BF16 => "example_rms_norm_bf16",
+        DeviceDtype::F16 => return RResult::RErr("example.rms_norm has no f16 kernel".into()),
+    };
+    let rows = x.shape.iter().product::<usize>() / n;
+    if rows == 0 {
+        return RResult::ROk(());
+    }
+    let block = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
+    let args = [
+        KernelArg::ptr(x.ptr),
+        KernelArg::ptr(w.ptr),
+        KernelArg::ptr(out.ptr),
+        KernelArg::i32(n as i32),
+        KernelArg::f32(eps),
+    ];
+    gpu.launch(
+        include_str!("rms_norm.cu").into(),
+        entry.into(),
+        Dim3 { x: rows as u32, y: 1, z: 1 },
+        Dim3 { x: block, y: 1, z: 1 },
+        0,
+        args.as_slice().into(),
+    )
 }
 
 /// The value of `key` in attribute text such as `eps=1e-5, norm_dtype=f32`.

@@ -163,6 +163,8 @@ pub struct Gpu {
     /// `PREFILL_TC_DIMS`, sm_80+, a step with planned tiles); `AUTODEPLOY_PREFILL_TC=0`: the
     /// CUDA-core kernel everywhere.
     pub prefill_tc: bool,
+    /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
+    source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
 }
 
 /// The split-KV decode's latency build serves steps of up to this many tokens: on an H200 it
@@ -175,6 +177,9 @@ struct Launch<'a> {
     gpu: &'a Gpu,
     f: Kernel,
     args: Vec<*mut std::ffi::c_void>,
+    /// Launch with programmatic dependent launch (when the GPU has it on): only for kernels
+    /// that call `pdl_enter()` first.
+    pdl: bool,
 }
 
 impl<'a> Launch<'a> {
@@ -201,7 +206,7 @@ impl<'a> Launch<'a> {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.gpu.stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: self.gpu.pdl as u32,
+            numAttrs: (self.gpu.pdl && self.pdl) as u32,
         };
         // SAFETY: the caller vouches for the arguments; `args` outlives the call.
         unsafe { drv_sys::cuLaunchKernelEx(&config, self.f.0, self.args.as_mut_ptr(), std::ptr::null_mut()) }.result()
@@ -295,11 +300,62 @@ impl Gpu {
         let prefetch_row =
             std::env::var("AUTODEPLOY_PREFETCH_ROW").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1024);
         let prefill_tc = dev.cc.0 >= 8 && std::env::var("AUTODEPLOY_PREFILL_TC").map_or(true, |v| v != "0");
-        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row, prefill_tc })
+        let source_kernels = Default::default();
+        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row, prefill_tc, source_kernels })
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {
-        Launch { gpu: self, f, args: Vec::with_capacity(16) }
+        Launch { gpu: self, f, args: Vec::with_capacity(16), pdl: true }
+    }
+
+    /// Queues kernel `entry` of outside CUDA C source (a plugin op's; `what` names it in
+    /// errors) on the stream: compiled for this GPU at first use (the shared helpers prepended,
+    /// cached on disk), then launched in plain stream order (no programmatic dependent launch:
+    /// such a kernel need not call `pdl_enter()`). Launch sizes are checked; the arguments
+    /// cannot be: the source's author vouches for them, as for any kernel.
+    pub fn launch_source(
+        &self,
+        what: &str,
+        src: &str,
+        entry: &str,
+        dims: ([u32; 3], [u32; 3], u32),
+        args: &[SourceArg],
+    ) -> Result<(), Unavailable> {
+        let key = super::fnv(&[src.as_bytes(), entry.as_bytes()]);
+        let cached = self.source_kernels.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
+        let f = match cached {
+            Some(f) => f,
+            None => {
+                let label = format!("plugin-{key:016x}");
+                let f = self.dev.load_source(&label, what, src, entry)?;
+                self.source_kernels.lock().unwrap_or_else(|e| e.into_inner()).insert(key, f);
+                f
+            }
+        };
+        let (grid, block, shared) = dims;
+        if grid.contains(&0) || block.contains(&0) || block.iter().product::<u32>() > 1024 {
+            return Err(Unavailable(format!(
+                "{what}: launch of `{entry}` with grid {grid:?} and block {block:?} (each at least 1, at most 1024 threads a block)"
+            )));
+        }
+        let mut l = self.launcher(f);
+        l.pdl = false;
+        for a in args {
+            match a {
+                SourceArg::Ptr(v) => l.arg(v),
+                SourceArg::I32(v) => l.arg(v),
+                SourceArg::I64(v) => l.arg(v),
+                SourceArg::F32(v) => l.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid[0], grid[1], grid[2]),
+            block_dim: (block[0], block[1], block[2]),
+            shared_mem_bytes: shared,
+        };
+        // SAFETY: the source's author vouches that the arguments match `entry`'s parameters
+        // and that it stays within the buffers it is given.
+        launched(what, unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
     /// Free and total device memory in bytes.
@@ -982,6 +1038,15 @@ fn head_dim_index(d: usize, kernel: &str) -> Result<usize, Unavailable> {
         .iter()
         .position(|&x| x == d)
         .ok_or_else(|| Unavailable(format!("{kernel} has kernels for head_dim {HEAD_DIMS:?}, not {d}")))
+}
+
+/// One argument of `Gpu::launch_source`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SourceArg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
 }
 
 /// Head dims the tensor-core prefill is instantiated for (larger ones take the CUDA-core

@@ -173,6 +173,12 @@ fn fnv(parts: &[&[u8]]) -> u64 {
 /// PTX for `module`'s source, compiled for `arch` (`sm_90`): from the disk cache when this
 /// source, arch and NVRTC version were compiled before, else by NVRTC (then cached).
 pub fn compile(module: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool), Unavailable> {
+    compile_labeled(module, &format!("kernels/src/cuda/{module}.cu"), src, arch)
+}
+
+/// As `compile`, for source from elsewhere (a plugin's), `what` naming it in errors; cached
+/// under `module` (a file-name-safe label).
+pub fn compile_labeled(module: &str, what: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool), Unavailable> {
     let (major, minor) = nvrtc_version()?;
     let full = full_source(src);
     let key = fnv(&[full.as_bytes(), arch.as_bytes(), format!("{major}.{minor}").as_bytes()]);
@@ -182,7 +188,7 @@ pub fn compile(module: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool
     }
     let opts = CompileOptions { arch: Some(arch), name: Some(format!("{module}.cu")), ..Default::default() };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(&full, opts)
-        .map_err(|e| Unavailable(format!("NVRTC could not compile kernels/src/cuda/{module}.cu for {arch}: {e:?}")))?;
+        .map_err(|e| Unavailable(format!("NVRTC could not compile {what} for {arch}: {e:?}")))?;
     // Best effort: a cache that cannot be written costs a recompile next time, nothing more.
     if std::fs::create_dir_all(path.parent().expect("has a parent")).is_ok() {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -225,6 +231,8 @@ pub struct Device {
     /// Modules whose kernels `exec` launches itself (with `cuLaunchKernelEx`, for programmatic
     /// dependent launch): loaded through the driver API, as cudarc keeps its handles private.
     raw: Vec<(&'static str, RawModule)>,
+    /// Modules loaded later (plugin ops' CUDA source), kept loaded while the device lives.
+    extra: std::sync::Mutex<Vec<RawModule>>,
 }
 
 /// The sources `exec::Gpu` launches through raw function handles.
@@ -286,7 +294,26 @@ impl Device {
                 modules.push((*m, ctx.load_module(ptx).map_err(|e| loading(format!("{e:?}")))?));
             }
         }
-        Ok(Device { ctx, name, cc, modules, raw })
+        Ok(Device { ctx, name, cc, modules, raw, extra: Default::default() })
+    }
+
+    /// Compiles `src` (the shared helpers prepended; cached on disk as `label`) for this
+    /// device, loads it, and returns kernel `entry` of it. `what` names the source in errors.
+    pub fn load_source(&self, label: &str, what: &str, src: &str, entry: &str) -> Result<Kernel, Unavailable> {
+        let (ptx, _) = compile_labeled(label, what, src, arch_name(self.cc))?;
+        let loading = |e: String| Unavailable(format!("loading {what} on {}: {e}", self.name));
+        let text = std::ffi::CString::new(ptx.to_src()).map_err(|e| loading(format!("{e}")))?;
+        self.ctx.bind_to_thread().map_err(|e| loading(format!("{e:?}")))?;
+        // SAFETY: a NUL-terminated PTX image, loaded into the bound context.
+        let module = unsafe { cudarc::driver::result::module::load_data(text.as_ptr() as *const _) }
+            .map_err(|e| loading(format!("{e:?}")))?;
+        let m = RawModule { ctx: self.ctx.clone(), module };
+        let c = std::ffi::CString::new(entry).map_err(|_| loading(format!("bad kernel name `{entry}`")))?;
+        // SAFETY: a module of this device's context; an unknown name is an error, not UB.
+        let f = unsafe { cudarc::driver::result::module::get_function(m.module, c) }
+            .map_err(|e| loading(format!("no kernel `{entry}` in it ({e:?})")))?;
+        self.extra.lock().unwrap_or_else(|e| e.into_inner()).push(m);
+        Ok(Kernel(f))
     }
 
     /// A kernel of the modules `exec` launches itself, by entry-point name.

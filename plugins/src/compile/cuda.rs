@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use autodeploy_core::custom_op::{DeviceTensor, KernelArg, KernelLauncher, LaunchDims};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepContext;
 use autodeploy_core::registry::{CompileOptions, CompiledModel};
@@ -19,6 +20,7 @@ use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
+use autodeploy_kernels::cuda::exec::SourceArg;
 use autodeploy_kernels::cuda::exec::{
     plan_tiles, Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK,
     SPLIT_EARLY_MAX_TOKENS,
@@ -112,13 +114,43 @@ fn may_alias(op: &Op) -> bool {
     )
 }
 
+/// A plugin op's CUDA implementation launching on the executor's GPU.
+struct SourceLauncher<'a> {
+    gpu: &'a Gpu,
+    what: String,
+}
+
+impl KernelLauncher for SourceLauncher<'_> {
+    fn launch(
+        &mut self,
+        source: &str,
+        entry: &str,
+        dims: LaunchDims,
+        args: &[KernelArg],
+    ) -> std::result::Result<(), String> {
+        let args: Vec<SourceArg> = args
+            .iter()
+            .map(|a| match *a {
+                KernelArg::Ptr(p) => SourceArg::Ptr(p),
+                KernelArg::I32(v) => SourceArg::I32(v),
+                KernelArg::I64(v) => SourceArg::I64(v),
+                KernelArg::F32(v) => SourceArg::F32(v),
+            })
+            .collect();
+        let d = (dims.grid, dims.block, dims.shared_mem_bytes);
+        self.gpu.launch_source(&self.what, source, entry, d, &args).map_err(|e| e.0)
+    }
+}
+
 /// Why this executor cannot run `op`, if it cannot.
 fn unsupported(op: &Op) -> Option<&'static str> {
     match op {
         Op::Matmul | Op::Sdpa { .. } | Op::Attention { .. } | Op::Softmax { .. } => {
             Some("uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)")
         }
-        Op::Custom { .. } => Some("plugin ops have CPU kernels only so far"),
+        Op::Custom { name, .. } if autodeploy_core::custom_op::find(name).is_none_or(|c| c.cuda.is_none()) => {
+            Some("this plugin op has a CPU kernel only: its library registered no CUDA one")
+        }
         Op::Gelu { .. } | Op::LogSoftmax { .. } => Some("this op has a CPU kernel only so far"),
         Op::Mean { dims, .. } if dims.as_slice() != [-1] => Some("mean has a CUDA kernel over the last dim only"),
         Op::Rope { interleaved: true } => Some("interleaved RoPE has no CUDA kernel yet"),
@@ -1051,6 +1083,21 @@ impl CudaModel {
                             }
                         }
                     }
+                }
+                Op::Custom { name: op_name, attrs, .. } => {
+                    let c = autodeploy_core::custom_op::find(op_name)
+                        .ok_or_else(|| fail(Unavailable("no op of this name is registered".into())))?;
+                    let cuda = c.cuda.clone().ok_or_else(|| fail(Unavailable("no CUDA kernel registered".into())))?;
+                    let device = |v: autodeploy_core::ValueId| -> Result<DeviceTensor> {
+                        Ok(DeviceTensor { ptr: ptr[v.0 as usize], shape: shape_of(v)?, dtype: g.meta(v).dtype })
+                    };
+                    let ins = node.inputs.iter().map(|&v| device(v)).collect::<Result<Vec<_>>>()?;
+                    let out_t = DeviceTensor { ptr: planned, shape: out_shape.clone(), dtype: g.meta(outv).dtype };
+                    let mut launcher = SourceLauncher { gpu, what: format!("plugin op `{op_name}` ({})", c.origin) };
+                    cuda(&ins, &out_t, attrs, &mut launcher).map_err(|e| Error::Op {
+                        op: op_name.to_string(),
+                        msg: format!("node `{name}`: {e} (from {})", c.origin),
+                    })?;
                 }
                 op => {
                     return Err(Error::Op {
