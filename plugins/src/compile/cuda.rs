@@ -527,14 +527,16 @@ impl CudaModel {
             }
             None => (None, None),
         };
-        // Staging: the graph inputs at their largest, then token_seq, token_pos, indptr (i64),
-        // page indices (i32).
+        // Staging: the graph inputs at their largest, then token_seq, token_pos, indptr,
+        // seq_start, cached_len (i64, at most one per token + 1), the prefill tiles (two i64 a
+        // tile, at most one tile per token), page indices (i32).
         let mut staging_bytes = 0;
         for &v in &graph.inputs {
             staging_bytes += padded(bytes_of(v)?);
         }
         let pad_pages = opts.cuda_graph_batch_sizes.iter().copied().max().unwrap_or(0);
-        staging_bytes += 5 * padded(8 * (max_tokens + 1)) + padded(4 * (kv_pages + pad_pages + 1));
+        staging_bytes += 5 * padded(8 * (max_tokens + 1)) + padded(16 * max_tokens);
+        staging_bytes += padded(4 * (kv_pages + pad_pages + 1));
         let staging = gpu.alloc(staging_bytes, "step inputs").map_err(gpu_err)?;
         let argmax_scratch = gpu
             .alloc(8 * (max_tokens + 1) * autodeploy_kernels::cuda::exec::ARGMAX_PARTS, "argmax partials")
