@@ -304,9 +304,9 @@ pub fn build_decoder(
     let emb = cx.b.op("rope.emb", Op::Cat { dim: -1 }, &[freqs, freqs])?;
     let mut cs = Vec::new();
     for (name, op) in [("cos", Op::Cos), ("sin", Op::Sin)] {
-        // transformers then multiplies by attention_scaling: 1.0 for the default and llama3 RoPE
-        // types, an exact no-op, so left out (one launch less per table and step on a GPU).
         let t = cx.b.op(&format!("rope.{name}_f32"), op, &[emb])?;
+        // attention_scaling is 1.0 for the default and llama3 RoPE types.
+        let t = cx.b.op(&format!("rope.{name}_scaled"), Op::MulScalar(1.0), &[t])?;
         let t =
             if cfg.dtype != DType::F32 { cx.b.op(&format!("rope.{name}"), Op::ToDtype(cfg.dtype), &[t])? } else { t };
         cs.push(t);
