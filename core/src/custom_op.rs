@@ -21,22 +21,8 @@ pub struct DeviceTensor {
     pub dtype: crate::DType,
 }
 
-/// One kernel argument.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum KernelArg {
-    Ptr(u64),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-}
-
-/// Grid and block sizes of one launch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LaunchDims {
-    pub grid: [u32; 3],
-    pub block: [u32; 3],
-    pub shared_mem_bytes: u32,
-}
+/// A kernel argument, and a launch's grid and block sizes: the CUDA executor's own.
+pub use autodeploy_kernels::cuda::exec::{KernelArg, LaunchDims};
 
 /// What a CUDA implementation launches through (the CUDA compile backend implements it):
 /// compiles `source` for the device (cached) and queues `entry` on the step's stream.

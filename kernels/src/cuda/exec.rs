@@ -343,8 +343,8 @@ impl Gpu {
         what: &str,
         src: &str,
         entry: &str,
-        dims: ([u32; 3], [u32; 3], u32),
-        args: &[SourceArg],
+        dims: LaunchDims,
+        args: &[KernelArg],
     ) -> Result<(), Unavailable> {
         let key = super::fnv(&[src.as_bytes(), entry.as_bytes()]);
         let cached = self.source_kernels.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
@@ -357,7 +357,7 @@ impl Gpu {
                 f
             }
         };
-        let (grid, block, shared) = dims;
+        let LaunchDims { grid, block, shared_mem_bytes } = dims;
         if grid.contains(&0) || block.contains(&0) || block.iter().product::<u32>() > 1024 {
             return Err(Unavailable(format!(
                 "{what}: launch of `{entry}` with grid {grid:?} and block {block:?} (each at least 1, at most 1024 threads a block)"
@@ -367,16 +367,16 @@ impl Gpu {
         l.pdl = false;
         for a in args {
             match a {
-                SourceArg::Ptr(v) => l.arg(v),
-                SourceArg::I32(v) => l.arg(v),
-                SourceArg::I64(v) => l.arg(v),
-                SourceArg::F32(v) => l.arg(v),
+                KernelArg::Ptr(v) => l.arg(v),
+                KernelArg::I32(v) => l.arg(v),
+                KernelArg::I64(v) => l.arg(v),
+                KernelArg::F32(v) => l.arg(v),
             };
         }
         let cfg = LaunchConfig {
             grid_dim: (grid[0], grid[1], grid[2]),
             block_dim: (block[0], block[1], block[2]),
-            shared_mem_bytes: shared,
+            shared_mem_bytes,
         };
         // SAFETY: the source's author vouches that the arguments match `entry`'s parameters
         // and that it stays within the buffers it is given.
@@ -1069,11 +1069,19 @@ fn head_dim_index(d: usize, kernel: &str) -> Result<usize, Unavailable> {
 
 /// One argument of `Gpu::launch_source`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum SourceArg {
+pub enum KernelArg {
     Ptr(u64),
     I32(i32),
     I64(i64),
     F32(f32),
+}
+
+/// Grid and block sizes of one `Gpu::launch_source`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_mem_bytes: u32,
 }
 
 /// Head dims the tensor-core prefill is instantiated for (larger ones take the CUDA-core

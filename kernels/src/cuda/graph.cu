@@ -310,6 +310,41 @@ extern "C" __global__ void argmax_final(const float* part_v, const int* part_i, 
 // 16 bytes per lane at a time (the activations are small and stay in cache). Rows of 8 weights
 // are read whole: k % 8 == 0 and 16-byte aligned pointers (the launcher checks, else cuBLAS
 // runs it).
+// One 16-byte chunk c of a weight row (8 weights) against the M activation rows, into acc.
+template <int M>
+__device__ __forceinline__ void gemv_chunk(const bf16_t* x, int k, uint4 wv, int c, float* acc) {
+    const bf16_t* wp = (const bf16_t*)&wv;
+    float wf[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) wf[j] = bf16_to_f32(wp[j]);
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        float xf[8];
+        uint4 xv = *(const uint4*)(x + (long)i * k + c * 8);
+        const bf16_t* xp = (const bf16_t*)&xv;
+#pragma unroll
+        for (int j = 0; j < 8; j++) xf[j] = bf16_to_f32(xp[j]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[i] += wf[j] * xf[j];
+    }
+}
+
+// Each of the M sums over the warp; lane 0 stores output `row` of each (plus y's value there
+// when accumulating).
+template <int M>
+__device__ __forceinline__ void gemv_store(const float* acc, bf16_t* y, int n, int row, int lane, int accumulate) {
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        float v = acc[i];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) {
+            long at = (long)i * n + row;
+            if (accumulate) v += bf16_to_f32(y[at]);
+            y[at] = f32_to_bf16(v);
+        }
+    }
+}
+
 template <int M>
 __device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, int accumulate) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -321,33 +356,8 @@ __device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, in
     for (int i = 0; i < M; i++) acc[i] = 0.0f;
     int chunks = k / 8;
 #pragma unroll 4
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 wv = wr[c];
-        const bf16_t* wp = (const bf16_t*)&wv;
-        float wf[8];
-#pragma unroll
-        for (int j = 0; j < 8; j++) wf[j] = bf16_to_f32(wp[j]);
-#pragma unroll
-        for (int i = 0; i < M; i++) {
-            float xf[8];
-            uint4 xv = *(const uint4*)(x + (long)i * k + c * 8);
-            const bf16_t* xp = (const bf16_t*)&xv;
-#pragma unroll
-            for (int j = 0; j < 8; j++) xf[j] = bf16_to_f32(xp[j]);
-#pragma unroll
-            for (int j = 0; j < 8; j++) acc[i] += wf[j] * xf[j];
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < M; i++) {
-        float v = acc[i];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) {
-            long at = (long)i * n + warp;
-            if (accumulate) v += bf16_to_f32(y[at]);
-            y[at] = f32_to_bf16(v);
-        }
-    }
+    for (int c = lane; c < chunks; c += 32) gemv_chunk<M>(x, k, wr[c], c, acc);
+    gemv_store<M>(acc, y, n, warp, lane, accumulate);
 }
 
 #define GEMV(M)                                                                                                       \
@@ -411,6 +421,32 @@ extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf
 // The gate/up linear of a SwiGLU MLP with its activation as the epilogue, for one bf16 row:
 // w_gate_up [2·inter, k] (gate rows first); warp j computes gate_j and up_j (each rounded to
 // bf16, as the linear's output is) and writes out[j] = round(round(silu(gate_j)) * up_j).
+// One 16-byte chunk of the gate and up rows against the same chunk of x, into g and u.
+__device__ __forceinline__ void swiglu_chunk(uint4 gv, uint4 uv, uint4 xv, float& g, float& u) {
+    const bf16_t* gp = (const bf16_t*)&gv;
+    const bf16_t* up = (const bf16_t*)&uv;
+    const bf16_t* xp = (const bf16_t*)&xv;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        float xf = bf16_to_f32(xp[e]);
+        g += bf16_to_f32(gp[e]) * xf;
+        u += bf16_to_f32(up[e]) * xf;
+    }
+}
+
+// g and u summed over the warp; lane 0 stores out[j] = round(round(silu(round(g))) * round(u)).
+__device__ __forceinline__ void swiglu_store(float g, float u, bf16_t* out, int j, int lane) {
+    for (int o = 16; o > 0; o >>= 1) {
+        g += __shfl_xor_sync(0xffffffffu, g, o);
+        u += __shfl_xor_sync(0xffffffffu, u, o);
+    }
+    if (lane == 0) {
+        float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
+        float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
+        out[j] = f32_to_bf16(s * ur);
+    }
+}
+
 extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k,
                                             int prefetch) {
     int j = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -426,176 +462,91 @@ extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf
     const uint4* xr = (const uint4*)x;
     float g = 0.0f, u = 0.0f;
 #pragma unroll 4
-    for (int c = lane; c < k / 8; c += 32) {
-        uint4 gv = wg[c], uv = wu[c], xv = xr[c];
-        const bf16_t* gp = (const bf16_t*)&gv;
-        const bf16_t* up = (const bf16_t*)&uv;
-        const bf16_t* xp = (const bf16_t*)&xv;
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            float xf = bf16_to_f32(xp[e]);
-            g += bf16_to_f32(gp[e]) * xf;
-            u += bf16_to_f32(up[e]) * xf;
-        }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        g += __shfl_xor_sync(0xffffffffu, g, o);
-        u += __shfl_xor_sync(0xffffffffu, u, o);
-    }
-    if (lane == 0) {
-        float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
-        float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
-        out[j] = f32_to_bf16(s * ur);
-    }
+    for (int c = lane; c < k / 8; c += 32) swiglu_chunk(wg[c], wu[c], xr[c], g, u);
+    swiglu_store(g, u, out, j, lane);
 }
-
 
 // The preloading builds of the two decode GEMVs above (`AUTODEPLOY_GEMV_PRELOAD=1`): each warp
 // loads its row's first PRE_CHUNKS 16-byte chunks a lane (2 KiB of a row) into registers before
 // waiting on the kernel ahead (weights are never written during a step), then asks L2 for the
-// `prefetch` bytes after them; the same arithmetic in the same order as the plain builds, so
-// the results are identical. Kept apart from the plain builds so theirs stay as measured.
+// `prefetch` bytes after them; the same chunk and epilogue code in the same order as the plain
+// builds, so the results are identical. Separate entry points, so the plain builds keep their
+// registers.
 constexpr int PRE_CHUNKS = 4;
 
-template <int M, bool PRE>
-__device__ void gemv_bf16_t(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, int accumulate,
-                          int prefetch) {
+// The row's bytes after the preloaded head: asks L2 for up to `prefetch` of them.
+__device__ __forceinline__ void prefetch_after_head(const uint4* row, int k, int prefetch, int lane) {
+    long head = PRE_CHUNKS * 32 * 16, rest = 2L * k - head;
+    if (rest > 0) prefetch_l2((const char*)row + head, prefetch < rest ? prefetch : rest, lane);
+}
+
+template <int M>
+__device__ void gemv_bf16_pre(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, int accumulate,
+                              int prefetch) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     const bool row_ok = warp < n;
     const uint4* wr = (const uint4*)(w + (long)(row_ok ? warp : 0) * k);
     int chunks = k / 8;
-    uint4 pre[PRE ? PRE_CHUNKS : 1];
+    uint4 pre[PRE_CHUNKS];
     if (row_ok) {
-        if constexpr (PRE) {
 #pragma unroll
-            for (int u = 0; u < PRE_CHUNKS; u++)
-                if (lane + 32 * u < chunks) pre[u] = wr[lane + 32 * u];
-            long head = PRE_CHUNKS * 32 * 16, rest = 2L * k - head;
-            if (rest > 0) prefetch_l2((const char*)wr + head, prefetch < rest ? prefetch : rest, lane);
-        } else {
-            prefetch_l2(wr, prefetch, lane);
-        }
+        for (int u = 0; u < PRE_CHUNKS; u++)
+            if (lane + 32 * u < chunks) pre[u] = wr[lane + 32 * u];
+        prefetch_after_head(wr, k, prefetch, lane);
     }
     pdl_enter();
     if (!row_ok) return;
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0.0f;
-    auto step = [&](uint4 wv, int c) {
-        const bf16_t* wp = (const bf16_t*)&wv;
-        float wf[8];
 #pragma unroll
-        for (int j = 0; j < 8; j++) wf[j] = bf16_to_f32(wp[j]);
-#pragma unroll
-        for (int i = 0; i < M; i++) {
-            float xf[8];
-            uint4 xv = *(const uint4*)(x + (long)i * k + c * 8);
-            const bf16_t* xp = (const bf16_t*)&xv;
-#pragma unroll
-            for (int j = 0; j < 8; j++) xf[j] = bf16_to_f32(xp[j]);
-#pragma unroll
-            for (int j = 0; j < 8; j++) acc[i] += wf[j] * xf[j];
-        }
-    };
-    int c0 = lane;
-    if constexpr (PRE) {
-#pragma unroll
-        for (int u = 0; u < PRE_CHUNKS; u++)
-            if (lane + 32 * u < chunks) step(pre[u], lane + 32 * u);
-        c0 = lane + 32 * PRE_CHUNKS;
-    }
+    for (int u = 0; u < PRE_CHUNKS; u++)
+        if (lane + 32 * u < chunks) gemv_chunk<M>(x, k, pre[u], lane + 32 * u, acc);
 #pragma unroll 4
-    for (int c = c0; c < chunks; c += 32) step(wr[c], c);
-#pragma unroll
-    for (int i = 0; i < M; i++) {
-        float v = acc[i];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) {
-            long at = (long)i * n + warp;
-            if (accumulate) v += bf16_to_f32(y[at]);
-            y[at] = f32_to_bf16(v);
-        }
-    }
+    for (int c = lane + 32 * PRE_CHUNKS; c < chunks; c += 32) gemv_chunk<M>(x, k, wr[c], c, acc);
+    gemv_store<M>(acc, y, n, warp, lane, accumulate);
 }
 
 #define GEMV_PRE(M)                                                                                                   \
     extern "C" __global__ void gemv_bf16_pre_m##M(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k,         \
                                                   int accumulate, int prefetch) {                                     \
-        gemv_bf16_t<M, true>(x, w, y, n, k, accumulate, prefetch);                                                    \
+        gemv_bf16_pre<M>(x, w, y, n, k, accumulate, prefetch);                                                        \
     }
 GEMV_PRE(1)
 GEMV_PRE(2)
 GEMV_PRE(4)
 GEMV_PRE(8)
 
-template <bool PRE>
-__device__ void gemv_swiglu_t(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k, int prefetch) {
+extern "C" __global__ void gemv_swiglu_bf16_pre(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k,
+                                                int prefetch) {
     int j = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     const bool ok = j < inter;
     const uint4* wg = (const uint4*)(w + (long)(ok ? j : 0) * k);
     const uint4* wu = (const uint4*)(w + (long)((ok ? j : 0) + inter) * k);
     int chunks = k / 8;
-    uint4 pg[PRE ? PRE_CHUNKS : 1], pu[PRE ? PRE_CHUNKS : 1];
+    uint4 pg[PRE_CHUNKS], pu[PRE_CHUNKS];
     if (ok) {
-        if constexpr (PRE) {
 #pragma unroll
-            for (int u = 0; u < PRE_CHUNKS; u++)
-                if (lane + 32 * u < chunks) {
-                    pg[u] = wg[lane + 32 * u];
-                    pu[u] = wu[lane + 32 * u];
-                }
-            long head = PRE_CHUNKS * 32 * 16, rest = 2L * k - head;
-            if (rest > 0) {
-                long bytes = prefetch < rest ? prefetch : rest;
-                prefetch_l2((const char*)wg + head, bytes, lane);
-                prefetch_l2((const char*)wu + head, bytes, lane);
+        for (int u = 0; u < PRE_CHUNKS; u++)
+            if (lane + 32 * u < chunks) {
+                pg[u] = wg[lane + 32 * u];
+                pu[u] = wu[lane + 32 * u];
             }
-        } else {
-            prefetch_l2(wg, prefetch, lane);
-            prefetch_l2(wu, prefetch, lane);
-        }
+        prefetch_after_head(wg, k, prefetch, lane);
+        prefetch_after_head(wu, k, prefetch, lane);
     }
     pdl_enter();
     if (!ok) return;
     const uint4* xr = (const uint4*)x;
     float g = 0.0f, u = 0.0f;
-    auto step = [&](uint4 gv, uint4 uv, int c) {
-        uint4 xv = xr[c];
-        const bf16_t* gp = (const bf16_t*)&gv;
-        const bf16_t* up = (const bf16_t*)&uv;
-        const bf16_t* xp = (const bf16_t*)&xv;
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            float xf = bf16_to_f32(xp[e]);
-            g += bf16_to_f32(gp[e]) * xf;
-            u += bf16_to_f32(up[e]) * xf;
-        }
-    };
-    int c0 = lane;
-    if constexpr (PRE) {
-#pragma unroll
-        for (int v = 0; v < PRE_CHUNKS; v++)
-            if (lane + 32 * v < chunks) step(pg[v], pu[v], lane + 32 * v);
-        c0 = lane + 32 * PRE_CHUNKS;
-    }
+    for (int v = 0; v < PRE_CHUNKS; v++)
+        if (lane + 32 * v < chunks) swiglu_chunk(pg[v], pu[v], xr[lane + 32 * v], g, u);
 #pragma unroll 4
-    for (int c = c0; c < chunks; c += 32) step(wg[c], wu[c], c);
-    for (int o = 16; o > 0; o >>= 1) {
-        g += __shfl_xor_sync(0xffffffffu, g, o);
-        u += __shfl_xor_sync(0xffffffffu, u, o);
-    }
-    if (lane == 0) {
-        float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
-        float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
-        out[j] = f32_to_bf16(s * ur);
-    }
-}
-
-extern "C" __global__ void gemv_swiglu_bf16_pre(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k,
-                                                int prefetch) {
-    gemv_swiglu_t<true>(x, w, out, inter, k, prefetch);
+    for (int c = lane + 32 * PRE_CHUNKS; c < chunks; c += 32) swiglu_chunk(wg[c], wu[c], xr[c], g, u);
+    swiglu_store(g, u, out, j, lane);
 }
 
 // Sampling on the GPU, with the CPU sampler's semantics (core/src/sampling.rs) so a seeded

@@ -253,6 +253,18 @@ struct RawModule {
 unsafe impl Send for RawModule {}
 unsafe impl Sync for RawModule {}
 
+impl RawModule {
+    /// Loads a PTX image into `ctx` with `cuModuleLoadData`.
+    fn load(ctx: &Arc<CudaContext>, ptx: &Ptx) -> Result<RawModule, String> {
+        let text = std::ffi::CString::new(ptx.to_src()).map_err(|e| format!("{e}"))?;
+        ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
+        // SAFETY: a NUL-terminated PTX image, loaded into the bound context.
+        let module = unsafe { cudarc::driver::result::module::load_data(text.as_ptr() as *const _) }
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(RawModule { ctx: ctx.clone(), module })
+    }
+}
+
 impl Drop for RawModule {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
@@ -289,12 +301,7 @@ impl Device {
             let (ptx, _) = compile(m, src, arch)?;
             let loading = |e| Unavailable(format!("loading kernels {m} on {name}: {e:?}"));
             if RAW_MODULES.contains(m) {
-                let text = std::ffi::CString::new(ptx.to_src()).map_err(|e| loading(format!("{e}")))?;
-                ctx.bind_to_thread().map_err(|e| loading(format!("{e:?}")))?;
-                // SAFETY: a NUL-terminated PTX image, loaded into the bound context.
-                let module = unsafe { cudarc::driver::result::module::load_data(text.as_ptr() as *const _) }
-                    .map_err(|e| loading(format!("{e:?}")))?;
-                raw.push((*m, RawModule { ctx: ctx.clone(), module }));
+                raw.push((*m, RawModule::load(&ctx, &ptx).map_err(&loading)?));
             } else {
                 modules.push((*m, ctx.load_module(ptx).map_err(|e| loading(format!("{e:?}")))?));
             }
@@ -307,12 +314,7 @@ impl Device {
     pub fn load_source(&self, label: &str, what: &str, src: &str, entry: &str) -> Result<Kernel, Unavailable> {
         let (ptx, _) = compile_labeled(label, what, src, arch_name(self.cc))?;
         let loading = |e: String| Unavailable(format!("loading {what} on {}: {e}", self.name));
-        let text = std::ffi::CString::new(ptx.to_src()).map_err(|e| loading(format!("{e}")))?;
-        self.ctx.bind_to_thread().map_err(|e| loading(format!("{e:?}")))?;
-        // SAFETY: a NUL-terminated PTX image, loaded into the bound context.
-        let module = unsafe { cudarc::driver::result::module::load_data(text.as_ptr() as *const _) }
-            .map_err(|e| loading(format!("{e:?}")))?;
-        let m = RawModule { ctx: self.ctx.clone(), module };
+        let m = RawModule::load(&self.ctx, &ptx).map_err(loading)?;
         let c = std::ffi::CString::new(entry).map_err(|_| loading(format!("bad kernel name `{entry}`")))?;
         // SAFETY: a module of this device's context; an unknown name is an error, not UB.
         let f = unsafe { cudarc::driver::result::module::get_function(m.module, c) }

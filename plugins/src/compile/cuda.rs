@@ -20,7 +20,6 @@ use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
-use autodeploy_kernels::cuda::exec::SourceArg;
 use autodeploy_kernels::cuda::exec::{
     plan_tiles, Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK,
     SPLIT_EARLY_MAX_TOKENS,
@@ -128,17 +127,7 @@ impl KernelLauncher for SourceLauncher<'_> {
         dims: LaunchDims,
         args: &[KernelArg],
     ) -> std::result::Result<(), String> {
-        let args: Vec<SourceArg> = args
-            .iter()
-            .map(|a| match *a {
-                KernelArg::Ptr(p) => SourceArg::Ptr(p),
-                KernelArg::I32(v) => SourceArg::I32(v),
-                KernelArg::I64(v) => SourceArg::I64(v),
-                KernelArg::F32(v) => SourceArg::F32(v),
-            })
-            .collect();
-        let d = (dims.grid, dims.block, dims.shared_mem_bytes);
-        self.gpu.launch_source(&self.what, source, entry, d, &args).map_err(|e| e.0)
+        self.gpu.launch_source(&self.what, source, entry, dims, args).map_err(|e| e.0)
     }
 }
 
