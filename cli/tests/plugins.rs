@@ -134,6 +134,11 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let (ok, folded, err) = host(&dir, &smollm2_config(&model, "naive_cpu", ""), &[]);
     assert!(ok, "{err}");
     assert_eq!(output_lines(&folded), output_lines(&reference));
+    // Qwen3's q/k norms are read by transposes, not linears: those stay, the rest fold.
+    let qwen3 = format!("model = {:?}\n", root().join("tests/fixtures/qwen3").display().to_string());
+    let (ok, graph, err) = host(&dir, &qwen3, &["graph", "--stage", "post_load_fusion"]);
+    assert!(ok, "{err}");
+    assert!(graph.contains("transform=fold_norm_scale] folded 3 rmsnorm scales into 7 linears"), "{graph}");
     let (_, graph_off, _) =
         host(&dir, &smollm2_config(&model, "torch", "enabled = false"), &["graph", "--stage", "post_load_fusion"]);
     assert!(graph_off.contains("[stage=post_load_fusion, transform=fold_norm_scale] disabled"), "{graph_off}");
@@ -234,6 +239,63 @@ fn old_sdk_plugin() -> PathBuf {
     // The example's lock, so the copy resolves to the same dependency versions (and builds).
     std::fs::copy(root().join("examples/plugin/Cargo.lock"), plugin.join("Cargo.lock")).unwrap();
     build_plugin(&plugin.join("Cargo.toml"), "autodeploy_old_sdk_plugin")
+}
+
+/// A plugin whose transform panics (a bug in the plugin): its source is written here, and it is
+/// built against the current SDK like the example.
+fn panicking_plugin() -> PathBuf {
+    let src = root().join("target/plugin-example/panicking-src");
+    std::fs::create_dir_all(src.join("src")).unwrap();
+    let manifest = format!(
+        "[package]\nname = \"autodeploy-panicking-plugin\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\
+         [lib]\ncrate-type = [\"cdylib\"]\n[dependencies]\nautodeploy-sdk = {{ path = {:?} }}\n[workspace]\n",
+        root().join("sdk").display().to_string()
+    );
+    std::fs::write(src.join("Cargo.toml"), manifest).unwrap();
+    std::fs::write(
+        src.join("src/lib.rs"),
+        r#"use autodeploy_sdk::abi_stable::std_types::{RResult, RStr, RString};
+use autodeploy_sdk::ffi::{GraphRef, PluginDecl, Transform};
+struct Buggy;
+impl Transform for Buggy {
+    fn apply(&self, graph: GraphRef<'_>, _: RStr<'_>) -> RResult<RString, RString> {
+        let nodes = graph.find_nodes("torch_rmsnorm".into());
+        panic!("index {} out of range for {} norms", nodes.len(), nodes.len())
+    }
+}
+fn plugins() -> Vec<PluginDecl> {
+    vec![PluginDecl::transform("buggy", "0.1.0", autodeploy_sdk::Stage::PostLoadFusion, &[], Buggy)]
+}
+autodeploy_sdk::export_plugins!(plugins);
+"#,
+    )
+    .unwrap();
+    // The example's lock, so it resolves to the same dependency versions (and builds offline).
+    std::fs::copy(root().join("examples/plugin/Cargo.lock"), src.join("Cargo.lock")).unwrap();
+    build_plugin(&src.join("Cargo.toml"), "autodeploy_panicking_plugin")
+}
+
+#[test]
+fn a_panicking_plugin_transform_fails_the_build_with_its_message() {
+    let lib = panicking_plugin();
+    let dir = scratch("plugin-panic");
+    write_registry(&dir, &[&lib]);
+    let cfg = format!(
+        "model = {:?}\nmax_new_tokens = 2\n[[prompts]]\ntoken_ids = [1, 2]\n",
+        root().join("tests/fixtures/llama").display().to_string()
+    );
+    for args in [&["graph", "--stage", "post_load_fusion"][..], &[]] {
+        let (ok, _, err) = host(&dir, &cfg, args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            err.contains("transform buggy from")
+                && err.contains(&lib.display().to_string())
+                && err.contains("transform panicked: index 5 out of range for 5 norms"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("Aborting"), "the panic crossed the FFI boundary: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

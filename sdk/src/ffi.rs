@@ -261,6 +261,30 @@ pub trait Transform: Send + Sync {
     fn apply(&self, graph: GraphRef<'_>, options: RStr<'_>) -> RResult<RString, RString>;
 }
 
+/// A transform whose panics become its error: a panic may not cross the FFI boundary (abi_stable
+/// aborts the host when one tries), so a bug in a plugin's transform fails the build with the
+/// panic's message instead of killing the process.
+struct CatchPanic<T>(T);
+
+impl<T: Transform> Transform for CatchPanic<T> {
+    fn apply(&self, graph: GraphRef<'_>, options: RStr<'_>) -> RResult<RString, RString> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.apply(graph, options))) {
+            Ok(r) => r,
+            Err(payload) => RResult::RErr(panic_message("transform", payload).into()),
+        }
+    }
+}
+
+/// The text of a caught panic, as "<what> panicked: <message>".
+fn panic_message(what: &str, payload: Box<dyn std::any::Any + Send>) -> String {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    format!("{what} panicked: {msg}")
+}
+
 /// An option a transform accepts; the host checks the config's value has the default's type.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug)]
@@ -546,7 +570,7 @@ impl PluginDecl {
                     .iter()
                     .map(|(n, d, h)| OptionDecl { name: (*n).into(), default: (*d).into(), help: (*h).into() })
                     .collect(),
-                transform: Transform_TO::from_value(t, abi_stable::sabi_trait::TD_Opaque),
+                transform: Transform_TO::from_value(CatchPanic(t), abi_stable::sabi_trait::TD_Opaque),
             },
         }
     }

@@ -72,9 +72,16 @@ impl FoldNormScale {
             let mut linears = Vec::new();
             for &u in users.iter() {
                 let ROption::RSome(un) = g.node(u) else { continue };
-                let float_weight = matches!(g.value(un.inputs[1]),
-                    ROption::RSome(v) if v.weight.is_some() && ["f32", "bf16", "f16"].contains(&v.dtype.as_str()));
-                if un.op.as_str() == "aten.linear" && un.inputs[0] == out && un.inputs[1] != out && float_weight {
+                // A linear reading the norm as its input (not as its weight), with a float weight.
+                let weight_in = match un.inputs.as_slice() {
+                    [x, w, ..] if un.op.as_str() == "aten.linear" && *x == out && *w != out => Some(*w),
+                    _ => None,
+                };
+                let float_weight = weight_in.is_some_and(|w| {
+                    matches!(g.value(w),
+                    ROption::RSome(v) if v.weight.is_some() && ["f32", "bf16", "f16"].contains(&v.dtype.as_str()))
+                });
+                if float_weight {
                     linears.push(u);
                 } else {
                     blocked.push(un.op.to_string());
