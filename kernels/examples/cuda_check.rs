@@ -308,20 +308,14 @@ fn main() -> ExitCode {
     // 8; head dims 64 and 128. `flashinfer`: KV write, then the ragged paged kernel, and the
     // split-KV decode kernel, over scattered pages. `triton`: the fused write-and-attend kernel
     // over per-sequence contiguous slots.
-    let mut gpu = match autodeploy_kernels::cuda::exec::Gpu::open(ordinal) {
+    let gpu = match autodeploy_kernels::cuda::exec::Gpu::open(ordinal) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    // Both builds of the decode GEMVs: plain and preloading (AUTODEPLOY_GEMV_PRELOAD).
-    let preload = gpu.gemv_preload;
-    for pre in [false, true] {
-        gpu.gemv_preload = pre;
-        check_gemv(&gpu, &mut rep);
-    }
-    gpu.gemv_preload = preload;
+    check_gemv(&gpu, &mut rep);
     for bf in [false, true] {
         for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2)] {
             for d in [64usize, 128] {
@@ -451,8 +445,7 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
             let dy = up(&y0);
             assert!(gpu.gemv(Dt::BF16, 1, n, k, dx.ptr, dw.ptr, dy.ptr, acc).unwrap());
             let want: Vec<f32> = (0..n).map(|i| rnd(true, dot(i) + if acc { y0[i] } else { 0.0 })).collect();
-            let pre = if gpu.gemv_preload { " pre" } else { "" };
-            let what = format!("gemv{pre} {n}x{k}{}", if acc { " +=" } else { "" });
+            let what = format!("gemv {n}x{k}{}", if acc { " +=" } else { "" });
             rep.check_scaled(&what, true, &down(dy.ptr, n), &want, atol);
         }
         let dout = up(&y0);
@@ -463,8 +456,7 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
                 rnd(true, rnd(true, g / (1.0 + (-g).exp())) * u)
             })
             .collect();
-        let pre = if gpu.gemv_preload { " pre" } else { "" };
-        rep.check_scaled(&format!("gemv_swiglu{pre} {n}x{k}"), true, &down(dout.ptr, n), &want, atol);
+        rep.check_scaled(&format!("gemv_swiglu {n}x{k}"), true, &down(dout.ptr, n), &want, atol);
     }
 }
 

@@ -1,8 +1,7 @@
 //! The decode GEMVs of a Llama-shaped model streamed from memory, as a decode step runs them:
 //! every layer's weights are distinct (nothing stays in L2), launched back to back under
 //! programmatic dependent launch and replayed as one CUDA graph. Prints, for each L2 prefetch
-//! size (`Gpu::prefetch_row`) and for the preloading build (`Gpu::gemv_preload`), the time of a
-//! step's GEMVs and of each kind alone, with their weight bandwidth next to the copy floor of
+//! size (`Gpu::prefetch_row`), the time of a step's GEMVs and of each kind alone, with their weight bandwidth next to the copy floor of
 //! the same run.
 //!
 //!   cargo run --release -p autodeploy-kernels --example gemv_bench [-- HIDDEN INTER Q KV LAYERS]
@@ -109,19 +108,10 @@ fn main() {
         ("gate/up+swiglu", vec![Kind::GateUp]),
         ("down", vec![Kind::Down]),
     ];
-    // (L2 prefetch bytes a row, preloading build): the plain build at four prefetch sizes, then
-    // the preloading one (its prefetch after the 2 KiB it preloads).
-    let variants = [
-        (1024usize, false, "pf1024"),
-        (0, false, "pf0"),
-        (512, false, "pf512"),
-        (2048, false, "pf2048"),
-        (0, true, "pre"),
-        (1024, true, "pre+1k"),
-    ];
-    for (prefetch, preload, name) in variants {
+    // L2 prefetch bytes a row.
+    let variants = [(1024usize, "pf1024"), (0, "pf0"), (512, "pf512"), (2048, "pf2048")];
+    for (prefetch, name) in variants {
         gpu.prefetch_row = prefetch;
-        gpu.gemv_preload = preload;
         for (what, kinds) in &sets {
             run(&gpu, kinds);
             gpu.sync().unwrap();

@@ -130,9 +130,6 @@ struct Funcs {
     gemv_bf16: [Kernel; 4],
     rmsnorm_bf16x8: Kernel,
     gemv_swiglu_bf16: Kernel,
-    /// Their preloading builds (graph.cu: `gemv_bf16_t<M, true>`).
-    gemv_bf16_pre: [Kernel; 4],
-    gemv_swiglu_bf16_pre: Kernel,
     argmax_final: Kernel,
     sample_rows: Kernel,
     write_kv: [Kernel; 2],
@@ -166,9 +163,6 @@ pub struct Gpu {
     /// `PREFILL_TC_DIMS`, sm_80+, a step with planned tiles); `AUTODEPLOY_PREFILL_TC=0`: the
     /// CUDA-core kernel everywhere.
     pub prefill_tc: bool,
-    /// The decode GEMVs' preloading builds (`AUTODEPLOY_GEMV_PRELOAD=1`; off by default until
-    /// measured against the plain ones on a GPU).
-    pub gemv_preload: bool,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
 }
@@ -274,13 +268,6 @@ impl Gpu {
             gemv_bf16: [g("gemv_bf16_m1")?, g("gemv_bf16_m2")?, g("gemv_bf16_m4")?, g("gemv_bf16_m8")?],
             rmsnorm_bf16x8: g("rmsnorm_bf16x8")?,
             gemv_swiglu_bf16: g("gemv_swiglu_bf16")?,
-            gemv_bf16_pre: [
-                g("gemv_bf16_pre_m1")?,
-                g("gemv_bf16_pre_m2")?,
-                g("gemv_bf16_pre_m4")?,
-                g("gemv_bf16_pre_m8")?,
-            ],
-            gemv_swiglu_bf16_pre: g("gemv_swiglu_bf16_pre")?,
             argmax_final: g("argmax_final")?,
             sample_rows: g("sample_rows")?,
             write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
@@ -314,19 +301,7 @@ impl Gpu {
             std::env::var("AUTODEPLOY_PREFETCH_ROW").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1024);
         let prefill_tc = dev.cc.0 >= 8 && std::env::var("AUTODEPLOY_PREFILL_TC").map_or(true, |v| v != "0");
         let source_kernels = Default::default();
-        let gemv_preload = std::env::var("AUTODEPLOY_GEMV_PRELOAD").is_ok_and(|v| v == "1");
-        Ok(Gpu {
-            dev,
-            stream,
-            blas,
-            _blas_workspace: ws,
-            f,
-            pdl,
-            prefetch_row,
-            prefill_tc,
-            gemv_preload,
-            source_kernels,
-        })
+        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row, prefill_tc, source_kernels })
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {
@@ -719,8 +694,7 @@ impl Gpu {
         }
         let (n32, k32, acc) = (n as i32, k as i32, accumulate as i32);
         let pf = self.prefetch_bytes(k);
-        let f = if self.gemv_preload { self.f.gemv_bf16_pre[i] } else { self.f.gemv_bf16[i] };
-        let mut l = self.launcher(f);
+        let mut l = self.launcher(self.f.gemv_bf16[i]);
         l.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32).arg(&acc).arg(&pf);
         let cfg =
             LaunchConfig { grid_dim: ((n as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -752,8 +726,7 @@ impl Gpu {
         }
         let (i32_, k32) = (inter as i32, k as i32);
         let pf = self.prefetch_bytes(k);
-        let f = if self.gemv_preload { self.f.gemv_swiglu_bf16_pre } else { self.f.gemv_swiglu_bf16 };
-        let mut l = self.launcher(f);
+        let mut l = self.launcher(self.f.gemv_swiglu_bf16);
         l.arg(&x).arg(&w).arg(&out).arg(&i32_).arg(&k32).arg(&pf);
         let cfg =
             LaunchConfig { grid_dim: ((inter as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
