@@ -381,7 +381,7 @@ __device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, boo
 // `splits` chunks of `chunk`; block (t, h, s) attends over chunk s only and writes its partial
 // softmax state (max m, sum l, unnormalised output row) to `partial`; the last block of
 // (t, h) to finish (an atomic counter per (t, h) in `counters`, zero between steps) combines
-// the chunks into out. More blocks than (tokens × heads) keep the GPU busy when a decode batch is small,
+// the chunks into out (a token whose positions fit one chunk writes out directly). More blocks than (tokens × heads) keep the GPU busy when a decode batch is small,
 // and each warp keeps four positions in flight. The grid is fixed by `splits` (chunks past a
 // sequence's length exit at once), so a captured CUDA graph replays as the sequence grows.
 // partial layout: [tokens, heads, splits, D + 2] floats.
@@ -532,30 +532,43 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     __syncthreads();
     float M = sm[0];
     for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2]);
+    float L = 0.0f;
+    for (int w2 = 0; w2 < WARPS; w2++) L += sl[w2] * __expf(sm[w2] - M);
+    T* out_row = out_all + ((long)h * tokens + t) * D;
+    if (active == 1) {
+        // The only chunk: the output directly, as merging its one partial state would give.
+        float inv_l = 1.0f / L;
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+            float o = 0.0f;
+            for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
+            store_f(out_row, e, o * inv_l);
+        }
+        return;
+    }
     for (int e = threadIdx.x; e < D; e += blockDim.x) {
         float o = 0.0f;
         for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
         out[e] = o;
     }
     if (threadIdx.x == 0) {
-        float L = 0.0f;
-        for (int w2 = 0; w2 < WARPS; w2++) L += sl[w2] * __expf(sm[w2] - M);
         out[D] = M;
         out[D + 1] = L;
     }
     // The last chunk to finish merges them all (and re-arms the counter for the next step).
+    // The block's partial stores are ordered before thread 0's release (the barrier, then a
+    // gpu-scope acq_rel atomic); the last block's acquire makes every chunk's visible to it.
     __shared__ int last;
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
         int* c = counters + t * heads + h;
-        last = atomicAdd(c, 1) == active - 1;
+        int before;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(c) : "memory");
+        last = before == active - 1;
         if (last) *c = 0;
     }
     __syncthreads();
     if (!last) return;
-    __threadfence();
-    merge_partials<T>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_all + ((long)h * tokens + t) * D);
+    merge_partials<T>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_row);
 }
 
 #define SPLIT_ENTRY(T, S, D, NAME, EARLY)                                                                             \
