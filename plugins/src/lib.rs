@@ -21,6 +21,7 @@ pub mod transforms {
     pub mod fusion;
     pub mod kvcache;
     pub mod matchers;
+    pub mod simplify;
 }
 
 /// Referencing this from a binary keeps the crate (and so its registrations) linked in.

@@ -393,3 +393,29 @@ fn every_family_reaches_the_canonical_ops_with_unchanged_logits() {
         }
     }
 }
+
+#[test]
+fn identity_ops_are_dropped_and_the_rest_kept() {
+    let mut b = GraphBuilder::new(store(&[]));
+    let x = b.input("x", DType::F32, static_shape(&[2, 4]));
+    let ids = b.input("ids", DType::I64, static_shape(&[2, 4]));
+    let one = b.op("one", Op::MulScalar(1.0), &[x]).unwrap(); // dropped
+    let same = b.op("same", Op::ToDtype(DType::F32), &[one]).unwrap(); // dropped
+    let two = b.op("two", Op::MulScalar(2.0), &[same]).unwrap(); // kept
+    let half = b.op("half", Op::ToDtype(DType::BF16), &[two]).unwrap(); // kept: a real cast
+    let back = b.op("back", Op::ToDtype(DType::F32), &[half]).unwrap(); // kept
+    let int_one = b.op("int_one", Op::MulScalar(1.0), &[ids]).unwrap(); // dropped: i64 stays i64 here
+    let idf = b.op("idf", Op::ToDtype(DType::F32), &[int_one]).unwrap(); // kept
+    let sum = b.op("sum", Op::Add, &[back, idf]).unwrap();
+    let out = b.op("out", Op::MulScalar(1.0), &[sum]).unwrap(); // kept: a graph output
+    b.output(out);
+    let g = b.finish().unwrap();
+    let ids_t = Tensor::from_i64(vec![2, 4], vec![1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    let want = "%two: f32[2, 4] = aten.mul.Scalar(%x, 2.0)
+%half: bf16[2, 4] = aten._to_copy(%two, dtype=bf16)
+%back: f32[2, 4] = aten._to_copy(%half, dtype=f32)
+%idf: f32[2, 4] = aten._to_copy(%ids, dtype=f32)
+%sum: f32[2, 4] = aten.add.Tensor(%back, %idf)
+%out: f32[2, 4] = aten.mul.Scalar(%sum, 1.0)";
+    check("drop_identity_ops", g, &[rand_tensor(DType::F32, &[2, 4], 3), ids_t], want, 0.0);
+}
