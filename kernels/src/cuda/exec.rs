@@ -1013,10 +1013,11 @@ pub struct Split {
 }
 
 impl Split {
-    /// Chunks for sequences of up to `max_len` positions: at least 32 positions each (a
-    /// block's four warps take four positions at a time), at most 32 chunks.
-    pub fn plan(max_len: usize) -> (usize, usize) {
-        let chunk = max_len.div_ceil(32).max(32);
+    /// Chunks for sequences of up to `max_len` positions: at least `min_chunk` positions each
+    /// (32 by default: a block's four warps take four or eight positions at a time), at most 32
+    /// chunks. Fewer, longer chunks mean fewer blocks and more passes in each.
+    pub fn plan(max_len: usize, min_chunk: usize) -> (usize, usize) {
+        let chunk = max_len.div_ceil(32).max(min_chunk.max(1));
         (chunk, max_len.div_ceil(chunk).max(1))
     }
 }
