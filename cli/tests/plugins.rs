@@ -255,8 +255,24 @@ fn panicking_plugin() -> PathBuf {
     std::fs::write(
         src.join("src/lib.rs"),
         r#"use autodeploy_sdk::abi_stable::std_types::{RResult, RStr, RString};
-use autodeploy_sdk::ffi::{GraphRef, PluginDecl, Transform};
+use autodeploy_sdk::ffi::{
+    attention_backend_box, AttentionBackend, AttentionBackendBox, AttentionCall, GraphRef, PluginDecl, StepInfo,
+    Transform,
+};
 struct Buggy;
+struct BuggyAttention;
+impl AttentionBackend for BuggyAttention {
+    fn begin_step(&mut self, _: StepInfo<'_>) -> RResult<(), RString> {
+        RResult::ROk(())
+    }
+    fn attend(&self, call: AttentionCall<'_>) -> RResult<(), RString> {
+        let empty: Vec<f32> = Vec::new();
+        RResult::ROk(assert!(empty.len() > call.layer, "layer {} has no cache", call.layer))
+    }
+}
+extern "C" fn new_buggy_attention() -> AttentionBackendBox {
+    attention_backend_box(BuggyAttention)
+}
 impl Transform for Buggy {
     fn apply(&self, graph: GraphRef<'_>, _: RStr<'_>) -> RResult<RString, RString> {
         let nodes = graph.find_nodes("torch_rmsnorm".into());
@@ -264,7 +280,11 @@ impl Transform for Buggy {
     }
 }
 fn plugins() -> Vec<PluginDecl> {
-    vec![PluginDecl::transform("buggy", "0.1.0", autodeploy_sdk::Stage::PostLoadFusion, &[], Buggy)]
+    vec![
+        PluginDecl::transform("buggy", "0.1.0", autodeploy_sdk::Stage::PostLoadFusion, &[], Buggy)
+            .disabled_by_default(),
+        PluginDecl::attention_backend("buggy_attention", "0.1.0", new_buggy_attention),
+    ]
 }
 autodeploy_sdk::export_plugins!(plugins);
 "#,
@@ -276,7 +296,7 @@ autodeploy_sdk::export_plugins!(plugins);
 }
 
 #[test]
-fn a_panicking_plugin_transform_fails_the_build_with_its_message() {
+fn a_panicking_plugin_fails_what_it_was_doing_with_its_message() {
     let lib = panicking_plugin();
     let dir = scratch("plugin-panic");
     write_registry(&dir, &[&lib]);
@@ -284,6 +304,17 @@ fn a_panicking_plugin_transform_fails_the_build_with_its_message() {
         "model = {:?}\nmax_new_tokens = 2\n[[prompts]]\ntoken_ids = [1, 2]\n",
         root().join("tests/fixtures/llama").display().to_string()
     );
+    // An attention backend that panics in `attend`: the requests of that step fail with the
+    // panic's message; the host does not abort.
+    let attn = cfg.replace("max_new_tokens", "attn_backend = \"buggy_attention\"\nmax_new_tokens");
+    let (_, out, err) = host(&dir, &attn, &[]);
+    assert!(
+        out.contains("[0] error:") && out.contains("attention backend panicked: layer 0 has no cache"),
+        "{out}\n{err}"
+    );
+    assert!(!err.contains("Aborting"), "the panic crossed the FFI boundary: {err}");
+    // A transform that panics fails the build.
+    let cfg = format!("{cfg}[transforms.buggy]\nenabled = true\n");
     for args in [&["graph", "--stage", "post_load_fusion"][..], &[]] {
         let (ok, _, err) = host(&dir, &cfg, args);
         assert!(!ok, "{args:?}");

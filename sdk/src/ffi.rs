@@ -261,16 +261,54 @@ pub trait Transform: Send + Sync {
     fn apply(&self, graph: GraphRef<'_>, options: RStr<'_>) -> RResult<RString, RString>;
 }
 
-/// A transform whose panics become its error: a panic may not cross the FFI boundary (abi_stable
-/// aborts the host when one tries), so a bug in a plugin's transform fails the build with the
-/// panic's message instead of killing the process.
+/// A plugin object whose panics become its errors: a panic may not cross the FFI boundary
+/// (abi_stable aborts the host when one tries), so a bug in a plugin's transform, attention
+/// backend, runtime or compiled model fails what it was doing (the build, the step's requests)
+/// with the panic's message instead of killing the process. The SDK wraps every object it boxes.
 struct CatchPanic<T>(T);
+
+/// `f()`, or the error `<what> panicked: <message>`.
+fn catching<R>(what: &str, f: impl FnOnce() -> RResult<R, RString>) -> RResult<R, RString> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => RResult::RErr(panic_message(what, payload).into()),
+    }
+}
 
 impl<T: Transform> Transform for CatchPanic<T> {
     fn apply(&self, graph: GraphRef<'_>, options: RStr<'_>) -> RResult<RString, RString> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.apply(graph, options))) {
+        catching("transform", || self.0.apply(graph, options))
+    }
+}
+
+impl<T: AttentionBackend> AttentionBackend for CatchPanic<T> {
+    fn begin_step(&mut self, step: StepInfo<'_>) -> RResult<(), RString> {
+        catching("attention backend", || self.0.begin_step(step))
+    }
+    fn attend(&self, call: AttentionCall<'_>) -> RResult<(), RString> {
+        catching("attention backend", || self.0.attend(call))
+    }
+}
+
+impl<T: CompiledGraph> CompiledGraph for CatchPanic<T> {
+    fn forward(&mut self, run: RunGraphRef<'_>) -> RResult<(), RString> {
+        catching("compiled model", || self.0.forward(run))
+    }
+}
+
+impl<T: Runtime> Runtime for CatchPanic<T> {
+    fn generate(
+        &mut self,
+        engine: EngineRef<'_>,
+        requests: RSlice<'_, RuntimeRequest>,
+    ) -> RVec<RResult<RuntimeCompletion, RString>> {
+        let n = requests.len();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.generate(engine, requests))) {
             Ok(r) => r,
-            Err(payload) => RResult::RErr(panic_message("transform", payload).into()),
+            Err(payload) => {
+                let msg: RString = panic_message("runtime", payload).into();
+                (0..n).map(|_| RResult::RErr(msg.clone())).collect()
+            }
         }
     }
 }
@@ -352,7 +390,7 @@ pub type AttentionBackendBox = AttentionBackend_TO<'static, RBox<()>>;
 
 /// Boxes a backend for [`PluginDecl::attention_backend`]'s `make`.
 pub fn attention_backend_box(b: impl AttentionBackend + 'static) -> AttentionBackendBox {
-    AttentionBackend_TO::from_value(b, abi_stable::sabi_trait::TD_Opaque)
+    AttentionBackend_TO::from_value(CatchPanic(b), abi_stable::sabi_trait::TD_Opaque)
 }
 
 /// One sequence's share of a forward step (see [`EngineOps::step`]).
@@ -439,7 +477,7 @@ pub type RuntimeBox = Runtime_TO<'static, RBox<()>>;
 
 /// Boxes a runtime for [`PluginDecl::runtime`]'s `make`.
 pub fn runtime_box(r: impl Runtime + 'static) -> RuntimeBox {
-    Runtime_TO::from_value(r, abi_stable::sabi_trait::TD_Opaque)
+    Runtime_TO::from_value(CatchPanic(r), abi_stable::sabi_trait::TD_Opaque)
 }
 
 /// One forward call of a compiled model as the host runs it for a library compile backend: the
@@ -480,7 +518,7 @@ pub type CompiledGraphBox = CompiledGraph_TO<'static, RBox<()>>;
 
 /// Boxes a compiled model for a compile backend's `compile` to return.
 pub fn compiled_graph_box(c: impl CompiledGraph + 'static) -> CompiledGraphBox {
-    CompiledGraph_TO::from_value(c, abi_stable::sabi_trait::TD_Opaque)
+    CompiledGraph_TO::from_value(CatchPanic(c), abi_stable::sabi_trait::TD_Opaque)
 }
 
 /// What a plugin declares.
