@@ -308,14 +308,20 @@ fn main() -> ExitCode {
     // 8; head dims 64 and 128. `flashinfer`: KV write, then the ragged paged kernel, and the
     // split-KV decode kernel, over scattered pages. `triton`: the fused write-and-attend kernel
     // over per-sequence contiguous slots.
-    let gpu = match autodeploy_kernels::cuda::exec::Gpu::open(ordinal) {
+    let mut gpu = match autodeploy_kernels::cuda::exec::Gpu::open(ordinal) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    check_gemv(&gpu, &mut rep);
+    // The one-row GEMV with 1, 2 and 4 warps a weight row (AUTODEPLOY_GEMV_SPLIT).
+    let split = gpu.gemv_split;
+    for s in [1, 2, 4] {
+        gpu.gemv_split = s;
+        check_gemv(&gpu, &mut rep);
+    }
+    gpu.gemv_split = split;
     for bf in [false, true] {
         for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2)] {
             for d in [64usize, 128] {
@@ -445,8 +451,11 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
             let dy = up(&y0);
             assert!(gpu.gemv(Dt::BF16, 1, n, k, dx.ptr, dw.ptr, dy.ptr, acc).unwrap());
             let want: Vec<f32> = (0..n).map(|i| rnd(true, dot(i) + if acc { y0[i] } else { 0.0 })).collect();
-            let what = format!("gemv {n}x{k}{}", if acc { " +=" } else { "" });
+            let what = format!("gemv/{} {n}x{k}{}", gpu.gemv_split, if acc { " +=" } else { "" });
             rep.check_scaled(&what, true, &down(dy.ptr, n), &want, atol);
+        }
+        if gpu.gemv_split != 1 {
+            continue; // the gate/up GEMV has one build
         }
         let dout = up(&y0);
         assert!(gpu.gemv_swiglu(Dt::BF16, 1, n, k, dx.ptr, dw.ptr, dout.ptr).unwrap());

@@ -1,8 +1,9 @@
 //! The decode GEMVs of a Llama-shaped model streamed from memory, as a decode step runs them:
 //! every layer's weights are distinct (nothing stays in L2), launched back to back under
 //! programmatic dependent launch and replayed as one CUDA graph. Prints, for each L2 prefetch
-//! size (`Gpu::prefetch_row`), the time of a step's GEMVs and of each kind alone, with their weight bandwidth next to the copy floor of
-//! the same run.
+//! size (`Gpu::prefetch_row`) and warps a row of the one-row GEMV (`Gpu::gemv_split`), the time
+//! of a step's GEMVs and of each kind alone, with their weight bandwidth next to the copy floor
+//! of the same run.
 //!
 //!   cargo run --release -p autodeploy-kernels --example gemv_bench [-- HIDDEN INTER Q KV LAYERS]
 //!
@@ -109,9 +110,18 @@ fn main() {
         ("down", vec![Kind::Down]),
     ];
     // L2 prefetch bytes a row.
-    let variants = [(1024usize, "pf1024"), (0, "pf0"), (512, "pf512"), (2048, "pf2048")];
-    for (prefetch, name) in variants {
+    // (L2 prefetch bytes a row, warps a row of the one-row GEMV).
+    let variants = [
+        (1024usize, 1, "pf1024"),
+        (0, 1, "pf0"),
+        (512, 1, "pf512"),
+        (2048, 1, "pf2048"),
+        (1024, 2, "split2"),
+        (1024, 4, "split4"),
+    ];
+    for (prefetch, split, name) in variants {
         gpu.prefetch_row = prefetch;
+        gpu.gemv_split = split;
         for (what, kinds) in &sets {
             run(&gpu, kinds);
             gpu.sync().unwrap();

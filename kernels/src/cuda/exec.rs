@@ -128,6 +128,8 @@ struct Funcs {
     argmax_partial: Kernel,
     /// bf16 decode GEMV for m = 1, 2, 4, 8.
     gemv_bf16: [Kernel; 4],
+    /// m = 1 with 2 and 4 warps a weight row.
+    gemv_bf16_split: [Kernel; 2],
     rmsnorm_bf16x8: Kernel,
     gemv_swiglu_bf16: Kernel,
     argmax_final: Kernel,
@@ -163,6 +165,9 @@ pub struct Gpu {
     /// `PREFILL_TC_DIMS`, sm_80+, a step with planned tiles); `AUTODEPLOY_PREFILL_TC=0`: the
     /// CUDA-core kernel everywhere.
     pub prefill_tc: bool,
+    /// Warps a weight row in the one-row decode GEMV (`AUTODEPLOY_GEMV_SPLIT`: 1, the default, 2
+    /// or 4; more loads in flight for short rows, to be measured against one).
+    pub gemv_split: usize,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
 }
@@ -266,6 +271,7 @@ impl Gpu {
             index_select: g("index_select")?,
             argmax_partial: g("argmax_partial")?,
             gemv_bf16: [g("gemv_bf16_m1")?, g("gemv_bf16_m2")?, g("gemv_bf16_m4")?, g("gemv_bf16_m8")?],
+            gemv_bf16_split: [g("gemv_bf16_m1_s2")?, g("gemv_bf16_m1_s4")?],
             rmsnorm_bf16x8: g("rmsnorm_bf16x8")?,
             gemv_swiglu_bf16: g("gemv_swiglu_bf16")?,
             argmax_final: g("argmax_final")?,
@@ -301,7 +307,12 @@ impl Gpu {
             std::env::var("AUTODEPLOY_PREFETCH_ROW").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1024);
         let prefill_tc = dev.cc.0 >= 8 && std::env::var("AUTODEPLOY_PREFILL_TC").map_or(true, |v| v != "0");
         let source_kernels = Default::default();
-        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row, prefill_tc, source_kernels })
+        let gemv_split = match std::env::var("AUTODEPLOY_GEMV_SPLIT").as_deref() {
+            Ok("2") => 2,
+            Ok("4") => 4,
+            _ => 1,
+        };
+        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row, prefill_tc, gemv_split, source_kernels })
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {
@@ -694,10 +705,18 @@ impl Gpu {
         }
         let (n32, k32, acc) = (n as i32, k as i32, accumulate as i32);
         let pf = self.prefetch_bytes(k);
-        let mut l = self.launcher(self.f.gemv_bf16[i]);
+        let (f, rows_per_block) = match (m, self.gemv_split) {
+            (1, 2) => (self.f.gemv_bf16_split[0], 4),
+            (1, 4) => (self.f.gemv_bf16_split[1], 2),
+            _ => (self.f.gemv_bf16[i], 8),
+        };
+        let mut l = self.launcher(f);
         l.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&k32).arg(&acc).arg(&pf);
-        let cfg =
-            LaunchConfig { grid_dim: ((n as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: x [m, k], w [n, k], y [m, n] as the caller's tensors; alignment checked.
         launched("gemv_bf16", unsafe { l.launch(cfg) }.map(|_| ()))?;
         Ok(true)

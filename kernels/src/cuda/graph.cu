@@ -373,6 +373,46 @@ GEMV(2)
 GEMV(4)
 GEMV(8)
 
+// The same for one activation row with S warps a weight row (`Gpu::gemv_split`): warp `part`
+// of a row reads its chunks part, part + S, ... (lane-interleaved as above), so a short row
+// (q/k/v, o: k = 4096, 16 chunks a lane) has S times the loads in flight; the S partial sums
+// meet in shared memory and the row's first warp stores. Blocks of 256 threads: 8 / S rows.
+template <int S>
+__device__ void gemv_bf16_split(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, int accumulate) {
+    __shared__ float part_sum[8];
+    int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row = blockIdx.x * (8 / S) + wib / S, part = wib % S;
+    float acc[1] = {0.0f};
+    if (row < n) {
+        const uint4* wr = (const uint4*)(w + (long)row * k);
+        int chunks = k / 8;
+#pragma unroll 4
+        for (int c = lane + 32 * part; c < chunks; c += 32 * S) gemv_chunk<1>(x, k, wr[c], c, acc);
+    }
+    float v = acc[0];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) part_sum[wib] = v;
+    __syncthreads();
+    if (part == 0 && lane == 0 && row < n) {
+        float t = part_sum[wib];
+#pragma unroll
+        for (int j = 1; j < S; j++) t += part_sum[wib + j];
+        if (accumulate) t += bf16_to_f32(y[row]);
+        y[row] = f32_to_bf16(t);
+    }
+}
+
+#define GEMV_SPLIT(S)                                                                                                 \
+    extern "C" __global__ void gemv_bf16_m1_s##S(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k,          \
+                                                 int accumulate, int prefetch) {                                      \
+        int row = blockIdx.x * (8 / S) + (threadIdx.x >> 5) / S;                                                      \
+        if (row < n && (threadIdx.x >> 5) % S == 0) prefetch_l2(w + (long)row * k, prefetch, threadIdx.x & 31);       \
+        pdl_enter();                                                                                                  \
+        gemv_bf16_split<S>(x, w, y, n, k, accumulate);                                                                \
+    }
+GEMV_SPLIT(2)
+GEMV_SPLIT(4)
+
 // RMSNorm of bf16 rows (bf16 weight, output and norm dtype: the HF Llama family), the row held
 // in registers: each thread loads 8 values with one 16-byte load (n % 8 == 0, n <= 8 * 1024),
 // one block reduction, one store. Same rounding as `rmsnorm`.

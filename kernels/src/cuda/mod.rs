@@ -52,6 +52,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gemv_bf16_m2",
             "gemv_bf16_m4",
             "gemv_bf16_m8",
+            "gemv_bf16_m1_s2",
+            "gemv_bf16_m1_s4",
             "rmsnorm_bf16x8",
             "gemv_swiglu_bf16",
             "sample_rows",
