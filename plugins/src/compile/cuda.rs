@@ -222,7 +222,7 @@ pub struct CudaModel {
     /// their cached attention.
     deferred_to: Vec<Option<usize>>,
     /// `AUTODEPLOY_HOST_PREAMBLE=1` (`compile`/`opt`): nodes computed on the host instead, for
-    /// steps of up to `HOST_MAX_TOKENS` tokens (see `plan_host_nodes`).
+    /// steps of up to `HOST_MAX_TOKENS` tokens (see `HostNodes::plan`).
     host: HostNodes,
     /// `triton` backend: pages per sequence slot (the runtime reserves a slot per sequence).
     slot_pages: Option<usize>,
