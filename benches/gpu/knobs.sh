@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The CUDA executor's measuring knobs against the defaults on the 8B shape, batch 1, `opt`
+# (README: "Knobs for measuring the CUDA kernels"), one run each (~40 s, most of it building the
+# random weights); ROUNDS=2 repeats the list in the same order, so drift shows.
+#   bash benches/gpu/knobs.sh [path/to/autodeploy]      (default: target/release/autodeploy)
+set -euo pipefail
+bin=${1:-target/release/autodeploy}
+here=$(dirname "$0")
+settings=(
+  ""
+  "AUTODEPLOY_GEMV_SPLIT=2"
+  "AUTODEPLOY_GEMV_SPLIT=4"
+  "AUTODEPLOY_SPLIT_CHUNK=64"
+  "AUTODEPLOY_SPLIT_CHUNK=128"
+  "AUTODEPLOY_SPLIT_CHUNK=256"
+  "AUTODEPLOY_HOST_PREAMBLE=1"
+)
+for _ in $(seq "${ROUNDS:-1}"); do
+  for s in "${settings[@]}"; do
+    printf '%-28s ' "${s:-defaults}"
+    env $s "$bin" bench --config "$here/llama-3.1-8b.toml" --compile-backend opt --mode latency \
+      --isl 128 --osl 128 --batch 1 2>/dev/null | python3 "$here/summarize.py" | head -1
+  done
+done
