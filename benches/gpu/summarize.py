@@ -14,5 +14,6 @@ for line in sys.stdin:
         f"{d['output_tok_per_s']:.0f} tok/s out, prefill {d['prefill_ms']:.1f} ms, "
         f"{d['achieved_weight_gb_per_s']:.0f} GB/s = {100 * d['fraction_of_floor']:.1f}% of "
         f"{d['floor_gb_per_s']:.0f} GB/s floor; build {d['build_ms'] / 1e3:.1f} s; {d['device']}"
+        + "".join(f"; {k}={v}" for k, v in c.get("env", {}).items())
     )
     print("   ", line)

@@ -293,6 +293,9 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
     let steps = stats.decode_tokens as f64 / batch as f64;
     let decode_ms = stats.decode_time.as_secs_f64() * 1e3 / steps.max(1.0);
     let achieved = bytes as f64 / (decode_ms / 1e3);
+    // The AUTODEPLOY_* settings of this process (kernel knobs change the numbers): sorted.
+    let env: std::collections::BTreeMap<String, String> =
+        std::env::vars().filter(|(k, _)| k.starts_with("AUTODEPLOY_")).collect();
     let out = serde_json::json!({
         "config": {
             "model": cfg.model, "dtype": engine.graph.meta(engine.graph.outputs[0]).dtype.to_string(),
@@ -300,6 +303,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
             "activation_quant": format!("{:?}", cfg.activation_quant).to_lowercase(),
             "load_format": format!("{:?}", cfg.load_format).to_lowercase(),
             "mode": mode, "isl": isl, "osl": osl, "batch": batch, "warmup": "one untimed pass (prefill + 1 decode step)",
+            "env": env,
         },
         "device": device,
         "build_ms": engine.build_time.as_secs_f64() * 1e3,
