@@ -109,7 +109,6 @@ fn main() {
         ("gate/up+swiglu", vec![Kind::GateUp]),
         ("down", vec![Kind::Down]),
     ];
-    // L2 prefetch bytes a row.
     // (L2 prefetch bytes a row, warps a row of the one-row GEMV).
     let variants = [
         (1024usize, 1, "pf1024"),

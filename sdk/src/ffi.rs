@@ -267,12 +267,15 @@ pub trait Transform: Send + Sync {
 /// with the panic's message instead of killing the process. The SDK wraps every object it boxes.
 struct CatchPanic<T>(T);
 
+/// `f()`, or `on_panic("<what> panicked: <message>")`.
+fn caught<R>(what: &str, f: impl FnOnce() -> R, on_panic: impl FnOnce(RString) -> R) -> R {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| on_panic(panic_message(what, p).into()))
+}
+
 /// `f()`, or the error `<what> panicked: <message>`.
 fn catching<R>(what: &str, f: impl FnOnce() -> RResult<R, RString>) -> RResult<R, RString> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(payload) => RResult::RErr(panic_message(what, payload).into()),
-    }
+    caught(what, f, RResult::RErr)
 }
 
 impl<T: Transform> Transform for CatchPanic<T> {
@@ -303,13 +306,11 @@ impl<T: Runtime> Runtime for CatchPanic<T> {
         requests: RSlice<'_, RuntimeRequest>,
     ) -> RVec<RResult<RuntimeCompletion, RString>> {
         let n = requests.len();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.generate(engine, requests))) {
-            Ok(r) => r,
-            Err(payload) => {
-                let msg: RString = panic_message("runtime", payload).into();
-                (0..n).map(|_| RResult::RErr(msg.clone())).collect()
-            }
-        }
+        caught(
+            "runtime",
+            || self.0.generate(engine, requests),
+            |msg| (0..n).map(|_| RResult::RErr(msg.clone())).collect(),
+        )
     }
 }
 
