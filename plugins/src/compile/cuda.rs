@@ -389,7 +389,7 @@ impl CudaModel {
             }
         }
         let host = if mode.fuse && std::env::var("AUTODEPLOY_HOST_PREAMBLE").is_ok_and(|v| v == "1") {
-            HostNodes::plan(graph)?
+            HostNodes::plan(graph, &deferred_to)?
         } else {
             HostNodes::none(n)
         };
@@ -1299,9 +1299,10 @@ impl HostNodes {
     }
 
     /// Shape and elementwise ops whose inputs are graph inputs, weights of at most 64 KiB or
-    /// other such nodes' results, except graph outputs. A view none of whose readers is on the
-    /// host stays on the device (an alias there, nothing to upload).
-    fn plan(g: &Graph) -> Result<HostNodes> {
+    /// other such nodes' results, except graph outputs and nodes whose work a later node does
+    /// (`deferred`: that node reads their inputs on the device). A view none of whose readers
+    /// is on the host stays on the device (an alias there, nothing to upload).
+    fn plan(g: &Graph, deferred: &[Option<usize>]) -> Result<HostNodes> {
         let n = g.nodes.len();
         let mut on_host = vec![false; g.values.len()];
         for &v in &g.inputs {
@@ -1339,7 +1340,8 @@ impl HostNodes {
                     | Op::Neg
             );
             let out = node.outputs[0];
-            if op_ok && node.inputs.iter().all(|v| on_host[v.0 as usize]) && !g.outputs.contains(&out) {
+            let inputs_on_host = node.inputs.iter().all(|v| on_host[v.0 as usize]);
+            if op_ok && inputs_on_host && deferred[i].is_none() && !g.outputs.contains(&out) {
                 nodes[i] = true;
                 on_host[out.0 as usize] = true;
             }
@@ -1400,7 +1402,7 @@ impl HostNodes {
         for (&v, t) in g.inputs.iter().zip(inputs) {
             vals.insert(v.0 as usize, t.clone());
         }
-        for (_, node) in g.nodes.iter().enumerate().filter(|(i, _)| self.nodes[*i]) {
+        for (node, _) in g.nodes.iter().zip(&self.nodes).filter(|(_, &h)| h) {
             let ins = node
                 .inputs
                 .iter()
@@ -1525,7 +1527,7 @@ mod tests {
         let toml = format!("model = {:?}\ndtype = \"bfloat16\"\n", model.display().to_string());
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
         let g = autodeploy_core::pipeline::graph_after(&cfg, autodeploy_sdk::Stage::CacheInit).unwrap();
-        let h = HostNodes::plan(&g).unwrap();
+        let h = HostNodes::plan(&g, &vec![None; g.nodes.len()]).unwrap();
         let name = |v: usize| g.values[v].name.as_str();
         // The position-only preamble; each layer's unsqueeze of the tables stays a device view.
         let boundary: Vec<&str> = h.boundary.iter().map(|&v| name(v)).collect();
