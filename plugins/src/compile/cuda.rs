@@ -221,9 +221,6 @@ pub struct CudaModel {
     /// Node i's work is done by a later node (fusion): an add by its RMSNorm, q/k RoPEs by
     /// their cached attention.
     deferred_to: Vec<Option<usize>>,
-    /// `AUTODEPLOY_HOST_PREAMBLE=1` (`compile`/`opt`): nodes computed on the host instead, for
-    /// steps of up to `HOST_MAX_TOKENS` tokens (see `HostNodes::plan`).
-    host: HostNodes,
     /// `triton` backend: pages per sequence slot (the runtime reserves a slot per sequence).
     slot_pages: Option<usize>,
     /// Split-KV decode: used for steps of up to `split_tokens` tokens.
@@ -388,11 +385,6 @@ impl CudaModel {
                 }
             }
         }
-        let host = if mode.fuse && std::env::var("AUTODEPLOY_HOST_PREAMBLE").is_ok_and(|v| v == "1") {
-            HostNodes::plan(graph, &deferred_to)?
-        } else {
-            HostNodes::none(n)
-        };
         // What each node reads: its inputs and those of the nodes deferred into it.
         let mut reads_at: Vec<Vec<usize>> =
             graph.nodes.iter().map(|nd| nd.inputs.iter().map(|v| v.0 as usize).collect()).collect();
@@ -537,9 +529,6 @@ impl CudaModel {
         for &v in &graph.inputs {
             staging_bytes += padded(bytes_of(v)?);
         }
-        for &v in &host.boundary {
-            staging_bytes += padded(bytes_of(autodeploy_core::ValueId(v as u32))?);
-        }
         let pad_pages = opts.cuda_graph_batch_sizes.iter().copied().max().unwrap_or(0);
         staging_bytes += 5 * padded(8 * (max_tokens + 1)) + padded(16 * max_tokens);
         staging_bytes += padded(4 * (kv_pages + pad_pages + 1));
@@ -562,7 +551,6 @@ impl CudaModel {
             arena: arena_buf,
             plan,
             deferred_to,
-            host,
             slot_pages,
             split,
             split_tokens,
@@ -645,9 +633,6 @@ fn scratch_bytes(g: &Graph, node: &autodeploy_core::ir::Node, bind: &Bindings) -
 struct Staged {
     meta: Option<StepMeta>,
     input_ptrs: Vec<Ptr>,
-    /// The host-computed values device nodes read (value id, address), when the host computed
-    /// them for this step.
-    host_ptrs: Vec<(usize, Ptr)>,
     /// Sequences in the step (rows of logits wanted), before padding.
     rows: usize,
 }
@@ -723,10 +708,6 @@ impl CudaModel {
         for t in &inputs {
             offsets.push(push(&mut host, host_bytes(t)?));
         }
-        let mut host_at = Vec::new();
-        for (v, t) in self.host.eval(&self.graph, &inputs)? {
-            host_at.push((v, push(&mut host, host_bytes(&t)?)));
-        }
         let mut meta = None;
         if let Some((seq, pos, indptr, indices)) = meta_host {
             // Per sequence: its first token in the step and that token's position.
@@ -769,8 +750,7 @@ impl CudaModel {
         }
         self.gpu.upload(self.staging.ptr, &host).map_err(gpu_err)?;
         let input_ptrs = offsets.iter().map(|&o| self.staging.ptr + o as u64).collect();
-        let host_ptrs = host_at.iter().map(|&(v, o)| (v, self.staging.ptr + o as u64)).collect();
-        Ok((Staged { meta, input_ptrs, host_ptrs, rows }, inputs))
+        Ok((Staged { meta, input_ptrs, rows }, inputs))
     }
 
     /// Queues every node's kernels for inputs of these shapes (nothing is read back).
@@ -784,10 +764,6 @@ impl CudaModel {
         for (&v, &p) in &self.param_ptr {
             ptr[v] = p;
         }
-        for &(v, p) in &staged.host_ptrs {
-            ptr[v] = p;
-        }
-        let host_step = !staged.host_ptrs.is_empty();
         gpu.memset(self.flags.ptr, 64).map_err(gpu_err)?;
         let shape_of = |v: autodeploy_core::ValueId| eval_shape(&g.meta(v).shape, bind);
         let dt_of = |v: autodeploy_core::ValueId| dt(g.meta(v).dtype, &g.value(v).name);
@@ -795,7 +771,7 @@ impl CudaModel {
         // Per-op times (synchronising after every node) when profiling and not capturing.
         let profiling = self.profile_on && !capturing;
         for (i, node) in g.nodes.iter().enumerate() {
-            if self.deferred_to[i].is_some() || (host_step && self.host.nodes[i]) {
+            if self.deferred_to[i].is_some() {
                 continue;
             }
             if !self.skip_ops.is_empty() && self.skip_ops.iter().any(|s| s == node.op.name()) {
@@ -1277,153 +1253,6 @@ impl CudaModel {
     }
 }
 
-/// Steps of up to this many tokens take the host-computed nodes (larger ones, long prefills,
-/// run them on the GPU: the host's f32 `cos` over every token would cost more than launches).
-const HOST_MAX_TOKENS: usize = 256;
-
-/// Nodes the host computes from the step's inputs and small weights alone (the RoPE cos/sin
-/// tables from `position_ids`: about eight tiny launches a step otherwise), with the CPU
-/// interpreter, so their results are the CPU engine's bit for bit; the values device nodes read
-/// are uploaded with the step's inputs.
-struct HostNodes {
-    nodes: Vec<bool>,
-    /// Values of host nodes that device nodes read.
-    boundary: Vec<usize>,
-    /// The small weights host nodes read, on the host.
-    params: HashMap<usize, Tensor>,
-}
-
-impl HostNodes {
-    fn none(n: usize) -> HostNodes {
-        HostNodes { nodes: vec![false; n], boundary: Vec::new(), params: HashMap::new() }
-    }
-
-    /// Shape and elementwise ops whose inputs are graph inputs, weights of at most 64 KiB or
-    /// other such nodes' results, except graph outputs and nodes whose work a later node does
-    /// (`deferred`: that node reads their inputs on the device). A view none of whose readers
-    /// is on the host stays on the device (an alias there, nothing to upload).
-    fn plan(g: &Graph, deferred: &[Option<usize>]) -> Result<HostNodes> {
-        let n = g.nodes.len();
-        let mut on_host = vec![false; g.values.len()];
-        for &v in &g.inputs {
-            on_host[v.0 as usize] = true;
-        }
-        let mut small = Vec::new();
-        for p in &g.params {
-            let m = g.meta(p.value);
-            let numel: Option<usize> = m.shape.iter().map(|d| d.as_static()).product();
-            if numel.is_some_and(|e| e * m.dtype.size_in_bytes() <= 64 << 10) {
-                on_host[p.value.0 as usize] = true;
-                small.push(p);
-            }
-        }
-        let mut nodes = vec![false; n];
-        for (i, node) in g.nodes.iter().enumerate() {
-            let op_ok = matches!(
-                node.op,
-                Op::ToDtype(_)
-                    | Op::Unsqueeze(_)
-                    | Op::View(_)
-                    | Op::Reshape(_)
-                    | Op::Expand(_)
-                    | Op::Transpose(..)
-                    | Op::Cat { .. }
-                    | Op::Matmul
-                    | Op::Cos
-                    | Op::Sin
-                    | Op::Add
-                    | Op::Sub
-                    | Op::Mul
-                    | Op::Div
-                    | Op::AddScalar(_)
-                    | Op::MulScalar(_)
-                    | Op::Neg
-            );
-            let out = node.outputs[0];
-            let inputs_on_host = node.inputs.iter().all(|v| on_host[v.0 as usize]);
-            if op_ok && inputs_on_host && deferred[i].is_none() && !g.outputs.contains(&out) {
-                nodes[i] = true;
-                on_host[out.0 as usize] = true;
-            }
-        }
-        let mut host_readers = vec![0usize; g.values.len()];
-        let mut device_read = vec![false; g.values.len()];
-        for (i, node) in g.nodes.iter().enumerate() {
-            for v in &node.inputs {
-                if nodes[i] {
-                    host_readers[v.0 as usize] += 1;
-                } else {
-                    device_read[v.0 as usize] = true;
-                }
-            }
-        }
-        for i in (0..n).rev() {
-            let node = &g.nodes[i];
-            let view = may_alias(&node.op) && !matches!(node.op, Op::ToDtype(_));
-            if nodes[i] && view && host_readers[node.outputs[0].0 as usize] == 0 {
-                nodes[i] = false;
-                for v in &node.inputs {
-                    host_readers[v.0 as usize] -= 1;
-                    device_read[v.0 as usize] = true;
-                }
-            }
-        }
-        let boundary: Vec<usize> = (0..n)
-            .filter(|&i| nodes[i])
-            .map(|i| g.nodes[i].outputs[0].0 as usize)
-            .filter(|&v| device_read[v])
-            .collect();
-        let mut params = HashMap::new();
-        for p in small {
-            if host_readers[p.value.0 as usize] > 0 {
-                params.insert(p.value.0 as usize, g.weights.load(&p.weight, g.meta(p.value).dtype)?);
-            }
-        }
-        if !boundary.is_empty() {
-            tracing::info!(
-                nodes = nodes.iter().filter(|&&h| h).count(),
-                uploaded = boundary.len(),
-                "nodes computed on the host for steps of up to {HOST_MAX_TOKENS} tokens"
-            );
-        }
-        Ok(HostNodes { nodes, boundary, params })
-    }
-
-    /// The boundary values for a step with these (padded) inputs, or none for a long step.
-    fn eval(&self, g: &Graph, inputs: &[Tensor]) -> Result<Vec<(usize, Tensor)>> {
-        if self.boundary.is_empty() {
-            return Ok(Vec::new());
-        }
-        let bind = super::simple::bind_inputs(g, inputs)?;
-        if bind.get("seq").is_some_and(|&t| t > HOST_MAX_TOKENS) {
-            return Ok(Vec::new());
-        }
-        let mut vals: HashMap<usize, Tensor> = HashMap::new();
-        for (&v, t) in g.inputs.iter().zip(inputs) {
-            vals.insert(v.0 as usize, t.clone());
-        }
-        for (node, _) in g.nodes.iter().zip(&self.nodes).filter(|(_, &h)| h) {
-            let ins = node
-                .inputs
-                .iter()
-                .map(|v| {
-                    let v = v.0 as usize;
-                    vals.get(&v).or_else(|| self.params.get(&v)).ok_or_else(|| {
-                        Error::Msg(format!(
-                            "host node `{}`: input %{} not on the host",
-                            node.op.name(),
-                            g.values[v].name
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<&Tensor>>>()?;
-            let t = autodeploy_core::cpu::eval(&node.op, &ins, &bind)?;
-            vals.insert(node.outputs[0].0 as usize, t);
-        }
-        Ok(self.boundary.iter().map(|&v| (v, vals.remove(&v).expect("computed above"))).collect())
-    }
-}
-
 /// Rows of an output of this shape: all but its last dim.
 fn total_rows(shape: &[usize]) -> usize {
     shape[..shape.len().saturating_sub(1)].iter().product()
@@ -1519,68 +1348,6 @@ impl CudaModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_rope_tables_are_computed_on_the_host() {
-        crate::link();
-        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama");
-        let toml = format!("model = {:?}\ndtype = \"bfloat16\"\n", model.display().to_string());
-        let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
-        let g = autodeploy_core::pipeline::graph_after(&cfg, autodeploy_sdk::Stage::CacheInit).unwrap();
-        let h = HostNodes::plan(&g, &vec![None; g.nodes.len()]).unwrap();
-        let name = |v: usize| g.values[v].name.as_str();
-        // The position-only preamble; each layer's unsqueeze of the tables stays a device view.
-        let boundary: Vec<&str> = h.boundary.iter().map(|&v| name(v)).collect();
-        assert_eq!(boundary, ["rope.cos", "rope.sin"]);
-        let on_host: Vec<&str> =
-            (0..g.nodes.len()).filter(|&i| h.nodes[i]).map(|i| name(g.nodes[i].outputs[0].0 as usize)).collect();
-        assert_eq!(
-            on_host,
-            [
-                "rope.pos",
-                "rope.pos_f32",
-                "rope.freqs",
-                "rope.emb",
-                "rope.cos_f32",
-                "rope.cos",
-                "rope.sin_f32",
-                "rope.sin"
-            ]
-        );
-        let inv_freq = h.params.values().next().expect("inv_freq on the host").to_f32().into_owned();
-        let step = |pos: &[i64]| -> Vec<Tensor> {
-            let t = pos.len();
-            g.inputs
-                .iter()
-                .map(|&v| match name(v.0 as usize) {
-                    "position_ids" => Tensor::from_i64(vec![1, t], pos.to_vec()).unwrap(),
-                    "input_ids" => Tensor::from_i64(vec![1, t], vec![1; t]).unwrap(),
-                    _ => Tensor::from_i64(vec![1], vec![t as i64 - 1]).unwrap(),
-                })
-                .collect()
-        };
-        let out = h.eval(&g, &step(&[5, 6, 300])).unwrap();
-        assert_eq!(out.len(), 2);
-        let half = inv_freq.len();
-        for (k, (v, t)) in out.iter().enumerate() {
-            assert_eq!(name(*v), boundary[k]);
-            assert_eq!(t.dtype(), DType::BF16);
-            assert_eq!(t.shape(), [1, 3, 2 * half]);
-            for (i, got) in t.to_f32().iter().enumerate() {
-                let (p, j) = ([5.0f64, 6.0, 300.0][i / (2 * half)], i % (2 * half));
-                let x = p * inv_freq[j % half] as f64;
-                let want = if k == 0 { x.cos() } else { x.sin() };
-                assert!(
-                    (*got as f64 - want).abs() <= 1e-5 + want.abs() / 128.0,
-                    "{} [{i}]: {got} vs {want}",
-                    boundary[k]
-                );
-            }
-        }
-        // A long step computes them on the GPU.
-        let long: Vec<i64> = (0..HOST_MAX_TOKENS as i64 + 1).collect();
-        assert!(h.eval(&g, &step(&long)).unwrap().is_empty());
-    }
 
     #[test]
     fn arena_reuses_freed_regions_and_merges_neighbours() {
