@@ -8,12 +8,10 @@ bin=${1:-target/release/autodeploy}
 here=$(dirname "$0")
 settings=(
   ""
-  "AUTODEPLOY_GEMV_SPLIT=2"
+  "AUTODEPLOY_GEMV_SPLIT=1"
   "AUTODEPLOY_GEMV_SPLIT=4"
-  "AUTODEPLOY_SPLIT_CHUNK=64"
-  "AUTODEPLOY_SPLIT_CHUNK=128"
-  "AUTODEPLOY_SPLIT_CHUNK=256"
-  "AUTODEPLOY_HOST_PREAMBLE=1"
+  "AUTODEPLOY_PREFETCH_ROW=0"
+  "AUTODEPLOY_PREFETCH_ROW=2048"
 )
 for _ in $(seq "${ROUNDS:-1}"); do
   for s in "${settings[@]}"; do

@@ -201,12 +201,12 @@ fn bench_prints_one_json_object_with_the_floor() {
     // The process's AUTODEPLOY_* settings are part of the configuration printed.
     let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
         .args(["bench", "--config", "examples/llama-fixture.toml", "--isl", "4", "--osl", "2"])
-        .env("AUTODEPLOY_SPLIT_CHUNK", "64")
+        .env("AUTODEPLOY_GEMV_SPLIT", "4")
         .current_dir(root())
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["config"]["env"]["AUTODEPLOY_SPLIT_CHUNK"], "64", "{v}");
+    assert_eq!(v["config"]["env"]["AUTODEPLOY_GEMV_SPLIT"], "4", "{v}");
     // Throughput mode batches max_batch_size requests by default (the fixture config leaves it at 8).
     let (ok, out, err) = autodeploy(&[
         "bench",

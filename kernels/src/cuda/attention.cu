@@ -419,10 +419,9 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // Chunks past this token's position have nothing to do; the active ones are 0..active.
     int active = (int)(pos / chunk) + 1;
     bool writer = s == 0 && h % group == 0;
-    if (s >= active) {
-        if constexpr (EARLY) pdl_enter();
-        return;
-    }
+    // (Such a block exits without waiting on the kernels ahead: it touches no memory, and its
+    // exit frees its SM for the GEMV ahead's blocks still to start.)
+    if (s >= active) return;
     float* out = partial + (((long)t * heads + h) * splits + s) * (D + 2);
     const int* pages = page_indices + page_indptr[seq];
     const long long cached = cached_len[seq], first_tok = seq_start[seq];

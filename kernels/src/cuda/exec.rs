@@ -165,8 +165,9 @@ pub struct Gpu {
     /// `PREFILL_TC_DIMS`, sm_80+, a step with planned tiles); `AUTODEPLOY_PREFILL_TC=0`: the
     /// CUDA-core kernel everywhere.
     pub prefill_tc: bool,
-    /// Warps a weight row in the one-row decode GEMV (`AUTODEPLOY_GEMV_SPLIT`: 1, the default, 2
-    /// or 4; more loads in flight for short rows, to be measured against one).
+    /// Warps a weight row in the one-row decode GEMV (`AUTODEPLOY_GEMV_SPLIT`: 1, 2, the
+    /// default, or 4): more loads in flight for a short row. On an H200 two warps made the 8B
+    /// decode step 21-28 µs shorter than one (BENCHMARKS.md, session 9).
     pub gemv_split: usize,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
@@ -308,9 +309,9 @@ impl Gpu {
         let prefill_tc = dev.cc.0 >= 8 && std::env::var("AUTODEPLOY_PREFILL_TC").map_or(true, |v| v != "0");
         let source_kernels = Default::default();
         let gemv_split = match std::env::var("AUTODEPLOY_GEMV_SPLIT").as_deref() {
-            Ok("2") => 2,
+            Ok("1") => 1,
             Ok("4") => 4,
-            _ => 1,
+            _ => 2,
         };
         Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row, prefill_tc, gemv_split, source_kernels })
     }
@@ -1032,11 +1033,12 @@ pub struct Split {
 }
 
 impl Split {
-    /// Chunks for sequences of up to `max_len` positions: at least `min_chunk` positions each
-    /// (32 by default: a block's four warps take four or eight positions at a time), at most 32
-    /// chunks. Fewer, longer chunks mean fewer blocks and more passes in each.
-    pub fn plan(max_len: usize, min_chunk: usize) -> (usize, usize) {
-        let chunk = max_len.div_ceil(32).max(min_chunk.max(1));
+    /// Chunks for sequences of up to `max_len` positions: at least 32 positions each (a block's
+    /// four warps take four or eight positions at a time), at most 32 chunks. On an H200 longer
+    /// chunks (at least 64, 128, 256 positions) made the 8B decode step slower: 4.43, 4.75,
+    /// 5.08 ms against 4.22 (fewer blocks, but more passes in each).
+    pub fn plan(max_len: usize) -> (usize, usize) {
+        let chunk = max_len.div_ceil(32).max(32);
         (chunk, max_len.div_ceil(chunk).max(1))
     }
 }

@@ -502,10 +502,7 @@ impl CudaModel {
             .max();
         let (split, split_buf) = match attn_heads {
             Some(hd) => {
-                // `AUTODEPLOY_SPLIT_CHUNK=N`: at least N positions a chunk (default 32).
-                let min_chunk =
-                    std::env::var("AUTODEPLOY_SPLIT_CHUNK").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(32);
-                let (chunk, splits) = Split::plan(max_len, min_chunk);
+                let (chunk, splits) = Split::plan(max_len);
                 let heads_max = graph
                     .nodes
                     .iter()
