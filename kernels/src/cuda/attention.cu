@@ -321,12 +321,18 @@ __device__ __forceinline__ void load_row(const float* p, float* out) {
 
 // Combines `splits` (at most 64) partial softmax states (rows of d values, then m and l) into
 // one output row; called by one block of at least 32 threads (reads bypass L1: other blocks
-// wrote the partials). Every load of a stage is issued together: the first warp reads all the
-// chunks' m and l at once, then each thread its output elements of every chunk.
-template <typename T>
+// wrote the partials). One round trip to L2 for the common case: each thread requests its first
+// output element of the first HELD chunks while the first warp requests every chunk's m and l
+// (HELD = 0: two round trips, and 16 registers fewer).
+template <typename T, int HELD>
 __device__ void merge_partials(const float* p, int splits, int d, T* out_row) {
     __shared__ float w[64];
     __shared__ float inv_l;
+    float held[HELD > 0 ? HELD : 1];
+    if (threadIdx.x < d)
+#pragma unroll
+        for (int s = 0; s < HELD; s++)
+            if (s < splits) held[s] = __ldcg(&p[s * (d + 2) + threadIdx.x]);
     if (threadIdx.x < 32) {
         int lane = threadIdx.x;
         float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};
@@ -352,8 +358,17 @@ __device__ void merge_partials(const float* p, int splits, int d, T* out_row) {
     __syncthreads();
     for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float o = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < splits; s++) o += __ldcg(&p[s * (d + 2) + e]) * w[s];
+        // The same sum in the same order either way (chunk 0 first).
+        if (e == (int)threadIdx.x) {
+#pragma unroll
+            for (int s = 0; s < HELD; s++)
+                if (s < splits) o += held[s] * w[s];
+        } else {
+#pragma unroll
+            for (int s = 0; s < HELD; s++)
+                if (s < splits) o += __ldcg(&p[s * (d + 2) + e]) * w[s];
+        }
+        for (int s = HELD; s < splits; s++) o += __ldcg(&p[s * (d + 2) + e]) * w[s];
         store_f(out_row, e, o * inv_l);
     }
 }
@@ -418,7 +433,9 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     if (hi > pos) hi = pos;
     // Chunks past this token's position have nothing to do; the active ones are 0..active.
     int active = (int)(pos / chunk) + 1;
-    bool writer = s == 0 && h % group == 0;
+    // Stores token t's k and v in the cache: the block of its last chunk (which holds them in
+    // registers) and the first q head of the kv group.
+    bool writer = s == active - 1 && h % group == 0;
     // (Such a block exits without waiting on the kernels ahead: it touches no memory, and its
     // exit frees its SM for the GEMV ahead's blocks still to start.)
     if (s >= active) return;
@@ -482,7 +499,9 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
+    long long last_p0 = -1;  // the warp's last pass: kf/vf hold its positions after the loop
     for (long long p0 = first; p0 <= hi; p0 += WARPS * U) {
+        last_p0 = p0;
         float dot[U];
         if (!EARLY || p0 != first) load(p0, hi);
 #pragma unroll
@@ -509,17 +528,19 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
             m = m2;
         }
     }
-    if (EARLY && writer && warp == 0) {
-        // Token t's k (rotated) and v into its cache slot, for the steps after this one.
-        float kr[PER], vr[PER];
-        load_new(kr, vr, pos);
+    if (EARLY && writer && last_p0 >= 0 && pos >= last_p0 && pos < last_p0 + U) {
+        // Token t's k (rotated) and v into its cache slot, for the steps after this one: the
+        // warp whose last pass read position pos (the chunk's last) from k_new/v_new.
         long slot = (long)pages[pos / page_size] * page_size + pos % page_size;
         long base = (slot * kv_heads + kvh) * D + lane * PER;
-        if (live)
-            for (int i = 0; i < PER; i++) {
-                store_f(k_cache, base + i, kr[i]);
-                store_f(v_cache, base + i, vr[i]);
-            }
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (last_p0 + u == pos && live)
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    store_f(k_cache, base + i, kf[u][i]);
+                    store_f(v_cache, base + i, vf[u][i]);
+                }
     }
     __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
     if (lane == 0) {
@@ -567,7 +588,8 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     }
     __syncthreads();
     if (!last) return;
-    merge_partials<T>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_row);
+    // The throughput build keeps its registers few (more blocks fit at large batches).
+    merge_partials<T, EARLY ? 16 : 0>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_row);
 }
 
 #define SPLIT_ENTRY(T, S, D, NAME, EARLY)                                                                             \
