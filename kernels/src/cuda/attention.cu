@@ -412,7 +412,8 @@ __device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, boo
 // table, rounded as the `rope` kernel rounds). Positions below a sequence's cached length come
 // from the cache, the step's own positions (its tokens are consecutive, the first at
 // seq_start) from k_new/v_new, so no block reads a slot this kernel writes; block (t, first q
-// head of a kv group, chunk 0) stores token t's k and v in the cache for the steps after.
+// head of a kv group, last chunk of t) stores token t's k and v in the cache for the steps
+// after, from the registers its attention read them into.
 template <typename T, int D, bool EARLY>
 __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin,
                                    T* k_cache, T* v_cache, const long long* token_seq, const long long* token_pos,
