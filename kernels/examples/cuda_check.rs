@@ -315,13 +315,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The one-row GEMV with 1, 2 and 4 warps a weight row (AUTODEPLOY_GEMV_SPLIT).
-    let split = gpu.gemv_split;
+    // The one-row GEMV and the gate/up + SwiGLU GEMV with 1, 2 and 4 warps a weight row
+    // (AUTODEPLOY_GEMV_SPLIT, AUTODEPLOY_SWIGLU_SPLIT).
+    let split = (gpu.gemv_split, gpu.swiglu_split);
     for s in [1, 2, 4] {
-        gpu.gemv_split = s;
+        (gpu.gemv_split, gpu.swiglu_split) = (s, s);
         check_gemv(&gpu, &mut rep);
     }
-    gpu.gemv_split = split;
+    (gpu.gemv_split, gpu.swiglu_split) = split;
     for bf in [false, true] {
         for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2)] {
             for d in [64usize, 128] {
@@ -454,9 +455,6 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
             let what = format!("gemv/{} {n}x{k}{}", gpu.gemv_split, if acc { " +=" } else { "" });
             rep.check_scaled(&what, true, &down(dy.ptr, n), &want, atol);
         }
-        if gpu.gemv_split != 1 {
-            continue; // the gate/up GEMV has one build
-        }
         let dout = up(&y0);
         assert!(gpu.gemv_swiglu(Dt::BF16, 1, n, k, dx.ptr, dw.ptr, dout.ptr).unwrap());
         let want: Vec<f32> = (0..n)
@@ -465,7 +463,7 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
                 rnd(true, rnd(true, g / (1.0 + (-g).exp())) * u)
             })
             .collect();
-        rep.check_scaled(&format!("gemv_swiglu {n}x{k}"), true, &down(dout.ptr, n), &want, atol);
+        rep.check_scaled(&format!("gemv_swiglu/{} {n}x{k}", gpu.swiglu_split), true, &down(dout.ptr, n), &want, atol);
     }
 }
 

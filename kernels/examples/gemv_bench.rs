@@ -1,7 +1,7 @@
 //! The decode GEMVs of a Llama-shaped model streamed from memory, as a decode step runs them:
 //! every layer's weights are distinct (nothing stays in L2), launched back to back under
 //! programmatic dependent launch and replayed as one CUDA graph. Prints, for each L2 prefetch
-//! size (`Gpu::prefetch_row`) and warps a row of the one-row GEMV (`Gpu::gemv_split`), the time
+//! size (`Gpu::prefetch_row`) and warps a row of the GEMVs (`Gpu::gemv_split`, `swiglu_split`), the time
 //! of a step's GEMVs and of each kind alone, with their weight bandwidth next to the copy floor
 //! of the same run.
 //!
@@ -109,18 +109,18 @@ fn main() {
         ("gate/up+swiglu", vec![Kind::GateUp]),
         ("down", vec![Kind::Down]),
     ];
-    // (L2 prefetch bytes a row, warps a row of the one-row GEMV).
+    // (L2 prefetch bytes a row, warps a row of the one-row GEMV, of the gate/up + SwiGLU GEMV).
     let variants = [
-        (1024usize, 1, "pf1024"),
-        (0, 1, "pf0"),
-        (512, 1, "pf512"),
-        (2048, 1, "pf2048"),
-        (1024, 2, "split2"),
-        (1024, 4, "split4"),
+        (1024usize, 1, 1, "s1 glu1"),
+        (0, 1, 1, "pf0"),
+        (1024, 2, 1, "s2 glu1"),
+        (1024, 4, 1, "s4 glu1"),
+        (1024, 2, 2, "s2 glu2"),
+        (1024, 2, 4, "s2 glu4"),
     ];
-    for (prefetch, split, name) in variants {
+    for (prefetch, split, glu, name) in variants {
         gpu.prefetch_row = prefetch;
-        gpu.gemv_split = split;
+        (gpu.gemv_split, gpu.swiglu_split) = (split, glu);
         for (what, kinds) in &sets {
             run(&gpu, kinds);
             gpu.sync().unwrap();

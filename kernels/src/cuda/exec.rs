@@ -132,6 +132,8 @@ struct Funcs {
     gemv_bf16_split: [Kernel; 2],
     rmsnorm_bf16x8: Kernel,
     gemv_swiglu_bf16: Kernel,
+    /// The same with 2 and 4 warps an output.
+    gemv_swiglu_bf16_split: [Kernel; 2],
     argmax_final: Kernel,
     sample_rows: Kernel,
     write_kv: [Kernel; 2],
@@ -169,6 +171,9 @@ pub struct Gpu {
     /// default, or 4): more loads in flight for a short row. On an H200 two warps made the 8B
     /// decode step 21-28 µs shorter than one (BENCHMARKS.md, session 9).
     pub gemv_split: usize,
+    /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, the
+    /// default, 2 or 4; to be measured against one).
+    pub swiglu_split: usize,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
 }
@@ -275,6 +280,7 @@ impl Gpu {
             gemv_bf16_split: [g("gemv_bf16_m1_s2")?, g("gemv_bf16_m1_s4")?],
             rmsnorm_bf16x8: g("rmsnorm_bf16x8")?,
             gemv_swiglu_bf16: g("gemv_swiglu_bf16")?,
+            gemv_swiglu_bf16_split: [g("gemv_swiglu_bf16_s2")?, g("gemv_swiglu_bf16_s4")?],
             argmax_final: g("argmax_final")?,
             sample_rows: g("sample_rows")?,
             write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
@@ -313,7 +319,24 @@ impl Gpu {
             Ok("4") => 4,
             _ => 2,
         };
-        Ok(Gpu { dev, stream, blas, _blas_workspace: ws, f, pdl, prefetch_row, prefill_tc, gemv_split, source_kernels })
+        let swiglu_split = match std::env::var("AUTODEPLOY_SWIGLU_SPLIT").as_deref() {
+            Ok("2") => 2,
+            Ok("4") => 4,
+            _ => 1,
+        };
+        Ok(Gpu {
+            dev,
+            stream,
+            blas,
+            _blas_workspace: ws,
+            f,
+            pdl,
+            prefetch_row,
+            prefill_tc,
+            gemv_split,
+            swiglu_split,
+            source_kernels,
+        })
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {
@@ -746,10 +769,18 @@ impl Gpu {
         }
         let (i32_, k32) = (inter as i32, k as i32);
         let pf = self.prefetch_bytes(k);
-        let mut l = self.launcher(self.f.gemv_swiglu_bf16);
+        let (f, outs_per_block) = match self.swiglu_split {
+            2 => (self.f.gemv_swiglu_bf16_split[0], 4),
+            4 => (self.f.gemv_swiglu_bf16_split[1], 2),
+            _ => (self.f.gemv_swiglu_bf16, 8),
+        };
+        let mut l = self.launcher(f);
         l.arg(&x).arg(&w).arg(&out).arg(&i32_).arg(&k32).arg(&pf);
-        let cfg =
-            LaunchConfig { grid_dim: ((inter as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((inter as u32).div_ceil(outs_per_block), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: x [1, k], w [2·inter, k], out [1, inter]; alignment checked.
         launched("gemv_swiglu_bf16", unsafe { l.launch(cfg) }.map(|_| ()))?;
         Ok(true)

@@ -474,16 +474,18 @@ __device__ __forceinline__ void swiglu_chunk(uint4 gv, uint4 uv, uint4 xv, float
     }
 }
 
-// g and u summed over the warp; lane 0 stores out[j] = round(round(silu(round(g))) * round(u)).
-__device__ __forceinline__ void swiglu_store(float g, float u, bf16_t* out, int j, int lane) {
+// round(round(silu(round(g))) * round(u)): the unfused linear, SiLU and multiply's roundings.
+__device__ __forceinline__ bf16_t swiglu_value(float g, float u) {
+    float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
+    float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
+    return f32_to_bf16(s * ur);
+}
+
+// g and u summed over the warp.
+__device__ __forceinline__ void warp_sum2(float& g, float& u) {
     for (int o = 16; o > 0; o >>= 1) {
         g += __shfl_xor_sync(0xffffffffu, g, o);
         u += __shfl_xor_sync(0xffffffffu, u, o);
-    }
-    if (lane == 0) {
-        float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
-        float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
-        out[j] = f32_to_bf16(s * ur);
     }
 }
 
@@ -503,8 +505,57 @@ extern "C" __global__ void gemv_swiglu_bf16(const bf16_t* x, const bf16_t* w, bf
     float g = 0.0f, u = 0.0f;
 #pragma unroll 4
     for (int c = lane; c < k / 8; c += 32) swiglu_chunk(wg[c], wu[c], xr[c], g, u);
-    swiglu_store(g, u, out, j, lane);
+    warp_sum2(g, u);
+    if (lane == 0) out[j] = swiglu_value(g, u);
 }
+
+// The same with S warps an output (`Gpu::swiglu_split`), as `gemv_bf16_split`: warp `part` of
+// output j reads chunks part, part + S, ... of its gate and up rows; the partial sums meet in
+// shared memory. Smaller pieces of work than one warp an output, so the last wave of blocks
+// (the 8B's 28672 rows: 1792 blocks of 8 warps, 1.7 waves on an H200) leaves less idle.
+template <int S>
+__device__ void gemv_swiglu_split(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter, int k) {
+    __shared__ float part_g[8], part_u[8];
+    int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int j = blockIdx.x * (8 / S) + wib / S, part = wib % S;
+    float g = 0.0f, u = 0.0f;
+    if (j < inter) {
+        const uint4* wg = (const uint4*)(w + (long)j * k);
+        const uint4* wu = (const uint4*)(w + (long)(j + inter) * k);
+        const uint4* xr = (const uint4*)x;
+#pragma unroll 4
+        for (int c = lane + 32 * part; c < k / 8; c += 32 * S) swiglu_chunk(wg[c], wu[c], xr[c], g, u);
+    }
+    warp_sum2(g, u);
+    if (lane == 0) {
+        part_g[wib] = g;
+        part_u[wib] = u;
+    }
+    __syncthreads();
+    if (part == 0 && lane == 0 && j < inter) {
+        float tg = part_g[wib], tu = part_u[wib];
+#pragma unroll
+        for (int p = 1; p < S; p++) {
+            tg += part_g[wib + p];
+            tu += part_u[wib + p];
+        }
+        out[j] = swiglu_value(tg, tu);
+    }
+}
+
+#define SWIGLU_SPLIT(S)                                                                                               \
+    extern "C" __global__ void gemv_swiglu_bf16_s##S(const bf16_t* x, const bf16_t* w, bf16_t* out, int inter,       \
+                                                     int k, int prefetch) {                                           \
+        int j = blockIdx.x * (8 / S) + (threadIdx.x >> 5) / S;                                                        \
+        if (j < inter && (threadIdx.x >> 5) % S == 0) {                                                               \
+            prefetch_l2(w + (long)j * k, prefetch, threadIdx.x & 31);                                                 \
+            prefetch_l2(w + (long)(j + inter) * k, prefetch, threadIdx.x & 31);                                       \
+        }                                                                                                             \
+        pdl_enter();                                                                                                  \
+        gemv_swiglu_split<S>(x, w, out, inter, k);                                                                    \
+    }
+SWIGLU_SPLIT(2)
+SWIGLU_SPLIT(4)
 
 // Sampling on the GPU, with the CPU sampler's semantics (core/src/sampling.rs) so a seeded
 // request picks the same token on either device: scores x/T ordered descending (ties: lower

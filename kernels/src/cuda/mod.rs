@@ -56,6 +56,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gemv_bf16_m1_s4",
             "rmsnorm_bf16x8",
             "gemv_swiglu_bf16",
+            "gemv_swiglu_bf16_s2",
+            "gemv_swiglu_bf16_s4",
             "sample_rows",
         ],
     ),
