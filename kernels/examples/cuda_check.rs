@@ -645,8 +645,18 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     // flashinfer, split-KV decode kernel, both builds (throughput, and latency: first K/V loads
     // before the wait): 16-position chunks (several per sequence) and one 64-position chunk
     // (several passes); the step's k/v straight from the linears, written into the cache by the
-    // kernel, with and without its own RoPE of q and k.
-    for (chunk, splits, early) in [(16usize, 4usize, false), (64, 1, false), (16, 4, true), (64, 1, true)] {
+    // kernel, with and without its own RoPE of q and k; the latency build at 8 and at 4
+    // positions a warp and pass (`Gpu::attn_early_u`).
+    let early_u = gpu.attn_early_u();
+    for (chunk, splits, early, u) in [
+        (16usize, 4usize, false, 8),
+        (64, 1, false, 8),
+        (16, 4, true, 8),
+        (64, 1, true, 8),
+        (16, 4, true, 4),
+        (64, 1, true, 4),
+    ] {
+        gpu.set_attn_early_u(u);
         for rotate in [false, true] {
             let (kc, vc) = fresh_cache(&mut put);
             let out = put(vec![0u8; out_bytes]);
@@ -691,7 +701,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
             .unwrap();
             let what = format!(
                 "split-KV decode{}{} /{chunk}",
-                if early { " early" } else { "" },
+                if early { format!(" early u{u}") } else { String::new() },
                 if rotate { " +rope" } else { "" }
             );
             let (want, want_kc) = if rotate { (&want_r, &want_kc_r) } else { (&want_s, &want_kc_s) };
@@ -699,6 +709,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
             rep.check("  k cache after write", bf, &read(kc, cache_bytes), want_kc);
         }
     }
+    gpu.set_attn_early_u(early_u);
     // triton, fused write-and-attend over slots.
     let (want_t, want_kc_t) = reference(&slots, &q, &k);
     let (kc, vc) = fresh_cache(&mut put);

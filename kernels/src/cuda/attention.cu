@@ -414,7 +414,7 @@ __device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, boo
 // seq_start) from k_new/v_new, so no block reads a slot this kernel writes; block (t, first q
 // head of a kv group, last chunk of t) stores token t's k and v in the cache for the steps
 // after, from the registers its attention read them into.
-template <typename T, int D, bool EARLY>
+template <typename T, int D, bool EARLY, int UE>
 __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin,
                                    T* k_cache, T* v_cache, const long long* token_seq, const long long* token_pos,
                                    const long long* page_indptr, const int* page_indices, const long long* seq_start,
@@ -422,7 +422,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
                                    float scale, int chunk, int splits, float* partial, int* counters, T* out_all) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
-    constexpr int U = EARLY && D <= 128 ? 8 : 4;
+    constexpr int U = EARLY && D <= 128 ? UE : 4;
     if constexpr (!EARLY) pdl_enter();
     long t = blockIdx.x;
     int h = blockIdx.y, s = blockIdx.z;
@@ -593,18 +593,23 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     merge_partials<T, EARLY ? 16 : 0>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_row);
 }
 
-#define SPLIT_ENTRY(T, S, D, NAME, EARLY)                                                                             \
+#define SPLIT_ENTRY(T, S, D, NAME, EARLY, UE)                                                                         \
     extern "C" __global__ void NAME##_d##D##_##S(                                                                     \
         const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, T* k_cache, T* v_cache,              \
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
         T* out) {                                                                                                     \
-        paged_decode_split<T, D, EARLY>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,           \
+        paged_decode_split<T, D, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,       \
                                         page_indptr, page_indices, seq_start, cached_len, page_size, heads,         \
                                         kv_heads, tokens, scale, chunk, splits, partial, counters, out);            \
     }
-#define SPLIT(T, S, D) SPLIT_ENTRY(T, S, D, paged_decode_split, false) SPLIT_ENTRY(T, S, D, paged_decode_split_early, true)
+// The latency build at 8 positions a warp and pass (the default), and at 4 (`Gpu::attn_early_u`:
+// half the registers for K/V, one pass over chunks of 16).
+#define SPLIT(T, S, D)                                                                                                \
+    SPLIT_ENTRY(T, S, D, paged_decode_split, false, 4)                                                                \
+    SPLIT_ENTRY(T, S, D, paged_decode_split_early, true, 8)                                                           \
+    SPLIT_ENTRY(T, S, D, paged_decode_split_early4, true, 4)
 
 #define SPLIT_INSTANTIATE(T, S) SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 128) SPLIT(T, S, 256)
 

@@ -142,6 +142,8 @@ struct Funcs {
     paged_decode_split: [Vec<Kernel>; 2],
     /// The latency build of the same (attention.cu: EARLY).
     paged_decode_split_early: [Vec<Kernel>; 2],
+    /// The latency build at 4 positions a warp and pass.
+    paged_decode_split_early4: [Vec<Kernel>; 2],
     rope_write_kv: [Kernel; 2],
     slot_attention: [Vec<Kernel>; 2],
     /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`.
@@ -171,6 +173,11 @@ pub struct Gpu {
     /// default, or 4): more loads in flight for a short row. On an H200 two warps made the 8B
     /// decode step 21-28 µs shorter than one (BENCHMARKS.md, session 9).
     pub gemv_split: usize,
+    /// Positions a warp takes a pass in the split-KV decode's latency build
+    /// (`AUTODEPLOY_ATTN_U`: 8, the default, or 4: fewer registers, and the model's chunks
+    /// planned at 16 positions so one pass covers one; to be measured against 8). An atomic so
+    /// a check can switch it behind a shared reference (`set_attn_early_u`).
+    attn_early_u: std::sync::atomic::AtomicUsize,
     /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, the
     /// default, 2 or 4; to be measured against one).
     pub swiglu_split: usize,
@@ -303,6 +310,16 @@ impl Gpu {
                     .map(|d| g(&format!("paged_decode_split_early_d{d}_bf16")))
                     .collect::<Result<_, _>>()?,
             ],
+            paged_decode_split_early4: [
+                HEAD_DIMS
+                    .iter()
+                    .map(|d| g(&format!("paged_decode_split_early4_d{d}_f32")))
+                    .collect::<Result<_, _>>()?,
+                HEAD_DIMS
+                    .iter()
+                    .map(|d| g(&format!("paged_decode_split_early4_d{d}_bf16")))
+                    .collect::<Result<_, _>>()?,
+            ],
             rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
             slot_attention: [
                 HEAD_DIMS.iter().map(|d| g(&format!("slot_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
@@ -324,6 +341,8 @@ impl Gpu {
             Ok("4") => 4,
             _ => 1,
         };
+        let attn_early_u = if std::env::var("AUTODEPLOY_ATTN_U").is_ok_and(|v| v == "4") { 4 } else { 8 };
+        let attn_early_u = std::sync::atomic::AtomicUsize::new(attn_early_u);
         Ok(Gpu {
             dev,
             stream,
@@ -334,6 +353,7 @@ impl Gpu {
             prefetch_row,
             prefill_tc,
             gemv_split,
+            attn_early_u,
             swiglu_split,
             source_kernels,
         })
@@ -746,6 +766,22 @@ impl Gpu {
         Ok(true)
     }
 
+    /// The least positions a split-KV chunk should have: one pass of the latency build's four
+    /// warps (`attn_early_u` positions each).
+    pub fn split_min_chunk(&self) -> usize {
+        4 * self.attn_early_u()
+    }
+
+    /// Positions a warp takes a pass in the split-KV decode's latency build: 8 or 4.
+    pub fn attn_early_u(&self) -> usize {
+        self.attn_early_u.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets them (4, else 8) for the launches after; the split chunks a model planned stay.
+    pub fn set_attn_early_u(&self, u: usize) {
+        self.attn_early_u.store(if u == 4 { 4 } else { 8 }, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Bytes of each weight row of `k` bf16 a GEMV prefetches (see `prefetch_row`).
     fn prefetch_bytes(&self, k: usize) -> i32 {
         self.prefetch_row.min(k * 2) as i32
@@ -947,7 +983,8 @@ impl Gpu {
         scale: f32,
         split: Split,
     ) -> Result<(), Unavailable> {
-        let f = &self.f.paged_decode_split_early;
+        let f =
+            if self.attn_early_u() == 4 { &self.f.paged_decode_split_early4 } else { &self.f.paged_decode_split_early };
         let tables = rope.unwrap_or((0, 0));
         self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), scale, split)
     }
@@ -1064,12 +1101,12 @@ pub struct Split {
 }
 
 impl Split {
-    /// Chunks for sequences of up to `max_len` positions: at least 32 positions each (a block's
-    /// four warps take four or eight positions at a time), at most 32 chunks. On an H200 longer
-    /// chunks (at least 64, 128, 256 positions) made the 8B decode step slower: 4.43, 4.75,
-    /// 5.08 ms against 4.22 (fewer blocks, but more passes in each).
-    pub fn plan(max_len: usize) -> (usize, usize) {
-        let chunk = max_len.div_ceil(32).max(32);
+    /// Chunks for sequences of up to `max_len` positions: at least `min_chunk` positions each
+    /// (`Gpu::split_min_chunk`: what the latency build's four warps take in one pass), at most 32
+    /// chunks. On an H200 longer chunks (at least 64, 128, 256 positions) made the 8B decode
+    /// step slower: 4.43, 4.75, 5.08 ms against 4.22 at 32 (fewer blocks, more passes in each).
+    pub fn plan(max_len: usize, min_chunk: usize) -> (usize, usize) {
+        let chunk = max_len.div_ceil(32).max(min_chunk.max(1));
         (chunk, max_len.div_ceil(chunk).max(1))
     }
 }

@@ -502,7 +502,7 @@ impl CudaModel {
             .max();
         let (split, split_buf) = match attn_heads {
             Some(hd) => {
-                let (chunk, splits) = Split::plan(max_len);
+                let (chunk, splits) = Split::plan(max_len, gpu.split_min_chunk());
                 let heads_max = graph
                     .nodes
                     .iter()
