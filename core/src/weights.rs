@@ -62,12 +62,64 @@ pub fn float_dtype(d: StDtype) -> Option<DType> {
 /// Produces a weight on demand (dequantizing, permuting) in f32.
 pub type LazyLoad = std::sync::Arc<dyn Fn() -> Result<Tensor> + Send + Sync>;
 
+/// Values a synthetic weight (`load_format = "dummy"`) holds, defined so that any device can
+/// make them where they will live and get the same numbers: a backend that sees
+/// [`WeightStore::synthetic_parts`] may generate a weight instead of uploading it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Synthetic {
+    /// Every value this one.
+    Const(f32),
+    /// Uniform in ±`scale`: the values cut in chunks of [`SYNTHETIC_CHUNK`], chunk `c` one
+    /// xorshift32 stream (shifts 13, 17, 5) from `(seed ^ c·0x9e3779b9) | 1`, each value
+    /// `(x / u32::MAX · 2 − 1) · scale` in f32 arithmetic, one rounding a step.
+    Uniform { seed: u32, scale: f32 },
+}
+
+/// Values of one [`Synthetic::Uniform`] stream.
+pub const SYNTHETIC_CHUNK: usize = 1 << 16;
+
+impl Synthetic {
+    /// Uniform values seeded by a weight's name (FNV-1a), in ±`scale`.
+    pub fn uniform_named(name: &str, scale: f32) -> Synthetic {
+        let seed = name.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x01000193));
+        Synthetic::Uniform { seed, scale }
+    }
+
+    /// The values, in parallel over the chunks.
+    pub fn fill(&self, out: &mut [f32]) {
+        use rayon::prelude::*;
+        match *self {
+            Synthetic::Const(v) => out.fill(v),
+            Synthetic::Uniform { seed, scale } => {
+                out.par_chunks_mut(SYNTHETIC_CHUNK).enumerate().for_each(|(c, out)| {
+                    let mut x = (seed ^ (c as u32).wrapping_mul(0x9e37_79b9)) | 1;
+                    for v in out {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        *v = (x as f32 / u32::MAX as f32 * 2.0 - 1.0) * scale;
+                    }
+                })
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Entry {
     File(usize),
     Owned(Tensor),
     /// Computed when loaded: shape, where it comes from (for messages), and the loader.
     Lazy(Vec<usize>, String, LazyLoad),
+    /// Generated when loaded: shape, origin, values.
+    Synthetic(Vec<usize>, String, Synthetic),
+    /// Other weights of this store concatenated along dim 0 (fused linears), in `dtype`,
+    /// assembled when loaded.
+    Concat {
+        parts: Vec<String>,
+        shape: Vec<usize>,
+        dtype: DType,
+    },
 }
 
 /// Cloning is cheap: files are shared, owned tensors share their storage.
@@ -106,6 +158,52 @@ impl WeightStore {
         self.entries.insert(name.to_string(), Entry::Lazy(shape, origin, load));
     }
 
+    /// A weight of generated values (f32, of `shape`); `origin` names its source.
+    pub fn add_synthetic(&mut self, name: &str, shape: Vec<usize>, origin: String, values: Synthetic) {
+        self.entries.insert(name.to_string(), Entry::Synthetic(shape, origin, values));
+    }
+
+    /// A weight that is `parts` (weights of this store) concatenated along dim 0, in `dtype`;
+    /// nothing is read until it is loaded. Errors name a missing part, or parts whose other
+    /// dims differ.
+    pub fn add_concat(&mut self, name: &str, parts: &[String], dtype: DType) -> Result<()> {
+        let mut shape: Vec<usize> = Vec::new();
+        for p in parts {
+            let (_, s) = self.stored_meta(p)?;
+            if shape.is_empty() {
+                shape = s;
+            } else if !s.is_empty() && s.len() == shape.len() && s[1..] == shape[1..] {
+                shape[0] += s[0];
+            } else {
+                return Err(Error::Msg(format!(
+                    "weight `{name}`: `{p}` {s:?} does not stack on dim 0 with {shape:?} (`{}`)",
+                    parts[0]
+                )));
+            }
+        }
+        if shape.is_empty() {
+            return Err(Error::Msg(format!("weight `{name}`: nothing to concatenate")));
+        }
+        self.entries.insert(name.to_string(), Entry::Concat { parts: parts.to_vec(), shape, dtype });
+        Ok(())
+    }
+
+    /// When a weight is generated values throughout: its pieces in storage order (element
+    /// count, values), a concatenation's parts one after another.
+    pub fn synthetic_parts(&self, name: &str) -> Option<Vec<(usize, Synthetic)>> {
+        match self.entries.get(name)? {
+            Entry::Synthetic(shape, _, v) => Some(vec![(shape.iter().product(), *v)]),
+            Entry::Concat { parts, .. } => {
+                let mut all = Vec::new();
+                for p in parts {
+                    all.extend(self.synthetic_parts(p)?);
+                }
+                Some(all)
+            }
+            _ => None,
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
@@ -119,7 +217,8 @@ impl WeightStore {
         match self.entries.get(name) {
             Some(Entry::File(i)) => self.files[*i].path.display().to_string(),
             Some(Entry::Owned(_)) => "computed by the importer".into(),
-            Some(Entry::Lazy(_, origin, _)) => origin.clone(),
+            Some(Entry::Lazy(_, origin, _) | Entry::Synthetic(_, origin, _)) => origin.clone(),
+            Some(Entry::Concat { parts, .. }) => format!("{} concatenated", parts.join(" + ")),
             None => self.origin.clone(),
         }
     }
@@ -141,7 +240,8 @@ impl WeightStore {
                 Ok((dt, info.shape.clone()))
             }
             Some(Entry::Owned(t)) => Ok((t.dtype(), t.shape().to_vec())),
-            Some(Entry::Lazy(shape, ..)) => Ok((DType::F32, shape.clone())),
+            Some(Entry::Lazy(shape, ..) | Entry::Synthetic(shape, ..)) => Ok((DType::F32, shape.clone())),
+            Some(Entry::Concat { shape, dtype, .. }) => Ok((*dtype, shape.clone())),
             None => Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         }
     }
@@ -162,6 +262,16 @@ impl WeightStore {
                 }
                 return t.cast(dtype);
             }
+            Some(Entry::Synthetic(shape, _, v)) => {
+                let mut values = vec![0f32; shape.iter().product()];
+                v.fill(&mut values);
+                return Tensor::from_f32(shape.clone(), values)?.cast(dtype);
+            }
+            Some(Entry::Concat { parts, .. }) => {
+                let ts: Vec<Tensor> = parts.iter().map(|p| self.load(p, dtype)).collect::<Result<_>>()?;
+                let refs: Vec<&Tensor> = ts.iter().collect();
+                return crate::cpu::eval(&crate::Op::Cat { dim: 0 }, &refs, &Default::default());
+            }
             Some(Entry::File(i)) => *i,
             None => return Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         };
@@ -170,5 +280,63 @@ impl WeightStore {
         let info = f.info(name).expect("checked by stored_meta");
         let b = f.bytes(info);
         Tensor::from_le_bytes(stored, shape, b)?.cast(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_values_are_the_defined_streams() {
+        // Two chunks and a part of a third: each chunk restarts its own stream.
+        let n = 2 * SYNTHETIC_CHUNK + 5;
+        let v = Synthetic::Uniform { seed: 7, scale: 0.5 };
+        let mut out = vec![0f32; n];
+        v.fill(&mut out);
+        let stream = |c: u32, i: usize| {
+            let mut x = (7u32 ^ c.wrapping_mul(0x9e37_79b9)) | 1;
+            for _ in 0..=i {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+            }
+            (x as f32 / u32::MAX as f32 * 2.0 - 1.0) * 0.5
+        };
+        assert_eq!(out[0], stream(0, 0));
+        assert_eq!(out[SYNTHETIC_CHUNK + 3], stream(1, 3));
+        assert_eq!(out[n - 1], stream(2, 4));
+        assert!(out.iter().all(|x| x.abs() <= 0.5));
+        let mean = out.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 0.01, "{mean}");
+    }
+
+    #[test]
+    fn a_concatenation_loads_its_parts_stacked_and_says_what_it_is_made_of() {
+        let mut s = WeightStore::new("test");
+        s.add_synthetic("a", vec![2, 3], "random a".into(), Synthetic::uniform_named("a", 1.0));
+        s.add_synthetic("b", vec![1, 3], "ones b".into(), Synthetic::Const(1.0));
+        s.add_concat("ab", &["a".into(), "b".into()], DType::BF16).unwrap();
+        assert_eq!(s.stored_meta("ab").unwrap(), (DType::BF16, vec![3, 3]));
+        let (a, b, ab) =
+            (s.load("a", DType::BF16).unwrap(), s.load("b", DType::BF16).unwrap(), s.load("ab", DType::BF16).unwrap());
+        assert_eq!(ab.shape(), &[3, 3]);
+        let want: Vec<f32> = a.to_f32().iter().chain(b.to_f32().iter()).copied().collect();
+        assert_eq!(ab.to_f32().into_owned(), want);
+        assert_eq!(
+            s.synthetic_parts("ab").unwrap(),
+            vec![(6, Synthetic::uniform_named("a", 1.0)), (3, Synthetic::Const(1.0))]
+        );
+        // A part that is not generated: no synthetic description of the whole.
+        s.add_tensor("c", Tensor::from_f32(vec![1, 3], vec![0.0; 3]).unwrap());
+        s.add_concat("ac", &["a".into(), "c".into()], DType::F32).unwrap();
+        assert!(s.synthetic_parts("ac").is_none());
+        assert_eq!(s.location("ac"), "a + c concatenated");
+        // Parts that do not stack, and a missing part, are refused by name.
+        s.add_tensor("d", Tensor::from_f32(vec![2, 2], vec![0.0; 4]).unwrap());
+        let e = s.add_concat("ad", &["a".into(), "d".into()], DType::F32).unwrap_err().to_string();
+        assert!(e.contains("`ad`") && e.contains("`d`"), "{e}");
+        let e = s.add_concat("ax", &["a".into(), "x".into()], DType::F32).unwrap_err().to_string();
+        assert!(e.contains('x'), "{e}");
     }
 }

@@ -276,40 +276,22 @@ pub fn open_weights(dir: &Path) -> Result<WeightStore> {
 }
 
 /// Random weights for every tensor the config implies (`load_format = "dummy"`), generated when
-/// the backend loads them: norms 1, biases 0, the rest uniform in ±1/√fan_in, each seeded by its
-/// name, so two runs see the same model.
+/// the backend loads them (a GPU backend may generate them on the device: the values are
+/// defined by `Synthetic`): norms 1, biases 0, the rest uniform in ±1/√fan_in, each seeded by
+/// its name, so two runs see the same model.
 pub fn dummy_weights(cfg: &DecoderConfig, dir: &Path) -> WeightStore {
+    use autodeploy_core::weights::Synthetic;
     let mut store = WeightStore::new(format!("{} (random weights: load_format = \"dummy\")", dir.display()));
     for (name, shape) in cfg.expected_weights() {
         let origin = format!("random `{name}` (load_format = \"dummy\", {})", dir.display());
-        let (n, s) = (name.clone(), shape.clone());
-        let load: autodeploy_core::weights::LazyLoad = std::sync::Arc::new(move || {
-            let count: usize = s.iter().product();
-            let values = if n.ends_with("norm.weight") {
-                vec![1.0f32; count]
-            } else if n.ends_with(".bias") {
-                vec![0.0f32; count]
-            } else {
-                // Chunks of 64 Ki values, each its own xorshift stream seeded by the name and the
-                // chunk's index, filled in parallel (an 8B model is 8·10⁹ values).
-                use rayon::prelude::*;
-                let a = 1.0 / (*s.last().unwrap_or(&1) as f32).sqrt();
-                let seed = n.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x01000193));
-                let mut values = vec![0f32; count];
-                values.par_chunks_mut(1 << 16).enumerate().for_each(|(c, out)| {
-                    let mut x = (seed ^ (c as u32).wrapping_mul(0x9e37_79b9)) | 1;
-                    for v in out {
-                        x ^= x << 13;
-                        x ^= x >> 17;
-                        x ^= x << 5;
-                        *v = (x as f32 / u32::MAX as f32 * 2.0 - 1.0) * a;
-                    }
-                });
-                values
-            };
-            autodeploy_core::Tensor::from_f32(s.clone(), values)
-        });
-        store.add_lazy(&name, shape, origin, load);
+        let values = if name.ends_with("norm.weight") {
+            Synthetic::Const(1.0)
+        } else if name.ends_with(".bias") {
+            Synthetic::Const(0.0)
+        } else {
+            Synthetic::uniform_named(&name, 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt())
+        };
+        store.add_synthetic(&name, shape, origin, values);
     }
     store
 }

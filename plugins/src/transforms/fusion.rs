@@ -4,12 +4,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use autodeploy_core::cpu;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta, ValueId};
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
-use autodeploy_core::{Op, Tensor};
+use autodeploy_core::Op;
 use autodeploy_sdk::Stage;
 
 autodeploy_core::inventory::submit! {
@@ -29,19 +28,25 @@ fn param_weight(g: &Graph, v: ValueId) -> Option<String> {
     g.params.iter().find(|p| p.value == v).map(|p| p.weight.clone())
 }
 
-/// Loads the params `vals`, concatenates them along dim 0 and registers the result as a new
-/// weight; returns the param value reading it.
+/// Registers the params `vals` concatenated along dim 0 as a new weight (read when a backend
+/// loads it: nothing is copied here); returns the param value reading it.
 fn concat_params(g: &mut Graph, vals: &[ValueId], name: &str) -> Result<ValueId> {
-    let mut ts: Vec<Tensor> = Vec::new();
+    let mut parts = Vec::new();
+    let mut rows = 0;
     for &v in vals {
         let w = param_weight(g, v).ok_or_else(|| Error::Msg(format!("%{} is not a weight", g.value(v).name)))?;
-        ts.push(g.weights.load(&w, g.meta(v).dtype)?);
+        let shape = g.meta(v).shape.iter().map(|d| d.as_static()).collect::<Option<Vec<usize>>>();
+        rows += shape
+            .as_ref()
+            .and_then(|s| s.first().copied())
+            .ok_or_else(|| Error::Msg(format!("weight `{w}`: fusing needs a static shape of at least one dim")))?;
+        parts.push(w);
     }
-    let refs: Vec<&Tensor> = ts.iter().collect();
-    let cat = cpu::eval(&Op::Cat { dim: 0 }, &refs, &Default::default())?;
-    let meta = TensorMeta { dtype: cat.dtype(), shape: static_shape(cat.shape()) };
-    Arc::make_mut(&mut g.weights).add_tensor(name, cat);
-    Ok(g.add_param(name, meta))
+    let dtype = g.meta(vals[0]).dtype;
+    let mut shape: Vec<usize> = g.meta(vals[0]).shape.iter().filter_map(|d| d.as_static()).collect();
+    shape[0] = rows;
+    Arc::make_mut(&mut g.weights).add_concat(name, &parts, dtype)?;
+    Ok(g.add_param(name, TensorMeta { dtype, shape: static_shape(&shape) }))
 }
 
 pub struct FuseGemms;
