@@ -393,3 +393,63 @@ fn the_sampling_kernel_picks_what_the_cpu_sampler_picks() {
         }
     }
 }
+
+/// Dummy weights made on the GPU (`fill_uniform`, `fill_const`) are the values the CPU makes
+/// for the same `Synthetic` and casts to the same dtype, bit for bit: f32, bf16 and f16, a
+/// length that ends inside a chunk.
+#[test]
+fn generated_weights_are_the_cpus_bit_for_bit() {
+    let Some(_turn) = gpu() else { return };
+    use autodeploy_core::weights::{Synthetic, SYNTHETIC_CHUNK};
+    use autodeploy_core::DType;
+    use autodeploy_kernels::cuda::exec::{Dt, Gpu};
+    let g = Gpu::open(0).unwrap();
+    let n = 2 * SYNTHETIC_CHUNK + 77;
+    for (dtype, dt) in [(DType::F32, Dt::F32), (DType::BF16, Dt::BF16), (DType::F16, Dt::F16)] {
+        for v in [Synthetic::uniform_named("model.layers.0.mlp.down_proj.weight", 0.0083), Synthetic::Const(1.0)] {
+            let mut cpu = vec![0f32; n];
+            v.fill(&mut cpu);
+            let want = Tensor::from_f32(vec![n], cpu).unwrap().cast(dtype).unwrap();
+            let buf = g.alloc(n * dt.size(), "generated").unwrap();
+            match v {
+                Synthetic::Const(c) => g.fill_const(buf.ptr, dt, n, c),
+                Synthetic::Uniform { seed, scale } => g.fill_uniform(buf.ptr, dt, n, seed, scale, SYNTHETIC_CHUNK),
+            }
+            .unwrap();
+            let mut got = vec![0u8; n * dt.size()];
+            g.download(buf.ptr, &mut got).unwrap();
+            // Both widened to f32 (exact from bf16 and f16), compared as bits.
+            let got = Tensor::from_le_bytes(dtype, vec![n], &got).unwrap();
+            let (a, b) = (got.to_f32(), want.to_f32());
+            let first_bad = a.iter().zip(b.iter()).position(|(x, y)| x.to_bits() != y.to_bits());
+            assert_eq!(first_bad, None, "{v:?} as {dtype:?}: first differing value");
+        }
+    }
+}
+
+/// A dummy model (`load_format = "dummy"`: the SmolLM2-135M config alone) made on the GPU, its
+/// fused q/k/v and gate/up weights included, generates the CPU's greedy tokens in f32.
+#[test]
+fn a_dummy_model_on_the_gpu_is_the_cpus() {
+    let Some(_turn) = gpu() else { return };
+    let dir = common::fixture("configs/SmolLM2-135M-Instruct");
+    let toml = |device: &str| {
+        format!(
+            "model = {:?}\nload_format = \"dummy\"\ndtype = \"float32\"\ndevice = \"{device}\"\nmax_batch_size = 1\nmax_seq_len = 64\n",
+            dir.display().to_string()
+        )
+    };
+    let mut tokens = Vec::new();
+    for device in ["cpu", "cuda"] {
+        let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml(device), None).unwrap();
+        let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
+        let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+        let req = autodeploy_core::runtime::Request {
+            prompt: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: 8, ..Default::default() },
+        };
+        let (r, _) = rt.generate(&mut e, &[req]);
+        tokens.push(r[0].as_ref().unwrap().tokens.clone());
+    }
+    assert_eq!(tokens[0], tokens[1], "greedy tokens, CPU then CUDA");
+}

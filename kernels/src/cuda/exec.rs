@@ -119,6 +119,8 @@ struct Funcs {
     copy_strided: Kernel,
     binary: Kernel,
     unary: Kernel,
+    fill_uniform: Kernel,
+    fill_const: Kernel,
     mean_last: Kernel,
     rmsnorm: Kernel,
     rope: Kernel,
@@ -276,6 +278,8 @@ impl Gpu {
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,
             unary: g("unary")?,
+            fill_uniform: g("fill_uniform")?,
+            fill_const: g("fill_const")?,
             mean_last: g("mean_last")?,
             rmsnorm: g("rmsnorm")?,
             rope: g("rope")?,
@@ -530,6 +534,34 @@ impl Gpu {
         l.arg(&input).arg(&out).arg(&d).arg(&n64).arg(&o).arg(&scalar);
         // SAFETY: both hold n elements of dt.
         launched("unary", unsafe { l.launch(grid(n, 256)) }.map(|_| ()))
+    }
+
+    /// `n` values of `dt` at `out`: chunks of `chunk` values, chunk c an xorshift32 stream from
+    /// `(seed ^ c·0x9e3779b9) | 1`, each value `(x / u32::MAX · 2 − 1) · scale` (core's
+    /// `weights::Synthetic::Uniform`: the CPU's values, bit for bit).
+    pub fn fill_uniform(
+        &self,
+        out: Ptr,
+        dt: Dt,
+        n: usize,
+        seed: u32,
+        scale: f32,
+        chunk: usize,
+    ) -> Result<(), Unavailable> {
+        let (d, n64, c32) = (dt as i32, n as i64, chunk as i32);
+        let mut l = self.launcher(self.f.fill_uniform);
+        l.arg(&out).arg(&d).arg(&n64).arg(&seed).arg(&scale).arg(&c32);
+        // SAFETY: out holds n elements of dt.
+        launched("fill_uniform", unsafe { l.launch(grid(n.div_ceil(chunk.max(1)), 128)) }.map(|_| ()))
+    }
+
+    /// `n` values of `dt` at `out`, each `v`.
+    pub fn fill_const(&self, out: Ptr, dt: Dt, n: usize, v: f32) -> Result<(), Unavailable> {
+        let (d, n64) = (dt as i32, n as i64);
+        let mut l = self.launcher(self.f.fill_const);
+        l.arg(&out).arg(&d).arg(&n64).arg(&v);
+        // SAFETY: out holds n elements of dt.
+        launched("fill_const", unsafe { l.launch(grid(n.min(1 << 24), 256)) }.map(|_| ()))
     }
 
     pub fn mean_last(

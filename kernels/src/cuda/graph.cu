@@ -305,6 +305,31 @@ extern "C" __global__ void argmax_final(const float* part_v, const int* part_i, 
     if (threadIdx.x == 0) out[blockIdx.x] = idx;
 }
 
+// Synthetic weights made where they live (core's `weights::Synthetic`, `load_format = "dummy"`),
+// the same values the CPU makes. Uniform: thread c fills chunk c (`chunk` values, the last may
+// be short) with its xorshift32 stream; every f32 operation rounded on its own, as the CPU's
+// (no fused multiply-add), then stored as dt (bf16 round-to-nearest-even, as the CPU casts).
+extern "C" __global__ void fill_uniform(void* out, int dt, long n, unsigned int seed, float scale, int chunk) {
+    pdl_enter();
+    long c = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long start = c * chunk;
+    if (start >= n) return;
+    long end = start + chunk < n ? start + chunk : n;
+    unsigned int x = (seed ^ ((unsigned int)c * 0x9e3779b9u)) | 1u;
+    for (long i = start; i < end; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        float u = __fdiv_rn(__uint2float_rn(x), 4294967296.0f);
+        st(out, dt, i, __fmul_rn(__fadd_rn(__fmul_rn(u, 2.0f), -1.0f), scale));
+    }
+}
+
+extern "C" __global__ void fill_const(void* out, int dt, long n, float v) {
+    pdl_enter();
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) st(out, dt, i, v);
+}
+
 // Decode-sized linear layers (m <= 8 rows of activations), bf16: y[m, n] = x[m, k] · w[n, k]ᵀ
 // (+ y when `accumulate`), f32 accumulation, one warp per output row reading the weight row
 // 16 bytes per lane at a time (the activations are small and stay in cache). Rows of 8 weights

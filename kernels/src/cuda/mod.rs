@@ -40,6 +40,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "copy_strided",
             "binary",
             "unary",
+            "fill_uniform",
+            "fill_const",
             "mean_last",
             "rmsnorm",
             "rope",

@@ -18,6 +18,7 @@ use autodeploy_core::kvcache::StepContext;
 use autodeploy_core::registry::{CompileOptions, CompiledModel};
 use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
+use autodeploy_core::weights::{Synthetic, SYNTHETIC_CHUNK};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
 use autodeploy_kernels::cuda::exec::{
@@ -51,6 +52,37 @@ fn dt(d: DType, what: &str) -> Result<Dt> {
             )))
         }
     })
+}
+
+/// A weight made of generated values (`WeightStore::synthetic_parts`) made on the GPU, part by
+/// part, in `d`.
+fn generate(
+    gpu: &Gpu,
+    graph: &Graph,
+    p: &autodeploy_core::ir::Param,
+    d: Dt,
+    parts: &[(usize, Synthetic)],
+) -> Result<Buffer> {
+    let want: usize = graph.meta(p.value).shape.iter().filter_map(|x| x.as_static()).product();
+    let total: usize = parts.iter().map(|(n, _)| n).sum();
+    if total != want {
+        return Err(Error::Msg(format!(
+            "weight `{}` ({}): {total} generated values for a parameter of {want}",
+            p.weight,
+            graph.weights.location(&p.weight)
+        )));
+    }
+    let buf = gpu.alloc(want * d.size(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
+    let mut at = buf.ptr;
+    for &(n, v) in parts {
+        match v {
+            Synthetic::Const(c) => gpu.fill_const(at, d, n, c),
+            Synthetic::Uniform { seed, scale } => gpu.fill_uniform(at, d, n, seed, scale, SYNTHETIC_CHUNK),
+        }
+        .map_err(|e| Error::Msg(format!("generating weight `{}`: {e}", p.weight)))?;
+        at += (n * d.size()) as u64;
+    }
+    Ok(buf)
 }
 
 /// The bytes of a host tensor, as stored (little-endian on every host we build for).
@@ -307,11 +339,21 @@ impl CudaModel {
             dt(graph.meta(p.value).dtype, &p.weight)?;
         }
         // Read (or generate) a few weights at a time on the host's cores, then upload them.
+        // Weights that are generated values throughout (`load_format = "dummy"`) are made on the
+        // GPU instead: the same values, without the host's work and the copy.
+        let on_device = |p: &autodeploy_core::ir::Param| -> Option<(Dt, Vec<(usize, Synthetic)>)> {
+            let d = dt(graph.meta(p.value).dtype, &p.weight).ok()?;
+            matches!(d, Dt::F32 | Dt::BF16 | Dt::F16).then_some(())?;
+            Some((d, graph.weights.synthetic_parts(&p.weight)?))
+        };
         for chunk in graph.params.chunks(8) {
             use rayon::prelude::*;
-            let loaded: Vec<Result<Tensor>> = chunk
+            let loaded: Vec<Result<Option<Tensor>>> = chunk
                 .par_iter()
                 .map(|p| {
+                    if on_device(p).is_some() {
+                        return Ok(None);
+                    }
                     let meta = graph.meta(p.value);
                     let t = graph.weights.load(&p.weight, meta.dtype)?;
                     let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
@@ -323,13 +365,19 @@ impl CudaModel {
                             found: t.shape().to_vec(),
                         });
                     }
-                    Ok(t)
+                    Ok(Some(t))
                 })
                 .collect();
             for (p, t) in chunk.iter().zip(loaded) {
-                let t = t?;
                 bar.set_message(p.weight.clone());
                 bar.inc(1);
+                let Some(t) = t? else {
+                    let (d, parts) = on_device(p).expect("planned above");
+                    let buf = generate(&gpu, graph, p, d, &parts)?;
+                    param_ptr.insert(p.value.0 as usize, buf.ptr);
+                    params.push(buf);
+                    continue;
+                };
                 let bytes = host_bytes(&t)?;
                 let buf = gpu.alloc(bytes.len(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
                 gpu.upload(buf.ptr, bytes).map_err(gpu_err)?;
