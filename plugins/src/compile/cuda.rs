@@ -348,10 +348,12 @@ impl CudaModel {
         };
         for chunk in graph.params.chunks(8) {
             use rayon::prelude::*;
+            let made: Vec<_> = chunk.iter().map(on_device).collect();
             let loaded: Vec<Result<Option<Tensor>>> = chunk
                 .par_iter()
-                .map(|p| {
-                    if on_device(p).is_some() {
+                .zip(&made)
+                .map(|(p, made)| {
+                    if made.is_some() {
                         return Ok(None);
                     }
                     let meta = graph.meta(p.value);
@@ -368,16 +370,16 @@ impl CudaModel {
                     Ok(Some(t))
                 })
                 .collect();
-            for (p, t) in chunk.iter().zip(loaded) {
+            for ((p, t), made) in chunk.iter().zip(loaded).zip(made) {
                 bar.set_message(p.weight.clone());
                 bar.inc(1);
-                let Some(t) = t? else {
-                    let (d, parts) = on_device(p).expect("planned above");
+                if let Some((d, parts)) = made {
                     let buf = generate(&gpu, graph, p, d, &parts)?;
                     param_ptr.insert(p.value.0 as usize, buf.ptr);
                     params.push(buf);
                     continue;
-                };
+                }
+                let t = t?.expect("loaded on the host when not made on the GPU");
                 let bytes = host_bytes(&t)?;
                 let buf = gpu.alloc(bytes.len(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
                 gpu.upload(buf.ptr, bytes).map_err(gpu_err)?;

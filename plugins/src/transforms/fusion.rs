@@ -31,21 +31,14 @@ fn param_weight(g: &Graph, v: ValueId) -> Option<String> {
 /// Registers the params `vals` concatenated along dim 0 as a new weight (read when a backend
 /// loads it: nothing is copied here); returns the param value reading it.
 fn concat_params(g: &mut Graph, vals: &[ValueId], name: &str) -> Result<ValueId> {
-    let mut parts = Vec::new();
-    let mut rows = 0;
-    for &v in vals {
-        let w = param_weight(g, v).ok_or_else(|| Error::Msg(format!("%{} is not a weight", g.value(v).name)))?;
-        let shape = g.meta(v).shape.iter().map(|d| d.as_static()).collect::<Option<Vec<usize>>>();
-        rows += shape
-            .as_ref()
-            .and_then(|s| s.first().copied())
-            .ok_or_else(|| Error::Msg(format!("weight `{w}`: fusing needs a static shape of at least one dim")))?;
-        parts.push(w);
-    }
+    let parts = vals
+        .iter()
+        .map(|&v| param_weight(g, v).ok_or_else(|| Error::Msg(format!("%{} is not a weight", g.value(v).name))))
+        .collect::<Result<Vec<_>>>()?;
     let dtype = g.meta(vals[0]).dtype;
-    let mut shape: Vec<usize> = g.meta(vals[0]).shape.iter().filter_map(|d| d.as_static()).collect();
-    shape[0] = rows;
-    Arc::make_mut(&mut g.weights).add_concat(name, &parts, dtype)?;
+    let store = Arc::make_mut(&mut g.weights);
+    store.add_concat(name, &parts, dtype)?;
+    let (_, shape) = store.stored_meta(name)?;
     Ok(g.add_param(name, TensorMeta { dtype, shape: static_shape(&shape) }))
 }
 
