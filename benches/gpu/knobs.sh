@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA executor's measuring knobs against the defaults on the 8B shape, batch 1, `opt`
-# (README: "Knobs for measuring the CUDA kernels"), one run each (~40 s, most of it building the
-# random weights); ROUNDS=2 repeats the list in the same order, so drift shows.
+# (README: "Knobs for measuring the CUDA kernels"), one run each (~10 s); ROUNDS=2 repeats the
+# list in the same order, so drift shows.
 #   bash benches/gpu/knobs.sh [path/to/autodeploy]      (default: target/release/autodeploy)
 set -euo pipefail
 bin=${1:-target/release/autodeploy}
@@ -10,12 +10,14 @@ settings=(
   ""
   "AUTODEPLOY_GEMV_SPLIT=1"
   "AUTODEPLOY_GEMV_SPLIT=4"
+  "AUTODEPLOY_SWIGLU_SPLIT=1"
   "AUTODEPLOY_SWIGLU_SPLIT=2"
-  "AUTODEPLOY_SWIGLU_SPLIT=4"
-  "AUTODEPLOY_ATTN_U=4"
+  "AUTODEPLOY_ATTN_U=8"
   "AUTODEPLOY_PREFETCH_ROW=0"
   "AUTODEPLOY_PREFETCH_ROW=2048"
 )
+# KNOBS="A=1 B=2;A=1" replaces the list: settings separated by ';', an empty one the defaults.
+if [[ -n "${KNOBS:-}" ]]; then IFS=';' read -r -a settings <<< "$KNOBS"; fi
 for _ in $(seq "${ROUNDS:-1}"); do
   for s in "${settings[@]}"; do
     printf '%-28s ' "${s:-defaults}"

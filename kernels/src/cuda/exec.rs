@@ -176,12 +176,14 @@ pub struct Gpu {
     /// decode step 21-28 µs shorter than one (BENCHMARKS.md, session 9).
     pub gemv_split: usize,
     /// Positions a warp takes a pass in the split-KV decode's latency build
-    /// (`AUTODEPLOY_ATTN_U`: 8, the default, or 4: fewer registers, and the model's chunks
-    /// planned at 16 positions so one pass covers one; to be measured against 8). An atomic so
-    /// a check can switch it behind a shared reference (`set_attn_early_u`).
+    /// (`AUTODEPLOY_ATTN_U`: 4, the default, or 8): at 4, 76 registers against 128 and the
+    /// latency build's chunks planned at 16 positions, so one pass covers one. On an H200 the 8B
+    /// decode step was 0.16 ms shorter at 4 (BENCHMARKS.md, session 10). An atomic so a check
+    /// can switch it behind a shared reference (`set_attn_early_u`).
     attn_early_u: std::sync::atomic::AtomicUsize,
-    /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, the
-    /// default, 2 or 4; to be measured against one).
+    /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, 2 or
+    /// 4, the default): a smaller last wave of blocks. On an H200 the 8B decode step was
+    /// 0.11-0.14 ms shorter at 4 than at 1 (BENCHMARKS.md, session 10).
     pub swiglu_split: usize,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
@@ -191,6 +193,11 @@ pub struct Gpu {
 /// made the 8B decode step faster at one token and slower at 64 (more registers, fewer resident
 /// blocks); sizes between were not measured.
 pub const SPLIT_EARLY_MAX_TOKENS: usize = 4;
+
+/// The least positions a chunk of the split-KV decode's throughput build has. At 16 (what the
+/// latency build takes at `AUTODEPLOY_ATTN_U=4`) the 8B shape's 128-token prefill took 12.9 ms
+/// on an H200 against 10.4 at 32 (twice the chunks to merge).
+pub const SPLIT_MIN_CHUNK: usize = 32;
 
 /// One kernel launch: arguments by reference, then `launch`.
 struct Launch<'a> {
@@ -341,11 +348,11 @@ impl Gpu {
             _ => 2,
         };
         let swiglu_split = match std::env::var("AUTODEPLOY_SWIGLU_SPLIT").as_deref() {
+            Ok("1") => 1,
             Ok("2") => 2,
-            Ok("4") => 4,
-            _ => 1,
+            _ => 4,
         };
-        let attn_early_u = if std::env::var("AUTODEPLOY_ATTN_U").is_ok_and(|v| v == "4") { 4 } else { 8 };
+        let attn_early_u = if std::env::var("AUTODEPLOY_ATTN_U").is_ok_and(|v| v == "8") { 8 } else { 4 };
         let attn_early_u = std::sync::atomic::AtomicUsize::new(attn_early_u);
         Ok(Gpu {
             dev,
@@ -798,8 +805,9 @@ impl Gpu {
         Ok(true)
     }
 
-    /// The least positions a split-KV chunk should have: one pass of the latency build's four
-    /// warps (`attn_early_u` positions each).
+    /// The least positions a chunk of the split-KV decode's latency build should have: one
+    /// pass of its four warps (`attn_early_u` positions each). The throughput build's chunks
+    /// are planned at `SPLIT_MIN_CHUNK`.
     pub fn split_min_chunk(&self) -> usize {
         4 * self.attn_early_u()
     }

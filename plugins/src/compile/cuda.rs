@@ -23,7 +23,7 @@ use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
 use autodeploy_kernels::cuda::exec::{
     plan_tiles, Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK,
-    SPLIT_EARLY_MAX_TOKENS,
+    SPLIT_EARLY_MAX_TOKENS, SPLIT_MIN_CHUNK,
 };
 use autodeploy_kernels::cuda::Unavailable;
 
@@ -255,8 +255,10 @@ pub struct CudaModel {
     deferred_to: Vec<Option<usize>>,
     /// `triton` backend: pages per sequence slot (the runtime reserves a slot per sequence).
     slot_pages: Option<usize>,
-    /// Split-KV decode: used for steps of up to `split_tokens` tokens.
+    /// Split-KV decode: used for steps of up to `split_tokens` tokens; the latency build (steps
+    /// of up to `SPLIT_EARLY_MAX_TOKENS`) with its own chunks in the same partials.
     split: Option<Split>,
+    split_early: Option<Split>,
     split_tokens: usize,
     _split_buf: Option<Buffer>,
     cache: Vec<Layer>,
@@ -550,9 +552,10 @@ impl CudaModel {
                     * graph.meta(n.inputs[0]).shape[3].as_static().unwrap_or(0)
             })
             .max();
-        let (split, split_buf) = match attn_heads {
+        let (split, split_early, split_buf) = match attn_heads {
             Some(hd) => {
-                let (chunk, splits) = Split::plan(max_len, gpu.split_min_chunk());
+                let (chunk, splits) = Split::plan(max_len, SPLIT_MIN_CHUNK);
+                let (early_chunk, early_splits) = Split::plan(max_len, gpu.split_min_chunk());
                 let heads_max = graph
                     .nodes
                     .iter()
@@ -562,12 +565,18 @@ impl CudaModel {
                     .unwrap_or(0);
                 // Partials, then one counter per (token, head) (zeroed at allocation; the kernel
                 // leaves them zero).
-                let bytes = 4 * split_tokens * splits * (hd + 2 * heads_max);
+                let parts = (split_tokens * splits).max(split_tokens.min(SPLIT_EARLY_MAX_TOKENS) * early_splits);
+                let bytes = 4 * parts * (hd + 2 * heads_max);
                 let buf =
                     gpu.alloc(bytes + 4 * split_tokens * heads_max, "split-KV decode partials").map_err(gpu_err)?;
-                (Some(Split { chunk, splits, partial: buf.ptr, counters: buf.ptr + bytes as u64 }), Some(buf))
+                let (partial, counters) = (buf.ptr, buf.ptr + bytes as u64);
+                (
+                    Some(Split { chunk, splits, partial, counters }),
+                    Some(Split { chunk: early_chunk, splits: early_splits, partial, counters }),
+                    Some(buf),
+                )
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         // Staging: the graph inputs at their largest, then token_seq, token_pos, indptr,
         // seq_start, cached_len (i64, at most one per token + 1), the prefill tiles (two i64 a
@@ -600,6 +609,7 @@ impl CudaModel {
             deferred_to,
             slot_pages,
             split,
+            split_early,
             split_tokens,
             _split_buf: split_buf,
             cache,
@@ -1082,9 +1092,9 @@ impl CudaModel {
                         } else {
                             None
                         };
-                        match self.split {
+                        match (self.split, self.split_early) {
                             // A few decode tokens: one kernel rotates, writes the cache and attends.
-                            Some(split) if meta.tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS) => {
+                            (_, Some(split)) if meta.tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS) => {
                                 let (q, k) = rope.map_or((inp(0), inp(1)), |(_, q, k, _)| (q, k));
                                 gpu.paged_decode_split_fused(
                                     odt,
@@ -1101,7 +1111,7 @@ impl CudaModel {
                                 )
                                 .map_err(fail)?
                             }
-                            split => {
+                            (split, _) => {
                                 let q = if let Some((rq, q, k, (cos, sin))) = rope {
                                     // One kernel rotates q into rq's region and writes rotated k
                                     // and v into the cache.
