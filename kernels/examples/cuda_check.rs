@@ -324,7 +324,8 @@ fn main() -> ExitCode {
     }
     (gpu.gemv_split, gpu.swiglu_split) = split;
     for bf in [false, true] {
-        for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2)] {
+        // GQA ratios 1, 4, 8 and 6 (the grouped split-KV decode at 1, 4, 8 and 2 heads a block).
+        for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2), (12, 2)] {
             for d in [64usize, 128] {
                 check_attention(&gpu, &mut rep, bf, heads, kv_heads, d);
             }
@@ -645,18 +646,22 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     // flashinfer, split-KV decode kernel, both builds (throughput, and latency: first K/V loads
     // before the wait): 16-position chunks (several per sequence) and one 64-position chunk
     // (several passes); the step's k/v straight from the linears, written into the cache by the
-    // kernel, with and without its own RoPE of q and k; the latency build at 8 and at 4
-    // positions a warp and pass (`Gpu::attn_early_u`).
-    let early_u = gpu.attn_early_u();
-    for (chunk, splits, early, u) in [
-        (16usize, 4usize, false, 8),
-        (64, 1, false, 8),
-        (16, 4, true, 8),
-        (64, 1, true, 8),
-        (16, 4, true, 4),
-        (64, 1, true, 4),
+    // kernel, with and without its own RoPE of q and k; the throughput build one query head a
+    // block and a GQA group's heads together; the latency build at 8 and at 4 positions a warp
+    // and pass (`Gpu::attn_early_u`).
+    let (early_u, group) = (gpu.attn_early_u(), gpu.attn_group());
+    for (chunk, splits, early, u, grouped) in [
+        (16usize, 4usize, false, 8, false),
+        (64, 1, false, 8, false),
+        (16, 4, false, 8, true),
+        (64, 1, false, 8, true),
+        (16, 4, true, 8, false),
+        (64, 1, true, 8, false),
+        (16, 4, true, 4, false),
+        (64, 1, true, 4, false),
     ] {
         gpu.set_attn_early_u(u);
+        gpu.set_attn_group(grouped);
         for rotate in [false, true] {
             let (kc, vc) = fresh_cache(&mut put);
             let out = put(vec![0u8; out_bytes]);
@@ -701,7 +706,13 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
             .unwrap();
             let what = format!(
                 "split-KV decode{}{} /{chunk}",
-                if early { format!(" early u{u}") } else { String::new() },
+                if early {
+                    format!(" early u{u}")
+                } else if grouped {
+                    format!(" {} heads a block", gpu.decode_heads_a_block(heads, kv_heads, d))
+                } else {
+                    String::new()
+                },
                 if rotate { " +rope" } else { "" }
             );
             let (want, want_kc) = if rotate { (&want_r, &want_kc_r) } else { (&want_s, &want_kc_s) };
@@ -710,6 +721,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         }
     }
     gpu.set_attn_early_u(early_u);
+    gpu.set_attn_group(group);
     // triton, fused write-and-attend over slots.
     let (want_t, want_kc_t) = reference(&slots, &q, &k);
     let (kc, vc) = fresh_cache(&mut put);

@@ -373,6 +373,44 @@ __device__ void merge_partials(const float* p, int splits, int d, T* out_row) {
     }
 }
 
+// `merge_partials` by one warp (lane L combining elements L·PER ..): the chunks' weights stay
+// in the lanes that read their m and l and reach the others by shuffle, so warps of one block
+// can merge different heads at once. The same sums in the same order (chunk 0 first).
+template <typename T, int PER>
+__device__ void merge_partials_warp(const float* p, int splits, int d, T* out_row, int lane) {
+    float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f}, w[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+        if (lane + 32 * j < splits) {
+            m[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d]);
+            l[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d + 1]);
+        }
+    float M = fmaxf(m[0], m[1]);
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float L = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+        if (lane + 32 * j < splits) {
+            w[j] = __expf(m[j] - M);
+            L += l[j] * w[j];
+        }
+    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    const bool live = lane * PER < d;
+    float o[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) o[i] = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        float ws = __shfl_sync(0xffffffffu, s < 32 ? w[0] : w[1], s & 31);
+        if (live)
+#pragma unroll
+            for (int i = 0; i < PER; i++) o[i] += __ldcg(&p[s * (d + 2) + lane * PER + i]) * ws;
+    }
+    float inv_l = 1.0f / L;
+    if (live)
+#pragma unroll
+        for (int i = 0; i < PER; i++) store_f(out_row, lane * PER + i, o[i] * inv_l);
+}
+
 // RoPE (rotate-half) of one head row held across a warp, PER values a lane (lane L holds
 // elements L·PER ..): the partner of element j is j ± D/2, in lane L ^ (D/2/PER). `c`/`s`
 // point at the lane's elements of the token's cos/sin row. Rounds as the `rope` kernel does:
@@ -604,10 +642,161 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
                                         page_indptr, page_indices, seq_start, cached_len, page_size, heads,         \
                                         kv_heads, tokens, scale, chunk, splits, partial, counters, out);            \
     }
+// Split-KV decode's throughput build over a GQA group: block (t, b, s) attends for the HB query
+// heads b·HB .. b·HB + HB - 1, which share one kv head, so each cached K/V row is read once for
+// all of them (the one-head build reads it once a head, through L2) and the grid has HB times
+// fewer blocks. Otherwise as the throughput build of `paged_decode_split`: every position from
+// the cache (written before it), partials [tokens, heads, splits, D + 2], a token whose positions
+// fit one chunk writing out directly; the last block of (t, b) to finish (counter t·heads +
+// b·HB) merges its heads, one warp a head.
+template <typename T, int D, int HB>
+__device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T* v_cache,
+                                           const long long* token_seq, const long long* token_pos,
+                                           const long long* page_indptr, const int* page_indices, int page_size,
+                                           int heads, int kv_heads, long tokens, float scale, int chunk, int splits,
+                                           float* partial, int* counters, T* out_all) {
+    constexpr int PER = (D + 31) / 32;
+    constexpr int WARPS = 4;
+    constexpr int U = HB >= 8 ? 2 : 4;
+    pdl_enter();
+    long t = blockIdx.x;
+    int h0 = blockIdx.y * HB, s = blockIdx.z;
+    int kvh = h0 / (heads / kv_heads);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    long long seq = token_seq[t], pos = token_pos[t];
+    long long lo = (long long)s * chunk, hi = lo + chunk - 1;
+    if (hi > pos) hi = pos;
+    int active = (int)(pos / chunk) + 1;
+    if (s >= active) return;
+    const int* pages = page_indices + page_indptr[seq];
+    const bool live = lane * PER < D;
+    float qv[HB][PER], acc[HB][PER], m[HB], l[HB];
+#pragma unroll
+    for (int g = 0; g < HB; g++) {
+        if (live) load_row<PER>(q + ((long)(h0 + g) * tokens + t) * D + lane * PER, qv[g]);
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            qv[g][i] = live ? qv[g][i] * scale : 0.0f;
+            acc[g][i] = 0.0f;
+        }
+        m[g] = -3.0e38f;
+        l[g] = 0.0f;
+    }
+    float kf[U][PER], vf[U][PER];
+    for (long long p0 = lo + warp * U; p0 <= hi; p0 += WARPS * U) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            long long p = p0 + u <= hi ? p0 + u : hi;
+            long slot = (long)pages[p / page_size] * page_size + p % page_size;
+            long base = (slot * kv_heads + kvh) * D + lane * PER;
+            if (live) {
+                load_row<PER>(k_cache + base, kf[u]);
+                load_row<PER>(v_cache + base, vf[u]);
+            }
+        }
+        float dot[HB][U];
+#pragma unroll
+        for (int g = 0; g < HB; g++)
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                float d = 0.0f;
+                if (live)
+#pragma unroll
+                    for (int i = 0; i < PER; i++) d += qv[g][i] * kf[u][i];
+                dot[g][u] = d;
+            }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int g = 0; g < HB; g++)
+#pragma unroll
+                for (int u = 0; u < U; u++) dot[g][u] += __shfl_xor_sync(0xffffffffu, dot[g][u], o);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (p0 + u > hi) break;
+#pragma unroll
+            for (int g = 0; g < HB; g++) {
+                float m2 = fmaxf(m[g], dot[g][u]);
+                float corr = __expf(m[g] - m2), w = __expf(dot[g][u] - m2);
+                l[g] = l[g] * corr + w;
+                if (live)
+#pragma unroll
+                    for (int i = 0; i < PER; i++) acc[g][i] = acc[g][i] * corr + w * vf[u][i];
+                m[g] = m2;
+            }
+        }
+    }
+    __shared__ float sm[WARPS][HB], sl[WARPS][HB], sacc[WARPS][HB][D];
+    if (lane == 0)
+#pragma unroll
+        for (int g = 0; g < HB; g++) {
+            sm[warp][g] = m[g];
+            sl[warp][g] = l[g];
+        }
+    if (live)
+#pragma unroll
+        for (int g = 0; g < HB; g++)
+#pragma unroll
+            for (int i = 0; i < PER; i++) sacc[warp][g][lane * PER + i] = acc[g][i];
+    __syncthreads();
+    for (int e = threadIdx.x; e < HB * D; e += blockDim.x) {
+        int g = e / D, j = e % D;
+        float M = sm[0][g];
+        for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2][g]);
+        float L = 0.0f, o = 0.0f;
+        for (int w2 = 0; w2 < WARPS; w2++) {
+            float c = __expf(sm[w2][g] - M);
+            L += sl[w2][g] * c;
+            o += sacc[w2][g][j] * c;
+        }
+        if (active == 1) {
+            store_f(out_all, ((long)(h0 + g) * tokens + t) * D + j, o / L);
+        } else {
+            float* out = partial + (((long)t * heads + h0 + g) * splits + s) * (D + 2);
+            out[j] = o;
+            if (j == 0) {
+                out[D] = M;
+                out[D + 1] = L;
+            }
+        }
+    }
+    if (active == 1) return;
+    // As paged_decode_split: the barrier and a gpu-scope acq_rel atomic order the partials.
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* c = counters + t * heads + h0;
+        int before;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(c) : "memory");
+        last = before == active - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    for (int g = warp; g < HB; g += WARPS)
+        merge_partials_warp<T, PER>(partial + ((long)t * heads + h0 + g) * splits * (D + 2), active, D,
+                                    out_all + ((long)(h0 + g) * tokens + t) * D, lane);
+}
+
+#define GROUPED_ENTRY(T, S, D, HB)                                                                                   \
+    extern "C" __global__ void paged_decode_split_g##HB##_d##D##_##S(                                                 \
+        const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, T* k_cache, T* v_cache,              \
+        const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
+        const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
+        int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
+        T* out) {                                                                                                     \
+        paged_decode_split_grouped<T, D, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,   \
+                                             page_size, heads, kv_heads, tokens, scale, chunk, splits, partial,     \
+                                             counters, out);                                                        \
+    }
+
 // The latency build at 8 positions a warp and pass (the default), and at 4 (`Gpu::attn_early_u`:
 // half the registers for K/V, one pass over chunks of 16).
 #define SPLIT(T, S, D)                                                                                                \
     SPLIT_ENTRY(T, S, D, paged_decode_split, false, 4)                                                                \
+    GROUPED_ENTRY(T, S, D, 2)                                                                                         \
+    GROUPED_ENTRY(T, S, D, 4)                                                                                         \
+    GROUPED_ENTRY(T, S, D, 8)                                                                                         \
     SPLIT_ENTRY(T, S, D, paged_decode_split_early, true, 8)                                                           \
     SPLIT_ENTRY(T, S, D, paged_decode_split_early4, true, 4)
 

@@ -142,6 +142,8 @@ struct Funcs {
     /// [f32, bf16] × head dims `HEAD_DIMS`.
     paged_attention: [Vec<Kernel>; 2],
     paged_decode_split: [Vec<Kernel>; 2],
+    /// The throughput build over 2, 4, 8 query heads of a GQA group a block.
+    paged_decode_split_grouped: [[Vec<Kernel>; 2]; 3],
     /// The latency build of the same (attention.cu: EARLY).
     paged_decode_split_early: [Vec<Kernel>; 2],
     /// The latency build at 4 positions a warp and pass.
@@ -181,6 +183,11 @@ pub struct Gpu {
     /// decode step was 0.16 ms shorter at 4 (BENCHMARKS.md, session 10). An atomic so a check
     /// can switch it behind a shared reference (`set_attn_early_u`).
     attn_early_u: std::sync::atomic::AtomicUsize,
+    /// The split-KV decode's throughput build taking the query heads of a GQA group together
+    /// (`AUTODEPLOY_ATTN_GROUP=0`: one head a block). On an H200 the 8B step at batch 64 took
+    /// 7.16-7.19 ms against 8.78-8.84 one head a block, the 128-token prefill 8.0 against 10.3
+    /// (BENCHMARKS.md, session 10). An atomic as `attn_early_u` (`set_attn_group`).
+    attn_group: std::sync::atomic::AtomicBool,
     /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, 2 or
     /// 4, the default): a smaller last wave of blocks. On an H200 the 8B decode step was
     /// 0.11-0.14 ms shorter at 4 than at 1 (BENCHMARKS.md, session 10).
@@ -281,6 +288,12 @@ impl Gpu {
             .map_err(|e| Unavailable(format!("cublasSetWorkspace: {e:?}")))?;
         drop(_g);
         let g = |n: &str| dev.kernel(n);
+        let grouped = |hb: usize| -> Result<[Vec<Kernel>; 2], Unavailable> {
+            let dims = |s: &str| -> Result<Vec<Kernel>, Unavailable> {
+                HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_g{hb}_d{d}_{s}"))).collect()
+            };
+            Ok([dims("f32")?, dims("bf16")?])
+        };
         let f = Funcs {
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,
@@ -321,6 +334,7 @@ impl Gpu {
                     .map(|d| g(&format!("paged_decode_split_early_d{d}_bf16")))
                     .collect::<Result<_, _>>()?,
             ],
+            paged_decode_split_grouped: [grouped(2)?, grouped(4)?, grouped(8)?],
             paged_decode_split_early4: [
                 HEAD_DIMS
                     .iter()
@@ -354,6 +368,8 @@ impl Gpu {
         };
         let attn_early_u = if std::env::var("AUTODEPLOY_ATTN_U").is_ok_and(|v| v == "8") { 8 } else { 4 };
         let attn_early_u = std::sync::atomic::AtomicUsize::new(attn_early_u);
+        let attn_group =
+            std::sync::atomic::AtomicBool::new(std::env::var("AUTODEPLOY_ATTN_GROUP").map_or(true, |v| v != "0"));
         Ok(Gpu {
             dev,
             stream,
@@ -365,6 +381,7 @@ impl Gpu {
             prefill_tc,
             gemv_split,
             attn_early_u,
+            attn_group,
             swiglu_split,
             source_kernels,
         })
@@ -822,6 +839,27 @@ impl Gpu {
         self.attn_early_u.store(if u == 4 { 4 } else { 8 }, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether the split-KV decode's throughput build takes a GQA group's query heads together.
+    pub fn attn_group(&self) -> bool {
+        self.attn_group.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets it for the launches after.
+    pub fn set_attn_group(&self, on: bool) {
+        self.attn_group.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Query heads a block of the split-KV decode's throughput build attends for: the most of
+    /// 8, 4, 2 that divides the GQA group and keeps a lane's q and output rows within 32 values
+    /// each (`d / 32` values a head), else 1.
+    pub fn decode_heads_a_block(&self, heads: usize, kv_heads: usize, d: usize) -> usize {
+        if !self.attn_group() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return 1;
+        }
+        let (group, per) = (heads / kv_heads, d.div_ceil(32));
+        [8, 4, 2].into_iter().find(|&hb| group.is_multiple_of(hb) && hb * per <= 32).unwrap_or(1)
+    }
+
     /// Bytes of each weight row of `k` bf16 a GEMV prefetches (see `prefetch_row`).
     fn prefetch_bytes(&self, k: usize) -> i32 {
         self.prefetch_row.min(k * 2) as i32
@@ -999,8 +1037,14 @@ impl Gpu {
         scale: f32,
         split: Split,
     ) -> Result<(), Unavailable> {
-        let f = &self.f.paged_decode_split;
-        self.launch_split(f, dt, (q, 0, 0), (0, 0), cache, out, meta, (heads, kv_heads, d), scale, split)
+        let hb = self.decode_heads_a_block(heads, kv_heads, d);
+        let f = match hb {
+            2 => &self.f.paged_decode_split_grouped[0],
+            4 => &self.f.paged_decode_split_grouped[1],
+            8 => &self.f.paged_decode_split_grouped[2],
+            _ => &self.f.paged_decode_split,
+        };
+        self.launch_split(f, dt, (q, 0, 0), (0, 0), cache, out, meta, (heads, kv_heads, d), scale, split, hb)
     }
 
     /// Split-KV decode attention, latency build (for steps of at most `SPLIT_EARLY_MAX_TOKENS`
@@ -1026,7 +1070,7 @@ impl Gpu {
         let f =
             if self.attn_early_u() == 4 { &self.f.paged_decode_split_early4 } else { &self.f.paged_decode_split_early };
         let tables = rope.unwrap_or((0, 0));
-        self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), scale, split)
+        self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), scale, split, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1042,6 +1086,7 @@ impl Gpu {
         (heads, kv_heads, d): (usize, usize, usize),
         scale: f32,
         split: Split,
+        heads_a_block: usize,
     ) -> Result<(), Unavailable> {
         let di = head_dim_index(d, "paged attention")?;
         let a = attn_dt(dt)?;
@@ -1061,7 +1106,7 @@ impl Gpu {
             .arg(&splits);
         l.arg(&split.partial).arg(&split.counters).arg(&out);
         let cfg = LaunchConfig {
-            grid_dim: (meta.tokens as u32, heads as u32, split.splits as u32),
+            grid_dim: (meta.tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
