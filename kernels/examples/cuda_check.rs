@@ -8,7 +8,7 @@
 //! `x·r` then rounds one bf16 ulp away, and the weight multiplies that step (|w| up to 2 here).
 use std::process::ExitCode;
 
-use autodeploy_kernels::cuda::exec::{plan_tiles, Dt, Gpu, Split, StepMeta, PREFILL_TC_DIMS};
+use autodeploy_kernels::cuda::exec::{plan_tiles, Dt, Gpu, HeadRows, Split, StepMeta, PREFILL_TC_DIMS};
 use autodeploy_kernels::cuda::Device;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -532,6 +532,21 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         (indptr, tables.concat())
     };
     let (dq, dk, dv) = (put(bytes(&q)), put(bytes(&k)), put(bytes(&v)));
+    // The same q, k, v as one fused q/k/v linear leaves them: [tokens, (heads + 2 kv_heads) d].
+    let width = (heads + 2 * kv_heads) * d;
+    let mut fused = vec![0f32; tokens * width];
+    for t in 0..tokens {
+        for (x, n, at) in [(&q, heads, 0), (&k, kv_heads, heads * d), (&v, kv_heads, (heads + kv_heads) * d)] {
+            for h in 0..n {
+                let src = (h * tokens + t) * d;
+                fused[t * width + at + h * d..][..d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    let dfused = put(bytes(&fused));
+    let esize = if bf { 2u64 } else { 4 };
+    let fused_qkv = (dfused, dfused + (heads * d) as u64 * esize, dfused + ((heads + kv_heads) * d) as u64 * esize);
+    let fused_rows = HeadRows { head: d as i64, token: width as i64 };
     let (ts, tp, ss, cl) = (put(ints64(&tseq)), put(ints64(&tpos)), put(ints64(&start)), put(ints64(&cached)));
     let tiles = plan_tiles(&tseq, &tpos, seqs.len());
     let dtiles = put(ints64(&tiles));
@@ -672,6 +687,9 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 counters: put(vec![0u8; tokens * heads * 4]),
             };
             let tables = rotate.then_some((dcos, dsin));
+            // The grouped runs also read q/k/v from the fused linear's output (with RoPE) and
+            // write [tokens, heads, d], transposed back below.
+            let out_rows = if grouped { HeadRows::tokens_major(heads, d) } else { HeadRows::heads_major(tokens, d) };
             if early {
                 let qkv = (dq, dk, dv);
                 gpu.paged_decode_split_fused(
@@ -679,7 +697,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                     qkv,
                     tables,
                     (kc, vc),
-                    out,
+                    (out, out_rows),
                     &m_scattered,
                     heads,
                     kv_heads,
@@ -692,7 +710,12 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 let q = match tables {
                     Some((c, s)) => {
                         let q_out = put(vec![0u8; out_bytes]);
-                        gpu.rope_write_kv(dt, (dq, dk, dv), c, s, q_out, (kc, vc), &m_scattered, heads, kv_heads, d)
+                        let (qkv, rows) = if grouped {
+                            (fused_qkv, [fused_rows; 3])
+                        } else {
+                            ((dq, dk, dv), [HeadRows::heads_major(tokens, d); 3])
+                        };
+                        gpu.rope_write_kv(dt, qkv, rows, c, s, q_out, (kc, vc), &m_scattered, heads, kv_heads, d)
                             .unwrap();
                         q_out
                     }
@@ -701,7 +724,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                         dq
                     }
                 };
-                gpu.paged_decode_split(dt, q, (kc, vc), out, &m_scattered, heads, kv_heads, d, scale, split)
+                gpu.paged_decode_split(dt, q, (kc, vc), (out, out_rows), &m_scattered, heads, kv_heads, d, scale, split)
             }
             .unwrap();
             let what = format!(
@@ -716,7 +739,16 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 if rotate { " +rope" } else { "" }
             );
             let (want, want_kc) = if rotate { (&want_r, &want_kc_r) } else { (&want_s, &want_kc_s) };
-            rep.check_scaled(&name(&what), bf, &read(out, out_bytes), want, 1e-5);
+            let mut got = read(out, out_bytes);
+            if grouped {
+                let tm = got.clone();
+                for t in 0..tokens {
+                    for h in 0..heads {
+                        got[(h * tokens + t) * d..][..d].copy_from_slice(&tm[(t * heads + h) * d..][..d]);
+                    }
+                }
+            }
+            rep.check_scaled(&name(&what), bf, &got, want, 1e-5);
             rep.check("  k cache after write", bf, &read(kc, cache_bytes), want_kc);
         }
     }

@@ -11,7 +11,7 @@
 //! Defaults: the Llama-3.1-8B shape (4096 14336 4096 1024 32).
 
 use autodeploy_kernels::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use autodeploy_kernels::cuda::exec::{Buffer, Dt, Gpu, Split, StepMeta};
+use autodeploy_kernels::cuda::exec::{Buffer, Dt, Gpu, HeadRows, Split, StepMeta};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -127,7 +127,7 @@ fn main() {
                             (y.ptr, y.ptr + bytes(1, q) as u64, y.ptr + bytes(1, q + kv) as u64),
                             Some((cos.ptr, sin.ptr)),
                             (l.k_cache.ptr, l.v_cache.ptr),
-                            x.ptr,
+                            (x.ptr, HeadRows::tokens_major(heads, HEAD_DIM)),
                             &meta,
                             heads,
                             kv_heads,

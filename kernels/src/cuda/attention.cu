@@ -437,7 +437,9 @@ __device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, boo
 // the chunks into out (a token whose positions fit one chunk writes out directly). More blocks than (tokens × heads) keep the GPU busy when a decode batch is small,
 // and each warp keeps four positions in flight. The grid is fixed by `splits` (chunks past a
 // sequence's length exit at once), so a captured CUDA graph replays as the sequence grows.
-// partial layout: [tokens, heads, splits, D + 2] floats.
+// partial layout: [tokens, heads, splits, D + 2] floats. The output row of (t, h) is at
+// out + h·ohs + t·ots: [heads, tokens, D] is (tokens·D, D), [tokens, heads, D] (what the o
+// projection reads, so no transposing copy) is (D, heads·D).
 //
 // Two builds. The throughput one (EARLY false: 4 positions per warp and pass, everything after
 // the wait, few registers so many blocks fit) reads every position from the cache: the step's
@@ -457,7 +459,8 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
                                    T* k_cache, T* v_cache, const long long* token_seq, const long long* token_pos,
                                    const long long* page_indptr, const int* page_indices, const long long* seq_start,
                                    const long long* cached_len, int page_size, int heads, int kv_heads, long tokens,
-                                   float scale, int chunk, int splits, float* partial, int* counters, T* out_all) {
+                                   float scale, int chunk, int splits, float* partial, int* counters, T* out_all,
+                                   long long ohs, long long ots) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = EARLY && D <= 128 ? UE : 4;
@@ -593,7 +596,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2]);
     float L = 0.0f;
     for (int w2 = 0; w2 < WARPS; w2++) L += sl[w2] * __expf(sm[w2] - M);
-    T* out_row = out_all + ((long)h * tokens + t) * D;
+    T* out_row = out_all + h * ohs + t * ots;
     if (active == 1) {
         // The only chunk: the output directly, as merging its one partial state would give.
         float inv_l = 1.0f / L;
@@ -637,10 +640,10 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out) {                                                                                                     \
+        T* out, long long ohs, long long ots) {                                                                       \
         paged_decode_split<T, D, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,       \
                                         page_indptr, page_indices, seq_start, cached_len, page_size, heads,         \
-                                        kv_heads, tokens, scale, chunk, splits, partial, counters, out);            \
+                                        kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots);  \
     }
 // Split-KV decode's throughput build over a GQA group: block (t, b, s) attends for the HB query
 // heads b·HB .. b·HB + HB - 1, which share one kv head, so each cached K/V row is read once for
@@ -654,7 +657,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
                                            const long long* token_seq, const long long* token_pos,
                                            const long long* page_indptr, const int* page_indices, int page_size,
                                            int heads, int kv_heads, long tokens, float scale, int chunk, int splits,
-                                           float* partial, int* counters, T* out_all) {
+                                           float* partial, int* counters, T* out_all, long long ohs, long long ots) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = HB >= 8 ? 2 : 4;
@@ -750,7 +753,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
             o += sacc[w2][g][j] * c;
         }
         if (active == 1) {
-            store_f(out_all, ((long)(h0 + g) * tokens + t) * D + j, o / L);
+            store_f(out_all, (h0 + g) * ohs + t * ots + j, o / L);
         } else {
             float* out = partial + (((long)t * heads + h0 + g) * splits + s) * (D + 2);
             out[j] = o;
@@ -775,7 +778,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
     if (!last) return;
     for (int g = warp; g < HB; g += WARPS)
         merge_partials_warp<T, PER>(partial + ((long)t * heads + h0 + g) * splits * (D + 2), active, D,
-                                    out_all + ((long)(h0 + g) * tokens + t) * D, lane);
+                                    out_all + (h0 + g) * ohs + t * ots, lane);
 }
 
 #define GROUPED_ENTRY(T, S, D, HB)                                                                                   \
@@ -784,10 +787,10 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out) {                                                                                                     \
+        T* out, long long ohs, long long ots) {                                                                       \
         paged_decode_split_grouped<T, D, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,   \
                                              page_size, heads, kv_heads, tokens, scale, chunk, splits, partial,     \
-                                             counters, out);                                                        \
+                                             counters, out, ohs, ots);                                              \
     }
 
 // The latency build at 8 positions a warp and pass (the default), and at 4 (`Gpu::attn_early_u`:
@@ -806,13 +809,17 @@ SPLIT_INSTANTIATE(float, f32)
 SPLIT_INSTANTIATE(bf16_t, bf16)
 
 // RoPE of q and k fused with the KV-cache write (rotate-half; cos/sin one [tokens, d] table):
-// q_out = rope(q); the cache slots of this step's tokens get rope(k) and v. Rounds where the
-// unfused rope does. One thread per (row, j < d/2) over q's heads, then k's.
+// q_out [heads, tokens, d] = rope(q); the cache slots of this step's tokens get rope(k) and v.
+// Rounds where the unfused rope does. q, k, v are read through strides (elements between heads,
+// between tokens; rows contiguous): [heads, tokens, d] is (tokens·d, d), and column slices of
+// one fused q/k/v linear's [tokens, n] output need no copy. One thread per (row, j < d/2) over
+// q's heads, then k's.
 template <typename T>
 __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, T* k_cache,
                               T* v_cache, const long long* token_seq, const long long* token_pos,
                               const long long* page_indptr, const int* page_indices, int page_size, int heads,
-                              int kv_heads, long tokens, int d) {
+                              int kv_heads, long tokens, int d, long long qhs, long long qts, long long khs,
+                              long long kts, long long vhs, long long vts) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     int half = d / 2;
     long per_head = tokens * half;
@@ -823,7 +830,7 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
     int j = rest % half;
     float c1 = load_f(cos, t * d + j), s1 = load_f(sin, t * d + j);
     float c2 = load_f(cos, t * d + j + half), s2 = load_f(sin, t * d + j + half);
-    const T* x = hh < heads ? q + ((long)hh * tokens + t) * d : k + ((long)(hh - heads) * tokens + t) * d;
+    const T* x = hh < heads ? q + hh * qhs + t * qts : k + (hh - heads) * khs + t * kts;
     float a = load_f(x, j), b = load_f(x, j + half);
     float lo = round_as(x, round_as(x, a * c1) + round_as(x, -b * s1));
     float hi = round_as(x, round_as(x, b * c2) + round_as(x, a * s2));
@@ -839,7 +846,7 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
     long dst = (slot * kv_heads + kh) * d;
     store_f(k_cache + dst, j, lo);
     store_f(k_cache + dst, j + half, hi);
-    const T* vr = v + ((long)kh * tokens + t) * d;
+    const T* vr = v + kh * vhs + t * vts;
     v_cache[dst + j] = vr[j];
     v_cache[dst + j + half] = vr[j + half];
 }
@@ -849,9 +856,11 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
                                                  T* q_out, T* k_cache, T* v_cache, const long long* token_seq,       \
                                                  const long long* token_pos, const long long* page_indptr,           \
                                                  const int* page_indices, int page_size, int heads, int kv_heads,    \
-                                                 long tokens, int d) { pdl_enter();                                                \
+                                                 long tokens, int d, long long qhs, long long qts, long long khs,    \
+                                                 long long kts, long long vhs, long long vts) {                      \
+        pdl_enter();                                                                                                  \
         rope_write_kv<T>(q, k, v, cos, sin, q_out, k_cache, v_cache, token_seq, token_pos, page_indptr,              \
-                         page_indices, page_size, heads, kv_heads, tokens, d);                                        \
+                         page_indices, page_size, heads, kv_heads, tokens, d, qhs, qts, khs, kts, vhs, vts);         \
     }
 
 ROPE_KV(float, f32)

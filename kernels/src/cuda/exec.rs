@@ -1018,18 +1018,39 @@ impl Gpu {
     }
 }
 
+/// Where the head rows of a `[heads, tokens, d]` tensor lie: elements from one head's row to the
+/// next head's (same token), and from one token's to the next's (same head); rows contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadRows {
+    pub head: i64,
+    pub token: i64,
+}
+
+impl HeadRows {
+    /// `[heads, tokens, d]` contiguous.
+    pub fn heads_major(tokens: usize, d: usize) -> HeadRows {
+        HeadRows { head: (tokens * d) as i64, token: d as i64 }
+    }
+
+    /// `[tokens, heads, d]` contiguous (a linear's output viewed as heads, transposed).
+    pub fn tokens_major(heads: usize, d: usize) -> HeadRows {
+        HeadRows { head: d as i64, token: (heads * d) as i64 }
+    }
+}
+
 impl Gpu {
     /// Split-KV decode attention, throughput build: positions cut into `split.splits` chunks of
     /// `split.chunk`, partial states in `split.partial` (`tokens × heads × splits × (d + 2)`
-    /// f32), merged into out `[heads, tokens, d]` by the last chunk to finish. Reads q (rotated)
-    /// and every position's k/v from the cache: `write_kv` or `rope_write_kv` runs first.
+    /// f32), merged into out (its rows where `HeadRows` says) by the last chunk to finish.
+    /// Reads q `[heads, tokens, d]` (rotated) and every position's k/v from the cache:
+    /// `write_kv` or `rope_write_kv` runs first.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_split(
         &self,
         dt: Dt,
         q: Ptr,
         cache: (Ptr, Ptr),
-        out: Ptr,
+        out: (Ptr, HeadRows),
         meta: &StepMeta,
         heads: usize,
         kv_heads: usize,
@@ -1059,7 +1080,7 @@ impl Gpu {
         qkv: (Ptr, Ptr, Ptr),
         rope: Option<(Ptr, Ptr)>,
         cache: (Ptr, Ptr),
-        out: Ptr,
+        out: (Ptr, HeadRows),
         meta: &StepMeta,
         heads: usize,
         kv_heads: usize,
@@ -1081,7 +1102,7 @@ impl Gpu {
         qkv: (Ptr, Ptr, Ptr),
         (cos, sin): (Ptr, Ptr),
         cache: (Ptr, Ptr),
-        out: Ptr,
+        (out, rows): (Ptr, HeadRows),
         meta: &StepMeta,
         (heads, kv_heads, d): (usize, usize, usize),
         scale: f32,
@@ -1104,7 +1125,7 @@ impl Gpu {
             .arg(&scale)
             .arg(&chunk)
             .arg(&splits);
-        l.arg(&split.partial).arg(&split.counters).arg(&out);
+        l.arg(&split.partial).arg(&split.counters).arg(&out).arg(&rows.head).arg(&rows.token);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
             block_dim: (128, 1, 1),
@@ -1115,13 +1136,16 @@ impl Gpu {
         launched("paged_decode_split", unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
-    /// RoPE of q `[heads, tokens, d]` into `q_out` and of k into the cache, v copied to the
-    /// cache: the rope and KV-write of a layer in one launch.
+    /// RoPE of q into `q_out` `[heads, tokens, d]` and of k into the cache, v copied to the
+    /// cache: the rope and KV-write of a layer in one launch. q, k, v are read where `rows`
+    /// says (`HeadRows::heads_major` for contiguous `[heads, tokens, d]`; a fused q/k/v linear's
+    /// column slices in place).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_write_kv(
         &self,
         dt: Dt,
         qkv: (Ptr, Ptr, Ptr),
+        rows: [HeadRows; 3],
         cos: Ptr,
         sin: Ptr,
         q_out: Ptr,
@@ -1137,7 +1161,11 @@ impl Gpu {
         l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&q_out).arg(&cache.0).arg(&cache.1);
         l.arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr).arg(&meta.page_indices);
         l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&d32);
-        // SAFETY: as write_kv; q, q_out [heads, tokens, d], k, v [kv_heads, tokens, d].
+        for r in &rows {
+            l.arg(&r.head).arg(&r.token);
+        }
+        // SAFETY: as write_kv; q_out [heads, tokens, d]; q, k, v rows where `rows` says (the
+        // caller's views of its tensors: heads × tokens rows of d within them).
         launched("rope_write_kv", unsafe { l.launch(grid((heads + kv_heads) * meta.tokens * d / 2, 256)) }.map(|_| ()))
     }
 }

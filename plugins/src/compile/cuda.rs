@@ -22,7 +22,7 @@ use autodeploy_core::weights::{Synthetic, SYNTHETIC_CHUNK};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
 use autodeploy_kernels::cuda::exec::{
-    plan_tiles, Binary, Buffer, Dt, Gpu, Ptr, RowSampling, Split, StepMeta, Strided, Unary, MAX_RANK,
+    plan_tiles, Binary, Buffer, Dt, Gpu, HeadRows, Ptr, RowSampling, Split, StepMeta, Strided, Unary,
     SPLIT_EARLY_MAX_TOKENS, SPLIT_MIN_CHUNK,
 };
 use autodeploy_kernels::cuda::Unavailable;
@@ -120,6 +120,56 @@ fn is_contiguous(shape: &[usize], strides: &[i64]) -> bool {
         want *= n as i64;
     }
     true
+}
+
+/// Strides of `new` viewing memory laid out as `old` with strides `old_st`, if a view can (as
+/// `torch.Tensor.view`): each run of `old` dims that are contiguous among themselves splits or
+/// merges into `new` dims of the same count; None when a `new` dim would straddle two runs.
+fn view_strides(old: &[usize], old_st: &[i64], new: &[usize]) -> Option<Vec<i64>> {
+    if old.iter().product::<usize>() != new.iter().product::<usize>() {
+        return None;
+    }
+    if old.is_empty() {
+        return Some(contiguous_strides(new));
+    }
+    let mut st = vec![0i64; new.len()];
+    let mut view_d = new.len() as isize - 1;
+    let mut base = old_st[old.len() - 1];
+    let (mut tensor_n, mut view_n) = (1usize, 1usize);
+    for d in (0..old.len()).rev() {
+        tensor_n *= old[d];
+        // A run ends where the next dim out is not laid out right after this run.
+        if d == 0 || (old[d - 1] != 1 && old_st[d - 1] != tensor_n as i64 * base) {
+            while view_d >= 0 && (view_n < tensor_n || new[view_d as usize] == 1) {
+                st[view_d as usize] = view_n as i64 * base;
+                view_n *= new[view_d as usize];
+                view_d -= 1;
+            }
+            if view_n != tensor_n {
+                return None;
+            }
+            if d > 0 {
+                base = old_st[d - 1];
+                tensor_n = 1;
+                view_n = 1;
+            }
+        }
+    }
+    (view_d == -1).then_some(st)
+}
+
+/// Where the head rows of an attention operand `[.., heads, tokens, d]` (leading dims 1) lie,
+/// given its strides (None: contiguous); None when its rows are not contiguous.
+fn head_rows(shape: &[usize], strides: Option<&[i64]>) -> Option<HeadRows> {
+    let r = shape.len();
+    if r < 3 || shape[..r - 3].iter().any(|&n| n != 1) {
+        return None;
+    }
+    match strides {
+        None => Some(HeadRows::heads_major(shape[r - 2], shape[r - 1])),
+        Some(st) if st[r - 1] == 1 || shape[r - 1] == 1 => Some(HeadRows { head: st[r - 3], token: st[r - 2] }),
+        Some(_) => None,
+    }
 }
 
 /// Strides to read a tensor of `shape` broadcast to `out` (right-aligned, size-1 dims repeat).
@@ -253,6 +303,11 @@ pub struct CudaModel {
     /// Node i's work is done by a later node (fusion): an add by its RMSNorm, q/k RoPEs by
     /// their cached attention.
     deferred_to: Vec<Option<usize>>,
+    /// The nodes deferred into node i (the inverse of `deferred_to`).
+    deferred_into: Vec<Vec<usize>>,
+    /// Cached attention node i's output is only transposed to `[.., tokens, heads, d]`: its
+    /// split-KV kernels write that layout, and the transpose is a view.
+    attn_tokens_major: Vec<bool>,
     /// `triton` backend: pages per sequence slot (the runtime reserves a slot per sequence).
     slot_pages: Option<usize>,
     /// Split-KV decode: used for steps of up to `split_tokens` tokens; the latency build (steps
@@ -437,6 +492,34 @@ impl CudaModel {
                 }
             }
         }
+        let mut deferred_into: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, d) in deferred_to.iter().enumerate() {
+            if let Some(j) = *d {
+                deferred_into[j].push(i);
+            }
+        }
+        let attn_tokens_major: Vec<bool> = {
+            let mut readers: Vec<Vec<usize>> = vec![Vec::new(); graph.values.len()];
+            for (j, node) in graph.nodes.iter().enumerate() {
+                for v in &node.inputs {
+                    readers[v.0 as usize].push(j);
+                }
+            }
+            graph
+                .nodes
+                .iter()
+                .map(|node| {
+                    let o = node.outputs[0];
+                    let rank = graph.meta(o).shape.len();
+                    matches!(&node.op, Op::CachedAttention { backend, .. } if backend != "triton")
+                        && rank == 4
+                        && !graph.outputs.contains(&o)
+                        && matches!(readers[o.0 as usize][..], [r] if matches!(graph.nodes[r].op,
+                            Op::Transpose(a, b) if (norm_dim(a, rank), norm_dim(b, rank)) == (1, 2)
+                                || (norm_dim(a, rank), norm_dim(b, rank)) == (2, 1)))
+                })
+                .collect()
+        };
         // What each node reads: its inputs and those of the nodes deferred into it.
         let mut reads_at: Vec<Vec<usize>> =
             graph.nodes.iter().map(|nd| nd.inputs.iter().map(|v| v.0 as usize).collect()).collect();
@@ -607,6 +690,8 @@ impl CudaModel {
             arena: arena_buf,
             plan,
             deferred_to,
+            deferred_into,
+            attn_tokens_major,
             slot_pages,
             split,
             split_early,
@@ -815,6 +900,11 @@ impl CudaModel {
         let g = &self.graph;
         let gpu = &self.gpu;
         let mut ptr: Vec<Ptr> = vec![0; g.values.len()];
+        // Strided views: a view op's output is its input's memory read through `lay` strides
+        // (None: contiguous), copied to `home` (the view op's planned memory) by the first node
+        // that reads it as contiguous memory.
+        let mut lay: Vec<Option<Vec<i64>>> = vec![None; g.values.len()];
+        let mut home: Vec<Ptr> = vec![0; g.values.len()];
         for (&v, &p) in g.inputs.iter().zip(&staged.input_ptrs) {
             ptr[v.0 as usize] = p;
         }
@@ -845,8 +935,49 @@ impl CudaModel {
             let odt = dt_of(outv)?;
             let n_out: usize = out_shape.iter().product();
             let planned = base + self.plan[i].out as u64;
+            // What may stay strided: a view op's input; the q, k (through their deferred RoPEs)
+            // and v of a cached attention whose RoPE + KV write kernel reads them in place.
+            let attn_strided = matches!(node.op, Op::CachedAttention { .. }) && self.attn_reads_strided(i, staged);
+            let strided_ok = |v: autodeploy_core::ValueId| match &node.op {
+                Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) | Op::Transpose(..) | Op::Slice { .. } => true,
+                Op::ToDtype(_) => g.meta(v).dtype == g.meta(outv).dtype,
+                Op::CachedAttention { .. } if attn_strided => {
+                    v == node.inputs[2] || self.deferred_into[i].iter().any(|&r| g.nodes[r].inputs[0] == v)
+                }
+                _ => false,
+            };
+            let reads = node.inputs.iter().chain(self.deferred_into[i].iter().flat_map(|&r| &g.nodes[r].inputs));
+            for &v in reads {
+                let vi = v.0 as usize;
+                if lay[vi].is_none() || strided_ok(v) {
+                    continue;
+                }
+                let (xs, xdt) = (shape_of(v)?, dt_of(v)?);
+                let st = lay[vi].take().unwrap_or_default();
+                let to = home[vi];
+                if to == 0 {
+                    return Err(Error::Op {
+                        op: node.op.name().into(),
+                        msg: format!(
+                            "node `{name}`: input `{}` is strided with no memory to copy it to",
+                            g.value(v).name
+                        ),
+                    });
+                }
+                let s = Strided::new(&xs, &st, &vec![0; xs.len()]).map_err(|e| Error::Op {
+                    op: node.op.name().into(),
+                    msg: format!("node `{name}`: copying input `{}` to contiguous memory: {}", g.value(v).name, e.0),
+                })?;
+                gpu.copy_strided(ptr[vi], xdt, to, xdt, xs.iter().product(), s, false).map_err(|e| Error::Op {
+                    op: node.op.name().into(),
+                    msg: format!("node `{name}`: copying input `{}` to contiguous memory: {}", g.value(v).name, e.0),
+                })?;
+                ptr[vi] = to;
+            }
+            let mut out_lay: Option<Vec<i64>> = None;
             let scratch = |k: usize| base + self.plan[i].scratch[k] as u64;
             let inp = |k: usize| ptr[node.inputs[k].0 as usize];
+            let in_lay = |k: usize| lay[node.inputs[k].0 as usize].as_deref();
             let in_shape = |k: usize| shape_of(node.inputs[k]);
             let in_dt = |k: usize| dt_of(node.inputs[k]);
             let fail = |e: Unavailable| Error::Op { op: node.op.name().into(), msg: format!("node `{name}`: {}", e.0) };
@@ -928,12 +1059,27 @@ impl CudaModel {
                 Op::ToDtype(_) => {
                     if in_dt(0)? == odt {
                         out = inp(0);
+                        out_lay = in_lay(0).map(<[i64]>::to_vec);
                     } else {
                         let s = Strided::new(&[n_out], &[1], &[0]).map_err(fail)?;
                         gpu.copy_strided(inp(0), in_dt(0)?, planned, odt, n_out, s, false).map_err(fail)?;
                     }
                 }
-                Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => out = inp(0),
+                Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => {
+                    out = inp(0);
+                    if let Some(st) = in_lay(0) {
+                        let xs = in_shape(0)?;
+                        match view_strides(&xs, st, &out_shape) {
+                            Some(os) => out_lay = (!is_contiguous(&out_shape, &os)).then_some(os),
+                            None => {
+                                // No strides say it: the input copied here, contiguous.
+                                let s = Strided::new(&xs, st, &vec![0; xs.len()]).map_err(fail)?;
+                                gpu.copy_strided(inp(0), odt, planned, odt, n_out, s, false).map_err(fail)?;
+                                out = planned;
+                            }
+                        }
+                    }
+                }
                 Op::Expand(_) => {
                     let xs = in_shape(0)?;
                     let s = Strided::new(&out_shape, &broadcast_strides(&xs, &out_shape), &vec![0; out_shape.len()])
@@ -943,19 +1089,21 @@ impl CudaModel {
                 Op::Transpose(a, b) => {
                     let xs = in_shape(0)?;
                     let (a, b) = (norm_dim(*a, xs.len()), norm_dim(*b, xs.len()));
-                    let mut st = contiguous_strides(&xs);
+                    let mut st = in_lay(0).map_or_else(|| contiguous_strides(&xs), <[i64]>::to_vec);
                     st.swap(a, b);
-                    out = self.view_or_copy(inp(0), odt, &out_shape, &st, 0, planned).map_err(fail)?;
+                    out = inp(0);
+                    out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
                 }
                 Op::Slice { dim, start, step, .. } => {
                     let xs = in_shape(0)?;
                     let d = norm_dim(*dim, xs.len());
                     let s0 =
                         if *start < 0 { (*start + xs[d] as i64).max(0) } else { (*start).min(xs[d] as i64) } as usize;
-                    let mut st = contiguous_strides(&xs);
+                    let mut st = in_lay(0).map_or_else(|| contiguous_strides(&xs), <[i64]>::to_vec);
                     let off = s0 as i64 * st[d];
                     st[d] *= *step;
-                    out = self.view_or_copy(inp(0), odt, &out_shape, &st, off, planned).map_err(fail)?;
+                    out = inp(0) + (off * odt.size() as i64) as u64;
+                    out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
                 }
                 Op::Cat { dim } => {
                     let d = norm_dim(*dim, out_shape.len());
@@ -1072,8 +1220,24 @@ impl CudaModel {
                         )
                         .map_err(fail)?;
                     } else {
-                        let ropes: Vec<usize> = (0..i).filter(|&r| self.deferred_to[r] == Some(i)).collect();
+                        let ropes = &self.deferred_into[i];
                         let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
+                        // Where the step's token rows of an operand lie (strided: `attn_strided`).
+                        let rows = |v: autodeploy_core::ValueId| -> Result<HeadRows> {
+                            head_rows(&shape_of(v)?, lay[v.0 as usize].as_deref()).ok_or_else(|| {
+                                fail(Unavailable(format!("`{}` has no contiguous head rows", g.value(v).name)))
+                            })
+                        };
+                        // The split-KV kernels write [tokens, heads, d] when the output is only
+                        // transposed to that (the o projection's input then needs no copy).
+                        let split_path = self.split.is_some() && meta.tokens <= self.split_tokens;
+                        let out_rows = if self.attn_tokens_major[i] && split_path {
+                            let st = vec![n_out as i64, l.head_dim as i64, (heads * l.head_dim) as i64, 1];
+                            out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
+                            HeadRows::tokens_major(heads, l.head_dim)
+                        } else {
+                            HeadRows::heads_major(qs[2], l.head_dim)
+                        };
                         // q and k may still need their RoPE (deferred to this node): the raw q
                         // and k, and the cos/sin table.
                         let rope = if let [rq, rk] = ropes[..] {
@@ -1088,20 +1252,21 @@ impl CudaModel {
                                     "cos/sin {cs:?} are not one [tokens, head_dim] table"
                                 ))));
                             }
-                            Some((rq, p(nq.inputs[0]), p(nk.inputs[0]), (p(nq.inputs[1]), p(nq.inputs[2]))))
+                            let qkv_rows = [rows(nq.inputs[0])?, rows(nk.inputs[0])?, rows(node.inputs[2])?];
+                            Some((rq, p(nq.inputs[0]), p(nk.inputs[0]), (p(nq.inputs[1]), p(nq.inputs[2])), qkv_rows))
                         } else {
                             None
                         };
                         match (self.split, self.split_early) {
                             // A few decode tokens: one kernel rotates, writes the cache and attends.
                             (_, Some(split)) if meta.tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS) => {
-                                let (q, k) = rope.map_or((inp(0), inp(1)), |(_, q, k, _)| (q, k));
+                                let (q, k) = rope.map_or((inp(0), inp(1)), |(_, q, k, _, _)| (q, k));
                                 gpu.paged_decode_split_fused(
                                     odt,
                                     (q, k, inp(2)),
                                     rope.map(|r| r.3),
                                     (l.k.ptr, l.v.ptr),
-                                    planned,
+                                    (planned, out_rows),
                                     meta,
                                     heads,
                                     l.kv_heads,
@@ -1112,13 +1277,14 @@ impl CudaModel {
                                 .map_err(fail)?
                             }
                             (split, _) => {
-                                let q = if let Some((rq, q, k, (cos, sin))) = rope {
+                                let q = if let Some((rq, q, k, (cos, sin), qkv_rows)) = rope {
                                     // One kernel rotates q into rq's region and writes rotated k
-                                    // and v into the cache.
+                                    // and v into the cache, reading q/k/v where they lie.
                                     let q_out = base + self.plan[rq].out as u64;
                                     gpu.rope_write_kv(
                                         odt,
                                         (q, k, inp(2)),
+                                        qkv_rows,
                                         cos,
                                         sin,
                                         q_out,
@@ -1139,7 +1305,18 @@ impl CudaModel {
                                 let (kvh, d, sc) = (l.kv_heads, l.head_dim, *scale as f32);
                                 match split {
                                     Some(split) if meta.tokens <= self.split_tokens => gpu
-                                        .paged_decode_split(odt, q, cache, planned, meta, heads, kvh, d, sc, split)
+                                        .paged_decode_split(
+                                            odt,
+                                            q,
+                                            cache,
+                                            (planned, out_rows),
+                                            meta,
+                                            heads,
+                                            kvh,
+                                            d,
+                                            sc,
+                                            split,
+                                        )
                                         .map_err(fail)?,
                                     _ => gpu
                                         .paged_attention(odt, q, cache.0, cache.1, planned, meta, heads, kvh, d, sc)
@@ -1179,34 +1356,33 @@ impl CudaModel {
                 e.1 += t0.elapsed();
             }
             ptr[outv.0 as usize] = out;
+            // (A strided output in the node's own memory, the attention's, has nowhere to go.)
+            home[outv.0 as usize] = if out_lay.is_some() && out != planned { planned } else { 0 };
+            lay[outv.0 as usize] = out_lay;
             if let Some((v, p)) = also {
                 ptr[v] = p;
             }
         }
         let o = g.outputs[0];
+        if let Some(st) = &lay[o.0 as usize] {
+            // A strided view as the output: made contiguous in its view op's memory.
+            let xs = shape_of(o)?;
+            let d = dt_of(o)?;
+            let s = Strided::new(&xs, st, &vec![0; xs.len()]).map_err(gpu_err)?;
+            gpu.copy_strided(ptr[o.0 as usize], d, home[o.0 as usize], d, xs.iter().product(), s, false)
+                .map_err(gpu_err)?;
+            return Ok((home[o.0 as usize], xs));
+        }
         Ok((ptr[o.0 as usize], shape_of(o)?))
     }
 
-    /// A strided view of `src`: the same memory when it is contiguous, else copied to `planned`.
-    fn view_or_copy(
-        &self,
-        src: Ptr,
-        d: Dt,
-        shape: &[usize],
-        strides: &[i64],
-        offset: i64,
-        planned: Ptr,
-    ) -> std::result::Result<Ptr, Unavailable> {
-        if is_contiguous(shape, strides) {
-            return Ok(src + (offset * d.size() as i64) as u64);
-        }
-        if shape.len() > MAX_RANK {
-            return Err(Unavailable(format!("rank {} is beyond {MAX_RANK}", shape.len())));
-        }
-        let n = shape.iter().product();
-        let s = Strided::new(shape, strides, &vec![0; shape.len()])?;
-        self.gpu.copy_strided(src + (offset * d.size() as i64) as u64, d, planned, d, n, s, false)?;
-        Ok(planned)
+    /// Whether cached attention node `i` reads this step's q, k, v in place (strided): its
+    /// RoPEs were deferred into it and its kernels are the RoPE + KV write kernel's (not the
+    /// `triton` slots' nor the split-KV latency build's, which read `[heads, tokens, d]`).
+    fn attn_reads_strided(&self, i: usize, staged: &Staged) -> bool {
+        let tokens = staged.meta.as_ref().map_or(usize::MAX, |m| m.tokens);
+        let early = self.split_early.is_some() && tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS);
+        self.slot_pages.is_none() && self.deferred_into[i].len() == 2 && !early
     }
 
     fn note(&self, what: &'static str, d: std::time::Duration) {
@@ -1439,5 +1615,35 @@ mod tests {
         assert!(is_contiguous(&[1, 1, 32], &contiguous_strides(&[1, 1, 96])));
         assert!(!is_contiguous(&[1, 2, 32], &contiguous_strides(&[1, 2, 96])));
         assert_eq!(broadcast_strides(&[1, 16], &[1, 4, 3, 16]), vec![0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn views_of_strided_tensors_split_and_merge_runs_of_dims() {
+        // q's columns of a fused [1, 5, 96] q/k/v output: [1, 5, 64] with strides [480, 96, 1],
+        // viewed as heads of 16.
+        let q = view_strides(&[1, 5, 64], &[480, 96, 1], &[1, 5, 4, 16]).unwrap();
+        assert_eq!(q, vec![480, 96, 16, 1]);
+        // Then [1, h, seq, d] by transposing 1 and 2: head stride 16, token stride 96.
+        let mut t = q.clone();
+        t.swap(1, 2);
+        assert_eq!(head_rows(&[1, 4, 5, 16], Some(&t)), Some(HeadRows { head: 16, token: 96 }));
+        assert_eq!(head_rows(&[1, 4, 5, 16], None), Some(HeadRows::heads_major(5, 16)));
+        // Attention out written [seq, h, d], seen as [1, h, seq, d], transposed back: contiguous.
+        let o = HeadRows::tokens_major(4, 16);
+        let mut st = vec![(4 * 5 * 16) as i64, o.head, o.token, 1];
+        st.swap(1, 2);
+        assert!(is_contiguous(&[1, 5, 4, 16], &st));
+        // Contiguous tensors view as anything of their size; merging dims of different runs
+        // (the sliced columns with the rows) cannot.
+        assert_eq!(view_strides(&[2, 3, 4], &[12, 4, 1], &[6, 4]), Some(vec![4, 1]));
+        assert_eq!(view_strides(&[2, 3, 4], &[12, 4, 1], &[24]), Some(vec![1]));
+        assert_eq!(view_strides(&[1, 5, 64], &[480, 96, 1], &[1, 320]), None);
+        assert_eq!(view_strides(&[1, 5, 64], &[480, 96, 1], &[1, 5, 64]), Some(vec![480, 96, 1]));
+        // A transposed tensor merges only the dims still laid out together.
+        assert_eq!(view_strides(&[4, 5, 16], &[16, 64, 1], &[4, 5, 4, 4]), Some(vec![16, 64, 4, 1]));
+        assert_eq!(view_strides(&[4, 5, 16], &[16, 64, 1], &[20, 16]), None);
+        assert_eq!(view_strides(&[2, 3], &[3, 1], &[7]), None);
+        // Rows with a stride between elements are no attention operand.
+        assert_eq!(head_rows(&[1, 4, 5, 16], Some(&[0, 16, 96, 2])), None);
     }
 }
