@@ -466,6 +466,31 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
             .collect();
         rep.check_scaled(&format!("gemv_swiglu/{} {n}x{k}", gpu.swiglu_split), true, &down(dout.ptr, n), &want, atol);
     }
+    // The executor's SiLU-mul over bf16 rows: gate and up in one [rows, 2·inter] tensor or two,
+    // at an inter the 8-wide kernel takes and one it does not.
+    for (rows, inter) in [(5usize, 1536usize), (3, 1500)] {
+        let gu = r(rows * 2 * inter, 34);
+        let want: Vec<f32> = (0..rows * inter)
+            .map(|i| {
+                let (g, u) = (gu[i / inter * 2 * inter + i % inter], gu[i / inter * 2 * inter + inter + i % inter]);
+                rnd(true, rnd(true, g / (1.0 + (-g).exp())) * u)
+            })
+            .collect();
+        let (gate, up_half): (Vec<f32>, Vec<f32>) = (
+            gu.chunks(2 * inter).flat_map(|row| row[..inter].to_vec()).collect(),
+            gu.chunks(2 * inter).flat_map(|row| row[inter..].to_vec()).collect(),
+        );
+        let (dgu, dg, du, dout) = (up(&gu), up(&gate), up(&up_half), up(&vec![0.0; rows * inter]));
+        gpu.silu_mul(dgu.ptr, None, Dt::BF16, dout.ptr, rows, inter).unwrap();
+        rep.check(
+            &format!("silu_mul (executor) {rows}x{inter} [gate | up]"),
+            true,
+            &down(dout.ptr, rows * inter),
+            &want,
+        );
+        gpu.silu_mul(dg.ptr, Some(du.ptr), Dt::BF16, dout.ptr, rows, inter).unwrap();
+        rep.check(&format!("silu_mul (executor) {rows}x{inter} gate, up"), true, &down(dout.ptr, rows * inter), &want);
+    }
 }
 
 /// One attention configuration through the three kernels; see the call in `main`.

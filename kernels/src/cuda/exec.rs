@@ -125,6 +125,7 @@ struct Funcs {
     rmsnorm: Kernel,
     rope: Kernel,
     silu_mul: Kernel,
+    silu_mul_bf16x8: Kernel,
     embedding_rows: Kernel,
     index_select: Kernel,
     argmax_partial: Kernel,
@@ -304,6 +305,7 @@ impl Gpu {
             rmsnorm: g("rmsnorm")?,
             rope: g("rope")?,
             silu_mul: g("silu_mul")?,
+            silu_mul_bf16x8: g("silu_mul_bf16x8")?,
             embedding_rows: g("embedding_rows")?,
             index_select: g("index_select")?,
             argmax_partial: g("argmax_partial")?,
@@ -684,6 +686,12 @@ impl Gpu {
         inter: usize,
     ) -> Result<(), Unavailable> {
         let (u, d, r64, i32_) = (up.unwrap_or(0), dt as i32, rows as i64, inter as i32);
+        if dt == Dt::BF16 && inter.is_multiple_of(8) && (gate | u | out).is_multiple_of(16) {
+            let mut l = self.launcher(self.f.silu_mul_bf16x8);
+            l.arg(&gate).arg(&u).arg(&out).arg(&r64).arg(&i32_);
+            // SAFETY: as below; 8 values a thread, aligned as checked.
+            return launched("silu_mul_bf16x8", unsafe { l.launch(grid(rows * inter / 8, 256)) }.map(|_| ()));
+        }
         let mut l = self.launcher(self.f.silu_mul);
         l.arg(&gate).arg(&u).arg(&d).arg(&out).arg(&r64).arg(&i32_);
         // SAFETY: sizes as documented.
@@ -1217,7 +1225,10 @@ impl Split {
     /// Chunks for sequences of up to `max_len` positions: at least `min_chunk` positions each
     /// (`Gpu::split_min_chunk`: what the latency build's four warps take in one pass), at most 32
     /// chunks. On an H200 longer chunks (at least 64, 128, 256 positions) made the 8B decode
-    /// step slower: 4.43, 4.75, 5.08 ms against 4.22 at 32 (fewer blocks, more passes in each).
+    /// step slower: 4.43, 4.75, 5.08 ms against 4.22 at 32 (fewer blocks, more passes in each);
+    /// up to 64 chunks for long sequences (measured with a page-index preload in the kernels,
+    /// since removed) made the 8B step at 2000 positions no faster (4.816 ms against 4.846) and
+    /// the 1B's slower (1.188 against 1.113).
     pub fn plan(max_len: usize, min_chunk: usize) -> (usize, usize) {
         let chunk = max_len.div_ceil(32).max(min_chunk.max(1));
         (chunk, max_len.div_ceil(chunk).max(1))

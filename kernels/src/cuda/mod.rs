@@ -46,6 +46,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rmsnorm",
             "rope",
             "silu_mul",
+            "silu_mul_bf16x8",
             "embedding_rows",
             "index_select",
             "argmax_partial",
