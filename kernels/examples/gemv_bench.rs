@@ -29,7 +29,7 @@ enum Kind {
 
 /// The decode token's position in the attention sets (the 8B bench's steps run at 128-255).
 const POS: usize = 192;
-/// Positions the caches hold (`max_seq_len` of benches/gpu/*.toml: 16 chunks of 32).
+/// Positions the caches hold (`max_seq_len` of benches/gpu/*.toml).
 const MAX_LEN: usize = 512;
 const PAGE: usize = 16;
 const HEAD_DIM: usize = 128;

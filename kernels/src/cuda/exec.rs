@@ -202,10 +202,11 @@ pub struct Gpu {
 /// blocks); sizes between were not measured.
 pub const SPLIT_EARLY_MAX_TOKENS: usize = 4;
 
-/// The least positions a chunk of the split-KV decode's throughput build has. At 16 (what the
-/// latency build takes at `AUTODEPLOY_ATTN_U=4`) the 8B shape's 128-token prefill took 12.9 ms
-/// on an H200 against 10.4 at 32 (twice the chunks to merge).
-pub const SPLIT_MIN_CHUNK: usize = 32;
+/// The least positions a chunk of the split-KV decode's throughput build has. On an H200 (8B
+/// shape, `max_seq_len` 512, BENCHMARKS.md session 10) the batch 64 decode step took 7.22 ms at
+/// 16, 6.49 at 32, 6.28-6.32 at 64, 6.24-6.30 at 128, 6.31 at 256; the 128-token prefill 7.7,
+/// 6.9, 6.5-6.6, 6.5 ms at 16, 32, 64, 128.
+pub const SPLIT_MIN_CHUNK: usize = 64;
 
 /// One kernel launch: arguments by reference, then `launch`.
 struct Launch<'a> {
