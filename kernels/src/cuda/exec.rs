@@ -858,15 +858,14 @@ impl Gpu {
         self.attn_group.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Query heads a block of the split-KV decode's throughput build attends for: the most of
-    /// 8, 4, 2 that divides the GQA group and keeps a lane's q and output rows within 32 values
-    /// each (`d / 32` values a head), else 1.
+    /// Query heads a block of the split-KV decode's throughput build attends for
+    /// (`heads_a_block`; 1 when `attn_group` is off).
     pub fn decode_heads_a_block(&self, heads: usize, kv_heads: usize, d: usize) -> usize {
-        if !self.attn_group() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return 1;
+        if self.attn_group() {
+            heads_a_block(heads, kv_heads, d)
+        } else {
+            1
         }
-        let (group, per) = (heads / kv_heads, d.div_ceil(32));
-        [8, 4, 2].into_iter().find(|&hb| group.is_multiple_of(hb) && hb * per <= 32).unwrap_or(1)
     }
 
     /// Bytes of each weight row of `k` bf16 a GEMV prefetches (see `prefetch_row`).
@@ -1255,6 +1254,17 @@ fn head_dim_index(d: usize, kernel: &str) -> Result<usize, Unavailable> {
         .ok_or_else(|| Unavailable(format!("{kernel} has kernels for head_dim {HEAD_DIMS:?}, not {d}")))
 }
 
+/// Query heads of one GQA group a split-KV decode block (throughput build) can attend for
+/// together: the most of 8, 4, 2 that divides the group and keeps a lane's q and output rows
+/// within 32 values each (`d / 32` values a head), else 1.
+pub fn heads_a_block(heads: usize, kv_heads: usize, d: usize) -> usize {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return 1;
+    }
+    let (group, per) = (heads / kv_heads, d.div_ceil(32));
+    [8, 4, 2].into_iter().find(|&hb| group.is_multiple_of(hb) && hb * per <= 32).unwrap_or(1)
+}
+
 /// One argument of `Gpu::launch_source`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KernelArg {
@@ -1333,7 +1343,30 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 #[cfg(test)]
 mod tests {
-    use super::{plan_tiles, tile_slots};
+    use super::{heads_a_block, plan_tiles, tile_slots, Split};
+
+    #[test]
+    fn a_decode_block_takes_the_gqa_group_heads_its_registers_allow() {
+        // Llama-3.x (group 4), a group of 8, of 6 (2 a block), of 7 and 3 (Qwen2.5-0.5B,
+        // SmolLM2: one a block), no GQA.
+        assert_eq!(heads_a_block(32, 8, 128), 4);
+        assert_eq!(heads_a_block(16, 2, 128), 8);
+        assert_eq!(heads_a_block(16, 2, 256), 4);
+        assert_eq!(heads_a_block(12, 2, 64), 2);
+        assert_eq!(heads_a_block(14, 2, 64), 1);
+        assert_eq!(heads_a_block(9, 3, 64), 1);
+        assert_eq!(heads_a_block(8, 8, 128), 1);
+        assert_eq!(heads_a_block(8, 0, 128), 1);
+    }
+
+    #[test]
+    fn split_chunks_cover_the_longest_sequence_in_at_most_32() {
+        assert_eq!(Split::plan(512, 64), (64, 8));
+        assert_eq!(Split::plan(512, 16), (16, 32));
+        assert_eq!(Split::plan(2048, 16), (64, 32));
+        assert_eq!(Split::plan(100, 64), (64, 2));
+        assert_eq!(Split::plan(0, 0), (1, 1));
+    }
 
     #[test]
     fn tiles_cut_runs_of_16_within_a_sequence_and_pad_to_the_shape_bound() {
