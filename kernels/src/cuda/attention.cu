@@ -634,8 +634,8 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     merge_partials<T, EARLY ? 16 : 0>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_row);
 }
 
-#define SPLIT_ENTRY(T, S, D, NAME, EARLY, UE)                                                                         \
-    extern "C" __global__ void NAME##_d##D##_##S(                                                                     \
+#define SPLIT_ENTRY(T, S, D, NAME, EARLY, UE, BOUNDS)                                                                 \
+    extern "C" __global__ void BOUNDS NAME##_d##D##_##S(                                                              \
         const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, T* k_cache, T* v_cache,              \
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
@@ -793,15 +793,23 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
                                              counters, out, ohs, ots);                                              \
     }
 
-// The latency build at 8 positions a warp and pass (the default), and at 4 (`Gpu::attn_early_u`:
+// The latency build at 4 positions a warp held to 64 registers (8 blocks an SM) at head dims up
+// to 128: at 72 an H200 fit 7 blocks an SM, so the 8B shape's 32 heads × 32 chunks (1024
+// blocks) took 1.11 waves.
+#define EARLY4_BOUNDS_16 __launch_bounds__(128, 8)
+#define EARLY4_BOUNDS_32 __launch_bounds__(128, 8)
+#define EARLY4_BOUNDS_64 __launch_bounds__(128, 8)
+#define EARLY4_BOUNDS_128 __launch_bounds__(128, 8)
+#define EARLY4_BOUNDS_256
+// The latency build at 8 positions a warp and pass (`AUTODEPLOY_ATTN_U=8`), and at 4 (the default, `Gpu::attn_early_u`:
 // half the registers for K/V, one pass over chunks of 16).
 #define SPLIT(T, S, D)                                                                                                \
-    SPLIT_ENTRY(T, S, D, paged_decode_split, false, 4)                                                                \
+    SPLIT_ENTRY(T, S, D, paged_decode_split, false, 4, )                                                              \
     GROUPED_ENTRY(T, S, D, 2)                                                                                         \
     GROUPED_ENTRY(T, S, D, 4)                                                                                         \
     GROUPED_ENTRY(T, S, D, 8)                                                                                         \
-    SPLIT_ENTRY(T, S, D, paged_decode_split_early, true, 8)                                                           \
-    SPLIT_ENTRY(T, S, D, paged_decode_split_early4, true, 4)
+    SPLIT_ENTRY(T, S, D, paged_decode_split_early, true, 8, )                                                         \
+    SPLIT_ENTRY(T, S, D, paged_decode_split_early4, true, 4, EARLY4_BOUNDS_##D)
 
 #define SPLIT_INSTANTIATE(T, S) SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 128) SPLIT(T, S, 256)
 
