@@ -158,6 +158,19 @@ fn view_strides(old: &[usize], old_st: &[i64], new: &[usize]) -> Option<Vec<i64>
     (view_d == -1).then_some(st)
 }
 
+/// A strided view (`src` read through `strides`, shape `xs`) copied to contiguous memory at `to`.
+fn copy_contiguous(
+    gpu: &Gpu,
+    src: Ptr,
+    d: Dt,
+    xs: &[usize],
+    strides: &[i64],
+    to: Ptr,
+) -> std::result::Result<(), Unavailable> {
+    let s = Strided::new(xs, strides, &vec![0; xs.len()])?;
+    gpu.copy_strided(src, d, to, d, xs.iter().product(), s, false)
+}
+
 /// Where the head rows of an attention operand `[.., heads, tokens, d]` (leading dims 1) lie,
 /// given its strides (None: contiguous); None when its rows are not contiguous.
 fn head_rows(shape: &[usize], strides: Option<&[i64]>) -> Option<HeadRows> {
@@ -515,8 +528,10 @@ impl CudaModel {
                         && rank == 4
                         && !graph.outputs.contains(&o)
                         && matches!(readers[o.0 as usize][..], [r] if matches!(graph.nodes[r].op,
-                            Op::Transpose(a, b) if (norm_dim(a, rank), norm_dim(b, rank)) == (1, 2)
-                                || (norm_dim(a, rank), norm_dim(b, rank)) == (2, 1)))
+                        Op::Transpose(a, b) if {
+                            let (a, b) = (norm_dim(a, rank), norm_dim(b, rank));
+                            (a.min(b), a.max(b)) == (1, 2)
+                        }))
                 })
                 .collect()
         };
@@ -964,11 +979,7 @@ impl CudaModel {
                         ),
                     });
                 }
-                let s = Strided::new(&xs, &st, &vec![0; xs.len()]).map_err(|e| Error::Op {
-                    op: node.op.name().into(),
-                    msg: format!("node `{name}`: copying input `{}` to contiguous memory: {}", g.value(v).name, e.0),
-                })?;
-                gpu.copy_strided(ptr[vi], xdt, to, xdt, xs.iter().product(), s, false).map_err(|e| Error::Op {
+                copy_contiguous(gpu, ptr[vi], xdt, &xs, &st, to).map_err(|e| Error::Op {
                     op: node.op.name().into(),
                     msg: format!("node `{name}`: copying input `{}` to contiguous memory: {}", g.value(v).name, e.0),
                 })?;
@@ -1073,8 +1084,7 @@ impl CudaModel {
                             Some(os) => out_lay = (!is_contiguous(&out_shape, &os)).then_some(os),
                             None => {
                                 // No strides say it: the input copied here, contiguous.
-                                let s = Strided::new(&xs, st, &vec![0; xs.len()]).map_err(fail)?;
-                                gpu.copy_strided(inp(0), odt, planned, odt, n_out, s, false).map_err(fail)?;
+                                copy_contiguous(gpu, inp(0), odt, &xs, st, planned).map_err(fail)?;
                                 out = planned;
                             }
                         }
@@ -1367,10 +1377,7 @@ impl CudaModel {
         if let Some(st) = &lay[o.0 as usize] {
             // A strided view as the output: made contiguous in its view op's memory.
             let xs = shape_of(o)?;
-            let d = dt_of(o)?;
-            let s = Strided::new(&xs, st, &vec![0; xs.len()]).map_err(gpu_err)?;
-            gpu.copy_strided(ptr[o.0 as usize], d, home[o.0 as usize], d, xs.iter().product(), s, false)
-                .map_err(gpu_err)?;
+            copy_contiguous(gpu, ptr[o.0 as usize], dt_of(o)?, &xs, st, home[o.0 as usize]).map_err(gpu_err)?;
             return Ok((home[o.0 as usize], xs));
         }
         Ok((ptr[o.0 as usize], shape_of(o)?))
