@@ -319,6 +319,33 @@ __device__ __forceinline__ void load_row(const float* p, float* out) {
     }
 }
 
+// The merge weights of lane L's chunks L and L + 32 (of `splits`, at most 64; rows of d values,
+// then m and l): w[j] = exp(m - M), M the largest m of all chunks, 0 past `splits`. Returns the
+// sum of l · w over all chunks, on every lane. Called by a whole warp (reads bypass L1: other
+// blocks wrote the partials).
+__device__ __forceinline__ float chunk_weights(const float* p, int splits, int d, int lane, float* w) {
+    float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        w[j] = 0.0f;
+        if (lane + 32 * j < splits) {
+            m[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d]);
+            l[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d + 1]);
+        }
+    }
+    float M = fmaxf(m[0], m[1]);
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float L = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+        if (lane + 32 * j < splits) {
+            w[j] = __expf(m[j] - M);
+            L += l[j] * w[j];
+        }
+    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    return L;
+}
+
 // Combines `splits` (at most 64) partial softmax states (rows of d values, then m and l) into
 // one output row; called by one block of at least 32 threads (reads bypass L1: other blocks
 // wrote the partials). One round trip to L2 for the common case: each thread requests its first
@@ -335,24 +362,11 @@ __device__ void merge_partials(const float* p, int splits, int d, T* out_row) {
             if (s < splits) held[s] = __ldcg(&p[s * (d + 2) + threadIdx.x]);
     if (threadIdx.x < 32) {
         int lane = threadIdx.x;
-        float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};
+        float wl[2];
+        float L = chunk_weights(p, splits, d, lane, wl);
 #pragma unroll
         for (int j = 0; j < 2; j++)
-            if (lane + 32 * j < splits) {
-                m[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d]);
-                l[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d + 1]);
-            }
-        float M = fmaxf(m[0], m[1]);
-        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-        float L = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-            if (lane + 32 * j < splits) {
-                float e = __expf(m[j] - M);
-                w[lane + 32 * j] = e;
-                L += l[j] * e;
-            }
-        for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+            if (lane + 32 * j < splits) w[lane + 32 * j] = wl[j];
         if (lane == 0) inv_l = 1.0f / L;
     }
     __syncthreads();
@@ -378,23 +392,8 @@ __device__ void merge_partials(const float* p, int splits, int d, T* out_row) {
 // can merge different heads at once. The same sums in the same order (chunk 0 first).
 template <typename T, int PER>
 __device__ void merge_partials_warp(const float* p, int splits, int d, T* out_row, int lane) {
-    float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f}, w[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-        if (lane + 32 * j < splits) {
-            m[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d]);
-            l[j] = __ldcg(&p[(lane + 32 * j) * (d + 2) + d + 1]);
-        }
-    float M = fmaxf(m[0], m[1]);
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float L = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-        if (lane + 32 * j < splits) {
-            w[j] = __expf(m[j] - M);
-            L += l[j] * w[j];
-        }
-    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    float w[2];
+    float L = chunk_weights(p, splits, d, lane, w);
     const bool live = lane * PER < d;
     float o[PER];
 #pragma unroll
