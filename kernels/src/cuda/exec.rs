@@ -179,8 +179,9 @@ pub struct Gpu {
     /// decode step 21-28 µs shorter than one (BENCHMARKS.md, session 9).
     pub gemv_split: usize,
     /// Positions a warp takes a pass in the split-KV decode's latency build
-    /// (`AUTODEPLOY_ATTN_U`: 4, the default, or 8): at 4, 76 registers against 128 and the
-    /// latency build's chunks planned at 16 positions, so one pass covers one. On an H200 the 8B
+    /// (`AUTODEPLOY_ATTN_U`: 4, the default, or 8): at 4, half the registers for K/V (held to
+    /// 64 at head dims up to 128) and the latency build's chunks planned at 16 positions, so one
+    /// pass covers one. On an H200 the 8B
     /// decode step was 0.16 ms shorter at 4 (BENCHMARKS.md, session 10). An atomic so a check
     /// can switch it behind a shared reference (`set_attn_early_u`).
     attn_early_u: std::sync::atomic::AtomicUsize,
@@ -290,9 +291,10 @@ impl Gpu {
             .map_err(|e| Unavailable(format!("cublasSetWorkspace: {e:?}")))?;
         drop(_g);
         let g = |n: &str| dev.kernel(n);
-        let grouped = |hb: usize| -> Result<[Vec<Kernel>; 2], Unavailable> {
+        // `{name}_d{D}_{f32,bf16}` for every head dim D of `HEAD_DIMS`: [f32, bf16] × dims.
+        let by_dims = |name: &str| -> Result<[Vec<Kernel>; 2], Unavailable> {
             let dims = |s: &str| -> Result<Vec<Kernel>, Unavailable> {
-                HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_g{hb}_d{d}_{s}"))).collect()
+                HEAD_DIMS.iter().map(|d| g(&format!("{name}_d{d}_{s}"))).collect()
             };
             Ok([dims("f32")?, dims("bf16")?])
         };
@@ -322,37 +324,17 @@ impl Gpu {
                 .iter()
                 .map(|d| g(&format!("paged_prefill_tc_d{d}_bf16")))
                 .collect::<Result<_, _>>()?,
-            paged_attention: [
-                HEAD_DIMS.iter().map(|d| g(&format!("paged_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
-                HEAD_DIMS.iter().map(|d| g(&format!("paged_attention_d{d}_bf16"))).collect::<Result<_, _>>()?,
+            paged_attention: by_dims("paged_attention")?,
+            paged_decode_split: by_dims("paged_decode_split")?,
+            paged_decode_split_early: by_dims("paged_decode_split_early")?,
+            paged_decode_split_grouped: [
+                by_dims("paged_decode_split_g2")?,
+                by_dims("paged_decode_split_g4")?,
+                by_dims("paged_decode_split_g8")?,
             ],
-            paged_decode_split: [
-                HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_f32"))).collect::<Result<_, _>>()?,
-                HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_d{d}_bf16"))).collect::<Result<_, _>>()?,
-            ],
-            paged_decode_split_early: [
-                HEAD_DIMS.iter().map(|d| g(&format!("paged_decode_split_early_d{d}_f32"))).collect::<Result<_, _>>()?,
-                HEAD_DIMS
-                    .iter()
-                    .map(|d| g(&format!("paged_decode_split_early_d{d}_bf16")))
-                    .collect::<Result<_, _>>()?,
-            ],
-            paged_decode_split_grouped: [grouped(2)?, grouped(4)?, grouped(8)?],
-            paged_decode_split_early4: [
-                HEAD_DIMS
-                    .iter()
-                    .map(|d| g(&format!("paged_decode_split_early4_d{d}_f32")))
-                    .collect::<Result<_, _>>()?,
-                HEAD_DIMS
-                    .iter()
-                    .map(|d| g(&format!("paged_decode_split_early4_d{d}_bf16")))
-                    .collect::<Result<_, _>>()?,
-            ],
+            paged_decode_split_early4: by_dims("paged_decode_split_early4")?,
             rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
-            slot_attention: [
-                HEAD_DIMS.iter().map(|d| g(&format!("slot_attention_d{d}_f32"))).collect::<Result<_, _>>()?,
-                HEAD_DIMS.iter().map(|d| g(&format!("slot_attention_d{d}_bf16"))).collect::<Result<_, _>>()?,
-            ],
+            slot_attention: by_dims("slot_attention")?,
         };
         let pdl = dev.cc.0 >= 9 && std::env::var("AUTODEPLOY_PDL").map_or(true, |v| v != "0");
         let prefetch_row =
