@@ -204,6 +204,14 @@ extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, vo
     st(out, dt, i, s * u);
 }
 
+// round(round(silu(round(g))) * round(u)): the unfused linear, SiLU and multiply's roundings
+// (the rounding of g and u is exact for values already bf16).
+__device__ __forceinline__ bf16_t swiglu_value(float g, float u) {
+    float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
+    float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
+    return f32_to_bf16(s * ur);
+}
+
 // `silu_mul` over bf16, 8 values a thread with 16-byte loads and stores (inter % 8 == 0, every
 // pointer 16-byte aligned); the same rounding.
 extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up, bf16_t* out, long rows, int inter) {
@@ -218,11 +226,7 @@ extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up,
     const bf16_t *g8 = (const bf16_t*)&gv, *u8 = (const bf16_t*)&uv;
     bf16_t* o8 = (bf16_t*)&ov;
 #pragma unroll
-    for (int k = 0; k < 8; k++) {
-        float g = bf16_to_f32(g8[k]);
-        float s = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
-        o8[k] = f32_to_bf16(s * bf16_to_f32(u8[k]));
-    }
+    for (int k = 0; k < 8; k++) o8[k] = swiglu_value(bf16_to_f32(g8[k]), bf16_to_f32(u8[k]));
     *(uint4*)(out + r * inter + j) = ov;
 }
 
@@ -519,13 +523,6 @@ __device__ __forceinline__ void swiglu_chunk(uint4 gv, uint4 uv, uint4 xv, float
         g += bf16_to_f32(gp[e]) * xf;
         u += bf16_to_f32(up[e]) * xf;
     }
-}
-
-// round(round(silu(round(g))) * round(u)): the unfused linear, SiLU and multiply's roundings.
-__device__ __forceinline__ bf16_t swiglu_value(float g, float u) {
-    float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
-    float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
-    return f32_to_bf16(s * ur);
 }
 
 // g and u summed over the warp.
