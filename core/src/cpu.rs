@@ -11,6 +11,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::ir::TensorMeta;
+use crate::mutation::{self, Mutation};
 use crate::ops::{infer, norm_dim, slice_bounds, Op};
 use crate::shape::{static_shape, Bindings, SizeArg};
 use crate::tensor::{Storage, Tensor};
@@ -447,7 +448,15 @@ fn sdpa(ins: &[&Tensor], causal: bool, scale: Option<f64>, dtype: DType, out_sha
     };
     let scale = scale.map(|s| s as f32).unwrap_or(1.0 / (qs[3] as f32).sqrt());
     let mut out = vec![0f32; out_shape.iter().product()];
+    let causal = causal && !mutation::is(Mutation::NoCausalMask);
     k::attention(dims, &q.to_f32(), &kt.to_f32(), &v.to_f32(), causal, scale, &mut out);
+    if mutation::is(Mutation::SwapHeads) && dims.q_heads > 1 {
+        let per_head = dims.q_len * dims.v_dim;
+        for b in 0..dims.batch {
+            let (h0, h1) = out[b * dims.q_heads * per_head..].split_at_mut(per_head);
+            h0.swap_with_slice(&mut h1[..per_head]);
+        }
+    }
     Tensor::from_f32_as(dtype, out_shape, out)
 }
 

@@ -11,6 +11,7 @@ pub mod hub;
 pub mod interp;
 pub mod ir;
 pub mod kvcache;
+pub mod mutation;
 pub mod op_text;
 pub mod ops;
 pub mod pattern;

@@ -100,6 +100,11 @@ pub fn forward_cached(
     for s in seqs {
         ids.extend_from_slice(s.new_tokens);
         pos.extend(s.cached as i64..(s.cached + s.new_tokens.len()) as i64);
+        if crate::mutation::is(crate::mutation::Mutation::ShiftRope) {
+            let n = s.new_tokens.len();
+            let at = pos.len() - n;
+            pos[at..].iter_mut().filter(|p| **p > 0).for_each(|p| *p += 1);
+        }
         gather.push(ids.len() as i64 - 1);
         meta.seq_lens.push(s.new_tokens.len());
         meta.cached_lens.push(s.cached);

@@ -68,7 +68,7 @@ fn logits_match_transformers_with_the_dequantized_weights() {
         .collect();
     let want = f32s(st.tensor("logits").unwrap().data());
     let got = logits(m.as_mut(), &[1, ids.len()], &ids);
-    let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let d = max_abs_diff(&got, &want, "tiny-mistral.gguf logits");
     assert!(d <= 1e-4, "max abs error {d}");
 }
 

@@ -5,14 +5,6 @@ mod common;
 use autodeploy_core::DType;
 use common::*;
 
-/// f32: the bound. bf16: errors relative to the logit's size (bf16 keeps 8 significant
-/// bits, so one rounding of a logit near 40 is 0.125). The measured worst cases are in
-/// tests/README.md; the bounds leave headroom for accumulation order, not for wrong math.
-const F32_MAX_ABS: f32 = 1e-4;
-/// max over positions of max |got - want| / max |want| (error against the row's logit scale)
-const BF16_MAX_REL: f32 = 0.02;
-/// sum |got - want| / sum |want|
-const BF16_MEAN_REL: f32 = 0.01;
 /// Argmax may differ only where the reference's top two logits are closer than this.
 const BF16_TIE: f32 = 0.5;
 

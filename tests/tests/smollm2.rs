@@ -54,7 +54,7 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
     }
     // The reference keeps the logits of the last rows.
     let tail = &got[got.len() - want.len()..];
-    let max_abs = tail.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let max_abs = max_abs_diff(tail, &want, "smollm2 logits");
     eprintln!("smollm2 logits: max abs error {max_abs:.3e} over the last {} positions", lshape[0]);
     assert!(max_abs <= LOGITS_MAX_ABS, "max abs error {max_abs} > {LOGITS_MAX_ABS}");
 
@@ -68,13 +68,13 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
     // One token at a time exercises the decode kernel (few rows), the whole prompt the GEMM path.
     let gotq = logits(mq.as_mut(), &[1, prompt.len()], &prompt);
     let tailq = &gotq[gotq.len() - want.len()..];
-    let dq = tailq.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let dq = max_abs_diff(tailq, &want, "smollm2 logits, blocks kept");
     eprintln!("smollm2 logits, quantized weights: max abs error {dq:.3e}");
     assert!(dq <= LOGITS_MAX_ABS, "quantized path: max abs error {dq}");
     let last = &prompt[prompt.len() - 3..];
     let few = logits(mq.as_mut(), &[1, last.len()], last);
     let few_f32 = logits(m.as_mut(), &[1, last.len()], last);
-    let d3 = few.iter().zip(&few_f32).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d3 = max_abs_diff(&few, &few_f32, "decode kernel vs f32");
     assert!(d3 <= LOGITS_MAX_ABS, "decode kernel vs f32: {d3}");
 
     // 32 greedy tokens through the whole pipeline (transforms, KV cache, demollm; auto dtype).
@@ -163,7 +163,7 @@ fn int8_activations_stay_within_their_tolerance() {
         }
         assert!(differ.len() <= 2, "activation_quant = {act}: argmax differs at {differ:?}");
         let tail = &got[got.len() - want.len()..];
-        let d = tail.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = max_abs_diff(tail, &want, "smollm2 decode-path logits");
         eprintln!("smollm2 decode-path logits, activation_quant = {act}: max abs error {d:.3e}");
         errors.push(d);
     }

@@ -71,8 +71,9 @@ fn check(name: &str, mut g: Graph, inputs: &[Tensor], want: &str, tol: f32) {
     let got = body(&g);
     assert_eq!(got.trim(), want.trim(), "{name} ({summary}) snapshot:\n{got}");
     let after = run(&g, inputs);
+    assert_eq!(before.len(), after.len(), "{name}: number of outputs");
     for (a, b) in before.iter().zip(&after) {
-        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let d = max_abs_diff(a, b, name);
         assert!(d <= tol, "{name}: outputs moved by {d} > {tol}");
     }
 }
@@ -386,7 +387,7 @@ fn every_family_reaches_the_canonical_ops_with_unchanged_logits() {
             let pos: Vec<i64> = (0..shape[1] as i64).collect();
             let inputs = [Tensor::from_i64(shape.clone(), ids).unwrap(), Tensor::from_i64(shape.clone(), pos).unwrap()];
             let (a, b) = (run(&before, &inputs), run(&after, &inputs));
-            let d = a[0].iter().zip(&b[0]).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            let d = max_abs_diff(&a[0], &b[0], &format!("{fam} {dtype}"));
             // bf16: the canonical ops round where the unfused ones did, and GEMM fusion keeps each
             // dot product's order here, so the logits are identical.
             assert!(d <= tol, "{fam} {dtype}: transforms moved logits by {d}");

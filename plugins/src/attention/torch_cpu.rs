@@ -5,6 +5,7 @@
 use autodeploy_core::cpu::round_as;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::{AttentionBackend, AttentionBackendPlugin, StepContext};
+use autodeploy_core::mutation::{self, Mutation};
 use autodeploy_core::Tensor;
 use autodeploy_kernels::cpu::{axpy, dot};
 
@@ -66,10 +67,11 @@ impl AttentionBackend for TorchCpuAttention {
             ));
         }
         let group = heads / kv_heads;
+        let skip_write = mutation::is(Mutation::SkipKvWrite) && layer + 1 == cx.cache.spec.layers.len();
         let (kc, vc) = cx.cache.layer_mut(layer);
         let (kv, vv) = (k.to_f32(), v.to_f32());
         // Write this step's keys and values: cache layout [slot, kv_head, dim].
-        for t in 0..tokens {
+        for t in (0..tokens).filter(|_| !skip_write) {
             let slot = plan.slot(plan.token_seq[t], plan.token_pos[t]);
             for h in 0..kv_heads {
                 let src = (h * tokens + t) * dim;
@@ -80,10 +82,31 @@ impl AttentionBackend for TorchCpuAttention {
         }
         let (kc, vc) = (&*kc, &*vc);
         let qv = q.to_f32();
+        // Where each query's attention ends: its own position (causal), unless the mutation
+        // check asks for the whole of its sequence's step.
+        let mut seq_end = vec![0usize; plan.page_tables.len()];
+        for (&s, &p) in plan.token_seq.iter().zip(&plan.token_pos) {
+            seq_end[s] = seq_end[s].max(p);
+        }
+        let no_causal = mutation::is(Mutation::NoCausalMask);
+        let swap_heads = mutation::is(Mutation::SwapHeads) && heads > 1;
+        let wrong_page = mutation::is(Mutation::WrongPage);
+        let read_slot = |s: usize, j: usize| {
+            if wrong_page && j / plan.page_size == 1 {
+                plan.slot(s, j - plan.page_size)
+            } else {
+                plan.slot(s, j)
+            }
+        };
         let mut out = vec![0f32; heads * tokens * dim];
         let attend_row = |row: usize, o: &mut [f32], scores: &mut Vec<f32>| {
-            let (h, t) = (row / tokens, row % tokens);
-            let (s, pos) = (plan.token_seq[t], plan.token_pos[t]);
+            let (mut h, t) = (row / tokens, row % tokens);
+            if swap_heads && h < 2 {
+                h ^= 1;
+            }
+            let s = plan.token_seq[t];
+            let pos = if no_causal { seq_end[s] } else { plan.token_pos[t] };
+            let row = h * tokens + t;
             let kvh = h / group;
             let qrow = &qv[row * dim..(row + 1) * dim];
             scores.clear();
@@ -93,7 +116,7 @@ impl AttentionBackend for TorchCpuAttention {
             let mut j = 0;
             while j <= pos {
                 let n = (plan.page_size - j % plan.page_size).min(pos + 1 - j);
-                let base = (plan.slot(s, j) * kv_heads + kvh) * dim;
+                let base = (read_slot(s, j) * kv_heads + kvh) * dim;
                 for i in 0..n {
                     let at = base + i * row_stride;
                     let x = dot(qrow, &kc[at..at + dim]) * scale;
@@ -111,7 +134,7 @@ impl AttentionBackend for TorchCpuAttention {
             let mut j = 0;
             while j <= pos {
                 let n = (plan.page_size - j % plan.page_size).min(pos + 1 - j);
-                let base = (plan.slot(s, j) * kv_heads + kvh) * dim;
+                let base = (read_slot(s, j) * kv_heads + kvh) * dim;
                 for i in 0..n {
                     let at = base + i * row_stride;
                     axpy(scores[j + i], &vc[at..at + dim], o);

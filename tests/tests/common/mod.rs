@@ -9,6 +9,31 @@ use safetensors::SafeTensors;
 
 pub const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
+// Tolerances against transformers' logits (tests/parity.rs; tests/pt2.rs uses the same).
+/// f32: measured at most 2.1e-5 (llama); 1e-4 leaves 4.8x for another CPU's summation order.
+/// bf16: errors relative to the logit's size (bf16 keeps 8 significant bits, so one rounding of
+/// a logit near 5 is 0.03). Measured worst cases (tests/README.md), each bound 1.4-1.5x above.
+pub const F32_MAX_ABS: f32 = 1e-4;
+/// max over positions of max |got - want| / max |want| (error against the row's logit scale);
+/// measured at most 2.37e-2 (qwen3).
+pub const BF16_MAX_REL: f32 = 0.035;
+/// sum |got - want| / sum |want|; measured at most 1.06e-2 (qwen3).
+pub const BF16_MEAN_REL: f32 = 0.015;
+
+/// Max |a - b| over two equally long, non-empty outputs; NaN anywhere fails (a NaN would
+/// otherwise vanish in a max). `what` names the comparison in the panic.
+pub fn max_abs_diff(a: &[f32], b: &[f32], what: &str) -> f32 {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    assert!(!a.is_empty(), "{what}: nothing to compare");
+    let mut d = 0f32;
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let e = (x - y).abs();
+        assert!(!e.is_nan(), "{what}: NaN at {i} ({x} vs {y})");
+        d = d.max(e);
+    }
+    d
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     autodeploy_plugins::link();
     // A test binary built on one machine and run on another (the GPU machine) is pointed at
