@@ -156,19 +156,6 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let (ok, own, err) = host(&dir, &own_op, &[]);
     assert!(ok, "{err}");
     assert_eq!(output_lines(&own), output_lines(&reference));
-    // The same op on a GPU, where there is one: its CUDA kernel (CUDA C source in the plugin,
-    // compiled and launched by the host) in place of every norm; the tokens stay the same.
-    match autodeploy_kernels::cuda::probe(0) {
-        Ok(gpu) => {
-            let on_gpu = own_op.replace("dtype = \"float32\"\n", "dtype = \"float32\"\ndevice = \"cuda\"\n");
-            assert!(on_gpu.contains("device = \"cuda\""));
-            let (ok, out, err) = host(&dir, &on_gpu, &[]);
-            assert!(ok, "{gpu}: {err}");
-            assert_eq!(output_lines(&out), output_lines(&reference), "{gpu}");
-        }
-        Err(why) => eprintln!("skipped example.rms_norm on CUDA: {why}"),
-    }
-
     // The plugin's runtime (one request at a time) gives the built-in runtime's (batching)
     // greedy tokens for two prompts.
     let two = |runtime: &str| {
@@ -329,6 +316,31 @@ fn a_panicking_plugin_fails_what_it_was_doing_with_its_message() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The plugin's op on a GPU: its CUDA kernel (CUDA C source in the plugin, compiled and
+/// launched by the host) in place of every norm gives the built-in norm's greedy tokens.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn the_example_plugin_op_runs_on_cuda() {
+    let gpu = autodeploy_kernels::cuda::probe(0).unwrap_or_else(|why| panic!("no usable GPU: {why}"));
+    let model = smollm2().expect("the SmolLM2 GGUF (scripts/fetch-smollm2.sh)");
+    let lib = example_plugin();
+    let dir = scratch("plugin-cuda-op");
+    write_registry(&dir, &[&lib]);
+    let (ok, reference, err) = host(&dir, &smollm2_config(&model, "torch", "enabled = false"), &[]);
+    assert!(ok, "{err}");
+    let own_op = smollm2_config(&model, "torch", "enabled = false\n[transforms.use_example_rmsnorm]\nenabled = true");
+    let on_gpu = own_op.replace("dtype = \"float32\"\n", "dtype = \"float32\"\ndevice = \"cuda\"\n");
+    assert!(on_gpu.contains("device = \"cuda\""));
+    let (ok, graph, err) = host(&dir, &on_gpu, &["graph", "--stage", "post_load_fusion"]);
+    assert!(ok, "{gpu}: {err}");
+    assert!(graph.contains("= example.rms_norm("), "{graph}");
+    let (ok, out, err) = host(&dir, &on_gpu, &[]);
+    assert!(ok, "{gpu}: {err}");
+    assert!(!output_lines(&reference).is_empty(), "{reference}");
+    assert_eq!(output_lines(&out), output_lines(&reference), "{gpu}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     let good = example_plugin();
@@ -337,17 +349,20 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     let missing = dir.join("libmissing.so");
     let garbage = dir.join("libgarbage.so");
     std::fs::write(&garbage, b"not a shared library").unwrap();
-    // A real shared library that is not a plugin: the Rust standard library of the toolchain.
-    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
-    let not_plugin = std::fs::read_dir(&sysroot)
-        .unwrap()
+    // A real shared library that is not a plugin: the Rust standard library of the toolchain
+    // (rustup ships it as <sysroot>/lib/rustlib/<host>/lib/libstd-<hash>.so).
+    let rustc = |arg: &str| {
+        let out = Command::new("rustc").arg(arg).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let host_triple = rustc("-vV").lines().find_map(|l| l.strip_prefix("host: ")).unwrap().trim().to_string();
+    let std_dir = PathBuf::from(rustc("--print=sysroot").trim()).join(format!("lib/rustlib/{host_triple}/lib"));
+    let not_plugin = std::fs::read_dir(&std_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", std_dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libstd-")));
-    let mut libs: Vec<&Path> = vec![&missing, &garbage, &old, &good, &good];
-    if let Some(p) = &not_plugin {
-        libs.push(p);
-    }
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libstd-")))
+        .unwrap_or_else(|| panic!("no libstd-*.so in {}", std_dir.display()));
+    let libs: Vec<&Path> = vec![&missing, &garbage, &old, &good, &good, &not_plugin];
     write_registry(&dir, &libs);
     let fixture = root().join("tests/fixtures/llama");
     let cfg = |attn: &str| {
@@ -367,9 +382,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.5.0"), "{refused:?}");
     assert!(has(&good, "a transform named `fold_norm_scale` already exists"), "{refused:?}");
     assert!(has(&good, "an attention backend named `naive_cpu` already exists"), "{refused:?}");
-    if let Some(p) = &not_plugin {
-        assert!(has(p, "has no autodeploy root module"), "{refused:?}");
-    }
+    assert!(has(&not_plugin, "has no autodeploy root module"), "{refused:?}");
     // The good library's first listing still registered its plugins.
     assert!(out.lines().any(|l| l.contains("naive_cpu") && l.ends_with(&good.display().to_string())), "{out}");
 

@@ -167,6 +167,46 @@ pub fn argmax(row: &[f32]) -> usize {
 mod tests {
     use super::*;
 
+    /// `pick` over a grid of draws u = (i + 0.5) / N gives each token the share of draws its
+    /// probability says, against distributions worked out by hand (not by `pick`'s own steps):
+    /// weights 1, 2, 3, 4, 10 as logits ln w, so softmax at temperature 1 is w / 20.
+    #[test]
+    fn pick_follows_hand_computed_distributions() {
+        let w = [1.0f64, 2.0, 3.0, 4.0, 10.0];
+        let logits: Vec<f32> = w.iter().map(|x| x.ln() as f32).collect();
+        let n = 20_000;
+        let shares = |temperature: f32, top_k: usize, top_p: f32| -> Vec<f64> {
+            let mut count = [0usize; 5];
+            for i in 0..n {
+                let u = (i as f32 + 0.5) / n as f32;
+                count[pick(&logits, &RowDraw { temperature, top_k, top_p, u }) as usize] += 1;
+            }
+            count.iter().map(|&c| c as f64 / n as f64).collect()
+        };
+        let norm = |v: [f64; 5]| -> Vec<f64> {
+            let z: f64 = v.iter().sum();
+            v.iter().map(|x| x / z).collect()
+        };
+        let cases: [(f32, usize, f32, Vec<f64>); 5] = [
+            // Plain: w / 20.
+            (1.0, 0, 1.0, norm([1.0, 2.0, 3.0, 4.0, 10.0])),
+            // Temperature 2: softmax(ln w / 2) is sqrt(w), normalised.
+            (2.0, 0, 1.0, norm(w.map(f64::sqrt))),
+            // top_k 3: the three largest, 10, 4 and 3, renormalised.
+            (1.0, 3, 1.0, norm([0.0, 0.0, 3.0, 4.0, 10.0])),
+            // top_p 0.65: 0.5 < 0.65 <= 0.5 + 0.2, so tokens 4 and 3 only.
+            (1.0, 0, 0.65, norm([0.0, 0.0, 0.0, 4.0, 10.0])),
+            // top_k 4 (10, 4, 3, 2 of 19), then top_p 0.8: 10/19 + 4/19 = 0.737 < 0.8 <= 0.895.
+            (1.0, 4, 0.8, norm([0.0, 0.0, 3.0, 4.0, 10.0])),
+        ];
+        for (t, k, p, want) in cases {
+            let got = shares(t, k, p);
+            for (tok, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 2.0 / n as f64, "T {t} top_k {k} top_p {p}: token {tok} {g} vs {w}");
+            }
+        }
+    }
+
     #[test]
     fn greedy_topk_topp_and_seeds() {
         let logits = [0.0, 3.0, 1.0, 2.9, -5.0];

@@ -68,6 +68,20 @@ impl Report {
         self.check_scaled(what, bf, got, want, 0.0);
     }
 
+    /// Bit-for-bit equality: for results that are copies (cache writes), where any difference is
+    /// a bug, not rounding.
+    fn exact(&mut self, what: &str, bf: bool, got: &[f32], want: &[f32]) {
+        let bad = got.iter().zip(want).position(|(g, w)| g.to_bits() != w.to_bits());
+        let ok = bad.is_none() && got.len() == want.len() && !got.is_empty();
+        self.failed |= !ok;
+        let detail = match bad {
+            Some(i) => format!("first difference at {i}: got {} want {}", got[i], want[i]),
+            None if got.len() != want.len() => format!("{} values, want {}", got.len(), want.len()),
+            None => format!("{} values bit for bit", got.len()),
+        };
+        println!("{what:<28} {:<5} {detail}  {}", if bf { "bf16" } else { "f32" }, if ok { "ok" } else { "FAILED" });
+    }
+
     /// As `check`, with an absolute allowance too (dot products: summation-order error scales
     /// with the terms, not with a result near zero).
     fn check_scaled(&mut self, what: &str, bf: bool, got: &[f32], want: &[f32], atol: f32) {
@@ -234,6 +248,32 @@ fn main() -> ExitCode {
             if flag != 0 {
                 rep.failed = true;
                 println!("embedding: in-range ids were flagged FAILED");
+            }
+            // Ids past the last row and negative ones must raise the flag (and write nothing
+            // out of bounds).
+            for wrong in [rows as i64, -1] {
+                let ids: Vec<i64> = vec![3, wrong, 5];
+                let dids = s.memcpy_stod(&ids).unwrap();
+                let mut bad = s.alloc_zeros::<i32>(1).unwrap();
+                let mut b = s.launch_builder(&f);
+                match (&dw, &mut dout) {
+                    (Buf::F(a), Buf::F(o)) => b.arg(a).arg(&dids).arg(o),
+                    (Buf::B(a), Buf::B(o)) => b.arg(a).arg(&dids).arg(o),
+                    _ => unreachable!(),
+                };
+                let t = ids.len() as i64;
+                b.arg(&t).arg(&d).arg(&r).arg(&mut bad);
+                // SAFETY: matches embedding's signature.
+                unsafe { b.launch(LaunchConfig::for_num_elems((ids.len() * dim) as u32)) }.unwrap();
+                let flag = s.memcpy_dtov(&bad).unwrap()[0];
+                let ok = flag != 0;
+                rep.failed |= !ok;
+                println!(
+                    "{:<28} {:<5} id {wrong} of {rows} rows: flag {flag}  {}",
+                    "embedding out of range",
+                    if bf { "bf16" } else { "f32" },
+                    if ok { "ok" } else { "FAILED" }
+                );
             }
         }
 
@@ -597,7 +637,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     let cache_bytes = rows * kv_heads * d * esz;
     // CPU reference over a page table: the step's k/v written at their positions, then causal
     // attention per (token, head).
-    let reference = |tables: &[Vec<i32>], q: &[f32], k: &[f32]| -> (Vec<f32>, Vec<f32>) {
+    let reference = |tables: &[Vec<i32>], q: &[f32], k: &[f32]| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let at = |s: usize, p: usize| tables[s][p / page] as usize * page + p % page;
         let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
         for t in 0..tokens {
@@ -632,7 +672,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 o.iter_mut().for_each(|x| *x = rnd(bf, *x));
             }
         }
-        (want, kc)
+        (want, kc, vc)
     };
     let fresh_cache = |put: &mut dyn FnMut(Vec<u8>) -> u64| (put(bytes(&kc0)), put(bytes(&vc0)));
     let read = |ptr: u64, n: usize| {
@@ -642,7 +682,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         back(&raw)
     };
     let name = |kernel: &str| format!("{kernel} h{heads}/kv{kv_heads} d{d}");
-    let (want_s, want_kc_s) = reference(&scattered, &q, &k);
+    let (want_s, want_kc_s, want_vc_s) = reference(&scattered, &q, &k);
     // RoPE (rotate-half, rounded as the `rope` kernel) of [rows, tokens, d] with a [tokens, d]
     // table, for the split-KV kernel's own rotation.
     let (cos, sin) = (r(tokens * d, 26), r(tokens * d, 27));
@@ -657,7 +697,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
             })
             .collect()
     };
-    let (want_r, want_kc_r) = reference(&scattered, &rope(&q), &rope(&k));
+    let (want_r, want_kc_r, want_vc_r) = reference(&scattered, &rope(&q), &rope(&k));
     let (dcos, dsin) = (put(bytes(&cos)), put(bytes(&sin)));
     // flashinfer, ragged prefill kernel: one block per token on CUDA cores, and (bf16, sm_80+)
     // one warp per tile of 16 tokens on tensor cores.
@@ -681,7 +721,8 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
             &want_s,
             1e-5,
         );
-        rep.check("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
+        rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
+        rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_s);
     }
     // flashinfer, split-KV decode kernel, both builds (throughput, and latency: first K/V loads
     // before the wait): 16-position chunks (several per sequence) and one 64-position chunk
@@ -763,7 +804,8 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 },
                 if rotate { " +rope" } else { "" }
             );
-            let (want, want_kc) = if rotate { (&want_r, &want_kc_r) } else { (&want_s, &want_kc_s) };
+            let (want, want_kc, want_vc) =
+                if rotate { (&want_r, &want_kc_r, &want_vc_r) } else { (&want_s, &want_kc_s, &want_vc_s) };
             let mut got = read(out, out_bytes);
             if grouped {
                 let tm = got.clone();
@@ -774,16 +816,24 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 }
             }
             rep.check_scaled(&name(&what), bf, &got, want, 1e-5);
-            rep.check("  k cache after write", bf, &read(kc, cache_bytes), want_kc);
+            // Written k is a copy, or (with RoPE) the rotation rounded as the reference rounds
+            // it, up to the kernel's fused multiply-adds; v is always a copy.
+            if rotate {
+                rep.check("  k cache after rope write", bf, &read(kc, cache_bytes), want_kc);
+            } else {
+                rep.exact("  k cache after write", bf, &read(kc, cache_bytes), want_kc);
+            }
+            rep.exact("  v cache after write", bf, &read(vc, cache_bytes), want_vc);
         }
     }
     gpu.set_attn_early_u(early_u);
     gpu.set_attn_group(group);
     // triton, fused write-and-attend over slots.
-    let (want_t, want_kc_t) = reference(&slots, &q, &k);
+    let (want_t, want_kc_t, want_vc_t) = reference(&slots, &q, &k);
     let (kc, vc) = fresh_cache(&mut put);
     let out = put(vec![0u8; out_bytes]);
     gpu.slot_attention(dt, (dq, dk, dv), (kc, vc), out, &m_slots, heads, kv_heads, d, scale).unwrap();
     rep.check_scaled(&name("triton slot"), bf, &read(out, out_bytes), &want_t, 1e-5);
-    rep.check("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_t);
+    rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_t);
+    rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_t);
 }

@@ -91,10 +91,9 @@ fn a_batch_generates_what_each_prompt_generates_alone() {
 #[test]
 fn sampling_is_seeded_and_stops_where_asked() {
     let prompt = vec![3, 14, 15, 92];
-    // The fixture's logits span tens of units, so a high temperature is what makes sampling vary.
     let sampled = |seed: u64| SamplingParams {
         max_new_tokens: 16,
-        temperature: 40.0,
+        temperature: 1.5,
         top_k: 50,
         top_p: 0.95,
         seed: Some(seed),
@@ -108,11 +107,15 @@ fn sampling_is_seeded_and_stops_where_asked() {
     // Stop at the third greedy token.
     let g = generate("qwen2", "", &[greedy(&prompt, 8)]).remove(0).unwrap();
     let stop = g.tokens[2];
-    let first = g.tokens.iter().position(|&t| t == stop).unwrap();
+    assert!(!g.tokens[..2].contains(&stop), "the fixture should not repeat its third token earlier: {:?}", g.tokens);
     let s = SamplingParams { max_new_tokens: 8, stop_token_ids: vec![stop], ..Default::default() };
     let c = generate("qwen2", "", &[req(s)]).remove(0).unwrap();
     assert_eq!(c.finish, FinishReason::Stop);
-    assert_eq!(c.tokens, g.tokens[..=first].to_vec());
+    assert_eq!(c.tokens, g.tokens[..3].to_vec());
+    // Greedy, sampled and stopped requests in one batch each keep their own result.
+    let both = generate("qwen2", "", &[req(sampled(1)), greedy(&prompt, 8)]);
+    assert_eq!(both[0].as_ref().unwrap().tokens, a0.tokens);
+    assert_eq!(both[1].as_ref().unwrap().tokens, g.tokens);
 }
 
 #[test]
@@ -124,9 +127,14 @@ fn bad_requests_fail_alone_with_the_field_named() {
         sampling: SamplingParams { top_p: 1.5, temperature: 1.0, ..Default::default() },
     };
     let too_long = greedy(&vec![9; 40], 4);
-    let out = generate("llama", "max_seq_len = 32", &[ok.clone(), zero, bad_p, too_long, ok]);
-    assert!(out[0].is_ok() && out[4].is_ok());
-    assert_eq!(out[0].as_ref().unwrap().tokens, out[4].as_ref().unwrap().tokens);
+    let out = generate("llama", "max_seq_len = 32", &[ok.clone(), zero, bad_p, too_long, ok.clone()]);
+    // The good requests complete with what they generate alone.
+    let alone = generate("llama", "max_seq_len = 32", &[ok]).remove(0).unwrap();
+    for i in [0, 4] {
+        let c = out[i].as_ref().unwrap_or_else(|e| panic!("good request {i} failed beside bad ones: {e}"));
+        assert_eq!(c.tokens, alone.tokens, "request {i}");
+        assert_eq!(c.tokens.len(), 4);
+    }
     let msg = |i: usize| out[i].as_ref().unwrap_err().to_string();
     assert!(msg(1).contains("max_new_tokens"), "{}", msg(1));
     assert!(msg(2).contains("top_p"), "{}", msg(2));

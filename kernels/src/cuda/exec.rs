@@ -254,8 +254,26 @@ fn grid(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn launched(what: &str, r: Result<(), cudarc::driver::DriverError>) -> Result<(), Unavailable> {
-    r.map_err(|e| Unavailable(format!("launching {what}: {e:?}")))
+fn launched(what: &'static str, r: Result<(), cudarc::driver::DriverError>) -> Result<(), Unavailable> {
+    r.map_err(|e| Unavailable(format!("launching {what}: {e:?}")))?;
+    count_launch(what);
+    Ok(())
+}
+
+/// Launches by kernel (a launch recorded into a CUDA graph counts once, when recorded), and
+/// the executor's own events (`cuda_graph_capture`, `cuda_graph_replay`), for this process:
+/// what lets a test confirm which path a step took. One uncontended lock a launch.
+static LAUNCHES: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Counts one launch (or event) named `what`.
+pub fn count_launch(what: &'static str) {
+    *LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).entry(what).or_default() += 1;
+}
+
+/// The counts so far; compare two snapshots to see what a call launched.
+pub fn launch_counts() -> std::collections::BTreeMap<&'static str, u64> {
+    LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Device memory a caller owns; freed on drop.
@@ -423,7 +441,9 @@ impl Gpu {
         };
         // SAFETY: the source's author vouches that the arguments match `entry`'s parameters
         // and that it stays within the buffers it is given.
-        launched(what, unsafe { l.launch(cfg) }.map(|_| ()))
+        unsafe { l.launch(cfg) }.map_err(|e| Unavailable(format!("launching {what}: {e:?}")))?;
+        count_launch("plugin_source_kernel");
+        Ok(())
     }
 
     /// Free and total device memory in bytes.

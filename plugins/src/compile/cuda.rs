@@ -1445,6 +1445,7 @@ impl CudaModel {
         };
         if let Some(c) = self.graphs.get(&b) {
             c.graph.launch().map_err(|e| Error::Msg(format!("replaying the CUDA graph of batch {b}: {e:?}")))?;
+            autodeploy_kernels::cuda::exec::count_launch("cuda_graph_replay");
             return Ok((c.out.0, c.out.1.clone(), staged.rows));
         }
         // First step of this bucket: run it eagerly (its results are this step's), then capture
@@ -1463,6 +1464,7 @@ impl CudaModel {
         match graph {
             Ok(Some(graph)) => {
                 tracing::info!(batch = b, "captured a CUDA graph for decode");
+                autodeploy_kernels::cuda::exec::count_launch("cuda_graph_capture");
                 self.graphs.insert(b, Captured { graph, out });
             }
             Ok(None) => return Err(Error::Msg(format!("CUDA graph capture for batch {b} recorded nothing"))),
