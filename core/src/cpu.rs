@@ -646,13 +646,14 @@ mod tests {
     fn softmax_and_log_softmax_match_reference_values() {
         // torch.softmax / torch.log_softmax of [[1, 2, 3], [-1, 0, 5]] along dim 1 (float64).
         let x = crate::Tensor::from_f32(vec![2, 3], vec![1.0, 2.0, 3.0, -1.0, 0.0, 5.0]).unwrap();
-        let want_s = [0.090_030_57, 0.244_728_47, 0.665_240_96, 0.002_456_11, 0.006_676_41, 0.990_867_47];
-        let want_l = [-2.407_605_96, -1.407_605_96, -0.407_605_96, -6.009_174_48, -5.009_174_48, -0.009_174_48];
+        let want_s: [f64; 6] = [0.090_030_57, 0.244_728_47, 0.665_240_96, 0.002_456_11, 0.006_676_41, 0.990_867_47];
+        let want_l: [f64; 6] =
+            [-2.407_605_96, -1.407_605_96, -0.407_605_96, -6.009_174_48, -5.009_174_48, -0.009_174_48];
         let s = super::softmax(&x, 1, false).unwrap().to_f32().into_owned();
         let l = super::softmax(&x, 1, true).unwrap().to_f32().into_owned();
         for i in 0..6 {
-            assert!((s[i] - want_s[i]).abs() < 1e-6, "softmax[{i}] = {}, want {}", s[i], want_s[i]);
-            assert!((l[i] - want_l[i]).abs() < 1e-5, "log_softmax[{i}] = {}, want {}", l[i], want_l[i]);
+            assert!((s[i] as f64 - want_s[i]).abs() < 1e-6, "softmax[{i}] = {}, want {}", s[i], want_s[i]);
+            assert!((l[i] as f64 - want_l[i]).abs() < 1e-5, "log_softmax[{i}] = {}, want {}", l[i], want_l[i]);
         }
         // Along dim 0 (an inner stride): each column of [[0, 0, 0], [ln 3, 0, -ln 3]].
         let y = crate::Tensor::from_f32(vec![2, 3], vec![0.0, 0.0, 0.0, 3f32.ln(), 0.0, -(3f32.ln())]).unwrap();
