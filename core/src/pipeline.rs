@@ -78,6 +78,14 @@ impl Engine {
     pub fn max_seq_len_within(&self, cap: usize) -> usize {
         max_len(&self.graph, cap)
     }
+
+    /// Rows of the token embedding the graph reads `input_ids` with: token ids must lie in
+    /// `0..vocab`. `None` when the graph has no static-size embedding.
+    pub fn vocab_size(&self) -> Option<usize> {
+        let g = &self.graph;
+        let node = g.nodes.iter().find(|n| matches!(n.op, crate::ops::Op::Embedding))?;
+        g.meta(*node.inputs.first()?).shape.first()?.as_static()
+    }
 }
 
 /// Longest sequence the graph accepts: the per-sequence bound the importer set (kept as

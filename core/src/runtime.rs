@@ -70,6 +70,11 @@ pub fn check_request(engine: &Engine, r: &Request, max_len: usize, max_num_token
         bad("stop_strings", "need a tokenizer to match text, and this model has none (use stop_token_ids)".into())
     } else if r.prompt.len() > max_num_tokens {
         bad("prompt", format!("{} tokens exceed max_num_tokens = {max_num_tokens}", r.prompt.len()))
+    } else if let Some((at, id)) =
+        engine.vocab_size().and_then(|v| r.prompt.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= v))
+    {
+        let vocab = engine.vocab_size().unwrap_or(0);
+        bad("prompt", format!("token id {id} at position {at} is out of range for the vocabulary of {vocab}"))
     } else {
         Ok(())
     }

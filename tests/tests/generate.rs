@@ -127,7 +127,8 @@ fn bad_requests_fail_alone_with_the_field_named() {
         sampling: SamplingParams { top_p: 1.5, temperature: 1.0, ..Default::default() },
     };
     let too_long = greedy(&vec![9; 40], 4);
-    let out = generate("llama", "max_seq_len = 32", &[ok.clone(), zero, bad_p, too_long, ok.clone()]);
+    let bad_id = greedy(&[5, 99999, 7], 4);
+    let out = generate("llama", "max_seq_len = 32", &[ok.clone(), zero, bad_p, too_long, ok.clone(), bad_id]);
     // The good requests complete with what they generate alone.
     let alone = generate("llama", "max_seq_len = 32", &[ok]).remove(0).unwrap();
     for i in [0, 4] {
@@ -139,6 +140,7 @@ fn bad_requests_fail_alone_with_the_field_named() {
     assert!(msg(1).contains("max_new_tokens"), "{}", msg(1));
     assert!(msg(2).contains("top_p"), "{}", msg(2));
     assert!(msg(3).contains("prompt") && msg(3).contains("40 tokens") && msg(3).contains("32"), "{}", msg(3));
+    assert!(msg(5).contains("prompt") && msg(5).contains("99999") && msg(5).contains("256"), "{}", msg(5));
 }
 
 #[test]

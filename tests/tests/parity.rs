@@ -5,9 +5,6 @@ mod common;
 use autodeploy_core::DType;
 use common::*;
 
-/// Argmax may differ only where the reference's top two logits are closer than this.
-const BF16_TIE: f32 = 0.5;
-
 struct Stats {
     max_abs: f32,
     max_rel: f32,

@@ -19,6 +19,8 @@ pub const F32_MAX_ABS: f32 = 1e-4;
 pub const BF16_MAX_REL: f32 = 0.035;
 /// sum |got - want| / sum |want|; measured at most 1.06e-2 (qwen3).
 pub const BF16_MEAN_REL: f32 = 0.015;
+/// bf16: argmax may differ only where the reference's top two logits are closer than this.
+pub const BF16_TIE: f32 = 0.5;
 
 /// Max |a - b| over two equally long, non-empty outputs; NaN anywhere fails (a NaN would
 /// otherwise vanish in a max). `what` names the comparison in the panic.
