@@ -252,3 +252,33 @@ fn backend_and_device_flags_override_the_config() {
         assert!(!ok && err.contains("key `device`") && err.contains("device = \"cpu\""), "{err}");
     }
 }
+
+/// SmolLM2 ends its chat answer with its end-of-turn token (EOS), which stops the completion;
+/// `ignore_eos = true` keeps it generating to `max_new_tokens`.
+#[test]
+fn ignore_eos_generates_past_the_end_of_turn() {
+    let Some(model) = smollm2() else { return };
+    let dir = std::env::temp_dir().join(format!("adeos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |ignore: bool| {
+        let cfg = dir.join(format!("eos-{ignore}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "model = {:?}\ndtype = \"auto\"\nmax_seq_len = 256\nmax_new_tokens = 40\nignore_eos = {ignore}\n\
+                 [[prompts]]\nmessages = [{{ role = \"user\", content = \"What is the capital of France? Answer in one sentence.\" }}]\n",
+                model.display().to_string()
+            ),
+        )
+        .unwrap();
+        let (ok, out, err) = autodeploy(&["--config", cfg.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        out.lines().find(|l| l.starts_with("[0] output")).map(str::to_string).unwrap_or_else(|| panic!("{out}"))
+    };
+    let stopped = run(false);
+    assert!(stopped.contains("Stop") && !stopped.contains("(40 tokens"), "{stopped}");
+    assert!(stopped.contains("Paris"), "{stopped}");
+    let kept_going = run(true);
+    assert!(kept_going.contains("(40 tokens, Length)"), "{kept_going}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -184,3 +184,33 @@ fn stop_strings_match_decoded_text_across_tokens() {
     assert_eq!(c.tokens, full[..first + stop.len()].to_vec());
     assert_eq!(c.text.as_deref(), Some(&text[..first]));
 }
+
+/// `max_num_tokens` caps the tokens of one step: three 10-token prompts under a cap of 16 are
+/// prefilled one per step (3 prefill steps instead of 1), generate what they generate without
+/// the cap, and a prompt longer than the cap is refused naming it.
+#[test]
+fn max_num_tokens_splits_prefills_and_refuses_longer_prompts() {
+    let prompts: Vec<Vec<i64>> = (0..3).map(|r| (0..10).map(|i| 3 + (i * 31 + r * 17) % 250).collect()).collect();
+    let reqs: Vec<_> = prompts.iter().map(|p| greedy(p, 4)).collect();
+    let run = |extra: &str, reqs: &[autodeploy_core::runtime::Request]| {
+        let toml = format!("model = {:?}\ndtype = \"float32\"\n{extra}", fixture("llama").display().to_string());
+        let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+        cfg.validate(std::path::Path::new("test.toml")).unwrap();
+        let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
+        autodeploy_core::runtime::runtime(&cfg).unwrap().generate(&mut e, reqs)
+    };
+    let (free, free_stats) = run("max_batch_size = 4\n", &reqs);
+    let (capped, capped_stats) = run("max_batch_size = 4\nmax_num_tokens = 16\n", &reqs);
+    for (i, (a, b)) in free.iter().zip(&capped).enumerate() {
+        assert_eq!(a.as_ref().unwrap().tokens, b.as_ref().unwrap().tokens, "prompt {i}");
+    }
+    // Uncapped: one prefill of 30 tokens, then 3 decode steps. Capped: 3 prefills of 10 (each
+    // followed by decodes of the sequences admitted so far).
+    assert_eq!(free_stats.prefill_tokens, 30);
+    assert_eq!(free_stats.steps, 4, "{free_stats:?}");
+    assert!(capped_stats.steps > free_stats.steps, "{capped_stats:?} vs {free_stats:?}");
+    let (long, _) = run("max_num_tokens = 8\n", &[greedy(&prompts[0], 4), greedy(&prompts[0][..8], 4)]);
+    let e = long[0].as_ref().unwrap_err().to_string();
+    assert!(e.contains("prompt") && e.contains("10 tokens") && e.contains("max_num_tokens = 8"), "{e}");
+    assert!(long[1].is_ok(), "an 8-token prompt fits a cap of 8");
+}

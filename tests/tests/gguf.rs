@@ -25,14 +25,13 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 }
 
 fn import(path: &Path) -> autodeploy_core::Result<autodeploy_core::Graph> {
+    import_as(path, Some(DType::F32))
+}
+
+/// `dtype: None` is `dtype = "auto"`: block weights stay as stored.
+fn import_as(path: &Path, dtype: Option<DType>) -> autodeploy_core::Result<autodeploy_core::Graph> {
     autodeploy_plugins::link();
-    let req = ImportRequest {
-        path: path.into(),
-        dtype: Some(DType::F32),
-        max_batch_size: 2,
-        max_seq_len: 64,
-        dummy_weights: false,
-    };
+    let req = ImportRequest { path: path.into(), dtype, max_batch_size: 2, max_seq_len: 64, dummy_weights: false };
     registry::importer("gguf").unwrap().import(&req)
 }
 
@@ -70,6 +69,37 @@ fn logits_match_transformers_with_the_dequantized_weights() {
     let got = logits(m.as_mut(), &[1, ids.len()], &ids);
     let d = max_abs_diff(&got, &want, "tiny-mistral.gguf logits");
     assert!(d <= 1e-4, "max abs error {d}");
+}
+
+/// `dtype = "auto"` keeps the Q4_0, Q4_1 and Q8_0 tensors as stored (the kernels read the
+/// blocks) and gives the dequantized model's logits, over the whole prompt (the GEMM path) and
+/// for the first token alone (one row: the decode kernels).
+#[test]
+fn blocks_kept_as_stored_give_the_dequantized_logits() {
+    let g = import_as(&tiny(), None).unwrap();
+    let dump = g.dump();
+    for block in ["q4_0[", "q4_1[", "q8_0["] {
+        assert!(dump.contains(block), "no {block} weight kept as stored:\n{dump}");
+    }
+    let mut m = compile(&g);
+    let st_bytes = reference();
+    let st = SafeTensors::deserialize(&st_bytes).unwrap();
+    let ids: Vec<i64> = st
+        .tensor("tokens")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want = f32s(st.tensor("logits").unwrap().data());
+    let got = logits(m.as_mut(), &[1, ids.len()], &ids);
+    let d = max_abs_diff(&got, &want, "tiny-mistral.gguf logits, blocks kept");
+    eprintln!("blocks kept, whole prompt: max abs error {d:.3e}");
+    assert!(d <= 1e-4, "max abs error {d}");
+    let vocab = want.len() / ids.len();
+    let first = logits(m.as_mut(), &[1, 1], &ids[..1]);
+    let d1 = max_abs_diff(&first, &want[..vocab], "first token alone, blocks kept");
+    assert!(d1 <= 1e-4, "first token alone: max abs error {d1}");
 }
 
 #[test]
