@@ -26,8 +26,8 @@ const F32_TOL: f32 = 5e-5;
 const BF16_VS_CPU_MAX: f32 = 1.5;
 const BF16_VS_CPU_MEAN: f32 = 1.25;
 
-/// Every test here is `#[ignore]`d with the reason "needs an NVIDIA GPU", so a run without a
-/// GPU (CI) counts and names them; on a GPU machine they run with `--include-ignored`.
+// Every test here is `#[ignore]`d with the reason "needs an NVIDIA GPU", so a run without a
+// GPU (CI) counts and names them; on a GPU machine they run with `--include-ignored`.
 
 /// The GPU, one test at a time; a test run without one fails saying why. Run concurrently in
 /// one process, engines capturing CUDA graphs on several threads sometimes see their capture
@@ -202,8 +202,7 @@ fn check_family_dtype(family: &str, dtype: &str) -> Vec<String> {
             family,
             &format!("dtype = \"float32\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\ndevice = \"cpu\"\n"),
         );
-        let truth = run_steps(&mut f32_cpu, &prompts, &decode);
-        truth
+        run_steps(&mut f32_cpu, &prompts, &decode)
     });
     let requests: Vec<_> = prompts.iter().map(|p| greedy(p, 12)).collect();
     let cfg_text = |extra: &str| {
