@@ -102,6 +102,34 @@ fn blocks_kept_as_stored_give_the_dequantized_logits() {
     assert!(d1 <= 1e-4, "first token alone: max abs error {d1}");
 }
 
+/// A GGUF whose every matrix is Q4_K or Q6_K (tiny-kquant.gguf) imports, dequantizes at load
+/// (with `dtype = "auto"` too: K-quants have no block kernels) and gives transformers' logits
+/// with the weights the gguf package dequantizes.
+#[test]
+fn k_quant_tensors_in_a_gguf_file_give_transformers_logits() {
+    let path = fixture("gguf").join("tiny-kquant.gguf");
+    let bytes = std::fs::read(fixture("gguf").join("tiny-kquant.reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<i64> = st
+        .tensor("tokens")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want = f32s(st.tensor("logits").unwrap().data());
+    for dtype in [Some(DType::F32), None] {
+        let g = import_as(&path, dtype).unwrap();
+        let dump = g.dump();
+        assert!(!dump.contains("q4_k[") && !dump.contains("q6_k["), "K-quants are dequantized at load:\n{dump}");
+        let mut m = compile(&g);
+        let got = logits(m.as_mut(), &[1, ids.len()], &ids);
+        let d = max_abs_diff(&got, &want, "tiny-kquant.gguf logits");
+        eprintln!("tiny-kquant.gguf, dtype {dtype:?}: max abs error {d:.3e}");
+        assert!(d <= 1e-4, "dtype {dtype:?}: max abs error {d}");
+    }
+}
+
 #[test]
 fn k_quant_blocks_match_the_gguf_package() {
     let bytes = std::fs::read(fixture("gguf").join("blocks.safetensors")).unwrap();
