@@ -1,0 +1,39 @@
+//! A Hugging Face folder's `tokenizer.json` and `tokenizer_config.json` read by
+//! `Tokenizer::from_hf_dir`, against what transformers' `AutoTokenizer` makes of the same folder
+//! (tests/fixtures/make_tokenizer_fixture.py): ids of hard strings, decoding, bos/eos, the chat
+//! template and its ids.
+
+mod common;
+
+use autodeploy_core::tokenizer::{ChatMessage, Tokenizer};
+use common::fixture;
+
+#[test]
+fn an_hf_folder_tokenizes_as_transformers_does() {
+    let dir = fixture("tokenizer");
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let tok = Tokenizer::from_hf_dir(&dir).unwrap().expect("the folder has a tokenizer.json");
+    assert_eq!(tok.vocab_size() as u64, refs["vocab_size"].as_u64().unwrap());
+    assert_eq!(tok.bos_id, refs["bos_id"].as_i64(), "bos_token (a plain string in the config)");
+    assert_eq!(tok.eos_id, refs["eos_id"].as_i64(), "eos_token (an AddedToken object in the config)");
+    let ids = |v: &serde_json::Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+    let strings = refs["strings"].as_array().unwrap();
+    assert!(strings.len() >= 10);
+    for case in strings {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        assert_eq!(tok.encode(text, false).unwrap(), want, "tokenization of {text:?}");
+        assert_eq!(tok.encode(text, true).unwrap(), want, "add_bos_token is false: no BOS for {text:?}");
+        assert_eq!(tok.decode(&want), case["decoded"].as_str().unwrap(), "decoding of {text:?}");
+    }
+    let msgs: Vec<ChatMessage> = refs["chat_messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage { role: m["role"].as_str().unwrap().into(), content: m["content"].as_str().unwrap().into() })
+        .collect();
+    let prompt = tok.apply_chat_template(&msgs, true).unwrap();
+    assert_eq!(prompt, refs["chat_prompt"].as_str().unwrap());
+    assert_eq!(tok.encode(&prompt, false).unwrap(), ids(&refs["chat_prompt_ids"]));
+}
