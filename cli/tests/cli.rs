@@ -282,3 +282,39 @@ fn ignore_eos_generates_past_the_end_of_turn() {
     assert!(kept_going.contains("(40 tokens, Length)"), "{kept_going}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--model <hub id>` downloads the repository (here from a local stand-in for the Hub, through
+/// `HF_ENDPOINT`) into `HF_HOME` and runs it in place of the file's model: the llama fixture
+/// served as `tiny-org/tiny-llama` generates what the local folder does.
+#[test]
+fn model_flag_takes_a_hub_id() {
+    use autodeploy_tests::hub_server::{serve, REPO};
+    let (endpoint, hits) = serve(root().join("tests/fixtures/llama"));
+    let home = std::env::temp_dir().join(format!("adhub-{}", std::process::id()));
+    let run = |model: Option<&str>| {
+        let mut args = vec!["--config", "examples/llama-fixture.toml", "--device", "cpu"];
+        if let Some(m) = model {
+            args.extend(["--model", m]);
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
+            .args(&args)
+            .current_dir(root())
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HF_HOME", &home)
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{stderr}");
+        stdout.to_string()
+    };
+    let outputs = |s: &str| s.lines().filter(|l| l.contains("] output")).map(str::to_string).collect::<Vec<_>>();
+    let local = run(None);
+    let hub = run(Some(REPO));
+    assert!(hub.contains(&format!("model: {REPO}")), "{hub}");
+    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 6, "the files came from the stand-in hub");
+    assert!(home.join("hub").is_dir(), "downloaded under HF_HOME/hub");
+    assert_eq!(outputs(&hub).len(), 2, "{hub}");
+    assert_eq!(outputs(&hub), outputs(&local));
+    let _ = std::fs::remove_dir_all(&home);
+}

@@ -17,7 +17,8 @@ fn an_hf_folder_tokenizes_as_transformers_does() {
     assert_eq!(tok.vocab_size() as u64, refs["vocab_size"].as_u64().unwrap());
     assert_eq!(tok.bos_id, refs["bos_id"].as_i64(), "bos_token (a plain string in the config)");
     assert_eq!(tok.eos_id, refs["eos_id"].as_i64(), "eos_token (an AddedToken object in the config)");
-    let ids = |v: &serde_json::Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+    let ids =
+        |v: &serde_json::Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
     let strings = refs["strings"].as_array().unwrap();
     assert!(strings.len() >= 10);
     for case in strings {
@@ -31,7 +32,10 @@ fn an_hf_folder_tokenizes_as_transformers_does() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| ChatMessage { role: m["role"].as_str().unwrap().into(), content: m["content"].as_str().unwrap().into() })
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().unwrap().into(),
+            content: m["content"].as_str().unwrap().into(),
+        })
         .collect();
     let prompt = tok.apply_chat_template(&msgs, true).unwrap();
     assert_eq!(prompt, refs["chat_prompt"].as_str().unwrap());
