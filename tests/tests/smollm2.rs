@@ -27,7 +27,9 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
 }
 
 /// Max |ours − transformers| over the prompt's logits. Both dequantize the same blocks to f32 and
-/// run f32 math, so what differs is accumulation order over 30 layers.
+/// run f32 math, so what differs is accumulation order over 30 layers: measured 9.3e-5 on the
+/// development machine; 10x leaves room for other CPUs, where the `gemm` crate picks other
+/// (AVX-512) kernels at run time and so another summation order.
 const LOGITS_MAX_ABS: f32 = 1e-3;
 
 #[test]
