@@ -379,7 +379,7 @@ fn chat(cfg: &PipelineConfig, system: Option<&str>) -> Result<()> {
         let prompt = tok.apply_chat_template(&history, true)?;
         let ids = tok.encode(&prompt, true)?;
         let req = Request { prompt: ids, sampling: sampling_with_eos(cfg, cfg.sampling(None), &engine) };
-        let mut dec = StreamDecoder::new(&tok);
+        let mut dec = StreamDecoder::new(tok.as_ref());
         let eos = tok.eos_id;
         let t0 = std::time::Instant::now();
         let (res, stats) = rt.generate_streaming(&mut engine, &[req], &mut |_, t| {

@@ -161,6 +161,72 @@ pub trait Detokenizer: Send + Sync {
     fn decode(&self, ids: &[i64]) -> String;
 }
 
+/// One completion's text as its tokens arrive, cut where a stop string begins. A token costs
+/// O(its text + the longest stop string): the tokens are decoded a short window at a time
+/// (`StreamDecoder`), and only the new text, with the tail of the old that a stop string could
+/// straddle, is searched.
+pub struct CompletionText<'a> {
+    decoder: crate::tokenizer::StreamDecoder<'a>,
+    text: String,
+    stops: &'a [String],
+    longest_stop: usize,
+    stopped: bool,
+}
+
+impl<'a> CompletionText<'a> {
+    pub fn new(detok: &'a dyn Detokenizer, stops: &'a [String]) -> CompletionText<'a> {
+        let longest_stop = stops.iter().map(String::len).max().unwrap_or(0);
+        CompletionText {
+            decoder: crate::tokenizer::StreamDecoder::new(detok),
+            text: String::new(),
+            stops,
+            longest_stop,
+            stopped: false,
+        }
+    }
+
+    /// Adds a generated token (not a stop token: its text is not part of the completion).
+    /// Returns true once a stop string has appeared; the text then ends before it.
+    pub fn push(&mut self, id: i64) -> bool {
+        if self.stopped {
+            return true;
+        }
+        if let Some(piece) = self.decoder.push(id) {
+            self.append(&piece);
+        }
+        self.stopped
+    }
+
+    fn append(&mut self, piece: &str) {
+        let old = self.text.len();
+        self.text.push_str(piece);
+        if self.stops.is_empty() {
+            return;
+        }
+        // A match that ends in the new text starts at most `longest - 1` bytes before it.
+        let mut from = old.saturating_sub(self.longest_stop.saturating_sub(1));
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let tail = &self.text[from..];
+        if let Some(at) = self.stops.iter().filter_map(|x| tail.find(x.as_str())).min() {
+            self.text.truncate(from + at);
+            self.stopped = true;
+        }
+    }
+
+    /// The completion's text: what a stop string left, else everything decoded, with bytes
+    /// still held back (an incomplete character at the end) rendered as a full decode renders
+    /// them.
+    pub fn finish(mut self) -> String {
+        if !self.stopped {
+            let rest = self.decoder.flush();
+            self.append(&rest);
+        }
+        self.text
+    }
+}
+
 /// Where the time went, for the timing line users see.
 #[derive(Clone, Debug, Default)]
 pub struct RunStats {
@@ -232,4 +298,93 @@ pub fn runtime(cfg: &PipelineConfig) -> Result<Box<dyn Runtime>> {
         names.join(", "),
         crate::plugin_abi::refusals_note()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CompletionText, Detokenizer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Token i is byte i (as a byte-level tokenizer's byte tokens); decoding is lossy UTF-8, so
+    /// a character split across tokens decodes as U+FFFD until complete. Counts decoded ids.
+    #[derive(Default)]
+    struct Bytes {
+        decoded: AtomicUsize,
+    }
+    impl Detokenizer for Bytes {
+        fn decode(&self, ids: &[i64]) -> String {
+            self.decoded.fetch_add(ids.len(), Ordering::Relaxed);
+            String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned()
+        }
+    }
+
+    fn ids(s: &str) -> Vec<i64> {
+        s.bytes().map(i64::from).collect()
+    }
+
+    /// The definition: decode everything, cut at the earliest stop string.
+    fn full(text_ids: &[i64], stops: &[String]) -> (String, bool) {
+        let text = Bytes::default().decode(text_ids);
+        match stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+            Some(at) => (text[..at].to_string(), true),
+            None => (text, false),
+        }
+    }
+
+    /// Feeds tokens until a stop; returns the text, whether it stopped and the tokens taken.
+    fn incremental(d: &Bytes, text_ids: &[i64], stops: &[String]) -> (String, bool, usize) {
+        let mut t = CompletionText::new(d, stops);
+        for (i, &id) in text_ids.iter().enumerate() {
+            if t.push(id) {
+                return (t.finish(), true, i + 1);
+            }
+        }
+        (t.finish(), false, text_ids.len())
+    }
+
+    #[test]
+    fn matches_the_full_decode_across_pieces_and_multibyte_characters() {
+        let cases: &[(&str, &[&str])] = &[
+            ("The capital of France is Paris.", &["Paris", "France"]),
+            ("héllo wörld naïve café", &["wö"]),
+            ("日本語 and 中文 text", &["中文", "and 中"]),
+            ("emoji 😀👍🏽 done", &["👍"]),
+            ("no stop here at all", &["zzz"]),
+            ("abcabcabd", &["abd", "cab"]),
+            ("ends inside a char \u{00e9}", &[]),
+        ];
+        for (text, stops) in cases {
+            let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+            let d = Bytes::default();
+            let (got, stopped, taken) = incremental(&d, &ids(text), &stops);
+            let (want, want_stop) = full(&ids(text), &stops);
+            assert_eq!((got.as_str(), stopped), (want.as_str(), want_stop), "{text:?} {stops:?}");
+            if stopped {
+                // It stopped at the token completing the earliest match, not later.
+                assert!(full(&ids(text)[..taken], &stops).1, "{text:?}: no match in the tokens taken");
+                assert!(!full(&ids(text)[..taken - 1], &stops).1, "{text:?}: a match before the last token taken");
+            }
+        }
+        // Cut mid-character: the held-back bytes come out as a full decode renders them.
+        let mut cut = ids("caf\u{00e9}");
+        cut.pop();
+        let d = Bytes::default();
+        assert_eq!(incremental(&d, &cut, &[]).0, Bytes::default().decode(&cut));
+        assert!(incremental(&d, &cut, &[]).0.ends_with('\u{FFFD}'));
+    }
+
+    #[test]
+    fn each_token_decodes_a_short_window() {
+        // 5,000 tokens of mixed one- to four-byte characters: a full decode per token would
+        // decode about 12.5 million ids; the windowed decoder a few per token.
+        let text: String = "ab é 日 😀 ".repeat(400);
+        let t = ids(&text);
+        let stops = vec!["not present".to_string(), "😀😀".to_string()];
+        let d = Bytes::default();
+        let (got, stopped, _) = incremental(&d, &t, &stops);
+        assert!(!stopped);
+        assert_eq!(got, text);
+        let decoded = d.decoded.load(Ordering::Relaxed);
+        assert!(decoded <= 12 * t.len(), "{decoded} ids decoded for {} tokens", t.len());
+    }
 }

@@ -3,6 +3,7 @@
 //! pre-tokenizer `tokenizer.ggml.pre` names). Plus streaming detokenization that never splits a
 //! multi-byte character, and chat templates rendered with `minijinja`.
 
+use crate::runtime::Detokenizer;
 use std::path::{Path, PathBuf};
 
 use minijinja::{context, Environment};
@@ -207,23 +208,25 @@ impl Tokenizer {
     }
 }
 
-impl crate::runtime::Detokenizer for Tokenizer {
+impl Detokenizer for Tokenizer {
     fn decode(&self, ids: &[i64]) -> String {
         Tokenizer::decode(self, ids)
     }
 }
 
 /// Turns a growing list of token ids into text pieces, holding back bytes until they form whole
-/// characters (a multi-byte character split across tokens is emitted once complete).
+/// characters (a multi-byte character split across tokens is emitted once complete). Each push
+/// decodes only a short window (the tokens since the last emitted piece, and one before them
+/// for context), so a completion of n tokens costs O(n), not O(n²).
 pub struct StreamDecoder<'a> {
-    tok: &'a Tokenizer,
+    tok: &'a dyn Detokenizer,
     ids: Vec<i64>,
     prefix: usize,
     read: usize,
 }
 
 impl<'a> StreamDecoder<'a> {
-    pub fn new(tok: &'a Tokenizer) -> Self {
+    pub fn new(tok: &'a dyn Detokenizer) -> Self {
         StreamDecoder { tok, ids: Vec::new(), prefix: 0, read: 0 }
     }
 
@@ -239,5 +242,18 @@ impl<'a> StreamDecoder<'a> {
         self.prefix = self.read;
         self.read = self.ids.len();
         Some(piece)
+    }
+
+    /// The text of the tokens still held back (an incomplete character decodes lossily, as a
+    /// full decode would render it); empty when nothing is held.
+    pub fn flush(&mut self) -> String {
+        if self.read == self.ids.len() {
+            return String::new();
+        }
+        let before = self.tok.decode(&self.ids[self.prefix..self.read]);
+        let now = self.tok.decode(&self.ids[self.prefix..]);
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        now.get(before.len()..).unwrap_or_default().to_string()
     }
 }

@@ -10,8 +10,8 @@ use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::{PagePool, PagedKvCache};
 use autodeploy_core::pipeline::Engine;
 use autodeploy_core::runtime::{
-    check_request, forward_cached, Completion, FinishReason, Request, RunStats, Runtime, RuntimePlugin, SeqStep,
-    StepOut as Step,
+    check_request, forward_cached, Completion, CompletionText, FinishReason, Request, RunStats, Runtime, RuntimePlugin,
+    SeqStep, StepOut as Step,
 };
 use autodeploy_core::sampling::{RowDraw, Sampler};
 use autodeploy_core::Tensor;
@@ -27,7 +27,7 @@ pub struct DemoLlm {
     max_seq_len: usize,
 }
 
-struct Seq {
+struct Seq<'a> {
     req: usize,
     tokens: Vec<i64>,
     prompt_len: usize,
@@ -35,6 +35,8 @@ struct Seq {
     cached: usize,
     pages: Vec<u32>,
     sampler: Sampler,
+    /// The completion's text so far, when the engine can decode tokens.
+    text: Option<CompletionText<'a>>,
 }
 
 impl DemoLlm {
@@ -56,7 +58,12 @@ impl DemoLlm {
     /// One forward over `seqs`, each contributing `tokens[cached..]`; returns each sequence's
     /// next token, sampled from its last token's logits (greedy batches on a model that can
     /// take the argmax where the logits are get ids back, not logits).
-    fn step(&self, engine: &mut Engine, cache: Option<&mut PagedKvCache>, seqs: &mut [&mut Seq]) -> Result<Vec<i64>> {
+    fn step(
+        &self,
+        engine: &mut Engine,
+        cache: Option<&mut PagedKvCache>,
+        seqs: &mut [&mut Seq<'_>],
+    ) -> Result<Vec<i64>> {
         // Each sequence's draw for this token, taken before the forward: the same draw picks
         // the token on the host or where the logits are.
         let draws: Vec<RowDraw> = seqs.iter_mut().map(|s| s.sampler.draw()).collect();
@@ -67,7 +74,7 @@ impl DemoLlm {
         &self,
         engine: &mut Engine,
         cache: Option<&mut PagedKvCache>,
-        seqs: &[&mut Seq],
+        seqs: &[&mut Seq<'_>],
         draws: &[RowDraw],
     ) -> Result<Step> {
         let Some(cache) = cache else {
@@ -99,6 +106,8 @@ impl Runtime for DemoLlm {
         on_token: &mut dyn FnMut(usize, i64),
     ) -> (Vec<Result<Completion>>, RunStats) {
         let mut results: Vec<Option<Result<Completion>>> = (0..requests.len()).map(|_| None).collect();
+        // Held here, apart from the engine the steps borrow mutably.
+        let detok = engine.detokenizer.clone();
         let mut stats = RunStats::default();
         let max_len = engine.max_seq_len_within(self.max_seq_len);
         let mut pool = PagePool::new(engine.kv_pages);
@@ -145,6 +154,7 @@ impl Runtime for DemoLlm {
                     cached: 0,
                     pages,
                     sampler: Sampler::new(r.sampling.clone()),
+                    text: detok.as_deref().map(|d| CompletionText::new(d, &r.sampling.stop_strings)),
                 });
             }
             let prefill = !new.is_empty();
@@ -195,21 +205,14 @@ impl Runtime for DemoLlm {
                 stats.decode_tokens += batch.len();
                 stats.decode_time += t0.elapsed();
             }
-            for s in batch {
+            for mut s in batch {
                 let generated = s.tokens.len() - s.prompt_len;
                 let last = *s.tokens.last().expect("just pushed");
                 let p = s.sampler.params();
-                let mut text = engine.detokenizer.as_ref().map(|d| d.decode(&s.tokens[s.prompt_len..]));
-                let stop_at =
-                    text.as_ref().and_then(|t| p.stop_strings.iter().filter_map(|x| t.find(x.as_str())).min());
-                if let (Some(t), Some(at)) = (text.as_mut(), stop_at) {
-                    t.truncate(at);
-                }
-                if p.stop_token_ids.contains(&last) && stop_at.is_none() {
-                    // The stop token ends the text; it is not part of it.
-                    text = engine.detokenizer.as_ref().map(|d| d.decode(&s.tokens[s.prompt_len..s.tokens.len() - 1]));
-                }
-                let finish = if p.stop_token_ids.contains(&last) || stop_at.is_some() {
+                let stop_token = p.stop_token_ids.contains(&last);
+                // A stop token ends the text; it is not part of it.
+                let stop_string = !stop_token && s.text.as_mut().is_some_and(|t| t.push(last));
+                let finish = if stop_token || stop_string {
                     Some(FinishReason::Stop)
                 } else if generated >= p.max_new_tokens || s.tokens.len() >= max_len {
                     Some(FinishReason::Length)
@@ -218,7 +221,8 @@ impl Runtime for DemoLlm {
                 };
                 match finish {
                     Some(f) => {
-                        pool.release(s.pages);
+                        pool.release(std::mem::take(&mut s.pages));
+                        let text = s.text.take().map(CompletionText::finish);
                         results[s.req] =
                             Some(Ok(Completion { tokens: s.tokens[s.prompt_len..].to_vec(), text, finish: f }));
                     }
