@@ -5,6 +5,7 @@ pub mod config;
 pub mod cpu;
 pub mod custom_op;
 pub mod dtype;
+pub mod engine_core;
 pub mod error;
 pub mod gguf;
 pub mod hub;

@@ -165,16 +165,16 @@ pub trait Detokenizer: Send + Sync {
 /// O(its text + the longest stop string): the tokens are decoded a short window at a time
 /// (`StreamDecoder`), and only the new text, with the tail of the old that a stop string could
 /// straddle, is searched.
-pub struct CompletionText<'a> {
-    decoder: crate::tokenizer::StreamDecoder<'a>,
+pub struct CompletionText {
+    decoder: crate::tokenizer::StreamDecoder<std::sync::Arc<dyn Detokenizer>>,
     text: String,
-    stops: &'a [String],
+    stops: Vec<String>,
     longest_stop: usize,
     stopped: bool,
 }
 
-impl<'a> CompletionText<'a> {
-    pub fn new(detok: &'a dyn Detokenizer, stops: &'a [String]) -> CompletionText<'a> {
+impl CompletionText {
+    pub fn new(detok: std::sync::Arc<dyn Detokenizer>, stops: Vec<String>) -> CompletionText {
         let longest_stop = stops.iter().map(String::len).max().unwrap_or(0);
         CompletionText {
             decoder: crate::tokenizer::StreamDecoder::new(detok),
@@ -304,6 +304,7 @@ pub fn runtime(cfg: &PipelineConfig) -> Result<Box<dyn Runtime>> {
 mod tests {
     use super::{CompletionText, Detokenizer};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     /// Token i is byte i (as a byte-level tokenizer's byte tokens); decoding is lossy UTF-8, so
     /// a character split across tokens decodes as U+FFFD until complete. Counts decoded ids.
@@ -332,8 +333,8 @@ mod tests {
     }
 
     /// Feeds tokens until a stop; returns the text, whether it stopped and the tokens taken.
-    fn incremental(d: &Bytes, text_ids: &[i64], stops: &[String]) -> (String, bool, usize) {
-        let mut t = CompletionText::new(d, stops);
+    fn incremental(d: &Arc<Bytes>, text_ids: &[i64], stops: &[String]) -> (String, bool, usize) {
+        let mut t = CompletionText::new(d.clone(), stops.to_vec());
         for (i, &id) in text_ids.iter().enumerate() {
             if t.push(id) {
                 return (t.finish(), true, i + 1);
@@ -355,7 +356,7 @@ mod tests {
         ];
         for (text, stops) in cases {
             let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-            let d = Bytes::default();
+            let d = Arc::new(Bytes::default());
             let (got, stopped, taken) = incremental(&d, &ids(text), &stops);
             let (want, want_stop) = full(&ids(text), &stops);
             assert_eq!((got.as_str(), stopped), (want.as_str(), want_stop), "{text:?} {stops:?}");
@@ -368,7 +369,7 @@ mod tests {
         // Cut mid-character: the held-back bytes come out as a full decode renders them.
         let mut cut = ids("caf\u{00e9}");
         cut.pop();
-        let d = Bytes::default();
+        let d = Arc::new(Bytes::default());
         assert_eq!(incremental(&d, &cut, &[]).0, Bytes::default().decode(&cut));
         assert!(incremental(&d, &cut, &[]).0.ends_with('\u{FFFD}'));
     }
@@ -380,7 +381,7 @@ mod tests {
         let text: String = "ab é 日 😀 ".repeat(400);
         let t = ids(&text);
         let stops = vec!["not present".to_string(), "😀😀".to_string()];
-        let d = Bytes::default();
+        let d = Arc::new(Bytes::default());
         let (got, stopped, _) = incremental(&d, &t, &stops);
         assert!(!stopped);
         assert_eq!(got, text);

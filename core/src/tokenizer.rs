@@ -218,15 +218,21 @@ impl Detokenizer for Tokenizer {
 /// characters (a multi-byte character split across tokens is emitted once complete). Each push
 /// decodes only a short window (the tokens since the last emitted piece, and one before them
 /// for context), so a completion of n tokens costs O(n), not O(n²).
-pub struct StreamDecoder<'a> {
-    tok: &'a dyn Detokenizer,
+/// `D` is how the decoder holds its detokenizer: a reference (`&Tokenizer`) or a shared
+/// handle (`Arc<dyn Detokenizer>`) for a decoder that outlives the caller's borrow.
+pub struct StreamDecoder<D> {
+    tok: D,
     ids: Vec<i64>,
     prefix: usize,
     read: usize,
 }
 
-impl<'a> StreamDecoder<'a> {
-    pub fn new(tok: &'a dyn Detokenizer) -> Self {
+impl<D> StreamDecoder<D>
+where
+    D: std::ops::Deref,
+    D::Target: Detokenizer,
+{
+    pub fn new(tok: D) -> Self {
         StreamDecoder { tok, ids: Vec::new(), prefix: 0, read: 0 }
     }
 

@@ -214,3 +214,49 @@ fn max_num_tokens_splits_prefills_and_refuses_longer_prompts() {
     assert!(e.contains("prompt") && e.contains("10 tokens") && e.contains("max_num_tokens = 8"), "{e}");
     assert!(long[1].is_ok(), "an 8-token prompt fits a cap of 8");
 }
+
+/// The engine core is a loop: requests join while others decode, one is aborted mid-way (its
+/// pages back in the pool at once), and each that finishes generates what it generates alone.
+#[test]
+fn requests_join_and_leave_the_engine_core_between_steps() {
+    use autodeploy_core::engine_core::{EngineCore, Event, Limits};
+    let refs = references("llama");
+    let mut e = engine("llama", "attn_page_size = 4\nmax_batch_size = 4");
+    let limits = Limits { max_batch_size: 4, max_num_tokens: 512, page_size: 4, max_seq_len: 128 };
+    let mut core = EngineCore::new(&e, limits);
+    let (pa, pb, pc) = (refs[0].0.clone(), refs[1].0.clone(), vec![7, 8, 9, 10, 11, 12]);
+    let a = core.add_request(&e, greedy(&pa, 20)).unwrap();
+    let c = core.add_request(&e, greedy(&pc, 20)).unwrap();
+    let mut tokens: std::collections::HashMap<u64, Vec<i64>> = Default::default();
+    let mut done: std::collections::HashMap<u64, Vec<i64>> = Default::default();
+    let mut step = |core: &mut EngineCore, e: &mut autodeploy_core::pipeline::Engine| {
+        for ev in core.step(e) {
+            match ev {
+                Event::Token { id, token } => tokens.entry(id).or_default().push(token),
+                Event::Finished { id, result } => {
+                    done.insert(id, result.unwrap().tokens);
+                }
+            }
+        }
+    };
+    for _ in 0..3 {
+        step(&mut core, &mut e);
+    }
+    let in_use = core.pages_in_use();
+    assert!(core.abort(c), "c is running");
+    assert!(core.pages_in_use() < in_use, "aborting c returns its pages");
+    assert!(!core.abort(c), "c is gone");
+    let b = core.add_request(&e, greedy(&pb, 12)).unwrap();
+    while core.has_unfinished() {
+        step(&mut core, &mut e);
+    }
+    assert_eq!(core.pages_in_use(), 0, "every page back once all requests ended");
+    assert!(!done.contains_key(&c), "an aborted request does not finish");
+    assert_eq!(done[&a], refs[0].1[..20].to_vec(), "a, with c aborted and b joining beside it");
+    assert_eq!(done[&b], refs[1].1[..12].to_vec(), "b, joining mid-way");
+    assert_eq!(tokens[&a], done[&a], "a's streamed tokens are its completion");
+    // A bad request is refused at add_request and the core is unaffected.
+    let e2 = core.add_request(&e, greedy(&[1, 99999], 4)).unwrap_err().to_string();
+    assert!(e2.contains("99999"), "{e2}");
+    assert!(!core.has_unfinished());
+}
