@@ -3,10 +3,15 @@
 //! happened (new tokens, finished or failed requests). Runtimes drive it; the KV-cache pages it
 //! hands out live as long as it does, and a finished or aborted request's pages go back at once.
 //!
-//! Scheduling here is the simple policy `demollm` has always had: first come, first served;
-//! new requests are admitted while the batch, the token budget (`max_num_tokens`) and the free
-//! pages allow, and a step prefills the newly admitted prompts together or else decodes every
-//! running sequence by one token.
+//! Two scheduling policies, both first come, first served:
+//! - `Policy::PrefillFirst` (`demollm`): new requests are admitted while the batch, the token
+//!   budget (`max_num_tokens`) and the free pages allow, and a step prefills the newly admitted
+//!   prompts together or else decodes every running sequence by one token.
+//! - `Policy::InFlight` (`trtllm`): every step decodes every running sequence and fills the rest
+//!   of the token budget with prefill chunks (a long prompt is prefilled over several steps, so
+//!   it never stalls the decoders); when a decode needs a page and none is free, the most
+//!   recently admitted other sequence is preempted: its pages are freed and it is queued again,
+//!   to be recomputed from its tokens so far.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,6 +39,13 @@ pub enum Event {
     Finished { id: RequestId, result: Result<Completion> },
 }
 
+/// How a step is put together (module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    PrefillFirst,
+    InFlight,
+}
+
 /// What the core schedules within (the config's values).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -57,6 +69,7 @@ struct Seq {
 
 pub struct EngineCore {
     limits: Limits,
+    policy: Policy,
     /// The longest sequence a request may reach (prompt + generated).
     max_len: usize,
     pool: PagePool,
@@ -69,10 +82,15 @@ pub struct EngineCore {
 }
 
 impl EngineCore {
-    /// A core for `engine`: its page pool holds the engine's `kv_pages`.
+    /// A core for `engine` with `demollm`'s policy: its page pool holds the engine's `kv_pages`.
     pub fn new(engine: &Engine, limits: Limits) -> EngineCore {
+        EngineCore::with_policy(engine, limits, Policy::PrefillFirst)
+    }
+
+    pub fn with_policy(engine: &Engine, limits: Limits, policy: Policy) -> EngineCore {
         EngineCore {
             limits,
+            policy,
             max_len: engine.max_seq_len_within(limits.max_seq_len),
             pool: PagePool::new(engine.kv_pages),
             cache: engine.cache.clone().map(|spec| PagedKvCache::new(spec, limits.page_size)),
@@ -88,7 +106,12 @@ impl EngineCore {
     /// long, token ids outside the vocabulary) is refused here, naming the field, and nothing
     /// else is affected.
     pub fn add_request(&mut self, engine: &Engine, req: Request) -> Result<RequestId> {
-        check_request(engine, &req, self.max_len, self.limits.max_num_tokens)?;
+        // In flight, a prompt longer than the token budget is prefilled in chunks.
+        let budget = match self.policy {
+            Policy::PrefillFirst => self.limits.max_num_tokens,
+            Policy::InFlight => usize::MAX,
+        };
+        check_request(engine, &req, self.max_len, budget)?;
         let id = self.next_id;
         self.next_id += 1;
         let text = self.detok.clone().map(|d| CompletionText::new(d, req.sampling.stop_strings.clone()));
@@ -169,9 +192,18 @@ impl EngineCore {
         new
     }
 
-    /// Runs one step: a prefill of newly admitted requests, else one decode token for every
-    /// running sequence. Returns what happened; empty when there is nothing to do.
+    /// Runs one step under the core's policy. Returns what happened; empty when there is
+    /// nothing to do.
     pub fn step(&mut self, engine: &mut Engine) -> Vec<Event> {
+        match self.policy {
+            Policy::PrefillFirst => self.step_prefill_first(engine),
+            Policy::InFlight => self.step_in_flight(engine),
+        }
+    }
+
+    /// `Policy::PrefillFirst`: a prefill of newly admitted requests, else one decode token for
+    /// every running sequence.
+    fn step_prefill_first(&mut self, engine: &mut Engine) -> Vec<Event> {
         let mut events = Vec::new();
         let new = self.admit(engine);
         let prefill = !new.is_empty();
@@ -200,17 +232,182 @@ impl EngineCore {
                 s.pages.push(self.pool.alloc().expect("the pool holds max_batch_size full sequences"));
             }
         }
+        let chunks: Vec<usize> = batch.iter().map(|s| s.tokens.len() - s.cached).collect();
+        self.run(engine, batch, &chunks, &mut events);
+        events
+    }
+
+    /// `Policy::InFlight`: every running sequence's decode token, then prefill chunks (running
+    /// prompts not yet fully prefilled first, then newly admitted ones) up to `max_num_tokens`.
+    fn step_in_flight(&mut self, engine: &mut Engine) -> Vec<Event> {
+        if self.cache.is_none() {
+            // An uncached graph runs whole sequences; there is nothing to chunk.
+            return self.step_prefill_first(engine);
+        }
+        let mut events = Vec::new();
+        let page = self.limits.page_size;
+        let mut budget = self.limits.max_num_tokens;
+        // Decodes first: each needs room for one more position, preempting the most recently
+        // admitted other sequence when the pool is empty.
+        let mut decodes: Vec<Seq> = Vec::new();
+        let mut prefilling: Vec<Seq> = Vec::new();
+        for s in std::mem::take(&mut self.running) {
+            if s.tokens.len() - s.cached == 1 {
+                decodes.push(s);
+            } else {
+                prefilling.push(s);
+            }
+        }
+        let mut batch: Vec<Seq> = Vec::new();
+        let mut chunks: Vec<usize> = Vec::new();
+        let mut preempted: Vec<Seq> = Vec::new();
+        while let Some(mut s) = (!decodes.is_empty()).then(|| decodes.remove(0)) {
+            if budget == 0 {
+                self.running.push(s);
+                continue;
+            }
+            let need = s.tokens.len().div_ceil(page);
+            while s.pages.len() < need {
+                match self.pool.alloc() {
+                    Some(p) => s.pages.push(p),
+                    None => {
+                        // The newest sequence still waiting for this step gives way.
+                        let victim = prefilling.pop().or_else(|| decodes.pop());
+                        match victim {
+                            Some(v) => preempted.push(self.preempt(v)),
+                            None => break,
+                        }
+                    }
+                }
+            }
+            if s.pages.len() < need {
+                // Not even this sequence alone fits: it gives way too.
+                preempted.push(self.preempt(s));
+                continue;
+            }
+            budget -= 1;
+            chunks.push(1);
+            batch.push(s);
+        }
+        // Prefill chunks: running prompts first, then new admissions, as pages and budget allow.
+        for mut s in prefilling {
+            let n = self.chunk_for(&mut s, budget);
+            if n == 0 {
+                self.running.push(s);
+                continue;
+            }
+            budget -= n;
+            chunks.push(n);
+            batch.push(s);
+        }
+        while budget > 0 && batch.len() + self.running.len() < self.limits.max_batch_size {
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            if let Some(slot) = engine.model.kv_pages_per_sequence() {
+                match self.pool.alloc_run(slot) {
+                    Some(run) => s.pages = run,
+                    None => {
+                        self.waiting.push_front(s);
+                        break;
+                    }
+                }
+            }
+            let n = self.chunk_for(&mut s, budget);
+            if n == 0 {
+                self.pool.release(std::mem::take(&mut s.pages));
+                self.waiting.push_front(s);
+                break;
+            }
+            budget -= n;
+            chunks.push(n);
+            batch.push(s);
+        }
+        // Preempted sequences go back to the front of the queue, oldest first.
+        for s in preempted.into_iter() {
+            self.waiting.push_front(s);
+        }
+        if batch.is_empty() {
+            if self.running.is_empty() {
+                if let Some(s) = self.waiting.pop_front() {
+                    let need = engine.model.kv_pages_per_sequence().unwrap_or_else(|| self.pages_for(s.tokens.len()));
+                    let msg = format!(
+                        "the request needs {need} KV-cache pages of {page} tokens for its {} tokens, and the engine has {} in all",
+                        s.tokens.len(),
+                        self.pool.capacity()
+                    );
+                    events.push(Event::Finished { id: s.id, result: Err(Error::Msg(msg)) });
+                }
+            }
+            return events;
+        }
+        self.run(engine, batch, &chunks, &mut events);
+        events
+    }
+
+    /// How many of `s`'s uncached tokens fit this step (at most `budget`), with the pages for
+    /// them taken from the pool; 0 when none fit.
+    fn chunk_for(&mut self, s: &mut Seq, budget: usize) -> usize {
+        let page = self.limits.page_size;
+        let mut n = (s.tokens.len() - s.cached).min(budget);
+        // Pages the chunk needs beyond those the sequence holds, as far as the pool allows.
+        while n > 0 {
+            let need = (s.cached + n).div_ceil(page);
+            if need <= s.pages.len() {
+                break;
+            }
+            if self.pool.available() >= need - s.pages.len() {
+                while s.pages.len() < need {
+                    s.pages.push(self.pool.alloc().expect("availability checked"));
+                }
+                break;
+            }
+            // Shrink to what the free pages hold.
+            n = (s.pages.len() + self.pool.available()) * page - s.cached;
+            n = n.min(s.tokens.len() - s.cached).min(budget);
+            if (s.cached + n).div_ceil(page) > s.pages.len() + self.pool.available() {
+                n = 0;
+            }
+        }
+        n
+    }
+
+    /// Frees `s`'s pages and resets it to be recomputed from its tokens so far (its sampler
+    /// keeps its state, so a seeded request continues its own sequence of draws).
+    fn preempt(&mut self, mut s: Seq) -> Seq {
+        self.pool.release(std::mem::take(&mut s.pages));
+        s.cached = 0;
+        self.stats.preemptions += 1;
+        s
+    }
+
+    /// One forward over `batch`, sequence i contributing `chunks[i]` tokens from its `cached`
+    /// (its pages already hold them). A sequence whose chunk reaches the end of its tokens gets
+    /// its next token; the others (prefill chunks) only advance. Finished sequences release
+    /// their pages; the rest go back to running.
+    fn run(&mut self, engine: &mut Engine, mut batch: Vec<Seq>, chunks: &[usize], events: &mut Vec<Event>) {
         if let Some(c) = self.cache.as_mut().filter(|_| !engine.model.owns_kv_cache()) {
             let top = batch.iter().flat_map(|s| s.pages.iter()).map(|&p| p as usize + 1).max().unwrap_or(0);
             c.ensure_pages(top);
         }
         self.stats.peak_pages = self.stats.peak_pages.max(self.pages_in_use());
+        self.stats.max_step_tokens = self.stats.max_step_tokens.max(chunks.iter().sum());
         let t0 = Instant::now();
-        let n_tokens: usize = batch.iter().map(|s| s.tokens.len() - s.cached).sum();
-        // Each sequence's draw for this token, taken before the forward: the same draw picks
-        // the token on the host or where the logits are.
-        let draws: Vec<RowDraw> = batch.iter_mut().map(|s| s.sampler.draw()).collect();
-        let next = forward(engine, self.cache.as_mut(), self.limits.page_size, &batch, &draws)
+        let completes: Vec<bool> = batch.iter().zip(chunks).map(|(s, &n)| s.cached + n == s.tokens.len()).collect();
+        // A decode feeds one generated token; everything else (prompts, recomputation after a
+        // preemption) is prefill.
+        let is_decode = |s: &Seq, n: usize| n == 1 && s.cached + 1 == s.tokens.len() && s.cached >= s.prompt_len;
+        let decodes = batch.iter().zip(chunks).filter(|(s, &n)| is_decode(s, n)).count();
+        let prefill_tokens: usize = batch.iter().zip(chunks).filter(|(s, &n)| !is_decode(s, n)).map(|(_, &n)| n).sum();
+        // Each completing sequence's draw for this token, taken before the forward: the same
+        // draw picks the token on the host or where the logits are. A chunk that does not reach
+        // the end of its prompt takes no draw (its row is not used).
+        let draws: Vec<RowDraw> = batch
+            .iter_mut()
+            .zip(&completes)
+            .map(
+                |(s, &c)| if c { s.sampler.draw() } else { RowDraw { temperature: 0.0, top_k: 0, top_p: 1.0, u: 0.0 } },
+            )
+            .collect();
+        let next = forward(engine, self.cache.as_mut(), self.limits.page_size, &batch, chunks, &draws)
             .and_then(|out| out.tokens(&draws));
         self.stats.steps += 1;
         let next = match next {
@@ -225,28 +422,29 @@ impl EngineCore {
                         result: Err(Error::Msg(format!("forward step failed: {msg}"))),
                     });
                 }
-                return events;
+                return;
             }
         };
-        for (s, &t) in batch.iter_mut().zip(&next) {
-            s.cached = s.tokens.len();
-            s.tokens.push(t);
-            events.push(Event::Token { id: s.id, token: t });
-        }
-        if prefill {
-            self.stats.prefill_tokens += n_tokens;
+        if prefill_tokens > 0 {
+            self.stats.prefill_tokens += prefill_tokens;
             self.stats.prefill_time += t0.elapsed();
         } else {
-            self.stats.decode_tokens += batch.len();
             self.stats.decode_time += t0.elapsed();
         }
-        for mut s in batch {
+        self.stats.decode_tokens += decodes;
+        for ((mut s, &n), (&t, &complete)) in batch.into_iter().zip(chunks).zip(next.iter().zip(&completes)) {
+            s.cached += n;
+            if !complete {
+                self.running.push(s);
+                continue;
+            }
+            s.tokens.push(t);
+            events.push(Event::Token { id: s.id, token: t });
             let generated = s.tokens.len() - s.prompt_len;
-            let last = *s.tokens.last().expect("just pushed");
             let p = s.sampler.params();
-            let stop_token = p.stop_token_ids.contains(&last);
+            let stop_token = p.stop_token_ids.contains(&t);
             // A stop token ends the text; it is not part of it.
-            let stop_string = !stop_token && s.text.as_mut().is_some_and(|t| t.push(last));
+            let stop_string = !stop_token && s.text.as_mut().is_some_and(|x| x.push(t));
             let finish = if stop_token || stop_string {
                 Some(FinishReason::Stop)
             } else if generated >= p.max_new_tokens || s.tokens.len() >= self.max_len {
@@ -264,17 +462,17 @@ impl EngineCore {
                 None => self.running.push(s),
             }
         }
-        events
     }
 }
 
-/// One forward over `seqs`, each contributing `tokens[cached..]`: through the paged cache, or
-/// (an uncached graph) a full-sequence forward per sequence.
+/// One forward over `seqs`, sequence i contributing `chunks[i]` tokens from its `cached`:
+/// through the paged cache, or (an uncached graph) a full-sequence forward per sequence.
 fn forward(
     engine: &mut Engine,
     cache: Option<&mut PagedKvCache>,
     page_size: usize,
     seqs: &[Seq],
+    chunks: &[usize],
     draws: &[RowDraw],
 ) -> Result<StepOut> {
     let Some(cache) = cache else {
@@ -289,7 +487,10 @@ fn forward(
         }
         return Ok(StepOut::Logits(rows));
     };
-    let steps: Vec<SeqStep> =
-        seqs.iter().map(|s| SeqStep { new_tokens: &s.tokens[s.cached..], cached: s.cached, pages: &s.pages }).collect();
+    let steps: Vec<SeqStep> = seqs
+        .iter()
+        .zip(chunks)
+        .map(|(s, &n)| SeqStep { new_tokens: &s.tokens[s.cached..s.cached + n], cached: s.cached, pages: &s.pages })
+        .collect();
     forward_cached(engine, cache, page_size, &steps, draws)
 }

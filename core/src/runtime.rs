@@ -238,6 +238,10 @@ pub struct RunStats {
     /// Peak KV-cache pages in use, and bytes of cache storage.
     pub peak_pages: usize,
     pub cache_bytes: usize,
+    /// Sequences whose pages were taken back to make room (recomputed later).
+    pub preemptions: usize,
+    /// The most tokens one step carried.
+    pub max_step_tokens: usize,
 }
 
 pub trait Runtime {

@@ -15,7 +15,7 @@ pub mod importers {
     pub mod torch_export;
 }
 pub mod runtime {
-    pub mod demollm;
+    pub mod builtin;
 }
 pub mod transforms {
     pub mod fusion;

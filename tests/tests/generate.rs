@@ -260,3 +260,80 @@ fn requests_join_and_leave_the_engine_core_between_steps() {
     assert!(e2.contains("99999"), "{e2}");
     assert!(!core.has_unfinished());
 }
+
+/// Generates with the runtime `runtime` on an engine whose KV cache holds `kv_pages` pages
+/// (all the engine plans when `None`); returns the completions and the run's stats.
+fn run_with(
+    fam: &str,
+    runtime: &str,
+    extra: &str,
+    kv_pages: Option<usize>,
+    reqs: &[autodeploy_core::runtime::Request],
+) -> (Vec<autodeploy_core::runtime::Completion>, autodeploy_core::runtime::RunStats) {
+    let extra = format!("runtime = \"{runtime}\"\n{extra}");
+    let toml =
+        format!("model = {:?}\ndtype = \"float32\"\nmax_seq_len = 128\n{extra}", fixture(fam).display().to_string());
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+    let mut e = engine(fam, &extra);
+    if let Some(n) = kv_pages {
+        e.kv_pages = n;
+    }
+    let (out, stats) = autodeploy_core::runtime::runtime(&cfg).unwrap().generate(&mut e, reqs);
+    (out.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{fam} {runtime}: {e}"))).collect(), stats)
+}
+
+/// `trtllm` (in-flight batching) gives `demollm`'s tokens, and transformers' for the reference
+/// prompts, with a token budget small enough that long prompts are prefilled in chunks beside
+/// the other sequences' decodes; seeded sampling draws the same.
+#[test]
+fn trtllm_chunks_prefills_beside_decodes_and_matches_demollm() {
+    for fam in FAMILIES {
+        let refs = references(fam);
+        let mut reqs: Vec<_> = refs.iter().map(|(p, w)| greedy(p, w.len())).collect();
+        reqs.push(greedy(&(0..18).map(|i| 3 + (i * 13) % 250).collect::<Vec<i64>>(), 10));
+        reqs.push(greedy(&[42], 6));
+        reqs.push(autodeploy_core::runtime::Request {
+            prompt: vec![3, 14, 15, 92, 65, 35, 89, 79, 32],
+            sampling: SamplingParams {
+                max_new_tokens: 8,
+                temperature: 1.0,
+                top_k: 40,
+                seed: Some(11),
+                ..Default::default()
+            },
+        });
+        let base = "attn_page_size = 4\nmax_batch_size = 4\n";
+        let (demo, demo_stats) = run_with(fam, "demollm", base, None, &reqs);
+        let (inflight, stats) = run_with(fam, "trtllm", &format!("{base}max_num_tokens = 8\n"), None, &reqs);
+        for (i, (a, b)) in demo.iter().zip(&inflight).enumerate() {
+            assert_eq!(a.tokens, b.tokens, "{fam} request {i}: trtllm vs demollm");
+        }
+        for (i, (_, want)) in refs.iter().enumerate() {
+            assert_eq!(&inflight[i].tokens, want, "{fam} reference prompt {i} through trtllm");
+        }
+        // 11- and 18-token prompts under a budget of 8: no step above 8 tokens (demollm
+        // prefilled four prompts in one step), and no preemption with room to spare.
+        assert!(demo_stats.max_step_tokens > 8, "{demo_stats:?}");
+        assert_eq!(stats.max_step_tokens, 8, "{stats:?}");
+        assert_eq!(stats.preemptions, 0, "{stats:?}");
+    }
+}
+
+/// When the KV cache cannot hold every running sequence, `trtllm` preempts one (frees its
+/// pages, recomputes it later) instead of failing or hanging, and every request still gets
+/// the tokens it gets with room to spare.
+#[test]
+fn trtllm_preempts_when_pages_run_out_and_recomputes() {
+    let reqs: Vec<_> =
+        (0..4).map(|r| greedy(&(0..10).map(|i| 3 + (i * 7 + r * 29) % 250).collect::<Vec<i64>>(), 20)).collect();
+    let base = "attn_page_size = 4\nmax_batch_size = 4\n";
+    let (roomy, roomy_stats) = run_with("qwen3", "trtllm", base, None, &reqs);
+    assert_eq!(roomy_stats.preemptions, 0);
+    // Each sequence reaches 30 tokens (8 pages of 4); 14 pages hold fewer than two of them.
+    let (tight, stats) = run_with("qwen3", "trtllm", base, Some(14), &reqs);
+    assert!(stats.preemptions > 0, "{stats:?}");
+    assert!(stats.peak_pages <= 14, "{stats:?}");
+    for (i, (a, b)) in roomy.iter().zip(&tight).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i} after preemption");
+    }
+}

@@ -1,26 +1,46 @@
-//! `demollm`: a simple, debuggable runtime over the engine core (`autodeploy_core::engine_core`):
-//! it queues a closed list of requests and steps the core until all are done. The core admits up
-//! to `max_batch_size` requests, prefills the new ones together in one flattened step, then
-//! decodes all active sequences one token per step, with pages of the KV cache assigned as
-//! sequences grow and freed when they finish.
+//! The built-in runtimes, each the engine core (`autodeploy_core::engine_core`) under one of its
+//! scheduling policies, stepped until a list of requests is done:
+//! - `demollm`: the simple reference. Admits up to `max_batch_size` requests, prefills the new
+//!   ones together in one flattened step, then decodes all active sequences one token per step.
+//! - `trtllm`: in-flight batching. Every step decodes all running sequences and fills the rest
+//!   of `max_num_tokens` with prefill chunks; preempts (and later recomputes) a sequence when
+//!   the KV cache runs out of pages.
+//!
+//! Both give the same greedy tokens (tests/tests/generate.rs).
 
 use autodeploy_core::config::PipelineConfig;
-use autodeploy_core::engine_core::{EngineCore, Event, Limits};
+use autodeploy_core::engine_core::{EngineCore, Event, Limits, Policy};
 use autodeploy_core::error::Result;
 use autodeploy_core::pipeline::Engine;
 use autodeploy_core::runtime::{Completion, Request, RunStats, Runtime, RuntimePlugin};
 
 autodeploy_core::inventory::submit! {
-    RuntimePlugin { name: "demollm", aliases: &["demo"], version: env!("CARGO_PKG_VERSION"), make: |cfg| Box::new(DemoLlm::new(cfg)) }
+    RuntimePlugin {
+        name: "demollm",
+        aliases: &["demo"],
+        version: env!("CARGO_PKG_VERSION"),
+        make: |cfg| Box::new(CoreRuntime::new(cfg, Policy::PrefillFirst)),
+    }
 }
 
-pub struct DemoLlm {
+autodeploy_core::inventory::submit! {
+    RuntimePlugin {
+        name: "trtllm",
+        aliases: &["in-flight"],
+        version: env!("CARGO_PKG_VERSION"),
+        make: |cfg| Box::new(CoreRuntime::new(cfg, Policy::InFlight)),
+    }
+}
+
+pub struct CoreRuntime {
     limits: Limits,
+    policy: Policy,
 }
 
-impl DemoLlm {
-    pub fn new(cfg: &PipelineConfig) -> DemoLlm {
-        DemoLlm {
+impl CoreRuntime {
+    pub fn new(cfg: &PipelineConfig, policy: Policy) -> CoreRuntime {
+        CoreRuntime {
+            policy,
             limits: Limits {
                 max_batch_size: cfg.max_batch_size,
                 page_size: cfg.attn_page_size,
@@ -31,14 +51,14 @@ impl DemoLlm {
     }
 }
 
-impl Runtime for DemoLlm {
+impl Runtime for CoreRuntime {
     fn generate_streaming(
         &mut self,
         engine: &mut Engine,
         requests: &[Request],
         on_token: &mut dyn FnMut(usize, i64),
     ) -> (Vec<Result<Completion>>, RunStats) {
-        let mut core = EngineCore::new(engine, self.limits);
+        let mut core = EngineCore::with_policy(engine, self.limits, self.policy);
         let mut results: Vec<Option<Result<Completion>>> = (0..requests.len()).map(|_| None).collect();
         // Request ids are handed out in order, so the id of a queued request maps back to its
         // index through this table.
