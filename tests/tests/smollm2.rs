@@ -90,8 +90,22 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
         prompt: prompt.clone(),
         sampling: SamplingParams { max_new_tokens: greedy.len(), ..Default::default() },
     };
-    let (out, _) = rt.generate(&mut e, &[req]);
+    let (out, _) = rt.generate(&mut e, &[req.clone()]);
     assert_eq!(out[0].as_ref().unwrap().tokens, greedy);
+    // The same through `trtllm`, its 42-token prompt prefilled in chunks of 16 beside a second
+    // request's decodes: transformers' tokens again, and the second request's are demollm's.
+    let other = Request {
+        prompt: prompt[..7].to_vec(),
+        sampling: SamplingParams { max_new_tokens: 24, ..Default::default() },
+    };
+    let demo_other = rt.generate(&mut e, &[other.clone()]).0.remove(0).unwrap().tokens;
+    let toml = format!("{toml}runtime = \"trtllm\"\nmax_num_tokens = 16\n");
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+    let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
+    let (out, stats) = autodeploy_core::runtime::runtime(&cfg).unwrap().generate(&mut e, &[other, req]);
+    assert_eq!(stats.max_step_tokens, 16, "{stats:?}");
+    assert_eq!(out[0].as_ref().unwrap().tokens, demo_other, "trtllm vs demollm");
+    assert_eq!(out[1].as_ref().unwrap().tokens, greedy, "trtllm vs transformers");
 }
 
 /// The logits of every prompt position, computed the way decode computes them: one token per
