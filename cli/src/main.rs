@@ -37,6 +37,9 @@ struct Cli {
     /// Override `attn_backend`.
     #[arg(long, global = true)]
     attn_backend: Option<String>,
+    /// Override `runtime` (demollm, trtllm, or a plugin's).
+    #[arg(long, global = true)]
+    runtime: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -64,10 +67,14 @@ enum Cmd {
     /// configuration, the device, build time, prefill ms, decode ms per step, output tok/s, and
     /// the weight bandwidth achieved next to the floor measured in the same run.
     Bench {
-        /// `latency` (one batch of `--batch`, default 1) or `throughput` (default batch: the
-        /// config's max_batch_size).
+        /// `latency` (one batch of `--batch`, default 1), `throughput` (default batch: the
+        /// config's max_batch_size) or `offline` (`--num-requests` queued at once through the
+        /// runtime, as trtllm-bench measures: end-to-end output tok/s and requests/s).
         #[arg(long, default_value = "latency")]
         mode: String,
+        /// Requests queued at once in `offline` mode.
+        #[arg(long, default_value_t = 1000)]
+        num_requests: usize,
         /// Prompt tokens per request.
         #[arg(long, default_value_t = 128)]
         isl: usize,
@@ -105,6 +112,9 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     }
     if let Some(b) = &cli.attn_backend {
         cfg.attn_backend = b.clone();
+    }
+    if let Some(r) = &cli.runtime {
+        cfg.runtime = r.clone();
     }
     if let Some(d) = &cli.dtype {
         cfg.dtype = d.clone();
@@ -229,12 +239,73 @@ fn weight_bytes(g: &autodeploy_core::Graph) -> usize {
         .sum()
 }
 
+/// Deterministic prompts of ordinary token ids, different per request.
+fn bench_requests(cfg: &PipelineConfig, engine: &pipeline::Engine, n: usize, isl: usize, osl: usize) -> Vec<Request> {
+    let vocab = engine.graph.meta(engine.graph.outputs[0]).shape.last().and_then(|d| d.as_static()).unwrap_or(2);
+    (0..n)
+        .map(|r| Request {
+            prompt: (0..isl).map(|i| ((i * 7919 + r * 104729 + 13) % (vocab - 1) + 1) as i64).collect(),
+            sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: osl, ..cfg.sampling(None) },
+        })
+        .collect()
+}
+
+/// `bench --mode offline`: `n` requests queued at once through the configured runtime, timed
+/// end to end (after an untimed pass of one batch that loads kernels and captures graphs).
+fn bench_offline(cfg: &PipelineConfig, n: usize, isl: usize, osl: usize) -> Result<()> {
+    anyhow::ensure!(n >= 1 && isl >= 1 && osl >= 1, "--num-requests, --isl and --osl must be at least 1");
+    let mut engine = pipeline::build(cfg)?;
+    let requests = bench_requests(cfg, &engine, n, isl, osl);
+    let mut rt = runtime::runtime(cfg)?;
+    let warmup: Vec<Request> = requests
+        .iter()
+        .take(cfg.max_batch_size)
+        .map(|r| Request {
+            prompt: r.prompt.clone(),
+            sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: 2, ..r.sampling.clone() },
+        })
+        .collect();
+    if let Some(e) = rt.generate(&mut engine, &warmup).0.iter().find_map(|r| r.as_ref().err()) {
+        anyhow::bail!("the bench's warm-up pass failed: {e}");
+    }
+    let t0 = std::time::Instant::now();
+    let (results, stats) = rt.generate(&mut engine, &requests);
+    let wall = t0.elapsed().as_secs_f64();
+    if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+        anyhow::bail!("a bench request failed: {e}");
+    }
+    let generated: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|c| c.tokens.len()).sum();
+    let out = serde_json::json!({
+        "config": {
+            "model": cfg.model, "dtype": engine.graph.meta(engine.graph.outputs[0]).dtype.to_string(),
+            "device": cfg.device, "compile_backend": cfg.compile_backend, "attn_backend": cfg.attn_backend,
+            "runtime": cfg.runtime, "max_batch_size": cfg.max_batch_size, "max_num_tokens": cfg.max_num_tokens(),
+            "mode": "offline", "num_requests": n, "isl": isl, "osl": osl,
+            "warmup": "one untimed pass of max_batch_size requests (prefill + 1 decode step)",
+        },
+        "wall_s": wall,
+        "output_tokens": generated,
+        "output_tok_per_s": generated as f64 / wall,
+        "requests_per_s": n as f64 / wall,
+        "steps": stats.steps,
+        "mean_step_ms": wall * 1e3 / stats.steps.max(1) as f64,
+        "max_step_tokens": stats.max_step_tokens,
+        "prefill_s": stats.prefill_time.as_secs_f64(),
+        "decode_only_s": stats.decode_time.as_secs_f64(),
+        "peak_kv_pages": stats.peak_pages,
+        "kv_pages": engine.kv_pages,
+        "preemptions": stats.preemptions,
+    });
+    println!("{out}");
+    Ok(())
+}
+
 fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option<usize>) -> Result<()> {
     let batch = match (mode, batch) {
         ("latency" | "throughput", Some(b)) => b,
         ("latency", None) => 1,
         ("throughput", None) => cfg.max_batch_size,
-        (m, _) => anyhow::bail!("--mode {m}: expected latency or throughput"),
+        (m, _) => anyhow::bail!("--mode {m}: expected latency, throughput or offline"),
     };
     anyhow::ensure!(batch >= 1 && isl >= 1 && osl >= 1, "--batch, --isl and --osl must be at least 1");
     anyhow::ensure!(
@@ -243,14 +314,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
         cfg.max_batch_size
     );
     let mut engine = pipeline::build(cfg)?;
-    let vocab = engine.graph.meta(engine.graph.outputs[0]).shape.last().and_then(|d| d.as_static()).unwrap_or(2);
-    // Deterministic prompts of ordinary token ids, different per request.
-    let requests: Vec<Request> = (0..batch)
-        .map(|r| Request {
-            prompt: (0..isl).map(|i| ((i * 7919 + r * 104729 + 13) % (vocab - 1) + 1) as i64).collect(),
-            sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: osl, ..cfg.sampling(None) },
-        })
-        .collect();
+    let requests = bench_requests(cfg, &engine, batch, isl, osl);
     let mut rt = runtime::runtime(cfg)?;
     // One untimed pass first (the same batch, prefill and one decode step): first-use costs
     // (kernel loading, cuBLAS's plans, capturing this batch's CUDA graph) stay out of the numbers.
@@ -452,7 +516,10 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Some(Cmd::Chat { system }) => load_config(&cli).and_then(|c| chat(&c, system.as_deref())),
-        Some(Cmd::Bench { mode, isl, osl, batch }) => {
+        Some(Cmd::Bench { mode, num_requests, isl, osl, batch }) if mode == "offline" => {
+            load_config(&cli).and_then(|c| bench_offline(&c, *num_requests, *isl, *osl))
+        }
+        Some(Cmd::Bench { mode, isl, osl, batch, .. }) => {
             load_config(&cli).and_then(|c| bench(&c, mode, *isl, *osl, *batch))
         }
         Some(Cmd::Run) | None => load_config(&cli).and_then(|c| run(&c)),

@@ -618,3 +618,26 @@ fn gguf_blocks_on_cuda_are_refused_until_dequantized() {
     }
     assert_eq!(tokens[0], tokens[1], "greedy tokens, CPU then CUDA");
 }
+
+/// `trtllm` on the GPU: steps that mix decodes with prefill chunks (a budget of 8 tokens, so the
+/// 19- and 11-token prompts are chunked over cached positions) give the CPU's greedy tokens, for
+/// both attention backends, with and without CUDA graphs.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn trtllm_chunked_prefill_on_cuda_matches_cpu() {
+    let _turn = gpu();
+    let prompts: Vec<Vec<i64>> =
+        vec![(0..19).map(|i| 3 + (i * 37) % 250).collect(), (0..11).map(|i| 5 + (i * 11) % 250).collect(), vec![9, 4]];
+    let requests: Vec<_> = prompts.iter().map(|p| greedy(p, 10)).collect();
+    let base = "runtime = \"trtllm\"\nmax_num_tokens = 8\nmax_batch_size = 4\nattn_page_size = 4\n";
+    let t = |v: Vec<autodeploy_core::Result<autodeploy_core::runtime::Completion>>| -> Vec<Vec<i64>> {
+        v.into_iter().map(|r| r.unwrap().tokens).collect()
+    };
+    let cpu = t(common::generate("qwen3", &format!("{base}device = \"cpu\"\n"), &requests));
+    let demo = t(common::generate("qwen3", "device = \"cpu\"\n", &requests));
+    assert_eq!(cpu, demo, "trtllm vs demollm on the CPU");
+    for (backend, attn) in ["simple", "opt"].iter().flat_map(|b| ATTENTION.iter().map(move |a| (b, a))) {
+        let extra = format!("{base}device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"{attn}\"\n");
+        assert_eq!(t(common::generate("qwen3", &extra, &requests)), cpu, "{backend} {attn}");
+    }
+}

@@ -90,15 +90,13 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
         prompt: prompt.clone(),
         sampling: SamplingParams { max_new_tokens: greedy.len(), ..Default::default() },
     };
-    let (out, _) = rt.generate(&mut e, &[req.clone()]);
+    let (out, _) = rt.generate(&mut e, std::slice::from_ref(&req));
     assert_eq!(out[0].as_ref().unwrap().tokens, greedy);
     // The same through `trtllm`, its 42-token prompt prefilled in chunks of 16 beside a second
     // request's decodes: transformers' tokens again, and the second request's are demollm's.
-    let other = Request {
-        prompt: prompt[..7].to_vec(),
-        sampling: SamplingParams { max_new_tokens: 24, ..Default::default() },
-    };
-    let demo_other = rt.generate(&mut e, &[other.clone()]).0.remove(0).unwrap().tokens;
+    let other =
+        Request { prompt: prompt[..7].to_vec(), sampling: SamplingParams { max_new_tokens: 24, ..Default::default() } };
+    let demo_other = rt.generate(&mut e, std::slice::from_ref(&other)).0.remove(0).unwrap().tokens;
     let toml = format!("{toml}runtime = \"trtllm\"\nmax_num_tokens = 16\n");
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
     let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
