@@ -53,6 +53,9 @@ pub struct PipelineConfig {
     /// Most tokens one forward step may carry (all sequences together).
     #[serde(default)]
     pub max_num_tokens: Option<usize>,
+    /// Share the KV pages of a common prompt prefix between requests (`trtllm`).
+    #[serde(default = "default_true")]
+    pub enable_prefix_caching: bool,
     #[serde(default = "default_runtime")]
     pub runtime: String,
     /// Sampling defaults; each prompt may override them.
@@ -154,6 +157,9 @@ pub fn cuda_usable(ordinal: usize) -> std::result::Result<String, String> {
     let r = autodeploy_kernels::cuda::probe(ordinal).map_err(|e| e.to_string());
     p.push((ordinal, r.clone()));
     r
+}
+fn default_true() -> bool {
+    true
 }
 fn default_compile_backend() -> String {
     "simple".into()

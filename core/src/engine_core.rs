@@ -11,7 +11,9 @@
 //!   of the token budget with prefill chunks (a long prompt is prefilled over several steps, so
 //!   it never stalls the decoders); when a decode needs a page and none is free, the most
 //!   recently admitted other sequence is preempted: its pages are freed and it is queued again,
-//!   to be recomputed from its tokens so far.
+//!   to be recomputed from its tokens so far. With `prefix_caching`, full pages are kept in a
+//!   `PrefixCache` and a new (or recomputed) sequence starts from the longest cached prefix of
+//!   its tokens; cached pages nobody uses are evicted when the pool runs dry.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::kvcache::{PagePool, PagedKvCache};
 use crate::pipeline::Engine;
+use crate::prefix_cache::PrefixCache;
 use crate::runtime::{
     check_request, forward_cached, Completion, CompletionText, Detokenizer, FinishReason, Request, RunStats, SeqStep,
     StepOut,
@@ -53,6 +56,8 @@ pub struct Limits {
     pub max_num_tokens: usize,
     pub page_size: usize,
     pub max_seq_len: usize,
+    /// Keep and share full KV pages between requests with a common prefix (`InFlight` only).
+    pub prefix_caching: bool,
 }
 
 struct Seq {
@@ -65,6 +70,8 @@ struct Seq {
     sampler: Sampler,
     /// The completion's text so far, when the engine can decode tokens.
     text: Option<CompletionText>,
+    /// Prefix-cache keys of its first full pages (those the cache holds).
+    keys: Vec<u64>,
 }
 
 pub struct EngineCore {
@@ -79,6 +86,7 @@ pub struct EngineCore {
     running: Vec<Seq>,
     next_id: RequestId,
     stats: RunStats,
+    prefix: Option<PrefixCache>,
 }
 
 impl EngineCore {
@@ -99,6 +107,12 @@ impl EngineCore {
             running: Vec::new(),
             next_id: 0,
             stats: RunStats::default(),
+            // Shared pages need a page table per sequence: not with per-sequence slots.
+            prefix: (policy == Policy::InFlight
+                && limits.prefix_caching
+                && engine.cache.is_some()
+                && engine.model.kv_pages_per_sequence().is_none())
+            .then(PrefixCache::default),
         }
     }
 
@@ -123,6 +137,7 @@ impl EngineCore {
             pages: Vec::new(),
             sampler: Sampler::new(req.sampling),
             text,
+            keys: Vec::new(),
         });
         Ok(id)
     }
@@ -152,10 +167,28 @@ impl EngineCore {
         self.pool.capacity() - self.pool.available()
     }
 
+    /// Pages the prefix cache keeps (counted in `pages_in_use`; evicted when needed).
+    pub fn prefix_cached_pages(&self) -> usize {
+        self.prefix.as_ref().map_or(0, PrefixCache::len)
+    }
+
     pub fn stats(&self) -> RunStats {
         let mut s = self.stats.clone();
         s.cache_bytes = self.cache.as_ref().map(|c| c.bytes()).unwrap_or(0);
+        if let Some(p) = &self.prefix {
+            s.prefix_queried_tokens = p.queried_tokens;
+            s.prefix_hit_tokens = p.hit_tokens;
+        }
         s
+    }
+
+    /// A free page, evicting an unused cached prefix page when none is free.
+    fn alloc_page(&mut self) -> Option<u32> {
+        if let Some(p) = self.pool.alloc() {
+            return Some(p);
+        }
+        let cache = self.prefix.as_mut()?;
+        cache.evict_one(&mut self.pool).then(|| self.pool.alloc()).flatten()
     }
 
     fn pages_for(&self, tokens: usize) -> usize {
@@ -268,7 +301,7 @@ impl EngineCore {
             }
             let need = s.tokens.len().div_ceil(page);
             while s.pages.len() < need {
-                match self.pool.alloc() {
+                match self.alloc_page() {
                     Some(p) => s.pages.push(p),
                     None => {
                         // The newest sequence still waiting for this step gives way.
@@ -302,6 +335,12 @@ impl EngineCore {
         }
         while budget > 0 && batch.len() + self.running.len() < self.limits.max_batch_size {
             let Some(mut s) = self.waiting.pop_front() else { break };
+            if let (Some(cache), true) = (self.prefix.as_mut(), s.pages.is_empty()) {
+                let (pages, keys) = cache.lookup(&mut self.pool, &s.tokens, page);
+                s.cached = pages.len() * page;
+                s.pages = pages;
+                s.keys = keys;
+            }
             if let Some(slot) = engine.model.kv_pages_per_sequence() {
                 match self.pool.alloc_run(slot) {
                     Some(run) => s.pages = run,
@@ -314,6 +353,8 @@ impl EngineCore {
             let n = self.chunk_for(&mut s, budget);
             if n == 0 {
                 self.pool.release(std::mem::take(&mut s.pages));
+                s.cached = 0;
+                s.keys.clear();
                 self.waiting.push_front(s);
                 break;
             }
@@ -344,30 +385,19 @@ impl EngineCore {
     }
 
     /// How many of `s`'s uncached tokens fit this step (at most `budget`), with the pages for
-    /// them taken from the pool; 0 when none fit.
+    /// them taken from the pool (evicting unused cached prefix pages if need be); 0 when none
+    /// fit.
     fn chunk_for(&mut self, s: &mut Seq, budget: usize) -> usize {
         let page = self.limits.page_size;
-        let mut n = (s.tokens.len() - s.cached).min(budget);
-        // Pages the chunk needs beyond those the sequence holds, as far as the pool allows.
-        while n > 0 {
-            let need = (s.cached + n).div_ceil(page);
-            if need <= s.pages.len() {
-                break;
-            }
-            if self.pool.available() >= need - s.pages.len() {
-                while s.pages.len() < need {
-                    s.pages.push(self.pool.alloc().expect("availability checked"));
-                }
-                break;
-            }
-            // Shrink to what the free pages hold.
-            n = (s.pages.len() + self.pool.available()) * page - s.cached;
-            n = n.min(s.tokens.len() - s.cached).min(budget);
-            if (s.cached + n).div_ceil(page) > s.pages.len() + self.pool.available() {
-                n = 0;
+        let n = (s.tokens.len() - s.cached).min(budget);
+        while s.pages.len() < (s.cached + n).div_ceil(page) {
+            match self.alloc_page() {
+                Some(p) => s.pages.push(p),
+                None => break,
             }
         }
-        n
+        // As many as the pages it holds have room for (they always cover `cached`).
+        n.min(s.pages.len() * page - s.cached)
     }
 
     /// Frees `s`'s pages and resets it to be recomputed from its tokens so far (its sampler
@@ -375,6 +405,7 @@ impl EngineCore {
     fn preempt(&mut self, mut s: Seq) -> Seq {
         self.pool.release(std::mem::take(&mut s.pages));
         s.cached = 0;
+        s.keys.clear();
         self.stats.preemptions += 1;
         s
     }
@@ -434,6 +465,9 @@ impl EngineCore {
         self.stats.decode_tokens += decodes;
         for ((mut s, &n), (&t, &complete)) in batch.into_iter().zip(chunks).zip(next.iter().zip(&completes)) {
             s.cached += n;
+            if let Some(cache) = self.prefix.as_mut() {
+                cache.register(&mut self.pool, &s.tokens, s.cached, &s.pages, &mut s.keys, self.limits.page_size);
+            }
             if !complete {
                 self.running.push(s);
                 continue;

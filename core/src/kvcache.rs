@@ -61,10 +61,12 @@ impl CacheSpec {
     }
 }
 
-/// Hands out page ids; the runtime owns it.
+/// Hands out page ids, reference-counted: a page shared by several sequences (a common prefix)
+/// or held by the prefix cache goes back to the free list when its last holder releases it.
 #[derive(Debug)]
 pub struct PagePool {
     free: Vec<u32>,
+    refs: Vec<u32>,
     capacity: usize,
 }
 
@@ -82,15 +84,43 @@ mod tests {
         assert_eq!(p.alloc_run(4), Some(vec![0, 1, 2, 3]));
         assert_eq!(p.available(), 0);
     }
+
+    #[test]
+    fn a_shared_page_is_free_only_after_its_last_release() {
+        let mut p = PagePool::new(2);
+        let a = p.alloc().unwrap();
+        p.retain(a);
+        assert_eq!(p.refs(a), 2);
+        p.release([a]);
+        assert_eq!((p.refs(a), p.available()), (1, 1), "one holder left");
+        p.release([a]);
+        assert_eq!((p.refs(a), p.available()), (0, 2));
+        // Releasing a free page again changes nothing (never a double entry in the free list).
+        p.release([a]);
+        assert_eq!(p.available(), 2);
+        assert_eq!([p.alloc(), p.alloc(), p.alloc()], [Some(0), Some(1), None]);
+    }
 }
 
 impl PagePool {
     pub fn new(capacity: usize) -> PagePool {
         // Lowest ids first, so the cache's storage grows only as far as it is used.
-        PagePool { free: (0..capacity as u32).rev().collect(), capacity }
+        PagePool { free: (0..capacity as u32).rev().collect(), refs: vec![0; capacity], capacity }
     }
+    /// A free page, held once.
     pub fn alloc(&mut self) -> Option<u32> {
-        self.free.pop()
+        let p = self.free.pop()?;
+        self.refs[p as usize] = 1;
+        Some(p)
+    }
+    /// One more holder of a page already handed out.
+    pub fn retain(&mut self, page: u32) {
+        debug_assert!(self.refs[page as usize] > 0, "retain of free page {page}");
+        self.refs[page as usize] += 1;
+    }
+    /// How many hold `page` (0: free).
+    pub fn refs(&self, page: u32) -> u32 {
+        self.refs[page as usize]
     }
     /// `n` consecutive pages starting at a multiple of `n` (a per-sequence slot, for attention
     /// backends that want each sequence contiguous), lowest first.
@@ -105,11 +135,24 @@ impl PagePool {
         let slot = (0..self.capacity / n).find(|&i| free[i * n..(i + 1) * n].iter().all(|&f| f))?;
         let run: Vec<u32> = (slot * n..(slot + 1) * n).map(|p| p as u32).collect();
         self.free.retain(|p| !run.contains(p));
+        for &p in &run {
+            self.refs[p as usize] = 1;
+        }
         Some(run)
     }
 
+    /// Drops one hold on each page; a page nobody holds any more is free again.
     pub fn release(&mut self, pages: impl IntoIterator<Item = u32>) {
-        self.free.extend(pages);
+        for p in pages {
+            let r = &mut self.refs[p as usize];
+            if *r == 0 {
+                continue;
+            }
+            *r -= 1;
+            if *r == 0 {
+                self.free.push(p);
+            }
+        }
         self.free.sort_unstable_by(|a, b| b.cmp(a));
     }
     pub fn available(&self) -> usize {

@@ -18,6 +18,7 @@ pub mod ops;
 pub mod pattern;
 pub mod pipeline;
 pub mod plugin_abi;
+pub mod prefix_cache;
 pub mod pt2;
 pub mod registry;
 pub mod runtime;

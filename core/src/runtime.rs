@@ -242,6 +242,9 @@ pub struct RunStats {
     pub preemptions: usize,
     /// The most tokens one step carried.
     pub max_step_tokens: usize,
+    /// Prompt tokens looked up in the prefix cache, and those found there (not recomputed).
+    pub prefix_queried_tokens: usize,
+    pub prefix_hit_tokens: usize,
 }
 
 pub trait Runtime {

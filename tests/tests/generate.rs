@@ -222,7 +222,8 @@ fn requests_join_and_leave_the_engine_core_between_steps() {
     use autodeploy_core::engine_core::{EngineCore, Event, Limits};
     let refs = references("llama");
     let mut e = engine("llama", "attn_page_size = 4\nmax_batch_size = 4");
-    let limits = Limits { max_batch_size: 4, max_num_tokens: 512, page_size: 4, max_seq_len: 128 };
+    let limits =
+        Limits { max_batch_size: 4, max_num_tokens: 512, page_size: 4, max_seq_len: 128, prefix_caching: false };
     let mut core = EngineCore::new(&e, limits);
     let (pa, pb, pc) = (refs[0].0.clone(), refs[1].0.clone(), vec![7, 8, 9, 10, 11, 12]);
     let a = core.add_request(&e, greedy(&pa, 20)).unwrap();
@@ -333,7 +334,53 @@ fn trtllm_preempts_when_pages_run_out_and_recomputes() {
     let (tight, stats) = run_with("qwen3", "trtllm", base, Some(14), &reqs);
     assert!(stats.preemptions > 0, "{stats:?}");
     assert!(stats.peak_pages <= 14, "{stats:?}");
+    // With the prefix cache on (the default), a recomputed sequence starts from its own pages
+    // that the cache kept, and cached pages nobody uses are evicted to make room.
+    assert!(stats.prefix_hit_tokens > 0, "{stats:?}");
     for (i, (a, b)) in roomy.iter().zip(&tight).enumerate() {
         assert_eq!(a.tokens, b.tokens, "request {i} after preemption");
     }
+}
+
+/// Prefix caching (`trtllm`, on by default): a request sharing a 13-token prefix with one that
+/// ran before starts from the 3 full pages (page 4) that one left in the cache, computes only
+/// the rest, and generates what it generates with caching off; afterwards only the cache holds
+/// pages. (Eviction when the pool runs dry: `trtllm_preempts_when_pages_run_out_and_recomputes`
+/// runs with the cache on and 14 pages.)
+#[test]
+fn a_shared_prefix_is_computed_once() {
+    use autodeploy_core::engine_core::{EngineCore, Event, Limits, Policy};
+    let prefix: Vec<i64> = (0..13).map(|i| 3 + (i * 41) % 250).collect();
+    let a: Vec<i64> = prefix.iter().copied().chain([17, 18, 19, 20, 21]).collect();
+    let b: Vec<i64> = prefix.iter().copied().chain([90, 91, 92, 93, 94, 95, 96]).collect();
+    let run = |caching: bool| {
+        let mut e = engine("mistral", "attn_page_size = 4\nmax_batch_size = 4");
+        let limits =
+            Limits { max_batch_size: 4, max_num_tokens: 64, page_size: 4, max_seq_len: 128, prefix_caching: caching };
+        let mut core = EngineCore::with_policy(&e, limits, Policy::InFlight);
+        let mut out = Vec::new();
+        let mut prefill_before_b = 0;
+        for (i, p) in [&a, &b].into_iter().enumerate() {
+            if i == 1 {
+                prefill_before_b = core.stats().prefill_tokens;
+            }
+            core.add_request(&e, greedy(p, 12)).unwrap();
+            while core.has_unfinished() {
+                for ev in core.step(&mut e) {
+                    if let Event::Finished { result, .. } = ev {
+                        out.push(result.unwrap().tokens);
+                    }
+                }
+            }
+        }
+        let stats = core.stats();
+        (out, stats.prefill_tokens - prefill_before_b, stats, core.pages_in_use(), core.prefix_cached_pages())
+    };
+    let (off, b_prefill_off, off_stats, in_use_off, _) = run(false);
+    let (on, b_prefill_on, on_stats, in_use_on, cached) = run(true);
+    assert_eq!(on, off, "the same tokens with and without the cache");
+    assert_eq!((off_stats.prefix_hit_tokens, b_prefill_off, in_use_off), (0, 20, 0), "{off_stats:?}");
+    assert_eq!(on_stats.prefix_hit_tokens, 12, "{on_stats:?}");
+    assert_eq!(b_prefill_on, 8, "b computes the prefix's 13th token (its page is not full) and its own 7");
+    assert!(cached > 0 && in_use_on == cached, "only the prefix cache holds pages: {in_use_on} vs {cached}");
 }

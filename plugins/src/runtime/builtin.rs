@@ -46,6 +46,7 @@ impl CoreRuntime {
                 page_size: cfg.attn_page_size,
                 max_num_tokens: cfg.max_num_tokens(),
                 max_seq_len: cfg.max_seq_len,
+                prefix_caching: cfg.enable_prefix_caching,
             },
         }
     }
