@@ -6,6 +6,7 @@
 //! reference to each page it keeps; pages only the cache holds are evicted least recently used
 //! first when the pool runs dry.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
@@ -101,10 +102,17 @@ impl PrefixCache {
             let parent = keys.last().copied().unwrap_or(ROOT);
             let chunk = &tokens[j * page..(j + 1) * page];
             let key = page_key(parent, chunk);
-            if !self.blocks.contains_key(&key) {
-                pool.retain(pages[j]);
-                self.blocks.insert(key, Block { page: pages[j], parent, tokens: chunk.to_vec(), last_use: 0 });
-                self.lru.insert((0, key));
+            match self.blocks.entry(key) {
+                Entry::Vacant(v) => {
+                    pool.retain(pages[j]);
+                    v.insert(Block { page: pages[j], parent, tokens: chunk.to_vec(), last_use: 0 });
+                    self.lru.insert((0, key));
+                }
+                // Another sequence's page with the same prefix: this one's stays its own.
+                Entry::Occupied(o) if o.get().parent == parent && o.get().tokens == chunk => {}
+                // A hash collision with another prefix: keep nothing more of this sequence, so
+                // no later page is ever keyed through a block whose content differs.
+                Entry::Occupied(_) => return,
             }
             self.touch(key);
             keys.push(key);
