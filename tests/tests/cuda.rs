@@ -641,3 +641,41 @@ fn trtllm_chunked_prefill_on_cuda_matches_cpu() {
         assert_eq!(t(common::generate("qwen3", &extra, &requests)), cpu, "{backend} {attn}");
     }
 }
+
+/// The prefix cache on the GPU: a request that starts from another's cached prefix pages (3
+/// pages of 4 tokens, read by the GPU kernels through its page table) generates the CPU's
+/// tokens, with both attention kernels' paths (`opt` and `simple`).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn a_shared_prefix_on_cuda_matches_cpu() {
+    use autodeploy_core::engine_core::{EngineCore, Event, Limits, Policy};
+    let _turn = gpu();
+    let prefix: Vec<i64> = (0..13).map(|i| 3 + (i * 41) % 250).collect();
+    let a: Vec<i64> = prefix.iter().copied().chain([17, 18, 19, 20, 21]).collect();
+    let b: Vec<i64> = prefix.iter().copied().chain([90, 91, 92, 93, 94, 95, 96]).collect();
+    let run = |extra: &str| {
+        let mut e = engine("qwen3", &format!("attn_page_size = 4\nmax_batch_size = 4\n{extra}"));
+        let limits =
+            Limits { max_batch_size: 4, max_num_tokens: 64, page_size: 4, max_seq_len: 128, prefix_caching: true };
+        let mut core = EngineCore::with_policy(&e, limits, Policy::InFlight);
+        let mut out = Vec::new();
+        for p in [&a, &b] {
+            core.add_request(&e, greedy(p, 12)).unwrap();
+            while core.has_unfinished() {
+                for ev in core.step(&mut e) {
+                    if let Event::Finished { result, .. } = ev {
+                        out.push(result.unwrap().tokens);
+                    }
+                }
+            }
+        }
+        (out, core.stats().prefix_hit_tokens)
+    };
+    let (cpu, cpu_hits) = run("device = \"cpu\"\n");
+    assert_eq!(cpu_hits, 12);
+    for backend in ["simple", "opt"] {
+        let (gpu, hits) = run(&format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\n"));
+        assert_eq!(hits, 12, "{backend}");
+        assert_eq!(gpu, cpu, "{backend}");
+    }
+}
