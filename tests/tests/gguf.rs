@@ -20,6 +20,15 @@ fn reference() -> Vec<u8> {
     std::fs::read(fixture("gguf").join("tiny-mistral.reference.safetensors")).unwrap()
 }
 
+/// The `tokens` and transformers' `logits` of a GGUF fixture's reference file.
+fn reference_logits(file: &str) -> (Vec<i64>, Vec<f32>) {
+    let bytes = std::fs::read(fixture("gguf").join(file)).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("tokens").unwrap();
+    let ids = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    (ids, f32s(st.tensor("logits").unwrap().data()))
+}
+
 fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
@@ -56,16 +65,7 @@ fn every_tensor_dequantizes_and_unpermutes_like_llama_cpp() {
 fn logits_match_transformers_with_the_dequantized_weights() {
     let g = import(&tiny()).unwrap();
     let mut m = compile(&g);
-    let bytes = reference();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<i64> = st
-        .tensor("tokens")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let want = f32s(st.tensor("logits").unwrap().data());
+    let (ids, want) = reference_logits("tiny-mistral.reference.safetensors");
     let got = logits(m.as_mut(), &[1, ids.len()], &ids);
     let d = max_abs_diff(&got, &want, "tiny-mistral.gguf logits");
     assert!(d <= 1e-4, "max abs error {d}");
@@ -82,16 +82,7 @@ fn blocks_kept_as_stored_give_the_dequantized_logits() {
         assert!(dump.contains(block), "no {block} weight kept as stored:\n{dump}");
     }
     let mut m = compile(&g);
-    let st_bytes = reference();
-    let st = SafeTensors::deserialize(&st_bytes).unwrap();
-    let ids: Vec<i64> = st
-        .tensor("tokens")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let want = f32s(st.tensor("logits").unwrap().data());
+    let (ids, want) = reference_logits("tiny-mistral.reference.safetensors");
     let got = logits(m.as_mut(), &[1, ids.len()], &ids);
     let d = max_abs_diff(&got, &want, "tiny-mistral.gguf logits, blocks kept");
     eprintln!("blocks kept, whole prompt: max abs error {d:.3e}");
