@@ -223,7 +223,32 @@ fn bench_prints_one_json_object_with_the_floor() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["config"]["batch"].as_u64(), Some(8));
     let (ok, _, err) = autodeploy(&["bench", "--config", "examples/llama-fixture.toml", "--mode", "fast"]);
-    assert!(!ok && err.contains("latency or throughput"), "{err}");
+    assert!(!ok && err.contains("latency, throughput or offline"), "{err}");
+    // Offline: 20 requests (more than max_batch_size = 8) queued at once through each runtime;
+    // every one generates its osl tokens.
+    for runtime in ["demollm", "trtllm"] {
+        let (ok, out, err) = autodeploy(&[
+            "bench",
+            "--config",
+            "examples/llama-fixture.toml",
+            "--mode",
+            "offline",
+            "--num-requests",
+            "20",
+            "--isl",
+            "6",
+            "--osl",
+            "3",
+            "--runtime",
+            runtime,
+        ]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["config"]["runtime"], runtime, "{out}");
+        assert_eq!(v["output_tokens"].as_u64(), Some(60), "{out}");
+        assert!(v["output_tok_per_s"].as_f64().is_some_and(|x| x > 0.0), "{out}");
+        assert!(v["steps"].as_u64().is_some_and(|s| s >= 3), "{out}");
+    }
 }
 
 /// The compile backend, device and attention backend are config keys with flags: on the CPU
