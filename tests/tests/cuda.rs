@@ -679,3 +679,28 @@ fn a_shared_prefix_on_cuda_matches_cpu() {
         assert_eq!(gpu, cpu, "{backend}");
     }
 }
+
+/// The fixtures' reference generations (transformers' greedy `generate`, 24 tokens) through the
+/// runtime on the GPU, f32, both attention backends, with and without CUDA graphs: compared
+/// with transformers itself rather than the CPU, so a bug the devices share (the runtime's
+/// positions, its page tables) fails here too.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn greedy_on_cuda_matches_transformers_generate() {
+    let _turn = gpu();
+    for family in FAMILIES {
+        let r = common::Reference::load(family);
+        let refs: Vec<(Vec<i64>, Vec<i64>)> =
+            (0..2).map(|j| (r.i64(&format!("gen_prompt_{j}")).1, r.i64(&format!("gen_output_{j}")).1)).collect();
+        let requests: Vec<_> = refs.iter().map(|(p, w)| greedy(p, w.len())).collect();
+        for (backend, attn) in ["simple", "opt"].iter().flat_map(|b| ATTENTION.iter().map(move |a| (b, a))) {
+            let extra = format!(
+                "attn_page_size = {PAGE}\nmax_batch_size = 4\ndevice = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"{attn}\"\n"
+            );
+            for (i, (got, (_, want))) in common::generate(family, &extra, &requests).into_iter().zip(&refs).enumerate()
+            {
+                assert_eq!(&got.unwrap().tokens, want, "{family} {backend} {attn} prompt {i}");
+            }
+        }
+    }
+}
