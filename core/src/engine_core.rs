@@ -9,9 +9,10 @@
 //!   prompts together or else decodes every running sequence by one token.
 //! - `Policy::InFlight` (`trtllm`): every step decodes every running sequence and fills the rest
 //!   of the token budget with prefill chunks (a long prompt is prefilled over several steps, so
-//!   it never stalls the decoders); when a decode needs a page and none is free, the most
-//!   recently admitted other sequence is preempted: its pages are freed and it is queued again,
-//!   to be recomputed from its tokens so far. With `prefix_caching`, full pages are kept in a
+//!   it never stalls the decoders); when a decode needs a page and none is free, another
+//!   sequence not yet scheduled this step is preempted (the last one still prefilling, else the
+//!   last decode in line): its pages are freed and it is queued again, to be recomputed from
+//!   its tokens so far. With `prefix_caching`, full pages are kept in a
 //!   `PrefixCache` and a new (or recomputed) sequence starts from the longest cached prefix of
 //!   its tokens; cached pages nobody uses are evicted when the pool runs dry.
 
@@ -225,6 +226,20 @@ impl EngineCore {
         new
     }
 
+    /// Fails the first waiting request, which does not fit even the empty pool, naming the pages
+    /// it needs and those the engine has.
+    fn fail_unfittable(&mut self, engine: &Engine) -> Option<Event> {
+        let s = self.waiting.pop_front()?;
+        let need = engine.model.kv_pages_per_sequence().unwrap_or_else(|| self.pages_for(s.tokens.len()));
+        let msg = format!(
+            "the request needs {need} KV-cache pages of {} tokens for its {} tokens, and the engine has {} in all",
+            self.limits.page_size,
+            s.tokens.len(),
+            self.pool.capacity()
+        );
+        Some(Event::Finished { id: s.id, result: Err(Error::Msg(msg)) })
+    }
+
     /// Runs one step under the core's policy. Returns what happened; empty when there is
     /// nothing to do.
     pub fn step(&mut self, engine: &mut Engine) -> Vec<Event> {
@@ -247,16 +262,7 @@ impl EngineCore {
         } else {
             // Nothing runs and the first waiting request does not fit even the empty pool: it
             // never will, so it fails (alone) instead of waiting forever.
-            if let Some(s) = self.waiting.pop_front() {
-                let need = engine.model.kv_pages_per_sequence().unwrap_or_else(|| self.pages_for(s.tokens.len()));
-                let msg = format!(
-                    "the request needs {need} KV-cache pages of {} tokens for its {}-token prompt, and the engine has {} in all",
-                    self.limits.page_size,
-                    s.tokens.len(),
-                    self.pool.capacity()
-                );
-                events.push(Event::Finished { id: s.id, result: Err(Error::Msg(msg)) });
-            }
+            events.extend(self.fail_unfittable(engine));
             return events;
         };
         // Room for this step's tokens.
@@ -280,13 +286,13 @@ impl EngineCore {
         let mut events = Vec::new();
         let page = self.limits.page_size;
         let mut budget = self.limits.max_num_tokens;
-        // Decodes first: each needs room for one more position, preempting the most recently
-        // admitted other sequence when the pool is empty.
-        let mut decodes: Vec<Seq> = Vec::new();
+        // Decodes first: each needs room for one more position, preempting a sequence not yet
+        // scheduled this step when the pool is empty.
+        let mut decodes: VecDeque<Seq> = VecDeque::new();
         let mut prefilling: Vec<Seq> = Vec::new();
         for s in std::mem::take(&mut self.running) {
             if s.tokens.len() - s.cached == 1 {
-                decodes.push(s);
+                decodes.push_back(s);
             } else {
                 prefilling.push(s);
             }
@@ -294,7 +300,7 @@ impl EngineCore {
         let mut batch: Vec<Seq> = Vec::new();
         let mut chunks: Vec<usize> = Vec::new();
         let mut preempted: Vec<Seq> = Vec::new();
-        while let Some(mut s) = (!decodes.is_empty()).then(|| decodes.remove(0)) {
+        while let Some(mut s) = decodes.pop_front() {
             if budget == 0 {
                 self.running.push(s);
                 continue;
@@ -304,8 +310,8 @@ impl EngineCore {
                 match self.alloc_page() {
                     Some(p) => s.pages.push(p),
                     None => {
-                        // The newest sequence still waiting for this step gives way.
-                        let victim = prefilling.pop().or_else(|| decodes.pop());
+                        // The last sequence not yet scheduled this step gives way.
+                        let victim = prefilling.pop().or_else(|| decodes.pop_back());
                         match victim {
                             Some(v) => preempted.push(self.preempt(v)),
                             None => break,
@@ -352,9 +358,7 @@ impl EngineCore {
             }
             let n = self.chunk_for(&mut s, budget);
             if n == 0 {
-                self.pool.release(std::mem::take(&mut s.pages));
-                s.cached = 0;
-                s.keys.clear();
+                self.reset(&mut s);
                 self.waiting.push_front(s);
                 break;
             }
@@ -368,15 +372,7 @@ impl EngineCore {
         }
         if batch.is_empty() {
             if self.running.is_empty() {
-                if let Some(s) = self.waiting.pop_front() {
-                    let need = engine.model.kv_pages_per_sequence().unwrap_or_else(|| self.pages_for(s.tokens.len()));
-                    let msg = format!(
-                        "the request needs {need} KV-cache pages of {page} tokens for its {} tokens, and the engine has {} in all",
-                        s.tokens.len(),
-                        self.pool.capacity()
-                    );
-                    events.push(Event::Finished { id: s.id, result: Err(Error::Msg(msg)) });
-                }
+                events.extend(self.fail_unfittable(engine));
             }
             return events;
         }
@@ -403,11 +399,16 @@ impl EngineCore {
     /// Frees `s`'s pages and resets it to be recomputed from its tokens so far (its sampler
     /// keeps its state, so a seeded request continues its own sequence of draws).
     fn preempt(&mut self, mut s: Seq) -> Seq {
+        self.reset(&mut s);
+        self.stats.preemptions += 1;
+        s
+    }
+
+    /// Gives back `s`'s pages: nothing of it is in the cache any more.
+    fn reset(&mut self, s: &mut Seq) {
         self.pool.release(std::mem::take(&mut s.pages));
         s.cached = 0;
         s.keys.clear();
-        self.stats.preemptions += 1;
-        s
     }
 
     /// One forward over `batch`, sequence i contributing `chunks[i]` tokens from its `cached`

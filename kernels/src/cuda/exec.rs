@@ -255,8 +255,17 @@ fn grid(n: usize, block: u32) -> LaunchConfig {
 }
 
 fn launched(what: &'static str, r: Result<(), cudarc::driver::DriverError>) -> Result<(), Unavailable> {
+    launched_as(what, what, r)
+}
+
+/// As `launched`, counted under `counter` (a plugin's kernels share one name).
+fn launched_as(
+    counter: &'static str,
+    what: &str,
+    r: Result<(), cudarc::driver::DriverError>,
+) -> Result<(), Unavailable> {
     r.map_err(|e| Unavailable(format!("launching {what}: {e:?}")))?;
-    count_launch(what);
+    count_launch(counter);
     Ok(())
 }
 
@@ -441,9 +450,7 @@ impl Gpu {
         };
         // SAFETY: the source's author vouches that the arguments match `entry`'s parameters
         // and that it stays within the buffers it is given.
-        unsafe { l.launch(cfg) }.map_err(|e| Unavailable(format!("launching {what}: {e:?}")))?;
-        count_launch("plugin_source_kernel");
-        Ok(())
+        launched_as("plugin_source_kernel", what, unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
     /// Free and total device memory in bytes.

@@ -84,11 +84,13 @@ impl AttentionBackend for TorchCpuAttention {
         let qv = q.to_f32();
         // Where each query's attention ends: its own position (causal), unless the mutation
         // check asks for the whole of its sequence's step.
-        let mut seq_end = vec![0usize; plan.page_tables.len()];
-        for (&s, &p) in plan.token_seq.iter().zip(&plan.token_pos) {
-            seq_end[s] = seq_end[s].max(p);
-        }
         let no_causal = mutation::is(Mutation::NoCausalMask);
+        let mut seq_end = vec![0usize; if no_causal { plan.page_tables.len() } else { 0 }];
+        if no_causal {
+            for (&s, &p) in plan.token_seq.iter().zip(&plan.token_pos) {
+                seq_end[s] = seq_end[s].max(p);
+            }
+        }
         let swap_heads = mutation::is(Mutation::SwapHeads) && heads > 1;
         let wrong_page = mutation::is(Mutation::WrongPage);
         let read_slot = |s: usize, j: usize| {
