@@ -61,6 +61,15 @@ enum Cmd {
         #[arg(long)]
         system: Option<String>,
     },
+    /// Serve the model over HTTP with OpenAI's API (`/v1/completions`,
+    /// `/v1/chat/completions`, `/v1/models`), `/health` and Prometheus `/metrics`, until SIGTERM
+    /// or Ctrl-C (then the requests in flight finish first).
+    Serve {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+    },
     /// List the plugins this binary knows.
     Plugins,
     /// Time prefill and decode on synthetic prompts and print one JSON object: the
@@ -515,6 +524,7 @@ fn main() -> ExitCode {
             print!("{}", g.dump());
             Ok(())
         })(),
+        Some(Cmd::Serve { host, port }) => load_config(&cli).and_then(|c| autodeploy_serve::serve(&c, host, *port)),
         Some(Cmd::Chat { system }) => load_config(&cli).and_then(|c| chat(&c, system.as_deref())),
         Some(Cmd::Bench { mode, num_requests, isl, osl, batch }) if mode == "offline" => {
             load_config(&cli).and_then(|c| bench_offline(&c, *num_requests, *isl, *osl))

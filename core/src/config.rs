@@ -58,6 +58,10 @@ pub struct PipelineConfig {
     pub enable_prefix_caching: bool,
     #[serde(default = "default_runtime")]
     pub runtime: String,
+    /// `autodeploy serve`: requests accepted beyond the `max_batch_size` running ones; one more
+    /// is answered 429 (too many requests) instead of queueing without bound.
+    #[serde(default = "default_max_waiting_requests")]
+    pub max_waiting_requests: usize,
     /// Sampling defaults; each prompt may override them.
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
@@ -170,6 +174,9 @@ fn default_max_batch_size() -> usize {
 fn default_max_seq_len() -> usize {
     2048
 }
+fn default_max_waiting_requests() -> usize {
+    1024
+}
 fn default_max_new_tokens() -> usize {
     16
 }
@@ -213,6 +220,7 @@ impl PipelineConfig {
             seed: p.and_then(|p| p.seed).or(self.seed),
             stop_token_ids: p.and_then(|p| p.stop_token_ids.clone()).unwrap_or_else(|| self.stop_token_ids.clone()),
             stop_strings: p.and_then(|p| p.stop_strings.clone()).unwrap_or_else(|| self.stop_strings.clone()),
+            ..SamplingParams::default()
         }
     }
 

@@ -28,7 +28,7 @@ use crate::runtime::{
     check_request, forward_cached, Completion, CompletionText, Detokenizer, FinishReason, Request, RunStats, SeqStep,
     StepOut,
 };
-use crate::sampling::{RowDraw, Sampler};
+use crate::sampling::{RowDraw, Sampler, TokenLogprobs};
 use crate::Tensor;
 
 /// A request's handle, unique within one core.
@@ -37,8 +37,12 @@ pub type RequestId = u64;
 /// What a step did to one request.
 #[derive(Debug)]
 pub enum Event {
-    /// The request's next token.
-    Token { id: RequestId, token: i64 },
+    /// The request left the queue: its first step ran (once per request).
+    Scheduled { id: RequestId },
+    /// The request's next token; `text` is the completion's text that this token made final
+    /// (empty while a character or a possible stop string is incomplete; the finished
+    /// completion's text begins with every piece sent); `logprobs` when the request asked.
+    Token { id: RequestId, token: i64, text: String, logprobs: Option<TokenLogprobs> },
     /// The request ended: its completion, or why it failed (it failed alone).
     Finished { id: RequestId, result: Result<Completion> },
 }
@@ -50,6 +54,17 @@ pub enum Policy {
     InFlight,
 }
 
+impl Policy {
+    /// The policy of a built-in runtime's name or alias (`demollm`/`demo`, `trtllm`/`in-flight`).
+    pub fn of_runtime(name: &str) -> Option<Policy> {
+        match name {
+            "demollm" | "demo" => Some(Policy::PrefillFirst),
+            "trtllm" | "in-flight" => Some(Policy::InFlight),
+            _ => None,
+        }
+    }
+}
+
 /// What the core schedules within (the config's values).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -59,6 +74,18 @@ pub struct Limits {
     pub max_seq_len: usize,
     /// Keep and share full KV pages between requests with a common prefix (`InFlight` only).
     pub prefix_caching: bool,
+}
+
+impl Limits {
+    pub fn from_config(cfg: &crate::config::PipelineConfig) -> Limits {
+        Limits {
+            max_batch_size: cfg.max_batch_size,
+            page_size: cfg.attn_page_size,
+            max_num_tokens: cfg.max_num_tokens(),
+            max_seq_len: cfg.max_seq_len,
+            prefix_caching: cfg.enable_prefix_caching,
+        }
+    }
 }
 
 struct Seq {
@@ -73,6 +100,21 @@ struct Seq {
     text: Option<CompletionText>,
     /// Prefix-cache keys of its first full pages (those the cache holds).
     keys: Vec<u64>,
+    /// Whether a step has run it yet.
+    scheduled: bool,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Its next token needs the logits on the host: log-probabilities asked, or stop tokens
+    /// that must not be picked yet.
+    fn needs_logits(&self) -> bool {
+        let p = self.sampler.params();
+        p.logprobs.is_some() || (self.generated() < p.min_tokens && !p.stop_token_ids.is_empty())
+    }
 }
 
 pub struct EngineCore {
@@ -139,6 +181,7 @@ impl EngineCore {
             sampler: Sampler::new(req.sampling),
             text,
             keys: Vec::new(),
+            scheduled: false,
         });
         Ok(id)
     }
@@ -171,6 +214,26 @@ impl EngineCore {
     /// Pages the prefix cache keeps (counted in `pages_in_use`; evicted when needed).
     pub fn prefix_cached_pages(&self) -> usize {
         self.prefix.as_ref().map_or(0, PrefixCache::len)
+    }
+
+    /// Pages only the prefix cache holds: in use, but evicted as soon as a page is needed.
+    pub fn evictable_pages(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |c| c.evictable(&self.pool))
+    }
+
+    /// Pages in all.
+    pub fn total_pages(&self) -> usize {
+        self.pool.capacity()
+    }
+
+    /// Requests running (holding pages, scheduled at least once since their last preemption).
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Requests waiting for their first (or, after a preemption, next) step.
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
     }
 
     pub fn stats(&self) -> RunStats {
@@ -439,11 +502,16 @@ impl EngineCore {
                 |(s, &c)| if c { s.sampler.draw() } else { RowDraw { temperature: 0.0, top_k: 0, top_p: 1.0, u: 0.0 } },
             )
             .collect();
-        let next = forward(engine, self.cache.as_mut(), self.limits.page_size, &batch, chunks, &draws)
-            .and_then(|out| out.tokens(&draws));
+        for s in batch.iter_mut().filter(|s| !s.scheduled) {
+            s.scheduled = true;
+            events.push(Event::Scheduled { id: s.id });
+        }
+        let want_logits = batch.iter().zip(&completes).any(|(s, &c)| c && s.needs_logits());
+        let next = forward(engine, self.cache.as_mut(), self.limits.page_size, &batch, chunks, &draws, want_logits)
+            .and_then(|out| pick_tokens(out, &batch, &draws));
         self.stats.steps += 1;
         let next = match next {
-            Ok(ids) => ids,
+            Ok(picked) => picked,
             Err(e) => {
                 // A failed step fails the sequences in it, not the engine.
                 let msg = e.to_string();
@@ -464,7 +532,9 @@ impl EngineCore {
             self.stats.decode_time += t0.elapsed();
         }
         self.stats.decode_tokens += decodes;
-        for ((mut s, &n), (&t, &complete)) in batch.into_iter().zip(chunks).zip(next.iter().zip(&completes)) {
+        for ((mut s, &n), ((t, logprobs), &complete)) in
+            batch.into_iter().zip(chunks).zip(next.into_iter().zip(&completes))
+        {
             s.cached += n;
             if let Some(cache) = self.prefix.as_mut() {
                 cache.register(&mut self.pool, &s.tokens, s.cached, &s.pages, &mut s.keys, self.limits.page_size);
@@ -474,12 +544,15 @@ impl EngineCore {
                 continue;
             }
             s.tokens.push(t);
-            events.push(Event::Token { id: s.id, token: t });
-            let generated = s.tokens.len() - s.prompt_len;
+            let generated = s.generated();
             let p = s.sampler.params();
+            // (Before `min_tokens`, stop tokens were masked out of the pick.)
             let stop_token = p.stop_token_ids.contains(&t);
             // A stop token ends the text; it is not part of it.
-            let stop_string = !stop_token && s.text.as_mut().is_some_and(|x| x.push(t));
+            let armed = generated >= p.min_tokens;
+            let stop_string = !stop_token && s.text.as_mut().is_some_and(|x| x.push_checked(t, armed));
+            let text = s.text.as_mut().map(CompletionText::take_delta).unwrap_or_default();
+            events.push(Event::Token { id: s.id, token: t, text, logprobs });
             let finish = if stop_token || stop_string {
                 Some(FinishReason::Stop)
             } else if generated >= p.max_new_tokens || s.tokens.len() >= self.max_len {
@@ -509,6 +582,7 @@ fn forward(
     seqs: &[Seq],
     chunks: &[usize],
     draws: &[RowDraw],
+    want_logits: bool,
 ) -> Result<StepOut> {
     let Some(cache) = cache else {
         let mut rows = Vec::new();
@@ -527,5 +601,31 @@ fn forward(
         .zip(chunks)
         .map(|(s, &n)| SeqStep { new_tokens: &s.tokens[s.cached..s.cached + n], cached: s.cached, pages: &s.pages })
         .collect();
-    forward_cached(engine, cache, page_size, &steps, draws)
+    forward_cached(engine, cache, page_size, &steps, draws, want_logits)
+}
+
+/// Each sequence's next token (with its log-probabilities when asked) from a step's output:
+/// the model's picks, or picked here from the logits with the same draws, a sequence short of
+/// its `min_tokens` with its stop tokens masked out.
+fn pick_tokens(out: StepOut, seqs: &[Seq], draws: &[RowDraw]) -> Result<Vec<(i64, Option<TokenLogprobs>)>> {
+    let rows = match out {
+        StepOut::Logits(rows) if rows.len() == seqs.len() => rows,
+        ids => return Ok(ids.tokens(draws)?.into_iter().map(|t| (t, None)).collect()),
+    };
+    Ok(rows
+        .into_iter()
+        .zip(seqs.iter().zip(draws))
+        .map(|(mut row, (s, d))| {
+            let p = s.sampler.params();
+            if s.generated() < p.min_tokens {
+                for &t in &p.stop_token_ids {
+                    if let Some(x) = usize::try_from(t).ok().and_then(|t| row.get_mut(t)) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let t = crate::sampling::pick(&row, d);
+            (t, p.logprobs.map(|k| crate::sampling::logprobs(&row, t, k)))
+        })
+        .collect())
 }

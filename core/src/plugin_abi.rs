@@ -1033,7 +1033,7 @@ impl ffi::EngineOps for HostEngine<'_> {
                 pages: s.pages.as_slice(),
             })
             .collect();
-        let ids = match crate::runtime::forward_cached(self.engine, cache, self.limits.page_size, &steps, &draws)
+        let ids = match crate::runtime::forward_cached(self.engine, cache, self.limits.page_size, &steps, &draws, false)
             .and_then(|out| out.tokens(&draws))
         {
             Ok(ids) => ids,

@@ -119,6 +119,11 @@ impl PrefixCache {
         }
     }
 
+    /// Pages only the cache holds (what `evict_one` could free).
+    pub fn evictable(&self, pool: &PagePool) -> usize {
+        self.blocks.values().filter(|b| pool.refs(b.page) == 1).count()
+    }
+
     /// Frees the least recently used page that only the cache holds; false when there is none.
     pub fn evict_one(&mut self, pool: &mut PagePool) -> bool {
         let victim = self.lru.iter().find(|&&(_, key)| pool.refs(self.blocks[&key].page) == 1).copied();

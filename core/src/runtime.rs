@@ -92,13 +92,15 @@ pub fn input_index(engine: &Engine, name: &str) -> Result<usize> {
 
 /// One forward over `seqs` (flattened into one batch of tokens with the page table as metadata).
 /// A model that can pick tokens where the logits are, with `draws` (one per sequence), returns
-/// ids instead of logits.
+/// ids instead of logits, unless `want_logits` (a request asked for log-probabilities or must
+/// not pick its stop tokens yet).
 pub fn forward_cached(
     engine: &mut Engine,
     cache: &mut PagedKvCache,
     page_size: usize,
     seqs: &[SeqStep],
     draws: &[RowDraw],
+    want_logits: bool,
 ) -> Result<StepOut> {
     let mut meta = BatchMetadata::default();
     let (mut ids, mut pos, mut gather) = (Vec::new(), Vec::new(), Vec::new());
@@ -122,7 +124,9 @@ pub fn forward_cached(
     inputs[input_index(engine, "position_ids")?] = Tensor::from_i64(vec![1, t], pos)?;
     inputs[input_index(engine, GATHER_INPUT)?] = Tensor::from_i64(vec![gather.len()], gather)?;
     let mut cx = StepContext { plan: &plan, cache };
-    if draws.iter().all(|d| d.temperature <= 0.0 || d.top_k == 1) {
+    if want_logits {
+        // Straight to the logits below.
+    } else if draws.iter().all(|d| d.temperature <= 0.0 || d.top_k == 1) {
         if let Some(ids) = engine.model.forward_greedy(&inputs, Some(&mut cx))? {
             return Ok(StepOut::Ids(ids));
         }
@@ -171,6 +175,8 @@ pub struct CompletionText {
     stops: Vec<String>,
     longest_stop: usize,
     stopped: bool,
+    /// Bytes of `text` handed out by `take_delta`.
+    emitted: usize,
 }
 
 impl CompletionText {
@@ -182,25 +188,32 @@ impl CompletionText {
             stops,
             longest_stop,
             stopped: false,
+            emitted: 0,
         }
     }
 
     /// Adds a generated token (not a stop token: its text is not part of the completion).
     /// Returns true once a stop string has appeared; the text then ends before it.
     pub fn push(&mut self, id: i64) -> bool {
+        self.push_checked(id, true)
+    }
+
+    /// `push`, matching stop strings in the new text only when `check` (a request still short
+    /// of its `min_tokens` is not stopped by one).
+    pub fn push_checked(&mut self, id: i64, check: bool) -> bool {
         if self.stopped {
             return true;
         }
         if let Some(piece) = self.decoder.push(id) {
-            self.append(&piece);
+            self.append(&piece, check);
         }
         self.stopped
     }
 
-    fn append(&mut self, piece: &str) {
+    fn append(&mut self, piece: &str, check: bool) {
         let old = self.text.len();
         self.text.push_str(piece);
-        if self.stops.is_empty() {
+        if self.stops.is_empty() || !check {
             return;
         }
         // A match that ends in the new text starts at most `longest - 1` bytes before it.
@@ -215,13 +228,34 @@ impl CompletionText {
         }
     }
 
+    /// The text no stop string can cut any more that `take_delta` has not yet returned (for
+    /// streaming): all of it once stopped, else all but the last `longest stop - 1` bytes (a
+    /// stop string found later starts no earlier: it would have been found already). The final
+    /// text (`finish`) begins with everything returned.
+    pub fn take_delta(&mut self) -> String {
+        let mut end = if self.stopped {
+            self.text.len()
+        } else {
+            self.text.len().saturating_sub(self.longest_stop.saturating_sub(1))
+        };
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end <= self.emitted {
+            return String::new();
+        }
+        let d = self.text[self.emitted..end].to_string();
+        self.emitted = end;
+        d
+    }
+
     /// The completion's text: what a stop string left, else everything decoded, with bytes
     /// still held back (an incomplete character at the end) rendered as a full decode renders
     /// them.
     pub fn finish(mut self) -> String {
         if !self.stopped {
             let rest = self.decoder.flush();
-            self.append(&rest);
+            self.append(&rest, true);
         }
         self.text
     }
@@ -342,12 +376,20 @@ mod tests {
     /// Feeds tokens until a stop; returns the text, whether it stopped and the tokens taken.
     fn incremental(d: &Arc<Bytes>, text_ids: &[i64], stops: &[String]) -> (String, bool, usize) {
         let mut t = CompletionText::new(d.clone(), stops.to_vec());
+        // What a stream would have sent: never text a stop string later cuts off.
+        let mut streamed = String::new();
+        let mut end = (false, text_ids.len());
         for (i, &id) in text_ids.iter().enumerate() {
-            if t.push(id) {
-                return (t.finish(), true, i + 1);
+            let stopped = t.push(id);
+            streamed.push_str(&t.take_delta());
+            if stopped {
+                end = (true, i + 1);
+                break;
             }
         }
-        (t.finish(), false, text_ids.len())
+        let text = t.finish();
+        assert!(text.starts_with(&streamed), "streamed {streamed:?} is not a prefix of {text:?}");
+        (text, end.0, end.1)
     }
 
     #[test]

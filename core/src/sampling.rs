@@ -21,7 +21,15 @@ pub struct SamplingParams {
     /// Generation stops when the decoded text contains any of these (needs a tokenizer); the
     /// completion's text ends before it.
     pub stop_strings: Vec<String>,
+    /// Stop tokens cannot be picked, nor stop strings end the text, before this many tokens.
+    pub min_tokens: usize,
+    /// Report each generated token's log-probability and the `logprobs` most likely
+    /// alternatives' (at most `MAX_LOGPROBS`); `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives a token's log-probabilities list (OpenAI's limit).
+pub const MAX_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -33,6 +41,8 @@ impl Default for SamplingParams {
             seed: None,
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
+            min_tokens: 0,
+            logprobs: None,
         }
     }
 }
@@ -52,6 +62,15 @@ impl SamplingParams {
         }
         if self.stop_strings.iter().any(String::is_empty) {
             return bad("stop_strings", "an empty stop string would stop at once".into());
+        }
+        if self.min_tokens > self.max_new_tokens {
+            return bad(
+                "min_tokens",
+                format!("{} is more than max_new_tokens = {}", self.min_tokens, self.max_new_tokens),
+            );
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_LOGPROBS) {
+            return bad("logprobs", format!("{n} alternatives asked; at most {MAX_LOGPROBS}"));
         }
         Ok(())
     }
@@ -152,6 +171,36 @@ pub fn pick(logits: &[f32], d: &RowDraw) -> i64 {
     cand[probs.len() - 1].0 as i64
 }
 
+/// A generated token's log-probability under the model (the raw logits' log-softmax, before
+/// temperature and filters, as OpenAI and vLLM report it) and the most likely alternatives'.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// `(token, logprob)`, most likely first (ties: lower id first).
+    pub top: Vec<(i64, f32)>,
+}
+
+/// `token`'s log-probability in `logits` and the `top` most likely tokens', in f64 sums.
+pub fn logprobs(logits: &[f32], token: i64, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + z.ln();
+    let lp = |x: f32| (x as f64 - lse) as f32;
+    let mut best: Vec<usize> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            // Insertion into the short sorted list; ties keep the lower id first.
+            if best.len() < top || x > logits[best[best.len() - 1]] {
+                let at = best.partition_point(|&j| logits[j] >= x);
+                best.insert(at, i);
+                best.truncate(top);
+            }
+        }
+    }
+    let chosen = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    TokenLogprobs { logprob: lp(chosen), top: best.into_iter().map(|i| (i as i64, lp(logits[i]))).collect() }
+}
+
 /// Index of the largest value (the first, on ties), as torch's argmax.
 pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
@@ -166,6 +215,28 @@ pub fn argmax(row: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_against_hand_computed_values() {
+        // Weights 1, 2, 3, 4, 10 as logits ln w + 7 (a shift softmax ignores): p = w / 20.
+        let logits: Vec<f32> = [1.0f64, 2.0, 3.0, 10.0, 4.0, 3.0].iter().map(|w| (w.ln() + 7.0) as f32).collect();
+        let total = 23.0f64;
+        let l = logprobs(&logits, 1, 3);
+        assert!((l.logprob as f64 - (2.0 / total).ln()).abs() < 1e-5, "{l:?}");
+        let ids: Vec<i64> = l.top.iter().map(|t| t.0).collect();
+        // 10, then 4, then the two 3s (ids 2 and 5): the lower id first.
+        assert_eq!(ids, [3, 4, 2]);
+        for (id, lp) in &l.top {
+            let w = [1.0, 2.0, 3.0, 10.0, 4.0, 3.0][*id as usize];
+            assert!((*lp as f64 - (w / total).ln()).abs() < 1e-5);
+        }
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
+        // A masked (-inf) logit: its probability is 0.
+        let mut masked = logits.clone();
+        masked[3] = f32::NEG_INFINITY;
+        assert_eq!(logprobs(&masked, 3, 1).logprob, f32::NEG_INFINITY);
+        assert_eq!(logprobs(&masked, 3, 1).top[0].0, 4);
+    }
 
     /// `pick` over a grid of draws u = (i + 0.5) / N gives each token the share of draws its
     /// probability says, against distributions worked out by hand (not by `pick`'s own steps):

@@ -233,10 +233,11 @@ fn requests_join_and_leave_the_engine_core_between_steps() {
     let mut step = |core: &mut EngineCore, e: &mut autodeploy_core::pipeline::Engine| {
         for ev in core.step(e) {
             match ev {
-                Event::Token { id, token } => tokens.entry(id).or_default().push(token),
+                Event::Token { id, token, .. } => tokens.entry(id).or_default().push(token),
                 Event::Finished { id, result } => {
                     done.insert(id, result.unwrap().tokens);
                 }
+                Event::Scheduled { .. } => {}
             }
         }
     };

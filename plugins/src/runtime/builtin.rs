@@ -19,7 +19,7 @@ autodeploy_core::inventory::submit! {
         name: "demollm",
         aliases: &["demo"],
         version: env!("CARGO_PKG_VERSION"),
-        make: |cfg| Box::new(CoreRuntime::new(cfg, Policy::PrefillFirst)),
+        make: |cfg| Box::new(CoreRuntime::new(cfg, "demollm")),
     }
 }
 
@@ -28,7 +28,7 @@ autodeploy_core::inventory::submit! {
         name: "trtllm",
         aliases: &["in-flight"],
         version: env!("CARGO_PKG_VERSION"),
-        make: |cfg| Box::new(CoreRuntime::new(cfg, Policy::InFlight)),
+        make: |cfg| Box::new(CoreRuntime::new(cfg, "trtllm")),
     }
 }
 
@@ -38,17 +38,9 @@ pub struct CoreRuntime {
 }
 
 impl CoreRuntime {
-    pub fn new(cfg: &PipelineConfig, policy: Policy) -> CoreRuntime {
-        CoreRuntime {
-            policy,
-            limits: Limits {
-                max_batch_size: cfg.max_batch_size,
-                page_size: cfg.attn_page_size,
-                max_num_tokens: cfg.max_num_tokens(),
-                max_seq_len: cfg.max_seq_len,
-                prefix_caching: cfg.enable_prefix_caching,
-            },
-        }
+    pub fn new(cfg: &PipelineConfig, runtime: &str) -> CoreRuntime {
+        let policy = Policy::of_runtime(runtime).expect("a built-in runtime's name");
+        CoreRuntime { policy, limits: Limits::from_config(cfg) }
     }
 }
 
@@ -75,8 +67,9 @@ impl Runtime for CoreRuntime {
         while core.has_unfinished() {
             for event in core.step(engine) {
                 match event {
-                    Event::Token { id, token } => on_token(index[&id], token),
+                    Event::Token { id, token, .. } => on_token(index[&id], token),
                     Event::Finished { id, result } => results[index[&id]] = Some(result),
+                    Event::Scheduled { .. } => {}
                 }
             }
         }
