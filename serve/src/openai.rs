@@ -318,13 +318,15 @@ pub fn parse(kind: Kind, body: &[u8], info: &LlmInfo) -> Result<Job, ApiError> {
     };
     let max_tokens = match f.int(max_field)? {
         Some(x) if x < 1 => return Err(ApiError::bad(max_field, format!("must be at least 1, got {x}"))),
-        Some(x) if x as u64 > room as u64 => return Err(ApiError::bad(
-            max_field,
-            format!(
+        Some(x) if x as u64 > room as u64 => {
+            return Err(ApiError::bad(
+                max_field,
+                format!(
                 "{x} tokens asked, but this model's maximum context length is {} tokens and the prompt has {longest}",
                 info.max_seq_len
             ),
-        )),
+            ))
+        }
         Some(x) => x as usize,
         // OpenAI's defaults: 16 for completions; for chat, as long as the context allows.
         None if kind == Kind::Completion => 16.min(room),
@@ -537,7 +539,14 @@ pub fn logprobs_json(kind: Kind, info: &LlmInfo, tokens: &[(i64, &TokenLogprobs)
             }
             let top: Vec<Value> = tokens
                 .iter()
-                .map(|(_, l)| Value::Object(l.top.iter().map(|&(t, lp)| (piece(t), json!(lp))).collect()))
+                .map(|(_, l)| {
+                    // Keyed by text: where two tokens decode alike, the likelier (first) stays.
+                    let mut m = Map::new();
+                    for &(t, lp) in &l.top {
+                        m.entry(piece(t)).or_insert(json!(lp));
+                    }
+                    Value::Object(m)
+                })
                 .collect();
             json!({
                 "tokens": strs,
