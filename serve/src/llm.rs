@@ -412,7 +412,10 @@ fn engine_loop(mut engine: Engine, mut core: EngineCore, rx: mpsc::Receiver<Comm
             }
         };
         let now = Instant::now();
+        // Gauges first: whoever hears of a finished request sees the pages it freed.
+        update_gauges(&core, &shared);
         let mut gone: Vec<RequestId> = Vec::new();
+        let gone_empty;
         {
             let mut m = shared.metrics.lock().unwrap_or_else(|p| p.into_inner());
             for ev in events {
@@ -444,6 +447,7 @@ fn engine_loop(mut engine: Engine, mut core: EngineCore, rx: mpsc::Receiver<Comm
                 }
             }
             // Receivers dropped without an abort (a client gone mid-step): abort them now.
+            gone_empty = gone.is_empty();
             for id in gone {
                 if let Some(l) = live.remove(&id) {
                     by_key.remove(&l.key);
@@ -452,7 +456,9 @@ fn engine_loop(mut engine: Engine, mut core: EngineCore, rx: mpsc::Receiver<Comm
                 }
             }
         }
-        update_gauges(&core, &shared);
+        if !gone_empty {
+            update_gauges(&core, &shared);
+        }
     }
     shared.alive.store(false, Ordering::Release);
 }
