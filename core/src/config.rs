@@ -53,6 +53,14 @@ pub struct PipelineConfig {
     /// Most tokens one forward step may carry (all sequences together).
     #[serde(default)]
     pub max_num_tokens: Option<usize>,
+    /// CUDA: the KV cache takes this fraction of the device memory still free once the
+    /// weights, the planned activations and the step buffers are allocated (AutoDeploy's key).
+    #[serde(default)]
+    pub free_mem_ratio: Option<f64>,
+    /// The KV cache's size in MiB (any device; on the CPU the way to bound it). Without it or
+    /// `free_mem_ratio`: room for `max_batch_size` sequences of `max_seq_len`.
+    #[serde(default)]
+    pub kv_cache_budget_mib: Option<usize>,
     /// Share the KV pages of a common prompt prefix between requests (`trtllm`).
     #[serde(default = "default_true")]
     pub enable_prefix_caching: bool,
@@ -323,6 +331,14 @@ impl PipelineConfig {
         crate::transform::check_config(&self.transforms).map_err(|(key, msg)| Error::config(path, key, msg))?;
         if self.attn_page_size == 0 {
             return Err(Error::config(path, "attn_page_size", "must be at least 1"));
+        }
+        if let Some(r) = self.free_mem_ratio {
+            if !(r > 0.0 && r <= 1.0) {
+                return Err(Error::config(path, "free_mem_ratio", format!("{r} is outside (0, 1]")));
+            }
+        }
+        if self.kv_cache_budget_mib == Some(0) {
+            return Err(Error::config(path, "kv_cache_budget_mib", "must be at least 1"));
         }
         if self.max_num_tokens == Some(0) {
             return Err(Error::config(path, "max_num_tokens", "must be at least 1"));

@@ -429,6 +429,36 @@ impl EngineCore {
             chunks.push(n);
             batch.push(s);
         }
+        // Nothing could run although sequences are running: all of them are mid-prefill and no
+        // page is free for any. The newest give way until the oldest can take a chunk (without
+        // this the step would be empty forever).
+        if batch.is_empty() && !self.running.is_empty() {
+            let mut first = self.running.remove(0);
+            let mut n = self.chunk_for(&mut first, budget);
+            while n == 0 {
+                let Some(v) = self.running.pop() else { break };
+                preempted.push(self.preempt(v));
+                n = self.chunk_for(&mut first, budget);
+            }
+            if n > 0 {
+                chunks.push(n);
+                batch.push(first);
+            } else {
+                // Alone with every page it could take, it still does not fit: it never will.
+                let msg = format!(
+                    "the request's {} tokens need more KV-cache pages of {page} tokens than the engine has ({} in all)",
+                    first.tokens.len(),
+                    self.pool.capacity()
+                );
+                self.reset(&mut first);
+                events.push(Event::Finished { id: first.id, result: Err(Error::Msg(msg)) });
+                // Its pages are free now; the queue gets them next step.
+                for s in preempted.into_iter() {
+                    self.waiting.push_front(s);
+                }
+                return events;
+            }
+        }
         // Preempted sequences go back to the front of the queue, oldest first.
         for s in preempted.into_iter() {
             self.waiting.push_front(s);

@@ -21,6 +21,11 @@ pub struct CacheSpec {
 }
 
 impl CacheSpec {
+    /// Bytes one page of `page` tokens takes over all layers, K and V, at `elem` bytes a value.
+    pub fn bytes_per_page(&self, page: usize, elem: usize) -> usize {
+        self.layers.iter().map(|l| 2 * page * l.kv_heads * l.head_dim * elem).sum()
+    }
+
     /// `None` when the graph has no cached attention (it runs uncached, full sequence).
     pub fn of(g: &Graph) -> Result<Option<CacheSpec>> {
         let mut layers: Vec<Option<LayerCache>> = Vec::new();

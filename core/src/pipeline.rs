@@ -96,9 +96,41 @@ fn max_len(g: &Graph, cap: usize) -> usize {
     r.map(|r| r.max).unwrap_or(usize::MAX).min(cap)
 }
 
-/// Pages of the KV cache: enough for `max_batch_size` sequences of the longest length.
-pub fn kv_pages(g: &Graph, cfg: &PipelineConfig) -> usize {
-    cfg.max_batch_size * max_len(g, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1))
+/// Pages of the KV cache: what `kv_cache_budget_mib` holds, else enough for `max_batch_size`
+/// sequences of the longest length (a backend sizing from free memory may change it). Refused
+/// when the budget does not hold one longest sequence, naming the key.
+pub fn kv_pages(g: &Graph, cfg: &PipelineConfig) -> Result<usize> {
+    let page = cfg.attn_page_size.max(1);
+    let one = max_len(g, cfg.max_seq_len).div_ceil(page);
+    let Some(mib) = cfg.kv_cache_budget_mib else { return Ok(cfg.max_batch_size * one) };
+    let Some(spec) = CacheSpec::of(g)? else { return Ok(cfg.max_batch_size * one) };
+    // The CPU's cache holds f32; a device's, the graph's cache dtype.
+    let elem = match cfg.resolved_device() {
+        crate::config::Device::Cpu => 4,
+        _ => cache_dtype(g).size_in_bytes(),
+    };
+    let per_page = spec.bytes_per_page(page, elem);
+    let pages = (mib << 20) / per_page.max(1);
+    if pages < one {
+        return Err(crate::error::Error::config(
+            "<config>",
+            "kv_cache_budget_mib",
+            format!(
+                "{mib} MiB hold {pages} pages of {page} tokens ({per_page} bytes each), fewer than the {one} one sequence of max_seq_len = {} needs",
+                max_len(g, cfg.max_seq_len)
+            ),
+        ));
+    }
+    Ok(pages)
+}
+
+/// The dtype the KV cache stores (the cached attention's key input), f32 when there is none.
+pub fn cache_dtype(g: &Graph) -> crate::DType {
+    g.nodes
+        .iter()
+        .find(|n| matches!(n.op, crate::ops::Op::CachedAttention { .. }))
+        .map(|n| g.meta(n.inputs[1]).dtype)
+        .unwrap_or(crate::DType::F32)
 }
 
 pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
@@ -106,8 +138,12 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let (graph, tokenizer) = transformed(cfg, Stage::CacheInit)?;
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
-    let kv_pages = kv_pages(&graph, cfg);
-    let model = backend.compile(&graph, &registry::CompileOptions::from_config(cfg, kv_pages))?;
+    let kv_pages = kv_pages(&graph, cfg)?;
+    let mut opts = registry::CompileOptions::from_config(cfg, kv_pages);
+    opts.min_kv_pages = max_len(&graph, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1));
+    let model = backend.compile(&graph, &opts)?;
+    let kv_pages = model.kv_pages().unwrap_or(kv_pages);
+    tracing::info!(kv_pages, page_size = cfg.attn_page_size, "KV cache");
     let cache = CacheSpec::of(&graph)?;
     let tokenizer = tokenizer.map(Arc::new);
     let detokenizer = tokenizer.clone().map(|t| t as Arc<dyn crate::runtime::Detokenizer>);

@@ -40,6 +40,12 @@ pub trait ModelImporter: Send + Sync {
 pub trait CompiledModel: Send {
     fn forward(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Vec<Tensor>>;
 
+    /// The KV-cache pages the model made when it sized them itself (`free_mem_ratio`); `None`:
+    /// the `kv_pages` it was compiled with.
+    fn kv_pages(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether the model keeps the KV cache itself (on its device), so the runtime only plans
     /// pages and never grows the host cache. Default: the runtime's `PagedKvCache` holds it.
     fn owns_kv_cache(&self) -> bool {
@@ -81,6 +87,11 @@ pub struct CompileOptions {
     /// keeps the cache on its device allocates them all up front).
     pub page_size: usize,
     pub kv_pages: usize,
+    /// Size the KV cache from the device memory left free instead (the backend reports the
+    /// pages it made through `CompiledModel::kv_pages`).
+    pub free_mem_ratio: Option<f64>,
+    /// The fewest pages that hold one sequence of the longest length.
+    pub min_kv_pages: usize,
     /// Decode batch sizes to capture as CUDA graphs (`cudagraph`, `opt`).
     pub cuda_graph_batch_sizes: Vec<usize>,
 }
@@ -95,6 +106,9 @@ impl CompileOptions {
             device: cfg.resolved_device(),
             page_size: cfg.attn_page_size,
             kv_pages,
+            // A fixed budget wins over the free-memory fraction.
+            free_mem_ratio: cfg.free_mem_ratio.filter(|_| cfg.kv_cache_budget_mib.is_none()),
+            min_kv_pages: 0,
             cuda_graph_batch_sizes: cfg.cuda_graph_batch_sizes(),
         }
     }

@@ -203,7 +203,9 @@ fn stream_response(app: App, job: Job, subs: Vec<Submission>, id: String) -> Res
                 Output::Accepted => continue,
                 Output::Token { token, text, logprobs } => {
                     completion_tokens += 1;
-                    if text.is_empty() && logprobs.is_none() {
+                    // A token whose text is held back (an incomplete character, a possible stop
+                    // string) sends nothing yet; without a tokenizer every token is a chunk.
+                    if text.is_empty() && logprobs.is_none() && info.tokenizer.is_some() {
                         continue;
                     }
                     let lp = logprobs

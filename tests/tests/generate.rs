@@ -343,6 +343,82 @@ fn trtllm_preempts_when_pages_run_out_and_recomputes() {
     }
 }
 
+/// Under random mixes of prompt lengths, token budgets and pool sizes (from one longest
+/// sequence up), `trtllm` finishes every request with the tokens it gets with room to spare,
+/// preempting as it must, and gives every page back. A sequence that outgrows the whole pool
+/// fails alone (naming the pages) instead of leaving every later step empty.
+#[test]
+fn trtllm_never_stalls_when_pages_run_out() {
+    use autodeploy_core::engine_core::{EngineCore, Event, Limits, Policy};
+    use rand::{Rng, SeedableRng};
+    let base = "attn_page_size = 4\nmax_batch_size = 4\n";
+    let mut e = engine("llama", base);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut preemptions = 0;
+    for trial in 0..30 {
+        let reqs: Vec<_> = (0..6)
+            .map(|_| {
+                let len = rng.random_range(5..40);
+                let prompt: Vec<i64> = (0..len).map(|_| rng.random_range(3..250)).collect();
+                greedy(&prompt, rng.random_range(1..8))
+            })
+            .collect();
+        let longest = reqs.iter().map(|r| r.prompt.len() + r.sampling.max_new_tokens).max().unwrap();
+        let pool = longest.div_ceil(4) + rng.random_range(0..12);
+        let budget = [5, 8, 13, 32, 64][rng.random_range(0..5)];
+        let (roomy, _) = run_with("llama", "trtllm", base, None, &reqs);
+        e.kv_pages = pool;
+        let limits = Limits {
+            max_batch_size: 4,
+            max_num_tokens: budget,
+            page_size: 4,
+            max_seq_len: 128,
+            prefix_caching: trial % 2 == 0,
+        };
+        let mut core = EngineCore::with_policy(&e, limits, Policy::InFlight);
+        let ids: Vec<u64> = reqs.iter().map(|r| core.add_request(&e, r.clone()).unwrap()).collect();
+        let mut done = std::collections::HashMap::new();
+        let mut steps = 0;
+        while core.has_unfinished() {
+            steps += 1;
+            assert!(
+                steps < 2000,
+                "trial {trial} (pool {pool}, budget {budget}): stalled with {} of 6 finished",
+                done.len()
+            );
+            for ev in core.step(&mut e) {
+                if let Event::Finished { id, result } = ev {
+                    done.insert(id, result.unwrap().tokens);
+                }
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(done[id], roomy[i].tokens, "trial {trial}: request {i}");
+        }
+        assert_eq!(core.pages_in_use() - core.prefix_cached_pages(), 0, "trial {trial}");
+        preemptions += core.stats().preemptions;
+    }
+    assert!(preemptions > 0, "the pools were tight enough to preempt");
+    // 8 pages of 4 hold 32 tokens: a 40-token prompt never fits, a 20-token one does.
+    e.kv_pages = 8;
+    let limits = Limits { max_batch_size: 4, max_num_tokens: 16, page_size: 4, max_seq_len: 128, prefix_caching: true };
+    let mut core = EngineCore::with_policy(&e, limits, Policy::InFlight);
+    let big = core.add_request(&e, greedy(&(3..43).collect::<Vec<i64>>(), 4)).unwrap();
+    let small = core.add_request(&e, greedy(&(3..23).collect::<Vec<i64>>(), 4)).unwrap();
+    let mut results = std::collections::HashMap::new();
+    for _ in 0..200 {
+        for ev in core.step(&mut e) {
+            if let Event::Finished { id, result } = ev {
+                results.insert(id, result);
+            }
+        }
+    }
+    assert!(!core.has_unfinished(), "stalled");
+    let err = results[&big].as_ref().unwrap_err().to_string();
+    assert!(err.contains("pages") && err.contains("8 in all"), "{err}");
+    assert_eq!(results[&small].as_ref().unwrap().tokens.len(), 4);
+}
+
 /// Prefix caching (`trtllm`, on by default): a request sharing a 13-token prefix with one that
 /// ran before starts from the 3 full pages (page 4) that one left in the cache, computes only
 /// the rest, and generates what it generates with caching off; afterwards only the cache holds
@@ -384,4 +460,28 @@ fn a_shared_prefix_is_computed_once() {
     assert_eq!(on_stats.prefix_hit_tokens, 12, "{on_stats:?}");
     assert_eq!(b_prefill_on, 8, "b computes the prefix's 13th token (its page is not full) and its own 7");
     assert!(cached > 0 && in_use_on == cached, "only the prefix cache holds pages: {in_use_on} vs {cached}");
+}
+
+/// `kv_cache_budget_mib` sizes the page pool (the CPU cache holds f32: the llama fixture's two
+/// layers of 2 KV heads of 16 are 2048 bytes a page of 4 tokens, so 1 MiB is 512 pages), and
+/// the runtime stays within it.
+#[test]
+fn kv_cache_budget_sizes_the_page_pool() {
+    let base = "attn_page_size = 4\nmax_batch_size = 4\n";
+    let e = engine("llama", &format!("{base}kv_cache_budget_mib = 1\n"));
+    assert_eq!(e.kv_pages, 512);
+    let worst = engine("llama", base);
+    assert_eq!(worst.kv_pages, 4 * 128 / 4, "without a budget: max_batch_size sequences of max_seq_len");
+    let bad = autodeploy_core::config::PipelineConfig::from_toml_str(
+        &format!(
+            "model = {:?}\nkv_cache_budget_mib = 0\nfree_mem_ratio = 1.5\n",
+            fixture("llama").display().to_string()
+        ),
+        None,
+    )
+    .unwrap()
+    .validate("x.toml".as_ref())
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("free_mem_ratio") || bad.contains("kv_cache_budget_mib"), "{bad}");
 }

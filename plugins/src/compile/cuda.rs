@@ -598,15 +598,34 @@ impl CudaModel {
         // The KV cache: every page the runtime may hand out, plus one scratch page.
         let spec = autodeploy_core::kvcache::CacheSpec::of(graph)?;
         let page_size = opts.page_size.max(1);
-        let kv_pages = opts.kv_pages;
+        let mut kv_pages = opts.kv_pages;
         let mut cache = Vec::new();
         if let Some(spec) = &spec {
-            let cache_dt = graph
-                .nodes
-                .iter()
-                .find(|n| matches!(n.op, Op::CachedAttention { .. }))
-                .map(|n| graph.meta(n.inputs[1]).dtype)
-                .unwrap_or(DType::F32);
+            let cache_dt = autodeploy_core::pipeline::cache_dtype(graph);
+            if let Some(ratio) = opts.free_mem_ratio {
+                // What is free now, less a reserve for what is still to come (step buffers,
+                // cuBLAS's workspace, CUDA graphs): `ratio` of the rest, in whole pages.
+                const RESERVE: usize = 1 << 30;
+                let (free, total) = gpu.mem_info();
+                let per_page = spec.bytes_per_page(page_size, cache_dt.size_in_bytes());
+                let usable = (free.saturating_sub(RESERVE) as f64 * ratio) as usize;
+                let pages = (usable / per_page.max(1)).saturating_sub(1);
+                if pages < opts.min_kv_pages.max(1) {
+                    return Err(Error::Msg(format!(
+                        "free_mem_ratio = {ratio}: {:.2} GiB of {:.2} GiB are free after the weights and activations, room for {pages} KV-cache pages of {page_size} tokens; one sequence of the longest length needs {} (raise free_mem_ratio, lower max_seq_len or max_num_tokens)",
+                        free as f64 / (1u64 << 30) as f64,
+                        total as f64 / (1u64 << 30) as f64,
+                        opts.min_kv_pages
+                    )));
+                }
+                tracing::info!(
+                    free_gib = free as f64 / (1u64 << 30) as f64,
+                    ratio,
+                    pages,
+                    "sizing the KV cache from free memory"
+                );
+                kv_pages = pages;
+            }
             let total: usize = spec
                 .layers
                 .iter()
@@ -1516,6 +1535,10 @@ impl CompiledModel for CudaModel {
 
     fn kv_pages_per_sequence(&self) -> Option<usize> {
         self.slot_pages
+    }
+
+    fn kv_pages(&self) -> Option<usize> {
+        Some(self.kv_pages)
     }
 
     fn forward_greedy(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Option<Vec<i64>>> {
