@@ -69,6 +69,9 @@ enum Cmd {
         host: String,
         #[arg(long, default_value_t = 8000)]
         port: u16,
+        /// The model name clients send and `/v1/models` lists (default: the config's `model`).
+        #[arg(long)]
+        served_model_name: Option<String>,
     },
     /// List the plugins this binary knows.
     Plugins,
@@ -524,7 +527,9 @@ fn main() -> ExitCode {
             print!("{}", g.dump());
             Ok(())
         })(),
-        Some(Cmd::Serve { host, port }) => load_config(&cli).and_then(|c| autodeploy_serve::serve(&c, host, *port)),
+        Some(Cmd::Serve { host, port, served_model_name }) => {
+            load_config(&cli).and_then(|c| autodeploy_serve::serve(&c, host, *port, served_model_name.as_deref()))
+        }
         Some(Cmd::Chat { system }) => load_config(&cli).and_then(|c| chat(&c, system.as_deref())),
         Some(Cmd::Bench { mode, num_requests, isl, osl, batch }) if mode == "offline" => {
             load_config(&cli).and_then(|c| bench_offline(&c, *num_requests, *isl, *osl))

@@ -14,10 +14,15 @@ use autodeploy_core::config::PipelineConfig;
 
 pub use llm::{LlmInfo, Output, Submission, SubmitError, LLM};
 
-/// Builds the engine, then serves it on `host:port` until SIGTERM or Ctrl-C: then it stops
-/// accepting connections, lets the requests in flight finish, and returns.
-pub fn serve(cfg: &PipelineConfig, host: &str, port: u16) -> anyhow::Result<()> {
-    let llm = Arc::new(LLM::new(cfg)?);
+/// Builds the engine, then serves it on `host:port` (as `name`, default the config's `model`)
+/// until SIGTERM or Ctrl-C: then it stops accepting connections, lets the requests in flight
+/// finish, and returns.
+pub fn serve(cfg: &PipelineConfig, host: &str, port: u16, name: Option<&str>) -> anyhow::Result<()> {
+    let mut llm = LLM::new(cfg)?;
+    if let Some(n) = name {
+        llm.set_served_name(n);
+    }
+    let llm = Arc::new(llm);
     let rt = tokio::runtime::Builder::new_multi_thread()
         // The engine thread does the heavy work; HTTP needs little.
         .worker_threads(2)

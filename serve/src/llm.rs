@@ -216,6 +216,11 @@ impl LLM {
         &self.info
     }
 
+    /// The name requests must use and `/v1/models` lists.
+    pub fn set_served_name(&mut self, name: &str) {
+        self.info.model = name.to_string();
+    }
+
     /// Whether the engine thread is running.
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)

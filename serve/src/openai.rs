@@ -100,7 +100,7 @@ const COMMON: &[&str] = &[
     "logit_bias",
     "best_of",
 ];
-const COMPLETION_ONLY: &[&str] = &["prompt", "echo", "suffix"];
+const COMPLETION_ONLY: &[&str] = &["prompt", "echo", "suffix", "max_completion_tokens"];
 const CHAT_ONLY: &[&str] = &["messages", "max_completion_tokens", "top_logprobs", "tools", "response_format"];
 
 /// Most completions one request may ask for (`n` times the prompts).
@@ -311,11 +311,7 @@ pub fn parse(kind: Kind, body: &[u8], info: &LlmInfo) -> Result<Job, ApiError> {
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let room = info.max_seq_len - longest;
-    let max_field = if kind == Kind::Chat && f.get("max_completion_tokens").is_some() {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
-    };
+    let max_field = if f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = match f.int(max_field)? {
         Some(x) if x < 1 => return Err(ApiError::bad(max_field, format!("must be at least 1, got {x}"))),
         Some(x) if x as u64 > room as u64 => {
