@@ -209,7 +209,7 @@ fn old_sdk_plugin() -> PathBuf {
     }
     let manifest = std::fs::read_to_string(root().join("sdk/Cargo.toml")).unwrap();
     let manifest = manifest
-        .replace("version = \"0.5.0\"", "version = \"0.2.0\"")
+        .replace("version = \"0.6.0\"", "version = \"0.2.0\"")
         .replace("edition.workspace = true", "edition = \"2021\"")
         .replace("license.workspace = true", "license = \"Apache-2.0\"");
     assert!(manifest.contains("version = \"0.2.0\""), "the SDK manifest changed shape: update this test");
@@ -379,7 +379,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
         |path: &Path, why: &str| refused.iter().any(|l| l.contains(&path.display().to_string()) && l.contains(why));
     assert!(has(&missing, "does not exist"), "{refused:?}");
     assert!(has(&garbage, "libgarbage.so"), "{refused:?}");
-    assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.5.0"), "{refused:?}");
+    assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.6.0"), "{refused:?}");
     assert!(has(&good, "a transform named `fold_norm_scale` already exists"), "{refused:?}");
     assert!(has(&good, "an attention backend named `naive_cpu` already exists"), "{refused:?}");
     assert!(has(&not_plugin, "has no autodeploy root module"), "{refused:?}");
@@ -397,7 +397,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     assert!(
         err.contains("unknown attn_backend `naive_cpu`")
             && err.contains(&old.display().to_string())
-            && err.contains("incompatible with this host's sdk 0.5.0"),
+            && err.contains("incompatible with this host's sdk 0.6.0"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

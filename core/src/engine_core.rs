@@ -17,35 +17,20 @@
 //!   its tokens; cached pages nobody uses are evicted when the pool runs dry.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::kvcache::{PagePool, PagedKvCache};
 use crate::pipeline::Engine;
 use crate::prefix_cache::PrefixCache;
+use crate::runtime::Gauges;
 use crate::runtime::{
-    check_request, forward_cached, Completion, CompletionText, Detokenizer, FinishReason, Request, RunStats, SeqStep,
-    StepOut,
+    check_request, forward_cached, Completion, CompletionText, FinishReason, Request, RunStats, SeqStep, StepOut,
 };
 use crate::sampling::{RowDraw, Sampler, TokenLogprobs};
 use crate::Tensor;
 
-/// A request's handle, unique within one core.
-pub type RequestId = u64;
-
-/// What a step did to one request.
-#[derive(Debug)]
-pub enum Event {
-    /// The request left the queue: its first step ran (once per request).
-    Scheduled { id: RequestId },
-    /// The request's next token; `text` is the completion's text that this token made final
-    /// (empty while a character or a possible stop string is incomplete; the finished
-    /// completion's text begins with every piece sent); `logprobs` when the request asked.
-    Token { id: RequestId, token: i64, text: String, logprobs: Option<TokenLogprobs> },
-    /// The request ended: its completion, or why it failed (it failed alone).
-    Finished { id: RequestId, result: Result<Completion> },
-}
+pub use crate::runtime::{Event, RequestId};
 
 /// How a step is put together (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,7 +109,6 @@ pub struct EngineCore {
     max_len: usize,
     pool: PagePool,
     cache: Option<PagedKvCache>,
-    detok: Option<Arc<dyn Detokenizer>>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     next_id: RequestId,
@@ -145,7 +129,6 @@ impl EngineCore {
             max_len: engine.max_seq_len_within(limits.max_seq_len),
             pool: PagePool::new(engine.kv_pages),
             cache: engine.cache.clone().map(|spec| PagedKvCache::new(spec, limits.page_size)),
-            detok: engine.detokenizer.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
@@ -171,7 +154,7 @@ impl EngineCore {
         check_request(engine, &req, self.max_len, budget)?;
         let id = self.next_id;
         self.next_id += 1;
-        let text = self.detok.clone().map(|d| CompletionText::new(d, req.sampling.stop_strings.clone()));
+        let text = engine.detokenizer.clone().map(|d| CompletionText::new(d, req.sampling.stop_strings.clone()));
         self.waiting.push_back(Seq {
             id,
             prompt_len: req.prompt.len(),
@@ -244,6 +227,26 @@ impl EngineCore {
             s.prefix_hit_tokens = p.hit_tokens;
         }
         s
+    }
+
+    /// Zeroes what `stats` counts (the prefix cache keeps its pages).
+    pub fn reset_stats(&mut self) {
+        self.stats = RunStats::default();
+        if let Some(p) = self.prefix.as_mut() {
+            p.queried_tokens = 0;
+            p.hit_tokens = 0;
+        }
+    }
+
+    pub fn gauges(&self) -> Gauges {
+        let evictable = self.evictable_pages();
+        Gauges {
+            running: self.num_running(),
+            waiting: self.num_waiting(),
+            pages_total: self.total_pages(),
+            pages_used: self.pages_in_use() - evictable,
+            pages_prefix_only: evictable,
+        }
     }
 
     /// A free page, evicting an unused cached prefix page when none is free.

@@ -1,5 +1,5 @@
 //! Running a graph node by node on the CPU kernels: what the `simple` compile backend's
-//! interpreter and compile backends from plugin libraries (plugin_abi.rs) share.
+//! interpreter and compile backends from plugin libraries (plugin_abi/) share.
 
 use crate::cpu;
 use crate::error::{Error, Result};

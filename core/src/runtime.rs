@@ -138,6 +138,33 @@ pub fn forward_cached(
     Ok(StepOut::Logits(out[0].to_f32().chunks(v).map(<[f32]>::to_vec).collect()))
 }
 
+/// A request's handle, unique within one runtime.
+pub type RequestId = u64;
+
+/// What a step did to one request.
+#[derive(Debug)]
+pub enum Event {
+    /// The request left the queue: its first step ran (once per request).
+    Scheduled { id: RequestId },
+    /// The request's next token; `text` is the completion's text that this token made final
+    /// (empty while a character or a possible stop string is incomplete; the finished
+    /// completion's text begins with every piece sent); `logprobs` when the request asked.
+    Token { id: RequestId, token: i64, text: String, logprobs: Option<crate::sampling::TokenLogprobs> },
+    /// The request ended: its completion, or why it failed (it failed alone).
+    Finished { id: RequestId, result: Result<Completion> },
+}
+
+/// A runtime's load now, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub running: usize,
+    pub waiting: usize,
+    /// KV-cache pages in all, held by requests, and kept only by a prefix cache (free to take).
+    pub pages_total: usize,
+    pub pages_used: usize,
+    pub pages_prefix_only: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: Vec<i64>,
@@ -281,15 +308,67 @@ pub struct RunStats {
     pub prefix_hit_tokens: usize,
 }
 
-pub trait Runtime {
-    /// Generates for every request, calling `on_token(request index, token)` as each token is
+/// A runtime is a loop over one engine: requests join (`add_request`) and leave (`abort`)
+/// between steps, and each `step` runs (at most) one forward over the batch the runtime
+/// schedules and says what happened. A runtime lives as long as its caller keeps it (the
+/// server: as long as the engine), and with it its KV-cache pages and prefix cache.
+pub trait Runtime: Send {
+    /// Queues a request; one the engine cannot run is refused here, naming the field, and
+    /// nothing else is affected.
+    fn add_request(&mut self, engine: &Engine, req: Request) -> Result<RequestId>;
+    /// Drops a request, waiting or running; its pages are free at once. False when no such
+    /// request is unfinished.
+    fn abort(&mut self, id: RequestId) -> bool;
+    /// One step; empty when there is nothing to do.
+    fn step(&mut self, engine: &mut Engine) -> Vec<Event>;
+    fn has_unfinished(&self) -> bool;
+    /// Where the time went since the last `reset_stats`.
+    fn stats(&self) -> RunStats;
+    fn reset_stats(&mut self);
+    fn gauges(&self) -> Gauges;
+
+    /// Runs `requests` to completion, calling `on_token(request index, token)` as each token is
     /// sampled. A bad request fails alone: its slot holds the error, the others complete.
     fn generate_streaming(
         &mut self,
         engine: &mut Engine,
         requests: &[Request],
         on_token: &mut dyn FnMut(usize, i64),
-    ) -> (Vec<Result<Completion>>, RunStats);
+    ) -> (Vec<Result<Completion>>, RunStats) {
+        self.reset_stats();
+        let mut results: Vec<Option<Result<Completion>>> = (0..requests.len()).map(|_| None).collect();
+        let mut index = std::collections::HashMap::new();
+        for (i, r) in requests.iter().enumerate() {
+            match self.add_request(engine, r.clone()) {
+                Ok(id) => {
+                    index.insert(id, i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        while self.has_unfinished() {
+            for event in self.step(engine) {
+                match event {
+                    Event::Token { id, token, .. } => {
+                        if let Some(&i) = index.get(&id) {
+                            on_token(i, token)
+                        }
+                    }
+                    Event::Finished { id, result } => {
+                        if let Some(&i) = index.get(&id) {
+                            results[i] = Some(result)
+                        }
+                    }
+                    Event::Scheduled { .. } => {}
+                }
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Msg("the request ended without a result".into()))))
+            .collect();
+        (results, self.stats())
+    }
 
     fn generate(&mut self, engine: &mut Engine, requests: &[Request]) -> (Vec<Result<Completion>>, RunStats) {
         self.generate_streaming(engine, requests, &mut |_, _| {})

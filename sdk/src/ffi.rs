@@ -22,9 +22,11 @@
 //! - Compile backends ([`PluginDecl::compile_backend`]): run a model's forward by choosing the
 //!   order nodes run in and when storage is released, through [`RunGraph`] (the host's CPU
 //!   kernels, one node at a time).
-//! - [`Runtime`]: schedules requests into forward steps on the engine through [`EngineOps`]
-//!   (limits, one batched step that samples each sequence's next token, streaming), owning the
-//!   batching policy and the KV-cache page assignment.
+//! - [`Runtime`]: a scheduler the host's engine loop drives: requests are added and aborted
+//!   between steps, and each [`Runtime::step`] runs forward steps on the engine through
+//!   [`EngineOps`] (limits, one batched step that samples each sequence's next token), owning
+//!   the batching policy and the KV-cache page assignment (including sharing pages of a common
+//!   prefix, which the host verifies).
 
 // abi_stable's derive and trait macros generate impls and names the lints dislike.
 #![allow(non_local_definitions, non_camel_case_types)]
@@ -300,17 +302,18 @@ impl<T: CompiledGraph> CompiledGraph for CatchPanic<T> {
 }
 
 impl<T: Runtime> Runtime for CatchPanic<T> {
-    fn generate(
-        &mut self,
-        engine: EngineRef<'_>,
-        requests: RSlice<'_, RuntimeRequest>,
-    ) -> RVec<RResult<RuntimeCompletion, RString>> {
-        let n = requests.len();
-        caught(
-            "runtime",
-            || self.0.generate(engine, requests),
-            |msg| (0..n).map(|_| RResult::RErr(msg.clone())).collect(),
-        )
+    fn add_request(&mut self, id: u64, request: RuntimeRequest) {
+        caught("runtime", || self.0.add_request(id, request), |_| ())
+    }
+    fn abort(&mut self, id: u64) -> bool {
+        caught("runtime", || self.0.abort(id), |_| false)
+    }
+    fn has_unfinished(&self) -> bool {
+        caught("runtime", || self.0.has_unfinished(), |_| false)
+    }
+    fn step(&mut self, engine: EngineRef<'_>) -> RVec<RuntimeFinished> {
+        // A panic loses the runtime's state: the host fails every request it still has.
+        caught("runtime", || self.0.step(engine), |_| RVec::new())
     }
 }
 
@@ -398,21 +401,25 @@ pub fn attention_backend_box(b: impl AttentionBackend + 'static) -> AttentionBac
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy)]
 pub struct SeqStep<'a> {
-    /// Its tokens not yet in the KV cache (at least one); their positions follow `cached`.
+    /// Its tokens not yet in the KV cache (at least one): exactly the request's tokens (its
+    /// prompt, then the tokens the engine sampled for it) from position `cached` on.
     pub new_tokens: RSlice<'a, i64>,
     /// How many of its tokens the KV cache holds already (0 for a new sequence).
     pub cached: usize,
     /// Its KV-cache pages in order, enough for `cached + new_tokens.len()` positions; page ids
-    /// are below [`EngineOps::num_pages`] and no two sequences of a step share one.
+    /// are below [`EngineOps::num_pages`]. A page may hold positions another request wrote only
+    /// if they are the same tokens after the same prefix (a shared prefix: the host verifies it
+    /// and refuses the step otherwise), and no two sequences of a step write one page.
     pub pages: RSlice<'a, u32>,
-    /// Which request (an index into the `requests` given to [`Runtime::generate`]) it is: the
-    /// next token is sampled with that request's parameters and seed.
-    pub request: usize,
+    /// Which request it is (the id given to [`Runtime::add_request`]): the next token is
+    /// sampled with that request's parameters and seed.
+    pub request: u64,
 }
 
 /// A request as a runtime receives it. The host has checked it (a non-empty prompt shorter
-/// than [`EngineOps::max_seq_len`] and within [`EngineOps::max_num_tokens`], sampling
-/// parameters in range) and keeps its sampling parameters: [`EngineOps::step`] samples.
+/// than [`EngineOps::max_seq_len`], sampling parameters in range) and keeps its sampling
+/// parameters and stop strings: [`EngineOps::step`] samples, and the host ends a request whose
+/// text reaches a stop string (through [`Runtime::abort`]).
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug)]
 pub struct RuntimeRequest {
@@ -422,19 +429,20 @@ pub struct RuntimeRequest {
     pub stop_token_ids: RVec<i64>,
 }
 
-/// A finished request: the tokens generated (the prompt not included), and whether a stop
-/// token ended it (else its length did: `max_new_tokens` or `max_seq_len`).
+/// A request the runtime has finished: `Ok(true)` when a stop token ended it, `Ok(false)` when
+/// its length did (`max_new_tokens` or `max_seq_len`), or why it failed. Its tokens are those
+/// the engine sampled for it.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug)]
-pub struct RuntimeCompletion {
-    pub tokens: RVec<i64>,
-    pub stopped: bool,
+pub struct RuntimeFinished {
+    pub request: u64,
+    pub result: RResult<bool, RString>,
 }
 
-/// The engine as a runtime drives it, implemented by the host: limits, one batched forward
-/// step with sampling, and streaming of generated tokens. The runtime owns scheduling and the
-/// KV-cache page assignment; the host checks every step against the limits and refuses a bad
-/// one with a message, without running it.
+/// The engine as a runtime drives it, implemented by the host: limits and one batched forward
+/// step with sampling. The runtime owns scheduling and the KV-cache page assignment; the host
+/// checks every step (limits, each sequence's tokens, what its pages hold) and refuses a bad one
+/// with a message, without running it.
 #[sabi_trait]
 pub trait EngineOps {
     /// Most sequences in one step.
@@ -450,27 +458,29 @@ pub trait EngineOps {
     /// `n > 0`: the model's attention wants each sequence's pages to be one run of `n`
     /// consecutive ids, assigned when it starts; 0: any pages.
     fn pages_per_sequence(&self) -> usize;
-    /// One forward over `seqs`: their new tokens enter the KV cache, and each sequence's next
-    /// token comes back, in order, sampled from its last token's logits as its request asks.
+    /// One forward over `seqs`: their new tokens enter the KV cache, and each sequence whose new
+    /// tokens reach the end of its tokens gets its next token, sampled as its request asks (and
+    /// streamed to the user); a prefill chunk that stops short gets -1.
     fn step(&mut self, seqs: RSlice<'_, SeqStep<'_>>) -> RResult<RVec<i64>, RString>;
-    /// Reports `token` as generated for request `request` (streamed to the user as it comes).
-    fn emit(&mut self, request: usize, token: i64);
 }
 
-/// The engine a runtime drives, for the duration of one [`Runtime::generate`] call.
+/// The engine a runtime drives, for the duration of one [`Runtime::step`] call.
 pub type EngineRef<'a> = EngineOps_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
 
-/// A runtime (selected with `runtime` in the pipeline config): turns requests into completions
-/// by scheduling forward steps on the engine.
+/// A runtime (selected with `runtime` in the pipeline config): a scheduler the host's engine
+/// loop drives for as long as the engine serves. Requests come and go between steps.
 #[sabi_trait]
-pub trait Runtime {
-    /// One result per request, in order: a completion, or an error message for that request
-    /// alone.
-    fn generate(
-        &mut self,
-        engine: EngineRef<'_>,
-        requests: RSlice<'_, RuntimeRequest>,
-    ) -> RVec<RResult<RuntimeCompletion, RString>>;
+pub trait Runtime: Send {
+    /// A new request (already checked by the host), to schedule from the next step on.
+    fn add_request(&mut self, id: u64, request: RuntimeRequest);
+    /// Drops a request, waiting or running (its pages are the runtime's to reuse at once);
+    /// false when it has no such request.
+    fn abort(&mut self, id: u64) -> bool;
+    /// Whether any request is waiting or running.
+    fn has_unfinished(&self) -> bool;
+    /// One scheduling step: usually one [`EngineOps::step`] over the batch it chooses. Returns
+    /// the requests it finished in this step.
+    fn step(&mut self, engine: EngineRef<'_>) -> RVec<RuntimeFinished>;
 }
 
 /// An owned runtime instance.

@@ -1,7 +1,8 @@
 //! `LLM`: an engine on its own thread, behind a handle any thread (or async task) can submit
-//! requests to. The thread owns the engine and one engine core (`autodeploy_core::engine_core`)
-//! for the engine's whole life: requests join and leave between steps, pages go back to the
-//! pool as each finishes, and the prefix cache outlives the requests that filled it.
+//! requests to. The thread owns the engine and one runtime (the config's: built in, an engine
+//! core under a policy, or a plugin's) for the engine's whole life: requests join and leave
+//! between steps, pages go back to the pool as each finishes, and the prefix cache outlives the
+//! requests that filled it.
 //!
 //! ```no_run
 //! use autodeploy_core::config::PipelineConfig;
@@ -35,10 +36,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use autodeploy_core::config::PipelineConfig;
-use autodeploy_core::engine_core::{EngineCore, Event, Limits, Policy, RequestId};
 use autodeploy_core::error::Error;
 use autodeploy_core::pipeline::{self, Engine};
 use autodeploy_core::runtime::{Completion, FinishReason, Request};
+use autodeploy_core::runtime::{Event, RequestId, Runtime};
 use autodeploy_core::sampling::{SamplingParams, TokenLogprobs};
 use autodeploy_core::tokenizer::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -166,16 +167,10 @@ impl Drop for Submission {
 
 impl LLM {
     /// Builds the engine (on its thread; CUDA state stays on the thread that made it) and
-    /// starts the loop. Serving runs the engine core's runtimes: `demollm` or `trtllm`.
+    /// starts the loop under the config's runtime (built in or a plugin's).
     pub fn new(cfg: &PipelineConfig) -> anyhow::Result<LLM> {
         autodeploy_plugins::link();
-        let policy = Policy::of_runtime(&cfg.runtime).ok_or_else(|| {
-            anyhow::anyhow!(
-                "runtime `{}`: serving runs the engine core's runtimes, demollm or trtllm (a plugin runtime works with `autodeploy run`)",
-                cfg.runtime
-            )
-        })?;
-        let limits = Limits::from_config(cfg);
+        let runtime = autodeploy_core::runtime::runtime(cfg)?;
         let shared = Arc::new(Shared {
             alive: AtomicBool::new(true),
             death: Mutex::new(None),
@@ -195,7 +190,6 @@ impl LLM {
                     return;
                 }
             };
-            let core = EngineCore::with_policy(&engine, limits, policy);
             let info = LlmInfo {
                 model: thread_cfg.model.clone(),
                 tokenizer: engine.tokenizer.clone(),
@@ -206,7 +200,7 @@ impl LLM {
                 created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             };
             let _ = ready_tx.send(Ok(info));
-            engine_loop(engine, core, rx, thread_shared);
+            engine_loop(engine, runtime, rx, thread_shared);
         })?;
         let info = ready_rx.recv().map_err(|_| anyhow::anyhow!("the engine thread stopped while building"))??;
         Ok(LLM { info, shared, cmd, thread: Some(thread) })
@@ -336,7 +330,7 @@ struct Live {
 /// The engine thread: takes commands between steps, steps while anything is unfinished, and
 /// sends each request its outputs. A request whose receiver is gone is aborted. A panic in a
 /// step fails every request and marks the engine dead (health answers 503 from then on).
-fn engine_loop(mut engine: Engine, mut core: EngineCore, rx: mpsc::Receiver<Command>, shared: Arc<Shared>) {
+fn engine_loop(mut engine: Engine, mut core: Box<dyn Runtime>, rx: mpsc::Receiver<Command>, shared: Arc<Shared>) {
     let mut live: HashMap<RequestId, Live> = HashMap::new();
     let mut by_key: HashMap<u64, RequestId> = HashMap::new();
     let mut draining = false;
@@ -393,7 +387,7 @@ fn engine_loop(mut engine: Engine, mut core: EngineCore, rx: mpsc::Receiver<Comm
             }
         }
         if !core.has_unfinished() {
-            update_gauges(&core, &shared);
+            update_gauges(core.as_ref(), &shared);
             continue;
         }
         let step_start = Instant::now();
@@ -418,7 +412,7 @@ fn engine_loop(mut engine: Engine, mut core: EngineCore, rx: mpsc::Receiver<Comm
         };
         let now = Instant::now();
         // Gauges first: whoever hears of a finished request sees the pages it freed.
-        update_gauges(&core, &shared);
+        update_gauges(core.as_ref(), &shared);
         let mut gone: Vec<RequestId> = Vec::new();
         let gone_empty;
         {
@@ -462,21 +456,21 @@ fn engine_loop(mut engine: Engine, mut core: EngineCore, rx: mpsc::Receiver<Comm
             }
         }
         if !gone_empty {
-            update_gauges(&core, &shared);
+            update_gauges(core.as_ref(), &shared);
         }
     }
     shared.alive.store(false, Ordering::Release);
 }
 
-fn update_gauges(core: &EngineCore, shared: &Shared) {
+fn update_gauges(core: &dyn Runtime, shared: &Shared) {
     let stats = core.stats();
-    let evictable = core.evictable_pages();
+    let g = core.gauges();
     let mut m = shared.metrics.lock().unwrap_or_else(|p| p.into_inner());
-    m.running = core.num_running();
-    m.waiting = core.num_waiting();
-    m.pages_total = core.total_pages();
-    m.pages_prefix_only = evictable;
-    m.pages_used = core.pages_in_use() - evictable;
+    m.running = g.running;
+    m.waiting = g.waiting;
+    m.pages_total = g.pages_total;
+    m.pages_prefix_only = g.pages_prefix_only;
+    m.pages_used = g.pages_used;
     m.prefix_queries = stats.prefix_queried_tokens as u64;
     m.prefix_hits = stats.prefix_hit_tokens as u64;
     m.preemptions = stats.preemptions as u64;

@@ -1,5 +1,5 @@
 //! The built-in runtimes, each the engine core (`autodeploy_core::engine_core`) under one of its
-//! scheduling policies, stepped until a list of requests is done:
+//! scheduling policies:
 //! - `demollm`: the simple reference. Admits up to `max_batch_size` requests, prefills the new
 //!   ones together in one flattened step, then decodes all active sequences one token per step.
 //! - `trtllm`: in-flight batching. Every step decodes all running sequences and fills the rest
@@ -9,10 +9,10 @@
 //! Both give the same greedy tokens (tests/tests/generate.rs).
 
 use autodeploy_core::config::PipelineConfig;
-use autodeploy_core::engine_core::{EngineCore, Event, Limits, Policy};
+use autodeploy_core::engine_core::{EngineCore, Limits, Policy};
 use autodeploy_core::error::Result;
 use autodeploy_core::pipeline::Engine;
-use autodeploy_core::runtime::{Completion, Request, RunStats, Runtime, RuntimePlugin};
+use autodeploy_core::runtime::{Event, Gauges, Request, RequestId, RunStats, Runtime, RuntimePlugin};
 
 autodeploy_core::inventory::submit! {
     RuntimePlugin {
@@ -32,55 +32,50 @@ autodeploy_core::inventory::submit! {
     }
 }
 
+/// A built-in runtime: the engine core under its policy, made for the engine of the first
+/// request it is given (the core needs the engine's page count and cache layout).
 pub struct CoreRuntime {
     limits: Limits,
     policy: Policy,
+    core: Option<EngineCore>,
 }
 
 impl CoreRuntime {
     pub fn new(cfg: &PipelineConfig, runtime: &str) -> CoreRuntime {
         let policy = Policy::of_runtime(runtime).expect("a built-in runtime's name");
-        CoreRuntime { policy, limits: Limits::from_config(cfg) }
+        CoreRuntime { policy, limits: Limits::from_config(cfg), core: None }
     }
 }
 
 impl Runtime for CoreRuntime {
-    fn generate_streaming(
-        &mut self,
-        engine: &mut Engine,
-        requests: &[Request],
-        on_token: &mut dyn FnMut(usize, i64),
-    ) -> (Vec<Result<Completion>>, RunStats) {
-        let mut core = EngineCore::with_policy(engine, self.limits, self.policy);
-        let mut results: Vec<Option<Result<Completion>>> = (0..requests.len()).map(|_| None).collect();
-        // Request ids are handed out in order, so the id of a queued request maps back to its
-        // index through this table.
-        let mut index = std::collections::HashMap::new();
-        for (i, r) in requests.iter().enumerate() {
-            match core.add_request(engine, r.clone()) {
-                Ok(id) => {
-                    index.insert(id, i);
-                }
-                Err(e) => results[i] = Some(Err(e)),
-            }
+    fn add_request(&mut self, engine: &Engine, req: Request) -> Result<RequestId> {
+        let (limits, policy) = (self.limits, self.policy);
+        self.core.get_or_insert_with(|| EngineCore::with_policy(engine, limits, policy)).add_request(engine, req)
+    }
+
+    fn abort(&mut self, id: RequestId) -> bool {
+        self.core.as_mut().is_some_and(|c| c.abort(id))
+    }
+
+    fn step(&mut self, engine: &mut Engine) -> Vec<Event> {
+        self.core.as_mut().map(|c| c.step(engine)).unwrap_or_default()
+    }
+
+    fn has_unfinished(&self) -> bool {
+        self.core.as_ref().is_some_and(EngineCore::has_unfinished)
+    }
+
+    fn stats(&self) -> RunStats {
+        self.core.as_ref().map(EngineCore::stats).unwrap_or_default()
+    }
+
+    fn reset_stats(&mut self) {
+        if let Some(c) = self.core.as_mut() {
+            c.reset_stats();
         }
-        while core.has_unfinished() {
-            for event in core.step(engine) {
-                match event {
-                    Event::Token { id, token, .. } => on_token(index[&id], token),
-                    Event::Finished { id, result } => results[index[&id]] = Some(result),
-                    Event::Scheduled { .. } => {}
-                }
-            }
-        }
-        let results = results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(autodeploy_core::error::Error::Msg("the request ended without a result".into()))
-                })
-            })
-            .collect();
-        (results, core.stats())
+    }
+
+    fn gauges(&self) -> Gauges {
+        self.core.as_ref().map(EngineCore::gauges).unwrap_or_default()
     }
 }
