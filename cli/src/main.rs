@@ -306,6 +306,9 @@ fn bench_offline(cfg: &PipelineConfig, n: usize, isl: usize, osl: usize) -> Resu
         "max_step_tokens": stats.max_step_tokens,
         "prefill_s": stats.prefill_time.as_secs_f64(),
         "decode_only_s": stats.decode_time.as_secs_f64(),
+        // Time in steps outside the forward calls: scheduling and bookkeeping the device waits for.
+        "host_s": (stats.step_time.saturating_sub(stats.prefill_time + stats.decode_time)).as_secs_f64(),
+        "outside_steps_s": (wall - stats.step_time.as_secs_f64()).max(0.0),
         "peak_kv_pages": stats.peak_pages,
         "kv_pages": engine.kv_pages,
         "preemptions": stats.preemptions,

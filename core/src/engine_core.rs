@@ -309,10 +309,13 @@ impl EngineCore {
     /// Runs one step under the core's policy. Returns what happened; empty when there is
     /// nothing to do.
     pub fn step(&mut self, engine: &mut Engine) -> Vec<Event> {
-        match self.policy {
+        let t0 = Instant::now();
+        let events = match self.policy {
             Policy::PrefillFirst => self.step_prefill_first(engine),
             Policy::InFlight => self.step_in_flight(engine),
-        }
+        };
+        self.stats.step_time += t0.elapsed();
+        events
     }
 
     /// `Policy::PrefillFirst`: a prefill of newly admitted requests, else one decode token for

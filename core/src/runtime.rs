@@ -306,6 +306,10 @@ pub struct RunStats {
     /// Prompt tokens looked up in the prefix cache, and those found there (not recomputed).
     pub prefix_queried_tokens: usize,
     pub prefix_hit_tokens: usize,
+    /// Wall time inside the runtime's steps, all of it: scheduling, the forward steps
+    /// (`prefill_time + decode_time`) and the bookkeeping after them. The difference is host
+    /// work the device waits for (what overlapping host and device could hide).
+    pub step_time: Duration,
 }
 
 /// A runtime is a loop over one engine: requests join (`add_request`) and leave (`abort`)
