@@ -20,15 +20,13 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::kvcache::{PagePool, PagedKvCache};
-use crate::pipeline::Engine;
+use crate::kvcache::PagePool;
 use crate::prefix_cache::PrefixCache;
 use crate::runtime::Gauges;
 use crate::runtime::{
-    check_request, forward_cached, Completion, CompletionText, FinishReason, Request, RunStats, SeqStep, StepOut,
+    check_request, Completion, CompletionText, FinishReason, ModelRunner, Request, RunStats, SeqStep, StepOut,
 };
 use crate::sampling::{RowDraw, Sampler, TokenLogprobs};
-use crate::Tensor;
 
 pub use crate::runtime::{Event, RequestId};
 
@@ -108,7 +106,8 @@ pub struct EngineCore {
     /// The longest sequence a request may reach (prompt + generated).
     max_len: usize,
     pool: PagePool,
-    cache: Option<PagedKvCache>,
+    /// Whether the graph has cached attention (else each step recomputes whole sequences).
+    cached_graph: bool,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     next_id: RequestId,
@@ -118,17 +117,17 @@ pub struct EngineCore {
 
 impl EngineCore {
     /// A core for `engine` with `demollm`'s policy: its page pool holds the engine's `kv_pages`.
-    pub fn new(engine: &Engine, limits: Limits) -> EngineCore {
+    pub fn new(engine: &dyn ModelRunner, limits: Limits) -> EngineCore {
         EngineCore::with_policy(engine, limits, Policy::PrefillFirst)
     }
 
-    pub fn with_policy(engine: &Engine, limits: Limits, policy: Policy) -> EngineCore {
+    pub fn with_policy(engine: &dyn ModelRunner, limits: Limits, policy: Policy) -> EngineCore {
         EngineCore {
             limits,
             policy,
             max_len: engine.max_seq_len_within(limits.max_seq_len),
-            pool: PagePool::new(engine.kv_pages),
-            cache: engine.cache.clone().map(|spec| PagedKvCache::new(spec, limits.page_size)),
+            pool: PagePool::new(engine.kv_pages()),
+            cached_graph: engine.has_kv_cache(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
@@ -136,8 +135,8 @@ impl EngineCore {
             // Shared pages need a page table per sequence: not with per-sequence slots.
             prefix: (policy == Policy::InFlight
                 && limits.prefix_caching
-                && engine.cache.is_some()
-                && engine.model.kv_pages_per_sequence().is_none())
+                && engine.has_kv_cache()
+                && engine.kv_pages_per_sequence().is_none())
             .then(PrefixCache::default),
         }
     }
@@ -145,7 +144,7 @@ impl EngineCore {
     /// Queues a request. A request the engine cannot run (its fields out of range, a prompt too
     /// long, token ids outside the vocabulary) is refused here, naming the field, and nothing
     /// else is affected.
-    pub fn add_request(&mut self, engine: &Engine, req: Request) -> Result<RequestId> {
+    pub fn add_request(&mut self, engine: &dyn ModelRunner, req: Request) -> Result<RequestId> {
         // In flight, a prompt longer than the token budget is prefilled in chunks.
         let budget = match self.policy {
             Policy::PrefillFirst => self.limits.max_num_tokens,
@@ -154,7 +153,7 @@ impl EngineCore {
         check_request(engine, &req, self.max_len, budget)?;
         let id = self.next_id;
         self.next_id += 1;
-        let text = engine.detokenizer.clone().map(|d| CompletionText::new(d, req.sampling.stop_strings.clone()));
+        let text = engine.detokenizer().map(|d| CompletionText::new(d, req.sampling.stop_strings.clone()));
         self.waiting.push_back(Seq {
             id,
             prompt_len: req.prompt.len(),
@@ -221,7 +220,6 @@ impl EngineCore {
 
     pub fn stats(&self) -> RunStats {
         let mut s = self.stats.clone();
-        s.cache_bytes = self.cache.as_ref().map(|c| c.bytes()).unwrap_or(0);
         if let Some(p) = &self.prefix {
             s.prefix_queried_tokens = p.queried_tokens;
             s.prefix_hit_tokens = p.hit_tokens;
@@ -263,13 +261,13 @@ impl EngineCore {
     }
 
     /// Admits waiting requests while the batch, the token budget and the pages allow.
-    fn admit(&mut self, engine: &Engine) -> Vec<Seq> {
+    fn admit(&mut self, engine: &dyn ModelRunner) -> Vec<Seq> {
         let mut new: Vec<Seq> = Vec::new();
         let mut new_tokens = 0;
         while let Some(s) = self.waiting.front() {
             let len = s.tokens.len();
             // A backend with per-sequence slots gets a whole slot up front.
-            let slot = engine.model.kv_pages_per_sequence();
+            let slot = engine.kv_pages_per_sequence();
             let need = slot.unwrap_or_else(|| self.pages_for(len));
             if self.running.len() + new.len() >= self.limits.max_batch_size
                 || (!new.is_empty() && new_tokens + len > self.limits.max_num_tokens)
@@ -294,9 +292,9 @@ impl EngineCore {
 
     /// Fails the first waiting request, which does not fit even the empty pool, naming the pages
     /// it needs and those the engine has.
-    fn fail_unfittable(&mut self, engine: &Engine) -> Option<Event> {
+    fn fail_unfittable(&mut self, engine: &dyn ModelRunner) -> Option<Event> {
         let s = self.waiting.pop_front()?;
-        let need = engine.model.kv_pages_per_sequence().unwrap_or_else(|| self.pages_for(s.tokens.len()));
+        let need = engine.kv_pages_per_sequence().unwrap_or_else(|| self.pages_for(s.tokens.len()));
         let msg = format!(
             "the request needs {need} KV-cache pages of {} tokens for its {} tokens, and the engine has {} in all",
             self.limits.page_size,
@@ -308,7 +306,7 @@ impl EngineCore {
 
     /// Runs one step under the core's policy. Returns what happened; empty when there is
     /// nothing to do.
-    pub fn step(&mut self, engine: &mut Engine) -> Vec<Event> {
+    pub fn step(&mut self, engine: &mut dyn ModelRunner) -> Vec<Event> {
         let t0 = Instant::now();
         let events = match self.policy {
             Policy::PrefillFirst => self.step_prefill_first(engine),
@@ -320,7 +318,7 @@ impl EngineCore {
 
     /// `Policy::PrefillFirst`: a prefill of newly admitted requests, else one decode token for
     /// every running sequence.
-    fn step_prefill_first(&mut self, engine: &mut Engine) -> Vec<Event> {
+    fn step_prefill_first(&mut self, engine: &mut dyn ModelRunner) -> Vec<Event> {
         let mut events = Vec::new();
         let new = self.admit(engine);
         let prefill = !new.is_empty();
@@ -347,8 +345,8 @@ impl EngineCore {
 
     /// `Policy::InFlight`: every running sequence's decode token, then prefill chunks (running
     /// prompts not yet fully prefilled first, then newly admitted ones) up to `max_num_tokens`.
-    fn step_in_flight(&mut self, engine: &mut Engine) -> Vec<Event> {
-        if self.cache.is_none() {
+    fn step_in_flight(&mut self, engine: &mut dyn ModelRunner) -> Vec<Event> {
+        if !self.cached_graph {
             // An uncached graph runs whole sequences; there is nothing to chunk.
             return self.step_prefill_first(engine);
         }
@@ -416,7 +414,7 @@ impl EngineCore {
                 s.pages = pages;
                 s.keys = keys;
             }
-            if let Some(slot) = engine.model.kv_pages_per_sequence() {
+            if let Some(slot) = engine.kv_pages_per_sequence() {
                 match self.pool.alloc_run(slot) {
                     Some(run) => s.pages = run,
                     None => {
@@ -514,11 +512,7 @@ impl EngineCore {
     /// (its pages already hold them). A sequence whose chunk reaches the end of its tokens gets
     /// its next token; the others (prefill chunks) only advance. Finished sequences release
     /// their pages; the rest go back to running.
-    fn run(&mut self, engine: &mut Engine, mut batch: Vec<Seq>, chunks: &[usize], events: &mut Vec<Event>) {
-        if let Some(c) = self.cache.as_mut().filter(|_| !engine.model.owns_kv_cache()) {
-            let top = batch.iter().flat_map(|s| s.pages.iter()).map(|&p| p as usize + 1).max().unwrap_or(0);
-            c.ensure_pages(top);
-        }
+    fn run(&mut self, engine: &mut dyn ModelRunner, mut batch: Vec<Seq>, chunks: &[usize], events: &mut Vec<Event>) {
         self.stats.peak_pages = self.stats.peak_pages.max(self.pages_in_use());
         self.stats.max_step_tokens = self.stats.max_step_tokens.max(chunks.iter().sum());
         let t0 = Instant::now();
@@ -543,9 +537,10 @@ impl EngineCore {
             events.push(Event::Scheduled { id: s.id });
         }
         let want_logits = batch.iter().zip(&completes).any(|(s, &c)| c && s.needs_logits());
-        let next = forward(engine, self.cache.as_mut(), self.limits.page_size, &batch, chunks, &draws, want_logits)
+        let next = forward(engine, self.cached_graph, self.limits.page_size, &batch, chunks, &draws, want_logits)
             .and_then(|out| pick_tokens(out, &batch, &draws));
         self.stats.steps += 1;
+        self.stats.cache_bytes = engine.host_cache_bytes();
         let next = match next {
             Ok(picked) => picked,
             Err(e) => {
@@ -612,32 +607,23 @@ impl EngineCore {
 /// One forward over `seqs`, sequence i contributing `chunks[i]` tokens from its `cached`:
 /// through the paged cache, or (an uncached graph) a full-sequence forward per sequence.
 fn forward(
-    engine: &mut Engine,
-    cache: Option<&mut PagedKvCache>,
+    engine: &mut dyn ModelRunner,
+    cached_graph: bool,
     page_size: usize,
     seqs: &[Seq],
     chunks: &[usize],
     draws: &[RowDraw],
     want_logits: bool,
 ) -> Result<StepOut> {
-    let Some(cache) = cache else {
-        let mut rows = Vec::new();
-        for s in seqs {
-            let n = s.tokens.len();
-            let ids = Tensor::from_i64(vec![1, n], s.tokens.clone())?;
-            let pos = Tensor::from_i64(vec![1, n], (0..n as i64).collect())?;
-            let out = engine.model.forward(&[ids, pos], None)?;
-            let v = *out[0].shape().last().unwrap_or(&1);
-            rows.push(out[0].to_f32()[(n - 1) * v..n * v].to_vec());
-        }
-        return Ok(StepOut::Logits(rows));
-    };
+    if !cached_graph {
+        return Ok(StepOut::Logits(seqs.iter().map(|s| engine.forward_full(&s.tokens)).collect::<Result<_>>()?));
+    }
     let steps: Vec<SeqStep> = seqs
         .iter()
         .zip(chunks)
         .map(|(s, &n)| SeqStep { new_tokens: &s.tokens[s.cached..s.cached + n], cached: s.cached, pages: &s.pages })
         .collect();
-    forward_cached(engine, cache, page_size, &steps, draws, want_logits)
+    engine.forward_step(page_size, &steps, draws, want_logits)
 }
 
 /// Each sequence's next token (with its log-probabilities when asked) from a step's output:

@@ -66,6 +66,9 @@ pub struct Engine {
     pub build_time: Duration,
     /// KV-cache pages the runtime may hand out (all sequences together).
     pub kv_pages: usize,
+    /// The KV cache's storage on the host, for models that do not keep it on their device
+    /// (made by the first step; `runtime::ModelRunner::forward_step`).
+    pub host_cache: Option<crate::kvcache::PagedKvCache>,
 }
 
 impl Engine {
@@ -147,5 +150,5 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let cache = CacheSpec::of(&graph)?;
     let tokenizer = tokenizer.map(Arc::new);
     let detokenizer = tokenizer.clone().map(|t| t as Arc<dyn crate::runtime::Detokenizer>);
-    Ok(Engine { graph, model, cache, tokenizer, detokenizer, build_time: t0.elapsed(), kv_pages })
+    Ok(Engine { graph, model, cache, tokenizer, detokenizer, build_time: t0.elapsed(), kv_pages, host_cache: None })
 }

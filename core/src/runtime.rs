@@ -53,7 +53,7 @@ impl StepOut {
 /// Whether `r` can run on `engine`: sampling parameters in range, a non-empty prompt shorter
 /// than `max_len` and within `max_num_tokens`, stop strings only with a tokenizer. The error
 /// names the request field at fault.
-pub fn check_request(engine: &Engine, r: &Request, max_len: usize, max_num_tokens: usize) -> Result<()> {
+pub fn check_request(engine: &dyn ModelRunner, r: &Request, max_len: usize, max_num_tokens: usize) -> Result<()> {
     r.sampling.validate()?;
     let bad = |input: &str, msg: String| Err(Error::Input { input: input.into(), msg });
     if r.prompt.is_empty() {
@@ -66,7 +66,7 @@ pub fn check_request(engine: &Engine, r: &Request, max_len: usize, max_num_token
                 r.prompt.len()
             ),
         )
-    } else if !r.sampling.stop_strings.is_empty() && engine.detokenizer.is_none() {
+    } else if !r.sampling.stop_strings.is_empty() && engine.detokenizer().is_none() {
         bad("stop_strings", "need a tokenizer to match text, and this model has none (use stop_token_ids)".into())
     } else if r.prompt.len() > max_num_tokens {
         bad("prompt", format!("{} tokens exceed max_num_tokens = {max_num_tokens}", r.prompt.len()))
@@ -77,6 +77,95 @@ pub fn check_request(engine: &Engine, r: &Request, max_len: usize, max_num_token
         bad("prompt", format!("token id {id} at position {at} is out of range for the vocabulary of {vocab}"))
     } else {
         Ok(())
+    }
+}
+
+/// What a runtime sees of an engine: its limits and one forward step, not the graph, the
+/// compiled model or the cache storage. `Engine` implements it; a runtime gets nothing else.
+pub trait ModelRunner {
+    /// Pages a runtime's pool may hand out (the KV cache holds this many).
+    fn kv_pages(&self) -> usize;
+    /// `Some(n)`: the attention wants each sequence in one run of `n` consecutive pages.
+    fn kv_pages_per_sequence(&self) -> Option<usize>;
+    /// Whether the graph has cached attention; without, every step is a full-sequence forward.
+    fn has_kv_cache(&self) -> bool;
+    /// Longest sequence (prompt + generated) the graph accepts, within `cap`.
+    fn max_seq_len_within(&self, cap: usize) -> usize;
+    /// Token ids must lie below it, when the graph says.
+    fn vocab_size(&self) -> Option<usize>;
+    /// What stop strings are matched with, when the model has a tokenizer.
+    fn detokenizer(&self) -> Option<std::sync::Arc<dyn Detokenizer>>;
+    /// One forward over `seqs` through the paged KV cache (pages of `page_size` positions):
+    /// each sequence's last-token logits, or its next token picked with its draw where the
+    /// logits are (unless `want_logits`).
+    fn forward_step(
+        &mut self,
+        page_size: usize,
+        seqs: &[SeqStep],
+        draws: &[RowDraw],
+        want_logits: bool,
+    ) -> Result<StepOut>;
+    /// The last position's logits of a full-sequence forward (graphs without cached attention).
+    fn forward_full(&mut self, tokens: &[i64]) -> Result<Vec<f32>>;
+    /// Bytes of KV-cache storage on the host (0 when the model keeps it on its device).
+    fn host_cache_bytes(&self) -> usize;
+}
+
+impl ModelRunner for Engine {
+    fn kv_pages(&self) -> usize {
+        self.kv_pages
+    }
+    fn kv_pages_per_sequence(&self) -> Option<usize> {
+        self.model.kv_pages_per_sequence()
+    }
+    fn has_kv_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+    fn max_seq_len_within(&self, cap: usize) -> usize {
+        Engine::max_seq_len_within(self, cap)
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        Engine::vocab_size(self)
+    }
+    fn detokenizer(&self) -> Option<std::sync::Arc<dyn Detokenizer>> {
+        self.detokenizer.clone()
+    }
+    fn forward_step(
+        &mut self,
+        page_size: usize,
+        seqs: &[SeqStep],
+        draws: &[RowDraw],
+        want_logits: bool,
+    ) -> Result<StepOut> {
+        let spec = self.cache.clone().ok_or_else(|| Error::Msg("the engine's graph has no cached attention".into()))?;
+        // The host storage, unless the model keeps the cache on its device: made at the first
+        // step (again if the page size changes), grown to the highest page a step uses.
+        let mut cache = match self.host_cache.take() {
+            Some(c) if c.page_size == page_size => c,
+            _ => PagedKvCache::new(spec, page_size),
+        };
+        if !self.model.owns_kv_cache() {
+            let top = seqs.iter().flat_map(|s| s.pages.iter()).map(|&p| p as usize + 1).max().unwrap_or(0);
+            cache.ensure_pages(top);
+        }
+        let out = forward_cached(self, &mut cache, page_size, seqs, draws, want_logits);
+        self.host_cache = Some(cache);
+        out
+    }
+    fn forward_full(&mut self, tokens: &[i64]) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        let ids = Tensor::from_i64(vec![1, n], tokens.to_vec())?;
+        let pos = Tensor::from_i64(vec![1, n], (0..n as i64).collect())?;
+        let out = self.model.forward(&[ids, pos], None)?;
+        let v = *out[0].shape().last().unwrap_or(&1);
+        Ok(out[0].to_f32()[(n - 1) * v..n * v].to_vec())
+    }
+    fn host_cache_bytes(&self) -> usize {
+        if self.model.owns_kv_cache() {
+            0
+        } else {
+            self.host_cache.as_ref().map_or(0, PagedKvCache::bytes)
+        }
     }
 }
 
@@ -94,7 +183,7 @@ pub fn input_index(engine: &Engine, name: &str) -> Result<usize> {
 /// A model that can pick tokens where the logits are, with `draws` (one per sequence), returns
 /// ids instead of logits, unless `want_logits` (a request asked for log-probabilities or must
 /// not pick its stop tokens yet).
-pub fn forward_cached(
+fn forward_cached(
     engine: &mut Engine,
     cache: &mut PagedKvCache,
     page_size: usize,
@@ -319,12 +408,12 @@ pub struct RunStats {
 pub trait Runtime: Send {
     /// Queues a request; one the engine cannot run is refused here, naming the field, and
     /// nothing else is affected.
-    fn add_request(&mut self, engine: &Engine, req: Request) -> Result<RequestId>;
+    fn add_request(&mut self, engine: &dyn ModelRunner, req: Request) -> Result<RequestId>;
     /// Drops a request, waiting or running; its pages are free at once. False when no such
     /// request is unfinished.
     fn abort(&mut self, id: RequestId) -> bool;
     /// One step; empty when there is nothing to do.
-    fn step(&mut self, engine: &mut Engine) -> Vec<Event>;
+    fn step(&mut self, engine: &mut dyn ModelRunner) -> Vec<Event>;
     fn has_unfinished(&self) -> bool;
     /// Where the time went since the last `reset_stats`.
     fn stats(&self) -> RunStats;
@@ -335,7 +424,7 @@ pub trait Runtime: Send {
     /// sampled. A bad request fails alone: its slot holds the error, the others complete.
     fn generate_streaming(
         &mut self,
-        engine: &mut Engine,
+        engine: &mut dyn ModelRunner,
         requests: &[Request],
         on_token: &mut dyn FnMut(usize, i64),
     ) -> (Vec<Result<Completion>>, RunStats) {
@@ -374,7 +463,7 @@ pub trait Runtime: Send {
         (results, self.stats())
     }
 
-    fn generate(&mut self, engine: &mut Engine, requests: &[Request]) -> (Vec<Result<Completion>>, RunStats) {
+    fn generate(&mut self, engine: &mut dyn ModelRunner, requests: &[Request]) -> (Vec<Result<Completion>>, RunStats) {
         self.generate_streaming(engine, requests, &mut |_, _| {})
     }
 }

@@ -14,9 +14,8 @@ use autodeploy_sdk::abi_stable::std_types::{RResult, RSlice, RString, RVec};
 use autodeploy_sdk::ffi;
 
 use crate::error::{Error, Result};
-use crate::pipeline::Engine;
 use crate::runtime::{
-    check_request, Completion, CompletionText, Event, FinishReason, Gauges, Request, RequestId, RunStats,
+    check_request, Completion, CompletionText, Event, FinishReason, Gauges, ModelRunner, Request, RequestId, RunStats,
 };
 use crate::sampling::Sampler;
 
@@ -74,7 +73,8 @@ struct State {
     requests: HashMap<RequestId, LibRequest>,
     next_id: RequestId,
     stats: RunStats,
-    cache: Option<crate::kvcache::PagedKvCache>,
+    /// Host KV-cache bytes after the last step.
+    cache_bytes: usize,
     /// Per page: the positions written into it and the chained key of the prefix they end.
     pages: Vec<Option<(usize, u64)>>,
     /// Events of the current step (tokens as the engine samples them).
@@ -113,24 +113,23 @@ impl LibraryRuntime {
         }
     }
 
-    fn limits(&self, engine: &Engine) -> Limits {
+    fn limits(&self, engine: &dyn ModelRunner) -> Limits {
         Limits {
             max_batch: self.max_batch,
             page_size: self.page_size,
             max_num_tokens: self.max_num_tokens,
             max_len: engine.max_seq_len_within(self.max_seq_len),
-            num_pages: engine.kv_pages,
+            num_pages: engine.kv_pages(),
         }
     }
 
-    fn state(&mut self, engine: &Engine) -> &mut State {
-        let page = self.page_size;
+    fn state(&mut self, engine: &dyn ModelRunner) -> &mut State {
         self.state.get_or_insert_with(|| State {
             requests: HashMap::new(),
             next_id: 0,
             stats: RunStats::default(),
-            cache: engine.cache.clone().map(|spec| crate::kvcache::PagedKvCache::new(spec, page)),
-            pages: vec![None; engine.kv_pages],
+            cache_bytes: 0,
+            pages: vec![None; engine.kv_pages()],
             events: Vec::new(),
             ran: false,
         })
@@ -138,17 +137,17 @@ impl LibraryRuntime {
 }
 
 impl crate::runtime::Runtime for LibraryRuntime {
-    fn add_request(&mut self, engine: &Engine, req: Request) -> Result<RequestId> {
+    fn add_request(&mut self, engine: &dyn ModelRunner, req: Request) -> Result<RequestId> {
         let max_len = engine.max_seq_len_within(self.max_seq_len);
         // The library may prefill in chunks: a prompt is not bound by max_num_tokens here.
         check_request(engine, &req, max_len, usize::MAX)?;
-        if engine.cache.is_none() {
+        if !engine.has_kv_cache() {
             return Err(Error::Msg(format!(
                 "{}: this engine's graph has no cached attention; runtimes from libraries need it",
                 self.who
             )));
         }
-        let detok = engine.detokenizer.clone();
+        let detok = engine.detokenizer();
         let st = self.state(engine);
         let id = st.next_id;
         st.next_id += 1;
@@ -183,7 +182,7 @@ impl crate::runtime::Runtime for LibraryRuntime {
         known
     }
 
-    fn step(&mut self, engine: &mut Engine) -> Vec<Event> {
+    fn step(&mut self, engine: &mut dyn ModelRunner) -> Vec<Event> {
         let limits = self.limits(engine);
         let who = self.who.clone();
         if self.state.is_none() {
@@ -248,7 +247,7 @@ impl crate::runtime::Runtime for LibraryRuntime {
 
     fn stats(&self) -> RunStats {
         let mut s = self.state.as_ref().map(|s| s.stats.clone()).unwrap_or_default();
-        s.cache_bytes = self.state.as_ref().and_then(|s| s.cache.as_ref()).map_or(0, |c| c.bytes());
+        s.cache_bytes = self.state.as_ref().map_or(0, |s| s.cache_bytes);
         s
     }
 
@@ -275,7 +274,7 @@ impl crate::runtime::Runtime for LibraryRuntime {
 
 /// The engine as a library's runtime drives it during one of its steps.
 struct HostEngine<'a> {
-    engine: &'a mut Engine,
+    engine: &'a mut dyn ModelRunner,
     st: &'a mut State,
     limits: Limits,
 }
@@ -369,7 +368,7 @@ impl ffi::EngineOps for HostEngine<'_> {
         self.limits.num_pages
     }
     fn pages_per_sequence(&self) -> usize {
-        self.engine.model.kv_pages_per_sequence().unwrap_or(0)
+        self.engine.kv_pages_per_sequence().unwrap_or(0)
     }
 
     fn step(&mut self, seqs: RSlice<'_, ffi::SeqStep<'_>>) -> RResult<RVec<i64>, RString> {
@@ -378,11 +377,6 @@ impl ffi::EngineOps for HostEngine<'_> {
         }
         let page = self.limits.page_size;
         let st = &mut *self.st;
-        let cache = st.cache.as_mut().expect("checked at admission");
-        if !self.engine.model.owns_kv_cache() {
-            let top = seqs.iter().flat_map(|s| s.pages.iter()).map(|&p| p as usize + 1).max().unwrap_or(0);
-            cache.ensure_pages(top);
-        }
         let t0 = std::time::Instant::now();
         let completes: Vec<bool> =
             seqs.iter().map(|s| s.cached + s.new_tokens.len() == st.requests[&s.request].tokens.len()).collect();
@@ -406,13 +400,12 @@ impl ffi::EngineOps for HostEngine<'_> {
                 pages: s.pages.as_slice(),
             })
             .collect();
-        let ids = match crate::runtime::forward_cached(self.engine, cache, page, &steps, &draws, false)
-            .and_then(|out| out.tokens(&draws))
-        {
+        let ids = match self.engine.forward_step(page, &steps, &draws, false).and_then(|out| out.tokens(&draws)) {
             Ok(ids) => ids,
             Err(e) => return RResult::RErr(format!("forward step failed: {e}").into()),
         };
         st.ran = true;
+        st.cache_bytes = self.engine.host_cache_bytes();
         let n_tokens: usize = seqs.iter().map(|s| s.new_tokens.len()).sum();
         let prefill = seqs.iter().any(|s| s.new_tokens.len() > 1 || s.cached == 0);
         st.stats.steps += 1;

@@ -11,8 +11,7 @@
 use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::engine_core::{EngineCore, Limits, Policy};
 use autodeploy_core::error::Result;
-use autodeploy_core::pipeline::Engine;
-use autodeploy_core::runtime::{Event, Gauges, Request, RequestId, RunStats, Runtime, RuntimePlugin};
+use autodeploy_core::runtime::{Event, Gauges, ModelRunner, Request, RequestId, RunStats, Runtime, RuntimePlugin};
 
 autodeploy_core::inventory::submit! {
     RuntimePlugin {
@@ -48,7 +47,7 @@ impl CoreRuntime {
 }
 
 impl Runtime for CoreRuntime {
-    fn add_request(&mut self, engine: &Engine, req: Request) -> Result<RequestId> {
+    fn add_request(&mut self, engine: &dyn ModelRunner, req: Request) -> Result<RequestId> {
         let (limits, policy) = (self.limits, self.policy);
         self.core.get_or_insert_with(|| EngineCore::with_policy(engine, limits, policy)).add_request(engine, req)
     }
@@ -57,7 +56,7 @@ impl Runtime for CoreRuntime {
         self.core.as_mut().is_some_and(|c| c.abort(id))
     }
 
-    fn step(&mut self, engine: &mut Engine) -> Vec<Event> {
+    fn step(&mut self, engine: &mut dyn ModelRunner) -> Vec<Event> {
         self.core.as_mut().map(|c| c.step(engine)).unwrap_or_default()
     }
 
