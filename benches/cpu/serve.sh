@@ -19,19 +19,9 @@ wait_up() { for _ in $(seq 300); do curl -sf "localhost:$1/v1/models" >/dev/null
 load() {
   "$aiperf" profile --model smollm2 --url "http://127.0.0.1:$1" --endpoint-type completions --streaming \
     --tokenizer "$tok" --concurrency "$conc" --request-count "$n" --warmup-request-count "$conc" \
-    --isl "$isl" --osl "$osl" --extra-inputs "$3" --random-seed 1 --use-legacy-max-tokens --workers-max 1 --record-processors 1 \
+    --isl "$isl" --osl "$osl" --extra-inputs "$3" --random-seed 1 --use-legacy-max-tokens --workers-max 1 --record-processors 1 --no-auto-plot \
     --output-artifact-dir "$out/$2" >"$out/$2.log" 2>&1
-  python3 - "$out/$2" "$2" <<'PY'
-import json, sys, glob
-f = sorted(glob.glob(sys.argv[1] + "/**/*aggregate*.json", recursive=True) + glob.glob(sys.argv[1] + "/**/profile_export_aiperf.json", recursive=True))
-d = json.load(open(f[0]))
-pick = {}
-for k in ("time_to_first_token", "inter_token_latency", "request_latency", "output_token_throughput", "request_throughput"):
-    v = d.get(k) or d.get("records", {}).get(k)
-    if isinstance(v, dict):
-        pick[k] = {s: v.get(s) for s in ("unit", "avg", "p50", "p90", "p99") if s in v}
-print(json.dumps({"engine": sys.argv[2], **pick}))
-PY
+  python3 benches/aiperf_summary.py "$out/$2" "$2"
 }
 RAYON_NUM_THREADS=$threads target/release/autodeploy serve --config benches/cpu/smollm2-serve.toml --served-model-name smollm2 --port 8401 2>"$out/autodeploy.log" &
 pid=$!

@@ -595,6 +595,30 @@ mod tests {
         assert!(incremental(&d, &cut, &[]).0.ends_with('\u{FFFD}'));
     }
 
+    /// Ids past 255 decode to nothing (as ids a tokenizer has no text for): a run of them must
+    /// not grow the decoded window token by token.
+    #[test]
+    fn tokens_without_text_do_not_grow_the_window() {
+        struct Sparse(AtomicUsize);
+        impl Detokenizer for Sparse {
+            fn decode(&self, ids: &[i64]) -> String {
+                self.0.fetch_add(ids.len(), Ordering::Relaxed);
+                ids.iter().filter(|&&i| i < 256).map(|&i| i as u8 as char).collect()
+            }
+        }
+        let d = Arc::new(Sparse(AtomicUsize::new(0)));
+        let mut t = CompletionText::new(d.clone(), vec!["zz".into()]);
+        let mut tokens: Vec<i64> = (0..3000).map(|i| 1000 + i).collect();
+        tokens.extend(ids("tail".repeat(3).as_str()));
+        for &id in &tokens {
+            assert!(!t.push(id));
+        }
+        assert_eq!(t.finish(), "tail".repeat(3));
+        let decoded = d.0.load(Ordering::Relaxed);
+        // Two decodes a token of at most 2 × MAX_HELD_TOKENS ids (unbounded: about 1,500 a token).
+        assert!(decoded <= 64 * tokens.len(), "{decoded} ids decoded for {} tokens", tokens.len());
+    }
+
     #[test]
     fn each_token_decodes_a_short_window() {
         // 5,000 tokens of mixed one- to four-byte characters: a full decode per token would

@@ -214,6 +214,10 @@ impl Detokenizer for Tokenizer {
     }
 }
 
+/// Tokens held back at most while they form no whole character (a UTF-8 character is at most 4
+/// bytes, and a byte-level token carries at least one).
+const MAX_HELD_TOKENS: usize = 16;
+
 /// Turns a growing list of token ids into text pieces, holding back bytes until they form whole
 /// characters (a multi-byte character split across tokens is emitted once complete). Each push
 /// decodes only a short window (the tokens since the last emitted piece, and one before them
@@ -242,7 +246,16 @@ where
         let before = self.tok.decode(&self.ids[self.prefix..self.read]);
         let now = self.tok.decode(&self.ids[self.prefix..]);
         if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
-            return None;
+            if self.ids.len() - self.read < MAX_HELD_TOKENS {
+                return None;
+            }
+            // That many tokens make no whole character: they decode to nothing (ids the
+            // tokenizer has no text for) or to broken bytes. Let them go as a full decode renders
+            // them, so the window stays short.
+            let piece = now.get(before.len()..).unwrap_or_default().to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            return (!piece.is_empty()).then_some(piece);
         }
         let piece = now.get(before.len()..)?.to_string();
         self.prefix = self.read;
