@@ -170,6 +170,15 @@ fn bad_gguf_files_name_the_key_or_tensor() {
     assert!(e.contains("model.gguf") && e.contains("past the end") && e.contains("tensor `"), "{e}");
     let e = import_err(&good[..200]);
     assert!(e.contains("model.gguf") && e.contains("truncated"), "{e}");
+    // A block count far beyond the file's tensors (a flipped byte once made the importer size
+    // a list of a hundred million layers' weights and die out of memory): refused by the key.
+    let key = b"llama.block_count";
+    let at = good.windows(key.len()).position(|w| w == key).expect("the fixture has llama.block_count");
+    let mut huge = good.clone();
+    // After the key: its value's type (u32, 4 bytes), then the value (u32, little-endian).
+    huge[at + key.len() + 4..at + key.len() + 8].copy_from_slice(&0x0fff_ffffu32.to_le_bytes());
+    let e = import_err(&huge);
+    assert!(e.contains("block_count") && e.contains("268435455 blocks") && e.contains("blk.268435454"), "{e}");
     // An architecture we do not support.
     let e = import_err(&patch(
         &good,

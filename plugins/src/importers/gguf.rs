@@ -154,12 +154,20 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
             .ok_or_else(|| m.err(&m.key("vocab_size"), "missing, and no tokenizer.ggml.tokens to count"))?,
     };
     let has = |n: &str| f.header.tensor(n).is_some();
+    // Checked before anything is sized from it: the last block's first tensor must exist.
+    let num_layers = m.usize("block_count")?;
+    if num_layers == 0 || !has(&format!("blk.{}.attn_norm.weight", num_layers - 1)) {
+        return Err(m.err(
+            &m.key("block_count"),
+            &format!("{num_layers} blocks, but the file has no tensor blk.{}.attn_norm.weight", num_layers.max(1) - 1),
+        ));
+    }
     Ok(DecoderConfig {
         family: arch.to_string(),
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: m.usize("feed_forward_length")?,
-        num_layers: m.usize("block_count")?,
+        num_layers,
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
