@@ -159,7 +159,7 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
     if num_layers == 0 || !has(&format!("blk.{}.attn_norm.weight", num_layers - 1)) {
         return Err(m.err(
             &m.key("block_count"),
-            &format!("{num_layers} blocks, but the file has no tensor blk.{}.attn_norm.weight", num_layers.max(1) - 1),
+            format!("{num_layers} blocks, but the file has no tensor blk.{}.attn_norm.weight", num_layers.max(1) - 1),
         ));
     }
     Ok(DecoderConfig {
