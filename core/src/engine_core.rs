@@ -37,17 +37,6 @@ pub enum Policy {
     InFlight,
 }
 
-impl Policy {
-    /// The policy of a built-in runtime's name or alias (`demollm`/`demo`, `trtllm`/`in-flight`).
-    pub fn of_runtime(name: &str) -> Option<Policy> {
-        match name {
-            "demollm" | "demo" => Some(Policy::PrefillFirst),
-            "trtllm" | "in-flight" => Some(Policy::InFlight),
-            _ => None,
-        }
-    }
-}
-
 /// What the core schedules within (the config's values).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {

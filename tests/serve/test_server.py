@@ -140,7 +140,6 @@ def test_min_tokens_holds_back_stop_tokens(fx):
     )
     # Without min_tokens it would stop at once; with it, the stop token cannot come before the 7th.
     assert r.usage.completion_tokens >= 6
-    assert not r.choices[0].text.startswith(decode(g[:1])) or r.usage.completion_tokens > 1
 
 
 def test_seeded_sampling_is_reproducible_and_n_gives_distinct_choices(fx):

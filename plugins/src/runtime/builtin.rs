@@ -18,7 +18,7 @@ autodeploy_core::inventory::submit! {
         name: "demollm",
         aliases: &["demo"],
         version: env!("CARGO_PKG_VERSION"),
-        make: |cfg| Box::new(CoreRuntime::new(cfg, "demollm")),
+        make: |cfg| Box::new(CoreRuntime::new(cfg, Policy::PrefillFirst)),
     }
 }
 
@@ -27,7 +27,7 @@ autodeploy_core::inventory::submit! {
         name: "trtllm",
         aliases: &["in-flight"],
         version: env!("CARGO_PKG_VERSION"),
-        make: |cfg| Box::new(CoreRuntime::new(cfg, "trtllm")),
+        make: |cfg| Box::new(CoreRuntime::new(cfg, Policy::InFlight)),
     }
 }
 
@@ -40,8 +40,7 @@ pub struct CoreRuntime {
 }
 
 impl CoreRuntime {
-    pub fn new(cfg: &PipelineConfig, runtime: &str) -> CoreRuntime {
-        let policy = Policy::of_runtime(runtime).expect("a built-in runtime's name");
+    pub fn new(cfg: &PipelineConfig, policy: Policy) -> CoreRuntime {
         CoreRuntime { policy, limits: Limits::from_config(cfg), core: None }
     }
 }
