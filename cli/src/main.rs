@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::pipeline;
 use autodeploy_core::registry;
-use autodeploy_core::runtime::{self, Request};
+use autodeploy_core::runtime::Request;
 use autodeploy_core::sampling::SamplingParams;
 use autodeploy_core::tokenizer::{ChatMessage, StreamDecoder};
 use autodeploy_sdk::Stage;
@@ -176,7 +176,7 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
         );
     }
     let requests: Vec<Request> = prepared.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
-    let mut rt = runtime::runtime(cfg)?;
+    let mut rt = registry::runtime(cfg)?;
     let (results, stats) = rt.generate(&mut engine, &requests);
     let mut results = results.into_iter();
     let mut failed = 0;
@@ -268,7 +268,7 @@ fn bench_offline(cfg: &PipelineConfig, n: usize, isl: usize, osl: usize) -> Resu
     anyhow::ensure!(n >= 1 && isl >= 1 && osl >= 1, "--num-requests, --isl and --osl must be at least 1");
     let mut engine = pipeline::build(cfg)?;
     let requests = bench_requests(cfg, &engine, n, isl, osl);
-    let mut rt = runtime::runtime(cfg)?;
+    let mut rt = registry::runtime(cfg)?;
     let warmup: Vec<Request> = requests
         .iter()
         .take(cfg.max_batch_size)
@@ -281,7 +281,7 @@ fn bench_offline(cfg: &PipelineConfig, n: usize, isl: usize, osl: usize) -> Resu
         anyhow::bail!("the bench's warm-up pass failed: {e}");
     }
     // A fresh runtime for the timed run: nothing of the warm-up's (its prefix cache) carries over.
-    let mut rt = runtime::runtime(cfg)?;
+    let mut rt = registry::runtime(cfg)?;
     let t0 = std::time::Instant::now();
     let (results, stats) = rt.generate(&mut engine, &requests);
     let wall = t0.elapsed().as_secs_f64();
@@ -332,7 +332,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
     );
     let mut engine = pipeline::build(cfg)?;
     let requests = bench_requests(cfg, &engine, batch, isl, osl);
-    let mut rt = runtime::runtime(cfg)?;
+    let mut rt = registry::runtime(cfg)?;
     // One untimed pass first (the same batch, prefill and one decode step): first-use costs
     // (kernel loading, cuBLAS's plans, capturing this batch's CUDA graph) stay out of the numbers.
     let warmup: Vec<Request> = requests
@@ -346,7 +346,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
     if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
         anyhow::bail!("the bench's warm-up pass failed: {e}");
     }
-    let mut rt = runtime::runtime(cfg)?;
+    let mut rt = registry::runtime(cfg)?;
     let (results, stats) = rt.generate(&mut engine, &requests);
     if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
         anyhow::bail!("a bench request failed: {e}");
@@ -429,7 +429,7 @@ fn chat(cfg: &PipelineConfig, system: Option<&str>) -> Result<()> {
     if tok.chat_template.is_none() {
         anyhow::bail!("{}: the model has no chat template", tok.source.display());
     }
-    let mut rt = runtime::runtime(cfg)?;
+    let mut rt = registry::runtime(cfg)?;
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(s) = system {
         history.push(ChatMessage { role: "system".into(), content: s.into() });

@@ -2,8 +2,7 @@
 //! copies its dtype and shape from, a CPU implementation and optionally a CUDA one.
 //! `Op::Custom` nodes dispatch here.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::ops::Op;
@@ -56,37 +55,10 @@ pub struct CustomOp {
     pub cuda: Option<CudaImpl>,
 }
 
-static OPS: RwLock<Option<HashMap<&'static str, Arc<CustomOp>>>> = RwLock::new(None);
-
-/// Registers an op; refused if the name is taken (by a built-in op or another registration).
-pub fn register(op: CustomOp) -> std::result::Result<(), String> {
-    if op.output_like >= op.inputs {
-        return Err(format!("op `{}`: output_like {} but {} inputs", op.name, op.output_like, op.inputs));
-    }
-    let mut ops = OPS.write().unwrap_or_else(|e| e.into_inner());
-    let map = ops.get_or_insert_with(HashMap::new);
-    if let Some(prev) = map.get(op.name) {
-        return Err(format!("an op named `{}` already exists ({})", op.name, prev.origin));
-    }
-    map.insert(op.name, Arc::new(op));
-    Ok(())
-}
-
-/// Every registered op.
-pub fn all() -> Vec<Arc<CustomOp>> {
-    let ops = OPS.read().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<Arc<CustomOp>> = ops.as_ref().map(|m| m.values().cloned().collect()).unwrap_or_default();
-    v.sort_by_key(|o| o.name);
-    v
-}
-
-pub fn find(name: &str) -> Option<Arc<CustomOp>> {
-    OPS.read().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(name).cloned())
-}
-
 /// The graph op for a registered op with `attrs`.
 pub fn op(name: &str, attrs: &str) -> Result<Op> {
-    let c = find(name).ok_or_else(|| Error::Msg(format!("no op named `{name}` is registered")))?;
+    let c =
+        crate::registry::custom_op(name).ok_or_else(|| Error::Msg(format!("no op named `{name}` is registered")))?;
     Ok(Op::Custom { name: c.name, inputs: c.inputs, output_like: c.output_like, attrs: attrs.to_string() })
 }
 
@@ -98,7 +70,8 @@ pub fn eval(
     out_shape: Vec<usize>,
     out_dtype: crate::DType,
 ) -> Result<Tensor> {
-    let c = find(name).ok_or_else(|| Error::op(name, "no implementation is registered for this op"))?;
+    let c = crate::registry::custom_op(name)
+        .ok_or_else(|| Error::op(name, "no implementation is registered for this op"))?;
     let n: usize = out_shape.iter().product();
     let y = (c.cpu)(ins, attrs).map_err(|e| Error::op(name, format!("{e} (from {})", c.origin)))?;
     if y.len() != n {

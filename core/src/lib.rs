@@ -1,6 +1,7 @@
 //! The autodeploy host: graph IR, op rules and CPU implementations, tensors, weights, config,
 //! model sources and the plugin registry.
 
+pub mod backend;
 pub mod config;
 pub mod cpu;
 pub mod custom_op;

@@ -5,12 +5,13 @@ use std::time::{Duration, Instant};
 
 use autodeploy_sdk::Stage;
 
+use crate::backend::{CompiledModel, ImportRequest};
 use crate::config::PipelineConfig;
 use crate::error::Result;
 use crate::hub;
 use crate::ir::Graph;
 use crate::kvcache::CacheSpec;
-use crate::registry::{self, CompiledModel, ImportRequest};
+use crate::registry;
 use crate::tokenizer::Tokenizer;
 use std::sync::Arc;
 
@@ -142,7 +143,7 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let kv_pages = kv_pages(&graph, cfg)?;
-    let mut opts = registry::CompileOptions::from_config(cfg, kv_pages);
+    let mut opts = crate::backend::CompileOptions::from_config(cfg, kv_pages);
     opts.min_kv_pages = max_len(&graph, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1));
     let model = backend.compile(&graph, &opts)?;
     let kv_pages = model.kv_pages().unwrap_or(kv_pages);

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use crate::config::PipelineConfig;
 use crate::error::{Error, Result};
 use crate::kvcache::{BatchMetadata, PagedKvCache, StepContext, StepPlan};
 use crate::pipeline::Engine;
@@ -466,51 +465,6 @@ pub trait Runtime: Send {
     fn generate(&mut self, engine: &mut dyn ModelRunner, requests: &[Request]) -> (Vec<Result<Completion>>, RunStats) {
         self.generate_streaming(engine, requests, &mut |_, _| {})
     }
-}
-
-pub struct RuntimePlugin {
-    pub name: &'static str,
-    pub aliases: &'static [&'static str],
-    pub version: &'static str,
-    pub make: fn(&PipelineConfig) -> Box<dyn Runtime>,
-}
-
-inventory::collect!(RuntimePlugin);
-
-/// Makes a library's runtime for a config (what `External::make` gives for runtimes).
-pub type RuntimeMaker = dyn Fn(&PipelineConfig) -> Box<dyn Runtime> + Send + Sync;
-
-static EXTERNAL_RUNTIMES: crate::registry::ExternalTable<RuntimeMaker> = crate::registry::ExternalTable::new();
-
-/// Adds a runtime from a plugin library; refused if a built-in runtime or an earlier library's
-/// has its name.
-pub fn register_external_runtime(r: crate::registry::External<RuntimeMaker>) -> std::result::Result<(), String> {
-    let builtin = inventory::iter::<RuntimePlugin>.into_iter().any(|p| p.name == r.name || p.aliases.contains(&r.name));
-    EXTERNAL_RUNTIMES.register(r, "a runtime", builtin)
-}
-
-pub fn external_runtimes() -> Vec<&'static crate::registry::External<RuntimeMaker>> {
-    EXTERNAL_RUNTIMES.all()
-}
-
-/// The runtime `cfg.runtime` names: built-in (by name or alias), then from libraries.
-pub fn runtime(cfg: &PipelineConfig) -> Result<Box<dyn Runtime>> {
-    let name = cfg.runtime.as_str();
-    if let Some(p) = inventory::iter::<RuntimePlugin>.into_iter().find(|p| p.name == name || p.aliases.contains(&name))
-    {
-        return Ok((p.make)(cfg));
-    }
-    if let Some(p) = external_runtimes().into_iter().find(|p| p.name == name) {
-        return Ok((p.make)()(cfg));
-    }
-    let mut names: Vec<&str> = inventory::iter::<RuntimePlugin>.into_iter().map(|p| p.name).collect();
-    names.extend(external_runtimes().iter().map(|p| p.name));
-    names.sort();
-    Err(Error::Msg(format!(
-        "unknown runtime `{name}`; available: {}{}",
-        names.join(", "),
-        crate::plugin_abi::refusals_note()
-    )))
 }
 
 #[cfg(test)]

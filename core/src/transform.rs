@@ -6,6 +6,7 @@ use autodeploy_sdk::Stage;
 use crate::config::PipelineConfig;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
+use crate::registry::TransformRef;
 
 /// A declared option of a transform, with its default as TOML text.
 pub struct OptionSpec {
@@ -44,100 +45,6 @@ pub trait Transform: Send + Sync {
     fn apply(&self, graph: &mut Graph, cx: &TransformContext) -> Result<String>;
 }
 
-pub struct TransformPlugin {
-    pub name: &'static str,
-    pub stage: Stage,
-    /// Order within the stage (lower first; ties by name).
-    pub order: i32,
-    pub enabled_by_default: bool,
-    pub options: &'static [OptionSpec],
-    pub version: &'static str,
-    pub make: fn() -> Box<dyn Transform>,
-}
-
-inventory::collect!(TransformPlugin);
-
-/// A registered transform, built in or from a plugin library.
-#[derive(Clone, Copy)]
-pub struct TransformRef {
-    pub name: &'static str,
-    pub stage: Stage,
-    pub order: i32,
-    pub enabled_by_default: bool,
-    pub options: &'static [OptionSpec],
-    pub version: &'static str,
-    /// `built-in`, or the library it came from.
-    pub origin: &'static str,
-    make: &'static (dyn Fn() -> Box<dyn Transform> + Send + Sync),
-}
-
-impl TransformRef {
-    pub fn instantiate(&self) -> Box<dyn Transform> {
-        (self.make)()
-    }
-
-    /// A transform from a plugin library (metadata leaked: libraries stay loaded for the
-    /// process's life).
-    #[allow(clippy::too_many_arguments)]
-    pub fn external(
-        name: &str,
-        stage: Stage,
-        order: i32,
-        enabled_by_default: bool,
-        options: &'static [OptionSpec],
-        version: &str,
-        origin: &str,
-        make: Box<dyn Fn() -> Box<dyn Transform> + Send + Sync>,
-    ) -> TransformRef {
-        let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
-        TransformRef {
-            name: leak(name),
-            stage,
-            order,
-            enabled_by_default,
-            options,
-            version: leak(version),
-            origin: leak(origin),
-            make: Box::leak(make),
-        }
-    }
-}
-
-static EXTERNAL: std::sync::RwLock<Vec<TransformRef>> = std::sync::RwLock::new(Vec::new());
-
-/// Adds a transform from a plugin library; refused if one of that name exists.
-pub fn register_external(t: TransformRef) -> std::result::Result<(), String> {
-    if let Some(prev) = find(t.name) {
-        return Err(format!("a transform named `{}` already exists ({})", t.name, prev.origin));
-    }
-    EXTERNAL.write().unwrap_or_else(|e| e.into_inner()).push(t);
-    Ok(())
-}
-
-/// Every registered transform, in the order the pipeline runs them.
-pub fn all() -> Vec<TransformRef> {
-    let mut v: Vec<TransformRef> = inventory::iter::<TransformPlugin>
-        .into_iter()
-        .map(|t| TransformRef {
-            name: t.name,
-            stage: t.stage,
-            order: t.order,
-            enabled_by_default: t.enabled_by_default,
-            options: t.options,
-            version: t.version,
-            origin: "built-in",
-            make: &t.make,
-        })
-        .collect();
-    v.extend(EXTERNAL.read().unwrap_or_else(|e| e.into_inner()).iter().copied());
-    v.sort_by(|a, b| (a.stage, a.order, a.name).cmp(&(b.stage, b.order, b.name)));
-    v
-}
-
-pub fn find(name: &str) -> Option<TransformRef> {
-    all().into_iter().find(|t| t.name == name)
-}
-
 fn parse_default(t: &TransformRef, o: &OptionSpec) -> Result<toml::Value> {
     let text = format!("v = {}", o.default);
     let table: toml::Table = toml::from_str(&text)
@@ -151,8 +58,8 @@ pub fn check_config(
     tables: &std::collections::BTreeMap<String, toml::Table>,
 ) -> std::result::Result<(), (String, String)> {
     for (name, table) in tables {
-        let Some(t) = find(name) else {
-            let known: Vec<&str> = all().iter().map(|t| t.name).collect();
+        let Some(t) = crate::registry::transform(name) else {
+            let known: Vec<&str> = crate::registry::transforms().iter().map(|t| t.name).collect();
             return Err((
                 format!("transforms.{name}"),
                 format!("unknown transform; known: {}{}", known.join(", "), crate::plugin_abi::refusals_note()),
@@ -199,7 +106,7 @@ fn settings(t: &TransformRef, cfg: &PipelineConfig) -> Result<(bool, toml::Table
 
 /// Runs the transforms of stages after `import` up to and including `until`.
 pub fn run_stages(graph: &mut Graph, cfg: &PipelineConfig, until: Stage) -> Result<()> {
-    for t in all().into_iter().filter(|t| t.stage != Stage::Import && t.stage <= until) {
+    for t in crate::registry::transforms().into_iter().filter(|t| t.stage != Stage::Import && t.stage <= until) {
         let (enabled, options) = settings(&t, cfg)?;
         if !enabled {
             graph.history.push(format!("[stage={}, transform={}] disabled", t.stage, t.name));

@@ -170,7 +170,7 @@ impl LLM {
     /// starts the loop under the config's runtime (built in or a plugin's).
     pub fn new(cfg: &PipelineConfig) -> anyhow::Result<LLM> {
         autodeploy_plugins::link();
-        let runtime = autodeploy_core::runtime::runtime(cfg)?;
+        let runtime = autodeploy_core::registry::runtime(cfg)?;
         let shared = Arc::new(Shared {
             alive: AtomicBool::new(true),
             death: Mutex::new(None),

@@ -5,7 +5,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use autodeploy_core::registry::{self, ImportRequest};
+use autodeploy_core::backend::ImportRequest;
+use autodeploy_core::registry;
 use autodeploy_core::DType;
 use common::*;
 use safetensors::tensor::{Dtype, TensorView};

@@ -210,7 +210,7 @@ fn check_family_dtype(family: &str, dtype: &str) -> Vec<String> {
     };
     let cpu_cfg =
         autodeploy_core::config::PipelineConfig::from_toml_str(&cfg_text("device = \"cpu\"\n"), None).unwrap();
-    let cpu_tokens: Vec<Vec<i64>> = autodeploy_core::runtime::runtime(&cpu_cfg)
+    let cpu_tokens: Vec<Vec<i64>> = autodeploy_core::registry::runtime(&cpu_cfg)
         .unwrap()
         .generate(&mut cpu, &requests)
         .0
@@ -236,7 +236,7 @@ fn check_family_dtype(family: &str, dtype: &str) -> Vec<String> {
             }
         }
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&cfg_text(&extra), None).unwrap();
-        let tokens: Vec<Vec<i64>> = autodeploy_core::runtime::runtime(&cfg)
+        let tokens: Vec<Vec<i64>> = autodeploy_core::registry::runtime(&cfg)
             .unwrap()
             .generate(&mut gpu, &requests)
             .0
@@ -404,7 +404,7 @@ fn gpu_sampling_matches_the_cpu_sampler() {
                 format!("model = {:?}\n{base}device = \"{device}\"\n", common::fixture(family).display().to_string());
             let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
             let mut e = engine(family, &format!("{base}device = \"{device}\"\n"));
-            autodeploy_core::runtime::runtime(&cfg)
+            autodeploy_core::registry::runtime(&cfg)
                 .unwrap()
                 .generate(&mut e, &requests)
                 .0
@@ -569,7 +569,7 @@ fn a_dummy_model_on_the_gpu_is_the_cpus() {
     for device in ["cpu", "cuda"] {
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml(device), None).unwrap();
         let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
-        let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+        let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
         let req = autodeploy_core::runtime::Request {
             prompt: vec![1, 2, 3, 4, 5, 6, 7, 8],
             sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: 8, ..Default::default() },
@@ -612,7 +612,7 @@ fn gguf_blocks_on_cuda_are_refused_until_dequantized() {
     let mut tokens = Vec::new();
     for device in ["cpu", "cuda"] {
         let (cfg, mut e) = build(&format!("device = \"{device}\"\ndtype = \"float32\"\n")).unwrap();
-        let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+        let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
         let (r, _) = rt.generate(&mut e, &[greedy(&[1, 17, 42, 99, 5], 8)]);
         tokens.push(r[0].as_ref().unwrap().tokens.clone());
     }

@@ -25,7 +25,7 @@ fn a_config_alone_builds_a_runnable_deterministic_model() {
     assert!(g.history[0].contains("hf importer"), "{:?}", g.history);
     let mut a = pipeline::build(&cfg).unwrap();
     let mut b = pipeline::build(&cfg).unwrap();
-    let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+    let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
     let req = autodeploy_core::runtime::Request {
         prompt: vec![1, 2, 3, 4],
         sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: 6, ..Default::default() },

@@ -3,9 +3,9 @@
 
 mod common;
 
+use autodeploy_core::registry;
 use autodeploy_core::runtime::{Detokenizer, FinishReason};
 use autodeploy_core::sampling::SamplingParams;
-use autodeploy_core::transform;
 use common::*;
 
 /// (prompt, the 24 tokens transformers' greedy `generate` picked) for each fixture prompt.
@@ -44,7 +44,7 @@ fn greedy_through_the_kv_cache_matches_transformers_generate() {
 #[test]
 fn disabling_any_single_transform_keeps_greedy_output() {
     autodeploy_plugins::link();
-    let names: Vec<&str> = transform::all().iter().map(|t| t.name).collect();
+    let names: Vec<&str> = registry::transforms().iter().map(|t| t.name).collect();
     assert!(names.len() >= 6, "{names:?}");
     for name in names {
         for fam in ["llama", "qwen3"] {
@@ -163,7 +163,7 @@ fn stop_strings_match_decoded_text_across_tokens() {
     let prompt = vec![3, 14, 15, 92, 65];
     let mut e = engine("qwen3", "");
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str("model = \"x\"", None).unwrap();
-    let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+    let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
     // Without a tokenizer, stop strings are refused by name (and other requests still run).
     let req = |stop: Vec<String>| autodeploy_core::runtime::Request {
         prompt: prompt.clone(),
@@ -197,7 +197,7 @@ fn max_num_tokens_splits_prefills_and_refuses_longer_prompts() {
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
         cfg.validate(std::path::Path::new("test.toml")).unwrap();
         let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
-        autodeploy_core::runtime::runtime(&cfg).unwrap().generate(&mut e, reqs)
+        autodeploy_core::registry::runtime(&cfg).unwrap().generate(&mut e, reqs)
     };
     let (free, free_stats) = run("max_batch_size = 4\n", &reqs);
     let (capped, capped_stats) = run("max_batch_size = 4\nmax_num_tokens = 16\n", &reqs);
@@ -280,7 +280,7 @@ fn run_with(
     if let Some(n) = kv_pages {
         e.kv_pages = n;
     }
-    let (out, stats) = autodeploy_core::runtime::runtime(&cfg).unwrap().generate(&mut e, reqs);
+    let (out, stats) = autodeploy_core::registry::runtime(&cfg).unwrap().generate(&mut e, reqs);
     (out.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{fam} {runtime}: {e}"))).collect(), stats)
 }
 

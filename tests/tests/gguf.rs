@@ -6,8 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use autodeploy_core::backend::ImportRequest;
 use autodeploy_core::gguf::{dequantize, GgmlType};
-use autodeploy_core::registry::{self, ImportRequest};
+use autodeploy_core::registry;
 use autodeploy_core::DType;
 use common::*;
 use safetensors::SafeTensors;

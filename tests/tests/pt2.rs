@@ -115,7 +115,7 @@ fn corrupt_archives_fail_naming_the_file_and_entry() {
 }
 
 fn import_pt2(name: &str) -> autodeploy_core::Result<autodeploy_core::Graph> {
-    let req = autodeploy_core::registry::ImportRequest {
+    let req = autodeploy_core::backend::ImportRequest {
         path: fixture(&format!("pt2/{name}")),
         dtype: None,
         max_batch_size: 8,
@@ -254,7 +254,7 @@ fn a_mask_that_is_not_causal_is_refused_at_its_sdpa() {
             b
         })
     });
-    let req = autodeploy_core::registry::ImportRequest {
+    let req = autodeploy_core::backend::ImportRequest {
         path: p,
         dtype: None,
         max_batch_size: 8,
@@ -357,7 +357,7 @@ fn fuzzed_archives_error_without_panicking() {
     std::fs::create_dir_all(&dir).unwrap();
     let importer = autodeploy_core::registry::importer("torch-export").unwrap();
     let try_import = |p: &std::path::Path| {
-        let req = autodeploy_core::registry::ImportRequest {
+        let req = autodeploy_core::backend::ImportRequest {
             path: p.to_path_buf(),
             dtype: None,
             max_batch_size: 8,
@@ -409,7 +409,7 @@ fn fuzzed_archives_error_without_panicking() {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| try_import(&p)));
             assert!(r.is_ok(), "{archive}: panicked after editing {entry}: {edits:?}");
             imported += importer
-                .import(&autodeploy_core::registry::ImportRequest {
+                .import(&autodeploy_core::backend::ImportRequest {
                     path: p.clone(),
                     dtype: None,
                     max_batch_size: 8,
@@ -502,7 +502,7 @@ fn a_bf16_export_matches_transformers_bf16_and_the_hf_import() {
         assert_eq!(p.unwrap().tokens, h.unwrap().tokens, "prompt {k}: bf16 export vs bf16 HF import");
     }
     // Asking a bf16 export for float32 is refused naming both dtypes.
-    let req = autodeploy_core::registry::ImportRequest {
+    let req = autodeploy_core::backend::ImportRequest {
         path: fixture("pt2/qwen3-bf16.pt2"),
         dtype: Some(DType::F32),
         max_batch_size: 8,

@@ -8,7 +8,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use autodeploy_core::registry::{self, ImportRequest};
+use autodeploy_core::backend::ImportRequest;
+use autodeploy_core::registry;
 use autodeploy_core::runtime::Request;
 use autodeploy_core::sampling::SamplingParams;
 use autodeploy_core::DType;
@@ -85,7 +86,7 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
     let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
     assert!(e.cache.is_some());
-    let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+    let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
     let req = Request {
         prompt: prompt.clone(),
         sampling: SamplingParams { max_new_tokens: greedy.len(), ..Default::default() },
@@ -100,7 +101,7 @@ fn logits_and_greedy_tokens_match_transformers_on_the_gguf() {
     let toml = format!("{toml}runtime = \"trtllm\"\nmax_num_tokens = 16\n");
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
     let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
-    let (out, stats) = autodeploy_core::runtime::runtime(&cfg).unwrap().generate(&mut e, &[other, req]);
+    let (out, stats) = autodeploy_core::registry::runtime(&cfg).unwrap().generate(&mut e, &[other, req]);
     assert_eq!(stats.max_step_tokens, 16, "{stats:?}");
     assert_eq!(out[0].as_ref().unwrap().tokens, demo_other, "trtllm vs demollm");
     assert_eq!(out[1].as_ref().unwrap().tokens, greedy, "trtllm vs transformers");
@@ -193,7 +194,7 @@ fn int8_activations_stay_within_their_tolerance() {
     );
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
     let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
-    let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+    let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
     let req = Request { prompt, sampling: SamplingParams { max_new_tokens: greedy.len(), ..Default::default() } };
     let (out, _) = rt.generate(&mut e, &[req]);
     let got = &out[0].as_ref().unwrap().tokens;

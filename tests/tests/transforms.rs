@@ -10,7 +10,7 @@ use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::ir::GraphBuilder;
 use autodeploy_core::registry;
 use autodeploy_core::shape::static_shape;
-use autodeploy_core::transform::{self, TransformContext};
+use autodeploy_core::transform::TransformContext;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Dim, Graph, Op, SizeArg, Tensor};
 use autodeploy_sdk::Stage;
@@ -42,7 +42,7 @@ fn run(g: &Graph, inputs: &[Tensor]) -> Vec<Vec<f32>> {
 
 fn apply(name: &str, g: &mut Graph) -> String {
     autodeploy_plugins::link();
-    let t = transform::find(name).unwrap_or_else(|| panic!("no transform {name}"));
+    let t = registry::transform(name).unwrap_or_else(|| panic!("no transform {name}"));
     let cfg = PipelineConfig::from_toml_str("model = \"unused\"", None).unwrap();
     let cx = TransformContext { config: &cfg, options: toml_table() };
     let summary = t.instantiate().apply(g, &cx).unwrap();

@@ -15,9 +15,10 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ir::{Graph, TensorMeta, ValueId};
 use crate::kvcache::{AttentionBackend, StepContext};
+use crate::registry::TransformRef;
 use crate::shape::static_shape;
 use crate::tensor::Tensor;
-use crate::transform::{OptionSpec, Transform, TransformContext, TransformRef};
+use crate::transform::{OptionSpec, Transform, TransformContext};
 
 mod runtime;
 
@@ -129,7 +130,7 @@ fn load_library(path: &Path) -> usize {
                             .collect();
                         let t = Arc::new(transform);
                         let make = move || Box::new(ExternalTransform(t.clone())) as Box<dyn Transform>;
-                        crate::transform::register_external(TransformRef::external(
+                        crate::registry::register_transform(TransformRef::external(
                             &name,
                             stage,
                             order,
@@ -143,36 +144,36 @@ fn load_library(path: &Path) -> usize {
                 }
             }
             ffi::PluginBody::AttentionBackend { make } => {
-                crate::kvcache::register_external_attention(external(&name, &version, &origin, move || {
+                crate::registry::ATTENTION_BACKENDS.register(external(&name, &version, &origin, move || {
                     Box::new(ExternalAttentionBackend { inner: make(), csr: Default::default() })
                         as Box<dyn AttentionBackend>
                 }))
             }
             ffi::PluginBody::ModelImporter { accepts, import } => {
                 let (n, o) = (name.clone(), origin.clone());
-                crate::registry::register_external_importer(external(&name, &version, &origin, move || {
+                crate::registry::IMPORTERS.register(external(&name, &version, &origin, move || {
                     Box::new(LibraryImporter { name: n.clone(), origin: o.clone(), accepts, import })
-                        as Box<dyn crate::registry::ModelImporter>
+                        as Box<dyn crate::backend::ModelImporter>
                 }))
             }
             ffi::PluginBody::CompileBackend { compile } => {
                 let (n, o) = (name.clone(), origin.clone());
-                crate::registry::register_external_compile_backend(external(&name, &version, &origin, move || {
+                crate::registry::COMPILE_BACKENDS.register(external(&name, &version, &origin, move || {
                     Box::new(LibraryCompileBackend { name: n.clone(), origin: o.clone(), compile })
-                        as Box<dyn crate::registry::CompileBackend>
+                        as Box<dyn crate::backend::CompileBackend>
                 }))
             }
             ffi::PluginBody::Runtime { make } => {
                 let (n, o) = (name.clone(), origin.clone());
-                crate::runtime::register_external_runtime(external(&name, &version, &origin, move || {
+                crate::registry::RUNTIMES.register(external(&name, &version, &origin, move || {
                     let (n, o) = (n.clone(), o.clone());
                     Box::new(move |cfg: &crate::config::PipelineConfig| {
                         Box::new(runtime::LibraryRuntime::new(&n, &o, make(), cfg)) as Box<dyn crate::runtime::Runtime>
-                    }) as Box<crate::runtime::RuntimeMaker>
+                    }) as Box<crate::registry::RuntimeMaker>
                 }))
             }
             ffi::PluginBody::Op { inputs, output_like, cpu, cuda } => {
-                crate::custom_op::register(crate::custom_op::CustomOp {
+                crate::registry::register_op(crate::custom_op::CustomOp {
                     name: Box::leak(name.clone().into_boxed_str()),
                     version: Box::leak(version.clone().into_boxed_str()),
                     inputs: inputs as usize,
@@ -373,12 +374,12 @@ struct LibraryImporter {
     import: ffi::ImportFn,
 }
 
-impl crate::registry::ModelImporter for LibraryImporter {
+impl crate::backend::ModelImporter for LibraryImporter {
     fn accepts(&self, path: &Path) -> bool {
         (self.accepts)(path.to_string_lossy().as_ref().into())
     }
 
-    fn import(&self, req: &crate::registry::ImportRequest) -> Result<Graph> {
+    fn import(&self, req: &crate::backend::ImportRequest) -> Result<Graph> {
         let mut options = toml::Table::new();
         if let Some(d) = req.dtype {
             options.insert("dtype".into(), toml::Value::String(d.to_string()));
@@ -651,12 +652,12 @@ struct LibraryCompileBackend {
     compile: extern "C" fn(RStr<'_>) -> RResult<ffi::CompiledGraphBox, RString>,
 }
 
-impl crate::registry::CompileBackend for LibraryCompileBackend {
+impl crate::backend::CompileBackend for LibraryCompileBackend {
     fn compile(
         &self,
         graph: &Graph,
-        opts: &crate::registry::CompileOptions,
-    ) -> Result<Box<dyn crate::registry::CompiledModel>> {
+        opts: &crate::backend::CompileOptions,
+    ) -> Result<Box<dyn crate::backend::CompiledModel>> {
         let who = format!("compile backend `{}` ({})", self.name, self.origin);
         if let crate::config::Device::Cuda(n) = opts.device {
             return Err(Error::Msg(format!(
@@ -666,7 +667,7 @@ impl crate::registry::CompileBackend for LibraryCompileBackend {
         graph.validate()?;
         let params = crate::interp::load_params(graph, |_| {})?;
         let attention = match crate::kvcache::CacheSpec::of(graph)? {
-            Some(spec) => Some(crate::kvcache::attention_backend(&spec.backend)?.1),
+            Some(spec) => Some(crate::registry::attention_backend(&spec.backend)?.1),
             None => None,
         };
         let options = format!("device = \"cpu\"\npage_size = {}\nkv_pages = {}\n", opts.page_size, opts.kv_pages);
@@ -688,7 +689,7 @@ struct LibraryModel {
     inner: ffi::CompiledGraphBox,
 }
 
-impl crate::registry::CompiledModel for LibraryModel {
+impl crate::backend::CompiledModel for LibraryModel {
     fn forward(&mut self, inputs: &[Tensor], step: Option<&mut StepContext>) -> Result<Vec<Tensor>> {
         let g = &self.graph;
         let bind = crate::interp::bind_inputs(g, inputs)?;

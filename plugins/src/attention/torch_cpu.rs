@@ -4,8 +4,9 @@
 
 use autodeploy_core::cpu::round_as;
 use autodeploy_core::error::{Error, Result};
-use autodeploy_core::kvcache::{AttentionBackend, AttentionBackendPlugin, StepContext};
+use autodeploy_core::kvcache::{AttentionBackend, StepContext};
 use autodeploy_core::mutation::{self, Mutation};
+use autodeploy_core::registry::AttentionBackendPlugin;
 use autodeploy_core::Tensor;
 use autodeploy_kernels::cpu::{axpy, dot};
 

@@ -12,10 +12,10 @@
 
 use std::collections::HashMap;
 
+use autodeploy_core::backend::{CompileOptions, CompiledModel};
 use autodeploy_core::custom_op::{DeviceTensor, KernelArg, KernelLauncher, LaunchDims};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepContext;
-use autodeploy_core::registry::{CompileOptions, CompiledModel};
 use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::weights::{Synthetic, SYNTHETIC_CHUNK};
@@ -232,7 +232,7 @@ fn unsupported(op: &Op) -> Option<&'static str> {
         Op::Matmul | Op::Sdpa { .. } | Op::Attention { .. } | Op::Softmax { .. } => {
             Some("uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)")
         }
-        Op::Custom { name, .. } if autodeploy_core::custom_op::find(name).is_none_or(|c| c.cuda.is_none()) => {
+        Op::Custom { name, .. } if autodeploy_core::registry::custom_op(name).is_none_or(|c| c.cuda.is_none()) => {
             Some("this plugin op has a CPU kernel only: its library registered no CUDA one")
         }
         Op::Gelu { .. } | Op::LogSoftmax { .. } => Some("this op has a CPU kernel only so far"),
@@ -1356,7 +1356,7 @@ impl CudaModel {
                     }
                 }
                 Op::Custom { name: op_name, attrs, .. } => {
-                    let c = autodeploy_core::custom_op::find(op_name)
+                    let c = autodeploy_core::registry::custom_op(op_name)
                         .ok_or_else(|| fail(Unavailable("no op of this name is registered".into())))?;
                     let cuda = c.cuda.clone().ok_or_else(|| fail(Unavailable("no CUDA kernel registered".into())))?;
                     let device = |v: autodeploy_core::ValueId| -> Result<DeviceTensor> {

@@ -2,13 +2,15 @@
 //! freeing each intermediate after its last use; on CUDA, the GPU executor (compile/cuda.rs)
 //! without fusion or graphs. The `cudagraph`, `compile` and `opt` backends are registered here too.
 
+use autodeploy_core::backend::{CompileBackend, CompileOptions, CompiledModel};
 use autodeploy_core::config::Device;
 use autodeploy_core::cpu;
 use autodeploy_core::error::{Error, Result};
 pub use autodeploy_core::interp::bind_inputs;
 use autodeploy_core::interp::{eval_node, initial_values, load_params};
-use autodeploy_core::kvcache::{attention_backend, AttentionBackend, CacheSpec, StepContext};
-use autodeploy_core::registry::{CompileBackend, CompileBackendPlugin, CompileOptions, CompiledModel};
+use autodeploy_core::kvcache::{AttentionBackend, CacheSpec, StepContext};
+use autodeploy_core::registry::attention_backend;
+use autodeploy_core::registry::CompileBackendPlugin;
 use autodeploy_core::{Graph, Tensor};
 
 pub struct SimpleBackend;

@@ -5,9 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::gguf::{GgmlType, GgufFile, Value};
-use autodeploy_core::registry::{ImportRequest, ImporterPlugin, ModelImporter};
+use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Graph, Tensor};
 

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
-use autodeploy_core::registry::{ImportRequest, ImporterPlugin, ModelImporter};
+use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::{SafetensorsFile, WeightStore};
 use autodeploy_core::{DType, Graph};
 use serde_json::{Map, Value};

@@ -11,7 +11,8 @@
 use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::engine_core::{EngineCore, Limits, Policy};
 use autodeploy_core::error::Result;
-use autodeploy_core::runtime::{Event, Gauges, ModelRunner, Request, RequestId, RunStats, Runtime, RuntimePlugin};
+use autodeploy_core::registry::RuntimePlugin;
+use autodeploy_core::runtime::{Event, Gauges, ModelRunner, Request, RequestId, RunStats, Runtime};
 
 autodeploy_core::inventory::submit! {
     RuntimePlugin {

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta, ValueId};
+use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::static_shape;
-use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
+use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::Op;
 use autodeploy_sdk::Stage;
 

@@ -4,9 +4,10 @@
 
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta};
-use autodeploy_core::kvcache::attention_backend_name;
+use autodeploy_core::registry::attention_backend_name;
+use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::{Dim, SymRange};
-use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
+use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::{DType, Op};
 use autodeploy_sdk::Stage;
 

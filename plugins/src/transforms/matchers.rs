@@ -4,7 +4,8 @@
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::{Graph, ValueId};
 use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
-use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
+use autodeploy_core::registry::TransformPlugin;
+use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::{DType, Op, SizeArg};
 use autodeploy_sdk::Stage;
 

@@ -8,7 +8,8 @@
 
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
-use autodeploy_core::transform::{Transform, TransformContext, TransformPlugin};
+use autodeploy_core::registry::TransformPlugin;
+use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::Op;
 use autodeploy_sdk::Stage;
 

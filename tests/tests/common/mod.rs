@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use autodeploy_core::registry::{self, CompiledModel, ImportRequest};
+use autodeploy_core::backend::{CompiledModel, ImportRequest};
+use autodeploy_core::registry;
 use autodeploy_core::{DType, Graph, Tensor};
 use safetensors::SafeTensors;
 
@@ -131,7 +132,7 @@ pub fn generate(
     let toml = config_text(family, extra);
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
     let mut e = engine(family, extra);
-    let mut rt = autodeploy_core::runtime::runtime(&cfg).unwrap();
+    let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
     rt.generate(&mut e, requests).0
 }
 

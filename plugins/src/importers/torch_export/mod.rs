@@ -20,9 +20,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::pt2::{scalar_type, Pt2Archive};
-use autodeploy_core::registry::{ImportRequest, ImporterPlugin, ModelImporter};
+use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, Shape, SizeArg, ValueId};
 use serde_json::Value;

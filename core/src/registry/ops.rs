@@ -1,0 +1,35 @@
+//! Ops registered at run time (by plugin libraries); `Op::Custom` nodes dispatch to them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::custom_op::CustomOp;
+
+static OPS: RwLock<Option<HashMap<&'static str, Arc<CustomOp>>>> = RwLock::new(None);
+
+/// Registers an op; refused if the name is taken (by a built-in op or another registration).
+pub fn register_op(op: CustomOp) -> std::result::Result<(), String> {
+    if op.output_like >= op.inputs {
+        return Err(format!("op `{}`: output_like {} but {} inputs", op.name, op.output_like, op.inputs));
+    }
+    let mut ops = OPS.write().unwrap_or_else(|e| e.into_inner());
+    let map = ops.get_or_insert_with(HashMap::new);
+    if let Some(prev) = map.get(op.name) {
+        return Err(format!("an op named `{}` already exists ({})", op.name, prev.origin));
+    }
+    map.insert(op.name, Arc::new(op));
+    Ok(())
+}
+
+/// Every registered op.
+pub fn custom_ops() -> Vec<Arc<CustomOp>> {
+    let ops = OPS.read().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<Arc<CustomOp>> = ops.as_ref().map(|m| m.values().cloned().collect()).unwrap_or_default();
+    v.sort_by_key(|o| o.name);
+    v
+}
+
+/// The op named `name`.
+pub fn custom_op(name: &str) -> Option<Arc<CustomOp>> {
+    OPS.read().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(name).cloned())
+}
