@@ -21,7 +21,7 @@ import time
 import urllib.parse
 
 
-def one_request(url, model, prompt, osl, timeout):
+def one_request(url, model, prompt, osl, timeout, temperature=0.0):
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     body = json.dumps(
@@ -29,7 +29,7 @@ def one_request(url, model, prompt, osl, timeout):
             "model": model,
             "prompt": prompt,
             "max_tokens": osl,
-            "temperature": 0,
+            "temperature": temperature,
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -94,6 +94,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed requests first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy; OpenAI's default, 1, samples on the device"
+    )
     a = ap.parse_args()
     model = a.model
     if model is None:
@@ -104,7 +107,7 @@ def main():
     rng = random.Random(a.seed)
     prompts = [[rng.randrange(1, a.vocab) for _ in range(a.isl)] for _ in range(a.num_requests + a.warmup)]
     for p in prompts[: a.warmup]:
-        one_request(a.url, model, p, min(a.osl, 4), a.timeout)
+        one_request(a.url, model, p, min(a.osl, 4), a.timeout, a.temperature)
     todo = list(enumerate(prompts[a.warmup :]))
     results = [None] * len(todo)
     lock = threading.Lock()
@@ -117,7 +120,7 @@ def main():
                     return
                 i, p = todo.pop(0)
             try:
-                results[i] = one_request(a.url, model, p, a.osl, a.timeout)
+                results[i] = one_request(a.url, model, p, a.osl, a.timeout, a.temperature)
             except Exception as e:  # noqa: BLE001 (counted and reported)
                 with lock:
                     errors.append(str(e))
@@ -142,7 +145,7 @@ def main():
             {
                 "config": {
                     "url": a.url, "model": model, "concurrency": a.concurrency, "num_requests": a.num_requests,
-                    "isl": a.isl, "osl": a.osl, "warmup": a.warmup, "client": "benches/serve_bench.py (stdlib)",
+                    "isl": a.isl, "osl": a.osl, "warmup": a.warmup, "temperature": a.temperature, "client": "benches/serve_bench.py (stdlib)",
                 },
                 "completed": len(done),
                 "errors": len(errors),

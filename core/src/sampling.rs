@@ -126,49 +126,64 @@ pub struct RowDraw {
     pub u: f32,
 }
 
-/// The token `d` picks from `logits`: scores x/T sorted descending (ties: lower index first),
-/// the first `top_k` kept, then the shortest prefix whose softmax mass reaches `top_p`, then
-/// the first token whose cumulative mass exceeds `u`.
+/// The token `d` picks from `logits`: scores x/T; top-k keeps the first `top_k` in descending
+/// order (ties: lower index first), top-p the shortest such prefix whose softmax mass reaches
+/// `top_p`; the token is the first kept one in index order whose cumulative mass exceeds `u`
+/// times the kept mass (inverse-CDF sampling of the kept set, which needs no sort: only the
+/// top-k/top-p cuts are made in sorted order).
 pub fn pick(logits: &[f32], d: &RowDraw) -> i64 {
     if d.temperature <= 0.0 || d.top_k == 1 {
         return argmax(logits) as i64;
     }
     let t = d.temperature;
-    let mut cand: Vec<(usize, f32)> = logits.iter().enumerate().map(|(i, &x)| (i, x / t)).collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if d.top_k > 0 {
-        cand.truncate(d.top_k);
-    }
-    // Masses in f64: summed in order over up to a whole vocabulary, f32 would drift by ~1e-5
-    // and move the boundaries between tokens (a device summing in another order would then
-    // pick differently for the same draw).
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand.iter().map(|&(_, x)| ((x - max) as f64).exp()).collect();
-    let z: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= z);
-    if d.top_p < 1.0 {
-        // Smallest prefix whose mass reaches top_p (always at least one token).
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= d.top_p as f64 {
-                keep = i + 1;
-                break;
+    let score = |i: usize| logits[i] / t;
+    let max = (0..logits.len()).map(score).fold(f32::NEG_INFINITY, f32::max);
+    // Masses in f64: summed over up to a whole vocabulary, f32 would drift by ~1e-5 and move the
+    // boundaries between tokens (the GPU sums exactly, in fixed point).
+    let masses: Vec<f64> = (0..logits.len()).map(|i| ((score(i) - max) as f64).exp()).collect();
+    let mass = |i: usize| masses[i];
+    let mut kept: Option<Vec<bool>> = None;
+    if (d.top_k > 0 && d.top_k < logits.len()) || d.top_p < 1.0 {
+        // Descending order, ties by index: the cuts.
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let desc = |a: &usize, b: &usize| score(*b).total_cmp(&score(*a)).then(a.cmp(b));
+        let mut n = logits.len();
+        if d.top_k > 0 && d.top_k < n {
+            order.select_nth_unstable_by(d.top_k - 1, desc);
+            n = d.top_k;
+        }
+        order.truncate(n);
+        order.sort_by(desc);
+        if d.top_p < 1.0 {
+            let z: f64 = order.iter().map(|&i| mass(i)).sum();
+            let mut acc = 0.0;
+            for (j, &i) in order.iter().enumerate() {
+                acc += mass(i);
+                if acc >= d.top_p as f64 * z {
+                    n = j + 1;
+                    break;
+                }
             }
+            order.truncate(n);
         }
-        probs.truncate(keep);
-        let z: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= z);
+        let mut keep = vec![false; logits.len()];
+        order.iter().for_each(|&i| keep[i] = true);
+        kept = Some(keep);
     }
+    let is_kept = |i: usize| kept.as_ref().is_none_or(|k| k[i]);
+    let z: f64 = (0..logits.len()).filter(|&i| is_kept(i)).map(mass).sum();
+    let target = d.u as f64 * z;
     let mut acc = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        acc += p;
-        if (d.u as f64) < acc {
-            return cand[i].0 as i64;
+    let mut last = 0;
+    for i in (0..logits.len()).filter(|&i| is_kept(i)) {
+        acc += mass(i);
+        if acc > target {
+            return i as i64;
         }
+        last = i;
     }
-    cand[probs.len() - 1].0 as i64
+    // u·z rounded up to z: the last kept token.
+    last as i64
 }
 
 /// A generated token's log-probability under the model (the raw logits' log-softmax, before

@@ -789,6 +789,10 @@ impl Gpu {
         if !matches!(dt, Dt::F32 | Dt::BF16) {
             return Err(Unavailable(format!("GPU sampling reads f32 or bf16 logits, not {dt:?}")));
         }
+        // The kernel's fixed-point sums hold a vocabulary of up to 2^21.
+        if vocab > 1 << 21 {
+            return Err(Unavailable(format!("GPU sampling takes vocabularies of up to 2^21 tokens, not {vocab}")));
+        }
         let (d, v) = (dt as i32, vocab as i32);
         let mut l = self.launcher(self.f.sample_rows);
         l.arg(&logits).arg(&d).arg(&params).arg(&out).arg(&v);
