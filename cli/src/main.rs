@@ -40,6 +40,11 @@ struct Cli {
     /// Override `runtime` (demollm, trtllm, or a plugin's).
     #[arg(long, global = true)]
     runtime: Option<String>,
+    /// A `plugin-registry.toml` whose libraries to load. Plugins are code that runs in this
+    /// process, so none is loaded unless chosen here or by the `AUTODEPLOY_PLUGINS` variable
+    /// (a registry beside the config or in the working directory is not loaded by itself).
+    #[arg(long, global = true, value_name = "FILE")]
+    plugins: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -73,8 +78,13 @@ enum Cmd {
         #[arg(long)]
         served_model_name: Option<String>,
     },
-    /// List the plugins this binary knows.
-    Plugins,
+    /// List the plugins this binary knows; with `--plugins FILE`, the libraries that registry
+    /// names (not loaded unless `--load`).
+    Plugins {
+        /// Load the chosen registry's libraries and list their plugins too.
+        #[arg(long)]
+        load: bool,
+    },
     /// Time prefill and decode on synthetic prompts and print one JSON object: the
     /// configuration, the device, build time, prefill ms, decode ms per step, output tok/s, and
     /// the weight bandwidth achieved next to the floor measured in the same run.
@@ -403,11 +413,51 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
     Ok(())
 }
 
-/// `plugin-registry.toml` beside the config file, else in the working directory.
+/// The plugin registry the user chose: `--plugins FILE`, else `AUTODEPLOY_PLUGINS`, with the
+/// name of what chose it.
+fn chosen_plugin_registry(cli: &Cli) -> Option<(PathBuf, &'static str)> {
+    if let Some(p) = &cli.plugins {
+        return Some((p.clone(), "--plugins"));
+    }
+    std::env::var_os("AUTODEPLOY_PLUGINS").filter(|v| !v.is_empty()).map(|p| (PathBuf::from(p), "AUTODEPLOY_PLUGINS"))
+}
+
+/// Loads the chosen plugin registry's libraries (for `plugins` only with `--load`). A registry
+/// beside the config or in the working directory that nobody chose is named, not loaded.
 fn check_plugin_registry(cli: &Cli) -> Result<()> {
-    let beside = cli.config.as_ref().and_then(|c| c.parent()).map(|d| d.join("plugin-registry.toml"));
-    let path = beside.filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("plugin-registry.toml"));
-    registry::read_plugin_registry(&path)?;
+    let Some((path, from)) = chosen_plugin_registry(cli) else {
+        let beside = cli.config.as_ref().and_then(|c| c.parent()).map(|d| d.join("plugin-registry.toml"));
+        for p in beside.into_iter().chain([PathBuf::from("plugin-registry.toml")]) {
+            if p.exists() {
+                eprintln!(
+                    "note: {} is not loaded: plugins are code, so a registry is loaded only when chosen \
+                     (--plugins {0} or AUTODEPLOY_PLUGINS={0})",
+                    p.display()
+                );
+                break;
+            }
+        }
+        return Ok(());
+    };
+    if !path.exists() {
+        anyhow::bail!("{from} {}: no such file", path.display());
+    }
+    match cli.cmd {
+        Some(Cmd::Plugins { load: false }) => {
+            let reg = registry::parse_plugin_registry(&path).with_context(|| format!("{from} {}", path.display()))?;
+            let base = path.parent().unwrap_or(std::path::Path::new("."));
+            for l in &reg.library {
+                println!(
+                    "library {} (listed in {}; not loaded: --load to load it)",
+                    base.join(&l.path).display(),
+                    path.display()
+                );
+            }
+        }
+        _ => {
+            registry::read_plugin_registry(&path).with_context(|| format!("{from} {}", path.display()))?;
+        }
+    }
     Ok(())
 }
 
@@ -510,7 +560,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let res = match &cli.cmd {
-        Some(Cmd::Plugins) => {
+        Some(Cmd::Plugins { .. }) => {
             println!("{:<18} {:<24} {:<8} origin", "kind", "name", "version");
             for p in registry::list_plugins() {
                 println!("{:<18} {:<24} {:<8} {}", p.kind.as_str(), p.name, p.version, p.origin);

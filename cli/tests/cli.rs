@@ -107,10 +107,11 @@ fn plugin_registry_entries_are_checked_at_start_up() {
     std::fs::write(dir.join("plugin-registry.toml"), "[[library]]\npath = \"libmissing.so\"\n").unwrap();
     // A missing library is refused with a warning naming it; the host runs on, since this
     // config needs nothing from it (cli/tests/plugins.rs covers configs that do).
-    let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap()]);
+    let reg = dir.join("plugin-registry.toml");
+    let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap(), "--plugins", reg.to_str().unwrap()]);
     assert!(ok && err.contains("libmissing.so") && err.contains("does not exist"), "{err}");
-    std::fs::write(dir.join("plugin-registry.toml"), "[[librry]]\n").unwrap();
-    let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap()]);
+    std::fs::write(&reg, "[[librry]]\n").unwrap();
+    let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap(), "--plugins", reg.to_str().unwrap()]);
     assert!(!ok && err.contains("librry"), "{err}");
     // The repository's own registry lists nothing and is accepted.
     let (ok, _, err) = autodeploy(&["plugins"]);

@@ -52,14 +52,18 @@ fn write_registry(dir: &Path, libs: &[&Path]) {
     std::fs::write(dir.join("plugin-registry.toml"), s).unwrap();
 }
 
-/// Runs the host with `args`, the config at `dir/cfg.toml` holding `toml`.
+/// Runs the host with `args`, the config at `dir/cfg.toml` holding `toml`, and the libraries of
+/// `dir/plugin-registry.toml` chosen (`--plugins`; `plugins --load` lists their plugins).
 fn host(dir: &Path, toml: &str, args: &[&str]) -> (bool, String, String) {
     let cfg = dir.join("cfg.toml");
     std::fs::write(&cfg, toml).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
         .args(args)
+        .args(if args.first() == Some(&"plugins") { &["--load"][..] } else { &[] })
         .arg("--config")
         .arg(&cfg)
+        .arg("--plugins")
+        .arg(dir.join("plugin-registry.toml"))
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -480,4 +484,69 @@ fn a_plugin_importer_reads_a_format_the_host_does_not_know() {
         "{out}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Plugins are code: a registry in the working directory or beside the config is named, never
+/// loaded, unless chosen (`--plugins` or `AUTODEPLOY_PLUGINS`); `plugins --plugins FILE` lists
+/// its libraries without loading them until `--load`; a registry that is a FIFO is refused at
+/// once instead of blocking.
+#[test]
+fn a_registry_nobody_chose_is_not_loaded() {
+    let lib = example_plugin();
+    let dir = scratch("plugin-trust");
+    write_registry(&dir, &[&lib]);
+    let cfg = dir.join("cfg.toml");
+    let fixture = root().join("tests/fixtures/llama");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\nattn_backend = \"naive_cpu\"\nmax_new_tokens = 2\n[[prompts]]\ntoken_ids = [1, 17]\n",
+            fixture.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str], env: Option<&Path>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_autodeploy"));
+        c.args(args).current_dir(&dir).env("RUST_LOG", "warn").env_remove("AUTODEPLOY_PLUGINS");
+        if let Some(p) = env {
+            c.env("AUTODEPLOY_PLUGINS", p);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let reg = dir.join("plugin-registry.toml");
+    let reg_s = reg.to_str().unwrap();
+    // In the working directory and beside the config, not chosen: not loaded, and said so.
+    let (ok, out, err) = run(&["plugins", "--load", "--config", "cfg.toml"], None);
+    assert!(
+        ok && !out.contains("naive_cpu") && err.contains("is not loaded") && err.contains("--plugins"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = run(&["--config", "cfg.toml"], None);
+    assert!(!ok && err.contains("unknown attn_backend `naive_cpu`"), "{err}");
+    // Chosen for `plugins` without --load: its libraries are listed, not loaded.
+    let (ok, out, err) = run(&["plugins", "--plugins", reg_s], None);
+    assert!(
+        ok && out.contains(&lib.display().to_string()) && out.contains("not loaded") && !out.contains("naive_cpu"),
+        "{out}{err}"
+    );
+    // Chosen by the flag or the variable: loaded.
+    let (ok, out, err) = run(&["plugins", "--load", "--plugins", reg_s], None);
+    assert!(ok && out.contains("naive_cpu"), "{out}{err}");
+    let (ok, out, err) = run(&["--config", "cfg.toml"], Some(&reg));
+    assert!(ok && out.contains("[0] output"), "{out}{err}");
+    // A chosen registry that is missing, or is a FIFO, is an error naming it (at once).
+    let (ok, _, err) = run(&["plugins", "--plugins", "nowhere.toml"], None);
+    assert!(!ok && err.contains("--plugins nowhere.toml: no such file"), "{err}");
+    let fifo = dir.join("fifo.toml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let t0 = std::time::Instant::now();
+    let (ok, _, err) = run(&["--config", "cfg.toml", "--plugins", fifo.to_str().unwrap()], None);
+    assert!(!ok && err.contains("fifo.toml") && err.contains("not a regular file"), "{err}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

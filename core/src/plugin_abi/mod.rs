@@ -80,6 +80,11 @@ pub fn load_libraries(registry: &Path, entries: &[PathBuf]) -> usize {
         match library_files(&path) {
             Ok(files) => {
                 for f in files {
+                    // A FIFO or device file would block the loader or read without end.
+                    if !std::fs::metadata(&f).is_ok_and(|m| m.is_file()) {
+                        refuse(&f, format!("is not a regular file (listed in {})", registry.display()));
+                        continue;
+                    }
                     n += load_library(&f);
                 }
             }

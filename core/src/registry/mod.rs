@@ -322,16 +322,30 @@ pub struct LibraryEntry {
     pub path: PathBuf,
 }
 
-/// Reads the registry file at `path` (absent: no external plugins) and loads the libraries it
-/// lists. A malformed file is an error; a library that cannot be used is refused with its reason
-/// (`plugin_abi::refusals`) and the host runs on.
-pub fn read_plugin_registry(path: &std::path::Path) -> Result<PluginRegistryFile> {
-    if !path.exists() {
-        return Ok(PluginRegistryFile::default());
+/// Reads the registry file at `path`: a regular file (a FIFO or device would block or never
+/// end), TOML with `[[library]] path = ...` entries.
+pub fn parse_plugin_registry(path: &std::path::Path) -> Result<PluginRegistryFile> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::BadFile { file: path.into(), msg: "is not a regular file".into() });
+    }
+    // A registry names a few libraries; a large file is not one.
+    if meta.len() > 1 << 20 {
+        return Err(Error::BadFile {
+            file: path.into(),
+            msg: format!("{} bytes; a registry is at most 1 MiB", meta.len()),
+        });
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let reg: PluginRegistryFile =
-        toml::from_str(&text).map_err(|e| Error::BadFile { file: path.into(), msg: e.to_string() })?;
+    toml::from_str(&text).map_err(|e| Error::BadFile { file: path.into(), msg: e.to_string() })
+}
+
+/// Loads the libraries the registry file at `path` lists (relative paths are relative to it).
+/// Plugins are code that runs in this process: call this only for a registry the user chose. A
+/// malformed file is an error; a library that cannot be used is refused with its reason
+/// (`plugin_abi::refusals`) and the host runs on.
+pub fn read_plugin_registry(path: &std::path::Path) -> Result<PluginRegistryFile> {
+    let reg = parse_plugin_registry(path)?;
     let paths: Vec<PathBuf> = reg.library.iter().map(|l| l.path.clone()).collect();
     crate::plugin_abi::load_libraries(path, &paths);
     Ok(reg)

@@ -13,9 +13,9 @@ printf '[[library]]\npath = "%s"\n' "$lib" > "$dir/plugin-registry.toml"
 run() { # device, use_example_rmsnorm
   printf 'model = "%s"\ndtype = "float32"\ndevice = "%s"\nmax_new_tokens = 12\n[[prompts]]\ntoken_ids = [1, 17, 42, 7]\n[[prompts]]\ntoken_ids = [3, 5, 100, 200, 9]\n[transforms.fold_norm_scale]\nenabled = false\n[transforms.use_example_rmsnorm]\nenabled = %s\n' \
     "$root/tests/fixtures/qwen3" "$1" "$2" > "$dir/cfg.toml"
-  (cd "$dir" && RUST_LOG=warn "$bin" --config cfg.toml) | grep '\] output'
+  (cd "$dir" && RUST_LOG=warn "$bin" --config cfg.toml --plugins plugin-registry.toml) | grep '\] output'
 }
-(cd "$dir" && "$bin" graph --config <(printf 'model = "%s"\ndevice = "cpu"\n[transforms.use_example_rmsnorm]\nenabled = true\n' "$root/tests/fixtures/qwen3") --stage post_load_fusion) \
+(cd "$dir" && "$bin" graph --plugins plugin-registry.toml --config <(printf 'model = "%s"\ndevice = "cpu"\n[transforms.use_example_rmsnorm]\nenabled = true\n' "$root/tests/fixtures/qwen3") --stage post_load_fusion) \
   | grep -E '^# \[stage=post_load_fusion, transform=use_example_rmsnorm\]'
 ref=$(run cpu false); cpu=$(run cpu true); gpu=$(run cuda true)
 echo "built-in norm, cpu:"; echo "$ref"
