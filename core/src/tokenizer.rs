@@ -192,25 +192,70 @@ impl Tokenizer {
             .as_deref()
             .ok_or_else(|| Error::Msg(format!("{}: the model has no chat template", self.source.display())))?;
         let mut env = Environment::new();
+        // A template is code from the model's files: bounded in instructions (a loop nest cannot
+        // hang), depth, and output (a repeated string cannot fill memory).
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_DEPTH);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         let tok = |id: Option<i64>| id.map(|i| self.decode(&[i])).unwrap_or_default();
-        env.add_template("chat", tpl).map_err(|e| Error::Msg(format!("chat template: {e:#}")))?;
-        let t = env.get_template("chat").map_err(|e| Error::Msg(format!("chat template: {e:#}")))?;
-        t.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => tok(self.bos_id),
-            eos_token => tok(self.eos_id),
-        })
-        .map_err(|e| Error::Msg(format!("chat template failed to render: {e:#}")))
+        let src = self.source.display();
+        env.add_template("chat", tpl).map_err(|e| Error::Msg(format!("{src}: chat template: {e:#}")))?;
+        let t = env.get_template("chat").map_err(|e| Error::Msg(format!("{src}: chat template: {e:#}")))?;
+        let mut out = CappedWriter { buf: Vec::new(), cap: TEMPLATE_OUTPUT };
+        t.render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => tok(self.bos_id),
+                eos_token => tok(self.eos_id),
+            },
+            &mut out,
+        )
+        .map_err(|e| {
+            let why = match e.kind() {
+                minijinja::ErrorKind::OutOfFuel => {
+                    format!("ran more than {TEMPLATE_FUEL} template instructions (a loop that does not end?)")
+                }
+                minijinja::ErrorKind::WriteFailure => format!("wrote more than {} MiB", TEMPLATE_OUTPUT >> 20),
+                _ => format!("{e:#}"),
+            };
+            Error::Msg(format!("{src}: the chat template failed to render: {why}"))
+        })?;
+        String::from_utf8(out.buf).map_err(|_| Error::Msg(format!("{src}: the chat template wrote invalid UTF-8")))
     }
 }
 
 impl Detokenizer for Tokenizer {
     fn decode(&self, ids: &[i64]) -> String {
         Tokenizer::decode(self, ids)
+    }
+}
+
+/// How many instructions a chat template may run: real templates take a few hundred a message.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+/// How deep a chat template's macros and includes may nest.
+const TEMPLATE_DEPTH: usize = 64;
+/// The most text a chat template may write (a prompt far longer than any context).
+const TEMPLATE_OUTPUT: usize = 16 << 20;
+
+/// A writer that fails once `cap` bytes are written.
+struct CappedWriter {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.cap {
+            return Err(std::io::Error::other("chat template output over its limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -41,3 +41,31 @@ fn an_hf_folder_tokenizes_as_transformers_does() {
     assert_eq!(prompt, refs["chat_prompt"].as_str().unwrap());
     assert_eq!(tok.encode(&prompt, false).unwrap(), ids(&refs["chat_prompt_ids"]));
 }
+
+/// A chat template is code from the model's files: one that loops without end, writes without
+/// bound or recurses without end fails within seconds with an error naming the tokenizer's file,
+/// instead of hanging or filling memory; a real conversation still renders.
+#[test]
+fn a_hostile_chat_template_is_stopped() {
+    let dir = fixture("tokenizer");
+    let mut tok = Tokenizer::from_hf_dir(&dir).unwrap().unwrap();
+    let msgs = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
+    let long: Vec<ChatMessage> = (0..200)
+        .map(|i| ChatMessage { role: ["user", "assistant"][i % 2].into(), content: "word ".repeat(50) })
+        .collect();
+    assert!(tok.apply_chat_template(&long, true).unwrap().len() > 200 * 250, "a long conversation renders");
+    for (template, why) in [
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
+            "template instructions",
+        ),
+        ("{% for i in range(200) %}{{ 'a' * 100000000 }}{% endfor %}", "wrote more than 16 MiB"),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+    ] {
+        tok.chat_template = Some(template.into());
+        let t0 = std::time::Instant::now();
+        let e = tok.apply_chat_template(&msgs, true).unwrap_err().to_string();
+        assert!(e.contains(&dir.display().to_string()) && e.contains(why), "{template}: {e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{template}: {:?}", t0.elapsed());
+    }
+}
