@@ -113,7 +113,7 @@ fn plugin_registry_entries_are_checked_at_start_up() {
     std::fs::write(&reg, "[[librry]]\n").unwrap();
     let (ok, _, err) = autodeploy(&["graph", "--config", cfg.to_str().unwrap(), "--plugins", reg.to_str().unwrap()]);
     assert!(!ok && err.contains("librry"), "{err}");
-    // The repository's own registry lists nothing and is accepted.
+    // Without a chosen registry, the built-ins are listed.
     let (ok, _, err) = autodeploy(&["plugins"]);
     assert!(ok, "{err}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -10,6 +10,12 @@ use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
+/// Upper bounds of the sizes a config sets (far above any real deployment).
+pub const MAX_BATCH_SIZE: usize = 1 << 16;
+pub const MAX_SEQ_LEN: usize = 1 << 24;
+pub const MAX_PAGE_SIZE: usize = 4096;
+pub const MAX_KV_BUDGET_MIB: usize = 1 << 30;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
@@ -322,26 +328,28 @@ impl PipelineConfig {
                 return Err(Error::config(path, "cuda_graph_batch_sizes", "batch sizes must be at least 1"));
             }
         }
-        if self.max_batch_size == 0 {
-            return Err(Error::config(path, "max_batch_size", "must be at least 1"));
-        }
-        if self.max_seq_len == 0 {
-            return Err(Error::config(path, "max_seq_len", "must be at least 1"));
+        // Sizes everything else is allocated from: bounded, so no product of them overflows or
+        // asks for memory no machine has before the memory check can say so.
+        for (key, v, max) in [
+            ("max_batch_size", Some(self.max_batch_size), MAX_BATCH_SIZE),
+            ("max_seq_len", Some(self.max_seq_len), MAX_SEQ_LEN),
+            ("attn_page_size", Some(self.attn_page_size), MAX_PAGE_SIZE),
+            ("max_num_tokens", self.max_num_tokens, MAX_SEQ_LEN),
+            ("kv_cache_budget_mib", self.kv_cache_budget_mib, MAX_KV_BUDGET_MIB),
+        ] {
+            match v {
+                Some(0) => return Err(Error::config(path, key, "must be at least 1")),
+                Some(n) if n > max => {
+                    return Err(Error::config(path, key, format!("{n} is more than the limit {max}")))
+                }
+                _ => {}
+            }
         }
         crate::transform::check_config(&self.transforms).map_err(|(key, msg)| Error::config(path, key, msg))?;
-        if self.attn_page_size == 0 {
-            return Err(Error::config(path, "attn_page_size", "must be at least 1"));
-        }
         if let Some(r) = self.free_mem_ratio {
             if !(r > 0.0 && r <= 1.0) {
                 return Err(Error::config(path, "free_mem_ratio", format!("{r} is outside (0, 1]")));
             }
-        }
-        if self.kv_cache_budget_mib == Some(0) {
-            return Err(Error::config(path, "kv_cache_budget_mib", "must be at least 1"));
-        }
-        if self.max_num_tokens == Some(0) {
-            return Err(Error::config(path, "max_num_tokens", "must be at least 1"));
         }
         if let Err(Error::Input { input, msg }) = self.sampling(None).validate() {
             return Err(Error::config(path, input, msg));

@@ -269,12 +269,24 @@ impl GraphBuilder {
 
 /// Rewriting: insert nodes, redirect uses, drop dead code.
 impl Graph {
+    /// `hint`, or `hint_k` past every `k` already used: one scan of the names, without
+    /// building a set or trying suffixes one by one (a rewrite of thousands of layers inserts
+    /// thousands of nodes with one hint).
     fn unique_name(&self, hint: &str) -> String {
-        let taken: HashSet<&str> = self.values.iter().map(|v| v.name.as_str()).collect();
-        if !taken.contains(hint) {
+        let mut taken = false;
+        let mut last = 0u64;
+        for v in &self.values {
+            let Some(rest) = v.name.strip_prefix(hint) else { continue };
+            if rest.is_empty() {
+                taken = true;
+            } else if let Some(k) = rest.strip_prefix('_').and_then(|k| k.parse::<u64>().ok()) {
+                last = last.max(k);
+            }
+        }
+        if !taken {
             return hint.to_string();
         }
-        (1..).map(|k| format!("{hint}_{k}")).find(|n| !taken.contains(n.as_str())).expect("unbounded")
+        format!("{hint}_{}", last + 1)
     }
 
     /// Index of the node that defines `v`, if a node does.

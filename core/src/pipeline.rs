@@ -106,15 +106,26 @@ fn max_len(g: &Graph, cap: usize) -> usize {
 pub fn kv_pages(g: &Graph, cfg: &PipelineConfig) -> Result<usize> {
     let page = cfg.attn_page_size.max(1);
     let one = max_len(g, cfg.max_seq_len).div_ceil(page);
-    let Some(mib) = cfg.kv_cache_budget_mib else { return Ok(cfg.max_batch_size * one) };
-    let Some(spec) = CacheSpec::of(g)? else { return Ok(cfg.max_batch_size * one) };
+    // Page ids are 32-bit: a pool past that is refused, never truncated.
+    let all = cfg.max_batch_size.checked_mul(one).filter(|&n| n <= u32::MAX as usize).ok_or_else(|| {
+        crate::error::Error::config(
+            "<config>",
+            "max_batch_size",
+            format!(
+                "{} sequences of {} pages need more than 2^32 KV-cache pages; lower max_batch_size or max_seq_len, or set kv_cache_budget_mib",
+                cfg.max_batch_size, one
+            ),
+        )
+    });
+    let Some(mib) = cfg.kv_cache_budget_mib else { return all };
+    let Some(spec) = CacheSpec::of(g)? else { return all };
     // The CPU's cache holds f32; a device's, the graph's cache dtype.
     let elem = match cfg.resolved_device() {
         crate::config::Device::Cpu => 4,
         _ => cache_dtype(g).size_in_bytes(),
     };
     let per_page = spec.bytes_per_page(page, elem);
-    let pages = (mib << 20) / per_page.max(1);
+    let pages = ((mib << 20) / per_page.max(1)).min(u32::MAX as usize);
     if pages < one {
         return Err(crate::error::Error::config(
             "<config>",
@@ -143,6 +154,7 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let kv_pages = kv_pages(&graph, cfg)?;
+    let kv_pages = check_host_memory(&graph, cfg, kv_pages)?;
     let mut opts = crate::backend::CompileOptions::from_config(cfg, kv_pages);
     opts.min_kv_pages = max_len(&graph, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1));
     let model = backend.compile(&graph, &opts)?;
@@ -152,4 +164,68 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let tokenizer = tokenizer.map(Arc::new);
     let detokenizer = tokenizer.clone().map(|t| t as Arc<dyn crate::runtime::Detokenizer>);
     Ok(Engine { graph, model, cache, tokenizer, detokenizer, build_time: t0.elapsed(), kv_pages, host_cache: None })
+}
+
+/// Bytes of the graph's weights as the graph holds them; `None` past 2^64.
+pub fn weight_bytes(g: &Graph) -> Option<u64> {
+    g.params.iter().try_fold(0u64, |acc, p| {
+        let m = g.meta(p.value);
+        let n = m.shape.iter().try_fold(m.dtype.size_in_bytes() as u64, |n, d| n.checked_mul(d.as_static()? as u64))?;
+        acc.checked_add(n)
+    })
+}
+
+/// The memory the host has available (`MemAvailable` in /proc/meminfo), when it says.
+fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// On the CPU, before anything is allocated: refuses an engine whose weights and one longest
+/// sequence's KV cache need more memory than the host has available (with the numbers and what
+/// to lower), and limits the page pool to what the rest of that memory holds (the host cache
+/// grows on demand; with fewer pages, admission waits and preemption frees pages instead of the
+/// process running out of memory). Returns the pages to use.
+fn check_host_memory(g: &Graph, cfg: &PipelineConfig, kv_pages: usize) -> Result<usize> {
+    if cfg.resolved_device() != crate::config::Device::Cpu {
+        return Ok(kv_pages);
+    }
+    let Some(avail) = host_memory_available() else { return Ok(kv_pages) };
+    let weights = weight_bytes(g).unwrap_or(u64::MAX);
+    // The CPU's cache holds f32.
+    let per_page = match CacheSpec::of(g)? {
+        Some(spec) => spec.bytes_per_page(cfg.attn_page_size, 4) as u64,
+        None => 0,
+    };
+    let one = max_len(g, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1)).min(kv_pages) as u64;
+    let needs = weights.saturating_add(one.saturating_mul(per_page));
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if needs > avail {
+        return Err(crate::error::Error::Msg(format!(
+            "this engine needs {:.1} GiB (weights {:.1} GiB, the KV cache of one {}-token sequence {:.1} GiB) and the \
+             host has {:.1} GiB available: lower max_seq_len, or use a smaller model or dtype",
+            gib(needs),
+            gib(weights),
+            max_len(g, cfg.max_seq_len),
+            gib(one.saturating_mul(per_page)),
+            gib(avail)
+        )));
+    }
+    if per_page == 0 {
+        return Ok(kv_pages);
+    }
+    // Nine tenths of what the weights leave, for the cache.
+    let fit = ((avail - weights) / 10 * 9 / per_page) as usize;
+    if kv_pages > fit {
+        tracing::warn!(
+            pages = kv_pages,
+            limited_to = fit.max(one as usize),
+            available_gib = format!("{:.1}", gib(avail)),
+            "the KV cache is limited by the host's available memory"
+        );
+        return Ok(fit.max(one as usize));
+    }
+    Ok(kv_pages)
 }

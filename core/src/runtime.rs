@@ -74,6 +74,12 @@ pub fn check_request(engine: &dyn ModelRunner, r: &Request, max_len: usize, max_
     {
         let vocab = engine.vocab_size().unwrap_or(0);
         bad("prompt", format!("token id {id} at position {at} is out of range for the vocabulary of {vocab}"))
+    } else if let Some(id) =
+        engine.vocab_size().and_then(|v| r.sampling.stop_token_ids.iter().find(|&&t| t < 0 || t as usize >= v))
+    {
+        // A stop token the model cannot produce would never stop anything.
+        let vocab = engine.vocab_size().unwrap_or(0);
+        bad("stop_token_ids", format!("token id {id} is out of range for the vocabulary of {vocab}"))
     } else {
         Ok(())
     }

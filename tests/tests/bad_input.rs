@@ -213,3 +213,84 @@ fn bad_transform_settings_name_the_key() {
     check("top_p = 0.0\n", &["top_p", "(0, 1]"]);
     check("max_seq_len = 4\n[[prompts]]\ntoken_ids = [1, 2, 3, 4, 5]\n", &["prompts[0].token_ids", "max_seq_len = 4"]);
 }
+
+/// Sizes from a file or a config that would build or allocate without bound are refused first,
+/// naming the key, within a second: a config.json with 10^12 layers (which once allocated 22 GB
+/// building the graph), a 10^9-token vocabulary, a negative epsilon; a page of 10^9 tokens, 10^9
+/// sequences, or a batch whose page count passes 2^32 (once truncated to 32 bits).
+#[test]
+fn sizes_past_their_limits_are_refused_before_allocation() {
+    autodeploy_plugins::link();
+    let t0 = std::time::Instant::now();
+    for (key, val, why) in [
+        ("num_hidden_layers", Value::from(1_000_000_000_000u64), "more than the limit"),
+        ("vocab_size", Value::from(1_000_000_000u64), "more than the limit"),
+        ("hidden_size", Value::from(1u64 << 40), "more than the limit"),
+        ("intermediate_size", Value::from(1u64 << 40), "more than the limit"),
+        ("rms_norm_eps", Value::from(-1.0), "outside (0, 1)"),
+    ] {
+        let (_t, dir) = copy_fixture("qwen3");
+        edit_config(&dir, |m| {
+            m.insert(key.to_string(), val.clone());
+        });
+        expect(&import_err(&dir), &["config.json", key, why]);
+    }
+    let check = |extra: &str, parts: &[&str]| {
+        let text = format!("model = \"m\"\n{extra}");
+        let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&text, None).unwrap();
+        expect(&cfg.validate(Path::new("pipeline.toml")).unwrap_err().to_string(), parts);
+    };
+    check("attn_page_size = 1000000000\n", &["pipeline.toml", "attn_page_size", "more than the limit 4096"]);
+    check("max_batch_size = 1000000000\n", &["max_batch_size", "more than the limit"]);
+    check("max_batch_size = 1152921504606846976\n", &["max_batch_size", "more than the limit"]);
+    check("max_seq_len = 1000000000000\n", &["max_seq_len", "more than the limit"]);
+    check("max_num_tokens = 0\n", &["max_num_tokens", "at least 1"]);
+    // Within each limit, but 2^16 sequences of 2^24 tokens are 2^36 pages: refused, not truncated.
+    let (_t, dir) = copy_fixture("llama");
+    edit_config(&dir, |m| {
+        m.insert("max_position_embeddings".into(), Value::from(1u64 << 24));
+    });
+    let text = format!("model = {:?}\nmax_batch_size = 65536\nmax_seq_len = 16777216\n", dir.display().to_string());
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&text, None).unwrap();
+    let g = autodeploy_core::pipeline::graph_after(&cfg, autodeploy_sdk::Stage::CacheInit).unwrap();
+    let e = autodeploy_core::pipeline::kv_pages(&g, &cfg).map(|_| ()).unwrap_err().to_string();
+    expect(&e, &["max_batch_size", "2^32"]);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", t0.elapsed());
+}
+
+/// Dummy weights are made from the config alone: a model within every per-key limit whose
+/// weights no host could hold (131,072-wide, 256 layers: petabytes) is refused on the CPU
+/// with the numbers before any weight is made; a stop token outside the vocabulary is refused
+/// naming the field.
+#[test]
+fn an_engine_larger_than_memory_is_refused_with_the_numbers() {
+    autodeploy_plugins::link();
+    let (_t, dir) = copy_fixture("qwen3");
+    edit_config(&dir, |m| {
+        m.insert("hidden_size".into(), Value::from(131072));
+        m.insert("intermediate_size".into(), Value::from(1048576));
+        m.insert("num_hidden_layers".into(), Value::from(256));
+        m.insert("num_attention_heads".into(), Value::from(512));
+        m.insert("num_key_value_heads".into(), Value::from(512));
+        m.insert("head_dim".into(), Value::from(128));
+    });
+    let text = format!("model = {:?}\nload_format = \"dummy\"\ndevice = \"cpu\"\n", dir.display().to_string());
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&text, None).unwrap();
+    let t0 = std::time::Instant::now();
+    let e = autodeploy_core::pipeline::build(&cfg).map(|_| ()).unwrap_err().to_string();
+    expect(&e, &["needs", "GiB", "available", "weights"]);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{:?}", t0.elapsed());
+
+    let text = format!("model = {:?}\ndevice = \"cpu\"\n", fixture("llama").display().to_string());
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&text, None).unwrap();
+    let mut engine = autodeploy_core::pipeline::build(&cfg).unwrap();
+    let req = autodeploy_core::runtime::Request {
+        prompt: vec![1, 2, 3],
+        sampling: autodeploy_core::sampling::SamplingParams {
+            stop_token_ids: vec![1_000_000_000],
+            ..Default::default()
+        },
+    };
+    let (res, _) = registry::runtime(&cfg).unwrap().generate(&mut engine, &[req]);
+    expect(&res[0].as_ref().unwrap_err().to_string(), &["stop_token_ids", "1000000000", "out of range"]);
+}

@@ -68,8 +68,17 @@ impl<'a> Keys<'a> {
         }
     }
 
-    fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| self.err(key, "missing"))
+    /// A size the graph and the weights are built from: at most `max` (far above any real
+    /// model), so a hostile value is refused before anything is built or allocated from it.
+    fn size_opt(&self, key: &str, max: usize) -> Result<Option<usize>> {
+        match self.usize_opt(key)? {
+            Some(n) if n > max => Err(self.err(key, format!("{n} is more than the limit {max}"))),
+            v => Ok(v),
+        }
+    }
+
+    fn size(&self, key: &str, max: usize) -> Result<usize> {
+        self.size_opt(key, max)?.ok_or_else(|| self.err(key, "missing"))
     }
 
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
@@ -114,15 +123,15 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             supported: SUPPORTED.join(", "),
         });
     }
-    let hidden_size = k.usize("hidden_size")?;
-    let num_heads = k.usize("num_attention_heads")?;
-    let num_kv_heads = k.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
+    let hidden_size = k.size("hidden_size", 1 << 17)?;
+    let num_heads = k.size("num_attention_heads", 1 << 12)?;
+    let num_kv_heads = k.size_opt("num_key_value_heads", 1 << 12)?.unwrap_or(num_heads);
     if num_heads % num_kv_heads != 0 {
         return Err(
             k.err("num_key_value_heads", format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"))
         );
     }
-    let head_dim = match k.usize_opt("head_dim")? {
+    let head_dim = match k.size_opt("head_dim", 1 << 12)? {
         Some(d) => d,
         None if hidden_size % num_heads == 0 => hidden_size / num_heads,
         None => {
@@ -150,7 +159,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         _ => (attention_bias, attention_bias),
     };
     let sliding_window = match model_type {
-        "mistral" => k.usize_opt("sliding_window")?,
+        "mistral" => k.size_opt("sliding_window", 1 << 28)?,
         _ if k.bool_or("use_sliding_window", false)? => {
             return Err(k.err("use_sliding_window", "sliding-window layers are not supported yet for this family"))
         }
@@ -162,17 +171,21 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             .filter(|d| d.is_float())
             .ok_or_else(|| k.err("torch_dtype", format!("unknown dtype `{s}`")))?,
     };
-    let max_position_embeddings = k.usize_opt("max_position_embeddings")?.unwrap_or(4096);
+    let rms_norm_eps = k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
+    if !(rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
+        return Err(k.err("rms_norm_eps", format!("{rms_norm_eps} is outside (0, 1)")));
+    }
+    let max_position_embeddings = k.size_opt("max_position_embeddings", 1 << 28)?.unwrap_or(4096);
     Ok(DecoderConfig {
         family: model_type.to_string(),
-        vocab_size: k.usize("vocab_size")?,
+        vocab_size: k.size("vocab_size", 1 << 22)?,
         hidden_size,
-        intermediate_size: k.usize("intermediate_size")?,
-        num_layers: k.usize("num_hidden_layers")?,
+        intermediate_size: k.size("intermediate_size", 1 << 20)?,
+        num_layers: k.size("num_hidden_layers", 1 << 10)?,
         num_heads,
         num_kv_heads,
         head_dim,
-        rms_norm_eps: k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+        rms_norm_eps,
         rope_theta,
         rope_scaling,
         max_position_embeddings,

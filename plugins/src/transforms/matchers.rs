@@ -102,7 +102,7 @@ impl Transform for MatchRmsNorm {
                 return Ok(None);
             }
             // The dtype the normalised value has before the weight multiplies it.
-            let out_mul = g.producer(m.output).expect("match output is a node");
+            let out_mul = pos - 1; // the match output's node
             let yc = *g.nodes[out_mul].inputs.iter().find(|&&v| v != w).unwrap_or(&w);
             let norm_dtype = g.meta(yc).dtype;
             let op = Op::RmsNorm { eps: m.caps.f["eps"], norm_dtype };
@@ -197,7 +197,7 @@ impl Transform for MatchRopeInterleaved {
         let n = rewrite_all(g, &pat, |g, m, pos| {
             let x = m.input("x");
             // The de-interleaved value must have x's shape: only the last dim was permuted.
-            let deint = g.nodes[g.producer(m.output).expect("node")].inputs[0];
+            let deint = g.nodes[pos - 1].inputs[0];
             if g.meta(deint).shape != g.meta(x).shape {
                 return Ok(None);
             }
