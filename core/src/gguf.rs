@@ -84,6 +84,53 @@ pub enum GgmlType {
     BF16,
 }
 
+/// The name ggml gives type `id` (every type of the GGUF spec, read or not), for messages.
+pub fn ggml_type_name(id: u32) -> Option<&'static str> {
+    const NAMES: [&str; 40] = [
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
+        "MXFP4",
+    ];
+    NAMES.get(id as usize).copied()
+}
+
 impl GgmlType {
     pub fn from_id(id: u32) -> Option<GgmlType> {
         Some(match id {
@@ -171,6 +218,8 @@ pub struct Header {
     pub tensors: Vec<TensorInfo>,
     /// Byte offset of the data section in the file.
     pub data_start: usize,
+    /// `general.alignment` (32 when absent): every tensor's offset is a multiple of it.
+    pub alignment: usize,
 }
 
 struct Cursor<'a> {
@@ -295,7 +344,7 @@ impl Header {
             },
         };
         let data_start = c.at.div_ceil(align) * align;
-        Ok(Header { version, kv, tensors, data_start })
+        Ok(Header { version, kv, tensors, data_start, alignment: align })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -312,8 +361,21 @@ impl Header {
         file_len: usize,
         t: &TensorInfo,
     ) -> std::result::Result<(GgmlType, std::ops::Range<usize>), String> {
-        let ty = GgmlType::from_id(t.type_id)
-            .ok_or_else(|| format!("tensor `{}`: ggml type {} is not supported", t.name, t.type_id))?;
+        let ty = GgmlType::from_id(t.type_id).ok_or_else(|| match ggml_type_name(t.type_id) {
+            Some(n) => format!(
+                "tensor `{}`: ggml type {n} ({}) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K are)",
+                t.name, t.type_id
+            ),
+            None => format!("tensor `{}`: ggml type {} is not a type of the GGUF format", t.name, t.type_id),
+        })?;
+        // A misaligned offset means the writer and this reader disagree about where data
+        // starts: the bytes would be read shifted, silently wrong.
+        if !t.offset.is_multiple_of(self.alignment as u64) {
+            return Err(format!(
+                "tensor `{}`: offset {} is not a multiple of the file's alignment {}",
+                t.name, t.offset, self.alignment
+            ));
+        }
         let (per, bytes) = ty.block();
         let row = t.dims[0] as usize;
         if !row.is_multiple_of(per) {
@@ -323,9 +385,12 @@ impl Header {
                 ty.name()
             ));
         }
-        let size = t.numel() / per * bytes;
+        let numel = t.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        let Some(size) = numel.and_then(|n| (n / per as u64).checked_mul(bytes as u64)) else {
+            return Err(format!("tensor `{}`: dims {:?} overflow 64 bits", t.name, t.dims));
+        };
         let start = (self.data_start as u64).checked_add(t.offset);
-        let end = start.and_then(|s| s.checked_add(size as u64)).filter(|&e| e <= file_len as u64);
+        let end = start.and_then(|s| s.checked_add(size)).filter(|&e| e <= file_len as u64);
         match (start, end) {
             (Some(s), Some(e)) => Ok((ty, s as usize..e as usize)),
             _ => Err(format!(

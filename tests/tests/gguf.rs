@@ -203,6 +203,20 @@ fn bad_gguf_files_name_the_key_or_tensor() {
     b[type_pos..type_pos + 4].copy_from_slice(&77u32.to_le_bytes());
     let e = import_err(&b);
     assert!(e.contains(&format!("tensor `{}`", t.name)) && e.contains("ggml type 77"), "{e}");
+    // A type of the format this reader lacks is named as ggml names it.
+    b[type_pos..type_pos + 4].copy_from_slice(&6u32.to_le_bytes());
+    let e = import_err(&b);
+    assert!(e.contains(&format!("tensor `{}`", t.name)) && e.contains("Q5_0 (6) is not supported"), "{e}");
+    // An offset off the file's alignment (once read shifted, silently wrong) is refused.
+    let off_pos = type_pos + 4;
+    let mut b = good.clone();
+    let off = u64::from_le_bytes(b[off_pos..off_pos + 8].try_into().unwrap());
+    b[off_pos..off_pos + 8].copy_from_slice(&(off + 4).to_le_bytes());
+    let e = import_err(&b);
+    assert!(
+        e.contains(&format!("tensor `{}`", t.name)) && e.contains("not a multiple of the file's alignment 32"),
+        "{e}"
+    );
 }
 
 mod fuzz {
