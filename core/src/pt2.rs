@@ -101,16 +101,35 @@ impl Pt2Archive {
             .map_err(|e| Error::BadFile { file: path.into(), msg: format!("not a readable zip archive: {e}") })
     }
 
-    fn read_entry(path: &Path, z: &mut zip::ZipArchive<std::fs::File>, name: &str) -> Result<Vec<u8>> {
+    /// Entry `name`, read with caps: at most `limit` bytes, and no entry that inflates past
+    /// `MAX_RATIO` times its compressed size once past `RATIO_FLOOR` (a zip bomb), whatever its
+    /// header claims (the read stops at the cap).
+    fn read_entry(path: &Path, z: &mut zip::ZipArchive<std::fs::File>, name: &str, limit: u64) -> Result<Vec<u8>> {
+        const MAX_RATIO: u64 = 100;
+        const RATIO_FLOOR: u64 = 64 << 20;
         let bad = |msg: String| Error::BadFile { file: path.into(), msg };
-        let mut e = z.by_name(name).map_err(|_| bad(format!("missing entry `{name}`")))?;
-        let mut buf = Vec::with_capacity(e.size().min(1 << 30) as usize);
-        e.read_to_end(&mut buf).map_err(|err| bad(format!("entry `{name}`: {err}")))?;
+        let e = z.by_name(name).map_err(|_| bad(format!("missing entry `{name}`")))?;
+        let (size, packed) = (e.size(), e.compressed_size());
+        // Past the floor, what the compressed bytes may inflate to is capped too.
+        let limit = limit.min(RATIO_FLOOR.max(packed.saturating_mul(MAX_RATIO)));
+        if size > limit {
+            return Err(bad(format!(
+                "entry `{name}` is {size} bytes uncompressed ({packed} compressed); refused past {limit} bytes"
+            )));
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        e.take(limit + 1).read_to_end(&mut buf).map_err(|err| bad(format!("entry `{name}`: {err}")))?;
+        if buf.len() as u64 > limit {
+            return Err(bad(format!(
+                "entry `{name}` inflates past {limit} bytes ({packed} compressed; its header said {size})"
+            )));
+        }
         Ok(buf)
     }
 
     fn json(path: &Path, z: &mut zip::ZipArchive<std::fs::File>, name: &str) -> Result<Value> {
-        let bytes = Self::read_entry(path, z, name)?;
+        // The graph and its tables: tens of MB for the largest models.
+        let bytes = Self::read_entry(path, z, name, 1 << 30)?;
         serde_json::from_slice(&bytes)
             .map_err(|e| Error::BadFile { file: path.into(), msg: format!("entry `{name}`: invalid JSON: {e}") })
     }
@@ -188,7 +207,7 @@ impl Pt2Archive {
             })?
             .clone();
         let prefix = format.trim_end_matches("archive_format").to_string();
-        let kind = String::from_utf8_lossy(&Self::read_entry(path, &mut z, &format)?).trim().to_string();
+        let kind = String::from_utf8_lossy(&Self::read_entry(path, &mut z, &format, 4096)?).trim().to_string();
         if kind != "pt2" {
             return Err(bad(format!("archive_format is `{kind}`, expected `pt2`")));
         }
@@ -232,7 +251,7 @@ impl Pt2Archive {
                 continue;
             }
             let copy = files.dir.join(entry);
-            std::fs::write(&copy, Self::read_entry(path, z, entry)?).map_err(|e| Error::io(&copy, e))?;
+            std::fs::write(&copy, Self::read_entry(path, z, entry, 1 << 40)?).map_err(|e| Error::io(&copy, e))?;
             let r = pytorch_reader::PytorchReader::new(&copy)
                 .map_err(|e| bad(format!("entry `{entry}`: not a readable torch.save container: {e}")))?;
             let mut keys = r.keys();
@@ -291,7 +310,8 @@ impl Pt2Archive {
             return self.load_legacy(&l.dir, w);
         }
         let mut z = Self::zip(&self.path)?;
-        let bytes = Self::read_entry(&self.path, &mut z, &w.file)?;
+        // A weight's storage: as large as the model needs (1 TiB), within the inflation cap.
+        let bytes = Self::read_entry(&self.path, &mut z, &w.file, 1 << 40)?;
         let esz = w.dtype.size_in_bytes();
         // The last element the view reaches must lie inside the storage.
         let n = w.sizes.iter().try_fold(1usize, |a, &s| a.checked_mul(s));

@@ -94,6 +94,17 @@ fn corrupt_archives_fail_naming_the_file_and_entry() {
         rewrite("badjson.pt2", &|n, b| Some(if n.ends_with("models/model.json") { b"{not json".to_vec() } else { b }));
     let e = Pt2Archive::open(&p).err().unwrap().to_string();
     assert!(e.contains("badjson.pt2") && e.contains("models/model.json") && e.contains("invalid JSON"), "{e}");
+    // A zip bomb: a valid graph padded with 200 MB of spaces deflates to a few hundred KB; it
+    // is refused by the inflation cap before its entry is read whole.
+    let p = rewrite("bomb.pt2", &|n, mut b| {
+        if n.ends_with("models/model.json") {
+            b.resize(b.len() + (200 << 20), b' ');
+        }
+        Some(b)
+    });
+    assert!(std::fs::metadata(&p).unwrap().len() < 4 << 20, "the bomb should be small");
+    let e = Pt2Archive::open(&p).err().unwrap().to_string();
+    assert!(e.contains("bomb.pt2") && e.contains("models/model.json") && e.contains("refused past"), "{e}");
     let p = rewrite("noweight.pt2", &|n, b| (!n.ends_with("weights/weight_1")).then_some(b));
     let a = Pt2Archive::open(&p).unwrap();
     let e = a.load("up.weight").err().unwrap().to_string();
