@@ -344,3 +344,36 @@ fn model_flag_takes_a_hub_id() {
     assert_eq!(outputs(&hub), outputs(&local));
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// A Hub endpoint that accepts the connection and never answers (once silent for ten minutes)
+/// fails the fetch after `AUTODEPLOY_HUB_TIMEOUT_S` without data, naming the file and the knob.
+#[test]
+fn a_hub_that_never_answers_times_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    // Accept and hold every connection, saying nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let home = std::env::temp_dir().join(format!("adhub-silent-{}", std::process::id()));
+    let t0 = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
+        .args(["graph", "--model", "silent-org/silent-model"])
+        .env("HF_ENDPOINT", &endpoint)
+        .env("HF_HOME", &home)
+        .env("AUTODEPLOY_HUB_TIMEOUT_S", "2")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("config.json") && err.contains("no data for") && err.contains("AUTODEPLOY_HUB_TIMEOUT_S"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{:?}", t0.elapsed());
+    let _ = std::fs::remove_dir_all(&home);
+}
