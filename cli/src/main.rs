@@ -124,7 +124,14 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
         },
     };
     if let Some(m) = &cli.model {
-        cfg.model = m.clone();
+        // A path on the command line is relative to the working directory, as in every CLI
+        // (`model = ` in a config file stays relative to that file).
+        let p = std::path::Path::new(m);
+        cfg.model = if p.is_relative() && p.exists() {
+            std::env::current_dir().context("the working directory")?.join(p).display().to_string()
+        } else {
+            m.clone()
+        };
     }
     if let Some(d) = &cli.device {
         cfg.device = d.clone();
@@ -144,7 +151,21 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     if let Some(n) = cli.max_new_tokens {
         cfg.max_new_tokens = n;
     }
-    cfg.validate(cli.config.as_deref().unwrap_or("<command line>".as_ref()))?;
+    if let Err(e) = cfg.validate(cli.config.as_deref().unwrap_or("<command line>".as_ref())) {
+        // A value the command line set is the flag's fault, not the config file's.
+        if let autodeploy_core::Error::Config { key, msg, .. } = &e {
+            let flag = match key.as_str() {
+                "device" => cli.device.as_ref().map(|v| ("--device", v.clone())),
+                "dtype" => cli.dtype.as_ref().map(|v| ("--dtype", v.clone())),
+                "max_new_tokens" => cli.max_new_tokens.map(|v| ("--max-new-tokens", v.to_string())),
+                _ => None,
+            };
+            if let Some((flag, value)) = flag {
+                anyhow::bail!("{flag} {value}: {msg}");
+            }
+        }
+        return Err(e.into());
+    }
     Ok(cfg)
 }
 

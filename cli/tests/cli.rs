@@ -377,3 +377,48 @@ fn a_hub_that_never_answers_times_out() {
     assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// `--model X` is relative to the working directory even when the config's folder has an `X`
+/// too (it once loaded the config folder's, silently); a bad `--device` or `--dtype` is blamed
+/// on the flag, not on the config file's key.
+#[test]
+fn command_line_paths_and_values_are_the_command_lines() {
+    let tmp = std::env::temp_dir().join(format!("adcwd-{}", std::process::id()));
+    let (cwd, cfgdir) = (tmp.join("work"), tmp.join("configs"));
+    for (dir, fix) in [(&cwd, "llama"), (&cfgdir, "qwen3")] {
+        let m = dir.join("m");
+        std::fs::create_dir_all(&m).unwrap();
+        for e in std::fs::read_dir(root().join("tests/fixtures").join(fix)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+        }
+    }
+    let cfg = cfgdir.join("cfg.toml");
+    std::fs::write(&cfg, "model = \"m\"\nmax_new_tokens = 2\n[[prompts]]\ntoken_ids = [1, 17, 42]\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .current_dir(&cwd)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // The config alone: its own folder's model.
+    let (ok, out, err) = run(&[]);
+    assert!(ok && out.contains(&format!("model: {}", "m")), "{out}{err}");
+    // --model m: the working directory's.
+    let (ok, out, err) = run(&["--model", "m"]);
+    assert!(ok && out.contains(&cwd.join("m").display().to_string()), "{out}{err}");
+    let (ok, _, err) = run(&["--device", "gpu0"]);
+    assert!(!ok && err.contains("--device gpu0") && !err.contains("cfg.toml"), "{err}");
+    let (ok, _, err) = run(&["--dtype", "int3"]);
+    assert!(!ok && err.contains("--dtype int3") && !err.contains("cfg.toml"), "{err}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
