@@ -484,7 +484,7 @@ fn check_plugin_registry(cli: &Cli) -> Result<()> {
 
 /// The model's end-of-sequence token ends generation unless `ignore_eos` is set.
 fn sampling_with_eos(cfg: &PipelineConfig, mut s: SamplingParams, engine: &pipeline::Engine) -> SamplingParams {
-    if let Some(eos) = engine.tokenizer.as_ref().and_then(|t| t.eos_id) {
+    for &eos in &engine.eos_ids {
         if !cfg.ignore_eos && !s.stop_token_ids.contains(&eos) {
             s.stop_token_ids.push(eos);
         }

@@ -275,7 +275,7 @@ fn backend_and_device_flags_override_the_config() {
     }
     if autodeploy_kernels::cuda::probe(0).is_err() {
         let (ok, _, err) = autodeploy(&[&cfg[..], &["--device", "cuda"]].concat());
-        assert!(!ok && err.contains("key `device`") && err.contains("device = \"cpu\""), "{err}");
+        assert!(!ok && err.contains("--device cuda") && err.contains("device = \"cpu\""), "{err}");
     }
 }
 
@@ -420,5 +420,41 @@ fn command_line_paths_and_values_are_the_command_lines() {
     assert!(!ok && err.contains("--device gpu0") && !err.contains("cfg.toml"), "{err}");
     let (ok, _, err) = run(&["--dtype", "int3"]);
     assert!(!ok && err.contains("--dtype int3") && !err.contains("cfg.toml"), "{err}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// A model without a tokenizer still stops at the end-of-sequence id its folder names
+/// (`generation_config.json`, else `config.json`; one id or a list, as transformers reads them):
+/// here 34, the second token the fixture generates for its first prompt.
+#[test]
+fn eos_from_the_model_folder_stops_generation_without_a_tokenizer() {
+    let tmp = std::env::temp_dir().join(format!("adeos-folder-{}", std::process::id()));
+    let m = tmp.join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(root().join("tests/fixtures/llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+    }
+    let cfg = tmp.join("cfg.toml");
+    std::fs::write(
+        &cfg,
+        "model = \"m\"\ndtype = \"float32\"\nmax_new_tokens = 8\n[[prompts]]\ntoken_ids = [1, 17, 42, 99, 5]\n",
+    )
+    .unwrap();
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().find(|l| l.contains("[0] output")).unwrap().to_string()
+    };
+    let free = run();
+    assert!(free.contains("[16, 34, 16, 170,") && free.contains("(Length)"), "{free}");
+    std::fs::write(m.join("generation_config.json"), "{\"eos_token_id\": [7, 34]}").unwrap();
+    let stopped = run();
+    assert!(stopped.contains("[16, 34]") && stopped.contains("(Stop"), "{stopped}");
     let _ = std::fs::remove_dir_all(&tmp);
 }

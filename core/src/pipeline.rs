@@ -22,6 +22,34 @@ pub fn import(cfg: &PipelineConfig) -> Result<Graph> {
 
 /// The graph and, when the model files carry one, the tokenizer.
 pub fn import_with_tokenizer(cfg: &PipelineConfig) -> Result<(Graph, Option<Tokenizer>)> {
+    let (g, t, _) = import_all(cfg)?;
+    Ok((g, t))
+}
+
+/// The token ids that end a generation, as transformers' `generate` takes them: the
+/// tokenizer's EOS, and `eos_token_id` (one id or a list) from `generation_config.json`, else
+/// from `config.json`, in the model's folder. A model without a tokenizer still stops there.
+pub fn eos_ids(path: &std::path::Path, tokenizer: Option<&Tokenizer>) -> Vec<i64> {
+    let mut ids: Vec<i64> = tokenizer.and_then(|t| t.eos_id).into_iter().collect();
+    let dir = if path.is_dir() { Some(path) } else { None };
+    let from = |file: &str| -> Option<Vec<i64>> {
+        let text = std::fs::read_to_string(dir?.join(file)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        match v.get("eos_token_id")? {
+            serde_json::Value::Number(n) => Some(vec![n.as_i64()?]),
+            serde_json::Value::Array(a) => Some(a.iter().filter_map(serde_json::Value::as_i64).collect()),
+            _ => None,
+        }
+    };
+    for id in from("generation_config.json").or_else(|| from("config.json")).unwrap_or_default() {
+        if id >= 0 && !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+fn import_all(cfg: &PipelineConfig) -> Result<(Graph, Option<Tokenizer>, Vec<i64>)> {
     let path = hub::resolve_model(&cfg.model, cfg.base_dir.as_deref())?;
     let (name, importer) = match &cfg.importer {
         Some(n) => (n.clone(), registry::importer(n)?),
@@ -39,7 +67,9 @@ pub fn import_with_tokenizer(cfg: &PipelineConfig) -> Result<(Graph, Option<Toke
         max_seq_len: cfg.max_seq_len,
         dummy_weights: cfg.load_format == crate::config::LoadFormat::Dummy,
     };
-    Ok((importer.import(&req)?, tokenizer))
+    let graph = importer.import(&req)?;
+    let eos = eos_ids(&req.path, tokenizer.as_ref());
+    Ok((graph, tokenizer, eos))
 }
 
 /// The graph as it stands after `stage`.
@@ -49,10 +79,10 @@ pub fn graph_after(cfg: &PipelineConfig, stage: Stage) -> Result<Graph> {
     Ok(g)
 }
 
-fn transformed(cfg: &PipelineConfig, stage: Stage) -> Result<(Graph, Option<Tokenizer>)> {
-    let (mut g, t) = import_with_tokenizer(cfg)?;
+fn transformed(cfg: &PipelineConfig, stage: Stage) -> Result<(Graph, Option<Tokenizer>, Vec<i64>)> {
+    let (mut g, t, eos) = import_all(cfg)?;
     crate::transform::run_stages(&mut g, cfg, stage)?;
-    Ok((g, t))
+    Ok((g, t, eos))
 }
 
 pub struct Engine {
@@ -62,6 +92,8 @@ pub struct Engine {
     pub cache: Option<CacheSpec>,
     /// The model's tokenizer, when its importer provides one.
     pub tokenizer: Option<Arc<Tokenizer>>,
+    /// The token ids that end a generation (`eos_ids`): stop tokens unless `ignore_eos`.
+    pub eos_ids: Vec<i64>,
     /// What stop strings are matched with: the tokenizer, or a stand-in a caller sets.
     pub detokenizer: Option<Arc<dyn crate::runtime::Detokenizer>>,
     pub build_time: Duration,
@@ -150,7 +182,7 @@ pub fn cache_dtype(g: &Graph) -> crate::DType {
 
 pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let t0 = Instant::now();
-    let (graph, tokenizer) = transformed(cfg, Stage::CacheInit)?;
+    let (graph, tokenizer, eos_ids) = transformed(cfg, Stage::CacheInit)?;
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let kv_pages = kv_pages(&graph, cfg)?;
@@ -163,7 +195,17 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let cache = CacheSpec::of(&graph)?;
     let tokenizer = tokenizer.map(Arc::new);
     let detokenizer = tokenizer.clone().map(|t| t as Arc<dyn crate::runtime::Detokenizer>);
-    Ok(Engine { graph, model, cache, tokenizer, detokenizer, build_time: t0.elapsed(), kv_pages, host_cache: None })
+    Ok(Engine {
+        graph,
+        model,
+        cache,
+        tokenizer,
+        eos_ids,
+        detokenizer,
+        build_time: t0.elapsed(),
+        kv_pages,
+        host_cache: None,
+    })
 }
 
 /// Bytes of the graph's weights as the graph holds them; `None` past 2^64.

@@ -75,6 +75,8 @@ pub struct LlmInfo {
     /// The name requests and `/v1/models` use: the config's `model`.
     pub model: String,
     pub tokenizer: Option<Arc<Tokenizer>>,
+    /// The token ids that end a generation (the engine's `eos_ids`).
+    pub eos_ids: Vec<i64>,
     /// Token ids must lie below it (when the graph says).
     pub vocab_size: Option<usize>,
     /// Longest sequence (prompt + generated) a request may reach.
@@ -193,6 +195,7 @@ impl LLM {
             let info = LlmInfo {
                 model: thread_cfg.model.clone(),
                 tokenizer: engine.tokenizer.clone(),
+                eos_ids: engine.eos_ids.clone(),
                 vocab_size: engine.vocab_size(),
                 max_seq_len: engine.max_seq_len(&thread_cfg),
                 max_new_tokens: thread_cfg.max_new_tokens,
@@ -228,7 +231,7 @@ impl LLM {
     /// `params` with the model's end-of-sequence token among the stop tokens, unless
     /// `ignore_eos`.
     pub fn with_eos(&self, mut params: SamplingParams, ignore_eos: bool) -> SamplingParams {
-        if let Some(eos) = self.info.tokenizer.as_ref().and_then(|t| t.eos_id) {
+        for &eos in &self.info.eos_ids {
             if !ignore_eos && !params.stop_token_ids.contains(&eos) {
                 params.stop_token_ids.push(eos);
             }

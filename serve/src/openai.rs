@@ -588,6 +588,7 @@ mod tests {
         LlmInfo {
             model: "m".into(),
             tokenizer: None,
+            eos_ids: Vec::new(),
             vocab_size: Some(100),
             max_seq_len: 64,
             max_new_tokens: 16,
