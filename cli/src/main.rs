@@ -51,8 +51,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build the engine and generate completions for the config's prompts (the default).
-    Run,
+    /// Build the engine and generate completions: for `-p` prompts, else the config's (the
+    /// default command). `autodeploy run --model M -p "text"` needs no config file.
+    Run {
+        /// A prompt (repeat for several, run as one batch); replaces the config's prompts.
+        #[arg(short = 'p', long = "prompt", value_name = "TEXT")]
+        prompts: Vec<String>,
+        /// Send each prompt as a user message through the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Sampling temperature (0: greedy).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Nucleus sampling: keep the most likely tokens up to this much probability.
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Keep only the k most likely tokens (0: all).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Seed of the sampler, for reproducible sampled completions.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print each completion as one JSON object per line (text, token ids, finish reason,
+        /// timings) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the graph after a pipeline stage.
     Graph {
         /// import, post_import, pattern_matcher, quantize, sharding, weight_load,
@@ -151,6 +175,28 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     if let Some(n) = cli.max_new_tokens {
         cfg.max_new_tokens = n;
     }
+    if let Some(Cmd::Run { prompts, chat, temperature, top_p, top_k, seed, .. }) = &cli.cmd {
+        if !prompts.is_empty() {
+            cfg.prompts = prompts
+                .iter()
+                .map(|t| {
+                    let mut p = autodeploy_core::config::Prompt::default();
+                    if *chat {
+                        p.messages = Some(vec![ChatMessage { role: "user".into(), content: t.clone() }]);
+                    } else {
+                        p.text = Some(t.clone());
+                    }
+                    p
+                })
+                .collect();
+        } else if *chat {
+            anyhow::bail!("--chat applies to -p prompts; give at least one");
+        }
+        cfg.temperature = temperature.unwrap_or(cfg.temperature);
+        cfg.top_p = top_p.unwrap_or(cfg.top_p);
+        cfg.top_k = top_k.unwrap_or(cfg.top_k);
+        cfg.seed = seed.or(cfg.seed);
+    }
     if let Err(e) = cfg.validate(cli.config.as_deref().unwrap_or("<command line>".as_ref())) {
         // A value the command line set is the flag's fault, not the config file's.
         if let autodeploy_core::Error::Config { key, msg, .. } = &e {
@@ -158,6 +204,14 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
                 "device" => cli.device.as_ref().map(|v| ("--device", v.clone())),
                 "dtype" => cli.dtype.as_ref().map(|v| ("--dtype", v.clone())),
                 "max_new_tokens" => cli.max_new_tokens.map(|v| ("--max-new-tokens", v.to_string())),
+                "temperature" | "top_p" | "top_k" => match &cli.cmd {
+                    Some(Cmd::Run { temperature, top_p, top_k, .. }) => match key.as_str() {
+                        "temperature" => temperature.map(|v| ("--temperature", v.to_string())),
+                        "top_p" => top_p.map(|v| ("--top-p", v.to_string())),
+                        _ => top_k.map(|v| ("--top-k", v.to_string())),
+                    },
+                    _ => None,
+                },
                 _ => None,
             };
             if let Some((flag, value)) = flag {
@@ -169,8 +223,11 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     Ok(cfg)
 }
 
-fn run(cfg: &PipelineConfig) -> Result<()> {
+fn run(cfg: &PipelineConfig, json: bool) -> Result<()> {
     let mut engine = pipeline::build(cfg)?;
+    if json {
+        return run_json(cfg, &mut engine);
+    }
     let dtype = engine.graph.meta(engine.graph.outputs[0]).dtype;
     let mode = match &engine.cache {
         Some(c) => format!(
@@ -251,6 +308,74 @@ fn run(cfg: &PipelineConfig) -> Result<()> {
         stats.peak_pages,
         stats.cache_bytes as f64 / (1 << 20) as f64,
     );
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} prompts failed", prepared.len());
+    }
+    Ok(())
+}
+
+/// `run --json`: one JSON object per prompt, in order: its text (or token ids), the completion's
+/// text and token ids, finish reason, and timings from the batch's start (first token, last
+/// token); a prompt that fails has `error` instead. Nothing else goes to stdout.
+fn run_json(cfg: &PipelineConfig, engine: &mut pipeline::Engine) -> Result<()> {
+    use serde_json::json;
+    let tok = engine.tokenizer.clone();
+    let mut prepared: Vec<std::result::Result<Request, String>> = Vec::new();
+    for (i, p) in cfg.prompts.iter().enumerate() {
+        prepared.push(
+            cfg.prompt_ids(i, tok.as_deref())
+                .map(|ids| Request { prompt: ids, sampling: sampling_with_eos(cfg, cfg.sampling(Some(p)), engine) })
+                .map_err(|e| e.to_string()),
+        );
+    }
+    let requests: Vec<Request> = prepared.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let mut rt = registry::runtime(cfg)?;
+    let t0 = std::time::Instant::now();
+    // First and last token times of each request, from the batch's start.
+    let mut times: Vec<(Option<f64>, Option<f64>)> = vec![(None, None); requests.len()];
+    let (results, _) = rt.generate_streaming(engine, &requests, &mut |r, _| {
+        let at = t0.elapsed().as_secs_f64() * 1e3;
+        let t = &mut times[r];
+        t.0.get_or_insert(at);
+        t.1 = Some(at);
+    });
+    let mut results = results.into_iter().zip(times);
+    let mut failed = 0;
+    for (i, prep) in prepared.iter().enumerate() {
+        let p = &cfg.prompts[i];
+        let prompt = match (&p.text, &p.messages) {
+            (Some(t), _) => json!(t),
+            (_, Some(m)) => json!(m.last().map(|m| m.content.as_str()).unwrap_or("")),
+            _ => json!(p.token_ids),
+        };
+        let line = match prep {
+            Err(e) => {
+                failed += 1;
+                json!({"index": i, "prompt": prompt, "error": e})
+            }
+            Ok(req) => match results.next().expect("one result per request") {
+                (Ok(c), (first, last)) => json!({
+                    "index": i,
+                    "prompt": prompt,
+                    "prompt_tokens": req.prompt.len(),
+                    "text": c.text,
+                    "token_ids": c.tokens,
+                    "completion_tokens": c.tokens.len(),
+                    "finish_reason": match c.finish {
+                        autodeploy_core::runtime::FinishReason::Length => "length",
+                        autodeploy_core::runtime::FinishReason::Stop => "stop",
+                    },
+                    "time_to_first_token_ms": first,
+                    "total_ms": last,
+                }),
+                (Err(e), _) => {
+                    failed += 1;
+                    json!({"index": i, "prompt": prompt, "error": e.to_string()})
+                }
+            },
+        };
+        println!("{line}");
+    }
     if failed > 0 {
         anyhow::bail!("{failed} of {} prompts failed", prepared.len());
     }
@@ -614,7 +739,8 @@ fn main() -> ExitCode {
         Some(Cmd::Bench { mode, isl, osl, batch, .. }) => {
             load_config(&cli).and_then(|c| bench(&c, mode, *isl, *osl, *batch))
         }
-        Some(Cmd::Run) | None => load_config(&cli).and_then(|c| run(&c)),
+        Some(Cmd::Run { json, .. }) => load_config(&cli).and_then(|c| run(&c, *json)),
+        None => load_config(&cli).and_then(|c| run(&c, false)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

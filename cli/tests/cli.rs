@@ -458,3 +458,50 @@ fn eos_from_the_model_folder_stops_generation_without_a_tokenizer() {
     assert!(stopped.contains("[16, 34]") && stopped.contains("(Stop"), "{stopped}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// The one-line form: `run --model M -p TEXT` with no config file, sampling flags, `--chat`,
+/// and `--json` (one object per prompt, nothing else on stdout); the JSON text is the plain
+/// run's; a bad flag value names the flag.
+#[test]
+fn run_takes_prompts_and_prints_json_lines() {
+    let Some(model) = smollm2() else { return };
+    let m = model.to_str().unwrap();
+    let base = ["run", "--model", m, "-p", "What is the capital of France?", "-p", "Name a colour.", "--chat"];
+    let (ok, out, err) = autodeploy(&[&base[..], &["--max-new-tokens", "16", "--temperature", "0", "--json"]].concat());
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for (i, v) in lines.iter().enumerate() {
+        assert_eq!(v["index"], i);
+        let ids = v["token_ids"].as_array().unwrap();
+        assert!(!ids.is_empty() && ids.len() == v["completion_tokens"].as_u64().unwrap() as usize, "{v}");
+        assert!(["length", "stop"].contains(&v["finish_reason"].as_str().unwrap()), "{v}");
+        let (first, total) = (v["time_to_first_token_ms"].as_f64().unwrap(), v["total_ms"].as_f64().unwrap());
+        assert!(0.0 < first && first <= total, "{v}");
+    }
+    assert!(lines[0]["text"].as_str().unwrap().contains("Paris"), "{}", lines[0]);
+    // The plain form prints the same completion.
+    let (ok, plain, err) = autodeploy(&[&base[..], &["--max-new-tokens", "16", "--temperature", "0"]].concat());
+    assert!(ok, "{err}");
+    assert!(plain.contains(&format!("{:?}", lines[0]["text"].as_str().unwrap())), "{plain}");
+    // Seeded sampling repeats itself.
+    let sampled = || {
+        let out = autodeploy(&[
+            "run",
+            "--model",
+            m,
+            "-p",
+            "Once upon a time",
+            "--temperature",
+            "0.9",
+            "--seed",
+            "7",
+            "--json",
+        ])
+        .1;
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(sampled(), sampled());
+    let (ok, _, err) = autodeploy(&["run", "--model", m, "-p", "x", "--top-p", "1.5"]);
+    assert!(!ok && err.contains("--top-p 1.5") && err.contains("(0, 1]"), "{err}");
+}

@@ -120,7 +120,7 @@ pub enum ActivationQuant {
     Int8,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Prompt {
     /// Exactly one of these: token ids, plain text, or chat messages (rendered with the model's
