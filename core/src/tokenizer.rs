@@ -26,11 +26,22 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_REGEX: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// How a tokenizer decides whether a prompt starts with BOS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddBos {
+    /// The model's files say (`add_bos_token`, `tokenizer.ggml.add_bos_token`).
+    Explicit(bool),
+    /// They do not: the tokenizer.json's post-processor adds what it adds (transformers'
+    /// `add_special_tokens=True`).
+    PostProcessor,
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_id: Option<i64>,
     pub eos_id: Option<i64>,
-    pub add_bos: bool,
+    /// Whether `encode(text, true)` starts with BOS.
+    pub add_bos: AddBos,
     pub chat_template: Option<String>,
     /// Where it came from, for error messages.
     pub source: PathBuf,
@@ -121,7 +132,7 @@ impl Tokenizer {
             inner,
             bos_id: id("tokenizer.ggml.bos_token_id"),
             eos_id: id("tokenizer.ggml.eos_token_id"),
-            add_bos: h.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+            add_bos: AddBos::Explicit(h.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false)),
             chat_template: h.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
             source: path.into(),
         }))
@@ -135,7 +146,14 @@ impl Tokenizer {
             return Ok(None);
         }
         let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| tk_err(&file, "cannot load tokenizer", e))?;
-        let mut t = Tokenizer { inner, bos_id: None, eos_id: None, add_bos: false, chat_template: None, source: file };
+        let mut t = Tokenizer {
+            inner,
+            bos_id: None,
+            eos_id: None,
+            add_bos: AddBos::PostProcessor,
+            chat_template: None,
+            source: file,
+        };
         let cfg = dir.join("tokenizer_config.json");
         if cfg.is_file() {
             let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
@@ -150,7 +168,12 @@ impl Tokenizer {
             };
             t.bos_id = tok_id("bos_token");
             t.eos_id = tok_id("eos_token");
-            t.add_bos = v.get("add_bos_token").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            // Without `add_bos_token` (transformers 5 writes none), what the tokenizer.json's
+            // post-processor adds is what transformers adds: encode with special tokens.
+            t.add_bos = match v.get("add_bos_token").and_then(serde_json::Value::as_bool) {
+                Some(b) => AddBos::Explicit(b),
+                None => AddBos::PostProcessor,
+            };
             t.chat_template = v.get("chat_template").and_then(serde_json::Value::as_str).map(str::to_string);
         }
         let jinja = dir.join("chat_template.jinja");
@@ -163,9 +186,10 @@ impl Tokenizer {
     /// Token ids of `text`. Special tokens written in the text are recognised; `add_bos` puts
     /// the BOS token first when the model asks for one.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<i64>> {
-        let enc = self.inner.encode(text, false).map_err(|e| tk_err(&self.source, "tokenization failed", e))?;
+        let special = add_bos && self.add_bos == AddBos::PostProcessor;
+        let enc = self.inner.encode(text, special).map_err(|e| tk_err(&self.source, "tokenization failed", e))?;
         let mut ids: Vec<i64> = Vec::with_capacity(enc.len() + 1);
-        if add_bos && self.add_bos {
+        if add_bos && self.add_bos == AddBos::Explicit(true) {
             ids.extend(self.bos_id);
         }
         ids.extend(enc.get_ids().iter().map(|&i| i as i64));

@@ -69,3 +69,41 @@ fn a_hostile_chat_template_is_stopped() {
         assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{template}: {:?}", t0.elapsed());
     }
 }
+
+/// A folder saved by transformers 5 has no `add_bos_token` in tokenizer_config.json and lets the
+/// tokenizer.json's post-processor add BOS: prompts then start with BOS, as transformers'
+/// `add_special_tokens=True` gives (they once lost it and tokenized one short); an explicit
+/// `add_bos_token = false` still wins.
+#[test]
+fn a_post_processor_that_adds_bos_is_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tokenizer").join(f), dir.join(f)).unwrap();
+    }
+    let edit = |f: &str, e: &dyn Fn(&mut serde_json::Value)| {
+        let p = dir.join(f);
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        e(&mut v);
+        std::fs::write(&p, v.to_string()).unwrap();
+    };
+    edit("tokenizer.json", &|v| {
+        v["post_processor"] = serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}
+        });
+    });
+    let text = "Hello world, again.";
+    let tok = Tokenizer::from_hf_dir(dir).unwrap().unwrap();
+    let plain = tok.encode(text, false).unwrap();
+    assert_eq!(tok.encode(text, true).unwrap(), plain, "add_bos_token = false in the config wins");
+    edit("tokenizer_config.json", &|v| {
+        v.as_object_mut().unwrap().remove("add_bos_token");
+    });
+    let tok = Tokenizer::from_hf_dir(dir).unwrap().unwrap();
+    let with = tok.encode(text, true).unwrap();
+    assert_eq!(with[0], 1, "{with:?}");
+    assert_eq!(&with[1..], &plain[..]);
+}
