@@ -654,8 +654,32 @@ fn chat(cfg: &PipelineConfig, system: Option<&str>) -> Result<()> {
             _ => {}
         }
         history.push(ChatMessage { role: "user".into(), content: line.into() });
-        let prompt = tok.apply_chat_template(&history, true)?;
-        let ids = tok.encode(&prompt, true)?;
+        // A conversation longer than max_seq_len loses its oldest turns (said, not silent); a
+        // message that does not fit alone is refused.
+        let max_len = engine.max_seq_len(cfg);
+        let mut dropped = 0;
+        let ids = loop {
+            let ids = tok.encode(&tok.apply_chat_template(&history, true)?, true)?;
+            if ids.len() < max_len {
+                break Some(ids);
+            }
+            let first = history.iter().position(|m| m.role != "system").unwrap_or(0);
+            if first + 1 >= history.len() {
+                break None;
+            }
+            history.remove(first);
+            dropped += 1;
+        };
+        if dropped > 0 {
+            eprintln!(
+                "[the conversation outgrew max_seq_len = {max_len} tokens: dropped its oldest {dropped} messages; /reset starts over]"
+            );
+        }
+        let Some(ids) = ids else {
+            eprintln!("[this message alone needs {max_len} tokens or more (max_seq_len = {max_len}); shorten it]");
+            history.pop();
+            continue;
+        };
         let req = Request { prompt: ids, sampling: sampling_with_eos(cfg, cfg.sampling(None), &engine) };
         let mut dec = StreamDecoder::new(tok.as_ref());
         let eos = tok.eos_id;

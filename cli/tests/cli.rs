@@ -505,3 +505,33 @@ fn run_takes_prompts_and_prints_json_lines() {
     let (ok, _, err) = autodeploy(&["run", "--model", m, "-p", "x", "--top-p", "1.5"]);
     assert!(!ok && err.contains("--top-p 1.5") && err.contains("(0, 1]"), "{err}");
 }
+
+/// A conversation that outgrows max_seq_len drops its oldest turns and says so; a message too
+/// long to fit alone is refused with the limit, and the chat goes on.
+#[test]
+fn chat_drops_the_oldest_turns_when_the_conversation_outgrows_max_seq_len() {
+    use std::io::Write;
+    let Some(model) = smollm2() else { return };
+    let dir = std::env::temp_dir().join(format!("adchat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("chat.toml");
+    std::fs::write(&cfg, format!("model = {:?}\nmax_seq_len = 128\nmax_new_tokens = 8\n", model.display().to_string()))
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
+        .args(["chat", "--config", cfg.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input: String = (1..=6).map(|i| format!("Tell me one fact about the number {i}.\n")).collect();
+    input += &format!("{}\n/exit\n", "word ".repeat(300));
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("outgrew max_seq_len = 128") && stderr.contains("dropped its oldest"), "{stderr}");
+    assert!(stderr.contains("this message alone needs 128 tokens or more"), "{stderr}");
+    assert_eq!(stderr.matches("tok/s decode").count(), 6, "six answers: {stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
