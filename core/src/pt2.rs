@@ -97,7 +97,11 @@ impl Pt2Archive {
 
     fn zip(path: &Path) -> Result<zip::ZipArchive<std::fs::File>> {
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        zip::ZipArchive::new(f)
+        // The archive starts at byte 0 (torch writes nothing before it). The reader's default,
+        // detecting an offset, is misled by the zip archive torch stores inside the .pt2 and
+        // refused some valid files (those named with 8 characters, among others).
+        let config = zip::read::Config { archive_offset: zip::read::ArchiveOffset::Known(0) };
+        zip::ZipArchive::with_config(config, f)
             .map_err(|e| Error::BadFile { file: path.into(), msg: format!("not a readable zip archive: {e}") })
     }
 

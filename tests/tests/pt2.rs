@@ -57,6 +57,20 @@ fn a_module_that_is_not_a_transformer_reads_too() {
     );
 }
 
+/// An export saved under an 8-character file name (torch names the archive's inner folder
+/// after the file) opens, and holds the same weights and graph as the same export saved as
+/// `mlp.pt2`: such archives were once refused as "Invalid Central Directory header".
+#[test]
+fn an_archive_with_an_eight_character_name_opens() {
+    let a = Pt2Archive::open(&fixture("pt2/mlp_8chr.pt2")).unwrap();
+    let b = Pt2Archive::open(&fixture("pt2/mlp.pt2")).unwrap();
+    assert_eq!(a.node_targets(), b.node_targets());
+    assert_eq!(a.weights.len(), b.weights.len());
+    for w in &b.weights {
+        assert_eq!(a.load(&w.name).unwrap().to_f32(), b.load(&w.name).unwrap().to_f32(), "{}", w.name);
+    }
+}
+
 /// What to do with one zip entry: its new bytes, or `None` to leave it out.
 type EntryEdit<'a> = dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>> + 'a;
 
