@@ -130,6 +130,9 @@ enum Cmd {
         /// Requests run together.
         #[arg(long)]
         batch: Option<usize>,
+        /// Timed runs in `latency`/`throughput` mode (the median is reported, with the spread).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
 }
 
@@ -473,7 +476,7 @@ fn bench_offline(cfg: &PipelineConfig, n: usize, isl: usize, osl: usize) -> Resu
     Ok(())
 }
 
-fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option<usize>) -> Result<()> {
+fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option<usize>, repeats: usize) -> Result<()> {
     let batch = match (mode, batch) {
         ("latency" | "throughput", Some(b)) => b,
         ("latency", None) => 1,
@@ -481,6 +484,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
         (m, _) => anyhow::bail!("--mode {m}: expected latency, throughput or offline"),
     };
     anyhow::ensure!(batch >= 1 && isl >= 1 && osl >= 1, "--batch, --isl and --osl must be at least 1");
+    anyhow::ensure!((1..=100).contains(&repeats), "--repeats {repeats}: expected 1 to 100");
     anyhow::ensure!(
         batch <= cfg.max_batch_size,
         "--batch {batch} is more than max_batch_size = {} in the config",
@@ -502,11 +506,29 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
     if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
         anyhow::bail!("the bench's warm-up pass failed: {e}");
     }
-    let mut rt = registry::runtime(cfg)?;
-    let (results, stats) = rt.generate(&mut engine, &requests);
-    if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
-        anyhow::bail!("a bench request failed: {e}");
+    // The CPU's floor is measured before and after the timed runs and the better taken, so a
+    // machine that was busy during one measurement does not make the floor look low.
+    let cpu_floor_before = matches!(cfg.resolved_device(), autodeploy_core::config::Device::Cpu)
+        .then(autodeploy_kernels::cpu::measure_read_bandwidth);
+    // `repeats` timed runs of the same batch, each on a fresh runtime: the median is reported,
+    // with every run's decode step and the spread.
+    let mut runs = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let mut rt = registry::runtime(cfg)?;
+        let (results, stats) = rt.generate(&mut engine, &requests);
+        if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+            anyhow::bail!("a bench request failed: {e}");
+        }
+        runs.push(stats);
     }
+    let step_ms = |st: &autodeploy_core::runtime::RunStats| {
+        st.decode_time.as_secs_f64() * 1e3 / (st.decode_tokens as f64 / batch as f64).max(1.0)
+    };
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| step_ms(&runs[a]).total_cmp(&step_ms(&runs[b])));
+    let stats = runs[order[order.len() / 2]].clone();
+    let run_ms: Vec<f64> = runs.iter().map(step_ms).collect();
+    let spread = (step_ms(&runs[order[order.len() - 1]]) - step_ms(&runs[order[0]])) / step_ms(&stats).max(1e-12);
     let (device, floor, floor_method) = match cfg.resolved_device() {
         autodeploy_core::config::Device::Cpu => (
             format!(
@@ -514,8 +536,8 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
                 autodeploy_kernels::pool::threads(),
                 std::thread::available_parallelism().map_or(1, |n| n.get())
             ),
-            autodeploy_kernels::cpu::measure_read_bandwidth(),
-            "read of a 512 MiB buffer on the decode pool, best of 3, same run",
+            cpu_floor_before.unwrap_or(0.0).max(autodeploy_kernels::cpu::measure_read_bandwidth()),
+            "read of a 512 MiB buffer on the decode pool, best of 3, before and after the timed runs, same run",
         ),
         autodeploy_core::config::Device::Cuda(n) => {
             let gpu = autodeploy_kernels::cuda::exec::Gpu::open(n).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -541,6 +563,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
             "activation_quant": format!("{:?}", cfg.activation_quant).to_lowercase(),
             "load_format": format!("{:?}", cfg.load_format).to_lowercase(),
             "mode": mode, "isl": isl, "osl": osl, "batch": batch, "warmup": "one untimed pass (prefill + 1 decode step)",
+            "repeats": format!("{repeats} timed runs; the median run's numbers, every run's decode step in decode_ms_per_step_runs"),
             "env": env,
         },
         "device": device,
@@ -554,7 +577,21 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
         "floor_gb_per_s": floor / 1e9,
         "floor_method": floor_method,
         "fraction_of_floor": achieved / floor,
+        "repeats": repeats,
+        "decode_ms_per_step_runs": run_ms,
+        "decode_spread": spread,
     });
+    let mut out = out;
+    if achieved > floor {
+        // Reading the weights faster than the measured bandwidth means the floor is low (the
+        // weights sit in a cache the floor's buffer does not fit) or the runs were too short.
+        out["warning"] = serde_json::json!(format!(
+            "fraction_of_floor {:.3} is above 1: the floor measurement is low for this model (weights of {} bytes may \
+             sit in cache) or the runs were too short; compare decode_ms_per_step across runs instead",
+            achieved / floor,
+            bytes
+        ));
+    }
     println!("{out}");
     Ok(())
 }
@@ -757,11 +794,11 @@ fn main() -> ExitCode {
             load_config(&cli).and_then(|c| autodeploy_serve::serve(&c, host, *port, served_model_name.as_deref()))
         }
         Some(Cmd::Chat { system }) => load_config(&cli).and_then(|c| chat(&c, system.as_deref())),
-        Some(Cmd::Bench { mode, num_requests, isl, osl, batch }) if mode == "offline" => {
+        Some(Cmd::Bench { mode, num_requests, isl, osl, .. }) if mode == "offline" => {
             load_config(&cli).and_then(|c| bench_offline(&c, *num_requests, *isl, *osl))
         }
-        Some(Cmd::Bench { mode, isl, osl, batch, .. }) => {
-            load_config(&cli).and_then(|c| bench(&c, mode, *isl, *osl, *batch))
+        Some(Cmd::Bench { mode, isl, osl, batch, repeats, .. }) => {
+            load_config(&cli).and_then(|c| bench(&c, mode, *isl, *osl, *batch, *repeats))
         }
         Some(Cmd::Run { json, .. }) => load_config(&cli).and_then(|c| run(&c, *json)),
         None => load_config(&cli).and_then(|c| run(&c, false)),

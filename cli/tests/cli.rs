@@ -197,6 +197,19 @@ fn bench_prints_one_json_object_with_the_floor() {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {out}");
     }
     assert!(v["weight_bytes"].as_u64().is_some_and(|b| b > 100_000), "{out}");
+    // Three timed runs by default: the median's decode step is the one reported.
+    let mut runs: Vec<f64> =
+        v["decode_ms_per_step_runs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(runs.len(), 3, "{out}");
+    runs.sort_by(f64::total_cmp);
+    assert_eq!(v["decode_ms_per_step"].as_f64(), Some(runs[1]), "{out}");
+    assert!(v["decode_spread"].as_f64().is_some_and(|s| s >= 0.0), "{out}");
+    // Reading faster than the floor is flagged, not reported silently.
+    if v["fraction_of_floor"].as_f64().unwrap() > 1.0 {
+        assert!(v["warning"].as_str().is_some_and(|w| w.contains("above 1")), "{out}");
+    }
+    let (ok, _, err) = autodeploy(&["bench", "--config", "examples/llama-fixture.toml", "--repeats", "0"]);
+    assert!(!ok && err.contains("--repeats 0"), "{err}");
     assert!(v["device"].as_str().is_some_and(|d| d.starts_with("cpu")), "{out}");
     assert!(v["config"]["env"].as_object().is_some(), "{out}");
     // The process's AUTODEPLOY_* settings are part of the configuration printed.
