@@ -257,15 +257,7 @@ fn run(cfg: &PipelineConfig, json: bool) -> Result<()> {
         return Ok(());
     }
     let tok = engine.tokenizer.clone();
-    // Prompts that cannot be tokenized fail alone, like any bad request.
-    let mut prepared: Vec<std::result::Result<Request, String>> = Vec::new();
-    for (i, p) in cfg.prompts.iter().enumerate() {
-        prepared.push(
-            cfg.prompt_ids(i, tok.as_deref())
-                .map(|ids| Request { prompt: ids, sampling: sampling_with_eos(cfg, cfg.sampling(Some(p)), &engine) })
-                .map_err(|e| e.to_string()),
-        );
-    }
+    let prepared = prepare_requests(cfg, &engine);
     let requests: Vec<Request> = prepared.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
     let mut rt = registry::runtime(cfg)?;
     let (results, stats) = rt.generate(&mut engine, &requests);
@@ -317,20 +309,28 @@ fn run(cfg: &PipelineConfig, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The config's prompts as requests; a prompt that cannot be tokenized fails alone (its error),
+/// like any bad request.
+fn prepare_requests(cfg: &PipelineConfig, engine: &pipeline::Engine) -> Vec<std::result::Result<Request, String>> {
+    let tok = engine.tokenizer.as_deref();
+    (0..cfg.prompts.len())
+        .map(|i| {
+            cfg.prompt_ids(i, tok)
+                .map(|ids| Request {
+                    prompt: ids,
+                    sampling: sampling_with_eos(cfg, cfg.sampling(Some(&cfg.prompts[i])), engine),
+                })
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
 /// `run --json`: one JSON object per prompt, in order: its text (or token ids), the completion's
 /// text and token ids, finish reason, and timings from the batch's start (first token, last
 /// token); a prompt that fails has `error` instead. Nothing else goes to stdout.
 fn run_json(cfg: &PipelineConfig, engine: &mut pipeline::Engine) -> Result<()> {
     use serde_json::json;
-    let tok = engine.tokenizer.clone();
-    let mut prepared: Vec<std::result::Result<Request, String>> = Vec::new();
-    for (i, p) in cfg.prompts.iter().enumerate() {
-        prepared.push(
-            cfg.prompt_ids(i, tok.as_deref())
-                .map(|ids| Request { prompt: ids, sampling: sampling_with_eos(cfg, cfg.sampling(Some(p)), engine) })
-                .map_err(|e| e.to_string()),
-        );
-    }
+    let prepared = prepare_requests(cfg, engine);
     let requests: Vec<Request> = prepared.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
     let mut rt = registry::runtime(cfg)?;
     let t0 = std::time::Instant::now();

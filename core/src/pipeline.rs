@@ -132,12 +132,17 @@ fn max_len(g: &Graph, cap: usize) -> usize {
     r.map(|r| r.max).unwrap_or(usize::MAX).min(cap)
 }
 
+/// Pages one sequence of the longest length needs.
+fn pages_per_sequence(g: &Graph, cfg: &PipelineConfig) -> usize {
+    max_len(g, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1))
+}
+
 /// Pages of the KV cache: what `kv_cache_budget_mib` holds, else enough for `max_batch_size`
 /// sequences of the longest length (a backend sizing from free memory may change it). Refused
 /// when the budget does not hold one longest sequence, naming the key.
 pub fn kv_pages(g: &Graph, cfg: &PipelineConfig) -> Result<usize> {
     let page = cfg.attn_page_size.max(1);
-    let one = max_len(g, cfg.max_seq_len).div_ceil(page);
+    let one = pages_per_sequence(g, cfg);
     // Page ids are 32-bit: a pool past that is refused, never truncated.
     let all = cfg.max_batch_size.checked_mul(one).filter(|&n| n <= u32::MAX as usize).ok_or_else(|| {
         crate::error::Error::config(
@@ -188,7 +193,7 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let kv_pages = kv_pages(&graph, cfg)?;
     let kv_pages = check_host_memory(&graph, cfg, kv_pages)?;
     let mut opts = crate::backend::CompileOptions::from_config(cfg, kv_pages);
-    opts.min_kv_pages = max_len(&graph, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1));
+    opts.min_kv_pages = pages_per_sequence(&graph, cfg);
     let model = backend.compile(&graph, &opts)?;
     let kv_pages = model.kv_pages().unwrap_or(kv_pages);
     tracing::info!(kv_pages, page_size = cfg.attn_page_size, "KV cache");
@@ -241,7 +246,7 @@ fn check_host_memory(g: &Graph, cfg: &PipelineConfig, kv_pages: usize) -> Result
         Some(spec) => spec.bytes_per_page(cfg.attn_page_size, 4) as u64,
         None => 0,
     };
-    let one = max_len(g, cfg.max_seq_len).div_ceil(cfg.attn_page_size.max(1)).min(kv_pages) as u64;
+    let one = pages_per_sequence(g, cfg).min(kv_pages) as u64;
     let needs = weights.saturating_add(one.saturating_mul(per_page));
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if needs > avail {

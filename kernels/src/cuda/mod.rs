@@ -33,6 +33,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     ("sampling", include_str!("sampling.cu"), &["argmax_rows_f32"]),
+    ("sample", include_str!("sample.cu"), &["sample_rows"]),
     (
         "graph",
         include_str!("graph.cu"),
@@ -61,7 +62,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gemv_swiglu_bf16",
             "gemv_swiglu_bf16_s2",
             "gemv_swiglu_bf16_s4",
-            "sample_rows",
         ],
     ),
     (
@@ -283,7 +283,7 @@ pub struct Device {
 }
 
 /// The sources `exec::Gpu` launches through raw function handles.
-const RAW_MODULES: &[&str] = &["graph", "attention"];
+const RAW_MODULES: &[&str] = &["graph", "attention", "sample"];
 
 /// A module loaded with `cuModuleLoadData`; unloaded on drop.
 struct RawModule {
