@@ -292,6 +292,50 @@ fn a_mask_that_is_not_causal_is_refused_at_its_sdpa() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A sliding-window export (the mistral fixture with a window of 48 tokens, wider than the
+/// lengths the mask check evaluates, so found from the mask's literal) is limited to its window,
+/// within which it gives transformers' windowed logits; a longer sequence is refused, never
+/// answered with causal attention (past the window, transformers' logits differ from causal
+/// ones, which the reference shows).
+#[test]
+fn a_sliding_window_export_is_limited_to_its_window() {
+    let g = import_pt2("mistral-window48.pt2").unwrap();
+    assert_eq!(g.symbols.get("seq").map(|r| r.max), Some(48), "the sequence bound is the window");
+    let bytes = std::fs::read(fixture("pt2/mistral-window48.reference.safetensors")).unwrap();
+    let r = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |n: &str| -> Vec<f32> {
+        r.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    let ids: Vec<i64> = r
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let (window, causal) = (f32s("logits_window"), f32s("logits_causal"));
+    let vocab = window.len() / ids.len();
+    assert_eq!(ids.len(), 64);
+    let inside = 48 * vocab;
+    assert_eq!(max_abs_diff(&window[..inside], &causal[..inside], "inside the window"), 0.0);
+    assert!(max_abs_diff(&window[inside..], &causal[inside..], "past the window") > 0.1, "degenerate reference");
+
+    let mut m = compile(&g);
+    let got = logits(m.as_mut(), &[1, 48], &ids[..48]);
+    let err = max_abs_diff(&got, &window[..inside], "48 tokens");
+    assert!(err <= 1e-4, "max |error| against transformers' windowed logits: {err}");
+    let t = |data: Vec<i64>| autodeploy_core::Tensor::from_i64(vec![1, 64], data).unwrap();
+    let e = m.forward(&[t(ids.clone()), t((0..64).collect())], None).err();
+    let e = e.expect("64 tokens past a 48-token window").to_string();
+    assert!(e.contains("seq") && e.contains("[1, 48]"), "{e}");
+
+    // Through the runtime: the long prompt fails alone, naming the limit; a short one runs.
+    let out = generate("pt2/mistral-window48.pt2", "attn_page_size = 8", &[greedy(&ids, 4), greedy(&ids[..40], 4)]);
+    let e = out[0].as_ref().err().expect("a 64-token prompt past the window").to_string();
+    assert!(e.contains("48"), "{e}");
+    assert_eq!(out[1].as_ref().unwrap().tokens.len(), 4);
+}
+
 /// A small deterministic generator for the fuzz test (xorshift64*).
 struct Rng(u64);
 

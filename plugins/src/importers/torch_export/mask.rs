@@ -5,12 +5,16 @@
 //! `cumsum`, `eq`), joined with `&`. The host's cached attention is causal over each sequence,
 //! so the importer does not translate these ops into the graph: it evaluates the mask's
 //! subgraph here, on small integer tensors, for a few batches of contiguous positions (what the
-//! runtime feeds), and accepts the SDPA as causal only when the mask is exactly the causal one.
-//! Anything else (sliding windows, bidirectional prefixes, padding masks) is refused by name.
+//! runtime feeds), and accepts the SDPA as causal only when the mask is exactly the causal one
+//! or a sliding window (causal, each query seeing itself and the `w - 1` tokens before it).
+//! A window no evaluated length reaches (4096 tokens, say) is found by substituting small values
+//! for the integer literals of the mask's ops: a literal that moves the window one token per unit
+//! is the window's size. Anything else (bidirectional prefixes, padding masks) is refused by name.
 
 use std::collections::HashMap;
 
-use autodeploy_core::shape::Bindings;
+use autodeploy_core::shape::{Bindings, Shape};
+use autodeploy_core::DType;
 use serde_json::Value;
 
 /// An integer (or bool, as 0/1) tensor, row-major.
@@ -112,6 +116,8 @@ pub struct MaskEval<'a> {
     pub sym_ints: &'a HashMap<String, autodeploy_core::Dim>,
     pub bind: Bindings,
     pub values: HashMap<String, IntTensor>,
+    /// An integer argument evaluated with another value: (tensor, argument name, value).
+    pub patch: Option<(String, String, i64)>,
 }
 
 fn short(target: &str) -> &str {
@@ -150,7 +156,19 @@ impl MaskEval<'_> {
         if let Some(t) = self.values.get(name) {
             return Ok(t.clone());
         }
-        let n = self.nodes.get(name).ok_or_else(|| format!("`{name}` is not computed by a node of the graph"))?;
+        let nodes = self.nodes;
+        let mut n = nodes.get(name).ok_or_else(|| format!("`{name}` is not computed by a node of the graph"))?;
+        let patched;
+        if let Some((_, arg, v)) = self.patch.as_ref().filter(|p| p.0 == name) {
+            let mut c = n.clone();
+            for i in c["inputs"].as_array_mut().into_iter().flatten() {
+                if i["name"] == arg.as_str() {
+                    i["arg"] = serde_json::json!({ "as_int": v });
+                }
+            }
+            patched = c;
+            n = &patched;
+        }
         let target = n["target"].as_str().unwrap_or("?");
         let args: HashMap<&str, &Value> = n["inputs"]
             .as_array()
@@ -423,6 +441,148 @@ fn cat(a: &IntTensor, b: &IntTensor, d: usize) -> Result<IntTensor, String> {
     Ok(IntTensor::new(shape, data))
 }
 
+/// What the evaluated masks are for: (rows, tokens per row, each row's first position).
+const CASES: [(usize, usize, [i64; 3]); 4] =
+    [(2, 5, [0, 3, 0]), (1, 7, [11, 0, 0]), (3, 1, [0, 4, 9]), (1, 33, [0, 0, 0])];
+
+/// The tokens of the one row a literal's substitutes are evaluated with (room for a window of
+/// up to 11 tokens).
+const PROBE_SEQ: usize = 12;
+
+/// An export's graph, as far as evaluating an SDPA mask needs it.
+pub struct MaskSource<'a> {
+    pub nodes: &'a HashMap<String, Value>,
+    pub sym_ints: &'a HashMap<String, autodeploy_core::Dim>,
+    /// The graph's user inputs: name, dtype, shape.
+    pub user_inputs: &'a [(String, DType, Shape)],
+}
+
+impl MaskSource<'_> {
+    /// `mask` for `batch` rows of `seq` contiguous positions starting at `offsets`.
+    fn eval(
+        &self,
+        mask: &str,
+        (batch, seq, offsets): (usize, usize, &[i64]),
+        patch: Option<(String, String, i64)>,
+    ) -> Result<IntTensor, String> {
+        let mut bind = Bindings::new();
+        bind.insert("batch".into(), batch);
+        bind.insert("seq".into(), seq);
+        let mut values = HashMap::new();
+        for (name, _, shape) in self.user_inputs {
+            let Ok(dims) = autodeploy_core::shape::eval_shape(shape, &bind) else { continue };
+            let data = match name.as_str() {
+                "position_ids" if dims.len() == 2 => (0..dims[0])
+                    .flat_map(|r| (0..dims[1] as i64).map(move |i| offsets.get(r).unwrap_or(&0) + i))
+                    .collect(),
+                "input_ids" => vec![1; dims.iter().product()],
+                _ => continue,
+            };
+            values.insert(name.clone(), IntTensor::new(dims, data));
+        }
+        MaskEval { nodes: self.nodes, sym_ints: self.sym_ints, bind, values, patch }
+            .eval(mask)
+            .map_err(|e| format!("the mask `{mask}` could not be evaluated: {e}"))
+    }
+
+    /// The sliding window `mask` keeps (`None`: it is the causal mask), or why it is neither.
+    pub fn window(&self, mask: &str) -> Result<Option<usize>, String> {
+        let (mut seen, mut causal_at) = (None::<usize>, 0);
+        for (batch, seq, offsets) in CASES {
+            let m = self.eval(mask, (batch, seq, &offsets), None)?;
+            match classify(&m, batch, seq).map_err(|e| {
+                format!("the mask `{mask}` is not the causal mask (for {batch} rows of {seq} positions it {e})")
+            })? {
+                Some(w) if seen.is_some_and(|s| s != w) => {
+                    return Err(format!("the mask `{mask}` keeps windows of both {} and {w} tokens", seen.unwrap_or(0)))
+                }
+                Some(w) => seen = Some(w),
+                None => causal_at = causal_at.max(seq),
+            }
+        }
+        if let Some(w) = seen {
+            if causal_at > w {
+                return Err(format!("the mask `{mask}` keeps a window of {w} tokens, but not for {causal_at}"));
+            }
+            return Ok(Some(w));
+        }
+        Ok(self.literal_windows(mask).into_iter().min())
+    }
+
+    /// Windows too wide for the evaluated lengths: each integer literal `c` of the mask's ops
+    /// (`|c| >= 2`) is replaced by ±2, ±3 and ±4; when the mask then keeps windows that move
+    /// by one token per unit, the window at `c` follows.
+    fn literal_windows(&self, mask: &str) -> Vec<usize> {
+        let mut found = Vec::new();
+        for (tensor, arg, c) in self.literals(mask) {
+            let sign = c.signum();
+            let widths: Vec<Option<i64>> = [2, 3, 4]
+                .iter()
+                .map(|k| {
+                    let m =
+                        self.eval(mask, (1, PROBE_SEQ, &[0]), Some((tensor.clone(), arg.clone(), sign * k))).ok()?;
+                    classify(&m, 1, PROBE_SEQ).ok().flatten().map(|w| w as i64)
+                })
+                .collect();
+            let [Some(w2), Some(w3), Some(w4)] = widths[..] else { continue };
+            // Substitutes step by `sign`; a window that follows them steps by ±1.
+            let slope = (w3 - w2) * sign;
+            if slope.abs() != 1 || w4 - w3 != w3 - w2 {
+                continue;
+            }
+            if let Some(w) = c.checked_sub(2 * sign).and_then(|d| d.checked_mul(slope)).and_then(|d| d.checked_add(w2))
+            {
+                if w >= 1 {
+                    found.push(usize::try_from(w).unwrap_or(usize::MAX));
+                }
+            }
+        }
+        found
+    }
+
+    /// The scalar integer operands (`other`, `|value| >= 2`) of the ops `mask` is computed from.
+    fn literals(&self, mask: &str) -> Vec<(String, String, i64)> {
+        let (mut out, mut stack, mut seen) = (Vec::new(), vec![mask.to_string()], std::collections::HashSet::new());
+        while let Some(t) = stack.pop() {
+            if !seen.insert(t.clone()) {
+                continue;
+            }
+            let Some(n) = self.nodes.get(&t) else { continue };
+            for i in n["inputs"].as_array().into_iter().flatten() {
+                let arg = &i["arg"];
+                super::tensor_args(arg, &mut stack);
+                if let (Some("other"), Some(c)) = (i["name"].as_str(), arg["as_int"].as_i64()) {
+                    if c.abs() >= 2 {
+                        out.push((t.clone(), "other".to_string(), c));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `None` when `mask` (`[batch|1, heads|1, seq, seq]`, nonzero = attend) is the causal mask for
+/// `batch` rows of `seq` tokens; `Some(w)` when it is a sliding window of `w < seq` tokens (a
+/// query attends to itself and the `w - 1` before it); else where it departs from the causal mask.
+pub fn classify(mask: &IntTensor, batch: usize, seq: usize) -> Result<Option<usize>, String> {
+    is_causal(mask, batch, seq).map(|()| None).or_else(|causal| {
+        // The window the last query of the first row sees.
+        let w = (0..seq).filter(|&j| mask.at_broadcast(&[0, 0, seq - 1, j]) != 0).count();
+        let window = w > 0
+            && w < seq
+            && IntTensor::indices(&mask.shape).all(|idx| {
+                let (i, j) = (idx[2], idx[3]);
+                (mask.at_broadcast(&idx) != 0) == (j <= i && i - j < w)
+            });
+        if window {
+            Ok(Some(w))
+        } else {
+            Err(causal)
+        }
+    })
+}
+
 /// Whether `mask` (`[batch|1, heads|1, seq, seq]`, nonzero = attend) is the causal mask for
 /// `batch` rows of `seq` tokens.
 pub fn is_causal(mask: &IntTensor, batch: usize, seq: usize) -> Result<(), String> {
@@ -460,6 +620,22 @@ mod tests {
         let full = IntTensor::new(vec![1, 1, 3, 3], vec![1; 9]);
         let e = is_causal(&full, 1, 3).unwrap_err();
         assert!(e.contains("query 0 key 1"), "{e}");
+    }
+
+    #[test]
+    fn a_sliding_window_is_told_from_causal_and_from_other_masks() {
+        let mask = |seq: usize, f: &dyn Fn(usize, usize) -> bool| {
+            let data = (0..seq * seq).map(|k| f(k / seq, k % seq) as i64).collect();
+            IntTensor::new(vec![1, 1, seq, seq], data)
+        };
+        assert_eq!(classify(&mask(7, &|i, j| j <= i), 1, 7), Ok(None));
+        assert_eq!(classify(&mask(7, &|i, j| j <= i && i - j < 3), 1, 7), Ok(Some(3)));
+        // A window as wide as the sequence is the causal mask.
+        assert_eq!(classify(&mask(7, &|i, j| j <= i && i - j < 7), 1, 7), Ok(None));
+        // Windowed except for one query that sees everything: neither.
+        let e = classify(&mask(7, &|i, j| j <= i && (i - j < 3 || i == 4)), 1, 7).unwrap_err();
+        assert!(e.contains("query 3 key 0 it does not attend"), "{e}");
+        assert!(classify(&mask(7, &|i, j| i - j.min(i) < 3), 1, 7).is_err(), "attends to the future");
     }
 
     #[test]

@@ -146,6 +146,8 @@ struct Importer<'a> {
     producers: HashMap<String, Value>,
     /// User inputs: name, dtype, shape (for evaluating masks).
     user_inputs: Vec<(String, DType, Shape)>,
+    /// The narrowest sliding window an SDPA mask was found to have.
+    window: Option<usize>,
 }
 
 impl<'a> Importer<'a> {
@@ -157,6 +159,7 @@ impl<'a> Importer<'a> {
             sym_ints: HashMap::new(),
             producers: HashMap::new(),
             user_inputs: Vec::new(),
+            window: None,
         }
     }
 
@@ -314,7 +317,23 @@ impl<'a> Importer<'a> {
             nodes.len(),
             a.weights.len()
         ));
+        if let Some(w) = self.window {
+            b.note(format!(
+                "import: the attention mask is a sliding window of {w} tokens; sequences are limited to {w} \
+                 positions, within which it equals the causal mask"
+            ));
+        }
         let mut g = b.finish()?;
+        if let Some(w) = self.window {
+            // Within the window the causal attention the host runs is exact; beyond it a
+            // request is refused by the sequence bound, never answered with the wrong mask.
+            let r = g.symbols.entry("seq".to_string()).or_insert(autodeploy_core::shape::SymRange { min: 1, max: w });
+            r.max = r.max.min(w);
+            tracing::info!(
+                "{}: sliding-window attention of {w} tokens: sequences limited to {w} positions",
+                a.path.display()
+            );
+        }
         g.dce();
         Ok(g)
     }
@@ -334,38 +353,14 @@ impl<'a> Importer<'a> {
             .collect()
     }
 
-    /// Checks that an SDPA's `attn_mask` is the causal mask, by evaluating it for a few
-    /// batches of contiguous positions.
-    fn check_causal_mask(&self, mask: &str) -> std::result::Result<(), String> {
+    /// The sliding window of an SDPA's `attn_mask` (`None`: the causal mask), or why the host
+    /// cannot take it (`mask::MaskSource::window`).
+    fn mask_window(&self, mask: &str) -> std::result::Result<Option<usize>, String> {
         if self.meta(mask).map(|m| m.0).ok() != Some(DType::Bool) {
             return Err(format!("the mask `{mask}` is not boolean (additive float masks are not recognised)"));
         }
-        for (batch, seq, offsets) in [(2usize, 5usize, [0i64, 3, 0]), (1, 7, [11, 0, 0]), (3, 1, [0, 4, 9])] {
-            let mut bind = autodeploy_core::shape::Bindings::new();
-            bind.insert("batch".into(), batch);
-            bind.insert("seq".into(), seq);
-            let mut values = HashMap::new();
-            for (name, _, shape) in &self.user_inputs {
-                let dims: Vec<usize> = match autodeploy_core::shape::eval_shape(shape, &bind) {
-                    Ok(d) => d,
-                    Err(_) => continue,
-                };
-                let data = match name.as_str() {
-                    "position_ids" if dims.len() == 2 => (0..dims[0])
-                        .flat_map(|r| (0..dims[1] as i64).map(move |i| offsets.get(r).unwrap_or(&0) + i))
-                        .collect(),
-                    "input_ids" => vec![1; dims.iter().product()],
-                    _ => continue,
-                };
-                values.insert(name.clone(), mask::IntTensor { shape: dims, data });
-            }
-            let mut ev = mask::MaskEval { nodes: &self.producers, sym_ints: &self.sym_ints, bind, values };
-            let m = ev.eval(mask).map_err(|e| format!("the mask `{mask}` could not be evaluated: {e}"))?;
-            mask::is_causal(&m, batch, seq).map_err(|e| {
-                format!("the mask `{mask}` is not the causal mask (for {batch} rows of {seq} positions it {e})")
-            })?;
-        }
-        Ok(())
+        mask::MaskSource { nodes: &self.producers, sym_ints: &self.sym_ints, user_inputs: &self.user_inputs }
+            .window(mask)
     }
 
     fn node(&mut self, b: &mut GraphBuilder, n: &Value) -> Result<()> {
@@ -543,12 +538,15 @@ impl<'a> Importer<'a> {
                     if is_causal {
                         return Err(unsupported("SDPA with both a mask and is_causal"));
                     }
-                    self.check_causal_mask(m).map_err(|e| {
+                    let window = self.mask_window(m).map_err(|e| {
                         unsupported(&format!(
-                            "{e}; the host's attention is causal over each sequence (sliding windows, padding and \
-                             bidirectional masks are not supported)"
+                            "{e}; the host's attention is causal over each sequence (a sliding window is taken \
+                             by limiting sequences to it; padding and bidirectional masks are not supported)"
                         ))
                     })?;
+                    if let Some(w) = window {
+                        self.window = Some(self.window.map_or(w, |have| have.min(w)));
+                    }
                     is_causal = true;
                 }
                 let op = Op::Sdpa { is_causal, scale: float("scale"), enable_gqa: boolean("enable_gqa") };
