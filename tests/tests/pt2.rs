@@ -1,7 +1,7 @@
 //! The torch-export importer (issue 7): weights read without Python equal the checkpoint they
 //! were exported from; exported transformers give transformers' logits, generate what the HF
 //! importer generates, and reach the same canonical graph; masks other than causal, unknown ops
-//! and corrupt archives fail with errors naming what is at fault; a fuzzed archive never panics.
+//! and corrupt archives fail with errors naming what is at fault (fuzzed in tests/fuzz.rs).
 
 mod common;
 
@@ -69,27 +69,6 @@ fn an_archive_with_an_eight_character_name_opens() {
     for w in &b.weights {
         assert_eq!(a.load(&w.name).unwrap().to_f32(), b.load(&w.name).unwrap().to_f32(), "{}", w.name);
     }
-}
-
-/// What to do with one zip entry: its new bytes, or `None` to leave it out.
-type EntryEdit<'a> = dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>> + 'a;
-
-/// Writes archive `src` to `out` with each entry passed through `edit`.
-fn rewrite_archive(src: &[u8], out: &std::path::Path, edit: &EntryEdit<'_>) -> std::path::PathBuf {
-    let mut z = zip::ZipArchive::new(std::io::Cursor::new(src)).unwrap();
-    let mut w = zip::ZipWriter::new(std::fs::File::create(out).unwrap());
-    for i in 0..z.len() {
-        let mut f = z.by_index(i).unwrap();
-        let n = f.name().unwrap().into_owned();
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut f, &mut buf).unwrap();
-        if let Some(b) = edit(&n, buf) {
-            w.start_file(n, zip::write::SimpleFileOptions::default()).unwrap();
-            std::io::Write::write_all(&mut w, &b).unwrap();
-        }
-    }
-    w.finish().unwrap();
-    out.to_path_buf()
 }
 
 #[test]
@@ -331,184 +310,9 @@ fn a_sliding_window_export_is_limited_to_its_window() {
 
     // Through the runtime: the long prompt fails alone, naming the limit; a short one runs.
     let out = generate("pt2/mistral-window48.pt2", "attn_page_size = 8", &[greedy(&ids, 4), greedy(&ids[..40], 4)]);
-    let e = out[0].as_ref().err().expect("a 64-token prompt past the window").to_string();
+    let e = out[0].as_ref().map(|c| c.tokens.len()).expect_err("a 64-token prompt past the window").to_string();
     assert!(e.contains("48"), "{e}");
     assert_eq!(out[1].as_ref().unwrap().tokens.len(), 4);
-}
-
-/// A small deterministic generator for the fuzz test (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// Every JSON node's path (object keys and array indices) under `v`.
-fn json_paths(v: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
-    out.push(at.clone());
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, x) in m {
-                at.push(k.clone());
-                json_paths(x, at, out);
-                at.pop();
-            }
-        }
-        serde_json::Value::Array(a) => {
-            for (i, x) in a.iter().enumerate() {
-                at.push(i.to_string());
-                json_paths(x, at, out);
-                at.pop();
-            }
-        }
-        _ => {}
-    }
-}
-
-fn json_at<'v>(v: &'v mut serde_json::Value, path: &[String]) -> &'v mut serde_json::Value {
-    path.iter().fold(v, |v, k| match v {
-        serde_json::Value::Object(m) => m.get_mut(k).unwrap(),
-        serde_json::Value::Array(a) => &mut a[k.parse::<usize>().unwrap()],
-        _ => unreachable!(),
-    })
-}
-
-/// One structural mutation: a node replaced by another kind of value, an entry dropped, or a
-/// string swapped for another string of the document (tensor names, op targets).
-fn mutate(doc: &mut serde_json::Value, rng: &mut Rng, strings: &[String]) -> String {
-    let mut paths = Vec::new();
-    json_paths(doc, &mut Vec::new(), &mut paths);
-    let path = paths[rng.below(paths.len())].clone();
-    let pick = rng.below(8);
-    let node = json_at(doc, &path);
-    use serde_json::json;
-    let what = match pick {
-        0 => json!(null),
-        1 => json!(-1),
-        2 => json!(i64::MAX),
-        3 => json!(3.5),
-        4 => json!("?"),
-        5 => json!([]),
-        6 => json!({}),
-        _ => json!(strings[rng.below(strings.len())]),
-    };
-    let drop = rng.below(4) == 0 && !path.is_empty();
-    if drop {
-        let (last, parent) = path.split_last().unwrap();
-        match json_at(doc, parent) {
-            serde_json::Value::Object(m) => {
-                m.remove(last);
-            }
-            serde_json::Value::Array(a) => {
-                a.remove(last.parse::<usize>().unwrap());
-            }
-            _ => {}
-        }
-        return format!("drop {}", path.join("."));
-    }
-    *node = what.clone();
-    format!("{} = {what}", path.join("."))
-}
-
-/// The archive reader and the importer, fed structurally mutated graph JSON and weight tables
-/// and byte-damaged archives, return errors and never panic.
-#[test]
-fn fuzzed_archives_error_without_panicking() {
-    let dir = std::env::temp_dir().join(format!("adpt2-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let importer = autodeploy_core::registry::importer("torch-export").unwrap();
-    let try_import = |p: &std::path::Path| {
-        let req = autodeploy_core::backend::ImportRequest {
-            path: p.to_path_buf(),
-            dtype: None,
-            max_batch_size: 8,
-            max_seq_len: 128,
-            dummy_weights: false,
-        };
-        if let Ok(a) = Pt2Archive::open(p) {
-            for w in &a.weights {
-                let _ = a.load(&w.name);
-            }
-        }
-        let _ = importer.import(&req);
-    };
-    // AUTODEPLOY_FUZZ_ITERATIONS=N fuzzes longer (per archive); CI runs the short default.
-    let iterations = std::env::var("AUTODEPLOY_FUZZ_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if cfg!(debug_assertions) { 150 } else { 600 });
-    let seed = std::env::var("AUTODEPLOY_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x9e37_79b9_7f4a_7c15);
-    let mut rng = Rng(seed);
-    let (mut runs, mut imported) = (0, 0);
-    for archive in ["mlp.pt2", "llama.pt2", "llama-legacy.pt2"] {
-        let src = std::fs::read(fixture(&format!("pt2/{archive}"))).unwrap();
-        let mut z = zip::ZipArchive::new(std::io::Cursor::new(&src)).unwrap();
-        let json_entries: Vec<String> = (0..z.len())
-            .map(|i| z.by_index(i).unwrap().name().unwrap().into_owned())
-            .filter(|n| n.ends_with(".json"))
-            .collect();
-        for it in 0..iterations {
-            let entry = json_entries[rng.below(json_entries.len())].clone();
-            let mut f = z.by_name(&entry).unwrap();
-            let mut text = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut text).unwrap();
-            drop(f);
-            let mut doc: serde_json::Value = serde_json::from_slice(&text).unwrap();
-            let mut paths = Vec::new();
-            json_paths(&doc, &mut Vec::new(), &mut paths);
-            let strings: Vec<String> = paths
-                .iter()
-                .filter_map(|p| json_at(&mut doc, p).as_str().map(str::to_string))
-                .take(2000)
-                .collect::<Vec<_>>();
-            let strings = if strings.is_empty() { vec!["x".to_string()] } else { strings };
-            let edits: Vec<String> = (0..1 + rng.below(3)).map(|_| mutate(&mut doc, &mut rng, &strings)).collect();
-            let bytes = serde_json::to_vec(&doc).unwrap();
-            let p = rewrite_archive(&src, &dir.join(format!("f{it}.pt2")), &|n, b| {
-                Some(if n == entry { bytes.clone() } else { b })
-            });
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| try_import(&p)));
-            assert!(r.is_ok(), "{archive}: panicked after editing {entry}: {edits:?}");
-            imported += importer
-                .import(&autodeploy_core::backend::ImportRequest {
-                    path: p.clone(),
-                    dtype: None,
-                    max_batch_size: 8,
-                    max_seq_len: 128,
-                    dummy_weights: false,
-                })
-                .is_ok() as usize;
-            runs += 1;
-            let _ = std::fs::remove_file(&p);
-        }
-        // Byte damage to the zip itself: flipped bytes and truncations.
-        for it in 0..iterations / 3 {
-            let mut b = src.clone();
-            if rng.below(2) == 0 {
-                b.truncate(rng.below(src.len()));
-            } else {
-                for _ in 0..1 + rng.below(8) {
-                    let i = rng.below(b.len());
-                    b[i] ^= 1 << rng.below(8);
-                }
-            }
-            let p = dir.join(format!("b{it}.pt2"));
-            std::fs::write(&p, &b).unwrap();
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| try_import(&p)));
-            assert!(r.is_ok(), "{archive}: panicked on damaged bytes (case {it})");
-            runs += 1;
-        }
-    }
-    eprintln!("fuzz: {runs} mutated archives, {imported} of the JSON edits still imported; no panic");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The tokenizer scripts/export.py saves beside an archive (`x.pt2` → `x.tokenizer/`) is the

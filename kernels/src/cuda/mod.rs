@@ -217,6 +217,14 @@ fn fnv(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// Where the PTX of `module`'s source for `arch` is cached (keyed by the full source, the arch
+/// and the NVRTC version).
+fn ptx_path(module: &str, src: &str, arch: &str) -> Result<std::path::PathBuf, Unavailable> {
+    let (major, minor) = nvrtc_version()?;
+    let key = fnv(&[full_source(src).as_bytes(), arch.as_bytes(), format!("{major}.{minor}").as_bytes()]);
+    Ok(cache_dir().join(format!("{module}-{arch}-{key:016x}.ptx")))
+}
+
 /// PTX for `module`'s source, compiled for `arch` (`sm_90`): from the disk cache when this
 /// source, arch and NVRTC version were compiled before, else by NVRTC (then cached).
 pub fn compile(module: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool), Unavailable> {
@@ -226,10 +234,8 @@ pub fn compile(module: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool
 /// As `compile`, for source from elsewhere (a plugin's), `what` naming it in errors; cached
 /// under `module` (a file-name-safe label).
 pub fn compile_labeled(module: &str, what: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool), Unavailable> {
-    let (major, minor) = nvrtc_version()?;
+    let path = ptx_path(module, src, arch)?;
     let full = full_source(src);
-    let key = fnv(&[full.as_bytes(), arch.as_bytes(), format!("{major}.{minor}").as_bytes()]);
-    let path = cache_dir().join(format!("{module}-{arch}-{key:016x}.ptx"));
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok((Ptx::from_src(text), true));
     }
@@ -339,14 +345,43 @@ impl Device {
         let cc = ctx.compute_capability().map_err(|e| Unavailable(format!("cuda:{ordinal}: {e:?}")))?;
         let arch = arch_name(cc);
         let (mut modules, mut raw) = (Vec::new(), Vec::new());
-        for (m, src, _) in SOURCES {
+        // A first run compiles every module with NVRTC (tens of seconds); later ones read the
+        // disk cache. The bar shows only when something compiles, and only on a terminal.
+        let (t0, mut bar, mut compiled) = (std::time::Instant::now(), None::<indicatif::ProgressBar>, 0);
+        for (i, (m, src, _)) in SOURCES.iter().enumerate() {
+            if !ptx_path(m, src, arch)?.exists() {
+                let b = bar.get_or_insert_with(|| {
+                    let b = indicatif::ProgressBar::new(SOURCES.len() as u64).with_style(
+                        indicatif::ProgressStyle::with_template(
+                            "compiling CUDA kernels {bar:30} {pos}/{len} {wide_msg}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    b.set_position(i as u64);
+                    b
+                });
+                b.set_message(format!("{m}.cu"));
+                compiled += 1;
+            }
             let (ptx, _) = compile(m, src, arch)?;
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
             let loading = |e| Unavailable(format!("loading kernels {m} on {name}: {e:?}"));
             if RAW_MODULES.contains(m) {
                 raw.push((*m, RawModule::load(&ctx, &ptx).map_err(&loading)?));
             } else {
                 modules.push((*m, ctx.load_module(ptx).map_err(|e| loading(format!("{e:?}")))?));
             }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+            tracing::info!(
+                modules = compiled,
+                seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+                cache = %cache_dir().display(),
+                "compiled CUDA kernels with NVRTC for {arch} (cached for later runs)"
+            );
         }
         Ok(Device { ctx, name, cc, modules, raw, extra: Default::default() })
     }

@@ -146,3 +146,24 @@ pub fn greedy(prompt: &[i64], n: usize) -> autodeploy_core::runtime::Request {
 /// The argmax the runtime's greedy sampler uses (first index on ties, as torch).
 #[allow(unused_imports)] // not every test binary uses it
 pub use autodeploy_core::sampling::argmax;
+
+/// What to do with one zip entry: its new bytes, or `None` to leave it out.
+pub type EntryEdit<'a> = dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>> + 'a;
+
+/// Writes archive `src` to `out` with each entry passed through `edit`.
+pub fn rewrite_archive(src: &[u8], out: &std::path::Path, edit: &EntryEdit<'_>) -> std::path::PathBuf {
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(src)).unwrap();
+    let mut w = zip::ZipWriter::new(std::fs::File::create(out).unwrap());
+    for i in 0..z.len() {
+        let mut f = z.by_index(i).unwrap();
+        let n = f.name().unwrap().into_owned();
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut buf).unwrap();
+        if let Some(b) = edit(&n, buf) {
+            w.start_file(n, zip::write::SimpleFileOptions::default()).unwrap();
+            std::io::Write::write_all(&mut w, &b).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    out.to_path_buf()
+}

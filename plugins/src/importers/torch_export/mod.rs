@@ -564,7 +564,7 @@ impl<'a> Importer<'a> {
         let v = match translated {
             // An op that changes nothing (a whole-dim slice, which torch 2.6/2.7 exports spell
             // out; a view to the shape its input has) is its input.
-            Some((op, inputs)) if is_identity(&op, b.meta(inputs[0])) => inputs[0],
+            Some((op, inputs)) if inputs.first().is_some_and(|&x| is_identity(&op, b.meta(x))) => inputs[0],
             Some((op, inputs)) => {
                 b.op(&out, op, &inputs).map_err(|e| unsupported(&format!("its shapes do not check: {e}")))?
             }

@@ -27,6 +27,9 @@ use autodeploy_kernels::cuda::exec::{
 };
 use autodeploy_kernels::cuda::Unavailable;
 
+mod memory;
+use memory::{padded, Arena};
+
 /// What the CUDA executor does beyond running nodes in order.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Mode {
@@ -242,55 +245,6 @@ fn unsupported(op: &Op) -> Option<&'static str> {
     }
 }
 
-/// Bytes, padded so every region starts 256-byte aligned.
-fn padded(bytes: usize) -> usize {
-    bytes.div_ceil(256) * 256
-}
-
-/// First-fit allocator over offsets of one arena; `top` is its high-water mark.
-#[derive(Default)]
-struct Arena {
-    free: Vec<(usize, usize)>,
-    top: usize,
-}
-
-impl Arena {
-    fn alloc(&mut self, bytes: usize) -> usize {
-        let bytes = padded(bytes.max(1));
-        if let Some(i) = self.free.iter().position(|&(_, n)| n >= bytes) {
-            let (at, n) = self.free[i];
-            if n == bytes {
-                self.free.remove(i);
-            } else {
-                self.free[i] = (at + bytes, n - bytes);
-            }
-            return at;
-        }
-        // Grow from the top, merging with a free block that ends there.
-        if let Some(i) = self.free.iter().position(|&(at, n)| at + n == self.top) {
-            let (at, _) = self.free.remove(i);
-            self.top = at + bytes;
-            return at;
-        }
-        let at = self.top;
-        self.top += bytes;
-        at
-    }
-
-    fn release(&mut self, at: usize, bytes: usize) {
-        self.free.push((at, padded(bytes.max(1))));
-        self.free.sort_unstable();
-        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.free.len());
-        for &(a, n) in &self.free {
-            match merged.last_mut() {
-                Some((pa, pn)) if *pa + *pn == a => *pn += n,
-                _ => merged.push((a, n)),
-            }
-        }
-        self.free = merged;
-    }
-}
-
 /// Per node: the regions its output and scratch use (arena offsets), planned once.
 struct Planned {
     out: usize,
@@ -397,70 +351,6 @@ impl CudaModel {
         }
         let gpu = Gpu::open(ordinal).map_err(gpu_err)?;
         tracing::info!(gpu = %gpu.dev.name, "compiling for CUDA");
-
-        // Weights at the graph's dtypes.
-        let bar = indicatif::ProgressBar::new(graph.params.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template("uploading weights {bar:30} {pos}/{len} {wide_msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        let mut params = Vec::with_capacity(graph.params.len());
-        let mut param_ptr = HashMap::new();
-        for p in &graph.params {
-            dt(graph.meta(p.value).dtype, &p.weight)?;
-        }
-        // Read (or generate) a few weights at a time on the host's cores, then upload them.
-        // Weights that are generated values throughout (`load_format = "dummy"`) are made on the
-        // GPU instead: the same values, without the host's work and the copy.
-        let on_device = |p: &autodeploy_core::ir::Param| -> Option<(Dt, Vec<(usize, Synthetic)>)> {
-            let d = dt(graph.meta(p.value).dtype, &p.weight).ok()?;
-            matches!(d, Dt::F32 | Dt::BF16 | Dt::F16).then_some(())?;
-            Some((d, graph.weights.synthetic_parts(&p.weight)?))
-        };
-        for chunk in graph.params.chunks(8) {
-            use rayon::prelude::*;
-            let made: Vec<_> = chunk.iter().map(on_device).collect();
-            let loaded: Vec<Result<Option<Tensor>>> = chunk
-                .par_iter()
-                .zip(&made)
-                .map(|(p, made)| {
-                    if made.is_some() {
-                        return Ok(None);
-                    }
-                    let meta = graph.meta(p.value);
-                    let t = graph.weights.load(&p.weight, meta.dtype)?;
-                    let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
-                    if t.shape() != want.as_slice() {
-                        return Err(Error::TensorShape {
-                            file: graph.weights.location(&p.weight).into(),
-                            name: p.weight.clone(),
-                            expected: want,
-                            found: t.shape().to_vec(),
-                        });
-                    }
-                    Ok(Some(t))
-                })
-                .collect();
-            for ((p, t), made) in chunk.iter().zip(loaded).zip(made) {
-                bar.set_message(p.weight.clone());
-                bar.inc(1);
-                if let Some((d, parts)) = made {
-                    let buf = generate(&gpu, graph, p, d, &parts)?;
-                    param_ptr.insert(p.value.0 as usize, buf.ptr);
-                    params.push(buf);
-                    continue;
-                }
-                let t = t?.expect("loaded on the host when not made on the GPU");
-                let bytes = host_bytes(&t)?;
-                let buf = gpu.alloc(bytes.len(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
-                gpu.upload(buf.ptr, bytes).map_err(gpu_err)?;
-                // The upload may read the host copy after it returns: wait before dropping it.
-                gpu.sync().map_err(gpu_err)?;
-                param_ptr.insert(p.value.0 as usize, buf.ptr);
-                params.push(buf);
-            }
-        }
-        gpu.sync().map_err(gpu_err)?;
-        bar.finish_and_clear();
 
         // The largest shapes: every symbol at the top of its range.
         let max_bind: Bindings = graph.symbols.iter().map(|(s, r)| (s.clone(), r.max)).collect();
@@ -587,6 +477,74 @@ impl CudaModel {
                 }
             }
         }
+        // Before anything large is allocated: weights, activations and the KV cache against
+        // what the device has free.
+        memory::Footprint::of(graph, opts, arena.top)?.check(&gpu)?;
+
+        // Weights at the graph's dtypes.
+        let bar = indicatif::ProgressBar::new(graph.params.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template("uploading weights {bar:30} {pos}/{len} {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let mut params = Vec::with_capacity(graph.params.len());
+        let mut param_ptr = HashMap::new();
+        for p in &graph.params {
+            dt(graph.meta(p.value).dtype, &p.weight)?;
+        }
+        // Read (or generate) a few weights at a time on the host's cores, then upload them.
+        // Weights that are generated values throughout (`load_format = "dummy"`) are made on the
+        // GPU instead: the same values, without the host's work and the copy.
+        let on_device = |p: &autodeploy_core::ir::Param| -> Option<(Dt, Vec<(usize, Synthetic)>)> {
+            let d = dt(graph.meta(p.value).dtype, &p.weight).ok()?;
+            matches!(d, Dt::F32 | Dt::BF16 | Dt::F16).then_some(())?;
+            Some((d, graph.weights.synthetic_parts(&p.weight)?))
+        };
+        for chunk in graph.params.chunks(8) {
+            use rayon::prelude::*;
+            let made: Vec<_> = chunk.iter().map(on_device).collect();
+            let loaded: Vec<Result<Option<Tensor>>> = chunk
+                .par_iter()
+                .zip(&made)
+                .map(|(p, made)| {
+                    if made.is_some() {
+                        return Ok(None);
+                    }
+                    let meta = graph.meta(p.value);
+                    let t = graph.weights.load(&p.weight, meta.dtype)?;
+                    let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
+                    if t.shape() != want.as_slice() {
+                        return Err(Error::TensorShape {
+                            file: graph.weights.location(&p.weight).into(),
+                            name: p.weight.clone(),
+                            expected: want,
+                            found: t.shape().to_vec(),
+                        });
+                    }
+                    Ok(Some(t))
+                })
+                .collect();
+            for ((p, t), made) in chunk.iter().zip(loaded).zip(made) {
+                bar.set_message(p.weight.clone());
+                bar.inc(1);
+                if let Some((d, parts)) = made {
+                    let buf = generate(&gpu, graph, p, d, &parts)?;
+                    param_ptr.insert(p.value.0 as usize, buf.ptr);
+                    params.push(buf);
+                    continue;
+                }
+                let t = t?.expect("loaded on the host when not made on the GPU");
+                let bytes = host_bytes(&t)?;
+                let buf = gpu.alloc(bytes.len(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
+                gpu.upload(buf.ptr, bytes).map_err(gpu_err)?;
+                // The upload may read the host copy after it returns: wait before dropping it.
+                gpu.sync().map_err(gpu_err)?;
+                param_ptr.insert(p.value.0 as usize, buf.ptr);
+                params.push(buf);
+            }
+        }
+        gpu.sync().map_err(gpu_err)?;
+        bar.finish_and_clear();
+
         let arena_buf = gpu.alloc(arena.top, "activations (planned for the largest step)").map_err(gpu_err)?;
         tracing::info!(
             arena_mib = arena.top >> 20,
@@ -605,10 +563,9 @@ impl CudaModel {
             if let Some(ratio) = opts.free_mem_ratio {
                 // What is free now, less a reserve for what is still to come (step buffers,
                 // cuBLAS's workspace, CUDA graphs): `ratio` of the rest, in whole pages.
-                const RESERVE: usize = 1 << 30;
                 let (free, total) = gpu.mem_info();
                 let per_page = spec.bytes_per_page(page_size, cache_dt.size_in_bytes());
-                let usable = (free.saturating_sub(RESERVE) as f64 * ratio) as usize;
+                let usable = (free.saturating_sub(memory::RESERVE as usize) as f64 * ratio) as usize;
                 let pages = (usable / per_page.max(1)).saturating_sub(1);
                 if pages < opts.min_kv_pages.max(1) {
                     return Err(Error::Msg(format!(
@@ -1613,25 +1570,6 @@ impl CudaModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn arena_reuses_freed_regions_and_merges_neighbours() {
-        let mut a = Arena::default();
-        let x = a.alloc(1000);
-        let y = a.alloc(300);
-        let z = a.alloc(10);
-        // Regions are padded to 256 bytes.
-        assert_eq!((x, y, z), (0, 1024, 1536));
-        a.release(x, 1000);
-        a.release(y, 300);
-        // x and y merged: 1536 bytes free at 0; 1280 of them taken.
-        assert_eq!(a.alloc(1200), 0);
-        assert_eq!(a.top, 1792);
-        a.release(z, 10);
-        // The rest of that block and z's merge at the top, and grow there.
-        assert_eq!(a.alloc(4096), 1280);
-        assert_eq!(a.top, 1280 + 4096);
-    }
 
     #[test]
     fn views_are_contiguous_only_when_their_strides_say_so() {
