@@ -46,6 +46,11 @@ pub struct PipelineConfig {
     /// the CPU, adds the activation rounding error).
     #[serde(default)]
     pub activation_quant: ActivationQuant,
+    /// CPU kernel path: `auto` (the best this CPU runs: `avx512vnni`, `avx2` or `portable`), or
+    /// one of those to compare against a lower one (a path the CPU lacks falls back, with a
+    /// warning).
+    #[serde(default)]
+    pub cpu_kernels: CpuKernelsSetting,
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: usize,
     #[serde(default = "default_max_seq_len")]
@@ -118,6 +123,37 @@ pub enum ActivationQuant {
     #[default]
     None,
     Int8,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuKernelsSetting {
+    #[default]
+    Auto,
+    Avx512vnni,
+    Avx2,
+    Portable,
+}
+
+impl CpuKernelsSetting {
+    /// The path that runs: the one asked for within what this CPU has.
+    pub fn resolve(self) -> autodeploy_kernels::isa::CpuKernels {
+        use autodeploy_kernels::isa::CpuKernels;
+        let asked = match self {
+            CpuKernelsSetting::Auto => return CpuKernels::detected(),
+            CpuKernelsSetting::Avx512vnni => CpuKernels::Avx512Vnni,
+            CpuKernelsSetting::Avx2 => CpuKernels::Avx2,
+            CpuKernelsSetting::Portable => CpuKernels::Portable,
+        };
+        if !asked.supported() {
+            tracing::warn!(
+                asked = asked.name(),
+                running = CpuKernels::detected().name(),
+                "cpu_kernels: this CPU lacks the features of the path asked for"
+            );
+        }
+        asked.at_most_detected()
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -51,24 +51,50 @@ fn block_kind(t: GgmlType) -> Option<k::BlockKind> {
 /// fewer (decode) multiply the blocks as stored.
 const QUANT_GEMM_MIN_ROWS: usize = 8;
 
-/// Kernel choices a compile backend makes for the whole model; the default is exact f32 math.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Kernel choices a compile backend makes for the whole model; the default is exact f32 math
+/// on the best path this CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelOptions {
     /// Linears over block-quantized weights (decode-sized inputs) quantize their activations to
     /// int8 per 32-value block and multiply in integers, as llama.cpp does: faster, with the
     /// activation rounding error added (`autodeploy_kernels::quant` states it).
     pub int8_activations: bool,
+    /// The CPU kernel path (within what the CPU runs).
+    pub cpu: autodeploy_kernels::isa::CpuKernels,
 }
+
+impl Default for KernelOptions {
+    fn default() -> KernelOptions {
+        KernelOptions { int8_activations: false, cpu: autodeploy_kernels::isa::CpuKernels::detected() }
+    }
+}
+
+use autodeploy_kernels::isa::CpuKernels::Avx512Vnni;
 
 /// `x[m, k] · w[n, k]ᵀ (+ bias)` in f32 for any weight storage.
 pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32]>, opts: &KernelOptions) -> Vec<f32> {
     let n = w.shape()[0];
     let mut y = vec![0f32; m * n];
     match w.as_blocks().and_then(|(t, b)| block_kind(t).map(|kd| (kd, b))) {
-        Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS && opts.int8_activations => {
-            autodeploy_kernels::quant::qlinear_i8(m, n, k_, x, kind, bytes, bias, &mut y)
+        // AVX-512 VNNI: the row-interleaved copy of the weight, made at its first use.
+        Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS && opts.int8_activations && opts.cpu >= Avx512Vnni => {
+            match w.packed_rows(|| autodeploy_kernels::quant::PackedRows::pack(kind, n, k_, bytes)) {
+                Some(p) => autodeploy_kernels::quant::qlinear_packed(opts.cpu, m, x, p, bias, &mut y),
+                None => autodeploy_kernels::quant::qlinear_on(opts.cpu, true, m, n, k_, x, kind, bytes, bias, &mut y),
+            }
         }
-        Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS => k::qlinear(m, n, k_, x, kind, bytes, bias, &mut y),
+        Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS => autodeploy_kernels::quant::qlinear_on(
+            opts.cpu,
+            opts.int8_activations,
+            m,
+            n,
+            k_,
+            x,
+            kind,
+            bytes,
+            bias,
+            &mut y,
+        ),
         Some((kind, bytes)) => autodeploy_kernels::quant::qlinear_tiled(m, n, k_, x, kind, bytes, bias, &mut y),
         None => k::linear(m, n, k_, x, &w.to_f32(), bias, &mut y),
     }

@@ -22,6 +22,9 @@ pub enum Storage {
         ty: GgmlType,
         bytes: Vec<u8>,
         len: usize,
+        /// The rows interleaved for the AVX-512 VNNI decode kernel, made at the first such
+        /// linear (`Tensor::packed_rows`); as many bytes again as `bytes`.
+        packed: std::sync::OnceLock<autodeploy_kernels::quant::PackedRows>,
     },
 }
 
@@ -157,7 +160,19 @@ impl Tensor {
         if shape.len() != 2 || !cols.is_multiple_of(per) || bytes.len() != len / per * size {
             return Err(Error::Msg(format!("{} blocks do not fit shape {shape:?} ({} bytes)", ty.name(), bytes.len())));
         }
-        Ok(Tensor { shape, data: Arc::new(Storage::Block { ty, bytes, len }) })
+        Ok(Tensor { shape, data: Arc::new(Storage::Block { ty, bytes, len, packed: Default::default() }) })
+    }
+
+    /// The row-interleaved copy of a block tensor, `make` run once (the first caller's);
+    /// `None` for other storage.
+    pub fn packed_rows(
+        &self,
+        make: impl FnOnce() -> autodeploy_kernels::quant::PackedRows,
+    ) -> Option<&autodeploy_kernels::quant::PackedRows> {
+        match &*self.data {
+            Storage::Block { packed, .. } => Some(packed.get_or_init(make)),
+            _ => None,
+        }
     }
 
     pub fn as_blocks(&self) -> Option<(GgmlType, &[u8])> {

@@ -2,8 +2,10 @@
 //!
 //!   cargo run --release -p autodeploy-kernels --example qgemv [-- THREADS]
 //!
-//! Prints GB/s of weight bytes and ns per 32-value block for f32 and int8 activations.
-use autodeploy_kernels::quant::{qlinear, qlinear_i8, BlockKind};
+//! Prints GB/s of weight bytes and ns per 32-value block for f32 and int8 activations on the
+//! blocks as stored (the AVX2 path where the CPU has it), and int8 on the row-interleaved copy
+//! (the AVX-512 VNNI path where the CPU has it).
+use autodeploy_kernels::quant::{qlinear_on, qlinear_packed, BlockKind, CpuKernels, PackedRows};
 use std::time::Instant;
 
 fn main() {
@@ -28,16 +30,18 @@ fn main() {
             }
             let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
             let mut y = vec![0f32; n];
-            for (name, int8) in [("f32 act", false), ("int8 act", true)] {
+            let packed: Vec<PackedRows> = w.chunks(n * rb).map(|wc| PackedRows::pack(kind, n, k, wc)).collect();
+            let best = CpuKernels::detected();
+            for (name, int8, pack) in [("f32 act", false, false), ("int8 act", true, false), ("int8 pck", true, true)] {
                 let reps = 200;
                 let t0 = Instant::now();
                 for r in 0..reps {
                     let c = r % copies;
                     let wc = &w[c * n * rb..(c + 1) * n * rb];
-                    if int8 {
-                        qlinear_i8(1, n, k, &x, kind, wc, None, &mut y);
+                    if pack {
+                        qlinear_packed(best, 1, &x, &packed[c], None, &mut y);
                     } else {
-                        qlinear(1, n, k, &x, kind, wc, None, &mut y);
+                        qlinear_on(best.min(CpuKernels::Avx2), int8, 1, n, k, &x, kind, wc, None, &mut y);
                     }
                 }
                 let dt = t0.elapsed().as_secs_f64() / reps as f64;

@@ -2,5 +2,6 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod isa;
 pub mod pool;
 pub mod quant;

@@ -88,6 +88,7 @@ impl CompileBackend for SimpleBackend {
             bar.inc(1);
         })?;
         bar.finish_and_clear();
+        tracing::info!(int8_activations = opts.kernels.int8_activations, "cpu kernels: {}", opts.kernels.cpu.name());
         // Index of the last node reading each value; graph outputs live to the end.
         let mut last_use = vec![usize::MAX; graph.values.len()];
         for (i, n) in graph.nodes.iter().enumerate() {

@@ -291,250 +291,15 @@ fn qdot_row_i8(kind: BlockKind, row: &[u8], x: &QuantRow) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{BlockKind, QuantRow};
-    use std::arch::x86_64::*;
+mod avx2;
+mod packed;
 
-    /// IEEE half at byte `i` through the F16C instruction.
-    #[inline(always)]
-    unsafe fn f16le(b: *const u8, i: usize) -> f32 {
-        let h = u16::from_le_bytes([*b.add(i), *b.add(i + 1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-    }
+pub use crate::isa::CpuKernels;
+pub use packed::{PackedRows, GROUP};
 
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum128(s: __m128) -> f32 {
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// 8 unsigned bytes at `p` as 8 f32.
-    #[inline(always)]
-    unsafe fn u8x8(v: __m128i) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
-    }
-
-    /// One weight row against f32 `x`: the same value as the scalar `qdot_row`, 8 wide.
-    #[inline(always)]
-    #[allow(clippy::needless_range_loop)] // `b` indexes the blocks of the row, x and xsum together
-    unsafe fn qdot_row(kind: BlockKind, row: *const u8, x: &[f32], xsum: &[f32]) -> f32 {
-        let nb = x.len() / 32;
-        let bs = kind.bytes();
-        let mut acc = _mm256_setzero_ps();
-        let mut tail = 0f32;
-        let xp = x.as_ptr();
-        for b in 0..nb {
-            let blk = row.add(b * bs);
-            let xb = xp.add(b * 32);
-            let d = f16le(blk, 0);
-            match kind {
-                BlockKind::Q8_0 => {
-                    let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let lo = _mm256_castsi256_si128(q);
-                    let hi = _mm256_extracti128_si256(q, 1);
-                    let c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-                    let c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-                    let c2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-                    let c3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-                    let mut s = _mm256_mul_ps(c0, _mm256_loadu_ps(xb));
-                    s = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xb.add(8)), s);
-                    s = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xb.add(16)), s);
-                    s = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xb.add(24)), s);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-                }
-                BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                    let qs = _mm_loadu_si128(blk.add(kind.quants_at()) as *const __m128i);
-                    let mask = _mm_set1_epi8(15);
-                    let lo = _mm_and_si128(qs, mask); // values 0..16 of the block
-                    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask); // values 16..32
-                    let mut s = _mm256_mul_ps(u8x8(lo), _mm256_loadu_ps(xb));
-                    s = _mm256_fmadd_ps(u8x8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xb.add(8)), s);
-                    s = _mm256_fmadd_ps(u8x8(hi), _mm256_loadu_ps(xb.add(16)), s);
-                    s = _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xb.add(24)), s);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-                    // The offset term: Q4_1's m·Σx, Q4_0's −8·d·Σx.
-                    tail += if kind == BlockKind::Q4_1 { f16le(blk, 2) * xsum[b] } else { -8.0 * d * xsum[b] };
-                }
-            }
-        }
-        hsum(acc) + tail
-    }
-
-    /// Integer dot products of one weight block with 32 int8 activations (`xlo`, `xhi`: values
-    /// 0..16 and 16..32), as 4 f32 partial sums. `pmaddubsw` multiplies unsigned weight bytes
-    /// by signed activation bytes into 16-bit pair sums (at most 2·255·127 for Q8_0's |w|,
-    /// 4·15·127 after Q4's add: no saturation) and `pmaddwd` widens them. 128-bit on purpose:
-    /// CPUs that split 256-bit integer ops in two run this with fewer micro-ops.
-    #[inline(always)]
-    unsafe fn block_dot_i8(kind: BlockKind, blk: *const u8, xlo: __m128i, xhi: __m128i) -> __m128 {
-        let pairs = match kind {
-            BlockKind::Q8_0 => {
-                let wlo = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                let whi = _mm_loadu_si128(blk.add(18) as *const __m128i);
-                // |w| · (x with w's sign): the unsigned × signed form pmaddubsw takes.
-                let a = _mm_maddubs_epi16(_mm_sign_epi8(wlo, wlo), _mm_sign_epi8(xlo, wlo));
-                let b = _mm_maddubs_epi16(_mm_sign_epi8(whi, whi), _mm_sign_epi8(xhi, whi));
-                return _mm_cvtepi32_ps(_mm_add_epi32(
-                    _mm_madd_epi16(a, _mm_set1_epi16(1)),
-                    _mm_madd_epi16(b, _mm_set1_epi16(1)),
-                ));
-            }
-            BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                let qs = _mm_loadu_si128(blk.add(kind.quants_at()) as *const __m128i);
-                let mask = _mm_set1_epi8(15);
-                let lo = _mm_and_si128(qs, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                _mm_add_epi16(_mm_maddubs_epi16(lo, xlo), _mm_maddubs_epi16(hi, xhi))
-            }
-        };
-        _mm_cvtepi32_ps(_mm_madd_epi16(pairs, _mm_set1_epi16(1)))
-    }
-
-    /// The offset term of one block: Q4_0's −8·d·Σx, Q4_1's m·Σx.
-    #[inline(always)]
-    unsafe fn block_offset(kind: BlockKind, blk: *const u8, d: f32, xsum: f32) -> f32 {
-        match kind {
-            BlockKind::Q8_0 => 0.0,
-            BlockKind::Q4_0 => -8.0 * d * xsum,
-            BlockKind::Q4_1 => f16le(blk, 2) * xsum,
-        }
-    }
-
-    /// How far ahead of the block being read each weight row is prefetched, in bytes.
-    const PREFETCH: usize = 384;
-
-    /// `R` weight rows (`row_bytes` apart from `row`) against one int8 row. The rows share each
-    /// activation load and keep `R` independent FMA chains in flight (see `rows_i8` for the
-    /// `R` in use).
-    #[inline(always)]
-    unsafe fn qdot_tile_i8<const K: u8, const R: usize>(row: *const u8, row_bytes: usize, x: &QuantRow) -> [f32; R] {
-        let kind = BlockKind::from_tag(K);
-        let bs = kind.bytes();
-        let mut acc = [_mm_setzero_ps(); R];
-        let mut tail = [0f32; R];
-        let xq = x.q.as_ptr();
-        for b in 0..x.d.len() {
-            let xlo = _mm_loadu_si128(xq.add(b * 32) as *const __m128i);
-            let xhi = _mm_loadu_si128(xq.add(b * 32 + 16) as *const __m128i);
-            let (xd, xs) = (x.d[b], x.sum[b]);
-            for r in 0..R {
-                let blk = row.add(r * row_bytes + b * bs);
-                _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
-                let d = f16le(blk, 0);
-                acc[r] = _mm_fmadd_ps(_mm_set1_ps(d * xd), block_dot_i8(kind, blk, xlo, xhi), acc[r]);
-                tail[r] += block_offset(kind, blk, d, xs);
-            }
-        }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = hsum128(acc[r]) + tail[r];
-        }
-        out
-    }
-
-    /// [`super::quantize_row_i8`], 32 values at a time: the same scales, and the same integers
-    /// (the same `trunc(y + copysign(0.49999997, y))` arithmetic).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn quantize_row(x: &[f32]) -> QuantRow {
-        let nb = x.len() / 32;
-        let mut q = vec![0i8; nb * 32];
-        let (mut d, mut sum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
-        let sign = _mm256_set1_ps(-0.0);
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for b in 0..nb {
-            let p = x.as_ptr().add(b * 32);
-            let v =
-                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
-            let m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
-            let m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
-            let m = _mm256_max_ps(m01, m23);
-            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-            let scale = amax / 127.0;
-            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
-            let half = _mm256_set1_ps(super::HALF_BELOW);
-            let i = [0, 1, 2, 3].map(|j| {
-                let y = _mm256_mul_ps(v[j], inv);
-                _mm256_cvttps_epi32(_mm256_add_ps(y, _mm256_or_ps(_mm256_and_ps(y, sign), half)))
-            });
-            let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            let s = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b00_00_00_01)));
-            // i32 → i16 → i8 packs work within 128-bit lanes; the permute restores value order.
-            let packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-            let packed = _mm256_permutevar8x32_epi32(packed, order);
-            _mm256_storeu_si256(q.as_mut_ptr().add(b * 32) as *mut __m256i, packed);
-            d.push(scale);
-            sum.push(scale * s as f32);
-        }
-        QuantRow { q, d, sum }
-    }
-
-    /// `out[i]` = row `first + i` of `w` against `x`, for f32 activations.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn qdot_rows(
-        kind: BlockKind,
-        w: &[u8],
-        row_bytes: usize,
-        x: &[f32],
-        xsum: &[f32],
-        out: &mut [f32],
-        first: usize,
-    ) {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = qdot_row(kind, w.as_ptr().add((first + i) * row_bytes), x, xsum);
-        }
-    }
-
-    /// `out[i]` = row `first + i` of `w` against `x`, for int8 activations.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn qdot_rows_i8(
-        kind: BlockKind,
-        w: &[u8],
-        row_bytes: usize,
-        x: &QuantRow,
-        out: &mut [f32],
-        first: usize,
-    ) {
-        // One copy of the loop per format, so the format's branches leave the inner loop.
-        match kind {
-            BlockKind::Q4_0 => rows_i8::<0>(w, row_bytes, x, out, first),
-            BlockKind::Q4_1 => rows_i8::<1>(w, row_bytes, x, out, first),
-            BlockKind::Q8_0 => rows_i8::<2>(w, row_bytes, x, out, first),
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn rows_i8<const K: u8>(w: &[u8], row_bytes: usize, x: &QuantRow, out: &mut [f32], first: usize) {
-        // One row at a time: a single forward stream per thread. Tiles of 2–8 rows share the
-        // activation loads and run as fast from cache, but from memory (how decode reads the
-        // weights) their interleaved streams were 20–40% slower on the development machine
-        // (`cargo run --release -p autodeploy-kernels --example qgemv`).
-        let base = w.as_ptr().add(first * row_bytes);
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = qdot_tile_i8::<K, 1>(base.add(r * row_bytes), row_bytes, x)[0];
-        }
-    }
-}
-
-/// Whether this CPU runs the AVX2/FMA/F16C kernels (checked once, cached by std).
+/// Whether this CPU runs the AVX2/FMA/F16C kernels.
 pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    CpuKernels::detected() >= CpuKernels::Avx2
 }
 
 /// How one activation row meets the weight rows.
@@ -571,7 +336,7 @@ impl Activations<'_> {
 }
 
 /// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` with `W` block-quantized (`kind`), read as stored, f32
-/// activations.
+/// activations, on the best path this CPU runs.
 #[allow(clippy::too_many_arguments)]
 pub fn qlinear(
     m: usize,
@@ -583,7 +348,7 @@ pub fn qlinear(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    qlinear_impl(m, n, k, x, kind, w, bias, y, false)
+    qlinear_on(CpuKernels::detected(), false, m, n, k, x, kind, w, bias, y)
 }
 
 /// As [`qlinear`], with each activation row quantized to int8 per 32-value block first
@@ -599,11 +364,15 @@ pub fn qlinear_i8(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    qlinear_impl(m, n, k, x, kind, w, bias, y, true)
+    qlinear_on(CpuKernels::detected(), true, m, n, k, x, kind, w, bias, y)
 }
 
+/// [`qlinear`] (`int8` false) or [`qlinear_i8`] on the blocks as stored, with the SIMD path
+/// when `kernels` (within what the CPU runs) is AVX2 or better, else the portable one.
 #[allow(clippy::too_many_arguments)]
-fn qlinear_impl(
+pub fn qlinear_on(
+    kernels: CpuKernels,
+    int8: bool,
     m: usize,
     n: usize,
     k: usize,
@@ -612,10 +381,9 @@ fn qlinear_impl(
     w: &[u8],
     bias: Option<&[f32]>,
     y: &mut [f32],
-    int8: bool,
 ) {
     let row_bytes = check_qlinear(m, n, k, x, kind, w, y);
-    let simd = has_avx2();
+    let simd = kernels.at_most_detected() >= CpuKernels::Avx2;
     let acts: Vec<Activations> = x
         .chunks(k)
         .map(|xr| {
@@ -626,31 +394,49 @@ fn qlinear_impl(
             }
         })
         .collect();
-    // Output channels in chunks, on the spinning pool (decode-sized work); each chunk's weight
-    // rows stay in cache while every activation row passes over them.
     // About 8 chunks per thread: enough to balance, few enough that claiming one (an atomic on a
     // shared line) stays small next to its work. Multiples of 4 rows keep whole tiles.
     let chunk = n.div_ceil(8 * crate::pool::threads()).next_multiple_of(4).max(4);
+    by_channel_chunks(m, n, chunk, y, |i, out, first| acts[i].dot_rows(kind, w, row_bytes, out, first, simd));
+    add_bias(y, n, bias);
+}
+
+/// As [`qlinear_i8`], over weights [`PackedRows::pack`]ed 16 rows to a group: the AVX-512 VNNI
+/// kernel where `kernels` allows it and the CPU has it, else the portable one on the same copy.
+pub fn qlinear_packed(kernels: CpuKernels, m: usize, x: &[f32], w: &PackedRows, bias: Option<&[f32]>, y: &mut [f32]) {
+    let (n, k) = w.dims();
+    assert_eq!(x.len(), m * k, "qlinear_packed input");
+    assert_eq!(y.len(), m * n, "qlinear_packed output");
+    let simd = kernels.at_most_detected() >= CpuKernels::Avx512Vnni;
+    let acts: Vec<QuantRow> = x.chunks(k).map(quantize_row_i8).collect();
+    let chunk = n.div_ceil(8 * crate::pool::threads()).next_multiple_of(packed::GROUP).max(packed::GROUP);
+    by_channel_chunks(m, n, chunk, y, |i, out, first| w.dot_rows(&acts[i], out, first, simd));
+    add_bias(y, n, bias);
+}
+
+/// Fills `y[m, n]` by chunks of `chunk` output channels on the spinning pool (decode-sized
+/// work): `dot(i, out, first)` writes activation row `i` against weight rows `first..` into
+/// `out`. Each chunk's weight rows stay in cache while every activation row passes over them.
+fn by_channel_chunks(m: usize, n: usize, chunk: usize, y: &mut [f32], dot: impl Fn(usize, &mut [f32], usize) + Sync) {
     if m == 1 {
-        crate::pool::for_each_chunk_mut(y, chunk, |c, out| acts[0].dot_rows(kind, w, row_bytes, out, c * chunk, simd));
-    } else {
-        let mut yt = vec![0f32; n * m]; // [n, m], transposed so chunks are contiguous
-        crate::pool::for_each_chunk_mut(&mut yt, chunk * m, |c, out| {
-            let mut tmp = vec![0f32; out.len() / m];
-            for (i, a) in acts.iter().enumerate() {
-                a.dot_rows(kind, w, row_bytes, &mut tmp, c * chunk, simd);
-                for (r, v) in tmp.iter().enumerate() {
-                    out[r * m + i] = *v;
-                }
-            }
-        });
+        crate::pool::for_each_chunk_mut(y, chunk, |c, out| dot(0, out, c * chunk));
+        return;
+    }
+    let mut yt = vec![0f32; n * m]; // [n, m], transposed so chunks are contiguous
+    crate::pool::for_each_chunk_mut(&mut yt, chunk * m, |c, out| {
+        let mut tmp = vec![0f32; out.len() / m];
         for i in 0..m {
-            for j in 0..n {
-                y[i * n + j] = yt[j * m + i];
+            dot(i, &mut tmp, c * chunk);
+            for (r, v) in tmp.iter().enumerate() {
+                out[r * m + i] = *v;
             }
         }
+    });
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = yt[j * m + i];
+        }
     }
-    add_bias(y, n, bias);
 }
 
 #[cfg(test)]
@@ -774,6 +560,32 @@ mod tests {
         assert_eq!(quantize_row_i8(&ties).q, quantize_row_portable(&ties).q, "ties round the same way");
         let zero = quantize_row_i8(&[0.0; 32]);
         assert_eq!((zero.d[0], zero.q.iter().all(|&v| v == 0)), (0.0, true));
+    }
+
+    /// The row-interleaved copy gives the int8 kernels' result (the exact product of the
+    /// quantized operands, up to f32 summation order) on every path this CPU runs, for every
+    /// format, a row count that is not a multiple of 16, and several activation rows.
+    #[test]
+    fn packed_rows_give_the_int8_product_on_every_path() {
+        for kind in KINDS {
+            let (n, k) = (70, 160);
+            let (w, _) = random_weights(kind, n, k, 41);
+            let p = PackedRows::pack(kind, n, k, &w);
+            assert_eq!(p.dims(), (n, k));
+            for m in [1, 3] {
+                let x = rand(m * k, 42);
+                let bias = rand(n, 43);
+                let mut want = vec![0f32; m * n];
+                qlinear_on(CpuKernels::Portable, true, m, n, k, &x, kind, &w, Some(&bias), &mut want);
+                for path in CpuKernels::ALL.into_iter().filter(|p| p.supported()) {
+                    let mut got = vec![0f32; m * n];
+                    qlinear_packed(path, m, &x, &p, Some(&bias), &mut got);
+                    for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kind:?} {path:?} m={m} [{j}]: {a} vs {b}");
+                    }
+                }
+            }
+        }
     }
 
     /// The int8 kernel computes exactly dequantized W times the dequantized int8 row (up to f32

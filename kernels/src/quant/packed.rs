@@ -1,0 +1,202 @@
+//! Row-interleaved copies of block-quantized weights, for the AVX-512 VNNI decode kernel.
+//!
+//! ggml's blocks keep each row's 32 values together, so a dot product ends in a horizontal sum
+//! per row and converts each block's f16 scale on its own. Here 16 rows are interleaved per
+//! 32-value block: one 64-byte load holds 4 values of each of 16 rows, `vpdpbusd` multiplies them
+//! with 4 activation bytes broadcast to every lane, and the 16 lanes of the accumulator are the
+//! 16 output rows; the rows' scales are one 32-byte load converted together. No horizontal sum.
+//!
+//! Every format is read as `q · d + m` with unsigned `q` (what `vpdpbusd` takes): Q4_1's stored
+//! minimum, Q4_0's `m = -8·d`, Q8_0's `q + 128` with `m = -128·d`. Within a block the integer
+//! sums are exact, so the result equals the other int8 kernels' up to f32 summation order.
+//! The copy holds the same bytes as the blocks (Q4: 16 + 2 (+ 2) bytes a block and row).
+
+use super::{f16le, BlockKind, QuantRow};
+
+/// Rows interleaved together (the lanes of a 512-bit register of i32).
+pub const GROUP: usize = 16;
+
+/// Weight rows `[n, k]` of one block format, 16 rows interleaved per block (see the module).
+#[derive(Debug)]
+pub struct PackedRows {
+    kind: BlockKind,
+    n: usize,
+    k: usize,
+    /// Per group of 16 rows, per block: the values. Q4: 4 chunks of 64 bytes; byte `4r + p` of
+    /// chunk `c` holds row `r`'s value `4c + p` in its low nibble and `16 + 4c + p` in its high
+    /// one. Q8_0: 8 chunks; byte `4r + p` of chunk `c` is row `r`'s value `4c + p`, plus 128.
+    q: Vec<u8>,
+    /// Per group and block: the 16 rows' scales (f16 bits).
+    d: Vec<u16>,
+    /// Q4_1 only: the 16 rows' minimums per group and block (f16 bits).
+    m: Vec<u16>,
+}
+
+impl PackedRows {
+    /// Interleaves `w` (`n` rows of `k` values in `kind`'s blocks); rows past `n` in the last
+    /// group are zero.
+    pub fn pack(kind: BlockKind, n: usize, k: usize, w: &[u8]) -> PackedRows {
+        assert!(k.is_multiple_of(32), "pack: k = {k} is not a multiple of 32");
+        let (nb, bs) = (k / 32, kind.bytes());
+        assert_eq!(w.len(), n * nb * bs, "pack: weight bytes");
+        let groups = n.div_ceil(GROUP);
+        let qb = Self::q_bytes(kind);
+        let mut q = vec![0u8; groups * nb * qb];
+        let mut d = vec![0u16; groups * nb * GROUP];
+        let mut m = if kind == BlockKind::Q4_1 { vec![0u16; groups * nb * GROUP] } else { Vec::new() };
+        for row in 0..n {
+            let (g, r) = (row / GROUP, row % GROUP);
+            for b in 0..nb {
+                let blk = &w[(row * nb + b) * bs..(row * nb + b + 1) * bs];
+                let at = (g * nb + b) * GROUP + r;
+                d[at] = u16::from_le_bytes([blk[0], blk[1]]);
+                if kind == BlockKind::Q4_1 {
+                    m[at] = u16::from_le_bytes([blk[2], blk[3]]);
+                }
+                let dst = &mut q[(g * nb + b) * qb..(g * nb + b + 1) * qb];
+                let qs = &blk[kind.quants_at()..];
+                match kind {
+                    BlockKind::Q8_0 => {
+                        for (v, &x) in qs[..32].iter().enumerate() {
+                            dst[(v / 4) * 64 + 4 * r + v % 4] = (x as i8 as i16 + 128) as u8;
+                        }
+                    }
+                    BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                        // ggml: byte j holds value j (low nibble) and value j + 16 (high).
+                        for (j, &x) in qs[..16].iter().enumerate() {
+                            dst[(j / 4) * 64 + 4 * r + j % 4] = x;
+                        }
+                    }
+                }
+            }
+        }
+        PackedRows { kind, n, k, q, d, m }
+    }
+
+    fn q_bytes(kind: BlockKind) -> usize {
+        match kind {
+            BlockKind::Q8_0 => 512,
+            BlockKind::Q4_0 | BlockKind::Q4_1 => 256,
+        }
+    }
+
+    pub fn kind(&self) -> BlockKind {
+        self.kind
+    }
+
+    /// Rows and values per row.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes this copy holds.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 2 * (self.d.len() + self.m.len())
+    }
+
+    /// `out[i]` = row `first + i` against `x`; `first` is a multiple of [`GROUP`]. The AVX-512
+    /// kernel where `simd` (the caller checked the CPU), else the portable one.
+    pub fn dot_rows(&self, x: &QuantRow, out: &mut [f32], first: usize, simd: bool) {
+        assert!(first.is_multiple_of(GROUP) && first + out.len() <= self.n, "packed rows out of range");
+        assert_eq!(x.d.len(), self.k / 32, "activation blocks");
+        let mut tile = [0f32; GROUP];
+        for (i, chunk) in out.chunks_mut(GROUP).enumerate() {
+            let g = first / GROUP + i;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` only when the CPU has AVX-512 F/BW/VNNI and F16C
+                // (`CpuKernels::Avx512Vnni`); group `g` and the activation row have the blocks
+                // `pack` made (checked above).
+                unsafe { avx512::dot_group(self, x, g, &mut tile) };
+                chunk.copy_from_slice(&tile[..chunk.len()]);
+                continue;
+            }
+            let _ = simd;
+            self.dot_group_portable(x, g, &mut tile);
+            chunk.copy_from_slice(&tile[..chunk.len()]);
+        }
+    }
+
+    /// One group's 16 rows against `x`, in plain Rust, by the same formula as the SIMD kernel.
+    fn dot_group_portable(&self, x: &QuantRow, g: usize, out: &mut [f32; GROUP]) {
+        let nb = self.k / 32;
+        let qb = Self::q_bytes(self.kind);
+        *out = [0.0; GROUP];
+        for b in 0..nb {
+            let q = &self.q[(g * nb + b) * qb..(g * nb + b + 1) * qb];
+            let xq = &x.q[b * 32..b * 32 + 32];
+            for (r, o) in out.iter_mut().enumerate() {
+                let mut s = 0i32;
+                for c in 0..qb / 64 {
+                    for p in 0..4 {
+                        let byte = q[c * 64 + 4 * r + p];
+                        s += match self.kind {
+                            BlockKind::Q8_0 => byte as i32 * xq[4 * c + p] as i32,
+                            _ => {
+                                (byte & 15) as i32 * xq[4 * c + p] as i32
+                                    + (byte >> 4) as i32 * xq[16 + 4 * c + p] as i32
+                            }
+                        };
+                    }
+                }
+                let at = (g * nb + b) * GROUP + r;
+                let d = f16le(&self.d[at].to_le_bytes(), 0);
+                *o += match self.kind {
+                    BlockKind::Q4_1 => s as f32 * (d * x.d[b]) + f16le(&self.m[at].to_le_bytes(), 0) * x.sum[b],
+                    BlockKind::Q4_0 => d * (s as f32 * x.d[b] - 8.0 * x.sum[b]),
+                    BlockKind::Q8_0 => d * (s as f32 * x.d[b] - 128.0 * x.sum[b]),
+                };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{BlockKind, PackedRows, QuantRow, GROUP};
+    use std::arch::x86_64::*;
+
+    /// One group's 16 rows against `x`: per block, 4 (Q4) or 8 (Q8_0) `vpdpbusd` into two
+    /// independent accumulators, then one convert and two FMAs for the 16 rows' scales.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_group(p: &PackedRows, x: &QuantRow, g: usize, out: &mut [f32; GROUP]) {
+        let nb = p.k / 32;
+        let qb = PackedRows::q_bytes(p.kind);
+        let xw = x.q.as_ptr() as *const i32;
+        let nib = _mm512_set1_epi8(15);
+        let mut acc = _mm512_setzero_ps();
+        for b in 0..nb {
+            let q = p.q.as_ptr().add((g * nb + b) * qb);
+            let word = |i: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xw.add(b * 8 + i)));
+            let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            if p.kind == BlockKind::Q8_0 {
+                for c in (0..8).step_by(2) {
+                    s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(q.add(c * 64) as *const _), word(c));
+                    s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(q.add(c * 64 + 64) as *const _), word(c + 1));
+                }
+            } else {
+                for c in 0..4 {
+                    let w = _mm512_loadu_si512(q.add(c * 64) as *const _);
+                    let lo = _mm512_and_si512(w, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nib);
+                    s0 = _mm512_dpbusd_epi32(s0, lo, word(c));
+                    s1 = _mm512_dpbusd_epi32(s1, hi, word(c + 4));
+                }
+            }
+            let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            let at = (g * nb + b) * GROUP;
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(p.d.as_ptr().add(at) as *const __m256i));
+            let (xd, xs) = (_mm512_set1_ps(x.d[b]), x.sum[b]);
+            acc = match p.kind {
+                BlockKind::Q4_1 => {
+                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(p.m.as_ptr().add(at) as *const __m256i));
+                    _mm512_fmadd_ps(m, _mm512_set1_ps(xs), _mm512_fmadd_ps(s, _mm512_mul_ps(d, xd), acc))
+                }
+                // d · (s · xd + c · Σx), c = -8 (Q4_0) or -128 (Q8_0, values stored + 128).
+                BlockKind::Q4_0 => _mm512_fmadd_ps(d, _mm512_fmadd_ps(s, xd, _mm512_set1_ps(-8.0 * xs)), acc),
+                BlockKind::Q8_0 => _mm512_fmadd_ps(d, _mm512_fmadd_ps(s, xd, _mm512_set1_ps(-128.0 * xs)), acc),
+            };
+        }
+        _mm512_storeu_ps(out.as_mut_ptr(), acc);
+    }
+}
