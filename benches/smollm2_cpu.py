@@ -48,10 +48,11 @@ def run_llama_cpp(tokens, threads, new_tokens):
     return len(tokens) / prefill, new_tokens / decode, out
 
 
-def run_autodeploy(tokens, threads, new_tokens, dtype, act="none"):
+def run_autodeploy(tokens, threads, new_tokens, dtype, act="none", kernels="auto"):
     cfg = f"""model = {GGUF!r}
 dtype = "{dtype}"
 activation_quant = "{act}"
+cpu_kernels = "{kernels}"
 max_batch_size = 1
 max_seq_len = 1024
 max_new_tokens = {new_tokens}
@@ -69,6 +70,17 @@ token_ids = {tokens}
     return pt / (pms / 1e3), dt / (dms / 1e3), out
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -81,12 +93,14 @@ def main():
     tok = Llama(model_path=GGUF, vocab_only=True, verbose=False)
     tokens = tok.tokenize(TEXT.encode(), add_bos=False, special=True)
     print(f"model: {os.path.basename(GGUF)}  prompt: {len(tokens)} tokens  new tokens: {a.new_tokens}  "
-          f"threads: {a.threads}  repeats: {a.repeats} (best)  cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}")
+          f"threads: {a.threads}  repeats: {a.repeats} (best)  cpu: {cpu_name()} x{os.cpu_count()}")
+    print(f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()}")
     print(f"llama-cpp-python {llama_cpp.__version__}; autodeploy {BIN}")
     best = {}
     engines = [
         ("llama.cpp", lambda: run_llama_cpp(tokens, a.threads, a.new_tokens)),
         ("autodeploy (auto, int8 act)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto", "int8")),
+        ("autodeploy (int8 act, avx2)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto", "int8", "avx2")),
         ("autodeploy (auto: Q4_1 kept)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto")),
         ("autodeploy (float32)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "float32")),
     ]

@@ -38,6 +38,9 @@ def main():
     differ = [int(i) for i in np.nonzero(am != ref["argmax"])[0]]
     print(f"prompt {len(prompt)} tokens, batch {a.batch}: max |logit error| over the last {want.shape[0]} "
           f"positions {np.abs(tail - want).max():.3f}; argmax differs at positions {differ}")
+    for i in differ:
+        r = int(ref["argmax"][i])
+        print(f"  position {i}: picks {int(am[i])} over the reference's {r} by {scores[i, am[i]] - scores[i, r]:.3f}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,19 @@ impl Default for KernelOptions {
 
 use autodeploy_kernels::isa::CpuKernels::Avx512Vnni;
 
+/// Readies a weight of a linear (`Op::Linear`, `Op::SwiGluMlp`) for `opts` before the first
+/// step: on the AVX-512 VNNI int8 path, a block weight's row-interleaved copy is made now
+/// rather than inside the first request. Other weights need nothing.
+pub fn prepare_linear_weight(w: &Tensor, opts: &KernelOptions) {
+    if !(opts.int8_activations && opts.cpu >= Avx512Vnni) || w.shape().len() != 2 {
+        return;
+    }
+    if let Some((kind, bytes)) = w.as_blocks().and_then(|(t, b)| block_kind(t).map(|kd| (kd, b))) {
+        let (n, k_) = (w.shape()[0], w.shape()[1]);
+        w.packed_rows(|| autodeploy_kernels::quant::PackedRows::pack(kind, n, k_, bytes));
+    }
+}
+
 /// `x[m, k] · w[n, k]ᵀ (+ bias)` in f32 for any weight storage.
 pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32]>, opts: &KernelOptions) -> Vec<f32> {
     let n = w.shape()[0];

@@ -6,9 +6,11 @@
 //! with 4 activation bytes broadcast to every lane, and the 16 lanes of the accumulator are the
 //! 16 output rows; the rows' scales are one 32-byte load converted together. No horizontal sum.
 //!
-//! Every format is read as `q · d + m` with unsigned `q` (what `vpdpbusd` takes): Q4_1's stored
-//! minimum, Q4_0's `m = -8·d`, Q8_0's `q + 128` with `m = -128·d`. Within a block the integer
-//! sums are exact, so the result equals the other int8 kernels' up to f32 summation order.
+//! `vpdpbusd` multiplies unsigned by signed bytes, so the values are stored unsigned: Q4's
+//! nibbles as they are, Q8_0's `q + 128`. The offsets come back out in integers (`Σ (q + c)·x -
+//! c·Σx`, with the activation block's integer sum), never as a float term that would cancel:
+//! within a block the integer sums are exact, so the result equals the other int8 kernels' up to
+//! f32 summation order. Q4_1's minimum is its own term, `m · Σx`.
 //! The copy holds the same bytes as the blocks (Q4: 16 + 2 (+ 2) bytes a block and row).
 
 use super::{f16le, BlockKind, QuantRow};
@@ -99,6 +101,8 @@ impl PackedRows {
     pub fn dot_rows(&self, x: &QuantRow, out: &mut [f32], first: usize, simd: bool) {
         assert!(first.is_multiple_of(GROUP) && first + out.len() <= self.n, "packed rows out of range");
         assert_eq!(x.d.len(), self.k / 32, "activation blocks");
+        // Each activation block's integer sum, for the offsets (Q4_0's 8, Q8_0's 128).
+        let isum: Vec<i32> = x.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
         let mut tile = [0f32; GROUP];
         for (i, chunk) in out.chunks_mut(GROUP).enumerate() {
             let g = first / GROUP + i;
@@ -107,18 +111,19 @@ impl PackedRows {
                 // SAFETY: `simd` only when the CPU has AVX-512 F/BW/VNNI and F16C
                 // (`CpuKernels::Avx512Vnni`); group `g` and the activation row have the blocks
                 // `pack` made (checked above).
-                unsafe { avx512::dot_group(self, x, g, &mut tile) };
+                unsafe { avx512::dot_group(self, x, &isum, g, &mut tile) };
                 chunk.copy_from_slice(&tile[..chunk.len()]);
                 continue;
             }
             let _ = simd;
-            self.dot_group_portable(x, g, &mut tile);
+            self.dot_group_portable(x, &isum, g, &mut tile);
             chunk.copy_from_slice(&tile[..chunk.len()]);
         }
     }
 
     /// One group's 16 rows against `x`, in plain Rust, by the same formula as the SIMD kernel.
-    fn dot_group_portable(&self, x: &QuantRow, g: usize, out: &mut [f32; GROUP]) {
+    #[allow(clippy::needless_range_loop)] // `b` indexes the packed blocks, x's blocks and isum
+    fn dot_group_portable(&self, x: &QuantRow, isum: &[i32], g: usize, out: &mut [f32; GROUP]) {
         let nb = self.k / 32;
         let qb = Self::q_bytes(self.kind);
         *out = [0.0; GROUP];
@@ -143,8 +148,8 @@ impl PackedRows {
                 let d = f16le(&self.d[at].to_le_bytes(), 0);
                 *o += match self.kind {
                     BlockKind::Q4_1 => s as f32 * (d * x.d[b]) + f16le(&self.m[at].to_le_bytes(), 0) * x.sum[b],
-                    BlockKind::Q4_0 => d * (s as f32 * x.d[b] - 8.0 * x.sum[b]),
-                    BlockKind::Q8_0 => d * (s as f32 * x.d[b] - 128.0 * x.sum[b]),
+                    BlockKind::Q4_0 => (s - 8 * isum[b]) as f32 * (d * x.d[b]),
+                    BlockKind::Q8_0 => (s - 128 * isum[b]) as f32 * (d * x.d[b]),
                 };
             }
         }
@@ -159,7 +164,8 @@ mod avx512 {
     /// One group's 16 rows against `x`: per block, 4 (Q4) or 8 (Q8_0) `vpdpbusd` into two
     /// independent accumulators, then one convert and two FMAs for the 16 rows' scales.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_group(p: &PackedRows, x: &QuantRow, g: usize, out: &mut [f32; GROUP]) {
+    #[allow(clippy::needless_range_loop)] // `b` indexes the packed blocks, x's blocks and isum
+    pub(super) unsafe fn dot_group(p: &PackedRows, x: &QuantRow, isum: &[i32], g: usize, out: &mut [f32; GROUP]) {
         let nb = p.k / 32;
         let qb = PackedRows::q_bytes(p.kind);
         let xw = x.q.as_ptr() as *const i32;
@@ -183,19 +189,20 @@ mod avx512 {
                     s1 = _mm512_dpbusd_epi32(s1, hi, word(c + 4));
                 }
             }
-            let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            // The stored offset out in integers: Q4_0's 8, Q8_0's 128, times Σx.
+            let offset = match p.kind {
+                BlockKind::Q4_1 => 0,
+                BlockKind::Q4_0 => 8 * isum[b],
+                BlockKind::Q8_0 => 128 * isum[b],
+            };
+            let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(offset)));
             let at = (g * nb + b) * GROUP;
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(p.d.as_ptr().add(at) as *const __m256i));
-            let (xd, xs) = (_mm512_set1_ps(x.d[b]), x.sum[b]);
-            acc = match p.kind {
-                BlockKind::Q4_1 => {
-                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(p.m.as_ptr().add(at) as *const __m256i));
-                    _mm512_fmadd_ps(m, _mm512_set1_ps(xs), _mm512_fmadd_ps(s, _mm512_mul_ps(d, xd), acc))
-                }
-                // d · (s · xd + c · Σx), c = -8 (Q4_0) or -128 (Q8_0, values stored + 128).
-                BlockKind::Q4_0 => _mm512_fmadd_ps(d, _mm512_fmadd_ps(s, xd, _mm512_set1_ps(-8.0 * xs)), acc),
-                BlockKind::Q8_0 => _mm512_fmadd_ps(d, _mm512_fmadd_ps(s, xd, _mm512_set1_ps(-128.0 * xs)), acc),
-            };
+            acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(x.d[b])), acc);
+            if p.kind == BlockKind::Q4_1 {
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(p.m.as_ptr().add(at) as *const __m256i));
+                acc = _mm512_fmadd_ps(m, _mm512_set1_ps(x.sum[b]), acc);
+            }
         }
         _mm512_storeu_ps(out.as_mut_ptr(), acc);
     }
