@@ -89,6 +89,17 @@ impl CompileBackend for SimpleBackend {
         })?;
         bar.finish_and_clear();
         tracing::info!(int8_activations = opts.kernels.int8_activations, "cpu kernels: {}", opts.kernels.cpu.name());
+        // The linears' weights readied for the kernel path (the AVX-512 VNNI copy).
+        let by_value: std::collections::HashMap<usize, &Tensor> = params.iter().map(|(v, t)| (*v, t)).collect();
+        for n in &graph.nodes {
+            if matches!(n.op, autodeploy_core::Op::Linear | autodeploy_core::Op::SwiGluMlp { .. }) {
+                for v in &n.inputs[1..] {
+                    if let Some(w) = by_value.get(&(v.0 as usize)) {
+                        cpu::prepare_linear_weight(w, &opts.kernels);
+                    }
+                }
+            }
+        }
         // Index of the last node reading each value; graph outputs live to the end.
         let mut last_use = vec![usize::MAX; graph.values.len()];
         for (i, n) in graph.nodes.iter().enumerate() {
