@@ -51,6 +51,7 @@ def run_llama_cpp(tokens, threads, new_tokens):
 def run_autodeploy(tokens, threads, new_tokens, dtype, act="none", kernels="auto"):
     cfg = f"""model = {GGUF!r}
 dtype = "{dtype}"
+device = "cpu"
 activation_quant = "{act}"
 cpu_kernels = "{kernels}"
 max_batch_size = 1
