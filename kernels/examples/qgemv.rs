@@ -8,6 +8,8 @@
 use autodeploy_kernels::quant::{qlinear_on, qlinear_packed, BlockKind, CpuKernels, PackedRows};
 use std::time::Instant;
 
+mod common;
+
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1);
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("thread pool");
@@ -15,19 +17,7 @@ fn main() {
     for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
         for (n, k, copies) in [(1536usize, 576usize, 1usize), (1536, 576, 64), (3072, 576, 32), (576, 1536, 64)] {
             let rb = k / 32 * kind.bytes();
-            // Random bytes with small f16 scales at the start of each block.
-            let mut s = 12345u32;
-            let mut w: Vec<u8> = (0..n * rb * copies)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 17;
-                    s ^= s << 5;
-                    s as u8
-                })
-                .collect();
-            for b in w.chunks_mut(kind.bytes()) {
-                b[..2].copy_from_slice(&0x2000u16.to_le_bytes());
-            }
+            let w = common::random_blocks(kind, n * k / 32 * copies);
             let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
             let mut y = vec![0f32; n];
             let packed: Vec<PackedRows> = w.chunks(n * rb).map(|wc| PackedRows::pack(kind, n, k, wc)).collect();

@@ -5,6 +5,8 @@
 use autodeploy_kernels::quant::{qlinear_on, qlinear_packed, BlockKind, CpuKernels, PackedRows};
 use std::time::Instant;
 
+mod common;
+
 fn main() {
     println!("threads: {}  detected: {}", autodeploy_kernels::pool::threads(), CpuKernels::detected().name());
     let shapes = [
@@ -16,19 +18,7 @@ fn main() {
     ];
     let mut per_token = [0f64; 3];
     for (name, kind, n, k, per) in shapes {
-        let rb = k / 32 * kind.bytes();
-        let mut s = 12345u32;
-        let mut w: Vec<u8> = (0..n * rb)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                s as u8
-            })
-            .collect();
-        for b in w.chunks_mut(kind.bytes()) {
-            b[..2].copy_from_slice(&0x2000u16.to_le_bytes());
-        }
+        let w = common::random_blocks(kind, n * k / 32);
         let packed = PackedRows::pack(kind, n, k, &w);
         let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut y = vec![0f32; n];

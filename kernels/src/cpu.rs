@@ -5,7 +5,7 @@
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-pub use crate::quant::{qlinear, BlockKind};
+pub use crate::quant::BlockKind;
 
 /// Row-major strided view of a matrix operand: element (r, c) is at `r * rs + c * cs`.
 #[derive(Clone, Copy, Debug)]

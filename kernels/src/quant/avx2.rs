@@ -153,7 +153,7 @@ unsafe fn qdot_tile_i8<const K: u8, const R: usize>(row: *const u8, row_bytes: u
 pub unsafe fn quantize_row(x: &[f32]) -> QuantRow {
     let nb = x.len() / 32;
     let mut q = vec![0i8; nb * 32];
-    let (mut d, mut sum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+    let (mut d, mut sum, mut isum) = (Vec::with_capacity(nb), Vec::with_capacity(nb), Vec::with_capacity(nb));
     let sign = _mm256_set1_ps(-0.0);
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for b in 0..nb {
@@ -182,8 +182,9 @@ pub unsafe fn quantize_row(x: &[f32]) -> QuantRow {
         _mm256_storeu_si256(q.as_mut_ptr().add(b * 32) as *mut __m256i, packed);
         d.push(scale);
         sum.push(scale * s as f32);
+        isum.push(s);
     }
-    QuantRow { q, d, sum }
+    QuantRow { q, d, sum, isum }
 }
 
 /// `out[i]` = row `first + i` of `w` against `x`, for f32 activations.

@@ -2,9 +2,9 @@
 //! stored so that a decode step moves the quantized bytes, not f32's.
 //!
 //! Two ways to take the dot product of an activation row with a weight row:
-//! - f32 activations ([`qlinear`]): each block is expanded in registers and multiplied with f32
+//! - f32 activations ([`qlinear_on`]): each block is expanded in registers and multiplied with f32
 //!   FMAs. The only error against dequantize-then-GEMM is f32 summation order.
-//! - int8 activations ([`qlinear_i8`]): each 32-value block of the activation row is quantized to
+//! - int8 activations ([`qlinear_on`] with `int8`, [`qlinear_packed`]): each 32-value block of the activation row is quantized to
 //!   int8 with its own scale (`d = max|x| / 127`, llama.cpp's Q8 activation format), and blocks
 //!   are multiplied with integer instructions (`pmaddubsw`/`pmaddwd`), four times fewer
 //!   conversions per block. This adds the activation rounding error (at most `d / 2` per value).
@@ -192,6 +192,8 @@ pub struct QuantRow {
     /// `d · Σq` of each block: the row's block sums as the integer dot products see them
     /// (Q4_0's and Q4_1's offset terms).
     pub sum: Vec<f32>,
+    /// `Σq` of each block, in integers (the packed kernels' offsets).
+    pub isum: Vec<i32>,
 }
 
 /// Quantizes `x` (a multiple of 32 long) to int8 per block, rounding to nearest (ties away from
@@ -218,7 +220,7 @@ const HALF_BELOW: f32 = 0.49999997;
 fn quantize_row_portable(x: &[f32]) -> QuantRow {
     let nb = x.len() / 32;
     let mut q = vec![0i8; x.len()];
-    let (mut d, mut sum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+    let (mut d, mut sum, mut isum) = (Vec::with_capacity(nb), Vec::with_capacity(nb), Vec::with_capacity(nb));
     for (xb, qb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)) {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;
@@ -231,8 +233,9 @@ fn quantize_row_portable(x: &[f32]) -> QuantRow {
         }
         d.push(scale);
         sum.push(scale * s as f32);
+        isum.push(s);
     }
-    QuantRow { q, d, sum }
+    QuantRow { q, d, sum, isum }
 }
 
 /// Dot product of one quantized weight row with f32 `x`, block by block. `xsum[b]` is the sum
@@ -335,40 +338,10 @@ impl Activations<'_> {
     }
 }
 
-/// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` with `W` block-quantized (`kind`), read as stored, f32
-/// activations, on the best path this CPU runs.
-#[allow(clippy::too_many_arguments)]
-pub fn qlinear(
-    m: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    kind: BlockKind,
-    w: &[u8],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    qlinear_on(CpuKernels::detected(), false, m, n, k, x, kind, w, bias, y)
-}
-
-/// As [`qlinear`], with each activation row quantized to int8 per 32-value block first
-/// (see the module docs for the error this adds).
-#[allow(clippy::too_many_arguments)]
-pub fn qlinear_i8(
-    m: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    kind: BlockKind,
-    w: &[u8],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    qlinear_on(CpuKernels::detected(), true, m, n, k, x, kind, w, bias, y)
-}
-
-/// [`qlinear`] (`int8` false) or [`qlinear_i8`] on the blocks as stored, with the SIMD path
-/// when `kernels` (within what the CPU runs) is AVX2 or better, else the portable one.
+/// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` with `W` block-quantized (`kind`), read as stored: f32
+/// activations, or (`int8`) each activation row quantized to int8 per 32-value block first (see
+/// the module docs for the error this adds). The SIMD path when `kernels` (within what the CPU
+/// runs) is AVX2 or better, else the portable one.
 #[allow(clippy::too_many_arguments)]
 pub fn qlinear_on(
     kernels: CpuKernels,
@@ -401,7 +374,7 @@ pub fn qlinear_on(
     add_bias(y, n, bias);
 }
 
-/// As [`qlinear_i8`], over weights [`PackedRows::pack`]ed 16 rows to a group: the AVX-512 VNNI
+/// As [`qlinear_on`] with int8 activations, over weights [`PackedRows::pack`]ed 16 rows to a group: the AVX-512 VNNI
 /// kernel where `kernels` allows it and the CPU has it, else the portable one on the same copy.
 pub fn qlinear_packed(kernels: CpuKernels, m: usize, x: &[f32], w: &PackedRows, bias: Option<&[f32]>, y: &mut [f32]) {
     let (n, k) = w.dims();
@@ -529,7 +502,7 @@ mod tests {
                 let x = rand(m * k, 10);
                 let bias = rand(n, 11);
                 let (mut y, mut r) = (vec![0f32; m * n], vec![0f32; m * n]);
-                qlinear(m, n, k, &x, kind, &w, Some(&bias), &mut y);
+                qlinear_on(CpuKernels::detected(), false, m, n, k, &x, kind, &w, Some(&bias), &mut y);
                 linear(m, n, k, &x, &wf, Some(&bias), &mut r);
                 for (a, b) in y.iter().zip(&r) {
                     assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kind:?} m={m}: {a} vs {b}");
@@ -555,7 +528,7 @@ mod tests {
         }
         // The SIMD path gives the same integers and scales as the portable one.
         let p = quantize_row_portable(&x);
-        assert_eq!((&q.q, &q.d, &q.sum), (&p.q, &p.d, &p.sum));
+        assert_eq!((&q.q, &q.d, &q.sum, &q.isum), (&p.q, &p.d, &p.sum, &p.isum));
         let ties: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.5 * 127.0 / 16.0).collect();
         assert_eq!(quantize_row_i8(&ties).q, quantize_row_portable(&ties).q, "ties round the same way");
         let zero = quantize_row_i8(&[0.0; 32]);
@@ -598,9 +571,9 @@ mod tests {
             let (w, wf) = random_weights(kind, n, k, 21);
             let x = rand(m * k, 22);
             let mut y = vec![0f32; m * n];
-            qlinear_i8(m, n, k, &x, kind, &w, None, &mut y);
+            qlinear_on(CpuKernels::detected(), true, m, n, k, &x, kind, &w, None, &mut y);
             let mut yf = vec![0f32; m * n];
-            qlinear(m, n, k, &x, kind, &w, None, &mut yf);
+            qlinear_on(CpuKernels::detected(), false, m, n, k, &x, kind, &w, None, &mut yf);
             for i in 0..m {
                 let q = quantize_row_i8(&x[i * k..(i + 1) * k]);
                 let xd: Vec<f32> = q.q.iter().enumerate().map(|(j, &v)| v as f32 * q.d[j / 32]).collect();

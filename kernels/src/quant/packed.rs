@@ -8,7 +8,7 @@
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes, so the values are stored unsigned: Q4's
 //! nibbles as they are, Q8_0's `q + 128`. The offsets come back out in integers (`Σ (q + c)·x -
-//! c·Σx`, with the activation block's integer sum), never as a float term that would cancel:
+//! c·Σx`, with the activation block's integer sum `QuantRow::isum`), never as a float term that would cancel:
 //! within a block the integer sums are exact, so the result equals the other int8 kernels' up to
 //! f32 summation order. Q4_1's minimum is its own term, `m · Σx`.
 //! The copy holds the same bytes as the blocks (Q4: 16 + 2 (+ 2) bytes a block and row).
@@ -101,8 +101,6 @@ impl PackedRows {
     pub fn dot_rows(&self, x: &QuantRow, out: &mut [f32], first: usize, simd: bool) {
         assert!(first.is_multiple_of(GROUP) && first + out.len() <= self.n, "packed rows out of range");
         assert_eq!(x.d.len(), self.k / 32, "activation blocks");
-        // Each activation block's integer sum, for the offsets (Q4_0's 8, Q8_0's 128).
-        let isum: Vec<i32> = x.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
         let mut tile = [0f32; GROUP];
         for (i, chunk) in out.chunks_mut(GROUP).enumerate() {
             let g = first / GROUP + i;
@@ -111,19 +109,19 @@ impl PackedRows {
                 // SAFETY: `simd` only when the CPU has AVX-512 F/BW/VNNI and F16C
                 // (`CpuKernels::Avx512Vnni`); group `g` and the activation row have the blocks
                 // `pack` made (checked above).
-                unsafe { avx512::dot_group(self, x, &isum, g, &mut tile) };
+                unsafe { avx512::dot_group(self, x, g, &mut tile) };
                 chunk.copy_from_slice(&tile[..chunk.len()]);
                 continue;
             }
             let _ = simd;
-            self.dot_group_portable(x, &isum, g, &mut tile);
+            self.dot_group_portable(x, g, &mut tile);
             chunk.copy_from_slice(&tile[..chunk.len()]);
         }
     }
 
     /// One group's 16 rows against `x`, in plain Rust, by the same formula as the SIMD kernel.
-    #[allow(clippy::needless_range_loop)] // `b` indexes the packed blocks, x's blocks and isum
-    fn dot_group_portable(&self, x: &QuantRow, isum: &[i32], g: usize, out: &mut [f32; GROUP]) {
+    #[allow(clippy::needless_range_loop)] // `b` indexes the packed blocks and x's blocks
+    fn dot_group_portable(&self, x: &QuantRow, g: usize, out: &mut [f32; GROUP]) {
         let nb = self.k / 32;
         let qb = Self::q_bytes(self.kind);
         *out = [0.0; GROUP];
@@ -148,8 +146,8 @@ impl PackedRows {
                 let d = f16le(&self.d[at].to_le_bytes(), 0);
                 *o += match self.kind {
                     BlockKind::Q4_1 => s as f32 * (d * x.d[b]) + f16le(&self.m[at].to_le_bytes(), 0) * x.sum[b],
-                    BlockKind::Q4_0 => (s - 8 * isum[b]) as f32 * (d * x.d[b]),
-                    BlockKind::Q8_0 => (s - 128 * isum[b]) as f32 * (d * x.d[b]),
+                    BlockKind::Q4_0 => (s - 8 * x.isum[b]) as f32 * (d * x.d[b]),
+                    BlockKind::Q8_0 => (s - 128 * x.isum[b]) as f32 * (d * x.d[b]),
                 };
             }
         }
@@ -164,8 +162,8 @@ mod avx512 {
     /// One group's 16 rows against `x`: per block, 4 (Q4) or 8 (Q8_0) `vpdpbusd` into two
     /// independent accumulators, then one convert and two FMAs for the 16 rows' scales.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    #[allow(clippy::needless_range_loop)] // `b` indexes the packed blocks, x's blocks and isum
-    pub(super) unsafe fn dot_group(p: &PackedRows, x: &QuantRow, isum: &[i32], g: usize, out: &mut [f32; GROUP]) {
+    #[allow(clippy::needless_range_loop)] // `b` indexes the packed blocks and x's blocks
+    pub(super) unsafe fn dot_group(p: &PackedRows, x: &QuantRow, g: usize, out: &mut [f32; GROUP]) {
         let nb = p.k / 32;
         let qb = PackedRows::q_bytes(p.kind);
         let xw = x.q.as_ptr() as *const i32;
@@ -192,8 +190,8 @@ mod avx512 {
             // The stored offset out in integers: Q4_0's 8, Q8_0's 128, times Σx.
             let offset = match p.kind {
                 BlockKind::Q4_1 => 0,
-                BlockKind::Q4_0 => 8 * isum[b],
-                BlockKind::Q8_0 => 128 * isum[b],
+                BlockKind::Q4_0 => 8 * x.isum[b],
+                BlockKind::Q8_0 => 128 * x.isum[b],
             };
             let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(offset)));
             let at = (g * nb + b) * GROUP;
