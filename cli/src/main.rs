@@ -385,7 +385,6 @@ fn run_json(cfg: &PipelineConfig, engine: &mut pipeline::Engine) -> Result<()> {
     Ok(())
 }
 
-/// Bytes of weights one forward reads: every param at its stored size (blocks as stored).
 /// Bytes of the weights a decode step reads: every weight but the embedding tables (a step
 /// reads one row of those per token), unless a table is also read whole (a tied LM head).
 fn weight_bytes(g: &autodeploy_core::Graph) -> usize {
@@ -399,14 +398,7 @@ fn weight_bytes(g: &autodeploy_core::Graph) -> usize {
     g.params
         .iter()
         .filter(|p| !only_looked_up(p.value))
-        .map(|p| {
-            let m = g.meta(p.value);
-            let n: usize = m.shape.iter().map(|d| d.as_static().unwrap_or(0)).product();
-            match m.dtype {
-                autodeploy_core::DType::Block(t) => n / t.block().0 * t.block().1,
-                d => n * d.size_in_bytes(),
-            }
-        })
+        .map(|p| autodeploy_core::pipeline::param_bytes(g, p).unwrap_or(0) as usize)
         .sum()
 }
 

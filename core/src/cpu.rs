@@ -71,16 +71,22 @@ impl Default for KernelOptions {
 
 use autodeploy_kernels::isa::CpuKernels::Avx512Vnni;
 
-/// Readies a weight of a linear (`Op::Linear`, `Op::SwiGluMlp`) for `opts` before the first
-/// step: on the AVX-512 VNNI int8 path, a block weight's row-interleaved copy is made now
-/// rather than inside the first request. Other weights need nothing.
-pub fn prepare_linear_weight(w: &Tensor, opts: &KernelOptions) {
-    if !(opts.int8_activations && opts.cpu >= Avx512Vnni) || w.shape().len() != 2 {
+/// Readies the weights node `op` reads for `opts` before the first step: on the AVX-512 VNNI
+/// int8 path, the row-interleaved copy of each block weight its linears multiply
+/// (`linear_f32`: `Op::Linear`'s weight, `Op::SwiGluMlp`'s three) is made now rather than
+/// inside the first request. `weight(i)` is input `i` when it is a weight.
+pub fn prepare_weights<'a>(op: &Op, inputs: usize, weight: impl Fn(usize) -> Option<&'a Tensor>, opts: &KernelOptions) {
+    if !(opts.int8_activations && opts.cpu >= Avx512Vnni) || !matches!(op, Op::Linear | Op::SwiGluMlp { .. }) {
         return;
     }
-    if let Some((kind, bytes)) = w.as_blocks().and_then(|(t, b)| block_kind(t).map(|kd| (kd, b))) {
-        let (n, k_) = (w.shape()[0], w.shape()[1]);
-        w.packed_rows(|| autodeploy_kernels::quant::PackedRows::pack(kind, n, k_, bytes));
+    for w in (1..inputs).filter_map(weight) {
+        if w.shape().len() != 2 {
+            continue;
+        }
+        if let Some((kind, bytes)) = w.as_blocks().and_then(|(t, b)| block_kind(t).map(|kd| (kd, b))) {
+            let (n, k_) = (w.shape()[0], w.shape()[1]);
+            w.packed_rows(|| autodeploy_kernels::quant::PackedRows::pack(kind, n, k_, bytes));
+        }
     }
 }
 

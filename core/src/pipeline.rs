@@ -191,8 +191,8 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let kv_pages = kv_pages(&graph, cfg)?;
-    let kv_pages = check_host_memory(&graph, cfg, kv_pages)?;
     let mut opts = crate::backend::CompileOptions::from_config(cfg, kv_pages);
+    opts.kv_pages = check_host_memory(&graph, cfg, &opts.kernels, kv_pages)?;
     opts.min_kv_pages = pages_per_sequence(&graph, cfg);
     let model = backend.compile(&graph, &opts)?;
     let kv_pages = model.kv_pages().unwrap_or(kv_pages);
@@ -213,13 +213,29 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     })
 }
 
-/// Bytes of the graph's weights as the graph holds them; `None` past 2^64.
+/// Bytes of the graph's weights as the graph holds them (block-quantized ones at their
+/// blocks' size); `None` past 2^64.
 pub fn weight_bytes(g: &Graph) -> Option<u64> {
-    g.params.iter().try_fold(0u64, |acc, p| {
-        let m = g.meta(p.value);
-        let n = m.shape.iter().try_fold(m.dtype.size_in_bytes() as u64, |n, d| n.checked_mul(d.as_static()? as u64))?;
-        acc.checked_add(n)
-    })
+    weight_bytes_where(g, |_| true)
+}
+
+/// Bytes of the weights whose dtype passes `keep`.
+fn weight_bytes_where(g: &Graph, keep: impl Fn(crate::DType) -> bool) -> Option<u64> {
+    g.params.iter().filter(|p| keep(g.meta(p.value).dtype)).try_fold(0u64, |acc, p| acc.checked_add(param_bytes(g, p)?))
+}
+
+/// Bytes of one weight as the graph holds it (blocks at their size); `None` for a dynamic
+/// shape or past 2^64.
+pub fn param_bytes(g: &Graph, p: &crate::ir::Param) -> Option<u64> {
+    let m = g.meta(p.value);
+    let elems = m.shape.iter().try_fold(1u64, |n, d| n.checked_mul(d.as_static()? as u64))?;
+    match m.dtype {
+        crate::DType::Block(ty) => {
+            let (per, size) = ty.block();
+            elems.div_ceil(per as u64).checked_mul(size as u64)
+        }
+        d => elems.checked_mul(d.size_in_bytes() as u64),
+    }
 }
 
 /// The memory the host has available (`MemAvailable` in /proc/meminfo), when it says.
@@ -235,12 +251,22 @@ fn host_memory_available() -> Option<u64> {
 /// to lower), and limits the page pool to what the rest of that memory holds (the host cache
 /// grows on demand; with fewer pages, admission waits and preemption frees pages instead of the
 /// process running out of memory). Returns the pages to use.
-fn check_host_memory(g: &Graph, cfg: &PipelineConfig, kv_pages: usize) -> Result<usize> {
+fn check_host_memory(
+    g: &Graph,
+    cfg: &PipelineConfig,
+    kernels: &crate::cpu::KernelOptions,
+    kv_pages: usize,
+) -> Result<usize> {
     if cfg.resolved_device() != crate::config::Device::Cpu {
         return Ok(kv_pages);
     }
     let Some(avail) = host_memory_available() else { return Ok(kv_pages) };
-    let weights = weight_bytes(g).unwrap_or(u64::MAX);
+    let mut weights = weight_bytes(g).unwrap_or(u64::MAX);
+    if kernels.int8_activations && kernels.cpu >= autodeploy_kernels::isa::CpuKernels::Avx512Vnni {
+        // The AVX-512 VNNI linears keep a row-interleaved copy of the block weights.
+        let blocks = weight_bytes_where(g, |d| matches!(d, crate::DType::Block(_))).unwrap_or(u64::MAX);
+        weights = weights.saturating_add(blocks);
+    }
     // The CPU's cache holds f32.
     let per_page = match CacheSpec::of(g)? {
         Some(spec) => spec.bytes_per_page(cfg.attn_page_size, 4) as u64,

@@ -218,7 +218,6 @@ fn int8_activations_stay_within_their_tolerance() {
                 // free-running generation may part from the reference at a near-tie and never
                 // return. Teacher-forced instead: fed the reference's greedy continuation, each
                 // step picks the reference's next token, or misses it only at a near-tie.
-                let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
                 let fed: Vec<i64> = prompt.iter().chain(&greedy[..greedy.len() - 1]).copied().collect();
                 let got = logits_token_by_token(&mut e, &fed);
                 for (i, &next) in greedy.iter().enumerate() {

@@ -89,16 +89,11 @@ impl CompileBackend for SimpleBackend {
         })?;
         bar.finish_and_clear();
         tracing::info!(int8_activations = opts.kernels.int8_activations, "cpu kernels: {}", opts.kernels.cpu.name());
-        // The linears' weights readied for the kernel path (the AVX-512 VNNI copy).
+        // Weights readied for the kernel path (the AVX-512 VNNI copy of the linears').
         let by_value: std::collections::HashMap<usize, &Tensor> = params.iter().map(|(v, t)| (*v, t)).collect();
         for n in &graph.nodes {
-            if matches!(n.op, autodeploy_core::Op::Linear | autodeploy_core::Op::SwiGluMlp { .. }) {
-                for v in &n.inputs[1..] {
-                    if let Some(w) = by_value.get(&(v.0 as usize)) {
-                        cpu::prepare_linear_weight(w, &opts.kernels);
-                    }
-                }
-            }
+            let weight = |i: usize| by_value.get(&(n.inputs[i].0 as usize)).copied();
+            cpu::prepare_weights(&n.op, n.inputs.len(), weight, &opts.kernels);
         }
         // Index of the last node reading each value; graph outputs live to the end.
         let mut last_use = vec![usize::MAX; graph.values.len()];
