@@ -76,7 +76,7 @@ use autodeploy_kernels::isa::CpuKernels::Avx512Vnni;
 /// (`linear_f32`: `Op::Linear`'s weight, `Op::SwiGluMlp`'s three) is made now rather than
 /// inside the first request. `weight(i)` is input `i` when it is a weight.
 pub fn prepare_weights<'a>(op: &Op, inputs: usize, weight: impl Fn(usize) -> Option<&'a Tensor>, opts: &KernelOptions) {
-    if !(opts.int8_activations && opts.cpu >= Avx512Vnni) || !matches!(op, Op::Linear | Op::SwiGluMlp { .. }) {
+    if !(opts.int8_activations && opts.cpu >= Avx512Vnni && matches!(op, Op::Linear | Op::SwiGluMlp { .. })) {
         return;
     }
     for w in (1..inputs).filter_map(weight) {
