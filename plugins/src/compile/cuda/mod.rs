@@ -18,7 +18,6 @@ use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepContext;
 use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
-use autodeploy_core::weights::{Synthetic, SYNTHETIC_CHUNK};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
 use autodeploy_kernels::cuda::exec::{
@@ -28,7 +27,11 @@ use autodeploy_kernels::cuda::exec::{
 use autodeploy_kernels::cuda::Unavailable;
 
 mod memory;
+mod strides;
+mod weights;
 use memory::{padded, Arena};
+use strides::{broadcast_strides, contiguous_strides, head_rows, is_contiguous, norm_dim, view_strides};
+use weights::host_bytes;
 
 /// What the CUDA executor does beyond running nodes in order.
 #[derive(Clone, Copy, Debug, Default)]
@@ -57,110 +60,6 @@ fn dt(d: DType, what: &str) -> Result<Dt> {
     })
 }
 
-/// A weight made of generated values (`WeightStore::synthetic_parts`) made on the GPU, part by
-/// part, in `d`.
-fn generate(
-    gpu: &Gpu,
-    graph: &Graph,
-    p: &autodeploy_core::ir::Param,
-    d: Dt,
-    parts: &[(usize, Synthetic)],
-) -> Result<Buffer> {
-    let want: usize = graph.meta(p.value).shape.iter().filter_map(|x| x.as_static()).product();
-    let total: usize = parts.iter().map(|(n, _)| n).sum();
-    if total != want {
-        return Err(Error::Msg(format!(
-            "weight `{}` ({}): {total} generated values for a parameter of {want}",
-            p.weight,
-            graph.weights.location(&p.weight)
-        )));
-    }
-    let buf = gpu.alloc(want * d.size(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
-    let mut at = buf.ptr;
-    for &(n, v) in parts {
-        match v {
-            Synthetic::Const(c) => gpu.fill_const(at, d, n, c),
-            Synthetic::Uniform { seed, scale } => gpu.fill_uniform(at, d, n, seed, scale, SYNTHETIC_CHUNK),
-        }
-        .map_err(|e| Error::Msg(format!("generating weight `{}`: {e}", p.weight)))?;
-        at += (n * d.size()) as u64;
-    }
-    Ok(buf)
-}
-
-/// The bytes of a host tensor, as stored (little-endian on every host we build for).
-fn host_bytes(t: &Tensor) -> Result<&[u8]> {
-    use autodeploy_core::tensor::Storage;
-    fn bytes<T: Copy>(v: &[T]) -> &[u8] {
-        // SAFETY: plain numeric element types without padding, read as bytes.
-        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-    }
-    Ok(match t.storage() {
-        Storage::F32(v) => bytes(v),
-        Storage::F16(v) => bytes(v),
-        Storage::BF16(v) => bytes(v),
-        Storage::I64(v) => bytes(v),
-        Storage::Bool(v) => bytes(v),
-        Storage::Block { .. } => return Err(Error::Msg("block-quantized tensors cannot be uploaded as is".into())),
-    })
-}
-
-fn contiguous_strides(shape: &[usize]) -> Vec<i64> {
-    let mut s = vec![1i64; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1] as i64;
-    }
-    s
-}
-
-/// Whether a view with these sizes and strides is the contiguous layout of its shape.
-fn is_contiguous(shape: &[usize], strides: &[i64]) -> bool {
-    let mut want = 1i64;
-    for (&n, &s) in shape.iter().zip(strides).rev() {
-        if n != 1 && s != want {
-            return false;
-        }
-        want *= n as i64;
-    }
-    true
-}
-
-/// Strides of `new` viewing memory laid out as `old` with strides `old_st`, if a view can (as
-/// `torch.Tensor.view`): each run of `old` dims that are contiguous among themselves splits or
-/// merges into `new` dims of the same count; None when a `new` dim would straddle two runs.
-fn view_strides(old: &[usize], old_st: &[i64], new: &[usize]) -> Option<Vec<i64>> {
-    if old.iter().product::<usize>() != new.iter().product::<usize>() {
-        return None;
-    }
-    if old.is_empty() {
-        return Some(contiguous_strides(new));
-    }
-    let mut st = vec![0i64; new.len()];
-    let mut view_d = new.len() as isize - 1;
-    let mut base = old_st[old.len() - 1];
-    let (mut tensor_n, mut view_n) = (1usize, 1usize);
-    for d in (0..old.len()).rev() {
-        tensor_n *= old[d];
-        // A run ends where the next dim out is not laid out right after this run.
-        if d == 0 || (old[d - 1] != 1 && old_st[d - 1] != tensor_n as i64 * base) {
-            while view_d >= 0 && (view_n < tensor_n || new[view_d as usize] == 1) {
-                st[view_d as usize] = view_n as i64 * base;
-                view_n *= new[view_d as usize];
-                view_d -= 1;
-            }
-            if view_n != tensor_n {
-                return None;
-            }
-            if d > 0 {
-                base = old_st[d - 1];
-                tensor_n = 1;
-                view_n = 1;
-            }
-        }
-    }
-    (view_d == -1).then_some(st)
-}
-
 /// A strided view (`src` read through `strides`, shape `xs`) copied to contiguous memory at `to`.
 fn copy_contiguous(
     gpu: &Gpu,
@@ -172,35 +71,6 @@ fn copy_contiguous(
 ) -> std::result::Result<(), Unavailable> {
     let s = Strided::new(xs, strides, &vec![0; xs.len()])?;
     gpu.copy_strided(src, d, to, d, xs.iter().product(), s, false)
-}
-
-/// Where the head rows of an attention operand `[.., heads, tokens, d]` (leading dims 1) lie,
-/// given its strides (None: contiguous); None when its rows are not contiguous.
-fn head_rows(shape: &[usize], strides: Option<&[i64]>) -> Option<HeadRows> {
-    let r = shape.len();
-    if r < 3 || shape[..r - 3].iter().any(|&n| n != 1) {
-        return None;
-    }
-    match strides {
-        None => Some(HeadRows::heads_major(shape[r - 2], shape[r - 1])),
-        Some(st) if st[r - 1] == 1 || shape[r - 1] == 1 => Some(HeadRows { head: st[r - 3], token: st[r - 2] }),
-        Some(_) => None,
-    }
-}
-
-/// Strides to read a tensor of `shape` broadcast to `out` (right-aligned, size-1 dims repeat).
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<i64> {
-    let cs = contiguous_strides(shape);
-    let off = out.len() - shape.len();
-    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 && out[i] != 1 { 0 } else { cs[i - off] }).collect()
-}
-
-fn norm_dim(d: i64, rank: usize) -> usize {
-    if d < 0 {
-        (d + rank as i64) as usize
-    } else {
-        d as usize
-    }
 }
 
 /// Ops whose output may share the input's memory (decided per step from the shapes).
@@ -482,68 +352,7 @@ impl CudaModel {
         memory::Footprint::of(graph, opts, arena.top)?.check(&gpu)?;
 
         // Weights at the graph's dtypes.
-        let bar = indicatif::ProgressBar::new(graph.params.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template("uploading weights {bar:30} {pos}/{len} {wide_msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        let mut params = Vec::with_capacity(graph.params.len());
-        let mut param_ptr = HashMap::new();
-        for p in &graph.params {
-            dt(graph.meta(p.value).dtype, &p.weight)?;
-        }
-        // Read (or generate) a few weights at a time on the host's cores, then upload them.
-        // Weights that are generated values throughout (`load_format = "dummy"`) are made on the
-        // GPU instead: the same values, without the host's work and the copy.
-        let on_device = |p: &autodeploy_core::ir::Param| -> Option<(Dt, Vec<(usize, Synthetic)>)> {
-            let d = dt(graph.meta(p.value).dtype, &p.weight).ok()?;
-            matches!(d, Dt::F32 | Dt::BF16 | Dt::F16).then_some(())?;
-            Some((d, graph.weights.synthetic_parts(&p.weight)?))
-        };
-        for chunk in graph.params.chunks(8) {
-            use rayon::prelude::*;
-            let made: Vec<_> = chunk.iter().map(on_device).collect();
-            let loaded: Vec<Result<Option<Tensor>>> = chunk
-                .par_iter()
-                .zip(&made)
-                .map(|(p, made)| {
-                    if made.is_some() {
-                        return Ok(None);
-                    }
-                    let meta = graph.meta(p.value);
-                    let t = graph.weights.load(&p.weight, meta.dtype)?;
-                    let want: Vec<usize> = meta.shape.iter().filter_map(|d| d.as_static()).collect();
-                    if t.shape() != want.as_slice() {
-                        return Err(Error::TensorShape {
-                            file: graph.weights.location(&p.weight).into(),
-                            name: p.weight.clone(),
-                            expected: want,
-                            found: t.shape().to_vec(),
-                        });
-                    }
-                    Ok(Some(t))
-                })
-                .collect();
-            for ((p, t), made) in chunk.iter().zip(loaded).zip(made) {
-                bar.set_message(p.weight.clone());
-                bar.inc(1);
-                if let Some((d, parts)) = made {
-                    let buf = generate(&gpu, graph, p, d, &parts)?;
-                    param_ptr.insert(p.value.0 as usize, buf.ptr);
-                    params.push(buf);
-                    continue;
-                }
-                let t = t?.expect("loaded on the host when not made on the GPU");
-                let bytes = host_bytes(&t)?;
-                let buf = gpu.alloc(bytes.len(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
-                gpu.upload(buf.ptr, bytes).map_err(gpu_err)?;
-                // The upload may read the host copy after it returns: wait before dropping it.
-                gpu.sync().map_err(gpu_err)?;
-                param_ptr.insert(p.value.0 as usize, buf.ptr);
-                params.push(buf);
-            }
-        }
-        gpu.sync().map_err(gpu_err)?;
-        bar.finish_and_clear();
+        let (params, param_ptr) = weights::upload(&gpu, graph)?;
 
         let arena_buf = gpu.alloc(arena.top, "activations (planned for the largest step)").map_err(gpu_err)?;
         tracing::info!(
@@ -1564,56 +1373,5 @@ impl CudaModel {
         }
         let ids = &b[IDS_AT as usize..];
         Ok(Some(ids.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn views_are_contiguous_only_when_their_strides_say_so() {
-        // [1, seq, h, d] -> [1, h, seq, d]: a copy unless seq or h is 1.
-        let st = |s: &[usize], a: usize, b: usize| {
-            let mut v = contiguous_strides(s);
-            v.swap(a, b);
-            v
-        };
-        assert!(is_contiguous(&[1, 4, 1, 16], &st(&[1, 1, 4, 16], 1, 2)));
-        assert!(!is_contiguous(&[1, 4, 3, 16], &st(&[1, 3, 4, 16], 1, 2)));
-        // A slice of the last dim of [1, 1, 96] is contiguous; of [1, 2, 96] it is not.
-        assert!(is_contiguous(&[1, 1, 32], &contiguous_strides(&[1, 1, 96])));
-        assert!(!is_contiguous(&[1, 2, 32], &contiguous_strides(&[1, 2, 96])));
-        assert_eq!(broadcast_strides(&[1, 16], &[1, 4, 3, 16]), vec![0, 0, 0, 1]);
-    }
-
-    #[test]
-    fn views_of_strided_tensors_split_and_merge_runs_of_dims() {
-        // q's columns of a fused [1, 5, 96] q/k/v output: [1, 5, 64] with strides [480, 96, 1],
-        // viewed as heads of 16.
-        let q = view_strides(&[1, 5, 64], &[480, 96, 1], &[1, 5, 4, 16]).unwrap();
-        assert_eq!(q, vec![480, 96, 16, 1]);
-        // Then [1, h, seq, d] by transposing 1 and 2: head stride 16, token stride 96.
-        let mut t = q.clone();
-        t.swap(1, 2);
-        assert_eq!(head_rows(&[1, 4, 5, 16], Some(&t)), Some(HeadRows { head: 16, token: 96 }));
-        assert_eq!(head_rows(&[1, 4, 5, 16], None), Some(HeadRows::heads_major(5, 16)));
-        // Attention out written [seq, h, d], seen as [1, h, seq, d], transposed back: contiguous.
-        let o = HeadRows::tokens_major(4, 16);
-        let mut st = vec![(4 * 5 * 16) as i64, o.head, o.token, 1];
-        st.swap(1, 2);
-        assert!(is_contiguous(&[1, 5, 4, 16], &st));
-        // Contiguous tensors view as anything of their size; merging dims of different runs
-        // (the sliced columns with the rows) cannot.
-        assert_eq!(view_strides(&[2, 3, 4], &[12, 4, 1], &[6, 4]), Some(vec![4, 1]));
-        assert_eq!(view_strides(&[2, 3, 4], &[12, 4, 1], &[24]), Some(vec![1]));
-        assert_eq!(view_strides(&[1, 5, 64], &[480, 96, 1], &[1, 320]), None);
-        assert_eq!(view_strides(&[1, 5, 64], &[480, 96, 1], &[1, 5, 64]), Some(vec![480, 96, 1]));
-        // A transposed tensor merges only the dims still laid out together.
-        assert_eq!(view_strides(&[4, 5, 16], &[16, 64, 1], &[4, 5, 4, 4]), Some(vec![16, 64, 4, 1]));
-        assert_eq!(view_strides(&[4, 5, 16], &[16, 64, 1], &[20, 16]), None);
-        assert_eq!(view_strides(&[2, 3], &[3, 1], &[7]), None);
-        // Rows with a stride between elements are no attention operand.
-        assert_eq!(head_rows(&[1, 4, 5, 16], Some(&[0, 16, 96, 2])), None);
     }
 }
