@@ -1,0 +1,464 @@
+//! The attention launchers: KV writes, paged attention (prefill on CUDA or tensor cores, the
+//! split-KV decode in its throughput and latency builds, RoPE fused with the KV write), the
+//! `triton` backend's slot attention, and the host-side plans they take (splits, tensor-core
+//! tiles, the step's metadata).
+
+use cudarc::driver::LaunchConfig;
+
+use super::*;
+
+impl Gpu {
+    /// The least positions a chunk of the split-KV decode's latency build should have: one
+    /// pass of its four warps (`attn_early_u` positions each). The throughput build's chunks
+    /// are planned at `SPLIT_MIN_CHUNK`.
+    pub fn split_min_chunk(&self) -> usize {
+        4 * self.attn_early_u()
+    }
+
+    /// Positions a warp takes a pass in the split-KV decode's latency build: 8 or 4.
+    pub fn attn_early_u(&self) -> usize {
+        self.attn_early_u.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets them (4, else 8) for the launches after; the split chunks a model planned stay.
+    pub fn set_attn_early_u(&self, u: usize) {
+        self.attn_early_u.store(if u == 4 { 4 } else { 8 }, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the split-KV decode's throughput build takes a GQA group's query heads together.
+    pub fn attn_group(&self) -> bool {
+        self.attn_group.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets it for the launches after.
+    pub fn set_attn_group(&self, on: bool) {
+        self.attn_group.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Query heads a block of the split-KV decode's throughput build attends for
+    /// (`heads_a_block`; 1 when `attn_group` is off).
+    pub fn decode_heads_a_block(&self, heads: usize, kv_heads: usize, d: usize) -> usize {
+        if self.attn_group() {
+            heads_a_block(heads, kv_heads, d)
+        } else {
+            1
+        }
+    }
+
+    /// Writes this step's k/v `[kv_heads, tokens, d]` into their cache slots.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_kv(
+        &self,
+        dt: Dt,
+        k: Ptr,
+        v: Ptr,
+        kc: Ptr,
+        vc: Ptr,
+        meta: &StepMeta,
+        kv_heads: usize,
+        d: usize,
+    ) -> Result<(), Unavailable> {
+        let f = &self.f.write_kv[attn_dt(dt)?];
+        let (ps, kvh, t, d32) = (meta.page_size as i32, kv_heads as i32, meta.tokens as i64, d as i32);
+        let mut l = self.launcher(*f);
+        l.arg(&k).arg(&v).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
+        l.arg(&meta.page_indices).arg(&ps).arg(&kvh).arg(&t).arg(&d32);
+        // SAFETY: slots come from the page table the runtime planned within the cache's pages.
+        launched("write_kv", unsafe { l.launch(grid(kv_heads * meta.tokens * d, 256)) }.map(|_| ()))
+    }
+
+    /// Paged attention of q `[heads, tokens, d]` over the cache, into out (same layout): on
+    /// tensor cores (one warp per tile of 16 query tokens and head) where `prefill_tc` allows
+    /// and the step has tiles, else one block per query token and head.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        dt: Dt,
+        q: Ptr,
+        kc: Ptr,
+        vc: Ptr,
+        out: Ptr,
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+    ) -> Result<(), Unavailable> {
+        let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
+        let tc = PREFILL_TC_DIMS.iter().position(|&x| x == d);
+        if let (true, Dt::BF16, Some(i), true) = (self.prefill_tc, dt, tc, meta.tile_slots > 0) {
+            let mut l = self.launcher(self.f.paged_prefill_tc[i]);
+            l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
+            l.arg(&meta.page_indices).arg(&meta.tiles).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+            let cfg = LaunchConfig {
+                grid_dim: (meta.tile_slots as u32, heads as u32, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as write_kv; `tiles` holds tile_slots (first token, count) pairs of
+            // consecutive tokens of one sequence each (`plan_tiles`).
+            return launched("paged_prefill_tc", unsafe { l.launch(cfg) }.map(|_| ()));
+        }
+        let di = head_dim_index(d, "paged attention")?;
+        let f = &self.f.paged_attention[attn_dt(dt)?][di];
+        let mut l = self.launcher(*f);
+        l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
+        l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+        let cfg = LaunchConfig {
+            grid_dim: (meta.tokens as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as write_kv.
+        launched("paged_attention", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+}
+
+/// Where the head rows of a `[heads, tokens, d]` tensor lie: elements from one head's row to the
+/// next head's (same token), and from one token's to the next's (same head); rows contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadRows {
+    pub head: i64,
+    pub token: i64,
+}
+
+impl HeadRows {
+    /// `[heads, tokens, d]` contiguous.
+    pub fn heads_major(tokens: usize, d: usize) -> HeadRows {
+        HeadRows { head: (tokens * d) as i64, token: d as i64 }
+    }
+
+    /// `[tokens, heads, d]` contiguous (a linear's output viewed as heads, transposed).
+    pub fn tokens_major(heads: usize, d: usize) -> HeadRows {
+        HeadRows { head: d as i64, token: (heads * d) as i64 }
+    }
+}
+
+impl Gpu {
+    /// Split-KV decode attention, throughput build: positions cut into `split.splits` chunks of
+    /// `split.chunk`, partial states in `split.partial` (`tokens × heads × splits × (d + 2)`
+    /// f32), merged into out (its rows where `HeadRows` says) by the last chunk to finish.
+    /// Reads q `[heads, tokens, d]` (rotated) and every position's k/v from the cache:
+    /// `write_kv` or `rope_write_kv` runs first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_split(
+        &self,
+        dt: Dt,
+        q: Ptr,
+        cache: (Ptr, Ptr),
+        out: (Ptr, HeadRows),
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+        split: Split,
+    ) -> Result<(), Unavailable> {
+        let hb = self.decode_heads_a_block(heads, kv_heads, d);
+        let f = match hb {
+            2 => &self.f.paged_decode_split_grouped[0],
+            4 => &self.f.paged_decode_split_grouped[1],
+            8 => &self.f.paged_decode_split_grouped[2],
+            _ => &self.f.paged_decode_split,
+        };
+        self.launch_split(f, dt, (q, 0, 0), (0, 0), cache, out, meta, (heads, kv_heads, d), scale, split, hb)
+    }
+
+    /// Split-KV decode attention, latency build (for steps of at most `SPLIT_EARLY_MAX_TOKENS`
+    /// tokens), with the layer's RoPE and KV-cache write in the same launch: `qkv` are this
+    /// step's q `[heads, tokens, d]` and k, v `[kv_heads, tokens, d]` as the linears left them;
+    /// with `rope` (one `[tokens, d]` cos and sin table) q and k are rotated first. The kernel
+    /// stores the step's k and v in the cache. Otherwise as `paged_decode_split`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_split_fused(
+        &self,
+        dt: Dt,
+        qkv: (Ptr, Ptr, Ptr),
+        rope: Option<(Ptr, Ptr)>,
+        cache: (Ptr, Ptr),
+        out: (Ptr, HeadRows),
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+        split: Split,
+    ) -> Result<(), Unavailable> {
+        let f =
+            if self.attn_early_u() == 4 { &self.f.paged_decode_split_early4 } else { &self.f.paged_decode_split_early };
+        let tables = rope.unwrap_or((0, 0));
+        self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), scale, split, 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_split(
+        &self,
+        builds: &[Vec<Kernel>; 2],
+        dt: Dt,
+        qkv: (Ptr, Ptr, Ptr),
+        (cos, sin): (Ptr, Ptr),
+        cache: (Ptr, Ptr),
+        (out, rows): (Ptr, HeadRows),
+        meta: &StepMeta,
+        (heads, kv_heads, d): (usize, usize, usize),
+        scale: f32,
+        split: Split,
+        heads_a_block: usize,
+    ) -> Result<(), Unavailable> {
+        let di = head_dim_index(d, "paged attention")?;
+        let a = attn_dt(dt)?;
+        let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
+        let (chunk, splits) = (split.chunk as i32, split.splits as i32);
+        let mut l = self.launcher(builds[a][di]);
+        l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&cache.0).arg(&cache.1);
+        l.arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr).arg(&meta.page_indices);
+        l.arg(&meta.seq_start)
+            .arg(&meta.cached_len)
+            .arg(&ps)
+            .arg(&h)
+            .arg(&kvh)
+            .arg(&t)
+            .arg(&scale)
+            .arg(&chunk)
+            .arg(&splits);
+        l.arg(&split.partial).arg(&split.counters).arg(&out).arg(&rows.head).arg(&rows.token);
+        let cfg = LaunchConfig {
+            grid_dim: (meta.tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as paged_attention; the step's tokens index q/k/v and cos/sin; `partial` holds
+        // tokens × heads × splits × (d + 2) floats, `counters` tokens × heads zeroed ints.
+        launched("paged_decode_split", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+
+    /// RoPE of q into `q_out` `[heads, tokens, d]` and of k into the cache, v copied to the
+    /// cache: the rope and KV-write of a layer in one launch. q, k, v are read where `rows`
+    /// says (`HeadRows::heads_major` for contiguous `[heads, tokens, d]`; a fused q/k/v linear's
+    /// column slices in place).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_write_kv(
+        &self,
+        dt: Dt,
+        qkv: (Ptr, Ptr, Ptr),
+        rows: [HeadRows; 3],
+        cos: Ptr,
+        sin: Ptr,
+        q_out: Ptr,
+        cache: (Ptr, Ptr),
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+    ) -> Result<(), Unavailable> {
+        let f = &self.f.rope_write_kv[attn_dt(dt)?];
+        let (ps, h, kvh, t, d32) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64, d as i32);
+        let mut l = self.launcher(*f);
+        l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&q_out).arg(&cache.0).arg(&cache.1);
+        l.arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr).arg(&meta.page_indices);
+        l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&d32);
+        for r in &rows {
+            l.arg(&r.head).arg(&r.token);
+        }
+        // SAFETY: as write_kv; q_out [heads, tokens, d]; q, k, v rows where `rows` says (the
+        // caller's views of its tensors: heads × tokens rows of d within them).
+        launched("rope_write_kv", unsafe { l.launch(grid((heads + kv_heads) * meta.tokens * d / 2, 256)) }.map(|_| ()))
+    }
+}
+
+impl Gpu {
+    /// The `triton` backend's fused kernel: attention over per-sequence contiguous cache slots,
+    /// this step's k/v read directly and then stored. Needs `meta.seq_start`/`meta.cached_len`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn slot_attention(
+        &self,
+        dt: Dt,
+        qkv: (Ptr, Ptr, Ptr),
+        cache: (Ptr, Ptr),
+        out: Ptr,
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+    ) -> Result<(), Unavailable> {
+        let di = head_dim_index(d, "slot attention")?;
+        let f = &self.f.slot_attention[attn_dt(dt)?][di];
+        let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
+        let mut l = self.launcher(*f);
+        l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cache.0).arg(&cache.1).arg(&meta.token_seq).arg(&meta.token_pos);
+        l.arg(&meta.seq_start).arg(&meta.cached_len).arg(&meta.page_indptr).arg(&meta.page_indices);
+        l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+        let cfg = LaunchConfig {
+            grid_dim: (meta.tokens as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: slots are whole runs of pages the runtime reserved; step tokens index k/v.
+        launched("slot_attention", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+}
+
+/// How split-KV decode cuts positions, and where its partial states go.
+#[derive(Clone, Copy, Debug)]
+pub struct Split {
+    pub chunk: usize,
+    pub splits: usize,
+    pub partial: Ptr,
+    /// One zeroed i32 per (token, head); the kernel leaves them zero.
+    pub counters: Ptr,
+}
+
+impl Split {
+    /// Chunks for sequences of up to `max_len` positions: at least `min_chunk` positions each
+    /// (`Gpu::split_min_chunk`: what the latency build's four warps take in one pass), at most 32
+    /// chunks. On an H200 longer chunks (at least 64, 128, 256 positions) made the 8B decode
+    /// step slower: 4.43, 4.75, 5.08 ms against 4.22 at 32 (fewer blocks, more passes in each);
+    /// up to 64 chunks for long sequences (measured with a page-index preload in the kernels,
+    /// since removed) made the 8B step at 2000 positions no faster (4.816 ms against 4.846) and
+    /// the 1B's slower (1.188 against 1.113).
+    pub fn plan(max_len: usize, min_chunk: usize) -> (usize, usize) {
+        let chunk = max_len.div_ceil(32).max(min_chunk.max(1));
+        (chunk, max_len.div_ceil(chunk).max(1))
+    }
+}
+
+fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {
+    match dt {
+        Dt::F32 => Ok(0),
+        Dt::BF16 => Ok(1),
+        _ => Err(Unavailable(format!("paged attention has f32 and bf16 kernels, not {dt:?}"))),
+    }
+}
+
+/// Which of `HEAD_DIMS` an attention kernel for head dim `d` is, or why there is none.
+fn head_dim_index(d: usize, kernel: &str) -> Result<usize, Unavailable> {
+    HEAD_DIMS
+        .iter()
+        .position(|&x| x == d)
+        .ok_or_else(|| Unavailable(format!("{kernel} has kernels for head_dim {HEAD_DIMS:?}, not {d}")))
+}
+
+/// Query heads of one GQA group a split-KV decode block (throughput build) can attend for
+/// together: the most of 8, 4, 2 that divides the group and keeps a lane's q and output rows
+/// within 32 values each (`d / 32` values a head), else 1.
+pub fn heads_a_block(heads: usize, kv_heads: usize, d: usize) -> usize {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return 1;
+    }
+    let (group, per) = (heads / kv_heads, d.div_ceil(32));
+    [8, 4, 2].into_iter().find(|&hb| group.is_multiple_of(hb) && hb * per <= 32).unwrap_or(1)
+}
+
+/// Head dims the tensor-core prefill is instantiated for (larger ones take the CUDA-core
+/// kernel: their output fragments would not fit a thread's registers).
+pub const PREFILL_TC_DIMS: [usize; 3] = [32, 64, 128];
+
+/// The tensor-core prefill's tiles for a step: runs of up to 16 consecutive tokens of one
+/// sequence at consecutive positions, as (first token, count) i64 pairs, padded with (0, 0) to
+/// `tile_slots(tokens, seqs)` pairs so the launch's grid depends only on the step's shape (a
+/// captured CUDA graph replays any step of that shape).
+pub fn plan_tiles(token_seq: &[i64], token_pos: &[i64], seqs: usize) -> Vec<i64> {
+    let mut tiles = Vec::new();
+    let mut t = 0;
+    while t < token_seq.len() {
+        let mut n = 1;
+        while n < 16
+            && t + n < token_seq.len()
+            && token_seq[t + n] == token_seq[t]
+            && token_pos[t + n] == token_pos[t] + n as i64
+        {
+            n += 1;
+        }
+        tiles.extend([t as i64, n as i64]);
+        t += n;
+    }
+    let slots = tile_slots(token_seq.len(), seqs).max(tiles.len() / 2);
+    tiles.resize(2 * slots, 0);
+    tiles
+}
+
+/// An upper bound of `plan_tiles`' tile count for `tokens` tokens of `seqs` sequences (each
+/// sequence's tokens consecutive): every sequence starts a tile, every 16 tokens another.
+pub fn tile_slots(tokens: usize, seqs: usize) -> usize {
+    (tokens + 15 * seqs.min(tokens)) / 16
+}
+
+/// Head dims the paged attention kernels are instantiated for.
+pub const HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
+
+/// A step's batch metadata on the device (FlashInfer's CSR page table), shared by all layers.
+#[derive(Clone, Copy, Debug)]
+pub struct StepMeta {
+    pub tokens: usize,
+    pub page_size: usize,
+    /// i64 per token: its sequence, its position.
+    pub token_seq: Ptr,
+    pub token_pos: Ptr,
+    /// i64 per sequence + 1, i32 per page.
+    pub page_indptr: Ptr,
+    pub page_indices: Ptr,
+    /// i64 per sequence: its first token in this step, and its cached length.
+    pub seq_start: Ptr,
+    pub cached_len: Ptr,
+    /// The tensor-core prefill's tiles (`plan_tiles`): `tile_slots` i64 pairs; 0 slots: none
+    /// planned (the CUDA-core kernel runs).
+    pub tiles: Ptr,
+    pub tile_slots: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{heads_a_block, plan_tiles, tile_slots, Split};
+
+    #[test]
+    fn a_decode_block_takes_the_gqa_group_heads_its_registers_allow() {
+        // Llama-3.x (group 4), a group of 8, of 6 (2 a block), of 7 and 3 (Qwen2.5-0.5B,
+        // SmolLM2: one a block), no GQA.
+        assert_eq!(heads_a_block(32, 8, 128), 4);
+        assert_eq!(heads_a_block(16, 2, 128), 8);
+        assert_eq!(heads_a_block(16, 2, 256), 4);
+        assert_eq!(heads_a_block(12, 2, 64), 2);
+        assert_eq!(heads_a_block(14, 2, 64), 1);
+        assert_eq!(heads_a_block(9, 3, 64), 1);
+        assert_eq!(heads_a_block(8, 8, 128), 1);
+        assert_eq!(heads_a_block(8, 0, 128), 1);
+    }
+
+    #[test]
+    fn split_chunks_cover_the_longest_sequence_in_at_most_32() {
+        assert_eq!(Split::plan(512, 64), (64, 8));
+        assert_eq!(Split::plan(512, 16), (16, 32));
+        assert_eq!(Split::plan(2048, 16), (64, 32));
+        assert_eq!(Split::plan(100, 64), (64, 2));
+        assert_eq!(Split::plan(0, 0), (1, 1));
+    }
+
+    #[test]
+    fn tiles_cut_runs_of_16_within_a_sequence_and_pad_to_the_shape_bound() {
+        // A 20-token prefill, one decode token, 3 tokens of a third sequence.
+        let seq: Vec<i64> = [vec![0; 20], vec![1], vec![2; 3]].concat();
+        let pos: Vec<i64> = [(0..20).collect::<Vec<i64>>(), vec![37], vec![15, 16, 17]].concat();
+        let tiles = plan_tiles(&seq, &pos, 3);
+        assert_eq!(tile_slots(24, 3), 4);
+        assert_eq!(tiles, vec![0, 16, 16, 4, 20, 1, 21, 3]);
+        // Decode-only: one tile a token, no padding needed.
+        let t = plan_tiles(&[0, 1, 2, 3], &[5, 9, 1, 7], 4);
+        assert_eq!(t, vec![0, 1, 1, 1, 2, 1, 3, 1]);
+        // One long sequence: 40 tokens, tiles of 16, 16, 8, padded to the bound (40 + 15) / 16.
+        let t = plan_tiles(&[0; 40], &(100..140).collect::<Vec<i64>>(), 1);
+        assert_eq!(t, vec![0, 16, 16, 16, 32, 8]);
+        // Fewer tiles than slots: the rest (0, 0).
+        let t = plan_tiles(&[0; 16], &(0..16).collect::<Vec<i64>>(), 1);
+        assert_eq!(tile_slots(16, 1), 1);
+        assert_eq!(t, vec![0, 16]);
+        let t = plan_tiles(&[0, 0, 1], &[0, 1, 0], 2);
+        assert_eq!(tile_slots(3, 2), 2);
+        assert_eq!(t, vec![0, 2, 2, 1]);
+        let t = plan_tiles(&[0, 1, 1], &[4, 0, 1], 2);
+        assert_eq!(t, vec![0, 1, 1, 2]);
+        // A sequence whose positions are not consecutive still gets correct tiles.
+        let t = plan_tiles(&[0, 0, 0], &[0, 1, 5], 1);
+        assert_eq!(t, vec![0, 2, 2, 1]);
+    }
+}
