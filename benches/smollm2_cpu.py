@@ -2,7 +2,11 @@
 """SmolLM2-135M-Instruct (Q4_1 GGUF) on the CPU: autodeploy against llama.cpp (llama-cpp-python)
 on the same file, same prompt tokens, same thread count, in one run.
 
-  python benches/smollm2_cpu.py [--threads 2] [--new-tokens 64] [--repeats 3]
+  python benches/smollm2_cpu.py [--threads 2] [--new-tokens 64] [--repeats 3] [--bf16 DIR]
+
+With --bf16 DIR (the same model as a bf16 Hugging Face folder, `scripts/smollm2-bf16.py` makes
+one from the GGUF), autodeploy also runs that folder with each CPU kernel path, against
+transformers on torch's CPU kernels (if torch is importable) on the same tokens.
 
 Needs: the release binary (cargo build --release), the GGUF (scripts/fetch-smollm2.sh) and
 `pip install llama-cpp-python`. Prints the configuration, then prefill and decode tok/s for each
@@ -48,8 +52,29 @@ def run_llama_cpp(tokens, threads, new_tokens):
     return len(tokens) / prefill, new_tokens / decode, out
 
 
-def run_autodeploy(tokens, threads, new_tokens, dtype, act="none", kernels="auto"):
-    cfg = f"""model = {GGUF!r}
+def run_torch(folder, tokens, threads, new_tokens):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    ids = torch.tensor([tokens])
+    out = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        res = model(ids, use_cache=True)
+        prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            tok = res.logits[:, -1].argmax(-1, keepdim=True)
+            out.append(int(tok))
+            res = model(tok, past_key_values=res.past_key_values, use_cache=True)
+        decode = time.perf_counter() - t1
+    return len(tokens) / prefill, new_tokens / decode, out
+
+
+def run_autodeploy(tokens, threads, new_tokens, dtype, act="none", kernels="auto", model=GGUF):
+    cfg = f"""model = {model!r}
 dtype = "{dtype}"
 device = "cpu"
 activation_quant = "{act}"
@@ -87,6 +112,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bf16", metavar="DIR", help="also run this bf16 Hugging Face folder of the model")
     a = ap.parse_args()
     from llama_cpp import Llama
     import llama_cpp
@@ -105,6 +131,16 @@ def main():
         ("autodeploy (auto: Q4_1 kept)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto")),
         ("autodeploy (float32)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "float32")),
     ]
+    if a.bf16:
+        for k in ("auto", "avx2", "portable"):
+            engines.append((f"autodeploy bf16 ({k})", lambda k=k: run_autodeploy(
+                tokens, a.threads, a.new_tokens, "auto", kernels=k, model=a.bf16)))
+        try:
+            import torch  # noqa: F401
+            engines.append(("transformers bf16 (torch)", lambda: run_torch(a.bf16, tokens, a.threads, a.new_tokens)))
+            print(f"torch {torch.__version__} (transformers on torch's CPU kernels, same threads)")
+        except ImportError:
+            print("torch not importable: no transformers bf16 line")
     # Repeats interleave the engines, so a slow spell of the machine does not favour one.
     for _ in range(a.repeats):
         for name, fn in engines:

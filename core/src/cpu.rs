@@ -115,7 +115,10 @@ pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32
             &mut y,
         ),
         Some((kind, bytes)) => autodeploy_kernels::quant::qlinear_tiled(m, n, k_, x, kind, bytes, bias, &mut y),
-        None => k::linear(m, n, k_, x, &w.to_f32(), bias, &mut y),
+        None => match w.as_dense() {
+            Some(d) => autodeploy_kernels::dense::dense_linear(opts.cpu, m, n, k_, x, d, bias, &mut y),
+            None => k::linear(m, n, k_, x, &w.to_f32(), bias, &mut y),
+        },
     }
     y
 }

@@ -182,6 +182,17 @@ impl Tensor {
         }
     }
 
+    /// The weight as stored, for the dense linear kernels (f32, bf16, f16).
+    pub fn as_dense(&self) -> Option<autodeploy_kernels::dense::Dense<'_>> {
+        use autodeploy_kernels::dense::Dense;
+        match &*self.data {
+            Storage::F32(v) => Some(Dense::F32(v)),
+            Storage::BF16(v) => Some(Dense::BF16(v)),
+            Storage::F16(v) => Some(Dense::F16(v)),
+            _ => None,
+        }
+    }
+
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &*self.data {
             Storage::F32(v) => Some(v),

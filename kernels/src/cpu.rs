@@ -92,6 +92,64 @@ pub fn linear(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], bias: Option<&
     }
 }
 
+/// `y[m, n] = x[m, k] · W[n, k]ᵀ` for many rows (prefill) with `W` in a format the GEMM does not
+/// read: `fill(j0, j1, tile)` writes rows `j0..j1` of W as f32 into a per-thread tile (about 128
+/// KiB, so it stays in cache), that tile's GEMM runs single-threaded, and tiles spread over the
+/// pool. W is never expanded whole.
+pub(crate) fn tiled_linear(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    fill: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+    y: &mut [f32],
+) {
+    assert_eq!(x.len(), m * k, "tiled linear input");
+    assert_eq!(y.len(), m * n, "tiled linear output");
+    thread_local! {
+        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let tn = (32768 / k.max(1)).next_multiple_of(16).clamp(16, 256);
+    struct Out(*mut f32);
+    // SAFETY: tiles write disjoint column ranges of `y` (see below).
+    unsafe impl Sync for Out {}
+    let out = Out(y.as_mut_ptr());
+    let out = &out;
+    crate::pool::for_each_chunk(n.div_ceil(tn), &|t| {
+        let (j0, j1) = (t * tn, ((t + 1) * tn).min(n));
+        TILE.with_borrow_mut(|tile| {
+            tile.resize((j1 - j0) * k, 0.0);
+            fill(j0, j1, tile);
+            // SAFETY: x is m×k row-major, the tile (j1-j0)×k row-major, read as its transpose;
+            // the destination is columns j0..j1 of y (m×n row-major), which no other tile
+            // writes, and y outlives the pool call.
+            unsafe {
+                gemm(
+                    m,
+                    j1 - j0,
+                    k,
+                    out.0.add(j0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    tile.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+    });
+}
+
 /// Dimensions of a scaled-dot-product attention call, layout `[batch, heads, seq, dim]`.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {

@@ -2,6 +2,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod dense;
 pub mod isa;
 pub mod pool;
 pub mod quant;

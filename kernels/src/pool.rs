@@ -175,6 +175,37 @@ pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usiz
     });
 }
 
+/// Fills `y[m, n]` by chunks of `chunk` output channels on the spinning pool (decode-sized
+/// work): `dot(i, out, first)` writes activation row `i` against weight rows `first..` into
+/// `out`. Each chunk's weight rows stay in cache while every activation row passes over them.
+pub(crate) fn by_channel_chunks(
+    m: usize,
+    n: usize,
+    chunk: usize,
+    y: &mut [f32],
+    dot: impl Fn(usize, &mut [f32], usize) + Sync,
+) {
+    if m == 1 {
+        for_each_chunk_mut(y, chunk, |c, out| dot(0, out, c * chunk));
+        return;
+    }
+    let mut yt = vec![0f32; n * m]; // [n, m], transposed so chunks are contiguous
+    for_each_chunk_mut(&mut yt, chunk * m, |c, out| {
+        let mut tmp = vec![0f32; out.len() / m];
+        for i in 0..m {
+            dot(i, &mut tmp, c * chunk);
+            for (r, v) in tmp.iter().enumerate() {
+                out[r * m + i] = *v;
+            }
+        }
+    });
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = yt[j * m + i];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,8 +36,12 @@ fn greedy_through_the_kv_cache_matches_transformers_generate() {
     for fam in FAMILIES {
         let e = engine(fam, "");
         assert!(e.cache.is_some(), "{fam}: the default pipeline should insert cached attention");
-        // Small pages so every sequence crosses page boundaries.
-        check_greedy(fam, "attn_page_size = 4", "cached");
+        // Small pages so every sequence crosses page boundaries; decode reads the weights
+        // through each CPU kernel path this CPU runs (portable, avx2, avx512vnni).
+        for path in autodeploy_kernels::isa::CpuKernels::ALL.into_iter().filter(|p| p.supported()) {
+            let extra = format!("attn_page_size = 4\ncpu_kernels = \"{}\"", path.name());
+            check_greedy(fam, &extra, &format!("cached, {} kernels", path.name()));
+        }
     }
 }
 

@@ -113,7 +113,7 @@ fn check_qlinear(m: usize, n: usize, k: usize, x: &[f32], kind: BlockKind, w: &[
 }
 
 /// Adds `bias[n]` to every row of `y`.
-fn add_bias(y: &mut [f32], n: usize, bias: Option<&[f32]>) {
+pub(crate) fn add_bias(y: &mut [f32], n: usize, bias: Option<&[f32]>) {
     if let Some(b) = bias {
         for row in y.chunks_mut(n) {
             for (v, bj) in row.iter_mut().zip(b) {
@@ -124,8 +124,8 @@ fn add_bias(y: &mut [f32], n: usize, bias: Option<&[f32]>) {
 }
 
 /// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` for many rows (prefill) with `W` block-quantized: a tile
-/// of W's rows at a time is dequantized into a per-thread buffer that stays in cache, and that
-/// tile's GEMM runs single-threaded; tiles spread over the pool. W is never expanded whole.
+/// of W's rows at a time is dequantized into a per-thread buffer (see [`crate::cpu::tiled_linear`]).
+/// W is never expanded whole.
 #[allow(clippy::too_many_arguments)]
 pub fn qlinear_tiled(
     m: usize,
@@ -138,49 +138,14 @@ pub fn qlinear_tiled(
     y: &mut [f32],
 ) {
     let row_bytes = check_qlinear(m, n, k, x, kind, w, y);
-    thread_local! {
-        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    // About 128 KiB of f32 weights per tile.
-    let tn = (32768 / k).next_multiple_of(16).clamp(16, 256);
-    struct Out(*mut f32);
-    // SAFETY: tiles write disjoint column ranges of `y` (see below).
-    unsafe impl Sync for Out {}
-    let out = Out(y.as_mut_ptr());
-    let out = &out;
-    crate::pool::for_each_chunk(n.div_ceil(tn), &|t| {
-        let (j0, j1) = (t * tn, ((t + 1) * tn).min(n));
-        TILE.with_borrow_mut(|tile| {
-            tile.resize((j1 - j0) * k, 0.0);
-            dequantize_serial(kind, &w[j0 * row_bytes..j1 * row_bytes], tile);
-            // SAFETY: x is m×k row-major, the tile (j1-j0)×k row-major, read as its transpose;
-            // the destination is columns j0..j1 of y (m×n row-major), which no other tile
-            // writes, and y outlives the pool call.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    j1 - j0,
-                    k,
-                    out.0.add(j0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    tile.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
-    });
+    crate::cpu::tiled_linear(
+        m,
+        n,
+        k,
+        x,
+        &|j0, j1, tile| dequantize_serial(kind, &w[j0 * row_bytes..j1 * row_bytes], tile),
+        y,
+    );
     add_bias(y, n, bias);
 }
 
@@ -295,6 +260,8 @@ fn qdot_row_i8(kind: BlockKind, row: &[u8], x: &QuantRow) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod packed;
 
 pub use crate::isa::CpuKernels;
@@ -312,22 +279,26 @@ enum Activations<'a> {
 }
 
 impl Activations<'_> {
-    /// `out[i]` = weight row `first + i` against this activation row.
-    fn dot_rows(&self, kind: BlockKind, w: &[u8], row_bytes: usize, out: &mut [f32], first: usize, simd: bool) {
+    /// `out[i]` = weight row `first + i` against this activation row, on `path` (within what
+    /// the CPU runs).
+    fn dot_rows(&self, kind: BlockKind, w: &[u8], row_bytes: usize, out: &mut [f32], first: usize, path: CpuKernels) {
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C (checked by
-            // `has_avx2`), and qlinear checked that `w` holds whole rows of `x.len() / 32`
-            // blocks for every row asked for.
+        if path >= CpuKernels::Avx2 {
+            // SAFETY: `path` is within what the CPU runs (`at_most_detected`): AVX2, FMA and
+            // F16C, and AVX-512 F/BW at the `Avx512Vnni` level; qlinear checked that `w` holds
+            // whole rows of `x.len() / 32` blocks for every row asked for.
             unsafe {
                 match self {
+                    Activations::F32 { x, xsum } if path >= CpuKernels::Avx512Vnni => {
+                        avx512::qdot_rows(kind, w, row_bytes, x, xsum, out, first)
+                    }
                     Activations::F32 { x, xsum } => avx2::qdot_rows(kind, w, row_bytes, x, xsum, out, first),
                     Activations::I8(q) => avx2::qdot_rows_i8(kind, w, row_bytes, q, out, first),
                 }
             }
             return;
         }
-        let _ = simd;
+        let _ = path;
         for (i, o) in out.iter_mut().enumerate() {
             let row = &w[(first + i) * row_bytes..(first + i + 1) * row_bytes];
             *o = match self {
@@ -356,7 +327,7 @@ pub fn qlinear_on(
     y: &mut [f32],
 ) {
     let row_bytes = check_qlinear(m, n, k, x, kind, w, y);
-    let simd = kernels.at_most_detected() >= CpuKernels::Avx2;
+    let path = kernels.at_most_detected();
     let acts: Vec<Activations> = x
         .chunks(k)
         .map(|xr| {
@@ -370,7 +341,9 @@ pub fn qlinear_on(
     // About 8 chunks per thread: enough to balance, few enough that claiming one (an atomic on a
     // shared line) stays small next to its work. Multiples of 4 rows keep whole tiles.
     let chunk = n.div_ceil(8 * crate::pool::threads()).next_multiple_of(4).max(4);
-    by_channel_chunks(m, n, chunk, y, |i, out, first| acts[i].dot_rows(kind, w, row_bytes, out, first, simd));
+    crate::pool::by_channel_chunks(m, n, chunk, y, |i, out, first| {
+        acts[i].dot_rows(kind, w, row_bytes, out, first, path)
+    });
     add_bias(y, n, bias);
 }
 
@@ -383,33 +356,8 @@ pub fn qlinear_packed(kernels: CpuKernels, m: usize, x: &[f32], w: &PackedRows, 
     let simd = kernels.at_most_detected() >= CpuKernels::Avx512Vnni;
     let acts: Vec<QuantRow> = x.chunks(k).map(quantize_row_i8).collect();
     let chunk = n.div_ceil(8 * crate::pool::threads()).next_multiple_of(packed::GROUP).max(packed::GROUP);
-    by_channel_chunks(m, n, chunk, y, |i, out, first| w.dot_rows(&acts[i], out, first, simd));
+    crate::pool::by_channel_chunks(m, n, chunk, y, |i, out, first| w.dot_rows(&acts[i], out, first, simd));
     add_bias(y, n, bias);
-}
-
-/// Fills `y[m, n]` by chunks of `chunk` output channels on the spinning pool (decode-sized
-/// work): `dot(i, out, first)` writes activation row `i` against weight rows `first..` into
-/// `out`. Each chunk's weight rows stay in cache while every activation row passes over them.
-fn by_channel_chunks(m: usize, n: usize, chunk: usize, y: &mut [f32], dot: impl Fn(usize, &mut [f32], usize) + Sync) {
-    if m == 1 {
-        crate::pool::for_each_chunk_mut(y, chunk, |c, out| dot(0, out, c * chunk));
-        return;
-    }
-    let mut yt = vec![0f32; n * m]; // [n, m], transposed so chunks are contiguous
-    crate::pool::for_each_chunk_mut(&mut yt, chunk * m, |c, out| {
-        let mut tmp = vec![0f32; out.len() / m];
-        for i in 0..m {
-            dot(i, &mut tmp, c * chunk);
-            for (r, v) in tmp.iter().enumerate() {
-                out[r * m + i] = *v;
-            }
-        }
-    });
-    for i in 0..m {
-        for j in 0..n {
-            y[i * n + j] = yt[j * m + i];
-        }
-    }
 }
 
 #[cfg(test)]
@@ -501,11 +449,15 @@ mod tests {
                 let (w, wf) = random_weights(kind, n, k, 9);
                 let x = rand(m * k, 10);
                 let bias = rand(n, 11);
-                let (mut y, mut r) = (vec![0f32; m * n], vec![0f32; m * n]);
-                qlinear_on(CpuKernels::detected(), false, m, n, k, &x, kind, &w, Some(&bias), &mut y);
+                let mut r = vec![0f32; m * n];
                 linear(m, n, k, &x, &wf, Some(&bias), &mut r);
-                for (a, b) in y.iter().zip(&r) {
-                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kind:?} m={m}: {a} vs {b}");
+                // Every path this CPU runs: portable, AVX2, AVX-512.
+                for path in CpuKernels::ALL.into_iter().filter(|p| p.supported()) {
+                    let mut y = vec![0f32; m * n];
+                    qlinear_on(path, false, m, n, k, &x, kind, &w, Some(&bias), &mut y);
+                    for (a, b) in y.iter().zip(&r) {
+                        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kind:?} {path:?} m={m}: {a} vs {b}");
+                    }
                 }
             }
         }
@@ -580,9 +532,9 @@ mod tests {
                 let acts = Activations::I8(q);
                 let row_bytes = k / 32 * kind.bytes();
                 let mut scalar = vec![0f32; n];
-                acts.dot_rows(kind, &w, row_bytes, &mut scalar, 0, false);
+                acts.dot_rows(kind, &w, row_bytes, &mut scalar, 0, CpuKernels::Portable);
                 let mut simd = vec![0f32; n];
-                acts.dot_rows(kind, &w, row_bytes, &mut simd, 0, has_avx2());
+                acts.dot_rows(kind, &w, row_bytes, &mut simd, 0, CpuKernels::detected());
                 for j in 0..n {
                     let wr = &wf[j * k..(j + 1) * k];
                     let exact: f64 = wr.iter().zip(&xd).map(|(a, b)| *a as f64 * *b as f64).sum();
