@@ -280,6 +280,52 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `out[i] = scale · (a · b[i·stride ..][..a.len()])`: one query against a run of keys `stride`
+/// apart (a page of the KV cache), in one call.
+pub fn dots_strided(a: &[f32], b: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let d = a.len();
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(
+            last * stride + d <= b.len(),
+            "dots_strided: {} rows of {d} at stride {stride} exceed {}",
+            out.len(),
+            b.len()
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); every row is in bounds (asserted).
+        return unsafe { simd::dots_strided(a, b, stride, scale, out) };
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = dot_portable(a, &b[i * stride..i * stride + d]) * scale;
+    }
+}
+
+/// `y += Σ_i w[i] · x[i·stride ..][..y.len()]`: the weighted sum of a run of values `stride`
+/// apart (a page of the KV cache), in one call.
+pub fn axpys_strided(w: &[f32], x: &[f32], stride: usize, y: &mut [f32]) {
+    let d = y.len();
+    if let Some(last) = w.len().checked_sub(1) {
+        assert!(
+            last * stride + d <= x.len(),
+            "axpys_strided: {} rows of {d} at stride {stride} exceed {}",
+            w.len(),
+            x.len()
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); every row is in bounds (asserted).
+        return unsafe { simd::axpys_strided(w, x, stride, y) };
+    }
+    for (i, &a) in w.iter().enumerate() {
+        for (o, v) in y.iter_mut().zip(&x[i * stride..i * stride + d]) {
+            *o += a * v;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
@@ -308,6 +354,21 @@ mod simd {
             i += 1;
         }
         r
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dots_strided(a: &[f32], b: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = dot(a, b.get_unchecked(i * stride..i * stride + a.len())) * scale;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpys_strided(w: &[f32], x: &[f32], stride: usize, y: &mut [f32]) {
+        let d = y.len();
+        for (i, &a) in w.iter().enumerate() {
+            axpy(a, x.get_unchecked(i * stride..i * stride + d), y);
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -391,6 +452,29 @@ pub(crate) mod tests {
             let mut y = b.clone();
             axpy(0.5, &a, &mut y);
             assert!(y.iter().zip(a.iter().zip(&b)).all(|(o, (x, z))| (o - (z + 0.5 * x)).abs() < 1e-6), "axpy of {n}");
+        }
+    }
+
+    #[test]
+    fn strided_runs_match_one_call_per_row() {
+        for (rows, d, stride) in [(0, 64, 192), (1, 64, 64), (5, 64, 192), (16, 17, 40)] {
+            let a = rand(d, 7);
+            let b = rand(rows.max(1) * stride + d, 8);
+            let mut got = vec![0f32; rows];
+            dots_strided(&a, &b, stride, 0.25, &mut got);
+            for (i, g) in got.iter().enumerate() {
+                let want = 0.25 * dot_portable(&a, &b[i * stride..i * stride + d]);
+                assert!((g - want).abs() < 1e-5, "dots_strided row {i} of {rows}x{d}: {g} vs {want}");
+            }
+            let w = rand(rows, 9);
+            let (mut y, mut want) = (rand(d, 10), rand(d, 10));
+            axpys_strided(&w, &b, stride, &mut y);
+            for (i, &wi) in w.iter().enumerate() {
+                for (o, v) in want.iter_mut().zip(&b[i * stride..i * stride + d]) {
+                    *o += wi * v;
+                }
+            }
+            assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "axpys_strided {rows}x{d}");
         }
     }
 

@@ -8,7 +8,7 @@ use autodeploy_core::kvcache::{AttentionBackend, StepContext};
 use autodeploy_core::mutation::{self, Mutation};
 use autodeploy_core::registry::AttentionBackendPlugin;
 use autodeploy_core::Tensor;
-use autodeploy_kernels::cpu::{axpy, dot};
+use autodeploy_kernels::cpu::{axpys_strided, dots_strided};
 
 pub struct TorchCpuAttention;
 
@@ -120,12 +120,10 @@ impl AttentionBackend for TorchCpuAttention {
             while j <= pos {
                 let n = (plan.page_size - j % plan.page_size).min(pos + 1 - j);
                 let base = (read_slot(s, j) * kv_heads + kvh) * dim;
-                for i in 0..n {
-                    let at = base + i * row_stride;
-                    let x = dot(qrow, &kc[at..at + dim]) * scale;
-                    max = max.max(x);
-                    scores.push(x);
-                }
+                let at = scores.len();
+                scores.resize(at + n, 0.0);
+                dots_strided(qrow, &kc[base..base + (n - 1) * row_stride + dim], row_stride, scale, &mut scores[at..]);
+                max = scores[at..].iter().fold(max, |m, &x| m.max(x));
                 j += n;
             }
             let mut sum = 0.0f32;
@@ -138,10 +136,7 @@ impl AttentionBackend for TorchCpuAttention {
             while j <= pos {
                 let n = (plan.page_size - j % plan.page_size).min(pos + 1 - j);
                 let base = (read_slot(s, j) * kv_heads + kvh) * dim;
-                for i in 0..n {
-                    let at = base + i * row_stride;
-                    axpy(scores[j + i], &vc[at..at + dim], o);
-                }
+                axpys_strided(&scores[j..j + n], &vc[base..base + (n - 1) * row_stride + dim], row_stride, o);
                 j += n;
             }
             let inv = 1.0 / sum;
