@@ -203,20 +203,40 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
 /// A copy of the example plugin built against a copy of the SDK one minor version older (0.2.0): what a
 /// plugin built for an older host looks like.
 fn old_sdk_plugin() -> PathBuf {
-    let work = root().join("target/plugin-example/old-sdk-src");
+    sdk_copy_plugin("old-sdk", "0.2.0", |ffi| ffi)
+}
+
+/// A copy of the example plugin built against a newer SDK (0.7.0) whose interface types changed
+/// (a kernel-argument kind added): abi_stable accepts the version and then finds the layouts
+/// differ.
+fn changed_sdk_plugin() -> PathBuf {
+    sdk_copy_plugin("changed-sdk", "0.7.0", |ffi| {
+        let changed = ffi.replacen("    I64,\n    F32,\n}", "    I64,\n    F32,\n    F64,\n}", 1);
+        assert_ne!(changed, ffi, "ArgKind changed shape: update this test");
+        changed
+    })
+}
+
+/// The example plugin built against a copy of the SDK at `version`, its `ffi.rs` edited by
+/// `edit`; the crate is named `autodeploy-{tag}-plugin`.
+fn sdk_copy_plugin(tag: &str, version: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let work = root().join(format!("target/plugin-example/{tag}-src"));
     let _ = std::fs::remove_dir_all(&work);
     let (sdk, plugin) = (work.join("sdk"), work.join("plugin"));
     std::fs::create_dir_all(sdk.join("src")).unwrap();
     std::fs::create_dir_all(plugin.join("src")).unwrap();
-    for f in ["lib.rs", "ffi.rs"] {
-        std::fs::copy(root().join("sdk/src").join(f), sdk.join("src").join(f)).unwrap();
-    }
+    std::fs::copy(root().join("sdk/src/lib.rs"), sdk.join("src/lib.rs")).unwrap();
+    let ffi = std::fs::read_to_string(root().join("sdk/src/ffi.rs")).unwrap();
+    std::fs::write(sdk.join("src/ffi.rs"), edit(ffi)).unwrap();
+    // lib.rs checks SDK_VERSION against the crate version in a unit test only; the copy
+    // declares the version it is built as.
+    let host = autodeploy_sdk::SDK_VERSION_STR;
     let manifest = std::fs::read_to_string(root().join("sdk/Cargo.toml")).unwrap();
     let manifest = manifest
-        .replace("version = \"0.6.0\"", "version = \"0.2.0\"")
+        .replace(&format!("version = \"{host}\""), &format!("version = \"{version}\""))
         .replace("edition.workspace = true", "edition = \"2021\"")
         .replace("license.workspace = true", "license = \"Apache-2.0\"");
-    assert!(manifest.contains("version = \"0.2.0\""), "the SDK manifest changed shape: update this test");
+    assert!(manifest.contains(&format!("version = \"{version}\"")), "the SDK manifest changed shape: update this test");
     std::fs::write(sdk.join("Cargo.toml"), manifest).unwrap();
     for f in std::fs::read_dir(root().join("examples/plugin/src")).unwrap() {
         let f = f.unwrap().path();
@@ -224,12 +244,12 @@ fn old_sdk_plugin() -> PathBuf {
     }
     let pm = std::fs::read_to_string(root().join("examples/plugin/Cargo.toml"))
         .unwrap()
-        .replace("name = \"autodeploy-example-plugin\"", "name = \"autodeploy-old-sdk-plugin\"")
+        .replace("name = \"autodeploy-example-plugin\"", &format!("name = \"autodeploy-{tag}-plugin\""))
         .replace("path = \"../../sdk\"", "path = \"../sdk\"");
     std::fs::write(plugin.join("Cargo.toml"), pm).unwrap();
     // The example's lock, so the copy resolves to the same dependency versions (and builds).
     std::fs::copy(root().join("examples/plugin/Cargo.lock"), plugin.join("Cargo.lock")).unwrap();
-    build_plugin(&plugin.join("Cargo.toml"), "autodeploy_old_sdk_plugin")
+    build_plugin(&plugin.join("Cargo.toml"), &format!("autodeploy_{}_plugin", tag.replace('-', "_")))
 }
 
 /// A plugin whose transform panics (a bug in the plugin): its source is written here, and it is
@@ -366,7 +386,8 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libstd-")))
         .unwrap_or_else(|| panic!("no libstd-*.so in {}", std_dir.display()));
-    let libs: Vec<&Path> = vec![&missing, &garbage, &old, &good, &good, &not_plugin];
+    let changed = changed_sdk_plugin();
+    let libs: Vec<&Path> = vec![&missing, &garbage, &old, &changed, &good, &good, &not_plugin];
     write_registry(&dir, &libs);
     let fixture = root().join("tests/fixtures/llama");
     let cfg = |attn: &str| {
@@ -384,6 +405,14 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     assert!(has(&missing, "does not exist"), "{refused:?}");
     assert!(has(&garbage, "libgarbage.so"), "{refused:?}");
     assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.6.0"), "{refused:?}");
+    // Interface types that differ: one line naming both versions and what to do, not
+    // abi_stable's layout report (thousands of lines).
+    assert!(
+        has(&changed, "built against autodeploy-sdk 0.7.0, whose plugin interface types differ from this host's sdk 0.6.0; rebuild the plugin against autodeploy-sdk 0.6.0"),
+        "{refused:?}"
+    );
+    assert!(refused.iter().all(|l| l.len() < 400), "{refused:?}");
+    assert!(out.lines().count() < 60 && err.lines().count() < 20, "a long report:\n{out}\n{err}");
     assert!(has(&good, "a transform named `fold_norm_scale` already exists"), "{refused:?}");
     assert!(has(&good, "an attention backend named `naive_cpu` already exists"), "{refused:?}");
     assert!(has(&not_plugin, "has no autodeploy root module"), "{refused:?}");
@@ -549,4 +578,43 @@ fn a_registry_nobody_chose_is_not_loaded() {
     assert!(!ok && err.contains("fifo.toml") && err.contains("not a regular file"), "{err}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(10));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `path = "libfoo.so"`, a bare file name, is the file beside `plugin-registry.toml` (as the
+/// guide says), whatever the working directory and however the registry was named, never a
+/// search of the system library path.
+#[test]
+fn a_bare_library_name_is_the_file_beside_the_registry() {
+    let lib = example_plugin();
+    let dir = scratch("plugin-bare");
+    let name = lib.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::copy(&lib, dir.join(&name)).unwrap();
+    std::fs::write(dir.join("plugin-registry.toml"), format!("[[library]]\npath = {name:?}\n")).unwrap();
+    let fixture = root().join("tests/fixtures/llama");
+    std::fs::write(
+        dir.join("cfg.toml"),
+        format!(
+            "model = {:?}\nattn_backend = \"naive_cpu\"\nmax_new_tokens = 2\n[[prompts]]\ntoken_ids = [1, 17]\n",
+            fixture.display().to_string()
+        ),
+    )
+    .unwrap();
+    // The registry named relative to the working directory (its folder, then its parent).
+    for (cwd, reg) in [
+        (dir.clone(), "plugin-registry.toml".to_string()),
+        (dir.parent().unwrap().to_path_buf(), {
+            format!("{}/plugin-registry.toml", dir.file_name().unwrap().to_str().unwrap())
+        }),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
+            .args(["--config", dir.join("cfg.toml").to_str().unwrap(), "--plugins", &reg])
+            .current_dir(&cwd)
+            .env("RUST_LOG", "warn")
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.contains("[0] output"), "from {}: {stdout}{stderr}", cwd.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

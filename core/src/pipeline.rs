@@ -187,7 +187,9 @@ pub fn cache_dtype(g: &Graph) -> crate::DType {
 
 pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     let t0 = Instant::now();
-    let (graph, tokenizer, eos_ids) = transformed(cfg, Stage::CacheInit)?;
+    // Every stage, compile included: the graph `autodeploy graph --stage compile` prints is the
+    // graph that is compiled.
+    let (graph, tokenizer, eos_ids) = transformed(cfg, Stage::Compile)?;
     let backend = registry::compile_backend(&cfg.compile_backend)?;
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let kv_pages = kv_pages(&graph, cfg)?;

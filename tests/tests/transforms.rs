@@ -420,3 +420,41 @@ fn identity_ops_are_dropped_and_the_rest_kept() {
 %out: f32[2, 4] = aten.mul.Scalar(%sum, 1.0)";
     check("drop_identity_ops", g, &[rand_tensor(DType::F32, &[2, 4], 3), ids_t], want, 0.0);
 }
+
+/// A transform registered at the compile stage runs when an engine is built, as it shows in
+/// `autodeploy graph --stage compile`: the graph printed is the graph that runs.
+#[test]
+fn a_compile_stage_transform_runs_in_the_engine() {
+    use autodeploy_core::transform::Transform;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    struct Marker;
+    impl Transform for Marker {
+        fn apply(&self, g: &mut Graph, _: &TransformContext) -> autodeploy_core::error::Result<String> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("saw {} nodes", g.nodes.len()))
+        }
+    }
+    let name = "test_compile_stage_marker";
+    registry::register_transform(registry::TransformRef::external(
+        name,
+        Stage::Compile,
+        0,
+        true,
+        &[],
+        "0.0.0",
+        "tests/transforms.rs",
+        Box::new(|| Box::new(Marker) as Box<dyn Transform>),
+    ))
+    .unwrap();
+    let line = format!("[stage=compile, transform={name}] saw");
+    let shown = pipeline_graph("llama", "float32", Stage::Compile);
+    assert!(shown.history.iter().any(|l| l.starts_with(&line)), "{:?}", shown.history);
+    let before = RUNS.load(Ordering::SeqCst);
+    let e = engine("llama", "");
+    assert!(RUNS.load(Ordering::SeqCst) > before, "the compile-stage transform did not run in the engine");
+    assert!(e.graph.history.iter().any(|l| l.starts_with(&line)), "{:?}", e.graph.history);
+    // Switched off like any other transform.
+    let e = engine("llama", &format!("[transforms.{name}]\nenabled = false"));
+    assert!(e.graph.history.iter().any(|l| l == &format!("[stage=compile, transform={name}] disabled")));
+}

@@ -69,7 +69,14 @@ fn library_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// that cannot be used is refused with the reason, and the host runs on: a config that needs
 /// one of its plugins fails later with that reason. Returns how many plugins were registered.
 pub fn load_libraries(registry: &Path, entries: &[PathBuf]) -> usize {
-    let base = registry.parent().unwrap_or(Path::new("."));
+    // Entries are relative to the registry's folder, made absolute: the loader searches the
+    // system library path for a bare file name (`libfoo.so`) instead of opening the file beside
+    // the registry.
+    let base = match registry.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
     let mut n = 0;
     for entry in entries {
         let path = base.join(entry);
@@ -94,14 +101,30 @@ pub fn load_libraries(registry: &Path, entries: &[PathBuf]) -> usize {
     n
 }
 
-fn describe(e: &LibraryError) -> String {
+/// Why a library could not be used, in a line or two: a library built against another SDK names
+/// both versions and what to do (abi_stable's own report of a layout difference runs to
+/// thousands of lines; it goes to the debug log). `lib_sdk` is the SDK version the library's
+/// header declares, when it could be read.
+fn describe(e: &LibraryError, lib_sdk: Option<&str>) -> String {
+    let host = autodeploy_sdk::SDK_VERSION_STR;
     match e {
         LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
             "built against autodeploy-sdk {actual_version}, incompatible with this host's sdk {expected_version}; \
-             rebuild the plugin against sdk {expected_version}"
+             rebuild the plugin against autodeploy-sdk {expected_version}"
         ),
         LibraryError::AbiInstability(_) => {
-            format!("its plugin interface types differ from this host's (sdk {}): {e}", autodeploy_sdk::SDK_VERSION_STR)
+            tracing::debug!("plugin interface layout difference: {e}");
+            match lib_sdk {
+                Some(v) if v != host => format!(
+                    "built against autodeploy-sdk {v}, whose plugin interface types differ from this host's sdk \
+                     {host}; rebuild the plugin against autodeploy-sdk {host}"
+                ),
+                _ => format!(
+                    "built against a different build of autodeploy-sdk {host} whose plugin interface types \
+                     differ from this host's; rebuild the plugin against this host's autodeploy-sdk {host} \
+                     (RUST_LOG=debug shows the difference)"
+                ),
+            }
         }
         LibraryError::GetSymbolError { .. } => {
             "has no autodeploy root module (not built with `autodeploy_sdk::export_plugins!`)".to_string()
@@ -111,10 +134,18 @@ fn describe(e: &LibraryError) -> String {
 }
 
 fn load_library(path: &Path) -> usize {
-    let module = match lib_header_from_path(path).and_then(|h| h.init_root_module::<ffi::PluginModule_Ref>()) {
+    let header = match lib_header_from_path(path) {
+        Ok(h) => h,
+        Err(e) => {
+            refuse(path, describe(&e, None));
+            return 0;
+        }
+    };
+    let lib_sdk = header.version_strings().version.to_string();
+    let module = match header.init_root_module::<ffi::PluginModule_Ref>() {
         Ok(m) => m,
         Err(e) => {
-            refuse(path, describe(&e));
+            refuse(path, describe(&e, Some(&lib_sdk)));
             return 0;
         }
     };
