@@ -590,6 +590,26 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
 
 /// The plugin registry the user chose: `--plugins FILE`, else `AUTODEPLOY_PLUGINS`, with the
 /// name of what chose it.
+/// The transforms in the order a pipeline runs them: stage, whether on without a
+/// `[transforms.<name>]` table saying otherwise, and each option with its default.
+fn print_transforms() {
+    println!("\ntransforms, in the order they run ([transforms.<name>] enabled = true|false, options):");
+    println!("  {:<17} {:<28} {:<8} options", "stage", "name", "default");
+    for t in registry::transforms() {
+        let on = if t.enabled_by_default { "on" } else { "off" };
+        let first = t.options.first().map(|o| format!("{} = {}", o.name, o.default)).unwrap_or_else(|| "-".into());
+        println!("  {:<17} {:<28} {:<8} {first}", t.stage.as_str(), t.name, on);
+        for (i, o) in t.options.iter().enumerate() {
+            if i > 0 {
+                println!("  {:<17} {:<28} {:<8} {} = {}", "", "", "", o.name, o.default);
+            }
+            if !o.help.is_empty() {
+                println!("  {:<17} {:<28} {:<8}   {}", "", "", "", o.help);
+            }
+        }
+    }
+}
+
 fn chosen_plugin_registry(cli: &Cli) -> Option<(PathBuf, &'static str)> {
     if let Some(p) = &cli.plugins {
         return Some((p.clone(), "--plugins"));
@@ -767,6 +787,7 @@ fn main() -> ExitCode {
             for r in autodeploy_core::plugin_abi::refusals() {
                 println!("refused: {}: {}", r.library.display(), r.reason);
             }
+            print_transforms();
             Ok(())
         }
         Some(Cmd::Graph { stage }) => (|| {

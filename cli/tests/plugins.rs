@@ -117,6 +117,16 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
         );
     }
     assert!(out.lines().any(|l| l.contains(" torch ") && l.ends_with("built-in")), "{out}");
+    // Each transform with its stage, whether it is on by default, and its options' defaults.
+    let table = out.split("transforms, in the order they run").nth(1).unwrap_or_else(|| panic!("no transforms table: {out}"));
+    let row = |name: &str| table.lines().find(|l| l.split_whitespace().nth(1) == Some(name)).unwrap_or("");
+    let fold: Vec<&str> = row("fold_norm_scale").split_whitespace().collect();
+    assert_eq!(fold, ["post_load_fusion", "fold_norm_scale", "on", "require_all", "=", "false"], "{out}");
+    assert!(out.contains("fail unless every RMSNorm could be folded"), "{out}");
+    let ex: Vec<&str> = row("use_example_rmsnorm").split_whitespace().collect();
+    assert_eq!(ex, ["post_load_fusion", "use_example_rmsnorm", "off", "-"], "{out}");
+    let m: Vec<&str> = row("match_rmsnorm").split_whitespace().collect();
+    assert_eq!(m, ["pattern_matcher", "match_rmsnorm", "on", "-"], "{out}");
 
     // The plugin's attention backend gives the built-in backend's greedy tokens.
     let (ok, reference, err) = host(&dir, &smollm2_config(&model, "torch", "enabled = false"), &[]);
