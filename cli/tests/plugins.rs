@@ -118,7 +118,8 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     }
     assert!(out.lines().any(|l| l.contains(" torch ") && l.ends_with("built-in")), "{out}");
     // Each transform with its stage, whether it is on by default, and its options' defaults.
-    let table = out.split("transforms, in the order they run").nth(1).unwrap_or_else(|| panic!("no transforms table: {out}"));
+    let table =
+        out.split("transforms, in the order they run").nth(1).unwrap_or_else(|| panic!("no transforms table: {out}"));
     let row = |name: &str| table.lines().find(|l| l.split_whitespace().nth(1) == Some(name)).unwrap_or("");
     let fold: Vec<&str> = row("fold_norm_scale").split_whitespace().collect();
     assert_eq!(fold, ["post_load_fusion", "fold_norm_scale", "on", "require_all", "=", "false"], "{out}");
@@ -294,6 +295,30 @@ impl AttentionBackend for BuggyAttention {
 extern "C" fn new_buggy_attention() -> AttentionBackendBox {
     attention_backend_box(BuggyAttention)
 }
+/// Writes only the first half of its output (`half`), or zeros with one NaN.
+struct SloppyAttention { nan: bool }
+impl AttentionBackend for SloppyAttention {
+    fn begin_step(&mut self, _: StepInfo<'_>) -> RResult<(), RString> {
+        RResult::ROk(())
+    }
+    fn attend(&self, call: AttentionCall<'_>) -> RResult<(), RString> {
+        let out = call.out.into_mut_slice();
+        let n = out.len();
+        if self.nan {
+            out.fill(0.0);
+            out[n - 1] = f32::NAN;
+        } else {
+            out[..n / 2].fill(0.0);
+        }
+        RResult::ROk(())
+    }
+}
+extern "C" fn new_half_attention() -> AttentionBackendBox {
+    attention_backend_box(SloppyAttention { nan: false })
+}
+extern "C" fn new_nan_attention() -> AttentionBackendBox {
+    attention_backend_box(SloppyAttention { nan: true })
+}
 impl Transform for Buggy {
     fn apply(&self, graph: GraphRef<'_>, _: RStr<'_>) -> RResult<RString, RString> {
         let nodes = graph.find_nodes("torch_rmsnorm".into());
@@ -305,6 +330,8 @@ fn plugins() -> Vec<PluginDecl> {
         PluginDecl::transform("buggy", "0.1.0", autodeploy_sdk::Stage::PostLoadFusion, &[], Buggy)
             .disabled_by_default(),
         PluginDecl::attention_backend("buggy_attention", "0.1.0", new_buggy_attention),
+        PluginDecl::attention_backend("half_attention", "0.1.0", new_half_attention),
+        PluginDecl::attention_backend("nan_attention", "0.1.0", new_nan_attention),
     ]
 }
 autodeploy_sdk::export_plugins!(plugins);
@@ -334,6 +361,22 @@ fn a_panicking_plugin_fails_what_it_was_doing_with_its_message() {
         "{out}\n{err}"
     );
     assert!(!err.contains("Aborting"), "the panic crossed the FFI boundary: {err}");
+    // Backends that leave outputs unwritten or produce NaN: with `debug_checks` the step fails
+    // naming the backend, its library and what was wrong; without, tokens come out.
+    for (backend, want) in
+        [("half_attention", "outputs unwritten (first at index"), ("nan_attention", "non-finite outputs")]
+    {
+        let c = cfg.replace("max_new_tokens", &format!("attn_backend = \"{backend}\"\nmax_new_tokens"));
+        let (_, out, err) = host(&dir, &c, &[]);
+        assert!(out.contains("[0] output"), "{backend} without debug_checks: {out}\n{err}");
+        let (_, out, err) = host(&dir, &format!("debug_checks = true\n{c}"), &[]);
+        assert!(
+            out.contains("[0] error:")
+                && out.contains(&format!("debug_checks: attention backend `{backend}` ({}), layer 0", lib.display()))
+                && out.contains(want),
+            "{backend} with debug_checks: {out}\n{err}"
+        );
+    }
     // A transform that panics fails the build.
     let cfg = format!("{cfg}[transforms.buggy]\nenabled = true\n");
     for args in [&["graph", "--stage", "post_load_fusion"][..], &[]] {

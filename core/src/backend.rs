@@ -100,7 +100,11 @@ impl CompileOptions {
     pub fn from_config(cfg: &crate::config::PipelineConfig, kv_pages: usize) -> CompileOptions {
         let int8_activations = cfg.activation_quant == crate::config::ActivationQuant::Int8;
         CompileOptions {
-            kernels: crate::cpu::KernelOptions { int8_activations, cpu: cfg.cpu_kernels.resolve() },
+            kernels: crate::cpu::KernelOptions {
+                int8_activations,
+                cpu: cfg.cpu_kernels.resolve(),
+                debug_checks: cfg.debug_checks,
+            },
             device: cfg.resolved_device(),
             page_size: cfg.attn_page_size,
             kv_pages,

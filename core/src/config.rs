@@ -51,6 +51,12 @@ pub struct PipelineConfig {
     /// warning).
     #[serde(default)]
     pub cpu_kernels: CpuKernelsSetting,
+    /// Checks the outputs of every attention backend and registered op (built in or from a
+    /// plugin library) each step: NaN, Inf, or values the op left unwritten fail that step
+    /// naming the op and where it came from. For developing plugins; off by default (it reads
+    /// every such output once more).
+    #[serde(default)]
+    pub debug_checks: bool,
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: usize,
     #[serde(default = "default_max_seq_len")]

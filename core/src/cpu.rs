@@ -61,11 +61,18 @@ pub struct KernelOptions {
     pub int8_activations: bool,
     /// The CPU kernel path (within what the CPU runs).
     pub cpu: autodeploy_kernels::isa::CpuKernels,
+    /// `debug_checks`: the outputs of attention backends and registered ops are checked each
+    /// step ([`crate::custom_op::check_output`]).
+    pub debug_checks: bool,
 }
 
 impl Default for KernelOptions {
     fn default() -> KernelOptions {
-        KernelOptions { int8_activations: false, cpu: autodeploy_kernels::isa::CpuKernels::detected() }
+        KernelOptions {
+            int8_activations: false,
+            cpu: autodeploy_kernels::isa::CpuKernels::detected(),
+            debug_checks: false,
+        }
     }
 }
 

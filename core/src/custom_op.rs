@@ -82,3 +82,48 @@ pub fn eval(
     }
     Tensor::from_f32_as(out_dtype, out_shape, y)
 }
+
+/// What a plugin's output buffer holds before the plugin writes it: a quiet NaN whose payload
+/// sits in the top 16 bits, so it survives rounding to bf16 or f16 and back. A value still
+/// equal to it after the call was never written.
+pub const UNWRITTEN: f32 = f32::from_bits(0x7fd5_0000);
+
+/// The `debug_checks` test of an op's output: values left [`UNWRITTEN`], NaN or Inf fail with
+/// the count and the first index, naming `what` (the op and where it came from).
+pub fn check_output(what: &str, out: &[f32]) -> Result<()> {
+    let unwritten = out.iter().filter(|v| v.to_bits() == UNWRITTEN.to_bits()).count();
+    if unwritten > 0 {
+        let first = out.iter().position(|v| v.to_bits() == UNWRITTEN.to_bits()).unwrap_or(0);
+        return Err(Error::Msg(format!(
+            "debug_checks: {what} left {unwritten} of {} outputs unwritten (first at index {first})",
+            out.len()
+        )));
+    }
+    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+        let bad = out.iter().filter(|v| !v.is_finite()).count();
+        return Err(Error::Msg(format!(
+            "debug_checks: {what} produced {bad} non-finite outputs of {} (first: {} at index {i})",
+            out.len(),
+            out[i]
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_output_tells_unwritten_from_nan_and_inf() {
+        assert!(check_output("op `x`", &[0.0, 1.5, -2.0]).is_ok());
+        let e = check_output("op `x`", &[0.0, UNWRITTEN, UNWRITTEN]).unwrap_err().to_string();
+        assert!(e.contains("op `x` left 2 of 3 outputs unwritten (first at index 1)"), "{e}");
+        let e = check_output("op `x`", &[0.0, f32::NAN, f32::INFINITY]).unwrap_err().to_string();
+        assert!(e.contains("op `x` produced 2 non-finite outputs of 3 (first: NaN at index 1)"), "{e}");
+        // The mark survives the round trip through bf16 and f16 (an op whose output is stored
+        // in the model's dtype).
+        assert_eq!(half::bf16::from_f32(UNWRITTEN).to_f32().to_bits(), UNWRITTEN.to_bits());
+        assert_eq!(half::f16::from_f32(UNWRITTEN).to_f32().to_bits(), UNWRITTEN.to_bits());
+    }
+}

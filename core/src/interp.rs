@@ -66,10 +66,26 @@ pub fn eval_node(
         )),
         _ => cpu::eval_with(&n.op, ins, bind, kernels),
     };
-    res.map_err(|e| match e {
+    let out = res.map_err(|e| match e {
         Error::Shape { .. } => e.at_node(name),
         e => Error::Op { op: n.op.name().into(), msg: format!("node `{name}`: {e}") },
-    })
+    })?;
+    if kernels.debug_checks {
+        let what = match &n.op {
+            Op::CachedAttention { backend, layer, .. } => Some(format!(
+                "attention backend `{backend}` ({}), layer {layer}",
+                crate::registry::attention_backend_origin(backend)
+            )),
+            Op::Custom { name: op, .. } => {
+                Some(format!("op `{op}` ({})", crate::registry::custom_op(op).map_or("unregistered", |c| c.origin)))
+            }
+            _ => None,
+        };
+        if let Some(what) = what {
+            crate::custom_op::check_output(&format!("{what} at node `{name}`"), &out.to_f32())?;
+        }
+    }
+    Ok(out)
 }
 
 /// Binds the symbols of the graph inputs' shapes from concrete inputs, checking every static

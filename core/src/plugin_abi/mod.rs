@@ -268,7 +268,8 @@ fn run_cpu_kernel(
         .map(|(t, d)| ffi::TensorView { shape: t.shape().into(), data: d.as_ref().into() })
         .collect();
     let n = ins.get(output_like).map_or(0, |t| t.numel());
-    let mut out = vec![0f32; n];
+    // Marked, so `debug_checks` can tell values the kernel never wrote.
+    let mut out = vec![crate::custom_op::UNWRITTEN; n];
     match k(views.as_slice().into(), attrs.into(), out.as_mut_slice().into()) {
         RResult::ROk(()) => Ok(out),
         RResult::RErr(e) => Err(e.into_string()),
@@ -908,7 +909,8 @@ impl AttentionBackend for ExternalAttentionBackend {
             (&local.0, &local.1)
         };
         let (qv, kv, vv) = (q.to_f32(), k.to_f32(), v.to_f32());
-        let mut out = vec![0f32; heads * tokens * dim];
+        // Marked, so `debug_checks` can tell values the backend never wrote.
+        let mut out = vec![crate::custom_op::UNWRITTEN; heads * tokens * dim];
         let (kc, vc) = cx.cache.layer_mut(layer);
         let call = ffi::AttentionCall {
             layer,

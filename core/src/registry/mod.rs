@@ -261,6 +261,15 @@ pub fn attention_backend(name: &str) -> Result<(&'static str, Box<dyn AttentionB
     }
 }
 
+/// Where attention backend `name` comes from: `built-in` or its library's path.
+pub fn attention_backend_origin(name: &str) -> String {
+    match ATTENTION_BACKENDS.get(name) {
+        Ok(Found::Builtin(_)) => "built-in".into(),
+        Ok(Found::External(p)) => p.origin.to_string(),
+        Err(_) => "unknown origin".into(),
+    }
+}
+
 /// The canonical name of attention backend `name` (or an alias), whatever device it runs on.
 pub fn attention_backend_name(name: &str) -> Result<&'static str> {
     Ok(match ATTENTION_BACKENDS.get(name)? {
