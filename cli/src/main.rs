@@ -610,6 +610,25 @@ fn print_transforms() {
     }
 }
 
+/// The options attention backends declare (`[attention_backends.<name>]`), for those that have any.
+fn print_attention_options() {
+    let backends: Vec<_> = registry::list_plugins()
+        .into_iter()
+        .filter(|p| p.kind == autodeploy_sdk::PluginKind::AttentionBackend)
+        .filter_map(|p| Some((p.name, registry::attention_backend_declared_options(p.name).ok()?)))
+        .filter(|(_, o)| !o.is_empty())
+        .collect();
+    if backends.is_empty() {
+        return;
+    }
+    println!("\nattention backend options ([attention_backends.<name>]):");
+    for (name, options) in backends {
+        for o in options {
+            println!("  {name:<28} {} = {}    {}", o.name, o.default, o.help);
+        }
+    }
+}
+
 fn chosen_plugin_registry(cli: &Cli) -> Option<(PathBuf, &'static str)> {
     if let Some(p) = &cli.plugins {
         return Some((p.clone(), "--plugins"));
@@ -788,6 +807,7 @@ fn main() -> ExitCode {
                 println!("refused: {}: {}", r.library.display(), r.reason);
             }
             print_transforms();
+            print_attention_options();
             Ok(())
         }
         Some(Cmd::Graph { stage }) => (|| {

@@ -129,6 +129,36 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let m: Vec<&str> = row("match_rmsnorm").split_whitespace().collect();
     assert_eq!(m, ["pattern_matcher", "match_rmsnorm", "on", "-"], "{out}");
 
+    // The backend's options: listed, set in `[attention_backends.naive_cpu]`, checked against
+    // what it declares; the value reaches the backend (a span past it fails the step).
+    assert!(out.contains("naive_cpu                    max_positions = 0"), "{out}");
+    let opt = |table: &str| {
+        format!("{}[attention_backends.naive_cpu]\n{table}\n", smollm2_config(&model, "naive_cpu", "enabled = false"))
+    };
+    let (_, capped, err) = host(&dir, &opt("max_positions = 4"), &[]);
+    assert!(capped.contains("[0] error:") && capped.contains("past max_positions = 4"), "{capped}{err}");
+    let (ok, _, err) = host(&dir, &opt("max_position = 4"), &[]);
+    assert!(
+        !ok && err.contains("attention_backends.naive_cpu.max_position")
+            && err.contains("has no option `max_position`; options: max_positions"),
+        "{err}"
+    );
+    let (ok, _, err) = host(&dir, &opt("max_positions = \"many\""), &[]);
+    assert!(
+        !ok && err.contains("attention_backends.naive_cpu.max_positions")
+            && err.contains("expected integer, found string"),
+        "{err}"
+    );
+    let (ok, _, err) = host(&dir, &opt("max_positions = -1"), &[]);
+    assert!(
+        !ok && err.contains("attention backend `naive_cpu`") && err.contains("max_positions must be 0 or more"),
+        "{err}"
+    );
+    let builtin =
+        format!("{}[attention_backends.torch]\nthreads = 2\n", smollm2_config(&model, "torch", "enabled = false"));
+    let (ok, _, err) = host(&dir, &builtin, &[]);
+    assert!(!ok && err.contains("attention_backends.torch.threads") && err.contains("it takes none"), "{err}");
+
     // The plugin's attention backend gives the built-in backend's greedy tokens.
     let (ok, reference, err) = host(&dir, &smollm2_config(&model, "torch", "enabled = false"), &[]);
     assert!(ok, "{err}");
@@ -168,6 +198,11 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
         "{graph}"
     );
     assert!(!graph.contains("= torch_rmsnorm("), "every norm replaced");
+    // Found by the host's pattern matcher, put in by `insert_after` under the names it chose.
+    assert!(
+        graph.contains("%l0.input_norm.rmsnorm.example: f32[batch, seq, 576] = example.rms_norm(%embed"),
+        "{graph}"
+    );
     let (ok, own, err) = host(&dir, &own_op, &[]);
     assert!(ok, "{err}");
     assert_eq!(output_lines(&own), output_lines(&reference));
@@ -217,11 +252,16 @@ fn old_sdk_plugin() -> PathBuf {
     sdk_copy_plugin("old-sdk", "0.2.0", |ffi| ffi)
 }
 
-/// A copy of the example plugin built against a newer SDK (0.7.0) whose interface types changed
+/// The next minor version of the SDK, for `changed_sdk_plugin`.
+const NEXT_SDK: &str = "0.8.0";
+
+/// A copy of the example plugin built against a newer SDK (`NEXT_SDK`) whose interface types changed
 /// (a kernel-argument kind added): abi_stable accepts the version and then finds the layouts
 /// differ.
 fn changed_sdk_plugin() -> PathBuf {
-    sdk_copy_plugin("changed-sdk", "0.7.0", |ffi| {
+    let (a, b, _) = autodeploy_sdk::SDK_VERSION;
+    assert_eq!(format!("{a}.{}.0", b + 1), NEXT_SDK, "update NEXT_SDK to the SDK's next minor version");
+    sdk_copy_plugin("changed-sdk", NEXT_SDK, |ffi| {
         let changed = ffi.replacen("    I64,\n    F32,\n}", "    I64,\n    F32,\n    F64,\n}", 1);
         assert_ne!(changed, ffi, "ArgKind changed shape: update this test");
         changed
@@ -457,15 +497,29 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
         |path: &Path, why: &str| refused.iter().any(|l| l.contains(&path.display().to_string()) && l.contains(why));
     assert!(has(&missing, "does not exist"), "{refused:?}");
     assert!(has(&garbage, "libgarbage.so"), "{refused:?}");
-    assert!(has(&old, "built against autodeploy-sdk 0.2.0, incompatible with this host's sdk 0.6.0"), "{refused:?}");
+    let host_sdk = autodeploy_sdk::SDK_VERSION_STR;
+    assert!(
+        has(&old, &format!("built against autodeploy-sdk 0.2.0, incompatible with this host's sdk {host_sdk}")),
+        "{refused:?}"
+    );
     // Interface types that differ: one line naming both versions and what to do, not
     // abi_stable's layout report (thousands of lines).
     assert!(
-        has(&changed, "built against autodeploy-sdk 0.7.0, whose plugin interface types differ from this host's sdk 0.6.0; rebuild the plugin against autodeploy-sdk 0.6.0"),
+        has(
+            &changed,
+            &format!(
+                "built against autodeploy-sdk {NEXT_SDK}, whose plugin interface types differ from this host's sdk \
+                 {host_sdk}; rebuild the plugin against autodeploy-sdk {host_sdk}"
+            )
+        ),
         "{refused:?}"
     );
     assert!(refused.iter().all(|l| l.len() < 400), "{refused:?}");
-    assert!(out.lines().count() < 60 && err.lines().count() < 20, "a long report:\n{out}\n{err}");
+    // Each refusal is one line: nothing but refusals between the first and the transforms table.
+    let listing = out.split("\ntransforms, in the order").next().unwrap_or("");
+    let block: Vec<&str> = listing.lines().skip_while(|l| !l.starts_with("refused: ")).collect();
+    assert!(block.iter().all(|l| l.starts_with("refused: ") || l.is_empty()), "a refusal ran over lines:\n{out}");
+    assert!(err.lines().count() < 20, "a long report:\n{err}");
     assert!(has(&good, "a transform named `fold_norm_scale` already exists"), "{refused:?}");
     assert!(has(&good, "an attention backend named `naive_cpu` already exists"), "{refused:?}");
     assert!(has(&not_plugin, "has no autodeploy root module"), "{refused:?}");
@@ -483,7 +537,7 @@ fn bad_plugin_libraries_are_refused_at_start_up_and_the_host_runs_on() {
     assert!(
         err.contains("unknown attn_backend `naive_cpu`")
             && err.contains(&old.display().to_string())
-            && err.contains("incompatible with this host's sdk 0.6.0"),
+            && err.contains(&format!("incompatible with this host's sdk {host_sdk}")),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

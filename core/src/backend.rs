@@ -92,6 +92,8 @@ pub struct CompileOptions {
     pub min_kv_pages: usize,
     /// Decode batch sizes to capture as CUDA graphs (`cudagraph`, `opt`).
     pub cuda_graph_batch_sizes: Vec<usize>,
+    /// The attention backend's options, resolved (`registry::attention_backend_options`).
+    pub attention_options: toml::Table,
 }
 
 impl CompileOptions {
@@ -112,6 +114,8 @@ impl CompileOptions {
             free_mem_ratio: cfg.free_mem_ratio.filter(|_| cfg.kv_cache_budget_mib.is_none()),
             min_kv_pages: 0,
             cuda_graph_batch_sizes: cfg.cuda_graph_batch_sizes(),
+            // Checked when the config was validated; an error here surfaces when the backend is made.
+            attention_options: crate::registry::attention_backend_options(cfg, &cfg.attn_backend).unwrap_or_default(),
         }
     }
 }

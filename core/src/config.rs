@@ -110,6 +110,10 @@ pub struct PipelineConfig {
     /// `[transforms.<name>]` tables; each name must be a registered transform.
     #[serde(default)]
     pub transforms: BTreeMap<String, toml::Table>,
+    /// `[attention_backends.<name>]` tables: options of the attention backend of that name
+    /// (the ones it declares; `autodeploy plugins` lists them).
+    #[serde(default)]
+    pub attention_backends: BTreeMap<String, toml::Table>,
     /// The folder of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -388,6 +392,14 @@ impl PipelineConfig {
             }
         }
         crate::transform::check_config(&self.transforms).map_err(|(key, msg)| Error::config(path, key, msg))?;
+        // Each table names a known backend and sets only options it declares.
+        for (name, table) in &self.attention_backends {
+            let key = format!("attention_backends.{name}");
+            let declared = crate::registry::attention_backend_declared_options(name)
+                .map_err(|e| Error::config(path, key.clone(), e.to_string()))?;
+            crate::transform::check_options(&key, &format!("attention backend `{name}`"), declared, table)
+                .map_err(|(key, msg)| Error::config(path, key, msg))?;
+        }
         if let Some(r) = self.free_mem_ratio {
             if !(r > 0.0 && r <= 1.0) {
                 return Err(Error::config(path, "free_mem_ratio", format!("{r} is outside (0, 1]")));

@@ -3,6 +3,7 @@
 //! and may capture attributes, commutative nodes match their two inputs in either order, and
 //! optional nodes (typically casts) match whether or not the graph has them.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::collections::HashSet;
 
@@ -21,7 +22,7 @@ pub struct Captures {
 type Pred = Box<dyn Fn(&Op, &mut Captures) -> bool + Send + Sync>;
 
 enum PNode {
-    Input(&'static str),
+    Input(Cow<'static, str>),
     Op {
         pred: Pred,
         inputs: Vec<PId>,
@@ -49,8 +50,8 @@ impl PatternBuilder {
         Self::default()
     }
 
-    pub fn input(&mut self, name: &'static str) -> PId {
-        self.nodes.push(PNode::Input(name));
+    pub fn input(&mut self, name: impl Into<Cow<'static, str>>) -> PId {
+        self.nodes.push(PNode::Input(name.into()));
         self.nodes.len() - 1
     }
 
@@ -90,7 +91,7 @@ impl PatternBuilder {
 #[derive(Clone, Debug, Default)]
 pub struct Match {
     pub bound: HashMap<PId, ValueId>,
-    pub inputs: HashMap<&'static str, ValueId>,
+    pub inputs: HashMap<String, ValueId>,
     pub caps: Captures,
     /// Graph node indices the pattern covered.
     pub nodes: Vec<usize>,
@@ -130,10 +131,10 @@ impl Pattern {
             return if b == v { vec![st] } else { Vec::new() };
         }
         let mut out = match &self.nodes[p] {
-            PNode::Input(name) => match st.inputs.get(name) {
+            PNode::Input(name) => match st.inputs.get(name.as_ref()) {
                 Some(&b) if b != v => Vec::new(),
                 _ => {
-                    st.inputs.insert(name, v);
+                    st.inputs.insert(name.to_string(), v);
                     vec![st]
                 }
             },

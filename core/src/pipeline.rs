@@ -194,6 +194,7 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     tracing::info!(backend = %cfg.compile_backend, nodes = graph.nodes.len(), "compiling");
     let kv_pages = kv_pages(&graph, cfg)?;
     let mut opts = crate::backend::CompileOptions::from_config(cfg, kv_pages);
+    opts.attention_options = registry::attention_backend_options(cfg, &cfg.attn_backend)?;
     opts.kv_pages = check_host_memory(&graph, cfg, &opts.kernels, kv_pages)?;
     opts.min_kv_pages = pages_per_sequence(&graph, cfg);
     let model = backend.compile(&graph, &opts)?;

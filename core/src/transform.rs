@@ -46,10 +46,51 @@ pub trait Transform: Send + Sync {
 }
 
 fn parse_default(t: &TransformRef, o: &OptionSpec) -> Result<toml::Value> {
+    option_default(&format!("transform {}", t.name), o)
+}
+
+/// Option `o`'s default as a TOML value; `owner` names the plugin in the error.
+fn option_default(owner: &str, o: &OptionSpec) -> Result<toml::Value> {
     let text = format!("v = {}", o.default);
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| Error::Msg(format!("transform {}: bad default for `{}`: {e}", t.name, o.name)))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| Error::Msg(format!("{owner}: bad default for `{}`: {e}", o.name)))?;
     Ok(table["v"].clone())
+}
+
+/// Checks `table` (the config's `[<key>]`) against `options`: every key declared, with its
+/// default's type. Errors name the key.
+pub fn check_options(
+    key: &str,
+    owner: &str,
+    options: &[OptionSpec],
+    table: &toml::Table,
+) -> std::result::Result<(), (String, String)> {
+    for (k, v) in table {
+        let Some(spec) = options.iter().find(|o| o.name == k) else {
+            let names: Vec<&str> = options.iter().map(|o| o.name).collect();
+            let known =
+                if names.is_empty() { "it takes none".to_string() } else { format!("options: {}", names.join(", ")) };
+            return Err((format!("{key}.{k}"), format!("{owner} has no option `{k}`; {known}")));
+        };
+        let d = option_default(owner, spec).map_err(|e| (format!("{key}.{k}"), e.to_string()))?;
+        if d.type_str() != v.type_str() {
+            return Err((format!("{key}.{k}"), format!("expected {}, found {}", d.type_str(), v.type_str())));
+        }
+    }
+    Ok(())
+}
+
+/// Every option in `options`: the value `user` sets, else the default.
+pub fn resolve_options(owner: &str, options: &[OptionSpec], user: Option<&toml::Table>) -> Result<toml::Table> {
+    let mut out = toml::Table::new();
+    for o in options {
+        let v = match user.and_then(|u| u.get(o.name)) {
+            Some(v) => v.clone(),
+            None => option_default(owner, o)?,
+        };
+        out.insert(o.name.to_string(), v);
+    }
+    Ok(out)
 }
 
 /// Checks `[transforms.*]` against the registry: known names, `enabled` a bool, known options of

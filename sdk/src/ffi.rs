@@ -112,6 +112,130 @@ pub trait GraphEdit {
     fn replace_uses(&mut self, old: u32, new: u32) -> RResult<(), RString>;
     /// Removes nodes whose outputs nobody reads; returns how many.
     fn remove_dead_nodes(&mut self) -> usize;
+    /// As [`GraphEdit::insert_node`], with the output named after `name` (made unique) as
+    /// graph dumps and errors show it.
+    fn insert_node_named(
+        &mut self,
+        before: usize,
+        name: RStr<'_>,
+        op: RStr<'_>,
+        inputs: RSlice<'_, u32>,
+        attrs: RStr<'_>,
+    ) -> RResult<u32, RString>;
+    /// Inserts a node right after the node computing `value` (at the start for a graph input or
+    /// weight), named after `name`, reading `inputs` (usually `value` itself), and moves every
+    /// other reader of `value` (nodes and graph outputs) to the new node's output: the way to
+    /// put an op between a value and its users. Refused unless the new output has `value`'s
+    /// dtype and shape.
+    fn insert_after(
+        &mut self,
+        value: u32,
+        name: RStr<'_>,
+        op: RStr<'_>,
+        inputs: RSlice<'_, u32>,
+        attrs: RStr<'_>,
+    ) -> RResult<u32, RString>;
+    /// The graph outputs' value ids, in order (a decoder's first is its logits).
+    fn outputs(&self) -> RVec<u32>;
+    /// Makes graph output `index` read `value` (`index` equal to the number of outputs adds
+    /// one). Refused for a value that does not exist or an index past the end.
+    fn set_output(&mut self, index: usize, value: u32) -> RResult<(), RString>;
+    /// Every match of `pattern` in the graph, in graph order, by the host's pattern matcher
+    /// (the one the built-in transforms use). Matches may overlap. Their node indices hold
+    /// until the next edit; read what you need from every match before inserting anything
+    /// (value ids stay valid).
+    fn find_pattern(&self, pattern: &PatternDecl) -> RResult<RVec<PatternMatch>, RString>;
+}
+
+/// What a pattern node matches.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatternKind {
+    /// Any value; the same name binds the same value everywhere in the pattern.
+    Input,
+    /// A node of op `name` whose inputs match `inputs` in order.
+    Op,
+    /// A two-input op whose inputs may match in either order (`aten.add.Tensor`, `aten.mul.Tensor`).
+    Commutative,
+    /// A one-input op (`name`) that the graph may or may not have between `inputs[0]` and its
+    /// reader, typically a cast.
+    Optional,
+}
+
+/// One node of a [`PatternDecl`].
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct PatternNode {
+    pub kind: PatternKind,
+    /// The input's name, or the op's name as graph dumps print it.
+    pub name: RString,
+    /// Earlier pattern nodes this op reads (indices into [`PatternDecl::nodes`]).
+    pub inputs: RVec<u32>,
+}
+
+/// A small graph to find, written with [`PatternDecl::input`], [`PatternDecl::op`] and friends;
+/// its last node is what a match's `output` binds.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq)]
+pub struct PatternDecl {
+    pub nodes: RVec<PatternNode>,
+}
+
+impl PatternDecl {
+    pub fn new() -> PatternDecl {
+        PatternDecl::default()
+    }
+
+    fn push(&mut self, kind: PatternKind, name: &str, inputs: &[u32]) -> u32 {
+        self.nodes.push(PatternNode { kind, name: name.into(), inputs: inputs.iter().copied().collect() });
+        self.nodes.len() as u32 - 1
+    }
+
+    /// A free input named `name`.
+    pub fn input(&mut self, name: &str) -> u32 {
+        self.push(PatternKind::Input, name, &[])
+    }
+
+    /// An op node: op `op` reading `inputs` in order.
+    pub fn op(&mut self, op: &str, inputs: &[u32]) -> u32 {
+        self.push(PatternKind::Op, op, inputs)
+    }
+
+    /// A two-input op matched with its inputs in either order.
+    pub fn commutative(&mut self, op: &str, a: u32, b: u32) -> u32 {
+        self.push(PatternKind::Commutative, op, &[a, b])
+    }
+
+    /// A one-input op the graph may or may not have on `input`'s way to its reader.
+    pub fn optional(&mut self, op: &str, input: u32) -> u32 {
+        self.push(PatternKind::Optional, op, &[input])
+    }
+}
+
+/// A pattern input and the value it bound.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct PatternBinding {
+    pub name: RString,
+    pub value: u32,
+}
+
+/// One match of a [`PatternDecl`]: the value each input bound, the graph nodes it covers (node
+/// indices, ascending; read their attributes with [`GraphEdit::node`]) and the value the
+/// pattern's last node matched.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct PatternMatch {
+    pub inputs: RVec<PatternBinding>,
+    pub nodes: RVec<usize>,
+    pub output: u32,
+}
+
+impl PatternMatch {
+    /// The value input `name` bound.
+    pub fn input(&self, name: &str) -> Option<u32> {
+        self.inputs.iter().find(|b| b.name.as_str() == name).map(|b| b.value)
+    }
 }
 
 /// Builds a model's graph, implemented by the host for an importer plugin. Ops are named as a
@@ -546,8 +670,16 @@ pub enum PluginBody {
         transform: Transform_TO<'static, RBox<()>>,
     },
     AttentionBackend {
+        /// The options it takes from `[attention_backends.<name>]` in the pipeline config, as
+        /// `(name, default TOML value, help)`.
+        options: RVec<OptionDecl>,
         /// Creates one backend instance (each engine gets its own: `begin_step` keeps state).
-        make: extern "C" fn() -> AttentionBackendBox,
+        /// Set for a backend without options.
+        make: ROption<extern "C" fn() -> AttentionBackendBox>,
+        /// Creates one backend instance from its options, a TOML table's text holding every
+        /// declared option (the config's value or the default); an error names what is wrong.
+        /// Set for a backend with options.
+        make_with_options: ROption<extern "C" fn(RStr<'_>) -> RResult<AttentionBackendBox, RString>>,
     },
     /// A model importer, selectable as `importer = "<name>"` and asked (through `accepts`)
     /// about models whose config names no importer.
@@ -683,7 +815,33 @@ impl PluginDecl {
     /// An attention backend, selectable as `attn_backend = "<name>"`; `make` creates one
     /// instance per engine.
     pub fn attention_backend(name: &str, version: &str, make: extern "C" fn() -> AttentionBackendBox) -> PluginDecl {
-        PluginDecl { name: name.into(), version: version.into(), body: PluginBody::AttentionBackend { make } }
+        let body = PluginBody::AttentionBackend {
+            options: RVec::new(),
+            make: ROption::RSome(make),
+            make_with_options: ROption::RNone,
+        };
+        PluginDecl { name: name.into(), version: version.into(), body }
+    }
+
+    /// An attention backend taking `options` (`(name, default TOML value, help)`) from the
+    /// config's `[attention_backends.<name>]` table; `make(options)` gets them as TOML text
+    /// (every declared option, the config's value or the default) and creates one instance per
+    /// engine, or says what is wrong with them.
+    pub fn attention_backend_with_options(
+        name: &str,
+        version: &str,
+        options: &[(&str, &str, &str)],
+        make: extern "C" fn(RStr<'_>) -> RResult<AttentionBackendBox, RString>,
+    ) -> PluginDecl {
+        let body = PluginBody::AttentionBackend {
+            options: options
+                .iter()
+                .map(|(n, d, h)| OptionDecl { name: (*n).into(), default: (*d).into(), help: (*h).into() })
+                .collect(),
+            make: ROption::RNone,
+            make_with_options: ROption::RSome(make),
+        };
+        PluginDecl { name: name.into(), version: version.into(), body }
     }
 }
 

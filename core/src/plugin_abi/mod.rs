@@ -13,14 +13,17 @@ use autodeploy_sdk::Stage;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ir::{Graph, TensorMeta, ValueId};
+use crate::ir::{Graph, ValueId};
 use crate::kvcache::{AttentionBackend, StepContext};
 use crate::registry::TransformRef;
 use crate::shape::static_shape;
 use crate::tensor::Tensor;
 use crate::transform::{OptionSpec, Transform, TransformContext};
 
+mod graph_edit;
 mod runtime;
+
+use graph_edit::{node_info, value_info, HostGraph};
 
 /// A library or plugin the host refused at start-up, and why.
 #[derive(Clone, Debug)]
@@ -129,7 +132,8 @@ fn describe(e: &LibraryError, lib_sdk: Option<&str>) -> String {
         LibraryError::GetSymbolError { .. } => {
             "has no autodeploy root module (not built with `autodeploy_sdk::export_plugins!`)".to_string()
         }
-        _ => e.to_string(),
+        // abi_stable's own messages run over several indented lines: one line here.
+        _ => e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
     }
 }
 
@@ -159,11 +163,7 @@ fn load_library(path: &Path) -> usize {
                 match Stage::parse(stage.as_str()) {
                     None => Err(format!("transform `{name}` declares an unknown stage `{stage}`")),
                     Some(stage) => {
-                        let leak = |s: &RString| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
-                        let options: Vec<OptionSpec> = options
-                            .iter()
-                            .map(|o| OptionSpec { name: leak(&o.name), default: leak(&o.default), help: leak(&o.help) })
-                            .collect();
+                        let options = leak_options(&options);
                         let t = Arc::new(transform);
                         let make = move || Box::new(ExternalTransform(t.clone())) as Box<dyn Transform>;
                         crate::registry::register_transform(TransformRef::external(
@@ -171,7 +171,7 @@ fn load_library(path: &Path) -> usize {
                             stage,
                             order,
                             enabled_by_default,
-                            Box::leak(options.into_boxed_slice()),
+                            options,
                             &version,
                             &origin,
                             Box::new(make),
@@ -179,11 +179,32 @@ fn load_library(path: &Path) -> usize {
                     }
                 }
             }
-            ffi::PluginBody::AttentionBackend { make } => {
-                crate::registry::ATTENTION_BACKENDS.register(external(&name, &version, &origin, move || {
-                    Box::new(ExternalAttentionBackend { inner: make(), csr: Default::default() })
-                        as Box<dyn AttentionBackend>
-                }))
+            ffi::PluginBody::AttentionBackend { options, make, make_with_options } => {
+                match (make.into_option(), make_with_options.into_option()) {
+                    (Some(_), Some(_)) | (None, None) => Err(format!(
+                        "attention backend `{name}` must give exactly one of `make` and `make_with_options`"
+                    )),
+                    (make, make_with) => {
+                        let options: &'static [OptionSpec] = leak_options(&options);
+                        crate::registry::ATTENTION_BACKENDS.register(external(&name, &version, &origin, move || {
+                            let make = move |opts: &toml::Table| -> Result<Box<dyn AttentionBackend>> {
+                                let inner = match (make, make_with) {
+                                    (Some(mk), _) => mk(),
+                                    (None, Some(mk)) => {
+                                        let text =
+                                            toml::to_string(opts).map_err(|e| Error::Msg(format!("options: {e}")))?;
+                                        mk(text.as_str().into())
+                                            .into_result()
+                                            .map_err(|e| Error::Msg(e.into_string()))?
+                                    }
+                                    (None, None) => unreachable!("checked at registration"),
+                                };
+                                Ok(Box::new(ExternalAttentionBackend { inner, csr: Default::default() }))
+                            };
+                            Box::new(crate::registry::AttentionMaker { options, make: Box::new(make) })
+                        }))
+                    }
+                }
             }
             ffi::PluginBody::ModelImporter { accepts, import } => {
                 let (n, o) = (name.clone(), origin.clone());
@@ -242,6 +263,16 @@ fn load_library(path: &Path) -> usize {
 
 /// A registry entry for a library's plugin: its listing (kept for the process: libraries are
 /// never unloaded) and how to make an instance.
+/// A library's option declarations as the host's (leaked: libraries stay loaded).
+fn leak_options(options: &[ffi::OptionDecl]) -> &'static [OptionSpec] {
+    let leak = |s: &RString| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+    let v: Vec<OptionSpec> = options
+        .iter()
+        .map(|o| OptionSpec { name: leak(&o.name), default: leak(&o.default), help: leak(&o.help) })
+        .collect();
+    Box::leak(v.into_boxed_slice())
+}
+
 fn external<T: ?Sized>(
     name: &str,
     version: &str,
@@ -355,37 +386,8 @@ impl Transform for ExternalTransform {
     }
 }
 
-/// Node `index` of `g` as a plugin sees it.
-fn node_info(g: &Graph, index: usize) -> ROption<ffi::NodeInfo> {
-    g.nodes
-        .get(index)
-        .map(|n| ffi::NodeInfo {
-            op: n.op.name().into(),
-            attrs: n.op.attrs().into(),
-            inputs: n.inputs.iter().map(|v| v.0).collect(),
-            outputs: n.outputs.iter().map(|v| v.0).collect(),
-        })
-        .into()
-}
-
-/// Value `value` of `g` as a plugin sees it.
-fn value_info(g: &Graph, value: u32) -> ROption<ffi::ValueInfo> {
-    if value as usize >= g.values.len() {
-        return ROption::RNone;
-    }
-    let info = g.value(ValueId(value));
-    let weight = g.params.iter().find(|p| p.value.0 == value).map(|p| RString::from(p.weight.as_str()));
-    ROption::RSome(ffi::ValueInfo {
-        name: info.name.as_str().into(),
-        dtype: info.meta.dtype.to_string().into(),
-        shape: info.meta.shape.iter().map(|d| d.as_static().unwrap_or(0) as u64).collect(),
-        shape_text: info.meta.to_string().into(),
-        weight: weight.into(),
-    })
-}
-
 /// A weight a plugin hands over: its dtype (a float type), shape and values, checked.
-fn host_weight(
+pub(super) fn host_weight(
     name: &str,
     dtype: &str,
     tensor: ffi::HostTensor,
@@ -522,164 +524,6 @@ impl ffi::GraphBuild for HostBuild {
     }
 }
 
-/// The host graph behind the plugin-facing `GraphEdit` interface.
-struct HostGraph<'g> {
-    g: &'g mut Graph,
-}
-
-impl HostGraph<'_> {
-    fn valid(&self, v: u32) -> bool {
-        (v as usize) < self.g.values.len()
-    }
-    fn weight_name(&self, v: u32) -> Option<String> {
-        self.g.params.iter().find(|p| p.value.0 == v).map(|p| p.weight.clone())
-    }
-}
-
-impl ffi::GraphEdit for HostGraph<'_> {
-    fn num_nodes(&self) -> usize {
-        self.g.nodes.len()
-    }
-
-    fn node(&self, index: usize) -> ROption<ffi::NodeInfo> {
-        node_info(self.g, index)
-    }
-
-    fn find_nodes(&self, op: RStr<'_>) -> RVec<usize> {
-        self.g.nodes.iter().enumerate().filter(|(_, n)| n.op.name() == op.as_str()).map(|(i, _)| i).collect()
-    }
-
-    fn value(&self, value: u32) -> ROption<ffi::ValueInfo> {
-        value_info(self.g, value)
-    }
-
-    fn users(&self, value: u32) -> RVec<usize> {
-        self.g.nodes.iter().enumerate().filter(|(_, n)| n.inputs.contains(&ValueId(value))).map(|(i, _)| i).collect()
-    }
-
-    fn is_output(&self, value: u32) -> bool {
-        self.g.outputs.contains(&ValueId(value))
-    }
-
-    fn read_weight(&self, value: u32) -> RResult<ffi::HostTensor, RString> {
-        let Some(name) = self.weight_name(value) else {
-            return RResult::RErr(format!("value {value} is not a weight").into());
-        };
-        match self.g.weights.load(&name, DType::F32) {
-            Ok(t) => RResult::ROk(ffi::HostTensor {
-                shape: t.shape().iter().map(|&n| n as u64).collect(),
-                data: t.to_f32().into_owned().into(),
-            }),
-            Err(e) => RResult::RErr(format!("reading weight `{name}`: {e}").into()),
-        }
-    }
-
-    fn add_weight(&mut self, name: RStr<'_>, dtype: RStr<'_>, tensor: ffi::HostTensor) -> RResult<u32, RString> {
-        if self.g.weights.contains(name.as_str()) {
-            return RResult::RErr(format!("add_weight: a weight named `{name}` exists").into());
-        }
-        let (dt, shape, t) = match host_weight(name.as_str(), dtype.as_str(), tensor) {
-            Ok(w) => w,
-            Err(e) => return RResult::RErr(format!("add_weight {e}").into()),
-        };
-        Arc::make_mut(&mut self.g.weights).add_tensor(name.as_str(), t);
-        let v = self.g.add_param(name.as_str(), TensorMeta { dtype: dt, shape: static_shape(&shape) });
-        RResult::ROk(v.0)
-    }
-
-    fn set_input(&mut self, node: usize, slot: usize, value: u32) -> RResult<(), RString> {
-        if !self.valid(value) {
-            return RResult::RErr(format!("set_input: value {value} does not exist").into());
-        }
-        let Some(n) = self.g.nodes.get(node) else {
-            return RResult::RErr(format!("set_input: node {node} does not exist").into());
-        };
-        if slot >= n.inputs.len() {
-            return RResult::RErr(
-                format!("set_input: node {node} ({}) has {} inputs", n.op.name(), n.inputs.len()).into(),
-            );
-        }
-        // The new input must give the node the same output types (the op's shape rules).
-        let mut ins: Vec<TensorMeta> = n.inputs.iter().map(|&v| self.g.meta(v).clone()).collect();
-        ins[slot] = self.g.meta(ValueId(value)).clone();
-        let want: Vec<TensorMeta> = n.outputs.iter().map(|&v| self.g.meta(v).clone()).collect();
-        match crate::ops::infer(&n.op, &ins) {
-            Ok(got) if got == want => {}
-            Ok(got) => {
-                let g: Vec<String> = got.iter().map(|m| m.to_string()).collect();
-                let w: Vec<String> = want.iter().map(|m| m.to_string()).collect();
-                return RResult::RErr(
-                    format!("set_input: node {node} ({}) would produce {g:?} instead of {w:?}", n.op.name()).into(),
-                );
-            }
-            Err(e) => return RResult::RErr(format!("set_input: node {node} ({}): {e}", n.op.name()).into()),
-        }
-        self.g.nodes[node].inputs[slot] = ValueId(value);
-        RResult::ROk(())
-    }
-
-    fn insert_node(
-        &mut self,
-        before: usize,
-        op: RStr<'_>,
-        inputs: RSlice<'_, u32>,
-        attrs: RStr<'_>,
-    ) -> RResult<u32, RString> {
-        let fail = |m: String| RResult::RErr(format!("insert_node {op}: {m}").into());
-        if before > self.g.nodes.len() {
-            return fail(format!("position {before} is past the {} nodes", self.g.nodes.len()));
-        }
-        let the_op = match crate::op_text::parse_op(op.as_str(), attrs.as_str()) {
-            Ok(o) => o,
-            Err(e) => return fail(e.to_string()),
-        };
-        // Every input must exist before `before`: a graph input, a weight, or an earlier node's output.
-        let producers = self.g.producers();
-        for &v in inputs.iter() {
-            if !self.valid(v) {
-                return fail(format!("value {v} does not exist"));
-            }
-            if let Some(p) = producers[v as usize] {
-                if p >= before {
-                    return fail(format!("value {v} is produced by node {p}, not before node {before}"));
-                }
-            }
-        }
-        let ins: Vec<ValueId> = inputs.iter().map(|&v| ValueId(v)).collect();
-        match self.g.insert_node(before, op.as_str(), the_op, &ins) {
-            Ok(v) => RResult::ROk(v.0),
-            Err(e) => fail(e.to_string()),
-        }
-    }
-
-    fn replace_uses(&mut self, old: u32, new: u32) -> RResult<(), RString> {
-        if !self.valid(old) || !self.valid(new) {
-            return RResult::RErr(format!("replace_uses: value {old} or {new} does not exist").into());
-        }
-        let (a, b) = (self.g.meta(ValueId(old)), self.g.meta(ValueId(new)));
-        if a != b {
-            return RResult::RErr(format!("replace_uses: {a} and {b} differ").into());
-        }
-        // A reader of `old` placed before `new`'s producer would break the order.
-        let producers = self.g.producers();
-        if let Some(p) = producers[new as usize] {
-            if let Some(first) = self.g.nodes.iter().position(|n| n.inputs.contains(&ValueId(old))) {
-                if first <= p {
-                    return RResult::RErr(
-                        format!("replace_uses: node {first} reads value {old} before node {p} computes {new}").into(),
-                    );
-                }
-            }
-        }
-        self.g.replace_uses(ValueId(old), ValueId(new));
-        RResult::ROk(())
-    }
-
-    fn remove_dead_nodes(&mut self) -> usize {
-        self.g.dce()
-    }
-}
-
 /// A library's compile backend as a host one: the host loads the weights and keeps every value;
 /// the library's compiled model decides which nodes run when and what is released, through
 /// `HostRun` (ffi::RunGraph) over the CPU kernels.
@@ -704,7 +548,7 @@ impl crate::backend::CompileBackend for LibraryCompileBackend {
         graph.validate()?;
         let params = crate::interp::load_params(graph, |_| {})?;
         let attention = match crate::kvcache::CacheSpec::of(graph)? {
-            Some(spec) => Some(crate::registry::attention_backend(&spec.backend)?.1),
+            Some(spec) => Some(crate::registry::attention_backend(&spec.backend, &opts.attention_options)?.1),
             None => None,
         };
         let options = format!("device = \"cpu\"\npage_size = {}\nkv_pages = {}\n", opts.page_size, opts.kv_pages);
@@ -935,39 +779,5 @@ impl AttentionBackend for ExternalAttentionBackend {
             RResult::ROk(()) => Tensor::from_f32_as(q.dtype(), vec![1, heads, tokens, dim], out),
             RResult::RErr(e) => Err(bad(format!("layer {layer}: {e}"))),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ir::GraphBuilder;
-    use ffi::GraphEdit;
-
-    /// `insert_node` takes built-in ops by their dump spelling, runs their shape rules, and
-    /// refuses bad attribute text naming the op.
-    #[test]
-    fn insert_node_takes_built_in_ops_by_name() {
-        let mut b = GraphBuilder::new(Arc::new(crate::weights::WeightStore::new("test")));
-        let x = b.input("x", DType::F32, static_shape(&[2, 6]));
-        let y = b.op("y", crate::ops::Op::Neg, &[x]).unwrap();
-        b.output(y);
-        let mut g = b.finish().unwrap();
-        let mut host = HostGraph { g: &mut g };
-        let v = host.insert_node(1, "aten.slice.Tensor".into(), [x.0][..].into(), "dim=-1, start=0, end=4".into());
-        let v = v.into_result().unwrap();
-        assert_eq!(host.value(v).unwrap().shape_text.as_str(), "f32[2, 4]");
-        let h = host.insert_node(2, "aten.mul.Scalar".into(), [v][..].into(), "0.5".into()).into_result().unwrap();
-        assert_eq!(host.node(2).unwrap().op.as_str(), "aten.mul.Scalar");
-        assert_eq!(host.node(2).unwrap().attrs.as_str(), "0.5");
-        assert_eq!(host.value(h).unwrap().shape_text.as_str(), "f32[2, 4]");
-        let e = host.insert_node(0, "aten.cat".into(), [x.0][..].into(), "axis=1".into()).into_result().unwrap_err();
-        assert!(e.contains("aten.cat") && e.contains("`dim` is missing"), "{e}");
-        // The op's shape rules run: a transpose of a dim the input lacks is refused.
-        let e = host
-            .insert_node(0, "aten.transpose.int".into(), [x.0][..].into(), "0, 5".into())
-            .into_result()
-            .unwrap_err();
-        assert!(e.contains("dim 5 out of range"), "{e}");
     }
 }

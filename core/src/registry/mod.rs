@@ -208,7 +208,15 @@ pub static IMPORTERS: Kind<ImporterPlugin, dyn ModelImporter> =
     Kind::new(PluginKind::ModelImporter, "a model importer", "importer");
 pub static COMPILE_BACKENDS: Kind<CompileBackendPlugin, dyn CompileBackend> =
     Kind::new(PluginKind::CompileBackend, "a compile backend", "compile_backend");
-pub static ATTENTION_BACKENDS: Kind<AttentionBackendPlugin, dyn AttentionBackend> =
+/// Makes a library's attention backend from its resolved options (what `External::make` gives
+/// for attention backends), with the options it declares.
+pub struct AttentionMaker {
+    pub options: &'static [crate::transform::OptionSpec],
+    #[allow(clippy::type_complexity)]
+    pub make: Box<dyn Fn(&toml::Table) -> Result<Box<dyn AttentionBackend>> + Send + Sync>,
+}
+
+pub static ATTENTION_BACKENDS: Kind<AttentionBackendPlugin, AttentionMaker> =
     Kind::new(PluginKind::AttentionBackend, "an attention backend", "attn_backend");
 pub static RUNTIMES: Kind<RuntimePlugin, RuntimeMaker> = Kind::new(PluginKind::Runtime, "a runtime", "runtime");
 
@@ -245,8 +253,9 @@ pub fn compile_backend(name: &str) -> Result<Box<dyn CompileBackend>> {
     })
 }
 
-/// The CPU implementation of attention backend `name` (or an alias), with its canonical name.
-pub fn attention_backend(name: &str) -> Result<(&'static str, Box<dyn AttentionBackend>)> {
+/// The CPU implementation of attention backend `name` (or an alias), with its canonical name,
+/// made with `options` (its declared options resolved: [`attention_backend_options`]).
+pub fn attention_backend(name: &str, options: &toml::Table) -> Result<(&'static str, Box<dyn AttentionBackend>)> {
     match ATTENTION_BACKENDS.get(name)? {
         Found::Builtin(p) => {
             let make = p.make.ok_or_else(|| {
@@ -257,8 +266,37 @@ pub fn attention_backend(name: &str) -> Result<(&'static str, Box<dyn AttentionB
             })?;
             Ok((p.name, make()))
         }
-        Found::External(p) => Ok((p.name, (p.make)())),
+        Found::External(p) => {
+            let maker = (p.make)();
+            let b = (maker.make)(options)
+                .map_err(|e| Error::Msg(format!("attention backend `{}` ({}): {e}", p.name, p.origin)))?;
+            Ok((p.name, b))
+        }
     }
+}
+
+/// The options attention backend `name` declares (built-in backends declare none).
+pub fn attention_backend_declared_options(name: &str) -> Result<&'static [crate::transform::OptionSpec]> {
+    Ok(match ATTENTION_BACKENDS.get(name)? {
+        Found::Builtin(_) => &[],
+        Found::External(p) => (p.make)().options,
+    })
+}
+
+/// The options the config gives attention backend `name` (`[attention_backends.<name>]`, by
+/// its canonical name or the one the config used), checked against what it declares, with every
+/// declared option's default filled in. Errors name the config key.
+pub fn attention_backend_options(cfg: &PipelineConfig, name: &str) -> Result<toml::Table> {
+    let canonical = attention_backend_name(name)?;
+    let user = cfg.attention_backends.get(canonical).or_else(|| cfg.attention_backends.get(name));
+    let key = if cfg.attention_backends.contains_key(canonical) { canonical } else { name };
+    let declared = attention_backend_declared_options(name)?;
+    let owner = format!("attention backend `{canonical}`");
+    if let Some(t) = user {
+        crate::transform::check_options(&format!("attention_backends.{key}"), &owner, declared, t)
+            .map_err(|(k, msg)| Error::Msg(format!("{k}: {msg}")))?;
+    }
+    crate::transform::resolve_options(&owner, declared, user)
 }
 
 /// Where attention backend `name` comes from: `built-in` or its library's path.

@@ -23,7 +23,7 @@ mod sequential;
 use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use autodeploy_sdk::ffi::{
     attention_backend_box, AttentionBackend, AttentionBackendBox, AttentionCall, CudaLauncherRef, DeviceDtype,
-    DeviceTensorView, Dim3, GraphRef, HostTensor, KernelArg, PluginDecl, StepInfo, TensorView, Transform,
+    DeviceTensorView, Dim3, GraphRef, HostTensor, KernelArg, PatternDecl, PluginDecl, StepInfo, TensorView, Transform,
 };
 use autodeploy_sdk::Stage;
 
@@ -38,7 +38,12 @@ fn plugins() -> Vec<PluginDecl> {
             &[("require_all", "false", "fail unless every RMSNorm could be folded")],
             FoldNormScale,
         ),
-        PluginDecl::attention_backend("naive_cpu", VERSION, new_naive_cpu),
+        PluginDecl::attention_backend_with_options(
+            "naive_cpu",
+            VERSION,
+            &[("max_positions", "0", "the longest span one query attends over; longer steps fail (0: no limit)")],
+            new_naive_cpu,
+        ),
         PluginDecl::model_importer("llama2c", VERSION, llama2c::accepts, llama2c::import),
         PluginDecl::runtime("sequential", VERSION, sequential::new_sequential),
         PluginDecl::compile_backend("checked", VERSION, checked::compile),
@@ -169,10 +174,25 @@ impl Transform for FoldNormScale {
 struct NaiveCpu {
     /// Per token: the slots of positions `0..=pos` of its sequence, in order.
     slots: Vec<Vec<usize>>,
+    /// Option `max_positions`: the longest span one query may attend over (0: no limit). Each
+    /// query costs time in its span here, so a deployment may cap it.
+    max_positions: usize,
 }
 
-extern "C" fn new_naive_cpu() -> AttentionBackendBox {
-    attention_backend_box(NaiveCpu::default())
+/// Makes the backend from its options (TOML text from the host: `max_positions = N`).
+extern "C" fn new_naive_cpu(options: RStr<'_>) -> RResult<AttentionBackendBox, RString> {
+    let mut b = NaiveCpu::default();
+    for line in options.as_str().lines() {
+        let Some((k, v)) = line.split_once('=') else { continue };
+        match (k.trim(), v.trim().parse::<i64>()) {
+            ("max_positions", Ok(n)) if n >= 0 => b.max_positions = n as usize,
+            ("max_positions", _) => {
+                return RResult::RErr(format!("max_positions must be 0 or more, got `{}`", v.trim()).into())
+            }
+            _ => {}
+        }
+    }
+    RResult::ROk(attention_backend_box(b))
 }
 
 impl AttentionBackend for NaiveCpu {
@@ -183,6 +203,16 @@ impl AttentionBackend for NaiveCpu {
             let (Some(&first), Some(&end)) = (step.page_indptr.get(s), step.page_indptr.get(s + 1)) else {
                 return RResult::RErr(format!("token {tok}: sequence {s} has no page table").into());
             };
+            if self.max_positions > 0 && pos >= self.max_positions {
+                return RResult::RErr(
+                    format!(
+                        "token {tok} at position {pos} would attend over {} positions, past max_positions = {}",
+                        pos + 1,
+                        self.max_positions
+                    )
+                    .into(),
+                );
+            }
             let pages = &step.page_indices[first..end];
             if pos / step.page_size >= pages.len() {
                 return RResult::RErr(format!("token {tok}: position {pos} is past sequence {s}'s pages").into());
@@ -337,25 +367,38 @@ struct UseExampleRmsNorm;
 
 impl Transform for UseExampleRmsNorm {
     fn apply(&self, mut graph: GraphRef<'_>, _options: RStr<'_>) -> RResult<RString, RString> {
-        let mut replaced = 0;
-        // From the last norm back: inserting a node shifts only the indices after it.
-        for i in graph.find_nodes("torch_rmsnorm".into()).into_iter().rev() {
-            let ROption::RSome(n) = graph.node(i) else { continue };
-            let f32_out = matches!(graph.value(n.outputs[0]), ROption::RSome(v) if v.dtype.as_str() == "f32");
-            let (Some(eps), Some("f32")) = (attr(&n.attrs, "eps"), attr(&n.attrs, "norm_dtype")) else { continue };
-            if !f32_out {
+        // The host's pattern matcher finds each norm: `torch_rmsnorm(x, w)`.
+        let mut p = PatternDecl::new();
+        let (x, w) = (p.input("x"), p.input("w"));
+        p.op("torch_rmsnorm", &[x, w]);
+        let matches = match graph.find_pattern(&p) {
+            RResult::ROk(m) => m,
+            RResult::RErr(e) => return RResult::RErr(e),
+        };
+        // Read every match first: node indices move with each insertion (value ids do not).
+        let mut norms = Vec::new();
+        for m in matches {
+            let ROption::RSome(n) = graph.node(m.nodes[0]) else { continue };
+            let ROption::RSome(out) = graph.value(m.output) else { continue };
+            let (Some(eps), Some("f32"), "f32") =
+                (attr(&n.attrs, "eps"), attr(&n.attrs, "norm_dtype"), out.dtype.as_str())
+            else {
                 continue;
-            }
-            let new = match graph.insert_node(
-                i,
-                "example.rms_norm".into(),
-                n.inputs.as_slice().into(),
-                format!("eps={eps}").as_str().into(),
-            ) {
-                RResult::ROk(v) => v,
-                RResult::RErr(e) => return RResult::RErr(e),
             };
-            if let RResult::RErr(e) = graph.replace_uses(n.outputs[0], new) {
+            if let (Some(x), Some(w)) = (m.input("x"), m.input("w")) {
+                norms.push((m.output, format!("{}.example", out.name), [x, w], format!("eps={eps}")));
+            }
+        }
+        let mut replaced = 0;
+        for (value, name, ins, eps) in norms {
+            // Right after the norm, reading its inputs; the norm's readers move to it.
+            if let RResult::RErr(e) = graph.insert_after(
+                value,
+                name.as_str().into(),
+                "example.rms_norm".into(),
+                ins[..].into(),
+                eps.as_str().into(),
+            ) {
                 return RResult::RErr(e);
             }
             replaced += 1;

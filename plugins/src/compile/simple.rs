@@ -109,7 +109,7 @@ impl CompileBackend for SimpleBackend {
             last_use[*v] = usize::MAX;
         }
         let attention = match CacheSpec::of(graph)? {
-            Some(spec) => Some(attention_backend(&spec.backend)?.1),
+            Some(spec) => Some(attention_backend(&spec.backend, &opts.attention_options)?.1),
             None => None,
         };
         let profile = std::env::var_os("AUTODEPLOY_PROFILE").map(|_| Default::default());
