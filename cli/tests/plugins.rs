@@ -316,11 +316,44 @@ fn panicking_plugin() -> PathBuf {
     std::fs::write(src.join("Cargo.toml"), manifest).unwrap();
     std::fs::write(
         src.join("src/lib.rs"),
-        r#"use autodeploy_sdk::abi_stable::std_types::{RResult, RStr, RString};
+        r#"use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use autodeploy_sdk::ffi::{
-    attention_backend_box, AttentionBackend, AttentionBackendBox, AttentionCall, GraphRef, PluginDecl, StepInfo,
-    Transform,
+    attention_backend_box, AttentionBackend, AttentionBackendBox, AttentionCall, CudaLauncherRef, DeviceTensorView,
+    Dim3, GraphRef, KernelArg, PluginDecl, StepInfo, TensorView, Transform,
 };
+/// `sloppy.copy`: meant to copy its input, writes only the first half (CPU and CUDA alike).
+extern "C" fn sloppy_cpu(ins: RSlice<'_, TensorView<'_>>, _: RStr<'_>, mut out: RSliceMut<'_, f32>) -> RResult<(), RString> {
+    let n = out.len() / 2;
+    out[..n].copy_from_slice(&ins[0].data[..n]);
+    RResult::ROk(())
+}
+const SLOPPY_CU: &str = "extern \"C\" __global__ void sloppy_copy(const float* x, float* y, long long n) {\n\
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n\
+    if (i < n / 2) y[i] = x[i];\n}\n";
+extern "C" fn sloppy_cuda(
+    ins: RSlice<'_, DeviceTensorView<'_>>,
+    out: DeviceTensorView<'_>,
+    _: RStr<'_>,
+    mut gpu: CudaLauncherRef<'_>,
+) -> RResult<(), RString> {
+    let n = out.shape.iter().product::<usize>();
+    let args = [KernelArg::ptr(ins[0].ptr), KernelArg::ptr(out.ptr), KernelArg::i64(n as i64)];
+    let grid = Dim3 { x: (n.div_ceil(256)).max(1) as u32, y: 1, z: 1 };
+    gpu.launch(SLOPPY_CU.into(), "sloppy_copy".into(), grid, Dim3 { x: 256, y: 1, z: 1 }, 0, args.as_slice().into())
+}
+/// Puts `sloppy.copy` after the first norm.
+struct InsertSloppy;
+impl Transform for InsertSloppy {
+    fn apply(&self, mut graph: GraphRef<'_>, _: RStr<'_>) -> RResult<RString, RString> {
+        let Some(&i) = graph.find_nodes("torch_rmsnorm".into()).first() else { return RResult::RErr("no norm".into()) };
+        let ROption::RSome(n) = graph.node(i) else { return RResult::RErr("no node".into()) };
+        let v = n.outputs[0];
+        match graph.insert_after(v, "sloppy".into(), "sloppy.copy".into(), [v][..].into(), "".into()) {
+            RResult::ROk(_) => RResult::ROk("inserted sloppy.copy".into()),
+            RResult::RErr(e) => RResult::RErr(e),
+        }
+    }
+}
 struct Buggy;
 struct BuggyAttention;
 impl AttentionBackend for BuggyAttention {
@@ -371,6 +404,9 @@ fn plugins() -> Vec<PluginDecl> {
             .disabled_by_default(),
         PluginDecl::attention_backend("buggy_attention", "0.1.0", new_buggy_attention),
         PluginDecl::attention_backend("half_attention", "0.1.0", new_half_attention),
+        PluginDecl::op_with_cuda("sloppy.copy", "0.1.0", 1, 0, sloppy_cpu, sloppy_cuda),
+        PluginDecl::transform("insert_sloppy", "0.1.0", autodeploy_sdk::Stage::PostLoadFusion, &[], InsertSloppy)
+            .disabled_by_default(),
         PluginDecl::attention_backend("nan_attention", "0.1.0", new_nan_attention),
     ]
 }
@@ -417,6 +453,17 @@ fn a_panicking_plugin_fails_what_it_was_doing_with_its_message() {
             "{backend} with debug_checks: {out}\n{err}"
         );
     }
+    // An op whose kernel leaves half its output unwritten, on the CPU: caught the same way.
+    let sloppy = format!("{cfg}[transforms.insert_sloppy]\nenabled = true\n");
+    let (_, out, err) = host(&dir, &sloppy, &[]);
+    assert!(out.contains("[0] output"), "without debug_checks: {out}\n{err}");
+    let (_, out, err) = host(&dir, &format!("debug_checks = true\n{sloppy}"), &[]);
+    assert!(
+        out.contains("[0] error:")
+            && out.contains(&format!("debug_checks: op `sloppy.copy` ({}) at node `sloppy`", lib.display()))
+            && out.contains("outputs unwritten"),
+        "op with debug_checks: {out}\n{err}"
+    );
     // A transform that panics fails the build.
     let cfg = format!("{cfg}[transforms.buggy]\nenabled = true\n");
     for args in [&["graph", "--stage", "post_load_fusion"][..], &[]] {
@@ -723,5 +770,31 @@ fn a_bare_library_name_is_the_file_beside_the_registry() {
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && stdout.contains("[0] output"), "from {}: {stdout}{stderr}", cwd.display());
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `debug_checks` on CUDA: a plugin op's CUDA kernel that leaves half its output unwritten fails
+/// the step naming the op and its library (outputs marked before the launch, read back after).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn debug_checks_catch_a_plugin_op_on_cuda() {
+    autodeploy_kernels::cuda::probe(0).unwrap_or_else(|why| panic!("no usable GPU: {why}"));
+    let lib = panicking_plugin();
+    let dir = scratch("plugin-debug-cuda");
+    write_registry(&dir, &[&lib]);
+    let cfg = format!(
+        "model = {:?}\ndevice = \"cuda\"\ndtype = \"float32\"\nattn_backend = \"flashinfer\"\nmax_new_tokens = 2\n[[prompts]]\ntoken_ids = [1, 2]\n\
+         [transforms.insert_sloppy]\nenabled = true\n",
+        root().join("tests/fixtures/llama").display().to_string()
+    );
+    let (_, out, err) = host(&dir, &cfg, &[]);
+    assert!(out.contains("[0] output"), "without debug_checks: {out}\n{err}");
+    let (_, out, err) = host(&dir, &format!("debug_checks = true\n{cfg}"), &[]);
+    assert!(
+        out.contains("[0] error:")
+            && out.contains(&format!("debug_checks: op `sloppy.copy` ({}) at node `sloppy`", lib.display()))
+            && out.contains("outputs unwritten"),
+        "{out}\n{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

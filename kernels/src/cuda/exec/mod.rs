@@ -494,6 +494,21 @@ impl Gpu {
             .map_err(|e| Unavailable(format!("copying {} bytes from the GPU: {e:?}", out.len())))
     }
 
+    /// `n` elements of `elem` bytes (2 or 4) at `dst`, each the bit pattern `bits` (its low
+    /// `8 * elem` bits): the debug checks' mark for values an op never wrote.
+    pub fn memset_bits(&self, dst: Ptr, elem: usize, bits: u32, n: usize) -> Result<(), Unavailable> {
+        let stream = self.stream.cu_stream();
+        // SAFETY: `dst` holds `n` elements of `elem` bytes (callers pass their own buffers).
+        let r = unsafe {
+            match elem {
+                4 => drv_sys::cuMemsetD32Async(dst, bits, n, stream),
+                2 => drv_sys::cuMemsetD16Async(dst, bits as u16, n, stream),
+                _ => return Err(Unavailable(format!("memset_bits: {elem}-byte elements"))),
+            }
+        };
+        r.result().map_err(|e| Unavailable(format!("marking {n} elements: {e:?}")))
+    }
+
     pub fn memset(&self, dst: Ptr, bytes: usize) -> Result<(), Unavailable> {
         // SAFETY: `dst` holds `bytes` (callers pass their own buffers).
         unsafe { drv::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }

@@ -40,6 +40,30 @@ pub struct Mode {
     pub graphs: bool,
 }
 
+/// Fills `n` values of `dtype` at `p` with the debug checks' mark for values never written.
+fn mark_unwritten(gpu: &Gpu, p: Ptr, dtype: DType, n: usize) -> Result<()> {
+    let bits = autodeploy_core::custom_op::UNWRITTEN.to_bits();
+    let (elem, pattern) = match dtype {
+        DType::F32 => (4, bits),
+        DType::BF16 => (2, bits >> 16),
+        DType::F16 => (2, half::f16::from_f32(autodeploy_core::custom_op::UNWRITTEN).to_bits() as u32),
+        d => return Err(Error::Msg(format!("debug_checks: no mark for {d} outputs"))),
+    };
+    gpu.memset_bits(p, elem, pattern, n).map_err(gpu_err)
+}
+
+/// `n` values of `dtype` at `p`, as f32 on the host (after the stream finishes).
+fn read_back(gpu: &Gpu, p: Ptr, dtype: DType, n: usize) -> Result<Vec<f32>> {
+    let mut bytes = vec![0u8; n * dtype.size_in_bytes()];
+    gpu.download(p, &mut bytes).map_err(gpu_err)?;
+    Ok(match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        d => return Err(Error::Msg(format!("debug_checks: cannot read {d} outputs"))),
+    })
+}
+
 fn gpu_err(e: Unavailable) -> Error {
     Error::Msg(e.0)
 }
@@ -169,6 +193,8 @@ pub struct CudaModel {
     /// `AUTODEPLOY_PROFILE`: time per op name (calls, total), printed when the model drops.
     profile_on: bool,
     profile: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>,
+    /// `debug_checks`: plugin ops' outputs are marked before and checked after each launch.
+    debug_checks: bool,
     /// `AUTODEPLOY_PROFILE_SKIP=op,op`: for timing only, nodes of these ops are not run (the
     /// outputs are wrong): how much a step's time drops without them is what they cost it.
     skip_ops: Vec<String>,
@@ -199,8 +225,14 @@ const FLAG_GATHER: u64 = 8;
 const IDS_AT: u64 = 64;
 
 impl CudaModel {
-    pub fn compile(graph: &Graph, opts: &CompileOptions, ordinal: usize, mode: Mode) -> Result<CudaModel> {
+    pub fn compile(graph: &Graph, opts: &CompileOptions, ordinal: usize, mut mode: Mode) -> Result<CudaModel> {
         graph.validate()?;
+        let debug_checks = opts.kernels.debug_checks;
+        if debug_checks && mode.graphs {
+            // The checks copy outputs back between kernels, which a captured graph cannot do.
+            tracing::info!("debug_checks: CUDA graphs off");
+            mode.graphs = false;
+        }
         for n in &graph.nodes {
             if let Some(why) = unsupported(&n.op) {
                 return Err(Error::Op {
@@ -511,6 +543,7 @@ impl CudaModel {
                 .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
                 .unwrap_or_default(),
             profile: Default::default(),
+            debug_checks,
         })
     }
 
@@ -1131,10 +1164,21 @@ impl CudaModel {
                     let ins = node.inputs.iter().map(|&v| device(v)).collect::<Result<Vec<_>>>()?;
                     let out_t = DeviceTensor { ptr: planned, shape: out_shape.clone(), dtype: g.meta(outv).dtype };
                     let mut launcher = SourceLauncher { gpu, what: format!("plugin op `{op_name}` ({})", c.origin) };
+                    let n_out: usize = out_shape.iter().product();
+                    if self.debug_checks {
+                        mark_unwritten(gpu, planned, g.meta(outv).dtype, n_out)?;
+                    }
                     cuda(&ins, &out_t, attrs, &mut launcher).map_err(|e| Error::Op {
                         op: op_name.to_string(),
                         msg: format!("node `{name}`: {e} (from {})", c.origin),
                     })?;
+                    if self.debug_checks {
+                        let vals = read_back(gpu, planned, g.meta(outv).dtype, n_out)?;
+                        autodeploy_core::custom_op::check_output(
+                            &format!("op `{op_name}` ({}) at node `{name}`", c.origin),
+                            &vals,
+                        )?;
+                    }
                 }
                 op => {
                     return Err(Error::Op {
