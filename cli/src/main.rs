@@ -557,6 +557,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
             "mode": mode, "isl": isl, "osl": osl, "batch": batch, "warmup": "one untimed pass (prefill + 1 decode step)",
             "repeats": format!("{repeats} timed runs; the median run's numbers, every run's decode step in decode_ms_per_step_runs"),
             "env": env,
+            "kernels": cfg.kernels,
         },
         "device": device,
         "build_ms": engine.build_time.as_secs_f64() * 1e3,

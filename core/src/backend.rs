@@ -94,6 +94,8 @@ pub struct CompileOptions {
     pub cuda_graph_batch_sizes: Vec<usize>,
     /// The attention backend's options, resolved (`registry::attention_backend_options`).
     pub attention_options: toml::Table,
+    /// `[kernels]`: the CUDA executor's kernel choices.
+    pub cuda_kernels: autodeploy_kernels::cuda::exec::KernelSettings,
 }
 
 impl CompileOptions {
@@ -116,6 +118,7 @@ impl CompileOptions {
             cuda_graph_batch_sizes: cfg.cuda_graph_batch_sizes(),
             // Checked when the config was validated; an error here surfaces when the backend is made.
             attention_options: crate::registry::attention_backend_options(cfg, &cfg.attn_backend).unwrap_or_default(),
+            cuda_kernels: cfg.kernels.clone(),
         }
     }
 }

@@ -114,6 +114,10 @@ pub struct PipelineConfig {
     /// (the ones it declares; `autodeploy plugins` lists them).
     #[serde(default)]
     pub attention_backends: BTreeMap<String, toml::Table>,
+    /// `[kernels]`: the CUDA executor's kernel choices (experiment knobs with measured
+    /// defaults; docs/developing.md lists them).
+    #[serde(default)]
+    pub kernels: autodeploy_kernels::cuda::exec::KernelSettings,
     /// The folder of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -392,6 +396,7 @@ impl PipelineConfig {
             }
         }
         crate::transform::check_config(&self.transforms).map_err(|(key, msg)| Error::config(path, key, msg))?;
+        self.kernels.check().map_err(|(key, msg)| Error::config(path, key, msg))?;
         // Each table names a known backend and sets only options it declares.
         for (name, table) in &self.attention_backends {
             let key = format!("attention_backends.{name}");

@@ -211,6 +211,11 @@ fn bad_transform_settings_name_the_key() {
     check("[transforms.fuse_gemm]\nenabled = false\n", &["transforms.fuse_gemm", "unknown transform", "fuse_gemms"]);
     check("max_new_tokens = 0\n", &["max_new_tokens"]);
     check("top_p = 0.0\n", &["top_p", "(0, 1]"]);
+    // The CUDA kernel settings and attention backends' options, by key.
+    check("[kernels]\ngemv_split = 3\n", &["pipeline.toml", "kernels.gemv_split", "not one of [1, 2, 4]"]);
+    check("[kernels]\nattn_positions_per_pass = 16\n", &["kernels.attn_positions_per_pass", "[4, 8]"]);
+    check("[attention_backends.torch]\nsplits = 2\n", &["attention_backends.torch.splits", "it takes none"]);
+    check("[attention_backends.nope]\nx = 1\n", &["attention_backends.nope", "nope"]);
     check("max_seq_len = 4\n[[prompts]]\ntoken_ids = [1, 2, 3, 4, 5]\n", &["prompts[0].token_ids", "max_seq_len = 4"]);
 }
 

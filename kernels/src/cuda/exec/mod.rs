@@ -10,7 +10,10 @@ use cudarc::driver::{result as drv, sys as drv_sys, CudaSlice, CudaStream, Devic
 use super::{Device, Kernel, Unavailable};
 
 mod attention;
+mod settings;
+
 pub use attention::{heads_a_block, plan_tiles, tile_slots, HeadRows, Split, StepMeta, HEAD_DIMS, PREFILL_TC_DIMS};
+pub use settings::KernelSettings;
 
 /// A device address.
 pub type Ptr = u64;
@@ -165,7 +168,7 @@ pub struct Gpu {
     blas: cudarc::cublas::CudaBlas,
     _blas_workspace: CudaSlice<u8>,
     f: Funcs,
-    /// Launch with programmatic stream serialization (sm_90+, unless `AUTODEPLOY_PDL=0`): a
+    /// Launch with programmatic stream serialization (sm_90+, unless `[kernels] pdl = false`): a
     /// kernel may start while the one before it drains; every executor kernel begins with
     /// `pdl_enter()` (common.cuh), which waits for its predecessors before touching memory.
     pub pdl: bool,
@@ -301,7 +304,14 @@ impl Buffer {
 }
 
 impl Gpu {
+    /// GPU `ordinal` with the default kernel settings (and any `AUTODEPLOY_*` override).
     pub fn open(ordinal: usize) -> Result<Gpu, Unavailable> {
+        Gpu::open_with(ordinal, &KernelSettings::default())
+    }
+
+    /// GPU `ordinal` with `settings` (a config's `[kernels]`), `AUTODEPLOY_*` overrides applied.
+    pub fn open_with(ordinal: usize, settings: &KernelSettings) -> Result<Gpu, Unavailable> {
+        let k = settings.with_env_overrides();
         let dev = Device::open(ordinal)?;
         // One stream and addresses we plan ourselves: cudarc's per-buffer events would only
         // add work (and would be recorded into captured graphs).
@@ -366,25 +376,13 @@ impl Gpu {
             rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
             slot_attention: by_dims("slot_attention")?,
         };
-        let pdl = dev.cc.0 >= 9 && std::env::var("AUTODEPLOY_PDL").map_or(true, |v| v != "0");
-        let prefetch_row =
-            std::env::var("AUTODEPLOY_PREFETCH_ROW").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1024);
-        let prefill_tc = dev.cc.0 >= 8 && std::env::var("AUTODEPLOY_PREFILL_TC").map_or(true, |v| v != "0");
+        let pdl = dev.cc.0 >= 9 && k.pdl;
+        let prefetch_row = k.prefetch_row;
+        let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
         let source_kernels = Default::default();
-        let gemv_split = match std::env::var("AUTODEPLOY_GEMV_SPLIT").as_deref() {
-            Ok("1") => 1,
-            Ok("4") => 4,
-            _ => 2,
-        };
-        let swiglu_split = match std::env::var("AUTODEPLOY_SWIGLU_SPLIT").as_deref() {
-            Ok("1") => 1,
-            Ok("2") => 2,
-            _ => 4,
-        };
-        let attn_early_u = if std::env::var("AUTODEPLOY_ATTN_U").is_ok_and(|v| v == "8") { 8 } else { 4 };
-        let attn_early_u = std::sync::atomic::AtomicUsize::new(attn_early_u);
-        let attn_group =
-            std::sync::atomic::AtomicBool::new(std::env::var("AUTODEPLOY_ATTN_GROUP").map_or(true, |v| v != "0"));
+        let (gemv_split, swiglu_split) = (k.gemv_split, k.swiglu_split);
+        let attn_early_u = std::sync::atomic::AtomicUsize::new(k.attn_positions_per_pass);
+        let attn_group = std::sync::atomic::AtomicBool::new(k.attn_group_heads);
         Ok(Gpu {
             dev,
             stream,

@@ -251,7 +251,7 @@ impl CudaModel {
                 }
             }
         }
-        let gpu = Gpu::open(ordinal).map_err(gpu_err)?;
+        let gpu = Gpu::open_with(ordinal, &opts.cuda_kernels).map_err(gpu_err)?;
         tracing::info!(gpu = %gpu.dev.name, "compiling for CUDA");
 
         // The largest shapes: every symbol at the top of its range.

@@ -1,0 +1,129 @@
+//! The CUDA executor's kernel choices: the `[kernels]` section of a pipeline config, read once
+//! when the GPU is opened. Each has an `AUTODEPLOY_*` variable that overrides it, for
+//! experiments (docs/developing.md lists them with what each was measured to do).
+
+use serde::{Deserialize, Serialize};
+
+/// Kernel choices for the CUDA executor; the defaults are what measured fastest on an H200
+/// (BENCHMARKS.md). Unknown keys and values outside each field's set are refused by name.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelSettings {
+    /// Programmatic dependent launch on sm_90+: a kernel may start while the one before it
+    /// drains (`AUTODEPLOY_PDL=0` turns it off).
+    pub pdl: bool,
+    /// Bytes of each weight row the decode GEMVs ask L2 for ahead (`AUTODEPLOY_PREFETCH_ROW`).
+    pub prefetch_row: usize,
+    /// Prefill attention on tensor cores where it applies (`AUTODEPLOY_PREFILL_TC=0`: CUDA cores).
+    pub prefill_tensor_cores: bool,
+    /// Warps a weight row in the one-row decode GEMV: 1, 2 or 4 (`AUTODEPLOY_GEMV_SPLIT`).
+    pub gemv_split: usize,
+    /// Warps an output in the fused gate/up + SwiGLU GEMV: 1, 2 or 4 (`AUTODEPLOY_SWIGLU_SPLIT`).
+    pub swiglu_split: usize,
+    /// Positions a warp takes a pass in the split-KV decode's latency build: 4 or 8
+    /// (`AUTODEPLOY_ATTN_U`).
+    pub attn_positions_per_pass: usize,
+    /// The split-KV decode's throughput build takes a GQA group's query heads together
+    /// (`AUTODEPLOY_ATTN_GROUP=0`: one head a block).
+    pub attn_group_heads: bool,
+}
+
+impl Default for KernelSettings {
+    fn default() -> Self {
+        KernelSettings {
+            pdl: true,
+            prefetch_row: 1024,
+            prefill_tensor_cores: true,
+            gemv_split: 2,
+            swiglu_split: 4,
+            attn_positions_per_pass: 4,
+            attn_group_heads: true,
+        }
+    }
+}
+
+/// Each setting, its environment override, and the values it takes.
+const ENV: [(&str, &str); 7] = [
+    ("pdl", "AUTODEPLOY_PDL"),
+    ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
+    ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
+    ("gemv_split", "AUTODEPLOY_GEMV_SPLIT"),
+    ("swiglu_split", "AUTODEPLOY_SWIGLU_SPLIT"),
+    ("attn_positions_per_pass", "AUTODEPLOY_ATTN_U"),
+    ("attn_group_heads", "AUTODEPLOY_ATTN_GROUP"),
+];
+
+impl KernelSettings {
+    /// Checks each value against its set; the error names the key (`kernels.gemv_split`).
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let one_of = |key: &str, v: usize, set: &[usize]| {
+            if set.contains(&v) {
+                Ok(())
+            } else {
+                Err((format!("kernels.{key}"), format!("{v} is not one of {set:?}")))
+            }
+        };
+        one_of("gemv_split", self.gemv_split, &[1, 2, 4])?;
+        one_of("swiglu_split", self.swiglu_split, &[1, 2, 4])?;
+        one_of("attn_positions_per_pass", self.attn_positions_per_pass, &[4, 8])?;
+        if self.prefetch_row > 1 << 16 {
+            return Err(("kernels.prefetch_row".into(), format!("{} bytes; at most 65536", self.prefetch_row)));
+        }
+        Ok(())
+    }
+
+    /// These settings with any `AUTODEPLOY_*` override applied (each one logged): experiments
+    /// change a knob without editing the config. A value an override cannot take is ignored
+    /// with a warning.
+    pub fn with_env_overrides(&self) -> KernelSettings {
+        self.with_overrides(|k| std::env::var(k).ok())
+    }
+
+    fn with_overrides(&self, var: impl Fn(&str) -> Option<String>) -> KernelSettings {
+        let mut s = self.clone();
+        for (key, env) in ENV {
+            let Some(v) = var(env) else { continue };
+            let flag = v != "0";
+            let num = v.parse::<usize>().ok();
+            let ok = match key {
+                "pdl" => Some(s.pdl = flag),
+                "prefill_tensor_cores" => Some(s.prefill_tensor_cores = flag),
+                "attn_group_heads" => Some(s.attn_group_heads = flag),
+                "prefetch_row" => num.map(|n| s.prefetch_row = n),
+                "gemv_split" => num.filter(|n| [1, 2, 4].contains(n)).map(|n| s.gemv_split = n),
+                "swiglu_split" => num.filter(|n| [1, 2, 4].contains(n)).map(|n| s.swiglu_split = n),
+                _ => num.filter(|n| [4, 8].contains(n)).map(|n| s.attn_positions_per_pass = n),
+            };
+            match ok {
+                Some(()) => tracing::warn!("{env}={v} overrides [kernels] {key}"),
+                None => tracing::warn!("{env}={v} ignored: not a value [kernels] {key} takes"),
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_check_and_overrides_apply() {
+        let d = KernelSettings::default();
+        assert!(d.check().is_ok());
+        let bad = KernelSettings { gemv_split: 3, ..d.clone() };
+        assert_eq!(bad.check().unwrap_err().0, "kernels.gemv_split");
+        let env = |k: &str| match k {
+            "AUTODEPLOY_PDL" => Some("0".to_string()),
+            "AUTODEPLOY_GEMV_SPLIT" => Some("4".to_string()),
+            "AUTODEPLOY_SWIGLU_SPLIT" => Some("3".to_string()), // not a value it takes: ignored
+            _ => None,
+        };
+        let s = d.with_overrides(env);
+        assert_eq!((s.pdl, s.gemv_split, s.swiglu_split, s.prefetch_row), (false, 4, 4, 1024));
+        // From TOML, by the names the config uses; unknown keys are refused.
+        let t: KernelSettings = toml::from_str("gemv_split = 1\nattn_group_heads = false").unwrap();
+        assert_eq!((t.gemv_split, t.attn_group_heads, t.swiglu_split), (1, false, 4));
+        assert!(toml::from_str::<KernelSettings>("gemv_splt = 1").unwrap_err().to_string().contains("gemv_splt"));
+    }
+}
