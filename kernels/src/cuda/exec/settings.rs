@@ -85,18 +85,29 @@ impl KernelSettings {
             let Some(v) = var(env) else { continue };
             let flag = v != "0";
             let num = v.parse::<usize>().ok();
+            let split = num.filter(|n| [1, 2, 4].contains(n));
             let ok = match key {
-                "pdl" => Some(s.pdl = flag),
-                "prefill_tensor_cores" => Some(s.prefill_tensor_cores = flag),
-                "attn_group_heads" => Some(s.attn_group_heads = flag),
-                "prefetch_row" => num.map(|n| s.prefetch_row = n),
-                "gemv_split" => num.filter(|n| [1, 2, 4].contains(n)).map(|n| s.gemv_split = n),
-                "swiglu_split" => num.filter(|n| [1, 2, 4].contains(n)).map(|n| s.swiglu_split = n),
-                _ => num.filter(|n| [4, 8].contains(n)).map(|n| s.attn_positions_per_pass = n),
+                "pdl" => {
+                    s.pdl = flag;
+                    true
+                }
+                "prefill_tensor_cores" => {
+                    s.prefill_tensor_cores = flag;
+                    true
+                }
+                "attn_group_heads" => {
+                    s.attn_group_heads = flag;
+                    true
+                }
+                "prefetch_row" => num.map(|n| s.prefetch_row = n).is_some(),
+                "gemv_split" => split.map(|n| s.gemv_split = n).is_some(),
+                "swiglu_split" => split.map(|n| s.swiglu_split = n).is_some(),
+                _ => num.filter(|n| [4, 8].contains(n)).map(|n| s.attn_positions_per_pass = n).is_some(),
             };
-            match ok {
-                Some(()) => tracing::warn!("{env}={v} overrides [kernels] {key}"),
-                None => tracing::warn!("{env}={v} ignored: not a value [kernels] {key} takes"),
+            if ok {
+                tracing::warn!("{env}={v} overrides [kernels] {key}");
+            } else {
+                tracing::warn!("{env}={v} ignored: not a value [kernels] {key} takes");
             }
         }
         s
