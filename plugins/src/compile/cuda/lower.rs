@@ -1,0 +1,582 @@
+//! Op lowering: every node of the graph as the kernels it launches on the step's stream, at the
+//! addresses the plan gave it (`enqueue`), and the helpers only lowering uses.
+
+use super::*;
+
+/// Fills `n` values of `dtype` at `p` with the debug checks' mark for values never written.
+pub(super) fn mark_unwritten(gpu: &Gpu, p: Ptr, dtype: DType, n: usize) -> Result<()> {
+    let bits = autodeploy_core::custom_op::UNWRITTEN.to_bits();
+    let (elem, pattern) = match dtype {
+        DType::F32 => (4, bits),
+        DType::BF16 => (2, bits >> 16),
+        DType::F16 => (2, half::f16::from_f32(autodeploy_core::custom_op::UNWRITTEN).to_bits() as u32),
+        d => return Err(Error::Msg(format!("debug_checks: no mark for {d} outputs"))),
+    };
+    gpu.memset_bits(p, elem, pattern, n).map_err(gpu_err)
+}
+
+/// `n` values of `dtype` at `p`, as f32 on the host (after the stream finishes).
+pub(super) fn read_back(gpu: &Gpu, p: Ptr, dtype: DType, n: usize) -> Result<Vec<f32>> {
+    let mut bytes = vec![0u8; n * dtype.size_in_bytes()];
+    gpu.download(p, &mut bytes).map_err(gpu_err)?;
+    Ok(match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        d => return Err(Error::Msg(format!("debug_checks: cannot read {d} outputs"))),
+    })
+}
+
+/// A strided view (`src` read through `strides`, shape `xs`) copied to contiguous memory at `to`.
+pub(super) fn copy_contiguous(
+    gpu: &Gpu,
+    src: Ptr,
+    d: Dt,
+    xs: &[usize],
+    strides: &[i64],
+    to: Ptr,
+) -> std::result::Result<(), Unavailable> {
+    let s = Strided::new(xs, strides, &vec![0; xs.len()])?;
+    gpu.copy_strided(src, d, to, d, xs.iter().product(), s, false)
+}
+
+/// A plugin op's CUDA implementation launching on the executor's GPU.
+pub(super) struct SourceLauncher<'a> {
+    gpu: &'a Gpu,
+    what: String,
+}
+
+impl KernelLauncher for SourceLauncher<'_> {
+    fn launch(
+        &mut self,
+        source: &str,
+        entry: &str,
+        dims: LaunchDims,
+        args: &[KernelArg],
+    ) -> std::result::Result<(), String> {
+        self.gpu.launch_source(&self.what, source, entry, dims, args).map_err(|e| e.0)
+    }
+}
+
+/// A linear layer: the decode GEMV for one row of bf16 activations (measured on an H200 with
+/// kernels/examples/exec_bench: faster than cuBLAS there, except for a very wide, shallow
+/// matrix such as a small model's LM head), else cuBLAS.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear(
+    gpu: &Gpu,
+    d: Dt,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: Ptr,
+    w: Ptr,
+    y: Ptr,
+    acc: bool,
+) -> std::result::Result<(), Unavailable> {
+    if m == 1 && (k >= 2048 || n <= 32768) && gpu.gemv(d, m, n, k, x, w, y, acc)? {
+        return Ok(());
+    }
+    gpu.linear(d, m, n, k, x, w, y, acc)
+}
+
+impl CudaModel {
+    /// Queues every node's kernels for inputs of these shapes (nothing is read back).
+    pub(super) fn enqueue(&self, bind: &Bindings, staged: &Staged, capturing: bool) -> Result<(Ptr, Vec<usize>)> {
+        let g = &self.graph;
+        let gpu = &self.gpu;
+        let mut ptr: Vec<Ptr> = vec![0; g.values.len()];
+        // Strided views: a view op's output is its input's memory read through `lay` strides
+        // (None: contiguous), copied to `home` (the view op's planned memory) by the first node
+        // that reads it as contiguous memory.
+        let mut lay: Vec<Option<Vec<i64>>> = vec![None; g.values.len()];
+        let mut home: Vec<Ptr> = vec![0; g.values.len()];
+        for (&v, &p) in g.inputs.iter().zip(&staged.input_ptrs) {
+            ptr[v.0 as usize] = p;
+        }
+        for (&v, &p) in &self.param_ptr {
+            ptr[v] = p;
+        }
+        gpu.memset(self.flags.ptr, 64).map_err(gpu_err)?;
+        let shape_of = |v: autodeploy_core::ValueId| eval_shape(&g.meta(v).shape, bind);
+        let dt_of = |v: autodeploy_core::ValueId| dt(g.meta(v).dtype, &g.value(v).name);
+        let base = self.arena.ptr;
+        // Per-op times (synchronising after every node) when profiling and not capturing.
+        let profiling = self.profile_on && !capturing;
+        for (i, node) in g.nodes.iter().enumerate() {
+            if self.deferred_to[i].is_some() {
+                continue;
+            }
+            if !self.skip_ops.is_empty() && self.skip_ops.iter().any(|s| s == node.op.name()) {
+                // Timing only: the node (and what was deferred into it) is not run; its output
+                // is whatever its planned memory holds.
+                for j in (0..i).filter(|&j| self.deferred_to[j] == Some(i)).chain([i]) {
+                    ptr[g.nodes[j].outputs[0].0 as usize] = base + self.plan[j].out as u64;
+                }
+                continue;
+            }
+            let outv = node.outputs[0];
+            let name = &g.value(outv).name;
+            let out_shape = shape_of(outv)?;
+            let odt = dt_of(outv)?;
+            let n_out: usize = out_shape.iter().product();
+            let planned = base + self.plan[i].out as u64;
+            // What may stay strided: a view op's input; the q, k (through their deferred RoPEs)
+            // and v of a cached attention whose RoPE + KV write kernel reads them in place.
+            let attn_strided = matches!(node.op, Op::CachedAttention { .. }) && self.attn_reads_strided(i, staged);
+            let strided_ok = |v: autodeploy_core::ValueId| match &node.op {
+                Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) | Op::Transpose(..) | Op::Slice { .. } => true,
+                Op::ToDtype(_) => g.meta(v).dtype == g.meta(outv).dtype,
+                Op::CachedAttention { .. } if attn_strided => {
+                    v == node.inputs[2] || self.deferred_into[i].iter().any(|&r| g.nodes[r].inputs[0] == v)
+                }
+                _ => false,
+            };
+            let reads = node.inputs.iter().chain(self.deferred_into[i].iter().flat_map(|&r| &g.nodes[r].inputs));
+            for &v in reads {
+                let vi = v.0 as usize;
+                if lay[vi].is_none() || strided_ok(v) {
+                    continue;
+                }
+                let (xs, xdt) = (shape_of(v)?, dt_of(v)?);
+                let st = lay[vi].take().unwrap_or_default();
+                let to = home[vi];
+                if to == 0 {
+                    return Err(Error::Op {
+                        op: node.op.name().into(),
+                        msg: format!(
+                            "node `{name}`: input `{}` is strided with no memory to copy it to",
+                            g.value(v).name
+                        ),
+                    });
+                }
+                copy_contiguous(gpu, ptr[vi], xdt, &xs, &st, to).map_err(|e| Error::Op {
+                    op: node.op.name().into(),
+                    msg: format!("node `{name}`: copying input `{}` to contiguous memory: {}", g.value(v).name, e.0),
+                })?;
+                ptr[vi] = to;
+            }
+            let mut out_lay: Option<Vec<i64>> = None;
+            let scratch = |k: usize| base + self.plan[i].scratch[k] as u64;
+            let inp = |k: usize| ptr[node.inputs[k].0 as usize];
+            let in_lay = |k: usize| lay[node.inputs[k].0 as usize].as_deref();
+            let in_shape = |k: usize| shape_of(node.inputs[k]);
+            let in_dt = |k: usize| dt_of(node.inputs[k]);
+            let fail = |e: Unavailable| Error::Op { op: node.op.name().into(), msg: format!("node `{name}`: {}", e.0) };
+            let mut out = planned;
+            let mut also: Option<(usize, Ptr)> = None;
+            let t0 = profiling.then(std::time::Instant::now);
+            match &node.op {
+                Op::Embedding => {
+                    let ws = in_shape(0)?;
+                    let row_bytes = ws[1] * in_dt(0)?.size();
+                    gpu.embedding(
+                        inp(0),
+                        inp(1),
+                        planned,
+                        n_out / ws[1].max(1),
+                        row_bytes,
+                        ws[0],
+                        self.flags.ptr + FLAG_EMBEDDING,
+                    )
+                    .map_err(fail)?;
+                }
+                Op::Linear => {
+                    let ws = in_shape(1)?;
+                    let (nn, k) = (ws[0], ws[1]);
+                    let m = n_out / nn.max(1);
+                    let wdt = in_dt(1)?;
+                    if in_dt(0)? != wdt || odt != wdt {
+                        return Err(fail(Unavailable(format!(
+                            "x, weight and output dtypes differ ({:?}, {wdt:?}, {odt:?})",
+                            in_dt(0)?
+                        ))));
+                    }
+                    if node.inputs.len() > 2 {
+                        // y starts as the bias on every row; the GEMM adds x·wᵀ in f32 and rounds once.
+                        let s = Strided::new(&[m, nn], &[0, 1], &[0, 0]).map_err(fail)?;
+                        gpu.copy_strided(inp(2), in_dt(2)?, planned, odt, m * nn, s, false).map_err(fail)?;
+                    }
+                    linear(gpu, odt, m, nn, k, inp(0), inp(1), planned, node.inputs.len() > 2).map_err(fail)?;
+                }
+                Op::Add | Op::Sub | Op::Mul | Op::Div => {
+                    let op = match node.op {
+                        Op::Add => Binary::Add,
+                        Op::Sub => Binary::Sub,
+                        Op::Mul => Binary::Mul,
+                        _ => Binary::Div,
+                    };
+                    let (a, b) = (in_shape(0)?, in_shape(1)?);
+                    let s = Strided::new(
+                        &out_shape,
+                        &broadcast_strides(&a, &out_shape),
+                        &broadcast_strides(&b, &out_shape),
+                    )
+                    .map_err(fail)?;
+                    gpu.binary(op, (inp(0), in_dt(0)?), (inp(1), in_dt(1)?), (planned, odt), n_out, s).map_err(fail)?;
+                }
+                Op::AddScalar(s) | Op::MulScalar(s) | Op::PowScalar(s) => {
+                    let op = match node.op {
+                        Op::AddScalar(_) => Unary::AddScalar,
+                        Op::MulScalar(_) => Unary::MulScalar,
+                        _ => Unary::PowScalar,
+                    };
+                    gpu.unary(op, inp(0), planned, odt, n_out, *s).map_err(fail)?;
+                }
+                Op::Neg | Op::Rsqrt | Op::Silu | Op::Cos | Op::Sin => {
+                    let op = match node.op {
+                        Op::Neg => Unary::Neg,
+                        Op::Rsqrt => Unary::Rsqrt,
+                        Op::Silu => Unary::Silu,
+                        Op::Cos => Unary::Cos,
+                        _ => Unary::Sin,
+                    };
+                    gpu.unary(op, inp(0), planned, odt, n_out, 0.0).map_err(fail)?;
+                }
+                Op::Mean { .. } => {
+                    let xs = in_shape(0)?;
+                    let last = *xs.last().unwrap_or(&1);
+                    gpu.mean_last(inp(0), in_dt(0)?, planned, odt, n_out, last).map_err(fail)?;
+                }
+                Op::ToDtype(_) => {
+                    if in_dt(0)? == odt {
+                        out = inp(0);
+                        out_lay = in_lay(0).map(<[i64]>::to_vec);
+                    } else {
+                        let s = Strided::new(&[n_out], &[1], &[0]).map_err(fail)?;
+                        gpu.copy_strided(inp(0), in_dt(0)?, planned, odt, n_out, s, false).map_err(fail)?;
+                    }
+                }
+                Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => {
+                    out = inp(0);
+                    if let Some(st) = in_lay(0) {
+                        let xs = in_shape(0)?;
+                        match view_strides(&xs, st, &out_shape) {
+                            Some(os) => out_lay = (!is_contiguous(&out_shape, &os)).then_some(os),
+                            None => {
+                                // No strides say it: the input copied here, contiguous.
+                                copy_contiguous(gpu, inp(0), odt, &xs, st, planned).map_err(fail)?;
+                                out = planned;
+                            }
+                        }
+                    }
+                }
+                Op::Expand(_) => {
+                    let xs = in_shape(0)?;
+                    let s = Strided::new(&out_shape, &broadcast_strides(&xs, &out_shape), &vec![0; out_shape.len()])
+                        .map_err(fail)?;
+                    gpu.copy_strided(inp(0), in_dt(0)?, planned, odt, n_out, s, false).map_err(fail)?;
+                }
+                Op::Transpose(a, b) => {
+                    let xs = in_shape(0)?;
+                    let (a, b) = (norm_dim(*a, xs.len()), norm_dim(*b, xs.len()));
+                    let mut st = in_lay(0).map_or_else(|| contiguous_strides(&xs), <[i64]>::to_vec);
+                    st.swap(a, b);
+                    out = inp(0);
+                    out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
+                }
+                Op::Slice { dim, start, step, .. } => {
+                    let xs = in_shape(0)?;
+                    let d = norm_dim(*dim, xs.len());
+                    let s0 =
+                        if *start < 0 { (*start + xs[d] as i64).max(0) } else { (*start).min(xs[d] as i64) } as usize;
+                    let mut st = in_lay(0).map_or_else(|| contiguous_strides(&xs), <[i64]>::to_vec);
+                    let off = s0 as i64 * st[d];
+                    st[d] *= *step;
+                    out = inp(0) + (off * odt.size() as i64) as u64;
+                    out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
+                }
+                Op::Cat { dim } => {
+                    let d = norm_dim(*dim, out_shape.len());
+                    let ost = contiguous_strides(&out_shape);
+                    let mut at = 0usize;
+                    for k in 0..node.inputs.len() {
+                        let xs = in_shape(k)?;
+                        let s = Strided::new(&xs, &contiguous_strides(&xs), &ost).map_err(fail)?;
+                        let dst = planned + (at as i64 * ost[d]) as u64 * odt.size() as u64;
+                        gpu.copy_strided(inp(k), in_dt(k)?, dst, odt, xs.iter().product(), s, true).map_err(fail)?;
+                        at += xs[d];
+                    }
+                }
+                Op::RmsNorm { eps, norm_dtype } => {
+                    let xs = in_shape(0)?;
+                    let last = *xs.last().unwrap_or(&1);
+                    let norm_dt = dt(*norm_dtype, name)?;
+                    let (x, residual) = if i > 0 && self.deferred_to[i - 1] == Some(i) {
+                        let add = &g.nodes[i - 1];
+                        let res_out = base + self.plan[i - 1].out as u64;
+                        also = Some((add.outputs[0].0 as usize, res_out));
+                        (ptr[add.inputs[0].0 as usize], Some((ptr[add.inputs[1].0 as usize], res_out)))
+                    } else {
+                        (inp(0), None)
+                    };
+                    gpu.rmsnorm(
+                        (x, in_dt(0)?),
+                        residual,
+                        (inp(1), in_dt(1)?),
+                        (planned, odt),
+                        norm_dt,
+                        n_out / last.max(1),
+                        last,
+                        *eps as f32,
+                    )
+                    .map_err(fail)?;
+                }
+                Op::Rope { .. } => {
+                    let xs = in_shape(0)?;
+                    let (cs, ss) = (in_shape(1)?, in_shape(2)?);
+                    let d = *xs.last().unwrap_or(&1);
+                    let t = if xs.len() >= 2 { xs[xs.len() - 2] } else { 1 };
+                    let table = |s: &[usize]| {
+                        s.len() >= 2 && s[s.len() - 2..] == [t, d] && s[..s.len() - 2].iter().all(|&n| n == 1)
+                    };
+                    if !table(&cs) || !table(&ss) || in_dt(1)? != odt || in_dt(2)? != odt || d % 2 != 0 {
+                        return Err(fail(Unavailable(format!(
+                            "cos/sin of shapes {cs:?}/{ss:?} are not one [tokens, head_dim] table for x {xs:?}"
+                        ))));
+                    }
+                    gpu.rope(inp(0), odt, inp(1), inp(2), planned, n_out / d, t, d).map_err(fail)?;
+                }
+                Op::SwiGluMlp { fused } => {
+                    let xs = in_shape(0)?;
+                    let k = *xs.last().unwrap_or(&1);
+                    let m = n_out / out_shape.last().copied().unwrap_or(1).max(1);
+                    let wd = in_shape(node.inputs.len() - 1)?;
+                    let (hidden, inter) = (wd[0], wd[1]);
+                    if in_dt(0)? != odt || (1..node.inputs.len()).any(|j| in_dt(j).ok() != Some(odt)) {
+                        return Err(fail(Unavailable("x and the weights must share one dtype".into())));
+                    }
+                    if *fused {
+                        // With fusion on, a single row's activation is the gate/up GEMV's epilogue.
+                        let fused_act = self.mode.fuse
+                            && gpu.gemv_swiglu(odt, m, inter, k, inp(0), inp(1), scratch(1)).map_err(fail)?;
+                        if !fused_act {
+                            linear(gpu, odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
+                            gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
+                        }
+                        linear(gpu, odt, m, hidden, inter, scratch(1), inp(2), planned, false).map_err(fail)?;
+                    } else {
+                        linear(gpu, odt, m, inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
+                        linear(gpu, odt, m, inter, k, inp(0), inp(2), scratch(1), false).map_err(fail)?;
+                        gpu.silu_mul(scratch(0), Some(scratch(1)), odt, scratch(2), m, inter).map_err(fail)?;
+                        linear(gpu, odt, m, hidden, inter, scratch(2), inp(3), planned, false).map_err(fail)?;
+                    }
+                }
+                Op::IndexSelect { dim } => {
+                    let xs = in_shape(0)?;
+                    let d = norm_dim(*dim, xs.len());
+                    let outer: usize = xs[..d].iter().product();
+                    let inner: usize = xs[d + 1..].iter().product();
+                    let nidx = in_shape(1)?.iter().product();
+                    gpu.index_select(
+                        inp(0),
+                        inp(1),
+                        planned,
+                        outer,
+                        nidx,
+                        xs[d],
+                        inner * odt.size(),
+                        self.flags.ptr + FLAG_GATHER,
+                    )
+                    .map_err(fail)?;
+                }
+                Op::CachedAttention { layer, scale, .. } => {
+                    let meta = staged.meta.as_ref().ok_or_else(|| {
+                        Error::Msg("this graph has cached attention: forward needs a step context".into())
+                    })?;
+                    let l = &self.cache[*layer];
+                    let qs = in_shape(0)?;
+                    let heads = qs[1];
+                    if self.slot_pages.is_some() {
+                        gpu.slot_attention(
+                            odt,
+                            (inp(0), inp(1), inp(2)),
+                            (l.k.ptr, l.v.ptr),
+                            planned,
+                            meta,
+                            heads,
+                            l.kv_heads,
+                            l.head_dim,
+                            *scale as f32,
+                        )
+                        .map_err(fail)?;
+                    } else {
+                        let ropes = &self.deferred_into[i];
+                        let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
+                        // Where the step's token rows of an operand lie (strided: `attn_strided`).
+                        let rows = |v: autodeploy_core::ValueId| -> Result<HeadRows> {
+                            head_rows(&shape_of(v)?, lay[v.0 as usize].as_deref()).ok_or_else(|| {
+                                fail(Unavailable(format!("`{}` has no contiguous head rows", g.value(v).name)))
+                            })
+                        };
+                        // The split-KV kernels write [tokens, heads, d] when the output is only
+                        // transposed to that (the o projection's input then needs no copy).
+                        let split_path = self.split.is_some() && meta.tokens <= self.split_tokens;
+                        let out_rows = if self.attn_tokens_major[i] && split_path {
+                            let st = vec![n_out as i64, l.head_dim as i64, (heads * l.head_dim) as i64, 1];
+                            out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
+                            HeadRows::tokens_major(heads, l.head_dim)
+                        } else {
+                            HeadRows::heads_major(qs[2], l.head_dim)
+                        };
+                        // q and k may still need their RoPE (deferred to this node): the raw q
+                        // and k, and the cos/sin table.
+                        let rope = if let [rq, rk] = ropes[..] {
+                            let (nq, nk) = (&g.nodes[rq], &g.nodes[rk]);
+                            let cs = shape_of(nq.inputs[1])?;
+                            let t = qs[2];
+                            if cs.len() < 2
+                                || cs[cs.len() - 2..] != [t, l.head_dim]
+                                || cs[..cs.len() - 2].iter().any(|&x| x != 1)
+                            {
+                                return Err(fail(Unavailable(format!(
+                                    "cos/sin {cs:?} are not one [tokens, head_dim] table"
+                                ))));
+                            }
+                            let qkv_rows = [rows(nq.inputs[0])?, rows(nk.inputs[0])?, rows(node.inputs[2])?];
+                            Some((rq, p(nq.inputs[0]), p(nk.inputs[0]), (p(nq.inputs[1]), p(nq.inputs[2])), qkv_rows))
+                        } else {
+                            None
+                        };
+                        match (self.split, self.split_early) {
+                            // A few decode tokens: one kernel rotates, writes the cache and attends.
+                            (_, Some(split)) if meta.tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS) => {
+                                let (q, k) = rope.map_or((inp(0), inp(1)), |(_, q, k, _, _)| (q, k));
+                                gpu.paged_decode_split_fused(
+                                    odt,
+                                    (q, k, inp(2)),
+                                    rope.map(|r| r.3),
+                                    (l.k.ptr, l.v.ptr),
+                                    (planned, out_rows),
+                                    meta,
+                                    heads,
+                                    l.kv_heads,
+                                    l.head_dim,
+                                    *scale as f32,
+                                    split,
+                                )
+                                .map_err(fail)?
+                            }
+                            (split, _) => {
+                                let q = if let Some((rq, q, k, (cos, sin), qkv_rows)) = rope {
+                                    // One kernel rotates q into rq's region and writes rotated k
+                                    // and v into the cache, reading q/k/v where they lie.
+                                    let q_out = base + self.plan[rq].out as u64;
+                                    gpu.rope_write_kv(
+                                        odt,
+                                        (q, k, inp(2)),
+                                        qkv_rows,
+                                        cos,
+                                        sin,
+                                        q_out,
+                                        (l.k.ptr, l.v.ptr),
+                                        meta,
+                                        heads,
+                                        l.kv_heads,
+                                        l.head_dim,
+                                    )
+                                    .map_err(fail)?;
+                                    q_out
+                                } else {
+                                    gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim)
+                                        .map_err(fail)?;
+                                    inp(0)
+                                };
+                                let cache = (l.k.ptr, l.v.ptr);
+                                let (kvh, d, sc) = (l.kv_heads, l.head_dim, *scale as f32);
+                                match split {
+                                    Some(split) if meta.tokens <= self.split_tokens => gpu
+                                        .paged_decode_split(
+                                            odt,
+                                            q,
+                                            cache,
+                                            (planned, out_rows),
+                                            meta,
+                                            heads,
+                                            kvh,
+                                            d,
+                                            sc,
+                                            split,
+                                        )
+                                        .map_err(fail)?,
+                                    _ => gpu
+                                        .paged_attention(odt, q, cache.0, cache.1, planned, meta, heads, kvh, d, sc)
+                                        .map_err(fail)?,
+                                }
+                            }
+                        }
+                    }
+                }
+                Op::Custom { name: op_name, attrs, .. } => {
+                    let c = autodeploy_core::registry::custom_op(op_name)
+                        .ok_or_else(|| fail(Unavailable("no op of this name is registered".into())))?;
+                    let cuda = c.cuda.clone().ok_or_else(|| fail(Unavailable("no CUDA kernel registered".into())))?;
+                    let device = |v: autodeploy_core::ValueId| -> Result<DeviceTensor> {
+                        Ok(DeviceTensor { ptr: ptr[v.0 as usize], shape: shape_of(v)?, dtype: g.meta(v).dtype })
+                    };
+                    let ins = node.inputs.iter().map(|&v| device(v)).collect::<Result<Vec<_>>>()?;
+                    let out_t = DeviceTensor { ptr: planned, shape: out_shape.clone(), dtype: g.meta(outv).dtype };
+                    let mut launcher = SourceLauncher { gpu, what: format!("plugin op `{op_name}` ({})", c.origin) };
+                    let n_out: usize = out_shape.iter().product();
+                    if self.debug_checks {
+                        mark_unwritten(gpu, planned, g.meta(outv).dtype, n_out)?;
+                    }
+                    cuda(&ins, &out_t, attrs, &mut launcher).map_err(|e| Error::Op {
+                        op: op_name.to_string(),
+                        msg: format!("node `{name}`: {e} (from {})", c.origin),
+                    })?;
+                    if self.debug_checks {
+                        let vals = read_back(gpu, planned, g.meta(outv).dtype, n_out)?;
+                        autodeploy_core::custom_op::check_output(
+                            &format!("op `{op_name}` ({}) at node `{name}`", c.origin),
+                            &vals,
+                        )?;
+                    }
+                }
+                op => {
+                    return Err(Error::Op {
+                        op: op.name().into(),
+                        msg: format!("node `{name}`: no CUDA implementation"),
+                    })
+                }
+            }
+            if let Some(t0) = t0 {
+                gpu.sync().map_err(gpu_err)?;
+                let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(node.op.name()).or_default();
+                e.0 += 1;
+                e.1 += t0.elapsed();
+            }
+            ptr[outv.0 as usize] = out;
+            // (A strided output in the node's own memory, the attention's, has nowhere to go.)
+            home[outv.0 as usize] = if out_lay.is_some() && out != planned { planned } else { 0 };
+            lay[outv.0 as usize] = out_lay;
+            if let Some((v, p)) = also {
+                ptr[v] = p;
+            }
+        }
+        let o = g.outputs[0];
+        if let Some(st) = &lay[o.0 as usize] {
+            // A strided view as the output: made contiguous in its view op's memory.
+            let xs = shape_of(o)?;
+            copy_contiguous(gpu, ptr[o.0 as usize], dt_of(o)?, &xs, st, home[o.0 as usize]).map_err(gpu_err)?;
+            return Ok((home[o.0 as usize], xs));
+        }
+        Ok((ptr[o.0 as usize], shape_of(o)?))
+    }
+
+    /// Whether cached attention node `i` reads this step's q, k, v in place (strided): its
+    /// RoPEs were deferred into it and its kernels are the RoPE + KV write kernel's (not the
+    /// `triton` slots' nor the split-KV latency build's, which read `[heads, tokens, d]`).
+    pub(super) fn attn_reads_strided(&self, i: usize, staged: &Staged) -> bool {
+        let tokens = staged.meta.as_ref().map_or(usize::MAX, |m| m.tokens);
+        let early = self.split_early.is_some() && tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS);
+        self.slot_pages.is_none() && self.deferred_into[i].len() == 2 && !early
+    }
+
+    pub(super) fn note(&self, what: &'static str, d: std::time::Duration) {
+        let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(what).or_default();
+        e.0 += 1;
+        e.1 += d;
+    }
+}
