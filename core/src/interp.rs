@@ -58,8 +58,17 @@ pub fn eval_node(
     let n = &g.nodes[i];
     let name = &g.value(n.outputs[0]).name;
     let res = match (&n.op, attention, step) {
-        (Op::CachedAttention { layer, scale, .. }, Some(b), Some(cx)) => {
+        (Op::CachedAttention { layer, scale, rope: false, .. }, Some(b), Some(cx)) => {
             b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx)
+        }
+        // RoPE fused into the op: q and k rotated here, so every backend (plugins included) sees
+        // what the unfused graph gave it.
+        (Op::CachedAttention { layer, scale, rope: true, .. }, Some(b), Some(cx)) => {
+            let rot = Op::Rope { interleaved: false };
+            cpu::eval_with(&rot, &[ins[0], ins[3], ins[4]], bind, kernels).and_then(|q| {
+                let k = cpu::eval_with(&rot, &[ins[1], ins[3], ins[4]], bind, kernels)?;
+                b.attend(*layer, *scale as f32, &q, &k, ins[2], cx)
+            })
         }
         (Op::CachedAttention { .. }, _, None) => Err(Error::Msg(
             "this graph has cached attention: forward needs a step context (batch metadata and KV cache)".into(),

@@ -71,6 +71,7 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
             backend: a.take("backend").ok_or_else(|| a.missing("backend"))?.to_string(),
             layer: usize::try_from(a.int("layer")?).map_err(|_| a.bad("layer", "negative", "a layer index"))?,
             scale: a.f64("scale")?,
+            rope: a.opt_bool("rope")?.unwrap_or(false),
         },
         _ => return crate::custom_op::op(name, attrs),
     };
@@ -294,7 +295,8 @@ mod tests {
             Op::Attention { causal: true, scale: 0.088 },
             Op::SwiGluMlp { fused: true },
             Op::IndexSelect { dim: 1 },
-            Op::CachedAttention { backend: "flashinfer".into(), layer: 3, scale: 0.125 },
+            Op::CachedAttention { backend: "flashinfer".into(), layer: 3, scale: 0.125, rope: false },
+            Op::CachedAttention { backend: "torch".into(), layer: 0, scale: 0.125, rope: true },
         ]
     }
 

@@ -108,6 +108,11 @@ pub enum Op {
         backend: String,
         layer: usize,
         scale: f64,
+        /// `(q, k, v, cos, sin)`: q and k arrive unrotated and the op applies RoPE
+        /// (rotate-half, as `torch_rope_with_explicit_cos_sin`) before writing k and attending;
+        /// the `fuse_rope_attention` transform makes it, so the CUDA executor rotates, writes
+        /// the cache and attends in one kernel.
+        rope: bool,
     },
     /// An op a plugin registered (`custom_op`): `inputs` tensors in, one tensor out with the
     /// dtype and shape of input `output_like`; `attrs` is the plugin's own attribute text.
@@ -188,8 +193,9 @@ impl Op {
             Op::Attention { causal, scale } => format!("causal={causal}, scale={scale:?}"),
             Op::SwiGluMlp { fused } => format!("fused={fused}"),
             Op::IndexSelect { dim } => format!("dim={dim}"),
-            Op::CachedAttention { backend, layer, scale } => {
-                format!("backend={backend}, layer={layer}, scale={scale:?}")
+            Op::CachedAttention { backend, layer, scale, rope } => {
+                let r = if *rope { ", rope=true" } else { "" };
+                format!("backend={backend}, layer={layer}, scale={scale:?}{r}")
             }
             Op::Sdpa { is_causal, scale, enable_gqa } => {
                 let mut s = format!("is_causal={is_causal}");
@@ -213,7 +219,8 @@ impl Op {
             Op::Embedding | Op::Matmul | Op::Add | Op::Sub | Op::Mul | Op::Div => (2, 2),
             Op::Sdpa { .. } | Op::Rope { .. } | Op::Attention { .. } => (3, 3),
             Op::RmsNorm { .. } | Op::IndexSelect { .. } => (2, 2),
-            Op::CachedAttention { .. } => (3, 3),
+            Op::CachedAttention { rope: false, .. } => (3, 3),
+            Op::CachedAttention { rope: true, .. } => (5, 5),
             Op::Custom { inputs, .. } => (*inputs, *inputs),
             Op::SwiGluMlp { fused: true } => (3, 3),
             Op::SwiGluMlp { fused: false } => (4, 4),
@@ -407,8 +414,18 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             shape[d] = idx.shape[0].clone();
             same(shape)
         }
-        Op::CachedAttention { .. } => {
-            let out = infer(&Op::Sdpa { is_causal: true, scale: None, enable_gqa: true }, ins)?;
+        Op::CachedAttention { rope, .. } => {
+            if *rope {
+                // cos/sin must rotate q and k as the unfused RoPE nodes would.
+                for (j, what) in [(0, "q"), (1, "k")] {
+                    let r = infer(&Op::Rope { interleaved: false }, &[ins[j].clone(), ins[3].clone(), ins[4].clone()])
+                        .map_err(|e| err(op, format!("RoPE of {what}: {e}")))?;
+                    if r[0] != ins[j] {
+                        return Err(err(op, format!("RoPE of {what} would give {} from {}", r[0], ins[j])));
+                    }
+                }
+            }
+            let out = infer(&Op::Sdpa { is_causal: true, scale: None, enable_gqa: true }, &ins[..3])?;
             if !x.shape[0].is_one() {
                 return Err(err(op, format!("expects the flattened batch [1, heads, tokens, dim], got {x}")));
             }

@@ -45,6 +45,36 @@ fn greedy_through_the_kv_cache_matches_transformers_generate() {
     }
 }
 
+/// `fuse_rope_attention` (compile stage, for the fusing compile backends): the graph that runs
+/// shows the RoPEs inside the cached attentions, the tokens stay transformers' greedy ones, and
+/// switching the transform off gives the unfused graph with the same tokens.
+#[test]
+fn rope_fused_into_cached_attention_is_a_transform_the_graph_shows() {
+    autodeploy_plugins::link();
+    for fam in FAMILIES {
+        let fused = engine(fam, "compile_backend = \"opt\"");
+        let dump = fused.graph.dump();
+        let layers = dump.matches("= attention_with_kv_cache(").count();
+        assert!(layers > 0 && dump.matches("rope=true)").count() == layers, "{fam}: {dump}");
+        assert!(!dump.contains("torch_rope_with_explicit_cos_sin("), "{fam}: a RoPE was left");
+        assert!(
+            fused
+                .graph
+                .history
+                .iter()
+                .any(|h| h.contains(&format!("fused the q/k RoPEs into {layers} cached attentions"))),
+            "{fam}: {:?}",
+            fused.graph.history
+        );
+        check_greedy(fam, "compile_backend = \"opt\"\nattn_page_size = 4", "rope fused");
+        let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_rope_attention]\nenabled = false");
+        assert!(!off.graph.dump().contains("rope=true"), "{fam}: fused while disabled");
+        check_greedy(fam, "compile_backend = \"opt\"\n[transforms.fuse_rope_attention]\nenabled = false", "rope apart");
+        // `simple` does not fuse.
+        assert!(!engine(fam, "").graph.dump().contains("rope=true"), "{fam}: simple fused");
+    }
+}
+
 #[test]
 fn disabling_any_single_transform_keeps_greedy_output() {
     autodeploy_plugins::link();

@@ -253,6 +253,14 @@ pub fn compile_backend(name: &str) -> Result<Box<dyn CompileBackend>> {
     })
 }
 
+/// The canonical name of compile backend `name` (or an alias).
+pub fn compile_backend_name(name: &str) -> Result<&'static str> {
+    Ok(match COMPILE_BACKENDS.get(name)? {
+        Found::Builtin(p) => p.name,
+        Found::External(p) => p.name,
+    })
+}
+
 /// The CPU implementation of attention backend `name` (or an alias), with its canonical name,
 /// made with `options` (its declared options resolved: [`attention_backend_options`]).
 pub fn attention_backend(name: &str, options: &toml::Table) -> Result<(&'static str, Box<dyn AttentionBackend>)> {

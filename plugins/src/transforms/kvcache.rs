@@ -52,7 +52,7 @@ impl Transform for InsertCachedAttention {
         let mut layer = 0;
         for i in 0..g.nodes.len() {
             if let Op::Attention { scale, .. } = g.nodes[i].op {
-                g.nodes[i].op = Op::CachedAttention { backend: backend.to_string(), layer, scale };
+                g.nodes[i].op = Op::CachedAttention { backend: backend.to_string(), layer, scale, rope: false };
                 layer += 1;
             }
         }
@@ -88,5 +88,69 @@ impl Transform for InsertCachedAttention {
         )?;
         g.values[out.0 as usize].meta = new_meta[0].clone();
         Ok(format!("inserted {layer} cached attention ({backend}); logits gathered before the LM head"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_rope_attention",
+        stage: Stage::Compile,
+        order: 10,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(FuseRopeAttention),
+    }
+}
+
+/// The compile backends that fuse kernels (AutoDeploy's `torch-compile` and `torch-opt`).
+const FUSING_BACKENDS: [&str; 2] = ["compile", "opt"];
+
+/// RoPE into cached attention (stage `compile`, for the fusing compile backends): the RoPEs of a
+/// cached attention's q and k, read by nothing else and sharing one cos/sin table, become part of
+/// the attention op (`rope=true`, inputs `q, k, v, cos, sin`), which the CUDA executor runs as one
+/// kernel that rotates q and k, writes the cache and attends. Not for `triton`, whose kernel
+/// reads this step's rotated k and v itself.
+pub struct FuseRopeAttention;
+
+impl Transform for FuseRopeAttention {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        let backend = autodeploy_core::registry::compile_backend_name(&cx.config.compile_backend)?;
+        if !FUSING_BACKENDS.contains(&backend) {
+            return Ok(format!(
+                "compile_backend `{backend}` runs RoPE and attention apart (only compile and opt fuse)"
+            ));
+        }
+        let producers = g.producers();
+        let uses = g.use_counts();
+        let rope_of = |v: autodeploy_core::ValueId| {
+            producers[v.0 as usize].filter(|&p| {
+                matches!(g.nodes[p].op, Op::Rope { interleaved: false })
+                    && uses[v.0 as usize] == 1
+                    && !g.outputs.contains(&v)
+            })
+        };
+        let mut fused = Vec::new();
+        for (j, node) in g.nodes.iter().enumerate() {
+            let Op::CachedAttention { backend, rope: false, .. } = &node.op else { continue };
+            if backend == "triton" {
+                continue;
+            }
+            if let (Some(rq), Some(rk)) = (rope_of(node.inputs[0]), rope_of(node.inputs[1])) {
+                let (a, b) = (&g.nodes[rq].inputs, &g.nodes[rk].inputs);
+                if a[1..] == b[1..] {
+                    fused.push((j, vec![a[0], b[0], node.inputs[2], a[1], a[2]]));
+                }
+            }
+        }
+        let n = fused.len();
+        for (j, inputs) in fused {
+            if let Op::CachedAttention { rope, .. } = &mut g.nodes[j].op {
+                *rope = true;
+            }
+            g.nodes[j].inputs = inputs;
+        }
+        let removed = g.dce();
+        Ok(format!("fused the q/k RoPEs into {n} cached attentions ({removed} nodes removed)"))
     }
 }

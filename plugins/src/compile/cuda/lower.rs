@@ -120,15 +120,13 @@ impl CudaModel {
             let odt = dt_of(outv)?;
             let n_out: usize = out_shape.iter().product();
             let planned = base + self.plan[i].out as u64;
-            // What may stay strided: a view op's input; the q, k (through their deferred RoPEs)
-            // and v of a cached attention whose RoPE + KV write kernel reads them in place.
+            // What may stay strided: a view op's input; the q, k and v of a RoPE-fused cached
+            // attention whose RoPE + KV write kernel reads them in place.
             let attn_strided = matches!(node.op, Op::CachedAttention { .. }) && self.attn_reads_strided(i, staged);
             let strided_ok = |v: autodeploy_core::ValueId| match &node.op {
                 Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) | Op::Transpose(..) | Op::Slice { .. } => true,
                 Op::ToDtype(_) => g.meta(v).dtype == g.meta(outv).dtype,
-                Op::CachedAttention { .. } if attn_strided => {
-                    v == node.inputs[2] || self.deferred_into[i].iter().any(|&r| g.nodes[r].inputs[0] == v)
-                }
+                Op::CachedAttention { .. } if attn_strided => node.inputs[..3].contains(&v),
                 _ => false,
             };
             let reads = node.inputs.iter().chain(self.deferred_into[i].iter().flat_map(|&r| &g.nodes[r].inputs));
@@ -379,7 +377,7 @@ impl CudaModel {
                     )
                     .map_err(fail)?;
                 }
-                Op::CachedAttention { layer, scale, .. } => {
+                Op::CachedAttention { layer, scale, rope: fused_rope, .. } => {
                     let meta = staged.meta.as_ref().ok_or_else(|| {
                         Error::Msg("this graph has cached attention: forward needs a step context".into())
                     })?;
@@ -387,6 +385,12 @@ impl CudaModel {
                     let qs = in_shape(0)?;
                     let heads = qs[1];
                     if self.slot_pages.is_some() {
+                        if *fused_rope {
+                            return Err(fail(Unavailable(
+                                "the triton backend's kernel takes rotated q and k (fuse_rope_attention skips it)"
+                                    .into(),
+                            )));
+                        }
                         gpu.slot_attention(
                             odt,
                             (inp(0), inp(1), inp(2)),
@@ -400,7 +404,6 @@ impl CudaModel {
                         )
                         .map_err(fail)?;
                     } else {
-                        let ropes = &self.deferred_into[i];
                         let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
                         // Where the step's token rows of an operand lie (strided: `attn_strided`).
                         let rows = |v: autodeploy_core::ValueId| -> Result<HeadRows> {
@@ -418,11 +421,9 @@ impl CudaModel {
                         } else {
                             HeadRows::heads_major(qs[2], l.head_dim)
                         };
-                        // q and k may still need their RoPE (deferred to this node): the raw q
-                        // and k, and the cos/sin table.
-                        let rope = if let [rq, rk] = ropes[..] {
-                            let (nq, nk) = (&g.nodes[rq], &g.nodes[rk]);
-                            let cs = shape_of(nq.inputs[1])?;
+                        // RoPE fused into this op: the raw q and k, and the cos/sin table.
+                        let rope = if *fused_rope {
+                            let cs = shape_of(node.inputs[3])?;
                             let t = qs[2];
                             if cs.len() < 2
                                 || cs[cs.len() - 2..] != [t, l.head_dim]
@@ -432,19 +433,22 @@ impl CudaModel {
                                     "cos/sin {cs:?} are not one [tokens, head_dim] table"
                                 ))));
                             }
-                            let qkv_rows = [rows(nq.inputs[0])?, rows(nk.inputs[0])?, rows(node.inputs[2])?];
-                            Some((rq, p(nq.inputs[0]), p(nk.inputs[0]), (p(nq.inputs[1]), p(nq.inputs[2])), qkv_rows))
+                            let [q, k, v, cos, sin] = node.inputs[..] else {
+                                return Err(fail(Unavailable("a RoPE-fused attention takes q, k, v, cos, sin".into())));
+                            };
+                            let qkv_rows = [rows(q)?, rows(k)?, rows(v)?];
+                            Some((p(q), p(k), (p(cos), p(sin)), qkv_rows))
                         } else {
                             None
                         };
                         match (self.split, self.split_early) {
                             // A few decode tokens: one kernel rotates, writes the cache and attends.
                             (_, Some(split)) if meta.tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS) => {
-                                let (q, k) = rope.map_or((inp(0), inp(1)), |(_, q, k, _, _)| (q, k));
+                                let (q, k) = rope.map_or((inp(0), inp(1)), |(q, k, _, _)| (q, k));
                                 gpu.paged_decode_split_fused(
                                     odt,
                                     (q, k, inp(2)),
-                                    rope.map(|r| r.3),
+                                    rope.map(|r| r.2),
                                     (l.k.ptr, l.v.ptr),
                                     (planned, out_rows),
                                     meta,
@@ -457,10 +461,10 @@ impl CudaModel {
                                 .map_err(fail)?
                             }
                             (split, _) => {
-                                let q = if let Some((rq, q, k, (cos, sin), qkv_rows)) = rope {
-                                    // One kernel rotates q into rq's region and writes rotated k
-                                    // and v into the cache, reading q/k/v where they lie.
-                                    let q_out = base + self.plan[rq].out as u64;
+                                let q = if let Some((q, k, (cos, sin), qkv_rows)) = rope {
+                                    // One kernel rotates q into this node's scratch and writes
+                                    // rotated k and v into the cache, reading q/k/v where they lie.
+                                    let q_out = scratch(0);
                                     gpu.rope_write_kv(
                                         odt,
                                         (q, k, inp(2)),
@@ -565,12 +569,12 @@ impl CudaModel {
     }
 
     /// Whether cached attention node `i` reads this step's q, k, v in place (strided): its
-    /// RoPEs were deferred into it and its kernels are the RoPE + KV write kernel's (not the
+    /// RoPE is fused into it and its kernels are the RoPE + KV write kernel's (not the
     /// `triton` slots' nor the split-KV latency build's, which read `[heads, tokens, d]`).
     pub(super) fn attn_reads_strided(&self, i: usize, staged: &Staged) -> bool {
         let tokens = staged.meta.as_ref().map_or(usize::MAX, |m| m.tokens);
         let early = self.split_early.is_some() && tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS);
-        self.slot_pages.is_none() && self.deferred_into[i].len() == 2 && !early
+        self.slot_pages.is_none() && matches!(self.graph.nodes[i].op, Op::CachedAttention { rope: true, .. }) && !early
     }
 
     pub(super) fn note(&self, what: &'static str, d: std::time::Duration) {

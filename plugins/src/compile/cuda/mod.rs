@@ -203,7 +203,8 @@ impl CudaModel {
         };
 
         // Fusion (`compile`, `opt`): an add whose result the next node normalises runs inside
-        // that RMSNorm; the RoPEs of a cached attention's q and k run with its KV write.
+        // that RMSNorm. (The RoPEs of a cached attention's q and k are fused by the
+        // `fuse_rope_attention` transform: the op itself says `rope=true`.)
         let n = graph.nodes.len();
         let mut deferred_to: Vec<Option<usize>> = vec![None; n];
         if mode.fuse {
@@ -213,26 +214,6 @@ impl CudaModel {
                     let (x, r, o) = (graph.meta(a.inputs[0]), graph.meta(a.inputs[1]), graph.meta(a.outputs[0]));
                     if b.inputs[0] == a.outputs[0] && x.shape == r.shape && x == o && r.dtype == o.dtype {
                         deferred_to[i] = Some(i + 1);
-                    }
-                }
-            }
-            let producers = graph.producers();
-            let uses = graph.use_counts();
-            for (j, node) in graph.nodes.iter().enumerate() {
-                // The triton backend reads this step's rotated k/v itself: no RoPE fusion there.
-                if !matches!(&node.op, Op::CachedAttention { backend, .. } if backend != "triton") {
-                    continue;
-                }
-                let rope = |v: autodeploy_core::ValueId| {
-                    producers[v.0 as usize].filter(|&p| {
-                        matches!(graph.nodes[p].op, Op::Rope { interleaved: false }) && uses[v.0 as usize] == 1
-                    })
-                };
-                if let (Some(rq), Some(rk)) = (rope(node.inputs[0]), rope(node.inputs[1])) {
-                    let (a, b) = (&graph.nodes[rq].inputs, &graph.nodes[rk].inputs);
-                    if a[1..] == b[1..] && !graph.outputs.contains(&node.inputs[0]) {
-                        deferred_to[rq] = Some(j);
-                        deferred_to[rk] = Some(j);
                     }
                 }
             }
@@ -518,6 +499,11 @@ fn scratch_bytes(g: &Graph, node: &autodeploy_core::ir::Node, bind: &Bindings) -
             } else {
                 vec![m * inter * e, m * inter * e, m * inter * e]
             }
+        }
+        // The rotated q of a RoPE-fused cached attention.
+        Op::CachedAttention { rope: true, .. } => {
+            let q = g.meta(node.inputs[0]);
+            vec![eval_shape(&q.shape, bind)?.iter().product::<usize>() * q.dtype.size_in_bytes()]
         }
         _ => vec![],
     })
