@@ -370,7 +370,7 @@ pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions
         }
         Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
         Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
-        Op::SwiGluMlp { fused } => swiglu(ins, *fused, out_shape, opts),
+        Op::SwiGluMlp { fused, .. } => swiglu(ins, *fused, out_shape, opts),
         Op::Custom { name, attrs, .. } => crate::custom_op::eval(name, attrs, ins, out_shape, out_meta.dtype),
         Op::IndexSelect { dim } => {
             let d = norm_dim(&op, *dim, x.rank())?;

@@ -65,7 +65,10 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
         "torch_rmsnorm" => Op::RmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
         "torch_rope_with_explicit_cos_sin" => Op::Rope { interleaved: a.opt_bool("interleaved")?.unwrap_or(false) },
         "torch_attention" => Op::Attention { causal: a.bool("causal")?, scale: a.f64("scale")? },
-        "torch_swiglu_mlp" => Op::SwiGluMlp { fused: a.opt_bool("fused")?.unwrap_or(false) },
+        "torch_swiglu_mlp" => Op::SwiGluMlp {
+            fused: a.opt_bool("fused")?.unwrap_or(false),
+            epilogue: a.opt_bool("epilogue")?.unwrap_or(false),
+        },
         "aten.index_select" => Op::IndexSelect { dim: a.int("dim")? },
         "attention_with_kv_cache" => Op::CachedAttention {
             backend: a.take("backend").ok_or_else(|| a.missing("backend"))?.to_string(),
@@ -293,7 +296,8 @@ mod tests {
             Op::RmsNorm { eps: 1e-6, norm_dtype: DType::F32 },
             Op::Rope { interleaved: true },
             Op::Attention { causal: true, scale: 0.088 },
-            Op::SwiGluMlp { fused: true },
+            Op::SwiGluMlp { fused: true, epilogue: false },
+            Op::SwiGluMlp { fused: true, epilogue: true },
             Op::IndexSelect { dim: 1 },
             Op::CachedAttention { backend: "flashinfer".into(), layer: 3, scale: 0.125, rope: false },
             Op::CachedAttention { backend: "torch".into(), layer: 0, scale: 0.125, rope: true },

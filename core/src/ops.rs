@@ -95,6 +95,9 @@ pub enum Op {
     /// the inputs are `(x, w_gate_up, w_down)`, gate rows first.
     SwiGluMlp {
         fused: bool,
+        /// For one row (decode), silu(gate)·up is the gate/up GEMV's epilogue on CUDA (the
+        /// `fuse_swiglu_epilogue` transform sets it); the same math on the CPU.
+        epilogue: bool,
     },
     /// `aten.index_select(x, dim, index)`: picks entries of `dim` (the runtime's logits gather).
     IndexSelect {
@@ -191,7 +194,9 @@ impl Op {
             Op::RmsNorm { eps, norm_dtype } => format!("eps={eps:?}, norm_dtype={norm_dtype}"),
             Op::Rope { interleaved } => format!("interleaved={interleaved}"),
             Op::Attention { causal, scale } => format!("causal={causal}, scale={scale:?}"),
-            Op::SwiGluMlp { fused } => format!("fused={fused}"),
+            Op::SwiGluMlp { fused, epilogue } => {
+                format!("fused={fused}{}", if *epilogue { ", epilogue=true" } else { "" })
+            }
             Op::IndexSelect { dim } => format!("dim={dim}"),
             Op::CachedAttention { backend, layer, scale, rope } => {
                 let r = if *rope { ", rope=true" } else { "" };
@@ -222,8 +227,8 @@ impl Op {
             Op::CachedAttention { rope: false, .. } => (3, 3),
             Op::CachedAttention { rope: true, .. } => (5, 5),
             Op::Custom { inputs, .. } => (*inputs, *inputs),
-            Op::SwiGluMlp { fused: true } => (3, 3),
-            Op::SwiGluMlp { fused: false } => (4, 4),
+            Op::SwiGluMlp { fused: true, .. } => (3, 3),
+            Op::SwiGluMlp { fused: false, .. } => (4, 4),
             Op::Cat { .. } => (1, usize::MAX),
             _ => (1, 1),
         }
@@ -432,7 +437,7 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             Ok(out)
         }
         Op::Attention { .. } => infer(&Op::Sdpa { is_causal: false, scale: None, enable_gqa: true }, ins),
-        Op::SwiGluMlp { fused } => {
+        Op::SwiGluMlp { fused, .. } => {
             let w_down = ins.last().expect("arity checked");
             let (inter, ok) = if *fused {
                 let w = &ins[1];

@@ -49,7 +49,7 @@ fn greedy_through_the_kv_cache_matches_transformers_generate() {
 /// shows the RoPEs inside the cached attentions, the tokens stay transformers' greedy ones, and
 /// switching the transform off gives the unfused graph with the same tokens.
 #[test]
-fn rope_fused_into_cached_attention_is_a_transform_the_graph_shows() {
+fn compile_stage_fusions_are_transforms_the_graph_shows() {
     autodeploy_plugins::link();
     for fam in FAMILIES {
         let fused = engine(fam, "compile_backend = \"opt\"");
@@ -70,8 +70,14 @@ fn rope_fused_into_cached_attention_is_a_transform_the_graph_shows() {
         let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_rope_attention]\nenabled = false");
         assert!(!off.graph.dump().contains("rope=true"), "{fam}: fused while disabled");
         check_greedy(fam, "compile_backend = \"opt\"\n[transforms.fuse_rope_attention]\nenabled = false", "rope apart");
+        // The SwiGLU epilogue: marked on every fused MLP under opt, switched off by its table.
+        let mlps = dump.matches("= torch_swiglu_mlp(").count();
+        assert!(mlps > 0 && dump.matches("fused=true, epilogue=true)").count() == mlps, "{fam}: {dump}");
+        let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_swiglu_epilogue]\nenabled = false");
+        assert!(!off.graph.dump().contains("epilogue=true"), "{fam}: epilogue while disabled");
         // `simple` does not fuse.
-        assert!(!engine(fam, "").graph.dump().contains("rope=true"), "{fam}: simple fused");
+        let simple = engine(fam, "").graph.dump();
+        assert!(!simple.contains("rope=true") && !simple.contains("epilogue=true"), "{fam}: simple fused");
     }
 }
 

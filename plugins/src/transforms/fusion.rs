@@ -116,7 +116,7 @@ impl Transform for FuseGemms {
         }
         // SwiGLU MLPs: gate and up into one weight.
         let mut mlps = 0;
-        while let Some(i) = g.nodes.iter().position(|n| matches!(n.op, Op::SwiGluMlp { fused: false })) {
+        while let Some(i) = g.nodes.iter().position(|n| matches!(n.op, Op::SwiGluMlp { fused: false, .. })) {
             let n = g.nodes[i].clone();
             if param_weight(g, n.inputs[1]).is_none() || param_weight(g, n.inputs[2]).is_none() {
                 break;
@@ -128,7 +128,12 @@ impl Transform for FuseGemms {
             );
             let w = concat_params(g, &[n.inputs[1], n.inputs[2]], &name)?;
             let hint = g.value(n.outputs[0]).name.clone();
-            let y = g.insert_node(i, &hint, Op::SwiGluMlp { fused: true }, &[n.inputs[0], w, n.inputs[3]])?;
+            let y = g.insert_node(
+                i,
+                &hint,
+                Op::SwiGluMlp { fused: true, epilogue: false },
+                &[n.inputs[0], w, n.inputs[3]],
+            )?;
             g.replace_uses(n.outputs[0], y);
             g.dce();
             mlps += 1;

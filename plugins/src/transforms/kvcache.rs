@@ -154,3 +154,39 @@ impl Transform for FuseRopeAttention {
         Ok(format!("fused the q/k RoPEs into {n} cached attentions ({removed} nodes removed)"))
     }
 }
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_swiglu_epilogue",
+        stage: Stage::Compile,
+        order: 20,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(FuseSwigluEpilogue),
+    }
+}
+
+/// SwiGLU into the gate/up GEMV (stage `compile`, for the fusing compile backends): every fused
+/// SwiGLU MLP (gate and up one weight) is marked `epilogue=true`, and the CUDA executor computes
+/// a single row's silu(gate)·up inside the gate/up GEMV instead of a kernel after it.
+pub struct FuseSwigluEpilogue;
+
+impl Transform for FuseSwigluEpilogue {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        let backend = autodeploy_core::registry::compile_backend_name(&cx.config.compile_backend)?;
+        if !FUSING_BACKENDS.contains(&backend) {
+            return Ok(format!(
+                "compile_backend `{backend}` runs the SwiGLU activation apart (only compile and opt fuse)"
+            ));
+        }
+        let mut n = 0;
+        for node in &mut g.nodes {
+            if let Op::SwiGluMlp { fused: true, epilogue } = &mut node.op {
+                *epilogue = true;
+                n += 1;
+            }
+        }
+        Ok(format!("marked {n} SwiGLU MLPs for the gate/up GEMV epilogue"))
+    }
+}

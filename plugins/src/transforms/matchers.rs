@@ -337,7 +337,7 @@ impl Transform for MatchSwiGlu {
         let n = rewrite_all(g, &swiglu_pattern(), |g, m, pos| {
             let ins = [m.input("x"), m.input("w_gate"), m.input("w_up"), m.input("w_down")];
             let hint = format!("{}.swiglu", g.value(m.output).name);
-            Ok(insert_if_equivalent(g, pos, &hint, Op::SwiGluMlp { fused: false }, &ins, m.output))
+            Ok(insert_if_equivalent(g, pos, &hint, Op::SwiGluMlp { fused: false, epilogue: false }, &ins, m.output))
         })?;
         Ok(format!("matched {n} swiglu mlp"))
     }

@@ -334,7 +334,7 @@ impl CudaModel {
                     }
                     gpu.rope(inp(0), odt, inp(1), inp(2), planned, n_out / d, t, d).map_err(fail)?;
                 }
-                Op::SwiGluMlp { fused } => {
+                Op::SwiGluMlp { fused, epilogue } => {
                     let xs = in_shape(0)?;
                     let k = *xs.last().unwrap_or(&1);
                     let m = n_out / out_shape.last().copied().unwrap_or(1).max(1);
@@ -344,9 +344,10 @@ impl CudaModel {
                         return Err(fail(Unavailable("x and the weights must share one dtype".into())));
                     }
                     if *fused {
-                        // With fusion on, a single row's activation is the gate/up GEMV's epilogue.
-                        let fused_act = self.mode.fuse
-                            && gpu.gemv_swiglu(odt, m, inter, k, inp(0), inp(1), scratch(1)).map_err(fail)?;
+                        // A single row's activation as the gate/up GEMV's epilogue, where the
+                        // graph asks for it (`fuse_swiglu_epilogue`).
+                        let fused_act =
+                            *epilogue && gpu.gemv_swiglu(odt, m, inter, k, inp(0), inp(1), scratch(1)).map_err(fail)?;
                         if !fused_act {
                             linear(gpu, odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
                             gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;

@@ -487,7 +487,7 @@ impl CudaModel {
 /// Scratch regions a node needs besides its output, at the largest shapes.
 fn scratch_bytes(g: &Graph, node: &autodeploy_core::ir::Node, bind: &Bindings) -> Result<Vec<usize>> {
     Ok(match node.op {
-        Op::SwiGluMlp { fused } => {
+        Op::SwiGluMlp { fused, .. } => {
             let x = g.meta(node.inputs[0]);
             let xs = eval_shape(&x.shape, bind)?;
             let m: usize = xs[..xs.len() - 1].iter().product();
