@@ -127,6 +127,7 @@ def main():
     engines = [
         ("llama.cpp", lambda: run_llama_cpp(tokens, a.threads, a.new_tokens)),
         ("autodeploy (auto, int8 act)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto", "int8")),
+        ("autodeploy (int8 act, avxvnni)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto", "int8", "avxvnni")),
         ("autodeploy (int8 act, avx2)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto", "int8", "avx2")),
         ("autodeploy (auto: Q4_1 kept)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "auto")),
         ("autodeploy (float32)", lambda: run_autodeploy(tokens, a.threads, a.new_tokens, "float32")),

@@ -46,7 +46,7 @@ pub struct PipelineConfig {
     /// the CPU, adds the activation rounding error).
     #[serde(default)]
     pub activation_quant: ActivationQuant,
-    /// CPU kernel path: `auto` (the best this CPU runs: `avx512vnni`, `avx2` or `portable`), or
+    /// CPU kernel path: `auto` (the best this CPU runs: `avx512vnni`, `avxvnni`, `avx2` or `portable`), or
     /// one of those to compare against a lower one (a path the CPU lacks falls back, with a
     /// warning).
     #[serde(default)]
@@ -145,6 +145,7 @@ pub enum CpuKernelsSetting {
     #[default]
     Auto,
     Avx512vnni,
+    Avxvnni,
     Avx2,
     Portable,
 }
@@ -156,6 +157,7 @@ impl CpuKernelsSetting {
         let asked = match self {
             CpuKernelsSetting::Auto => return CpuKernels::detected(),
             CpuKernelsSetting::Avx512vnni => CpuKernels::Avx512Vnni,
+            CpuKernelsSetting::Avxvnni => CpuKernels::AvxVnni,
             CpuKernelsSetting::Avx2 => CpuKernels::Avx2,
             CpuKernelsSetting::Portable => CpuKernels::Portable,
         };

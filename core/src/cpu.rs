@@ -76,14 +76,14 @@ impl Default for KernelOptions {
     }
 }
 
-use autodeploy_kernels::isa::CpuKernels::Avx512Vnni;
+use autodeploy_kernels::isa::CpuKernels::AvxVnni;
 
-/// Readies the weights node `op` reads for `opts` before the first step: on the AVX-512 VNNI
-/// int8 path, the row-interleaved copy of each block weight its linears multiply
+/// Readies the weights node `op` reads for `opts` before the first step: on the VNNI int8 paths
+/// (AVX-512 VNNI, AVX-VNNI), the row-interleaved copy of each block weight its linears multiply
 /// (`linear_f32`: `Op::Linear`'s weight, `Op::SwiGluMlp`'s three) is made now rather than
 /// inside the first request. `weight(i)` is input `i` when it is a weight.
 pub fn prepare_weights<'a>(op: &Op, inputs: usize, weight: impl Fn(usize) -> Option<&'a Tensor>, opts: &KernelOptions) {
-    if !(opts.int8_activations && opts.cpu >= Avx512Vnni && matches!(op, Op::Linear | Op::SwiGluMlp { .. })) {
+    if !(opts.int8_activations && opts.cpu >= AvxVnni && matches!(op, Op::Linear | Op::SwiGluMlp { .. })) {
         return;
     }
     for w in (1..inputs).filter_map(weight) {
@@ -102,8 +102,8 @@ pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32
     let n = w.shape()[0];
     let mut y = vec![0f32; m * n];
     match w.as_blocks().and_then(|(t, b)| block_kind(t).map(|kd| (kd, b))) {
-        // AVX-512 VNNI: the row-interleaved copy of the weight, made at its first use.
-        Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS && opts.int8_activations && opts.cpu >= Avx512Vnni => {
+        // AVX-512 VNNI or AVX-VNNI: the row-interleaved copy of the weight, made at its first use.
+        Some((kind, bytes)) if m < QUANT_GEMM_MIN_ROWS && opts.int8_activations && opts.cpu >= AvxVnni => {
             match w.packed_rows(|| autodeploy_kernels::quant::PackedRows::pack(kind, n, k_, bytes)) {
                 Some(p) => autodeploy_kernels::quant::qlinear_packed(opts.cpu, m, x, p, bias, &mut y),
                 None => autodeploy_kernels::quant::qlinear_on(opts.cpu, true, m, n, k_, x, kind, bytes, bias, &mut y),

@@ -265,8 +265,8 @@ fn check_host_memory(
     }
     let Some(avail) = host_memory_available() else { return Ok(kv_pages) };
     let mut weights = weight_bytes(g).unwrap_or(u64::MAX);
-    if kernels.int8_activations && kernels.cpu >= autodeploy_kernels::isa::CpuKernels::Avx512Vnni {
-        // The AVX-512 VNNI linears keep a row-interleaved copy of the block weights.
+    if kernels.int8_activations && kernels.cpu >= autodeploy_kernels::isa::CpuKernels::AvxVnni {
+        // The VNNI linears keep a row-interleaved copy of the block weights.
         let blocks = weight_bytes_where(g, |d| matches!(d, crate::DType::Block(_))).unwrap_or(u64::MAX);
         weights = weights.saturating_add(blocks);
     }

@@ -16,20 +16,20 @@ fn main() {
         ("down", BlockKind::Q4_1, 576, 1536, 30),
         ("lm_head", BlockKind::Q8_0, 49152, 576, 1),
     ];
-    let mut per_token = [0f64; 3];
+    let mut per_token = [0f64; CpuKernels::ALL.len()];
     for (name, kind, n, k, per) in shapes {
         let w = common::random_blocks(kind, n * k / 32);
         let packed = PackedRows::pack(kind, n, k, &w);
         let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut y = vec![0f32; n];
         let mut line = format!("{name:<8} {kind:?} {n:>5}x{k:<5}");
-        for (i, path) in [CpuKernels::Portable, CpuKernels::Avx2, CpuKernels::Avx512Vnni].into_iter().enumerate() {
+        for (i, path) in CpuKernels::ALL.into_iter().enumerate() {
             if !path.supported() {
                 continue;
             }
             let reps = if n > 10000 { 50 } else { 500 };
             let run = |y: &mut [f32]| {
-                if path == CpuKernels::Avx512Vnni {
+                if path >= CpuKernels::AvxVnni {
                     qlinear_packed(path, 1, &x, &packed, None, y)
                 } else {
                     qlinear_on(path, true, 1, n, k, &x, kind, &w, None, y)
@@ -46,10 +46,11 @@ fn main() {
         }
         println!("{line}");
     }
-    println!(
-        "per token (linears only): portable {:.2} ms, avx2 {:.2} ms, avx512vnni {:.2} ms",
-        per_token[0] / 1e3,
-        per_token[1] / 1e3,
-        per_token[2] / 1e3
-    );
+    let totals: Vec<String> = CpuKernels::ALL
+        .into_iter()
+        .zip(per_token)
+        .filter(|(p, _)| p.supported())
+        .map(|(p, t)| format!("{} {:.2} ms", p.name(), t / 1e3))
+        .collect();
+    println!("per token (linears only): {}", totals.join(", "));
 }

@@ -4,7 +4,7 @@
 //! it to f32 in registers: a bf16 step moves bf16 bytes, never an f32 copy of the weight. Each
 //! path gives the f32 dot product up to summation order:
 //! - portable: plain Rust, eight accumulators;
-//! - AVX2 (with F16C): 8 lanes, bf16 widened by a shift, f16 by `vcvtph2ps`;
+//! - AVX2 (with F16C; also the `avxvnni` level): 8 lanes, bf16 widened by a shift, f16 by `vcvtph2ps`;
 //! - AVX-512 (the `avx512vnni` level): 16 lanes; and where the CPU has AVX512-BF16 and the
 //!   activation row is exactly representable in bf16 (a bf16 model's activations are), bf16
 //!   weights go through `vdpbf16ps`: bf16 products are exact in f32, so this is the same sum.
@@ -73,7 +73,7 @@ pub fn has_avx512_bf16() -> bool {
 fn path_for(kernels: CpuKernels, w: &Dense, x: &[f32]) -> Path {
     match kernels.at_most_detected() {
         CpuKernels::Portable => Path::Portable,
-        CpuKernels::Avx2 => Path::Avx2,
+        CpuKernels::Avx2 | CpuKernels::AvxVnni => Path::Avx2,
         CpuKernels::Avx512Vnni => {
             if matches!(w, Dense::BF16(_)) && has_avx512_bf16() && x.iter().all(|v| v.to_bits() & 0xffff == 0) {
                 Path::Avx512Bf16(x.iter().map(|v| (v.to_bits() >> 16) as u16).collect())

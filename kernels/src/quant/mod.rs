@@ -348,15 +348,15 @@ pub fn qlinear_on(
 }
 
 /// As [`qlinear_on`] with int8 activations, over weights [`PackedRows::pack`]ed 16 rows to a group: the AVX-512 VNNI
-/// kernel where `kernels` allows it and the CPU has it, else the portable one on the same copy.
+/// or AVX-VNNI kernel where `kernels` allows it and the CPU has it, else the portable one on the same copy.
 pub fn qlinear_packed(kernels: CpuKernels, m: usize, x: &[f32], w: &PackedRows, bias: Option<&[f32]>, y: &mut [f32]) {
     let (n, k) = w.dims();
     assert_eq!(x.len(), m * k, "qlinear_packed input");
     assert_eq!(y.len(), m * n, "qlinear_packed output");
-    let simd = kernels.at_most_detected() >= CpuKernels::Avx512Vnni;
+    let path = kernels.at_most_detected();
     let acts: Vec<QuantRow> = x.chunks(k).map(quantize_row_i8).collect();
     let chunk = n.div_ceil(8 * crate::pool::threads()).next_multiple_of(packed::GROUP).max(packed::GROUP);
-    crate::pool::by_channel_chunks(m, n, chunk, y, |i, out, first| w.dot_rows(&acts[i], out, first, simd));
+    crate::pool::by_channel_chunks(m, n, chunk, y, |i, out, first| w.dot_rows(&acts[i], out, first, path));
     add_bias(y, n, bias);
 }
 

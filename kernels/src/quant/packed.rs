@@ -1,4 +1,6 @@
-//! Row-interleaved copies of block-quantized weights, for the AVX-512 VNNI decode kernel.
+//! Row-interleaved copies of block-quantized weights, for the VNNI decode kernels (AVX-512 VNNI,
+//! and AVX-VNNI on CPUs without AVX-512: the same copy, each 64-byte chunk read as two 32-byte
+//! halves of 8 rows).
 //!
 //! ggml's blocks keep each row's 32 values together, so a dot product ends in a horizontal sum
 //! per row and converts each block's f16 scale on its own. Here 16 rows are interleaved per
@@ -97,23 +99,31 @@ impl PackedRows {
     }
 
     /// `out[i]` = row `first + i` against `x`; `first` is a multiple of [`GROUP`]. The AVX-512
-    /// kernel where `simd` (the caller checked the CPU), else the portable one.
-    pub fn dot_rows(&self, x: &QuantRow, out: &mut [f32], first: usize, simd: bool) {
+    /// VNNI kernel on that path, the AVX-VNNI one (the same layout, 8 rows a 256-bit register)
+    /// on `avxvnni`, else the portable one; `path` is within what the CPU runs (`at_most_detected`).
+    pub fn dot_rows(&self, x: &QuantRow, out: &mut [f32], first: usize, path: crate::isa::CpuKernels) {
+        use crate::isa::CpuKernels;
         assert!(first.is_multiple_of(GROUP) && first + out.len() <= self.n, "packed rows out of range");
         assert_eq!(x.d.len(), self.k / 32, "activation blocks");
         let mut tile = [0f32; GROUP];
         for (i, chunk) in out.chunks_mut(GROUP).enumerate() {
             let g = first / GROUP + i;
             #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` only when the CPU has AVX-512 F/BW/VNNI and F16C
-                // (`CpuKernels::Avx512Vnni`); group `g` and the activation row have the blocks
-                // `pack` made (checked above).
-                unsafe { avx512::dot_group(self, x, g, &mut tile) };
+            if path >= CpuKernels::AvxVnni {
+                // SAFETY: `path` is within what the CPU runs: AVX-512 F/BW/VNNI with F16C at
+                // `Avx512Vnni`, AVX-VNNI with AVX2/F16C at `AvxVnni`; group `g` and the
+                // activation row have the blocks `pack` made (checked above).
+                unsafe {
+                    if path >= CpuKernels::Avx512Vnni {
+                        avx512::dot_group(self, x, g, &mut tile)
+                    } else {
+                        avxvnni::dot_group(self, x, g, &mut tile)
+                    }
+                };
                 chunk.copy_from_slice(&tile[..chunk.len()]);
                 continue;
             }
-            let _ = simd;
+            let _ = path;
             self.dot_group_portable(x, g, &mut tile);
             chunk.copy_from_slice(&tile[..chunk.len()]);
         }
@@ -203,5 +213,68 @@ mod avx512 {
             }
         }
         _mm512_storeu_ps(out.as_mut_ptr(), acc);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avxvnni {
+    use super::{BlockKind, PackedRows, QuantRow, GROUP};
+    use std::arch::x86_64::*;
+
+    /// One group's 16 rows against `x` with 256-bit `vpdpbusd` (AVX-VNNI): each 64-byte chunk
+    /// of the copy holds rows 0-7 in its first 32 bytes and rows 8-15 in its second, so the
+    /// rows split into two accumulators of 8; the same arithmetic as the AVX-512 kernel.
+    #[target_feature(enable = "avxvnni,avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // `b` indexes the packed blocks and x's blocks
+    pub(super) unsafe fn dot_group(p: &PackedRows, x: &QuantRow, g: usize, out: &mut [f32; GROUP]) {
+        let nb = p.k / 32;
+        let qb = PackedRows::q_bytes(p.kind);
+        let xw = x.q.as_ptr() as *const i32;
+        let nib = _mm256_set1_epi8(15);
+        let (mut acc_lo, mut acc_hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for b in 0..nb {
+            let q = p.q.as_ptr().add((g * nb + b) * qb);
+            let word = |i: usize| _mm256_set1_epi32(std::ptr::read_unaligned(xw.add(b * 8 + i)));
+            let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            let half = |c: usize, h: usize| _mm256_loadu_si256(q.add(c * 64 + h * 32) as *const __m256i);
+            if p.kind == BlockKind::Q8_0 {
+                for c in 0..8 {
+                    lo = _mm256_dpbusd_avx_epi32(lo, half(c, 0), word(c));
+                    hi = _mm256_dpbusd_avx_epi32(hi, half(c, 1), word(c));
+                }
+            } else {
+                for c in 0..4 {
+                    let (w0, w1) = (half(c, 0), half(c, 1));
+                    let (x_lo, x_hi) = (word(c), word(c + 4));
+                    lo = _mm256_dpbusd_avx_epi32(lo, _mm256_and_si256(w0, nib), x_lo);
+                    lo = _mm256_dpbusd_avx_epi32(lo, _mm256_and_si256(_mm256_srli_epi16::<4>(w0), nib), x_hi);
+                    hi = _mm256_dpbusd_avx_epi32(hi, _mm256_and_si256(w1, nib), x_lo);
+                    hi = _mm256_dpbusd_avx_epi32(hi, _mm256_and_si256(_mm256_srli_epi16::<4>(w1), nib), x_hi);
+                }
+            }
+            // The stored offset out in integers: Q4_0's 8, Q8_0's 128, times Σx.
+            let offset = _mm256_set1_epi32(match p.kind {
+                BlockKind::Q4_1 => 0,
+                BlockKind::Q4_0 => 8 * x.isum[b],
+                BlockKind::Q8_0 => 128 * x.isum[b],
+            });
+            let at = (g * nb + b) * GROUP;
+            let xd = _mm256_set1_ps(x.d[b]);
+            let d_lo = _mm256_cvtph_ps(_mm_loadu_si128(p.d.as_ptr().add(at) as *const __m128i));
+            let d_hi = _mm256_cvtph_ps(_mm_loadu_si128(p.d.as_ptr().add(at + 8) as *const __m128i));
+            let s_lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(lo, offset));
+            let s_hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(hi, offset));
+            acc_lo = _mm256_fmadd_ps(s_lo, _mm256_mul_ps(d_lo, xd), acc_lo);
+            acc_hi = _mm256_fmadd_ps(s_hi, _mm256_mul_ps(d_hi, xd), acc_hi);
+            if p.kind == BlockKind::Q4_1 {
+                let xs = _mm256_set1_ps(x.sum[b]);
+                let m_lo = _mm256_cvtph_ps(_mm_loadu_si128(p.m.as_ptr().add(at) as *const __m128i));
+                let m_hi = _mm256_cvtph_ps(_mm_loadu_si128(p.m.as_ptr().add(at + 8) as *const __m128i));
+                acc_lo = _mm256_fmadd_ps(m_lo, xs, acc_lo);
+                acc_hi = _mm256_fmadd_ps(m_hi, xs, acc_hi);
+            }
+        }
+        _mm256_storeu_ps(out.as_mut_ptr(), acc_lo);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc_hi);
     }
 }
