@@ -276,7 +276,10 @@ fn sdk_copy_plugin(tag: &str, version: &str, edit: impl Fn(String) -> String) ->
     let (sdk, plugin) = (work.join("sdk"), work.join("plugin"));
     std::fs::create_dir_all(sdk.join("src")).unwrap();
     std::fs::create_dir_all(plugin.join("src")).unwrap();
-    std::fs::copy(root().join("sdk/src/lib.rs"), sdk.join("src/lib.rs")).unwrap();
+    for f in std::fs::read_dir(root().join("sdk/src")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, sdk.join("src").join(f.file_name().unwrap())).unwrap();
+    }
     let ffi = std::fs::read_to_string(root().join("sdk/src/ffi.rs")).unwrap();
     std::fs::write(sdk.join("src/ffi.rs"), edit(ffi)).unwrap();
     // lib.rs checks SDK_VERSION against the crate version in a unit test only; the copy

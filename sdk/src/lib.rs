@@ -8,6 +8,7 @@ use std::fmt;
 pub use abi_stable;
 
 pub mod ffi;
+pub mod pattern;
 
 /// Version of the plugin interface: this crate's version. abi_stable refuses a library built
 /// against an incompatible one (for 0.x, another minor).
