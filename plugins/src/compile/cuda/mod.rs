@@ -599,3 +599,39 @@ impl CudaModel {
         Ok(Some(ids.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use autodeploy_core::ir::GraphBuilder;
+    use autodeploy_core::shape::static_shape;
+
+    /// The planner gives a RoPE-fused cached attention one scratch region for its rotated q (the
+    /// size of q at the largest shapes), and an unfused one none.
+    #[test]
+    fn a_rope_fused_attention_plans_room_for_its_rotated_q() {
+        let mut b = GraphBuilder::new(std::sync::Arc::new(autodeploy_core::weights::WeightStore::new("test")));
+        let q = b.input("q", DType::BF16, static_shape(&[1, 8, 5, 64]));
+        let k = b.input("k", DType::BF16, static_shape(&[1, 2, 5, 64]));
+        let v = b.input("v", DType::BF16, static_shape(&[1, 2, 5, 64]));
+        let cos = b.input("cos", DType::BF16, static_shape(&[1, 1, 5, 64]));
+        let sin = b.input("sin", DType::BF16, static_shape(&[1, 1, 5, 64]));
+        let attn = |rope| Op::CachedAttention { backend: "flashinfer".into(), layer: 0, scale: 0.125, rope };
+        let fused = b.op("fused", attn(true), &[q, k, v, cos, sin]).unwrap();
+        let plain = b.op("plain", attn(false), &[q, k, v]).unwrap();
+        b.output(fused);
+        b.output(plain);
+        let g = b.finish().unwrap();
+        let bind = Bindings::new();
+        assert_eq!(scratch_bytes(&g, &g.nodes[0], &bind).unwrap(), vec![8 * 5 * 64 * 2]);
+        assert_eq!(scratch_bytes(&g, &g.nodes[1], &bind).unwrap(), Vec::<usize>::new());
+        // A fused op whose cos/sin cannot rotate q is refused by its shape rules.
+        let mut b = GraphBuilder::new(std::sync::Arc::new(autodeploy_core::weights::WeightStore::new("test")));
+        let q = b.input("q", DType::BF16, static_shape(&[1, 8, 5, 64]));
+        let k = b.input("k", DType::BF16, static_shape(&[1, 2, 5, 64]));
+        let v = b.input("v", DType::BF16, static_shape(&[1, 2, 5, 64]));
+        let short = b.input("cos", DType::BF16, static_shape(&[1, 1, 5, 32]));
+        let e = b.op("bad", attn(true), &[q, k, v, short, short]).unwrap_err().to_string();
+        assert!(e.contains("RoPE of q"), "{e}");
+    }
+}
