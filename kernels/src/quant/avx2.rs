@@ -4,9 +4,9 @@
 use super::{BlockKind, QuantRow};
 use std::arch::x86_64::*;
 
-/// IEEE half at byte `i` through the F16C instruction.
+/// IEEE half at byte `i` through the F16C instruction (the AVX-512 kernels' too).
 #[inline(always)]
-unsafe fn f16le(b: *const u8, i: usize) -> f32 {
+pub(super) unsafe fn f16le(b: *const u8, i: usize) -> f32 {
     let h = u16::from_le_bytes([*b.add(i), *b.add(i + 1)]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
 }

@@ -2,14 +2,9 @@
 //! block is two 16-lane halves, so each block takes half the conversions and FMAs of the
 //! AVX2 kernel. The same value as the scalar `qdot_row` up to f32 summation order.
 
+use super::avx2::f16le;
 use super::BlockKind;
 use std::arch::x86_64::*;
-
-#[inline(always)]
-unsafe fn f16le(b: *const u8, i: usize) -> f32 {
-    let h = u16::from_le_bytes([*b.add(i), *b.add(i + 1)]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-}
 
 /// One weight row against f32 `x` (`xsum`: its block sums, for Q4's offsets).
 #[inline(always)]
