@@ -245,8 +245,28 @@ pub fn eval(op: &Op, ins: &[&Tensor], bind: &Bindings) -> Result<Tensor> {
     eval_with(op, ins, bind, &KernelOptions::default())
 }
 
-/// [`eval`] with the kernel choices `opts`.
+/// [`eval`] with the kernel choices `opts`, for ops with one output.
 pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Tensor> {
+    eval_one(op, ins, bind, opts)
+}
+
+/// Every output of `op` on `ins`, in the order the op infers them.
+pub fn eval_outputs(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Vec<Tensor>> {
+    match op {
+        // The unfused graph's numbers: the sum rounded to its dtype, then normalised.
+        Op::AddRmsNorm { eps, norm_dtype } => {
+            let sum = eval_one(&Op::Add, &ins[..2], bind, opts)?;
+            if ins[0].dtype() != ins[1].dtype() || ins[0].shape() != ins[1].shape() {
+                return Err(Error::op(op.name(), "x and residual must have one dtype and shape"));
+            }
+            let normed = eval_one(&Op::RmsNorm { eps: *eps, norm_dtype: *norm_dtype }, &[&sum, ins[2]], bind, opts)?;
+            Ok(vec![normed, sum])
+        }
+        _ => Ok(vec![eval_one(op, ins, bind, opts)?]),
+    }
+}
+
+fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Tensor> {
     // Resolve symbolic size arguments, then check the op's shape rules on the concrete inputs.
     let op = match op {
         Op::View(s) => Op::View(resolve(s, bind)?),
@@ -396,6 +416,7 @@ pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions
         Op::CachedAttention { .. } => {
             Err(Error::op(op.name(), "needs a KV cache: run it through a runtime step with batch metadata"))
         }
+        Op::AddRmsNorm { .. } => Err(Error::op(op.name(), "has two outputs: evaluate it with `eval_outputs`")),
     }
 }
 

@@ -54,12 +54,12 @@ pub fn eval_node(
     kernels: &cpu::KernelOptions,
     attention: Option<&dyn AttentionBackend>,
     step: Option<&mut StepContext>,
-) -> Result<Tensor> {
+) -> Result<Vec<Tensor>> {
     let n = &g.nodes[i];
     let name = &g.value(n.outputs[0]).name;
     let res = match (&n.op, attention, step) {
         (Op::CachedAttention { layer, scale, rope: false, .. }, Some(b), Some(cx)) => {
-            b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx)
+            b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx).map(|t| vec![t])
         }
         // RoPE fused into the op: q and k rotated here, so every backend (plugins included) sees
         // what the unfused graph gave it.
@@ -67,13 +67,13 @@ pub fn eval_node(
             let rot = Op::Rope { interleaved: false };
             cpu::eval_with(&rot, &[ins[0], ins[3], ins[4]], bind, kernels).and_then(|q| {
                 let k = cpu::eval_with(&rot, &[ins[1], ins[3], ins[4]], bind, kernels)?;
-                b.attend(*layer, *scale as f32, &q, &k, ins[2], cx)
+                b.attend(*layer, *scale as f32, &q, &k, ins[2], cx).map(|t| vec![t])
             })
         }
         (Op::CachedAttention { .. }, _, None) => Err(Error::Msg(
             "this graph has cached attention: forward needs a step context (batch metadata and KV cache)".into(),
         )),
-        _ => cpu::eval_with(&n.op, ins, bind, kernels),
+        _ => cpu::eval_outputs(&n.op, ins, bind, kernels),
     };
     let out = res.map_err(|e| match e {
         Error::Shape { .. } => e.at_node(name),
@@ -91,7 +91,9 @@ pub fn eval_node(
             _ => None,
         };
         if let Some(what) = what {
-            crate::custom_op::check_output(&format!("{what} at node `{name}`"), &out.to_f32())?;
+            for t in &out {
+                crate::custom_op::check_output(&format!("{what} at node `{name}`"), &t.to_f32())?;
+            }
         }
     }
     Ok(out)

@@ -63,6 +63,7 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
             },
         },
         "torch_rmsnorm" => Op::RmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
+        "fused_add_rmsnorm" => Op::AddRmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
         "torch_rope_with_explicit_cos_sin" => Op::Rope { interleaved: a.opt_bool("interleaved")?.unwrap_or(false) },
         "torch_attention" => Op::Attention { causal: a.bool("causal")?, scale: a.f64("scale")? },
         "torch_swiglu_mlp" => Op::SwiGluMlp {
@@ -294,6 +295,7 @@ mod tests {
             Op::Gelu { tanh: true },
             Op::Gelu { tanh: false },
             Op::RmsNorm { eps: 1e-6, norm_dtype: DType::F32 },
+            Op::AddRmsNorm { eps: 1e-5, norm_dtype: DType::BF16 },
             Op::Rope { interleaved: true },
             Op::Attention { causal: true, scale: 0.088 },
             Op::SwiGluMlp { fused: true, epilogue: false },

@@ -80,6 +80,13 @@ pub enum Op {
         eps: f64,
         norm_dtype: DType,
     },
+    /// `fused_add_rmsnorm(x, residual, weight) -> (normed, sum)`: `sum = x + residual` (one dtype,
+    /// one shape), then `torch_rmsnorm(sum, weight)`; the `fuse_add_rmsnorm` transform makes it
+    /// from an add whose result an RMSNorm reads, so the CUDA executor runs both in one kernel.
+    AddRmsNorm {
+        eps: f64,
+        norm_dtype: DType,
+    },
     /// `torch_rope_with_explicit_cos_sin(x, cos, sin)`: `x·cos + rotate_half(x)·sin`. With
     /// `interleaved`, `x`'s last dim holds (even, odd) pairs and is de-interleaved first.
     Rope {
@@ -159,6 +166,7 @@ impl Op {
             Op::LogSoftmax { .. } => "aten.log_softmax.int",
             Op::Gelu { .. } => "aten.gelu",
             Op::RmsNorm { .. } => "torch_rmsnorm",
+            Op::AddRmsNorm { .. } => "fused_add_rmsnorm",
             Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
             Op::Attention { .. } => "torch_attention",
             Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
@@ -191,7 +199,9 @@ impl Op {
             }
             Op::Cat { dim } | Op::Softmax { dim } | Op::LogSoftmax { dim } => format!("dim={dim}"),
             Op::Gelu { tanh } => format!("approximate={}", if *tanh { "tanh" } else { "none" }),
-            Op::RmsNorm { eps, norm_dtype } => format!("eps={eps:?}, norm_dtype={norm_dtype}"),
+            Op::RmsNorm { eps, norm_dtype } | Op::AddRmsNorm { eps, norm_dtype } => {
+                format!("eps={eps:?}, norm_dtype={norm_dtype}")
+            }
             Op::Rope { interleaved } => format!("interleaved={interleaved}"),
             Op::Attention { causal, scale } => format!("causal={causal}, scale={scale:?}"),
             Op::SwiGluMlp { fused, epilogue } => {
@@ -222,7 +232,7 @@ impl Op {
         match self {
             Op::Linear => (2, 3),
             Op::Embedding | Op::Matmul | Op::Add | Op::Sub | Op::Mul | Op::Div => (2, 2),
-            Op::Sdpa { .. } | Op::Rope { .. } | Op::Attention { .. } => (3, 3),
+            Op::Sdpa { .. } | Op::Rope { .. } | Op::Attention { .. } | Op::AddRmsNorm { .. } => (3, 3),
             Op::RmsNorm { .. } | Op::IndexSelect { .. } => (2, 2),
             Op::CachedAttention { rope: false, .. } => (3, 3),
             Op::CachedAttention { rope: true, .. } => (5, 5),
@@ -390,6 +400,15 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
                 return Err(err(op, format!("weight {w} does not fit the last dim of {x}")));
             }
             Ok(vec![TensorMeta { dtype: DType::promote(w.dtype, *norm_dtype), shape: x.shape.clone() }])
+        }
+        Op::AddRmsNorm { eps, norm_dtype } => {
+            let r = &ins[1];
+            if r != x {
+                return Err(err(op, format!("x {x} and residual {r} must have one dtype and shape")));
+            }
+            let normed = infer(&Op::RmsNorm { eps: *eps, norm_dtype: *norm_dtype }, &[x.clone(), ins[2].clone()])
+                .map_err(|e| err(op, e.to_string()))?;
+            Ok(vec![normed[0].clone(), x.clone()])
         }
         Op::Rope { .. } => {
             let (c, s_) = (&ins[1], &ins[2]);

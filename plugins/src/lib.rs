@@ -18,6 +18,7 @@ pub mod runtime {
     pub mod builtin;
 }
 pub mod transforms {
+    pub mod compile_fusion;
     pub mod fusion;
     pub mod kvcache;
     pub mod matchers;

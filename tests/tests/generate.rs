@@ -75,10 +75,28 @@ fn compile_stage_fusions_are_transforms_the_graph_shows() {
         assert!(mlps > 0 && dump.matches("fused=true, epilogue=true)").count() == mlps, "{fam}: {dump}");
         let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_swiglu_epilogue]\nenabled = false");
         assert!(!off.graph.dump().contains("epilogue=true"), "{fam}: epilogue while disabled");
+        // Residual adds into the RMSNorms reading them: two per layer (before attention after
+        // the first layer's, before the MLP) and the final norm; the first layer's input norm
+        // reads the embedding and stays a plain RMSNorm.
+        let fused_norms = dump.matches("= fused_add_rmsnorm(").count();
+        assert_eq!(fused_norms, 2 * layers, "{fam}: {dump}");
+        assert_eq!(dump.matches("= torch_rmsnorm(").count(), 1 + qk_norms(&dump), "{fam}: {dump}");
+        assert!(!dump.contains("= aten.add.Tensor("), "{fam}: an add was left: {dump}");
+        let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_add_rmsnorm]\nenabled = false");
+        assert!(!off.graph.dump().contains("fused_add_rmsnorm"), "{fam}: fused while disabled");
+        check_greedy(fam, "compile_backend = \"opt\"\n[transforms.fuse_add_rmsnorm]\nenabled = false", "add apart");
         // `simple` does not fuse.
         let simple = engine(fam, "").graph.dump();
-        assert!(!simple.contains("rope=true") && !simple.contains("epilogue=true"), "{fam}: simple fused");
+        assert!(
+            !simple.contains("rope=true") && !simple.contains("epilogue=true") && !simple.contains("fused_add_rmsnorm"),
+            "{fam}: simple fused"
+        );
     }
+}
+
+/// RMSNorms of q and k heads (qwen3's q/k norm) in a dump: two per attention when present.
+fn qk_norms(dump: &str) -> usize {
+    dump.lines().filter(|l| l.contains("= torch_rmsnorm(") && (l.contains("q_norm") || l.contains("k_norm"))).count()
 }
 
 #[test]
@@ -88,7 +106,9 @@ fn disabling_any_single_transform_keeps_greedy_output() {
     assert!(names.len() >= 6, "{names:?}");
     for name in names {
         for fam in ["llama", "qwen3"] {
-            check_greedy(fam, &format!("[transforms.{name}]\nenabled = false\n"), &format!("without {name}"));
+            // Under `opt`, so the compile-stage fusions run and their absence is what is tried.
+            let extra = format!("compile_backend = \"opt\"\n[transforms.{name}]\nenabled = false\n");
+            check_greedy(fam, &extra, &format!("without {name}"));
         }
     }
 }

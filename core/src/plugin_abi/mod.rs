@@ -659,8 +659,10 @@ impl ffi::RunGraph for HostRun<'_, '_> {
             self.step.as_deref_mut(),
         );
         match out {
-            Ok(t) => {
-                self.slots[n.outputs[0].0 as usize] = Some(t);
+            Ok(ts) => {
+                for (o, t) in n.outputs.iter().zip(ts) {
+                    self.slots[o.0 as usize] = Some(t);
+                }
                 RResult::ROk(())
             }
             Err(e) => RResult::RErr(e.to_string().into()),

@@ -169,7 +169,9 @@ impl CompiledModel for Interpreter {
                 e.0 += 1;
                 e.1 += t0.elapsed();
             }
-            slots[n.outputs[0].0 as usize] = Some(out);
+            for (o, t) in n.outputs.iter().zip(out) {
+                slots[o.0 as usize] = Some(t);
+            }
             for v in &n.inputs {
                 if self.last_use[v.0 as usize] == i {
                     slots[v.0 as usize] = None;

@@ -103,15 +103,14 @@ impl CudaModel {
         // Per-op times (synchronising after every node) when profiling and not capturing.
         let profiling = self.profile_on && !capturing;
         for (i, node) in g.nodes.iter().enumerate() {
-            if self.deferred_to[i].is_some() {
-                continue;
+            // Outputs past the first live in their planned memory (the ops that have them write
+            // there); the first may be a view of an input or the attention's own layout.
+            for (&o, &at) in node.outputs.iter().zip(&self.plan[i].outs).skip(1) {
+                ptr[o.0 as usize] = base + at as u64;
             }
             if !self.skip_ops.is_empty() && self.skip_ops.iter().any(|s| s == node.op.name()) {
-                // Timing only: the node (and what was deferred into it) is not run; its output
-                // is whatever its planned memory holds.
-                for j in (0..i).filter(|&j| self.deferred_to[j] == Some(i)).chain([i]) {
-                    ptr[g.nodes[j].outputs[0].0 as usize] = base + self.plan[j].out as u64;
-                }
+                // Timing only: the node is not run; its output is whatever its memory holds.
+                ptr[node.outputs[0].0 as usize] = base + self.plan[i].outs[0] as u64;
                 continue;
             }
             let outv = node.outputs[0];
@@ -119,7 +118,7 @@ impl CudaModel {
             let out_shape = shape_of(outv)?;
             let odt = dt_of(outv)?;
             let n_out: usize = out_shape.iter().product();
-            let planned = base + self.plan[i].out as u64;
+            let planned = base + self.plan[i].outs[0] as u64;
             // What may stay strided: a view op's input; the q, k and v of a RoPE-fused cached
             // attention whose RoPE + KV write kernel reads them in place.
             let attn_strided = matches!(node.op, Op::CachedAttention { .. }) && self.attn_reads_strided(i, staged);
@@ -129,8 +128,7 @@ impl CudaModel {
                 Op::CachedAttention { .. } if attn_strided => node.inputs[..3].contains(&v),
                 _ => false,
             };
-            let reads = node.inputs.iter().chain(self.deferred_into[i].iter().flat_map(|&r| &g.nodes[r].inputs));
-            for &v in reads {
+            for &v in &node.inputs {
                 let vi = v.0 as usize;
                 if lay[vi].is_none() || strided_ok(v) {
                     continue;
@@ -161,7 +159,6 @@ impl CudaModel {
             let in_dt = |k: usize| dt_of(node.inputs[k]);
             let fail = |e: Unavailable| Error::Op { op: node.op.name().into(), msg: format!("node `{name}`: {}", e.0) };
             let mut out = planned;
-            let mut also: Option<(usize, Ptr)> = None;
             let t0 = profiling.then(std::time::Instant::now);
             match &node.op {
                 Op::Embedding => {
@@ -295,22 +292,20 @@ impl CudaModel {
                         at += xs[d];
                     }
                 }
-                Op::RmsNorm { eps, norm_dtype } => {
+                Op::RmsNorm { eps, norm_dtype } | Op::AddRmsNorm { eps, norm_dtype } => {
                     let xs = in_shape(0)?;
                     let last = *xs.last().unwrap_or(&1);
                     let norm_dt = dt(*norm_dtype, name)?;
-                    let (x, residual) = if i > 0 && self.deferred_to[i - 1] == Some(i) {
-                        let add = &g.nodes[i - 1];
-                        let res_out = base + self.plan[i - 1].out as u64;
-                        also = Some((add.outputs[0].0 as usize, res_out));
-                        (ptr[add.inputs[0].0 as usize], Some((ptr[add.inputs[1].0 as usize], res_out)))
-                    } else {
-                        (inp(0), None)
+                    // fused_add_rmsnorm: the kernel writes x + residual to the second output
+                    // and normalises that sum.
+                    let (residual, w) = match node.op {
+                        Op::AddRmsNorm { .. } => (Some((inp(1), ptr[node.outputs[1].0 as usize])), 2),
+                        _ => (None, 1),
                     };
                     gpu.rmsnorm(
-                        (x, in_dt(0)?),
+                        (inp(0), in_dt(0)?),
                         residual,
-                        (inp(1), in_dt(1)?),
+                        (inp(w), in_dt(w)?),
                         (planned, odt),
                         norm_dt,
                         n_out / last.max(1),
@@ -555,9 +550,6 @@ impl CudaModel {
             // (A strided output in the node's own memory, the attention's, has nowhere to go.)
             home[outv.0 as usize] = if out_lay.is_some() && out != planned { planned } else { 0 };
             lay[outv.0 as usize] = out_lay;
-            if let Some((v, p)) = also {
-                ptr[v] = p;
-            }
         }
         let o = g.outputs[0];
         if let Some(st) = &lay[o.0 as usize] {

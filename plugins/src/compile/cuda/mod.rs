@@ -91,7 +91,8 @@ fn unsupported(op: &Op) -> Option<&'static str> {
 
 /// Per node: the regions its output and scratch use (arena offsets), planned once.
 struct Planned {
-    out: usize,
+    /// The arena offset of each output, in the node's output order.
+    outs: Vec<usize>,
     scratch: Vec<usize>,
 }
 
@@ -111,11 +112,6 @@ pub struct CudaModel {
     param_ptr: HashMap<usize, Ptr>,
     arena: Buffer,
     plan: Vec<Planned>,
-    /// Node i's work is done by a later node (fusion): an add by its RMSNorm, q/k RoPEs by
-    /// their cached attention.
-    deferred_to: Vec<Option<usize>>,
-    /// The nodes deferred into node i (the inverse of `deferred_to`).
-    deferred_into: Vec<Vec<usize>>,
     /// Cached attention node i's output is only transposed to `[.., tokens, heads, d]`: its
     /// split-KV kernels write that layout, and the transpose is a view.
     attn_tokens_major: Vec<bool>,
@@ -202,28 +198,7 @@ impl CudaModel {
             Ok(eval_shape(&m.shape, &max_bind)?.iter().product::<usize>() * m.dtype.size_in_bytes())
         };
 
-        // Fusion (`compile`, `opt`): an add whose result the next node normalises runs inside
-        // that RMSNorm. (The RoPEs of a cached attention's q and k are fused by the
-        // `fuse_rope_attention` transform: the op itself says `rope=true`.)
         let n = graph.nodes.len();
-        let mut deferred_to: Vec<Option<usize>> = vec![None; n];
-        if mode.fuse {
-            for (i, pair) in graph.nodes.windows(2).enumerate() {
-                let (a, b) = (&pair[0], &pair[1]);
-                if let (Op::Add, Op::RmsNorm { .. }) = (&a.op, &b.op) {
-                    let (x, r, o) = (graph.meta(a.inputs[0]), graph.meta(a.inputs[1]), graph.meta(a.outputs[0]));
-                    if b.inputs[0] == a.outputs[0] && x.shape == r.shape && x == o && r.dtype == o.dtype {
-                        deferred_to[i] = Some(i + 1);
-                    }
-                }
-            }
-        }
-        let mut deferred_into: Vec<Vec<usize>> = vec![Vec::new(); n];
-        for (i, d) in deferred_to.iter().enumerate() {
-            if let Some(j) = *d {
-                deferred_into[j].push(i);
-            }
-        }
         let attn_tokens_major: Vec<bool> = {
             let mut readers: Vec<Vec<usize>> = vec![Vec::new(); graph.values.len()];
             for (j, node) in graph.nodes.iter().enumerate() {
@@ -248,18 +223,10 @@ impl CudaModel {
                 })
                 .collect()
         };
-        // What each node reads: its inputs and those of the nodes deferred into it.
-        let mut reads_at: Vec<Vec<usize>> =
+        let reads_at: Vec<Vec<usize>> =
             graph.nodes.iter().map(|nd| nd.inputs.iter().map(|v| v.0 as usize).collect()).collect();
-        for (i, d) in deferred_to.iter().enumerate() {
-            if let Some(j) = *d {
-                let extra: Vec<usize> = graph.nodes[i].inputs.iter().map(|v| v.0 as usize).collect();
-                reads_at[j].extend(extra);
-            }
-        }
 
-        // Liveness: last node reading each value; views keep their source alive; fused adds
-        // read their inputs one node later.
+        // Liveness: last node reading each value; views keep their source alive.
         let mut last_use = vec![0usize; graph.values.len()];
         for (i, reads) in reads_at.iter().enumerate() {
             for &v in reads {
@@ -279,17 +246,21 @@ impl CudaModel {
         let mut region: Vec<Option<(usize, usize)>> = vec![None; graph.values.len()];
         let mut plan = Vec::with_capacity(n);
         for (i, node) in graph.nodes.iter().enumerate() {
-            let bytes = bytes_of(node.outputs[0])?;
-            let out = arena.alloc(bytes);
-            region[node.outputs[0].0 as usize] = Some((out, bytes));
+            let mut outs = Vec::with_capacity(node.outputs.len());
+            for &o in &node.outputs {
+                let bytes = bytes_of(o)?;
+                let at = arena.alloc(bytes);
+                region[o.0 as usize] = Some((at, bytes));
+                outs.push(at);
+            }
             let scratch_sizes = scratch_bytes(graph, node, &max_bind)?;
             let scratch: Vec<usize> = scratch_sizes.iter().map(|&b| arena.alloc(b)).collect();
             for (&at, &b) in scratch.iter().zip(&scratch_sizes) {
                 arena.release(at, b);
             }
-            plan.push(Planned { out, scratch });
+            plan.push(Planned { outs, scratch });
             let mut dead = reads_at[i].clone();
-            dead.push(node.outputs[0].0 as usize);
+            dead.extend(node.outputs.iter().map(|o| o.0 as usize));
             dead.sort_unstable();
             dead.dedup();
             for v in dead {
@@ -442,8 +413,6 @@ impl CudaModel {
             param_ptr,
             arena: arena_buf,
             plan,
-            deferred_to,
-            deferred_into,
             attn_tokens_major,
             slot_pages,
             split,

@@ -1,0 +1,174 @@
+//! Kernel fusions as graph rewrites (stage `compile`, for the compile backends that fuse:
+//! `compile` and `opt`, AutoDeploy's `torch-compile` and `torch-opt`). Each makes a canonical
+//! fused op the executors run as one kernel, so `autodeploy graph --stage compile` prints what
+//! runs; each can be switched off in `[transforms.<name>]` (`enabled = false`) and the graph
+//! then computes the same numbers through the unfused ops.
+
+use autodeploy_core::error::Result;
+use autodeploy_core::ir::Graph;
+use autodeploy_core::registry::TransformPlugin;
+use autodeploy_core::transform::{Transform, TransformContext};
+use autodeploy_core::Op;
+use autodeploy_sdk::Stage;
+
+/// The compile backends that fuse kernels (AutoDeploy's `torch-compile` and `torch-opt`).
+const FUSING_BACKENDS: [&str; 2] = ["compile", "opt"];
+
+/// `Some(why)` when the configured compile backend does not fuse (the transform then leaves the
+/// graph alone and says so in the history).
+fn not_fusing(cx: &TransformContext, what: &str) -> Result<Option<String>> {
+    let backend = autodeploy_core::registry::compile_backend_name(&cx.config.compile_backend)?;
+    Ok((!FUSING_BACKENDS.contains(&backend))
+        .then(|| format!("compile_backend `{backend}` {what} (only compile and opt fuse)")))
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_rope_attention",
+        stage: Stage::Compile,
+        order: 10,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(FuseRopeAttention),
+    }
+}
+
+/// RoPE into cached attention (stage `compile`, for the fusing compile backends): the RoPEs of a
+/// cached attention's q and k, read by nothing else and sharing one cos/sin table, become part of
+/// the attention op (`rope=true`, inputs `q, k, v, cos, sin`), which the CUDA executor runs as one
+/// kernel that rotates q and k, writes the cache and attends. Not for `triton`, whose kernel
+/// reads this step's rotated k and v itself.
+pub struct FuseRopeAttention;
+
+impl Transform for FuseRopeAttention {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        if let Some(skip) = not_fusing(cx, "runs RoPE and attention apart")? {
+            return Ok(skip);
+        }
+        let producers = g.producers();
+        let uses = g.use_counts();
+        let rope_of = |v: autodeploy_core::ValueId| {
+            producers[v.0 as usize].filter(|&p| {
+                matches!(g.nodes[p].op, Op::Rope { interleaved: false })
+                    && uses[v.0 as usize] == 1
+                    && !g.outputs.contains(&v)
+            })
+        };
+        let mut fused = Vec::new();
+        for (j, node) in g.nodes.iter().enumerate() {
+            let Op::CachedAttention { backend, rope: false, .. } = &node.op else { continue };
+            if backend == "triton" {
+                continue;
+            }
+            if let (Some(rq), Some(rk)) = (rope_of(node.inputs[0]), rope_of(node.inputs[1])) {
+                let (a, b) = (&g.nodes[rq].inputs, &g.nodes[rk].inputs);
+                if a[1..] == b[1..] {
+                    fused.push((j, vec![a[0], b[0], node.inputs[2], a[1], a[2]]));
+                }
+            }
+        }
+        let n = fused.len();
+        for (j, inputs) in fused {
+            if let Op::CachedAttention { rope, .. } = &mut g.nodes[j].op {
+                *rope = true;
+            }
+            g.nodes[j].inputs = inputs;
+        }
+        let removed = g.dce();
+        Ok(format!("fused the q/k RoPEs into {n} cached attentions ({removed} nodes removed)"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_swiglu_epilogue",
+        stage: Stage::Compile,
+        order: 20,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(FuseSwigluEpilogue),
+    }
+}
+
+/// SwiGLU into the gate/up GEMV (stage `compile`, for the fusing compile backends): every fused
+/// SwiGLU MLP (gate and up one weight) is marked `epilogue=true`, and the CUDA executor computes
+/// a single row's silu(gate)·up inside the gate/up GEMV instead of a kernel after it.
+pub struct FuseSwigluEpilogue;
+
+impl Transform for FuseSwigluEpilogue {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        if let Some(skip) = not_fusing(cx, "runs the SwiGLU activation apart")? {
+            return Ok(skip);
+        }
+        let mut n = 0;
+        for node in &mut g.nodes {
+            if let Op::SwiGluMlp { fused: true, epilogue } = &mut node.op {
+                *epilogue = true;
+                n += 1;
+            }
+        }
+        Ok(format!("marked {n} SwiGLU MLPs for the gate/up GEMV epilogue"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_add_rmsnorm",
+        stage: Stage::Compile,
+        order: 30,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(FuseAddRmsNorm),
+    }
+}
+
+/// Residual add into the RMSNorm that reads it: `add(x, r)` whose result a `torch_rmsnorm`
+/// normalises becomes one `fused_add_rmsnorm(x, r, w)` with two outputs, the normalised rows
+/// and the sum the residual stream goes on with. Only where x and r have one dtype and shape
+/// (the sum then has them too) and the norm's weight is defined before the add.
+pub struct FuseAddRmsNorm;
+
+impl Transform for FuseAddRmsNorm {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        if let Some(skip) = not_fusing(cx, "runs the residual add and RMSNorm apart")? {
+            return Ok(skip);
+        }
+        let producers = g.producers();
+        // (add node, norm node): each add fused into the first RMSNorm reading it.
+        let mut pairs: Vec<(usize, usize)> = Vec::new();
+        let mut taken = vec![false; g.nodes.len()];
+        for (j, node) in g.nodes.iter().enumerate() {
+            let Op::RmsNorm { .. } = node.op else { continue };
+            let Some(a) = producers[node.inputs[0].0 as usize] else { continue };
+            let add = &g.nodes[a];
+            let weight_before = producers[node.inputs[1].0 as usize].is_none_or(|p| p < a);
+            if matches!(add.op, Op::Add)
+                && !taken[a]
+                && g.meta(add.inputs[0]) == g.meta(add.inputs[1])
+                && g.meta(add.inputs[0]) == g.meta(add.outputs[0])
+                && weight_before
+            {
+                taken[a] = true;
+                pairs.push((a, j));
+            }
+        }
+        for &(a, j) in &pairs {
+            let Op::RmsNorm { eps, norm_dtype } = g.nodes[j].op else { continue };
+            let (sum, normed, w) = (g.nodes[a].outputs[0], g.nodes[j].outputs[0], g.nodes[j].inputs[1]);
+            let node = &mut g.nodes[a];
+            node.op = Op::AddRmsNorm { eps, norm_dtype };
+            node.inputs.push(w);
+            node.outputs = vec![normed, sum];
+        }
+        let mut drop: Vec<usize> = pairs.iter().map(|p| p.1).collect();
+        drop.sort_unstable();
+        for j in drop.into_iter().rev() {
+            g.nodes.remove(j);
+        }
+        g.validate()?;
+        Ok(format!("fused {} residual adds into the RMSNorm reading them", pairs.len()))
+    }
+}
