@@ -8,7 +8,7 @@ use autodeploy_core::registry;
 use crate::{Cli, Cmd};
 
 /// `autodeploy plugins`: every plugin with kind, name, version and origin, the libraries refused
-/// and why, the transforms in pipeline order, and the attention backends' options.
+/// and why, the transforms in pipeline order, and the attention backends' devices and options.
 pub fn list() {
     println!("{:<18} {:<24} {:<8} origin", "kind", "name", "version");
     for p in registry::list_plugins() {
@@ -41,8 +41,16 @@ fn print_transforms() {
     }
 }
 
-/// The options attention backends declare (`[attention_backends.<name>]`), for those that have any.
+/// The devices each attention backend runs on, then the options attention backends declare
+/// (`[attention_backends.<name>]`), for those that have any.
 fn print_attention_options() {
+    println!("\nattention backends (attn_backend), by device:");
+    for p in registry::list_plugins().into_iter().filter(|p| p.kind == autodeploy_sdk::PluginKind::AttentionBackend) {
+        if let Ok((cpu, cuda)) = registry::attention_backend_devices(p.name) {
+            let on: Vec<&str> = [(cpu, "cpu"), (cuda, "cuda")].into_iter().filter(|x| x.0).map(|x| x.1).collect();
+            println!("  {:<28} {}", p.name, on.join(", "));
+        }
+    }
     let backends: Vec<_> = registry::list_plugins()
         .into_iter()
         .filter(|p| p.kind == autodeploy_sdk::PluginKind::AttentionBackend)

@@ -104,6 +104,7 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let lib_s = lib.display().to_string();
     for (kind, name) in [
         ("attention-backend", "naive_cpu"),
+        ("attention-backend", "naive"),
         ("transform", "fold_norm_scale"),
         ("transform", "use_example_rmsnorm"),
         ("op", "example.rms_norm"),
@@ -117,6 +118,13 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
         );
     }
     assert!(out.lines().any(|l| l.contains(" torch ") && l.ends_with("built-in")), "{out}");
+    // Which devices each attention backend runs on: `naive` has a CUDA side, `naive_cpu` not.
+    let devices = out.split("attention backends (attn_backend), by device:").nth(1).unwrap_or_default();
+    let on =
+        |name: &str| devices.lines().find(|l| l.split_whitespace().next() == Some(name)).map(|l| l.trim().to_string());
+    assert_eq!(on("naive").as_deref(), Some("naive                        cpu, cuda"), "{out}");
+    assert_eq!(on("naive_cpu").as_deref(), Some("naive_cpu                    cpu"), "{out}");
+    assert_eq!(on("flashinfer").as_deref(), Some("flashinfer                   cuda"), "{out}");
     // Each transform with its stage, whether it is on by default, and its options' defaults.
     let table =
         out.split("transforms, in the order they run").nth(1).unwrap_or_else(|| panic!("no transforms table: {out}"));
@@ -166,6 +174,14 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     assert!(ok, "{err}");
     assert!(!output_lines(&reference).is_empty(), "{reference}");
     assert_eq!(output_lines(&plugged), output_lines(&reference));
+    // `naive` (the same CPU side, with a CUDA side the GPU tests run) too, under `opt`: the
+    // RoPE stays apart for a library backend (only built-ins take RoPE-fused ops).
+    let naive = format!("compile_backend = \"opt\"\n{}", smollm2_config(&model, "naive", "enabled = false"));
+    let (ok, plugged, err) = host(&dir, &naive, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(output_lines(&plugged), output_lines(&reference));
+    let (ok, graph, err) = host(&dir, &naive, &["graph", "--stage", "compile"]);
+    assert!(ok && graph.contains("backend=naive") && !graph.contains("rope=true"), "{graph}{err}");
 
     // The plugin's transform runs at post_load_fusion (before fuse_gemms), shows in the graph,
     // and keeps the greedy tokens (f32: the folded products differ only in rounding).
@@ -253,7 +269,7 @@ fn old_sdk_plugin() -> PathBuf {
 }
 
 /// The next minor version of the SDK, for `changed_sdk_plugin`.
-const NEXT_SDK: &str = "0.8.0";
+const NEXT_SDK: &str = "0.9.0";
 
 /// A copy of the example plugin built against a newer SDK (`NEXT_SDK`) whose interface types changed
 /// (a kernel-argument kind added): abi_stable accepts the version and then finds the layouts

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod config;
 pub mod cpu;
 pub mod custom_op;
+pub mod device_attention;
 pub mod dtype;
 pub mod engine_core;
 pub mod error;

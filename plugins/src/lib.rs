@@ -2,6 +2,7 @@
 //! finds them through `autodeploy_core::registry`, `transform`, `kvcache` and `runtime`.
 
 pub mod attention {
+    pub mod cuda;
     pub mod torch_cpu;
 }
 pub mod compile {

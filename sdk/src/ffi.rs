@@ -361,6 +361,15 @@ fn panic_message(what: &str, payload: Box<dyn std::any::Any + Send>) -> String {
     format!("{what} panicked: {msg}")
 }
 
+impl<T: CudaAttentionBackend> CudaAttentionBackend for CatchPanic<T> {
+    fn begin_step(&mut self, step: StepInfo<'_>) -> RResult<(), RString> {
+        catching("CUDA attention backend", || self.0.begin_step(step))
+    }
+    fn attend(&self, call: DeviceAttentionCall, launcher: CudaLauncherRef<'_>) -> RResult<(), RString> {
+        catching("CUDA attention backend", || self.0.attend(call, launcher))
+    }
+}
+
 /// An option a transform accepts; the host checks the config's value has the default's type.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug)]
@@ -429,6 +438,60 @@ pub type AttentionBackendBox = AttentionBackend_TO<'static, RBox<()>>;
 /// Boxes a backend for [`PluginDecl::attention_backend`]'s `make`.
 pub fn attention_backend_box(b: impl AttentionBackend + 'static) -> AttentionBackendBox {
     AttentionBackend_TO::from_value(CatchPanic(b), abi_stable::sabi_trait::TD_Opaque)
+}
+
+/// One layer's cached attention for one step on the GPU, as device addresses (all on the
+/// device the engine runs on; element type `dtype`). Layouts as in [`AttentionCall`]: `q`/`out`
+/// `[heads, tokens, head_dim]`, this step's `k`/`v` `[kv_heads, tokens, head_dim]`, contiguous;
+/// the caches `[slot, kv_heads, head_dim]`. The step's metadata, on the device: `token_seq` and
+/// `token_pos` (i64 per token), `page_indptr` (i64 per sequence + 1), `page_indices` (i32 per
+/// page), `seq_start` (i64 per sequence: its first token in this step) and `cached_len` (i64 per
+/// sequence: positions already in the cache). The backend writes this step's k/v into the
+/// caches, then attends each query token to its sequence's positions `0..=token_pos[t]`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct DeviceAttentionCall {
+    pub layer: usize,
+    pub scale: f32,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub tokens: usize,
+    pub head_dim: usize,
+    pub dtype: DeviceDtype,
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub out: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub seqs: usize,
+    pub page_size: usize,
+    pub token_seq: u64,
+    pub token_pos: u64,
+    pub page_indptr: u64,
+    pub page_indices: u64,
+    pub seq_start: u64,
+    pub cached_len: u64,
+}
+
+/// An attention backend's CUDA side (selected with `attn_backend` on `device = "cuda"`). The
+/// host creates one instance per engine, calls `begin_step` once per step on the host (the
+/// step's batch, as [`AttentionBackend::begin_step`] gets it: plan what all layers share), then
+/// `attend` for each layer, which queues kernels through the host's launcher (NVRTC-compiled
+/// source, the step's stream) and returns without waiting for them. Steps with such a backend
+/// are not captured into CUDA graphs.
+#[sabi_trait]
+pub trait CudaAttentionBackend: Send + Sync {
+    fn begin_step(&mut self, step: StepInfo<'_>) -> RResult<(), RString>;
+    fn attend(&self, call: DeviceAttentionCall, launcher: CudaLauncherRef<'_>) -> RResult<(), RString>;
+}
+
+/// An owned CUDA attention backend instance.
+pub type CudaAttentionBackendBox = CudaAttentionBackend_TO<'static, RBox<()>>;
+
+/// Boxes a CUDA attention backend for [`PluginDecl::with_cuda_attention`]'s `make`.
+pub fn cuda_attention_backend_box(b: impl CudaAttentionBackend + 'static) -> CudaAttentionBackendBox {
+    CudaAttentionBackend_TO::from_value(CatchPanic(b), abi_stable::sabi_trait::TD_Opaque)
 }
 
 /// One sequence's share of a forward step (see [`EngineOps::step`]).
@@ -590,6 +653,9 @@ pub enum PluginBody {
         /// declared option (the config's value or the default); an error names what is wrong.
         /// Set for a backend with options.
         make_with_options: ROption<extern "C" fn(RStr<'_>) -> RResult<AttentionBackendBox, RString>>,
+        /// Creates its CUDA side for one engine from the same options text (`{}` when it
+        /// declares none); `RNone`: CPU only ([`PluginDecl::with_cuda_attention`]).
+        make_cuda: ROption<extern "C" fn(RStr<'_>) -> RResult<CudaAttentionBackendBox, RString>>,
     },
     /// A model importer, selectable as `importer = "<name>"` and asked (through `accepts`)
     /// about models whose config names no importer.
@@ -729,6 +795,7 @@ impl PluginDecl {
             options: RVec::new(),
             make: ROption::RSome(make),
             make_with_options: ROption::RNone,
+            make_cuda: ROption::RNone,
         };
         PluginDecl { name: name.into(), version: version.into(), body }
     }
@@ -750,8 +817,23 @@ impl PluginDecl {
                 .collect(),
             make: ROption::RNone,
             make_with_options: ROption::RSome(make),
+            make_cuda: ROption::RNone,
         };
         PluginDecl { name: name.into(), version: version.into(), body }
+    }
+
+    /// Gives an attention backend a CUDA side: `make(options)` (the backend's options as TOML
+    /// text, as its CPU side gets them) creates one instance per engine on `device = "cuda"`.
+    /// Without it, a CUDA engine with this backend is refused at build. Does nothing to a
+    /// declaration of another kind.
+    pub fn with_cuda_attention(
+        mut self,
+        make: extern "C" fn(RStr<'_>) -> RResult<CudaAttentionBackendBox, RString>,
+    ) -> PluginDecl {
+        if let PluginBody::AttentionBackend { make_cuda, .. } = &mut self.body {
+            *make_cuda = ROption::RSome(make);
+        }
+        self
     }
 }
 

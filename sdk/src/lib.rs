@@ -12,7 +12,7 @@ pub mod pattern;
 
 /// Version of the plugin interface: this crate's version. abi_stable refuses a library built
 /// against an incompatible one (for 0.x, another minor).
-pub const SDK_VERSION: (u32, u32, u32) = (0, 7, 0);
+pub const SDK_VERSION: (u32, u32, u32) = (0, 8, 0);
 pub const SDK_VERSION_STR: &str = env!("CARGO_PKG_VERSION");
 
 /// What a plugin does.

@@ -704,3 +704,82 @@ fn greedy_on_cuda_matches_transformers_generate() {
         }
     }
 }
+
+/// The example plugin's library, loaded once (`AUTODEPLOY_EXAMPLE_PLUGIN`: its path, built with
+/// `cargo build --release` in examples/plugin).
+fn example_plugin() {
+    static LOADED: std::sync::Once = std::sync::Once::new();
+    LOADED.call_once(|| {
+        let lib = std::env::var("AUTODEPLOY_EXAMPLE_PLUGIN").unwrap_or_else(|_| {
+            panic!("set AUTODEPLOY_EXAMPLE_PLUGIN to the example plugin's library (examples/plugin: cargo build --release)")
+        });
+        let lib = std::path::PathBuf::from(lib);
+        let n = autodeploy_core::plugin_abi::load_libraries(&lib, std::slice::from_ref(&lib));
+        assert!(n > 0, "{}: {}", lib.display(), autodeploy_core::plugin_abi::refusals_note());
+    });
+}
+
+/// A library's CUDA attention backend (the example plugin's `naive`: its own NVRTC-compiled
+/// kernels through the host's launcher) gives transformers' greedy tokens on every fixture
+/// family in f32, under `opt` (its steps are not captured); a library backend with no CUDA
+/// side is refused at build, naming it.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn a_library_attention_backend_runs_on_cuda() {
+    let _turn = gpu();
+    example_plugin();
+    for family in FAMILIES {
+        let r = common::Reference::load(family);
+        let refs: Vec<(Vec<i64>, Vec<i64>)> =
+            (0..2).map(|j| (r.i64(&format!("gen_prompt_{j}")).1, r.i64(&format!("gen_output_{j}")).1)).collect();
+        let requests: Vec<_> = refs.iter().map(|(p, w)| greedy(p, w.len())).collect();
+        let extra = format!(
+            "attn_page_size = {PAGE}\nmax_batch_size = 4\ndevice = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"naive\"\n"
+        );
+        let (out, ran) = launches(|| common::generate(family, &extra, &requests));
+        for (i, (got, (_, want))) in out.into_iter().zip(&refs).enumerate() {
+            assert_eq!(&got.unwrap().tokens, want, "{family} naive prompt {i}");
+        }
+        assert!(ran.contains_key("plugin_source_kernel"), "{family}: {ran:?}");
+        assert!(!ran.keys().any(|k| k.contains("paged") || k.contains("cuda_graph")), "{family}: {ran:?}");
+    }
+    let toml = format!(
+        "model = {:?}\ndevice = \"cuda\"\nattn_backend = \"naive_cpu\"\n",
+        common::fixture("llama").display().to_string()
+    );
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+    let e = autodeploy_core::pipeline::build(&cfg).err().expect("naive_cpu has no CUDA side").to_string();
+    assert!(e.contains("`naive_cpu`") && e.contains("no CUDA implementation"), "{e}");
+}
+
+/// The same library backend on Llama-3.1-8B's shape (dummy bf16 weights): the greedy tokens of
+/// a batch of two prompts over a few decode steps equal the built-in `flashinfer`'s.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn a_library_attention_backend_matches_flashinfer_at_8b_shape() {
+    let _turn = gpu();
+    example_plugin();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/configs/Llama-3.1-8B-Instruct");
+    let mut tokens = Vec::new();
+    for attn in ["flashinfer", "naive"] {
+        let toml = format!(
+            "model = {:?}\nload_format = \"dummy\"\ndtype = \"bfloat16\"\ndevice = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"{attn}\"\nmax_batch_size = 2\nmax_seq_len = 256\n",
+            dir.display().to_string()
+        );
+        let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+        let mut e = autodeploy_core::pipeline::build(&cfg).unwrap();
+        let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
+        let reqs: Vec<_> =
+            [(0..40).map(|i| 100 + 7 * i).collect::<Vec<i64>>(), (0..23).map(|i| 5000 + 13 * i).collect()]
+                .into_iter()
+                .map(|prompt| autodeploy_core::runtime::Request {
+                    prompt,
+                    sampling: autodeploy_core::sampling::SamplingParams { max_new_tokens: 6, ..Default::default() },
+                })
+                .collect();
+        let (r, _) = rt.generate(&mut e, &reqs);
+        tokens.push(r.into_iter().map(|x| x.unwrap().tokens).collect::<Vec<_>>());
+    }
+    eprintln!("8B shape greedy: flashinfer {:?}, naive {:?}", tokens[0], tokens[1]);
+    assert_eq!(tokens[0], tokens[1], "greedy tokens, flashinfer then the library's naive");
+}

@@ -20,6 +20,7 @@ use crate::shape::static_shape;
 use crate::tensor::Tensor;
 use crate::transform::{OptionSpec, Transform, TransformContext};
 
+mod device_attention;
 mod graph_edit;
 mod runtime;
 
@@ -179,13 +180,14 @@ fn load_library(path: &Path) -> usize {
                     }
                 }
             }
-            ffi::PluginBody::AttentionBackend { options, make, make_with_options } => {
+            ffi::PluginBody::AttentionBackend { options, make, make_with_options, make_cuda } => {
                 match (make.into_option(), make_with_options.into_option()) {
                     (Some(_), Some(_)) | (None, None) => Err(format!(
                         "attention backend `{name}` must give exactly one of `make` and `make_with_options`"
                     )),
                     (make, make_with) => {
                         let options: &'static [OptionSpec] = leak_options(&options);
+                        let (n, o) = (name.clone(), origin.clone());
                         crate::registry::ATTENTION_BACKENDS.register(external(&name, &version, &origin, move || {
                             let make = move |opts: &toml::Table| -> Result<Box<dyn AttentionBackend>> {
                                 let inner = match (make, make_with) {
@@ -201,7 +203,8 @@ fn load_library(path: &Path) -> usize {
                                 };
                                 Ok(Box::new(ExternalAttentionBackend { inner, csr: Default::default() }))
                             };
-                            Box::new(crate::registry::AttentionMaker { options, make: Box::new(make) })
+                            let cuda = make_cuda.into_option().map(|mk| device_attention::maker(mk, &n, &o));
+                            Box::new(crate::registry::AttentionMaker { options, make: Box::new(make), cuda })
                         }))
                     }
                 }

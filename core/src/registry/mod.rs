@@ -182,9 +182,13 @@ pub struct AttentionBackendPlugin {
     /// Other names accepted in configs.
     pub aliases: &'static [&'static str],
     pub version: &'static str,
-    /// The CPU implementation; `None` for a backend whose kernels run on CUDA only (the CUDA
-    /// executor launches them).
+    /// The CPU implementation; `None` for a backend whose kernels run on CUDA only.
     pub make: Option<fn() -> Box<dyn AttentionBackend>>,
+    /// The CUDA implementation, the CUDA executor's way to run it; `None`: CPU only.
+    pub cuda: Option<crate::device_attention::DeviceAttentionMaker>,
+    /// Whether its CUDA implementation takes q/k unrotated with the cos/sin tables (a
+    /// RoPE-fused op): the `fuse_rope_attention` transform fuses only for such backends.
+    pub fuses_rope: bool,
 }
 builtin_entry!(AttentionBackendPlugin);
 
@@ -214,6 +218,17 @@ pub struct AttentionMaker {
     pub options: &'static [crate::transform::OptionSpec],
     #[allow(clippy::type_complexity)]
     pub make: Box<dyn Fn(&toml::Table) -> Result<Box<dyn AttentionBackend>> + Send + Sync>,
+    /// Its CUDA implementation, if the library has one.
+    #[allow(clippy::type_complexity)]
+    pub cuda: Option<
+        Box<
+            dyn Fn(
+                    &crate::device_attention::DeviceAttentionSetup,
+                ) -> Result<Box<dyn crate::device_attention::DeviceAttention>>
+                + Send
+                + Sync,
+        >,
+    >,
 }
 
 pub static ATTENTION_BACKENDS: Kind<AttentionBackendPlugin, AttentionMaker> =
@@ -281,6 +296,53 @@ pub fn attention_backend(name: &str, options: &toml::Table) -> Result<(&'static 
             Ok((p.name, b))
         }
     }
+}
+
+/// The CUDA implementation of attention backend `name` (or an alias), made for one engine.
+pub fn device_attention(
+    name: &str,
+    setup: &crate::device_attention::DeviceAttentionSetup,
+) -> Result<Box<dyn crate::device_attention::DeviceAttention>> {
+    let (canonical, origin) = (attention_backend_name(name)?, attention_backend_origin(name));
+    let made = match ATTENTION_BACKENDS.get(name)? {
+        Found::Builtin(p) => p.cuda.map(|make| make(setup)),
+        Found::External(p) => (p.make)().cuda.as_ref().map(|make| make(setup)),
+    }
+    .ok_or_else(|| no_cuda(canonical, &origin))?;
+    made.map_err(|e| Error::Msg(format!("attention backend `{canonical}` ({origin}) on CUDA: {e}")))
+}
+
+/// Refuses attention backend `name` on CUDA unless it has a CUDA implementation.
+pub fn check_device_attention(name: &str) -> Result<()> {
+    let has = match ATTENTION_BACKENDS.get(name)? {
+        Found::Builtin(p) => p.cuda.is_some(),
+        Found::External(p) => (p.make)().cuda.is_some(),
+    };
+    if has {
+        return Ok(());
+    }
+    Err(no_cuda(attention_backend_name(name)?, &attention_backend_origin(name)))
+}
+
+fn no_cuda(name: &str, origin: &str) -> Error {
+    Error::Msg(format!(
+        "attn_backend `{name}` ({origin}) has no CUDA implementation; on CUDA use one that has (built-in: flashinfer, triton), or device = \"cpu\""
+    ))
+}
+
+/// Which devices attention backend `name` runs on: (CPU, CUDA).
+pub fn attention_backend_devices(name: &str) -> Result<(bool, bool)> {
+    Ok(match ATTENTION_BACKENDS.get(name)? {
+        Found::Builtin(p) => (p.make.is_some(), p.cuda.is_some()),
+        // A library's CPU side is always given (`make` or `make_with_options`).
+        Found::External(p) => (true, (p.make)().cuda.is_some()),
+    })
+}
+
+/// Whether attention backend `name`'s CUDA implementation takes RoPE-fused ops (libraries'
+/// do not: the host rotates q and k before their calls).
+pub fn attention_backend_fuses_rope(name: &str) -> bool {
+    matches!(ATTENTION_BACKENDS.get(name), Ok(Found::Builtin(p)) if p.fuses_rope)
 }
 
 /// The options attention backend `name` declares (built-in backends declare none).

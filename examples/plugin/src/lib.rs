@@ -5,7 +5,8 @@
 //!   a per-channel weight `w`; when every reader of that output is a linear layer, the scale can
 //!   live in the linears' weights instead (`W[:, j] · w[j]`), and the norm's weight becomes ones.
 //! - `naive_cpu` (attention backend): causal attention over the paged KV cache, written out
-//!   loop by loop.
+//!   loop by loop; `naive`, the same on the CPU with a CUDA side too (`naive_cuda.rs`: two
+//!   plain kernels the host compiles and launches).
 //! - `example.rms_norm` (op) with its CPU kernel and a CUDA one (CUDA C source in `rms_norm.cu`
 //!   the host compiles and launches), and `use_example_rmsnorm` (transform, off unless the
 //!   config enables it), which puts that op in place of every f32 `torch_rmsnorm`.
@@ -18,6 +19,7 @@
 
 mod checked;
 mod llama2c;
+mod naive_cuda;
 mod sequential;
 
 use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
@@ -44,6 +46,13 @@ fn plugins() -> Vec<PluginDecl> {
             &[("max_positions", "0", "the longest span one query attends over; longer steps fail (0: no limit)")],
             new_naive_cpu,
         ),
+        PluginDecl::attention_backend_with_options(
+            "naive",
+            VERSION,
+            &[("max_positions", "0", "the longest span one query attends over; longer steps fail (0: no limit)")],
+            new_naive_cpu,
+        )
+        .with_cuda_attention(naive_cuda::new_naive_cuda),
         PluginDecl::model_importer("llama2c", VERSION, llama2c::accepts, llama2c::import),
         PluginDecl::runtime("sequential", VERSION, sequential::new_sequential),
         PluginDecl::compile_backend("checked", VERSION, checked::compile),
@@ -181,18 +190,24 @@ struct NaiveCpu {
 
 /// Makes the backend from its options (TOML text from the host: `max_positions = N`).
 extern "C" fn new_naive_cpu(options: RStr<'_>) -> RResult<AttentionBackendBox, RString> {
-    let mut b = NaiveCpu::default();
-    for line in options.as_str().lines() {
+    match max_positions(options.as_str()) {
+        Ok(max_positions) => RResult::ROk(attention_backend_box(NaiveCpu { max_positions, ..Default::default() })),
+        Err(e) => RResult::RErr(e.into()),
+    }
+}
+
+/// Option `max_positions` from the options text (`max_positions = N`; 0 when absent).
+fn max_positions(options: &str) -> Result<usize, String> {
+    for line in options.lines() {
         let Some((k, v)) = line.split_once('=') else { continue };
-        match (k.trim(), v.trim().parse::<i64>()) {
-            ("max_positions", Ok(n)) if n >= 0 => b.max_positions = n as usize,
-            ("max_positions", _) => {
-                return RResult::RErr(format!("max_positions must be 0 or more, got `{}`", v.trim()).into())
-            }
-            _ => {}
+        if k.trim() == "max_positions" {
+            return match v.trim().parse::<i64>() {
+                Ok(n) if n >= 0 => Ok(n as usize),
+                _ => Err(format!("max_positions must be 0 or more, got `{}`", v.trim())),
+            };
         }
     }
-    RResult::ROk(attention_backend_box(b))
+    Ok(0)
 }
 
 impl AttentionBackend for NaiveCpu {

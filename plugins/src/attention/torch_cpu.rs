@@ -12,21 +12,42 @@ use autodeploy_kernels::cpu::{axpys_strided, dots_strided};
 
 pub struct TorchCpuAttention;
 
+// On CUDA, `torch` runs the `flashinfer` kernels (there is no separate reference there; CUDA
+// is checked against this CPU backend).
 autodeploy_core::inventory::submit! {
-    AttentionBackendPlugin { name: "torch", aliases: &["cpu"], version: env!("CARGO_PKG_VERSION"), make: Some(|| Box::new(TorchCpuAttention)) }
+    AttentionBackendPlugin {
+        name: "torch",
+        aliases: &["cpu"],
+        version: env!("CARGO_PKG_VERSION"),
+        make: Some(|| Box::new(TorchCpuAttention)),
+        cuda: Some(super::cuda::flashinfer),
+        fuses_rope: true,
+    }
 }
 
-// FlashInfer's design on CUDA (plugins/src/compile/cuda.rs launches its kernels: a CSR page
-// table planned once per step, kernels/src/cuda/attention.cu); no CPU implementation.
+// FlashInfer's design on CUDA (plugins/src/attention/cuda.rs); no CPU implementation.
 autodeploy_core::inventory::submit! {
-    AttentionBackendPlugin { name: "flashinfer", aliases: &[], version: env!("CARGO_PKG_VERSION"), make: None }
+    AttentionBackendPlugin {
+        name: "flashinfer",
+        aliases: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: None,
+        cuda: Some(super::cuda::flashinfer),
+        fuses_rope: true,
+    }
 }
 
-// AutoDeploy's triton backend's design on CUDA: each sequence in one contiguous cache slot, one
-// fused kernel that writes this step's k/v and attends (kernels/src/cuda/attention.cu,
-// `slot_attention`); no CPU implementation.
+// AutoDeploy's triton backend's design on CUDA (plugins/src/attention/cuda.rs); no CPU
+// implementation.
 autodeploy_core::inventory::submit! {
-    AttentionBackendPlugin { name: "triton", aliases: &[], version: env!("CARGO_PKG_VERSION"), make: None }
+    AttentionBackendPlugin {
+        name: "triton",
+        aliases: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: None,
+        cuda: Some(super::cuda::triton),
+        fuses_rope: false,
+    }
 }
 
 impl AttentionBackend for TorchCpuAttention {

@@ -37,8 +37,9 @@ autodeploy_core::inventory::submit! {
 /// RoPE into cached attention (stage `compile`, for the fusing compile backends): the RoPEs of a
 /// cached attention's q and k, read by nothing else and sharing one cos/sin table, become part of
 /// the attention op (`rope=true`, inputs `q, k, v, cos, sin`), which the CUDA executor runs as one
-/// kernel that rotates q and k, writes the cache and attends. Not for `triton`, whose kernel
-/// reads this step's rotated k and v itself.
+/// kernel that rotates q and k, writes the cache and attends. Only for backends registered with
+/// `fuses_rope` (`flashinfer`, `torch`; not `triton`, whose kernel reads this step's rotated k
+/// and v itself, nor libraries').
 pub struct FuseRopeAttention;
 
 impl Transform for FuseRopeAttention {
@@ -58,7 +59,7 @@ impl Transform for FuseRopeAttention {
         let mut fused = Vec::new();
         for (j, node) in g.nodes.iter().enumerate() {
             let Op::CachedAttention { backend, rope: false, .. } = &node.op else { continue };
-            if backend == "triton" {
+            if !autodeploy_core::registry::attention_backend_fuses_rope(backend) {
                 continue;
             }
             if let (Some(rq), Some(rk)) = (rope_of(node.inputs[0]), rope_of(node.inputs[1])) {

@@ -26,6 +26,12 @@ impl CudaModel {
     /// Runs a step; the result's device address, shape and dtype are those of the graph output.
     pub(super) fn run(&mut self, inputs: &[Tensor], step: Option<&StepContext>) -> Result<(Ptr, Vec<usize>, usize)> {
         let rows = self.gather_rows(inputs);
+        if let Some(cx) = step {
+            // Each attention backend sees the step's batch on the host first.
+            for (_, a) in &mut self.attn {
+                a.begin_step(cx.plan)?;
+            }
+        }
         let bucket = self.bucket(step, rows);
         let (staged, inputs) = self.stage(inputs, step, bucket)?;
         let bind = crate::compile::simple::bind_inputs(&self.graph, &inputs)?;

@@ -41,23 +41,6 @@ pub(super) fn copy_contiguous(
 }
 
 /// A plugin op's CUDA implementation launching on the executor's GPU.
-pub(super) struct SourceLauncher<'a> {
-    gpu: &'a Gpu,
-    what: String,
-}
-
-impl KernelLauncher for SourceLauncher<'_> {
-    fn launch(
-        &mut self,
-        source: &str,
-        entry: &str,
-        dims: LaunchDims,
-        args: &[KernelArg],
-    ) -> std::result::Result<(), String> {
-        self.gpu.launch_source(&self.what, source, entry, dims, args).map_err(|e| e.0)
-    }
-}
-
 /// A linear layer: the decode GEMV for one row of bf16 activations (measured on an H200 with
 /// kernels/examples/exec_bench: faster than cuBLAS there, except for a very wide, shallow
 /// matrix such as a small model's LM head), else cuBLAS.
@@ -380,130 +363,55 @@ impl CudaModel {
                     let l = &self.cache[*layer];
                     let qs = in_shape(0)?;
                     let heads = qs[1];
-                    if self.slot_pages.is_some() {
-                        if *fused_rope {
-                            return Err(fail(Unavailable(
-                                "the triton backend's kernel takes rotated q and k (fuse_rope_attention skips it)"
-                                    .into(),
-                            )));
+                    let backend = &self.attn[self.attn_of[i]].1;
+                    // Where the step's token rows of an operand lie (strided only where the
+                    // backend reads them in place: `attn_reads_strided`).
+                    let operand = |v: autodeploy_core::ValueId| -> Result<Operand> {
+                        let rows = head_rows(&shape_of(v)?, lay[v.0 as usize].as_deref()).ok_or_else(|| {
+                            fail(Unavailable(format!("`{}` has no contiguous head rows", g.value(v).name)))
+                        })?;
+                        Ok(Operand { ptr: ptr[v.0 as usize], rows })
+                    };
+                    // RoPE fused into this op: the raw q and k, and one cos/sin table each.
+                    let rope = if *fused_rope {
+                        let cs = shape_of(node.inputs[3])?;
+                        if cs.len() < 2
+                            || cs[cs.len() - 2..] != [qs[2], l.head_dim]
+                            || cs[..cs.len() - 2].iter().any(|&x| x != 1)
+                        {
+                            return Err(fail(Unavailable(format!(
+                                "cos/sin {cs:?} are not one [tokens, head_dim] table"
+                            ))));
                         }
-                        gpu.slot_attention(
-                            odt,
-                            (inp(0), inp(1), inp(2)),
-                            (l.k.ptr, l.v.ptr),
-                            planned,
-                            meta,
-                            heads,
-                            l.kv_heads,
-                            l.head_dim,
-                            *scale as f32,
-                        )
-                        .map_err(fail)?;
+                        Some((inp(3), inp(4)))
                     } else {
-                        let p = |v: autodeploy_core::ValueId| ptr[v.0 as usize];
-                        // Where the step's token rows of an operand lie (strided: `attn_strided`).
-                        let rows = |v: autodeploy_core::ValueId| -> Result<HeadRows> {
-                            head_rows(&shape_of(v)?, lay[v.0 as usize].as_deref()).ok_or_else(|| {
-                                fail(Unavailable(format!("`{}` has no contiguous head rows", g.value(v).name)))
-                            })
-                        };
-                        // The split-KV kernels write [tokens, heads, d] when the output is only
-                        // transposed to that (the o projection's input then needs no copy).
-                        let split_path = self.split.is_some() && meta.tokens <= self.split_tokens;
-                        let out_rows = if self.attn_tokens_major[i] && split_path {
-                            let st = vec![n_out as i64, l.head_dim as i64, (heads * l.head_dim) as i64, 1];
-                            out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
-                            HeadRows::tokens_major(heads, l.head_dim)
-                        } else {
-                            HeadRows::heads_major(qs[2], l.head_dim)
-                        };
-                        // RoPE fused into this op: the raw q and k, and the cos/sin table.
-                        let rope = if *fused_rope {
-                            let cs = shape_of(node.inputs[3])?;
-                            let t = qs[2];
-                            if cs.len() < 2
-                                || cs[cs.len() - 2..] != [t, l.head_dim]
-                                || cs[..cs.len() - 2].iter().any(|&x| x != 1)
-                            {
-                                return Err(fail(Unavailable(format!(
-                                    "cos/sin {cs:?} are not one [tokens, head_dim] table"
-                                ))));
-                            }
-                            let [q, k, v, cos, sin] = node.inputs[..] else {
-                                return Err(fail(Unavailable("a RoPE-fused attention takes q, k, v, cos, sin".into())));
-                            };
-                            let qkv_rows = [rows(q)?, rows(k)?, rows(v)?];
-                            Some((p(q), p(k), (p(cos), p(sin)), qkv_rows))
-                        } else {
-                            None
-                        };
-                        match (self.split, self.split_early) {
-                            // A few decode tokens: one kernel rotates, writes the cache and attends.
-                            (_, Some(split)) if meta.tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS) => {
-                                let (q, k) = rope.map_or((inp(0), inp(1)), |(q, k, _, _)| (q, k));
-                                gpu.paged_decode_split_fused(
-                                    odt,
-                                    (q, k, inp(2)),
-                                    rope.map(|r| r.2),
-                                    (l.k.ptr, l.v.ptr),
-                                    (planned, out_rows),
-                                    meta,
-                                    heads,
-                                    l.kv_heads,
-                                    l.head_dim,
-                                    *scale as f32,
-                                    split,
-                                )
-                                .map_err(fail)?
-                            }
-                            (split, _) => {
-                                let q = if let Some((q, k, (cos, sin), qkv_rows)) = rope {
-                                    // One kernel rotates q into this node's scratch and writes
-                                    // rotated k and v into the cache, reading q/k/v where they lie.
-                                    let q_out = scratch(0);
-                                    gpu.rope_write_kv(
-                                        odt,
-                                        (q, k, inp(2)),
-                                        qkv_rows,
-                                        cos,
-                                        sin,
-                                        q_out,
-                                        (l.k.ptr, l.v.ptr),
-                                        meta,
-                                        heads,
-                                        l.kv_heads,
-                                        l.head_dim,
-                                    )
-                                    .map_err(fail)?;
-                                    q_out
-                                } else {
-                                    gpu.write_kv(odt, inp(1), inp(2), l.k.ptr, l.v.ptr, meta, l.kv_heads, l.head_dim)
-                                        .map_err(fail)?;
-                                    inp(0)
-                                };
-                                let cache = (l.k.ptr, l.v.ptr);
-                                let (kvh, d, sc) = (l.kv_heads, l.head_dim, *scale as f32);
-                                match split {
-                                    Some(split) if meta.tokens <= self.split_tokens => gpu
-                                        .paged_decode_split(
-                                            odt,
-                                            q,
-                                            cache,
-                                            (planned, out_rows),
-                                            meta,
-                                            heads,
-                                            kvh,
-                                            d,
-                                            sc,
-                                            split,
-                                        )
-                                        .map_err(fail)?,
-                                    _ => gpu
-                                        .paged_attention(odt, q, cache.0, cache.1, planned, meta, heads, kvh, d, sc)
-                                        .map_err(fail)?,
-                                }
-                            }
-                        }
+                        None
+                    };
+                    let call = DeviceAttentionCall {
+                        layer: *layer,
+                        scale: *scale as f32,
+                        heads,
+                        kv_heads: l.kv_heads,
+                        head_dim: l.head_dim,
+                        dtype: g.meta(outv).dtype,
+                        q: operand(node.inputs[0])?,
+                        k: operand(node.inputs[1])?,
+                        v: operand(node.inputs[2])?,
+                        rope,
+                        scratch: if *fused_rope { scratch(0) } else { 0 },
+                        out: planned,
+                        tokens_major_ok: self.attn_tokens_major[i] && backend.tokens_major_out(),
+                        k_cache: l.k.ptr,
+                        v_cache: l.v.ptr,
+                        step: meta,
+                    };
+                    let rows = backend
+                        .attend(&call, gpu)
+                        .map_err(|e| Error::Op { op: node.op.name().into(), msg: format!("node `{name}`: {e}") })?;
+                    if rows != HeadRows::heads_major(qs[2], l.head_dim) {
+                        // The output [1, heads, tokens, d] at the rows' strides.
+                        let st = vec![n_out as i64, rows.head, rows.token, 1];
+                        out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
                     }
                 }
                 Op::Custom { name: op_name, attrs, .. } => {
@@ -561,13 +469,12 @@ impl CudaModel {
         Ok((ptr[o.0 as usize], shape_of(o)?))
     }
 
-    /// Whether cached attention node `i` reads this step's q, k, v in place (strided): its
-    /// RoPE is fused into it and its kernels are the RoPE + KV write kernel's (not the
-    /// `triton` slots' nor the split-KV latency build's, which read `[heads, tokens, d]`).
+    /// Whether cached attention node `i` reads this step's q, k, v in place (strided), as its
+    /// backend says for this step's token count.
     pub(super) fn attn_reads_strided(&self, i: usize, staged: &Staged) -> bool {
         let tokens = staged.meta.as_ref().map_or(usize::MAX, |m| m.tokens);
-        let early = self.split_early.is_some() && tokens <= self.split_tokens.min(SPLIT_EARLY_MAX_TOKENS);
-        self.slot_pages.is_none() && matches!(self.graph.nodes[i].op, Op::CachedAttention { rope: true, .. }) && !early
+        let rope = matches!(self.graph.nodes[i].op, Op::CachedAttention { rope: true, .. });
+        self.attn.get(self.attn_of[i]).is_some_and(|(_, b)| b.reads_strided(tokens, rope))
     }
 
     pub(super) fn note(&self, what: &'static str, d: std::time::Duration) {

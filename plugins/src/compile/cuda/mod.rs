@@ -13,7 +13,10 @@
 use std::collections::HashMap;
 
 use autodeploy_core::backend::{CompileOptions, CompiledModel};
-use autodeploy_core::custom_op::{DeviceTensor, KernelArg, KernelLauncher, LaunchDims};
+use autodeploy_core::custom_op::DeviceTensor;
+use autodeploy_core::device_attention::{
+    DeviceAttention, DeviceAttentionCall, DeviceAttentionSetup, Operand, SourceLauncher,
+};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepContext;
 use autodeploy_core::sampling::RowDraw;
@@ -21,8 +24,7 @@ use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
 use autodeploy_kernels::cuda::exec::{
-    plan_tiles, Binary, Buffer, Dt, Gpu, HeadRows, Ptr, RowSampling, Split, StepMeta, Strided, Unary,
-    SPLIT_EARLY_MAX_TOKENS, SPLIT_MIN_CHUNK,
+    plan_tiles, Binary, Buffer, Dt, Gpu, HeadRows, Ptr, RowSampling, StepMeta, Strided, Unary,
 };
 use autodeploy_kernels::cuda::Unavailable;
 
@@ -49,7 +51,7 @@ fn gpu_err(e: Unavailable) -> Error {
     Error::Msg(e.0)
 }
 
-fn dt(d: DType, what: &str) -> Result<Dt> {
+pub(crate) fn dt(d: DType, what: &str) -> Result<Dt> {
     Ok(match d {
         DType::F32 => Dt::F32,
         DType::BF16 => Dt::BF16,
@@ -112,17 +114,13 @@ pub struct CudaModel {
     param_ptr: HashMap<usize, Ptr>,
     arena: Buffer,
     plan: Vec<Planned>,
-    /// Cached attention node i's output is only transposed to `[.., tokens, heads, d]`: its
-    /// split-KV kernels write that layout, and the transpose is a view.
+    /// Cached attention node i's output is only transposed to `[.., tokens, heads, d]`: a
+    /// backend that can write that layout may (the transpose is then a view).
     attn_tokens_major: Vec<bool>,
-    /// `triton` backend: pages per sequence slot (the runtime reserves a slot per sequence).
-    slot_pages: Option<usize>,
-    /// Split-KV decode: used for steps of up to `split_tokens` tokens; the latency build (steps
-    /// of up to `SPLIT_EARLY_MAX_TOKENS`) with its own chunks in the same partials.
-    split: Option<Split>,
-    split_early: Option<Split>,
-    split_tokens: usize,
-    _split_buf: Option<Buffer>,
+    /// The attention backends' CUDA sides (one instance per backend the graph names), and for
+    /// each node the index of its backend (`usize::MAX`: not a cached attention).
+    attn: Vec<(String, Box<dyn DeviceAttention>)>,
+    attn_of: Vec<usize>,
     cache: Vec<Layer>,
     page_size: usize,
     /// Pages the runtime may use; page `kv_pages` is the padding sequences' scratch page.
@@ -180,11 +178,7 @@ impl CudaModel {
                 });
             }
             if let Op::CachedAttention { backend, .. } = &n.op {
-                if !matches!(backend.as_str(), "flashinfer" | "torch" | "triton") {
-                    return Err(Error::Msg(format!(
-                        "attn_backend `{backend}` has no CUDA implementation; on CUDA use attn_backend = \"flashinfer\" or \"triton\""
-                    )));
-                }
+                autodeploy_core::registry::check_device_attention(backend)?;
             }
         }
         let gpu = Gpu::open_with(ordinal, &opts.cuda_kernels).map_err(gpu_err)?;
@@ -212,7 +206,7 @@ impl CudaModel {
                 .map(|node| {
                     let o = node.outputs[0];
                     let rank = graph.meta(o).shape.len();
-                    matches!(&node.op, Op::CachedAttention { backend, .. } if backend != "triton")
+                    matches!(&node.op, Op::CachedAttention { .. })
                         && rank == 4
                         && !graph.outputs.contains(&o)
                         && matches!(readers[o.0 as usize][..], [r] if matches!(graph.nodes[r].op,
@@ -341,50 +335,42 @@ impl CudaModel {
                 cache.push(Layer { k, v, kv_heads: l.kv_heads, head_dim: l.head_dim });
             }
         }
-        let slots =
-            graph.nodes.iter().any(|n| matches!(&n.op, Op::CachedAttention { backend, .. } if backend == "triton"));
-        let slot_pages = slots.then(|| {
-            let max_len = graph.symbols.get("seq_len").or_else(|| graph.symbols.get("seq")).map(|r| r.max).unwrap_or(1);
-            max_len.div_ceil(page_size)
-        });
-        // Split-KV decode for steps of up to 256 tokens (decode batches, short prefills).
+        // The attention backends' CUDA sides, made for this engine.
         let max_len = graph.symbols.get("seq_len").or_else(|| graph.symbols.get("seq")).map(|r| r.max).unwrap_or(1);
-        let split_tokens = max_tokens.min(256);
-        let attn_heads = graph
-            .nodes
-            .iter()
-            .filter(|n| matches!(n.op, Op::CachedAttention { .. }))
-            .map(|n| {
-                graph.meta(n.inputs[0]).shape[1].as_static().unwrap_or(0)
-                    * graph.meta(n.inputs[0]).shape[3].as_static().unwrap_or(0)
-            })
-            .max();
-        let (split, split_early, split_buf) = match attn_heads {
-            Some(hd) => {
-                let (chunk, splits) = Split::plan(max_len, SPLIT_MIN_CHUNK);
-                let (early_chunk, early_splits) = Split::plan(max_len, gpu.split_min_chunk());
-                let heads_max = graph
-                    .nodes
-                    .iter()
-                    .filter(|n| matches!(n.op, Op::CachedAttention { .. }))
-                    .map(|n| graph.meta(n.inputs[0]).shape[1].as_static().unwrap_or(0))
-                    .max()
-                    .unwrap_or(0);
-                // Partials, then one counter per (token, head) (zeroed at allocation; the kernel
-                // leaves them zero).
-                let parts = (split_tokens * splits).max(split_tokens.min(SPLIT_EARLY_MAX_TOKENS) * early_splits);
-                let bytes = 4 * parts * (hd + 2 * heads_max);
-                let buf =
-                    gpu.alloc(bytes + 4 * split_tokens * heads_max, "split-KV decode partials").map_err(gpu_err)?;
-                let (partial, counters) = (buf.ptr, buf.ptr + bytes as u64);
-                (
-                    Some(Split { chunk, splits, partial, counters }),
-                    Some(Split { chunk: early_chunk, splits: early_splits, partial, counters }),
-                    Some(buf),
-                )
+        let attn_layers: Vec<(usize, usize, usize)> = cache.iter().map(|l| (0, l.kv_heads, l.head_dim)).collect();
+        let mut attn: Vec<(String, Box<dyn DeviceAttention>)> = Vec::new();
+        let mut attn_of = vec![usize::MAX; graph.nodes.len()];
+        for (i, n) in graph.nodes.iter().enumerate() {
+            let Op::CachedAttention { backend, .. } = &n.op else { continue };
+            if let Some(k) = attn.iter().position(|(b, _)| b == backend) {
+                attn_of[i] = k;
+                continue;
             }
-            None => (None, None, None),
-        };
+            let mut layers = attn_layers.clone();
+            for (m, l) in graph.nodes.iter().filter_map(|m| match &m.op {
+                Op::CachedAttention { backend: b, layer, .. } if b == backend => Some((m, *layer)),
+                _ => None,
+            }) {
+                if let Some(e) = layers.get_mut(l) {
+                    e.0 = graph.meta(m.inputs[0]).shape[1].as_static().unwrap_or(0);
+                }
+            }
+            let setup = DeviceAttentionSetup {
+                gpu: &gpu,
+                max_tokens,
+                max_len,
+                page_size,
+                layers,
+                options: &opts.attention_options,
+            };
+            let made = autodeploy_core::registry::device_attention(backend, &setup)?;
+            if !made.capturable() && mode.graphs {
+                tracing::info!(backend = %backend, "this attention backend's steps are not captured: CUDA graphs off");
+                mode.graphs = false;
+            }
+            attn_of[i] = attn.len();
+            attn.push((backend.clone(), made));
+        }
         // Staging: the graph inputs at their largest, then token_seq, token_pos, indptr,
         // seq_start, cached_len (i64, at most one per token + 1), the prefill tiles (two i64 a
         // tile, at most one tile per token), page indices (i32).
@@ -414,11 +400,8 @@ impl CudaModel {
             arena: arena_buf,
             plan,
             attn_tokens_major,
-            slot_pages,
-            split,
-            split_early,
-            split_tokens,
-            _split_buf: split_buf,
+            attn,
+            attn_of,
             cache,
             page_size,
             kv_pages,
@@ -493,7 +476,7 @@ impl CompiledModel for CudaModel {
     }
 
     fn kv_pages_per_sequence(&self) -> Option<usize> {
-        self.slot_pages
+        self.attn.iter().find_map(|(_, a)| a.kv_pages_per_sequence())
     }
 
     fn kv_pages(&self) -> Option<usize> {

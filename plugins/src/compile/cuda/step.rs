@@ -39,18 +39,6 @@ impl CudaModel {
             );
             let mut indptr = vec![0i64];
             let mut indices: Vec<i32> = Vec::new();
-            if let Some(n) = self.slot_pages {
-                for (i, pt) in plan.page_tables.iter().enumerate() {
-                    let run = pt.len() >= n
-                        && (pt[0] as usize).is_multiple_of(n)
-                        && pt.iter().enumerate().all(|(j, &p)| p == pt[0] + j as u32);
-                    if !run {
-                        return Err(Error::Msg(format!(
-                            "attn_backend `triton` keeps each sequence in one slot of {n} consecutive pages, but sequence {i}'s pages are {pt:?} (the runtime must reserve slots: kv_pages_per_sequence)"
-                        )));
-                    }
-                }
-            }
             for pt in &plan.page_tables {
                 indices.extend(pt.iter().map(|&p| p as i32));
                 indptr.push(indices.len() as i64);
