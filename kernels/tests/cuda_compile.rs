@@ -29,14 +29,29 @@ fn every_kernel_compiles_for_sm80_and_sm90_and_is_cached() {
             assert!(cached && again.to_src() == text, "{module} {arch}: not served from the cache");
         }
     }
-    // A plugin's CUDA source, compiled the way the host compiles it for a plugin op (the shared
-    // helpers prepended): the example plugin's `example.rms_norm` kernels.
-    let src = include_str!("../../examples/plugin/src/rms_norm.cu");
-    for arch in ["sm_80", "sm_90"] {
-        let (ptx, _) = compile_labeled("example-rms-norm", "examples/plugin/src/rms_norm.cu", src, arch)
-            .unwrap_or_else(|e| panic!("{e}"));
-        for e in ["example_rms_norm_f32", "example_rms_norm_bf16"] {
-            assert!(ptx.to_src().contains(&format!(".entry {e}(")), "{arch}: no entry point {e}");
+    // Plugins' CUDA sources, compiled the way the host compiles them (the shared helpers
+    // prepended): the example plugin's `example.rms_norm` kernels and its `naive` attention
+    // backend's.
+    let plugin_sources: [(&str, &str, &str, &[&str]); 2] = [
+        (
+            "example-rms-norm",
+            "examples/plugin/src/rms_norm.cu",
+            include_str!("../../examples/plugin/src/rms_norm.cu"),
+            &["example_rms_norm_f32", "example_rms_norm_bf16"],
+        ),
+        (
+            "example-naive-attention",
+            "examples/plugin/src/naive_attention.cu",
+            include_str!("../../examples/plugin/src/naive_attention.cu"),
+            &["naive_write_kv_f32", "naive_write_kv_bf16", "naive_attend_f32", "naive_attend_bf16"],
+        ),
+    ];
+    for (label, what, src, entries) in plugin_sources {
+        for arch in ["sm_80", "sm_90"] {
+            let (ptx, _) = compile_labeled(label, what, src, arch).unwrap_or_else(|e| panic!("{e}"));
+            for e in entries {
+                assert!(ptx.to_src().contains(&format!(".entry {e}(")), "{what} {arch}: no entry point {e}");
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&cache);
