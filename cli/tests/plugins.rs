@@ -108,6 +108,7 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
         ("transform", "fold_norm_scale"),
         ("transform", "use_example_rmsnorm"),
         ("op", "example.rms_norm"),
+        ("op", "example.topk"),
         ("model-importer", "llama2c"),
         ("runtime", "sequential"),
         ("compile-backend", "checked"),
@@ -222,6 +223,27 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let (ok, own, err) = host(&dir, &own_op, &[]);
     assert!(ok, "{err}");
     assert_eq!(output_lines(&own), output_lines(&reference));
+    // A typed op with two outputs (f32 values and i64 indices), its shape rule keeping the
+    // symbolic `gather`: the plugin's compile-stage transform appends the logits' top 3 to the
+    // graph's outputs, and the engine runs it (under `debug_checks`, so every float value is
+    // checked written) with the tokens unchanged.
+    let topk = format!(
+        "debug_checks = true\n{}[transforms.add_topk_outputs]\nenabled = true\nk = 3\n",
+        smollm2_config(&model, "torch", "enabled = false")
+    );
+    let (ok, graph, err) = host(&dir, &topk, &["graph", "--stage", "compile"]);
+    assert!(ok, "{err}");
+    assert!(
+        graph.contains(
+            "%logits_topk: f32[1, gather, 3], %logits_topk.1: i64[1, gather, 3] = example.topk(%logits, k=3)"
+        ) && graph.contains("return %logits, %logits_topk, %logits_topk.1"),
+        "{graph}"
+    );
+    let (ok, out, err) = host(&dir, &topk, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(output_lines(&out), output_lines(&reference));
+    let (ok, _, err) = host(&dir, &topk.replace("k = 3", "k = 9"), &["graph", "--stage", "compile"]);
+    assert!(!ok && err.contains("example.topk") && err.contains("k must be 1..=8"), "{err}");
     // The plugin's runtime (one request at a time) gives the built-in runtime's (batching)
     // greedy tokens for two prompts.
     let two = |runtime: &str| {

@@ -262,6 +262,13 @@ pub fn eval_outputs(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOpti
             let normed = eval_one(&Op::RmsNorm { eps: *eps, norm_dtype: *norm_dtype }, &[&sum, ins[2]], bind, opts)?;
             Ok(vec![normed, sum])
         }
+        Op::Custom { name, attrs, .. } => {
+            let metas: Vec<TensorMeta> =
+                ins.iter().map(|t| TensorMeta { dtype: t.dtype(), shape: static_shape(t.shape()) }).collect();
+            let outs: Vec<(crate::DType, Vec<usize>)> =
+                infer(op, &metas)?.into_iter().map(|m| (m.dtype, to_usize(&m.shape))).collect();
+            crate::custom_op::eval(name, attrs, ins, &outs)
+        }
         _ => Ok(vec![eval_one(op, ins, bind, opts)?]),
     }
 }
@@ -391,7 +398,16 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
         Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
         Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
         Op::SwiGluMlp { fused, .. } => swiglu(ins, *fused, out_shape, opts),
-        Op::Custom { name, attrs, .. } => crate::custom_op::eval(name, attrs, ins, out_shape, out_meta.dtype),
+        Op::Custom { .. } => {
+            let mut outs = eval_outputs(&op, ins, bind, opts)?;
+            if outs.len() != 1 {
+                return Err(Error::op(
+                    op.name(),
+                    format!("has {} outputs: evaluate it with `eval_outputs`", outs.len()),
+                ));
+            }
+            Ok(outs.remove(0))
+        }
         Op::IndexSelect { dim } => {
             let d = norm_dim(&op, *dim, x.rank())?;
             let idx = ins[1].to_i64();

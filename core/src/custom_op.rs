@@ -1,16 +1,32 @@
-//! Ops registered at run time (by plugin libraries): a name, an arity, which input the output
-//! copies its dtype and shape from, a CPU implementation and optionally a CUDA one.
-//! `Op::Custom` nodes dispatch here.
+//! Ops registered at run time (by plugin libraries): a name, an arity, a shape rule giving each
+//! output's dtype and shape, a CPU implementation and optionally a CUDA one. `Op::Custom` nodes
+//! dispatch here.
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::ir::TensorMeta;
 use crate::ops::Op;
 use crate::tensor::Tensor;
 
-/// A CPU implementation: the inputs as f32 and the node's attribute text in, the output's f32
-/// values out (the host rounds them to the output dtype).
-pub type CpuImpl = Arc<dyn Fn(&[&Tensor], &str) -> std::result::Result<Vec<f32>, String> + Send + Sync>;
+/// An op's outputs from its inputs' metadata and its attribute text: every output's dtype and
+/// (symbolic) shape, or why the inputs do not fit.
+pub type OutputRuleFn = Arc<dyn Fn(&[TensorMeta], &str) -> std::result::Result<Vec<TensorMeta>, String> + Send + Sync>;
+
+/// How an op's outputs are shaped.
+#[derive(Clone)]
+pub enum Outputs {
+    /// One output with the dtype and shape of this input.
+    Like(usize),
+    /// The op's own rule.
+    Rule(OutputRuleFn),
+}
+
+/// A CPU implementation: the inputs, the node's attribute text and the outputs' concrete
+/// metadata in, the outputs out (the host checks their dtypes and shapes).
+pub type CpuImpl = Arc<
+    dyn Fn(&[&Tensor], &str, &[(crate::DType, Vec<usize>)]) -> std::result::Result<Vec<Tensor>, String> + Send + Sync,
+>;
 
 /// A tensor on the GPU as a CUDA implementation sees it (dense, row-major).
 #[derive(Clone, Debug)]
@@ -35,10 +51,10 @@ pub trait KernelLauncher {
     ) -> std::result::Result<(), String>;
 }
 
-/// A CUDA implementation: the inputs and the output on the device, the node's attribute text,
+/// A CUDA implementation: the inputs and the outputs on the device, the node's attribute text,
 /// and the launcher; it queues kernels and returns.
 pub type CudaImpl = Arc<
-    dyn Fn(&[DeviceTensor], &DeviceTensor, &str, &mut dyn KernelLauncher) -> std::result::Result<(), String>
+    dyn Fn(&[DeviceTensor], &[DeviceTensor], &str, &mut dyn KernelLauncher) -> std::result::Result<(), String>
         + Send
         + Sync,
 >;
@@ -47,7 +63,7 @@ pub struct CustomOp {
     pub name: &'static str,
     pub version: &'static str,
     pub inputs: usize,
-    pub output_like: usize,
+    pub outputs: Outputs,
     /// `built-in` or the library that registered it.
     pub origin: &'static str,
     pub cpu: CpuImpl,
@@ -59,28 +75,38 @@ pub struct CustomOp {
 pub fn op(name: &str, attrs: &str) -> Result<Op> {
     let c =
         crate::registry::custom_op(name).ok_or_else(|| Error::Msg(format!("no op named `{name}` is registered")))?;
-    Ok(Op::Custom { name: c.name, inputs: c.inputs, output_like: c.output_like, attrs: attrs.to_string() })
+    Ok(Op::Custom { name: c.name, inputs: c.inputs, attrs: attrs.to_string() })
 }
 
-/// Runs a registered op on the CPU.
-pub fn eval(
-    name: &str,
-    attrs: &str,
-    ins: &[&Tensor],
-    out_shape: Vec<usize>,
-    out_dtype: crate::DType,
-) -> Result<Tensor> {
+/// The outputs of registered op `name` on inputs `ins`: its shape rule, checked.
+pub fn infer(name: &str, attrs: &str, ins: &[TensorMeta]) -> std::result::Result<Vec<TensorMeta>, String> {
+    let c = crate::registry::custom_op(name).ok_or_else(|| "no op of this name is registered".to_string())?;
+    let out = match &c.outputs {
+        Outputs::Like(i) => {
+            vec![ins.get(*i).cloned().ok_or_else(|| format!("output like input {i} of {}", ins.len()))?]
+        }
+        Outputs::Rule(rule) => rule(ins, attrs).map_err(|e| format!("{e} ({})", c.origin))?,
+    };
+    if out.is_empty() {
+        return Err(format!("its shape rule gave no outputs ({})", c.origin));
+    }
+    Ok(out)
+}
+
+/// Runs a registered op on the CPU; `outs` are its outputs' concrete dtypes and shapes.
+pub fn eval(name: &str, attrs: &str, ins: &[&Tensor], outs: &[(crate::DType, Vec<usize>)]) -> Result<Vec<Tensor>> {
     let c = crate::registry::custom_op(name)
         .ok_or_else(|| Error::op(name, "no implementation is registered for this op"))?;
-    let n: usize = out_shape.iter().product();
-    let y = (c.cpu)(ins, attrs).map_err(|e| Error::op(name, format!("{e} (from {})", c.origin)))?;
-    if y.len() != n {
+    let got = (c.cpu)(ins, attrs, outs).map_err(|e| Error::op(name, format!("{e} ({})", c.origin)))?;
+    if got.len() != outs.len() || got.iter().zip(outs).any(|(t, (d, s))| t.dtype() != *d || t.shape() != s.as_slice()) {
+        let got: Vec<String> = got.iter().map(|t| format!("{}{:?}", t.dtype(), t.shape())).collect();
+        let want: Vec<String> = outs.iter().map(|(d, s)| format!("{d}{s:?}")).collect();
         return Err(Error::op(
             name,
-            format!("returned {} values for an output of shape {out_shape:?} ({})", y.len(), c.origin),
+            format!("returned {} where its shape rule says {} ({})", got.join(", "), want.join(", "), c.origin),
         ));
     }
-    Tensor::from_f32_as(out_dtype, out_shape, y)
+    Ok(got)
 }
 
 /// What a plugin's output buffer holds before the plugin writes it: a quiet NaN whose payload

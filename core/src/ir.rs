@@ -322,15 +322,27 @@ impl Graph {
     /// Inserts `op(inputs)` as node `pos`, inferring its output; returns the output value.
     pub fn insert_node(&mut self, pos: usize, hint: &str, op: Op, inputs: &[ValueId]) -> Result<ValueId> {
         let metas: Vec<TensorMeta> = inputs.iter().map(|&i| self.meta(i).clone()).collect();
-        let mut out = infer(&op, &metas).map_err(|e| e.at_node(hint))?;
-        if out.len() != 1 {
-            return Err(Error::op(op.name(), format!("expected one output, got {}", out.len())));
+        let n = infer(&op, &metas).map_err(|e| e.at_node(hint))?.len();
+        if n != 1 {
+            return Err(Error::op(op.name(), format!("has {n} outputs: insert it with insert_node_outputs")));
         }
-        let name = self.unique_name(hint);
-        let v = ValueId(self.values.len() as u32);
-        self.values.push(ValueInfo { name, meta: out.remove(0) });
-        self.nodes.insert(pos, Node { op, inputs: inputs.to_vec(), outputs: vec![v] });
-        Ok(v)
+        Ok(self.insert_node_outputs(pos, hint, op, inputs)?[0])
+    }
+
+    /// Inserts `op(inputs)` as node `pos`, inferring its outputs; returns them in the op's
+    /// order, the first named after `hint`, the others `hint.1`, `hint.2`, ...
+    pub fn insert_node_outputs(&mut self, pos: usize, hint: &str, op: Op, inputs: &[ValueId]) -> Result<Vec<ValueId>> {
+        let metas: Vec<TensorMeta> = inputs.iter().map(|&i| self.meta(i).clone()).collect();
+        let out = infer(&op, &metas).map_err(|e| e.at_node(hint))?;
+        let mut vs = Vec::with_capacity(out.len());
+        for (k, meta) in out.into_iter().enumerate() {
+            let name = self.unique_name(&if k == 0 { hint.to_string() } else { format!("{hint}.{k}") });
+            let v = ValueId(self.values.len() as u32);
+            self.values.push(ValueInfo { name, meta });
+            vs.push(v);
+        }
+        self.nodes.insert(pos, Node { op, inputs: inputs.to_vec(), outputs: vs.clone() });
+        Ok(vs)
     }
 
     /// Fixes symbol `name` to `n` everywhere: value shapes and size arguments of ops.

@@ -124,12 +124,11 @@ pub enum Op {
         /// the cache and attends in one kernel.
         rope: bool,
     },
-    /// An op a plugin registered (`custom_op`): `inputs` tensors in, one tensor out with the
-    /// dtype and shape of input `output_like`; `attrs` is the plugin's own attribute text.
+    /// An op a plugin registered (`custom_op`): `inputs` tensors in, the outputs its shape rule
+    /// gives; `attrs` is the plugin's own attribute text.
     Custom {
         name: &'static str,
         inputs: usize,
-        output_like: usize,
         attrs: String,
     },
 }
@@ -326,10 +325,7 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
     let x = &ins[0];
     let same = |shape: Shape| Ok(vec![TensorMeta { dtype: x.dtype, shape }]);
     match op {
-        Op::Custom { output_like, .. } => ins
-            .get(*output_like)
-            .map(|m| vec![m.clone()])
-            .ok_or_else(|| err(op, format!("output_like = {output_like} but {} inputs", ins.len()))),
+        Op::Custom { name, attrs, .. } => crate::custom_op::infer(name, attrs, ins).map_err(|e| err(op, e)),
         Op::Embedding => {
             let (w, idx) = (&ins[0], &ins[1]);
             if w.shape.len() != 2 {

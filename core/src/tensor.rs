@@ -89,6 +89,19 @@ impl Tensor {
         Tensor::new(shape, storage)
     }
 
+    /// The values as little-endian bytes (the inverse of [`Tensor::from_le_bytes`]); block
+    /// tensors have none.
+    pub fn to_le_bytes(&self) -> Result<Vec<u8>> {
+        Ok(match self.storage() {
+            Storage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Storage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            Storage::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            Storage::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Storage::Bool(v) => v.iter().map(|&x| x as u8).collect(),
+            Storage::Block { .. } => return Err(Error::Msg("a block-quantized tensor has no element bytes".into())),
+        })
+    }
+
     pub fn new(shape: Vec<usize>, data: Storage) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != data.len() {

@@ -30,9 +30,9 @@ fn every_kernel_compiles_for_sm80_and_sm90_and_is_cached() {
         }
     }
     // Plugins' CUDA sources, compiled the way the host compiles them (the shared helpers
-    // prepended): the example plugin's `example.rms_norm` kernels and its `naive` attention
-    // backend's.
-    let plugin_sources: [(&str, &str, &str, &[&str]); 2] = [
+    // prepended): the example plugin's `example.rms_norm` and `example.topk` kernels and its
+    // `naive` attention backend's.
+    let plugin_sources: [(&str, &str, &str, &[&str]); 3] = [
         (
             "example-rms-norm",
             "examples/plugin/src/rms_norm.cu",
@@ -44,6 +44,12 @@ fn every_kernel_compiles_for_sm80_and_sm90_and_is_cached() {
             "examples/plugin/src/naive_attention.cu",
             include_str!("../../examples/plugin/src/naive_attention.cu"),
             &["naive_write_kv_f32", "naive_write_kv_bf16", "naive_attend_f32", "naive_attend_bf16"],
+        ),
+        (
+            "example-topk",
+            "examples/plugin/src/topk.cu",
+            include_str!("../../examples/plugin/src/topk.cu"),
+            &["example_topk_f32", "example_topk_bf16"],
         ),
     ];
     for (label, what, src, entries) in plugin_sources {

@@ -113,6 +113,17 @@ pub trait GraphEdit {
     fn replace_uses(&mut self, old: u32, new: u32) -> RResult<(), RString>;
     /// Removes nodes whose outputs nobody reads; returns how many.
     fn remove_dead_nodes(&mut self) -> usize;
+    /// As [`GraphEdit::insert_node_named`] for an op with several outputs (a typed plugin op's,
+    /// or `fused_add_rmsnorm`): returns every output's value id, in the op's order; the first
+    /// is named after `name`, the others `name.1`, `name.2`, ...
+    fn insert_node_outputs(
+        &mut self,
+        before: usize,
+        name: RStr<'_>,
+        op: RStr<'_>,
+        inputs: RSlice<'_, u32>,
+        attrs: RStr<'_>,
+    ) -> RResult<RVec<u32>, RString>;
     /// As [`GraphEdit::insert_node`], with the output named after `name` (made unique) as
     /// graph dumps and errors show it.
     fn insert_node_named(
@@ -191,14 +202,90 @@ pub struct TensorView<'a> {
 /// buffer to fill (sized like the input the op's output copies).
 pub type CpuKernel = extern "C" fn(RSlice<'_, TensorView<'_>>, RStr<'_>, RSliceMut<'_, f32>) -> RResult<(), RString>;
 
-/// An element type on the GPU.
+/// An element type of a tensor a plugin sees (on the GPU, or a typed op's on the host).
 #[repr(u8)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceDtype {
     F32,
     BF16,
     F16,
+    /// Integers (token ids, positions, indices); never an attention backend's operand.
+    I64,
 }
+
+impl DeviceDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DeviceDtype::F32 => 4,
+            DeviceDtype::BF16 | DeviceDtype::F16 => 2,
+            DeviceDtype::I64 => 8,
+        }
+    }
+}
+
+/// One input of a typed op as its shape rule sees it: element type and sizes, a size the graph
+/// leaves symbolic until a step (the step's token count) as `RNone`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct InputMeta {
+    pub dtype: DeviceDtype,
+    pub dims: RVec<ROption<u64>>,
+}
+
+/// One size of a typed op's output: input `input`'s size `dim` (symbolic sizes carry over), or
+/// a fixed number.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DimSpec {
+    Of { input: u32, dim: u32 },
+    Fixed(u64),
+}
+
+/// One output of a typed op: its element type and sizes.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct OutputSpec {
+    pub dtype: DeviceDtype,
+    pub dims: RVec<DimSpec>,
+}
+
+/// A typed op's shape rule: the inputs' metadata and the node's attribute text in, each
+/// output's element type and sizes out (or why the inputs do not fit). The host runs it when a
+/// node is added and checks every later graph against it.
+pub type OutputsFn = extern "C" fn(RSlice<'_, InputMeta>, RStr<'_>) -> RResult<RVec<OutputSpec>, RString>;
+
+/// A tensor a typed op's CPU kernel reads: element type, shape, values as little-endian bytes.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct TypedView<'a> {
+    pub dtype: DeviceDtype,
+    pub shape: RSlice<'a, usize>,
+    pub bytes: RSlice<'a, u8>,
+}
+
+/// An output a typed op's CPU kernel writes (sized and typed by its shape rule; the host fills
+/// float outputs with a NaN mark first, so `debug_checks` sees what was left unwritten).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct TypedViewMut<'a> {
+    pub dtype: DeviceDtype,
+    pub shape: RSlice<'a, usize>,
+    pub bytes: RSliceMut<'a, u8>,
+}
+
+/// A typed op's CPU kernel: its inputs, the node's attribute text, its outputs to fill.
+pub type TypedCpuKernel =
+    extern "C" fn(RSlice<'_, TypedView<'_>>, RStr<'_>, RSliceMut<'_, TypedViewMut<'_>>) -> RResult<(), RString>;
+
+/// A typed op's CUDA kernel: inputs and outputs on the device, the attribute text, the
+/// host's launcher (as [`CudaKernel`], with every output).
+pub type TypedCudaKernel = extern "C" fn(
+    RSlice<'_, DeviceTensorView<'_>>,
+    RSlice<'_, DeviceTensorView<'_>>,
+    RStr<'_>,
+    CudaLauncherRef<'_>,
+) -> RResult<(), RString>;
 
 /// A tensor on the GPU as a CUDA implementation sees it: a device address (row-major, dense)
 /// with its shape and element type.
@@ -696,6 +783,26 @@ pub enum PluginBody {
             ) -> RResult<(), RString>,
         >,
     },
+    /// A new op with element types and several outputs: `inputs` tensors in (any of f32,
+    /// bf16, f16, i64), the outputs its shape rule gives. The CPU kernel is the reference and
+    /// always given; the CUDA one is optional.
+    TypedOp {
+        inputs: u32,
+        /// An [`OutputsFn`] (spelled out: the layout checker reads fn pointer types inline).
+        outputs: extern "C" fn(RSlice<'_, InputMeta>, RStr<'_>) -> RResult<RVec<OutputSpec>, RString>,
+        /// A [`TypedCpuKernel`].
+        cpu:
+            extern "C" fn(RSlice<'_, TypedView<'_>>, RStr<'_>, RSliceMut<'_, TypedViewMut<'_>>) -> RResult<(), RString>,
+        /// A [`TypedCudaKernel`].
+        cuda: ROption<
+            extern "C" fn(
+                RSlice<'_, DeviceTensorView<'_>>,
+                RSlice<'_, DeviceTensorView<'_>>,
+                RStr<'_>,
+                CudaLauncherRef<'_>,
+            ) -> RResult<(), RString>,
+        >,
+    },
 }
 
 #[repr(C)]
@@ -751,6 +858,23 @@ impl PluginDecl {
     ) -> PluginDecl {
         let body = PluginBody::Op { inputs, output_like, cpu, cuda: ROption::RSome(cuda) };
         PluginDecl { name: name.into(), version: version.into(), body }
+    }
+
+    /// A new op whose tensors may be f32, bf16, f16 or i64 and which may have several outputs:
+    /// `outputs` is its shape rule (see [`OutputsFn`]), `cpu` its reference kernel on the host's
+    /// tensors as they are stored. CPU engines only unless given a CUDA kernel
+    /// ([`PluginDecl::with_cuda_kernel`]).
+    pub fn typed_op(name: &str, version: &str, inputs: u32, outputs: OutputsFn, cpu: TypedCpuKernel) -> PluginDecl {
+        let body = PluginBody::TypedOp { inputs, outputs, cpu, cuda: ROption::RNone };
+        PluginDecl { name: name.into(), version: version.into(), body }
+    }
+
+    /// Gives a typed op a CUDA kernel; does nothing to a declaration of another kind.
+    pub fn with_cuda_kernel(mut self, kernel: TypedCudaKernel) -> PluginDecl {
+        if let PluginBody::TypedOp { cuda, .. } = &mut self.body {
+            *cuda = ROption::RSome(kernel);
+        }
+        self
     }
 
     /// A model importer: `accepts(path)` says whether it reads what is at `path`; `import(path,

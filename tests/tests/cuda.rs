@@ -783,3 +783,49 @@ fn a_library_attention_backend_matches_flashinfer_at_8b_shape() {
     eprintln!("8B shape greedy: flashinfer {:?}, naive {:?}", tokens[0], tokens[1]);
     assert_eq!(tokens[0], tokens[1], "greedy tokens, flashinfer then the library's naive");
 }
+
+/// A library's typed op on the GPU (the example's `example.topk`: float values and i64 indices
+/// out, its own NVRTC-compiled kernel) gives what its CPU kernel gives, f32 and bf16, on rows
+/// with ties.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn a_library_typed_op_on_cuda_matches_its_cpu_kernel() {
+    use autodeploy_core::custom_op::DeviceTensor;
+    use autodeploy_core::device_attention::SourceLauncher;
+    use autodeploy_core::DType;
+    let _turn = gpu();
+    example_plugin();
+    let op = autodeploy_core::registry::custom_op("example.topk").expect("example.topk is registered");
+    let cuda = op.cuda.clone().expect("example.topk has a CUDA kernel");
+    let g = autodeploy_kernels::cuda::exec::Gpu::open(0).unwrap();
+    let (rows, n, k) = (37usize, 300usize, 5usize);
+    // Values on a coarse grid, so rows hold ties the order must break by index.
+    let vals: Vec<f32> = (0..rows * n).map(|i| ((i * 7919 % 61) as f32 - 30.0) / 4.0).collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = autodeploy_core::Tensor::from_f32_as(dtype, vec![rows, n], vals.clone()).unwrap();
+        let outs = [(dtype, vec![rows, k]), (DType::I64, vec![rows, k])];
+        let want = (op.cpu)(&[&x], "k=5", &outs).unwrap();
+        let xb = x.to_le_bytes().unwrap();
+        let (bx, bv, bi) = (
+            g.alloc(xb.len(), "x").unwrap(),
+            g.alloc(rows * k * dtype.size_in_bytes(), "values").unwrap(),
+            g.alloc(rows * k * 8, "indices").unwrap(),
+        );
+        g.upload(bx.ptr, &xb).unwrap();
+        let dev = |ptr, dtype, shape: &[usize]| DeviceTensor { ptr, dtype, shape: shape.to_vec() };
+        let mut launcher = SourceLauncher { gpu: &g, what: "example.topk".into() };
+        cuda(
+            &[dev(bx.ptr, dtype, &[rows, n])],
+            &[dev(bv.ptr, dtype, &[rows, k]), dev(bi.ptr, DType::I64, &[rows, k])],
+            "k=5",
+            &mut launcher,
+        )
+        .unwrap();
+        let mut v = vec![0u8; rows * k * dtype.size_in_bytes()];
+        let mut ix = vec![0u8; rows * k * 8];
+        g.download(bv.ptr, &mut v).unwrap();
+        g.download(bi.ptr, &mut ix).unwrap();
+        assert_eq!(v, want[0].to_le_bytes().unwrap(), "{dtype}: values");
+        assert_eq!(ix, want[1].to_le_bytes().unwrap(), "{dtype}: indices");
+    }
+}

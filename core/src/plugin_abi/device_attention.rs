@@ -7,7 +7,8 @@ use autodeploy_sdk::abi_stable::sabi_trait::TD_Opaque;
 use autodeploy_sdk::abi_stable::std_types::{RResult, RStr, RString};
 use autodeploy_sdk::ffi;
 
-use super::{device_dtype, page_table_csr, HostLauncher};
+use super::ops::{device_dtype, HostLauncher};
+use super::page_table_csr;
 use crate::device_attention::{
     DeviceAttention, DeviceAttentionCall, DeviceAttentionSetup, Gpu, HeadRows, SourceLauncher,
 };

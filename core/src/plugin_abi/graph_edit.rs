@@ -92,16 +92,20 @@ pub(super) struct HostGraph<'g> {
 impl HostGraph<'_> {
     /// The output a node of `op` with `attrs` would give on `inputs` (the op's shape rules).
     fn output_meta(&self, op: &str, inputs: &[u32], attrs: &str) -> Result<TensorMeta, String> {
+        let mut out = self.output_metas(op, inputs, attrs)?;
+        if out.len() != 1 {
+            return Err(format!("expected one output, got {}", out.len()));
+        }
+        Ok(out.remove(0))
+    }
+
+    fn output_metas(&self, op: &str, inputs: &[u32], attrs: &str) -> Result<Vec<TensorMeta>, String> {
         let the_op = crate::op_text::parse_op(op, attrs).map_err(|e| e.to_string())?;
         if let Some(&v) = inputs.iter().find(|&&v| !self.valid(v)) {
             return Err(format!("value {v} does not exist"));
         }
         let metas: Vec<TensorMeta> = inputs.iter().map(|&v| self.g.meta(ValueId(v)).clone()).collect();
-        let mut out = crate::ops::infer(&the_op, &metas).map_err(|e| e.to_string())?;
-        if out.len() != 1 {
-            return Err(format!("expected one output, got {}", out.len()));
-        }
-        Ok(out.remove(0))
+        crate::ops::infer(&the_op, &metas).map_err(|e| e.to_string())
     }
 
     /// A node of `op` at position `before`, its output named after `name`: every input must be
@@ -114,7 +118,7 @@ impl HostGraph<'_> {
         op: &str,
         inputs: &[u32],
         attrs: &str,
-    ) -> Result<u32, String> {
+    ) -> Result<Vec<u32>, String> {
         let fail = |m: String| format!("{what} {op}: {m}");
         if before > self.g.nodes.len() {
             return Err(fail(format!("position {before} is past the {} nodes", self.g.nodes.len())));
@@ -134,7 +138,26 @@ impl HostGraph<'_> {
         }
         let ins: Vec<ValueId> = inputs.iter().map(|&v| ValueId(v)).collect();
         let name = if name.trim().is_empty() { op } else { name };
-        self.g.insert_node(before, name, the_op, &ins).map(|v| v.0).map_err(|e| fail(e.to_string()))
+        let outs = self.g.insert_node_outputs(before, name, the_op, &ins).map_err(|e| fail(e.to_string()))?;
+        Ok(outs.into_iter().map(|v| v.0).collect())
+    }
+
+    /// [`HostGraph::insert`] of an op with one output.
+    fn insert_one(
+        &mut self,
+        what: &str,
+        before: usize,
+        name: &str,
+        op: &str,
+        inputs: &[u32],
+        attrs: &str,
+    ) -> Result<u32, String> {
+        // Checked before inserting, so a refused call leaves the graph as it was.
+        let n = self.output_metas(op, inputs, attrs).map_err(|e| format!("{what} {op}: {e}"))?.len();
+        if n != 1 {
+            return Err(format!("{what} {op}: it has {n} outputs; insert it with insert_node_outputs"));
+        }
+        Ok(self.insert(what, before, name, op, inputs, attrs)?[0])
     }
 
     fn valid(&self, v: u32) -> bool {
@@ -234,7 +257,7 @@ impl ffi::GraphEdit for HostGraph<'_> {
         inputs: RSlice<'_, u32>,
         attrs: RStr<'_>,
     ) -> RResult<u32, RString> {
-        self.insert("insert_node", before, op.as_str(), op.as_str(), &inputs, attrs.as_str())
+        self.insert_one("insert_node", before, op.as_str(), op.as_str(), &inputs, attrs.as_str())
             .map_err(RString::from)
             .into()
     }
@@ -247,7 +270,21 @@ impl ffi::GraphEdit for HostGraph<'_> {
         inputs: RSlice<'_, u32>,
         attrs: RStr<'_>,
     ) -> RResult<u32, RString> {
-        self.insert("insert_node_named", before, name.as_str(), op.as_str(), &inputs, attrs.as_str())
+        self.insert_one("insert_node_named", before, name.as_str(), op.as_str(), &inputs, attrs.as_str())
+            .map_err(RString::from)
+            .into()
+    }
+
+    fn insert_node_outputs(
+        &mut self,
+        before: usize,
+        name: RStr<'_>,
+        op: RStr<'_>,
+        inputs: RSlice<'_, u32>,
+        attrs: RStr<'_>,
+    ) -> RResult<RVec<u32>, RString> {
+        self.insert("insert_node_outputs", before, name.as_str(), op.as_str(), &inputs, attrs.as_str())
+            .map(RVec::from)
             .map_err(RString::from)
             .into()
     }
@@ -280,7 +317,7 @@ impl ffi::GraphEdit for HostGraph<'_> {
             .filter(|(_, n)| n.inputs.contains(&ValueId(value)))
             .map(|(i, _)| i)
             .collect();
-        let new = match self.insert("insert_after", at, name.as_str(), op.as_str(), &inputs, attrs.as_str()) {
+        let new = match self.insert_one("insert_after", at, name.as_str(), op.as_str(), &inputs, attrs.as_str()) {
             Ok(v) => v,
             Err(e) => return RResult::RErr(e.into()),
         };
@@ -400,6 +437,33 @@ mod tests {
             .into_result()
             .unwrap_err();
         assert!(e.contains("dim 5 out of range"), "{e}");
+    }
+
+    /// An op with two outputs goes in through `insert_node_outputs` (each output named, in the
+    /// op's order); `insert_node` refuses it, leaving the graph as it was.
+    #[test]
+    fn ops_with_several_outputs_insert_through_insert_node_outputs() {
+        let mut b = GraphBuilder::new(Arc::new(crate::weights::WeightStore::new("test")));
+        let x = b.input("x", DType::F32, static_shape(&[2, 6]));
+        let r = b.input("r", DType::F32, static_shape(&[2, 6]));
+        let w = b.input("w", DType::F32, static_shape(&[6]));
+        let y = b.op("y", crate::ops::Op::Neg, &[x]).unwrap();
+        b.output(y);
+        let mut g = b.finish().unwrap();
+        let mut host = HostGraph { g: &mut g };
+        let (op, attrs) = ("fused_add_rmsnorm", "eps=1e-6, norm_dtype=f32");
+        let e = host.insert_node(0, op.into(), [x.0, r.0, w.0][..].into(), attrs.into()).into_result().unwrap_err();
+        assert!(e.contains("it has 2 outputs; insert it with insert_node_outputs"), "{e}");
+        assert_eq!(host.num_nodes(), 1);
+        let vs = host
+            .insert_node_outputs(0, "n".into(), op.into(), [x.0, r.0, w.0][..].into(), attrs.into())
+            .into_result()
+            .unwrap();
+        assert_eq!(vs.len(), 2);
+        let names: Vec<String> = vs.iter().map(|&v| host.value(v).unwrap().name.to_string()).collect();
+        assert_eq!(names, ["n", "n.1"]);
+        assert_eq!(host.node(0).unwrap().outputs.as_slice(), vs.as_slice());
+        g.validate().unwrap();
     }
 
     /// `insert_after` puts a node between a value and its readers (nodes and outputs), names

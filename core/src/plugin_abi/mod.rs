@@ -22,6 +22,7 @@ use crate::transform::{OptionSpec, Transform, TransformContext};
 
 mod device_attention;
 mod graph_edit;
+mod ops;
 mod runtime;
 
 use graph_edit::{node_info, value_info, HostGraph};
@@ -233,26 +234,10 @@ fn load_library(path: &Path) -> usize {
                 }))
             }
             ffi::PluginBody::Op { inputs, output_like, cpu, cuda } => {
-                crate::registry::register_op(crate::custom_op::CustomOp {
-                    name: Box::leak(name.clone().into_boxed_str()),
-                    version: Box::leak(version.clone().into_boxed_str()),
-                    inputs: inputs as usize,
-                    output_like: output_like as usize,
-                    origin: Box::leak(origin.clone().into_boxed_str()),
-                    cpu: Arc::new(move |ins: &[&Tensor], attrs: &str| {
-                        run_cpu_kernel(cpu, ins, attrs, output_like as usize)
-                    }),
-                    cuda: cuda.into_option().map(|k| {
-                        Arc::new(
-                            move |ins: &[crate::custom_op::DeviceTensor],
-                                  out: &crate::custom_op::DeviceTensor,
-                                  attrs: &str,
-                                  launcher: &mut dyn crate::custom_op::KernelLauncher| {
-                                run_cuda_kernel(k, ins, out, attrs, launcher)
-                            },
-                        ) as crate::custom_op::CudaImpl
-                    }),
-                })
+                crate::registry::register_op(ops::f32_op(&name, &version, &origin, inputs, output_like, cpu, cuda))
+            }
+            ffi::PluginBody::TypedOp { inputs, outputs, cpu, cuda } => {
+                crate::registry::register_op(ops::typed_op(&name, &version, &origin, inputs, outputs, cpu, cuda))
             }
         };
         match res {
@@ -287,92 +272,6 @@ fn external<T: ?Sized>(
 }
 
 type FfiTransform = ffi::Transform_TO<'static, RBox<()>>;
-
-/// Calls a library's CPU kernel on host tensors.
-fn run_cpu_kernel(
-    k: ffi::CpuKernel,
-    ins: &[&Tensor],
-    attrs: &str,
-    output_like: usize,
-) -> std::result::Result<Vec<f32>, String> {
-    let data: Vec<std::borrow::Cow<[f32]>> = ins.iter().map(|t| t.to_f32()).collect();
-    let views: Vec<ffi::TensorView> = ins
-        .iter()
-        .zip(&data)
-        .map(|(t, d)| ffi::TensorView { shape: t.shape().into(), data: d.as_ref().into() })
-        .collect();
-    let n = ins.get(output_like).map_or(0, |t| t.numel());
-    // Marked, so `debug_checks` can tell values the kernel never wrote.
-    let mut out = vec![crate::custom_op::UNWRITTEN; n];
-    match k(views.as_slice().into(), attrs.into(), out.as_mut_slice().into()) {
-        RResult::ROk(()) => Ok(out),
-        RResult::RErr(e) => Err(e.into_string()),
-    }
-}
-
-/// The host's launcher as the ABI's `CudaLauncher`.
-struct HostLauncher<'a>(&'a mut dyn crate::custom_op::KernelLauncher);
-
-impl ffi::CudaLauncher for HostLauncher<'_> {
-    fn launch(
-        &mut self,
-        source: RStr<'_>,
-        entry: RStr<'_>,
-        grid: ffi::Dim3,
-        block: ffi::Dim3,
-        shared_mem_bytes: u32,
-        args: RSlice<'_, ffi::KernelArg>,
-    ) -> RResult<(), RString> {
-        use crate::custom_op::KernelArg as A;
-        let args: Vec<A> = args
-            .iter()
-            .map(|a| match a.kind {
-                ffi::ArgKind::Ptr => A::Ptr(a.bits),
-                ffi::ArgKind::I32 => A::I32(a.bits as u32 as i32),
-                ffi::ArgKind::I64 => A::I64(a.bits as i64),
-                ffi::ArgKind::F32 => A::F32(f32::from_bits(a.bits as u32)),
-            })
-            .collect();
-        let dims = crate::custom_op::LaunchDims {
-            grid: [grid.x, grid.y, grid.z],
-            block: [block.x, block.y, block.z],
-            shared_mem_bytes,
-        };
-        match self.0.launch(source.as_str(), entry.as_str(), dims, &args) {
-            Ok(()) => RResult::ROk(()),
-            Err(e) => RResult::RErr(e.into()),
-        }
-    }
-}
-
-fn device_dtype(d: DType) -> std::result::Result<ffi::DeviceDtype, String> {
-    match d {
-        DType::F32 => Ok(ffi::DeviceDtype::F32),
-        DType::BF16 => Ok(ffi::DeviceDtype::BF16),
-        DType::F16 => Ok(ffi::DeviceDtype::F16),
-        other => Err(format!("a plugin's CUDA kernel takes f32, bf16 or f16 tensors, not {other:?}")),
-    }
-}
-
-/// Calls a library's CUDA kernel on device tensors.
-fn run_cuda_kernel(
-    k: ffi::CudaKernel,
-    ins: &[crate::custom_op::DeviceTensor],
-    out: &crate::custom_op::DeviceTensor,
-    attrs: &str,
-    launcher: &mut dyn crate::custom_op::KernelLauncher,
-) -> std::result::Result<(), String> {
-    fn view(t: &crate::custom_op::DeviceTensor) -> std::result::Result<ffi::DeviceTensorView<'_>, String> {
-        Ok(ffi::DeviceTensorView { ptr: t.ptr, shape: t.shape.as_slice().into(), dtype: device_dtype(t.dtype)? })
-    }
-    let views = ins.iter().map(view).collect::<std::result::Result<Vec<_>, _>>()?;
-    let out = view(out)?;
-    let mut host = HostLauncher(launcher);
-    match k(views.as_slice().into(), out, attrs.into(), ffi::CudaLauncher_TO::from_ptr(&mut host, TD_Opaque)) {
-        RResult::ROk(()) => Ok(()),
-        RResult::RErr(e) => Err(e.into_string()),
-    }
-}
 
 /// A library's transform as a host transform.
 struct ExternalTransform(Arc<FfiTransform>);

@@ -9,8 +9,10 @@ static OPS: RwLock<Option<HashMap<&'static str, Arc<CustomOp>>>> = RwLock::new(N
 
 /// Registers an op; refused if the name is taken (by a built-in op or another registration).
 pub fn register_op(op: CustomOp) -> std::result::Result<(), String> {
-    if op.output_like >= op.inputs {
-        return Err(format!("op `{}`: output_like {} but {} inputs", op.name, op.output_like, op.inputs));
+    if let crate::custom_op::Outputs::Like(i) = op.outputs {
+        if i >= op.inputs {
+            return Err(format!("op `{}`: output_like {i} but {} inputs", op.name, op.inputs));
+        }
     }
     let mut ops = OPS.write().unwrap_or_else(|e| e.into_inner());
     let map = ops.get_or_insert_with(HashMap::new);

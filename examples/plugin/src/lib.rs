@@ -10,6 +10,9 @@
 //! - `example.rms_norm` (op) with its CPU kernel and a CUDA one (CUDA C source in `rms_norm.cu`
 //!   the host compiles and launches), and `use_example_rmsnorm` (transform, off unless the
 //!   config enables it), which puts that op in place of every f32 `torch_rmsnorm`.
+//! - `example.topk` (typed op: float in, float values and i64 indices out, CPU and CUDA
+//!   kernels) and `add_topk_outputs` (transform, off unless enabled), which appends the logits'
+//!   top k to the graph's outputs (see `topk.rs`).
 //! - `llama2c` (model importer): llama2.c checkpoints (`model.bin`), built from the host's
 //!   built-in ops by name (see `llama2c.rs`).
 //! - `sequential` (runtime): one request at a time, prompt then one token per step (see
@@ -21,6 +24,7 @@ mod checked;
 mod llama2c;
 mod naive_cuda;
 mod sequential;
+mod topk;
 
 use autodeploy_sdk::abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use autodeploy_sdk::ffi::{
@@ -59,6 +63,16 @@ fn plugins() -> Vec<PluginDecl> {
         PluginDecl::op_with_cuda("example.rms_norm", VERSION, 2, 0, rms_norm_cpu, rms_norm_cuda),
         PluginDecl::transform("use_example_rmsnorm", VERSION, Stage::PostLoadFusion, &[], UseExampleRmsNorm)
             .disabled_by_default(),
+        PluginDecl::typed_op("example.topk", VERSION, 1, topk::topk_outputs, topk::topk_cpu)
+            .with_cuda_kernel(topk::topk_cuda),
+        PluginDecl::transform(
+            "add_topk_outputs",
+            VERSION,
+            Stage::Compile,
+            &[("k", "4", "how many (1..=8)")],
+            topk::AddTopkOutputs,
+        )
+        .disabled_by_default(),
     ]
 }
 
@@ -349,7 +363,7 @@ extern "C" fn rms_norm_cuda(
     let entry = match x.dtype {
         DeviceDtype::F32 => "example_rms_norm_f32",
         DeviceDtype::BF16 => "example_rms_norm_bf16",
-        DeviceDtype::F16 => return RResult::RErr("example.rms_norm has no f16 kernel".into()),
+        other => return RResult::RErr(format!("example.rms_norm has no {other:?} kernel").into()),
     };
     let rows = x.shape.iter().product::<usize>() / n;
     if rows == 0 {
@@ -374,7 +388,7 @@ extern "C" fn rms_norm_cuda(
 }
 
 /// The value of `key` in attribute text such as `eps=1e-5, norm_dtype=f32`.
-fn attr<'a>(attrs: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn attr<'a>(attrs: &'a str, key: &str) -> Option<&'a str> {
     attrs.split(',').map(str::trim).find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 

@@ -48,7 +48,7 @@ impl CudaAttentionBackend for NaiveCuda {
         let name = match c.dtype {
             DeviceDtype::F32 => "f32",
             DeviceDtype::BF16 => "bf16",
-            DeviceDtype::F16 => return RResult::RErr("the naive backend has no f16 kernels".into()),
+            other => return RResult::RErr(format!("the naive backend has no {other:?} kernels").into()),
         };
         if t == 0 {
             return RResult::ROk(());

@@ -418,26 +418,34 @@ impl CudaModel {
                     let c = autodeploy_core::registry::custom_op(op_name)
                         .ok_or_else(|| fail(Unavailable("no op of this name is registered".into())))?;
                     let cuda = c.cuda.clone().ok_or_else(|| fail(Unavailable("no CUDA kernel registered".into())))?;
-                    let device = |v: autodeploy_core::ValueId| -> Result<DeviceTensor> {
-                        Ok(DeviceTensor { ptr: ptr[v.0 as usize], shape: shape_of(v)?, dtype: g.meta(v).dtype })
+                    let device = |v: autodeploy_core::ValueId, p: Ptr| -> Result<DeviceTensor> {
+                        Ok(DeviceTensor { ptr: p, shape: shape_of(v)?, dtype: g.meta(v).dtype })
                     };
-                    let ins = node.inputs.iter().map(|&v| device(v)).collect::<Result<Vec<_>>>()?;
-                    let out_t = DeviceTensor { ptr: planned, shape: out_shape.clone(), dtype: g.meta(outv).dtype };
+                    let ins = node.inputs.iter().map(|&v| device(v, ptr[v.0 as usize])).collect::<Result<Vec<_>>>()?;
+                    // The first output at this node's planned memory, the others where the loop's
+                    // start put them.
+                    let outs = node
+                        .outputs
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &v)| device(v, if k == 0 { planned } else { ptr[v.0 as usize] }))
+                        .collect::<Result<Vec<_>>>()?;
+                    let what = format!("op `{op_name}` ({}) at node `{name}`", c.origin);
                     let mut launcher = SourceLauncher { gpu, what: format!("plugin op `{op_name}` ({})", c.origin) };
-                    let n_out: usize = out_shape.iter().product();
                     if self.debug_checks {
-                        mark_unwritten(gpu, planned, g.meta(outv).dtype, n_out)?;
+                        for o in outs.iter().filter(|o| o.dtype.is_float()) {
+                            mark_unwritten(gpu, o.ptr, o.dtype, o.shape.iter().product())?;
+                        }
                     }
-                    cuda(&ins, &out_t, attrs, &mut launcher).map_err(|e| Error::Op {
+                    cuda(&ins, &outs, attrs, &mut launcher).map_err(|e| Error::Op {
                         op: op_name.to_string(),
                         msg: format!("node `{name}`: {e} (from {})", c.origin),
                     })?;
                     if self.debug_checks {
-                        let vals = read_back(gpu, planned, g.meta(outv).dtype, n_out)?;
-                        autodeploy_core::custom_op::check_output(
-                            &format!("op `{op_name}` ({}) at node `{name}`", c.origin),
-                            &vals,
-                        )?;
+                        for o in outs.iter().filter(|o| o.dtype.is_float()) {
+                            let vals = read_back(gpu, o.ptr, o.dtype, o.shape.iter().product())?;
+                            autodeploy_core::custom_op::check_output(&what, &vals)?;
+                        }
                     }
                 }
                 op => {
