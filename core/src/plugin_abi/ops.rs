@@ -338,7 +338,7 @@ mod tests {
         crate::registry::register_op(op).unwrap();
         let the_op = Op::Custom { name: "test.double_argmax", inputs: 1, attrs: String::new() };
         let x = TensorMeta { dtype: DType::BF16, shape: vec![Dim::sym("seq"), Dim::new(4)] };
-        let out = infer(&the_op, &[x.clone()]).unwrap();
+        let out = infer(&the_op, std::slice::from_ref(&x)).unwrap();
         assert_eq!(out[0], x);
         assert_eq!(out[1].to_string(), "i64[seq]");
         let bad = Op::Custom { name: "test.double_argmax", inputs: 1, attrs: "bad=dim".into() };
