@@ -405,9 +405,21 @@ impl CudaModel {
                         v_cache: l.v.ptr,
                         step: meta,
                     };
+                    if self.debug_checks {
+                        mark_unwritten(gpu, planned, g.meta(outv).dtype, n_out)?;
+                    }
                     let rows = backend
                         .attend(&call, gpu)
                         .map_err(|e| Error::Op { op: node.op.name().into(), msg: format!("node `{name}`: {e}") })?;
+                    if self.debug_checks {
+                        let b = &self.attn[self.attn_of[i]].0;
+                        let what = format!(
+                            "attention backend `{b}` ({}), layer {layer} at node `{name}`",
+                            autodeploy_core::registry::attention_backend_origin(b)
+                        );
+                        let vals = read_back(gpu, planned, g.meta(outv).dtype, n_out)?;
+                        autodeploy_core::custom_op::check_output(&what, &vals)?;
+                    }
                     if rows != HeadRows::heads_major(qs[2], l.head_dim) {
                         // The output [1, heads, tokens, d] at the rows' strides.
                         let st = vec![n_out as i64, rows.head, rows.token, 1];
