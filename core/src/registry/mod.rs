@@ -174,6 +174,9 @@ pub struct CompileBackendPlugin {
     pub aliases: &'static [&'static str],
     pub version: &'static str,
     pub make: fn() -> Box<dyn CompileBackend>,
+    /// Whether the compile-stage fusion transforms rewrite the graph for it (AutoDeploy's
+    /// `torch-compile` and `torch-opt` fuse; `simple` and `cudagraph` run the ops as matched).
+    pub fuses: bool,
 }
 builtin_entry!(CompileBackendPlugin);
 
@@ -266,6 +269,12 @@ pub fn compile_backend(name: &str) -> Result<Box<dyn CompileBackend>> {
         Found::Builtin(p) => (p.make)(),
         Found::External(p) => (p.make)(),
     })
+}
+
+/// Whether compile backend `name` (or an alias) wants the compile-stage fusions (a library's
+/// runs the graph as given).
+pub fn compile_backend_fuses(name: &str) -> Result<bool> {
+    Ok(matches!(COMPILE_BACKENDS.get(name)?, Found::Builtin(p) if p.fuses))
 }
 
 /// The canonical name of compile backend `name` (or an alias).

@@ -21,6 +21,7 @@ autodeploy_core::inventory::submit! {
         aliases: &["torch-simple"],
         version: env!("CARGO_PKG_VERSION"),
         make: || Box::new(SimpleBackend),
+        fuses: false,
     }
 }
 
@@ -36,7 +37,8 @@ autodeploy_core::inventory::submit! {
         name: "cudagraph",
         aliases: &["torch-cudagraph"],
         version: env!("CARGO_PKG_VERSION"),
-        make: || Box::new(ModeBackend { name: "cudagraph", mode: super::cuda::Mode { fuse: false, graphs: true } }),
+        make: || Box::new(ModeBackend { name: "cudagraph", mode: super::cuda::Mode { graphs: true } }),
+        fuses: false,
     }
 }
 autodeploy_core::inventory::submit! {
@@ -44,7 +46,8 @@ autodeploy_core::inventory::submit! {
         name: "compile",
         aliases: &["torch-compile"],
         version: env!("CARGO_PKG_VERSION"),
-        make: || Box::new(ModeBackend { name: "compile", mode: super::cuda::Mode { fuse: true, graphs: false } }),
+        make: || Box::new(ModeBackend { name: "compile", mode: super::cuda::Mode { graphs: false } }),
+        fuses: true,
     }
 }
 autodeploy_core::inventory::submit! {
@@ -52,7 +55,8 @@ autodeploy_core::inventory::submit! {
         name: "opt",
         aliases: &["torch-opt"],
         version: env!("CARGO_PKG_VERSION"),
-        make: || Box::new(ModeBackend { name: "opt", mode: super::cuda::Mode { fuse: true, graphs: true } }),
+        make: || Box::new(ModeBackend { name: "opt", mode: super::cuda::Mode { graphs: true } }),
+        fuses: true,
     }
 }
 

@@ -11,14 +11,11 @@ use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::Op;
 use autodeploy_sdk::Stage;
 
-/// The compile backends that fuse kernels (AutoDeploy's `torch-compile` and `torch-opt`).
-const FUSING_BACKENDS: [&str; 2] = ["compile", "opt"];
-
-/// `Some(why)` when the configured compile backend does not fuse (the transform then leaves the
-/// graph alone and says so in the history).
+/// `Some(why)` when the configured compile backend does not fuse (registered without `fuses`:
+/// the transform then leaves the graph alone and says so in the history).
 fn not_fusing(cx: &TransformContext, what: &str) -> Result<Option<String>> {
     let backend = autodeploy_core::registry::compile_backend_name(&cx.config.compile_backend)?;
-    Ok((!FUSING_BACKENDS.contains(&backend))
+    Ok((!autodeploy_core::registry::compile_backend_fuses(backend)?)
         .then(|| format!("compile_backend `{backend}` {what} (only compile and opt fuse)")))
 }
 

@@ -7,8 +7,9 @@
 //! step's inputs and metadata in one copy, and launches kernels at fixed addresses, which is
 //! what lets `cudagraph` capture a decode step once per batch-size bucket and replay it.
 //!
-//! Modes: `fuse` (the `compile` backend) runs an add followed by the RMSNorm of its result as one
-//! kernel; `graphs` (`cudagraph`) captures decode steps. `opt` is both.
+//! Mode: `graphs` (`cudagraph`, `opt`) captures decode steps. The fusions `compile` and `opt`
+//! run come from the graph (plugins/src/transforms/compile_fusion.rs); this executor only
+//! lowers ops.
 
 use std::collections::HashMap;
 
@@ -40,10 +41,10 @@ use step::{total_rows, Staged};
 use strides::{broadcast_strides, contiguous_strides, head_rows, is_contiguous, norm_dim, view_strides};
 use weights::host_bytes;
 
-/// What the CUDA executor does beyond running nodes in order.
+/// What the CUDA executor does beyond running nodes in order (fusions are the graph's: the
+/// compile-stage transforms, for backends registered with `fuses`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Mode {
-    pub fuse: bool,
     pub graphs: bool,
 }
 
