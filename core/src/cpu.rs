@@ -182,7 +182,8 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { cs[i - off] }).collect()
 }
 
-fn unary(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Result<Tensor> {
+/// `f` on every value (as f32; the result in x's dtype), over the cores for large tensors.
+pub(crate) fn map_f32(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Result<Tensor> {
     let v = x.to_f32();
     let out: Vec<f32> =
         if v.len() >= PAR_MIN { v.par_iter().map(|&a| f(a)).collect() } else { v.iter().map(|&a| f(a)).collect() };
@@ -327,25 +328,14 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
         Op::Div => binary(&op, x, ins[1], out_meta.dtype, |a, b| a / b),
         Op::AddScalar(s) => scalar_op(x, |a| a + *s as f32, |a| a + *s as i64),
         Op::MulScalar(s) => scalar_op(x, |a| a * *s as f32, |a| a * *s as i64),
-        Op::Neg => scalar_op(x, |a| -a, |a| -a),
         Op::PowScalar(p) => {
             let p = *p as f32;
             if p == 2.0 {
-                unary(x, |a| a * a)
+                map_f32(x, |a| a * a)
             } else {
-                unary(x, move |a| a.powf(p))
+                map_f32(x, move |a| a.powf(p))
             }
         }
-        Op::Rsqrt => unary(x, |a| 1.0 / a.sqrt()),
-        Op::Silu => unary(x, |a| a / (1.0 + (-a).exp())),
-        Op::Gelu { tanh: true } => unary(x, |a| {
-            // torch: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
-            let k = (2.0f32 / std::f32::consts::PI).sqrt();
-            0.5 * a * (1.0 + (k * (a + 0.044715 * a * a * a)).tanh())
-        }),
-        Op::Gelu { tanh: false } => unary(x, |a| 0.5 * a * (1.0 + erf(a / std::f32::consts::SQRT_2))),
-        Op::Cos => unary(x, f32::cos),
-        Op::Sin => unary(x, f32::sin),
         Op::Mean { dims, .. } => mean(&op, x, dims, out_shape),
         Op::ToDtype(d) => x.cast(*d),
         Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => x.reshape(out_shape),
@@ -467,7 +457,7 @@ fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<
 fn scalar_op(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send, g: impl Fn(i64) -> i64) -> Result<Tensor> {
     match x.as_i64() {
         Some(v) => Tensor::from_i64(x.shape().to_vec(), v.iter().map(|&a| g(a)).collect()),
-        None => unary(x, f),
+        None => map_f32(x, f),
     }
 }
 
@@ -564,7 +554,7 @@ pub fn round_as(dtype: DType, x: f32) -> f32 {
 
 /// erf, computed in f64 and rounded to f32: the Maclaurin series below 2.5, the continued
 /// fraction of erfc above (checked against Python's math.erf: max error 6e-15 on [-8, 8]).
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     let x = x as f64;
     let a = x.abs();
     let r = if a < 2.5 {
@@ -684,7 +674,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bind: &Bindin
     let xc = eval(&Op::Mul, &[&x, cos], bind)?;
     let x1 = eval(&Op::Slice { dim: -1, start: 0, end: half, step: 1 }, &[&x], bind)?;
     let x2 = eval(&Op::Slice { dim: -1, start: half, end: i64::MAX, step: 1 }, &[&x], bind)?;
-    let n2 = eval(&Op::Neg, &[&x2], bind)?;
+    let n2 = eval_outputs(&Op::unary("aten.neg"), &[&x2], bind, &KernelOptions::default())?.remove(0);
     let rot = eval(&Op::Cat { dim: -1 }, &[&n2, &x1], bind)?;
     let rs = eval(&Op::Mul, &[&rot, sin], bind)?;
     eval(&Op::Add, &[&xc, &rs], bind)

@@ -49,6 +49,11 @@ pub trait KernelLauncher {
         dims: LaunchDims,
         args: &[KernelArg],
     ) -> std::result::Result<(), String>;
+
+    /// The host's GPU itself, for the built-in ops' lowerings (its kernels, not source).
+    fn gpu(&self) -> Option<&autodeploy_kernels::cuda::exec::Gpu> {
+        None
+    }
 }
 
 /// A CUDA implementation: the inputs and the outputs on the device, the node's attribute text,
@@ -66,6 +71,9 @@ pub struct CustomOp {
     pub outputs: Outputs,
     /// `built-in` or the library that registered it.
     pub origin: &'static str,
+    /// Checks the attribute text when a node is made (a dump parsed back, a transform's
+    /// insertion); `None`: the shape rule alone sees it.
+    pub check_attrs: Option<fn(&str) -> std::result::Result<(), String>>,
     pub cpu: CpuImpl,
     /// None: CPU only (a CUDA engine with this op is refused at build, naming it).
     pub cuda: Option<CudaImpl>,
@@ -75,6 +83,9 @@ pub struct CustomOp {
 pub fn op(name: &str, attrs: &str) -> Result<Op> {
     let c =
         crate::registry::custom_op(name).ok_or_else(|| Error::Msg(format!("no op named `{name}` is registered")))?;
+    if let Some(check) = c.check_attrs {
+        check(attrs).map_err(|e| Error::op(name, e))?;
+    }
     Ok(Op::Custom { name: c.name, inputs: c.inputs, attrs: attrs.to_string() })
 }
 

@@ -123,4 +123,8 @@ impl crate::custom_op::KernelLauncher for SourceLauncher<'_> {
     ) -> std::result::Result<(), String> {
         self.gpu.launch_source(&self.what, source, entry, dims, args).map_err(|e| e.0)
     }
+
+    fn gpu(&self) -> Option<&Gpu> {
+        Some(self.gpu)
+    }
 }

@@ -85,8 +85,10 @@ pub fn eval_node(
                 "attention backend `{backend}` ({}), layer {layer}",
                 crate::registry::attention_backend_origin(backend)
             )),
+            // A library's op (the built-in ones of the op table are the host's own kernels).
             Op::Custom { name: op, .. } => {
-                Some(format!("op `{op}` ({})", crate::registry::custom_op(op).map_or("unregistered", |c| c.origin)))
+                let origin = crate::registry::custom_op(op).map_or("unregistered", |c| c.origin);
+                (origin != "built-in").then(|| format!("op `{op}` ({origin})"))
             }
             _ => None,
         };

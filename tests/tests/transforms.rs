@@ -97,7 +97,7 @@ fn rmsnorm_with_casts_in_bf16() {
     let sq = b.op("sq", Op::PowScalar(2.0), &[xf]).unwrap();
     let var = b.op("var", Op::Mean { dims: vec![-1], keepdim: true }, &[sq]).unwrap();
     let ve = b.op("ve", Op::AddScalar(1e-6), &[var]).unwrap();
-    let r = b.op("r", Op::Rsqrt, &[ve]).unwrap();
+    let r = b.op("r", Op::unary("aten.rsqrt"), &[ve]).unwrap();
     let y = b.op("y", Op::Mul, &[r, xf]).unwrap(); // operands swapped: commutativity
     let yc = b.op("yc", Op::ToDtype(DType::BF16), &[y]).unwrap();
     let out = b.op("out", Op::Mul, &[yc, w]).unwrap();
@@ -118,7 +118,7 @@ fn rmsnorm_without_the_f32_upcast_is_left_alone() {
     let sq = b.op("sq", Op::PowScalar(2.0), &[x]).unwrap();
     let var = b.op("var", Op::Mean { dims: vec![-1], keepdim: true }, &[sq]).unwrap();
     let ve = b.op("ve", Op::AddScalar(1e-6), &[var]).unwrap();
-    let r = b.op("r", Op::Rsqrt, &[ve]).unwrap();
+    let r = b.op("r", Op::unary("aten.rsqrt"), &[ve]).unwrap();
     let y = b.op("y", Op::Mul, &[x, r]).unwrap();
     let out = b.op("out", Op::Mul, &[w, y]).unwrap();
     b.output(out);
@@ -147,7 +147,7 @@ fn rope_graph(interleaved_input: bool) -> (Graph, Vec<Tensor>) {
     let xc = b.op("xc", Op::Mul, &[cu, xin]).unwrap();
     let x1 = b.op("x1", Op::Slice { dim: 3, start: 0, end: 4, step: 1 }, &[xin]).unwrap();
     let x2 = b.op("x2", Op::Slice { dim: -1, start: 4, end: i64::MAX, step: 1 }, &[xin]).unwrap();
-    let n2 = b.op("n2", Op::Neg, &[x2]).unwrap();
+    let n2 = b.op("n2", Op::unary("aten.neg"), &[x2]).unwrap();
     let rot = b.op("rot", Op::Cat { dim: -1 }, &[n2, x1]).unwrap();
     let rs = b.op("rs", Op::Mul, &[rot, su]).unwrap();
     let out = b.op("out", Op::Add, &[rs, xc]).unwrap();
@@ -288,7 +288,7 @@ fn mlp_graph(bias_on_up: bool) -> (Graph, Vec<Tensor>) {
         up_in.push(b.param("bu", DType::F32, static_shape(&[12])));
     }
     let u = b.op("up", Op::Linear, &up_in).unwrap();
-    let a = b.op("act", Op::Silu, &[g_]).unwrap();
+    let a = b.op("act", Op::unary("aten.silu"), &[g_]).unwrap();
     let m = b.op("prod", Op::Mul, &[u, a]).unwrap();
     let out = b.op("down", Op::Linear, &[m, wd]).unwrap();
     b.output(out);

@@ -418,7 +418,7 @@ mod tests {
     fn insert_node_takes_built_in_ops_by_name() {
         let mut b = GraphBuilder::new(Arc::new(crate::weights::WeightStore::new("test")));
         let x = b.input("x", DType::F32, static_shape(&[2, 6]));
-        let y = b.op("y", crate::ops::Op::Neg, &[x]).unwrap();
+        let y = b.op("y", crate::ops::Op::unary("aten.neg"), &[x]).unwrap();
         b.output(y);
         let mut g = b.finish().unwrap();
         let mut host = HostGraph { g: &mut g };
@@ -447,7 +447,7 @@ mod tests {
         let x = b.input("x", DType::F32, static_shape(&[2, 6]));
         let r = b.input("r", DType::F32, static_shape(&[2, 6]));
         let w = b.input("w", DType::F32, static_shape(&[6]));
-        let y = b.op("y", crate::ops::Op::Neg, &[x]).unwrap();
+        let y = b.op("y", crate::ops::Op::unary("aten.neg"), &[x]).unwrap();
         b.output(y);
         let mut g = b.finish().unwrap();
         let mut host = HostGraph { g: &mut g };
@@ -472,8 +472,8 @@ mod tests {
     fn insert_after_moves_the_readers_and_set_output_sets_outputs() {
         let mut b = GraphBuilder::new(Arc::new(crate::weights::WeightStore::new("test")));
         let x = b.input("x", DType::F32, static_shape(&[2, 6]));
-        let y = b.op("y", crate::ops::Op::Neg, &[x]).unwrap();
-        let z = b.op("z", crate::ops::Op::Silu, &[y]).unwrap();
+        let y = b.op("y", crate::ops::Op::unary("aten.neg"), &[x]).unwrap();
+        let z = b.op("z", crate::ops::Op::unary("aten.silu"), &[y]).unwrap();
         b.output(y);
         b.output(z);
         let mut g = b.finish().unwrap();

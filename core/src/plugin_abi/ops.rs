@@ -35,6 +35,7 @@ pub(super) fn f32_op(
         inputs: inputs as usize,
         outputs: Outputs::Like(output_like as usize),
         origin: leak(origin),
+        check_attrs: None,
         cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
             let y = run_cpu_kernel(cpu, ins, attrs, output_like as usize)?;
             let (dtype, shape) = outs.first().cloned().ok_or("no output")?;
@@ -67,6 +68,7 @@ pub(super) fn typed_op(
         inputs: inputs as usize,
         outputs: Outputs::Rule(Arc::new(move |ins: &[TensorMeta], attrs: &str| typed_outputs(outputs, ins, attrs))),
         origin: leak(origin),
+        check_attrs: None,
         cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
             run_typed_cpu_kernel(cpu, ins, attrs, outs)
         }),

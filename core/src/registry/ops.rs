@@ -1,11 +1,15 @@
-//! Ops registered at run time (by plugin libraries); `Op::Custom` nodes dispatch to them.
+//! The op table: ops defined through the registry (the built-in unary ops, `ops/unary.rs`, and
+//! plugin libraries' ops); `Op::Custom` nodes dispatch to them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use crate::custom_op::CustomOp;
 
-static OPS: RwLock<Option<HashMap<&'static str, Arc<CustomOp>>>> = RwLock::new(None);
+static OPS: LazyLock<RwLock<Option<HashMap<&'static str, Arc<CustomOp>>>>> = LazyLock::new(|| {
+    let builtins = crate::ops::unary::ops().into_iter().map(|o| (o.name, Arc::new(o))).collect();
+    RwLock::new(Some(builtins))
+});
 
 /// Registers an op; refused if the name is taken (by a built-in op or another registration).
 pub fn register_op(op: CustomOp) -> std::result::Result<(), String> {

@@ -182,7 +182,7 @@ impl Ctx<'_> {
         let sq = self.b.op(&format!("{hint}.pow"), Op::PowScalar(2.0), &[xf])?;
         let var = self.b.op(&format!("{hint}.mean"), Op::Mean { dims: vec![-1], keepdim: true }, &[sq])?;
         let ve = self.b.op(&format!("{hint}.add_eps"), Op::AddScalar(self.cfg.rms_norm_eps), &[var])?;
-        let r = self.b.op(&format!("{hint}.rsqrt"), Op::Rsqrt, &[ve])?;
+        let r = self.b.op(&format!("{hint}.rsqrt"), Op::unary("aten.rsqrt"), &[ve])?;
         let y = self.b.op(&format!("{hint}.normed"), Op::Mul, &[xf, r])?;
         let y =
             if in_dtype != DType::F32 { self.b.op(&format!("{hint}.to_in"), Op::ToDtype(in_dtype), &[y])? } else { y };
@@ -194,7 +194,7 @@ impl Ctx<'_> {
         let half = self.cfg.head_dim as i64 / 2;
         let x1 = self.b.op(&format!("{hint}.x1"), Op::Slice { dim: -1, start: 0, end: half, step: 1 }, &[x])?;
         let x2 = self.b.op(&format!("{hint}.x2"), Op::Slice { dim: -1, start: half, end: i64::MAX, step: 1 }, &[x])?;
-        let n2 = self.b.op(&format!("{hint}.neg"), Op::Neg, &[x2])?;
+        let n2 = self.b.op(&format!("{hint}.neg"), Op::unary("aten.neg"), &[x2])?;
         self.b.op(hint, Op::Cat { dim: -1 }, &[n2, x1])
     }
 
@@ -267,7 +267,7 @@ impl Ctx<'_> {
         let x = self.rmsnorm(&format!("{n}.post_attn_norm"), h, &format!("{p}.post_attention_layernorm.weight"), hs)?;
         let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{p}.mlp.gate_proj"), is, hs, c.mlp_bias)?;
         let u = self.linear(&format!("{n}.up_proj"), x, &format!("{p}.mlp.up_proj"), is, hs, c.mlp_bias)?;
-        let g = self.b.op(&format!("{n}.act"), Op::Silu, &[g])?;
+        let g = self.b.op(&format!("{n}.act"), Op::unary("aten.silu"), &[g])?;
         let m = self.b.op(&format!("{n}.act_mul"), Op::Mul, &[g, u])?;
         let d = self.linear(&format!("{n}.down_proj"), m, &format!("{p}.mlp.down_proj"), hs, is, c.mlp_bias)?;
         self.b.op(&format!("{n}.mlp_residual"), Op::Add, &[h, d])
@@ -303,7 +303,7 @@ pub fn build_decoder(
     let freqs = cx.b.op("rope.freqs", Op::Mul, &[p, inv_freq])?;
     let emb = cx.b.op("rope.emb", Op::Cat { dim: -1 }, &[freqs, freqs])?;
     let mut cs = Vec::new();
-    for (name, op) in [("cos", Op::Cos), ("sin", Op::Sin)] {
+    for (name, op) in [("cos", Op::unary("aten.cos")), ("sin", Op::unary("aten.sin"))] {
         let t = cx.b.op(&format!("rope.{name}_f32"), op, &[emb])?;
         // attention_scaling is 1.0 for the default and llama3 RoPE types.
         let t = cx.b.op(&format!("rope.{name}_scaled"), Op::MulScalar(1.0), &[t])?;

@@ -72,7 +72,7 @@ pub fn rmsnorm_pattern() -> Pattern {
         },
         &[var],
     );
-    let r = p.op(|op, _| matches!(op, Op::Rsqrt), &[ve]);
+    let r = p.op(|op, _| op.name() == "aten.rsqrt", &[ve]);
     let y = p.commutative(|op, _| matches!(op, Op::Mul), xf, r);
     let yc = p.opt_cast(y);
     let out = p.commutative(|op, _| matches!(op, Op::Mul), w, yc);
@@ -138,7 +138,7 @@ pub fn rope_pattern() -> Pattern {
     let xc = p.commutative(|op, _| matches!(op, Op::Mul), x, cos);
     let x1 = p.op(capture_slice("x1"), &[x]);
     let x2 = p.op(capture_slice("x2"), &[x]);
-    let n2 = p.op(|op, _| matches!(op, Op::Neg), &[x2]);
+    let n2 = p.op(|op, _| op.name() == "aten.neg", &[x2]);
     let rot = p.op(|op, c| matches!(op, Op::Cat { dim } if { c.f.insert("cat_dim", *dim as f64); true }), &[n2, x1]);
     let rs = p.commutative(|op, _| matches!(op, Op::Mul), rot, sin);
     let out = p.commutative(|op, _| matches!(op, Op::Add), xc, rs);
@@ -324,7 +324,7 @@ pub fn swiglu_pattern() -> Pattern {
     let (x, wg, wu, wd) = (p.input("x"), p.input("w_gate"), p.input("w_up"), p.input("w_down"));
     let gt = p.op(|op, _| matches!(op, Op::Linear), &[x, wg]);
     let up = p.op(|op, _| matches!(op, Op::Linear), &[x, wu]);
-    let a = p.op(|op, _| matches!(op, Op::Silu), &[gt]);
+    let a = p.op(|op, _| op.name() == "aten.silu", &[gt]);
     let m = p.commutative(|op, _| matches!(op, Op::Mul), a, up);
     let out = p.op(|op, _| matches!(op, Op::Linear), &[m, wd]);
     p.build(out)

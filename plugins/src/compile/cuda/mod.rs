@@ -82,10 +82,12 @@ fn unsupported(op: &Op) -> Option<&'static str> {
         Op::Matmul | Op::Sdpa { .. } | Op::Attention { .. } | Op::Softmax { .. } => {
             Some("uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)")
         }
-        Op::Custom { name, .. } if autodeploy_core::registry::custom_op(name).is_none_or(|c| c.cuda.is_none()) => {
-            Some("this plugin op has a CPU kernel only: its library registered no CUDA one")
-        }
-        Op::Gelu { .. } | Op::LogSoftmax { .. } => Some("this op has a CPU kernel only so far"),
+        Op::Custom { name, .. } => match autodeploy_core::registry::custom_op(name) {
+            Some(c) if c.cuda.is_some() => None,
+            Some(c) if c.origin == "built-in" => Some("this op has a CPU kernel only so far"),
+            _ => Some("this plugin op has a CPU kernel only: its library registered no CUDA one"),
+        },
+        Op::LogSoftmax { .. } => Some("this op has a CPU kernel only so far"),
         Op::Mean { dims, .. } if dims.as_slice() != [-1] => Some("mean has a CUDA kernel over the last dim only"),
         Op::Rope { interleaved: true } => Some("interleaved RoPE has no CUDA kernel yet"),
         _ => None,

@@ -425,13 +425,6 @@ impl<'a> Importer<'a> {
                 Some((Op::Linear, ins))
             }
             "matmul.default" => Some((Op::Matmul, vec![tensor("self")?, tensor("other")?])),
-            "gelu.default" => {
-                let approx = args.get("approximate").and_then(|a| a["as_string"].as_str()).unwrap_or("none");
-                match approx {
-                    "none" | "tanh" => Some((Op::Gelu { tanh: approx == "tanh" }, vec![tensor("self")?])),
-                    _ => return Err(unsupported(&format!("gelu approximate=`{approx}`"))),
-                }
-            }
             "log_softmax.int" | "_log_softmax.default" => {
                 if !is_none("dtype") {
                     return Err(unsupported("log_softmax with a dtype"));
@@ -439,11 +432,17 @@ impl<'a> Importer<'a> {
                 Some((Op::LogSoftmax { dim: int("dim", -1)? }, vec![tensor("self")?]))
             }
             "_softmax.default" | "softmax.int" => Some((Op::Softmax { dim: int("dim", -1)? }, vec![tensor("self")?])),
-            "silu.default" => Some((Op::Silu, vec![tensor("self")?])),
-            "neg.default" => Some((Op::Neg, vec![tensor("self")?])),
-            "rsqrt.default" => Some((Op::Rsqrt, vec![tensor("self")?])),
-            "cos.default" => Some((Op::Cos, vec![tensor("self")?])),
-            "sin.default" => Some((Op::Sin, vec![tensor("self")?])),
+            // The unary ops of the op table (ops/unary.rs), by their ATen targets.
+            "gelu.default" => {
+                let approx = args.get("approximate").and_then(|a| a["as_string"].as_str()).unwrap_or("none");
+                let op = autodeploy_core::custom_op::op("aten.gelu", &format!("approximate={approx}"))
+                    .map_err(|_| unsupported(&format!("gelu approximate=`{approx}`")))?;
+                Some((op, vec![tensor("self")?]))
+            }
+            t if autodeploy_core::ops::unary::from_aten(t).is_some() => {
+                let name = autodeploy_core::ops::unary::from_aten(t).unwrap_or_default();
+                Some((Op::unary(name), vec![tensor("self")?]))
+            }
             "add.Tensor" | "sub.Tensor" | "mul.Tensor" | "div.Tensor" | "add.Scalar" | "sub.Scalar" | "mul.Scalar"
             | "div.Scalar" => {
                 let alpha = float("alpha").unwrap_or(1.0);

@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 use crate::ir::TensorMeta;
 use crate::shape::{fmt_shape, numel, Dim, Shape, SizeArg};
 
+pub mod unary;
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// `aten.embedding(weight, indices)`
@@ -26,11 +28,6 @@ pub enum Op {
     AddScalar(f64),
     MulScalar(f64),
     PowScalar(f64),
-    Neg,
-    Rsqrt,
-    Silu,
-    Cos,
-    Sin,
     /// `aten.mean.dim`
     Mean {
         dims: Vec<i64>,
@@ -67,10 +64,6 @@ pub enum Op {
     /// `aten.log_softmax.int(x, dim)`: `x - max - log(sum(exp(x - max)))` in f32.
     LogSoftmax {
         dim: i64,
-    },
-    /// `aten.gelu(x, approximate)`: `x·Φ(x)` (erf), or with `tanh` the tanh approximation.
-    Gelu {
-        tanh: bool,
     },
 
     // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
@@ -134,6 +127,12 @@ pub enum Op {
 }
 
 impl Op {
+    /// A one-input op of the op table (`registry::custom_op`) without attributes: the unary
+    /// ops (`aten.neg`, `aten.rsqrt`, `aten.silu`, `aten.cos`, `aten.sin`; `unary.rs`).
+    pub fn unary(name: &'static str) -> Op {
+        Op::Custom { name, inputs: 1, attrs: String::new() }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Op::Embedding => "aten.embedding",
@@ -146,11 +145,6 @@ impl Op {
             Op::AddScalar(_) => "aten.add.Scalar",
             Op::MulScalar(_) => "aten.mul.Scalar",
             Op::PowScalar(_) => "aten.pow.Tensor_Scalar",
-            Op::Neg => "aten.neg",
-            Op::Rsqrt => "aten.rsqrt",
-            Op::Silu => "aten.silu",
-            Op::Cos => "aten.cos",
-            Op::Sin => "aten.sin",
             Op::Mean { .. } => "aten.mean.dim",
             Op::ToDtype(_) => "aten._to_copy",
             Op::View(_) => "aten.view",
@@ -163,7 +157,6 @@ impl Op {
             Op::Sdpa { .. } => "aten.scaled_dot_product_attention",
             Op::Softmax { .. } => "aten._softmax",
             Op::LogSoftmax { .. } => "aten.log_softmax.int",
-            Op::Gelu { .. } => "aten.gelu",
             Op::RmsNorm { .. } => "torch_rmsnorm",
             Op::AddRmsNorm { .. } => "fused_add_rmsnorm",
             Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
@@ -197,7 +190,6 @@ impl Op {
                 s
             }
             Op::Cat { dim } | Op::Softmax { dim } | Op::LogSoftmax { dim } => format!("dim={dim}"),
-            Op::Gelu { tanh } => format!("approximate={}", if *tanh { "tanh" } else { "none" }),
             Op::RmsNorm { eps, norm_dtype } | Op::AddRmsNorm { eps, norm_dtype } => {
                 format!("eps={eps:?}, norm_dtype={norm_dtype}")
             }
@@ -383,7 +375,7 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             }
             Ok(vec![TensorMeta { dtype, shape }])
         }
-        Op::AddScalar(_) | Op::MulScalar(_) | Op::PowScalar(_) | Op::Neg => same(x.shape.clone()),
+        Op::AddScalar(_) | Op::MulScalar(_) | Op::PowScalar(_) => same(x.shape.clone()),
         Op::Softmax { dim } | Op::LogSoftmax { dim } => {
             float_only(op, x)?;
             norm_dim(op, *dim, x.shape.len())?;
@@ -476,10 +468,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             let mut shape = x.shape.clone();
             *shape.last_mut().expect("checked") = w_down.shape[0].clone();
             same(shape)
-        }
-        Op::Rsqrt | Op::Silu | Op::Cos | Op::Sin | Op::Gelu { .. } => {
-            float_only(op, x)?;
-            same(x.shape.clone())
         }
         Op::Mean { dims, keepdim } => {
             float_only(op, x)?;
