@@ -13,6 +13,9 @@ use crate::tensor::Tensor;
 /// (symbolic) shape, or why the inputs do not fit.
 pub type OutputRuleFn = Arc<dyn Fn(&[TensorMeta], &str) -> std::result::Result<Vec<TensorMeta>, String> + Send + Sync>;
 
+/// Checks an op's attribute text.
+pub type AttrCheck = fn(&str) -> std::result::Result<(), String>;
+
 /// How an op's outputs are shaped.
 #[derive(Clone)]
 pub enum Outputs {
@@ -73,7 +76,7 @@ pub struct CustomOp {
     pub origin: &'static str,
     /// Checks the attribute text when a node is made (a dump parsed back, a transform's
     /// insertion); `None`: the shape rule alone sees it.
-    pub check_attrs: Option<fn(&str) -> std::result::Result<(), String>>,
+    pub check_attrs: Option<AttrCheck>,
     pub cpu: CpuImpl,
     /// None: CPU only (a CUDA engine with this op is refused at build, naming it).
     pub cuda: Option<CudaImpl>,

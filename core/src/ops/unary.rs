@@ -133,7 +133,7 @@ pub fn ops() -> Vec<CustomOp> {
                 outputs: Outputs::Rule(Arc::new(move |ins: &[TensorMeta], attrs: &str| {
                     check(attrs)?;
                     let x = &ins[0];
-                    if !x.dtype.is_float() && !(int.is_some() && x.dtype == DType::I64) {
+                    if !(x.dtype.is_float() || int.is_some() && x.dtype == DType::I64) {
                         return Err(format!("needs a float tensor, got {x}"));
                     }
                     Ok(vec![x.clone()])
