@@ -6,10 +6,10 @@ use std::sync::{Arc, LazyLock, RwLock};
 
 use crate::custom_op::CustomOp;
 
-static OPS: LazyLock<RwLock<Option<HashMap<&'static str, Arc<CustomOp>>>>> = LazyLock::new(|| {
-    let builtins = crate::ops::unary::ops().into_iter().map(|o| (o.name, Arc::new(o))).collect();
-    RwLock::new(Some(builtins))
-});
+type Table = HashMap<&'static str, Arc<CustomOp>>;
+
+static OPS: LazyLock<RwLock<Table>> =
+    LazyLock::new(|| RwLock::new(crate::ops::unary::ops().into_iter().map(|o| (o.name, Arc::new(o))).collect()));
 
 /// Registers an op; refused if the name is taken (by a built-in op or another registration).
 pub fn register_op(op: CustomOp) -> std::result::Result<(), String> {
@@ -18,8 +18,7 @@ pub fn register_op(op: CustomOp) -> std::result::Result<(), String> {
             return Err(format!("op `{}`: output_like {i} but {} inputs", op.name, op.inputs));
         }
     }
-    let mut ops = OPS.write().unwrap_or_else(|e| e.into_inner());
-    let map = ops.get_or_insert_with(HashMap::new);
+    let mut map = OPS.write().unwrap_or_else(|e| e.into_inner());
     if let Some(prev) = map.get(op.name) {
         return Err(format!("an op named `{}` already exists ({})", op.name, prev.origin));
     }
@@ -29,13 +28,12 @@ pub fn register_op(op: CustomOp) -> std::result::Result<(), String> {
 
 /// Every registered op.
 pub fn custom_ops() -> Vec<Arc<CustomOp>> {
-    let ops = OPS.read().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<Arc<CustomOp>> = ops.as_ref().map(|m| m.values().cloned().collect()).unwrap_or_default();
+    let mut v: Vec<Arc<CustomOp>> = OPS.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
     v.sort_by_key(|o| o.name);
     v
 }
 
 /// The op named `name`.
 pub fn custom_op(name: &str) -> Option<Arc<CustomOp>> {
-    OPS.read().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(name).cloned())
+    OPS.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
 }
