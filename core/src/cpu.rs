@@ -12,12 +12,13 @@ use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::ir::TensorMeta;
 use crate::mutation::{self, Mutation};
+use crate::ops::binary::{ADD, MUL};
 use crate::ops::{infer, norm_dim, slice_bounds, Op};
 use crate::shape::{static_shape, Bindings, SizeArg};
 use crate::tensor::{Storage, Tensor};
 
 /// Elementwise work below this many elements stays on one thread.
-const PAR_MIN: usize = 1 << 15;
+pub(crate) const PAR_MIN: usize = 1 << 15;
 
 /// Applies `f` to the storage of the same variant, for dtype-generic data movement.
 macro_rules! with_storage {
@@ -176,7 +177,7 @@ fn copy_view(t: &Tensor, shape: &[usize], strides: &[usize], offset: usize) -> R
 }
 
 /// Strides that broadcast `shape` (right-aligned) to `out` (0 where the dim is broadcast).
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let cs = contiguous_strides(shape);
     let off = out.len() - shape.len();
     (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { cs[i - off] }).collect()
@@ -188,48 +189,6 @@ pub(crate) fn map_f32(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Resul
     let out: Vec<f32> =
         if v.len() >= PAR_MIN { v.par_iter().map(|&a| f(a)).collect() } else { v.iter().map(|&a| f(a)).collect() };
     Tensor::from_f32_as(x.dtype(), x.shape().to_vec(), out)
-}
-
-fn binary(op: &Op, a: &Tensor, b: &Tensor, dtype: DType, f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Result<Tensor> {
-    let shape: Vec<usize> = crate::ops::broadcast(op, &static_shape(a.shape()), &static_shape(b.shape()))?
-        .iter()
-        .map(|d| d.as_static().expect("static"))
-        .collect();
-    if dtype == DType::I64 {
-        return Err(Error::op(op.name(), "integer arithmetic is not supported on the CPU backend"));
-    }
-    let (av, bv) = (a.to_f32(), b.to_f32());
-    let n: usize = shape.iter().product();
-    let out: Vec<f32> = if a.shape() == b.shape() {
-        av.iter().zip(bv.iter()).map(|(&x, &y)| f(x, y)).collect()
-    } else {
-        let (sa, sb) = (broadcast_strides(a.shape(), &shape), broadcast_strides(b.shape(), &shape));
-        let rank = shape.len();
-        let inner = *shape.last().unwrap_or(&1);
-        let mut out = vec![0f32; n];
-        let row = |r: usize, o: &mut [f32]| {
-            let (mut oa, mut ob, mut rem) = (0, 0, r);
-            for d in (0..rank.saturating_sub(1)).rev() {
-                let i = rem % shape[d];
-                rem /= shape[d];
-                oa += i * sa[d];
-                ob += i * sb[d];
-            }
-            let (ia, ib) = (sa.last().copied().unwrap_or(0), sb.last().copied().unwrap_or(0));
-            for (j, oo) in o.iter_mut().enumerate() {
-                *oo = f(av[oa + j * ia], bv[ob + j * ib]);
-            }
-        };
-        if inner > 0 {
-            if n >= PAR_MIN {
-                out.par_chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
-            } else {
-                out.chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
-            }
-        }
-        out
-    };
-    Tensor::from_f32_as(dtype, shape, out)
 }
 
 fn resolve(sizes: &[SizeArg], bind: &Bindings) -> Result<Vec<SizeArg>> {
@@ -256,7 +215,7 @@ pub fn eval_outputs(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOpti
     match op {
         // The unfused graph's numbers: the sum rounded to its dtype, then normalised.
         Op::AddRmsNorm { eps, norm_dtype } => {
-            let sum = eval_one(&Op::Add, &ins[..2], bind, opts)?;
+            let sum = crate::ops::binary::add(ins[0], ins[1])?;
             if ins[0].dtype() != ins[1].dtype() || ins[0].shape() != ins[1].shape() {
                 return Err(Error::op(op.name(), "x and residual must have one dtype and shape"));
             }
@@ -322,20 +281,6 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
             Tensor::from_f32_as(out_meta.dtype, out_shape, y)
         }
         Op::Matmul => matmul(x, ins[1], out_meta.dtype, out_shape),
-        Op::Add => binary(&op, x, ins[1], out_meta.dtype, |a, b| a + b),
-        Op::Sub => binary(&op, x, ins[1], out_meta.dtype, |a, b| a - b),
-        Op::Mul => binary(&op, x, ins[1], out_meta.dtype, |a, b| a * b),
-        Op::Div => binary(&op, x, ins[1], out_meta.dtype, |a, b| a / b),
-        Op::AddScalar(s) => scalar_op(x, |a| a + *s as f32, |a| a + *s as i64),
-        Op::MulScalar(s) => scalar_op(x, |a| a * *s as f32, |a| a * *s as i64),
-        Op::PowScalar(p) => {
-            let p = *p as f32;
-            if p == 2.0 {
-                map_f32(x, |a| a * a)
-            } else {
-                map_f32(x, move |a| a.powf(p))
-            }
-        }
         Op::Mean { dims, .. } => mean(&op, x, dims, out_shape),
         Op::ToDtype(d) => x.cast(*d),
         Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => x.reshape(out_shape),
@@ -452,13 +397,6 @@ fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<
             return Err(Error::op("aten.cat", "block-quantized tensors concatenate along dim 0 only"))
         }
     })
-}
-
-fn scalar_op(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send, g: impl Fn(i64) -> i64) -> Result<Tensor> {
-    match x.as_i64() {
-        Some(v) => Tensor::from_i64(x.shape().to_vec(), v.iter().map(|&a| g(a)).collect()),
-        None => map_f32(x, f),
-    }
 }
 
 fn mean(op: &Op, x: &Tensor, dims: &[i64], out_shape: Vec<usize>) -> Result<Tensor> {
@@ -671,13 +609,13 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bind: &Bindin
     } else {
         x.clone()
     };
-    let xc = eval(&Op::Mul, &[&x, cos], bind)?;
+    let xc = eval(&Op::binary(MUL), &[&x, cos], bind)?;
     let x1 = eval(&Op::Slice { dim: -1, start: 0, end: half, step: 1 }, &[&x], bind)?;
     let x2 = eval(&Op::Slice { dim: -1, start: half, end: i64::MAX, step: 1 }, &[&x], bind)?;
     let n2 = eval_outputs(&Op::unary("aten.neg"), &[&x2], bind, &KernelOptions::default())?.remove(0);
     let rot = eval(&Op::Cat { dim: -1 }, &[&n2, &x1], bind)?;
-    let rs = eval(&Op::Mul, &[&rot, sin], bind)?;
-    eval(&Op::Add, &[&xc, &rs], bind)
+    let rs = eval(&Op::binary(MUL), &[&rot, sin], bind)?;
+    eval(&Op::binary(ADD), &[&xc, &rs], bind)
 }
 
 fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>, opts: &KernelOptions) -> Result<Tensor> {

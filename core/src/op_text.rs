@@ -16,13 +16,6 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
         "aten.embedding" => Op::Embedding,
         "aten.linear" => Op::Linear,
         "aten.matmul" => Op::Matmul,
-        "aten.add.Tensor" => Op::Add,
-        "aten.sub.Tensor" => Op::Sub,
-        "aten.mul.Tensor" => Op::Mul,
-        "aten.div.Tensor" => Op::Div,
-        "aten.add.Scalar" => Op::AddScalar(a.positional_f64()?),
-        "aten.mul.Scalar" => Op::MulScalar(a.positional_f64()?),
-        "aten.pow.Tensor_Scalar" => Op::PowScalar(a.positional_f64()?),
         "aten.mean.dim" => Op::Mean { dims: a.int_list("dim")?, keepdim: a.opt_bool("keepdim")?.unwrap_or(false) },
         "aten._to_copy" => Op::ToDtype(a.dtype("dtype")?),
         "aten.view" => Op::View(a.sizes()?),
@@ -183,11 +176,6 @@ impl<'a> Attrs<'a> {
         self.as_i64("(positional)", v)
     }
 
-    fn positional_f64(&mut self) -> Result<f64> {
-        let v = self.positional("the scalar")?;
-        self.as_f64("(positional)", v)
-    }
-
     /// A size list such as `[1, seq, -1, 64]` or `[2*batch*seq]`.
     fn sizes(&mut self) -> Result<Vec<SizeArg>> {
         let v = self.positional("the size list")?;
@@ -246,6 +234,7 @@ pub fn parse_shape(s: &str) -> Option<Vec<Dim>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::binary::*;
 
     fn every_op() -> Vec<Op> {
         let sizes = vec![SizeArg::Dim(Dim::new(1)), SizeArg::Dim(Dim::sym("seq").mul(&Dim::new(2))), SizeArg::Infer];
@@ -253,13 +242,13 @@ mod tests {
             Op::Embedding,
             Op::Linear,
             Op::Matmul,
-            Op::Add,
-            Op::Sub,
-            Op::Mul,
-            Op::Div,
-            Op::AddScalar(1e-5),
-            Op::MulScalar(-0.125),
-            Op::PowScalar(2.0),
+            Op::binary(ADD),
+            Op::binary(SUB),
+            Op::binary(MUL),
+            Op::binary(DIV),
+            Op::scalar(ADD_SCALAR, 1e-5),
+            Op::scalar(MUL_SCALAR, -0.125),
+            Op::scalar(POW_SCALAR, 2.0),
             Op::unary("aten.neg"),
             Op::unary("aten.rsqrt"),
             Op::unary("aten.silu"),

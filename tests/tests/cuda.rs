@@ -759,7 +759,8 @@ fn a_library_attention_backend_runs_on_cuda() {
 fn a_library_attention_backend_matches_flashinfer_at_8b_shape() {
     let _turn = gpu();
     example_plugin();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/configs/Llama-3.1-8B-Instruct");
+    // Beside the fixtures (AUTODEPLOY_FIXTURES, when the binary was built on another machine).
+    let dir = common::fixture("..").join("../benches/configs/Llama-3.1-8B-Instruct");
     let mut tokens = Vec::new();
     for attn in ["flashinfer", "naive"] {
         let toml = format!(

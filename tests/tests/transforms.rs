@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::ir::GraphBuilder;
+use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::registry;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::TransformContext;
@@ -94,13 +95,13 @@ fn rmsnorm_with_casts_in_bf16() {
     let x = b.input("x", DType::BF16, vec![Dim::sym("n"), Dim::new(8)]);
     let w = b.param("w", DType::BF16, static_shape(&[8]));
     let xf = b.op("xf", Op::ToDtype(DType::F32), &[x]).unwrap();
-    let sq = b.op("sq", Op::PowScalar(2.0), &[xf]).unwrap();
+    let sq = b.op("sq", Op::scalar(POW_SCALAR, 2.0), &[xf]).unwrap();
     let var = b.op("var", Op::Mean { dims: vec![-1], keepdim: true }, &[sq]).unwrap();
-    let ve = b.op("ve", Op::AddScalar(1e-6), &[var]).unwrap();
+    let ve = b.op("ve", Op::scalar(ADD_SCALAR, 1e-6), &[var]).unwrap();
     let r = b.op("r", Op::unary("aten.rsqrt"), &[ve]).unwrap();
-    let y = b.op("y", Op::Mul, &[r, xf]).unwrap(); // operands swapped: commutativity
+    let y = b.op("y", Op::binary(MUL), &[r, xf]).unwrap(); // operands swapped: commutativity
     let yc = b.op("yc", Op::ToDtype(DType::BF16), &[y]).unwrap();
-    let out = b.op("out", Op::Mul, &[yc, w]).unwrap();
+    let out = b.op("out", Op::binary(MUL), &[yc, w]).unwrap();
     b.output(out);
     let g = b.finish().unwrap();
     let want = "%out.rmsnorm: bf16[n, 8] = torch_rmsnorm(%x, %w, eps=1e-6, norm_dtype=bf16)";
@@ -115,12 +116,12 @@ fn rmsnorm_without_the_f32_upcast_is_left_alone() {
     let mut b = GraphBuilder::new(store(&[("w", w)]));
     let x = b.input("x", DType::BF16, static_shape(&[2, 8]));
     let w = b.param("w", DType::BF16, static_shape(&[8]));
-    let sq = b.op("sq", Op::PowScalar(2.0), &[x]).unwrap();
+    let sq = b.op("sq", Op::scalar(POW_SCALAR, 2.0), &[x]).unwrap();
     let var = b.op("var", Op::Mean { dims: vec![-1], keepdim: true }, &[sq]).unwrap();
-    let ve = b.op("ve", Op::AddScalar(1e-6), &[var]).unwrap();
+    let ve = b.op("ve", Op::scalar(ADD_SCALAR, 1e-6), &[var]).unwrap();
     let r = b.op("r", Op::unary("aten.rsqrt"), &[ve]).unwrap();
-    let y = b.op("y", Op::Mul, &[x, r]).unwrap();
-    let out = b.op("out", Op::Mul, &[w, y]).unwrap();
+    let y = b.op("y", Op::binary(MUL), &[x, r]).unwrap();
+    let out = b.op("out", Op::binary(MUL), &[w, y]).unwrap();
     b.output(out);
     let mut g = b.finish().unwrap();
     assert_eq!(apply("match_rmsnorm", &mut g), "matched 0 rmsnorm");
@@ -144,13 +145,13 @@ fn rope_graph(interleaved_input: bool) -> (Graph, Vec<Tensor>) {
     }
     let cu = b.op("cos_u", Op::Unsqueeze(1), &[cos]).unwrap();
     let su = b.op("sin_u", Op::Unsqueeze(1), &[sin]).unwrap();
-    let xc = b.op("xc", Op::Mul, &[cu, xin]).unwrap();
+    let xc = b.op("xc", Op::binary(MUL), &[cu, xin]).unwrap();
     let x1 = b.op("x1", Op::Slice { dim: 3, start: 0, end: 4, step: 1 }, &[xin]).unwrap();
     let x2 = b.op("x2", Op::Slice { dim: -1, start: 4, end: i64::MAX, step: 1 }, &[xin]).unwrap();
     let n2 = b.op("n2", Op::unary("aten.neg"), &[x2]).unwrap();
     let rot = b.op("rot", Op::Cat { dim: -1 }, &[n2, x1]).unwrap();
-    let rs = b.op("rs", Op::Mul, &[rot, su]).unwrap();
-    let out = b.op("out", Op::Add, &[rs, xc]).unwrap();
+    let rs = b.op("rs", Op::binary(MUL), &[rot, su]).unwrap();
+    let out = b.op("out", Op::binary(ADD), &[rs, xc]).unwrap();
     b.output(out);
     let ins = vec![
         rand_tensor(DType::F32, &[1, 2, 6, 8], 3),
@@ -250,7 +251,7 @@ fn eager_attention_becomes_non_causal_attention() {
         }
         let kt = b.op("kt", Op::Transpose(2, 3), &[kk]).unwrap();
         let sc = b.op("scores", Op::Matmul, &[q, kt]).unwrap();
-        let sc = b.op("scaled", Op::MulScalar(0.5), &[sc]).unwrap();
+        let sc = b.op("scaled", Op::scalar(MUL_SCALAR, 0.5), &[sc]).unwrap();
         let sc = b.op("scores_f32", Op::ToDtype(DType::F32), &[sc]).unwrap();
         let w = b.op("probs", Op::Softmax { dim: -1 }, &[sc]).unwrap();
         let w = b.op("probs_bf16", Op::ToDtype(DType::BF16), &[w]).unwrap();
@@ -289,7 +290,7 @@ fn mlp_graph(bias_on_up: bool) -> (Graph, Vec<Tensor>) {
     }
     let u = b.op("up", Op::Linear, &up_in).unwrap();
     let a = b.op("act", Op::unary("aten.silu"), &[g_]).unwrap();
-    let m = b.op("prod", Op::Mul, &[u, a]).unwrap();
+    let m = b.op("prod", Op::binary(MUL), &[u, a]).unwrap();
     let out = b.op("down", Op::Linear, &[m, wd]).unwrap();
     b.output(out);
     (b.finish().unwrap(), vec![rand_tensor(DType::F32, &[3, 8], 13)])
@@ -400,15 +401,15 @@ fn identity_ops_are_dropped_and_the_rest_kept() {
     let mut b = GraphBuilder::new(store(&[]));
     let x = b.input("x", DType::F32, static_shape(&[2, 4]));
     let ids = b.input("ids", DType::I64, static_shape(&[2, 4]));
-    let one = b.op("one", Op::MulScalar(1.0), &[x]).unwrap(); // dropped
+    let one = b.op("one", Op::scalar(MUL_SCALAR, 1.0), &[x]).unwrap(); // dropped
     let same = b.op("same", Op::ToDtype(DType::F32), &[one]).unwrap(); // dropped
-    let two = b.op("two", Op::MulScalar(2.0), &[same]).unwrap(); // kept
+    let two = b.op("two", Op::scalar(MUL_SCALAR, 2.0), &[same]).unwrap(); // kept
     let half = b.op("half", Op::ToDtype(DType::BF16), &[two]).unwrap(); // kept: a real cast
     let back = b.op("back", Op::ToDtype(DType::F32), &[half]).unwrap(); // kept
-    let int_one = b.op("int_one", Op::MulScalar(1.0), &[ids]).unwrap(); // dropped: i64 stays i64 here
+    let int_one = b.op("int_one", Op::scalar(MUL_SCALAR, 1.0), &[ids]).unwrap(); // dropped: i64 stays i64 here
     let idf = b.op("idf", Op::ToDtype(DType::F32), &[int_one]).unwrap(); // kept
-    let sum = b.op("sum", Op::Add, &[back, idf]).unwrap();
-    let out = b.op("out", Op::MulScalar(1.0), &[sum]).unwrap(); // kept: a graph output
+    let sum = b.op("sum", Op::binary(ADD), &[back, idf]).unwrap();
+    let out = b.op("out", Op::scalar(MUL_SCALAR, 1.0), &[sum]).unwrap(); // kept: a graph output
     b.output(out);
     let g = b.finish().unwrap();
     let ids_t = Tensor::from_i64(vec![2, 4], vec![1, 2, 3, 4, 5, 6, 7, 8]).unwrap();

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::ir::TensorMeta;
 use crate::shape::{fmt_shape, numel, Dim, Shape, SizeArg};
 
+pub mod binary;
 pub mod unary;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -21,13 +22,6 @@ pub enum Op {
     Linear,
     /// `aten.matmul(a, b)` with broadcast batch dims
     Matmul,
-    Add,
-    Sub,
-    Mul,
-    Div,
-    AddScalar(f64),
-    MulScalar(f64),
-    PowScalar(f64),
     /// `aten.mean.dim`
     Mean {
         dims: Vec<i64>,
@@ -138,13 +132,6 @@ impl Op {
             Op::Embedding => "aten.embedding",
             Op::Linear => "aten.linear",
             Op::Matmul => "aten.matmul",
-            Op::Add => "aten.add.Tensor",
-            Op::Sub => "aten.sub.Tensor",
-            Op::Mul => "aten.mul.Tensor",
-            Op::Div => "aten.div.Tensor",
-            Op::AddScalar(_) => "aten.add.Scalar",
-            Op::MulScalar(_) => "aten.mul.Scalar",
-            Op::PowScalar(_) => "aten.pow.Tensor_Scalar",
             Op::Mean { .. } => "aten.mean.dim",
             Op::ToDtype(_) => "aten._to_copy",
             Op::View(_) => "aten.view",
@@ -175,7 +162,6 @@ impl Op {
             format!("[{}]", p.join(", "))
         };
         match self {
-            Op::AddScalar(x) | Op::MulScalar(x) | Op::PowScalar(x) => format!("{x:?}"),
             Op::Mean { dims, keepdim } => format!("dim={dims:?}, keepdim={keepdim}"),
             Op::ToDtype(d) => format!("dtype={d}"),
             Op::View(s) | Op::Reshape(s) | Op::Expand(s) => sizes(s),
@@ -222,7 +208,7 @@ impl Op {
     fn arity(&self) -> (usize, usize) {
         match self {
             Op::Linear => (2, 3),
-            Op::Embedding | Op::Matmul | Op::Add | Op::Sub | Op::Mul | Op::Div => (2, 2),
+            Op::Embedding | Op::Matmul => (2, 2),
             Op::Sdpa { .. } | Op::Rope { .. } | Op::Attention { .. } | Op::AddRmsNorm { .. } => (3, 3),
             Op::RmsNorm { .. } | Op::IndexSelect { .. } => (2, 2),
             Op::CachedAttention { rope: false, .. } => (3, 3),
@@ -234,6 +220,22 @@ impl Op {
             _ => (1, 1),
         }
     }
+}
+
+/// The CUDA kernels' dtype code for `d`.
+pub fn cuda_dt(d: DType) -> std::result::Result<autodeploy_kernels::cuda::exec::Dt, String> {
+    use autodeploy_kernels::cuda::exec::Dt;
+    Ok(match d {
+        DType::F32 => Dt::F32,
+        DType::BF16 => Dt::BF16,
+        DType::F16 => Dt::F16,
+        DType::I64 => Dt::I64,
+        DType::Bool => Dt::Bool,
+        DType::Block(t) => return Err(format!(
+            "{} block-quantized weights have no CUDA kernels yet; set dtype = \"bfloat16\" to dequantize them at load",
+            t.dtype_name()
+        )),
+    })
 }
 
 fn err(op: &Op, msg: impl Into<String>) -> Error {
@@ -252,6 +254,11 @@ pub fn norm_dim(op: &Op, d: i64, rank: usize) -> Result<usize> {
 
 /// Broadcasts two shapes numpy-style.
 pub fn broadcast(op: &Op, a: &[Dim], b: &[Dim]) -> Result<Shape> {
+    broadcast_shapes(a, b).map_err(|e| err(op, e))
+}
+
+/// [`broadcast`], the error as text.
+pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> std::result::Result<Shape, String> {
     let n = a.len().max(b.len());
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -263,7 +270,7 @@ pub fn broadcast(op: &Op, a: &[Dim], b: &[Dim]) -> Result<Shape> {
             (Some(x), Some(y)) if x.is_one() => y.clone(),
             (Some(x), None) => x.clone(),
             (None, Some(y)) => y.clone(),
-            _ => return Err(err(op, format!("shapes {} and {} do not broadcast", fmt_shape(a), fmt_shape(b)))),
+            _ => return Err(format!("shapes {} and {} do not broadcast", fmt_shape(a), fmt_shape(b))),
         };
         out.push(d);
     }
@@ -366,16 +373,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             shape.push(n.clone());
             same(shape)
         }
-        Op::Add | Op::Sub | Op::Mul | Op::Div => {
-            let b = &ins[1];
-            let shape = broadcast(op, &x.shape, &b.shape)?;
-            let mut dtype = DType::promote(x.dtype, b.dtype);
-            if matches!(op, Op::Div) && !dtype.is_float() {
-                dtype = DType::F32;
-            }
-            Ok(vec![TensorMeta { dtype, shape }])
-        }
-        Op::AddScalar(_) | Op::MulScalar(_) | Op::PowScalar(_) => same(x.shape.clone()),
         Op::Softmax { dim } | Op::LogSoftmax { dim } => {
             float_only(op, x)?;
             norm_dim(op, *dim, x.shape.len())?;
@@ -594,6 +591,7 @@ pub fn slice_bounds(start: i64, end: i64, len: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::binary::{ADD, MUL};
     use crate::shape::static_shape;
 
     fn m(dtype: DType, shape: Shape) -> TensorMeta {
@@ -619,10 +617,10 @@ mod tests {
     fn broadcasting_and_promotion() {
         let a = m(DType::BF16, static_shape(&[2, 1, 4]));
         let b = m(DType::F32, static_shape(&[3, 1]));
-        let y = infer(&Op::Mul, &[a, b]).unwrap().remove(0);
+        let y = infer(&Op::binary(MUL), &[a, b]).unwrap().remove(0);
         assert_eq!(y.to_string(), "f32[2, 3, 4]");
         let c = m(DType::F32, static_shape(&[5]));
-        assert!(infer(&Op::Add, &[y, c]).is_err());
+        assert!(infer(&Op::binary(ADD), &[y, c]).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::custom_op::{CustomOp, DeviceTensor, KernelLauncher, Outputs};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
 use crate::tensor::Tensor;
-use autodeploy_kernels::cuda::exec::{Dt, Unary};
+use autodeploy_kernels::cuda::exec::Unary;
 
 /// One unary op.
 struct Def {
@@ -105,15 +105,6 @@ pub fn from_aten(target: &str) -> Option<&'static str> {
     DEFS.iter().find(|d| d.aten == target).map(|d| d.name)
 }
 
-fn cuda_dt(d: DType) -> Result<Dt, String> {
-    match d {
-        DType::F32 => Ok(Dt::F32),
-        DType::BF16 => Ok(Dt::BF16),
-        DType::F16 => Ok(Dt::F16),
-        other => Err(format!("no CUDA kernel for {other} tensors")),
-    }
-}
-
 /// The unary ops as op-table entries.
 pub fn ops() -> Vec<CustomOp> {
     DEFS.iter()
@@ -123,7 +114,8 @@ pub fn ops() -> Vec<CustomOp> {
                 Arc::new(move |ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
                     let gpu = l.gpu().ok_or("needs the host's GPU")?;
                     let (x, y) = (&ins[0], &outs[0]);
-                    gpu.unary(u, x.ptr, y.ptr, cuda_dt(y.dtype)?, y.shape.iter().product(), 0.0).map_err(|e| e.0)
+                    gpu.unary(u, x.ptr, y.ptr, crate::ops::cuda_dt(y.dtype)?, y.shape.iter().product(), 0.0)
+                        .map_err(|e| e.0)
                 }) as crate::custom_op::CudaImpl
             });
             CustomOp {

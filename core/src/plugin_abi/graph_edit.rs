@@ -409,6 +409,7 @@ impl ffi::GraphEdit for HostGraph<'_> {
 mod tests {
     use super::*;
     use crate::ir::GraphBuilder;
+    use crate::ops::binary::MUL;
     use crate::DType;
     use ffi::GraphEdit;
 
@@ -525,11 +526,11 @@ mod tests {
         let mut b = GraphBuilder::new(Arc::new(crate::weights::WeightStore::new("test")));
         let x = b.input("x", DType::F32, static_shape(&[4]));
         let w = b.input("w", DType::F32, static_shape(&[4]));
-        let m1 = b.op("m1", Op::Mul, &[x, w]).unwrap(); // x * w
-        let m2 = b.op("m2", Op::Mul, &[w, x]).unwrap(); // w * x: commutative
+        let m1 = b.op("m1", Op::binary(MUL), &[x, w]).unwrap(); // x * w
+        let m2 = b.op("m2", Op::binary(MUL), &[w, x]).unwrap(); // w * x: commutative
         let c = b.op("c", Op::ToDtype(DType::F32), &[x]).unwrap();
-        let m3 = b.op("m3", Op::Mul, &[c, w]).unwrap(); // cast(x) * w: optional cast
-        let sq = b.op("sq", Op::Mul, &[x, x]).unwrap(); // x * x: binds "a" and "b" to one value
+        let m3 = b.op("m3", Op::binary(MUL), &[c, w]).unwrap(); // cast(x) * w: optional cast
+        let sq = b.op("sq", Op::binary(MUL), &[x, x]).unwrap(); // x * x: binds "a" and "b" to one value
         for v in [m1, m2, m3, sq] {
             b.output(v);
         }

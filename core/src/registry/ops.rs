@@ -1,5 +1,6 @@
-//! The op table: ops defined through the registry (the built-in unary ops, `ops/unary.rs`, and
-//! plugin libraries' ops); `Op::Custom` nodes dispatch to them.
+//! The op table: ops defined through the registry (the built-in unary, binary and scalar ops,
+//! `ops/unary.rs` and `ops/binary.rs`, and plugin libraries' ops); `Op::Custom` nodes dispatch
+//! to them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
@@ -8,8 +9,10 @@ use crate::custom_op::CustomOp;
 
 type Table = HashMap<&'static str, Arc<CustomOp>>;
 
-static OPS: LazyLock<RwLock<Table>> =
-    LazyLock::new(|| RwLock::new(crate::ops::unary::ops().into_iter().map(|o| (o.name, Arc::new(o))).collect()));
+static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
+    let built_in = crate::ops::unary::ops().into_iter().chain(crate::ops::binary::ops());
+    RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
+});
 
 /// Registers an op; refused if the name is taken (by a built-in op or another registration).
 pub fn register_op(op: CustomOp) -> std::result::Result<(), String> {

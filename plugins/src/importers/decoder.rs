@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use autodeploy_core::error::Result;
+use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, SizeArg, Tensor, ValueId};
@@ -179,15 +180,15 @@ impl Ctx<'_> {
         } else {
             x
         };
-        let sq = self.b.op(&format!("{hint}.pow"), Op::PowScalar(2.0), &[xf])?;
+        let sq = self.b.op(&format!("{hint}.pow"), Op::scalar(POW_SCALAR, 2.0), &[xf])?;
         let var = self.b.op(&format!("{hint}.mean"), Op::Mean { dims: vec![-1], keepdim: true }, &[sq])?;
-        let ve = self.b.op(&format!("{hint}.add_eps"), Op::AddScalar(self.cfg.rms_norm_eps), &[var])?;
+        let ve = self.b.op(&format!("{hint}.add_eps"), Op::scalar(ADD_SCALAR, self.cfg.rms_norm_eps), &[var])?;
         let r = self.b.op(&format!("{hint}.rsqrt"), Op::unary("aten.rsqrt"), &[ve])?;
-        let y = self.b.op(&format!("{hint}.normed"), Op::Mul, &[xf, r])?;
+        let y = self.b.op(&format!("{hint}.normed"), Op::binary(MUL), &[xf, r])?;
         let y =
             if in_dtype != DType::F32 { self.b.op(&format!("{hint}.to_in"), Op::ToDtype(in_dtype), &[y])? } else { y };
         let w = self.w(weight, &[dim]);
-        self.b.op(hint, Op::Mul, &[w, y])
+        self.b.op(hint, Op::binary(MUL), &[w, y])
     }
 
     fn rotate_half(&mut self, hint: &str, x: ValueId) -> Result<ValueId> {
@@ -199,10 +200,10 @@ impl Ctx<'_> {
     }
 
     fn apply_rope(&mut self, hint: &str, x: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
-        let xc = self.b.op(&format!("{hint}.mul_cos"), Op::Mul, &[x, cos])?;
+        let xc = self.b.op(&format!("{hint}.mul_cos"), Op::binary(MUL), &[x, cos])?;
         let rot = self.rotate_half(&format!("{hint}.rot"), x)?;
-        let rs = self.b.op(&format!("{hint}.mul_sin"), Op::Mul, &[rot, sin])?;
-        self.b.op(hint, Op::Add, &[xc, rs])
+        let rs = self.b.op(&format!("{hint}.mul_sin"), Op::binary(MUL), &[rot, sin])?;
+        self.b.op(hint, Op::binary(ADD), &[xc, rs])
     }
 
     /// `x.view(batch, seq, -1, head_dim)` then optional per-head norm, then `transpose(1, 2)`.
@@ -263,14 +264,14 @@ impl Ctx<'_> {
         let a = self.b.op(&format!("{n}.attn.flat"), Op::Reshape(flat), &[a])?;
         let o =
             self.linear(&format!("{n}.o_proj"), a, &format!("{p}.self_attn.o_proj"), hs, c.num_heads * hd, c.o_bias)?;
-        let h = self.b.op(&format!("{n}.attn_residual"), Op::Add, &[h, o])?;
+        let h = self.b.op(&format!("{n}.attn_residual"), Op::binary(ADD), &[h, o])?;
         let x = self.rmsnorm(&format!("{n}.post_attn_norm"), h, &format!("{p}.post_attention_layernorm.weight"), hs)?;
         let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{p}.mlp.gate_proj"), is, hs, c.mlp_bias)?;
         let u = self.linear(&format!("{n}.up_proj"), x, &format!("{p}.mlp.up_proj"), is, hs, c.mlp_bias)?;
         let g = self.b.op(&format!("{n}.act"), Op::unary("aten.silu"), &[g])?;
-        let m = self.b.op(&format!("{n}.act_mul"), Op::Mul, &[g, u])?;
+        let m = self.b.op(&format!("{n}.act_mul"), Op::binary(MUL), &[g, u])?;
         let d = self.linear(&format!("{n}.down_proj"), m, &format!("{p}.mlp.down_proj"), hs, is, c.mlp_bias)?;
-        self.b.op(&format!("{n}.mlp_residual"), Op::Add, &[h, d])
+        self.b.op(&format!("{n}.mlp_residual"), Op::binary(ADD), &[h, d])
     }
 }
 
@@ -300,13 +301,13 @@ pub fn build_decoder(
     let inv_freq = cx.b.param(INV_FREQ, DType::F32, static_shape(&[half]));
     let p = cx.b.op("rope.pos", Op::Unsqueeze(-1), &[pos])?;
     let p = cx.b.op("rope.pos_f32", Op::ToDtype(DType::F32), &[p])?;
-    let freqs = cx.b.op("rope.freqs", Op::Mul, &[p, inv_freq])?;
+    let freqs = cx.b.op("rope.freqs", Op::binary(MUL), &[p, inv_freq])?;
     let emb = cx.b.op("rope.emb", Op::Cat { dim: -1 }, &[freqs, freqs])?;
     let mut cs = Vec::new();
     for (name, op) in [("cos", Op::unary("aten.cos")), ("sin", Op::unary("aten.sin"))] {
         let t = cx.b.op(&format!("rope.{name}_f32"), op, &[emb])?;
         // attention_scaling is 1.0 for the default and llama3 RoPE types.
-        let t = cx.b.op(&format!("rope.{name}_scaled"), Op::MulScalar(1.0), &[t])?;
+        let t = cx.b.op(&format!("rope.{name}_scaled"), Op::scalar(MUL_SCALAR, 1.0), &[t])?;
         let t =
             if cfg.dtype != DType::F32 { cx.b.op(&format!("rope.{name}"), Op::ToDtype(cfg.dtype), &[t])? } else { t };
         cs.push(t);

@@ -6,6 +6,7 @@
 
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
+use autodeploy_core::ops::binary::ADD;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::Op;
@@ -143,7 +144,7 @@ impl Transform for FuseAddRmsNorm {
             let Some(a) = producers[node.inputs[0].0 as usize] else { continue };
             let add = &g.nodes[a];
             let weight_before = producers[node.inputs[1].0 as usize].is_none_or(|p| p < a);
-            if matches!(add.op, Op::Add)
+            if add.op.is(ADD)
                 && !taken[a]
                 && g.meta(add.inputs[0]) == g.meta(add.inputs[1])
                 && g.meta(add.inputs[0]) == g.meta(add.outputs[0])

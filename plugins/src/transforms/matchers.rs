@@ -3,6 +3,7 @@
 
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::{Graph, ValueId};
+use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -60,22 +61,22 @@ pub fn rmsnorm_pattern() -> Pattern {
     let x = p.input("x");
     let w = p.input("w");
     let xf = p.optional(|op, _| matches!(op, Op::ToDtype(DType::F32)), x);
-    let sq = p.op(|op, _| matches!(op, Op::PowScalar(e) if *e == 2.0), &[xf]);
+    let sq = p.op(|op, _| op.scalar_of(POW_SCALAR) == Some(2.0), &[xf]);
     let var = p.op(|op, _| matches!(op, Op::Mean { dims, keepdim: true } if dims.len() == 1), &[sq]);
     let ve = p.op(
-        |op, c: &mut Captures| match op {
-            Op::AddScalar(e) => {
-                c.f.insert("eps", *e);
+        |op, c: &mut Captures| match op.scalar_of(ADD_SCALAR) {
+            Some(e) => {
+                c.f.insert("eps", e);
                 true
             }
-            _ => false,
+            None => false,
         },
         &[var],
     );
     let r = p.op(|op, _| op.name() == "aten.rsqrt", &[ve]);
-    let y = p.commutative(|op, _| matches!(op, Op::Mul), xf, r);
+    let y = p.commutative(|op, _| op.is(MUL), xf, r);
     let yc = p.opt_cast(y);
-    let out = p.commutative(|op, _| matches!(op, Op::Mul), w, yc);
+    let out = p.commutative(|op, _| op.is(MUL), w, yc);
     p.build(out)
 }
 
@@ -96,8 +97,7 @@ impl Transform for MatchRmsNorm {
             if !mean_ok || wm.shape.len() != 1 || xm.shape.last() != Some(&wm.shape[0]) || !xm.dtype.is_float() {
                 return Ok(None);
             }
-            let norm_in =
-                m.nodes.iter().find_map(|&i| matches!(g.nodes[i].op, Op::PowScalar(_)).then(|| g.nodes[i].inputs[0]));
+            let norm_in = m.nodes.iter().find_map(|&i| g.nodes[i].op.is(POW_SCALAR).then(|| g.nodes[i].inputs[0]));
             if norm_in.is_some_and(|v| g.meta(v).dtype != DType::F32) {
                 return Ok(None);
             }
@@ -135,13 +135,13 @@ pub fn rope_pattern() -> Pattern {
     let x = p.input("x");
     let cos = p.input("cos");
     let sin = p.input("sin");
-    let xc = p.commutative(|op, _| matches!(op, Op::Mul), x, cos);
+    let xc = p.commutative(|op, _| op.is(MUL), x, cos);
     let x1 = p.op(capture_slice("x1"), &[x]);
     let x2 = p.op(capture_slice("x2"), &[x]);
     let n2 = p.op(|op, _| op.name() == "aten.neg", &[x2]);
     let rot = p.op(|op, c| matches!(op, Op::Cat { dim } if { c.f.insert("cat_dim", *dim as f64); true }), &[n2, x1]);
-    let rs = p.commutative(|op, _| matches!(op, Op::Mul), rot, sin);
-    let out = p.commutative(|op, _| matches!(op, Op::Add), xc, rs);
+    let rs = p.commutative(|op, _| op.is(MUL), rot, sin);
+    let out = p.commutative(|op, _| op.is(ADD), xc, rs);
     p.build(out)
 }
 
@@ -260,12 +260,12 @@ fn eager_attention_pattern(with_repeat_kv: bool) -> Pattern {
     );
     let scores = p.op(|op, _| matches!(op, Op::Matmul), &[q, kt]);
     let scaled = p.op(
-        |op, c| match op {
-            Op::MulScalar(s) => {
-                c.f.insert("scale", *s);
+        |op, c| match op.scalar_of(MUL_SCALAR) {
+            Some(s) => {
+                c.f.insert("scale", s);
                 true
             }
-            _ => false,
+            None => false,
         },
         &[scores],
     );
@@ -325,7 +325,7 @@ pub fn swiglu_pattern() -> Pattern {
     let gt = p.op(|op, _| matches!(op, Op::Linear), &[x, wg]);
     let up = p.op(|op, _| matches!(op, Op::Linear), &[x, wu]);
     let a = p.op(|op, _| op.name() == "aten.silu", &[gt]);
-    let m = p.commutative(|op, _| matches!(op, Op::Mul), a, up);
+    let m = p.commutative(|op, _| op.is(MUL), a, up);
     let out = p.op(|op, _| matches!(op, Op::Linear), &[m, wd]);
     p.build(out)
 }

@@ -8,6 +8,7 @@
 
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
+use autodeploy_core::ops::binary::MUL_SCALAR;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::Op;
@@ -34,10 +35,10 @@ impl Transform for DropIdentityOps {
         for i in 0..g.nodes.len() {
             let n = &g.nodes[i];
             let (x, y) = (n.inputs[0], n.outputs[0]);
-            let identity = match n.op {
+            let identity = match &n.op {
                 // x · 1.0 is x exactly (NaN and the sign of zero included).
-                Op::MulScalar(s) => s == 1.0,
-                Op::ToDtype(d) => d == g.meta(x).dtype,
+                op if op.is(MUL_SCALAR) => op.scalar_of(MUL_SCALAR) == Some(1.0),
+                Op::ToDtype(d) => *d == g.meta(x).dtype,
                 _ => false,
             };
             // A graph output keeps its node (and its name).

@@ -80,7 +80,23 @@ pub struct Strided {
 // SAFETY: plain `repr(C)` data, laid out as `struct Strided` in graph.cu.
 unsafe impl cudarc::driver::DeviceRepr for Strided {}
 
+/// Element strides to read a contiguous tensor of `shape` broadcast to `out` (right-aligned;
+/// 0 where a size-1 dim repeats).
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<i64> {
+    let mut cs = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        cs[i] = cs[i + 1] * shape[i + 1] as i64;
+    }
+    let off = out.len() - shape.len();
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 && out[i] != 1 { 0 } else { cs[i - off] }).collect()
+}
+
 impl Strided {
+    /// Output `out`, operands `a` and `b` (contiguous) read broadcast to it.
+    pub fn broadcast(out: &[usize], a: &[usize], b: &[usize]) -> Result<Strided, Unavailable> {
+        Strided::new(out, &broadcast_strides(a, out), &broadcast_strides(b, out))
+    }
+
     pub fn new(size: &[usize], sa: &[i64], sb: &[i64]) -> Result<Strided, Unavailable> {
         if size.len() > MAX_RANK {
             return Err(Unavailable(format!(

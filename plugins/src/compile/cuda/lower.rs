@@ -176,30 +176,6 @@ impl CudaModel {
                     }
                     linear(gpu, odt, m, nn, k, inp(0), inp(1), planned, node.inputs.len() > 2).map_err(fail)?;
                 }
-                Op::Add | Op::Sub | Op::Mul | Op::Div => {
-                    let op = match node.op {
-                        Op::Add => Binary::Add,
-                        Op::Sub => Binary::Sub,
-                        Op::Mul => Binary::Mul,
-                        _ => Binary::Div,
-                    };
-                    let (a, b) = (in_shape(0)?, in_shape(1)?);
-                    let s = Strided::new(
-                        &out_shape,
-                        &broadcast_strides(&a, &out_shape),
-                        &broadcast_strides(&b, &out_shape),
-                    )
-                    .map_err(fail)?;
-                    gpu.binary(op, (inp(0), in_dt(0)?), (inp(1), in_dt(1)?), (planned, odt), n_out, s).map_err(fail)?;
-                }
-                Op::AddScalar(s) | Op::MulScalar(s) | Op::PowScalar(s) => {
-                    let op = match node.op {
-                        Op::AddScalar(_) => Unary::AddScalar,
-                        Op::MulScalar(_) => Unary::MulScalar,
-                        _ => Unary::PowScalar,
-                    };
-                    gpu.unary(op, inp(0), planned, odt, n_out, *s).map_err(fail)?;
-                }
                 Op::Mean { .. } => {
                     let xs = in_shape(0)?;
                     let last = *xs.last().unwrap_or(&1);

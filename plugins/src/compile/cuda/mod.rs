@@ -24,9 +24,7 @@ use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
-use autodeploy_kernels::cuda::exec::{
-    plan_tiles, Binary, Buffer, Dt, Gpu, HeadRows, Ptr, RowSampling, StepMeta, Strided, Unary,
-};
+use autodeploy_kernels::cuda::exec::{plan_tiles, Buffer, Dt, Gpu, HeadRows, Ptr, RowSampling, StepMeta, Strided};
 use autodeploy_kernels::cuda::Unavailable;
 
 mod graphs;
@@ -53,19 +51,7 @@ fn gpu_err(e: Unavailable) -> Error {
 }
 
 pub(crate) fn dt(d: DType, what: &str) -> Result<Dt> {
-    Ok(match d {
-        DType::F32 => Dt::F32,
-        DType::BF16 => Dt::BF16,
-        DType::F16 => Dt::F16,
-        DType::I64 => Dt::I64,
-        DType::Bool => Dt::Bool,
-        DType::Block(t) => {
-            return Err(Error::Msg(format!(
-                "{what}: {} block-quantized weights have no CUDA kernels yet; set dtype = \"bfloat16\" to dequantize them at load",
-                t.dtype_name()
-            )))
-        }
-    })
+    autodeploy_core::ops::cuda_dt(d).map_err(|e| Error::Msg(format!("{what}: {e}")))
 }
 
 /// Ops whose output may share the input's memory (decided per step from the shapes).

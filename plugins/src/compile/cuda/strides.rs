@@ -74,12 +74,7 @@ pub(super) fn head_rows(shape: &[usize], strides: Option<&[i64]>) -> Option<Head
     }
 }
 
-/// Strides to read a tensor of `shape` broadcast to `out` (right-aligned, size-1 dims repeat).
-pub(super) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<i64> {
-    let cs = contiguous_strides(shape);
-    let off = out.len() - shape.len();
-    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 && out[i] != 1 { 0 } else { cs[i - off] }).collect()
-}
+pub(super) use autodeploy_kernels::cuda::exec::broadcast_strides;
 
 pub(super) fn norm_dim(d: i64, rank: usize) -> usize {
     if d < 0 {

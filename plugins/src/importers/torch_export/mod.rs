@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
+use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV, MUL, MUL_SCALAR, POW_SCALAR, SUB};
 use autodeploy_core::pt2::{scalar_type, Pt2Archive};
 use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::WeightStore;
@@ -452,26 +453,26 @@ impl<'a> Importer<'a> {
                         return Err(unsupported("add/sub of a tensor with alpha != 1"));
                     }
                     let op = match kind {
-                        "add" => Op::Add,
-                        "sub" => Op::Sub,
-                        "mul" => Op::Mul,
-                        _ => Op::Div,
+                        "add" => Op::binary(ADD),
+                        "sub" => Op::binary(SUB),
+                        "mul" => Op::binary(MUL),
+                        _ => Op::binary(DIV),
                     };
                     Some((op, vec![tensor("self")?, tensor("other")?]))
                 } else {
                     let x = float("other").ok_or_else(|| unsupported("argument `other` is not a tensor or number"))?;
                     let op = match kind {
-                        "add" => Op::AddScalar(alpha * x),
-                        "sub" => Op::AddScalar(-alpha * x),
-                        "mul" => Op::MulScalar(x),
-                        _ => Op::MulScalar(1.0 / x),
+                        "add" => Op::scalar(ADD_SCALAR, alpha * x),
+                        "sub" => Op::scalar(ADD_SCALAR, -alpha * x),
+                        "mul" => Op::scalar(MUL_SCALAR, x),
+                        _ => Op::scalar(MUL_SCALAR, 1.0 / x),
                     };
                     Some((op, vec![tensor("self")?]))
                 }
             }
             "pow.Tensor_Scalar" => {
                 let e = float("exponent").ok_or_else(|| unsupported("argument `exponent` is not a number"))?;
-                Some((Op::PowScalar(e), vec![tensor("self")?]))
+                Some((Op::scalar(POW_SCALAR, e), vec![tensor("self")?]))
             }
             "mean.dim" => {
                 if !is_none("dtype") {
