@@ -131,7 +131,7 @@ pub fn linear_f32(x: &[f32], m: usize, k_: usize, w: &Tensor, bias: Option<&[f32
     y
 }
 
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+pub(crate) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
         s[i] = s[i + 1] * shape[i + 1];
@@ -281,7 +281,6 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
             Tensor::from_f32_as(out_meta.dtype, out_shape, y)
         }
         Op::Matmul => matmul(x, ins[1], out_meta.dtype, out_shape),
-        Op::Mean { dims, .. } => mean(&op, x, dims, out_shape),
         Op::ToDtype(d) => x.cast(*d),
         Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => x.reshape(out_shape),
         Op::Expand(_) => {
@@ -322,14 +321,6 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
         }
         Op::Sdpa { is_causal, scale, .. } => sdpa(ins, *is_causal, *scale, out_meta.dtype, out_shape),
         Op::Attention { causal, scale } => sdpa(ins, *causal, Some(*scale), out_meta.dtype, out_shape),
-        Op::Softmax { dim } => {
-            let d = norm_dim(&op, *dim, x.rank())?;
-            softmax(x, d, false)
-        }
-        Op::LogSoftmax { dim } => {
-            let d = norm_dim(&op, *dim, x.rank())?;
-            softmax(x, d, true)
-        }
         Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
         Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
         Op::SwiGluMlp { fused, .. } => swiglu(ins, *fused, out_shape, opts),
@@ -397,37 +388,6 @@ fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<
             return Err(Error::op("aten.cat", "block-quantized tensors concatenate along dim 0 only"))
         }
     })
-}
-
-fn mean(op: &Op, x: &Tensor, dims: &[i64], out_shape: Vec<usize>) -> Result<Tensor> {
-    let rank = x.rank();
-    let mut red = vec![false; rank];
-    for &d in dims {
-        red[norm_dim(op, d, rank)?] = true;
-    }
-    let v = x.to_f32();
-    let count: usize = x.shape().iter().zip(&red).filter(|(_, &r)| r).map(|(s, _)| s).product();
-    // Fast path: reducing the last dim only, row by row.
-    if red.iter().enumerate().all(|(i, &r)| r == (i == rank - 1)) {
-        let inner = x.shape()[rank - 1];
-        let out: Vec<f32> = v.chunks(inner.max(1)).map(|row| row.iter().sum::<f32>() / inner as f32).collect();
-        return Tensor::from_f32_as(x.dtype(), out_shape, out);
-    }
-    let kept: Vec<usize> = x.shape().iter().zip(&red).map(|(&s, &r)| if r { 1 } else { s }).collect();
-    let ks = contiguous_strides(&kept);
-    let xs = contiguous_strides(x.shape());
-    let mut acc = vec![0f32; kept.iter().product()];
-    for (i, &val) in v.iter().enumerate() {
-        let mut o = 0;
-        for d in 0..rank {
-            if !red[d] {
-                o += (i / xs[d] % x.shape()[d]) * ks[d];
-            }
-        }
-        acc[o] += val;
-    }
-    let out: Vec<f32> = acc.iter().map(|a| a / count as f32).collect();
-    Tensor::from_f32_as(x.dtype(), out_shape, out)
 }
 
 fn matmul(a: &Tensor, b: &Tensor, dtype: DType, out_shape: Vec<usize>) -> Result<Tensor> {
@@ -515,7 +475,7 @@ pub(crate) fn erf(x: f32) -> f32 {
 }
 
 /// Softmax (or, with `log`, log-softmax) over dim `d`, in f32.
-fn softmax(x: &Tensor, d: usize, log: bool) -> Result<Tensor> {
+pub(crate) fn softmax(x: &Tensor, d: usize, log: bool) -> Result<Tensor> {
     let shape = x.shape();
     let n = shape[d];
     let inner: usize = shape[d + 1..].iter().product();

@@ -80,6 +80,9 @@ pub struct CustomOp {
     pub cpu: CpuImpl,
     /// None: CPU only (a CUDA engine with this op is refused at build, naming it).
     pub cuda: Option<CudaImpl>,
+    /// The attributes the CUDA implementation handles, checked when a CUDA engine is built
+    /// (`aten.mean.dim` over the last dim only); `None`: any the op takes.
+    pub cuda_attrs: Option<AttrCheck>,
 }
 
 /// The graph op for a registered op with `attrs`.

@@ -16,7 +16,6 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
         "aten.embedding" => Op::Embedding,
         "aten.linear" => Op::Linear,
         "aten.matmul" => Op::Matmul,
-        "aten.mean.dim" => Op::Mean { dims: a.int_list("dim")?, keepdim: a.opt_bool("keepdim")?.unwrap_or(false) },
         "aten._to_copy" => Op::ToDtype(a.dtype("dtype")?),
         "aten.view" => Op::View(a.sizes()?),
         "aten.reshape" => Op::Reshape(a.sizes()?),
@@ -41,8 +40,6 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
             scale: a.opt_f64("scale")?,
             enable_gqa: a.opt_bool("enable_gqa")?.unwrap_or(false),
         },
-        "aten._softmax" => Op::Softmax { dim: a.int("dim")? },
-        "aten.log_softmax.int" => Op::LogSoftmax { dim: a.int("dim")? },
         "torch_rmsnorm" => Op::RmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
         "fused_add_rmsnorm" => Op::AddRmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
         "torch_rope_with_explicit_cos_sin" => Op::Rope { interleaved: a.opt_bool("interleaved")?.unwrap_or(false) },
@@ -64,15 +61,32 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
     Ok(op)
 }
 
+/// Reads attribute text `text` of op `op` with `read`, every attribute used: what an op
+/// table entry's attribute check and kernels call; the error names the attribute, not the op.
+pub(crate) fn read_attrs<T>(
+    op: &str,
+    text: &str,
+    read: impl FnOnce(&mut Attrs) -> Result<T>,
+) -> std::result::Result<T, String> {
+    let inner = |e: Error| match e {
+        Error::Op { msg, .. } => msg,
+        e => e.to_string(),
+    };
+    let mut a = Attrs::new(op, text).map_err(inner)?;
+    let v = read(&mut a).map_err(inner)?;
+    a.finish().map_err(inner)?;
+    Ok(v)
+}
+
 /// Attribute text split at its top-level commas: `key=value` items and positional ones.
-struct Attrs<'a> {
+pub(crate) struct Attrs<'a> {
     op: &'a str,
     keyed: Vec<(&'a str, &'a str)>,
     positional: std::collections::VecDeque<&'a str>,
 }
 
 impl<'a> Attrs<'a> {
-    fn new(op: &'a str, text: &'a str) -> Result<Attrs<'a>> {
+    pub(crate) fn new(op: &'a str, text: &'a str) -> Result<Attrs<'a>> {
         let mut items = Vec::new();
         let (mut depth, mut start) = (0i32, 0usize);
         for (i, c) in text.char_indices() {
@@ -132,7 +146,7 @@ impl<'a> Attrs<'a> {
         }
     }
 
-    fn int(&mut self, key: &str) -> Result<i64> {
+    pub(crate) fn int(&mut self, key: &str) -> Result<i64> {
         self.opt_int(key)?.ok_or_else(|| self.missing(key))
     }
 
@@ -152,7 +166,7 @@ impl<'a> Attrs<'a> {
         self.opt_bool(key)?.ok_or_else(|| self.missing(key))
     }
 
-    fn opt_bool(&mut self, key: &str) -> Result<Option<bool>> {
+    pub(crate) fn opt_bool(&mut self, key: &str) -> Result<Option<bool>> {
         self.take(key).map(|v| self.as_bool(key, v)).transpose()
     }
 
@@ -161,7 +175,7 @@ impl<'a> Attrs<'a> {
         DType::parse(v).ok_or_else(|| self.bad(key, v, "a dtype (f32, bf16, f16, i64, bool)"))
     }
 
-    fn int_list(&mut self, key: &str) -> Result<Vec<i64>> {
+    pub(crate) fn int_list(&mut self, key: &str) -> Result<Vec<i64>> {
         let v = self.take(key).ok_or_else(|| self.missing(key))?;
         let inner = v.strip_prefix('[').and_then(|s| s.strip_suffix(']')).ok_or_else(|| self.bad(key, v, "a list"))?;
         inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|x| self.as_i64(key, x)).collect()
@@ -198,7 +212,7 @@ impl<'a> Attrs<'a> {
     }
 
     /// Refuses what no rule consumed.
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         if let Some((k, _)) = self.keyed.first() {
             return Err(Error::op(self.op, format!("unknown attribute `{k}`")));
         }
@@ -254,8 +268,8 @@ mod tests {
             Op::unary("aten.silu"),
             Op::unary("aten.cos"),
             Op::unary("aten.sin"),
-            Op::Mean { dims: vec![-1], keepdim: true },
-            Op::Mean { dims: vec![1, 2], keepdim: false },
+            Op::mean(vec![-1], true),
+            Op::mean(vec![1, 2], false),
             Op::ToDtype(DType::BF16),
             Op::View(sizes.clone()),
             Op::Reshape(sizes.clone()),
@@ -267,8 +281,8 @@ mod tests {
             Op::Cat { dim: -1 },
             Op::Sdpa { is_causal: true, scale: None, enable_gqa: false },
             Op::Sdpa { is_causal: false, scale: Some(0.125), enable_gqa: true },
-            Op::Softmax { dim: -1 },
-            Op::LogSoftmax { dim: 1 },
+            Op::softmax(-1),
+            Op::log_softmax(1),
             crate::custom_op::op("aten.gelu", "approximate=tanh").unwrap(),
             crate::custom_op::op("aten.gelu", "approximate=none").unwrap(),
             Op::RmsNorm { eps: 1e-6, norm_dtype: DType::F32 },

@@ -96,7 +96,7 @@ fn rmsnorm_with_casts_in_bf16() {
     let w = b.param("w", DType::BF16, static_shape(&[8]));
     let xf = b.op("xf", Op::ToDtype(DType::F32), &[x]).unwrap();
     let sq = b.op("sq", Op::scalar(POW_SCALAR, 2.0), &[xf]).unwrap();
-    let var = b.op("var", Op::Mean { dims: vec![-1], keepdim: true }, &[sq]).unwrap();
+    let var = b.op("var", Op::mean(vec![-1], true), &[sq]).unwrap();
     let ve = b.op("ve", Op::scalar(ADD_SCALAR, 1e-6), &[var]).unwrap();
     let r = b.op("r", Op::unary("aten.rsqrt"), &[ve]).unwrap();
     let y = b.op("y", Op::binary(MUL), &[r, xf]).unwrap(); // operands swapped: commutativity
@@ -117,7 +117,7 @@ fn rmsnorm_without_the_f32_upcast_is_left_alone() {
     let x = b.input("x", DType::BF16, static_shape(&[2, 8]));
     let w = b.param("w", DType::BF16, static_shape(&[8]));
     let sq = b.op("sq", Op::scalar(POW_SCALAR, 2.0), &[x]).unwrap();
-    let var = b.op("var", Op::Mean { dims: vec![-1], keepdim: true }, &[sq]).unwrap();
+    let var = b.op("var", Op::mean(vec![-1], true), &[sq]).unwrap();
     let ve = b.op("ve", Op::scalar(ADD_SCALAR, 1e-6), &[var]).unwrap();
     let r = b.op("r", Op::unary("aten.rsqrt"), &[ve]).unwrap();
     let y = b.op("y", Op::binary(MUL), &[x, r]).unwrap();
@@ -253,7 +253,7 @@ fn eager_attention_becomes_non_causal_attention() {
         let sc = b.op("scores", Op::Matmul, &[q, kt]).unwrap();
         let sc = b.op("scaled", Op::scalar(MUL_SCALAR, 0.5), &[sc]).unwrap();
         let sc = b.op("scores_f32", Op::ToDtype(DType::F32), &[sc]).unwrap();
-        let w = b.op("probs", Op::Softmax { dim: -1 }, &[sc]).unwrap();
+        let w = b.op("probs", Op::softmax(-1), &[sc]).unwrap();
         let w = b.op("probs_bf16", Op::ToDtype(DType::BF16), &[w]).unwrap();
         let out = b.op("out", Op::Matmul, &[w, vv]).unwrap();
         b.output(out);

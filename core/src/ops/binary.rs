@@ -194,6 +194,7 @@ fn tensor_op(d: &TensorDef) -> CustomOp {
             Ok(vec![eval_tensor(ins[0], ins[1], outs[0].0, &outs[0].1, f)?])
         }),
         cuda: Some(cuda),
+        cuda_attrs: None,
     }
 }
 
@@ -224,6 +225,7 @@ fn scalar_op(d: &ScalarDef) -> CustomOp {
             Ok(vec![y.map_err(|e| e.to_string())?])
         }),
         cuda: Some(cuda),
+        cuda_attrs: None,
     }
 }
 

@@ -12,6 +12,7 @@ use crate::ir::TensorMeta;
 use crate::shape::{fmt_shape, numel, Dim, Shape, SizeArg};
 
 pub mod binary;
+pub mod reduce;
 pub mod unary;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -22,11 +23,6 @@ pub enum Op {
     Linear,
     /// `aten.matmul(a, b)` with broadcast batch dims
     Matmul,
-    /// `aten.mean.dim`
-    Mean {
-        dims: Vec<i64>,
-        keepdim: bool,
-    },
     /// `aten._to_copy(dtype=...)`
     ToDtype(DType),
     View(Vec<SizeArg>),
@@ -50,14 +46,6 @@ pub enum Op {
         is_causal: bool,
         scale: Option<f64>,
         enable_gqa: bool,
-    },
-    /// `aten._softmax(x, dim)`, computed in f32, result in the input dtype.
-    Softmax {
-        dim: i64,
-    },
-    /// `aten.log_softmax.int(x, dim)`: `x - max - log(sum(exp(x - max)))` in f32.
-    LogSoftmax {
-        dim: i64,
     },
 
     // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
@@ -132,7 +120,6 @@ impl Op {
             Op::Embedding => "aten.embedding",
             Op::Linear => "aten.linear",
             Op::Matmul => "aten.matmul",
-            Op::Mean { .. } => "aten.mean.dim",
             Op::ToDtype(_) => "aten._to_copy",
             Op::View(_) => "aten.view",
             Op::Reshape(_) => "aten.reshape",
@@ -142,8 +129,6 @@ impl Op {
             Op::Slice { .. } => "aten.slice.Tensor",
             Op::Cat { .. } => "aten.cat",
             Op::Sdpa { .. } => "aten.scaled_dot_product_attention",
-            Op::Softmax { .. } => "aten._softmax",
-            Op::LogSoftmax { .. } => "aten.log_softmax.int",
             Op::RmsNorm { .. } => "torch_rmsnorm",
             Op::AddRmsNorm { .. } => "fused_add_rmsnorm",
             Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
@@ -162,7 +147,6 @@ impl Op {
             format!("[{}]", p.join(", "))
         };
         match self {
-            Op::Mean { dims, keepdim } => format!("dim={dims:?}, keepdim={keepdim}"),
             Op::ToDtype(d) => format!("dtype={d}"),
             Op::View(s) | Op::Reshape(s) | Op::Expand(s) => sizes(s),
             Op::Transpose(a, b) => format!("{a}, {b}"),
@@ -175,7 +159,7 @@ impl Op {
                 }
                 s
             }
-            Op::Cat { dim } | Op::Softmax { dim } | Op::LogSoftmax { dim } => format!("dim={dim}"),
+            Op::Cat { dim } => format!("dim={dim}"),
             Op::RmsNorm { eps, norm_dtype } | Op::AddRmsNorm { eps, norm_dtype } => {
                 format!("eps={eps:?}, norm_dtype={norm_dtype}")
             }
@@ -231,10 +215,12 @@ pub fn cuda_dt(d: DType) -> std::result::Result<autodeploy_kernels::cuda::exec::
         DType::F16 => Dt::F16,
         DType::I64 => Dt::I64,
         DType::Bool => Dt::Bool,
-        DType::Block(t) => return Err(format!(
+        DType::Block(t) => {
+            return Err(format!(
             "{} block-quantized weights have no CUDA kernels yet; set dtype = \"bfloat16\" to dequantize them at load",
             t.dtype_name()
-        )),
+        ))
+        }
     })
 }
 
@@ -373,11 +359,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             shape.push(n.clone());
             same(shape)
         }
-        Op::Softmax { dim } | Op::LogSoftmax { dim } => {
-            float_only(op, x)?;
-            norm_dim(op, *dim, x.shape.len())?;
-            same(x.shape.clone())
-        }
         Op::RmsNorm { norm_dtype, .. } => {
             let w = &ins[1];
             float_only(op, x)?;
@@ -464,24 +445,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             }
             let mut shape = x.shape.clone();
             *shape.last_mut().expect("checked") = w_down.shape[0].clone();
-            same(shape)
-        }
-        Op::Mean { dims, keepdim } => {
-            float_only(op, x)?;
-            let mut red = vec![false; x.shape.len()];
-            for &d in dims {
-                red[norm_dim(op, d, x.shape.len())?] = true;
-            }
-            let shape = x
-                .shape
-                .iter()
-                .zip(&red)
-                .filter_map(|(d, &r)| match (r, keepdim) {
-                    (false, _) => Some(d.clone()),
-                    (true, true) => Some(Dim::new(1)),
-                    (true, false) => None,
-                })
-                .collect();
             same(shape)
         }
         Op::ToDtype(d) => Ok(vec![TensorMeta { dtype: *d, shape: x.shape.clone() }]),

@@ -141,6 +141,7 @@ pub fn ops() -> Vec<CustomOp> {
                     Ok(vec![y.map_err(|e| e.to_string())?])
                 }),
                 cuda,
+                cuda_attrs: None,
             }
         })
         .collect()

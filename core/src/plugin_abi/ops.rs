@@ -49,6 +49,7 @@ pub(super) fn f32_op(
                 },
             ) as crate::custom_op::CudaImpl
         }),
+        cuda_attrs: None,
     }
 }
 
@@ -79,6 +80,7 @@ pub(super) fn typed_op(
                 },
             ) as crate::custom_op::CudaImpl
         }),
+        cuda_attrs: None,
     }
 }
 

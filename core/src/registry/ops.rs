@@ -1,5 +1,5 @@
-//! The op table: ops defined through the registry (the built-in unary, binary and scalar ops,
-//! `ops/unary.rs` and `ops/binary.rs`, and plugin libraries' ops); `Op::Custom` nodes dispatch
+//! The op table: ops defined through the registry (the built-in unary, binary, scalar and
+//! reduction ops, `ops/{unary,binary,reduce}.rs`, and plugin libraries' ops); `Op::Custom` nodes dispatch
 //! to them.
 
 use std::collections::HashMap;
@@ -10,7 +10,8 @@ use crate::custom_op::CustomOp;
 type Table = HashMap<&'static str, Arc<CustomOp>>;
 
 static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
-    let built_in = crate::ops::unary::ops().into_iter().chain(crate::ops::binary::ops());
+    let built_in =
+        crate::ops::unary::ops().into_iter().chain(crate::ops::binary::ops()).chain(crate::ops::reduce::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 

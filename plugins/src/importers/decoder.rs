@@ -181,7 +181,7 @@ impl Ctx<'_> {
             x
         };
         let sq = self.b.op(&format!("{hint}.pow"), Op::scalar(POW_SCALAR, 2.0), &[xf])?;
-        let var = self.b.op(&format!("{hint}.mean"), Op::Mean { dims: vec![-1], keepdim: true }, &[sq])?;
+        let var = self.b.op(&format!("{hint}.mean"), Op::mean(vec![-1], true), &[sq])?;
         let ve = self.b.op(&format!("{hint}.add_eps"), Op::scalar(ADD_SCALAR, self.cfg.rms_norm_eps), &[var])?;
         let r = self.b.op(&format!("{hint}.rsqrt"), Op::unary("aten.rsqrt"), &[ve])?;
         let y = self.b.op(&format!("{hint}.normed"), Op::binary(MUL), &[xf, r])?;

@@ -4,6 +4,7 @@
 
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta};
+use autodeploy_core::ops::reduce::SOFTMAX;
 use autodeploy_core::registry::attention_backend_name;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::{Dim, SymRange};
@@ -35,9 +36,10 @@ impl Transform for InsertCachedAttention {
         let blockers: Vec<String> = g
             .nodes
             .iter()
-            .filter(|n| match n.op {
+            .filter(|n| match &n.op {
                 Op::Attention { causal, .. } => !causal,
-                Op::Sdpa { .. } | Op::Softmax { .. } => true,
+                Op::Sdpa { .. } => true,
+                op if op.is(SOFTMAX) => true,
                 _ => false,
             })
             .map(|n| format!("%{} ({})", g.value(n.outputs[0]).name, n.op.name()))

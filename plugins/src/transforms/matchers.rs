@@ -62,7 +62,7 @@ pub fn rmsnorm_pattern() -> Pattern {
     let w = p.input("w");
     let xf = p.optional(|op, _| matches!(op, Op::ToDtype(DType::F32)), x);
     let sq = p.op(|op, _| op.scalar_of(POW_SCALAR) == Some(2.0), &[xf]);
-    let var = p.op(|op, _| matches!(op, Op::Mean { dims, keepdim: true } if dims.len() == 1), &[sq]);
+    let var = p.op(|op, _| op.mean_attrs().is_some_and(|m| m.keepdim && m.dims.len() == 1), &[sq]);
     let ve = p.op(
         |op, c: &mut Captures| match op.scalar_of(ADD_SCALAR) {
             Some(e) => {
@@ -89,10 +89,10 @@ impl Transform for MatchRmsNorm {
             let (x, w) = (m.input("x"), m.input("w"));
             let xm = g.meta(x).clone();
             // The mean must run over the last dim, in f32, and the weight be one per channel.
-            let mean_ok = m.nodes.iter().any(|&i| match &g.nodes[i].op {
-                Op::Mean { dims, .. } => is_last_dim(dims[0], xm.shape.len()),
-                _ => false,
-            });
+            let mean_ok = m
+                .nodes
+                .iter()
+                .any(|&i| g.nodes[i].op.mean_attrs().is_some_and(|a| is_last_dim(a.dims[0], xm.shape.len())));
             let wm = g.meta(w);
             if !mean_ok || wm.shape.len() != 1 || xm.shape.last() != Some(&wm.shape[0]) || !xm.dtype.is_float() {
                 return Ok(None);
@@ -271,7 +271,7 @@ fn eager_attention_pattern(with_repeat_kv: bool) -> Pattern {
     );
     // transformers upcasts the scores to f32 for the softmax and casts the weights back.
     let up = p.opt_cast(scaled);
-    let sm = p.op(|op, _| matches!(op, Op::Softmax { dim: -1 | 3 }), &[up]);
+    let sm = p.op(|op, _| matches!(op.softmax_dim(), Some(-1 | 3)), &[up]);
     let w = p.opt_cast(sm);
     let out = p.op(|op, _| matches!(op, Op::Matmul), &[w, v]);
     p.build(out)

@@ -176,11 +176,6 @@ impl CudaModel {
                     }
                     linear(gpu, odt, m, nn, k, inp(0), inp(1), planned, node.inputs.len() > 2).map_err(fail)?;
                 }
-                Op::Mean { .. } => {
-                    let xs = in_shape(0)?;
-                    let last = *xs.last().unwrap_or(&1);
-                    gpu.mean_last(inp(0), in_dt(0)?, planned, odt, n_out, last).map_err(fail)?;
-                }
                 Op::ToDtype(_) => {
                     if in_dt(0)? == odt {
                         out = inp(0);

@@ -63,21 +63,20 @@ fn may_alias(op: &Op) -> bool {
 }
 
 /// Why this executor cannot run `op`, if it cannot.
-fn unsupported(op: &Op) -> Option<&'static str> {
-    match op {
-        Op::Matmul | Op::Sdpa { .. } | Op::Attention { .. } | Op::Softmax { .. } => {
-            Some("uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)")
+fn unsupported(op: &Op) -> Option<String> {
+    let why = match op {
+        Op::Matmul | Op::Sdpa { .. } | Op::Attention { .. } => {
+            "uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)"
         }
-        Op::Custom { name, .. } => match autodeploy_core::registry::custom_op(name) {
-            Some(c) if c.cuda.is_some() => None,
-            Some(c) if c.origin == "built-in" => Some("this op has a CPU kernel only so far"),
-            _ => Some("this plugin op has a CPU kernel only: its library registered no CUDA one"),
+        Op::Custom { name, attrs, .. } => match autodeploy_core::registry::custom_op(name) {
+            Some(c) if c.cuda.is_some() => return c.cuda_attrs.and_then(|check| check(attrs).err()),
+            Some(c) if c.origin == "built-in" => "this op has a CPU kernel only so far",
+            _ => "this plugin op has a CPU kernel only: its library registered no CUDA one",
         },
-        Op::LogSoftmax { .. } => Some("this op has a CPU kernel only so far"),
-        Op::Mean { dims, .. } if dims.as_slice() != [-1] => Some("mean has a CUDA kernel over the last dim only"),
-        Op::Rope { interleaved: true } => Some("interleaved RoPE has no CUDA kernel yet"),
-        _ => None,
-    }
+        Op::Rope { interleaved: true } => "interleaved RoPE has no CUDA kernel yet",
+        _ => return None,
+    };
+    Some(why.to_string())
 }
 
 /// Per node: the regions its output and scratch use (arena offsets), planned once.

@@ -430,9 +430,9 @@ impl<'a> Importer<'a> {
                 if !is_none("dtype") {
                     return Err(unsupported("log_softmax with a dtype"));
                 }
-                Some((Op::LogSoftmax { dim: int("dim", -1)? }, vec![tensor("self")?]))
+                Some((Op::log_softmax(int("dim", -1)?), vec![tensor("self")?]))
             }
-            "_softmax.default" | "softmax.int" => Some((Op::Softmax { dim: int("dim", -1)? }, vec![tensor("self")?])),
+            "_softmax.default" | "softmax.int" => Some((Op::softmax(int("dim", -1)?), vec![tensor("self")?])),
             // The unary ops of the op table (ops/unary.rs), by their ATen targets.
             "gelu.default" => {
                 let approx = args.get("approximate").and_then(|a| a["as_string"].as_str()).unwrap_or("none");
@@ -483,7 +483,7 @@ impl<'a> Importer<'a> {
                     .and_then(|a| a["as_ints"].as_array())
                     .map(|v| v.iter().filter_map(Value::as_i64).collect::<Vec<_>>())
                     .ok_or_else(|| unsupported("argument `dim` is not an int list"))?;
-                Some((Op::Mean { dims, keepdim: boolean("keepdim") }, vec![tensor("self")?]))
+                Some((Op::mean(dims, boolean("keepdim")), vec![tensor("self")?]))
             }
             "to.dtype" | "to.dtype_layout" | "to.device" | "_to_copy.default" => {
                 let x = tensor("self")?;
