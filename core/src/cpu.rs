@@ -11,7 +11,6 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::ir::TensorMeta;
-use crate::mutation::{self, Mutation};
 use crate::ops::binary::{ADD, MUL};
 use crate::ops::{infer, norm_dim, slice_bounds, Op};
 use crate::shape::{static_shape, Bindings, SizeArg};
@@ -280,7 +279,6 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
             let y = linear_f32(&x.to_f32(), m, kk, w, bias.as_deref(), opts);
             Tensor::from_f32_as(out_meta.dtype, out_shape, y)
         }
-        Op::Matmul => matmul(x, ins[1], out_meta.dtype, out_shape),
         Op::ToDtype(d) => x.cast(*d),
         Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => x.reshape(out_shape),
         Op::Expand(_) => {
@@ -319,8 +317,6 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
             let data = cat_storage(ins, outer, inner, d)?;
             Tensor::new(out_shape, data)
         }
-        Op::Sdpa { is_causal, scale, .. } => sdpa(ins, *is_causal, *scale, out_meta.dtype, out_shape),
-        Op::Attention { causal, scale } => sdpa(ins, *causal, Some(*scale), out_meta.dtype, out_shape),
         Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
         Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
         Op::SwiGluMlp { fused, .. } => swiglu(ins, *fused, out_shape, opts),
@@ -388,56 +384,6 @@ fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<
             return Err(Error::op("aten.cat", "block-quantized tensors concatenate along dim 0 only"))
         }
     })
-}
-
-fn matmul(a: &Tensor, b: &Tensor, dtype: DType, out_shape: Vec<usize>) -> Result<Tensor> {
-    let (ar, br) = (a.rank(), b.rank());
-    let (m, kk, n) = (a.shape()[ar - 2], a.shape()[ar - 1], b.shape()[br - 1]);
-    let batch_shape = &out_shape[..out_shape.len() - 2];
-    let batches: usize = batch_shape.iter().product();
-    let sa = broadcast_strides(&a.shape()[..ar - 2], batch_shape);
-    let sb = broadcast_strides(&b.shape()[..br - 2], batch_shape);
-    let (av, bv) = (a.to_f32(), b.to_f32());
-    let mut out = vec![0f32; batches * m * n];
-    for (bi, c) in out.chunks_mut((m * n).max(1)).enumerate().take(batches) {
-        let (mut oa, mut ob, mut rem) = (0, 0, bi);
-        for d in (0..batch_shape.len()).rev() {
-            let i = rem % batch_shape[d];
-            rem /= batch_shape[d];
-            oa += i * sa[d];
-            ob += i * sb[d];
-        }
-        let a_mat = &av[oa * m * kk..(oa + 1) * m * kk];
-        let b_mat = &bv[ob * kk * n..(ob + 1) * kk * n];
-        k::matmul(m, n, kk, k::MatRef::row_major(a_mat, kk), k::MatRef::row_major(b_mat, n), c);
-    }
-    Tensor::from_f32_as(dtype, out_shape, out)
-}
-
-fn sdpa(ins: &[&Tensor], causal: bool, scale: Option<f64>, dtype: DType, out_shape: Vec<usize>) -> Result<Tensor> {
-    let (q, kt, v) = (ins[0], ins[1], ins[2]);
-    let (qs, ks, vs) = (q.shape(), kt.shape(), v.shape());
-    let dims = k::AttnDims {
-        batch: qs[0],
-        q_heads: qs[1],
-        kv_heads: ks[1],
-        q_len: qs[2],
-        kv_len: ks[2],
-        head_dim: qs[3],
-        v_dim: vs[3],
-    };
-    let scale = scale.map(|s| s as f32).unwrap_or(1.0 / (qs[3] as f32).sqrt());
-    let mut out = vec![0f32; out_shape.iter().product()];
-    let causal = causal && !mutation::is(Mutation::NoCausalMask);
-    k::attention(dims, &q.to_f32(), &kt.to_f32(), &v.to_f32(), causal, scale, &mut out);
-    if mutation::is(Mutation::SwapHeads) && dims.q_heads > 1 {
-        let per_head = dims.q_len * dims.v_dim;
-        for b in 0..dims.batch {
-            let (h0, h1) = out[b * dims.q_heads * per_head..].split_at_mut(per_head);
-            h0.swap_with_slice(&mut h1[..per_head]);
-        }
-    }
-    Tensor::from_f32_as(dtype, out_shape, out)
 }
 
 /// Rounds an f32 to `dtype` and back: the value an op of that output dtype would store.

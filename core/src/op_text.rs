@@ -15,7 +15,6 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
     let op = match name {
         "aten.embedding" => Op::Embedding,
         "aten.linear" => Op::Linear,
-        "aten.matmul" => Op::Matmul,
         "aten._to_copy" => Op::ToDtype(a.dtype("dtype")?),
         "aten.view" => Op::View(a.sizes()?),
         "aten.reshape" => Op::Reshape(a.sizes()?),
@@ -35,15 +34,9 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
             step: a.opt_int("step")?.unwrap_or(1),
         },
         "aten.cat" => Op::Cat { dim: a.int("dim")? },
-        "aten.scaled_dot_product_attention" => Op::Sdpa {
-            is_causal: a.opt_bool("is_causal")?.unwrap_or(false),
-            scale: a.opt_f64("scale")?,
-            enable_gqa: a.opt_bool("enable_gqa")?.unwrap_or(false),
-        },
         "torch_rmsnorm" => Op::RmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
         "fused_add_rmsnorm" => Op::AddRmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
         "torch_rope_with_explicit_cos_sin" => Op::Rope { interleaved: a.opt_bool("interleaved")?.unwrap_or(false) },
-        "torch_attention" => Op::Attention { causal: a.bool("causal")?, scale: a.f64("scale")? },
         "torch_swiglu_mlp" => Op::SwiGluMlp {
             fused: a.opt_bool("fused")?.unwrap_or(false),
             epilogue: a.opt_bool("epilogue")?.unwrap_or(false),
@@ -154,15 +147,15 @@ impl<'a> Attrs<'a> {
         self.take(key).map(|v| self.as_i64(key, v)).transpose()
     }
 
-    fn f64(&mut self, key: &str) -> Result<f64> {
+    pub(crate) fn f64(&mut self, key: &str) -> Result<f64> {
         self.opt_f64(key)?.ok_or_else(|| self.missing(key))
     }
 
-    fn opt_f64(&mut self, key: &str) -> Result<Option<f64>> {
+    pub(crate) fn opt_f64(&mut self, key: &str) -> Result<Option<f64>> {
         self.take(key).map(|v| self.as_f64(key, v)).transpose()
     }
 
-    fn bool(&mut self, key: &str) -> Result<bool> {
+    pub(crate) fn bool(&mut self, key: &str) -> Result<bool> {
         self.opt_bool(key)?.ok_or_else(|| self.missing(key))
     }
 
@@ -248,6 +241,7 @@ pub fn parse_shape(s: &str) -> Option<Vec<Dim>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::attention::SdpaAttrs;
     use crate::ops::binary::*;
 
     fn every_op() -> Vec<Op> {
@@ -255,7 +249,7 @@ mod tests {
         vec![
             Op::Embedding,
             Op::Linear,
-            Op::Matmul,
+            Op::matmul(),
             Op::binary(ADD),
             Op::binary(SUB),
             Op::binary(MUL),
@@ -279,8 +273,8 @@ mod tests {
             Op::Slice { dim: -1, start: 0, end: 64, step: 1 },
             Op::Slice { dim: 2, start: 3, end: i64::MAX, step: 2 },
             Op::Cat { dim: -1 },
-            Op::Sdpa { is_causal: true, scale: None, enable_gqa: false },
-            Op::Sdpa { is_causal: false, scale: Some(0.125), enable_gqa: true },
+            Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: false }),
+            Op::sdpa(SdpaAttrs { is_causal: false, scale: Some(0.125), enable_gqa: true }),
             Op::softmax(-1),
             Op::log_softmax(1),
             crate::custom_op::op("aten.gelu", "approximate=tanh").unwrap(),
@@ -288,7 +282,7 @@ mod tests {
             Op::RmsNorm { eps: 1e-6, norm_dtype: DType::F32 },
             Op::AddRmsNorm { eps: 1e-5, norm_dtype: DType::BF16 },
             Op::Rope { interleaved: true },
-            Op::Attention { causal: true, scale: 0.088 },
+            Op::attention(true, 0.088),
             Op::SwiGluMlp { fused: true, epilogue: false },
             Op::SwiGluMlp { fused: true, epilogue: true },
             Op::IndexSelect { dim: 1 },

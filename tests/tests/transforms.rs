@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::ir::GraphBuilder;
+use autodeploy_core::ops::attention::SdpaAttrs;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::registry;
 use autodeploy_core::shape::static_shape;
@@ -206,7 +207,7 @@ fn attention_graph(repeat: bool) -> (Graph, Vec<Tensor>) {
             }
         }
     }
-    let sdpa = Op::Sdpa { is_causal: true, scale: None, enable_gqa: !repeat };
+    let sdpa = Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: !repeat });
     let out = b.op("out", sdpa, &[q, kk, vv]).unwrap();
     b.output(out);
     let ins = vec![
@@ -250,12 +251,12 @@ fn eager_attention_becomes_non_causal_attention() {
             vv = rep(&mut b, "v", v);
         }
         let kt = b.op("kt", Op::Transpose(2, 3), &[kk]).unwrap();
-        let sc = b.op("scores", Op::Matmul, &[q, kt]).unwrap();
+        let sc = b.op("scores", Op::matmul(), &[q, kt]).unwrap();
         let sc = b.op("scaled", Op::scalar(MUL_SCALAR, 0.5), &[sc]).unwrap();
         let sc = b.op("scores_f32", Op::ToDtype(DType::F32), &[sc]).unwrap();
         let w = b.op("probs", Op::softmax(-1), &[sc]).unwrap();
         let w = b.op("probs_bf16", Op::ToDtype(DType::BF16), &[w]).unwrap();
-        let out = b.op("out", Op::Matmul, &[w, vv]).unwrap();
+        let out = b.op("out", Op::matmul(), &[w, vv]).unwrap();
         b.output(out);
         let g = b.finish().unwrap();
         let ins = vec![

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::ir::TensorMeta;
 use crate::shape::{fmt_shape, numel, Dim, Shape, SizeArg};
 
+pub mod attention;
 pub mod binary;
 pub mod reduce;
 pub mod unary;
@@ -21,8 +22,6 @@ pub enum Op {
     Embedding,
     /// `aten.linear(x, weight[, bias])`, weight `[out, in]`
     Linear,
-    /// `aten.matmul(a, b)` with broadcast batch dims
-    Matmul,
     /// `aten._to_copy(dtype=...)`
     ToDtype(DType),
     View(Vec<SizeArg>),
@@ -40,12 +39,6 @@ pub enum Op {
     },
     Cat {
         dim: i64,
-    },
-    /// `aten.scaled_dot_product_attention(q, k, v)`, layout `[batch, heads, seq, head_dim]`.
-    Sdpa {
-        is_causal: bool,
-        scale: Option<f64>,
-        enable_gqa: bool,
     },
 
     // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
@@ -66,12 +59,6 @@ pub enum Op {
     /// `interleaved`, `x`'s last dim holds (even, odd) pairs and is de-interleaved first.
     Rope {
         interleaved: bool,
-    },
-    /// `torch_attention(q, k, v)`: softmax(q·kᵀ·scale)·v, `[batch, heads, seq, head_dim]`,
-    /// k/v may have fewer heads (GQA).
-    Attention {
-        causal: bool,
-        scale: f64,
     },
     /// `torch_swiglu_mlp(x, w_gate, w_up, w_down)`: `down(silu(gate(x)) · up(x))`; with `fused`,
     /// the inputs are `(x, w_gate_up, w_down)`, gate rows first.
@@ -119,7 +106,6 @@ impl Op {
         match self {
             Op::Embedding => "aten.embedding",
             Op::Linear => "aten.linear",
-            Op::Matmul => "aten.matmul",
             Op::ToDtype(_) => "aten._to_copy",
             Op::View(_) => "aten.view",
             Op::Reshape(_) => "aten.reshape",
@@ -128,11 +114,9 @@ impl Op {
             Op::Unsqueeze(_) => "aten.unsqueeze",
             Op::Slice { .. } => "aten.slice.Tensor",
             Op::Cat { .. } => "aten.cat",
-            Op::Sdpa { .. } => "aten.scaled_dot_product_attention",
             Op::RmsNorm { .. } => "torch_rmsnorm",
             Op::AddRmsNorm { .. } => "fused_add_rmsnorm",
             Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
-            Op::Attention { .. } => "torch_attention",
             Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
             Op::IndexSelect { .. } => "aten.index_select",
             Op::CachedAttention { .. } => "attention_with_kv_cache",
@@ -164,7 +148,6 @@ impl Op {
                 format!("eps={eps:?}, norm_dtype={norm_dtype}")
             }
             Op::Rope { interleaved } => format!("interleaved={interleaved}"),
-            Op::Attention { causal, scale } => format!("causal={causal}, scale={scale:?}"),
             Op::SwiGluMlp { fused, epilogue } => {
                 format!("fused={fused}{}", if *epilogue { ", epilogue=true" } else { "" })
             }
@@ -172,16 +155,6 @@ impl Op {
             Op::CachedAttention { backend, layer, scale, rope } => {
                 let r = if *rope { ", rope=true" } else { "" };
                 format!("backend={backend}, layer={layer}, scale={scale:?}{r}")
-            }
-            Op::Sdpa { is_causal, scale, enable_gqa } => {
-                let mut s = format!("is_causal={is_causal}");
-                if let Some(x) = scale {
-                    let _ = write!(s, ", scale={x:?}");
-                }
-                if *enable_gqa {
-                    s.push_str(", enable_gqa=true");
-                }
-                s
             }
             Op::Custom { attrs, .. } => attrs.clone(),
             _ => String::new(),
@@ -192,8 +165,8 @@ impl Op {
     fn arity(&self) -> (usize, usize) {
         match self {
             Op::Linear => (2, 3),
-            Op::Embedding | Op::Matmul => (2, 2),
-            Op::Sdpa { .. } | Op::Rope { .. } | Op::Attention { .. } | Op::AddRmsNorm { .. } => (3, 3),
+            Op::Embedding => (2, 2),
+            Op::Rope { .. } | Op::AddRmsNorm { .. } => (3, 3),
             Op::RmsNorm { .. } | Op::IndexSelect { .. } => (2, 2),
             Op::CachedAttention { rope: false, .. } => (3, 3),
             Op::CachedAttention { rope: true, .. } => (5, 5),
@@ -344,21 +317,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             *shape.last_mut().unwrap() = w.shape[0].clone();
             same(shape)
         }
-        Op::Matmul => {
-            let b = &ins[1];
-            if x.shape.len() < 2 || b.shape.len() < 2 || x.dtype != b.dtype {
-                return Err(err(op, format!("operands {x} and {b} (both need rank >= 2, one dtype)")));
-            }
-            let (m, k) = (&x.shape[x.shape.len() - 2], &x.shape[x.shape.len() - 1]);
-            let (k2, n) = (&b.shape[b.shape.len() - 2], &b.shape[b.shape.len() - 1]);
-            if k != k2 {
-                return Err(err(op, format!("inner dims differ: {x} @ {b}")));
-            }
-            let mut shape = broadcast(op, &x.shape[..x.shape.len() - 2], &b.shape[..b.shape.len() - 2])?;
-            shape.push(m.clone());
-            shape.push(n.clone());
-            same(shape)
-        }
         Op::RmsNorm { norm_dtype, .. } => {
             let w = &ins[1];
             float_only(op, x)?;
@@ -415,13 +373,12 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
                     }
                 }
             }
-            let out = infer(&Op::Sdpa { is_causal: true, scale: None, enable_gqa: true }, &ins[..3])?;
+            let out = attention::attention_rule(&ins[..3], true).map_err(|e| err(op, e))?;
             if !x.shape[0].is_one() {
                 return Err(err(op, format!("expects the flattened batch [1, heads, tokens, dim], got {x}")));
             }
             Ok(out)
         }
-        Op::Attention { .. } => infer(&Op::Sdpa { is_causal: false, scale: None, enable_gqa: true }, ins),
         Op::SwiGluMlp { fused, .. } => {
             let w_down = ins.last().expect("arity checked");
             let (inter, ok) = if *fused {
@@ -507,33 +464,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             }
             let mut shape = x.shape.clone();
             shape[d] = Dim::new(total);
-            same(shape)
-        }
-        Op::Sdpa { enable_gqa, .. } => {
-            let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
-            float_only(op, q)?;
-            let ok = q.shape.len() == 4
-                && k.shape.len() == 4
-                && v.shape.len() == 4
-                && q.dtype == k.dtype
-                && k.dtype == v.dtype
-                && q.shape[0] == k.shape[0]
-                && k.shape[0] == v.shape[0]
-                && q.shape[3] == k.shape[3]
-                && k.shape[1] == v.shape[1]
-                && k.shape[2] == v.shape[2];
-            if !ok {
-                return Err(err(op, format!("q {q}, k {k}, v {v}: want [batch, heads, seq, head_dim]")));
-            }
-            let heads_ok = if *enable_gqa { q.shape[1].div(&k.shape[1]).is_some() } else { q.shape[1] == k.shape[1] };
-            if !heads_ok {
-                return Err(err(
-                    op,
-                    format!("q has {} heads, k/v {} (enable_gqa={enable_gqa})", q.shape[1], k.shape[1]),
-                ));
-            }
-            let mut shape = q.shape.clone();
-            shape[3] = v.shape[3].clone();
             same(shape)
         }
     }

@@ -1,6 +1,5 @@
-//! The op table: ops defined through the registry (the built-in unary, binary, scalar and
-//! reduction ops, `ops/{unary,binary,reduce}.rs`, and plugin libraries' ops); `Op::Custom` nodes dispatch
-//! to them.
+//! The op table: ops defined through the registry (the built-in ones of `ops/{unary,binary,
+//! reduce,attention}.rs` and plugin libraries' ops); `Op::Custom` nodes dispatch to them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
@@ -10,8 +9,11 @@ use crate::custom_op::CustomOp;
 type Table = HashMap<&'static str, Arc<CustomOp>>;
 
 static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
-    let built_in =
-        crate::ops::unary::ops().into_iter().chain(crate::ops::binary::ops()).chain(crate::ops::reduce::ops());
+    let built_in = crate::ops::unary::ops()
+        .into_iter()
+        .chain(crate::ops::binary::ops())
+        .chain(crate::ops::reduce::ops())
+        .chain(crate::ops::attention::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use autodeploy_core::error::Result;
+use autodeploy_core::ops::attention::SdpaAttrs;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::weights::WeightStore;
@@ -253,11 +254,11 @@ impl Ctx<'_> {
         let sin_u = self.b.op(&format!("{n}.sin"), Op::Unsqueeze(1), &[sin])?;
         let q = self.apply_rope(&format!("{n}.q_rope"), q, cos_u, sin_u)?;
         let k = self.apply_rope(&format!("{n}.k_rope"), k, cos_u, sin_u)?;
-        let sdpa = Op::Sdpa {
+        let sdpa = Op::sdpa(SdpaAttrs {
             is_causal: true,
             scale: Some((hd as f64).powf(-0.5)),
             enable_gqa: c.num_kv_heads != c.num_heads,
-        };
+        });
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
         let a = self.b.op(&format!("{n}.attn.t"), Op::Transpose(1, 2), &[a])?;
         let flat = vec![SizeArg::Dim(self.batch.clone()), SizeArg::Dim(self.seq.clone()), SizeArg::Infer];

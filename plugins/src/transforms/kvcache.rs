@@ -4,6 +4,7 @@
 
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta};
+use autodeploy_core::ops::attention::{AttentionAttrs, SDPA};
 use autodeploy_core::ops::reduce::SOFTMAX;
 use autodeploy_core::registry::attention_backend_name;
 use autodeploy_core::registry::TransformPlugin;
@@ -37,10 +38,8 @@ impl Transform for InsertCachedAttention {
             .nodes
             .iter()
             .filter(|n| match &n.op {
-                Op::Attention { causal, .. } => !causal,
-                Op::Sdpa { .. } => true,
-                op if op.is(SOFTMAX) => true,
-                _ => false,
+                op if op.is(SDPA) || op.is(SOFTMAX) => true,
+                op => op.attention_attrs().is_some_and(|a| !a.causal),
             })
             .map(|n| format!("%{} ({})", g.value(n.outputs[0]).name, n.op.name()))
             .collect();
@@ -53,7 +52,7 @@ impl Transform for InsertCachedAttention {
         }
         let mut layer = 0;
         for i in 0..g.nodes.len() {
-            if let Op::Attention { scale, .. } = g.nodes[i].op {
+            if let Some(AttentionAttrs { scale, .. }) = g.nodes[i].op.attention_attrs() {
                 g.nodes[i].op = Op::CachedAttention { backend: backend.to_string(), layer, scale, rope: false };
                 layer += 1;
             }

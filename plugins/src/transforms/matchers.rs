@@ -3,6 +3,7 @@
 
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::{Graph, ValueId};
+use autodeploy_core::ops::attention::MATMUL;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
 use autodeploy_core::registry::TransformPlugin;
@@ -209,16 +210,16 @@ impl Transform for MatchRopeInterleaved {
 }
 
 fn capture_sdpa(op: &Op, c: &mut Captures) -> bool {
-    match op {
-        Op::Sdpa { is_causal, scale, enable_gqa } => {
-            c.b.insert("causal", *is_causal);
-            c.b.insert("gqa", *enable_gqa);
-            if let Some(s) = scale {
-                c.f.insert("scale", *s);
+    match op.sdpa_attrs() {
+        Some(a) => {
+            c.b.insert("causal", a.is_causal);
+            c.b.insert("gqa", a.enable_gqa);
+            if let Some(s) = a.scale {
+                c.f.insert("scale", s);
             }
             true
         }
-        _ => false,
+        None => false,
     }
 }
 
@@ -258,7 +259,7 @@ fn eager_attention_pattern(with_repeat_kv: bool) -> Pattern {
         |op, _| matches!(op, Op::Transpose(a, b) if matches!((*a, *b), (2, 3) | (3, 2) | (-2, -1) | (-1, -2))),
         &[k],
     );
-    let scores = p.op(|op, _| matches!(op, Op::Matmul), &[q, kt]);
+    let scores = p.op(|op, _| op.is(MATMUL), &[q, kt]);
     let scaled = p.op(
         |op, c| match op.scalar_of(MUL_SCALAR) {
             Some(s) => {
@@ -273,7 +274,7 @@ fn eager_attention_pattern(with_repeat_kv: bool) -> Pattern {
     let up = p.opt_cast(scaled);
     let sm = p.op(|op, _| matches!(op.softmax_dim(), Some(-1 | 3)), &[up]);
     let w = p.opt_cast(sm);
-    let out = p.op(|op, _| matches!(op, Op::Matmul), &[w, v]);
+    let out = p.op(|op, _| op.is(MATMUL), &[w, v]);
     p.build(out)
 }
 
@@ -303,7 +304,7 @@ impl Transform for MatchAttention {
                 let scale = m.caps.f.get("scale").copied().unwrap_or(1.0 / (d as f64).sqrt());
                 // The eager form carries no mask here, so it is not causal.
                 let causal = m.caps.b.get("causal").copied().unwrap_or(false);
-                let op = Op::Attention { causal, scale };
+                let op = Op::attention(causal, scale);
                 let hint = format!("{}.attention", g.value(m.output).name);
                 Ok(Some(g.insert_node(pos, &hint, op, &[q, k, v])?))
             })?;

@@ -423,12 +423,6 @@ impl CudaModel {
                         }
                     }
                 }
-                op => {
-                    return Err(Error::Op {
-                        op: op.name().into(),
-                        msg: format!("node `{name}`: no CUDA implementation"),
-                    })
-                }
             }
             if let Some(t0) = t0 {
                 gpu.sync().map_err(gpu_err)?;

@@ -64,8 +64,9 @@ fn may_alias(op: &Op) -> bool {
 
 /// Why this executor cannot run `op`, if it cannot.
 fn unsupported(op: &Op) -> Option<String> {
+    use autodeploy_core::ops::attention::{ATTENTION, MATMUL, SDPA};
     let why = match op {
-        Op::Matmul | Op::Sdpa { .. } | Op::Attention { .. } => {
+        Op::Custom { name: MATMUL | SDPA | ATTENTION, .. } => {
             "uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)"
         }
         Op::Custom { name, attrs, .. } => match autodeploy_core::registry::custom_op(name) {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
+use autodeploy_core::ops::attention::SdpaAttrs;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV, MUL, MUL_SCALAR, POW_SCALAR, SUB};
 use autodeploy_core::pt2::{scalar_type, Pt2Archive};
 use autodeploy_core::registry::ImporterPlugin;
@@ -425,7 +426,7 @@ impl<'a> Importer<'a> {
                 }
                 Some((Op::Linear, ins))
             }
-            "matmul.default" => Some((Op::Matmul, vec![tensor("self")?, tensor("other")?])),
+            "matmul.default" => Some((Op::matmul(), vec![tensor("self")?, tensor("other")?])),
             "log_softmax.int" | "_log_softmax.default" => {
                 if !is_none("dtype") {
                     return Err(unsupported("log_softmax with a dtype"));
@@ -549,7 +550,7 @@ impl<'a> Importer<'a> {
                     }
                     is_causal = true;
                 }
-                let op = Op::Sdpa { is_causal, scale: float("scale"), enable_gqa: boolean("enable_gqa") };
+                let op = Op::sdpa(SdpaAttrs { is_causal, scale: float("scale"), enable_gqa: boolean("enable_gqa") });
                 Some((op, vec![tensor("query")?, tensor("key")?, tensor("value")?]))
             }
             _ => return Err(unsupported("not supported yet")),

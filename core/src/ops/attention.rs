@@ -1,0 +1,259 @@
+//! Uncached attention and its parts, each defined once here and registered in the op table:
+//! `aten.matmul` (broadcast batch dims), `aten.scaled_dot_product_attention`
+//! (`is_causal=true, scale=0.125, enable_gqa=true`; `[batch, heads, seq, head_dim]`) and the
+//! canonical `torch_attention` the matchers make from either form (`causal=true, scale=0.125`;
+//! k/v may have fewer heads). CPU kernels only: the `cache_init` stage turns matched attention
+//! into cached attention, which is what runs on CUDA. Graphs build them with [`Op::matmul`],
+//! [`Op::sdpa`] and [`Op::attention`]; matchers read them with [`Op::sdpa_attrs`] and
+//! [`Op::attention_attrs`].
+
+use std::sync::Arc;
+
+use autodeploy_kernels::cpu as k;
+
+use crate::custom_op::{CustomOp, Outputs};
+use crate::dtype::DType;
+use crate::ir::TensorMeta;
+use crate::mutation::{self, Mutation};
+use crate::op_text::read_attrs;
+use crate::ops::{broadcast_shapes, Op};
+use crate::tensor::Tensor;
+
+pub const MATMUL: &str = "aten.matmul";
+pub const SDPA: &str = "aten.scaled_dot_product_attention";
+pub const ATTENTION: &str = "torch_attention";
+
+/// `aten.scaled_dot_product_attention`'s attributes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SdpaAttrs {
+    pub is_causal: bool,
+    /// `None`: 1/√head_dim.
+    pub scale: Option<f64>,
+    /// k/v may have fewer heads than q (a whole number of q heads each).
+    pub enable_gqa: bool,
+}
+
+impl SdpaAttrs {
+    fn parse(text: &str) -> Result<SdpaAttrs, String> {
+        read_attrs(SDPA, text, |a| {
+            Ok(SdpaAttrs {
+                is_causal: a.opt_bool("is_causal")?.unwrap_or(false),
+                scale: a.opt_f64("scale")?,
+                enable_gqa: a.opt_bool("enable_gqa")?.unwrap_or(false),
+            })
+        })
+    }
+
+    fn text(&self) -> String {
+        let mut s = format!("is_causal={}", self.is_causal);
+        if let Some(x) = self.scale {
+            s.push_str(&format!(", scale={x:?}"));
+        }
+        if self.enable_gqa {
+            s.push_str(", enable_gqa=true");
+        }
+        s
+    }
+}
+
+/// `torch_attention`'s attributes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionAttrs {
+    pub causal: bool,
+    pub scale: f64,
+}
+
+impl AttentionAttrs {
+    fn parse(text: &str) -> Result<AttentionAttrs, String> {
+        read_attrs(ATTENTION, text, |a| Ok(AttentionAttrs { causal: a.bool("causal")?, scale: a.f64("scale")? }))
+    }
+}
+
+impl Op {
+    pub fn matmul() -> Op {
+        Op::Custom { name: MATMUL, inputs: 2, attrs: String::new() }
+    }
+
+    pub fn sdpa(a: SdpaAttrs) -> Op {
+        Op::Custom { name: SDPA, inputs: 3, attrs: a.text() }
+    }
+
+    pub fn attention(causal: bool, scale: f64) -> Op {
+        Op::Custom { name: ATTENTION, inputs: 3, attrs: format!("causal={causal}, scale={scale:?}") }
+    }
+
+    /// The attributes of an `aten.scaled_dot_product_attention` node.
+    pub fn sdpa_attrs(&self) -> Option<SdpaAttrs> {
+        match self {
+            Op::Custom { name: SDPA, attrs, .. } => SdpaAttrs::parse(attrs).ok(),
+            _ => None,
+        }
+    }
+
+    /// The attributes of a `torch_attention` node.
+    pub fn attention_attrs(&self) -> Option<AttentionAttrs> {
+        match self {
+            Op::Custom { name: ATTENTION, attrs, .. } => AttentionAttrs::parse(attrs).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// The output of attention over q, k, v (`[batch, heads, seq, head_dim]`; with `gqa`, k/v may
+/// have fewer heads): q's shape with v's head dim.
+pub(crate) fn attention_rule(ins: &[TensorMeta], gqa: bool) -> Result<Vec<TensorMeta>, String> {
+    let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
+    if !q.dtype.is_float() {
+        return Err(format!("needs a float tensor, got {q}"));
+    }
+    let ok = q.shape.len() == 4
+        && k.shape.len() == 4
+        && v.shape.len() == 4
+        && q.dtype == k.dtype
+        && k.dtype == v.dtype
+        && q.shape[0] == k.shape[0]
+        && k.shape[0] == v.shape[0]
+        && q.shape[3] == k.shape[3]
+        && k.shape[1] == v.shape[1]
+        && k.shape[2] == v.shape[2];
+    if !ok {
+        return Err(format!("q {q}, k {k}, v {v}: want [batch, heads, seq, head_dim]"));
+    }
+    let heads_ok = if gqa { q.shape[1].div(&k.shape[1]).is_some() } else { q.shape[1] == k.shape[1] };
+    if !heads_ok {
+        return Err(format!("q has {} heads, k/v {} (enable_gqa={gqa})", q.shape[1], k.shape[1]));
+    }
+    let mut shape = q.shape.clone();
+    shape[3] = v.shape[3].clone();
+    Ok(vec![TensorMeta { dtype: q.dtype, shape }])
+}
+
+fn matmul_rule(ins: &[TensorMeta]) -> Result<Vec<TensorMeta>, String> {
+    let (a, b) = (&ins[0], &ins[1]);
+    if a.shape.len() < 2 || b.shape.len() < 2 || a.dtype != b.dtype {
+        return Err(format!("operands {a} and {b} (both need rank >= 2, one dtype)"));
+    }
+    let (m, k) = (&a.shape[a.shape.len() - 2], &a.shape[a.shape.len() - 1]);
+    let (k2, n) = (&b.shape[b.shape.len() - 2], &b.shape[b.shape.len() - 1]);
+    if k != k2 {
+        return Err(format!("inner dims differ: {a} @ {b}"));
+    }
+    let mut shape = broadcast_shapes(&a.shape[..a.shape.len() - 2], &b.shape[..b.shape.len() - 2])?;
+    shape.push(m.clone());
+    shape.push(n.clone());
+    Ok(vec![TensorMeta { dtype: a.dtype, shape }])
+}
+
+fn matmul_cpu(a: &Tensor, b: &Tensor, dtype: DType, out_shape: &[usize]) -> crate::Result<Tensor> {
+    use crate::cpu::broadcast_strides;
+    let (ar, br) = (a.rank(), b.rank());
+    let (m, kk, n) = (a.shape()[ar - 2], a.shape()[ar - 1], b.shape()[br - 1]);
+    let batch_shape = &out_shape[..out_shape.len() - 2];
+    let batches: usize = batch_shape.iter().product();
+    let sa = broadcast_strides(&a.shape()[..ar - 2], batch_shape);
+    let sb = broadcast_strides(&b.shape()[..br - 2], batch_shape);
+    let (av, bv) = (a.to_f32(), b.to_f32());
+    let mut out = vec![0f32; batches * m * n];
+    for (bi, c) in out.chunks_mut((m * n).max(1)).enumerate().take(batches) {
+        let (mut oa, mut ob, mut rem) = (0, 0, bi);
+        for d in (0..batch_shape.len()).rev() {
+            let i = rem % batch_shape[d];
+            rem /= batch_shape[d];
+            oa += i * sa[d];
+            ob += i * sb[d];
+        }
+        let a_mat = &av[oa * m * kk..(oa + 1) * m * kk];
+        let b_mat = &bv[ob * kk * n..(ob + 1) * kk * n];
+        k::matmul(m, n, kk, k::MatRef::row_major(a_mat, kk), k::MatRef::row_major(b_mat, n), c);
+    }
+    Tensor::from_f32_as(dtype, out_shape.to_vec(), out)
+}
+
+/// softmax(q·kᵀ·scale)·v on the CPU, in f32 (`scale` None: 1/√head_dim).
+fn attention_cpu(
+    ins: &[&Tensor],
+    causal: bool,
+    scale: Option<f64>,
+    dtype: DType,
+    out_shape: &[usize],
+) -> crate::Result<Tensor> {
+    let (q, kt, v) = (ins[0], ins[1], ins[2]);
+    let (qs, ks, vs) = (q.shape(), kt.shape(), v.shape());
+    let dims = k::AttnDims {
+        batch: qs[0],
+        q_heads: qs[1],
+        kv_heads: ks[1],
+        q_len: qs[2],
+        kv_len: ks[2],
+        head_dim: qs[3],
+        v_dim: vs[3],
+    };
+    let scale = scale.map(|s| s as f32).unwrap_or(1.0 / (qs[3] as f32).sqrt());
+    let mut out = vec![0f32; out_shape.iter().product()];
+    let causal = causal && !mutation::is(Mutation::NoCausalMask);
+    k::attention(dims, &q.to_f32(), &kt.to_f32(), &v.to_f32(), causal, scale, &mut out);
+    if mutation::is(Mutation::SwapHeads) && dims.q_heads > 1 {
+        let per_head = dims.q_len * dims.v_dim;
+        for b in 0..dims.batch {
+            let (h0, h1) = out[b * dims.q_heads * per_head..].split_at_mut(per_head);
+            h0.swap_with_slice(&mut h1[..per_head]);
+        }
+    }
+    Tensor::from_f32_as(dtype, out_shape.to_vec(), out)
+}
+
+fn no_attrs(attrs: &str) -> Result<(), String> {
+    read_attrs(MATMUL, attrs, |_| Ok(()))
+}
+
+fn entry(
+    name: &'static str,
+    inputs: usize,
+    check: fn(&str) -> Result<(), String>,
+    rule: fn(&[TensorMeta], &str) -> Result<Vec<TensorMeta>, String>,
+    cpu: fn(&[&Tensor], &str, &(DType, Vec<usize>)) -> crate::Result<Tensor>,
+) -> CustomOp {
+    CustomOp {
+        name,
+        version: env!("CARGO_PKG_VERSION"),
+        inputs,
+        outputs: Outputs::Rule(Arc::new(move |ins: &[TensorMeta], attrs: &str| {
+            check(attrs)?;
+            rule(ins, attrs)
+        })),
+        origin: "built-in",
+        check_attrs: Some(check),
+        cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
+            Ok(vec![cpu(ins, attrs, &outs[0]).map_err(|e| e.to_string())?])
+        }),
+        cuda: None,
+        cuda_attrs: None,
+    }
+}
+
+/// The attention ops as op-table entries.
+pub fn ops() -> Vec<CustomOp> {
+    vec![
+        entry(MATMUL, 2, no_attrs, |ins, _| matmul_rule(ins), |ins, _, (d, s)| matmul_cpu(ins[0], ins[1], *d, s)),
+        entry(
+            SDPA,
+            3,
+            |a| SdpaAttrs::parse(a).map(|_| ()),
+            |ins, a| attention_rule(ins, SdpaAttrs::parse(a)?.enable_gqa),
+            |ins, a, (d, s)| {
+                let at = SdpaAttrs::parse(a).map_err(|e| crate::Error::op(SDPA, e))?;
+                attention_cpu(ins, at.is_causal, at.scale, *d, s)
+            },
+        ),
+        entry(
+            ATTENTION,
+            3,
+            |a| AttentionAttrs::parse(a).map(|_| ()),
+            |ins, _| attention_rule(ins, true),
+            |ins, a, (d, s)| {
+                let at = AttentionAttrs::parse(a).map_err(|e| crate::Error::op(ATTENTION, e))?;
+                attention_cpu(ins, at.causal, Some(at.scale), *d, s)
+            },
+        ),
+    ]
+}
