@@ -212,15 +212,6 @@ pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions
 /// Every output of `op` on `ins`, in the order the op infers them.
 pub fn eval_outputs(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Vec<Tensor>> {
     match op {
-        // The unfused graph's numbers: the sum rounded to its dtype, then normalised.
-        Op::AddRmsNorm { eps, norm_dtype } => {
-            let sum = crate::ops::binary::add(ins[0], ins[1])?;
-            if ins[0].dtype() != ins[1].dtype() || ins[0].shape() != ins[1].shape() {
-                return Err(Error::op(op.name(), "x and residual must have one dtype and shape"));
-            }
-            let normed = eval_one(&Op::RmsNorm { eps: *eps, norm_dtype: *norm_dtype }, &[&sum, ins[2]], bind, opts)?;
-            Ok(vec![normed, sum])
-        }
         Op::Custom { name, attrs, .. } => {
             let metas: Vec<TensorMeta> =
                 ins.iter().map(|t| TensorMeta { dtype: t.dtype(), shape: static_shape(t.shape()) }).collect();
@@ -317,7 +308,6 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
             let data = cat_storage(ins, outer, inner, d)?;
             Tensor::new(out_shape, data)
         }
-        Op::RmsNorm { eps, norm_dtype } => rmsnorm(x, ins[1], *eps as f32, *norm_dtype, out_meta.dtype),
         Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
         Op::SwiGluMlp { fused, .. } => swiglu(ins, *fused, out_shape, opts),
         Op::Custom { .. } => {
@@ -354,7 +344,6 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
         Op::CachedAttention { .. } => {
             Err(Error::op(op.name(), "needs a KV cache: run it through a runtime step with batch metadata"))
         }
-        Op::AddRmsNorm { .. } => Err(Error::op(op.name(), "has two outputs: evaluate it with `eval_outputs`")),
     }
 }
 
@@ -455,25 +444,6 @@ pub(crate) fn softmax(x: &Tensor, d: usize, log: bool) -> Result<Tensor> {
 
 /// The same arithmetic, in the same order, as the unfused RMSNorm the importers emit, so the
 /// fused op gives identical results.
-fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32, norm_dtype: DType, out_dtype: DType) -> Result<Tensor> {
-    let n = *x.shape().last().expect("rank >= 1");
-    let (xv, wv) = (x.to_f32(), w.to_f32());
-    let mut out = vec![0f32; xv.len()];
-    let row = |(xr, o): (&[f32], &mut [f32])| {
-        let var = xr.iter().map(|a| a * a).sum::<f32>() / n as f32;
-        let r = 1.0 / (var + eps).sqrt();
-        for ((oo, &a), &ww) in o.iter_mut().zip(xr).zip(wv.iter()) {
-            *oo = ww * round_as(norm_dtype, a * r);
-        }
-    };
-    if xv.len() >= PAR_MIN {
-        xv.par_chunks(n).zip(out.par_chunks_mut(n)).for_each(row);
-    } else {
-        xv.chunks(n).zip(out.chunks_mut(n)).for_each(row);
-    }
-    Tensor::from_f32_as(out_dtype, x.shape().to_vec(), out)
-}
-
 /// RoPE (rotate-half), rounding exactly where the unfused graph does: `x·cos` and `rot(x)·sin`
 /// each round to the dtype, then their sum. Direct when cos/sin are one `[T, d]` table
 /// broadcast over the leading dims (how the importers build them), else through the primitive

@@ -34,8 +34,6 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
             step: a.opt_int("step")?.unwrap_or(1),
         },
         "aten.cat" => Op::Cat { dim: a.int("dim")? },
-        "torch_rmsnorm" => Op::RmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
-        "fused_add_rmsnorm" => Op::AddRmsNorm { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? },
         "torch_rope_with_explicit_cos_sin" => Op::Rope { interleaved: a.opt_bool("interleaved")?.unwrap_or(false) },
         "torch_swiglu_mlp" => Op::SwiGluMlp {
             fused: a.opt_bool("fused")?.unwrap_or(false),
@@ -163,7 +161,7 @@ impl<'a> Attrs<'a> {
         self.take(key).map(|v| self.as_bool(key, v)).transpose()
     }
 
-    fn dtype(&mut self, key: &str) -> Result<DType> {
+    pub(crate) fn dtype(&mut self, key: &str) -> Result<DType> {
         let v = self.take(key).ok_or_else(|| self.missing(key))?;
         DType::parse(v).ok_or_else(|| self.bad(key, v, "a dtype (f32, bf16, f16, i64, bool)"))
     }
@@ -243,6 +241,7 @@ mod tests {
     use super::*;
     use crate::ops::attention::SdpaAttrs;
     use crate::ops::binary::*;
+    use crate::ops::norm::NormAttrs;
 
     fn every_op() -> Vec<Op> {
         let sizes = vec![SizeArg::Dim(Dim::new(1)), SizeArg::Dim(Dim::sym("seq").mul(&Dim::new(2))), SizeArg::Infer];
@@ -279,8 +278,8 @@ mod tests {
             Op::log_softmax(1),
             crate::custom_op::op("aten.gelu", "approximate=tanh").unwrap(),
             crate::custom_op::op("aten.gelu", "approximate=none").unwrap(),
-            Op::RmsNorm { eps: 1e-6, norm_dtype: DType::F32 },
-            Op::AddRmsNorm { eps: 1e-5, norm_dtype: DType::BF16 },
+            Op::rmsnorm(NormAttrs { eps: 1e-6, norm_dtype: DType::F32 }),
+            Op::add_rmsnorm(NormAttrs { eps: 1e-5, norm_dtype: DType::BF16 }),
             Op::Rope { interleaved: true },
             Op::attention(true, 0.088),
             Op::SwiGluMlp { fused: true, epilogue: false },

@@ -206,12 +206,15 @@ fn no_attrs(attrs: &str) -> Result<(), String> {
     read_attrs(MATMUL, attrs, |_| Ok(()))
 }
 
+/// A CPU kernel of one output: the inputs, the attribute text, the output's dtype and shape.
+type OneOutput = fn(&[&Tensor], &str, &(DType, Vec<usize>)) -> crate::Result<Tensor>;
+
 fn entry(
     name: &'static str,
     inputs: usize,
     check: fn(&str) -> Result<(), String>,
     rule: fn(&[TensorMeta], &str) -> Result<Vec<TensorMeta>, String>,
-    cpu: fn(&[&Tensor], &str, &(DType, Vec<usize>)) -> crate::Result<Tensor>,
+    cpu: OneOutput,
 ) -> CustomOp {
     CustomOp {
         name,

@@ -166,7 +166,7 @@ fn check_scalar(attrs: &str) -> Result<(), String> {
     parse_scalar(attrs).map(|_| ())
 }
 
-fn gpu_of<'a>(l: &'a mut dyn KernelLauncher) -> Result<&'a autodeploy_kernels::cuda::exec::Gpu, String> {
+fn gpu_of(l: &mut dyn KernelLauncher) -> Result<&autodeploy_kernels::cuda::exec::Gpu, String> {
     l.gpu().ok_or_else(|| "needs the host's GPU".to_string())
 }
 

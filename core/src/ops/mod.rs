@@ -13,6 +13,7 @@ use crate::shape::{fmt_shape, numel, Dim, Shape, SizeArg};
 
 pub mod attention;
 pub mod binary;
+pub mod norm;
 pub mod reduce;
 pub mod unary;
 
@@ -42,19 +43,6 @@ pub enum Op {
     },
 
     // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
-    /// `torch_rmsnorm(x, weight)`: `weight * to(norm_dtype)(x·rsqrt(mean(x²) + eps))`, with the
-    /// normalisation in f32.
-    RmsNorm {
-        eps: f64,
-        norm_dtype: DType,
-    },
-    /// `fused_add_rmsnorm(x, residual, weight) -> (normed, sum)`: `sum = x + residual` (one dtype,
-    /// one shape), then `torch_rmsnorm(sum, weight)`; the `fuse_add_rmsnorm` transform makes it
-    /// from an add whose result an RMSNorm reads, so the CUDA executor runs both in one kernel.
-    AddRmsNorm {
-        eps: f64,
-        norm_dtype: DType,
-    },
     /// `torch_rope_with_explicit_cos_sin(x, cos, sin)`: `x·cos + rotate_half(x)·sin`. With
     /// `interleaved`, `x`'s last dim holds (even, odd) pairs and is de-interleaved first.
     Rope {
@@ -114,8 +102,6 @@ impl Op {
             Op::Unsqueeze(_) => "aten.unsqueeze",
             Op::Slice { .. } => "aten.slice.Tensor",
             Op::Cat { .. } => "aten.cat",
-            Op::RmsNorm { .. } => "torch_rmsnorm",
-            Op::AddRmsNorm { .. } => "fused_add_rmsnorm",
             Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
             Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
             Op::IndexSelect { .. } => "aten.index_select",
@@ -144,9 +130,6 @@ impl Op {
                 s
             }
             Op::Cat { dim } => format!("dim={dim}"),
-            Op::RmsNorm { eps, norm_dtype } | Op::AddRmsNorm { eps, norm_dtype } => {
-                format!("eps={eps:?}, norm_dtype={norm_dtype}")
-            }
             Op::Rope { interleaved } => format!("interleaved={interleaved}"),
             Op::SwiGluMlp { fused, epilogue } => {
                 format!("fused={fused}{}", if *epilogue { ", epilogue=true" } else { "" })
@@ -166,8 +149,8 @@ impl Op {
         match self {
             Op::Linear => (2, 3),
             Op::Embedding => (2, 2),
-            Op::Rope { .. } | Op::AddRmsNorm { .. } => (3, 3),
-            Op::RmsNorm { .. } | Op::IndexSelect { .. } => (2, 2),
+            Op::Rope { .. } => (3, 3),
+            Op::IndexSelect { .. } => (2, 2),
             Op::CachedAttention { rope: false, .. } => (3, 3),
             Op::CachedAttention { rope: true, .. } => (5, 5),
             Op::Custom { inputs, .. } => (*inputs, *inputs),
@@ -316,23 +299,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             let mut shape = x.shape.clone();
             *shape.last_mut().unwrap() = w.shape[0].clone();
             same(shape)
-        }
-        Op::RmsNorm { norm_dtype, .. } => {
-            let w = &ins[1];
-            float_only(op, x)?;
-            if w.shape.len() != 1 || x.shape.last() != Some(&w.shape[0]) {
-                return Err(err(op, format!("weight {w} does not fit the last dim of {x}")));
-            }
-            Ok(vec![TensorMeta { dtype: DType::promote(w.dtype, *norm_dtype), shape: x.shape.clone() }])
-        }
-        Op::AddRmsNorm { eps, norm_dtype } => {
-            let r = &ins[1];
-            if r != x {
-                return Err(err(op, format!("x {x} and residual {r} must have one dtype and shape")));
-            }
-            let normed = infer(&Op::RmsNorm { eps: *eps, norm_dtype: *norm_dtype }, &[x.clone(), ins[2].clone()])
-                .map_err(|e| err(op, e.to_string()))?;
-            Ok(vec![normed[0].clone(), x.clone()])
         }
         Op::Rope { .. } => {
             let (c, s_) = (&ins[1], &ins[2]);

@@ -1,5 +1,6 @@
-//! The op table: ops defined through the registry (the built-in ones of `ops/{unary,binary,
-//! reduce,attention}.rs` and plugin libraries' ops); `Op::Custom` nodes dispatch to them.
+//! The op table: ops defined through the registry (the built-in ones of
+//! `ops/{unary,binary,reduce,attention,norm}.rs` and plugin libraries' ops); `Op::Custom` nodes
+//! dispatch to them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
@@ -13,7 +14,8 @@ static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
         .into_iter()
         .chain(crate::ops::binary::ops())
         .chain(crate::ops::reduce::ops())
-        .chain(crate::ops::attention::ops());
+        .chain(crate::ops::attention::ops())
+        .chain(crate::ops::norm::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 

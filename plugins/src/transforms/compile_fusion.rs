@@ -7,6 +7,7 @@
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
 use autodeploy_core::ops::binary::ADD;
+use autodeploy_core::ops::norm::RMSNORM;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::Op;
@@ -140,7 +141,9 @@ impl Transform for FuseAddRmsNorm {
         let mut pairs: Vec<(usize, usize)> = Vec::new();
         let mut taken = vec![false; g.nodes.len()];
         for (j, node) in g.nodes.iter().enumerate() {
-            let Op::RmsNorm { .. } = node.op else { continue };
+            if !node.op.is(RMSNORM) {
+                continue;
+            }
             let Some(a) = producers[node.inputs[0].0 as usize] else { continue };
             let add = &g.nodes[a];
             let weight_before = producers[node.inputs[1].0 as usize].is_none_or(|p| p < a);
@@ -155,10 +158,10 @@ impl Transform for FuseAddRmsNorm {
             }
         }
         for &(a, j) in &pairs {
-            let Op::RmsNorm { eps, norm_dtype } = g.nodes[j].op else { continue };
+            let Some(attrs) = g.nodes[j].op.norm_attrs(RMSNORM) else { continue };
             let (sum, normed, w) = (g.nodes[a].outputs[0], g.nodes[j].outputs[0], g.nodes[j].inputs[1]);
             let node = &mut g.nodes[a];
-            node.op = Op::AddRmsNorm { eps, norm_dtype };
+            node.op = Op::add_rmsnorm(attrs);
             node.inputs.push(w);
             node.outputs = vec![normed, sum];
         }

@@ -5,6 +5,7 @@ use autodeploy_core::error::Result;
 use autodeploy_core::ir::{Graph, ValueId};
 use autodeploy_core::ops::attention::MATMUL;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
+use autodeploy_core::ops::norm::NormAttrs;
 use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -106,7 +107,7 @@ impl Transform for MatchRmsNorm {
             let out_mul = pos - 1; // the match output's node
             let yc = *g.nodes[out_mul].inputs.iter().find(|&&v| v != w).unwrap_or(&w);
             let norm_dtype = g.meta(yc).dtype;
-            let op = Op::RmsNorm { eps: m.caps.f["eps"], norm_dtype };
+            let op = Op::rmsnorm(NormAttrs { eps: m.caps.f["eps"], norm_dtype });
             let hint = format!("{}.rmsnorm", g.value(m.output).name);
             Ok(Some(g.insert_node(pos, &hint, op, &[x, w])?))
         })?;

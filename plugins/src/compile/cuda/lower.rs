@@ -236,28 +236,6 @@ impl CudaModel {
                         at += xs[d];
                     }
                 }
-                Op::RmsNorm { eps, norm_dtype } | Op::AddRmsNorm { eps, norm_dtype } => {
-                    let xs = in_shape(0)?;
-                    let last = *xs.last().unwrap_or(&1);
-                    let norm_dt = dt(*norm_dtype, name)?;
-                    // fused_add_rmsnorm: the kernel writes x + residual to the second output
-                    // and normalises that sum.
-                    let (residual, w) = match node.op {
-                        Op::AddRmsNorm { .. } => (Some((inp(1), ptr[node.outputs[1].0 as usize])), 2),
-                        _ => (None, 1),
-                    };
-                    gpu.rmsnorm(
-                        (inp(0), in_dt(0)?),
-                        residual,
-                        (inp(w), in_dt(w)?),
-                        (planned, odt),
-                        norm_dt,
-                        n_out / last.max(1),
-                        last,
-                        *eps as f32,
-                    )
-                    .map_err(fail)?;
-                }
                 Op::Rope { .. } => {
                     let xs = in_shape(0)?;
                     let (cs, ss) = (in_shape(1)?, in_shape(2)?);

@@ -1,0 +1,165 @@
+//! RMSNorm, defined once here and registered in the op table: the canonical `torch_rmsnorm(x,
+//! weight)` the matcher makes (`weight * to(norm_dtype)(x·rsqrt(mean(x²) + eps))`, normalised
+//! in f32; `eps=1e-5, norm_dtype=f32`) and `fused_add_rmsnorm(x, residual, weight) -> (normed,
+//! sum)` that the `fuse_add_rmsnorm` transform makes from an add an RMSNorm reads (`sum = x +
+//! residual`, one dtype and shape, then the norm of the sum; on CUDA one kernel). Graphs build
+//! them with [`Op::rmsnorm`] and [`Op::add_rmsnorm`]; transforms read them with
+//! [`Op::norm_attrs`].
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs};
+use crate::dtype::DType;
+use crate::ir::TensorMeta;
+use crate::op_text::read_attrs;
+use crate::ops::{cuda_dt, Op};
+use crate::tensor::Tensor;
+
+pub const RMSNORM: &str = "torch_rmsnorm";
+pub const ADD_RMSNORM: &str = "fused_add_rmsnorm";
+
+/// The attributes of both ops.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormAttrs {
+    pub eps: f64,
+    /// The dtype the normalised value is rounded to before the weight multiplies it.
+    pub norm_dtype: DType,
+}
+
+impl NormAttrs {
+    fn parse(op: &str, text: &str) -> Result<NormAttrs, String> {
+        read_attrs(op, text, |a| Ok(NormAttrs { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? }))
+    }
+
+    fn text(&self) -> String {
+        format!("eps={:?}, norm_dtype={}", self.eps, self.norm_dtype)
+    }
+}
+
+impl Op {
+    pub fn rmsnorm(a: NormAttrs) -> Op {
+        Op::Custom { name: RMSNORM, inputs: 2, attrs: a.text() }
+    }
+
+    pub fn add_rmsnorm(a: NormAttrs) -> Op {
+        Op::Custom { name: ADD_RMSNORM, inputs: 3, attrs: a.text() }
+    }
+
+    /// The attributes of a `torch_rmsnorm` or `fused_add_rmsnorm` node named `name`.
+    pub fn norm_attrs(&self, name: &str) -> Option<NormAttrs> {
+        match self {
+            Op::Custom { name: n, attrs, .. } if *n == name && (name == RMSNORM || name == ADD_RMSNORM) => {
+                NormAttrs::parse(name, attrs).ok()
+            }
+            _ => None,
+        }
+    }
+}
+
+fn rmsnorm_rule(x: &TensorMeta, w: &TensorMeta, a: &NormAttrs) -> Result<TensorMeta, String> {
+    if !x.dtype.is_float() {
+        return Err(format!("needs a float tensor, got {x}"));
+    }
+    if w.shape.len() != 1 || x.shape.last() != Some(&w.shape[0]) {
+        return Err(format!("weight {w} does not fit the last dim of {x}"));
+    }
+    Ok(TensorMeta { dtype: DType::promote(w.dtype, a.norm_dtype), shape: x.shape.clone() })
+}
+
+/// RMSNorm of each row of `x` on the CPU, in f32; the result as `out_dtype`.
+fn rmsnorm_cpu(x: &Tensor, w: &Tensor, a: &NormAttrs, out_dtype: DType) -> Result<Tensor, String> {
+    use crate::cpu::{round_as, PAR_MIN};
+    let n = *x.shape().last().ok_or("x has rank 0")?;
+    let (eps, norm_dtype) = (a.eps as f32, a.norm_dtype);
+    let (xv, wv) = (x.to_f32(), w.to_f32());
+    let mut out = vec![0f32; xv.len()];
+    let row = |(xr, o): (&[f32], &mut [f32])| {
+        let var = xr.iter().map(|a| a * a).sum::<f32>() / n as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        for ((oo, &a), &ww) in o.iter_mut().zip(xr).zip(wv.iter()) {
+            *oo = ww * round_as(norm_dtype, a * r);
+        }
+    };
+    if xv.len() >= PAR_MIN {
+        xv.par_chunks(n).zip(out.par_chunks_mut(n)).for_each(row);
+    } else {
+        xv.chunks(n).zip(out.chunks_mut(n)).for_each(row);
+    }
+    Tensor::from_f32_as(out_dtype, x.shape().to_vec(), out).map_err(|e| e.to_string())
+}
+
+/// The CUDA side of both: one kernel (with a residual, it also writes x + residual to the
+/// second output and normalises that sum).
+fn cuda(name: &'static str, fused: bool) -> CudaImpl {
+    Arc::new(move |ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let a = NormAttrs::parse(name, attrs)?;
+        let gpu = l.gpu().ok_or("needs the host's GPU")?;
+        let (x, y) = (&ins[0], &outs[0]);
+        let last = *x.shape.last().unwrap_or(&1);
+        let rows = y.shape.iter().product::<usize>() / last.max(1);
+        let (residual, w) = if fused { (Some((ins[1].ptr, outs[1].ptr)), &ins[2]) } else { (None, &ins[1]) };
+        gpu.rmsnorm(
+            (x.ptr, cuda_dt(x.dtype)?),
+            residual,
+            (w.ptr, cuda_dt(w.dtype)?),
+            (y.ptr, cuda_dt(y.dtype)?),
+            cuda_dt(a.norm_dtype)?,
+            rows,
+            last,
+            a.eps as f32,
+        )
+        .map_err(|e| e.0)
+    })
+}
+
+fn rmsnorm_op() -> CustomOp {
+    CustomOp {
+        name: RMSNORM,
+        version: env!("CARGO_PKG_VERSION"),
+        inputs: 2,
+        outputs: Outputs::Rule(Arc::new(|ins: &[TensorMeta], attrs: &str| {
+            Ok(vec![rmsnorm_rule(&ins[0], &ins[1], &NormAttrs::parse(RMSNORM, attrs)?)?])
+        })),
+        origin: "built-in",
+        check_attrs: Some(|t| NormAttrs::parse(RMSNORM, t).map(|_| ())),
+        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
+            Ok(vec![rmsnorm_cpu(ins[0], ins[1], &NormAttrs::parse(RMSNORM, attrs)?, outs[0].0)?])
+        }),
+        cuda: Some(cuda(RMSNORM, false)),
+        cuda_attrs: None,
+    }
+}
+
+fn add_rmsnorm_op() -> CustomOp {
+    CustomOp {
+        name: ADD_RMSNORM,
+        version: env!("CARGO_PKG_VERSION"),
+        inputs: 3,
+        outputs: Outputs::Rule(Arc::new(|ins: &[TensorMeta], attrs: &str| {
+            let a = NormAttrs::parse(ADD_RMSNORM, attrs)?;
+            let (x, r) = (&ins[0], &ins[1]);
+            if r != x {
+                return Err(format!("x {x} and residual {r} must have one dtype and shape"));
+            }
+            Ok(vec![rmsnorm_rule(x, &ins[2], &a)?, x.clone()])
+        })),
+        origin: "built-in",
+        check_attrs: Some(|t| NormAttrs::parse(ADD_RMSNORM, t).map(|_| ())),
+        // The unfused graph's numbers: the sum rounded to its dtype, then normalised.
+        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
+            let a = NormAttrs::parse(ADD_RMSNORM, attrs)?;
+            let sum = crate::ops::binary::add(ins[0], ins[1]).map_err(|e| e.to_string())?;
+            let normed = rmsnorm_cpu(&sum, ins[2], &a, outs[0].0)?;
+            Ok(vec![normed, sum])
+        }),
+        cuda: Some(cuda(ADD_RMSNORM, true)),
+        cuda_attrs: None,
+    }
+}
+
+/// The norms as op-table entries.
+pub fn ops() -> Vec<CustomOp> {
+    vec![rmsnorm_op(), add_rmsnorm_op()]
+}
