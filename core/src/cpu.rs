@@ -308,7 +308,6 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
             let data = cat_storage(ins, outer, inner, d)?;
             Tensor::new(out_shape, data)
         }
-        Op::Rope { interleaved } => rope(x, ins[1], ins[2], *interleaved, bind),
         Op::SwiGluMlp { fused, .. } => swiglu(ins, *fused, out_shape, opts),
         Op::Custom { .. } => {
             let mut outs = eval_outputs(&op, ins, bind, opts)?;
@@ -448,7 +447,7 @@ pub(crate) fn softmax(x: &Tensor, d: usize, log: bool) -> Result<Tensor> {
 /// each round to the dtype, then their sum. Direct when cos/sin are one `[T, d]` table
 /// broadcast over the leading dims (how the importers build them), else through the primitive
 /// ops.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bind: &Bindings) -> Result<Tensor> {
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bind: &Bindings) -> Result<Tensor> {
     let d = *x.shape().last().expect("rank >= 1");
     let r = x.rank();
     let table = |t: &Tensor| {

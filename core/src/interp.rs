@@ -64,7 +64,7 @@ pub fn eval_node(
         // RoPE fused into the op: q and k rotated here, so every backend (plugins included) sees
         // what the unfused graph gave it.
         (Op::CachedAttention { layer, scale, rope: true, .. }, Some(b), Some(cx)) => {
-            let rot = Op::Rope { interleaved: false };
+            let rot = Op::rope(false);
             cpu::eval_with(&rot, &[ins[0], ins[3], ins[4]], bind, kernels).and_then(|q| {
                 let k = cpu::eval_with(&rot, &[ins[1], ins[3], ins[4]], bind, kernels)?;
                 b.attend(*layer, *scale as f32, &q, &k, ins[2], cx).map(|t| vec![t])

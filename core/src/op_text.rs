@@ -34,7 +34,6 @@ pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
             step: a.opt_int("step")?.unwrap_or(1),
         },
         "aten.cat" => Op::Cat { dim: a.int("dim")? },
-        "torch_rope_with_explicit_cos_sin" => Op::Rope { interleaved: a.opt_bool("interleaved")?.unwrap_or(false) },
         "torch_swiglu_mlp" => Op::SwiGluMlp {
             fused: a.opt_bool("fused")?.unwrap_or(false),
             epilogue: a.opt_bool("epilogue")?.unwrap_or(false),
@@ -280,7 +279,7 @@ mod tests {
             crate::custom_op::op("aten.gelu", "approximate=none").unwrap(),
             Op::rmsnorm(NormAttrs { eps: 1e-6, norm_dtype: DType::F32 }),
             Op::add_rmsnorm(NormAttrs { eps: 1e-5, norm_dtype: DType::BF16 }),
-            Op::Rope { interleaved: true },
+            Op::rope(true),
             Op::attention(true, 0.088),
             Op::SwiGluMlp { fused: true, epilogue: false },
             Op::SwiGluMlp { fused: true, epilogue: true },

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod binary;
 pub mod norm;
 pub mod reduce;
+pub mod rope;
 pub mod unary;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -43,11 +44,6 @@ pub enum Op {
     },
 
     // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
-    /// `torch_rope_with_explicit_cos_sin(x, cos, sin)`: `x·cos + rotate_half(x)·sin`. With
-    /// `interleaved`, `x`'s last dim holds (even, odd) pairs and is de-interleaved first.
-    Rope {
-        interleaved: bool,
-    },
     /// `torch_swiglu_mlp(x, w_gate, w_up, w_down)`: `down(silu(gate(x)) · up(x))`; with `fused`,
     /// the inputs are `(x, w_gate_up, w_down)`, gate rows first.
     SwiGluMlp {
@@ -102,7 +98,6 @@ impl Op {
             Op::Unsqueeze(_) => "aten.unsqueeze",
             Op::Slice { .. } => "aten.slice.Tensor",
             Op::Cat { .. } => "aten.cat",
-            Op::Rope { .. } => "torch_rope_with_explicit_cos_sin",
             Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
             Op::IndexSelect { .. } => "aten.index_select",
             Op::CachedAttention { .. } => "attention_with_kv_cache",
@@ -130,7 +125,6 @@ impl Op {
                 s
             }
             Op::Cat { dim } => format!("dim={dim}"),
-            Op::Rope { interleaved } => format!("interleaved={interleaved}"),
             Op::SwiGluMlp { fused, epilogue } => {
                 format!("fused={fused}{}", if *epilogue { ", epilogue=true" } else { "" })
             }
@@ -149,7 +143,6 @@ impl Op {
         match self {
             Op::Linear => (2, 3),
             Op::Embedding => (2, 2),
-            Op::Rope { .. } => (3, 3),
             Op::IndexSelect { .. } => (2, 2),
             Op::CachedAttention { rope: false, .. } => (3, 3),
             Op::CachedAttention { rope: true, .. } => (5, 5),
@@ -300,24 +293,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             *shape.last_mut().unwrap() = w.shape[0].clone();
             same(shape)
         }
-        Op::Rope { .. } => {
-            let (c, s_) = (&ins[1], &ins[2]);
-            float_only(op, x)?;
-            if c != s_
-                || x.shape.last() != c.shape.last()
-                || x.shape.last().and_then(Dim::as_static).is_none_or(|d| d % 2 != 0)
-            {
-                return Err(err(
-                    op,
-                    format!("x {x}, cos {c}, sin {s_}: cos and sin must match and share x's even last dim"),
-                ));
-            }
-            let shape = broadcast(op, &x.shape, &c.shape)?;
-            if shape != x.shape {
-                return Err(err(op, format!("cos {c} must broadcast to x {x}")));
-            }
-            Ok(vec![TensorMeta { dtype: DType::promote(x.dtype, c.dtype), shape }])
-        }
         Op::IndexSelect { dim } => {
             let idx = &ins[1];
             let d = norm_dim(op, *dim, x.shape.len())?;
@@ -332,7 +307,7 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             if *rope {
                 // cos/sin must rotate q and k as the unfused RoPE nodes would.
                 for (j, what) in [(0, "q"), (1, "k")] {
-                    let r = infer(&Op::Rope { interleaved: false }, &[ins[j].clone(), ins[3].clone(), ins[4].clone()])
+                    let r = infer(&Op::rope(false), &[ins[j].clone(), ins[3].clone(), ins[4].clone()])
                         .map_err(|e| err(op, format!("RoPE of {what}: {e}")))?;
                     if r[0] != ins[j] {
                         return Err(err(op, format!("RoPE of {what} would give {} from {}", r[0], ins[j])));

@@ -1,6 +1,6 @@
 //! The op table: ops defined through the registry (the built-in ones of
-//! `ops/{unary,binary,reduce,attention,norm}.rs` and plugin libraries' ops); `Op::Custom` nodes
-//! dispatch to them.
+//! `ops/{unary,binary,reduce,attention,norm,rope}.rs` and plugin libraries' ops); `Op::Custom`
+//! nodes dispatch to them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
@@ -15,7 +15,8 @@ static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
         .chain(crate::ops::binary::ops())
         .chain(crate::ops::reduce::ops())
         .chain(crate::ops::attention::ops())
-        .chain(crate::ops::norm::ops());
+        .chain(crate::ops::norm::ops())
+        .chain(crate::ops::rope::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 

@@ -50,9 +50,7 @@ impl Transform for FuseRopeAttention {
         let uses = g.use_counts();
         let rope_of = |v: autodeploy_core::ValueId| {
             producers[v.0 as usize].filter(|&p| {
-                matches!(g.nodes[p].op, Op::Rope { interleaved: false })
-                    && uses[v.0 as usize] == 1
-                    && !g.outputs.contains(&v)
+                g.nodes[p].op.rope_interleaved() == Some(false) && uses[v.0 as usize] == 1 && !g.outputs.contains(&v)
             })
         };
         let mut fused = Vec::new();

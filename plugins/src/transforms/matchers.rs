@@ -171,7 +171,7 @@ impl Transform for MatchRope {
             }
             let hint = format!("{}.rope", g.value(m.output).name);
             let ins = [x, m.input("cos"), m.input("sin")];
-            Ok(insert_if_equivalent(g, pos, &hint, Op::Rope { interleaved: false }, &ins, m.output))
+            Ok(insert_if_equivalent(g, pos, &hint, Op::rope(false), &ins, m.output))
         })?;
         Ok(format!("matched {n} rope"))
     }
@@ -187,7 +187,7 @@ pub fn rope_interleaved_pattern() -> Pattern {
     let v = p.op(|op, _| matches!(op, Op::View(s) | Op::Reshape(s) if matches!(s.last(), Some(SizeArg::Dim(d)) if d.as_static() == Some(2))), &[x]);
     let t = p.op(|op, _| matches!(op, Op::Transpose(a, b) if (*a, *b) == (-1, -2) || (*a, *b) == (-2, -1)), &[v]);
     let r = p.op(|op, _| matches!(op, Op::View(_) | Op::Reshape(_)), &[t]);
-    let out = p.op(|op, _| matches!(op, Op::Rope { interleaved: false }), &[r, cos, sin]);
+    let out = p.op(|op, _| op.rope_interleaved() == Some(false), &[r, cos, sin]);
     p.build(out)
 }
 
@@ -204,7 +204,7 @@ impl Transform for MatchRopeInterleaved {
                 return Ok(None);
             }
             let hint = format!("{}.rope", g.value(m.output).name);
-            Ok(Some(g.insert_node(pos, &hint, Op::Rope { interleaved: true }, &[x, m.input("cos"), m.input("sin")])?))
+            Ok(Some(g.insert_node(pos, &hint, Op::rope(true), &[x, m.input("cos"), m.input("sin")])?))
         })?;
         Ok(format!("matched {n} interleaved rope"))
     }

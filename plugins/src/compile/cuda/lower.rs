@@ -236,21 +236,6 @@ impl CudaModel {
                         at += xs[d];
                     }
                 }
-                Op::Rope { .. } => {
-                    let xs = in_shape(0)?;
-                    let (cs, ss) = (in_shape(1)?, in_shape(2)?);
-                    let d = *xs.last().unwrap_or(&1);
-                    let t = if xs.len() >= 2 { xs[xs.len() - 2] } else { 1 };
-                    let table = |s: &[usize]| {
-                        s.len() >= 2 && s[s.len() - 2..] == [t, d] && s[..s.len() - 2].iter().all(|&n| n == 1)
-                    };
-                    if !table(&cs) || !table(&ss) || in_dt(1)? != odt || in_dt(2)? != odt || d % 2 != 0 {
-                        return Err(fail(Unavailable(format!(
-                            "cos/sin of shapes {cs:?}/{ss:?} are not one [tokens, head_dim] table for x {xs:?}"
-                        ))));
-                    }
-                    gpu.rope(inp(0), odt, inp(1), inp(2), planned, n_out / d, t, d).map_err(fail)?;
-                }
                 Op::SwiGluMlp { fused, epilogue } => {
                     let xs = in_shape(0)?;
                     let k = *xs.last().unwrap_or(&1);

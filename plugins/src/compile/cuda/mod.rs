@@ -74,7 +74,6 @@ fn unsupported(op: &Op) -> Option<String> {
             Some(c) if c.origin == "built-in" => "this op has a CPU kernel only so far",
             _ => "this plugin op has a CPU kernel only: its library registered no CUDA one",
         },
-        Op::Rope { interleaved: true } => "interleaved RoPE has no CUDA kernel yet",
         _ => return None,
     };
     Some(why.to_string())
