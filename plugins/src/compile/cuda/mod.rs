@@ -574,4 +574,22 @@ mod tests {
         let e = b.op("bad", attn(true), &[q, k, v, short, short]).unwrap_err().to_string();
         assert!(e.contains("RoPE of q"), "{e}");
     }
+
+    /// What the CUDA build refuses before it opens a GPU, from the op table: an entry's
+    /// `cuda_attrs` (interleaved RoPE, a mean over another dim than the last), an entry without
+    /// a CUDA side, and uncached attention naming the stage that caches it.
+    #[test]
+    fn ops_without_a_cuda_lowering_are_refused_saying_why() {
+        use autodeploy_core::ops::attention::SdpaAttrs;
+        let why = |op: Op| unsupported(&op).unwrap_or_default();
+        assert!(why(Op::rope(true)).contains("interleaved RoPE"), "{}", why(Op::rope(true)));
+        assert_eq!(unsupported(&Op::rope(false)), None);
+        assert!(why(Op::mean(vec![1], true)).contains("last dim"), "{}", why(Op::mean(vec![1], true)));
+        assert_eq!(unsupported(&Op::mean(vec![-1], true)), None);
+        assert!(why(Op::softmax(-1)).contains("CPU kernel only"));
+        let sdpa = Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: false });
+        assert!(why(sdpa).contains("cache_init"));
+        assert!(why(Op::matmul()).contains("cache_init"));
+        assert_eq!(unsupported(&Op::binary(autodeploy_core::ops::binary::ADD)), None);
+    }
 }
