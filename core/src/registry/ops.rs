@@ -46,3 +46,33 @@ pub fn custom_ops() -> Vec<Arc<CustomOp>> {
 pub fn custom_op(name: &str) -> Option<Arc<CustomOp>> {
     OPS.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A library cannot take a built-in op's name: the table holds both, and the refusal names
+    /// the op and who has it.
+    #[test]
+    fn an_op_named_like_a_built_in_one_is_refused() {
+        let add = custom_op(crate::ops::binary::ADD).expect("aten.add.Tensor is in the table");
+        assert_eq!(add.origin, "built-in");
+        let clash = CustomOp {
+            name: crate::ops::binary::ADD,
+            version: "0",
+            inputs: 2,
+            outputs: crate::custom_op::Outputs::Like(0),
+            origin: "libclash.so",
+            check_attrs: None,
+            cpu: Arc::new(|_: &[&crate::Tensor], _: &str, _: &[(crate::DType, Vec<usize>)]| Ok(vec![])),
+            cuda: None,
+            cuda_attrs: None,
+        };
+        let e = register_op(clash).unwrap_err();
+        assert_eq!(e, "an op named `aten.add.Tensor` already exists (built-in)");
+        assert_eq!(custom_op(crate::ops::binary::ADD).unwrap().origin, "built-in");
+        for name in ["aten.neg", "aten.mean.dim", "torch_attention", "fused_add_rmsnorm", crate::ops::rope::ROPE] {
+            assert!(custom_ops().iter().any(|o| o.name == name), "{name} is not listed");
+        }
+    }
+}
