@@ -441,8 +441,6 @@ pub(crate) fn softmax(x: &Tensor, d: usize, log: bool) -> Result<Tensor> {
     Tensor::from_f32_as(x.dtype(), shape.to_vec(), out)
 }
 
-/// The same arithmetic, in the same order, as the unfused RMSNorm the importers emit, so the
-/// fused op gives identical results.
 /// RoPE (rotate-half), rounding exactly where the unfused graph does: `x·cos` and `rot(x)·sin`
 /// each round to the dtype, then their sum. Direct when cos/sin are one `[T, d]` table
 /// broadcast over the leading dims (how the importers build them), else through the primitive

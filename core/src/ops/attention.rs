@@ -16,7 +16,7 @@ use crate::dtype::DType;
 use crate::ir::TensorMeta;
 use crate::mutation::{self, Mutation};
 use crate::op_text::read_attrs;
-use crate::ops::{broadcast_shapes, Op};
+use crate::ops::{broadcast_shapes, no_attrs, Op};
 use crate::tensor::Tensor;
 
 pub const MATMUL: &str = "aten.matmul";
@@ -200,10 +200,6 @@ fn attention_cpu(
         }
     }
     Tensor::from_f32_as(dtype, out_shape.to_vec(), out)
-}
-
-fn no_attrs(attrs: &str) -> Result<(), String> {
-    read_attrs(MATMUL, attrs, |_| Ok(()))
 }
 
 /// A CPU kernel of one output: the inputs, the attribute text, the output's dtype and shape.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
-use crate::ops::{broadcast_shapes, cuda_dt, Op};
+use crate::ops::{broadcast_shapes, cuda_dt, no_attrs, Op};
 use crate::tensor::Tensor;
 use autodeploy_kernels::cuda::exec::{Binary, Strided, Unary};
 
@@ -153,13 +153,6 @@ fn tensor_rule(name: &str, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>, String
         dtype = DType::F32;
     }
     Ok(vec![TensorMeta { dtype, shape }])
-}
-
-fn no_attrs(attrs: &str) -> Result<(), String> {
-    match attrs.trim() {
-        "" => Ok(()),
-        other => Err(format!("unexpected argument `{other}`")),
-    }
 }
 
 fn check_scalar(attrs: &str) -> Result<(), String> {

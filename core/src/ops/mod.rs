@@ -155,6 +155,14 @@ impl Op {
     }
 }
 
+/// The attribute check of an op that takes none.
+pub(crate) fn no_attrs(attrs: &str) -> std::result::Result<(), String> {
+    match attrs.trim() {
+        "" => Ok(()),
+        other => Err(format!("unexpected argument `{other}`")),
+    }
+}
+
 /// The CUDA kernels' dtype code for `d`.
 pub fn cuda_dt(d: DType) -> std::result::Result<autodeploy_kernels::cuda::exec::Dt, String> {
     use autodeploy_kernels::cuda::exec::Dt;

@@ -68,7 +68,9 @@ fn rmsnorm_rule(x: &TensorMeta, w: &TensorMeta, a: &NormAttrs) -> Result<TensorM
     Ok(TensorMeta { dtype: DType::promote(w.dtype, a.norm_dtype), shape: x.shape.clone() })
 }
 
-/// RMSNorm of each row of `x` on the CPU, in f32; the result as `out_dtype`.
+/// RMSNorm of each row of `x` on the CPU, in f32; the result as `out_dtype`: the same
+/// arithmetic, in the same order, as the unfused RMSNorm the importers emit, so the matched op
+/// gives identical results.
 fn rmsnorm_cpu(x: &Tensor, w: &Tensor, a: &NormAttrs, out_dtype: DType) -> Result<Tensor, String> {
     use crate::cpu::{round_as, PAR_MIN};
     let n = *x.shape().last().ok_or("x has rank 0")?;

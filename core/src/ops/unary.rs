@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::custom_op::{CustomOp, DeviceTensor, KernelLauncher, Outputs};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
+use crate::ops::no_attrs;
 use crate::tensor::Tensor;
 use autodeploy_kernels::cuda::exec::Unary;
 
@@ -22,13 +23,6 @@ struct Def {
     int: Option<fn(i64) -> i64>,
     check: fn(&str) -> Result<(), String>,
     cuda: Option<Unary>,
-}
-
-fn no_attrs(attrs: &str) -> Result<(), String> {
-    match attrs.trim() {
-        "" => Ok(()),
-        other => Err(format!("unexpected argument `{other}`")),
-    }
 }
 
 /// `approximate=none|tanh` (none when absent).
