@@ -396,7 +396,7 @@ fn weight_bytes(g: &autodeploy_core::Graph) -> usize {
         !uses.is_empty()
             && uses
                 .iter()
-                .all(|n| matches!(n.op, autodeploy_core::Op::Embedding) && n.inputs[0] == v && n.inputs[1] != v)
+                .all(|n| n.op.is(autodeploy_core::ops::gather::EMBEDDING) && n.inputs[0] == v && n.inputs[1] != v)
     };
     g.params
         .iter()

@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::ir::TensorMeta;
 use crate::ops::binary::{ADD, MUL};
-use crate::ops::{infer, norm_dim, slice_bounds, Op};
+use crate::ops::layout::Slice;
+use crate::ops::{infer, Op};
 use crate::shape::{static_shape, Bindings, SizeArg};
 use crate::tensor::{Storage, Tensor};
 
@@ -23,20 +24,21 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 macro_rules! with_storage {
     ($s:expr, |$v:ident| $body:expr) => {
         match $s {
-            Storage::F32($v) => Storage::F32($body),
-            Storage::F16($v) => Storage::F16($body),
-            Storage::BF16($v) => Storage::BF16($body),
-            Storage::I64($v) => Storage::I64($body),
-            Storage::Bool($v) => Storage::Bool($body),
+            $crate::tensor::Storage::F32($v) => $crate::tensor::Storage::F32($body),
+            $crate::tensor::Storage::F16($v) => $crate::tensor::Storage::F16($body),
+            $crate::tensor::Storage::BF16($v) => $crate::tensor::Storage::BF16($body),
+            $crate::tensor::Storage::I64($v) => $crate::tensor::Storage::I64($body),
+            $crate::tensor::Storage::Bool($v) => $crate::tensor::Storage::Bool($body),
             // Data movement on block-quantized weights works on the dequantized values.
-            Storage::Block { ty, bytes, .. } => {
-                let deq = crate::gguf::dequantize(*ty, bytes);
+            $crate::tensor::Storage::Block { ty, bytes, .. } => {
+                let deq = $crate::gguf::dequantize(*ty, bytes);
                 let $v = &deq;
-                Storage::F32($body)
+                $crate::tensor::Storage::F32($body)
             }
         }
     };
 }
+pub(crate) use with_storage;
 
 fn block_kind(t: GgmlType) -> Option<k::BlockKind> {
     Some(match t {
@@ -170,7 +172,7 @@ fn strided_copy<T: Copy + Send + Sync>(src: &[T], shape: &[usize], strides: &[us
     out
 }
 
-fn copy_view(t: &Tensor, shape: &[usize], strides: &[usize], offset: usize) -> Result<Tensor> {
+pub(crate) fn copy_view(t: &Tensor, shape: &[usize], strides: &[usize], offset: usize) -> Result<Tensor> {
     let data = with_storage!(t.storage(), |v| strided_copy(v, shape, strides, offset));
     Tensor::new(shape.to_vec(), data)
 }
@@ -190,8 +192,13 @@ pub(crate) fn map_f32(x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Resul
     Tensor::from_f32_as(x.dtype(), x.shape().to_vec(), out)
 }
 
-fn resolve(sizes: &[SizeArg], bind: &Bindings) -> Result<Vec<SizeArg>> {
-    sizes.iter().map(|s| s.eval(bind)).collect()
+/// The attribute text of a table op with its symbolic sizes bound (`aten.view`'s `[1, seq,
+/// -1]` at seq = 5), or as it is.
+fn bind_sizes<'a>(name: &str, attrs: &'a str, bind: &Bindings) -> Result<std::borrow::Cow<'a, str>> {
+    let Some(map) = crate::registry::custom_op(name).and_then(|c| c.sizes) else { return Ok(attrs.into()) };
+    let bound = map(attrs, &mut |d| d.eval(bind).map(crate::shape::Dim::new).map_err(|e| e.to_string()))
+        .map_err(|e| Error::op(name, e))?;
+    Ok(bound.into())
 }
 
 fn to_usize(shape: &[crate::shape::Dim]) -> Vec<usize> {
@@ -212,56 +219,36 @@ pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions
 /// Every output of `op` on `ins`, in the order the op infers them.
 pub fn eval_outputs(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Vec<Tensor>> {
     match op {
-        Op::Custom { name, attrs, .. } => {
+        Op::Custom { name, attrs } => {
+            let attrs = bind_sizes(name, attrs, bind)?;
             let metas: Vec<TensorMeta> =
                 ins.iter().map(|t| TensorMeta { dtype: t.dtype(), shape: static_shape(t.shape()) }).collect();
-            let outs: Vec<(crate::DType, Vec<usize>)> =
-                infer(op, &metas)?.into_iter().map(|m| (m.dtype, to_usize(&m.shape))).collect();
-            crate::custom_op::eval(name, attrs, ins, &outs)
+            let outs: Vec<(crate::DType, Vec<usize>)> = crate::custom_op::infer(name, &attrs, &metas)
+                .map_err(|e| Error::Shape { op: name.to_string(), node: String::new(), msg: e })?
+                .into_iter()
+                .map(|m| (m.dtype, to_usize(&m.shape)))
+                .collect();
+            crate::custom_op::eval(name, &attrs, ins, &outs)
         }
         _ => Ok(vec![eval_one(op, ins, bind, opts)?]),
     }
 }
 
 fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Tensor> {
-    // Resolve symbolic size arguments, then check the op's shape rules on the concrete inputs.
-    let op = match op {
-        Op::View(s) => Op::View(resolve(s, bind)?),
-        Op::Reshape(s) => Op::Reshape(resolve(s, bind)?),
-        Op::Expand(s) => Op::Expand(resolve(s, bind)?),
-        o => o.clone(),
-    };
+    if let Op::Custom { .. } = op {
+        let mut outs = eval_outputs(op, ins, bind, opts)?;
+        if outs.len() != 1 {
+            return Err(Error::op(op.name(), format!("has {} outputs: evaluate it with `eval_outputs`", outs.len())));
+        }
+        return Ok(outs.remove(0));
+    }
+    // Check the op's shape rules on the concrete inputs.
     let metas: Vec<TensorMeta> =
         ins.iter().map(|t| TensorMeta { dtype: t.dtype(), shape: static_shape(t.shape()) }).collect();
-    let out_meta = infer(&op, &metas)?.remove(0);
+    let out_meta = infer(op, &metas)?.remove(0);
     let out_shape = to_usize(&out_meta.shape);
     let x = ins[0];
-    match &op {
-        Op::Embedding => {
-            let (w, idx) = (ins[0], ins[1]);
-            let (rows, dim) = (w.shape()[0], w.shape()[1]);
-            let ids = idx.to_i64();
-            if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= rows) {
-                return Err(Error::op(op.name(), format!("index {bad} out of range for {rows} rows")));
-            }
-            if let Some((ty, bytes)) = w.as_blocks() {
-                // Dequantize only the rows looked up.
-                let rb = dim / ty.block().0 * ty.block().1;
-                let mut out = Vec::with_capacity(ids.len() * dim);
-                for &i in ids.iter() {
-                    out.extend(crate::gguf::dequantize(ty, &bytes[i as usize * rb..(i as usize + 1) * rb]));
-                }
-                return Tensor::from_f32_as(out_meta.dtype, out_shape, out);
-            }
-            let data = with_storage!(w.storage(), |v| {
-                let mut out = Vec::with_capacity(ids.len() * dim);
-                for &i in ids.iter() {
-                    out.extend_from_slice(&v[i as usize * dim..(i as usize + 1) * dim]);
-                }
-                out
-            });
-            Tensor::new(out_shape, data)
-        }
+    match op {
         Op::Linear => {
             let w = ins[1];
             let kk = w.shape()[1];
@@ -270,83 +257,15 @@ fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> 
             let y = linear_f32(&x.to_f32(), m, kk, w, bias.as_deref(), opts);
             Tensor::from_f32_as(out_meta.dtype, out_shape, y)
         }
-        Op::ToDtype(d) => x.cast(*d),
-        Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => x.reshape(out_shape),
-        Op::Expand(_) => {
-            let strides = broadcast_strides(x.shape(), &out_shape);
-            copy_view(x, &out_shape, &strides, 0)
-        }
-        Op::Transpose(a, b) => {
-            let (a, b) = (norm_dim(&op, *a, x.rank())?, norm_dim(&op, *b, x.rank())?);
-            let mut strides = contiguous_strides(x.shape());
-            strides.swap(a, b);
-            copy_view(x, &out_shape, &strides, 0)
-        }
-        Op::Slice { dim, start, end, step } => {
-            let d = norm_dim(&op, *dim, x.rank())?;
-            let (s, _) = slice_bounds(*start, *end, x.shape()[d]);
-            let mut strides = contiguous_strides(x.shape());
-            let offset = s * strides[d];
-            strides[d] *= *step as usize;
-            copy_view(x, &out_shape, &strides, offset)
-        }
-        Op::Cat { dim } => {
-            let d = norm_dim(&op, *dim, x.rank())?;
-            let outer: usize = x.shape()[..d].iter().product();
-            let inner: usize = x.shape()[d + 1..].iter().product();
-            if let (Some((ty, _)), 0) = (x.as_blocks(), d) {
-                // Whole rows of blocks: concatenating rows is concatenating bytes.
-                let mut bytes = Vec::new();
-                for t in ins {
-                    match t.as_blocks() {
-                        Some((t2, b)) if t2 == ty => bytes.extend_from_slice(b),
-                        _ => return Err(Error::op(op.name(), "cannot concatenate different weight formats")),
-                    }
-                }
-                return Tensor::from_blocks(ty, out_shape, bytes);
-            }
-            let data = cat_storage(ins, outer, inner, d)?;
-            Tensor::new(out_shape, data)
-        }
         Op::SwiGluMlp { fused, .. } => swiglu(ins, *fused, out_shape, opts),
-        Op::Custom { .. } => {
-            let mut outs = eval_outputs(&op, ins, bind, opts)?;
-            if outs.len() != 1 {
-                return Err(Error::op(
-                    op.name(),
-                    format!("has {} outputs: evaluate it with `eval_outputs`", outs.len()),
-                ));
-            }
-            Ok(outs.remove(0))
-        }
-        Op::IndexSelect { dim } => {
-            let d = norm_dim(&op, *dim, x.rank())?;
-            let idx = ins[1].to_i64();
-            let len = x.shape()[d];
-            if let Some(&bad) = idx.iter().find(|&&i| i < 0 || i as usize >= len) {
-                return Err(Error::op(op.name(), format!("index {bad} out of range for size {len}")));
-            }
-            let outer: usize = x.shape()[..d].iter().product();
-            let inner: usize = x.shape()[d + 1..].iter().product();
-            let data = with_storage!(x.storage(), |v| {
-                let mut out = Vec::with_capacity(outer * idx.len() * inner);
-                for o in 0..outer {
-                    for &i in idx.iter() {
-                        let at = (o * len + i as usize) * inner;
-                        out.extend_from_slice(&v[at..at + inner]);
-                    }
-                }
-                out
-            });
-            Tensor::new(out_shape, data)
-        }
+        Op::Custom { .. } => Err(Error::op(op.name(), "table ops are evaluated through eval_outputs")),
         Op::CachedAttention { .. } => {
             Err(Error::op(op.name(), "needs a KV cache: run it through a runtime step with batch metadata"))
         }
     }
 }
 
-fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<Storage> {
+pub(crate) fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<Storage> {
     macro_rules! cat_as {
         ($variant:ident) => {{
             let mut out = Vec::new();
@@ -476,17 +395,17 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bi
         let mut pairs: Vec<SizeArg> = x.shape()[..r - 1].iter().map(|&n| SizeArg::Dim(n.into())).collect();
         pairs.push(SizeArg::Dim((d / 2).into()));
         pairs.push(SizeArg::Dim(2.into()));
-        let p = eval(&Op::View(pairs), &[x], bind)?;
-        let t = eval(&Op::Transpose(-1, -2), &[&p], bind)?;
+        let p = eval(&Op::view(pairs), &[x], bind)?;
+        let t = eval(&Op::transpose(-1, -2), &[&p], bind)?;
         t.reshape(x.shape().to_vec())?
     } else {
         x.clone()
     };
     let xc = eval(&Op::binary(MUL), &[&x, cos], bind)?;
-    let x1 = eval(&Op::Slice { dim: -1, start: 0, end: half, step: 1 }, &[&x], bind)?;
-    let x2 = eval(&Op::Slice { dim: -1, start: half, end: i64::MAX, step: 1 }, &[&x], bind)?;
+    let x1 = eval(&Op::slice(Slice::new(-1, 0, half)), &[&x], bind)?;
+    let x2 = eval(&Op::slice(Slice::new(-1, half, i64::MAX)), &[&x], bind)?;
     let n2 = eval_outputs(&Op::unary("aten.neg"), &[&x2], bind, &KernelOptions::default())?.remove(0);
-    let rot = eval(&Op::Cat { dim: -1 }, &[&n2, &x1], bind)?;
+    let rot = eval(&Op::cat(-1), &[&n2, &x1], bind)?;
     let rs = eval(&Op::binary(MUL), &[&rot, sin], bind)?;
     eval(&Op::binary(ADD), &[&xc, &rs], bind)
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::ir::TensorMeta;
 use crate::ops::Op;
+use crate::shape::Dim;
 use crate::tensor::Tensor;
 
 /// An op's outputs from its inputs' metadata and its attribute text: every output's dtype and
@@ -57,6 +58,32 @@ pub trait KernelLauncher {
     fn gpu(&self) -> Option<&autodeploy_kernels::cuda::exec::Gpu> {
         None
     }
+
+    /// Where a kernel sets error flag `f` (the step fails naming it when set), if the
+    /// executor has them.
+    fn error_flag(&self, _f: ErrorFlag) -> Option<u64> {
+        None
+    }
+}
+
+/// The step's error flags: a kernel that finds an index out of range sets its flag instead of
+/// reading past a buffer; the executor reads them after the step and fails it, naming the op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorFlag {
+    /// `aten.embedding`: a token id past the table.
+    Embedding,
+    /// `aten.index_select`: an index past the dim.
+    Gather,
+}
+
+impl ErrorFlag {
+    /// Its byte offset in the flags buffer.
+    pub fn offset(self) -> u64 {
+        match self {
+            ErrorFlag::Embedding => 0,
+            ErrorFlag::Gather => 8,
+        }
+    }
 }
 
 /// A CUDA implementation: the inputs and the outputs on the device, the node's attribute text,
@@ -70,7 +97,10 @@ pub type CudaImpl = Arc<
 pub struct CustomOp {
     pub name: &'static str,
     pub version: &'static str,
+    /// How many tensor inputs it takes, and how many more it may take (`aten.linear`'s bias: 1;
+    /// `aten.cat`: `usize::MAX`).
     pub inputs: usize,
+    pub extra_inputs: usize,
     pub outputs: Outputs,
     /// `built-in` or the library that registered it.
     pub origin: &'static str,
@@ -83,7 +113,42 @@ pub struct CustomOp {
     /// The attributes the CUDA implementation handles, checked when a CUDA engine is built
     /// (`aten.mean.dim` over the last dim only); `None`: any the op takes.
     pub cuda_attrs: Option<AttrCheck>,
+    /// For ops whose attributes hold sizes (`aten.view`'s `[1, seq, -1]`): the attribute text
+    /// with every size mapped, to bind or specialise symbolic sizes.
+    pub sizes: Option<MapSizes>,
+    /// For ops whose output may read its first input's memory (views): where, given the
+    /// input's layout; the CUDA executor then queues no kernel.
+    pub view: Option<ViewFn>,
 }
+
+/// Rewrites the sizes in an op's attribute text with `f`.
+pub type MapSizes =
+    fn(&str, &mut dyn FnMut(&Dim) -> std::result::Result<Dim, String>) -> std::result::Result<String, String>;
+
+/// The first input's layout and the output a view op is asked for.
+pub struct ViewIn<'a> {
+    pub attrs: &'a str,
+    pub in_shape: &'a [usize],
+    /// In elements; the contiguous ones when the input is dense.
+    pub in_strides: &'a [i64],
+    pub in_dtype: crate::DType,
+    pub out_shape: &'a [usize],
+    pub out_dtype: crate::DType,
+}
+
+/// Where a view op's output lies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum View {
+    /// In the input's memory, `offset` elements on, at these strides.
+    Strided { offset: i64, strides: Vec<i64> },
+    /// The input's elements in row-major order (a reshape no strides can say): the input made
+    /// contiguous is the output.
+    Contiguous,
+    /// Not a view for these inputs: the op's kernel runs (on a contiguous input).
+    Kernel,
+}
+
+pub type ViewFn = fn(&ViewIn) -> View;
 
 /// The graph op for a registered op with `attrs`.
 pub fn op(name: &str, attrs: &str) -> Result<Op> {
@@ -92,12 +157,20 @@ pub fn op(name: &str, attrs: &str) -> Result<Op> {
     if let Some(check) = c.check_attrs {
         check(attrs).map_err(|e| Error::op(name, e))?;
     }
-    Ok(Op::Custom { name: c.name, inputs: c.inputs, attrs: attrs.to_string() })
+    Ok(Op::Custom { name: c.name, attrs: attrs.to_string() })
 }
 
 /// The outputs of registered op `name` on inputs `ins`: its shape rule, checked.
 pub fn infer(name: &str, attrs: &str, ins: &[TensorMeta]) -> std::result::Result<Vec<TensorMeta>, String> {
     let c = crate::registry::custom_op(name).ok_or_else(|| "no op of this name is registered".to_string())?;
+    let (lo, extra) = (c.inputs, c.extra_inputs);
+    if ins.len() < lo || ins.len() - lo > extra {
+        return Err(match extra {
+            0 => format!("takes {lo} tensor inputs, got {}", ins.len()),
+            usize::MAX => format!("takes at least {lo} tensor inputs, got {}", ins.len()),
+            _ => format!("takes {lo} to {} tensor inputs, got {}", lo + extra, ins.len()),
+        });
+    }
     let out = match &c.outputs {
         Outputs::Like(i) => {
             vec![ins.get(*i).cloned().ok_or_else(|| format!("output like input {i} of {}", ins.len()))?]

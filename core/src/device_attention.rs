@@ -111,6 +111,8 @@ pub type DeviceAttentionMaker = fn(&DeviceAttentionSetup) -> Result<Box<dyn Devi
 pub struct SourceLauncher<'a> {
     pub gpu: &'a Gpu,
     pub what: String,
+    /// The executor's error flags buffer (0: none).
+    pub flags: u64,
 }
 
 impl crate::custom_op::KernelLauncher for SourceLauncher<'_> {
@@ -126,5 +128,9 @@ impl crate::custom_op::KernelLauncher for SourceLauncher<'_> {
 
     fn gpu(&self) -> Option<&Gpu> {
         Some(self.gpu)
+    }
+
+    fn error_flag(&self, f: crate::custom_op::ErrorFlag) -> Option<u64> {
+        (self.flags != 0).then(|| self.flags + f.offset())
     }
 }

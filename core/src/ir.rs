@@ -353,11 +353,11 @@ impl Graph {
             }
         }
         for node in &mut self.nodes {
-            if let Op::View(sizes) | Op::Reshape(sizes) | Op::Expand(sizes) = &mut node.op {
-                for s in sizes.iter_mut() {
-                    if let crate::shape::SizeArg::Dim(d) = s {
-                        *d = d.substitute(name, n);
-                    }
+            if let Op::Custom { name: op, attrs } = &mut node.op {
+                let map = crate::registry::custom_op(op).and_then(|c| c.sizes);
+                // The text came from the op's own printer, so it reads back.
+                if let Some(Ok(t)) = map.map(|m| m(attrs, &mut |d| Ok(d.substitute(name, n)))) {
+                    *attrs = t;
                 }
             }
         }

@@ -13,32 +13,11 @@ use crate::shape::{Dim, SizeArg};
 pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
     let mut a = Attrs::new(name, attrs)?;
     let op = match name {
-        "aten.embedding" => Op::Embedding,
         "aten.linear" => Op::Linear,
-        "aten._to_copy" => Op::ToDtype(a.dtype("dtype")?),
-        "aten.view" => Op::View(a.sizes()?),
-        "aten.reshape" => Op::Reshape(a.sizes()?),
-        "aten.expand" => Op::Expand(a.sizes()?),
-        "aten.transpose.int" => {
-            let x = a.positional_i64()?;
-            Op::Transpose(x, a.positional_i64()?)
-        }
-        "aten.unsqueeze" => Op::Unsqueeze(a.positional_i64()?),
-        "aten.slice.Tensor" => Op::Slice {
-            dim: a.int("dim")?,
-            start: a.opt_int("start")?.unwrap_or(0),
-            end: match a.take("end") {
-                None | Some("end") => i64::MAX,
-                Some(v) => a.as_i64("end", v)?,
-            },
-            step: a.opt_int("step")?.unwrap_or(1),
-        },
-        "aten.cat" => Op::Cat { dim: a.int("dim")? },
         "torch_swiglu_mlp" => Op::SwiGluMlp {
             fused: a.opt_bool("fused")?.unwrap_or(false),
             epilogue: a.opt_bool("epilogue")?.unwrap_or(false),
         },
-        "aten.index_select" => Op::IndexSelect { dim: a.int("dim")? },
         "attention_with_kv_cache" => Op::CachedAttention {
             backend: a.take("backend").ok_or_else(|| a.missing("backend"))?.to_string(),
             layer: usize::try_from(a.int("layer")?).map_err(|_| a.bad("layer", "negative", "a layer index"))?,
@@ -107,20 +86,20 @@ impl<'a> Attrs<'a> {
         Ok(a)
     }
 
-    fn take(&mut self, key: &str) -> Option<&'a str> {
+    pub(crate) fn take(&mut self, key: &str) -> Option<&'a str> {
         let i = self.keyed.iter().position(|(k, _)| *k == key)?;
         Some(self.keyed.remove(i).1)
     }
 
-    fn missing(&self, key: &str) -> Error {
+    pub(crate) fn missing(&self, key: &str) -> Error {
         Error::op(self.op, format!("attribute `{key}` is missing"))
     }
 
-    fn bad(&self, key: &str, value: &str, want: &str) -> Error {
+    pub(crate) fn bad(&self, key: &str, value: &str, want: &str) -> Error {
         Error::op(self.op, format!("attribute `{key}` is `{value}`, not {want}"))
     }
 
-    fn as_i64(&self, key: &str, v: &str) -> Result<i64> {
+    pub(crate) fn as_i64(&self, key: &str, v: &str) -> Result<i64> {
         v.parse().map_err(|_| self.bad(key, v, "an integer"))
     }
 
@@ -140,7 +119,7 @@ impl<'a> Attrs<'a> {
         self.opt_int(key)?.ok_or_else(|| self.missing(key))
     }
 
-    fn opt_int(&mut self, key: &str) -> Result<Option<i64>> {
+    pub(crate) fn opt_int(&mut self, key: &str) -> Result<Option<i64>> {
         self.take(key).map(|v| self.as_i64(key, v)).transpose()
     }
 
@@ -175,13 +154,13 @@ impl<'a> Attrs<'a> {
         self.positional.pop_front().ok_or_else(|| Error::op(self.op, format!("{what} is missing")))
     }
 
-    fn positional_i64(&mut self) -> Result<i64> {
+    pub(crate) fn positional_i64(&mut self) -> Result<i64> {
         let v = self.positional("an integer argument")?;
         self.as_i64("(positional)", v)
     }
 
     /// A size list such as `[1, seq, -1, 64]` or `[2*batch*seq]`.
-    fn sizes(&mut self) -> Result<Vec<SizeArg>> {
+    pub(crate) fn sizes(&mut self) -> Result<Vec<SizeArg>> {
         let v = self.positional("the size list")?;
         let inner = v
             .strip_prefix('[')
@@ -240,12 +219,13 @@ mod tests {
     use super::*;
     use crate::ops::attention::SdpaAttrs;
     use crate::ops::binary::*;
+    use crate::ops::layout::Slice;
     use crate::ops::norm::NormAttrs;
 
     fn every_op() -> Vec<Op> {
         let sizes = vec![SizeArg::Dim(Dim::new(1)), SizeArg::Dim(Dim::sym("seq").mul(&Dim::new(2))), SizeArg::Infer];
         vec![
-            Op::Embedding,
+            Op::embedding(),
             Op::Linear,
             Op::matmul(),
             Op::binary(ADD),
@@ -262,15 +242,16 @@ mod tests {
             Op::unary("aten.sin"),
             Op::mean(vec![-1], true),
             Op::mean(vec![1, 2], false),
-            Op::ToDtype(DType::BF16),
-            Op::View(sizes.clone()),
-            Op::Reshape(sizes.clone()),
-            Op::Expand(sizes),
-            Op::Transpose(1, 2),
-            Op::Unsqueeze(-1),
-            Op::Slice { dim: -1, start: 0, end: 64, step: 1 },
-            Op::Slice { dim: 2, start: 3, end: i64::MAX, step: 2 },
-            Op::Cat { dim: -1 },
+            Op::to_dtype(DType::BF16),
+            Op::view(sizes.clone()),
+            Op::reshape(sizes.clone()),
+            Op::expand(sizes),
+            Op::transpose(1, 2),
+            Op::unsqueeze(-1),
+            Op::slice(Slice::new(-1, 0, 64)),
+            Op::slice(Slice { dim: 2, start: 3, end: i64::MAX, step: 2 }),
+            Op::embedding(),
+            Op::cat(-1),
             Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: false }),
             Op::sdpa(SdpaAttrs { is_causal: false, scale: Some(0.125), enable_gqa: true }),
             Op::softmax(-1),
@@ -283,7 +264,7 @@ mod tests {
             Op::attention(true, 0.088),
             Op::SwiGluMlp { fused: true, epilogue: false },
             Op::SwiGluMlp { fused: true, epilogue: true },
-            Op::IndexSelect { dim: 1 },
+            Op::index_select(1),
             Op::CachedAttention { backend: "flashinfer".into(), layer: 3, scale: 0.125, rope: false },
             Op::CachedAttention { backend: "torch".into(), layer: 0, scale: 0.125, rope: true },
         ]

@@ -79,7 +79,7 @@ impl PatternBuilder {
 
     /// An optional dtype cast (`aten._to_copy`), as real exports put around norms.
     pub fn opt_cast(&mut self, input: PId) -> PId {
-        self.optional(|op, _| matches!(op, Op::ToDtype(_)), input)
+        self.optional(|op, _| op.to_dtype_of().is_some(), input)
     }
 
     pub fn build(self, output: PId) -> Pattern {

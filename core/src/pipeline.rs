@@ -119,7 +119,7 @@ impl Engine {
     /// `0..vocab`. `None` when the graph has no static-size embedding.
     pub fn vocab_size(&self) -> Option<usize> {
         let g = &self.graph;
-        let node = g.nodes.iter().find(|n| matches!(n.op, crate::ops::Op::Embedding))?;
+        let node = g.nodes.iter().find(|n| n.op.is(crate::ops::gather::EMBEDDING))?;
         g.meta(*node.inputs.first()?).shape.first()?.as_static()
     }
 }

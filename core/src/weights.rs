@@ -270,7 +270,7 @@ impl WeightStore {
             Some(Entry::Concat { parts, .. }) => {
                 let ts: Vec<Tensor> = parts.iter().map(|p| self.load(p, dtype)).collect::<Result<_>>()?;
                 let refs: Vec<&Tensor> = ts.iter().collect();
-                return crate::cpu::eval(&crate::Op::Cat { dim: 0 }, &refs, &Default::default());
+                return crate::cpu::eval(&crate::Op::cat(0), &refs, &Default::default());
             }
             Some(Entry::File(i)) => *i,
             None => return Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),

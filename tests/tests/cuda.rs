@@ -814,7 +814,7 @@ fn a_library_typed_op_on_cuda_matches_its_cpu_kernel() {
         );
         g.upload(bx.ptr, &xb).unwrap();
         let dev = |ptr, dtype, shape: &[usize]| DeviceTensor { ptr, dtype, shape: shape.to_vec() };
-        let mut launcher = SourceLauncher { gpu: &g, what: "example.topk".into() };
+        let mut launcher = SourceLauncher { gpu: &g, what: "example.topk".into(), flags: 0 };
         cuda(
             &[dev(bx.ptr, dtype, &[rows, n])],
             &[dev(bv.ptr, dtype, &[rows, k]), dev(bi.ptr, DType::I64, &[rows, k])],

@@ -10,6 +10,7 @@ use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::ir::GraphBuilder;
 use autodeploy_core::ops::attention::SdpaAttrs;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
+use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::registry;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::TransformContext;
@@ -95,13 +96,13 @@ fn rmsnorm_with_casts_in_bf16() {
     b.symbol("n", 1, 16);
     let x = b.input("x", DType::BF16, vec![Dim::sym("n"), Dim::new(8)]);
     let w = b.param("w", DType::BF16, static_shape(&[8]));
-    let xf = b.op("xf", Op::ToDtype(DType::F32), &[x]).unwrap();
+    let xf = b.op("xf", Op::to_dtype(DType::F32), &[x]).unwrap();
     let sq = b.op("sq", Op::scalar(POW_SCALAR, 2.0), &[xf]).unwrap();
     let var = b.op("var", Op::mean(vec![-1], true), &[sq]).unwrap();
     let ve = b.op("ve", Op::scalar(ADD_SCALAR, 1e-6), &[var]).unwrap();
     let r = b.op("r", Op::unary("aten.rsqrt"), &[ve]).unwrap();
     let y = b.op("y", Op::binary(MUL), &[r, xf]).unwrap(); // operands swapped: commutativity
-    let yc = b.op("yc", Op::ToDtype(DType::BF16), &[y]).unwrap();
+    let yc = b.op("yc", Op::to_dtype(DType::BF16), &[y]).unwrap();
     let out = b.op("out", Op::binary(MUL), &[yc, w]).unwrap();
     b.output(out);
     let g = b.finish().unwrap();
@@ -139,18 +140,18 @@ fn rope_graph(interleaved_input: bool) -> (Graph, Vec<Tensor>) {
     if interleaved_input {
         let sz = |v: &[Dim]| v.iter().cloned().map(SizeArg::Dim).collect::<Vec<_>>();
         let v = b
-            .op("pairs", Op::View(sz(&[Dim::new(1), Dim::new(2), s.clone(), Dim::new(4), Dim::new(2)])), &[x])
+            .op("pairs", Op::view(sz(&[Dim::new(1), Dim::new(2), s.clone(), Dim::new(4), Dim::new(2)])), &[x])
             .unwrap();
-        let t = b.op("pairs_t", Op::Transpose(-1, -2), &[v]).unwrap();
-        xin = b.op("deint", Op::Reshape(sz(&[Dim::new(1), Dim::new(2), s.clone(), Dim::new(8)])), &[t]).unwrap();
+        let t = b.op("pairs_t", Op::transpose(-1, -2), &[v]).unwrap();
+        xin = b.op("deint", Op::reshape(sz(&[Dim::new(1), Dim::new(2), s.clone(), Dim::new(8)])), &[t]).unwrap();
     }
-    let cu = b.op("cos_u", Op::Unsqueeze(1), &[cos]).unwrap();
-    let su = b.op("sin_u", Op::Unsqueeze(1), &[sin]).unwrap();
+    let cu = b.op("cos_u", Op::unsqueeze(1), &[cos]).unwrap();
+    let su = b.op("sin_u", Op::unsqueeze(1), &[sin]).unwrap();
     let xc = b.op("xc", Op::binary(MUL), &[cu, xin]).unwrap();
-    let x1 = b.op("x1", Op::Slice { dim: 3, start: 0, end: 4, step: 1 }, &[xin]).unwrap();
-    let x2 = b.op("x2", Op::Slice { dim: -1, start: 4, end: i64::MAX, step: 1 }, &[xin]).unwrap();
+    let x1 = b.op("x1", Op::slice(Slice::new(3, 0, 4)), &[xin]).unwrap();
+    let x2 = b.op("x2", Op::slice(Slice::new(-1, 4, i64::MAX)), &[xin]).unwrap();
     let n2 = b.op("n2", Op::unary("aten.neg"), &[x2]).unwrap();
-    let rot = b.op("rot", Op::Cat { dim: -1 }, &[n2, x1]).unwrap();
+    let rot = b.op("rot", Op::cat(-1), &[n2, x1]).unwrap();
     let rs = b.op("rs", Op::binary(MUL), &[rot, su]).unwrap();
     let out = b.op("out", Op::binary(ADD), &[rs, xc]).unwrap();
     b.output(out);
@@ -197,9 +198,9 @@ fn attention_graph(repeat: bool) -> (Graph, Vec<Tensor>) {
     if repeat {
         let sz = |v: Vec<Dim>| v.into_iter().map(SizeArg::Dim).collect::<Vec<_>>();
         for (name, x) in [("k", k), ("v", v)] {
-            let u = b.op(&format!("{name}_u"), Op::Unsqueeze(2), &[x]).unwrap();
-            let e = b.op(&format!("{name}_e"), Op::Expand(sz(vec![d(1), d(2), d(2), s.clone(), d(8)])), &[u]).unwrap();
-            let r = b.op(&format!("{name}_r"), Op::Reshape(sz(vec![d(1), d(4), s.clone(), d(8)])), &[e]).unwrap();
+            let u = b.op(&format!("{name}_u"), Op::unsqueeze(2), &[x]).unwrap();
+            let e = b.op(&format!("{name}_e"), Op::expand(sz(vec![d(1), d(2), d(2), s.clone(), d(8)])), &[u]).unwrap();
+            let r = b.op(&format!("{name}_r"), Op::reshape(sz(vec![d(1), d(4), s.clone(), d(8)])), &[e]).unwrap();
             if name == "k" {
                 kk = r
             } else {
@@ -242,20 +243,20 @@ fn eager_attention_becomes_non_causal_attention() {
         if repeat {
             let sz = |v: Vec<Dim>| v.into_iter().map(SizeArg::Dim).collect::<Vec<_>>();
             let rep = |b: &mut GraphBuilder, name: &str, x| {
-                let u = b.op(&format!("{name}_u"), Op::Unsqueeze(2), &[x]).unwrap();
+                let u = b.op(&format!("{name}_u"), Op::unsqueeze(2), &[x]).unwrap();
                 let e =
-                    b.op(&format!("{name}_e"), Op::Expand(sz(vec![d(1), d(2), d(2), s.clone(), d(8)])), &[u]).unwrap();
-                b.op(&format!("{name}_r"), Op::Reshape(sz(vec![d(1), d(4), s.clone(), d(8)])), &[e]).unwrap()
+                    b.op(&format!("{name}_e"), Op::expand(sz(vec![d(1), d(2), d(2), s.clone(), d(8)])), &[u]).unwrap();
+                b.op(&format!("{name}_r"), Op::reshape(sz(vec![d(1), d(4), s.clone(), d(8)])), &[e]).unwrap()
             };
             kk = rep(&mut b, "k", k);
             vv = rep(&mut b, "v", v);
         }
-        let kt = b.op("kt", Op::Transpose(2, 3), &[kk]).unwrap();
+        let kt = b.op("kt", Op::transpose(2, 3), &[kk]).unwrap();
         let sc = b.op("scores", Op::matmul(), &[q, kt]).unwrap();
         let sc = b.op("scaled", Op::scalar(MUL_SCALAR, 0.5), &[sc]).unwrap();
-        let sc = b.op("scores_f32", Op::ToDtype(DType::F32), &[sc]).unwrap();
+        let sc = b.op("scores_f32", Op::to_dtype(DType::F32), &[sc]).unwrap();
         let w = b.op("probs", Op::softmax(-1), &[sc]).unwrap();
-        let w = b.op("probs_bf16", Op::ToDtype(DType::BF16), &[w]).unwrap();
+        let w = b.op("probs_bf16", Op::to_dtype(DType::BF16), &[w]).unwrap();
         let out = b.op("out", Op::matmul(), &[w, vv]).unwrap();
         b.output(out);
         let g = b.finish().unwrap();
@@ -348,7 +349,7 @@ fn gemm_fusion_of_linears_sharing_an_input() {
         let bv = b.param(bias, DType::F32, static_shape(&[rows]));
         outs.push(b.op(&format!("{w}_out"), Op::Linear, &[x, wv, bv]).unwrap());
     }
-    let qk = b.op("qk", Op::Cat { dim: -1 }, &[outs[0], outs[1], outs[2]]).unwrap();
+    let qk = b.op("qk", Op::cat(-1), &[outs[0], outs[1], outs[2]]).unwrap();
     b.output(qk);
     let g = b.finish().unwrap();
     let want = "%wq_out.fused: f32[n, 16] = aten.linear(%x, %fused[wq+wk+wv], %fused[wq+wk+wv].bias)
@@ -403,12 +404,12 @@ fn identity_ops_are_dropped_and_the_rest_kept() {
     let x = b.input("x", DType::F32, static_shape(&[2, 4]));
     let ids = b.input("ids", DType::I64, static_shape(&[2, 4]));
     let one = b.op("one", Op::scalar(MUL_SCALAR, 1.0), &[x]).unwrap(); // dropped
-    let same = b.op("same", Op::ToDtype(DType::F32), &[one]).unwrap(); // dropped
+    let same = b.op("same", Op::to_dtype(DType::F32), &[one]).unwrap(); // dropped
     let two = b.op("two", Op::scalar(MUL_SCALAR, 2.0), &[same]).unwrap(); // kept
-    let half = b.op("half", Op::ToDtype(DType::BF16), &[two]).unwrap(); // kept: a real cast
-    let back = b.op("back", Op::ToDtype(DType::F32), &[half]).unwrap(); // kept
+    let half = b.op("half", Op::to_dtype(DType::BF16), &[two]).unwrap(); // kept: a real cast
+    let back = b.op("back", Op::to_dtype(DType::F32), &[half]).unwrap(); // kept
     let int_one = b.op("int_one", Op::scalar(MUL_SCALAR, 1.0), &[ids]).unwrap(); // dropped: i64 stays i64 here
-    let idf = b.op("idf", Op::ToDtype(DType::F32), &[int_one]).unwrap(); // kept
+    let idf = b.op("idf", Op::to_dtype(DType::F32), &[int_one]).unwrap(); // kept
     let sum = b.op("sum", Op::binary(ADD), &[back, idf]).unwrap();
     let out = b.op("out", Op::scalar(MUL_SCALAR, 1.0), &[sum]).unwrap(); // kept: a graph output
     b.output(out);

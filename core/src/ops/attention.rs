@@ -71,15 +71,15 @@ impl AttentionAttrs {
 
 impl Op {
     pub fn matmul() -> Op {
-        Op::Custom { name: MATMUL, inputs: 2, attrs: String::new() }
+        Op::Custom { name: MATMUL, attrs: String::new() }
     }
 
     pub fn sdpa(a: SdpaAttrs) -> Op {
-        Op::Custom { name: SDPA, inputs: 3, attrs: a.text() }
+        Op::Custom { name: SDPA, attrs: a.text() }
     }
 
     pub fn attention(causal: bool, scale: f64) -> Op {
-        Op::Custom { name: ATTENTION, inputs: 3, attrs: format!("causal={causal}, scale={scale:?}") }
+        Op::Custom { name: ATTENTION, attrs: format!("causal={causal}, scale={scale:?}") }
     }
 
     /// The attributes of an `aten.scaled_dot_product_attention` node.
@@ -226,6 +226,9 @@ fn entry(
             Ok(vec![cpu(ins, attrs, &outs[0]).map_err(|e| e.to_string())?])
         }),
         cuda: None,
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: None,
     }
 }

@@ -61,13 +61,13 @@ impl Op {
     /// `a <op> b`, one of [`ADD`], [`SUB`], [`MUL`], [`DIV`].
     pub fn binary(name: &'static str) -> Op {
         debug_assert!(TENSOR_OPS.iter().any(|d| d.name == name), "{name} is not a binary op");
-        Op::Custom { name, inputs: 2, attrs: String::new() }
+        Op::Custom { name, attrs: String::new() }
     }
 
     /// `x <op> s`, one of [`ADD_SCALAR`], [`MUL_SCALAR`], [`POW_SCALAR`].
     pub fn scalar(name: &'static str, s: f64) -> Op {
         debug_assert!(SCALAR_OPS.iter().any(|d| d.name == name), "{name} is not a scalar op");
-        Op::Custom { name, inputs: 1, attrs: format!("{s:?}") }
+        Op::Custom { name, attrs: format!("{s:?}") }
     }
 
     /// Whether this is the op-table op `name`.
@@ -159,10 +159,6 @@ fn check_scalar(attrs: &str) -> Result<(), String> {
     parse_scalar(attrs).map(|_| ())
 }
 
-fn gpu_of(l: &mut dyn KernelLauncher) -> Result<&autodeploy_kernels::cuda::exec::Gpu, String> {
-    l.gpu().ok_or_else(|| "needs the host's GPU".to_string())
-}
-
 fn tensor_op(d: &TensorDef) -> CustomOp {
     let (name, f, op) = (d.name, d.f, d.cuda);
     let cuda: CudaImpl =
@@ -171,7 +167,7 @@ fn tensor_op(d: &TensorDef) -> CustomOp {
             let s = Strided::broadcast(&y.shape, &a.shape, &b.shape).map_err(|e| e.0)?;
             let n = y.shape.iter().product();
             let dts = (cuda_dt(a.dtype)?, cuda_dt(b.dtype)?, cuda_dt(y.dtype)?);
-            gpu_of(l)?.binary(op, (a.ptr, dts.0), (b.ptr, dts.1), (y.ptr, dts.2), n, s).map_err(|e| e.0)
+            crate::ops::gpu_of(l)?.binary(op, (a.ptr, dts.0), (b.ptr, dts.1), (y.ptr, dts.2), n, s).map_err(|e| e.0)
         });
     CustomOp {
         name,
@@ -187,6 +183,9 @@ fn tensor_op(d: &TensorDef) -> CustomOp {
             Ok(vec![eval_tensor(ins[0], ins[1], outs[0].0, &outs[0].1, f)?])
         }),
         cuda: Some(cuda),
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: None,
     }
 }
@@ -197,7 +196,9 @@ fn scalar_op(d: &ScalarDef) -> CustomOp {
         Arc::new(move |ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
             let (x, y) = (&ins[0], &outs[0]);
             let s = parse_scalar(attrs)?;
-            gpu_of(l)?.unary(op, x.ptr, y.ptr, cuda_dt(y.dtype)?, y.shape.iter().product(), s).map_err(|e| e.0)
+            crate::ops::gpu_of(l)?
+                .unary(op, x.ptr, y.ptr, cuda_dt(y.dtype)?, y.shape.iter().product(), s)
+                .map_err(|e| e.0)
         });
     CustomOp {
         name,
@@ -218,6 +219,9 @@ fn scalar_op(d: &ScalarDef) -> CustomOp {
             Ok(vec![y.map_err(|e| e.to_string())?])
         }),
         cuda: Some(cuda),
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: None,
     }
 }

@@ -4,15 +4,15 @@
 //! exported one. The same inference runs on symbolic shapes at build time and on concrete shapes
 //! at run time (a concrete shape is a symbolic one without symbols).
 
-use std::fmt::Write as _;
-
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ir::TensorMeta;
-use crate::shape::{fmt_shape, numel, Dim, Shape, SizeArg};
+use crate::shape::{fmt_shape, Dim, Shape};
 
 pub mod attention;
 pub mod binary;
+pub mod gather;
+pub mod layout;
 pub mod norm;
 pub mod reduce;
 pub mod rope;
@@ -20,28 +20,8 @@ pub mod unary;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// `aten.embedding(weight, indices)`
-    Embedding,
     /// `aten.linear(x, weight[, bias])`, weight `[out, in]`
     Linear,
-    /// `aten._to_copy(dtype=...)`
-    ToDtype(DType),
-    View(Vec<SizeArg>),
-    Reshape(Vec<SizeArg>),
-    /// `aten.expand`; `-1` keeps the input's size.
-    Expand(Vec<SizeArg>),
-    Transpose(i64, i64),
-    Unsqueeze(i64),
-    /// `aten.slice.Tensor(x, dim, start, end, step)`; `end = i64::MAX` means to the end.
-    Slice {
-        dim: i64,
-        start: i64,
-        end: i64,
-        step: i64,
-    },
-    Cat {
-        dim: i64,
-    },
 
     // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
     /// `torch_swiglu_mlp(x, w_gate, w_up, w_down)`: `down(silu(gate(x)) · up(x))`; with `fused`,
@@ -51,10 +31,6 @@ pub enum Op {
         /// For one row (decode), silu(gate)·up is the gate/up GEMV's epilogue on CUDA (the
         /// `fuse_swiglu_epilogue` transform sets it); the same math on the CPU.
         epilogue: bool,
-    },
-    /// `aten.index_select(x, dim, index)`: picks entries of `dim` (the runtime's logits gather).
-    IndexSelect {
-        dim: i64,
     },
     /// `<backend>_attention_with_kv_cache(q, k, v)` for layer `layer`: writes k/v of this step's
     /// tokens into the paged cache, then attends each token to its sequence's cached prefix.
@@ -72,34 +48,20 @@ pub enum Op {
     },
     /// An op a plugin registered (`custom_op`): `inputs` tensors in, the outputs its shape rule
     /// gives; `attrs` is the plugin's own attribute text.
-    Custom {
-        name: &'static str,
-        inputs: usize,
-        attrs: String,
-    },
+    Custom { name: &'static str, attrs: String },
 }
 
 impl Op {
     /// A one-input op of the op table (`registry::custom_op`) without attributes: the unary
     /// ops (`aten.neg`, `aten.rsqrt`, `aten.silu`, `aten.cos`, `aten.sin`; `unary.rs`).
     pub fn unary(name: &'static str) -> Op {
-        Op::Custom { name, inputs: 1, attrs: String::new() }
+        Op::Custom { name, attrs: String::new() }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            Op::Embedding => "aten.embedding",
             Op::Linear => "aten.linear",
-            Op::ToDtype(_) => "aten._to_copy",
-            Op::View(_) => "aten.view",
-            Op::Reshape(_) => "aten.reshape",
-            Op::Expand(_) => "aten.expand",
-            Op::Transpose(..) => "aten.transpose.int",
-            Op::Unsqueeze(_) => "aten.unsqueeze",
-            Op::Slice { .. } => "aten.slice.Tensor",
-            Op::Cat { .. } => "aten.cat",
             Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
-            Op::IndexSelect { .. } => "aten.index_select",
             Op::CachedAttention { .. } => "attention_with_kv_cache",
             Op::Custom { name, .. } => name,
         }
@@ -107,28 +69,10 @@ impl Op {
 
     /// Non-tensor arguments, as printed after the tensor arguments in a dump.
     pub fn attrs(&self) -> String {
-        let sizes = |v: &[SizeArg]| {
-            let p: Vec<String> = v.iter().map(|a| a.to_string()).collect();
-            format!("[{}]", p.join(", "))
-        };
         match self {
-            Op::ToDtype(d) => format!("dtype={d}"),
-            Op::View(s) | Op::Reshape(s) | Op::Expand(s) => sizes(s),
-            Op::Transpose(a, b) => format!("{a}, {b}"),
-            Op::Unsqueeze(d) => format!("{d}"),
-            Op::Slice { dim, start, end, step } => {
-                let end = if *end == i64::MAX { "end".to_string() } else { end.to_string() };
-                let mut s = format!("dim={dim}, start={start}, end={end}");
-                if *step != 1 {
-                    let _ = write!(s, ", step={step}");
-                }
-                s
-            }
-            Op::Cat { dim } => format!("dim={dim}"),
             Op::SwiGluMlp { fused, epilogue } => {
                 format!("fused={fused}{}", if *epilogue { ", epilogue=true" } else { "" })
             }
-            Op::IndexSelect { dim } => format!("dim={dim}"),
             Op::CachedAttention { backend, layer, scale, rope } => {
                 let r = if *rope { ", rope=true" } else { "" };
                 format!("backend={backend}, layer={layer}, scale={scale:?}{r}")
@@ -142,15 +86,12 @@ impl Op {
     fn arity(&self) -> (usize, usize) {
         match self {
             Op::Linear => (2, 3),
-            Op::Embedding => (2, 2),
-            Op::IndexSelect { .. } => (2, 2),
             Op::CachedAttention { rope: false, .. } => (3, 3),
             Op::CachedAttention { rope: true, .. } => (5, 5),
-            Op::Custom { inputs, .. } => (*inputs, *inputs),
+            // The op table checks its ops' arity.
+            Op::Custom { .. } => (0, usize::MAX),
             Op::SwiGluMlp { fused: true, .. } => (3, 3),
             Op::SwiGluMlp { fused: false, .. } => (4, 4),
-            Op::Cat { .. } => (1, usize::MAX),
-            _ => (1, 1),
         }
     }
 }
@@ -161,6 +102,13 @@ pub(crate) fn no_attrs(attrs: &str) -> std::result::Result<(), String> {
         "" => Ok(()),
         other => Err(format!("unexpected argument `{other}`")),
     }
+}
+
+/// The host's GPU, for a built-in op's CUDA lowering.
+pub(crate) fn gpu_of(
+    l: &dyn crate::custom_op::KernelLauncher,
+) -> std::result::Result<&autodeploy_kernels::cuda::exec::Gpu, String> {
+    l.gpu().ok_or_else(|| "needs the host's GPU".to_string())
 }
 
 /// The CUDA kernels' dtype code for `d`.
@@ -227,37 +175,6 @@ fn float_only(op: &Op, m: &TensorMeta) -> Result<()> {
     Ok(())
 }
 
-/// Output size list of a view/reshape, resolving one `-1`.
-pub fn view_shape(op: &Op, input: &[Dim], sizes: &[SizeArg]) -> Result<Shape> {
-    let total = numel(input);
-    let mut known = Dim::new(1);
-    let mut infer_at = None;
-    for (i, s) in sizes.iter().enumerate() {
-        match s {
-            SizeArg::Dim(d) => known = known.mul(d),
-            SizeArg::Infer if infer_at.is_none() => infer_at = Some(i),
-            SizeArg::Infer => return Err(err(op, "more than one -1 in the size list")),
-        }
-    }
-    let mut out: Shape = sizes
-        .iter()
-        .map(|s| match s {
-            SizeArg::Dim(d) => d.clone(),
-            SizeArg::Infer => Dim::new(0),
-        })
-        .collect();
-    let bad = || {
-        let p: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
-        err(op, format!("cannot view {} as [{}]", fmt_shape(input), p.join(", ")))
-    };
-    match infer_at {
-        Some(i) => out[i] = total.div(&known).ok_or_else(bad)?,
-        None if known == total => {}
-        None => return Err(bad()),
-    }
-    Ok(out)
-}
-
 /// Output metadata of `op` applied to inputs with metadata `ins`.
 pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
     let (lo, hi) = op.arity();
@@ -268,20 +185,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
     let same = |shape: Shape| Ok(vec![TensorMeta { dtype: x.dtype, shape }]);
     match op {
         Op::Custom { name, attrs, .. } => crate::custom_op::infer(name, attrs, ins).map_err(|e| err(op, e)),
-        Op::Embedding => {
-            let (w, idx) = (&ins[0], &ins[1]);
-            if w.shape.len() != 2 {
-                return Err(err(op, format!("weight must be 2-D, got {w}")));
-            }
-            if idx.dtype != DType::I64 {
-                return Err(err(op, format!("indices must be i64, got {idx}")));
-            }
-            let mut shape = idx.shape.clone();
-            shape.push(w.shape[1].clone());
-            // Block-quantized tables give f32 rows.
-            let dtype = if w.dtype.is_block() { DType::F32 } else { w.dtype };
-            Ok(vec![TensorMeta { dtype, shape }])
-        }
         Op::Linear => {
             let w = &ins[1];
             float_only(op, x)?;
@@ -299,16 +202,6 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             }
             let mut shape = x.shape.clone();
             *shape.last_mut().unwrap() = w.shape[0].clone();
-            same(shape)
-        }
-        Op::IndexSelect { dim } => {
-            let idx = &ins[1];
-            let d = norm_dim(op, *dim, x.shape.len())?;
-            if idx.dtype != DType::I64 || idx.shape.len() != 1 {
-                return Err(err(op, format!("index must be a 1-D i64 tensor, got {idx}")));
-            }
-            let mut shape = x.shape.clone();
-            shape[d] = idx.shape[0].clone();
             same(shape)
         }
         Op::CachedAttention { rope, .. } => {
@@ -353,88 +246,16 @@ pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
             *shape.last_mut().expect("checked") = w_down.shape[0].clone();
             same(shape)
         }
-        Op::ToDtype(d) => Ok(vec![TensorMeta { dtype: *d, shape: x.shape.clone() }]),
-        Op::View(sizes) | Op::Reshape(sizes) => same(view_shape(op, &x.shape, sizes)?),
-        Op::Expand(sizes) => {
-            if sizes.len() < x.shape.len() {
-                return Err(err(op, format!("cannot expand {x} to {} dims", sizes.len())));
-            }
-            let off = sizes.len() - x.shape.len();
-            let mut shape = Vec::with_capacity(sizes.len());
-            for (i, s) in sizes.iter().enumerate() {
-                let cur = (i >= off).then(|| &x.shape[i - off]);
-                let d = match (s, cur) {
-                    (SizeArg::Infer, Some(c)) => c.clone(),
-                    (SizeArg::Infer, None) => return Err(err(op, "-1 not allowed for a new leading dim")),
-                    (SizeArg::Dim(d), Some(c)) if c == d || c.is_one() => d.clone(),
-                    (SizeArg::Dim(d), None) => d.clone(),
-                    (SizeArg::Dim(d), Some(c)) => {
-                        return Err(err(op, format!("cannot expand size {c} to {d} (input {x})")))
-                    }
-                };
-                shape.push(d);
-            }
-            same(shape)
-        }
-        Op::Transpose(a, b) => {
-            let (a, b) = (norm_dim(op, *a, x.shape.len())?, norm_dim(op, *b, x.shape.len())?);
-            let mut shape = x.shape.clone();
-            shape.swap(a, b);
-            same(shape)
-        }
-        Op::Unsqueeze(d) => {
-            let d = norm_dim(op, *d, x.shape.len() + 1)?;
-            let mut shape = x.shape.clone();
-            shape.insert(d, Dim::new(1));
-            same(shape)
-        }
-        Op::Slice { dim, start, end, step } => {
-            let d = norm_dim(op, *dim, x.shape.len())?;
-            let mut shape = x.shape.clone();
-            let len = x.shape[d]
-                .as_static()
-                .ok_or_else(|| err(op, format!("slicing the symbolic dim {} is not supported", x.shape[d])))?;
-            shape[d] = Dim::new(slice_len(*start, *end, *step, len).ok_or_else(|| err(op, "step must be > 0"))?);
-            same(shape)
-        }
-        Op::Cat { dim } => {
-            let d = norm_dim(op, *dim, x.shape.len())?;
-            let mut total = 0usize;
-            for m in ins {
-                let ok = m.dtype == x.dtype
-                    && m.shape.len() == x.shape.len()
-                    && m.shape.iter().zip(&x.shape).enumerate().all(|(i, (a, b))| i == d || a == b);
-                if !ok {
-                    return Err(err(op, format!("cannot concatenate {m} with {x} along dim {d}")));
-                }
-                total += m.shape[d]
-                    .as_static()
-                    .ok_or_else(|| err(op, format!("concatenating along symbolic dim {}", m.shape[d])))?;
-            }
-            let mut shape = x.shape.clone();
-            shape[d] = Dim::new(total);
-            same(shape)
-        }
     }
 }
 
-/// Length of `x[start:end:step]` on a dim of `len`, with Python's clamping.
-pub fn slice_len(start: i64, end: i64, step: i64, len: usize) -> Option<usize> {
-    let (s, e) = slice_bounds(start, end, len);
-    (step > 0).then(|| if e > s { (e - s).div_ceil(step as usize) } else { 0 })
-}
-
-pub fn slice_bounds(start: i64, end: i64, len: usize) -> (usize, usize) {
-    let l = len as i64;
-    let clamp = |i: i64| if i < 0 { (i + l).max(0) } else { i.min(l) } as usize;
-    (clamp(start), clamp(end))
-}
+pub use layout::{slice_bounds, slice_len, view_shape};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::binary::{ADD, MUL};
-    use crate::shape::static_shape;
+    use crate::shape::{static_shape, SizeArg};
 
     fn m(dtype: DType, shape: Shape) -> TensorMeta {
         TensorMeta { dtype, shape }
@@ -448,7 +269,7 @@ mod tests {
         let w = m(DType::F32, static_shape(&[128, 64]));
         let y = infer(&Op::Linear, &[x.clone(), w]).unwrap().remove(0);
         assert_eq!(y.to_string(), "f32[batch, seq, 128]");
-        let v = Op::View(vec![SizeArg::Dim(b), SizeArg::Dim(s), SizeArg::Infer, SizeArg::Dim(Dim::new(32))]);
+        let v = Op::view(vec![SizeArg::Dim(b), SizeArg::Dim(s), SizeArg::Infer, SizeArg::Dim(Dim::new(32))]);
         assert_eq!(infer(&v, &[y]).unwrap()[0].to_string(), "f32[batch, seq, 4, 32]");
         let bad = m(DType::F32, static_shape(&[100, 32]));
         let e = infer(&Op::Linear, &[x, bad]).unwrap_err().to_string();

@@ -40,11 +40,11 @@ impl NormAttrs {
 
 impl Op {
     pub fn rmsnorm(a: NormAttrs) -> Op {
-        Op::Custom { name: RMSNORM, inputs: 2, attrs: a.text() }
+        Op::Custom { name: RMSNORM, attrs: a.text() }
     }
 
     pub fn add_rmsnorm(a: NormAttrs) -> Op {
-        Op::Custom { name: ADD_RMSNORM, inputs: 3, attrs: a.text() }
+        Op::Custom { name: ADD_RMSNORM, attrs: a.text() }
     }
 
     /// The attributes of a `torch_rmsnorm` or `fused_add_rmsnorm` node named `name`.
@@ -97,7 +97,7 @@ fn rmsnorm_cpu(x: &Tensor, w: &Tensor, a: &NormAttrs, out_dtype: DType) -> Resul
 fn cuda(name: &'static str, fused: bool) -> CudaImpl {
     Arc::new(move |ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
         let a = NormAttrs::parse(name, attrs)?;
-        let gpu = l.gpu().ok_or("needs the host's GPU")?;
+        let gpu = crate::ops::gpu_of(l)?;
         let (x, y) = (&ins[0], &outs[0]);
         let last = *x.shape.last().unwrap_or(&1);
         let rows = y.shape.iter().product::<usize>() / last.max(1);
@@ -130,6 +130,9 @@ fn rmsnorm_op() -> CustomOp {
             Ok(vec![rmsnorm_cpu(ins[0], ins[1], &NormAttrs::parse(RMSNORM, attrs)?, outs[0].0)?])
         }),
         cuda: Some(cuda(RMSNORM, false)),
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: None,
     }
 }
@@ -157,6 +160,9 @@ fn add_rmsnorm_op() -> CustomOp {
             Ok(vec![normed, sum])
         }),
         cuda: Some(cuda(ADD_RMSNORM, true)),
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: None,
     }
 }

@@ -41,15 +41,15 @@ fn parse_dim(op: &str, text: &str) -> Result<i64, String> {
 impl Op {
     /// The mean over `dims`.
     pub fn mean(dims: Vec<i64>, keepdim: bool) -> Op {
-        Op::Custom { name: MEAN, inputs: 1, attrs: format!("dim={dims:?}, keepdim={keepdim}") }
+        Op::Custom { name: MEAN, attrs: format!("dim={dims:?}, keepdim={keepdim}") }
     }
 
     pub fn softmax(dim: i64) -> Op {
-        Op::Custom { name: SOFTMAX, inputs: 1, attrs: format!("dim={dim}") }
+        Op::Custom { name: SOFTMAX, attrs: format!("dim={dim}") }
     }
 
     pub fn log_softmax(dim: i64) -> Op {
-        Op::Custom { name: LOG_SOFTMAX, inputs: 1, attrs: format!("dim={dim}") }
+        Op::Custom { name: LOG_SOFTMAX, attrs: format!("dim={dim}") }
     }
 
     /// The attributes of an `aten.mean.dim` node.
@@ -136,7 +136,7 @@ fn mean_op() -> CustomOp {
     let cuda: CudaImpl =
         Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
             let (x, y) = (&ins[0], &outs[0]);
-            let gpu = l.gpu().ok_or("needs the host's GPU")?;
+            let gpu = crate::ops::gpu_of(l)?;
             let last = *x.shape.last().unwrap_or(&1);
             gpu.mean_last(x.ptr, cuda_dt(x.dtype)?, y.ptr, cuda_dt(y.dtype)?, y.shape.iter().product(), last)
                 .map_err(|e| e.0)
@@ -152,6 +152,9 @@ fn mean_op() -> CustomOp {
             Ok(vec![mean_cpu(ins[0], &MeanAttrs::parse(attrs)?.dims, outs[0].1.clone())?])
         }),
         cuda: Some(cuda),
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: Some(|a| match MeanAttrs::parse(a)?.dims.as_slice() {
             [-1] => Ok(()),
             _ => Err("mean has a CUDA kernel over the last dim (dim=[-1]) only".into()),
@@ -182,6 +185,9 @@ fn softmax_op(name: &'static str, log: bool) -> CustomOp {
             Ok(vec![crate::cpu::softmax(x, d, log).map_err(|e| e.to_string())?])
         }),
         cuda: None,
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: None,
     }
 }

@@ -23,7 +23,7 @@ fn interleaved(text: &str) -> Result<bool, String> {
 
 impl Op {
     pub fn rope(interleaved: bool) -> Op {
-        Op::Custom { name: ROPE, inputs: 3, attrs: format!("interleaved={interleaved}") }
+        Op::Custom { name: ROPE, attrs: format!("interleaved={interleaved}") }
     }
 
     /// Whether a RoPE node de-interleaves x first; `None` if this is not RoPE.
@@ -54,7 +54,7 @@ fn rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
 
 fn cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
-        let gpu = l.gpu().ok_or("needs the host's GPU")?;
+        let gpu = crate::ops::gpu_of(l)?;
         let (x, c, s, y) = (&ins[0], &ins[1], &ins[2], &outs[0]);
         let xs = &x.shape;
         let d = *xs.last().unwrap_or(&1);
@@ -87,6 +87,9 @@ pub fn ops() -> Vec<CustomOp> {
             Ok(vec![y.map_err(|e| e.to_string())?])
         }),
         cuda: Some(cuda()),
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: Some(|a| match interleaved(a)? {
             false => Ok(()),
             true => Err("interleaved RoPE has no CUDA kernel yet".into()),

@@ -106,7 +106,7 @@ pub fn ops() -> Vec<CustomOp> {
             let (f, int, check) = (d.f, d.int, d.check);
             let cuda = d.cuda.map(|u| {
                 Arc::new(move |ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
-                    let gpu = l.gpu().ok_or("needs the host's GPU")?;
+                    let gpu = crate::ops::gpu_of(l)?;
                     let (x, y) = (&ins[0], &outs[0]);
                     gpu.unary(u, x.ptr, y.ptr, crate::ops::cuda_dt(y.dtype)?, y.shape.iter().product(), 0.0)
                         .map_err(|e| e.0)
@@ -135,6 +135,9 @@ pub fn ops() -> Vec<CustomOp> {
                     Ok(vec![y.map_err(|e| e.to_string())?])
                 }),
                 cuda,
+                extra_inputs: 0,
+                sizes: None,
+                view: None,
                 cuda_attrs: None,
             }
         })

@@ -528,7 +528,7 @@ mod tests {
         let w = b.input("w", DType::F32, static_shape(&[4]));
         let m1 = b.op("m1", Op::binary(MUL), &[x, w]).unwrap(); // x * w
         let m2 = b.op("m2", Op::binary(MUL), &[w, x]).unwrap(); // w * x: commutative
-        let c = b.op("c", Op::ToDtype(DType::F32), &[x]).unwrap();
+        let c = b.op("c", Op::to_dtype(DType::F32), &[x]).unwrap();
         let m3 = b.op("m3", Op::binary(MUL), &[c, w]).unwrap(); // cast(x) * w: optional cast
         let sq = b.op("sq", Op::binary(MUL), &[x, x]).unwrap(); // x * x: binds "a" and "b" to one value
         for v in [m1, m2, m3, sq] {

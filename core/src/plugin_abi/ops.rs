@@ -49,6 +49,9 @@ pub(super) fn f32_op(
                 },
             ) as crate::custom_op::CudaImpl
         }),
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: None,
     }
 }
@@ -80,6 +83,9 @@ pub(super) fn typed_op(
                 },
             ) as crate::custom_op::CudaImpl
         }),
+        extra_inputs: 0,
+        sizes: None,
+        view: None,
         cuda_attrs: None,
     }
 }
@@ -340,12 +346,12 @@ mod tests {
     fn a_typed_op_has_its_own_dtypes_shapes_and_outputs() {
         let op = typed_op("test.double_argmax", "0.1.0", "test", 1, rule, cpu, ROption::RNone);
         crate::registry::register_op(op).unwrap();
-        let the_op = Op::Custom { name: "test.double_argmax", inputs: 1, attrs: String::new() };
+        let the_op = Op::Custom { name: "test.double_argmax", attrs: String::new() };
         let x = TensorMeta { dtype: DType::BF16, shape: vec![Dim::sym("seq"), Dim::new(4)] };
         let out = infer(&the_op, std::slice::from_ref(&x)).unwrap();
         assert_eq!(out[0], x);
         assert_eq!(out[1].to_string(), "i64[seq]");
-        let bad = Op::Custom { name: "test.double_argmax", inputs: 1, attrs: "bad=dim".into() };
+        let bad = Op::Custom { name: "test.double_argmax", attrs: "bad=dim".into() };
         let e = infer(&bad, &[x]).unwrap_err().to_string();
         assert!(e.contains("input 0 has no dim 9") && e.contains("test.double_argmax"), "{e}");
 
@@ -359,7 +365,7 @@ mod tests {
         let e = crate::cpu::eval_with(&the_op, &[&t], &Default::default(), &opts).unwrap_err().to_string();
         assert!(e.contains("has 2 outputs"), "{e}");
 
-        let skip = Op::Custom { name: "test.double_argmax", inputs: 1, attrs: "bad=skip".into() };
+        let skip = Op::Custom { name: "test.double_argmax", attrs: "bad=skip".into() };
         let got = crate::cpu::eval_outputs(&skip, &[&t], &Default::default(), &opts).unwrap();
         let e = crate::custom_op::check_output("op `test.double_argmax`", &got[0].to_f32()).unwrap_err().to_string();
         assert!(e.contains("left 8 of 8 outputs unwritten"), "{e}");

@@ -1,5 +1,5 @@
 //! The op table: ops defined through the registry (the built-in ones of
-//! `ops/{unary,binary,reduce,attention,norm,rope}.rs` and plugin libraries' ops); `Op::Custom`
+//! `ops/{unary,binary,reduce,attention,norm,rope,layout,gather}.rs` and plugin libraries' ops); `Op::Custom`
 //! nodes dispatch to them.
 
 use std::collections::HashMap;
@@ -16,7 +16,9 @@ static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
         .chain(crate::ops::reduce::ops())
         .chain(crate::ops::attention::ops())
         .chain(crate::ops::norm::ops())
-        .chain(crate::ops::rope::ops());
+        .chain(crate::ops::rope::ops())
+        .chain(crate::ops::layout::ops())
+        .chain(crate::ops::gather::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 
@@ -66,6 +68,9 @@ mod tests {
             check_attrs: None,
             cpu: Arc::new(|_: &[&crate::Tensor], _: &str, _: &[(crate::DType, Vec<usize>)]| Ok(vec![])),
             cuda: None,
+            extra_inputs: 0,
+            sizes: None,
+            view: None,
             cuda_attrs: None,
         };
         let e = register_op(clash).unwrap_err();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use autodeploy_core::error::Result;
 use autodeploy_core::ops::attention::SdpaAttrs;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
+use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, SizeArg, Tensor, ValueId};
@@ -177,7 +178,7 @@ impl Ctx<'_> {
     fn rmsnorm(&mut self, hint: &str, x: ValueId, weight: &str, dim: usize) -> Result<ValueId> {
         let in_dtype = self.b.meta(x).dtype;
         let xf = if in_dtype != DType::F32 {
-            self.b.op(&format!("{hint}.to_f32"), Op::ToDtype(DType::F32), &[x])?
+            self.b.op(&format!("{hint}.to_f32"), Op::to_dtype(DType::F32), &[x])?
         } else {
             x
         };
@@ -186,18 +187,21 @@ impl Ctx<'_> {
         let ve = self.b.op(&format!("{hint}.add_eps"), Op::scalar(ADD_SCALAR, self.cfg.rms_norm_eps), &[var])?;
         let r = self.b.op(&format!("{hint}.rsqrt"), Op::unary("aten.rsqrt"), &[ve])?;
         let y = self.b.op(&format!("{hint}.normed"), Op::binary(MUL), &[xf, r])?;
-        let y =
-            if in_dtype != DType::F32 { self.b.op(&format!("{hint}.to_in"), Op::ToDtype(in_dtype), &[y])? } else { y };
+        let y = if in_dtype != DType::F32 {
+            self.b.op(&format!("{hint}.to_in"), Op::to_dtype(in_dtype), &[y])?
+        } else {
+            y
+        };
         let w = self.w(weight, &[dim]);
         self.b.op(hint, Op::binary(MUL), &[w, y])
     }
 
     fn rotate_half(&mut self, hint: &str, x: ValueId) -> Result<ValueId> {
         let half = self.cfg.head_dim as i64 / 2;
-        let x1 = self.b.op(&format!("{hint}.x1"), Op::Slice { dim: -1, start: 0, end: half, step: 1 }, &[x])?;
-        let x2 = self.b.op(&format!("{hint}.x2"), Op::Slice { dim: -1, start: half, end: i64::MAX, step: 1 }, &[x])?;
+        let x1 = self.b.op(&format!("{hint}.x1"), Op::slice(Slice::new(-1, 0, half)), &[x])?;
+        let x2 = self.b.op(&format!("{hint}.x2"), Op::slice(Slice::new(-1, half, i64::MAX)), &[x])?;
         let n2 = self.b.op(&format!("{hint}.neg"), Op::unary("aten.neg"), &[x2])?;
-        self.b.op(hint, Op::Cat { dim: -1 }, &[n2, x1])
+        self.b.op(hint, Op::cat(-1), &[n2, x1])
     }
 
     fn apply_rope(&mut self, hint: &str, x: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
@@ -215,11 +219,11 @@ impl Ctx<'_> {
             SizeArg::Infer,
             SizeArg::Dim(Dim::new(self.cfg.head_dim)),
         ];
-        let mut v = self.b.op(&format!("{hint}.view"), Op::View(sizes), &[x])?;
+        let mut v = self.b.op(&format!("{hint}.view"), Op::view(sizes), &[x])?;
         if let Some(w) = norm {
             v = self.rmsnorm(&format!("{hint}.norm"), v, w, self.cfg.head_dim)?;
         }
-        self.b.op(&format!("{hint}.t"), Op::Transpose(1, 2), &[v])
+        self.b.op(&format!("{hint}.t"), Op::transpose(1, 2), &[v])
     }
 
     fn layer(&mut self, l: usize, h: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
@@ -250,8 +254,8 @@ impl Ctx<'_> {
         let q = self.heads(&format!("{n}.q"), q, c.qk_norm.then_some(qn.as_str()))?;
         let k = self.heads(&format!("{n}.k"), k, c.qk_norm.then_some(kn.as_str()))?;
         let v = self.heads(&format!("{n}.v"), v, None)?;
-        let cos_u = self.b.op(&format!("{n}.cos"), Op::Unsqueeze(1), &[cos])?;
-        let sin_u = self.b.op(&format!("{n}.sin"), Op::Unsqueeze(1), &[sin])?;
+        let cos_u = self.b.op(&format!("{n}.cos"), Op::unsqueeze(1), &[cos])?;
+        let sin_u = self.b.op(&format!("{n}.sin"), Op::unsqueeze(1), &[sin])?;
         let q = self.apply_rope(&format!("{n}.q_rope"), q, cos_u, sin_u)?;
         let k = self.apply_rope(&format!("{n}.k_rope"), k, cos_u, sin_u)?;
         let sdpa = Op::sdpa(SdpaAttrs {
@@ -260,9 +264,9 @@ impl Ctx<'_> {
             enable_gqa: c.num_kv_heads != c.num_heads,
         });
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
-        let a = self.b.op(&format!("{n}.attn.t"), Op::Transpose(1, 2), &[a])?;
+        let a = self.b.op(&format!("{n}.attn.t"), Op::transpose(1, 2), &[a])?;
         let flat = vec![SizeArg::Dim(self.batch.clone()), SizeArg::Dim(self.seq.clone()), SizeArg::Infer];
-        let a = self.b.op(&format!("{n}.attn.flat"), Op::Reshape(flat), &[a])?;
+        let a = self.b.op(&format!("{n}.attn.flat"), Op::reshape(flat), &[a])?;
         let o =
             self.linear(&format!("{n}.o_proj"), a, &format!("{p}.self_attn.o_proj"), hs, c.num_heads * hd, c.o_bias)?;
         let h = self.b.op(&format!("{n}.attn_residual"), Op::binary(ADD), &[h, o])?;
@@ -296,21 +300,21 @@ pub fn build_decoder(
     let mut cx = Ctx { b, cfg, batch, seq };
 
     let emb_w = cx.w("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size]);
-    let mut h = cx.b.op("embed", Op::Embedding, &[emb_w, ids])?;
+    let mut h = cx.b.op("embed", Op::embedding(), &[emb_w, ids])?;
 
     // Rotary embedding, once for all layers: freqs = position_ids[..., None].float() * inv_freq.
     let inv_freq = cx.b.param(INV_FREQ, DType::F32, static_shape(&[half]));
-    let p = cx.b.op("rope.pos", Op::Unsqueeze(-1), &[pos])?;
-    let p = cx.b.op("rope.pos_f32", Op::ToDtype(DType::F32), &[p])?;
+    let p = cx.b.op("rope.pos", Op::unsqueeze(-1), &[pos])?;
+    let p = cx.b.op("rope.pos_f32", Op::to_dtype(DType::F32), &[p])?;
     let freqs = cx.b.op("rope.freqs", Op::binary(MUL), &[p, inv_freq])?;
-    let emb = cx.b.op("rope.emb", Op::Cat { dim: -1 }, &[freqs, freqs])?;
+    let emb = cx.b.op("rope.emb", Op::cat(-1), &[freqs, freqs])?;
     let mut cs = Vec::new();
     for (name, op) in [("cos", Op::unary("aten.cos")), ("sin", Op::unary("aten.sin"))] {
         let t = cx.b.op(&format!("rope.{name}_f32"), op, &[emb])?;
         // attention_scaling is 1.0 for the default and llama3 RoPE types.
         let t = cx.b.op(&format!("rope.{name}_scaled"), Op::scalar(MUL_SCALAR, 1.0), &[t])?;
         let t =
-            if cfg.dtype != DType::F32 { cx.b.op(&format!("rope.{name}"), Op::ToDtype(cfg.dtype), &[t])? } else { t };
+            if cfg.dtype != DType::F32 { cx.b.op(&format!("rope.{name}"), Op::to_dtype(cfg.dtype), &[t])? } else { t };
         cs.push(t);
     }
     for l in 0..cfg.num_layers {

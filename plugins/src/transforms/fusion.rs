@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta, ValueId};
+use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -82,8 +83,7 @@ impl FuseGemms {
         for (k, l) in lin.iter().enumerate() {
             let width = g.meta(l.1).shape[0].as_static().expect("static weight") as i64;
             let name = g.value(l.3).name.clone();
-            let s =
-                g.insert_node(pos + 1 + k, &name, Op::Slice { dim: -1, start, end: start + width, step: 1 }, &[y])?;
+            let s = g.insert_node(pos + 1 + k, &name, Op::slice(Slice::new(-1, start, start + width)), &[y])?;
             g.replace_uses(l.3, s);
             start += width;
         }

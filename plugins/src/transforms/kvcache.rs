@@ -81,7 +81,7 @@ impl Transform for InsertCachedAttention {
         g.specialize("batch", 1);
         let idx = g.add_input(GATHER_INPUT, TensorMeta { dtype: DType::I64, shape: vec![Dim::sym("gather")] });
         let hidden = g.nodes[head].inputs[0];
-        let gathered = g.insert_node(head, "gathered", Op::IndexSelect { dim: 1 }, &[hidden, idx])?;
+        let gathered = g.insert_node(head, "gathered", Op::index_select(1), &[hidden, idx])?;
         g.nodes[head + 1].inputs[0] = gathered;
         let new_meta = autodeploy_core::ops::infer(
             &Op::Linear,

@@ -5,6 +5,7 @@ use autodeploy_core::error::Result;
 use autodeploy_core::ir::{Graph, ValueId};
 use autodeploy_core::ops::attention::MATMUL;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
+use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::ops::norm::NormAttrs;
 use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
 use autodeploy_core::registry::TransformPlugin;
@@ -62,7 +63,7 @@ pub fn rmsnorm_pattern() -> Pattern {
     let mut p = PatternBuilder::new();
     let x = p.input("x");
     let w = p.input("w");
-    let xf = p.optional(|op, _| matches!(op, Op::ToDtype(DType::F32)), x);
+    let xf = p.optional(|op, _| op.to_dtype_of() == Some(DType::F32), x);
     let sq = p.op(|op, _| op.scalar_of(POW_SCALAR) == Some(2.0), &[xf]);
     let var = p.op(|op, _| op.mean_attrs().is_some_and(|m| m.keepdim && m.dims.len() == 1), &[sq]);
     let ve = p.op(
@@ -116,15 +117,15 @@ impl Transform for MatchRmsNorm {
 }
 
 fn capture_slice(tag: &'static str) -> impl Fn(&Op, &mut Captures) -> bool + Send + Sync {
-    move |op, c| match op {
-        Op::Slice { dim, start, end, step: 1 } => {
+    move |op, c| match op.slice_of() {
+        Some(Slice { dim, start, end, step: 1 }) => {
             let (ks, ke, kd) = match tag {
                 "x1" => ("x1_start", "x1_end", "x1_dim"),
                 _ => ("x2_start", "x2_end", "x2_dim"),
             };
-            c.f.insert(ks, *start as f64);
-            c.f.insert(ke, *end as f64);
-            c.f.insert(kd, *dim as f64);
+            c.f.insert(ks, start as f64);
+            c.f.insert(ke, end as f64);
+            c.f.insert(kd, dim as f64);
             true
         }
         _ => false,
@@ -141,7 +142,7 @@ pub fn rope_pattern() -> Pattern {
     let x1 = p.op(capture_slice("x1"), &[x]);
     let x2 = p.op(capture_slice("x2"), &[x]);
     let n2 = p.op(|op, _| op.name() == "aten.neg", &[x2]);
-    let rot = p.op(|op, c| matches!(op, Op::Cat { dim } if { c.f.insert("cat_dim", *dim as f64); true }), &[n2, x1]);
+    let rot = p.op(|op, c| op.cat_dim().map(|d| c.f.insert("cat_dim", d as f64)).is_some(), &[n2, x1]);
     let rs = p.commutative(|op, _| op.is(MUL), rot, sin);
     let out = p.commutative(|op, _| op.is(ADD), xc, rs);
     p.build(out)
@@ -184,9 +185,12 @@ pub fn rope_interleaved_pattern() -> Pattern {
     let x = p.input("x");
     let cos = p.input("cos");
     let sin = p.input("sin");
-    let v = p.op(|op, _| matches!(op, Op::View(s) | Op::Reshape(s) if matches!(s.last(), Some(SizeArg::Dim(d)) if d.as_static() == Some(2))), &[x]);
-    let t = p.op(|op, _| matches!(op, Op::Transpose(a, b) if (*a, *b) == (-1, -2) || (*a, *b) == (-2, -1)), &[v]);
-    let r = p.op(|op, _| matches!(op, Op::View(_) | Op::Reshape(_)), &[t]);
+    let v = p.op(
+        |op, _| matches!(op.view_sizes().as_deref(), Some([.., SizeArg::Dim(d)]) if d.as_static() == Some(2)),
+        &[x],
+    );
+    let t = p.op(|op, _| matches!(op.transpose_dims(), Some((-1, -2) | (-2, -1))), &[v]);
+    let r = p.op(|op, _| op.view_sizes().is_some(), &[t]);
     let out = p.op(|op, _| op.rope_interleaved() == Some(false), &[r, cos, sin]);
     p.build(out)
 }
@@ -226,9 +230,9 @@ fn capture_sdpa(op: &Op, c: &mut Captures) -> bool {
 
 /// `reshape(expand(unsqueeze(x, 2), [b, hk, n, s, d]), [b, hk·n, s, d])`: transformers' repeat_kv.
 fn repeat_kv(p: &mut PatternBuilder, x: usize) -> usize {
-    let u = p.op(|op, _| matches!(op, Op::Unsqueeze(2)), &[x]);
-    let e = p.op(|op, _| matches!(op, Op::Expand(s) if s.len() == 5), &[u]);
-    p.op(|op, _| matches!(op, Op::Reshape(s) | Op::View(s) if s.len() == 4), &[e])
+    let u = p.op(|op, _| op.unsqueeze_dim() == Some(2), &[x]);
+    let e = p.op(|op, _| op.expand_sizes().is_some_and(|s| s.len() == 5), &[u]);
+    p.op(|op, _| op.view_sizes().is_some_and(|s| s.len() == 4), &[e])
 }
 
 /// SDPA whose k and v went through repeat_kv (GQA spelled out).
@@ -256,10 +260,7 @@ fn eager_attention_pattern(with_repeat_kv: bool) -> Pattern {
     let mut p = PatternBuilder::new();
     let (q, k, v) = (p.input("q"), p.input("k"), p.input("v"));
     let (k, v) = if with_repeat_kv { (repeat_kv(&mut p, k), repeat_kv(&mut p, v)) } else { (k, v) };
-    let kt = p.op(
-        |op, _| matches!(op, Op::Transpose(a, b) if matches!((*a, *b), (2, 3) | (3, 2) | (-2, -1) | (-1, -2))),
-        &[k],
-    );
+    let kt = p.op(|op, _| matches!(op.transpose_dims(), Some((2, 3) | (3, 2) | (-2, -1) | (-1, -2))), &[k]);
     let scores = p.op(|op, _| op.is(MATMUL), &[q, kt]);
     let scaled = p.op(
         |op, c| match op.scalar_of(MUL_SCALAR) {

@@ -11,7 +11,6 @@ use autodeploy_core::ir::Graph;
 use autodeploy_core::ops::binary::MUL_SCALAR;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
-use autodeploy_core::Op;
 use autodeploy_sdk::Stage;
 
 autodeploy_core::inventory::submit! {
@@ -38,7 +37,7 @@ impl Transform for DropIdentityOps {
             let identity = match &n.op {
                 // x · 1.0 is x exactly (NaN and the sign of zero included).
                 op if op.is(MUL_SCALAR) => op.scalar_of(MUL_SCALAR) == Some(1.0),
-                Op::ToDtype(d) => *d == g.meta(x).dtype,
+                op if op.to_dtype_of().is_some() => op.to_dtype_of() == Some(g.meta(x).dtype),
                 _ => false,
             };
             // A graph output keeps its node (and its name).

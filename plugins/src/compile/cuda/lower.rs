@@ -102,12 +102,30 @@ impl CudaModel {
             let odt = dt_of(outv)?;
             let n_out: usize = out_shape.iter().product();
             let planned = base + self.plan[i].outs[0] as u64;
-            // What may stay strided: a view op's input; the q, k and v of a RoPE-fused cached
+            // A view op's output in its input's memory (as its table entry says for this
+            // input's layout), or None: the op runs its kernel.
+            let view = match (&node.op, self.table[i].as_ref().and_then(|c| c.view)) {
+                (Op::Custom { attrs, .. }, Some(view_of)) => {
+                    let x = node.inputs[0];
+                    let xs = shape_of(x)?;
+                    let st = lay[x.0 as usize].clone().unwrap_or_else(|| contiguous_strides(&xs));
+                    let v = view_of(&ViewIn {
+                        attrs,
+                        in_shape: &xs,
+                        in_strides: &st,
+                        in_dtype: g.meta(x).dtype,
+                        out_shape: &out_shape,
+                        out_dtype: g.meta(outv).dtype,
+                    });
+                    (v != View::Kernel).then_some(v)
+                }
+                _ => None,
+            };
+            // What may stay strided: a view's input; the q, k and v of a RoPE-fused cached
             // attention whose RoPE + KV write kernel reads them in place.
             let attn_strided = matches!(node.op, Op::CachedAttention { .. }) && self.attn_reads_strided(i, staged);
             let strided_ok = |v: autodeploy_core::ValueId| match &node.op {
-                Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) | Op::Transpose(..) | Op::Slice { .. } => true,
-                Op::ToDtype(_) => g.meta(v).dtype == g.meta(outv).dtype,
+                _ if view.is_some() => v == node.inputs[0],
                 Op::CachedAttention { .. } if attn_strided => node.inputs[..3].contains(&v),
                 _ => false,
             };
@@ -144,20 +162,6 @@ impl CudaModel {
             let mut out = planned;
             let t0 = profiling.then(std::time::Instant::now);
             match &node.op {
-                Op::Embedding => {
-                    let ws = in_shape(0)?;
-                    let row_bytes = ws[1] * in_dt(0)?.size();
-                    gpu.embedding(
-                        inp(0),
-                        inp(1),
-                        planned,
-                        n_out / ws[1].max(1),
-                        row_bytes,
-                        ws[0],
-                        self.flags.ptr + FLAG_EMBEDDING,
-                    )
-                    .map_err(fail)?;
-                }
                 Op::Linear => {
                     let ws = in_shape(1)?;
                     let (nn, k) = (ws[0], ws[1]);
@@ -176,66 +180,17 @@ impl CudaModel {
                     }
                     linear(gpu, odt, m, nn, k, inp(0), inp(1), planned, node.inputs.len() > 2).map_err(fail)?;
                 }
-                Op::ToDtype(_) => {
-                    if in_dt(0)? == odt {
-                        out = inp(0);
-                        out_lay = in_lay(0).map(<[i64]>::to_vec);
-                    } else {
-                        let s = Strided::new(&[n_out], &[1], &[0]).map_err(fail)?;
-                        gpu.copy_strided(inp(0), in_dt(0)?, planned, odt, n_out, s, false).map_err(fail)?;
+                Op::Custom { .. } if view.is_some() => match view.as_ref() {
+                    Some(View::Strided { offset, strides }) => {
+                        out = inp(0) + (offset * odt.size() as i64) as u64;
+                        out_lay = (!is_contiguous(&out_shape, strides)).then(|| strides.clone());
                     }
-                }
-                Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) => {
-                    out = inp(0);
-                    if let Some(st) = in_lay(0) {
-                        let xs = in_shape(0)?;
-                        match view_strides(&xs, st, &out_shape) {
-                            Some(os) => out_lay = (!is_contiguous(&out_shape, &os)).then_some(os),
-                            None => {
-                                // No strides say it: the input copied here, contiguous.
-                                copy_contiguous(gpu, inp(0), odt, &xs, st, planned).map_err(fail)?;
-                                out = planned;
-                            }
-                        }
-                    }
-                }
-                Op::Expand(_) => {
-                    let xs = in_shape(0)?;
-                    let s = Strided::new(&out_shape, &broadcast_strides(&xs, &out_shape), &vec![0; out_shape.len()])
-                        .map_err(fail)?;
-                    gpu.copy_strided(inp(0), in_dt(0)?, planned, odt, n_out, s, false).map_err(fail)?;
-                }
-                Op::Transpose(a, b) => {
-                    let xs = in_shape(0)?;
-                    let (a, b) = (norm_dim(*a, xs.len()), norm_dim(*b, xs.len()));
-                    let mut st = in_lay(0).map_or_else(|| contiguous_strides(&xs), <[i64]>::to_vec);
-                    st.swap(a, b);
-                    out = inp(0);
-                    out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
-                }
-                Op::Slice { dim, start, step, .. } => {
-                    let xs = in_shape(0)?;
-                    let d = norm_dim(*dim, xs.len());
-                    let s0 =
-                        if *start < 0 { (*start + xs[d] as i64).max(0) } else { (*start).min(xs[d] as i64) } as usize;
-                    let mut st = in_lay(0).map_or_else(|| contiguous_strides(&xs), <[i64]>::to_vec);
-                    let off = s0 as i64 * st[d];
-                    st[d] *= *step;
-                    out = inp(0) + (off * odt.size() as i64) as u64;
-                    out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
-                }
-                Op::Cat { dim } => {
-                    let d = norm_dim(*dim, out_shape.len());
-                    let ost = contiguous_strides(&out_shape);
-                    let mut at = 0usize;
-                    for k in 0..node.inputs.len() {
-                        let xs = in_shape(k)?;
-                        let s = Strided::new(&xs, &contiguous_strides(&xs), &ost).map_err(fail)?;
-                        let dst = planned + (at as i64 * ost[d]) as u64 * odt.size() as u64;
-                        gpu.copy_strided(inp(k), in_dt(k)?, dst, odt, xs.iter().product(), s, true).map_err(fail)?;
-                        at += xs[d];
-                    }
-                }
+                    _ => match in_lay(0) {
+                        // No strides say it: the input copied here, contiguous.
+                        Some(st) => copy_contiguous(gpu, inp(0), odt, &in_shape(0)?, st, planned).map_err(fail)?,
+                        None => out = inp(0),
+                    },
+                },
                 Op::SwiGluMlp { fused, epilogue } => {
                     let xs = in_shape(0)?;
                     let k = *xs.last().unwrap_or(&1);
@@ -261,24 +216,6 @@ impl CudaModel {
                         gpu.silu_mul(scratch(0), Some(scratch(1)), odt, scratch(2), m, inter).map_err(fail)?;
                         linear(gpu, odt, m, hidden, inter, scratch(2), inp(3), planned, false).map_err(fail)?;
                     }
-                }
-                Op::IndexSelect { dim } => {
-                    let xs = in_shape(0)?;
-                    let d = norm_dim(*dim, xs.len());
-                    let outer: usize = xs[..d].iter().product();
-                    let inner: usize = xs[d + 1..].iter().product();
-                    let nidx = in_shape(1)?.iter().product();
-                    gpu.index_select(
-                        inp(0),
-                        inp(1),
-                        planned,
-                        outer,
-                        nidx,
-                        xs[d],
-                        inner * odt.size(),
-                        self.flags.ptr + FLAG_GATHER,
-                    )
-                    .map_err(fail)?;
                 }
                 Op::CachedAttention { layer, scale, rope: fused_rope, .. } => {
                     let meta = staged.meta.as_ref().ok_or_else(|| {
@@ -367,7 +304,11 @@ impl CudaModel {
                         .map(|(k, &v)| device(v, if k == 0 { planned } else { ptr[v.0 as usize] }))
                         .collect::<Result<Vec<_>>>()?;
                     let what = format!("op `{op_name}` ({}) at node `{name}`", c.origin);
-                    let mut launcher = SourceLauncher { gpu, what: format!("plugin op `{op_name}` ({})", c.origin) };
+                    let mut launcher = SourceLauncher {
+                        gpu,
+                        what: format!("plugin op `{op_name}` ({})", c.origin),
+                        flags: self.flags.ptr,
+                    };
                     // Checked: a library's op (the built-in ones are the host's own kernels).
                     let check = self.debug_checks && c.origin != "built-in";
                     if check {

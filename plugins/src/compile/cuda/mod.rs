@@ -12,9 +12,10 @@
 //! lowers ops.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use autodeploy_core::backend::{CompileOptions, CompiledModel};
-use autodeploy_core::custom_op::DeviceTensor;
+use autodeploy_core::custom_op::{CustomOp, DeviceTensor, View, ViewIn};
 use autodeploy_core::device_attention::{
     DeviceAttention, DeviceAttentionCall, DeviceAttentionSetup, Operand, SourceLauncher,
 };
@@ -36,7 +37,7 @@ mod weights;
 use graphs::Captured;
 use memory::{padded, Arena};
 use step::{total_rows, Staged};
-use strides::{broadcast_strides, contiguous_strides, head_rows, is_contiguous, norm_dim, view_strides};
+use strides::{contiguous_strides, head_rows, is_contiguous, norm_dim};
 use weights::host_bytes;
 
 /// What the CUDA executor does beyond running nodes in order (fusions are the graph's: the
@@ -54,12 +55,16 @@ pub(crate) fn dt(d: DType, what: &str) -> Result<Dt> {
     autodeploy_core::ops::cuda_dt(d).map_err(|e| Error::Msg(format!("{what}: {e}")))
 }
 
-/// Ops whose output may share the input's memory (decided per step from the shapes).
-fn may_alias(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::View(_) | Op::Reshape(_) | Op::Unsqueeze(_) | Op::Transpose(..) | Op::Slice { .. } | Op::ToDtype(_)
-    )
+/// The op-table entry of each node (None: an op the executor lowers itself).
+fn table_entries(graph: &Graph) -> Vec<Option<Arc<CustomOp>>> {
+    graph
+        .nodes
+        .iter()
+        .map(|n| match &n.op {
+            Op::Custom { name, .. } => autodeploy_core::registry::custom_op(name),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Why this executor cannot run `op`, if it cannot.
@@ -70,7 +75,7 @@ fn unsupported(op: &Op) -> Option<String> {
             "uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)"
         }
         Op::Custom { name, attrs, .. } => match autodeploy_core::registry::custom_op(name) {
-            Some(c) if c.cuda.is_some() => return c.cuda_attrs.and_then(|check| check(attrs).err()),
+            Some(c) if c.cuda.is_some() || c.view.is_some() => return c.cuda_attrs.and_then(|check| check(attrs).err()),
             Some(c) if c.origin == "built-in" => "this op has a CPU kernel only so far",
             _ => "this plugin op has a CPU kernel only: its library registered no CUDA one",
         },
@@ -122,6 +127,8 @@ pub struct CudaModel {
     buckets: Vec<usize>,
     /// Largest tokens per step the plan allows.
     max_tokens: usize,
+    /// Each node's op-table entry (views among them may share their input's memory).
+    table: Vec<Option<Arc<CustomOp>>>,
     /// `AUTODEPLOY_PROFILE`: time per op name (calls, total), printed when the model drops.
     profile_on: bool,
     profile: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>,
@@ -141,8 +148,6 @@ impl Drop for CudaModel {
     }
 }
 
-const FLAG_EMBEDDING: u64 = 0;
-const FLAG_GATHER: u64 = 8;
 /// Where in the flags buffer greedy ids are written.
 const IDS_AT: u64 = 64;
 
@@ -197,8 +202,7 @@ impl CudaModel {
                     matches!(&node.op, Op::CachedAttention { .. })
                         && rank == 4
                         && !graph.outputs.contains(&o)
-                        && matches!(readers[o.0 as usize][..], [r] if matches!(graph.nodes[r].op,
-                        Op::Transpose(a, b) if {
+                        && matches!(readers[o.0 as usize][..], [r] if graph.nodes[r].op.transpose_dims().is_some_and(|(a, b)| {
                             let (a, b) = (norm_dim(a, rank), norm_dim(b, rank));
                             (a.min(b), a.max(b)) == (1, 2)
                         }))
@@ -218,8 +222,9 @@ impl CudaModel {
         for o in &graph.outputs {
             last_use[o.0 as usize] = usize::MAX;
         }
-        for node in graph.nodes.iter().rev() {
-            if may_alias(&node.op) {
+        let table = table_entries(graph);
+        for (node, entry) in graph.nodes.iter().zip(&table).rev() {
+            if entry.as_ref().is_some_and(|c| c.view.is_some()) {
                 let (src, dst) = (node.inputs[0].0 as usize, node.outputs[0].0 as usize);
                 last_use[src] = last_use[src].max(last_use[dst]);
             }
@@ -382,6 +387,7 @@ impl CudaModel {
         Ok(CudaModel {
             gpu,
             graph: graph.clone(),
+            table,
             mode,
             _params: params,
             param_ptr,

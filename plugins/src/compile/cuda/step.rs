@@ -122,16 +122,18 @@ impl CudaModel {
 
     /// The kernels' error flags (the first 16 bytes of the flags buffer) as an error.
     pub(super) fn flags_ok(&self, f: &[u8]) -> Result<()> {
-        let emb = i64::from_le_bytes(f[0..8].try_into().expect("8 bytes"));
-        let gat = i64::from_le_bytes(f[8..16].try_into().expect("8 bytes"));
+        use autodeploy_core::custom_op::ErrorFlag;
+        use autodeploy_core::ops::gather::{EMBEDDING, INDEX_SELECT};
+        let flag = |e: ErrorFlag| {
+            let at = e.offset() as usize;
+            i64::from_le_bytes(f[at..at + 8].try_into().expect("8 bytes"))
+        };
+        let (emb, gat) = (flag(ErrorFlag::Embedding), flag(ErrorFlag::Gather));
         if emb != 0 {
-            return Err(Error::op(
-                "aten.embedding",
-                format!("token id {} is out of range for the vocabulary", emb - 1),
-            ));
+            return Err(Error::op(EMBEDDING, format!("token id {} is out of range for the vocabulary", emb - 1)));
         }
         if gat != 0 {
-            return Err(Error::op("aten.index_select", format!("index {} is out of range", gat - 1)));
+            return Err(Error::op(INDEX_SELECT, format!("index {} is out of range", gat - 1)));
         }
         Ok(())
     }

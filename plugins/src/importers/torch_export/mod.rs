@@ -24,6 +24,7 @@ use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ops::attention::SdpaAttrs;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV, MUL, MUL_SCALAR, POW_SCALAR, SUB};
+use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::pt2::{scalar_type, Pt2Archive};
 use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::WeightStore;
@@ -418,7 +419,7 @@ impl<'a> Importer<'a> {
         };
         let short = target.strip_prefix("torch.ops.aten.").unwrap_or(target);
         let translated: Option<(Op, Vec<ValueId>)> = match short {
-            "embedding.default" => Some((Op::Embedding, vec![tensor("weight")?, tensor("indices")?])),
+            "embedding.default" => Some((Op::embedding(), vec![tensor("weight")?, tensor("indices")?])),
             "linear.default" => {
                 let mut ins = vec![tensor("input")?, tensor("weight")?];
                 if !is_none("bias") {
@@ -493,24 +494,24 @@ impl<'a> Importer<'a> {
                     None => None,
                 };
                 match want {
-                    Some(d) if d != b.meta(x).dtype => Some((Op::ToDtype(d), vec![x])),
+                    Some(d) if d != b.meta(x).dtype => Some((Op::to_dtype(d), vec![x])),
                     _ => None,
                 }
             }
             // Ops that pass their input through: the output is the input's value.
             "alias.default" | "clone.default" | "contiguous.default" | "lift_fresh_copy.default" => None,
-            "view.default" | "_unsafe_view.default" => Some((Op::View(sizes("size")?), vec![tensor("self")?])),
-            "reshape.default" => Some((Op::Reshape(sizes("shape")?), vec![tensor("self")?])),
-            "expand.default" => Some((Op::Expand(sizes("size")?), vec![tensor("self")?])),
-            "transpose.int" => Some((Op::Transpose(int("dim0", 0)?, int("dim1", 1)?), vec![tensor("self")?])),
-            "unsqueeze.default" => Some((Op::Unsqueeze(int("dim", 0)?), vec![tensor("self")?])),
+            "view.default" | "_unsafe_view.default" => Some((Op::view(sizes("size")?), vec![tensor("self")?])),
+            "reshape.default" => Some((Op::reshape(sizes("shape")?), vec![tensor("self")?])),
+            "expand.default" => Some((Op::expand(sizes("size")?), vec![tensor("self")?])),
+            "transpose.int" => Some((Op::transpose(int("dim0", 0)?, int("dim1", 1)?), vec![tensor("self")?])),
+            "unsqueeze.default" => Some((Op::unsqueeze(int("dim", 0)?), vec![tensor("self")?])),
             "slice.Tensor" => {
-                let op = Op::Slice {
+                let op = Op::slice(Slice {
                     dim: int("dim", 0)?,
                     start: int("start", 0)?,
                     end: int("end", i64::MAX)?,
                     step: int("step", 1)?,
-                };
+                });
                 Some((op, vec![tensor("self")?]))
             }
             "cat.default" => {
@@ -525,7 +526,7 @@ impl<'a> Importer<'a> {
                         unsupported(&format!("argument `tensors` reads `{t}`, which is not defined before it"))
                     })?);
                 }
-                Some((Op::Cat { dim: int("dim", 0)? }, ins))
+                Some((Op::cat(int("dim", 0)?), ins))
             }
             "scaled_dot_product_attention.default" => {
                 if float("dropout_p").is_some_and(|p| p != 0.0) {
@@ -586,9 +587,9 @@ impl<'a> Importer<'a> {
 /// Whether `op` on `x` gives `x` back: a slice from 0 to the end with step 1, or a view,
 /// reshape, expand or slice whose shape rule returns `x`'s own shape.
 fn is_identity(op: &Op, x: &autodeploy_core::TensorMeta) -> bool {
-    match op {
-        Op::Slice { start: 0, end: i64::MAX, step: 1, .. } => true,
-        Op::View(_) | Op::Reshape(_) | Op::Expand(_) | Op::Slice { .. } => {
+    match op.slice_of() {
+        Some(Slice { start: 0, end: i64::MAX, step: 1, .. }) => true,
+        _ if op.slice_of().is_some() || op.view_sizes().is_some() || op.expand_sizes().is_some() => {
             autodeploy_core::ops::infer(op, std::slice::from_ref(x)).is_ok_and(|o| o.first() == Some(x))
         }
         _ => false,

@@ -1,0 +1,173 @@
+//! The gathers, each defined once here and registered in the op table: `aten.embedding(weight,
+//! indices)` (rows of a table; a block-quantized table dequantizes only the rows it looks up)
+//! and `aten.index_select(x, dim, index)` (the runtime's logits gather). Their CPU kernels
+//! refuse an index out of range naming it; their CUDA kernels set the step's error flag
+//! instead, which the executor reads back after the step.
+
+use std::sync::Arc;
+
+use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, ErrorFlag, KernelLauncher, Outputs};
+use crate::dtype::DType;
+use crate::ir::TensorMeta;
+use crate::op_text::read_attrs;
+use crate::ops::layout::dim_index;
+use crate::ops::{cuda_dt, no_attrs, Op};
+use crate::tensor::Tensor;
+
+pub const EMBEDDING: &str = "aten.embedding";
+pub const INDEX_SELECT: &str = "aten.index_select";
+
+fn parse_dim(text: &str) -> Result<i64, String> {
+    read_attrs(INDEX_SELECT, text, |a| a.int("dim"))
+}
+
+impl Op {
+    pub fn embedding() -> Op {
+        Op::Custom { name: EMBEDDING, attrs: String::new() }
+    }
+    pub fn index_select(dim: i64) -> Op {
+        Op::Custom { name: INDEX_SELECT, attrs: format!("dim={dim}") }
+    }
+    pub fn index_select_dim(&self) -> Option<i64> {
+        self.attrs_of(INDEX_SELECT).and_then(|a| parse_dim(a).ok())
+    }
+}
+
+fn embedding_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    no_attrs(attrs)?;
+    let (w, idx) = (&ins[0], &ins[1]);
+    if w.shape.len() != 2 {
+        return Err(format!("weight must be 2-D, got {w}"));
+    }
+    if idx.dtype != DType::I64 {
+        return Err(format!("indices must be i64, got {idx}"));
+    }
+    let mut shape = idx.shape.clone();
+    shape.push(w.shape[1].clone());
+    // Block-quantized tables give f32 rows.
+    let dtype = if w.dtype.is_block() { DType::F32 } else { w.dtype };
+    Ok(vec![TensorMeta { dtype, shape }])
+}
+
+fn index_select_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    let (x, idx) = (&ins[0], &ins[1]);
+    let d = dim_index(parse_dim(attrs)?, x.shape.len())?;
+    if idx.dtype != DType::I64 || idx.shape.len() != 1 {
+        return Err(format!("index must be a 1-D i64 tensor, got {idx}"));
+    }
+    let mut shape = x.shape.clone();
+    shape[d] = idx.shape[0].clone();
+    Ok(vec![TensorMeta { dtype: x.dtype, shape }])
+}
+
+/// Rows `idx` of each of `outer` blocks of `len` rows of `inner` values.
+fn gather_rows(
+    x: &Tensor,
+    idx: &[i64],
+    outer: usize,
+    len: usize,
+    inner: usize,
+    shape: Vec<usize>,
+) -> Result<Tensor, String> {
+    let data = crate::cpu::with_storage!(x.storage(), |v| {
+        let mut out = Vec::with_capacity(outer * idx.len() * inner);
+        for o in 0..outer {
+            for &i in idx {
+                let at = (o * len + i as usize) * inner;
+                out.extend_from_slice(&v[at..at + inner]);
+            }
+        }
+        out
+    });
+    Tensor::new(shape, data).map_err(|e| e.to_string())
+}
+
+fn embedding_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
+    let (w, idx) = (ins[0], ins[1]);
+    let (rows, dim) = (w.shape()[0], w.shape()[1]);
+    let ids = idx.to_i64();
+    if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= rows) {
+        return Err(format!("index {bad} out of range for {rows} rows"));
+    }
+    let (dt, shape) = (outs[0].0, outs[0].1.clone());
+    if let Some((ty, bytes)) = w.as_blocks() {
+        // Dequantize only the rows looked up.
+        let rb = dim / ty.block().0 * ty.block().1;
+        let mut out = Vec::with_capacity(ids.len() * dim);
+        for &i in ids.iter() {
+            out.extend(crate::gguf::dequantize(ty, &bytes[i as usize * rb..(i as usize + 1) * rb]));
+        }
+        return Ok(vec![Tensor::from_f32_as(dt, shape, out).map_err(|e| e.to_string())?]);
+    }
+    Ok(vec![gather_rows(w, &ids, 1, rows, dim, shape)?])
+}
+
+fn index_select_cpu(ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
+    let x = ins[0];
+    let d = dim_index(parse_dim(attrs)?, x.rank())?;
+    let idx = ins[1].to_i64();
+    let len = x.shape()[d];
+    if let Some(&bad) = idx.iter().find(|&&i| i < 0 || i as usize >= len) {
+        return Err(format!("index {bad} out of range for size {len}"));
+    }
+    let outer: usize = x.shape()[..d].iter().product();
+    let inner: usize = x.shape()[d + 1..].iter().product();
+    Ok(vec![gather_rows(x, &idx, outer, len, inner, outs[0].1.clone())?])
+}
+
+fn flag(l: &dyn KernelLauncher, f: ErrorFlag) -> Result<u64, String> {
+    l.error_flag(f).ok_or_else(|| "needs the executor's error flags".to_string())
+}
+
+fn embedding_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
+        let (w, ids, y) = (&ins[0], &ins[1], &outs[0]);
+        let row_bytes = w.shape[1] * cuda_dt(w.dtype)?.size();
+        let tokens = ids.shape.iter().product();
+        let at = flag(l, ErrorFlag::Embedding)?;
+        let gpu = crate::ops::gpu_of(l)?;
+        gpu.embedding(w.ptr, ids.ptr, y.ptr, tokens, row_bytes, w.shape[0], at).map_err(|e| e.0)
+    })
+}
+
+fn index_select_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let (x, idx, y) = (&ins[0], &ins[1], &outs[0]);
+        let d = dim_index(parse_dim(attrs)?, x.shape.len())?;
+        let outer: usize = x.shape[..d].iter().product();
+        let inner: usize = x.shape[d + 1..].iter().product();
+        let nidx = idx.shape.iter().product();
+        let at = flag(l, ErrorFlag::Gather)?;
+        let gpu = crate::ops::gpu_of(l)?;
+        gpu.index_select(x.ptr, idx.ptr, y.ptr, outer, nidx, x.shape[d], inner * cuda_dt(y.dtype)?.size(), at)
+            .map_err(|e| e.0)
+    })
+}
+
+/// The gathers as op-table entries.
+pub fn ops() -> Vec<CustomOp> {
+    let entry = |name, rule: fn(&[TensorMeta], &str) -> Result<Vec<TensorMeta>, String>, check, cpu, cuda| CustomOp {
+        name,
+        version: env!("CARGO_PKG_VERSION"),
+        inputs: 2,
+        extra_inputs: 0,
+        outputs: Outputs::Rule(Arc::new(rule)),
+        origin: "built-in",
+        check_attrs: Some(check),
+        cpu,
+        cuda: Some(cuda),
+        cuda_attrs: None,
+        sizes: None,
+        view: None,
+    };
+    vec![
+        entry(EMBEDDING, embedding_rule, no_attrs, Arc::new(embedding_cpu), embedding_cuda()),
+        entry(
+            INDEX_SELECT,
+            index_select_rule,
+            |a| parse_dim(a).map(|_| ()),
+            Arc::new(index_select_cpu),
+            index_select_cuda(),
+        ),
+    ]
+}
