@@ -13,7 +13,7 @@ use crate::gguf::GgmlType;
 use crate::ir::TensorMeta;
 use crate::ops::binary::{ADD, MUL};
 use crate::ops::layout::Slice;
-use crate::ops::{infer, Op};
+use crate::ops::Op;
 use crate::shape::{static_shape, Bindings, SizeArg};
 use crate::tensor::{Storage, Tensor};
 
@@ -82,10 +82,15 @@ use autodeploy_kernels::isa::CpuKernels::AvxVnni;
 
 /// Readies the weights node `op` reads for `opts` before the first step: on the VNNI int8 paths
 /// (AVX-512 VNNI, AVX-VNNI), the row-interleaved copy of each block weight its linears multiply
-/// (`linear_f32`: `Op::Linear`'s weight, `Op::SwiGluMlp`'s three) is made now rather than
-/// inside the first request. `weight(i)` is input `i` when it is a weight.
+/// (`linear_f32`: the weights of ops whose table entry says `linear_weights`, `aten.linear`'s
+/// and `torch_swiglu_mlp`'s) is made now rather than inside the first request. `weight(i)` is
+/// input `i` when it is a weight.
 pub fn prepare_weights<'a>(op: &Op, inputs: usize, weight: impl Fn(usize) -> Option<&'a Tensor>, opts: &KernelOptions) {
-    if !(opts.int8_activations && opts.cpu >= AvxVnni && matches!(op, Op::Linear | Op::SwiGluMlp { .. })) {
+    if !(opts.int8_activations && opts.cpu >= AvxVnni) {
+        return;
+    }
+    let linear = matches!(op, Op { name, .. } if crate::registry::custom_op(name).is_some_and(|c| c.linear_weights));
+    if !linear {
         return;
     }
     for w in (1..inputs).filter_map(weight) {
@@ -218,51 +223,23 @@ pub fn eval_with(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions
 
 /// Every output of `op` on `ins`, in the order the op infers them.
 pub fn eval_outputs(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Vec<Tensor>> {
-    match op {
-        Op::Custom { name, attrs } => {
-            let attrs = bind_sizes(name, attrs, bind)?;
-            let metas: Vec<TensorMeta> =
-                ins.iter().map(|t| TensorMeta { dtype: t.dtype(), shape: static_shape(t.shape()) }).collect();
-            let outs: Vec<(crate::DType, Vec<usize>)> = crate::custom_op::infer(name, &attrs, &metas)
-                .map_err(|e| Error::Shape { op: name.to_string(), node: String::new(), msg: e })?
-                .into_iter()
-                .map(|m| (m.dtype, to_usize(&m.shape)))
-                .collect();
-            crate::custom_op::eval(name, &attrs, ins, &outs)
-        }
-        _ => Ok(vec![eval_one(op, ins, bind, opts)?]),
-    }
+    let attrs = bind_sizes(op.name, &op.attrs, bind)?;
+    let metas: Vec<TensorMeta> =
+        ins.iter().map(|t| TensorMeta { dtype: t.dtype(), shape: static_shape(t.shape()) }).collect();
+    let outs: Vec<(crate::DType, Vec<usize>)> = crate::custom_op::infer(op.name, &attrs, &metas)
+        .map_err(|e| Error::Shape { op: op.name.to_string(), node: String::new(), msg: e })?
+        .into_iter()
+        .map(|m| (m.dtype, to_usize(&m.shape)))
+        .collect();
+    crate::custom_op::eval(op.name, &attrs, ins, &outs, opts)
 }
 
 fn eval_one(op: &Op, ins: &[&Tensor], bind: &Bindings, opts: &KernelOptions) -> Result<Tensor> {
-    if let Op::Custom { .. } = op {
-        let mut outs = eval_outputs(op, ins, bind, opts)?;
-        if outs.len() != 1 {
-            return Err(Error::op(op.name(), format!("has {} outputs: evaluate it with `eval_outputs`", outs.len())));
-        }
-        return Ok(outs.remove(0));
+    let mut outs = eval_outputs(op, ins, bind, opts)?;
+    if outs.len() != 1 {
+        return Err(Error::op(op.name(), format!("has {} outputs: evaluate it with `eval_outputs`", outs.len())));
     }
-    // Check the op's shape rules on the concrete inputs.
-    let metas: Vec<TensorMeta> =
-        ins.iter().map(|t| TensorMeta { dtype: t.dtype(), shape: static_shape(t.shape()) }).collect();
-    let out_meta = infer(op, &metas)?.remove(0);
-    let out_shape = to_usize(&out_meta.shape);
-    let x = ins[0];
-    match op {
-        Op::Linear => {
-            let w = ins[1];
-            let kk = w.shape()[1];
-            let m = x.numel() / kk.max(1);
-            let bias = ins.get(2).map(|b| b.to_f32());
-            let y = linear_f32(&x.to_f32(), m, kk, w, bias.as_deref(), opts);
-            Tensor::from_f32_as(out_meta.dtype, out_shape, y)
-        }
-        Op::SwiGluMlp { fused, .. } => swiglu(ins, *fused, out_shape, opts),
-        Op::Custom { .. } => Err(Error::op(op.name(), "table ops are evaluated through eval_outputs")),
-        Op::CachedAttention { .. } => {
-            Err(Error::op(op.name(), "needs a KV cache: run it through a runtime step with batch metadata"))
-        }
-    }
+    Ok(outs.remove(0))
 }
 
 pub(crate) fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize) -> Result<Storage> {
@@ -408,42 +385,6 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, bi
     let rot = eval(&Op::cat(-1), &[&n2, &x1], bind)?;
     let rs = eval(&Op::binary(MUL), &[&rot, sin], bind)?;
     eval(&Op::binary(ADD), &[&xc, &rs], bind)
-}
-
-fn swiglu(ins: &[&Tensor], fused: bool, out_shape: Vec<usize>, opts: &KernelOptions) -> Result<Tensor> {
-    let x = ins[0];
-    let dtype = x.dtype();
-    let wd = ins[ins.len() - 1];
-    let inter = wd.shape()[1];
-    let kk = *x.shape().last().expect("rank >= 1");
-    let m = x.numel() / kk.max(1);
-    let xv = x.to_f32();
-    let lin = |w: &Tensor, n: usize| {
-        let mut y = linear_f32(&xv, m, kk, w, None, opts);
-        debug_assert_eq!(y.len(), m * n);
-        y.iter_mut().for_each(|v| *v = round_as(dtype, *v));
-        y
-    };
-    // silu(gate) · up, rounded where the unfused graph rounds; on the pool (1.5k exps a token
-    // are several µs serially).
-    let (gu, up) = if fused { (lin(ins[1], 2 * inter), None) } else { (lin(ins[1], inter), Some(lin(ins[2], inter))) };
-    let mut act = vec![0f32; m * inter];
-    let chunk = (m * inter).div_ceil(4 * autodeploy_kernels::pool::threads()).max(256);
-    autodeploy_kernels::pool::for_each_chunk_mut(&mut act, chunk, |c, out| {
-        for (i, o) in out.iter_mut().enumerate() {
-            let j = c * chunk + i;
-            let (a, b) = match &up {
-                Some(u) => (gu[j], u[j]),
-                None => {
-                    let (r, col) = (j / inter, j % inter);
-                    (gu[r * 2 * inter + col], gu[r * 2 * inter + inter + col])
-                }
-            };
-            *o = round_as(dtype, round_as(dtype, a / (1.0 + (-a).exp())) * b);
-        }
-    });
-    let y = linear_f32(&act, m, inter, wd, None, opts);
-    Tensor::from_f32_as(dtype, out_shape, y)
 }
 
 #[cfg(test)]

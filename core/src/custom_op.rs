@@ -26,11 +26,16 @@ pub enum Outputs {
     Rule(OutputRuleFn),
 }
 
-/// A CPU implementation: the inputs, the node's attribute text and the outputs' concrete
-/// metadata in, the outputs out (the host checks their dtypes and shapes).
+/// A CPU implementation: the inputs, the node's attribute text, the outputs' concrete
+/// metadata and the compile backend's kernel choices in, the outputs out (the host checks their
+/// dtypes and shapes).
 pub type CpuImpl = Arc<
-    dyn Fn(&[&Tensor], &str, &[(crate::DType, Vec<usize>)]) -> std::result::Result<Vec<Tensor>, String> + Send + Sync,
+    dyn Fn(&[&Tensor], &str, &[(crate::DType, Vec<usize>)], &KernelOptions) -> std::result::Result<Vec<Tensor>, String>
+        + Send
+        + Sync,
 >;
+
+use crate::cpu::KernelOptions;
 
 /// A tensor on the GPU as a CUDA implementation sees it (dense, row-major).
 #[derive(Clone, Debug)]
@@ -62,6 +67,11 @@ pub trait KernelLauncher {
     /// Where a kernel sets error flag `f` (the step fails naming it when set), if the
     /// executor has them.
     fn error_flag(&self, _f: ErrorFlag) -> Option<u64> {
+        None
+    }
+
+    /// Scratch region `k` the op's entry asked for (`cuda_scratch`).
+    fn scratch(&self, _k: usize) -> Option<u64> {
         None
     }
 }
@@ -119,7 +129,15 @@ pub struct CustomOp {
     /// For ops whose output may read its first input's memory (views): where, given the
     /// input's layout; the CUDA executor then queues no kernel.
     pub view: Option<ViewFn>,
+    /// Its inputs past the first that are 2-D block-quantized weights are multiplied as linear
+    /// weights (`cpu::linear_f32`): the CPU backend readies them for its kernels at load.
+    pub linear_weights: bool,
+    /// The scratch regions (bytes) its CUDA implementation needs besides its outputs, for
+    /// inputs of these dtypes and (largest) shapes; the launcher hands them out.
+    pub cuda_scratch: Option<ScratchFn>,
 }
+
+pub type ScratchFn = fn(&[(crate::DType, Vec<usize>)], &str) -> Vec<usize>;
 
 /// Rewrites the sizes in an op's attribute text with `f`.
 pub type MapSizes =
@@ -157,7 +175,7 @@ pub fn op(name: &str, attrs: &str) -> Result<Op> {
     if let Some(check) = c.check_attrs {
         check(attrs).map_err(|e| Error::op(name, e))?;
     }
-    Ok(Op::Custom { name: c.name, attrs: attrs.to_string() })
+    Ok(Op { name: c.name, attrs: attrs.to_string() })
 }
 
 /// The outputs of registered op `name` on inputs `ins`: its shape rule, checked.
@@ -184,10 +202,16 @@ pub fn infer(name: &str, attrs: &str, ins: &[TensorMeta]) -> std::result::Result
 }
 
 /// Runs a registered op on the CPU; `outs` are its outputs' concrete dtypes and shapes.
-pub fn eval(name: &str, attrs: &str, ins: &[&Tensor], outs: &[(crate::DType, Vec<usize>)]) -> Result<Vec<Tensor>> {
+pub fn eval(
+    name: &str,
+    attrs: &str,
+    ins: &[&Tensor],
+    outs: &[(crate::DType, Vec<usize>)],
+    opts: &KernelOptions,
+) -> Result<Vec<Tensor>> {
     let c = crate::registry::custom_op(name)
         .ok_or_else(|| Error::op(name, "no implementation is registered for this op"))?;
-    let got = (c.cpu)(ins, attrs, outs).map_err(|e| Error::op(name, format!("{e} ({})", c.origin)))?;
+    let got = (c.cpu)(ins, attrs, outs, opts).map_err(|e| Error::op(name, format!("{e} ({})", c.origin)))?;
     if got.len() != outs.len() || got.iter().zip(outs).any(|(t, (d, s))| t.dtype() != *d || t.shape() != s.as_slice()) {
         let got: Vec<String> = got.iter().map(|t| format!("{}{:?}", t.dtype(), t.shape())).collect();
         let want: Vec<String> = outs.iter().map(|(d, s)| format!("{d}{s:?}")).collect();

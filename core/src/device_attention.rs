@@ -113,6 +113,8 @@ pub struct SourceLauncher<'a> {
     pub what: String,
     /// The executor's error flags buffer (0: none).
     pub flags: u64,
+    /// The node's scratch regions (`CustomOp::cuda_scratch`).
+    pub scratch: Vec<u64>,
 }
 
 impl crate::custom_op::KernelLauncher for SourceLauncher<'_> {
@@ -132,5 +134,9 @@ impl crate::custom_op::KernelLauncher for SourceLauncher<'_> {
 
     fn error_flag(&self, f: crate::custom_op::ErrorFlag) -> Option<u64> {
         (self.flags != 0).then(|| self.flags + f.offset())
+    }
+
+    fn scratch(&self, k: usize) -> Option<u64> {
+        self.scratch.get(k).copied()
     }
 }

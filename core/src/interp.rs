@@ -5,6 +5,7 @@ use crate::cpu;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::kvcache::{AttentionBackend, StepContext};
+use crate::ops::attention::CachedAttn;
 use crate::ops::Op;
 use crate::shape::Bindings;
 use crate::tensor::Tensor;
@@ -57,20 +58,21 @@ pub fn eval_node(
 ) -> Result<Vec<Tensor>> {
     let n = &g.nodes[i];
     let name = &g.value(n.outputs[0]).name;
-    let res = match (&n.op, attention, step) {
-        (Op::CachedAttention { layer, scale, rope: false, .. }, Some(b), Some(cx)) => {
+    let cached = n.op.cached_attention_of();
+    let res = match (&cached, attention, step) {
+        (Some(CachedAttn { layer, scale, rope: false, .. }), Some(b), Some(cx)) => {
             b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx).map(|t| vec![t])
         }
         // RoPE fused into the op: q and k rotated here, so every backend (plugins included) sees
         // what the unfused graph gave it.
-        (Op::CachedAttention { layer, scale, rope: true, .. }, Some(b), Some(cx)) => {
+        (Some(CachedAttn { layer, scale, rope: true, .. }), Some(b), Some(cx)) => {
             let rot = Op::rope(false);
             cpu::eval_with(&rot, &[ins[0], ins[3], ins[4]], bind, kernels).and_then(|q| {
                 let k = cpu::eval_with(&rot, &[ins[1], ins[3], ins[4]], bind, kernels)?;
                 b.attend(*layer, *scale as f32, &q, &k, ins[2], cx).map(|t| vec![t])
             })
         }
-        (Op::CachedAttention { .. }, _, None) => Err(Error::Msg(
+        (Some(_), _, None) => Err(Error::Msg(
             "this graph has cached attention: forward needs a step context (batch metadata and KV cache)".into(),
         )),
         _ => cpu::eval_outputs(&n.op, ins, bind, kernels),
@@ -80,17 +82,17 @@ pub fn eval_node(
         e => Error::Op { op: n.op.name().into(), msg: format!("node `{name}`: {e}") },
     })?;
     if kernels.debug_checks {
-        let what = match &n.op {
-            Op::CachedAttention { backend, layer, .. } => Some(format!(
+        let what = match &cached {
+            Some(CachedAttn { backend, layer, .. }) => Some(format!(
                 "attention backend `{backend}` ({}), layer {layer}",
                 crate::registry::attention_backend_origin(backend)
             )),
             // A library's op (the built-in ones of the op table are the host's own kernels).
-            Op::Custom { name: op, .. } => {
-                let origin = crate::registry::custom_op(op).map_or("unregistered", |c| c.origin);
+            None => {
+                let (op, origin) =
+                    (n.op.name, crate::registry::custom_op(n.op.name).map_or("unregistered", |c| c.origin));
                 (origin != "built-in").then(|| format!("op `{op}` ({origin})"))
             }
-            _ => None,
         };
         if let Some(what) = what {
             for t in &out {

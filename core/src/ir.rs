@@ -353,12 +353,11 @@ impl Graph {
             }
         }
         for node in &mut self.nodes {
-            if let Op::Custom { name: op, attrs } = &mut node.op {
-                let map = crate::registry::custom_op(op).and_then(|c| c.sizes);
-                // The text came from the op's own printer, so it reads back.
-                if let Some(Ok(t)) = map.map(|m| m(attrs, &mut |d| Ok(d.substitute(name, n)))) {
-                    *attrs = t;
-                }
+            let op = &mut node.op;
+            let map = crate::registry::custom_op(op.name).and_then(|c| c.sizes);
+            // The text came from the op's own printer, so it reads back.
+            if let Some(Ok(t)) = map.map(|m| m(&op.attrs, &mut |d| Ok(d.substitute(name, n)))) {
+                op.attrs = t;
             }
         }
         self.symbols.remove(name);

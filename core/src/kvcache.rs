@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::ir::Graph;
-use crate::ops::Op;
+use crate::ops::attention::CachedAttn;
 use crate::tensor::Tensor;
 
 /// Cache geometry of one attention layer.
@@ -31,7 +31,7 @@ impl CacheSpec {
         let mut layers: Vec<Option<LayerCache>> = Vec::new();
         let mut backend = None;
         for n in &g.nodes {
-            if let Op::CachedAttention { backend: b, layer, .. } = &n.op {
+            if let Some(CachedAttn { backend: b, layer, .. }) = n.op.cached_attention_of() {
                 let km = g.meta(n.inputs[1]);
                 let (kv_heads, head_dim) = match km.shape.as_slice() {
                     [_, h, _, d] => match (h.as_static(), d.as_static()) {
@@ -45,13 +45,15 @@ impl CacheSpec {
                     },
                     _ => return Err(Error::op(n.op.name(), format!("k must be 4-D, got {km}"))),
                 };
-                if layers.len() <= *layer {
+                if layers.len() <= layer {
                     layers.resize(layer + 1, None);
                 }
-                layers[*layer] = Some(LayerCache { kv_heads, head_dim });
+                layers[layer] = Some(LayerCache { kv_heads, head_dim });
                 match &backend {
                     None => backend = Some(b.clone()),
-                    Some(x) if x != b => return Err(Error::Msg(format!("graph mixes attention backends {x} and {b}"))),
+                    Some(x) if *x != b => {
+                        return Err(Error::Msg(format!("graph mixes attention backends {x} and {b}")))
+                    }
                     _ => {}
                 }
             }

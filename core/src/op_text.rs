@@ -11,23 +11,7 @@ use crate::shape::{Dim, SizeArg};
 /// The op named `name` with attributes `attrs` (as [`Op::attrs`] prints them); plugin ops
 /// (registered with `custom_op`) by their own name and attribute text.
 pub fn parse_op(name: &str, attrs: &str) -> Result<Op> {
-    let mut a = Attrs::new(name, attrs)?;
-    let op = match name {
-        "aten.linear" => Op::Linear,
-        "torch_swiglu_mlp" => Op::SwiGluMlp {
-            fused: a.opt_bool("fused")?.unwrap_or(false),
-            epilogue: a.opt_bool("epilogue")?.unwrap_or(false),
-        },
-        "attention_with_kv_cache" => Op::CachedAttention {
-            backend: a.take("backend").ok_or_else(|| a.missing("backend"))?.to_string(),
-            layer: usize::try_from(a.int("layer")?).map_err(|_| a.bad("layer", "negative", "a layer index"))?,
-            scale: a.f64("scale")?,
-            rope: a.opt_bool("rope")?.unwrap_or(false),
-        },
-        _ => return crate::custom_op::op(name, attrs),
-    };
-    a.finish()?;
-    Ok(op)
+    crate::custom_op::op(name, attrs)
 }
 
 /// Reads attribute text `text` of op `op` with `read`, every attribute used: what an op
@@ -217,16 +201,17 @@ pub fn parse_shape(s: &str) -> Option<Vec<Dim>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::attention::SdpaAttrs;
+    use crate::ops::attention::{CachedAttn, SdpaAttrs};
     use crate::ops::binary::*;
     use crate::ops::layout::Slice;
+    use crate::ops::linear::SwiGlu;
     use crate::ops::norm::NormAttrs;
 
     fn every_op() -> Vec<Op> {
         let sizes = vec![SizeArg::Dim(Dim::new(1)), SizeArg::Dim(Dim::sym("seq").mul(&Dim::new(2))), SizeArg::Infer];
         vec![
             Op::embedding(),
-            Op::Linear,
+            Op::linear(),
             Op::matmul(),
             Op::binary(ADD),
             Op::binary(SUB),
@@ -262,11 +247,12 @@ mod tests {
             Op::add_rmsnorm(NormAttrs { eps: 1e-5, norm_dtype: DType::BF16 }),
             Op::rope(true),
             Op::attention(true, 0.088),
-            Op::SwiGluMlp { fused: true, epilogue: false },
-            Op::SwiGluMlp { fused: true, epilogue: true },
+            Op::swiglu(SwiGlu { fused: true, epilogue: false }),
+            Op::swiglu(SwiGlu { fused: true, epilogue: true }),
+            Op::swiglu(SwiGlu::default()),
             Op::index_select(1),
-            Op::CachedAttention { backend: "flashinfer".into(), layer: 3, scale: 0.125, rope: false },
-            Op::CachedAttention { backend: "torch".into(), layer: 0, scale: 0.125, rope: true },
+            Op::cached_attention(&CachedAttn { backend: "flashinfer".into(), layer: 3, scale: 0.125, rope: false }),
+            Op::cached_attention(&CachedAttn { backend: "torch".into(), layer: 0, scale: 0.125, rope: true }),
         ]
     }
 

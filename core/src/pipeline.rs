@@ -180,7 +180,7 @@ pub fn kv_pages(g: &Graph, cfg: &PipelineConfig) -> Result<usize> {
 pub fn cache_dtype(g: &Graph) -> crate::DType {
     g.nodes
         .iter()
-        .find(|n| matches!(n.op, crate::ops::Op::CachedAttention { .. }))
+        .find(|n| n.op.is(crate::ops::attention::CACHED_ATTENTION))
         .map(|n| g.meta(n.inputs[1]).dtype)
         .unwrap_or(crate::DType::F32)
 }

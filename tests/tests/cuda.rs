@@ -805,7 +805,7 @@ fn a_library_typed_op_on_cuda_matches_its_cpu_kernel() {
     for dtype in [DType::F32, DType::BF16] {
         let x = autodeploy_core::Tensor::from_f32_as(dtype, vec![rows, n], vals.clone()).unwrap();
         let outs = [(dtype, vec![rows, k]), (DType::I64, vec![rows, k])];
-        let want = (op.cpu)(&[&x], "k=5", &outs).unwrap();
+        let want = (op.cpu)(&[&x], "k=5", &outs, &Default::default()).unwrap();
         let xb = x.to_le_bytes().unwrap();
         let (bx, bv, bi) = (
             g.alloc(xb.len(), "x").unwrap(),
@@ -814,7 +814,7 @@ fn a_library_typed_op_on_cuda_matches_its_cpu_kernel() {
         );
         g.upload(bx.ptr, &xb).unwrap();
         let dev = |ptr, dtype, shape: &[usize]| DeviceTensor { ptr, dtype, shape: shape.to_vec() };
-        let mut launcher = SourceLauncher { gpu: &g, what: "example.topk".into(), flags: 0 };
+        let mut launcher = SourceLauncher { gpu: &g, what: "example.topk".into(), flags: 0, scratch: vec![] };
         cuda(
             &[dev(bx.ptr, dtype, &[rows, n])],
             &[dev(bv.ptr, dtype, &[rows, k]), dev(bi.ptr, DType::I64, &[rows, k])],

@@ -285,15 +285,15 @@ fn mlp_graph(bias_on_up: bool) -> (Graph, Vec<Tensor>) {
     let wg = b.param("wg", DType::F32, static_shape(&[12, 8]));
     let wu = b.param("wu", DType::F32, static_shape(&[12, 8]));
     let wd = b.param("wd", DType::F32, static_shape(&[8, 12]));
-    let g_ = b.op("gate", Op::Linear, &[x, wg]).unwrap();
+    let g_ = b.op("gate", Op::linear(), &[x, wg]).unwrap();
     let mut up_in = vec![x, wu];
     if bias_on_up {
         up_in.push(b.param("bu", DType::F32, static_shape(&[12])));
     }
-    let u = b.op("up", Op::Linear, &up_in).unwrap();
+    let u = b.op("up", Op::linear(), &up_in).unwrap();
     let a = b.op("act", Op::unary("aten.silu"), &[g_]).unwrap();
     let m = b.op("prod", Op::binary(MUL), &[u, a]).unwrap();
-    let out = b.op("down", Op::Linear, &[m, wd]).unwrap();
+    let out = b.op("down", Op::linear(), &[m, wd]).unwrap();
     b.output(out);
     (b.finish().unwrap(), vec![rand_tensor(DType::F32, &[3, 8], 13)])
 }
@@ -347,7 +347,7 @@ fn gemm_fusion_of_linears_sharing_an_input() {
     for (w, bias, rows) in [("wq", "bq", 8), ("wk", "bk", 4), ("wv", "bv", 4)] {
         let wv = b.param(w, DType::F32, static_shape(&[rows, 8]));
         let bv = b.param(bias, DType::F32, static_shape(&[rows]));
-        outs.push(b.op(&format!("{w}_out"), Op::Linear, &[x, wv, bv]).unwrap());
+        outs.push(b.op(&format!("{w}_out"), Op::linear(), &[x, wv, bv]).unwrap());
     }
     let qk = b.op("qk", Op::cat(-1), &[outs[0], outs[1], outs[2]]).unwrap();
     b.output(qk);

@@ -22,6 +22,67 @@ use crate::tensor::Tensor;
 pub const MATMUL: &str = "aten.matmul";
 pub const SDPA: &str = "aten.scaled_dot_product_attention";
 pub const ATTENTION: &str = "torch_attention";
+pub const CACHED_ATTENTION: &str = "attention_with_kv_cache";
+
+/// `attention_with_kv_cache(q, k, v[, cos, sin])` for layer `layer`: writes k/v of this step's
+/// tokens into the paged cache, then attends each token to its sequence's cached prefix, through
+/// the attention backend `backend` (its kernels are the backend's, with the step's batch
+/// metadata and KV cache: no CPU or CUDA kernel of the op table runs it). Tokens of all
+/// sequences are flattened into `seq` (batch 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedAttn {
+    pub backend: String,
+    pub layer: usize,
+    pub scale: f64,
+    /// `(q, k, v, cos, sin)`: q and k arrive unrotated and the op applies RoPE (rotate-half, as
+    /// `torch_rope_with_explicit_cos_sin`) before writing k and attending; the
+    /// `fuse_rope_attention` transform makes it, so the CUDA executor rotates, writes the cache
+    /// and attends in one kernel.
+    pub rope: bool,
+}
+
+impl CachedAttn {
+    fn text(&self) -> String {
+        let r = if self.rope { ", rope=true" } else { "" };
+        format!("backend={}, layer={}, scale={:?}{r}", self.backend, self.layer, self.scale)
+    }
+
+    fn parse(text: &str) -> Result<CachedAttn, String> {
+        read_attrs(CACHED_ATTENTION, text, |a| {
+            let backend = a.take("backend").ok_or_else(|| a.missing("backend"))?.to_string();
+            let layer = a.int("layer")?;
+            let layer = usize::try_from(layer).map_err(|_| a.bad("layer", &layer.to_string(), "a layer index"))?;
+            Ok(CachedAttn { backend, layer, scale: a.f64("scale")?, rope: a.opt_bool("rope")?.unwrap_or(false) })
+        })
+    }
+}
+
+fn cached_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    let a = CachedAttn::parse(attrs)?;
+    let want = if a.rope { 5 } else { 3 };
+    if ins.len() != want {
+        return Err(format!("takes {want} tensor inputs with rope={}, got {}", a.rope, ins.len()));
+    }
+    if a.rope {
+        // cos/sin must rotate q and k as the unfused RoPE nodes would.
+        for (j, what) in [(0, "q"), (1, "k")] {
+            let r = crate::custom_op::infer(
+                super::rope::ROPE,
+                "interleaved=false",
+                &[ins[j].clone(), ins[3].clone(), ins[4].clone()],
+            )
+            .map_err(|e| format!("RoPE of {what}: {e}"))?;
+            if r[0] != ins[j] {
+                return Err(format!("RoPE of {what} would give {} from {}", r[0], ins[j]));
+            }
+        }
+    }
+    let out = attention_rule(&ins[..3], true)?;
+    if !ins[0].shape[0].is_one() {
+        return Err(format!("expects the flattened batch [1, heads, tokens, dim], got {}", ins[0]));
+    }
+    Ok(out)
+}
 
 /// `aten.scaled_dot_product_attention`'s attributes.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -71,29 +132,38 @@ impl AttentionAttrs {
 
 impl Op {
     pub fn matmul() -> Op {
-        Op::Custom { name: MATMUL, attrs: String::new() }
+        Op { name: MATMUL, attrs: String::new() }
     }
 
     pub fn sdpa(a: SdpaAttrs) -> Op {
-        Op::Custom { name: SDPA, attrs: a.text() }
+        Op { name: SDPA, attrs: a.text() }
     }
 
     pub fn attention(causal: bool, scale: f64) -> Op {
-        Op::Custom { name: ATTENTION, attrs: format!("causal={causal}, scale={scale:?}") }
+        Op { name: ATTENTION, attrs: format!("causal={causal}, scale={scale:?}") }
     }
 
     /// The attributes of an `aten.scaled_dot_product_attention` node.
     pub fn sdpa_attrs(&self) -> Option<SdpaAttrs> {
         match self {
-            Op::Custom { name: SDPA, attrs, .. } => SdpaAttrs::parse(attrs).ok(),
+            Op { name: SDPA, attrs, .. } => SdpaAttrs::parse(attrs).ok(),
             _ => None,
         }
+    }
+
+    pub fn cached_attention(a: &CachedAttn) -> Op {
+        Op { name: CACHED_ATTENTION, attrs: a.text() }
+    }
+
+    /// The attributes of an `attention_with_kv_cache` node.
+    pub fn cached_attention_of(&self) -> Option<CachedAttn> {
+        self.attrs_of(CACHED_ATTENTION).and_then(|a| CachedAttn::parse(a).ok())
     }
 
     /// The attributes of a `torch_attention` node.
     pub fn attention_attrs(&self) -> Option<AttentionAttrs> {
         match self {
-            Op::Custom { name: ATTENTION, attrs, .. } => AttentionAttrs::parse(attrs).ok(),
+            Op { name: ATTENTION, attrs, .. } => AttentionAttrs::parse(attrs).ok(),
             _ => None,
         }
     }
@@ -222,20 +292,33 @@ fn entry(
         })),
         origin: "built-in",
         check_attrs: Some(check),
-        cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
-            Ok(vec![cpu(ins, attrs, &outs[0]).map_err(|e| e.to_string())?])
-        }),
+        cpu: Arc::new(
+            move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
+                Ok(vec![cpu(ins, attrs, &outs[0]).map_err(|e| e.to_string())?])
+            },
+        ),
         cuda: None,
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: None,
     }
 }
 
 /// The attention ops as op-table entries.
 pub fn ops() -> Vec<CustomOp> {
+    // Its kernels are its attention backend's: the executors call the backend with the step.
+    let no_kernel: OneOutput = |_, _, _| {
+        Err(crate::Error::op(CACHED_ATTENTION, "needs a KV cache: run it through a runtime step with batch metadata"))
+    };
+    let cached = CustomOp {
+        extra_inputs: 2,
+        ..entry(CACHED_ATTENTION, 3, |a| CachedAttn::parse(a).map(|_| ()), cached_rule, no_kernel)
+    };
     vec![
+        cached,
         entry(MATMUL, 2, no_attrs, |ins, _| matmul_rule(ins), |ins, _, (d, s)| matmul_cpu(ins[0], ins[1], *d, s)),
         entry(
             SDPA,

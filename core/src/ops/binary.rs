@@ -61,24 +61,24 @@ impl Op {
     /// `a <op> b`, one of [`ADD`], [`SUB`], [`MUL`], [`DIV`].
     pub fn binary(name: &'static str) -> Op {
         debug_assert!(TENSOR_OPS.iter().any(|d| d.name == name), "{name} is not a binary op");
-        Op::Custom { name, attrs: String::new() }
+        Op { name, attrs: String::new() }
     }
 
     /// `x <op> s`, one of [`ADD_SCALAR`], [`MUL_SCALAR`], [`POW_SCALAR`].
     pub fn scalar(name: &'static str, s: f64) -> Op {
         debug_assert!(SCALAR_OPS.iter().any(|d| d.name == name), "{name} is not a scalar op");
-        Op::Custom { name, attrs: format!("{s:?}") }
+        Op { name, attrs: format!("{s:?}") }
     }
 
     /// Whether this is the op-table op `name`.
     pub fn is(&self, name: &str) -> bool {
-        matches!(self, Op::Custom { name: n, .. } if *n == name)
+        matches!(self, Op { name: n, .. } if *n == name)
     }
 
     /// The number of scalar op `name` (`aten.add.Scalar` and the like), if this is one.
     pub fn scalar_of(&self, name: &str) -> Option<f64> {
         match self {
-            Op::Custom { name: n, attrs, .. } if *n == name => parse_scalar(attrs).ok(),
+            Op { name: n, attrs, .. } if *n == name => parse_scalar(attrs).ok(),
             _ => None,
         }
     }
@@ -179,13 +179,15 @@ fn tensor_op(d: &TensorDef) -> CustomOp {
         })),
         origin: "built-in",
         check_attrs: Some(no_attrs),
-        cpu: Arc::new(move |ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(move |ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             Ok(vec![eval_tensor(ins[0], ins[1], outs[0].0, &outs[0].1, f)?])
         }),
         cuda: Some(cuda),
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: None,
     }
 }
@@ -210,7 +212,7 @@ fn scalar_op(d: &ScalarDef) -> CustomOp {
         })),
         origin: "built-in",
         check_attrs: Some(check_scalar),
-        cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, _: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, _: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             let (x, s) = (ins[0], parse_scalar(attrs)?);
             let y = match (x.as_i64(), int) {
                 (Some(v), Some(g)) => Tensor::from_i64(x.shape().to_vec(), v.iter().map(|&a| g(a, s as i64)).collect()),
@@ -222,6 +224,8 @@ fn scalar_op(d: &ScalarDef) -> CustomOp {
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: None,
     }
 }

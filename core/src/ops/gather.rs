@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::cpu::KernelOptions;
 use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, ErrorFlag, KernelLauncher, Outputs};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
@@ -23,10 +24,10 @@ fn parse_dim(text: &str) -> Result<i64, String> {
 
 impl Op {
     pub fn embedding() -> Op {
-        Op::Custom { name: EMBEDDING, attrs: String::new() }
+        Op { name: EMBEDDING, attrs: String::new() }
     }
     pub fn index_select(dim: i64) -> Op {
-        Op::Custom { name: INDEX_SELECT, attrs: format!("dim={dim}") }
+        Op { name: INDEX_SELECT, attrs: format!("dim={dim}") }
     }
     pub fn index_select_dim(&self) -> Option<i64> {
         self.attrs_of(INDEX_SELECT).and_then(|a| parse_dim(a).ok())
@@ -82,7 +83,12 @@ fn gather_rows(
     Tensor::new(shape, data).map_err(|e| e.to_string())
 }
 
-fn embedding_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
+fn embedding_cpu(
+    ins: &[&Tensor],
+    _: &str,
+    outs: &[(DType, Vec<usize>)],
+    _: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
     let (w, idx) = (ins[0], ins[1]);
     let (rows, dim) = (w.shape()[0], w.shape()[1]);
     let ids = idx.to_i64();
@@ -102,7 +108,12 @@ fn embedding_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)]) -> Resu
     Ok(vec![gather_rows(w, &ids, 1, rows, dim, shape)?])
 }
 
-fn index_select_cpu(ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
+fn index_select_cpu(
+    ins: &[&Tensor],
+    attrs: &str,
+    outs: &[(DType, Vec<usize>)],
+    _: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
     let x = ins[0];
     let d = dim_index(parse_dim(attrs)?, x.rank())?;
     let idx = ins[1].to_i64();
@@ -159,6 +170,8 @@ pub fn ops() -> Vec<CustomOp> {
         cuda_attrs: None,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
     };
     vec![
         entry(EMBEDDING, embedding_rule, no_attrs, Arc::new(embedding_cpu), embedding_cuda()),

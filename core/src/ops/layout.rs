@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use crate::cpu::KernelOptions;
 use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, MapSizes, Outputs, View, ViewFn, ViewIn};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
@@ -90,7 +91,7 @@ fn parse_cat(text: &str) -> Result<i64, String> {
 }
 
 fn named(name: &'static str, attrs: String) -> Op {
-    Op::Custom { name, attrs }
+    Op { name, attrs }
 }
 
 impl Op {
@@ -127,7 +128,7 @@ impl Op {
     /// The size list of a view or reshape.
     pub fn view_sizes(&self) -> Option<Vec<SizeArg>> {
         match self {
-            Op::Custom { name: VIEW | RESHAPE, attrs } => parse_sizes(VIEW, attrs).ok(),
+            Op { name: VIEW | RESHAPE, attrs } => parse_sizes(VIEW, attrs).ok(),
             _ => None,
         }
     }
@@ -150,7 +151,7 @@ impl Op {
     /// The attribute text of a table op named `name`.
     pub(crate) fn attrs_of(&self, name: &str) -> Option<&str> {
         match self {
-            Op::Custom { name: n, attrs } if *n == name => Some(attrs),
+            Op { name: n, attrs } if *n == name => Some(attrs),
             _ => None,
         }
     }
@@ -373,7 +374,7 @@ fn cpu_view(x: &Tensor, shape: &[usize], strides: &[i64], offset: i64) -> Result
 }
 
 fn cpu_by_view(view: ViewFn) -> crate::custom_op::CpuImpl {
-    Arc::new(move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
+    Arc::new(move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
         let (x, (dt, shape)) = (ins[0], &outs[0]);
         let strides = contiguous_strides(x.shape());
         let v = ViewIn {
@@ -395,7 +396,12 @@ fn cpu_by_view(view: ViewFn) -> crate::custom_op::CpuImpl {
     })
 }
 
-fn cat_cpu(ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]) -> Result<Vec<Tensor>, String> {
+fn cat_cpu(
+    ins: &[&Tensor],
+    attrs: &str,
+    outs: &[(DType, Vec<usize>)],
+    _: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
     let x = ins[0];
     let d = dim_index(parse_cat(attrs)?, x.rank())?;
     let shape = outs[0].1.clone();
@@ -484,6 +490,8 @@ fn entry(
         cuda_attrs: None,
         sizes: None,
         view: Some(view),
+        linear_weights: false,
+        cuda_scratch: None,
     }
 }
 
@@ -543,14 +551,14 @@ pub fn ops() -> Vec<CustomOp> {
         outputs: Outputs::Rule(Arc::new(|ins: &[TensorMeta], attrs: &str| {
             Ok(vec![TensorMeta { dtype: parse_dtype(attrs)?, shape: ins[0].shape.clone() }])
         })),
-        cpu: Arc::new(|ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(|ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             Ok(vec![ins[0].cast(outs[0].0).map_err(|e| e.to_string())?])
         }),
         cuda: Some(cast_cuda()),
         ..entry(TO_DTYPE, |x, _| Ok(x.shape.clone()), |a| parse_dtype(a).map(|_| ()), view_of_cast)
     };
     let expand = CustomOp {
-        cpu: Arc::new(|ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(|ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             let (x, shape) = (ins[0], &outs[0].1);
             Ok(vec![cpu_view(x, shape, &broadcast_strides(x.shape(), shape), 0)?])
         }),
@@ -623,7 +631,7 @@ mod tests {
     #[test]
     fn views_say_where_their_output_lies() {
         let at = |op: Op, shape: &[usize], st: &[i64], out: &[usize], dts: (DType, DType)| {
-            let Op::Custom { name, attrs } = &op else { unreachable!() };
+            let Op { name, attrs } = &op;
             let c = crate::registry::custom_op(name).unwrap();
             let v =
                 ViewIn { attrs, in_shape: shape, in_strides: st, in_dtype: dts.0, out_shape: out, out_dtype: dts.1 };

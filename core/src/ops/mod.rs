@@ -13,86 +13,37 @@ pub mod attention;
 pub mod binary;
 pub mod gather;
 pub mod layout;
+pub mod linear;
 pub mod norm;
 pub mod reduce;
 pub mod rope;
 pub mod unary;
 
+/// A graph node's op: an entry of the op table (`registry::custom_op`: the built-in ops of this
+/// module's files and the ones plugin libraries register) by name, with its attribute text as
+/// the entry reads and prints it. Graphs build ops with the typed constructors (`Op::linear()`,
+/// `Op::view(..)`, `Op::rmsnorm(..)`, ...) and transforms read them with `Op::is` and the typed
+/// readers (`Op::view_sizes`, `Op::norm_attrs`, ...).
 #[derive(Clone, Debug, PartialEq)]
-pub enum Op {
-    /// `aten.linear(x, weight[, bias])`, weight `[out, in]`
-    Linear,
-
-    // Canonical ops the pattern matchers produce (`<backend>_<category>_<op>` names).
-    /// `torch_swiglu_mlp(x, w_gate, w_up, w_down)`: `down(silu(gate(x)) · up(x))`; with `fused`,
-    /// the inputs are `(x, w_gate_up, w_down)`, gate rows first.
-    SwiGluMlp {
-        fused: bool,
-        /// For one row (decode), silu(gate)·up is the gate/up GEMV's epilogue on CUDA (the
-        /// `fuse_swiglu_epilogue` transform sets it); the same math on the CPU.
-        epilogue: bool,
-    },
-    /// `<backend>_attention_with_kv_cache(q, k, v)` for layer `layer`: writes k/v of this step's
-    /// tokens into the paged cache, then attends each token to its sequence's cached prefix.
-    /// Tokens of all sequences are flattened into `seq` (batch 1); the step's batch metadata
-    /// says which token belongs to which sequence.
-    CachedAttention {
-        backend: String,
-        layer: usize,
-        scale: f64,
-        /// `(q, k, v, cos, sin)`: q and k arrive unrotated and the op applies RoPE
-        /// (rotate-half, as `torch_rope_with_explicit_cos_sin`) before writing k and attending;
-        /// the `fuse_rope_attention` transform makes it, so the CUDA executor rotates, writes
-        /// the cache and attends in one kernel.
-        rope: bool,
-    },
-    /// An op a plugin registered (`custom_op`): `inputs` tensors in, the outputs its shape rule
-    /// gives; `attrs` is the plugin's own attribute text.
-    Custom { name: &'static str, attrs: String },
+pub struct Op {
+    pub name: &'static str,
+    pub attrs: String,
 }
 
 impl Op {
-    /// A one-input op of the op table (`registry::custom_op`) without attributes: the unary
-    /// ops (`aten.neg`, `aten.rsqrt`, `aten.silu`, `aten.cos`, `aten.sin`; `unary.rs`).
+    /// A one-input op of the op table without attributes: the unary ops (`aten.neg`,
+    /// `aten.rsqrt`, `aten.silu`, `aten.cos`, `aten.sin`; `unary.rs`).
     pub fn unary(name: &'static str) -> Op {
-        Op::Custom { name, attrs: String::new() }
+        Op { name, attrs: String::new() }
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            Op::Linear => "aten.linear",
-            Op::SwiGluMlp { .. } => "torch_swiglu_mlp",
-            Op::CachedAttention { .. } => "attention_with_kv_cache",
-            Op::Custom { name, .. } => name,
-        }
+        self.name
     }
 
     /// Non-tensor arguments, as printed after the tensor arguments in a dump.
     pub fn attrs(&self) -> String {
-        match self {
-            Op::SwiGluMlp { fused, epilogue } => {
-                format!("fused={fused}{}", if *epilogue { ", epilogue=true" } else { "" })
-            }
-            Op::CachedAttention { backend, layer, scale, rope } => {
-                let r = if *rope { ", rope=true" } else { "" };
-                format!("backend={backend}, layer={layer}, scale={scale:?}{r}")
-            }
-            Op::Custom { attrs, .. } => attrs.clone(),
-            _ => String::new(),
-        }
-    }
-
-    /// How many tensor inputs the op takes: (min, max).
-    fn arity(&self) -> (usize, usize) {
-        match self {
-            Op::Linear => (2, 3),
-            Op::CachedAttention { rope: false, .. } => (3, 3),
-            Op::CachedAttention { rope: true, .. } => (5, 5),
-            // The op table checks its ops' arity.
-            Op::Custom { .. } => (0, usize::MAX),
-            Op::SwiGluMlp { fused: true, .. } => (3, 3),
-            Op::SwiGluMlp { fused: false, .. } => (4, 4),
-        }
+        self.attrs.clone()
     }
 }
 
@@ -168,85 +119,9 @@ pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> std::result::Result<Shape, Stri
     Ok(out)
 }
 
-fn float_only(op: &Op, m: &TensorMeta) -> Result<()> {
-    if !m.dtype.is_float() {
-        return Err(err(op, format!("needs a float tensor, got {m}")));
-    }
-    Ok(())
-}
-
 /// Output metadata of `op` applied to inputs with metadata `ins`.
 pub fn infer(op: &Op, ins: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-    let (lo, hi) = op.arity();
-    if ins.len() < lo || ins.len() > hi {
-        return Err(err(op, format!("takes {lo}..={hi} tensor inputs, got {}", ins.len())));
-    }
-    let x = &ins[0];
-    let same = |shape: Shape| Ok(vec![TensorMeta { dtype: x.dtype, shape }]);
-    match op {
-        Op::Custom { name, attrs, .. } => crate::custom_op::infer(name, attrs, ins).map_err(|e| err(op, e)),
-        Op::Linear => {
-            let w = &ins[1];
-            float_only(op, x)?;
-            if w.shape.len() != 2 || x.shape.is_empty() {
-                return Err(err(op, format!("input {x} vs weight {w}: weight must be [out, in]")));
-            }
-            // A block-quantized weight serves any float input.
-            if x.shape.last() != Some(&w.shape[1]) || (x.dtype != w.dtype && !w.dtype.is_block()) {
-                return Err(err(op, format!("input {x} vs weight {w}")));
-            }
-            if let Some(b) = ins.get(2) {
-                if b.shape.len() != 1 || b.shape[0] != w.shape[0] || (b.dtype != w.dtype && b.dtype != x.dtype) {
-                    return Err(err(op, format!("bias {b} vs weight {w}")));
-                }
-            }
-            let mut shape = x.shape.clone();
-            *shape.last_mut().unwrap() = w.shape[0].clone();
-            same(shape)
-        }
-        Op::CachedAttention { rope, .. } => {
-            if *rope {
-                // cos/sin must rotate q and k as the unfused RoPE nodes would.
-                for (j, what) in [(0, "q"), (1, "k")] {
-                    let r = infer(&Op::rope(false), &[ins[j].clone(), ins[3].clone(), ins[4].clone()])
-                        .map_err(|e| err(op, format!("RoPE of {what}: {e}")))?;
-                    if r[0] != ins[j] {
-                        return Err(err(op, format!("RoPE of {what} would give {} from {}", r[0], ins[j])));
-                    }
-                }
-            }
-            let out = attention::attention_rule(&ins[..3], true).map_err(|e| err(op, e))?;
-            if !x.shape[0].is_one() {
-                return Err(err(op, format!("expects the flattened batch [1, heads, tokens, dim], got {x}")));
-            }
-            Ok(out)
-        }
-        Op::SwiGluMlp { fused, .. } => {
-            let w_down = ins.last().expect("arity checked");
-            let (inter, ok) = if *fused {
-                let w = &ins[1];
-                let i = w.shape.first().and_then(Dim::as_static).map(|n| n / 2).unwrap_or(0);
-                (
-                    Dim::new(i),
-                    w.shape.len() == 2 && w.shape[0] == Dim::new(2 * i) && x.shape.last() == Some(&w.shape[1]),
-                )
-            } else {
-                let (g, u) = (&ins[1], &ins[2]);
-                (g.shape[0].clone(), g.shape.len() == 2 && g == u && x.shape.last() == Some(&g.shape[1]))
-            };
-            if !ok
-                || w_down.shape.len() != 2
-                || w_down.shape[1] != inter
-                || ins.iter().any(|m| m.dtype != x.dtype && !m.dtype.is_block())
-            {
-                let all: Vec<String> = ins.iter().map(|m| m.to_string()).collect();
-                return Err(err(op, format!("inconsistent operands {}", all.join(", "))));
-            }
-            let mut shape = x.shape.clone();
-            *shape.last_mut().expect("checked") = w_down.shape[0].clone();
-            same(shape)
-        }
-    }
+    crate::custom_op::infer(op.name, &op.attrs, ins).map_err(|e| err(op, e))
 }
 
 pub use layout::{slice_bounds, slice_len, view_shape};
@@ -267,12 +142,12 @@ mod tests {
         let s = Dim::sym("seq");
         let x = m(DType::F32, vec![b.clone(), s.clone(), Dim::new(64)]);
         let w = m(DType::F32, static_shape(&[128, 64]));
-        let y = infer(&Op::Linear, &[x.clone(), w]).unwrap().remove(0);
+        let y = infer(&Op::linear(), &[x.clone(), w]).unwrap().remove(0);
         assert_eq!(y.to_string(), "f32[batch, seq, 128]");
         let v = Op::view(vec![SizeArg::Dim(b), SizeArg::Dim(s), SizeArg::Infer, SizeArg::Dim(Dim::new(32))]);
         assert_eq!(infer(&v, &[y]).unwrap()[0].to_string(), "f32[batch, seq, 4, 32]");
         let bad = m(DType::F32, static_shape(&[100, 32]));
-        let e = infer(&Op::Linear, &[x, bad]).unwrap_err().to_string();
+        let e = infer(&Op::linear(), &[x, bad]).unwrap_err().to_string();
         assert!(e.contains("aten.linear") && e.contains("[100, 32]"), "{e}");
     }
 

@@ -40,17 +40,17 @@ impl NormAttrs {
 
 impl Op {
     pub fn rmsnorm(a: NormAttrs) -> Op {
-        Op::Custom { name: RMSNORM, attrs: a.text() }
+        Op { name: RMSNORM, attrs: a.text() }
     }
 
     pub fn add_rmsnorm(a: NormAttrs) -> Op {
-        Op::Custom { name: ADD_RMSNORM, attrs: a.text() }
+        Op { name: ADD_RMSNORM, attrs: a.text() }
     }
 
     /// The attributes of a `torch_rmsnorm` or `fused_add_rmsnorm` node named `name`.
     pub fn norm_attrs(&self, name: &str) -> Option<NormAttrs> {
         match self {
-            Op::Custom { name: n, attrs, .. } if *n == name && (name == RMSNORM || name == ADD_RMSNORM) => {
+            Op { name: n, attrs, .. } if *n == name && (name == RMSNORM || name == ADD_RMSNORM) => {
                 NormAttrs::parse(name, attrs).ok()
             }
             _ => None,
@@ -126,13 +126,15 @@ fn rmsnorm_op() -> CustomOp {
         })),
         origin: "built-in",
         check_attrs: Some(|t| NormAttrs::parse(RMSNORM, t).map(|_| ())),
-        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             Ok(vec![rmsnorm_cpu(ins[0], ins[1], &NormAttrs::parse(RMSNORM, attrs)?, outs[0].0)?])
         }),
         cuda: Some(cuda(RMSNORM, false)),
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: None,
     }
 }
@@ -153,7 +155,7 @@ fn add_rmsnorm_op() -> CustomOp {
         origin: "built-in",
         check_attrs: Some(|t| NormAttrs::parse(ADD_RMSNORM, t).map(|_| ())),
         // The unfused graph's numbers: the sum rounded to its dtype, then normalised.
-        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             let a = NormAttrs::parse(ADD_RMSNORM, attrs)?;
             let sum = crate::ops::binary::add(ins[0], ins[1]).map_err(|e| e.to_string())?;
             let normed = rmsnorm_cpu(&sum, ins[2], &a, outs[0].0)?;
@@ -163,6 +165,8 @@ fn add_rmsnorm_op() -> CustomOp {
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: None,
     }
 }

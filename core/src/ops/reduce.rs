@@ -41,21 +41,21 @@ fn parse_dim(op: &str, text: &str) -> Result<i64, String> {
 impl Op {
     /// The mean over `dims`.
     pub fn mean(dims: Vec<i64>, keepdim: bool) -> Op {
-        Op::Custom { name: MEAN, attrs: format!("dim={dims:?}, keepdim={keepdim}") }
+        Op { name: MEAN, attrs: format!("dim={dims:?}, keepdim={keepdim}") }
     }
 
     pub fn softmax(dim: i64) -> Op {
-        Op::Custom { name: SOFTMAX, attrs: format!("dim={dim}") }
+        Op { name: SOFTMAX, attrs: format!("dim={dim}") }
     }
 
     pub fn log_softmax(dim: i64) -> Op {
-        Op::Custom { name: LOG_SOFTMAX, attrs: format!("dim={dim}") }
+        Op { name: LOG_SOFTMAX, attrs: format!("dim={dim}") }
     }
 
     /// The attributes of an `aten.mean.dim` node.
     pub fn mean_attrs(&self) -> Option<MeanAttrs> {
         match self {
-            Op::Custom { name: MEAN, attrs, .. } => MeanAttrs::parse(attrs).ok(),
+            Op { name: MEAN, attrs, .. } => MeanAttrs::parse(attrs).ok(),
             _ => None,
         }
     }
@@ -63,7 +63,7 @@ impl Op {
     /// The dim of an `aten._softmax` node.
     pub fn softmax_dim(&self) -> Option<i64> {
         match self {
-            Op::Custom { name: SOFTMAX, attrs, .. } => parse_dim(SOFTMAX, attrs).ok(),
+            Op { name: SOFTMAX, attrs, .. } => parse_dim(SOFTMAX, attrs).ok(),
             _ => None,
         }
     }
@@ -148,13 +148,15 @@ fn mean_op() -> CustomOp {
         outputs: Outputs::Rule(Arc::new(mean_rule)),
         origin: "built-in",
         check_attrs: Some(|a| MeanAttrs::parse(a).map(|_| ())),
-        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             Ok(vec![mean_cpu(ins[0], &MeanAttrs::parse(attrs)?.dims, outs[0].1.clone())?])
         }),
         cuda: Some(cuda),
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: Some(|a| match MeanAttrs::parse(a)?.dims.as_slice() {
             [-1] => Ok(()),
             _ => Err("mean has a CUDA kernel over the last dim (dim=[-1]) only".into()),
@@ -179,7 +181,7 @@ fn softmax_op(name: &'static str, log: bool) -> CustomOp {
         } else {
             |a| parse_dim(SOFTMAX, a).map(|_| ())
         }),
-        cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, _: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, _: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             let x = ins[0];
             let d = dim_index(parse_dim(name, attrs)?, x.rank())?;
             Ok(vec![crate::cpu::softmax(x, d, log).map_err(|e| e.to_string())?])
@@ -188,6 +190,8 @@ fn softmax_op(name: &'static str, log: bool) -> CustomOp {
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: None,
     }
 }

@@ -23,13 +23,13 @@ fn interleaved(text: &str) -> Result<bool, String> {
 
 impl Op {
     pub fn rope(interleaved: bool) -> Op {
-        Op::Custom { name: ROPE, attrs: format!("interleaved={interleaved}") }
+        Op { name: ROPE, attrs: format!("interleaved={interleaved}") }
     }
 
     /// Whether a RoPE node de-interleaves x first; `None` if this is not RoPE.
     pub fn rope_interleaved(&self) -> Option<bool> {
         match self {
-            Op::Custom { name: ROPE, attrs, .. } => interleaved(attrs).ok(),
+            Op { name: ROPE, attrs, .. } => interleaved(attrs).ok(),
             _ => None,
         }
     }
@@ -81,7 +81,7 @@ pub fn ops() -> Vec<CustomOp> {
         outputs: Outputs::Rule(Arc::new(rule)),
         origin: "built-in",
         check_attrs: Some(|a| interleaved(a).map(|_| ())),
-        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, _: &[(DType, Vec<usize>)]| {
+        cpu: Arc::new(|ins: &[&Tensor], attrs: &str, _: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             // cos/sin and x have concrete shapes here: no symbol to bind.
             let y = crate::cpu::rope(ins[0], ins[1], ins[2], interleaved(attrs)?, &Bindings::default());
             Ok(vec![y.map_err(|e| e.to_string())?])
@@ -90,6 +90,8 @@ pub fn ops() -> Vec<CustomOp> {
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: Some(|a| match interleaved(a)? {
             false => Ok(()),
             true => Err("interleaved RoPE has no CUDA kernel yet".into()),

@@ -126,18 +126,24 @@ pub fn ops() -> Vec<CustomOp> {
                 })),
                 origin: "built-in",
                 check_attrs: Some(check),
-                cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, _: &[(DType, Vec<usize>)]| {
-                    let x = ins[0];
-                    let y = match (x.as_i64(), int) {
-                        (Some(v), Some(g)) => Tensor::from_i64(x.shape().to_vec(), v.iter().map(|&a| g(a)).collect()),
-                        _ => crate::cpu::map_f32(x, |a| f(a, attrs)),
-                    };
-                    Ok(vec![y.map_err(|e| e.to_string())?])
-                }),
+                cpu: Arc::new(
+                    move |ins: &[&Tensor], attrs: &str, _: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
+                        let x = ins[0];
+                        let y = match (x.as_i64(), int) {
+                            (Some(v), Some(g)) => {
+                                Tensor::from_i64(x.shape().to_vec(), v.iter().map(|&a| g(a)).collect())
+                            }
+                            _ => crate::cpu::map_f32(x, |a| f(a, attrs)),
+                        };
+                        Ok(vec![y.map_err(|e| e.to_string())?])
+                    },
+                ),
                 cuda,
                 extra_inputs: 0,
                 sizes: None,
                 view: None,
+                linear_weights: false,
+                cuda_scratch: None,
                 cuda_attrs: None,
             }
         })

@@ -90,7 +90,7 @@ impl DeviceAttention for LibraryDeviceAttention {
             seq_start: c.step.seq_start,
             cached_len: c.step.cached_len,
         };
-        let mut launcher = SourceLauncher { gpu, what: self.what.clone(), flags: 0 };
+        let mut launcher = SourceLauncher { gpu, what: self.what.clone(), flags: 0, scratch: vec![] };
         let mut host = HostLauncher(&mut launcher);
         match self.inner.attend(call, ffi::CudaLauncher_TO::from_ptr(&mut host, TD_Opaque)) {
             RResult::ROk(()) => Ok(HeadRows::heads_major(tokens, c.head_dim)),

@@ -36,11 +36,13 @@ pub(super) fn f32_op(
         outputs: Outputs::Like(output_like as usize),
         origin: leak(origin),
         check_attrs: None,
-        cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
-            let y = run_cpu_kernel(cpu, ins, attrs, output_like as usize)?;
-            let (dtype, shape) = outs.first().cloned().ok_or("no output")?;
-            Ok(vec![Tensor::from_f32_as(dtype, shape, y).map_err(|e| e.to_string())?])
-        }),
+        cpu: Arc::new(
+            move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
+                let y = run_cpu_kernel(cpu, ins, attrs, output_like as usize)?;
+                let (dtype, shape) = outs.first().cloned().ok_or("no output")?;
+                Ok(vec![Tensor::from_f32_as(dtype, shape, y).map_err(|e| e.to_string())?])
+            },
+        ),
         cuda: cuda.into_option().map(|k| {
             Arc::new(
                 move |ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, launcher: &mut dyn KernelLauncher| {
@@ -52,6 +54,8 @@ pub(super) fn f32_op(
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: None,
     }
 }
@@ -73,9 +77,11 @@ pub(super) fn typed_op(
         outputs: Outputs::Rule(Arc::new(move |ins: &[TensorMeta], attrs: &str| typed_outputs(outputs, ins, attrs))),
         origin: leak(origin),
         check_attrs: None,
-        cpu: Arc::new(move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)]| {
-            run_typed_cpu_kernel(cpu, ins, attrs, outs)
-        }),
+        cpu: Arc::new(
+            move |ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
+                run_typed_cpu_kernel(cpu, ins, attrs, outs)
+            },
+        ),
         cuda: cuda.into_option().map(|k| {
             Arc::new(
                 move |ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, launcher: &mut dyn KernelLauncher| {
@@ -86,6 +92,8 @@ pub(super) fn typed_op(
         extra_inputs: 0,
         sizes: None,
         view: None,
+        linear_weights: false,
+        cuda_scratch: None,
         cuda_attrs: None,
     }
 }
@@ -346,12 +354,12 @@ mod tests {
     fn a_typed_op_has_its_own_dtypes_shapes_and_outputs() {
         let op = typed_op("test.double_argmax", "0.1.0", "test", 1, rule, cpu, ROption::RNone);
         crate::registry::register_op(op).unwrap();
-        let the_op = Op::Custom { name: "test.double_argmax", attrs: String::new() };
+        let the_op = Op { name: "test.double_argmax", attrs: String::new() };
         let x = TensorMeta { dtype: DType::BF16, shape: vec![Dim::sym("seq"), Dim::new(4)] };
         let out = infer(&the_op, std::slice::from_ref(&x)).unwrap();
         assert_eq!(out[0], x);
         assert_eq!(out[1].to_string(), "i64[seq]");
-        let bad = Op::Custom { name: "test.double_argmax", attrs: "bad=dim".into() };
+        let bad = Op { name: "test.double_argmax", attrs: "bad=dim".into() };
         let e = infer(&bad, &[x]).unwrap_err().to_string();
         assert!(e.contains("input 0 has no dim 9") && e.contains("test.double_argmax"), "{e}");
 
@@ -365,7 +373,7 @@ mod tests {
         let e = crate::cpu::eval_with(&the_op, &[&t], &Default::default(), &opts).unwrap_err().to_string();
         assert!(e.contains("has 2 outputs"), "{e}");
 
-        let skip = Op::Custom { name: "test.double_argmax", attrs: "bad=skip".into() };
+        let skip = Op { name: "test.double_argmax", attrs: "bad=skip".into() };
         let got = crate::cpu::eval_outputs(&skip, &[&t], &Default::default(), &opts).unwrap();
         let e = crate::custom_op::check_output("op `test.double_argmax`", &got[0].to_f32()).unwrap_err().to_string();
         assert!(e.contains("left 8 of 8 outputs unwritten"), "{e}");

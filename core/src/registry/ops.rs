@@ -1,5 +1,5 @@
 //! The op table: ops defined through the registry (the built-in ones of
-//! `ops/{unary,binary,reduce,attention,norm,rope,layout,gather}.rs` and plugin libraries' ops); `Op::Custom`
+//! `ops/{unary,binary,reduce,attention,norm,rope,layout,gather,linear}.rs` and plugin libraries' ops); `Op::Custom`
 //! nodes dispatch to them.
 
 use std::collections::HashMap;
@@ -18,7 +18,8 @@ static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
         .chain(crate::ops::norm::ops())
         .chain(crate::ops::rope::ops())
         .chain(crate::ops::layout::ops())
-        .chain(crate::ops::gather::ops());
+        .chain(crate::ops::gather::ops())
+        .chain(crate::ops::linear::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 
@@ -66,11 +67,17 @@ mod tests {
             outputs: crate::custom_op::Outputs::Like(0),
             origin: "libclash.so",
             check_attrs: None,
-            cpu: Arc::new(|_: &[&crate::Tensor], _: &str, _: &[(crate::DType, Vec<usize>)]| Ok(vec![])),
+            cpu: Arc::new(
+                |_: &[&crate::Tensor], _: &str, _: &[(crate::DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
+                    Ok(vec![])
+                },
+            ),
             cuda: None,
             extra_inputs: 0,
             sizes: None,
             view: None,
+            linear_weights: false,
+            cuda_scratch: None,
             cuda_attrs: None,
         };
         let e = register_op(clash).unwrap_err();

@@ -170,7 +170,7 @@ impl Ctx<'_> {
         if bias {
             args.push(self.w(&format!("{prefix}.bias"), &[out]));
         }
-        self.b.op(hint, Op::Linear, &args)
+        self.b.op(hint, Op::linear(), &args)
     }
 
     /// transformers' RMSNorm: upcast to f32, x * rsqrt(mean(x²) + eps), back to the input
@@ -322,7 +322,7 @@ pub fn build_decoder(
     }
     let h = cx.rmsnorm("final_norm", h, "model.norm.weight", cfg.hidden_size)?;
     let lm = cx.w(cfg.lm_head_weight(), &[cfg.vocab_size, cfg.hidden_size]);
-    let logits = cx.b.op("logits", Op::Linear, &[h, lm])?;
+    let logits = cx.b.op("logits", Op::linear(), &[h, lm])?;
     cx.b.output(logits);
     cx.b.note(format!(
         "import: {} decoder, {} layers, hidden {}, heads {}/{} (kv), head_dim {}, dtype {}",

@@ -6,7 +6,9 @@
 
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
+use autodeploy_core::ops::attention::CachedAttn;
 use autodeploy_core::ops::binary::ADD;
+use autodeploy_core::ops::linear::SwiGlu;
 use autodeploy_core::ops::norm::RMSNORM;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -55,8 +57,8 @@ impl Transform for FuseRopeAttention {
         };
         let mut fused = Vec::new();
         for (j, node) in g.nodes.iter().enumerate() {
-            let Op::CachedAttention { backend, rope: false, .. } = &node.op else { continue };
-            if !autodeploy_core::registry::attention_backend_fuses_rope(backend) {
+            let Some(CachedAttn { backend, rope: false, .. }) = node.op.cached_attention_of() else { continue };
+            if !autodeploy_core::registry::attention_backend_fuses_rope(&backend) {
                 continue;
             }
             if let (Some(rq), Some(rk)) = (rope_of(node.inputs[0]), rope_of(node.inputs[1])) {
@@ -68,8 +70,8 @@ impl Transform for FuseRopeAttention {
         }
         let n = fused.len();
         for (j, inputs) in fused {
-            if let Op::CachedAttention { rope, .. } = &mut g.nodes[j].op {
-                *rope = true;
+            if let Some(a) = g.nodes[j].op.cached_attention_of() {
+                g.nodes[j].op = Op::cached_attention(&CachedAttn { rope: true, ..a });
             }
             g.nodes[j].inputs = inputs;
         }
@@ -102,8 +104,8 @@ impl Transform for FuseSwigluEpilogue {
         }
         let mut n = 0;
         for node in &mut g.nodes {
-            if let Op::SwiGluMlp { fused: true, epilogue } = &mut node.op {
-                *epilogue = true;
+            if let Some(s @ SwiGlu { fused: true, .. }) = node.op.swiglu_of() {
+                node.op = Op::swiglu(SwiGlu { epilogue: true, ..s });
                 n += 1;
             }
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta, ValueId};
 use autodeploy_core::ops::layout::Slice;
+use autodeploy_core::ops::linear::{SwiGlu, LINEAR};
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -78,7 +79,7 @@ impl FuseGemms {
         }
         let pos = *nodes.iter().min().expect("group of two or more");
         let hint = format!("{}.fused", g.value(lin[0].3).name);
-        let y = g.insert_node(pos, &hint, Op::Linear, &ins)?;
+        let y = g.insert_node(pos, &hint, Op::linear(), &ins)?;
         let mut start = 0i64;
         for (k, l) in lin.iter().enumerate() {
             let width = g.meta(l.1).shape[0].as_static().expect("static weight") as i64;
@@ -101,7 +102,7 @@ impl Transform for FuseGemms {
             // Group linears by their input; pick the first group of two or more not yet tried.
             let mut by_input: BTreeMap<ValueId, Vec<usize>> = BTreeMap::new();
             for (i, n) in g.nodes.iter().enumerate() {
-                if matches!(n.op, Op::Linear) {
+                if n.op.is(LINEAR) {
                     by_input.entry(n.inputs[0]).or_default().push(i);
                 }
             }
@@ -116,7 +117,7 @@ impl Transform for FuseGemms {
         }
         // SwiGLU MLPs: gate and up into one weight.
         let mut mlps = 0;
-        while let Some(i) = g.nodes.iter().position(|n| matches!(n.op, Op::SwiGluMlp { fused: false, .. })) {
+        while let Some(i) = g.nodes.iter().position(|n| n.op.swiglu_of().is_some_and(|s| !s.fused)) {
             let n = g.nodes[i].clone();
             if param_weight(g, n.inputs[1]).is_none() || param_weight(g, n.inputs[2]).is_none() {
                 break;
@@ -131,7 +132,7 @@ impl Transform for FuseGemms {
             let y = g.insert_node(
                 i,
                 &hint,
-                Op::SwiGluMlp { fused: true, epilogue: false },
+                Op::swiglu(SwiGlu { fused: true, epilogue: false }),
                 &[n.inputs[0], w, n.inputs[3]],
             )?;
             g.replace_uses(n.outputs[0], y);

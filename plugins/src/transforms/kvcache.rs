@@ -4,7 +4,9 @@
 
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta};
+use autodeploy_core::ops::attention::CachedAttn;
 use autodeploy_core::ops::attention::{AttentionAttrs, SDPA};
+use autodeploy_core::ops::linear::LINEAR;
 use autodeploy_core::ops::reduce::SOFTMAX;
 use autodeploy_core::registry::attention_backend_name;
 use autodeploy_core::registry::TransformPlugin;
@@ -53,7 +55,8 @@ impl Transform for InsertCachedAttention {
         let mut layer = 0;
         for i in 0..g.nodes.len() {
             if let Some(AttentionAttrs { scale, .. }) = g.nodes[i].op.attention_attrs() {
-                g.nodes[i].op = Op::CachedAttention { backend: backend.to_string(), layer, scale, rope: false };
+                g.nodes[i].op =
+                    Op::cached_attention(&CachedAttn { backend: backend.to_string(), layer, scale, rope: false });
                 layer += 1;
             }
         }
@@ -62,7 +65,7 @@ impl Transform for InsertCachedAttention {
         }
         // Gather the hidden states of the requested tokens before the LM head.
         let out = *g.outputs.first().ok_or_else(|| Error::Msg("graph has no output".into()))?;
-        let head = g.producer(out).filter(|&i| matches!(g.nodes[i].op, Op::Linear));
+        let head = g.producer(out).filter(|&i| g.nodes[i].op.is(LINEAR));
         let Some(head) = head else {
             return Err(Error::Msg(format!(
                 "cache_init: graph output %{} is not produced by a linear (LM head)",
@@ -84,7 +87,7 @@ impl Transform for InsertCachedAttention {
         let gathered = g.insert_node(head, "gathered", Op::index_select(1), &[hidden, idx])?;
         g.nodes[head + 1].inputs[0] = gathered;
         let new_meta = autodeploy_core::ops::infer(
-            &Op::Linear,
+            &Op::linear(),
             &g.nodes[head + 1].inputs.iter().map(|&v| g.meta(v).clone()).collect::<Vec<_>>(),
         )?;
         g.values[out.0 as usize].meta = new_meta[0].clone();

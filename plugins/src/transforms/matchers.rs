@@ -6,6 +6,7 @@ use autodeploy_core::ir::{Graph, ValueId};
 use autodeploy_core::ops::attention::MATMUL;
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::ops::layout::Slice;
+use autodeploy_core::ops::linear::{SwiGlu, LINEAR};
 use autodeploy_core::ops::norm::NormAttrs;
 use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
 use autodeploy_core::registry::TransformPlugin;
@@ -325,11 +326,11 @@ impl Transform for MatchAttention {
 pub fn swiglu_pattern() -> Pattern {
     let mut p = PatternBuilder::new();
     let (x, wg, wu, wd) = (p.input("x"), p.input("w_gate"), p.input("w_up"), p.input("w_down"));
-    let gt = p.op(|op, _| matches!(op, Op::Linear), &[x, wg]);
-    let up = p.op(|op, _| matches!(op, Op::Linear), &[x, wu]);
+    let gt = p.op(|op, _| op.is(LINEAR), &[x, wg]);
+    let up = p.op(|op, _| op.is(LINEAR), &[x, wu]);
     let a = p.op(|op, _| op.name() == "aten.silu", &[gt]);
     let m = p.commutative(|op, _| op.is(MUL), a, up);
-    let out = p.op(|op, _| matches!(op, Op::Linear), &[m, wd]);
+    let out = p.op(|op, _| op.is(LINEAR), &[m, wd]);
     p.build(out)
 }
 
@@ -340,7 +341,7 @@ impl Transform for MatchSwiGlu {
         let n = rewrite_all(g, &swiglu_pattern(), |g, m, pos| {
             let ins = [m.input("x"), m.input("w_gate"), m.input("w_up"), m.input("w_down")];
             let hint = format!("{}.swiglu", g.value(m.output).name);
-            Ok(insert_if_equivalent(g, pos, &hint, Op::SwiGluMlp { fused: false, epilogue: false }, &ins, m.output))
+            Ok(insert_if_equivalent(g, pos, &hint, Op::swiglu(SwiGlu::default()), &ins, m.output))
         })?;
         Ok(format!("matched {n} swiglu mlp"))
     }

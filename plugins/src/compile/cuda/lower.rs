@@ -40,28 +40,6 @@ pub(super) fn copy_contiguous(
     gpu.copy_strided(src, d, to, d, xs.iter().product(), s, false)
 }
 
-/// A plugin op's CUDA implementation launching on the executor's GPU.
-/// A linear layer: the decode GEMV for one row of bf16 activations (measured on an H200 with
-/// kernels/examples/exec_bench: faster than cuBLAS there, except for a very wide, shallow
-/// matrix such as a small model's LM head), else cuBLAS.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn linear(
-    gpu: &Gpu,
-    d: Dt,
-    m: usize,
-    n: usize,
-    k: usize,
-    x: Ptr,
-    w: Ptr,
-    y: Ptr,
-    acc: bool,
-) -> std::result::Result<(), Unavailable> {
-    if m == 1 && (k >= 2048 || n <= 32768) && gpu.gemv(d, m, n, k, x, w, y, acc)? {
-        return Ok(());
-    }
-    gpu.linear(d, m, n, k, x, w, y, acc)
-}
-
 impl CudaModel {
     /// Queues every node's kernels for inputs of these shapes (nothing is read back).
     pub(super) fn enqueue(&self, bind: &Bindings, staged: &Staged, capturing: bool) -> Result<(Ptr, Vec<usize>)> {
@@ -105,7 +83,7 @@ impl CudaModel {
             // A view op's output in its input's memory (as its table entry says for this
             // input's layout), or None: the op runs its kernel.
             let view = match (&node.op, self.table[i].as_ref().and_then(|c| c.view)) {
-                (Op::Custom { attrs, .. }, Some(view_of)) => {
+                (Op { attrs, .. }, Some(view_of)) => {
                     let x = node.inputs[0];
                     let xs = shape_of(x)?;
                     let st = lay[x.0 as usize].clone().unwrap_or_else(|| contiguous_strides(&xs));
@@ -123,11 +101,13 @@ impl CudaModel {
             };
             // What may stay strided: a view's input; the q, k and v of a RoPE-fused cached
             // attention whose RoPE + KV write kernel reads them in place.
-            let attn_strided = matches!(node.op, Op::CachedAttention { .. }) && self.attn_reads_strided(i, staged);
-            let strided_ok = |v: autodeploy_core::ValueId| match &node.op {
-                _ if view.is_some() => v == node.inputs[0],
-                Op::CachedAttention { .. } if attn_strided => node.inputs[..3].contains(&v),
-                _ => false,
+            let attn_strided = self.attn_attrs[i].is_some() && self.attn_reads_strided(i, staged);
+            let strided_ok = |v: autodeploy_core::ValueId| {
+                if view.is_some() {
+                    v == node.inputs[0]
+                } else {
+                    attn_strided && node.inputs[..3].contains(&v)
+                }
             };
             for &v in &node.inputs {
                 let vi = v.0 as usize;
@@ -157,30 +137,11 @@ impl CudaModel {
             let inp = |k: usize| ptr[node.inputs[k].0 as usize];
             let in_lay = |k: usize| lay[node.inputs[k].0 as usize].as_deref();
             let in_shape = |k: usize| shape_of(node.inputs[k]);
-            let in_dt = |k: usize| dt_of(node.inputs[k]);
             let fail = |e: Unavailable| Error::Op { op: node.op.name().into(), msg: format!("node `{name}`: {}", e.0) };
             let mut out = planned;
             let t0 = profiling.then(std::time::Instant::now);
-            match &node.op {
-                Op::Linear => {
-                    let ws = in_shape(1)?;
-                    let (nn, k) = (ws[0], ws[1]);
-                    let m = n_out / nn.max(1);
-                    let wdt = in_dt(1)?;
-                    if in_dt(0)? != wdt || odt != wdt {
-                        return Err(fail(Unavailable(format!(
-                            "x, weight and output dtypes differ ({:?}, {wdt:?}, {odt:?})",
-                            in_dt(0)?
-                        ))));
-                    }
-                    if node.inputs.len() > 2 {
-                        // y starts as the bias on every row; the GEMM adds x·wᵀ in f32 and rounds once.
-                        let s = Strided::new(&[m, nn], &[0, 1], &[0, 0]).map_err(fail)?;
-                        gpu.copy_strided(inp(2), in_dt(2)?, planned, odt, m * nn, s, false).map_err(fail)?;
-                    }
-                    linear(gpu, odt, m, nn, k, inp(0), inp(1), planned, node.inputs.len() > 2).map_err(fail)?;
-                }
-                Op::Custom { .. } if view.is_some() => match view.as_ref() {
+            match (&node.op, self.attn_attrs[i].as_ref()) {
+                _ if view.is_some() => match view.as_ref() {
                     Some(View::Strided { offset, strides }) => {
                         out = inp(0) + (offset * odt.size() as i64) as u64;
                         out_lay = (!is_contiguous(&out_shape, strides)).then(|| strides.clone());
@@ -191,33 +152,7 @@ impl CudaModel {
                         None => out = inp(0),
                     },
                 },
-                Op::SwiGluMlp { fused, epilogue } => {
-                    let xs = in_shape(0)?;
-                    let k = *xs.last().unwrap_or(&1);
-                    let m = n_out / out_shape.last().copied().unwrap_or(1).max(1);
-                    let wd = in_shape(node.inputs.len() - 1)?;
-                    let (hidden, inter) = (wd[0], wd[1]);
-                    if in_dt(0)? != odt || (1..node.inputs.len()).any(|j| in_dt(j).ok() != Some(odt)) {
-                        return Err(fail(Unavailable("x and the weights must share one dtype".into())));
-                    }
-                    if *fused {
-                        // A single row's activation as the gate/up GEMV's epilogue, where the
-                        // graph asks for it (`fuse_swiglu_epilogue`).
-                        let fused_act =
-                            *epilogue && gpu.gemv_swiglu(odt, m, inter, k, inp(0), inp(1), scratch(1)).map_err(fail)?;
-                        if !fused_act {
-                            linear(gpu, odt, m, 2 * inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
-                            gpu.silu_mul(scratch(0), None, odt, scratch(1), m, inter).map_err(fail)?;
-                        }
-                        linear(gpu, odt, m, hidden, inter, scratch(1), inp(2), planned, false).map_err(fail)?;
-                    } else {
-                        linear(gpu, odt, m, inter, k, inp(0), inp(1), scratch(0), false).map_err(fail)?;
-                        linear(gpu, odt, m, inter, k, inp(0), inp(2), scratch(1), false).map_err(fail)?;
-                        gpu.silu_mul(scratch(0), Some(scratch(1)), odt, scratch(2), m, inter).map_err(fail)?;
-                        linear(gpu, odt, m, hidden, inter, scratch(2), inp(3), planned, false).map_err(fail)?;
-                    }
-                }
-                Op::CachedAttention { layer, scale, rope: fused_rope, .. } => {
+                (_, Some(CachedAttn { layer, scale, rope: fused_rope, .. })) => {
                     let meta = staged.meta.as_ref().ok_or_else(|| {
                         Error::Msg("this graph has cached attention: forward needs a step context".into())
                     })?;
@@ -287,7 +222,7 @@ impl CudaModel {
                         out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
                     }
                 }
-                Op::Custom { name: op_name, attrs, .. } => {
+                (Op { name: op_name, attrs }, None) => {
                     let c = autodeploy_core::registry::custom_op(op_name)
                         .ok_or_else(|| fail(Unavailable("no op of this name is registered".into())))?;
                     let cuda = c.cuda.clone().ok_or_else(|| fail(Unavailable("no CUDA kernel registered".into())))?;
@@ -308,6 +243,7 @@ impl CudaModel {
                         gpu,
                         what: format!("plugin op `{op_name}` ({})", c.origin),
                         flags: self.flags.ptr,
+                        scratch: self.plan[i].scratch.iter().map(|&at| base + at as u64).collect(),
                     };
                     // Checked: a library's op (the built-in ones are the host's own kernels).
                     let check = self.debug_checks && c.origin != "built-in";
@@ -354,7 +290,7 @@ impl CudaModel {
     /// backend says for this step's token count.
     pub(super) fn attn_reads_strided(&self, i: usize, staged: &Staged) -> bool {
         let tokens = staged.meta.as_ref().map_or(usize::MAX, |m| m.tokens);
-        let rope = matches!(self.graph.nodes[i].op, Op::CachedAttention { rope: true, .. });
+        let rope = self.attn_attrs[i].as_ref().is_some_and(|a| a.rope);
         self.attn.get(self.attn_of[i]).is_some_and(|(_, b)| b.reads_strided(tokens, rope))
     }
 

@@ -21,6 +21,7 @@ use autodeploy_core::device_attention::{
 };
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepContext;
+use autodeploy_core::ops::attention::{CachedAttn, CACHED_ATTENTION};
 use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
@@ -55,31 +56,25 @@ pub(crate) fn dt(d: DType, what: &str) -> Result<Dt> {
     autodeploy_core::ops::cuda_dt(d).map_err(|e| Error::Msg(format!("{what}: {e}")))
 }
 
-/// The op-table entry of each node (None: an op the executor lowers itself).
+/// The op-table entry of each node.
 fn table_entries(graph: &Graph) -> Vec<Option<Arc<CustomOp>>> {
-    graph
-        .nodes
-        .iter()
-        .map(|n| match &n.op {
-            Op::Custom { name, .. } => autodeploy_core::registry::custom_op(name),
-            _ => None,
-        })
-        .collect()
+    graph.nodes.iter().map(|n| autodeploy_core::registry::custom_op(n.op.name)).collect()
 }
 
 /// Why this executor cannot run `op`, if it cannot.
 fn unsupported(op: &Op) -> Option<String> {
     use autodeploy_core::ops::attention::{ATTENTION, MATMUL, SDPA};
     let why = match op {
-        Op::Custom { name: MATMUL | SDPA | ATTENTION, .. } => {
+        // Its kernels are its attention backend's (`check_device_attention`).
+        Op { name: CACHED_ATTENTION, .. } => return None,
+        Op { name: MATMUL | SDPA | ATTENTION, .. } => {
             "uncached attention has no CUDA kernels (the cache_init stage turns matched attention into cached attention)"
         }
-        Op::Custom { name, attrs, .. } => match autodeploy_core::registry::custom_op(name) {
+        Op { name, attrs } => match autodeploy_core::registry::custom_op(name) {
             Some(c) if c.cuda.is_some() || c.view.is_some() => return c.cuda_attrs.and_then(|check| check(attrs).err()),
             Some(c) if c.origin == "built-in" => "this op has a CPU kernel only so far",
             _ => "this plugin op has a CPU kernel only: its library registered no CUDA one",
         },
-        _ => return None,
     };
     Some(why.to_string())
 }
@@ -129,6 +124,8 @@ pub struct CudaModel {
     max_tokens: usize,
     /// Each node's op-table entry (views among them may share their input's memory).
     table: Vec<Option<Arc<CustomOp>>>,
+    /// Each cached attention node's attributes, read once.
+    attn_attrs: Vec<Option<CachedAttn>>,
     /// `AUTODEPLOY_PROFILE`: time per op name (calls, total), printed when the model drops.
     profile_on: bool,
     profile: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>,
@@ -170,8 +167,8 @@ impl CudaModel {
                     ),
                 });
             }
-            if let Op::CachedAttention { backend, .. } = &n.op {
-                autodeploy_core::registry::check_device_attention(backend)?;
+            if let Some(a) = n.op.cached_attention_of() {
+                autodeploy_core::registry::check_device_attention(&a.backend)?;
             }
         }
         let gpu = Gpu::open_with(ordinal, &opts.cuda_kernels).map_err(gpu_err)?;
@@ -199,7 +196,7 @@ impl CudaModel {
                 .map(|node| {
                     let o = node.outputs[0];
                     let rank = graph.meta(o).shape.len();
-                    matches!(&node.op, Op::CachedAttention { .. })
+                    node.op.is(CACHED_ATTENTION)
                         && rank == 4
                         && !graph.outputs.contains(&o)
                         && matches!(readers[o.0 as usize][..], [r] if graph.nodes[r].op.transpose_dims().is_some_and(|(a, b)| {
@@ -334,14 +331,15 @@ impl CudaModel {
         let mut attn: Vec<(String, Box<dyn DeviceAttention>)> = Vec::new();
         let mut attn_of = vec![usize::MAX; graph.nodes.len()];
         for (i, n) in graph.nodes.iter().enumerate() {
-            let Op::CachedAttention { backend, .. } = &n.op else { continue };
+            let Some(CachedAttn { backend, .. }) = n.op.cached_attention_of() else { continue };
+            let backend = &backend;
             if let Some(k) = attn.iter().position(|(b, _)| b == backend) {
                 attn_of[i] = k;
                 continue;
             }
             let mut layers = attn_layers.clone();
-            for (m, l) in graph.nodes.iter().filter_map(|m| match &m.op {
-                Op::CachedAttention { backend: b, layer, .. } if b == backend => Some((m, *layer)),
+            for (m, l) in graph.nodes.iter().filter_map(|m| match m.op.cached_attention_of() {
+                Some(CachedAttn { backend: b, layer, .. }) if b == *backend => Some((m, layer)),
                 _ => None,
             }) {
                 if let Some(e) = layers.get_mut(l) {
@@ -388,6 +386,7 @@ impl CudaModel {
             gpu,
             graph: graph.clone(),
             table,
+            attn_attrs: graph.nodes.iter().map(|n| n.op.cached_attention_of()).collect(),
             mode,
             _params: params,
             param_ptr,
@@ -432,27 +431,20 @@ impl CudaModel {
 
 /// Scratch regions a node needs besides its output, at the largest shapes.
 fn scratch_bytes(g: &Graph, node: &autodeploy_core::ir::Node, bind: &Bindings) -> Result<Vec<usize>> {
-    Ok(match node.op {
-        Op::SwiGluMlp { fused, .. } => {
-            let x = g.meta(node.inputs[0]);
-            let xs = eval_shape(&x.shape, bind)?;
-            let m: usize = xs[..xs.len() - 1].iter().product();
-            let wd = g.meta(node.inputs[node.inputs.len() - 1]);
-            let inter = wd.shape[1].as_static().unwrap_or(0);
-            let e = x.dtype.size_in_bytes();
-            if fused {
-                vec![m * 2 * inter * e, m * inter * e]
-            } else {
-                vec![m * inter * e, m * inter * e, m * inter * e]
-            }
-        }
-        // The rotated q of a RoPE-fused cached attention.
-        Op::CachedAttention { rope: true, .. } => {
-            let q = g.meta(node.inputs[0]);
-            vec![eval_shape(&q.shape, bind)?.iter().product::<usize>() * q.dtype.size_in_bytes()]
-        }
-        _ => vec![],
-    })
+    // The rotated q of a RoPE-fused cached attention.
+    if node.op.cached_attention_of().is_some_and(|a| a.rope) {
+        let q = g.meta(node.inputs[0]);
+        return Ok(vec![eval_shape(&q.shape, bind)?.iter().product::<usize>() * q.dtype.size_in_bytes()]);
+    }
+    let Some(scratch) = autodeploy_core::registry::custom_op(node.op.name).and_then(|c| c.cuda_scratch) else {
+        return Ok(vec![]);
+    };
+    let ins = node
+        .inputs
+        .iter()
+        .map(|&v| Ok((g.meta(v).dtype, eval_shape(&g.meta(v).shape, bind)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(scratch(&ins, &node.op.attrs))
 }
 
 impl CompiledModel for CudaModel {
@@ -562,7 +554,8 @@ mod tests {
         let v = b.input("v", DType::BF16, static_shape(&[1, 2, 5, 64]));
         let cos = b.input("cos", DType::BF16, static_shape(&[1, 1, 5, 64]));
         let sin = b.input("sin", DType::BF16, static_shape(&[1, 1, 5, 64]));
-        let attn = |rope| Op::CachedAttention { backend: "flashinfer".into(), layer: 0, scale: 0.125, rope };
+        let attn =
+            |rope| Op::cached_attention(&CachedAttn { backend: "flashinfer".into(), layer: 0, scale: 0.125, rope });
         let fused = b.op("fused", attn(true), &[q, k, v, cos, sin]).unwrap();
         let plain = b.op("plain", attn(false), &[q, k, v]).unwrap();
         b.output(fused);

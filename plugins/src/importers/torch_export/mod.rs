@@ -425,7 +425,7 @@ impl<'a> Importer<'a> {
                 if !is_none("bias") {
                     ins.push(tensor("bias")?);
                 }
-                Some((Op::Linear, ins))
+                Some((Op::linear(), ins))
             }
             "matmul.default" => Some((Op::matmul(), vec![tensor("self")?, tensor("other")?])),
             "log_softmax.int" | "_log_softmax.default" => {

@@ -1,0 +1,287 @@
+//! The GEMM ops, each defined once here and registered in the op table: `aten.linear(x, weight[,
+//! bias])` (weight `[out, in]`) and the canonical `torch_swiglu_mlp` the matchers make,
+//! `down(silu(gate(x)) · up(x))` (inputs `(x, w_gate, w_up, w_down)`, or with `fused=true`
+//! `(x, w_gate_up, w_down)`, gate rows first; `epilogue=true`: for one row, silu(gate)·up is
+//! the gate/up GEMV's epilogue on CUDA, the `fuse_swiglu_epilogue` transform's doing). Their CPU
+//! kernels multiply any weight storage (block-quantized included, `cpu::linear_f32`); their CUDA
+//! kernels take one dtype for x, weights and output.
+
+use std::sync::Arc;
+
+use crate::cpu::{linear_f32, round_as, KernelOptions};
+use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs};
+use crate::dtype::DType;
+use crate::ir::TensorMeta;
+use crate::op_text::read_attrs;
+use crate::ops::{cuda_dt, gpu_of, no_attrs, Op};
+use crate::shape::Dim;
+use crate::tensor::Tensor;
+use autodeploy_kernels::cuda::exec::{Dt, Gpu, Ptr, Strided};
+use autodeploy_kernels::cuda::Unavailable;
+
+pub const LINEAR: &str = "aten.linear";
+pub const SWIGLU: &str = "torch_swiglu_mlp";
+
+/// `torch_swiglu_mlp`'s attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SwiGlu {
+    /// The inputs are `(x, w_gate_up, w_down)`, gate rows first.
+    pub fused: bool,
+    /// For one row, silu(gate)·up is the gate/up GEMV's epilogue on CUDA (the same math on the
+    /// CPU).
+    pub epilogue: bool,
+}
+
+impl SwiGlu {
+    fn text(&self) -> String {
+        format!("fused={}{}", self.fused, if self.epilogue { ", epilogue=true" } else { "" })
+    }
+
+    fn parse(text: &str) -> Result<SwiGlu, String> {
+        read_attrs(SWIGLU, text, |a| {
+            Ok(SwiGlu {
+                fused: a.opt_bool("fused")?.unwrap_or(false),
+                epilogue: a.opt_bool("epilogue")?.unwrap_or(false),
+            })
+        })
+    }
+}
+
+impl Op {
+    pub fn linear() -> Op {
+        Op { name: LINEAR, attrs: String::new() }
+    }
+    pub fn swiglu(a: SwiGlu) -> Op {
+        Op { name: SWIGLU, attrs: a.text() }
+    }
+    pub fn swiglu_of(&self) -> Option<SwiGlu> {
+        self.attrs_of(SWIGLU).and_then(|a| SwiGlu::parse(a).ok())
+    }
+}
+
+fn linear_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    no_attrs(attrs)?;
+    let (x, w) = (&ins[0], &ins[1]);
+    if !x.dtype.is_float() {
+        return Err(format!("needs a float tensor, got {x}"));
+    }
+    if w.shape.len() != 2 || x.shape.is_empty() {
+        return Err(format!("input {x} vs weight {w}: weight must be [out, in]"));
+    }
+    // A block-quantized weight serves any float input.
+    if x.shape.last() != Some(&w.shape[1]) || (x.dtype != w.dtype && !w.dtype.is_block()) {
+        return Err(format!("input {x} vs weight {w}"));
+    }
+    if let Some(b) = ins.get(2) {
+        if b.shape.len() != 1 || b.shape[0] != w.shape[0] || (b.dtype != w.dtype && b.dtype != x.dtype) {
+            return Err(format!("bias {b} vs weight {w}"));
+        }
+    }
+    let mut shape = x.shape.clone();
+    *shape.last_mut().expect("checked") = w.shape[0].clone();
+    Ok(vec![TensorMeta { dtype: x.dtype, shape }])
+}
+
+fn swiglu_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    let a = SwiGlu::parse(attrs)?;
+    let x = &ins[0];
+    let want = if a.fused { 3 } else { 4 };
+    if ins.len() != want {
+        return Err(format!("takes {want} tensor inputs with fused={}, got {}", a.fused, ins.len()));
+    }
+    let w_down = &ins[want - 1];
+    let (inter, ok) = if a.fused {
+        let w = &ins[1];
+        let i = w.shape.first().and_then(Dim::as_static).map(|n| n / 2).unwrap_or(0);
+        (Dim::new(i), w.shape.len() == 2 && w.shape[0] == Dim::new(2 * i) && x.shape.last() == Some(&w.shape[1]))
+    } else {
+        let (g, u) = (&ins[1], &ins[2]);
+        (g.shape[0].clone(), g.shape.len() == 2 && g == u && x.shape.last() == Some(&g.shape[1]))
+    };
+    if !ok
+        || x.shape.is_empty()
+        || w_down.shape.len() != 2
+        || w_down.shape[1] != inter
+        || ins.iter().any(|m| m.dtype != x.dtype && !m.dtype.is_block())
+    {
+        let all: Vec<String> = ins.iter().map(|m| m.to_string()).collect();
+        return Err(format!("inconsistent operands {}", all.join(", ")));
+    }
+    let mut shape = x.shape.clone();
+    *shape.last_mut().expect("checked") = w_down.shape[0].clone();
+    Ok(vec![TensorMeta { dtype: x.dtype, shape }])
+}
+
+fn linear_cpu(
+    ins: &[&Tensor],
+    _: &str,
+    outs: &[(DType, Vec<usize>)],
+    opts: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
+    let (x, w) = (ins[0], ins[1]);
+    let kk = w.shape()[1];
+    let m = x.numel() / kk.max(1);
+    let bias = ins.get(2).map(|b| b.to_f32());
+    let y = linear_f32(&x.to_f32(), m, kk, w, bias.as_deref(), opts);
+    Ok(vec![Tensor::from_f32_as(outs[0].0, outs[0].1.clone(), y).map_err(|e| e.to_string())?])
+}
+
+/// silu(gate)·up, then down, rounded where the unfused graph rounds.
+fn swiglu_cpu(
+    ins: &[&Tensor],
+    attrs: &str,
+    outs: &[(DType, Vec<usize>)],
+    opts: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
+    let fused = SwiGlu::parse(attrs)?.fused;
+    let x = ins[0];
+    let dtype = x.dtype();
+    let wd = ins[ins.len() - 1];
+    let inter = wd.shape()[1];
+    let kk = *x.shape().last().unwrap_or(&1);
+    let m = x.numel() / kk.max(1);
+    let xv = x.to_f32();
+    let lin = |w: &Tensor| {
+        let mut y = linear_f32(&xv, m, kk, w, None, opts);
+        y.iter_mut().for_each(|v| *v = round_as(dtype, *v));
+        y
+    };
+    // On the pool: 1.5k exps a token are several µs serially.
+    let (gu, up) = if fused { (lin(ins[1]), None) } else { (lin(ins[1]), Some(lin(ins[2]))) };
+    let mut act = vec![0f32; m * inter];
+    let chunk = (m * inter).div_ceil(4 * autodeploy_kernels::pool::threads()).max(256);
+    autodeploy_kernels::pool::for_each_chunk_mut(&mut act, chunk, |c, out| {
+        for (i, o) in out.iter_mut().enumerate() {
+            let j = c * chunk + i;
+            let (a, b) = match &up {
+                Some(u) => (gu[j], u[j]),
+                None => {
+                    let (r, col) = (j / inter, j % inter);
+                    (gu[r * 2 * inter + col], gu[r * 2 * inter + inter + col])
+                }
+            };
+            *o = round_as(dtype, round_as(dtype, a / (1.0 + (-a).exp())) * b);
+        }
+    });
+    let y = linear_f32(&act, m, inter, wd, None, opts);
+    Ok(vec![Tensor::from_f32_as(dtype, outs[0].1.clone(), y).map_err(|e| e.to_string())?])
+}
+
+/// `y[m, n] (+)= x[m, k] · w[n, k]ᵀ` on the GPU: the decode GEMV for one row (measured on an
+/// H200 with kernels/examples/exec_bench: faster than cuBLAS there, except for a very wide,
+/// shallow matrix such as a small model's LM head), else cuBLAS.
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_linear(
+    gpu: &Gpu,
+    d: Dt,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: Ptr,
+    w: Ptr,
+    y: Ptr,
+    acc: bool,
+) -> Result<(), Unavailable> {
+    if m == 1 && (k >= 2048 || n <= 32768) && gpu.gemv(d, m, n, k, x, w, y, acc)? {
+        return Ok(());
+    }
+    gpu.linear(d, m, n, k, x, w, y, acc)
+}
+
+fn one_dtype(ins: &[DeviceTensor], y: &DeviceTensor) -> Result<Dt, String> {
+    if let Some(t) = ins.iter().find(|t| t.dtype != y.dtype) {
+        return Err(format!("x, the weights and the output must share one dtype ({} vs {})", t.dtype, y.dtype));
+    }
+    cuda_dt(y.dtype)
+}
+
+fn linear_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
+        let (x, w, y) = (&ins[0], &ins[1], &outs[0]);
+        let d = one_dtype(&ins[..2], y)?;
+        let (n, k) = (w.shape[0], w.shape[1]);
+        let m = y.shape.iter().product::<usize>() / n.max(1);
+        let gpu = gpu_of(l)?;
+        if let Some(b) = ins.get(2) {
+            // y starts as the bias on every row; the GEMM adds x·wᵀ in f32 and rounds once.
+            let s = Strided::new(&[m, n], &[0, 1], &[0, 0]).map_err(|e| e.0)?;
+            gpu.copy_strided(b.ptr, cuda_dt(b.dtype)?, y.ptr, d, m * n, s, false).map_err(|e| e.0)?;
+        }
+        cuda_linear(gpu, d, m, n, k, x.ptr, w.ptr, y.ptr, ins.len() > 2).map_err(|e| e.0)
+    })
+}
+
+fn swiglu_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let a = SwiGlu::parse(attrs)?;
+        let (x, y) = (&ins[0], &outs[0]);
+        let d = one_dtype(ins, y)?;
+        let k = *x.shape.last().unwrap_or(&1);
+        let wd = &ins[ins.len() - 1];
+        let (hidden, inter) = (wd.shape[0], wd.shape[1]);
+        let m = y.shape.iter().product::<usize>() / hidden.max(1);
+        let s = |i: usize| l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned"));
+        let (s0, s1) = (s(0)?, s(1)?);
+        let gpu = gpu_of(l)?;
+        let e = |r: Result<(), Unavailable>| r.map_err(|e| e.0);
+        if a.fused {
+            // A single row's activation as the gate/up GEMV's epilogue, where the graph asks.
+            let fused_act = a.epilogue && gpu.gemv_swiglu(d, m, inter, k, x.ptr, ins[1].ptr, s1).map_err(|e| e.0)?;
+            if !fused_act {
+                e(cuda_linear(gpu, d, m, 2 * inter, k, x.ptr, ins[1].ptr, s0, false))?;
+                e(gpu.silu_mul(s0, None, d, s1, m, inter))?;
+            }
+            e(cuda_linear(gpu, d, m, hidden, inter, s1, wd.ptr, y.ptr, false))
+        } else {
+            let s2 = s(2)?;
+            e(cuda_linear(gpu, d, m, inter, k, x.ptr, ins[1].ptr, s0, false))?;
+            e(cuda_linear(gpu, d, m, inter, k, x.ptr, ins[2].ptr, s1, false))?;
+            e(gpu.silu_mul(s0, Some(s1), d, s2, m, inter))?;
+            e(cuda_linear(gpu, d, m, hidden, inter, s2, wd.ptr, y.ptr, false))
+        }
+    })
+}
+
+/// The gate/up activations: `[m, 2·inter]` and `[m, inter]` fused, three `[m, inter]` not.
+fn swiglu_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
+    let (dt, xs) = &ins[0];
+    let m: usize = xs[..xs.len().saturating_sub(1)].iter().product();
+    let inter = ins.last().and_then(|(_, s)| s.get(1)).copied().unwrap_or(0);
+    let e = dt.size_in_bytes();
+    if SwiGlu::parse(attrs).is_ok_and(|a| a.fused) {
+        vec![m * 2 * inter * e, m * inter * e]
+    } else {
+        vec![m * inter * e; 3]
+    }
+}
+
+/// The GEMM ops as op-table entries.
+pub fn ops() -> Vec<CustomOp> {
+    let entry =
+        |name, inputs, extra_inputs, rule: fn(&[TensorMeta], &str) -> Result<Vec<TensorMeta>, String>| CustomOp {
+            name,
+            version: env!("CARGO_PKG_VERSION"),
+            inputs,
+            extra_inputs,
+            outputs: Outputs::Rule(Arc::new(rule)),
+            origin: "built-in",
+            check_attrs: None,
+            cpu: Arc::new(linear_cpu),
+            cuda: Some(linear_cuda()),
+            cuda_attrs: None,
+            sizes: None,
+            view: None,
+            linear_weights: true,
+            cuda_scratch: None,
+        };
+    vec![
+        CustomOp { check_attrs: Some(no_attrs), ..entry(LINEAR, 2, 1, linear_rule) },
+        CustomOp {
+            check_attrs: Some(|a| SwiGlu::parse(a).map(|_| ())),
+            cpu: Arc::new(swiglu_cpu),
+            cuda: Some(swiglu_cuda()),
+            cuda_scratch: Some(swiglu_scratch),
+            ..entry(SWIGLU, 3, 1, swiglu_rule)
+        },
+    ]
+}
