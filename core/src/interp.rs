@@ -45,6 +45,12 @@ pub fn initial_values(g: &Graph, inputs: &[Tensor], params: &[(usize, Tensor)]) 
     slots
 }
 
+/// The dtypes and concrete shapes of node `i`'s outputs at `bind`, if every symbol is bound.
+fn out_shapes(g: &Graph, i: usize, bind: &Bindings) -> Option<Vec<(crate::DType, Vec<usize>)>> {
+    let n = &g.nodes[i];
+    n.outputs.iter().map(|&o| Some((g.meta(o).dtype, crate::shape::eval_shape(&g.meta(o).shape, bind).ok()?))).collect()
+}
+
 /// Node `i` of `g` on `ins` (its inputs' values): cached attention through `attention` with the
 /// step's plan and KV cache, every other op through the CPU kernels. Errors name the node.
 pub fn eval_node(
@@ -75,7 +81,12 @@ pub fn eval_node(
         (Some(_), _, None) => Err(Error::Msg(
             "this graph has cached attention: forward needs a step context (batch metadata and KV cache)".into(),
         )),
-        _ => cpu::eval_outputs(&n.op, ins, bind, kernels),
+        _ => match out_shapes(g, i, bind) {
+            // The node's own output shapes at this step's sizes: the graph was checked with
+            // them, so the shape rule need not run again (the kernel's outputs are checked).
+            Some(outs) => crate::custom_op::eval(n.op.name, &n.op.attrs, ins, &outs, kernels),
+            None => cpu::eval_outputs(&n.op, ins, bind, kernels),
+        },
     };
     let out = res.map_err(|e| match e {
         Error::Shape { .. } => e.at_node(name),

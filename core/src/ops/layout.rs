@@ -671,3 +671,31 @@ mod tests {
         assert!(e.contains("step") && e.contains("positive"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod symbol_tests {
+    use super::*;
+    use crate::ir::GraphBuilder;
+
+    /// A size list's symbols follow the graph: `specialize` fixes them in the attribute text
+    /// (the kvcache transform fixes `batch` to 1), and the CPU binds the rest at run time.
+    #[test]
+    fn size_lists_specialise_and_bind_their_symbols() {
+        let mut b = GraphBuilder::new(std::sync::Arc::new(crate::weights::WeightStore::new("test")));
+        let (batch, seq) = (Dim::sym("batch"), Dim::sym("seq"));
+        let x = b.input("x", DType::F32, vec![batch.clone(), seq.clone(), Dim::new(8)]);
+        let sizes = vec![SizeArg::Dim(batch), SizeArg::Dim(seq), SizeArg::Dim(Dim::new(2)), SizeArg::Infer];
+        let v = b.op("v", Op::view(sizes), &[x]).unwrap();
+        b.output(v);
+        let mut g = b.finish().unwrap();
+        g.specialize("batch", 1);
+        assert_eq!(g.nodes[0].op.attrs, "[1, seq, 2, -1]");
+        assert_eq!(g.meta(g.outputs[0]).to_string(), "f32[1, seq, 2, 4]");
+        let t = Tensor::from_f32(vec![1, 3, 8], (0..24).map(|i| i as f32).collect()).unwrap();
+        let bind: crate::shape::Bindings = [("seq".to_string(), 3)].into_iter().collect();
+        let y = crate::cpu::eval(&g.nodes[0].op, &[&t], &bind).unwrap();
+        assert_eq!(y.shape(), &[1, 3, 2, 4]);
+        let e = crate::cpu::eval(&g.nodes[0].op, &[&t], &Default::default()).unwrap_err().to_string();
+        assert!(e.contains("seq") && e.contains("not bound"), "{e}");
+    }
+}
