@@ -1,4 +1,5 @@
-//! GGUF v2/v3 reader and dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+//! GGUF v2/v3 reader and dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
+//! Q3_K, Q4_K, Q5_K, Q6_K).
 //!
 //! Every read is bounds-checked against the buffer: a truncated or corrupt file is an error
 //! naming the file and the key or tensor, never a panic or an out-of-bounds read.
@@ -78,8 +79,13 @@ pub enum GgmlType {
     F16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
+    Q5K,
     Q6K,
     BF16,
 }
@@ -138,8 +144,13 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            10 => GgmlType::Q2K,
+            11 => GgmlType::Q3K,
             12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             30 => GgmlType::BF16,
             _ => return None,
@@ -152,8 +163,13 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q2K => (256, 84),
+            GgmlType::Q3K => (256, 110),
             GgmlType::Q4K => (256, 144),
+            GgmlType::Q5K => (256, 176),
             GgmlType::Q6K => (256, 210),
         }
     }
@@ -164,8 +180,13 @@ impl GgmlType {
             GgmlType::F16 => "f16",
             GgmlType::Q4_0 => "q4_0",
             GgmlType::Q4_1 => "q4_1",
+            GgmlType::Q5_0 => "q5_0",
+            GgmlType::Q5_1 => "q5_1",
             GgmlType::Q8_0 => "q8_0",
+            GgmlType::Q2K => "q2_k",
+            GgmlType::Q3K => "q3_k",
             GgmlType::Q4K => "q4_k",
+            GgmlType::Q5K => "q5_k",
             GgmlType::Q6K => "q6_k",
             GgmlType::BF16 => "bf16",
         }
@@ -182,8 +203,13 @@ impl GgmlType {
             GgmlType::F16 => "F16",
             GgmlType::Q4_0 => "Q4_0",
             GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
             GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q2K => "Q2_K",
+            GgmlType::Q3K => "Q3_K",
             GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
             GgmlType::BF16 => "BF16",
         }
@@ -363,7 +389,7 @@ impl Header {
     ) -> std::result::Result<(GgmlType, std::ops::Range<usize>), String> {
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| match ggml_type_name(t.type_id) {
             Some(n) => format!(
-                "tensor `{}`: ggml type {n} ({}) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K are)",
+                "tensor `{}`: ggml type {n} ({}) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K are)",
                 t.name, t.type_id
             ),
             None => format!("tensor `{}`: ggml type {} is not a type of the GGUF format", t.name, t.type_id),
@@ -460,6 +486,15 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
+/// Scale and min of sub-block `j` (of 8) from the 12 packed 6-bit pairs of Q4_K and Q5_K.
+fn k_scale_min(sc: &[u8; 12], j: usize) -> (f32, f32) {
+    if j < 4 {
+        ((sc[j] & 63) as f32, (sc[j + 4] & 63) as f32)
+    } else {
+        (((sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4)) as f32, ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f32)
+    }
+}
+
 /// Dequantizes whole blocks of `ty` (the caller sized `b` to whole blocks).
 pub fn dequantize(ty: GgmlType, b: &[u8]) -> Vec<f32> {
     let (per, bytes) = ty.block();
@@ -485,29 +520,77 @@ pub fn dequantize(ty: GgmlType, b: &[u8]) -> Vec<f32> {
                 y.extend(qs.iter().map(|&q| (q & 15) as f32 * d + m));
                 y.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                // d (and m for Q5_1), the 32 fifth bits, then 16 bytes of low nibbles: byte j
+                // holds value j (low) and value j + 16 (high).
+                let (d, m, at) = match ty {
+                    GgmlType::Q5_1 => (f16_at(blk, 0), f16_at(blk, 2), 4),
+                    _ => (f16_at(blk, 0), 0.0, 2),
+                };
+                let qh = u32::from_le_bytes(blk[at..at + 4].try_into().expect("4 bytes"));
+                let qs = &blk[at + 4..at + 20];
+                let offset = if ty == GgmlType::Q5_0 { 16 } else { 0 };
+                let q = |i: usize| {
+                    let nib = if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 };
+                    (nib as i32 | (((qh >> i) & 1) as i32) << 4) - offset
+                };
+                y.extend((0..32).map(|i| d * q(i) as f32 + m));
+            }
+            GgmlType::Q2K => {
+                // 16 sub-blocks of 16: a 4-bit scale and a 4-bit min each; 2-bit values, byte l
+                // of each 32-byte half holds values l, l + 32, l + 64, l + 96 of that half.
+                let (sc, qs) = (&blk[..16], &blk[16..80]);
+                let (d, dmin) = (f16_at(blk, 80), f16_at(blk, 82));
+                y.extend((0..256).map(|i| {
+                    let (half, shift, l) = (i / 128, (i % 128) / 32, i % 32);
+                    let q = (qs[32 * half + l] >> (2 * shift)) & 3;
+                    let s = sc[i / 16];
+                    d * (s & 15) as f32 * q as f32 - dmin * (s >> 4) as f32
+                }));
+            }
+            GgmlType::Q3K => {
+                // 2 low bits as in Q2_K, the third bit of value 32·b + l in bit b of hmask[l]
+                // (set: no offset; clear: minus 4), 16 signed 6-bit scales.
+                let (hmask, qs, sc) = (&blk[..32], &blk[32..96], &blk[96..108]);
+                let d = f16_at(blk, 108);
+                let scale = |j: usize| {
+                    let low = (sc[j % 8] >> (4 * (j / 8))) & 15;
+                    let high = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+                    ((low | (high << 4)) as i32 - 32) as f32
+                };
+                y.extend((0..256).map(|i| {
+                    let (half, shift, l) = (i / 128, (i % 128) / 32, i % 32);
+                    let low = ((qs[32 * half + l] >> (2 * shift)) & 3) as i32;
+                    let h = ((hmask[i % 32] >> (i / 32)) & 1) as i32;
+                    d * scale(i / 16) * (low - 4 * (1 - h)) as f32
+                }));
+            }
             GgmlType::Q4K => {
                 let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-                let sc = &blk[4..16];
+                let sc: &[u8; 12] = blk[4..16].try_into().expect("12 bytes");
                 let qs = &blk[16..144];
-                let scale_min = |j: usize| -> (f32, f32) {
-                    if j < 4 {
-                        ((sc[j] & 63) as f32, (sc[j + 4] & 63) as f32)
-                    } else {
-                        (
-                            ((sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4)) as f32,
-                            ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f32,
-                        )
-                    }
-                };
                 for c in 0..4 {
                     let q = &qs[32 * c..32 * c + 32];
-                    let (s1, m1) = scale_min(2 * c);
-                    let (s2, m2) = scale_min(2 * c + 1);
+                    let (s1, m1) = k_scale_min(sc, 2 * c);
+                    let (s2, m2) = k_scale_min(sc, 2 * c + 1);
                     let (d1, m1) = (d * s1, dmin * m1);
                     let (d2, m2) = (d * s2, dmin * m2);
                     y.extend(q.iter().map(|&x| d1 * (x & 15) as f32 - m1));
                     y.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - m2));
                 }
+            }
+            GgmlType::Q5K => {
+                // Q4_K's scales and nibbles, the fifth bit of value 32·b + l in bit b of qh[l].
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let sc: &[u8; 12] = blk[4..16].try_into().expect("12 bytes");
+                let (qh, qs) = (&blk[16..48], &blk[48..176]);
+                y.extend((0..256).map(|i| {
+                    let (c, high, l) = (i / 64, (i % 64) / 32, i % 32);
+                    let nib = (qs[32 * c + l] >> (4 * high)) & 15;
+                    let q = nib | (((qh[l] >> (i / 32)) & 1) << 4);
+                    let (s, m) = k_scale_min(sc, i / 32);
+                    d * s * q as f32 - dmin * m
+                }));
             }
             GgmlType::Q6K => {
                 let d = f16_at(blk, 208);

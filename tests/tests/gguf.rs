@@ -123,10 +123,20 @@ fn k_quant_tensors_in_a_gguf_file_give_transformers_logits() {
 }
 
 #[test]
-fn k_quant_blocks_match_the_gguf_package() {
+fn quantized_blocks_match_the_gguf_package() {
     let bytes = std::fs::read(fixture("gguf").join("blocks.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    for (ty, name) in [(GgmlType::Q4K, "Q4_K"), (GgmlType::Q6K, "Q6_K")] {
+    let types = [
+        (GgmlType::Q4K, "Q4_K"),
+        (GgmlType::Q6K, "Q6_K"),
+        (GgmlType::Q5_0, "Q5_0"),
+        (GgmlType::Q5_1, "Q5_1"),
+        (GgmlType::Q2K, "Q2_K"),
+        (GgmlType::Q3K, "Q3_K"),
+        (GgmlType::Q5K, "Q5_K"),
+    ];
+    for (ty, name) in types {
+        assert_eq!(ty.name(), name);
         let raw = st.tensor(&format!("raw.{name}")).unwrap().data().to_vec();
         let want = f32s(st.tensor(&format!("deq.{name}")).unwrap().data());
         let got = dequantize(ty, &raw);
@@ -204,9 +214,9 @@ fn bad_gguf_files_name_the_key_or_tensor() {
     let e = import_err(&b);
     assert!(e.contains(&format!("tensor `{}`", t.name)) && e.contains("ggml type 77"), "{e}");
     // A type of the format this reader lacks is named as ggml names it.
-    b[type_pos..type_pos + 4].copy_from_slice(&6u32.to_le_bytes());
+    b[type_pos..type_pos + 4].copy_from_slice(&20u32.to_le_bytes());
     let e = import_err(&b);
-    assert!(e.contains(&format!("tensor `{}`", t.name)) && e.contains("Q5_0 (6) is not supported"), "{e}");
+    assert!(e.contains(&format!("tensor `{}`", t.name)) && e.contains("IQ4_NL (20) is not supported"), "{e}");
     // An offset off the file's alignment (once read shifted, silently wrong) is refused.
     let off_pos = type_pos + 4;
     let mut b = good.clone();
