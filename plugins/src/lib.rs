@@ -11,6 +11,7 @@ pub mod compile {
 }
 pub mod importers {
     pub mod decoder;
+    pub mod families;
     pub mod gguf;
     pub mod hf;
     pub mod torch_export;

@@ -81,7 +81,7 @@ fn malformed_config_values_name_the_key() {
         ("rms_norm_eps", Value::from("small"), "number"),
         ("tie_word_embeddings", Value::from(3), "true or false"),
         ("num_key_value_heads", Value::from(3), "does not divide"),
-        ("hidden_act", Value::from("gelu"), "only silu"),
+        ("hidden_act", Value::from("gelu"), "supported: silu"),
     ];
     for (key, val, why) in cases {
         let (_t, dir) = copy_fixture("qwen3");

@@ -14,9 +14,6 @@ use autodeploy_core::{DType, Graph, Tensor};
 
 use super::decoder::{build_decoder, DecoderConfig, RopeScaling};
 
-/// Architectures whose GGUF tensors map onto the llama-style decoder.
-pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
-
 pub struct GgufImporter;
 
 autodeploy_core::inventory::submit! {
@@ -114,11 +111,11 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         .ok_or_else(|| Error::config(&f.path, "general.architecture", "missing"))?
         .as_str()
         .ok_or_else(|| Error::config(&f.path, "general.architecture", "not a string"))?;
-    if !SUPPORTED.contains(&arch) {
+    if super::families::family(arch).is_none() {
         return Err(Error::config(
             &f.path,
             "general.architecture",
-            format!("`{arch}` is not supported; supported: {}", SUPPORTED.join(", ")),
+            format!("`{arch}` is not supported; supported: {}", super::families::names()),
         ));
     }
     let m = Meta { f, arch };
@@ -238,7 +235,7 @@ pub fn unpermute_rows<T: Copy + Default>(v: &[T], heads: usize, rows: usize, col
 
 fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
     let mut store = WeightStore::new(f.path.display().to_string());
-    let permute = matches!(cfg.family.as_str(), "llama" | "mistral");
+    let permute = super::families::family(&cfg.family).is_some_and(|fam| fam.gguf_qk_permuted);
     for (hf, shape) in cfg.expected_weights() {
         let g = gguf_name(&hf).ok_or_else(|| Error::Msg(format!("no GGUF name for tensor `{hf}`")))?;
         let info = f

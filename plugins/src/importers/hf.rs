@@ -1,5 +1,5 @@
 //! Hugging Face checkpoint folders: `config.json` plus `model.safetensors` or the shards listed
-//! in `model.safetensors.index.json`. Families: llama, mistral, qwen2, qwen3.
+//! in `model.safetensors.index.json`. The families are `families.rs`'s table.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +12,7 @@ use autodeploy_core::{DType, Graph};
 use serde_json::{Map, Value};
 
 use super::decoder::{build_decoder, DecoderConfig, RopeScaling};
-
-pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+use super::families::{self, Flag, Window};
 
 pub struct HfImporter;
 
@@ -116,13 +115,15 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
     let k = Keys { file: path, map, prefix: "" };
 
     let model_type = k.str_opt("model_type")?.ok_or_else(|| k.err("model_type", "missing"))?;
-    if !SUPPORTED.contains(&model_type) {
-        return Err(Error::UnknownModelType {
-            file: path.into(),
-            model_type: model_type.into(),
-            supported: SUPPORTED.join(", "),
-        });
-    }
+    let fam = families::family(model_type).ok_or_else(|| Error::UnknownModelType {
+        file: path.into(),
+        model_type: model_type.into(),
+        supported: families::names(),
+    })?;
+    let flag = |f: Flag| match f {
+        Flag::Fixed(v) => Ok(v),
+        Flag::Key(key, default) => k.bool_or(key, default),
+    };
     let hidden_size = k.size("hidden_size", 1 << 17)?;
     let num_heads = k.size("num_attention_heads", 1 << 12)?;
     let num_kv_heads = k.size_opt("num_key_value_heads", 1 << 12)?.unwrap_or(num_heads);
@@ -145,25 +146,20 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         return Err(k.err("head_dim", format!("{head_dim} is odd; rotary embedding needs an even head_dim")));
     }
     if let Some(act) = k.str_opt("hidden_act")? {
-        if act != "silu" {
-            return Err(k.err("hidden_act", format!("`{act}` is not supported for {model_type} (only silu)")));
+        if !fam.activations.contains(&act) {
+            let known = fam.activations.join(", ");
+            return Err(k.err("hidden_act", format!("`{act}` is not supported for {model_type} (supported: {known})")));
         }
     }
 
     let (rope_theta, rope_scaling) = parse_rope(&k)?;
 
-    let attention_bias = k.bool_or("attention_bias", false)?;
-    let (qkv_bias, o_bias) = match model_type {
-        "qwen2" => (true, false),
-        "mistral" => (false, false),
-        _ => (attention_bias, attention_bias),
-    };
-    let sliding_window = match model_type {
-        "mistral" => k.size_opt("sliding_window", 1 << 28)?,
-        _ if k.bool_or("use_sliding_window", false)? => {
+    let sliding_window = match fam.window {
+        Window::Key(key) => k.size_opt(key, 1 << 28)?,
+        Window::None if k.bool_or("use_sliding_window", false)? => {
             return Err(k.err("use_sliding_window", "sliding-window layers are not supported yet for this family"))
         }
-        _ => None,
+        Window::None => None,
     };
     let file_dtype = match k.str_opt("torch_dtype")?.or(k.str_opt("dtype")?) {
         None => DType::F32,
@@ -191,10 +187,10 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         max_position_embeddings,
         sliding_window,
         tie_word_embeddings: k.bool_or("tie_word_embeddings", false)?,
-        qkv_bias,
-        o_bias,
-        mlp_bias: model_type == "llama" && k.bool_or("mlp_bias", false)?,
-        qk_norm: model_type == "qwen3",
+        qkv_bias: flag(fam.qkv_bias)?,
+        o_bias: flag(fam.o_bias)?,
+        mlp_bias: flag(fam.mlp_bias)?,
+        qk_norm: fam.qk_norm,
         dtype: dtype.unwrap_or(file_dtype),
         weight_dtypes: Default::default(),
     })
