@@ -31,6 +31,7 @@ impl ModelImporter for HfImporter {
 
     fn import(&self, req: &ImportRequest) -> Result<Graph> {
         let cfg_path = req.path.join("config.json");
+        refuse_quantized(&req.path)?;
         let cfg = parse_config(&cfg_path, req.dtype)?;
         let store = if req.dummy_weights { dummy_weights(&cfg, &req.path) } else { open_weights(&req.path)? };
         check_weights(&cfg, &store)?;
@@ -104,6 +105,40 @@ impl<'a> Keys<'a> {
             Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
         }
     }
+}
+
+/// A quantized checkpoint (ModelOpt's `hf_quant_config.json` beside it, or a
+/// `quantization_config` in `config.json`) is refused naming the file, key and algorithm: its
+/// weights are not what a bf16 graph reads, and running it as one would be the wrong model.
+fn refuse_quantized(dir: &Path) -> Result<()> {
+    let read = |p: &Path| -> Result<Option<Value>> {
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::BadFile { file: p.into(), msg: format!("invalid JSON: {e}") })
+    };
+    let algo = |v: &Value, key: &str| v.pointer(key).and_then(Value::as_str).unwrap_or("unknown").to_string();
+    let quant = dir.join("hf_quant_config.json");
+    let (file, key, what) = if let Some(v) = read(&quant)? {
+        (quant, "quantization.quant_algo", algo(&v, "/quantization/quant_algo"))
+    } else {
+        let cfg = dir.join("config.json");
+        match read(&cfg)?.and_then(|v| v.get("quantization_config").cloned()) {
+            Some(q) if !q.is_null() => {
+                let what = q.get("quant_algo").or(q.get("quant_method")).and_then(Value::as_str).unwrap_or("unknown");
+                (cfg, "quantization_config", what.to_string())
+            }
+            _ => return Ok(()),
+        }
+    };
+    Err(Error::config(
+        &file,
+        key,
+        format!("a `{what}` quantized checkpoint: quantized HF checkpoints are not supported yet"),
+    ))
 }
 
 /// Reads `config.json` into the normalised decoder description.
