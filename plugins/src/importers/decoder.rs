@@ -15,6 +15,16 @@ use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, SizeArg, Tensor, Valu
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
+    /// Positions divided by `factor` (transformers' `linear`): every frequency over `factor`.
+    Linear {
+        factor: f64,
+    },
+    /// NTK-aware base growth past `original_max_position_embeddings` (transformers' `dynamic`);
+    /// up to it the frequencies are the default ones, and the graph's sequences stop there.
+    Dynamic {
+        factor: f64,
+        original_max_position_embeddings: usize,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -117,7 +127,8 @@ impl DecoderConfig {
         let base = self.rope_theta as f32;
         let inv: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
         match self.rope_scaling {
-            RopeScaling::None => inv,
+            RopeScaling::None | RopeScaling::Dynamic { .. } => inv,
+            RopeScaling::Linear { factor } => inv.iter().map(|&f| f / factor as f32).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let (factor, low, high, old) = (
                     factor as f32,
@@ -146,6 +157,9 @@ impl DecoderConfig {
         let mut m = max_seq_len.min(self.max_position_embeddings);
         if let Some(w) = self.sliding_window {
             m = m.min(w);
+        }
+        if let RopeScaling::Dynamic { original_max_position_embeddings: o, .. } = self.rope_scaling {
+            m = m.min(o);
         }
         m
     }

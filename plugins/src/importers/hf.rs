@@ -258,15 +258,35 @@ fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
         Some(t) => t,
         None => s.str_opt("type")?.unwrap_or("default"),
     };
+    let factor = || -> Result<f64> {
+        let f = s.f64("factor")?;
+        if f >= 1.0 && f.is_finite() {
+            Ok(f)
+        } else {
+            Err(s.err("factor", format!("{f} is not a finite number of at least 1")))
+        }
+    };
     let scaling = match rope_type {
         "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: factor()?,
+            original_max_position_embeddings: match s.size_opt("original_max_position_embeddings", 1 << 28)? {
+                Some(n) => n,
+                None => k.size_opt("max_position_embeddings", 1 << 28)?.unwrap_or(4096),
+            },
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: s.f64("factor")?,
             low_freq_factor: s.f64("low_freq_factor")?,
             high_freq_factor: s.f64("high_freq_factor")?,
             original_max_position_embeddings: s.f64("original_max_position_embeddings")?,
         },
-        other => return Err(s.err("rope_type", format!("`{other}` is not supported (supported: default, llama3)"))),
+        other => {
+            return Err(
+                s.err("rope_type", format!("`{other}` is not supported (supported: default, linear, dynamic, llama3)"))
+            )
+        }
     };
     if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = scaling {
         if high_freq_factor <= low_freq_factor {
