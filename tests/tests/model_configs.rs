@@ -11,7 +11,7 @@ use autodeploy_plugins::importers::hf::HfImporter;
 use common::*;
 
 /// Parameters of each supported model: the count its model card or safetensors index gives
-/// (Qwen3's cards round, so those two were summed by hand from the config: embedding, 36 or 28
+/// (Qwen3's and Granite's cards round, so those three were summed by hand from the config: embedding, 36 or 28
 /// layers of q/k/v/o, q/k norms, SwiGLU MLP and two norms, the final norm, the LM head unless
 /// tied; their non-embedding parts match the cards' 6.95B and 0.44B).
 const PUBLISHED: &[(&str, u64)] = &[
@@ -26,6 +26,7 @@ const PUBLISHED: &[(&str, u64)] = &[
     ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512),
     ("Qwen/Qwen3-0.6B", 596_049_920),
     ("Qwen/Qwen3-8B", 8_190_735_360),
+    ("ibm-granite/granite-3.1-2b-instruct", 2_533_531_648),
 ];
 
 fn import(dir: &std::path::Path) -> autodeploy_core::Result<autodeploy_core::Graph> {
@@ -86,7 +87,7 @@ fn every_matrix_config_builds_with_its_parameter_count_or_is_refused_by_name() {
                 } else {
                     assert!(
                         e.contains(&format!("unsupported model_type `{mt}`"))
-                            && e.contains("supported: llama, mistral, qwen2, qwen3"),
+                            && e.contains("supported: llama, mistral, qwen2, qwen3, granite"),
                         "{name}: {e}"
                     );
                 }

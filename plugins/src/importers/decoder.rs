@@ -62,6 +62,27 @@ pub struct DecoderConfig {
     pub dtype: DType,
     /// Weights kept in another dtype (block-quantized GGUF linears).
     pub weight_dtypes: std::collections::BTreeMap<String, DType>,
+    /// Granite's scalars (1 and None elsewhere, and then no node): the embedding times
+    /// `embedding_multiplier`, attention scaled by `attention_multiplier` instead of 1/√head_dim,
+    /// each residual branch times `residual_multiplier`, the logits over `logits_scaling`.
+    pub scalars: Scalars,
+}
+
+/// The scalar multipliers some families put on the residual stream (see [`DecoderConfig::scalars`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scalars {
+    pub embedding: f64,
+    pub attention: Option<f64>,
+    pub residual: f64,
+    /// The logits are divided by this (a multiplication by its reciprocal in the graph: exact
+    /// for the powers of two real checkpoints use).
+    pub logits_divisor: f64,
+}
+
+impl Default for Scalars {
+    fn default() -> Scalars {
+        Scalars { embedding: 1.0, attention: None, residual: 1.0, logits_divisor: 1.0 }
+    }
 }
 
 /// Name of the RoPE inverse-frequency buffer the importer computes.
@@ -218,6 +239,14 @@ impl Ctx<'_> {
         self.b.op(hint, Op::cat(-1), &[n2, x1])
     }
 
+    /// `x · s` (nothing when `s` is 1).
+    fn scale(&mut self, hint: &str, x: ValueId, s: f64) -> Result<ValueId> {
+        if s == 1.0 {
+            return Ok(x);
+        }
+        self.b.op(hint, Op::scalar(MUL_SCALAR, s), &[x])
+    }
+
     fn apply_rope(&mut self, hint: &str, x: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
         let xc = self.b.op(&format!("{hint}.mul_cos"), Op::binary(MUL), &[x, cos])?;
         let rot = self.rotate_half(&format!("{hint}.rot"), x)?;
@@ -274,7 +303,7 @@ impl Ctx<'_> {
         let k = self.apply_rope(&format!("{n}.k_rope"), k, cos_u, sin_u)?;
         let sdpa = Op::sdpa(SdpaAttrs {
             is_causal: true,
-            scale: Some((hd as f64).powf(-0.5)),
+            scale: Some(c.scalars.attention.unwrap_or((hd as f64).powf(-0.5))),
             enable_gqa: c.num_kv_heads != c.num_heads,
         });
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
@@ -283,6 +312,7 @@ impl Ctx<'_> {
         let a = self.b.op(&format!("{n}.attn.flat"), Op::reshape(flat), &[a])?;
         let o =
             self.linear(&format!("{n}.o_proj"), a, &format!("{p}.self_attn.o_proj"), hs, c.num_heads * hd, c.o_bias)?;
+        let o = self.scale(&format!("{n}.o_scaled"), o, c.scalars.residual)?;
         let h = self.b.op(&format!("{n}.attn_residual"), Op::binary(ADD), &[h, o])?;
         let x = self.rmsnorm(&format!("{n}.post_attn_norm"), h, &format!("{p}.post_attention_layernorm.weight"), hs)?;
         let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{p}.mlp.gate_proj"), is, hs, c.mlp_bias)?;
@@ -290,6 +320,7 @@ impl Ctx<'_> {
         let g = self.b.op(&format!("{n}.act"), Op::unary("aten.silu"), &[g])?;
         let m = self.b.op(&format!("{n}.act_mul"), Op::binary(MUL), &[g, u])?;
         let d = self.linear(&format!("{n}.down_proj"), m, &format!("{p}.mlp.down_proj"), hs, is, c.mlp_bias)?;
+        let d = self.scale(&format!("{n}.down_scaled"), d, c.scalars.residual)?;
         self.b.op(&format!("{n}.mlp_residual"), Op::binary(ADD), &[h, d])
     }
 }
@@ -314,7 +345,8 @@ pub fn build_decoder(
     let mut cx = Ctx { b, cfg, batch, seq };
 
     let emb_w = cx.w("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size]);
-    let mut h = cx.b.op("embed", Op::embedding(), &[emb_w, ids])?;
+    let h = cx.b.op("embed", Op::embedding(), &[emb_w, ids])?;
+    let mut h = cx.scale("embed_scaled", h, cfg.scalars.embedding)?;
 
     // Rotary embedding, once for all layers: freqs = position_ids[..., None].float() * inv_freq.
     let inv_freq = cx.b.param(INV_FREQ, DType::F32, static_shape(&[half]));
@@ -336,7 +368,12 @@ pub fn build_decoder(
     }
     let h = cx.rmsnorm("final_norm", h, "model.norm.weight", cfg.hidden_size)?;
     let lm = cx.w(cfg.lm_head_weight(), &[cfg.vocab_size, cfg.hidden_size]);
-    let logits = cx.b.op("logits", Op::linear(), &[h, lm])?;
+    let logits = if cfg.scalars.logits_divisor == 1.0 {
+        cx.b.op("logits", Op::linear(), &[h, lm])?
+    } else {
+        let l = cx.b.op("lm_head", Op::linear(), &[h, lm])?;
+        cx.scale("logits", l, 1.0 / cfg.scalars.logits_divisor)?
+    };
     cx.b.output(logits);
     cx.b.note(format!(
         "import: {} decoder, {} layers, hidden {}, heads {}/{} (kv), head_dim {}, dtype {}",

@@ -43,6 +43,9 @@ pub struct Family {
     /// llama.cpp's converter permutes the Q and K rows of this family's GGUF files (undone at
     /// load).
     pub gguf_qk_permuted: bool,
+    /// Its configs scale the residual stream (`embedding_multiplier`, `attention_multiplier`,
+    /// `residual_multiplier`, `logits_scaling`: Granite).
+    pub multipliers: bool,
 }
 
 pub const FAMILIES: &[Family] = &[
@@ -55,6 +58,7 @@ pub const FAMILIES: &[Family] = &[
         window: Window::None,
         activations: &["silu"],
         gguf_qk_permuted: true,
+        multipliers: false,
     },
     Family {
         name: "mistral",
@@ -65,6 +69,7 @@ pub const FAMILIES: &[Family] = &[
         window: Window::Key("sliding_window"),
         activations: &["silu"],
         gguf_qk_permuted: true,
+        multipliers: false,
     },
     Family {
         name: "qwen2",
@@ -75,6 +80,7 @@ pub const FAMILIES: &[Family] = &[
         window: Window::None,
         activations: &["silu"],
         gguf_qk_permuted: false,
+        multipliers: false,
     },
     Family {
         name: "qwen3",
@@ -85,6 +91,18 @@ pub const FAMILIES: &[Family] = &[
         window: Window::None,
         activations: &["silu"],
         gguf_qk_permuted: false,
+        multipliers: false,
+    },
+    Family {
+        name: "granite",
+        qkv_bias: Flag::Key("attention_bias", false),
+        o_bias: Flag::Key("attention_bias", false),
+        mlp_bias: Flag::Key("mlp_bias", false),
+        qk_norm: false,
+        window: Window::None,
+        activations: &["silu"],
+        gguf_qk_permuted: true,
+        multipliers: true,
     },
 ];
 
@@ -109,6 +127,6 @@ mod tests {
             assert_eq!(family(f.name).map(|g| g.name), Some(f.name));
         }
         assert!(family("gpt2").is_none());
-        assert_eq!(names(), "llama, mistral, qwen2, qwen3");
+        assert_eq!(names(), "llama, mistral, qwen2, qwen3, granite");
     }
 }

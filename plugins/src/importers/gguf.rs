@@ -12,7 +12,7 @@ use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Graph, Tensor};
 
-use super::decoder::{build_decoder, DecoderConfig, RopeScaling};
+use super::decoder::{build_decoder, DecoderConfig, RopeScaling, Scalars};
 
 pub struct GgufImporter;
 
@@ -103,6 +103,14 @@ impl Meta<'_> {
     }
 }
 
+/// An optional metadata number that must be positive and finite.
+fn positive(m: &Meta, k: &str) -> Result<Option<f64>> {
+    match m.f64_opt(k)? {
+        Some(v) if !(v > 0.0 && v.is_finite()) => Err(m.err(&m.key(k), format!("{v} is not a positive number"))),
+        v => Ok(v),
+    }
+}
+
 /// The decoder description from the GGUF metadata.
 pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
     let arch = f
@@ -182,6 +190,13 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         // Activations in f32 unless asked otherwise; see `weights` for which weights stay quantized.
         dtype: dtype.unwrap_or(DType::F32),
         weight_dtypes: Default::default(),
+        // llama.cpp's names for Granite's multipliers (absent for the other families).
+        scalars: Scalars {
+            embedding: positive(&m, "embedding_scale")?.unwrap_or(1.0),
+            attention: positive(&m, "attention.scale")?,
+            residual: positive(&m, "residual_scale")?.unwrap_or(1.0),
+            logits_divisor: positive(&m, "logit_scale")?.unwrap_or(1.0),
+        },
     })
 }
 

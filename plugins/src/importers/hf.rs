@@ -11,7 +11,7 @@ use autodeploy_core::weights::{SafetensorsFile, WeightStore};
 use autodeploy_core::{DType, Graph};
 use serde_json::{Map, Value};
 
-use super::decoder::{build_decoder, DecoderConfig, RopeScaling};
+use super::decoder::{build_decoder, DecoderConfig, RopeScaling, Scalars};
 use super::families::{self, Flag, Window};
 
 pub struct HfImporter;
@@ -228,6 +228,23 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         qk_norm: fam.qk_norm,
         dtype: dtype.unwrap_or(file_dtype),
         weight_dtypes: Default::default(),
+        scalars: if fam.multipliers { parse_multipliers(&k)? } else { Scalars::default() },
+    })
+}
+
+/// Granite's multipliers; each must be a positive finite number (absent: no scaling).
+fn parse_multipliers(k: &Keys) -> Result<Scalars> {
+    let positive = |key: &str| -> Result<Option<f64>> {
+        match k.f64_opt(key)? {
+            Some(v) if !(v > 0.0 && v.is_finite()) => Err(k.err(key, format!("{v} is not a positive number"))),
+            v => Ok(v),
+        }
+    };
+    Ok(Scalars {
+        embedding: positive("embedding_multiplier")?.unwrap_or(1.0),
+        attention: positive("attention_multiplier")?,
+        residual: positive("residual_multiplier")?.unwrap_or(1.0),
+        logits_divisor: positive("logits_scaling")?.unwrap_or(1.0),
     })
 }
 

@@ -65,10 +65,23 @@ impl Transform for InsertCachedAttention {
         }
         // Gather the hidden states of the requested tokens before the LM head.
         let out = *g.outputs.first().ok_or_else(|| Error::Msg("graph has no output".into()))?;
-        let head = g.producer(out).filter(|&i| g.nodes[i].op.is(LINEAR));
-        let Some(head) = head else {
+        // The LM head: the linear producing the output, or reached from it through one-input
+        // ops that keep its shape (Granite's logits scaling).
+        let mut tail = Vec::new();
+        let mut at = g.producer(out);
+        while let Some(i) = at.filter(|&i| !g.nodes[i].op.is(LINEAR)) {
+            let n = &g.nodes[i];
+            if n.inputs.len() != 1 || g.meta(n.inputs[0]).shape != g.meta(n.outputs[0]).shape {
+                at = None;
+                break;
+            }
+            tail.push(n.outputs[0]);
+            at = g.producer(n.inputs[0]);
+        }
+        let Some(head) = at else {
             return Err(Error::Msg(format!(
-                "cache_init: graph output %{} is not produced by a linear (LM head)",
+                "cache_init: graph output %{} is not produced by a linear (LM head), alone or through shape-keeping \
+                 one-input ops",
                 g.value(out).name
             )));
         };
@@ -86,11 +99,13 @@ impl Transform for InsertCachedAttention {
         let hidden = g.nodes[head].inputs[0];
         let gathered = g.insert_node(head, "gathered", Op::index_select(1), &[hidden, idx])?;
         g.nodes[head + 1].inputs[0] = gathered;
-        let new_meta = autodeploy_core::ops::infer(
-            &Op::linear(),
-            &g.nodes[head + 1].inputs.iter().map(|&v| g.meta(v).clone()).collect::<Vec<_>>(),
-        )?;
-        g.values[out.0 as usize].meta = new_meta[0].clone();
+        // The head's output and the ops after it now hold the gathered rows.
+        let head_out = g.nodes[head + 1].outputs[0];
+        for v in std::iter::once(head_out).chain(tail.into_iter().rev()) {
+            let i = g.producer(v).expect("produced by a node");
+            let ins: Vec<_> = g.nodes[i].inputs.iter().map(|&x| g.meta(x).clone()).collect();
+            g.values[v.0 as usize].meta = autodeploy_core::ops::infer(&g.nodes[i].op, &ins)?.remove(0);
+        }
         Ok(format!("inserted {layer} cached attention ({backend}); logits gathered before the LM head"))
     }
 }
