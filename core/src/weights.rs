@@ -120,6 +120,14 @@ enum Entry {
         shape: Vec<usize>,
         dtype: DType,
     },
+    /// Rows `start..start + shape[0]` of another weight of this store (a fused checkpoint
+    /// tensor's part), read when loaded.
+    Rows {
+        of: String,
+        start: usize,
+        shape: Vec<usize>,
+        dtype: DType,
+    },
 }
 
 /// Cloning is cheap: files are shared, owned tensors share their storage.
@@ -188,6 +196,23 @@ impl WeightStore {
         Ok(())
     }
 
+    /// A weight that is rows `start..start + rows` of weight `of` (a checkpoint's fused q/k/v
+    /// or gate/up tensor, split): nothing is read until it is loaded. Errors name `of` when it
+    /// is missing or the rows are not inside it.
+    pub fn add_rows(&mut self, name: &str, of: &str, start: usize, rows: usize) -> Result<()> {
+        let (dtype, s) = self.stored_meta(of)?;
+        if s.is_empty() || start.checked_add(rows).is_none_or(|end| end > s[0]) || rows == 0 {
+            return Err(Error::Msg(format!(
+                "weight `{name}`: rows {start}..{} are not inside `{of}` {s:?}",
+                start + rows
+            )));
+        }
+        let mut shape = s;
+        shape[0] = rows;
+        self.entries.insert(name.to_string(), Entry::Rows { of: of.to_string(), start, shape, dtype });
+        Ok(())
+    }
+
     /// When a weight is generated values throughout: its pieces in storage order (element
     /// count, values), a concatenation's parts one after another.
     pub fn synthetic_parts(&self, name: &str) -> Option<Vec<(usize, Synthetic)>> {
@@ -219,6 +244,7 @@ impl WeightStore {
             Some(Entry::Owned(_)) => "computed by the importer".into(),
             Some(Entry::Lazy(_, origin, _) | Entry::Synthetic(_, origin, _)) => origin.clone(),
             Some(Entry::Concat { parts, .. }) => format!("{} concatenated", parts.join(" + ")),
+            Some(Entry::Rows { of, start, shape, .. }) => format!("rows {start}..{} of {of}", start + shape[0]),
             None => self.origin.clone(),
         }
     }
@@ -241,7 +267,7 @@ impl WeightStore {
             }
             Some(Entry::Owned(t)) => Ok((t.dtype(), t.shape().to_vec())),
             Some(Entry::Lazy(shape, ..) | Entry::Synthetic(shape, ..)) => Ok((DType::F32, shape.clone())),
-            Some(Entry::Concat { shape, dtype, .. }) => Ok((*dtype, shape.clone())),
+            Some(Entry::Concat { shape, dtype, .. } | Entry::Rows { shape, dtype, .. }) => Ok((*dtype, shape.clone())),
             None => Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         }
     }
@@ -271,6 +297,11 @@ impl WeightStore {
                 let ts: Vec<Tensor> = parts.iter().map(|p| self.load(p, dtype)).collect::<Result<_>>()?;
                 let refs: Vec<&Tensor> = ts.iter().collect();
                 return crate::cpu::eval(&crate::Op::cat(0), &refs, &Default::default());
+            }
+            Some(Entry::Rows { of, start, shape, .. }) => {
+                let t = self.load(of, dtype)?;
+                let s = crate::ops::layout::Slice::new(0, *start as i64, (start + shape[0]) as i64);
+                return crate::cpu::eval(&crate::Op::slice(s), &[&t], &Default::default());
             }
             Some(Entry::File(i)) => *i,
             None => return Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),

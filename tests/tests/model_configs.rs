@@ -27,6 +27,8 @@ const PUBLISHED: &[(&str, u64)] = &[
     ("Qwen/Qwen3-0.6B", 596_049_920),
     ("Qwen/Qwen3-8B", 8_190_735_360),
     ("ibm-granite/granite-3.1-2b-instruct", 2_533_531_648),
+    ("microsoft/Phi-3-medium-4k-instruct", 13_960_238_080),
+    ("microsoft/phi-4", 14_659_507_200),
 ];
 
 fn import(dir: &std::path::Path) -> autodeploy_core::Result<autodeploy_core::Graph> {
@@ -87,7 +89,7 @@ fn every_matrix_config_builds_with_its_parameter_count_or_is_refused_by_name() {
                 } else {
                     assert!(
                         e.contains(&format!("unsupported model_type `{mt}`"))
-                            && e.contains("supported: llama, mistral, qwen2, qwen3, granite"),
+                            && e.contains("supported: llama, mistral, qwen2, qwen3, granite, phi3"),
                         "{name}: {e}"
                     );
                 }

@@ -387,7 +387,10 @@ fn cpu_by_view(view: ViewFn) -> crate::custom_op::CpuImpl {
         };
         Ok(vec![match view(&v) {
             View::Contiguous => x.reshape(shape.clone()).map_err(|e| e.to_string())?,
-            View::Strided { offset, strides } if strides == contiguous_strides(shape) && offset == 0 => {
+            // All of x in order (a prefix at offset 0 is not: it is copied below).
+            View::Strided { offset: 0, strides }
+                if strides == contiguous_strides(shape) && x.numel() == shape.iter().product::<usize>() =>
+            {
                 x.reshape(shape.clone()).map_err(|e| e.to_string())?
             }
             View::Strided { offset, strides } => cpu_view(x, shape, &strides, offset)?,
@@ -652,6 +655,17 @@ mod tests {
         assert_eq!(at(Op::unsqueeze(1), &[4, 8], &[8, 1], &[4, 1, 8], f), strided(0, &[8, 8, 1]));
         assert_eq!(at(Op::to_dtype(DType::F32), &[4, 8], &[1, 4], &[4, 8], f), strided(0, &[1, 4]));
         assert_eq!(at(Op::to_dtype(DType::BF16), &[4, 8], &[8, 1], &[4, 8], (DType::F32, DType::BF16)), View::Kernel);
+    }
+
+    /// A slice of the leading rows is a prefix of x's memory: the CPU copies it (a reshape of
+    /// all of x would be the wrong size).
+    #[test]
+    fn a_slice_of_leading_rows_is_copied_on_the_cpu() {
+        let x = Tensor::from_f32(vec![4, 2], (0..8).map(|i| i as f32).collect()).unwrap();
+        let y = crate::cpu::eval(&Op::slice(Slice::new(0, 0, 2)), &[&x], &Default::default()).unwrap();
+        assert_eq!((y.shape(), y.to_f32().to_vec()), (&[2, 2][..], vec![0.0, 1.0, 2.0, 3.0]));
+        let y = crate::cpu::eval(&Op::slice(Slice::new(0, 2, 4)), &[&x], &Default::default()).unwrap();
+        assert_eq!(y.to_f32().to_vec(), vec![4.0, 5.0, 6.0, 7.0]);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct Family {
     /// Its configs scale the residual stream (`embedding_multiplier`, `attention_multiplier`,
     /// `residual_multiplier`, `logits_scaling`: Granite).
     pub multipliers: bool,
+    /// Its checkpoints store q, k and v as one `self_attn.qkv_proj` and gate and up as one
+    /// `mlp.gate_up_proj` (gate rows first), split into the decoder's weights at load (Phi-3).
+    pub fused_projections: bool,
 }
 
 pub const FAMILIES: &[Family] = &[
@@ -59,6 +62,7 @@ pub const FAMILIES: &[Family] = &[
         activations: &["silu"],
         gguf_qk_permuted: true,
         multipliers: false,
+        fused_projections: false,
     },
     Family {
         name: "mistral",
@@ -70,6 +74,7 @@ pub const FAMILIES: &[Family] = &[
         activations: &["silu"],
         gguf_qk_permuted: true,
         multipliers: false,
+        fused_projections: false,
     },
     Family {
         name: "qwen2",
@@ -81,6 +86,7 @@ pub const FAMILIES: &[Family] = &[
         activations: &["silu"],
         gguf_qk_permuted: false,
         multipliers: false,
+        fused_projections: false,
     },
     Family {
         name: "qwen3",
@@ -92,6 +98,7 @@ pub const FAMILIES: &[Family] = &[
         activations: &["silu"],
         gguf_qk_permuted: false,
         multipliers: false,
+        fused_projections: false,
     },
     Family {
         name: "granite",
@@ -103,6 +110,19 @@ pub const FAMILIES: &[Family] = &[
         activations: &["silu"],
         gguf_qk_permuted: true,
         multipliers: true,
+        fused_projections: false,
+    },
+    Family {
+        name: "phi3",
+        qkv_bias: Flag::Fixed(false),
+        o_bias: Flag::Fixed(false),
+        mlp_bias: Flag::Fixed(false),
+        qk_norm: false,
+        window: Window::Key("sliding_window"),
+        activations: &["silu"],
+        gguf_qk_permuted: false,
+        multipliers: false,
+        fused_projections: true,
     },
 ];
 
@@ -127,6 +147,6 @@ mod tests {
             assert_eq!(family(f.name).map(|g| g.name), Some(f.name));
         }
         assert!(family("gpt2").is_none());
-        assert_eq!(names(), "llama, mistral, qwen2, qwen3, granite");
+        assert_eq!(names(), "llama, mistral, qwen2, qwen3, granite, phi3");
     }
 }

@@ -33,7 +33,15 @@ impl ModelImporter for HfImporter {
         let cfg_path = req.path.join("config.json");
         refuse_quantized(&req.path)?;
         let cfg = parse_config(&cfg_path, req.dtype)?;
-        let store = if req.dummy_weights { dummy_weights(&cfg, &req.path) } else { open_weights(&req.path)? };
+        let store = if req.dummy_weights {
+            dummy_weights(&cfg, &req.path)
+        } else {
+            let mut store = open_weights(&req.path)?;
+            if families::family(&cfg.family).is_some_and(|f| f.fused_projections) {
+                split_fused(&cfg, &mut store)?;
+            }
+            store
+        };
         check_weights(&cfg, &store)?;
         let mut g = build_decoder(&cfg, store, req.max_batch_size, req.max_seq_len)?;
         g.history.insert(0, format!("import: hf importer read {}", req.path.display()));
@@ -188,6 +196,11 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
     }
 
     let (rope_theta, rope_scaling) = parse_rope(&k)?;
+    if let Some(f) = k.f64_opt("partial_rotary_factor")? {
+        if f != 1.0 {
+            return Err(k.err("partial_rotary_factor", format!("{f}: partial rotary embeddings are not supported yet")));
+        }
+    }
 
     let sliding_window = match fam.window {
         Window::Key(key) => k.size_opt(key, 1 << 28)?,
@@ -376,6 +389,44 @@ pub fn dummy_weights(cfg: &DecoderConfig, dir: &Path) -> WeightStore {
         store.add_synthetic(&name, shape, origin, values);
     }
     store
+}
+
+/// The decoder's q/k/v and gate/up weights as row ranges of a checkpoint's fused
+/// `self_attn.qkv_proj` and `mlp.gate_up_proj` (checked to hold exactly those rows).
+fn split_fused(cfg: &DecoderConfig, store: &mut WeightStore) -> Result<()> {
+    let (q, kv, i) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        for (fused, parts) in [
+            ("self_attn.qkv_proj", vec![("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)]),
+            ("mlp.gate_up_proj", vec![("mlp.gate_proj", i), ("mlp.up_proj", i)]),
+        ] {
+            let of = format!("{p}.{fused}.weight");
+            if !store.contains(&of) {
+                return Err(Error::MissingTensor { name: of, where_: store.describe() });
+            }
+            let (_, shape) = store.stored_meta(&of)?;
+            let rows: usize = parts.iter().map(|(_, n)| n).sum();
+            if shape.first() != Some(&rows) {
+                let mut expected = shape.clone();
+                if let Some(r) = expected.first_mut() {
+                    *r = rows;
+                }
+                return Err(Error::TensorShape {
+                    file: PathBuf::from(store.location(&of)),
+                    name: of,
+                    expected,
+                    found: shape,
+                });
+            }
+            let mut start = 0;
+            for (name, n) in parts {
+                store.add_rows(&format!("{p}.{name}.weight"), &of, start, n)?;
+                start += n;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every tensor the graph needs is present, a float, and of the shape the config implies.

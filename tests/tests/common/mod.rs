@@ -9,7 +9,7 @@ use autodeploy_core::{DType, Graph, Tensor};
 use safetensors::SafeTensors;
 
 pub const FAMILIES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "llama-rope-linear", "llama-rope-dynamic", "granite"];
+    &["llama", "mistral", "qwen2", "qwen3", "llama-rope-linear", "llama-rope-dynamic", "granite", "phi3"];
 
 // Tolerances against transformers' logits (tests/parity.rs; tests/pt2.rs uses the same).
 /// f32: measured at most 2.1e-5 (llama); 1e-4 leaves 4.8x for another CPU's summation order.
