@@ -228,3 +228,24 @@ fn bad_gguf_files_name_the_key_or_tensor() {
         "{e}"
     );
 }
+
+/// A granite-architecture GGUF (the granite fixture written as llama.cpp's converter writes it,
+/// tests/fixtures/make_gguf_fixtures.py): the multipliers under llama.cpp's keys give the
+/// granite fixture's transformers logits, and the graph shows each of them.
+#[test]
+fn a_granite_gguf_reads_its_multipliers_and_gives_transformers_logits() {
+    let g = import(&fixture("gguf").join("tiny-granite.gguf")).unwrap();
+    let dump = g.dump();
+    for scale in ["aten.mul.Scalar(%embed, 2.0)", "scale=0.2", "0.5)", "aten.mul.Scalar(%lm_head, 0.25)"] {
+        assert!(dump.contains(scale), "{scale} missing:\n{dump}");
+    }
+    let bytes = std::fs::read(fixture("granite").join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("tokens_0").unwrap();
+    let ids: Vec<i64> = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let want = f32s(st.tensor("logits_f32_0").unwrap().data());
+    let mut m = compile(&g);
+    let got = logits(m.as_mut(), t.shape(), &ids);
+    let d = max_abs_diff(&got, &want, "tiny-granite.gguf logits");
+    assert!(d <= F32_MAX_ABS, "max abs error {d}");
+}
