@@ -137,6 +137,29 @@ pub struct CustomOp {
     pub cuda_scratch: Option<ScratchFn>,
 }
 
+impl CustomOp {
+    /// A built-in op's entry with none of the optional hooks: no CUDA kernel, no view, no
+    /// sizes, no scratch; callers set what their op has with struct update syntax.
+    pub fn built_in(name: &'static str, inputs: usize, outputs: Outputs, check: AttrCheck, cpu: CpuImpl) -> CustomOp {
+        CustomOp {
+            name,
+            version: env!("CARGO_PKG_VERSION"),
+            inputs,
+            extra_inputs: 0,
+            outputs,
+            origin: "built-in",
+            check_attrs: Some(check),
+            cpu,
+            cuda: None,
+            cuda_attrs: None,
+            sizes: None,
+            view: None,
+            linear_weights: false,
+            cuda_scratch: None,
+        }
+    }
+}
+
 pub type ScratchFn = fn(&[(crate::DType, Vec<usize>)], &str) -> Vec<usize>;
 
 /// Rewrites the sizes in an op's attribute text with `f`.

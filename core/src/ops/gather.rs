@@ -158,20 +158,8 @@ fn index_select_cuda() -> CudaImpl {
 /// The gathers as op-table entries.
 pub fn ops() -> Vec<CustomOp> {
     let entry = |name, rule: fn(&[TensorMeta], &str) -> Result<Vec<TensorMeta>, String>, check, cpu, cuda| CustomOp {
-        name,
-        version: env!("CARGO_PKG_VERSION"),
-        inputs: 2,
-        extra_inputs: 0,
-        outputs: Outputs::Rule(Arc::new(rule)),
-        origin: "built-in",
-        check_attrs: Some(check),
-        cpu,
         cuda: Some(cuda),
-        cuda_attrs: None,
-        sizes: None,
-        view: None,
-        linear_weights: false,
-        cuda_scratch: None,
+        ..CustomOp::built_in(name, 2, Outputs::Rule(Arc::new(rule)), check, cpu)
     };
     vec![
         entry(EMBEDDING, embedding_rule, no_attrs, Arc::new(embedding_cpu), embedding_cuda()),

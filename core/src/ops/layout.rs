@@ -472,30 +472,25 @@ fn cat_cuda() -> CudaImpl {
 
 // ---- the table entries ----
 
+/// A one-input op whose output keeps the input's dtype, shaped by `rule`.
+fn shaped(
+    name: &'static str,
+    rule: impl Fn(&TensorMeta, &str) -> Result<Shape, String> + Send + Sync + 'static,
+    check: crate::custom_op::AttrCheck,
+    cpu: crate::custom_op::CpuImpl,
+) -> CustomOp {
+    let rule = Outputs::Rule(Arc::new(move |ins: &[TensorMeta], attrs: &str| Ok(same(&ins[0], rule(&ins[0], attrs)?))));
+    CustomOp::built_in(name, 1, rule, check, cpu)
+}
+
+/// A view op: its CPU kernel and its CUDA form both from `view`.
 fn entry(
     name: &'static str,
     rule: impl Fn(&TensorMeta, &str) -> Result<Shape, String> + Send + Sync + 'static,
     check: crate::custom_op::AttrCheck,
     view: ViewFn,
 ) -> CustomOp {
-    CustomOp {
-        name,
-        version: env!("CARGO_PKG_VERSION"),
-        inputs: 1,
-        extra_inputs: 0,
-        outputs: Outputs::Rule(Arc::new(move |ins: &[TensorMeta], attrs: &str| {
-            Ok(same(&ins[0], rule(&ins[0], attrs)?))
-        })),
-        origin: "built-in",
-        check_attrs: Some(check),
-        cpu: cpu_by_view(view),
-        cuda: None,
-        cuda_attrs: None,
-        sizes: None,
-        view: Some(view),
-        linear_weights: false,
-        cuda_scratch: None,
-    }
+    CustomOp { view: Some(view), ..shaped(name, rule, check, cpu_by_view(view)) }
 }
 
 /// The layout ops as op-table entries.
@@ -560,27 +555,24 @@ pub fn ops() -> Vec<CustomOp> {
         cuda: Some(cast_cuda()),
         ..entry(TO_DTYPE, |x, _| Ok(x.shape.clone()), |a| parse_dtype(a).map(|_| ()), view_of_cast)
     };
-    let expand = CustomOp {
-        cpu: Arc::new(|ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
+    let expand_cpu: crate::custom_op::CpuImpl =
+        Arc::new(|ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             let (x, shape) = (ins[0], &outs[0].1);
             Ok(vec![cpu_view(x, shape, &broadcast_strides(x.shape(), shape), 0)?])
-        }),
+        });
+    let expand = CustomOp {
         cuda: Some(expand_cuda()),
-        view: None,
-        ..entry(
+        ..shaped(
             EXPAND,
             |x, a| expand_shape(x, &parse_sizes(EXPAND, a)?),
             |a| parse_sizes(EXPAND, a).map(|_| ()),
-            view_of_cast,
+            expand_cpu,
         )
     };
     let cat = CustomOp {
         extra_inputs: usize::MAX,
-        outputs: Outputs::Rule(Arc::new(cat_rule)),
-        cpu: Arc::new(cat_cpu),
         cuda: Some(cat_cuda()),
-        view: None,
-        ..entry(CAT, |x, _| Ok(x.shape.clone()), |a| parse_cat(a).map(|_| ()), view_of_cast)
+        ..CustomOp::built_in(CAT, 1, Outputs::Rule(Arc::new(cat_rule)), |a| parse_cat(a).map(|_| ()), Arc::new(cat_cpu))
     };
     let mut out = vec![view, reshape, expand, transpose, unsqueeze, slice, cast, cat];
     for o in &mut out {

@@ -257,31 +257,25 @@ fn swiglu_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
 
 /// The GEMM ops as op-table entries.
 pub fn ops() -> Vec<CustomOp> {
-    let entry =
-        |name, inputs, extra_inputs, rule: fn(&[TensorMeta], &str) -> Result<Vec<TensorMeta>, String>| CustomOp {
-            name,
-            version: env!("CARGO_PKG_VERSION"),
-            inputs,
-            extra_inputs,
-            outputs: Outputs::Rule(Arc::new(rule)),
-            origin: "built-in",
-            check_attrs: None,
-            cpu: Arc::new(linear_cpu),
-            cuda: Some(linear_cuda()),
-            cuda_attrs: None,
-            sizes: None,
-            view: None,
-            linear_weights: true,
-            cuda_scratch: None,
-        };
     vec![
-        CustomOp { check_attrs: Some(no_attrs), ..entry(LINEAR, 2, 1, linear_rule) },
         CustomOp {
-            check_attrs: Some(|a| SwiGlu::parse(a).map(|_| ())),
-            cpu: Arc::new(swiglu_cpu),
+            extra_inputs: 1,
+            cuda: Some(linear_cuda()),
+            linear_weights: true,
+            ..CustomOp::built_in(LINEAR, 2, Outputs::Rule(Arc::new(linear_rule)), no_attrs, Arc::new(linear_cpu))
+        },
+        CustomOp {
+            extra_inputs: 1,
             cuda: Some(swiglu_cuda()),
+            linear_weights: true,
             cuda_scratch: Some(swiglu_scratch),
-            ..entry(SWIGLU, 3, 1, swiglu_rule)
+            ..CustomOp::built_in(
+                SWIGLU,
+                3,
+                Outputs::Rule(Arc::new(swiglu_rule)),
+                |a| SwiGlu::parse(a).map(|_| ()),
+                Arc::new(swiglu_cpu),
+            )
         },
     ]
 }
