@@ -66,16 +66,16 @@ pub fn eval_node(
     let name = &g.value(n.outputs[0]).name;
     let cached = n.op.cached_attention_of();
     let res = match (&cached, attention, step) {
-        (Some(CachedAttn { layer, scale, rope: false, .. }), Some(b), Some(cx)) => {
-            b.attend(*layer, *scale as f32, ins[0], ins[1], ins[2], cx).map(|t| vec![t])
+        (Some(a @ CachedAttn { rope: false, .. }), Some(b), Some(cx)) => {
+            b.attend(a.layer, a.scoring.scores(a.scale as f32, true), ins[0], ins[1], ins[2], cx).map(|t| vec![t])
         }
         // RoPE fused into the op: q and k rotated here, so every backend (plugins included) sees
         // what the unfused graph gave it.
-        (Some(CachedAttn { layer, scale, rope: true, .. }), Some(b), Some(cx)) => {
+        (Some(a @ CachedAttn { rope: true, .. }), Some(b), Some(cx)) => {
             let rot = Op::rope(false);
             cpu::eval_with(&rot, &[ins[0], ins[3], ins[4]], bind, kernels).and_then(|q| {
                 let k = cpu::eval_with(&rot, &[ins[1], ins[3], ins[4]], bind, kernels)?;
-                b.attend(*layer, *scale as f32, &q, &k, ins[2], cx).map(|t| vec![t])
+                b.attend(a.layer, a.scoring.scores(a.scale as f32, true), &q, &k, ins[2], cx).map(|t| vec![t])
             })
         }
         (Some(_), _, None) => Err(Error::Msg(

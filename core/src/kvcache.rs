@@ -280,10 +280,12 @@ pub trait AttentionBackend: Send + Sync {
 
     /// `q [1, heads, tokens, dim]`, `k`/`v [1, kv_heads, tokens, dim]` for this step's tokens;
     /// writes k/v into the cache, returns `[1, heads, tokens, dim]`.
+    /// `sc` says how scores are formed: the scale, and the sliding window and soft-cap where the
+    /// backend declared it honours them (`AttentionBackendPlugin::scoring`); always causal.
     fn attend(
         &self,
         layer: usize,
-        scale: f32,
+        sc: autodeploy_kernels::cpu::Scores,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,

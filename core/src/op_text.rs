@@ -201,10 +201,10 @@ pub fn parse_shape(s: &str) -> Option<Vec<Dim>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::attention::{CachedAttn, SdpaAttrs};
+    use crate::ops::attention::{AttentionAttrs, CachedAttn, Scoring, SdpaAttrs};
     use crate::ops::binary::*;
     use crate::ops::layout::Slice;
-    use crate::ops::linear::SwiGlu;
+    use crate::ops::linear::{GateAct, SwiGlu};
     use crate::ops::norm::NormAttrs;
 
     fn every_op() -> Vec<Op> {
@@ -225,6 +225,8 @@ mod tests {
             Op::unary("aten.silu"),
             Op::unary("aten.cos"),
             Op::unary("aten.sin"),
+            Op::unary("aten.tanh"),
+            Op::scalar(crate::ops::binary::DIV_SCALAR, 30.0),
             Op::mean(vec![-1], true),
             Op::mean(vec![1, 2], false),
             Op::to_dtype(DType::BF16),
@@ -237,8 +239,14 @@ mod tests {
             Op::slice(Slice { dim: 2, start: 3, end: i64::MAX, step: 2 }),
             Op::embedding(),
             Op::cat(-1),
-            Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: false }),
-            Op::sdpa(SdpaAttrs { is_causal: false, scale: Some(0.125), enable_gqa: true }),
+            Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: false, scoring: Scoring::default() }),
+            Op::sdpa(SdpaAttrs { is_causal: false, scale: Some(0.125), enable_gqa: true, scoring: Scoring::default() }),
+            Op::sdpa(SdpaAttrs {
+                is_causal: true,
+                scale: Some(0.0625),
+                enable_gqa: true,
+                scoring: Scoring { window: Some(4096), softcap: Some(50.0) },
+            }),
             Op::softmax(-1),
             Op::log_softmax(1),
             crate::custom_op::op("aten.gelu", "approximate=tanh").unwrap(),
@@ -246,13 +254,31 @@ mod tests {
             Op::rmsnorm(NormAttrs { eps: 1e-6, norm_dtype: DType::F32 }),
             Op::add_rmsnorm(NormAttrs { eps: 1e-5, norm_dtype: DType::BF16 }),
             Op::rope(true),
-            Op::attention(true, 0.088),
-            Op::swiglu(SwiGlu { fused: true, epilogue: false }),
-            Op::swiglu(SwiGlu { fused: true, epilogue: true }),
-            Op::swiglu(SwiGlu::default()),
+            Op::attention(AttentionAttrs { causal: true, scale: 0.088, scoring: Scoring::default() }),
+            Op::attention(AttentionAttrs {
+                causal: true,
+                scale: 0.088,
+                scoring: Scoring { window: Some(8), softcap: None },
+            }),
+            Op::swiglu(SwiGlu { fused: true, epilogue: false, act: GateAct::Silu }),
+            Op::swiglu(SwiGlu { fused: true, epilogue: true, act: GateAct::Silu }),
+            Op::swiglu(SwiGlu { fused: false, epilogue: false, act: GateAct::GeluTanh }),
+            Op::swiglu(SwiGlu { fused: true, epilogue: false, act: GateAct::Gelu }),
             Op::index_select(1),
-            Op::cached_attention(&CachedAttn { backend: "flashinfer".into(), layer: 3, scale: 0.125, rope: false }),
-            Op::cached_attention(&CachedAttn { backend: "torch".into(), layer: 0, scale: 0.125, rope: true }),
+            Op::cached_attention(&CachedAttn {
+                backend: "flashinfer".into(),
+                layer: 3,
+                scale: 0.125,
+                rope: false,
+                scoring: Scoring::default(),
+            }),
+            Op::cached_attention(&CachedAttn {
+                backend: "torch".into(),
+                layer: 0,
+                scale: 0.125,
+                rope: true,
+                scoring: Scoring { window: Some(512), softcap: Some(30.0) },
+            }),
         ]
     }
 

@@ -120,6 +120,14 @@ enum Entry {
         shape: Vec<usize>,
         dtype: DType,
     },
+    /// An op over other weights of this store (each read in its dtype), computed on the CPU
+    /// when loaded (a small weight-only computation folded out of the graph: Gemma's `1 + w`).
+    Computed {
+        op: crate::Op,
+        inputs: Vec<(String, DType)>,
+        shape: Vec<usize>,
+        dtype: DType,
+    },
     /// Rows `start..start + shape[0]` of another weight of this store (a fused checkpoint
     /// tensor's part), read when loaded.
     Rows {
@@ -196,6 +204,23 @@ impl WeightStore {
         Ok(())
     }
 
+    /// A weight that is `op` over weights of this store, each read as the dtype given, of
+    /// `shape` and `dtype` (the op's output, as the graph inferred it); computed when loaded.
+    pub fn add_computed(
+        &mut self,
+        name: &str,
+        op: crate::Op,
+        inputs: Vec<(String, DType)>,
+        shape: Vec<usize>,
+        dtype: DType,
+    ) -> Result<()> {
+        for (i, _) in &inputs {
+            self.stored_meta(i)?;
+        }
+        self.entries.insert(name.to_string(), Entry::Computed { op, inputs, shape, dtype });
+        Ok(())
+    }
+
     /// A weight that is rows `start..start + rows` of weight `of` (a checkpoint's fused q/k/v
     /// or gate/up tensor, split): nothing is read until it is loaded. Errors name `of` when it
     /// is missing or the rows are not inside it.
@@ -245,6 +270,10 @@ impl WeightStore {
             Some(Entry::Lazy(_, origin, _) | Entry::Synthetic(_, origin, _)) => origin.clone(),
             Some(Entry::Concat { parts, .. }) => format!("{} concatenated", parts.join(" + ")),
             Some(Entry::Rows { of, start, shape, .. }) => format!("rows {start}..{} of {of}", start + shape[0]),
+            Some(Entry::Computed { op, inputs, .. }) => {
+                let ins: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
+                format!("{}({}) computed at load", op.name(), ins.join(", "))
+            }
             None => self.origin.clone(),
         }
     }
@@ -267,7 +296,11 @@ impl WeightStore {
             }
             Some(Entry::Owned(t)) => Ok((t.dtype(), t.shape().to_vec())),
             Some(Entry::Lazy(shape, ..) | Entry::Synthetic(shape, ..)) => Ok((DType::F32, shape.clone())),
-            Some(Entry::Concat { shape, dtype, .. } | Entry::Rows { shape, dtype, .. }) => Ok((*dtype, shape.clone())),
+            Some(
+                Entry::Concat { shape, dtype, .. }
+                | Entry::Rows { shape, dtype, .. }
+                | Entry::Computed { shape, dtype, .. },
+            ) => Ok((*dtype, shape.clone())),
             None => Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         }
     }
@@ -297,6 +330,20 @@ impl WeightStore {
                 let ts: Vec<Tensor> = parts.iter().map(|p| self.load(p, dtype)).collect::<Result<_>>()?;
                 let refs: Vec<&Tensor> = ts.iter().collect();
                 return crate::cpu::eval(&crate::Op::cat(0), &refs, &Default::default());
+            }
+            Some(Entry::Computed { op, inputs, shape, .. }) => {
+                let ts: Vec<Tensor> = inputs.iter().map(|(n, d)| self.load(n, *d)).collect::<Result<_>>()?;
+                let refs: Vec<&Tensor> = ts.iter().collect();
+                let t = crate::cpu::eval(op, &refs, &Default::default())?;
+                if t.shape() != shape.as_slice() {
+                    return Err(Error::TensorShape {
+                        file: self.location(name).into(),
+                        name: name.into(),
+                        expected: shape.clone(),
+                        found: t.shape().to_vec(),
+                    });
+                }
+                return t.cast(dtype);
             }
             Some(Entry::Rows { of, start, shape, .. }) => {
                 let t = self.load(of, dtype)?;

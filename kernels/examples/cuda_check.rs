@@ -8,7 +8,7 @@
 //! `x·r` then rounds one bf16 ulp away, and the weight multiplies that step (|w| up to 2 here).
 use std::process::ExitCode;
 
-use autodeploy_kernels::cuda::exec::{plan_tiles, Dt, Gpu, HeadRows, Split, StepMeta, PREFILL_TC_DIMS};
+use autodeploy_kernels::cuda::exec::{plan_tiles, Dt, GateAct, Gpu, HeadRows, Split, StepMeta, PREFILL_TC_DIMS};
 use autodeploy_kernels::cuda::Device;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -521,14 +521,14 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
             gu.chunks(2 * inter).flat_map(|row| row[inter..].to_vec()).collect(),
         );
         let (dgu, dg, du, dout) = (up(&gu), up(&gate), up(&up_half), up(&vec![0.0; rows * inter]));
-        gpu.silu_mul(dgu.ptr, None, Dt::BF16, dout.ptr, rows, inter).unwrap();
+        gpu.silu_mul(dgu.ptr, None, Dt::BF16, dout.ptr, rows, inter, GateAct::Silu).unwrap();
         rep.check(
             &format!("silu_mul (executor) {rows}x{inter} [gate | up]"),
             true,
             &down(dout.ptr, rows * inter),
             &want,
         );
-        gpu.silu_mul(dg.ptr, Some(du.ptr), Dt::BF16, dout.ptr, rows, inter).unwrap();
+        gpu.silu_mul(dg.ptr, Some(du.ptr), Dt::BF16, dout.ptr, rows, inter, GateAct::Silu).unwrap();
         rep.check(&format!("silu_mul (executor) {rows}x{inter} gate, up"), true, &down(dout.ptr, rows * inter), &want);
     }
 }

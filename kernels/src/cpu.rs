@@ -162,10 +162,47 @@ pub struct AttnDims {
     pub v_dim: usize,
 }
 
-/// torch's `scaled_dot_product_attention` without a mask: softmax(q·kᵀ·scale)·v, query head h
-/// reading kv head h / (q_heads / kv_heads). `causal` masks key j > query i (top-left aligned,
-/// as torch's `is_causal`).
-pub fn attention(d: AttnDims, q: &[f32], k: &[f32], v: &[f32], causal: bool, scale: f32, out: &mut [f32]) {
+/// How attention scores are formed and masked.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    pub scale: f32,
+    /// Key j > query i is masked (top-left aligned, as torch's `is_causal`).
+    pub causal: bool,
+    /// With `causal`: query i sees only keys j > i - window (itself and the window - 1 before
+    /// it), as transformers' sliding-window masks.
+    pub window: Option<usize>,
+    /// Scores become `cap · tanh(score / cap)` before the mask (Gemma 2's soft-capping).
+    pub softcap: Option<f32>,
+}
+
+impl Scores {
+    pub fn causal(scale: f32) -> Scores {
+        Scores { scale, causal: true, window: None, softcap: None }
+    }
+
+    /// The first key position a query at position `pos` sees.
+    #[inline]
+    pub fn first_key(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
+    /// A raw dot product's score: scaled, then soft-capped.
+    #[inline]
+    pub fn score(&self, dot: f32) -> f32 {
+        let s = dot * self.scale;
+        match self.softcap {
+            Some(c) => c * (s / c).tanh(),
+            None => s,
+        }
+    }
+}
+
+/// torch's `scaled_dot_product_attention` without a mask tensor: softmax(q·kᵀ·scale)·v, query
+/// head h reading kv head h / (q_heads / kv_heads), masked and capped as `sc` says.
+pub fn attention(d: AttnDims, q: &[f32], k: &[f32], v: &[f32], sc: Scores, out: &mut [f32]) {
     assert!(
         d.kv_heads > 0 && d.q_heads.is_multiple_of(d.kv_heads),
         "attention: heads {} vs kv heads {}",
@@ -188,11 +225,13 @@ pub fn attention(d: AttnDims, q: &[f32], k: &[f32], v: &[f32], causal: bool, sca
             let qrow = &q[row * d.head_dim..(row + 1) * d.head_dim];
             let kbase = &k[kvh * d.kv_len * d.head_dim..(kvh + 1) * d.kv_len * d.head_dim];
             let vbase = &v[kvh * d.kv_len * d.v_dim..(kvh + 1) * d.kv_len * d.v_dim];
-            let n = if causal { (i + 1).min(d.kv_len) } else { d.kv_len };
+            let end = if sc.causal { (i + 1).min(d.kv_len) } else { d.kv_len };
+            let first = if sc.causal { sc.first_key(i).min(end) } else { 0 };
+            let n = end - first;
             let mut max = f32::NEG_INFINITY;
             for (j, s) in scores[..n].iter_mut().enumerate() {
-                let krow = &kbase[j * d.head_dim..(j + 1) * d.head_dim];
-                *s = dot(qrow, krow) * scale;
+                let krow = &kbase[(first + j) * d.head_dim..(first + j + 1) * d.head_dim];
+                *s = sc.score(dot(qrow, krow));
                 max = max.max(*s);
             }
             o.fill(0.0);
@@ -207,7 +246,7 @@ pub fn attention(d: AttnDims, q: &[f32], k: &[f32], v: &[f32], causal: bool, sca
                 sum += *s;
             }
             for (j, &p) in scores[..n].iter().enumerate() {
-                let vrow = &vbase[j * d.v_dim..(j + 1) * d.v_dim];
+                let vrow = &vbase[(first + j) * d.v_dim..(first + j + 1) * d.v_dim];
                 for (oo, vv) in o.iter_mut().zip(vrow) {
                     *oo += p * vv;
                 }
@@ -485,7 +524,7 @@ pub(crate) mod tests {
         let k = rand(2 * 2 * 5 * 8, 5);
         let v = rand(2 * 2 * 5 * 8, 6);
         let mut out = vec![0f32; q.len()];
-        attention(d, &q, &k, &v, true, 0.3, &mut out);
+        attention(d, &q, &k, &v, Scores::causal(0.3), &mut out);
         // Query row 0 attends only key 0: output equals v row 0 of its kv head.
         for b in 0..2 {
             for h in 0..4 {
@@ -506,6 +545,33 @@ pub(crate) mod tests {
             let want: f32 = (0..5).map(|j| e[j] / z * v[(kv * 5 + j) * 8 + c]).sum();
             let got = out[((b * 4 + h) * 5 + i) * 8 + c];
             assert!((want - got).abs() < 1e-5, "{want} vs {got}");
+        }
+    }
+
+    #[test]
+    fn attention_window_and_softcap_match_naive() {
+        let d = AttnDims { batch: 1, q_heads: 2, kv_heads: 1, q_len: 7, kv_len: 7, head_dim: 8, v_dim: 8 };
+        let q = rand(2 * 7 * 8, 14);
+        let k = rand(7 * 8, 15);
+        let v = rand(7 * 8, 16);
+        let sc = Scores { scale: 0.9, causal: true, window: Some(3), softcap: Some(0.5) };
+        let mut out = vec![0f32; q.len()];
+        attention(d, &q, &k, &v, sc, &mut out);
+        for h in 0..2 {
+            for i in 0..7 {
+                let qr = &q[(h * 7 + i) * 8..][..8];
+                // Keys i-2..=i (window 3), each score capped at 0.5·tanh(s/0.5).
+                let keys: Vec<usize> = (0..7).filter(|&j| j <= i && i - j < 3).collect();
+                let s: Vec<f32> = keys.iter().map(|&j| 0.5 * (0.9 * dot(qr, &k[j * 8..][..8]) / 0.5).tanh()).collect();
+                let mx = s.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for c in 0..8 {
+                    let want: f32 = keys.iter().zip(&e).map(|(&j, &p)| p / z * v[j * 8 + c]).sum();
+                    let got = out[(h * 7 + i) * 8 + c];
+                    assert!((want - got).abs() < 1e-5, "head {h} row {i}: {want} vs {got}");
+                }
+            }
         }
     }
 }

@@ -55,7 +55,9 @@ fn compile_stage_fusions_are_transforms_the_graph_shows() {
         let fused = engine(fam, "compile_backend = \"opt\"");
         let dump = fused.graph.dump();
         let layers = dump.matches("= attention_with_kv_cache(").count();
-        assert!(layers > 0 && dump.matches("rope=true)").count() == layers, "{fam}: {dump}");
+        let rotating =
+            dump.lines().filter(|l| l.contains("= attention_with_kv_cache(") && l.contains("rope=true")).count();
+        assert!(layers > 0 && rotating == layers, "{fam}: {dump}");
         assert!(!dump.contains("torch_rope_with_explicit_cos_sin("), "{fam}: a RoPE was left");
         assert!(
             fused
@@ -70,17 +72,21 @@ fn compile_stage_fusions_are_transforms_the_graph_shows() {
         let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_rope_attention]\nenabled = false");
         assert!(!off.graph.dump().contains("rope=true"), "{fam}: fused while disabled");
         check_greedy(fam, "compile_backend = \"opt\"\n[transforms.fuse_rope_attention]\nenabled = false", "rope apart");
-        // The SwiGLU epilogue: marked on every fused MLP under opt, switched off by its table.
+        // The SwiGLU epilogue: marked on every fused SiLU MLP under opt (GeGLU has none),
+        // switched off by its table.
         let mlps = dump.matches("= torch_swiglu_mlp(").count();
-        assert!(mlps > 0 && dump.matches("fused=true, epilogue=true)").count() == mlps, "{fam}: {dump}");
+        let silu = dump.lines().filter(|l| l.contains("= torch_swiglu_mlp(") && !l.contains("act=")).count();
+        assert!(mlps > 0 && dump.matches("fused=true, epilogue=true)").count() == silu, "{fam}: {dump}");
         let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_swiglu_epilogue]\nenabled = false");
         assert!(!off.graph.dump().contains("epilogue=true"), "{fam}: epilogue while disabled");
         // Residual adds into the RMSNorms reading them: two per layer (before attention after
         // the first layer's, before the MLP) and the final norm; the first layer's input norm
-        // reads the embedding and stays a plain RMSNorm.
+        // reads the embedding and stays a plain RMSNorm, as do the norms of branch outputs
+        // (Gemma 2/3's post-attention and post-MLP norms) and of q/k heads.
         let fused_norms = dump.matches("= fused_add_rmsnorm(").count();
         assert_eq!(fused_norms, 2 * layers, "{fam}: {dump}");
-        assert_eq!(dump.matches("= torch_rmsnorm(").count(), 1 + qk_norms(&dump), "{fam}: {dump}");
+        let plain = 1 + qk_norms(&dump) + branch_norms(&dump);
+        assert_eq!(dump.matches("= torch_rmsnorm(").count(), plain, "{fam}: {dump}");
         assert!(!dump.contains("= aten.add.Tensor("), "{fam}: an add was left: {dump}");
         let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_add_rmsnorm]\nenabled = false");
         assert!(!off.graph.dump().contains("fused_add_rmsnorm"), "{fam}: fused while disabled");
@@ -96,7 +102,15 @@ fn compile_stage_fusions_are_transforms_the_graph_shows() {
 
 /// RMSNorms of q and k heads (qwen3's q/k norm) in a dump: two per attention when present.
 fn qk_norms(dump: &str) -> usize {
-    dump.lines().filter(|l| l.contains("= torch_rmsnorm(") && (l.contains("q_norm") || l.contains("k_norm"))).count()
+    // The q/k heads' values are named `l<i>.q.norm…` / `l<i>.k.norm…` by the importers.
+    let head = |l: &&str| l.contains(".q.norm") || l.contains(".k.norm");
+    dump.lines().filter(|l| l.contains("= torch_rmsnorm(")).filter(head).count()
+}
+
+/// RMSNorms of the attention and MLP outputs before their residual adds (Gemma 2/3).
+fn branch_norms(dump: &str) -> usize {
+    let branch = |l: &&str| l.contains("post_attn_norm") || l.contains("post_mlp_norm");
+    dump.lines().filter(|l| l.contains("= torch_rmsnorm(")).filter(branch).count()
 }
 
 #[test]

@@ -5,9 +5,11 @@ mod common;
 use autodeploy_core::DType;
 use common::*;
 
-/// f16 against transformers' f32 (no f16 reference exists). Measured 2026-12-02: max abs at
-/// most 6.8e-2 (mistral), Σ-relative at most 3.5e-3, no argmax differences; bounds 1.5x / 1.4x.
-const F16_MAX_ABS: f32 = 0.1;
+/// f16 against transformers' f32 (no f16 reference exists), relative to each row's largest
+/// logit as bf16's bound (an absolute one failed Gemma, whose logits are larger). Measured
+/// 2026-12-03: max relative at most 1.62e-2 (gemma; mistral 1.13e-2), Σ-relative at most
+/// 3.8e-3, no argmax differences; bounds 1.5x / 1.3x.
+const F16_MAX_REL: f32 = 0.025;
 const F16_MEAN_REL: f32 = 0.005;
 /// f16: argmax may differ only where f32's top two logits are closer than this.
 const F16_TIE: f32 = 0.1;
@@ -136,11 +138,11 @@ fn f16_logits_track_transformers_f32() {
             let got = logits(model.as_mut(), &shape, &ids);
             let s = compare(&got, &want, lshape[2], F16_TIE);
             eprintln!(
-                "{fam} f16 seq {i}: max abs {:.3e}, mean rel {:.3e}, argmax mismatches {}/{}",
-                s.max_abs, s.mean_rel, s.argmax_mismatch, s.positions
+                "{fam} f16 seq {i}: max abs {:.3e}, max rel {:.3e}, mean rel {:.3e}, argmax mismatches {}/{}",
+                s.max_abs, s.max_rel, s.mean_rel, s.argmax_mismatch, s.positions
             );
             assert!(s.max_abs > 0.0, "{fam}: f16 logits equal f32's exactly: is the graph really f16?");
-            assert!(s.max_abs <= F16_MAX_ABS, "{fam} seq {i}: f16 max abs error {} > {F16_MAX_ABS}", s.max_abs);
+            assert!(s.max_rel <= F16_MAX_REL, "{fam} seq {i}: f16 max relative error {} > {F16_MAX_REL}", s.max_rel);
             assert!(s.mean_rel <= F16_MEAN_REL, "{fam} seq {i}: f16 mean relative error {}", s.mean_rel);
             assert_eq!(s.clear_mismatch, 0, "{fam} seq {i}: f16 argmax differs where f32's is not a near-tie");
             i += 1;

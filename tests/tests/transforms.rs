@@ -208,7 +208,7 @@ fn attention_graph(repeat: bool) -> (Graph, Vec<Tensor>) {
             }
         }
     }
-    let sdpa = Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: !repeat });
+    let sdpa = Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: !repeat, scoring: Default::default() });
     let out = b.op("out", sdpa, &[q, kk, vv]).unwrap();
     b.output(out);
     let ins = vec![

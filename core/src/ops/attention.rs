@@ -24,6 +24,54 @@ pub const SDPA: &str = "aten.scaled_dot_product_attention";
 pub const ATTENTION: &str = "torch_attention";
 pub const CACHED_ATTENTION: &str = "attention_with_kv_cache";
 
+/// What a sliding-window mask and soft-capping add to causal attention; carried by SDPA (where
+/// an export has an attention-mask tensor the importer recognised as a sliding window, or the
+/// tanh soft-cap of the eager form), by `torch_attention` and by the cached op, so both
+/// attention backends see them (`window=4096, softcap=50.0`; absent: none).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Scoring {
+    /// Each query sees itself and the `window - 1` positions before it (causal only).
+    pub window: Option<usize>,
+    /// Scores become `softcap · tanh(score / softcap)` before the mask.
+    pub softcap: Option<f64>,
+}
+
+impl Scoring {
+    fn read(a: &mut crate::op_text::Attrs<'_>) -> crate::error::Result<Scoring> {
+        let window = match a.opt_int("window")? {
+            Some(w) if w >= 1 => Some(w as usize),
+            Some(w) => return Err(a.bad("window", &w.to_string(), "a positive number of positions")),
+            None => None,
+        };
+        let softcap = match a.opt_f64("softcap")? {
+            Some(c) if c > 0.0 && c.is_finite() => Some(c),
+            Some(c) => return Err(a.bad("softcap", &c.to_string(), "a positive number")),
+            None => None,
+        };
+        Ok(Scoring { window, softcap })
+    }
+
+    fn text(&self) -> String {
+        let mut s = String::new();
+        if let Some(w) = self.window {
+            s.push_str(&format!(", window={w}"));
+        }
+        if let Some(c) = self.softcap {
+            s.push_str(&format!(", softcap={c:?}"));
+        }
+        s
+    }
+
+    /// The CPU kernels' description of the scores.
+    pub fn scores(&self, scale: f32, causal: bool) -> k::Scores {
+        k::Scores { scale, causal, window: self.window, softcap: self.softcap.map(|c| c as f32) }
+    }
+
+    pub fn is_plain(&self) -> bool {
+        *self == Scoring::default()
+    }
+}
+
 /// `attention_with_kv_cache(q, k, v[, cos, sin])` for layer `layer`: writes k/v of this step's
 /// tokens into the paged cache, then attends each token to its sequence's cached prefix, through
 /// the attention backend `backend` (its kernels are the backend's, with the step's batch
@@ -39,12 +87,13 @@ pub struct CachedAttn {
     /// `fuse_rope_attention` transform makes it, so the CUDA executor rotates, writes the cache
     /// and attends in one kernel.
     pub rope: bool,
+    pub scoring: Scoring,
 }
 
 impl CachedAttn {
     fn text(&self) -> String {
         let r = if self.rope { ", rope=true" } else { "" };
-        format!("backend={}, layer={}, scale={:?}{r}", self.backend, self.layer, self.scale)
+        format!("backend={}, layer={}, scale={:?}{r}{}", self.backend, self.layer, self.scale, self.scoring.text())
     }
 
     fn parse(text: &str) -> Result<CachedAttn, String> {
@@ -52,7 +101,8 @@ impl CachedAttn {
             let backend = a.take("backend").ok_or_else(|| a.missing("backend"))?.to_string();
             let layer = a.int("layer")?;
             let layer = usize::try_from(layer).map_err(|_| a.bad("layer", &layer.to_string(), "a layer index"))?;
-            Ok(CachedAttn { backend, layer, scale: a.f64("scale")?, rope: a.opt_bool("rope")?.unwrap_or(false) })
+            let (scale, rope) = (a.f64("scale")?, a.opt_bool("rope")?.unwrap_or(false));
+            Ok(CachedAttn { backend, layer, scale, rope, scoring: Scoring::read(a)? })
         })
     }
 }
@@ -92,16 +142,22 @@ pub struct SdpaAttrs {
     pub scale: Option<f64>,
     /// k/v may have fewer heads than q (a whole number of q heads each).
     pub enable_gqa: bool,
+    pub scoring: Scoring,
 }
 
 impl SdpaAttrs {
     fn parse(text: &str) -> Result<SdpaAttrs, String> {
         read_attrs(SDPA, text, |a| {
-            Ok(SdpaAttrs {
+            let at = SdpaAttrs {
                 is_causal: a.opt_bool("is_causal")?.unwrap_or(false),
                 scale: a.opt_f64("scale")?,
                 enable_gqa: a.opt_bool("enable_gqa")?.unwrap_or(false),
-            })
+                scoring: Scoring::read(a)?,
+            };
+            if at.scoring.window.is_some() && !at.is_causal {
+                return Err(a.bad("window", "set", "allowed without is_causal=true"));
+            }
+            Ok(at)
         })
     }
 
@@ -113,7 +169,7 @@ impl SdpaAttrs {
         if self.enable_gqa {
             s.push_str(", enable_gqa=true");
         }
-        s
+        s + &self.scoring.text()
     }
 }
 
@@ -122,11 +178,18 @@ impl SdpaAttrs {
 pub struct AttentionAttrs {
     pub causal: bool,
     pub scale: f64,
+    pub scoring: Scoring,
 }
 
 impl AttentionAttrs {
     fn parse(text: &str) -> Result<AttentionAttrs, String> {
-        read_attrs(ATTENTION, text, |a| Ok(AttentionAttrs { causal: a.bool("causal")?, scale: a.f64("scale")? }))
+        read_attrs(ATTENTION, text, |a| {
+            let at = AttentionAttrs { causal: a.bool("causal")?, scale: a.f64("scale")?, scoring: Scoring::read(a)? };
+            if at.scoring.window.is_some() && !at.causal {
+                return Err(a.bad("window", "set", "allowed without causal=true"));
+            }
+            Ok(at)
+        })
     }
 }
 
@@ -139,8 +202,8 @@ impl Op {
         Op { name: SDPA, attrs: a.text() }
     }
 
-    pub fn attention(causal: bool, scale: f64) -> Op {
-        Op { name: ATTENTION, attrs: format!("causal={causal}, scale={scale:?}") }
+    pub fn attention(a: AttentionAttrs) -> Op {
+        Op { name: ATTENTION, attrs: format!("causal={}, scale={:?}{}", a.causal, a.scale, a.scoring.text()) }
     }
 
     /// The attributes of an `aten.scaled_dot_product_attention` node.
@@ -244,6 +307,7 @@ fn attention_cpu(
     ins: &[&Tensor],
     causal: bool,
     scale: Option<f64>,
+    scoring: Scoring,
     dtype: DType,
     out_shape: &[usize],
 ) -> crate::Result<Tensor> {
@@ -261,7 +325,7 @@ fn attention_cpu(
     let scale = scale.map(|s| s as f32).unwrap_or(1.0 / (qs[3] as f32).sqrt());
     let mut out = vec![0f32; out_shape.iter().product()];
     let causal = causal && !mutation::is(Mutation::NoCausalMask);
-    k::attention(dims, &q.to_f32(), &kt.to_f32(), &v.to_f32(), causal, scale, &mut out);
+    k::attention(dims, &q.to_f32(), &kt.to_f32(), &v.to_f32(), scoring.scores(scale, causal), &mut out);
     if mutation::is(Mutation::SwapHeads) && dims.q_heads > 1 {
         let per_head = dims.q_len * dims.v_dim;
         for b in 0..dims.batch {
@@ -327,7 +391,7 @@ pub fn ops() -> Vec<CustomOp> {
             |ins, a| attention_rule(ins, SdpaAttrs::parse(a)?.enable_gqa),
             |ins, a, (d, s)| {
                 let at = SdpaAttrs::parse(a).map_err(|e| crate::Error::op(SDPA, e))?;
-                attention_cpu(ins, at.is_causal, at.scale, *d, s)
+                attention_cpu(ins, at.is_causal, at.scale, at.scoring, *d, s)
             },
         ),
         entry(
@@ -337,7 +401,7 @@ pub fn ops() -> Vec<CustomOp> {
             |ins, _| attention_rule(ins, true),
             |ins, a, (d, s)| {
                 let at = AttentionAttrs::parse(a).map_err(|e| crate::Error::op(ATTENTION, e))?;
-                attention_cpu(ins, at.causal, Some(at.scale), *d, s)
+                attention_cpu(ins, at.causal, Some(at.scale), at.scoring, *d, s)
             },
         ),
     ]

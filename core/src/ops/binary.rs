@@ -1,7 +1,7 @@
 //! The elementwise ops of two operands, each defined once here and registered in the op table
 //! (`registry::custom_op`) like a plugin's op: `aten.add.Tensor`, `aten.sub.Tensor`,
 //! `aten.mul.Tensor` and `aten.div.Tensor` (two tensors, broadcast, the dtype promoted), and
-//! `aten.add.Scalar`, `aten.mul.Scalar` and `aten.pow.Tensor_Scalar` (a tensor and a number,
+//! `aten.add.Scalar`, `aten.mul.Scalar`, `aten.div.Scalar` and `aten.pow.Tensor_Scalar` (a tensor and a number,
 //! the number as the attribute text: `aten.add.Scalar(%x, 1e-5)`). Each has its shape rule, its
 //! CPU kernel and its CUDA lowering; graphs build them with [`Op::binary`] and
 //! [`Op::scalar`], and matchers read them with [`Op::is`] and [`Op::scalar_of`].
@@ -21,6 +21,7 @@ pub const MUL: &str = "aten.mul.Tensor";
 pub const DIV: &str = "aten.div.Tensor";
 pub const ADD_SCALAR: &str = "aten.add.Scalar";
 pub const MUL_SCALAR: &str = "aten.mul.Scalar";
+pub const DIV_SCALAR: &str = "aten.div.Scalar";
 pub const POW_SCALAR: &str = "aten.pow.Tensor_Scalar";
 
 /// One op of two tensors.
@@ -46,9 +47,11 @@ struct ScalarDef {
     cuda: Unary,
 }
 
-const SCALAR_OPS: [ScalarDef; 3] = [
+const SCALAR_OPS: [ScalarDef; 4] = [
     ScalarDef { name: ADD_SCALAR, f: |a, s| a + s, int: Some(|a, s| a + s), cuda: Unary::AddScalar },
     ScalarDef { name: MUL_SCALAR, f: |a, s| a * s, int: Some(|a, s| a * s), cuda: Unary::MulScalar },
+    // Division rounds differently from a multiplication by the reciprocal: kept as its own op.
+    ScalarDef { name: DIV_SCALAR, f: |a, s| a / s, int: None, cuda: Unary::DivScalar },
     ScalarDef {
         name: POW_SCALAR,
         f: |a, p| if p == 2.0 { a * a } else { a.powf(p) },
@@ -64,7 +67,7 @@ impl Op {
         Op { name, attrs: String::new() }
     }
 
-    /// `x <op> s`, one of [`ADD_SCALAR`], [`MUL_SCALAR`], [`POW_SCALAR`].
+    /// `x <op> s`, one of [`ADD_SCALAR`], [`MUL_SCALAR`], [`DIV_SCALAR`], [`POW_SCALAR`].
     pub fn scalar(name: &'static str, s: f64) -> Op {
         debug_assert!(SCALAR_OPS.iter().any(|d| d.name == name), "{name} is not a scalar op");
         Op { name, attrs: format!("{s:?}") }

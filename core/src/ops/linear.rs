@@ -1,8 +1,9 @@
 //! The GEMM ops, each defined once here and registered in the op table: `aten.linear(x, weight[,
 //! bias])` (weight `[out, in]`) and the canonical `torch_swiglu_mlp` the matchers make,
-//! `down(silu(gate(x)) · up(x))` (inputs `(x, w_gate, w_up, w_down)`, or with `fused=true`
-//! `(x, w_gate_up, w_down)`, gate rows first; `epilogue=true`: for one row, silu(gate)·up is
-//! the gate/up GEMV's epilogue on CUDA, the `fuse_swiglu_epilogue` transform's doing). Their CPU
+//! `down(act(gate(x)) · up(x))` (inputs `(x, w_gate, w_up, w_down)`, or with `fused=true`
+//! `(x, w_gate_up, w_down)`, gate rows first; `act` silu (SwiGLU, the default), `gelu_tanh` or
+//! `gelu` (GeGLU); `epilogue=true`: for one row, silu(gate)·up is the gate/up GEMV's epilogue on
+//! CUDA, the `fuse_swiglu_epilogue` transform's doing). Their CPU
 //! kernels multiply any weight storage (block-quantized included, `cpu::linear_f32`); their CUDA
 //! kernels take one dtype for x, weights and output.
 
@@ -16,6 +17,7 @@ use crate::op_text::read_attrs;
 use crate::ops::{cuda_dt, gpu_of, no_attrs, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
+pub use autodeploy_kernels::cuda::exec::GateAct;
 use autodeploy_kernels::cuda::exec::{Dt, Gpu, Ptr, Strided};
 use autodeploy_kernels::cuda::Unavailable;
 
@@ -23,26 +25,63 @@ pub const LINEAR: &str = "aten.linear";
 pub const SWIGLU: &str = "torch_swiglu_mlp";
 
 /// `torch_swiglu_mlp`'s attributes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SwiGlu {
     /// The inputs are `(x, w_gate_up, w_down)`, gate rows first.
     pub fused: bool,
     /// For one row, silu(gate)·up is the gate/up GEMV's epilogue on CUDA (the same math on the
-    /// CPU).
+    /// CPU); silu only.
     pub epilogue: bool,
+    pub act: GateAct,
+}
+
+/// The gate's activation (`act=`; silu when absent).
+pub fn gate_act_name(a: GateAct) -> &'static str {
+    match a {
+        GateAct::Silu => "silu",
+        GateAct::GeluTanh => "gelu_tanh",
+        GateAct::Gelu => "gelu",
+    }
+}
+
+/// The activation in f32, as the unfused `aten.silu` / `aten.gelu` compute it.
+pub fn gate_act(a: GateAct, x: f32) -> f32 {
+    match a {
+        GateAct::Silu => x / (1.0 + (-x).exp()),
+        GateAct::GeluTanh => crate::ops::unary::gelu(x, true),
+        GateAct::Gelu => crate::ops::unary::gelu(x, false),
+    }
 }
 
 impl SwiGlu {
     fn text(&self) -> String {
-        format!("fused={}{}", self.fused, if self.epilogue { ", epilogue=true" } else { "" })
+        let mut s = format!("fused={}", self.fused);
+        if self.epilogue {
+            s.push_str(", epilogue=true");
+        }
+        if self.act != GateAct::Silu {
+            s.push_str(&format!(", act={}", gate_act_name(self.act)));
+        }
+        s
     }
 
     fn parse(text: &str) -> Result<SwiGlu, String> {
         read_attrs(SWIGLU, text, |a| {
-            Ok(SwiGlu {
+            let act = match a.take("act") {
+                None | Some("silu") => GateAct::Silu,
+                Some("gelu_tanh") => GateAct::GeluTanh,
+                Some("gelu") => GateAct::Gelu,
+                Some(other) => return Err(a.bad("act", other, "silu, gelu_tanh or gelu")),
+            };
+            let s = SwiGlu {
                 fused: a.opt_bool("fused")?.unwrap_or(false),
                 epilogue: a.opt_bool("epilogue")?.unwrap_or(false),
-            })
+                act,
+            };
+            if s.epilogue && act != GateAct::Silu {
+                return Err(a.bad("epilogue", "true", "allowed with act other than silu"));
+            }
+            Ok(s)
         })
     }
 }
@@ -133,7 +172,7 @@ fn swiglu_cpu(
     outs: &[(DType, Vec<usize>)],
     opts: &KernelOptions,
 ) -> Result<Vec<Tensor>, String> {
-    let fused = SwiGlu::parse(attrs)?.fused;
+    let SwiGlu { fused, act: gact, .. } = SwiGlu::parse(attrs)?;
     let x = ins[0];
     let dtype = x.dtype();
     let wd = ins[ins.len() - 1];
@@ -160,7 +199,7 @@ fn swiglu_cpu(
                     (gu[r * 2 * inter + col], gu[r * 2 * inter + inter + col])
                 }
             };
-            *o = round_as(dtype, round_as(dtype, a / (1.0 + (-a).exp())) * b);
+            *o = round_as(dtype, round_as(dtype, gate_act(gact, a)) * b);
         }
     });
     let y = linear_f32(&act, m, inter, wd, None, opts);
@@ -226,17 +265,19 @@ fn swiglu_cuda() -> CudaImpl {
         let e = |r: Result<(), Unavailable>| r.map_err(|e| e.0);
         if a.fused {
             // A single row's activation as the gate/up GEMV's epilogue, where the graph asks.
-            let fused_act = a.epilogue && gpu.gemv_swiglu(d, m, inter, k, x.ptr, ins[1].ptr, s1).map_err(|e| e.0)?;
+            let fused_act = a.epilogue
+                && a.act == GateAct::Silu
+                && gpu.gemv_swiglu(d, m, inter, k, x.ptr, ins[1].ptr, s1).map_err(|e| e.0)?;
             if !fused_act {
                 e(cuda_linear(gpu, d, m, 2 * inter, k, x.ptr, ins[1].ptr, s0, false))?;
-                e(gpu.silu_mul(s0, None, d, s1, m, inter))?;
+                e(gpu.silu_mul(s0, None, d, s1, m, inter, a.act))?;
             }
             e(cuda_linear(gpu, d, m, hidden, inter, s1, wd.ptr, y.ptr, false))
         } else {
             let s2 = s(2)?;
             e(cuda_linear(gpu, d, m, inter, k, x.ptr, ins[1].ptr, s0, false))?;
             e(cuda_linear(gpu, d, m, inter, k, x.ptr, ins[2].ptr, s1, false))?;
-            e(gpu.silu_mul(s0, Some(s1), d, s2, m, inter))?;
+            e(gpu.silu_mul(s0, Some(s1), d, s2, m, inter, a.act))?;
             e(cuda_linear(gpu, d, m, hidden, inter, s2, wd.ptr, y.ptr, false))
         }
     })

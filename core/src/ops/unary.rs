@@ -22,7 +22,8 @@ struct Def {
     /// Exact on i64 tensors (`aten.neg` of positions in a mask subgraph).
     int: Option<fn(i64) -> i64>,
     check: fn(&str) -> Result<(), String>,
-    cuda: Option<Unary>,
+    /// The CUDA kernel for (checked) attributes.
+    cuda: Option<fn(&str) -> Unary>,
 }
 
 /// `approximate=none|tanh` (none when absent).
@@ -34,8 +35,13 @@ fn gelu_tanh(attrs: &str) -> Result<bool, String> {
     }
 }
 
-fn gelu(a: f32, attrs: &str) -> f32 {
-    if gelu_tanh(attrs).unwrap_or(false) {
+fn gelu_attrs(a: f32, attrs: &str) -> f32 {
+    gelu(a, gelu_tanh(attrs).unwrap_or(false))
+}
+
+/// GELU in f32: exact (erf) or torch's tanh approximation.
+pub fn gelu(a: f32, tanh: bool) -> f32 {
+    if tanh {
         let k = (2.0 / std::f32::consts::PI).sqrt();
         0.5 * a * (1.0 + (k * (a + 0.044715 * a * a * a)).tanh())
     } else {
@@ -43,14 +49,14 @@ fn gelu(a: f32, attrs: &str) -> f32 {
     }
 }
 
-const DEFS: [Def; 6] = [
+const DEFS: [Def; 7] = [
     Def {
         name: "aten.neg",
         aten: "neg.default",
         f: |a, _| -a,
         int: Some(|a| -a),
         check: no_attrs,
-        cuda: Some(Unary::Neg),
+        cuda: Some(|_| Unary::Neg),
     },
     Def {
         name: "aten.rsqrt",
@@ -58,7 +64,7 @@ const DEFS: [Def; 6] = [
         f: |a, _| 1.0 / a.sqrt(),
         int: None,
         check: no_attrs,
-        cuda: Some(Unary::Rsqrt),
+        cuda: Some(|_| Unary::Rsqrt),
     },
     Def {
         name: "aten.silu",
@@ -66,7 +72,7 @@ const DEFS: [Def; 6] = [
         f: |a, _| a / (1.0 + (-a).exp()),
         int: None,
         check: no_attrs,
-        cuda: Some(Unary::Silu),
+        cuda: Some(|_| Unary::Silu),
     },
     Def {
         name: "aten.cos",
@@ -74,7 +80,7 @@ const DEFS: [Def; 6] = [
         f: |a, _| a.cos(),
         int: None,
         check: no_attrs,
-        cuda: Some(Unary::Cos),
+        cuda: Some(|_| Unary::Cos),
     },
     Def {
         name: "aten.sin",
@@ -82,15 +88,23 @@ const DEFS: [Def; 6] = [
         f: |a, _| a.sin(),
         int: None,
         check: no_attrs,
-        cuda: Some(Unary::Sin),
+        cuda: Some(|_| Unary::Sin),
     },
     Def {
         name: "aten.gelu",
         aten: "gelu.default",
-        f: gelu,
+        f: gelu_attrs,
         int: None,
         check: |a| gelu_tanh(a).map(|_| ()),
-        cuda: None,
+        cuda: Some(|a| if gelu_tanh(a).unwrap_or(false) { Unary::GeluTanh } else { Unary::Gelu }),
+    },
+    Def {
+        name: "aten.tanh",
+        aten: "tanh.default",
+        f: |a, _| a.tanh(),
+        int: None,
+        check: no_attrs,
+        cuda: Some(|_| Unary::Tanh),
     },
 ];
 
@@ -104,8 +118,9 @@ pub fn ops() -> Vec<CustomOp> {
     DEFS.iter()
         .map(|d| {
             let (f, int, check) = (d.f, d.int, d.check);
-            let cuda = d.cuda.map(|u| {
-                Arc::new(move |ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
+            let cuda = d.cuda.map(|unary| {
+                Arc::new(move |ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+                    let u = unary(attrs);
                     let gpu = crate::ops::gpu_of(l)?;
                     let (x, y) = (&ins[0], &outs[0]);
                     gpu.unary(u, x.ptr, y.ptr, crate::ops::cuda_dt(y.dtype)?, y.shape.iter().product(), 0.0)

@@ -626,13 +626,18 @@ impl AttentionBackend for ExternalAttentionBackend {
     fn attend(
         &self,
         layer: usize,
-        scale: f32,
+        sc: autodeploy_kernels::cpu::Scores,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         cx: &mut StepContext,
     ) -> Result<Tensor> {
         let bad = |msg: String| Error::op("attention_with_kv_cache", msg);
+        // `cache_init` refuses such graphs for library backends; checked again here.
+        if sc.window.is_some() || sc.softcap.is_some() {
+            return Err(bad(format!("layer {layer}: a library backend cannot apply a sliding window or soft-cap")));
+        }
+        let scale = sc.scale;
         let (qs, ks) = (q.shape(), k.shape());
         if qs.len() != 4 || ks.len() != 4 || v.shape() != ks || qs[2] != ks[2] || qs[3] != ks[3] {
             return Err(bad(format!("q {qs:?}, k {ks:?}, v {:?}: expected [1, heads, tokens, dim]", v.shape())));

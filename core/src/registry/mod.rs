@@ -192,8 +192,18 @@ pub struct AttentionBackendPlugin {
     /// Whether its CUDA implementation takes q/k unrotated with the cos/sin tables (a
     /// RoPE-fused op): the `fuse_rope_attention` transform fuses only for such backends.
     pub fuses_rope: bool,
+    /// Whether its CPU and its CUDA implementation honour sliding windows and soft-capping
+    /// (`Scoring`); a graph that needs them is refused at `cache_init` otherwise.
+    pub scoring: Devices,
 }
 builtin_entry!(AttentionBackendPlugin);
+
+/// A capability on each device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Devices {
+    pub cpu: bool,
+    pub cuda: bool,
+}
 
 pub struct RuntimePlugin {
     pub name: &'static str,
@@ -346,6 +356,12 @@ pub fn attention_backend_devices(name: &str) -> Result<(bool, bool)> {
         // A library's CPU side is always given (`make` or `make_with_options`).
         Found::External(p) => (true, (p.make)().cuda.is_some()),
     })
+}
+
+/// Whether attention backend `name` honours sliding windows and soft-capping on `device`
+/// (libraries do not: the sdk's attention call carries only the scale).
+pub fn attention_backend_scoring(name: &str, device: &str) -> bool {
+    matches!(ATTENTION_BACKENDS.get(name), Ok(Found::Builtin(p)) if if device == "cuda" { p.scoring.cuda } else { p.scoring.cpu })
 }
 
 /// Whether attention backend `name`'s CUDA implementation takes RoPE-fused ops (libraries'

@@ -112,7 +112,8 @@ extern "C" __global__ void binary(const void* a, int dt_a, const void* b, int dt
 }
 
 // Unary ops over contiguous tensors, output dtype = input dtype: 0 neg, 1 rsqrt, 2 silu, 3 cos,
-// 4 sin, 5 add scalar, 6 mul scalar, 7 pow scalar (x*x when p = 2, as the CPU does).
+// 4 sin, 5 add scalar, 6 mul scalar, 7 pow scalar (x*x when p = 2, as the CPU does), 8 tanh,
+// 9 div scalar, 10 gelu (erf), 11 gelu (tanh approximation).
 extern "C" __global__ void unary(const void* in, void* out, int dt, long n, int op, double scalar) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -132,6 +133,11 @@ extern "C" __global__ void unary(const void* in, void* out, int dt, long n, int 
         case 4: r = sinf(x); break;
         case 5: r = x + sf; break;
         case 6: r = x * sf; break;
+        case 8: r = tanhf(x); break;
+        case 9: r = x / sf; break;
+        case 10: r = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); break;
+        case 11: r = 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))); break;
+        case 7:
         default: r = sf == 2.0f ? x * x : powf(x, sf); break;
     }
     st(out, dt, i, r);
@@ -187,8 +193,9 @@ extern "C" __global__ void rope(const void* x, int dt, const void* cos, const vo
 }
 
 // gate_up rows [gate (inter) | up (inter)] (or two tensors: `up` set) ->
-// out = round(round(silu(gate)) * up).
-extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, void* out, long rows, int inter) { pdl_enter();
+// out = round(round(act(gate)) * up); act 0 silu, 1 gelu (tanh approximation), 2 gelu (erf).
+extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, void* out, long rows, int inter, int act) {
+    pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * inter) return;
     long r = i / inter, j = i % inter;
@@ -200,8 +207,10 @@ extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, vo
         g = ld(gate, dt, r * 2 * inter + j);
         u = ld(gate, dt, r * 2 * inter + inter + j);
     }
-    float s = rnd(dt, g / (1.0f + expf(-g)));
-    st(out, dt, i, s * u);
+    float a = act == 0   ? g / (1.0f + expf(-g))
+              : act == 1 ? 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)))
+                         : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+    st(out, dt, i, rnd(dt, a) * u);
 }
 
 // round(round(silu(round(g))) * round(u)): the unfused linear, SiLU and multiply's roundings

@@ -6,7 +6,7 @@ use autodeploy_core::cpu::round_as;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::{AttentionBackend, StepContext};
 use autodeploy_core::mutation::{self, Mutation};
-use autodeploy_core::registry::AttentionBackendPlugin;
+use autodeploy_core::registry::{AttentionBackendPlugin, Devices};
 use autodeploy_core::Tensor;
 use autodeploy_kernels::cpu::{axpys_strided, dots_strided};
 
@@ -22,6 +22,7 @@ autodeploy_core::inventory::submit! {
         make: Some(|| Box::new(TorchCpuAttention)),
         cuda: Some(super::cuda::flashinfer),
         fuses_rope: true,
+        scoring: Devices { cpu: true, cuda: false },
     }
 }
 
@@ -34,6 +35,7 @@ autodeploy_core::inventory::submit! {
         make: None,
         cuda: Some(super::cuda::flashinfer),
         fuses_rope: true,
+        scoring: Devices { cpu: false, cuda: false },
     }
 }
 
@@ -47,6 +49,7 @@ autodeploy_core::inventory::submit! {
         make: None,
         cuda: Some(super::cuda::triton),
         fuses_rope: false,
+        scoring: Devices { cpu: false, cuda: false },
     }
 }
 
@@ -54,7 +57,7 @@ impl AttentionBackend for TorchCpuAttention {
     fn attend(
         &self,
         layer: usize,
-        scale: f32,
+        sc: autodeploy_kernels::cpu::Scores,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -130,6 +133,7 @@ impl AttentionBackend for TorchCpuAttention {
             }
             let s = plan.token_seq[t];
             let pos = if no_causal { seq_end[s] } else { plan.token_pos[t] };
+            let first = sc.first_key(plan.token_pos[t]);
             let row = h * tokens + t;
             let kvh = h / group;
             let qrow = &qv[row * dim..(row + 1) * dim];
@@ -137,13 +141,22 @@ impl AttentionBackend for TorchCpuAttention {
             // Positions 0..=pos, page by page: within a page, slots are consecutive.
             let row_stride = kv_heads * dim;
             let mut max = f32::NEG_INFINITY;
-            let mut j = 0;
+            let mut j = first;
             while j <= pos {
                 let n = (plan.page_size - j % plan.page_size).min(pos + 1 - j);
                 let base = (read_slot(s, j) * kv_heads + kvh) * dim;
                 let at = scores.len();
                 scores.resize(at + n, 0.0);
-                dots_strided(qrow, &kc[base..base + (n - 1) * row_stride + dim], row_stride, scale, &mut scores[at..]);
+                dots_strided(
+                    qrow,
+                    &kc[base..base + (n - 1) * row_stride + dim],
+                    row_stride,
+                    sc.scale,
+                    &mut scores[at..],
+                );
+                if let Some(c) = sc.softcap {
+                    scores[at..].iter_mut().for_each(|x| *x = c * (*x / c).tanh());
+                }
                 max = scores[at..].iter().fold(max, |m, &x| m.max(x));
                 j += n;
             }
@@ -153,11 +166,16 @@ impl AttentionBackend for TorchCpuAttention {
                 sum += *x;
             }
             o.fill(0.0);
-            let mut j = 0;
+            let mut j = first;
             while j <= pos {
                 let n = (plan.page_size - j % plan.page_size).min(pos + 1 - j);
                 let base = (read_slot(s, j) * kv_heads + kvh) * dim;
-                axpys_strided(&scores[j..j + n], &vc[base..base + (n - 1) * row_stride + dim], row_stride, o);
+                axpys_strided(
+                    &scores[j - first..j - first + n],
+                    &vc[base..base + (n - 1) * row_stride + dim],
+                    row_stride,
+                    o,
+                );
                 j += n;
             }
             let inv = 1.0 / sum;

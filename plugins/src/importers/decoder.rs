@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use autodeploy_core::error::Result;
-use autodeploy_core::ops::attention::SdpaAttrs;
-use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
+use autodeploy_core::ops::attention::{Scoring, SdpaAttrs};
+use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::ops::layout::Slice;
+pub use autodeploy_core::ops::linear::GateAct;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, SizeArg, Tensor, ValueId};
@@ -50,7 +51,9 @@ pub struct DecoderConfig {
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
-    /// Attention window; sequences longer than this are refused (the graph has no window mask).
+    /// Attention window of the sliding layers (every layer unless `blocks.sliding_layers` says
+    /// which): each query sees itself and the `w - 1` positions before it. A window as long as
+    /// the graph's longest sequence never masks anything and is left out.
     pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
     pub qkv_bias: bool,
@@ -66,6 +69,29 @@ pub struct DecoderConfig {
     /// `embedding_multiplier`, attention scaled by `attention_multiplier` instead of 1/√head_dim,
     /// each residual branch times `residual_multiplier`, the logits over `logits_scaling`.
     pub scalars: Scalars,
+    pub blocks: BlockOptions,
+}
+
+/// The block variants beyond Llama's (the defaults are Llama's).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BlockOptions {
+    /// Gemma's RMSNorm: `x̂ · (1 + w)` in f32, then the cast back (the weights are offsets from 1).
+    pub norm_offset: bool,
+    /// The gated MLP's activation.
+    pub activation: GateAct,
+    /// Gemma 2/3: the attention output is normed (`post_attention_layernorm`) before the
+    /// residual add, and the MLP runs between `pre_feedforward_layernorm` and
+    /// `post_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Attention scores soft-capped at this (`attn_logit_softcapping`).
+    pub attn_softcap: Option<f64>,
+    /// Logits soft-capped at this (`final_logit_softcapping`): `cap · tanh(logits / cap)`.
+    pub final_softcap: Option<f64>,
+    /// Which layers attend within `sliding_window` (`None`: all of them).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// The RoPE base of the sliding layers (Gemma 3's `rope_local_base_freq`, unscaled); `None`:
+    /// every layer uses `rope_theta` and `rope_scaling`.
+    pub local_rope_theta: Option<f64>,
 }
 
 /// The scalar multipliers some families put on the residual stream (see [`DecoderConfig::scalars`]).
@@ -87,6 +113,8 @@ impl Default for Scalars {
 
 /// Name of the RoPE inverse-frequency buffer the importer computes.
 pub const INV_FREQ: &str = "model.rotary_emb.inv_freq";
+/// The sliding layers' buffer where their base differs (`BlockOptions::local_rope_theta`).
+pub const INV_FREQ_LOCAL: &str = "model.rotary_emb_local.inv_freq";
 
 /// One expected weight: name and shape.
 pub type WeightSpec = (String, Vec<usize>);
@@ -126,6 +154,10 @@ impl DecoderConfig {
                 add("self_attn.o_proj.bias", vec![h]);
             }
             add("post_attention_layernorm.weight", vec![h]);
+            if self.blocks.sandwich_norms {
+                add("pre_feedforward_layernorm.weight", vec![h]);
+                add("post_feedforward_layernorm.weight", vec![h]);
+            }
             add("mlp.gate_proj.weight", vec![i, h]);
             add("mlp.up_proj.weight", vec![i, h]);
             add("mlp.down_proj.weight", vec![h, i]);
@@ -144,10 +176,14 @@ impl DecoderConfig {
 
     /// RoPE inverse frequencies in f32, computed the way transformers computes them.
     pub fn inv_freq(&self) -> Vec<f32> {
+        self.inv_freq_of(self.rope_theta, &self.rope_scaling)
+    }
+
+    fn inv_freq_of(&self, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
         let dim = self.head_dim;
-        let base = self.rope_theta as f32;
+        let base = theta as f32;
         let inv: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
-        match self.rope_scaling {
+        match *scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => inv,
             RopeScaling::Linear { factor } => inv.iter().map(|&f| f / factor as f32).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
@@ -173,12 +209,19 @@ impl DecoderConfig {
         }
     }
 
+    /// Whether layer `l` attends within `sliding_window`.
+    pub fn is_sliding(&self, l: usize) -> bool {
+        self.sliding_window.is_some() && self.blocks.sliding_layers.as_ref().is_none_or(|s| s.get(l) == Some(&true))
+    }
+
+    /// Layer `l`'s window in a graph of sequences up to `max_seq` (none where it masks nothing).
+    pub fn window(&self, l: usize, max_seq: usize) -> Option<usize> {
+        self.sliding_window.filter(|&w| self.is_sliding(l) && w < max_seq)
+    }
+
     /// Longest sequence the graph accepts.
     pub fn max_seq(&self, max_seq_len: usize) -> usize {
         let mut m = max_seq_len.min(self.max_position_embeddings);
-        if let Some(w) = self.sliding_window {
-            m = m.min(w);
-        }
         if let RopeScaling::Dynamic { original_max_position_embeddings: o, .. } = self.rope_scaling {
             m = m.min(o);
         }
@@ -191,6 +234,8 @@ struct Ctx<'a> {
     cfg: &'a DecoderConfig,
     batch: Dim,
     seq: Dim,
+    /// The graph's longest sequence.
+    max_seq: usize,
 }
 
 impl Ctx<'_> {
@@ -209,7 +254,7 @@ impl Ctx<'_> {
     }
 
     /// transformers' RMSNorm: upcast to f32, x * rsqrt(mean(x²) + eps), back to the input
-    /// dtype, times the weight.
+    /// dtype, times the weight; Gemma's (`norm_offset`): times `1 + w` in f32, then back.
     fn rmsnorm(&mut self, hint: &str, x: ValueId, weight: &str, dim: usize) -> Result<ValueId> {
         let in_dtype = self.b.meta(x).dtype;
         let xf = if in_dtype != DType::F32 {
@@ -222,6 +267,17 @@ impl Ctx<'_> {
         let ve = self.b.op(&format!("{hint}.add_eps"), Op::scalar(ADD_SCALAR, self.cfg.rms_norm_eps), &[var])?;
         let r = self.b.op(&format!("{hint}.rsqrt"), Op::unary("aten.rsqrt"), &[ve])?;
         let y = self.b.op(&format!("{hint}.normed"), Op::binary(MUL), &[xf, r])?;
+        if self.cfg.blocks.norm_offset {
+            let w = self.w(weight, &[dim]);
+            let wf = if self.b.meta(w).dtype != DType::F32 {
+                self.b.op(&format!("{hint}.w_f32"), Op::to_dtype(DType::F32), &[w])?
+            } else {
+                w
+            };
+            let w1 = self.b.op(&format!("{hint}.one_plus_w"), Op::scalar(ADD_SCALAR, 1.0), &[wf])?;
+            let y = self.b.op(&format!("{hint}.scaled"), Op::binary(MUL), &[y, w1])?;
+            return if in_dtype != DType::F32 { self.b.op(hint, Op::to_dtype(in_dtype), &[y]) } else { Ok(y) };
+        }
         let y = if in_dtype != DType::F32 {
             self.b.op(&format!("{hint}.to_in"), Op::to_dtype(in_dtype), &[y])?
         } else {
@@ -247,6 +303,24 @@ impl Ctx<'_> {
         self.b.op(hint, Op::scalar(MUL_SCALAR, s), &[x])
     }
 
+    /// cos and sin of `pos_f32 · inv_freq` (buffer `buffer` of `half` values), in the model's dtype.
+    fn rope_tables(&mut self, hint: &str, buffer: &str, half: usize, pos_f32: ValueId) -> Result<(ValueId, ValueId)> {
+        let inv_freq = self.b.param(buffer, DType::F32, static_shape(&[half]));
+        let freqs = self.b.op(&format!("{hint}.freqs"), Op::binary(MUL), &[pos_f32, inv_freq])?;
+        let emb = self.b.op(&format!("{hint}.emb"), Op::cat(-1), &[freqs, freqs])?;
+        let mut cs = Vec::new();
+        for (name, op) in [("cos", Op::unary("aten.cos")), ("sin", Op::unary("aten.sin"))] {
+            let t = self.b.op(&format!("{hint}.{name}_f32"), op, &[emb])?;
+            // attention_scaling is 1.0 for the default, linear, dynamic and llama3 RoPE types.
+            let t = self.b.op(&format!("{hint}.{name}_scaled"), Op::scalar(MUL_SCALAR, 1.0), &[t])?;
+            let dtype = self.cfg.dtype;
+            let t =
+                if dtype != DType::F32 { self.b.op(&format!("{hint}.{name}"), Op::to_dtype(dtype), &[t])? } else { t };
+            cs.push(t);
+        }
+        Ok((cs[0], cs[1]))
+    }
+
     fn apply_rope(&mut self, hint: &str, x: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
         let xc = self.b.op(&format!("{hint}.mul_cos"), Op::binary(MUL), &[x, cos])?;
         let rot = self.rotate_half(&format!("{hint}.rot"), x)?;
@@ -269,7 +343,7 @@ impl Ctx<'_> {
         self.b.op(&format!("{hint}.t"), Op::transpose(1, 2), &[v])
     }
 
-    fn layer(&mut self, l: usize, h: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
+    fn layer(&mut self, l: usize, h: ValueId, (cos, sin): (ValueId, ValueId)) -> Result<ValueId> {
         let c = self.cfg;
         let (hs, hd, is) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let p = format!("model.layers.{l}");
@@ -305,6 +379,7 @@ impl Ctx<'_> {
             is_causal: true,
             scale: Some(c.scalars.attention.unwrap_or((hd as f64).powf(-0.5))),
             enable_gqa: c.num_kv_heads != c.num_heads,
+            scoring: Scoring { window: c.window(l, self.max_seq), softcap: c.blocks.attn_softcap },
         });
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
         let a = self.b.op(&format!("{n}.attn.t"), Op::transpose(1, 2), &[a])?;
@@ -313,14 +388,31 @@ impl Ctx<'_> {
         let o =
             self.linear(&format!("{n}.o_proj"), a, &format!("{p}.self_attn.o_proj"), hs, c.num_heads * hd, c.o_bias)?;
         let o = self.scale(&format!("{n}.o_scaled"), o, c.scalars.residual)?;
+        let sandwich = c.blocks.sandwich_norms;
+        let post_attn = format!("{p}.post_attention_layernorm.weight");
+        let o = if sandwich { self.rmsnorm(&format!("{n}.post_attn_norm"), o, &post_attn, hs)? } else { o };
         let h = self.b.op(&format!("{n}.attn_residual"), Op::binary(ADD), &[h, o])?;
-        let x = self.rmsnorm(&format!("{n}.post_attn_norm"), h, &format!("{p}.post_attention_layernorm.weight"), hs)?;
+        let x = if sandwich {
+            self.rmsnorm(&format!("{n}.pre_mlp_norm"), h, &format!("{p}.pre_feedforward_layernorm.weight"), hs)?
+        } else {
+            self.rmsnorm(&format!("{n}.post_attn_norm"), h, &post_attn, hs)?
+        };
         let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{p}.mlp.gate_proj"), is, hs, c.mlp_bias)?;
         let u = self.linear(&format!("{n}.up_proj"), x, &format!("{p}.mlp.up_proj"), is, hs, c.mlp_bias)?;
-        let g = self.b.op(&format!("{n}.act"), Op::unary("aten.silu"), &[g])?;
+        let act = match c.blocks.activation {
+            GateAct::Silu => Op::unary("aten.silu"),
+            GateAct::GeluTanh => autodeploy_core::custom_op::op("aten.gelu", "approximate=tanh")?,
+            GateAct::Gelu => autodeploy_core::custom_op::op("aten.gelu", "approximate=none")?,
+        };
+        let g = self.b.op(&format!("{n}.act"), act, &[g])?;
         let m = self.b.op(&format!("{n}.act_mul"), Op::binary(MUL), &[g, u])?;
         let d = self.linear(&format!("{n}.down_proj"), m, &format!("{p}.mlp.down_proj"), hs, is, c.mlp_bias)?;
         let d = self.scale(&format!("{n}.down_scaled"), d, c.scalars.residual)?;
+        let d = if sandwich {
+            self.rmsnorm(&format!("{n}.post_mlp_norm"), d, &format!("{p}.post_feedforward_layernorm.weight"), hs)?
+        } else {
+            d
+        };
         self.b.op(&format!("{n}.mlp_residual"), Op::binary(ADD), &[h, d])
     }
 }
@@ -336,44 +428,52 @@ pub fn build_decoder(
     let inv = cfg.inv_freq();
     let half = inv.len();
     store.add_tensor(INV_FREQ, Tensor::from_f32(vec![half], inv)?);
+    if let Some(theta) = cfg.blocks.local_rope_theta {
+        store.add_tensor(INV_FREQ_LOCAL, Tensor::from_f32(vec![half], cfg.inv_freq_of(theta, &RopeScaling::None))?);
+    }
     let mut b = GraphBuilder::new(Arc::new(store));
     let (batch, seq) = (Dim::sym("batch"), Dim::sym("seq"));
+    let max_seq = cfg.max_seq(max_seq_len);
     b.symbol("batch", 1, max_batch);
-    b.symbol("seq", 1, cfg.max_seq(max_seq_len));
+    b.symbol("seq", 1, max_seq);
     let ids = b.input("input_ids", DType::I64, vec![batch.clone(), seq.clone()]);
     let pos = b.input("position_ids", DType::I64, vec![batch.clone(), seq.clone()]);
-    let mut cx = Ctx { b, cfg, batch, seq };
+    let mut cx = Ctx { b, cfg, batch, seq, max_seq };
 
     let emb_w = cx.w("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size]);
     let h = cx.b.op("embed", Op::embedding(), &[emb_w, ids])?;
     let mut h = cx.scale("embed_scaled", h, cfg.scalars.embedding)?;
 
-    // Rotary embedding, once for all layers: freqs = position_ids[..., None].float() * inv_freq.
-    let inv_freq = cx.b.param(INV_FREQ, DType::F32, static_shape(&[half]));
+    // Rotary embedding, once for all layers (and once more for the sliding layers where their
+    // base differs): freqs = position_ids[..., None].float() * inv_freq.
     let p = cx.b.op("rope.pos", Op::unsqueeze(-1), &[pos])?;
     let p = cx.b.op("rope.pos_f32", Op::to_dtype(DType::F32), &[p])?;
-    let freqs = cx.b.op("rope.freqs", Op::binary(MUL), &[p, inv_freq])?;
-    let emb = cx.b.op("rope.emb", Op::cat(-1), &[freqs, freqs])?;
-    let mut cs = Vec::new();
-    for (name, op) in [("cos", Op::unary("aten.cos")), ("sin", Op::unary("aten.sin"))] {
-        let t = cx.b.op(&format!("rope.{name}_f32"), op, &[emb])?;
-        // attention_scaling is 1.0 for the default and llama3 RoPE types.
-        let t = cx.b.op(&format!("rope.{name}_scaled"), Op::scalar(MUL_SCALAR, 1.0), &[t])?;
-        let t =
-            if cfg.dtype != DType::F32 { cx.b.op(&format!("rope.{name}"), Op::to_dtype(cfg.dtype), &[t])? } else { t };
-        cs.push(t);
-    }
+    let global = cx.rope_tables("rope", INV_FREQ, half, p)?;
+    let local = match cfg.blocks.local_rope_theta {
+        Some(_) => Some(cx.rope_tables("rope_local", INV_FREQ_LOCAL, half, p)?),
+        None => None,
+    };
     for l in 0..cfg.num_layers {
-        h = cx.layer(l, h, cs[0], cs[1])?;
+        let tables = match local {
+            Some(t) if cfg.is_sliding(l) => t,
+            _ => global,
+        };
+        h = cx.layer(l, h, tables)?;
     }
     let h = cx.rmsnorm("final_norm", h, "model.norm.weight", cfg.hidden_size)?;
     let lm = cx.w(cfg.lm_head_weight(), &[cfg.vocab_size, cfg.hidden_size]);
-    let logits = if cfg.scalars.logits_divisor == 1.0 {
-        cx.b.op("logits", Op::linear(), &[h, lm])?
-    } else {
-        let l = cx.b.op("lm_head", Op::linear(), &[h, lm])?;
-        cx.scale("logits", l, 1.0 / cfg.scalars.logits_divisor)?
-    };
+    let plain = cfg.scalars.logits_divisor == 1.0 && cfg.blocks.final_softcap.is_none();
+    let mut logits = cx.b.op(if plain { "logits" } else { "lm_head" }, Op::linear(), &[h, lm])?;
+    if cfg.scalars.logits_divisor != 1.0 {
+        let last = cfg.blocks.final_softcap.is_none();
+        logits = cx.scale(if last { "logits" } else { "lm_head.scaled" }, logits, 1.0 / cfg.scalars.logits_divisor)?;
+    }
+    if let Some(cap) = cfg.blocks.final_softcap {
+        // transformers: logits / cap, tanh, * cap.
+        let d = cx.b.op("lm_head.capped", Op::scalar(DIV_SCALAR, cap), &[logits])?;
+        let t = cx.b.op("lm_head.tanh", Op::unary("aten.tanh"), &[d])?;
+        logits = cx.b.op("logits", Op::scalar(MUL_SCALAR, cap), &[t])?;
+    }
     cx.b.output(logits);
     cx.b.note(format!(
         "import: {} decoder, {} layers, hidden {}, heads {}/{} (kv), head_dim {}, dtype {}",

@@ -1,8 +1,11 @@
 //! The model families the importers know, as data: how a family's `config.json` (HF folders) or
 //! GGUF layout maps onto the options of the shared decoder blocks in `decoder.rs` (attention
-//! biases, q/k norm, a sliding window, MLP biases, llama.cpp's Q/K row order). A family whose
+//! biases, q/k norm, sliding windows, MLP biases and activation, Gemma's norms, soft-caps and
+//! scales, llama.cpp's Q/K row order). A family whose
 //! blocks already exist is one entry here plus its fixture and parity test; the importers read
 //! the entry, never a family's name, and the pattern matchers and transforms see only the graph.
+
+pub use super::decoder::GateAct;
 
 /// Where a block option's value comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +25,19 @@ pub enum Window {
     /// Every layer attends within the window this `config.json` key gives (absent or null: no
     /// window).
     Key(&'static str),
+    /// Some layers attend within the window `key` gives (`default` when the key is absent;
+    /// null: none): those `layer_types` marks `sliding_attention`, or without it every layer but
+    /// each `sliding_window_pattern`-th (`pattern` when that key is absent too).
+    Layers { key: &'static str, default: Option<usize>, pattern: usize },
+}
+
+/// Soft-capping of attention scores and logits (`attn_logit_softcapping`,
+/// `final_logit_softcapping`), with the values transformers uses when a key is absent (a null
+/// key: no cap).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Softcaps {
+    pub attn: Option<f64>,
+    pub final_logits: Option<f64>,
 }
 
 /// One family: the `model_type` of its HF configs (the `general.architecture` of its GGUF
@@ -38,8 +54,10 @@ pub struct Family {
     /// RMSNorm of each q and k head before RoPE (`self_attn.q_norm` / `k_norm` weights).
     pub qk_norm: bool,
     pub window: Window,
-    /// The MLP activations (`hidden_act`) the family's blocks build.
-    pub activations: &'static [&'static str],
+    /// The `config.json` key of the MLP activation, and its value when absent.
+    pub activation_key: (&'static str, &'static str),
+    /// The activations (that key's values) the family's blocks build, and what each computes.
+    pub activations: &'static [(&'static str, GateAct)],
     /// llama.cpp's converter permutes the Q and K rows of this family's GGUF files (undone at
     /// load).
     pub gguf_qk_permuted: bool,
@@ -49,80 +67,126 @@ pub struct Family {
     /// Its checkpoints store q, k and v as one `self_attn.qkv_proj` and gate and up as one
     /// `mlp.gate_up_proj` (gate rows first), split into the decoder's weights at load (Phi-3).
     pub fused_projections: bool,
+    /// Gemma's RMSNorm, `x̂ · (1 + w)`.
+    pub norm_offset: bool,
+    /// The embedding times √hidden_size, rounded to the model's dtype (Gemma).
+    pub embedding_scale: bool,
+    /// Gemma 2/3's norms around the attention output and the MLP.
+    pub sandwich_norms: bool,
+    /// `None`: the family has no soft-capping.
+    pub softcaps: Option<Softcaps>,
+    /// Attention scaled by `query_pre_attn_scalar^-0.5` (this value when the key is absent)
+    /// instead of `head_dim^-0.5`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// The sliding layers' own RoPE base: `rope_local_base_freq` (this value when absent), or
+    /// transformers 5's `rope_parameters.sliding_attention` (Gemma 3).
+    pub local_rope_theta: Option<f64>,
 }
 
+/// SiLU-gated MLPs, as Llama's.
+const SILU: (&str, &str) = ("hidden_act", "silu");
+const SILU_ONLY: &[(&str, GateAct)] = &[("silu", GateAct::Silu)];
+
+/// Llama's blocks; each family below says how it differs.
+const LLAMA: Family = Family {
+    name: "llama",
+    qkv_bias: Flag::Key("attention_bias", false),
+    o_bias: Flag::Key("attention_bias", false),
+    mlp_bias: Flag::Key("mlp_bias", false),
+    qk_norm: false,
+    window: Window::None,
+    activation_key: SILU,
+    activations: SILU_ONLY,
+    gguf_qk_permuted: true,
+    multipliers: false,
+    fused_projections: false,
+    norm_offset: false,
+    embedding_scale: false,
+    sandwich_norms: false,
+    softcaps: None,
+    query_pre_attn_scalar: None,
+    local_rope_theta: None,
+};
+
+/// Gemma's blocks: (1 + w) RMSNorm, the embedding scaled by √hidden, GeGLU.
+const GEMMA: Family = Family {
+    name: "gemma",
+    qkv_bias: Flag::Key("attention_bias", false),
+    o_bias: Flag::Key("attention_bias", false),
+    mlp_bias: Flag::Fixed(false),
+    qk_norm: false,
+    window: Window::None,
+    // transformers reads `hidden_act` for Gemma and maps the legacy `gelu` of the official
+    // configs to the tanh approximation.
+    activation_key: ("hidden_act", "gelu_pytorch_tanh"),
+    activations: &[("gelu_pytorch_tanh", GateAct::GeluTanh), ("gelu", GateAct::GeluTanh)],
+    gguf_qk_permuted: false,
+    multipliers: false,
+    fused_projections: false,
+    norm_offset: true,
+    embedding_scale: true,
+    sandwich_norms: false,
+    softcaps: None,
+    query_pre_attn_scalar: None,
+    local_rope_theta: None,
+};
+
+/// Gemma 2/3's GeGLU activations (`hidden_activation`; `gelu` is the exact one there).
+const GEMMA2_ACTS: &[(&str, GateAct)] =
+    &[("gelu_pytorch_tanh", GateAct::GeluTanh), ("gelu_new", GateAct::GeluTanh), ("gelu", GateAct::Gelu)];
+
 pub const FAMILIES: &[Family] = &[
-    Family {
-        name: "llama",
-        qkv_bias: Flag::Key("attention_bias", false),
-        o_bias: Flag::Key("attention_bias", false),
-        mlp_bias: Flag::Key("mlp_bias", false),
-        qk_norm: false,
-        window: Window::None,
-        activations: &["silu"],
-        gguf_qk_permuted: true,
-        multipliers: false,
-        fused_projections: false,
-    },
+    LLAMA,
     Family {
         name: "mistral",
         qkv_bias: Flag::Fixed(false),
         o_bias: Flag::Fixed(false),
         mlp_bias: Flag::Fixed(false),
-        qk_norm: false,
         window: Window::Key("sliding_window"),
-        activations: &["silu"],
-        gguf_qk_permuted: true,
-        multipliers: false,
-        fused_projections: false,
+        ..LLAMA
     },
     Family {
         name: "qwen2",
         qkv_bias: Flag::Fixed(true),
         o_bias: Flag::Fixed(false),
         mlp_bias: Flag::Fixed(false),
-        qk_norm: false,
-        window: Window::None,
-        activations: &["silu"],
         gguf_qk_permuted: false,
-        multipliers: false,
-        fused_projections: false,
+        ..LLAMA
     },
-    Family {
-        name: "qwen3",
-        qkv_bias: Flag::Key("attention_bias", false),
-        o_bias: Flag::Key("attention_bias", false),
-        mlp_bias: Flag::Fixed(false),
-        qk_norm: true,
-        window: Window::None,
-        activations: &["silu"],
-        gguf_qk_permuted: false,
-        multipliers: false,
-        fused_projections: false,
-    },
-    Family {
-        name: "granite",
-        qkv_bias: Flag::Key("attention_bias", false),
-        o_bias: Flag::Key("attention_bias", false),
-        mlp_bias: Flag::Key("mlp_bias", false),
-        qk_norm: false,
-        window: Window::None,
-        activations: &["silu"],
-        gguf_qk_permuted: true,
-        multipliers: true,
-        fused_projections: false,
-    },
+    Family { name: "qwen3", mlp_bias: Flag::Fixed(false), qk_norm: true, gguf_qk_permuted: false, ..LLAMA },
+    Family { name: "granite", multipliers: true, ..LLAMA },
     Family {
         name: "phi3",
         qkv_bias: Flag::Fixed(false),
         o_bias: Flag::Fixed(false),
         mlp_bias: Flag::Fixed(false),
-        qk_norm: false,
         window: Window::Key("sliding_window"),
-        activations: &["silu"],
         gguf_qk_permuted: false,
-        multipliers: false,
         fused_projections: true,
+        ..LLAMA
+    },
+    GEMMA,
+    Family {
+        name: "gemma2",
+        window: Window::Layers { key: "sliding_window", default: Some(4096), pattern: 2 },
+        activation_key: ("hidden_activation", "gelu_pytorch_tanh"),
+        activations: GEMMA2_ACTS,
+        sandwich_norms: true,
+        softcaps: Some(Softcaps { attn: Some(50.0), final_logits: Some(30.0) }),
+        query_pre_attn_scalar: Some(256.0),
+        ..GEMMA
+    },
+    Family {
+        name: "gemma3_text",
+        qk_norm: true,
+        window: Window::Layers { key: "sliding_window", default: Some(4096), pattern: 6 },
+        activation_key: ("hidden_activation", "gelu_pytorch_tanh"),
+        activations: GEMMA2_ACTS,
+        sandwich_norms: true,
+        softcaps: Some(Softcaps { attn: None, final_logits: None }),
+        query_pre_attn_scalar: Some(256.0),
+        local_rope_theta: Some(10000.0),
+        ..GEMMA
     },
 ];
 
@@ -147,6 +211,6 @@ mod tests {
             assert_eq!(family(f.name).map(|g| g.name), Some(f.name));
         }
         assert!(family("gpt2").is_none());
-        assert_eq!(names(), "llama, mistral, qwen2, qwen3, granite, phi3");
+        assert_eq!(names(), "llama, mistral, qwen2, qwen3, granite, phi3, gemma, gemma2, gemma3_text");
     }
 }

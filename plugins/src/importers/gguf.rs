@@ -197,6 +197,7 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
             residual: positive(&m, "residual_scale")?.unwrap_or(1.0),
             logits_divisor: positive(&m, "logit_scale")?.unwrap_or(1.0),
         },
+        blocks: Default::default(),
     })
 }
 

@@ -11,7 +11,7 @@ use autodeploy_core::weights::{SafetensorsFile, WeightStore};
 use autodeploy_core::{DType, Graph};
 use serde_json::{Map, Value};
 
-use super::decoder::{build_decoder, DecoderConfig, RopeScaling, Scalars};
+use super::decoder::{build_decoder, BlockOptions, DecoderConfig, RopeScaling, Scalars};
 use super::families::{self, Flag, Window};
 
 pub struct HfImporter;
@@ -93,6 +93,27 @@ impl<'a> Keys<'a> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    /// A positive number that may be null (none): `default` when the key is absent.
+    fn positive_or_null(&self, key: &str, default: Option<f64>) -> Result<Option<f64>> {
+        match self.map.get(key) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x > 0.0 && x.is_finite() => Ok(Some(x)),
+                _ => Err(self.err(key, format!("expected a positive number or null, found {v}"))),
+            },
+        }
+    }
+
+    /// A size that may be null (none): `default` when the key is absent.
+    fn size_or_null(&self, key: &str, max: usize, default: Option<usize>) -> Result<Option<usize>> {
+        match self.map.get(key) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(_) => self.size_opt(key, max),
         }
     }
 
@@ -188,26 +209,44 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
     if head_dim % 2 != 0 {
         return Err(k.err("head_dim", format!("{head_dim} is odd; rotary embedding needs an even head_dim")));
     }
-    if let Some(act) = k.str_opt("hidden_act")? {
-        if !fam.activations.contains(&act) {
-            let known = fam.activations.join(", ");
-            return Err(k.err("hidden_act", format!("`{act}` is not supported for {model_type} (supported: {known})")));
+    let (act_key, act_default) = fam.activation_key;
+    let act = k.str_opt(act_key)?.unwrap_or(act_default);
+    let activation = match fam.activations.iter().find(|(name, _)| *name == act) {
+        Some(&(_, a)) => a,
+        None => {
+            let known: Vec<&str> = fam.activations.iter().map(|(n, _)| *n).collect();
+            let known = known.join(", ");
+            return Err(k.err(act_key, format!("`{act}` is not supported for {model_type} (supported: {known})")));
         }
+    };
+    let num_layers = k.size("num_hidden_layers", 1 << 10)?;
+    if k.bool_or("use_bidirectional_attention", false)? {
+        return Err(k.err("use_bidirectional_attention", "bidirectional attention is not supported (causal only)"));
     }
 
-    let (rope_theta, rope_scaling) = parse_rope(&k)?;
+    let (rope_theta, rope_scaling, local_rope) = match fam.local_rope_theta {
+        Some(default) => parse_layer_ropes(&k, default)?,
+        None => {
+            let (t, s) = parse_rope(&k)?;
+            (t, s, None)
+        }
+    };
     if let Some(f) = k.f64_opt("partial_rotary_factor")? {
         if f != 1.0 {
             return Err(k.err("partial_rotary_factor", format!("{f}: partial rotary embeddings are not supported yet")));
         }
     }
 
-    let sliding_window = match fam.window {
-        Window::Key(key) => k.size_opt(key, 1 << 28)?,
+    let (sliding_window, sliding_layers) = match fam.window {
+        Window::Key(key) => (k.size_opt(key, 1 << 28)?, None),
+        Window::Layers { key, default, pattern } => {
+            let w = k.size_or_null(key, 1 << 28, default)?;
+            (w, Some(sliding_layers(&k, num_layers, pattern)?))
+        }
         Window::None if k.bool_or("use_sliding_window", false)? => {
             return Err(k.err("use_sliding_window", "sliding-window layers are not supported yet for this family"))
         }
-        Window::None => None,
+        Window::None => (None, None),
     };
     let file_dtype = match k.str_opt("torch_dtype")?.or(k.str_opt("dtype")?) {
         None => DType::F32,
@@ -220,12 +259,31 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         return Err(k.err("rms_norm_eps", format!("{rms_norm_eps} is outside (0, 1)")));
     }
     let max_position_embeddings = k.size_opt("max_position_embeddings", 1 << 28)?.unwrap_or(4096);
+    let dtype = dtype.unwrap_or(file_dtype);
+    let softcaps = match fam.softcaps {
+        Some(d) => (
+            k.positive_or_null("attn_logit_softcapping", d.attn)?,
+            k.positive_or_null("final_logit_softcapping", d.final_logits)?,
+        ),
+        None => (None, None),
+    };
+    let mut scalars = if fam.multipliers { parse_multipliers(&k)? } else { Scalars::default() };
+    if fam.embedding_scale {
+        // transformers multiplies by √hidden_size as a tensor of the weights' dtype.
+        scalars.embedding = autodeploy_core::cpu::round_as(dtype, (hidden_size as f32).sqrt()) as f64;
+    }
+    if let Some(default) = fam.query_pre_attn_scalar {
+        let s = k
+            .positive_or_null("query_pre_attn_scalar", Some(default))?
+            .ok_or_else(|| k.err("query_pre_attn_scalar", "must be a positive number"))?;
+        scalars.attention = Some(s.powf(-0.5));
+    }
     Ok(DecoderConfig {
         family: model_type.to_string(),
         vocab_size: k.size("vocab_size", 1 << 22)?,
         hidden_size,
         intermediate_size: k.size("intermediate_size", 1 << 20)?,
-        num_layers: k.size("num_hidden_layers", 1 << 10)?,
+        num_layers,
         num_heads,
         num_kv_heads,
         head_dim,
@@ -239,10 +297,73 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         o_bias: flag(fam.o_bias)?,
         mlp_bias: flag(fam.mlp_bias)?,
         qk_norm: fam.qk_norm,
-        dtype: dtype.unwrap_or(file_dtype),
+        dtype,
         weight_dtypes: Default::default(),
-        scalars: if fam.multipliers { parse_multipliers(&k)? } else { Scalars::default() },
+        scalars,
+        blocks: BlockOptions {
+            norm_offset: fam.norm_offset,
+            activation,
+            sandwich_norms: fam.sandwich_norms,
+            attn_softcap: softcaps.0,
+            final_softcap: softcaps.1,
+            sliding_layers,
+            local_rope_theta: local_rope,
+        },
     })
+}
+
+/// Which layers slide: `layer_types` (transformers 5), else every layer but each
+/// `sliding_window_pattern`-th (`pattern` when that key is absent).
+fn sliding_layers(k: &Keys, num_layers: usize, pattern: usize) -> Result<Vec<bool>> {
+    if let Some(v) = k.present("layer_types") {
+        let list = v.as_array().ok_or_else(|| k.err("layer_types", format!("expected a list, found {v}")))?;
+        if list.len() != num_layers {
+            return Err(k.err("layer_types", format!("{} entries for num_hidden_layers = {num_layers}", list.len())));
+        }
+        return list
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(k.err(
+                    &format!("layer_types[{i}]"),
+                    format!("{t} is not \"sliding_attention\" or \"full_attention\""),
+                )),
+            })
+            .collect();
+    }
+    let pattern = k.size_opt("sliding_window_pattern", 1 << 10)?.unwrap_or(pattern);
+    Ok((0..num_layers).map(|i| (i + 1) % pattern != 0).collect())
+}
+
+/// Gemma 3's two RoPE tables: the full-attention layers' (`rope_theta` and `rope_scaling`, or
+/// `rope_parameters.full_attention`) and the sliding layers' (`rope_local_base_freq`, or
+/// `rope_parameters.sliding_attention`, which must be unscaled).
+fn parse_layer_ropes(k: &Keys, local_default: f64) -> Result<(f64, RopeScaling, Option<f64>)> {
+    let nested = k.present("rope_parameters").and_then(Value::as_object).filter(|m| m.contains_key("full_attention"));
+    let Some(m) = nested else {
+        let (theta, scaling) = parse_rope(k)?;
+        let local = k.f64_opt("rope_local_base_freq")?.unwrap_or(local_default);
+        return Ok((theta, scaling, Some(local)));
+    };
+    let part = |name: &str| -> Result<(f64, RopeScaling)> {
+        let prefix = format!("rope_parameters.{name}.");
+        let v = m.get(name).filter(|v| !v.is_null());
+        let obj = match v {
+            Some(v) => v.as_object().ok_or_else(|| k.err(&format!("rope_parameters.{name}"), "expected an object"))?,
+            None => return Err(k.err(&format!("rope_parameters.{name}"), "missing")),
+        };
+        let sub = Keys { file: k.file, map: obj, prefix: &prefix };
+        let theta = sub.f64("rope_theta")?;
+        Ok((theta, parse_rope_type(&sub, k)?))
+    };
+    let (theta, scaling) = part("full_attention")?;
+    let (local, local_scaling) = part("sliding_attention")?;
+    if local_scaling != RopeScaling::None {
+        return Err(k.err("rope_parameters.sliding_attention.rope_type", "only the default RoPE is supported here"));
+    }
+    Ok((theta, scaling, Some(local)))
 }
 
 /// Granite's multipliers; each must be a positive finite number (absent: no scaling).
@@ -284,6 +405,11 @@ fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
     let Some(s) = sub else {
         return Ok((theta, RopeScaling::None));
     };
+    Ok((theta, parse_rope_type(&s, k)?))
+}
+
+/// The scaling a RoPE parameter object `s` describes (`k`: the config, for defaults).
+fn parse_rope_type(s: &Keys, k: &Keys) -> Result<RopeScaling> {
     let rope_type = match s.str_opt("rope_type")? {
         Some(t) => t,
         None => s.str_opt("type")?.unwrap_or("default"),
@@ -323,7 +449,7 @@ fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
             return Err(s.err("high_freq_factor", "must be greater than low_freq_factor"));
         }
     }
-    Ok((theta, scaling))
+    Ok(scaling)
 }
 
 /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.

@@ -8,7 +8,7 @@ use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
 use autodeploy_core::ops::attention::CachedAttn;
 use autodeploy_core::ops::binary::ADD;
-use autodeploy_core::ops::linear::SwiGlu;
+use autodeploy_core::ops::linear::{GateAct, SwiGlu};
 use autodeploy_core::ops::norm::RMSNORM;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -104,7 +104,7 @@ impl Transform for FuseSwigluEpilogue {
         }
         let mut n = 0;
         for node in &mut g.nodes {
-            if let Some(s @ SwiGlu { fused: true, .. }) = node.op.swiglu_of() {
+            if let Some(s @ SwiGlu { fused: true, act: GateAct::Silu, .. }) = node.op.swiglu_of() {
                 node.op = Op::swiglu(SwiGlu { epilogue: true, ..s });
                 n += 1;
             }

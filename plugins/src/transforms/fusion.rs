@@ -132,7 +132,7 @@ impl Transform for FuseGemms {
             let y = g.insert_node(
                 i,
                 &hint,
-                Op::swiglu(SwiGlu { fused: true, epilogue: false }),
+                Op::swiglu(SwiGlu { fused: true, ..n.op.swiglu_of().expect("a swiglu node") }),
                 &[n.inputs[0], w, n.inputs[3]],
             )?;
             g.replace_uses(n.outputs[0], y);

@@ -8,8 +8,8 @@ use autodeploy_core::ops::attention::CachedAttn;
 use autodeploy_core::ops::attention::{AttentionAttrs, SDPA};
 use autodeploy_core::ops::linear::LINEAR;
 use autodeploy_core::ops::reduce::SOFTMAX;
-use autodeploy_core::registry::attention_backend_name;
 use autodeploy_core::registry::TransformPlugin;
+use autodeploy_core::registry::{attention_backend_name, attention_backend_scoring};
 use autodeploy_core::shape::{Dim, SymRange};
 use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::{DType, Op};
@@ -52,11 +52,24 @@ impl Transform for InsertCachedAttention {
             );
             return Ok(format!("kept uncached: unrecognised attention at {}", blockers.join(", ")));
         }
+        // Sliding windows and soft-caps need a backend that applies them on this device.
+        let device = cx.config.device.as_str();
+        if !attention_backend_scoring(backend, device) {
+            if let Some(n) = g.nodes.iter().find(|n| n.op.attention_attrs().is_some_and(|a| !a.scoring.is_plain())) {
+                return Err(Error::Msg(format!(
+                    "cache_init: attention %{} ({}) needs a sliding window or soft-capping, which attention backend \
+                     `{backend}` does not apply on device `{device}`{}",
+                    g.value(n.outputs[0]).name,
+                    n.op.attrs,
+                    if device == "cuda" { " yet (run this model with device = \"cpu\")" } else { "" }
+                )));
+            }
+        }
         let mut layer = 0;
         for i in 0..g.nodes.len() {
-            if let Some(AttentionAttrs { scale, .. }) = g.nodes[i].op.attention_attrs() {
-                g.nodes[i].op =
-                    Op::cached_attention(&CachedAttn { backend: backend.to_string(), layer, scale, rope: false });
+            if let Some(AttentionAttrs { scale, scoring, .. }) = g.nodes[i].op.attention_attrs() {
+                let backend = backend.to_string();
+                g.nodes[i].op = Op::cached_attention(&CachedAttn { backend, layer, scale, rope: false, scoring });
                 layer += 1;
             }
         }

@@ -3,10 +3,10 @@
 
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::{Graph, ValueId};
-use autodeploy_core::ops::attention::MATMUL;
+use autodeploy_core::ops::attention::{AttentionAttrs, Scoring, MATMUL};
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::ops::layout::Slice;
-use autodeploy_core::ops::linear::{SwiGlu, LINEAR};
+use autodeploy_core::ops::linear::{GateAct, SwiGlu, LINEAR};
 use autodeploy_core::ops::norm::NormAttrs;
 use autodeploy_core::pattern::{rewrite_all, Captures, Pattern, PatternBuilder};
 use autodeploy_core::registry::TransformPlugin;
@@ -223,6 +223,12 @@ fn capture_sdpa(op: &Op, c: &mut Captures) -> bool {
             if let Some(s) = a.scale {
                 c.f.insert("scale", s);
             }
+            if let Some(w) = a.scoring.window {
+                c.f.insert("window", w as f64);
+            }
+            if let Some(s) = a.scoring.softcap {
+                c.f.insert("softcap", s);
+            }
             true
         }
         None => false,
@@ -307,7 +313,11 @@ impl Transform for MatchAttention {
                 let scale = m.caps.f.get("scale").copied().unwrap_or(1.0 / (d as f64).sqrt());
                 // The eager form carries no mask here, so it is not causal.
                 let causal = m.caps.b.get("causal").copied().unwrap_or(false);
-                let op = Op::attention(causal, scale);
+                let scoring = Scoring {
+                    window: m.caps.f.get("window").map(|&w| w as usize),
+                    softcap: m.caps.f.get("softcap").copied(),
+                };
+                let op = Op::attention(AttentionAttrs { causal, scale, scoring });
                 let hint = format!("{}.attention", g.value(m.output).name);
                 Ok(Some(g.insert_node(pos, &hint, op, &[q, k, v])?))
             })?;
@@ -322,13 +332,32 @@ impl Transform for MatchAttention {
     }
 }
 
-/// `down(silu(gate(x)) · up(x))` with bias-free linears.
+/// The gated MLP's activation: silu (SwiGLU), or GELU exact or tanh-approximated (GeGLU).
+fn gate_activation(op: &Op) -> Option<GateAct> {
+    match (op.name(), op.attrs.trim()) {
+        ("aten.silu", _) => Some(GateAct::Silu),
+        ("aten.gelu", "approximate=tanh") => Some(GateAct::GeluTanh),
+        ("aten.gelu", "" | "approximate=none") => Some(GateAct::Gelu),
+        _ => None,
+    }
+}
+
+/// `down(act(gate(x)) · up(x))` with bias-free linears, act one of [`gate_activation`]'s.
 pub fn swiglu_pattern() -> Pattern {
     let mut p = PatternBuilder::new();
     let (x, wg, wu, wd) = (p.input("x"), p.input("w_gate"), p.input("w_up"), p.input("w_down"));
     let gt = p.op(|op, _| op.is(LINEAR), &[x, wg]);
     let up = p.op(|op, _| op.is(LINEAR), &[x, wu]);
-    let a = p.op(|op, _| op.name() == "aten.silu", &[gt]);
+    let a = p.op(
+        |op, c| match gate_activation(op) {
+            Some(a) => {
+                c.f.insert("act", a as i32 as f64);
+                true
+            }
+            None => false,
+        },
+        &[gt],
+    );
     let m = p.commutative(|op, _| op.is(MUL), a, up);
     let out = p.op(|op, _| op.is(LINEAR), &[m, wd]);
     p.build(out)
@@ -340,9 +369,14 @@ impl Transform for MatchSwiGlu {
     fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
         let n = rewrite_all(g, &swiglu_pattern(), |g, m, pos| {
             let ins = [m.input("x"), m.input("w_gate"), m.input("w_up"), m.input("w_down")];
+            let act = [GateAct::Silu, GateAct::GeluTanh, GateAct::Gelu]
+                .into_iter()
+                .find(|&a| a as i32 as f64 == m.caps.f["act"])
+                .expect("captured from gate_activation");
             let hint = format!("{}.swiglu", g.value(m.output).name);
-            Ok(insert_if_equivalent(g, pos, &hint, Op::swiglu(SwiGlu::default()), &ins, m.output))
+            let op = Op::swiglu(SwiGlu { fused: false, epilogue: false, act });
+            Ok(insert_if_equivalent(g, pos, &hint, op, &ins, m.output))
         })?;
-        Ok(format!("matched {n} swiglu mlp"))
+        Ok(format!("matched {n} gated mlp (swiglu/geglu)"))
     }
 }

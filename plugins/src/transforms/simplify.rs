@@ -5,12 +5,18 @@
 //!
 //! Runs after the pattern matchers (their patterns may include such an op) and for every
 //! importer alike, so different exports of one model still reach the same graph.
+//!
+//! After the weights are known (`post_load_fusion`), small ops over weights alone are folded
+//! into weights computed at load (`fold_weight_ops`).
+
+use std::sync::Arc;
 
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
 use autodeploy_core::ops::binary::MUL_SCALAR;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
+use autodeploy_core::DType;
 use autodeploy_sdk::Stage;
 
 autodeploy_core::inventory::submit! {
@@ -48,5 +54,58 @@ impl Transform for DropIdentityOps {
         }
         let removed = g.dce();
         Ok(format!("dropped {dropped} identity ops ({removed} nodes removed)"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fold_weight_ops",
+        stage: Stage::PostLoadFusion,
+        order: 5,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        make: || Box::new(FoldWeightOps),
+    }
+}
+
+/// Folding stops at this many elements a result: small per-channel vectors (norm weights,
+/// biases) fold; a whole matrix stays an op rather than a second copy of the weight.
+const FOLD_MAX_ELEMENTS: usize = 1 << 20;
+
+/// Small computations on weights alone (Gemma's RMSNorm weight `1 + w`, a cast of a norm
+/// weight to f32) become weights computed once at load (`WeightStore::add_computed`), instead
+/// of ops every step; the fusions after it then see plain weights.
+pub struct FoldWeightOps;
+
+impl Transform for FoldWeightOps {
+    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+        let mut folded = 0;
+        // In order, so a chain of them folds onto its first weight.
+        for i in 0..g.nodes.len() {
+            let n = &g.nodes[i];
+            if n.outputs.len() != 1 || n.inputs.is_empty() || g.outputs.contains(&n.outputs[0]) {
+                continue;
+            }
+            let weights: Option<Vec<(String, DType)>> = n
+                .inputs
+                .iter()
+                .map(|&v| g.params.iter().find(|p| p.value == v).map(|p| (p.weight.clone(), g.meta(v).dtype)))
+                .collect();
+            let out = g.meta(n.outputs[0]).clone();
+            let shape: Option<Vec<usize>> = out.shape.iter().map(|d| d.as_static()).collect();
+            let (Some(weights), Some(shape)) = (weights, shape) else { continue };
+            if shape.iter().product::<usize>() > FOLD_MAX_ELEMENTS {
+                continue;
+            }
+            let name = format!("folded[{}]", g.value(n.outputs[0]).name);
+            let (op, y) = (n.op.clone(), n.outputs[0]);
+            Arc::make_mut(&mut g.weights).add_computed(&name, op, weights, shape, out.dtype)?;
+            let p = g.add_param(&name, out);
+            g.replace_uses(y, p);
+            folded += 1;
+        }
+        let removed = g.dce();
+        Ok(format!("folded {folded} weight-only ops into weights computed at load ({removed} nodes removed)"))
     }
 }

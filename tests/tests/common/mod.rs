@@ -8,8 +8,19 @@ use autodeploy_core::registry;
 use autodeploy_core::{DType, Graph, Tensor};
 use safetensors::SafeTensors;
 
-pub const FAMILIES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "llama-rope-linear", "llama-rope-dynamic", "granite", "phi3"];
+pub const FAMILIES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "llama-rope-linear",
+    "llama-rope-dynamic",
+    "granite",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+];
 
 // Tolerances against transformers' logits (tests/parity.rs; tests/pt2.rs uses the same).
 /// f32: measured at most 2.1e-5 (llama); 1e-4 leaves 4.8x for another CPU's summation order.

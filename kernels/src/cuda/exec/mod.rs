@@ -126,6 +126,19 @@ pub enum Unary {
     AddScalar = 5,
     MulScalar = 6,
     PowScalar = 7,
+    Tanh = 8,
+    DivScalar = 9,
+    Gelu = 10,
+    GeluTanh = 11,
+}
+
+/// The activation of a gated MLP (`graph.cu`'s `silu_mul`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GateAct {
+    #[default]
+    Silu = 0,
+    GeluTanh = 1,
+    Gelu = 2,
 }
 
 /// Binary ops of `graph.cu`'s `binary`.
@@ -717,7 +730,8 @@ impl Gpu {
         launched("rope", unsafe { l.launch(grid(rows * d / 2, 256)) }.map(|_| ()))
     }
 
-    /// `out [rows, inter] = silu(gate) * up`; `up = None` reads both from `gate` rows of 2·inter.
+    /// `out [rows, inter] = act(gate) * up`; `up = None` reads both from `gate` rows of 2·inter.
+    #[allow(clippy::too_many_arguments)]
     pub fn silu_mul(
         &self,
         gate: Ptr,
@@ -726,16 +740,17 @@ impl Gpu {
         out: Ptr,
         rows: usize,
         inter: usize,
+        act: GateAct,
     ) -> Result<(), Unavailable> {
-        let (u, d, r64, i32_) = (up.unwrap_or(0), dt as i32, rows as i64, inter as i32);
-        if dt == Dt::BF16 && inter.is_multiple_of(8) && (gate | u | out).is_multiple_of(16) {
+        let (u, d, r64, i32_, a32) = (up.unwrap_or(0), dt as i32, rows as i64, inter as i32, act as i32);
+        if act == GateAct::Silu && dt == Dt::BF16 && inter.is_multiple_of(8) && (gate | u | out).is_multiple_of(16) {
             let mut l = self.launcher(self.f.silu_mul_bf16x8);
             l.arg(&gate).arg(&u).arg(&out).arg(&r64).arg(&i32_);
             // SAFETY: as below; 8 values a thread, aligned as checked.
             return launched("silu_mul_bf16x8", unsafe { l.launch(grid(rows * inter / 8, 256)) }.map(|_| ()));
         }
         let mut l = self.launcher(self.f.silu_mul);
-        l.arg(&gate).arg(&u).arg(&d).arg(&out).arg(&r64).arg(&i32_);
+        l.arg(&gate).arg(&u).arg(&d).arg(&out).arg(&r64).arg(&i32_).arg(&a32);
         // SAFETY: sizes as documented.
         launched("silu_mul", unsafe { l.launch(grid(rows * inter, 256)) }.map(|_| ()))
     }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
-use autodeploy_core::ops::attention::SdpaAttrs;
-use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV, MUL, MUL_SCALAR, POW_SCALAR, SUB};
+use autodeploy_core::ops::attention::{Scoring, SdpaAttrs};
+use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV, DIV_SCALAR, MUL, MUL_SCALAR, POW_SCALAR, SUB};
 use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::pt2::{scalar_type, Pt2Archive};
 use autodeploy_core::registry::ImporterPlugin;
@@ -149,8 +149,8 @@ struct Importer<'a> {
     producers: HashMap<String, Value>,
     /// User inputs: name, dtype, shape (for evaluating masks).
     user_inputs: Vec<(String, DType, Shape)>,
-    /// The narrowest sliding window an SDPA mask was found to have.
-    window: Option<usize>,
+    /// How many SDPA masks were found to be sliding windows.
+    windows: usize,
 }
 
 impl<'a> Importer<'a> {
@@ -162,7 +162,7 @@ impl<'a> Importer<'a> {
             sym_ints: HashMap::new(),
             producers: HashMap::new(),
             user_inputs: Vec::new(),
-            window: None,
+            windows: 0,
         }
     }
 
@@ -320,23 +320,13 @@ impl<'a> Importer<'a> {
             nodes.len(),
             a.weights.len()
         ));
-        if let Some(w) = self.window {
+        if self.windows > 0 {
             b.note(format!(
-                "import: the attention mask is a sliding window of {w} tokens; sequences are limited to {w} \
-                 positions, within which it equals the causal mask"
+                "import: {} attention masks are sliding windows (the SDPA nodes carry `window`)",
+                self.windows
             ));
         }
         let mut g = b.finish()?;
-        if let Some(w) = self.window {
-            // Within the window the causal attention the host runs is exact; beyond it a
-            // request is refused by the sequence bound, never answered with the wrong mask.
-            let r = g.symbols.entry("seq".to_string()).or_insert(autodeploy_core::shape::SymRange { min: 1, max: w });
-            r.max = r.max.min(w);
-            tracing::info!(
-                "{}: sliding-window attention of {w} tokens: sequences limited to {w} positions",
-                a.path.display()
-            );
-        }
         g.dce();
         Ok(g)
     }
@@ -467,7 +457,7 @@ impl<'a> Importer<'a> {
                         "add" => Op::scalar(ADD_SCALAR, alpha * x),
                         "sub" => Op::scalar(ADD_SCALAR, -alpha * x),
                         "mul" => Op::scalar(MUL_SCALAR, x),
-                        _ => Op::scalar(MUL_SCALAR, 1.0 / x),
+                        _ => Op::scalar(DIV_SCALAR, x),
                     };
                     Some((op, vec![tensor("self")?]))
                 }
@@ -533,6 +523,7 @@ impl<'a> Importer<'a> {
                     return Err(unsupported("SDPA with dropout"));
                 }
                 let mut is_causal = boolean("is_causal");
+                let mut scoring = Scoring::default();
                 if !is_none("attn_mask") {
                     let m = args["attn_mask"]["as_tensor"]["name"]
                         .as_str()
@@ -542,16 +533,18 @@ impl<'a> Importer<'a> {
                     }
                     let window = self.mask_window(m).map_err(|e| {
                         unsupported(&format!(
-                            "{e}; the host's attention is causal over each sequence (a sliding window is taken \
-                             by limiting sequences to it; padding and bidirectional masks are not supported)"
+                            "{e}; the host's attention is causal over each sequence, optionally within a sliding \
+                             window (padding and bidirectional masks are not supported)"
                         ))
                     })?;
                     if let Some(w) = window {
-                        self.window = Some(self.window.map_or(w, |have| have.min(w)));
+                        self.windows += 1;
+                        scoring.window = Some(w);
                     }
                     is_causal = true;
                 }
-                let op = Op::sdpa(SdpaAttrs { is_causal, scale: float("scale"), enable_gqa: boolean("enable_gqa") });
+                let (scale, enable_gqa) = (float("scale"), boolean("enable_gqa"));
+                let op = Op::sdpa(SdpaAttrs { is_causal, scale, enable_gqa, scoring });
                 Some((op, vec![tensor("query")?, tensor("key")?, tensor("value")?]))
             }
             _ => return Err(unsupported("not supported yet")),
