@@ -191,7 +191,8 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let history: Vec<&str> = graph.lines().filter(|l| l.starts_with("# [stage=post_load_fusion")).collect();
     assert!(history[0].contains("transform=fold_norm_scale] folded 31 rmsnorm scales into 91 linears"), "{history:?}");
     assert!(history[1].contains("transform=use_example_rmsnorm] disabled"), "{history:?}");
-    assert!(history[2].contains("transform=fuse_gemms"), "{history:?}");
+    assert!(history[2].contains("transform=fold_weight_ops] folded 0 weight-only ops"), "{history:?}");
+    assert!(history[3].contains("transform=fuse_gemms"), "{history:?}");
     assert!(graph.contains("%model.norm.weight.folded: f32[576] = weight"), "the folded final norm");
     let (ok, folded, err) = host(&dir, &smollm2_config(&model, "naive_cpu", ""), &[]);
     assert!(ok, "{err}");

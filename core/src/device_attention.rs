@@ -41,6 +41,9 @@ pub struct Operand {
 pub struct DeviceAttentionCall<'a> {
     pub layer: usize,
     pub scale: f32,
+    /// A sliding window and soft-cap: only for a backend whose registration says it applies
+    /// them on CUDA (`AttentionBackendPlugin::scoring`).
+    pub mods: autodeploy_kernels::cuda::exec::ScoreMods,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,

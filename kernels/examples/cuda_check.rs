@@ -8,7 +8,9 @@
 //! `x·r` then rounds one bf16 ulp away, and the weight multiplies that step (|w| up to 2 here).
 use std::process::ExitCode;
 
-use autodeploy_kernels::cuda::exec::{plan_tiles, Dt, GateAct, Gpu, HeadRows, Split, StepMeta, PREFILL_TC_DIMS};
+use autodeploy_kernels::cuda::exec::{
+    plan_tiles, Dt, GateAct, Gpu, HeadRows, ScoreMods, Split, StepMeta, PREFILL_TC_DIMS,
+};
 use autodeploy_kernels::cuda::Device;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -713,7 +715,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         if !tc {
             m.tile_slots = 0; // no tiles planned: the CUDA-core kernel
         }
-        gpu.paged_attention(dt, dq, kc, vc, out, &m, heads, kv_heads, d, scale).unwrap();
+        gpu.paged_attention(dt, dq, kc, vc, out, &m, heads, kv_heads, d, scale, ScoreMods::default()).unwrap();
         rep.check_scaled(
             &name(if tc { "paged tensor-core" } else { "paged" }),
             bf,

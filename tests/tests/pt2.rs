@@ -279,7 +279,7 @@ fn a_mask_that_is_not_causal_is_refused_at_its_sdpa() {
 #[test]
 fn a_sliding_window_export_attends_within_its_window() {
     let g = import_pt2("mistral-window48.pt2").unwrap();
-    assert!(g.nodes.iter().any(|n| n.op.attrs.contains("window=48")), "no SDPA carries the window:\n{g}");
+    assert!(g.nodes.iter().any(|n| n.op.attrs.contains("window=48")), "no SDPA carries the window:\n{}", g.dump());
     let bytes = std::fs::read(fixture("pt2/mistral-window48.reference.safetensors")).unwrap();
     let r = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let f32s = |n: &str| -> Vec<f32> {

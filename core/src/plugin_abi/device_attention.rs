@@ -67,6 +67,9 @@ impl DeviceAttention for LibraryDeviceAttention {
         if c.rope.is_some() || !contiguous(c.q.rows) || !contiguous(c.k.rows) || !contiguous(c.v.rows) {
             return Err(bad("the executor gave a library backend strided or RoPE-fused operands".into()));
         }
+        if c.mods != Default::default() {
+            return Err(bad("a library backend cannot apply a sliding window or soft-cap".into()));
+        }
         let call = ffi::DeviceAttentionCall {
             layer: c.layer,
             scale: c.scale,

@@ -25,11 +25,13 @@ __device__ void write_kv(const T* k, const T* v, T* k_cache, T* v_cache, const l
 // One block of 4 warps per (query token, query head). Each warp takes every 4th position and
 // keeps an online softmax (running max m, sum l, and its lanes' share of the output row: D/32
 // values per lane); the warps' partial results are merged at the end. Scores and sums in f32;
-// the output rounds once to T.
+// the output rounds once to T. `window` > 0: only the last `window` positions (itself
+// included); `softcap` > 0: each score becomes softcap * tanh(score / softcap).
 template <typename T, int D>
 __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
-                                int page_size, int heads, int kv_heads, long tokens, float scale, T* out) {
+                                int page_size, int heads, int kv_heads, long tokens, float scale, T* out, int window,
+                                float softcap) {
     constexpr int PER = (D + 31) / 32;  // elements per lane; lanes past D idle when D < 32
     constexpr int WARPS = 4;
     long t = blockIdx.x;
@@ -45,7 +47,8 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
-    for (long long p = warp; p <= pos; p += WARPS) {
+    long long first = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
+    for (long long p = first + warp; p <= pos; p += WARPS) {
         long slot = (long)pages[p / page_size] * page_size + p % page_size;
         long base = (slot * kv_heads + kvh) * D + lane * PER;
         float dot = 0.0f;
@@ -53,6 +56,7 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
             for (int i = 0; i < PER; i++) dot += qv[i] * load_f(k_cache, base + i);
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         float sc = dot * scale;
+        if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
         float m2 = fmaxf(m, sc);
         float corr = __expf(m - m2), w = __expf(sc - m2);
         l = l * corr + w;
@@ -86,9 +90,9 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     extern "C" __global__ void paged_attention_d##D##_##S(                                                           \
         const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out) { pdl_enter();                                                                                        \
+        float scale, T* out, int window, float softcap) { pdl_enter();                                                \
         paged_attention<T, D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,       \
-                              heads, kv_heads, tokens, scale, out);                                                   \
+                              heads, kv_heads, tokens, scale, out, window, softcap);                                  \
     }
 
 #define ATTN_INSTANTIATE(T, S)                                                                                        \

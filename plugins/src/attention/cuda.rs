@@ -5,14 +5,16 @@
 //!   up to 256 tokens through split-KV kernels (the latency build for steps of at most
 //!   `SPLIT_EARLY_MAX_TOKENS` tokens rotates, writes the cache and attends in one launch), longer
 //!   steps through ragged paged attention (tensor-core tiles planned per step where the head dim
-//!   allows). Takes RoPE-fused ops, reads q/k/v where they lie, may write token-major.
+//!   allows). Takes RoPE-fused ops, reads q/k/v where they lie, may write token-major. Layers
+//!   with a sliding window or soft-cap run every step through the ragged CUDA-core kernel, the
+//!   one that applies them (not yet the split-KV or tensor-core ones).
 //! - `triton` (AutoDeploy's triton backend's design): each sequence in one run of consecutive
 //!   pages, one fused kernel that writes this step's k/v and attends.
 
 use autodeploy_core::device_attention::{DeviceAttention, DeviceAttentionCall, DeviceAttentionSetup, Gpu, HeadRows};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepPlan;
-use autodeploy_kernels::cuda::exec::{Buffer, Dt, Split, SPLIT_EARLY_MAX_TOKENS, SPLIT_MIN_CHUNK};
+use autodeploy_kernels::cuda::exec::{Buffer, Dt, ScoreMods, Split, SPLIT_EARLY_MAX_TOKENS, SPLIT_MIN_CHUNK};
 use autodeploy_kernels::cuda::Unavailable;
 
 use crate::compile::cuda::dt;
@@ -89,13 +91,15 @@ impl DeviceAttention for FlashInfer {
         let cache = (c.k_cache, c.v_cache);
         // The split-KV kernels write [tokens, heads, d] when the call allows (the o
         // projection's input then needs no copy).
-        let split_path = self.split.is_some() && meta.tokens <= self.split_tokens;
+        // Sliding windows and soft-caps run through the ragged kernel, which applies them.
+        let scored = c.mods != ScoreMods::default();
+        let split_path = self.split.is_some() && meta.tokens <= self.split_tokens && !scored;
         let out_rows = if c.tokens_major_ok && split_path {
             HeadRows::tokens_major(heads, d)
         } else {
             HeadRows::heads_major(meta.tokens, d)
         };
-        if let (Some(split), true) = (self.split_early, self.early(meta.tokens)) {
+        if let (Some(split), true, false) = (self.split_early, self.early(meta.tokens), scored) {
             // A few decode tokens: one kernel rotates, writes the cache and attends.
             gpu.paged_decode_split_fused(
                 odt,
@@ -140,7 +144,7 @@ impl DeviceAttention for FlashInfer {
                 .paged_decode_split(odt, q, cache, (c.out, out_rows), meta, heads, kvh, d, sc, split)
                 .map_err(fail)?,
             _ => {
-                gpu.paged_attention(odt, q, cache.0, cache.1, c.out, meta, heads, kvh, d, sc).map_err(fail)?;
+                gpu.paged_attention(odt, q, cache.0, cache.1, c.out, meta, heads, kvh, d, sc, c.mods).map_err(fail)?;
                 return Ok(HeadRows::heads_major(meta.tokens, d));
             }
         }

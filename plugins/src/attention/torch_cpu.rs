@@ -22,7 +22,7 @@ autodeploy_core::inventory::submit! {
         make: Some(|| Box::new(TorchCpuAttention)),
         cuda: Some(super::cuda::flashinfer),
         fuses_rope: true,
-        scoring: Devices { cpu: true, cuda: false },
+        scoring: Devices { cpu: true, cuda: true },
     }
 }
 
@@ -35,7 +35,7 @@ autodeploy_core::inventory::submit! {
         make: None,
         cuda: Some(super::cuda::flashinfer),
         fuses_rope: true,
-        scoring: Devices { cpu: false, cuda: false },
+        scoring: Devices { cpu: false, cuda: true },
     }
 }
 

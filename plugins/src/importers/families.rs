@@ -67,6 +67,8 @@ pub struct Family {
     /// Its checkpoints store q, k and v as one `self_attn.qkv_proj` and gate and up as one
     /// `mlp.gate_up_proj` (gate rows first), split into the decoder's weights at load (Phi-3).
     pub fused_projections: bool,
+    /// `tie_word_embeddings` when the config does not say (transformers' default for the family).
+    pub tied_by_default: bool,
     /// Gemma's RMSNorm, `x̂ · (1 + w)`.
     pub norm_offset: bool,
     /// The embedding times √hidden_size, rounded to the model's dtype (Gemma).
@@ -100,6 +102,7 @@ const LLAMA: Family = Family {
     gguf_qk_permuted: true,
     multipliers: false,
     fused_projections: false,
+    tied_by_default: false,
     norm_offset: false,
     embedding_scale: false,
     sandwich_norms: false,
@@ -123,6 +126,7 @@ const GEMMA: Family = Family {
     gguf_qk_permuted: false,
     multipliers: false,
     fused_projections: false,
+    tied_by_default: true,
     norm_offset: true,
     embedding_scale: true,
     sandwich_norms: false,

@@ -292,7 +292,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         rope_scaling,
         max_position_embeddings,
         sliding_window,
-        tie_word_embeddings: k.bool_or("tie_word_embeddings", false)?,
+        tie_word_embeddings: k.bool_or("tie_word_embeddings", fam.tied_by_default)?,
         qkv_bias: flag(fam.qkv_bias)?,
         o_bias: flag(fam.o_bias)?,
         mlp_bias: flag(fam.mlp_bias)?,

@@ -58,10 +58,10 @@ impl Transform for InsertCachedAttention {
             if let Some(n) = g.nodes.iter().find(|n| n.op.attention_attrs().is_some_and(|a| !a.scoring.is_plain())) {
                 return Err(Error::Msg(format!(
                     "cache_init: attention %{} ({}) needs a sliding window or soft-capping, which attention backend \
-                     `{backend}` does not apply on device `{device}`{}",
+                     `{backend}` does not apply on device `{device}` (attn_backend = \"{}\" does)",
                     g.value(n.outputs[0]).name,
                     n.op.attrs,
-                    if device == "cuda" { " yet (run this model with device = \"cpu\")" } else { "" }
+                    if device == "cuda" { "flashinfer" } else { "torch" }
                 )));
             }
         }

@@ -7,6 +7,13 @@ use cudarc::driver::LaunchConfig;
 
 use super::*;
 
+/// A sliding window and a soft-cap on attention scores (none: plain causal attention).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ScoreMods {
+    pub window: Option<usize>,
+    pub softcap: Option<f32>,
+}
+
 impl Gpu {
     /// The least positions a chunk of the split-KV decode's latency build should have: one
     /// pass of its four warps (`attn_early_u` positions each). The throughput build's chunks
@@ -69,7 +76,8 @@ impl Gpu {
 
     /// Paged attention of q `[heads, tokens, d]` over the cache, into out (same layout): on
     /// tensor cores (one warp per tile of 16 query tokens and head) where `prefill_tc` allows
-    /// and the step has tiles, else one block per query token and head.
+    /// and the step has tiles, else one block per query token and head. `mods`: a sliding
+    /// window and a soft-cap (those run on the CUDA-core kernel).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention(
         &self,
@@ -83,10 +91,12 @@ impl Gpu {
         kv_heads: usize,
         d: usize,
         scale: f32,
+        mods: ScoreMods,
     ) -> Result<(), Unavailable> {
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let tc = PREFILL_TC_DIMS.iter().position(|&x| x == d);
-        if let (true, Dt::BF16, Some(i), true) = (self.prefill_tc, dt, tc, meta.tile_slots > 0) {
+        let plain = mods == ScoreMods::default();
+        if let (true, Dt::BF16, Some(i), true, true) = (self.prefill_tc, dt, tc, meta.tile_slots > 0, plain) {
             let mut l = self.launcher(self.f.paged_prefill_tc[i]);
             l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
             l.arg(&meta.page_indices).arg(&meta.tiles).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
@@ -104,6 +114,10 @@ impl Gpu {
         let mut l = self.launcher(*f);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+        let window = i32::try_from(mods.window.unwrap_or(0))
+            .map_err(|_| Unavailable(format!("sliding window {:?} is too large", mods.window)))?;
+        let softcap = mods.softcap.unwrap_or(0.0);
+        l.arg(&window).arg(&softcap);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, 1),
             block_dim: (128, 1, 1),

@@ -12,7 +12,9 @@ use super::{Device, Kernel, Unavailable};
 mod attention;
 mod settings;
 
-pub use attention::{heads_a_block, plan_tiles, tile_slots, HeadRows, Split, StepMeta, HEAD_DIMS, PREFILL_TC_DIMS};
+pub use attention::{
+    heads_a_block, plan_tiles, tile_slots, HeadRows, ScoreMods, Split, StepMeta, HEAD_DIMS, PREFILL_TC_DIMS,
+};
 pub use settings::KernelSettings;
 
 /// A device address.

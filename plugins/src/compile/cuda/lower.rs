@@ -2,6 +2,7 @@
 //! addresses the plan gave it (`enqueue`), and the helpers only lowering uses.
 
 use super::*;
+use autodeploy_kernels::cuda::exec::ScoreMods;
 
 /// Fills `n` values of `dtype` at `p` with the debug checks' mark for values never written.
 pub(super) fn mark_unwritten(gpu: &Gpu, p: Ptr, dtype: DType, n: usize) -> Result<()> {
@@ -152,7 +153,7 @@ impl CudaModel {
                         None => out = inp(0),
                     },
                 },
-                (_, Some(CachedAttn { layer, scale, rope: fused_rope, .. })) => {
+                (_, Some(CachedAttn { layer, scale, rope: fused_rope, scoring, .. })) => {
                     let meta = staged.meta.as_ref().ok_or_else(|| {
                         Error::Msg("this graph has cached attention: forward needs a step context".into())
                     })?;
@@ -186,6 +187,7 @@ impl CudaModel {
                     let call = DeviceAttentionCall {
                         layer: *layer,
                         scale: *scale as f32,
+                        mods: ScoreMods { window: scoring.window, softcap: scoring.softcap.map(|c| c as f32) },
                         heads,
                         kv_heads: l.kv_heads,
                         head_dim: l.head_dim,

@@ -554,8 +554,15 @@ mod tests {
         let v = b.input("v", DType::BF16, static_shape(&[1, 2, 5, 64]));
         let cos = b.input("cos", DType::BF16, static_shape(&[1, 1, 5, 64]));
         let sin = b.input("sin", DType::BF16, static_shape(&[1, 1, 5, 64]));
-        let attn =
-            |rope| Op::cached_attention(&CachedAttn { backend: "flashinfer".into(), layer: 0, scale: 0.125, rope });
+        let attn = |rope| {
+            Op::cached_attention(&CachedAttn {
+                backend: "flashinfer".into(),
+                layer: 0,
+                scale: 0.125,
+                rope,
+                scoring: Default::default(),
+            })
+        };
         let fused = b.op("fused", attn(true), &[q, k, v, cos, sin]).unwrap();
         let plain = b.op("plain", attn(false), &[q, k, v]).unwrap();
         b.output(fused);
@@ -586,7 +593,7 @@ mod tests {
         assert!(why(Op::mean(vec![1], true)).contains("last dim"), "{}", why(Op::mean(vec![1], true)));
         assert_eq!(unsupported(&Op::mean(vec![-1], true)), None);
         assert!(why(Op::softmax(-1)).contains("CPU kernel only"));
-        let sdpa = Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: false });
+        let sdpa = Op::sdpa(SdpaAttrs { is_causal: true, scale: None, enable_gqa: false, scoring: Default::default() });
         assert!(why(sdpa).contains("cache_init"));
         assert!(why(Op::matmul()).contains("cache_init"));
         assert_eq!(unsupported(&Op::binary(autodeploy_core::ops::binary::ADD)), None);
