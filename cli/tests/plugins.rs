@@ -197,6 +197,14 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     let (ok, folded, err) = host(&dir, &smollm2_config(&model, "naive_cpu", ""), &[]);
     assert!(ok, "{err}");
     assert_eq!(output_lines(&folded), output_lines(&reference));
+    // A library backend gets no sliding window or soft-cap through the sdk: a model whose
+    // attention has them (the gemma2 fixture) is refused at build, naming the backend.
+    let gemma2 = format!(
+        "model = {:?}\nattn_backend = \"naive_cpu\"\n",
+        root().join("tests/fixtures/gemma2").display().to_string()
+    );
+    let (ok, _, err) = host(&dir, &gemma2, &[]);
+    assert!(!ok && err.contains("`naive_cpu`") && err.contains("sliding window or soft-capping"), "{err}");
     // Qwen3's q/k norms are read by transposes, not linears: those stay, the rest fold.
     let qwen3 = format!("model = {:?}\n", root().join("tests/fixtures/qwen3").display().to_string());
     let (ok, graph, err) = host(&dir, &qwen3, &["graph", "--stage", "post_load_fusion"]);

@@ -17,9 +17,11 @@ use common::{engine, greedy, FAMILIES};
 const BACKENDS: &[&str] = &["simple", "cudagraph", "compile", "opt"];
 const ATTENTION: &[&str] = &["flashinfer", "triton"];
 const PAGE: usize = 4;
-/// Max |logit − CPU logit| in f32 (cuBLAS sums in another order). See tests/README.md for the
-/// measured worst case it is set from.
-const F32_TOL: f32 = 5e-5;
+/// Max |logit − CPU logit| in f32 (cuBLAS sums in another order): the bound the CPU itself gets
+/// against transformers' f32 (`common::F32_MAX_ABS`), another summation order. H200, session
+/// 19: at most 7.03e-5 (llama-rope-dynamic, every compile backend and both attention backends
+/// 5.6-7.0e-5: that fixture amplifies rounding, no one kernel), the others at most 2.5e-5.
+const F32_TOL: f32 = common::F32_MAX_ABS;
 
 /// bf16 on the GPU against the f32 truth, as a multiple of the CPU's own bf16 error against it
 /// (max and mean |logit error| over all steps). Set from the H200 measurements in tests/README.md.
@@ -217,8 +219,13 @@ fn check_family_dtype(family: &str, dtype: &str) -> Vec<String> {
         .into_iter()
         .map(|r| r.unwrap().tokens)
         .collect();
+    let scored = common::scored(family);
     for (backend, attn) in BACKENDS.iter().flat_map(|b| ATTENTION.iter().map(move |a| (b, a))) {
         let extra = format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"{attn}\"\n");
+        if scored && *attn == "triton" {
+            common::refused_scoring(family, &format!("{base}{extra}"), attn);
+            continue;
+        }
         let mut gpu = engine(family, &format!("{base}{extra}"));
         let got = run_steps(&mut gpu, &prompts, &decode);
         let what = format!("{family} {dtype} {backend} {attn}");
@@ -693,10 +700,15 @@ fn greedy_on_cuda_matches_transformers_generate() {
         let refs: Vec<(Vec<i64>, Vec<i64>)> =
             (0..2).map(|j| (r.i64(&format!("gen_prompt_{j}")).1, r.i64(&format!("gen_output_{j}")).1)).collect();
         let requests: Vec<_> = refs.iter().map(|(p, w)| greedy(p, w.len())).collect();
+        let scored = common::scored(family);
         for (backend, attn) in ["simple", "opt"].iter().flat_map(|b| ATTENTION.iter().map(move |a| (b, a))) {
             let extra = format!(
                 "attn_page_size = {PAGE}\nmax_batch_size = 4\ndevice = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"{attn}\"\n"
             );
+            if scored && *attn == "triton" {
+                common::refused_scoring(family, &extra, attn);
+                continue;
+            }
             for (i, (got, (_, want))) in common::generate(family, &extra, &requests).into_iter().zip(&refs).enumerate()
             {
                 assert_eq!(&got.unwrap().tokens, want, "{family} {backend} {attn} prompt {i}");
@@ -736,6 +748,11 @@ fn a_library_attention_backend_runs_on_cuda() {
         let extra = format!(
             "attn_page_size = {PAGE}\nmax_batch_size = 4\ndevice = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"naive\"\n"
         );
+        // The sdk's attention call has no window or soft-cap: refused at build, naming it.
+        if common::scored(family) {
+            common::refused_scoring(family, &extra, "naive");
+            continue;
+        }
         let (out, ran) = launches(|| common::generate(family, &extra, &requests));
         for (i, (got, (_, want))) in out.into_iter().zip(&refs).enumerate() {
             assert_eq!(&got.unwrap().tokens, want, "{family} naive prompt {i}");

@@ -121,10 +121,33 @@ pub fn logits(model: &mut dyn CompiledModel, shape: &[usize], ids: &[i64]) -> Ve
     out[0].to_f32().into_owned()
 }
 
-fn config_text(family: &str, extra: &str) -> String {
+pub fn config_text(family: &str, extra: &str) -> String {
     let seq = if extra.contains("max_seq_len") { "" } else { "max_seq_len = 128\n" };
     let dtype = if extra.contains("dtype") { "" } else { "dtype = \"float32\"\n" };
     format!("model = {:?}\n{dtype}{seq}{extra}", fixture(family).display().to_string())
+}
+
+/// Whether a fixture's attention has a sliding window or soft-cap shorter than its sequences
+/// (its cached attention needs a backend that applies them: `torch` on the CPU, `flashinfer` on
+/// CUDA; `triton` and library backends are refused at build).
+#[allow(dead_code)] // not every test binary uses it
+pub fn scored(family: &str) -> bool {
+    autodeploy_plugins::link();
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&config_text(family, ""), None).unwrap();
+    let g = autodeploy_core::pipeline::graph_after(&cfg, autodeploy_sdk::Stage::PatternMatcher).unwrap();
+    let dump = g.dump();
+    dump.lines().any(|l| l.contains("= torch_attention(") && (l.contains("window=") || l.contains("softcap=")))
+}
+
+/// The build error of a fixture whose windowed or soft-capped attention the configured backend
+/// cannot apply; it must name the backend and what it lacks.
+#[allow(dead_code)]
+pub fn refused_scoring(family: &str, extra: &str, backend: &str) {
+    let toml = config_text(family, extra);
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+    let e = autodeploy_core::pipeline::build(&cfg).err().unwrap_or_else(|| panic!("{family} {backend}: built"));
+    let e = e.to_string();
+    assert!(e.contains(&format!("`{backend}`")) && e.contains("sliding window or soft-capping"), "{family}: {e}");
 }
 
 /// Builds the engine for a fixture with extra config lines.
