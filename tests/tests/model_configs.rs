@@ -35,6 +35,9 @@ const PUBLISHED: &[(&str, u64)] = &[
     ("google/gemma-2b", 2_506_172_416),
     ("google/gemma-2-2b-it", 2_614_341_888),
     ("google/gemma-3-1b-it", 999_885_952),
+    // StarCoder2-7B, tied (transformers' default; its config has no key), LayerNorms with
+    // bias, biases on every projection: the model page's 7.17B.
+    ("bigcode/starcoder2-7b", 7_173_923_840),
 ];
 
 fn import(dir: &std::path::Path) -> autodeploy_core::Result<autodeploy_core::Graph> {

@@ -18,11 +18,12 @@ use crate::ops::{cuda_dt, gpu_of, no_attrs, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
 pub use autodeploy_kernels::cuda::exec::GateAct;
-use autodeploy_kernels::cuda::exec::{Dt, Gpu, Ptr, Strided};
+use autodeploy_kernels::cuda::exec::{Dt, Gpu, Ptr, Strided, Unary};
 use autodeploy_kernels::cuda::Unavailable;
 
 pub const LINEAR: &str = "aten.linear";
 pub const SWIGLU: &str = "torch_swiglu_mlp";
+pub const MLP: &str = "torch_mlp";
 
 /// `torch_swiglu_mlp`'s attributes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,6 +297,109 @@ fn swiglu_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
     }
 }
 
+/// `torch_mlp`'s activation (`act=…`; silu, gelu_tanh or gelu, as the gated MLP's).
+fn mlp_act(text: &str) -> Result<GateAct, String> {
+    read_attrs(MLP, text, |a| match a.take("act") {
+        Some("silu") => Ok(GateAct::Silu),
+        Some("gelu_tanh") => Ok(GateAct::GeluTanh),
+        Some("gelu") => Ok(GateAct::Gelu),
+        Some(other) => Err(a.bad("act", other, "silu, gelu_tanh or gelu")),
+        None => Err(a.missing("act")),
+    })
+}
+
+impl Op {
+    /// The ungated MLP `proj(act(fc(x)))`: inputs `(x, w_fc, w_proj[, b_fc, b_proj])`.
+    pub fn mlp(act: GateAct) -> Op {
+        Op { name: MLP, attrs: format!("act={}", gate_act_name(act)) }
+    }
+}
+
+fn mlp_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    mlp_act(attrs)?;
+    if ins.len() != 3 && ins.len() != 5 {
+        return Err(format!("takes (x, w_fc, w_proj) or (x, w_fc, w_proj, b_fc, b_proj), got {} inputs", ins.len()));
+    }
+    let mut fc = vec![ins[0].clone(), ins[1].clone()];
+    let mut proj_ins = Vec::new();
+    if ins.len() == 5 {
+        fc.push(ins[3].clone());
+    }
+    let h = linear_rule(&fc, "")?.remove(0);
+    proj_ins.push(h);
+    proj_ins.push(ins[2].clone());
+    if ins.len() == 5 {
+        proj_ins.push(ins[4].clone());
+    }
+    linear_rule(&proj_ins, "")
+}
+
+/// fc (+ bias), rounded; the activation, rounded; proj (+ bias): the unfused ops' roundings.
+fn mlp_cpu(
+    ins: &[&Tensor],
+    attrs: &str,
+    outs: &[(DType, Vec<usize>)],
+    opts: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
+    let act = mlp_act(attrs)?;
+    let (x, w_fc, w_proj) = (ins[0], ins[1], ins[2]);
+    let dtype = x.dtype();
+    let (k, inter) = (w_fc.shape()[1], w_fc.shape()[0]);
+    let m = x.numel() / k.max(1);
+    let (b_fc, b_proj) = (ins.get(3).map(|b| b.to_f32()), ins.get(4).map(|b| b.to_f32()));
+    let mut h = linear_f32(&x.to_f32(), m, k, w_fc, b_fc.as_deref(), opts);
+    h.iter_mut().for_each(|v| *v = round_as(dtype, gate_act(act, round_as(dtype, *v))));
+    let y = linear_f32(&h, m, inter, w_proj, b_proj.as_deref(), opts);
+    Ok(vec![Tensor::from_f32_as(outs[0].0, outs[0].1.clone(), y).map_err(|e| e.to_string())?])
+}
+
+/// y = bias (broadcast to every row) + x·wᵀ on the GPU, or x·wᵀ alone.
+#[allow(clippy::too_many_arguments)]
+fn cuda_linear_bias(
+    gpu: &Gpu,
+    d: Dt,
+    (m, n, k): (usize, usize, usize),
+    x: Ptr,
+    w: Ptr,
+    bias: Option<&DeviceTensor>,
+    y: Ptr,
+) -> Result<(), String> {
+    if let Some(b) = bias {
+        let s = Strided::new(&[m, n], &[0, 1], &[0, 0]).map_err(|e| e.0)?;
+        gpu.copy_strided(b.ptr, cuda_dt(b.dtype)?, y, d, m * n, s, false).map_err(|e| e.0)?;
+    }
+    cuda_linear(gpu, d, m, n, k, x, w, y, bias.is_some()).map_err(|e| e.0)
+}
+
+fn mlp_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let act = mlp_act(attrs)?;
+        let (x, y) = (&ins[0], &outs[0]);
+        let d = one_dtype(&ins[..3], y)?;
+        let (inter, k) = (ins[1].shape[0], ins[1].shape[1]);
+        let hidden = ins[2].shape[0];
+        let m = y.shape.iter().product::<usize>() / hidden.max(1);
+        let h = l.scratch(0).ok_or("scratch region 0 was not planned")?;
+        let gpu = gpu_of(l)?;
+        cuda_linear_bias(gpu, d, (m, inter, k), x.ptr, ins[1].ptr, ins.get(3), h)?;
+        let u = match act {
+            GateAct::Silu => Unary::Silu,
+            GateAct::GeluTanh => Unary::GeluTanh,
+            GateAct::Gelu => Unary::Gelu,
+        };
+        gpu.unary(u, h, h, d, m * inter, 0.0).map_err(|e| e.0)?;
+        cuda_linear_bias(gpu, d, (m, hidden, inter), h, ins[2].ptr, ins.get(4), y.ptr)
+    })
+}
+
+/// The activation `[m, inter]`.
+fn mlp_scratch(ins: &[(DType, Vec<usize>)], _: &str) -> Vec<usize> {
+    let (dt, xs) = &ins[0];
+    let m: usize = xs[..xs.len().saturating_sub(1)].iter().product();
+    let inter = ins[1].1.first().copied().unwrap_or(0);
+    vec![m * inter * dt.size_in_bytes()]
+}
+
 /// The GEMM ops as op-table entries.
 pub fn ops() -> Vec<CustomOp> {
     vec![
@@ -316,6 +420,19 @@ pub fn ops() -> Vec<CustomOp> {
                 Outputs::Rule(Arc::new(swiglu_rule)),
                 |a| SwiGlu::parse(a).map(|_| ()),
                 Arc::new(swiglu_cpu),
+            )
+        },
+        CustomOp {
+            extra_inputs: 2,
+            cuda: Some(mlp_cuda()),
+            linear_weights: true,
+            cuda_scratch: Some(mlp_scratch),
+            ..CustomOp::built_in(
+                MLP,
+                3,
+                Outputs::Rule(Arc::new(mlp_rule)),
+                |a| mlp_act(a).map(|_| ()),
+                Arc::new(mlp_cpu),
             )
         },
     ]

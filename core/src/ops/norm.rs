@@ -4,7 +4,9 @@
 //! sum)` that the `fuse_add_rmsnorm` transform makes from an add an RMSNorm reads (`sum = x +
 //! residual`, one dtype and shape, then the norm of the sum; on CUDA one kernel). Graphs build
 //! them with [`Op::rmsnorm`] and [`Op::add_rmsnorm`]; transforms read them with
-//! [`Op::norm_attrs`].
+//! [`Op::norm_attrs`]. Beside them `aten.layer_norm(x, weight[, bias])` over the last dim
+//! (`eps=1e-5`), torch's `nn.LayerNorm` as an export gives it: already one op, with its CPU and
+//! CUDA kernels.
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use crate::tensor::Tensor;
 
 pub const RMSNORM: &str = "torch_rmsnorm";
 pub const ADD_RMSNORM: &str = "fused_add_rmsnorm";
+pub const LAYER_NORM: &str = "aten.layer_norm";
 
 /// The attributes of both ops.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -171,7 +174,101 @@ fn add_rmsnorm_op() -> CustomOp {
     }
 }
 
+/// `aten.layer_norm`'s `eps=…`.
+fn layer_norm_eps(text: &str) -> Result<f64, String> {
+    read_attrs(LAYER_NORM, text, |a| {
+        let eps = a.f64("eps")?;
+        if eps > 0.0 && eps < 1.0 {
+            Ok(eps)
+        } else {
+            Err(a.bad("eps", &eps.to_string(), "in (0, 1)"))
+        }
+    })
+}
+
+impl Op {
+    /// LayerNorm over the last dim (`x, weight[, bias]`).
+    pub fn layer_norm(eps: f64) -> Op {
+        Op { name: LAYER_NORM, attrs: format!("eps={eps:?}") }
+    }
+}
+
+/// LayerNorm of each row in f32 (mean, biased variance), the affine part included, rounded once
+/// to `out_dtype`, as torch's kernel.
+fn layer_norm_cpu(ins: &[&Tensor], eps: f32, out_dtype: DType) -> Result<Tensor, String> {
+    let x = ins[0];
+    let n = *x.shape().last().ok_or("x has rank 0")?;
+    let (xv, wv) = (x.to_f32(), ins[1].to_f32());
+    let bv = ins.get(2).map(|b| b.to_f32());
+    let mut out = vec![0f32; xv.len()];
+    let row = |(xr, o): (&[f32], &mut [f32])| {
+        let mean = xr.iter().sum::<f32>() / n as f32;
+        let var = xr.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / n as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        for (j, (oo, &a)) in o.iter_mut().zip(xr).enumerate() {
+            *oo = (a - mean) * r * wv[j] + bv.as_ref().map_or(0.0, |b| b[j]);
+        }
+    };
+    if xv.len() >= crate::cpu::PAR_MIN {
+        xv.par_chunks(n).zip(out.par_chunks_mut(n)).for_each(row);
+    } else {
+        xv.chunks(n).zip(out.chunks_mut(n)).for_each(row);
+    }
+    Tensor::from_f32_as(out_dtype, x.shape().to_vec(), out).map_err(|e| e.to_string())
+}
+
+fn layer_norm_op() -> CustomOp {
+    let rule = |ins: &[TensorMeta], attrs: &str| {
+        layer_norm_eps(attrs)?;
+        let (x, w) = (&ins[0], &ins[1]);
+        let fits = |p: &TensorMeta| p.shape.len() == 1 && x.shape.last() == Some(&p.shape[0]) && p.dtype.is_float();
+        if !x.dtype.is_float() || !fits(w) || ins.get(2).is_some_and(|b| !fits(b)) {
+            let all: Vec<String> = ins.iter().map(|m| m.to_string()).collect();
+            return Err(format!(
+                "x, weight[, bias] {} do not fit: want one float per channel of x's last dim",
+                all.join(", ")
+            ));
+        }
+        Ok(vec![x.clone()])
+    };
+    let cuda: CudaImpl =
+        Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+            let eps = layer_norm_eps(attrs)? as f32;
+            let gpu = crate::ops::gpu_of(l)?;
+            let (x, w, y) = (&ins[0], &ins[1], &outs[0]);
+            let n = *x.shape.last().unwrap_or(&1);
+            let rows = y.shape.iter().product::<usize>() / n.max(1);
+            let b = match ins.get(2) {
+                Some(b) => Some((b.ptr, cuda_dt(b.dtype)?)),
+                None => None,
+            };
+            gpu.layer_norm(
+                (x.ptr, cuda_dt(x.dtype)?),
+                (w.ptr, cuda_dt(w.dtype)?),
+                b,
+                (y.ptr, cuda_dt(y.dtype)?),
+                rows,
+                n,
+                eps,
+            )
+            .map_err(|e| e.0)
+        });
+    CustomOp {
+        extra_inputs: 1,
+        cuda: Some(cuda),
+        ..CustomOp::built_in(
+            LAYER_NORM,
+            2,
+            Outputs::Rule(Arc::new(rule)),
+            |t| layer_norm_eps(t).map(|_| ()),
+            Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
+                Ok(vec![layer_norm_cpu(ins, layer_norm_eps(attrs)? as f32, outs[0].0)?])
+            }),
+        )
+    }
+}
+
 /// The norms as op-table entries.
 pub fn ops() -> Vec<CustomOp> {
-    vec![rmsnorm_op(), add_rmsnorm_op()]
+    vec![rmsnorm_op(), add_rmsnorm_op(), layer_norm_op()]
 }

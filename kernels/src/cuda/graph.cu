@@ -175,6 +175,27 @@ extern "C" __global__ void rmsnorm(const void* x, const void* res, void* res_out
     }
 }
 
+// LayerNorm of rows of `n`, one block per row, as torch computes it: mean and biased variance
+// in f32, out = round((x - mean) * rsqrt(var + eps) * w + b) (no bias: b = 0).
+extern "C" __global__ void layer_norm(const void* x, int dt_x, const void* w, int dt_w, const void* b, int dt_b,
+                                      void* out, int dt_out, int n, float eps) { pdl_enter();
+    long row = blockIdx.x;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += ld(x, dt_x, row * n + i);
+    float mean = block_sum(s) / n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float d = ld(x, dt_x, row * n + i) - mean;
+        ss += d * d;
+    }
+    float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = (ld(x, dt_x, row * n + i) - mean) * r * ld(w, dt_w, i);
+        if (b) v += ld(b, dt_b, i);
+        st(out, dt_out, row * n + i, v);
+    }
+}
+
 // Rotate-half RoPE: x [rows, d] contiguous where the table row of x's row r is
 // (r % table_rows); cos/sin [table_rows, d]. out = round(round(x·cos) + round(rot(x)·sin)).
 extern "C" __global__ void rope(const void* x, int dt, const void* cos, const void* sin, void* out, long rows,

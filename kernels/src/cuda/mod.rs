@@ -45,6 +45,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "fill_const",
             "mean_last",
             "rmsnorm",
+            "layer_norm",
             "rope",
             "silu_mul",
             "silu_mul_bf16x8",

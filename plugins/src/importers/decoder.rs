@@ -92,6 +92,11 @@ pub struct BlockOptions {
     /// The RoPE base of the sliding layers (Gemma 3's `rope_local_base_freq`, unscaled); `None`:
     /// every layer uses `rope_theta` and `rope_scaling`.
     pub local_rope_theta: Option<f64>,
+    /// LayerNorm (weight and bias, `aten.layer_norm`) instead of RMSNorm (StarCoder2).
+    pub layer_norm: bool,
+    /// An ungated MLP, `c_proj(act(c_fc(x)))` (StarCoder2), instead of the gated
+    /// `down(act(gate(x)) · up(x))`; its biases are `mlp_bias`.
+    pub plain_mlp: bool,
 }
 
 /// The scalar multipliers some families put on the residual stream (see [`DecoderConfig::scalars`]).
@@ -137,6 +142,10 @@ impl DecoderConfig {
             let p = format!("model.layers.{l}");
             let mut add = |n: &str, s: Vec<usize>| v.push((format!("{p}.{n}"), s));
             add("input_layernorm.weight", vec![h]);
+            if self.blocks.layer_norm {
+                add("input_layernorm.bias", vec![h]);
+                add("post_attention_layernorm.bias", vec![h]);
+            }
             add("self_attn.q_proj.weight", vec![q, h]);
             add("self_attn.k_proj.weight", vec![kv, h]);
             add("self_attn.v_proj.weight", vec![kv, h]);
@@ -158,16 +167,22 @@ impl DecoderConfig {
                 add("pre_feedforward_layernorm.weight", vec![h]);
                 add("post_feedforward_layernorm.weight", vec![h]);
             }
-            add("mlp.gate_proj.weight", vec![i, h]);
-            add("mlp.up_proj.weight", vec![i, h]);
-            add("mlp.down_proj.weight", vec![h, i]);
-            if self.mlp_bias {
-                add("mlp.gate_proj.bias", vec![i]);
-                add("mlp.up_proj.bias", vec![i]);
-                add("mlp.down_proj.bias", vec![h]);
+            let mlp: &[(&str, usize, usize)] = if self.blocks.plain_mlp {
+                &[("c_fc", i, h), ("c_proj", h, i)]
+            } else {
+                &[("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+            };
+            for &(name, out, inp) in mlp {
+                add(&format!("mlp.{name}.weight"), vec![out, inp]);
+                if self.mlp_bias {
+                    add(&format!("mlp.{name}.bias"), vec![out]);
+                }
             }
         }
         v.push(("model.norm.weight".into(), vec![h]));
+        if self.blocks.layer_norm {
+            v.push(("model.norm.bias".into(), vec![h]));
+        }
         if !self.tie_word_embeddings {
             v.push(("lm_head.weight".into(), vec![self.vocab_size, h]));
         }
@@ -256,6 +271,12 @@ impl Ctx<'_> {
     /// transformers' RMSNorm: upcast to f32, x * rsqrt(mean(x²) + eps), back to the input
     /// dtype, times the weight; Gemma's (`norm_offset`): times `1 + w` in f32, then back.
     fn rmsnorm(&mut self, hint: &str, x: ValueId, weight: &str, dim: usize) -> Result<ValueId> {
+        if self.cfg.blocks.layer_norm {
+            // nn.LayerNorm(dim, eps): one op in an export (the bias beside the weight).
+            let w = self.w(weight, &[dim]);
+            let b = self.w(&format!("{}.bias", weight.strip_suffix(".weight").unwrap_or(weight)), &[dim]);
+            return self.b.op(hint, Op::layer_norm(self.cfg.rms_norm_eps), &[x, w, b]);
+        }
         let in_dtype = self.b.meta(x).dtype;
         let xf = if in_dtype != DType::F32 {
             self.b.op(&format!("{hint}.to_f32"), Op::to_dtype(DType::F32), &[x])?
@@ -397,16 +418,22 @@ impl Ctx<'_> {
         } else {
             self.rmsnorm(&format!("{n}.post_attn_norm"), h, &post_attn, hs)?
         };
-        let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{p}.mlp.gate_proj"), is, hs, c.mlp_bias)?;
-        let u = self.linear(&format!("{n}.up_proj"), x, &format!("{p}.mlp.up_proj"), is, hs, c.mlp_bias)?;
         let act = match c.blocks.activation {
             GateAct::Silu => Op::unary("aten.silu"),
             GateAct::GeluTanh => autodeploy_core::custom_op::op("aten.gelu", "approximate=tanh")?,
             GateAct::Gelu => autodeploy_core::custom_op::op("aten.gelu", "approximate=none")?,
         };
-        let g = self.b.op(&format!("{n}.act"), act, &[g])?;
-        let m = self.b.op(&format!("{n}.act_mul"), Op::binary(MUL), &[g, u])?;
-        let d = self.linear(&format!("{n}.down_proj"), m, &format!("{p}.mlp.down_proj"), hs, is, c.mlp_bias)?;
+        let d = if c.blocks.plain_mlp {
+            let f = self.linear(&format!("{n}.c_fc"), x, &format!("{p}.mlp.c_fc"), is, hs, c.mlp_bias)?;
+            let a = self.b.op(&format!("{n}.act"), act, &[f])?;
+            self.linear(&format!("{n}.c_proj"), a, &format!("{p}.mlp.c_proj"), hs, is, c.mlp_bias)?
+        } else {
+            let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{p}.mlp.gate_proj"), is, hs, c.mlp_bias)?;
+            let u = self.linear(&format!("{n}.up_proj"), x, &format!("{p}.mlp.up_proj"), is, hs, c.mlp_bias)?;
+            let g = self.b.op(&format!("{n}.act"), act, &[g])?;
+            let m = self.b.op(&format!("{n}.act_mul"), Op::binary(MUL), &[g, u])?;
+            self.linear(&format!("{n}.down_proj"), m, &format!("{p}.mlp.down_proj"), hs, is, c.mlp_bias)?
+        };
         let d = self.scale(&format!("{n}.down_scaled"), d, c.scalars.residual)?;
         let d = if sandwich {
             self.rmsnorm(&format!("{n}.post_mlp_norm"), d, &format!("{p}.post_feedforward_layernorm.weight"), hs)?

@@ -71,6 +71,10 @@ pub struct Family {
     pub tied_by_default: bool,
     /// Gemma's RMSNorm, `x̂ · (1 + w)`.
     pub norm_offset: bool,
+    /// LayerNorm with bias instead of RMSNorm, its epsilon under `norm_epsilon` (StarCoder2).
+    pub layer_norm: bool,
+    /// The ungated `c_fc` / `c_proj` MLP (StarCoder2).
+    pub plain_mlp: bool,
     /// The embedding times √hidden_size, rounded to the model's dtype (Gemma).
     pub embedding_scale: bool,
     /// Gemma 2/3's norms around the attention output and the MLP.
@@ -104,6 +108,8 @@ const LLAMA: Family = Family {
     fused_projections: false,
     tied_by_default: false,
     norm_offset: false,
+    layer_norm: false,
+    plain_mlp: false,
     embedding_scale: false,
     sandwich_norms: false,
     softcaps: None,
@@ -128,6 +134,8 @@ const GEMMA: Family = Family {
     fused_projections: false,
     tied_by_default: true,
     norm_offset: true,
+    layer_norm: false,
+    plain_mlp: false,
     embedding_scale: true,
     sandwich_norms: false,
     softcaps: None,
@@ -192,6 +200,20 @@ pub const FAMILIES: &[Family] = &[
         local_rope_theta: Some(10000.0),
         ..GEMMA
     },
+    Family {
+        name: "starcoder2",
+        qkv_bias: Flag::Key("use_bias", true),
+        o_bias: Flag::Key("use_bias", true),
+        mlp_bias: Flag::Key("use_bias", true),
+        window: Window::Key("sliding_window"),
+        activation_key: ("hidden_act", "gelu_pytorch_tanh"),
+        activations: &[("gelu_pytorch_tanh", GateAct::GeluTanh), ("gelu", GateAct::Gelu)],
+        gguf_qk_permuted: false,
+        tied_by_default: true,
+        layer_norm: true,
+        plain_mlp: true,
+        ..LLAMA
+    },
 ];
 
 /// The family named `name` (a `model_type` or GGUF architecture).
@@ -215,6 +237,6 @@ mod tests {
             assert_eq!(family(f.name).map(|g| g.name), Some(f.name));
         }
         assert!(family("gpt2").is_none());
-        assert_eq!(names(), "llama, mistral, qwen2, qwen3, granite, phi3, gemma, gemma2, gemma3_text");
+        assert_eq!(names(), "llama, mistral, qwen2, qwen3, granite, phi3, gemma, gemma2, gemma3_text, starcoder2");
     }
 }

@@ -254,9 +254,10 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             .filter(|d| d.is_float())
             .ok_or_else(|| k.err("torch_dtype", format!("unknown dtype `{s}`")))?,
     };
-    let rms_norm_eps = k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
+    let eps_key = if fam.layer_norm { "norm_epsilon" } else { "rms_norm_eps" };
+    let rms_norm_eps = k.f64_opt(eps_key)?.unwrap_or(if fam.layer_norm { 1e-5 } else { 1e-6 });
     if !(rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
-        return Err(k.err("rms_norm_eps", format!("{rms_norm_eps} is outside (0, 1)")));
+        return Err(k.err(eps_key, format!("{rms_norm_eps} is outside (0, 1)")));
     }
     let max_position_embeddings = k.size_opt("max_position_embeddings", 1 << 28)?.unwrap_or(4096);
     let dtype = dtype.unwrap_or(file_dtype);
@@ -308,6 +309,8 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             final_softcap: softcaps.1,
             sliding_layers,
             local_rope_theta: local_rope,
+            layer_norm: fam.layer_norm,
+            plain_mlp: fam.plain_mlp,
         },
     })
 }

@@ -35,6 +35,7 @@ register!("match_rope", 20, MatchRope);
 register!("match_rope_interleaved", 21, MatchRopeInterleaved);
 register!("match_attention", 30, MatchAttention);
 register!("match_swiglu", 40, MatchSwiGlu);
+register!("match_mlp", 41, MatchMlp);
 
 /// Inserts `op(ins)` at `pos` when it is valid on these inputs and gives exactly the dtype and
 /// shape of the matched output; otherwise leaves the graph as it was and returns `None`.
@@ -369,14 +370,60 @@ impl Transform for MatchSwiGlu {
     fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
         let n = rewrite_all(g, &swiglu_pattern(), |g, m, pos| {
             let ins = [m.input("x"), m.input("w_gate"), m.input("w_up"), m.input("w_down")];
-            let act = [GateAct::Silu, GateAct::GeluTanh, GateAct::Gelu]
-                .into_iter()
-                .find(|&a| a as i32 as f64 == m.caps.f["act"])
-                .expect("captured from gate_activation");
+            let act = captured_act(m);
             let hint = format!("{}.swiglu", g.value(m.output).name);
             let op = Op::swiglu(SwiGlu { fused: false, epilogue: false, act });
             Ok(insert_if_equivalent(g, pos, &hint, op, &ins, m.output))
         })?;
         Ok(format!("matched {n} gated mlp (swiglu/geglu)"))
+    }
+}
+
+/// `proj(act(fc(x)))`, the ungated MLP (StarCoder2's `c_fc` / `c_proj`), both linears biased or
+/// neither.
+pub fn mlp_pattern(biased: bool) -> Pattern {
+    let mut p = PatternBuilder::new();
+    let (x, wf, wp) = (p.input("x"), p.input("w_fc"), p.input("w_proj"));
+    let fc_ins = if biased { vec![x, wf, p.input("b_fc")] } else { vec![x, wf] };
+    let fc = p.op(|op, _| op.is(LINEAR), &fc_ins);
+    let a = p.op(
+        |op, c| match gate_activation(op) {
+            Some(a) => {
+                c.f.insert("act", a as i32 as f64);
+                true
+            }
+            None => false,
+        },
+        &[fc],
+    );
+    let proj_ins = if biased { vec![a, wp, p.input("b_proj")] } else { vec![a, wp] };
+    let out = p.op(|op, _| op.is(LINEAR), &proj_ins);
+    p.build(out)
+}
+
+/// The activation a gated or ungated MLP pattern captured.
+fn captured_act(m: &autodeploy_core::pattern::Match) -> GateAct {
+    [GateAct::Silu, GateAct::GeluTanh, GateAct::Gelu]
+        .into_iter()
+        .find(|&a| a as i32 as f64 == m.caps.f["act"])
+        .expect("captured from gate_activation")
+}
+
+pub struct MatchMlp;
+
+impl Transform for MatchMlp {
+    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+        let mut n = 0;
+        for biased in [true, false] {
+            n += rewrite_all(g, &mlp_pattern(biased), |g, m, pos| {
+                let mut ins = vec![m.input("x"), m.input("w_fc"), m.input("w_proj")];
+                if biased {
+                    ins.extend([m.input("b_fc"), m.input("b_proj")]);
+                }
+                let hint = format!("{}.mlp", g.value(m.output).name);
+                Ok(insert_if_equivalent(g, pos, &hint, Op::mlp(captured_act(m)), &ins, m.output))
+            })?;
+        }
+        Ok(format!("matched {n} ungated mlp"))
     }
 }

@@ -20,6 +20,7 @@ pub const FAMILIES: &[&str] = &[
     "gemma",
     "gemma2",
     "gemma3_text",
+    "starcoder2",
 ];
 
 // Tolerances against transformers' logits (tests/parity.rs; tests/pt2.rs uses the same).

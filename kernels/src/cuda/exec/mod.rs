@@ -160,6 +160,7 @@ struct Funcs {
     fill_const: Kernel,
     mean_last: Kernel,
     rmsnorm: Kernel,
+    layer_norm: Kernel,
     rope: Kernel,
     silu_mul: Kernel,
     silu_mul_bf16x8: Kernel,
@@ -377,6 +378,7 @@ impl Gpu {
             fill_const: g("fill_const")?,
             mean_last: g("mean_last")?,
             rmsnorm: g("rmsnorm")?,
+            layer_norm: g("layer_norm")?,
             rope: g("rope")?,
             silu_mul: g("silu_mul")?,
             silu_mul_bf16x8: g("silu_mul_bf16x8")?,
@@ -711,6 +713,29 @@ impl Gpu {
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: rows × n elements in each of x, res, res_out, out; n in w.
         launched("rmsnorm", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+
+    /// LayerNorm of `rows` rows of `n`: `out = (x - mean) · rsqrt(var + eps) · w + b`, in f32,
+    /// rounded once to the output's dtype (`b` None: no bias).
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer_norm(
+        &self,
+        x: (Ptr, Dt),
+        w: (Ptr, Dt),
+        b: Option<(Ptr, Dt)>,
+        out: (Ptr, Dt),
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<(), Unavailable> {
+        let (bp, bd) = b.unwrap_or((0, Dt::F32));
+        let (dx, dw, db, dout, n32) = (x.1 as i32, w.1 as i32, bd as i32, out.1 as i32, n as i32);
+        let mut l = self.launcher(self.f.layer_norm);
+        l.arg(&x.0).arg(&dx).arg(&w.0).arg(&dw).arg(&bp).arg(&db).arg(&out.0).arg(&dout).arg(&n32).arg(&eps);
+        let block = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: rows × n elements in x and out; n in w and b.
+        launched("layer_norm", unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
     #[allow(clippy::too_many_arguments)]
