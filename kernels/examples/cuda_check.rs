@@ -792,7 +792,19 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                         dq
                     }
                 };
-                gpu.paged_decode_split(dt, q, (kc, vc), (out, out_rows), &m_scattered, heads, kv_heads, d, scale, split)
+                gpu.paged_decode_split(
+                    dt,
+                    q,
+                    (kc, vc),
+                    (out, out_rows),
+                    &m_scattered,
+                    heads,
+                    kv_heads,
+                    d,
+                    scale,
+                    split,
+                    ScoreMods::default(),
+                )
             }
             .unwrap();
             let what = format!(

@@ -463,7 +463,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
                                    const long long* page_indptr, const int* page_indices, const long long* seq_start,
                                    const long long* cached_len, int page_size, int heads, int kv_heads, long tokens,
                                    float scale, int chunk, int splits, float* partial, int* counters, T* out_all,
-                                   long long ohs, long long ots) {
+                                   long long ohs, long long ots, int window, float softcap) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = EARLY && D <= 128 ? UE : 4;
@@ -476,6 +476,9 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     long long seq = token_seq[t], pos = token_pos[t];
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
+    // A sliding window: positions before pos + 1 - window are skipped (a chunk wholly before it
+    // leaves an empty partial state, which the merge weighs by zero).
+    if (window > 0 && lo < pos + 1 - window) lo = pos + 1 - window;
     // Chunks past this token's position have nothing to do; the active ones are 0..active.
     int active = (int)(pos / chunk) + 1;
     // Stores token t's k and v in the cache: the block of its last chunk (which holds them in
@@ -561,6 +564,9 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
             for (int u = 0; u < U; u++) dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], o);
+        if (softcap > 0.0f)
+#pragma unroll
+            for (int u = 0; u < U; u++) dot[u] = softcap * tanhf(dot[u] / softcap);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (p0 + u > hi) break;
@@ -643,10 +649,12 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out, long long ohs, long long ots) {                                                                       \
+        T* out, long long ohs, long long ots, int window, float softcap) {                                            \
+        /* the latency build takes no window or soft-cap (constants: compiled away) */                              \
         paged_decode_split<T, D, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,       \
                                         page_indptr, page_indices, seq_start, cached_len, page_size, heads,         \
-                                        kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots);  \
+                                        kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots,   \
+                                        EARLY ? 0 : window, EARLY ? 0.0f : softcap);                                \
     }
 // Split-KV decode's throughput build over a GQA group: block (t, b, s) attends for the HB query
 // heads b·HB .. b·HB + HB - 1, which share one kv head, so each cached K/V row is read once for
@@ -660,7 +668,8 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
                                            const long long* token_seq, const long long* token_pos,
                                            const long long* page_indptr, const int* page_indices, int page_size,
                                            int heads, int kv_heads, long tokens, float scale, int chunk, int splits,
-                                           float* partial, int* counters, T* out_all, long long ohs, long long ots) {
+                                           float* partial, int* counters, T* out_all, long long ohs, long long ots,
+                                           int window, float softcap) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = HB >= 8 ? 2 : 4;
@@ -672,6 +681,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
     long long seq = token_seq[t], pos = token_pos[t];
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
+    if (window > 0 && lo < pos + 1 - window) lo = pos + 1 - window;  // as paged_decode_split
     int active = (int)(pos / chunk) + 1;
     if (s >= active) return;
     const int* pages = page_indices + page_indptr[seq];
@@ -717,6 +727,11 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
             for (int g = 0; g < HB; g++)
 #pragma unroll
                 for (int u = 0; u < U; u++) dot[g][u] += __shfl_xor_sync(0xffffffffu, dot[g][u], o);
+        if (softcap > 0.0f)
+#pragma unroll
+            for (int g = 0; g < HB; g++)
+#pragma unroll
+                for (int u = 0; u < U; u++) dot[g][u] = softcap * tanhf(dot[g][u] / softcap);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (p0 + u > hi) break;
@@ -790,10 +805,10 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out, long long ohs, long long ots) {                                                                       \
+        T* out, long long ohs, long long ots, int window, float softcap) {                                            \
         paged_decode_split_grouped<T, D, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,   \
                                              page_size, heads, kv_heads, tokens, scale, chunk, splits, partial,     \
-                                             counters, out, ohs, ots);                                              \
+                                             counters, out, ohs, ots, window, softcap);                             \
     }
 
 // The latency build at 4 positions a warp held to 64 registers (8 blocks an SM) at head dims up

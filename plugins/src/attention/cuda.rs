@@ -6,8 +6,8 @@
 //!   `SPLIT_EARLY_MAX_TOKENS` tokens rotates, writes the cache and attends in one launch), longer
 //!   steps through ragged paged attention (tensor-core tiles planned per step where the head dim
 //!   allows). Takes RoPE-fused ops, reads q/k/v where they lie, may write token-major. Layers
-//!   with a sliding window or soft-cap run every step through the ragged CUDA-core kernel, the
-//!   one that applies them (not yet the split-KV or tensor-core ones).
+//!   with a sliding window or soft-cap skip the latency build and the tensor-core prefill: the
+//!   throughput split-KV build and the ragged CUDA-core kernel apply them.
 //! - `triton` (AutoDeploy's triton backend's design): each sequence in one run of consecutive
 //!   pages, one fused kernel that writes this step's k/v and attends.
 
@@ -91,9 +91,10 @@ impl DeviceAttention for FlashInfer {
         let cache = (c.k_cache, c.v_cache);
         // The split-KV kernels write [tokens, heads, d] when the call allows (the o
         // projection's input then needs no copy).
-        // Sliding windows and soft-caps run through the ragged kernel, which applies them.
+        // Sliding windows and soft-caps: the throughput split-KV build and the ragged CUDA-core
+        // kernel apply them (not the latency build or the tensor-core prefill).
         let scored = c.mods != ScoreMods::default();
-        let split_path = self.split.is_some() && meta.tokens <= self.split_tokens && !scored;
+        let split_path = self.split.is_some() && meta.tokens <= self.split_tokens;
         let out_rows = if c.tokens_major_ok && split_path {
             HeadRows::tokens_major(heads, d)
         } else {
@@ -141,7 +142,7 @@ impl DeviceAttention for FlashInfer {
         };
         match self.split {
             Some(split) if split_path => gpu
-                .paged_decode_split(odt, q, cache, (c.out, out_rows), meta, heads, kvh, d, sc, split)
+                .paged_decode_split(odt, q, cache, (c.out, out_rows), meta, heads, kvh, d, sc, split, c.mods)
                 .map_err(fail)?,
             _ => {
                 gpu.paged_attention(odt, q, cache.0, cache.1, c.out, meta, heads, kvh, d, sc, c.mods).map_err(fail)?;

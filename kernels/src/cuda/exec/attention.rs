@@ -14,6 +14,15 @@ pub struct ScoreMods {
     pub softcap: Option<f32>,
 }
 
+impl ScoreMods {
+    /// The kernels' `int window, float softcap` (0: none).
+    fn kernel_args(&self) -> Result<(i32, f32), Unavailable> {
+        let window = i32::try_from(self.window.unwrap_or(0))
+            .map_err(|_| Unavailable(format!("sliding window {:?} is too large", self.window)))?;
+        Ok((window, self.softcap.unwrap_or(0.0)))
+    }
+}
+
 impl Gpu {
     /// The least positions a chunk of the split-KV decode's latency build should have: one
     /// pass of its four warps (`attn_early_u` positions each). The throughput build's chunks
@@ -114,9 +123,7 @@ impl Gpu {
         let mut l = self.launcher(*f);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
-        let window = i32::try_from(mods.window.unwrap_or(0))
-            .map_err(|_| Unavailable(format!("sliding window {:?} is too large", mods.window)))?;
-        let softcap = mods.softcap.unwrap_or(0.0);
+        let (window, softcap) = mods.kernel_args()?;
         l.arg(&window).arg(&softcap);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, 1),
@@ -153,7 +160,7 @@ impl Gpu {
     /// `split.chunk`, partial states in `split.partial` (`tokens × heads × splits × (d + 2)`
     /// f32), merged into out (its rows where `HeadRows` says) by the last chunk to finish.
     /// Reads q `[heads, tokens, d]` (rotated) and every position's k/v from the cache:
-    /// `write_kv` or `rope_write_kv` runs first.
+    /// `write_kv` or `rope_write_kv` runs first. Applies `mods` (window, soft-cap).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_split(
         &self,
@@ -167,6 +174,7 @@ impl Gpu {
         d: usize,
         scale: f32,
         split: Split,
+        mods: ScoreMods,
     ) -> Result<(), Unavailable> {
         let hb = self.decode_heads_a_block(heads, kv_heads, d);
         let f = match hb {
@@ -175,14 +183,15 @@ impl Gpu {
             8 => &self.f.paged_decode_split_grouped[2],
             _ => &self.f.paged_decode_split,
         };
-        self.launch_split(f, dt, (q, 0, 0), (0, 0), cache, out, meta, (heads, kv_heads, d), scale, split, hb)
+        self.launch_split(f, dt, (q, 0, 0), (0, 0), cache, out, meta, (heads, kv_heads, d), (scale, mods), split, hb)
     }
 
     /// Split-KV decode attention, latency build (for steps of at most `SPLIT_EARLY_MAX_TOKENS`
     /// tokens), with the layer's RoPE and KV-cache write in the same launch: `qkv` are this
     /// step's q `[heads, tokens, d]` and k, v `[kv_heads, tokens, d]` as the linears left them;
     /// with `rope` (one `[tokens, d]` cos and sin table) q and k are rotated first. The kernel
-    /// stores the step's k and v in the cache. Otherwise as `paged_decode_split`.
+    /// stores the step's k and v in the cache. Otherwise as `paged_decode_split`, without a
+    /// window or soft-cap (layers with them take the throughput build).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_split_fused(
         &self,
@@ -201,7 +210,8 @@ impl Gpu {
         let f =
             if self.attn_early_u() == 4 { &self.f.paged_decode_split_early4 } else { &self.f.paged_decode_split_early };
         let tables = rope.unwrap_or((0, 0));
-        self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), scale, split, 1)
+        let plain = ScoreMods::default();
+        self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), (scale, plain), split, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -215,7 +225,7 @@ impl Gpu {
         (out, rows): (Ptr, HeadRows),
         meta: &StepMeta,
         (heads, kv_heads, d): (usize, usize, usize),
-        scale: f32,
+        (scale, mods): (f32, ScoreMods),
         split: Split,
         heads_a_block: usize,
     ) -> Result<(), Unavailable> {
@@ -236,6 +246,8 @@ impl Gpu {
             .arg(&chunk)
             .arg(&splits);
         l.arg(&split.partial).arg(&split.counters).arg(&out).arg(&rows.head).arg(&rows.token);
+        let (window, softcap) = mods.kernel_args()?;
+        l.arg(&window).arg(&softcap);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
             block_dim: (128, 1, 1),
