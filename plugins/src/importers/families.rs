@@ -29,6 +29,10 @@ pub enum Window {
     /// null: none): those `layer_types` marks `sliding_attention`, or without it every layer but
     /// each `sliding_window_pattern`-th (`pattern` when that key is absent too).
     Layers { key: &'static str, default: Option<usize>, pattern: usize },
+    /// Qwen's: no window unless `use_sliding_window` is true; then `sliding_window` (absent:
+    /// 4096) on the layers `layer_types` marks, or without it on layers from
+    /// `max_window_layers` (absent: 28) on.
+    FromLayer,
 }
 
 /// Soft-capping of attention scores and logits (`attn_logit_softcapping`,
@@ -162,10 +166,18 @@ pub const FAMILIES: &[Family] = &[
         qkv_bias: Flag::Fixed(true),
         o_bias: Flag::Fixed(false),
         mlp_bias: Flag::Fixed(false),
+        window: Window::FromLayer,
         gguf_qk_permuted: false,
         ..LLAMA
     },
-    Family { name: "qwen3", mlp_bias: Flag::Fixed(false), qk_norm: true, gguf_qk_permuted: false, ..LLAMA },
+    Family {
+        name: "qwen3",
+        mlp_bias: Flag::Fixed(false),
+        qk_norm: true,
+        window: Window::FromLayer,
+        gguf_qk_permuted: false,
+        ..LLAMA
+    },
     Family { name: "granite", multipliers: true, ..LLAMA },
     Family {
         name: "phi3",

@@ -243,6 +243,24 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             let w = k.size_or_null(key, 1 << 28, default)?;
             (w, Some(sliding_layers(&k, num_layers, pattern)?))
         }
+        Window::FromLayer if k.bool_or("use_sliding_window", false)? => {
+            let w = k.size_or_null("sliding_window", 1 << 28, Some(4096))?;
+            let layers = match k.present("layer_types") {
+                Some(_) => sliding_layers(&k, num_layers, 1)?,
+                None => {
+                    let from = match k.present("max_window_layers") {
+                        None => 28,
+                        Some(v) => v
+                            .as_u64()
+                            .ok_or_else(|| k.err("max_window_layers", format!("expected a layer count, found {v}")))?
+                            as usize,
+                    };
+                    (0..num_layers).map(|i| i >= from).collect()
+                }
+            };
+            (w, Some(layers))
+        }
+        Window::FromLayer => (None, None),
         Window::None if k.bool_or("use_sliding_window", false)? => {
             return Err(k.err("use_sliding_window", "sliding-window layers are not supported yet for this family"))
         }

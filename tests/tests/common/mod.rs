@@ -12,6 +12,7 @@ pub const FAMILIES: &[&str] = &[
     "llama",
     "mistral",
     "qwen2",
+    "qwen2-window",
     "qwen3",
     "llama-rope-linear",
     "llama-rope-dynamic",
