@@ -45,6 +45,11 @@ pub fn gate_act_name(a: GateAct) -> &'static str {
     }
 }
 
+/// The activation [`gate_act_name`] names.
+fn gate_act_named(name: &str) -> Option<GateAct> {
+    [GateAct::Silu, GateAct::GeluTanh, GateAct::Gelu].into_iter().find(|&a| gate_act_name(a) == name)
+}
+
 /// The activation in f32, as the unfused `aten.silu` / `aten.gelu` compute it.
 pub fn gate_act(a: GateAct, x: f32) -> f32 {
     match a {
@@ -69,10 +74,8 @@ impl SwiGlu {
     fn parse(text: &str) -> Result<SwiGlu, String> {
         read_attrs(SWIGLU, text, |a| {
             let act = match a.take("act") {
-                None | Some("silu") => GateAct::Silu,
-                Some("gelu_tanh") => GateAct::GeluTanh,
-                Some("gelu") => GateAct::Gelu,
-                Some(other) => return Err(a.bad("act", other, "silu, gelu_tanh or gelu")),
+                None => GateAct::Silu,
+                Some(name) => gate_act_named(name).ok_or_else(|| a.bad("act", name, "silu, gelu_tanh or gelu"))?,
             };
             let s = SwiGlu {
                 fused: a.opt_bool("fused")?.unwrap_or(false),
@@ -241,13 +244,7 @@ fn linear_cuda() -> CudaImpl {
         let d = one_dtype(&ins[..2], y)?;
         let (n, k) = (w.shape[0], w.shape[1]);
         let m = y.shape.iter().product::<usize>() / n.max(1);
-        let gpu = gpu_of(l)?;
-        if let Some(b) = ins.get(2) {
-            // y starts as the bias on every row; the GEMM adds x·wᵀ in f32 and rounds once.
-            let s = Strided::new(&[m, n], &[0, 1], &[0, 0]).map_err(|e| e.0)?;
-            gpu.copy_strided(b.ptr, cuda_dt(b.dtype)?, y.ptr, d, m * n, s, false).map_err(|e| e.0)?;
-        }
-        cuda_linear(gpu, d, m, n, k, x.ptr, w.ptr, y.ptr, ins.len() > 2).map_err(|e| e.0)
+        cuda_linear_bias(gpu_of(l)?, d, (m, n, k), x.ptr, w.ptr, ins.get(2), y.ptr)
     })
 }
 
@@ -299,12 +296,9 @@ fn swiglu_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
 
 /// `torch_mlp`'s activation (`act=…`; silu, gelu_tanh or gelu, as the gated MLP's).
 fn mlp_act(text: &str) -> Result<GateAct, String> {
-    read_attrs(MLP, text, |a| match a.take("act") {
-        Some("silu") => Ok(GateAct::Silu),
-        Some("gelu_tanh") => Ok(GateAct::GeluTanh),
-        Some("gelu") => Ok(GateAct::Gelu),
-        Some(other) => Err(a.bad("act", other, "silu, gelu_tanh or gelu")),
-        None => Err(a.missing("act")),
+    read_attrs(MLP, text, |a| {
+        let name = a.take("act").ok_or_else(|| a.missing("act"))?;
+        gate_act_named(name).ok_or_else(|| a.bad("act", name, "silu, gelu_tanh or gelu"))
     })
 }
 
@@ -353,7 +347,8 @@ fn mlp_cpu(
     Ok(vec![Tensor::from_f32_as(outs[0].0, outs[0].1.clone(), y).map_err(|e| e.to_string())?])
 }
 
-/// y = bias (broadcast to every row) + x·wᵀ on the GPU, or x·wᵀ alone.
+/// y = bias (broadcast to every row) + x·wᵀ on the GPU, or x·wᵀ alone: y starts as the bias on
+/// every row, and the GEMM adds x·wᵀ in f32 and rounds once.
 #[allow(clippy::too_many_arguments)]
 fn cuda_linear_bias(
     gpu: &Gpu,

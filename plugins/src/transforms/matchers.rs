@@ -343,13 +343,9 @@ fn gate_activation(op: &Op) -> Option<GateAct> {
     }
 }
 
-/// `down(act(gate(x)) · up(x))` with bias-free linears, act one of [`gate_activation`]'s.
-pub fn swiglu_pattern() -> Pattern {
-    let mut p = PatternBuilder::new();
-    let (x, wg, wu, wd) = (p.input("x"), p.input("w_gate"), p.input("w_up"), p.input("w_down"));
-    let gt = p.op(|op, _| op.is(LINEAR), &[x, wg]);
-    let up = p.op(|op, _| op.is(LINEAR), &[x, wu]);
-    let a = p.op(
+/// A [`gate_activation`] node reading `x`, its activation captured as `act` ([`captured_act`]).
+fn activation_node(p: &mut PatternBuilder, x: usize) -> usize {
+    p.op(
         |op, c| match gate_activation(op) {
             Some(a) => {
                 c.f.insert("act", a as i32 as f64);
@@ -357,8 +353,17 @@ pub fn swiglu_pattern() -> Pattern {
             }
             None => false,
         },
-        &[gt],
-    );
+        &[x],
+    )
+}
+
+/// `down(act(gate(x)) · up(x))` with bias-free linears, act one of [`gate_activation`]'s.
+pub fn swiglu_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let (x, wg, wu, wd) = (p.input("x"), p.input("w_gate"), p.input("w_up"), p.input("w_down"));
+    let gt = p.op(|op, _| op.is(LINEAR), &[x, wg]);
+    let up = p.op(|op, _| op.is(LINEAR), &[x, wu]);
+    let a = activation_node(&mut p, gt);
     let m = p.commutative(|op, _| op.is(MUL), a, up);
     let out = p.op(|op, _| op.is(LINEAR), &[m, wd]);
     p.build(out)
@@ -386,16 +391,7 @@ pub fn mlp_pattern(biased: bool) -> Pattern {
     let (x, wf, wp) = (p.input("x"), p.input("w_fc"), p.input("w_proj"));
     let fc_ins = if biased { vec![x, wf, p.input("b_fc")] } else { vec![x, wf] };
     let fc = p.op(|op, _| op.is(LINEAR), &fc_ins);
-    let a = p.op(
-        |op, c| match gate_activation(op) {
-            Some(a) => {
-                c.f.insert("act", a as i32 as f64);
-                true
-            }
-            None => false,
-        },
-        &[fc],
-    );
+    let a = activation_node(&mut p, fc);
     let proj_ins = if biased { vec![a, wp, p.input("b_proj")] } else { vec![a, wp] };
     let out = p.op(|op, _| op.is(LINEAR), &proj_ins);
     p.build(out)
