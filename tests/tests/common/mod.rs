@@ -8,6 +8,8 @@ use autodeploy_core::registry;
 use autodeploy_core::{DType, Graph, Tensor};
 use safetensors::SafeTensors;
 
+pub mod gpu;
+
 pub const FAMILIES: &[&str] = &[
     "llama",
     "mistral",
