@@ -204,6 +204,37 @@ impl WeightStore {
         Ok(())
     }
 
+    /// A weight that is `groups` stacked on a new leading dim, each group its parts concatenated
+    /// along dim 0 (a MoE layer's experts: `[gate_e; up_e]` for each expert `e` gives
+    /// `[E, 2I, H]`); nothing is read until it is loaded. Errors name a missing part, parts that
+    /// do not stack, or groups of different sizes.
+    pub fn add_stacked(&mut self, name: &str, groups: &[Vec<String>], dtype: DType) -> Result<()> {
+        let mut rows = Vec::with_capacity(groups.len());
+        for g in groups {
+            let mut r = 0;
+            for p in g {
+                r += self.stored_meta(p)?.1.first().copied().unwrap_or(0);
+            }
+            rows.push(r);
+        }
+        if let Some(i) = rows.iter().position(|&r| r != rows[0]) {
+            return Err(Error::Msg(format!(
+                "weight `{name}`: group {i} (`{}`) has {} rows, group 0 (`{}`) {}",
+                groups[i].join("`, `"),
+                rows[i],
+                groups[0].join("`, `"),
+                rows[0]
+            )));
+        }
+        self.add_concat(name, &groups.concat(), dtype)?;
+        if let Some(Entry::Concat { shape, .. }) = self.entries.get_mut(name) {
+            let mut s = vec![groups.len(), rows[0]];
+            s.extend_from_slice(&shape[1..]);
+            *shape = s;
+        }
+        Ok(())
+    }
+
     /// A weight that is `op` over weights of this store, each read as the dtype given, of
     /// `shape` and `dtype` (the op's output, as the graph inferred it); computed when loaded.
     pub fn add_computed(
@@ -326,10 +357,12 @@ impl WeightStore {
                 v.fill(&mut values);
                 return Tensor::from_f32(shape.clone(), values)?.cast(dtype);
             }
-            Some(Entry::Concat { parts, .. }) => {
+            Some(Entry::Concat { parts, shape, .. }) => {
                 let ts: Vec<Tensor> = parts.iter().map(|p| self.load(p, dtype)).collect::<Result<_>>()?;
                 let refs: Vec<&Tensor> = ts.iter().collect();
-                return crate::cpu::eval(&crate::Op::cat(0), &refs, &Default::default());
+                let t = crate::cpu::eval(&crate::Op::cat(0), &refs, &Default::default())?;
+                // Stacked (`add_stacked`): the same values under a leading group dim.
+                return if t.shape() == shape.as_slice() { Ok(t) } else { t.reshape(shape.clone()) };
             }
             Some(Entry::Computed { op, inputs, shape, .. }) => {
                 let ts: Vec<Tensor> = inputs.iter().map(|(n, d)| self.load(n, *d)).collect::<Result<_>>()?;

@@ -27,7 +27,17 @@ pub enum Dense<'a> {
     F16(&'a [f16]),
 }
 
-impl Dense<'_> {
+impl<'a> Dense<'a> {
+    /// Values `start..start + len` (one expert's matrix of a stacked weight).
+    pub fn range(&self, start: usize, len: usize) -> Dense<'a> {
+        let r = start..start + len;
+        match *self {
+            Dense::F32(w) => Dense::F32(&w[r]),
+            Dense::BF16(w) => Dense::BF16(&w[r]),
+            Dense::F16(w) => Dense::F16(&w[r]),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Dense::F32(w) => w.len(),

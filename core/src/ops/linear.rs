@@ -46,7 +46,7 @@ pub fn gate_act_name(a: GateAct) -> &'static str {
 }
 
 /// The activation [`gate_act_name`] names.
-fn gate_act_named(name: &str) -> Option<GateAct> {
+pub(crate) fn gate_act_named(name: &str) -> Option<GateAct> {
     [GateAct::Silu, GateAct::GeluTanh, GateAct::Gelu].into_iter().find(|&a| gate_act_name(a) == name)
 }
 

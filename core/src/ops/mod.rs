@@ -14,6 +14,7 @@ pub mod binary;
 pub mod gather;
 pub mod layout;
 pub mod linear;
+pub mod moe;
 pub mod norm;
 pub mod reduce;
 pub mod rope;

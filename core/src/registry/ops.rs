@@ -19,7 +19,8 @@ static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
         .chain(crate::ops::rope::ops())
         .chain(crate::ops::layout::ops())
         .chain(crate::ops::gather::ops())
-        .chain(crate::ops::linear::ops());
+        .chain(crate::ops::linear::ops())
+        .chain(crate::ops::moe::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 

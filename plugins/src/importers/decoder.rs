@@ -9,6 +9,7 @@ use autodeploy_core::ops::attention::{Scoring, SdpaAttrs};
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::ops::layout::Slice;
 pub use autodeploy_core::ops::linear::GateAct;
+use autodeploy_core::ops::moe::Moe;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, SizeArg, Tensor, ValueId};
@@ -97,6 +98,49 @@ pub struct BlockOptions {
     /// An ungated MLP, `c_proj(act(c_fc(x)))` (StarCoder2), instead of the gated
     /// `down(act(gate(x)) · up(x))`; its biases are `mlp_bias`.
     pub plain_mlp: bool,
+    /// Mixture-of-experts MLPs on the layers it marks sparse.
+    pub moe: Option<MoeConfig>,
+}
+
+/// The checkpoint names of a sparse MLP under `model.layers.{l}.`: `{block}.gate` is the router,
+/// `{block}.experts.{e}.{gate|up|down}` the experts' projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeNames {
+    pub block: &'static str,
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+}
+
+/// A mixture-of-experts MLP: a router linear, then `torch_moe` over the experts' weights,
+/// stacked at load into `{block}.experts.gate_up_proj` `[E, 2I, H]` (each expert's gate rows,
+/// then its up rows) and `{block}.experts.down_proj` `[E, H, I]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate size.
+    pub intermediate_size: usize,
+    /// The chosen probabilities divided by their sum.
+    pub norm: bool,
+    /// The routing weights scale the experts' outputs in f32 (Mixtral), not rounded first.
+    pub weights_f32: bool,
+    /// Which layers are sparse; the others have the dense MLP of `intermediate_size`.
+    pub sparse_layers: Vec<bool>,
+    pub names: MoeNames,
+}
+
+impl MoeConfig {
+    /// The graph's stacked expert weights of layer `l`: (gate_up, down).
+    pub fn stacked(&self, l: usize) -> (String, String) {
+        let p = format!("model.layers.{l}.{}.experts", self.names.block);
+        (format!("{p}.gate_up_proj"), format!("{p}.down_proj"))
+    }
+
+    /// Expert `e`'s checkpoint tensor of projection `proj` in layer `l`.
+    pub fn expert(&self, l: usize, e: usize, proj: &str) -> String {
+        format!("model.layers.{l}.{}.experts.{e}.{proj}.weight", self.names.block)
+    }
 }
 
 /// The scalar multipliers some families put on the residual stream (see [`DecoderConfig::scalars`]).
@@ -167,6 +211,16 @@ impl DecoderConfig {
                 add("pre_feedforward_layernorm.weight", vec![h]);
                 add("post_feedforward_layernorm.weight", vec![h]);
             }
+            if let Some(m) = self.sparse(l) {
+                add(&format!("{}.gate.weight", m.names.block), vec![m.num_experts, h]);
+                for e in 0..m.num_experts {
+                    let mi = m.intermediate_size;
+                    for (proj, shape) in [(m.names.gate, [mi, h]), (m.names.up, [mi, h]), (m.names.down, [h, mi])] {
+                        add(&format!("{}.experts.{e}.{proj}.weight", m.names.block), shape.to_vec());
+                    }
+                }
+                continue;
+            }
             let mlp: &[(&str, usize, usize)] = if self.blocks.plain_mlp {
                 &[("c_fc", i, h), ("c_proj", h, i)]
             } else {
@@ -222,6 +276,11 @@ impl DecoderConfig {
                     .collect()
             }
         }
+    }
+
+    /// Layer `l`'s mixture of experts, where its MLP is sparse.
+    pub fn sparse(&self, l: usize) -> Option<&MoeConfig> {
+        self.blocks.moe.as_ref().filter(|m| m.sparse_layers.get(l) == Some(&true))
     }
 
     /// Whether layer `l` attends within `sliding_window`.
@@ -423,7 +482,16 @@ impl Ctx<'_> {
             GateAct::GeluTanh => autodeploy_core::custom_op::op("aten.gelu", "approximate=tanh")?,
             GateAct::Gelu => autodeploy_core::custom_op::op("aten.gelu", "approximate=none")?,
         };
-        let d = if c.blocks.plain_mlp {
+        let d = if let Some(m) = c.sparse(l) {
+            let block = format!("{p}.{}", m.names.block);
+            let r = self.linear(&format!("{n}.router"), x, &format!("{block}.gate"), m.num_experts, hs, false)?;
+            let (gu, dw) = m.stacked(l);
+            let gu = self.w(&gu, &[m.num_experts, 2 * m.intermediate_size, hs]);
+            let dw = self.w(&dw, &[m.num_experts, hs, m.intermediate_size]);
+            let op =
+                Op::moe(Moe { top_k: m.top_k, norm: m.norm, act: c.blocks.activation, weights_f32: m.weights_f32 });
+            self.b.op(&format!("{n}.moe"), op, &[x, r, gu, dw])?
+        } else if c.blocks.plain_mlp {
             let f = self.linear(&format!("{n}.c_fc"), x, &format!("{p}.mlp.c_fc"), is, hs, c.mlp_bias)?;
             let a = self.b.op(&format!("{n}.act"), act, &[f])?;
             self.linear(&format!("{n}.c_proj"), a, &format!("{p}.mlp.c_proj"), hs, is, c.mlp_bias)?
@@ -457,6 +525,19 @@ pub fn build_decoder(
     store.add_tensor(INV_FREQ, Tensor::from_f32(vec![half], inv)?);
     if let Some(theta) = cfg.blocks.local_rope_theta {
         store.add_tensor(INV_FREQ_LOCAL, Tensor::from_f32(vec![half], cfg.inv_freq_of(theta, &RopeScaling::None))?);
+    }
+    if let Some(m) = &cfg.blocks.moe {
+        for l in (0..cfg.num_layers).filter(|&l| m.sparse_layers.get(l) == Some(&true)) {
+            let (gu, down) = m.stacked(l);
+            let experts = 0..m.num_experts;
+            let gate_up: Vec<Vec<String>> =
+                experts.clone().map(|e| vec![m.expert(l, e, m.names.gate), m.expert(l, e, m.names.up)]).collect();
+            let downs: Vec<Vec<String>> = experts.map(|e| vec![m.expert(l, e, m.names.down)]).collect();
+            for (name, groups) in [(gu, gate_up), (down, downs)] {
+                let (dtype, _) = store.stored_meta(&groups[0][0])?;
+                store.add_stacked(&name, &groups, dtype)?;
+            }
+        }
     }
     let mut b = GraphBuilder::new(Arc::new(store));
     let (batch, seq) = (Dim::sym("batch"), Dim::sym("seq"));

@@ -5,7 +5,7 @@
 //! blocks already exist is one entry here plus its fixture and parity test; the importers read
 //! the entry, never a family's name, and the pattern matchers and transforms see only the graph.
 
-pub use super::decoder::GateAct;
+pub use super::decoder::{GateAct, MoeNames};
 
 /// Where a block option's value comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +42,24 @@ pub enum Window {
 pub struct Softcaps {
     pub attn: Option<f64>,
     pub final_logits: Option<f64>,
+}
+
+/// How a family's configs describe its mixture-of-experts MLPs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeKeys {
+    /// The expert count's keys, the first present read (transformers 5 writes Qwen3-MoE's
+    /// `num_experts` as `num_local_experts`).
+    pub experts: &'static [&'static str],
+    /// Each expert's intermediate size (`None`: `intermediate_size`).
+    pub intermediate: Option<&'static str>,
+    /// Whether the chosen probabilities are renormalised.
+    pub norm: Flag,
+    /// The routing weights scale the experts' outputs in f32.
+    pub weights_f32: bool,
+    /// Qwen's `decoder_sparse_step` (absent: 1) and `mlp_only_layers` (absent: none) pick the
+    /// sparse layers; without them every layer is sparse.
+    pub sparse_step: bool,
+    pub names: MoeNames,
 }
 
 /// One family: the `model_type` of its HF configs (the `general.architecture` of its GGUF
@@ -91,6 +109,8 @@ pub struct Family {
     /// The sliding layers' own RoPE base: `rope_local_base_freq` (this value when absent), or
     /// transformers 5's `rope_parameters.sliding_attention` (Gemma 3).
     pub local_rope_theta: Option<f64>,
+    /// Mixture-of-experts MLPs.
+    pub moe: Option<MoeKeys>,
 }
 
 /// SiLU-gated MLPs, as Llama's.
@@ -119,6 +139,25 @@ const LLAMA: Family = Family {
     softcaps: None,
     query_pre_attn_scalar: None,
     local_rope_theta: None,
+    moe: None,
+};
+
+const MISTRAL: Family = Family {
+    name: "mistral",
+    qkv_bias: Flag::Fixed(false),
+    o_bias: Flag::Fixed(false),
+    mlp_bias: Flag::Fixed(false),
+    window: Window::Key("sliding_window"),
+    ..LLAMA
+};
+
+const QWEN3: Family = Family {
+    name: "qwen3",
+    mlp_bias: Flag::Fixed(false),
+    qk_norm: true,
+    window: Window::FromLayer,
+    gguf_qk_permuted: false,
+    ..LLAMA
 };
 
 /// Gemma's blocks: (1 + w) RMSNorm, the embedding scaled by √hidden, GeGLU.
@@ -145,6 +184,7 @@ const GEMMA: Family = Family {
     softcaps: None,
     query_pre_attn_scalar: None,
     local_rope_theta: None,
+    moe: None,
 };
 
 /// Gemma 2/3's GeGLU activations (`hidden_activation`; `gelu` is the exact one there).
@@ -153,14 +193,7 @@ const GEMMA2_ACTS: &[(&str, GateAct)] =
 
 pub const FAMILIES: &[Family] = &[
     LLAMA,
-    Family {
-        name: "mistral",
-        qkv_bias: Flag::Fixed(false),
-        o_bias: Flag::Fixed(false),
-        mlp_bias: Flag::Fixed(false),
-        window: Window::Key("sliding_window"),
-        ..LLAMA
-    },
+    MISTRAL,
     Family {
         name: "qwen2",
         qkv_bias: Flag::Fixed(true),
@@ -170,13 +203,30 @@ pub const FAMILIES: &[Family] = &[
         gguf_qk_permuted: false,
         ..LLAMA
     },
+    QWEN3,
     Family {
-        name: "qwen3",
-        mlp_bias: Flag::Fixed(false),
-        qk_norm: true,
-        window: Window::FromLayer,
-        gguf_qk_permuted: false,
-        ..LLAMA
+        name: "qwen3_moe",
+        moe: Some(MoeKeys {
+            experts: &["num_experts", "num_local_experts"],
+            intermediate: Some("moe_intermediate_size"),
+            norm: Flag::Key("norm_topk_prob", false),
+            weights_f32: false,
+            sparse_step: true,
+            names: MoeNames { block: "mlp", gate: "gate_proj", up: "up_proj", down: "down_proj" },
+        }),
+        ..QWEN3
+    },
+    Family {
+        name: "mixtral",
+        moe: Some(MoeKeys {
+            experts: &["num_local_experts"],
+            intermediate: None,
+            norm: Flag::Fixed(true),
+            weights_f32: true,
+            sparse_step: false,
+            names: MoeNames { block: "block_sparse_moe", gate: "w1", up: "w3", down: "w2" },
+        }),
+        ..MISTRAL
     },
     Family { name: "granite", multipliers: true, ..LLAMA },
     Family {
@@ -249,6 +299,9 @@ mod tests {
             assert_eq!(family(f.name).map(|g| g.name), Some(f.name));
         }
         assert!(family("gpt2").is_none());
-        assert_eq!(names(), "llama, mistral, qwen2, qwen3, granite, phi3, gemma, gemma2, gemma3_text, starcoder2");
+        assert_eq!(
+            names(),
+            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, granite, phi3, gemma, gemma2, gemma3_text, starcoder2"
+        );
     }
 }

@@ -11,7 +11,7 @@ use autodeploy_core::weights::{SafetensorsFile, WeightStore};
 use autodeploy_core::{DType, Graph};
 use serde_json::{Map, Value};
 
-use super::decoder::{build_decoder, BlockOptions, DecoderConfig, RopeScaling, Scalars};
+use super::decoder::{build_decoder, BlockOptions, DecoderConfig, MoeConfig, RopeScaling, Scalars};
 use super::families::{self, Flag, Window};
 
 pub struct HfImporter;
@@ -329,7 +329,44 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             local_rope_theta: local_rope,
             layer_norm: fam.layer_norm,
             plain_mlp: fam.plain_mlp,
+            moe: match &fam.moe {
+                Some(m) => Some(parse_moe(&k, m, num_layers, flag(m.norm)?)?),
+                None => None,
+            },
         },
+    })
+}
+
+/// A mixture-of-experts family's expert count, top-k, expert width and sparse layers.
+fn parse_moe(k: &Keys, m: &families::MoeKeys, num_layers: usize, norm: bool) -> Result<MoeConfig> {
+    let key = m.experts.iter().copied().find(|key| k.present(key).is_some()).unwrap_or(m.experts[0]);
+    let num_experts = k.size(key, 1 << 12)?;
+    let top_k = k.size("num_experts_per_tok", 1 << 12)?;
+    if top_k > num_experts {
+        return Err(k.err("num_experts_per_tok", format!("{top_k} is more than the {num_experts} experts ({key})")));
+    }
+    let intermediate_size = k.size(m.intermediate.unwrap_or("intermediate_size"), 1 << 20)?;
+    let sparse_layers = if m.sparse_step {
+        let step = k.size_opt("decoder_sparse_step", 1 << 10)?.unwrap_or(1);
+        let dense: Vec<u64> = match k.present("mlp_only_layers") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
+                .ok_or_else(|| k.err("mlp_only_layers", format!("expected a list of layer indices, found {v}")))?,
+        };
+        (0..num_layers).map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0).collect()
+    } else {
+        vec![true; num_layers]
+    };
+    Ok(MoeConfig {
+        num_experts,
+        top_k,
+        intermediate_size,
+        norm,
+        weights_f32: m.weights_f32,
+        sparse_layers,
+        names: m.names,
     })
 }
 

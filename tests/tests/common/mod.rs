@@ -16,6 +16,8 @@ pub const FAMILIES: &[&str] = &[
     "qwen2",
     "qwen2-window",
     "qwen3",
+    "qwen3_moe",
+    "mixtral",
     "llama-rope-linear",
     "llama-rope-dynamic",
     "granite",
@@ -25,6 +27,15 @@ pub const FAMILIES: &[&str] = &[
     "gemma3_text",
     "starcoder2",
 ];
+
+/// The mixture-of-experts fixtures. Their routing is a discontinuity: where a token's k-th and
+/// (k+1)-th router logits are closer than rounding moves them (transformers' own bf16 router
+/// logits move up to 0.2 from its f32 ones on these fixtures, against a median gap of 0.7),
+/// two engines in bf16 or f16 can choose different experts and that position's logits jump.
+/// Reduced-precision comparisons of these families therefore bound the mean error by
+/// transformers' own bf16 noise instead of bounding each logit; f32 (exact routing) is held to
+/// the same bounds as every family.
+pub const ROUTED: &[&str] = &["qwen3_moe", "mixtral"];
 
 // Tolerances against transformers' logits (tests/parity.rs; tests/pt2.rs uses the same).
 /// f32: measured at most 2.1e-5 (llama); 1e-4 leaves 4.8x for another CPU's summation order.

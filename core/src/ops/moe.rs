@@ -1,0 +1,259 @@
+//! The canonical mixture-of-experts op, defined once here and registered in the op table:
+//! `torch_moe(x[.., H], router_logits[.., E], w_gate_up[E, 2I, H], w_down[E, H, I])` with
+//! attributes `top_k=K, norm=true|false, act=silu|gelu_tanh|gelu[, weights_f32=true]`.
+//!
+//! Each token's routing is softmax over its router logits in f32, the `K` largest
+//! probabilities (ties to the lower expert index), divided by their sum when `norm`, then
+//! rounded to the model's dtype unless `weights_f32` (Mixtral keeps them in f32 until they
+//! scale an expert's output; Qwen3-MoE rounds them first). Each chosen expert `e` computes
+//! `down_e(act(gate_e(x)) · up_e(x))` (the gate rows of `w_gate_up[e]` first), scaled by the
+//! token's weight for it; the outputs are summed in expert order, each sum rounded to the
+//! dtype, as transformers' `index_add_` does. The router's linear stays an ordinary
+//! `aten.linear` before the op (AutoDeploy's `torch_moe` takes the chosen experts and weights
+//! instead; folding the routing in lets one kernel read only the chosen experts' weights).
+
+use std::sync::Arc;
+
+use crate::cpu::{round_as, KernelOptions};
+use crate::custom_op::{CustomOp, Outputs};
+use crate::dtype::DType;
+use crate::ir::TensorMeta;
+use crate::op_text::read_attrs;
+use crate::ops::linear::{gate_act, gate_act_name, gate_act_named, GateAct};
+use crate::ops::Op;
+use crate::shape::Dim;
+use crate::tensor::Tensor;
+
+pub const MOE: &str = "torch_moe";
+
+/// `torch_moe`'s attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Moe {
+    /// Experts per token.
+    pub top_k: usize,
+    /// The chosen probabilities divided by their sum.
+    pub norm: bool,
+    pub act: GateAct,
+    /// The routing weights stay f32 (else rounded to the model's dtype before they scale).
+    pub weights_f32: bool,
+}
+
+impl Moe {
+    fn text(&self) -> String {
+        let mut s = format!("top_k={}, norm={}, act={}", self.top_k, self.norm, gate_act_name(self.act));
+        if self.weights_f32 {
+            s.push_str(", weights_f32=true");
+        }
+        s
+    }
+
+    pub fn parse(text: &str) -> Result<Moe, String> {
+        read_attrs(MOE, text, |a| {
+            let top_k = a.int("top_k")?;
+            if top_k < 1 {
+                return Err(a.bad("top_k", &top_k.to_string(), "at least 1"));
+            }
+            let name = a.take("act").ok_or_else(|| a.missing("act"))?;
+            let act = gate_act_named(name).ok_or_else(|| a.bad("act", name, "silu, gelu_tanh or gelu"))?;
+            Ok(Moe {
+                top_k: top_k as usize,
+                norm: a.bool("norm")?,
+                act,
+                weights_f32: a.opt_bool("weights_f32")?.unwrap_or(false),
+            })
+        })
+    }
+}
+
+impl Op {
+    /// `torch_moe(x, router_logits, w_gate_up, w_down)`.
+    pub fn moe(a: Moe) -> Op {
+        Op { name: MOE, attrs: a.text() }
+    }
+    pub fn moe_of(&self) -> Option<Moe> {
+        self.attrs_of(MOE).and_then(|a| Moe::parse(a).ok())
+    }
+}
+
+fn moe_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    let a = Moe::parse(attrs)?;
+    let (x, logits, gu, down) = (&ins[0], &ins[1], &ins[2], &ins[3]);
+    let bad = || {
+        let all: Vec<String> = ins.iter().map(|m| m.to_string()).collect();
+        format!(
+            "inconsistent operands {} (want x[.., H], router_logits[.., E], w_gate_up[E, 2I, H], w_down[E, H, I])",
+            all.join(", ")
+        )
+    };
+    if !x.dtype.is_float() || x.shape.is_empty() || gu.shape.len() != 3 || down.shape.len() != 3 {
+        return Err(bad());
+    }
+    let (e, two_i, h) = (&gu.shape[0], &gu.shape[1], &gu.shape[2]);
+    let inter = two_i.as_static().filter(|n| n % 2 == 0).map(|n| Dim::new(n / 2)).ok_or_else(bad)?;
+    let lead = &x.shape[..x.shape.len() - 1];
+    if x.shape.last() != Some(h)
+        || logits.shape.len() != x.shape.len()
+        || logits.shape[..lead.len()] != *lead
+        || logits.shape.last() != Some(e)
+        || down.shape != [e.clone(), h.clone(), inter]
+        || gu.dtype != x.dtype
+        || down.dtype != x.dtype
+        || !logits.dtype.is_float()
+    {
+        return Err(bad());
+    }
+    if e.as_static().is_none_or(|e| a.top_k > e) {
+        return Err(format!("top_k={} needs at least that many experts, w_gate_up is {gu}", a.top_k));
+    }
+    Ok(vec![x.clone()])
+}
+
+/// Each token's chosen experts and weights: `routes[e]` lists `(token, weight)` in token order.
+fn route(logits: &[f32], tokens: usize, experts: usize, a: &Moe, dtype: DType) -> Vec<Vec<(usize, f32)>> {
+    let mut routes = vec![Vec::new(); experts];
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for t in 0..tokens {
+        let row = &logits[t * experts..(t + 1) * experts];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let p: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+        let sum: f32 = p.iter().sum();
+        order.clear();
+        order.extend(0..experts);
+        order.sort_by(|&i, &j| p[j].total_cmp(&p[i]).then(i.cmp(&j)));
+        let chosen = &order[..a.top_k];
+        let probs: Vec<f32> = chosen.iter().map(|&e| p[e] / sum).collect();
+        let total: f32 = probs.iter().sum();
+        for (&e, &w) in chosen.iter().zip(&probs) {
+            let w = if a.norm { w / total } else { w };
+            routes[e].push((t, if a.weights_f32 { w } else { round_as(dtype, w) }));
+        }
+    }
+    routes
+}
+
+/// Routing, then each expert over the tokens routed to it (only the chosen experts' weights
+/// are read), rounded where transformers' modules round.
+fn moe_cpu(
+    ins: &[&Tensor],
+    attrs: &str,
+    outs: &[(DType, Vec<usize>)],
+    opts: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
+    let a = Moe::parse(attrs)?;
+    let (x, logits, gu, down) = (ins[0], ins[1], ins[2], ins[3]);
+    let dtype = x.dtype();
+    let (experts, inter, h) = (gu.shape()[0], gu.shape()[1] / 2, gu.shape()[2]);
+    let tokens = x.numel() / h.max(1);
+    let none = |t: &Tensor, what: &str| format!("{what}: {} expert weights have no CPU kernel", t.dtype());
+    let gu_w = gu.as_dense().ok_or_else(|| none(gu, "w_gate_up"))?;
+    let down_w = down.as_dense().ok_or_else(|| none(down, "w_down"))?;
+    let routes = route(&logits.to_f32(), tokens, experts, &a, dtype);
+    let xv = x.to_f32();
+    let mut y = vec![0f32; tokens * h];
+    for (e, list) in routes.iter().enumerate() {
+        if list.is_empty() {
+            continue;
+        }
+        let m = list.len();
+        let mut xs = Vec::with_capacity(m * h);
+        for &(t, _) in list {
+            xs.extend_from_slice(&xv[t * h..(t + 1) * h]);
+        }
+        let mut g = vec![0f32; m * 2 * inter];
+        let w = gu_w.range(e * 2 * inter * h, 2 * inter * h);
+        autodeploy_kernels::dense::dense_linear(opts.cpu, m, 2 * inter, h, &xs, w, None, &mut g);
+        let mut act = vec![0f32; m * inter];
+        for r in 0..m {
+            for j in 0..inter {
+                let (gv, uv) = (round_as(dtype, g[r * 2 * inter + j]), round_as(dtype, g[r * 2 * inter + inter + j]));
+                act[r * inter + j] = round_as(dtype, round_as(dtype, gate_act(a.act, gv)) * uv);
+            }
+        }
+        let mut d = vec![0f32; m * h];
+        let w = down_w.range(e * h * inter, h * inter);
+        autodeploy_kernels::dense::dense_linear(opts.cpu, m, h, inter, &act, w, None, &mut d);
+        for (r, &(t, wt)) in list.iter().enumerate() {
+            for j in 0..h {
+                let contrib = round_as(dtype, round_as(dtype, d[r * h + j]) * wt);
+                let acc = &mut y[t * h + j];
+                *acc = round_as(dtype, *acc + contrib);
+            }
+        }
+    }
+    Ok(vec![Tensor::from_f32_as(outs[0].0, outs[0].1.clone(), y).map_err(|e| e.to_string())?])
+}
+
+/// The MoE op as an op-table entry.
+pub fn ops() -> Vec<CustomOp> {
+    vec![CustomOp::built_in(
+        MOE,
+        4,
+        Outputs::Rule(Arc::new(moe_rule)),
+        |a| Moe::parse(a).map(|_| ()),
+        Arc::new(moe_cpu),
+    )]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(top_k: usize, norm: bool) -> Moe {
+        Moe { top_k, norm, act: GateAct::Silu, weights_f32: false }
+    }
+
+    #[test]
+    fn routing_picks_the_largest_probabilities_and_normalises_them() {
+        // Token 0 prefers experts 2 then 0; token 1 has a tie between 1 and 3 (lower index wins).
+        let logits = [1.0, -1.0, 2.0, 0.0, 0.0, 1.0, -2.0, 1.0];
+        let r = route(&logits, 2, 4, &attrs(2, true), DType::F32);
+        let p0 = [1f32.exp(), (-1f32).exp(), 2f32.exp(), 1.0];
+        let s0: f32 = p0.iter().sum();
+        assert_eq!(r[2][0].0, 0);
+        assert!((r[2][0].1 - p0[2] / (p0[0] + p0[2])).abs() < 1e-6);
+        assert!((r[0][0].1 - p0[0] / (p0[0] + p0[2])).abs() < 1e-6);
+        assert_eq!(r[1], vec![(1, 0.5)]);
+        assert_eq!(r[3], vec![(1, 0.5)]);
+        let u = route(&logits, 2, 4, &attrs(2, false), DType::F32);
+        assert!((u[2][0].1 - p0[2] / s0).abs() < 1e-6, "{u:?}");
+    }
+
+    #[test]
+    fn one_expert_chosen_is_a_swiglu_mlp_scaled_by_its_probability() {
+        // 2 experts, hidden 2, inter 1; logits make expert 1 the choice.
+        let x = Tensor::from_f32(vec![1, 2], vec![0.5, -1.0]).unwrap();
+        let logits = Tensor::from_f32(vec![1, 2], vec![0.0, 1.0]).unwrap();
+        let gu = Tensor::from_f32(vec![2, 2, 2], vec![9.0, 9.0, 9.0, 9.0, 1.0, 2.0, 3.0, -1.0]).unwrap();
+        let down = Tensor::from_f32(vec![2, 2, 1], vec![7.0, 7.0, 2.0, -3.0]).unwrap();
+        let outs = [(DType::F32, vec![1, 2])];
+        let y =
+            moe_cpu(&[&x, &logits, &gu, &down], "top_k=1, norm=false, act=silu", &outs, &Default::default()).unwrap();
+        let (g, u) = (0.5 * 1.0 + -1.0 * 2.0, 0.5 * 3.0 + 1.0);
+        let h = g / (1.0 + (-g as f32).exp()) * u;
+        let p = 1f32.exp() / (1.0 + 1f32.exp());
+        let want = [2.0 * h * p, -3.0 * h * p];
+        let got = y[0].to_f32();
+        assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{got:?} vs {want:?}");
+        // With norm, the one chosen weight is 1.
+        let y =
+            moe_cpu(&[&x, &logits, &gu, &down], "top_k=1, norm=true, act=silu", &outs, &Default::default()).unwrap();
+        let got = y[0].to_f32();
+        assert!((got[0] - 2.0 * h).abs() < 1e-5 && (got[1] + 3.0 * h).abs() < 1e-5, "{got:?}");
+    }
+
+    #[test]
+    fn bad_operands_and_attributes_are_named() {
+        use crate::shape::static_shape;
+        let m = |s: &[usize]| TensorMeta { dtype: DType::F32, shape: static_shape(s) };
+        let ok = [m(&[3, 8]), m(&[3, 4]), m(&[4, 6, 8]), m(&[4, 8, 3])];
+        assert_eq!(moe_rule(&ok, "top_k=2, norm=true, act=silu").unwrap()[0], ok[0]);
+        let e = moe_rule(&ok, "top_k=5, norm=true, act=silu").unwrap_err();
+        assert!(e.contains("top_k=5"), "{e}");
+        let bad_down = [m(&[3, 8]), m(&[3, 4]), m(&[4, 6, 8]), m(&[4, 8, 4])];
+        assert!(moe_rule(&bad_down, "top_k=2, norm=true, act=silu").unwrap_err().contains("inconsistent"));
+        let bad_logits = [m(&[3, 8]), m(&[3, 5]), m(&[4, 6, 8]), m(&[4, 8, 3])];
+        assert!(moe_rule(&bad_logits, "top_k=2, norm=true, act=silu").is_err());
+        assert!(Moe::parse("top_k=2, norm=true, act=relu").unwrap_err().contains("`act`"));
+        assert!(Moe::parse("top_k=2, act=silu").unwrap_err().contains("`norm` is missing"));
+    }
+}
