@@ -74,7 +74,9 @@ fn compile_stage_fusions_are_transforms_the_graph_shows() {
         check_greedy(fam, "compile_backend = \"opt\"\n[transforms.fuse_rope_attention]\nenabled = false", "rope apart");
         // The SwiGLU epilogue: marked on every fused SiLU MLP under opt (GeGLU has none),
         // switched off by its table.
-        let mlps = dump.matches("= torch_swiglu_mlp(").count() + dump.matches("= torch_mlp(").count();
+        let mlps = dump.matches("= torch_swiglu_mlp(").count()
+            + dump.matches("= torch_mlp(").count()
+            + dump.matches("= torch_moe(").count();
         let silu = dump.lines().filter(|l| l.contains("= torch_swiglu_mlp(") && !l.contains("act=")).count();
         assert!(mlps == layers && dump.matches("fused=true, epilogue=true)").count() == silu, "{fam}: {dump}");
         let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_swiglu_epilogue]\nenabled = false");

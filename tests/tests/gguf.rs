@@ -197,6 +197,14 @@ fn bad_gguf_files_name_the_key_or_tensor() {
         "general.architecture\u{8}\0\0\0\u{5}\0\0\0\0\0\0\0gpt2x",
     ));
     assert!(e.contains("general.architecture") && e.contains("gpt2x") && e.contains("supported: llama"), "{e}");
+    // A family the HF importer knows whose GGUF layout is not mapped: refused, not run as Llama
+    // (its metadata keys are `gemma.*`, but the architecture is checked first).
+    let e = import_err(&patch(
+        &good,
+        "general.architecture\u{8}\0\0\0\u{5}\0\0\0\0\0\0\0llama",
+        "general.architecture\u{8}\0\0\0\u{5}\0\0\0\0\0\0\0gemma",
+    ));
+    assert!(e.contains("`gemma` GGUF files are not supported") && !e.contains("gemma2"), "{e}");
     // A missing metadata key: rename it so it is no longer found.
     let e = import_err(&patch(&good, "llama.block_count", "llama.blockxcount"));
     assert!(e.contains("llama.block_count") && e.contains("missing"), "{e}");

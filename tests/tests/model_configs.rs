@@ -38,6 +38,10 @@ const PUBLISHED: &[(&str, u64)] = &[
     // StarCoder2-7B, tied (transformers' default; its config has no key), LayerNorms with
     // bias, biases on every projection: the model page's 7.17B.
     ("bigcode/starcoder2-7b", 7_173_923_840),
+    // Mixture of experts, summed from the config as above (a router and each expert's three
+    // projections a sparse layer): Qwen3-30B-A3B's card says 30.5B; Mixtral-8x22B's 141B.
+    ("Qwen/Qwen3-30B-A3B", 30_532_122_624),
+    ("mistralai/Mixtral-8x22B-Instruct-v0.1", 140_620_634_112),
 ];
 
 fn import(dir: &std::path::Path) -> autodeploy_core::Result<autodeploy_core::Graph> {

@@ -389,10 +389,13 @@ fn every_family_reaches_the_canonical_ops_with_unchanged_logits() {
             assert_eq!(count(&ops, "aten.layer_norm"), ln, "{fam}");
             assert_eq!(ops.get("torch_rope_with_explicit_cos_sin"), Some(&(2 * layers)), "{fam}");
             assert_eq!(ops.get("torch_attention"), Some(&layers), "{fam}");
-            // Gated (SwiGLU, GeGLU) or ungated (StarCoder2's), one canonical MLP a layer.
-            assert_eq!(count(&ops, "torch_swiglu_mlp") + count(&ops, "torch_mlp"), layers, "{fam}");
-            // Per layer: fused qkv, o_proj; plus lm_head.
-            assert_eq!(ops.get("aten.linear"), Some(&(2 * layers + 1)), "{fam}");
+            // Gated (SwiGLU, GeGLU), ungated (StarCoder2's) or mixture of experts: one
+            // canonical MLP a layer.
+            let moe = count(&ops, "torch_moe");
+            assert_eq!(count(&ops, "torch_swiglu_mlp") + count(&ops, "torch_mlp") + moe, layers, "{fam}");
+            assert_eq!(moe > 0, ROUTED.contains(&fam), "{fam}");
+            // Per layer: fused qkv, o_proj; a router per sparse MLP; plus lm_head.
+            assert_eq!(ops.get("aten.linear"), Some(&(2 * layers + moe + 1)), "{fam}");
             let r = Reference::load(fam);
             let (shape, ids) = r.i64("tokens_1");
             let pos: Vec<i64> = (0..shape[1] as i64).collect();

@@ -111,6 +111,9 @@ pub struct Family {
     pub local_rope_theta: Option<f64>,
     /// Mixture-of-experts MLPs.
     pub moe: Option<MoeKeys>,
+    /// The GGUF importer maps this family's files (llama.cpp's names for Llama-shaped blocks;
+    /// the others' GGUF files are refused naming `general.architecture`, never run as Llama).
+    pub gguf: bool,
 }
 
 /// SiLU-gated MLPs, as Llama's.
@@ -140,6 +143,7 @@ const LLAMA: Family = Family {
     query_pre_attn_scalar: None,
     local_rope_theta: None,
     moe: None,
+    gguf: true,
 };
 
 const MISTRAL: Family = Family {
@@ -185,6 +189,7 @@ const GEMMA: Family = Family {
     query_pre_attn_scalar: None,
     local_rope_theta: None,
     moe: None,
+    gguf: false,
 };
 
 /// Gemma 2/3's GeGLU activations (`hidden_activation`; `gelu` is the exact one there).
@@ -214,6 +219,7 @@ pub const FAMILIES: &[Family] = &[
             sparse_step: true,
             names: MoeNames { block: "mlp", gate: "gate_proj", up: "up_proj", down: "down_proj" },
         }),
+        gguf: false,
         ..QWEN3
     },
     Family {
@@ -226,6 +232,7 @@ pub const FAMILIES: &[Family] = &[
             sparse_step: false,
             names: MoeNames { block: "block_sparse_moe", gate: "w1", up: "w3", down: "w2" },
         }),
+        gguf: false,
         ..MISTRAL
     },
     Family { name: "granite", multipliers: true, ..LLAMA },
@@ -237,6 +244,7 @@ pub const FAMILIES: &[Family] = &[
         window: Window::Key("sliding_window"),
         gguf_qk_permuted: false,
         fused_projections: true,
+        gguf: false,
         ..LLAMA
     },
     GEMMA,
@@ -274,6 +282,7 @@ pub const FAMILIES: &[Family] = &[
         tied_by_default: true,
         layer_norm: true,
         plain_mlp: true,
+        gguf: false,
         ..LLAMA
     },
 ];
@@ -281,6 +290,11 @@ pub const FAMILIES: &[Family] = &[
 /// The family named `name` (a `model_type` or GGUF architecture).
 pub fn family(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)
+}
+
+/// The families whose GGUF files the importer maps, for its "not supported" errors.
+pub fn gguf_names() -> String {
+    FAMILIES.iter().filter(|f| f.gguf).map(|f| f.name).collect::<Vec<_>>().join(", ")
 }
 
 /// Every family's name, for "not supported" errors.

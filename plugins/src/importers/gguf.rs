@@ -119,14 +119,20 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         .ok_or_else(|| Error::config(&f.path, "general.architecture", "missing"))?
         .as_str()
         .ok_or_else(|| Error::config(&f.path, "general.architecture", "not a string"))?;
-    if super::families::family(arch).is_none() {
+    if !super::families::family(arch).is_some_and(|fam| fam.gguf) {
         return Err(Error::config(
             &f.path,
             "general.architecture",
-            format!("`{arch}` is not supported; supported: {}", super::families::names()),
+            format!("`{arch}` GGUF files are not supported; supported: {}", super::families::gguf_names()),
         ));
     }
     let m = Meta { f, arch };
+    // Mixtral's GGUF files say `llama` and carry experts: refused, not run as a dense Llama.
+    if let Some(n) = m.usize_opt("expert_count")?.filter(|&n| n > 0) {
+        return Err(
+            m.err(&m.key("expert_count"), format!("{n} experts: mixture-of-experts GGUF files are not supported yet"))
+        );
+    }
     let hidden = m.usize("embedding_length")?;
     let heads = m.usize("attention.head_count")?;
     let kv_heads = m.usize_opt("attention.head_count_kv")?.unwrap_or(heads);
