@@ -393,7 +393,7 @@ fn every_family_reaches_the_canonical_ops_with_unchanged_logits() {
             // canonical MLP a layer.
             let moe = count(&ops, "torch_moe");
             assert_eq!(count(&ops, "torch_swiglu_mlp") + count(&ops, "torch_mlp") + moe, layers, "{fam}");
-            assert_eq!(moe > 0, ROUTED.contains(&fam), "{fam}");
+            assert_eq!(moe > 0, ROUTED.contains(fam), "{fam}");
             // Per layer: fused qkv, o_proj; a router per sparse MLP; plus lm_head.
             assert_eq!(ops.get("aten.linear"), Some(&(2 * layers + moe + 1)), "{fam}");
             let r = Reference::load(fam);
