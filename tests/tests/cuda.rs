@@ -28,6 +28,7 @@ const F32_TOL: f32 = common::F32_MAX_ABS;
 /// (max and mean |logit error| over all steps). Set from the H200 measurements in tests/README.md.
 const BF16_VS_CPU_MAX: f32 = 1.5;
 const BF16_VS_CPU_MEAN: f32 = 1.25;
+const BF16_ROUTED_MEAN: f32 = 2.0;
 
 // Every test here is `#[ignore]`d with the reason "needs an NVIDIA GPU", so a run without a
 // GPU (CI) counts and names them; on a GPU machine they run with `--include-ignored`.
@@ -102,15 +103,22 @@ fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> (f32, f32, f32) {
 
 /// bf16 logits of the GPU (`got`) and the CPU (`cpu`) for the same tokens, each against the
 /// f32 `truth`: the GPU may stray from it by at most `BF16_VS_CPU_*` times what the CPU does.
+/// A mixture-of-experts fixture (`common::ROUTED`) is held to the mean only, at
+/// `BF16_ROUTED_MEAN` times the CPU's: a router near-tie that rounding flips on one device and
+/// not the other moves single logits past any per-logit bound (not yet measured on a GPU).
 fn bf16_against_f32(
     what: &str,
+    family: &str,
     truth: &[Vec<Vec<f32>>],
     cpu: &[Vec<Vec<f32>>],
     got: &[Vec<Vec<f32>>],
 ) -> Result<(), String> {
     let (c_max, _, c_mean) = max_diff(truth, cpu);
     let (g_max, _, g_mean) = max_diff(truth, got);
-    let (tol_max, tol_mean) = (BF16_VS_CPU_MAX * c_max, BF16_VS_CPU_MEAN * c_mean);
+    let (tol_max, tol_mean) = match common::ROUTED.contains(&family) {
+        true => (f32::INFINITY, BF16_ROUTED_MEAN * c_mean),
+        false => (BF16_VS_CPU_MAX * c_max, BF16_VS_CPU_MEAN * c_mean),
+    };
     eprintln!(
         "{what}: against f32, GPU max {g_max:.3e} mean {g_mean:.3e}, CPU max {c_max:.3e} mean {c_mean:.3e} \
          (tolerance max {tol_max:.3e}, mean {tol_mean:.3e})"
@@ -212,7 +220,7 @@ fn check_family_dtype(family: &str, dtype: &str) -> Vec<String> {
             }
             Some(truth) => {
                 eprintln!("{what}: against the CPU's bf16 max {d:.3e} mean {mean:.3e} (max |logit| {m:.2})");
-                failed.extend(bf16_against_f32(&what, truth, &reference, &got).err());
+                failed.extend(bf16_against_f32(&what, family, truth, &reference, &got).err());
             }
         }
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&cfg_text(&extra), None).unwrap();
@@ -343,7 +351,7 @@ fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
         let (d, m, mean) = max_diff(&reference, &got);
         let what = format!("qwen3 bf16 300-token prefill, {backend}");
         eprintln!("{what}: against the CPU's bf16 max {d:.3e} mean {mean:.3e} (max |logit| {m:.2})");
-        failed.extend(bf16_against_f32(&what, &truth, &reference, &got).err());
+        failed.extend(bf16_against_f32(&what, "qwen3", &truth, &reference, &got).err());
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }

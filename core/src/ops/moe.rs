@@ -8,21 +8,23 @@
 //! scale an expert's output; Qwen3-MoE rounds them first). Each chosen expert `e` computes
 //! `down_e(act(gate_e(x)) · up_e(x))` (the gate rows of `w_gate_up[e]` first), scaled by the
 //! token's weight for it; the outputs are summed in expert order, each sum rounded to the
-//! dtype, as transformers' `index_add_` does. The router's linear stays an ordinary
+//! dtype, as transformers' `index_add_` does. The CUDA lowering (kernels' `Gpu::moe`) rounds
+//! the same way; it reads only the chosen experts' rows, one GEMV a token and expert. The router's linear stays an ordinary
 //! `aten.linear` before the op (AutoDeploy's `torch_moe` takes the chosen experts and weights
 //! instead; folding the routing in lets one kernel read only the chosen experts' weights).
 
 use std::sync::Arc;
 
 use crate::cpu::{round_as, KernelOptions};
-use crate::custom_op::{CustomOp, Outputs};
+use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
 use crate::op_text::read_attrs;
 use crate::ops::linear::{gate_act, gate_act_name, gate_act_named, GateAct};
-use crate::ops::Op;
+use crate::ops::{cuda_dt, gpu_of, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
+use autodeploy_kernels::cuda::exec::MoeShape;
 
 pub const MOE: &str = "torch_moe";
 
@@ -183,15 +185,62 @@ fn moe_cpu(
     Ok(vec![Tensor::from_f32_as(outs[0].0, outs[0].1.clone(), y).map_err(|e| e.to_string())?])
 }
 
+/// The sizes of a call with inputs of these shapes.
+fn moe_shape(a: &Moe, x: &[usize], gate_up: &[usize]) -> MoeShape {
+    let hidden = gate_up.get(2).copied().unwrap_or(1);
+    MoeShape {
+        tokens: x.iter().product::<usize>() / hidden.max(1),
+        experts: gate_up.first().copied().unwrap_or(0),
+        top_k: a.top_k,
+        hidden,
+        inter: gate_up.get(1).copied().unwrap_or(0) / 2,
+        norm: a.norm,
+        weights_f32: a.weights_f32,
+        act: a.act,
+    }
+}
+
+fn moe_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let a = Moe::parse(attrs)?;
+        let (x, logits, gu, down, y) = (&ins[0], &ins[1], &ins[2], &ins[3], &outs[0]);
+        if [gu, down, y].iter().any(|t| t.dtype != x.dtype) {
+            return Err(format!(
+                "x, the expert weights and the output must share one dtype ({} vs {})",
+                gu.dtype, x.dtype
+            ));
+        }
+        let shape = moe_shape(&a, &x.shape, &gu.shape);
+        let mut scratch = [0; 4];
+        for (i, s) in scratch.iter_mut().enumerate() {
+            *s = l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned"))?;
+        }
+        let (d, ld) = (cuda_dt(x.dtype)?, cuda_dt(logits.dtype)?);
+        gpu_of(l)?.moe(&shape, d, x.ptr, (logits.ptr, ld), gu.ptr, down.ptr, y.ptr, scratch).map_err(|e| e.0)
+    })
+}
+
+/// The routing, activations and scaled outputs (`MoeShape::scratch`).
+fn moe_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
+    match Moe::parse(attrs) {
+        Ok(a) => moe_shape(&a, &ins[0].1, &ins[2].1).scratch(ins[0].0.size_in_bytes()).to_vec(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// The MoE op as an op-table entry.
 pub fn ops() -> Vec<CustomOp> {
-    vec![CustomOp::built_in(
-        MOE,
-        4,
-        Outputs::Rule(Arc::new(moe_rule)),
-        |a| Moe::parse(a).map(|_| ()),
-        Arc::new(moe_cpu),
-    )]
+    vec![CustomOp {
+        cuda: Some(moe_cuda()),
+        cuda_scratch: Some(moe_scratch),
+        ..CustomOp::built_in(
+            MOE,
+            4,
+            Outputs::Rule(Arc::new(moe_rule)),
+            |a| Moe::parse(a).map(|_| ()),
+            Arc::new(moe_cpu),
+        )
+    }]
 }
 
 #[cfg(test)]

@@ -630,3 +630,111 @@ __device__ void gemv_swiglu_split(const bf16_t* x, const bf16_t* w, bf16_t* out,
     }
 SWIGLU_SPLIT(2)
 SWIGLU_SPLIT(4)
+
+// ---- Mixture of experts (`torch_moe`): routing, the chosen experts' gate/up and down rows, and
+// the sum in expert order. Correctness first: one warp a weight row, each token-expert pair a
+// GEMV, so only the chosen experts' weights are read (decode); prefill rereads an expert's rows
+// for each token routed to it (a grouped GEMM is left to do).
+
+// A warp's dot product of `n` values of `a` (dtype dt) and `w` (dtype dt), every lane gets it.
+__device__ __forceinline__ float warp_dot(const void* a, long a0, const void* w, long w0, int dt, int n) {
+    float s = 0.0f;
+    for (int k = threadIdx.x & 31; k < n; k += 32) s += ld(a, dt, a0 + k) * ld(w, dt, w0 + k);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+// Per token: softmax of its `experts` router logits in f32, the `top_k` largest (ties to the
+// lower index), divided by their sum when `norm`, rounded to dt unless `weights_f32`.
+extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long tokens, int experts, int top_k,
+                                     int norm, int weights_f32, int* idx, float* wts) {
+    pdl_enter();
+    long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= tokens) return;
+    long row = t * experts;
+    float mx = -__int_as_float(0x7f800000);
+    for (int e = 0; e < experts; e++) mx = fmaxf(mx, ld(logits, ldt, row + e));
+    float sum = 0.0f;
+    for (int e = 0; e < experts; e++) sum += expf(ld(logits, ldt, row + e) - mx);
+    float total = 0.0f;
+    for (int k = 0; k < top_k; k++) {
+        int best = -1;
+        float bp = -1.0f;
+        for (int e = 0; e < experts; e++) {
+            bool taken = false;
+            for (int j = 0; j < k; j++) taken |= idx[t * top_k + j] == e;
+            float p = expf(ld(logits, ldt, row + e) - mx);
+            if (!taken && p > bp) {
+                bp = p;
+                best = e;
+            }
+        }
+        idx[t * top_k + k] = best;
+        wts[t * top_k + k] = bp / sum;
+        total += bp / sum;
+    }
+    for (int k = 0; k < top_k; k++) {
+        float w = norm ? wts[t * top_k + k] / total : wts[t * top_k + k];
+        wts[t * top_k + k] = weights_f32 ? w : rnd(dt, w);
+    }
+}
+
+// act[s, j] = round(round(act(round(g))) * round(u)) for slot s = token * top_k + k, with g and u
+// rows j and inter + j of expert idx[s]'s gate_up [2·inter, hidden]. One warp a (slot, j).
+extern "C" __global__ void moe_gate_up(const void* x, const void* w_gu, const int* idx, int dt, long slots, int top_k,
+                                       int hidden, int inter, int act, void* out) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= slots * inter) return;
+    long s = warp / inter;
+    int j = warp % inter;
+    long e = idx[s], t = s / top_k;
+    long base = e * 2 * (long)inter * hidden;
+    float g = rnd(dt, warp_dot(x, t * hidden, w_gu, base + (long)j * hidden, dt, hidden));
+    float u = rnd(dt, warp_dot(x, t * hidden, w_gu, base + (long)(inter + j) * hidden, dt, hidden));
+    if ((threadIdx.x & 31) == 0) {
+        float a = act == 0   ? g / (1.0f + expf(-g))
+                  : act == 1 ? 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)))
+                             : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+        st(out, dt, s * inter + j, rnd(dt, a) * u);
+    }
+}
+
+// contrib[s, j] = round(round(act[s] · down[idx[s]] row j) * wts[s]) in f32. One warp a (s, j).
+extern "C" __global__ void moe_down(const void* act, const void* w_down, const int* idx, const float* wts, int dt,
+                                    long slots, int hidden, int inter, float* contrib) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= slots * hidden) return;
+    long s = warp / hidden;
+    int j = warp % hidden;
+    long base = (long)idx[s] * hidden * inter;
+    float d = rnd(dt, warp_dot(act, s * inter, w_down, base + (long)j * inter, dt, inter));
+    if ((threadIdx.x & 31) == 0) contrib[s * hidden + j] = rnd(dt, d * wts[s]);
+}
+
+// y[t, j] = the token's contributions summed in ascending expert order, each sum rounded to dt.
+extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int dt, long tokens, int top_k, int hidden,
+                                       void* y) {
+    pdl_enter();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= tokens * hidden) return;
+    long t = i / hidden;
+    int j = i % hidden;
+    float acc = 0.0f;
+    int last = -1;
+    for (int k = 0; k < top_k; k++) {
+        // The next expert above `last` among the token's choices.
+        int pick = -1, pe = 0x7fffffff;
+        for (int q = 0; q < top_k; q++) {
+            int e = idx[t * top_k + q];
+            if (e > last && e < pe) {
+                pe = e;
+                pick = q;
+            }
+        }
+        acc = rnd(dt, acc + contrib[(t * top_k + pick) * hidden + j]);
+        last = pe;
+    }
+    st(y, dt, i, acc);
+}

@@ -63,6 +63,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gemv_swiglu_bf16",
             "gemv_swiglu_bf16_s2",
             "gemv_swiglu_bf16_s4",
+            "moe_route",
+            "moe_gate_up",
+            "moe_down",
+            "moe_combine",
         ],
     ),
     (

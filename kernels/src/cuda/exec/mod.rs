@@ -10,12 +10,14 @@ use cudarc::driver::{result as drv, sys as drv_sys, CudaSlice, CudaStream, Devic
 use super::{Device, Kernel, Unavailable};
 
 mod attention;
+mod moe;
 mod norm;
 mod settings;
 
 pub use attention::{
     heads_a_block, plan_tiles, tile_slots, HeadRows, ScoreMods, Split, StepMeta, HEAD_DIMS, PREFILL_TC_DIMS,
 };
+pub use moe::MoeShape;
 pub use settings::KernelSettings;
 
 /// A device address.
@@ -154,6 +156,8 @@ pub enum Binary {
 }
 
 struct Funcs {
+    /// `moe_route`, `moe_gate_up`, `moe_down`, `moe_combine` (exec/moe.rs).
+    moe: [Kernel; 4],
     copy_strided: Kernel,
     binary: Kernel,
     unary: Kernel,
@@ -372,6 +376,7 @@ impl Gpu {
             Ok([dims("f32")?, dims("bf16")?])
         };
         let f = Funcs {
+            moe: [g("moe_route")?, g("moe_gate_up")?, g("moe_down")?, g("moe_combine")?],
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,
             unary: g("unary")?,

@@ -1,0 +1,71 @@
+//! The mixture-of-experts launches (`graph.cu`'s `moe_route`, `moe_gate_up`, `moe_down`,
+//! `moe_combine`): `torch_moe` on the GPU, only the chosen experts' weights read.
+
+use super::{grid, launched, Dt, GateAct, Gpu, Ptr};
+use crate::cuda::Unavailable;
+
+/// A `torch_moe` call's sizes and routing options.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeShape {
+    pub tokens: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub norm: bool,
+    pub weights_f32: bool,
+    pub act: GateAct,
+}
+
+impl MoeShape {
+    /// Scratch bytes, in [`Gpu::moe`]'s order: chosen experts (i32), their weights (f32), the
+    /// activations (`dt`), the scaled outputs (f32), each rounded up to 256 bytes.
+    pub fn scratch(&self, dt_bytes: usize) -> [usize; 4] {
+        let slots = self.tokens * self.top_k;
+        let up = |b: usize| b.div_ceil(256) * 256;
+        [up(slots * 4), up(slots * 4), up(slots * self.inter * dt_bytes), up(slots * self.hidden * 4)]
+    }
+}
+
+impl Gpu {
+    /// `y = torch_moe(x, logits, w_gate_up, w_down)` (core's `ops::moe` states the math);
+    /// `scratch` holds the four regions of [`MoeShape::scratch`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe(
+        &self,
+        s: &MoeShape,
+        dt: Dt,
+        x: Ptr,
+        (logits, logits_dt): (Ptr, Dt),
+        w_gate_up: Ptr,
+        w_down: Ptr,
+        y: Ptr,
+        scratch: [Ptr; 4],
+    ) -> Result<(), Unavailable> {
+        let too_big = |n: usize| i32::try_from(n).is_err();
+        if too_big(s.experts) || too_big(s.top_k) || too_big(s.hidden) || too_big(s.inter) {
+            return Err(Unavailable(format!("torch_moe: sizes {s:?} past the kernels' 32-bit counts")));
+        }
+        let [idx, wts, act, contrib] = scratch;
+        let (d, ld) = (dt as i32, logits_dt as i32);
+        let (t64, slots) = (s.tokens as i64, (s.tokens * s.top_k) as i64);
+        let (e32, k32, h32, i32_) = (s.experts as i32, s.top_k as i32, s.hidden as i32, s.inter as i32);
+        let (norm, wf32, a32) = (s.norm as i32, s.weights_f32 as i32, s.act as i32);
+        let mut l = self.launcher(self.f.moe[0]);
+        l.arg(&logits).arg(&ld).arg(&d).arg(&t64).arg(&e32).arg(&k32).arg(&norm).arg(&wf32).arg(&idx).arg(&wts);
+        // SAFETY: tokens × experts logits; tokens × top_k in idx and wts (scratch sized so).
+        launched("moe_route", unsafe { l.launch(grid(s.tokens, 128)) }.map(|_| ()))?;
+        let mut l = self.launcher(self.f.moe[1]);
+        l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32).arg(&act);
+        // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
+        launched("moe_gate_up", unsafe { l.launch(grid(s.tokens * s.top_k * s.inter * 32, 256)) }.map(|_| ()))?;
+        let mut l = self.launcher(self.f.moe[2]);
+        l.arg(&act).arg(&w_down).arg(&idx).arg(&wts).arg(&d).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+        // SAFETY: as above.
+        launched("moe_down", unsafe { l.launch(grid(s.tokens * s.top_k * s.hidden * 32, 256)) }.map(|_| ()))?;
+        let mut l = self.launcher(self.f.moe[3]);
+        l.arg(&contrib).arg(&idx).arg(&d).arg(&t64).arg(&k32).arg(&h32).arg(&y);
+        // SAFETY: tokens × hidden outputs.
+        launched("moe_combine", unsafe { l.launch(grid(s.tokens * s.hidden, 256)) }.map(|_| ()))
+    }
+}
