@@ -277,8 +277,8 @@ mod tests {
         let outs = [(DType::F32, vec![1, 2])];
         let y =
             moe_cpu(&[&x, &logits, &gu, &down], "top_k=1, norm=false, act=silu", &outs, &Default::default()).unwrap();
-        let (g, u) = (0.5 * 1.0 + -1.0 * 2.0, 0.5 * 3.0 + 1.0);
-        let h = g / (1.0 + (-g as f32).exp()) * u;
+        let (g, u): (f32, f32) = (0.5 - 2.0, 0.5 * 3.0 + 1.0);
+        let h = g / (1.0 + (-g).exp()) * u;
         let p = 1f32.exp() / (1.0 + 1f32.exp());
         let want = [2.0 * h * p, -3.0 * h * p];
         let got = y[0].to_f32();
