@@ -27,6 +27,14 @@ pub enum RopeScaling {
         factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// LongRoPE (Phi-3/4): each frequency over its `short_factor` and cos/sin times
+    /// `attention_factor`; transformers switches to the long factors once a sequence passes
+    /// `original_max_position_embeddings`, so the graph's sequences stop there (exact below).
+    LongRope {
+        short_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -48,6 +56,9 @@ pub struct DecoderConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// RoPE rotates the first `rotary_dim` of each head (`partial_rotary_factor`; `head_dim`
+    /// when whole), the rest passes through.
+    pub rotary_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
@@ -249,11 +260,17 @@ impl DecoderConfig {
     }
 
     fn inv_freq_of(&self, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
-        let dim = self.head_dim;
+        let dim = self.rotary_dim;
         let base = theta as f32;
         let inv: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
         match *scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => inv,
+            // transformers: 1 / (ext_factors · base^(i/dim)), the product in f32.
+            RopeScaling::LongRope { ref short_factor, .. } => (0..dim)
+                .step_by(2)
+                .zip(short_factor)
+                .map(|(i, &f)| 1.0 / (f as f32 * base.powf(i as f32 / dim as f32)))
+                .collect(),
             RopeScaling::Linear { factor } => inv.iter().map(|&f| f / factor as f32).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let (factor, low, high, old) = (
@@ -296,7 +313,9 @@ impl DecoderConfig {
     /// Longest sequence the graph accepts.
     pub fn max_seq(&self, max_seq_len: usize) -> usize {
         let mut m = max_seq_len.min(self.max_position_embeddings);
-        if let RopeScaling::Dynamic { original_max_position_embeddings: o, .. } = self.rope_scaling {
+        if let RopeScaling::Dynamic { original_max_position_embeddings: o, .. }
+        | RopeScaling::LongRope { original_max_position_embeddings: o, .. } = self.rope_scaling
+        {
             m = m.min(o);
         }
         m
@@ -368,7 +387,7 @@ impl Ctx<'_> {
     }
 
     fn rotate_half(&mut self, hint: &str, x: ValueId) -> Result<ValueId> {
-        let half = self.cfg.head_dim as i64 / 2;
+        let half = self.cfg.rotary_dim as i64 / 2;
         let x1 = self.b.op(&format!("{hint}.x1"), Op::slice(Slice::new(-1, 0, half)), &[x])?;
         let x2 = self.b.op(&format!("{hint}.x2"), Op::slice(Slice::new(-1, half, i64::MAX)), &[x])?;
         let n2 = self.b.op(&format!("{hint}.neg"), Op::unary("aten.neg"), &[x2])?;
@@ -391,8 +410,12 @@ impl Ctx<'_> {
         let mut cs = Vec::new();
         for (name, op) in [("cos", Op::unary("aten.cos")), ("sin", Op::unary("aten.sin"))] {
             let t = self.b.op(&format!("{hint}.{name}_f32"), op, &[emb])?;
-            // attention_scaling is 1.0 for the default, linear, dynamic and llama3 RoPE types.
-            let t = self.b.op(&format!("{hint}.{name}_scaled"), Op::scalar(MUL_SCALAR, 1.0), &[t])?;
+            // attention_scaling: 1.0 for the default, linear, dynamic and llama3 RoPE types.
+            let scale = match self.cfg.rope_scaling {
+                RopeScaling::LongRope { attention_factor, .. } => attention_factor,
+                _ => 1.0,
+            };
+            let t = self.b.op(&format!("{hint}.{name}_scaled"), Op::scalar(MUL_SCALAR, scale), &[t])?;
             let dtype = self.cfg.dtype;
             let t =
                 if dtype != DType::F32 { self.b.op(&format!("{hint}.{name}"), Op::to_dtype(dtype), &[t])? } else { t };
@@ -402,10 +425,25 @@ impl Ctx<'_> {
     }
 
     fn apply_rope(&mut self, hint: &str, x: ValueId, cos: ValueId, sin: ValueId) -> Result<ValueId> {
-        let xc = self.b.op(&format!("{hint}.mul_cos"), Op::binary(MUL), &[x, cos])?;
-        let rot = self.rotate_half(&format!("{hint}.rot"), x)?;
+        let (rd, hd) = (self.cfg.rotary_dim as i64, self.cfg.head_dim as i64);
+        // Partial rotary: transformers rotates `x[..., :rotary_dim]` and concatenates the rest.
+        let (xr, pass) = if rd < hd {
+            let r = self.b.op(&format!("{hint}.x_rot"), Op::slice(Slice::new(-1, 0, rd)), &[x])?;
+            let p = self.b.op(&format!("{hint}.x_pass"), Op::slice(Slice::new(-1, rd, i64::MAX)), &[x])?;
+            (r, Some(p))
+        } else {
+            (x, None)
+        };
+        let xc = self.b.op(&format!("{hint}.mul_cos"), Op::binary(MUL), &[xr, cos])?;
+        let rot = self.rotate_half(&format!("{hint}.rot"), xr)?;
         let rs = self.b.op(&format!("{hint}.mul_sin"), Op::binary(MUL), &[rot, sin])?;
-        self.b.op(hint, Op::binary(ADD), &[xc, rs])
+        match pass {
+            None => self.b.op(hint, Op::binary(ADD), &[xc, rs]),
+            Some(p) => {
+                let y = self.b.op(&format!("{hint}.rotated"), Op::binary(ADD), &[xc, rs])?;
+                self.b.op(hint, Op::cat(-1), &[y, p])
+            }
+        }
     }
 
     /// `x.view(batch, seq, -1, head_dim)` then optional per-head norm, then `transpose(1, 2)`.

@@ -183,6 +183,7 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
+        rotary_dim: head_dim,
         rms_norm_eps: m.f64_opt("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
         rope_theta: m.f64_opt("rope.freq_base")?.unwrap_or(10000.0),
         rope_scaling: RopeScaling::None,

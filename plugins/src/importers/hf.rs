@@ -231,9 +231,18 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             (t, s, None)
         }
     };
-    if let Some(f) = k.f64_opt("partial_rotary_factor")? {
-        if f != 1.0 {
-            return Err(k.err("partial_rotary_factor", format!("{f}: partial rotary embeddings are not supported yet")));
+    let rotary_dim = rotary_dim(&k, head_dim)?;
+    if let RopeScaling::LongRope { short_factor, .. } = &rope_scaling {
+        let key = if k.present("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+        for name in ["short_factor", "long_factor"] {
+            let n =
+                k.present(key).and_then(|v| v.get(name)).and_then(Value::as_array).map_or(short_factor.len(), Vec::len);
+            if n != rotary_dim / 2 {
+                return Err(k.err(
+                    &format!("{key}.{name}"),
+                    format!("{n} factors, but the rotary dimension {rotary_dim} needs {}", rotary_dim / 2),
+                ));
+            }
         }
     }
 
@@ -306,6 +315,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         num_heads,
         num_kv_heads,
         head_dim,
+        rotary_dim,
         rms_norm_eps,
         rope_theta,
         rope_scaling,
@@ -466,6 +476,37 @@ fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
     Ok((theta, parse_rope_type(&s, k)?))
 }
 
+/// How much of each head RoPE rotates: `partial_rotary_factor` (top-level, or in
+/// transformers 5's `rope_parameters`) of `head_dim`, truncated as transformers does.
+fn rotary_dim(k: &Keys, head_dim: usize) -> Result<usize> {
+    let in_params = k.present("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_some();
+    let (key, f) = match k.f64_opt("partial_rotary_factor")? {
+        Some(f) => ("partial_rotary_factor", f),
+        None if in_params => {
+            let v = &k.map["rope_parameters"]["partial_rotary_factor"];
+            let f = v.as_f64().ok_or_else(|| {
+                k.err("rope_parameters.partial_rotary_factor", format!("expected a number, found {v}"))
+            })?;
+            ("rope_parameters.partial_rotary_factor", f)
+        }
+        None => return Ok(head_dim),
+    };
+    let dim = (head_dim as f64 * f) as usize;
+    if !(f > 0.0 && f <= 1.0) || dim < 2 || dim % 2 != 0 {
+        return Err(k.err(key, format!("{f} of head_dim {head_dim} is not an even rotary dimension of at least 2")));
+    }
+    Ok(dim)
+}
+
+/// A list of numbers (LongRoPE's factors), each positive and finite.
+fn factors(s: &Keys, key: &str) -> Result<Vec<f64>> {
+    let v = s.present(key).ok_or_else(|| s.err(key, "missing"))?;
+    v.as_array()
+        .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+        .filter(|f| f.iter().all(|x| *x > 0.0 && x.is_finite()))
+        .ok_or_else(|| s.err(key, format!("expected a list of positive numbers, found {v}")))
+}
+
 /// The scaling a RoPE parameter object `s` describes (`k`: the config, for defaults).
 fn parse_rope_type(s: &Keys, k: &Keys) -> Result<RopeScaling> {
     let rope_type = match s.str_opt("rope_type")? {
@@ -496,10 +537,33 @@ fn parse_rope_type(s: &Keys, k: &Keys) -> Result<RopeScaling> {
             high_freq_factor: s.f64("high_freq_factor")?,
             original_max_position_embeddings: s.f64("original_max_position_embeddings")?,
         },
+        "longrope" => {
+            factors(s, "long_factor")?;
+            let original = match s.size_opt("original_max_position_embeddings", 1 << 28)? {
+                Some(n) => n,
+                None => k.size("original_max_position_embeddings", 1 << 28)?,
+            };
+            // transformers: `factor`, else max_position_embeddings over the original.
+            let factor = match s.f64_opt("factor")? {
+                Some(f) => f,
+                None => k.size_opt("max_position_embeddings", 1 << 28)?.unwrap_or(original) as f64 / original as f64,
+            };
+            let attention_factor = match s.f64_opt("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            RopeScaling::LongRope {
+                short_factor: factors(s, "short_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         other => {
-            return Err(
-                s.err("rope_type", format!("`{other}` is not supported (supported: default, linear, dynamic, llama3)"))
-            )
+            return Err(s.err(
+                "rope_type",
+                format!("`{other}` is not supported (supported: default, linear, dynamic, llama3, longrope)"),
+            ))
         }
     };
     if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = scaling {

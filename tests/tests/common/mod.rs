@@ -22,6 +22,7 @@ pub const FAMILIES: &[&str] = &[
     "llama-rope-dynamic",
     "granite",
     "phi3",
+    "phi3-longrope",
     "gemma",
     "gemma2",
     "gemma3_text",
