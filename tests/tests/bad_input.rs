@@ -96,6 +96,23 @@ fn malformed_config_values_name_the_key() {
         m["rope_parameters"]["rope_type"] = Value::from("yarn-ish");
     });
     expect(&import_err(&dir), &["config.json", "rope_parameters.rope_type", "yarn-ish"]);
+    // Partial rotary and LongRoPE: a rotary dimension that is not even, factors that do not
+    // cover it, and a mixture of experts choosing more experts than it has.
+    let (_t, dir) = copy_fixture("phi3-longrope");
+    edit_config(&dir, |m| {
+        m["rope_parameters"]["partial_rotary_factor"] = Value::from(0.6);
+    });
+    expect(&import_err(&dir), &["config.json", "rope_parameters.partial_rotary_factor", "even rotary dimension"]);
+    let (_t, dir) = copy_fixture("phi3-longrope");
+    edit_config(&dir, |m| {
+        m["rope_parameters"]["short_factor"] = Value::from(vec![1.0; 5]);
+    });
+    expect(&import_err(&dir), &["config.json", "rope_parameters.short_factor", "5 factors", "needs 12"]);
+    let (_t, dir) = copy_fixture("mixtral");
+    edit_config(&dir, |m| {
+        m.insert("num_experts_per_tok".into(), Value::from(5));
+    });
+    expect(&import_err(&dir), &["config.json", "num_experts_per_tok", "more than the 4 experts"]);
 }
 
 #[test]

@@ -29,6 +29,9 @@ const PUBLISHED: &[(&str, u64)] = &[
     ("ibm-granite/granite-3.1-2b-instruct", 2_533_531_648),
     ("microsoft/Phi-3-medium-4k-instruct", 13_960_238_080),
     ("microsoft/phi-4", 14_659_507_200),
+    // Phi-4-mini, summed from the config (tied 200,064-token embedding, GQA 24:8, fused
+    // projections split at load): the card's 3.8B.
+    ("microsoft/Phi-4-mini-instruct", 3_836_021_760),
     // Gemma's (summed from the config as above, equal to the safetensors totals the model
     // pages give): tied embeddings, (1+w) norms, Gemma 2/3's four norms a layer, Gemma 3's q/k
     // norms.

@@ -479,17 +479,16 @@ fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
 /// How much of each head RoPE rotates: `partial_rotary_factor` (top-level, or in
 /// transformers 5's `rope_parameters`) of `head_dim`, truncated as transformers does.
 fn rotary_dim(k: &Keys, head_dim: usize) -> Result<usize> {
-    let in_params = k.present("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_some();
-    let (key, f) = match k.f64_opt("partial_rotary_factor")? {
-        Some(f) => ("partial_rotary_factor", f),
-        None if in_params => {
-            let v = &k.map["rope_parameters"]["partial_rotary_factor"];
-            let f = v.as_f64().ok_or_else(|| {
-                k.err("rope_parameters.partial_rotary_factor", format!("expected a number, found {v}"))
-            })?;
-            ("rope_parameters.partial_rotary_factor", f)
+    // transformers 5 reads it from `rope_parameters` (where it moves a top-level one).
+    let (key, f) = match k.present("rope_parameters").and_then(|p| p.get("partial_rotary_factor")) {
+        Some(v) => {
+            let key = "rope_parameters.partial_rotary_factor";
+            (key, v.as_f64().ok_or_else(|| k.err(key, format!("expected a number, found {v}")))?)
         }
-        None => return Ok(head_dim),
+        None => match k.f64_opt("partial_rotary_factor")? {
+            Some(f) => ("partial_rotary_factor", f),
+            None => return Ok(head_dim),
+        },
     };
     let dim = (head_dim as f64 * f) as usize;
     if !(f > 0.0 && f <= 1.0) || dim < 2 || dim % 2 != 0 {

@@ -38,6 +38,10 @@ pub const FAMILIES: &[&str] = &[
 /// the same bounds as every family.
 pub const ROUTED: &[&str] = &["qwen3_moe", "mixtral"];
 
+/// The fixtures whose RoPE rotates part of each head (`partial_rotary_factor`): the rotated
+/// part is concatenated with the rest, so `fuse_rope_attention` leaves their RoPEs apart.
+pub const PARTIAL_ROTARY: &[&str] = &["phi3-longrope"];
+
 // Tolerances against transformers' logits (tests/parity.rs; tests/pt2.rs uses the same).
 /// f32: measured at most 2.1e-5 (llama); 1e-4 leaves 4.8x for another CPU's summation order.
 /// bf16: errors relative to the logit's size (bf16 keeps 8 significant bits, so one rounding of
