@@ -113,6 +113,41 @@ fn malformed_config_values_name_the_key() {
         m.insert("num_experts_per_tok".into(), Value::from(5));
     });
     expect(&import_err(&dir), &["config.json", "num_experts_per_tok", "more than the 4 experts"]);
+    // DeciLM blocks: what the decoder does not build is refused naming the block's key.
+    let cases: &[(&str, Value, &[&str])] = &[
+        (
+            "/block_configs/1/attention/replace_with_linear",
+            Value::from(true),
+            &["block_configs[1].attention.replace_with_linear", "linear replacement"],
+        ),
+        (
+            "/block_configs/0/attention/n_heads_in_group",
+            Value::from(3),
+            &["block_configs[0].attention.n_heads_in_group", "divisor"],
+        ),
+        ("/block_configs/3/ffn/ffn_mult", Value::from("big"), &["block_configs[3].ffn.ffn_mult", "multiplier"]),
+        (
+            "/block_configs/2/attention/window_length",
+            Value::from(8),
+            &["block_configs[2].attention.window_length", "not supported"],
+        ),
+    ];
+    for (pointer, val, parts) in cases {
+        let (_t, dir) = copy_fixture("nemotron-nas");
+        edit_config(&dir, |m| {
+            let mut whole = Value::Object(std::mem::take(m));
+            *whole.pointer_mut(pointer).unwrap() = val.clone();
+            *m = whole.as_object().unwrap().clone();
+        });
+        let mut want = vec!["config.json"];
+        want.extend_from_slice(parts);
+        expect(&import_err(&dir), &want);
+    }
+    let (_t, dir) = copy_fixture("nemotron-nas");
+    edit_config(&dir, |m| {
+        m["block_configs"].as_array_mut().unwrap().pop();
+    });
+    expect(&import_err(&dir), &["config.json", "block_configs", "3 blocks for num_hidden_layers = 4"]);
 }
 
 #[test]

@@ -111,6 +111,17 @@ pub struct BlockOptions {
     pub plain_mlp: bool,
     /// Mixture-of-experts MLPs on the layers it marks sparse.
     pub moe: Option<MoeConfig>,
+    /// Per-layer blocks (DeciLM's `block_configs`); `None`: every layer has attention with
+    /// `num_kv_heads` and an MLP of `intermediate_size`.
+    pub layers: Option<Vec<LayerShape>>,
+}
+
+/// One layer's blocks where layers differ: its attention's KV heads and its MLP's width, each
+/// `None` where the layer skips that sub-block (its norm and residual add too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShape {
+    pub kv_heads: Option<usize>,
+    pub mlp: Option<usize>,
 }
 
 /// The checkpoint names of a sparse MLP under `model.layers.{l}.`: `{block}.gate` is the router,
@@ -190,34 +201,40 @@ impl DecoderConfig {
 
     /// Every checkpoint tensor the graph reads, with its expected shape.
     pub fn expected_weights(&self) -> Vec<WeightSpec> {
-        let (h, hd, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
-        let (q, kv) = (self.num_heads * hd, self.num_kv_heads * hd);
+        let (h, hd) = (self.hidden_size, self.head_dim);
+        let q = self.num_heads * hd;
         let mut v: Vec<WeightSpec> = vec![("model.embed_tokens.weight".into(), vec![self.vocab_size, h])];
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
             let mut add = |n: &str, s: Vec<usize>| v.push((format!("{p}.{n}"), s));
-            add("input_layernorm.weight", vec![h]);
+            if let Some(kv_heads) = self.kv_heads(l) {
+                let kv = kv_heads * hd;
+                add("input_layernorm.weight", vec![h]);
+                if self.blocks.layer_norm {
+                    add("input_layernorm.bias", vec![h]);
+                }
+                add("self_attn.q_proj.weight", vec![q, h]);
+                add("self_attn.k_proj.weight", vec![kv, h]);
+                add("self_attn.v_proj.weight", vec![kv, h]);
+                if self.qkv_bias {
+                    add("self_attn.q_proj.bias", vec![q]);
+                    add("self_attn.k_proj.bias", vec![kv]);
+                    add("self_attn.v_proj.bias", vec![kv]);
+                }
+                if self.qk_norm {
+                    add("self_attn.q_norm.weight", vec![hd]);
+                    add("self_attn.k_norm.weight", vec![hd]);
+                }
+                add("self_attn.o_proj.weight", vec![h, q]);
+                if self.o_bias {
+                    add("self_attn.o_proj.bias", vec![h]);
+                }
+            }
+            let Some(i) = self.mlp_width(l) else { continue };
+            add("post_attention_layernorm.weight", vec![h]);
             if self.blocks.layer_norm {
-                add("input_layernorm.bias", vec![h]);
                 add("post_attention_layernorm.bias", vec![h]);
             }
-            add("self_attn.q_proj.weight", vec![q, h]);
-            add("self_attn.k_proj.weight", vec![kv, h]);
-            add("self_attn.v_proj.weight", vec![kv, h]);
-            if self.qkv_bias {
-                add("self_attn.q_proj.bias", vec![q]);
-                add("self_attn.k_proj.bias", vec![kv]);
-                add("self_attn.v_proj.bias", vec![kv]);
-            }
-            if self.qk_norm {
-                add("self_attn.q_norm.weight", vec![hd]);
-                add("self_attn.k_norm.weight", vec![hd]);
-            }
-            add("self_attn.o_proj.weight", vec![h, q]);
-            if self.o_bias {
-                add("self_attn.o_proj.bias", vec![h]);
-            }
-            add("post_attention_layernorm.weight", vec![h]);
             if self.blocks.sandwich_norms {
                 add("pre_feedforward_layernorm.weight", vec![h]);
                 add("post_feedforward_layernorm.weight", vec![h]);
@@ -292,6 +309,22 @@ impl DecoderConfig {
                     })
                     .collect()
             }
+        }
+    }
+
+    /// Layer `l`'s KV heads, or `None` where it has no attention (DeciLM's no-op blocks).
+    pub fn kv_heads(&self, l: usize) -> Option<usize> {
+        match &self.blocks.layers {
+            Some(v) => v.get(l).and_then(|s| s.kv_heads),
+            None => Some(self.num_kv_heads),
+        }
+    }
+
+    /// Layer `l`'s MLP width, or `None` where it has no MLP.
+    pub fn mlp_width(&self, l: usize) -> Option<usize> {
+        match &self.blocks.layers {
+            Some(v) => v.get(l).and_then(|s| s.mlp),
+            None => Some(self.intermediate_size),
         }
     }
 
@@ -461,30 +494,31 @@ impl Ctx<'_> {
         self.b.op(&format!("{hint}.t"), Op::transpose(1, 2), &[v])
     }
 
-    fn layer(&mut self, l: usize, h: ValueId, (cos, sin): (ValueId, ValueId)) -> Result<ValueId> {
+    /// Layer `l`: attention and MLP sub-blocks, each added to the residual stream `h`, each
+    /// left out where the layer has none.
+    fn layer(&mut self, l: usize, h: ValueId, tables: (ValueId, ValueId)) -> Result<ValueId> {
+        let h = match self.cfg.kv_heads(l) {
+            Some(kv) => self.attention(l, kv, h, tables)?,
+            None => h,
+        };
+        match self.cfg.mlp_width(l) {
+            Some(is) => self.mlp(l, is, h),
+            None => Ok(h),
+        }
+    }
+
+    fn attention(&mut self, l: usize, kv_heads: usize, h: ValueId, (cos, sin): (ValueId, ValueId)) -> Result<ValueId> {
         let c = self.cfg;
-        let (hs, hd, is) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (hs, hd) = (c.hidden_size, c.head_dim);
         let p = format!("model.layers.{l}");
         let n = format!("l{l}");
         let x = self.rmsnorm(&format!("{n}.input_norm"), h, &format!("{p}.input_layernorm.weight"), hs)?;
         let q =
             self.linear(&format!("{n}.q_proj"), x, &format!("{p}.self_attn.q_proj"), c.num_heads * hd, hs, c.qkv_bias)?;
-        let k = self.linear(
-            &format!("{n}.k_proj"),
-            x,
-            &format!("{p}.self_attn.k_proj"),
-            c.num_kv_heads * hd,
-            hs,
-            c.qkv_bias,
-        )?;
-        let v = self.linear(
-            &format!("{n}.v_proj"),
-            x,
-            &format!("{p}.self_attn.v_proj"),
-            c.num_kv_heads * hd,
-            hs,
-            c.qkv_bias,
-        )?;
+        let k =
+            self.linear(&format!("{n}.k_proj"), x, &format!("{p}.self_attn.k_proj"), kv_heads * hd, hs, c.qkv_bias)?;
+        let v =
+            self.linear(&format!("{n}.v_proj"), x, &format!("{p}.self_attn.v_proj"), kv_heads * hd, hs, c.qkv_bias)?;
         let (qn, kn) = (format!("{p}.self_attn.q_norm.weight"), format!("{p}.self_attn.k_norm.weight"));
         let q = self.heads(&format!("{n}.q"), q, c.qk_norm.then_some(qn.as_str()))?;
         let k = self.heads(&format!("{n}.k"), k, c.qk_norm.then_some(kn.as_str()))?;
@@ -496,7 +530,7 @@ impl Ctx<'_> {
         let sdpa = Op::sdpa(SdpaAttrs {
             is_causal: true,
             scale: Some(c.scalars.attention.unwrap_or((hd as f64).powf(-0.5))),
-            enable_gqa: c.num_kv_heads != c.num_heads,
+            enable_gqa: kv_heads != c.num_heads,
             scoring: Scoring { window: c.window(l, self.max_seq), softcap: c.blocks.attn_softcap },
         });
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
@@ -509,7 +543,16 @@ impl Ctx<'_> {
         let sandwich = c.blocks.sandwich_norms;
         let post_attn = format!("{p}.post_attention_layernorm.weight");
         let o = if sandwich { self.rmsnorm(&format!("{n}.post_attn_norm"), o, &post_attn, hs)? } else { o };
-        let h = self.b.op(&format!("{n}.attn_residual"), Op::binary(ADD), &[h, o])?;
+        self.b.op(&format!("{n}.attn_residual"), Op::binary(ADD), &[h, o])
+    }
+
+    fn mlp(&mut self, l: usize, is: usize, h: ValueId) -> Result<ValueId> {
+        let c = self.cfg;
+        let hs = c.hidden_size;
+        let p = format!("model.layers.{l}");
+        let n = format!("l{l}");
+        let sandwich = c.blocks.sandwich_norms;
+        let post_attn = format!("{p}.post_attention_layernorm.weight");
         let x = if sandwich {
             self.rmsnorm(&format!("{n}.pre_mlp_norm"), h, &format!("{p}.pre_feedforward_layernorm.weight"), hs)?
         } else {

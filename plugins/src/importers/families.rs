@@ -111,6 +111,9 @@ pub struct Family {
     pub local_rope_theta: Option<f64>,
     /// Mixture-of-experts MLPs.
     pub moe: Option<MoeKeys>,
+    /// Heterogeneous layers described by `block_configs` (DeciLM, Llama-Nemotron Super/Ultra):
+    /// per layer, attention with its own KV heads or none, an MLP of its own width or none.
+    pub block_configs: bool,
     /// The GGUF importer maps this family's files (llama.cpp's names for Llama-shaped blocks;
     /// the others' GGUF files are refused naming `general.architecture`, never run as Llama).
     pub gguf: bool,
@@ -143,6 +146,7 @@ const LLAMA: Family = Family {
     query_pre_attn_scalar: None,
     local_rope_theta: None,
     moe: None,
+    block_configs: false,
     gguf: true,
 };
 
@@ -189,6 +193,7 @@ const GEMMA: Family = Family {
     query_pre_attn_scalar: None,
     local_rope_theta: None,
     moe: None,
+    block_configs: false,
     gguf: false,
 };
 
@@ -236,6 +241,7 @@ pub const FAMILIES: &[Family] = &[
         ..MISTRAL
     },
     Family { name: "granite", multipliers: true, ..LLAMA },
+    Family { name: "nemotron-nas", block_configs: true, gguf: false, ..LLAMA },
     Family {
         name: "phi3",
         qkv_bias: Flag::Fixed(false),
@@ -315,7 +321,7 @@ mod tests {
         assert!(family("gpt2").is_none());
         assert_eq!(
             names(),
-            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, granite, phi3, gemma, gemma2, gemma3_text, starcoder2"
+            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, granite, nemotron-nas, phi3, gemma, gemma2, gemma3_text, starcoder2"
         );
     }
 }

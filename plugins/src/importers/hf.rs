@@ -11,7 +11,7 @@ use autodeploy_core::weights::{SafetensorsFile, WeightStore};
 use autodeploy_core::{DType, Graph};
 use serde_json::{Map, Value};
 
-use super::decoder::{build_decoder, BlockOptions, DecoderConfig, MoeConfig, RopeScaling, Scalars};
+use super::decoder::{build_decoder, BlockOptions, DecoderConfig, LayerShape, MoeConfig, RopeScaling, Scalars};
 use super::families::{self, Flag, Window};
 
 pub struct HfImporter;
@@ -220,6 +220,19 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         }
     };
     let num_layers = k.size("num_hidden_layers", 1 << 10)?;
+    let layers = match fam.block_configs {
+        true => Some(parse_block_configs(&k, num_layers, num_heads, hidden_size)?),
+        false => None,
+    };
+    // Heterogeneous layers: the widest MLP and the first attention's KV heads stand for the
+    // model in summaries; each layer's own are in `blocks.layers`.
+    let (intermediate_size, num_kv_heads) = match &layers {
+        Some(v) => (
+            v.iter().filter_map(|s| s.mlp).max().unwrap_or(0),
+            v.iter().find_map(|s| s.kv_heads).unwrap_or(num_kv_heads),
+        ),
+        None => (k.size("intermediate_size", 1 << 20)?, num_kv_heads),
+    };
     if k.bool_or("use_bidirectional_attention", false)? {
         return Err(k.err("use_bidirectional_attention", "bidirectional attention is not supported (causal only)"));
     }
@@ -310,7 +323,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         family: model_type.to_string(),
         vocab_size: k.size("vocab_size", 1 << 22)?,
         hidden_size,
-        intermediate_size: k.size("intermediate_size", 1 << 20)?,
+        intermediate_size,
         num_layers,
         num_heads,
         num_kv_heads,
@@ -339,12 +352,91 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             local_rope_theta: local_rope,
             layer_norm: fam.layer_norm,
             plain_mlp: fam.plain_mlp,
+            layers,
             moe: match &fam.moe {
                 Some(m) => Some(parse_moe(&k, m, num_layers, flag(m.norm)?)?),
                 None => None,
             },
         },
     })
+}
+
+/// DeciLM's `block_configs`: one entry per layer, each with an `attention` (KV heads as
+/// `num_attention_heads / n_heads_in_group`, or `no_op`) and an `ffn` (SwiGLU of width
+/// int(2·ffn_mult·hidden/3) rounded up to a multiple of 256, or `no_op`). Linear replacements,
+/// sparsified blocks, attention windows and sink tokens are refused naming the key.
+fn parse_block_configs(k: &Keys, num_layers: usize, num_heads: usize, hidden: usize) -> Result<Vec<LayerShape>> {
+    let list = match k.present("block_configs") {
+        Some(Value::Array(a)) => a,
+        Some(v) => return Err(k.err("block_configs", format!("expected a list of blocks, found {v}"))),
+        None => return Err(k.err("block_configs", "missing")),
+    };
+    if list.len() != num_layers {
+        return Err(k.err("block_configs", format!("{} blocks for num_hidden_layers = {num_layers}", list.len())));
+    }
+    let mut out = Vec::with_capacity(num_layers);
+    for (i, b) in list.iter().enumerate() {
+        let key = |part: &str, name: &str| format!("block_configs[{i}].{part}.{name}");
+        let part = |name: &str| {
+            b.get(name)
+                .and_then(Value::as_object)
+                .ok_or_else(|| k.err(&format!("block_configs[{i}].{name}"), "expected an object"))
+        };
+        let (attn, ffn) = (part("attention")?, part("ffn")?);
+        let set = |o: &serde_json::Map<String, Value>, p: &str, name: &str| -> Result<bool> {
+            match o.get(name) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(v) => Err(k.err(&key(p, name), format!("expected true or false, found {v}"))),
+            }
+        };
+        for (o, p) in [(attn, "attention"), (ffn, "ffn")] {
+            if set(o, p, "replace_with_linear")? {
+                return Err(k.err(&key(p, "replace_with_linear"), "linear replacement blocks are not supported yet"));
+            }
+            if o.get("sparsify").is_some_and(|v| !v.is_null()) {
+                return Err(k.err(&key(p, "sparsify"), "sparsified blocks are not supported"));
+            }
+        }
+        for name in ["window_length", "num_sink_tokens"] {
+            if attn.get(name).is_some_and(|v| !v.is_null()) {
+                return Err(k.err(&key("attention", name), "windowed and sink-token attention are not supported yet"));
+            }
+        }
+        if set(attn, "attention", "unshifted_sink")? {
+            return Err(k.err(&key("attention", "unshifted_sink"), "sink-token attention is not supported yet"));
+        }
+        let kv_heads = match set(attn, "attention", "no_op")? {
+            true => None,
+            false => {
+                let v = attn.get("n_heads_in_group").unwrap_or(&Value::Null);
+                let g = v.as_u64().filter(|&g| g > 0 && num_heads as u64 % g == 0).ok_or_else(|| {
+                    k.err(
+                        &key("attention", "n_heads_in_group"),
+                        format!("expected a divisor of num_attention_heads = {num_heads}, found {v}"),
+                    )
+                })?;
+                Some(num_heads / g as usize)
+            }
+        };
+        let mlp = match set(ffn, "ffn", "no_op")? {
+            true => None,
+            false => {
+                let v = ffn.get("ffn_mult").unwrap_or(&Value::Null);
+                let m = v.as_f64().filter(|m| *m > 0.0 && *m <= 1024.0).ok_or_else(|| {
+                    k.err(&key("ffn", "ffn_mult"), format!("expected a positive multiplier, found {v}"))
+                })?;
+                // As DeciLM: int(2 * ffn_mult * hidden / 3), rounded up to a multiple of 256.
+                let n = (2.0 * m * hidden as f64 / 3.0) as usize;
+                if n == 0 {
+                    return Err(k.err(&key("ffn", "ffn_mult"), format!("{m} gives an MLP of width 0")));
+                }
+                Some(n.div_ceil(256) * 256)
+            }
+        };
+        out.push(LayerShape { kv_heads, mlp });
+    }
+    Ok(out)
 }
 
 /// A mixture-of-experts family's expert count, top-k, expert width and sparse layers.

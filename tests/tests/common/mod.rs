@@ -21,6 +21,7 @@ pub const FAMILIES: &[&str] = &[
     "llama-rope-linear",
     "llama-rope-dynamic",
     "granite",
+    "nemotron-nas",
     "phi3",
     "phi3-longrope",
     "gemma",
@@ -48,8 +49,9 @@ pub const PARTIAL_ROTARY: &[&str] = &["phi3-longrope"];
 /// a logit near 5 is 0.03). Measured worst cases (tests/README.md), each bound 1.4-1.5x above.
 pub const F32_MAX_ABS: f32 = 1e-4;
 /// max over positions of max |got - want| / max |want| (error against the row's logit scale);
-/// measured at most 2.37e-2 (qwen3).
-pub const BF16_MAX_REL: f32 = 0.035;
+/// measured at most 3.56e-2 (nemotron-nas, whose own transformers bf16 is 5.9e-2 from its f32
+/// by this measure; qwen3 2.37e-2 next).
+pub const BF16_MAX_REL: f32 = 0.05;
 /// sum |got - want| / sum |want|; measured at most 1.06e-2 (qwen3).
 pub const BF16_MEAN_REL: f32 = 0.015;
 /// bf16: argmax may differ only where the reference's top two logits are closer than this.
