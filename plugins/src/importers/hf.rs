@@ -410,7 +410,7 @@ fn parse_block_configs(k: &Keys, num_layers: usize, num_heads: usize, hidden: us
             true => None,
             false => {
                 let v = attn.get("n_heads_in_group").unwrap_or(&Value::Null);
-                let g = v.as_u64().filter(|&g| g > 0 && num_heads as u64 % g == 0).ok_or_else(|| {
+                let g = v.as_u64().filter(|&g| g > 0 && (num_heads as u64).is_multiple_of(g)).ok_or_else(|| {
                     k.err(
                         &key("attention", "n_heads_in_group"),
                         format!("expected a divisor of num_attention_heads = {num_heads}, found {v}"),
@@ -583,7 +583,7 @@ fn rotary_dim(k: &Keys, head_dim: usize) -> Result<usize> {
         },
     };
     let dim = (head_dim as f64 * f) as usize;
-    if !(f > 0.0 && f <= 1.0) || dim < 2 || dim % 2 != 0 {
+    if !(f > 0.0 && f <= 1.0) || dim < 2 || !dim.is_multiple_of(2) {
         return Err(k.err(key, format!("{f} of head_dim {head_dim} is not an even rotary dimension of at least 2")));
     }
     Ok(dim)
