@@ -237,23 +237,41 @@ fn bad_gguf_files_name_the_key_or_tensor() {
     );
 }
 
+/// A fixture's own transformers logits from its GGUF (`tiny-<family>.gguf`).
+fn gguf_matches_its_fixture(family: &str) -> autodeploy_core::Graph {
+    let g = import(&fixture("gguf").join(format!("tiny-{family}.gguf"))).unwrap();
+    let bytes = std::fs::read(fixture(family).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for i in 0..3 {
+        let t = st.tensor(&format!("tokens_{i}")).unwrap();
+        let ids: Vec<i64> = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let want = f32s(st.tensor(&format!("logits_f32_{i}")).unwrap().data());
+        let mut m = compile(&g);
+        let got = logits(m.as_mut(), t.shape(), &ids);
+        let d = max_abs_diff(&got, &want, &format!("tiny-{family}.gguf logits {i}"));
+        assert!(d <= F32_MAX_ABS, "{family} sequence {i}: max abs error {d}");
+    }
+    g
+}
+
 /// A granite-architecture GGUF (the granite fixture written as llama.cpp's converter writes it,
 /// tests/fixtures/make_gguf_fixtures.py): the multipliers under llama.cpp's keys give the
 /// granite fixture's transformers logits, and the graph shows each of them.
 #[test]
 fn a_granite_gguf_reads_its_multipliers_and_gives_transformers_logits() {
-    let g = import(&fixture("gguf").join("tiny-granite.gguf")).unwrap();
-    let dump = g.dump();
+    let dump = gguf_matches_its_fixture("granite").dump();
     for scale in ["aten.mul.Scalar(%embed, 2.0)", "scale=0.2", "0.5)", "aten.mul.Scalar(%lm_head, 0.25)"] {
         assert!(dump.contains(scale), "{scale} missing:\n{dump}");
     }
-    let bytes = std::fs::read(fixture("granite").join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor("tokens_0").unwrap();
-    let ids: Vec<i64> = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-    let want = f32s(st.tensor("logits_f32_0").unwrap().data());
-    let mut m = compile(&g);
-    let got = logits(m.as_mut(), t.shape(), &ids);
-    let d = max_abs_diff(&got, &want, "tiny-granite.gguf logits");
-    assert!(d <= F32_MAX_ABS, "max abs error {d}");
+}
+
+/// Qwen2 and Qwen3 GGUFs of their own architectures (unpermuted Q/K rows; Qwen2's q/k/v
+/// biases and tied embedding, Qwen3's q/k norms and `attention.key_length` head_dim) give their
+/// fixtures' transformers logits.
+#[test]
+fn qwen2_and_qwen3_ggufs_give_transformers_logits() {
+    let dump = gguf_matches_its_fixture("qwen2").dump();
+    assert!(dump.contains("self_attn.q_proj.bias") && !dump.contains("lm_head.weight"), "{dump}");
+    let dump = gguf_matches_its_fixture("qwen3").dump();
+    assert!(dump.contains("self_attn.q_norm.weight: f32[32]") && dump.contains("f32[batch, seq, 4, 32]"), "{dump}");
 }
