@@ -128,6 +128,9 @@ enum Entry {
         shape: Vec<usize>,
         dtype: DType,
     },
+    /// Another weight of this store under the name the graph uses (a family whose checkpoints
+    /// name their tensors their own way).
+    Alias(String),
     /// Rows `start..start + shape[0]` of another weight of this store (a fused checkpoint
     /// tensor's part), read when loaded.
     Rows {
@@ -252,6 +255,20 @@ impl WeightStore {
         Ok(())
     }
 
+    /// Weight `of` also under `name` (nothing is read or copied); errors name `of` when missing.
+    pub fn add_alias(&mut self, name: &str, of: &str) -> Result<()> {
+        self.stored_meta(of)?;
+        self.entries.insert(name.to_string(), Entry::Alias(of.to_string()));
+        Ok(())
+    }
+
+    /// Every name this store answers to, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.entries.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// A weight that is rows `start..start + rows` of weight `of` (a checkpoint's fused q/k/v
     /// or gate/up tensor, split): nothing is read until it is loaded. Errors name `of` when it
     /// is missing or the rows are not inside it.
@@ -274,6 +291,7 @@ impl WeightStore {
     pub fn synthetic_parts(&self, name: &str) -> Option<Vec<(usize, Synthetic)>> {
         match self.entries.get(name)? {
             Entry::Synthetic(shape, _, v) => Some(vec![(shape.iter().product(), *v)]),
+            Entry::Alias(of) => self.synthetic_parts(of),
             Entry::Concat { parts, .. } => {
                 let mut all = Vec::new();
                 for p in parts {
@@ -301,6 +319,7 @@ impl WeightStore {
             Some(Entry::Lazy(_, origin, _) | Entry::Synthetic(_, origin, _)) => origin.clone(),
             Some(Entry::Concat { parts, .. }) => format!("{} concatenated", parts.join(" + ")),
             Some(Entry::Rows { of, start, shape, .. }) => format!("rows {start}..{} of {of}", start + shape[0]),
+            Some(Entry::Alias(of)) => format!("`{of}` in {}", self.location(of)),
             Some(Entry::Computed { op, inputs, .. }) => {
                 let ins: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
                 format!("{}({}) computed at load", op.name(), ins.join(", "))
@@ -326,6 +345,7 @@ impl WeightStore {
                 Ok((dt, info.shape.clone()))
             }
             Some(Entry::Owned(t)) => Ok((t.dtype(), t.shape().to_vec())),
+            Some(Entry::Alias(of)) => self.stored_meta(of),
             Some(Entry::Lazy(shape, ..) | Entry::Synthetic(shape, ..)) => Ok((DType::F32, shape.clone())),
             Some(
                 Entry::Concat { shape, dtype, .. }
@@ -340,6 +360,7 @@ impl WeightStore {
     pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let i = match self.entries.get(name) {
             Some(Entry::Owned(t)) => return t.cast(dtype),
+            Some(Entry::Alias(of)) => return self.load(of, dtype),
             Some(Entry::Lazy(shape, origin, f)) => {
                 let t = f()?;
                 if t.shape() != shape.as_slice() {

@@ -143,6 +143,23 @@ fn malformed_config_values_name_the_key() {
         want.extend_from_slice(parts);
         expect(&import_err(&dir), &want);
     }
+    // OpenELM: per-layer lists of the wrong length, KV heads not dividing, an MLP variant the
+    // blocks do not build; errors name the file's own keys.
+    let cases: &[(&str, Value, &[&str])] = &[
+        ("num_query_heads", Value::from(vec![4, 2]), &["num_query_heads", "2 entries for 3 layers"]),
+        ("num_kv_heads", Value::from(vec![2, 1, 3]), &["num_kv_heads", "layer 2", "do not divide 4"]),
+        ("ffn_with_glu", Value::from(false), &["ffn_with_glu", "only true"]),
+        ("model_dim", Value::from("wide"), &["model_dim", "positive integer"]),
+    ];
+    for (key, val, parts) in cases {
+        let (_t, dir) = copy_fixture("openelm");
+        edit_config(&dir, |m| {
+            m.insert(key.to_string(), val.clone());
+        });
+        let mut want = vec!["config.json"];
+        want.extend_from_slice(parts);
+        expect(&import_err(&dir), &want);
+    }
     let (_t, dir) = copy_fixture("nemotron-nas");
     edit_config(&dir, |m| {
         m["block_configs"].as_array_mut().unwrap().pop();

@@ -44,6 +44,9 @@ const PUBLISHED: &[(&str, u64)] = &[
     // Mixture of experts, summed from the config as above (a router and each expert's three
     // projections a sparse layer): Qwen3-30B-A3B's card says 30.5B; Mixtral-8x22B's 141B.
     ("Qwen/Qwen3-30B-A3B", 30_532_122_624),
+    // OpenELM-270M: per-layer heads (12-20) and MLP widths (768-5120), fused qkv and GLU
+    // projections, tied: the model page's 0.27B, summed from the config.
+    ("apple/OpenELM-270M-Instruct", 271_527_168),
     // Llama-Nemotron Super 49B: DeciLM blocks (49 layers with attention, 80 with an MLP of
     // each block's width), the safetensors total the model page gives.
     ("nvidia/Llama-3_3-Nemotron-Super-49B-v1", 49_867_145_216),

@@ -116,10 +116,13 @@ pub struct BlockOptions {
     pub layers: Option<Vec<LayerShape>>,
 }
 
-/// One layer's blocks where layers differ: its attention's KV heads and its MLP's width, each
-/// `None` where the layer skips that sub-block (its norm and residual add too).
+/// One layer's blocks where layers differ: its attention's query and KV heads and its MLP's
+/// width, the last two `None` where the layer skips that sub-block (its norm and residual add
+/// too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LayerShape {
+    /// Query heads (`num_heads` unless the family's layers differ in it: OpenELM).
+    pub heads: usize,
     pub kv_heads: Option<usize>,
     pub mlp: Option<usize>,
 }
@@ -202,9 +205,9 @@ impl DecoderConfig {
     /// Every checkpoint tensor the graph reads, with its expected shape.
     pub fn expected_weights(&self) -> Vec<WeightSpec> {
         let (h, hd) = (self.hidden_size, self.head_dim);
-        let q = self.num_heads * hd;
         let mut v: Vec<WeightSpec> = vec![("model.embed_tokens.weight".into(), vec![self.vocab_size, h])];
         for l in 0..self.num_layers {
+            let q = self.heads(l) * hd;
             let p = format!("model.layers.{l}");
             let mut add = |n: &str, s: Vec<usize>| v.push((format!("{p}.{n}"), s));
             if let Some(kv_heads) = self.kv_heads(l) {
@@ -310,6 +313,11 @@ impl DecoderConfig {
                     .collect()
             }
         }
+    }
+
+    /// Layer `l`'s query heads.
+    pub fn heads(&self, l: usize) -> usize {
+        self.blocks.layers.as_ref().and_then(|v| v.get(l)).map_or(self.num_heads, |s| s.heads)
     }
 
     /// Layer `l`'s KV heads, or `None` where it has no attention (DeciLM's no-op blocks).
@@ -509,12 +517,11 @@ impl Ctx<'_> {
 
     fn attention(&mut self, l: usize, kv_heads: usize, h: ValueId, (cos, sin): (ValueId, ValueId)) -> Result<ValueId> {
         let c = self.cfg;
-        let (hs, hd) = (c.hidden_size, c.head_dim);
+        let (hs, hd, heads) = (c.hidden_size, c.head_dim, c.heads(l));
         let p = format!("model.layers.{l}");
         let n = format!("l{l}");
         let x = self.rmsnorm(&format!("{n}.input_norm"), h, &format!("{p}.input_layernorm.weight"), hs)?;
-        let q =
-            self.linear(&format!("{n}.q_proj"), x, &format!("{p}.self_attn.q_proj"), c.num_heads * hd, hs, c.qkv_bias)?;
+        let q = self.linear(&format!("{n}.q_proj"), x, &format!("{p}.self_attn.q_proj"), heads * hd, hs, c.qkv_bias)?;
         let k =
             self.linear(&format!("{n}.k_proj"), x, &format!("{p}.self_attn.k_proj"), kv_heads * hd, hs, c.qkv_bias)?;
         let v =
@@ -530,15 +537,14 @@ impl Ctx<'_> {
         let sdpa = Op::sdpa(SdpaAttrs {
             is_causal: true,
             scale: Some(c.scalars.attention.unwrap_or((hd as f64).powf(-0.5))),
-            enable_gqa: kv_heads != c.num_heads,
+            enable_gqa: kv_heads != heads,
             scoring: Scoring { window: c.window(l, self.max_seq), softcap: c.blocks.attn_softcap },
         });
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
         let a = self.b.op(&format!("{n}.attn.t"), Op::transpose(1, 2), &[a])?;
         let flat = vec![SizeArg::Dim(self.batch.clone()), SizeArg::Dim(self.seq.clone()), SizeArg::Infer];
         let a = self.b.op(&format!("{n}.attn.flat"), Op::reshape(flat), &[a])?;
-        let o =
-            self.linear(&format!("{n}.o_proj"), a, &format!("{p}.self_attn.o_proj"), hs, c.num_heads * hd, c.o_bias)?;
+        let o = self.linear(&format!("{n}.o_proj"), a, &format!("{p}.self_attn.o_proj"), hs, heads * hd, c.o_bias)?;
         let o = self.scale(&format!("{n}.o_scaled"), o, c.scalars.residual)?;
         let sandwich = c.blocks.sandwich_norms;
         let post_attn = format!("{p}.post_attention_layernorm.weight");

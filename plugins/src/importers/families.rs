@@ -44,6 +44,19 @@ pub struct Softcaps {
     pub final_logits: Option<f64>,
 }
 
+/// Where a family's layer shapes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layers {
+    /// Every layer alike: `num_attention_heads`, `num_key_value_heads`, `intermediate_size`.
+    Uniform,
+    /// DeciLM's `block_configs` (Llama-Nemotron Super/Ultra): per layer, attention with its
+    /// own KV heads or none, an MLP of its own width or none.
+    BlockConfigs,
+    /// OpenELM's per-layer lists: query heads, KV heads, and MLP widths as multipliers of the
+    /// hidden size rounded to a multiple of the divisor (as its `make_divisible`).
+    Lists { heads: &'static str, kv_heads: &'static str, ffn_multipliers: &'static str, ffn_divisor: &'static str },
+}
+
 /// How a family's configs describe its mixture-of-experts MLPs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MoeKeys {
@@ -111,9 +124,15 @@ pub struct Family {
     pub local_rope_theta: Option<f64>,
     /// Mixture-of-experts MLPs.
     pub moe: Option<MoeKeys>,
-    /// Heterogeneous layers described by `block_configs` (DeciLM, Llama-Nemotron Super/Ultra):
-    /// per layer, attention with its own KV heads or none, an MLP of its own width or none.
-    pub block_configs: bool,
+    /// How the layers' shapes are given.
+    pub layers: Layers,
+    /// `config.json` keys this family names its own way: (the importer's key, the family's).
+    pub config_keys: &'static [(&'static str, &'static str)],
+    /// Keys whose other values the blocks do not build: (key, the one JSON value accepted).
+    pub fixed_keys: &'static [(&'static str, &'static str)],
+    /// Checkpoint tensor names this family spells its own way: (the graph's fragment, the
+    /// family's), each replaced wherever it occurs in a name (OpenELM's `transformer.` tree).
+    pub weight_names: &'static [(&'static str, &'static str)],
     /// The GGUF importer maps this family's files (llama.cpp's names for Llama-shaped blocks;
     /// the others' GGUF files are refused naming `general.architecture`, never run as Llama).
     pub gguf: bool,
@@ -146,7 +165,10 @@ const LLAMA: Family = Family {
     query_pre_attn_scalar: None,
     local_rope_theta: None,
     moe: None,
-    block_configs: false,
+    layers: Layers::Uniform,
+    config_keys: &[],
+    fixed_keys: &[],
+    weight_names: &[],
     gguf: true,
 };
 
@@ -193,7 +215,10 @@ const GEMMA: Family = Family {
     query_pre_attn_scalar: None,
     local_rope_theta: None,
     moe: None,
-    block_configs: false,
+    layers: Layers::Uniform,
+    config_keys: &[],
+    fixed_keys: &[],
+    weight_names: &[],
     gguf: false,
 };
 
@@ -241,7 +266,51 @@ pub const FAMILIES: &[Family] = &[
         ..MISTRAL
     },
     Family { name: "granite", multipliers: true, ..LLAMA },
-    Family { name: "nemotron-nas", block_configs: true, gguf: false, ..LLAMA },
+    Family { name: "nemotron-nas", layers: Layers::BlockConfigs, gguf: false, ..LLAMA },
+    Family {
+        name: "openelm",
+        qkv_bias: Flag::Fixed(false),
+        o_bias: Flag::Fixed(false),
+        mlp_bias: Flag::Fixed(false),
+        qk_norm: true,
+        activation_key: ("activation_fn_name", "swish"),
+        activations: &[("swish", GateAct::Silu), ("silu", GateAct::Silu)],
+        fused_projections: true,
+        tied_by_default: true,
+        layers: Layers::Lists {
+            heads: "num_query_heads",
+            kv_heads: "num_kv_heads",
+            ffn_multipliers: "ffn_multipliers",
+            ffn_divisor: "ffn_dim_divisor",
+        },
+        config_keys: &[
+            ("hidden_size", "model_dim"),
+            ("num_hidden_layers", "num_transformer_layers"),
+            ("rope_theta", "rope_freq_constant"),
+            ("tie_word_embeddings", "share_input_output_layers"),
+            ("max_position_embeddings", "max_context_length"),
+        ],
+        fixed_keys: &[
+            ("ffn_with_glu", "true"),
+            ("normalize_qk_projections", "true"),
+            ("normalization_layer_name", "\"rms_norm\""),
+        ],
+        weight_names: &[
+            ("model.embed_tokens.", "transformer.token_embeddings."),
+            ("model.norm.", "transformer.norm."),
+            ("model.layers.", "transformer.layers."),
+            (".input_layernorm.", ".attn_norm."),
+            (".post_attention_layernorm.", ".ffn_norm."),
+            (".self_attn.qkv_proj.", ".attn.qkv_proj."),
+            (".self_attn.o_proj.", ".attn.out_proj."),
+            (".self_attn.q_norm.", ".attn.q_norm."),
+            (".self_attn.k_norm.", ".attn.k_norm."),
+            (".mlp.gate_up_proj.", ".ffn.proj_1."),
+            (".mlp.down_proj.", ".ffn.proj_2."),
+        ],
+        gguf: false,
+        ..LLAMA
+    },
     Family {
         name: "phi3",
         qkv_bias: Flag::Fixed(false),
@@ -321,7 +390,7 @@ mod tests {
         assert!(family("gpt2").is_none());
         assert_eq!(
             names(),
-            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, granite, nemotron-nas, phi3, gemma, gemma2, gemma3_text, starcoder2"
+            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, granite, nemotron-nas, openelm, phi3, gemma, gemma2, gemma3_text, starcoder2"
         );
     }
 }

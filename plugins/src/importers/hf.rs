@@ -12,7 +12,7 @@ use autodeploy_core::{DType, Graph};
 use serde_json::{Map, Value};
 
 use super::decoder::{build_decoder, BlockOptions, DecoderConfig, LayerShape, MoeConfig, RopeScaling, Scalars};
-use super::families::{self, Flag, Window};
+use super::families::{self, Flag, Layers, Window};
 
 pub struct HfImporter;
 
@@ -37,8 +37,11 @@ impl ModelImporter for HfImporter {
             dummy_weights(&cfg, &req.path)
         } else {
             let mut store = open_weights(&req.path)?;
-            if families::family(&cfg.family).is_some_and(|f| f.fused_projections) {
-                split_fused(&cfg, &mut store)?;
+            if let Some(fam) = families::family(&cfg.family) {
+                rename_weights(fam, &mut store)?;
+                if fam.fused_projections {
+                    split_fused(&cfg, &mut store)?;
+                }
             }
             store
         };
@@ -54,15 +57,23 @@ struct Keys<'a> {
     file: &'a Path,
     map: &'a Map<String, Value>,
     prefix: &'a str,
+    /// The family's own names for keys (`Family::config_keys`): read, and named in errors,
+    /// under those.
+    aliases: &'static [(&'static str, &'static str)],
 }
 
 impl<'a> Keys<'a> {
+    /// The file's name for `key`.
+    fn name<'k>(&self, key: &'k str) -> &'k str {
+        self.aliases.iter().find(|(ours, _)| *ours == key).map_or(key, |&(_, theirs)| theirs)
+    }
+
     fn err(&self, key: &str, msg: impl Into<String>) -> Error {
-        Error::config(self.file, format!("{}{key}", self.prefix), msg)
+        Error::config(self.file, format!("{}{}", self.prefix, self.name(key)), msg)
     }
 
     fn present(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
+        self.map.get(self.name(key)).filter(|v| !v.is_null())
     }
 
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
@@ -98,7 +109,7 @@ impl<'a> Keys<'a> {
 
     /// A positive number that may be null (none): `default` when the key is absent.
     fn positive_or_null(&self, key: &str, default: Option<f64>) -> Result<Option<f64>> {
-        match self.map.get(key) {
+        match self.map.get(self.name(key)) {
             None => Ok(default),
             Some(Value::Null) => Ok(None),
             Some(v) => match v.as_f64() {
@@ -110,7 +121,7 @@ impl<'a> Keys<'a> {
 
     /// A size that may be null (none): `default` when the key is absent.
     fn size_or_null(&self, key: &str, max: usize, default: Option<usize>) -> Result<Option<usize>> {
-        match self.map.get(key) {
+        match self.map.get(self.name(key)) {
             None => Ok(default),
             Some(Value::Null) => Ok(None),
             Some(_) => self.size_opt(key, max),
@@ -176,7 +187,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
     let json: Value = serde_json::from_str(&text)
         .map_err(|e| Error::BadFile { file: path.into(), msg: format!("invalid JSON: {e}") })?;
     let map = json.as_object().ok_or_else(|| Error::BadFile { file: path.into(), msg: "not a JSON object".into() })?;
-    let k = Keys { file: path, map, prefix: "" };
+    let k = Keys { file: path, map, prefix: "", aliases: &[] };
 
     let model_type = k.str_opt("model_type")?.ok_or_else(|| k.err("model_type", "missing"))?;
     let fam = families::family(model_type).ok_or_else(|| Error::UnknownModelType {
@@ -184,20 +195,40 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         model_type: model_type.into(),
         supported: families::names(),
     })?;
+    let k = Keys { aliases: fam.config_keys, ..k };
     let flag = |f: Flag| match f {
         Flag::Fixed(v) => Ok(v),
         Flag::Key(key, default) => k.bool_or(key, default),
     };
-    let hidden_size = k.size("hidden_size", 1 << 17)?;
-    let num_heads = k.size("num_attention_heads", 1 << 12)?;
-    let num_kv_heads = k.size_opt("num_key_value_heads", 1 << 12)?.unwrap_or(num_heads);
-    if num_heads % num_kv_heads != 0 {
-        return Err(
-            k.err("num_key_value_heads", format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"))
-        );
+    for &(key, only) in fam.fixed_keys {
+        if let Some(v) = k.present(key).filter(|v| v.to_string() != only) {
+            return Err(k.err(key, format!("{v}: only {only} is supported for {model_type}")));
+        }
     }
+    let hidden_size = k.size("hidden_size", 1 << 17)?;
+    let num_layers = k.size("num_hidden_layers", 1 << 10)?;
+    let lists = match fam.layers {
+        Layers::Lists { .. } => Some(parse_layer_lists(&k, fam.layers, num_layers, hidden_size)?),
+        _ => None,
+    };
+    let (num_heads, num_kv_heads) = match &lists {
+        // The widest layer and the first layer's KV heads stand for the model in summaries.
+        Some(v) => (v.iter().map(|s| s.heads).max().unwrap_or(1), v[0].kv_heads.unwrap_or(1)),
+        None => {
+            let num_heads = k.size("num_attention_heads", 1 << 12)?;
+            let num_kv_heads = k.size_opt("num_key_value_heads", 1 << 12)?.unwrap_or(num_heads);
+            if num_heads % num_kv_heads != 0 {
+                return Err(k.err(
+                    "num_key_value_heads",
+                    format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
+                ));
+            }
+            (num_heads, num_kv_heads)
+        }
+    };
     let head_dim = match k.size_opt("head_dim", 1 << 12)? {
         Some(d) => d,
+        None if lists.is_some() => return Err(k.err("head_dim", "missing (the layers' head counts differ)")),
         None if hidden_size % num_heads == 0 => hidden_size / num_heads,
         None => {
             return Err(k.err(
@@ -219,10 +250,10 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             return Err(k.err(act_key, format!("`{act}` is not supported for {model_type} (supported: {known})")));
         }
     };
-    let num_layers = k.size("num_hidden_layers", 1 << 10)?;
-    let layers = match fam.block_configs {
-        true => Some(parse_block_configs(&k, num_layers, num_heads, hidden_size)?),
-        false => None,
+    let layers = match fam.layers {
+        Layers::BlockConfigs => Some(parse_block_configs(&k, num_layers, num_heads, hidden_size)?),
+        Layers::Lists { .. } => lists,
+        Layers::Uniform => None,
     };
     // Heterogeneous layers: the widest MLP and the first attention's KV heads stand for the
     // model in summaries; each layer's own are in `blocks.layers`.
@@ -361,6 +392,66 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
     })
 }
 
+/// OpenELM's per-layer lists (`Layers::Lists`): query heads, KV heads (dividing them), and MLP
+/// widths from multipliers of the hidden size as its `make_divisible` rounds them (to the
+/// nearest multiple of the divisor, at least one, and up once more if that lost over 10%).
+fn parse_layer_lists(k: &Keys, layers: Layers, num_layers: usize, hidden: usize) -> Result<Vec<LayerShape>> {
+    let Layers::Lists { heads, kv_heads, ffn_multipliers, ffn_divisor } = layers else {
+        return Ok(Vec::new());
+    };
+    let list = |key: &str| -> Result<Vec<f64>> {
+        let v = k.present(key).ok_or_else(|| k.err(key, "missing"))?;
+        let xs = match v {
+            Value::Number(n) => n.as_f64().map(|x| vec![x; num_layers]),
+            Value::Array(a) => a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>(),
+            _ => None,
+        }
+        .filter(|xs| xs.iter().all(|x| *x > 0.0 && *x <= 4096.0))
+        .ok_or_else(|| k.err(key, format!("expected a list of positive numbers, found {v}")))?;
+        if xs.len() != num_layers {
+            return Err(k.err(key, format!("{} entries for {num_layers} layers", xs.len())));
+        }
+        Ok(xs)
+    };
+    let count = |key: &str, x: f64| -> Result<usize> {
+        if x.fract() != 0.0 {
+            return Err(k.err(key, format!("{x} is not a whole number of heads")));
+        }
+        Ok(x as usize)
+    };
+    let (q, kv, mult) = (list(heads)?, list(kv_heads)?, list(ffn_multipliers)?);
+    let divisor = k.size(ffn_divisor, 1 << 16)?;
+    let mut out = Vec::with_capacity(num_layers);
+    for l in 0..num_layers {
+        let (h, g) = (count(heads, q[l])?, count(kv_heads, kv[l])?);
+        if h % g != 0 {
+            return Err(k.err(kv_heads, format!("layer {l}: {g} KV heads do not divide {h} query heads")));
+        }
+        let v = mult[l] * hidden as f64;
+        let mut width = ((v + divisor as f64 / 2.0) as usize / divisor * divisor).max(divisor);
+        if (width as f64) < 0.9 * v {
+            width += divisor;
+        }
+        out.push(LayerShape { heads: h, kv_heads: Some(g), mlp: Some(width) });
+    }
+    Ok(out)
+}
+
+/// The checkpoint's tensors under the graph's names, where the family spells them its own way
+/// (`Family::weight_names`): each name with the family's fragments replaced by the graph's.
+fn rename_weights(fam: &families::Family, store: &mut WeightStore) -> Result<()> {
+    if fam.weight_names.is_empty() {
+        return Ok(());
+    }
+    for name in store.names() {
+        let ours = fam.weight_names.iter().fold(name.clone(), |n, (ours, theirs)| n.replace(theirs, ours));
+        if ours != name {
+            store.add_alias(&ours, &name)?;
+        }
+    }
+    Ok(())
+}
+
 /// DeciLM's `block_configs`: one entry per layer, each with an `attention` (KV heads as
 /// `num_attention_heads / n_heads_in_group`, or `no_op`) and an `ffn` (SwiGLU of width
 /// int(2·ffn_mult·hidden/3) rounded up to a multiple of 256, or `no_op`). Linear replacements,
@@ -419,6 +510,7 @@ fn parse_block_configs(k: &Keys, num_layers: usize, num_heads: usize, hidden: us
                 Some(num_heads / g as usize)
             }
         };
+        let heads = num_heads;
         let mlp = match set(ffn, "ffn", "no_op")? {
             true => None,
             false => {
@@ -434,7 +526,7 @@ fn parse_block_configs(k: &Keys, num_layers: usize, num_heads: usize, hidden: us
                 Some(n.div_ceil(256) * 256)
             }
         };
-        out.push(LayerShape { kv_heads, mlp });
+        out.push(LayerShape { heads, kv_heads, mlp });
     }
     Ok(out)
 }
@@ -514,7 +606,7 @@ fn parse_layer_ropes(k: &Keys, local_default: f64) -> Result<(f64, RopeScaling, 
             Some(v) => v.as_object().ok_or_else(|| k.err(&format!("rope_parameters.{name}"), "expected an object"))?,
             None => return Err(k.err(&format!("rope_parameters.{name}"), "missing")),
         };
-        let sub = Keys { file: k.file, map: obj, prefix: &prefix };
+        let sub = Keys { file: k.file, map: obj, prefix: &prefix, aliases: &[] };
         let theta = sub.f64("rope_theta")?;
         Ok((theta, parse_rope_type(&sub, k)?))
     };
@@ -553,6 +645,7 @@ fn parse_rope(k: &Keys) -> Result<(f64, RopeScaling)> {
     let sub = match params {
         None => None,
         Some(v) => Some(Keys {
+            aliases: &[],
             file: k.file,
             map: v.as_object().ok_or_else(|| k.err(key, format!("expected an object, found {v}")))?,
             prefix: &prefix,
@@ -733,13 +826,18 @@ pub fn dummy_weights(cfg: &DecoderConfig, dir: &Path) -> WeightStore {
 /// The decoder's q/k/v and gate/up weights as row ranges of a checkpoint's fused
 /// `self_attn.qkv_proj` and `mlp.gate_up_proj` (checked to hold exactly those rows).
 fn split_fused(cfg: &DecoderConfig, store: &mut WeightStore) -> Result<()> {
-    let (q, kv, i) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        for (fused, parts) in [
-            ("self_attn.qkv_proj", vec![("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)]),
-            ("mlp.gate_up_proj", vec![("mlp.gate_proj", i), ("mlp.up_proj", i)]),
-        ] {
+        let q = cfg.heads(l) * cfg.head_dim;
+        let mut fused_parts = Vec::new();
+        if let Some(kv) = cfg.kv_heads(l).map(|g| g * cfg.head_dim) {
+            let parts = vec![("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)];
+            fused_parts.push(("self_attn.qkv_proj", parts));
+        }
+        if let Some(i) = cfg.mlp_width(l) {
+            fused_parts.push(("mlp.gate_up_proj", vec![("mlp.gate_proj", i), ("mlp.up_proj", i)]));
+        }
+        for (fused, parts) in fused_parts {
             let of = format!("{p}.{fused}.weight");
             if !store.contains(&of) {
                 return Err(Error::MissingTensor { name: of, where_: store.describe() });

@@ -22,6 +22,7 @@ pub const FAMILIES: &[&str] = &[
     "llama-rope-dynamic",
     "granite",
     "nemotron-nas",
+    "openelm",
     "phi3",
     "phi3-longrope",
     "gemma",
