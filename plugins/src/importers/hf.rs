@@ -201,7 +201,8 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         Flag::Key(key, default) => k.bool_or(key, default),
     };
     for &(key, only) in fam.fixed_keys {
-        if let Some(v) = k.present(key).filter(|v| v.to_string() != only) {
+        let accepted: Option<Value> = serde_json::from_str(only).ok();
+        if let Some(v) = k.present(key).filter(|&v| accepted.as_ref() != Some(v)) {
             return Err(k.err(key, format!("{v}: only {only} is supported for {model_type}")));
         }
     }
