@@ -269,6 +269,13 @@ fn bad_runtime_inputs_are_named() {
 #[test]
 fn bad_transform_settings_name_the_key() {
     autodeploy_plugins::link();
+    // Experts: listing three tensors for each would allocate before any file is read.
+    let (_t, dir) = copy_fixture("mixtral");
+    edit_config(&dir, |m| {
+        m.insert("num_hidden_layers".into(), Value::from(1000));
+        m.insert("num_local_experts".into(), Value::from(4000));
+    });
+    expect(&import_err(&dir), &["config.json", "num_local_experts", "4000000, past the limit"]);
     let check = |extra: &str, parts: &[&str]| {
         let text = format!("model = \"m\"\n{extra}");
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&text, None).unwrap();
@@ -309,6 +316,13 @@ fn sizes_past_their_limits_are_refused_before_allocation() {
         });
         expect(&import_err(&dir), &["config.json", key, why]);
     }
+    // Experts: listing three tensors for each would allocate before any file is read.
+    let (_t, dir) = copy_fixture("mixtral");
+    edit_config(&dir, |m| {
+        m.insert("num_hidden_layers".into(), Value::from(1000));
+        m.insert("num_local_experts".into(), Value::from(4000));
+    });
+    expect(&import_err(&dir), &["config.json", "num_local_experts", "4000000, past the limit"]);
     let check = |extra: &str, parts: &[&str]| {
         let text = format!("model = \"m\"\n{extra}");
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&text, None).unwrap();

@@ -554,6 +554,14 @@ fn parse_moe(k: &Keys, m: &families::MoeKeys, num_layers: usize, norm: bool) -> 
     } else {
         vec![true; num_layers]
     };
+    // Three checkpoint tensors an expert a sparse layer are listed before any is read: bounded
+    // (the largest matrix models have about 16k experts in all).
+    let total = num_experts * sparse_layers.iter().filter(|&&s| s).count();
+    if total > 1 << 16 {
+        return Err(
+            k.err(key, format!("{num_experts} experts in each sparse layer make {total}, past the limit 65536"))
+        );
+    }
     Ok(MoeConfig {
         num_experts,
         top_k,
