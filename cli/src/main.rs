@@ -388,21 +388,35 @@ fn run_json(cfg: &PipelineConfig, engine: &mut pipeline::Engine) -> Result<()> {
     Ok(())
 }
 
-/// Bytes of the weights a decode step reads: every weight but the embedding tables (a step
-/// reads one row of those per token), unless a table is also read whole (a tied LM head).
-fn weight_bytes(g: &autodeploy_core::Graph) -> usize {
-    let only_looked_up = |v: autodeploy_core::ValueId| {
-        let uses: Vec<&autodeploy_core::ir::Node> = g.nodes.iter().filter(|n| n.inputs.contains(&v)).collect();
-        !uses.is_empty()
-            && uses
-                .iter()
-                .all(|n| n.op.is(autodeploy_core::ops::gather::EMBEDDING) && n.inputs[0] == v && n.inputs[1] != v)
+/// Bytes of the weights a decode step of `batch` tokens reads: every weight but the embedding
+/// tables (a step reads one row of those per token), unless a table is also read whole (a tied
+/// LM head); of a mixture of experts' stacked weights, the experts the step's tokens choose: `k`
+/// of `E` for one token, for a batch the expected number of distinct experts if routing were
+/// uniform, `E·(1 − (1 − k/E)^batch)`.
+fn weight_bytes(g: &autodeploy_core::Graph, batch: usize) -> usize {
+    use autodeploy_core::ops::{gather::EMBEDDING, moe::MOE};
+    let uses = |v: autodeploy_core::ValueId| -> Vec<&autodeploy_core::ir::Node> {
+        g.nodes.iter().filter(|n| n.inputs.contains(&v)).collect()
     };
     g.params
         .iter()
-        .filter(|p| !only_looked_up(p.value))
-        .map(|p| autodeploy_core::pipeline::param_bytes(g, p).unwrap_or(0) as usize)
-        .sum()
+        .map(|p| {
+            let (v, bytes) = (p.value, autodeploy_core::pipeline::param_bytes(g, p).unwrap_or(0) as f64);
+            let u = uses(v);
+            if !u.is_empty() && u.iter().all(|n| n.op.is(EMBEDDING) && n.inputs[0] == v && n.inputs[1] != v) {
+                return 0.0;
+            }
+            let experts = g.meta(v).shape.first().and_then(|d| d.as_static()).unwrap_or(1) as f64;
+            let expert_stack = |n: &&autodeploy_core::ir::Node| n.op.is(MOE) && n.inputs[..2].iter().all(|&i| i != v);
+            match u.first().and_then(|n| n.op.moe_of()) {
+                Some(m) if u.iter().all(expert_stack) => {
+                    let chosen = experts * (1.0 - (1.0 - m.top_k as f64 / experts).powi(batch as i32));
+                    bytes * chosen / experts
+                }
+                _ => bytes,
+            }
+        })
+        .sum::<f64>() as usize
 }
 
 /// Deterministic prompts of ordinary token ids, different per request.
@@ -544,7 +558,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
             )
         }
     };
-    let bytes = weight_bytes(&engine.graph);
+    let bytes = weight_bytes(&engine.graph, batch);
     let steps = stats.decode_tokens as f64 / batch as f64;
     let decode_ms = stats.decode_time.as_secs_f64() * 1e3 / steps.max(1.0);
     let achieved = bytes as f64 / (decode_ms / 1e3);
