@@ -11,7 +11,21 @@ use common::*;
 
 /// The transformer exports: (fixture family, archive). `llama-legacy.pt2` is the llama
 /// fixture exported by torch 2.7 (the legacy layout); the others by torch 2.15 (PT2 archive).
-const EXPORTS: &[(&str, &str)] = &[("llama", "llama.pt2"), ("qwen3", "qwen3.pt2"), ("llama", "llama-legacy.pt2")];
+/// `scripts/export.py` on each fixture (tests/fixtures/make_pt2_fixtures.py): every dense family
+/// whose transformers modeling exports with SDPA (Gemma 2 needs eager attention; Phi-3's
+/// LongRoPE reads `max(position_ids)`, not exported here).
+const EXPORTS: &[(&str, &str)] = &[
+    ("llama", "llama.pt2"),
+    ("qwen3", "qwen3.pt2"),
+    ("llama", "llama-legacy.pt2"),
+    ("qwen2", "qwen2.pt2"),
+    ("qwen2-window", "qwen2-window.pt2"),
+    ("granite", "granite.pt2"),
+    ("phi3", "phi3.pt2"),
+    ("gemma", "gemma.pt2"),
+    ("gemma3_text", "gemma3_text.pt2"),
+    ("starcoder2", "starcoder2.pt2"),
+];
 
 #[test]
 fn exported_weights_equal_the_checkpoints() {
@@ -34,7 +48,12 @@ fn exported_weights_equal_the_checkpoints() {
             assert_eq!(got.to_f32(), want.to_f32(), "{family} {hf}");
             checked += 1;
         }
-        assert!(checked >= 20, "{family}: only {checked} weights matched by name");
+        // Phi-3's fused q/k/v and gate/up tensors are split by the HF importer (other names).
+        assert!(
+            checked >= 12 && 2 * checked >= a.weights.len(),
+            "{family}: only {checked} of {} weights matched by name",
+            a.weights.len()
+        );
     }
 }
 
@@ -217,8 +236,10 @@ fn exported_transformers_generate_what_the_hf_import_generates() {
     }
 }
 
-/// After `post_load_fusion` the export's graph has the HF importer's ops, in the same order,
-/// with the same dtypes and shapes (only value and weight names differ).
+/// After `post_load_fusion` the export's graph has the HF importer's ops with the same dtypes
+/// and shapes (only value and weight names differ), in the same order, or, where the modeling
+/// code orders independent ops otherwise, the same ops (Gemma 3 forms the q, k and v heads
+/// before it norms q and k; the HF importer norms each as it forms it).
 #[test]
 fn the_export_reaches_the_hf_imports_canonical_graph() {
     use autodeploy_core::config::PipelineConfig;
@@ -240,7 +261,22 @@ fn the_export_reaches_the_hf_imports_canonical_graph() {
         };
         let (hf, pt2) = (ops(&fixture(family)), ops(&fixture(&format!("pt2/{file}"))));
         assert!(hf.iter().any(|o| o.starts_with("torch_attention")), "{hf:?}");
-        assert_eq!(hf, pt2, "{file}: canonical ops after post_load_fusion");
+        let sorted = |v: &[String]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v
+        };
+        if hf != pt2 && (family != "gemma3_text" || sorted(&hf) != sorted(&pt2)) {
+            let at = hf.iter().zip(&pt2).position(|(a, b)| a != b).unwrap_or(hf.len().min(pt2.len()));
+            let window = |v: &[String]| v[at.saturating_sub(2)..(at + 3).min(v.len())].to_vec();
+            panic!(
+                "{file}: canonical ops after post_load_fusion differ from node {at} (of {} vs {}): HF {:?}, export {:?}",
+                hf.len(),
+                pt2.len(),
+                window(&hf),
+                window(&pt2)
+            );
+        }
     }
 }
 

@@ -298,6 +298,32 @@ fn mlp_graph(bias_on_up: bool) -> (Graph, Vec<Tensor>) {
     (b.finish().unwrap(), vec![rand_tensor(DType::F32, &[3, 8], 13)])
 }
 
+/// A checkpoint's fused gate/up weight, chunked in the graph (a Phi-3 export): the gated MLP
+/// over it, `fused=true`; halves the other way round (up first) are not that MLP and stay.
+#[test]
+fn swiglu_over_a_fused_gate_up_weight() {
+    let graph = |gate_first: bool| {
+        let ws = [("wgu", rand_tensor(DType::F32, &[24, 8], 9)), ("wd", rand_tensor(DType::F32, &[8, 12], 11))];
+        let mut b = GraphBuilder::new(store(&ws));
+        let x = b.input("x", DType::F32, static_shape(&[3, 8]));
+        let wgu = b.param("wgu", DType::F32, static_shape(&[24, 8]));
+        let wd = b.param("wd", DType::F32, static_shape(&[8, 12]));
+        let gu = b.op("gu", Op::linear(), &[x, wgu]).unwrap();
+        let lo = b.op("lo", Op::slice(Slice::new(-1, 0, 12)), &[gu]).unwrap();
+        let hi = b.op("hi", Op::slice(Slice::new(-1, 12, 24)), &[gu]).unwrap();
+        let (gate, up) = if gate_first { (lo, hi) } else { (hi, lo) };
+        let a = b.op("act", Op::unary("aten.silu"), &[gate]).unwrap();
+        let m = b.op("prod", Op::binary(MUL), &[a, up]).unwrap();
+        let out = b.op("down", Op::linear(), &[m, wd]).unwrap();
+        b.output(out);
+        (b.finish().unwrap(), vec![rand_tensor(DType::F32, &[3, 8], 13)])
+    };
+    let (g, ins) = graph(true);
+    check("match_swiglu", g, &ins, "%down.swiglu: f32[3, 8] = torch_swiglu_mlp(%x, %wgu, %wd, fused=true)", 1e-6);
+    let (mut g, _) = graph(false);
+    assert_eq!(apply("match_swiglu", &mut g), "matched 0 gated mlp (swiglu/geglu; 0 over a fused gate/up weight)");
+}
+
 #[test]
 fn swiglu_and_its_gate_up_fusion() {
     let (g, ins) = mlp_graph(false);
@@ -320,7 +346,7 @@ fn swiglu_and_its_gate_up_fusion() {
     // A biased projection is not a plain SwiGLU: left for GEMM fusion, which fuses gate and up.
     let (g, ins) = mlp_graph(true);
     let mut g2 = g.clone();
-    assert_eq!(apply("match_swiglu", &mut g2), "matched 0 gated mlp (swiglu/geglu)");
+    assert_eq!(apply("match_swiglu", &mut g2), "matched 0 gated mlp (swiglu/geglu; 0 over a fused gate/up weight)");
     let out = body(&g);
     assert!(out.contains("aten.silu"), "{out}");
     let mut fused = g;

@@ -109,6 +109,8 @@ pub struct BlockOptions {
     /// An ungated MLP, `c_proj(act(c_fc(x)))` (StarCoder2), instead of the gated
     /// `down(act(gate(x)) · up(x))`; its biases are `mlp_bias`.
     pub plain_mlp: bool,
+    /// The q/k head norms after the heads' transpose (Gemma 3), not before.
+    pub qk_norm_after_transpose: bool,
     /// Mixture-of-experts MLPs on the layers it marks sparse.
     pub moe: Option<MoeConfig>,
     /// Per-layer blocks (DeciLM's `block_configs`); `None`: every layer has attention with
@@ -174,8 +176,7 @@ pub struct Scalars {
     pub embedding: f64,
     pub attention: Option<f64>,
     pub residual: f64,
-    /// The logits are divided by this (a multiplication by its reciprocal in the graph: exact
-    /// for the powers of two real checkpoints use).
+    /// The logits are divided by this (`aten.div.Scalar`, as transformers).
     pub logits_divisor: f64,
 }
 
@@ -495,11 +496,17 @@ impl Ctx<'_> {
             SizeArg::Infer,
             SizeArg::Dim(Dim::new(self.cfg.head_dim)),
         ];
-        let mut v = self.b.op(&format!("{hint}.view"), Op::view(sizes), &[x])?;
-        if let Some(w) = norm {
-            v = self.rmsnorm(&format!("{hint}.norm"), v, w, self.cfg.head_dim)?;
+        let v = self.b.op(&format!("{hint}.view"), Op::view(sizes), &[x])?;
+        let after = self.cfg.blocks.qk_norm_after_transpose;
+        let v = match norm {
+            Some(w) if !after => self.rmsnorm(&format!("{hint}.norm"), v, w, self.cfg.head_dim)?,
+            _ => v,
+        };
+        let t = self.b.op(&format!("{hint}.t"), Op::transpose(1, 2), &[v])?;
+        match norm {
+            Some(w) if after => self.rmsnorm(&format!("{hint}.norm"), t, w, self.cfg.head_dim),
+            _ => Ok(t),
         }
-        self.b.op(&format!("{hint}.t"), Op::transpose(1, 2), &[v])
     }
 
     /// Layer `l`: attention and MLP sub-blocks, each added to the residual stream `h`, each
@@ -660,8 +667,10 @@ pub fn build_decoder(
     let plain = cfg.scalars.logits_divisor == 1.0 && cfg.blocks.final_softcap.is_none();
     let mut logits = cx.b.op(if plain { "logits" } else { "lm_head" }, Op::linear(), &[h, lm])?;
     if cfg.scalars.logits_divisor != 1.0 {
+        // transformers: logits / logits_scaling.
         let last = cfg.blocks.final_softcap.is_none();
-        logits = cx.scale(if last { "logits" } else { "lm_head.scaled" }, logits, 1.0 / cfg.scalars.logits_divisor)?;
+        let name = if last { "logits" } else { "lm_head.scaled" };
+        logits = cx.b.op(name, Op::scalar(DIV_SCALAR, cfg.scalars.logits_divisor), &[logits])?;
     }
     if let Some(cap) = cfg.blocks.final_softcap {
         // transformers: logits / cap, tanh, * cap.

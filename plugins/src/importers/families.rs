@@ -88,6 +88,9 @@ pub struct Family {
     pub mlp_bias: Flag,
     /// RMSNorm of each q and k head before RoPE (`self_attn.q_norm` / `k_norm` weights).
     pub qk_norm: bool,
+    /// The q/k norms come after the heads' transpose (Gemma 3's modeling order; the same
+    /// values, a different graph).
+    pub qk_norm_after_transpose: bool,
     pub window: Window,
     /// The `config.json` key of the MLP activation, and its value when absent.
     pub activation_key: (&'static str, &'static str),
@@ -149,6 +152,7 @@ const LLAMA: Family = Family {
     o_bias: Flag::Key("attention_bias", false),
     mlp_bias: Flag::Key("mlp_bias", false),
     qk_norm: false,
+    qk_norm_after_transpose: false,
     window: Window::None,
     activation_key: SILU,
     activations: SILU_ONLY,
@@ -197,6 +201,7 @@ const GEMMA: Family = Family {
     o_bias: Flag::Key("attention_bias", false),
     mlp_bias: Flag::Fixed(false),
     qk_norm: false,
+    qk_norm_after_transpose: false,
     window: Window::None,
     // transformers reads `hidden_act` for Gemma and maps the legacy `gelu` of the official
     // configs to the tanh approximation.
@@ -336,6 +341,7 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "gemma3_text",
         qk_norm: true,
+        qk_norm_after_transpose: true,
         window: Window::Layers { key: "sliding_window", default: Some(4096), pattern: 6 },
         activation_key: ("hidden_activation", "gelu_pytorch_tanh"),
         activations: GEMMA2_ACTS,

@@ -385,6 +385,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             layer_norm: fam.layer_norm,
             plain_mlp: fam.plain_mlp,
             layers,
+            qk_norm_after_transpose: fam.qk_norm_after_transpose,
             moe: match &fam.moe {
                 Some(m) => Some(parse_moe(&k, m, num_layers, flag(m.norm)?)?),
                 None => None,

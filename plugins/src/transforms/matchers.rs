@@ -369,6 +369,46 @@ pub fn swiglu_pattern() -> Pattern {
     p.build(out)
 }
 
+/// The same MLP over a checkpoint's fused gate/up weight (Phi-3's `gate_up_proj`, exported as
+/// one linear chunked in two): `down(act(gu[.., :I]) · gu[.., I:])`, `gu = x · w_gate_upᵀ`.
+pub fn fused_swiglu_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let (x, wgu, wd) = (p.input("x"), p.input("w_gate_up"), p.input("w_down"));
+    let gu = p.op(|op, _| op.is(LINEAR), &[x, wgu]);
+    let half = |first: bool| {
+        move |op: &Op, c: &mut Captures| match op.slice_of() {
+            Some(s) if s.step == 1 => {
+                let key = if first { "gate" } else { "up" };
+                c.f.insert(key, s.start as f64);
+                c.f.insert(if first { "gate_end" } else { "up_end" }, s.end as f64);
+                c.f.insert(if first { "gate_dim" } else { "up_dim" }, s.dim as f64);
+                true
+            }
+            _ => false,
+        }
+    };
+    let gate = p.op(half(true), &[gu]);
+    let up = p.op(half(false), &[gu]);
+    let a = activation_node(&mut p, gate);
+    let m = p.commutative(|op, _| op.is(MUL), a, up);
+    let out = p.op(|op, _| op.is(LINEAR), &[m, wd]);
+    p.build(out)
+}
+
+/// Whether a fused match's slices are the gate half then the up half of the last dim.
+fn halves(g: &Graph, m: &autodeploy_core::pattern::Match) -> bool {
+    let f = &m.caps.f;
+    let rows = g.meta(m.input("w_gate_up")).shape.first().and_then(|d| d.as_static()).unwrap_or(0) as f64;
+    let last = |d: f64| d == -1.0 || d == (g.meta(m.input("x")).shape.len() as f64 - 1.0);
+    let i = rows / 2.0;
+    f["gate"] == 0.0
+        && f["gate_end"] == i
+        && f["up"] == i
+        && (f["up_end"] == rows || f["up_end"] >= i64::MAX as f64)
+        && last(f["gate_dim"])
+        && last(f["up_dim"])
+}
+
 pub struct MatchSwiGlu;
 
 impl Transform for MatchSwiGlu {
@@ -380,7 +420,16 @@ impl Transform for MatchSwiGlu {
             let op = Op::swiglu(SwiGlu { fused: false, epilogue: false, act });
             Ok(insert_if_equivalent(g, pos, &hint, op, &ins, m.output))
         })?;
-        Ok(format!("matched {n} gated mlp (swiglu/geglu)"))
+        let fused = rewrite_all(g, &fused_swiglu_pattern(), |g, m, pos| {
+            if !halves(g, m) {
+                return Ok(None);
+            }
+            let ins = [m.input("x"), m.input("w_gate_up"), m.input("w_down")];
+            let hint = format!("{}.swiglu", g.value(m.output).name);
+            let op = Op::swiglu(SwiGlu { fused: true, epilogue: false, act: captured_act(m) });
+            Ok(insert_if_equivalent(g, pos, &hint, op, &ins, m.output))
+        })?;
+        Ok(format!("matched {} gated mlp (swiglu/geglu; {fused} over a fused gate/up weight)", n + fused))
     }
 }
 

@@ -240,7 +240,7 @@ impl<'a> Importer<'a> {
                 .and_then(|o| o.iter().next())
                 .ok_or_else(|| self.bad(format!("input spec {spec} is not understood")))?;
             match kind.as_str() {
-                "parameter" | "buffer" | "constant_tensor" => {
+                "parameter" | "buffer" | "constant_tensor" | "tensor_constant" => {
                     let arg = body["arg"]["name"].as_str().ok_or_else(|| self.bad(format!("{kind} spec {body}")))?;
                     let key = match kind.as_str() {
                         "parameter" => "parameter_name",
@@ -276,10 +276,8 @@ impl<'a> Importer<'a> {
             outputs.push(name.to_string());
         }
         for n in &nodes {
-            for o in n["outputs"].as_array().into_iter().flatten() {
-                if let Some(name) = o["as_tensor"]["name"].as_str() {
-                    self.producers.insert(name.to_string(), n.clone());
-                }
+            for name in output_names(n) {
+                self.producers.insert(name.to_string(), n.clone());
             }
         }
         // Translate only what the outputs need; an SDPA's mask is checked, not translated.
@@ -299,11 +297,7 @@ impl<'a> Importer<'a> {
         }
         let mut translated = 0;
         for n in &nodes {
-            let produces_live = n["outputs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|o| o["as_tensor"]["name"].as_str().is_some_and(|t| live.contains(t)));
+            let produces_live = output_names(n).iter().any(|t| live.contains(*t));
             if produces_live {
                 self.node(&mut b, n)?;
                 translated += 1;
@@ -408,7 +402,57 @@ impl<'a> Importer<'a> {
                 .ok_or_else(|| unsupported(&format!("argument `{k}` is not a size list the host understands")))
         };
         let short = target.strip_prefix("torch.ops.aten.").unwrap_or(target);
+        // Splits into several outputs (a fused gate/up chunked in two): one slice each.
+        if let "chunk.default" | "split.Tensor" | "split_with_sizes.default" = short {
+            let x = tensor("self")?;
+            let dim = int("dim", 0)?;
+            let shape = &b.meta(x).shape;
+            let d = autodeploy_core::ops::norm_dim(&Op::cat(dim), dim, shape.len())
+                .map_err(|e| unsupported(&e.to_string()))?;
+            let len = shape[d].as_static().ok_or_else(|| unsupported("a split along a dynamic dim"))?;
+            let outs: Vec<String> = n["outputs"][0]["as_tensors"]
+                .as_array()
+                .map(|v| v.iter().filter_map(|t| t["name"].as_str().map(str::to_string)).collect())
+                .ok_or_else(|| unsupported("its outputs are not a tensor list"))?;
+            let sizes: Vec<usize> = match short {
+                "split_with_sizes.default" => args
+                    .get("split_sizes")
+                    .and_then(|a| a["as_ints"].as_array())
+                    .map(|v| v.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+                    .ok_or_else(|| unsupported("argument `split_sizes` is not an int list"))?,
+                _ => {
+                    let each = match short {
+                        "chunk.default" => len.div_ceil(int("chunks", 1)?.max(1) as usize),
+                        _ => int("split_size", 1)?.max(1) as usize,
+                    };
+                    (0..len.div_ceil(each)).map(|i| each.min(len - i * each)).collect()
+                }
+            };
+            if sizes.len() != outs.len() || sizes.iter().sum::<usize>() != len {
+                return Err(unsupported(&format!("{} pieces of {sizes:?} for a dim of {len}", outs.len())));
+            }
+            let mut start = 0;
+            for (o, size) in outs.iter().zip(sizes) {
+                let op = Op::slice(Slice { dim, start: start as i64, end: (start + size) as i64, step: 1 });
+                let v = b.op(o, op, &[x]).map_err(|e| unsupported(&format!("its shapes do not check: {e}")))?;
+                self.values.insert(o.clone(), v);
+                start += size;
+            }
+            return Ok(());
+        }
         let translated: Option<(Op, Vec<ValueId>)> = match short {
+            "layer_norm.default" => {
+                let x = tensor("input")?;
+                let shape = args
+                    .get("normalized_shape")
+                    .and_then(|a| self.size_list(a))
+                    .ok_or_else(|| unsupported("argument `normalized_shape` is not a size list"))?;
+                if shape.len() != 1 || is_none("weight") || is_none("bias") {
+                    return Err(unsupported("layer_norm over more than the last dim, or without weight and bias"));
+                }
+                let eps = float("eps").unwrap_or(1e-5);
+                Some((Op::layer_norm(eps), vec![x, tensor("weight")?, tensor("bias")?]))
+            }
             "embedding.default" => Some((Op::embedding(), vec![tensor("weight")?, tensor("indices")?])),
             "linear.default" => {
                 let mut ins = vec![tensor("input")?, tensor("weight")?];
@@ -490,6 +534,15 @@ impl<'a> Importer<'a> {
             }
             // Ops that pass their input through: the output is the input's value.
             "alias.default" | "clone.default" | "contiguous.default" | "lift_fresh_copy.default" => None,
+            // Dropout in an eval-mode export (train false) passes its input through.
+            "dropout.default" if !boolean("train") => None,
+            "type_as.default" => {
+                let (x, other) = (tensor("self")?, tensor("other")?);
+                match b.meta(other).dtype {
+                    d if d != b.meta(x).dtype => Some((Op::to_dtype(d), vec![x])),
+                    _ => None,
+                }
+            }
             "view.default" | "_unsafe_view.default" => Some((Op::view(sizes("size")?), vec![tensor("self")?])),
             "reshape.default" => Some((Op::reshape(sizes("shape")?), vec![tensor("self")?])),
             "expand.default" => Some((Op::expand(sizes("size")?), vec![tensor("self")?])),
@@ -577,6 +630,18 @@ impl<'a> Importer<'a> {
     }
 }
 
+/// The tensors a node writes: its one tensor, or each of a tensor list (a split's pieces).
+fn output_names(n: &Value) -> Vec<&str> {
+    let mut v = Vec::new();
+    for o in n["outputs"].as_array().into_iter().flatten() {
+        if let Some(name) = o["as_tensor"]["name"].as_str() {
+            v.push(name);
+        }
+        v.extend(o["as_tensors"].as_array().into_iter().flatten().filter_map(|t| t["name"].as_str()));
+    }
+    v
+}
+
 /// Whether `op` on `x` gives `x` back: a slice from 0 to the end with step 1, or a view,
 /// reshape, expand or slice whose shape rule returns `x`'s own shape.
 fn is_identity(op: &Op, x: &autodeploy_core::TensorMeta) -> bool {
@@ -606,7 +671,7 @@ const SUPPORTED: &[&str] = &[
     "pow.Tensor_Scalar",
     "mean.dim",
     "to/_to_copy",
-    "alias/clone/contiguous",
+    "alias/clone/contiguous, dropout (eval), type_as, chunk/split (into slices), layer_norm (last dim)",
     "view",
     "reshape",
     "expand",
