@@ -160,6 +160,13 @@ fn malformed_config_values_name_the_key() {
         want.extend_from_slice(parts);
         expect(&import_err(&dir), &want);
     }
+    // An MLP width past intermediate_size's limit, from a multiplier of a wide model.
+    let (_t, dir) = copy_fixture("openelm");
+    edit_config(&dir, |m| {
+        m.insert("model_dim".into(), Value::from(4096));
+        m.insert("ffn_multipliers".into(), Value::from(vec![1.0, 4000.0, 1.0]));
+    });
+    expect(&import_err(&dir), &["config.json", "ffn_multipliers", "layer 1", "past the limit 1048576"]);
     let (_t, dir) = copy_fixture("nemotron-nas");
     edit_config(&dir, |m| {
         m["block_configs"].as_array_mut().unwrap().pop();

@@ -263,7 +263,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             v.iter().filter_map(|s| s.mlp).max().unwrap_or(0),
             v.iter().find_map(|s| s.kv_heads).unwrap_or(num_kv_heads),
         ),
-        None => (k.size("intermediate_size", 1 << 20)?, num_kv_heads),
+        None => (k.size("intermediate_size", MAX_MLP_WIDTH)?, num_kv_heads),
     };
     if k.bool_or("use_bidirectional_attention", false)? {
         return Err(k.err("use_bidirectional_attention", "bidirectional attention is not supported (causal only)"));
@@ -394,6 +394,9 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
     })
 }
 
+/// The widest MLP a layer may have (as `intermediate_size`'s limit).
+const MAX_MLP_WIDTH: usize = 1 << 20;
+
 /// OpenELM's per-layer lists (`Layers::Lists`): query heads, KV heads (dividing them), and MLP
 /// widths from multipliers of the hidden size as its `make_divisible` rounds them (to the
 /// nearest multiple of the divisor, at least one, and up once more if that lost over 10%).
@@ -433,6 +436,11 @@ fn parse_layer_lists(k: &Keys, layers: Layers, num_layers: usize, hidden: usize)
         let mut width = ((v + divisor as f64 / 2.0) as usize / divisor * divisor).max(divisor);
         if (width as f64) < 0.9 * v {
             width += divisor;
+        }
+        if width > MAX_MLP_WIDTH {
+            return Err(
+                k.err(ffn_multipliers, format!("layer {l}: an MLP of width {width}, past the limit {MAX_MLP_WIDTH}"))
+            );
         }
         out.push(LayerShape { heads: h, kv_heads: Some(g), mlp: Some(width) });
     }
@@ -522,10 +530,14 @@ fn parse_block_configs(k: &Keys, num_layers: usize, num_heads: usize, hidden: us
                 })?;
                 // As DeciLM: int(2 * ffn_mult * hidden / 3), rounded up to a multiple of 256.
                 let n = (2.0 * m * hidden as f64 / 3.0) as usize;
-                if n == 0 {
-                    return Err(k.err(&key("ffn", "ffn_mult"), format!("{m} gives an MLP of width 0")));
+                let width = n.div_ceil(256) * 256;
+                if n == 0 || width > MAX_MLP_WIDTH {
+                    return Err(k.err(
+                        &key("ffn", "ffn_mult"),
+                        format!("{m} gives an MLP of width {width} (1 to {MAX_MLP_WIDTH})"),
+                    ));
                 }
-                Some(n.div_ceil(256) * 256)
+                Some(width)
             }
         };
         out.push(LayerShape { heads, kv_heads, mlp });
