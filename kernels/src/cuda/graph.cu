@@ -213,8 +213,16 @@ extern "C" __global__ void rope(const void* x, int dt, const void* cos, const vo
     st(out, dt, r * d + j + h, rnd(dt, rnd(dt, b * c2) + rnd(dt, a * s2)));
 }
 
+// A gated MLP's activation of its gate (`GateAct`): 0 silu, 1 gelu (tanh approximation), 2 gelu
+// (erf).
+__device__ __forceinline__ float gate_act(int act, float g) {
+    return act == 0   ? g / (1.0f + expf(-g))
+           : act == 1 ? 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)))
+                      : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+}
+
 // gate_up rows [gate (inter) | up (inter)] (or two tensors: `up` set) ->
-// out = round(round(act(gate)) * up); act 0 silu, 1 gelu (tanh approximation), 2 gelu (erf).
+// out = round(round(act(gate)) * up), act as `gate_act`.
 extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, void* out, long rows, int inter, int act) {
     pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -228,10 +236,7 @@ extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, vo
         g = ld(gate, dt, r * 2 * inter + j);
         u = ld(gate, dt, r * 2 * inter + inter + j);
     }
-    float a = act == 0   ? g / (1.0f + expf(-g))
-              : act == 1 ? 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)))
-                         : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-    st(out, dt, i, rnd(dt, a) * u);
+    st(out, dt, i, rnd(dt, gate_act(act, g)) * u);
 }
 
 // round(round(silu(round(g))) * round(u)): the unfused linear, SiLU and multiply's roundings
@@ -692,12 +697,7 @@ extern "C" __global__ void moe_gate_up(const void* x, const void* w_gu, const in
     long base = e * 2 * (long)inter * hidden;
     float g = rnd(dt, warp_dot(x, t * hidden, w_gu, base + (long)j * hidden, dt, hidden));
     float u = rnd(dt, warp_dot(x, t * hidden, w_gu, base + (long)(inter + j) * hidden, dt, hidden));
-    if ((threadIdx.x & 31) == 0) {
-        float a = act == 0   ? g / (1.0f + expf(-g))
-                  : act == 1 ? 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)))
-                             : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-        st(out, dt, s * inter + j, rnd(dt, a) * u);
-    }
+    if ((threadIdx.x & 31) == 0) st(out, dt, s * inter + j, rnd(dt, gate_act(act, g)) * u);
 }
 
 // contrib[s, j] = round(round(act[s] · down[idx[s]] row j) * wts[s]) in f32. One warp a (s, j).

@@ -620,17 +620,15 @@ pub fn build_decoder(
     if let Some(theta) = cfg.blocks.local_rope_theta {
         store.add_tensor(INV_FREQ_LOCAL, Tensor::from_f32(vec![half], cfg.inv_freq_of(theta, &RopeScaling::None))?);
     }
-    if let Some(m) = &cfg.blocks.moe {
-        for l in (0..cfg.num_layers).filter(|&l| m.sparse_layers.get(l) == Some(&true)) {
-            let (gu, down) = m.stacked(l);
-            let experts = 0..m.num_experts;
-            let gate_up: Vec<Vec<String>> =
-                experts.clone().map(|e| vec![m.expert(l, e, m.names.gate), m.expert(l, e, m.names.up)]).collect();
-            let downs: Vec<Vec<String>> = experts.map(|e| vec![m.expert(l, e, m.names.down)]).collect();
-            for (name, groups) in [(gu, gate_up), (down, downs)] {
-                let (dtype, _) = store.stored_meta(&groups[0][0])?;
-                store.add_stacked(&name, &groups, dtype)?;
-            }
+    for (l, m) in (0..cfg.num_layers).filter_map(|l| cfg.sparse(l).map(|m| (l, m))) {
+        let (gu, down) = m.stacked(l);
+        let experts = 0..m.num_experts;
+        let gate_up: Vec<Vec<String>> =
+            experts.clone().map(|e| vec![m.expert(l, e, m.names.gate), m.expert(l, e, m.names.up)]).collect();
+        let downs: Vec<Vec<String>> = experts.map(|e| vec![m.expert(l, e, m.names.down)]).collect();
+        for (name, groups) in [(gu, gate_up), (down, downs)] {
+            let (dtype, _) = store.stored_meta(&groups[0][0])?;
+            store.add_stacked(&name, &groups, dtype)?;
         }
     }
     let mut b = GraphBuilder::new(Arc::new(store));
