@@ -14,6 +14,8 @@ pub mod importers {
     pub mod families;
     pub mod gguf;
     pub mod hf;
+    mod hf_keys;
+    mod layer_shapes;
     pub mod torch_export;
 }
 pub mod runtime {
