@@ -650,35 +650,56 @@ __device__ __forceinline__ float warp_dot(const void* a, long a0, const void* w,
 }
 
 // Per token: softmax of its `experts` router logits in f32, the `top_k` largest (ties to the
-// lower index), divided by their sum when `norm`, rounded to dt unless `weights_f32`.
+// lower index), divided by their sum when `norm`, rounded to dt unless `weights_f32`. One warp a
+// token: lane l holds experts l, l + 32, ...; each of the top_k picks is a warp argmax over the
+// experts not yet taken.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov > v || (ov == v && oi < i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+}
+
 extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long tokens, int experts, int top_k,
                                      int norm, int weights_f32, int* idx, float* wts) {
     pdl_enter();
-    long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long t = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
     if (t >= tokens) return;
     long row = t * experts;
+    int* chosen = idx + t * top_k;
     float mx = -__int_as_float(0x7f800000);
-    for (int e = 0; e < experts; e++) mx = fmaxf(mx, ld(logits, ldt, row + e));
+    for (int e = lane; e < experts; e += 32) mx = fmaxf(mx, ld(logits, ldt, row + e));
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float sum = 0.0f;
-    for (int e = 0; e < experts; e++) sum += expf(ld(logits, ldt, row + e) - mx);
+    for (int e = lane; e < experts; e += 32) sum += expf(ld(logits, ldt, row + e) - mx);
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     float total = 0.0f;
     for (int k = 0; k < top_k; k++) {
-        int best = -1;
         float bp = -1.0f;
-        for (int e = 0; e < experts; e++) {
+        int best = 0x7fffffff;
+        for (int e = lane; e < experts; e += 32) {
             bool taken = false;
-            for (int j = 0; j < k; j++) taken |= idx[t * top_k + j] == e;
+            for (int j = 0; j < k; j++) taken |= chosen[j] == e;
             float p = expf(ld(logits, ldt, row + e) - mx);
             if (!taken && p > bp) {
                 bp = p;
                 best = e;
             }
         }
-        idx[t * top_k + k] = best;
-        wts[t * top_k + k] = bp / sum;
+        warp_best(bp, best);
+        if (lane == 0) {
+            chosen[k] = best;
+            wts[t * top_k + k] = bp / sum;
+        }
         total += bp / sum;
+        __syncwarp();
     }
-    for (int k = 0; k < top_k; k++) {
+    for (int k = lane; k < top_k; k += 32) {
         float w = norm ? wts[t * top_k + k] / total : wts[t * top_k + k];
         wts[t * top_k + k] = weights_f32 ? w : rnd(dt, w);
     }
@@ -711,6 +732,48 @@ extern "C" __global__ void moe_down(const void* act, const void* w_down, const i
     long base = (long)idx[s] * hidden * inter;
     float d = rnd(dt, warp_dot(act, s * inter, w_down, base + (long)j * inter, dt, inter));
     if ((threadIdx.x & 31) == 0) contrib[s * hidden + j] = rnd(dt, d * wts[s]);
+}
+
+// `moe_gate_up` and `moe_down` over bf16 with 16-byte loads (hidden and inter multiples of 8,
+// 16-byte aligned pointers; the launcher checks): the same roundings, one warp a (slot, row)
+// reading the chosen expert's row 8 weights a lane at a time, as the dense decode GEMVs do.
+extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu, const int* idx, long slots,
+                                            int top_k, int hidden, int inter, int act, bf16_t* out) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= slots * inter) return;
+    long s = warp / inter;
+    int j = warp % inter;
+    const bf16_t* base = w_gu + (long)idx[s] * 2 * inter * hidden;
+    const uint4* wg = (const uint4*)(base + (long)j * hidden);
+    const uint4* wu = (const uint4*)(base + (long)(inter + j) * hidden);
+    const uint4* xr = (const uint4*)(x + (s / top_k) * hidden);
+    float g = 0.0f, u = 0.0f;
+#pragma unroll 4
+    for (int c = lane; c < hidden / 8; c += 32) swiglu_chunk(wg[c], wu[c], xr[c], g, u);
+    warp_sum2(g, u);
+    if (lane == 0) {
+        float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
+        out[s * inter + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gate_act(act, gr))) * ur);
+    }
+}
+
+extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts,
+                                         long slots, int hidden, int inter, float* contrib) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= slots * hidden) return;
+    long s = warp / hidden;
+    int j = warp % hidden;
+    const uint4* wr = (const uint4*)(w_down + (long)idx[s] * hidden * inter + (long)j * inter);
+    float acc[1] = {0.0f};
+#pragma unroll 4
+    for (int c = lane; c < inter / 8; c += 32) gemv_chunk<1>(act + s * inter, inter, wr[c], c, acc);
+    float d = acc[0];
+    for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    if (lane == 0) contrib[s * hidden + j] = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(d)) * wts[s]));
 }
 
 // y[t, j] = the token's contributions summed in ascending expert order, each sum rounded to dt.

@@ -67,6 +67,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_gate_up",
             "moe_down",
             "moe_combine",
+            "moe_gate_up_bf16",
+            "moe_down_bf16",
         ],
     ),
     (

@@ -156,8 +156,9 @@ pub enum Binary {
 }
 
 struct Funcs {
-    /// `moe_route`, `moe_gate_up`, `moe_down`, `moe_combine` (exec/moe.rs).
-    moe: [Kernel; 4],
+    /// `moe_route`, `moe_gate_up`, `moe_down`, `moe_combine`, `moe_gate_up_bf16`,
+    /// `moe_down_bf16` (exec/moe.rs).
+    moe: [Kernel; 6],
     copy_strided: Kernel,
     binary: Kernel,
     unary: Kernel,
@@ -376,7 +377,7 @@ impl Gpu {
             Ok([dims("f32")?, dims("bf16")?])
         };
         let f = Funcs {
-            moe: [g("moe_route")?, g("moe_gate_up")?, g("moe_down")?, g("moe_combine")?],
+            moe: [g("moe_route")?, g("moe_gate_up")?, g("moe_down")?, g("moe_combine")?, g("moe_gate_up_bf16")?, g("moe_down_bf16")?],
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,
             unary: g("unary")?,

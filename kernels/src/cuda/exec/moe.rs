@@ -53,14 +53,29 @@ impl Gpu {
         let (norm, wf32, a32) = (s.norm as i32, s.weights_f32 as i32, s.act as i32);
         let mut l = self.launcher(self.f.moe[0]);
         l.arg(&logits).arg(&ld).arg(&d).arg(&t64).arg(&e32).arg(&k32).arg(&norm).arg(&wf32).arg(&idx).arg(&wts);
-        // SAFETY: tokens × experts logits; tokens × top_k in idx and wts (scratch sized so).
-        launched("moe_route", unsafe { l.launch(grid(s.tokens, 128)) }.map(|_| ()))?;
-        let mut l = self.launcher(self.f.moe[1]);
-        l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32).arg(&act);
+        // SAFETY: tokens × experts logits; tokens × top_k in idx and wts (scratch sized so); one
+        // warp a token.
+        launched("moe_route", unsafe { l.launch(grid(s.tokens * 32, 128)) }.map(|_| ()))?;
+        // The 16-byte-load kernels where bf16 rows split into whole chunks at aligned addresses
+        // (the weights' rows are then aligned too: their strides are the checked sizes).
+        let vector = dt == Dt::BF16
+            && s.hidden.is_multiple_of(8)
+            && s.inter.is_multiple_of(8)
+            && (x | w_gate_up | w_down | act).is_multiple_of(16);
+        let mut l = self.launcher(self.f.moe[if vector { 4 } else { 1 }]);
+        if vector {
+            l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32).arg(&act);
+        } else {
+            l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32).arg(&act);
+        }
         // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
         launched("moe_gate_up", unsafe { l.launch(grid(s.tokens * s.top_k * s.inter * 32, 256)) }.map(|_| ()))?;
-        let mut l = self.launcher(self.f.moe[2]);
-        l.arg(&act).arg(&w_down).arg(&idx).arg(&wts).arg(&d).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+        let mut l = self.launcher(self.f.moe[if vector { 5 } else { 2 }]);
+        if vector {
+            l.arg(&act).arg(&w_down).arg(&idx).arg(&wts).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+        } else {
+            l.arg(&act).arg(&w_down).arg(&idx).arg(&wts).arg(&d).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+        }
         // SAFETY: as above.
         launched("moe_down", unsafe { l.launch(grid(s.tokens * s.top_k * s.hidden * 32, 256)) }.map(|_| ()))?;
         let mut l = self.launcher(self.f.moe[3]);
