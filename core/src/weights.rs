@@ -131,6 +131,13 @@ enum Entry {
     /// Another weight of this store under the name the graph uses (a family whose checkpoints
     /// name their tensors their own way).
     Alias(String),
+    /// Another weight of this store `[G, A, B]` as `[G, B, A]` (a checkpoint that stores
+    /// each expert's matrices as `[in, out]`), transposed when loaded.
+    Transposed {
+        of: String,
+        shape: Vec<usize>,
+        dtype: DType,
+    },
     /// Rows `start..start + shape[0]` of another weight of this store (a fused checkpoint
     /// tensor's part), read when loaded.
     Rows {
@@ -286,6 +293,24 @@ impl WeightStore {
         Ok(())
     }
 
+    /// Weight `of` (`[G, A, B]`) with its last two dims swapped, `[G, B, A]`: nothing is read
+    /// until it is loaded. Errors name `of` when it is missing or not three-dimensional. A
+    /// transposed synthetic weight is a synthetic weight of the new shape (random values need no
+    /// order), so devices still generate it where it lives.
+    pub fn add_transposed(&mut self, name: &str, of: &str) -> Result<()> {
+        let (dtype, s) = self.stored_meta(of)?;
+        if s.len() != 3 {
+            return Err(Error::Msg(format!("weight `{name}`: `{of}` {s:?} is not [groups, rows, columns]")));
+        }
+        let shape = vec![s[0], s[2], s[1]];
+        let entry = match self.entries.get(of) {
+            Some(Entry::Synthetic(_, origin, v)) => Entry::Synthetic(shape, format!("{origin}, transposed"), *v),
+            _ => Entry::Transposed { of: of.to_string(), shape, dtype },
+        };
+        self.entries.insert(name.to_string(), entry);
+        Ok(())
+    }
+
     /// When a weight is generated values throughout: its pieces in storage order (element
     /// count, values), a concatenation's parts one after another.
     pub fn synthetic_parts(&self, name: &str) -> Option<Vec<(usize, Synthetic)>> {
@@ -319,6 +344,7 @@ impl WeightStore {
             Some(Entry::Lazy(_, origin, _) | Entry::Synthetic(_, origin, _)) => origin.clone(),
             Some(Entry::Concat { parts, .. }) => format!("{} concatenated", parts.join(" + ")),
             Some(Entry::Rows { of, start, shape, .. }) => format!("rows {start}..{} of {of}", start + shape[0]),
+            Some(Entry::Transposed { of, .. }) => format!("`{of}` transposed"),
             Some(Entry::Alias(of)) => format!("`{of}` in {}", self.location(of)),
             Some(Entry::Computed { op, inputs, .. }) => {
                 let ins: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
@@ -350,6 +376,7 @@ impl WeightStore {
             Some(
                 Entry::Concat { shape, dtype, .. }
                 | Entry::Rows { shape, dtype, .. }
+                | Entry::Transposed { shape, dtype, .. }
                 | Entry::Computed { shape, dtype, .. },
             ) => Ok((*dtype, shape.clone())),
             None => Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
@@ -404,6 +431,10 @@ impl WeightStore {
                 let s = crate::ops::layout::Slice::new(0, *start as i64, (start + shape[0]) as i64);
                 return crate::cpu::eval(&crate::Op::slice(s), &[&t], &Default::default());
             }
+            Some(Entry::Transposed { of, .. }) => {
+                let t = self.load(of, dtype)?;
+                return crate::cpu::eval(&crate::Op::transpose(1, 2), &[&t], &Default::default());
+            }
             Some(Entry::File(i)) => *i,
             None => return Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
         };
@@ -441,6 +472,28 @@ mod tests {
         assert!(out.iter().all(|x| x.abs() <= 0.5));
         let mean = out.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
         assert!(mean.abs() < 0.01, "{mean}");
+    }
+
+    #[test]
+    fn a_transposed_weight_swaps_its_last_two_dims_when_loaded() {
+        let mut s = WeightStore::new("test");
+        let v: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        s.add_tensor("w", Tensor::from_f32(vec![2, 2, 3], v).unwrap());
+        s.add_transposed("wt", "w").unwrap();
+        assert_eq!(s.stored_meta("wt").unwrap(), (DType::F32, vec![2, 3, 2]));
+        let t = s.load("wt", DType::F32).unwrap();
+        assert_eq!(t.shape(), &[2, 3, 2]);
+        assert_eq!(t.to_f32().into_owned(), vec![0., 3., 1., 4., 2., 5., 6., 9., 7., 10., 8., 11.]);
+        assert!(s.location("wt").contains("`w` transposed"));
+        let err = s.add_transposed("x", "missing").unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+        s.add_tensor("flat", Tensor::from_f32(vec![4], vec![0.; 4]).unwrap());
+        assert!(s.add_transposed("y", "flat").unwrap_err().to_string().contains("not [groups"));
+        // Synthetic: generated in the new shape, still generated on a device.
+        s.add_synthetic("r", vec![2, 4, 3], "random r".into(), Synthetic::uniform_named("r", 1.0));
+        s.add_transposed("rt", "r").unwrap();
+        assert_eq!(s.stored_meta("rt").unwrap().1, vec![2, 3, 4]);
+        assert_eq!(s.synthetic_parts("rt").unwrap(), vec![(24, Synthetic::uniform_named("r", 1.0))]);
     }
 
     #[test]

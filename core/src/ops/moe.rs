@@ -1,6 +1,7 @@
 //! The canonical mixture-of-experts op, defined once here and registered in the op table:
 //! `torch_moe(x[.., H], router_logits[.., E], w_gate_up[E, 2I, H], w_down[E, H, I])` with
-//! attributes `top_k=K, norm=true|false, act=silu|gelu_tanh|gelu[, weights_f32=true]`.
+//! attributes `top_k=K, norm=true|false, act=silu|gelu_tanh|gelu[, weights_f32=true][,
+//! router=sigmoid]`.
 //!
 //! Each token's routing is softmax over its router logits in f32, the `K` largest
 //! probabilities (ties to the lower expert index), divided by their sum when `norm`, then
@@ -8,7 +9,13 @@
 //! scale an expert's output; Qwen3-MoE rounds them first). Each chosen expert `e` computes
 //! `down_e(act(gate_e(x)) · up_e(x))` (the gate rows of `w_gate_up[e]` first), scaled by the
 //! token's weight for it; the outputs are summed in expert order, each sum rounded to the
-//! dtype, as transformers' `index_add_` does. The CUDA lowering (kernels' `Gpu::moe`) rounds
+//! dtype, as transformers' `index_add_` does.
+//!
+//! `router=sigmoid` is Llama 4's routing: the `K` largest router logits (ties to the lower
+//! index), each weight `sigmoid(logit)` in f32 rounded to the dtype, scaling the token's input
+//! to the expert (`round(x · w)`) instead of its output; `norm` and `weights_f32` do not apply.
+//! transformers sums a token's expert outputs once in f32 there; the op's expert-order sum with
+//! a rounding a step is the same for one expert a token (every Llama 4 model). The CUDA lowering (kernels' `Gpu::moe`) rounds
 //! the same way; it reads only the chosen experts' rows, one GEMV a token and expert. The router's linear stays an ordinary
 //! `aten.linear` before the op (AutoDeploy's `torch_moe` takes the chosen experts and weights
 //! instead; folding the routing in lets one kernel read only the chosen experts' weights).
@@ -38,6 +45,17 @@ pub struct Moe {
     pub act: GateAct,
     /// The routing weights stay f32 (else rounded to the model's dtype before they scale).
     pub weights_f32: bool,
+    pub router: Router,
+}
+
+/// How `torch_moe` turns router logits into experts and weights (the module doc states both).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Router {
+    /// Softmax, top-k probabilities, optionally renormalised; the weights scale the outputs.
+    #[default]
+    Softmax,
+    /// Llama 4's: top-k logits, sigmoid weights scaling the experts' input.
+    Sigmoid,
 }
 
 impl Moe {
@@ -45,6 +63,9 @@ impl Moe {
         let mut s = format!("top_k={}, norm={}, act={}", self.top_k, self.norm, gate_act_name(self.act));
         if self.weights_f32 {
             s.push_str(", weights_f32=true");
+        }
+        if self.router == Router::Sigmoid {
+            s.push_str(", router=sigmoid");
         }
         s
     }
@@ -57,11 +78,17 @@ impl Moe {
             }
             let name = a.take("act").ok_or_else(|| a.missing("act"))?;
             let act = gate_act_named(name).ok_or_else(|| a.bad("act", name, "silu, gelu_tanh or gelu"))?;
+            let router = match a.take("router") {
+                None | Some("softmax") => Router::Softmax,
+                Some("sigmoid") => Router::Sigmoid,
+                Some(other) => return Err(a.bad("router", other, "softmax or sigmoid")),
+            };
             Ok(Moe {
                 top_k: top_k as usize,
                 norm: a.bool("norm")?,
                 act,
                 weights_f32: a.opt_bool("weights_f32")?.unwrap_or(false),
+                router,
             })
         })
     }
@@ -116,6 +143,15 @@ fn route(logits: &[f32], tokens: usize, experts: usize, a: &Moe, dtype: DType) -
     let mut order: Vec<usize> = Vec::with_capacity(experts);
     for t in 0..tokens {
         let row = &logits[t * experts..(t + 1) * experts];
+        if a.router == Router::Sigmoid {
+            order.clear();
+            order.extend(0..experts);
+            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+            for &e in &order[..a.top_k] {
+                routes[e].push((t, round_as(dtype, 1.0 / (1.0 + (-row[e]).exp()))));
+            }
+            continue;
+        }
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let p: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
         let sum: f32 = p.iter().sum();
@@ -158,8 +194,14 @@ fn moe_cpu(
         }
         let m = list.len();
         let mut xs = Vec::with_capacity(m * h);
-        for &(t, _) in list {
-            xs.extend_from_slice(&xv[t * h..(t + 1) * h]);
+        let scale_in = a.router == Router::Sigmoid;
+        for &(t, wt) in list {
+            let row = &xv[t * h..(t + 1) * h];
+            if scale_in {
+                xs.extend(row.iter().map(|&v| round_as(dtype, v * wt)));
+            } else {
+                xs.extend_from_slice(row);
+            }
         }
         let mut g = vec![0f32; m * 2 * inter];
         let w = gu_w.range(e * 2 * inter * h, 2 * inter * h);
@@ -175,6 +217,7 @@ fn moe_cpu(
         let w = down_w.range(e * h * inter, h * inter);
         autodeploy_kernels::dense::dense_linear(opts.cpu, m, h, inter, &act, w, None, &mut d);
         for (r, &(t, wt)) in list.iter().enumerate() {
+            let wt = if scale_in { 1.0 } else { wt };
             for j in 0..h {
                 let contrib = round_as(dtype, round_as(dtype, d[r * h + j]) * wt);
                 let acc = &mut y[t * h + j];
@@ -197,6 +240,7 @@ fn moe_shape(a: &Moe, x: &[usize], gate_up: &[usize]) -> MoeShape {
         norm: a.norm,
         weights_f32: a.weights_f32,
         act: a.act,
+        sigmoid: a.router == Router::Sigmoid,
     }
 }
 
@@ -248,7 +292,7 @@ mod tests {
     use super::*;
 
     fn attrs(top_k: usize, norm: bool) -> Moe {
-        Moe { top_k, norm, act: GateAct::Silu, weights_f32: false }
+        Moe { top_k, norm, act: GateAct::Silu, weights_f32: false, router: Router::Softmax }
     }
 
     #[test]
@@ -288,6 +332,32 @@ mod tests {
             moe_cpu(&[&x, &logits, &gu, &down], "top_k=1, norm=true, act=silu", &outs, &Default::default()).unwrap();
         let got = y[0].to_f32();
         assert!((got[0] - 2.0 * h).abs() < 1e-5 && (got[1] + 3.0 * h).abs() < 1e-5, "{got:?}");
+    }
+
+    #[test]
+    fn sigmoid_routing_scales_the_experts_input_by_the_sigmoid_of_the_top_logit() {
+        // Llama 4's: expert 1 has the larger logit (2.0); its weight sigmoid(2) scales x before
+        // the expert, and the output is not scaled again. In bf16 the scaled input is rounded.
+        let x = Tensor::from_f32(vec![1, 2], vec![0.5, -1.0]).unwrap();
+        let logits = Tensor::from_f32(vec![1, 2], vec![-3.0, 2.0]).unwrap();
+        let gu = Tensor::from_f32(vec![2, 2, 2], vec![9.0, 9.0, 9.0, 9.0, 1.0, 2.0, 3.0, -1.0]).unwrap();
+        let down = Tensor::from_f32(vec![2, 2, 1], vec![7.0, 7.0, 2.0, -3.0]).unwrap();
+        let outs = [(DType::F32, vec![1, 2])];
+        let attrs = "top_k=1, norm=false, act=silu, router=sigmoid";
+        assert_eq!(Moe::parse(attrs).unwrap().text(), attrs);
+        let y = moe_cpu(&[&x, &logits, &gu, &down], attrs, &outs, &Default::default()).unwrap();
+        let w = 1.0 / (1.0 + (-2f32).exp());
+        let (x0, x1) = (0.5 * w, -w);
+        let (g, u) = (x0 + 2.0 * x1, 3.0 * x0 - x1);
+        let h = g / (1.0 + (-g).exp()) * u;
+        let want = [2.0 * h, -3.0 * h];
+        let got = y[0].to_f32();
+        assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{got:?} vs {want:?}");
+        // Ties go to the lower index, and the weight is rounded to the dtype.
+        let r = route(&[1.0, 1.0, 0.0], 1, 3, &Moe::parse(attrs).unwrap(), DType::BF16);
+        assert_eq!(r[0], vec![(0, round_as(DType::BF16, 1.0 / (1.0 + (-1f32).exp())))]);
+        assert!(r[1].is_empty() && r[2].is_empty());
+        assert!(Moe::parse("top_k=1, norm=false, act=silu, router=relu").unwrap_err().contains("`router`"));
     }
 
     #[test]

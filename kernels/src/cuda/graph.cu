@@ -650,9 +650,10 @@ __device__ __forceinline__ float warp_dot(const void* a, long a0, const void* w,
 }
 
 // Per token: softmax of its `experts` router logits in f32, the `top_k` largest (ties to the
-// lower index), divided by their sum when `norm`, rounded to dt unless `weights_f32`. One warp a
-// token: lane l holds experts l, l + 32, ...; each of the top_k picks is a warp argmax over the
-// experts not yet taken.
+// lower index), divided by their sum when `norm`, rounded to dt unless `weights_f32`; or with
+// `sigmoid` (Llama 4's) the `top_k` largest logits, each weight sigmoid(logit) rounded to dt.
+// One warp a token: lane l holds experts l, l + 32, ...; each of the top_k picks is a warp
+// argmax over the experts not yet taken.
 __device__ __forceinline__ void warp_best(float& v, int& i) {
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffffu, v, o);
@@ -665,13 +666,35 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 }
 
 extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long tokens, int experts, int top_k,
-                                     int norm, int weights_f32, int* idx, float* wts) {
+                                     int norm, int weights_f32, int sigmoid, int* idx, float* wts) {
     pdl_enter();
     long t = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (t >= tokens) return;
     long row = t * experts;
     int* chosen = idx + t * top_k;
+    if (sigmoid) {
+        for (int k = 0; k < top_k; k++) {
+            float bl = -__int_as_float(0x7f800000);
+            int best = 0x7fffffff;
+            for (int e = lane; e < experts; e += 32) {
+                bool taken = false;
+                for (int j = 0; j < k; j++) taken |= chosen[j] == e;
+                float v = ld(logits, ldt, row + e);
+                if (!taken && (v > bl || best == 0x7fffffff)) {
+                    bl = v;
+                    best = e;
+                }
+            }
+            warp_best(bl, best);
+            if (lane == 0) {
+                chosen[k] = best;
+                wts[t * top_k + k] = rnd(dt, 1.0f / (1.0f + expf(-bl)));
+            }
+            __syncwarp();
+        }
+        return;
+    }
     float mx = -__int_as_float(0x7f800000);
     for (int e = lane; e < experts; e += 32) mx = fmaxf(mx, ld(logits, ldt, row + e));
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
@@ -706,9 +729,18 @@ extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long t
 }
 
 // act[s, j] = round(round(act(round(g))) * round(u)) for slot s = token * top_k + k, with g and u
-// rows j and inter + j of expert idx[s]'s gate_up [2·inter, hidden]. One warp a (slot, j).
+// rows j and inter + j of expert idx[s]'s gate_up [2·inter, hidden] against the token's x, or
+// against round(x · scale_in[s]) where `scale_in` is set (sigmoid routing). One warp a (slot, j).
+__device__ __forceinline__ float warp_dot_scaled(const void* a, long a0, float sc, const void* w, long w0, int dt,
+                                                 int n) {
+    float s = 0.0f;
+    for (int k = threadIdx.x & 31; k < n; k += 32) s += rnd(dt, ld(a, dt, a0 + k) * sc) * ld(w, dt, w0 + k);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
 extern "C" __global__ void moe_gate_up(const void* x, const void* w_gu, const int* idx, int dt, long slots, int top_k,
-                                       int hidden, int inter, int act, void* out) {
+                                       int hidden, int inter, int act, const float* scale_in, void* out) {
     pdl_enter();
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= slots * inter) return;
@@ -716,12 +748,20 @@ extern "C" __global__ void moe_gate_up(const void* x, const void* w_gu, const in
     int j = warp % inter;
     long e = idx[s], t = s / top_k;
     long base = e * 2 * (long)inter * hidden;
-    float g = rnd(dt, warp_dot(x, t * hidden, w_gu, base + (long)j * hidden, dt, hidden));
-    float u = rnd(dt, warp_dot(x, t * hidden, w_gu, base + (long)(inter + j) * hidden, dt, hidden));
+    float g, u;
+    if (scale_in) {
+        float sc = scale_in[s];
+        g = rnd(dt, warp_dot_scaled(x, t * hidden, sc, w_gu, base + (long)j * hidden, dt, hidden));
+        u = rnd(dt, warp_dot_scaled(x, t * hidden, sc, w_gu, base + (long)(inter + j) * hidden, dt, hidden));
+    } else {
+        g = rnd(dt, warp_dot(x, t * hidden, w_gu, base + (long)j * hidden, dt, hidden));
+        u = rnd(dt, warp_dot(x, t * hidden, w_gu, base + (long)(inter + j) * hidden, dt, hidden));
+    }
     if ((threadIdx.x & 31) == 0) st(out, dt, s * inter + j, rnd(dt, gate_act(act, g)) * u);
 }
 
-// contrib[s, j] = round(round(act[s] · down[idx[s]] row j) * wts[s]) in f32. One warp a (s, j).
+// contrib[s, j] = round(round(act[s] · down[idx[s]] row j) * wts[s]) in f32 (wts null: not
+// scaled). One warp a (s, j).
 extern "C" __global__ void moe_down(const void* act, const void* w_down, const int* idx, const float* wts, int dt,
                                     long slots, int hidden, int inter, float* contrib) {
     pdl_enter();
@@ -731,14 +771,15 @@ extern "C" __global__ void moe_down(const void* act, const void* w_down, const i
     int j = warp % hidden;
     long base = (long)idx[s] * hidden * inter;
     float d = rnd(dt, warp_dot(act, s * inter, w_down, base + (long)j * inter, dt, inter));
-    if ((threadIdx.x & 31) == 0) contrib[s * hidden + j] = rnd(dt, d * wts[s]);
+    if ((threadIdx.x & 31) == 0) contrib[s * hidden + j] = wts ? rnd(dt, d * wts[s]) : d;
 }
 
 // `moe_gate_up` and `moe_down` over bf16 with 16-byte loads (hidden and inter multiples of 8,
 // 16-byte aligned pointers; the launcher checks): the same roundings, one warp a (slot, row)
 // reading the chosen expert's row 8 weights a lane at a time, as the dense decode GEMVs do.
 extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu, const int* idx, long slots,
-                                            int top_k, int hidden, int inter, int act, bf16_t* out) {
+                                            int top_k, int hidden, int inter, int act, const float* scale_in,
+                                            bf16_t* out) {
     pdl_enter();
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
@@ -750,8 +791,19 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu,
     const uint4* wu = (const uint4*)(base + (long)(inter + j) * hidden);
     const uint4* xr = (const uint4*)(x + (s / top_k) * hidden);
     float g = 0.0f, u = 0.0f;
+    if (scale_in) {
+        float sc = scale_in[s];
+        for (int c = lane; c < hidden / 8; c += 32) {
+            uint4 xv = xr[c];
+            bf16_t* xp = (bf16_t*)&xv;
+#pragma unroll
+            for (int e = 0; e < 8; e++) xp[e] = f32_to_bf16(bf16_to_f32(xp[e]) * sc);
+            swiglu_chunk(wg[c], wu[c], xv, g, u);
+        }
+    } else {
 #pragma unroll 4
-    for (int c = lane; c < hidden / 8; c += 32) swiglu_chunk(wg[c], wu[c], xr[c], g, u);
+        for (int c = lane; c < hidden / 8; c += 32) swiglu_chunk(wg[c], wu[c], xr[c], g, u);
+    }
     warp_sum2(g, u);
     if (lane == 0) {
         float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
@@ -773,7 +825,8 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     for (int c = lane; c < inter / 8; c += 32) gemv_chunk<1>(act + s * inter, inter, wr[c], c, acc);
     float d = acc[0];
     for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-    if (lane == 0) contrib[s * hidden + j] = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(d)) * wts[s]));
+    float dr = bf16_to_f32(f32_to_bf16(d));
+    if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
 }
 
 // y[t, j] = the token's contributions summed in ascending expert order, each sum rounded to dt.

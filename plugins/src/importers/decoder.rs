@@ -9,7 +9,7 @@ use autodeploy_core::ops::attention::{Scoring, SdpaAttrs};
 use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::ops::layout::Slice;
 pub use autodeploy_core::ops::linear::GateAct;
-use autodeploy_core::ops::moe::Moe;
+use autodeploy_core::ops::moe::{Moe, Router};
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Dim, Graph, GraphBuilder, Op, SizeArg, Tensor, ValueId};
@@ -116,6 +116,15 @@ pub struct BlockOptions {
     /// Per-layer blocks (DeciLM's `block_configs`); `None`: every layer has attention with
     /// `num_kv_heads` and an MLP of `intermediate_size`.
     pub layers: Option<Vec<LayerShape>>,
+    /// Which layers apply RoPE (`None`: all). A layer without RoPE has no q/k norm either
+    /// (Llama 4's, the one family with such layers).
+    pub rope_layers: Option<Vec<bool>>,
+    /// The q/k norms are weightless (Llama 4's L2 norm): the importer adds their weights as
+    /// ones instead of reading them.
+    pub qk_norm_ones: bool,
+    /// The longest sequence the blocks compute exactly (Llama 4's first attention chunk and
+    /// temperature step); `None`: no limit beyond the config's.
+    pub seq_limit: Option<usize>,
 }
 
 /// One layer's blocks where layers differ: its attention's query and KV heads and its MLP's
@@ -129,19 +138,31 @@ pub struct LayerShape {
     pub mlp: Option<usize>,
 }
 
-/// The checkpoint names of a sparse MLP under `model.layers.{l}.`: `{block}.gate` is the router,
-/// `{block}.experts.{e}.{gate|up|down}` the experts' projections.
+/// The checkpoint names of a sparse MLP under `model.layers.{l}.`: `{block}.{router}` is the
+/// router, `{block}.experts.{e}.{gate|up|down}` the experts' projections (`ExpertLayout::PerExpert`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MoeNames {
     pub block: &'static str,
+    pub router: &'static str,
     pub gate: &'static str,
     pub up: &'static str,
     pub down: &'static str,
 }
 
+/// How a checkpoint stores a sparse MLP's experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertLayout {
+    /// One `[out, in]` tensor an expert and projection, `{block}.experts.{e}.{proj}.weight`.
+    PerExpert,
+    /// Two tensors a layer stored `[in, out]`: `{block}.experts.gate_up_proj` `[E, H, 2I]` (gate
+    /// columns first) and `{block}.experts.down_proj` `[E, I, H]` (Llama 4).
+    Fused,
+}
+
 /// A mixture-of-experts MLP: a router linear, then `torch_moe` over the experts' weights,
-/// stacked at load into `{block}.experts.gate_up_proj` `[E, 2I, H]` (each expert's gate rows,
-/// then its up rows) and `{block}.experts.down_proj` `[E, H, I]`.
+/// stacked (or transposed) at load into `{block}.experts.gate_up_proj.weight` `[E, 2I, H]` (each
+/// expert's gate rows, then its up rows) and `{block}.experts.down_proj.weight` `[E, H, I]`;
+/// plus a shared expert's MLP where the family has one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeConfig {
     pub num_experts: usize,
@@ -154,12 +175,22 @@ pub struct MoeConfig {
     pub weights_f32: bool,
     /// Which layers are sparse; the others have the dense MLP of `intermediate_size`.
     pub sparse_layers: Vec<bool>,
+    pub router: Router,
+    pub layout: ExpertLayout,
+    /// The shared expert's block under `{block}.` (`None`: no shared expert).
+    pub shared: Option<&'static str>,
     pub names: MoeNames,
 }
 
 impl MoeConfig {
     /// The graph's stacked expert weights of layer `l`: (gate_up, down).
     pub fn stacked(&self, l: usize) -> (String, String) {
+        let (gu, down) = self.fused(l);
+        (format!("{gu}.weight"), format!("{down}.weight"))
+    }
+
+    /// A fused checkpoint's expert tensors of layer `l` (`ExpertLayout::Fused`): (gate_up, down).
+    pub fn fused(&self, l: usize) -> (String, String) {
         let p = format!("model.layers.{l}.{}.experts", self.names.block);
         (format!("{p}.gate_up_proj"), format!("{p}.down_proj"))
     }
@@ -225,7 +256,7 @@ impl DecoderConfig {
                     add("self_attn.k_proj.bias", vec![kv]);
                     add("self_attn.v_proj.bias", vec![kv]);
                 }
-                if self.qk_norm {
+                if self.qk_norm(l) && !self.blocks.qk_norm_ones {
                     add("self_attn.q_norm.weight", vec![hd]);
                     add("self_attn.k_norm.weight", vec![hd]);
                 }
@@ -244,11 +275,25 @@ impl DecoderConfig {
                 add("post_feedforward_layernorm.weight", vec![h]);
             }
             if let Some(m) = self.sparse(l) {
-                add(&format!("{}.gate.weight", m.names.block), vec![m.num_experts, h]);
-                for e in 0..m.num_experts {
-                    let mi = m.intermediate_size;
-                    for (proj, shape) in [(m.names.gate, [mi, h]), (m.names.up, [mi, h]), (m.names.down, [h, mi])] {
-                        add(&format!("{}.experts.{e}.{proj}.weight", m.names.block), shape.to_vec());
+                let (b, mi) = (m.names.block, m.intermediate_size);
+                add(&format!("{b}.{}.weight", m.names.router), vec![m.num_experts, h]);
+                match m.layout {
+                    ExpertLayout::PerExpert => {
+                        for e in 0..m.num_experts {
+                            let projs = [(m.names.gate, [mi, h]), (m.names.up, [mi, h]), (m.names.down, [h, mi])];
+                            for (proj, shape) in projs {
+                                add(&format!("{b}.experts.{e}.{proj}.weight"), shape.to_vec());
+                            }
+                        }
+                    }
+                    ExpertLayout::Fused => {
+                        add(&format!("{b}.experts.gate_up_proj"), vec![m.num_experts, h, 2 * mi]);
+                        add(&format!("{b}.experts.down_proj"), vec![m.num_experts, mi, h]);
+                    }
+                }
+                if let Some(sh) = m.shared {
+                    for (proj, shape) in [("gate_proj", [mi, h]), ("up_proj", [mi, h]), ("down_proj", [h, mi])] {
+                        add(&format!("{b}.{sh}.{proj}.weight"), shape.to_vec());
                     }
                 }
                 continue;
@@ -337,6 +382,16 @@ impl DecoderConfig {
         }
     }
 
+    /// Whether layer `l` applies RoPE.
+    pub fn rope(&self, l: usize) -> bool {
+        self.blocks.rope_layers.as_ref().is_none_or(|v| v.get(l) != Some(&false))
+    }
+
+    /// Whether layer `l` norms its q and k heads (never where it has no RoPE).
+    pub fn qk_norm(&self, l: usize) -> bool {
+        self.qk_norm && self.rope(l)
+    }
+
     /// Layer `l`'s mixture of experts, where its MLP is sparse.
     pub fn sparse(&self, l: usize) -> Option<&MoeConfig> {
         self.blocks.moe.as_ref().filter(|m| m.sparse_layers.get(l) == Some(&true))
@@ -360,7 +415,7 @@ impl DecoderConfig {
         {
             m = m.min(o);
         }
-        m
+        m.min(self.blocks.seq_limit.unwrap_or(usize::MAX))
     }
 }
 
@@ -534,13 +589,17 @@ impl Ctx<'_> {
         let v =
             self.linear(&format!("{n}.v_proj"), x, &format!("{p}.self_attn.v_proj"), kv_heads * hd, hs, c.qkv_bias)?;
         let (qn, kn) = (format!("{p}.self_attn.q_norm.weight"), format!("{p}.self_attn.k_norm.weight"));
-        let q = self.heads(&format!("{n}.q"), q, c.qk_norm.then_some(qn.as_str()))?;
-        let k = self.heads(&format!("{n}.k"), k, c.qk_norm.then_some(kn.as_str()))?;
+        let q = self.heads(&format!("{n}.q"), q, c.qk_norm(l).then_some(qn.as_str()))?;
+        let k = self.heads(&format!("{n}.k"), k, c.qk_norm(l).then_some(kn.as_str()))?;
         let v = self.heads(&format!("{n}.v"), v, None)?;
-        let cos_u = self.b.op(&format!("{n}.cos"), Op::unsqueeze(1), &[cos])?;
-        let sin_u = self.b.op(&format!("{n}.sin"), Op::unsqueeze(1), &[sin])?;
-        let q = self.apply_rope(&format!("{n}.q_rope"), q, cos_u, sin_u)?;
-        let k = self.apply_rope(&format!("{n}.k_rope"), k, cos_u, sin_u)?;
+        let (q, k) = if c.rope(l) {
+            let cos_u = self.b.op(&format!("{n}.cos"), Op::unsqueeze(1), &[cos])?;
+            let sin_u = self.b.op(&format!("{n}.sin"), Op::unsqueeze(1), &[sin])?;
+            let q = self.apply_rope(&format!("{n}.q_rope"), q, cos_u, sin_u)?;
+            (q, self.apply_rope(&format!("{n}.k_rope"), k, cos_u, sin_u)?)
+        } else {
+            (q, k)
+        };
         let sdpa = Op::sdpa(SdpaAttrs {
             is_causal: true,
             scale: Some(c.scalars.attention.unwrap_or((hd as f64).powf(-0.5))),
@@ -559,6 +618,27 @@ impl Ctx<'_> {
         self.b.op(&format!("{n}.attn_residual"), Op::binary(ADD), &[h, o])
     }
 
+    /// The MLP activation as its ATen op.
+    fn act_op(&self) -> Result<Op> {
+        Ok(match self.cfg.blocks.activation {
+            GateAct::Silu => Op::unary("aten.silu"),
+            GateAct::GeluTanh => autodeploy_core::custom_op::op("aten.gelu", "approximate=tanh")?,
+            GateAct::Gelu => autodeploy_core::custom_op::op("aten.gelu", "approximate=none")?,
+        })
+    }
+
+    /// `down(act(gate(x)) · up(x))` over `{prefix}.{gate,up,down}_proj` (biases: `mlp_bias`).
+    fn gated_mlp(&mut self, n: &str, x: ValueId, prefix: &str, is: usize) -> Result<ValueId> {
+        let c = self.cfg;
+        let hs = c.hidden_size;
+        let act = self.act_op()?;
+        let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{prefix}.gate_proj"), is, hs, c.mlp_bias)?;
+        let u = self.linear(&format!("{n}.up_proj"), x, &format!("{prefix}.up_proj"), is, hs, c.mlp_bias)?;
+        let g = self.b.op(&format!("{n}.act"), act, &[g])?;
+        let m = self.b.op(&format!("{n}.act_mul"), Op::binary(MUL), &[g, u])?;
+        self.linear(&format!("{n}.down_proj"), m, &format!("{prefix}.down_proj"), hs, is, c.mlp_bias)
+    }
+
     fn mlp(&mut self, l: usize, is: usize, h: ValueId) -> Result<ValueId> {
         let c = self.cfg;
         let hs = c.hidden_size;
@@ -571,30 +651,31 @@ impl Ctx<'_> {
         } else {
             self.rmsnorm(&format!("{n}.post_attn_norm"), h, &post_attn, hs)?
         };
-        let act = match c.blocks.activation {
-            GateAct::Silu => Op::unary("aten.silu"),
-            GateAct::GeluTanh => autodeploy_core::custom_op::op("aten.gelu", "approximate=tanh")?,
-            GateAct::Gelu => autodeploy_core::custom_op::op("aten.gelu", "approximate=none")?,
-        };
         let d = if let Some(m) = c.sparse(l) {
             let block = format!("{p}.{}", m.names.block);
-            let r = self.linear(&format!("{n}.router"), x, &format!("{block}.gate"), m.num_experts, hs, false)?;
+            let router = format!("{block}.{}", m.names.router);
+            let r = self.linear(&format!("{n}.router"), x, &router, m.num_experts, hs, false)?;
             let (gu, dw) = m.stacked(l);
             let gu = self.w(&gu, &[m.num_experts, 2 * m.intermediate_size, hs]);
             let dw = self.w(&dw, &[m.num_experts, hs, m.intermediate_size]);
-            let op =
-                Op::moe(Moe { top_k: m.top_k, norm: m.norm, act: c.blocks.activation, weights_f32: m.weights_f32 });
-            self.b.op(&format!("{n}.moe"), op, &[x, r, gu, dw])?
+            let (act, top_k, norm, weights_f32) = (c.blocks.activation, m.top_k, m.norm, m.weights_f32);
+            let op = Op::moe(Moe { top_k, norm, act, weights_f32, router: m.router });
+            let routed = self.b.op(&format!("{n}.moe"), op, &[x, r, gu, dw])?;
+            match m.shared {
+                // transformers: out = shared_expert(x); out.add_(routed).
+                Some(sh) => {
+                    let s = self.gated_mlp(&format!("{n}.shared"), x, &format!("{block}.{sh}"), m.intermediate_size)?;
+                    self.b.op(&format!("{n}.moe_sum"), Op::binary(ADD), &[s, routed])?
+                }
+                None => routed,
+            }
         } else if c.blocks.plain_mlp {
             let f = self.linear(&format!("{n}.c_fc"), x, &format!("{p}.mlp.c_fc"), is, hs, c.mlp_bias)?;
+            let act = self.act_op()?;
             let a = self.b.op(&format!("{n}.act"), act, &[f])?;
             self.linear(&format!("{n}.c_proj"), a, &format!("{p}.mlp.c_proj"), hs, is, c.mlp_bias)?
         } else {
-            let g = self.linear(&format!("{n}.gate_proj"), x, &format!("{p}.mlp.gate_proj"), is, hs, c.mlp_bias)?;
-            let u = self.linear(&format!("{n}.up_proj"), x, &format!("{p}.mlp.up_proj"), is, hs, c.mlp_bias)?;
-            let g = self.b.op(&format!("{n}.act"), act, &[g])?;
-            let m = self.b.op(&format!("{n}.act_mul"), Op::binary(MUL), &[g, u])?;
-            self.linear(&format!("{n}.down_proj"), m, &format!("{p}.mlp.down_proj"), hs, is, c.mlp_bias)?
+            self.gated_mlp(&n, x, &format!("{p}.mlp"), is)?
         };
         let d = self.scale(&format!("{n}.down_scaled"), d, c.scalars.residual)?;
         let d = if sandwich {
@@ -620,8 +701,22 @@ pub fn build_decoder(
     if let Some(theta) = cfg.blocks.local_rope_theta {
         store.add_tensor(INV_FREQ_LOCAL, Tensor::from_f32(vec![half], cfg.inv_freq_of(theta, &RopeScaling::None))?);
     }
+    if cfg.blocks.qk_norm_ones {
+        let ones = Tensor::from_f32(vec![cfg.head_dim], vec![1.0; cfg.head_dim])?;
+        for l in (0..cfg.num_layers).filter(|&l| cfg.qk_norm(l) && cfg.kv_heads(l).is_some()) {
+            for which in ["q_norm", "k_norm"] {
+                store.add_tensor(&format!("model.layers.{l}.self_attn.{which}.weight"), ones.clone());
+            }
+        }
+    }
     for (l, m) in (0..cfg.num_layers).filter_map(|l| cfg.sparse(l).map(|m| (l, m))) {
         let (gu, down) = m.stacked(l);
+        if m.layout == ExpertLayout::Fused {
+            let (fgu, fdown) = m.fused(l);
+            store.add_transposed(&gu, &fgu)?;
+            store.add_transposed(&down, &fdown)?;
+            continue;
+        }
         let experts = 0..m.num_experts;
         let gate_up: Vec<Vec<String>> =
             experts.clone().map(|e| vec![m.expert(l, e, m.names.gate), m.expert(l, e, m.names.up)]).collect();

@@ -5,7 +5,8 @@
 //! blocks already exist is one entry here plus its fixture and parity test; the importers read
 //! the entry, never a family's name, and the pattern matchers and transforms see only the graph.
 
-pub use super::decoder::{GateAct, MoeNames};
+pub use super::decoder::{ExpertLayout, GateAct, MoeNames};
+pub use autodeploy_core::ops::moe::Router;
 
 /// Where a block option's value comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,10 +70,28 @@ pub struct MoeKeys {
     pub norm: Flag,
     /// The routing weights scale the experts' outputs in f32.
     pub weights_f32: bool,
-    /// Qwen's `decoder_sparse_step` (absent: 1) and `mlp_only_layers` (absent: none) pick the
-    /// sparse layers; without them every layer is sparse.
-    pub sparse_step: bool,
+    /// Which layers are sparse.
+    pub sparse: SparseLayers,
+    pub router: Router,
+    pub layout: ExpertLayout,
+    /// A shared expert beside the routed ones, `{block}.{shared}.{gate,up,down}_proj` of the
+    /// experts' width, its output added to theirs (Llama 4).
+    pub shared: Option<&'static str>,
+    /// The dense layers' MLP width key where it is not `intermediate_size` (Llama 4's
+    /// `intermediate_size_mlp`; `intermediate_size` is then the experts').
+    pub dense_intermediate: Option<&'static str>,
     pub names: MoeNames,
+}
+
+/// Which layers of a mixture-of-experts family are sparse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SparseLayers {
+    All,
+    /// Qwen's `decoder_sparse_step` (absent: 1) and `mlp_only_layers` (absent: none).
+    QwenStep,
+    /// Llama 4's `moe_layers` list, or without it every `interleave_moe_layer_step`-th layer
+    /// (absent: 1, every layer) counting from the step's last.
+    Interleave,
 }
 
 /// One family: the `model_type` of its HF configs (the `general.architecture` of its GGUF
@@ -136,6 +155,25 @@ pub struct Family {
     /// Checkpoint tensor names this family spells its own way: (the graph's fragment, the
     /// family's), each replaced wherever it occurs in a name (OpenELM's `transformer.` tree).
     pub weight_names: &'static [(&'static str, &'static str)],
+    /// Its checkpoints' q/k projection rows are in Meta's interleaved RoPE order (each head's
+    /// pairs `(2i, 2i + 1)` rotate together: Llama 4's complex RoPE); permuted at load into the
+    /// rotate-half order the blocks use, as llama.cpp's GGUF files are.
+    pub interleaved_rope: bool,
+    /// Some layers have no RoPE (nor q/k norm): `no_rope_layers` (1 = RoPE), or without it
+    /// each `no_rope_layer_interval`-th layer (absent: 4) (Llama 4).
+    pub nope_layers: bool,
+    /// A weightless RMSNorm (L2 norm) of each q and k head on the RoPE layers where this boolean
+    /// key (absent: true) says so (Llama 4's `use_qk_norm`): the blocks' q/k norm with weights
+    /// of ones the importer makes. transformers applies it after RoPE, the blocks before: RoPE
+    /// rotates each pair, so the head's norm is the same.
+    pub qk_l2_norm: Option<&'static str>,
+    /// Chunked attention on some layers (`attention_chunk_size`) and the no-RoPE layers' query
+    /// temperature (`attn_temperature_tuning`, `floor_scale`, `attn_scale`): neither changes
+    /// anything before the first chunk's end and the temperature's first step, so the graph's
+    /// sequences stop there (Llama 4: 8,192 positions and 8,191).
+    pub chunked_attention: bool,
+    /// The decoder's keys are under `text_config` (a multimodal checkpoint: its text model).
+    pub text_config: bool,
     /// The GGUF importer maps this family's files (llama.cpp's names for Llama-shaped blocks;
     /// the others' GGUF files are refused naming `general.architecture`, never run as Llama).
     pub gguf: bool,
@@ -173,6 +211,11 @@ const LLAMA: Family = Family {
     config_keys: &[],
     fixed_keys: &[],
     weight_names: &[],
+    interleaved_rope: false,
+    nope_layers: false,
+    qk_l2_norm: None,
+    chunked_attention: false,
+    text_config: false,
     gguf: true,
 };
 
@@ -224,7 +267,39 @@ const GEMMA: Family = Family {
     config_keys: &[],
     fixed_keys: &[],
     weight_names: &[],
+    interleaved_rope: false,
+    nope_layers: false,
+    qk_l2_norm: None,
+    chunked_attention: false,
+    text_config: false,
     gguf: false,
+};
+
+/// Llama 4's text model (`Llama4ForCausalLM`): MoE with sigmoid top-k routing and a shared
+/// expert on `interleave_moe_layer_step`'s layers, no RoPE on every fourth layer, weightless
+/// q/k norm, interleaved RoPE, chunked attention; its MLPs are `feed_forward`.
+const LLAMA4_TEXT: Family = Family {
+    name: "llama4_text",
+    mlp_bias: Flag::Fixed(false),
+    moe: Some(MoeKeys {
+        experts: &["num_local_experts"],
+        intermediate: None,
+        norm: Flag::Fixed(false),
+        weights_f32: false,
+        sparse: SparseLayers::Interleave,
+        router: Router::Sigmoid,
+        layout: ExpertLayout::Fused,
+        shared: Some("shared_expert"),
+        dense_intermediate: Some("intermediate_size_mlp"),
+        names: MoeNames { block: "mlp", router: "router", gate: "gate_proj", up: "up_proj", down: "down_proj" },
+    }),
+    weight_names: &[(".mlp.", ".feed_forward.")],
+    interleaved_rope: true,
+    nope_layers: true,
+    qk_l2_norm: Some("use_qk_norm"),
+    chunked_attention: true,
+    gguf: false,
+    ..LLAMA
 };
 
 /// Gemma 2/3's GeGLU activations (`hidden_activation`; `gelu` is the exact one there).
@@ -251,8 +326,12 @@ pub const FAMILIES: &[Family] = &[
             intermediate: Some("moe_intermediate_size"),
             norm: Flag::Key("norm_topk_prob", false),
             weights_f32: false,
-            sparse_step: true,
-            names: MoeNames { block: "mlp", gate: "gate_proj", up: "up_proj", down: "down_proj" },
+            sparse: SparseLayers::QwenStep,
+            router: Router::Softmax,
+            layout: ExpertLayout::PerExpert,
+            shared: None,
+            dense_intermediate: None,
+            names: MoeNames { block: "mlp", router: "gate", gate: "gate_proj", up: "up_proj", down: "down_proj" },
         }),
         gguf: false,
         ..QWEN3
@@ -264,11 +343,28 @@ pub const FAMILIES: &[Family] = &[
             intermediate: None,
             norm: Flag::Fixed(true),
             weights_f32: true,
-            sparse_step: false,
-            names: MoeNames { block: "block_sparse_moe", gate: "w1", up: "w3", down: "w2" },
+            sparse: SparseLayers::All,
+            router: Router::Softmax,
+            layout: ExpertLayout::PerExpert,
+            shared: None,
+            dense_intermediate: None,
+            names: MoeNames { block: "block_sparse_moe", router: "gate", gate: "w1", up: "w3", down: "w2" },
         }),
         gguf: false,
         ..MISTRAL
+    },
+    LLAMA4_TEXT,
+    // The multimodal checkpoint's text model (`Llama4ForConditionalGeneration`), under
+    // `text_config` and `language_model.`; its vision tower is not read.
+    Family {
+        name: "llama4",
+        weight_names: &[
+            ("model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."),
+            (".mlp.", ".feed_forward."),
+        ],
+        text_config: true,
+        ..LLAMA4_TEXT
     },
     Family { name: "granite", multipliers: true, ..LLAMA },
     Family { name: "nemotron-nas", layers: Layers::BlockConfigs, gguf: false, ..LLAMA },
@@ -396,7 +492,7 @@ mod tests {
         assert!(family("gpt2").is_none());
         assert_eq!(
             names(),
-            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, granite, nemotron-nas, openelm, phi3, gemma, gemma2, gemma3_text, starcoder2"
+            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, llama4_text, llama4, granite, nemotron-nas, openelm, phi3, gemma, gemma2, gemma3_text, starcoder2"
         );
     }
 }

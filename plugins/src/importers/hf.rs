@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::decoder::{build_decoder, BlockOptions, DecoderConfig, RopeScaling, Scalars};
 use super::families::{self, Flag, Layers, Window};
 use super::hf_keys::Keys;
-use super::layer_shapes::{parse_block_configs, parse_layer_lists, parse_moe, MAX_MLP_WIDTH};
+use super::layer_shapes::{parse_block_configs, parse_layer_lists, parse_moe, parse_rope_layers, MAX_MLP_WIDTH};
 
 pub struct HfImporter;
 
@@ -43,6 +43,9 @@ impl ModelImporter for HfImporter {
                 rename_weights(fam, &mut store)?;
                 if fam.fused_projections {
                     split_fused(&cfg, &mut store)?;
+                }
+                if fam.interleaved_rope {
+                    unpermute_qk(&cfg, &mut store)?;
                 }
             }
             store
@@ -102,6 +105,17 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         model_type: model_type.into(),
         supported: families::names(),
     })?;
+    // A multimodal checkpoint's text model: its keys under `text_config`.
+    let text;
+    let k = if fam.text_config {
+        text = k
+            .present("text_config")
+            .and_then(Value::as_object)
+            .ok_or_else(|| k.err("text_config", format!("missing: {model_type} configs nest the text model's keys")))?;
+        Keys { map: text, prefix: "text_config.", ..k }
+    } else {
+        k
+    };
     let k = Keys { aliases: fam.config_keys, ..k };
     let flag = |f: Flag| match f {
         Flag::Fixed(v) => Ok(v),
@@ -170,7 +184,12 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             v.iter().filter_map(|s| s.mlp).max().unwrap_or(0),
             v.iter().find_map(|s| s.kv_heads).unwrap_or(num_kv_heads),
         ),
-        None => (k.size("intermediate_size", MAX_MLP_WIDTH)?, num_kv_heads),
+        None => {
+            // The dense layers' width where a MoE family keeps `intermediate_size` for its
+            // experts (and the key is present).
+            let key = fam.moe.and_then(|m| m.dense_intermediate).filter(|key| k.present(key).is_some());
+            (k.size(key.unwrap_or("intermediate_size"), MAX_MLP_WIDTH)?, num_kv_heads)
+        }
     };
     if k.bool_or("use_bidirectional_attention", false)? {
         return Err(k.err("use_bidirectional_attention", "bidirectional attention is not supported (causal only)"));
@@ -247,6 +266,12 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         ),
         None => (None, None),
     };
+    let rope_layers = if fam.nope_layers { Some(parse_rope_layers(&k, num_layers)?) } else { None };
+    let qk_norm_ones = match fam.qk_l2_norm {
+        Some(key) => k.bool_or(key, true)?,
+        None => false,
+    };
+    let seq_limit = if fam.chunked_attention { chunk_limit(&k, rope_layers.as_deref())? } else { None };
     let mut scalars = if fam.multipliers { parse_multipliers(&k)? } else { Scalars::default() };
     if fam.embedding_scale {
         // transformers multiplies by √hidden_size as a tensor of the weights' dtype.
@@ -277,7 +302,7 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         qkv_bias: flag(fam.qkv_bias)?,
         o_bias: flag(fam.o_bias)?,
         mlp_bias: flag(fam.mlp_bias)?,
-        qk_norm: fam.qk_norm,
+        qk_norm: fam.qk_norm || qk_norm_ones,
         dtype,
         weight_dtypes: Default::default(),
         scalars,
@@ -293,6 +318,9 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             plain_mlp: fam.plain_mlp,
             layers,
             qk_norm_after_transpose: fam.qk_norm_after_transpose,
+            rope_layers,
+            qk_norm_ones,
+            seq_limit,
             moe: match &fam.moe {
                 Some(m) => Some(parse_moe(&k, m, num_layers, flag(m.norm)?)?),
                 None => None,
@@ -314,6 +342,26 @@ fn rename_weights(fam: &families::Family, store: &mut WeightStore) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// The longest sequence Llama 4's blocks compute exactly (`Family::chunked_attention`): its
+/// chunked layers attend only within `attention_chunk_size` positions (absent or null: no
+/// chunks), and with `attn_temperature_tuning` (absent: true) its no-RoPE layers scale queries
+/// at position p by `log1p(floor((p + 1) / floor_scale)) · attn_scale + 1`, which is 1 below
+/// p = `floor_scale` − 1 (absent: 8192). Neither is built, so the sequences stop before them.
+fn chunk_limit(k: &Keys, rope_layers: Option<&[bool]>) -> Result<Option<usize>> {
+    let mut limit = k.size_opt("attention_chunk_size", 1 << 28)?;
+    let nope = rope_layers.is_some_and(|v| v.contains(&false));
+    if nope && k.bool_or("attn_temperature_tuning", true)? {
+        let floor = k.size_opt("floor_scale", 1 << 28)?.unwrap_or(8192);
+        if floor < 2 {
+            return Err(
+                k.err("floor_scale", format!("{floor}: the first query temperature step would be at position 0"))
+            );
+        }
+        limit = Some(limit.map_or(floor - 1, |c| c.min(floor - 1)));
+    }
+    Ok(limit)
 }
 
 /// Which layers slide: `layer_types` (transformers 5), else every layer but each
@@ -573,6 +621,39 @@ pub fn dummy_weights(cfg: &DecoderConfig, dir: &Path) -> WeightStore {
         store.add_synthetic(&name, shape, origin, values);
     }
     store
+}
+
+/// The q/k projections of a checkpoint in Meta's interleaved RoPE order
+/// (`Family::interleaved_rope`), their rows permuted when loaded into the rotate-half order the
+/// blocks use (the permutation llama.cpp's GGUF files undo: the same matrices up to an order of
+/// each head's rows, applied to q and k alike, so the scores do not change).
+fn unpermute_qk(cfg: &DecoderConfig, store: &mut WeightStore) -> Result<()> {
+    let source = store.clone();
+    for l in (0..cfg.num_layers).filter(|&l| cfg.rope(l)) {
+        let Some(kv) = cfg.kv_heads(l) else { continue };
+        for (proj, heads) in [("q_proj", cfg.heads(l)), ("k_proj", kv)] {
+            for part in ["weight", "bias"] {
+                let name = format!("model.layers.{l}.self_attn.{proj}.{part}");
+                if !source.contains(&name) {
+                    continue;
+                }
+                let (dtype, shape) = source.stored_meta(&name)?;
+                let (rows, cols) = (shape[0], shape.iter().skip(1).product::<usize>());
+                if rows != heads * cfg.head_dim {
+                    continue; // check_weights names the shape
+                }
+                let (src, n, s) = (source.clone(), name.clone(), shape.clone());
+                let load = std::sync::Arc::new(move || {
+                    let t = src.load(&n, dtype)?;
+                    let v = super::gguf::unpermute_rows(&t.to_f32(), heads, rows, cols);
+                    autodeploy_core::Tensor::from_f32(s.clone(), v)
+                });
+                let origin = format!("{} (rows from interleaved to rotate-half RoPE order)", source.location(&name));
+                store.add_lazy(&name, shape, origin, load);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The decoder's q/k/v and gate/up weights as row ranges of a checkpoint's fused

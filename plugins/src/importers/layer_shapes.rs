@@ -6,7 +6,7 @@ use autodeploy_core::error::Result;
 use serde_json::Value;
 
 use super::decoder::{LayerShape, MoeConfig};
-use super::families::{self, Layers};
+use super::families::{self, Layers, SparseLayers};
 use super::hf_keys::Keys;
 
 /// The widest MLP a layer may have (as `intermediate_size`'s limit).
@@ -159,18 +159,20 @@ pub(super) fn parse_moe(k: &Keys, m: &families::MoeKeys, num_layers: usize, norm
         return Err(k.err("num_experts_per_tok", format!("{top_k} is more than the {num_experts} experts ({key})")));
     }
     let intermediate_size = k.size(m.intermediate.unwrap_or("intermediate_size"), MAX_MLP_WIDTH)?;
-    let sparse_layers = if m.sparse_step {
-        let step = k.size_opt("decoder_sparse_step", 1 << 10)?.unwrap_or(1);
-        let dense: Vec<u64> = match k.present("mlp_only_layers") {
-            None => Vec::new(),
-            Some(v) => v
-                .as_array()
-                .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
-                .ok_or_else(|| k.err("mlp_only_layers", format!("expected a list of layer indices, found {v}")))?,
-        };
-        (0..num_layers).map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0).collect()
-    } else {
-        vec![true; num_layers]
+    let sparse_layers = match m.sparse {
+        SparseLayers::QwenStep => {
+            let step = k.size_opt("decoder_sparse_step", 1 << 10)?.unwrap_or(1);
+            let dense = layer_list(k, "mlp_only_layers", num_layers)?.unwrap_or_default();
+            (0..num_layers).map(|l| !dense.contains(&l) && (l + 1) % step == 0).collect()
+        }
+        SparseLayers::Interleave => match layer_list(k, "moe_layers", num_layers)? {
+            Some(sparse) => (0..num_layers).map(|l| sparse.contains(&l)).collect(),
+            None => {
+                let step = k.size_opt("interleave_moe_layer_step", 1 << 10)?.unwrap_or(1);
+                (0..num_layers).map(|l| (l + 1) % step == 0).collect()
+            }
+        },
+        SparseLayers::All => vec![true; num_layers],
     };
     // Three checkpoint tensors an expert a sparse layer are listed before any is read: bounded
     // (the largest matrix models have about 16k experts in all).
@@ -187,6 +189,41 @@ pub(super) fn parse_moe(k: &Keys, m: &families::MoeKeys, num_layers: usize, norm
         norm,
         weights_f32: m.weights_f32,
         sparse_layers,
+        router: m.router,
+        layout: m.layout,
+        shared: m.shared,
         names: m.names,
     })
+}
+
+/// A list of layer indices under `key` (absent: `None`), each below `num_layers`.
+fn layer_list(k: &Keys, key: &str, num_layers: usize) -> Result<Option<Vec<usize>>> {
+    let Some(v) = k.present(key) else { return Ok(None) };
+    let list = v
+        .as_array()
+        .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
+        .ok_or_else(|| k.err(key, format!("expected a list of layer indices, found {v}")))?;
+    match list.iter().find(|&&l| l >= num_layers as u64) {
+        Some(l) => Err(k.err(key, format!("layer {l} is past num_hidden_layers = {num_layers}"))),
+        None => Ok(Some(list.into_iter().map(|l| l as usize).collect())),
+    }
+}
+
+/// Which layers apply RoPE (Llama 4): `no_rope_layers` (one 0 or 1 a layer, 1 = RoPE; an
+/// empty list counts as absent, as transformers reads it), or without it every layer but each
+/// `no_rope_layer_interval`-th (absent: 4).
+pub(super) fn parse_rope_layers(k: &Keys, num_layers: usize) -> Result<Vec<bool>> {
+    let key = "no_rope_layers";
+    if let Some(v) = k.present(key).filter(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+        let list = v
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().filter(|&b| b <= 1)).collect::<Option<Vec<u64>>>())
+            .ok_or_else(|| k.err(key, format!("expected a list of 0 or 1 a layer, found {v}")))?;
+        if list.len() != num_layers {
+            return Err(k.err(key, format!("{} entries for num_hidden_layers = {num_layers}", list.len())));
+        }
+        return Ok(list.into_iter().map(|b| b == 1).collect());
+    }
+    let interval = k.size_opt("no_rope_layer_interval", 1 << 10)?.unwrap_or(4);
+    Ok((0..num_layers).map(|l| (l + 1) % interval != 0).collect())
 }

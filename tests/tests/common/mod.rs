@@ -18,6 +18,7 @@ pub const FAMILIES: &[&str] = &[
     "qwen3",
     "qwen3_moe",
     "mixtral",
+    "llama4_text",
     "llama-rope-linear",
     "llama-rope-dynamic",
     "granite",
@@ -38,7 +39,16 @@ pub const FAMILIES: &[&str] = &[
 /// Reduced-precision comparisons of these families therefore bound the mean error by
 /// transformers' own bf16 noise instead of bounding each logit; f32 (exact routing) is held to
 /// the same bounds as every family.
-pub const ROUTED: &[&str] = &["qwen3_moe", "mixtral"];
+pub const ROUTED: &[&str] = &["qwen3_moe", "mixtral", "llama4_text"];
+
+/// The fixtures with layers that apply no RoPE (Llama 4's every fourth), and how many: their
+/// cached attentions have nothing to fuse.
+pub const NOPE_LAYERS: &[(&str, usize)] = &[("llama4_text", 1)];
+
+/// How many of `family`'s layers apply no RoPE.
+pub fn nope_layers(family: &str) -> usize {
+    NOPE_LAYERS.iter().find(|(f, _)| *f == family).map_or(0, |&(_, n)| n)
+}
 
 /// The fixtures whose RoPE rotates part of each head (`partial_rotary_factor`): the rotated
 /// part is concatenated with the rest, so `fuse_rope_attention` leaves their RoPEs apart.

@@ -377,7 +377,14 @@ impl Gpu {
             Ok([dims("f32")?, dims("bf16")?])
         };
         let f = Funcs {
-            moe: [g("moe_route")?, g("moe_gate_up")?, g("moe_down")?, g("moe_combine")?, g("moe_gate_up_bf16")?, g("moe_down_bf16")?],
+            moe: [
+                g("moe_route")?,
+                g("moe_gate_up")?,
+                g("moe_down")?,
+                g("moe_combine")?,
+                g("moe_gate_up_bf16")?,
+                g("moe_down_bf16")?,
+            ],
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,
             unary: g("unary")?,

@@ -15,6 +15,9 @@ pub struct MoeShape {
     pub norm: bool,
     pub weights_f32: bool,
     pub act: GateAct,
+    /// Llama 4's routing (core's `ops::moe`, `router=sigmoid`): top-k logits, sigmoid weights
+    /// scaling the experts' input.
+    pub sigmoid: bool,
 }
 
 impl MoeShape {
@@ -50,9 +53,19 @@ impl Gpu {
         let (d, ld) = (dt as i32, logits_dt as i32);
         let (t64, slots) = (s.tokens as i64, (s.tokens * s.top_k) as i64);
         let (e32, k32, h32, i32_) = (s.experts as i32, s.top_k as i32, s.hidden as i32, s.inter as i32);
-        let (norm, wf32, a32) = (s.norm as i32, s.weights_f32 as i32, s.act as i32);
+        let (norm, wf32, a32, sig) = (s.norm as i32, s.weights_f32 as i32, s.act as i32, s.sigmoid as i32);
         let mut l = self.launcher(self.f.moe[0]);
-        l.arg(&logits).arg(&ld).arg(&d).arg(&t64).arg(&e32).arg(&k32).arg(&norm).arg(&wf32).arg(&idx).arg(&wts);
+        l.arg(&logits)
+            .arg(&ld)
+            .arg(&d)
+            .arg(&t64)
+            .arg(&e32)
+            .arg(&k32)
+            .arg(&norm)
+            .arg(&wf32)
+            .arg(&sig)
+            .arg(&idx)
+            .arg(&wts);
         // SAFETY: tokens × experts logits; tokens × top_k in idx and wts (scratch sized so); one
         // warp a token.
         launched("moe_route", unsafe { l.launch(grid(s.tokens * 32, 128)) }.map(|_| ()))?;
@@ -64,17 +77,22 @@ impl Gpu {
             && (x | w_gate_up | w_down | act).is_multiple_of(16);
         let mut l = self.launcher(self.f.moe[if vector { 4 } else { 1 }]);
         if vector {
-            l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32).arg(&act);
+            l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
         } else {
-            l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32).arg(&act);
+            l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
         }
+        // The input scaled by the routing weight (sigmoid routing) or not (a null pointer).
+        let scale_in: Ptr = if s.sigmoid { wts } else { 0 };
+        l.arg(&scale_in).arg(&act);
         // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
         launched("moe_gate_up", unsafe { l.launch(grid(s.tokens * s.top_k * s.inter * 32, 256)) }.map(|_| ()))?;
         let mut l = self.launcher(self.f.moe[if vector { 5 } else { 2 }]);
+        // The outputs scaled by the routing weight (softmax routing) or not (a null pointer).
+        let scale_out: Ptr = if s.sigmoid { 0 } else { wts };
         if vector {
-            l.arg(&act).arg(&w_down).arg(&idx).arg(&wts).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+            l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
         } else {
-            l.arg(&act).arg(&w_down).arg(&idx).arg(&wts).arg(&d).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+            l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&d).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
         }
         // SAFETY: as above.
         launched("moe_down", unsafe { l.launch(grid(s.tokens * s.top_k * s.hidden * 32, 256)) }.map(|_| ()))?;
