@@ -2,28 +2,15 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use autodeploy_core::backend::ImportRequest;
 use autodeploy_core::registry;
 use autodeploy_core::DType;
+use common::edit::{copy_fixture, edit_config, edit_weights};
 use common::*;
-use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
 use serde_json::Value;
-
-/// A writable copy of a fixture folder.
-fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dst = tmp.path().join(name);
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    (tmp, dst)
-}
 
 fn import_err(dir: &Path) -> String {
     let req = ImportRequest {
@@ -37,26 +24,6 @@ fn import_err(dir: &Path) -> String {
         Ok(_) => panic!("import of {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
-}
-
-fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let p = dir.join("config.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    f(v.as_object_mut().unwrap());
-    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
-}
-
-type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
-
-fn edit_weights(file: &Path, f: impl FnOnce(&mut Tensors)) {
-    let bytes = std::fs::read(file).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut t: Tensors =
-        st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
-    f(&mut t);
-    let views: Vec<(String, TensorView)> =
-        t.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    safetensors::serialize_to_file(views, None, file).unwrap();
 }
 
 fn expect(err: &str, parts: &[&str]) {
@@ -388,4 +355,45 @@ fn an_engine_larger_than_memory_is_refused_with_the_numbers() {
     };
     let (res, _) = registry::runtime(&cfg).unwrap().generate(&mut engine, &[req]);
     expect(&res[0].as_ref().unwrap_err().to_string(), &["stop_token_ids", "1000000000", "out of range"]);
+}
+
+/// Llama 4's own keys: a multimodal config without `text_config`, a `no_rope_layers` list of the
+/// wrong length or values, a query temperature stepping at position 0, and MoE layer indices
+/// past the model are refused naming the key.
+#[test]
+fn llama4_keys_are_checked() {
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Map<String, Value>)>, Vec<&str>)> = vec![
+        (
+            "model_type",
+            Box::new(|m| drop(m.insert("model_type".into(), "llama4".into()))),
+            vec!["`text_config`", "missing"],
+        ),
+        (
+            "no_rope_layers",
+            Box::new(|m| drop(m.insert("no_rope_layers".into(), serde_json::json!([1, 1, 0])))),
+            vec!["`no_rope_layers`", "3 entries"],
+        ),
+        (
+            "no_rope_layers",
+            Box::new(|m| drop(m.insert("no_rope_layers".into(), serde_json::json!([1, 2, 1, 0])))),
+            vec!["`no_rope_layers`", "0 or 1"],
+        ),
+        (
+            "floor_scale",
+            Box::new(|m| drop(m.insert("floor_scale".into(), serde_json::json!(1)))),
+            vec!["`floor_scale`", "position 0"],
+        ),
+        (
+            "moe_layers",
+            Box::new(|m| drop(m.insert("moe_layers".into(), serde_json::json!([1, 4])))),
+            vec!["`moe_layers`", "layer 4"],
+        ),
+    ];
+    for (what, edit, parts) in cases {
+        let (_t, dir) = copy_fixture("llama4_text");
+        edit_config(&dir, |m| edit(m));
+        let err = import_err(&dir);
+        eprintln!("{what}: {err}");
+        expect(&err, &parts);
+    }
 }

@@ -104,7 +104,8 @@ fn compile_stage_fusions_are_transforms_the_graph_shows() {
             assert_eq!(dump.matches("= torch_rmsnorm(").count(), plain, "{fam}: {dump}");
             // The one add left: a shared expert's output plus the routed experts'.
             let adds = dump.lines().filter(|l| l.contains("= aten.add.Tensor(")).count();
-            let moe_sums = dump.lines().filter(|l| l.contains(".moe_sum: ") && l.contains("= aten.add.Tensor(")).count();
+            let moe_sums =
+                dump.lines().filter(|l| l.contains(".moe_sum: ") && l.contains("= aten.add.Tensor(")).count();
             assert!(adds == moe_sums && moe_sums == shared, "{fam}: an add was left: {dump}");
         }
         let off = engine(fam, "compile_backend = \"opt\"\n[transforms.fuse_add_rmsnorm]\nenabled = false");

@@ -51,6 +51,13 @@ const PUBLISHED: &[(&str, u64)] = &[
     // each block's width), the safetensors total the model page gives.
     ("nvidia/Llama-3_3-Nemotron-Super-49B-v1", 49_867_145_216),
     ("mistralai/Mixtral-8x22B-Instruct-v0.1", 140_620_634_112),
+    // Llama-4-Scout's text model, summed from its `text_config`: untied 202,048-token embedding
+    // and LM head (2 × 1,034,485,760), 48 layers of attention (62,914,560) and two norms
+    // (10,240), each a MoE layer (router 81,920; 16 experts' gate/up 1,342,177,280 and down
+    // 671,088,640; the shared expert 125,829,120), the final norm (5,120): 107,769,861,120; plus
+    // 9,216, the weights of ones the importer makes for the weightless q/k norms of the 36 RoPE
+    // layers (2 × 128 each). The card's 109B total includes the vision tower, not built.
+    ("meta-llama/Llama-4-Scout-17B-16E-Instruct", 107_769_870_336),
 ];
 
 fn import(dir: &std::path::Path) -> autodeploy_core::Result<autodeploy_core::Graph> {

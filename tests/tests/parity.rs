@@ -93,6 +93,41 @@ fn run(family: &str, dtype: DType) -> Vec<Stats> {
     all
 }
 
+/// The multimodal checkpoint's layout (`llama4`: the text model's keys under `text_config`, its
+/// tensors under `language_model.`, a vision tower beside them) of the llama4_text fixture is
+/// the same model: transformers' f32 logits, and its sequences stop before the first chunk ends
+/// and the no-RoPE layers' query temperature first steps (64 and 63 in the fixture's config).
+#[test]
+fn a_llama4_multimodal_checkpoint_is_its_text_model() {
+    use common::edit::{copy_fixture, edit_config, edit_weights};
+    let (_t, dir) = copy_fixture("llama4_text");
+    edit_config(&dir, |m| {
+        let text = serde_json::Value::Object(std::mem::take(m));
+        m.insert("model_type".into(), "llama4".into());
+        m.insert("architectures".into(), serde_json::json!(["Llama4ForConditionalGeneration"]));
+        m.insert("vision_config".into(), serde_json::json!({"model_type": "llama4_vision_model"}));
+        m.insert("text_config".into(), text);
+    });
+    edit_weights(&dir.join("model.safetensors"), |t| {
+        let old = std::mem::take(t);
+        for (name, v) in old {
+            t.insert(format!("language_model.{name}"), v.clone());
+            if name == "model.norm.weight" {
+                t.insert("vision_model.layernorm_post.weight".into(), v);
+            }
+        }
+    });
+    let g = import_dir(&dir, DType::F32);
+    assert!(g.history.iter().any(|h| h.contains("llama4 decoder")), "{:?}", g.history);
+    assert_eq!(g.symbols["seq"].max, 63, "the first chunk ends the sequences");
+    let mut model = compile(&g);
+    let r = Reference::load("llama4_text");
+    let (shape, ids) = r.i64("tokens_1");
+    let (_, want) = r.f32("logits_f32_1");
+    let err = max_abs_diff(&logits(model.as_mut(), &shape, &ids), &want, "llama4 logits");
+    assert!(err <= F32_MAX_ABS, "max abs error {err}");
+}
+
 #[test]
 fn f32_logits_match_transformers() {
     for fam in FAMILIES {

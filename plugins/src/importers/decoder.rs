@@ -350,7 +350,8 @@ impl DecoderConfig {
                     .map(|&f| {
                         let wavelen = (1.0 / f) * (2.0 * std::f64::consts::PI) as f32;
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                        if wavelen < high_wavelen || wavelen > low_wavelen {
+                        // Equal factors: no band between the wavelengths to smooth over.
+                        if wavelen < high_wavelen || wavelen > low_wavelen || high <= low {
                             return scaled;
                         }
                         let smooth = ((1.0 / wavelen) * old - low) / (high - low);

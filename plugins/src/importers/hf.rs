@@ -550,9 +550,10 @@ fn parse_rope_type(s: &Keys, k: &Keys) -> Result<RopeScaling> {
             ))
         }
     };
+    // Equal factors (Llama 4's) leave no band between the two wavelengths to smooth over.
     if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = scaling {
-        if high_freq_factor <= low_freq_factor {
-            return Err(s.err("high_freq_factor", "must be greater than low_freq_factor"));
+        if high_freq_factor < low_freq_factor {
+            return Err(s.err("high_freq_factor", "must be at least low_freq_factor"));
         }
     }
     Ok(scaling)

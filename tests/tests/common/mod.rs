@@ -8,6 +8,7 @@ use autodeploy_core::registry;
 use autodeploy_core::{DType, Graph, Tensor};
 use safetensors::SafeTensors;
 
+pub mod edit;
 pub mod gpu;
 
 pub const FAMILIES: &[&str] = &[
@@ -127,14 +128,19 @@ impl Reference {
 }
 
 pub fn import(family: &str, dtype: DType) -> Graph {
+    import_dir(&fixture(family), dtype)
+}
+
+/// The HF folder `dir`, up to 8 sequences of up to 128 tokens.
+pub fn import_dir(dir: &std::path::Path, dtype: DType) -> Graph {
     let req = ImportRequest {
-        path: fixture(family),
+        path: dir.to_path_buf(),
         dtype: Some(dtype),
         max_batch_size: 8,
         max_seq_len: 128,
         dummy_weights: false,
     };
-    registry::importer("hf").unwrap().import(&req).unwrap_or_else(|e| panic!("import {family}: {e}"))
+    registry::importer("hf").unwrap().import(&req).unwrap_or_else(|e| panic!("import {}: {e}", dir.display()))
 }
 
 pub fn compile(g: &Graph) -> Box<dyn CompiledModel> {
