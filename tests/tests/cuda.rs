@@ -568,6 +568,55 @@ fn a_dummy_model_on_the_gpu_is_the_cpus() {
     assert_eq!(tokens[0], tokens[1], "greedy tokens, CPU then CUDA");
 }
 
+/// A head dim past the powers of two: a dummy SmolLM2-shaped model with `head_dim` 96 (Phi-3
+/// mini's) generates the CPU's greedy tokens on CUDA in f32 through both attention backends
+/// (prefill and split-KV decode kernels of that dim), and its bf16 prefill of 100 tokens runs
+/// on the tensor cores; `head_dim` 80 is refused when the engine is built, naming it.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn head_dim_96_runs_and_80_is_refused_at_build() {
+    use common::edit::{copy_fixture, edit_config};
+    let _turn = gpu();
+    let (_t, dir) = copy_fixture("configs/SmolLM2-135M-Instruct");
+    let build = |head_dim: usize, extra: &str| {
+        edit_config(&dir, |m| drop(m.insert("head_dim".into(), head_dim.into())));
+        let toml = format!(
+            "model = {:?}\nload_format = \"dummy\"\nmax_batch_size = 2\nmax_seq_len = 160\n{extra}",
+            dir.display().to_string()
+        );
+        let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
+        autodeploy_core::pipeline::build(&cfg).map(|e| (e, cfg))
+    };
+    let prompt: Vec<i64> = (0..40).map(|i| 1 + (i * 37) % 250).collect();
+    let tokens = |extra: &str| {
+        let (mut e, cfg) = build(96, extra).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
+        let (r, _) = rt.generate(&mut e, &[greedy(&prompt, 8)]);
+        r[0].as_ref().unwrap().tokens.clone()
+    };
+    let cpu = tokens("dtype = \"float32\"\ndevice = \"cpu\"\n");
+    for attn in ATTENTION {
+        let got = tokens(&format!("dtype = \"float32\"\ndevice = \"cuda\"\nattn_backend = \"{attn}\"\n"));
+        assert_eq!(got, cpu, "{attn}: greedy tokens at head_dim 96");
+    }
+    let long: Vec<i64> = (0..100).map(|i| 1 + (i * 37) % 250).collect();
+    let (_, ran) = launches(|| {
+        let (mut e, cfg) =
+            build(96, "dtype = \"bfloat16\"\ndevice = \"cuda\"\nattn_backend = \"flashinfer\"\n").unwrap();
+        let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
+        let (r, _) = rt.generate(&mut e, &[greedy(&long, 2)]);
+        r[0].as_ref().unwrap().tokens.len()
+    });
+    assert!(ran.keys().any(|k| k.contains("prefill_tc")), "no tensor-core prefill ran: {ran:?}");
+    for attn in ATTENTION {
+        let err = match build(80, &format!("device = \"cuda\"\nattn_backend = \"{attn}\"\n")) {
+            Ok(_) => panic!("{attn}: head_dim 80 built"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("head_dim 80") && err.contains(attn) && err.contains("96"), "{err}");
+    }
+}
+
 /// `device = "cuda:N"` past the machine's GPUs is refused at validation, naming the index, how
 /// many there are, and the CPU option.
 #[test]

@@ -167,7 +167,9 @@ fn table() -> String {
         .map(|c| format!("`{}` ({})", c.model_type, c.name))
         .collect();
     if refused.is_empty() {
-        s.push_str("\nEvery support-matrix config imports; other model_types are refused naming the supported families.\n");
+        s.push_str(
+            "\nEvery support-matrix config imports; other model_types are refused naming the supported families.\n",
+        );
     } else {
         s.push_str(&format!("\nRefused at import, naming the model_type: {}.\n", refused.join("; ")));
     }

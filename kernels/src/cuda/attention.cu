@@ -103,7 +103,7 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
         write_kv<T>(k, v, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, kv_heads,    \
                     tokens, d);                                                                                       \
     }                                                                                                                 \
-    PAGED(T, S, 16) PAGED(T, S, 32) PAGED(T, S, 64) PAGED(T, S, 128) PAGED(T, S, 256)
+    PAGED(T, S, 16) PAGED(T, S, 32) PAGED(T, S, 64) PAGED(T, S, 96) PAGED(T, S, 128) PAGED(T, S, 256)
 
 ATTN_INSTANTIATE(float, f32)
 ATTN_INSTANTIATE(bf16_t, bf16)
@@ -284,6 +284,7 @@ __device__ void paged_prefill_tc(const bf16_t* q, const bf16_t* k_cache, const b
     }
 PREFILL_TC(32)
 PREFILL_TC(64)
+PREFILL_TC(96)
 PREFILL_TC(128)
 
 // `N` consecutive values (a lane's share of a head row) as f32: one 8- or 16-byte load for
@@ -817,6 +818,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
 #define EARLY4_BOUNDS_16 __launch_bounds__(128, 8)
 #define EARLY4_BOUNDS_32 __launch_bounds__(128, 8)
 #define EARLY4_BOUNDS_64 __launch_bounds__(128, 8)
+#define EARLY4_BOUNDS_96 __launch_bounds__(128, 8)
 #define EARLY4_BOUNDS_128 __launch_bounds__(128, 8)
 #define EARLY4_BOUNDS_256
 // The latency build at 8 positions a warp and pass (`AUTODEPLOY_ATTN_U=8`), and at 4 (the default, `Gpu::attn_early_u`:
@@ -829,7 +831,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
     SPLIT_ENTRY(T, S, D, paged_decode_split_early, true, 8, )                                                         \
     SPLIT_ENTRY(T, S, D, paged_decode_split_early4, true, 4, EARLY4_BOUNDS_##D)
 
-#define SPLIT_INSTANTIATE(T, S) SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 128) SPLIT(T, S, 256)
+#define SPLIT_INSTANTIATE(T, S) SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 96) SPLIT(T, S, 128) SPLIT(T, S, 256)
 
 SPLIT_INSTANTIATE(float, f32)
 SPLIT_INSTANTIATE(bf16_t, bf16)
@@ -978,6 +980,6 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
         slot_attention<T, D>(q, k, v, k_cache, v_cache, token_seq, token_pos, seq_start, cached_len, page_indptr,    \
                              page_indices, page_size, heads, kv_heads, tokens, scale, out);                           \
     }
-#define SLOT_INSTANTIATE(T, S) SLOT(T, S, 16) SLOT(T, S, 32) SLOT(T, S, 64) SLOT(T, S, 128) SLOT(T, S, 256)
+#define SLOT_INSTANTIATE(T, S) SLOT(T, S, 16) SLOT(T, S, 32) SLOT(T, S, 64) SLOT(T, S, 96) SLOT(T, S, 128) SLOT(T, S, 256)
 SLOT_INSTANTIATE(float, f32)
 SLOT_INSTANTIATE(bf16_t, bf16)

@@ -34,7 +34,23 @@ pub struct FlashInfer {
     _buf: Option<Buffer>,
 }
 
+/// A layer whose head dim the CUDA kernels do not cover is refused when the engine is built,
+/// naming the backend, the layer and the dims there are kernels for (not at the first step).
+fn check_head_dims(setup: &DeviceAttentionSetup, backend: &str) -> Result<()> {
+    use autodeploy_kernels::cuda::exec::HEAD_DIMS;
+    match setup.layers.iter().enumerate().find(|(_, &(_, _, d))| !HEAD_DIMS.contains(&d)) {
+        Some((l, &(_, _, d))) => Err(Error::op(
+            "attention_with_kv_cache",
+            format!(
+                "attention backend `{backend}`: layer {l} has head_dim {d}; its CUDA kernels cover head_dim {HEAD_DIMS:?} (run this model with device = \"cpu\")"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 pub fn flashinfer(setup: &DeviceAttentionSetup) -> Result<Box<dyn DeviceAttention>> {
+    check_head_dims(setup, "flashinfer")?;
     let gpu = setup.gpu;
     let split_tokens = setup.max_tokens.min(256);
     let hd = setup.layers.iter().map(|&(h, _, d)| h * d).max();
@@ -159,6 +175,7 @@ pub struct Triton {
 }
 
 pub fn triton(setup: &DeviceAttentionSetup) -> Result<Box<dyn DeviceAttention>> {
+    check_head_dims(setup, "triton")?;
     Ok(Box::new(Triton { slot_pages: setup.max_len.div_ceil(setup.page_size.max(1)) }))
 }
 

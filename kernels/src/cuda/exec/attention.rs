@@ -378,7 +378,7 @@ pub fn heads_a_block(heads: usize, kv_heads: usize, d: usize) -> usize {
 
 /// Head dims the tensor-core prefill is instantiated for (larger ones take the CUDA-core
 /// kernel: their output fragments would not fit a thread's registers).
-pub const PREFILL_TC_DIMS: [usize; 3] = [32, 64, 128];
+pub const PREFILL_TC_DIMS: [usize; 4] = [32, 64, 96, 128];
 
 /// The tensor-core prefill's tiles for a step: runs of up to 16 consecutive tokens of one
 /// sequence at consecutive positions, as (first token, count) i64 pairs, padded with (0, 0) to
@@ -411,7 +411,7 @@ pub fn tile_slots(tokens: usize, seqs: usize) -> usize {
 }
 
 /// Head dims the paged attention kernels are instantiated for.
-pub const HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
+pub const HEAD_DIMS: [usize; 6] = [16, 32, 64, 96, 128, 256];
 
 /// A step's batch metadata on the device (FlashInfer's CSR page table), shared by all layers.
 #[derive(Clone, Copy, Debug)]
