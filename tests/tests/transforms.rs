@@ -413,12 +413,16 @@ fn every_family_reaches_the_canonical_ops_with_unchanged_logits() {
             assert!(rms + ln > 2 * layers && layers >= 2, "{fam}: {rms} + {ln} norms, {layers} layers");
             assert_eq!(count(&ops, "torch_rmsnorm"), rms, "{fam}");
             assert_eq!(count(&ops, "aten.layer_norm"), ln, "{fam}");
-            assert_eq!(ops.get("torch_rope_with_explicit_cos_sin"), Some(&(2 * layers)), "{fam}");
+            let rotating = layers - common::nope_layers(fam);
+            assert_eq!(ops.get("torch_rope_with_explicit_cos_sin"), Some(&(2 * rotating)), "{fam}");
             assert_eq!(ops.get("torch_attention"), Some(&layers), "{fam}");
             // Gated (SwiGLU, GeGLU), ungated (StarCoder2's) or mixture of experts: one
-            // canonical MLP a layer.
+            // canonical MLP a layer, and a gated one more a shared expert (Llama 4's, whose
+            // gate/up/down linears are then the MLP's).
             let moe = count(&ops, "torch_moe");
-            assert_eq!(count(&ops, "torch_swiglu_mlp") + count(&ops, "torch_mlp") + moe, layers, "{fam}");
+            let dump = after.dump();
+            let shared = dump.lines().filter(|l| l.contains(".shared.") && l.contains("= torch_swiglu_mlp(")).count();
+            assert_eq!(count(&ops, "torch_swiglu_mlp") + count(&ops, "torch_mlp") + moe, layers + shared, "{fam}");
             assert_eq!(moe > 0, ROUTED.contains(fam), "{fam}");
             // Per layer: fused qkv, o_proj; a router per sparse MLP; plus lm_head.
             assert_eq!(ops.get("aten.linear"), Some(&(2 * layers + moe + 1)), "{fam}");

@@ -665,6 +665,10 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
     }
 }
 
+// Each lane keeps the routing score of its first `ROUTE_HELD` experts (lane + 32·j) in registers
+// and a bit a held expert once picked, so a pick reads no memory (larger expert counts reread
+// the rest and check the picks so far).
+#define ROUTE_HELD 8
 extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long tokens, int experts, int top_k,
                                      int norm, int weights_f32, int sigmoid, int* idx, float* wts) {
     pdl_enter();
@@ -673,55 +677,55 @@ extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long t
     if (t >= tokens) return;
     long row = t * experts;
     int* chosen = idx + t * top_k;
-    if (sigmoid) {
-        for (int k = 0; k < top_k; k++) {
-            float bl = -__int_as_float(0x7f800000);
-            int best = 0x7fffffff;
-            for (int e = lane; e < experts; e += 32) {
-                bool taken = false;
-                for (int j = 0; j < k; j++) taken |= chosen[j] == e;
-                float v = ld(logits, ldt, row + e);
-                if (!taken && (v > bl || best == 0x7fffffff)) {
-                    bl = v;
-                    best = e;
-                }
-            }
-            warp_best(bl, best);
-            if (lane == 0) {
-                chosen[k] = best;
-                wts[t * top_k + k] = rnd(dt, 1.0f / (1.0f + expf(-bl)));
-            }
-            __syncwarp();
-        }
-        return;
+    // The score a pick compares: the logit (sigmoid) or exp(logit - max) (softmax).
+    float mx = 0.0f, sum = 1.0f;
+    if (!sigmoid) {
+        mx = -__int_as_float(0x7f800000);
+        for (int e = lane; e < experts; e += 32) mx = fmaxf(mx, ld(logits, ldt, row + e));
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        sum = 0.0f;
+        for (int e = lane; e < experts; e += 32) sum += expf(ld(logits, ldt, row + e) - mx);
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     }
-    float mx = -__int_as_float(0x7f800000);
-    for (int e = lane; e < experts; e += 32) mx = fmaxf(mx, ld(logits, ldt, row + e));
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.0f;
-    for (int e = lane; e < experts; e += 32) sum += expf(ld(logits, ldt, row + e) - mx);
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    auto score = [&](int e) {
+        float v = ld(logits, ldt, row + e);
+        return sigmoid ? v : expf(v - mx);
+    };
+    float held[ROUTE_HELD];
+#pragma unroll
+    for (int j = 0; j < ROUTE_HELD; j++) held[j] = lane + 32 * j < experts ? score(lane + 32 * j) : 0.0f;
+    unsigned taken = 0;  // bit j: expert lane + 32·j picked
     float total = 0.0f;
     for (int k = 0; k < top_k; k++) {
-        float bp = -1.0f;
+        float bp = -__int_as_float(0x7f800000);
         int best = 0x7fffffff;
-        for (int e = lane; e < experts; e += 32) {
-            bool taken = false;
-            for (int j = 0; j < k; j++) taken |= chosen[j] == e;
-            float p = expf(ld(logits, ldt, row + e) - mx);
-            if (!taken && p > bp) {
+#pragma unroll
+        for (int j = 0; j < ROUTE_HELD; j++) {
+            int e = lane + 32 * j;
+            if (e < experts && !((taken >> j) & 1) && (held[j] > bp || best == 0x7fffffff)) {
+                bp = held[j];
+                best = e;
+            }
+        }
+        for (int e = lane + 32 * ROUTE_HELD; e < experts; e += 32) {
+            bool was = false;
+            for (int j = 0; j < k; j++) was |= chosen[j] == e;
+            float p = score(e);
+            if (!was && (p > bp || best == 0x7fffffff)) {
                 bp = p;
                 best = e;
             }
         }
         warp_best(bp, best);
+        if ((best & 31) == lane && best < 32 * ROUTE_HELD) taken |= 1u << (best >> 5);
         if (lane == 0) {
             chosen[k] = best;
-            wts[t * top_k + k] = bp / sum;
+            wts[t * top_k + k] = sigmoid ? rnd(dt, 1.0f / (1.0f + expf(-bp))) : bp / sum;
         }
         total += bp / sum;
         __syncwarp();
     }
+    if (sigmoid) return;
     for (int k = lane; k < top_k; k += 32) {
         float w = norm ? wts[t * top_k + k] / total : wts[t * top_k + k];
         wts[t * top_k + k] = weights_f32 ? w : rnd(dt, w);
