@@ -1,6 +1,6 @@
 //! Tokenizers through the `tokenizers` crate: `tokenizer.json` for Hugging Face folders, and for
 //! GGUF files one built from the `tokenizer.ggml.*` metadata (byte-level BPE with the
-//! pre-tokenizer `tokenizer.ggml.pre` names). Plus streaming detokenization that never splits a
+//! pre-tokenizer `tokenizer.ggml.pre` names, or SentencePiece BPE from the pieces' scores). Plus streaming detokenization that never splits a
 //! multi-byte character, and chat templates rendered with `minijinja`.
 
 use crate::runtime::Detokenizer;
@@ -64,12 +64,6 @@ impl Tokenizer {
         let Some(model) = h.get("tokenizer.ggml.model") else { return Ok(None) };
         let key_err = |k: &str, m: String| Error::config(path, k, m);
         let model = model.as_str().ok_or_else(|| key_err("tokenizer.ggml.model", "not a string".into()))?;
-        if model != "gpt2" {
-            return Err(key_err(
-                "tokenizer.ggml.model",
-                format!("`{model}` is not supported yet (supported: gpt2, byte-level BPE)"),
-            ));
-        }
         let strings = |k: &str| -> Result<Vec<String>> {
             let arr = h.get(k).and_then(Value::as_array).ok_or_else(|| key_err(k, "missing or not an array".into()))?;
             arr.iter()
@@ -77,7 +71,30 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+        let inner =
+            match model {
+                "gpt2" => Self::gguf_byte_level(h, path, &tokens, strings("tokenizer.ggml.merges")?)?,
+                "llama" => Self::gguf_sentencepiece(h, path, &tokens)?,
+                _ => return Err(key_err(
+                    "tokenizer.ggml.model",
+                    format!(
+                        "`{model}` is not supported yet (supported: gpt2, byte-level BPE; llama, SentencePiece BPE)"
+                    ),
+                )),
+            };
+        Ok(Some(Self::from_gguf_parts(h, path, inner, &tokens)))
+    }
+
+    /// GPT-2's byte-level BPE from the vocabulary and merges, with the pre-tokenizer
+    /// `tokenizer.ggml.pre` names.
+    fn gguf_byte_level(
+        h: &Header,
+        path: &Path,
+        tokens: &[String],
+        merges: Vec<String>,
+    ) -> Result<tokenizers::Tokenizer> {
+        let key_err = |k: &str, m: String| Error::config(path, k, m);
+        let merges: Vec<(String, String)> = merges
             .into_iter()
             .enumerate()
             .map(|(i, m)| {
@@ -117,25 +134,96 @@ impl Tokenizer {
         };
         inner.with_pre_tokenizer(Some(pt));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
+        Ok(inner)
+    }
+
+    /// SentencePiece BPE (`tokenizer.ggml.model = "llama"`: Llama 2's, Gemma's) as transformers
+    /// converts it: the merges are every split of a piece into two pieces of the vocabulary,
+    /// ranked by the merged piece's score (then the longer left, the longer right piece, then
+    /// vocabulary order); spaces become `▁` (one prepended when `tokenizer.ggml.add_space_prefix`),
+    /// and bytes without a piece fall back to their `<0xNN>` pieces.
+    fn gguf_sentencepiece(h: &Header, path: &Path, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
+        use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, strip::Strip};
+        use tokenizers::normalizers::{Prepend, Replace};
+        use tokenizers::{DecoderWrapper, NormalizerWrapper};
+        let key = "tokenizer.ggml.scores";
+        let scores: Vec<f32> = h
+            .get(key)
+            .and_then(Value::as_array)
+            .ok_or_else(|| Error::config(path, key, "missing or not an array"))?
+            .iter()
+            .map(|v| v.as_f64().map(|x| x as f32))
+            .collect::<Option<_>>()
+            .ok_or_else(|| Error::config(path, key, "holds a non-number"))?;
+        if scores.len() != tokens.len() {
+            return Err(Error::config(path, key, format!("{} scores for {} tokens", scores.len(), tokens.len())));
+        }
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        // (left, right, score of the merged piece), in vocabulary order.
+        let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+        for (piece, &score) in tokens.iter().zip(&scores) {
+            let start = merges.len();
+            for (i, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(i);
+                if vocab.contains_key(l) && vocab.contains_key(r) {
+                    merges.push((l, r, score));
+                }
+            }
+            merges[start..].sort_by_key(|&(l, r, _)| (vocab[l], vocab[r]));
+        }
+        // Stable: equal keys keep vocabulary order, as Python's sorted(..., reverse=True) does.
+        merges.sort_by(|a, b| {
+            b.2.total_cmp(&a.2)
+                .then(b.0.chars().count().cmp(&a.0.chars().count()))
+                .then(b.1.chars().count().cmp(&a.1.chars().count()))
+        });
+        let merges: Vec<(String, String)> =
+            merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect();
+        let mut b = BPE::builder().vocab_and_merges(vocab.clone(), merges).byte_fallback(true);
+        let unk = h.get("tokenizer.ggml.unknown_token_id").and_then(Value::as_u64).and_then(|i| tokens.get(i as usize));
+        if let Some(u) = unk {
+            b = b.unk_token(u.clone()).fuse_unk(true);
+        }
+        let bpe = b.build().map_err(|e| tk_err(path, "tokenizer.ggml.scores", e))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let prefix = h.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+        let space = Replace::new(" ", "\u{2581}").map_err(|e| tk_err(path, "tokenizer.ggml.model", e))?;
+        let mut norm = vec![NormalizerWrapper::Replace(space)];
+        let mut dec = vec![DecoderWrapper::Replace(
+            Replace::new("\u{2581}", " ").map_err(|e| tk_err(path, "tokenizer.ggml.model", e))?,
+        )];
+        dec.push(DecoderWrapper::ByteFallback(ByteFallback::default()));
+        dec.push(DecoderWrapper::Fuse(Fuse::default()));
+        if prefix {
+            norm.insert(0, NormalizerWrapper::Prepend(Prepend::new("\u{2581}".into())));
+            dec.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+        }
+        inner.with_normalizer(Some(NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(norm))));
+        inner.with_decoder(Some(DecoderWrapper::Sequence(tokenizers::decoders::sequence::Sequence::new(dec))));
+        Ok(inner)
+    }
+
+    /// The GGUF tokenizer's special tokens, ids, BOS rule and chat template around `inner`.
+    fn from_gguf_parts(h: &Header, path: &Path, mut inner: tokenizers::Tokenizer, tokens: &[String]) -> Tokenizer {
         // Control (3) and user-defined (4) tokens are matched whole, before BPE.
         if let Some(types) = h.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             let special: Vec<AddedToken> = types
                 .iter()
-                .zip(&tokens)
+                .zip(tokens)
                 .filter(|(t, _)| matches!(t.as_u64(), Some(3) | Some(4)))
                 .map(|(_, s)| AddedToken::from(s.clone(), true))
                 .collect();
             inner.add_special_tokens(&special);
         }
         let id = |k: &str| h.get(k).and_then(Value::as_u64).map(|v| v as i64);
-        Ok(Some(Tokenizer {
+        Tokenizer {
             inner,
             bos_id: id("tokenizer.ggml.bos_token_id"),
             eos_id: id("tokenizer.ggml.eos_token_id"),
             add_bos: AddBos::Explicit(h.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false)),
             chat_template: h.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
             source: path.into(),
-        }))
+        }
     }
 
     /// `tokenizer.json` (and `tokenizer_config.json` for the chat template and bos/eos) in a

@@ -84,3 +84,28 @@ fn gemma3_270m_gguf_gives_transformers_logits_and_tokens() {
     let (out, _) = rt.generate(&mut e, std::slice::from_ref(&req));
     assert_eq!(out[0].as_ref().unwrap().tokens, greedy);
 }
+
+/// The GGUF's SentencePiece tokenizer (`tokenizer.ggml.model = "llama"`, built from the pieces'
+/// scores) tokenizes hard strings (runs of spaces, tabs and newlines, digits, CJK, emoji and a
+/// character with no piece of its own, code, Gemma's turn markers) to transformers' ids, with
+/// and without BOS, and decodes them back to transformers' text.
+#[test]
+fn gemma3_gguf_sentencepiece_tokenizer_matches_transformers() {
+    let Some(path) = gemma3_gguf() else { return };
+    autodeploy_plugins::link();
+    let tok = registry::importer("gguf").unwrap().tokenizer(&path).unwrap().expect("a tokenizer");
+    let text = std::fs::read_to_string(fixture("gemma3-270m").join("tokenization.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(tok.bos_id, r["bos_id"].as_i64());
+    assert_eq!(tok.eos_id, r["eos_id"].as_i64());
+    let ids =
+        |v: &serde_json::Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+    let cases = r["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for c in cases {
+        let s = c["text"].as_str().unwrap();
+        assert_eq!(tok.encode(s, false).unwrap(), ids(&c["ids"]), "{s:?}");
+        assert_eq!(tok.encode(s, true).unwrap(), ids(&c["with_bos"]), "{s:?} with BOS");
+        assert_eq!(tok.decode(&ids(&c["ids"])), c["decoded"].as_str().unwrap(), "{s:?} decoded");
+    }
+}
