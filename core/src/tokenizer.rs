@@ -71,17 +71,18 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let inner =
-            match model {
-                "gpt2" => Self::gguf_byte_level(h, path, &tokens, strings("tokenizer.ggml.merges")?)?,
-                "llama" => Self::gguf_sentencepiece(h, path, &tokens)?,
-                _ => return Err(key_err(
+        let inner = match model {
+            "gpt2" => Self::gguf_byte_level(h, path, &tokens, strings("tokenizer.ggml.merges")?)?,
+            "llama" => Self::gguf_sentencepiece(h, path, &tokens)?,
+            _ => {
+                return Err(key_err(
                     "tokenizer.ggml.model",
                     format!(
                         "`{model}` is not supported yet (supported: gpt2, byte-level BPE; llama, SentencePiece BPE)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         Ok(Some(Self::from_gguf_parts(h, path, inner, &tokens)))
     }
 
