@@ -59,11 +59,21 @@ fn tk_err(source: &Path, what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl Tokenizer {
-    /// The tokenizer a GGUF file describes; `None` when it has no `tokenizer.ggml.model`.
+    /// The tokenizer a GGUF file describes; `None` when it has no `tokenizer.ggml.model`, or
+    /// one of a type this does not build (neither GPT-2's byte-level BPE, `gpt2`, nor
+    /// SentencePiece BPE, `llama`): then with a warning naming the key, and the model runs on
+    /// prompts given as token ids (text prompts are refused asking for them).
     pub fn from_gguf(h: &Header, path: &Path) -> Result<Option<Tokenizer>> {
         let Some(model) = h.get("tokenizer.ggml.model") else { return Ok(None) };
         let key_err = |k: &str, m: String| Error::config(path, k, m);
         let model = model.as_str().ok_or_else(|| key_err("tokenizer.ggml.model", "not a string".into()))?;
+        if model != "gpt2" && model != "llama" {
+            tracing::warn!(
+                "{}: tokenizer.ggml.model `{model}` is not supported (supported: gpt2, llama); the model runs without a tokenizer: give prompts as token_ids",
+                path.display()
+            );
+            return Ok(None);
+        }
         let strings = |k: &str| -> Result<Vec<String>> {
             let arr = h.get(k).and_then(Value::as_array).ok_or_else(|| key_err(k, "missing or not an array".into()))?;
             arr.iter()
@@ -71,17 +81,10 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let inner = match model {
-            "gpt2" => Self::gguf_byte_level(h, path, &tokens, strings("tokenizer.ggml.merges")?)?,
-            "llama" => Self::gguf_sentencepiece(h, path, &tokens)?,
-            _ => {
-                return Err(key_err(
-                    "tokenizer.ggml.model",
-                    format!(
-                        "`{model}` is not supported yet (supported: gpt2, byte-level BPE; llama, SentencePiece BPE)"
-                    ),
-                ))
-            }
+        let inner = if model == "gpt2" {
+            Self::gguf_byte_level(h, path, &tokens, strings("tokenizer.ggml.merges")?)?
+        } else {
+            Self::gguf_sentencepiece(h, path, &tokens)?
         };
         Ok(Some(Self::from_gguf_parts(h, path, inner, &tokens)))
     }

@@ -31,19 +31,8 @@ impl ModelImporter for GgufImporter {
                 .is_ok_and(|m| &m == b"GGUF")
     }
 
-    /// A tokenizer type the GGUF reader does not build (neither GPT-2's byte-level BPE nor
-    /// SentencePiece) leaves the model without one, with a warning naming the key: it still
-    /// runs prompts given as token ids, and text prompts are refused asking for them.
     fn tokenizer(&self, path: &Path) -> Result<Option<autodeploy_core::tokenizer::Tokenizer>> {
         let f = GgufFile::open(path)?;
-        let model = f.header.get("tokenizer.ggml.model").and_then(Value::as_str);
-        if let Some(m) = model.filter(|&m| m != "gpt2" && m != "llama") {
-            tracing::warn!(
-                "{}: tokenizer.ggml.model `{m}` is not supported (supported: gpt2, llama); the model runs without a tokenizer: give prompts as token_ids",
-                path.display()
-            );
-            return Ok(None);
-        }
         autodeploy_core::tokenizer::Tokenizer::from_gguf(&f.header, path)
     }
 
