@@ -198,13 +198,12 @@ fn bad_gguf_files_name_the_key_or_tensor() {
     ));
     assert!(e.contains("general.architecture") && e.contains("gpt2x") && e.contains("supported: llama"), "{e}");
     // A family the HF importer knows whose GGUF layout is not mapped: refused, not run as Llama
-    // (its metadata keys are `gemma.*`, but the architecture is checked first).
-    let e = import_err(&patch(
-        &good,
-        "general.architecture\u{8}\0\0\0\u{5}\0\0\0\0\0\0\0llama",
-        "general.architecture\u{8}\0\0\0\u{5}\0\0\0\0\0\0\0gemma",
-    ));
-    assert!(e.contains("`gemma` GGUF files are not supported") && !e.contains("gemma2"), "{e}");
+    // (its metadata keys are `openelm.*`, but the architecture is checked first; the value is
+    // two bytes longer, which shifts the tensor data, never read).
+    let (from, to) = ("\u{5}\0\0\0\0\0\0\0llama", "\u{7}\0\0\0\0\0\0\0openelm");
+    let at = good.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
+    let e = import_err(&[&good[..at], to.as_bytes(), &good[at + from.len()..]].concat());
+    assert!(e.contains("`openelm` GGUF files are not supported") && e.contains("gemma2, gemma3"), "{e}");
     // A missing metadata key: rename it so it is no longer found.
     let e = import_err(&patch(&good, "llama.block_count", "llama.blockxcount"));
     assert!(e.contains("llama.block_count") && e.contains("missing"), "{e}");
@@ -274,4 +273,25 @@ fn qwen2_and_qwen3_ggufs_give_transformers_logits() {
     assert!(dump.contains("self_attn.q_proj.bias") && !dump.contains("lm_head.weight"), "{dump}");
     let dump = gguf_matches_its_fixture("qwen3").dump();
     assert!(dump.contains("self_attn.q_norm.weight: f32[32]") && dump.contains("f32[batch, seq, 4, 32]"), "{dump}");
+}
+
+/// Gemma, Gemma 2, StarCoder2 and Phi-3 GGUFs, their tensors named by the gguf package's own map
+/// as llama.cpp's converter names them (tests/fixtures/make_gguf_fixtures.py), give their
+/// fixtures' transformers logits: Gemma's norms stored as 1 + w, Gemma 2's sandwich norms,
+/// soft-caps from the metadata and alternating windows, StarCoder2's LayerNorm biases and
+/// ungated MLP, Phi-3's fused `attn_qkv` and gate/up `ffn_up` split into rows, and Phi-4-mini's
+/// partial rotary with LongRoPE factors from `rope_factors_short.weight`.
+#[test]
+fn gemma_gemma2_starcoder2_and_phi3_ggufs_give_transformers_logits() {
+    let dump = gguf_matches_its_fixture("gemma").dump();
+    assert!(dump.contains("gelu") && !dump.contains("lm_head.weight"), "{dump}");
+    let dump = gguf_matches_its_fixture("gemma2").dump();
+    for want in ["post_feedforward_layernorm", "softcap=5", "window=8", "scale=0.2041"] {
+        assert!(dump.contains(want), "gemma2: {want} missing:\n{dump}");
+    }
+    let dump = gguf_matches_its_fixture("starcoder2").dump();
+    assert!(dump.contains("aten.layer_norm") && dump.contains("mlp.c_fc.bias") && dump.contains("window=12"), "{dump}");
+    gguf_matches_its_fixture("phi3");
+    let dump = gguf_matches_its_fixture("phi3-longrope").dump();
+    assert!(dump.contains("%rope.emb: f32[batch, seq, 24]"), "{dump}");
 }

@@ -146,7 +146,8 @@ fn table() -> String {
             .filter(|n| n.strip_prefix(fam.name).is_some_and(|rest| rest.starts_with(['.', '-'])))
             .map(|n| format!("`{n}`"))
             .collect();
-        let ggufs: Vec<String> = gguf.iter().filter(|(_, a)| a == fam.name).map(|(n, _)| format!("`{n}`")).collect();
+        let ggufs: Vec<String> =
+            gguf.iter().filter(|(_, a)| fam.gguf == Some(a.as_str())).map(|(n, _)| format!("`{n}`")).collect();
         let real: Vec<String> =
             REAL_WEIGHTS.iter().filter(|(f, _)| *f == fam.name).map(|(_, what)| what.to_string()).collect();
         let mine = configs.iter().filter(|c| c.model_type == fam.name);

@@ -179,6 +179,10 @@ pub struct Family {
     /// the Gemma families); other families' GGUF files are refused naming the architecture,
     /// never run as Llama.
     pub gguf: Option<&'static str>,
+    /// The layer counts whose GGUF files llama.cpp scales queries by (hidden / heads)^-0.5
+    /// instead of head_dim^-0.5 (Gemma 2/3 27B: their files do not store
+    /// `query_pre_attn_scalar`; llama.cpp knows the 27B models by their depth).
+    pub gguf_wide_query_layers: &'static [usize],
 }
 
 /// SiLU-gated MLPs, as Llama's.
@@ -219,6 +223,7 @@ const LLAMA: Family = Family {
     chunked_attention: false,
     text_config: false,
     gguf: Some("llama"),
+    gguf_wide_query_layers: &[],
 };
 
 const MISTRAL: Family = Family {
@@ -276,7 +281,8 @@ const GEMMA: Family = Family {
     qk_l2_norm: None,
     chunked_attention: false,
     text_config: false,
-    gguf: None,
+    gguf: Some("gemma"),
+    gguf_wide_query_layers: &[],
 };
 
 /// Llama 4's text model (`Llama4ForCausalLM`): MoE with sigmoid top-k routing and a shared
@@ -425,7 +431,7 @@ pub const FAMILIES: &[Family] = &[
         window: Window::Key("sliding_window"),
         gguf_qk_permuted: false,
         fused_projections: true,
-        gguf: None,
+        gguf: Some("phi3"),
         ..LLAMA
     },
     GEMMA,
@@ -437,6 +443,8 @@ pub const FAMILIES: &[Family] = &[
         sandwich_norms: true,
         softcaps: Some(Softcaps { attn: Some(50.0), final_logits: Some(30.0) }),
         query_pre_attn_scalar: Some(256.0),
+        gguf: Some("gemma2"),
+        gguf_wide_query_layers: &[46],
         ..GEMMA
     },
     Family {
@@ -451,6 +459,7 @@ pub const FAMILIES: &[Family] = &[
         query_pre_attn_scalar: Some(256.0),
         local_rope_theta: Some(10000.0),
         gguf: Some("gemma3"),
+        gguf_wide_query_layers: &[62],
         ..GEMMA
     },
     Family {
@@ -465,7 +474,7 @@ pub const FAMILIES: &[Family] = &[
         tied_by_default: true,
         layer_norm: true,
         plain_mlp: true,
-        gguf: None,
+        gguf: Some("starcoder2"),
         ..LLAMA
     },
 ];

@@ -49,7 +49,7 @@ impl ModelImporter for GgufImporter {
         // Q4_1, Q8_0) stay as stored; everything else is dequantized.
         if req.dtype.is_none() {
             for (hf, shape) in cfg.expected_weights() {
-                let t = gguf_name(&hf, cfg.blocks.sandwich_norms).and_then(|g| file.header.tensor(&g));
+                let t = source(&file, &cfg, &hf, &shape).and_then(|s| file.header.tensor(&s.name));
                 if let Some(ty) = t.and_then(|t| GgmlType::from_id(t.type_id)).filter(|ty| ty.computes_quantized()) {
                     if shape.len() == 2 {
                         cfg.weight_dtypes.insert(hf, DType::Block(ty));
@@ -143,12 +143,13 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         Some(d) => d,
         None => hidden / heads,
     };
-    if let Some(rd) = m.usize_opt("rope.dimension_count")? {
-        if rd != head_dim {
-            return Err(
-                m.err(&m.key("rope.dimension_count"), format!("partial rotary ({rd} of {head_dim}) is not supported"))
-            );
-        }
+    // Partial rotary (Phi-4-mini): RoPE on the first `rope.dimension_count` of each head.
+    let rotary_dim = m.usize_opt("rope.dimension_count")?.unwrap_or(head_dim);
+    if rotary_dim > head_dim || rotary_dim % 2 != 0 {
+        return Err(m.err(
+            &m.key("rope.dimension_count"),
+            format!("{rotary_dim} rotary dimensions do not fit a head of {head_dim} in pairs"),
+        ));
     }
     if f.header.tensor("rope_freqs.weight").is_some() {
         return Err(Error::BadFile {
@@ -176,6 +177,8 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
     }
     let dtype = dtype.unwrap_or(DType::F32);
     let blocks = family_blocks(&m, fam, num_layers)?;
+    let eps_key = if fam.layer_norm { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" };
+    let max_positions = m.usize_opt("context_length")?.unwrap_or(4096);
     let mut scalars = Scalars {
         // llama.cpp's names for Granite's multipliers (absent for the other families).
         embedding: positive(&m, "embedding_scale")?.unwrap_or(1.0),
@@ -187,6 +190,11 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         // As the HF importer: √hidden_size rounded to the model's dtype.
         scalars.embedding = autodeploy_core::cpu::round_as(dtype, (hidden as f32).sqrt()) as f64;
     }
+    // Gemma 2/3 files do not store `query_pre_attn_scalar`: llama.cpp scales queries by
+    // head_dim^-0.5, or (hidden / heads)^-0.5 for the layer counts of the 27B models.
+    if scalars.attention.is_none() && fam.gguf_wide_query_layers.contains(&num_layers) {
+        scalars.attention = Some(((hidden / heads) as f64).powf(-0.5));
+    }
     Ok(DecoderConfig {
         family: fam.name.to_string(),
         vocab_size: vocab,
@@ -196,11 +204,11 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
-        rotary_dim: head_dim,
-        rms_norm_eps: m.f64_opt("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+        rotary_dim,
+        rms_norm_eps: m.f64_opt(eps_key)?.unwrap_or(1e-5),
         rope_theta: m.f64_opt("rope.freq_base")?.unwrap_or(10000.0),
-        rope_scaling: RopeScaling::None,
-        max_position_embeddings: m.usize_opt("context_length")?.unwrap_or(4096),
+        rope_scaling: rope_scaling(&m, rotary_dim, max_positions)?,
+        max_position_embeddings: max_positions,
         sliding_window: if fam.window == super::families::Window::None {
             None
         } else {
@@ -217,6 +225,36 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         scalars,
         blocks,
     })
+}
+
+/// LongRoPE (Phi-3/4) where the file carries llama.cpp's `rope_factors_short.weight` (one factor a
+/// rotated pair) with `rope.scaling.original_context_length` and, optionally,
+/// `rope.scaling.attn_factor` (absent: transformers' default from the two lengths). As from a
+/// `config.json`, only the short factors are used and sequences stop at the original length.
+fn rope_scaling(m: &Meta, rotary_dim: usize, max_positions: usize) -> Result<RopeScaling> {
+    let Some(t) = m.f.header.tensor("rope_factors_short.weight") else {
+        return Ok(RopeScaling::None);
+    };
+    if t.shape() != [rotary_dim / 2] {
+        return Err(Error::TensorShape {
+            file: m.f.path.clone(),
+            name: "rope_factors_short.weight".into(),
+            expected: vec![rotary_dim / 2],
+            found: t.shape(),
+        });
+    }
+    let short_factor: Vec<f64> = m.f.dequantize("rope_factors_short.weight")?.into_iter().map(f64::from).collect();
+    if let Some(bad) = short_factor.iter().find(|f| !(**f > 0.0 && f.is_finite())) {
+        return Err(Error::BadFile { file: m.f.path.clone(), msg: format!("rope_factors_short.weight holds {bad}") });
+    }
+    let original = m.usize("rope.scaling.original_context_length")?;
+    let factor = max_positions as f64 / original as f64;
+    let attention_factor = match positive(m, "rope.scaling.attn_factor")? {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope { short_factor, original_max_position_embeddings: original, attention_factor })
 }
 
 /// The block options of a family's GGUF file: what the family entry fixes (Gemma's norms,
@@ -245,6 +283,8 @@ fn family_blocks(m: &Meta, fam: &super::families::Family, num_layers: usize) -> 
         sliding_layers,
         local_rope_theta: fam.local_rope_theta,
         qk_norm_after_transpose: fam.qk_norm_after_transpose,
+        layer_norm: fam.layer_norm,
+        plain_mlp: fam.plain_mlp,
         ..Default::default()
     })
 }
@@ -255,6 +295,7 @@ fn gguf_name(hf: &str, sandwich: bool) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
+        "model.norm.bias" => Some("output_norm.bias"),
         "lm_head.weight" => Some("output.weight"),
         _ => None,
     };
@@ -279,9 +320,46 @@ fn gguf_name(hf: &str, sandwich: bool) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        "mlp.c_fc" => "ffn_up",
+        "mlp.c_proj" => "ffn_down",
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Where a graph weight lives in a GGUF file: a tensor, or `rows` (first, count) of one.
+struct Source {
+    name: String,
+    rows: Option<(usize, usize)>,
+}
+
+/// The GGUF source of graph weight `hf` of shape `shape`: its own tensor, or rows of llama.cpp's
+/// fused ones (Phi-3's `attn_qkv`, q then k then v; its `ffn_up` of gate then up rows where the
+/// file has no `ffn_gate`).
+fn source(f: &GgufFile, cfg: &DecoderConfig, hf: &str, shape: &[usize]) -> Option<Source> {
+    let name = gguf_name(hf, cfg.blocks.sandwich_norms)?;
+    let direct = |name: String| Some(Source { name, rows: None });
+    let Some((blk, kind, suffix)) = name
+        .rsplit_once('.')
+        .and_then(|(stem, suffix)| stem.rsplit_once('.').map(|(blk, kind)| (blk, kind, suffix)))
+        .filter(|(blk, ..)| blk.starts_with("blk."))
+    else {
+        return direct(name);
+    };
+    let has = |n: &str| f.header.tensor(n).is_some();
+    let (q, kv, i) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    let fused_up = !has(&format!("{blk}.ffn_gate.{suffix}"))
+        && f.header.tensor(&format!("{blk}.ffn_up.{suffix}")).is_some_and(|t| t.shape().first() == Some(&(2 * i)));
+    let (fused, first) = match kind {
+        "attn_q" | "attn_k" | "attn_v" if !has(&name) && has(&format!("{blk}.attn_qkv.{suffix}")) => {
+            ("attn_qkv", [0, q, q + kv][["attn_q", "attn_k", "attn_v"].iter().position(|k| *k == kind)?])
+        }
+        "ffn_gate" if fused_up => ("ffn_up", 0),
+        "ffn_up" if fused_up && shape.first() == Some(&i) => ("ffn_up", i),
+        _ => return direct(name.clone()),
+    };
+    let n = *shape.first()?;
+    Some(Source { name: format!("{blk}.{fused}.{suffix}"), rows: Some((first, n)) })
 }
 
 /// Undoes llama.cpp's Q/K permutation: `hf[h·hd + j·hd/2 + i] = gguf[h·hd + 2i + j]`, on whole
@@ -307,15 +385,26 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
     for (hf, shape) in cfg.expected_weights() {
         // llama.cpp stores Gemma's norm weights as 1 + w (ggml multiplies by the weight).
         let offset = cfg.blocks.norm_offset && hf.ends_with("norm.weight");
-        let g = gguf_name(&hf, cfg.blocks.sandwich_norms)
-            .ok_or_else(|| Error::Msg(format!("no GGUF name for tensor `{hf}`")))?;
+        let Source { name: g, rows } =
+            source(f, cfg, &hf, &shape).ok_or_else(|| Error::Msg(format!("no GGUF name for tensor `{hf}`")))?;
         let info = f
             .header
             .tensor(&g)
             .ok_or_else(|| Error::MissingTensor { name: g.clone(), where_: f.path.display().to_string() })?;
-        if info.shape() != shape {
-            return Err(Error::TensorShape { file: f.path.clone(), name: g, expected: shape, found: info.shape() });
+        let found = info.shape();
+        let fits = match rows {
+            None => found == shape,
+            Some((first, n)) => found.len() == shape.len() && found[1..] == shape[1..] && first + n <= found[0],
+        };
+        if !fits {
+            return Err(Error::TensorShape { file: f.path.clone(), name: g, expected: shape, found });
         }
+        // The bytes (or values) of the rows this weight takes, out of the tensor's.
+        let total_rows = found.first().copied().unwrap_or(1);
+        let take = move |len: usize| match rows {
+            None => 0..len,
+            Some((first, n)) => first * (len / total_rows)..(first + n) * (len / total_rows),
+        };
         let heads = match (permute, g.rsplit('.').nth(1)) {
             (true, Some("attn_q")) => Some(cfg.num_heads),
             (true, Some("attn_k")) => Some(cfg.num_kv_heads),
@@ -325,7 +414,8 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
         let keep = cfg.weight_dtypes.get(&hf).copied();
         let load = Arc::new(move || -> Result<Tensor> {
             if let Some(DType::Block(ty)) = keep {
-                let mut bytes = file.raw(&name)?.to_vec();
+                let raw = file.raw(&name)?;
+                let mut bytes = raw[take(raw.len())].to_vec();
                 if let Some(h) = heads {
                     let row_bytes = bytes.len() / shp[0];
                     bytes = unpermute_rows(&bytes, h, shp[0], row_bytes);
@@ -333,6 +423,9 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
                 return Tensor::from_blocks(ty, shp.clone(), bytes);
             }
             let mut v = file.dequantize(&name)?;
+            if rows.is_some() {
+                v = v[take(v.len())].to_vec();
+            }
             if offset {
                 v.iter_mut().for_each(|x| *x -= 1.0);
             }
