@@ -461,23 +461,21 @@ impl GgufFile {
 
     /// The stored bytes of a tensor.
     pub fn raw(&self, name: &str) -> Result<&[u8]> {
+        self.typed(name).map(|(_, bytes)| bytes)
+    }
+
+    /// A tensor's type and stored bytes.
+    pub fn typed(&self, name: &str) -> Result<(GgmlType, &[u8])> {
         let t = self
             .header
             .tensor(name)
             .ok_or_else(|| Error::MissingTensor { name: name.into(), where_: self.path.display().to_string() })?;
-        let (_, bytes) =
-            self.header.tensor_bytes(&self.mmap, t).map_err(|msg| Error::BadFile { file: self.path.clone(), msg })?;
-        Ok(bytes)
+        self.header.tensor_bytes(&self.mmap, t).map_err(|msg| Error::BadFile { file: self.path.clone(), msg })
     }
 
     /// Dequantized values of a tensor, in ggml order (which is PyTorch's row-major order).
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
-        let bad = |msg: String| Error::BadFile { file: self.path.clone(), msg };
-        let t = self
-            .header
-            .tensor(name)
-            .ok_or_else(|| Error::MissingTensor { name: name.into(), where_: self.path.display().to_string() })?;
-        let (ty, bytes) = self.header.tensor_bytes(&self.mmap, t).map_err(bad)?;
+        let (ty, bytes) = self.typed(name)?;
         Ok(dequantize(ty, bytes))
     }
 }

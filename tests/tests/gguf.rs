@@ -295,3 +295,16 @@ fn gemma_gemma2_starcoder2_and_phi3_ggufs_give_transformers_logits() {
     let dump = gguf_matches_its_fixture("phi3-longrope").dump();
     assert!(dump.contains("%rope.emb: f32[batch, seq, 24]"), "{dump}");
 }
+
+/// Mixture-of-experts GGUFs (tests/fixtures/make_gguf_fixtures.py): Qwen3-MoE's `qwen3moe` file
+/// and Mixtral's `llama` file with `expert_count`, each expert a slice of llama.cpp's stacked
+/// `ffn_{gate,up,down}_exps`, give their fixtures' transformers logits; the Qwen3-MoE fixture's
+/// dense layer (no `ffn_gate_inp`) stays dense.
+#[test]
+fn qwen3_moe_and_mixtral_ggufs_give_transformers_logits() {
+    let dump = gguf_matches_its_fixture("qwen3_moe").dump();
+    assert!(dump.contains("torch_moe") && dump.contains("model.layers.1.mlp.down_proj.weight"), "{dump}");
+    assert!(dump.contains("norm=false"), "expert_weights_norm = false not read:\n{dump}");
+    let dump = gguf_matches_its_fixture("mixtral").dump();
+    assert!(dump.contains("torch_moe") && dump.contains("norm=true"), "{dump}");
+}

@@ -344,7 +344,7 @@ pub const FAMILIES: &[Family] = &[
             dense_intermediate: None,
             names: MoeNames { block: "mlp", router: "gate", gate: "gate_proj", up: "up_proj", down: "down_proj" },
         }),
-        gguf: None,
+        gguf: Some("qwen3moe"),
         ..QWEN3
     },
     Family {
@@ -361,7 +361,8 @@ pub const FAMILIES: &[Family] = &[
             dense_intermediate: None,
             names: MoeNames { block: "block_sparse_moe", router: "gate", gate: "w1", up: "w3", down: "w2" },
         }),
-        gguf: None,
+        // llama.cpp writes Mixtral as `llama` with experts.
+        gguf: Some("llama"),
         ..MISTRAL
     },
     LLAMA4_TEXT,
@@ -484,14 +485,21 @@ pub fn family(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)
 }
 
-/// The family whose GGUF files say `general.architecture = arch`.
-pub fn gguf_family(arch: &str) -> Option<&'static Family> {
-    FAMILIES.iter().find(|f| f.gguf == Some(arch))
+/// The family whose GGUF files say `general.architecture = arch`, with experts (`moe`: an
+/// `expert_count` above 0, as Mixtral's `llama` files) or without.
+pub fn gguf_family(arch: &str, moe: bool) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.gguf == Some(arch) && f.moe.is_some() == moe)
 }
 
 /// The GGUF architectures the importer maps, for its "not supported" errors.
 pub fn gguf_names() -> String {
-    FAMILIES.iter().filter_map(|f| f.gguf).collect::<Vec<_>>().join(", ")
+    let mut names: Vec<&str> = Vec::new();
+    for n in FAMILIES.iter().filter_map(|f| f.gguf) {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names.join(", ")
 }
 
 /// Every family's name, for "not supported" errors.

@@ -49,7 +49,9 @@ impl ModelImporter for GgufImporter {
         // Q4_1, Q8_0) stay as stored; everything else is dequantized.
         if req.dtype.is_none() {
             for (hf, shape) in cfg.expected_weights() {
-                let t = source(&file, &cfg, &hf, &shape).and_then(|s| file.header.tensor(&s.name));
+                // Experts are stacked for `torch_moe`, which reads floats.
+                let src = source(&file, &cfg, &hf, &shape).filter(|s| !(s.rows.is_some() && s.name.contains("_exps")));
+                let t = src.and_then(|s| file.header.tensor(&s.name));
                 if let Some(ty) = t.and_then(|t| GgmlType::from_id(t.type_id)).filter(|ty| ty.computes_quantized()) {
                     if shape.len() == 2 {
                         cfg.weight_dtypes.insert(hf, DType::Block(ty));
@@ -119,20 +121,20 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         .ok_or_else(|| Error::config(&f.path, "general.architecture", "missing"))?
         .as_str()
         .ok_or_else(|| Error::config(&f.path, "general.architecture", "not a string"))?;
-    let Some(fam) = super::families::gguf_family(arch) else {
+    let m = Meta { f, arch };
+    if super::families::gguf_family(arch, false).or(super::families::gguf_family(arch, true)).is_none() {
         return Err(Error::config(
             &f.path,
             "general.architecture",
             format!("`{arch}` GGUF files are not supported; supported: {}", super::families::gguf_names()),
         ));
-    };
-    let m = Meta { f, arch };
-    // Mixtral's GGUF files say `llama` and carry experts: refused, not run as a dense Llama.
-    if let Some(n) = m.usize_opt("expert_count")?.filter(|&n| n > 0) {
-        return Err(
-            m.err(&m.key("expert_count"), format!("{n} experts: mixture-of-experts GGUF files are not supported yet"))
-        );
     }
+    // Files with experts (Mixtral's say `llama`) are their MoE family's, never run as dense.
+    let experts = m.usize_opt("expert_count")?;
+    let Some(fam) = super::families::gguf_family(arch, experts.is_some()) else {
+        let what = if experts.is_some() { "with" } else { "without" };
+        return Err(m.err(&m.key("expert_count"), format!("`{arch}` GGUF files {what} experts are not supported")));
+    };
     let hidden = m.usize("embedding_length")?;
     let heads = m.usize("attention.head_count")?;
     let kv_heads = m.usize_opt("attention.head_count_kv")?.unwrap_or(heads);
@@ -176,7 +178,10 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         ));
     }
     let dtype = dtype.unwrap_or(DType::F32);
-    let blocks = family_blocks(&m, fam, num_layers)?;
+    let mut blocks = family_blocks(&m, fam, num_layers)?;
+    if let (Some(n), Some(keys)) = (experts, fam.moe) {
+        blocks.moe = Some(moe_config(&m, &keys, n, hidden, num_layers)?);
+    }
     let eps_key = if fam.layer_norm { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" };
     let max_positions = m.usize_opt("context_length")?.unwrap_or(4096);
     let mut scalars = Scalars {
@@ -224,6 +229,60 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         weight_dtypes: Default::default(),
         scalars,
         blocks,
+    })
+}
+
+/// The experts of a MoE file: `expert_count` (checked against the first router tensor's rows
+/// before anything is sized from it), `expert_used_count`, `expert_feed_forward_length` (absent:
+/// `feed_forward_length`, as Mixtral's), and `expert_weights_norm` (absent: true, as llama.cpp
+/// routes these families). A layer is sparse where the file has its router,
+/// `blk.N.ffn_gate_inp.weight`; the experts are llama.cpp's stacked `ffn_{gate,up,down}_exps`.
+fn moe_config(
+    m: &Meta,
+    keys: &super::families::MoeKeys,
+    n: usize,
+    hidden: usize,
+    num_layers: usize,
+) -> Result<super::decoder::MoeConfig> {
+    use super::decoder::ExpertLayout;
+    if keys.shared.is_some() || keys.layout != ExpertLayout::PerExpert {
+        return Err(m.err(&m.key("expert_count"), "this family's experts have no GGUF mapping"));
+    }
+    let router = |l: usize| m.f.header.tensor(&format!("blk.{l}.ffn_gate_inp.weight"));
+    let sparse_layers: Vec<bool> = (0..num_layers).map(|l| router(l).is_some()).collect();
+    let Some(first) = sparse_layers.iter().position(|&s| s) else {
+        return Err(m.err(&m.key("expert_count"), format!("{n} experts, but no blk.N.ffn_gate_inp.weight router")));
+    };
+    let rows = router(first).map(|t| t.shape()).unwrap_or_default();
+    if rows != [n, hidden] {
+        return Err(m.err(
+            &m.key("expert_count"),
+            format!("{n} experts, but blk.{first}.ffn_gate_inp.weight is {rows:?}, not [{n}, {hidden}]"),
+        ));
+    }
+    let top_k = m.usize("expert_used_count")?;
+    if top_k > n {
+        return Err(m.err(&m.key("expert_used_count"), format!("{top_k} is more than the {n} experts")));
+    }
+    let norm = match m.opt("expert_weights_norm") {
+        None => true,
+        Some(v) => v.as_bool().ok_or_else(|| m.err(&m.key("expert_weights_norm"), format!("not a boolean: {v:?}")))?,
+    };
+    let intermediate_size = match m.usize_opt("expert_feed_forward_length")? {
+        Some(i) => i,
+        None => m.usize("feed_forward_length")?,
+    };
+    Ok(super::decoder::MoeConfig {
+        num_experts: n,
+        top_k,
+        intermediate_size,
+        norm,
+        weights_f32: keys.weights_f32,
+        sparse_layers,
+        router: keys.router,
+        layout: keys.layout,
+        shared: None,
+        names: keys.names,
     })
 }
 
@@ -337,6 +396,9 @@ struct Source {
 /// fused ones (Phi-3's `attn_qkv`, q then k then v; its `ffn_up` of gate then up rows where the
 /// file has no `ffn_gate`).
 fn source(f: &GgufFile, cfg: &DecoderConfig, hf: &str, shape: &[usize]) -> Option<Source> {
+    if let Some(s) = cfg.blocks.moe.as_ref().and_then(|m| moe_source(m, hf)) {
+        return Some(s);
+    }
     let name = gguf_name(hf, cfg.blocks.sandwich_norms)?;
     let direct = |name: String| Some(Source { name, rows: None });
     let Some((blk, kind, suffix)) = name
@@ -360,6 +422,20 @@ fn source(f: &GgufFile, cfg: &DecoderConfig, hf: &str, shape: &[usize]) -> Optio
     };
     let n = *shape.first()?;
     Some(Source { name: format!("{blk}.{fused}.{suffix}"), rows: Some((first, n)) })
+}
+
+/// A sparse MLP's router (`ffn_gate_inp`) or expert `e`'s projection: its slice `(e, 1)` of
+/// llama.cpp's stacked `ffn_{gate,up,down}_exps` `[experts, out, in]`.
+fn moe_source(m: &super::decoder::MoeConfig, hf: &str) -> Option<Source> {
+    let (l, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let rest = rest.strip_prefix(m.names.block)?.strip_prefix('.')?;
+    if rest.strip_suffix(".weight") == Some(m.names.router) {
+        return Some(Source { name: format!("blk.{l}.ffn_gate_inp.weight"), rows: None });
+    }
+    let (e, proj) = rest.strip_prefix("experts.")?.split_once('.')?;
+    let proj = proj.strip_suffix(".weight")?;
+    let kind = [(m.names.gate, "gate"), (m.names.up, "up"), (m.names.down, "down")].iter().find(|(p, _)| *p == proj)?.1;
+    Some(Source { name: format!("blk.{l}.ffn_{kind}_exps.weight"), rows: Some((e.parse().ok()?, 1)) })
 }
 
 /// Undoes llama.cpp's Q/K permutation: `hf[h·hd + j·hd/2 + i] = gguf[h·hd + 2i + j]`, on whole
@@ -394,7 +470,11 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
         let found = info.shape();
         let fits = match rows {
             None => found == shape,
-            Some((first, n)) => found.len() == shape.len() && found[1..] == shape[1..] && first + n <= found[0],
+            // Rows of a fused 2-D tensor, or one expert of a stacked 3-D one.
+            Some((first, n)) => {
+                first + n <= found[0]
+                    && ((found.len() == shape.len() && found[1..] == shape[1..]) || (n == 1 && found[1..] == shape[..]))
+            }
         };
         if !fits {
             return Err(Error::TensorShape { file: f.path.clone(), name: g, expected: shape, found });
@@ -413,19 +493,17 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
         let (file, name, shp) = (f.clone(), g.clone(), shape.clone());
         let keep = cfg.weight_dtypes.get(&hf).copied();
         let load = Arc::new(move || -> Result<Tensor> {
+            let (ty, raw) = file.typed(&name)?;
+            let raw = &raw[take(raw.len())];
             if let Some(DType::Block(ty)) = keep {
-                let raw = file.raw(&name)?;
-                let mut bytes = raw[take(raw.len())].to_vec();
+                let mut bytes = raw.to_vec();
                 if let Some(h) = heads {
                     let row_bytes = bytes.len() / shp[0];
                     bytes = unpermute_rows(&bytes, h, shp[0], row_bytes);
                 }
                 return Tensor::from_blocks(ty, shp.clone(), bytes);
             }
-            let mut v = file.dequantize(&name)?;
-            if rows.is_some() {
-                v = v[take(v.len())].to_vec();
-            }
+            let mut v = autodeploy_core::gguf::dequantize(ty, raw);
             if offset {
                 v.iter_mut().for_each(|x| *x -= 1.0);
             }
