@@ -52,7 +52,15 @@ def main():
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype), attn_implementation="sdpa")
+    dtype = getattr(torch, a.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as e:
+        # Models whose attention has no SDPA form (Gemma 2's soft-capped scores): the eager
+        # attention, matmul -> scale -> soft-cap -> mask -> softmax -> matmul, which the
+        # importer's eager-attention matcher recognises.
+        print(f"no SDPA attention for this model ({str(e).splitlines()[0][:80]}...): exporting the eager one")
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="eager")
     model.eval()
     max_seq = min(a.max_seq_len, getattr(model.config, "max_position_embeddings", a.max_seq_len))
     with torch.no_grad():

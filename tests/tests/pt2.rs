@@ -12,8 +12,9 @@ use common::*;
 /// The transformer exports: (fixture family, archive). `llama-legacy.pt2` is the llama
 /// fixture exported by torch 2.7 (the legacy layout); the others by torch 2.15 (PT2 archive).
 /// `scripts/export.py` on each fixture (tests/fixtures/make_pt2_fixtures.py): every dense family
-/// whose transformers modeling exports with SDPA (Gemma 2 needs eager attention; Phi-3's
-/// LongRoPE reads `max(position_ids)`, not exported here).
+/// whose transformers modeling exports (Gemma 2 with its eager attention: the soft-capped
+/// scores plus an additive mask the importer evaluates; Phi-3's LongRoPE reads
+/// `max(position_ids)`, not exported here).
 const EXPORTS: &[(&str, &str)] = &[
     ("llama", "llama.pt2"),
     ("qwen3", "qwen3.pt2"),
@@ -23,6 +24,7 @@ const EXPORTS: &[(&str, &str)] = &[
     ("granite", "granite.pt2"),
     ("phi3", "phi3.pt2"),
     ("gemma", "gemma.pt2"),
+    ("gemma2", "gemma2.pt2"),
     ("gemma3_text", "gemma3_text.pt2"),
     ("starcoder2", "starcoder2.pt2"),
 ];

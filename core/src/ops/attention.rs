@@ -5,7 +5,9 @@
 //! k/v may have fewer heads). CPU kernels only: the `cache_init` stage turns matched attention
 //! into cached attention, which is what runs on CUDA. Graphs build them with [`Op::matmul`],
 //! [`Op::sdpa`] and [`Op::attention`]; matchers read them with [`Op::sdpa_attrs`] and
-//! [`Op::attention_attrs`].
+//! [`Op::attention_attrs`]. `causal_mask(scores)` (`window=8` optional) is the eager form's
+//! mask: an export's additive attention mask the torch-export importer evaluated and
+//! recognised as causal (or a sliding window), so the eager pattern can become causal attention.
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ pub const MATMUL: &str = "aten.matmul";
 pub const SDPA: &str = "aten.scaled_dot_product_attention";
 pub const ATTENTION: &str = "torch_attention";
 pub const CACHED_ATTENTION: &str = "attention_with_kv_cache";
+pub const CAUSAL_MASK: &str = "causal_mask";
 
 /// What a sliding-window mask and soft-capping add to causal attention; carried by SDPA (where
 /// an export has an attention-mask tensor the importer recognised as a sliding window, or the
@@ -223,6 +226,17 @@ impl Op {
         self.attrs_of(CACHED_ATTENTION).and_then(|a| CachedAttn::parse(a).ok())
     }
 
+    /// `causal_mask(scores)`: the scores `[.., q_len, k_len]` with key j hidden from query i
+    /// (set to -inf) past the diagonal, j > i + k_len - q_len, or outside `window` positions.
+    pub fn causal_mask(window: Option<usize>) -> Op {
+        Op { name: CAUSAL_MASK, attrs: window.map(|w| format!("window={w}")).unwrap_or_default() }
+    }
+
+    /// A `causal_mask` node's window (`Some(None)`: causal, no window).
+    pub fn causal_mask_of(&self) -> Option<Option<usize>> {
+        self.attrs_of(CAUSAL_MASK).and_then(|a| causal_mask_window(a).ok())
+    }
+
     /// The attributes of a `torch_attention` node.
     pub fn attention_attrs(&self) -> Option<AttentionAttrs> {
         match self {
@@ -336,6 +350,29 @@ fn attention_cpu(
     Tensor::from_f32_as(dtype, out_shape.to_vec(), out)
 }
 
+fn causal_mask_window(text: &str) -> Result<Option<usize>, String> {
+    read_attrs(CAUSAL_MASK, text, |a| match a.opt_int("window")? {
+        Some(w) if w >= 1 => Ok(Some(w as usize)),
+        Some(w) => Err(a.bad("window", &w.to_string(), "a positive number of positions")),
+        None => Ok(None),
+    })
+}
+
+fn causal_mask_cpu(x: &Tensor, window: Option<usize>, dtype: DType, shape: &[usize]) -> crate::Result<Tensor> {
+    let (q_len, k_len) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+    let mut v = x.to_f32().into_owned();
+    for (r, row) in v.chunks_mut(k_len.max(1)).enumerate() {
+        // Query i sits at key position i + k_len - q_len (its cached prefix before it).
+        let at = (r % q_len.max(1)) + k_len.saturating_sub(q_len);
+        for (j, s) in row.iter_mut().enumerate() {
+            if j > at || window.is_some_and(|w| at - j >= w) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_f32_as(dtype, shape.to_vec(), v)
+}
+
 /// A CPU kernel of one output: the inputs, the attribute text, the output's dtype and shape.
 type OneOutput = fn(&[&Tensor], &str, &(DType, Vec<usize>)) -> crate::Result<Tensor>;
 
@@ -384,6 +421,22 @@ pub fn ops() -> Vec<CustomOp> {
     vec![
         cached,
         entry(MATMUL, 2, no_attrs, |ins, _| matmul_rule(ins), |ins, _, (d, s)| matmul_cpu(ins[0], ins[1], *d, s)),
+        entry(
+            CAUSAL_MASK,
+            1,
+            |a| causal_mask_window(a).map(|_| ()),
+            |ins, _| {
+                let x = &ins[0];
+                if !x.dtype.is_float() || x.shape.len() < 2 {
+                    return Err(format!("needs float scores [.., q_len, k_len], got {x}"));
+                }
+                Ok(vec![x.clone()])
+            },
+            |ins, a, (d, s)| {
+                let w = causal_mask_window(a).map_err(|e| crate::Error::op(CAUSAL_MASK, e))?;
+                causal_mask_cpu(ins[0], w, *d, s)
+            },
+        ),
         entry(
             SDPA,
             3,

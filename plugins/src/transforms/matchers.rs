@@ -4,7 +4,7 @@
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::{Graph, ValueId};
 use autodeploy_core::ops::attention::{AttentionAttrs, Scoring, MATMUL};
-use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
+use autodeploy_core::ops::binary::{ADD, ADD_SCALAR, DIV_SCALAR, MUL, MUL_SCALAR, POW_SCALAR};
 use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::ops::linear::{GateAct, SwiGlu, LINEAR};
 use autodeploy_core::ops::norm::NormAttrs;
@@ -260,11 +260,13 @@ pub fn attention_pattern() -> Pattern {
     p.build(out)
 }
 
-/// The eager form transformers' `eager_attention_forward` exports without a mask:
-/// `matmul(cast?(softmax(cast?(matmul(q, kᵀ)·scale), -1)), v)`, k/v optionally through repeat_kv.
-/// (A masked form is left alone: a mask tensor's causality cannot be read off the graph, and
-/// the uncached path stays correct.)
-fn eager_attention_pattern(with_repeat_kv: bool) -> Pattern {
+/// The eager form transformers' `eager_attention_forward` exports:
+/// `matmul(cast?(softmax(cast?(mask?(softcap?(matmul(q, kᵀ)·scale))), -1)), v)`, k/v optionally
+/// through repeat_kv. `softcap`: Gemma 2's `c·tanh(s / c)`; `masked`: a `causal_mask` node (an
+/// additive mask tensor the torch-export importer evaluated as causal, or a sliding window: a
+/// mask it could not read is never matched, and the uncached path stays correct), which makes
+/// the attention causal. Without it the form is not causal.
+fn eager_attention_pattern(with_repeat_kv: bool, softcap: bool, masked: bool) -> Pattern {
     let mut p = PatternBuilder::new();
     let (q, k, v) = (p.input("q"), p.input("k"), p.input("v"));
     let (k, v) = if with_repeat_kv { (repeat_kv(&mut p, k), repeat_kv(&mut p, v)) } else { (k, v) };
@@ -280,6 +282,42 @@ fn eager_attention_pattern(with_repeat_kv: bool) -> Pattern {
         },
         &[scores],
     );
+    let scaled = if softcap {
+        // Matching runs from the output back: the outer multiply captures the cap, the
+        // division must divide by the same.
+        let over =
+            p.op(|op, c| op.scalar_of(DIV_SCALAR).is_some_and(|cap| Some(&cap) == c.f.get("softcap")), &[scaled]);
+        let t = p.op(|op, _| op.is("aten.tanh"), &[over]);
+        p.op(
+            |op, c| match op.scalar_of(MUL_SCALAR) {
+                Some(cap) if cap > 0.0 => {
+                    c.f.insert("softcap", cap);
+                    true
+                }
+                _ => false,
+            },
+            &[t],
+        )
+    } else {
+        scaled
+    };
+    let scaled = if masked {
+        p.op(
+            |op, c| match op.causal_mask_of() {
+                Some(window) => {
+                    c.b.insert("causal", true);
+                    if let Some(w) = window {
+                        c.f.insert("window", w as f64);
+                    }
+                    true
+                }
+                None => false,
+            },
+            &[scaled],
+        )
+    } else {
+        scaled
+    };
     // transformers upcasts the scores to f32 for the softmax and casts the weights back.
     let up = p.opt_cast(scaled);
     let sm = p.op(|op, _| matches!(op.softmax_dim(), Some(-1 | 3)), &[up]);
@@ -292,13 +330,13 @@ pub struct MatchAttention;
 
 impl Transform for MatchAttention {
     fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
-        let mut counts = [0usize; 4];
-        let patterns = [
-            (attention_repeat_kv_pattern(), true),
-            (attention_pattern(), false),
-            (eager_attention_pattern(true), true),
-            (eager_attention_pattern(false), false),
-        ];
+        let mut counts = [0usize; 12];
+        let mut patterns = vec![(attention_repeat_kv_pattern(), true), (attention_pattern(), false)];
+        // The longer eager forms first, so a masked, soft-capped chain is taken whole.
+        for (softcap, masked) in [(true, true), (false, true), (true, false), (false, false)] {
+            patterns.push((eager_attention_pattern(true, softcap, masked), true));
+            patterns.push((eager_attention_pattern(false, softcap, masked), false));
+        }
         for (i, (pat, repeated)) in patterns.iter().enumerate() {
             counts[i] = rewrite_all(g, pat, |g, m, pos| {
                 let (q, k, v) = (m.input("q"), m.input("k"), m.input("v"));
@@ -327,8 +365,8 @@ impl Transform for MatchAttention {
             "matched {} attention ({} sdpa, {} eager; {} with repeat_kv GQA)",
             counts.iter().sum::<usize>(),
             counts[0] + counts[1],
-            counts[2] + counts[3],
-            counts[0] + counts[2]
+            counts[2..].iter().sum::<usize>(),
+            counts[0] + counts.iter().skip(2).step_by(2).sum::<usize>()
         ))
     }
 }

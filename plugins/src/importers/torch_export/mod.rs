@@ -136,6 +136,7 @@ fn tensor_args(arg: &Value, out: &mut Vec<String>) {
 }
 
 const SDPA: &str = "torch.ops.aten.scaled_dot_product_attention.default";
+const ADD_TENSOR: &str = "torch.ops.aten.add.Tensor";
 
 struct Importer<'a> {
     a: &'a Pt2Archive,
@@ -292,6 +293,12 @@ impl<'a> Importer<'a> {
                 if n["target"] == SDPA && i["name"] == "attn_mask" {
                     continue;
                 }
+                // The eager form's `scores + mask`: the mask is evaluated, not translated.
+                if n["target"] == ADD_TENSOR
+                    && i["arg"]["as_tensor"]["name"].as_str().is_some_and(|t| self.additive_mask(t).is_some())
+                {
+                    continue;
+                }
                 tensor_args(&i["arg"], &mut stack);
             }
         }
@@ -316,7 +323,7 @@ impl<'a> Importer<'a> {
         ));
         if self.windows > 0 {
             b.note(format!(
-                "import: {} attention masks are sliding windows (the SDPA nodes carry `window`)",
+                "import: {} attention masks are sliding windows (the attention nodes carry `window`)",
                 self.windows
             ));
         }
@@ -338,6 +345,28 @@ impl<'a> Importer<'a> {
                 }
             })
             .collect()
+    }
+
+    /// The boolean mask under an additive attention mask `t`: transformers' eager form,
+    /// `where(mask, 0, finfo.min)` (slices of it to the key length allowed), or `None`.
+    fn additive_mask(&self, t: &str) -> Option<String> {
+        let mut t = t;
+        loop {
+            let n = self.producers.get(t)?;
+            let arg = |k: &str| n["inputs"].as_array()?.iter().find(|i| i["name"] == k).map(|i| &i["arg"]);
+            match n["target"].as_str()? {
+                "torch.ops.aten.slice.Tensor" => t = arg("self")?["as_tensor"]["name"].as_str()?,
+                "torch.ops.aten.where.ScalarOther" => {
+                    let zero = arg("self")?["as_tensor"]["name"].as_str().and_then(|z| self.producers.get(z))?;
+                    let hidden = arg("other")?["as_float"].as_f64()?;
+                    if zero["target"] != "torch.ops.aten.zeros.default" || hidden > -1e30 {
+                        return None;
+                    }
+                    return arg("condition")?["as_tensor"]["name"].as_str().map(str::to_string);
+                }
+                _ => return None,
+            }
+        }
     }
 
     /// The sliding window of an SDPA's `attn_mask` (`None`: the causal mask), or why the host
@@ -479,6 +508,27 @@ impl<'a> Importer<'a> {
             t if autodeploy_core::ops::unary::from_aten(t).is_some() => {
                 let name = autodeploy_core::ops::unary::from_aten(t).unwrap_or_default();
                 Some((Op::unary(name), vec![tensor("self")?]))
+            }
+            // Scores plus an additive mask (the eager attention form): the mask evaluated as
+            // causal, or a sliding window, and the scores masked by `causal_mask`.
+            "add.Tensor"
+                if args
+                    .get("other")
+                    .and_then(|a| a["as_tensor"]["name"].as_str())
+                    .is_some_and(|t| self.additive_mask(t).is_some()) =>
+            {
+                let m =
+                    args["other"]["as_tensor"]["name"].as_str().and_then(|t| self.additive_mask(t)).unwrap_or_default();
+                let window = self.mask_window(&m).map_err(|e| {
+                    unsupported(&format!(
+                        "{e}; the host's attention is causal over each sequence, optionally within a sliding window \
+                         (padding and bidirectional masks are not supported)"
+                    ))
+                })?;
+                if window.is_some() {
+                    self.windows += 1;
+                }
+                Some((Op::causal_mask(window), vec![tensor("self")?]))
             }
             "add.Tensor" | "sub.Tensor" | "mul.Tensor" | "div.Tensor" | "add.Scalar" | "sub.Scalar" | "mul.Scalar"
             | "div.Scalar" => {
@@ -680,6 +730,7 @@ const SUPPORTED: &[&str] = &[
     "slice.Tensor",
     "cat",
     "scaled_dot_product_attention (causal, or with the causal mask transformers builds)",
+    "the eager attention's scores plus that mask as an additive tensor (`causal_mask`)",
 ];
 
 /// Targets that build attention masks (evaluated by `mask`, never translated).
