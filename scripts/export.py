@@ -13,6 +13,13 @@ logits [batch, seq, vocab]; no KV cache, no attention mask (causal attention): a
 pipeline inserts its own cache. The model's tokenizer, when it has one, is saved beside the
 archive in `out.tokenizer/` (where the torch-export importer looks for it), so text prompts
 and chat work on the archive as on the Hugging Face folder. Needs: pip install torch transformers.
+
+Mixture-of-experts blocks (Qwen3-MoE, Mixtral) do not export as plain ATen ops: their routing
+is `aten.topk` and transformers loops over the experts a step chooses. As AutoDeploy's export
+patches do, `patch_moe` replaces each sparse block's forward for the export with the router
+linear and one custom op, `autodeploy::torch_moe(x, router_logits, w_gate_up, w_down, top_k,
+norm, weights_f32)` (registered below with a reference implementation), which the importer
+reads as its canonical `torch_moe`.
 """
 
 import argparse
@@ -20,6 +27,72 @@ import os
 
 import torch
 from torch.export import Dim
+
+
+@torch.library.custom_op("autodeploy::torch_moe", mutates_args=())
+def torch_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    top_k: int,
+    norm: bool,
+    weights_f32: bool,
+) -> torch.Tensor:
+    """Softmax routing over `router_logits` [.., experts], the `top_k` best (renormalised with
+    `norm`; kept in f32 with `weights_f32`, else rounded to x's dtype), each chosen expert's
+    SwiGLU MLP (`w_gate_up` [experts, 2·inter, hidden], gate rows first; `w_down` [experts,
+    hidden, inter]) scaled by its weight and summed, as transformers' sparse blocks compute it."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    probs = torch.softmax(router_logits.reshape(-1, router_logits.shape[-1]).float(), dim=-1)
+    weights, chosen = torch.topk(probs, top_k, dim=-1)
+    if norm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if not weights_f32:
+        weights = weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    for e in range(w_gate_up.shape[0]):
+        tok, slot = torch.where(chosen == e)
+        if tok.numel() == 0:
+            continue
+        gate, up = torch.nn.functional.linear(x[tok], w_gate_up[e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down[e])
+        out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
+    return out.reshape(shape)
+
+
+@torch_moe.register_fake
+def _(x, router_logits, w_gate_up, w_down, top_k, norm, weights_f32):
+    return torch.empty_like(x)
+
+
+def patch_moe(model):
+    """Each Qwen3-MoE / Mixtral sparse block's forward as the router linear and one
+    `autodeploy::torch_moe` (their weights as the block holds them: experts.gate_up_proj,
+    experts.down_proj, gate.weight). Returns how many blocks were patched."""
+    import types
+
+    def forward(self, hidden_states):
+        logits = torch.nn.functional.linear(hidden_states, self.gate.weight)
+        return torch.ops.autodeploy.torch_moe(
+            hidden_states, logits, self.experts.gate_up_proj, self.experts.down_proj, self.ad_top_k,
+            self.ad_norm, self.ad_weights_f32,
+        )
+
+    n = 0
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind not in ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock"):
+            continue
+        cfg = model.config
+        m.ad_top_k = cfg.num_experts_per_tok
+        # Mixtral always renormalises and scales in f32; Qwen3-MoE as its config says.
+        m.ad_norm = True if kind.startswith("Mixtral") else bool(cfg.norm_topk_prob)
+        m.ad_weights_f32 = kind.startswith("Mixtral")
+        m.forward = types.MethodType(forward, m)
+        n += 1
+    return n
 
 
 class CausalLM(torch.nn.Module):
@@ -62,6 +135,16 @@ def main():
         print(f"no SDPA attention for this model ({str(e).splitlines()[0][:80]}...): exporting the eager one")
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="eager")
     model.eval()
+    ids = torch.tensor([[3, 17, 42, 5, 99, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+    moe = patch_moe(model)
+    if moe:
+        with torch.no_grad():
+            err = (model(input_ids=ids, use_cache=False).logits - before).abs().max().item()
+        print(f"patched {moe} mixture-of-experts blocks into autodeploy::torch_moe (logits moved by {err:.2e})")
+        if err > 1e-3 * max(1.0, before.abs().max().item()):
+            raise SystemExit(f"the torch_moe patch changed the logits by {err}: not exporting")
     max_seq = min(a.max_seq_len, getattr(model.config, "max_position_embeddings", a.max_seq_len))
     with torch.no_grad():
         ep = export_module(CausalLM(model), max_seq)

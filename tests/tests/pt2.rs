@@ -13,7 +13,8 @@ use common::*;
 /// fixture exported by torch 2.7 (the legacy layout); the others by torch 2.15 (PT2 archive).
 /// `scripts/export.py` on each fixture (tests/fixtures/make_pt2_fixtures.py): every dense family
 /// whose transformers modeling exports (Gemma 2 with its eager attention: the soft-capped
-/// scores plus an additive mask the importer evaluates; Phi-3's LongRoPE reads
+/// scores plus an additive mask the importer evaluates; the MoE families through the script's
+/// `autodeploy::torch_moe` patch of their sparse blocks; Phi-3's LongRoPE reads
 /// `max(position_ids)`, not exported here).
 const EXPORTS: &[(&str, &str)] = &[
     ("llama", "llama.pt2"),
@@ -27,6 +28,8 @@ const EXPORTS: &[(&str, &str)] = &[
     ("gemma2", "gemma2.pt2"),
     ("gemma3_text", "gemma3_text.pt2"),
     ("starcoder2", "starcoder2.pt2"),
+    ("qwen3_moe", "qwen3_moe.pt2"),
+    ("mixtral", "mixtral.pt2"),
 ];
 
 #[test]

@@ -509,6 +509,21 @@ impl<'a> Importer<'a> {
                 let name = autodeploy_core::ops::unary::from_aten(t).unwrap_or_default();
                 Some((Op::unary(name), vec![tensor("self")?]))
             }
+            // scripts/export.py's MoE patch (AutoDeploy's way): one op for a sparse block.
+            "torch.ops.autodeploy.torch_moe.default" => {
+                let top_k = usize::try_from(int("top_k", 0)?)
+                    .ok()
+                    .filter(|&k| k >= 1)
+                    .ok_or_else(|| unsupported("argument `top_k` must be at least 1"))?;
+                let op = Op::moe(autodeploy_core::ops::moe::Moe {
+                    top_k,
+                    norm: boolean("norm"),
+                    act: autodeploy_core::ops::linear::GateAct::Silu,
+                    weights_f32: boolean("weights_f32"),
+                    router: autodeploy_core::ops::moe::Router::Softmax,
+                });
+                Some((op, vec![tensor("x")?, tensor("router_logits")?, tensor("w_gate_up")?, tensor("w_down")?]))
+            }
             // Scores plus an additive mask (the eager attention form): the mask evaluated as
             // causal, or a sliding window, and the scores masked by `causal_mask`.
             "add.Tensor"
@@ -731,6 +746,7 @@ const SUPPORTED: &[&str] = &[
     "cat",
     "scaled_dot_product_attention (causal, or with the causal mask transformers builds)",
     "the eager attention's scores plus that mask as an additive tensor (`causal_mask`)",
+    "autodeploy::torch_moe (scripts/export.py's patch of mixture-of-experts blocks)",
 ];
 
 /// Targets that build attention masks (evaluated by `mask`, never translated).
