@@ -171,22 +171,24 @@ pub struct Scores {
     /// With `causal`: query i sees only keys j > i - window (itself and the window - 1 before
     /// it), as transformers' sliding-window masks.
     pub window: Option<usize>,
+    /// With `causal`: query i sees only the keys of its own chunk of `chunk` positions,
+    /// j ≥ ⌊i / chunk⌋·chunk (Llama 4's chunked attention).
+    pub chunk: Option<usize>,
     /// Scores become `cap · tanh(score / cap)` before the mask (Gemma 2's soft-capping).
     pub softcap: Option<f32>,
 }
 
 impl Scores {
     pub fn causal(scale: f32) -> Scores {
-        Scores { scale, causal: true, window: None, softcap: None }
+        Scores { scale, causal: true, window: None, chunk: None, softcap: None }
     }
 
     /// The first key position a query at position `pos` sees.
     #[inline]
     pub fn first_key(&self, pos: usize) -> usize {
-        match self.window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        }
+        let w = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let c = self.chunk.map_or(0, |c| pos / c.max(1) * c.max(1));
+        w.max(c)
     }
 
     /// A raw dot product's score: scaled, then soft-capped.
@@ -554,7 +556,7 @@ pub(crate) mod tests {
         let q = rand(2 * 7 * 8, 14);
         let k = rand(7 * 8, 15);
         let v = rand(7 * 8, 16);
-        let sc = Scores { scale: 0.9, causal: true, window: Some(3), softcap: Some(0.5) };
+        let sc = Scores { scale: 0.9, causal: true, window: Some(3), chunk: None, softcap: Some(0.5) };
         let mut out = vec![0f32; q.len()];
         attention(d, &q, &k, &v, sc, &mut out);
         for h in 0..2 {

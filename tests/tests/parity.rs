@@ -95,8 +95,9 @@ fn run(family: &str, dtype: DType) -> Vec<Stats> {
 
 /// The multimodal checkpoint's layout (`llama4`: the text model's keys under `text_config`, its
 /// tensors under `language_model.`, a vision tower beside them) of the llama4_text fixture is
-/// the same model: transformers' f32 logits, and its sequences stop before the first chunk ends
-/// and the no-RoPE layers' query temperature first steps (64 and 63 in the fixture's config).
+/// the same model: transformers' f32 logits, with chunked attention on the RoPE layers (chunks of
+/// 10 in the fixture's config) and the query temperature on the no-RoPE layer, sequences up to
+/// `max_position_embeddings`.
 #[test]
 fn a_llama4_multimodal_checkpoint_is_its_text_model() {
     use common::edit::{copy_fixture, edit_config, edit_weights};
@@ -119,7 +120,10 @@ fn a_llama4_multimodal_checkpoint_is_its_text_model() {
     });
     let g = import_dir(&dir, DType::F32);
     assert!(g.history.iter().any(|h| h.contains("llama4 decoder")), "{:?}", g.history);
-    assert_eq!(g.symbols["seq"].max, 63, "the first chunk ends the sequences");
+    assert_eq!(g.symbols["seq"].max, 128, "chunked attention is built: no cap below max_position_embeddings");
+    let dump = g.dump();
+    assert_eq!(dump.matches("chunk=10").count(), 3, "the three RoPE layers are chunked:\n{dump}");
+    assert!(dump.contains("aten.log1p") && dump.contains("q_temp"), "the no-RoPE layer's temperature:\n{dump}");
     let mut model = compile(&g);
     let r = Reference::load("llama4_text");
     let (shape, ids) = r.i64("tokens_1");

@@ -35,6 +35,9 @@ pub const CAUSAL_MASK: &str = "causal_mask";
 pub struct Scoring {
     /// Each query sees itself and the `window - 1` positions before it (causal only).
     pub window: Option<usize>,
+    /// Each query sees only the positions of its own chunk of `chunk`, from ⌊p / chunk⌋·chunk
+    /// to itself (causal only; Llama 4's chunked attention).
+    pub chunk: Option<usize>,
     /// Scores become `softcap · tanh(score / softcap)` before the mask.
     pub softcap: Option<f64>,
 }
@@ -46,18 +49,26 @@ impl Scoring {
             Some(w) => return Err(a.bad("window", &w.to_string(), "a positive number of positions")),
             None => None,
         };
+        let chunk = match a.opt_int("chunk")? {
+            Some(c) if c >= 1 => Some(c as usize),
+            Some(c) => return Err(a.bad("chunk", &c.to_string(), "a positive number of positions")),
+            None => None,
+        };
         let softcap = match a.opt_f64("softcap")? {
             Some(c) if c > 0.0 && c.is_finite() => Some(c),
             Some(c) => return Err(a.bad("softcap", &c.to_string(), "a positive number")),
             None => None,
         };
-        Ok(Scoring { window, softcap })
+        Ok(Scoring { window, chunk, softcap })
     }
 
     fn text(&self) -> String {
         let mut s = String::new();
         if let Some(w) = self.window {
             s.push_str(&format!(", window={w}"));
+        }
+        if let Some(c) = self.chunk {
+            s.push_str(&format!(", chunk={c}"));
         }
         if let Some(c) = self.softcap {
             s.push_str(&format!(", softcap={c:?}"));
@@ -67,7 +78,7 @@ impl Scoring {
 
     /// The CPU kernels' description of the scores.
     pub fn scores(&self, scale: f32, causal: bool) -> k::Scores {
-        k::Scores { scale, causal, window: self.window, softcap: self.softcap.map(|c| c as f32) }
+        k::Scores { scale, causal, window: self.window, chunk: self.chunk, softcap: self.softcap.map(|c| c as f32) }
     }
 
     pub fn is_plain(&self) -> bool {
@@ -157,7 +168,7 @@ impl SdpaAttrs {
                 enable_gqa: a.opt_bool("enable_gqa")?.unwrap_or(false),
                 scoring: Scoring::read(a)?,
             };
-            if at.scoring.window.is_some() && !at.is_causal {
+            if (at.scoring.window.is_some() || at.scoring.chunk.is_some()) && !at.is_causal {
                 return Err(a.bad("window", "set", "allowed without is_causal=true"));
             }
             Ok(at)
@@ -188,7 +199,7 @@ impl AttentionAttrs {
     fn parse(text: &str) -> Result<AttentionAttrs, String> {
         read_attrs(ATTENTION, text, |a| {
             let at = AttentionAttrs { causal: a.bool("causal")?, scale: a.f64("scale")?, scoring: Scoring::read(a)? };
-            if at.scoring.window.is_some() && !at.causal {
+            if (at.scoring.window.is_some() || at.scoring.chunk.is_some()) && !at.causal {
                 return Err(a.bad("window", "set", "allowed without causal=true"));
             }
             Ok(at)

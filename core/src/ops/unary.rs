@@ -49,7 +49,7 @@ pub fn gelu(a: f32, tanh: bool) -> f32 {
     }
 }
 
-const DEFS: [Def; 7] = [
+const DEFS: [Def; 9] = [
     Def {
         name: "aten.neg",
         aten: "neg.default",
@@ -105,6 +105,22 @@ const DEFS: [Def; 7] = [
         int: None,
         check: no_attrs,
         cuda: Some(|_| Unary::Tanh),
+    },
+    Def {
+        name: "aten.floor",
+        aten: "floor.default",
+        f: |a, _| a.floor(),
+        int: Some(|a| a),
+        check: no_attrs,
+        cuda: Some(|_| Unary::Floor),
+    },
+    Def {
+        name: "aten.log1p",
+        aten: "log1p.default",
+        f: |a, _| a.ln_1p(),
+        int: None,
+        check: no_attrs,
+        cuda: Some(|_| Unary::Log1p),
     },
 ];
 

@@ -26,7 +26,8 @@ __device__ void write_kv(const T* k, const T* v, T* k_cache, T* v_cache, const l
 // keeps an online softmax (running max m, sum l, and its lanes' share of the output row: D/32
 // values per lane); the warps' partial results are merged at the end. Scores and sums in f32;
 // the output rounds once to T. `window` > 0: only the last `window` positions (itself
-// included); `softcap` > 0: each score becomes softcap * tanh(score / softcap).
+// included); `window` < 0: chunked attention, only the positions of its own chunk of -window
+// (from pos / -window · -window; every kernel taking `window` reads it so); `softcap` > 0: each score becomes softcap * tanh(score / softcap).
 template <typename T, int D>
 __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
@@ -48,6 +49,7 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     }
     float m = -3.0e38f, l = 0.0f;
     long long first = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
+    if (window < 0) first = pos / -window * -window;  // chunked attention: its own chunk
     for (long long p = first + warp; p <= pos; p += WARPS) {
         long slot = (long)pages[p / page_size] * page_size + p % page_size;
         long base = (slot * kv_heads + kvh) * D + lane * PER;
@@ -480,6 +482,8 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // A sliding window: positions before pos + 1 - window are skipped (a chunk wholly before it
     // leaves an empty partial state, which the merge weighs by zero).
     if (window > 0 && lo < pos + 1 - window) lo = pos + 1 - window;
+    // Chunked attention (window < 0: chunks of -window positions): its own chunk only.
+    if (window < 0 && lo < pos / -window * -window) lo = pos / -window * -window;
     // Chunks past this token's position have nothing to do; the active ones are 0..active.
     int active = (int)(pos / chunk) + 1;
     // Stores token t's k and v in the cache: the block of its last chunk (which holds them in
@@ -683,6 +687,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
     if (window > 0 && lo < pos + 1 - window) lo = pos + 1 - window;  // as paged_decode_split
+    if (window < 0 && lo < pos / -window * -window) lo = pos / -window * -window;
     int active = (int)(pos / chunk) + 1;
     if (s >= active) return;
     const int* pages = page_indices + page_indptr[seq];

@@ -137,6 +137,8 @@ extern "C" __global__ void unary(const void* in, void* out, int dt, long n, int 
         case 9: r = x / sf; break;
         case 10: r = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); break;
         case 11: r = 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))); break;
+        case 12: r = floorf(x); break;
+        case 13: r = log1pf(x); break;
         case 7:
         default: r = sf == 2.0f ? x * x : powf(x, sf); break;
     }

@@ -122,9 +122,13 @@ pub struct BlockOptions {
     /// The q/k norms are weightless (Llama 4's L2 norm): the importer adds their weights as
     /// ones instead of reading them.
     pub qk_norm_ones: bool,
-    /// The longest sequence the blocks compute exactly (Llama 4's first attention chunk and
-    /// temperature step); `None`: no limit beyond the config's.
-    pub seq_limit: Option<usize>,
+    /// Chunked attention on the RoPE layers (Llama 4's `attention_chunk_size`): a query sees
+    /// only the positions of its own chunk.
+    pub attention_chunk: Option<usize>,
+    /// Query temperature on the layers without RoPE (Llama 4's `attn_temperature_tuning`):
+    /// (`floor_scale`, `attn_scale`); the query at position p is multiplied in f32 by
+    /// `log1p(floor((p + 1) / floor_scale)) · attn_scale + 1`, then rounded to the dtype.
+    pub query_temperature: Option<(f64, f64)>,
 }
 
 /// One layer's blocks where layers differ: its attention's query and KV heads and its MLP's
@@ -416,13 +420,16 @@ impl DecoderConfig {
         {
             m = m.min(o);
         }
-        m.min(self.blocks.seq_limit.unwrap_or(usize::MAX))
+        m
     }
 }
 
 struct Ctx<'a> {
     b: GraphBuilder,
     cfg: &'a DecoderConfig,
+    /// The query temperature `[batch, 1, seq, 1]` (f32) of the layers without RoPE, where the
+    /// model has one (`BlockOptions::query_temperature`).
+    temperature: Option<ValueId>,
     batch: Dim,
     seq: Dim,
     /// The graph's longest sequence.
@@ -598,14 +605,29 @@ impl Ctx<'_> {
             let sin_u = self.b.op(&format!("{n}.sin"), Op::unsqueeze(1), &[sin])?;
             let q = self.apply_rope(&format!("{n}.q_rope"), q, cos_u, sin_u)?;
             (q, self.apply_rope(&format!("{n}.k_rope"), k, cos_u, sin_u)?)
+        } else if let Some(t) = self.temperature {
+            // The query in f32 times its position's temperature, rounded back.
+            let q32 = if c.dtype == DType::F32 {
+                q
+            } else {
+                self.b.op(&format!("{n}.q_f32"), Op::to_dtype(DType::F32), &[q])?
+            };
+            let q = self.b.op(&format!("{n}.q_temp"), Op::binary(MUL), &[q32, t])?;
+            let q = if c.dtype == DType::F32 {
+                q
+            } else {
+                self.b.op(&format!("{n}.q_tempered"), Op::to_dtype(c.dtype), &[q])?
+            };
+            (q, k)
         } else {
             (q, k)
         };
+        let chunk = c.blocks.attention_chunk.filter(|&ch| c.rope(l) && ch < self.max_seq);
         let sdpa = Op::sdpa(SdpaAttrs {
             is_causal: true,
             scale: Some(c.scalars.attention.unwrap_or((hd as f64).powf(-0.5))),
             enable_gqa: kv_heads != heads,
-            scoring: Scoring { window: c.window(l, self.max_seq), softcap: c.blocks.attn_softcap },
+            scoring: Scoring { window: c.window(l, self.max_seq), chunk, softcap: c.blocks.attn_softcap },
         });
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
         let a = self.b.op(&format!("{n}.attn.t"), Op::transpose(1, 2), &[a])?;
@@ -734,7 +756,7 @@ pub fn build_decoder(
     b.symbol("seq", 1, max_seq);
     let ids = b.input("input_ids", DType::I64, vec![batch.clone(), seq.clone()]);
     let pos = b.input("position_ids", DType::I64, vec![batch.clone(), seq.clone()]);
-    let mut cx = Ctx { b, cfg, batch, seq, max_seq };
+    let mut cx = Ctx { b, cfg, temperature: None, batch, seq, max_seq };
 
     let emb_w = cx.w("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size]);
     let h = cx.b.op("embed", Op::embedding(), &[emb_w, ids])?;
@@ -745,6 +767,18 @@ pub fn build_decoder(
     let p = cx.b.op("rope.pos", Op::unsqueeze(-1), &[pos])?;
     let p = cx.b.op("rope.pos_f32", Op::to_dtype(DType::F32), &[p])?;
     let global = cx.rope_tables("rope", INV_FREQ, half, p)?;
+    if let Some((floor_scale, attn_scale)) =
+        cfg.blocks.query_temperature.filter(|_| (0..cfg.num_layers).any(|l| !cfg.rope(l)))
+    {
+        // log1p(floor((p + 1) / floor_scale)) · attn_scale + 1, as transformers' Llama 4.
+        let t = cx.b.op("temp.p1", Op::scalar(ADD_SCALAR, 1.0), &[p])?;
+        let t = cx.b.op("temp.div", Op::scalar(DIV_SCALAR, floor_scale), &[t])?;
+        let t = cx.b.op("temp.floor", Op::unary("aten.floor"), &[t])?;
+        let t = cx.b.op("temp.log1p", Op::unary("aten.log1p"), &[t])?;
+        let t = cx.b.op("temp.scaled", Op::scalar(MUL_SCALAR, attn_scale), &[t])?;
+        let t = cx.b.op("temp.plus1", Op::scalar(ADD_SCALAR, 1.0), &[t])?;
+        cx.temperature = Some(cx.b.op("temperature", Op::unsqueeze(1), &[t])?);
+    }
     let local = match cfg.blocks.local_rope_theta {
         Some(_) => Some(cx.rope_tables("rope_local", INV_FREQ_LOCAL, half, p)?),
         None => None,

@@ -271,7 +271,8 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         Some(key) => k.bool_or(key, true)?,
         None => false,
     };
-    let seq_limit = if fam.chunked_attention { chunk_limit(&k, rope_layers.as_deref())? } else { None };
+    let (attention_chunk, query_temperature) =
+        if fam.chunked_attention { chunked_attention(&k, rope_layers.as_deref())? } else { (None, None) };
     let mut scalars = if fam.multipliers { parse_multipliers(&k)? } else { Scalars::default() };
     if fam.embedding_scale {
         // transformers multiplies by √hidden_size as a tensor of the weights' dtype.
@@ -320,7 +321,8 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
             qk_norm_after_transpose: fam.qk_norm_after_transpose,
             rope_layers,
             qk_norm_ones,
-            seq_limit,
+            attention_chunk,
+            query_temperature,
             moe: match &fam.moe {
                 Some(m) => Some(parse_moe(&k, m, num_layers, flag(m.norm)?)?),
                 None => None,
@@ -344,24 +346,28 @@ fn rename_weights(fam: &families::Family, store: &mut WeightStore) -> Result<()>
     Ok(())
 }
 
-/// The longest sequence Llama 4's blocks compute exactly (`Family::chunked_attention`): its
-/// chunked layers attend only within `attention_chunk_size` positions (absent or null: no
-/// chunks), and with `attn_temperature_tuning` (absent: true) its no-RoPE layers scale queries
-/// at position p by `log1p(floor((p + 1) / floor_scale)) · attn_scale + 1`, which is 1 below
-/// p = `floor_scale` − 1 (absent: 8192). Neither is built, so the sequences stop before them.
-fn chunk_limit(k: &Keys, rope_layers: Option<&[bool]>) -> Result<Option<usize>> {
-    let mut limit = k.size_opt("attention_chunk_size", 1 << 28)?;
+/// Llama 4's chunked attention and query temperature (`Family::chunked_attention`): its RoPE
+/// layers attend only within their chunk of `attention_chunk_size` positions (absent or null:
+/// no chunks), and with `attn_temperature_tuning` (absent: true) its no-RoPE layers scale
+/// queries at position p by `log1p(floor((p + 1) / floor_scale)) · attn_scale + 1`
+/// (`floor_scale` absent: 8192, `attn_scale` absent: 0.1).
+/// (`attention_chunk_size`, (`floor_scale`, `attn_scale`)) as `BlockOptions` takes them.
+type ChunkedAttention = (Option<usize>, Option<(f64, f64)>);
+
+fn chunked_attention(k: &Keys, rope_layers: Option<&[bool]>) -> Result<ChunkedAttention> {
+    let chunk = k.size_opt("attention_chunk_size", 1 << 28)?;
     let nope = rope_layers.is_some_and(|v| v.contains(&false));
-    if nope && k.bool_or("attn_temperature_tuning", true)? {
+    let temperature = if nope && k.bool_or("attn_temperature_tuning", true)? {
         let floor = k.size_opt("floor_scale", 1 << 28)?.unwrap_or(8192);
-        if floor < 2 {
-            return Err(
-                k.err("floor_scale", format!("{floor}: the first query temperature step would be at position 0"))
-            );
+        let scale = k.f64_opt("attn_scale")?.unwrap_or(0.1);
+        if !scale.is_finite() {
+            return Err(k.err("attn_scale", format!("{scale} is not a number")));
         }
-        limit = Some(limit.map_or(floor - 1, |c| c.min(floor - 1)));
-    }
-    Ok(limit)
+        Some((floor as f64, scale))
+    } else {
+        None
+    };
+    Ok((chunk, temperature))
 }
 
 /// Which layers slide: `layer_types` (transformers 5), else every layer but each

@@ -227,6 +227,9 @@ fn capture_sdpa(op: &Op, c: &mut Captures) -> bool {
             if let Some(w) = a.scoring.window {
                 c.f.insert("window", w as f64);
             }
+            if let Some(w) = a.scoring.chunk {
+                c.f.insert("chunk", w as f64);
+            }
             if let Some(s) = a.scoring.softcap {
                 c.f.insert("softcap", s);
             }
@@ -354,6 +357,7 @@ impl Transform for MatchAttention {
                 let causal = m.caps.b.get("causal").copied().unwrap_or(false);
                 let scoring = Scoring {
                     window: m.caps.f.get("window").map(|&w| w as usize),
+                    chunk: m.caps.f.get("chunk").map(|&w| w as usize),
                     softcap: m.caps.f.get("softcap").copied(),
                 };
                 let op = Op::attention(AttentionAttrs { causal, scale, scoring });

@@ -7,18 +7,26 @@ use cudarc::driver::LaunchConfig;
 
 use super::*;
 
-/// A sliding window and a soft-cap on attention scores (none: plain causal attention).
+/// A sliding window, chunked attention and a soft-cap on attention scores (none: plain causal
+/// attention).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ScoreMods {
     pub window: Option<usize>,
+    pub chunk: Option<usize>,
     pub softcap: Option<f32>,
 }
 
 impl ScoreMods {
-    /// The kernels' `int window, float softcap` (0: none).
+    /// The kernels' `int window, float softcap` (0: none). The kernels' `window` also carries
+    /// chunked attention, as a negative number: chunks of `-window` positions.
     fn kernel_args(&self) -> Result<(i32, f32), Unavailable> {
-        let window = i32::try_from(self.window.unwrap_or(0))
-            .map_err(|_| Unavailable(format!("sliding window {:?} is too large", self.window)))?;
+        let window = match (self.window, self.chunk) {
+            (Some(_), Some(_)) => return Err(Unavailable("a sliding window and chunked attention together".into())),
+            (Some(w), None) => i32::try_from(w).ok(),
+            (None, Some(c)) => i32::try_from(c).ok().map(|c| -c),
+            (None, None) => Some(0),
+        }
+        .ok_or_else(|| Unavailable(format!("window {:?} / chunk {:?} too large", self.window, self.chunk)))?;
         Ok((window, self.softcap.unwrap_or(0.0)))
     }
 }

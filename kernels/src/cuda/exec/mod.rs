@@ -135,6 +135,8 @@ pub enum Unary {
     DivScalar = 9,
     Gelu = 10,
     GeluTanh = 11,
+    Floor = 12,
+    Log1p = 13,
 }
 
 /// The activation of a gated MLP (`graph.cu`'s `silu_mul`).

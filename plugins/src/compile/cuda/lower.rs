@@ -187,7 +187,11 @@ impl CudaModel {
                     let call = DeviceAttentionCall {
                         layer: *layer,
                         scale: *scale as f32,
-                        mods: ScoreMods { window: scoring.window, softcap: scoring.softcap.map(|c| c as f32) },
+                        mods: ScoreMods {
+                            window: scoring.window,
+                            chunk: scoring.chunk,
+                            softcap: scoring.softcap.map(|c| c as f32),
+                        },
                         heads,
                         kv_heads: l.kv_heads,
                         head_dim: l.head_dim,
