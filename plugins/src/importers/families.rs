@@ -167,10 +167,10 @@ pub struct Family {
     /// of ones the importer makes. transformers applies it after RoPE, the blocks before: RoPE
     /// rotates each pair, so the head's norm is the same.
     pub qk_l2_norm: Option<&'static str>,
-    /// Chunked attention on some layers (`attention_chunk_size`) and the no-RoPE layers' query
-    /// temperature (`attn_temperature_tuning`, `floor_scale`, `attn_scale`): neither changes
-    /// anything before the first chunk's end and the temperature's first step, so the graph's
-    /// sequences stop there (Llama 4: 8,192 positions and 8,191).
+    /// Chunked attention on the RoPE layers (`attention_chunk_size`: a query sees its own chunk
+    /// of positions only) and the no-RoPE layers' query temperature (`attn_temperature_tuning`,
+    /// `floor_scale`, `attn_scale`): `BlockOptions::attention_chunk` and `query_temperature`
+    /// (Llama 4).
     pub chunked_attention: bool,
     /// The decoder's keys are under `text_config` (a multimodal checkpoint: its text model).
     pub text_config: bool,
