@@ -166,16 +166,17 @@ pub fn config_text(family: &str, extra: &str) -> String {
     format!("model = {:?}\n{dtype}{seq}{extra}", fixture(family).display().to_string())
 }
 
-/// Whether a fixture's attention has a sliding window or soft-cap shorter than its sequences
-/// (its cached attention needs a backend that applies them: `torch` on the CPU, `flashinfer` on
-/// CUDA; `triton` and library backends are refused at build).
+/// Whether a fixture's attention has a sliding window or chunks shorter than its sequences, or a
+/// soft-cap (its cached attention needs a backend that applies them: `torch` on the CPU,
+/// `flashinfer` on CUDA; `triton` and library backends are refused at build).
 #[allow(dead_code)] // not every test binary uses it
 pub fn scored(family: &str) -> bool {
     autodeploy_plugins::link();
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&config_text(family, ""), None).unwrap();
     let g = autodeploy_core::pipeline::graph_after(&cfg, autodeploy_sdk::Stage::PatternMatcher).unwrap();
     let dump = g.dump();
-    dump.lines().any(|l| l.contains("= torch_attention(") && (l.contains("window=") || l.contains("softcap=")))
+    dump.lines()
+        .any(|l| l.contains("= torch_attention(") && ["window=", "chunk=", "softcap="].iter().any(|s| l.contains(s)))
 }
 
 /// The build error of a fixture whose windowed or soft-capped attention the configured backend
@@ -186,7 +187,7 @@ pub fn refused_scoring(family: &str, extra: &str, backend: &str) {
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
     let e = autodeploy_core::pipeline::build(&cfg).err().unwrap_or_else(|| panic!("{family} {backend}: built"));
     let e = e.to_string();
-    assert!(e.contains(&format!("`{backend}`")) && e.contains("sliding window or soft-capping"), "{family}: {e}");
+    assert!(e.contains(&format!("`{backend}`")) && e.contains("chunked attention or soft-capping"), "{family}: {e}");
 }
 
 /// Builds the engine for a fixture with extra config lines.
