@@ -366,7 +366,9 @@ fn llama4_keys_are_checked() {
         ("model_type", serde_json::json!("llama4"), vec!["`text_config`", "missing"]),
         ("no_rope_layers", serde_json::json!([1, 1, 0]), vec!["`no_rope_layers`", "3 entries"]),
         ("no_rope_layers", serde_json::json!([1, 2, 1, 0]), vec!["`no_rope_layers`", "0 or 1"]),
-        ("floor_scale", serde_json::json!(1), vec!["`floor_scale`", "position 0"]),
+        ("floor_scale", serde_json::json!(0), vec!["`floor_scale`", "positive integer"]),
+        ("attention_chunk_size", serde_json::json!(0), vec!["`attention_chunk_size`", "positive integer"]),
+        ("attn_scale", serde_json::json!("big"), vec!["`attn_scale`", "expected a number"]),
         ("moe_layers", serde_json::json!([1, 4]), vec!["`moe_layers`", "layer 4"]),
     ];
     for (key, value, parts) in cases {
