@@ -19,7 +19,8 @@ is `aten.topk` and transformers loops over the experts a step chooses. As AutoDe
 patches do, `patch_moe` replaces each sparse block's forward for the export with the router
 linear and one custom op, `autodeploy::torch_moe(x, router_logits, w_gate_up, w_down, top_k,
 norm, weights_f32)` (registered below with a reference implementation), which the importer
-reads as its canonical `torch_moe`.
+reads as its canonical `torch_moe`. LongRoPE models (Phi-4-mini) export with their short
+factors up to `original_max_position_embeddings` (`patch_longrope`).
 """
 
 import argparse
@@ -95,6 +96,28 @@ def patch_moe(model):
     return n
 
 
+def patch_longrope(model):
+    """LongRoPE (Phi-3/4): transformers picks the short or long factors from
+    `max(position_ids)` at run time, which torch.export cannot trace. Below
+    `original_max_position_embeddings` the short ones apply (the module's buffer from its
+    init), so each such rotary embedding runs its undecorated forward and the export stops at
+    that length, as the importer's own LongRoPE graphs do. Returns that length, or None."""
+    import types
+
+    limit = None
+    for m in model.modules():
+        if getattr(m, "rope_type", None) != "longrope":
+            continue
+        inner = getattr(type(m).forward, "__wrapped__", None)
+        if inner is None:
+            raise SystemExit(f"{type(m).__name__}: no undecorated forward to export LongRoPE with")
+        m.forward = types.MethodType(inner, m)
+        params = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+        orig = params.get("original_max_position_embeddings") or model.config.original_max_position_embeddings
+        limit = orig if limit is None else min(limit, orig)
+    return limit
+
+
 class CausalLM(torch.nn.Module):
     """input_ids, position_ids -> logits, with the HF model's cache and mask handling off."""
 
@@ -146,6 +169,10 @@ def main():
         if err > 1e-3 * max(1.0, before.abs().max().item()):
             raise SystemExit(f"the torch_moe patch changed the logits by {err}: not exporting")
     max_seq = min(a.max_seq_len, getattr(model.config, "max_position_embeddings", a.max_seq_len))
+    longrope = patch_longrope(model)
+    if longrope is not None and longrope < max_seq:
+        print(f"LongRoPE: exporting sequences up to original_max_position_embeddings = {longrope} (short factors)")
+        max_seq = longrope
     with torch.no_grad():
         ep = export_module(CausalLM(model), max_seq)
     torch.export.save(ep, a.out)
