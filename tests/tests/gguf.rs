@@ -308,3 +308,24 @@ fn qwen3_moe_and_mixtral_ggufs_give_transformers_logits() {
     let dump = gguf_matches_its_fixture("mixtral").dump();
     assert!(dump.contains("torch_moe") && dump.contains("norm=true"), "{dump}");
 }
+
+/// A MoE file's `expert_count` must match its routers' rows (checked before anything is sized
+/// from it), and an `expert_count` of 0 reads as a dense model (whose missing MLP tensors are then
+/// named).
+#[test]
+fn a_moe_gguf_expert_count_is_checked_against_its_routers() {
+    let good = std::fs::read(fixture("gguf").join("tiny-mixtral.gguf")).unwrap();
+    // The key's length-prefixed name, its u32 type (4), then the value.
+    let key = b"llama.expert_count";
+    let at = good.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(u32::from_le_bytes(good[at..at + 4].try_into().unwrap()), 4, "expert_count's type is u32");
+    let with = |n: u32| {
+        let mut b = good.clone();
+        b[at + 4..at + 8].copy_from_slice(&n.to_le_bytes());
+        import_err(&b)
+    };
+    let e = with(5);
+    assert!(e.contains("llama.expert_count") && e.contains("ffn_gate_inp") && e.contains("[4, 64]"), "{e}");
+    let e = with(0);
+    assert!(e.contains("ffn_gate.weight") || e.contains("ffn_up.weight"), "{e}");
+}

@@ -129,8 +129,12 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
             format!("`{arch}` GGUF files are not supported; supported: {}", super::families::gguf_names()),
         ));
     }
-    // Files with experts (Mixtral's say `llama`) are their MoE family's, never run as dense.
-    let experts = m.usize_opt("expert_count")?;
+    // Files with experts (Mixtral's say `llama`) are their MoE family's, never run as dense;
+    // an `expert_count` of 0 (some converters write it for dense models) is none.
+    let experts = match m.opt("expert_count").and_then(Value::as_u64) {
+        Some(0) => None,
+        _ => m.usize_opt("expert_count")?,
+    };
     let Some(fam) = super::families::gguf_family(arch, experts.is_some()) else {
         let what = if experts.is_some() { "with" } else { "without" };
         return Err(m.err(&m.key("expert_count"), format!("`{arch}` GGUF files {what} experts are not supported")));
