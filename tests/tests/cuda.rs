@@ -8,6 +8,8 @@
 //! from what an H200 measured, with a margin.
 
 mod common;
+#[path = "cuda/moe.rs"]
+mod moe;
 
 use autodeploy_core::kvcache::{BatchMetadata, PagePool, PagedKvCache, StepContext, StepPlan};
 use autodeploy_core::pipeline::Engine;

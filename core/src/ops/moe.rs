@@ -255,7 +255,7 @@ fn moe_cuda() -> CudaImpl {
             ));
         }
         let shape = moe_shape(&a, &x.shape, &gu.shape);
-        let mut scratch = [0; 4];
+        let mut scratch = [0; 5];
         for (i, s) in scratch.iter_mut().enumerate() {
             *s = l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned"))?;
         }
@@ -264,7 +264,7 @@ fn moe_cuda() -> CudaImpl {
     })
 }
 
-/// The routing, activations and scaled outputs (`MoeShape::scratch`).
+/// The routing, activations, scaled outputs and grouping (`MoeShape::scratch`).
 fn moe_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
     match Moe::parse(attrs) {
         Ok(a) => moe_shape(&a, &ins[0].1, &ins[2].1).scratch(ins[0].0.size_in_bytes()).to_vec(),

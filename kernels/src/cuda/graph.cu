@@ -667,6 +667,23 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
     }
 }
 
+// `warp_best` in two warp reductions where the hardware has them (sm_80+): the largest score
+// as an order-preserving integer key, then the lowest expert id holding it, then the score from
+// its lane (expert e lives in lane e % 32). Same result, fewer dependent shuffles. A lane with
+// no candidate holds `best` = INT_MAX (key 0 sorts below every score).
+__device__ __forceinline__ void warp_pick(float& v, int& i) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned u = __float_as_uint(v + 0.0f);  // -0 reads as +0, as the float compare sees them
+    unsigned key = i == 0x7fffffff ? 0u : ((u & 0x80000000u) ? ~u : (u | 0x80000000u));
+    unsigned top = __reduce_max_sync(0xffffffffu, key);
+    int win = (int)__reduce_min_sync(0xffffffffu, (unsigned)(key == top && i != 0x7fffffff ? i : 0x7fffffff));
+    v = __shfl_sync(0xffffffffu, v, win & 31);
+    i = win;
+#else
+    warp_best(v, i);
+#endif
+}
+
 // Each lane keeps the routing score of its first `ROUTE_HELD` experts (lane + 32·j) in registers
 // and a bit a held expert once picked, so a pick reads no memory (larger expert counts reread
 // the rest and check the picks so far).
@@ -718,7 +735,7 @@ extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long t
                 best = e;
             }
         }
-        warp_best(bp, best);
+        warp_pick(bp, best);
         if ((best & 31) == lane && best < 32 * ROUTE_HELD) taken |= 1u << (best >> 5);
         if (lane == 0) {
             chosen[k] = best;
@@ -835,7 +852,131 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
 }
 
+// ---- Grouped MoE (many tokens: `slots >= experts`, the launcher picks): the slots grouped by
+// expert first, then one warp an (expert, row) reads that row once for every slot routed to the
+// expert, `MOE_GROUP` slots a pass, so a layer reads each chosen expert once instead of once a
+// slot. A slot's arithmetic is the per-slot kernels' own (same lanes, same order), so both paths
+// give the same bits.
+
+// One block: `group` = [offsets (experts + 1), cursor (experts), perm (slots)]; perm lists the
+// slots of expert 0, then of expert 1, ... (within an expert in no set order; each slot's output
+// does not depend on it).
+extern "C" __global__ void moe_group(const int* idx, long slots, int experts, int* group) {
+    pdl_enter();
+    int* offsets = group;
+    int* cursor = group + experts + 1;
+    int* perm = cursor + experts;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) cursor[e] = 0;
+    __syncthreads();
+    for (long s = threadIdx.x; s < slots; s += blockDim.x) atomicAdd(&cursor[idx[s]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int e = 0; e < experts; e++) {
+            offsets[e] = total;
+            total += cursor[e];
+            cursor[e] = 0;
+        }
+        offsets[experts] = total;
+    }
+    __syncthreads();
+    for (long s = threadIdx.x; s < slots; s += blockDim.x) {
+        int e = idx[s];
+        perm[offsets[e] + atomicAdd(&cursor[e], 1)] = (int)s;
+    }
+}
+
+#define MOE_GROUP 8
+extern "C" __global__ void moe_gate_up_grouped_bf16(const bf16_t* x, const bf16_t* w_gu, const int* group, int experts,
+                                                    int top_k, int hidden, int inter, int act, const float* scale_in,
+                                                    bf16_t* out) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (long)experts * inter) return;
+    int e = warp / inter, j = warp % inter;
+    const int* perm = group + 2 * experts + 1;
+    int first = group[e], n = group[e + 1] - first;
+    const bf16_t* base = w_gu + (long)e * 2 * inter * hidden;
+    const uint4* wg = (const uint4*)(base + (long)j * hidden);
+    const uint4* wu = (const uint4*)(base + (long)(inter + j) * hidden);
+    for (int m0 = 0; m0 < n; m0 += MOE_GROUP) {
+        int slot[MOE_GROUP];
+        float g[MOE_GROUP], u[MOE_GROUP], sc[MOE_GROUP];
+#pragma unroll
+        for (int m = 0; m < MOE_GROUP; m++) {
+            slot[m] = m0 + m < n ? perm[first + m0 + m] : -1;
+            sc[m] = scale_in && slot[m] >= 0 ? scale_in[slot[m]] : 1.0f;
+            g[m] = u[m] = 0.0f;
+        }
+        for (int c = lane; c < hidden / 8; c += 32) {
+            uint4 gv = wg[c], uv = wu[c];
+#pragma unroll
+            for (int m = 0; m < MOE_GROUP; m++) {
+                if (slot[m] < 0) break;
+                uint4 xv = ((const uint4*)(x + (long)(slot[m] / top_k) * hidden))[c];
+                if (scale_in) {
+                    bf16_t* xp = (bf16_t*)&xv;
+#pragma unroll
+                    for (int q = 0; q < 8; q++) xp[q] = f32_to_bf16(bf16_to_f32(xp[q]) * sc[m]);
+                }
+                swiglu_chunk(gv, uv, xv, g[m], u[m]);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MOE_GROUP; m++) {
+            if (slot[m] < 0) break;
+            warp_sum2(g[m], u[m]);
+            if (lane == 0) {
+                float gr = bf16_to_f32(f32_to_bf16(g[m])), ur = bf16_to_f32(f32_to_bf16(u[m]));
+                out[(long)slot[m] * inter + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gate_act(act, gr))) * ur);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void moe_down_grouped_bf16(const bf16_t* act, const bf16_t* w_down, const int* group,
+                                                 const float* wts, int experts, int hidden, int inter, float* contrib) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (long)experts * hidden) return;
+    int e = warp / hidden, j = warp % hidden;
+    const int* perm = group + 2 * experts + 1;
+    int first = group[e], n = group[e + 1] - first;
+    const uint4* wr = (const uint4*)(w_down + (long)e * hidden * inter + (long)j * inter);
+    for (int m0 = 0; m0 < n; m0 += MOE_GROUP) {
+        int slot[MOE_GROUP];
+        float acc[MOE_GROUP];
+#pragma unroll
+        for (int m = 0; m < MOE_GROUP; m++) {
+            slot[m] = m0 + m < n ? perm[first + m0 + m] : -1;
+            acc[m] = 0.0f;
+        }
+        for (int c = lane; c < inter / 8; c += 32) {
+            uint4 wv = wr[c];
+#pragma unroll
+            for (int m = 0; m < MOE_GROUP; m++) {
+                if (slot[m] < 0) break;
+                gemv_chunk<1>(act + (long)slot[m] * inter, inter, wv, c, &acc[m]);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MOE_GROUP; m++) {
+            if (slot[m] < 0) break;
+            float d = acc[m];
+            for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+            float dr = bf16_to_f32(f32_to_bf16(d));
+            if (lane == 0) contrib[(long)slot[m] * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[slot[m]])) : dr;
+        }
+    }
+}
+
 // y[t, j] = the token's contributions summed in ascending expert order, each sum rounded to dt.
+// Up to `COMBINE_HELD` choices a token: each one's rank among them (the experts a token chose
+// are distinct) and its contribution are loaded first, all loads in flight together; more
+// choices find the next expert by search, one load at a time.
+#define COMBINE_HELD 16
 extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int dt, long tokens, int top_k, int hidden,
                                        void* y) {
     pdl_enter();
@@ -843,13 +984,41 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
     if (i >= tokens * hidden) return;
     long t = i / hidden;
     int j = i % hidden;
+    const int* ti = idx + t * top_k;
     float acc = 0.0f;
+    if (top_k <= COMBINE_HELD) {
+        int e[COMBINE_HELD];
+        float c[COMBINE_HELD];
+#pragma unroll
+        for (int q = 0; q < COMBINE_HELD; q++) {
+            e[q] = q < top_k ? ti[q] : 0x7fffffff;
+            c[q] = q < top_k ? contrib[(t * top_k + q) * hidden + j] : 0.0f;
+        }
+        // Choice q's rank: how many of the others hold a lower expert id.
+        int rank[COMBINE_HELD];
+#pragma unroll
+        for (int q = 0; q < COMBINE_HELD; q++) {
+            rank[q] = 0;
+#pragma unroll
+            for (int p = 0; p < COMBINE_HELD; p++) rank[q] += e[p] < e[q];
+        }
+#pragma unroll
+        for (int r = 0; r < COMBINE_HELD; r++) {
+            if (r >= top_k) break;
+            float v = 0.0f;
+#pragma unroll
+            for (int q = 0; q < COMBINE_HELD; q++) v = rank[q] == r ? c[q] : v;
+            acc = rnd(dt, acc + v);
+        }
+        st(y, dt, i, acc);
+        return;
+    }
     int last = -1;
     for (int k = 0; k < top_k; k++) {
         // The next expert above `last` among the token's choices.
         int pick = -1, pe = 0x7fffffff;
         for (int q = 0; q < top_k; q++) {
-            int e = idx[t * top_k + q];
+            int e = ti[q];
             if (e > last && e < pe) {
                 pe = e;
                 pick = q;

@@ -69,6 +69,9 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_combine",
             "moe_gate_up_bf16",
             "moe_down_bf16",
+            "moe_group",
+            "moe_gate_up_grouped_bf16",
+            "moe_down_grouped_bf16",
         ],
     ),
     (

@@ -160,7 +160,7 @@ pub enum Binary {
 struct Funcs {
     /// `moe_route`, `moe_gate_up`, `moe_down`, `moe_combine`, `moe_gate_up_bf16`,
     /// `moe_down_bf16` (exec/moe.rs).
-    moe: [Kernel; 6],
+    moe: [Kernel; 9],
     copy_strided: Kernel,
     binary: Kernel,
     unary: Kernel,
@@ -386,6 +386,9 @@ impl Gpu {
                 g("moe_combine")?,
                 g("moe_gate_up_bf16")?,
                 g("moe_down_bf16")?,
+                g("moe_group")?,
+                g("moe_gate_up_grouped_bf16")?,
+                g("moe_down_grouped_bf16")?,
             ],
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,

@@ -1,5 +1,6 @@
 //! The mixture-of-experts launches (`graph.cu`'s `moe_route`, `moe_gate_up`, `moe_down`,
-//! `moe_combine`): `torch_moe` on the GPU, only the chosen experts' weights read.
+//! `moe_combine`, and for many tokens `moe_group` with the grouped gate/up and down):
+//! `torch_moe` on the GPU, only the chosen experts' weights read, each once a layer when grouped.
 
 use super::{grid, launched, Dt, GateAct, Gpu, Ptr};
 use crate::cuda::Unavailable;
@@ -22,11 +23,20 @@ pub struct MoeShape {
 
 impl MoeShape {
     /// Scratch bytes, in [`Gpu::moe`]'s order: chosen experts (i32), their weights (f32), the
-    /// activations (`dt`), the scaled outputs (f32), each rounded up to 256 bytes.
-    pub fn scratch(&self, dt_bytes: usize) -> [usize; 4] {
+    /// activations (`dt`), the scaled outputs (f32), the grouping by expert (i32: offsets,
+    /// cursors, the slots in expert order), each rounded up to 256 bytes.
+    pub fn scratch(&self, dt_bytes: usize) -> [usize; 5] {
         let slots = self.tokens * self.top_k;
         let up = |b: usize| b.div_ceil(256) * 256;
-        [up(slots * 4), up(slots * 4), up(slots * self.inter * dt_bytes), up(slots * self.hidden * 4)]
+        let group = (2 * self.experts + 1 + slots) * 4;
+        [up(slots * 4), up(slots * 4), up(slots * self.inter * dt_bytes), up(slots * self.hidden * 4), up(group)]
+    }
+
+    /// Whether the grouped kernels run: at least as many token-expert slots as experts, where
+    /// reading each chosen expert once beats reading it once a slot (decode batches below that
+    /// keep one warp a slot's row and launch nothing for experts no token chose).
+    pub fn grouped(&self) -> bool {
+        self.tokens * self.top_k >= self.experts
     }
 }
 
@@ -43,13 +53,13 @@ impl Gpu {
         w_gate_up: Ptr,
         w_down: Ptr,
         y: Ptr,
-        scratch: [Ptr; 4],
+        scratch: [Ptr; 5],
     ) -> Result<(), Unavailable> {
         let too_big = |n: usize| i32::try_from(n).is_err();
         if too_big(s.experts) || too_big(s.top_k) || too_big(s.hidden) || too_big(s.inter) {
             return Err(Unavailable(format!("torch_moe: sizes {s:?} past the kernels' 32-bit counts")));
         }
-        let [idx, wts, act, contrib] = scratch;
+        let [idx, wts, act, contrib, group] = scratch;
         let (d, ld) = (dt as i32, logits_dt as i32);
         let (t64, slots) = (s.tokens as i64, (s.tokens * s.top_k) as i64);
         let (e32, k32, h32, i32_) = (s.experts as i32, s.top_k as i32, s.hidden as i32, s.inter as i32);
@@ -75,27 +85,52 @@ impl Gpu {
             && s.hidden.is_multiple_of(8)
             && s.inter.is_multiple_of(8)
             && (x | w_gate_up | w_down | act).is_multiple_of(16);
-        let mut l = self.launcher(self.f.moe[if vector { 4 } else { 1 }]);
-        if vector {
-            l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
-        } else {
-            l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
-        }
-        // The input scaled by the routing weight (sigmoid routing) or not (a null pointer).
+        // The input scaled by the routing weight (sigmoid routing) or not (a null pointer), and
+        // the outputs scaled by it (softmax routing) or not.
         let scale_in: Ptr = if s.sigmoid { wts } else { 0 };
-        l.arg(&scale_in).arg(&act);
-        // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
-        launched("moe_gate_up", unsafe { l.launch(grid(s.tokens * s.top_k * s.inter * 32, 256)) }.map(|_| ()))?;
-        let mut l = self.launcher(self.f.moe[if vector { 5 } else { 2 }]);
-        // The outputs scaled by the routing weight (softmax routing) or not (a null pointer).
         let scale_out: Ptr = if s.sigmoid { 0 } else { wts };
-        if vector {
-            l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+        if vector && s.grouped() {
+            let mut l = self.launcher(self.f.moe[6]);
+            l.arg(&idx).arg(&slots).arg(&e32).arg(&group);
+            // SAFETY: idx holds `slots` expert ids < experts; group is sized (2·experts + 1 +
+            // slots) i32 (`MoeShape::scratch`); one block.
+            launched("moe_group", unsafe { l.launch(grid(1024, 1024)) }.map(|_| ()))?;
+            let mut l = self.launcher(self.f.moe[7]);
+            l.arg(&x).arg(&w_gate_up).arg(&group).arg(&e32).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
+            l.arg(&scale_in).arg(&act);
+            // SAFETY: one warp an (expert, row); the slots it reads are group's, each < slots.
+            launched("moe_gate_up_grouped", unsafe { l.launch(grid(s.experts * s.inter * 32, 256)) }.map(|_| ()))?;
+            let mut l = self.launcher(self.f.moe[8]);
+            l.arg(&act).arg(&w_down).arg(&group).arg(&scale_out).arg(&e32).arg(&h32).arg(&i32_).arg(&contrib);
+            // SAFETY: as above.
+            launched("moe_down_grouped", unsafe { l.launch(grid(s.experts * s.hidden * 32, 256)) }.map(|_| ()))?;
         } else {
-            l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&d).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+            let mut l = self.launcher(self.f.moe[if vector { 4 } else { 1 }]);
+            if vector {
+                l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
+            } else {
+                l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
+            }
+            l.arg(&scale_in).arg(&act);
+            // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
+            launched("moe_gate_up", unsafe { l.launch(grid(s.tokens * s.top_k * s.inter * 32, 256)) }.map(|_| ()))?;
+            let mut l = self.launcher(self.f.moe[if vector { 5 } else { 2 }]);
+            if vector {
+                l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);
+            } else {
+                l.arg(&act)
+                    .arg(&w_down)
+                    .arg(&idx)
+                    .arg(&scale_out)
+                    .arg(&d)
+                    .arg(&slots)
+                    .arg(&h32)
+                    .arg(&i32_)
+                    .arg(&contrib);
+            }
+            // SAFETY: as above.
+            launched("moe_down", unsafe { l.launch(grid(s.tokens * s.top_k * s.hidden * 32, 256)) }.map(|_| ()))?;
         }
-        // SAFETY: as above.
-        launched("moe_down", unsafe { l.launch(grid(s.tokens * s.top_k * s.hidden * 32, 256)) }.map(|_| ()))?;
         let mut l = self.launcher(self.f.moe[3]);
         l.arg(&contrib).arg(&idx).arg(&d).arg(&t64).arg(&k32).arg(&h32).arg(&y);
         // SAFETY: tokens × hidden outputs.

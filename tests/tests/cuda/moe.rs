@@ -1,0 +1,91 @@
+//! `torch_moe`'s two CUDA paths against each other: the grouped kernels (many tokens: each
+//! chosen expert read once) give the bits the per-slot kernels (decode) give, token by token.
+
+use crate::common::gpu::{gpu, launches};
+use autodeploy_kernels::cuda::exec::{Dt, GateAct, Gpu, MoeShape, Ptr};
+
+fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|x| {
+            let u = x.to_bits();
+            (((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16).to_le_bytes()
+        })
+        .collect()
+}
+
+/// Runs `torch_moe` on the GPU over `tokens` rows of `x`/`logits` (bf16 bytes); returns y.
+fn run(g: &Gpu, s: &MoeShape, x: &[u8], logits: &[u8], w: (Ptr, Ptr)) -> Vec<u8> {
+    let up = |bytes: &[u8], what: &str| {
+        let b = g.alloc(bytes.len(), what).unwrap();
+        g.upload(b.ptr, bytes).unwrap();
+        b
+    };
+    let (dx, dl) = (up(x, "x"), up(logits, "logits"));
+    let y = g.alloc(s.tokens * s.hidden * 2, "y").unwrap();
+    let regions: Vec<_> = s.scratch(2).iter().map(|&n| g.alloc(n, "scratch").unwrap()).collect();
+    let scratch = [regions[0].ptr, regions[1].ptr, regions[2].ptr, regions[3].ptr, regions[4].ptr];
+    g.moe(s, Dt::BF16, dx.ptr, (dl.ptr, Dt::BF16), w.0, w.1, y.ptr, scratch).unwrap();
+    g.sync().unwrap();
+    let mut out = vec![0u8; s.tokens * s.hidden * 2];
+    g.download(y.ptr, &mut out).unwrap();
+    out
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
+    let _turn = gpu();
+    let g = Gpu::open(0).unwrap();
+    let mut seed = 0x9e37_79b9u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let (experts, hidden, inter, tokens) = (16usize, 64usize, 48usize, 12usize);
+    let w_gu: Vec<f32> = (0..experts * 2 * inter * hidden).map(|_| next() * 0.5).collect();
+    let w_down: Vec<f32> = (0..experts * hidden * inter).map(|_| next() * 0.5).collect();
+    let up = |v: &[f32], what: &str| {
+        let b = g.alloc(v.len() * 2, what).unwrap();
+        g.upload(b.ptr, &bf16_bytes(v)).unwrap();
+        b
+    };
+    let (gu, down) = (up(&w_gu, "gate_up"), up(&w_down, "down"));
+    let x: Vec<f32> = (0..tokens * hidden).map(|_| next() * 4.0).collect();
+    let logits: Vec<f32> = (0..tokens * experts).map(|_| next() * 6.0).collect();
+    let (xb, lb) = (bf16_bytes(&x), bf16_bytes(&logits));
+    // Softmax routing with normalised weights (Qwen3-MoE), and Llama 4's sigmoid routing that
+    // scales the experts' input.
+    for (top_k, sigmoid, norm) in [(4usize, false, true), (2, true, false)] {
+        let shape = |tokens| MoeShape {
+            tokens,
+            experts,
+            top_k,
+            hidden,
+            inter,
+            norm,
+            weights_f32: false,
+            act: GateAct::Silu,
+            sigmoid,
+        };
+        let all = shape(tokens);
+        assert!(all.grouped() && !shape(1).grouped());
+        let (grouped, ran) = launches(|| run(&g, &all, &xb, &lb, (gu.ptr, down.ptr)));
+        assert!(ran.contains_key("moe_gate_up_grouped") && ran.contains_key("moe_down_grouped"), "{ran:?}");
+        for t in 0..tokens {
+            let (one, ran) = launches(|| {
+                let (xs, ls) = (&xb[t * hidden * 2..(t + 1) * hidden * 2], &lb[t * experts * 2..(t + 1) * experts * 2]);
+                run(&g, &shape(1), xs, ls, (gu.ptr, down.ptr))
+            });
+            assert!(ran.contains_key("moe_gate_up") && !ran.contains_key("moe_gate_up_grouped"), "{ran:?}");
+            assert_eq!(
+                &grouped[t * hidden * 2..(t + 1) * hidden * 2],
+                &one[..],
+                "top_k {top_k} sigmoid {sigmoid}: token {t}'s output, grouped against alone"
+            );
+        }
+        let nonzero = grouped.chunks_exact(2).filter(|b| b != &[0, 0]).count();
+        assert!(nonzero > tokens * hidden / 2, "outputs mostly zero: {nonzero} of {}", tokens * hidden);
+    }
+}
