@@ -570,36 +570,49 @@ fn a_dummy_model_on_the_gpu_is_the_cpus() {
     assert_eq!(tokens[0], tokens[1], "greedy tokens, CPU then CUDA");
 }
 
-/// A head dim past the powers of two: a dummy SmolLM2-shaped model with `head_dim` 96 (Phi-3
-/// mini's) generates the CPU's greedy tokens on CUDA in f32 through both attention backends
-/// (prefill and split-KV decode kernels of that dim), and its bf16 prefill of 300 tokens (past
-/// the split-KV kernels' 256) runs on the tensor cores; `head_dim` 80 is refused when the engine is built, naming it.
+/// Head dims past the powers of two, on a dummy SmolLM2-shaped model with `head_dim` edited:
+/// 96 (Phi-3 mini's, a kernel of its own) and 80, 48, 136 (kernels of 128, 64 and 256 taking
+/// the row length at run time; at 136 a lane's RoPE partners sit across a lane boundary). Each
+/// gives the CPU's logits (f32, within `F32_TOL`) through prefill and decode steps and the CPU's
+/// greedy tokens through both attention backends; bf16 prefill of 300 tokens at 96 runs on the
+/// tensor cores. A head dim that is no multiple of 8 (84) is refused when the engine is built,
+/// naming it.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
-fn head_dim_96_runs_and_80_is_refused_at_build() {
+fn general_head_dims_match_the_cpu_and_others_are_refused_at_build() {
     use common::edit::{copy_fixture, edit_config};
     let _turn = gpu();
     let (_t, dir) = copy_fixture("configs/SmolLM2-135M-Instruct");
     let build = |head_dim: usize, extra: &str| {
         edit_config(&dir, |m| drop(m.insert("head_dim".into(), head_dim.into())));
         let toml = format!(
-            "model = {:?}\nload_format = \"dummy\"\nmax_batch_size = 2\nmax_seq_len = 320\n{extra}",
+            "model = {:?}\nload_format = \"dummy\"\nattn_page_size = {PAGE}\nmax_batch_size = 2\nmax_seq_len = 320\n{extra}",
             dir.display().to_string()
         );
         let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
         autodeploy_core::pipeline::build(&cfg).map(|e| (e, cfg))
     };
     let prompt: Vec<i64> = (0..40).map(|i| 1 + (i * 37) % 250).collect();
-    let tokens = |extra: &str| {
-        let (mut e, cfg) = build(96, extra).unwrap_or_else(|e| panic!("{extra}: {e}"));
-        let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
-        let (r, _) = rt.generate(&mut e, &[greedy(&prompt, 8)]);
-        r[0].as_ref().unwrap().tokens.clone()
-    };
-    let cpu = tokens("dtype = \"float32\"\ndevice = \"cpu\"\n");
-    for attn in ATTENTION {
-        let got = tokens(&format!("dtype = \"float32\"\ndevice = \"cuda\"\nattn_backend = \"{attn}\"\n"));
-        assert_eq!(got, cpu, "{attn}: greedy tokens at head_dim 96");
+    let prompts = vec![prompt.clone(), vec![1, 5, 9]];
+    let decode: Vec<Vec<i64>> = (0..5).map(|i| vec![3 + i, 100 + 7 * i]).collect();
+    for d in [96, 80, 48, 136] {
+        let tokens = |extra: &str| {
+            let (mut e, cfg) = build(d, extra).unwrap_or_else(|e| panic!("head_dim {d} {extra}: {e}"));
+            let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
+            let (r, _) = rt.generate(&mut e, &[greedy(&prompt, 8)]);
+            r[0].as_ref().unwrap().tokens.clone()
+        };
+        let f32_cpu = "dtype = \"float32\"\ndevice = \"cpu\"\n";
+        let cpu = tokens(f32_cpu);
+        let cpu_logits = run_steps(&mut build(d, f32_cpu).unwrap().0, &prompts, &decode);
+        for attn in ATTENTION {
+            let extra = format!("dtype = \"float32\"\ndevice = \"cuda\"\nattn_backend = \"{attn}\"\n");
+            assert_eq!(tokens(&extra), cpu, "{attn}: greedy tokens at head_dim {d}");
+            let got = run_steps(&mut build(d, &extra).unwrap().0, &prompts, &decode);
+            let (diff, m, _) = max_diff(&cpu_logits, &got);
+            eprintln!("head_dim {d} {attn}: max |logit diff| {diff:.3e} (max |logit| {m:.2})");
+            assert!(diff <= F32_TOL, "head_dim {d} {attn}: logits differ from the CPU by {diff}");
+        }
     }
     let long: Vec<i64> = (0..300).map(|i| 1 + (i * 37) % 250).collect();
     let (_, ran) = launches(|| {
@@ -611,11 +624,11 @@ fn head_dim_96_runs_and_80_is_refused_at_build() {
     });
     assert!(ran.keys().any(|k| k.contains("prefill_tc")), "no tensor-core prefill ran: {ran:?}");
     for attn in ATTENTION {
-        let err = match build(80, &format!("device = \"cuda\"\nattn_backend = \"{attn}\"\n")) {
-            Ok(_) => panic!("{attn}: head_dim 80 built"),
+        let err = match build(84, &format!("device = \"cuda\"\nattn_backend = \"{attn}\"\n")) {
+            Ok(_) => panic!("{attn}: head_dim 84 built"),
             Err(e) => e.to_string(),
         };
-        assert!(err.contains("head_dim 80") && err.contains(attn) && err.contains("96"), "{err}");
+        assert!(err.contains("head_dim 84") && err.contains(attn) && err.contains("multiple of 8"), "{err}");
     }
 }
 

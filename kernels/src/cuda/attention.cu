@@ -32,7 +32,7 @@ template <typename T, int D>
 __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
                                 int page_size, int heads, int kv_heads, long tokens, float scale, T* out, int window,
-                                float softcap) {
+                                float softcap, int d) {
     constexpr int PER = (D + 31) / 32;  // elements per lane; lanes past D idle when D < 32
     constexpr int WARPS = 4;
     long t = blockIdx.x;
@@ -42,9 +42,9 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     long long s = token_seq[t], pos = token_pos[t];
     const int* pages = page_indices + page_indptr[s];
     float qv[PER], acc[PER];
-    const bool live = lane * PER < D;
+    const bool live = lane * PER < d;
     for (int i = 0; i < PER; i++) {
-        qv[i] = live ? load_f(q, ((long)h * tokens + t) * D + lane * PER + i) : 0.0f;
+        qv[i] = live ? load_f(q, ((long)h * tokens + t) * d + lane * PER + i) : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
@@ -52,7 +52,7 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     if (window < 0) first = pos / -window * -window;  // chunked attention: its own chunk
     for (long long p = first + warp; p <= pos; p += WARPS) {
         long slot = (long)pages[p / page_size] * page_size + p % page_size;
-        long base = (slot * kv_heads + kvh) * D + lane * PER;
+        long base = (slot * kv_heads + kvh) * d + lane * PER;
         float dot = 0.0f;
         if (live)
             for (int i = 0; i < PER; i++) dot += qv[i] * load_f(k_cache, base + i);
@@ -83,7 +83,7 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
             int e = lane * PER + i;
             float o = 0.0f;
             for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
-            store_f(out, ((long)h * tokens + t) * D + e, o / L);
+            store_f(out, ((long)h * tokens + t) * d + e, o / L);
         }
     }
 }
@@ -92,9 +92,9 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     extern "C" __global__ void paged_attention_d##D##_##S(                                                           \
         const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out, int window, float softcap) { pdl_enter();                                                \
+        float scale, T* out, int window, float softcap, int d) { pdl_enter();                                                \
         paged_attention<T, D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,       \
-                              heads, kv_heads, tokens, scale, out, window, softcap);                                  \
+                              heads, kv_heads, tokens, scale, out, window, softcap, d);                                  \
     }
 
 #define ATTN_INSTANTIATE(T, S)                                                                                        \
@@ -417,20 +417,44 @@ __device__ void merge_partials_warp(const float* p, int splits, int d, T* out_ro
         for (int i = 0; i < PER; i++) store_f(out_row, lane * PER + i, o[i] * inv_l);
 }
 
-// RoPE (rotate-half) of one head row held across a warp, PER values a lane (lane L holds
-// elements L·PER ..): the partner of element j is j ± D/2, in lane L ^ (D/2/PER). `c`/`s`
-// point at the lane's elements of the token's cos/sin row. Rounds as the `rope` kernel does:
-// each product, then their sum, to T. Every lane of the warp must call it (shuffles).
-template <typename T, int D, int PER>
-__device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, bool live, int lane) {
-    constexpr int HALF = D / 2;
-    bool lower = lane * PER < HALF;
+// RoPE (rotate-half) of one head row of d values held across a warp, PER values a lane (lane L
+// holds elements L·PER ..): the partner of element j is j ± d/2. When d/2 is a multiple of PER
+// (every head dim with a kernel of its own) element i's partner is element i of lane L ± d/2/PER;
+// otherwise (a head dim run by a wider kernel, e.g. 136 by the 256 one, where a lane may hold
+// elements of both halves) it is element (i ± r) mod PER of that lane or the next one past it,
+// r = d/2 mod PER. `c`/`s` point at the lane's
+// elements of the token's cos/sin row. Rounds as the `rope` kernel does: each product, then
+// their sum, to T. Every lane of the warp must call it (shuffles).
+template <typename T, int PER>
+__device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, bool live, int lane, int d) {
+    const int half = d / 2, q = half / PER, r = half % PER;
+    float y[PER];
+    if (r == 0) {
+        int src = (lane * PER < half ? lane + q : lane - q) & 31;
+#pragma unroll
+        for (int i = 0; i < PER; i++) y[i] = __shfl_sync(0xffffffffu, x[i], src);
+    } else {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            // Lower lanes need element (i + r) mod PER (of the lane after, past a wrap); upper
+            // lanes element (i - r) mod PER (of the lane before, past a wrap).
+            int up_i = (i + r) % PER, down_i = (i + PER - r) % PER;
+            float send_up = x[0], send_down = x[0];
+#pragma unroll
+            for (int k = 1; k < PER; k++) {
+                send_up = k == up_i ? x[k] : send_up;
+                send_down = k == down_i ? x[k] : send_down;
+            }
+            float a = __shfl_sync(0xffffffffu, send_up, (lane + q + (i + r >= PER)) & 31);
+            float b = __shfl_sync(0xffffffffu, send_down, (lane - q - (i < r)) & 31);
+            y[i] = lane * PER + i < half ? a : b;
+        }
+    }
 #pragma unroll
     for (int i = 0; i < PER; i++) {
-        float y = __shfl_xor_sync(0xffffffffu, x[i], HALF / PER);
         if (live) {
             float cv = load_f(c, i), sv = load_f(s, i);
-            float a = round_as(c, x[i] * cv), b = round_as(c, (lower ? -y : y) * sv);
+            float a = round_as(c, x[i] * cv), b = round_as(c, (lane * PER + i < half ? -y[i] : y[i]) * sv);
             x[i] = round_as(c, a + b);
         }
     }
@@ -466,7 +490,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
                                    const long long* page_indptr, const int* page_indices, const long long* seq_start,
                                    const long long* cached_len, int page_size, int heads, int kv_heads, long tokens,
                                    float scale, int chunk, int splits, float* partial, int* counters, T* out_all,
-                                   long long ohs, long long ots, int window, float softcap) {
+                                   long long ohs, long long ots, int window, float softcap, int d) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = EARLY && D <= 128 ? UE : 4;
@@ -492,17 +516,17 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // (Such a block exits without waiting on the kernels ahead: it touches no memory, and its
     // exit frees its SM for the GEMV ahead's blocks still to start.)
     if (s >= active) return;
-    float* out = partial + (((long)t * heads + h) * splits + s) * (D + 2);
+    float* out = partial + (((long)t * heads + h) * splits + s) * (d + 2);
     const int* pages = page_indices + page_indptr[seq];
     const long long cached = cached_len[seq], first_tok = seq_start[seq];
     const long long ready = cached - 1;  // the last position written before this step
-    const bool live = lane * PER < D;
+    const bool live = lane * PER < d;
     // K and V of all U positions are requested together (one memory latency per iteration,
     // not two), PER values per lane in one vector load where they fit.
     float kf[U][PER], vf[U][PER];
     auto load_cached = [&](int u, long long p) {
         long slot = (long)pages[p / page_size] * page_size + p % page_size;
-        long base = (slot * kv_heads + kvh) * D + lane * PER;
+        long base = (slot * kv_heads + kvh) * d + lane * PER;
         if (live) {
             load_row<PER>(k_cache + base, kf[u]);
             load_row<PER>(v_cache + base, vf[u]);
@@ -511,12 +535,12 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // Position p of this step: its token's row of k_new/v_new, k rotated.
     auto load_new = [&](float* kr, float* vr, long long p) {
         long tp = first_tok + (p - cached);
-        long base = ((long)kvh * tokens + tp) * D + lane * PER;
+        long base = ((long)kvh * tokens + tp) * d + lane * PER;
         if (live) {
             load_row<PER>(k_new + base, kr);
             load_row<PER>(v_new + base, vr);
         }
-        if (cos) rope_lanes<T, D, PER>(kr, cos + tp * D + lane * PER, sin + tp * D + lane * PER, live, lane);
+        if (cos) rope_lanes<T, PER>(kr, cos + tp * d + lane * PER, sin + tp * d + lane * PER, live, lane, d);
     };
     auto load = [&](long long p0, long long last) {
 #pragma unroll
@@ -544,9 +568,9 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         }
     }
     float qv[PER], acc[PER];
-    const long qrow = ((long)h * tokens + t) * D + lane * PER;
+    const long qrow = ((long)h * tokens + t) * d + lane * PER;
     if (live) load_row<PER>(q + qrow, qv);
-    if (EARLY && cos) rope_lanes<T, D, PER>(qv, cos + t * D + lane * PER, sin + t * D + lane * PER, live, lane);
+    if (EARLY && cos) rope_lanes<T, PER>(qv, cos + t * d + lane * PER, sin + t * d + lane * PER, live, lane, d);
     for (int i = 0; i < PER; i++) {
         qv[i] = live ? qv[i] * scale : 0.0f;
         acc[i] = 0.0f;
@@ -588,7 +612,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         // Token t's k (rotated) and v into its cache slot, for the steps after this one: the
         // warp whose last pass read position pos (the chunk's last) from k_new/v_new.
         long slot = (long)pages[pos / page_size] * page_size + pos % page_size;
-        long base = (slot * kv_heads + kvh) * D + lane * PER;
+        long base = (slot * kv_heads + kvh) * d + lane * PER;
 #pragma unroll
         for (int u = 0; u < U; u++)
             if (last_p0 + u == pos && live)
@@ -614,21 +638,21 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     if (active == 1) {
         // The only chunk: the output directly, as merging its one partial state would give.
         float inv_l = 1.0f / L;
-        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+        for (int e = threadIdx.x; e < d; e += blockDim.x) {
             float o = 0.0f;
             for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
             store_f(out_row, e, o * inv_l);
         }
         return;
     }
-    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float o = 0.0f;
         for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
         out[e] = o;
     }
     if (threadIdx.x == 0) {
-        out[D] = M;
-        out[D + 1] = L;
+        out[d] = M;
+        out[d + 1] = L;
     }
     // The last chunk to finish merges them all (and re-arms the counter for the next step).
     // The block's partial stores are ordered before thread 0's release (the barrier, then a
@@ -645,7 +669,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     __syncthreads();
     if (!last) return;
     // The throughput build keeps its registers few (more blocks fit at large batches).
-    merge_partials<T, EARLY ? 16 : 0>(partial + ((long)t * heads + h) * splits * (D + 2), active, D, out_row);
+    merge_partials<T, EARLY ? 16 : 0>(partial + ((long)t * heads + h) * splits * (d + 2), active, d, out_row);
 }
 
 #define SPLIT_ENTRY(T, S, D, NAME, EARLY, UE, BOUNDS)                                                                 \
@@ -654,12 +678,12 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out, long long ohs, long long ots, int window, float softcap) {                                            \
+        T* out, long long ohs, long long ots, int window, float softcap, int d) {                                            \
         /* the latency build takes no window or soft-cap (constants: compiled away) */                              \
         paged_decode_split<T, D, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,       \
                                         page_indptr, page_indices, seq_start, cached_len, page_size, heads,         \
                                         kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots,   \
-                                        EARLY ? 0 : window, EARLY ? 0.0f : softcap);                                \
+                                        EARLY ? 0 : window, EARLY ? 0.0f : softcap, d);                                \
     }
 // Split-KV decode's throughput build over a GQA group: block (t, b, s) attends for the HB query
 // heads b·HB .. b·HB + HB - 1, which share one kv head, so each cached K/V row is read once for
@@ -674,7 +698,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
                                            const long long* page_indptr, const int* page_indices, int page_size,
                                            int heads, int kv_heads, long tokens, float scale, int chunk, int splits,
                                            float* partial, int* counters, T* out_all, long long ohs, long long ots,
-                                           int window, float softcap) {
+                                           int window, float softcap, int d) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = HB >= 8 ? 2 : 4;
@@ -691,11 +715,11 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
     int active = (int)(pos / chunk) + 1;
     if (s >= active) return;
     const int* pages = page_indices + page_indptr[seq];
-    const bool live = lane * PER < D;
+    const bool live = lane * PER < d;
     float qv[HB][PER], acc[HB][PER], m[HB], l[HB];
 #pragma unroll
     for (int g = 0; g < HB; g++) {
-        if (live) load_row<PER>(q + ((long)(h0 + g) * tokens + t) * D + lane * PER, qv[g]);
+        if (live) load_row<PER>(q + ((long)(h0 + g) * tokens + t) * d + lane * PER, qv[g]);
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             qv[g][i] = live ? qv[g][i] * scale : 0.0f;
@@ -710,7 +734,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
         for (int u = 0; u < U; u++) {
             long long p = p0 + u <= hi ? p0 + u : hi;
             long slot = (long)pages[p / page_size] * page_size + p % page_size;
-            long base = (slot * kv_heads + kvh) * D + lane * PER;
+            long base = (slot * kv_heads + kvh) * d + lane * PER;
             if (live) {
                 load_row<PER>(k_cache + base, kf[u]);
                 load_row<PER>(v_cache + base, vf[u]);
@@ -766,8 +790,8 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
 #pragma unroll
             for (int i = 0; i < PER; i++) sacc[warp][g][lane * PER + i] = acc[g][i];
     __syncthreads();
-    for (int e = threadIdx.x; e < HB * D; e += blockDim.x) {
-        int g = e / D, j = e % D;
+    for (int e = threadIdx.x; e < HB * d; e += blockDim.x) {
+        int g = e / d, j = e % d;
         float M = sm[0][g];
         for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2][g]);
         float L = 0.0f, o = 0.0f;
@@ -779,11 +803,11 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
         if (active == 1) {
             store_f(out_all, (h0 + g) * ohs + t * ots + j, o / L);
         } else {
-            float* out = partial + (((long)t * heads + h0 + g) * splits + s) * (D + 2);
+            float* out = partial + (((long)t * heads + h0 + g) * splits + s) * (d + 2);
             out[j] = o;
             if (j == 0) {
-                out[D] = M;
-                out[D + 1] = L;
+                out[d] = M;
+                out[d + 1] = L;
             }
         }
     }
@@ -801,7 +825,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
     __syncthreads();
     if (!last) return;
     for (int g = warp; g < HB; g += WARPS)
-        merge_partials_warp<T, PER>(partial + ((long)t * heads + h0 + g) * splits * (D + 2), active, D,
+        merge_partials_warp<T, PER>(partial + ((long)t * heads + h0 + g) * splits * (d + 2), active, d,
                                     out_all + (h0 + g) * ohs + t * ots, lane);
 }
 
@@ -811,10 +835,10 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out, long long ohs, long long ots, int window, float softcap) {                                            \
+        T* out, long long ohs, long long ots, int window, float softcap, int d) {                                            \
         paged_decode_split_grouped<T, D, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,   \
                                              page_size, heads, kv_heads, tokens, scale, chunk, splits, partial,     \
-                                             counters, out, ohs, ots, window, softcap);                             \
+                                             counters, out, ohs, ots, window, softcap, d);                             \
     }
 
 // The latency build at 4 positions a warp held to 64 registers (8 blocks an SM) at head dims up
@@ -910,7 +934,7 @@ template <typename T, int D>
 __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,
                                const long long* token_pos, const long long* seq_start, const long long* cached_len,
                                const long long* page_indptr, const int* page_indices, int page_size, int heads,
-                               int kv_heads, long tokens, float scale, T* out) {
+                               int kv_heads, long tokens, float scale, T* out, int d) {
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     long t = blockIdx.x;
@@ -920,21 +944,21 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
     long long s = token_seq[t], pos = token_pos[t];
     long long cached = cached_len[s], start = seq_start[s];
     long base = (long)page_indices[page_indptr[s]] * page_size;  // the slot's first row
-    const bool live = lane * PER < D;
+    const bool live = lane * PER < d;
     float qv[PER], acc[PER];
     for (int i = 0; i < PER; i++) {
-        qv[i] = live ? load_f(q, ((long)h * tokens + t) * D + lane * PER + i) * scale : 0.0f;
+        qv[i] = live ? load_f(q, ((long)h * tokens + t) * d + lane * PER + i) * scale : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
     for (long long p = warp; p <= pos; p += WARPS) {
         const T *kr, *vr;
         if (p < cached) {
-            long row = ((base + p) * kv_heads + kvh) * D;
+            long row = ((base + p) * kv_heads + kvh) * d;
             kr = k_cache + row;
             vr = v_cache + row;
         } else {
-            long row = ((long)kvh * tokens + start + (p - cached)) * D;
+            long row = ((long)kvh * tokens + start + (p - cached)) * d;
             kr = k + row;
             vr = v + row;
         }
@@ -961,15 +985,15 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
     for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2]);
     float L = 0.0f;
     for (int w2 = 0; w2 < WARPS; w2++) L += sl[w2] * __expf(sm[w2] - M);
-    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float o = 0.0f;
         for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
-        store_f(out, ((long)h * tokens + t) * D + e, o / L);
+        store_f(out, ((long)h * tokens + t) * d + e, o / L);
     }
     if (h % group == 0) {
-        long dst = ((base + pos) * kv_heads + kvh) * D;
-        long src = ((long)kvh * tokens + t) * D;
-        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+        long dst = ((base + pos) * kv_heads + kvh) * d;
+        long src = ((long)kvh * tokens + t) * d;
+        for (int e = threadIdx.x; e < d; e += blockDim.x) {
             k_cache[dst + e] = k[src + e];
             v_cache[dst + e] = v[src + e];
         }
@@ -981,9 +1005,9 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
         const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,                     \
         const long long* token_pos, const long long* seq_start, const long long* cached_len,                        \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out) { pdl_enter();                                                                                        \
+        float scale, T* out, int d) { pdl_enter();                                                                                        \
         slot_attention<T, D>(q, k, v, k_cache, v_cache, token_seq, token_pos, seq_start, cached_len, page_indptr,    \
-                             page_indices, page_size, heads, kv_heads, tokens, scale, out);                           \
+                             page_indices, page_size, heads, kv_heads, tokens, scale, out, d);                           \
     }
 #define SLOT_INSTANTIATE(T, S) SLOT(T, S, 16) SLOT(T, S, 32) SLOT(T, S, 64) SLOT(T, S, 96) SLOT(T, S, 128) SLOT(T, S, 256)
 SLOT_INSTANTIATE(float, f32)

@@ -37,12 +37,12 @@ pub struct FlashInfer {
 /// A layer whose head dim the CUDA kernels do not cover is refused when the engine is built,
 /// naming the backend, the layer and the dims there are kernels for (not at the first step).
 fn check_head_dims(setup: &DeviceAttentionSetup, backend: &str) -> Result<()> {
-    use autodeploy_kernels::cuda::exec::HEAD_DIMS;
-    match setup.layers.iter().enumerate().find(|(_, &(_, _, d))| !HEAD_DIMS.contains(&d)) {
+    use autodeploy_kernels::cuda::exec::{kernel_head_dim, HEAD_DIMS};
+    match setup.layers.iter().enumerate().find(|(_, &(_, _, d))| kernel_head_dim(d).is_none()) {
         Some((l, &(_, _, d))) => Err(Error::op(
             "attention_with_kv_cache",
             format!(
-                "attention backend `{backend}`: layer {l} has head_dim {d}; its CUDA kernels cover head_dim {HEAD_DIMS:?} (run this model with device = \"cpu\")"
+                "attention backend `{backend}`: layer {l} has head_dim {d}; its CUDA kernels cover head_dim {HEAD_DIMS:?} and any multiple of 8 up to 256 (run this model with device = \"cpu\")"
             ),
         )),
         None => Ok(()),

@@ -132,7 +132,8 @@ impl Gpu {
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
         let (window, softcap) = mods.kernel_args()?;
-        l.arg(&window).arg(&softcap);
+        let d32 = d as i32;
+        l.arg(&window).arg(&softcap).arg(&d32);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, 1),
             block_dim: (128, 1, 1),
@@ -255,7 +256,8 @@ impl Gpu {
             .arg(&splits);
         l.arg(&split.partial).arg(&split.counters).arg(&out).arg(&rows.head).arg(&rows.token);
         let (window, softcap) = mods.kernel_args()?;
-        l.arg(&window).arg(&softcap);
+        let d32 = d as i32;
+        l.arg(&window).arg(&softcap).arg(&d32);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
             block_dim: (128, 1, 1),
@@ -322,7 +324,8 @@ impl Gpu {
         let mut l = self.launcher(*f);
         l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cache.0).arg(&cache.1).arg(&meta.token_seq).arg(&meta.token_pos);
         l.arg(&meta.seq_start).arg(&meta.cached_len).arg(&meta.page_indptr).arg(&meta.page_indices);
-        l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+        let d32 = d as i32;
+        l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out).arg(&d32);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, 1),
             block_dim: (128, 1, 1),
@@ -365,12 +368,25 @@ fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {
     }
 }
 
-/// Which of `HEAD_DIMS` an attention kernel for head dim `d` is, or why there is none.
+/// The head dim of the kernel that runs head dim `d`: `d` itself where `HEAD_DIMS` has it, else
+/// the narrowest of `GENERAL_DIMS` that holds it, for any multiple of 8 up to 256 (the kernels
+/// take the row length at run time; a lane's share of a row stays a whole vector load). None
+/// for other dims.
+pub fn kernel_head_dim(d: usize) -> Option<usize> {
+    if HEAD_DIMS.contains(&d) {
+        return Some(d);
+    }
+    if d == 0 || !d.is_multiple_of(8) {
+        return None;
+    }
+    GENERAL_DIMS.into_iter().find(|&k| k >= d)
+}
+
+/// Which of `HEAD_DIMS` the attention kernel for head dim `d` is, or why there is none.
 fn head_dim_index(d: usize, kernel: &str) -> Result<usize, Unavailable> {
-    HEAD_DIMS
-        .iter()
-        .position(|&x| x == d)
-        .ok_or_else(|| Unavailable(format!("{kernel} has kernels for head_dim {HEAD_DIMS:?}, not {d}")))
+    kernel_head_dim(d).and_then(|k| HEAD_DIMS.iter().position(|&x| x == k)).ok_or_else(|| {
+        Unavailable(format!("{kernel} has kernels for head_dim {HEAD_DIMS:?} and any multiple of 8 up to 256, not {d}"))
+    })
 }
 
 /// Query heads of one GQA group a split-KV decode block (throughput build) can attend for
@@ -380,7 +396,7 @@ pub fn heads_a_block(heads: usize, kv_heads: usize, d: usize) -> usize {
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return 1;
     }
-    let (group, per) = (heads / kv_heads, d.div_ceil(32));
+    let (group, per) = (heads / kv_heads, kernel_head_dim(d).unwrap_or(d).div_ceil(32));
     [8, 4, 2].into_iter().find(|&hb| group.is_multiple_of(hb) && hb * per <= 32).unwrap_or(1)
 }
 
@@ -420,6 +436,10 @@ pub fn tile_slots(tokens: usize, seqs: usize) -> usize {
 
 /// Head dims the paged attention kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 6] = [16, 32, 64, 96, 128, 256];
+
+/// The kernels other multiples of 8 run on (`kernel_head_dim`): PER = dim / 32 values a lane, a
+/// power of two, so it divides any multiple of 8 they hold.
+const GENERAL_DIMS: [usize; 4] = [32, 64, 128, 256];
 
 /// A step's batch metadata on the device (FlashInfer's CSR page table), shared by all layers.
 #[derive(Clone, Copy, Debug)]
