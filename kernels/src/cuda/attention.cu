@@ -28,12 +28,13 @@ __device__ void write_kv(const T* k, const T* v, T* k_cache, T* v_cache, const l
 // the output rounds once to T. `window` > 0: only the last `window` positions (itself
 // included); `window` < 0: chunked attention, only the positions of its own chunk of -window
 // (from pos / -window · -window; every kernel taking `window` reads it so); `softcap` > 0: each score becomes softcap * tanh(score / softcap).
-template <typename T, int D>
+template <typename T, int D, bool G>
 __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
                                 int page_size, int heads, int kv_heads, long tokens, float scale, T* out, int window,
-                                float softcap, int d) {
-    constexpr int PER = (D + 31) / 32;  // elements per lane; lanes past D idle when D < 32
+                                float softcap, int dd) {
+    const int d = G ? dd : D;  // the row length: D itself, or (a general build) up to D
+    constexpr int PER = (D + 31) / 32;  // elements per lane; lanes past d idle
     constexpr int WARPS = 4;
     long t = blockIdx.x;
     int h = blockIdx.y;
@@ -88,12 +89,12 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
     }
 }
 
-#define PAGED(T, S, D)                                                                                                \
-    extern "C" __global__ void paged_attention_d##D##_##S(                                                           \
+#define PAGED(T, S, D, G, P)                                                                                          \
+    extern "C" __global__ void paged_attention_##P##D##_##S(                                                         \
         const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
         float scale, T* out, int window, float softcap, int d) { pdl_enter();                                                \
-        paged_attention<T, D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,       \
+        paged_attention<T, D, G>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,       \
                               heads, kv_heads, tokens, scale, out, window, softcap, d);                                  \
     }
 
@@ -105,7 +106,9 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
         write_kv<T>(k, v, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, kv_heads,    \
                     tokens, d);                                                                                       \
     }                                                                                                                 \
-    PAGED(T, S, 16) PAGED(T, S, 32) PAGED(T, S, 64) PAGED(T, S, 96) PAGED(T, S, 128) PAGED(T, S, 256)
+    PAGED(T, S, 16, false, d) PAGED(T, S, 32, false, d) PAGED(T, S, 64, false, d) PAGED(T, S, 96, false, d)           \
+    PAGED(T, S, 128, false, d) PAGED(T, S, 256, false, d)                                                             \
+    PAGED(T, S, 32, true, g) PAGED(T, S, 64, true, g) PAGED(T, S, 128, true, g) PAGED(T, S, 256, true, g)
 
 ATTN_INSTANTIATE(float, f32)
 ATTN_INSTANTIATE(bf16_t, bf16)
@@ -484,13 +487,14 @@ __device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, boo
 // seq_start) from k_new/v_new, so no block reads a slot this kernel writes; block (t, first q
 // head of a kv group, last chunk of t) stores token t's k and v in the cache for the steps
 // after, from the registers its attention read them into.
-template <typename T, int D, bool EARLY, int UE>
+template <typename T, int D, bool G, bool EARLY, int UE>
 __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin,
                                    T* k_cache, T* v_cache, const long long* token_seq, const long long* token_pos,
                                    const long long* page_indptr, const int* page_indices, const long long* seq_start,
                                    const long long* cached_len, int page_size, int heads, int kv_heads, long tokens,
                                    float scale, int chunk, int splits, float* partial, int* counters, T* out_all,
-                                   long long ohs, long long ots, int window, float softcap, int d) {
+                                   long long ohs, long long ots, int window, float softcap, int dd) {
+    const int d = G ? dd : D;  // as paged_attention
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = EARLY && D <= 128 ? UE : 4;
@@ -672,15 +676,15 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     merge_partials<T, EARLY ? 16 : 0>(partial + ((long)t * heads + h) * splits * (d + 2), active, d, out_row);
 }
 
-#define SPLIT_ENTRY(T, S, D, NAME, EARLY, UE, BOUNDS)                                                                 \
-    extern "C" __global__ void BOUNDS NAME##_d##D##_##S(                                                              \
+#define SPLIT_ENTRY(T, S, D, G, P, NAME, EARLY, UE, BOUNDS)                                                           \
+    extern "C" __global__ void BOUNDS NAME##_##P##D##_##S(                                                            \
         const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, T* k_cache, T* v_cache,              \
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
         T* out, long long ohs, long long ots, int window, float softcap, int d) {                                            \
         /* the latency build takes no window or soft-cap (constants: compiled away) */                              \
-        paged_decode_split<T, D, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,       \
+        paged_decode_split<T, D, G, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,       \
                                         page_indptr, page_indices, seq_start, cached_len, page_size, heads,         \
                                         kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots,   \
                                         EARLY ? 0 : window, EARLY ? 0.0f : softcap, d);                                \
@@ -692,13 +696,14 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
 // the cache (written before it), partials [tokens, heads, splits, D + 2], a token whose positions
 // fit one chunk writing out directly; the last block of (t, b) to finish (counter t·heads +
 // b·HB) merges its heads, one warp a head.
-template <typename T, int D, int HB>
+template <typename T, int D, bool G, int HB>
 __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T* v_cache,
                                            const long long* token_seq, const long long* token_pos,
                                            const long long* page_indptr, const int* page_indices, int page_size,
                                            int heads, int kv_heads, long tokens, float scale, int chunk, int splits,
                                            float* partial, int* counters, T* out_all, long long ohs, long long ots,
-                                           int window, float softcap, int d) {
+                                           int window, float softcap, int dd) {
+    const int d = G ? dd : D;  // as paged_attention
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     constexpr int U = HB >= 8 ? 2 : 4;
@@ -829,14 +834,14 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
                                     out_all + (h0 + g) * ohs + t * ots, lane);
 }
 
-#define GROUPED_ENTRY(T, S, D, HB)                                                                                   \
-    extern "C" __global__ void paged_decode_split_g##HB##_d##D##_##S(                                                 \
+#define GROUPED_ENTRY(T, S, D, G, P, HB)                                                                             \
+    extern "C" __global__ void paged_decode_split_g##HB##_##P##D##_##S(                                               \
         const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, T* k_cache, T* v_cache,              \
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
         T* out, long long ohs, long long ots, int window, float softcap, int d) {                                            \
-        paged_decode_split_grouped<T, D, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,   \
+        paged_decode_split_grouped<T, D, G, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,   \
                                              page_size, heads, kv_heads, tokens, scale, chunk, splits, partial,     \
                                              counters, out, ohs, ots, window, softcap, d);                             \
     }
@@ -852,15 +857,20 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
 #define EARLY4_BOUNDS_256
 // The latency build at 8 positions a warp and pass (`AUTODEPLOY_ATTN_U=8`), and at 4 (the default, `Gpu::attn_early_u`:
 // half the registers for K/V, one pass over chunks of 16).
-#define SPLIT(T, S, D)                                                                                                \
-    SPLIT_ENTRY(T, S, D, paged_decode_split, false, 4, )                                                              \
-    GROUPED_ENTRY(T, S, D, 2)                                                                                         \
-    GROUPED_ENTRY(T, S, D, 4)                                                                                         \
-    GROUPED_ENTRY(T, S, D, 8)                                                                                         \
-    SPLIT_ENTRY(T, S, D, paged_decode_split_early, true, 8, )                                                         \
-    SPLIT_ENTRY(T, S, D, paged_decode_split_early4, true, 4, EARLY4_BOUNDS_##D)
+#define SPLIT(T, S, D, G, P)                                                                                          \
+    SPLIT_ENTRY(T, S, D, G, P, paged_decode_split, false, 4, )                                                        \
+    GROUPED_ENTRY(T, S, D, G, P, 2)                                                                                   \
+    GROUPED_ENTRY(T, S, D, G, P, 4)                                                                                   \
+    GROUPED_ENTRY(T, S, D, G, P, 8)                                                                                   \
+    SPLIT_ENTRY(T, S, D, G, P, paged_decode_split_early, true, 8, )                                                   \
+    SPLIT_ENTRY(T, S, D, G, P, paged_decode_split_early4, true, 4, EARLY4_BOUNDS_##D)
 
-#define SPLIT_INSTANTIATE(T, S) SPLIT(T, S, 16) SPLIT(T, S, 32) SPLIT(T, S, 64) SPLIT(T, S, 96) SPLIT(T, S, 128) SPLIT(T, S, 256)
+// Each head dim of `HEAD_DIMS` with the row length a constant (`_d`), and the general builds
+// (`_g`, `GENERAL_DIMS`) taking it at run time for the other multiples of 8 they hold.
+#define SPLIT_INSTANTIATE(T, S)                                                                                       \
+    SPLIT(T, S, 16, false, d) SPLIT(T, S, 32, false, d) SPLIT(T, S, 64, false, d) SPLIT(T, S, 96, false, d)           \
+    SPLIT(T, S, 128, false, d) SPLIT(T, S, 256, false, d)                                                             \
+    SPLIT(T, S, 32, true, g) SPLIT(T, S, 64, true, g) SPLIT(T, S, 128, true, g) SPLIT(T, S, 256, true, g)
 
 SPLIT_INSTANTIATE(float, f32)
 SPLIT_INSTANTIATE(bf16_t, bf16)
@@ -930,11 +940,12 @@ ROPE_KV(bf16_t, bf16)
 // (so no block reads what another is writing); the first query head of each kv group then
 // stores the token's k/v. seq_start[s]: the step's first token of s; cached_len[s]: its
 // position. q, out [heads, tokens, D]; k, v [kv_heads, tokens, D].
-template <typename T, int D>
+template <typename T, int D, bool G>
 __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,
                                const long long* token_pos, const long long* seq_start, const long long* cached_len,
                                const long long* page_indptr, const int* page_indices, int page_size, int heads,
-                               int kv_heads, long tokens, float scale, T* out, int d) {
+                               int kv_heads, long tokens, float scale, T* out, int dd) {
+    const int d = G ? dd : D;  // as paged_attention
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
     long t = blockIdx.x;
@@ -1000,15 +1011,18 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
     }
 }
 
-#define SLOT(T, S, D)                                                                                                 \
-    extern "C" __global__ void slot_attention_d##D##_##S(                                                            \
+#define SLOT(T, S, D, G, P)                                                                                           \
+    extern "C" __global__ void slot_attention_##P##D##_##S(                                                          \
         const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,                     \
         const long long* token_pos, const long long* seq_start, const long long* cached_len,                        \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
         float scale, T* out, int d) { pdl_enter();                                                                                        \
-        slot_attention<T, D>(q, k, v, k_cache, v_cache, token_seq, token_pos, seq_start, cached_len, page_indptr,    \
+        slot_attention<T, D, G>(q, k, v, k_cache, v_cache, token_seq, token_pos, seq_start, cached_len, page_indptr,    \
                              page_indices, page_size, heads, kv_heads, tokens, scale, out, d);                           \
     }
-#define SLOT_INSTANTIATE(T, S) SLOT(T, S, 16) SLOT(T, S, 32) SLOT(T, S, 64) SLOT(T, S, 96) SLOT(T, S, 128) SLOT(T, S, 256)
+#define SLOT_INSTANTIATE(T, S)                                                                                        \
+    SLOT(T, S, 16, false, d) SLOT(T, S, 32, false, d) SLOT(T, S, 64, false, d) SLOT(T, S, 96, false, d)               \
+    SLOT(T, S, 128, false, d) SLOT(T, S, 256, false, d)                                                               \
+    SLOT(T, S, 32, true, g) SLOT(T, S, 64, true, g) SLOT(T, S, 128, true, g) SLOT(T, S, 256, true, g)
 SLOT_INSTANTIATE(float, f32)
 SLOT_INSTANTIATE(bf16_t, bf16)

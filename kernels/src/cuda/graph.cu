@@ -855,7 +855,7 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
 // ---- Grouped MoE (many tokens: `slots >= experts`, the launcher picks): the slots grouped by
 // expert first, then one warp an (expert, row) reads that row once for every slot routed to the
 // expert, `MOE_GROUP` slots a pass, so a layer reads each chosen expert once instead of once a
-// slot. A slot's arithmetic is the per-slot kernels' own (same lanes, same order), so both paths
+// slot, and the slots' inputs come from shared memory. A slot's arithmetic is the per-slot kernels' own (same lanes, same order), so both paths
 // give the same bits.
 
 // One block: `group` = [offsets (experts + 1), cursor (experts), perm (slots)]; perm lists the
@@ -886,43 +886,74 @@ extern "C" __global__ void moe_group(const int* idx, long slots, int experts, in
     }
 }
 
+// A block of 8 warps takes 8 consecutive rows of one expert; for each `MOE_GROUP` of its slots
+// the block stages their input rows in shared memory, `MOE_TILE` values at a time, and each warp
+// reads its row's weights once against all of them.
 #define MOE_GROUP 8
-extern "C" __global__ void moe_gate_up_grouped_bf16(const bf16_t* x, const bf16_t* w_gu, const int* group, int experts,
-                                                    int top_k, int hidden, int inter, int act, const float* scale_in,
-                                                    bf16_t* out) {
+#define MOE_TILE 1024
+#define MOE_ROWS 8
+
+// The slots [m0, m0 + MOE_GROUP) of an expert's list (-1 past its n), and their rows' first
+// `cols`-chunk tile at `c0` (chunks of 8 values) into `tile`; `rows` indexes each slot's row
+// of `src` (row length `len`), `scale` (may be null) scales a row's values as the per-slot
+// kernel does. The whole block calls it.
+__device__ __forceinline__ void moe_stage(bf16_t (*tile)[MOE_TILE], const int* slot, const bf16_t* src, int len,
+                                          int per_row, const float* scale, int c0, int chunks) {
+    for (int i = threadIdx.x; i < MOE_GROUP * chunks; i += blockDim.x) {
+        int m = i / chunks, c = i % chunks;
+        uint4 v = {0u, 0u, 0u, 0u};
+        if (slot[m] >= 0) {
+            v = ((const uint4*)(src + (long)(slot[m] / per_row) * len))[c0 + c];
+            if (scale) {
+                float sc = scale[slot[m]];
+                bf16_t* vp = (bf16_t*)&v;
+#pragma unroll
+                for (int q = 0; q < 8; q++) vp[q] = f32_to_bf16(bf16_to_f32(vp[q]) * sc);
+            }
+        }
+        *(uint4*)&tile[m][c * 8] = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) moe_gate_up_grouped_bf16(const bf16_t* x, const bf16_t* w_gu,
+                                                                           const int* group, int experts, int top_k,
+                                                                           int hidden, int inter, int act,
+                                                                           const float* scale_in, bf16_t* out) {
+    __shared__ __align__(16) bf16_t xs[MOE_GROUP][MOE_TILE];
+    __shared__ int slot[MOE_GROUP];
     pdl_enter();
-    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int blocks_e = (inter + MOE_ROWS - 1) / MOE_ROWS;
+    int e = blockIdx.x / blocks_e;
+    int j = (blockIdx.x % blocks_e) * MOE_ROWS + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
-    if (warp >= (long)experts * inter) return;
-    int e = warp / inter, j = warp % inter;
     const int* perm = group + 2 * experts + 1;
     int first = group[e], n = group[e + 1] - first;
+    bool row = j < inter;
     const bf16_t* base = w_gu + (long)e * 2 * inter * hidden;
     const uint4* wg = (const uint4*)(base + (long)j * hidden);
     const uint4* wu = (const uint4*)(base + (long)(inter + j) * hidden);
     for (int m0 = 0; m0 < n; m0 += MOE_GROUP) {
-        int slot[MOE_GROUP];
-        float g[MOE_GROUP], u[MOE_GROUP], sc[MOE_GROUP];
+        __syncthreads();  // the previous group's slots are read
+        if (threadIdx.x < MOE_GROUP) slot[threadIdx.x] = m0 + threadIdx.x < n ? perm[first + m0 + threadIdx.x] : -1;
+        float g[MOE_GROUP], u[MOE_GROUP];
 #pragma unroll
-        for (int m = 0; m < MOE_GROUP; m++) {
-            slot[m] = m0 + m < n ? perm[first + m0 + m] : -1;
-            sc[m] = scale_in && slot[m] >= 0 ? scale_in[slot[m]] : 1.0f;
-            g[m] = u[m] = 0.0f;
-        }
-        for (int c = lane; c < hidden / 8; c += 32) {
-            uint4 gv = wg[c], uv = wu[c];
+        for (int m = 0; m < MOE_GROUP; m++) g[m] = u[m] = 0.0f;
+        for (int c0 = 0; c0 < hidden / 8; c0 += MOE_TILE / 8) {
+            int chunks = min(MOE_TILE / 8, hidden / 8 - c0);
+            __syncthreads();  // slot[] written, the previous tile read
+            moe_stage(xs, slot, x, hidden, top_k, scale_in, c0, chunks);
+            __syncthreads();
+            if (!row) continue;
+            for (int c = lane; c < chunks; c += 32) {
+                uint4 gv = wg[c0 + c], uv = wu[c0 + c];
 #pragma unroll
-            for (int m = 0; m < MOE_GROUP; m++) {
-                if (slot[m] < 0) break;
-                uint4 xv = ((const uint4*)(x + (long)(slot[m] / top_k) * hidden))[c];
-                if (scale_in) {
-                    bf16_t* xp = (bf16_t*)&xv;
-#pragma unroll
-                    for (int q = 0; q < 8; q++) xp[q] = f32_to_bf16(bf16_to_f32(xp[q]) * sc[m]);
+                for (int m = 0; m < MOE_GROUP; m++) {
+                    if (slot[m] < 0) break;
+                    swiglu_chunk(gv, uv, *(const uint4*)&xs[m][c * 8], g[m], u[m]);
                 }
-                swiglu_chunk(gv, uv, xv, g[m], u[m]);
             }
         }
+        if (!row) continue;
 #pragma unroll
         for (int m = 0; m < MOE_GROUP; m++) {
             if (slot[m] < 0) break;
@@ -935,32 +966,43 @@ extern "C" __global__ void moe_gate_up_grouped_bf16(const bf16_t* x, const bf16_
     }
 }
 
-extern "C" __global__ void moe_down_grouped_bf16(const bf16_t* act, const bf16_t* w_down, const int* group,
-                                                 const float* wts, int experts, int hidden, int inter, float* contrib) {
+extern "C" __global__ void __launch_bounds__(256) moe_down_grouped_bf16(const bf16_t* act, const bf16_t* w_down,
+                                                                        const int* group, const float* wts,
+                                                                        int experts, int hidden, int inter,
+                                                                        float* contrib) {
+    __shared__ __align__(16) bf16_t as[MOE_GROUP][MOE_TILE];
+    __shared__ int slot[MOE_GROUP];
     pdl_enter();
-    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int blocks_e = (hidden + MOE_ROWS - 1) / MOE_ROWS;
+    int e = blockIdx.x / blocks_e;
+    int j = (blockIdx.x % blocks_e) * MOE_ROWS + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
-    if (warp >= (long)experts * hidden) return;
-    int e = warp / hidden, j = warp % hidden;
     const int* perm = group + 2 * experts + 1;
     int first = group[e], n = group[e + 1] - first;
+    bool row = j < hidden;
     const uint4* wr = (const uint4*)(w_down + (long)e * hidden * inter + (long)j * inter);
     for (int m0 = 0; m0 < n; m0 += MOE_GROUP) {
-        int slot[MOE_GROUP];
+        __syncthreads();
+        if (threadIdx.x < MOE_GROUP) slot[threadIdx.x] = m0 + threadIdx.x < n ? perm[first + m0 + threadIdx.x] : -1;
         float acc[MOE_GROUP];
 #pragma unroll
-        for (int m = 0; m < MOE_GROUP; m++) {
-            slot[m] = m0 + m < n ? perm[first + m0 + m] : -1;
-            acc[m] = 0.0f;
-        }
-        for (int c = lane; c < inter / 8; c += 32) {
-            uint4 wv = wr[c];
+        for (int m = 0; m < MOE_GROUP; m++) acc[m] = 0.0f;
+        for (int c0 = 0; c0 < inter / 8; c0 += MOE_TILE / 8) {
+            int chunks = min(MOE_TILE / 8, inter / 8 - c0);
+            __syncthreads();
+            moe_stage(as, slot, act, inter, 1, nullptr, c0, chunks);
+            __syncthreads();
+            if (!row) continue;
+            for (int c = lane; c < chunks; c += 32) {
+                uint4 wv = wr[c0 + c];
 #pragma unroll
-            for (int m = 0; m < MOE_GROUP; m++) {
-                if (slot[m] < 0) break;
-                gemv_chunk<1>(act + (long)slot[m] * inter, inter, wv, c, &acc[m]);
+                for (int m = 0; m < MOE_GROUP; m++) {
+                    if (slot[m] < 0) break;
+                    gemv_chunk<1>(as[m], MOE_TILE, wv, c, &acc[m]);
+                }
             }
         }
+        if (!row) continue;
 #pragma unroll
         for (int m = 0; m < MOE_GROUP; m++) {
             if (slot[m] < 0) break;

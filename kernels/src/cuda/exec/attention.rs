@@ -382,9 +382,11 @@ pub fn kernel_head_dim(d: usize) -> Option<usize> {
     GENERAL_DIMS.into_iter().find(|&k| k >= d)
 }
 
-/// Which of `HEAD_DIMS` the attention kernel for head dim `d` is, or why there is none.
+/// Where the attention kernel for head dim `d` sits in a kernel table (`HEAD_DIMS` with the
+/// row length a constant, then the general builds of `GENERAL_DIMS`), or why there is none.
 fn head_dim_index(d: usize, kernel: &str) -> Result<usize, Unavailable> {
-    kernel_head_dim(d).and_then(|k| HEAD_DIMS.iter().position(|&x| x == k)).ok_or_else(|| {
+    let general = || GENERAL_DIMS.iter().position(|&x| Some(x) == kernel_head_dim(d)).map(|i| HEAD_DIMS.len() + i);
+    HEAD_DIMS.iter().position(|&x| x == d).or_else(general).ok_or_else(|| {
         Unavailable(format!("{kernel} has kernels for head_dim {HEAD_DIMS:?} and any multiple of 8 up to 256, not {d}"))
     })
 }
@@ -437,9 +439,10 @@ pub fn tile_slots(tokens: usize, seqs: usize) -> usize {
 /// Head dims the paged attention kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 6] = [16, 32, 64, 96, 128, 256];
 
-/// The kernels other multiples of 8 run on (`kernel_head_dim`): PER = dim / 32 values a lane, a
-/// power of two, so it divides any multiple of 8 they hold.
-const GENERAL_DIMS: [usize; 4] = [32, 64, 128, 256];
+/// The kernels other multiples of 8 run on (`kernel_head_dim`; attention.cu's `_g` builds, the
+/// row length a run-time value): PER = dim / 32 values a lane, a power of two, so it divides any
+/// multiple of 8 they hold.
+pub const GENERAL_DIMS: [usize; 4] = [32, 64, 128, 256];
 
 /// A step's batch metadata on the device (FlashInfer's CSR page table), shared by all layers.
 #[derive(Clone, Copy, Debug)]

@@ -15,7 +15,8 @@ mod norm;
 mod settings;
 
 pub use attention::{
-    heads_a_block, kernel_head_dim, plan_tiles, tile_slots, HeadRows, ScoreMods, Split, StepMeta, HEAD_DIMS, PREFILL_TC_DIMS,
+    heads_a_block, kernel_head_dim, plan_tiles, tile_slots, HeadRows, ScoreMods, Split, StepMeta, GENERAL_DIMS, HEAD_DIMS,
+    PREFILL_TC_DIMS,
 };
 pub use moe::MoeShape;
 pub use settings::KernelSettings;
@@ -186,7 +187,7 @@ struct Funcs {
     argmax_final: Kernel,
     sample_rows: Kernel,
     write_kv: [Kernel; 2],
-    /// [f32, bf16] × head dims `HEAD_DIMS`.
+    /// [f32, bf16] × head dims `HEAD_DIMS` then `GENERAL_DIMS` (`attention::head_dim_index`).
     paged_attention: [Vec<Kernel>; 2],
     paged_decode_split: [Vec<Kernel>; 2],
     /// The throughput build over 2, 4, 8 query heads of a GQA group a block.
@@ -371,10 +372,13 @@ impl Gpu {
             .map_err(|e| Unavailable(format!("cublasSetWorkspace: {e:?}")))?;
         drop(_g);
         let g = |n: &str| dev.kernel(n);
-        // `{name}_d{D}_{f32,bf16}` for every head dim D of `HEAD_DIMS`: [f32, bf16] × dims.
+        // `{name}_d{D}_{f32,bf16}` for every head dim D of `HEAD_DIMS`, then the general builds
+        // `{name}_g{D}_..` of `GENERAL_DIMS`: [f32, bf16] × dims (`head_dim_index` picks).
         let by_dims = |name: &str| -> Result<[Vec<Kernel>; 2], Unavailable> {
             let dims = |s: &str| -> Result<Vec<Kernel>, Unavailable> {
-                HEAD_DIMS.iter().map(|d| g(&format!("{name}_d{d}_{s}"))).collect()
+                let exact = HEAD_DIMS.iter().map(|d| format!("{name}_d{d}_{s}"));
+                let general = GENERAL_DIMS.iter().map(|d| format!("{name}_g{d}_{s}"));
+                exact.chain(general).map(|n| g(&n)).collect()
             };
             Ok([dims("f32")?, dims("bf16")?])
         };

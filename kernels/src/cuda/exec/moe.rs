@@ -98,12 +98,14 @@ impl Gpu {
             let mut l = self.launcher(self.f.moe[7]);
             l.arg(&x).arg(&w_gate_up).arg(&group).arg(&e32).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
             l.arg(&scale_in).arg(&act);
-            // SAFETY: one warp an (expert, row); the slots it reads are group's, each < slots.
-            launched("moe_gate_up_grouped", unsafe { l.launch(grid(s.experts * s.inter * 32, 256)) }.map(|_| ()))?;
+            // SAFETY: a block of 8 warps an (expert, 8 rows); the slots it reads are group's,
+            // each < slots.
+            let blocks = |rows: usize| s.experts * rows.div_ceil(8) * 256;
+            launched("moe_gate_up_grouped", unsafe { l.launch(grid(blocks(s.inter), 256)) }.map(|_| ()))?;
             let mut l = self.launcher(self.f.moe[8]);
             l.arg(&act).arg(&w_down).arg(&group).arg(&scale_out).arg(&e32).arg(&h32).arg(&i32_).arg(&contrib);
             // SAFETY: as above.
-            launched("moe_down_grouped", unsafe { l.launch(grid(s.experts * s.hidden * 32, 256)) }.map(|_| ()))?;
+            launched("moe_down_grouped", unsafe { l.launch(grid(blocks(s.hidden), 256)) }.map(|_| ()))?;
         } else {
             let mut l = self.launcher(self.f.moe[if vector { 4 } else { 1 }]);
             if vector {
