@@ -528,7 +528,7 @@ fn generated_weights_are_the_cpus_bit_for_bit() {
             let buf = g.alloc(n * dt.size(), "generated").unwrap();
             match v {
                 Synthetic::Const(c) => g.fill_const(buf.ptr, dt, n, c),
-                Synthetic::Uniform { seed, scale } => g.fill_uniform(buf.ptr, dt, n, seed, scale, SYNTHETIC_CHUNK),
+                Synthetic::Uniform { seed, scale } => g.fill_uniform(buf.ptr, dt, &[(n, seed, scale)], SYNTHETIC_CHUNK),
             }
             .unwrap();
             let mut got = vec![0u8; n * dt.size()];
@@ -539,6 +539,24 @@ fn generated_weights_are_the_cpus_bit_for_bit() {
             let first_bad = a.iter().zip(b.iter()).position(|(x, y)| x.to_bits() != y.to_bits());
             assert_eq!(first_bad, None, "{v:?} as {dtype:?}: first differing value");
         }
+        // Three parts in one launch (a MoE weight's experts): each the CPU's values of its own.
+        let parts = [(SYNTHETIC_CHUNK + 5, 7u32, 0.02f32), (3, 11, 0.5), (SYNTHETIC_CHUNK, 13, 0.01)];
+        let mut cpu = Vec::new();
+        for &(n, seed, scale) in &parts {
+            let mut v = vec![0f32; n];
+            Synthetic::Uniform { seed, scale }.fill(&mut v);
+            cpu.extend(v);
+        }
+        let total = cpu.len();
+        let want = Tensor::from_f32(vec![total], cpu).unwrap().cast(dtype).unwrap();
+        let buf = g.alloc(total * dt.size(), "generated").unwrap();
+        g.fill_uniform(buf.ptr, dt, &parts, SYNTHETIC_CHUNK).unwrap();
+        let mut got = vec![0u8; total * dt.size()];
+        g.download(buf.ptr, &mut got).unwrap();
+        let got = Tensor::from_le_bytes(dtype, vec![total], &got).unwrap();
+        let (a, b) = (got.to_f32(), want.to_f32());
+        let first_bad = a.iter().zip(b.iter()).position(|(x, y)| x.to_bits() != y.to_bits());
+        assert_eq!(first_bad, None, "three parts as {dtype:?}: first differing value");
     }
 }
 

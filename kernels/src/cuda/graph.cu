@@ -369,16 +369,28 @@ extern "C" __global__ void argmax_final(const float* part_v, const int* part_i, 
 }
 
 // Synthetic weights made where they live (core's `weights::Synthetic`, `load_format = "dummy"`),
-// the same values the CPU makes. Uniform: thread c fills chunk c (`chunk` values, the last may
-// be short) with its xorshift32 stream; every f32 operation rounded on its own, as the CPU's
-// (no fused multiply-add), then stored as dt (bf16 round-to-nearest-even, as the CPU casts).
-extern "C" __global__ void fill_uniform(void* out, int dt, long n, unsigned int seed, float scale, int chunk) {
+// the same values the CPU makes. Uniform: a weight's generated parts in one launch (a table of
+// `parts` rows of i64: first value, value count, seed, scale's f32 bits, first chunk; then one
+// row holding the total chunk count first): thread c fills chunk c of all the parts' chunks, the
+// part's own chunk k (`chunk` values, the last may be short) with its xorshift32 stream from
+// (seed ^ k·0x9e3779b9) | 1; every f32 operation rounded on its own, as the CPU's (no fused
+// multiply-add), then stored as dt (bf16 round-to-nearest-even, as the CPU casts). A MoE
+// weight is hundreds of experts' parts: one launch each made Qwen3-30B-A3B take 90 s.
+extern "C" __global__ void fill_uniform(void* out, int dt, const long long* table, int parts, int chunk) {
     pdl_enter();
     long c = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    long start = c * chunk;
-    if (start >= n) return;
-    long end = start + chunk < n ? start + chunk : n;
-    unsigned int x = (seed ^ ((unsigned int)c * 0x9e3779b9u)) | 1u;
+    if (c >= table[5 * parts]) return;
+    int lo = 0, hi = parts - 1;  // the last part whose first chunk is <= c
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (table[5 * mid + 4] <= c) lo = mid; else hi = mid - 1;
+    }
+    const long long* p = table + 5 * lo;
+    long k = c - p[4];
+    long start = p[0] + k * chunk;
+    long end = start + chunk < p[0] + p[1] ? start + chunk : p[0] + p[1];
+    float scale = __int_as_float((int)p[3]);
+    unsigned int x = ((unsigned int)p[2] ^ ((unsigned int)k * 0x9e3779b9u)) | 1u;
     for (long i = start; i < end; i++) {
         x ^= x << 13;
         x ^= x >> 17;

@@ -644,23 +644,32 @@ impl Gpu {
         launched("unary", unsafe { l.launch(grid(n, 256)) }.map(|_| ()))
     }
 
-    /// `n` values of `dt` at `out`: chunks of `chunk` values, chunk c an xorshift32 stream from
-    /// `(seed ^ c·0x9e3779b9) | 1`, each value `(x / u32::MAX · 2 − 1) · scale` (core's
+    /// Uniform parts of one weight at `out`, one after another, in one launch: part `(n, seed,
+    /// scale)` is `n` values of `dt` in chunks of `chunk` values, its chunk k an xorshift32 stream
+    /// from `(seed ^ k·0x9e3779b9) | 1`, each value `(x / u32::MAX · 2 − 1) · scale` (core's
     /// `weights::Synthetic::Uniform`: the CPU's values, bit for bit).
-    pub fn fill_uniform(
-        &self,
-        out: Ptr,
-        dt: Dt,
-        n: usize,
-        seed: u32,
-        scale: f32,
-        chunk: usize,
-    ) -> Result<(), Unavailable> {
-        let (d, n64, c32) = (dt as i32, n as i64, chunk as i32);
+    pub fn fill_uniform(&self, out: Ptr, dt: Dt, parts: &[(usize, u32, f32)], chunk: usize) -> Result<(), Unavailable> {
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let chunk = chunk.max(1);
+        let (mut table, mut at, mut chunks) = (Vec::with_capacity(5 * parts.len() + 1), 0usize, 0usize);
+        for &(n, seed, scale) in parts {
+            table.extend([at as i64, n as i64, seed as i64, scale.to_bits() as i32 as i64, chunks as i64]);
+            at += n;
+            chunks += n.div_ceil(chunk);
+        }
+        table.push(chunks as i64);
+        let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = self.alloc(bytes.len(), "generated weights' part table")?;
+        self.upload(t.ptr, &bytes)?;
+        let (d, np, c32) = (dt as i32, parts.len() as i32, chunk as i32);
         let mut l = self.launcher(self.f.fill_uniform);
-        l.arg(&out).arg(&d).arg(&n64).arg(&seed).arg(&scale).arg(&c32);
-        // SAFETY: out holds n elements of dt.
-        launched("fill_uniform", unsafe { l.launch(grid(n.div_ceil(chunk.max(1)), 128)) }.map(|_| ()))
+        l.arg(&out).arg(&d).arg(&t.ptr).arg(&np).arg(&c32);
+        // SAFETY: out holds the parts' values of dt, one after another; the table is theirs.
+        launched("fill_uniform", unsafe { l.launch(grid(chunks, 128)) }.map(|_| ()))?;
+        // The table is freed on return: wait for the launch that reads it.
+        self.sync()
     }
 
     /// `n` values of `dt` at `out`, each `v`.

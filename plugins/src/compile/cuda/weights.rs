@@ -98,15 +98,21 @@ fn generate(
         )));
     }
     let buf = gpu.alloc(want * d.size(), &format!("weight `{}`", p.weight)).map_err(gpu_err)?;
-    let mut at = buf.ptr;
+    let err = |e: autodeploy_kernels::cuda::Unavailable| Error::Msg(format!("generating weight `{}`: {e}", p.weight));
+    // Runs of uniform parts (a MoE weight's experts) in one launch each.
+    let (mut at, mut run_at, mut run) = (buf.ptr, buf.ptr, Vec::new());
     for &(n, v) in parts {
         match v {
-            Synthetic::Const(c) => gpu.fill_const(at, d, n, c),
-            Synthetic::Uniform { seed, scale } => gpu.fill_uniform(at, d, n, seed, scale, SYNTHETIC_CHUNK),
+            Synthetic::Uniform { seed, scale } => run.push((n, seed, scale)),
+            Synthetic::Const(c) => {
+                gpu.fill_uniform(run_at, d, &std::mem::take(&mut run), SYNTHETIC_CHUNK).map_err(err)?;
+                gpu.fill_const(at, d, n, c).map_err(err)?;
+                run_at = at + (n * d.size()) as u64;
+            }
         }
-        .map_err(|e| Error::Msg(format!("generating weight `{}`: {e}", p.weight)))?;
         at += (n * d.size()) as u64;
     }
+    gpu.fill_uniform(run_at, d, &run, SYNTHETIC_CHUNK).map_err(err)?;
     Ok(buf)
 }
 
