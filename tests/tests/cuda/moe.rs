@@ -43,7 +43,7 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
         seed ^= seed << 17;
         (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
-    let (experts, hidden, inter, tokens) = (16usize, 64usize, 48usize, 12usize);
+    let (experts, hidden, inter, tokens) = (16usize, 64usize, 48usize, 40usize);
     let w_gu: Vec<f32> = (0..experts * 2 * inter * hidden).map(|_| next() * 0.5).collect();
     let w_down: Vec<f32> = (0..experts * hidden * inter).map(|_| next() * 0.5).collect();
     let up = |v: &[f32], what: &str| {
@@ -70,7 +70,7 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
             sigmoid,
         };
         let all = shape(tokens);
-        assert!(all.grouped() && !shape(1).grouped());
+        assert!(all.grouped(g.moe_grouped_min) && !shape(1).grouped(g.moe_grouped_min));
         let (grouped, ran) = launches(|| run(&g, &all, &xb, &lb, (gu.ptr, down.ptr)));
         assert!(ran.contains_key("moe_gate_up_grouped") && ran.contains_key("moe_down_grouped"), "{ran:?}");
         for t in 0..tokens {

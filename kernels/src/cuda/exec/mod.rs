@@ -241,6 +241,9 @@ pub struct Gpu {
     /// 4, the default): a smaller last wave of blocks. On an H200 the 8B decode step was
     /// 0.11-0.14 ms shorter at 4 than at 1 (BENCHMARKS.md, session 10).
     pub swiglu_split: usize,
+    /// `torch_moe` runs its grouped kernels from this many token-expert slots an expert
+    /// (`MoeShape::grouped`, `AUTODEPLOY_MOE_GROUPED`).
+    pub moe_grouped_min: usize,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
 }
@@ -452,6 +455,7 @@ impl Gpu {
             attn_early_u,
             attn_group,
             swiglu_split,
+            moe_grouped_min: k.moe_grouped_min,
             source_kernels,
         })
     }

@@ -32,11 +32,12 @@ impl MoeShape {
         [up(slots * 4), up(slots * 4), up(slots * self.inter * dt_bytes), up(slots * self.hidden * 4), up(group)]
     }
 
-    /// Whether the grouped kernels run: at least as many token-expert slots as experts, where
-    /// reading each chosen expert once beats reading it once a slot (decode batches below that
-    /// keep one warp a slot's row and launch nothing for experts no token chose).
-    pub fn grouped(&self) -> bool {
-        self.tokens * self.top_k >= self.experts
+    /// Whether the grouped kernels run: from `min_per_expert` token-expert slots an expert on
+    /// average (`Gpu::moe_grouped_min`), where reading each chosen expert once beats reading it
+    /// once a slot; decode batches below that keep one warp a slot's row and launch nothing for
+    /// experts no token chose.
+    pub fn grouped(&self, min_per_expert: usize) -> bool {
+        self.tokens * self.top_k >= min_per_expert * self.experts
     }
 }
 
@@ -89,7 +90,7 @@ impl Gpu {
         // the outputs scaled by it (softmax routing) or not.
         let scale_in: Ptr = if s.sigmoid { wts } else { 0 };
         let scale_out: Ptr = if s.sigmoid { 0 } else { wts };
-        if vector && s.grouped() {
+        if vector && s.grouped(self.moe_grouped_min) {
             let mut l = self.launcher(self.f.moe[6]);
             l.arg(&idx).arg(&slots).arg(&e32).arg(&group);
             // SAFETY: idx holds `slots` expert ids < experts; group is sized (2·experts + 1 +

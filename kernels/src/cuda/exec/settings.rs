@@ -26,6 +26,10 @@ pub struct KernelSettings {
     /// The split-KV decode's throughput build takes a GQA group's query heads together
     /// (`AUTODEPLOY_ATTN_GROUP=0`: one head a block).
     pub attn_group_heads: bool,
+    /// Token-expert slots an expert, on average, from which `torch_moe` runs its grouped kernels
+    /// (each chosen expert read once for all its slots) instead of one warp a slot's row
+    /// (`AUTODEPLOY_MOE_GROUPED`).
+    pub moe_grouped_min: usize,
 }
 
 impl Default for KernelSettings {
@@ -38,12 +42,13 @@ impl Default for KernelSettings {
             swiglu_split: 4,
             attn_positions_per_pass: 4,
             attn_group_heads: true,
+            moe_grouped_min: 4,
         }
     }
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 7] = [
+const ENV: [(&str, &str); 8] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -51,6 +56,7 @@ const ENV: [(&str, &str); 7] = [
     ("swiglu_split", "AUTODEPLOY_SWIGLU_SPLIT"),
     ("attn_positions_per_pass", "AUTODEPLOY_ATTN_U"),
     ("attn_group_heads", "AUTODEPLOY_ATTN_GROUP"),
+    ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
 ];
 
 impl KernelSettings {
@@ -66,6 +72,9 @@ impl KernelSettings {
         one_of("gemv_split", self.gemv_split, &[1, 2, 4])?;
         one_of("swiglu_split", self.swiglu_split, &[1, 2, 4])?;
         one_of("attn_positions_per_pass", self.attn_positions_per_pass, &[4, 8])?;
+        if !(1..=1024).contains(&self.moe_grouped_min) {
+            return Err(("kernels.moe_grouped_min".into(), format!("{}; 1 to 1024", self.moe_grouped_min)));
+        }
         if self.prefetch_row > 1 << 16 {
             return Err(("kernels.prefetch_row".into(), format!("{} bytes; at most 65536", self.prefetch_row)));
         }
@@ -102,6 +111,7 @@ impl KernelSettings {
                 "prefetch_row" => num.map(|n| s.prefetch_row = n).is_some(),
                 "gemv_split" => split.map(|n| s.gemv_split = n).is_some(),
                 "swiglu_split" => split.map(|n| s.swiglu_split = n).is_some(),
+                "moe_grouped_min" => num.filter(|n| (1..=1024).contains(n)).map(|n| s.moe_grouped_min = n).is_some(),
                 _ => num.filter(|n| [4, 8].contains(n)).map(|n| s.attn_positions_per_pass = n).is_some(),
             };
             if ok {
