@@ -370,9 +370,8 @@ extern "C" __global__ void argmax_final(const float* part_v, const int* part_i, 
 
 // Synthetic weights made where they live (core's `weights::Synthetic`, `load_format = "dummy"`),
 // the same values the CPU makes. Uniform: a weight's generated parts in one launch (a table of
-// `parts` rows of i64: first value, value count, seed, scale's f32 bits, first chunk; then one
-// row holding the total chunk count first): thread c fills chunk c of all the parts' chunks, the
-// part's own chunk k (`chunk` values, the last may be short) with its xorshift32 stream from
+// `parts` rows of five i64: first value, value count, seed, scale's f32 bits, first chunk; then
+// the total chunk count): thread c fills chunk c of all the parts' chunks, its part's chunk k (`chunk` values, the last may be short) with its xorshift32 stream from
 // (seed ^ k·0x9e3779b9) | 1; every f32 operation rounded on its own, as the CPU's (no fused
 // multiply-add), then stored as dt (bf16 round-to-nearest-even, as the CPU casts). A MoE
 // weight is hundreds of experts' parts: one launch each made Qwen3-30B-A3B take 90 s.
@@ -864,11 +863,11 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
 }
 
-// ---- Grouped MoE (many tokens: `slots >= experts`, the launcher picks): the slots grouped by
-// expert first, then one warp an (expert, row) reads that row once for every slot routed to the
-// expert, `MOE_GROUP` slots a pass, so a layer reads each chosen expert once instead of once a
-// slot, and the slots' inputs come from shared memory. A slot's arithmetic is the per-slot kernels' own (same lanes, same order), so both paths
-// give the same bits.
+// ---- Grouped MoE (many tokens: from `Gpu::moe_grouped_min` slots an expert, the launcher
+// picks): the slots grouped by expert first, then one warp an (expert, row) reads that row once
+// for every slot routed to the expert, `MOE_GROUP` slots a pass, their inputs staged in shared
+// memory, so a layer reads each chosen expert once instead of once a slot. A slot's arithmetic
+// is the per-slot kernels' own (same lanes, same order), so both paths give the same bits.
 
 // One block: `group` = [offsets (experts + 1), cursor (experts), perm (slots)]; perm lists the
 // slots of expert 0, then of expert 1, ... (within an expert in no set order; each slot's output
@@ -905,10 +904,11 @@ extern "C" __global__ void moe_group(const int* idx, long slots, int experts, in
 #define MOE_TILE 1024
 #define MOE_ROWS 8
 
-// The slots [m0, m0 + MOE_GROUP) of an expert's list (-1 past its n), and their rows' first
-// `cols`-chunk tile at `c0` (chunks of 8 values) into `tile`; `rows` indexes each slot's row
-// of `src` (row length `len`), `scale` (may be null) scales a row's values as the per-slot
-// kernel does. The whole block calls it.
+// Chunks c0 .. c0 + chunks (8 values each) of the input rows of the `MOE_GROUP` slots in `slot`
+// (-1: none, staged as zeros) into `tile`: slot s reads row s / per_row of `src` (rows of `len`
+// values: a token's x is shared by its top_k slots, an activation row is the slot's own), its
+// values scaled by `scale[s]` where `scale` is set, rounded as the per-slot kernel rounds. The
+// whole block calls it.
 __device__ __forceinline__ void moe_stage(bf16_t (*tile)[MOE_TILE], const int* slot, const bf16_t* src, int len,
                                           int per_row, const float* scale, int c0, int chunks) {
     for (int i = threadIdx.x; i < MOE_GROUP * chunks; i += blockDim.x) {
