@@ -521,6 +521,15 @@ fn generated_weights_are_the_cpus_bit_for_bit() {
     let g = Gpu::open(0).unwrap();
     let n = 2 * SYNTHETIC_CHUNK + 77;
     for (dtype, dt) in [(DType::F32, Dt::F32), (DType::BF16, Dt::BF16), (DType::F16, Dt::F16)] {
+        // The first value at `at` on the GPU that differs from `want`: both widened to f32 (exact
+        // from bf16 and f16), compared as bits.
+        let first_bad = |at: u64, want: &Tensor| {
+            let n = want.numel();
+            let mut got = vec![0u8; n * dt.size()];
+            g.download(at, &mut got).unwrap();
+            let got = Tensor::from_le_bytes(dtype, vec![n], &got).unwrap();
+            got.to_f32().iter().zip(want.to_f32().iter()).position(|(x, y)| x.to_bits() != y.to_bits())
+        };
         for v in [Synthetic::uniform_named("model.layers.0.mlp.down_proj.weight", 0.0083), Synthetic::Const(1.0)] {
             let mut cpu = vec![0f32; n];
             v.fill(&mut cpu);
@@ -531,13 +540,7 @@ fn generated_weights_are_the_cpus_bit_for_bit() {
                 Synthetic::Uniform { seed, scale } => g.fill_uniform(buf.ptr, dt, &[(n, seed, scale)], SYNTHETIC_CHUNK),
             }
             .unwrap();
-            let mut got = vec![0u8; n * dt.size()];
-            g.download(buf.ptr, &mut got).unwrap();
-            // Both widened to f32 (exact from bf16 and f16), compared as bits.
-            let got = Tensor::from_le_bytes(dtype, vec![n], &got).unwrap();
-            let (a, b) = (got.to_f32(), want.to_f32());
-            let first_bad = a.iter().zip(b.iter()).position(|(x, y)| x.to_bits() != y.to_bits());
-            assert_eq!(first_bad, None, "{v:?} as {dtype:?}: first differing value");
+            assert_eq!(first_bad(buf.ptr, &want), None, "{v:?} as {dtype:?}: first differing value");
         }
         // Three parts in one launch (a MoE weight's experts): each the CPU's values of its own.
         let parts = [(SYNTHETIC_CHUNK + 5, 7u32, 0.02f32), (3, 11, 0.5), (SYNTHETIC_CHUNK, 13, 0.01)];
@@ -551,12 +554,7 @@ fn generated_weights_are_the_cpus_bit_for_bit() {
         let want = Tensor::from_f32(vec![total], cpu).unwrap().cast(dtype).unwrap();
         let buf = g.alloc(total * dt.size(), "generated").unwrap();
         g.fill_uniform(buf.ptr, dt, &parts, SYNTHETIC_CHUNK).unwrap();
-        let mut got = vec![0u8; total * dt.size()];
-        g.download(buf.ptr, &mut got).unwrap();
-        let got = Tensor::from_le_bytes(dtype, vec![total], &got).unwrap();
-        let (a, b) = (got.to_f32(), want.to_f32());
-        let first_bad = a.iter().zip(b.iter()).position(|(x, y)| x.to_bits() != y.to_bits());
-        assert_eq!(first_bad, None, "three parts as {dtype:?}: first differing value");
+        assert_eq!(first_bad(buf.ptr, &want), None, "three parts as {dtype:?}: first differing value");
     }
 }
 

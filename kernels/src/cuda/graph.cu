@@ -927,6 +927,26 @@ __device__ __forceinline__ void moe_stage(bf16_t (*tile)[MOE_TILE], const int* s
     }
 }
 
+// A grouped block's place: expert e, the warp's row j of `rows` (8 rows a block), and the
+// expert's slots (`first` in perm, `n` of them).
+struct MoeBlock {
+    int e, j, first, n;
+};
+__device__ __forceinline__ MoeBlock moe_block(int rows, const int* group) {
+    int blocks_e = (rows + MOE_ROWS - 1) / MOE_ROWS;
+    MoeBlock b;
+    b.e = blockIdx.x / blocks_e;
+    b.j = (blockIdx.x % blocks_e) * MOE_ROWS + (threadIdx.x >> 5);
+    b.first = group[b.e];
+    b.n = group[b.e + 1] - b.first;
+    return b;
+}
+
+// The slots [m0, m0 + MOE_GROUP) of the block's expert into shared `slot` (-1 past its n).
+__device__ __forceinline__ void moe_slots(int* slot, const int* perm, const MoeBlock& b, int m0) {
+    if (threadIdx.x < MOE_GROUP) slot[threadIdx.x] = m0 + threadIdx.x < b.n ? perm[b.first + m0 + threadIdx.x] : -1;
+}
+
 extern "C" __global__ void __launch_bounds__(256) moe_gate_up_grouped_bf16(const bf16_t* x, const bf16_t* w_gu,
                                                                            const int* group, int experts, int top_k,
                                                                            int hidden, int inter, int act,
@@ -934,19 +954,16 @@ extern "C" __global__ void __launch_bounds__(256) moe_gate_up_grouped_bf16(const
     __shared__ __align__(16) bf16_t xs[MOE_GROUP][MOE_TILE];
     __shared__ int slot[MOE_GROUP];
     pdl_enter();
-    int blocks_e = (inter + MOE_ROWS - 1) / MOE_ROWS;
-    int e = blockIdx.x / blocks_e;
-    int j = (blockIdx.x % blocks_e) * MOE_ROWS + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
+    const MoeBlock b = moe_block(inter, group);
+    const int e = b.e, j = b.j, lane = threadIdx.x & 31;
     const int* perm = group + 2 * experts + 1;
-    int first = group[e], n = group[e + 1] - first;
     bool row = j < inter;
     const bf16_t* base = w_gu + (long)e * 2 * inter * hidden;
     const uint4* wg = (const uint4*)(base + (long)j * hidden);
     const uint4* wu = (const uint4*)(base + (long)(inter + j) * hidden);
-    for (int m0 = 0; m0 < n; m0 += MOE_GROUP) {
+    for (int m0 = 0; m0 < b.n; m0 += MOE_GROUP) {
         __syncthreads();  // the previous group's slots are read
-        if (threadIdx.x < MOE_GROUP) slot[threadIdx.x] = m0 + threadIdx.x < n ? perm[first + m0 + threadIdx.x] : -1;
+        moe_slots(slot, perm, b, m0);
         float g[MOE_GROUP], u[MOE_GROUP];
 #pragma unroll
         for (int m = 0; m < MOE_GROUP; m++) g[m] = u[m] = 0.0f;
@@ -985,17 +1002,14 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_grouped_bf16(const bf
     __shared__ __align__(16) bf16_t as[MOE_GROUP][MOE_TILE];
     __shared__ int slot[MOE_GROUP];
     pdl_enter();
-    int blocks_e = (hidden + MOE_ROWS - 1) / MOE_ROWS;
-    int e = blockIdx.x / blocks_e;
-    int j = (blockIdx.x % blocks_e) * MOE_ROWS + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
+    const MoeBlock b = moe_block(hidden, group);
+    const int e = b.e, j = b.j, lane = threadIdx.x & 31;
     const int* perm = group + 2 * experts + 1;
-    int first = group[e], n = group[e + 1] - first;
     bool row = j < hidden;
     const uint4* wr = (const uint4*)(w_down + (long)e * hidden * inter + (long)j * inter);
-    for (int m0 = 0; m0 < n; m0 += MOE_GROUP) {
+    for (int m0 = 0; m0 < b.n; m0 += MOE_GROUP) {
         __syncthreads();
-        if (threadIdx.x < MOE_GROUP) slot[threadIdx.x] = m0 + threadIdx.x < n ? perm[first + m0 + threadIdx.x] : -1;
+        moe_slots(slot, perm, b, m0);
         float acc[MOE_GROUP];
 #pragma unroll
         for (int m = 0; m < MOE_GROUP; m++) acc[m] = 0.0f;
