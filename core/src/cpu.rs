@@ -35,6 +35,20 @@ macro_rules! with_storage {
                 let $v = &deq;
                 $crate::tensor::Storage::F32($body)
             }
+            // FP8 moves as its bytes; FP4 (two values a byte) as its codes' values, unscaled
+            // (only the quantized linears give low-bit weights meaning, with their scales).
+            $crate::tensor::Storage::LowBit { dtype: $crate::DType::F8E4M3, bytes: $v, .. } => {
+                let bytes: Vec<u8> = $body;
+                $crate::tensor::Storage::LowBit { dtype: $crate::DType::F8E4M3, len: bytes.len(), bytes }
+            }
+            s @ $crate::tensor::Storage::LowBit { .. } => {
+                let deq = $crate::tensor::Tensor::new(vec![s.len()], s.clone_low_bit())
+                    .expect("same length")
+                    .to_f32()
+                    .into_owned();
+                let $v = &deq;
+                $crate::tensor::Storage::F32($body)
+            }
         }
     };
 }
@@ -264,8 +278,8 @@ pub(crate) fn cat_storage(ins: &[&Tensor], outer: usize, inner: usize, d: usize)
         Storage::BF16(_) => cat_as!(BF16),
         Storage::I64(_) => cat_as!(I64),
         Storage::Bool(_) => cat_as!(Bool),
-        Storage::Block { .. } => {
-            return Err(Error::op("aten.cat", "block-quantized tensors concatenate along dim 0 only"))
+        Storage::Block { .. } | Storage::LowBit { .. } => {
+            return Err(Error::op("aten.cat", "block-quantized and low-bit tensors concatenate along dim 0 only"))
         }
     })
 }

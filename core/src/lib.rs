@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod plugin_abi;
 pub mod prefix_cache;
 pub mod pt2;
+pub mod quant;
 pub mod registry;
 pub mod runtime;
 pub mod sampling;

@@ -26,6 +26,13 @@ pub enum Storage {
         /// linear (`Tensor::packed_rows`); as many bytes again as `bytes`.
         packed: std::sync::OnceLock<autodeploy_kernels::quant::PackedRows>,
     },
+    /// A low-bit float format as stored ([`DType::is_low_bit`]): FP8 one value a byte, FP4 two
+    /// (the lower nibble first); `len` counts values.
+    LowBit {
+        dtype: DType,
+        bytes: Vec<u8>,
+        len: usize,
+    },
 }
 
 impl Storage {
@@ -36,7 +43,15 @@ impl Storage {
             Storage::BF16(v) => v.len(),
             Storage::I64(v) => v.len(),
             Storage::Bool(v) => v.len(),
-            Storage::Block { len, .. } => *len,
+            Storage::Block { len, .. } | Storage::LowBit { len, .. } => *len,
+        }
+    }
+
+    /// A copy of low-bit storage (other storage: an empty f32 one).
+    pub fn clone_low_bit(&self) -> Storage {
+        match self {
+            Storage::LowBit { dtype, bytes, len } => Storage::LowBit { dtype: *dtype, bytes: bytes.clone(), len: *len },
+            _ => Storage::F32(Vec::new()),
         }
     }
 
@@ -52,6 +67,7 @@ impl Storage {
             Storage::I64(_) => DType::I64,
             Storage::Bool(_) => DType::Bool,
             Storage::Block { ty, .. } => DType::Block(*ty),
+            Storage::LowBit { dtype, .. } => *dtype,
         }
     }
 }
@@ -72,6 +88,9 @@ impl Tensor {
             b.chunks_exact(N).map(|c| f(c.try_into().expect("exact chunk"))).collect()
         }
         let n: usize = shape.iter().product();
+        if dtype.is_low_bit() {
+            return Tensor::from_low_bit(dtype, shape, b.to_vec());
+        }
         if dtype.is_block() || b.len() != n * dtype.size_in_bytes() {
             return Err(crate::error::Error::Msg(format!(
                 "{} bytes do not hold a {dtype} tensor of shape {shape:?}",
@@ -84,7 +103,7 @@ impl Tensor {
             DType::F16 => Storage::F16(chunks(b, |x: [u8; 2]| f16::from_bits(u16::from_le_bytes(x)))),
             DType::I64 => Storage::I64(chunks(b, i64::from_le_bytes)),
             DType::Bool => Storage::Bool(b.iter().map(|&x| x != 0).collect()),
-            DType::Block(_) => unreachable!("refused above"),
+            DType::Block(_) | DType::F8E4M3 | DType::F4E2M1 => unreachable!("handled above"),
         };
         Tensor::new(shape, storage)
     }
@@ -99,6 +118,7 @@ impl Tensor {
             Storage::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Storage::Bool(v) => v.iter().map(|&x| x as u8).collect(),
             Storage::Block { .. } => return Err(Error::Msg("a block-quantized tensor has no element bytes".into())),
+            Storage::LowBit { bytes, .. } => bytes.clone(),
         })
     }
 
@@ -131,6 +151,15 @@ impl Tensor {
                     "cannot quantize to {} here; block weights come from the checkpoint",
                     t.name()
                 )))
+            }
+            // Saturating, ties to even: torch's `clamp(-448, 448).to(float8_e4m3fn)`.
+            DType::F8E4M3 => Storage::LowBit {
+                dtype,
+                len: v.len(),
+                bytes: map_par(&v, autodeploy_kernels::quant::lowbit::f32_to_e4m3),
+            },
+            DType::F4E2M1 => {
+                return Err(Error::Msg("cannot quantize to f4e2m1 here; nvfp4 weights come from the checkpoint".into()))
             }
         };
         Tensor::new(shape, data)
@@ -174,6 +203,24 @@ impl Tensor {
             return Err(Error::Msg(format!("{} blocks do not fit shape {shape:?} ({} bytes)", ty.name(), bytes.len())));
         }
         Ok(Tensor { shape, data: Arc::new(Storage::Block { ty, bytes, len, packed: Default::default() }) })
+    }
+
+    /// A low-bit tensor from its stored bytes (FP4: two values a byte, so `shape`'s values
+    /// must be even in number).
+    pub fn from_low_bit(dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Tensor> {
+        let len: usize = shape.iter().product();
+        if !dtype.is_low_bit() || bytes.len() * (1 + (dtype == DType::F4E2M1) as usize) != len {
+            return Err(Error::Msg(format!("{} bytes do not hold a {dtype} tensor of shape {shape:?}", bytes.len())));
+        }
+        Ok(Tensor { shape, data: Arc::new(Storage::LowBit { dtype, bytes, len }) })
+    }
+
+    /// A low-bit tensor's stored bytes.
+    pub fn as_low_bit(&self) -> Option<&[u8]> {
+        match &*self.data {
+            Storage::LowBit { bytes, .. } => Some(bytes),
+            _ => None,
+        }
     }
 
     /// The row-interleaved copy of a block tensor, `make` run once (the first caller's);
@@ -229,6 +276,14 @@ impl Tensor {
             Storage::I64(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
             Storage::Bool(v) => Cow::Owned(v.iter().map(|&x| x as u8 as f32).collect()),
             Storage::Block { ty, bytes, .. } => Cow::Owned(crate::gguf::dequantize(*ty, bytes)),
+            // The codes' values, unscaled.
+            Storage::LowBit { dtype: DType::F8E4M3, bytes, .. } => {
+                Cow::Owned(map_par(bytes, autodeploy_kernels::quant::lowbit::e4m3_to_f32))
+            }
+            Storage::LowBit { bytes, .. } => {
+                use autodeploy_kernels::quant::lowbit::e2m1_to_f32;
+                Cow::Owned(bytes.iter().flat_map(|&b| [e2m1_to_f32(b & 15), e2m1_to_f32(b >> 4)]).collect())
+            }
         }
     }
 

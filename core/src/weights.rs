@@ -55,6 +55,7 @@ pub fn float_dtype(d: StDtype) -> Option<DType> {
         StDtype::F32 => Some(DType::F32),
         StDtype::F16 => Some(DType::F16),
         StDtype::BF16 => Some(DType::BF16),
+        StDtype::F8_E4M3 => Some(DType::F8E4M3),
         _ => None,
     }
 }
@@ -146,6 +147,9 @@ enum Entry {
         shape: Vec<usize>,
         dtype: DType,
     },
+    /// A file's u8 tensor `[rows, cols / 2]` read as `[rows, cols]` E2M1 values, two a byte
+    /// (an NVFP4 weight).
+    PackedFp4(usize),
 }
 
 /// Cloning is cheap: files are shared, owned tensors share their storage.
@@ -154,6 +158,10 @@ pub struct WeightStore {
     files: Vec<std::sync::Arc<SafetensorsFile>>,
     entries: HashMap<String, Entry>,
     origin: String,
+    /// The checkpoint's quantization, and the weights whose stored values mean something only
+    /// with their scales (loaded only in their stored dtype, by a quantized linear).
+    quant: Option<crate::quant::CheckpointQuant>,
+    scaled: std::collections::BTreeSet<String>,
 }
 
 impl WeightStore {
@@ -173,6 +181,55 @@ impl WeightStore {
             self.entries.insert(n, Entry::File(idx));
         }
         self.files.push(std::sync::Arc::new(file));
+    }
+
+    /// The quantization the checkpoint declares (the importer reads it; transforms see it).
+    pub fn set_quantization(&mut self, q: crate::quant::CheckpointQuant) {
+        self.quant = Some(q);
+    }
+
+    pub fn quantization(&self) -> Option<&crate::quant::CheckpointQuant> {
+        self.quant.as_ref()
+    }
+
+    /// Marks `name` as a weight whose values need their scales: it is loaded only in its
+    /// stored dtype. A file's u8 tensor becomes `[rows, 2 · cols]` E2M1 values (NVFP4's
+    /// packing); E4M3 tensors are read as they are.
+    pub fn mark_scaled(&mut self, name: &str) -> Result<()> {
+        if let Some(Entry::File(i)) = self.entries.get(name) {
+            let i = *i;
+            let f = &self.files[i];
+            let info = f
+                .info(name)
+                .ok_or_else(|| Error::MissingTensor { name: name.into(), where_: f.path.display().to_string() })?;
+            if info.dtype == StDtype::U8 {
+                if info.shape.len() != 2 {
+                    return Err(Error::TensorDtype {
+                        file: f.path.clone(),
+                        name: name.into(),
+                        expected: "u8 [rows, cols / 2] (nvfp4, two values a byte)".into(),
+                        found: format!("u8 {:?}", info.shape),
+                    });
+                }
+                self.entries.insert(name.to_string(), Entry::PackedFp4(i));
+            }
+        }
+        let (dt, _) = self.stored_meta(name)?;
+        if !dt.is_low_bit() {
+            return Err(Error::TensorDtype {
+                file: self.location(name).into(),
+                name: name.into(),
+                expected: "a quantized weight (f8_e4m3, or u8 nvfp4)".into(),
+                found: dt.to_string(),
+            });
+        }
+        self.scaled.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Whether `name` was marked by [`WeightStore::mark_scaled`].
+    pub fn is_scaled(&self, name: &str) -> bool {
+        self.scaled.contains(name)
     }
 
     pub fn add_tensor(&mut self, name: &str, t: Tensor) {
@@ -339,7 +396,7 @@ impl WeightStore {
     /// Where a tensor lives, for error messages.
     pub fn location(&self, name: &str) -> String {
         match self.entries.get(name) {
-            Some(Entry::File(i)) => self.files[*i].path.display().to_string(),
+            Some(Entry::File(i) | Entry::PackedFp4(i)) => self.files[*i].path.display().to_string(),
             Some(Entry::Owned(_)) => "computed by the importer".into(),
             Some(Entry::Lazy(_, origin, _) | Entry::Synthetic(_, origin, _)) => origin.clone(),
             Some(Entry::Concat { parts, .. }) => format!("{} concatenated", parts.join(" + ")),
@@ -371,6 +428,10 @@ impl WeightStore {
                 Ok((dt, info.shape.clone()))
             }
             Some(Entry::Owned(t)) => Ok((t.dtype(), t.shape().to_vec())),
+            Some(Entry::PackedFp4(i)) => {
+                let info = self.files[*i].info(name).expect("checked when marked");
+                Ok((DType::F4E2M1, vec![info.shape[0], 2 * info.shape[1]]))
+            }
             Some(Entry::Alias(of)) => self.stored_meta(of),
             Some(Entry::Lazy(shape, ..) | Entry::Synthetic(shape, ..)) => Ok((DType::F32, shape.clone())),
             Some(
@@ -383,9 +444,31 @@ impl WeightStore {
         }
     }
 
-    /// Reads a tensor, converted to `dtype`.
+    /// Reads a tensor, converted to `dtype`. A weight marked scaled is read only in its stored
+    /// dtype: converted, its values would lack their scales.
     pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
+        if self.scaled.contains(name) {
+            let (stored, _) = self.stored_meta(name)?;
+            if stored != dtype {
+                let (plugin, transform) = self
+                    .quant
+                    .as_ref()
+                    .map(|q| (q.algo.plugin(), q.algo.transform()))
+                    .unwrap_or(("fp8", "quantize_fp8_linear_from_config"));
+                return Err(Error::Msg(format!(
+                    "weight `{name}` ({}) is stored as {stored} with scales, but the graph reads it as {dtype}: only \
+                     a quantized linear reads it, and the `{plugin}` plugin's `{transform}` did not make one \
+                     (is [transforms.{transform}] disabled in the config?)",
+                    self.location(name)
+                )));
+            }
+        }
         let i = match self.entries.get(name) {
+            Some(Entry::PackedFp4(i)) => {
+                let info = self.files[*i].info(name).expect("checked when marked");
+                let (_, shape) = self.stored_meta(name)?;
+                return Tensor::from_low_bit(DType::F4E2M1, shape, self.files[*i].bytes(info).to_vec())?.cast(dtype);
+            }
             Some(Entry::Owned(t)) => return t.cast(dtype),
             Some(Entry::Alias(of)) => return self.load(of, dtype),
             Some(Entry::Lazy(shape, origin, f)) => {

@@ -26,6 +26,7 @@ pub mod transforms {
     pub mod fusion;
     pub mod kvcache;
     pub mod matchers;
+    pub mod quantize;
     pub mod simplify;
 }
 

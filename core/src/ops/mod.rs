@@ -16,6 +16,7 @@ pub mod layout;
 pub mod linear;
 pub mod moe;
 pub mod norm;
+pub mod quant_linear;
 pub mod reduce;
 pub mod rope;
 pub mod unary;
@@ -78,6 +79,7 @@ pub fn cuda_dt(d: DType) -> std::result::Result<autodeploy_kernels::cuda::exec::
             t.dtype_name()
         ))
         }
+        DType::F8E4M3 | DType::F4E2M1 => return Err(format!("{d} weights have no CUDA kernels yet")),
     })
 }
 

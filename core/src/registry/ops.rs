@@ -20,7 +20,8 @@ static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
         .chain(crate::ops::layout::ops())
         .chain(crate::ops::gather::ops())
         .chain(crate::ops::linear::ops())
-        .chain(crate::ops::moe::ops());
+        .chain(crate::ops::moe::ops())
+        .chain(crate::ops::quant_linear::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 

@@ -262,6 +262,7 @@ fn qdot_row_i8(kind: BlockKind, row: &[u8], x: &QuantRow) -> f32 {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod lowbit;
 mod packed;
 
 pub use crate::isa::CpuKernels;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
+use autodeploy_core::quant::{read_checkpoint_quant, CheckpointQuant, QuantAlgo};
 use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::{SafetensorsFile, WeightStore};
 use autodeploy_core::{DType, Graph};
@@ -33,8 +34,18 @@ impl ModelImporter for HfImporter {
 
     fn import(&self, req: &ImportRequest) -> Result<Graph> {
         let cfg_path = req.path.join("config.json");
-        refuse_quantized(&req.path)?;
+        let quant = read_checkpoint_quant(&req.path)?;
         let cfg = parse_config(&cfg_path, req.dtype)?;
+        if let (Some(q), true) = (&quant, req.dummy_weights) {
+            return Err(Error::config(
+                &q.file,
+                &q.key,
+                format!(
+                    "a `{}` quantized checkpoint: dummy weights of quantized checkpoints are not made yet",
+                    q.algo.name()
+                ),
+            ));
+        }
         let store = if req.dummy_weights {
             dummy_weights(&cfg, &req.path)
         } else {
@@ -48,6 +59,10 @@ impl ModelImporter for HfImporter {
                     unpermute_qk(&cfg, &mut store)?;
                 }
             }
+            if let Some(q) = quant {
+                mark_quantized(&q, &mut store)?;
+                store.set_quantization(q);
+            }
             store
         };
         check_weights(&cfg, &store)?;
@@ -57,38 +72,74 @@ impl ModelImporter for HfImporter {
     }
 }
 
-/// A quantized checkpoint (ModelOpt's `hf_quant_config.json` beside it, or a
-/// `quantization_config` in `config.json`) is refused naming the file, key and algorithm: its
-/// weights are not what a bf16 graph reads, and running it as one would be the wrong model.
-fn refuse_quantized(dir: &Path) -> Result<()> {
-    let read = |p: &Path| -> Result<Option<Value>> {
-        if !p.is_file() {
-            return Ok(None);
+/// Marks the weights a quantized checkpoint scales (every `<module>.weight` beside a
+/// `<module>.weight_scale`) so they load only in their stored dtype, and checks their scales'
+/// dtypes and shapes against the algorithm; a module the checkpoint says it excluded must not
+/// be quantized.
+fn mark_quantized(q: &CheckpointQuant, store: &mut WeightStore) -> Result<()> {
+    let modules: Vec<String> =
+        store.names().into_iter().filter_map(|n| n.strip_suffix(".weight_scale").map(str::to_string)).collect();
+    if modules.is_empty() {
+        return Err(Error::config(
+            &q.file,
+            &q.key,
+            format!("a {} checkpoint, but no tensor `*.weight_scale` is in {}", q.algo.name(), store.describe()),
+        ));
+    }
+    for m in &modules {
+        let weight = format!("{m}.weight");
+        if q.excluded(m) {
+            return Err(Error::config(
+                &q.file,
+                &q.key,
+                format!("`{m}` is excluded from quantization there but has a `{m}.weight_scale`"),
+            ));
         }
-        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::BadFile { file: p.into(), msg: format!("invalid JSON: {e}") })
-    };
-    let algo = |v: &Value, key: &str| v.pointer(key).and_then(Value::as_str).unwrap_or("unknown").to_string();
-    let quant = dir.join("hf_quant_config.json");
-    let (file, key, what) = if let Some(v) = read(&quant)? {
-        (quant, "quantization.quant_algo", algo(&v, "/quantization/quant_algo"))
-    } else {
-        let cfg = dir.join("config.json");
-        match read(&cfg)?.and_then(|v| v.get("quantization_config").cloned()) {
-            Some(q) if !q.is_null() => {
-                let what = q.get("quant_algo").or(q.get("quant_method")).and_then(Value::as_str).unwrap_or("unknown");
-                (cfg, "quantization_config", what.to_string())
+        store.mark_scaled(&weight)?;
+        let (dt, shape) = store.stored_meta(&weight)?;
+        let want = match q.algo {
+            QuantAlgo::Fp8 => DType::F8E4M3,
+            QuantAlgo::Nvfp4 => DType::F4E2M1,
+        };
+        let scale = |name: &str| -> Result<(DType, Vec<usize>)> {
+            let n = format!("{m}.{name}");
+            store.stored_meta(&n).map_err(|_| Error::MissingTensor { name: n, where_: store.describe() })
+        };
+        let bad = |name: &str, found: (DType, Vec<usize>), expected: &str| Error::TensorDtype {
+            file: store.location(&format!("{m}.{name}")).into(),
+            name: format!("{m}.{name}"),
+            expected: expected.into(),
+            found: format!("{} {:?}", found.0, found.1),
+        };
+        if dt != want {
+            return Err(bad("weight", (dt, shape), &format!("{} weights ({} checkpoint)", want, q.algo.name())));
+        }
+        let one = |s: &[usize]| s.iter().product::<usize>() == 1;
+        match q.algo {
+            QuantAlgo::Fp8 => {
+                let ws = scale("weight_scale")?;
+                if ws.0 != DType::F32 || !(one(&ws.1) || ws.1 == [shape[0]] || ws.1 == [shape[0], 1]) {
+                    return Err(bad("weight_scale", ws, "f32, one value or one a row"));
+                }
+                let is = scale("input_scale")?;
+                if is.0 != DType::F32 || !one(&is.1) {
+                    return Err(bad("input_scale", is, "one f32 (static per-tensor activation scale)"));
+                }
             }
-            _ => return Ok(()),
+            QuantAlgo::Nvfp4 => {
+                let ws = scale("weight_scale")?;
+                let want = [shape[0], shape[1] / 16];
+                if ws.0 != DType::F8E4M3 || ws.1 != want || shape[1] % 16 != 0 {
+                    return Err(bad("weight_scale", ws, &format!("f8e4m3 {want:?} (one a block of 16)")));
+                }
+                let s2 = scale("weight_scale_2")?;
+                if s2.0 != DType::F32 || !one(&s2.1) {
+                    return Err(bad("weight_scale_2", s2, "one f32"));
+                }
+            }
         }
-    };
-    Err(Error::config(
-        &file,
-        key,
-        format!("a `{what}` quantized checkpoint: quantized HF checkpoints are not supported yet"),
-    ))
+    }
+    Ok(())
 }
 
 /// Reads `config.json` into the normalised decoder description.

@@ -451,12 +451,21 @@ fn halves(g: &Graph, m: &autodeploy_core::pattern::Match) -> bool {
         && last(f["up_dim"])
 }
 
+/// Whether any of `ins` is a weight the checkpoint stored quantized: its linear becomes a
+/// quantized linear in the `quantize` stage, so the MLP stays unfused here.
+fn reads_scaled(g: &Graph, ins: &[ValueId]) -> bool {
+    g.params.iter().any(|p| ins.contains(&p.value) && g.weights.is_scaled(&p.weight))
+}
+
 pub struct MatchSwiGlu;
 
 impl Transform for MatchSwiGlu {
     fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
         let n = rewrite_all(g, &swiglu_pattern(), |g, m, pos| {
             let ins = [m.input("x"), m.input("w_gate"), m.input("w_up"), m.input("w_down")];
+            if reads_scaled(g, &ins) {
+                return Ok(None);
+            }
             let act = captured_act(m);
             let hint = format!("{}.swiglu", g.value(m.output).name);
             let op = Op::swiglu(SwiGlu { fused: false, epilogue: false, act });
@@ -467,6 +476,9 @@ impl Transform for MatchSwiGlu {
                 return Ok(None);
             }
             let ins = [m.input("x"), m.input("w_gate_up"), m.input("w_down")];
+            if reads_scaled(g, &ins) {
+                return Ok(None);
+            }
             let hint = format!("{}.swiglu", g.value(m.output).name);
             let op = Op::swiglu(SwiGlu { fused: true, epilogue: false, act: captured_act(m) });
             Ok(insert_if_equivalent(g, pos, &hint, op, &ins, m.output))
@@ -506,6 +518,9 @@ impl Transform for MatchMlp {
                 let mut ins = vec![m.input("x"), m.input("w_fc"), m.input("w_proj")];
                 if biased {
                     ins.extend([m.input("b_fc"), m.input("b_proj")]);
+                }
+                if reads_scaled(g, &ins) {
+                    return Ok(None);
                 }
                 let hint = format!("{}.mlp", g.value(m.output).name);
                 Ok(insert_if_equivalent(g, pos, &hint, Op::mlp(captured_act(m)), &ins, m.output))

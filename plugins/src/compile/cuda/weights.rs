@@ -130,5 +130,6 @@ pub(super) fn host_bytes(t: &Tensor) -> Result<&[u8]> {
         Storage::I64(v) => bytes(v),
         Storage::Bool(v) => bytes(v),
         Storage::Block { .. } => return Err(Error::Msg("block-quantized tensors cannot be uploaded as is".into())),
+        Storage::LowBit { bytes, .. } => bytes,
     })
 }

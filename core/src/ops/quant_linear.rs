@@ -1,0 +1,135 @@
+//! The quantized linears of ModelOpt checkpoints, named as AutoDeploy names them, each defined
+//! once here and registered in the op table. The `quantize` stage's transforms make them from
+//! `aten.linear`s whose weights the checkpoint stored quantized; their scales are graph values
+//! (weights of the checkpoint), so later transforms can see and share them.
+//!
+//! - `torch_quant_fp8_linear(x, w, input_scale, weight_scale[, bias])`: `w` E4M3 `[out, in]`,
+//!   `input_scale` one f32, `weight_scale` one f32 or one a row (`[out]`). The input goes through
+//!   E4M3 at `input_scale` (saturating, ties to even), as an FP8 GEMM's input must; then
+//!   `y = x_q · (w · weight_scale)ᵀ + bias` in f32, rounded once to x's dtype.
+//! - `torch_quant_nvfp4_linear(x, w, weight_scale, weight_scale_2[, bias])`: `w` E2M1 `[out,
+//!   in]` (two a byte), `weight_scale` E4M3 `[out, in / 16]` (one a block of 16 along a row),
+//!   `weight_scale_2` one f32. Weight-only: the input as it is (Hopper has no FP4 tensor cores;
+//!   Blackwell's W4A4 would also take the checkpoint's `input_scale`).
+
+use std::sync::Arc;
+
+use autodeploy_kernels::quant::lowbit::{fake_quant_e4m3, lowbit_linear, LowBit, NVFP4_BLOCK};
+
+use crate::cpu::KernelOptions;
+use crate::custom_op::{CustomOp, Outputs};
+use crate::dtype::DType;
+use crate::ir::TensorMeta;
+use crate::ops::{no_attrs, Op};
+use crate::shape::Dim;
+use crate::tensor::Tensor;
+
+pub const FP8_LINEAR: &str = "torch_quant_fp8_linear";
+pub const NVFP4_LINEAR: &str = "torch_quant_nvfp4_linear";
+
+impl Op {
+    pub fn fp8_linear() -> Op {
+        Op { name: FP8_LINEAR, attrs: String::new() }
+    }
+    pub fn nvfp4_linear() -> Op {
+        Op { name: NVFP4_LINEAR, attrs: String::new() }
+    }
+}
+
+/// Whether `m` holds one value (`[]` or `[1]`).
+fn one_value(m: &TensorMeta) -> bool {
+    m.shape.iter().all(|d| *d == Dim::new(1))
+}
+
+/// The checks both ops share: x float, w `[out, in]` of `w_dtype` with `in` = x's last dim, an
+/// optional bias `[out]`; the output `x[..., out]` in x's dtype.
+fn linear_out(ins: &[TensorMeta], w_dtype: DType, bias_at: usize) -> Result<Vec<TensorMeta>, String> {
+    let (x, w) = (&ins[0], &ins[1]);
+    if !x.dtype.is_float() || x.shape.is_empty() {
+        return Err(format!("needs a float input with a last dim, got {x}"));
+    }
+    if w.dtype != w_dtype || w.shape.len() != 2 || x.shape.last() != Some(&w.shape[1]) {
+        return Err(format!("input {x} vs weight {w}: weight must be {w_dtype} [out, in]"));
+    }
+    if let Some(b) = ins.get(bias_at) {
+        if b.shape.len() != 1 || b.shape[0] != w.shape[0] || !b.dtype.is_float() {
+            return Err(format!("bias {b} vs weight {w}"));
+        }
+    }
+    let mut shape = x.shape.clone();
+    *shape.last_mut().expect("checked") = w.shape[0].clone();
+    Ok(vec![TensorMeta { dtype: x.dtype, shape }])
+}
+
+fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    no_attrs(attrs)?;
+    let (s_in, s_w, w) = (&ins[2], &ins[3], &ins[1]);
+    if s_in.dtype != DType::F32 || !one_value(s_in) {
+        return Err(format!("input_scale {s_in}: want one f32"));
+    }
+    let per_row = s_w.shape.len() == 1 && w.shape.first() == s_w.shape.first();
+    if s_w.dtype != DType::F32 || !(one_value(s_w) || per_row) {
+        return Err(format!("weight_scale {s_w} vs weight {w}: want one f32 or one a row"));
+    }
+    linear_out(ins, DType::F8E4M3, 4)
+}
+
+fn nvfp4_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    no_attrs(attrs)?;
+    let (w, s_b, s_2) = (&ins[1], &ins[2], &ins[3]);
+    let blocks_ok = match (w.shape.get(1).and_then(Dim::as_static), s_b.shape.get(1).and_then(Dim::as_static)) {
+        (Some(k), Some(b)) => k % NVFP4_BLOCK == 0 && b == k / NVFP4_BLOCK,
+        _ => false,
+    };
+    if s_b.dtype != DType::F8E4M3 || s_b.shape.len() != 2 || s_b.shape[0] != w.shape[0] || !blocks_ok {
+        return Err(format!("weight_scale {s_b} vs weight {w}: want f8e4m3 [out, in / 16]"));
+    }
+    if s_2.dtype != DType::F32 || !one_value(s_2) {
+        return Err(format!("weight_scale_2 {s_2}: want one f32"));
+    }
+    linear_out(ins, DType::F4E2M1, 4)
+}
+
+fn low_bit<'a>(t: &'a Tensor, what: &str) -> Result<&'a [u8], String> {
+    t.as_low_bit().ok_or_else(|| format!("{what} must be stored low-bit, got {}", t.dtype()))
+}
+
+/// `y = x · Wᵀ + bias` over a low-bit W, `x` already as the format takes it.
+fn run(x: &[f32], w: LowBit<'_>, ins: &[&Tensor], out: &(DType, Vec<usize>)) -> Result<Vec<Tensor>, String> {
+    let (n, k) = (ins[1].shape()[0], ins[1].shape()[1]);
+    let m = x.len() / k.max(1);
+    let bias = ins.get(4).map(|b| b.to_f32());
+    let mut y = vec![0f32; m * n];
+    lowbit_linear(m, n, k, x, w, bias.as_deref(), &mut y)?;
+    Ok(vec![Tensor::from_f32_as(out.0, out.1.clone(), y).map_err(|e| e.to_string())?])
+}
+
+fn fp8_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &KernelOptions) -> Result<Vec<Tensor>, String> {
+    let s_in = ins[2].to_f32()[0];
+    let x: Vec<f32> = ins[0].to_f32().iter().map(|&v| fake_quant_e4m3(v, s_in)).collect();
+    let scale = ins[3].to_f32();
+    run(&x, LowBit::Fp8 { codes: low_bit(ins[1], "weight")?, scale: &scale }, ins, &outs[0])
+}
+
+fn nvfp4_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &KernelOptions) -> Result<Vec<Tensor>, String> {
+    let w = LowBit::Nvfp4 {
+        packed: low_bit(ins[1], "weight")?,
+        block_scales: low_bit(ins[2], "weight_scale")?,
+        global: ins[3].to_f32()[0],
+    };
+    run(&ins[0].to_f32(), w, ins, &outs[0])
+}
+
+/// The quantized linears as op-table entries (CPU kernels; no CUDA lowering yet).
+pub fn ops() -> Vec<CustomOp> {
+    vec![
+        CustomOp {
+            extra_inputs: 1,
+            ..CustomOp::built_in(FP8_LINEAR, 4, Outputs::Rule(Arc::new(fp8_rule)), no_attrs, Arc::new(fp8_cpu))
+        },
+        CustomOp {
+            extra_inputs: 1,
+            ..CustomOp::built_in(NVFP4_LINEAR, 4, Outputs::Rule(Arc::new(nvfp4_rule)), no_attrs, Arc::new(nvfp4_cpu))
+        },
+    ]
+}

@@ -1,0 +1,105 @@
+//! The `quantize` stage: the built-in `fp8` and `nvfp4` plugins' transforms, named as
+//! AutoDeploy names them. Each takes the `aten.linear`s whose weight the checkpoint stored
+//! quantized (the importer marked it, `WeightStore::mark_scaled`, from the checkpoint's
+//! `hf_quant_config.json`) and makes them the quantized linear op of their format, the weight
+//! read as stored and its scales added as graph values (params of the checkpoint's tensors).
+//! They know weights and their storage, not models.
+
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::ir::{Graph, TensorMeta};
+use autodeploy_core::ops::linear::LINEAR;
+use autodeploy_core::quant::QuantAlgo;
+use autodeploy_core::registry::TransformPlugin;
+use autodeploy_core::shape::Dim;
+use autodeploy_core::transform::{Transform, TransformContext};
+use autodeploy_core::Op;
+use autodeploy_sdk::Stage;
+
+macro_rules! register {
+    ($name:literal, $order:expr, $algo:expr) => {
+        autodeploy_core::inventory::submit! {
+            TransformPlugin {
+                name: $name,
+                stage: Stage::Quantize,
+                order: $order,
+                enabled_by_default: true,
+                options: &[],
+                version: env!("CARGO_PKG_VERSION"),
+                make: || Box::new(QuantizeFromConfig($algo)),
+            }
+        }
+    };
+}
+
+register!("quantize_fp8_linear_from_config", 10, QuantAlgo::Fp8);
+register!("quantize_nvfp4_linear_from_config", 20, QuantAlgo::Nvfp4);
+
+/// Makes the linears over a checkpoint's `algo`-quantized weights that format's quantized
+/// linear.
+pub struct QuantizeFromConfig(pub QuantAlgo);
+
+impl Transform for QuantizeFromConfig {
+    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+        let algo = self.0;
+        match g.weights.quantization() {
+            Some(q) if q.algo == algo => {}
+            Some(q) => return Ok(format!("skipped: a {} checkpoint", q.algo.name())),
+            None => return Ok("skipped: the checkpoint is not quantized".into()),
+        }
+        let mut n = 0;
+        for i in 0..g.nodes.len() {
+            let node = &g.nodes[i];
+            if !node.op.is(LINEAR) {
+                continue;
+            }
+            let w = node.inputs[1];
+            let Some(name) = g.params.iter().find(|p| p.value == w).map(|p| p.weight.clone()) else { continue };
+            if !g.weights.is_scaled(&name) {
+                continue;
+            }
+            let module = name.strip_suffix(".weight").ok_or_else(|| {
+                Error::Msg(format!("{}: quantized weight `{name}` is not a `<module>.weight`", algo.transform()))
+            })?;
+            let readers = g.nodes.iter().filter(|n| n.inputs.contains(&w)).count();
+            if readers != 1 {
+                return Err(Error::Msg(format!(
+                    "{}: quantized weight `{name}` is read by {readers} nodes; only a linear may read it",
+                    algo.transform()
+                )));
+            }
+            let (stored, _) = g.weights.stored_meta(&name)?;
+            let scales: &[&str] = match algo {
+                QuantAlgo::Fp8 => &["input_scale", "weight_scale"],
+                QuantAlgo::Nvfp4 => &["weight_scale", "weight_scale_2"],
+            };
+            let mut ins = vec![node.inputs[0], w];
+            for s in scales {
+                let scale = format!("{module}.{s}");
+                let (dt, shape) = g.weights.stored_meta(&scale)?;
+                ins.push(
+                    g.add_param(&scale, TensorMeta { dtype: dt, shape: shape.into_iter().map(Dim::new).collect() }),
+                );
+            }
+            let node = &g.nodes[i];
+            ins.extend(node.inputs.get(2).copied());
+            let (before, out) = (g.meta(node.outputs[0]).clone(), node.outputs[0]);
+            g.values[w.0 as usize].meta.dtype = stored;
+            let op = match algo {
+                QuantAlgo::Fp8 => Op::fp8_linear(),
+                QuantAlgo::Nvfp4 => Op::nvfp4_linear(),
+            };
+            let metas: Vec<TensorMeta> = ins.iter().map(|&v| g.meta(v).clone()).collect();
+            let after = autodeploy_core::ops::infer(&op, &metas).map_err(|e| e.at_node(&g.value(out).name))?;
+            if after.first() != Some(&before) {
+                return Err(Error::Msg(format!(
+                    "{}: `{name}`'s linear would change its output {before}",
+                    algo.transform()
+                )));
+            }
+            g.nodes[i].op = op;
+            g.nodes[i].inputs = ins;
+            n += 1;
+        }
+        Ok(format!("{n} linears over {} weights", algo.name()))
+    }
+}
