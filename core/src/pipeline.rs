@@ -237,6 +237,7 @@ pub fn param_bytes(g: &Graph, p: &crate::ir::Param) -> Option<u64> {
             let (per, size) = ty.block();
             elems.div_ceil(per as u64).checked_mul(size as u64)
         }
+        crate::DType::F4E2M1 => Some(elems.div_ceil(2)),
         d => elems.checked_mul(d.size_in_bytes() as u64),
     }
 }

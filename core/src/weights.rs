@@ -111,7 +111,7 @@ enum Entry {
     File(usize),
     Owned(Tensor),
     /// Computed when loaded: shape, where it comes from (for messages), and the loader.
-    Lazy(Vec<usize>, String, LazyLoad),
+    Lazy(Vec<usize>, DType, String, LazyLoad),
     /// Generated when loaded: shape, origin, values.
     Synthetic(Vec<usize>, String, Synthetic),
     /// Other weights of this store concatenated along dim 0 (fused linears), in `dtype`,
@@ -238,7 +238,13 @@ impl WeightStore {
 
     /// A weight produced on demand by `load` (f32, of `shape`); `origin` names its source.
     pub fn add_lazy(&mut self, name: &str, shape: Vec<usize>, origin: String, load: LazyLoad) {
-        self.entries.insert(name.to_string(), Entry::Lazy(shape, origin, load));
+        self.entries.insert(name.to_string(), Entry::Lazy(shape, DType::F32, origin, load));
+    }
+
+    /// A weight produced on demand by `load` in `dtype` (a low-bit one: generated codes of a
+    /// quantized checkpoint's shapes), of `shape`.
+    pub fn add_lazy_typed(&mut self, name: &str, shape: Vec<usize>, dtype: DType, origin: String, load: LazyLoad) {
+        self.entries.insert(name.to_string(), Entry::Lazy(shape, dtype, origin, load));
     }
 
     /// A weight of generated values (f32, of `shape`); `origin` names its source.
@@ -398,7 +404,7 @@ impl WeightStore {
         match self.entries.get(name) {
             Some(Entry::File(i) | Entry::PackedFp4(i)) => self.files[*i].path.display().to_string(),
             Some(Entry::Owned(_)) => "computed by the importer".into(),
-            Some(Entry::Lazy(_, origin, _) | Entry::Synthetic(_, origin, _)) => origin.clone(),
+            Some(Entry::Lazy(_, _, origin, _) | Entry::Synthetic(_, origin, _)) => origin.clone(),
             Some(Entry::Concat { parts, .. }) => format!("{} concatenated", parts.join(" + ")),
             Some(Entry::Rows { of, start, shape, .. }) => format!("rows {start}..{} of {of}", start + shape[0]),
             Some(Entry::Transposed { of, .. }) => format!("`{of}` transposed"),
@@ -433,7 +439,8 @@ impl WeightStore {
                 Ok((DType::F4E2M1, vec![info.shape[0], 2 * info.shape[1]]))
             }
             Some(Entry::Alias(of)) => self.stored_meta(of),
-            Some(Entry::Lazy(shape, ..) | Entry::Synthetic(shape, ..)) => Ok((DType::F32, shape.clone())),
+            Some(Entry::Lazy(shape, dtype, ..)) => Ok((*dtype, shape.clone())),
+            Some(Entry::Synthetic(shape, ..)) => Ok((DType::F32, shape.clone())),
             Some(
                 Entry::Concat { shape, dtype, .. }
                 | Entry::Rows { shape, dtype, .. }
@@ -471,7 +478,7 @@ impl WeightStore {
             }
             Some(Entry::Owned(t)) => return t.cast(dtype),
             Some(Entry::Alias(of)) => return self.load(of, dtype),
-            Some(Entry::Lazy(shape, origin, f)) => {
+            Some(Entry::Lazy(shape, _, origin, f)) => {
                 let t = f()?;
                 if t.shape() != shape.as_slice() {
                     return Err(Error::TensorShape {

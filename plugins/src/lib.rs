@@ -15,6 +15,7 @@ pub mod importers {
     pub mod gguf;
     pub mod hf;
     mod hf_keys;
+    mod hf_quant;
     mod layer_shapes;
     pub mod torch_export;
 }

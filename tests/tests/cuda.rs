@@ -258,6 +258,25 @@ fn cuda_matches_cpu_bf16() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
+/// The ModelOpt FP8 and NVFP4 fixtures (tests/quant.rs holds them to their Python reference on
+/// the CPU) on CUDA against the CPU, f32 and bf16, every backend pair: the FP8 GEMV for decode
+/// rows, the dequantize + cuBLAS path for prefill, NVFP4's dequantize path.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn quantized_checkpoints_on_cuda_match_the_cpu() {
+    let _turn = gpu();
+    let (failed, ran) = launches(|| {
+        ["llama-fp8", "qwen3-fp8", "mistral-nvfp4"]
+            .iter()
+            .flat_map(|f| ["float32", "bfloat16"].iter().flat_map(|d| check_family_dtype(f, d)))
+            .collect::<Vec<String>>()
+    });
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    for k in ["e4m3_codes", "gemv_fp8", "fp8_values", "nvfp4_values", "lowbit_epilogue"] {
+        assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
+    }
+}
+
 /// A decode batch larger than every captured bucket runs uncaptured, and a batch between
 /// buckets pads: both give the CPU's greedy tokens.
 #[test]

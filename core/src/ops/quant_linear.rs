@@ -11,16 +11,20 @@
 //!   in]` (two a byte), `weight_scale` E4M3 `[out, in / 16]` (one a block of 16 along a row),
 //!   `weight_scale_2` one f32. Weight-only: the input as it is (Hopper has no FP4 tensor cores;
 //!   Blackwell's W4A4 would also take the checkpoint's `input_scale`).
+//!
+//! On CUDA (kernels/src/cuda/quant.cu, exec/quant.rs) the same sums: products of the codes'
+//! values (exact in f32 and bf16), f32 sums, the scales applied once at the end.
 
 use std::sync::Arc;
 
+use autodeploy_kernels::cuda::exec::{LowBitLinear, LowBitScales};
 use autodeploy_kernels::quant::lowbit::{fake_quant_e4m3, lowbit_linear, LowBit, NVFP4_BLOCK};
 
 use crate::cpu::KernelOptions;
-use crate::custom_op::{CustomOp, Outputs};
+use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
-use crate::ops::{no_attrs, Op};
+use crate::ops::{cuda_dt, gpu_of, no_attrs, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
 
@@ -120,15 +124,59 @@ fn nvfp4_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &KernelO
     run(&ins[0].to_f32(), w, ins, &outs[0])
 }
 
-/// The quantized linears as op-table entries (CPU kernels; no CUDA lowering yet).
+/// The call's sizes, x, y and bias (input 4) as the GPU launchers take them.
+fn cuda_call(ins: &[DeviceTensor], y: &DeviceTensor) -> Result<LowBitLinear, String> {
+    let (n, k) = (ins[1].shape[0], ins[1].shape[1]);
+    let m = y.shape.iter().product::<usize>() / n.max(1);
+    if let Some(b) = ins.get(4).filter(|b| b.dtype != y.dtype) {
+        return Err(format!("bias of {} with {} activations", b.dtype, y.dtype));
+    }
+    Ok(LowBitLinear { dt: cuda_dt(y.dtype)?, m, n, k, x: ins[0].ptr, y: y.ptr, bias: ins.get(4).map_or(0, |b| b.ptr) })
+}
+
+fn scratch3(l: &dyn KernelLauncher) -> Result<[u64; 3], String> {
+    let s = |i: usize| l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned"));
+    Ok([s(0)?, s(1)?, s(2)?])
+}
+
+fn fp8_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
+        let c = cuda_call(ins, &outs[0])?;
+        let s =
+            LowBitScales { input: ins[2].ptr, weight: ins[3].ptr, per_row: ins[3].shape.iter().product::<usize>() > 1 };
+        gpu_of(l)?.fp8_linear(&c, ins[1].ptr, s, scratch3(l)?).map_err(|e| e.0)
+    })
+}
+
+fn nvfp4_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
+        let c = cuda_call(ins, &outs[0])?;
+        let s = LowBitScales { input: 0, weight: ins[3].ptr, per_row: false };
+        gpu_of(l)?.nvfp4_linear(&c, ins[1].ptr, ins[2].ptr, s, scratch3(l)?).map_err(|e| e.0)
+    })
+}
+
+/// [`LowBitLinear::scratch`] for the largest shapes.
+fn lowbit_scratch(ins: &[(DType, Vec<usize>)], _: &str) -> Vec<usize> {
+    let (dt, xs) = &ins[0];
+    let (n, k) = (ins[1].1[0], ins[1].1[1]);
+    let m: usize = xs[..xs.len().saturating_sub(1)].iter().product();
+    LowBitLinear::scratch(dt.size_in_bytes(), m, n, k).to_vec()
+}
+
+/// The quantized linears as op-table entries.
 pub fn ops() -> Vec<CustomOp> {
     vec![
         CustomOp {
             extra_inputs: 1,
+            cuda: Some(fp8_cuda()),
+            cuda_scratch: Some(lowbit_scratch),
             ..CustomOp::built_in(FP8_LINEAR, 4, Outputs::Rule(Arc::new(fp8_rule)), no_attrs, Arc::new(fp8_cpu))
         },
         CustomOp {
             extra_inputs: 1,
+            cuda: Some(nvfp4_cuda()),
+            cuda_scratch: Some(lowbit_scratch),
             ..CustomOp::built_in(NVFP4_LINEAR, 4, Outputs::Rule(Arc::new(nvfp4_rule)), no_attrs, Arc::new(nvfp4_cpu))
         },
     ]

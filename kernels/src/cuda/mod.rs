@@ -33,6 +33,28 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     ("sampling", include_str!("sampling.cu"), &["argmax_rows_f32"]),
+    (
+        "quant",
+        include_str!("quant.cu"),
+        &[
+            "e4m3_codes_f32",
+            "e4m3_codes_bf16",
+            "fp8_values_f32",
+            "fp8_values_bf16",
+            "nvfp4_values_f32",
+            "nvfp4_values_bf16",
+            "lowbit_epilogue_f32",
+            "lowbit_epilogue_bf16",
+            "gemv_fp8_m1_f32",
+            "gemv_fp8_m2_f32",
+            "gemv_fp8_m4_f32",
+            "gemv_fp8_m8_f32",
+            "gemv_fp8_m1_bf16",
+            "gemv_fp8_m2_bf16",
+            "gemv_fp8_m4_bf16",
+            "gemv_fp8_m8_bf16",
+        ],
+    ),
     ("sample", include_str!("sample.cu"), &["sample_rows"]),
     (
         "graph",
@@ -380,7 +402,7 @@ pub struct Device {
 }
 
 /// The sources `exec::Gpu` launches through raw function handles.
-const RAW_MODULES: &[&str] = &["graph", "attention", "sample"];
+const RAW_MODULES: &[&str] = &["graph", "attention", "sample", "quant"];
 
 /// A module loaded with `cuModuleLoadData`; unloaded on drop.
 struct RawModule {

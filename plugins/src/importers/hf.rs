@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use autodeploy_core::backend::{ImportRequest, ModelImporter};
 use autodeploy_core::error::{Error, Result};
-use autodeploy_core::quant::{read_checkpoint_quant, CheckpointQuant, QuantAlgo};
+use autodeploy_core::quant::read_checkpoint_quant;
 use autodeploy_core::registry::ImporterPlugin;
 use autodeploy_core::weights::{SafetensorsFile, WeightStore};
 use autodeploy_core::{DType, Graph};
@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::decoder::{build_decoder, BlockOptions, DecoderConfig, RopeScaling, Scalars};
 use super::families::{self, Flag, Layers, Window};
 use super::hf_keys::Keys;
+use super::hf_quant::{dummy_quantized, mark_quantized};
 use super::layer_shapes::{parse_block_configs, parse_layer_lists, parse_moe, parse_rope_layers, MAX_MLP_WIDTH};
 
 pub struct HfImporter;
@@ -36,18 +37,12 @@ impl ModelImporter for HfImporter {
         let cfg_path = req.path.join("config.json");
         let quant = read_checkpoint_quant(&req.path)?;
         let cfg = parse_config(&cfg_path, req.dtype)?;
-        if let (Some(q), true) = (&quant, req.dummy_weights) {
-            return Err(Error::config(
-                &q.file,
-                &q.key,
-                format!(
-                    "a `{}` quantized checkpoint: dummy weights of quantized checkpoints are not made yet",
-                    q.algo.name()
-                ),
-            ));
-        }
-        let store = if req.dummy_weights {
-            dummy_weights(&cfg, &req.path)
+        let mut store = if req.dummy_weights {
+            let mut store = dummy_weights(&cfg, &req.path);
+            if let Some(q) = &quant {
+                dummy_quantized(q, &mut store)?;
+            }
+            store
         } else {
             let mut store = open_weights(&req.path)?;
             if let Some(fam) = families::family(&cfg.family) {
@@ -59,87 +54,24 @@ impl ModelImporter for HfImporter {
                     unpermute_qk(&cfg, &mut store)?;
                 }
             }
-            if let Some(q) = quant {
-                mark_quantized(&q, &mut store)?;
-                store.set_quantization(q);
-            }
             store
         };
+        if let Some(q) = quant {
+            if let Some(kv) = q.kv_cache {
+                tracing::warn!(
+                    "{} declares a {} KV cache; its k/v scales are not read yet and the KV cache stays in the model's dtype",
+                    q.file.display(),
+                    kv.name()
+                );
+            }
+            mark_quantized(&q, &mut store)?;
+            store.set_quantization(q);
+        }
         check_weights(&cfg, &store)?;
         let mut g = build_decoder(&cfg, store, req.max_batch_size, req.max_seq_len)?;
         g.history.insert(0, format!("import: hf importer read {}", req.path.display()));
         Ok(g)
     }
-}
-
-/// Marks the weights a quantized checkpoint scales (every `<module>.weight` beside a
-/// `<module>.weight_scale`) so they load only in their stored dtype, and checks their scales'
-/// dtypes and shapes against the algorithm; a module the checkpoint says it excluded must not
-/// be quantized.
-fn mark_quantized(q: &CheckpointQuant, store: &mut WeightStore) -> Result<()> {
-    let modules: Vec<String> =
-        store.names().into_iter().filter_map(|n| n.strip_suffix(".weight_scale").map(str::to_string)).collect();
-    if modules.is_empty() {
-        return Err(Error::config(
-            &q.file,
-            &q.key,
-            format!("a {} checkpoint, but no tensor `*.weight_scale` is in {}", q.algo.name(), store.describe()),
-        ));
-    }
-    for m in &modules {
-        let weight = format!("{m}.weight");
-        if q.excluded(m) {
-            return Err(Error::config(
-                &q.file,
-                &q.key,
-                format!("`{m}` is excluded from quantization there but has a `{m}.weight_scale`"),
-            ));
-        }
-        store.mark_scaled(&weight)?;
-        let (dt, shape) = store.stored_meta(&weight)?;
-        let want = match q.algo {
-            QuantAlgo::Fp8 => DType::F8E4M3,
-            QuantAlgo::Nvfp4 => DType::F4E2M1,
-        };
-        let scale = |name: &str| -> Result<(DType, Vec<usize>)> {
-            let n = format!("{m}.{name}");
-            store.stored_meta(&n).map_err(|_| Error::MissingTensor { name: n, where_: store.describe() })
-        };
-        let bad = |name: &str, found: (DType, Vec<usize>), expected: &str| Error::TensorDtype {
-            file: store.location(&format!("{m}.{name}")).into(),
-            name: format!("{m}.{name}"),
-            expected: expected.into(),
-            found: format!("{} {:?}", found.0, found.1),
-        };
-        if dt != want {
-            return Err(bad("weight", (dt, shape), &format!("{} weights ({} checkpoint)", want, q.algo.name())));
-        }
-        let one = |s: &[usize]| s.iter().product::<usize>() == 1;
-        match q.algo {
-            QuantAlgo::Fp8 => {
-                let ws = scale("weight_scale")?;
-                if ws.0 != DType::F32 || !(one(&ws.1) || ws.1 == [shape[0]] || ws.1 == [shape[0], 1]) {
-                    return Err(bad("weight_scale", ws, "f32, one value or one a row"));
-                }
-                let is = scale("input_scale")?;
-                if is.0 != DType::F32 || !one(&is.1) {
-                    return Err(bad("input_scale", is, "one f32 (static per-tensor activation scale)"));
-                }
-            }
-            QuantAlgo::Nvfp4 => {
-                let ws = scale("weight_scale")?;
-                let want = [shape[0], shape[1] / 16];
-                if ws.0 != DType::F8E4M3 || ws.1 != want || shape[1] % 16 != 0 {
-                    return Err(bad("weight_scale", ws, &format!("f8e4m3 {want:?} (one a block of 16)")));
-                }
-                let s2 = scale("weight_scale_2")?;
-                if s2.0 != DType::F32 || !one(&s2.1) {
-                    return Err(bad("weight_scale_2", s2, "one f32"));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Reads `config.json` into the normalised decoder description.

@@ -12,6 +12,7 @@ use super::{Device, Kernel, Unavailable};
 mod attention;
 mod moe;
 mod norm;
+mod quant;
 mod settings;
 
 pub use attention::{
@@ -19,6 +20,7 @@ pub use attention::{
     HEAD_DIMS, PREFILL_TC_DIMS,
 };
 pub use moe::MoeShape;
+pub use quant::{LowBitLinear, LowBitScales};
 pub use settings::KernelSettings;
 
 /// A device address.
@@ -162,6 +164,11 @@ struct Funcs {
     /// `moe_route`, `moe_gate_up`, `moe_down`, `moe_combine`, `moe_gate_up_bf16`,
     /// `moe_down_bf16` (exec/moe.rs).
     moe: [Kernel; 9],
+    /// `quant.cu`: `e4m3_codes`, `fp8_values`, `nvfp4_values`, `lowbit_epilogue`, each
+    /// `[f32, bf16]` (exec/quant.rs).
+    quant: [Kernel; 8],
+    /// `gemv_fp8_m{1,2,4,8}` for `[f32, bf16]`.
+    quant_gemv: [[Kernel; 4]; 2],
     copy_strided: Kernel,
     binary: Kernel,
     unary: Kernel,
@@ -396,6 +403,20 @@ impl Gpu {
                 g("moe_group")?,
                 g("moe_gate_up_grouped_bf16")?,
                 g("moe_down_grouped_bf16")?,
+            ],
+            quant: [
+                g("e4m3_codes_f32")?,
+                g("e4m3_codes_bf16")?,
+                g("fp8_values_f32")?,
+                g("fp8_values_bf16")?,
+                g("nvfp4_values_f32")?,
+                g("nvfp4_values_bf16")?,
+                g("lowbit_epilogue_f32")?,
+                g("lowbit_epilogue_bf16")?,
+            ],
+            quant_gemv: [
+                [g("gemv_fp8_m1_f32")?, g("gemv_fp8_m2_f32")?, g("gemv_fp8_m4_f32")?, g("gemv_fp8_m8_f32")?],
+                [g("gemv_fp8_m1_bf16")?, g("gemv_fp8_m2_bf16")?, g("gemv_fp8_m4_bf16")?, g("gemv_fp8_m8_bf16")?],
             ],
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,

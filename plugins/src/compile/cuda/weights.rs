@@ -20,7 +20,8 @@ pub(super) fn upload(gpu: &Gpu, graph: &Graph) -> Result<(Vec<Buffer>, HashMap<u
     );
     let mut params = Vec::with_capacity(graph.params.len());
     let mut param_ptr = HashMap::new();
-    for p in &graph.params {
+    // Low-bit weights go up as stored; only their quantized linears read them.
+    for p in graph.params.iter().filter(|p| !graph.meta(p.value).dtype.is_low_bit()) {
         dt(graph.meta(p.value).dtype, &p.weight)?;
     }
     // Read (or generate) a few weights at a time on the host's cores, then upload them.

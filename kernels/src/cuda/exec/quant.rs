@@ -1,0 +1,176 @@
+//! The quantized linears' launches (`quant.cu`): FP8 (E4M3 weights and activations) and NVFP4
+//! (E2M1 weights, weight-only). Decode-sized FP8 calls (1, 2, 4 or 8 rows) run the FP8 GEMV,
+//! which reads one byte a weight; the rest dequantize the weight's codes into scratch (exact in
+//! the activations' dtype) and run cuBLAS with f32 output, then one epilogue applies the scales
+//! and bias. cuBLASLt's FP8 GEMM is the faster path left to do for prefill.
+
+use cudarc::cublas::sys as blas_sys;
+
+use super::{grid, launched, Dt, Gpu, Ptr};
+use crate::cuda::Unavailable;
+
+/// Index of a dtype's build in the `[f32, bf16]` kernel pairs.
+fn dt_index(dt: Dt) -> Result<usize, Unavailable> {
+    match dt {
+        Dt::F32 => Ok(0),
+        Dt::BF16 => Ok(1),
+        _ => Err(Unavailable(format!("quantized linears take f32 or bf16 activations, not {dt:?}"))),
+    }
+}
+
+/// The scales of a quantized weight.
+#[derive(Clone, Copy, Debug)]
+pub struct LowBitScales {
+    /// One f32 the activations' codes are scaled by (FP8's `input_scale`), or 0 (none).
+    pub input: Ptr,
+    /// One f32, or one a row when `per_row`.
+    pub weight: Ptr,
+    pub per_row: bool,
+}
+
+/// A quantized linear's call: `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)`.
+#[derive(Clone, Copy, Debug)]
+pub struct LowBitLinear {
+    pub dt: Dt,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub x: Ptr,
+    pub y: Ptr,
+    /// `[n]` in `dt`, or 0.
+    pub bias: Ptr,
+}
+
+impl LowBitLinear {
+    /// Scratch bytes of an FP8 or NVFP4 call, in the order the launchers take them: the
+    /// activations' codes (FP8 only, `m·k` of `dt`), the dequantized weight (`n·k` of `dt`) and
+    /// the f32 sums (`m·n`), each rounded up to 256 bytes.
+    pub fn scratch(dt_bytes: usize, m: usize, n: usize, k: usize) -> [usize; 3] {
+        let up = |b: usize| b.div_ceil(256) * 256;
+        [up(m * k * dt_bytes), up(n * k * dt_bytes), up(m * n * 4)]
+    }
+
+    fn sizes(&self) -> Result<(i64, i32, i32), Unavailable> {
+        let big = |v: usize| i32::try_from(v).is_err();
+        if big(self.n) || big(self.k) || big(self.m) {
+            return Err(Unavailable(format!("quantized linear {self:?}: sizes past 32-bit counts")));
+        }
+        Ok((self.m as i64, self.n as i32, self.k as i32))
+    }
+}
+
+impl Gpu {
+    /// `torch_quant_fp8_linear`: `w` E4M3 `[n, k]`; scratch as [`LowBitLinear::scratch`].
+    pub fn fp8_linear(&self, c: &LowBitLinear, w: Ptr, s: LowBitScales, scratch: [Ptr; 3]) -> Result<(), Unavailable> {
+        let di = dt_index(c.dt)?;
+        let (m64, n32, k32) = c.sizes()?;
+        let [xq, wd, acc] = scratch;
+        let total = (c.m * c.k) as i64;
+        let mut l = self.launcher(self.f.quant[di]);
+        l.arg(&c.x).arg(&s.input).arg(&xq).arg(&total);
+        // SAFETY: x and xq hold m·k values of dt; s.input one f32.
+        launched("e4m3_codes", unsafe { l.launch(grid(c.m * c.k, 256)) }.map(|_| ()))?;
+        let per_row = s.per_row as i32;
+        let gemv = match c.m {
+            1 => Some(0),
+            2 => Some(1),
+            4 => Some(2),
+            8 => Some(3),
+            _ => None,
+        };
+        if let Some(i) = gemv.filter(|_| c.k.is_multiple_of(16) && (w | xq).is_multiple_of(16)) {
+            let pf = self.prefetch_row.min(c.k) as i32;
+            let mut l = self.launcher(self.f.quant_gemv[di][i]);
+            l.arg(&xq).arg(&w).arg(&s.input).arg(&s.weight).arg(&per_row).arg(&c.bias).arg(&c.y);
+            l.arg(&n32).arg(&k32).arg(&pf);
+            // SAFETY: xq [m, k], w [n, k] bytes (rows 16-byte aligned: k % 16 == 0 and w
+            // aligned), y [m, n]; one warp a row, 8 a block.
+            return launched("gemv_fp8", unsafe { l.launch(grid(c.n * 32, 256)) }.map(|_| ()));
+        }
+        let total_w = (c.n * c.k) as i64;
+        let mut l = self.launcher(self.f.quant[2 + di]);
+        l.arg(&w).arg(&wd).arg(&total_w);
+        // SAFETY: w n·k bytes, wd n·k values of dt.
+        launched("fp8_values", unsafe { l.launch(grid(c.n * c.k, 256)) }.map(|_| ()))?;
+        self.gemm_f32_out(c.dt, c.m, c.n, c.k, xq, wd, acc)?;
+        self.lowbit_epilogue(di, c, s, acc, m64, n32)
+    }
+
+    /// `torch_quant_nvfp4_linear`, weight-only: `w` E2M1 `[n, k]` two a byte, `block_scales`
+    /// E4M3 `[n, k / 16]`, `s.weight` the global scale; scratch as [`LowBitLinear::scratch`]
+    /// (the first region unused).
+    pub fn nvfp4_linear(
+        &self,
+        c: &LowBitLinear,
+        w: Ptr,
+        block_scales: Ptr,
+        s: LowBitScales,
+        scratch: [Ptr; 3],
+    ) -> Result<(), Unavailable> {
+        let di = dt_index(c.dt)?;
+        let (m64, n32, k32) = c.sizes()?;
+        let [_, wd, acc] = scratch;
+        let total_w = (c.n * c.k) as i64;
+        let mut l = self.launcher(self.f.quant[4 + di]);
+        l.arg(&w).arg(&block_scales).arg(&wd).arg(&total_w).arg(&k32);
+        // SAFETY: w n·k/2 bytes, block_scales n·k/16, wd n·k values of dt; k % 16 == 0 (the op
+        // rule's check).
+        launched("nvfp4_values", unsafe { l.launch(grid(c.n * c.k, 256)) }.map(|_| ()))?;
+        self.gemm_f32_out(c.dt, c.m, c.n, c.k, c.x, wd, acc)?;
+        self.lowbit_epilogue(di, c, LowBitScales { input: 0, ..s }, acc, m64, n32)
+    }
+
+    fn lowbit_epilogue(
+        &self,
+        di: usize,
+        c: &LowBitLinear,
+        s: LowBitScales,
+        acc: Ptr,
+        m64: i64,
+        n32: i32,
+    ) -> Result<(), Unavailable> {
+        let per_row = s.per_row as i32;
+        let mut l = self.launcher(self.f.quant[6 + di]);
+        l.arg(&acc).arg(&s.input).arg(&s.weight).arg(&per_row).arg(&c.bias).arg(&c.y).arg(&m64).arg(&n32);
+        // SAFETY: acc m·n f32, y m·n of dt, bias n of dt or null, the scales one f32 (n if
+        // per_row) or null.
+        launched("lowbit_epilogue", unsafe { l.launch(grid(c.m * c.n, 256)) }.map(|_| ()))
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with x and w of `dt` and y f32 (cuBLAS, f32 sums).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f32_out(&self, dt: Dt, m: usize, n: usize, k: usize, x: Ptr, w: Ptr, y: Ptr) -> Result<(), Unavailable> {
+        use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+        let ty = match dt {
+            Dt::F32 => cudaDataType::CUDA_R_32F,
+            Dt::BF16 => cudaDataType::CUDA_R_16BF,
+            _ => return Err(Unavailable(format!("quantized linear over {dt:?}"))),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: sizes are the callers' (the op rule's shapes; scratch planned for them).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                ty,
+                k as i32,
+                x as *const _,
+                ty,
+                k as i32,
+                &beta as *const f32 as *const _,
+                y as *mut _,
+                cudaDataType::CUDA_R_32F,
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Unavailable(format!("cuBLAS quantized linear {m}x{k} · ({n}x{k})ᵀ ({dt:?}): {e:?}")))
+    }
+}
