@@ -11,6 +11,9 @@ done
 run llama-3.1-8b.toml opt latency 1
 run llama-3.1-8b.toml simple latency 1
 run llama-3.1-8b.toml opt throughput 64
+# ModelOpt FP8 and NVFP4 layouts of the same shape (dummy codes and scales).
+run llama-3.1-8b-fp8.toml opt latency 1
+run llama-3.1-8b-nvfp4.toml opt latency 1
 # Long prompts (2000 tokens): the ragged prefill attention on tensor cores, and on CUDA cores.
 for m in llama-3.1-8b-long.toml llama-3.2-1b-long.toml; do
   run "$m" opt latency 1 2000 8

@@ -260,7 +260,7 @@ fn cuda_matches_cpu_bf16() {
 
 /// The ModelOpt FP8 and NVFP4 fixtures (tests/quant.rs holds them to their Python reference on
 /// the CPU) on CUDA against the CPU, f32 and bf16, every backend pair: the FP8 GEMV for decode
-/// rows, the dequantize + cuBLAS path for prefill, NVFP4's dequantize path.
+/// rows, the dequantize + cuBLAS path for prefill, both for NVFP4.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn quantized_checkpoints_on_cuda_match_the_cpu() {
@@ -272,7 +272,7 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             .collect::<Vec<String>>()
     });
     assert!(failed.is_empty(), "{}", failed.join("\n"));
-    for k in ["e4m3_codes", "gemv_fp8", "fp8_values", "nvfp4_values", "lowbit_epilogue"] {
+    for k in ["e4m3_codes", "gemv_fp8", "fp8_values", "gemv_nvfp4", "nvfp4_values", "lowbit_epilogue"] {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }
 }

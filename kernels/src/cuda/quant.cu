@@ -119,9 +119,38 @@ __device__ void lowbit_epilogue(const float* acc, const float* s_a, const float*
 LOWBIT_ELEMENTWISE(f32, float)
 LOWBIT_ELEMENTWISE(bf16, bf16_t)
 
-// The FP8 decode GEMV (m <= 8 activation rows): y[m, n] = xq[m, k] · w[n, k]ᵀ · s_in · s_w
-// (+ bias), one warp a weight row reading 16 codes a lane at a time (k % 16 == 0, 16-byte
-// aligned rows), the activations' codes (from `e4m3_codes`) small enough to stay in cache.
+// Eight activations from 16-byte-aligned memory as f32.
+__device__ __forceinline__ void load8(const bf16_t* p, float* o) {
+    uint4 v = *(const uint4*)p;
+    const bf16_t* h = (const bf16_t*)&v;
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j] = bf16_to_f32(h[j]);
+}
+__device__ __forceinline__ void load8(const float* p, float* o) {
+    float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
+    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+
+// Chunks of a weight row (16 bytes each) a lane has in flight at once.
+#define LOWBIT_INFLIGHT 4
+
+// The decode GEMVs (m <= 8 activation rows), one warp a weight row, each lane reading 16-byte
+// chunks of the row LOWBIT_INFLIGHT at a time, the activations (16-byte-aligned rows) small
+// enough to stay in cache; lane 0 stores y[i, row] = sum · scale (+ bias).
+template <typename T, int M>
+__device__ __forceinline__ void gemv_store_scaled(float* acc, float scale, const T* bias, T* y, int n, int row,
+                                                  int lane) {
+    float b = bias ? load_f(bias, row) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        float v = acc[i];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) store_f(y, (long)i * n + row, v * scale + b);
+    }
+}
+
+// FP8: xq holds the activations' E4M3 codes' values (`e4m3_codes`); k % 16 == 0. A chunk is
+// 16 codes.
 template <typename T, int M>
 __device__ void gemv_fp8(const T* xq, const unsigned char* w, const float* s_in, const float* s_w, int per_row,
                          const T* bias, T* y, int n, int k) {
@@ -133,29 +162,33 @@ __device__ void gemv_fp8(const T* xq, const unsigned char* w, const float* s_in,
 #pragma unroll
     for (int i = 0; i < M; i++) acc[i] = 0.0f;
     int chunks = k / 16;
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 wv = wr[c];
-        float wf[16];
-        e4m3x4(wv.x, wf);
-        e4m3x4(wv.y, wf + 4);
-        e4m3x4(wv.z, wf + 8);
-        e4m3x4(wv.w, wf + 12);
+    for (int c0 = lane; c0 < chunks; c0 += 32 * LOWBIT_INFLIGHT) {
+        uint4 wv[LOWBIT_INFLIGHT];
 #pragma unroll
-        for (int i = 0; i < M; i++) {
-            const T* xr = xq + (long)i * k + c * 16;
+        for (int u = 0; u < LOWBIT_INFLIGHT; u++) {
+            int c = c0 + 32 * u;
+            wv[u] = c < chunks ? wr[c] : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
-            for (int j = 0; j < 16; j++) acc[i] += wf[j] * load_f(xr, j);
+        for (int u = 0; u < LOWBIT_INFLIGHT; u++) {
+            int c = c0 + 32 * u;
+            if (c >= chunks) break;
+            float wf[16];
+            e4m3x4(wv[u].x, wf);
+            e4m3x4(wv[u].y, wf + 4);
+            e4m3x4(wv[u].z, wf + 8);
+            e4m3x4(wv[u].w, wf + 12);
+#pragma unroll
+            for (int i = 0; i < M; i++) {
+                float xf[16];
+                load8(xq + (long)i * k + c * 16, xf);
+                load8(xq + (long)i * k + c * 16 + 8, xf + 8);
+#pragma unroll
+                for (int j = 0; j < 16; j++) acc[i] += wf[j] * xf[j];
+            }
         }
     }
-    float scale = s_in[0] * s_w[per_row ? row : 0];
-    float b = bias ? load_f(bias, row) : 0.0f;
-#pragma unroll
-    for (int i = 0; i < M; i++) {
-        float v = acc[i];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) store_f(y, (long)i * n + row, v * scale + b);
-    }
+    gemv_store_scaled<T, M>(acc, s_in[0] * s_w[per_row ? row : 0], bias, y, n, row, lane);
 }
 
 #define GEMV_FP8(S, T, M)                                                                                             \
@@ -175,3 +208,91 @@ GEMV_FP8(bf16, bf16_t, 1)
 GEMV_FP8(bf16, bf16_t, 2)
 GEMV_FP8(bf16, bf16_t, 4)
 GEMV_FP8(bf16, bf16_t, 8)
+
+// NVFP4, weight-only: x as it is; a chunk is 32 codes (two blocks of 16, each times its E4M3
+// block scale), k % 32 == 0. `lut` holds each byte's two E2M1 values as f16 pairs.
+template <typename T, int M>
+__device__ void gemv_nvfp4(const T* x, const unsigned char* w, const unsigned char* bs, const float* s2,
+                           const T* bias, T* y, int n, int k, const unsigned int* lut) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;
+    const uint4* wr = (const uint4*)(w + (long)row * (k / 2));
+    const unsigned char* br = bs + (long)row * (k / 16);
+    float acc[M];
+#pragma unroll
+    for (int i = 0; i < M; i++) acc[i] = 0.0f;
+    int chunks = k / 32;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * LOWBIT_INFLIGHT) {
+        uint4 wv[LOWBIT_INFLIGHT];
+        unsigned short sv[LOWBIT_INFLIGHT];
+#pragma unroll
+        for (int u = 0; u < LOWBIT_INFLIGHT; u++) {
+            int c = c0 + 32 * u;
+            wv[u] = c < chunks ? wr[c] : make_uint4(0, 0, 0, 0);
+            sv[u] = c < chunks ? *(const unsigned short*)(br + 2 * c) : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < LOWBIT_INFLIGHT; u++) {
+            int c = c0 + 32 * u;
+            if (c >= chunks) break;
+            const unsigned int words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+            float wf[32];
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    unsigned int pair = lut[(words[q] >> (8 * b)) & 0xffu];
+                    float lo, hi;
+                    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+                        : "=f"(lo), "=f"(hi)
+                        : "r"(pair));
+                    wf[8 * q + 2 * b] = lo;
+                    wf[8 * q + 2 * b + 1] = hi;
+                }
+            }
+            float s0 = e4m3_value(sv[u] & 0xffu), s1 = e4m3_value(sv[u] >> 8);
+#pragma unroll
+            for (int i = 0; i < M; i++) {
+                float xf[32];
+#pragma unroll
+                for (int q = 0; q < 4; q++) load8(x + (long)i * k + c * 32 + 8 * q, xf + 8 * q);
+                float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 16; j++) a0 += wf[j] * xf[j];
+#pragma unroll
+                for (int j = 16; j < 32; j++) a1 += wf[j] * xf[j];
+                acc[i] += a0 * s0 + a1 * s1;
+            }
+        }
+    }
+    gemv_store_scaled<T, M>(acc, s2[0], bias, y, n, row, lane);
+}
+
+// Each byte's two E2M1 values (lower nibble first) as an f16 pair, for the NVFP4 GEMV.
+__device__ __forceinline__ void nvfp4_lut(unsigned int* lut) {
+    const unsigned short f16[16] = {0x0000, 0x3800, 0x3c00, 0x3e00, 0x4000, 0x4200, 0x4400, 0x4600,
+                                    0x8000, 0xb800, 0xbc00, 0xbe00, 0xc000, 0xc200, 0xc400, 0xc600};
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = f16[i & 15] | ((unsigned int)f16[i >> 4] << 16);
+    __syncthreads();
+}
+
+#define GEMV_NVFP4(S, T, M)                                                                                           \
+    extern "C" __global__ void gemv_nvfp4_m##M##_##S(const T* x, const unsigned char* w, const unsigned char* bs,     \
+                                                     const float* s2, const T* bias, T* y, int n, int k,             \
+                                                     int prefetch) {                                                  \
+        __shared__ unsigned int lut[256];                                                                             \
+        int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                                                       \
+        if (row < n) prefetch_l2(w + (long)row * (k / 2), prefetch, threadIdx.x & 31);                                \
+        nvfp4_lut(lut);                                                                                               \
+        pdl_enter();                                                                                                  \
+        gemv_nvfp4<T, M>(x, w, bs, s2, bias, y, n, k, lut);                                                           \
+    }
+GEMV_NVFP4(f32, float, 1)
+GEMV_NVFP4(f32, float, 2)
+GEMV_NVFP4(f32, float, 4)
+GEMV_NVFP4(f32, float, 8)
+GEMV_NVFP4(bf16, bf16_t, 1)
+GEMV_NVFP4(bf16, bf16_t, 2)
+GEMV_NVFP4(bf16, bf16_t, 4)
+GEMV_NVFP4(bf16, bf16_t, 8)

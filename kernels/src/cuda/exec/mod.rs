@@ -167,8 +167,9 @@ struct Funcs {
     /// `quant.cu`: `e4m3_codes`, `fp8_values`, `nvfp4_values`, `lowbit_epilogue`, each
     /// `[f32, bf16]` (exec/quant.rs).
     quant: [Kernel; 8],
-    /// `gemv_fp8_m{1,2,4,8}` for `[f32, bf16]`.
+    /// `gemv_fp8_m{1,2,4,8}` and `gemv_nvfp4_m{1,2,4,8}` for `[f32, bf16]`.
     quant_gemv: [[Kernel; 4]; 2],
+    nvfp4_gemv: [[Kernel; 4]; 2],
     copy_strided: Kernel,
     binary: Kernel,
     unary: Kernel,
@@ -417,6 +418,15 @@ impl Gpu {
             quant_gemv: [
                 [g("gemv_fp8_m1_f32")?, g("gemv_fp8_m2_f32")?, g("gemv_fp8_m4_f32")?, g("gemv_fp8_m8_f32")?],
                 [g("gemv_fp8_m1_bf16")?, g("gemv_fp8_m2_bf16")?, g("gemv_fp8_m4_bf16")?, g("gemv_fp8_m8_bf16")?],
+            ],
+            nvfp4_gemv: [
+                [g("gemv_nvfp4_m1_f32")?, g("gemv_nvfp4_m2_f32")?, g("gemv_nvfp4_m4_f32")?, g("gemv_nvfp4_m8_f32")?],
+                [
+                    g("gemv_nvfp4_m1_bf16")?,
+                    g("gemv_nvfp4_m2_bf16")?,
+                    g("gemv_nvfp4_m4_bf16")?,
+                    g("gemv_nvfp4_m8_bf16")?,
+                ],
             ],
             copy_strided: g("copy_strided")?,
             binary: g("binary")?,

@@ -1,6 +1,7 @@
 //! The quantized linears' launches (`quant.cu`): FP8 (E4M3 weights and activations) and NVFP4
-//! (E2M1 weights, weight-only). Decode-sized FP8 calls (1, 2, 4 or 8 rows) run the FP8 GEMV,
-//! which reads one byte a weight; the rest dequantize the weight's codes into scratch (exact in
+//! (E2M1 weights, weight-only). Decode-sized calls (1, 2, 4 or 8 rows) run the GEMVs, which
+//! read the weights as stored (FP8 one byte a weight, NVFP4 half a byte plus a block scale per
+//! 16); the rest dequantize the weight's codes into scratch (exact in
 //! the activations' dtype) and run cuBLAS with f32 output, then one epilogue applies the scales
 //! and bias. cuBLASLt's FP8 GEMM is the faster path left to do for prefill.
 
@@ -59,6 +60,17 @@ impl LowBitLinear {
     }
 }
 
+/// The GEMV build for `m` activation rows (1, 2, 4 or 8), if any.
+fn gemv_rows(m: usize) -> Option<usize> {
+    match m {
+        1 => Some(0),
+        2 => Some(1),
+        4 => Some(2),
+        8 => Some(3),
+        _ => None,
+    }
+}
+
 impl Gpu {
     /// `torch_quant_fp8_linear`: `w` E4M3 `[n, k]`; scratch as [`LowBitLinear::scratch`].
     pub fn fp8_linear(&self, c: &LowBitLinear, w: Ptr, s: LowBitScales, scratch: [Ptr; 3]) -> Result<(), Unavailable> {
@@ -71,14 +83,7 @@ impl Gpu {
         // SAFETY: x and xq hold m·k values of dt; s.input one f32.
         launched("e4m3_codes", unsafe { l.launch(grid(c.m * c.k, 256)) }.map(|_| ()))?;
         let per_row = s.per_row as i32;
-        let gemv = match c.m {
-            1 => Some(0),
-            2 => Some(1),
-            4 => Some(2),
-            8 => Some(3),
-            _ => None,
-        };
-        if let Some(i) = gemv.filter(|_| c.k.is_multiple_of(16) && (w | xq).is_multiple_of(16)) {
+        if let Some(i) = gemv_rows(c.m).filter(|_| c.k.is_multiple_of(16) && (w | xq).is_multiple_of(16)) {
             let pf = self.prefetch_row.min(c.k) as i32;
             let mut l = self.launcher(self.f.quant_gemv[di][i]);
             l.arg(&xq).arg(&w).arg(&s.input).arg(&s.weight).arg(&per_row).arg(&c.bias).arg(&c.y);
@@ -110,6 +115,15 @@ impl Gpu {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
         let [_, wd, acc] = scratch;
+        if let Some(i) = gemv_rows(c.m).filter(|_| c.k.is_multiple_of(32) && (w | c.x).is_multiple_of(16)) {
+            let pf = self.prefetch_row.min(c.k / 2) as i32;
+            let mut l = self.launcher(self.f.nvfp4_gemv[di][i]);
+            l.arg(&c.x).arg(&w).arg(&block_scales).arg(&s.weight).arg(&c.bias).arg(&c.y);
+            l.arg(&n32).arg(&k32).arg(&pf);
+            // SAFETY: x [m, k] of dt, w [n, k/2] bytes (rows 16-byte aligned: k % 32 == 0),
+            // block_scales [n, k/16], y [m, n]; one warp a row, 8 a block.
+            return launched("gemv_nvfp4", unsafe { l.launch(grid(c.n * 32, 256)) }.map(|_| ()));
+        }
         let total_w = (c.n * c.k) as i64;
         let mut l = self.launcher(self.f.quant[4 + di]);
         l.arg(&w).arg(&block_scales).arg(&wd).arg(&total_w).arg(&k32);
