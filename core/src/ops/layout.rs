@@ -419,6 +419,17 @@ fn cat_cpu(
         }
         return Ok(vec![Tensor::from_blocks(ty, shape, bytes).map_err(|e| e.to_string())?]);
     }
+    if let (true, 0) = (x.dtype().is_low_bit(), d) {
+        // Low-bit weights (whole bytes a row): their rows' bytes one after another.
+        let mut bytes = Vec::new();
+        for t in ins {
+            match t.as_low_bit() {
+                Some(b) if t.dtype() == x.dtype() => bytes.extend_from_slice(b),
+                _ => return Err("cannot concatenate different weight formats".into()),
+            }
+        }
+        return Ok(vec![Tensor::from_low_bit(x.dtype(), shape, bytes).map_err(|e| e.to_string())?]);
+    }
     let outer: usize = x.shape()[..d].iter().product();
     let inner: usize = x.shape()[d + 1..].iter().product();
     let data = crate::cpu::cat_storage(ins, outer, inner, d).map_err(|e| e.to_string())?;

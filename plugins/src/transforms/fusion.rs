@@ -1,5 +1,6 @@
 //! Post-load fusion: linears that read the same input become one GEMM over concatenated
-//! weights followed by slices; a SwiGLU MLP's gate and up projections become one weight.
+//! weights followed by slices (FP8 linears too, where they share their input scale: the fused
+//! weight gets one scale a row); a SwiGLU MLP's gate and up projections become one weight.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,10 +9,11 @@ use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta, ValueId};
 use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::ops::linear::{SwiGlu, LINEAR};
+use autodeploy_core::ops::quant_linear::FP8_LINEAR;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::{Transform, TransformContext};
-use autodeploy_core::Op;
+use autodeploy_core::{DType, Op};
 use autodeploy_sdk::Stage;
 
 autodeploy_core::inventory::submit! {
@@ -47,45 +49,69 @@ fn concat_params(g: &mut Graph, vals: &[ValueId], name: &str) -> Result<ValueId>
 
 pub struct FuseGemms;
 
+/// One linear of a group: input, weight, the quantized linear's scales (input, weight), bias,
+/// output.
+struct Member {
+    x: ValueId,
+    w: ValueId,
+    scales: Option<(ValueId, ValueId)>,
+    bias: Option<ValueId>,
+    out: ValueId,
+}
+
 impl FuseGemms {
-    /// One group of linears sharing an input → one linear and slices. Returns false if the group
-    /// does not qualify (weights not params, mixed bias, mixed dtypes).
+    /// One group of linears sharing an input (all `aten.linear` or all FP8 linears) → one
+    /// linear and slices. Returns false if the group does not qualify (weights not params, mixed
+    /// bias, mixed dtypes; FP8: different input scales).
     fn fuse_group(g: &mut Graph, nodes: &[usize]) -> Result<bool> {
-        let lin: Vec<(ValueId, ValueId, Option<ValueId>, ValueId)> = nodes
+        let fp8 = g.nodes[nodes[0]].op.is(FP8_LINEAR);
+        let lin: Vec<Member> = nodes
             .iter()
             .map(|&i| {
                 let n = &g.nodes[i];
-                (n.inputs[0], n.inputs[1], n.inputs.get(2).copied(), n.outputs[0])
+                let (scales, bias) =
+                    if fp8 { (Some((n.inputs[2], n.inputs[3])), n.inputs.get(4)) } else { (None, n.inputs.get(2)) };
+                Member { x: n.inputs[0], w: n.inputs[1], scales, bias: bias.copied(), out: n.outputs[0] }
             })
             .collect();
-        let has_bias = lin[0].2.is_some();
-        let dtype = g.meta(lin[0].1).dtype;
+        let has_bias = lin[0].bias.is_some();
+        let dtype = g.meta(lin[0].w).dtype;
         let ok = lin.iter().all(|l| {
-            l.2.is_some() == has_bias
-                && param_weight(g, l.1).is_some()
-                && l.2.is_none_or(|b| param_weight(g, b).is_some())
-                && g.meta(l.1).dtype == dtype
+            l.bias.is_some() == has_bias
+                && param_weight(g, l.w).is_some()
+                && l.bias.is_none_or(|b| param_weight(g, b).is_some())
+                && l.scales.is_none_or(|(a, b)| param_weight(g, a).is_some() && param_weight(g, b).is_some())
+                && g.meta(l.w).dtype == dtype
         });
         if !ok {
             return Ok(false);
         }
-        let names: Vec<String> = lin.iter().map(|l| param_weight(g, l.1).expect("checked")).collect();
+        let names: Vec<String> = lin.iter().map(|l| param_weight(g, l.w).expect("checked")).collect();
         let fused_name = format!("fused[{}]", names.join("+"));
-        let w = concat_params(g, &lin.iter().map(|l| l.1).collect::<Vec<_>>(), &fused_name)?;
-        let mut ins = vec![lin[0].0, w];
+        let scales = match fp8 {
+            true => match fp8_scales(g, &lin, &fused_name)? {
+                Some(s) => Some(s),
+                None => return Ok(false),
+            },
+            false => None,
+        };
+        let w = concat_params(g, &lin.iter().map(|l| l.w).collect::<Vec<_>>(), &fused_name)?;
+        let mut ins = vec![lin[0].x, w];
+        ins.extend(scales.iter().flat_map(|&(a, b)| [a, b]));
         if has_bias {
-            let bs: Vec<ValueId> = lin.iter().map(|l| l.2.expect("checked")).collect();
+            let bs: Vec<ValueId> = lin.iter().map(|l| l.bias.expect("checked")).collect();
             ins.push(concat_params(g, &bs, &format!("{fused_name}.bias"))?);
         }
         let pos = *nodes.iter().min().expect("group of two or more");
-        let hint = format!("{}.fused", g.value(lin[0].3).name);
-        let y = g.insert_node(pos, &hint, Op::linear(), &ins)?;
+        let hint = format!("{}.fused", g.value(lin[0].out).name);
+        let op = if fp8 { Op::fp8_linear() } else { Op::linear() };
+        let y = g.insert_node(pos, &hint, op, &ins)?;
         let mut start = 0i64;
         for (k, l) in lin.iter().enumerate() {
-            let width = g.meta(l.1).shape[0].as_static().expect("static weight") as i64;
-            let name = g.value(l.3).name.clone();
+            let width = g.meta(l.w).shape[0].as_static().expect("static weight") as i64;
+            let name = g.value(l.out).name.clone();
             let s = g.insert_node(pos + 1 + k, &name, Op::slice(Slice::new(-1, start, start + width)), &[y])?;
-            g.replace_uses(l.3, s);
+            g.replace_uses(l.out, s);
             start += width;
         }
         g.dce();
@@ -93,17 +119,48 @@ impl FuseGemms {
     }
 }
 
+/// An FP8 group's scales: the input scale they share (`None` when their values differ: their
+/// inputs would quantize differently) and one weight scale a row of the fused weight, computed
+/// here from the parts' scales (one value or one a row each).
+fn fp8_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<(ValueId, ValueId)>> {
+    let value = |g: &Graph, v: ValueId| -> Result<Vec<f32>> {
+        let name = param_weight(g, v).expect("checked by the caller");
+        Ok(g.weights.load(&name, DType::F32)?.to_f32().into_owned())
+    };
+    let s_in = value(g, lin[0].scales.expect("fp8").0)?;
+    let mut rows = Vec::new();
+    for l in lin {
+        let (a, b) = l.scales.expect("fp8");
+        if value(g, a)? != s_in {
+            return Ok(None);
+        }
+        let n = g.meta(l.w).shape[0].as_static().expect("static weight");
+        let s = value(g, b)?;
+        match s.len() {
+            1 => rows.extend(std::iter::repeat_n(s[0], n)),
+            len if len == n => rows.extend(s),
+            _ => return Ok(None),
+        }
+    }
+    let name = format!("{fused}.weight_scale");
+    let n = rows.len();
+    Arc::make_mut(&mut g.weights).add_tensor(&name, autodeploy_core::Tensor::from_f32(vec![n], rows)?);
+    let s_w = g.add_param(&name, TensorMeta { dtype: DType::F32, shape: static_shape(&[n]) });
+    Ok(Some((lin[0].scales.expect("fp8").0, s_w)))
+}
+
 impl Transform for FuseGemms {
     fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
         let mut groups_done = 0;
         let mut linears_fused = 0;
-        let mut tried: Vec<ValueId> = Vec::new();
+        let mut tried: Vec<(ValueId, bool)> = Vec::new();
         loop {
             // Group linears by their input; pick the first group of two or more not yet tried.
-            let mut by_input: BTreeMap<ValueId, Vec<usize>> = BTreeMap::new();
+            // Keyed by input and op: float linears and FP8 linears fuse among themselves.
+            let mut by_input: BTreeMap<(ValueId, bool), Vec<usize>> = BTreeMap::new();
             for (i, n) in g.nodes.iter().enumerate() {
-                if n.op.is(LINEAR) {
-                    by_input.entry(n.inputs[0]).or_default().push(i);
+                if n.op.is(LINEAR) || n.op.is(FP8_LINEAR) {
+                    by_input.entry((n.inputs[0], n.op.is(FP8_LINEAR))).or_default().push(i);
                 }
             }
             let Some((input, group)) = by_input.into_iter().find(|(k, v)| v.len() > 1 && !tried.contains(k)) else {
