@@ -46,6 +46,11 @@ pub struct PipelineConfig {
     /// the CPU, adds the activation rounding error).
     #[serde(default)]
     pub activation_quant: ActivationQuant,
+    /// `none`, or `fp8`: a float checkpoint's linears become FP8 at load (the `fp8` plugin's
+    /// `quantize_fp8_linear_from_config`): E4M3 weights with one scale a row, each token's
+    /// activations quantized with its own scale as it comes; the LM head and embeddings stay.
+    #[serde(default)]
+    pub quantize: Quantize,
     /// CPU kernel path: `auto` (the best this CPU runs: `avx512vnni`, `avxvnni`, `avx2` or `portable`), or
     /// one of those to compare against a lower one (a path the CPU lacks falls back, with a
     /// warning).
@@ -129,6 +134,14 @@ pub enum LoadFormat {
     #[default]
     Auto,
     Dummy,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    #[default]
+    None,
+    Fp8,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

@@ -164,8 +164,13 @@ fn same_greedy_path(cpu: &mut Engine, prompt: &[i64], cpu_t: &[i64], gpu_t: &[i6
 /// Runs one family in one dtype on every backend pair; returns what failed (all of it, so one
 /// GPU run reports every family).
 fn check_family_dtype(family: &str, dtype: &str) -> Vec<String> {
+    check_family_config(family, dtype, "")
+}
+
+/// The same with `extra` config lines on every engine.
+fn check_family_config(family: &str, dtype: &str, extra: &str) -> Vec<String> {
     let mut failed = Vec::new();
-    let base = format!("dtype = \"{dtype}\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\n");
+    let base = format!("dtype = \"{dtype}\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\n{extra}");
     let mut cpu = engine(family, &format!("{base}device = \"cpu\"\n"));
     // A 9-token and a 3-token prompt (ragged prefill), then 6 decode steps: the first sequence
     // crosses from page 3 into page 4, the second from page 1 into page 2.
@@ -185,7 +190,7 @@ fn check_family_dtype(family: &str, dtype: &str) -> Vec<String> {
     let truth = (dtype == "bfloat16").then(|| {
         let mut f32_cpu = engine(
             family,
-            &format!("dtype = \"float32\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\ndevice = \"cpu\"\n"),
+            &format!("dtype = \"float32\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\ndevice = \"cpu\"\n{extra}"),
         );
         run_steps(&mut f32_cpu, &prompts, &decode)
     });
@@ -259,20 +264,25 @@ fn cuda_matches_cpu_bf16() {
 }
 
 /// The ModelOpt FP8 and NVFP4 fixtures (tests/quant.rs holds them to their Python reference on
-/// the CPU) on CUDA against the CPU, f32 and bf16, every backend pair: the FP8 GEMV for decode
+/// the CPU), and `quantize = "fp8"` on the llama fixture, on CUDA against the CPU, f32 and bf16,
+/// every backend pair: the FP8 GEMV for decode
 /// rows, the dequantize + cuBLAS path for prefill, both for NVFP4.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn quantized_checkpoints_on_cuda_match_the_cpu() {
     let _turn = gpu();
     let (failed, ran) = launches(|| {
-        ["llama-fp8", "qwen3-fp8", "mistral-nvfp4"]
+        let checkpoints =
+            [("llama-fp8", ""), ("qwen3-fp8", ""), ("mistral-nvfp4", ""), ("llama", "quantize = \"fp8\"\n")];
+        checkpoints
             .iter()
-            .flat_map(|f| ["float32", "bfloat16"].iter().flat_map(|d| check_family_dtype(f, d)))
+            .flat_map(|(f, extra)| ["float32", "bfloat16"].iter().flat_map(|d| check_family_config(f, d, extra)))
             .collect::<Vec<String>>()
     });
     assert!(failed.is_empty(), "{}", failed.join("\n"));
-    for k in ["e4m3_codes", "gemv_fp8", "fp8_values", "gemv_nvfp4", "nvfp4_values", "lowbit_epilogue"] {
+    for k in
+        ["e4m3_codes", "e4m3_codes_rows", "gemv_fp8", "fp8_values", "gemv_nvfp4", "nvfp4_values", "lowbit_epilogue"]
+    {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }
 }

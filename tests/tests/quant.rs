@@ -106,3 +106,37 @@ fn a_float_checkpoint_is_not_quantized() {
         .any(|h| h.contains("quantize_fp8_linear_from_config] skipped: the checkpoint is not quantized")));
     assert!(!g.dump().contains("torch_quant_"));
 }
+
+/// `quantize = "fp8"` on a float checkpoint (the llama fixture) against the reference that
+/// quantizes the same way in Python (tests/fixtures/quant-inplace/llama): E4M3 weights at one
+/// scale a row, each token's activations at its own scale; the LM head stays f32.
+#[test]
+fn quantize_fp8_in_place_matches_its_reference() {
+    let extra = "quantize = \"fp8\"\n";
+    let g = graph_after("llama", Stage::PostLoadFusion, extra).unwrap();
+    let dump = g.dump();
+    assert_eq!(dump.matches("dynamic=true)").count(), 8, "{dump}");
+    assert!(g.history.iter().any(|h| h.contains("14 linears to FP8 at load")), "{:?}", g.history);
+    let mut model = compile(&g);
+    let r = Reference::load("quant-inplace/llama");
+    let mut i = 0;
+    while r.has(&format!("tokens_{i}")) {
+        let (shape, ids) = r.i64(&format!("tokens_{i}"));
+        let (_, want) = r.f32(&format!("logits_f32_{i}"));
+        let d = max_abs_diff(&logits(model.as_mut(), &shape, &ids), &want, "llama quantize=fp8");
+        eprintln!("llama quantize=fp8 seq {i} {shape:?}: max |ours - reference| {d:.3e}");
+        assert!(d <= QUANT_F32_MAX_ABS, "seq {i}: {d}");
+        i += 1;
+    }
+    assert!(i >= 3);
+    for j in 0..2 {
+        let (_, prompt) = r.i64(&format!("gen_prompt_{j}"));
+        let (_, want) = r.i64(&format!("gen_output_{j}"));
+        let out = generate("llama", extra, &[greedy(&prompt, want.len())]);
+        assert_eq!(out[0].as_ref().unwrap().tokens, want, "generation {j}");
+    }
+    // It differs from the float model: the quantization ran.
+    let (_, float) = Reference::load("llama").f32("logits_f32_1");
+    let (_, quant) = r.f32("logits_f32_1");
+    assert!(max_abs_diff(&float, &quant, "float vs fp8") > 50.0 * QUANT_F32_MAX_ABS);
+}

@@ -6,7 +6,9 @@
 //! - `torch_quant_fp8_linear(x, w, input_scale, weight_scale[, bias])`: `w` E4M3 `[out, in]`,
 //!   `input_scale` one f32, `weight_scale` one f32 or one a row (`[out]`). The input goes through
 //!   E4M3 at `input_scale` (saturating, ties to even), as an FP8 GEMM's input must; then
-//!   `y = x_q · (w · weight_scale)ᵀ + bias` in f32, rounded once to x's dtype.
+//!   `y = x_q · (w · weight_scale)ᵀ + bias` in f32, rounded once to x's dtype. With `dynamic=true`
+//!   (`quantize = "fp8"` on a float checkpoint) there is no `input_scale` input: each row of x
+//!   (a token) goes through E4M3 at its own scale, max |x_row| / 448 (1 for a row of zeros).
 //! - `torch_quant_nvfp4_linear(x, w, weight_scale, weight_scale_2[, bias])`: `w` E2M1 `[out,
 //!   in]` (two a byte), `weight_scale` E4M3 `[out, in / 16]` (one a block of 16 along a row),
 //!   `weight_scale_2` one f32. Weight-only: the input as it is (Hopper has no FP4 tensor cores;
@@ -24,6 +26,7 @@ use crate::cpu::KernelOptions;
 use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
+use crate::op_text::read_attrs;
 use crate::ops::{cuda_dt, gpu_of, no_attrs, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
@@ -31,9 +34,22 @@ use crate::tensor::Tensor;
 pub const FP8_LINEAR: &str = "torch_quant_fp8_linear";
 pub const NVFP4_LINEAR: &str = "torch_quant_nvfp4_linear";
 
+/// Whether an FP8 linear's attributes say `dynamic=true`.
+fn fp8_dynamic(attrs: &str) -> Result<bool, String> {
+    read_attrs(FP8_LINEAR, attrs, |a| Ok(a.opt_bool("dynamic")?.unwrap_or(false)))
+}
+
 impl Op {
     pub fn fp8_linear() -> Op {
         Op { name: FP8_LINEAR, attrs: String::new() }
+    }
+    /// The FP8 linear with per-token activation scales: inputs `(x, w, weight_scale[, bias])`.
+    pub fn fp8_linear_dynamic() -> Op {
+        Op { name: FP8_LINEAR, attrs: "dynamic=true".into() }
+    }
+    /// `Some(dynamic)` for an FP8 linear.
+    pub fn fp8_linear_of(&self) -> Option<bool> {
+        self.attrs_of(FP8_LINEAR).and_then(|a| fp8_dynamic(a).ok())
     }
     pub fn nvfp4_linear() -> Op {
         Op { name: NVFP4_LINEAR, attrs: String::new() }
@@ -65,17 +81,32 @@ fn linear_out(ins: &[TensorMeta], w_dtype: DType, bias_at: usize) -> Result<Vec<
     Ok(vec![TensorMeta { dtype: x.dtype, shape }])
 }
 
+/// Where an FP8 linear's inputs are: (input scale, weight scale, bias).
+fn fp8_inputs(dynamic: bool) -> (Option<usize>, usize, usize) {
+    if dynamic {
+        (None, 2, 3)
+    } else {
+        (Some(2), 3, 4)
+    }
+}
+
 fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
-    no_attrs(attrs)?;
-    let (s_in, s_w, w) = (&ins[2], &ins[3], &ins[1]);
-    if s_in.dtype != DType::F32 || !one_value(s_in) {
-        return Err(format!("input_scale {s_in}: want one f32"));
+    let dynamic = fp8_dynamic(attrs)?;
+    let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
+    if ins.len() < bias_at || ins.len() > bias_at + 1 {
+        return Err(format!("takes {bias_at} or {} inputs with dynamic={dynamic}, got {}", bias_at + 1, ins.len()));
+    }
+    let (s_w, w) = (&ins[s_w_at], &ins[1]);
+    if let Some(s_in) = s_in_at.map(|i| &ins[i]) {
+        if s_in.dtype != DType::F32 || !one_value(s_in) {
+            return Err(format!("input_scale {s_in}: want one f32"));
+        }
     }
     let per_row = s_w.shape.len() == 1 && w.shape.first() == s_w.shape.first();
     if s_w.dtype != DType::F32 || !(one_value(s_w) || per_row) {
         return Err(format!("weight_scale {s_w} vs weight {w}: want one f32 or one a row"));
     }
-    linear_out(ins, DType::F8E4M3, 4)
+    linear_out(ins, DType::F8E4M3, bias_at)
 }
 
 fn nvfp4_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
@@ -98,21 +129,51 @@ fn low_bit<'a>(t: &'a Tensor, what: &str) -> Result<&'a [u8], String> {
     t.as_low_bit().ok_or_else(|| format!("{what} must be stored low-bit, got {}", t.dtype()))
 }
 
-/// `y = x · Wᵀ + bias` over a low-bit W, `x` already as the format takes it.
-fn run(x: &[f32], w: LowBit<'_>, ins: &[&Tensor], out: &(DType, Vec<usize>)) -> Result<Vec<Tensor>, String> {
+/// `y = x · Wᵀ + bias` over a low-bit W, `x` already as the format takes it, the bias input
+/// `bias_at` if there.
+fn run(
+    x: &[f32],
+    w: LowBit<'_>,
+    ins: &[&Tensor],
+    bias_at: usize,
+    out: &(DType, Vec<usize>),
+) -> Result<Vec<Tensor>, String> {
     let (n, k) = (ins[1].shape()[0], ins[1].shape()[1]);
     let m = x.len() / k.max(1);
-    let bias = ins.get(4).map(|b| b.to_f32());
+    let bias = ins.get(bias_at).map(|b| b.to_f32());
     let mut y = vec![0f32; m * n];
     lowbit_linear(m, n, k, x, w, bias.as_deref(), &mut y)?;
     Ok(vec![Tensor::from_f32_as(out.0, out.1.clone(), y).map_err(|e| e.to_string())?])
 }
 
-fn fp8_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &KernelOptions) -> Result<Vec<Tensor>, String> {
-    let s_in = ins[2].to_f32()[0];
-    let x: Vec<f32> = ins[0].to_f32().iter().map(|&v| fake_quant_e4m3(v, s_in)).collect();
-    let scale = ins[3].to_f32();
-    run(&x, LowBit::Fp8 { codes: low_bit(ins[1], "weight")?, scale: &scale }, ins, &outs[0])
+fn fp8_cpu(
+    ins: &[&Tensor],
+    attrs: &str,
+    outs: &[(DType, Vec<usize>)],
+    _: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
+    let (s_in_at, s_w_at, bias_at) = fp8_inputs(fp8_dynamic(attrs)?);
+    let k = ins[1].shape()[1];
+    let mut x = ins[0].to_f32().into_owned();
+    for row in x.chunks_mut(k.max(1)) {
+        let s = match s_in_at {
+            Some(i) => ins[i].to_f32()[0],
+            None => dynamic_scale(row),
+        };
+        row.iter_mut().for_each(|v| *v = fake_quant_e4m3(*v, s));
+    }
+    let scale = ins[s_w_at].to_f32();
+    run(&x, LowBit::Fp8 { codes: low_bit(ins[1], "weight")?, scale: &scale }, ins, bias_at, &outs[0])
+}
+
+/// A row's dynamic E4M3 scale: max |x| / 448, or 1 for a row of zeros.
+pub fn dynamic_scale(row: &[f32]) -> f32 {
+    let a = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if a > 0.0 {
+        a / autodeploy_kernels::quant::lowbit::E4M3_MAX
+    } else {
+        1.0
+    }
 }
 
 fn nvfp4_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &KernelOptions) -> Result<Vec<Tensor>, String> {
@@ -121,38 +182,45 @@ fn nvfp4_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &KernelO
         block_scales: low_bit(ins[2], "weight_scale")?,
         global: ins[3].to_f32()[0],
     };
-    run(&ins[0].to_f32(), w, ins, &outs[0])
+    run(&ins[0].to_f32(), w, ins, 4, &outs[0])
 }
 
-/// The call's sizes, x, y and bias (input 4) as the GPU launchers take them.
-fn cuda_call(ins: &[DeviceTensor], y: &DeviceTensor) -> Result<LowBitLinear, String> {
+/// The call's sizes, x, y and bias (input `bias_at`) as the GPU launchers take them.
+fn cuda_call(ins: &[DeviceTensor], y: &DeviceTensor, bias_at: usize) -> Result<LowBitLinear, String> {
     let (n, k) = (ins[1].shape[0], ins[1].shape[1]);
     let m = y.shape.iter().product::<usize>() / n.max(1);
-    if let Some(b) = ins.get(4).filter(|b| b.dtype != y.dtype) {
+    let bias = ins.get(bias_at);
+    if let Some(b) = bias.filter(|b| b.dtype != y.dtype) {
         return Err(format!("bias of {} with {} activations", b.dtype, y.dtype));
     }
-    Ok(LowBitLinear { dt: cuda_dt(y.dtype)?, m, n, k, x: ins[0].ptr, y: y.ptr, bias: ins.get(4).map_or(0, |b| b.ptr) })
+    Ok(LowBitLinear { dt: cuda_dt(y.dtype)?, m, n, k, x: ins[0].ptr, y: y.ptr, bias: bias.map_or(0, |b| b.ptr) })
 }
 
-fn scratch3(l: &dyn KernelLauncher) -> Result<[u64; 3], String> {
+fn scratch4(l: &dyn KernelLauncher) -> Result<[u64; 4], String> {
     let s = |i: usize| l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned"));
-    Ok([s(0)?, s(1)?, s(2)?])
+    Ok([s(0)?, s(1)?, s(2)?, s(3)?])
 }
 
 fn fp8_cuda() -> CudaImpl {
-    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
-        let c = cuda_call(ins, &outs[0])?;
-        let s =
-            LowBitScales { input: ins[2].ptr, weight: ins[3].ptr, per_row: ins[3].shape.iter().product::<usize>() > 1 };
-        gpu_of(l)?.fp8_linear(&c, ins[1].ptr, s, scratch3(l)?).map_err(|e| e.0)
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let dynamic = fp8_dynamic(attrs)?;
+        let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
+        let c = cuda_call(ins, &outs[0], bias_at)?;
+        let s = LowBitScales {
+            input: s_in_at.map_or(0, |i| ins[i].ptr),
+            dynamic,
+            weight: ins[s_w_at].ptr,
+            per_row: ins[s_w_at].shape.iter().product::<usize>() > 1,
+        };
+        gpu_of(l)?.fp8_linear(&c, ins[1].ptr, s, scratch4(l)?).map_err(|e| e.0)
     })
 }
 
 fn nvfp4_cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
-        let c = cuda_call(ins, &outs[0])?;
-        let s = LowBitScales { input: 0, weight: ins[3].ptr, per_row: false };
-        gpu_of(l)?.nvfp4_linear(&c, ins[1].ptr, ins[2].ptr, s, scratch3(l)?).map_err(|e| e.0)
+        let c = cuda_call(ins, &outs[0], 4)?;
+        let s = LowBitScales { input: 0, dynamic: false, weight: ins[3].ptr, per_row: false };
+        gpu_of(l)?.nvfp4_linear(&c, ins[1].ptr, ins[2].ptr, s, scratch4(l)?).map_err(|e| e.0)
     })
 }
 
@@ -168,10 +236,16 @@ fn lowbit_scratch(ins: &[(DType, Vec<usize>)], _: &str) -> Vec<usize> {
 pub fn ops() -> Vec<CustomOp> {
     vec![
         CustomOp {
-            extra_inputs: 1,
+            extra_inputs: 2,
             cuda: Some(fp8_cuda()),
             cuda_scratch: Some(lowbit_scratch),
-            ..CustomOp::built_in(FP8_LINEAR, 4, Outputs::Rule(Arc::new(fp8_rule)), no_attrs, Arc::new(fp8_cpu))
+            ..CustomOp::built_in(
+                FP8_LINEAR,
+                3,
+                Outputs::Rule(Arc::new(fp8_rule)),
+                |a| fp8_dynamic(a).map(|_| ()),
+                Arc::new(fp8_cpu),
+            )
         },
         CustomOp {
             extra_inputs: 1,

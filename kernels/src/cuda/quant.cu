@@ -64,6 +64,25 @@ __device__ void e4m3_codes(const T* x, const float* s_in, T* out, long n) {
         store_f(out, i, e4m3_round(load_f(x, i) / s));
 }
 
+// Each row's E4M3 codes at its own scale (max |x| / 448, or 1 for a row of zeros), written to
+// s_out[row]: the dynamic per-token FP8 input. One block a row.
+template <typename T>
+__device__ void e4m3_codes_rows(const T* x, float* s_out, T* out, int k) {
+    __shared__ float part[32];
+    long row = blockIdx.x;
+    const T* xr = x + row * k;
+    float a = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) a = fmaxf(a, fabsf(load_f(xr, i)));
+    for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = a;
+    __syncthreads();
+    a = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) a = fmaxf(a, part[w]);
+    float s = a > 0.0f ? a / 448.0f : 1.0f;
+    if (threadIdx.x == 0) s_out[row] = s;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) store_f(out, row * k + i, e4m3_round(load_f(xr, i) / s));
+}
+
 // E4M3 weight codes' values into T (unscaled).
 template <typename T>
 __device__ void fp8_values(const unsigned char* w, T* out, long n) {
@@ -83,14 +102,14 @@ __device__ void nvfp4_values(const unsigned char* w, const unsigned char* bs, T*
     }
 }
 
-// y[m, n] = acc · s_a · s_w (+ bias): s_a one value or none (nullptr), s_w one value or one a
-// row (`per_row`), bias [n] or none.
+// y[m, n] = acc · s_a · s_w (+ bias): s_a one value, one an activation row (`a_per_row`) or
+// none (nullptr), s_w one value or one a weight row (`per_row`), bias [n] or none.
 template <typename T>
-__device__ void lowbit_epilogue(const float* acc, const float* s_a, const float* s_w, int per_row, const T* bias, T* y,
-                                long m, int n) {
-    float sa = s_a ? s_a[0] : 1.0f;
+__device__ void lowbit_epilogue(const float* acc, const float* s_a, int a_per_row, const float* s_w, int per_row,
+                                const T* bias, T* y, long m, int n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < m * n; i += (long)gridDim.x * blockDim.x) {
         int j = (int)(i % n);
+        float sa = s_a ? s_a[a_per_row ? i / n : 0] : 1.0f;
         float v = acc[i] * (sa * s_w[per_row ? j : 0]);
         if (bias) v += load_f(bias, j);
         store_f(y, i, v);
@@ -102,6 +121,10 @@ __device__ void lowbit_epilogue(const float* acc, const float* s_a, const float*
         pdl_enter();                                                                                                  \
         e4m3_codes<T>(x, s_in, out, n);                                                                               \
     }                                                                                                                 \
+    extern "C" __global__ void e4m3_codes_rows_##S(const T* x, float* s_out, T* out, int k) {                         \
+        pdl_enter();                                                                                                  \
+        e4m3_codes_rows<T>(x, s_out, out, k);                                                                         \
+    }                                                                                                                 \
     extern "C" __global__ void fp8_values_##S(const unsigned char* w, T* out, long n) {                               \
         pdl_enter();                                                                                                  \
         fp8_values<T>(w, out, n);                                                                                     \
@@ -111,10 +134,11 @@ __device__ void lowbit_epilogue(const float* acc, const float* s_a, const float*
         pdl_enter();                                                                                                  \
         nvfp4_values<T>(w, bs, out, n, k);                                                                            \
     }                                                                                                                 \
-    extern "C" __global__ void lowbit_epilogue_##S(const float* acc, const float* s_a, const float* s_w, int per_row,  \
-                                                   const T* bias, T* y, long m, int n) {                              \
+    extern "C" __global__ void lowbit_epilogue_##S(const float* acc, const float* s_a, int a_per_row,                 \
+                                                   const float* s_w, int per_row, const T* bias, T* y, long m,        \
+                                                   int n) {                                                           \
         pdl_enter();                                                                                                  \
-        lowbit_epilogue<T>(acc, s_a, s_w, per_row, bias, y, m, n);                                                    \
+        lowbit_epilogue<T>(acc, s_a, a_per_row, s_w, per_row, bias, y, m, n);                                         \
     }
 LOWBIT_ELEMENTWISE(f32, float)
 LOWBIT_ELEMENTWISE(bf16, bf16_t)
@@ -137,23 +161,24 @@ __device__ __forceinline__ void load8(const float* p, float* o) {
 // The decode GEMVs (m <= 8 activation rows), one warp a weight row, each lane reading 16-byte
 // chunks of the row LOWBIT_INFLIGHT at a time, the activations (16-byte-aligned rows) small
 // enough to stay in cache; lane 0 stores y[i, row] = sum · scale (+ bias).
+// The scale of activation row i is s_a[i] when `a_per_row`, else s_a[0]; times s_w.
 template <typename T, int M>
-__device__ __forceinline__ void gemv_store_scaled(float* acc, float scale, const T* bias, T* y, int n, int row,
-                                                  int lane) {
+__device__ __forceinline__ void gemv_store_scaled(float* acc, const float* s_a, int a_per_row, float s_w,
+                                                  const T* bias, T* y, int n, int row, int lane) {
     float b = bias ? load_f(bias, row) : 0.0f;
 #pragma unroll
     for (int i = 0; i < M; i++) {
         float v = acc[i];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) store_f(y, (long)i * n + row, v * scale + b);
+        if (lane == 0) store_f(y, (long)i * n + row, v * (s_a[a_per_row ? i : 0] * s_w) + b);
     }
 }
 
 // FP8: xq holds the activations' E4M3 codes' values (`e4m3_codes`); k % 16 == 0. A chunk is
 // 16 codes.
 template <typename T, int M>
-__device__ void gemv_fp8(const T* xq, const unsigned char* w, const float* s_in, const float* s_w, int per_row,
-                         const T* bias, T* y, int n, int k) {
+__device__ void gemv_fp8(const T* xq, const unsigned char* w, const float* s_in, int in_per_row, const float* s_w,
+                         int per_row, const T* bias, T* y, int n, int k) {
     int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= n) return;
@@ -188,17 +213,17 @@ __device__ void gemv_fp8(const T* xq, const unsigned char* w, const float* s_in,
             }
         }
     }
-    gemv_store_scaled<T, M>(acc, s_in[0] * s_w[per_row ? row : 0], bias, y, n, row, lane);
+    gemv_store_scaled<T, M>(acc, s_in, in_per_row, s_w[per_row ? row : 0], bias, y, n, row, lane);
 }
 
 #define GEMV_FP8(S, T, M)                                                                                             \
     extern "C" __global__ void gemv_fp8_m##M##_##S(const T* xq, const unsigned char* w, const float* s_in,            \
-                                                   const float* s_w, int per_row, const T* bias, T* y, int n, int k,  \
-                                                   int prefetch) {                                                    \
+                                                   int in_per_row, const float* s_w, int per_row, const T* bias,     \
+                                                   T* y, int n, int k, int prefetch) {                                \
         int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                                                       \
         if (row < n) prefetch_l2(w + (long)row * k, prefetch, threadIdx.x & 31);                                      \
         pdl_enter();                                                                                                  \
-        gemv_fp8<T, M>(xq, w, s_in, s_w, per_row, bias, y, n, k);                                                     \
+        gemv_fp8<T, M>(xq, w, s_in, in_per_row, s_w, per_row, bias, y, n, k);                                         \
     }
 GEMV_FP8(f32, float, 1)
 GEMV_FP8(f32, float, 2)
@@ -266,7 +291,7 @@ __device__ void gemv_nvfp4(const T* x, const unsigned char* w, const unsigned ch
             }
         }
     }
-    gemv_store_scaled<T, M>(acc, s2[0], bias, y, n, row, lane);
+    gemv_store_scaled<T, M>(acc, s2, 0, 1.0f, bias, y, n, row, lane);
 }
 
 // Each byte's two E2M1 values (lower nibble first) as an f16 pair, for the NVFP4 GEMV.

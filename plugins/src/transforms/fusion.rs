@@ -9,7 +9,6 @@ use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta, ValueId};
 use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::ops::linear::{SwiGlu, LINEAR};
-use autodeploy_core::ops::quant_linear::FP8_LINEAR;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -49,12 +48,12 @@ fn concat_params(g: &mut Graph, vals: &[ValueId], name: &str) -> Result<ValueId>
 
 pub struct FuseGemms;
 
-/// One linear of a group: input, weight, the quantized linear's scales (input, weight), bias,
-/// output.
+/// One linear of a group: input, weight, the FP8 linear's scales (input, unless dynamic;
+/// weight), bias, output.
 struct Member {
     x: ValueId,
     w: ValueId,
-    scales: Option<(ValueId, ValueId)>,
+    scales: Option<(Option<ValueId>, ValueId)>,
     bias: Option<ValueId>,
     out: ValueId,
 }
@@ -64,13 +63,16 @@ impl FuseGemms {
     /// linear and slices. Returns false if the group does not qualify (weights not params, mixed
     /// bias, mixed dtypes; FP8: different input scales).
     fn fuse_group(g: &mut Graph, nodes: &[usize]) -> Result<bool> {
-        let fp8 = g.nodes[nodes[0]].op.is(FP8_LINEAR);
+        let fp8 = g.nodes[nodes[0]].op.fp8_linear_of();
         let lin: Vec<Member> = nodes
             .iter()
             .map(|&i| {
                 let n = &g.nodes[i];
-                let (scales, bias) =
-                    if fp8 { (Some((n.inputs[2], n.inputs[3])), n.inputs.get(4)) } else { (None, n.inputs.get(2)) };
+                let (scales, bias) = match fp8 {
+                    Some(false) => (Some((Some(n.inputs[2]), n.inputs[3])), n.inputs.get(4)),
+                    Some(true) => (Some((None, n.inputs[2])), n.inputs.get(3)),
+                    None => (None, n.inputs.get(2)),
+                };
                 Member { x: n.inputs[0], w: n.inputs[1], scales, bias: bias.copied(), out: n.outputs[0] }
             })
             .collect();
@@ -80,7 +82,8 @@ impl FuseGemms {
             l.bias.is_some() == has_bias
                 && param_weight(g, l.w).is_some()
                 && l.bias.is_none_or(|b| param_weight(g, b).is_some())
-                && l.scales.is_none_or(|(a, b)| param_weight(g, a).is_some() && param_weight(g, b).is_some())
+                && l.scales
+                    .is_none_or(|(a, b)| a.is_none_or(|a| param_weight(g, a).is_some()) && param_weight(g, b).is_some())
                 && g.meta(l.w).dtype == dtype
         });
         if !ok {
@@ -89,22 +92,29 @@ impl FuseGemms {
         let names: Vec<String> = lin.iter().map(|l| param_weight(g, l.w).expect("checked")).collect();
         let fused_name = format!("fused[{}]", names.join("+"));
         let scales = match fp8 {
-            true => match fp8_scales(g, &lin, &fused_name)? {
+            Some(_) => match fp8_scales(g, &lin, &fused_name)? {
                 Some(s) => Some(s),
                 None => return Ok(false),
             },
-            false => None,
+            None => None,
         };
         let w = concat_params(g, &lin.iter().map(|l| l.w).collect::<Vec<_>>(), &fused_name)?;
         let mut ins = vec![lin[0].x, w];
-        ins.extend(scales.iter().flat_map(|&(a, b)| [a, b]));
+        if let Some((a, b)) = scales {
+            ins.extend(a);
+            ins.push(b);
+        }
         if has_bias {
             let bs: Vec<ValueId> = lin.iter().map(|l| l.bias.expect("checked")).collect();
             ins.push(concat_params(g, &bs, &format!("{fused_name}.bias"))?);
         }
         let pos = *nodes.iter().min().expect("group of two or more");
         let hint = format!("{}.fused", g.value(lin[0].out).name);
-        let op = if fp8 { Op::fp8_linear() } else { Op::linear() };
+        let op = match fp8 {
+            Some(false) => Op::fp8_linear(),
+            Some(true) => Op::fp8_linear_dynamic(),
+            None => Op::linear(),
+        };
         let y = g.insert_node(pos, &hint, op, &ins)?;
         let mut start = 0i64;
         for (k, l) in lin.iter().enumerate() {
@@ -120,18 +130,20 @@ impl FuseGemms {
 }
 
 /// An FP8 group's scales: the input scale they share (`None` when their values differ: their
-/// inputs would quantize differently) and one weight scale a row of the fused weight, computed
-/// here from the parts' scales (one value or one a row each).
-fn fp8_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<(ValueId, ValueId)>> {
+/// inputs would quantize differently; none to share when dynamic) and one weight scale a row of
+/// the fused weight, computed here from the parts' scales (one value or one a row each).
+#[allow(clippy::type_complexity)]
+fn fp8_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<(Option<ValueId>, ValueId)>> {
     let value = |g: &Graph, v: ValueId| -> Result<Vec<f32>> {
         let name = param_weight(g, v).expect("checked by the caller");
         Ok(g.weights.load(&name, DType::F32)?.to_f32().into_owned())
     };
-    let s_in = value(g, lin[0].scales.expect("fp8").0)?;
+    let first_in = lin[0].scales.expect("fp8").0;
+    let s_in = first_in.map(|a| value(g, a)).transpose()?;
     let mut rows = Vec::new();
     for l in lin {
         let (a, b) = l.scales.expect("fp8");
-        if value(g, a)? != s_in {
+        if a.map(|a| value(g, a)).transpose()? != s_in {
             return Ok(None);
         }
         let n = g.meta(l.w).shape[0].as_static().expect("static weight");
@@ -146,22 +158,27 @@ fn fp8_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<(Valu
     let n = rows.len();
     Arc::make_mut(&mut g.weights).add_tensor(&name, autodeploy_core::Tensor::from_f32(vec![n], rows)?);
     let s_w = g.add_param(&name, TensorMeta { dtype: DType::F32, shape: static_shape(&[n]) });
-    Ok(Some((lin[0].scales.expect("fp8").0, s_w)))
+    Ok(Some((first_in, s_w)))
 }
 
 impl Transform for FuseGemms {
     fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
         let mut groups_done = 0;
         let mut linears_fused = 0;
-        let mut tried: Vec<(ValueId, bool)> = Vec::new();
+        let mut tried: Vec<(ValueId, u8)> = Vec::new();
         loop {
             // Group linears by their input; pick the first group of two or more not yet tried.
-            // Keyed by input and op: float linears and FP8 linears fuse among themselves.
-            let mut by_input: BTreeMap<(ValueId, bool), Vec<usize>> = BTreeMap::new();
+            // Keyed by input and op: float linears, FP8 linears and dynamic FP8 linears each
+            // fuse among themselves.
+            let mut by_input: BTreeMap<(ValueId, u8), Vec<usize>> = BTreeMap::new();
             for (i, n) in g.nodes.iter().enumerate() {
-                if n.op.is(LINEAR) || n.op.is(FP8_LINEAR) {
-                    by_input.entry((n.inputs[0], n.op.is(FP8_LINEAR))).or_default().push(i);
-                }
+                let kind = match n.op.fp8_linear_of() {
+                    _ if n.op.is(LINEAR) => 0,
+                    Some(false) => 1,
+                    Some(true) => 2,
+                    None => continue,
+                };
+                by_input.entry((n.inputs[0], kind)).or_default().push(i);
             }
             let Some((input, group)) = by_input.into_iter().find(|(k, v)| v.len() > 1 && !tried.contains(k)) else {
                 break;

@@ -451,19 +451,21 @@ fn halves(g: &Graph, m: &autodeploy_core::pattern::Match) -> bool {
         && last(f["up_dim"])
 }
 
-/// Whether any of `ins` is a weight the checkpoint stored quantized: its linear becomes a
-/// quantized linear in the `quantize` stage, so the MLP stays unfused here.
-fn reads_scaled(g: &Graph, ins: &[ValueId]) -> bool {
-    g.params.iter().any(|p| ins.contains(&p.value) && g.weights.is_scaled(&p.weight))
+/// Whether the MLP over `ins` will have quantized linears (a weight the checkpoint stored
+/// quantized, or `quantize = "fp8"`): they become quantized linears in the `quantize` stage, so
+/// the MLP stays unfused here.
+fn reads_scaled(g: &Graph, cx: &TransformContext, ins: &[ValueId]) -> bool {
+    cx.config.quantize != autodeploy_core::config::Quantize::None
+        || g.params.iter().any(|p| ins.contains(&p.value) && g.weights.is_scaled(&p.weight))
 }
 
 pub struct MatchSwiGlu;
 
 impl Transform for MatchSwiGlu {
-    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
         let n = rewrite_all(g, &swiglu_pattern(), |g, m, pos| {
             let ins = [m.input("x"), m.input("w_gate"), m.input("w_up"), m.input("w_down")];
-            if reads_scaled(g, &ins) {
+            if reads_scaled(g, cx, &ins) {
                 return Ok(None);
             }
             let act = captured_act(m);
@@ -476,7 +478,7 @@ impl Transform for MatchSwiGlu {
                 return Ok(None);
             }
             let ins = [m.input("x"), m.input("w_gate_up"), m.input("w_down")];
-            if reads_scaled(g, &ins) {
+            if reads_scaled(g, cx, &ins) {
                 return Ok(None);
             }
             let hint = format!("{}.swiglu", g.value(m.output).name);
@@ -511,7 +513,7 @@ fn captured_act(m: &autodeploy_core::pattern::Match) -> GateAct {
 pub struct MatchMlp;
 
 impl Transform for MatchMlp {
-    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
         let mut n = 0;
         for biased in [true, false] {
             n += rewrite_all(g, &mlp_pattern(biased), |g, m, pos| {
@@ -519,7 +521,7 @@ impl Transform for MatchMlp {
                 if biased {
                     ins.extend([m.input("b_fc"), m.input("b_proj")]);
                 }
-                if reads_scaled(g, &ins) {
+                if reads_scaled(g, cx, &ins) {
                     return Ok(None);
                 }
                 let hint = format!("{}.mlp", g.value(m.output).name);

@@ -5,6 +5,7 @@
 //! read as stored and its scales added as graph values (params of the checkpoint's tensors).
 //! They know weights and their storage, not models.
 
+use autodeploy_core::config::Quantize;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta};
 use autodeploy_core::ops::linear::LINEAR;
@@ -39,11 +40,17 @@ register!("quantize_nvfp4_linear_from_config", 20, QuantAlgo::Nvfp4);
 pub struct QuantizeFromConfig(pub QuantAlgo);
 
 impl Transform for QuantizeFromConfig {
-    fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
         let algo = self.0;
         match g.weights.quantization() {
             Some(q) if q.algo == algo => {}
             Some(q) => return Ok(format!("skipped: a {} checkpoint", q.algo.name())),
+            None if algo == QuantAlgo::Fp8 && cx.config.quantize == Quantize::Fp8 => {
+                let n = quantize_in_place(g)?;
+                return Ok(format!(
+                    "{n} linears to FP8 at load (quantize = \"fp8\": E4M3 weights with one scale a row, activations per token)"
+                ));
+            }
             None => return Ok("skipped: the checkpoint is not quantized".into()),
         }
         let mut n = 0;
@@ -102,4 +109,67 @@ impl Transform for QuantizeFromConfig {
         }
         Ok(format!("{n} linears over {} weights", algo.name()))
     }
+}
+
+/// `quantize = "fp8"` on a float checkpoint: every linear over a 2-D weight that only it reads,
+/// except the one whose output is a graph output (the LM head), becomes a dynamic FP8 linear
+/// over a weight quantized at load: each row's scale max |w_row| / 448, its codes w / scale
+/// rounded to E4M3 (computed when a backend loads the weight; nothing is read here).
+fn quantize_in_place(g: &mut Graph) -> Result<usize> {
+    use autodeploy_core::ops::quant_linear::dynamic_scale;
+    use autodeploy_core::{DType, Tensor};
+    let src = g.weights.clone();
+    let mut n = 0;
+    for i in 0..g.nodes.len() {
+        let node = &g.nodes[i];
+        if !node.op.is(LINEAR) || g.outputs.contains(&node.outputs[0]) {
+            continue;
+        }
+        let w = node.inputs[1];
+        let Some(name) = g.params.iter().find(|p| p.value == w).map(|p| p.weight.clone()) else { continue };
+        let meta = g.meta(w).clone();
+        let shape: Option<Vec<usize>> = meta.shape.iter().map(Dim::as_static).collect();
+        let Some(shape) = shape.filter(|s| s.len() == 2 && meta.dtype.is_float()) else { continue };
+        if g.nodes.iter().filter(|n| n.inputs.contains(&w)).count() != 1 {
+            continue;
+        }
+        let (rows, k) = (shape[0], shape[1]);
+        let origin = format!("`{name}` quantized to FP8 at load (quantize = \"fp8\")");
+        let (codes_name, scale_name) = (format!("{name}.fp8"), format!("{name}.fp8_scale"));
+        let (s1, n1, sh) = (src.clone(), name.clone(), shape.clone());
+        let codes = std::sync::Arc::new(move || {
+            let wv = s1.load(&n1, DType::F32)?.to_f32().into_owned();
+            let mut out = Vec::with_capacity(wv.len());
+            for row in wv.chunks(k.max(1)) {
+                let s = dynamic_scale(row);
+                out.extend(row.iter().map(|v| autodeploy_kernels::quant::lowbit::f32_to_e4m3(v / s)));
+            }
+            Tensor::from_low_bit(DType::F8E4M3, sh.clone(), out)
+        });
+        let (s2, n2) = (src.clone(), name.clone());
+        let scales = std::sync::Arc::new(move || {
+            let wv = s2.load(&n2, DType::F32)?.to_f32().into_owned();
+            Tensor::from_f32(vec![rows], wv.chunks(k.max(1)).map(dynamic_scale).collect())
+        });
+        let store = std::sync::Arc::make_mut(&mut g.weights);
+        store.add_lazy_typed(&codes_name, shape.clone(), DType::F8E4M3, origin.clone(), codes);
+        store.add_lazy_typed(&scale_name, vec![rows], DType::F32, origin, scales);
+        let wq = g.add_param(&codes_name, TensorMeta { dtype: DType::F8E4M3, shape: meta.shape.clone() });
+        let sw = g.add_param(&scale_name, TensorMeta { dtype: DType::F32, shape: vec![Dim::new(rows)] });
+        let node = &g.nodes[i];
+        let mut ins = vec![node.inputs[0], wq, sw];
+        ins.extend(node.inputs.get(2).copied());
+        let (before, out) = (g.meta(node.outputs[0]).clone(), node.outputs[0]);
+        let op = Op::fp8_linear_dynamic();
+        let metas: Vec<TensorMeta> = ins.iter().map(|&v| g.meta(v).clone()).collect();
+        let after = autodeploy_core::ops::infer(&op, &metas).map_err(|e| e.at_node(&g.value(out).name))?;
+        if after.first() != Some(&before) {
+            return Err(Error::Msg(format!("quantize = \"fp8\": `{name}`'s linear would change its output {before}")));
+        }
+        g.nodes[i].op = op;
+        g.nodes[i].inputs = ins;
+        n += 1;
+    }
+    g.dce();
+    Ok(n)
 }

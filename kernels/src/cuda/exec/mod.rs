@@ -167,6 +167,8 @@ struct Funcs {
     /// `quant.cu`: `e4m3_codes`, `fp8_values`, `nvfp4_values`, `lowbit_epilogue`, each
     /// `[f32, bf16]` (exec/quant.rs).
     quant: [Kernel; 8],
+    /// `e4m3_codes_rows` for `[f32, bf16]`.
+    quant_rows: [Kernel; 2],
     /// `gemv_fp8_m{1,2,4,8}` and `gemv_nvfp4_m{1,2,4,8}` for `[f32, bf16]`.
     quant_gemv: [[Kernel; 4]; 2],
     nvfp4_gemv: [[Kernel; 4]; 2],
@@ -415,6 +417,7 @@ impl Gpu {
                 g("lowbit_epilogue_f32")?,
                 g("lowbit_epilogue_bf16")?,
             ],
+            quant_rows: [g("e4m3_codes_rows_f32")?, g("e4m3_codes_rows_bf16")?],
             quant_gemv: [
                 [g("gemv_fp8_m1_f32")?, g("gemv_fp8_m2_f32")?, g("gemv_fp8_m4_f32")?, g("gemv_fp8_m8_f32")?],
                 [g("gemv_fp8_m1_bf16")?, g("gemv_fp8_m2_bf16")?, g("gemv_fp8_m4_bf16")?, g("gemv_fp8_m8_bf16")?],

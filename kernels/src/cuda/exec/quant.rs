@@ -22,8 +22,11 @@ fn dt_index(dt: Dt) -> Result<usize, Unavailable> {
 /// The scales of a quantized weight.
 #[derive(Clone, Copy, Debug)]
 pub struct LowBitScales {
-    /// One f32 the activations' codes are scaled by (FP8's `input_scale`), or 0 (none).
+    /// One f32 the activations' codes are scaled by (FP8's `input_scale`), or 0 (none; for
+    /// FP8 with `dynamic`: each activation row's own, computed into scratch).
     pub input: Ptr,
+    /// FP8: the activations are quantized per row at their own scale (max |x| / 448).
+    pub dynamic: bool,
     /// One f32, or one a row when `per_row`.
     pub weight: Ptr,
     pub per_row: bool,
@@ -44,11 +47,12 @@ pub struct LowBitLinear {
 
 impl LowBitLinear {
     /// Scratch bytes of an FP8 or NVFP4 call, in the order the launchers take them: the
-    /// activations' codes (FP8 only, `m·k` of `dt`), the dequantized weight (`n·k` of `dt`) and
-    /// the f32 sums (`m·n`), each rounded up to 256 bytes.
-    pub fn scratch(dt_bytes: usize, m: usize, n: usize, k: usize) -> [usize; 3] {
+    /// activations' codes (FP8 only, `m·k` of `dt`), the dequantized weight (`n·k` of `dt`),
+    /// the f32 sums (`m·n`) and the activation rows' scales (dynamic FP8, `m` f32), each rounded
+    /// up to 256 bytes.
+    pub fn scratch(dt_bytes: usize, m: usize, n: usize, k: usize) -> [usize; 4] {
         let up = |b: usize| b.div_ceil(256) * 256;
-        [up(m * k * dt_bytes), up(n * k * dt_bytes), up(m * n * 4)]
+        [up(m * k * dt_bytes), up(n * k * dt_bytes), up(m * n * 4), up(m * 4)]
     }
 
     fn sizes(&self) -> Result<(i64, i32, i32), Unavailable> {
@@ -73,20 +77,30 @@ fn gemv_rows(m: usize) -> Option<usize> {
 
 impl Gpu {
     /// `torch_quant_fp8_linear`: `w` E4M3 `[n, k]`; scratch as [`LowBitLinear::scratch`].
-    pub fn fp8_linear(&self, c: &LowBitLinear, w: Ptr, s: LowBitScales, scratch: [Ptr; 3]) -> Result<(), Unavailable> {
+    pub fn fp8_linear(&self, c: &LowBitLinear, w: Ptr, s: LowBitScales, scratch: [Ptr; 4]) -> Result<(), Unavailable> {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
-        let [xq, wd, acc] = scratch;
-        let total = (c.m * c.k) as i64;
-        let mut l = self.launcher(self.f.quant[di]);
-        l.arg(&c.x).arg(&s.input).arg(&xq).arg(&total);
-        // SAFETY: x and xq hold m·k values of dt; s.input one f32.
-        launched("e4m3_codes", unsafe { l.launch(grid(c.m * c.k, 256)) }.map(|_| ()))?;
-        let per_row = s.per_row as i32;
+        let [xq, wd, acc, rows] = scratch;
+        let s = if s.dynamic {
+            let mut l = self.launcher(self.f.quant_rows[di]);
+            l.arg(&c.x).arg(&rows).arg(&xq).arg(&k32);
+            let cfg = super::LaunchConfig { grid_dim: (c.m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: x and xq hold m·k values of dt, rows m f32; one block a row.
+            launched("e4m3_codes_rows", unsafe { l.launch(cfg) }.map(|_| ()))?;
+            LowBitScales { input: rows, ..s }
+        } else {
+            let total = (c.m * c.k) as i64;
+            let mut l = self.launcher(self.f.quant[di]);
+            l.arg(&c.x).arg(&s.input).arg(&xq).arg(&total);
+            // SAFETY: x and xq hold m·k values of dt; s.input one f32.
+            launched("e4m3_codes", unsafe { l.launch(grid(c.m * c.k, 256)) }.map(|_| ()))?;
+            s
+        };
+        let (per_row, in_rows) = (s.per_row as i32, s.dynamic as i32);
         if let Some(i) = gemv_rows(c.m).filter(|_| c.k.is_multiple_of(16) && (w | xq).is_multiple_of(16)) {
             let pf = self.prefetch_row.min(c.k) as i32;
             let mut l = self.launcher(self.f.quant_gemv[di][i]);
-            l.arg(&xq).arg(&w).arg(&s.input).arg(&s.weight).arg(&per_row).arg(&c.bias).arg(&c.y);
+            l.arg(&xq).arg(&w).arg(&s.input).arg(&in_rows).arg(&s.weight).arg(&per_row).arg(&c.bias).arg(&c.y);
             l.arg(&n32).arg(&k32).arg(&pf);
             // SAFETY: xq [m, k], w [n, k] bytes (rows 16-byte aligned: k % 16 == 0 and w
             // aligned), y [m, n]; one warp a row, 8 a block.
@@ -110,11 +124,11 @@ impl Gpu {
         w: Ptr,
         block_scales: Ptr,
         s: LowBitScales,
-        scratch: [Ptr; 3],
+        scratch: [Ptr; 4],
     ) -> Result<(), Unavailable> {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
-        let [_, wd, acc] = scratch;
+        let [_, wd, acc, _] = scratch;
         if let Some(i) = gemv_rows(c.m).filter(|_| c.k.is_multiple_of(32) && (w | c.x).is_multiple_of(16)) {
             let pf = self.prefetch_row.min(c.k / 2) as i32;
             let mut l = self.launcher(self.f.nvfp4_gemv[di][i]);
@@ -131,7 +145,7 @@ impl Gpu {
         // rule's check).
         launched("nvfp4_values", unsafe { l.launch(grid(c.n * c.k, 256)) }.map(|_| ()))?;
         self.gemm_f32_out(c.dt, c.m, c.n, c.k, c.x, wd, acc)?;
-        self.lowbit_epilogue(di, c, LowBitScales { input: 0, ..s }, acc, m64, n32)
+        self.lowbit_epilogue(di, c, LowBitScales { input: 0, dynamic: false, ..s }, acc, m64, n32)
     }
 
     fn lowbit_epilogue(
@@ -143,9 +157,10 @@ impl Gpu {
         m64: i64,
         n32: i32,
     ) -> Result<(), Unavailable> {
-        let per_row = s.per_row as i32;
+        let (per_row, in_rows) = (s.per_row as i32, s.dynamic as i32);
         let mut l = self.launcher(self.f.quant[6 + di]);
-        l.arg(&acc).arg(&s.input).arg(&s.weight).arg(&per_row).arg(&c.bias).arg(&c.y).arg(&m64).arg(&n32);
+        l.arg(&acc).arg(&s.input).arg(&in_rows).arg(&s.weight).arg(&per_row).arg(&c.bias).arg(&c.y);
+        l.arg(&m64).arg(&n32);
         // SAFETY: acc m·n f32, y m·n of dt, bias n of dt or null, the scales one f32 (n if
         // per_row) or null.
         launched("lowbit_epilogue", unsafe { l.launch(grid(c.m * c.n, 256)) }.map(|_| ()))
