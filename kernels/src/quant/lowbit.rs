@@ -26,26 +26,27 @@ pub fn e4m3_to_f32(code: u8) -> f32 {
 }
 
 /// The E4M3 code nearest `v` (ties to the even code), saturating at ±448; NaN gives NaN. This is
-/// `torch`'s `clamp(-448, 448).to(float8_e4m3fn)`.
+/// `torch`'s `clamp(-448, 448).to(float8_e4m3fn)`. Bit arithmetic on the f32: normal values keep
+/// 3 mantissa bits, rounded on the 20 below.
 pub fn f32_to_e4m3(v: f32) -> u8 {
     if v.is_nan() {
         return 0x7f;
     }
-    let sign = if v.is_sign_negative() { 0x80u8 } else { 0 };
+    let sign = ((v.to_bits() >> 24) & 0x80) as u8;
     let a = v.abs().min(E4M3_MAX);
-    // Codes are ordered like their magnitudes: find the nearest by the value's binade.
-    let code = if a < (2f32).powi(-6) {
-        // Subnormals: steps of 2^-9.
-        round_even(a * 512.0) as u8
-    } else {
-        let e = a.log2().floor() as i32;
-        let e = e.clamp(-6, 8);
-        let step = (2f32).powi(e - 3);
-        let m = round_even(a / step) as i32; // 8..=16
-        let (e, m) = if m == 16 { (e + 1, 8) } else { (e, m) };
-        (((e + 7) as u8) << 3) | (m - 8) as u8
-    };
-    sign | code.min(0x7e)
+    if a < 0.015625 {
+        // Subnormals: steps of 2^-9 (exact in f32); rounding up to 8 steps gives 2^-6, code 0x08.
+        return sign | round_even(a * 512.0) as u8;
+    }
+    let bits = a.to_bits();
+    let mut e = (bits >> 23) as i32 - 127;
+    let (keep, rest) = ((bits >> 20) & 7, bits & 0xf_ffff);
+    let mut m = keep + (rest > 0x8_0000 || (rest == 0x8_0000 && keep & 1 == 1)) as u32;
+    if m == 8 {
+        m = 0;
+        e += 1;
+    }
+    sign | (((e + 7) as u8) << 3) | m as u8
 }
 
 fn round_even(x: f32) -> f32 {
@@ -199,6 +200,41 @@ mod tests {
         assert_eq!(f32_to_e4m3(7.5 * (2f32).powi(-9)), 0x08);
         // Rounding up into the next binade: 1.96875 rounds to 2.0.
         assert_eq!(f32_to_e4m3(1.97), 0x40);
+    }
+
+    /// The bit arithmetic against a search over every code: the nearest value, ties to the
+    /// code with an even last bit, for values across every binade (and past 448), with exact
+    /// midpoints among them.
+    #[test]
+    fn e4m3_rounding_is_the_nearest_code() {
+        let finite: Vec<(u8, f32)> = (0..=0x7eu8).map(|c| (c, e4m3_to_f32(c))).collect();
+        let nearest = |a: f32| -> u8 {
+            let a = a.min(E4M3_MAX);
+            let mut best = (0u8, f32::INFINITY);
+            for &(c, v) in &finite {
+                let d = (v - a).abs();
+                if d < best.1 || (d == best.1 && c & 1 == 0) {
+                    best = (c, d);
+                }
+            }
+            best.0
+        };
+        let mut x = 0x1234_5678u32;
+        let mut values: Vec<f32> = (0..20_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let exp = (x % 24) as i32 - 12; // 2^-12 .. 2^11
+                (x as f32 / u32::MAX as f32 + 0.5) * (2f32).powi(exp)
+            })
+            .collect();
+        // Every midpoint between neighbouring codes.
+        values.extend(finite.windows(2).map(|w| (w[0].1 + w[1].1) / 2.0));
+        for v in values {
+            assert_eq!(f32_to_e4m3(v), nearest(v), "{v}");
+            assert_eq!(f32_to_e4m3(-v), nearest(v) | 0x80, "{}", -v);
+        }
     }
 
     #[test]

@@ -138,18 +138,20 @@ fn quantize_in_place(g: &mut Graph) -> Result<usize> {
         let (codes_name, scale_name) = (format!("{name}.fp8"), format!("{name}.fp8_scale"));
         let (s1, n1, sh) = (src.clone(), name.clone(), shape.clone());
         let codes = std::sync::Arc::new(move || {
+            use rayon::prelude::*;
             let wv = s1.load(&n1, DType::F32)?.to_f32().into_owned();
-            let mut out = Vec::with_capacity(wv.len());
-            for row in wv.chunks(k.max(1)) {
+            let mut out = vec![0u8; wv.len()];
+            out.par_chunks_mut(k.max(1)).zip(wv.par_chunks(k.max(1))).for_each(|(o, row)| {
                 let s = dynamic_scale(row);
-                out.extend(row.iter().map(|v| autodeploy_kernels::quant::lowbit::f32_to_e4m3(v / s)));
-            }
+                o.iter_mut().zip(row).for_each(|(c, v)| *c = autodeploy_kernels::quant::lowbit::f32_to_e4m3(v / s));
+            });
             Tensor::from_low_bit(DType::F8E4M3, sh.clone(), out)
         });
         let (s2, n2) = (src.clone(), name.clone());
         let scales = std::sync::Arc::new(move || {
+            use rayon::prelude::*;
             let wv = s2.load(&n2, DType::F32)?.to_f32().into_owned();
-            Tensor::from_f32(vec![rows], wv.chunks(k.max(1)).map(dynamic_scale).collect())
+            Tensor::from_f32(vec![rows], wv.par_chunks(k.max(1)).map(dynamic_scale).collect())
         });
         let store = std::sync::Arc::make_mut(&mut g.weights);
         store.add_lazy_typed(&codes_name, shape.clone(), DType::F8E4M3, origin.clone(), codes);
