@@ -9,11 +9,11 @@ use autodeploy_sdk::Stage;
 use common::*;
 
 /// The quantized fixtures, the op their linears must become, and how many of those remain
-/// once `fuse_gemms` has fused FP8 q/k/v and gate/up (2 layers of 4; NVFP4 is not fused yet).
+/// once `fuse_gemms` has fused q/k/v and gate/up (2 layers of 4).
 const QUANTIZED: &[(&str, &str, usize)] = &[
     ("llama-fp8", "torch_quant_fp8_linear", 8),
     ("qwen3-fp8", "torch_quant_fp8_linear", 8),
-    ("mistral-nvfp4", "torch_quant_nvfp4_linear", 14),
+    ("mistral-nvfp4", "torch_quant_nvfp4_linear", 8),
 ];
 
 /// f32 logits against the reference's: the float fixtures' bound. The reference and the engine

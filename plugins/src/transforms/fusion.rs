@@ -1,6 +1,8 @@
 //! Post-load fusion: linears that read the same input become one GEMM over concatenated
-//! weights followed by slices (FP8 linears too, where they share their input scale: the fused
-//! weight gets one scale a row); a SwiGLU MLP's gate and up projections become one weight.
+//! weights followed by slices (quantized linears too, each kind among itself: FP8 where the
+//! parts share their input scale, the fused weight getting one scale a row; NVFP4 where they
+//! share their global scale, the block scales concatenated); a SwiGLU MLP's gate and up
+//! projections become one weight.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta, ValueId};
 use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::ops::linear::{SwiGlu, LINEAR};
+use autodeploy_core::ops::quant_linear::NVFP4_LINEAR;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -48,61 +51,109 @@ fn concat_params(g: &mut Graph, vals: &[ValueId], name: &str) -> Result<ValueId>
 
 pub struct FuseGemms;
 
-/// One linear of a group: input, weight, the FP8 linear's scales (input, unless dynamic;
-/// weight), bias, output.
+/// The linears `fuse_gemms` fuses, each kind among itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Float,
+    Fp8 { dynamic: bool },
+    Nvfp4,
+}
+
+impl Kind {
+    fn of(op: &Op) -> Option<Kind> {
+        if op.is(LINEAR) {
+            return Some(Kind::Float);
+        }
+        if op.is(NVFP4_LINEAR) {
+            return Some(Kind::Nvfp4);
+        }
+        op.fp8_linear_of().map(|dynamic| Kind::Fp8 { dynamic })
+    }
+
+    fn op(self) -> Op {
+        match self {
+            Kind::Float => Op::linear(),
+            Kind::Fp8 { dynamic: false } => Op::fp8_linear(),
+            Kind::Fp8 { dynamic: true } => Op::fp8_linear_dynamic(),
+            Kind::Nvfp4 => Op::nvfp4_linear(),
+        }
+    }
+
+    /// Where a node's scales are: the one the group must share (FP8's input scale, NVFP4's
+    /// global scale), the one each part brings (the weight scale, the block scales); and the bias.
+    fn inputs(self) -> (Option<usize>, Option<usize>, usize) {
+        match self {
+            Kind::Float => (None, None, 2),
+            Kind::Fp8 { dynamic: false } => (Some(2), Some(3), 4),
+            Kind::Fp8 { dynamic: true } => (None, Some(2), 3),
+            Kind::Nvfp4 => (Some(3), Some(2), 4),
+        }
+    }
+}
+
+/// One linear of a group: input, weight, the scale it shares with the group and its own,
+/// bias, output.
 struct Member {
     x: ValueId,
     w: ValueId,
-    scales: Option<(Option<ValueId>, ValueId)>,
+    shared: Option<ValueId>,
+    own: Option<ValueId>,
     bias: Option<ValueId>,
     out: ValueId,
 }
 
 impl FuseGemms {
-    /// One group of linears sharing an input (all `aten.linear` or all FP8 linears) → one
-    /// linear and slices. Returns false if the group does not qualify (weights not params, mixed
-    /// bias, mixed dtypes; FP8: different input scales).
-    fn fuse_group(g: &mut Graph, nodes: &[usize]) -> Result<bool> {
-        let fp8 = g.nodes[nodes[0]].op.fp8_linear_of();
+    /// One group of linears of one kind sharing an input → one linear and slices. Returns
+    /// false if the group does not qualify (weights or scales not params, mixed bias, mixed
+    /// dtypes; quantized: different shared scales).
+    fn fuse_group(g: &mut Graph, kind: Kind, nodes: &[usize]) -> Result<bool> {
+        let (shared_at, own_at, bias_at) = kind.inputs();
         let lin: Vec<Member> = nodes
             .iter()
             .map(|&i| {
                 let n = &g.nodes[i];
-                let (scales, bias) = match fp8 {
-                    Some(false) => (Some((Some(n.inputs[2]), n.inputs[3])), n.inputs.get(4)),
-                    Some(true) => (Some((None, n.inputs[2])), n.inputs.get(3)),
-                    None => (None, n.inputs.get(2)),
-                };
-                Member { x: n.inputs[0], w: n.inputs[1], scales, bias: bias.copied(), out: n.outputs[0] }
+                Member {
+                    x: n.inputs[0],
+                    w: n.inputs[1],
+                    shared: shared_at.map(|k| n.inputs[k]),
+                    own: own_at.map(|k| n.inputs[k]),
+                    bias: n.inputs.get(bias_at).copied(),
+                    out: n.outputs[0],
+                }
             })
             .collect();
         let has_bias = lin[0].bias.is_some();
         let dtype = g.meta(lin[0].w).dtype;
+        let is_param = |v: Option<ValueId>| v.is_none_or(|v| param_weight(g, v).is_some());
         let ok = lin.iter().all(|l| {
             l.bias.is_some() == has_bias
                 && param_weight(g, l.w).is_some()
-                && l.bias.is_none_or(|b| param_weight(g, b).is_some())
-                && l.scales
-                    .is_none_or(|(a, b)| a.is_none_or(|a| param_weight(g, a).is_some()) && param_weight(g, b).is_some())
+                && is_param(l.bias)
+                && is_param(l.shared)
+                && is_param(l.own)
                 && g.meta(l.w).dtype == dtype
         });
-        if !ok {
+        if !ok || !shared_values_equal(g, &lin)? {
             return Ok(false);
         }
         let names: Vec<String> = lin.iter().map(|l| param_weight(g, l.w).expect("checked")).collect();
         let fused_name = format!("fused[{}]", names.join("+"));
-        let scales = match fp8 {
-            Some(_) => match fp8_scales(g, &lin, &fused_name)? {
+        let own = match kind {
+            Kind::Float => None,
+            Kind::Fp8 { .. } => match fp8_row_scales(g, &lin, &fused_name)? {
                 Some(s) => Some(s),
                 None => return Ok(false),
             },
-            None => None,
+            Kind::Nvfp4 => {
+                let bs: Vec<ValueId> = lin.iter().map(|l| l.own.expect("nvfp4")).collect();
+                Some(concat_params(g, &bs, &format!("{fused_name}.weight_scale"))?)
+            }
         };
         let w = concat_params(g, &lin.iter().map(|l| l.w).collect::<Vec<_>>(), &fused_name)?;
         let mut ins = vec![lin[0].x, w];
-        if let Some((a, b)) = scales {
-            ins.extend(a);
-            ins.push(b);
+        match kind {
+            Kind::Nvfp4 => ins.extend(own.into_iter().chain(lin[0].shared)),
+            _ => ins.extend(lin[0].shared.into_iter().chain(own)),
         }
         if has_bias {
             let bs: Vec<ValueId> = lin.iter().map(|l| l.bias.expect("checked")).collect();
@@ -110,12 +161,7 @@ impl FuseGemms {
         }
         let pos = *nodes.iter().min().expect("group of two or more");
         let hint = format!("{}.fused", g.value(lin[0].out).name);
-        let op = match fp8 {
-            Some(false) => Op::fp8_linear(),
-            Some(true) => Op::fp8_linear_dynamic(),
-            None => Op::linear(),
-        };
-        let y = g.insert_node(pos, &hint, op, &ins)?;
+        let y = g.insert_node(pos, &hint, kind.op(), &ins)?;
         let mut start = 0i64;
         for (k, l) in lin.iter().enumerate() {
             let width = g.meta(l.w).shape[0].as_static().expect("static weight") as i64;
@@ -129,25 +175,32 @@ impl FuseGemms {
     }
 }
 
-/// An FP8 group's scales: the input scale they share (`None` when their values differ: their
-/// inputs would quantize differently; none to share when dynamic) and one weight scale a row of
-/// the fused weight, computed here from the parts' scales (one value or one a row each).
-#[allow(clippy::type_complexity)]
-fn fp8_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<(Option<ValueId>, ValueId)>> {
-    let value = |g: &Graph, v: ValueId| -> Result<Vec<f32>> {
-        let name = param_weight(g, v).expect("checked by the caller");
-        Ok(g.weights.load(&name, DType::F32)?.to_f32().into_owned())
-    };
-    let first_in = lin[0].scales.expect("fp8").0;
-    let s_in = first_in.map(|a| value(g, a)).transpose()?;
+/// A weight's values as f32 (the small scales read here).
+fn values(g: &Graph, v: ValueId) -> Result<Vec<f32>> {
+    let name = param_weight(g, v).expect("checked by the caller");
+    Ok(g.weights.load(&name, DType::F32)?.to_f32().into_owned())
+}
+
+/// Whether every member's shared scale holds the first one's values (FP8 inputs quantize
+/// alike; NVFP4 weights share their global scale).
+fn shared_values_equal(g: &Graph, lin: &[Member]) -> Result<bool> {
+    let Some(first) = lin[0].shared else { return Ok(true) };
+    let want = values(g, first)?;
+    for l in &lin[1..] {
+        if values(g, l.shared.expect("same kind"))? != want {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// An FP8 group's weight scale: one a row of the fused weight, computed here from the parts'
+/// (one value or one a row each); `None` if a part's does not fit.
+fn fp8_row_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<ValueId>> {
     let mut rows = Vec::new();
     for l in lin {
-        let (a, b) = l.scales.expect("fp8");
-        if a.map(|a| value(g, a)).transpose()? != s_in {
-            return Ok(None);
-        }
         let n = g.meta(l.w).shape[0].as_static().expect("static weight");
-        let s = value(g, b)?;
+        let s = values(g, l.own.expect("fp8"))?;
         match s.len() {
             1 => rows.extend(std::iter::repeat_n(s[0], n)),
             len if len == n => rows.extend(s),
@@ -157,34 +210,29 @@ fn fp8_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<(Opti
     let name = format!("{fused}.weight_scale");
     let n = rows.len();
     Arc::make_mut(&mut g.weights).add_tensor(&name, autodeploy_core::Tensor::from_f32(vec![n], rows)?);
-    let s_w = g.add_param(&name, TensorMeta { dtype: DType::F32, shape: static_shape(&[n]) });
-    Ok(Some((first_in, s_w)))
+    Ok(Some(g.add_param(&name, TensorMeta { dtype: DType::F32, shape: static_shape(&[n]) })))
 }
 
 impl Transform for FuseGemms {
     fn apply(&self, g: &mut Graph, _: &TransformContext) -> Result<String> {
         let mut groups_done = 0;
         let mut linears_fused = 0;
-        let mut tried: Vec<(ValueId, u8)> = Vec::new();
+        let mut tried: Vec<(ValueId, Kind)> = Vec::new();
         loop {
             // Group linears by their input; pick the first group of two or more not yet tried.
-            // Keyed by input and op: float linears, FP8 linears and dynamic FP8 linears each
-            // fuse among themselves.
-            let mut by_input: BTreeMap<(ValueId, u8), Vec<usize>> = BTreeMap::new();
+            // Keyed by input and kind: float, FP8, dynamic FP8 and NVFP4 linears each fuse
+            // among themselves.
+            let mut by_input: BTreeMap<(ValueId, Kind), Vec<usize>> = BTreeMap::new();
             for (i, n) in g.nodes.iter().enumerate() {
-                let kind = match n.op.fp8_linear_of() {
-                    _ if n.op.is(LINEAR) => 0,
-                    Some(false) => 1,
-                    Some(true) => 2,
-                    None => continue,
-                };
-                by_input.entry((n.inputs[0], kind)).or_default().push(i);
+                if let Some(kind) = Kind::of(&n.op) {
+                    by_input.entry((n.inputs[0], kind)).or_default().push(i);
+                }
             }
             let Some((input, group)) = by_input.into_iter().find(|(k, v)| v.len() > 1 && !tried.contains(k)) else {
                 break;
             };
             tried.push(input);
-            if Self::fuse_group(g, &group)? {
+            if Self::fuse_group(g, input.1, &group)? {
                 groups_done += 1;
                 linears_fused += group.len();
             }
