@@ -10,19 +10,15 @@ pub const E4M3_MAX: f32 = 448.0;
 /// Values per NVFP4 block scale.
 pub const NVFP4_BLOCK: usize = 16;
 
-/// The float an E4M3 code stands for (NaN for the two NaN codes).
+/// The float an E4M3 code stands for (NaN for the two NaN codes): its sign, exponent and
+/// mantissa placed under f32's (bias 127 against 7), subnormal codes as f32 subnormals, then
+/// times 2^120.
 pub fn e4m3_to_f32(code: u8) -> f32 {
-    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
-    let exp = ((code >> 3) & 0x0f) as i32;
-    let man = (code & 0x07) as f32;
-    if exp == 0x0f && code & 0x07 == 0x07 {
+    if code & 0x7f == 0x7f {
         return f32::NAN;
     }
-    if exp == 0 {
-        sign * man / 8.0 * (2f32).powi(-6)
-    } else {
-        sign * (1.0 + man / 8.0) * (2f32).powi(exp - 7)
-    }
+    let c = code as u32;
+    f32::from_bits(((c & 0x80) << 24) | ((c & 0x7f) << 20)) * f32::from_bits((127 + 120) << 23)
 }
 
 /// The E4M3 code nearest `v` (ties to the even code), saturating at ±448; NaN gives NaN. This is
