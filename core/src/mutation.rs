@@ -16,15 +16,18 @@ pub enum Mutation {
     SwapHeads,
     /// Cached attention reads page 1 of a sequence from its page 0.
     WrongPage,
+    /// FP8 linears skip their input's E4M3 quantization (weight-only, as if the scale were lost).
+    Fp8RawInput,
 }
 
 impl Mutation {
-    pub const ALL: [(&'static str, Mutation); 5] = [
+    pub const ALL: [(&'static str, Mutation); 6] = [
         ("skip_kv_write", Mutation::SkipKvWrite),
         ("shift_rope", Mutation::ShiftRope),
         ("no_causal_mask", Mutation::NoCausalMask),
         ("swap_heads", Mutation::SwapHeads),
         ("wrong_page", Mutation::WrongPage),
+        ("fp8_raw_input", Mutation::Fp8RawInput),
     ];
 }
 

@@ -160,7 +160,9 @@ fn fp8_cpu(
             Some(i) => ins[i].to_f32()[0],
             None => dynamic_scale(row),
         };
-        row.iter_mut().for_each(|v| *v = fake_quant_e4m3(*v, s));
+        if !crate::mutation::is(crate::mutation::Mutation::Fp8RawInput) {
+            row.iter_mut().for_each(|v| *v = fake_quant_e4m3(*v, s));
+        }
     }
     let scale = ins[s_w_at].to_f32();
     run(&x, LowBit::Fp8 { codes: low_bit(ins[1], "weight")?, scale: &scale }, ins, bias_at, &outs[0])
