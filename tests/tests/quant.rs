@@ -140,3 +140,54 @@ fn quantize_fp8_in_place_matches_its_reference() {
     let (_, quant) = r.f32("logits_f32_1");
     assert!(max_abs_diff(&float, &quant, "float vs fp8") > 50.0 * QUANT_F32_MAX_ABS);
 }
+
+/// A quantized checkpoint whose declaration and tensors disagree is refused at import, naming
+/// the file and key or the tensor, never run as another model.
+#[test]
+fn inconsistent_quantized_checkpoints_are_refused_by_name() {
+    let src = fixture("llama-fp8");
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            r#"{"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "INT8_SQ", "exclude_modules": []}}"#,
+            "quant_algo",
+            &["hf_quant_config.json", "quantization.quant_algo", "INT8_SQ"],
+        ),
+        (
+            r#"{"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}}"#,
+            "an FP8 file declared NVFP4",
+            &["model.layers.0.", "f4e2m1"],
+        ),
+        (
+            r#"{"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head", "model.layers.*.mlp.down_proj"]}}"#,
+            "an excluded module with scales",
+            &["mlp.down_proj", "excluded"],
+        ),
+        (
+            r#"{"producer": {"name": "someone-else"}, "quantization": {"quant_algo": "FP8"}}"#,
+            "another producer",
+            &["producer.name", "someone-else"],
+        ),
+    ];
+    for (i, (quant, what, want)) in cases.iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!("ad-quant-bad-{}-{i}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        std::fs::write(dir.join("hf_quant_config.json"), quant).unwrap();
+        let req = autodeploy_core::backend::ImportRequest {
+            path: dir.clone(),
+            dtype: None,
+            max_batch_size: 1,
+            max_seq_len: 16,
+            dummy_weights: false,
+        };
+        let e = autodeploy_core::registry::importer("hf").unwrap().import(&req).err();
+        let e = e.unwrap_or_else(|| panic!("{what}: imported")).to_string();
+        eprintln!("{what}: {e}");
+        for w in *want {
+            assert!(e.contains(w), "{what}: `{w}` not in: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
