@@ -277,6 +277,43 @@ fn config_json(n: usize, rng: &mut impl Rng, dir: &std::path::Path) -> Tally {
     t
 }
 
+/// A ModelOpt checkpoint's `hf_quant_config.json` (the quantized fixtures), mutated as
+/// `config.json` is; the checkpoint's own config and tensors beside it.
+fn hf_quant_config(n: usize, rng: &mut impl Rng, dir: &std::path::Path) -> Tally {
+    const QUANTIZED: [&str; 3] = ["llama-fp8", "qwen3-fp8", "mistral-nvfp4"];
+    let mut t = Tally::default();
+    for i in 0..n {
+        let name = QUANTIZED[i % QUANTIZED.len()];
+        let src = fixture(name);
+        let text = std::fs::read(src.join("hf_quant_config.json")).unwrap();
+        let (bytes, did) = if rng.random_bool(0.8) {
+            let mut doc: Value = serde_json::from_slice(&text).unwrap();
+            let did = mutate_json(&mut doc, rng);
+            (serde_json::to_vec(&doc).unwrap(), did)
+        } else {
+            damage(&text, rng)
+        };
+        let case = dir.join(format!("quant{i}"));
+        std::fs::create_dir_all(&case).unwrap();
+        std::fs::write(case.join("hf_quant_config.json"), &bytes).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), case.join(f)).unwrap();
+        }
+        t.run(&format!("hf_quant_config.json case {i} ({name}: {did})"), || {
+            // Every weight read as stored (a scaled one reads only so).
+            let real = import_with("hf", &case, false).is_ok_and(|g| {
+                g.params.iter().all(|p| {
+                    g.weights.stored_meta(&p.weight).is_ok_and(|(dt, _)| g.weights.load(&p.weight, dt).is_ok())
+                })
+            });
+            let dummy = import_with("hf", &case, true).map(|g| autodeploy_core::pipeline::weight_bytes(&g)).is_ok();
+            real && dummy
+        });
+        let _ = std::fs::remove_dir_all(&case);
+    }
+    t
+}
+
 const PIPELINE_TOML: &str = r#"model = "MODEL"
 dtype = "float32"
 device = "cpu"
@@ -445,6 +482,7 @@ fn every_reader_survives_mutated_files() {
     let (mut accepted, mut total) = (0, 0);
     for (reader, tally) in [
         ("config.json", config_json(n, &mut rng, dir.path())),
+        ("hf_quant_config.json", hf_quant_config(n, &mut rng, dir.path())),
         ("pipeline TOML", pipeline_toml(n, &mut rng)),
         ("GGUF", gguf(n, &mut rng, dir.path())),
         ("safetensors", safetensors_files(n, &mut rng, dir.path())),
