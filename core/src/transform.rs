@@ -155,7 +155,7 @@ pub fn run_stages(graph: &mut Graph, cfg: &PipelineConfig, until: Stage) -> Resu
         }
         let cx = TransformContext { config: cfg, options };
         let summary = t.instantiate().apply(graph, &cx).map_err(|e| {
-            let from = if t.origin == "built-in" { String::new() } else { format!(" from {}", t.origin) };
+            let from = if t.origin.starts_with("built-in") { String::new() } else { format!(" from {}", t.origin) };
             Error::Msg(format!("transform {}{from} (stage {}): {e}", t.name, t.stage))
         })?;
         graph

@@ -241,6 +241,7 @@ pub fn ops() -> Vec<CustomOp> {
             extra_inputs: 2,
             cuda: Some(fp8_cuda()),
             cuda_scratch: Some(lowbit_scratch),
+            origin: "built-in (fp8 plugin)",
             ..CustomOp::built_in(
                 FP8_LINEAR,
                 3,
@@ -253,6 +254,7 @@ pub fn ops() -> Vec<CustomOp> {
             extra_inputs: 1,
             cuda: Some(nvfp4_cuda()),
             cuda_scratch: Some(lowbit_scratch),
+            origin: "built-in (nvfp4 plugin)",
             ..CustomOp::built_in(NVFP4_LINEAR, 4, Outputs::Rule(Arc::new(nvfp4_rule)), no_attrs, Arc::new(nvfp4_cpu))
         },
     ]

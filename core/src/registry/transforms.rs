@@ -12,6 +12,8 @@ pub struct TransformPlugin {
     pub enabled_by_default: bool,
     pub options: &'static [OptionSpec],
     pub version: &'static str,
+    /// `built-in`, or which built-in plugin it belongs to (`built-in (fp8 plugin)`).
+    pub origin: &'static str,
     pub make: fn() -> Box<dyn Transform>,
 }
 
@@ -85,7 +87,7 @@ pub fn transforms() -> Vec<TransformRef> {
             enabled_by_default: t.enabled_by_default,
             options: t.options,
             version: t.version,
-            origin: "built-in",
+            origin: t.origin,
             make: &t.make,
         })
         .collect();

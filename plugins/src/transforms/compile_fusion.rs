@@ -31,6 +31,7 @@ autodeploy_core::inventory::submit! {
         enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
         make: || Box::new(FuseRopeAttention),
     }
 }
@@ -88,6 +89,7 @@ autodeploy_core::inventory::submit! {
         enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
         make: || Box::new(FuseSwigluEpilogue),
     }
 }
@@ -121,6 +123,7 @@ autodeploy_core::inventory::submit! {
         enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
         make: || Box::new(FuseAddRmsNorm),
     }
 }

@@ -23,6 +23,7 @@ autodeploy_core::inventory::submit! {
         enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
         make: || Box::new(InsertCachedAttention),
     }
 }

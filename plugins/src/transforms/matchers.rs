@@ -24,6 +24,7 @@ macro_rules! register {
                 enabled_by_default: true,
                 options: &[],
                 version: env!("CARGO_PKG_VERSION"),
+                origin: "built-in",
                 make: || Box::new($ty),
             }
         }

@@ -17,7 +17,7 @@ use autodeploy_core::Op;
 use autodeploy_sdk::Stage;
 
 macro_rules! register {
-    ($name:literal, $order:expr, $algo:expr) => {
+    ($name:literal, $order:expr, $algo:expr, $origin:literal) => {
         autodeploy_core::inventory::submit! {
             TransformPlugin {
                 name: $name,
@@ -26,14 +26,15 @@ macro_rules! register {
                 enabled_by_default: true,
                 options: &[],
                 version: env!("CARGO_PKG_VERSION"),
+                origin: $origin,
                 make: || Box::new(QuantizeFromConfig($algo)),
             }
         }
     };
 }
 
-register!("quantize_fp8_linear_from_config", 10, QuantAlgo::Fp8);
-register!("quantize_nvfp4_linear_from_config", 20, QuantAlgo::Nvfp4);
+register!("quantize_fp8_linear_from_config", 10, QuantAlgo::Fp8, "built-in (fp8 plugin)");
+register!("quantize_nvfp4_linear_from_config", 20, QuantAlgo::Nvfp4, "built-in (nvfp4 plugin)");
 
 /// Makes the linears over a checkpoint's `algo`-quantized weights that format's quantized
 /// linear.

@@ -27,6 +27,7 @@ autodeploy_core::inventory::submit! {
         enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
         make: || Box::new(DropIdentityOps),
     }
 }
@@ -82,6 +83,7 @@ autodeploy_core::inventory::submit! {
         enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
         make: || Box::new(MergeDuplicateOps),
     }
 }
@@ -127,6 +129,7 @@ autodeploy_core::inventory::submit! {
         enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
         make: || Box::new(FoldWeightOps),
     }
 }

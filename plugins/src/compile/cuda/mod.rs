@@ -72,7 +72,7 @@ fn unsupported(op: &Op) -> Option<String> {
         }
         Op { name, attrs } => match autodeploy_core::registry::custom_op(name) {
             Some(c) if c.cuda.is_some() || c.view.is_some() => return c.cuda_attrs.and_then(|check| check(attrs).err()),
-            Some(c) if c.origin == "built-in" => "this op has a CPU kernel only so far",
+            Some(c) if c.origin.starts_with("built-in") => "this op has a CPU kernel only so far",
             _ => "this plugin op has a CPU kernel only: its library registered no CUDA one",
         },
     };
