@@ -191,3 +191,16 @@ fn inconsistent_quantized_checkpoints_are_refused_by_name() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// `quantize = "fp8"` where it cannot apply is an error saying what to change: on a checkpoint
+/// that is already quantized, and on GGUF blocks kept as stored (`dtype = "auto"`).
+#[test]
+fn quantize_fp8_where_it_cannot_apply_says_why() {
+    let e = graph_after("llama-fp8", Stage::Quantize, "quantize = \"fp8\"\n").err().expect("built").to_string();
+    assert!(e.contains("already a FP8 checkpoint") && e.contains("remove `quantize`"), "{e}");
+    let gguf = fixture("gguf").join("tiny-mistral.gguf");
+    let text = format!("model = {:?}\nquantize = \"fp8\"\n", gguf.display().to_string());
+    let cfg = PipelineConfig::from_toml_str(&text, None).unwrap();
+    let e = autodeploy_core::pipeline::graph_after(&cfg, Stage::Quantize).err().expect("built").to_string();
+    assert!(e.contains("quantize = \"fp8\": weight `") && e.contains("set dtype = \"bfloat16\""), "{e}");
+}

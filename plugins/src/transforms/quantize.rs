@@ -43,6 +43,13 @@ pub struct QuantizeFromConfig(pub QuantAlgo);
 impl Transform for QuantizeFromConfig {
     fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
         let algo = self.0;
+        if let (Some(q), Quantize::Fp8) = (g.weights.quantization(), cx.config.quantize) {
+            return Err(Error::Msg(format!(
+                "quantize = \"fp8\" asks to quantize a float checkpoint, but this one is already a {}; \
+                 remove `quantize` from the config",
+                q.describe()
+            )));
+        }
         match g.weights.quantization() {
             Some(q) if q.algo == algo => {}
             Some(q) => return Ok(format!("skipped: a {} checkpoint", q.algo.name())),
@@ -130,9 +137,16 @@ fn quantize_in_place(g: &mut Graph) -> Result<usize> {
         let Some(name) = g.params.iter().find(|p| p.value == w).map(|p| p.weight.clone()) else { continue };
         let meta = g.meta(w).clone();
         let shape: Option<Vec<usize>> = meta.shape.iter().map(Dim::as_static).collect();
-        let Some(shape) = shape.filter(|s| s.len() == 2 && meta.dtype.is_float()) else { continue };
+        let Some(shape) = shape.filter(|s| s.len() == 2) else { continue };
         if g.nodes.iter().filter(|n| n.inputs.contains(&w)).count() != 1 {
             continue;
+        }
+        if !meta.dtype.is_float() {
+            return Err(Error::Msg(format!(
+                "quantize = \"fp8\": weight `{name}` is {} as the graph holds it, not a float: set dtype = \
+                 \"bfloat16\" (or \"float32\") so it is dequantized at load, then quantized to FP8",
+                meta.dtype
+            )));
         }
         let (rows, k) = (shape[0], shape[1]);
         let origin = format!("`{name}` quantized to FP8 at load (quantize = \"fp8\")");
