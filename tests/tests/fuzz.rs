@@ -243,19 +243,24 @@ fn read_pt2(path: &std::path::Path) -> bool {
     read && registry::importer("torch-export").expect("built in").import(&req).is_ok()
 }
 
+/// A JSON file's bytes mutated: mostly a value edited (`mutate_json`), else bytes damaged.
+fn mutate_json_file(text: &[u8], rng: &mut impl Rng) -> (Vec<u8>, String) {
+    if rng.random_bool(0.8) {
+        let mut doc: Value = serde_json::from_slice(text).unwrap();
+        let did = mutate_json(&mut doc, rng);
+        (serde_json::to_vec(&doc).unwrap(), did)
+    } else {
+        damage(text, rng)
+    }
+}
+
 fn config_json(n: usize, rng: &mut impl Rng, dir: &std::path::Path) -> Tally {
     let mut t = Tally::default();
     for i in 0..n {
         let family = FAMILIES[i % FAMILIES.len()];
         let src = fixture(family);
         let text = std::fs::read(src.join("config.json")).unwrap();
-        let (bytes, did) = if rng.random_bool(0.8) {
-            let mut doc: Value = serde_json::from_slice(&text).unwrap();
-            let did = mutate_json(&mut doc, rng);
-            (serde_json::to_vec(&doc).unwrap(), did)
-        } else {
-            damage(&text, rng)
-        };
+        let (bytes, did) = mutate_json_file(&text, rng);
         let case = dir.join(format!("config{i}"));
         std::fs::create_dir_all(&case).unwrap();
         std::fs::write(case.join("config.json"), &bytes).unwrap();
@@ -286,13 +291,7 @@ fn hf_quant_config(n: usize, rng: &mut impl Rng, dir: &std::path::Path) -> Tally
         let name = QUANTIZED[i % QUANTIZED.len()];
         let src = fixture(name);
         let text = std::fs::read(src.join("hf_quant_config.json")).unwrap();
-        let (bytes, did) = if rng.random_bool(0.8) {
-            let mut doc: Value = serde_json::from_slice(&text).unwrap();
-            let did = mutate_json(&mut doc, rng);
-            (serde_json::to_vec(&doc).unwrap(), did)
-        } else {
-            damage(&text, rng)
-        };
+        let (bytes, did) = mutate_json_file(&text, rng);
         let case = dir.join(format!("quant{i}"));
         std::fs::create_dir_all(&case).unwrap();
         std::fs::write(case.join("hf_quant_config.json"), &bytes).unwrap();

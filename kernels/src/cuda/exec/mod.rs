@@ -969,15 +969,33 @@ impl Gpu {
         y: Ptr,
         accumulate: bool,
     ) -> Result<(), Unavailable> {
+        self.gemm(dt, dt, m, n, k, x, w, y, accumulate)
+    }
+
+    /// `y[m, n] (+)= x[m, k] · w[n, k]ᵀ` with x and w of `dt` and y of `out`, through cuBLAS
+    /// (f32 sums). Column-major view: yᵀ [n, m] = w [k, n]ᵀ-read · xᵀ [k, m].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        &self,
+        dt: Dt,
+        out: Dt,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: Ptr,
+        w: Ptr,
+        y: Ptr,
+        accumulate: bool,
+    ) -> Result<(), Unavailable> {
         use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-        let ty = match dt {
-            Dt::F32 => cudaDataType::CUDA_R_32F,
-            Dt::BF16 => cudaDataType::CUDA_R_16BF,
-            Dt::F16 => cudaDataType::CUDA_R_16F,
-            _ => return Err(Unavailable(format!("linear over {dt:?} has no cuBLAS type"))),
+        let ty = |d: Dt| match d {
+            Dt::F32 => Ok(cudaDataType::CUDA_R_32F),
+            Dt::BF16 => Ok(cudaDataType::CUDA_R_16BF),
+            Dt::F16 => Ok(cudaDataType::CUDA_R_16F),
+            _ => Err(Unavailable(format!("linear over {d:?} has no cuBLAS type"))),
         };
+        let (tin, tout) = (ty(dt)?, ty(out)?);
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        // Column-major view: yᵀ [n, m] = w [k, n]ᵀ-read · xᵀ [k, m].
         // SAFETY: sizes are the callers' tensors' (checked by the op rules at build time).
         unsafe {
             cudarc::cublas::result::gemm_ex(
@@ -989,20 +1007,20 @@ impl Gpu {
                 k as i32,
                 &alpha as *const f32 as *const _,
                 w as *const _,
-                ty,
+                tin,
                 k as i32,
                 x as *const _,
-                ty,
+                tin,
                 k as i32,
                 &beta as *const f32 as *const _,
                 y as *mut _,
-                ty,
+                tout,
                 n as i32,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| Unavailable(format!("cuBLAS linear {m}x{k} · ({n}x{k})ᵀ ({dt:?}): {e:?}")))
+        .map_err(|e| Unavailable(format!("cuBLAS linear {m}x{k} · ({n}x{k})ᵀ ({dt:?} to {out:?}): {e:?}")))
     }
 }
 

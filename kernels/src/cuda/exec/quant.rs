@@ -5,8 +5,6 @@
 //! the activations' dtype) and run cuBLAS with f32 output, then one epilogue applies the scales
 //! and bias. cuBLASLt's FP8 GEMM is the faster path left to do for prefill.
 
-use cudarc::cublas::sys as blas_sys;
-
 use super::{grid, launched, Dt, Gpu, Ptr};
 use crate::cuda::Unavailable;
 
@@ -111,7 +109,7 @@ impl Gpu {
         l.arg(&w).arg(&wd).arg(&total_w);
         // SAFETY: w n·k bytes, wd n·k values of dt.
         launched("fp8_values", unsafe { l.launch(grid(c.n * c.k, 256)) }.map(|_| ()))?;
-        self.gemm_f32_out(c.dt, c.m, c.n, c.k, xq, wd, acc)?;
+        self.gemm(c.dt, Dt::F32, c.m, c.n, c.k, xq, wd, acc, false)?;
         self.lowbit_epilogue(di, c, s, acc, m64, n32)
     }
 
@@ -144,7 +142,7 @@ impl Gpu {
         // SAFETY: w n·k/2 bytes, block_scales n·k/16, wd n·k values of dt; k % 16 == 0 (the op
         // rule's check).
         launched("nvfp4_values", unsafe { l.launch(grid(c.n * c.k, 256)) }.map(|_| ()))?;
-        self.gemm_f32_out(c.dt, c.m, c.n, c.k, c.x, wd, acc)?;
+        self.gemm(c.dt, Dt::F32, c.m, c.n, c.k, c.x, wd, acc, false)?;
         self.lowbit_epilogue(di, c, LowBitScales { input: 0, dynamic: false, ..s }, acc, m64, n32)
     }
 
@@ -164,42 +162,5 @@ impl Gpu {
         // SAFETY: acc m·n f32, y m·n of dt, bias n of dt or null, the scales one f32 (n if
         // per_row) or null.
         launched("lowbit_epilogue", unsafe { l.launch(grid(c.m * c.n, 256)) }.map(|_| ()))
-    }
-
-    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` with x and w of `dt` and y f32 (cuBLAS, f32 sums).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_f32_out(&self, dt: Dt, m: usize, n: usize, k: usize, x: Ptr, w: Ptr, y: Ptr) -> Result<(), Unavailable> {
-        use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-        let ty = match dt {
-            Dt::F32 => cudaDataType::CUDA_R_32F,
-            Dt::BF16 => cudaDataType::CUDA_R_16BF,
-            _ => return Err(Unavailable(format!("quantized linear over {dt:?}"))),
-        };
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: sizes are the callers' (the op rule's shapes; scratch planned for them).
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const _,
-                w as *const _,
-                ty,
-                k as i32,
-                x as *const _,
-                ty,
-                k as i32,
-                &beta as *const f32 as *const _,
-                y as *mut _,
-                cudaDataType::CUDA_R_32F,
-                n as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| Unavailable(format!("cuBLAS quantized linear {m}x{k} · ({n}x{k})ᵀ ({dt:?}): {e:?}")))
     }
 }
