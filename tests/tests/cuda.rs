@@ -272,17 +272,30 @@ fn cuda_matches_cpu_bf16() {
 fn quantized_checkpoints_on_cuda_match_the_cpu() {
     let _turn = gpu();
     let (failed, ran) = launches(|| {
-        let checkpoints =
-            [("llama-fp8", ""), ("qwen3-fp8", ""), ("mistral-nvfp4", ""), ("llama", "quantize = \"fp8\"\n")];
+        // The FP8 decode GEMV on tensor cores (the default on sm_89+), and once the CUDA-core one.
+        let checkpoints = [
+            ("llama-fp8", ""),
+            ("llama-fp8", "kernels.fp8_gemv_tensor_cores = false\n"),
+            ("qwen3-fp8", ""),
+            ("mistral-nvfp4", ""),
+            ("llama", "quantize = \"fp8\"\n"),
+        ];
         checkpoints
             .iter()
             .flat_map(|(f, extra)| ["float32", "bfloat16"].iter().flat_map(|d| check_family_config(f, d, extra)))
             .collect::<Vec<String>>()
     });
     assert!(failed.is_empty(), "{}", failed.join("\n"));
-    for k in
-        ["e4m3_codes", "e4m3_codes_rows", "gemv_fp8", "fp8_values", "gemv_nvfp4", "nvfp4_values", "lowbit_epilogue"]
-    {
+    for k in [
+        "e4m3_codes",
+        "e4m3_codes_rows",
+        "gemv_fp8",
+        "gemv_fp8_tc",
+        "fp8_values",
+        "gemv_nvfp4",
+        "nvfp4_values",
+        "lowbit_epilogue",
+    ] {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }
 }

@@ -321,3 +321,177 @@ GEMV_NVFP4(bf16, bf16_t, 1)
 GEMV_NVFP4(bf16, bf16_t, 2)
 GEMV_NVFP4(bf16, bf16_t, 4)
 GEMV_NVFP4(bf16, bf16_t, 8)
+
+// ---------------------------------------------------------------------------------------------
+// The FP8 decode GEMV on tensor cores (sm_89+), activations quantized inside: y[m, n] for
+// m <= 8 activation rows of T, E4M3 weights [n, k], k % 16 == 0. One block takes 16 weight
+// rows, its FP8_TC_WARPS warps splitting k in steps of 128 (warp w: steps w, w + warps, ...); a
+// step is four `mma.m16n8k32` E4M3 × E4M3 → f32 with the activation rows as the 8 columns (those
+// past m zero). The block quantizes the activations a chunk of FP8_TC_CHUNK at a time into shared
+// memory (x / s rounded to nearest even, saturating: `e4m3_round`), the first weight loads of
+// the chunk already under way. Lane (g, t) = (lane / 4, lane % 4) reads 32 contiguous weight
+// bytes of rows g and g + 8 at t·32 of the step (so a warp's two loads cover whole 128-byte
+// lines of 16 rows) and the 32 activation codes at the same k: the
+// bytes a lane holds stand for the k the fragment layout names, and since the activations are
+// permuted alike the products are the same. Each mma starts from zero and is added in f32 (no
+// reliance on the tensor core's accumulation width), the warps' sums meet in shared memory, and
+// the scales and bias apply once: y = acc · s_a · s_w + bias, as `gemv_fp8`. `dynamic`: each
+// activation row's scale is max |x| / 448 (1 for a row of zeros), found by the block first, as
+// `e4m3_codes_rows`.
+// (benches/gpu/fp8-gemv times other warp and in-flight counts by defining these first.)
+#ifndef FP8_TC_WARPS
+#define FP8_TC_WARPS 8
+#endif
+#ifndef FP8_TC_INFLIGHT
+#define FP8_TC_INFLIGHT 2
+#endif
+#define FP8_TC_CHUNK 4096
+// Bytes between activation rows in shared memory: a chunk plus 64, so the two rows a quarter
+// warp reads in one step fall in different banks.
+#define FP8_TC_STRIDE (FP8_TC_CHUNK + 64)
+
+// 16 activations (16-byte-aligned) at scale s as E4M3 codes, lowest k in the lowest byte.
+template <typename T>
+__device__ __forceinline__ uint4 e4m3_pack16(const T* x, float s) {
+    float v[16];
+    load8(x, v);
+    load8(x + 8, v + 8);
+    unsigned int wd[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        unsigned short lo = 0, hi = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(v[4 * q + 1] / s), "f"(v[4 * q] / s));
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(v[4 * q + 3] / s), "f"(v[4 * q + 2] / s));
+#endif
+        wd[q] = (unsigned int)lo | ((unsigned int)hi << 16);
+    }
+    return make_uint4(wd[0], wd[1], wd[2], wd[3]);
+}
+
+__device__ __forceinline__ void mma_e4m3(const unsigned int* a, unsigned int b0, unsigned int b1, float* acc) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    float d0, d1, d2, d3;
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %10, %10, %10};"
+        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
+    acc[0] += d0, acc[1] += d1, acc[2] += d2, acc[3] += d3;
+#endif
+}
+
+template <typename T, int M>
+__device__ void gemv_fp8_tc(const T* x, const unsigned char* w, const float* s_in, int dynamic, const float* s_w,
+                            int per_row, const T* bias, T* y, int n, int k) {
+    __shared__ float s_tok[8];
+    __shared__ float part[FP8_TC_WARPS][16][8];
+    __shared__ __align__(16) unsigned char xs[M * FP8_TC_STRIDE];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = blockIdx.x * 16;
+    // Rows past n (the last block of an n % 16 != 0 call) read row n - 1 and are not stored.
+    const unsigned char* wa = w + (long)min(row0 + g, n - 1) * k + t * 32;
+    const unsigned char* wb = w + (long)min(row0 + g + 8, n - 1) * k + t * 32;
+    if (dynamic) {
+        for (int i = 0; i < M; i++) {
+            float a = 0.0f;
+            for (int j = threadIdx.x; j < k; j += blockDim.x) a = fmaxf(a, fabsf(load_f(x, (long)i * k + j)));
+            for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+            if (lane == 0) part[0][warp][i] = a;
+        }
+        __syncthreads();
+        if (threadIdx.x < M) {
+            float a = 0.0f;
+            for (int v = 0; v < FP8_TC_WARPS; v++) a = fmaxf(a, part[0][v][threadIdx.x]);
+            s_tok[threadIdx.x] = a > 0.0f ? a / 448.0f : 1.0f;
+        }
+    } else if (threadIdx.x < M) {
+        s_tok[threadIdx.x] = s_in[0];
+    }
+    __syncthreads();
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const unsigned char* xl = xs + (g < M ? g : 0) * FP8_TC_STRIDE + t * 32;
+    for (int kc = 0; kc < k; kc += FP8_TC_CHUNK) {
+        // A lane's 16-byte pieces past the chunk (k % 128 != 0: the last step's) are zeros.
+        int len = min(FP8_TC_CHUNK, k - kc), steps = (len + 127) / 128;
+        uint4 ra[FP8_TC_INFLIGHT][2], rb[FP8_TC_INFLIGHT][2];
+        int s0 = warp;
+        auto load = [&]() {
+#pragma unroll
+            for (int u = 0; u < FP8_TC_INFLIGHT; u++) {
+                int s = s0 + u * FP8_TC_WARPS;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    int off = s * 128 + t * 32 + 16 * h;
+                    bool in = s < steps && off < len;
+                    ra[u][h] = in ? *(const uint4*)(wa + kc + off - t * 32) : make_uint4(0, 0, 0, 0);
+                    rb[u][h] = in ? *(const uint4*)(wb + kc + off - t * 32) : make_uint4(0, 0, 0, 0);
+                }
+            }
+        };
+        load();
+        // This chunk's activation codes, 16 a thread at a time, while those loads are in flight.
+        int groups = len / 16;
+        for (int j = threadIdx.x; j < M * groups; j += blockDim.x) {
+            int i = j / groups, q = j % groups;
+            *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) = e4m3_pack16(x + (long)i * k + kc + q * 16, s_tok[i]);
+        }
+        __syncthreads();
+        while (true) {
+#pragma unroll
+            for (int u = 0; u < FP8_TC_INFLIGHT; u++) {
+                int s = s0 + u * FP8_TC_WARPS;
+                if (s >= steps) break;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    bool in = g < M && s * 128 + t * 32 + 16 * h < len;
+                    uint4 xb = in ? *(const uint4*)(xl + s * 128 + 16 * h) : make_uint4(0, 0, 0, 0);
+                    uint4 a = ra[u][h], b = rb[u][h];
+                    unsigned int a1[4] = {a.x, b.x, a.y, b.y};
+                    mma_e4m3(a1, xb.x, xb.y, acc);
+                    unsigned int a2[4] = {a.z, b.z, a.w, b.w};
+                    mma_e4m3(a2, xb.z, xb.w, acc);
+                }
+            }
+            s0 += FP8_TC_WARPS * FP8_TC_INFLIGHT;
+            if (s0 >= steps) break;
+            load();
+        }
+        __syncthreads();
+    }
+    // acc: (row g, column 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+    part[warp][g][2 * t] = acc[0];
+    part[warp][g][2 * t + 1] = acc[1];
+    part[warp][g + 8][2 * t] = acc[2];
+    part[warp][g + 8][2 * t + 1] = acc[3];
+    __syncthreads();
+    if (threadIdx.x < 16 * M) {
+        int r = threadIdx.x % 16, i = threadIdx.x / 16, row = row0 + r;
+        if (row < n) {
+            float v = 0.0f;
+#pragma unroll
+            for (int q = 0; q < FP8_TC_WARPS; q++) v += part[q][r][i];
+            float b = bias ? load_f(bias, row) : 0.0f;
+            store_f(y, (long)i * n + row, v * (s_tok[i] * s_w[per_row ? row : 0]) + b);
+        }
+    }
+}
+
+#define GEMV_FP8_TC(S, T, M)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * FP8_TC_WARPS)                                                   \
+        gemv_fp8_tc_m##M##_##S(const T* x, const unsigned char* w, const float* s_in, int dynamic, const float* s_w,   \
+                               int per_row, const T* bias, T* y, int n, int k, int prefetch) {                        \
+        int warp = threadIdx.x >> 5, per = 16 / FP8_TC_WARPS;                                                         \
+        for (int r = blockIdx.x * 16 + per * warp; r < min(n, blockIdx.x * 16 + per * (warp + 1)); r++)               \
+            prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
+        pdl_enter();                                                                                                  \
+        gemv_fp8_tc<T, M>(x, w, s_in, dynamic, s_w, per_row, bias, y, n, k);                                          \
+    }
+GEMV_FP8_TC(f32, float, 1)
+GEMV_FP8_TC(f32, float, 2)
+GEMV_FP8_TC(f32, float, 4)
+GEMV_FP8_TC(f32, float, 8)
+GEMV_FP8_TC(bf16, bf16_t, 1)
+GEMV_FP8_TC(bf16, bf16_t, 2)
+GEMV_FP8_TC(bf16, bf16_t, 4)
+GEMV_FP8_TC(bf16, bf16_t, 8)

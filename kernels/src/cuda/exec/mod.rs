@@ -171,6 +171,8 @@ struct Funcs {
     quant_rows: [Kernel; 2],
     /// `gemv_fp8_m{1,2,4,8}` and `gemv_nvfp4_m{1,2,4,8}` for `[f32, bf16]`.
     quant_gemv: [[Kernel; 4]; 2],
+    /// `gemv_fp8_tc_m{1,2,4,8}` for `[f32, bf16]` (sm_89+).
+    fp8_tc_gemv: [[Kernel; 4]; 2],
     nvfp4_gemv: [[Kernel; 4]; 2],
     copy_strided: Kernel,
     binary: Kernel,
@@ -231,6 +233,8 @@ pub struct Gpu {
     /// `PREFILL_TC_DIMS`, sm_80+, a step with planned tiles); `AUTODEPLOY_PREFILL_TC=0`: the
     /// CUDA-core kernel everywhere.
     pub prefill_tc: bool,
+    /// The FP8 decode GEMVs on tensor cores (`[kernels] fp8_gemv_tensor_cores`, sm_89+).
+    pub fp8_tc: bool,
     /// Warps a weight row in the one-row decode GEMV (`AUTODEPLOY_GEMV_SPLIT`: 1, 2, the
     /// default, or 4): more loads in flight for a short row. On an H200 two warps made the 8B
     /// decode step 21-28 µs shorter than one (BENCHMARKS.md, session 9).
@@ -422,6 +426,20 @@ impl Gpu {
                 [g("gemv_fp8_m1_f32")?, g("gemv_fp8_m2_f32")?, g("gemv_fp8_m4_f32")?, g("gemv_fp8_m8_f32")?],
                 [g("gemv_fp8_m1_bf16")?, g("gemv_fp8_m2_bf16")?, g("gemv_fp8_m4_bf16")?, g("gemv_fp8_m8_bf16")?],
             ],
+            fp8_tc_gemv: [
+                [
+                    g("gemv_fp8_tc_m1_f32")?,
+                    g("gemv_fp8_tc_m2_f32")?,
+                    g("gemv_fp8_tc_m4_f32")?,
+                    g("gemv_fp8_tc_m8_f32")?,
+                ],
+                [
+                    g("gemv_fp8_tc_m1_bf16")?,
+                    g("gemv_fp8_tc_m2_bf16")?,
+                    g("gemv_fp8_tc_m4_bf16")?,
+                    g("gemv_fp8_tc_m8_bf16")?,
+                ],
+            ],
             nvfp4_gemv: [
                 [g("gemv_nvfp4_m1_f32")?, g("gemv_nvfp4_m2_f32")?, g("gemv_nvfp4_m4_f32")?, g("gemv_nvfp4_m8_f32")?],
                 [
@@ -472,6 +490,7 @@ impl Gpu {
         let pdl = dev.cc.0 >= 9 && k.pdl;
         let prefetch_row = k.prefetch_row;
         let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
+        let fp8_tc = dev.cc >= (8, 9) && k.fp8_gemv_tensor_cores;
         let source_kernels = Default::default();
         let (gemv_split, swiglu_split) = (k.gemv_split, k.swiglu_split);
         let attn_early_u = std::sync::atomic::AtomicUsize::new(k.attn_positions_per_pass);
@@ -485,6 +504,7 @@ impl Gpu {
             pdl,
             prefetch_row,
             prefill_tc,
+            fp8_tc,
             gemv_split,
             attn_early_u,
             attn_group,

@@ -1,9 +1,10 @@
 //! The quantized linears' launches (`quant.cu`): FP8 (E4M3 weights and activations) and NVFP4
 //! (E2M1 weights, weight-only). Decode-sized calls (1, 2, 4 or 8 rows) run the GEMVs, which
 //! read the weights as stored (FP8 one byte a weight, NVFP4 half a byte plus a block scale per
-//! 16); the rest dequantize the weight's codes into scratch (exact in
-//! the activations' dtype) and run cuBLAS with f32 output, then one epilogue applies the scales
-//! and bias. cuBLASLt's FP8 GEMM is the faster path left to do for prefill.
+//! 16; FP8 on sm_89+ on tensor cores, the activations quantized inside, `Gpu::fp8_tc`); the rest
+//! dequantize the weight's codes into scratch (exact in the activations' dtype) and run cuBLAS
+//! with f32 output, then one epilogue applies the scales and bias. cuBLASLt's FP8 GEMM is the
+//! faster path left to do for prefill.
 
 use super::{grid, launched, Dt, Gpu, Ptr};
 use crate::cuda::Unavailable;
@@ -79,6 +80,23 @@ impl Gpu {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
         let [xq, wd, acc, rows] = scratch;
+        if let Some(i) =
+            gemv_rows(c.m).filter(|_| self.fp8_tc && c.k.is_multiple_of(16) && (w | c.x).is_multiple_of(16))
+        {
+            let (pf, dynamic, per_row) = (self.prefetch_row.min(c.k) as i32, s.dynamic as i32, s.per_row as i32);
+            let mut l = self.launcher(self.f.fp8_tc_gemv[di][i]);
+            l.arg(&c.x).arg(&w).arg(&s.input).arg(&dynamic).arg(&s.weight).arg(&per_row);
+            l.arg(&c.bias).arg(&c.y).arg(&n32).arg(&k32).arg(&pf);
+            let cfg = super::LaunchConfig {
+                grid_dim: (c.n.div_ceil(16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: x [m, k] of dt (rows 16-byte aligned: k % 16 == 0 and x aligned), w [n, k]
+            // bytes likewise, y [m, n]; s.input one f32 (unread when dynamic), s.weight one or n;
+            // 16 weight rows a block of 8 warps (quant.cu's gemv_fp8_tc).
+            return launched("gemv_fp8_tc", unsafe { l.launch(cfg) }.map(|_| ()));
+        }
         let s = if s.dynamic {
             let mut l = self.launcher(self.f.quant_rows[di]);
             l.arg(&c.x).arg(&rows).arg(&xq).arg(&k32);

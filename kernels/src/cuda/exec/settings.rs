@@ -30,6 +30,9 @@ pub struct KernelSettings {
     /// (each chosen expert read once for all its slots) instead of one warp a slot's row
     /// (`AUTODEPLOY_MOE_GROUPED`).
     pub moe_grouped_min: usize,
+    /// FP8 decode GEMVs on tensor cores (sm_89+), the activations quantized as they load
+    /// (`AUTODEPLOY_FP8_TC=0`: the CUDA-core GEMV after a separate quantizing kernel).
+    pub fp8_gemv_tensor_cores: bool,
 }
 
 impl Default for KernelSettings {
@@ -43,12 +46,13 @@ impl Default for KernelSettings {
             attn_positions_per_pass: 4,
             attn_group_heads: true,
             moe_grouped_min: 4,
+            fp8_gemv_tensor_cores: true,
         }
     }
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 8] = [
+const ENV: [(&str, &str); 9] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -57,6 +61,7 @@ const ENV: [(&str, &str); 8] = [
     ("attn_positions_per_pass", "AUTODEPLOY_ATTN_U"),
     ("attn_group_heads", "AUTODEPLOY_ATTN_GROUP"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
+    ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
 ];
 
 impl KernelSettings {
@@ -106,6 +111,10 @@ impl KernelSettings {
                 }
                 "attn_group_heads" => {
                     s.attn_group_heads = flag;
+                    true
+                }
+                "fp8_gemv_tensor_cores" => {
+                    s.fp8_gemv_tensor_cores = flag;
                     true
                 }
                 "prefetch_row" => num.map(|n| s.prefetch_row = n).is_some(),
