@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 
 mutations=("$@")
 if [ ${#mutations[@]} -eq 0 ]; then
-  mutations=(skip_kv_write shift_rope no_causal_mask swap_heads wrong_page fp8_raw_input)
+  mutations=(skip_kv_write shift_rope no_causal_mask swap_heads wrong_page fp8_raw_input reduce_one_rank)
 fi
-tests=(parity generate pt2 gguf quant)
+tests=(parity generate pt2 gguf quant sharding)
 
 cargo test -p autodeploy-tests --locked --no-run "${tests[@]/#/--test=}" >/dev/null 2>&1 ||
   cargo test -p autodeploy-tests --locked --no-run "${tests[@]/#/--test=}"

@@ -31,6 +31,9 @@ struct Cli {
     /// Override `max_new_tokens`.
     #[arg(long, global = true)]
     max_new_tokens: Option<usize>,
+    /// Override `world_size` (ranks the model is sharded over).
+    #[arg(long, global = true)]
+    world_size: Option<usize>,
     /// Override `device` (auto, cpu, cuda, cuda:N).
     #[arg(long, global = true)]
     device: Option<String>,
@@ -86,6 +89,10 @@ enum Cmd {
         /// post_load_fusion, cache_init or compile.
         #[arg(long, default_value = "import")]
         stage: String,
+        /// With `world_size` > 1: the rank whose graph to show (from the `sharding` stage on,
+        /// each rank's graph holds its slices and the collectives).
+        #[arg(long, default_value_t = 0)]
+        rank: usize,
     },
     /// Chat with the model in the terminal, the answer streamed as it is generated.
     Chat {
@@ -177,6 +184,9 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     }
     if let Some(d) = &cli.dtype {
         cfg.dtype = d.clone();
+    }
+    if let Some(n) = cli.world_size {
+        cfg.world_size = n;
     }
     if let Some(n) = cli.max_new_tokens {
         cfg.max_new_tokens = n;
@@ -733,12 +743,16 @@ fn main() -> ExitCode {
             plugins::list();
             Ok(())
         }
-        Some(Cmd::Graph { stage }) => (|| {
+        Some(Cmd::Graph { stage, rank }) => (|| {
             let s = Stage::parse(stage).with_context(|| {
                 let all: Vec<&str> = Stage::ALL.iter().map(|s| s.as_str()).collect();
                 format!("unknown stage `{stage}`; stages: {}", all.join(", "))
             })?;
-            let cfg = load_config(&cli)?;
+            let mut cfg = load_config(&cli)?;
+            if *rank >= cfg.world_size {
+                anyhow::bail!("--rank {rank}: the ranks are 0..{} (world_size = {})", cfg.world_size, cfg.world_size);
+            }
+            cfg.rank = *rank;
             let g = pipeline::graph_after(&cfg, s)?;
             for h in &g.history {
                 println!("# {h}");

@@ -123,10 +123,29 @@ pub struct PipelineConfig {
     /// defaults; docs/developing.md lists them).
     #[serde(default)]
     pub kernels: autodeploy_kernels::cuda::exec::KernelSettings,
+    /// Ranks the model is sharded over (tensor parallelism; the `sharding` stage's
+    /// `detect_sharding` splits the graph). 1: not sharded.
+    #[serde(default = "default_one")]
+    pub world_size: usize,
+    /// Ranks each tensor-parallel group splits a layer over; equal to `world_size` (the only
+    /// layout built so far) when given.
+    #[serde(default)]
+    pub tp_size: Option<usize>,
+    /// Which rank this process (or thread) builds, `0..world_size`: set by the launcher, or by
+    /// `autodeploy graph --rank R` to show one rank's graph; not a config key.
+    #[serde(skip)]
+    pub rank: usize,
     /// The folder of the config file, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
 }
+
+fn default_one() -> usize {
+    1
+}
+
+/// The most ranks a config may ask for.
+pub const MAX_WORLD_SIZE: usize = 4096;
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -409,6 +428,26 @@ impl PipelineConfig {
                 }
                 _ => {}
             }
+        }
+        if self.world_size == 0 || self.world_size > MAX_WORLD_SIZE {
+            return Err(Error::config(path, "world_size", format!("{}: 1 to {MAX_WORLD_SIZE}", self.world_size)));
+        }
+        if let Some(tp) = self.tp_size.filter(|&tp| tp != self.world_size) {
+            return Err(Error::config(
+                path,
+                "tp_size",
+                format!(
+                    "{tp} differs from world_size = {}: tensor parallelism over all ranks is what is built",
+                    self.world_size
+                ),
+            ));
+        }
+        if self.rank >= self.world_size {
+            return Err(Error::config(
+                path,
+                "rank",
+                format!("{} is not below world_size = {}", self.rank, self.world_size),
+            ));
         }
         crate::transform::check_config(&self.transforms).map_err(|(key, msg)| Error::config(path, key, msg))?;
         self.kernels.check().map_err(|(key, msg)| Error::config(path, key, msg))?;

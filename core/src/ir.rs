@@ -400,6 +400,40 @@ impl Graph {
         }
     }
 
+    /// Recomputes every node's output dtype and shape from its inputs' (after a transform
+    /// changed a weight's shape: a rank's slice of it); the error names the node whose op no
+    /// longer fits its inputs.
+    pub fn reinfer(&mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            let name = n.outputs.first().map(|&v| self.value(v).name.clone()).unwrap_or_default();
+            let metas: Vec<TensorMeta> = n.inputs.iter().map(|&v| self.meta(v).clone()).collect();
+            let out = infer(&n.op, &metas).map_err(|e| e.at_node(&name))?;
+            let outputs = n.outputs.clone();
+            for (m, o) in out.into_iter().zip(outputs) {
+                self.values[o.0 as usize].meta = m;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the readers of `old` in nodes `from..` and the graph outputs read `new` instead
+    /// (a node inserted at `from - 1` keeps reading `old`).
+    pub fn replace_uses_from(&mut self, old: ValueId, new: ValueId, from: usize) {
+        for n in self.nodes.iter_mut().skip(from) {
+            for i in &mut n.inputs {
+                if *i == old {
+                    *i = new;
+                }
+            }
+        }
+        for o in &mut self.outputs {
+            if *o == old {
+                *o = new;
+            }
+        }
+    }
+
     /// Removes nodes and params whose results nobody reads. Returns how many nodes went.
     pub fn dce(&mut self) -> usize {
         let before = self.nodes.len();

@@ -2,6 +2,7 @@
 //! model sources and the plugin registry.
 
 pub mod backend;
+pub mod comm;
 pub mod config;
 pub mod cpu;
 pub mod custom_op;

@@ -18,16 +18,19 @@ pub enum Mutation {
     WrongPage,
     /// FP8 linears skip their input's E4M3 quantization (weight-only, as if the scale were lost).
     Fp8RawInput,
+    /// `all_reduce` keeps this rank's partial sums (the ranks never combine them).
+    ReduceOneRank,
 }
 
 impl Mutation {
-    pub const ALL: [(&'static str, Mutation); 6] = [
+    pub const ALL: [(&'static str, Mutation); 7] = [
         ("skip_kv_write", Mutation::SkipKvWrite),
         ("shift_rope", Mutation::ShiftRope),
         ("no_causal_mask", Mutation::NoCausalMask),
         ("swap_heads", Mutation::SwapHeads),
         ("wrong_page", Mutation::WrongPage),
         ("fp8_raw_input", Mutation::Fp8RawInput),
+        ("reduce_one_rank", Mutation::ReduceOneRank),
     ];
 }
 

@@ -150,6 +150,19 @@ enum Entry {
     /// A file's u8 tensor `[rows, cols / 2]` read as `[rows, cols]` E2M1 values, two a byte
     /// (an NVFP4 weight).
     PackedFp4(usize),
+    /// One rank's slice of another weight of this store (a sharded linear's): along `dim`,
+    /// part `rank` of `world` of each of `blocks` equal blocks of that dim (2 for a fused
+    /// gate/up weight, whose gate rows and up rows are split alike). Read when loaded, from the
+    /// file's bytes of those rows or columns alone where `of` is a plain file tensor.
+    Shard {
+        of: String,
+        dim: usize,
+        blocks: usize,
+        rank: usize,
+        world: usize,
+        shape: Vec<usize>,
+        dtype: DType,
+    },
 }
 
 /// Cloning is cheap: files are shared, owned tensors share their storage.
@@ -356,6 +369,82 @@ impl WeightStore {
         Ok(())
     }
 
+    /// A weight that is rank `rank`'s slice of weight `of` along `dim` (see `Entry::Shard`):
+    /// nothing is read until it is loaded. Errors name `of` when it is missing or the dim does
+    /// not split into `blocks · world` equal parts.
+    pub fn add_shard(
+        &mut self,
+        name: &str,
+        of: &str,
+        dim: usize,
+        blocks: usize,
+        rank: usize,
+        world: usize,
+    ) -> Result<()> {
+        let (dtype, s) = self.stored_meta(of)?;
+        let parts = blocks * world;
+        if dim >= s.len() || parts == 0 || rank >= world || !s[dim].is_multiple_of(parts) {
+            return Err(Error::Msg(format!(
+                "weight `{name}`: dim {dim} of `{of}` {s:?} does not split into {world} ranks' parts (of {blocks} block(s))"
+            )));
+        }
+        if dtype.is_block() || dtype.is_low_bit() {
+            return Err(Error::Msg(format!("weight `{of}` is stored as {dtype}: sharding takes float weights")));
+        }
+        let mut shape = s;
+        shape[dim] /= world;
+        let entry = Entry::Shard { of: of.to_string(), dim, blocks, rank, world, shape, dtype };
+        self.entries.insert(name.to_string(), entry);
+        Ok(())
+    }
+
+    /// Rank `rank`'s slice of `t` along `dim` (`Entry::Shard`), from `t` itself.
+    fn shard_of(t: &Tensor, dim: usize, blocks: usize, rank: usize, world: usize) -> Result<Tensor> {
+        let n = t.shape()[dim];
+        let (block, part) = (n / blocks, n / blocks / world);
+        let pieces: Vec<Tensor> = (0..blocks)
+            .map(|b| {
+                let start = (b * block + rank * part) as i64;
+                let s = crate::ops::layout::Slice::new(dim as i64, start, start + part as i64);
+                crate::cpu::eval(&crate::Op::slice(s), &[t], &Default::default())
+            })
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = pieces.iter().collect();
+        crate::cpu::eval(&crate::Op::cat(dim as i64), &refs, &Default::default())
+    }
+
+    /// Rank `rank`'s slice along `dim` straight from a file tensor's bytes: the rows (dim 0) or
+    /// each row's columns (the last dim) it covers, nothing else read.
+    #[allow(clippy::too_many_arguments)]
+    fn shard_from_file(
+        &self,
+        i: usize,
+        of: &str,
+        dim: usize,
+        blocks: usize,
+        rank: usize,
+        world: usize,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (stored, full) = self.stored_meta(of)?;
+        let f = &self.files[i];
+        let b = f.bytes(f.info(of).expect("checked by stored_meta"));
+        let elem = stored.size_in_bytes();
+        // Bytes of one index of `dim` (all dims after it), and how many times `dim` repeats.
+        let inner: usize = full[dim + 1..].iter().product::<usize>() * elem;
+        let outer: usize = full[..dim].iter().product();
+        let (block, part) = (full[dim] / blocks, full[dim] / blocks / world);
+        let mut out = Vec::with_capacity(shape.iter().product::<usize>() * elem);
+        for o in 0..outer {
+            let row = &b[o * full[dim] * inner..(o + 1) * full[dim] * inner];
+            for k in 0..blocks {
+                let start = (k * block + rank * part) * inner;
+                out.extend_from_slice(&row[start..start + part * inner]);
+            }
+        }
+        Tensor::from_le_bytes(stored, shape.to_vec(), &out)
+    }
+
     /// Weight `of` (`[G, A, B]`) with its last two dims swapped, `[G, B, A]`: nothing is read
     /// until it is loaded. Errors name `of` when it is missing or not three-dimensional. A
     /// transposed synthetic weight is a synthetic weight of the new shape (random values need no
@@ -408,6 +497,9 @@ impl WeightStore {
             Some(Entry::Concat { parts, .. }) => format!("{} concatenated", parts.join(" + ")),
             Some(Entry::Rows { of, start, shape, .. }) => format!("rows {start}..{} of {of}", start + shape[0]),
             Some(Entry::Transposed { of, .. }) => format!("`{of}` transposed"),
+            Some(Entry::Shard { of, dim, rank, world, .. }) => {
+                format!("rank {rank} of {world}'s part of dim {dim} of `{of}` ({})", self.location(of))
+            }
             Some(Entry::Alias(of)) => format!("`{of}` in {}", self.location(of)),
             Some(Entry::Computed { op, inputs, .. }) => {
                 let ins: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
@@ -445,6 +537,7 @@ impl WeightStore {
                 Entry::Concat { shape, dtype, .. }
                 | Entry::Rows { shape, dtype, .. }
                 | Entry::Transposed { shape, dtype, .. }
+                | Entry::Shard { shape, dtype, .. }
                 | Entry::Computed { shape, dtype, .. },
             ) => Ok((*dtype, shape.clone())),
             None => Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
@@ -524,6 +617,13 @@ impl WeightStore {
             Some(Entry::Transposed { of, .. }) => {
                 let t = self.load(of, dtype)?;
                 return crate::cpu::eval(&crate::Op::transpose(1, 2), &[&t], &Default::default());
+            }
+            Some(Entry::Shard { of, dim, blocks, rank, world, shape, .. }) => {
+                let (d, b, r, w) = (*dim, *blocks, *rank, *world);
+                if let (Some(Entry::File(i)), false) = (self.entries.get(of), self.scaled.contains(of)) {
+                    return self.shard_from_file(*i, of, d, b, r, w, shape)?.cast(dtype);
+                }
+                return WeightStore::shard_of(&self.load(of, dtype)?, d, b, r, w);
             }
             Some(Entry::File(i)) => *i,
             None => return Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),

@@ -11,6 +11,7 @@ use crate::shape::{fmt_shape, Dim, Shape};
 
 pub mod attention;
 pub mod binary;
+pub mod collective;
 pub mod gather;
 pub mod layout;
 pub mod linear;

@@ -21,7 +21,8 @@ static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
         .chain(crate::ops::gather::ops())
         .chain(crate::ops::linear::ops())
         .chain(crate::ops::moe::ops())
-        .chain(crate::ops::quant_linear::ops());
+        .chain(crate::ops::quant_linear::ops())
+        .chain(crate::ops::collective::ops());
     RwLock::new(built_in.map(|o| (o.name, Arc::new(o))).collect())
 });
 

@@ -80,12 +80,17 @@ impl Transform for InsertCachedAttention {
         // Gather the hidden states of the requested tokens before the LM head.
         let out = *g.outputs.first().ok_or_else(|| Error::Msg("graph has no output".into()))?;
         // The LM head: the linear producing the output, or reached from it through one-input
-        // ops that keep its shape (Granite's logits scaling).
+        // ops that keep its shape (Granite's logits scaling) or its rows (a sharded head's
+        // gather of the vocabulary's slices along the last dim).
         let mut tail = Vec::new();
         let mut at = g.producer(out);
         while let Some(i) = at.filter(|&i| !g.nodes[i].op.is(LINEAR)) {
             let n = &g.nodes[i];
-            if n.inputs.len() != 1 || g.meta(n.inputs[0]).shape != g.meta(n.outputs[0]).shape {
+            let (a, b) = (&g.meta(n.inputs[0]).shape, &g.meta(n.outputs[0]).shape);
+            let rows = n.op.all_gather_of().is_some_and(|x| x.dim == -1 || x.dim + 1 == a.len() as i64)
+                && a.len() == b.len()
+                && a[..a.len() - 1] == b[..b.len() - 1];
+            if n.inputs.len() != 1 || (a != b && !rows) {
                 at = None;
                 break;
             }

@@ -1,0 +1,334 @@
+//! Tensor parallelism as a transform (stage `sharding`): `detect_sharding` reads the canonical
+//! graph the matchers left and gives rank `rank` of `world_size` its slice, with the
+//! collectives as ordinary ops. Name-blind: it finds the splits from the ops and shapes alone.
+//!
+//! - Attention (`torch_attention`): q, k and v come from linears (through views, transposes,
+//!   RoPE and per-head norms); their weights (and biases) are split by rows in whole KV-head
+//!   groups, so each rank keeps `kv_heads / world` KV heads and their query heads. The output
+//!   projection (the linear the attention's output reaches through transposes and reshapes) is
+//!   split by columns, its partial sums meet in an `all_reduce`, and its bias is added after.
+//! - MLPs (`torch_swiglu_mlp`, `torch_mlp`): gate/up (or fc, with its bias) by rows, down (proj)
+//!   by columns, an `all_reduce` after (proj's bias added after it).
+//! - The LM head (a linear whose output reaches a graph output through elementwise ops, the
+//!   logits' soft-cap): by vocabulary rows, an `all_gather` of the logits' last dim after it.
+//!
+//! What does not split evenly (KV heads, the MLP width or the vocabulary not a multiple of
+//! `world_size`), quantized linears and MoE stay replicated: every rank computes them whole,
+//! which is correct, only not sharded; the summary line says what was left. The embedding stays
+//! replicated (a lookup reads only the rows it needs).
+
+use std::sync::Arc;
+
+use autodeploy_core::error::{Error, Result};
+use autodeploy_core::ir::{Graph, TensorMeta};
+use autodeploy_core::ops::attention::ATTENTION;
+use autodeploy_core::ops::binary::ADD;
+use autodeploy_core::ops::collective::Gather;
+use autodeploy_core::ops::layout::{CAT, RESHAPE, SLICE, TO_DTYPE, TRANSPOSE, VIEW};
+use autodeploy_core::ops::linear::{LINEAR, MLP, SWIGLU};
+use autodeploy_core::ops::norm::RMSNORM;
+use autodeploy_core::ops::rope::ROPE;
+use autodeploy_core::registry::TransformPlugin;
+use autodeploy_core::transform::{Transform, TransformContext};
+use autodeploy_core::{Op, ValueId};
+use autodeploy_sdk::Stage;
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "detect_sharding",
+        stage: Stage::Sharding,
+        order: 10,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
+        make: || Box::new(DetectSharding),
+    }
+}
+
+pub struct DetectSharding;
+
+/// A weight input to replace by this rank's slice: node, input index, dim, blocks.
+struct Slice {
+    node: usize,
+    input: usize,
+    dim: usize,
+    blocks: usize,
+}
+
+/// What the graph reads between a linear and the attention it feeds (or that reads the
+/// attention's output): ops that keep each head's values apart.
+const PER_HEAD: &[&str] = &[VIEW, RESHAPE, TRANSPOSE, TO_DTYPE, ROPE, RMSNORM, SLICE, CAT];
+
+#[derive(Default)]
+struct Plan {
+    slices: Vec<Slice>,
+    /// A node whose last input (a bias) moves after its output's all_reduce.
+    drop_bias: Vec<usize>,
+    /// A bias input only rank 0 adds (the others read zeros): an op that cannot drop it
+    /// (`torch_mlp`'s proj bias), whose partial sums then sum to the one bias.
+    rank0_bias: Vec<(usize, usize)>,
+    /// Partial sums to all-reduce, with the bias to add after.
+    reduces: Vec<(ValueId, Option<ValueId>)>,
+    /// Vocabulary slices of logits to gather along the last dim.
+    gathers: Vec<ValueId>,
+    attention: usize,
+    mlps: usize,
+    heads: usize,
+    left: Vec<String>,
+}
+
+fn is_float_param(g: &Graph, v: ValueId) -> bool {
+    g.params.iter().any(|p| p.value == v) && g.meta(v).dtype.is_float()
+}
+
+fn static_dim(g: &Graph, v: ValueId, d: usize) -> Option<usize> {
+    g.meta(v).shape.get(d).and_then(|x| x.as_static())
+}
+
+impl Plan {
+    /// The linear `v` comes from through per-head ops, if it does.
+    fn linear_before(g: &Graph, producers: &[Option<usize>], mut v: ValueId) -> Option<usize> {
+        for _ in 0..16 {
+            let n = producers[v.0 as usize]?;
+            let node = &g.nodes[n];
+            if node.op.name == LINEAR {
+                return Some(n);
+            }
+            // A norm keeps heads apart only over each head's values (q/k norms after the view
+            // into heads), not over the whole projection.
+            let per_head = PER_HEAD.contains(&node.op.name)
+                && (node.op.name != RMSNORM || g.meta(node.inputs[0]).shape.len() >= 4);
+            if !per_head {
+                return None;
+            }
+            v = node.inputs[0];
+        }
+        None
+    }
+
+    /// The linear that reads `v` through per-head ops, each the only reader of the one before.
+    fn linear_after(g: &Graph, readers: &[Vec<usize>], mut v: ValueId) -> Option<usize> {
+        for _ in 0..16 {
+            let [n] = readers[v.0 as usize][..] else { return None };
+            let node = &g.nodes[n];
+            if node.op.name == LINEAR && node.inputs[0] == v {
+                return Some(n);
+            }
+            if ![VIEW, RESHAPE, TRANSPOSE, TO_DTYPE].contains(&node.op.name) {
+                return None;
+            }
+            v = node.outputs[0];
+        }
+        None
+    }
+
+    /// A linear's weight (and bias) split by rows: a column-parallel linear.
+    fn column(&mut self, g: &Graph, n: usize, blocks: usize) {
+        self.slices.push(Slice { node: n, input: 1, dim: 0, blocks });
+        if g.nodes[n].inputs.len() > 2 {
+            self.slices.push(Slice { node: n, input: 2, dim: 0, blocks });
+        }
+    }
+
+    /// A linear's weight split by columns, its output all-reduced and its bias added after.
+    fn row(&mut self, g: &Graph, n: usize) {
+        self.slices.push(Slice { node: n, input: 1, dim: 1, blocks: 1 });
+        let bias = g.nodes[n].inputs.get(2).copied();
+        if bias.is_some() {
+            self.drop_bias.push(n);
+        }
+        self.reduces.push((g.nodes[n].outputs[0], bias));
+    }
+
+    fn attention(&mut self, g: &Graph, producers: &[Option<usize>], readers: &[Vec<usize>], n: usize, world: usize) {
+        let node = &g.nodes[n];
+        let name = &g.value(node.outputs[0]).name;
+        let (q, k, v) = (node.inputs[0], node.inputs[1], node.inputs[2]);
+        let (Some(hq), Some(hkv)) = (static_dim(g, q, 1), static_dim(g, k, 1)) else {
+            self.left.push(format!("{name}: head counts not fixed"));
+            return;
+        };
+        if hkv % world != 0 || hq % world != 0 {
+            self.left.push(format!("{name}: {hkv} KV heads do not split over {world} ranks"));
+            return;
+        }
+        let lins = [q, k, v].map(|x| Plan::linear_before(g, producers, x));
+        let out = Plan::linear_after(g, readers, node.outputs[0]);
+        let (Some(lq), Some(lk), Some(lv), Some(lo)) = (lins[0], lins[1], lins[2], out) else {
+            self.left.push(format!("{name}: q/k/v or the output projection is not a linear"));
+            return;
+        };
+        let weights = [lq, lk, lv, lo].map(|l| g.nodes[l].inputs[1]);
+        if !weights.iter().all(|&w| is_float_param(g, w)) || lq == lk || lk == lv {
+            self.left.push(format!("{name}: its projections are not separate float weights"));
+            return;
+        }
+        for l in [lq, lk, lv] {
+            self.column(g, l, 1);
+        }
+        self.row(g, lo);
+        self.attention += 1;
+        self.heads = hq / world;
+    }
+
+    fn mlp(&mut self, g: &Graph, n: usize, world: usize) {
+        let node = &g.nodes[n];
+        let name = g.value(node.outputs[0]).name.clone();
+        let ins = &node.inputs;
+        // (input index, dim, blocks) of each weight, and the proj's bias if any.
+        let (parts, bias): (Vec<(usize, usize, usize)>, Option<usize>) = if let Some(s) = node.op.swiglu_of() {
+            if s.fused {
+                (vec![(1, 0, 2), (2, 1, 1)], None)
+            } else {
+                (vec![(1, 0, 1), (2, 0, 1), (3, 1, 1)], None)
+            }
+        } else if ins.len() == 5 {
+            (vec![(1, 0, 1), (3, 0, 1), (2, 1, 1)], Some(4))
+        } else {
+            (vec![(1, 0, 1), (2, 1, 1)], None)
+        };
+        let even = parts.iter().all(|&(i, d, b)| {
+            is_float_param(g, ins[i]) && static_dim(g, ins[i], d).is_some_and(|n| n % (b * world) == 0)
+        });
+        if !even {
+            self.left.push(format!("{name}: its width does not split over {world} ranks"));
+            return;
+        }
+        for (i, d, b) in parts {
+            self.slices.push(Slice { node: n, input: i, dim: d, blocks: b });
+        }
+        if let Some(i) = bias {
+            self.rank0_bias.push((n, i));
+        }
+        self.reduces.push((node.outputs[0], None));
+        self.mlps += 1;
+    }
+
+    /// The linear producing graph output `o` through elementwise ops (the logits' soft-cap).
+    fn lm_head(&mut self, g: &Graph, producers: &[Option<usize>], o: ValueId, world: usize) {
+        let mut v = o;
+        for _ in 0..8 {
+            let Some(n) = producers[v.0 as usize] else { return };
+            let node = &g.nodes[n];
+            if node.op.name == LINEAR {
+                let (w, name) = (node.inputs[1], g.value(node.outputs[0]).name.clone());
+                match static_dim(g, w, 0) {
+                    Some(vocab) if vocab % world == 0 && is_float_param(g, w) => {
+                        self.column(g, n, 1);
+                        self.gathers.push(node.outputs[0]);
+                    }
+                    _ => self.left.push(format!("{name}: the vocabulary does not split over {world} ranks")),
+                }
+                return;
+            }
+            let m = g.meta(node.outputs[0]);
+            if node.inputs.is_empty() || g.meta(node.inputs[0]).shape != m.shape {
+                return;
+            }
+            v = node.inputs[0];
+        }
+    }
+}
+
+impl Transform for DetectSharding {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        let (world, rank) = (cx.config.world_size, cx.config.rank);
+        if world == 1 {
+            return Ok("skipped: world_size = 1".into());
+        }
+        let producers = g.producers();
+        let mut readers = vec![Vec::new(); g.values.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for v in &n.inputs {
+                readers[v.0 as usize].push(i);
+            }
+        }
+        let mut plan = Plan::default();
+        for (n, node) in g.nodes.iter().enumerate() {
+            match node.op.name {
+                ATTENTION => plan.attention(g, &producers, &readers, n, world),
+                SWIGLU | MLP => plan.mlp(g, n, world),
+                _ => {}
+            }
+        }
+        for o in g.outputs.clone() {
+            plan.lm_head(g, &producers, o, world);
+        }
+        let sliced = apply_plan(g, &plan, rank, world)?;
+        let mut s = format!(
+            "rank {rank} of {world}: {} attention ({} query heads each), {} MLPs, {} LM head split; {sliced} weights \
+             sliced, {} all_reduce, {} all_gather",
+            plan.attention,
+            plan.heads,
+            plan.mlps,
+            plan.gathers.len(),
+            plan.reduces.len(),
+            plan.gathers.len()
+        );
+        if !plan.left.is_empty() {
+            s.push_str(&format!("; replicated: {}", plan.left.join("; ")));
+        }
+        Ok(s)
+    }
+}
+
+/// Slices the weights, moves the biases, inserts the collectives and re-infers the shapes.
+fn apply_plan(g: &mut Graph, plan: &Plan, rank: usize, world: usize) -> Result<usize> {
+    let mut sliced = 0;
+    for s in &plan.slices {
+        let v = g.nodes[s.node].inputs[s.input];
+        let Some(p) = g.params.iter().find(|p| p.value == v) else { continue };
+        let weight = p.weight.clone();
+        let name = format!("{weight}.tp{rank}of{world}");
+        Arc::make_mut(&mut g.weights).add_shard(&name, &weight, s.dim, s.blocks, rank, world)?;
+        let mut meta: TensorMeta = g.meta(v).clone();
+        let full =
+            meta.shape[s.dim].as_static().ok_or_else(|| Error::Msg(format!("weight `{weight}`: dynamic shape")))?;
+        meta.shape[s.dim] = autodeploy_core::Dim::new(full / world);
+        let nv = g.add_param(&name, meta);
+        g.nodes[s.node].inputs[s.input] = nv;
+        sliced += 1;
+    }
+    for &n in &plan.drop_bias {
+        g.nodes[n].inputs.pop();
+    }
+    for &(n, i) in plan.rank0_bias.iter().filter(|_| rank != 0) {
+        let v = g.nodes[n].inputs[i];
+        let Some(p) = g.params.iter().find(|p| p.value == v) else { continue };
+        let name = format!("{}.zero", p.weight);
+        let meta = g.meta(v).clone();
+        let shape = meta.shape.iter().map(|d| d.as_static().unwrap_or(0)).collect();
+        let origin = format!("zeros: rank {rank} leaves `{}` to rank 0", p.weight);
+        Arc::make_mut(&mut g.weights).add_synthetic(
+            &name,
+            shape,
+            origin,
+            autodeploy_core::weights::Synthetic::Const(0.0),
+        );
+        g.nodes[n].inputs[i] = g.add_param(&name, meta);
+    }
+    // Collectives after their producers, the latest first so earlier positions stay put.
+    let producers = g.producers();
+    let mut at: Vec<(usize, ValueId, Option<ValueId>, bool)> = plan
+        .reduces
+        .iter()
+        .map(|&(v, b)| (producers[v.0 as usize].unwrap_or(0), v, b, false))
+        .chain(plan.gathers.iter().map(|&v| (producers[v.0 as usize].unwrap_or(0), v, None, true)))
+        .collect();
+    at.sort_by_key(|a| std::cmp::Reverse(a.0));
+    for (p, v, bias, gather) in at {
+        let hint = g.value(v).name.clone();
+        let op = if gather { Op::all_gather(Gather { dim: -1, world }) } else { Op::all_reduce() };
+        let mut out = g.insert_node(p + 1, &format!("{hint}.{}", op.name), op, &[v])?;
+        let mut next = p + 2;
+        if let Some(b) = bias {
+            out = g.insert_node(next, &format!("{hint}.bias"), Op::binary(ADD), &[out, b])?;
+            next += 1;
+        }
+        g.replace_uses_from(v, out, next);
+    }
+    g.reinfer()?;
+    g.dce();
+    Ok(sliced)
+}
