@@ -239,6 +239,40 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     Ok(cfg)
 }
 
+/// The config of a command that runs one rank only (so far: the main job runs sharded).
+fn one_rank(cli: &Cli, command: &str) -> Result<PipelineConfig> {
+    let cfg = load_config(cli)?;
+    if cfg.world_size > 1 {
+        anyhow::bail!(
+            "`autodeploy {command}` runs one rank; world_size = {} runs as the main job only (`mpirun -n {} autodeploy \
+             --config ...`) until the runtime broadcasts its steps to the ranks",
+            cfg.world_size,
+            cfg.world_size
+        );
+    }
+    Ok(cfg)
+}
+
+/// The main job; with `world_size > 1`, as one rank of the ranks `mpirun` started: every rank
+/// builds its slice and runs the same requests (the same logits on every rank after the
+/// collectives, so the same tokens), and rank 0 prints.
+fn run_ranked(mut cfg: PipelineConfig, json: bool) -> Result<()> {
+    if cfg.world_size == 1 {
+        return run(&cfg, json);
+    }
+    cfg.rank = autodeploy_core::comm::join_mpi(cfg.world_size).map_err(anyhow::Error::msg)?;
+    if cfg.rank == 0 {
+        return run(&cfg, json);
+    }
+    let mut engine = pipeline::build(&cfg)?;
+    let requests: Vec<Request> = prepare_requests(&cfg, &engine).into_iter().filter_map(|r| r.ok()).collect();
+    let (results, _) = registry::runtime(&cfg)?.generate(&mut engine, &requests);
+    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        anyhow::bail!("rank {}: {e}", cfg.rank);
+    }
+    Ok(())
+}
+
 fn run(cfg: &PipelineConfig, json: bool) -> Result<()> {
     let mut engine = pipeline::build(cfg)?;
     if json {
@@ -761,18 +795,19 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Some(Cmd::Serve { host, port, served_model_name }) => {
-            load_config(&cli).and_then(|c| autodeploy_serve::serve(&c, host, *port, served_model_name.as_deref()))
+            one_rank(&cli, "serve").and_then(|c| autodeploy_serve::serve(&c, host, *port, served_model_name.as_deref()))
         }
-        Some(Cmd::Chat { system }) => load_config(&cli).and_then(|c| chat(&c, system.as_deref())),
+        Some(Cmd::Chat { system }) => one_rank(&cli, "chat").and_then(|c| chat(&c, system.as_deref())),
         Some(Cmd::Bench { mode, num_requests, isl, osl, .. }) if mode == "offline" => {
-            load_config(&cli).and_then(|c| bench_offline(&c, *num_requests, *isl, *osl))
+            one_rank(&cli, "bench").and_then(|c| bench_offline(&c, *num_requests, *isl, *osl))
         }
         Some(Cmd::Bench { mode, isl, osl, batch, repeats, .. }) => {
-            load_config(&cli).and_then(|c| bench(&c, mode, *isl, *osl, *batch, *repeats))
+            one_rank(&cli, "bench").and_then(|c| bench(&c, mode, *isl, *osl, *batch, *repeats))
         }
-        Some(Cmd::Run { json, .. }) => load_config(&cli).and_then(|c| run(&c, *json)),
-        None => load_config(&cli).and_then(|c| run(&c, false)),
+        Some(Cmd::Run { json, .. }) => load_config(&cli).and_then(|c| run_ranked(c, *json)),
+        None => load_config(&cli).and_then(|c| run_ranked(c, false)),
     };
+    autodeploy_core::comm::finish_process();
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

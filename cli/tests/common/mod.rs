@@ -8,6 +8,7 @@ pub fn root() -> PathBuf {
 }
 
 /// The SmolLM2 GGUF (`scripts/fetch-smollm2.sh`); missing is a failure in CI, a skip elsewhere.
+#[allow(dead_code)] // not every test binary uses it
 pub fn smollm2() -> Option<PathBuf> {
     let p = root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.is_file() {

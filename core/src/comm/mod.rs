@@ -4,6 +4,8 @@
 //! tests run them), else the process's ([`set_process`]: one process a rank, as a launcher
 //! sets it up). Every wait has a timeout, and the error says which ranks never arrived.
 
+pub mod mpi;
+
 use std::cell::RefCell;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -17,12 +19,41 @@ pub trait Communicator: Send + Sync {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), String>;
     /// Every rank's `part` (all the same length), in rank order.
     fn all_gather(&self, part: &[u8]) -> Result<Vec<u8>, String>;
+    /// Called once when the process is done with its collectives (MPI's finalize).
+    fn finish(&self) {}
+}
+
+/// Ends this process's communicator, if it has one (before exiting).
+pub fn finish_process() {
+    if let Some(c) = PROCESS.get() {
+        c.finish();
+    }
 }
 
 static PROCESS: OnceLock<Arc<dyn Communicator>> = OnceLock::new();
 
 thread_local! {
     static THREAD: RefCell<Option<Arc<dyn Communicator>>> = const { RefCell::new(None) };
+}
+
+/// For a config with `world_size > 1` run as one process a rank: joins the ranks `mpirun`
+/// started (MPI initialised, this process's communicator set) and returns this process's rank,
+/// after checking that `mpirun -n` and `world_size` agree. Without an MPI launch the error says
+/// how to start the ranks.
+pub fn join_mpi(world_size: usize) -> Result<usize, String> {
+    if !mpi::launched() {
+        return Err(format!(
+            "world_size = {world_size}: start its ranks with `mpirun -n {world_size} autodeploy ...` (one process a \
+             rank; across machines add `--hostfile`)"
+        ));
+    }
+    let m = mpi::init()?;
+    if m.world() != world_size {
+        return Err(format!("mpirun started {} ranks but the config's world_size is {world_size}", m.world()));
+    }
+    let rank = m.rank();
+    set_process(Arc::new(m))?;
+    Ok(rank)
 }
 
 /// Makes `c` this process's communicator (once; a second call is an error).

@@ -1,0 +1,131 @@
+//! Ranks that are processes started by `mpirun`: MPI's library loaded at run time (like
+//! cuBLAS: the binary runs without MPI installed, and MPI is needed only to launch ranks), Open
+//! MPI (`libmpi.so.40`) or MPICH (`libmpi.so.12`). The two differ in how they name the world
+//! communicator, the datatypes and the sum (Open MPI: addresses of its exported objects; MPICH:
+//! integer constants); every handle travels as a pointer-sized argument, which both ABIs read.
+//!
+//! `all_reduce_sum` gathers every rank's buffer and sums them in rank order on each rank, rather
+//! than calling `MPI_Allreduce`, whose algorithms may round differently on different ranks: the
+//! ranks must get the same bits, or their samplers could choose different tokens.
+
+use std::sync::Mutex;
+
+use super::Communicator;
+
+type Handle = usize;
+type InitThread = unsafe extern "C" fn(*mut i32, *mut *mut *mut i8, i32, *mut i32) -> i32;
+type Initialized = unsafe extern "C" fn(*mut i32) -> i32;
+type CommInt = unsafe extern "C" fn(Handle, *mut i32) -> i32;
+type Allgather = unsafe extern "C" fn(*const u8, i32, Handle, *mut u8, i32, Handle, Handle) -> i32;
+type Finalize = unsafe extern "C" fn() -> i32;
+
+/// Whether this process was started by an MPI launcher (its rank variables are set).
+pub fn launched() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+pub struct Mpi {
+    rank: usize,
+    world: usize,
+    comm: Handle,
+    byte: Handle,
+    allgather: Allgather,
+    finalize: Finalize,
+    /// MPI with `MPI_THREAD_SERIALIZED`: one call at a time from any thread.
+    turn: Mutex<()>,
+    _lib: libloading::Library,
+}
+
+/// Initializes MPI (once a process) and returns this rank's communicator over
+/// `MPI_COMM_WORLD`; the error says what is missing (the library, a symbol, the thread level).
+pub fn init() -> Result<Mpi, String> {
+    let names = ["libmpi.so.40", "libmpi.so.12", "libmpi.so"];
+    // SAFETY: loading MPI's shared library runs its initialisers, which have no preconditions.
+    let lib = names.iter().find_map(|n| unsafe { libloading::Library::new(n) }.ok()).ok_or_else(|| {
+        format!("no MPI library found ({}): install Open MPI (Debian: openmpi-bin) or MPICH", names.join(", "))
+    })?;
+    // SAFETY: each symbol is looked up with the type the MPI standard gives it (handles as
+    // pointer-sized integers, see the module doc); addresses of exported objects are only taken.
+    unsafe {
+        let sym = |n: &str| -> Result<*const (), String> {
+            lib.get::<*const ()>(n.as_bytes()).map(|s| *s).map_err(|e| format!("MPI library: {n}: {e}"))
+        };
+        let (comm, byte) = match lib.get::<*const ()>(b"ompi_mpi_comm_world") {
+            Ok(world) => (*world as Handle, sym("ompi_mpi_byte")? as Handle),
+            // MPICH's MPI_COMM_WORLD and MPI_BYTE.
+            Err(_) => (0x4400_0000, 0x4c00_010d),
+        };
+        let initialized: Initialized = std::mem::transmute(sym("MPI_Initialized")?);
+        let init_thread: InitThread = std::mem::transmute(sym("MPI_Init_thread")?);
+        let rank_of: CommInt = std::mem::transmute(sym("MPI_Comm_rank")?);
+        let size_of: CommInt = std::mem::transmute(sym("MPI_Comm_size")?);
+        let allgather: Allgather = std::mem::transmute(sym("MPI_Allgather")?);
+        let finalize: Finalize = std::mem::transmute(sym("MPI_Finalize")?);
+        let mut flag = 0;
+        initialized(&mut flag);
+        if flag == 0 {
+            const SERIALIZED: i32 = 2;
+            let mut provided = 0;
+            let rc = init_thread(std::ptr::null_mut(), std::ptr::null_mut(), SERIALIZED, &mut provided);
+            if rc != 0 {
+                return Err(format!("MPI_Init_thread failed (code {rc})"));
+            }
+            if provided < SERIALIZED {
+                return Err(format!("MPI gives thread level {provided}; autodeploy needs MPI_THREAD_SERIALIZED (2)"));
+            }
+        }
+        let (mut rank, mut world) = (0, 0);
+        if rank_of(comm, &mut rank) != 0 || size_of(comm, &mut world) != 0 || world < 1 {
+            return Err("MPI_Comm_rank/MPI_Comm_size on MPI_COMM_WORLD failed".into());
+        }
+        Ok(Mpi {
+            rank: rank as usize,
+            world: world as usize,
+            comm,
+            byte,
+            allgather,
+            finalize,
+            turn: Mutex::new(()),
+            _lib: lib,
+        })
+    }
+}
+
+impl Communicator for Mpi {
+    /// Ends MPI for this process (every rank calls it once, after its last collective).
+    fn finish(&self) {
+        let _t = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: called once, after every collective of this process.
+        unsafe { (self.finalize)() };
+    }
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), String> {
+        let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.all_gather(&bytes)?;
+        buf.fill(0.0);
+        for part in all.chunks_exact(bytes.len().max(1)) {
+            for (b, c) in buf.iter_mut().zip(part.chunks_exact(4)) {
+                *b += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Ok(())
+    }
+    fn all_gather(&self, part: &[u8]) -> Result<Vec<u8>, String> {
+        let n =
+            i32::try_from(part.len()).map_err(|_| format!("all_gather of {} bytes: past MPI's counts", part.len()))?;
+        let mut out = vec![0u8; part.len() * self.world];
+        let _t = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `part` holds n bytes, `out` n for each of the world's ranks; the handles are
+        // this library's.
+        let rc = unsafe { (self.allgather)(part.as_ptr(), n, self.byte, out.as_mut_ptr(), n, self.byte, self.comm) };
+        if rc != 0 {
+            return Err(format!("MPI_Allgather failed on rank {} (code {rc})", self.rank));
+        }
+        Ok(out)
+    }
+}
