@@ -300,6 +300,30 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
     }
 }
 
+/// The NCCL path on one GPU: a one-rank communicator initialises, and its sum all-reduce (f32
+/// into another buffer, bf16 in place) leaves the values exactly as they are.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn nccl_one_rank_all_reduce() {
+    use autodeploy_kernels::cuda::{exec::Dt, nccl};
+    let _turn = gpu();
+    let g = autodeploy_kernels::cuda::exec::Gpu::open(0).unwrap();
+    let id = nccl::unique_id().unwrap();
+    let c = nccl::Nccl::init(&g, id, 0, 1).unwrap();
+    let n = 4096;
+    let bytes: Vec<u8> = (0..n).flat_map(|i| (i as f32 * 0.37 - 700.0).to_le_bytes()).collect();
+    let (a, b) = (g.alloc(bytes.len(), "x").unwrap(), g.alloc(bytes.len(), "y").unwrap());
+    g.upload(a.ptr, &bytes).unwrap();
+    c.all_reduce_sum(&g, a.ptr, b.ptr, n, Dt::F32).unwrap();
+    c.all_reduce_sum(&g, a.ptr, a.ptr, 2 * n, Dt::BF16).unwrap();
+    g.sync().unwrap();
+    for buf in [&b, &a] {
+        let mut out = vec![0u8; bytes.len()];
+        g.download(buf.ptr, &mut out).unwrap();
+        assert!(out == bytes, "a one-rank all-reduce changed the values");
+    }
+}
+
 /// A decode batch larger than every captured bucket runs uncaptured, and a batch between
 /// buckets pads: both give the CPU's greedy tokens.
 #[test]

@@ -4,6 +4,7 @@
 
 pub mod blas;
 pub mod exec;
+pub mod nccl;
 
 pub use cudarc;
 

@@ -569,6 +569,17 @@ impl Gpu {
     }
 
     /// Free and total device memory in bytes.
+    /// Makes this GPU's context current on the calling thread (for libraries that use the
+    /// current device: NCCL).
+    pub fn bind(&self) -> Result<(), Unavailable> {
+        self.dev.ctx.bind_to_thread().map_err(|e| Unavailable(format!("binding the CUDA context: {e:?}")))
+    }
+
+    /// The raw handle of this GPU's stream (`cudaStream_t`), for libraries that queue on it.
+    pub fn raw_stream(&self) -> *mut std::ffi::c_void {
+        self.stream.cu_stream() as *mut std::ffi::c_void
+    }
+
     pub fn mem_info(&self) -> (usize, usize) {
         let _ = self.dev.ctx.bind_to_thread();
         drv::mem_get_info().unwrap_or((0, 0))
