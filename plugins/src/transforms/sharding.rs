@@ -12,7 +12,9 @@
 //! - The LM head (a linear whose output reaches a graph output through elementwise ops, the
 //!   logits' soft-cap): by vocabulary rows, an `all_gather` of the logits' last dim after it.
 //!
-//! What does not split evenly (KV heads, the MLP width or the vocabulary not a multiple of
+//! With fewer KV heads than ranks (`world_size` a multiple of them), each KV head stays whole on
+//! the ranks whose query heads read it (its k/v rows a `.part<i>of<kv_heads>` slice). What does
+//! not split evenly (query heads, the MLP width or the vocabulary not a multiple of
 //! `world_size`), quantized linears and MoE stay replicated: every rank computes them whole,
 //! which is correct, only not sharded; the summary line says what was left. The embedding stays
 //! replicated (a lookup reads only the rows it needs).
@@ -48,12 +50,15 @@ autodeploy_core::inventory::submit! {
 
 pub struct DetectSharding;
 
-/// A weight input to replace by this rank's slice: node, input index, dim, blocks.
+/// A weight input to replace by this rank's slice: node, input index, dim, blocks, and which
+/// part of how many it takes when not the rank's own of `world_size` (the KV heads of a layer
+/// with fewer of them than ranks: each shared by `world / kv_heads` ranks).
 struct Slice {
     node: usize,
     input: usize,
     dim: usize,
     blocks: usize,
+    part: Option<(usize, usize)>,
 }
 
 /// What the graph reads between a linear and the attention it feeds (or that reads the
@@ -123,17 +128,18 @@ impl Plan {
         None
     }
 
-    /// A linear's weight (and bias) split by rows: a column-parallel linear.
-    fn column(&mut self, g: &Graph, n: usize, blocks: usize) {
-        self.slices.push(Slice { node: n, input: 1, dim: 0, blocks });
+    /// A linear's weight (and bias) split by rows: a column-parallel linear (`part`: see
+    /// `Slice`).
+    fn column(&mut self, g: &Graph, n: usize, blocks: usize, part: Option<(usize, usize)>) {
+        self.slices.push(Slice { node: n, input: 1, dim: 0, blocks, part });
         if g.nodes[n].inputs.len() > 2 {
-            self.slices.push(Slice { node: n, input: 2, dim: 0, blocks });
+            self.slices.push(Slice { node: n, input: 2, dim: 0, blocks, part });
         }
     }
 
     /// A linear's weight split by columns, its output all-reduced and its bias added after.
     fn row(&mut self, g: &Graph, n: usize) {
-        self.slices.push(Slice { node: n, input: 1, dim: 1, blocks: 1 });
+        self.slices.push(Slice { node: n, input: 1, dim: 1, blocks: 1, part: None });
         let bias = g.nodes[n].inputs.get(2).copied();
         if bias.is_some() {
             self.drop_bias.push(n);
@@ -141,7 +147,16 @@ impl Plan {
         self.reduces.push((g.nodes[n].outputs[0], bias));
     }
 
-    fn attention(&mut self, g: &Graph, producers: &[Option<usize>], readers: &[Vec<usize>], n: usize, world: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        g: &Graph,
+        producers: &[Option<usize>],
+        readers: &[Vec<usize>],
+        n: usize,
+        rank: usize,
+        world: usize,
+    ) {
         let node = &g.nodes[n];
         let name = &g.value(node.outputs[0]).name;
         let (q, k, v) = (node.inputs[0], node.inputs[1], node.inputs[2]);
@@ -149,10 +164,18 @@ impl Plan {
             self.left.push(format!("{name}: head counts not fixed"));
             return;
         };
-        if hkv % world != 0 || hq % world != 0 {
-            self.left.push(format!("{name}: {hkv} KV heads do not split over {world} ranks"));
+        // Fewer KV heads than ranks: each KV head whole on the world / kv_heads ranks whose
+        // query heads read it.
+        let kv_part = match (hkv.is_multiple_of(world), world.is_multiple_of(hkv)) {
+            _ if hq % world != 0 => None,
+            (true, _) => Some(None),
+            (false, true) => Some(Some((rank * hkv / world, hkv))),
+            _ => None,
+        };
+        let Some(kv_part) = kv_part else {
+            self.left.push(format!("{name}: {hq} query and {hkv} KV heads do not split over {world} ranks"));
             return;
-        }
+        };
         let lins = [q, k, v].map(|x| Plan::linear_before(g, producers, x));
         let out = Plan::linear_after(g, readers, node.outputs[0]);
         let (Some(lq), Some(lk), Some(lv), Some(lo)) = (lins[0], lins[1], lins[2], out) else {
@@ -164,8 +187,9 @@ impl Plan {
             self.left.push(format!("{name}: its projections are not separate float weights"));
             return;
         }
-        for l in [lq, lk, lv] {
-            self.column(g, l, 1);
+        self.column(g, lq, 1, None);
+        for l in [lk, lv] {
+            self.column(g, l, 1, kv_part);
         }
         self.row(g, lo);
         self.attention += 1;
@@ -196,7 +220,7 @@ impl Plan {
             return;
         }
         for (i, d, b) in parts {
-            self.slices.push(Slice { node: n, input: i, dim: d, blocks: b });
+            self.slices.push(Slice { node: n, input: i, dim: d, blocks: b, part: None });
         }
         if let Some(i) = bias {
             self.rank0_bias.push((n, i));
@@ -215,7 +239,7 @@ impl Plan {
                 let (w, name) = (node.inputs[1], g.value(node.outputs[0]).name.clone());
                 match static_dim(g, w, 0) {
                     Some(vocab) if vocab % world == 0 && is_float_param(g, w) => {
-                        self.column(g, n, 1);
+                        self.column(g, n, 1, None);
                         self.gathers.push(node.outputs[0]);
                     }
                     _ => self.left.push(format!("{name}: the vocabulary does not split over {world} ranks")),
@@ -247,7 +271,7 @@ impl Transform for DetectSharding {
         let mut plan = Plan::default();
         for (n, node) in g.nodes.iter().enumerate() {
             match node.op.name {
-                ATTENTION => plan.attention(g, &producers, &readers, n, world),
+                ATTENTION => plan.attention(g, &producers, &readers, n, rank, world),
                 SWIGLU | MLP => plan.mlp(g, n, world),
                 _ => {}
             }
@@ -280,12 +304,13 @@ fn apply_plan(g: &mut Graph, plan: &Plan, rank: usize, world: usize) -> Result<u
         let v = g.nodes[s.node].inputs[s.input];
         let Some(p) = g.params.iter().find(|p| p.value == v) else { continue };
         let weight = p.weight.clone();
-        let name = format!("{weight}.tp{rank}of{world}");
-        Arc::make_mut(&mut g.weights).add_shard(&name, &weight, s.dim, s.blocks, rank, world)?;
+        let (r, w) = s.part.unwrap_or((rank, world));
+        let name = if s.part.is_some() { format!("{weight}.part{r}of{w}") } else { format!("{weight}.tp{r}of{w}") };
+        Arc::make_mut(&mut g.weights).add_shard(&name, &weight, s.dim, s.blocks, r, w)?;
         let mut meta: TensorMeta = g.meta(v).clone();
         let full =
             meta.shape[s.dim].as_static().ok_or_else(|| Error::Msg(format!("weight `{weight}`: dynamic shape")))?;
-        meta.shape[s.dim] = autodeploy_core::Dim::new(full / world);
+        meta.shape[s.dim] = autodeploy_core::Dim::new(full / w);
         let nv = g.add_param(&name, meta);
         g.nodes[s.node].inputs[s.input] = nv;
         sliced += 1;
