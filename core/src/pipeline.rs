@@ -119,6 +119,10 @@ impl Engine {
     /// `0..vocab`. `None` when the graph has no static-size embedding.
     pub fn vocab_size(&self) -> Option<usize> {
         let g = &self.graph;
+        // A rank's slice of a sharded table knows the whole table's rows.
+        if let Some(v) = g.nodes.iter().find_map(|n| n.op.vocab_embedding_of()) {
+            return Some(v.vocab);
+        }
         let node = g.nodes.iter().find(|n| n.op.is(crate::ops::gather::EMBEDDING))?;
         g.meta(*node.inputs.first()?).shape.first()?.as_static()
     }

@@ -57,14 +57,18 @@ fn tokens(cfg: PipelineConfig) -> Vec<Vec<i64>> {
     rt.generate(&mut e, &requests).0.into_iter().map(|r| r.unwrap().tokens).collect()
 }
 
-/// Bytes of the weights the graph's layers and LM head read (the embedding table, which stays
-/// whole, left out unless the LM head reads it too), and what `detect_sharding` said.
+/// Bytes of the weights the graph's layers and LM head read (the embedding table left out unless
+/// the LM head reads it too), and what `detect_sharding` said.
 fn layer_bytes_and_summary(cfg: &PipelineConfig) -> (u64, String) {
     let g = pipeline::graph_after(cfg, Stage::Sharding).unwrap();
     let bytes = g
         .params
         .iter()
-        .filter(|p| g.nodes.iter().any(|n| n.op.name != "aten.embedding" && n.inputs.contains(&p.value)))
+        .filter(|p| {
+            let lookup =
+                |n: &autodeploy_core::ir::Node| ["aten.embedding", "vocab_parallel_embedding"].contains(&n.op.name);
+            g.nodes.iter().any(|n| !lookup(n) && n.inputs.contains(&p.value))
+        })
         .map(|p| pipeline::param_bytes(&g, p).unwrap())
         .sum();
     let summary = g.history.iter().find(|h| h.contains("detect_sharding")).cloned().unwrap_or_default();
@@ -97,19 +101,24 @@ fn tensor_parallel_ranks_match_one_rank_on_every_family() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
-/// Attention, MLPs and the LM head split on a family whose shapes allow it: the summary says so
-/// and a rank holds about half the layer weights.
+/// Attention, MLPs, the LM head and the embedding split on a family whose shapes allow it: the
+/// summary says so and a rank holds about half the layer weights.
 #[test]
 fn llama_over_two_ranks_splits_attention_mlps_and_the_lm_head() {
     let (whole, _) = layer_bytes_and_summary(&config("llama", "", 1, 0));
     let (part, summary) = layer_bytes_and_summary(&config("llama", "", 2, 1));
-    assert!(summary.contains("2 attention (2 query heads each), 2 MLPs, 1 LM head split"), "{summary}");
+    assert!(summary.contains("2 attention (2 query heads each), 2 MLPs, 1 LM head, 1 embedding split"), "{summary}");
     assert!(!summary.contains("replicated"), "{summary}");
     // Norm weights stay whole: a little over half.
     let frac = part as f64 / whole as f64;
     assert!((0.5..0.55).contains(&frac), "rank 1 holds {part} of {whole} bytes ({frac:.3})");
     let dump = pipeline::graph_after(&config("llama", "", 2, 1), Stage::Sharding).unwrap().dump();
-    assert_eq!(dump.matches("= all_reduce(").count(), 4, "{dump}");
+    assert_eq!(dump.matches("= all_reduce(").count(), 5, "{dump}");
+    // The tied table: one slice for the lookup and the LM head.
+    assert!(
+        dump.contains("vocab_parallel_embedding(%model.embed_tokens.weight.tp1of2, %input_ids, start=128, vocab=256)"),
+        "{dump}"
+    );
     assert_eq!(dump.matches("= all_gather(").count(), 1, "{dump}");
     assert!(dump.contains("q_proj.weight.tp1of2: f32[32, 64]"), "{dump}");
 }

@@ -16,7 +16,28 @@ use crate::ops::{cuda_dt, no_attrs, Op};
 use crate::tensor::Tensor;
 
 pub const EMBEDDING: &str = "aten.embedding";
+/// A rank's slice of a vocabulary-split embedding (`detect_sharding`): rows `start..start +
+/// rows` of a `vocab`-row table; ids outside the slice give zero rows (the ranks' rows then sum
+/// to the table's in an `all_reduce`), ids outside `0..vocab` are refused as by `aten.embedding`.
+pub const VOCAB_EMBEDDING: &str = "vocab_parallel_embedding";
 pub const INDEX_SELECT: &str = "aten.index_select";
+
+/// `vocab_parallel_embedding`'s attributes: the slice's first row and the whole table's rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VocabSlice {
+    pub start: usize,
+    pub vocab: usize,
+}
+
+fn parse_vocab(text: &str) -> Result<VocabSlice, String> {
+    read_attrs(VOCAB_EMBEDDING, text, |a| {
+        let (start, vocab) = (a.int("start")?, a.int("vocab")?);
+        if start < 0 || vocab < 1 || start >= vocab {
+            return Err(a.bad("start", &start.to_string(), &format!("a row inside the {vocab}-row table")));
+        }
+        Ok(VocabSlice { start: start as usize, vocab: vocab as usize })
+    })
+}
 
 fn parse_dim(text: &str) -> Result<i64, String> {
     read_attrs(INDEX_SELECT, text, |a| a.int("dim"))
@@ -25,6 +46,12 @@ fn parse_dim(text: &str) -> Result<i64, String> {
 impl Op {
     pub fn embedding() -> Op {
         Op { name: EMBEDDING, attrs: String::new() }
+    }
+    pub fn vocab_embedding(v: VocabSlice) -> Op {
+        Op { name: VOCAB_EMBEDDING, attrs: format!("start={}, vocab={}", v.start, v.vocab) }
+    }
+    pub fn vocab_embedding_of(&self) -> Option<VocabSlice> {
+        self.attrs_of(VOCAB_EMBEDDING).and_then(|a| parse_vocab(a).ok())
     }
     pub fn index_select(dim: i64) -> Op {
         Op { name: INDEX_SELECT, attrs: format!("dim={dim}") }
@@ -48,6 +75,47 @@ fn embedding_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, St
     // Block-quantized tables give f32 rows.
     let dtype = if w.dtype.is_block() { DType::F32 } else { w.dtype };
     Ok(vec![TensorMeta { dtype, shape }])
+}
+
+fn vocab_embedding_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
+    let v = parse_vocab(attrs)?;
+    let w = &ins[0];
+    if w.dtype.is_block() || !w.dtype.is_float() {
+        return Err(format!("the table slice must be f32, bf16 or f16, got {w}"));
+    }
+    if w.shape.first().and_then(|d| d.as_static()).is_none_or(|rows| v.start + rows > v.vocab) {
+        return Err(format!("slice {w} from row {} does not fit a {}-row table", v.start, v.vocab));
+    }
+    embedding_rule(ins, "")
+}
+
+fn vocab_embedding_cpu(
+    ins: &[&Tensor],
+    attrs: &str,
+    outs: &[(DType, Vec<usize>)],
+    _: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
+    let v = parse_vocab(attrs)?;
+    let (w, idx) = (ins[0], ins[1]);
+    let (rows, dim) = (w.shape()[0], w.shape()[1]);
+    let ids = idx.to_i64();
+    if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= v.vocab) {
+        return Err(format!("index {bad} out of range for {} rows", v.vocab));
+    }
+    let mine = |i: i64| (v.start..v.start + rows).contains(&(i as usize));
+    let local: Vec<i64> = ids.iter().map(|&i| if mine(i) { (i as usize - v.start) as i64 } else { 0 }).collect();
+    let t = gather_rows(w, &local, 1, rows, dim, outs[0].1.clone())?;
+    if ids.iter().all(|&i| mine(i)) {
+        return Ok(vec![t]);
+    }
+    let mut b = t.to_le_bytes().map_err(|e| e.to_string())?;
+    let row = dim * t.dtype().size_in_bytes();
+    for (k, &i) in ids.iter().enumerate() {
+        if !mine(i) {
+            b[k * row..(k + 1) * row].fill(0);
+        }
+    }
+    Tensor::from_le_bytes(t.dtype(), t.shape().to_vec(), &b).map_err(|e| e.to_string()).map(|t| vec![t])
 }
 
 fn index_select_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
@@ -169,6 +237,13 @@ pub fn ops() -> Vec<CustomOp> {
             |a| parse_dim(a).map(|_| ()),
             Arc::new(index_select_cpu),
             index_select_cuda(),
+        ),
+        CustomOp::built_in(
+            VOCAB_EMBEDDING,
+            2,
+            Outputs::Rule(Arc::new(vocab_embedding_rule)),
+            |a| parse_vocab(a).map(|_| ()),
+            Arc::new(vocab_embedding_cpu),
         ),
     ]
 }

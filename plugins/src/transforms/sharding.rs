@@ -16,8 +16,10 @@
 //! the ranks whose query heads read it (its k/v rows a `.part<i>of<kv_heads>` slice). What does
 //! not split evenly (query heads, the MLP width or the vocabulary not a multiple of
 //! `world_size`), quantized linears and MoE stay replicated: every rank computes them whole,
-//! which is correct, only not sharded; the summary line says what was left. The embedding stays
-//! replicated (a lookup reads only the rows it needs).
+//! which is correct, only not sharded; the summary line says what was left.
+//!
+//! The token embedding is split by vocabulary rows too (`vocab_parallel_embedding`: zeros for
+//! the ids of other ranks' rows, exact once the ranks' rows meet in an `all_reduce`).
 
 use std::sync::Arc;
 
@@ -26,6 +28,7 @@ use autodeploy_core::ir::{Graph, TensorMeta};
 use autodeploy_core::ops::attention::ATTENTION;
 use autodeploy_core::ops::binary::ADD;
 use autodeploy_core::ops::collective::Gather;
+use autodeploy_core::ops::gather::{VocabSlice, EMBEDDING};
 use autodeploy_core::ops::layout::{CAT, RESHAPE, SLICE, TO_DTYPE, TRANSPOSE, VIEW};
 use autodeploy_core::ops::linear::{LINEAR, MLP, SWIGLU};
 use autodeploy_core::ops::norm::RMSNORM;
@@ -77,6 +80,8 @@ struct Plan {
     reduces: Vec<(ValueId, Option<ValueId>)>,
     /// Vocabulary slices of logits to gather along the last dim.
     gathers: Vec<ValueId>,
+    /// Embeddings that become `vocab_parallel_embedding` over the rank's rows.
+    embeddings: Vec<(usize, VocabSlice)>,
     attention: usize,
     mlps: usize,
     heads: usize,
@@ -229,6 +234,21 @@ impl Plan {
         self.mlps += 1;
     }
 
+    /// A token embedding split by vocabulary rows: this rank looks up its rows (zeros for the
+    /// others' ids) and the ranks' rows meet in an all_reduce.
+    fn embedding(&mut self, g: &Graph, n: usize, rank: usize, world: usize) {
+        let node = &g.nodes[n];
+        let (w, name) = (node.inputs[0], g.value(node.outputs[0]).name.clone());
+        match static_dim(g, w, 0) {
+            Some(vocab) if vocab % world == 0 && is_float_param(g, w) => {
+                self.slices.push(Slice { node: n, input: 0, dim: 0, blocks: 1, part: None });
+                self.embeddings.push((n, VocabSlice { start: rank * vocab / world, vocab }));
+                self.reduces.push((node.outputs[0], None));
+            }
+            _ => self.left.push(format!("{name}: the vocabulary does not split over {world} ranks")),
+        }
+    }
+
     /// The linear producing graph output `o` through elementwise ops (the logits' soft-cap).
     fn lm_head(&mut self, g: &Graph, producers: &[Option<usize>], o: ValueId, world: usize) {
         let mut v = o;
@@ -273,6 +293,7 @@ impl Transform for DetectSharding {
             match node.op.name {
                 ATTENTION => plan.attention(g, &producers, &readers, n, rank, world),
                 SWIGLU | MLP => plan.mlp(g, n, world),
+                EMBEDDING => plan.embedding(g, n, rank, world),
                 _ => {}
             }
         }
@@ -281,12 +302,13 @@ impl Transform for DetectSharding {
         }
         let sliced = apply_plan(g, &plan, rank, world)?;
         let mut s = format!(
-            "rank {rank} of {world}: {} attention ({} query heads each), {} MLPs, {} LM head split; {sliced} weights \
-             sliced, {} all_reduce, {} all_gather",
+            "rank {rank} of {world}: {} attention ({} query heads each), {} MLPs, {} LM head, {} embedding split; \
+             {sliced} weights sliced, {} all_reduce, {} all_gather",
             plan.attention,
             plan.heads,
             plan.mlps,
             plan.gathers.len(),
+            plan.embeddings.len(),
             plan.reduces.len(),
             plan.gathers.len()
         );
@@ -317,6 +339,9 @@ fn apply_plan(g: &mut Graph, plan: &Plan, rank: usize, world: usize) -> Result<u
     }
     for &n in &plan.drop_bias {
         g.nodes[n].inputs.pop();
+    }
+    for &(n, v) in &plan.embeddings {
+        g.nodes[n].op = Op::vocab_embedding(v);
     }
     for &(n, i) in plan.rank0_bias.iter().filter(|_| rank != 0) {
         let v = g.nodes[n].inputs[i];
