@@ -266,10 +266,8 @@ fn run_ranked(mut cfg: PipelineConfig, json: bool) -> Result<()> {
     }
     let mut engine = pipeline::build(&cfg)?;
     let requests: Vec<Request> = prepare_requests(&cfg, &engine).into_iter().filter_map(|r| r.ok()).collect();
-    let (results, _) = registry::runtime(&cfg)?.generate(&mut engine, &requests);
-    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-        anyhow::bail!("rank {}: {e}", cfg.rank);
-    }
+    // A request that fails, fails alone, on every rank alike: rank 0 reports it.
+    let _ = registry::runtime(&cfg)?.generate(&mut engine, &requests);
     Ok(())
 }
 
