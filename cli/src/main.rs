@@ -239,36 +239,20 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
     Ok(cfg)
 }
 
-/// The config of a command that runs one rank only (so far: the main job runs sharded).
-fn one_rank(cli: &Cli, command: &str) -> Result<PipelineConfig> {
-    let cfg = load_config(cli)?;
+/// `command` on this process's rank. Alone (world_size = 1) it just runs. Sharded, this is one
+/// of the ranks `mpirun` started: rank 0 runs `command` (its engine sends every step to the
+/// others: comm/steps.rs), and every other rank builds its slice and runs rank 0's steps until
+/// rank 0's engine goes.
+fn ranked(cli: &Cli, command: impl FnOnce(&PipelineConfig) -> Result<()>) -> Result<()> {
+    let mut cfg = load_config(cli)?;
     if cfg.world_size > 1 {
-        anyhow::bail!(
-            "`autodeploy {command}` runs one rank; world_size = {} runs as the main job only (`mpirun -n {} autodeploy \
-             --config ...`) until the runtime broadcasts its steps to the ranks",
-            cfg.world_size,
-            cfg.world_size
-        );
+        cfg.rank = autodeploy_core::comm::join_mpi(cfg.world_size).map_err(anyhow::Error::msg)?;
+        if cfg.rank > 0 {
+            let mut engine = pipeline::build(&cfg)?;
+            return Ok(engine.follow()?);
+        }
     }
-    Ok(cfg)
-}
-
-/// The main job; with `world_size > 1`, as one rank of the ranks `mpirun` started: every rank
-/// builds its slice and runs the same requests (the same logits on every rank after the
-/// collectives, so the same tokens), and rank 0 prints.
-fn run_ranked(mut cfg: PipelineConfig, json: bool) -> Result<()> {
-    if cfg.world_size == 1 {
-        return run(&cfg, json);
-    }
-    cfg.rank = autodeploy_core::comm::join_mpi(cfg.world_size).map_err(anyhow::Error::msg)?;
-    if cfg.rank == 0 {
-        return run(&cfg, json);
-    }
-    let mut engine = pipeline::build(&cfg)?;
-    let requests: Vec<Request> = prepare_requests(&cfg, &engine).into_iter().filter_map(|r| r.ok()).collect();
-    // A request that fails, fails alone, on every rank alike: rank 0 reports it.
-    let _ = registry::runtime(&cfg)?.generate(&mut engine, &requests);
-    Ok(())
+    command(&cfg)
 }
 
 fn run(cfg: &PipelineConfig, json: bool) -> Result<()> {
@@ -504,6 +488,7 @@ fn bench_offline(cfg: &PipelineConfig, n: usize, isl: usize, osl: usize) -> Resu
             "model": cfg.model, "dtype": engine.graph.meta(engine.graph.outputs[0]).dtype.to_string(),
             "device": cfg.device, "compile_backend": cfg.compile_backend, "attn_backend": cfg.attn_backend,
             "runtime": cfg.runtime, "max_batch_size": cfg.max_batch_size, "max_num_tokens": cfg.max_num_tokens(),
+            "world_size": cfg.world_size,
             "mode": "offline", "num_requests": n, "isl": isl, "osl": osl,
             "warmup": "one untimed pass of max_batch_size requests (prefill + 1 decode step)",
         },
@@ -614,6 +599,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
             "activation_quant": format!("{:?}", cfg.activation_quant).to_lowercase(),
             "load_format": format!("{:?}", cfg.load_format).to_lowercase(),
             "mode": mode, "isl": isl, "osl": osl, "batch": batch, "warmup": "one untimed pass (prefill + 1 decode step)",
+            "world_size": cfg.world_size,
             "repeats": format!("{repeats} timed runs; the median run's numbers, every run's decode step in decode_ms_per_step_runs"),
             "env": env,
             "kernels": cfg.kernels,
@@ -793,19 +779,23 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Some(Cmd::Serve { host, port, served_model_name }) => {
-            one_rank(&cli, "serve").and_then(|c| autodeploy_serve::serve(&c, host, *port, served_model_name.as_deref()))
+            ranked(&cli, |c| autodeploy_serve::serve(c, host, *port, served_model_name.as_deref()))
         }
-        Some(Cmd::Chat { system }) => one_rank(&cli, "chat").and_then(|c| chat(&c, system.as_deref())),
+        Some(Cmd::Chat { system }) => ranked(&cli, |c| chat(c, system.as_deref())),
         Some(Cmd::Bench { mode, num_requests, isl, osl, .. }) if mode == "offline" => {
-            one_rank(&cli, "bench").and_then(|c| bench_offline(&c, *num_requests, *isl, *osl))
+            ranked(&cli, |c| bench_offline(c, *num_requests, *isl, *osl))
         }
         Some(Cmd::Bench { mode, isl, osl, batch, repeats, .. }) => {
-            one_rank(&cli, "bench").and_then(|c| bench(&c, mode, *isl, *osl, *batch, *repeats))
+            ranked(&cli, |c| bench(c, mode, *isl, *osl, *batch, *repeats))
         }
-        Some(Cmd::Run { json, .. }) => load_config(&cli).and_then(|c| run_ranked(c, *json)),
-        None => load_config(&cli).and_then(|c| run_ranked(c, false)),
+        Some(Cmd::Run { json, .. }) => ranked(&cli, |c| run(c, *json)),
+        None => ranked(&cli, |c| run(c, false)),
     };
-    autodeploy_core::comm::finish_process();
+    // A rank that failed leaves without finalizing MPI: `mpirun` then ends every rank (a
+    // finalize would wait for ranks that may be waiting for this one's next step).
+    if res.is_ok() {
+        autodeploy_core::comm::finish_process();
+    }
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -102,6 +102,12 @@ pub struct Engine {
     /// The KV cache's storage on the host, for models that do not keep it on their device
     /// (made by the first step; `runtime::ModelRunner::forward_step`).
     pub host_cache: Option<crate::kvcache::PagedKvCache>,
+    /// This engine's rank in a sharded group of `world_size` (1: not sharded). Rank 0 leads:
+    /// its runtime's steps go to the others, which `follow` (comm/steps.rs).
+    pub rank: usize,
+    pub world_size: usize,
+    /// Why this sharded engine stopped (a step or collective failed); later steps are refused.
+    pub group_failure: Option<String>,
 }
 
 impl Engine {
@@ -202,7 +208,11 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
     opts.kv_pages = check_host_memory(&graph, cfg, &opts.kernels, kv_pages)?;
     opts.min_kv_pages = pages_per_sequence(&graph, cfg);
     let model = backend.compile(&graph, &opts)?;
-    let kv_pages = model.kv_pages().unwrap_or(kv_pages);
+    let mut kv_pages = model.kv_pages().unwrap_or(kv_pages);
+    if cfg.world_size > 1 {
+        // Rank 0's scheduler hands out pages every rank must hold: the fewest any rank has.
+        kv_pages = crate::comm::steps::fewest_pages(kv_pages)?;
+    }
     tracing::info!(kv_pages, page_size = cfg.attn_page_size, "KV cache");
     let cache = CacheSpec::of(&graph)?;
     let tokenizer = tokenizer.map(Arc::new);
@@ -217,6 +227,9 @@ pub fn build(cfg: &PipelineConfig) -> Result<Engine> {
         build_time: t0.elapsed(),
         kv_pages,
         host_cache: None,
+        rank: cfg.rank,
+        world_size: cfg.world_size,
+        group_failure: None,
     })
 }
 

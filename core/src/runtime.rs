@@ -114,6 +114,11 @@ pub trait ModelRunner {
     fn forward_full(&mut self, tokens: &[i64]) -> Result<Vec<f32>>;
     /// Bytes of KV-cache storage on the host (0 when the model keeps it on its device).
     fn host_cache_bytes(&self) -> usize;
+    /// Why this engine can run no more steps (a rank of a sharded engine failed), if it cannot:
+    /// a server stops taking requests and answers 503.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 impl ModelRunner for Engine {
@@ -142,6 +147,36 @@ impl ModelRunner for Engine {
         draws: &[RowDraw],
         want_logits: bool,
     ) -> Result<StepOut> {
+        self.lead(|| crate::comm::steps::encode_step(page_size, seqs, draws, want_logits))?;
+        let out = self.run_step(page_size, seqs, draws, want_logits);
+        self.settle(out)
+    }
+    fn forward_full(&mut self, tokens: &[i64]) -> Result<Vec<f32>> {
+        self.lead(|| crate::comm::steps::encode_full(tokens))?;
+        let out = self.run_full(tokens);
+        self.settle(out)
+    }
+    fn host_cache_bytes(&self) -> usize {
+        if self.model.owns_kv_cache() {
+            0
+        } else {
+            self.host_cache.as_ref().map_or(0, PagedKvCache::bytes)
+        }
+    }
+    fn failure(&self) -> Option<String> {
+        self.group_failure.clone()
+    }
+}
+
+impl Engine {
+    /// [`ModelRunner::forward_step`] on this rank alone (a follower runs rank 0's steps so).
+    pub(crate) fn run_step(
+        &mut self,
+        page_size: usize,
+        seqs: &[SeqStep],
+        draws: &[RowDraw],
+        want_logits: bool,
+    ) -> Result<StepOut> {
         let spec = self.cache.clone().ok_or_else(|| Error::Msg("the engine's graph has no cached attention".into()))?;
         // The host storage, unless the model keeps the cache on its device: made at the first
         // step (again if the page size changes), grown to the highest page a step uses.
@@ -157,20 +192,15 @@ impl ModelRunner for Engine {
         self.host_cache = Some(cache);
         out
     }
-    fn forward_full(&mut self, tokens: &[i64]) -> Result<Vec<f32>> {
+
+    /// [`ModelRunner::forward_full`] on this rank alone.
+    pub(crate) fn run_full(&mut self, tokens: &[i64]) -> Result<Vec<f32>> {
         let n = tokens.len();
         let ids = Tensor::from_i64(vec![1, n], tokens.to_vec())?;
         let pos = Tensor::from_i64(vec![1, n], (0..n as i64).collect())?;
         let out = self.model.forward(&[ids, pos], None)?;
         let v = *out[0].shape().last().unwrap_or(&1);
         Ok(out[0].to_f32()[(n - 1) * v..n * v].to_vec())
-    }
-    fn host_cache_bytes(&self) -> usize {
-        if self.model.owns_kv_cache() {
-            0
-        } else {
-            self.host_cache.as_ref().map_or(0, PagedKvCache::bytes)
-        }
     }
 }
 

@@ -402,17 +402,15 @@ fn engine_loop(mut engine: Engine, mut core: Box<dyn Runtime>, rx: mpsc::Receive
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "a panic".into());
-                tracing::error!("the engine failed in a step: {why}");
-                if let Ok(mut d) = shared.death.lock() {
-                    *d = Some(format!("the engine failed in a step: {why}"));
-                }
-                shared.alive.store(false, Ordering::Release);
-                for (_, l) in live.drain() {
-                    let _ = l.tx.send(Output::Finished(Err(Error::Msg(format!("the engine failed: {why}")))));
-                }
+                fail_all(&shared, &mut live, &format!("the engine failed in a step: {why}"));
                 return;
             }
         };
+        if let Some(why) = autodeploy_core::runtime::ModelRunner::failure(&engine) {
+            // A rank of a sharded engine failed: nothing more can run.
+            fail_all(&shared, &mut live, &why);
+            return;
+        }
         let now = Instant::now();
         // Gauges first: whoever hears of a finished request sees the pages it freed.
         update_gauges(core.as_ref(), &shared);
@@ -463,6 +461,19 @@ fn engine_loop(mut engine: Engine, mut core: Box<dyn Runtime>, rx: mpsc::Receive
         }
     }
     shared.alive.store(false, Ordering::Release);
+}
+
+/// The engine can run nothing more: health answers 503 from now on, and every live request
+/// fails saying why.
+fn fail_all(shared: &Shared, live: &mut HashMap<RequestId, Live>, why: &str) {
+    tracing::error!("{why}");
+    if let Ok(mut d) = shared.death.lock() {
+        *d = Some(why.to_string());
+    }
+    shared.alive.store(false, Ordering::Release);
+    for (_, l) in live.drain() {
+        let _ = l.tx.send(Output::Finished(Err(Error::Msg(format!("the engine failed: {why}")))));
+    }
 }
 
 fn update_gauges(core: &dyn Runtime, shared: &Shared) {

@@ -1,7 +1,8 @@
 //! Tensor parallelism on the CPU: every fixture family's graph split over 2 and 4 ranks by the
 //! `sharding` stage's `detect_sharding`, the ranks run as threads of this process sharing one
 //! communicator (`comm::local_group`), against the same engine unsharded: logits within the f32
-//! tolerance (the partial sums meet in another order) and greedy generations equal. Each rank's
+//! tolerance (the partial sums meet in another order) and generations equal (rank 0 runs the
+//! runtime, the other ranks follow its steps: comm/steps.rs). Each rank's
 //! layer weights are reported against the whole model's.
 
 mod common;
@@ -50,11 +51,22 @@ fn logits(cfg: PipelineConfig) -> Vec<f32> {
     common::logits(m.as_mut(), &[2, 7], &ids)
 }
 
-fn tokens(cfg: PipelineConfig) -> Vec<Vec<i64>> {
+/// Rank 0's runtime over the whole group (the other ranks follow its steps): a greedy request,
+/// a sampled one (seeded), and one that fails alone (a token id past the vocabulary). Each
+/// result as its tokens or its error; followers return nothing.
+fn tokens(cfg: PipelineConfig) -> Vec<Result<Vec<i64>, String>> {
     let mut e = pipeline::build(&cfg).unwrap_or_else(|err| panic!("build rank {}: {err}", cfg.rank));
-    let requests = vec![greedy(&[1, 17, 42, 99, 5], 10), greedy(&[1, 200, 3], 10)];
+    if cfg.rank > 0 {
+        e.follow().unwrap_or_else(|err| panic!("rank {}: {err}", cfg.rank));
+        return Vec::new();
+    }
+    let mut sampled = greedy(&[1, 200, 3], 10);
+    sampled.sampling.temperature = 0.8;
+    sampled.sampling.top_k = 20;
+    sampled.sampling.seed = Some(7);
+    let requests = vec![greedy(&[1, 17, 42, 99, 5], 10), sampled, greedy(&[1, 1_000_000], 4)];
     let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
-    rt.generate(&mut e, &requests).0.into_iter().map(|r| r.unwrap().tokens).collect()
+    rt.generate(&mut e, &requests).0.into_iter().map(|r| r.map(|c| c.tokens).map_err(|e| e.to_string())).collect()
 }
 
 /// Bytes of the weights the graph's layers and LM head read (the embedding table left out unless
@@ -81,6 +93,8 @@ fn tensor_parallel_ranks_match_one_rank_on_every_family() {
     for family in FAMILIES {
         let one = logits(config(family, "", 1, 0));
         let one_tokens = tokens(config(family, "", 1, 0));
+        assert!(one_tokens[0].is_ok() && one_tokens[1].is_ok(), "{family}: {one_tokens:?}");
+        assert!(one_tokens[2].as_ref().is_err_and(|e| e.contains("out of range")), "{family}: {one_tokens:?}");
         let (whole, _) = layer_bytes_and_summary(&config(family, "", 1, 0));
         for world in [2, 4] {
             let (part, summary) = layer_bytes_and_summary(&config(family, "", world, 0));
@@ -91,10 +105,9 @@ fn tensor_parallel_ranks_match_one_rank_on_every_family() {
                     failed.push(format!("{family} TP={world} rank {rank}: logits differ by {d}"));
                 }
             }
-            for (rank, t) in on_ranks(family, "", world, tokens).into_iter().enumerate() {
-                if t != one_tokens {
-                    failed.push(format!("{family} TP={world} rank {rank}: tokens {t:?} vs {one_tokens:?}"));
-                }
+            let t = on_ranks(family, "", world, tokens).swap_remove(0);
+            if t != one_tokens {
+                failed.push(format!("{family} TP={world}: tokens {t:?} vs {one_tokens:?}"));
             }
         }
     }
@@ -138,4 +151,30 @@ fn a_rank_without_its_peers_fails_clearly() {
     let group = comm::local_group(2, std::time::Duration::from_millis(300));
     let e = comm::with_thread(group[0].clone(), || m.forward(&[ids, pos], None)).err().unwrap().to_string();
     assert!(e.contains("ranks [1]"), "{e}");
+}
+
+/// A follower that goes away (built its slice, then stopped following): rank 0's next step
+/// fails naming the missing rank, its engine reports the failure (the server answers 503 on
+/// it) and refuses later steps at once instead of waiting again.
+#[test]
+fn a_follower_that_stops_fails_rank_zero_loudly() {
+    use autodeploy_core::runtime::ModelRunner;
+    let group = comm::local_group(2, std::time::Duration::from_millis(500));
+    let c1 = group[1].clone();
+    let cfg1 = config("llama", "", 2, 1);
+    let gone = std::thread::spawn(move || comm::with_thread(c1, || drop(pipeline::build(&cfg1).unwrap())));
+    let cfg = config("llama", "", 2, 0);
+    comm::with_thread(group[0].clone(), || {
+        let mut e = pipeline::build(&cfg).unwrap();
+        gone.join().unwrap();
+        assert!(e.failure().is_none());
+        let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
+        let (res, _) = rt.generate(&mut e, &[greedy(&[1, 17, 42], 4)]);
+        let err = res[0].as_ref().unwrap_err().to_string();
+        assert!(err.contains("ranks [1]") && err.contains("restart"), "{err}");
+        assert!(e.failure().is_some_and(|f| f.contains("ranks [1]")), "{:?}", e.failure());
+        let t0 = std::time::Instant::now();
+        let (res, _) = rt.generate(&mut e, &[greedy(&[1, 5], 2)]);
+        assert!(res[0].is_err() && t0.elapsed() < std::time::Duration::from_millis(400), "{res:?}");
+    });
 }

@@ -5,6 +5,7 @@
 //! sets it up). Every wait has a timeout, and the error says which ranks never arrived.
 
 pub mod mpi;
+pub mod steps;
 
 use std::cell::RefCell;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -19,6 +20,13 @@ pub trait Communicator: Send + Sync {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), String>;
     /// Every rank's `part` (all the same length), in rank order.
     fn all_gather(&self, part: &[u8]) -> Result<Vec<u8>, String>;
+    /// Rank 0's `data` on every rank (the others' `data` is not read). `Wait::Idle`: a rank
+    /// waiting for rank 0's next step, which may come after any pause (waits without spinning).
+    fn broadcast(&self, data: &[u8], wait: Wait) -> Result<Vec<u8>, String>;
+    /// Why the group can no longer run collectives (a rank timed out or stopped), if it cannot.
+    fn failure(&self) -> Option<String> {
+        None
+    }
     /// Called once when the process is done with its collectives (MPI's finalize).
     fn finish(&self) {}
 }
@@ -81,6 +89,15 @@ pub fn current() -> Result<Arc<dyn Communicator>, String> {
     })
 }
 
+/// How long a broadcast may wait for the other ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// As long as any collective ([`DEFAULT_TIMEOUT`] or the group's own).
+    Bounded,
+    /// For as long as the sender takes: a follower between steps.
+    Idle,
+}
+
 /// How long a rank waits for the others at a collective before failing.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -125,9 +142,17 @@ pub fn local_group(world: usize, timeout: Duration) -> Vec<Arc<dyn Communicator>
 impl LocalRank {
     /// Contributes `part`, waits for every rank's, and returns `combine` of them (rank order),
     /// computed once by the last rank to arrive.
-    fn exchange(&self, part: Vec<u8>, combine: impl FnOnce(&[Vec<u8>]) -> Vec<u8>) -> Result<Arc<Vec<u8>>, String> {
+    fn exchange(
+        &self,
+        part: Vec<u8>,
+        how: Wait,
+        combine: impl FnOnce(&[Vec<u8>]) -> Vec<u8>,
+    ) -> Result<Arc<Vec<u8>>, String> {
         let s = &*self.shared;
-        let deadline = Instant::now() + s.timeout;
+        let deadline = match how {
+            Wait::Bounded => Some(Instant::now() + s.timeout),
+            Wait::Idle => None,
+        };
         let mut st = s.state.lock().map_err(|_| "a rank panicked inside a collective".to_string())?;
         // A rank a round ahead waits until the last round's result has been read by everyone.
         while st.unread > 0 && st.failed.is_none() {
@@ -163,9 +188,12 @@ impl LocalRank {
 fn wait<'a>(
     s: &'a Shared,
     st: std::sync::MutexGuard<'a, Round>,
-    deadline: Instant,
+    deadline: Option<Instant>,
     rank: usize,
 ) -> Result<std::sync::MutexGuard<'a, Round>, String> {
+    let Some(deadline) = deadline else {
+        return s.cv.wait(st).map_err(|_| "a rank panicked inside a collective".to_string());
+    };
     let left = deadline.saturating_duration_since(Instant::now());
     let (mut st, timed_out) =
         s.cv.wait_timeout(st, left).map_err(|_| "a rank panicked inside a collective".to_string())?;
@@ -192,7 +220,7 @@ impl Communicator for LocalRank {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), String> {
         let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
         let n = buf.len();
-        let sum = self.exchange(bytes, |parts| {
+        let sum = self.exchange(bytes, Wait::Bounded, |parts| {
             let mut acc = vec![0f32; n];
             for p in parts {
                 for (a, c) in acc.iter_mut().zip(p.chunks_exact(4)) {
@@ -212,7 +240,7 @@ impl Communicator for LocalRank {
     fn all_gather(&self, part: &[u8]) -> Result<Vec<u8>, String> {
         let n = part.len();
         let world = self.shared.world;
-        let all = self.exchange(part.to_vec(), |parts| {
+        let all = self.exchange(part.to_vec(), Wait::Bounded, |parts| {
             if parts.iter().any(|p| p.len() != n) {
                 return Vec::new();
             }
@@ -222,6 +250,17 @@ impl Communicator for LocalRank {
             return Err("all_gather: the ranks passed parts of different lengths".to_string());
         }
         Ok(all.as_ref().clone())
+    }
+    fn broadcast(&self, data: &[u8], wait: Wait) -> Result<Vec<u8>, String> {
+        let part = if self.rank == 0 { data.to_vec() } else { Vec::new() };
+        let all = self.exchange(part, wait, |parts| parts[0].clone())?;
+        Ok(all.as_ref().clone())
+    }
+    fn failure(&self) -> Option<String> {
+        self.shared
+            .state
+            .lock()
+            .map_or_else(|_| Some("a rank panicked inside a collective".into()), |s| s.failed.clone())
     }
 }
 

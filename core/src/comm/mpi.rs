@@ -10,7 +10,7 @@
 
 use std::sync::Mutex;
 
-use super::Communicator;
+use super::{Communicator, Wait};
 
 type Handle = usize;
 type InitThread = unsafe extern "C" fn(*mut i32, *mut *mut *mut i8, i32, *mut i32) -> i32;
@@ -18,6 +18,10 @@ type Initialized = unsafe extern "C" fn(*mut i32) -> i32;
 type CommInt = unsafe extern "C" fn(Handle, *mut i32) -> i32;
 type Allgather = unsafe extern "C" fn(*const u8, i32, Handle, *mut u8, i32, Handle, Handle) -> i32;
 type Finalize = unsafe extern "C" fn() -> i32;
+type Bcast = unsafe extern "C" fn(*mut u8, i32, Handle, i32, Handle) -> i32;
+type Ibcast = unsafe extern "C" fn(*mut u8, i32, Handle, i32, Handle, *mut Handle) -> i32;
+type Test = unsafe extern "C" fn(*mut Handle, *mut i32, *mut u64) -> i32;
+type WaitReq = unsafe extern "C" fn(*mut Handle, *mut u64) -> i32;
 
 /// Whether this process was started by an MPI launcher (its rank variables are set).
 pub fn launched() -> bool {
@@ -30,7 +34,12 @@ pub struct Mpi {
     comm: Handle,
     byte: Handle,
     allgather: Allgather,
+    bcast: Bcast,
+    ibcast: Ibcast,
+    test: Test,
+    wait: WaitReq,
     finalize: Finalize,
+    finished: std::sync::atomic::AtomicBool,
     /// MPI with `MPI_THREAD_SERIALIZED`: one call at a time from any thread.
     turn: Mutex<()>,
     _lib: libloading::Library,
@@ -60,6 +69,10 @@ pub fn init() -> Result<Mpi, String> {
         let rank_of: CommInt = std::mem::transmute(sym("MPI_Comm_rank")?);
         let size_of: CommInt = std::mem::transmute(sym("MPI_Comm_size")?);
         let allgather: Allgather = std::mem::transmute(sym("MPI_Allgather")?);
+        let bcast: Bcast = std::mem::transmute(sym("MPI_Bcast")?);
+        let ibcast: Ibcast = std::mem::transmute(sym("MPI_Ibcast")?);
+        let test: Test = std::mem::transmute(sym("MPI_Test")?);
+        let wait: WaitReq = std::mem::transmute(sym("MPI_Wait")?);
         let finalize: Finalize = std::mem::transmute(sym("MPI_Finalize")?);
         let mut flag = 0;
         initialized(&mut flag);
@@ -84,7 +97,12 @@ pub fn init() -> Result<Mpi, String> {
             comm,
             byte,
             allgather,
+            bcast,
+            ibcast,
+            test,
+            wait,
             finalize,
+            finished: Default::default(),
             turn: Mutex::new(()),
             _lib: lib,
         })
@@ -95,8 +113,10 @@ impl Communicator for Mpi {
     /// Ends MPI for this process (every rank calls it once, after its last collective).
     fn finish(&self) {
         let _t = self.turn.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: called once, after every collective of this process.
-        unsafe { (self.finalize)() };
+        if !self.finished.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            // SAFETY: called once, after every collective of this process.
+            unsafe { (self.finalize)() };
+        }
     }
     fn rank(&self) -> usize {
         self.rank
@@ -119,7 +139,7 @@ impl Communicator for Mpi {
         let n =
             i32::try_from(part.len()).map_err(|_| format!("all_gather of {} bytes: past MPI's counts", part.len()))?;
         let mut out = vec![0u8; part.len() * self.world];
-        let _t = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let _t = self.turn()?;
         // SAFETY: `part` holds n bytes, `out` n for each of the world's ranks; the handles are
         // this library's.
         let rc = unsafe { (self.allgather)(part.as_ptr(), n, self.byte, out.as_mut_ptr(), n, self.byte, self.comm) };
@@ -127,5 +147,73 @@ impl Communicator for Mpi {
             return Err(format!("MPI_Allgather failed on rank {} (code {rc})", self.rank));
         }
         Ok(out)
+    }
+    /// A length (8 bytes, waited for as `wait` says), then the bytes. The length goes as a
+    /// nonblocking broadcast on every rank (blocking and nonblocking collectives do not match),
+    /// tested with growing sleeps between, so an idle follower does not spin a core.
+    fn broadcast(&self, data: &[u8], wait: Wait) -> Result<Vec<u8>, String> {
+        let mut len = (data.len() as u64).to_le_bytes();
+        {
+            let _t = self.turn()?;
+            let mut req: Handle = 0;
+            // Room for either library's MPI_Status.
+            let mut status = [0u64; 8];
+            // SAFETY: `len` holds 8 bytes, `req` and `status` outlive the request (it completes
+            // before they go out of scope: waited or tested to completion below).
+            let rc = unsafe { (self.ibcast)(len.as_mut_ptr(), 8, self.byte, 0, self.comm, &mut req) };
+            if rc != 0 {
+                return Err(format!("MPI_Ibcast failed on rank {} (code {rc})", self.rank));
+            }
+            if self.rank == 0 || wait == Wait::Bounded {
+                // SAFETY: as above.
+                let rc = unsafe { (self.wait)(&mut req, status.as_mut_ptr()) };
+                if rc != 0 {
+                    return Err(format!("MPI_Wait failed on rank {} (code {rc})", self.rank));
+                }
+            } else {
+                let mut pause = std::time::Duration::from_micros(20);
+                let started = std::time::Instant::now();
+                loop {
+                    let mut done = 0;
+                    // SAFETY: as above.
+                    let rc = unsafe { (self.test)(&mut req, &mut done, status.as_mut_ptr()) };
+                    if rc != 0 {
+                        return Err(format!("MPI_Test failed on rank {} (code {rc})", self.rank));
+                    }
+                    if done != 0 {
+                        break;
+                    }
+                    // Busy for the first millisecond (steps come back to back while serving),
+                    // then sleeps growing to 2 ms.
+                    if started.elapsed() > std::time::Duration::from_millis(1) {
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(std::time::Duration::from_millis(2));
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+        let n = u64::from_le_bytes(len);
+        let count = i32::try_from(n).map_err(|_| format!("broadcast of {n} bytes: past MPI's counts"))?;
+        let mut out = if self.rank == 0 { data.to_vec() } else { vec![0u8; count as usize] };
+        let _t = self.turn()?;
+        // SAFETY: `out` holds `count` bytes on every rank (the length just broadcast).
+        let rc = unsafe { (self.bcast)(out.as_mut_ptr(), count, self.byte, 0, self.comm) };
+        if rc != 0 {
+            return Err(format!("MPI_Bcast failed on rank {} (code {rc})", self.rank));
+        }
+        Ok(out)
+    }
+}
+
+impl Mpi {
+    /// This rank's turn at the library (one call at a time), refused after `finish`.
+    fn turn(&self) -> Result<std::sync::MutexGuard<'_, ()>, String> {
+        let t = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        if self.finished.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(format!("rank {}: MPI is finalized; no more collectives", self.rank));
+        }
+        Ok(t)
     }
 }
