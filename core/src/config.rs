@@ -349,12 +349,27 @@ impl PipelineConfig {
         match self.device.as_str() {
             "cpu" => Device::Cpu,
             "auto" => match cuda_usable(0) {
-                Ok(_) => Device::Cuda(0),
+                Ok(_) => Device::Cuda(self.rank_gpu()),
                 Err(_) => Device::Cpu,
             },
-            "cuda" => Device::Cuda(0),
+            "cuda" => Device::Cuda(self.rank_gpu()),
             d => d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda).unwrap_or(Device::Cpu),
         }
+    }
+
+    /// The GPU a rank of a sharded engine takes when the config says `cuda` or `auto`: its rank
+    /// on this machine (as `mpirun` or Slurm numbers them, else its rank), wrapped around the
+    /// GPUs there are (ranks past them share GPUs; their collectives then go through the host).
+    fn rank_gpu(&self) -> usize {
+        if self.world_size <= 1 {
+            return 0;
+        }
+        let local = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+            .unwrap_or(self.rank);
+        let gpus = (0..64).take_while(|&o| cuda_usable(o).is_ok()).count().max(1);
+        local % gpus
     }
 
     /// `cuda_graph_batch_sizes`, or powers of two up to `max_batch_size` (and it).

@@ -843,3 +843,35 @@ fn greedy_on_cuda_matches_transformers_generate() {
         }
     }
 }
+
+/// Tensor parallelism on the GPU: every fixture family split over 2 ranks (threads of this
+/// process; with one GPU they share it, so their collectives go through the host, and with
+/// several each rank takes its own and NCCL), f32, through rank 0's runtime with the other rank
+/// following: the same tokens as one rank on the GPU, greedy and sampled, and a bad request
+/// failing alone.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn sharded_ranks_on_the_gpu_match_one_rank() {
+    let _turn = gpu();
+    let cfg = |family: &str, backend: &str, world: usize, rank: usize| {
+        let extra = format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\nworld_size = {world}\n");
+        let mut c =
+            autodeploy_core::config::PipelineConfig::from_toml_str(&common::config_text(family, &extra), None).unwrap();
+        c.rank = rank;
+        c.validate(std::path::Path::new("test.toml")).unwrap();
+        c
+    };
+    let mut failed = Vec::new();
+    for family in FAMILIES {
+        for backend in ["simple", "opt"] {
+            let one = common::ranked_tokens(cfg(family, backend, 1, 0));
+            assert!(one[2].is_err(), "{family}: {one:?}");
+            let two =
+                common::on_ranks(vec![cfg(family, backend, 2, 0), cfg(family, backend, 2, 1)], common::ranked_tokens);
+            if two[0] != one {
+                failed.push(format!("{family} {backend} TP=2: {:?} vs one rank's {one:?}", two[0]));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}

@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use autodeploy_core::comm::{self, Communicator};
+use autodeploy_core::comm;
 use autodeploy_core::config::PipelineConfig;
 use autodeploy_core::pipeline;
 use autodeploy_sdk::Stage;
-use common::{greedy, FAMILIES};
+use common::{greedy, ranked_tokens as tokens, FAMILIES};
 
 fn config(family: &str, extra: &str, world: usize, rank: usize) -> PipelineConfig {
     let text = common::config_text(family, &format!("world_size = {world}\n{extra}"));
@@ -30,17 +28,7 @@ fn on_ranks<T: Send + 'static>(
     world: usize,
     f: impl Fn(PipelineConfig) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
-    let f = Arc::new(f);
-    let group = comm::local_group(world, std::time::Duration::from_secs(60));
-    let handles: Vec<_> = group
-        .into_iter()
-        .enumerate()
-        .map(|(rank, c): (usize, Arc<dyn Communicator>)| {
-            let (f, cfg) = (f.clone(), config(family, extra, world, rank));
-            std::thread::spawn(move || comm::with_thread(c, || f(cfg)))
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+    common::on_ranks((0..world).map(|rank| config(family, extra, world, rank)).collect(), f)
 }
 
 /// Logits of a 2 x 7 batch through the graph after the sharding stage (uncached attention).
@@ -49,24 +37,6 @@ fn logits(cfg: PipelineConfig) -> Vec<f32> {
     let mut m = common::compile(&g);
     let ids: Vec<i64> = [1, 17, 42, 99, 5, 7, 250, 1, 200, 3, 3, 90, 12, 64].to_vec();
     common::logits(m.as_mut(), &[2, 7], &ids)
-}
-
-/// Rank 0's runtime over the whole group (the other ranks follow its steps): a greedy request,
-/// a sampled one (seeded), and one that fails alone (a token id past the vocabulary). Each
-/// result as its tokens or its error; followers return nothing.
-fn tokens(cfg: PipelineConfig) -> Vec<Result<Vec<i64>, String>> {
-    let mut e = pipeline::build(&cfg).unwrap_or_else(|err| panic!("build rank {}: {err}", cfg.rank));
-    if cfg.rank > 0 {
-        e.follow().unwrap_or_else(|err| panic!("rank {}: {err}", cfg.rank));
-        return Vec::new();
-    }
-    let mut sampled = greedy(&[1, 200, 3], 10);
-    sampled.sampling.temperature = 0.8;
-    sampled.sampling.top_k = 20;
-    sampled.sampling.seed = Some(7);
-    let requests = vec![greedy(&[1, 17, 42, 99, 5], 10), sampled, greedy(&[1, 1_000_000], 4)];
-    let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
-    rt.generate(&mut e, &requests).0.into_iter().map(|r| r.map(|c| c.tokens).map_err(|e| e.to_string())).collect()
 }
 
 /// Bytes of the weights the graph's layers and LM head read (the embedding table left out unless

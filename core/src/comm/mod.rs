@@ -4,6 +4,7 @@
 //! tests run them), else the process's ([`set_process`]: one process a rank, as a launcher
 //! sets it up). Every wait has a timeout, and the error says which ranks never arrived.
 
+pub mod gpu;
 pub mod mpi;
 pub mod steps;
 

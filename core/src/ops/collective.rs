@@ -2,18 +2,23 @@
 //! defined once here and registered in the op table: `all_reduce(x)`, every rank's `x` summed
 //! (in f32, in rank order, so every rank gets the same values; the result rounded once to x's
 //! dtype), and `all_gather(x, dim=d, world=n)`, the ranks' `x` concatenated along `d` in rank
-//! order. Their CPU kernels call the rank's communicator (`comm::current`); a CUDA engine with
-//! them is refused at build until the NCCL lowering exists.
+//! order. Their CPU kernels call the rank's communicator (`comm::current`); their CUDA
+//! lowerings call NCCL on the step's stream, or, where the ranks' GPUs cannot use NCCL (ranks
+//! sharing a GPU), stage the values through the host and run the CPU kernel (`comm::gpu`
+//! decides, once, when the model is compiled).
 
 use std::sync::Arc;
 
+use autodeploy_kernels::cuda::exec::{Gpu, Strided};
+use autodeploy_kernels::cuda::nccl::Collectives;
+
 use crate::cpu::KernelOptions;
-use crate::custom_op::{CustomOp, Outputs};
+use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs};
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
 use crate::op_text::read_attrs;
 use crate::ops::layout::dim_index;
-use crate::ops::{no_attrs, Op};
+use crate::ops::{cuda_dt, gpu_of, no_attrs, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
 
@@ -122,16 +127,98 @@ fn all_gather_cpu(
     Tensor::from_le_bytes(dtype, shape, &out).map_err(|e| e.to_string()).map(|t| vec![t])
 }
 
+/// The host path: waits for the stream, runs the CPU kernel `cpu` on the input's values and
+/// copies its output back to the device.
+fn staged(gpu: &Gpu, x: &DeviceTensor, y: &DeviceTensor, attrs: &str, cpu: CpuFn) -> Result<(), String> {
+    let mut bytes = vec![0u8; x.shape.iter().product::<usize>() * x.dtype.size_in_bytes()];
+    gpu.download(x.ptr, &mut bytes).map_err(|e| e.0)?;
+    let t = Tensor::from_le_bytes(x.dtype, x.shape.clone(), &bytes).map_err(|e| e.to_string())?;
+    let out = cpu(&[&t], attrs, &[(y.dtype, y.shape.clone())], &KernelOptions::default())?;
+    let b = out[0].to_le_bytes().map_err(|e| e.to_string())?;
+    gpu.upload(y.ptr, &b).map_err(|e| e.0)?;
+    // The host buffer goes when this returns.
+    gpu.sync().map_err(|e| e.0)
+}
+
+type CpuFn = fn(&[&Tensor], &str, &[(DType, Vec<usize>)], &KernelOptions) -> Result<Vec<Tensor>, String>;
+
+fn collectives(gpu: &Gpu) -> Result<&Collectives, String> {
+    gpu.collectives().ok_or_else(|| "this GPU joined no group of ranks (the model was compiled unsharded)".to_string())
+}
+
+fn all_reduce_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let gpu = gpu_of(l)?;
+        let (x, y) = (&ins[0], &outs[0]);
+        match collectives(gpu)? {
+            Collectives::Nccl(n) if !crate::mutation::is(crate::mutation::Mutation::ReduceOneRank) => {
+                let count = x.shape.iter().product();
+                n.all_reduce_sum(gpu, x.ptr, y.ptr, count, cuda_dt(x.dtype)?).map_err(|e| e.0)
+            }
+            Collectives::Nccl(_) => {
+                let bytes = x.shape.iter().product::<usize>() * x.dtype.size_in_bytes();
+                gpu.copy(y.ptr, x.ptr, bytes).map_err(|e| e.0)
+            }
+            Collectives::Host => staged(gpu, x, y, attrs, all_reduce_cpu),
+        }
+    })
+}
+
+fn all_gather_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let gpu = gpu_of(l)?;
+        let (x, y) = (&ins[0], &outs[0]);
+        let n = match collectives(gpu)? {
+            Collectives::Nccl(n) => n,
+            Collectives::Host => return staged(gpu, x, y, attrs, all_gather_cpu),
+        };
+        let a = parse_gather(attrs)?;
+        let d = dim_index(a.dim, x.shape.len())?;
+        let outer: usize = x.shape[..d].iter().product();
+        let inner: usize = x.shape[d..].iter().product();
+        let bytes = outer * inner * x.dtype.size_in_bytes();
+        if outer == 1 {
+            return n.all_gather_bytes(gpu, x.ptr, y.ptr, bytes).map_err(|e| e.0);
+        }
+        // NCCL lays the parts rank-major, [world, outer, inner]; the op wants [outer, world, inner].
+        let parts = l.scratch(0).ok_or("all_gather needs its scratch region")?;
+        n.all_gather_bytes(gpu, x.ptr, parts, bytes).map_err(|e| e.0)?;
+        let dt = cuda_dt(x.dtype)?;
+        let (o, i) = (outer as i64, inner as i64);
+        let s = Strided::new(&[outer, a.world, inner], &[i, o * i, 1], &[0, 0, 0]).map_err(|e| e.0)?;
+        gpu.copy_strided(parts, dt, y.ptr, dt, outer * a.world * inner, s, false).map_err(|e| e.0)
+    })
+}
+
+/// `all_gather` over NCCL lays the parts out rank-major first: one output's bytes.
+fn all_gather_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
+    let world = parse_gather(attrs).map_or(1, |a| a.world);
+    vec![ins[0].1.iter().product::<usize>() * ins[0].0.size_in_bytes() * world]
+}
+
 /// The collectives as op-table entries.
 pub fn ops() -> Vec<CustomOp> {
     vec![
-        CustomOp::built_in(ALL_REDUCE, 1, Outputs::Rule(Arc::new(all_reduce_rule)), no_attrs, Arc::new(all_reduce_cpu)),
-        CustomOp::built_in(
-            ALL_GATHER,
-            1,
-            Outputs::Rule(Arc::new(all_gather_rule)),
-            |a| parse_gather(a).map(|_| ()),
-            Arc::new(all_gather_cpu),
-        ),
+        CustomOp {
+            cuda: Some(all_reduce_cuda()),
+            ..CustomOp::built_in(
+                ALL_REDUCE,
+                1,
+                Outputs::Rule(Arc::new(all_reduce_rule)),
+                no_attrs,
+                Arc::new(all_reduce_cpu),
+            )
+        },
+        CustomOp {
+            cuda: Some(all_gather_cuda()),
+            cuda_scratch: Some(all_gather_scratch),
+            ..CustomOp::built_in(
+                ALL_GATHER,
+                1,
+                Outputs::Rule(Arc::new(all_gather_rule)),
+                |a| parse_gather(a).map(|_| ()),
+                Arc::new(all_gather_cpu),
+            )
+        },
     ]
 }

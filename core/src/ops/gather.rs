@@ -205,7 +205,20 @@ fn embedding_cuda() -> CudaImpl {
         let tokens = ids.shape.iter().product();
         let at = flag(l, ErrorFlag::Embedding)?;
         let gpu = crate::ops::gpu_of(l)?;
-        gpu.embedding(w.ptr, ids.ptr, y.ptr, tokens, row_bytes, w.shape[0], at).map_err(|e| e.0)
+        let rows = w.shape[0];
+        gpu.embedding(w.ptr, ids.ptr, y.ptr, tokens, row_bytes, (rows, 0, rows), at).map_err(|e| e.0)
+    })
+}
+
+fn vocab_embedding_cuda() -> CudaImpl {
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let v = parse_vocab(attrs)?;
+        let (w, ids, y) = (&ins[0], &ins[1], &outs[0]);
+        let row_bytes = w.shape[1] * cuda_dt(w.dtype)?.size();
+        let tokens = ids.shape.iter().product();
+        let at = flag(l, ErrorFlag::Embedding)?;
+        let gpu = crate::ops::gpu_of(l)?;
+        gpu.embedding(w.ptr, ids.ptr, y.ptr, tokens, row_bytes, (w.shape[0], v.start, v.vocab), at).map_err(|e| e.0)
     })
 }
 
@@ -238,12 +251,12 @@ pub fn ops() -> Vec<CustomOp> {
             Arc::new(index_select_cpu),
             index_select_cuda(),
         ),
-        CustomOp::built_in(
+        entry(
             VOCAB_EMBEDDING,
-            2,
-            Outputs::Rule(Arc::new(vocab_embedding_rule)),
+            vocab_embedding_rule,
             |a| parse_vocab(a).map(|_| ()),
             Arc::new(vocab_embedding_cpu),
+            vocab_embedding_cuda(),
         ),
     ]
 }

@@ -269,18 +269,23 @@ extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up,
 
 // out[t] = weight[ids[t]], rows of `row_bytes`; an id outside [0, rows) writes zeros and sets
 // *bad to the id + 1 (the host reports it).
+// out[t, :] = the row of ids[t] in a table of `vocab` rows of which `weight` holds rows
+// start .. start + rows (the whole table: start 0, vocab = rows); a token whose row another rank
+// holds gets zeros, an id outside the table sets *bad.
 extern "C" __global__ void embedding_rows(const unsigned char* weight, const long long* ids, unsigned char* out,
-                                          long tokens, long row_bytes, long rows, long long* bad) { pdl_enter();
+                                          long tokens, long row_bytes, long rows, long start, long vocab,
+                                          long long* bad) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= tokens * row_bytes) return;
     long t = i / row_bytes, j = i % row_bytes;
     long long id = ids[t];
-    if (id < 0 || id >= rows) {
+    if (id < 0 || id >= vocab) {
         if (j == 0) atomicExch((unsigned long long*)bad, (unsigned long long)(id + 1));
         out[i] = 0;
         return;
     }
-    out[i] = weight[id * row_bytes + j];
+    long long local = id - start;
+    out[i] = (local >= 0 && local < rows) ? weight[local * row_bytes + j] : 0;
 }
 
 // out[o, k, :] = x[o, idx[k], :] for x [outer, len, inner] (elements of `esize` bytes);

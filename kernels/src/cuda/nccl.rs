@@ -17,6 +17,7 @@ type Comm = *mut c_void;
 type GetUniqueId = unsafe extern "C" fn(*mut UniqueId) -> c_int;
 type CommInitRank = unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int;
 type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int;
+type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, *mut c_void) -> c_int;
 type CommDestroy = unsafe extern "C" fn(Comm) -> c_int;
 type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 
@@ -24,6 +25,7 @@ struct Lib {
     get_unique_id: GetUniqueId,
     init_rank: CommInitRank,
     all_reduce: AllReduce,
+    all_gather: AllGather,
     destroy: CommDestroy,
     error: ErrorString,
     _lib: libloading::Library,
@@ -45,6 +47,7 @@ fn lib() -> Result<&'static Lib, Unavailable> {
                 get_unique_id: std::mem::transmute::<*const (), GetUniqueId>(f("ncclGetUniqueId")?),
                 init_rank: std::mem::transmute::<*const (), CommInitRank>(f("ncclCommInitRank")?),
                 all_reduce: std::mem::transmute::<*const (), AllReduce>(f("ncclAllReduce")?),
+                all_gather: std::mem::transmute::<*const (), AllGather>(f("ncclAllGather")?),
                 destroy: std::mem::transmute::<*const (), CommDestroy>(f("ncclCommDestroy")?),
                 error: std::mem::transmute::<*const (), ErrorString>(f("ncclGetErrorString")?),
                 _lib: lib,
@@ -61,6 +64,11 @@ fn check(l: &Lib, what: &str, rc: c_int) -> Result<(), Unavailable> {
     // SAFETY: NCCL returns a static string for any code.
     let msg = unsafe { std::ffi::CStr::from_ptr((l.error)(rc)) }.to_string_lossy().into_owned();
     Err(Unavailable(format!("{what}: {msg} (NCCL code {rc})")))
+}
+
+/// Whether the NCCL library loads here.
+pub fn available() -> bool {
+    lib().is_ok()
 }
 
 /// A new unique id (rank 0 makes it; the others receive it).
@@ -113,6 +121,28 @@ impl Nccl {
         let rc = unsafe { (l.all_reduce)(send as *const c_void, recv as *mut c_void, n, t, 0, self.comm, stream) };
         check(l, "ncclAllReduce", rc)
     }
+}
+
+impl Nccl {
+    /// `recv` = every rank's `bytes` bytes at `send`, in rank order (`world * bytes` bytes),
+    /// queued on `gpu`'s stream.
+    pub fn all_gather_bytes(&self, gpu: &Gpu, send: Ptr, recv: Ptr, bytes: usize) -> Result<(), Unavailable> {
+        let l = lib()?;
+        let stream = gpu.raw_stream();
+        // SAFETY: send holds `bytes`, recv `world * bytes` on this communicator's GPU
+        // (ncclUint8 = 1); the stream is that GPU's.
+        let rc = unsafe { (l.all_gather)(send as *const c_void, recv as *mut c_void, bytes, 1, self.comm, stream) };
+        check(l, "ncclAllGather", rc)
+    }
+}
+
+/// How a GPU's collectives reach the other ranks of its group: NCCL, or, where NCCL cannot
+/// (ranks that share a GPU, no NCCL library), through the host: the stream waited for, the
+/// values copied out, the host communicator's collective, the result copied back (a step with
+/// them is not captured in a CUDA graph).
+pub enum Collectives {
+    Nccl(Nccl),
+    Host,
 }
 
 impl Drop for Nccl {

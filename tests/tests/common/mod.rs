@@ -242,3 +242,43 @@ pub fn rewrite_archive(src: &[u8], out: &std::path::Path, edit: &EntryEdit<'_>) 
     w.finish().unwrap();
     out.to_path_buf()
 }
+
+/// `f(config)` for each config (one a rank, in rank order) on a thread of its own, each rank
+/// with its communicator of one group of threads (`comm::local_group`); results in rank order.
+#[allow(dead_code)] // not every test binary uses it
+pub fn on_ranks<T: Send + 'static>(
+    configs: Vec<autodeploy_core::config::PipelineConfig>,
+    f: impl Fn(autodeploy_core::config::PipelineConfig) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    use autodeploy_core::comm;
+    let f = std::sync::Arc::new(f);
+    let group = comm::local_group(configs.len(), std::time::Duration::from_secs(60));
+    let handles: Vec<_> = group
+        .into_iter()
+        .zip(configs)
+        .map(|(c, cfg)| {
+            let f = f.clone();
+            std::thread::spawn(move || comm::with_thread(c, || f(cfg)))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+}
+
+/// Rank 0's runtime over the whole group (the other ranks follow its steps): a greedy request,
+/// a sampled one (seeded), and one that fails alone (a token id past the vocabulary). Each
+/// result as its tokens or its error; followers return nothing.
+#[allow(dead_code)] // not every test binary uses it
+pub fn ranked_tokens(cfg: autodeploy_core::config::PipelineConfig) -> Vec<Result<Vec<i64>, String>> {
+    let mut e = autodeploy_core::pipeline::build(&cfg).unwrap_or_else(|err| panic!("build rank {}: {err}", cfg.rank));
+    if cfg.rank > 0 {
+        e.follow().unwrap_or_else(|err| panic!("rank {}: {err}", cfg.rank));
+        return Vec::new();
+    }
+    let mut sampled = greedy(&[1, 200, 3], 10);
+    sampled.sampling.temperature = 0.8;
+    sampled.sampling.top_k = 20;
+    sampled.sampling.seed = Some(7);
+    let requests = vec![greedy(&[1, 17, 42, 99, 5], 10), sampled, greedy(&[1, 1_000_000], 4)];
+    let mut rt = autodeploy_core::registry::runtime(&cfg).unwrap();
+    rt.generate(&mut e, &requests).0.into_iter().map(|r| r.map(|c| c.tokens).map_err(|e| e.to_string())).collect()
+}

@@ -260,6 +260,8 @@ pub struct Gpu {
     pub moe_grouped_min: usize,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
+    /// How collectives reach the other ranks, once a sharded model's compile has set it.
+    collectives: std::sync::OnceLock<super::nccl::Collectives>,
 }
 
 /// The split-KV decode's latency build serves steps of up to this many tokens: on an H200 it
@@ -511,6 +513,7 @@ impl Gpu {
             swiglu_split,
             moe_grouped_min: k.moe_grouped_min,
             source_kernels,
+            collectives: Default::default(),
         })
     }
 
@@ -573,6 +576,22 @@ impl Gpu {
     /// current device: NCCL).
     pub fn bind(&self) -> Result<(), Unavailable> {
         self.dev.ctx.bind_to_thread().map_err(|e| Unavailable(format!("binding the CUDA context: {e:?}")))
+    }
+
+    /// Sets how this GPU's collectives reach the other ranks (once).
+    pub fn set_collectives(&self, c: super::nccl::Collectives) -> Result<(), Unavailable> {
+        self.collectives.set(c).map_err(|_| Unavailable("this GPU's collectives are already set".into()))
+    }
+
+    /// How this GPU's collectives reach the other ranks, once set.
+    pub fn collectives(&self) -> Option<&super::nccl::Collectives> {
+        self.collectives.get()
+    }
+
+    /// The device's UUID (two ranks on one GPU have the same).
+    pub fn uuid(&self) -> Result<[u8; 16], Unavailable> {
+        let u = self.dev.ctx.uuid().map_err(|e| Unavailable(format!("reading the GPU's UUID: {e:?}")))?;
+        Ok(u.bytes.map(|b| b as u8))
     }
 
     /// The raw handle of this GPU's stream (`cudaStream_t`), for libraries that queue on it.
@@ -813,6 +832,10 @@ impl Gpu {
 
     /// Rows of `row_bytes` picked by i64 ids; a bad id is recorded (id + 1) at `bad`.
     #[allow(clippy::too_many_arguments)]
+    /// `out[t] = weight[ids[t] - start]` for a slice of `rows` rows of a `vocab`-row table
+    /// (the whole table: start 0, vocab = rows); ids of other ranks' rows give zeros, ids
+    /// outside the table set `bad`.
+    #[allow(clippy::too_many_arguments)]
     pub fn embedding(
         &self,
         weight: Ptr,
@@ -820,13 +843,13 @@ impl Gpu {
         out: Ptr,
         tokens: usize,
         row_bytes: usize,
-        rows: usize,
+        (rows, start, vocab): (usize, usize, usize),
         bad: Ptr,
     ) -> Result<(), Unavailable> {
-        let (t64, rb, r64) = (tokens as i64, row_bytes as i64, rows as i64);
+        let (t64, rb, r64, s64, v64) = (tokens as i64, row_bytes as i64, rows as i64, start as i64, vocab as i64);
         let mut l = self.launcher(self.f.embedding_rows);
-        l.arg(&weight).arg(&ids).arg(&out).arg(&t64).arg(&rb).arg(&r64).arg(&bad);
-        // SAFETY: ids are checked in the kernel against `rows`.
+        l.arg(&weight).arg(&ids).arg(&out).arg(&t64).arg(&rb).arg(&r64).arg(&s64).arg(&v64).arg(&bad);
+        // SAFETY: ids are checked in the kernel against `vocab`, rows read only inside the slice.
         launched("embedding", unsafe { l.launch(grid(tokens * row_bytes, 256)) }.map(|_| ()))
     }
 

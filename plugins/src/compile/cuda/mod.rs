@@ -22,6 +22,7 @@ use autodeploy_core::device_attention::{
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepContext;
 use autodeploy_core::ops::attention::{CachedAttn, CACHED_ATTENTION};
+use autodeploy_core::ops::collective::{ALL_GATHER, ALL_REDUCE};
 use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
@@ -173,6 +174,15 @@ impl CudaModel {
         }
         let gpu = Gpu::open_with(ordinal, &opts.cuda_kernels).map_err(gpu_err)?;
         tracing::info!(gpu = %gpu.dev.name, "compiling for CUDA");
+        let collective = |n: &autodeploy_core::ir::Node| [ALL_REDUCE, ALL_GATHER].contains(&n.op.name);
+        if graph.nodes.iter().any(collective) {
+            let on_nccl = autodeploy_core::comm::gpu::join(&gpu)
+                .map_err(|e| Error::Msg(format!("joining the ranks' GPUs: {e}")))?;
+            if !on_nccl && mode.graphs {
+                tracing::info!("collectives through the host: CUDA graphs off");
+                mode.graphs = false;
+            }
+        }
 
         // The largest shapes: every symbol at the top of its range.
         let max_bind: Bindings = graph.symbols.iter().map(|(s, r)| (s.clone(), r.max)).collect();
