@@ -47,6 +47,50 @@ fn mpirun_ranks_print_what_one_rank_prints() {
     }
 }
 
+/// A mixture-of-experts fixture with its experts spread over the ranks (`ep_size = 2`) and
+/// with each expert split (`ep_size = 1`): `mpirun -n 2` prints what one rank prints.
+#[test]
+fn mpirun_expert_parallel_ranks_print_what_one_rank_prints() {
+    let Some(mpirun) = mpirun() else {
+        eprintln!("skipped: no mpirun (install Open MPI: Debian's openmpi-bin)");
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_autodeploy");
+    let dir = std::env::temp_dir().join(format!("autodeploy-mpi-moe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = root().join("tests/fixtures/qwen3_moe");
+    let mut want = None;
+    for ep in [1, 2] {
+        let cfg = dir.join(format!("ep{ep}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "model = {:?}\ndtype = \"float32\"\nmax_new_tokens = 8\nep_size = {ep}\n\
+                 [[prompts]]\ntoken_ids = [1, 17, 42, 99, 5]\n[[prompts]]\ntoken_ids = [1, 200, 3]\n",
+                model.display().to_string()
+            ),
+        )
+        .unwrap();
+        let cfg = cfg.to_str().unwrap();
+        let want = want.get_or_insert_with(|| {
+            let one = Command::new(bin).args(["--config", cfg]).output().unwrap();
+            assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+            completions(&one.stdout)
+        });
+        assert_eq!(want.len(), 2, "{want:?}");
+        let out = Command::new(mpirun)
+            .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", bin, "--config", cfg, "--world-size", "2"])
+            .env("OMPI_MCA_btl", "self,vader,tcp")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "ep_size = {ep}: {err}");
+        assert!(err.contains(if ep == 1 { "MoE (each expert split)" } else { "MoE (experts over 2 groups)" }), "{err}");
+        assert_eq!(&completions(&out.stdout), want, "ep_size = {ep}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_sharded_config_without_mpirun_says_how_to_launch() {
     let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))

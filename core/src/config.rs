@@ -131,6 +131,12 @@ pub struct PipelineConfig {
     /// layout built so far) when given.
     #[serde(default)]
     pub tp_size: Option<usize>,
+    /// Groups the experts of a mixture-of-experts layer are spread over (expert parallelism;
+    /// a divisor of `world_size`): each group of `world_size / ep_size` ranks holds
+    /// `experts / ep_size` experts, each split over the group's ranks. 1 (the default): every
+    /// rank holds a slice of every expert. Expert parallelism runs on the CPU only so far.
+    #[serde(default = "default_one")]
+    pub ep_size: usize,
     /// Which rank this process (or thread) builds, `0..world_size`: set by the launcher, or by
     /// `autodeploy graph --rank R` to show one rank's graph; not a config key.
     #[serde(skip)]
@@ -455,6 +461,13 @@ impl PipelineConfig {
                     "{tp} differs from world_size = {}: tensor parallelism over all ranks is what is built",
                     self.world_size
                 ),
+            ));
+        }
+        if self.ep_size == 0 || !self.world_size.is_multiple_of(self.ep_size) {
+            return Err(Error::config(
+                path,
+                "ep_size",
+                format!("{} does not divide world_size = {}", self.ep_size, self.world_size),
             ));
         }
         if self.rank >= self.world_size {

@@ -66,18 +66,27 @@ fn tensor_parallel_ranks_match_one_rank_on_every_family() {
         assert!(one_tokens[0].is_ok() && one_tokens[1].is_ok(), "{family}: {one_tokens:?}");
         assert!(one_tokens[2].as_ref().is_err_and(|e| e.contains("out of range")), "{family}: {one_tokens:?}");
         let (whole, _) = layer_bytes_and_summary(&config(family, "", 1, 0));
-        for world in [2, 4] {
-            let (part, summary) = layer_bytes_and_summary(&config(family, "", world, 0));
-            println!("{family} TP={world}: rank 0 holds {part} of {whole} layer weight bytes; {summary}");
-            for (rank, l) in on_ranks(family, "", world, logits).into_iter().enumerate() {
+        // MoE fixtures also with their experts spread over the ranks (expert parallelism), in
+        // one group a rank and, at 4 ranks, in 2 groups of 2.
+        let moe = common::ROUTED.contains(family);
+        let layouts: &[(usize, usize)] =
+            if moe { &[(2, 1), (2, 2), (4, 1), (4, 4), (4, 2)] } else { &[(2, 1), (4, 1)] };
+        for &(world, ep) in layouts {
+            let extra = format!("ep_size = {ep}\n");
+            let (part, summary) = layer_bytes_and_summary(&config(family, &extra, world, 0));
+            println!("{family} TP={world} EP={ep}: rank 0 holds {part} of {whole} layer weight bytes; {summary}");
+            if moe && !summary.contains("MoE") {
+                failed.push(format!("{family} TP={world} EP={ep}: MoE not split: {summary}"));
+            }
+            for (rank, l) in on_ranks(family, &extra, world, logits).into_iter().enumerate() {
                 let d = common::max_abs_diff(&one, &l, family);
                 if d > common::F32_MAX_ABS {
-                    failed.push(format!("{family} TP={world} rank {rank}: logits differ by {d}"));
+                    failed.push(format!("{family} TP={world} EP={ep} rank {rank}: logits differ by {d}"));
                 }
             }
-            let t = on_ranks(family, "", world, tokens).swap_remove(0);
+            let t = on_ranks(family, &extra, world, tokens).swap_remove(0);
             if t != one_tokens {
-                failed.push(format!("{family} TP={world}: tokens {t:?} vs {one_tokens:?}"));
+                failed.push(format!("{family} TP={world} EP={ep}: tokens {t:?} vs {one_tokens:?}"));
             }
         }
     }

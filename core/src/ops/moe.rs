@@ -46,6 +46,10 @@ pub struct Moe {
     /// The routing weights stay f32 (else rounded to the model's dtype before they scale).
     pub weights_f32: bool,
     pub router: Router,
+    /// Expert parallelism: the weights hold experts `expert_offset ..` of the router's (this
+    /// rank's share); a token's chosen experts elsewhere add nothing here (the ranks' outputs
+    /// meet in an `all_reduce`). None: the weights hold every expert.
+    pub expert_offset: Option<usize>,
 }
 
 /// How `torch_moe` turns router logits into experts and weights (the module doc states both).
@@ -66,6 +70,9 @@ impl Moe {
         }
         if self.router == Router::Sigmoid {
             s.push_str(", router=sigmoid");
+        }
+        if let Some(o) = self.expert_offset {
+            s.push_str(&format!(", expert_offset={o}"));
         }
         s
     }
@@ -89,6 +96,10 @@ impl Moe {
                 act,
                 weights_f32: a.opt_bool("weights_f32")?.unwrap_or(false),
                 router,
+                expert_offset: match a.take("expert_offset") {
+                    None => None,
+                    Some(v) => Some(v.parse().map_err(|_| a.bad("expert_offset", v, "an expert index"))?),
+                },
             })
         })
     }
@@ -120,10 +131,15 @@ fn moe_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
     let (e, two_i, h) = (&gu.shape[0], &gu.shape[1], &gu.shape[2]);
     let inter = two_i.as_static().filter(|n| n % 2 == 0).map(|n| Dim::new(n / 2)).ok_or_else(bad)?;
     let lead = &x.shape[..x.shape.len() - 1];
+    // The router's experts: all of them, of which the weights hold `expert_offset ..`.
+    let routed = logits.shape.last().and_then(Dim::as_static);
+    let offset = a.expert_offset.unwrap_or(0);
+    let held = e.as_static().zip(routed).is_some_and(|(e, r)| offset + e <= r);
     if x.shape.last() != Some(h)
         || logits.shape.len() != x.shape.len()
         || logits.shape[..lead.len()] != *lead
-        || logits.shape.last() != Some(e)
+        || (a.expert_offset.is_none() && logits.shape.last() != Some(e))
+        || !held
         || down.shape != [e.clone(), h.clone(), inter]
         || gu.dtype != x.dtype
         || down.dtype != x.dtype
@@ -131,8 +147,8 @@ fn moe_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
     {
         return Err(bad());
     }
-    if e.as_static().is_none_or(|e| a.top_k > e) {
-        return Err(format!("top_k={} needs at least that many experts, w_gate_up is {gu}", a.top_k));
+    if routed.is_none_or(|e| a.top_k > e) {
+        return Err(format!("top_k={} needs at least that many experts, router_logits is {logits}", a.top_k));
     }
     Ok(vec![x.clone()])
 }
@@ -185,10 +201,13 @@ fn moe_cpu(
     let none = |t: &Tensor, what: &str| format!("{what}: {} expert weights have no CPU kernel", t.dtype());
     let gu_w = gu.as_dense().ok_or_else(|| none(gu, "w_gate_up"))?;
     let down_w = down.as_dense().ok_or_else(|| none(down, "w_down"))?;
-    let routes = route(&logits.to_f32(), tokens, experts, &a, dtype);
+    let routed = logits.shape().last().copied().unwrap_or(0);
+    let routes = route(&logits.to_f32(), tokens, routed, &a, dtype);
     let xv = x.to_f32();
     let mut y = vec![0f32; tokens * h];
-    for (e, list) in routes.iter().enumerate() {
+    // Only the experts the weights hold (this rank's, under expert parallelism), local index e.
+    let offset = a.expert_offset.unwrap_or(0);
+    for (e, list) in routes[offset..offset + experts].iter().enumerate() {
         if list.is_empty() {
             continue;
         }
@@ -276,6 +295,12 @@ fn moe_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
 pub fn ops() -> Vec<CustomOp> {
     vec![CustomOp {
         cuda: Some(moe_cuda()),
+        cuda_attrs: Some(|a| match Moe::parse(a)?.expert_offset {
+            None => Ok(()),
+            _ => Err("expert parallelism (an expert_offset) runs on the CPU only so far; on CUDA leave ep_size at 1 \
+                      (each expert split over the ranks)"
+                .into()),
+        }),
         cuda_scratch: Some(moe_scratch),
         ..CustomOp::built_in(
             MOE,
@@ -292,7 +317,7 @@ mod tests {
     use super::*;
 
     fn attrs(top_k: usize, norm: bool) -> Moe {
-        Moe { top_k, norm, act: GateAct::Silu, weights_f32: false, router: Router::Softmax }
+        Moe { top_k, norm, act: GateAct::Silu, weights_f32: false, router: Router::Softmax, expert_offset: None }
     }
 
     #[test]

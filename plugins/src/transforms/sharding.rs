@@ -15,8 +15,13 @@
 //! With fewer KV heads than ranks (`world_size` a multiple of them), each KV head stays whole on
 //! the ranks whose query heads read it (its k/v rows a `.part<i>of<kv_heads>` slice). What does
 //! not split evenly (query heads, the MLP width or the vocabulary not a multiple of
-//! `world_size`), quantized linears and MoE stay replicated: every rank computes them whole,
-//! which is correct, only not sharded; the summary line says what was left.
+//! `world_size`) and quantized linears stay replicated: every rank computes them whole, which
+//! is correct, only not sharded; the summary line says what was left.
+//!
+//! Mixture-of-experts layers (`torch_moe`): the experts spread over `ep_size` groups of ranks
+//! (each group's ranks hold a contiguous share of the experts; the op's `expert_offset` says
+//! where it starts), and each expert's width split over the group's `world_size / ep_size`
+//! ranks like an MLP's; the partial outputs meet in an `all_reduce`.
 //!
 //! The token embedding is split by vocabulary rows too (`vocab_parallel_embedding`: zeros for
 //! the ids of other ranks' rows, exact once the ranks' rows meet in an `all_reduce`).
@@ -31,6 +36,7 @@ use autodeploy_core::ops::collective::Gather;
 use autodeploy_core::ops::gather::{VocabSlice, EMBEDDING};
 use autodeploy_core::ops::layout::{CAT, RESHAPE, SLICE, TO_DTYPE, TRANSPOSE, VIEW};
 use autodeploy_core::ops::linear::{LINEAR, MLP, SWIGLU};
+use autodeploy_core::ops::moe::{Moe, MOE};
 use autodeploy_core::ops::norm::RMSNORM;
 use autodeploy_core::ops::rope::ROPE;
 use autodeploy_core::registry::TransformPlugin;
@@ -82,8 +88,11 @@ struct Plan {
     gathers: Vec<ValueId>,
     /// Embeddings that become `vocab_parallel_embedding` over the rank's rows.
     embeddings: Vec<(usize, VocabSlice)>,
+    /// `torch_moe` nodes given this rank's experts (`expert_offset`).
+    expert_offsets: Vec<(usize, usize)>,
     attention: usize,
     mlps: usize,
+    moes: usize,
     heads: usize,
     left: Vec<String>,
 }
@@ -234,6 +243,37 @@ impl Plan {
         self.mlps += 1;
     }
 
+    /// A mixture-of-experts layer: the experts spread over `ep` groups of ranks (the group's
+    /// share a slice of the weights' expert dim, the op told where its experts start), each
+    /// expert's width split over the `world / ep` ranks of a group (gate/up rows alike, down
+    /// columns), the partial outputs all-reduced. The router stays whole on every rank.
+    fn moe(&mut self, g: &Graph, n: usize, rank: usize, world: usize, ep: usize) {
+        let node = &g.nodes[n];
+        let name = g.value(node.outputs[0]).name.clone();
+        let (gu, down) = (node.inputs[2], node.inputs[3]);
+        let tp = world / ep;
+        let (experts, inter) = (static_dim(g, gu, 0), static_dim(g, down, 2));
+        let even = experts.is_some_and(|e| e % ep == 0) && inter.is_some_and(|i| i % tp == 0);
+        if !even || !is_float_param(g, gu) || !is_float_param(g, down) {
+            self.left.push(format!("{name}: its experts or their width do not split over {ep} x {tp} ranks"));
+            return;
+        }
+        let (group, t) = (rank / tp, rank % tp);
+        let experts = experts.unwrap_or(0);
+        if ep > 1 {
+            for input in [2, 3] {
+                self.slices.push(Slice { node: n, input, dim: 0, blocks: 1, part: Some((group, ep)) });
+            }
+            self.expert_offsets.push((n, group * experts / ep));
+        }
+        if tp > 1 {
+            self.slices.push(Slice { node: n, input: 2, dim: 1, blocks: 2, part: Some((t, tp)) });
+            self.slices.push(Slice { node: n, input: 3, dim: 2, blocks: 1, part: Some((t, tp)) });
+        }
+        self.reduces.push((node.outputs[0], None));
+        self.moes += 1;
+    }
+
     /// A token embedding split by vocabulary rows: this rank looks up its rows (zeros for the
     /// others' ids) and the ranks' rows meet in an all_reduce.
     fn embedding(&mut self, g: &Graph, n: usize, rank: usize, world: usize) {
@@ -293,6 +333,7 @@ impl Transform for DetectSharding {
             match node.op.name {
                 ATTENTION => plan.attention(g, &producers, &readers, n, rank, world),
                 SWIGLU | MLP => plan.mlp(g, n, world),
+                MOE => plan.moe(g, n, rank, world, cx.config.ep_size),
                 EMBEDDING => plan.embedding(g, n, rank, world),
                 _ => {}
             }
@@ -301,8 +342,13 @@ impl Transform for DetectSharding {
             plan.lm_head(g, &producers, o, world);
         }
         let sliced = apply_plan(g, &plan, rank, world)?;
+        let moe = match (plan.moes, cx.config.ep_size) {
+            (0, _) => String::new(),
+            (m, 1) => format!("{m} MoE (each expert split), "),
+            (m, ep) => format!("{m} MoE (experts over {ep} groups), "),
+        };
         let mut s = format!(
-            "rank {rank} of {world}: {} attention ({} query heads each), {} MLPs, {} LM head, {} embedding split; \
+            "rank {rank} of {world}: {} attention ({} query heads each), {} MLPs, {moe}{} LM head, {} embedding split; \
              {sliced} weights sliced, {} all_reduce, {} all_gather",
             plan.attention,
             plan.heads,
@@ -342,6 +388,10 @@ fn apply_plan(g: &mut Graph, plan: &Plan, rank: usize, world: usize) -> Result<u
     }
     for &(n, v) in &plan.embeddings {
         g.nodes[n].op = Op::vocab_embedding(v);
+    }
+    for &(n, offset) in &plan.expert_offsets {
+        let a = g.nodes[n].op.moe_of().ok_or_else(|| Error::Msg("a sharded MoE node lost its op".into()))?;
+        g.nodes[n].op = Op::moe(Moe { expert_offset: Some(offset), ..a });
     }
     for &(n, i) in plan.rank0_bias.iter().filter(|_| rank != 0) {
         let v = g.nodes[n].inputs[i];

@@ -521,6 +521,7 @@ impl<'a> Importer<'a> {
                     act: autodeploy_core::ops::linear::GateAct::Silu,
                     weights_f32: boolean("weights_f32"),
                     router: autodeploy_core::ops::moe::Router::Softmax,
+                    expert_offset: None,
                 });
                 Some((op, vec![tensor("x")?, tensor("router_logits")?, tensor("w_gate_up")?, tensor("w_down")?]))
             }
