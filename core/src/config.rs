@@ -134,7 +134,7 @@ pub struct PipelineConfig {
     /// Groups the experts of a mixture-of-experts layer are spread over (expert parallelism;
     /// a divisor of `world_size`): each group of `world_size / ep_size` ranks holds
     /// `experts / ep_size` experts, each split over the group's ranks. 1 (the default): every
-    /// rank holds a slice of every expert. Expert parallelism runs on the CPU only so far.
+    /// rank holds a slice of every expert.
     #[serde(default = "default_one")]
     pub ep_size: usize,
     /// Which rank this process (or thread) builds, `0..world_size`: set by the launcher, or by

@@ -848,13 +848,15 @@ fn greedy_on_cuda_matches_transformers_generate() {
 /// process; with one GPU they share it, so their collectives go through the host, and with
 /// several each rank takes its own and NCCL), f32, through rank 0's runtime with the other rank
 /// following: the same tokens as one rank on the GPU, greedy and sampled, and a bad request
-/// failing alone.
+/// failing alone. MoE fixtures also with expert parallelism (each rank's routing skips the
+/// other rank's experts).
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn sharded_ranks_on_the_gpu_match_one_rank() {
     let _turn = gpu();
-    let cfg = |family: &str, backend: &str, world: usize, rank: usize| {
-        let extra = format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\nworld_size = {world}\n");
+    let cfg = |family: &str, backend: &str, (world, ep): (usize, usize), rank: usize| {
+        let extra =
+            format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\nworld_size = {world}\nep_size = {ep}\n");
         let mut c =
             autodeploy_core::config::PipelineConfig::from_toml_str(&common::config_text(family, &extra), None).unwrap();
         c.rank = rank;
@@ -863,13 +865,17 @@ fn sharded_ranks_on_the_gpu_match_one_rank() {
     };
     let mut failed = Vec::new();
     for family in FAMILIES {
+        // MoE fixtures also with their experts spread over the two ranks.
+        let eps: &[usize] = if common::ROUTED.contains(family) { &[1, 2] } else { &[1] };
         for backend in ["simple", "opt"] {
-            let one = common::ranked_tokens(cfg(family, backend, 1, 0));
+            let one = common::ranked_tokens(cfg(family, backend, (1, 1), 0));
             assert!(one[2].is_err(), "{family}: {one:?}");
-            let two =
-                common::on_ranks(vec![cfg(family, backend, 2, 0), cfg(family, backend, 2, 1)], common::ranked_tokens);
-            if two[0] != one {
-                failed.push(format!("{family} {backend} TP=2: {:?} vs one rank's {one:?}", two[0]));
+            for &ep in eps {
+                let ranks = vec![cfg(family, backend, (2, ep), 0), cfg(family, backend, (2, ep), 1)];
+                let two = common::on_ranks(ranks, common::ranked_tokens);
+                if two[0] != one {
+                    failed.push(format!("{family} {backend} TP=2 EP={ep}: {:?} vs one rank's {one:?}", two[0]));
+                }
             }
         }
     }

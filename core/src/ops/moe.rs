@@ -248,11 +248,13 @@ fn moe_cpu(
 }
 
 /// The sizes of a call with inputs of these shapes.
-fn moe_shape(a: &Moe, x: &[usize], gate_up: &[usize]) -> MoeShape {
+fn moe_shape(a: &Moe, x: &[usize], logits: &[usize], gate_up: &[usize]) -> MoeShape {
     let hidden = gate_up.get(2).copied().unwrap_or(1);
     MoeShape {
         tokens: x.iter().product::<usize>() / hidden.max(1),
         experts: gate_up.first().copied().unwrap_or(0),
+        routed: logits.last().copied().unwrap_or(0),
+        offset: a.expert_offset.unwrap_or(0),
         top_k: a.top_k,
         hidden,
         inter: gate_up.get(1).copied().unwrap_or(0) / 2,
@@ -273,7 +275,7 @@ fn moe_cuda() -> CudaImpl {
                 gu.dtype, x.dtype
             ));
         }
-        let shape = moe_shape(&a, &x.shape, &gu.shape);
+        let shape = moe_shape(&a, &x.shape, &logits.shape, &gu.shape);
         let mut scratch = [0; 5];
         for (i, s) in scratch.iter_mut().enumerate() {
             *s = l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned"))?;
@@ -286,7 +288,7 @@ fn moe_cuda() -> CudaImpl {
 /// The routing, activations, scaled outputs and grouping (`MoeShape::scratch`).
 fn moe_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
     match Moe::parse(attrs) {
-        Ok(a) => moe_shape(&a, &ins[0].1, &ins[2].1).scratch(ins[0].0.size_in_bytes()).to_vec(),
+        Ok(a) => moe_shape(&a, &ins[0].1, &ins[1].1, &ins[2].1).scratch(ins[0].0.size_in_bytes()).to_vec(),
         Err(_) => Vec::new(),
     }
 }
@@ -295,12 +297,6 @@ fn moe_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
 pub fn ops() -> Vec<CustomOp> {
     vec![CustomOp {
         cuda: Some(moe_cuda()),
-        cuda_attrs: Some(|a| match Moe::parse(a)?.expert_offset {
-            None => Ok(()),
-            _ => Err("expert parallelism (an expert_offset) runs on the CPU only so far; on CUDA leave ep_size at 1 \
-                      (each expert split over the ranks)"
-                .into()),
-        }),
         cuda_scratch: Some(moe_scratch),
         ..CustomOp::built_in(
             MOE,

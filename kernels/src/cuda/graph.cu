@@ -704,8 +704,11 @@ __device__ __forceinline__ void warp_pick(float& v, int& i) {
 // and a bit a held expert once picked, so a pick reads no memory (larger expert counts reread
 // the rest and check the picks so far).
 #define ROUTE_HELD 8
+// Expert parallelism: the chosen experts this rank holds (`offset` .. `offset + local`) are
+// written as local indices, the others as -1 (every later kernel skips those slots).
 extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long tokens, int experts, int top_k,
-                                     int norm, int weights_f32, int sigmoid, int* idx, float* wts) {
+                                     int norm, int weights_f32, int sigmoid, int offset, int local, int* idx,
+                                     float* wts) {
     pdl_enter();
     long t = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
@@ -760,10 +763,13 @@ extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long t
         total += bp / sum;
         __syncwarp();
     }
-    if (sigmoid) return;
     for (int k = lane; k < top_k; k += 32) {
-        float w = norm ? wts[t * top_k + k] / total : wts[t * top_k + k];
-        wts[t * top_k + k] = weights_f32 ? w : rnd(dt, w);
+        if (!sigmoid) {
+            float w = norm ? wts[t * top_k + k] / total : wts[t * top_k + k];
+            wts[t * top_k + k] = weights_f32 ? w : rnd(dt, w);
+        }
+        int e = chosen[k] - offset;
+        chosen[k] = e >= 0 && e < local ? e : -1;
     }
 }
 
@@ -786,6 +792,7 @@ extern "C" __global__ void moe_gate_up(const void* x, const void* w_gu, const in
     long s = warp / inter;
     int j = warp % inter;
     long e = idx[s], t = s / top_k;
+    if (e < 0) return;  // another rank's expert
     long base = e * 2 * (long)inter * hidden;
     float g, u;
     if (scale_in) {
@@ -808,6 +815,7 @@ extern "C" __global__ void moe_down(const void* act, const void* w_down, const i
     if (warp >= slots * hidden) return;
     long s = warp / hidden;
     int j = warp % hidden;
+    if (idx[s] < 0) return;  // another rank's expert: moe_combine skips it
     long base = (long)idx[s] * hidden * inter;
     float d = rnd(dt, warp_dot(act, s * inter, w_down, base + (long)j * inter, dt, inter));
     if ((threadIdx.x & 31) == 0) contrib[s * hidden + j] = wts ? rnd(dt, d * wts[s]) : d;
@@ -825,6 +833,7 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu,
     if (warp >= slots * inter) return;
     long s = warp / inter;
     int j = warp % inter;
+    if (idx[s] < 0) return;  // another rank's expert
     const bf16_t* base = w_gu + (long)idx[s] * 2 * inter * hidden;
     const uint4* wg = (const uint4*)(base + (long)j * hidden);
     const uint4* wu = (const uint4*)(base + (long)(inter + j) * hidden);
@@ -858,6 +867,7 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     if (warp >= slots * hidden) return;
     long s = warp / hidden;
     int j = warp % hidden;
+    if (idx[s] < 0) return;  // another rank's expert: moe_combine skips it
     const uint4* wr = (const uint4*)(w_down + (long)idx[s] * hidden * inter + (long)j * inter);
     float acc[1] = {0.0f};
 #pragma unroll 4
@@ -884,7 +894,8 @@ extern "C" __global__ void moe_group(const int* idx, long slots, int experts, in
     int* perm = cursor + experts;
     for (int e = threadIdx.x; e < experts; e += blockDim.x) cursor[e] = 0;
     __syncthreads();
-    for (long s = threadIdx.x; s < slots; s += blockDim.x) atomicAdd(&cursor[idx[s]], 1);
+    for (long s = threadIdx.x; s < slots; s += blockDim.x)
+        if (idx[s] >= 0) atomicAdd(&cursor[idx[s]], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
         int total = 0;
@@ -898,7 +909,7 @@ extern "C" __global__ void moe_group(const int* idx, long slots, int experts, in
     __syncthreads();
     for (long s = threadIdx.x; s < slots; s += blockDim.x) {
         int e = idx[s];
-        perm[offsets[e] + atomicAdd(&cursor[e], 1)] = (int)s;
+        if (e >= 0) perm[offsets[e] + atomicAdd(&cursor[e], 1)] = (int)s;
     }
 }
 
@@ -1065,7 +1076,8 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
 #pragma unroll
         for (int q = 0; q < COMBINE_HELD; q++) {
             e[q] = q < top_k ? ti[q] : 0x7fffffff;
-            c[q] = q < top_k ? contrib[(t * top_k + q) * hidden + j] : 0.0f;
+            // Another rank's expert (-1) adds nothing.
+            c[q] = q < top_k && e[q] >= 0 ? contrib[(t * top_k + q) * hidden + j] : 0.0f;
         }
         // Choice q's rank: how many of the others hold a lower expert id.
         int rank[COMBINE_HELD];
@@ -1097,6 +1109,7 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
                 pick = q;
             }
         }
+        if (pick < 0) break;  // the rest are other ranks' experts
         acc = rnd(dt, acc + contrib[(t * top_k + pick) * hidden + j]);
         last = pe;
     }

@@ -1,5 +1,6 @@
 //! `torch_moe`'s two CUDA paths against each other: the grouped kernels (many tokens: each
-//! chosen expert read once) give the bits the per-slot kernels (decode) give, token by token.
+//! chosen expert read once) give the bits the per-slot kernels (decode) give, token by token;
+//! and under expert parallelism two halves of the experts add up to the whole.
 
 use crate::common::gpu::{gpu, launches};
 use autodeploy_kernels::cuda::exec::{Dt, GateAct, Gpu, MoeShape, Ptr};
@@ -61,6 +62,8 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
         let shape = |tokens| MoeShape {
             tokens,
             experts,
+            routed: experts,
+            offset: 0,
             top_k,
             hidden,
             inter,
@@ -87,5 +90,29 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
         }
         let nonzero = grouped.chunks_exact(2).filter(|b| b != &[0, 0]).count();
         assert!(nonzero > tokens * hidden / 2, "outputs mostly zero: {nonzero} of {}", tokens * hidden);
+        // Expert parallelism: two ranks' halves of the experts (routing over all of them, the
+        // other half's choices skipped), grouped and per slot, add up to the whole layer's
+        // output (each half rounded to bf16 on its own: within bf16 rounding of it).
+        let half = experts / 2;
+        let ep = |tokens, offset| MoeShape { experts: half, routed: experts, offset, ..shape(tokens) };
+        let weights =
+            |o: usize| (gu.ptr + (o * 2 * inter * hidden * 2) as u64, down.ptr + (o * hidden * inter * 2) as u64);
+        let f32s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+        };
+        for n in [tokens, 1] {
+            let (xs, ls) = (&xb[..n * hidden * 2], &lb[..n * experts * 2]);
+            let whole = f32s(&run(&g, &shape(n), xs, ls, (gu.ptr, down.ptr)));
+            let a = f32s(&run(&g, &ep(n, 0), xs, ls, weights(0)));
+            let b = f32s(&run(&g, &ep(n, half), xs, ls, weights(half)));
+            let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = whole.iter().zip(a.iter().zip(&b)).map(|(w, (a, b))| (w - (a + b)).abs()).fold(0f32, f32::max);
+            assert!(
+                worst <= 0.02 * scale,
+                "{n} tokens, top_k {top_k}: halves differ from the whole by {worst} (max {scale})"
+            );
+            // (One token may route to one half only; 40 cannot, in practice.)
+            assert!(n == 1 || (a != whole && b != whole), "{n} tokens, top_k {top_k}: a half computed every expert");
+        }
     }
 }

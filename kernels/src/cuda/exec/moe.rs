@@ -9,7 +9,12 @@ use crate::cuda::Unavailable;
 #[derive(Clone, Copy, Debug)]
 pub struct MoeShape {
     pub tokens: usize,
+    /// Experts the weights hold (this rank's, under expert parallelism).
     pub experts: usize,
+    /// Experts the router scores (the router logits' last dim), of which the weights hold
+    /// `offset .. offset + experts`.
+    pub routed: usize,
+    pub offset: usize,
     pub top_k: usize,
     pub hidden: usize,
     pub inter: usize,
@@ -57,28 +62,37 @@ impl Gpu {
         scratch: [Ptr; 5],
     ) -> Result<(), Unavailable> {
         let too_big = |n: usize| i32::try_from(n).is_err();
-        if too_big(s.experts) || too_big(s.top_k) || too_big(s.hidden) || too_big(s.inter) {
+        if too_big(s.routed) || too_big(s.top_k) || too_big(s.hidden) || too_big(s.inter) {
             return Err(Unavailable(format!("torch_moe: sizes {s:?} past the kernels' 32-bit counts")));
         }
         let [idx, wts, act, contrib, group] = scratch;
         let (d, ld) = (dt as i32, logits_dt as i32);
         let (t64, slots) = (s.tokens as i64, (s.tokens * s.top_k) as i64);
         let (e32, k32, h32, i32_) = (s.experts as i32, s.top_k as i32, s.hidden as i32, s.inter as i32);
+        let (routed, offset) = (s.routed as i32, s.offset as i32);
+        if s.offset + s.experts > s.routed {
+            return Err(Unavailable(format!(
+                "torch_moe: experts {}.. of {} past the router's {}",
+                s.offset, s.experts, s.routed
+            )));
+        }
         let (norm, wf32, a32, sig) = (s.norm as i32, s.weights_f32 as i32, s.act as i32, s.sigmoid as i32);
         let mut l = self.launcher(self.f.moe[0]);
         l.arg(&logits)
             .arg(&ld)
             .arg(&d)
             .arg(&t64)
-            .arg(&e32)
+            .arg(&routed)
             .arg(&k32)
             .arg(&norm)
             .arg(&wf32)
             .arg(&sig)
+            .arg(&offset)
+            .arg(&e32)
             .arg(&idx)
             .arg(&wts);
-        // SAFETY: tokens × experts logits; tokens × top_k in idx and wts (scratch sized so); one
-        // warp a token.
+        // SAFETY: tokens × routed logits; tokens × top_k in idx and wts (scratch sized so); one
+        // warp a token; idx then holds local expert ids < experts, or -1 (skipped below).
         launched("moe_route", unsafe { l.launch(grid(s.tokens * 32, 128)) }.map(|_| ()))?;
         // The 16-byte-load kernels where bf16 rows split into whole chunks at aligned addresses
         // (the weights' rows are then aligned too: their strides are the checked sizes).
