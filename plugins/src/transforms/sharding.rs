@@ -25,6 +25,11 @@
 //!
 //! The token embedding is split by vocabulary rows too (`vocab_parallel_embedding`: zeros for
 //! the ids of other ranks' rows, exact once the ranks' rows meet in an `all_reduce`).
+//!
+//! The manual override is the transform's options (`[transforms.detect_sharding]`): each kind of
+//! layer can be left whole (`attention`, `mlp`, `moe`, `lm_head`, `embedding` = false), and
+//! `replicate` lists checkpoint weight names (`*` wildcards) whose layers stay whole. The names
+//! are the user's; the detection itself reads no names.
 
 use std::sync::Arc;
 
@@ -40,7 +45,7 @@ use autodeploy_core::ops::moe::{Moe, MOE};
 use autodeploy_core::ops::norm::RMSNORM;
 use autodeploy_core::ops::rope::ROPE;
 use autodeploy_core::registry::TransformPlugin;
-use autodeploy_core::transform::{Transform, TransformContext};
+use autodeploy_core::transform::{OptionSpec, Transform, TransformContext};
 use autodeploy_core::{Op, ValueId};
 use autodeploy_sdk::Stage;
 
@@ -50,7 +55,18 @@ autodeploy_core::inventory::submit! {
         stage: Stage::Sharding,
         order: 10,
         enabled_by_default: true,
-        options: &[],
+        options: &[
+            OptionSpec { name: "attention", default: "true", help: "split attention layers by KV-head groups" },
+            OptionSpec { name: "mlp", default: "true", help: "split MLPs (gate/up by rows, down by columns)" },
+            OptionSpec { name: "moe", default: "true", help: "split MoE layers (experts over ep_size groups, each expert's width)" },
+            OptionSpec { name: "lm_head", default: "true", help: "split the LM head by vocabulary (logits gathered)" },
+            OptionSpec { name: "embedding", default: "true", help: "split the token embedding by vocabulary" },
+            OptionSpec {
+                name: "replicate",
+                default: "[]",
+                help: "checkpoint weight names (`*` matches any run of characters) whose layers stay whole on every rank",
+            },
+        ],
         version: env!("CARGO_PKG_VERSION"),
         origin: "built-in",
         make: || Box::new(DetectSharding),
@@ -93,6 +109,8 @@ struct Plan {
     attention: usize,
     mlps: usize,
     moes: usize,
+    /// `replicate`: weight-name patterns whose layers stay whole.
+    replicate: Vec<String>,
     heads: usize,
     left: Vec<String>,
 }
@@ -106,6 +124,18 @@ fn static_dim(g: &Graph, v: ValueId, d: usize) -> Option<usize> {
 }
 
 impl Plan {
+    /// The first of `weights` a `replicate` pattern names, if any: its layer stays whole.
+    fn pinned(&mut self, g: &Graph, what: &str, weights: &[ValueId]) -> bool {
+        let names = weights.iter().filter_map(|&v| g.params.iter().find(|p| p.value == v)).map(|p| &p.weight);
+        for w in names {
+            if let Some(p) = self.replicate.iter().find(|p| autodeploy_core::quant::wildcard(p, w)) {
+                self.left.push(format!("{what}: `{w}` matches replicate \"{p}\""));
+                return true;
+            }
+        }
+        false
+    }
+
     /// The linear `v` comes from through per-head ops, if it does.
     fn linear_before(g: &Graph, producers: &[Option<usize>], mut v: ValueId) -> Option<usize> {
         for _ in 0..16 {
@@ -201,6 +231,9 @@ impl Plan {
             self.left.push(format!("{name}: its projections are not separate float weights"));
             return;
         }
+        if self.pinned(g, name, &weights) {
+            return;
+        }
         self.column(g, lq, 1, None);
         for l in [lk, lv] {
             self.column(g, l, 1, kv_part);
@@ -233,6 +266,9 @@ impl Plan {
             self.left.push(format!("{name}: its width does not split over {world} ranks"));
             return;
         }
+        if self.pinned(g, &name, &ins[1..]) {
+            return;
+        }
         for (i, d, b) in parts {
             self.slices.push(Slice { node: n, input: i, dim: d, blocks: b, part: None });
         }
@@ -258,6 +294,9 @@ impl Plan {
             self.left.push(format!("{name}: its experts or their width do not split over {ep} x {tp} ranks"));
             return;
         }
+        if self.pinned(g, &name, &[gu, down]) {
+            return;
+        }
         let (group, t) = (rank / tp, rank % tp);
         let experts = experts.unwrap_or(0);
         if ep > 1 {
@@ -279,6 +318,9 @@ impl Plan {
     fn embedding(&mut self, g: &Graph, n: usize, rank: usize, world: usize) {
         let node = &g.nodes[n];
         let (w, name) = (node.inputs[0], g.value(node.outputs[0]).name.clone());
+        if self.pinned(g, &name, &[w]) {
+            return;
+        }
         match static_dim(g, w, 0) {
             Some(vocab) if vocab % world == 0 && is_float_param(g, w) => {
                 self.slices.push(Slice { node: n, input: 0, dim: 0, blocks: 1, part: None });
@@ -297,6 +339,9 @@ impl Plan {
             let node = &g.nodes[n];
             if node.op.name == LINEAR {
                 let (w, name) = (node.inputs[1], g.value(node.outputs[0]).name.clone());
+                if self.pinned(g, &name, &[w]) {
+                    return;
+                }
                 match static_dim(g, w, 0) {
                     Some(vocab) if vocab % world == 0 && is_float_param(g, w) => {
                         self.column(g, n, 1, None);
@@ -328,18 +373,22 @@ impl Transform for DetectSharding {
                 readers[v.0 as usize].push(i);
             }
         }
-        let mut plan = Plan::default();
+        let mut plan = Plan { replicate: cx.strings("replicate")?, ..Default::default() };
+        let on = |kind: &str| cx.bool(kind);
+        let (attention, mlp, moe, embedding) = (on("attention")?, on("mlp")?, on("moe")?, on("embedding")?);
         for (n, node) in g.nodes.iter().enumerate() {
             match node.op.name {
-                ATTENTION => plan.attention(g, &producers, &readers, n, rank, world),
-                SWIGLU | MLP => plan.mlp(g, n, world),
-                MOE => plan.moe(g, n, rank, world, cx.config.ep_size),
-                EMBEDDING => plan.embedding(g, n, rank, world),
+                ATTENTION if attention => plan.attention(g, &producers, &readers, n, rank, world),
+                SWIGLU | MLP if mlp => plan.mlp(g, n, world),
+                MOE if moe => plan.moe(g, n, rank, world, cx.config.ep_size),
+                EMBEDDING if embedding => plan.embedding(g, n, rank, world),
                 _ => {}
             }
         }
-        for o in g.outputs.clone() {
-            plan.lm_head(g, &producers, o, world);
+        if on("lm_head")? {
+            for o in g.outputs.clone() {
+                plan.lm_head(g, &producers, o, world);
+            }
         }
         let sliced = apply_plan(g, &plan, rank, world)?;
         let moe = match (plan.moes, cx.config.ep_size) {
