@@ -240,13 +240,14 @@ fn load_config(cli: &Cli) -> Result<PipelineConfig> {
 }
 
 /// `command` on this process's rank. Alone (world_size = 1) it just runs. Sharded, this is one
-/// of the ranks `mpirun` started: rank 0 runs `command` (its engine sends every step to the
-/// others: comm/steps.rs), and every other rank builds its slice and runs rank 0's steps until
-/// rank 0's engine goes.
+/// of the ranks `mpirun` started, or, without `mpirun`, rank 0 starts the others itself as
+/// children running this command line (comm/spawn.rs): rank 0 runs `command` (its engine sends
+/// every step to the others: comm/steps.rs), and every other rank builds its slice and runs
+/// rank 0's steps until rank 0's engine goes.
 fn ranked(cli: &Cli, command: impl FnOnce(&PipelineConfig) -> Result<()>) -> Result<()> {
     let mut cfg = load_config(cli)?;
     if cfg.world_size > 1 {
-        cfg.rank = autodeploy_core::comm::join_mpi(cfg.world_size).map_err(anyhow::Error::msg)?;
+        cfg.rank = autodeploy_core::comm::join(cfg.world_size).map_err(anyhow::Error::msg)?;
         if cfg.rank > 0 {
             let mut engine = pipeline::build(&cfg)?;
             return Ok(engine.follow()?);
@@ -791,11 +792,7 @@ fn main() -> ExitCode {
         Some(Cmd::Run { json, .. }) => ranked(&cli, |c| run(c, *json)),
         None => ranked(&cli, |c| run(c, false)),
     };
-    // A rank that failed leaves without finalizing MPI: `mpirun` then ends every rank (a
-    // finalize would wait for ranks that may be waiting for this one's next step).
-    if res.is_ok() {
-        autodeploy_core::comm::finish_process();
-    }
+    autodeploy_core::comm::finish_process(res.is_ok());
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::root;
+use common::{completions, root, served_completions};
 use std::process::Command;
 
 fn mpirun() -> Option<&'static str> {
@@ -14,11 +14,6 @@ fn mpirun() -> Option<&'static str> {
         panic!("CI=true but no mpirun: .ci/run installs Open MPI");
     }
     found.then_some("mpirun")
-}
-
-/// The completion lines (`[i] output ...`) of a run.
-fn completions(stdout: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(stdout).lines().filter(|l| l.contains("] output ")).map(str::to_string).collect()
 }
 
 #[test]
@@ -92,18 +87,6 @@ fn mpirun_expert_parallel_ranks_print_what_one_rank_prints() {
 }
 
 #[test]
-fn a_sharded_config_without_mpirun_says_how_to_launch() {
-    let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
-        .args(["--config", "examples/llama-fixture.toml", "--world-size", "2"])
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("mpirun -n 2 autodeploy"), "{err}");
-}
-
-#[test]
 fn graph_shows_each_ranks_slice() {
     let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
         .args(["graph", "--model", "tests/fixtures/llama", "--stage", "sharding", "--world-size", "2", "--rank", "1"])
@@ -120,61 +103,6 @@ fn graph_shows_each_ranks_slice() {
         .output()
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--rank 2"));
-}
-
-/// One HTTP/1.1 exchange with the server on `port`: the status code and the body.
-fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((code, out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())))
-}
-
-/// A server started by `launch` (with `--port`), waited for until `/health` answers 200; its
-/// completions of three prompts sent at once (greedy, and sampled with a seed), each as the
-/// choice's text. The server is stopped after.
-fn served_completions(mut launch: Command) -> Vec<String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = launch.args(["--port", &port.to_string()]).current_dir(root()).spawn().unwrap();
-    let t0 = std::time::Instant::now();
-    while !http(port, "GET", "/health", "").is_ok_and(|(c, _)| c == 200) {
-        assert!(t0.elapsed().as_secs() < 120, "the server did not come up");
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("the server exited: {st}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let bodies: [&'static str; 3] = [
-        r#"{"prompt": "The capital of France", "max_tokens": 12, "temperature": 0}"#,
-        r#"{"prompt": [1, 200, 3, 44], "max_tokens": 9, "temperature": 0.9, "top_k": 30, "seed": 5}"#,
-        r#"{"prompt": "Once upon a time", "max_tokens": 7, "temperature": 0}"#,
-    ];
-    let replies: Vec<_> = bodies
-        .into_iter()
-        .map(|b| std::thread::spawn(move || http(port, "POST", "/v1/completions", b).unwrap()))
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|h| h.join().unwrap())
-        .collect();
-    // SIGTERM: the server finishes and stops (mpirun passes it to every rank).
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let _ = child.wait();
-    replies
-        .into_iter()
-        .map(|(code, body)| {
-            assert_eq!(code, 200, "{body}");
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            v["choices"][0]["text"].as_str().unwrap().to_string()
-        })
-        .collect()
 }
 
 /// `autodeploy serve` over 2 ranks: rank 0's scheduler batches concurrent requests and sends

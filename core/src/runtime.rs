@@ -164,7 +164,11 @@ impl ModelRunner for Engine {
         }
     }
     fn failure(&self) -> Option<String> {
-        self.group_failure.clone()
+        if self.world_size <= 1 {
+            return None;
+        }
+        // The group's own (a rank's process exited) as soon as it is known, between steps too.
+        self.group_failure.clone().or_else(|| crate::comm::current().ok()?.failure())
     }
 }
 

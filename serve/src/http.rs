@@ -48,7 +48,7 @@ async fn health(State(app): State<App>) -> Response {
     if app.llm.is_alive() {
         StatusCode::OK.into_response()
     } else {
-        error(ApiError::status(503, "service_unavailable", "the engine has stopped"))
+        error(ApiError::status(503, "service_unavailable", format!("the engine has stopped: {}", app.llm.death())))
     }
 }
 

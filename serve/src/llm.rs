@@ -299,7 +299,8 @@ impl LLM {
             .collect())
     }
 
-    fn death(&self) -> String {
+    /// Why the engine stopped (once it has).
+    pub fn death(&self) -> String {
         self.shared.death.lock().ok().and_then(|d| d.clone()).unwrap_or_else(|| "it was shut down".into())
     }
 
@@ -352,10 +353,18 @@ fn engine_loop(mut engine: Engine, mut core: Box<dyn Runtime>, rx: mpsc::Receive
             if draining {
                 break;
             }
-            match rx.recv() {
+            // Idle: a sharded engine's rank that stops is noticed within half a second.
+            match rx.recv_timeout(std::time::Duration::from_millis(500)) {
                 Ok(c) => commands.push(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(why) = autodeploy_core::runtime::ModelRunner::failure(&engine) {
+                        fail_all(&shared, &mut live, &why);
+                        return;
+                    }
+                    continue;
+                }
                 // Every handle is gone.
-                Err(_) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
         commands.extend(rx.try_iter());

@@ -6,6 +6,7 @@
 
 pub mod gpu;
 pub mod mpi;
+pub mod spawn;
 pub mod steps;
 
 use std::cell::RefCell;
@@ -28,14 +29,16 @@ pub trait Communicator: Send + Sync {
     fn failure(&self) -> Option<String> {
         None
     }
-    /// Called once when the process is done with its collectives (MPI's finalize).
-    fn finish(&self) {}
+    /// Called once when the process is done with its collectives (MPI's finalize); `ok`: the
+    /// command succeeded (a rank that failed may not wait for ranks that wait for it).
+    fn finish(&self, _ok: bool) {}
 }
 
-/// Ends this process's communicator, if it has one (before exiting).
-pub fn finish_process() {
+/// Ends this process's communicator, if it has one (before exiting); `ok` as for
+/// [`Communicator::finish`].
+pub fn finish_process(ok: bool) {
     if let Some(c) = PROCESS.get() {
-        c.finish();
+        c.finish(ok);
     }
 }
 
@@ -46,9 +49,25 @@ thread_local! {
 }
 
 /// For a config with `world_size > 1` run as one process a rank: joins the ranks `mpirun`
-/// started (MPI initialised, this process's communicator set) and returns this process's rank,
-/// after checking that `mpirun -n` and `world_size` agree. Without an MPI launch the error says
-/// how to start the ranks.
+/// started (comm/mpi.rs), or, without `mpirun`, the ranks this process starts itself on this
+/// machine (or, in a process so started, its rank 0: comm/spawn.rs). Sets this process's
+/// communicator and returns its rank.
+pub fn join(world_size: usize) -> Result<usize, String> {
+    if mpi::launched() {
+        return join_mpi(world_size);
+    }
+    let c: Arc<dyn Communicator> = if spawn::is_child() {
+        Arc::new(spawn::join_as_child(world_size)?)
+    } else {
+        spawn::spawn_children(world_size, DEFAULT_TIMEOUT)?
+    };
+    let rank = c.rank();
+    set_process(c)?;
+    Ok(rank)
+}
+
+/// Joins the ranks `mpirun` started (MPI initialised, this process's communicator set) and
+/// returns this process's rank, after checking that `mpirun -n` and `world_size` agree.
 pub fn join_mpi(world_size: usize) -> Result<usize, String> {
     if !mpi::launched() {
         return Err(format!(
@@ -88,6 +107,21 @@ pub fn current() -> Result<Arc<dyn Communicator>, String> {
          `mpirun -n <world_size>` or through autodeploy's launcher"
             .to_string()
     })
+}
+
+/// `buf` = the sum, in rank order, of the ranks' f32 buffers gathered in `all` (`part` bytes
+/// each): every rank adds the same values in the same order, so all get the same bits.
+pub fn sum_in_rank_order(buf: &mut [f32], all: &[u8], part: usize) -> Result<(), String> {
+    if part != buf.len() * 4 || (part > 0 && !all.len().is_multiple_of(part)) {
+        return Err(format!("all_reduce: {} bytes gathered for parts of {part}", all.len()));
+    }
+    buf.fill(0.0);
+    for p in all.chunks_exact(part.max(1)) {
+        for (b, c) in buf.iter_mut().zip(p.chunks_exact(4)) {
+            *b += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    Ok(())
 }
 
 /// How long a broadcast may wait for the other ranks.

@@ -110,8 +110,13 @@ pub fn init() -> Result<Mpi, String> {
 }
 
 impl Communicator for Mpi {
-    /// Ends MPI for this process (every rank calls it once, after its last collective).
-    fn finish(&self) {
+    /// Ends MPI for this process (every rank calls it once, after its last collective). Not
+    /// after a failure: a finalize waits for every rank, and the others may be waiting for this
+    /// one's next step; exiting without it makes `mpirun` end them all.
+    fn finish(&self, ok: bool) {
+        if !ok {
+            return;
+        }
         let _t = self.turn.lock().unwrap_or_else(|e| e.into_inner());
         if !self.finished.swap(true, std::sync::atomic::Ordering::AcqRel) {
             // SAFETY: called once, after every collective of this process.
@@ -127,13 +132,7 @@ impl Communicator for Mpi {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), String> {
         let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
         let all = self.all_gather(&bytes)?;
-        buf.fill(0.0);
-        for part in all.chunks_exact(bytes.len().max(1)) {
-            for (b, c) in buf.iter_mut().zip(part.chunks_exact(4)) {
-                *b += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        Ok(())
+        super::sum_in_rank_order(buf, &all, bytes.len())
     }
     fn all_gather(&self, part: &[u8]) -> Result<Vec<u8>, String> {
         let n =

@@ -79,7 +79,7 @@ impl Engine {
 impl Drop for Engine {
     /// Rank 0's engine going tells the followers to stop (unless the group already failed).
     fn drop(&mut self) {
-        if self.world_size > 1 && self.rank == 0 && self.group_failure.is_none() {
+        if self.world_size > 1 && self.rank == 0 && crate::runtime::ModelRunner::failure(self).is_none() {
             if let Err(e) = current().and_then(|c| c.broadcast(&encode_stop(), Wait::Bounded)) {
                 tracing::warn!("telling the other ranks to stop: {e}");
             }
