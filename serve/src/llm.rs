@@ -219,8 +219,10 @@ impl LLM {
     }
 
     /// Whether the engine thread is running.
+    /// Whether the engine still runs: its thread has not stopped, and (sharded) no rank has
+    /// failed, as this process's communicator knows at once even while a step waits on it.
     pub fn is_alive(&self) -> bool {
-        self.shared.alive.load(Ordering::Acquire)
+        self.shared.alive.load(Ordering::Acquire) && autodeploy_core::comm::process_failure().is_none()
     }
 
     /// The engine's counters and histograms now.
@@ -301,7 +303,8 @@ impl LLM {
 
     /// Why the engine stopped (once it has).
     pub fn death(&self) -> String {
-        self.shared.death.lock().ok().and_then(|d| d.clone()).unwrap_or_else(|| "it was shut down".into())
+        let recorded = self.shared.death.lock().ok().and_then(|d| d.clone());
+        recorded.or_else(autodeploy_core::comm::process_failure).unwrap_or_else(|| "it was shut down".into())
     }
 
     /// Finishes the requests in flight and stops the engine thread.

@@ -33,6 +33,9 @@ pub fn join(gpu: &Gpu) -> Result<bool, String> {
     let id: [u8; 128] = id.try_into().map_err(|_| "rank 0 sent an NCCL unique id of the wrong size".to_string())?;
     let n = Nccl::init(gpu, UniqueId(id), c.rank(), c.world()).map_err(|e| e.0)?;
     tracing::info!(rank = c.rank(), world = c.world(), "NCCL communicator ready");
+    // A rank that dies leaves NCCL's kernels on the others waiting for it: the group's failure
+    // aborts the communicator, so their steps return (and fail) instead of hanging.
+    super::on_failure(Box::new(n.aborter()));
     gpu.set_collectives(Collectives::Nccl(n)).map_err(|e| e.0)?;
     Ok(true)
 }

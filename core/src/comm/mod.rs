@@ -84,6 +84,29 @@ pub fn join_mpi(world_size: usize) -> Result<usize, String> {
     Ok(rank)
 }
 
+/// Why this process's group can no longer run (a rank failed), if it has a communicator and
+/// it cannot.
+pub fn process_failure() -> Option<String> {
+    PROCESS.get()?.failure()
+}
+
+/// Runs `hook` (once) when this process's group fails, from the thread that notices: what
+/// releases work waiting on a dead rank elsewhere (an NCCL communicator's abort).
+pub fn on_failure(hook: Hook) {
+    FAILURE_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
+}
+
+/// Runs the hooks `on_failure` registered (each once).
+pub(crate) fn run_failure_hooks() {
+    let hooks = std::mem::take(&mut *FAILURE_HOOKS.lock().unwrap_or_else(|p| p.into_inner()));
+    for h in hooks {
+        h();
+    }
+}
+
+pub type Hook = Box<dyn Fn() + Send + Sync>;
+static FAILURE_HOOKS: Mutex<Vec<Hook>> = Mutex::new(Vec::new());
+
 /// Makes `c` this process's communicator (once; a second call is an error).
 pub fn set_process(c: Arc<dyn Communicator>) -> Result<(), String> {
     PROCESS.set(c).map_err(|_| "this process's communicator is already set".to_string())
@@ -91,10 +114,16 @@ pub fn set_process(c: Arc<dyn Communicator>) -> Result<(), String> {
 
 /// Runs `f` with `c` as this thread's communicator (a rank that is a thread).
 pub fn with_thread<T>(c: Arc<dyn Communicator>, f: impl FnOnce() -> T) -> T {
-    let before = THREAD.with(|t| t.replace(Some(c)));
-    let out = f();
-    THREAD.with(|t| *t.borrow_mut() = before);
-    out
+    /// Puts the thread's communicator back, also when `f` panics.
+    struct Restore(Option<Arc<dyn Communicator>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let before = self.0.take();
+            THREAD.with(|t| *t.borrow_mut() = before);
+        }
+    }
+    let _restore = Restore(THREAD.with(|t| t.replace(Some(c))));
+    f()
 }
 
 /// The communicator of the rank running on this thread.

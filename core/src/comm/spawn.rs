@@ -120,6 +120,7 @@ impl SocketRank {
         for s in &self.shut {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        super::run_failure_hooks();
     }
 }
 

@@ -19,6 +19,7 @@ type CommInitRank = unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c
 type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int;
 type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, *mut c_void) -> c_int;
 type CommDestroy = unsafe extern "C" fn(Comm) -> c_int;
+type CommAbort = unsafe extern "C" fn(Comm) -> c_int;
 type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 
 struct Lib {
@@ -27,6 +28,7 @@ struct Lib {
     all_reduce: AllReduce,
     all_gather: AllGather,
     destroy: CommDestroy,
+    abort: CommAbort,
     error: ErrorString,
     _lib: libloading::Library,
 }
@@ -49,6 +51,7 @@ fn lib() -> Result<&'static Lib, Unavailable> {
                 all_reduce: std::mem::transmute::<*const (), AllReduce>(f("ncclAllReduce")?),
                 all_gather: std::mem::transmute::<*const (), AllGather>(f("ncclAllGather")?),
                 destroy: std::mem::transmute::<*const (), CommDestroy>(f("ncclCommDestroy")?),
+                abort: std::mem::transmute::<*const (), CommAbort>(f("ncclCommAbort")?),
                 error: std::mem::transmute::<*const (), ErrorString>(f("ncclGetErrorString")?),
                 _lib: lib,
             })
@@ -85,6 +88,8 @@ pub struct Nccl {
     comm: Comm,
     pub rank: usize,
     pub world: usize,
+    /// Set once the communicator was aborted (it is then not destroyed again).
+    aborted: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 // SAFETY: the communicator is used from one thread at a time (the executor's), as NCCL allows.
@@ -101,7 +106,23 @@ impl Nccl {
         let (n, r) = (world as c_int, rank as c_int);
         // SAFETY: `comm` is writable; the GPU's context is current on this thread.
         check(l, "ncclCommInitRank", unsafe { (l.init_rank)(&mut comm, n, id, r) })?;
-        Ok(Nccl { comm, rank, world })
+        Ok(Nccl { comm, rank, world, aborted: Default::default() })
+    }
+
+    /// What aborts this communicator from another thread (once; later calls do nothing): NCCL
+    /// then ends its kernels waiting on a rank that died, so a stream waiting on them returns.
+    pub fn aborter(&self) -> impl Fn() + Send + Sync + 'static {
+        let (comm, aborted) = (self.comm as usize, self.aborted.clone());
+        move || {
+            if aborted.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                return;
+            }
+            if let Ok(l) = lib() {
+                // SAFETY: the communicator lives until `Nccl`'s drop, which skips it once
+                // aborted; ncclCommAbort may be called from any thread.
+                unsafe { (l.abort)(comm as Comm) };
+            }
+        }
     }
 
     /// `recv[i] = Σ_ranks send[i]` for `n` values of `dt` (in place when `send == recv`),
@@ -147,6 +168,9 @@ pub enum Collectives {
 
 impl Drop for Nccl {
     fn drop(&mut self) {
+        if self.aborted.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
         if let Ok(l) = lib() {
             // SAFETY: the communicator is this value's, destroyed once.
             unsafe { (l.destroy)(self.comm) };

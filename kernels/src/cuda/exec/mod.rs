@@ -8,8 +8,10 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{result as drv, sys as drv_sys, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
 
 use super::{Device, Kernel, Unavailable};
+use funcs::Funcs;
 
 mod attention;
+mod funcs;
 mod moe;
 mod norm;
 mod quant;
@@ -158,60 +160,6 @@ pub enum Binary {
     Sub = 1,
     Mul = 2,
     Div = 3,
-}
-
-struct Funcs {
-    /// `moe_route`, `moe_gate_up`, `moe_down`, `moe_combine`, `moe_gate_up_bf16`,
-    /// `moe_down_bf16` (exec/moe.rs).
-    moe: [Kernel; 9],
-    /// `quant.cu`: `e4m3_codes`, `fp8_values`, `nvfp4_values`, `lowbit_epilogue`, each
-    /// `[f32, bf16]` (exec/quant.rs).
-    quant: [Kernel; 8],
-    /// `e4m3_codes_rows` for `[f32, bf16]`.
-    quant_rows: [Kernel; 2],
-    /// `gemv_fp8_m{1,2,4,8}` and `gemv_nvfp4_m{1,2,4,8}` for `[f32, bf16]`.
-    quant_gemv: [[Kernel; 4]; 2],
-    /// `gemv_fp8_tc_m{1,2,4,8}` for `[f32, bf16]` (sm_89+).
-    fp8_tc_gemv: [[Kernel; 4]; 2],
-    nvfp4_gemv: [[Kernel; 4]; 2],
-    copy_strided: Kernel,
-    binary: Kernel,
-    unary: Kernel,
-    fill_uniform: Kernel,
-    fill_const: Kernel,
-    mean_last: Kernel,
-    rmsnorm: Kernel,
-    layer_norm: Kernel,
-    rope: Kernel,
-    silu_mul: Kernel,
-    silu_mul_bf16x8: Kernel,
-    embedding_rows: Kernel,
-    index_select: Kernel,
-    argmax_partial: Kernel,
-    /// bf16 decode GEMV for m = 1, 2, 4, 8.
-    gemv_bf16: [Kernel; 4],
-    /// m = 1 with 2 and 4 warps a weight row.
-    gemv_bf16_split: [Kernel; 2],
-    rmsnorm_bf16x8: Kernel,
-    gemv_swiglu_bf16: Kernel,
-    /// The same with 2 and 4 warps an output.
-    gemv_swiglu_bf16_split: [Kernel; 2],
-    argmax_final: Kernel,
-    sample_rows: Kernel,
-    write_kv: [Kernel; 2],
-    /// [f32, bf16] × head dims `HEAD_DIMS` then `GENERAL_DIMS` (`attention::head_dim_index`).
-    paged_attention: [Vec<Kernel>; 2],
-    paged_decode_split: [Vec<Kernel>; 2],
-    /// The throughput build over 2, 4, 8 query heads of a GQA group a block.
-    paged_decode_split_grouped: [[Vec<Kernel>; 2]; 3],
-    /// The latency build of the same (attention.cu: EARLY).
-    paged_decode_split_early: [Vec<Kernel>; 2],
-    /// The latency build at 4 positions a warp and pass.
-    paged_decode_split_early4: [Vec<Kernel>; 2],
-    rope_write_kv: [Kernel; 2],
-    slot_attention: [Vec<Kernel>; 2],
-    /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`.
-    paged_prefill_tc: Vec<Kernel>,
 }
 
 /// One GPU, one stream, cuBLAS on it, and the executor's kernels.
@@ -390,105 +338,7 @@ impl Gpu {
             .result()
             .map_err(|e| Unavailable(format!("cublasSetWorkspace: {e:?}")))?;
         drop(_g);
-        let g = |n: &str| dev.kernel(n);
-        // `{name}_d{D}_{f32,bf16}` for every head dim D of `HEAD_DIMS`, then the general builds
-        // `{name}_g{D}_..` of `GENERAL_DIMS`: [f32, bf16] × dims (`head_dim_index` picks).
-        let by_dims = |name: &str| -> Result<[Vec<Kernel>; 2], Unavailable> {
-            let dims = |s: &str| -> Result<Vec<Kernel>, Unavailable> {
-                let exact = HEAD_DIMS.iter().map(|d| format!("{name}_d{d}_{s}"));
-                let general = GENERAL_DIMS.iter().map(|d| format!("{name}_g{d}_{s}"));
-                exact.chain(general).map(|n| g(&n)).collect()
-            };
-            Ok([dims("f32")?, dims("bf16")?])
-        };
-        let f = Funcs {
-            moe: [
-                g("moe_route")?,
-                g("moe_gate_up")?,
-                g("moe_down")?,
-                g("moe_combine")?,
-                g("moe_gate_up_bf16")?,
-                g("moe_down_bf16")?,
-                g("moe_group")?,
-                g("moe_gate_up_grouped_bf16")?,
-                g("moe_down_grouped_bf16")?,
-            ],
-            quant: [
-                g("e4m3_codes_f32")?,
-                g("e4m3_codes_bf16")?,
-                g("fp8_values_f32")?,
-                g("fp8_values_bf16")?,
-                g("nvfp4_values_f32")?,
-                g("nvfp4_values_bf16")?,
-                g("lowbit_epilogue_f32")?,
-                g("lowbit_epilogue_bf16")?,
-            ],
-            quant_rows: [g("e4m3_codes_rows_f32")?, g("e4m3_codes_rows_bf16")?],
-            quant_gemv: [
-                [g("gemv_fp8_m1_f32")?, g("gemv_fp8_m2_f32")?, g("gemv_fp8_m4_f32")?, g("gemv_fp8_m8_f32")?],
-                [g("gemv_fp8_m1_bf16")?, g("gemv_fp8_m2_bf16")?, g("gemv_fp8_m4_bf16")?, g("gemv_fp8_m8_bf16")?],
-            ],
-            fp8_tc_gemv: [
-                [
-                    g("gemv_fp8_tc_m1_f32")?,
-                    g("gemv_fp8_tc_m2_f32")?,
-                    g("gemv_fp8_tc_m4_f32")?,
-                    g("gemv_fp8_tc_m8_f32")?,
-                ],
-                [
-                    g("gemv_fp8_tc_m1_bf16")?,
-                    g("gemv_fp8_tc_m2_bf16")?,
-                    g("gemv_fp8_tc_m4_bf16")?,
-                    g("gemv_fp8_tc_m8_bf16")?,
-                ],
-            ],
-            nvfp4_gemv: [
-                [g("gemv_nvfp4_m1_f32")?, g("gemv_nvfp4_m2_f32")?, g("gemv_nvfp4_m4_f32")?, g("gemv_nvfp4_m8_f32")?],
-                [
-                    g("gemv_nvfp4_m1_bf16")?,
-                    g("gemv_nvfp4_m2_bf16")?,
-                    g("gemv_nvfp4_m4_bf16")?,
-                    g("gemv_nvfp4_m8_bf16")?,
-                ],
-            ],
-            copy_strided: g("copy_strided")?,
-            binary: g("binary")?,
-            unary: g("unary")?,
-            fill_uniform: g("fill_uniform")?,
-            fill_const: g("fill_const")?,
-            mean_last: g("mean_last")?,
-            rmsnorm: g("rmsnorm")?,
-            layer_norm: g("layer_norm")?,
-            rope: g("rope")?,
-            silu_mul: g("silu_mul")?,
-            silu_mul_bf16x8: g("silu_mul_bf16x8")?,
-            embedding_rows: g("embedding_rows")?,
-            index_select: g("index_select")?,
-            argmax_partial: g("argmax_partial")?,
-            gemv_bf16: [g("gemv_bf16_m1")?, g("gemv_bf16_m2")?, g("gemv_bf16_m4")?, g("gemv_bf16_m8")?],
-            gemv_bf16_split: [g("gemv_bf16_m1_s2")?, g("gemv_bf16_m1_s4")?],
-            rmsnorm_bf16x8: g("rmsnorm_bf16x8")?,
-            gemv_swiglu_bf16: g("gemv_swiglu_bf16")?,
-            gemv_swiglu_bf16_split: [g("gemv_swiglu_bf16_s2")?, g("gemv_swiglu_bf16_s4")?],
-            argmax_final: g("argmax_final")?,
-            sample_rows: g("sample_rows")?,
-            write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
-            paged_prefill_tc: PREFILL_TC_DIMS
-                .iter()
-                .map(|d| g(&format!("paged_prefill_tc_d{d}_bf16")))
-                .collect::<Result<_, _>>()?,
-            paged_attention: by_dims("paged_attention")?,
-            paged_decode_split: by_dims("paged_decode_split")?,
-            paged_decode_split_early: by_dims("paged_decode_split_early")?,
-            paged_decode_split_grouped: [
-                by_dims("paged_decode_split_g2")?,
-                by_dims("paged_decode_split_g4")?,
-                by_dims("paged_decode_split_g8")?,
-            ],
-            paged_decode_split_early4: by_dims("paged_decode_split_early4")?,
-            rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
-            slot_attention: by_dims("slot_attention")?,
-        };
+        let f = Funcs::load(&dev)?;
         let pdl = dev.cc.0 >= 9 && k.pdl;
         let prefetch_row = k.prefetch_row;
         let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
