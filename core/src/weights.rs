@@ -398,6 +398,74 @@ impl WeightStore {
         Ok(())
     }
 
+    /// Rank `r`'s part of weight `of` along dim `d` (of `b` blocks, `w` ranks), as `shape`: from
+    /// the file's bytes of its rows or columns where `of` is a file tensor; from the parts it
+    /// needs where `of` stacks parts a group (a MoE weight of per-expert tensors: its rank's
+    /// experts, or each expert's own rows or columns); else sliced from `of` loaded whole.
+    fn shard(
+        &self,
+        of: &str,
+        (d, b, r, w): (usize, usize, usize, usize),
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        match self.entries.get(of) {
+            Some(Entry::File(i)) if !self.scaled.contains(of) => {
+                return self.shard_from_file(*i, of, d, b, r, w, shape)?.cast(dtype);
+            }
+            Some(Entry::Concat { parts, shape: full, .. }) if full.len() >= 3 && parts.len() % full[0] == 0 => {
+                let (groups, per) = (full[0], parts.len() / full[0]);
+                let loaded: Option<Vec<Tensor>> = match d {
+                    // Whole groups: only this rank's.
+                    0 if b == 1 => {
+                        let (from, to) = (r * groups / w, (r + 1) * groups / w);
+                        Some(parts[from * per..to * per].iter().map(|p| self.load(p, dtype)).collect::<Result<_>>()?)
+                    }
+                    // Each group's rows in blocks of one part each (parts of equal rows): each
+                    // part's own rows.
+                    1 if b == per && self.rows_each(parts)? == Some(full[1] / per) => {
+                        Some(parts.iter().map(|p| self.shard_part(p, (0, 1, r, w), dtype)).collect::<Result<_>>()?)
+                    }
+                    // A later dim: the same dim of every part, one dim earlier.
+                    d if d >= 2 => {
+                        Some(parts.iter().map(|p| self.shard_part(p, (d - 1, b, r, w), dtype)).collect::<Result<_>>()?)
+                    }
+                    _ => None,
+                };
+                if let Some(ts) = loaded {
+                    let refs: Vec<&Tensor> = ts.iter().collect();
+                    let t = crate::cpu::eval(&crate::Op::cat(0), &refs, &Default::default())?;
+                    return t.reshape(shape.to_vec());
+                }
+            }
+            _ => {}
+        }
+        WeightStore::shard_of(&self.load(of, dtype)?, d, b, r, w)
+    }
+
+    /// The rows every one of `parts` has, if they all have the same.
+    fn rows_each(&self, parts: &[String]) -> Result<Option<usize>> {
+        let mut rows = None;
+        for p in parts {
+            let r = self.stored_meta(p)?.1.first().copied();
+            if rows.is_some() && rows != r {
+                return Ok(None);
+            }
+            rows = r;
+        }
+        Ok(rows)
+    }
+
+    /// A part's shard (what `shard` reads of a stacked weight's parts), its shape from the part's.
+    fn shard_part(&self, part: &str, (d, b, r, w): (usize, usize, usize, usize), dtype: DType) -> Result<Tensor> {
+        let (_, mut shape) = self.stored_meta(part)?;
+        if d >= shape.len() || !shape[d].is_multiple_of(b * w) {
+            return Err(Error::Msg(format!("weight `{part}` {shape:?}: dim {d} does not split into {w} ranks' parts")));
+        }
+        shape[d] /= w;
+        self.shard(part, (d, b, r, w), &shape, dtype)
+    }
+
     /// Rank `rank`'s slice of `t` along `dim` (`Entry::Shard`), from `t` itself.
     fn shard_of(t: &Tensor, dim: usize, blocks: usize, rank: usize, world: usize) -> Result<Tensor> {
         let n = t.shape()[dim];
@@ -619,11 +687,7 @@ impl WeightStore {
                 return crate::cpu::eval(&crate::Op::transpose(1, 2), &[&t], &Default::default());
             }
             Some(Entry::Shard { of, dim, blocks, rank, world, shape, .. }) => {
-                let (d, b, r, w) = (*dim, *blocks, *rank, *world);
-                if let (Some(Entry::File(i)), false) = (self.entries.get(of), self.scaled.contains(of)) {
-                    return self.shard_from_file(*i, of, d, b, r, w, shape)?.cast(dtype);
-                }
-                return WeightStore::shard_of(&self.load(of, dtype)?, d, b, r, w);
+                return self.shard(of, (*dim, *blocks, *rank, *world), shape, dtype);
             }
             Some(Entry::File(i)) => *i,
             None => return Err(Error::MissingTensor { name: name.into(), where_: self.origin.clone() }),
@@ -639,6 +703,40 @@ impl WeightStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_of_stacked_experts_read_their_parts_and_equal_slices_of_the_whole() {
+        // 4 experts, each [gate (4 x 4); up (4 x 4)] and down (4 x 6).
+        let mut st = WeightStore::default();
+        let (mut gu, mut down) = (Vec::new(), Vec::new());
+        for e in 0..4 {
+            for (part, rows, cols) in [("gate", 4, 4), ("up", 4, 4), ("down", 4, 6)] {
+                let name = format!("e{e}.{part}");
+                let v: Vec<f32> = (0..rows * cols).map(|i| (e * 1000 + i) as f32 + part.len() as f32 * 0.1).collect();
+                st.add_tensor(&name, Tensor::from_f32(vec![rows, cols], v).unwrap());
+                if part == "down" {
+                    down.push(vec![name]);
+                } else if part == "gate" {
+                    gu.push(vec![name]);
+                } else {
+                    gu.last_mut().unwrap().push(name);
+                }
+            }
+        }
+        st.add_stacked("gu", &gu, DType::F32).unwrap();
+        st.add_stacked("down", &down, DType::F32).unwrap();
+        let cases = [("gu", 0, 1), ("gu", 1, 2), ("gu", 2, 1), ("down", 0, 1), ("down", 2, 1), ("down", 1, 1)];
+        for (of, dim, blocks) in cases {
+            for (r, w) in [(0, 2), (1, 2)] {
+                let name = format!("{of}.d{dim}.{r}");
+                st.add_shard(&name, of, dim, blocks, r, w).unwrap();
+                let got = st.load(&name, DType::F32).unwrap();
+                let want = WeightStore::shard_of(&st.load(of, DType::F32).unwrap(), dim, blocks, r, w).unwrap();
+                assert_eq!(got.shape(), want.shape(), "{name}");
+                assert_eq!(got.to_f32(), want.to_f32(), "{name}");
+            }
+        }
+    }
 
     #[test]
     fn uniform_values_are_the_defined_streams() {
