@@ -881,3 +881,81 @@ fn sharded_ranks_on_the_gpu_match_one_rank() {
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+/// For `one_rank_collectives_on_nccl_are_captured_in_cuda_graphs`: an `all_reduce` after every
+/// MLP and an `all_gather` of the logits, as a sharded graph has them, in a one-rank graph
+/// (where both leave the values as they are). Off unless a config enables it.
+struct OneRankCollectives;
+
+impl autodeploy_core::transform::Transform for OneRankCollectives {
+    fn apply(
+        &self,
+        g: &mut autodeploy_core::Graph,
+        _: &autodeploy_core::transform::TransformContext,
+    ) -> autodeploy_core::error::Result<String> {
+        use autodeploy_core::ops::collective::Gather;
+        use autodeploy_core::Op;
+        let mlps: Vec<usize> = (0..g.nodes.len())
+            .filter(|&n| ["torch_swiglu_mlp", "torch_mlp", "torch_moe"].contains(&g.nodes[n].op.name))
+            .collect();
+        let mut targets: Vec<(usize, autodeploy_core::ValueId, bool)> =
+            mlps.iter().map(|&n| (n, g.nodes[n].outputs[0], false)).collect();
+        let producers = g.producers();
+        for &o in &g.outputs {
+            targets.push((producers[o.0 as usize].unwrap(), o, true));
+        }
+        targets.sort_by_key(|t| std::cmp::Reverse(t.0));
+        for &(n, v, gather) in &targets {
+            let op = if gather { Op::all_gather(Gather { dim: -1, world: 1 }) } else { Op::all_reduce() };
+            let out = g.insert_node(n + 1, &format!("{}.collective", g.value(v).name), op, &[v])?;
+            g.replace_uses_from(v, out, n + 2);
+            if gather {
+                for o in g.outputs.iter_mut().filter(|o| **o == v) {
+                    *o = out;
+                }
+            }
+        }
+        Ok(format!("{} all_reduce, {} all_gather", mlps.len(), targets.len() - mlps.len()))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    autodeploy_core::registry::TransformPlugin {
+        name: "test_one_rank_collectives",
+        stage: autodeploy_sdk::Stage::Sharding,
+        order: 50,
+        enabled_by_default: false,
+        options: &[],
+        version: "test",
+        origin: "tests/tests/cuda.rs",
+        make: || Box::new(OneRankCollectives),
+    }
+}
+
+/// NCCL inside captured CUDA graphs: a one-rank graph with collectives where a sharded one has
+/// them (one rank's NCCL communicator; on one GPU the only NCCL run possible) gives the tokens
+/// the same graph without them gives, through decode steps captured and replayed, the NCCL calls
+/// recorded into the graphs.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn one_rank_collectives_on_nccl_are_captured_in_cuda_graphs() {
+    let _turn = gpu();
+    for backend in ["cudagraph", "opt"] {
+        let cfg = |extra: &str| {
+            let text =
+                common::config_text("llama", &format!("device = \"cuda\"\ncompile_backend = \"{backend}\"\n{extra}"));
+            let c = autodeploy_core::config::PipelineConfig::from_toml_str(&text, None).unwrap();
+            c.validate(std::path::Path::new("test.toml")).unwrap();
+            c
+        };
+        let plain = common::ranked_tokens(cfg(""));
+        let with = cfg("[transforms.test_one_rank_collectives]\nenabled = true\n");
+        let group = autodeploy_core::comm::local_group(1, std::time::Duration::from_secs(60));
+        let (got, ran) =
+            launches(|| autodeploy_core::comm::with_thread(group[0].clone(), || common::ranked_tokens(with)));
+        assert_eq!(got, plain, "{backend}");
+        for k in ["nccl_all_reduce", "nccl_all_gather", "cuda_graph_capture", "cuda_graph_replay"] {
+            assert!(ran.contains_key(k), "{backend}: no {k}: {ran:?}");
+        }
+    }
+}

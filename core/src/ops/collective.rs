@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use autodeploy_kernels::cuda::exec::{Gpu, Strided};
+use autodeploy_kernels::cuda::exec::{count_launch, Gpu, Strided};
 use autodeploy_kernels::cuda::nccl::Collectives;
 
 use crate::cpu::KernelOptions;
@@ -153,7 +153,9 @@ fn all_reduce_cuda() -> CudaImpl {
         match collectives(gpu)? {
             Collectives::Nccl(n) if !crate::mutation::is(crate::mutation::Mutation::ReduceOneRank) => {
                 let count = x.shape.iter().product();
-                n.all_reduce_sum(gpu, x.ptr, y.ptr, count, cuda_dt(x.dtype)?).map_err(|e| e.0)
+                n.all_reduce_sum(gpu, x.ptr, y.ptr, count, cuda_dt(x.dtype)?).map_err(|e| e.0)?;
+                count_launch("nccl_all_reduce");
+                Ok(())
             }
             Collectives::Nccl(_) => {
                 let bytes = x.shape.iter().product::<usize>() * x.dtype.size_in_bytes();
@@ -177,6 +179,7 @@ fn all_gather_cuda() -> CudaImpl {
         let outer: usize = x.shape[..d].iter().product();
         let inner: usize = x.shape[d..].iter().product();
         let bytes = outer * inner * x.dtype.size_in_bytes();
+        count_launch("nccl_all_gather");
         if outer == 1 {
             return n.all_gather_bytes(gpu, x.ptr, y.ptr, bytes).map_err(|e| e.0);
         }
