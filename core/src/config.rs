@@ -137,6 +137,9 @@ pub struct PipelineConfig {
     /// rank holds a slice of every expert.
     #[serde(default = "default_one")]
     pub ep_size: usize,
+    /// `[sharding]`: the manual override of what `detect_sharding` splits.
+    #[serde(default)]
+    pub sharding: ShardingConfig,
     /// Which rank this process (or thread) builds, `0..world_size`: set by the launcher, or by
     /// `autodeploy graph --rank R` to show one rank's graph; not a config key.
     #[serde(skip)]
@@ -207,6 +210,26 @@ impl CpuKernelsSetting {
             );
         }
         asked.at_most_detected()
+    }
+}
+
+/// `[sharding]`: which kinds of layer `detect_sharding` splits (all, by default), and the
+/// layers kept whole on every rank by name.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardingConfig {
+    pub attention: bool,
+    pub mlp: bool,
+    pub moe: bool,
+    pub lm_head: bool,
+    pub embedding: bool,
+    /// Checkpoint weight names (`*` matches any run of characters) whose layers stay whole.
+    pub replicate: Vec<String>,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> ShardingConfig {
+        ShardingConfig { attention: true, mlp: true, moe: true, lm_head: true, embedding: true, replicate: Vec::new() }
     }
 }
 

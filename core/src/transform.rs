@@ -32,11 +32,6 @@ impl TransformContext<'_> {
             .and_then(toml::Value::as_bool)
             .ok_or_else(|| Error::Msg(format!("transform option `{name}` must be true or false")))
     }
-    pub fn strings(&self, name: &str) -> Result<Vec<String>> {
-        let bad = || Error::Msg(format!("transform option `{name}` must be a list of strings"));
-        let list = self.options.get(name).and_then(toml::Value::as_array).ok_or_else(bad)?;
-        list.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(bad)).collect()
-    }
     pub fn int(&self, name: &str) -> Result<i64> {
         self.options
             .get(name)

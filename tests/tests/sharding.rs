@@ -158,25 +158,26 @@ fn a_follower_that_stops_fails_rank_zero_loudly() {
     });
 }
 
-/// The manual override (`[transforms.detect_sharding]`): a kind of layer left whole, and layers
-/// named by weight patterns kept whole; the ranks still give one rank's logits, and a bad option
-/// names its key.
+/// The manual override (`[sharding]`): a kind of layer left whole, and layers named by weight
+/// patterns kept whole; the ranks still give one rank's logits, and a bad key names itself.
 #[test]
 fn the_manual_override_keeps_what_it_names_whole() {
-    let extra = "[transforms.detect_sharding]\nmlp = false\nreplicate = [\"model.layers.1.self_attn.*\"]\n";
+    let extra = "[sharding]\nmlp = false\nreplicate = [\"model.layers.1.self_attn.*\"]\n";
     let (_, summary) = layer_bytes_and_summary(&config("llama", extra, 2, 0));
     assert!(summary.contains("1 attention (2 query heads each), 0 MLPs"), "{summary}");
-    assert!(summary.contains("`model.layers.1.self_attn.q_proj.weight` matches replicate"), "{summary}");
+    assert!(summary.contains("`model.layers.1.self_attn.q_proj.weight` matches [sharding] replicate"), "{summary}");
     let one = logits(config("llama", "", 1, 0));
     for (rank, l) in on_ranks("llama", extra, 2, logits).into_iter().enumerate() {
         let d = common::max_abs_diff(&one, &l, "llama");
         assert!(d <= common::F32_MAX_ABS, "rank {rank}: logits differ by {d}");
     }
-    let text = common::config_text("llama", "world_size = 2\n[transforms.detect_sharding]\nreplicate = \"x\"\n");
-    let e = PipelineConfig::from_toml_str(&text, None)
-        .and_then(|c| c.validate(std::path::Path::new("bad.toml")))
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(e.contains("transforms.detect_sharding.replicate") && e.contains("array"), "{e}");
+    for (bad, what) in [("replicate = \"x\"", "replicate"), ("mlps = false", "mlps")] {
+        let text = common::config_text("llama", &format!("world_size = 2\n[sharding]\n{bad}\n"));
+        let e = PipelineConfig::from_toml_str(&text, None)
+            .and_then(|c| c.validate(std::path::Path::new("bad.toml")))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(what), "{bad}: {e}");
+    }
 }

@@ -26,10 +26,10 @@
 //! The token embedding is split by vocabulary rows too (`vocab_parallel_embedding`: zeros for
 //! the ids of other ranks' rows, exact once the ranks' rows meet in an `all_reduce`).
 //!
-//! The manual override is the transform's options (`[transforms.detect_sharding]`): each kind of
-//! layer can be left whole (`attention`, `mlp`, `moe`, `lm_head`, `embedding` = false), and
-//! `replicate` lists checkpoint weight names (`*` wildcards) whose layers stay whole. The names
-//! are the user's; the detection itself reads no names.
+//! The manual override is the config's `[sharding]`: each kind of layer can be left whole
+//! (`attention`, `mlp`, `moe`, `lm_head`, `embedding` = false), and `replicate` lists checkpoint
+//! weight names (`*` wildcards) whose layers stay whole. The names are the user's; the detection
+//! itself reads no names.
 
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ use autodeploy_core::ops::moe::{Moe, MOE};
 use autodeploy_core::ops::norm::RMSNORM;
 use autodeploy_core::ops::rope::ROPE;
 use autodeploy_core::registry::TransformPlugin;
-use autodeploy_core::transform::{OptionSpec, Transform, TransformContext};
+use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::{Op, ValueId};
 use autodeploy_sdk::Stage;
 
@@ -55,18 +55,7 @@ autodeploy_core::inventory::submit! {
         stage: Stage::Sharding,
         order: 10,
         enabled_by_default: true,
-        options: &[
-            OptionSpec { name: "attention", default: "true", help: "split attention layers by KV-head groups" },
-            OptionSpec { name: "mlp", default: "true", help: "split MLPs (gate/up by rows, down by columns)" },
-            OptionSpec { name: "moe", default: "true", help: "split MoE layers (experts over ep_size groups, each expert's width)" },
-            OptionSpec { name: "lm_head", default: "true", help: "split the LM head by vocabulary (logits gathered)" },
-            OptionSpec { name: "embedding", default: "true", help: "split the token embedding by vocabulary" },
-            OptionSpec {
-                name: "replicate",
-                default: "[]",
-                help: "checkpoint weight names (`*` matches any run of characters) whose layers stay whole on every rank",
-            },
-        ],
+        options: &[],
         version: env!("CARGO_PKG_VERSION"),
         origin: "built-in",
         make: || Box::new(DetectSharding),
@@ -129,7 +118,7 @@ impl Plan {
         let names = weights.iter().filter_map(|&v| g.params.iter().find(|p| p.value == v)).map(|p| &p.weight);
         for w in names {
             if let Some(p) = self.replicate.iter().find(|p| autodeploy_core::quant::wildcard(p, w)) {
-                self.left.push(format!("{what}: `{w}` matches replicate \"{p}\""));
+                self.left.push(format!("{what}: `{w}` matches [sharding] replicate \"{p}\""));
                 return true;
             }
         }
@@ -373,9 +362,9 @@ impl Transform for DetectSharding {
                 readers[v.0 as usize].push(i);
             }
         }
-        let mut plan = Plan { replicate: cx.strings("replicate")?, ..Default::default() };
-        let on = |kind: &str| cx.bool(kind);
-        let (attention, mlp, moe, embedding) = (on("attention")?, on("mlp")?, on("moe")?, on("embedding")?);
+        let over = &cx.config.sharding;
+        let mut plan = Plan { replicate: over.replicate.clone(), ..Default::default() };
+        let (attention, mlp, moe, embedding) = (over.attention, over.mlp, over.moe, over.embedding);
         for (n, node) in g.nodes.iter().enumerate() {
             match node.op.name {
                 ATTENTION if attention => plan.attention(g, &producers, &readers, n, rank, world),
@@ -385,7 +374,7 @@ impl Transform for DetectSharding {
                 _ => {}
             }
         }
-        if on("lm_head")? {
+        if over.lm_head {
             for o in g.outputs.clone() {
                 plan.lm_head(g, &producers, o, world);
             }
