@@ -18,8 +18,13 @@ pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// Every rank's `buf` summed elementwise, in rank order (so each rank gets the same bits),
-    /// into every rank's `buf`. All ranks pass the same length.
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), String>;
+    /// into every rank's `buf`. All ranks pass the same length. By default gathered, then
+    /// added on every rank ([`sum_in_rank_order`]).
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), String> {
+        let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.all_gather(&bytes)?;
+        sum_in_rank_order(buf, &all, bytes.len())
+    }
     /// Every rank's `part` (all the same length), in rank order.
     fn all_gather(&self, part: &[u8]) -> Result<Vec<u8>, String>;
     /// Rank 0's `data` on every rank (the others' `data` is not read). `Wait::Idle`: a rank

@@ -131,11 +131,6 @@ impl Communicator for SocketRank {
     fn world(&self) -> usize {
         self.world
     }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), String> {
-        let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let all = self.all_gather(&bytes)?;
-        super::sum_in_rank_order(buf, &all, bytes.len())
-    }
     fn all_gather(&self, part: &[u8]) -> Result<Vec<u8>, String> {
         self.guarded(|streams| {
             if self.rank != 0 {
