@@ -469,6 +469,37 @@ impl<'a> Importer<'a> {
             }
             return Ok(());
         }
+        // `repeat_interleave(x, n, dim)` with a constant count (OpenELM's GQA: each KV head
+        // repeated for its query group): unsqueeze after `dim`, expand it to n, merge the two,
+        // which is transformers' repeat_kv, so the attention matchers see GQA either way.
+        if short == "repeat_interleave.self_int" {
+            let x = tensor("self")?;
+            let shape = b.meta(x).shape.clone();
+            let dim =
+                autodeploy_core::ops::norm_dim(&Op::cat(0), int("dim", i64::MIN)?, shape.len()).map_err(|_| {
+                    unsupported("argument `dim` is missing or out of range (a flattening repeat is not supported)")
+                })?;
+            let r = usize::try_from(int("repeats", 0)?)
+                .ok()
+                .filter(|&r| r > 0)
+                .ok_or_else(|| unsupported("argument `repeats` is not a positive int"))?;
+            let out = output_names(n).first().map(|o| o.to_string()).ok_or_else(|| unsupported("it has no output"))?;
+            let mut wide: Vec<SizeArg> = shape.iter().cloned().map(SizeArg::Dim).collect();
+            wide.insert(dim + 1, SizeArg::Dim(Dim::new(r)));
+            let mut merged: Vec<SizeArg> = shape.iter().cloned().map(SizeArg::Dim).collect();
+            merged[dim] = SizeArg::Dim(
+                shape[dim]
+                    .as_static()
+                    .map(|d| Dim::new(d * r))
+                    .ok_or_else(|| unsupported("a repeat along a dynamic dim"))?,
+            );
+            let check = |e: autodeploy_core::Error| unsupported(&format!("its shapes do not check: {e}"));
+            let u = b.op(&format!("{out}.unsqueezed"), Op::unsqueeze(dim as i64 + 1), &[x]).map_err(check)?;
+            let e = b.op(&format!("{out}.expanded"), Op::expand(wide), &[u]).map_err(check)?;
+            let v = b.op(&out, Op::reshape(merged), &[e]).map_err(check)?;
+            self.values.insert(out, v);
+            return Ok(());
+        }
         let translated: Option<(Op, Vec<ValueId>)> = match short {
             "layer_norm.default" => {
                 let x = tensor("input")?;
@@ -743,6 +774,7 @@ const SUPPORTED: &[&str] = &[
     "expand",
     "transpose.int",
     "unsqueeze",
+    "repeat_interleave (a constant count along a dim)",
     "slice.Tensor",
     "cat",
     "scaled_dot_product_attention (causal, or with the causal mask transformers builds)",
