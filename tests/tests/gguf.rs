@@ -264,6 +264,27 @@ fn a_granite_gguf_reads_its_multipliers_and_gives_transformers_logits() {
     }
 }
 
+/// A Llama 3.1-style GGUF (the llama fixture: llama3 RoPE scaling, q/k/v/o biases with the Q/K
+/// rows and biases permuted, tied embeddings) as llama.cpp's converter writes it, the scaling
+/// baked into `rope_freqs.weight` (one divisor per frequency): the fixture's transformers logits.
+/// A factors tensor of the wrong length is refused naming it.
+#[test]
+fn a_llama3_gguf_reads_its_rope_freqs_and_gives_transformers_logits() {
+    let dump = gguf_matches_its_fixture("llama").dump();
+    assert!(dump.contains("self_attn.q_proj.bias") && !dump.contains("lm_head.weight"), "{dump}");
+    let good = std::fs::read(fixture("gguf").join("tiny-llama.gguf")).unwrap();
+    let h = autodeploy_core::gguf::Header::parse(&good).unwrap();
+    let t = h.tensor("rope_freqs.weight").expect("the fixture has rope_freqs.weight");
+    assert_eq!(t.shape(), [8]);
+    // The tensor's one dim is the u64 after its name (and its dim count).
+    let name = b"rope_freqs.weight";
+    let at = good.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4;
+    let mut b = good.clone();
+    b[at..at + 8].copy_from_slice(&4u64.to_le_bytes());
+    let e = import_err(&b);
+    assert!(e.contains("rope_freqs.weight") && e.contains("[8]") && e.contains("[4]"), "{e}");
+}
+
 /// Qwen2 and Qwen3 GGUFs of their own architectures (unpermuted Q/K rows; Qwen2's q/k/v
 /// biases and tied embedding, Qwen3's q/k norms and `attention.key_length` head_dim) give their
 /// fixtures' transformers logits.

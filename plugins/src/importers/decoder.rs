@@ -35,6 +35,9 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
         attention_factor: f64,
     },
+    /// Each frequency divided by its own factor at every position: llama.cpp's
+    /// `rope_freqs.weight`, the factors its converter computes from Llama 3.1's scaling.
+    Factors(Vec<f64>),
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -342,6 +345,7 @@ impl DecoderConfig {
                 .map(|(i, &f)| 1.0 / (f as f32 * base.powf(i as f32 / dim as f32)))
                 .collect(),
             RopeScaling::Linear { factor } => inv.iter().map(|&f| f / factor as f32).collect(),
+            RopeScaling::Factors(ref factors) => inv.iter().zip(factors).map(|(&f, &d)| f / d as f32).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let (factor, low, high, old) = (
                     factor as f32,

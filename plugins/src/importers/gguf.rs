@@ -157,12 +157,6 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
             format!("{rotary_dim} rotary dimensions do not fit a head of {head_dim} in pairs"),
         ));
     }
-    if f.header.tensor("rope_freqs.weight").is_some() {
-        return Err(Error::BadFile {
-            file: f.path.clone(),
-            msg: "tensor `rope_freqs.weight` (baked RoPE frequency factors) is not supported yet".into(),
-        });
-    }
     let vocab = match m.usize_opt("vocab_size")? {
         Some(v) => v,
         None => f
@@ -295,21 +289,30 @@ fn moe_config(
 /// `rope.scaling.attn_factor` (absent: transformers' default from the two lengths). As from a
 /// `config.json`, only the short factors are used and sequences stop at the original length.
 fn rope_scaling(m: &Meta, rotary_dim: usize, max_positions: usize) -> Result<RopeScaling> {
-    let Some(t) = m.f.header.tensor("rope_factors_short.weight") else {
+    // One positive factor per rotated pair, checked before it is read.
+    let factors = |name: &str| -> Result<Option<Vec<f64>>> {
+        let Some(t) = m.f.header.tensor(name) else { return Ok(None) };
+        if t.shape() != [rotary_dim / 2] {
+            return Err(Error::TensorShape {
+                file: m.f.path.clone(),
+                name: name.into(),
+                expected: vec![rotary_dim / 2],
+                found: t.shape(),
+            });
+        }
+        let v: Vec<f64> = m.f.dequantize(name)?.into_iter().map(f64::from).collect();
+        if let Some(bad) = v.iter().find(|f| !(**f > 0.0 && f.is_finite())) {
+            return Err(Error::BadFile { file: m.f.path.clone(), msg: format!("tensor `{name}` holds {bad}") });
+        }
+        Ok(Some(v))
+    };
+    // Llama 3.1's scaling, as llama.cpp's converter bakes it: a divisor per frequency.
+    if let Some(f) = factors("rope_freqs.weight")? {
+        return Ok(RopeScaling::Factors(f));
+    }
+    let Some(short_factor) = factors("rope_factors_short.weight")? else {
         return Ok(RopeScaling::None);
     };
-    if t.shape() != [rotary_dim / 2] {
-        return Err(Error::TensorShape {
-            file: m.f.path.clone(),
-            name: "rope_factors_short.weight".into(),
-            expected: vec![rotary_dim / 2],
-            found: t.shape(),
-        });
-    }
-    let short_factor: Vec<f64> = m.f.dequantize("rope_factors_short.weight")?.into_iter().map(f64::from).collect();
-    if let Some(bad) = short_factor.iter().find(|f| !(**f > 0.0 && f.is_finite())) {
-        return Err(Error::BadFile { file: m.f.path.clone(), msg: format!("rope_factors_short.weight holds {bad}") });
-    }
     let original = m.usize("rope.scaling.original_context_length")?;
     let factor = max_positions as f64 / original as f64;
     let attention_factor = match positive(m, "rope.scaling.attn_factor")? {
