@@ -198,12 +198,12 @@ fn bad_gguf_files_name_the_key_or_tensor() {
     ));
     assert!(e.contains("general.architecture") && e.contains("gpt2x") && e.contains("supported: llama"), "{e}");
     // A family the HF importer knows whose GGUF layout is not mapped: refused, not run as Llama
-    // (its metadata keys are `openelm.*`, but the architecture is checked first; the value is
-    // two bytes longer, which shifts the tensor data, never read).
-    let (from, to) = ("\u{5}\0\0\0\0\0\0\0llama", "\u{7}\0\0\0\0\0\0\0openelm");
+    // (its metadata keys are `llama4.*`, but the architecture is checked first; the value is
+    // one byte longer, which shifts the tensor data, never read).
+    let (from, to) = ("\u{5}\0\0\0\0\0\0\0llama", "\u{6}\0\0\0\0\0\0\0llama4");
     let at = good.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
     let e = import_err(&[&good[..at], to.as_bytes(), &good[at + from.len()..]].concat());
-    assert!(e.contains("`openelm` GGUF files are not supported") && e.contains("gemma2, gemma3"), "{e}");
+    assert!(e.contains("`llama4` GGUF files are not supported") && e.contains("gemma2, gemma3"), "{e}");
     // A missing metadata key: rename it so it is no longer found.
     let e = import_err(&patch(&good, "llama.block_count", "llama.blockxcount"));
     assert!(e.contains("llama.block_count") && e.contains("missing"), "{e}");
@@ -283,6 +283,47 @@ fn a_llama3_gguf_reads_its_rope_freqs_and_gives_transformers_logits() {
     b[at..at + 8].copy_from_slice(&4u64.to_le_bytes());
     let e = import_err(&b);
     assert!(e.contains("rope_freqs.weight") && e.contains("[8]") && e.contains("[4]"), "{e}");
+}
+
+/// OpenELM's and DeciLM's (Llama-Nemotron's) GGUFs, written as llama.cpp's converter writes them
+/// (tests/fixtures/make_gguf_fixtures.py): per-block `head_count`, `head_count_kv` and
+/// `feed_forward_length` lists give each layer its heads and MLP width, 0 skipping a DeciLM
+/// block's attention or MLP; OpenELM's fused `attn_qkv` split with each layer's heads, its rows
+/// as stored; DeciLM's Q/K rows unpermuted with each block's own KV heads. Both give their
+/// fixtures' transformers-side logits. A list of the wrong length, and a linear replacement of
+/// attention (query heads without KV heads), are refused naming the key and block.
+#[test]
+fn layerwise_openelm_and_deci_ggufs_give_their_fixtures_logits() {
+    let dump = gguf_matches_its_fixture("openelm").dump();
+    assert!(dump.contains("f32[batch, seq, 2, 16]") && dump.contains("self_attn.q_norm"), "{dump}");
+    let dump = gguf_matches_its_fixture("nemotron-nas").dump();
+    assert!(!dump.contains("layers.1.self_attn") && !dump.contains("layers.2.mlp"), "{dump}");
+    assert!(dump.contains("layers.3.self_attn") && dump.contains("layers.1.mlp"), "{dump}");
+    let good = std::fs::read(fixture("gguf").join("tiny-nemotron-nas.gguf")).unwrap();
+    // Block 0's KV heads made 0 with its 4 query heads kept: a linear replacement.
+    let key = b"deci.attention.head_count_kv";
+    let at = good.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    // After the key: the array's type (u32 9), element type (u32), length (u64), then elements.
+    let elem = u32::from_le_bytes(good[at + 4..at + 8].try_into().unwrap());
+    let width = match elem {
+        4 | 5 => 4,
+        10 | 11 => 8,
+        other => panic!("head_count_kv elements of gguf type {other}"),
+    };
+    let first = at + 16;
+    let mut b = good.clone();
+    b[first..first + width].fill(0);
+    let e = import_err(&b);
+    assert!(
+        e.contains("deci.attention.head_count_kv") && e.contains("block 0") && e.contains("linear replacement"),
+        "{e}"
+    );
+    // The list one entry short (its last element cut out, the length said 3).
+    let mut b = good.clone();
+    b[at + 8..at + 16].copy_from_slice(&3u64.to_le_bytes());
+    b.drain(first + 3 * width..first + 4 * width);
+    let e = import_err(&b);
+    assert!(e.contains("deci.attention.head_count_kv") && e.contains("3 entries for 4 blocks"), "{e}");
 }
 
 /// Qwen2 and Qwen3 GGUFs of their own architectures (unpermuted Q/K rows; Qwen2's q/k/v

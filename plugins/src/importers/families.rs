@@ -379,7 +379,7 @@ pub const FAMILIES: &[Family] = &[
         ..LLAMA4_TEXT
     },
     Family { name: "granite", multipliers: true, gguf: Some("granite"), ..LLAMA },
-    Family { name: "nemotron-nas", layers: Layers::BlockConfigs, gguf: None, ..LLAMA },
+    Family { name: "nemotron-nas", layers: Layers::BlockConfigs, gguf: Some("deci"), ..LLAMA },
     Family {
         name: "openelm",
         qkv_bias: Flag::Fixed(false),
@@ -421,7 +421,9 @@ pub const FAMILIES: &[Family] = &[
             (".mlp.gate_up_proj.", ".ffn.proj_1."),
             (".mlp.down_proj.", ".ffn.proj_2."),
         ],
-        gguf: None,
+        gguf: Some("openelm"),
+        // llama.cpp runs OpenELM's rotate-half RoPE as such (NeoX order): rows as stored.
+        gguf_qk_permuted: false,
         ..LLAMA
     },
     Family {

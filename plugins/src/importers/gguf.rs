@@ -95,6 +95,24 @@ impl Meta<'_> {
     fn usize(&self, k: &str) -> Result<usize> {
         self.usize_opt(k)?.ok_or_else(|| self.err(&self.key(k), "missing"))
     }
+    /// A key llama.cpp writes per layer for heterogeneous models (OpenELM, DeciLM): `None`
+    /// where it is one number, else one count per layer (0 allowed: a skipped sub-block),
+    /// each at most `max`, the list as long as the model is deep.
+    fn per_layer(&self, k: &str, num_layers: usize, max: u64) -> Result<Option<Vec<usize>>> {
+        let Some(list) = self.opt(k).and_then(Value::as_array) else { return Ok(None) };
+        if list.len() != num_layers {
+            return Err(self.err(&self.key(k), format!("{} entries for {num_layers} blocks", list.len())));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(l, v)| {
+                v.as_u64().filter(|&n| n <= max).map(|n| n as usize).ok_or_else(|| {
+                    self.err(&self.key(k), format!("block {l}: expected a count of at most {max}, found {v:?}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
     fn f64_opt(&self, k: &str) -> Result<Option<f64>> {
         match self.opt(k) {
             None => Ok(None),
@@ -140,13 +158,40 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         return Err(m.err(&m.key("expert_count"), format!("`{arch}` GGUF files {what} experts are not supported")));
     };
     let hidden = m.usize("embedding_length")?;
-    let heads = m.usize("attention.head_count")?;
-    let kv_heads = m.usize_opt("attention.head_count_kv")?.unwrap_or(heads);
-    if heads % kv_heads != 0 {
-        return Err(m.err(&m.key("attention.head_count_kv"), format!("{kv_heads} does not divide head_count {heads}")));
+    // Checked before anything is sized from it: the last block's first tensor must exist.
+    let num_layers = m.usize("block_count")?;
+    let has = |n: &str| f.header.tensor(n).is_some();
+    let last_block =
+        |n: usize| has(&format!("blk.{}.attn_norm.weight", n - 1)) || has(&format!("blk.{}.ffn_norm.weight", n - 1));
+    if num_layers == 0 || !last_block(num_layers) {
+        return Err(m.err(
+            &m.key("block_count"),
+            format!("{num_layers} blocks, but the file has no tensor blk.{}.attn_norm.weight", num_layers.max(1) - 1),
+        ));
     }
+    let layers = layer_shapes(&m, num_layers)?;
+    let (heads, kv_heads) = match &layers {
+        // The widest layer and the first attention's KV heads stand for the model in
+        // summaries; each layer's own are in `blocks.layers` (as the HF importer does).
+        Some(v) => {
+            (v.iter().map(|s| s.heads).max().unwrap_or(1).max(1), v.iter().find_map(|s| s.kv_heads).unwrap_or(1))
+        }
+        None => {
+            let heads = m.usize("attention.head_count")?;
+            let kv_heads = m.usize_opt("attention.head_count_kv")?.unwrap_or(heads);
+            if heads % kv_heads != 0 {
+                return Err(
+                    m.err(&m.key("attention.head_count_kv"), format!("{kv_heads} does not divide head_count {heads}"))
+                );
+            }
+            (heads, kv_heads)
+        }
+    };
     let head_dim = match m.usize_opt("attention.key_length")? {
         Some(d) => d,
+        None if layers.is_some() => {
+            return Err(m.err(&m.key("attention.key_length"), "missing (the blocks' head counts differ)"))
+        }
         None => hidden / heads,
     };
     // Partial rotary (Phi-4-mini): RoPE on the first `rope.dimension_count` of each head.
@@ -166,17 +211,15 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
             .map(<[Value]>::len)
             .ok_or_else(|| m.err(&m.key("vocab_size"), "missing, and no tokenizer.ggml.tokens to count"))?,
     };
-    let has = |n: &str| f.header.tensor(n).is_some();
-    // Checked before anything is sized from it: the last block's first tensor must exist.
-    let num_layers = m.usize("block_count")?;
-    if num_layers == 0 || !has(&format!("blk.{}.attn_norm.weight", num_layers - 1)) {
-        return Err(m.err(
-            &m.key("block_count"),
-            format!("{num_layers} blocks, but the file has no tensor blk.{}.attn_norm.weight", num_layers.max(1) - 1),
-        ));
-    }
+    // Whether the blocks have a tensor (any block: a DeciLM block may skip attention or MLP).
+    let any_block = |t: &str| (0..num_layers).any(|l| has(&format!("blk.{l}.{t}")));
     let dtype = dtype.unwrap_or(DType::F32);
     let mut blocks = family_blocks(&m, fam, num_layers)?;
+    let intermediate_size = match &layers {
+        Some(v) => v.iter().filter_map(|s| s.mlp).max().unwrap_or(0),
+        None => m.usize("feed_forward_length")?,
+    };
+    blocks.layers = layers;
     if let (Some(n), Some(keys)) = (experts, fam.moe) {
         blocks.moe = Some(moe_config(&m, &keys, n, hidden, num_layers)?);
     }
@@ -202,7 +245,7 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         family: fam.name.to_string(),
         vocab_size: vocab,
         hidden_size: hidden,
-        intermediate_size: m.usize("feed_forward_length")?,
+        intermediate_size,
         num_layers,
         num_heads: heads,
         num_kv_heads: kv_heads,
@@ -218,10 +261,10 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
             m.usize_opt("attention.sliding_window")?
         },
         tie_word_embeddings: !has("output.weight"),
-        qkv_bias: has("blk.0.attn_q.bias"),
-        o_bias: has("blk.0.attn_output.bias"),
-        mlp_bias: has("blk.0.ffn_up.bias"),
-        qk_norm: has("blk.0.attn_q_norm.weight"),
+        qkv_bias: any_block("attn_q.bias"),
+        o_bias: any_block("attn_output.bias"),
+        mlp_bias: any_block("ffn_up.bias"),
+        qk_norm: any_block("attn_q_norm.weight"),
         // Activations in f32 unless asked otherwise; see `weights` for which weights stay quantized.
         dtype,
         weight_dtypes: Default::default(),
@@ -323,6 +366,55 @@ fn rope_scaling(m: &Meta, rotary_dim: usize, max_positions: usize) -> Result<Rop
     Ok(RopeScaling::LongRope { short_factor, original_max_position_embeddings: original, attention_factor })
 }
 
+/// Per-layer shapes where llama.cpp writes `head_count`, `head_count_kv` or
+/// `feed_forward_length` as lists (OpenELM's layer-wise scaling, DeciLM's heterogeneous blocks):
+/// a block with 0 heads has no attention, one with 0 MLP width no MLP (their norms and residual
+/// adds go with them). DeciLM's linear replacement of attention (query heads but 0 KV heads) is
+/// refused naming the block. `None` where all three are single numbers.
+fn layer_shapes(m: &Meta, num_layers: usize) -> Result<Option<Vec<super::decoder::LayerShape>>> {
+    let (hk, kk, fk) = ("attention.head_count", "attention.head_count_kv", "feed_forward_length");
+    let lists = (
+        m.per_layer(hk, num_layers, 1 << 12)?,
+        m.per_layer(kk, num_layers, 1 << 12)?,
+        m.per_layer(fk, num_layers, super::layer_shapes::MAX_MLP_WIDTH as u64)?,
+    );
+    if matches!(lists, (None, None, None)) {
+        return Ok(None);
+    }
+    let each = |list: Option<Vec<usize>>, key: &str| -> Result<Vec<usize>> {
+        match list {
+            Some(v) => Ok(v),
+            None => Ok(vec![m.usize(key)?; num_layers]),
+        }
+    };
+    let heads = each(lists.0, hk)?;
+    let kv = match lists.1 {
+        Some(v) => v,
+        None => heads.clone(),
+    };
+    let ffn = each(lists.2, fk)?;
+    (0..num_layers)
+        .map(|l| {
+            let kv_heads = match (heads[l], kv[l]) {
+                (0, _) => None,
+                (h, 0) => {
+                    return Err(m.err(
+                        &m.key(kk),
+                        format!("block {l}: {h} query heads and no KV heads (a linear replacement of attention) are not supported yet"),
+                    ))
+                }
+                (h, g) if h % g != 0 => {
+                    return Err(m.err(&m.key(kk), format!("block {l}: {g} KV heads do not divide {h} query heads")))
+                }
+                (_, g) => Some(g),
+            };
+            let mlp = Some(ffn[l]).filter(|&w| w > 0);
+            Ok(super::decoder::LayerShape { heads: heads[l], kv_heads, mlp })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 /// The block options of a family's GGUF file: what the family entry fixes (Gemma's norms,
 /// activation, sandwich norms, q/k norm order), and from the metadata what llama.cpp stores of
 /// the rest: soft-caps (`attn_logit_softcapping`, `final_logit_softcapping`). What it does not
@@ -416,7 +508,9 @@ fn source(f: &GgufFile, cfg: &DecoderConfig, hf: &str, shape: &[usize]) -> Optio
         return direct(name);
     };
     let has = |n: &str| f.header.tensor(n).is_some();
-    let (q, kv, i) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    let l: usize = blk.strip_prefix("blk.")?.parse().ok()?;
+    let (q, kv, i) =
+        (cfg.heads(l) * cfg.head_dim, cfg.kv_heads(l).unwrap_or(0) * cfg.head_dim, cfg.mlp_width(l).unwrap_or(0));
     let fused_up = !has(&format!("{blk}.ffn_gate.{suffix}"))
         && f.header.tensor(&format!("{blk}.ffn_up.{suffix}")).is_some_and(|t| t.shape().first() == Some(&(2 * i)));
     let (fused, first) = match kind {
@@ -492,9 +586,10 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
             None => 0..len,
             Some((first, n)) => first * (len / total_rows)..(first + n) * (len / total_rows),
         };
-        let heads = match (permute, g.rsplit('.').nth(1)) {
-            (true, Some("attn_q")) => Some(cfg.num_heads),
-            (true, Some("attn_k")) => Some(cfg.num_kv_heads),
+        let layer = g.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+        let heads = match (permute, g.rsplit('.').nth(1), layer) {
+            (true, Some("attn_q"), Some(l)) => Some(cfg.heads(l)),
+            (true, Some("attn_k"), Some(l)) => cfg.kv_heads(l),
             _ => None,
         };
         let (file, name, shp) = (f.clone(), g.clone(), shape.clone());
