@@ -10,7 +10,8 @@ src = "".join(open(p).read() + "\n" for p in [os.path.join(root, "kernels/src/cu
               os.path.join(root, "kernels/src/cuda/quant.cu"), os.path.join(here, "helpers.cu")])
 # The bf16 decode GEMVs the engine runs for the same shapes (graph.cu), for comparison.
 bsrc = "".join(open(p).read() + "\n" for p in [os.path.join(root, "kernels/src/cuda/common.cuh"),
-               os.path.join(root, "kernels/src/cuda/graph.cu"), os.path.join(here, "helpers.cu")])
+               os.path.join(root, "kernels/src/cuda/codes.cuh"), os.path.join(root, "kernels/src/cuda/graph.cu"),
+               os.path.join(here, "helpers.cu")])
 bmod = cp.RawModule(code=bsrc, options=("-std=c++17",))
 mod = cp.RawModule(code=src, options=("-std=c++17",))
 K = mod.get_function

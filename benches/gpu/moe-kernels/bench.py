@@ -1,4 +1,4 @@
-# Times torch_moe's decode kernels (kernels/src/cuda/graph.cu) and the variants in variants.cu
+# Times torch_moe's decode kernels (kernels/src/cuda/moe.cu) and the variants in variants.cu
 # on the Qwen3-30B-A3B shape (batch 1: 8 of 128 experts), 48 layers of distinct weights, each
 # launch sequence captured in one CUDA graph (no programmatic dependent launch), against a
 # plain streaming read of the same bytes. Needs CuPy (the GPU machine has it):
@@ -8,7 +8,8 @@ import cupy as cp, numpy as np, sys, os
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
 src = "".join(open(p).read() for p in
-              [os.path.join(root, "kernels/src/cuda/common.cuh"), os.path.join(root, "kernels/src/cuda/graph.cu"),
+              [os.path.join(root, "kernels/src/cuda/common.cuh"), os.path.join(root, "kernels/src/cuda/codes.cuh"),
+               os.path.join(root, "kernels/src/cuda/moe.cu"),
                os.path.join(here, "variants.cu")])
 mod = cp.RawModule(code=src, options=("-std=c++17",))
 K = lambda n: mod.get_function(n)

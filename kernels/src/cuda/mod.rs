@@ -69,7 +69,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     ("sample", include_str!("sample.cu"), &["sample_rows"]),
     (
         "graph",
-        include_str!("graph.cu"),
+        concat!(include_str!("codes.cuh"), include_str!("graph.cu")),
         &[
             "copy_strided",
             "binary",
@@ -96,6 +96,12 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gemv_swiglu_bf16",
             "gemv_swiglu_bf16_s2",
             "gemv_swiglu_bf16_s4",
+        ],
+    ),
+    (
+        "moe",
+        concat!(include_str!("codes.cuh"), include_str!("moe.cu")),
+        &[
             "moe_route",
             "moe_gate_up",
             "moe_down",
@@ -413,7 +419,7 @@ pub struct Device {
 }
 
 /// The sources `exec::Gpu` launches through raw function handles.
-const RAW_MODULES: &[&str] = &["graph", "attention", "sample", "quant"];
+const RAW_MODULES: &[&str] = &["graph", "moe", "attention", "sample", "quant"];
 
 /// A module loaded with `cuModuleLoadData`; unloaded on drop.
 struct RawModule {

@@ -1,4 +1,4 @@
-//! The executor's kernels by name: each entry point of `graph.cu`, `attention.cu`, `sample.cu`
+//! The executor's kernels by name: each entry point of `graph.cu`, `moe.cu`, `attention.cu`, `sample.cu`
 //! and `quant.cu` that `Gpu` launches, looked up once when the GPU is opened.
 
 use super::{GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS};

@@ -28,7 +28,7 @@ pub use settings::KernelSettings;
 /// A device address.
 pub type Ptr = u64;
 
-/// Element types as the kernels in `graph.cu` number them.
+/// Element types as the executor's kernels number them (`codes.cuh`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dt {
     F32 = 0,
@@ -49,7 +49,7 @@ impl Dt {
     }
 }
 
-/// How one row is sampled, laid out as `graph.cu`'s `RowSampling` (16 bytes).
+/// How one row is sampled, laid out as `sample.cu`'s `RowSampling` (16 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RowSampling {

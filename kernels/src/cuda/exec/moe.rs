@@ -1,4 +1,4 @@
-//! The mixture-of-experts launches (`graph.cu`'s `moe_route`, `moe_gate_up`, `moe_down`,
+//! The mixture-of-experts launches (`moe.cu`'s `moe_route`, `moe_gate_up`, `moe_down`,
 //! `moe_combine`, and for many tokens `moe_group` with the grouped gate/up and down):
 //! `torch_moe` on the GPU, only the chosen experts' weights read, each once a layer when grouped.
 
