@@ -197,13 +197,13 @@ fn bad_gguf_files_name_the_key_or_tensor() {
         "general.architecture\u{8}\0\0\0\u{5}\0\0\0\0\0\0\0gpt2x",
     ));
     assert!(e.contains("general.architecture") && e.contains("gpt2x") && e.contains("supported: llama"), "{e}");
-    // A family the HF importer knows whose GGUF layout is not mapped: refused, not run as Llama
-    // (its metadata keys are `llama4.*`, but the architecture is checked first; the value is
-    // one byte longer, which shifts the tensor data, never read).
+    // An architecture mapped only with experts (Llama 4's), here a dense file: refused naming
+    // the expert count, not run as Llama (the value is one byte longer, which shifts the
+    // tensor data, never read).
     let (from, to) = ("\u{5}\0\0\0\0\0\0\0llama", "\u{6}\0\0\0\0\0\0\0llama4");
     let at = good.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
     let e = import_err(&[&good[..at], to.as_bytes(), &good[at + from.len()..]].concat());
-    assert!(e.contains("`llama4` GGUF files are not supported") && e.contains("gemma2, gemma3"), "{e}");
+    assert!(e.contains("llama4.expert_count") && e.contains("`llama4` GGUF files without experts"), "{e}");
     // A missing metadata key: rename it so it is no longer found.
     let e = import_err(&patch(&good, "llama.block_count", "llama.blockxcount"));
     assert!(e.contains("llama.block_count") && e.contains("missing"), "{e}");
@@ -324,6 +324,31 @@ fn layerwise_openelm_and_deci_ggufs_give_their_fixtures_logits() {
     b.drain(first + 3 * width..first + 4 * width);
     let e = import_err(&b);
     assert!(e.contains("deci.attention.head_count_kv") && e.contains("3 entries for 4 blocks"), "{e}");
+}
+
+/// A `llama4` GGUF (the llama4_text fixture as llama.cpp's converter writes it: experts stacked
+/// per projection, the shared expert as `ffn_*_shexp`, the sigmoid router, Q/K rows in Meta's
+/// interleaved order, llama3 scaling in `rope_freqs.weight`) with llama.cpp's fixed Llama 4
+/// blocks (no RoPE on every 4th layer, chunks of 8192, query temperature 8192 / 0.1, q/k L2
+/// norm) gives transformers' logits for the fixture's weights with those values.
+#[test]
+fn a_llama4_gguf_gives_transformers_logits() {
+    let g = import(&fixture("gguf").join("tiny-llama4.gguf")).unwrap();
+    let bytes = std::fs::read(fixture("gguf").join("tiny-llama4.reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut m = compile(&g);
+    for i in 0..3 {
+        let t = st.tensor(&format!("tokens_{i}")).unwrap();
+        let ids: Vec<i64> = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let want = f32s(st.tensor(&format!("logits_f32_{i}")).unwrap().data());
+        let got = logits(m.as_mut(), t.shape(), &ids);
+        let d = max_abs_diff(&got, &want, &format!("tiny-llama4.gguf logits {i}"));
+        assert!(d <= F32_MAX_ABS, "llama4 sequence {i}: max abs error {d}");
+    }
+    let dump = g.dump();
+    for want in ["torch_moe", "mlp.shared_expert.down_proj.weight", "sigmoid"] {
+        assert!(dump.contains(want), "{want} missing:\n{dump}");
+    }
 }
 
 /// Qwen2 and Qwen3 GGUFs of their own architectures (unpermuted Q/K rows; Qwen2's q/k/v

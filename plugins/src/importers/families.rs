@@ -308,7 +308,9 @@ const LLAMA4_TEXT: Family = Family {
     nope_layers: true,
     qk_l2_norm: Some("use_qk_norm"),
     chunked_attention: true,
-    gguf: None,
+    // llama.cpp's `llama4` files (its converter keeps the checkpoint's interleaved Q/K rows,
+    // which is the order its llama files are permuted into).
+    gguf: Some("llama4"),
     ..LLAMA
 };
 
@@ -376,6 +378,8 @@ pub const FAMILIES: &[Family] = &[
             (".mlp.", ".feed_forward."),
         ],
         text_config: true,
+        // Its GGUF files are `llama4_text`'s.
+        gguf: None,
         ..LLAMA4_TEXT
     },
     Family { name: "granite", multipliers: true, gguf: Some("granite"), ..LLAMA },

@@ -264,7 +264,7 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
         qkv_bias: any_block("attn_q.bias"),
         o_bias: any_block("attn_output.bias"),
         mlp_bias: any_block("ffn_up.bias"),
-        qk_norm: any_block("attn_q_norm.weight"),
+        qk_norm: any_block("attn_q_norm.weight") || fam.qk_l2_norm.is_some(),
         // Activations in f32 unless asked otherwise; see `weights` for which weights stay quantized.
         dtype,
         weight_dtypes: Default::default(),
@@ -286,9 +286,6 @@ fn moe_config(
     num_layers: usize,
 ) -> Result<super::decoder::MoeConfig> {
     use super::decoder::ExpertLayout;
-    if keys.shared.is_some() || keys.layout != ExpertLayout::PerExpert {
-        return Err(m.err(&m.key("expert_count"), "this family's experts have no GGUF mapping"));
-    }
     let router = |l: usize| m.f.header.tensor(&format!("blk.{l}.ffn_gate_inp.weight"));
     let sparse_layers: Vec<bool> = (0..num_layers).map(|l| router(l).is_some()).collect();
     let Some(first) = sparse_layers.iter().position(|&s| s) else {
@@ -305,9 +302,14 @@ fn moe_config(
     if top_k > n {
         return Err(m.err(&m.key("expert_used_count"), format!("{top_k} is more than the {n} experts")));
     }
-    let norm = match m.opt("expert_weights_norm") {
-        None => true,
-        Some(v) => v.as_bool().ok_or_else(|| m.err(&m.key("expert_weights_norm"), format!("not a boolean: {v:?}")))?,
+    // A family that never renormalises (Llama 4's sigmoid router) does not; the others as the
+    // file says, absent: true (as llama.cpp routes them).
+    let norm = match (keys.norm, m.opt("expert_weights_norm")) {
+        (super::families::Flag::Fixed(false), _) => false,
+        (_, None) => true,
+        (_, Some(v)) => {
+            v.as_bool().ok_or_else(|| m.err(&m.key("expert_weights_norm"), format!("not a boolean: {v:?}")))?
+        }
     };
     let intermediate_size = match m.usize_opt("expert_feed_forward_length")? {
         Some(i) => i,
@@ -321,8 +323,10 @@ fn moe_config(
         weights_f32: keys.weights_f32,
         sparse_layers,
         router: keys.router,
-        layout: keys.layout,
-        shared: None,
+        // llama.cpp stacks every family's experts per projection (`ffn_{gate,up,down}_exps`),
+        // sliced per expert (`moe_source`), whatever the checkpoint's own layout.
+        layout: ExpertLayout::PerExpert,
+        shared: keys.shared,
         names: keys.names,
     })
 }
@@ -432,7 +436,22 @@ fn family_blocks(m: &Meta, fam: &super::families::Family, num_layers: usize) -> 
         Some(_) => (positive(m, "attn_logit_softcapping")?, positive(m, "final_logit_softcapping")?),
         None => (None, None),
     };
+    // Llama 4's blocks as llama.cpp runs its `llama4` files, which store none of it: unless
+    // `attention.sliding_window` is 0, every 4th layer has no RoPE and the others attend in
+    // chunks of 8192 positions, the no-RoPE layers' queries tempered with floor 8192 and
+    // scale 0.1 (the released models' values); the q/k L2 norm on the RoPE layers.
+    let (mut rope_layers, mut attention_chunk, mut query_temperature) = (None, None, None);
+    if fam.nope_layers && fam.chunked_attention && m.opt("attention.sliding_window").and_then(Value::as_u64) != Some(0)
+    {
+        rope_layers = Some((0..num_layers).map(|l| (l + 1) % 4 != 0).collect());
+        attention_chunk = Some(8192);
+        query_temperature = Some((8192.0, 0.1));
+    }
     Ok(BlockOptions {
+        rope_layers,
+        attention_chunk,
+        query_temperature,
+        qk_norm_ones: fam.qk_l2_norm.is_some(),
         norm_offset: fam.norm_offset,
         activation,
         sandwich_norms: fam.sandwich_norms,
@@ -530,6 +549,13 @@ fn source(f: &GgufFile, cfg: &DecoderConfig, hf: &str, shape: &[usize]) -> Optio
 fn moe_source(m: &super::decoder::MoeConfig, hf: &str) -> Option<Source> {
     let (l, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
     let rest = rest.strip_prefix(m.names.block)?.strip_prefix('.')?;
+    // The shared expert (Llama 4's): llama.cpp's `ffn_{gate,up,down}_shexp`.
+    if let Some(proj) = m.shared.and_then(|sh| rest.strip_prefix(sh)?.strip_prefix('.')) {
+        let (proj, suffix) = proj.split_once('.')?;
+        let kind =
+            [(m.names.gate, "gate"), (m.names.up, "up"), (m.names.down, "down")].iter().find(|(p, _)| *p == proj)?.1;
+        return Some(Source { name: format!("blk.{l}.ffn_{kind}_shexp.{suffix}"), rows: None });
+    }
     if rest.strip_suffix(".weight") == Some(m.names.router) {
         return Some(Source { name: format!("blk.{l}.ffn_gate_inp.weight"), rows: None });
     }
