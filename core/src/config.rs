@@ -51,6 +51,12 @@ pub struct PipelineConfig {
     /// activations quantized with its own scale as it comes; the LM head and embeddings stay.
     #[serde(default)]
     pub quantize: Quantize,
+    /// The KV cache's format (the `fp8` plugin's `quantize_fp8_kv_cache`): `auto` (what the
+    /// checkpoint declares: ModelOpt's `kv_cache_quant_algo = "FP8"` with its per-layer
+    /// `k_scale`/`v_scale`; else the model's dtype), `fp8` (E4M3 at the checkpoint's scales, 1.0
+    /// where it has none), `model` (the model's dtype whatever the checkpoint declares).
+    #[serde(default)]
+    pub kv_cache_dtype: KvCacheDtype,
     /// CPU kernel path: `auto` (the best this CPU runs: `avx512vnni`, `avxvnni`, `avx2` or `portable`), or
     /// one of those to compare against a lower one (a path the CPU lacks falls back, with a
     /// warning).
@@ -170,6 +176,15 @@ pub enum Quantize {
     #[default]
     None,
     Fp8,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    #[default]
+    Auto,
+    Fp8,
+    Model,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

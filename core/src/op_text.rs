@@ -245,7 +245,7 @@ mod tests {
                 is_causal: true,
                 scale: Some(0.0625),
                 enable_gqa: true,
-                scoring: Scoring { window: Some(4096), chunk: None, softcap: Some(50.0) },
+                scoring: Scoring { window: Some(4096), chunk: None, softcap: Some(50.0), kv_fp8: None },
             }),
             Op::softmax(-1),
             Op::log_softmax(1),
@@ -258,12 +258,12 @@ mod tests {
             Op::attention(AttentionAttrs {
                 causal: true,
                 scale: 0.088,
-                scoring: Scoring { window: Some(8), chunk: None, softcap: None },
+                scoring: Scoring { window: Some(8), chunk: None, softcap: None, kv_fp8: None },
             }),
             Op::attention(AttentionAttrs {
                 causal: true,
                 scale: 0.088,
-                scoring: Scoring { window: None, chunk: Some(8192), softcap: None },
+                scoring: Scoring { window: None, chunk: Some(8192), softcap: None, kv_fp8: None },
             }),
             Op::causal_mask(None),
             Op::causal_mask(Some(8)),
@@ -284,7 +284,12 @@ mod tests {
                 layer: 0,
                 scale: 0.125,
                 rope: true,
-                scoring: Scoring { window: Some(512), chunk: None, softcap: Some(30.0) },
+                scoring: Scoring {
+                    window: Some(512),
+                    chunk: None,
+                    softcap: Some(30.0),
+                    kv_fp8: Some((0.02, 0.0234375)),
+                },
             }),
         ]
     }

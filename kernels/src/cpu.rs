@@ -162,6 +162,12 @@ pub struct AttnDims {
     pub v_dim: usize,
 }
 
+/// Keys or values as an FP8 (E4M3) KV cache at `scale` stores and returns them: each
+/// `e4m3(x / scale) · scale`, saturating at ±448·scale.
+pub fn kv_fp8_round(xs: &mut [f32], scale: f32) {
+    xs.iter_mut().for_each(|x| *x = crate::quant::lowbit::fake_quant_e4m3(*x, scale));
+}
+
 /// How attention scores are formed and masked.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Scores {
@@ -176,11 +182,15 @@ pub struct Scores {
     pub chunk: Option<usize>,
     /// Scores become `cap · tanh(score / cap)` before the mask (Gemma 2's soft-capping).
     pub softcap: Option<f32>,
+    /// K and V as an FP8 KV cache holds them, `(k_scale, v_scale)`: each value `x` read back as
+    /// `e4m3(x / scale) · scale` (`kv_fp8_round`). The kernels take k and v as given; whoever
+    /// stores or hands them over rounds them.
+    pub kv_fp8: Option<(f32, f32)>,
 }
 
 impl Scores {
     pub fn causal(scale: f32) -> Scores {
-        Scores { scale, causal: true, window: None, chunk: None, softcap: None }
+        Scores { scale, causal: true, window: None, chunk: None, softcap: None, kv_fp8: None }
     }
 
     /// The first key position a query at position `pos` sees.
@@ -556,7 +566,7 @@ pub(crate) mod tests {
         let q = rand(2 * 7 * 8, 14);
         let k = rand(7 * 8, 15);
         let v = rand(7 * 8, 16);
-        let sc = Scores { scale: 0.9, causal: true, window: Some(3), chunk: None, softcap: Some(0.5) };
+        let sc = Scores { scale: 0.9, causal: true, window: Some(3), chunk: None, softcap: Some(0.5), kv_fp8: None };
         let mut out = vec![0f32; q.len()];
         attention(d, &q, &k, &v, sc, &mut out);
         for h in 0..2 {

@@ -14,6 +14,8 @@ const QUANTIZED: &[(&str, &str, usize)] = &[
     ("llama-fp8", "torch_quant_fp8_linear", 8),
     ("qwen3-fp8", "torch_quant_fp8_linear", 8),
     ("mistral-nvfp4", "torch_quant_nvfp4_linear", 8),
+    // llama-fp8 with ModelOpt's FP8 KV cache declared (kv_cache_quant_algo, k/v scales).
+    ("llama-fp8-kv", "torch_quant_fp8_linear", 8),
 ];
 
 /// f32 logits against the reference's: the float fixtures' bound. The reference and the engine
@@ -83,6 +85,59 @@ fn the_reference_is_not_the_float_model() {
         eprintln!("{name}: max |quantized reference - {float} reference| {d:.3e}");
         assert!(d > 50.0 * QUANT_F32_MAX_ABS, "{name}: the quantized reference is too close to the float model ({d})");
     }
+}
+
+/// The FP8 KV cache (`quantize_fp8_kv_cache`): a checkpoint declaring one gets each layer's
+/// attention reading K and V through E4M3 at its `k_proj.k_scale` / `v_proj.v_scale` (the test
+/// above holds it to its reference, uncached and through the cache); `kv_cache_dtype = "model"`
+/// keeps the model's dtype, which gives the checkpoint's logits without the KV rounding
+/// (llama-fp8's reference, the same weights); `kv_cache_dtype = "fp8"` on a float checkpoint
+/// takes scale 1.0 and changes its logits; a malformed scale is refused naming the tensor.
+#[test]
+fn an_fp8_kv_cache_reads_the_checkpoints_scales_or_is_switched_off() {
+    let g = graph_after("llama-fp8-kv", Stage::Quantize, "").unwrap();
+    let dump = g.dump();
+    let with_scales = dump.lines().filter(|l| l.contains("torch_attention(") && l.contains("k_scale=0.0")).count();
+    assert_eq!(with_scales, 2, "both layers' attention with the checkpoint's scales:\n{dump}");
+    assert!(g.history.iter().any(|h| h.contains("4 of 4 scales the checkpoint's")), "{:?}", g.history);
+
+    let off = graph_after("llama-fp8-kv", Stage::PostLoadFusion, "kv_cache_dtype = \"model\"\n").unwrap();
+    assert!(!off.dump().contains("k_scale="), "kv_cache_dtype = model left a scale");
+    let r = Reference::load("llama-fp8");
+    let (shape, ids) = r.i64("tokens_1");
+    let (_, want) = r.f32("logits_f32_1");
+    let got = logits(compile(&off).as_mut(), &shape, &ids);
+    assert!(max_abs_diff(&got, &want, "llama-fp8-kv, kv model") <= QUANT_F32_MAX_ABS);
+
+    let float = graph_after("llama", Stage::PostLoadFusion, "kv_cache_dtype = \"fp8\"\n").unwrap();
+    assert!(float.history.iter().any(|h| h.contains("0 of 4 scales the checkpoint's")), "{:?}", float.history);
+    let r = Reference::load("llama");
+    let (shape, ids) = r.i64("tokens_1");
+    let (_, want) = r.f32("logits_f32_1");
+    let d = max_abs_diff(&logits(compile(&float).as_mut(), &shape, &ids), &want, "llama with an FP8 KV cache");
+    assert!(d > 1e-3, "an FP8 KV cache at scale 1 should move the float model's logits, moved {d}");
+
+    // A scale that is not one positive number.
+    let dir = std::env::temp_dir().join(format!("ad-quant-kvscale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "generation_config.json", "hf_quant_config.json"] {
+        std::fs::copy(fixture("llama-fp8-kv").join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(fixture("llama-fp8-kv").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| n != "model.layers.1.self_attn.v_proj.v_scale").collect();
+    let neg = (-1.0f32).to_le_bytes();
+    tensors.push((
+        "model.layers.1.self_attn.v_proj.v_scale".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![], &neg).unwrap(),
+    ));
+    safetensors::serialize_to_file(tensors, None, &dir.join("model.safetensors")).unwrap();
+    let toml = format!("model = {:?}\ndtype = \"float32\"\ndevice = \"cpu\"\n", dir.display().to_string());
+    let cfg = PipelineConfig::from_toml_str(&toml, None).unwrap();
+    let e = autodeploy_core::pipeline::graph_after(&cfg, Stage::Quantize).err().expect("refused").to_string();
+    assert!(e.contains("model.layers.1.self_attn.v_proj.v_scale") && e.contains("one positive number"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

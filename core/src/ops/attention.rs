@@ -40,6 +40,10 @@ pub struct Scoring {
     pub chunk: Option<usize>,
     /// Scores become `softcap · tanh(score / softcap)` before the mask.
     pub softcap: Option<f64>,
+    /// K and V go through an FP8 (E4M3) KV cache at these `(k_scale, v_scale)` (`k_scale=..,
+    /// v_scale=..`): attention reads each as `e4m3(x / scale) · scale` (k after RoPE), cached
+    /// or not, so both paths compute the same. Set by `quantize_fp8_kv_cache`.
+    pub kv_fp8: Option<(f64, f64)>,
 }
 
 impl Scoring {
@@ -59,7 +63,20 @@ impl Scoring {
             Some(c) => return Err(a.bad("softcap", &c.to_string(), "a positive number")),
             None => None,
         };
-        Ok(Scoring { window, chunk, softcap })
+        let positive = |a: &mut crate::op_text::Attrs<'_>, key: &str| -> crate::error::Result<Option<f64>> {
+            match a.opt_f64(key)? {
+                Some(s) if s > 0.0 && s.is_finite() => Ok(Some(s)),
+                Some(s) => Err(a.bad(key, &s.to_string(), "a positive number")),
+                None => Ok(None),
+            }
+        };
+        let kv_fp8 = match (positive(a, "k_scale")?, positive(a, "v_scale")?) {
+            (Some(k), Some(v)) => Some((k, v)),
+            (None, None) => None,
+            (Some(_), None) => return Err(a.missing("v_scale")),
+            (None, Some(_)) => return Err(a.missing("k_scale")),
+        };
+        Ok(Scoring { window, chunk, softcap, kv_fp8 })
     }
 
     fn text(&self) -> String {
@@ -73,12 +90,22 @@ impl Scoring {
         if let Some(c) = self.softcap {
             s.push_str(&format!(", softcap={c:?}"));
         }
+        if let Some((k, v)) = self.kv_fp8 {
+            s.push_str(&format!(", k_scale={k:?}, v_scale={v:?}"));
+        }
         s
     }
 
     /// The CPU kernels' description of the scores.
     pub fn scores(&self, scale: f32, causal: bool) -> k::Scores {
-        k::Scores { scale, causal, window: self.window, chunk: self.chunk, softcap: self.softcap.map(|c| c as f32) }
+        k::Scores {
+            scale,
+            causal,
+            window: self.window,
+            chunk: self.chunk,
+            softcap: self.softcap.map(|c| c as f32),
+            kv_fp8: self.kv_fp8.map(|(k, v)| (k as f32, v as f32)),
+        }
     }
 
     pub fn is_plain(&self) -> bool {
@@ -350,7 +377,12 @@ fn attention_cpu(
     let scale = scale.map(|s| s as f32).unwrap_or(1.0 / (qs[3] as f32).sqrt());
     let mut out = vec![0f32; out_shape.iter().product()];
     let causal = causal && !mutation::is(Mutation::NoCausalMask);
-    k::attention(dims, &q.to_f32(), &kt.to_f32(), &v.to_f32(), scoring.scores(scale, causal), &mut out);
+    let (mut kv, mut vv) = (kt.to_f32(), v.to_f32());
+    if let Some((ks, vs)) = scoring.kv_fp8 {
+        k::kv_fp8_round(kv.to_mut(), ks as f32);
+        k::kv_fp8_round(vv.to_mut(), vs as f32);
+    }
+    k::attention(dims, &q.to_f32(), &kv, &vv, scoring.scores(scale, causal), &mut out);
     if mutation::is(Mutation::SwapHeads) && dims.q_heads > 1 {
         let per_head = dims.q_len * dims.v_dim;
         for b in 0..dims.batch {

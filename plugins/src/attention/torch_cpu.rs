@@ -94,7 +94,12 @@ impl AttentionBackend for TorchCpuAttention {
         let group = heads / kv_heads;
         let skip_write = mutation::is(Mutation::SkipKvWrite) && layer + 1 == cx.cache.spec.layers.len();
         let (kc, vc) = cx.cache.layer_mut(layer);
-        let (kv, vv) = (k.to_f32(), v.to_f32());
+        let (mut kv, mut vv) = (k.to_f32(), v.to_f32());
+        // An FP8 cache holds each value as its E4M3 code at the layer's scale.
+        if let Some((ks, vs)) = sc.kv_fp8 {
+            autodeploy_kernels::cpu::kv_fp8_round(kv.to_mut(), ks);
+            autodeploy_kernels::cpu::kv_fp8_round(vv.to_mut(), vs);
+        }
         // Write this step's keys and values: cache layout [slot, kv_head, dim].
         for t in (0..tokens).filter(|_| !skip_write) {
             let slot = plan.slot(plan.token_seq[t], plan.token_pos[t]);

@@ -631,7 +631,7 @@ impl Ctx<'_> {
             is_causal: true,
             scale: Some(c.scalars.attention.unwrap_or((hd as f64).powf(-0.5))),
             enable_gqa: kv_heads != heads,
-            scoring: Scoring { window: c.window(l, self.max_seq), chunk, softcap: c.blocks.attn_softcap },
+            scoring: Scoring { window: c.window(l, self.max_seq), chunk, softcap: c.blocks.attn_softcap, kv_fp8: None },
         });
         let a = self.b.op(&format!("{n}.attn"), sdpa, &[q, k, v])?;
         let a = self.b.op(&format!("{n}.attn.t"), Op::transpose(1, 2), &[a])?;

@@ -57,13 +57,8 @@ impl ModelImporter for HfImporter {
             store
         };
         if let Some(q) = quant {
-            if let Some(kv) = q.kv_cache {
-                tracing::warn!(
-                    "{} declares a {} KV cache; its k/v scales are not read yet and the KV cache stays in the model's dtype",
-                    q.file.display(),
-                    kv.name()
-                );
-            }
+            // A declared KV-cache format (FP8, with `k_proj.k_scale` / `v_proj.v_scale`) is
+            // applied by the `quantize_fp8_kv_cache` transform, as `kv_cache_dtype` says.
             mark_quantized(&q, &mut store)?;
             store.set_quantization(q);
         }

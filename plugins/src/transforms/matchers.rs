@@ -360,6 +360,7 @@ impl Transform for MatchAttention {
                     window: m.caps.f.get("window").map(|&w| w as usize),
                     chunk: m.caps.f.get("chunk").map(|&w| w as usize),
                     softcap: m.caps.f.get("softcap").copied(),
+                    kv_fp8: None,
                 };
                 let op = Op::attention(AttentionAttrs { causal, scale, scoring });
                 let hint = format!("{}.attention", g.value(m.output).name);

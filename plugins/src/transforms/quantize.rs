@@ -36,6 +36,101 @@ macro_rules! register {
 register!("quantize_fp8_linear_from_config", 10, QuantAlgo::Fp8, "built-in (fp8 plugin)");
 register!("quantize_nvfp4_linear_from_config", 20, QuantAlgo::Nvfp4, "built-in (nvfp4 plugin)");
 
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "quantize_fp8_kv_cache",
+        stage: Stage::Quantize,
+        order: 30,
+        enabled_by_default: true,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in (fp8 plugin)",
+        make: || Box::new(QuantizeKvCache),
+    }
+}
+
+/// The FP8 KV cache (`kv_cache_dtype`): each attention's K and V read through E4M3 at its
+/// layer's `(k_scale, v_scale)` (`Scoring::kv_fp8`, which both attention paths apply). The
+/// scales are the checkpoint's `<k_proj>.k_scale` and `<v_proj>.v_scale` beside the linears
+/// that make the attention's k and v (found by walking back from its inputs), 1.0 where it has
+/// none.
+pub struct QuantizeKvCache;
+
+impl Transform for QuantizeKvCache {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        use autodeploy_core::config::KvCacheDtype;
+        let declared = g.weights.quantization().and_then(|q| q.kv_cache.map(|kv| (kv, q.file.clone())));
+        let source = match (cx.config.kv_cache_dtype, &declared) {
+            (KvCacheDtype::Model, _) | (KvCacheDtype::Auto, None) => {
+                return Ok("skipped: the KV cache keeps the model's dtype".into())
+            }
+            (KvCacheDtype::Auto, Some((kv, file))) if *kv != QuantAlgo::Fp8 => {
+                return Err(Error::Msg(format!(
+                    "{}: a {} KV cache is not supported (FP8 is)",
+                    file.display(),
+                    kv.name()
+                )))
+            }
+            (KvCacheDtype::Auto, Some((_, file))) => format!("{}'s kv_cache_quant_algo", file.display()),
+            (KvCacheDtype::Fp8, _) => "kv_cache_dtype = \"fp8\"".to_string(),
+        };
+        if cx.config.resolved_device() != autodeploy_core::config::Device::Cpu {
+            return Err(Error::Msg(format!(
+                "{source} asks for an FP8 KV cache, which runs on the CPU only so far; set kv_cache_dtype = \"model\" \
+                 to keep the model's dtype on {}",
+                cx.config.device
+            )));
+        }
+        let (mut n, mut from_checkpoint) = (0, 0);
+        for i in 0..g.nodes.len() {
+            let Some(mut attrs) = g.nodes[i].op.attention_attrs() else { continue };
+            let mut scale = |input: usize, name: &str| -> Result<f64> {
+                let Some(module) = producing_linear(g, g.nodes[i].inputs[input]) else { return Ok(1.0) };
+                let key = format!("{module}.{name}");
+                if !g.weights.contains(&key) {
+                    return Ok(1.0);
+                }
+                let t = g.weights.load(&key, autodeploy_core::DType::F32)?;
+                let v = t.to_f32();
+                match v[..] {
+                    [s] if s > 0.0 && s.is_finite() => {
+                        from_checkpoint += 1;
+                        Ok(s as f64)
+                    }
+                    _ => Err(Error::Msg(format!(
+                        "{}: `{key}` must be one positive number, found {:?}",
+                        g.weights.location(&key),
+                        &v[..v.len().min(4)]
+                    ))),
+                }
+            };
+            let (ks, vs) = (scale(1, "k_scale")?, scale(2, "v_scale")?);
+            attrs.scoring.kv_fp8 = Some((ks, vs));
+            g.nodes[i].op = Op::attention(attrs);
+            n += 1;
+        }
+        Ok(format!("{n} attentions read K and V through FP8 (from {source}; {from_checkpoint} of {} scales the checkpoint's, the rest 1.0)", 2 * n))
+    }
+}
+
+/// The module (`model.layers.3.self_attn.k_proj`) of the linear whose output reaches `v`
+/// through one-input ops (views, transposes, RoPE, norms: each node's first input), if any.
+fn producing_linear(g: &Graph, mut v: autodeploy_core::ValueId) -> Option<String> {
+    for _ in 0..16 {
+        let node = g.nodes.iter().find(|n| n.outputs.contains(&v))?;
+        if node.op.is(LINEAR)
+            || node.op.fp8_linear_of().is_some()
+            || node.op.is(autodeploy_core::ops::quant_linear::NVFP4_LINEAR)
+        {
+            let w = *node.inputs.get(1)?;
+            let name = g.params.iter().find(|p| p.value == w)?.weight.clone();
+            return name.strip_suffix(".weight").map(str::to_string);
+        }
+        v = *node.inputs.first()?;
+    }
+    None
+}
+
 /// Makes the linears over a checkpoint's `algo`-quantized weights that format's quantized
 /// linear.
 pub struct QuantizeFromConfig(pub QuantAlgo);

@@ -184,6 +184,13 @@ impl CudaModel {
                     } else {
                         None
                     };
+                    if scoring.kv_fp8.is_some() {
+                        return Err(fail(Unavailable(
+                            "an FP8 KV cache (kv_cache_dtype = \"fp8\", or a checkpoint's kv_cache_quant_algo) \
+                             runs on the CPU only so far; set kv_cache_dtype = \"model\" on CUDA"
+                                .into(),
+                        )));
+                    }
                     let call = DeviceAttentionCall {
                         layer: *layer,
                         scale: *scale as f32,
