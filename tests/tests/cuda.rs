@@ -279,6 +279,9 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             ("qwen3-fp8", ""),
             ("mistral-nvfp4", ""),
             ("llama", "quantize = \"fp8\"\n"),
+            // cuBLASLt's FP8 GEMM for the prefills (bf16 runs; f32 keeps the exact path).
+            ("llama-fp8", "kernels.fp8_gemm_cublaslt = true\n"),
+            ("llama", "quantize = \"fp8\"\nkernels.fp8_gemm_cublaslt = true\n"),
         ];
         checkpoints
             .iter()
@@ -295,6 +298,8 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
         "gemv_nvfp4",
         "nvfp4_values",
         "lowbit_epilogue",
+        "e4m3_bytes_rows",
+        "cublaslt_fp8",
     ] {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }

@@ -42,6 +42,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "e4m3_codes_bf16",
             "e4m3_codes_rows_f32",
             "e4m3_codes_rows_bf16",
+            "e4m3_bytes_rows_bf16",
             "fp8_values_f32",
             "fp8_values_bf16",
             "nvfp4_values_f32",

@@ -369,6 +369,34 @@ __device__ __forceinline__ uint4 e4m3_pack16(const T* x, float s) {
     return make_uint4(wd[0], wd[1], wd[2], wd[3]);
 }
 
+// The FP8 GEMM's input as bytes (cuBLASLt reads E4M3 codes): each bf16 activation row's codes
+// at scale s_in[0], or with `dynamic` at the row's own (max |x| / 448, 1 for a row of zeros,
+// written to s_out[row]), the same codes `e4m3_codes` / `e4m3_codes_rows` give the values of.
+// One block a row; k % 16 == 0, x and out 16-byte aligned (the launcher checks); sm_89+.
+extern "C" __global__ void e4m3_bytes_rows_bf16(const bf16_t* x, const float* s_in, int dynamic, float* s_out,
+                                                unsigned char* out, int k) {
+    pdl_enter();
+    __shared__ float part[32];
+    long row = blockIdx.x;
+    const bf16_t* xr = x + row * k;
+    float s = 1.0f;
+    if (dynamic) {
+        float a = 0.0f;
+        for (int i = threadIdx.x; i < k; i += blockDim.x) a = fmaxf(a, fabsf(bf16_to_f32(xr[i])));
+        for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = a;
+        __syncthreads();
+        a = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) a = fmaxf(a, part[w]);
+        s = a > 0.0f ? a / 448.0f : 1.0f;
+        if (threadIdx.x == 0) s_out[row] = s;
+    } else {
+        s = s_in[0];
+    }
+    uint4* o = (uint4*)(out + row * k);
+    for (int c = threadIdx.x; c < k / 16; c += blockDim.x) o[c] = e4m3_pack16(xr + 16 * c, s);
+}
+
 __device__ __forceinline__ void mma_e4m3(const unsigned int* a, unsigned int b0, unsigned int b1, float* acc) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
     float d0, d1, d2, d3;

@@ -13,6 +13,8 @@ pub(super) struct Funcs {
     pub(super) quant: [Kernel; 8],
     /// `e4m3_codes_rows` for `[f32, bf16]`.
     pub(super) quant_rows: [Kernel; 2],
+    /// `e4m3_bytes_rows_bf16`: the cuBLASLt FP8 GEMM's input codes.
+    pub(super) quant_bytes: Kernel,
     /// `gemv_fp8_m{1,2,4,8}` and `gemv_nvfp4_m{1,2,4,8}` for `[f32, bf16]`.
     pub(super) quant_gemv: [[Kernel; 4]; 2],
     /// `gemv_fp8_tc_m{1,2,4,8}` for `[f32, bf16]` (sm_89+).
@@ -94,6 +96,7 @@ impl Funcs {
                 g("lowbit_epilogue_bf16")?,
             ],
             quant_rows: [g("e4m3_codes_rows_f32")?, g("e4m3_codes_rows_bf16")?],
+            quant_bytes: g("e4m3_bytes_rows_bf16")?,
             quant_gemv: [
                 [g("gemv_fp8_m1_f32")?, g("gemv_fp8_m2_f32")?, g("gemv_fp8_m4_f32")?, g("gemv_fp8_m8_f32")?],
                 [g("gemv_fp8_m1_bf16")?, g("gemv_fp8_m2_bf16")?, g("gemv_fp8_m4_bf16")?, g("gemv_fp8_m8_bf16")?],

@@ -12,6 +12,7 @@ use funcs::Funcs;
 
 mod attention;
 mod funcs;
+mod lt;
 mod moe;
 mod norm;
 mod quant;
@@ -168,6 +169,11 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     blas: cudarc::cublas::CudaBlas,
     _blas_workspace: CudaSlice<u8>,
+    /// cuBLAS's workspace (address, bytes), lent to cuBLASLt too: both run on the one stream.
+    blas_ws: (Ptr, usize),
+    /// cuBLASLt's FP8 GEMM for FP8 linears past the GEMVs' 8 rows, bf16 activations
+    /// (`[kernels] fp8_gemm_cublaslt`, sm_89+; `None`: off, or no libcublasLt).
+    fp8_lt: Option<lt::LtFp8>,
     f: Funcs,
     /// Launch with programmatic stream serialization (sm_90+, unless `[kernels] pdl = false`): a
     /// kernel may start while the one before it drains; every executor kernel begins with
@@ -338,6 +344,15 @@ impl Gpu {
             .result()
             .map_err(|e| Unavailable(format!("cublasSetWorkspace: {e:?}")))?;
         drop(_g);
+        let blas_ws = (ws_ptr, ws_bytes);
+        let fp8_lt = match (dev.cc >= (8, 9) && k.fp8_gemm_cublaslt).then(lt::LtFp8::new) {
+            Some(Ok(l)) => Some(l),
+            Some(Err(e)) => {
+                tracing::warn!("{}; FP8 linears dequantize their weights instead", e.0);
+                None
+            }
+            None => None,
+        };
         let f = Funcs::load(&dev)?;
         let pdl = dev.cc.0 >= 9 && k.pdl;
         let prefetch_row = k.prefetch_row;
@@ -352,6 +367,8 @@ impl Gpu {
             stream,
             blas,
             _blas_workspace: ws,
+            blas_ws,
+            fp8_lt,
             f,
             pdl,
             prefetch_row,

@@ -3,8 +3,9 @@
 //! read the weights as stored (FP8 one byte a weight, NVFP4 half a byte plus a block scale per
 //! 16; FP8 on sm_89+ on tensor cores, the activations quantized inside, `Gpu::fp8_tc`); the rest
 //! dequantize the weight's codes into scratch (exact in the activations' dtype) and run cuBLAS
-//! with f32 output, then one epilogue applies the scales and bias. cuBLASLt's FP8 GEMM is the
-//! faster path left to do for prefill.
+//! with f32 output, then one epilogue applies the scales and bias; or, with bf16 activations and
+//! `[kernels] fp8_gemm_cublaslt`, the activations quantized to E4M3 bytes and cuBLASLt's FP8
+//! tensor-core GEMM (`lt.rs`) into the same f32 sums and epilogue.
 
 use super::{grid, launched, Dt, Gpu, Ptr};
 use crate::cuda::Unavailable;
@@ -96,6 +97,21 @@ impl Gpu {
             // bytes likewise, y [m, n]; s.input one f32 (unread when dynamic), s.weight one or n;
             // 16 weight rows a block of 8 warps (quant.cu's gemv_fp8_tc).
             return launched("gemv_fp8_tc", unsafe { l.launch(cfg) }.map(|_| ()));
+        }
+        let lt_ok = c.dt == Dt::BF16 && c.k.is_multiple_of(16) && (w | c.x | xq).is_multiple_of(16);
+        if let Some(lt) = self.fp8_lt.as_ref().filter(|_| lt_ok && gemv_rows(c.m).is_none()) {
+            let (dynamic, rows_ptr) = (s.dynamic as i32, if s.dynamic { rows } else { 0 });
+            let mut l = self.launcher(self.f.quant_bytes);
+            l.arg(&c.x).arg(&s.input).arg(&dynamic).arg(&rows_ptr).arg(&xq).arg(&k32);
+            let cfg = super::LaunchConfig { grid_dim: (c.m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: x m·k bf16 and xq m·k bytes (the scratch holds m·k bf16), both 16-byte
+            // aligned with k % 16 == 0; s.input one f32 (unread when dynamic), rows m f32; one
+            // block a row.
+            launched("e4m3_bytes_rows", unsafe { l.launch(cfg) }.map(|_| ()))?;
+            let s = if s.dynamic { LowBitScales { input: rows, ..s } } else { s };
+            let (ws, ws_bytes) = self.blas_ws;
+            lt.gemm(self.stream.cu_stream(), c.m, c.n, c.k, xq, w, acc, ws, ws_bytes)?;
+            return self.lowbit_epilogue(di, c, s, acc, m64, n32);
         }
         let s = if s.dynamic {
             let mut l = self.launcher(self.f.quant_rows[di]);

@@ -33,6 +33,10 @@ pub struct KernelSettings {
     /// FP8 decode GEMVs on tensor cores (sm_89+), the activations quantized as they load
     /// (`AUTODEPLOY_FP8_TC=0`: the CUDA-core GEMV after a separate quantizing kernel).
     pub fp8_gemv_tensor_cores: bool,
+    /// FP8 linears of more than 8 rows (prefill, large batches) with bf16 activations on
+    /// cuBLASLt's FP8 tensor-core GEMM (sm_89+) instead of dequantizing the weight and running a
+    /// bf16 GEMM (`AUTODEPLOY_FP8_LT=1`). Off until measured against the dequantizing path.
+    pub fp8_gemm_cublaslt: bool,
 }
 
 impl Default for KernelSettings {
@@ -47,12 +51,13 @@ impl Default for KernelSettings {
             attn_group_heads: true,
             moe_grouped_min: 4,
             fp8_gemv_tensor_cores: true,
+            fp8_gemm_cublaslt: false,
         }
     }
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 9] = [
+const ENV: [(&str, &str); 10] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -62,6 +67,7 @@ const ENV: [(&str, &str); 9] = [
     ("attn_group_heads", "AUTODEPLOY_ATTN_GROUP"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
+    ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
 ];
 
 impl KernelSettings {
@@ -115,6 +121,10 @@ impl KernelSettings {
                 }
                 "fp8_gemv_tensor_cores" => {
                     s.fp8_gemv_tensor_cores = flag;
+                    true
+                }
+                "fp8_gemm_cublaslt" => {
+                    s.fp8_gemm_cublaslt = flag;
                     true
                 }
                 "prefetch_row" => num.map(|n| s.prefetch_row = n).is_some(),
