@@ -168,7 +168,23 @@ fn parse(file: &Path, at: &str, q: &Value, exclude_key: &str) -> Result<Checkpoi
         None => return Err(Error::config(file, format!("{at}.quant_algo"), "missing")),
     };
     let kv_cache = match q.get("kv_cache_quant_algo") {
-        None | Some(Value::Null) => None,
+        // config.json's form (quantization_config): `kv_cache_scheme` {type, num_bits}.
+        None | Some(Value::Null) => match q.get("kv_cache_scheme") {
+            None | Some(Value::Null) => None,
+            Some(k)
+                if k.get("type").and_then(Value::as_str) == Some("float")
+                    && k.get("num_bits").and_then(Value::as_u64) == Some(8) =>
+            {
+                Some(QuantAlgo::Fp8)
+            }
+            Some(other) => {
+                return Err(Error::config(
+                    file,
+                    format!("{at}.kv_cache_scheme"),
+                    format!("{other} is not supported (8-bit float, or none)"),
+                ))
+            }
+        },
         Some(Value::String(s)) if s == "FP8" => Some(QuantAlgo::Fp8),
         Some(other) => {
             return Err(Error::config(
@@ -231,6 +247,18 @@ mod tests {
             (q.algo, q.exclude.clone(), q.key.as_str()),
             (QuantAlgo::Nvfp4, vec!["lm_head".to_string()], "quantization_config")
         );
+        // config.json's FP8 KV cache, as ModelOpt 0.47 writes it there.
+        write(
+            "config.json",
+            r#"{"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"], "kv_cache_scheme": {"dynamic": false, "num_bits": 8, "type": "float"}}}"#,
+        );
+        assert_eq!(read_checkpoint_quant(&dir).unwrap().unwrap().kv_cache, Some(QuantAlgo::Fp8));
+        write(
+            "config.json",
+            r#"{"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_scheme": {"num_bits": 4, "type": "int"}}}"#,
+        );
+        let e = read_checkpoint_quant(&dir).unwrap_err().to_string();
+        assert!(e.contains("quantization_config.kv_cache_scheme"), "{e}");
         write("config.json", r#"{"quantization_config": {"quant_method": "gptq", "bits": 4}}"#);
         let e = read_checkpoint_quant(&dir).unwrap_err().to_string();
         assert!(e.contains("quantization_config.quant_method") && e.contains("gptq"), "{e}");
