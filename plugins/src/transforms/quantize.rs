@@ -75,6 +75,15 @@ impl Transform for QuantizeKvCache {
             (KvCacheDtype::Fp8, _) => "kv_cache_dtype = \"fp8\"".to_string(),
         };
         if cx.config.resolved_device() != autodeploy_core::config::Device::Cpu {
+            // A checkpoint's own FP8 KV cache is an option, not a requirement: the model's dtype
+            // there, as before the FP8 cache existed; asked for by name, it is refused.
+            if cx.config.kv_cache_dtype == KvCacheDtype::Auto {
+                tracing::warn!(
+                    "{source} declares an FP8 KV cache, which runs on the CPU only so far; the KV cache keeps the model's dtype on {}",
+                    cx.config.device
+                );
+                return Ok(format!("skipped: {source} asks for an FP8 KV cache, which runs on the CPU only so far"));
+            }
             return Err(Error::Msg(format!(
                 "{source} asks for an FP8 KV cache, which runs on the CPU only so far; set kv_cache_dtype = \"model\" \
                  to keep the model's dtype on {}",
