@@ -314,6 +314,14 @@ const LLAMA4_TEXT: Family = Family {
     ..LLAMA
 };
 
+/// Llama 4's released models' values where a config or file is silent: transformers'
+/// defaults for `no_rope_layer_interval`, `floor_scale` and `attn_scale`, and the chunk size
+/// llama.cpp runs its `llama4` files with (they store none of these).
+pub const LLAMA4_NOPE_INTERVAL: usize = 4;
+pub const LLAMA4_FLOOR_SCALE: usize = 8192;
+pub const LLAMA4_ATTN_SCALE: f64 = 0.1;
+pub const LLAMA4_CHUNK: usize = 8192;
+
 /// Gemma 2/3's GeGLU activations (`hidden_activation`; `gelu` is the exact one there).
 const GEMMA2_ACTS: &[(&str, GateAct)] =
     &[("gelu_pytorch_tanh", GateAct::GeluTanh), ("gelu_new", GateAct::GeluTanh), ("gelu", GateAct::Gelu)];

@@ -171,10 +171,11 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
     }
     let layers = layer_shapes(&m, num_layers)?;
     let (heads, kv_heads) = match &layers {
-        // The widest layer and the first attention's KV heads stand for the model in
-        // summaries; each layer's own are in `blocks.layers` (as the HF importer does).
+        // As the HF importer: `widest` stands for the model, each layer's own are in
+        // `blocks.layers`.
         Some(v) => {
-            (v.iter().map(|s| s.heads).max().unwrap_or(1).max(1), v.iter().find_map(|s| s.kv_heads).unwrap_or(1))
+            let (heads, kv, _) = super::layer_shapes::widest(v);
+            (heads, kv.unwrap_or(1))
         }
         None => {
             let heads = m.usize("attention.head_count")?;
@@ -216,7 +217,7 @@ pub fn config(f: &GgufFile, dtype: Option<DType>) -> Result<DecoderConfig> {
     let dtype = dtype.unwrap_or(DType::F32);
     let mut blocks = family_blocks(&m, fam, num_layers)?;
     let intermediate_size = match &layers {
-        Some(v) => v.iter().filter_map(|s| s.mlp).max().unwrap_or(0),
+        Some(v) => super::layer_shapes::widest(v).2,
         None => m.usize("feed_forward_length")?,
     };
     blocks.layers = layers;
@@ -438,14 +439,15 @@ fn family_blocks(m: &Meta, fam: &super::families::Family, num_layers: usize) -> 
     };
     // Llama 4's blocks as llama.cpp runs its `llama4` files, which store none of it: unless
     // `attention.sliding_window` is 0, every 4th layer has no RoPE and the others attend in
-    // chunks of 8192 positions, the no-RoPE layers' queries tempered with floor 8192 and
-    // scale 0.1 (the released models' values); the q/k L2 norm on the RoPE layers.
+    // chunks, the no-RoPE layers' queries tempered (the released models' values, `LLAMA4_*`);
+    // the q/k L2 norm on the RoPE layers.
+    use super::families::{LLAMA4_ATTN_SCALE, LLAMA4_CHUNK, LLAMA4_FLOOR_SCALE, LLAMA4_NOPE_INTERVAL};
     let (mut rope_layers, mut attention_chunk, mut query_temperature) = (None, None, None);
     if fam.nope_layers && fam.chunked_attention && m.opt("attention.sliding_window").and_then(Value::as_u64) != Some(0)
     {
-        rope_layers = Some((0..num_layers).map(|l| (l + 1) % 4 != 0).collect());
-        attention_chunk = Some(8192);
-        query_temperature = Some((8192.0, 0.1));
+        rope_layers = Some((0..num_layers).map(|l| (l + 1) % LLAMA4_NOPE_INTERVAL != 0).collect());
+        attention_chunk = Some(LLAMA4_CHUNK);
+        query_temperature = Some((LLAMA4_FLOOR_SCALE as f64, LLAMA4_ATTN_SCALE));
     }
     Ok(BlockOptions {
         rope_layers,
@@ -527,7 +529,7 @@ fn source(f: &GgufFile, cfg: &DecoderConfig, hf: &str, shape: &[usize]) -> Optio
         return direct(name);
     };
     let has = |n: &str| f.header.tensor(n).is_some();
-    let l: usize = blk.strip_prefix("blk.")?.parse().ok()?;
+    let l = block_index(&name)?;
     let (q, kv, i) =
         (cfg.heads(l) * cfg.head_dim, cfg.kv_heads(l).unwrap_or(0) * cfg.head_dim, cfg.mlp_width(l).unwrap_or(0));
     let fused_up = !has(&format!("{blk}.ffn_gate.{suffix}"))
@@ -549,20 +551,26 @@ fn source(f: &GgufFile, cfg: &DecoderConfig, hf: &str, shape: &[usize]) -> Optio
 fn moe_source(m: &super::decoder::MoeConfig, hf: &str) -> Option<Source> {
     let (l, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
     let rest = rest.strip_prefix(m.names.block)?.strip_prefix('.')?;
+    // llama.cpp's name for a projection (`gate`, `up`, `down`).
+    let kind = |proj: &str| {
+        [(m.names.gate, "gate"), (m.names.up, "up"), (m.names.down, "down")].into_iter().find(|(p, _)| *p == proj)
+    };
     // The shared expert (Llama 4's): llama.cpp's `ffn_{gate,up,down}_shexp`.
     if let Some(proj) = m.shared.and_then(|sh| rest.strip_prefix(sh)?.strip_prefix('.')) {
         let (proj, suffix) = proj.split_once('.')?;
-        let kind =
-            [(m.names.gate, "gate"), (m.names.up, "up"), (m.names.down, "down")].iter().find(|(p, _)| *p == proj)?.1;
-        return Some(Source { name: format!("blk.{l}.ffn_{kind}_shexp.{suffix}"), rows: None });
+        return Some(Source { name: format!("blk.{l}.ffn_{}_shexp.{suffix}", kind(proj)?.1), rows: None });
     }
     if rest.strip_suffix(".weight") == Some(m.names.router) {
         return Some(Source { name: format!("blk.{l}.ffn_gate_inp.weight"), rows: None });
     }
     let (e, proj) = rest.strip_prefix("experts.")?.split_once('.')?;
     let proj = proj.strip_suffix(".weight")?;
-    let kind = [(m.names.gate, "gate"), (m.names.up, "up"), (m.names.down, "down")].iter().find(|(p, _)| *p == proj)?.1;
-    Some(Source { name: format!("blk.{l}.ffn_{kind}_exps.weight"), rows: Some((e.parse().ok()?, 1)) })
+    Some(Source { name: format!("blk.{l}.ffn_{}_exps.weight", kind(proj)?.1), rows: Some((e.parse().ok()?, 1)) })
+}
+
+/// The block a GGUF tensor belongs to (`blk.3.attn_q.weight`: 3).
+fn block_index(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
 /// Undoes llama.cpp's Q/K permutation: `hf[h·hd + j·hd/2 + i] = gguf[h·hd + 2i + j]`, on whole
@@ -612,8 +620,7 @@ fn weights(f: &Arc<GgufFile>, cfg: &DecoderConfig) -> Result<WeightStore> {
             None => 0..len,
             Some((first, n)) => first * (len / total_rows)..(first + n) * (len / total_rows),
         };
-        let layer = g.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
-        let heads = match (permute, g.rsplit('.').nth(1), layer) {
+        let heads = match (permute, g.rsplit('.').nth(1), block_index(&g)) {
             (true, Some("attn_q"), Some(l)) => Some(cfg.heads(l)),
             (true, Some("attn_k"), Some(l)) => cfg.kv_heads(l),
             _ => None,

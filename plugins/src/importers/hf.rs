@@ -16,7 +16,9 @@ use super::decoder::{build_decoder, BlockOptions, DecoderConfig, RopeScaling, Sc
 use super::families::{self, Flag, Layers, Window};
 use super::hf_keys::Keys;
 use super::hf_quant::{dummy_quantized, mark_quantized};
-use super::layer_shapes::{parse_block_configs, parse_layer_lists, parse_moe, parse_rope_layers, MAX_MLP_WIDTH};
+use super::layer_shapes::{
+    parse_block_configs, parse_layer_lists, parse_moe, parse_rope_layers, widest, MAX_MLP_WIDTH,
+};
 
 pub struct HfImporter;
 
@@ -112,8 +114,10 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         _ => None,
     };
     let (num_heads, num_kv_heads) = match &lists {
-        // The widest layer and the first layer's KV heads stand for the model in summaries.
-        Some(v) => (v.iter().map(|s| s.heads).max().unwrap_or(1), v[0].kv_heads.unwrap_or(1)),
+        Some(v) => {
+            let (heads, kv, _) = widest(v);
+            (heads, kv.unwrap_or(1))
+        }
         None => {
             let num_heads = k.size("num_attention_heads", 1 << 12)?;
             let num_kv_heads = k.size_opt("num_key_value_heads", 1 << 12)?.unwrap_or(num_heads);
@@ -155,13 +159,12 @@ pub fn parse_config(path: &Path, dtype: Option<DType>) -> Result<DecoderConfig> 
         Layers::Lists { .. } => lists,
         Layers::Uniform => None,
     };
-    // Heterogeneous layers: the widest MLP and the first attention's KV heads stand for the
-    // model in summaries; each layer's own are in `blocks.layers`.
+    // Heterogeneous layers: the widest MLP and the first attention's KV heads (`widest`).
     let (intermediate_size, num_kv_heads) = match &layers {
-        Some(v) => (
-            v.iter().filter_map(|s| s.mlp).max().unwrap_or(0),
-            v.iter().find_map(|s| s.kv_heads).unwrap_or(num_kv_heads),
-        ),
+        Some(v) => {
+            let (_, kv, mlp) = widest(v);
+            (mlp, kv.unwrap_or(num_kv_heads))
+        }
         None => {
             // The dense layers' width where a MoE family keeps `intermediate_size` for its
             // experts (and the key is present).
@@ -336,8 +339,8 @@ fn chunked_attention(k: &Keys, rope_layers: Option<&[bool]>) -> Result<ChunkedAt
     let chunk = k.size_opt("attention_chunk_size", 1 << 28)?;
     let nope = rope_layers.is_some_and(|v| v.contains(&false));
     let temperature = if nope && k.bool_or("attn_temperature_tuning", true)? {
-        let floor = k.size_opt("floor_scale", 1 << 28)?.unwrap_or(8192);
-        let scale = k.f64_opt("attn_scale")?.unwrap_or(0.1);
+        let floor = k.size_opt("floor_scale", 1 << 28)?.unwrap_or(families::LLAMA4_FLOOR_SCALE);
+        let scale = k.f64_opt("attn_scale")?.unwrap_or(families::LLAMA4_ATTN_SCALE);
         if !scale.is_finite() {
             return Err(k.err("attn_scale", format!("{scale} is not a number")));
         }

@@ -12,6 +12,17 @@ use super::hf_keys::Keys;
 /// The widest MLP a layer may have (as `intermediate_size`'s limit).
 pub(super) const MAX_MLP_WIDTH: usize = 1 << 20;
 
+/// What stands for heterogeneous layers in the model-wide fields (summaries, the widest
+/// buffers): the widest layer's query heads (at least 1), the first attention's KV heads, and the
+/// widest MLP; each layer's own stay in `blocks.layers`. Both importers use it.
+pub(super) fn widest(v: &[LayerShape]) -> (usize, Option<usize>, usize) {
+    (
+        v.iter().map(|s| s.heads).max().unwrap_or(0).max(1),
+        v.iter().find_map(|s| s.kv_heads),
+        v.iter().filter_map(|s| s.mlp).max().unwrap_or(0),
+    )
+}
+
 /// OpenELM's per-layer lists (`Layers::Lists`): query heads, KV heads (dividing them), and MLP
 /// widths from multipliers of the hidden size as its `make_divisible` rounds them (to the
 /// nearest multiple of the divisor, at least one, and up once more if that lost over 10%).
@@ -224,6 +235,6 @@ pub(super) fn parse_rope_layers(k: &Keys, num_layers: usize) -> Result<Vec<bool>
         }
         return Ok(list.into_iter().map(|b| b == 1).collect());
     }
-    let interval = k.size_opt("no_rope_layer_interval", 1 << 10)?.unwrap_or(4);
+    let interval = k.size_opt("no_rope_layer_interval", 1 << 10)?.unwrap_or(families::LLAMA4_NOPE_INTERVAL);
     Ok((0..num_layers).map(|l| (l + 1) % interval != 0).collect())
 }

@@ -126,7 +126,7 @@ impl Transform for QuantizeKvCache {
 /// through one-input ops (views, transposes, RoPE, norms: each node's first input), if any.
 fn producing_linear(g: &Graph, mut v: autodeploy_core::ValueId) -> Option<String> {
     for _ in 0..16 {
-        let node = g.nodes.iter().find(|n| n.outputs.contains(&v))?;
+        let node = &g.nodes[g.producer(v)?];
         if node.op.is(LINEAR)
             || node.op.fp8_linear_of().is_some()
             || node.op.is(autodeploy_core::ops::quant_linear::NVFP4_LINEAR)
