@@ -28,6 +28,7 @@ pub mod transforms {
     pub mod kvcache;
     pub mod matchers;
     pub mod quantize;
+    pub mod rope_weights;
     pub mod sharding;
     pub mod simplify;
 }

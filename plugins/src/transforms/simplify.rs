@@ -169,6 +169,23 @@ impl Transform for FoldWeightOps {
             let out = g.meta(n.outputs[0]).clone();
             let shape: Option<Vec<usize>> = out.shape.iter().map(|d| d.as_static()).collect();
             let (Some(weights), Some(shape)) = (weights, shape) else { continue };
+            // A stack of matrices with its last two dims swapped, read by this op alone (the
+            // experts' weights an export hands `torch_moe` transposed, Llama 4's): the weight
+            // read transposed at load, whatever its size; the original is then unused.
+            let sole = |v: &autodeploy_core::ValueId| g.nodes.iter().filter(|m| m.inputs.contains(v)).count() == 1;
+            if matches!(n.op.transpose_dims(), Some((1, 2) | (2, 1) | (-1, -2) | (-2, -1)))
+                && shape.len() == 3
+                && n.inputs.len() == 1
+                && sole(&n.inputs[0])
+            {
+                let name = format!("transposed[{}]", weights[0].0);
+                let y = n.outputs[0];
+                Arc::make_mut(&mut g.weights).add_transposed(&name, &weights[0].0)?;
+                let p = g.add_param(&name, out);
+                g.replace_uses(y, p);
+                folded += 1;
+                continue;
+            }
             if shape.iter().product::<usize>() > FOLD_MAX_ELEMENTS {
                 continue;
             }

@@ -98,6 +98,16 @@ fn binary(a: &IntTensor, b: &IntTensor, f: impl Fn(i64, i64) -> i64) -> Result<I
     Ok(IntTensor::new(shape, data))
 }
 
+/// Python's `//` on integers: the quotient rounded down (the divisor checked nonzero).
+fn floor_div(a: i64, b: i64) -> i64 {
+    let q = a.wrapping_div(b);
+    if a.wrapping_rem(b) != 0 && ((a < 0) != (b < 0)) {
+        q - 1
+    } else {
+        q
+    }
+}
+
 fn norm_dim(d: i64, rank: usize) -> Result<usize, String> {
     let r = rank as i64;
     let d = if d < 0 { d + r } else { d };
@@ -329,6 +339,26 @@ impl MaskEval<'_> {
                 let x = self.tensor(args, "self")?;
                 IntTensor::new(x.shape, x.data.iter().map(|&v| (v == 0) as i64).collect())
             }
+            "floor_divide.default" | "floor_divide.Scalar" => {
+                let x = self.tensor(args, "self")?;
+                let other = args.get("other").ok_or("no `other`")?;
+                let y = if other.get("as_tensor").is_some() {
+                    self.tensor(args, "other")?
+                } else {
+                    IntTensor::new(vec![], vec![self.int(other)?])
+                };
+                if y.data.contains(&0) {
+                    return Err("floor_divide by zero".into());
+                }
+                binary(&x, &y, floor_div)?
+            }
+            "zeros.default" | "ones.default" => {
+                let shape: Vec<usize> =
+                    self.ints(args.get("size").ok_or("no size")?)?.into_iter().map(|s| s.max(0) as usize).collect();
+                check_size(&shape)?;
+                let n = shape.iter().product();
+                IntTensor::new(shape, vec![target.starts_with("ones") as i64; n])
+            }
             "new_ones.default" | "new_zeros.default" => {
                 let shape: Vec<usize> =
                     self.ints(args.get("size").ok_or("no size")?)?.into_iter().map(|s| s.max(0) as usize).collect();
@@ -485,47 +515,60 @@ impl MaskSource<'_> {
             .map_err(|e| format!("the mask `{mask}` could not be evaluated: {e}"))
     }
 
-    /// The sliding window `mask` keeps (`None`: it is the causal mask), or why it is neither.
-    pub fn window(&self, mask: &str) -> Result<Option<usize>, String> {
-        let (mut seen, mut causal_at) = (None::<usize>, 0);
+    /// What `mask` keeps (causal, a sliding window or chunks), or why it is none of them.
+    pub fn kind(&self, mask: &str) -> Result<MaskKind, String> {
+        let mut evaluated = Vec::new();
+        let mut found = MaskKind::Causal;
         for (batch, seq, offsets) in CASES {
             let m = self.eval(mask, (batch, seq, &offsets), None)?;
-            match classify(&m, batch, seq).map_err(|e| {
+            let k = classify(&m, batch, seq, &offsets).map_err(|e| {
                 format!("the mask `{mask}` is not the causal mask (for {batch} rows of {seq} positions it {e})")
-            })? {
-                Some(w) if seen.is_some_and(|s| s != w) => {
-                    return Err(format!("the mask `{mask}` keeps windows of both {} and {w} tokens", seen.unwrap_or(0)))
+            })?;
+            if k != MaskKind::Causal {
+                if found != MaskKind::Causal && found != k {
+                    return Err(format!("the mask `{mask}` keeps both {} and {}", found.describe(), k.describe()));
                 }
-                Some(w) => seen = Some(w),
-                None => causal_at = causal_at.max(seq),
+                found = k;
             }
+            evaluated.push((m, batch, seq, offsets));
         }
-        if let Some(w) = seen {
-            if causal_at > w {
-                return Err(format!("the mask `{mask}` keeps a window of {w} tokens, but not for {causal_at}"));
-            }
-            return Ok(Some(w));
+        if found == MaskKind::Causal {
+            return Ok(self.literal_kinds(mask).into_iter().min_by_key(|k| k.size()).unwrap_or(MaskKind::Causal));
         }
-        Ok(self.literal_windows(mask).into_iter().min())
+        // Every evaluated case must agree with it (a window that the longer sequences do not
+        // keep, chunks that other offsets do not start at multiples of, are neither).
+        for (m, batch, seq, offsets) in &evaluated {
+            check(m, *batch, *seq, offsets, found).map_err(|e| {
+                format!(
+                    "the mask `{mask}` keeps {} for some sequences, but for {batch} rows of {seq} it {e}",
+                    found.describe()
+                )
+            })?;
+        }
+        Ok(found)
     }
 
-    /// Windows too wide for the evaluated lengths: each integer literal `c` of the mask's ops
-    /// (`|c| >= 2`) is replaced by ±2, ±3 and ±4; when the mask then keeps windows that move
-    /// by one token per unit, the window at `c` follows.
-    fn literal_windows(&self, mask: &str) -> Vec<usize> {
+    /// Windows and chunks too wide for the evaluated lengths: each integer literal `c` of the
+    /// mask's ops (`|c| >= 2`) is replaced by ±2, ±3 and ±4; when the mask then keeps windows
+    /// (or chunks) that move by one token per unit, the size at `c` follows.
+    fn literal_kinds(&self, mask: &str) -> Vec<MaskKind> {
         let mut found = Vec::new();
         for (tensor, arg, c) in self.literals(mask) {
             let sign = c.signum();
-            let widths: Vec<Option<i64>> = [2, 3, 4]
+            let kinds: Vec<Option<MaskKind>> = [2, 3, 4]
                 .iter()
                 .map(|k| {
                     let m =
                         self.eval(mask, (1, PROBE_SEQ, &[0]), Some((tensor.clone(), arg.clone(), sign * k))).ok()?;
-                    classify(&m, 1, PROBE_SEQ).ok().flatten().map(|w| w as i64)
+                    classify(&m, 1, PROBE_SEQ, &[0]).ok().filter(|k| *k != MaskKind::Causal)
                 })
                 .collect();
-            let [Some(w2), Some(w3), Some(w4)] = widths[..] else { continue };
-            // Substitutes step by `sign`; a window that follows them steps by ±1.
+            let [Some(k2), Some(k3), Some(k4)] = kinds[..] else { continue };
+            if !(k2.same_kind(k3) && k3.same_kind(k4)) {
+                continue;
+            }
+            let (w2, w3, w4) = (k2.size() as i64, k3.size() as i64, k4.size() as i64);
+            // Substitutes step by `sign`; a size that follows them steps by ±1.
             let slope = (w3 - w2) * sign;
             if slope.abs() != 1 || w4 - w3 != w3 - w2 {
                 continue;
@@ -533,7 +576,7 @@ impl MaskSource<'_> {
             if let Some(w) = c.checked_sub(2 * sign).and_then(|d| d.checked_mul(slope)).and_then(|d| d.checked_add(w2))
             {
                 if w >= 1 {
-                    found.push(usize::try_from(w).unwrap_or(usize::MAX));
+                    found.push(k2.with_size(usize::try_from(w).unwrap_or(usize::MAX)));
                 }
             }
         }
@@ -562,30 +605,101 @@ impl MaskSource<'_> {
     }
 }
 
-/// `None` when `mask` (`[batch|1, heads|1, seq, seq]`, nonzero = attend) is the causal mask for
-/// `batch` rows of `seq` tokens; `Some(w)` when it is a sliding window of `w < seq` tokens (a
-/// query attends to itself and the `w - 1` before it); else where it departs from the causal mask.
-pub fn classify(mask: &IntTensor, batch: usize, seq: usize) -> Result<Option<usize>, String> {
-    is_causal(mask, batch, seq).map(|()| None).or_else(|causal| {
-        // The window the last query of the first row sees.
-        let w = (0..seq).filter(|&j| mask.at_broadcast(&[0, 0, seq - 1, j]) != 0).count();
-        let window = w > 0
-            && w < seq
-            && IntTensor::indices(&mask.shape).all(|idx| {
-                let (i, j) = (idx[2], idx[3]);
-                (mask.at_broadcast(&idx) != 0) == (j <= i && i - j < w)
-            });
-        if window {
-            Ok(Some(w))
-        } else {
-            Err(causal)
-        }
-    })
+/// What an attention mask keeps, as the host's attention runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskKind {
+    /// Each query sees itself and every earlier token of its sequence.
+    Causal,
+    /// A sliding window: each query sees itself and the `w - 1` tokens before it.
+    Window(usize),
+    /// Chunked (Llama 4's local layers): a query at position `p` sees the earlier tokens whose
+    /// positions share `p / c`.
+    Chunk(usize),
 }
 
-/// Whether `mask` (`[batch|1, heads|1, seq, seq]`, nonzero = attend) is the causal mask for
-/// `batch` rows of `seq` tokens.
-pub fn is_causal(mask: &IntTensor, batch: usize, seq: usize) -> Result<(), String> {
+impl MaskKind {
+    fn size(self) -> usize {
+        match self {
+            MaskKind::Causal => usize::MAX,
+            MaskKind::Window(n) | MaskKind::Chunk(n) => n,
+        }
+    }
+
+    fn same_kind(self, o: MaskKind) -> bool {
+        std::mem::discriminant(&self) == std::mem::discriminant(&o)
+    }
+
+    fn with_size(self, n: usize) -> MaskKind {
+        match self {
+            MaskKind::Causal => MaskKind::Causal,
+            MaskKind::Window(_) => MaskKind::Window(n),
+            MaskKind::Chunk(_) => MaskKind::Chunk(n),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            MaskKind::Causal => "the causal mask".into(),
+            MaskKind::Window(n) => format!("a window of {n} tokens"),
+            MaskKind::Chunk(n) => format!("chunks of {n} positions"),
+        }
+    }
+
+    /// Whether query `i` attends key `j` of a row whose first position is `offset`.
+    fn attends(self, offset: i64, i: usize, j: usize) -> bool {
+        j <= i
+            && match self {
+                MaskKind::Causal => true,
+                MaskKind::Window(w) => i - j < w,
+                MaskKind::Chunk(c) => {
+                    let c = c as i64;
+                    floor_div(offset + j as i64, c) == floor_div(offset + i as i64, c)
+                }
+            }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// What `mask` (`[batch|1, heads|1, seq, seq]`, nonzero = attend) keeps for `batch` rows of
+/// `seq` tokens, row `r` starting at position `offsets[r]`: the causal mask, a sliding window
+/// (`w < seq`), or chunks (found from where the rows' first attended keys move); else where
+/// it departs from the causal mask.
+pub fn classify(mask: &IntTensor, batch: usize, seq: usize, offsets: &[i64]) -> Result<MaskKind, String> {
+    let Err(causal) = check(mask, batch, seq, offsets, MaskKind::Causal) else { return Ok(MaskKind::Causal) };
+    let s = &mask.shape;
+    let rows = if s[0] == 1 { 1 } else { batch };
+    // The window the last query of the first row sees.
+    let w = (0..seq).filter(|&j| mask.at_broadcast(&[0, 0, seq - 1, j]) != 0).count();
+    if w > 0 && w < seq && check(mask, batch, seq, offsets, MaskKind::Window(w)).is_ok() {
+        return Ok(MaskKind::Window(w));
+    }
+    // Chunk starts: the positions at which a query's first attended key moves past its
+    // row's first token; the chunk size divides each of them.
+    let mut c = 0;
+    for r in 0..rows {
+        let off = offsets.get(r).copied().unwrap_or(0);
+        for i in 0..seq {
+            if let Some(j0) = (0..=i).find(|&j| mask.at_broadcast(&[r, 0, i, j]) != 0).filter(|&j| j > 0) {
+                c = gcd(c, usize::try_from(off + j0 as i64).unwrap_or(0));
+            }
+        }
+    }
+    if c > 0 && check(mask, batch, seq, offsets, MaskKind::Chunk(c)).is_ok() {
+        return Ok(MaskKind::Chunk(c));
+    }
+    Err(causal)
+}
+
+/// Whether `mask` (`[batch|1, heads|1, seq, seq]`, nonzero = attend) is exactly `kind` for
+/// `batch` rows of `seq` tokens starting at `offsets`; else where it departs.
+pub fn check(mask: &IntTensor, batch: usize, seq: usize, offsets: &[i64], kind: MaskKind) -> Result<(), String> {
     let s = &mask.shape;
     if s.len() != 4 || !(s[0] == batch || s[0] == 1) || s[2] != seq || s[3] != seq {
         return Err(format!("has shape {s:?}, not [{batch}, heads, {seq}, {seq}]"));
@@ -593,13 +707,18 @@ pub fn is_causal(mask: &IntTensor, batch: usize, seq: usize) -> Result<(), Strin
     for idx in IntTensor::indices(s) {
         let (i, j) = (idx[2], idx[3]);
         let attend = mask.at_broadcast(&idx) != 0;
-        if attend != (j <= i) {
-            return Err(format!(
-                "at row {} query {i} key {j} it {} attend, where a causal mask {}",
-                idx[0],
-                if attend { "does" } else { "does not" },
-                if j <= i { "does" } else { "does not" }
-            ));
+        // A mask of one row for all sequences must hold for each row's offset.
+        let rows: Vec<usize> = if s[0] == 1 { (0..batch).collect() } else { vec![idx[0]] };
+        for r in rows {
+            let want = kind.attends(offsets.get(r).copied().unwrap_or(0), i, j);
+            if attend != want {
+                return Err(format!(
+                    "at row {r} query {i} key {j} it {} attend, where {} {}",
+                    if attend { "does" } else { "does not" },
+                    kind.describe(),
+                    if want { "does" } else { "does not" }
+                ));
+            }
         }
     }
     Ok(())
@@ -616,26 +735,46 @@ mod tests {
         let m = binary(&cols, &rows, |a, b| (a <= b) as i64).unwrap();
         assert_eq!(m.data, vec![1, 0, 0, 1, 1, 0, 1, 1, 1]);
         let m4 = IntTensor::new(vec![1, 1, 3, 3], m.data.clone());
-        assert!(is_causal(&m4, 2, 3).is_ok());
+        assert!(check(&m4, 2, 3, &[0, 5], MaskKind::Causal).is_ok());
         let full = IntTensor::new(vec![1, 1, 3, 3], vec![1; 9]);
-        let e = is_causal(&full, 1, 3).unwrap_err();
+        let e = check(&full, 1, 3, &[0], MaskKind::Causal).unwrap_err();
         assert!(e.contains("query 0 key 1"), "{e}");
+    }
+
+    fn mask(seq: usize, f: &dyn Fn(usize, usize) -> bool) -> IntTensor {
+        let data = (0..seq * seq).map(|k| f(k / seq, k % seq) as i64).collect();
+        IntTensor::new(vec![1, 1, seq, seq], data)
     }
 
     #[test]
     fn a_sliding_window_is_told_from_causal_and_from_other_masks() {
-        let mask = |seq: usize, f: &dyn Fn(usize, usize) -> bool| {
-            let data = (0..seq * seq).map(|k| f(k / seq, k % seq) as i64).collect();
-            IntTensor::new(vec![1, 1, seq, seq], data)
-        };
-        assert_eq!(classify(&mask(7, &|i, j| j <= i), 1, 7), Ok(None));
-        assert_eq!(classify(&mask(7, &|i, j| j <= i && i - j < 3), 1, 7), Ok(Some(3)));
+        assert_eq!(classify(&mask(7, &|i, j| j <= i), 1, 7, &[0]), Ok(MaskKind::Causal));
+        assert_eq!(classify(&mask(7, &|i, j| j <= i && i - j < 3), 1, 7, &[0]), Ok(MaskKind::Window(3)));
         // A window as wide as the sequence is the causal mask.
-        assert_eq!(classify(&mask(7, &|i, j| j <= i && i - j < 7), 1, 7), Ok(None));
+        assert_eq!(classify(&mask(7, &|i, j| j <= i && i - j < 7), 1, 7, &[0]), Ok(MaskKind::Causal));
         // Windowed except for one query that sees everything: neither.
-        let e = classify(&mask(7, &|i, j| j <= i && (i - j < 3 || i == 4)), 1, 7).unwrap_err();
+        let e = classify(&mask(7, &|i, j| j <= i && (i - j < 3 || i == 4)), 1, 7, &[0]).unwrap_err();
         assert!(e.contains("query 3 key 0 it does not attend"), "{e}");
-        assert!(classify(&mask(7, &|i, j| i - j.min(i) < 3), 1, 7).is_err(), "attends to the future");
+        assert!(classify(&mask(7, &|i, j| i - j.min(i) < 3), 1, 7, &[0]).is_err(), "attends to the future");
+    }
+
+    #[test]
+    fn chunks_are_found_from_absolute_positions() {
+        // Llama 4's local layers: positions p and q attend when q <= p and p / c == q / c.
+        let chunked =
+            |c: i64, off: i64| move |i: usize, j: usize| j <= i && (off + i as i64) / c == (off + j as i64) / c;
+        assert_eq!(classify(&mask(12, &chunked(4, 0)), 1, 12, &[0]), Ok(MaskKind::Chunk(4)));
+        // A row starting at 6: chunk starts at 8 (and 12, 16), still chunks of 4.
+        assert_eq!(classify(&mask(12, &chunked(4, 6)), 1, 12, &[6]), Ok(MaskKind::Chunk(4)));
+        // Chunks that ignore the row's first position (relative to the row) are not the host's.
+        assert!(check(&mask(12, &chunked(4, 0)), 1, 12, &[6], MaskKind::Chunk(4)).is_err());
+        // One chunk start at 9 from position 0 is chunks of 9; a second at 13 is not chunks.
+        assert_eq!(classify(&mask(12, &chunked(9, 0)), 1, 12, &[0]), Ok(MaskKind::Chunk(9)));
+        let uneven = |i: usize, j: usize| j <= i && (i < 9) == (j < 9) && (i < 13) == (j < 13);
+        assert_eq!(classify(&mask(16, &uneven), 1, 16, &[0]).ok(), None);
+        assert_eq!(floor_div(-7, 2), -4);
+        assert_eq!(floor_div(7, -2), -4);
+        assert_eq!(floor_div(-8, 2), -4);
     }
 
     #[test]

@@ -135,6 +135,10 @@ fn tensor_args(arg: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The attention masks the host runs, for the errors that refuse another.
+const MASKS_TAKEN: &str = "the host's attention is causal over each sequence, optionally within a sliding window or \
+                           Llama 4's chunks (padding and bidirectional masks are not supported)";
+
 const SDPA: &str = "torch.ops.aten.scaled_dot_product_attention.default";
 const ADD_TENSOR: &str = "torch.ops.aten.add.Tensor";
 
@@ -150,7 +154,7 @@ struct Importer<'a> {
     producers: HashMap<String, Value>,
     /// User inputs: name, dtype, shape (for evaluating masks).
     user_inputs: Vec<(String, DType, Shape)>,
-    /// How many SDPA masks were found to be sliding windows.
+    /// How many SDPA masks were found to be sliding windows or chunks.
     windows: usize,
 }
 
@@ -323,7 +327,7 @@ impl<'a> Importer<'a> {
         ));
         if self.windows > 0 {
             b.note(format!(
-                "import: {} attention masks are sliding windows (the attention nodes carry `window`)",
+                "import: {} attention masks are sliding windows or chunks (the attention nodes carry `window` or `chunk`)",
                 self.windows
             ));
         }
@@ -369,14 +373,13 @@ impl<'a> Importer<'a> {
         }
     }
 
-    /// The sliding window of an SDPA's `attn_mask` (`None`: the causal mask), or why the host
-    /// cannot take it (`mask::MaskSource::window`).
-    fn mask_window(&self, mask: &str) -> std::result::Result<Option<usize>, String> {
+    /// What an SDPA's `attn_mask` keeps (causal, a sliding window, chunks), or why the host
+    /// cannot take it (`mask::MaskSource::kind`).
+    fn mask_kind(&self, mask: &str) -> std::result::Result<mask::MaskKind, String> {
         if self.meta(mask).map(|m| m.0).ok() != Some(DType::Bool) {
             return Err(format!("the mask `{mask}` is not boolean (additive float masks are not recognised)"));
         }
-        mask::MaskSource { nodes: &self.producers, sym_ints: &self.sym_ints, user_inputs: &self.user_inputs }
-            .window(mask)
+        mask::MaskSource { nodes: &self.producers, sym_ints: &self.sym_ints, user_inputs: &self.user_inputs }.kind(mask)
     }
 
     fn node(&mut self, b: &mut GraphBuilder, n: &Value) -> Result<()> {
@@ -551,7 +554,14 @@ impl<'a> Importer<'a> {
                     norm: boolean("norm"),
                     act: autodeploy_core::ops::linear::GateAct::Silu,
                     weights_f32: boolean("weights_f32"),
-                    router: autodeploy_core::ops::moe::Router::Softmax,
+                    // Absent in archives of the patch before Llama 4's: softmax.
+                    router: match args.get("router").and_then(|a| a["as_string"].as_str()) {
+                        None | Some("softmax") => autodeploy_core::ops::moe::Router::Softmax,
+                        Some("sigmoid") => autodeploy_core::ops::moe::Router::Sigmoid,
+                        Some(r) => {
+                            return Err(unsupported(&format!("argument `router` is `{r}`, not softmax or sigmoid")))
+                        }
+                    },
                     expert_offset: None,
                 });
                 Some((op, vec![tensor("x")?, tensor("router_logits")?, tensor("w_gate_up")?, tensor("w_down")?]))
@@ -566,12 +576,16 @@ impl<'a> Importer<'a> {
             {
                 let m =
                     args["other"]["as_tensor"]["name"].as_str().and_then(|t| self.additive_mask(t)).unwrap_or_default();
-                let window = self.mask_window(&m).map_err(|e| {
-                    unsupported(&format!(
-                        "{e}; the host's attention is causal over each sequence, optionally within a sliding window \
-                         (padding and bidirectional masks are not supported)"
-                    ))
-                })?;
+                let window = match self.mask_kind(&m) {
+                    Ok(mask::MaskKind::Causal) => None,
+                    Ok(mask::MaskKind::Window(w)) => Some(w),
+                    Ok(mask::MaskKind::Chunk(c)) => {
+                        return Err(unsupported(&format!(
+                            "eager attention with chunks of {c} positions (export the model with SDPA attention)"
+                        )))
+                    }
+                    Err(e) => return Err(unsupported(&format!("{e}; {MASKS_TAKEN}"))),
+                };
                 if window.is_some() {
                     self.windows += 1;
                 }
@@ -681,15 +695,16 @@ impl<'a> Importer<'a> {
                     if is_causal {
                         return Err(unsupported("SDPA with both a mask and is_causal"));
                     }
-                    let window = self.mask_window(m).map_err(|e| {
-                        unsupported(&format!(
-                            "{e}; the host's attention is causal over each sequence, optionally within a sliding \
-                             window (padding and bidirectional masks are not supported)"
-                        ))
-                    })?;
-                    if let Some(w) = window {
-                        self.windows += 1;
-                        scoring.window = Some(w);
+                    match self.mask_kind(m).map_err(|e| unsupported(&format!("{e}; {MASKS_TAKEN}")))? {
+                        mask::MaskKind::Causal => {}
+                        mask::MaskKind::Window(w) => {
+                            self.windows += 1;
+                            scoring.window = Some(w);
+                        }
+                        mask::MaskKind::Chunk(c) => {
+                            self.windows += 1;
+                            scoring.chunk = Some(c);
+                        }
                     }
                     is_causal = true;
                 }
