@@ -11,6 +11,20 @@ use crate::tensor::Tensor;
 pub struct LayerCache {
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The layer reads K and V through FP8 (`Scoring::kv_fp8`): a device keeps its cache as
+    /// E4M3 codes, one byte a value (the CPU's reference keeps their values as f32).
+    pub fp8: bool,
+}
+
+impl LayerCache {
+    /// Bytes a cached value takes on a device whose cache dtype is `elem` bytes.
+    pub fn device_elem(&self, elem: usize) -> usize {
+        if self.fp8 {
+            1
+        } else {
+            elem
+        }
+    }
 }
 
 /// What a graph with cached attention needs from the runtime, derived from its nodes.
@@ -26,12 +40,17 @@ impl CacheSpec {
         self.layers.iter().map(|l| 2 * page * l.kv_heads * l.head_dim * elem).sum()
     }
 
+    /// The same on a device whose cache dtype is `elem` bytes: FP8 layers one byte a value.
+    pub fn device_bytes_per_page(&self, page: usize, elem: usize) -> usize {
+        self.layers.iter().map(|l| 2 * page * l.kv_heads * l.head_dim * l.device_elem(elem)).sum()
+    }
+
     /// `None` when the graph has no cached attention (it runs uncached, full sequence).
     pub fn of(g: &Graph) -> Result<Option<CacheSpec>> {
         let mut layers: Vec<Option<LayerCache>> = Vec::new();
         let mut backend = None;
         for n in &g.nodes {
-            if let Some(CachedAttn { backend: b, layer, .. }) = n.op.cached_attention_of() {
+            if let Some(CachedAttn { backend: b, layer, scoring, .. }) = n.op.cached_attention_of() {
                 let km = g.meta(n.inputs[1]);
                 let (kv_heads, head_dim) = match km.shape.as_slice() {
                     [_, h, _, d] => match (h.as_static(), d.as_static()) {
@@ -48,7 +67,7 @@ impl CacheSpec {
                 if layers.len() <= layer {
                     layers.resize(layer + 1, None);
                 }
-                layers[layer] = Some(LayerCache { kv_heads, head_dim });
+                layers[layer] = Some(LayerCache { kv_heads, head_dim, fp8: scoring.kv_fp8.is_some() });
                 match &backend {
                     None => backend = Some(b.clone()),
                     Some(x) if *x != b => {

@@ -166,12 +166,11 @@ pub fn kv_pages(g: &Graph, cfg: &PipelineConfig) -> Result<usize> {
     });
     let Some(mib) = cfg.kv_cache_budget_mib else { return all };
     let Some(spec) = CacheSpec::of(g)? else { return all };
-    // The CPU's cache holds f32; a device's, the graph's cache dtype.
-    let elem = match cfg.resolved_device() {
-        crate::config::Device::Cpu => 4,
-        _ => cache_dtype(g).size_in_bytes(),
+    // The CPU's cache holds f32; a device's, the graph's cache dtype (FP8 layers one byte).
+    let per_page = match cfg.resolved_device() {
+        crate::config::Device::Cpu => spec.bytes_per_page(page, 4),
+        _ => spec.device_bytes_per_page(page, cache_dtype(g).size_in_bytes()),
     };
-    let per_page = spec.bytes_per_page(page, elem);
     let pages = ((mib << 20) / per_page.max(1)).min(u32::MAX as usize);
     if pages < one {
         return Err(crate::error::Error::config(

@@ -710,7 +710,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         }
         let (kc, vc) = fresh_cache(&mut put);
         let out = put(vec![0u8; out_bytes]);
-        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
+        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, None).unwrap();
         let mut m = m_scattered;
         if !tc {
             m.tile_slots = 0; // no tiles planned: the CUDA-core kernel
@@ -772,6 +772,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                     d,
                     scale,
                     split,
+                    None,
                 )
             } else {
                 // The throughput build reads rotated q and the step's k/v from the cache.
@@ -783,12 +784,12 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                         } else {
                             ((dq, dk, dv), [HeadRows::heads_major(tokens, d); 3])
                         };
-                        gpu.rope_write_kv(dt, qkv, rows, c, s, q_out, (kc, vc), &m_scattered, heads, kv_heads, d)
+                        gpu.rope_write_kv(dt, qkv, rows, c, s, q_out, (kc, vc), &m_scattered, heads, kv_heads, d, None)
                             .unwrap();
                         q_out
                     }
                     None => {
-                        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d).unwrap();
+                        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, None).unwrap();
                         dq
                     }
                 };

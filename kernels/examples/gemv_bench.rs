@@ -134,6 +134,7 @@ fn main() {
                             HEAD_DIM,
                             scale,
                             split,
+                            None,
                         )
                         .map(|_| true),
                     Kind::Norm => gpu

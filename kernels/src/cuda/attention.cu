@@ -5,11 +5,47 @@
 // Each query token t of sequence token_seq[t] at position token_pos[t] attends causally to its
 // positions 0..=token_pos[t] (ragged batches: prefill and decode tokens mixed in one step).
 
+//
+// The cache holds C: the model's dtype T, or fp8_t. An FP8 cache (`kv_cache_dtype = "fp8"`)
+// holds one E4M3 code a value, of x / k_scale for keys and x / v_scale for values (one scale
+// each a layer: `ks`, `vs`). The kernels read codes as their values (exact in f32) and apply
+// the scales outside their loops over positions: k_scale with the score scale, v_scale to the
+// output (the CPU's reference reads K and V as e4m3(x / s) · s). With C = T the scales are 1
+// and nothing rounds: the same arithmetic, bit for bit.
+struct fp8_t {
+    unsigned char c;
+};
+__device__ __forceinline__ float load_f(const fp8_t* p, long i) { return e4m3_value(p[i].c); }
+template <typename C>
+struct is_fp8 {
+    static constexpr bool value = false;
+};
+template <>
+struct is_fp8<fp8_t> {
+    static constexpr bool value = true;
+};
+// A key or value in cache C's units: for E4M3 the value of the code of x / s.
+template <typename C>
+__device__ __forceinline__ float kv_units(float x, float s) {
+    if constexpr (is_fp8<C>::value)
+        return e4m3_round(x / s);
+    else
+        return x;
+}
+// A value already in cache C's units (`kv_units`) into slot i.
+__device__ __forceinline__ void put_units(float* p, long i, float u) { p[i] = u; }
+__device__ __forceinline__ void put_units(bf16_t* p, long i, float u) { store_f(p, i, u); }
+__device__ __forceinline__ void put_units(fp8_t* p, long i, float u) { p[i].c = e4m3_code_of(u); }
+template <typename C>
+__device__ __forceinline__ void put_kv(C* p, long i, float x, float s) {
+    put_units(p, i, kv_units<C>(x, s));
+}
+
 // This step's keys and values into their slots; one thread per element.
-template <typename T>
-__device__ void write_kv(const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,
+template <typename T, typename C>
+__device__ void write_kv(const T* k, const T* v, C* k_cache, C* v_cache, const long long* token_seq,
                          const long long* token_pos, const long long* page_indptr, const int* page_indices,
-                         int page_size, int kv_heads, long tokens, int d) {
+                         int page_size, int kv_heads, long tokens, int d, float ks, float vs) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)kv_heads * tokens * d) return;
     int e = i % d;
@@ -18,8 +54,8 @@ __device__ void write_kv(const T* k, const T* v, T* k_cache, T* v_cache, const l
     long long pos = token_pos[t];
     long slot = (long)page_indices[page_indptr[token_seq[t]] + pos / page_size] * page_size + pos % page_size;
     long dst = (slot * kv_heads + h) * d + e;
-    k_cache[dst] = k[i];
-    v_cache[dst] = v[i];
+    put_kv(k_cache, dst, load_f(k, i), ks);
+    put_kv(v_cache, dst, load_f(v, i), vs);
 }
 
 // One block of 4 warps per (query token, query head). Each warp takes every 4th position and
@@ -28,11 +64,11 @@ __device__ void write_kv(const T* k, const T* v, T* k_cache, T* v_cache, const l
 // the output rounds once to T. `window` > 0: only the last `window` positions (itself
 // included); `window` < 0: chunked attention, only the positions of its own chunk of -window
 // (from pos / -window · -window; every kernel taking `window` reads it so); `softcap` > 0: each score becomes softcap * tanh(score / softcap).
-template <typename T, int D, bool G>
-__device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, const long long* token_seq,
+template <typename T, typename C, int D, bool G>
+__device__ void paged_attention(const T* q, const C* k_cache, const C* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
                                 int page_size, int heads, int kv_heads, long tokens, float scale, T* out, int window,
-                                float softcap, int dd) {
+                                float softcap, int dd, float ks, float vs) {
     const int d = G ? dd : D;  // the row length: D itself, or (a general build) up to D
     constexpr int PER = (D + 31) / 32;  // elements per lane; lanes past d idle
     constexpr int WARPS = 4;
@@ -58,7 +94,7 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
         if (live)
             for (int i = 0; i < PER; i++) dot += qv[i] * load_f(k_cache, base + i);
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        float sc = dot * scale;
+        float sc = dot * (scale * ks);
         if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
         float m2 = fmaxf(m, sc);
         float corr = __expf(m - m2), w = __expf(sc - m2);
@@ -84,34 +120,46 @@ __device__ void paged_attention(const T* q, const T* k_cache, const T* v_cache, 
             int e = lane * PER + i;
             float o = 0.0f;
             for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
-            store_f(out, ((long)h * tokens + t) * d + e, o / L);
+            store_f(out, ((long)h * tokens + t) * d + e, o / L * vs);
         }
     }
 }
 
-#define PAGED(T, S, D, G, P)                                                                                          \
+// The entry points' extra parameters for each cache: none for the model's dtype (scales 1),
+// the layer's k_scale and v_scale for an FP8 cache.
+#define KV_plain_PARAMS
+#define KV_plain_ARGS 1.0f, 1.0f
+#define KV_fp8_PARAMS , float ks, float vs
+#define KV_fp8_ARGS ks, vs
+
+#define PAGED(T, C, S, D, G, P, K)                                                                                          \
     extern "C" __global__ void paged_attention_##P##D##_##S(                                                         \
-        const T* q, const T* k_cache, const T* v_cache, const long long* token_seq, const long long* token_pos,     \
+        const T* q, const C* k_cache, const C* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out, int window, float softcap, int d) { pdl_enter();                                                \
-        paged_attention<T, D, G>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,       \
-                              heads, kv_heads, tokens, scale, out, window, softcap, d);                                  \
+        float scale, T* out, int window, float softcap, int d KV_##K##_PARAMS) {                                    \
+        pdl_enter();                                                                                                  \
+        paged_attention<T, C, D, G>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, \
+                                    heads, kv_heads, tokens, scale, out, window, softcap, d, KV_##K##_ARGS);         \
     }
 
-#define ATTN_INSTANTIATE(T, S)                                                                                        \
-    extern "C" __global__ void write_kv_##S(const T* k, const T* v, T* k_cache, T* v_cache,                          \
+#define ATTN_INSTANTIATE(T, C, S, K)                                                                                  \
+    extern "C" __global__ void write_kv_##S(const T* k, const T* v, C* k_cache, C* v_cache,                          \
                                            const long long* token_seq, const long long* token_pos,                   \
                                            const long long* page_indptr, const int* page_indices, int page_size,     \
-                                           int kv_heads, long tokens, int d) { pdl_enter();                                       \
-        write_kv<T>(k, v, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, kv_heads,    \
-                    tokens, d);                                                                                       \
+                                           int kv_heads, long tokens, int d KV_##K##_PARAMS) {                       \
+        pdl_enter();                                                                                                  \
+        write_kv<T, C>(k, v, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, kv_heads, \
+                       tokens, d, KV_##K##_ARGS);                                                                     \
     }                                                                                                                 \
-    PAGED(T, S, 16, false, d) PAGED(T, S, 32, false, d) PAGED(T, S, 64, false, d) PAGED(T, S, 96, false, d)           \
-    PAGED(T, S, 128, false, d) PAGED(T, S, 256, false, d)                                                             \
-    PAGED(T, S, 32, true, g) PAGED(T, S, 64, true, g) PAGED(T, S, 128, true, g) PAGED(T, S, 256, true, g)
+    PAGED(T, C, S, 16, false, d, K) PAGED(T, C, S, 32, false, d, K) PAGED(T, C, S, 64, false, d, K)                   \
+    PAGED(T, C, S, 96, false, d, K) PAGED(T, C, S, 128, false, d, K) PAGED(T, C, S, 256, false, d, K)                 \
+    PAGED(T, C, S, 32, true, g, K) PAGED(T, C, S, 64, true, g, K) PAGED(T, C, S, 128, true, g, K)                     \
+    PAGED(T, C, S, 256, true, g, K)
 
-ATTN_INSTANTIATE(float, f32)
-ATTN_INSTANTIATE(bf16_t, bf16)
+ATTN_INSTANTIATE(float, float, f32, plain)
+ATTN_INSTANTIATE(bf16_t, bf16_t, bf16, plain)
+ATTN_INSTANTIATE(float, fp8_t, f32_fp8kv, fp8)
+ATTN_INSTANTIATE(bf16_t, fp8_t, bf16_fp8kv, fp8)
 
 // Tensor-core prefill over the paged cache (bf16, FlashAttention-2's scheme with mma.sync
 // m16n8k16, sm_80+): one warp per (tile, query head), a tile being up to 16 consecutive query
@@ -329,6 +377,22 @@ __device__ __forceinline__ void load_row(const float* p, float* out) {
     }
 }
 
+template <int N>
+__device__ __forceinline__ void load_row(const fp8_t* p, float* out) {
+    const unsigned char* b = (const unsigned char*)p;
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            unsigned int w = *(const unsigned int*)(b + i);
+#pragma unroll
+            for (int j = 0; j < 4; j++) out[i + j] = e4m3_value((w >> (8 * j)) & 0xffu);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++) out[i] = e4m3_value(b[i]);
+    }
+}
+
 // The merge weights of lane L's chunks L and L + 32 (of `splits`, at most 64; rows of d values,
 // then m and l): w[j] = exp(m - M), M the largest m of all chunks, 0 past `splits`. Returns the
 // sum of l · w over all chunks, on every lane. Called by a whole warp (reads bypass L1: other
@@ -487,13 +551,14 @@ __device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, boo
 // seq_start) from k_new/v_new, so no block reads a slot this kernel writes; block (t, first q
 // head of a kv group, last chunk of t) stores token t's k and v in the cache for the steps
 // after, from the registers its attention read them into.
-template <typename T, int D, bool G, bool EARLY, int UE>
+template <typename T, typename C, int D, bool G, bool EARLY, int UE>
 __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin,
-                                   T* k_cache, T* v_cache, const long long* token_seq, const long long* token_pos,
+                                   C* k_cache, C* v_cache, const long long* token_seq, const long long* token_pos,
                                    const long long* page_indptr, const int* page_indices, const long long* seq_start,
                                    const long long* cached_len, int page_size, int heads, int kv_heads, long tokens,
                                    float scale, int chunk, int splits, float* partial, int* counters, T* out_all,
-                                   long long ohs, long long ots, int window, float softcap, int dd) {
+                                   long long ohs, long long ots, int window, float softcap, int dd, float ks,
+                                   float vs) {
     const int d = G ? dd : D;  // as paged_attention
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
@@ -545,6 +610,14 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
             load_row<PER>(v_new + base, vr);
         }
         if (cos) rope_lanes<T, PER>(kr, cos + tp * d + lane * PER, sin + tp * d + lane * PER, live, lane, d);
+        // As the cache will hold them (the cached positions' units).
+        if constexpr (is_fp8<C>::value) {
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                kr[i] = kv_units<C>(kr[i], ks);
+                vr[i] = kv_units<C>(vr[i], vs);
+            }
+        }
     };
     auto load = [&](long long p0, long long last) {
 #pragma unroll
@@ -576,7 +649,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     if (live) load_row<PER>(q + qrow, qv);
     if (EARLY && cos) rope_lanes<T, PER>(qv, cos + t * d + lane * PER, sin + t * d + lane * PER, live, lane, d);
     for (int i = 0; i < PER; i++) {
-        qv[i] = live ? qv[i] * scale : 0.0f;
+        qv[i] = live ? qv[i] * (scale * ks) : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
@@ -622,8 +695,8 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
             if (last_p0 + u == pos && live)
 #pragma unroll
                 for (int i = 0; i < PER; i++) {
-                    store_f(k_cache, base + i, kf[u][i]);
-                    store_f(v_cache, base + i, vf[u][i]);
+                    put_units(k_cache, base + i, kf[u][i]);
+                    put_units(v_cache, base + i, vf[u][i]);
                 }
     }
     __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
@@ -632,7 +705,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         sl[warp] = l;
     }
     if (live)
-        for (int i = 0; i < PER; i++) sacc[warp][lane * PER + i] = acc[i];
+        for (int i = 0; i < PER; i++) sacc[warp][lane * PER + i] = acc[i] * vs;
     __syncthreads();
     float M = sm[0];
     for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2]);
@@ -676,18 +749,19 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     merge_partials<T, EARLY ? 16 : 0>(partial + ((long)t * heads + h) * splits * (d + 2), active, d, out_row);
 }
 
-#define SPLIT_ENTRY(T, S, D, G, P, NAME, EARLY, UE, BOUNDS)                                                           \
+#define SPLIT_ENTRY(T, C, S, D, G, P, NAME, EARLY, UE, BOUNDS, K)                                                     \
     extern "C" __global__ void BOUNDS NAME##_##P##D##_##S(                                                            \
-        const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, T* k_cache, T* v_cache,              \
+        const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, C* k_cache, C* v_cache,              \
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out, long long ohs, long long ots, int window, float softcap, int d) {                                            \
+        T* out, long long ohs, long long ots, int window, float softcap, int d KV_##K##_PARAMS) {                   \
         /* the latency build takes no window or soft-cap (constants: compiled away) */                              \
-        paged_decode_split<T, D, G, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos,       \
-                                        page_indptr, page_indices, seq_start, cached_len, page_size, heads,         \
-                                        kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots,   \
-                                        EARLY ? 0 : window, EARLY ? 0.0f : softcap, d);                                \
+        paged_decode_split<T, C, D, G, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos, \
+                                                  page_indptr, page_indices, seq_start, cached_len, page_size, heads, \
+                                                  kv_heads, tokens, scale, chunk, splits, partial, counters, out,     \
+                                                  ohs, ots, EARLY ? 0 : window, EARLY ? 0.0f : softcap, d,            \
+                                                  KV_##K##_ARGS);                                                     \
     }
 // Split-KV decode's throughput build over a GQA group: block (t, b, s) attends for the HB query
 // heads b·HB .. b·HB + HB - 1, which share one kv head, so each cached K/V row is read once for
@@ -696,13 +770,13 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
 // the cache (written before it), partials [tokens, heads, splits, D + 2], a token whose positions
 // fit one chunk writing out directly; the last block of (t, b) to finish (counter t·heads +
 // b·HB) merges its heads, one warp a head.
-template <typename T, int D, bool G, int HB>
-__device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T* v_cache,
+template <typename T, typename C, int D, bool G, int HB>
+__device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C* v_cache,
                                            const long long* token_seq, const long long* token_pos,
                                            const long long* page_indptr, const int* page_indices, int page_size,
                                            int heads, int kv_heads, long tokens, float scale, int chunk, int splits,
                                            float* partial, int* counters, T* out_all, long long ohs, long long ots,
-                                           int window, float softcap, int dd) {
+                                           int window, float softcap, int dd, float ks, float vs) {
     const int d = G ? dd : D;  // as paged_attention
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
@@ -727,7 +801,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
         if (live) load_row<PER>(q + ((long)(h0 + g) * tokens + t) * d + lane * PER, qv[g]);
 #pragma unroll
         for (int i = 0; i < PER; i++) {
-            qv[g][i] = live ? qv[g][i] * scale : 0.0f;
+            qv[g][i] = live ? qv[g][i] * (scale * ks) : 0.0f;
             acc[g][i] = 0.0f;
         }
         m[g] = -3.0e38f;
@@ -793,7 +867,7 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
 #pragma unroll
         for (int g = 0; g < HB; g++)
 #pragma unroll
-            for (int i = 0; i < PER; i++) sacc[warp][g][lane * PER + i] = acc[g][i];
+            for (int i = 0; i < PER; i++) sacc[warp][g][lane * PER + i] = acc[g][i] * vs;
     __syncthreads();
     for (int e = threadIdx.x; e < HB * d; e += blockDim.x) {
         int g = e / d, j = e % d;
@@ -834,16 +908,17 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
                                     out_all + (h0 + g) * ohs + t * ots, lane);
 }
 
-#define GROUPED_ENTRY(T, S, D, G, P, HB)                                                                             \
+#define GROUPED_ENTRY(T, C, S, D, G, P, HB, K)                                                                       \
     extern "C" __global__ void paged_decode_split_g##HB##_##P##D##_##S(                                               \
-        const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, T* k_cache, T* v_cache,              \
+        const T* q, const T* k_new, const T* v_new, const T* cos, const T* sin, C* k_cache, C* v_cache,              \
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out, long long ohs, long long ots, int window, float softcap, int d) {                                            \
-        paged_decode_split_grouped<T, D, G, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices,   \
-                                             page_size, heads, kv_heads, tokens, scale, chunk, splits, partial,     \
-                                             counters, out, ohs, ots, window, softcap, d);                             \
+        T* out, long long ohs, long long ots, int window, float softcap, int d KV_##K##_PARAMS) {                   \
+        paged_decode_split_grouped<T, C, D, G, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr,            \
+                                                   page_indices, page_size, heads, kv_heads, tokens, scale, chunk,    \
+                                                   splits, partial, counters, out, ohs, ots, window, softcap, d,      \
+                                                   KV_##K##_ARGS);                                                    \
     }
 
 // The latency build at 4 positions a warp held to 64 registers (8 blocks an SM) at head dims up
@@ -857,23 +932,26 @@ __device__ void paged_decode_split_grouped(const T* q, const T* k_cache, const T
 #define EARLY4_BOUNDS_256
 // The latency build at 8 positions a warp and pass (`AUTODEPLOY_ATTN_U=8`), and at 4 (the default, `Gpu::attn_early_u`:
 // half the registers for K/V, one pass over chunks of 16).
-#define SPLIT(T, S, D, G, P)                                                                                          \
-    SPLIT_ENTRY(T, S, D, G, P, paged_decode_split, false, 4, )                                                        \
-    GROUPED_ENTRY(T, S, D, G, P, 2)                                                                                   \
-    GROUPED_ENTRY(T, S, D, G, P, 4)                                                                                   \
-    GROUPED_ENTRY(T, S, D, G, P, 8)                                                                                   \
-    SPLIT_ENTRY(T, S, D, G, P, paged_decode_split_early, true, 8, )                                                   \
-    SPLIT_ENTRY(T, S, D, G, P, paged_decode_split_early4, true, 4, EARLY4_BOUNDS_##D)
+#define SPLIT(T, C, S, D, G, P, K)                                                                                    \
+    SPLIT_ENTRY(T, C, S, D, G, P, paged_decode_split, false, 4, , K)                                                  \
+    GROUPED_ENTRY(T, C, S, D, G, P, 2, K)                                                                             \
+    GROUPED_ENTRY(T, C, S, D, G, P, 4, K)                                                                             \
+    GROUPED_ENTRY(T, C, S, D, G, P, 8, K)                                                                             \
+    SPLIT_ENTRY(T, C, S, D, G, P, paged_decode_split_early, true, 8, , K)                                             \
+    SPLIT_ENTRY(T, C, S, D, G, P, paged_decode_split_early4, true, 4, EARLY4_BOUNDS_##D, K)
 
 // Each head dim of `HEAD_DIMS` with the row length a constant (`_d`), and the general builds
 // (`_g`, `GENERAL_DIMS`) taking it at run time for the other multiples of 8 they hold.
-#define SPLIT_INSTANTIATE(T, S)                                                                                       \
-    SPLIT(T, S, 16, false, d) SPLIT(T, S, 32, false, d) SPLIT(T, S, 64, false, d) SPLIT(T, S, 96, false, d)           \
-    SPLIT(T, S, 128, false, d) SPLIT(T, S, 256, false, d)                                                             \
-    SPLIT(T, S, 32, true, g) SPLIT(T, S, 64, true, g) SPLIT(T, S, 128, true, g) SPLIT(T, S, 256, true, g)
+#define SPLIT_INSTANTIATE(T, C, S, K)                                                                                 \
+    SPLIT(T, C, S, 16, false, d, K) SPLIT(T, C, S, 32, false, d, K) SPLIT(T, C, S, 64, false, d, K)                   \
+    SPLIT(T, C, S, 96, false, d, K) SPLIT(T, C, S, 128, false, d, K) SPLIT(T, C, S, 256, false, d, K)                 \
+    SPLIT(T, C, S, 32, true, g, K) SPLIT(T, C, S, 64, true, g, K) SPLIT(T, C, S, 128, true, g, K)                     \
+    SPLIT(T, C, S, 256, true, g, K)
 
-SPLIT_INSTANTIATE(float, f32)
-SPLIT_INSTANTIATE(bf16_t, bf16)
+SPLIT_INSTANTIATE(float, float, f32, plain)
+SPLIT_INSTANTIATE(bf16_t, bf16_t, bf16, plain)
+SPLIT_INSTANTIATE(float, fp8_t, f32_fp8kv, fp8)
+SPLIT_INSTANTIATE(bf16_t, fp8_t, bf16_fp8kv, fp8)
 
 // RoPE of q and k fused with the KV-cache write (rotate-half; cos/sin one [tokens, d] table):
 // q_out [heads, tokens, d] = rope(q); the cache slots of this step's tokens get rope(k) and v.
@@ -881,12 +959,12 @@ SPLIT_INSTANTIATE(bf16_t, bf16)
 // between tokens; rows contiguous): [heads, tokens, d] is (tokens·d, d), and column slices of
 // one fused q/k/v linear's [tokens, n] output need no copy. One thread per (row, j < d/2) over
 // q's heads, then k's.
-template <typename T>
-__device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, T* k_cache,
-                              T* v_cache, const long long* token_seq, const long long* token_pos,
+template <typename T, typename C>
+__device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, C* k_cache,
+                              C* v_cache, const long long* token_seq, const long long* token_pos,
                               const long long* page_indptr, const int* page_indices, int page_size, int heads,
                               int kv_heads, long tokens, int d, long long qhs, long long qts, long long khs,
-                              long long kts, long long vhs, long long vts) {
+                              long long kts, long long vhs, long long vts, float ks, float vs) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     int half = d / 2;
     long per_head = tokens * half;
@@ -911,27 +989,30 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
     long long pos = token_pos[t];
     long slot = (long)page_indices[page_indptr[token_seq[t]] + pos / page_size] * page_size + pos % page_size;
     long dst = (slot * kv_heads + kh) * d;
-    store_f(k_cache + dst, j, lo);
-    store_f(k_cache + dst, j + half, hi);
+    put_kv(k_cache, dst + j, lo, ks);
+    put_kv(k_cache, dst + j + half, hi, ks);
     const T* vr = v + kh * vhs + t * vts;
-    v_cache[dst + j] = vr[j];
-    v_cache[dst + j + half] = vr[j + half];
+    put_kv(v_cache, dst + j, load_f(vr, j), vs);
+    put_kv(v_cache, dst + j + half, load_f(vr, j + half), vs);
 }
 
-#define ROPE_KV(T, S)                                                                                                 \
+#define ROPE_KV(T, C, S, K)                                                                                           \
     extern "C" __global__ void rope_write_kv_##S(const T* q, const T* k, const T* v, const T* cos, const T* sin,     \
-                                                 T* q_out, T* k_cache, T* v_cache, const long long* token_seq,       \
+                                                 T* q_out, C* k_cache, C* v_cache, const long long* token_seq,       \
                                                  const long long* token_pos, const long long* page_indptr,           \
                                                  const int* page_indices, int page_size, int heads, int kv_heads,    \
                                                  long tokens, int d, long long qhs, long long qts, long long khs,    \
-                                                 long long kts, long long vhs, long long vts) {                      \
+                                                 long long kts, long long vhs, long long vts KV_##K##_PARAMS) {      \
         pdl_enter();                                                                                                  \
-        rope_write_kv<T>(q, k, v, cos, sin, q_out, k_cache, v_cache, token_seq, token_pos, page_indptr,              \
-                         page_indices, page_size, heads, kv_heads, tokens, d, qhs, qts, khs, kts, vhs, vts);         \
+        rope_write_kv<T, C>(q, k, v, cos, sin, q_out, k_cache, v_cache, token_seq, token_pos, page_indptr,           \
+                            page_indices, page_size, heads, kv_heads, tokens, d, qhs, qts, khs, kts, vhs, vts,       \
+                            KV_##K##_ARGS);                                                                           \
     }
 
-ROPE_KV(float, f32)
-ROPE_KV(bf16_t, bf16)
+ROPE_KV(float, float, f32, plain)
+ROPE_KV(bf16_t, bf16_t, bf16, plain)
+ROPE_KV(float, fp8_t, f32_fp8kv, fp8)
+ROPE_KV(bf16_t, fp8_t, bf16_fp8kv, fp8)
 
 // AutoDeploy's triton backend's design: each sequence owns one contiguous slot of the cache
 // (its pages are consecutive, so position p of sequence s is row slot_base(s) + p), and one

@@ -20,6 +20,40 @@ __device__ __forceinline__ void store_f(bf16_t* p, long i, float v) { p[i] = f32
 __device__ __forceinline__ float round_as(const float*, float v) { return v; }
 __device__ __forceinline__ float round_as(const bf16_t*, float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
+// The value of an E4M3 code (not NaN: weights and saturated activations have none).
+__device__ __forceinline__ float e4m3_value(unsigned int c) {
+    // As f32 bits: the sign to bit 31, exponent and mantissa under f32's (bias 127 vs 7);
+    // subnormal codes become f32 subnormals (NVRTC keeps them: no -ftz), then times 2^120.
+    unsigned int bits = ((c & 0x80u) << 24) | ((c & 0x7fu) << 20);
+    return __uint_as_float(bits) * 1.329227995784916e36f;  // 2^120
+}
+
+// The nearest E4M3 code's value (ties to even, saturating at ±448), as torch's
+// `clamp(-448, 448).to(float8_e4m3fn)` and the CPU's `f32_to_e4m3`.
+__device__ __forceinline__ float e4m3_round(float v) {
+    float a = fminf(fabsf(v), 448.0f);
+    float r;
+    if (a < 0.015625f) {
+        r = rintf(a * 512.0f) * 0.001953125f;  // subnormal steps of 2^-9
+    } else {
+        int e;
+        frexpf(a, &e);  // a = f · 2^e, f in [0.5, 1)
+        float step = ldexpf(1.0f, e - 4);
+        r = rintf(a / step) * step;
+    }
+    return copysignf(r, v);
+}
+
+// The E4M3 code (a byte) of a value E4M3 represents exactly (`e4m3_round`'s results).
+__device__ __forceinline__ unsigned char e4m3_code_of(float r) {
+    unsigned int bits = __float_as_uint(r);
+    unsigned int sign = (bits >> 24) & 0x80u;
+    float a = fabsf(r);
+    if (a < 0.015625f) return (unsigned char)(sign | (unsigned int)(a * 512.0f));  // subnormal: steps of 2^-9
+    unsigned int e = ((bits >> 23) & 0xffu) - 127u + 7u;                          // E4M3 bias 7
+    return (unsigned char)(sign | (e << 3) | ((bits >> 20) & 7u));
+}
+
 // Sum over a block of `blockDim.x` threads (a multiple of 32, at most 1024); every thread gets
 // the total.
 __device__ __forceinline__ float block_sum(float v) {

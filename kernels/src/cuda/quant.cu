@@ -5,14 +5,6 @@
 // significant bits; E2M1 times an E4M3 block scale: 6), summed in f32, and scaled once at the
 // end: y = acc · s_in · s_w + bias, rounded once to the output dtype. T is float or bf16_t.
 
-// The value of an E4M3 code (not NaN: weights and saturated activations have none).
-__device__ __forceinline__ float e4m3_value(unsigned int c) {
-    // As f32 bits: the sign to bit 31, exponent and mantissa under f32's (bias 127 vs 7);
-    // subnormal codes become f32 subnormals (NVRTC keeps them: no -ftz), then times 2^120.
-    unsigned int bits = ((c & 0x80u) << 24) | ((c & 0x7fu) << 20);
-    return __uint_as_float(bits) * 1.329227995784916e36f;  // 2^120
-}
-
 // Four E4M3 codes of a 32-bit word (lowest byte first) as f32.
 __device__ __forceinline__ void e4m3x4(unsigned int w, float* out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
@@ -32,22 +24,6 @@ __device__ __forceinline__ void e4m3x4(unsigned int w, float* out) {
 #pragma unroll
     for (int j = 0; j < 4; j++) out[j] = e4m3_value((w >> (8 * j)) & 0xffu);
 #endif
-}
-
-// The nearest E4M3 code's value (ties to even, saturating at ±448), as torch's
-// `clamp(-448, 448).to(float8_e4m3fn)` and the CPU's `f32_to_e4m3`.
-__device__ __forceinline__ float e4m3_round(float v) {
-    float a = fminf(fabsf(v), 448.0f);
-    float r;
-    if (a < 0.015625f) {
-        r = rintf(a * 512.0f) * 0.001953125f;  // subnormal steps of 2^-9
-    } else {
-        int e;
-        frexpf(a, &e);  // a = f · 2^e, f in [0.5, 1)
-        float step = ldexpf(1.0f, e - 4);
-        r = rintf(a / step) * step;
-    }
-    return copysignf(r, v);
 }
 
 __device__ __forceinline__ float e2m1_value(unsigned int c) {

@@ -14,7 +14,7 @@
 use autodeploy_core::device_attention::{DeviceAttention, DeviceAttentionCall, DeviceAttentionSetup, Gpu, HeadRows};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepPlan;
-use autodeploy_kernels::cuda::exec::{Buffer, Dt, ScoreMods, Split, SPLIT_EARLY_MAX_TOKENS, SPLIT_MIN_CHUNK};
+use autodeploy_kernels::cuda::exec::{Buffer, Dt, Split, SPLIT_EARLY_MAX_TOKENS, SPLIT_MIN_CHUNK};
 use autodeploy_kernels::cuda::Unavailable;
 
 use crate::compile::cuda::dt;
@@ -109,7 +109,8 @@ impl DeviceAttention for FlashInfer {
         // projection's input then needs no copy).
         // Sliding windows and soft-caps: the throughput split-KV build and the ragged CUDA-core
         // kernel apply them (not the latency build or the tensor-core prefill).
-        let scored = c.mods != ScoreMods::default();
+        let scored = c.mods.shapes_scores();
+        let kv_fp8 = c.mods.kv_fp8;
         let split_path = self.split.is_some() && meta.tokens <= self.split_tokens;
         let out_rows = if c.tokens_major_ok && split_path {
             HeadRows::tokens_major(heads, d)
@@ -130,6 +131,7 @@ impl DeviceAttention for FlashInfer {
                 d,
                 sc,
                 split,
+                kv_fp8,
             )
             .map_err(fail)?;
             return Ok(out_rows);
@@ -149,11 +151,12 @@ impl DeviceAttention for FlashInfer {
                 heads,
                 kvh,
                 d,
+                kv_fp8,
             )
             .map_err(fail)?;
             c.scratch
         } else {
-            gpu.write_kv(odt, c.k.ptr, c.v.ptr, cache.0, cache.1, meta, kvh, d).map_err(fail)?;
+            gpu.write_kv(odt, c.k.ptr, c.v.ptr, cache.0, cache.1, meta, kvh, d, kv_fp8).map_err(fail)?;
             c.q.ptr
         };
         match self.split {
@@ -209,6 +212,16 @@ impl DeviceAttention for Triton {
                 c,
                 "triton",
                 Unavailable("its kernel takes rotated q and k (fuse_rope_attention skips it)".into()),
+            ));
+        }
+        if c.mods.kv_fp8.is_some() {
+            return Err(fail(
+                c,
+                "triton",
+                Unavailable(
+                    "its kernel keeps the KV cache in the model's dtype, not FP8 (use attn_backend = \"flashinfer\")"
+                        .into(),
+                ),
             ));
         }
         let odt: Dt = dt(c.dtype, "attention")?;

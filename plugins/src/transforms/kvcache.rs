@@ -58,7 +58,7 @@ impl Transform for InsertCachedAttention {
         if !attention_backend_scoring(backend, device) {
             if let Some(n) = g.nodes.iter().find(|n| n.op.attention_attrs().is_some_and(|a| !a.scoring.is_plain())) {
                 return Err(Error::Msg(format!(
-                    "cache_init: attention %{} ({}) needs a sliding window, chunked attention or soft-capping, which attention backend \
+                    "cache_init: attention %{} ({}) needs a sliding window, chunked attention, soft-capping or an FP8 KV cache, which attention backend \
                      `{backend}` does not apply on device `{device}` (attn_backend = \"{}\" does)",
                     g.value(n.outputs[0]).name,
                     n.op.attrs,

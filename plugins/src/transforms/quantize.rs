@@ -74,21 +74,21 @@ impl Transform for QuantizeKvCache {
             (KvCacheDtype::Auto, Some((_, file))) => format!("{}'s kv_cache_quant_algo", file.display()),
             (KvCacheDtype::Fp8, _) => "kv_cache_dtype = \"fp8\"".to_string(),
         };
-        if cx.config.resolved_device() != autodeploy_core::config::Device::Cpu {
-            // A checkpoint's own FP8 KV cache is an option, not a requirement: the model's dtype
-            // there, as before the FP8 cache existed; asked for by name, it is refused.
-            if cx.config.kv_cache_dtype == KvCacheDtype::Auto {
-                tracing::warn!(
-                    "{source} declares an FP8 KV cache, which runs on the CPU only so far; the KV cache keeps the model's dtype on {}",
-                    cx.config.device
-                );
-                return Ok(format!("skipped: {source} asks for an FP8 KV cache, which runs on the CPU only so far"));
-            }
-            return Err(Error::Msg(format!(
-                "{source} asks for an FP8 KV cache, which runs on the CPU only so far; set kv_cache_dtype = \"model\" \
-                 to keep the model's dtype on {}",
+        if cx.config.resolved_device() != autodeploy_core::config::Device::Cpu
+            && cx.config.kv_cache_dtype == KvCacheDtype::Auto
+        {
+            // A checkpoint's own FP8 KV cache is an option, not a requirement: on a device the
+            // cache keeps the model's dtype unless `kv_cache_dtype = "fp8"` asks for it (the
+            // CUDA FP8 cache kernels are new; they become the default for such checkpoints once
+            // measured against the CPU and for speed on a GPU).
+            tracing::warn!(
+                "{source} declares an FP8 KV cache; on {} the KV cache keeps the model's dtype unless kv_cache_dtype = \"fp8\"",
                 cx.config.device
-            )));
+            );
+            return Ok(format!(
+                "skipped: {source} declares an FP8 KV cache (on {}: kv_cache_dtype = \"fp8\" to use it)",
+                cx.config.device
+            ));
         }
         let (mut n, mut from_checkpoint) = (0, 0);
         for i in 0..g.nodes.len() {

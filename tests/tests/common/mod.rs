@@ -171,12 +171,18 @@ pub fn config_text(family: &str, extra: &str) -> String {
 /// `flashinfer` on CUDA; `triton` and library backends are refused at build).
 #[allow(dead_code)] // not every test binary uses it
 pub fn scored(family: &str) -> bool {
+    scored_with(family, "")
+}
+
+/// The same with extra config lines (`kv_cache_dtype = "fp8"`: K and V read through FP8).
+pub fn scored_with(family: &str, extra: &str) -> bool {
     autodeploy_plugins::link();
-    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&config_text(family, ""), None).unwrap();
-    let g = autodeploy_core::pipeline::graph_after(&cfg, autodeploy_sdk::Stage::PatternMatcher).unwrap();
+    let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&config_text(family, extra), None).unwrap();
+    let g = autodeploy_core::pipeline::graph_after(&cfg, autodeploy_sdk::Stage::Quantize).unwrap();
     let dump = g.dump();
-    dump.lines()
-        .any(|l| l.contains("= torch_attention(") && ["window=", "chunk=", "softcap="].iter().any(|s| l.contains(s)))
+    dump.lines().any(|l| {
+        l.contains("= torch_attention(") && ["window=", "chunk=", "softcap=", "k_scale="].iter().any(|s| l.contains(s))
+    })
 }
 
 /// The build error of a fixture whose windowed or soft-capped attention the configured backend
@@ -187,7 +193,7 @@ pub fn refused_scoring(family: &str, extra: &str, backend: &str) {
     let cfg = autodeploy_core::config::PipelineConfig::from_toml_str(&toml, None).unwrap();
     let e = autodeploy_core::pipeline::build(&cfg).err().unwrap_or_else(|| panic!("{family} {backend}: built"));
     let e = e.to_string();
-    assert!(e.contains(&format!("`{backend}`")) && e.contains("chunked attention or soft-capping"), "{family}: {e}");
+    assert!(e.contains(&format!("`{backend}`")) && e.contains("chunked attention, soft-capping"), "{family}: {e}");
 }
 
 /// Builds the engine for a fixture with extra config lines.

@@ -8,15 +8,22 @@ use cudarc::driver::LaunchConfig;
 use super::*;
 
 /// A sliding window, chunked attention and a soft-cap on attention scores (none: plain causal
-/// attention).
+/// attention), and an FP8 KV cache with its (k_scale, v_scale).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ScoreMods {
     pub window: Option<usize>,
     pub chunk: Option<usize>,
     pub softcap: Option<f32>,
+    pub kv_fp8: Option<(f32, f32)>,
 }
 
 impl ScoreMods {
+    /// Whether the scores differ from plain causal attention's (a window, chunks, a soft-cap):
+    /// such layers take the throughput split-KV build and the ragged CUDA-core kernel.
+    pub fn shapes_scores(&self) -> bool {
+        self.window.is_some() || self.chunk.is_some() || self.softcap.is_some()
+    }
+
     /// The kernels' `int window, float softcap` (0: none). The kernels' `window` also carries
     /// chunked attention, as a negative number: chunks of `-window` positions.
     fn kernel_args(&self) -> Result<(i32, f32), Unavailable> {
@@ -69,7 +76,8 @@ impl Gpu {
         }
     }
 
-    /// Writes this step's k/v `[kv_heads, tokens, d]` into their cache slots.
+    /// Writes this step's k/v `[kv_heads, tokens, d]` into their cache slots (an FP8 cache:
+    /// `kv_fp8`'s scales).
     #[allow(clippy::too_many_arguments)]
     pub fn write_kv(
         &self,
@@ -81,12 +89,17 @@ impl Gpu {
         meta: &StepMeta,
         kv_heads: usize,
         d: usize,
+        kv_fp8: Option<(f32, f32)>,
     ) -> Result<(), Unavailable> {
-        let f = &self.f.write_kv[attn_dt(dt)?];
+        let f = &self.f.write_kv[build(dt, kv_fp8)?];
         let (ps, kvh, t, d32) = (meta.page_size as i32, kv_heads as i32, meta.tokens as i64, d as i32);
         let mut l = self.launcher(*f);
         l.arg(&k).arg(&v).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&kvh).arg(&t).arg(&d32);
+        let scales = kv_fp8.unwrap_or((1.0, 1.0));
+        if kv_fp8.is_some() {
+            l.arg(&scales.0).arg(&scales.1);
+        }
         // SAFETY: slots come from the page table the runtime planned within the cache's pages.
         launched("write_kv", unsafe { l.launch(grid(kv_heads * meta.tokens * d, 256)) }.map(|_| ()))
     }
@@ -127,13 +140,17 @@ impl Gpu {
             return launched("paged_prefill_tc", unsafe { l.launch(cfg) }.map(|_| ()));
         }
         let di = head_dim_index(d, "paged attention")?;
-        let f = &self.f.paged_attention[attn_dt(dt)?][di];
+        let f = &self.f.paged_attention[build(dt, mods.kv_fp8)?][di];
         let mut l = self.launcher(*f);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
         l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
         let (window, softcap) = mods.kernel_args()?;
         let d32 = d as i32;
         l.arg(&window).arg(&softcap).arg(&d32);
+        let scales = mods.kv_fp8.unwrap_or((1.0, 1.0));
+        if mods.kv_fp8.is_some() {
+            l.arg(&scales.0).arg(&scales.1);
+        }
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, 1),
             block_dim: (128, 1, 1),
@@ -199,8 +216,9 @@ impl Gpu {
     /// tokens), with the layer's RoPE and KV-cache write in the same launch: `qkv` are this
     /// step's q `[heads, tokens, d]` and k, v `[kv_heads, tokens, d]` as the linears left them;
     /// with `rope` (one `[tokens, d]` cos and sin table) q and k are rotated first. The kernel
-    /// stores the step's k and v in the cache. Otherwise as `paged_decode_split`, without a
-    /// window or soft-cap (layers with them take the throughput build).
+    /// stores the step's k and v in the cache (an FP8 cache: `kv_fp8`'s scales). Otherwise as
+    /// `paged_decode_split`, without a window or soft-cap (layers with them take the throughput
+    /// build).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_split_fused(
         &self,
@@ -215,18 +233,19 @@ impl Gpu {
         d: usize,
         scale: f32,
         split: Split,
+        kv_fp8: Option<(f32, f32)>,
     ) -> Result<(), Unavailable> {
         let f =
             if self.attn_early_u() == 4 { &self.f.paged_decode_split_early4 } else { &self.f.paged_decode_split_early };
         let tables = rope.unwrap_or((0, 0));
-        let plain = ScoreMods::default();
+        let plain = ScoreMods { kv_fp8, ..ScoreMods::default() };
         self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), (scale, plain), split, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn launch_split(
         &self,
-        builds: &[Vec<Kernel>; 2],
+        builds: &[Vec<Kernel>; 4],
         dt: Dt,
         qkv: (Ptr, Ptr, Ptr),
         (cos, sin): (Ptr, Ptr),
@@ -239,7 +258,7 @@ impl Gpu {
         heads_a_block: usize,
     ) -> Result<(), Unavailable> {
         let di = head_dim_index(d, "paged attention")?;
-        let a = attn_dt(dt)?;
+        let a = build(dt, mods.kv_fp8)?;
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let (chunk, splits) = (split.chunk as i32, split.splits as i32);
         let mut l = self.launcher(builds[a][di]);
@@ -258,6 +277,10 @@ impl Gpu {
         let (window, softcap) = mods.kernel_args()?;
         let d32 = d as i32;
         l.arg(&window).arg(&softcap).arg(&d32);
+        let scales = mods.kv_fp8.unwrap_or((1.0, 1.0));
+        if mods.kv_fp8.is_some() {
+            l.arg(&scales.0).arg(&scales.1);
+        }
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
             block_dim: (128, 1, 1),
@@ -271,7 +294,7 @@ impl Gpu {
     /// RoPE of q into `q_out` `[heads, tokens, d]` and of k into the cache, v copied to the
     /// cache: the rope and KV-write of a layer in one launch. q, k, v are read where `rows`
     /// says (`HeadRows::heads_major` for contiguous `[heads, tokens, d]`; a fused q/k/v linear's
-    /// column slices in place).
+    /// column slices in place). An FP8 cache: `kv_fp8`'s scales.
     #[allow(clippy::too_many_arguments)]
     pub fn rope_write_kv(
         &self,
@@ -286,8 +309,9 @@ impl Gpu {
         heads: usize,
         kv_heads: usize,
         d: usize,
+        kv_fp8: Option<(f32, f32)>,
     ) -> Result<(), Unavailable> {
-        let f = &self.f.rope_write_kv[attn_dt(dt)?];
+        let f = &self.f.rope_write_kv[build(dt, kv_fp8)?];
         let (ps, h, kvh, t, d32) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64, d as i32);
         let mut l = self.launcher(*f);
         l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&q_out).arg(&cache.0).arg(&cache.1);
@@ -295,6 +319,10 @@ impl Gpu {
         l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&d32);
         for r in &rows {
             l.arg(&r.head).arg(&r.token);
+        }
+        let scales = kv_fp8.unwrap_or((1.0, 1.0));
+        if kv_fp8.is_some() {
+            l.arg(&scales.0).arg(&scales.1);
         }
         // SAFETY: as write_kv; q_out [heads, tokens, d]; q, k, v rows where `rows` says (the
         // caller's views of its tensors: heads × tokens rows of d within them).
@@ -366,6 +394,16 @@ fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {
         Dt::BF16 => Ok(1),
         _ => Err(Unavailable(format!("paged attention has f32 and bf16 kernels, not {dt:?}"))),
     }
+}
+
+/// The attention kernels' builds, by entry-point suffix: f32 and bf16 activations over a cache
+/// of their dtype, then over an FP8 cache (E4M3 codes; the kernels take the layer's k_scale and
+/// v_scale as two more arguments).
+pub const ATTN_BUILDS: [&str; 4] = ["f32", "bf16", "f32_fp8kv", "bf16_fp8kv"];
+
+/// The build (`ATTN_BUILDS`) for activations of `dt` over a cache in that dtype or in FP8.
+fn build(dt: Dt, kv_fp8: Option<(f32, f32)>) -> Result<usize, Unavailable> {
+    Ok(attn_dt(dt)? + if kv_fp8.is_some() { 2 } else { 0 })
 }
 
 /// The head dim of the kernel that runs head dim `d`: `d` itself where `HEAD_DIMS` has it, else

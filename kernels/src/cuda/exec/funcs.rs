@@ -1,7 +1,7 @@
 //! The executor's kernels by name: each entry point of `graph.cu`, `moe.cu`, `attention.cu`, `sample.cu`
 //! and `quant.cu` that `Gpu` launches, looked up once when the GPU is opened.
 
-use super::{GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS};
+use super::{ATTN_BUILDS, GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS};
 use crate::cuda::{Device, Kernel, Unavailable};
 
 pub(super) struct Funcs {
@@ -44,17 +44,19 @@ pub(super) struct Funcs {
     pub(super) gemv_swiglu_bf16_split: [Kernel; 2],
     pub(super) argmax_final: Kernel,
     pub(super) sample_rows: Kernel,
-    pub(super) write_kv: [Kernel; 2],
-    /// [f32, bf16] × head dims `HEAD_DIMS` then `GENERAL_DIMS` (`attention::head_dim_index`).
-    pub(super) paged_attention: [Vec<Kernel>; 2],
-    pub(super) paged_decode_split: [Vec<Kernel>; 2],
+    /// The attention kernels come in four builds (`attention::build`): [f32, bf16] activations
+    /// over a cache of that dtype, then over an FP8 cache.
+    pub(super) write_kv: [Kernel; 4],
+    /// The builds × head dims `HEAD_DIMS` then `GENERAL_DIMS` (`attention::head_dim_index`).
+    pub(super) paged_attention: [Vec<Kernel>; 4],
+    pub(super) paged_decode_split: [Vec<Kernel>; 4],
     /// The throughput build over 2, 4, 8 query heads of a GQA group a block.
-    pub(super) paged_decode_split_grouped: [[Vec<Kernel>; 2]; 3],
+    pub(super) paged_decode_split_grouped: [[Vec<Kernel>; 4]; 3],
     /// The latency build of the same (attention.cu: EARLY).
-    pub(super) paged_decode_split_early: [Vec<Kernel>; 2],
+    pub(super) paged_decode_split_early: [Vec<Kernel>; 4],
     /// The latency build at 4 positions a warp and pass.
-    pub(super) paged_decode_split_early4: [Vec<Kernel>; 2],
-    pub(super) rope_write_kv: [Kernel; 2],
+    pub(super) paged_decode_split_early4: [Vec<Kernel>; 4],
+    pub(super) rope_write_kv: [Kernel; 4],
     pub(super) slot_attention: [Vec<Kernel>; 2],
     /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`.
     pub(super) paged_prefill_tc: Vec<Kernel>,
@@ -63,15 +65,28 @@ pub(super) struct Funcs {
 impl Funcs {
     pub(super) fn load(dev: &Device) -> Result<Funcs, Unavailable> {
         let g = |n: &str| dev.kernel(n);
-        // `{name}_d{D}_{f32,bf16}` for every head dim D of `HEAD_DIMS`, then the general builds
-        // `{name}_g{D}_..` of `GENERAL_DIMS`: [f32, bf16] × dims (`head_dim_index` picks).
-        let by_dims = |name: &str| -> Result<[Vec<Kernel>; 2], Unavailable> {
-            let dims = |s: &str| -> Result<Vec<Kernel>, Unavailable> {
-                let exact = HEAD_DIMS.iter().map(|d| format!("{name}_d{d}_{s}"));
-                let general = GENERAL_DIMS.iter().map(|d| format!("{name}_g{d}_{s}"));
-                exact.chain(general).map(|n| g(&n)).collect()
-            };
-            Ok([dims("f32")?, dims("bf16")?])
+        // `{name}_d{D}_{build}` for every head dim D of `HEAD_DIMS`, then the general builds
+        // `{name}_g{D}_..` of `GENERAL_DIMS`: builds × dims (`head_dim_index` picks).
+        let slot_dims = |name: &str, s: &str| -> Result<Vec<Kernel>, Unavailable> {
+            let exact = HEAD_DIMS.iter().map(|d| format!("{name}_d{d}_{s}"));
+            let general = GENERAL_DIMS.iter().map(|d| format!("{name}_g{d}_{s}"));
+            exact.chain(general).map(|n| g(&n)).collect()
+        };
+        let by_dims = |name: &str| -> Result<[Vec<Kernel>; 4], Unavailable> {
+            Ok([
+                slot_dims(name, ATTN_BUILDS[0])?,
+                slot_dims(name, ATTN_BUILDS[1])?,
+                slot_dims(name, ATTN_BUILDS[2])?,
+                slot_dims(name, ATTN_BUILDS[3])?,
+            ])
+        };
+        let builds = |name: &str| -> Result<[Kernel; 4], Unavailable> {
+            Ok([
+                g(&format!("{name}_{}", ATTN_BUILDS[0]))?,
+                g(&format!("{name}_{}", ATTN_BUILDS[1]))?,
+                g(&format!("{name}_{}", ATTN_BUILDS[2]))?,
+                g(&format!("{name}_{}", ATTN_BUILDS[3]))?,
+            ])
         };
         Ok(Funcs {
             moe: [
@@ -145,7 +160,7 @@ impl Funcs {
             gemv_swiglu_bf16_split: [g("gemv_swiglu_bf16_s2")?, g("gemv_swiglu_bf16_s4")?],
             argmax_final: g("argmax_final")?,
             sample_rows: g("sample_rows")?,
-            write_kv: [g("write_kv_f32")?, g("write_kv_bf16")?],
+            write_kv: builds("write_kv")?,
             paged_prefill_tc: PREFILL_TC_DIMS
                 .iter()
                 .map(|d| g(&format!("paged_prefill_tc_d{d}_bf16")))
@@ -159,8 +174,8 @@ impl Funcs {
                 by_dims("paged_decode_split_g8")?,
             ],
             paged_decode_split_early4: by_dims("paged_decode_split_early4")?,
-            rope_write_kv: [g("rope_write_kv_f32")?, g("rope_write_kv_bf16")?],
-            slot_attention: by_dims("slot_attention")?,
+            rope_write_kv: builds("rope_write_kv")?,
+            slot_attention: [slot_dims("slot_attention", "f32")?, slot_dims("slot_attention", "bf16")?],
         })
     }
 }

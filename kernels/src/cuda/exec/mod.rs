@@ -20,8 +20,8 @@ mod quant;
 mod settings;
 
 pub use attention::{
-    heads_a_block, kernel_head_dim, plan_tiles, tile_slots, HeadRows, ScoreMods, Split, StepMeta, GENERAL_DIMS,
-    HEAD_DIMS, PREFILL_TC_DIMS,
+    heads_a_block, kernel_head_dim, plan_tiles, tile_slots, HeadRows, ScoreMods, Split, StepMeta, ATTN_BUILDS,
+    GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
 };
 pub use moe::MoeShape;
 pub use quant::{LowBitLinear, LowBitScales};

@@ -184,13 +184,6 @@ impl CudaModel {
                     } else {
                         None
                     };
-                    if scoring.kv_fp8.is_some() {
-                        return Err(fail(Unavailable(
-                            "an FP8 KV cache (kv_cache_dtype = \"fp8\", or a checkpoint's kv_cache_quant_algo) \
-                             runs on the CPU only so far; set kv_cache_dtype = \"model\" on CUDA"
-                                .into(),
-                        )));
-                    }
                     let call = DeviceAttentionCall {
                         layer: *layer,
                         scale: *scale as f32,
@@ -198,6 +191,7 @@ impl CudaModel {
                             window: scoring.window,
                             chunk: scoring.chunk,
                             softcap: scoring.softcap.map(|c| c as f32),
+                            kv_fp8: scoring.kv_fp8.map(|(k, v)| (k as f32, v as f32)),
                         },
                         heads,
                         kv_heads: l.kv_heads,

@@ -87,7 +87,9 @@ impl Footprint {
         let kv_cache = match autodeploy_core::kvcache::CacheSpec::of(graph)? {
             Some(spec) => {
                 let elem = autodeploy_core::pipeline::cache_dtype(graph).size_in_bytes();
-                (spec.bytes_per_page(page_size, elem) as u64).checked_mul(kv_pages as u64 + 1).ok_or_else(too_big)?
+                (spec.device_bytes_per_page(page_size, elem) as u64)
+                    .checked_mul(kv_pages as u64 + 1)
+                    .ok_or_else(too_big)?
             }
             None => 0,
         };

@@ -291,7 +291,7 @@ impl CudaModel {
                 // What is free now, less a reserve for what is still to come (step buffers,
                 // cuBLAS's workspace, CUDA graphs): `ratio` of the rest, in whole pages.
                 let (free, total) = gpu.mem_info();
-                let per_page = spec.bytes_per_page(page_size, cache_dt.size_in_bytes());
+                let per_page = spec.device_bytes_per_page(page_size, cache_dt.size_in_bytes());
                 let usable = (free.saturating_sub(memory::RESERVE as usize) as f64 * ratio) as usize;
                 let pages = (usable / per_page.max(1)).saturating_sub(1);
                 if pages < opts.min_kv_pages.max(1) {
@@ -313,7 +313,9 @@ impl CudaModel {
             let total: usize = spec
                 .layers
                 .iter()
-                .map(|l| 2 * (kv_pages + 1) * page_size * l.kv_heads * l.head_dim * cache_dt.size_in_bytes())
+                .map(|l| {
+                    2 * (kv_pages + 1) * page_size * l.kv_heads * l.head_dim * l.device_elem(cache_dt.size_in_bytes())
+                })
                 .sum();
             tracing::info!(
                 layers = spec.layers.len(),
@@ -323,7 +325,9 @@ impl CudaModel {
                 "allocating the KV cache"
             );
             for (i, l) in spec.layers.iter().enumerate() {
-                let bytes = (kv_pages + 1) * page_size * l.kv_heads * l.head_dim * cache_dt.size_in_bytes();
+                // An FP8 layer's cache: E4M3 codes, one byte a value.
+                let bytes =
+                    (kv_pages + 1) * page_size * l.kv_heads * l.head_dim * l.device_elem(cache_dt.size_in_bytes());
                 let what = format!(
                     "the KV cache (layer {i} of {}; {} pages of {page_size} tokens, {:.2} GiB in all)",
                     spec.layers.len(),
