@@ -309,6 +309,19 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
     }
 }
 
+/// torch.export archives whose graph after `post_load_fusion` is not the HF import's op for op
+/// (tests/pt2.rs), on CUDA against the CPU in f32, every backend pair: OpenELM's module; Llama
+/// 4's export, its interleaved RoPE made plain by `deinterleave_rope`, q/k normed after RoPE,
+/// the temperature a [batch, seq] table, the experts' weights read transposed at load.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn exported_archives_on_cuda_match_the_cpu() {
+    let _turn = gpu();
+    let failed: Vec<String> =
+        ["pt2/openelm.pt2", "pt2/llama4_text.pt2"].iter().flat_map(|f| check_family_config(f, "float32", "")).collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
 /// The NCCL path on one GPU: a one-rank communicator initialises, and its sum all-reduce (f32
 /// into another buffer, bf16 in place) leaves the values exactly as they are.
 #[test]
