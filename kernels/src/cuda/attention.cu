@@ -156,10 +156,15 @@ __device__ void paged_attention(const T* q, const C* k_cache, const C* v_cache, 
     PAGED(T, C, S, 32, true, g, K) PAGED(T, C, S, 64, true, g, K) PAGED(T, C, S, 128, true, g, K)                     \
     PAGED(T, C, S, 256, true, g, K)
 
+// The loader compiles this source twice, as two modules NVRTC builds in parallel: the builds
+// over a cache in the model's dtype, and (with KV_FP8_BUILDS defined) those over an FP8 cache.
+#ifndef KV_FP8_BUILDS
 ATTN_INSTANTIATE(float, float, f32, plain)
 ATTN_INSTANTIATE(bf16_t, bf16_t, bf16, plain)
+#else
 ATTN_INSTANTIATE(float, fp8_t, f32_fp8kv, fp8)
 ATTN_INSTANTIATE(bf16_t, fp8_t, bf16_fp8kv, fp8)
+#endif
 
 // Tensor-core prefill over the paged cache (bf16, FlashAttention-2's scheme with mma.sync
 // m16n8k16, sm_80+): one warp per (tile, query head), a tile being up to 16 consecutive query
@@ -335,10 +340,12 @@ __device__ void paged_prefill_tc(const bf16_t* q, const bf16_t* k_cache, const b
         paged_prefill_tc<D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles, page_size,  \
                             heads, kv_heads, tokens, scale, out);                                                     \
     }
+#ifndef KV_FP8_BUILDS
 PREFILL_TC(32)
 PREFILL_TC(64)
 PREFILL_TC(96)
 PREFILL_TC(128)
+#endif
 
 // `N` consecutive values (a lane's share of a head row) as f32: one 8- or 16-byte load for
 // bf16 rows of 4 or 8, one 16-byte load for f32 rows of 4, else element by element. Callers'
@@ -948,10 +955,13 @@ __device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C
     SPLIT(T, C, S, 32, true, g, K) SPLIT(T, C, S, 64, true, g, K) SPLIT(T, C, S, 128, true, g, K)                     \
     SPLIT(T, C, S, 256, true, g, K)
 
+#ifndef KV_FP8_BUILDS
 SPLIT_INSTANTIATE(float, float, f32, plain)
 SPLIT_INSTANTIATE(bf16_t, bf16_t, bf16, plain)
+#else
 SPLIT_INSTANTIATE(float, fp8_t, f32_fp8kv, fp8)
 SPLIT_INSTANTIATE(bf16_t, fp8_t, bf16_fp8kv, fp8)
+#endif
 
 // RoPE of q and k fused with the KV-cache write (rotate-half; cos/sin one [tokens, d] table):
 // q_out [heads, tokens, d] = rope(q); the cache slots of this step's tokens get rope(k) and v.
@@ -1009,10 +1019,13 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
                             KV_##K##_ARGS);                                                                           \
     }
 
+#ifndef KV_FP8_BUILDS
 ROPE_KV(float, float, f32, plain)
 ROPE_KV(bf16_t, bf16_t, bf16, plain)
+#else
 ROPE_KV(float, fp8_t, f32_fp8kv, fp8)
 ROPE_KV(bf16_t, fp8_t, bf16_fp8kv, fp8)
+#endif
 
 // AutoDeploy's triton backend's design: each sequence owns one contiguous slot of the cache
 // (its pages are consecutive, so position p of sequence s is row slot_base(s) + p), and one
@@ -1105,5 +1118,7 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
     SLOT(T, S, 16, false, d) SLOT(T, S, 32, false, d) SLOT(T, S, 64, false, d) SLOT(T, S, 96, false, d)               \
     SLOT(T, S, 128, false, d) SLOT(T, S, 256, false, d)                                                               \
     SLOT(T, S, 32, true, g) SLOT(T, S, 64, true, g) SLOT(T, S, 128, true, g) SLOT(T, S, 256, true, g)
+#ifndef KV_FP8_BUILDS
 SLOT_INSTANTIATE(float, f32)
 SLOT_INSTANTIATE(bf16_t, bf16)
+#endif

@@ -286,7 +286,14 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_prefill_tc_d64_bf16",
             "paged_prefill_tc_d96_bf16",
             "paged_prefill_tc_d128_bf16",
-            // The same over an FP8 KV cache (E4M3 codes, a scale each for K and V).
+        ],
+    ),
+    (
+        // attention.cu's builds over an FP8 KV cache (E4M3 codes, a scale each for K and V),
+        // a module of their own so NVRTC compiles them beside the others.
+        "attention_fp8kv",
+        concat!("#define KV_FP8_BUILDS 1\n", include_str!("attention.cu")),
+        &[
             "write_kv_f32_fp8kv",
             "paged_attention_d16_f32_fp8kv",
             "paged_attention_d32_f32_fp8kv",
@@ -504,7 +511,33 @@ fn ptx_path(module: &str, src: &str, arch: &str) -> Result<std::path::PathBuf, U
 /// PTX for `module`'s source, compiled for `arch` (`sm_90`): from the disk cache when this
 /// source, arch and NVRTC version were compiled before, else by NVRTC (then cached).
 pub fn compile(module: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool), Unavailable> {
-    compile_labeled(module, &format!("kernels/src/cuda/{module}.cu"), src, arch)
+    // `attention_fp8kv` is attention.cu compiled with KV_FP8_BUILDS.
+    let file = module.strip_suffix("_fp8kv").unwrap_or(module);
+    compile_labeled(module, &format!("kernels/src/cuda/{file}.cu"), src, arch)
+}
+
+/// Every module of `SOURCES` for `arch`, compiled or read from the disk cache, in `SOURCES`'
+/// order: NVRTC compiles distinct programs on separate threads, so a first run takes about as
+/// long as the largest module instead of the sum of all. `done(module, compiled)` is called as
+/// each is ready.
+pub fn compile_all(arch: &'static str, done: &(dyn Fn(&str, bool) + Sync)) -> Result<Vec<Ptx>, Unavailable> {
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = SOURCES
+            .iter()
+            .map(|&(m, src, _)| {
+                scope.spawn(move || {
+                    let r = compile(m, src, arch);
+                    if let Ok((_, cached)) = &r {
+                        done(m, !cached);
+                    }
+                    r
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().map_err(|_| Unavailable("an NVRTC compile thread panicked".into()))?.map(|(ptx, _)| ptx))
+            .collect()
+    })
 }
 
 /// As `compile`, for source from elsewhere (a plugin's), `what` naming it in errors; cached
@@ -565,7 +598,7 @@ pub struct Device {
 }
 
 /// The sources `exec::Gpu` launches through raw function handles.
-const RAW_MODULES: &[&str] = &["graph", "moe", "attention", "sample", "quant"];
+const RAW_MODULES: &[&str] = &["graph", "moe", "attention", "attention_fp8kv", "sample", "quant"];
 
 /// A module loaded with `cuModuleLoadData`; unloaded on drop.
 struct RawModule {
@@ -621,28 +654,34 @@ impl Device {
         let cc = ctx.compute_capability().map_err(|e| Unavailable(format!("cuda:{ordinal}: {e:?}")))?;
         let arch = arch_name(cc);
         let (mut modules, mut raw) = (Vec::new(), Vec::new());
-        // A first run compiles every module with NVRTC (tens of seconds); later ones read the
-        // disk cache. The bar shows only when something compiles, and only on a terminal.
-        let (t0, mut bar, mut compiled) = (std::time::Instant::now(), None::<indicatif::ProgressBar>, 0);
-        for (i, (m, src, _)) in SOURCES.iter().enumerate() {
-            if !ptx_path(m, src, arch)?.exists() {
-                let b = bar.get_or_insert_with(|| {
-                    let b = indicatif::ProgressBar::new(SOURCES.len() as u64).with_style(
-                        indicatif::ProgressStyle::with_template(
-                            "compiling CUDA kernels {bar:30} {pos}/{len} {wide_msg}",
-                        )
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                    );
-                    b.set_position(i as u64);
-                    b
-                });
-                b.set_message(format!("{m}.cu"));
-                compiled += 1;
+        // A first run compiles every module with NVRTC (tens of seconds, the modules in
+        // parallel); later ones read the disk cache. The bar shows only when something
+        // compiles, and only on a terminal.
+        let t0 = std::time::Instant::now();
+        let mut missing = 0;
+        for (m, src, _) in SOURCES {
+            missing += usize::from(!ptx_path(m, src, arch)?.exists());
+        }
+        let bar = (missing > 0).then(|| {
+            let b = indicatif::ProgressBar::new(missing as u64).with_style(
+                indicatif::ProgressStyle::with_template("compiling CUDA kernels {bar:30} {pos}/{len} {wide_msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_message("with NVRTC");
+            b
+        });
+        let compiled = std::sync::atomic::AtomicUsize::new(0);
+        let ptxs = compile_all(arch, &|m, fresh| {
+            if fresh {
+                compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(b) = &bar {
+                    b.set_message(format!("{m}.cu done"));
+                    b.inc(1);
+                }
             }
-            let (ptx, _) = compile(m, src, arch)?;
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
+        })?;
+        let compiled = compiled.into_inner();
+        for ((m, _, _), ptx) in SOURCES.iter().zip(ptxs) {
             let loading = |e| Unavailable(format!("loading kernels {m} on {name}: {e:?}"));
             if RAW_MODULES.contains(m) {
                 raw.push((*m, RawModule::load(&ctx, &ptx).map_err(&loading)?));
