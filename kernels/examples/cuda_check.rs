@@ -639,9 +639,15 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     let cache_bytes = rows * kv_heads * d * esz;
     // CPU reference over a page table: the step's k/v written at their positions, then causal
     // attention per (token, head).
-    let reference = |tables: &[Vec<i32>], q: &[f32], k: &[f32]| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    // (`reference_over`: the same from other cache contents and v, e.g. an FP8 cache's values.)
+    let reference_over = |tables: &[Vec<i32>],
+                          q: &[f32],
+                          k: &[f32],
+                          v: &[f32],
+                          (kc0, vc0): (&[f32], &[f32])|
+     -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let at = |s: usize, p: usize| tables[s][p / page] as usize * page + p % page;
-        let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+        let (mut kc, mut vc) = (kc0.to_vec(), vc0.to_vec());
         for t in 0..tokens {
             let sl = at(tseq[t] as usize, tpos[t] as usize);
             for j in 0..kv_heads {
@@ -676,6 +682,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         }
         (want, kc, vc)
     };
+    let reference = |tables: &[Vec<i32>], q: &[f32], k: &[f32]| reference_over(tables, q, k, &v, (&kc0, &vc0));
     let fresh_cache = |put: &mut dyn FnMut(Vec<u8>) -> u64| (put(bytes(&kc0)), put(bytes(&vc0)));
     let read = |ptr: u64, n: usize| {
         let mut raw = vec![0u8; n];
@@ -839,6 +846,133 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 rep.exact("  k cache after write", bf, &read(kc, cache_bytes), want_kc);
             }
             rep.exact("  v cache after write", bf, &read(vc, cache_bytes), want_vc);
+        }
+    }
+    // An FP8 KV cache (`_fp8kv` builds): E4M3 codes of x / k_scale and x / v_scale, one byte a
+    // value; the reference attends over those codes' values times the scales.
+    {
+        use autodeploy_kernels::quant::lowbit::{e4m3_to_f32, f32_to_e4m3};
+        let (ks, vs) = (0.011f32, 0.017f32);
+        let codes = |x: &[f32], s: f32| -> Vec<u8> { x.iter().map(|&v| f32_to_e4m3(v / s)).collect() };
+        let deq = |x: &[f32], s: f32| -> Vec<f32> { x.iter().map(|&v| e4m3_to_f32(f32_to_e4m3(v / s)) * s).collect() };
+        let values = |raw: &[u8], s: f32| -> Vec<f32> { raw.iter().map(|&c| e4m3_to_f32(c) * s).collect() };
+        let (kc8, vc8) = (codes(&kc0, ks), codes(&vc0, vs));
+        let (kd0, vd0) = (deq(&kc0, ks), deq(&vc0, vs));
+        let (want8, want8_kc, want8_vc) = reference_over(&scattered, &q, &deq(&k, ks), &deq(&v, vs), (&kd0, &vd0));
+        let rk = rope(&k);
+        let (want8_r, want8_kc_r, want8_vc_r) =
+            reference_over(&scattered, &rope(&q), &deq(&rk, ks), &deq(&v, vs), (&kd0, &vd0));
+        let n_cache = rows * kv_heads * d;
+        let read8 = |ptr: u64, s: f32| {
+            let mut raw = vec![0u8; n_cache];
+            gpu.sync().unwrap();
+            gpu.download(ptr, &mut raw).unwrap();
+            values(&raw, s)
+        };
+        let kv = Some((ks, vs));
+        let mods = ScoreMods { kv_fp8: kv, ..ScoreMods::default() };
+        // write_kv + the ragged CUDA-core kernel (prefill's; no tensor cores over FP8).
+        let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
+        let out = put(vec![0u8; out_bytes]);
+        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, kv).unwrap();
+        gpu.paged_attention(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale, mods).unwrap();
+        rep.check_scaled(&name("paged, FP8 cache"), bf, &read(out, out_bytes), &want8, 1e-5);
+        rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
+        rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
+        for (early, u, grouped, rotate) in [
+            (false, 8, false, false),
+            (false, 8, true, true),
+            (true, 8, false, false),
+            (true, 4, false, true),
+            (true, 8, false, true),
+        ] {
+            gpu.set_attn_early_u(u);
+            gpu.set_attn_group(grouped);
+            let (chunk, splits) = (16usize, 4usize);
+            let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
+            let out = put(vec![0u8; out_bytes]);
+            let split = Split {
+                chunk,
+                splits,
+                partial: put(vec![0u8; tokens * heads * splits * (d + 2) * 4]),
+                counters: put(vec![0u8; tokens * heads * 4]),
+            };
+            let tables = rotate.then_some((dcos, dsin));
+            let out_rows = HeadRows::heads_major(tokens, d);
+            if early {
+                let (qkv, c) = ((dq, dk, dv), (kc, vc));
+                gpu.paged_decode_split_fused(
+                    dt,
+                    qkv,
+                    tables,
+                    c,
+                    (out, out_rows),
+                    &m_scattered,
+                    heads,
+                    kv_heads,
+                    d,
+                    scale,
+                    split,
+                    kv,
+                )
+            } else {
+                let q = match tables {
+                    Some((c, s)) => {
+                        let q_out = put(vec![0u8; out_bytes]);
+                        let rows3 = [HeadRows::heads_major(tokens, d); 3];
+                        gpu.rope_write_kv(
+                            dt,
+                            (dq, dk, dv),
+                            rows3,
+                            c,
+                            s,
+                            q_out,
+                            (kc, vc),
+                            &m_scattered,
+                            heads,
+                            kv_heads,
+                            d,
+                            kv,
+                        )
+                        .unwrap();
+                        q_out
+                    }
+                    None => {
+                        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, kv).unwrap();
+                        dq
+                    }
+                };
+                gpu.paged_decode_split(
+                    dt,
+                    q,
+                    (kc, vc),
+                    (out, out_rows),
+                    &m_scattered,
+                    heads,
+                    kv_heads,
+                    d,
+                    scale,
+                    split,
+                    mods,
+                )
+            }
+            .unwrap();
+            let what = format!(
+                "split-KV decode, FP8 cache{}{}",
+                if early {
+                    format!(" early u{u}")
+                } else if grouped {
+                    " grouped".to_string()
+                } else {
+                    String::new()
+                },
+                if rotate { " +rope" } else { "" }
+            );
+            let (want, want_kc, want_vc) =
+                if rotate { (&want8_r, &want8_kc_r, &want8_vc_r) } else { (&want8, &want8_kc, &want8_vc) };
+            rep.check_scaled(&name(&what), bf, &read(out, out_bytes), want, 1e-5);
+            rep.check("  k cache after write (FP8 values)", false, &read8(kc, ks), want_kc);
+            rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), want_vc);
         }
     }
     gpu.set_attn_early_u(early_u);
