@@ -355,45 +355,51 @@ fn a_mask_that_is_not_causal_is_refused_at_its_sdpa() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A sliding-window export (the mistral fixture with a window of 48 tokens, wider than the
-/// lengths the mask check evaluates, so found from the mask's literal) attends within its
-/// window: its SDPA carries `window=48`, and 64 tokens give transformers' windowed logits, which
-/// past the window differ from causal ones (the reference shows it), uncached and through the
-/// paged cache.
+/// Local attention wider than the lengths the mask check evaluates, so found from the mask's
+/// literal: a sliding-window export (the mistral fixture with a window of 48 tokens) and a
+/// chunked one (the llama4_text fixture with chunks of 48 positions: the literal appears in both
+/// of the mask's floor_divides, so both are substituted together). Each SDPA carries its
+/// `window=48` / `chunk=48`, and 64 tokens give transformers' logits, which past 48 differ from
+/// causal ones (the reference shows it), uncached and through the paged cache.
 #[test]
 fn a_sliding_window_export_attends_within_its_window() {
-    let g = import_pt2("mistral-window48.pt2").unwrap();
-    assert!(g.nodes.iter().any(|n| n.op.attrs.contains("window=48")), "no SDPA carries the window:\n{}", g.dump());
-    let bytes = std::fs::read(fixture("pt2/mistral-window48.reference.safetensors")).unwrap();
-    let r = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let f32s = |n: &str| -> Vec<f32> {
-        r.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-    };
-    let ids: Vec<i64> = r
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let (window, causal) = (f32s("logits_window"), f32s("logits_causal"));
-    let vocab = window.len() / ids.len();
-    assert_eq!(ids.len(), 64);
-    let inside = 48 * vocab;
-    assert_eq!(max_abs_diff(&window[..inside], &causal[..inside], "inside the window"), 0.0);
-    assert!(max_abs_diff(&window[inside..], &causal[inside..], "past the window") > 0.1, "degenerate reference");
+    for (name, attr) in [("mistral-window48", "window=48"), ("llama4-chunk48", "chunk=48")] {
+        let g = import_pt2(&format!("{name}.pt2")).unwrap();
+        assert!(g.nodes.iter().any(|n| n.op.attrs.contains(attr)), "{name}: no SDPA carries {attr}:\n{}", g.dump());
+        let bytes = std::fs::read(fixture(&format!("pt2/{name}.reference.safetensors"))).unwrap();
+        let r = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let f32s = |n: &str| -> Vec<f32> {
+            r.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        };
+        let ids: Vec<i64> = r
+            .tensor("input_ids")
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let (window, causal) = (f32s("logits_window"), f32s("logits_causal"));
+        let vocab = window.len() / ids.len();
+        assert_eq!(ids.len(), 64);
+        let inside = 48 * vocab;
+        assert_eq!(max_abs_diff(&window[..inside], &causal[..inside], "inside the window"), 0.0, "{name}");
+        assert!(
+            max_abs_diff(&window[inside..], &causal[inside..], "past the window") > 0.1,
+            "{name}: degenerate reference"
+        );
 
-    let mut m = compile(&g);
-    let got = logits(m.as_mut(), &[1, 64], &ids);
-    let err = max_abs_diff(&got, &window, "64 tokens");
-    assert!(err <= 1e-4, "max |error| against transformers' windowed logits: {err}");
+        let mut m = compile(&g);
+        let got = logits(m.as_mut(), &[1, 64], &ids);
+        let err = max_abs_diff(&got, &window, "64 tokens");
+        assert!(err <= 1e-4, "{name}: max |error| against transformers' logits: {err}");
 
-    // Through the runtime and the paged cache: the 64-token prompt's greedy continuation is the
-    // windowed logits' argmax at its last position.
-    let out = generate("pt2/mistral-window48.pt2", "attn_page_size = 8", &[greedy(&ids, 1)]);
-    let last = &window[63 * vocab..];
-    let want = argmax(last) as i64;
-    assert_eq!(out[0].as_ref().unwrap().tokens, vec![want]);
+        // Through the runtime and the paged cache: the 64-token prompt's greedy continuation is
+        // the reference logits' argmax at its last position.
+        let out = generate(&format!("pt2/{name}.pt2"), "attn_page_size = 8", &[greedy(&ids, 1)]);
+        let last = &window[63 * vocab..];
+        let want = argmax(last) as i64;
+        assert_eq!(out[0].as_ref().unwrap().tokens, vec![want], "{name}");
+    }
 }
 
 /// The tokenizer scripts/export.py saves beside an archive (`x.pt2` → `x.tokenizer/`) is the

@@ -126,8 +126,8 @@ pub struct MaskEval<'a> {
     pub sym_ints: &'a HashMap<String, autodeploy_core::Dim>,
     pub bind: Bindings,
     pub values: HashMap<String, IntTensor>,
-    /// An integer argument evaluated with another value: (tensor, argument name, value).
-    pub patch: Option<(String, String, i64)>,
+    /// Integer arguments evaluated with other values: (tensor, argument name, value).
+    pub patch: Vec<(String, String, i64)>,
 }
 
 fn short(target: &str) -> &str {
@@ -169,10 +169,11 @@ impl MaskEval<'_> {
         let nodes = self.nodes;
         let mut n = nodes.get(name).ok_or_else(|| format!("`{name}` is not computed by a node of the graph"))?;
         let patched;
-        if let Some((_, arg, v)) = self.patch.as_ref().filter(|p| p.0 == name) {
+        let here: Vec<_> = self.patch.iter().filter(|p| p.0 == name).collect();
+        if !here.is_empty() {
             let mut c = n.clone();
             for i in c["inputs"].as_array_mut().into_iter().flatten() {
-                if i["name"] == arg.as_str() {
+                if let Some((_, _, v)) = here.iter().find(|p| i["name"] == p.1.as_str()) {
                     i["arg"] = serde_json::json!({ "as_int": v });
                 }
             }
@@ -493,7 +494,7 @@ impl MaskSource<'_> {
         &self,
         mask: &str,
         (batch, seq, offsets): (usize, usize, &[i64]),
-        patch: Option<(String, String, i64)>,
+        patch: Vec<(String, String, i64)>,
     ) -> Result<IntTensor, String> {
         let mut bind = Bindings::new();
         bind.insert("batch".into(), batch);
@@ -520,7 +521,7 @@ impl MaskSource<'_> {
         let mut evaluated = Vec::new();
         let mut found = MaskKind::Causal;
         for (batch, seq, offsets) in CASES {
-            let m = self.eval(mask, (batch, seq, &offsets), None)?;
+            let m = self.eval(mask, (batch, seq, &offsets), Vec::new())?;
             let k = classify(&m, batch, seq, &offsets).map_err(|e| {
                 format!("the mask `{mask}` is not the causal mask (for {batch} rows of {seq} positions it {e})")
             })?;
@@ -549,17 +550,24 @@ impl MaskSource<'_> {
     }
 
     /// Windows and chunks too wide for the evaluated lengths: each integer literal `c` of the
-    /// mask's ops (`|c| >= 2`) is replaced by ±2, ±3 and ±4; when the mask then keeps windows
-    /// (or chunks) that move by one token per unit, the size at `c` follows.
+    /// mask's ops (`|c| >= 2`; every operand of that value at once, as Llama 4's chunk divides
+    /// the query's and the key's positions alike) is replaced by ±2, ±3 and ±4; when the mask
+    /// then keeps windows (or chunks) that move by one token per unit, the size at `c` follows.
     fn literal_kinds(&self, mask: &str) -> Vec<MaskKind> {
         let mut found = Vec::new();
-        for (tensor, arg, c) in self.literals(mask) {
+        let all = self.literals(mask);
+        let mut values: Vec<i64> = all.iter().map(|l| l.2).collect();
+        values.sort_unstable();
+        values.dedup();
+        for c in values {
             let sign = c.signum();
+            let at = |k: i64| -> Vec<(String, String, i64)> {
+                all.iter().filter(|l| l.2 == c).map(|(t, a, _)| (t.clone(), a.clone(), sign * k)).collect()
+            };
             let kinds: Vec<Option<MaskKind>> = [2, 3, 4]
                 .iter()
-                .map(|k| {
-                    let m =
-                        self.eval(mask, (1, PROBE_SEQ, &[0]), Some((tensor.clone(), arg.clone(), sign * k))).ok()?;
+                .map(|&k| {
+                    let m = self.eval(mask, (1, PROBE_SEQ, &[0]), at(k)).ok()?;
                     classify(&m, 1, PROBE_SEQ, &[0]).ok().filter(|k| *k != MaskKind::Causal)
                 })
                 .collect();
