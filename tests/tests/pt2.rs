@@ -363,7 +363,7 @@ fn a_mask_that_is_not_causal_is_refused_at_its_sdpa() {
 /// causal ones (the reference shows it), uncached and through the paged cache.
 #[test]
 fn a_sliding_window_export_attends_within_its_window() {
-    for (name, attr) in [("mistral-window48", "window=48"), ("llama4-chunk48", "chunk=48")] {
+    for (name, attr) in [("mistral-window48", "window=48"), ("llama4_text-chunk48", "chunk=48")] {
         let g = import_pt2(&format!("{name}.pt2")).unwrap();
         assert!(g.nodes.iter().any(|n| n.op.attrs.contains(attr)), "{name}: no SDPA carries {attr}:\n{}", g.dump());
         let bytes = std::fs::read(fixture(&format!("pt2/{name}.reference.safetensors"))).unwrap();
