@@ -409,4 +409,5 @@ const MASK_OPS: &[&str] = &[
     "torch.ops.aten.ne.Scalar",
     "torch.ops.aten.__and__.Tensor",
     "torch.ops.aten.new_ones.default",
+    "torch.ops.aten.floor_divide.default",
 ];
