@@ -192,7 +192,8 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
     assert!(history[0].contains("transform=fold_norm_scale] folded 31 rmsnorm scales into 91 linears"), "{history:?}");
     assert!(history[1].contains("transform=use_example_rmsnorm] disabled"), "{history:?}");
     assert!(history[2].contains("transform=fold_weight_ops] folded 0 weight-only ops"), "{history:?}");
-    assert!(history[3].contains("transform=fuse_gemms"), "{history:?}");
+    assert!(history[3].contains("transform=deinterleave_rope] made 0"), "{history:?}");
+    assert!(history[4].contains("transform=fuse_gemms"), "{history:?}");
     assert!(graph.contains("%model.norm.weight.folded: f32[576] = weight"), "the folded final norm");
     let (ok, folded, err) = host(&dir, &smollm2_config(&model, "naive_cpu", ""), &[]);
     assert!(ok, "{err}");
@@ -204,7 +205,7 @@ fn the_host_loads_the_example_plugin_and_runs_it_unchanged() {
         root().join("tests/fixtures/gemma2").display().to_string()
     );
     let (ok, _, err) = host(&dir, &gemma2, &[]);
-    assert!(!ok && err.contains("`naive_cpu`") && err.contains("chunked attention or soft-capping"), "{err}");
+    assert!(!ok && err.contains("`naive_cpu`") && err.contains("chunked attention, soft-capping"), "{err}");
     // Qwen3's q/k norms are read by transposes, not linears: those stay, the rest fold.
     let qwen3 = format!("model = {:?}\n", root().join("tests/fixtures/qwen3").display().to_string());
     let (ok, graph, err) = host(&dir, &qwen3, &["graph", "--stage", "post_load_fusion"]);
@@ -684,7 +685,12 @@ fn a_plugin_importer_reads_a_format_the_host_does_not_know() {
     assert!(ok, "{err}");
     assert!(out.contains("# import: llama2c importer") && out.contains("computing in bf16"), "{out}");
     assert!(out.contains("%layers.0.wo: bf16[64, 64] = weight"), "{out}");
-    assert!(out.contains("torch_rope_with_explicit_cos_sin(") && out.contains("interleaved=true"), "{out}");
+    // llama2.c's q/k rows are in Meta's interleaved order: matched as the interleaved RoPE, which
+    // `deinterleave_rope` makes the plain one over q/k rows permuted at load.
+    assert!(out.contains("transform=deinterleave_rope] made 4 interleaved RoPE plain"), "{out}");
+    assert!(out.contains("torch_rope_with_explicit_cos_sin(") && !out.contains("interleaved=true"), "{out}");
+    let (ok, out, err) = host(&dir, &cfg(&bin, ""), &["graph", "--stage", "pattern_matcher"]);
+    assert!(ok && out.contains("interleaved=true"), "{out}{err}");
 
     // A truncated file: refused by the plugin with the file and the sizes.
     let short = dir.join("short.bin");
