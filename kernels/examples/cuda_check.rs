@@ -871,14 +871,25 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         };
         let kv = Some((ks, vs));
         let mods = ScoreMods { kv_fp8: kv, ..ScoreMods::default() };
-        // write_kv + the ragged CUDA-core kernel (prefill's; no tensor cores over FP8).
-        let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
-        let out = put(vec![0u8; out_bytes]);
-        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, kv).unwrap();
-        gpu.paged_attention(dt, dq, kc, vc, out, &m_scattered, heads, kv_heads, d, scale, mods).unwrap();
-        rep.check_scaled(&name("paged, FP8 cache"), bf, &read(out, out_bytes), &want8, 1e-5);
-        rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
-        rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
+        // write_kv + the ragged prefill kernel, on CUDA cores and (bf16) on tensor cores, the
+        // FP8 tiles converted to bf16 as they are staged.
+        for tc in [false, true] {
+            if tc && !tc_applies {
+                continue;
+            }
+            let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
+            let out = put(vec![0u8; out_bytes]);
+            gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, kv).unwrap();
+            let mut m = m_scattered;
+            if !tc {
+                m.tile_slots = 0;
+            }
+            gpu.paged_attention(dt, dq, kc, vc, out, &m, heads, kv_heads, d, scale, mods).unwrap();
+            let what = if tc { "paged tensor-core, FP8 cache" } else { "paged, FP8 cache" };
+            rep.check_scaled(&name(what), bf, &read(out, out_bytes), &want8, 1e-5);
+            rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
+            rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
+        }
         for (early, u, grouped, rotate) in [
             (false, 8, false, false),
             (false, 8, true, true),

@@ -196,11 +196,22 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 }
 __device__ __forceinline__ unsigned pack_raw(bf16_t lo, bf16_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 
-template <int D>
-__device__ void paged_prefill_tc(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
+// Eight E4M3 codes (8-byte aligned) as eight bf16, which hold their values exactly.
+__device__ __forceinline__ uint4 fp8x8_as_bf16(const fp8_t* p) {
+    uint2 w = *(const uint2*)p;
+    float f[8];
+    e4m3x4(w.x, f);
+    e4m3x4(w.y, f + 4);
+    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
+}
+
+// C: the cache's type (bf16_t, or fp8_t: its tiles converted to bf16 as they are staged; the
+// scales as in the other kernels, k_scale with the score scale, v_scale on the output).
+template <int D, typename C>
+__device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_cache,
                                  const long long* token_seq, const long long* token_pos, const long long* page_indptr,
                                  const int* page_indices, const long long* tiles, int page_size, int heads,
-                                 int kv_heads, long tokens, float scale, bf16_t* out) {
+                                 int kv_heads, long tokens, float scale, bf16_t* out, float ks, float vs) {
     constexpr int KS = D / 16;  // k-steps of S over the head dim
     constexpr int NT = D / 8;   // 8-wide column tiles of O
     constexpr int RS = D + 8;   // shared row stride in bf16 (16-byte multiple, fewer bank conflicts)
@@ -242,8 +253,13 @@ __device__ void paged_prefill_tc(const bf16_t* q, const bf16_t* k_cache, const b
             if (p <= last) {
                 long slot = (long)pages[p / page_size] * page_size + p % page_size;
                 long base = (slot * kv_heads + kvh) * D + ch * 8;
-                kv = *(const uint4*)(k_cache + base);
-                vv = *(const uint4*)(v_cache + base);
+                if constexpr (is_fp8<C>::value) {
+                    kv = fp8x8_as_bf16(k_cache + base);
+                    vv = fp8x8_as_bf16(v_cache + base);
+                } else {
+                    kv = *(const uint4*)(k_cache + base);
+                    vv = *(const uint4*)(v_cache + base);
+                }
             }
             *(uint4*)(ks + r * RS + ch * 8) = kv;
             *(uint4*)(vs + r * RS + ch * 8) = vv;
@@ -270,7 +286,7 @@ __device__ void paged_prefill_tc(const bf16_t* q, const bf16_t* k_cache, const b
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     long long key = kb + 8 * j + 2 * c + e;
-                    float v = key <= lim ? sc[j][2 * half + e] * scale : __int_as_float(0xff800000);  // -inf
+                    float v = key <= lim ? sc[j][2 * half + e] * (scale * ks) : __int_as_float(0xff800000);  // -inf
                     sc[j][2 * half + e] = v;
                     mx = fmaxf(mx, v);
                 }
@@ -324,27 +340,32 @@ __device__ void paged_prefill_tc(const bf16_t* q, const bf16_t* k_cache, const b
         int row = g + 8 * half;
         if (row >= cnt) continue;
         bf16_t* orow = out + ((long)h * tokens + t0 + row) * D;
-        float inv = 1.0f / L;
+        float inv = vs / L;
 #pragma unroll
         for (int n = 0; n < NT; n++)
             *(unsigned*)(orow + 8 * n + 2 * c) = pack_bf16(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
     }
 }
 
-#define PREFILL_TC(D)                                                                                                 \
-    extern "C" __global__ void paged_prefill_tc_d##D##_bf16(                                                          \
-        const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, const long long* token_seq,                  \
-        const long long* token_pos, const long long* page_indptr, const int* page_indices, const long long* tiles,   \
-        int page_size, int heads, int kv_heads, long tokens, float scale, bf16_t* out) {                            \
+#define PREFILL_TC(D, C, S, K)                                                                                        \
+    extern "C" __global__ void paged_prefill_tc_d##D##_##S(                                                           \
+        const bf16_t* q, const C* k_cache, const C* v_cache, const long long* token_seq, const long long* token_pos, \
+        const long long* page_indptr, const int* page_indices, const long long* tiles, int page_size, int heads,    \
+        int kv_heads, long tokens, float scale, bf16_t* out KV_##K##_PARAMS) {                                      \
         pdl_enter();                                                                                                  \
-        paged_prefill_tc<D>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles, page_size,  \
-                            heads, kv_heads, tokens, scale, out);                                                     \
+        paged_prefill_tc<D, C>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles,          \
+                               page_size, heads, kv_heads, tokens, scale, out, KV_##K##_ARGS);                        \
     }
 #ifndef KV_FP8_BUILDS
-PREFILL_TC(32)
-PREFILL_TC(64)
-PREFILL_TC(96)
-PREFILL_TC(128)
+PREFILL_TC(32, bf16_t, bf16, plain)
+PREFILL_TC(64, bf16_t, bf16, plain)
+PREFILL_TC(96, bf16_t, bf16, plain)
+PREFILL_TC(128, bf16_t, bf16, plain)
+#else
+PREFILL_TC(32, fp8_t, bf16_fp8kv, fp8)
+PREFILL_TC(64, fp8_t, bf16_fp8kv, fp8)
+PREFILL_TC(96, fp8_t, bf16_fp8kv, fp8)
+PREFILL_TC(128, fp8_t, bf16_fp8kv, fp8)
 #endif
 
 // `N` consecutive values (a lane's share of a head row) as f32: one 8- or 16-byte load for
@@ -388,12 +409,9 @@ template <int N>
 __device__ __forceinline__ void load_row(const fp8_t* p, float* out) {
     const unsigned char* b = (const unsigned char*)p;
     if constexpr (N % 4 == 0) {
+        // Four codes a word, converted by the hardware on sm_89+ (`e4m3x4`).
 #pragma unroll
-        for (int i = 0; i < N; i += 4) {
-            unsigned int w = *(const unsigned int*)(b + i);
-#pragma unroll
-            for (int j = 0; j < 4; j++) out[i + j] = e4m3_value((w >> (8 * j)) & 0xffu);
-        }
+        for (int i = 0; i < N; i += 4) e4m3x4(*(const unsigned int*)(b + i), out + i);
     } else {
 #pragma unroll
         for (int i = 0; i < N; i++) out[i] = e4m3_value(b[i]);

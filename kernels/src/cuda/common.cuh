@@ -44,6 +44,27 @@ __device__ __forceinline__ float e4m3_round(float v) {
     return copysignf(r, v);
 }
 
+// Four E4M3 codes of a 32-bit word (lowest byte first) as f32.
+__device__ __forceinline__ void e4m3x4(unsigned int w, float* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned int lo, hi;
+    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+    unsigned short h[4] = {(unsigned short)(lo & 0xffffu), (unsigned short)(lo >> 16), (unsigned short)(hi & 0xffffu),
+                           (unsigned short)(hi >> 16)};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h[j]));
+        out[j] = f;
+    }
+#else
+#pragma unroll
+    for (int j = 0; j < 4; j++) out[j] = e4m3_value((w >> (8 * j)) & 0xffu);
+#endif
+}
+
 // The E4M3 code (a byte) of a value E4M3 represents exactly (`e4m3_round`'s results).
 __device__ __forceinline__ unsigned char e4m3_code_of(float r) {
     unsigned int bits = __float_as_uint(r);

@@ -438,6 +438,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_decode_split_early4_g128_bf16_fp8kv",
             "paged_decode_split_early4_g256_bf16_fp8kv",
             "rope_write_kv_bf16_fp8kv",
+            "paged_prefill_tc_d32_bf16_fp8kv",
+            "paged_prefill_tc_d64_bf16_fp8kv",
+            "paged_prefill_tc_d96_bf16_fp8kv",
+            "paged_prefill_tc_d128_bf16_fp8kv",
         ],
     ),
 ];

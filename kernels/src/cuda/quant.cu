@@ -5,27 +5,6 @@
 // significant bits; E2M1 times an E4M3 block scale: 6), summed in f32, and scaled once at the
 // end: y = acc · s_in · s_w + bias, rounded once to the output dtype. T is float or bf16_t.
 
-// Four E4M3 codes of a 32-bit word (lowest byte first) as f32.
-__device__ __forceinline__ void e4m3x4(unsigned int w, float* out) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    unsigned int lo, hi;
-    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
-        : "=r"(lo), "=r"(hi)
-        : "r"(w));
-    unsigned short h[4] = {(unsigned short)(lo & 0xffffu), (unsigned short)(lo >> 16), (unsigned short)(hi & 0xffffu),
-                           (unsigned short)(hi >> 16)};
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h[j]));
-        out[j] = f;
-    }
-#else
-#pragma unroll
-    for (int j = 0; j < 4; j++) out[j] = e4m3_value((w >> (8 * j)) & 0xffu);
-#endif
-}
-
 __device__ __forceinline__ float e2m1_value(unsigned int c) {
     const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
     float v = mag[c & 7u];

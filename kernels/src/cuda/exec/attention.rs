@@ -125,11 +125,15 @@ impl Gpu {
     ) -> Result<(), Unavailable> {
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let tc = PREFILL_TC_DIMS.iter().position(|&x| x == d);
-        let plain = mods == ScoreMods::default();
+        let plain = !mods.shapes_scores();
         if let (true, Dt::BF16, Some(i), true, true) = (self.prefill_tc, dt, tc, meta.tile_slots > 0, plain) {
-            let mut l = self.launcher(self.f.paged_prefill_tc[i]);
+            let mut l = self.launcher(self.f.paged_prefill_tc[usize::from(mods.kv_fp8.is_some())][i]);
             l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
             l.arg(&meta.page_indices).arg(&meta.tiles).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+            let scales = mods.kv_fp8.unwrap_or((1.0, 1.0));
+            if mods.kv_fp8.is_some() {
+                l.arg(&scales.0).arg(&scales.1);
+            }
             let cfg = LaunchConfig {
                 grid_dim: (meta.tile_slots as u32, heads as u32, 1),
                 block_dim: (32, 1, 1),

@@ -58,8 +58,8 @@ pub(super) struct Funcs {
     pub(super) paged_decode_split_early4: [Vec<Kernel>; 4],
     pub(super) rope_write_kv: [Kernel; 4],
     pub(super) slot_attention: [Vec<Kernel>; 2],
-    /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`.
-    pub(super) paged_prefill_tc: Vec<Kernel>,
+    /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`: over a bf16 cache, over an FP8 one.
+    pub(super) paged_prefill_tc: [Vec<Kernel>; 2],
 }
 
 impl Funcs {
@@ -161,10 +161,13 @@ impl Funcs {
             argmax_final: g("argmax_final")?,
             sample_rows: g("sample_rows")?,
             write_kv: builds("write_kv")?,
-            paged_prefill_tc: PREFILL_TC_DIMS
-                .iter()
-                .map(|d| g(&format!("paged_prefill_tc_d{d}_bf16")))
-                .collect::<Result<_, _>>()?,
+            paged_prefill_tc: [
+                PREFILL_TC_DIMS.iter().map(|d| g(&format!("paged_prefill_tc_d{d}_bf16"))).collect::<Result<_, _>>()?,
+                PREFILL_TC_DIMS
+                    .iter()
+                    .map(|d| g(&format!("paged_prefill_tc_d{d}_bf16_fp8kv")))
+                    .collect::<Result<_, _>>()?,
+            ],
             paged_attention: by_dims("paged_attention")?,
             paged_decode_split: by_dims("paged_decode_split")?,
             paged_decode_split_early: by_dims("paged_decode_split_early")?,
