@@ -211,7 +211,7 @@ template <int D, typename C>
 __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_cache,
                                  const long long* token_seq, const long long* token_pos, const long long* page_indptr,
                                  const int* page_indices, const long long* tiles, int page_size, int heads,
-                                 int kv_heads, long tokens, float scale, bf16_t* out, float ks, float vs) {
+                                 int kv_heads, long tokens, float scale, bf16_t* out, float k_scale, float v_scale) {
     constexpr int KS = D / 16;  // k-steps of S over the head dim
     constexpr int NT = D / 8;   // 8-wide column tiles of O
     constexpr int RS = D + 8;   // shared row stride in bf16 (16-byte multiple, fewer bank conflicts)
@@ -286,7 +286,7 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     long long key = kb + 8 * j + 2 * c + e;
-                    float v = key <= lim ? sc[j][2 * half + e] * (scale * ks) : __int_as_float(0xff800000);  // -inf
+                    float v = key <= lim ? sc[j][2 * half + e] * (scale * k_scale) : __int_as_float(0xff800000);  // -inf
                     sc[j][2 * half + e] = v;
                     mx = fmaxf(mx, v);
                 }
@@ -340,7 +340,7 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
         int row = g + 8 * half;
         if (row >= cnt) continue;
         bf16_t* orow = out + ((long)h * tokens + t0 + row) * D;
-        float inv = vs / L;
+        float inv = v_scale / L;
 #pragma unroll
         for (int n = 0; n < NT; n++)
             *(unsigned*)(orow + 8 * n + 2 * c) = pack_bf16(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
