@@ -279,9 +279,10 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             ("qwen3-fp8", ""),
             ("mistral-nvfp4", ""),
             ("llama", "quantize = \"fp8\"\n"),
-            // cuBLASLt's FP8 GEMM for the prefills (bf16 runs; f32 keeps the exact path).
-            ("llama-fp8", "kernels.fp8_gemm_cublaslt = true\n"),
-            ("llama", "quantize = \"fp8\"\nkernels.fp8_gemm_cublaslt = true\n"),
+            // (cuBLASLt's FP8 GEMM runs the bf16 prefills above, the default.) The dequantizing
+            // path for them instead.
+            ("llama-fp8", "kernels.fp8_gemm_cublaslt = false\n"),
+            ("llama", "quantize = \"fp8\"\nkernels.fp8_gemm_cublaslt = false\n"),
             // The FP8 KV cache (E4M3 codes at the checkpoint's k/v scales) against the CPU's
             // reference (tests/quant.rs): the logits move by up to 2.2 with it, so a cache
             // kept in the model's dtype fails here.

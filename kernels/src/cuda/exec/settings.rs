@@ -35,7 +35,8 @@ pub struct KernelSettings {
     pub fp8_gemv_tensor_cores: bool,
     /// FP8 linears of more than 8 rows (prefill, large batches) with bf16 activations on
     /// cuBLASLt's FP8 tensor-core GEMM (sm_89+) instead of dequantizing the weight and running a
-    /// bf16 GEMM (`AUTODEPLOY_FP8_LT=1`). Off until measured against the dequantizing path.
+    /// bf16 GEMM (`AUTODEPLOY_FP8_LT=0`: the dequantizing path). On an H200 the 8B FP8 offline
+    /// run (1,000 requests, 128/128) made 10,306 output tok/s with it, 3,963 without.
     pub fp8_gemm_cublaslt: bool,
 }
 
@@ -51,7 +52,7 @@ impl Default for KernelSettings {
             attn_group_heads: true,
             moe_grouped_min: 4,
             fp8_gemv_tensor_cores: true,
-            fp8_gemm_cublaslt: false,
+            fp8_gemm_cublaslt: true,
         }
     }
 }
