@@ -200,6 +200,16 @@ impl MaskEval<'_> {
         self.eval(&name)
     }
 
+    /// A binary op's `other`: a tensor, or a number as a one-element tensor.
+    fn other(&mut self, args: &HashMap<&str, &Value>) -> Result<IntTensor, String> {
+        let other = args.get("other").ok_or("no `other`")?;
+        if other.get("as_tensor").is_some() {
+            self.tensor(args, "other")
+        } else {
+            Ok(IntTensor::new(vec![], vec![self.int(other)?]))
+        }
+    }
+
     fn opt<'v>(args: &HashMap<&str, &'v Value>, k: &str) -> Option<&'v Value> {
         args.get(k).copied().filter(|a| a.get("as_none").is_none())
     }
@@ -297,12 +307,7 @@ impl MaskEval<'_> {
             }
             "add.Tensor" | "sub.Tensor" | "mul.Tensor" | "add.Scalar" | "sub.Scalar" | "mul.Scalar" => {
                 let x = self.tensor(args, "self")?;
-                let other = args.get("other").ok_or("no `other`")?;
-                let y = if other.get("as_tensor").is_some() {
-                    self.tensor(args, "other")?
-                } else {
-                    IntTensor::new(vec![], vec![self.int(other)?])
-                };
+                let y = self.other(args)?;
                 let alpha = int_or(self, "alpha", 1)?;
                 match &target[..3] {
                     "add" => binary(&x, &y, |a, b| a + alpha * b)?,
@@ -313,11 +318,7 @@ impl MaskEval<'_> {
             "ne.Scalar" | "eq.Scalar" | "le.Scalar" | "lt.Scalar" | "ge.Scalar" | "gt.Scalar" | "ne.Tensor"
             | "eq.Tensor" | "le.Tensor" | "lt.Tensor" | "ge.Tensor" | "gt.Tensor" => {
                 let x = self.tensor(args, "self")?;
-                let y = if target.ends_with("Tensor") {
-                    self.tensor(args, "other")?
-                } else {
-                    IntTensor::new(vec![], vec![self.int(args.get("other").ok_or("no `other`")?)?])
-                };
+                let y = self.other(args)?;
                 let f: fn(i64, i64) -> bool = match &target[..2] {
                     "ne" => |a, b| a != b,
                     "eq" => |a, b| a == b,
@@ -342,12 +343,7 @@ impl MaskEval<'_> {
             }
             "floor_divide.default" | "floor_divide.Scalar" => {
                 let x = self.tensor(args, "self")?;
-                let other = args.get("other").ok_or("no `other`")?;
-                let y = if other.get("as_tensor").is_some() {
-                    self.tensor(args, "other")?
-                } else {
-                    IntTensor::new(vec![], vec![self.int(other)?])
-                };
+                let y = self.other(args)?;
                 if y.data.contains(&0) {
                     return Err("floor_divide by zero".into());
                 }
