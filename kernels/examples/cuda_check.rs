@@ -739,19 +739,25 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     // kernel, with and without its own RoPE of q and k; the throughput build one query head a
     // block and a GQA group's heads together; the latency build at 8 and at 4 positions a warp
     // and pass (`Gpu::attn_early_u`).
-    let (early_u, group) = (gpu.attn_early_u(), gpu.attn_group());
-    for (chunk, splits, early, u, grouped) in [
-        (16usize, 4usize, false, 8, false),
-        (64, 1, false, 8, false),
-        (16, 4, false, 8, true),
-        (64, 1, false, 8, true),
-        (16, 4, true, 8, false),
-        (64, 1, true, 8, false),
-        (16, 4, true, 4, false),
-        (64, 1, true, 4, false),
+    let (early_u, group, decode_tc) = (gpu.attn_early_u(), gpu.attn_group(), gpu.decode_tc());
+    for (chunk, splits, early, u, grouped, tc) in [
+        (16usize, 4usize, false, 8, false, false),
+        (64, 1, false, 8, false, false),
+        (16, 4, false, 8, true, false),
+        (64, 1, false, 8, true, false),
+        (16, 4, false, 8, true, true),
+        (64, 1, false, 8, true, true),
+        (16, 4, true, 8, false, false),
+        (64, 1, true, 8, false, false),
+        (16, 4, true, 4, false, false),
+        (64, 1, true, 4, false, false),
     ] {
+        if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, ScoreMods::default()) {
+            continue;
+        }
         gpu.set_attn_early_u(u);
         gpu.set_attn_group(grouped);
+        gpu.set_decode_tc(tc);
         for rotate in [false, true] {
             let (kc, vc) = fresh_cache(&mut put);
             let out = put(vec![0u8; out_bytes]);
@@ -819,6 +825,8 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 "split-KV decode{}{} /{chunk}",
                 if early {
                     format!(" early u{u}")
+                } else if tc {
+                    " tensor cores".to_string()
                 } else if grouped {
                     format!(" {} heads a block", gpu.decode_heads_a_block(heads, kv_heads, d))
                 } else {
@@ -890,15 +898,20 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
             rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
             rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
         }
-        for (early, u, grouped, rotate) in [
-            (false, 8, false, false),
-            (false, 8, true, true),
-            (true, 8, false, false),
-            (true, 4, false, true),
-            (true, 8, false, true),
+        for (early, u, grouped, tc, rotate) in [
+            (false, 8, false, false, false),
+            (false, 8, true, false, true),
+            (false, 8, true, true, true),
+            (true, 8, false, false, false),
+            (true, 4, false, false, true),
+            (true, 8, false, false, true),
         ] {
+            if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, mods) {
+                continue;
+            }
             gpu.set_attn_early_u(u);
             gpu.set_attn_group(grouped);
+            gpu.set_decode_tc(tc);
             let (chunk, splits) = (16usize, 4usize);
             let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
             let out = put(vec![0u8; out_bytes]);
@@ -972,6 +985,8 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
                 "split-KV decode, FP8 cache{}{}",
                 if early {
                     format!(" early u{u}")
+                } else if tc {
+                    " tensor cores".to_string()
                 } else if grouped {
                     " grouped".to_string()
                 } else {
@@ -988,6 +1003,7 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
     }
     gpu.set_attn_early_u(early_u);
     gpu.set_attn_group(group);
+    gpu.set_decode_tc(decode_tc);
     // triton, fused write-and-attend over slots.
     let (want_t, want_kc_t, want_vc_t) = reference(&slots, &q, &k);
     let (kc, vc) = fresh_cache(&mut put);

@@ -788,6 +788,57 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
                                                   ohs, ots, EARLY ? 0 : window, EARLY ? 0.0f : softcap, d,            \
                                                   KV_##K##_ARGS);                                                     \
     }
+// The end of a split-KV block over `n` query heads h0 .. h0 + n - 1 of token t, chunk s of
+// `active`: each of its WARPS warps left, for each head g, its max m, sum l and unnormalised
+// output row (v_scale applied) in shared memory (`sm`/`sl` [WARPS][rows], `sacc`
+// [WARPS][rows][stride], row g of warp w at w·rows + g; the caller synchronised). Merges the
+// warps; a token whose positions fit one chunk writes out directly, else the chunk's partial
+// state goes to `partial` and the last block of (t, h0) to finish (counter t·heads + h0) merges
+// the chunks, one warp a head.
+template <typename T, int WARPS, int PER>
+__device__ void finish_heads(const float* sm, const float* sl, const float* sacc, int rows, int stride, int n, int d,
+                             long t, int h0, int s, int active, int heads, int splits, float* partial, int* counters,
+                             T* out_all, long long ohs, long long ots) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int e = threadIdx.x; e < n * d; e += blockDim.x) {
+        int g = e / d, j = e % d;
+        float M = sm[g];
+        for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2 * rows + g]);
+        float L = 0.0f, o = 0.0f;
+        for (int w2 = 0; w2 < WARPS; w2++) {
+            float c = __expf(sm[w2 * rows + g] - M);
+            L += sl[w2 * rows + g] * c;
+            o += sacc[(long)(w2 * rows + g) * stride + j] * c;
+        }
+        if (active == 1) {
+            store_f(out_all, (h0 + g) * ohs + t * ots + j, o / L);
+        } else {
+            float* out = partial + (((long)t * heads + h0 + g) * splits + s) * (d + 2);
+            out[j] = o;
+            if (j == 0) {
+                out[d] = M;
+                out[d + 1] = L;
+            }
+        }
+    }
+    if (active == 1) return;
+    // As paged_decode_split: the barrier and a gpu-scope acq_rel atomic order the partials.
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* c = counters + t * heads + h0;
+        int before;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(c) : "memory");
+        last = before == active - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    for (int g = warp; g < n; g += WARPS)
+        merge_partials_warp<T, PER>(partial + ((long)t * heads + h0 + g) * splits * (d + 2), active, d,
+                                    out_all + (h0 + g) * ohs + t * ots, lane);
+}
+
 // Split-KV decode's throughput build over a GQA group: block (t, b, s) attends for the HB query
 // heads b·HB .. b·HB + HB - 1, which share one kv head, so each cached K/V row is read once for
 // all of them (the one-head build reads it once a head, through L2) and the grid has HB times
@@ -894,43 +945,8 @@ __device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C
 #pragma unroll
             for (int i = 0; i < PER; i++) sacc[warp][g][lane * PER + i] = acc[g][i] * vs;
     __syncthreads();
-    for (int e = threadIdx.x; e < HB * d; e += blockDim.x) {
-        int g = e / d, j = e % d;
-        float M = sm[0][g];
-        for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2][g]);
-        float L = 0.0f, o = 0.0f;
-        for (int w2 = 0; w2 < WARPS; w2++) {
-            float c = __expf(sm[w2][g] - M);
-            L += sl[w2][g] * c;
-            o += sacc[w2][g][j] * c;
-        }
-        if (active == 1) {
-            store_f(out_all, (h0 + g) * ohs + t * ots + j, o / L);
-        } else {
-            float* out = partial + (((long)t * heads + h0 + g) * splits + s) * (d + 2);
-            out[j] = o;
-            if (j == 0) {
-                out[d] = M;
-                out[d + 1] = L;
-            }
-        }
-    }
-    if (active == 1) return;
-    // As paged_decode_split: the barrier and a gpu-scope acq_rel atomic order the partials.
-    __shared__ int last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int* c = counters + t * heads + h0;
-        int before;
-        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(c) : "memory");
-        last = before == active - 1;
-        if (last) *c = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    for (int g = warp; g < HB; g += WARPS)
-        merge_partials_warp<T, PER>(partial + ((long)t * heads + h0 + g) * splits * (d + 2), active, d,
-                                    out_all + (h0 + g) * ohs + t * ots, lane);
+    finish_heads<T, WARPS, PER>(&sm[0][0], &sl[0][0], &sacc[0][0][0], HB, D, HB, d, t, h0, s, active, heads, splits,
+                                partial, counters, out_all, ohs, ots);
 }
 
 #define GROUPED_ENTRY(T, C, S, D, G, P, HB, K)                                                                       \
@@ -945,6 +961,200 @@ __device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C
                                                    splits, partial, counters, out, ohs, ots, window, softcap, d,      \
                                                    KV_##K##_ARGS);                                                    \
     }
+
+// Split-KV decode on tensor cores (bf16, sm_80+), for a GQA group: block (t, kv head, s) of 4
+// warps attends for the group's query heads (at most 16) over chunk s, the heads being the rows
+// of the m16n8k16 A tile (rows past the group zero), so each cached K/V row is read once for all
+// of them and the dot products need no shuffles. Each warp takes 16 positions a pass (every 4th
+// run of 16 from the chunk's first), loads their K and V rows together (uint4 loads; an FP8
+// cache's codes converted to bf16 as they are staged, exactly) into its own shared tiles, then
+// S = Q·Kᵀ, the online softmax and O += P·V as `paged_prefill_tc` (P = hi + lo). Plain causal
+// scores only (the caller sends windows and soft-caps to the CUDA-core builds). Partials and
+// the merge as `paged_decode_split_grouped` (`finish_heads`), the staging tiles reused for the
+// warps' output rows. Launched as the grouped builds, grid (tokens, kv_heads, splits).
+template <int D, typename C>
+__device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_cache, const long long* token_seq,
+                                const long long* token_pos, const long long* page_indptr, const int* page_indices,
+                                int page_size, int heads, int kv_heads, long tokens, float scale, int chunk,
+                                int splits, float* partial, int* counters, bf16_t* out_all, long long ohs,
+                                long long ots, float k_scale, float v_scale) {
+    constexpr int KS = D / 16, NT = D / 8, RS = D + 8, WARPS = 4;
+    constexpr int R = 16 * (D / 8) / 32;  // 16-byte row pieces a lane stages, of K and of V
+    constexpr int PER = (D + 31) / 32;
+    // Staging: [WARPS][K, V][16][RS] bf16; after the loop, [WARPS][16][D] f32 output rows (fewer
+    // bytes: 4·D against 2·2·(D + 8) a row).
+    __shared__ __align__(16) unsigned char smem[WARPS * 2 * 16 * RS * sizeof(bf16_t)];
+    __shared__ float sm[WARPS][16], sl[WARPS][16];
+    long t = blockIdx.x;
+    int kvh = blockIdx.y, s = blockIdx.z;
+    int group = heads / kv_heads, h0 = kvh * group;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    long long seq = token_seq[t], pos = token_pos[t];
+    long long lo = (long long)s * chunk, hi = lo + chunk - 1;
+    if (hi > pos) hi = pos;
+    int active = (int)(pos / chunk) + 1;
+    if (s >= active) return;
+    const int* pages = page_indices + page_indptr[seq];
+    bf16_t* kt = (bf16_t*)smem + warp * 2 * 16 * RS;
+    bf16_t* vt = kt + 16 * RS;
+    unsigned qa[KS][4];
+    auto q2 = [&](int row, int col) -> unsigned {
+        return row < group ? *(const unsigned*)(q + ((long)(h0 + row) * tokens + t) * D + col) : 0u;
+    };
+#pragma unroll
+    for (int k = 0; k < KS; k++) {
+        qa[k][0] = q2(g, k * 16 + 2 * c);
+        qa[k][1] = q2(g + 8, k * 16 + 2 * c);
+        qa[k][2] = q2(g, k * 16 + 2 * c + 8);
+        qa[k][3] = q2(g + 8, k * 16 + 2 * c + 8);
+    }
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};  // rows g and g + 8
+    const float sk = scale * k_scale;
+    for (long long kb = lo + 16 * warp; kb <= hi; kb += 16 * WARPS) {
+        // Every piece's K and V requested before any is stored (2·R loads in flight a lane).
+        uint4 kr[R], vr[R];
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
+            long long p = kb + r;
+            kr[i] = vr[i] = make_uint4(0u, 0u, 0u, 0u);
+            if (p <= hi) {
+                long slot = (long)pages[p / page_size] * page_size + p % page_size;
+                long base = (slot * kv_heads + kvh) * D + ch * 8;
+                if constexpr (is_fp8<C>::value) {
+                    kr[i] = fp8x8_as_bf16(k_cache + base);
+                    vr[i] = fp8x8_as_bf16(v_cache + base);
+                } else {
+                    kr[i] = *(const uint4*)(k_cache + base);
+                    vr[i] = *(const uint4*)(v_cache + base);
+                }
+            }
+        }
+        __syncwarp();  // the previous pass's reads of the tiles are done
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
+            *(uint4*)(kt + r * RS + ch * 8) = kr[i];
+            *(uint4*)(vt + r * RS + ch * 8) = vr[i];
+        }
+        __syncwarp();
+        float sc[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+            const bf16_t* krow = kt + (8 * j + g) * RS + 2 * c;
+#pragma unroll
+            for (int k = 0; k < KS; k++)
+                mma_bf16(sc[j], qa[k], *(const unsigned*)(krow + k * 16), *(const unsigned*)(krow + k * 16 + 8));
+        }
+        // Every row (query head) has the same last position, hi.
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float mx = -3.0e38f;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    long long key = kb + 8 * j + 2 * c + e;
+                    float v = key <= hi ? sc[j][2 * half + e] * sk : __int_as_float(0xff800000);  // -inf
+                    sc[j][2 * half + e] = v;
+                    mx = fmaxf(mx, v);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m2 = fmaxf(m[half], mx);
+            float corr = __expf(m[half] - m2);
+            m[half] = m2;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float p = __expf(sc[j][2 * half + e] - m2);
+                    sc[j][2 * half + e] = p;
+                    sum += p;
+                }
+            l[half] = l[half] * corr + sum;
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                o[n][2 * half] *= corr;
+                o[n][2 * half + 1] *= corr;
+            }
+        }
+        unsigned phi[4], plo[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int j = r >> 1, e = (r & 1) * 2;
+            float a = sc[j][e], b = sc[j][e + 1];
+            phi[r] = pack_bf16(a, b);
+            float ah = bf16_to_f32((bf16_t)(phi[r] & 0xffffu)), bh = bf16_to_f32((bf16_t)(phi[r] >> 16));
+            plo[r] = pack_bf16(a - ah, b - bh);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            const bf16_t* vc = vt + 8 * n + g;
+            unsigned b0 = pack_raw(vc[(2 * c) * RS], vc[(2 * c + 1) * RS]);
+            unsigned b1 = pack_raw(vc[(2 * c + 8) * RS], vc[(2 * c + 9) * RS]);
+            mma_bf16(o[n], phi, b0, b1);
+            mma_bf16(o[n], plo, b0, b1);
+        }
+    }
+    // Each row's l summed over its 4 lanes; the warps' states into shared memory (the tiles
+    // reused once every warp is past its loop).
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+    }
+    __syncthreads();
+    float* sacc = (float*)smem;  // [WARPS][16][D]
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int row = g + 8 * half;
+        if (c == 0) {
+            sm[warp][row] = m[half];
+            sl[warp][row] = l[half];
+        }
+        float* dst = sacc + (warp * 16 + row) * D + 2 * c;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            dst[8 * n] = o[n][2 * half] * v_scale;
+            dst[8 * n + 1] = o[n][2 * half + 1] * v_scale;
+        }
+    }
+    __syncthreads();
+    finish_heads<bf16_t, WARPS, PER>(&sm[0][0], &sl[0][0], sacc, 16, D, group, D, t, h0, s, active, heads, splits,
+                                     partial, counters, out_all, ohs, ots);
+}
+
+// Entry points with the grouped builds' parameters (the latency build's extras unused).
+#define DECODE_TC(D, C, S, K)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) paged_decode_tc_d##D##_##S(                                     \
+        const bf16_t* q, const bf16_t* k_new, const bf16_t* v_new, const bf16_t* cos, const bf16_t* sin,             \
+        C* k_cache, C* v_cache, const long long* token_seq, const long long* token_pos,                             \
+        const long long* page_indptr, const int* page_indices, const long long* seq_start,                          \
+        const long long* cached_len, int page_size, int heads, int kv_heads, long tokens, float scale, int chunk,   \
+        int splits, float* partial, int* counters, bf16_t* out, long long ohs, long long ots, int window,           \
+        float softcap, int d KV_##K##_PARAMS) {                                                                      \
+        pdl_enter();                                                                                                  \
+        paged_decode_tc<D, C>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, heads, \
+                              kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots,              \
+                              KV_##K##_ARGS);                                                                         \
+    }
+#ifndef KV_FP8_BUILDS
+DECODE_TC(32, bf16_t, bf16, plain)
+DECODE_TC(64, bf16_t, bf16, plain)
+DECODE_TC(96, bf16_t, bf16, plain)
+DECODE_TC(128, bf16_t, bf16, plain)
+#else
+DECODE_TC(32, fp8_t, bf16_fp8kv, fp8)
+DECODE_TC(64, fp8_t, bf16_fp8kv, fp8)
+DECODE_TC(96, fp8_t, bf16_fp8kv, fp8)
+DECODE_TC(128, fp8_t, bf16_fp8kv, fp8)
+#endif
 
 // The latency build at 4 positions a warp held to 64 registers (8 blocks an SM) at head dims up
 // to 128: at 72 an H200 fit 7 blocks an SM, so the 8B shape's 32 heads × 32 chunks (1024

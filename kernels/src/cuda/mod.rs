@@ -286,6 +286,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_prefill_tc_d64_bf16",
             "paged_prefill_tc_d96_bf16",
             "paged_prefill_tc_d128_bf16",
+            "paged_decode_tc_d32_bf16",
+            "paged_decode_tc_d64_bf16",
+            "paged_decode_tc_d96_bf16",
+            "paged_decode_tc_d128_bf16",
         ],
     ),
     (
@@ -442,6 +446,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_prefill_tc_d64_bf16_fp8kv",
             "paged_prefill_tc_d96_bf16_fp8kv",
             "paged_prefill_tc_d128_bf16_fp8kv",
+            "paged_decode_tc_d32_bf16_fp8kv",
+            "paged_decode_tc_d64_bf16_fp8kv",
+            "paged_decode_tc_d96_bf16_fp8kv",
+            "paged_decode_tc_d128_bf16_fp8kv",
         ],
     ),
 ];

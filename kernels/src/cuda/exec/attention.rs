@@ -76,6 +76,31 @@ impl Gpu {
         }
     }
 
+    /// Whether the split-KV decode's throughput build runs on tensor cores
+    /// (`attention.cu`'s `paged_decode_tc`) for these shapes: on (`decode_tc`), the GQA group
+    /// taken together (`attn_group`), bf16, a head dim of `PREFILL_TC_DIMS`, at most 16 query
+    /// heads a kv head, plain causal scores.
+    pub fn decode_tc_applies(&self, dt: Dt, heads: usize, kv_heads: usize, d: usize, mods: ScoreMods) -> bool {
+        let group = if kv_heads > 0 && heads.is_multiple_of(kv_heads) { heads / kv_heads } else { 0 };
+        self.decode_tc()
+            && self.attn_group()
+            && dt == Dt::BF16
+            && PREFILL_TC_DIMS.contains(&d)
+            && (1..=16).contains(&group)
+            && !mods.shapes_scores()
+    }
+
+    /// Whether the throughput split-KV build may run on tensor cores (`decode_tc_applies`).
+    pub fn decode_tc(&self) -> bool {
+        self.decode_tc.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets `decode_tc` for the launches after (on only where the device has tensor cores).
+    pub fn set_decode_tc(&self, on: bool) {
+        let on = on && self.dev.cc.0 >= 8;
+        self.decode_tc.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Writes this step's k/v `[kv_heads, tokens, d]` into their cache slots (an FP8 cache:
     /// `kv_fp8`'s scales).
     #[allow(clippy::too_many_arguments)]
@@ -206,14 +231,23 @@ impl Gpu {
         split: Split,
         mods: ScoreMods,
     ) -> Result<(), Unavailable> {
+        let shapes = (heads, kv_heads, d);
+        if self.decode_tc_applies(dt, heads, kv_heads, d, mods) {
+            // One block a kv head: the group's heads are the rows of its MMA tiles.
+            let i = PREFILL_TC_DIMS.iter().position(|&x| x == d).unwrap_or_default();
+            let f = self.f.paged_decode_tc[usize::from(mods.kv_fp8.is_some())][i];
+            let hb = heads / kv_heads;
+            return self.launch_split(f, (q, 0, 0), (0, 0), cache, out, meta, shapes, (scale, mods), split, hb);
+        }
         let hb = self.decode_heads_a_block(heads, kv_heads, d);
-        let f = match hb {
+        let builds = match hb {
             2 => &self.f.paged_decode_split_grouped[0],
             4 => &self.f.paged_decode_split_grouped[1],
             8 => &self.f.paged_decode_split_grouped[2],
             _ => &self.f.paged_decode_split,
         };
-        self.launch_split(f, dt, (q, 0, 0), (0, 0), cache, out, meta, (heads, kv_heads, d), (scale, mods), split, hb)
+        let f = split_build(builds, dt, d, mods)?;
+        self.launch_split(f, (q, 0, 0), (0, 0), cache, out, meta, shapes, (scale, mods), split, hb)
     }
 
     /// Split-KV decode attention, latency build (for steps of at most `SPLIT_EARLY_MAX_TOKENS`
@@ -243,14 +277,14 @@ impl Gpu {
             if self.attn_early_u() == 4 { &self.f.paged_decode_split_early4 } else { &self.f.paged_decode_split_early };
         let tables = rope.unwrap_or((0, 0));
         let plain = ScoreMods { kv_fp8, ..ScoreMods::default() };
-        self.launch_split(f, dt, qkv, tables, cache, out, meta, (heads, kv_heads, d), (scale, plain), split, 1)
+        let f = split_build(f, dt, d, plain)?;
+        self.launch_split(f, qkv, tables, cache, out, meta, (heads, kv_heads, d), (scale, plain), split, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn launch_split(
         &self,
-        builds: &[Vec<Kernel>; 4],
-        dt: Dt,
+        f: Kernel,
         qkv: (Ptr, Ptr, Ptr),
         (cos, sin): (Ptr, Ptr),
         cache: (Ptr, Ptr),
@@ -261,11 +295,9 @@ impl Gpu {
         split: Split,
         heads_a_block: usize,
     ) -> Result<(), Unavailable> {
-        let di = head_dim_index(d, "paged attention")?;
-        let a = build(dt, mods.kv_fp8)?;
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let (chunk, splits) = (split.chunk as i32, split.splits as i32);
-        let mut l = self.launcher(builds[a][di]);
+        let mut l = self.launcher(f);
         l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&cache.0).arg(&cache.1);
         l.arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr).arg(&meta.page_indices);
         l.arg(&meta.seq_start)
@@ -390,6 +422,12 @@ impl Split {
         let chunk = max_len.div_ceil(32).max(min_chunk.max(1));
         (chunk, max_len.div_ceil(chunk).max(1))
     }
+}
+
+/// The split-KV kernel of `builds` (`ATTN_BUILDS` × head dims) for these activations, cache and
+/// head dim.
+fn split_build(builds: &[Vec<Kernel>; 4], dt: Dt, d: usize, mods: ScoreMods) -> Result<Kernel, Unavailable> {
+    Ok(builds[build(dt, mods.kv_fp8)?][head_dim_index(d, "paged attention")?])
 }
 
 fn attn_dt(dt: Dt) -> Result<usize, Unavailable> {

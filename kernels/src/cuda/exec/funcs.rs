@@ -60,11 +60,20 @@ pub(super) struct Funcs {
     pub(super) slot_attention: [Vec<Kernel>; 2],
     /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`: over a bf16 cache, over an FP8 one.
     pub(super) paged_prefill_tc: [Vec<Kernel>; 2],
+    /// bf16 split-KV decode on tensor cores over a GQA group, the same builds and head dims.
+    pub(super) paged_decode_tc: [Vec<Kernel>; 2],
 }
 
 impl Funcs {
     pub(super) fn load(dev: &Device) -> Result<Funcs, Unavailable> {
         let g = |n: &str| dev.kernel(n);
+        // `{name}_d{D}_bf16` and `.._bf16_fp8kv` for the tensor-core head dims `PREFILL_TC_DIMS`.
+        let tc_dims = |name: &str| -> Result<[Vec<Kernel>; 2], Unavailable> {
+            let dims = |suffix: &str| -> Result<Vec<Kernel>, Unavailable> {
+                PREFILL_TC_DIMS.iter().map(|d| g(&format!("{name}_d{d}_{suffix}"))).collect()
+            };
+            Ok([dims("bf16")?, dims("bf16_fp8kv")?])
+        };
         // `{name}_d{D}_{build}` for every head dim D of `HEAD_DIMS`, then the general builds
         // `{name}_g{D}_..` of `GENERAL_DIMS`: builds × dims (`head_dim_index` picks).
         let slot_dims = |name: &str, s: &str| -> Result<Vec<Kernel>, Unavailable> {
@@ -161,13 +170,8 @@ impl Funcs {
             argmax_final: g("argmax_final")?,
             sample_rows: g("sample_rows")?,
             write_kv: builds("write_kv")?,
-            paged_prefill_tc: [
-                PREFILL_TC_DIMS.iter().map(|d| g(&format!("paged_prefill_tc_d{d}_bf16"))).collect::<Result<_, _>>()?,
-                PREFILL_TC_DIMS
-                    .iter()
-                    .map(|d| g(&format!("paged_prefill_tc_d{d}_bf16_fp8kv")))
-                    .collect::<Result<_, _>>()?,
-            ],
+            paged_prefill_tc: tc_dims("paged_prefill_tc")?,
+            paged_decode_tc: tc_dims("paged_decode_tc")?,
             paged_attention: by_dims("paged_attention")?,
             paged_decode_split: by_dims("paged_decode_split")?,
             paged_decode_split_early: by_dims("paged_decode_split_early")?,

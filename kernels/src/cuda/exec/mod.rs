@@ -206,6 +206,10 @@ pub struct Gpu {
     /// 7.16-7.19 ms against 8.78-8.84 one head a block, the 128-token prefill 8.0 against 10.3
     /// (BENCHMARKS.md, session 10). An atomic as `attn_early_u` (`set_attn_group`).
     attn_group: std::sync::atomic::AtomicBool,
+    /// The split-KV decode's throughput build on tensor cores where it applies
+    /// (`[kernels] decode_tensor_cores`, sm_80+; `Gpu::decode_tc_applies`). An atomic as
+    /// `attn_group` (`set_decode_tc`).
+    decode_tc: std::sync::atomic::AtomicBool,
     /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, 2 or
     /// 4, the default): a smaller last wave of blocks. On an H200 the 8B decode step was
     /// 0.11-0.14 ms shorter at 4 than at 1 (BENCHMARKS.md, session 10).
@@ -363,6 +367,7 @@ impl Gpu {
         let (gemv_split, swiglu_split) = (k.gemv_split, k.swiglu_split);
         let attn_early_u = std::sync::atomic::AtomicUsize::new(k.attn_positions_per_pass);
         let attn_group = std::sync::atomic::AtomicBool::new(k.attn_group_heads);
+        let decode_tc = std::sync::atomic::AtomicBool::new(dev.cc.0 >= 8 && k.decode_tensor_cores);
         Ok(Gpu {
             dev,
             stream,
@@ -378,6 +383,7 @@ impl Gpu {
             gemv_split,
             attn_early_u,
             attn_group,
+            decode_tc,
             swiglu_split,
             moe_grouped_min: k.moe_grouped_min,
             source_kernels,

@@ -26,6 +26,11 @@ pub struct KernelSettings {
     /// The split-KV decode's throughput build takes a GQA group's query heads together
     /// (`AUTODEPLOY_ATTN_GROUP=0`: one head a block).
     pub attn_group_heads: bool,
+    /// The split-KV decode's throughput build on tensor cores where it applies (bf16, plain
+    /// causal scores, head dim in `PREFILL_TC_DIMS`, a GQA group of at most 16 heads, sm_80+):
+    /// the group's heads as the rows of one MMA tile (`AUTODEPLOY_DECODE_TC=0`: the CUDA-core
+    /// grouped build).
+    pub decode_tensor_cores: bool,
     /// Token-expert slots an expert, on average, from which `torch_moe` runs its grouped kernels
     /// (each chosen expert read once for all its slots) instead of one warp a slot's row
     /// (`AUTODEPLOY_MOE_GROUPED`).
@@ -50,6 +55,7 @@ impl Default for KernelSettings {
             swiglu_split: 4,
             attn_positions_per_pass: 4,
             attn_group_heads: true,
+            decode_tensor_cores: true,
             moe_grouped_min: 4,
             fp8_gemv_tensor_cores: true,
             fp8_gemm_cublaslt: true,
@@ -58,7 +64,7 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 10] = [
+const ENV: [(&str, &str); 11] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -66,6 +72,7 @@ const ENV: [(&str, &str); 10] = [
     ("swiglu_split", "AUTODEPLOY_SWIGLU_SPLIT"),
     ("attn_positions_per_pass", "AUTODEPLOY_ATTN_U"),
     ("attn_group_heads", "AUTODEPLOY_ATTN_GROUP"),
+    ("decode_tensor_cores", "AUTODEPLOY_DECODE_TC"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
     ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
@@ -118,6 +125,10 @@ impl KernelSettings {
                 }
                 "attn_group_heads" => {
                     s.attn_group_heads = flag;
+                    true
+                }
+                "decode_tensor_cores" => {
+                    s.decode_tensor_cores = flag;
                     true
                 }
                 "fp8_gemv_tensor_cores" => {
