@@ -282,6 +282,8 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             // (cuBLASLt's FP8 GEMM runs the bf16 prefills above, the default.) The dequantizing
             // path for them instead.
             ("llama-fp8", "kernels.fp8_gemm_cublaslt = false\n"),
+            // cuBLASLt's f32 sums and the epilogue kernel, not its own scales and bf16 output.
+            ("llama-fp8", "kernels.fp8_gemm_cublaslt_scales = false\n"),
             ("llama", "quantize = \"fp8\"\nkernels.fp8_gemm_cublaslt = false\n"),
             // The FP8 KV cache (E4M3 codes at the checkpoint's k/v scales) against the CPU's
             // reference (tests/quant.rs): the logits move by up to 2.2 with it, so a cache

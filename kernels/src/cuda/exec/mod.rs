@@ -175,6 +175,9 @@ pub struct Gpu {
     /// cuBLASLt's FP8 GEMM for FP8 linears past the GEMVs' 8 rows, bf16 activations
     /// (`[kernels] fp8_gemm_cublaslt`, sm_89+; `None`: off, or no libcublasLt).
     fp8_lt: Option<lt::LtFp8>,
+    /// cuBLASLt applies an FP8 linear's scales and writes bf16 where it can
+    /// (`[kernels] fp8_gemm_cublaslt_scales`).
+    pub fp8_lt_scaled: bool,
     f: Funcs,
     /// Launch with programmatic stream serialization (sm_90+, unless `[kernels] pdl = false`): a
     /// kernel may start while the one before it drains; every executor kernel begins with
@@ -375,6 +378,7 @@ impl Gpu {
             _blas_workspace: ws,
             blas_ws,
             fp8_lt,
+            fp8_lt_scaled: k.fp8_gemm_cublaslt_scales,
             f,
             pdl,
             prefetch_row,

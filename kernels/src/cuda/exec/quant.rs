@@ -7,6 +7,7 @@
 //! `[kernels] fp8_gemm_cublaslt`, the activations quantized to E4M3 bytes and cuBLASLt's FP8
 //! tensor-core GEMM (`lt.rs`) into the same f32 sums and epilogue.
 
+use super::lt::{LtOperands, LtOut};
 use super::{grid, launched, Dt, Gpu, Ptr};
 use crate::cuda::Unavailable;
 
@@ -110,7 +111,19 @@ impl Gpu {
             launched("e4m3_bytes_rows", unsafe { l.launch(cfg) }.map(|_| ()))?;
             let s = if s.dynamic { LowBitScales { input: rows, ..s } } else { s };
             let (ws, ws_bytes) = self.blas_ws;
-            lt.gemm(self.stream.cu_stream(), c.m, c.n, c.k, xq, w, acc, ws, ws_bytes)?;
+            let (shape, stream) = ((c.m, c.n, c.k), self.stream.cu_stream());
+            // Without a bias cuBLASLt applies the scales and writes y itself, where it can.
+            let scaled = LtOut::Bf16Scaled { weight_rows: s.per_row, input_rows: s.dynamic };
+            let o = LtOperands { xq, w, out: c.y, w_scale: s.weight, x_scale: s.input };
+            if self.fp8_lt_scaled
+                && c.bias == 0
+                && s.input != 0
+                && s.weight != 0
+                && lt.gemm(stream, shape, scaled, o, ws, ws_bytes)?
+            {
+                return Ok(());
+            }
+            lt.gemm(stream, shape, LtOut::F32Sums, LtOperands { out: acc, ..o }, ws, ws_bytes)?;
             return self.lowbit_epilogue(di, c, s, acc, m64, n32);
         }
         let s = if s.dynamic {

@@ -43,6 +43,11 @@ pub struct KernelSettings {
     /// bf16 GEMM (`AUTODEPLOY_FP8_LT=0`: the dequantizing path). On an H200 the 8B FP8 offline
     /// run (1,000 requests, 128/128) made 10,306 output tok/s with it, 3,963 without.
     pub fp8_gemm_cublaslt: bool,
+    /// On that path, cuBLASLt applies the scales and writes the bf16 output itself where it has
+    /// an algorithm for them (a linear without bias; per-channel or per-row scales through its
+    /// outer-vector mode), instead of f32 sums and a separate epilogue kernel
+    /// (`AUTODEPLOY_FP8_LT_SCALED=0`: always the epilogue).
+    pub fp8_gemm_cublaslt_scales: bool,
 }
 
 impl Default for KernelSettings {
@@ -59,12 +64,13 @@ impl Default for KernelSettings {
             moe_grouped_min: 4,
             fp8_gemv_tensor_cores: true,
             fp8_gemm_cublaslt: true,
+            fp8_gemm_cublaslt_scales: true,
         }
     }
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 11] = [
+const ENV: [(&str, &str); 12] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -76,6 +82,7 @@ const ENV: [(&str, &str); 11] = [
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
     ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
+    ("fp8_gemm_cublaslt_scales", "AUTODEPLOY_FP8_LT_SCALED"),
 ];
 
 impl KernelSettings {
@@ -137,6 +144,10 @@ impl KernelSettings {
                 }
                 "fp8_gemm_cublaslt" => {
                     s.fp8_gemm_cublaslt = flag;
+                    true
+                }
+                "fp8_gemm_cublaslt_scales" => {
+                    s.fp8_gemm_cublaslt_scales = flag;
                     true
                 }
                 "prefetch_row" => num.map(|n| s.prefetch_row = n).is_some(),
