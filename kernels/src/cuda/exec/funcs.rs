@@ -1,5 +1,5 @@
-//! The executor's kernels by name: each entry point of `graph.cu`, `moe.cu`, `attention.cu`, `sample.cu`
-//! and `quant.cu` that `Gpu` launches, looked up once when the GPU is opened.
+//! The executor's kernels by name: each entry point of `graph.cu`, `moe.cu`, `attention.cu`,
+//! `decode.cu`, `sample.cu` and `quant.cu` that `Gpu` launches, looked up once when the GPU is opened.
 
 use super::{ATTN_BUILDS, GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS};
 use crate::cuda::{Device, Kernel, Unavailable};
@@ -52,7 +52,7 @@ pub(super) struct Funcs {
     pub(super) paged_decode_split: [Vec<Kernel>; 4],
     /// The throughput build over 2, 4, 8 query heads of a GQA group a block.
     pub(super) paged_decode_split_grouped: [[Vec<Kernel>; 4]; 3],
-    /// The latency build of the same (attention.cu: EARLY).
+    /// The latency build of the same (decode.cu: EARLY).
     pub(super) paged_decode_split_early: [Vec<Kernel>; 4],
     /// The latency build at 4 positions a warp and pass.
     pub(super) paged_decode_split_early4: [Vec<Kernel>; 4],

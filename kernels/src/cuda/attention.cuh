@@ -1,0 +1,83 @@
+// Shared by attention.cu (KV writes, ragged paged attention, tensor-core prefill, RoPE + KV
+// write, slot attention) and decode.cu (the split-KV decode builds), each compiled as its own
+// NVRTC modules (and again with KV_FP8_BUILDS defined, for an FP8 cache) after this header.
+//
+// Attention over a paged KV cache, the page table in CSR form (FlashInfer's layout):
+// sequence s owns pages page_indices[page_indptr[s] .. page_indptr[s+1]]; position p of s lives
+// in slot page_indices[page_indptr[s] + p / page_size] * page_size + p % page_size of the caches
+// [slot, kv_heads, D]. q and out are [heads, tokens, D]; this step's k/v [kv_heads, tokens, D].
+// Each query token t of sequence token_seq[t] at position token_pos[t] attends causally to its
+// positions 0..=token_pos[t] (ragged batches: prefill and decode tokens mixed in one step).
+
+//
+// The cache holds C: the model's dtype T, or fp8_t. An FP8 cache (`kv_cache_dtype = "fp8"`)
+// holds one E4M3 code a value, of x / k_scale for keys and x / v_scale for values (one scale
+// each a layer: `ks`, `vs`). The kernels read codes as their values (exact in f32) and apply
+// the scales outside their loops over positions: k_scale with the score scale, v_scale to the
+// output (the CPU's reference reads K and V as e4m3(x / s) · s). With C = T the scales are 1
+// and nothing rounds: the same arithmetic, bit for bit.
+struct fp8_t {
+    unsigned char c;
+};
+__device__ __forceinline__ float load_f(const fp8_t* p, long i) { return e4m3_value(p[i].c); }
+template <typename C>
+struct is_fp8 {
+    static constexpr bool value = false;
+};
+template <>
+struct is_fp8<fp8_t> {
+    static constexpr bool value = true;
+};
+// A key or value in cache C's units: for E4M3 the value of the code of x / s.
+template <typename C>
+__device__ __forceinline__ float kv_units(float x, float s) {
+    if constexpr (is_fp8<C>::value)
+        return e4m3_round(x / s);
+    else
+        return x;
+}
+// A value already in cache C's units (`kv_units`) into slot i.
+__device__ __forceinline__ void put_units(float* p, long i, float u) { p[i] = u; }
+__device__ __forceinline__ void put_units(bf16_t* p, long i, float u) { store_f(p, i, u); }
+__device__ __forceinline__ void put_units(fp8_t* p, long i, float u) { p[i].c = e4m3_code_of(u); }
+template <typename C>
+__device__ __forceinline__ void put_kv(C* p, long i, float x, float s) {
+    put_units(p, i, kv_units<C>(x, s));
+}
+// The entry points' extra parameters for each cache: none for the model's dtype (scales 1),
+// the layer's k_scale and v_scale for an FP8 cache.
+#define KV_plain_PARAMS
+#define KV_plain_ARGS 1.0f, 1.0f
+#define KV_fp8_PARAMS , float ks, float vs
+#define KV_fp8_ARGS ks, vs
+// Tensor-core helpers for attention.cu's prefill and decode.cu's decode (mma.sync m16n8k16,
+// bf16 in, f32 accumulate, sm_80+).
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): g = lane / 4, c = lane % 4. A (16×16, row):
+// regs {A[g][2c..], A[g+8][2c..], A[g][2c+8..], A[g+8][2c+8..]}, two bf16 each, lower column in
+// the low half. B (16×8, col): {B[2c..][g], B[2c+8..][g]}. C (16×8 f32): {C[g][2c], C[g][2c+1],
+// C[g+8][2c], C[g+8][2c+1]}.
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host launches this kernel on sm_80+ only
+#endif
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+__device__ __forceinline__ unsigned pack_raw(bf16_t lo, bf16_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+
+// Eight E4M3 codes (8-byte aligned) as eight bf16, which hold their values exactly.
+__device__ __forceinline__ uint4 fp8x8_as_bf16(const fp8_t* p) {
+    uint2 w = *(const uint2*)p;
+    float f[8];
+    e4m3x4(w.x, f);
+    e4m3x4(w.y, f + 4);
+    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
+}
