@@ -752,12 +752,12 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
         (16, 4, true, 4, false, false),
         (64, 1, true, 4, false, false),
     ] {
-        if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, ScoreMods::default()) {
-            continue;
-        }
         gpu.set_attn_early_u(u);
         gpu.set_attn_group(grouped);
         gpu.set_decode_tc(tc);
+        if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, ScoreMods::default()) {
+            continue;
+        }
         for rotate in [false, true] {
             let (kc, vc) = fresh_cache(&mut put);
             let out = put(vec![0u8; out_bytes]);
@@ -906,12 +906,12 @@ fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads
             (true, 4, false, false, true),
             (true, 8, false, false, true),
         ] {
-            if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, mods) {
-                continue;
-            }
             gpu.set_attn_early_u(u);
             gpu.set_attn_group(grouped);
             gpu.set_decode_tc(tc);
+            if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, mods) {
+                continue;
+            }
             let (chunk, splits) = (16usize, 4usize);
             let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
             let out = put(vec![0u8; out_bytes]);

@@ -307,6 +307,7 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
         "lowbit_epilogue",
         "e4m3_bytes_rows",
         "cublaslt_fp8",
+        "cublaslt_fp8_scaled",
     ] {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }

@@ -596,29 +596,50 @@ __device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C
                                                    KV_##K##_ARGS);                                                    \
     }
 
-// Split-KV decode on tensor cores (bf16, sm_80+), for a GQA group: block (t, kv head, s) of 4
-// warps attends for the group's query heads (at most 16) over chunk s, the heads being the rows
-// of the m16n8k16 A tile (rows past the group zero), so each cached K/V row is read once for all
-// of them and the dot products need no shuffles. Each warp takes 16 positions a pass (every 4th
-// run of 16 from the chunk's first), loads their K and V rows together (uint4 loads; an FP8
-// cache's codes converted to bf16 as they are staged, exactly) into its own shared tiles, then
-// S = Q·Kᵀ, the online softmax and O += P·V as `paged_prefill_tc` (P = hi + lo). Plain causal
-// scores only (the caller sends windows and soft-caps to the CUDA-core builds). Partials and
-// the merge as `paged_decode_split_grouped` (`finish_heads`), the staging tiles reused for the
-// warps' output rows. Launched as the grouped builds, grid (tokens, kv_heads, splits).
+// 16 bytes global -> shared without passing through registers (sm_80+); `bytes` 0 fills zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned s;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(bytes) : "memory");
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// Split-KV decode on tensor cores (bf16, sm_80+), for a GQA group of at most 8 query heads:
+// block (t, kv head, s) of 4 warps attends for the group over chunk s, each cached K/V row read
+// once for all its heads. The heads are the N side of the MMAs (m16n8k16), so no MMA lane is
+// wasted on them and a lane keeps 2 heads' state: Sᵀ = K·Qᵀ (16 positions × 8 heads, K the A
+// operand from shared memory, Q the B operand in registers), the online softmax per head (its
+// 16 scores in the 8 lanes of one c), then Oᵀ += Vᵀ·Pᵀ (Vᵀ read from the V tile as A, Pᵀ the B
+// operand through a small shared tile, P = hi + lo as `paged_prefill_tc`). Each warp takes 16
+// positions a pass (every 4th run of 16 from the chunk's first); a bf16 cache's rows go to
+// shared memory by cp.async (no registers), an FP8 cache's codes are loaded and converted to
+// bf16 (exactly) as they are staged. Plain causal scores only (the caller sends windows and
+// soft-caps to the CUDA-core builds). Partials and the merge as `paged_decode_split_grouped`
+// (`finish_heads`), the staging tiles reused for the warps' output rows. Launched as the
+// grouped builds, grid (tokens, kv_heads, splits).
 template <int D, typename C>
 __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
                                 int page_size, int heads, int kv_heads, long tokens, float scale, int chunk,
                                 int splits, float* partial, int* counters, bf16_t* out_all, long long ohs,
                                 long long ots, float k_scale, float v_scale) {
-    constexpr int KS = D / 16, NT = D / 8, RS = D + 8, WARPS = 4;
+    constexpr int KS = D / 16;  // k-steps of Sᵀ over the head dim; 16-dim tiles of Oᵀ
+    constexpr int RS = D + 8;   // shared row stride in bf16
+    constexpr int WARPS = 4;
     constexpr int R = 16 * (D / 8) / 32;  // 16-byte row pieces a lane stages, of K and of V
     constexpr int PER = (D + 31) / 32;
-    // Staging: [WARPS][K, V][16][RS] bf16; after the loop, [WARPS][16][D] f32 output rows (fewer
-    // bytes: 4·D against 2·2·(D + 8) a row).
+    // Staging: [WARPS][K, V][16][RS] bf16; after the loop, [WARPS][8][D] f32 output rows.
     __shared__ __align__(16) unsigned char smem[WARPS * 2 * 16 * RS * sizeof(bf16_t)];
-    __shared__ float sm[WARPS][16], sl[WARPS][16];
+    __shared__ __align__(16) bf16_t pt[WARPS][2][8][16];  // Pᵀ hi, lo: [head][position]
+    __shared__ float sm[WARPS][8], sl[WARPS][8];
     long t = blockIdx.x;
     int kvh = blockIdx.y, s = blockIdx.z;
     int group = heads / kv_heads, h0 = kvh * group;
@@ -631,142 +652,142 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
     const int* pages = page_indices + page_indptr[seq];
     bf16_t* kt = (bf16_t*)smem + warp * 2 * 16 * RS;
     bf16_t* vt = kt + 16 * RS;
-    unsigned qa[KS][4];
-    auto q2 = [&](int row, int col) -> unsigned {
-        return row < group ? *(const unsigned*)(q + ((long)(h0 + row) * tokens + t) * D + col) : 0u;
-    };
+    // Qᵀ as B fragments: head g's dims 16k + 2c, +1 and 16k + 2c + 8, +9 (heads past the group 0).
+    unsigned qb[KS][2];
+    const bf16_t* qrow = q + ((long)(h0 + g) * tokens + t) * D;
 #pragma unroll
     for (int k = 0; k < KS; k++) {
-        qa[k][0] = q2(g, k * 16 + 2 * c);
-        qa[k][1] = q2(g + 8, k * 16 + 2 * c);
-        qa[k][2] = q2(g, k * 16 + 2 * c + 8);
-        qa[k][3] = q2(g + 8, k * 16 + 2 * c + 8);
+        qb[k][0] = g < group ? *(const unsigned*)(qrow + 16 * k + 2 * c) : 0u;
+        qb[k][1] = g < group ? *(const unsigned*)(qrow + 16 * k + 2 * c + 8) : 0u;
     }
-    float o[NT][4];
+    // Oᵀ tile k: regs {dim 16k + g: heads 2c, 2c + 1; dim 16k + g + 8: heads 2c, 2c + 1}.
+    float o[KS][4];
 #pragma unroll
-    for (int n = 0; n < NT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};  // rows g and g + 8
+    for (int k = 0; k < KS; k++) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.0f;
+    float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};  // heads 2c, 2c + 1
     const float sk = scale * k_scale;
     for (long long kb = lo + 16 * warp; kb <= hi; kb += 16 * WARPS) {
-        // Every piece's K and V requested before any is stored (2·R loads in flight a lane).
-        uint4 kr[R], vr[R];
+        // K and V of positions kb .. kb + 15 (past hi: zero, masked below).
+        if constexpr (is_fp8<C>::value) {
+            uint2 kr[R], vr[R];
 #pragma unroll
-        for (int i = 0; i < R; i++) {
-            int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
-            long long p = kb + r;
-            kr[i] = vr[i] = make_uint4(0u, 0u, 0u, 0u);
-            if (p <= hi) {
-                long slot = (long)pages[p / page_size] * page_size + p % page_size;
-                long base = (slot * kv_heads + kvh) * D + ch * 8;
-                if constexpr (is_fp8<C>::value) {
-                    kr[i] = fp8x8_as_bf16(k_cache + base);
-                    vr[i] = fp8x8_as_bf16(v_cache + base);
-                } else {
-                    kr[i] = *(const uint4*)(k_cache + base);
-                    vr[i] = *(const uint4*)(v_cache + base);
+            for (int i = 0; i < R; i++) {
+                int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
+                long long p = kb + r;
+                kr[i] = vr[i] = make_uint2(0u, 0u);
+                if (p <= hi) {
+                    long slot = (long)pages[p / page_size] * page_size + p % page_size;
+                    long base = (slot * kv_heads + kvh) * D + ch * 8;
+                    kr[i] = *(const uint2*)(k_cache + base);
+                    vr[i] = *(const uint2*)(v_cache + base);
                 }
             }
-        }
-        __syncwarp();  // the previous pass's reads of the tiles are done
 #pragma unroll
-        for (int i = 0; i < R; i++) {
-            int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
-            *(uint4*)(kt + r * RS + ch * 8) = kr[i];
-            *(uint4*)(vt + r * RS + ch * 8) = vr[i];
+            for (int i = 0; i < R; i++) {
+                int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
+                *(uint4*)(kt + r * RS + ch * 8) = fp8x8_as_bf16(kr[i]);
+                *(uint4*)(vt + r * RS + ch * 8) = fp8x8_as_bf16(vr[i]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
+                long long p = kb + r;
+                long slot = p <= hi ? (long)pages[p / page_size] * page_size + p % page_size : 0;
+                long base = (slot * kv_heads + kvh) * D + ch * 8;
+                int bytes = p <= hi ? 16 : 0;
+                cp_async16(kt + r * RS + ch * 8, k_cache + base, bytes);
+                cp_async16(vt + r * RS + ch * 8, v_cache + base, bytes);
+            }
+            cp_async_wait_all();
         }
         __syncwarp();
-        float sc[2][4];
+        // Sᵀ: regs {position g: heads 2c, 2c + 1; position g + 8: heads 2c, 2c + 1}.
+        float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
-            const bf16_t* krow = kt + (8 * j + g) * RS + 2 * c;
-#pragma unroll
-            for (int k = 0; k < KS; k++)
-                mma_bf16(sc[j], qa[k], *(const unsigned*)(krow + k * 16), *(const unsigned*)(krow + k * 16 + 8));
+        for (int k = 0; k < KS; k++) {
+            const bf16_t* kr = kt + g * RS + 16 * k + 2 * c;
+            unsigned a[4] = {*(const unsigned*)kr, *(const unsigned*)(kr + 8 * RS), *(const unsigned*)(kr + 8),
+                             *(const unsigned*)(kr + 8 * RS + 8)};
+            mma_bf16(st, a, qb[k][0], qb[k][1]);
         }
-        // Every row (query head) has the same last position, hi.
+        bool live0 = kb + g <= hi, live1 = kb + g + 8 <= hi;
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            float mx = -3.0e38f;
+        for (int e = 0; e < 2; e++) {
+            float s0 = live0 ? st[e] * sk : __int_as_float(0xff800000);  // -inf
+            float s1 = live1 ? st[2 + e] * sk : __int_as_float(0xff800000);
+            float mx = fmaxf(s0, s1);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            float m2 = fmaxf(m[e], mx);
+            float corr = __expf(m[e] - m2);
+            m[e] = m2;
+            float p0 = __expf(s0 - m2), p1 = __expf(s1 - m2);
+            l[e] = l[e] * corr + p0 + p1;  // this lane's share; the head's 8 lanes summed at the end
 #pragma unroll
-            for (int j = 0; j < 2; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    long long key = kb + 8 * j + 2 * c + e;
-                    float v = key <= hi ? sc[j][2 * half + e] * sk : __int_as_float(0xff800000);  // -inf
-                    sc[j][2 * half + e] = v;
-                    mx = fmaxf(mx, v);
-                }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float m2 = fmaxf(m[half], mx);
-            float corr = __expf(m[half] - m2);
-            m[half] = m2;
-            float sum = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 2; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float p = __expf(sc[j][2 * half + e] - m2);
-                    sc[j][2 * half + e] = p;
-                    sum += p;
-                }
-            l[half] = l[half] * corr + sum;
-#pragma unroll
-            for (int n = 0; n < NT; n++) {
-                o[n][2 * half] *= corr;
-                o[n][2 * half + 1] *= corr;
+            for (int k = 0; k < KS; k++) {
+                o[k][e] *= corr;
+                o[k][2 + e] *= corr;
             }
+            // Pᵀ[head 2c + e][position g, g + 8] as hi + lo.
+            bf16_t h0b = f32_to_bf16(p0), h1b = f32_to_bf16(p1);
+            pt[warp][0][2 * c + e][g] = h0b;
+            pt[warp][0][2 * c + e][g + 8] = h1b;
+            pt[warp][1][2 * c + e][g] = f32_to_bf16(p0 - bf16_to_f32(h0b));
+            pt[warp][1][2 * c + e][g + 8] = f32_to_bf16(p1 - bf16_to_f32(h1b));
         }
-        unsigned phi[4], plo[4];
+        __syncwarp();
+        // B = Pᵀ (16 positions × 8 heads): head g's positions 2c, 2c + 1 and 2c + 8, 2c + 9.
+        const bf16_t* ph = &pt[warp][0][g][2 * c];
+        const bf16_t* pl = &pt[warp][1][g][2 * c];
+        unsigned bh0 = *(const unsigned*)ph, bh1 = *(const unsigned*)(ph + 8);
+        unsigned bl0 = *(const unsigned*)pl, bl1 = *(const unsigned*)(pl + 8);
+        // A = Vᵀ tile k (16 dims × 16 positions): V[position][dim] read across rows.
 #pragma unroll
-        for (int r = 0; r < 4; r++) {
-            int j = r >> 1, e = (r & 1) * 2;
-            float a = sc[j][e], b = sc[j][e + 1];
-            phi[r] = pack_bf16(a, b);
-            float ah = bf16_to_f32((bf16_t)(phi[r] & 0xffffu)), bh = bf16_to_f32((bf16_t)(phi[r] >> 16));
-            plo[r] = pack_bf16(a - ah, b - bh);
+        for (int k = 0; k < KS; k++) {
+            const bf16_t* vc = vt + 16 * k + g;
+            unsigned a[4] = {pack_raw(vc[(2 * c) * RS], vc[(2 * c + 1) * RS]),
+                             pack_raw(vc[(2 * c) * RS + 8], vc[(2 * c + 1) * RS + 8]),
+                             pack_raw(vc[(2 * c + 8) * RS], vc[(2 * c + 9) * RS]),
+                             pack_raw(vc[(2 * c + 8) * RS + 8], vc[(2 * c + 9) * RS + 8])};
+            mma_bf16(o[k], a, bh0, bh1);
+            mma_bf16(o[k], a, bl0, bl1);
         }
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            const bf16_t* vc = vt + 8 * n + g;
-            unsigned b0 = pack_raw(vc[(2 * c) * RS], vc[(2 * c + 1) * RS]);
-            unsigned b1 = pack_raw(vc[(2 * c + 8) * RS], vc[(2 * c + 9) * RS]);
-            mma_bf16(o[n], phi, b0, b1);
-            mma_bf16(o[n], plo, b0, b1);
-        }
+        __syncwarp();  // the tiles are read before the next pass stages over them
     }
-    // Each row's l summed over its 4 lanes; the warps' states into shared memory (the tiles
+    // Each head's l summed over its 8 lanes; the warps' states into shared memory (the tiles
     // reused once every warp is past its loop).
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
-        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+    for (int e = 0; e < 2; e++) {
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
     }
     __syncthreads();
-    float* sacc = (float*)smem;  // [WARPS][16][D]
+    float* sacc = (float*)smem;  // [WARPS][8][D]
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        int row = g + 8 * half;
-        if (c == 0) {
-            sm[warp][row] = m[half];
-            sl[warp][row] = l[half];
+    for (int e = 0; e < 2; e++) {
+        int head = 2 * c + e;
+        if (g == 0) {
+            sm[warp][head] = m[e];
+            sl[warp][head] = l[e];
         }
-        float* dst = sacc + (warp * 16 + row) * D + 2 * c;
+        float* dst = sacc + (warp * 8 + head) * D + g;
 #pragma unroll
-        for (int n = 0; n < NT; n++) {
-            dst[8 * n] = o[n][2 * half] * v_scale;
-            dst[8 * n + 1] = o[n][2 * half + 1] * v_scale;
+        for (int k = 0; k < KS; k++) {
+            dst[16 * k] = o[k][e] * v_scale;
+            dst[16 * k + 8] = o[k][2 + e] * v_scale;
         }
     }
     __syncthreads();
-    finish_heads<bf16_t, WARPS, PER>(&sm[0][0], &sl[0][0], sacc, 16, D, group, D, t, h0, s, active, heads, splits,
+    finish_heads<bf16_t, WARPS, PER>(&sm[0][0], &sl[0][0], sacc, 8, D, group, D, t, h0, s, active, heads, splits,
                                      partial, counters, out_all, ohs, ots);
 }
 
 // Entry points with the grouped builds' parameters (the latency build's extras unused).
 #define DECODE_TC(D, C, S, K)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) paged_decode_tc_d##D##_##S(                                     \
+    extern "C" __global__ void __launch_bounds__(128, 4) paged_decode_tc_d##D##_##S(                                     \
         const bf16_t* q, const bf16_t* k_new, const bf16_t* v_new, const bf16_t* cos, const bf16_t* sin,             \
         C* k_cache, C* v_cache, const long long* token_seq, const long long* token_pos,                             \
         const long long* page_indptr, const int* page_indices, const long long* seq_start,                          \

@@ -78,15 +78,15 @@ impl Gpu {
 
     /// Whether the split-KV decode's throughput build runs on tensor cores
     /// (`decode.cu`'s `paged_decode_tc`) for these shapes: on (`decode_tc`), the GQA group
-    /// taken together (`attn_group`), bf16, a head dim of `PREFILL_TC_DIMS`, at most 16 query
-    /// heads a kv head, plain causal scores.
+    /// taken together (`attn_group`), bf16, a head dim of `PREFILL_TC_DIMS`, at most 8 query
+    /// heads a kv head (the N side of its MMAs), plain causal scores.
     pub fn decode_tc_applies(&self, dt: Dt, heads: usize, kv_heads: usize, d: usize, mods: ScoreMods) -> bool {
         let group = if kv_heads > 0 && heads.is_multiple_of(kv_heads) { heads / kv_heads } else { 0 };
         self.decode_tc()
             && self.attn_group()
             && dt == Dt::BF16
             && PREFILL_TC_DIMS.contains(&d)
-            && (1..=16).contains(&group)
+            && (1..=8).contains(&group)
             && !mods.shapes_scores()
     }
 

@@ -232,7 +232,7 @@ impl LtFp8 {
             )
         }
         .map_err(|e| err(&format!("matmul m={m} n={n} k={k} {kind:?}"), e))?;
-        super::count_launch("cublaslt_fp8");
+        super::count_launch(if kind == LtOut::F32Sums { "cublaslt_fp8" } else { "cublaslt_fp8_scaled" });
         Ok(true)
     }
 }

@@ -27,8 +27,8 @@ pub struct KernelSettings {
     /// (`AUTODEPLOY_ATTN_GROUP=0`: one head a block).
     pub attn_group_heads: bool,
     /// The split-KV decode's throughput build on tensor cores where it applies (bf16, plain
-    /// causal scores, head dim in `PREFILL_TC_DIMS`, a GQA group of at most 16 heads, sm_80+):
-    /// the group's heads as the rows of one MMA tile (`AUTODEPLOY_DECODE_TC=0`: the CUDA-core
+    /// causal scores, head dim in `PREFILL_TC_DIMS`, a GQA group of at most 8 heads, sm_80+):
+    /// the group's heads as the N side of its MMAs (`AUTODEPLOY_DECODE_TC=0`: the CUDA-core
     /// grouped build).
     pub decode_tensor_cores: bool,
     /// Token-expert slots an expert, on average, from which `torch_moe` runs its grouped kernels
