@@ -57,7 +57,9 @@ pub fn flashinfer(setup: &DeviceAttentionSetup) -> Result<Box<dyn DeviceAttentio
     let heads_max = setup.layers.iter().map(|&(h, _, _)| h).max().unwrap_or(0);
     let (split, split_early, buf) = match hd {
         Some(hd) => {
-            let (chunk, splits) = Split::plan(setup.max_len, SPLIT_MIN_CHUNK);
+            // TEMPORARY experiment knob (session 30): the throughput build's least chunk.
+            let min_chunk = std::env::var("AUTODEPLOY_SPLIT_CHUNK").ok().and_then(|v| v.parse().ok());
+            let (chunk, splits) = Split::plan(setup.max_len, min_chunk.unwrap_or(SPLIT_MIN_CHUNK));
             let (early_chunk, early_splits) = Split::plan(setup.max_len, gpu.split_min_chunk());
             // Partials, then one counter per (token, head) (zeroed at allocation; the kernel
             // leaves them zero).
