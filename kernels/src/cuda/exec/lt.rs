@@ -131,11 +131,14 @@ impl Drop for Plan {
     }
 }
 
+/// (m, n, k) and what the GEMM writes.
+type PlanKey = (usize, usize, usize, LtOut);
+
 /// A cuBLASLt handle and its plans by shape and output; `None`: the library has no algorithm
 /// for that one (asked once).
 pub struct LtFp8 {
     handle: sys::cublasLtHandle_t,
-    plans: Mutex<HashMap<(usize, usize, usize, LtOut), Option<Plan>>>,
+    plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
 }
 
 // SAFETY: the handle and descriptors are used under the plans' lock or by one stream's
