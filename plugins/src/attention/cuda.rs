@@ -14,7 +14,7 @@
 use autodeploy_core::device_attention::{DeviceAttention, DeviceAttentionCall, DeviceAttentionSetup, Gpu, HeadRows};
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::kvcache::StepPlan;
-use autodeploy_kernels::cuda::exec::{Buffer, Dt, Split, SPLIT_EARLY_MAX_TOKENS, SPLIT_MIN_CHUNK};
+use autodeploy_kernels::cuda::exec::{Buffer, Dt, Split, SPLIT_EARLY_MAX_TOKENS};
 use autodeploy_kernels::cuda::Unavailable;
 
 use crate::compile::cuda::dt;
@@ -57,9 +57,7 @@ pub fn flashinfer(setup: &DeviceAttentionSetup) -> Result<Box<dyn DeviceAttentio
     let heads_max = setup.layers.iter().map(|&(h, _, _)| h).max().unwrap_or(0);
     let (split, split_early, buf) = match hd {
         Some(hd) => {
-            // TEMPORARY experiment knob (session 30): the throughput build's least chunk.
-            let min_chunk = std::env::var("AUTODEPLOY_SPLIT_CHUNK").ok().and_then(|v| v.parse().ok());
-            let (chunk, splits) = Split::plan(setup.max_len, min_chunk.unwrap_or(SPLIT_MIN_CHUNK));
+            let (chunk, splits) = Split::plan(setup.max_len, gpu.split_throughput_min_chunk(&setup.layers));
             let (early_chunk, early_splits) = Split::plan(setup.max_len, gpu.split_min_chunk());
             // Partials, then one counter per (token, head) (zeroed at allocation; the kernel
             // leaves them zero).

@@ -41,7 +41,7 @@ impl ScoreMods {
 impl Gpu {
     /// The least positions a chunk of the split-KV decode's latency build should have: one
     /// pass of its four warps (`attn_early_u` positions each). The throughput build's chunks
-    /// are planned at `SPLIT_MIN_CHUNK`.
+    /// are planned at `split_throughput_min_chunk`.
     pub fn split_min_chunk(&self) -> usize {
         4 * self.attn_early_u()
     }
@@ -81,13 +81,26 @@ impl Gpu {
     /// taken together (`attn_group`), bf16, a head dim of `PREFILL_TC_DIMS`, at most 8 query
     /// heads a kv head (the N side of its MMAs), plain causal scores.
     pub fn decode_tc_applies(&self, dt: Dt, heads: usize, kv_heads: usize, d: usize, mods: ScoreMods) -> bool {
+        dt == Dt::BF16 && !mods.shapes_scores() && self.decode_tc_shapes(heads, kv_heads, d)
+    }
+
+    /// The shape side of `decode_tc_applies` (and the switches).
+    fn decode_tc_shapes(&self, heads: usize, kv_heads: usize, d: usize) -> bool {
         let group = if kv_heads > 0 && heads.is_multiple_of(kv_heads) { heads / kv_heads } else { 0 };
-        self.decode_tc()
-            && self.attn_group()
-            && dt == Dt::BF16
-            && PREFILL_TC_DIMS.contains(&d)
-            && (1..=8).contains(&group)
-            && !mods.shapes_scores()
+        self.decode_tc() && self.attn_group() && PREFILL_TC_DIMS.contains(&d) && (1..=8).contains(&group)
+    }
+
+    /// The least chunk to plan the throughput build's splits at for these layers' `(heads,
+    /// kv_heads, head_dim)`: `SPLIT_TC_MIN_CHUNK` where every layer's shapes take the
+    /// tensor-core build, else `SPLIT_MIN_CHUNK`. (The activations' dtype and a layer's window
+    /// or soft-cap are not known here: such layers run the CUDA-core build at the longer chunk.)
+    pub fn split_throughput_min_chunk(&self, layers: &[(usize, usize, usize)]) -> usize {
+        let tc = !layers.is_empty() && layers.iter().all(|&(h, kvh, d)| self.decode_tc_shapes(h, kvh, d));
+        if tc {
+            SPLIT_TC_MIN_CHUNK
+        } else {
+            SPLIT_MIN_CHUNK
+        }
     }
 
     /// Whether the throughput split-KV build may run on tensor cores (`decode_tc_applies`).

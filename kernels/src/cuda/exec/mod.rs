@@ -237,6 +237,14 @@ pub const SPLIT_EARLY_MAX_TOKENS: usize = 4;
 /// 6.9, 6.5-6.6, 6.5 ms at 16, 32, 64, 128.
 pub const SPLIT_MIN_CHUNK: usize = 64;
 
+/// The same where the throughput build runs on tensor cores (`Gpu::split_throughput_min_chunk`):
+/// each of its 4 warps takes 16 positions a pass, so a 64-position chunk is one pass and the
+/// block's merge costs as much as its attention. On an H200 (8B shape, batch 64, `max_seq_len`
+/// 512, BENCHMARKS.md session 30) the decode step took 5.94-5.96 ms at 64, 5.71-5.74 at 128,
+/// 5.49-5.54 at 256 (the CUDA-core build 6.22-6.26 at 64); 1,000 × 128/128 offline 13,809
+/// output tok/s at 64 and 14,989 at 256; batch 32 at 2,000 positions 9.05 and 7.63 ms a step.
+pub const SPLIT_TC_MIN_CHUNK: usize = 256;
+
 /// One kernel launch: arguments by reference, then `launch`.
 struct Launch<'a> {
     gpu: &'a Gpu,
