@@ -450,6 +450,37 @@ fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
+/// A decode batch of 6 sequences at 150-193 positions takes the split-KV decode's tensor-core
+/// build (bf16, head dim 32, a GQA group of at most 8; its warps make several 16-position passes
+/// over the one 256-position chunk), and with `decode_tensor_cores = false` the CUDA-core
+/// grouped build: the logits of the prefill step and of three decode steps stay within bf16's
+/// tolerance of the CPU's (against f32) either way.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn batched_bf16_decode_on_tensor_cores_matches_cpu() {
+    let _turn = gpu();
+    let prompts: Vec<Vec<i64>> =
+        (0..6).map(|r| (0..150 + 8 * r).map(|i| 1 + (i * 37 + r * 11) % 250).collect()).collect();
+    let decode: Vec<Vec<i64>> = (0..3).map(|s| (0..6).map(|r| 1 + (s * 7 + r * 13) % 250).collect()).collect();
+    let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 8\nmax_seq_len = 256\n");
+    let reference = run_steps(&mut engine("qwen3", &format!("{base}device = \"cpu\"\n")), &prompts, &decode);
+    let f32_base = base.replace("bfloat16", "float32");
+    let truth = run_steps(&mut engine("qwen3", &format!("{f32_base}device = \"cpu\"\n")), &prompts, &decode);
+    let mut failed = Vec::new();
+    for tc in [true, false] {
+        let extra = format!(
+            "{base}device = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"flashinfer\"\nkernels.decode_tensor_cores = {tc}\n"
+        );
+        let mut gpu = engine("qwen3", &extra);
+        let (got, ran) = launches(|| run_steps(&mut gpu, &prompts, &decode));
+        assert_eq!(ran.contains_key("paged_decode_tc"), tc, "decode_tensor_cores = {tc}: {ran:?}");
+        assert!(ran.contains_key("paged_decode_split") != tc, "decode_tensor_cores = {tc}: {ran:?}");
+        let what = format!("qwen3 bf16 decode batch of 6, decode_tensor_cores = {tc}");
+        failed.extend(bf16_against_f32(&what, "qwen3", &truth, &reference, &got).err());
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
 /// Seeded sampled requests (temperature, top-k, top-p) picked on the GPU (`forward_sampled`,
 /// no logits copied back) generate the tokens the CPU samples from its own logits: the same
 /// uniform draw per token, the same filters. f32, so the logits agree to ~1e-5 and no draw

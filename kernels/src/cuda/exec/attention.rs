@@ -250,7 +250,8 @@ impl Gpu {
             let i = PREFILL_TC_DIMS.iter().position(|&x| x == d).unwrap_or_default();
             let f = self.f.paged_decode_tc[usize::from(mods.kv_fp8.is_some())][i];
             let hb = heads / kv_heads;
-            return self.launch_split(f, (q, 0, 0), (0, 0), cache, out, meta, shapes, (scale, mods), split, hb);
+            let tc = (f, "paged_decode_tc");
+            return self.launch_split(tc, (q, 0, 0), (0, 0), cache, out, meta, shapes, (scale, mods), split, hb);
         }
         let hb = self.decode_heads_a_block(heads, kv_heads, d);
         let builds = match hb {
@@ -259,7 +260,7 @@ impl Gpu {
             8 => &self.f.paged_decode_split_grouped[2],
             _ => &self.f.paged_decode_split,
         };
-        let f = split_build(builds, dt, d, mods)?;
+        let f = (split_build(builds, dt, d, mods)?, "paged_decode_split");
         self.launch_split(f, (q, 0, 0), (0, 0), cache, out, meta, shapes, (scale, mods), split, hb)
     }
 
@@ -290,14 +291,14 @@ impl Gpu {
             if self.attn_early_u() == 4 { &self.f.paged_decode_split_early4 } else { &self.f.paged_decode_split_early };
         let tables = rope.unwrap_or((0, 0));
         let plain = ScoreMods { kv_fp8, ..ScoreMods::default() };
-        let f = split_build(f, dt, d, plain)?;
+        let f = (split_build(f, dt, d, plain)?, "paged_decode_split");
         self.launch_split(f, qkv, tables, cache, out, meta, (heads, kv_heads, d), (scale, plain), split, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn launch_split(
         &self,
-        f: Kernel,
+        (f, name): (Kernel, &'static str),
         qkv: (Ptr, Ptr, Ptr),
         (cos, sin): (Ptr, Ptr),
         cache: (Ptr, Ptr),
@@ -337,7 +338,7 @@ impl Gpu {
         };
         // SAFETY: as paged_attention; the step's tokens index q/k/v and cos/sin; `partial` holds
         // tokens × heads × splits × (d + 2) floats, `counters` tokens × heads zeroed ints.
-        launched("paged_decode_split", unsafe { l.launch(cfg) }.map(|_| ()))
+        launched(name, unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
     /// RoPE of q into `q_out` `[heads, tokens, d]` and of k into the cache, v copied to the
