@@ -186,6 +186,23 @@ __device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, boo
     }
 }
 
+// Whether this block is the last of `active` chunk blocks to finish (then it re-arms `counter`
+// for the next step): called by the whole block after it stored its partial state. The
+// block's stores are ordered before thread 0's release (the barrier, then a gpu-scope acq_rel
+// atomic); the last block's acquire makes every chunk's visible to it.
+__device__ __forceinline__ bool last_to_finish(int* counter, int active) {
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int before;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+        last = before == active - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    return last;
+}
+
 // Split-KV decode (FlashInfer's decode design): a query token's positions are cut into
 // `splits` chunks of `chunk`; block (t, h, s) attends over chunk s only and writes its partial
 // softmax state (max m, sum l, unnormalised output row) to `partial`; the last block of
@@ -390,20 +407,8 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         out[d] = M;
         out[d + 1] = L;
     }
-    // The last chunk to finish merges them all (and re-arms the counter for the next step).
-    // The block's partial stores are ordered before thread 0's release (the barrier, then a
-    // gpu-scope acq_rel atomic); the last block's acquire makes every chunk's visible to it.
-    __shared__ int last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int* c = counters + t * heads + h;
-        int before;
-        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(c) : "memory");
-        last = before == active - 1;
-        if (last) *c = 0;
-    }
-    __syncthreads();
-    if (!last) return;
+    // The last chunk to finish merges them all.
+    if (!last_to_finish(counters + t * heads + h, active)) return;
     // The throughput build keeps its registers few (more blocks fit at large batches).
     merge_partials<T, EARLY ? 16 : 0>(partial + ((long)t * heads + h) * splits * (d + 2), active, d, out_row);
 }
@@ -456,18 +461,7 @@ __device__ void finish_heads(const float* sm, const float* sl, const float* sacc
         }
     }
     if (active == 1) return;
-    // As paged_decode_split: the barrier and a gpu-scope acq_rel atomic order the partials.
-    __shared__ int last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int* c = counters + t * heads + h0;
-        int before;
-        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(c) : "memory");
-        last = before == active - 1;
-        if (last) *c = 0;
-    }
-    __syncthreads();
-    if (!last) return;
+    if (!last_to_finish(counters + t * heads + h0, active)) return;
     for (int g = warp; g < n; g += WARPS)
         merge_partials_warp<T, PER>(partial + ((long)t * heads + h0 + g) * splits * (d + 2), active, d,
                                     out_all + (h0 + g) * ohs + t * ots, lane);

@@ -246,7 +246,7 @@ impl Gpu {
     ) -> Result<(), Unavailable> {
         let shapes = (heads, kv_heads, d);
         if self.decode_tc_applies(dt, heads, kv_heads, d, mods) {
-            // One block a kv head: the group's heads are the rows of its MMA tiles.
+            // One block a kv head: the group's heads are the N side of its MMAs.
             let i = PREFILL_TC_DIMS.iter().position(|&x| x == d).unwrap_or_default();
             let f = self.f.paged_decode_tc[usize::from(mods.kv_fp8.is_some())][i];
             let hb = heads / kv_heads;

@@ -3,7 +3,8 @@
 //! the dequantizing path) or bf16 out with cuBLASLt applying the weight's and the activations'
 //! scales itself (`LtOut::Bf16Scaled`: one launch, half the output bytes, no epilogue; per
 //! output channel or per activation row through its "outer vector" scale mode where the
-//! library has an algorithm for it, else the caller falls back to the f32 sums). cuBLASLt's FP8 kernels want the "TN" layout, which row-major operands
+//! library has an algorithm for it, else the caller falls back to the f32 sums). cuBLASLt's FP8
+//! kernels want the "TN" layout, which row-major operands
 //! give directly: in column-major terms the weight is `k × n` read transposed and the
 //! activations `k × m` read as they are, and the `n × m` result is `acc` row-major.
 //!
