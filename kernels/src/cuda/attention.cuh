@@ -73,11 +73,18 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 }
 __device__ __forceinline__ unsigned pack_raw(bf16_t lo, bf16_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 
+// Two f32 that bf16 holds exactly (an E4M3 code's value: at most 4 significant bits, exponents
+// -9..8) as packed bf16: their top halves, one byte permute, no rounding (pack_bf16 rounds and
+// checks for NaN, which cost several instructions a value on the FP8 cache's hot path).
+__device__ __forceinline__ unsigned pack_exact_bf16(float lo, float hi) {
+    return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
+}
 // Eight E4M3 codes (8-byte aligned) as eight bf16, which hold their values exactly.
 __device__ __forceinline__ uint4 fp8x8_as_bf16(uint2 w) {
     float f[8];
     e4m3x4(w.x, f);
     e4m3x4(w.y, f + 4);
-    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]), pack_bf16(f[6], f[7]));
+    return make_uint4(pack_exact_bf16(f[0], f[1]), pack_exact_bf16(f[2], f[3]), pack_exact_bf16(f[4], f[5]),
+                      pack_exact_bf16(f[6], f[7]));
 }
 __device__ __forceinline__ uint4 fp8x8_as_bf16(const fp8_t* p) { return fp8x8_as_bf16(*(const uint2*)p); }
