@@ -251,8 +251,9 @@ mod tests {
             Op::log_softmax(1),
             crate::custom_op::op("aten.gelu", "approximate=tanh").unwrap(),
             crate::custom_op::op("aten.gelu", "approximate=none").unwrap(),
-            Op::rmsnorm(NormAttrs { eps: 1e-6, norm_dtype: DType::F32 }),
-            Op::add_rmsnorm(NormAttrs { eps: 1e-5, norm_dtype: DType::BF16 }),
+            Op::rmsnorm(NormAttrs::new(1e-6, DType::F32)),
+            Op::add_rmsnorm(NormAttrs::new(1e-5, DType::BF16)),
+            Op::add_rmsnorm(NormAttrs { fp8_out: true, ..NormAttrs::new(1e-5, DType::F32) }),
             Op::rope(true),
             Op::attention(AttentionAttrs { causal: true, scale: 0.088, scoring: Scoring::default() }),
             Op::attention(AttentionAttrs {

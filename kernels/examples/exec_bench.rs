@@ -26,7 +26,8 @@ fn main() {
     let y = gpu.alloc(64 << 20, "y").unwrap();
     let reps = 200;
     let us = time(&gpu, reps, || {
-        gpu.rmsnorm((x.ptr, Dt::BF16), None, (x.ptr, Dt::BF16), (y.ptr, Dt::BF16), Dt::BF16, 1, 896, 1e-6).unwrap()
+        gpu.rmsnorm((x.ptr, Dt::BF16), None, (x.ptr, Dt::BF16), (y.ptr, Dt::BF16), None, Dt::BF16, 1, 896, 1e-6)
+            .unwrap()
     });
     println!("rmsnorm [1, 896] bf16: {us:.2} us per launch (launch-bound)");
     for &(n, k) in &[

@@ -143,6 +143,7 @@ fn main() {
                             Some((r.ptr, r2.ptr)),
                             (nw.ptr, Dt::BF16),
                             (x.ptr, Dt::BF16),
+                            None,
                             Dt::BF16,
                             1,
                             hidden,

@@ -11,7 +11,6 @@ mod common;
 #[path = "cuda/moe.rs"]
 mod moe;
 
-use autodeploy_core::kvcache::{BatchMetadata, PagePool, PagedKvCache, StepContext, StepPlan};
 use autodeploy_core::pipeline::Engine;
 use autodeploy_core::Tensor;
 use common::gpu::{gpu, launches};
@@ -35,57 +34,10 @@ const BF16_ROUTED_MEAN: f32 = 2.0;
 // Every test here is `#[ignore]`d with the reason "needs an NVIDIA GPU", so a run without a
 // GPU (CI) counts and names them; on a GPU machine they run with `--include-ignored`.
 
-fn input_index(e: &Engine, name: &str) -> usize {
-    e.graph.inputs.iter().position(|&v| e.graph.value(v).name == name).unwrap()
-}
-
-/// Runs `steps` of a two-sequence batch through the engine's cached forward, the tokens fixed
-/// by the caller, and returns each step's logits rows.
+/// Runs `steps` of a batch through the engine's cached forward at this file's page size
+/// (`common::steps::run_paged_steps`).
 fn run_steps(e: &mut Engine, prompts: &[Vec<i64>], decode: &[Vec<i64>]) -> Vec<Vec<Vec<f32>>> {
-    let spec = e.cache.clone().expect("fixtures get a KV cache");
-    let mut cache = PagedKvCache::new(spec, PAGE);
-    let mut pool = PagePool::new(e.kv_pages);
-    let mut seqs: Vec<(Vec<i64>, usize, Vec<u32>)> = prompts.iter().map(|p| (p.clone(), 0, vec![])).collect();
-    let mut out = Vec::new();
-    for step in 0..=decode.len() {
-        if step > 0 {
-            for (s, &t) in seqs.iter_mut().zip(&decode[step - 1]) {
-                s.0.push(t);
-            }
-        }
-        let mut meta = BatchMetadata::default();
-        let (mut ids, mut pos, mut gather) = (vec![], vec![], vec![]);
-        for s in seqs.iter_mut() {
-            // A backend with per-sequence slots gets its slot whole, as the runtime does.
-            if let (Some(n), true) = (e.model.kv_pages_per_sequence(), s.2.is_empty()) {
-                s.2 = pool.alloc_run(n).unwrap();
-            }
-            while s.2.len() * PAGE < s.0.len() {
-                s.2.push(pool.alloc().unwrap());
-            }
-            ids.extend_from_slice(&s.0[s.1..]);
-            pos.extend(s.1 as i64..s.0.len() as i64);
-            gather.push(ids.len() as i64 - 1);
-            meta.seq_lens.push(s.0.len() - s.1);
-            meta.cached_lens.push(s.1);
-            meta.page_tables.push(s.2.clone());
-            s.1 = s.0.len();
-        }
-        if !e.model.owns_kv_cache() {
-            cache.ensure_pages(e.kv_pages);
-        }
-        let plan = StepPlan::new(&meta, PAGE).unwrap();
-        let mut inputs = vec![Tensor::from_i64(vec![0], vec![]).unwrap(); e.graph.inputs.len()];
-        let t = ids.len();
-        inputs[input_index(e, "input_ids")] = Tensor::from_i64(vec![1, t], ids).unwrap();
-        inputs[input_index(e, "position_ids")] = Tensor::from_i64(vec![1, t], pos).unwrap();
-        inputs[input_index(e, "logits_gather_idx")] = Tensor::from_i64(vec![gather.len()], gather).unwrap();
-        let mut cx = StepContext { plan: &plan, cache: &mut cache };
-        let o = e.model.forward(&inputs, Some(&mut cx)).unwrap();
-        let v = *o[0].shape().last().unwrap();
-        out.push(o[0].to_f32().chunks(v).map(<[f32]>::to_vec).collect());
-    }
-    out
+    common::steps::run_paged_steps(e, PAGE, prompts, decode)
 }
 
 /// Max |a − b| over all steps' logits, the largest |a|, and the mean |a − b|; shapes must agree
@@ -289,6 +241,12 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             // reference (tests/quant.rs): the logits move by up to 2.2 with it, so a cache
             // kept in the model's dtype fails here.
             ("llama-fp8-kv", "kv_cache_dtype = \"fp8\"\n"),
+            // The input quantization folded into the RMSNorms (under opt): the norms write
+            // codes, the GEMV stages them, cuBLASLt reads them, the dequantizing path takes
+            // their values.
+            ("llama-fp8", "transforms.fuse_rmsnorm_quant_fp8.enabled = true\n"),
+            ("qwen3-fp8", "transforms.fuse_rmsnorm_quant_fp8.enabled = true\n"),
+            ("llama-fp8", "transforms.fuse_rmsnorm_quant_fp8.enabled = true\nkernels.fp8_gemm_cublaslt = false\n"),
         ];
         checkpoints
             .iter()
@@ -308,6 +266,9 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
         "e4m3_bytes_rows",
         "cublaslt_fp8",
         "cublaslt_fp8_scaled",
+        "rmsnorm_bf16x8_fp8",
+        "rmsnorm_fp8",
+        "gemv_fp8_tc_codes",
     ] {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }

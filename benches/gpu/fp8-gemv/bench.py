@@ -61,7 +61,7 @@ def tc(m, dt, dynamic=False, variant=None):
     threads = 32 * variant[0] if variant else 256
     def f(l):
         for nm, n, k in SHAPES:
-            get(f"gemv_fp8_tc_m{m}_{dt}")(((n + 15) // 16,), (threads,), (x[nm], wl(nm, l, k, n), s_in, i32(dynamic), s_w[nm],
+            get(f"gemv_fp8_tc_m{m}_{dt}")(((n + 15) // 16,), (threads,), (x[nm], null, wl(nm, l, k, n), s_in, i32(dynamic), s_w[nm],
                 i32(1), null, Y[nm], i32(n), i32(k), i32(0)))
     return f
 
@@ -109,7 +109,7 @@ def one(nm, n, k, what):
                 bmod.get_function("gemv_bf16_m1_s2")((n // 4,), (256,), (X[nm], wb, Y[nm], i32(n), i32(k), i32(0), i32(0)))
         else:
             get = VARIANTS[what].get_function if what != "tc" else K
-            get("gemv_fp8_tc_m1_bf16")(((n + 15) // 16,), (32 * (what[0] if what != "tc" else 8),), (X[nm], w, s_in,
+            get("gemv_fp8_tc_m1_bf16")(((n + 15) // 16,), (32 * (what[0] if what != "tc" else 8),), (X[nm], null, w, s_in,
                 i32(0), s_w[nm], i32(1), null, Y[nm], i32(n), i32(k), i32(0)))
     return f
 for nm, n, k in SHAPES:
@@ -153,7 +153,7 @@ for m in (1, 8):
                     K(f"gemv_fp8_m{m}_{dt}")(((n * 32 + 255) // 256,), (256,), (XQ[nm], wl(nm, 0, k, n), s_in, i32(0),
                         s_w[nm], i32(1), null, Y[nm], i32(n), i32(k), i32(0)))
                 else:
-                    K(f"gemv_fp8_tc_m{m}_{dt}")(((n + 15) // 16,), (256,), (x[nm], wl(nm, 0, k, n), s_in, i32(0),
+                    K(f"gemv_fp8_tc_m{m}_{dt}")(((n + 15) // 16,), (256,), (x[nm], null, wl(nm, 0, k, n), s_in, i32(0),
                         s_w[nm], i32(1), null, Y[nm], i32(n), i32(k), i32(0)))
                 y = Y[nm].get()
                 if dt == "bf16":

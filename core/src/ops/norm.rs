@@ -2,9 +2,12 @@
 //! weight)` the matcher makes (`weight * to(norm_dtype)(x·rsqrt(mean(x²) + eps))`, normalised
 //! in f32; `eps=1e-5, norm_dtype=f32`) and `fused_add_rmsnorm(x, residual, weight) -> (normed,
 //! sum)` that the `fuse_add_rmsnorm` transform makes from an add an RMSNorm reads (`sum = x +
-//! residual`, one dtype and shape, then the norm of the sum; on CUDA one kernel). Graphs build
-//! them with [`Op::rmsnorm`] and [`Op::add_rmsnorm`]; transforms read them with
-//! [`Op::norm_attrs`]. Beside them `aten.layer_norm(x, weight[, bias])` over the last dim
+//! residual`, one dtype and shape, then the norm of the sum; on CUDA one kernel). Either may
+//! carry `quant=fp8` (the `fuse_rmsnorm_quant_fp8` transform, where FP8 linears alone read the
+//! norm, all at one static `input_scale`): one more input, that scale (one f32), and the
+//! normalised output is the E4M3 codes (`f8e4m3`) of the rounded normalised value / scale, the
+//! codes the linears would have made themselves. Graphs build them with [`Op::rmsnorm`] and
+//! [`Op::add_rmsnorm`]; transforms read them with [`Op::norm_attrs`]. Beside them `aten.layer_norm(x, weight[, bias])` over the last dim
 //! (`eps=1e-5`), torch's `nn.LayerNorm` as an export gives it: already one op, with its CPU and
 //! CUDA kernels.
 
@@ -29,15 +32,31 @@ pub struct NormAttrs {
     pub eps: f64,
     /// The dtype the normalised value is rounded to before the weight multiplies it.
     pub norm_dtype: DType,
+    /// `quant=fp8`: the normalised output as E4M3 codes at the last input's scale.
+    pub fp8_out: bool,
 }
 
 impl NormAttrs {
     fn parse(op: &str, text: &str) -> Result<NormAttrs, String> {
-        read_attrs(op, text, |a| Ok(NormAttrs { eps: a.f64("eps")?, norm_dtype: a.dtype("norm_dtype")? }))
+        read_attrs(op, text, |a| {
+            let (eps, norm_dtype) = (a.f64("eps")?, a.dtype("norm_dtype")?);
+            let fp8_out = match a.take("quant") {
+                None => false,
+                Some("fp8") => true,
+                Some(v) => return Err(a.bad("quant", v, "fp8")),
+            };
+            Ok(NormAttrs { eps, norm_dtype, fp8_out })
+        })
     }
 
     fn text(&self) -> String {
-        format!("eps={:?}, norm_dtype={}", self.eps, self.norm_dtype)
+        let quant = if self.fp8_out { ", quant=fp8" } else { "" };
+        format!("eps={:?}, norm_dtype={}{quant}", self.eps, self.norm_dtype)
+    }
+
+    /// The plain norm's attributes (no quantized output).
+    pub fn new(eps: f64, norm_dtype: DType) -> NormAttrs {
+        NormAttrs { eps, norm_dtype, fp8_out: false }
     }
 }
 
@@ -61,20 +80,63 @@ impl Op {
     }
 }
 
-fn rmsnorm_rule(x: &TensorMeta, w: &TensorMeta, a: &NormAttrs) -> Result<TensorMeta, String> {
+/// The dtype the normalised value is rounded to: the output's, or with `quant=fp8` the one the
+/// plain norm would output (the codes are of that rounded value).
+fn rounded_dtype(w: DType, a: &NormAttrs) -> DType {
+    DType::promote(w, a.norm_dtype)
+}
+
+/// The normalised output's meta; `scale` the `quant=fp8` input (one f32).
+fn rmsnorm_rule(
+    x: &TensorMeta,
+    w: &TensorMeta,
+    scale: Option<&TensorMeta>,
+    a: &NormAttrs,
+) -> Result<TensorMeta, String> {
     if !x.dtype.is_float() {
         return Err(format!("needs a float tensor, got {x}"));
     }
     if w.shape.len() != 1 || x.shape.last() != Some(&w.shape[0]) {
         return Err(format!("weight {w} does not fit the last dim of {x}"));
     }
-    Ok(TensorMeta { dtype: DType::promote(w.dtype, a.norm_dtype), shape: x.shape.clone() })
+    match (a.fp8_out, scale) {
+        (false, None) => Ok(TensorMeta { dtype: rounded_dtype(w.dtype, a), shape: x.shape.clone() }),
+        (true, Some(s)) if s.dtype == DType::F32 && s.shape.iter().all(|d| *d == crate::shape::Dim::new(1)) => {
+            Ok(TensorMeta { dtype: DType::F8E4M3, shape: x.shape.clone() })
+        }
+        (true, Some(s)) => Err(format!("quant=fp8 input scale {s}: want one f32")),
+        (true, None) => Err("quant=fp8 takes the input scale as its last input".into()),
+        (false, Some(s)) => Err(format!("an input scale {s} without quant=fp8")),
+    }
 }
 
 /// RMSNorm of each row of `x` on the CPU, in f32; the result as `out_dtype`: the same
 /// arithmetic, in the same order, as the unfused RMSNorm the importers emit, so the matched op
 /// gives identical results.
 fn rmsnorm_cpu(x: &Tensor, w: &Tensor, a: &NormAttrs, out_dtype: DType) -> Result<Tensor, String> {
+    let out = rmsnorm_values(x, w, a)?;
+    Tensor::from_f32_as(out_dtype, x.shape().to_vec(), out).map_err(|e| e.to_string())
+}
+
+/// The norm's output; with `quant=fp8` (`scale` the last input) the E4M3 codes of the value the
+/// plain norm outputs (rounded to its dtype) divided by the scale, saturating, ties to even:
+/// the codes `torch_quant_fp8_linear` makes of its input.
+fn rmsnorm_out(
+    x: &Tensor,
+    w: &Tensor,
+    scale: Option<&Tensor>,
+    a: &NormAttrs,
+    out_dtype: DType,
+) -> Result<Tensor, String> {
+    let Some(s) = scale.filter(|_| a.fp8_out) else { return rmsnorm_cpu(x, w, a, out_dtype) };
+    let (s, rounded) = (s.to_f32()[0], rounded_dtype(w.dtype(), a));
+    let mut v = rmsnorm_values(x, w, a)?;
+    v.iter_mut().for_each(|e| *e = crate::cpu::round_as(rounded, *e) / s);
+    Tensor::from_f32_as(DType::F8E4M3, x.shape().to_vec(), v).map_err(|e| e.to_string())
+}
+
+/// The normalised rows in f32, before the output's rounding.
+fn rmsnorm_values(x: &Tensor, w: &Tensor, a: &NormAttrs) -> Result<Vec<f32>, String> {
     use crate::cpu::{round_as, PAR_MIN};
     let n = *x.shape().last().ok_or("x has rank 0")?;
     let (eps, norm_dtype) = (a.eps as f32, a.norm_dtype);
@@ -92,11 +154,11 @@ fn rmsnorm_cpu(x: &Tensor, w: &Tensor, a: &NormAttrs, out_dtype: DType) -> Resul
     } else {
         xv.chunks(n).zip(out.chunks_mut(n)).for_each(row);
     }
-    Tensor::from_f32_as(out_dtype, x.shape().to_vec(), out).map_err(|e| e.to_string())
+    Ok(out)
 }
 
 /// The CUDA side of both: one kernel (with a residual, it also writes x + residual to the
-/// second output and normalises that sum).
+/// second output and normalises that sum; with `quant=fp8`, E4M3 codes out).
 fn cuda(name: &'static str, fused: bool) -> CudaImpl {
     Arc::new(move |ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
         let a = NormAttrs::parse(name, attrs)?;
@@ -105,11 +167,17 @@ fn cuda(name: &'static str, fused: bool) -> CudaImpl {
         let last = *x.shape.last().unwrap_or(&1);
         let rows = y.shape.iter().product::<usize>() / last.max(1);
         let (residual, w) = if fused { (Some((ins[1].ptr, outs[1].ptr)), &ins[2]) } else { (None, &ins[1]) };
+        // With `quant=fp8`: the codes of the value rounded to the plain norm's output dtype.
+        let (out, codes_scale) = match ins.get(2 + fused as usize).filter(|_| a.fp8_out) {
+            Some(s) => ((y.ptr, cuda_dt(rounded_dtype(w.dtype, &a))?), Some(s.ptr)),
+            None => ((y.ptr, cuda_dt(y.dtype)?), None),
+        };
         gpu.rmsnorm(
             (x.ptr, cuda_dt(x.dtype)?),
             residual,
             (w.ptr, cuda_dt(w.dtype)?),
-            (y.ptr, cuda_dt(y.dtype)?),
+            out,
+            codes_scale,
             cuda_dt(a.norm_dtype)?,
             rows,
             last,
@@ -125,15 +193,17 @@ fn rmsnorm_op() -> CustomOp {
         version: env!("CARGO_PKG_VERSION"),
         inputs: 2,
         outputs: Outputs::Rule(Arc::new(|ins: &[TensorMeta], attrs: &str| {
-            Ok(vec![rmsnorm_rule(&ins[0], &ins[1], &NormAttrs::parse(RMSNORM, attrs)?)?])
+            Ok(vec![rmsnorm_rule(&ins[0], &ins[1], ins.get(2), &NormAttrs::parse(RMSNORM, attrs)?)?])
         })),
         origin: "built-in",
         check_attrs: Some(|t| NormAttrs::parse(RMSNORM, t).map(|_| ())),
         cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
-            Ok(vec![rmsnorm_cpu(ins[0], ins[1], &NormAttrs::parse(RMSNORM, attrs)?, outs[0].0)?])
+            let a = NormAttrs::parse(RMSNORM, attrs)?;
+            Ok(vec![rmsnorm_out(ins[0], ins[1], ins.get(2).copied(), &a, outs[0].0)?])
         }),
         cuda: Some(cuda(RMSNORM, false)),
-        extra_inputs: 0,
+        // `quant=fp8`'s input scale.
+        extra_inputs: 1,
         sizes: None,
         view: None,
         linear_weights: false,
@@ -153,7 +223,7 @@ fn add_rmsnorm_op() -> CustomOp {
             if r != x {
                 return Err(format!("x {x} and residual {r} must have one dtype and shape"));
             }
-            Ok(vec![rmsnorm_rule(x, &ins[2], &a)?, x.clone()])
+            Ok(vec![rmsnorm_rule(x, &ins[2], ins.get(3), &a)?, x.clone()])
         })),
         origin: "built-in",
         check_attrs: Some(|t| NormAttrs::parse(ADD_RMSNORM, t).map(|_| ())),
@@ -161,11 +231,12 @@ fn add_rmsnorm_op() -> CustomOp {
         cpu: Arc::new(|ins: &[&Tensor], attrs: &str, outs: &[(DType, Vec<usize>)], _: &crate::cpu::KernelOptions| {
             let a = NormAttrs::parse(ADD_RMSNORM, attrs)?;
             let sum = crate::ops::binary::add(ins[0], ins[1]).map_err(|e| e.to_string())?;
-            let normed = rmsnorm_cpu(&sum, ins[2], &a, outs[0].0)?;
+            let normed = rmsnorm_out(&sum, ins[2], ins.get(3).copied(), &a, outs[0].0)?;
             Ok(vec![normed, sum])
         }),
         cuda: Some(cuda(ADD_RMSNORM, true)),
-        extra_inputs: 0,
+        // `quant=fp8`'s input scale.
+        extra_inputs: 1,
         sizes: None,
         view: None,
         linear_weights: false,

@@ -9,6 +9,9 @@
 //!   `y = x_q · (w · weight_scale)ᵀ + bias` in f32, rounded once to x's dtype. With `dynamic=true`
 //!   (`quantize = "fp8"` on a float checkpoint) there is no `input_scale` input: each row of x
 //!   (a token) goes through E4M3 at its own scale, max |x_row| / 448 (1 for a row of zeros).
+//!   With `out=<dtype>` (static scale only) x is E4M3 codes at `input_scale` already (the
+//!   `fuse_rmsnorm_quant_fp8` transform's RMSNorm made them, the codes this op would have made
+//!   of the norm's plain output), read as they are; y is rounded to `out`.
 //! - `torch_quant_nvfp4_linear(x, w, weight_scale, weight_scale_2[, bias])`: `w` E2M1 `[out,
 //!   in]` (two a byte), `weight_scale` E4M3 `[out, in / 16]` (one a block of 16 along a row),
 //!   `weight_scale_2` one f32. Weight-only: the input as it is (Hopper has no FP4 tensor cores;
@@ -34,9 +37,30 @@ use crate::tensor::Tensor;
 pub const FP8_LINEAR: &str = "torch_quant_fp8_linear";
 pub const NVFP4_LINEAR: &str = "torch_quant_nvfp4_linear";
 
-/// Whether an FP8 linear's attributes say `dynamic=true`.
+/// An FP8 linear's attributes: `dynamic=true`, or `out=<dtype>` (the input E4M3 codes).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Fp8Attrs {
+    dynamic: bool,
+    codes_out: Option<DType>,
+}
+
+fn fp8_attrs(attrs: &str) -> Result<Fp8Attrs, String> {
+    read_attrs(FP8_LINEAR, attrs, |a| {
+        let dynamic = a.opt_bool("dynamic")?.unwrap_or(false);
+        let codes_out = match a.take("out") {
+            None => None,
+            Some(v) => match DType::parse(v).filter(|d| d.is_float()) {
+                Some(_) if dynamic => return Err(a.bad("out", v, "set with dynamic=true (codes need a static scale)")),
+                Some(d) => Some(d),
+                None => return Err(a.bad("out", v, "f32, bf16 or f16")),
+            },
+        };
+        Ok(Fp8Attrs { dynamic, codes_out })
+    })
+}
+
 fn fp8_dynamic(attrs: &str) -> Result<bool, String> {
-    read_attrs(FP8_LINEAR, attrs, |a| Ok(a.opt_bool("dynamic")?.unwrap_or(false)))
+    fp8_attrs(attrs).map(|a| a.dynamic)
 }
 
 impl Op {
@@ -47,9 +71,13 @@ impl Op {
     pub fn fp8_linear_dynamic() -> Op {
         Op { name: FP8_LINEAR, attrs: "dynamic=true".into() }
     }
-    /// `Some(dynamic)` for an FP8 linear.
+    /// The static FP8 linear over input codes (`x` E4M3 at `input_scale`), `y` rounded to `out`.
+    pub fn fp8_linear_codes(out: DType) -> Op {
+        Op { name: FP8_LINEAR, attrs: format!("out={out}") }
+    }
+    /// `Some(dynamic)` for an FP8 linear over float inputs (not one over codes).
     pub fn fp8_linear_of(&self) -> Option<bool> {
-        self.attrs_of(FP8_LINEAR).and_then(|a| fp8_dynamic(a).ok())
+        self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok()).filter(|a| a.codes_out.is_none()).map(|a| a.dynamic)
     }
     pub fn nvfp4_linear() -> Op {
         Op { name: NVFP4_LINEAR, attrs: String::new() }
@@ -91,7 +119,7 @@ fn fp8_inputs(dynamic: bool) -> (Option<usize>, usize, usize) {
 }
 
 fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
-    let dynamic = fp8_dynamic(attrs)?;
+    let Fp8Attrs { dynamic, codes_out } = fp8_attrs(attrs)?;
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
     if ins.len() < bias_at || ins.len() > bias_at + 1 {
         return Err(format!("takes {bias_at} or {} inputs with dynamic={dynamic}, got {}", bias_at + 1, ins.len()));
@@ -106,7 +134,15 @@ fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
     if s_w.dtype != DType::F32 || !(one_value(s_w) || per_row) {
         return Err(format!("weight_scale {s_w} vs weight {w}: want one f32 or one a row"));
     }
-    linear_out(ins, DType::F8E4M3, bias_at)
+    match (codes_out, ins[0].dtype) {
+        (Some(out), DType::F8E4M3) => {
+            let as_float = TensorMeta { dtype: out, shape: ins[0].shape.clone() };
+            let metas: Vec<TensorMeta> = std::iter::once(as_float).chain(ins[1..].iter().cloned()).collect();
+            linear_out(&metas, DType::F8E4M3, bias_at)
+        }
+        (Some(out), _) => Err(format!("out={out}: x {} must be f8e4m3 codes", ins[0])),
+        (None, _) => linear_out(ins, DType::F8E4M3, bias_at),
+    }
 }
 
 fn nvfp4_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
@@ -155,6 +191,14 @@ fn fp8_cpu(
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(fp8_dynamic(attrs)?);
     let k = ins[1].shape()[1];
     let mut x = ins[0].to_f32().into_owned();
+    let scale = ins[s_w_at].to_f32();
+    let w = LowBit::Fp8 { codes: low_bit(ins[1], "weight")?, scale: &scale };
+    if ins[0].dtype() == DType::F8E4M3 {
+        // Codes at the input scale: their values times it, what quantizing the float gave.
+        let s = ins[s_in_at.ok_or("input codes need a static input_scale")?].to_f32()[0];
+        x.iter_mut().for_each(|v| *v *= s);
+        return run(&x, w, ins, bias_at, &outs[0]);
+    }
     for row in x.chunks_mut(k.max(1)) {
         let s = match s_in_at {
             Some(i) => ins[i].to_f32()[0],
@@ -164,8 +208,7 @@ fn fp8_cpu(
             row.iter_mut().for_each(|v| *v = fake_quant_e4m3(*v, s));
         }
     }
-    let scale = ins[s_w_at].to_f32();
-    run(&x, LowBit::Fp8 { codes: low_bit(ins[1], "weight")?, scale: &scale }, ins, bias_at, &outs[0])
+    run(&x, w, ins, bias_at, &outs[0])
 }
 
 /// A row's dynamic E4M3 scale: max |x| / 448, or 1 for a row of zeros.
@@ -195,7 +238,16 @@ fn cuda_call(ins: &[DeviceTensor], y: &DeviceTensor, bias_at: usize) -> Result<L
     if let Some(b) = bias.filter(|b| b.dtype != y.dtype) {
         return Err(format!("bias of {} with {} activations", b.dtype, y.dtype));
     }
-    Ok(LowBitLinear { dt: cuda_dt(y.dtype)?, m, n, k, x: ins[0].ptr, y: y.ptr, bias: bias.map_or(0, |b| b.ptr) })
+    Ok(LowBitLinear {
+        dt: cuda_dt(y.dtype)?,
+        m,
+        n,
+        k,
+        x: ins[0].ptr,
+        y: y.ptr,
+        bias: bias.map_or(0, |b| b.ptr),
+        x_codes: ins[0].dtype == DType::F8E4M3,
+    })
 }
 
 fn scratch4(l: &dyn KernelLauncher) -> Result<[u64; 4], String> {
@@ -226,9 +278,12 @@ fn nvfp4_cuda() -> CudaImpl {
     })
 }
 
-/// [`LowBitLinear::scratch`] for the largest shapes.
-fn lowbit_scratch(ins: &[(DType, Vec<usize>)], _: &str) -> Vec<usize> {
-    let (dt, xs) = &ins[0];
+/// [`LowBitLinear::scratch`] for the largest shapes, in the output's dtype (over input codes,
+/// `out`'s).
+fn lowbit_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
+    let (x_dt, xs) = &ins[0];
+    let codes_out = if *x_dt == DType::F8E4M3 { fp8_attrs(attrs).ok().and_then(|a| a.codes_out) } else { None };
+    let dt = codes_out.unwrap_or(*x_dt);
     let (n, k) = (ins[1].1[0], ins[1].1[1]);
     let m: usize = xs[..xs.len().saturating_sub(1)].iter().product();
     LowBitLinear::scratch(dt.size_in_bytes(), m, n, k).to_vec()
@@ -246,7 +301,7 @@ pub fn ops() -> Vec<CustomOp> {
                 FP8_LINEAR,
                 3,
                 Outputs::Rule(Arc::new(fp8_rule)),
-                |a| fp8_dynamic(a).map(|_| ()),
+                |a| fp8_attrs(a).map(|_| ()),
                 Arc::new(fp8_cpu),
             )
         },

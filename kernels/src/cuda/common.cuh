@@ -75,6 +75,11 @@ __device__ __forceinline__ unsigned char e4m3_code_of(float r) {
     return (unsigned char)(sign | (e << 3) | ((bits >> 20) & 7u));
 }
 
+// The code of the nearest E4M3 value to v (ties to even, saturating): the CPU's `f32_to_e4m3`.
+__device__ __forceinline__ unsigned char e4m3_code_rn(float v) {
+    return v != v ? (unsigned char)0x7f : e4m3_code_of(e4m3_round(v));  // NaN: the CPU's NaN code
+}
+
 // Sum over a block of `blockDim.x` threads (a multiple of 32, at most 1024); every thread gets
 // the total.
 __device__ __forceinline__ float block_sum(float v) {

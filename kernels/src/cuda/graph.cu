@@ -108,9 +108,11 @@ extern "C" __global__ void mean_last(const void* in, int dt_in, void* out, int d
 
 // RMSNorm of rows of `n`, one block per row: out = w * round_norm(x * rsqrt(mean(x²) + eps)).
 // With `res` set, x = round(x + res) first, and that sum is written to `res_out` (the residual
-// stream of a fused add + norm).
+// stream of a fused add + norm). With `qs` set (`quant=fp8`), out gets a byte a value: the E4M3
+// code of the value rounded to dt_out, divided by qs[0] (as the FP8 linears quantize).
 extern "C" __global__ void rmsnorm(const void* x, const void* res, void* res_out, int dt_x, const void* w, int dt_w,
-                                   void* out, int dt_out, int dt_norm, int n, float eps) { pdl_enter();
+                                   void* out, int dt_out, int dt_norm, int n, float eps, const float* qs) {
+    pdl_enter();
     long row = blockIdx.x;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -125,7 +127,11 @@ extern "C" __global__ void rmsnorm(const void* x, const void* res, void* res_out
     const void* src = res ? res_out : x;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = ld(src, dt_x, row * n + i);
-        st(out, dt_out, row * n + i, ld(w, dt_w, i) * rnd(dt_norm, v * r));
+        float o = ld(w, dt_w, i) * rnd(dt_norm, v * r);
+        if (qs)
+            ((unsigned char*)out)[row * n + i] = e4m3_code_rn(rnd(dt_out, o) / qs[0]);
+        else
+            st(out, dt_out, row * n + i, o);
     }
 }
 
@@ -437,9 +443,10 @@ GEMV_SPLIT(4)
 
 // RMSNorm of bf16 rows (bf16 weight, output and norm dtype: the HF Llama family), the row held
 // in registers: each thread loads 8 values with one 16-byte load (n % 8 == 0, n <= 8 * 1024),
-// one block reduction, one store. Same rounding as `rmsnorm`.
+// one block reduction, one store. Same rounding as `rmsnorm`; with `qs`, 8 E4M3 codes a thread
+// out (one 8-byte store), as `rmsnorm`'s.
 extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf16_t* res_out, const bf16_t* w,
-                                          bf16_t* out, int n, float eps) {
+                                          bf16_t* out, int n, float eps, const float* qs) {
     long row = blockIdx.x;
     int c = threadIdx.x;  // chunk of 8
     bool live = c * 8 < n;
@@ -477,6 +484,14 @@ extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf
     bf16_t* op = (bf16_t*)&ov;
 #pragma unroll
     for (int j = 0; j < 8; j++) op[j] = f32_to_bf16(bf16_to_f32(wp[j]) * bf16_to_f32(f32_to_bf16(v[j] * r)));
+    if (qs) {
+        float s = qs[0];
+        unsigned int q[2] = {0u, 0u};
+#pragma unroll
+        for (int j = 0; j < 8; j++) q[j / 4] |= (unsigned int)e4m3_code_rn(bf16_to_f32(op[j]) / s) << (8 * (j % 4));
+        *(uint2*)((unsigned char*)out + row * n + c * 8) = make_uint2(q[0], q[1]);
+        return;
+    }
     *(uint4*)(out + row * n + c * 8) = ov;
 }
 

@@ -292,7 +292,8 @@ GEMV_NVFP4(bf16, bf16_t, 8)
 // reliance on the tensor core's accumulation width), the warps' sums meet in shared memory, and
 // the scales and bias apply once: y = acc · s_a · s_w + bias, as `gemv_fp8`. `dynamic`: each
 // activation row's scale is max |x| / 448 (1 for a row of zeros), found by the block first, as
-// `e4m3_codes_rows`.
+// `e4m3_codes_rows`. `xc` set: the activations arrive as E4M3 codes at s_in[0] already (an
+// RMSNorm with `quant=fp8` made them; `x` unread), and the block stages them as they are.
 // (benches/gpu/fp8-gemv times other warp and in-flight counts by defining these first.)
 #ifndef FP8_TC_WARPS
 #define FP8_TC_WARPS 8
@@ -365,8 +366,8 @@ __device__ __forceinline__ void mma_e4m3(const unsigned int* a, unsigned int b0,
 }
 
 template <typename T, int M>
-__device__ void gemv_fp8_tc(const T* x, const unsigned char* w, const float* s_in, int dynamic, const float* s_w,
-                            int per_row, const T* bias, T* y, int n, int k) {
+__device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in, int dynamic,
+                            const float* s_w, int per_row, const T* bias, T* y, int n, int k) {
     __shared__ float s_tok[8];
     __shared__ float part[FP8_TC_WARPS][16][8];
     __shared__ __align__(16) unsigned char xs[M * FP8_TC_STRIDE];
@@ -417,7 +418,8 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* w, const float* s_i
         int groups = len / 16;
         for (int j = threadIdx.x; j < M * groups; j += blockDim.x) {
             int i = j / groups, q = j % groups;
-            *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) = e4m3_pack16(x + (long)i * k + kc + q * 16, s_tok[i]);
+            long at = (long)i * k + kc + q * 16;
+            *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) = xc ? *(const uint4*)(xc + at) : e4m3_pack16(x + at, s_tok[i]);
         }
         __syncthreads();
         while (true) {
@@ -462,13 +464,14 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* w, const float* s_i
 
 #define GEMV_FP8_TC(S, T, M)                                                                                          \
     extern "C" __global__ void __launch_bounds__(32 * FP8_TC_WARPS)                                                   \
-        gemv_fp8_tc_m##M##_##S(const T* x, const unsigned char* w, const float* s_in, int dynamic, const float* s_w,   \
-                               int per_row, const T* bias, T* y, int n, int k, int prefetch) {                        \
+        gemv_fp8_tc_m##M##_##S(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in,         \
+                               int dynamic, const float* s_w, int per_row, const T* bias, T* y, int n, int k,         \
+                               int prefetch) {                                                                        \
         int warp = threadIdx.x >> 5, per = 16 / FP8_TC_WARPS;                                                         \
         for (int r = blockIdx.x * 16 + per * warp; r < min(n, blockIdx.x * 16 + per * (warp + 1)); r++)               \
             prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
         pdl_enter();                                                                                                  \
-        gemv_fp8_tc<T, M>(x, w, s_in, dynamic, s_w, per_row, bias, y, n, k);                                          \
+        gemv_fp8_tc<T, M>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k);                                      \
     }
 GEMV_FP8_TC(f32, float, 1)
 GEMV_FP8_TC(f32, float, 2)

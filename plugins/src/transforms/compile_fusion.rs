@@ -4,12 +4,13 @@
 //! runs; each can be switched off in `[transforms.<name>]` (`enabled = false`) and the graph
 //! then computes the same numbers through the unfused ops.
 
+use autodeploy_core::dtype::DType;
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
 use autodeploy_core::ops::attention::CachedAttn;
 use autodeploy_core::ops::binary::ADD;
 use autodeploy_core::ops::linear::{GateAct, SwiGlu};
-use autodeploy_core::ops::norm::RMSNORM;
+use autodeploy_core::ops::norm::{NormAttrs, ADD_RMSNORM, RMSNORM};
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::Op;
@@ -175,5 +176,87 @@ impl Transform for FuseAddRmsNorm {
         }
         g.validate()?;
         Ok(format!("fused {} residual adds into the RMSNorm reading them", pairs.len()))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_rmsnorm_quant_fp8",
+        stage: Stage::Compile,
+        order: 40,
+        enabled_by_default: false,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in (fp8 plugin)",
+        make: || Box::new(FuseRmsNormQuantFp8),
+    }
+}
+
+/// The FP8 linears' activation quantization into the RMSNorm before them (stage `compile`, for
+/// the fusing compile backends): a `torch_rmsnorm` or `fused_add_rmsnorm` whose normalised
+/// output only FP8 linears with a static input scale read, as their input, all at equal scales
+/// (ModelOpt's q/k/v and gate/up after `fuse_gemms`), gets `quant=fp8` and that scale, and
+/// writes E4M3 codes; the linears become `torch_quant_fp8_linear(out=<dtype>)` over the codes.
+/// The codes are the ones each linear made of the norm's rounded output, so the numbers do not
+/// change; on CUDA the linears' quantizing launches go (the GEMV stages the codes, cuBLASLt
+/// reads them) and the norm writes a byte a value instead of two. Off by default until a GPU
+/// run has checked and timed it (docs/developing.md).
+pub struct FuseRmsNormQuantFp8;
+
+impl Transform for FuseRmsNormQuantFp8 {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        if let Some(skip) = not_fusing(cx, "quantizes the FP8 linears' inputs in the linears")? {
+            return Ok(skip);
+        }
+        // Readers of each value: (node, input position).
+        let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); g.values.len()];
+        for (j, node) in g.nodes.iter().enumerate() {
+            for (p, v) in node.inputs.iter().enumerate() {
+                readers[v.0 as usize].push((j, p));
+            }
+        }
+        // (norm node, its plain output dtype, the input scale, the linears).
+        let mut folds = Vec::new();
+        for (j, node) in g.nodes.iter().enumerate() {
+            let Some(attrs) = node.op.norm_attrs(RMSNORM).or_else(|| node.op.norm_attrs(ADD_RMSNORM)) else {
+                continue;
+            };
+            let normed = node.outputs[0];
+            let users = &readers[normed.0 as usize];
+            let dtype = g.meta(normed).dtype;
+            let fp8_reader = |&(l, p): &(usize, usize)| p == 0 && g.nodes[l].op.fp8_linear_of() == Some(false);
+            if attrs.fp8_out
+                || users.is_empty()
+                || g.outputs.contains(&normed)
+                || !matches!(dtype, DType::F32 | DType::BF16)
+                || !users.iter().all(fp8_reader)
+            {
+                continue;
+            }
+            let scale = g.nodes[users[0].0].inputs[2];
+            let first = super::fusion::values(g, scale)?;
+            let mut same = true;
+            for &(l, _) in &users[1..] {
+                same &= super::fusion::values(g, g.nodes[l].inputs[2])? == first;
+            }
+            if same {
+                folds.push((j, dtype, scale, users.iter().map(|u| u.0).collect::<Vec<_>>()));
+            }
+        }
+        let n = folds.len();
+        for (j, dtype, scale, linears) in folds {
+            let name = g.nodes[j].op.name;
+            if let Some(a) = g.nodes[j].op.norm_attrs(name) {
+                let quant = NormAttrs { fp8_out: true, ..a };
+                g.nodes[j].op = if name == RMSNORM { Op::rmsnorm(quant) } else { Op::add_rmsnorm(quant) };
+                g.nodes[j].inputs.push(scale);
+            }
+            for l in linears {
+                g.nodes[l].op = Op::fp8_linear_codes(dtype);
+            }
+        }
+        g.reinfer()?;
+        g.validate()?;
+        Ok(format!("folded the FP8 input quantization into {n} RMSNorms"))
     }
 }

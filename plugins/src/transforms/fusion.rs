@@ -177,7 +177,7 @@ impl FuseGemms {
 }
 
 /// A weight's values as f32 (the small scales read here).
-fn values(g: &Graph, v: ValueId) -> Result<Vec<f32>> {
+pub(crate) fn values(g: &Graph, v: ValueId) -> Result<Vec<f32>> {
     let name = param_weight(g, v).expect("checked by the caller");
     Ok(g.weights.load(&name, DType::F32)?.to_f32().into_owned())
 }

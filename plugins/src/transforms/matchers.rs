@@ -111,7 +111,7 @@ impl Transform for MatchRmsNorm {
             let out_mul = pos - 1; // the match output's node
             let yc = *g.nodes[out_mul].inputs.iter().find(|&&v| v != w).unwrap_or(&w);
             let norm_dtype = g.meta(yc).dtype;
-            let op = Op::rmsnorm(NormAttrs { eps: m.caps.f["eps"], norm_dtype });
+            let op = Op::rmsnorm(NormAttrs::new(m.caps.f["eps"], norm_dtype));
             let hint = format!("{}.rmsnorm", g.value(m.output).name);
             Ok(Some(g.insert_node(pos, &hint, op, &[x, w])?))
         })?;

@@ -10,6 +10,7 @@ use safetensors::SafeTensors;
 
 pub mod edit;
 pub mod gpu;
+pub mod steps;
 
 pub const FAMILIES: &[&str] = &[
     "llama",

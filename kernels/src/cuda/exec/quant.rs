@@ -5,7 +5,10 @@
 //! dequantize the weight's codes into scratch (exact in the activations' dtype) and run cuBLAS
 //! with f32 output, then one epilogue applies the scales and bias; or, with bf16 activations and
 //! `[kernels] fp8_gemm_cublaslt`, the activations quantized to E4M3 bytes and cuBLASLt's FP8
-//! tensor-core GEMM (`lt.rs`) into the same f32 sums and epilogue.
+//! tensor-core GEMM (`lt.rs`), which applies the scales itself where it can. An FP8 call whose
+//! activations arrive as E4M3 codes already (`LowBitLinear::x_codes`: an RMSNorm with
+//! `quant=fp8` made them at the static input scale) skips the quantizing: the tensor-core GEMV
+//! stages the codes as they are, cuBLASLt reads them, and the other paths take their values.
 
 use super::lt::{LtOperands, LtOut};
 use super::{grid, launched, Dt, Gpu, Ptr};
@@ -44,6 +47,9 @@ pub struct LowBitLinear {
     pub y: Ptr,
     /// `[n]` in `dt`, or 0.
     pub bias: Ptr,
+    /// FP8 with a static input scale: `x` holds `[m, k]` E4M3 codes at that scale (one byte
+    /// each), not values of `dt`.
+    pub x_codes: bool,
 }
 
 impl LowBitLinear {
@@ -82,33 +88,45 @@ impl Gpu {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
         let [xq, wd, acc, rows] = scratch;
+        if c.x_codes && (s.dynamic || s.input == 0) {
+            return Err(Unavailable("FP8 activations as codes need a static input scale".into()));
+        }
         if let Some(i) =
             gemv_rows(c.m).filter(|_| self.fp8_tc && c.k.is_multiple_of(16) && (w | c.x).is_multiple_of(16))
         {
             let (pf, dynamic, per_row) = (self.prefetch_row.min(c.k) as i32, s.dynamic as i32, s.per_row as i32);
+            let (x, xc) = if c.x_codes { (0, c.x) } else { (c.x, 0) };
             let mut l = self.launcher(self.f.fp8_tc_gemv[di][i]);
-            l.arg(&c.x).arg(&w).arg(&s.input).arg(&dynamic).arg(&s.weight).arg(&per_row);
+            l.arg(&x).arg(&xc).arg(&w).arg(&s.input).arg(&dynamic).arg(&s.weight).arg(&per_row);
             l.arg(&c.bias).arg(&c.y).arg(&n32).arg(&k32).arg(&pf);
             let cfg = super::LaunchConfig {
                 grid_dim: (c.n.div_ceil(16) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: x [m, k] of dt (rows 16-byte aligned: k % 16 == 0 and x aligned), w [n, k]
-            // bytes likewise, y [m, n]; s.input one f32 (unread when dynamic), s.weight one or n;
-            // 16 weight rows a block of 8 warps (quant.cu's gemv_fp8_tc).
-            return launched("gemv_fp8_tc", unsafe { l.launch(cfg) }.map(|_| ()));
+            // SAFETY: x [m, k] of dt or xc [m, k] codes (rows 16-byte aligned: k % 16 == 0 and
+            // c.x aligned), w [n, k] bytes likewise, y [m, n]; s.input one f32 (unread when
+            // dynamic), s.weight one or n; 16 weight rows a block of 8 warps (quant.cu's
+            // gemv_fp8_tc).
+            let name = if c.x_codes { "gemv_fp8_tc_codes" } else { "gemv_fp8_tc" };
+            return launched(name, unsafe { l.launch(cfg) }.map(|_| ()));
         }
         let lt_ok = c.dt == Dt::BF16 && c.k.is_multiple_of(16) && (w | c.x | xq).is_multiple_of(16);
         if let Some(lt) = self.fp8_lt.as_ref().filter(|_| lt_ok && gemv_rows(c.m).is_none()) {
-            let (dynamic, rows_ptr) = (s.dynamic as i32, if s.dynamic { rows } else { 0 });
-            let mut l = self.launcher(self.f.quant_bytes);
-            l.arg(&c.x).arg(&s.input).arg(&dynamic).arg(&rows_ptr).arg(&xq).arg(&k32);
-            let cfg = super::LaunchConfig { grid_dim: (c.m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: x m·k bf16 and xq m·k bytes (the scratch holds m·k bf16), both 16-byte
-            // aligned with k % 16 == 0; s.input one f32 (unread when dynamic), rows m f32; one
-            // block a row.
-            launched("e4m3_bytes_rows", unsafe { l.launch(cfg) }.map(|_| ()))?;
+            let xq = if c.x_codes {
+                c.x
+            } else {
+                let (dynamic, rows_ptr) = (s.dynamic as i32, if s.dynamic { rows } else { 0 });
+                let mut l = self.launcher(self.f.quant_bytes);
+                l.arg(&c.x).arg(&s.input).arg(&dynamic).arg(&rows_ptr).arg(&xq).arg(&k32);
+                let cfg =
+                    super::LaunchConfig { grid_dim: (c.m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: x m·k bf16 and xq m·k bytes (the scratch holds m·k bf16), both 16-byte
+                // aligned with k % 16 == 0; s.input one f32 (unread when dynamic), rows m f32; one
+                // block a row.
+                launched("e4m3_bytes_rows", unsafe { l.launch(cfg) }.map(|_| ()))?;
+                xq
+            };
             let s = if s.dynamic { LowBitScales { input: rows, ..s } } else { s };
             let (ws, ws_bytes) = self.blas_ws;
             let (shape, stream) = ((c.m, c.n, c.k), self.stream.cu_stream());
@@ -126,7 +144,15 @@ impl Gpu {
             lt.gemm(stream, shape, LtOut::F32Sums, LtOperands { out: acc, ..o }, ws, ws_bytes)?;
             return self.lowbit_epilogue(di, c, s, acc, m64, n32);
         }
-        let s = if s.dynamic {
+        let s = if c.x_codes {
+            // The codes' values (unscaled, as e4m3_codes writes them) for the paths below.
+            let total = (c.m * c.k) as i64;
+            let mut l = self.launcher(self.f.quant[2 + di]);
+            l.arg(&c.x).arg(&xq).arg(&total);
+            // SAFETY: x m·k bytes, xq m·k values of dt.
+            launched("fp8_values", unsafe { l.launch(grid(c.m * c.k, 256)) }.map(|_| ()))?;
+            s
+        } else if s.dynamic {
             let mut l = self.launcher(self.f.quant_rows[di]);
             l.arg(&c.x).arg(&rows).arg(&xq).arg(&k32);
             let cfg = super::LaunchConfig { grid_dim: (c.m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
