@@ -8,11 +8,14 @@
 //! `x·r` then rounds one bf16 ulp away, and the weight multiplies that step (|w| up to 2 here).
 use std::process::ExitCode;
 
-use autodeploy_kernels::cuda::exec::{
-    plan_tiles, Dt, GateAct, Gpu, HeadRows, ScoreMods, Split, StepMeta, PREFILL_TC_DIMS,
-};
+use autodeploy_kernels::cuda::exec::{Dt, GateAct, Gpu};
 use autodeploy_kernels::cuda::Device;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// The attention kernels' checks (`check_attention`).
+#[path = "cuda_check/attention.rs"]
+mod attention;
+use attention::check_attention;
 
 fn rand(n: usize, seed: u32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(2654435761).max(1);
@@ -365,6 +368,7 @@ fn main() -> ExitCode {
         check_gemv(&gpu, &mut rep);
     }
     (gpu.gemv_split, gpu.swiglu_split) = split;
+    check_fp8_codes(&gpu, &mut rep);
     for bf in [false, true] {
         // GQA ratios 1, 4, 8 and 6 (the grouped split-KV decode at 1, 4, 8 and 2 heads a block).
         for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2), (12, 2)] {
@@ -523,493 +527,104 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
             gu.chunks(2 * inter).flat_map(|row| row[inter..].to_vec()).collect(),
         );
         let (dgu, dg, du, dout) = (up(&gu), up(&gate), up(&up_half), up(&vec![0.0; rows * inter]));
-        gpu.silu_mul(dgu.ptr, None, Dt::BF16, dout.ptr, rows, inter, GateAct::Silu).unwrap();
+        gpu.silu_mul(dgu.ptr, None, Dt::BF16, dout.ptr, None, rows, inter, GateAct::Silu).unwrap();
         rep.check(
             &format!("silu_mul (executor) {rows}x{inter} [gate | up]"),
             true,
             &down(dout.ptr, rows * inter),
             &want,
         );
-        gpu.silu_mul(dg.ptr, Some(du.ptr), Dt::BF16, dout.ptr, rows, inter, GateAct::Silu).unwrap();
+        gpu.silu_mul(dg.ptr, Some(du.ptr), Dt::BF16, dout.ptr, None, rows, inter, GateAct::Silu).unwrap();
         rep.check(&format!("silu_mul (executor) {rows}x{inter} gate, up"), true, &down(dout.ptr, rows * inter), &want);
     }
 }
 
-/// One attention configuration through the three kernels; see the call in `main`.
-fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads: usize, d: usize) {
-    let page = 16usize;
-    let seqs: [(usize, usize); 3] = [(37, 1), (0, 20), (15, 3)]; // (cached, new)
-                                                                 // Scattered pages (flashinfer): each sequence's pages interleave with unused ones.
-                                                                 // Slots (triton): each sequence owns a run of `slot` consecutive pages.
-    let slot = 4usize;
-    let (mut scattered, mut slots): (Vec<Vec<i32>>, Vec<Vec<i32>>) = (Vec::new(), Vec::new());
-    let mut next = 0i32;
-    for (i, (c, n)) in seqs.iter().enumerate() {
-        let pages = (c + n).div_ceil(page);
-        scattered.push((0..pages).map(|j| next + 2 * j as i32 + 1).collect());
-        next += 2 * pages as i32 + 1;
-        slots.push((0..pages).map(|j| (i * slot + j) as i32).collect());
-    }
-    let n_pages = (next as usize).max(seqs.len() * slot);
-    let rows = n_pages * page;
-    let (mut tseq, mut tpos, mut start) = (Vec::new(), Vec::new(), Vec::new());
-    for (si, (c, n)) in seqs.iter().enumerate() {
-        start.push(tseq.len() as i64);
-        for p in *c..c + n {
-            tseq.push(si as i64);
-            tpos.push(p as i64);
-        }
-    }
-    let cached: Vec<i64> = seqs.iter().map(|s| s.0 as i64).collect();
-    let tokens = tseq.len();
-    let r = |n: usize, seed: u32| -> Vec<f32> { rand(n, seed).into_iter().map(|x| rnd(bf, x)).collect() };
-    let (kc0, vc0) = (r(rows * kv_heads * d, 21), r(rows * kv_heads * d, 22));
-    let (q, k, v) = (r(heads * tokens * d, 23), r(kv_heads * tokens * d, 24), r(kv_heads * tokens * d, 25));
-    let scale = 1.0 / (d as f32).sqrt();
-    let dt = if bf { Dt::BF16 } else { Dt::F32 };
-    let bytes = |v: &[f32]| -> Vec<u8> {
-        if bf {
-            v.iter().flat_map(|&x| bf16(x).to_le_bytes()).collect()
-        } else {
-            v.iter().flat_map(|x| x.to_le_bytes()).collect()
-        }
+/// The kernels that hand an FP8 linear E4M3 codes (`quant=fp8`) against the same kernels'
+/// plain bf16 output quantized on the CPU (`f32_to_e4m3(v / s)`): equal code for code; and an
+/// FP8 linear over those codes (`LowBitLinear::x_codes`: the tensor-core GEMV staging them,
+/// cuBLASLt reading them) against the same linear quantizing the bf16 input itself: equal bit
+/// for bit.
+fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
+    use autodeploy_kernels::cuda::exec::{LowBitLinear, LowBitScales};
+    use autodeploy_kernels::quant::lowbit::{e4m3_to_f32, f32_to_e4m3};
+    let bytes_up = |raw: &[u8], what: &str| {
+        let b = gpu.alloc(raw.len().max(1), what).unwrap();
+        gpu.upload(b.ptr, raw).unwrap();
+        b
     };
-    let back = |raw: &[u8]| -> Vec<f32> {
-        if bf {
-            raw.chunks_exact(2).map(|c| f32_of(u16::from_le_bytes([c[0], c[1]]))).collect()
-        } else {
-            raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-        }
-    };
-    let mut keep = Vec::new();
-    let mut put = |raw: Vec<u8>| -> u64 {
-        let b = gpu.alloc(raw.len(), "attention check input").unwrap();
-        gpu.upload(b.ptr, &raw).unwrap();
-        let p = b.ptr;
-        keep.push(b);
-        p
-    };
-    let ints64 = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-    let ints32 = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-    let csr = |tables: &[Vec<i32>]| -> (Vec<i64>, Vec<i32>) {
-        let mut indptr = vec![0i64];
-        for t in tables {
-            indptr.push(indptr.last().unwrap() + t.len() as i64);
-        }
-        (indptr, tables.concat())
-    };
-    let (dq, dk, dv) = (put(bytes(&q)), put(bytes(&k)), put(bytes(&v)));
-    // The same q, k, v as one fused q/k/v linear leaves them: [tokens, (heads + 2 kv_heads) d].
-    let width = (heads + 2 * kv_heads) * d;
-    let mut fused = vec![0f32; tokens * width];
-    for t in 0..tokens {
-        for (x, n, at) in [(&q, heads, 0), (&k, kv_heads, heads * d), (&v, kv_heads, (heads + kv_heads) * d)] {
-            for h in 0..n {
-                let src = (h * tokens + t) * d;
-                fused[t * width + at + h * d..][..d].copy_from_slice(&x[src..src + d]);
-            }
-        }
-    }
-    let dfused = put(bytes(&fused));
-    let esize = if bf { 2u64 } else { 4 };
-    let fused_qkv = (dfused, dfused + (heads * d) as u64 * esize, dfused + ((heads + kv_heads) * d) as u64 * esize);
-    let fused_rows = HeadRows { head: d as i64, token: width as i64 };
-    let (ts, tp, ss, cl) = (put(ints64(&tseq)), put(ints64(&tpos)), put(ints64(&start)), put(ints64(&cached)));
-    let tiles = plan_tiles(&tseq, &tpos, seqs.len());
-    let dtiles = put(ints64(&tiles));
-    let meta_for = |put: &mut dyn FnMut(Vec<u8>) -> u64, tables: &[Vec<i32>]| {
-        let (indptr, indices) = csr(tables);
-        StepMeta {
-            tokens,
-            page_size: page,
-            token_seq: ts,
-            token_pos: tp,
-            page_indptr: put(ints64(&indptr)),
-            page_indices: put(ints32(&indices)),
-            seq_start: ss,
-            cached_len: cl,
-            tiles: dtiles,
-            tile_slots: tiles.len() / 2,
-        }
-    };
-    let m_scattered = meta_for(&mut put, &scattered);
-    let m_slots = meta_for(&mut put, &slots);
-    let esz = if bf { 2 } else { 4 };
-    let out_bytes = heads * tokens * d * esz;
-    let cache_bytes = rows * kv_heads * d * esz;
-    // CPU reference over a page table: the step's k/v written at their positions, then causal
-    // attention per (token, head).
-    // (`reference_over`: the same from other cache contents and v, e.g. an FP8 cache's values.)
-    let reference_over = |tables: &[Vec<i32>],
-                          q: &[f32],
-                          k: &[f32],
-                          v: &[f32],
-                          (kc0, vc0): (&[f32], &[f32])|
-     -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let at = |s: usize, p: usize| tables[s][p / page] as usize * page + p % page;
-        let (mut kc, mut vc) = (kc0.to_vec(), vc0.to_vec());
-        for t in 0..tokens {
-            let sl = at(tseq[t] as usize, tpos[t] as usize);
-            for j in 0..kv_heads {
-                let (src, dst) = ((j * tokens + t) * d, (sl * kv_heads + j) * d);
-                kc[dst..dst + d].copy_from_slice(&k[src..src + d]);
-                vc[dst..dst + d].copy_from_slice(&v[src..src + d]);
-            }
-        }
-        let mut want = vec![0f32; heads * tokens * d];
-        for h in 0..heads {
-            let j = h / (heads / kv_heads);
-            for t in 0..tokens {
-                let qr = &q[(h * tokens + t) * d..(h * tokens + t + 1) * d];
-                let sc: Vec<f32> = (0..=tpos[t] as usize)
-                    .map(|p| {
-                        let o = (at(tseq[t] as usize, p) * kv_heads + j) * d;
-                        qr.iter().zip(&kc[o..o + d]).map(|(a, b)| a * b).sum::<f32>() * scale
-                    })
-                    .collect();
-                let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let e: Vec<f32> = sc.iter().map(|x| (x - mx).exp()).collect();
-                let sum: f32 = e.iter().sum();
-                let o = &mut want[(h * tokens + t) * d..(h * tokens + t + 1) * d];
-                for (p, w) in e.iter().enumerate() {
-                    let a = (at(tseq[t] as usize, p) * kv_heads + j) * d;
-                    for (x, vv) in o.iter_mut().zip(&vc[a..a + d]) {
-                        *x += w / sum * vv;
-                    }
-                }
-                o.iter_mut().for_each(|x| *x = rnd(bf, *x));
-            }
-        }
-        (want, kc, vc)
-    };
-    let reference = |tables: &[Vec<i32>], q: &[f32], k: &[f32]| reference_over(tables, q, k, &v, (&kc0, &vc0));
-    let fresh_cache = |put: &mut dyn FnMut(Vec<u8>) -> u64| (put(bytes(&kc0)), put(bytes(&vc0)));
-    let read = |ptr: u64, n: usize| {
+    let up = |v: &[f32]| bytes_up(&v.iter().flat_map(|&x| bf16(x).to_le_bytes()).collect::<Vec<u8>>(), "codes check");
+    let get = |p: u64, n: usize| -> Vec<u8> {
         let mut raw = vec![0u8; n];
-        gpu.sync().unwrap();
-        gpu.download(ptr, &mut raw).unwrap();
-        back(&raw)
+        gpu.download(p, &mut raw).unwrap();
+        raw
     };
-    let name = |kernel: &str| format!("{kernel} h{heads}/kv{kv_heads} d{d}");
-    let (want_s, want_kc_s, want_vc_s) = reference(&scattered, &q, &k);
-    // RoPE (rotate-half, rounded as the `rope` kernel) of [rows, tokens, d] with a [tokens, d]
-    // table, for the split-KV kernel's own rotation.
-    let (cos, sin) = (r(tokens * d, 26), r(tokens * d, 27));
-    let rope = |x: &[f32]| -> Vec<f32> {
-        let half = d / 2;
-        (0..x.len())
-            .map(|i| {
-                let (row, j) = (i / d, i % d);
-                let tt = row % tokens;
-                let rot = if j < half { -x[i + half] } else { x[i - half] };
-                rnd(bf, rnd(bf, x[i] * cos[tt * d + j]) + rnd(bf, rot * sin[tt * d + j]))
-            })
-            .collect()
-    };
-    let (want_r, want_kc_r, want_vc_r) = reference(&scattered, &rope(&q), &rope(&k));
-    let (dcos, dsin) = (put(bytes(&cos)), put(bytes(&sin)));
-    // flashinfer, ragged prefill kernel: one block per token on CUDA cores, and (bf16, sm_80+)
-    // one warp per tile of 16 tokens on tensor cores.
-    let tc_applies = bf && gpu.dev.cc.0 >= 8 && PREFILL_TC_DIMS.contains(&d);
-    for tc in [false, true] {
-        if tc && !tc_applies {
-            continue;
-        }
-        let (kc, vc) = fresh_cache(&mut put);
-        let out = put(vec![0u8; out_bytes]);
-        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, None).unwrap();
-        let mut m = m_scattered;
-        if !tc {
-            m.tile_slots = 0; // no tiles planned: the CUDA-core kernel
-        }
-        gpu.paged_attention(dt, dq, kc, vc, out, &m, heads, kv_heads, d, scale, ScoreMods::default()).unwrap();
-        rep.check_scaled(
-            &name(if tc { "paged tensor-core" } else { "paged" }),
-            bf,
-            &read(out, out_bytes),
-            &want_s,
-            1e-5,
-        );
-        rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
-        rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_s);
-    }
-    // flashinfer, split-KV decode kernel, both builds (throughput, and latency: first K/V loads
-    // before the wait): 16-position chunks (several per sequence) and one 64-position chunk
-    // (several passes); the step's k/v straight from the linears, written into the cache by the
-    // kernel, with and without its own RoPE of q and k; the throughput build one query head a
-    // block and a GQA group's heads together; the latency build at 8 and at 4 positions a warp
-    // and pass (`Gpu::attn_early_u`).
-    let (early_u, group, decode_tc) = (gpu.attn_early_u(), gpu.attn_group(), gpu.decode_tc());
-    for (chunk, splits, early, u, grouped, tc) in [
-        (16usize, 4usize, false, 8, false, false),
-        (64, 1, false, 8, false, false),
-        (16, 4, false, 8, true, false),
-        (64, 1, false, 8, true, false),
-        (16, 4, false, 8, true, true),
-        (64, 1, false, 8, true, true),
-        (16, 4, true, 8, false, false),
-        (64, 1, true, 8, false, false),
-        (16, 4, true, 4, false, false),
-        (64, 1, true, 4, false, false),
-    ] {
-        gpu.set_attn_early_u(u);
-        gpu.set_attn_group(grouped);
-        gpu.set_decode_tc(tc);
-        if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, ScoreMods::default()) {
-            continue;
-        }
-        for rotate in [false, true] {
-            let (kc, vc) = fresh_cache(&mut put);
-            let out = put(vec![0u8; out_bytes]);
-            let split = Split {
-                chunk,
-                splits,
-                partial: put(vec![0u8; tokens * heads * splits * (d + 2) * 4]),
-                counters: put(vec![0u8; tokens * heads * 4]),
+    let as_bf16 =
+        |raw: Vec<u8>| -> Vec<f32> { raw.chunks_exact(2).map(|c| f32_of(u16::from_le_bytes([c[0], c[1]]))).collect() };
+    let values = |codes: &[u8]| -> Vec<f32> { codes.iter().map(|&c| e4m3_to_f32(c)).collect() };
+    let r = |n: usize, seed: u32| -> Vec<f32> { rand(n, seed).into_iter().map(|x| rnd(true, x * 3.0)).collect() };
+    // A scale that puts some values past 448 (saturating) and some among the subnormals.
+    let s = 0.004f32;
+    let ds = bytes_up(&s.to_le_bytes(), "codes scale");
+    let cpu_codes = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| e4m3_to_f32(f32_to_e4m3(x / s))).collect() };
+    // RMSNorm (the 8-wide bf16 kernel, plain and with the residual) at hidden 4096 and 72.
+    for n in [4096usize, 72] {
+        let rows = 5;
+        let (x, res, w) = (r(rows * n, 41), r(rows * n, 42), r(n, 43));
+        let (dx, dres, dw) = (up(&x), up(&res), up(&w));
+        for fused in [false, true] {
+            let (plain, sum, codes) =
+                (up(&vec![0.0; rows * n]), up(&vec![0.0; rows * n]), bytes_up(&vec![0; rows * n], "c"));
+            let residual = fused.then_some((dres.ptr, sum.ptr));
+            let norm = |out: u64, qs: Option<u64>| {
+                gpu.rmsnorm(
+                    (dx.ptr, Dt::BF16),
+                    residual,
+                    (dw.ptr, Dt::BF16),
+                    (out, Dt::BF16),
+                    qs,
+                    Dt::BF16,
+                    rows,
+                    n,
+                    1e-5,
+                )
+                .unwrap()
             };
-            let tables = rotate.then_some((dcos, dsin));
-            // The grouped runs also read q/k/v from the fused linear's output (with RoPE) and
-            // write [tokens, heads, d], transposed back below.
-            let out_rows = if grouped { HeadRows::tokens_major(heads, d) } else { HeadRows::heads_major(tokens, d) };
-            if early {
-                let qkv = (dq, dk, dv);
-                gpu.paged_decode_split_fused(
-                    dt,
-                    qkv,
-                    tables,
-                    (kc, vc),
-                    (out, out_rows),
-                    &m_scattered,
-                    heads,
-                    kv_heads,
-                    d,
-                    scale,
-                    split,
-                    None,
-                )
-            } else {
-                // The throughput build reads rotated q and the step's k/v from the cache.
-                let q = match tables {
-                    Some((c, s)) => {
-                        let q_out = put(vec![0u8; out_bytes]);
-                        let (qkv, rows) = if grouped {
-                            (fused_qkv, [fused_rows; 3])
-                        } else {
-                            ((dq, dk, dv), [HeadRows::heads_major(tokens, d); 3])
-                        };
-                        gpu.rope_write_kv(dt, qkv, rows, c, s, q_out, (kc, vc), &m_scattered, heads, kv_heads, d, None)
-                            .unwrap();
-                        q_out
-                    }
-                    None => {
-                        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, None).unwrap();
-                        dq
-                    }
-                };
-                gpu.paged_decode_split(
-                    dt,
-                    q,
-                    (kc, vc),
-                    (out, out_rows),
-                    &m_scattered,
-                    heads,
-                    kv_heads,
-                    d,
-                    scale,
-                    split,
-                    ScoreMods::default(),
-                )
-            }
-            .unwrap();
-            let what = format!(
-                "split-KV decode{}{} /{chunk}",
-                if early {
-                    format!(" early u{u}")
-                } else if tc {
-                    " tensor cores".to_string()
-                } else if grouped {
-                    format!(" {} heads a block", gpu.decode_heads_a_block(heads, kv_heads, d))
-                } else {
-                    String::new()
-                },
-                if rotate { " +rope" } else { "" }
-            );
-            let (want, want_kc, want_vc) =
-                if rotate { (&want_r, &want_kc_r, &want_vc_r) } else { (&want_s, &want_kc_s, &want_vc_s) };
-            let mut got = read(out, out_bytes);
-            if grouped {
-                let tm = got.clone();
-                for t in 0..tokens {
-                    for h in 0..heads {
-                        got[(h * tokens + t) * d..][..d].copy_from_slice(&tm[(t * heads + h) * d..][..d]);
-                    }
-                }
-            }
-            rep.check_scaled(&name(&what), bf, &got, want, 1e-5);
-            // Written k is a copy, or (with RoPE) the rotation rounded as the reference rounds
-            // it, up to the kernel's fused multiply-adds; v is always a copy.
-            if rotate {
-                rep.check("  k cache after rope write", bf, &read(kc, cache_bytes), want_kc);
-            } else {
-                rep.exact("  k cache after write", bf, &read(kc, cache_bytes), want_kc);
-            }
-            rep.exact("  v cache after write", bf, &read(vc, cache_bytes), want_vc);
+            norm(plain.ptr, None);
+            norm(codes.ptr, Some(ds.ptr));
+            let want = cpu_codes(&as_bf16(get(plain.ptr, rows * n * 2)));
+            let what = format!("rmsnorm{} codes n={n}", if fused { "+res" } else { "" });
+            rep.exact(&what, true, &values(&get(codes.ptr, rows * n)), &want);
         }
     }
-    // An FP8 KV cache (`_fp8kv` builds): E4M3 codes of x / k_scale and x / v_scale, one byte a
-    // value; the reference attends over those codes' values times the scales.
-    {
-        use autodeploy_kernels::quant::lowbit::{e4m3_to_f32, f32_to_e4m3};
-        let (ks, vs) = (0.011f32, 0.017f32);
-        let codes = |x: &[f32], s: f32| -> Vec<u8> { x.iter().map(|&v| f32_to_e4m3(v / s)).collect() };
-        let deq = |x: &[f32], s: f32| -> Vec<f32> { x.iter().map(|&v| e4m3_to_f32(f32_to_e4m3(v / s)) * s).collect() };
-        let values = |raw: &[u8], s: f32| -> Vec<f32> { raw.iter().map(|&c| e4m3_to_f32(c) * s).collect() };
-        let (kc8, vc8) = (codes(&kc0, ks), codes(&vc0, vs));
-        let (kd0, vd0) = (deq(&kc0, ks), deq(&vc0, vs));
-        let (want8, want8_kc, want8_vc) = reference_over(&scattered, &q, &deq(&k, ks), &deq(&v, vs), (&kd0, &vd0));
-        let rk = rope(&k);
-        let (want8_r, want8_kc_r, want8_vc_r) =
-            reference_over(&scattered, &rope(&q), &deq(&rk, ks), &deq(&v, vs), (&kd0, &vd0));
-        let n_cache = rows * kv_heads * d;
-        let read8 = |ptr: u64, s: f32| {
-            let mut raw = vec![0u8; n_cache];
-            gpu.sync().unwrap();
-            gpu.download(ptr, &mut raw).unwrap();
-            values(&raw, s)
-        };
-        let kv = Some((ks, vs));
-        let mods = ScoreMods { kv_fp8: kv, ..ScoreMods::default() };
-        // write_kv + the ragged prefill kernel, on CUDA cores and (bf16) on tensor cores, the
-        // FP8 tiles converted to bf16 as they are staged.
-        for tc in [false, true] {
-            if tc && !tc_applies {
-                continue;
-            }
-            let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
-            let out = put(vec![0u8; out_bytes]);
-            gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, kv).unwrap();
-            let mut m = m_scattered;
-            if !tc {
-                m.tile_slots = 0;
-            }
-            gpu.paged_attention(dt, dq, kc, vc, out, &m, heads, kv_heads, d, scale, mods).unwrap();
-            let what = if tc { "paged tensor-core, FP8 cache" } else { "paged, FP8 cache" };
-            rep.check_scaled(&name(what), bf, &read(out, out_bytes), &want8, 1e-5);
-            rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
-            rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
-        }
-        for (early, u, grouped, tc, rotate) in [
-            (false, 8, false, false, false),
-            (false, 8, true, false, true),
-            (false, 8, true, true, true),
-            (true, 8, false, false, false),
-            (true, 4, false, false, true),
-            (true, 8, false, false, true),
-        ] {
-            gpu.set_attn_early_u(u);
-            gpu.set_attn_group(grouped);
-            gpu.set_decode_tc(tc);
-            if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, mods) {
-                continue;
-            }
-            let (chunk, splits) = (16usize, 4usize);
-            let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
-            let out = put(vec![0u8; out_bytes]);
-            let split = Split {
-                chunk,
-                splits,
-                partial: put(vec![0u8; tokens * heads * splits * (d + 2) * 4]),
-                counters: put(vec![0u8; tokens * heads * 4]),
-            };
-            let tables = rotate.then_some((dcos, dsin));
-            let out_rows = HeadRows::heads_major(tokens, d);
-            if early {
-                let (qkv, c) = ((dq, dk, dv), (kc, vc));
-                gpu.paged_decode_split_fused(
-                    dt,
-                    qkv,
-                    tables,
-                    c,
-                    (out, out_rows),
-                    &m_scattered,
-                    heads,
-                    kv_heads,
-                    d,
-                    scale,
-                    split,
-                    kv,
-                )
-            } else {
-                let q = match tables {
-                    Some((c, s)) => {
-                        let q_out = put(vec![0u8; out_bytes]);
-                        let rows3 = [HeadRows::heads_major(tokens, d); 3];
-                        gpu.rope_write_kv(
-                            dt,
-                            (dq, dk, dv),
-                            rows3,
-                            c,
-                            s,
-                            q_out,
-                            (kc, vc),
-                            &m_scattered,
-                            heads,
-                            kv_heads,
-                            d,
-                            kv,
-                        )
-                        .unwrap();
-                        q_out
-                    }
-                    None => {
-                        gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, kv).unwrap();
-                        dq
-                    }
-                };
-                gpu.paged_decode_split(
-                    dt,
-                    q,
-                    (kc, vc),
-                    (out, out_rows),
-                    &m_scattered,
-                    heads,
-                    kv_heads,
-                    d,
-                    scale,
-                    split,
-                    mods,
-                )
-            }
-            .unwrap();
-            let what = format!(
-                "split-KV decode, FP8 cache{}{}",
-                if early {
-                    format!(" early u{u}")
-                } else if tc {
-                    " tensor cores".to_string()
-                } else if grouped {
-                    " grouped".to_string()
-                } else {
-                    String::new()
-                },
-                if rotate { " +rope" } else { "" }
-            );
-            let (want, want_kc, want_vc) =
-                if rotate { (&want8_r, &want8_kc_r, &want8_vc_r) } else { (&want8, &want8_kc, &want8_vc) };
-            rep.check_scaled(&name(&what), bf, &read(out, out_bytes), want, 1e-5);
-            rep.check("  k cache after write (FP8 values)", false, &read8(kc, ks), want_kc);
-            rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), want_vc);
-        }
+    // The gated activation: the 8-wide kernel (inter 1536) and the general one (1500).
+    for (rows, inter) in [(5usize, 1536usize), (3, 1500)] {
+        let dgu = up(&r(rows * 2 * inter, 44));
+        let (plain, codes) = (up(&vec![0.0; rows * inter]), bytes_up(&vec![0; rows * inter], "c"));
+        gpu.silu_mul(dgu.ptr, None, Dt::BF16, plain.ptr, None, rows, inter, GateAct::Silu).unwrap();
+        gpu.silu_mul(dgu.ptr, None, Dt::BF16, codes.ptr, Some(ds.ptr), rows, inter, GateAct::Silu).unwrap();
+        let want = cpu_codes(&as_bf16(get(plain.ptr, rows * inter * 2)));
+        rep.exact(&format!("silu_mul codes {rows}x{inter}"), true, &values(&get(codes.ptr, rows * inter)), &want);
     }
-    gpu.set_attn_early_u(early_u);
-    gpu.set_attn_group(group);
-    gpu.set_decode_tc(decode_tc);
-    // triton, fused write-and-attend over slots.
-    let (want_t, want_kc_t, want_vc_t) = reference(&slots, &q, &k);
-    let (kc, vc) = fresh_cache(&mut put);
-    let out = put(vec![0u8; out_bytes]);
-    gpu.slot_attention(dt, (dq, dk, dv), (kc, vc), out, &m_slots, heads, kv_heads, d, scale).unwrap();
-    rep.check_scaled(&name("triton slot"), bf, &read(out, out_bytes), &want_t, 1e-5);
-    rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_t);
-    rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_t);
+    // FP8 linears over codes against the same over bf16: m = 1, 2 (tensor-core GEMV), 8 and 24
+    // (cuBLASLt where it loads, else the dequantizing path).
+    let (n, k) = (1000usize, 2048usize);
+    let wcodes: Vec<u8> = r(n * k, 45).iter().map(|&v| f32_to_e4m3(v * 40.0)).collect();
+    let (dw, dws) = (bytes_up(&wcodes, "w"), bytes_up(&0.01f32.to_le_bytes(), "w scale"));
+    for m in [1usize, 2, 8, 24] {
+        let x = r(m * k, 46);
+        let xq: Vec<u8> = x.iter().map(|&v| f32_to_e4m3(v / s)).collect();
+        let (dx, dxq) = (up(&x), bytes_up(&xq, "x codes"));
+        let scales = LowBitScales { input: ds.ptr, dynamic: false, weight: dws.ptr, per_row: false };
+        let sizes = LowBitLinear::scratch(2, m, n, k);
+        let scratch: Vec<_> = sizes.iter().map(|&b| gpu.alloc(b, "scratch").unwrap()).collect();
+        let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr];
+        let mut outs = Vec::new();
+        for (xp, x_codes) in [(dx.ptr, false), (dxq.ptr, true)] {
+            let y = up(&vec![0.0; m * n]);
+            let c = LowBitLinear { dt: Dt::BF16, m, n, k, x: xp, y: y.ptr, bias: 0, x_codes };
+            gpu.fp8_linear(&c, dw.ptr, scales, sp).unwrap();
+            outs.push(as_bf16(get(y.ptr, m * n * 2)));
+        }
+        rep.exact(&format!("fp8 linear over codes m={m}"), true, &outs[1], &outs[0]);
+    }
 }

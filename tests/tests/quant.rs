@@ -260,45 +260,55 @@ fn quantize_fp8_where_it_cannot_apply_says_why() {
     assert!(e.contains("quantize = \"fp8\": weight `") && e.contains("set dtype = \"bfloat16\""), "{e}");
 }
 
-/// `fuse_rmsnorm_quant_fp8` (compile stage, off by default): under `opt` each RMSNorm that only
-/// FP8 linears read (2 layers: the input norm before q/k/v, the post-attention norm before
-/// gate/up; the residual adds fused into them first) writes E4M3 codes, and those linears read
-/// them (`out=`). The logits are the unfolded graph's bit for bit (the codes are the ones the
-/// linears made), in f32 and bf16, prefill and decode steps; generation still gives the
-/// reference's tokens. q/k norms and the final norm, read by other ops, stay as they are.
+/// `fuse_gated_act` and `fuse_fp8_input_quant` (compile stage, off by default): under `opt` the
+/// quantized MLPs' `mul(silu(gate), up)` (left unfused by the matchers) becomes one
+/// `torch_gated_act` over the gate/up output; and each op whose output only FP8 linears read
+/// writes E4M3 codes that they read (`out=`): in 2 layers, the input norm before q/k/v, the
+/// post-attention norm before gate/up (the residual adds fused into them first) and the gated
+/// activation before down. The logits of a ragged prefill and 3 decode steps are the unfused
+/// graph's bit for bit (the codes are the ones the linears made), in f32 and bf16, with either
+/// or both; generation still gives the reference's tokens. q/k norms and the final norm, read
+/// by other ops, stay as they are; NVFP4 (weight-only) gets the gated activation alone.
 #[test]
-fn the_fp8_input_quantization_folds_into_the_rmsnorms_without_changing_the_numbers() {
-    let on = "compile_backend = \"opt\"\nattn_page_size = 4\ntransforms.fuse_rmsnorm_quant_fp8.enabled = true\n";
-    let off = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+fn gated_activations_and_fp8_input_codes_fold_without_changing_the_numbers() {
+    let base = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+    let gated = format!("{base}transforms.fuse_gated_act.enabled = true\n");
+    let fold = format!("{base}transforms.fuse_fp8_input_quant.enabled = true\n");
+    let both = format!("{gated}transforms.fuse_fp8_input_quant.enabled = true\n");
     let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
     let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
-    for name in ["llama-fp8", "qwen3-fp8", "llama-fp8-kv"] {
-        let folded = engine(name, on);
-        let dump = folded.graph.dump();
-        let norms = dump.lines().filter(|l| l.contains("rmsnorm(") && l.contains("quant=fp8")).count();
-        let readers = dump.lines().filter(|l| l.contains("= torch_quant_fp8_linear(") && l.contains("out=")).count();
-        assert_eq!((norms, readers), (4, 4), "{name}: folded norms and the linears reading codes\n{dump}");
-        assert!(dump.contains(": f8e4m3["), "{name}: no codes between the norms and linears\n{dump}");
-        assert!(
-            folded.graph.history.iter().any(|h| h.contains("folded the FP8 input quantization into 4 RMSNorms")),
-            "{name}: {:?}",
-            folded.graph.history
-        );
-        let plain = engine(name, off);
-        assert!(!plain.graph.dump().contains("quant=fp8"), "{name}: folded while off by default");
-        for dtype in ["float32", "bfloat16"] {
-            let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
-            let a = common::steps::run_paged_steps(&mut engine(name, &with(on)), 4, &prompts, &decode);
-            let b = common::steps::run_paged_steps(&mut engine(name, &with(off)), 4, &prompts, &decode);
-            assert!(a.len() == 4 && a == b, "{name} {dtype}: folding changed the logits");
+    let count = |dump: &str, op: &str, with: &str| dump.lines().filter(|l| l.contains(op) && l.contains(with)).count();
+    for name in ["llama-fp8", "qwen3-fp8", "llama-fp8-kv", "mistral-nvfp4"] {
+        let fp8 = name.contains("fp8");
+        for (extra, acts, norms, act_codes) in
+            [(&gated, 2, 0, 0), (&fold, 0, 4 * fp8 as usize, 0), (&both, 2, 4 * fp8 as usize, 2 * fp8 as usize)]
+        {
+            let e = engine(name, extra);
+            let dump = e.graph.dump();
+            assert_eq!(count(&dump, "= torch_gated_act(", ""), acts, "{name}: gated activations\n{extra}{dump}");
+            assert_eq!(count(&dump, "rmsnorm(", "quant=fp8"), norms, "{name}: norms writing codes\n{extra}{dump}");
+            assert_eq!(count(&dump, "= torch_gated_act(", "quant=fp8"), act_codes, "{name}\n{extra}{dump}");
+            let readers = count(&dump, "= torch_quant_fp8_linear(", "out=");
+            assert_eq!(readers, norms + act_codes, "{name}: linears reading codes\n{extra}{dump}");
+            if acts > 0 {
+                assert!(!dump.contains("= aten.silu("), "{name}: an activation was left\n{dump}");
+            }
+            for dtype in ["float32", "bfloat16"] {
+                let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
+                let a = common::steps::run_paged_steps(&mut engine(name, &with(extra)), 4, &prompts, &decode);
+                let b = common::steps::run_paged_steps(&mut engine(name, &with(base)), 4, &prompts, &decode);
+                assert!(a.len() == 4 && a == b, "{name} {dtype}: folding changed the logits\n{extra}");
+            }
+            let r = Reference::load(name);
+            let (_, prompt) = r.i64("gen_prompt_0");
+            let (_, want) = r.i64("gen_output_0");
+            let out = generate(name, extra, &[greedy(&prompt, want.len())]);
+            assert_eq!(out[0].as_ref().unwrap().tokens, want, "{name}: generation\n{extra}");
         }
-        let r = Reference::load(name);
-        let (_, prompt) = r.i64("gen_prompt_0");
-        let (_, want) = r.i64("gen_output_0");
-        let out = generate(name, on, &[greedy(&prompt, want.len())]);
-        assert_eq!(out[0].as_ref().unwrap().tokens, want, "{name}: generation with the fold");
+        let plain = engine(name, base).graph.dump();
+        assert!(!plain.contains("quant=fp8") && !plain.contains("torch_gated_act"), "{name}: fused while off");
     }
     // `simple` does not fuse, enabled or not.
-    let simple = engine("llama-fp8", "transforms.fuse_rmsnorm_quant_fp8.enabled = true\n");
-    assert!(!simple.graph.dump().contains("quant=fp8"));
+    let simple = engine("llama-fp8", &both.replace(base, "")).graph.dump();
+    assert!(!simple.contains("quant=fp8") && !simple.contains("torch_gated_act"));
 }

@@ -268,14 +268,14 @@ fn swiglu_cuda() -> CudaImpl {
                 && gpu.gemv_swiglu(d, m, inter, k, x.ptr, ins[1].ptr, s1).map_err(|e| e.0)?;
             if !fused_act {
                 e(cuda_linear(gpu, d, m, 2 * inter, k, x.ptr, ins[1].ptr, s0, false))?;
-                e(gpu.silu_mul(s0, None, d, s1, m, inter, a.act))?;
+                e(gpu.silu_mul(s0, None, d, s1, None, m, inter, a.act))?;
             }
             e(cuda_linear(gpu, d, m, hidden, inter, s1, wd.ptr, y.ptr, false))
         } else {
             let s2 = s(2)?;
             e(cuda_linear(gpu, d, m, inter, k, x.ptr, ins[1].ptr, s0, false))?;
             e(cuda_linear(gpu, d, m, inter, k, x.ptr, ins[2].ptr, s1, false))?;
-            e(gpu.silu_mul(s0, Some(s1), d, s2, m, inter, a.act))?;
+            e(gpu.silu_mul(s0, Some(s1), d, s2, None, m, inter, a.act))?;
             e(cuda_linear(gpu, d, m, hidden, inter, s2, wd.ptr, y.ptr, false))
         }
     })

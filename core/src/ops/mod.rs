@@ -12,6 +12,7 @@ use crate::shape::{fmt_shape, Dim, Shape};
 pub mod attention;
 pub mod binary;
 pub mod collective;
+pub mod gated_act;
 pub mod gather;
 pub mod layout;
 pub mod linear;

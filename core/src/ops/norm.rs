@@ -3,7 +3,7 @@
 //! in f32; `eps=1e-5, norm_dtype=f32`) and `fused_add_rmsnorm(x, residual, weight) -> (normed,
 //! sum)` that the `fuse_add_rmsnorm` transform makes from an add an RMSNorm reads (`sum = x +
 //! residual`, one dtype and shape, then the norm of the sum; on CUDA one kernel). Either may
-//! carry `quant=fp8` (the `fuse_rmsnorm_quant_fp8` transform, where FP8 linears alone read the
+//! carry `quant=fp8` (the `fuse_fp8_input_quant` transform, where FP8 linears alone read the
 //! norm, all at one static `input_scale`): one more input, that scale (one f32), and the
 //! normalised output is the E4M3 codes (`f8e4m3`) of the rounded normalised value / scale, the
 //! codes the linears would have made themselves. Graphs build them with [`Op::rmsnorm`] and
@@ -19,6 +19,7 @@ use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
 use crate::op_text::read_attrs;
+use crate::ops::quant_linear::codes_out;
 use crate::ops::{cuda_dt, Op};
 use crate::tensor::Tensor;
 
@@ -40,18 +41,12 @@ impl NormAttrs {
     fn parse(op: &str, text: &str) -> Result<NormAttrs, String> {
         read_attrs(op, text, |a| {
             let (eps, norm_dtype) = (a.f64("eps")?, a.dtype("norm_dtype")?);
-            let fp8_out = match a.take("quant") {
-                None => false,
-                Some("fp8") => true,
-                Some(v) => return Err(a.bad("quant", v, "fp8")),
-            };
-            Ok(NormAttrs { eps, norm_dtype, fp8_out })
+            Ok(NormAttrs { eps, norm_dtype, fp8_out: codes_out::read(a)? })
         })
     }
 
     fn text(&self) -> String {
-        let quant = if self.fp8_out { ", quant=fp8" } else { "" };
-        format!("eps={:?}, norm_dtype={}{quant}", self.eps, self.norm_dtype)
+        format!("eps={:?}, norm_dtype={}{}", self.eps, self.norm_dtype, codes_out::text(self.fp8_out))
     }
 
     /// The plain norm's attributes (no quantized output).
@@ -99,15 +94,7 @@ fn rmsnorm_rule(
     if w.shape.len() != 1 || x.shape.last() != Some(&w.shape[0]) {
         return Err(format!("weight {w} does not fit the last dim of {x}"));
     }
-    match (a.fp8_out, scale) {
-        (false, None) => Ok(TensorMeta { dtype: rounded_dtype(w.dtype, a), shape: x.shape.clone() }),
-        (true, Some(s)) if s.dtype == DType::F32 && s.shape.iter().all(|d| *d == crate::shape::Dim::new(1)) => {
-            Ok(TensorMeta { dtype: DType::F8E4M3, shape: x.shape.clone() })
-        }
-        (true, Some(s)) => Err(format!("quant=fp8 input scale {s}: want one f32")),
-        (true, None) => Err("quant=fp8 takes the input scale as its last input".into()),
-        (false, Some(s)) => Err(format!("an input scale {s} without quant=fp8")),
-    }
+    codes_out::meta(a.fp8_out, scale, TensorMeta { dtype: rounded_dtype(w.dtype, a), shape: x.shape.clone() })
 }
 
 /// RMSNorm of each row of `x` on the CPU, in f32; the result as `out_dtype`: the same
@@ -128,11 +115,10 @@ fn rmsnorm_out(
     a: &NormAttrs,
     out_dtype: DType,
 ) -> Result<Tensor, String> {
-    let Some(s) = scale.filter(|_| a.fp8_out) else { return rmsnorm_cpu(x, w, a, out_dtype) };
-    let (s, rounded) = (s.to_f32()[0], rounded_dtype(w.dtype(), a));
-    let mut v = rmsnorm_values(x, w, a)?;
-    v.iter_mut().for_each(|e| *e = crate::cpu::round_as(rounded, *e) / s);
-    Tensor::from_f32_as(DType::F8E4M3, x.shape().to_vec(), v).map_err(|e| e.to_string())
+    match scale.filter(|_| a.fp8_out) {
+        Some(s) => codes_out::codes(rmsnorm_values(x, w, a)?, rounded_dtype(w.dtype(), a), s, x.shape()),
+        None => rmsnorm_cpu(x, w, a, out_dtype),
+    }
 }
 
 /// The normalised rows in f32, before the output's rounding.

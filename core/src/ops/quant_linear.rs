@@ -10,7 +10,7 @@
 //!   (`quantize = "fp8"` on a float checkpoint) there is no `input_scale` input: each row of x
 //!   (a token) goes through E4M3 at its own scale, max |x_row| / 448 (1 for a row of zeros).
 //!   With `out=<dtype>` (static scale only) x is E4M3 codes at `input_scale` already (the
-//!   `fuse_rmsnorm_quant_fp8` transform's RMSNorm made them, the codes this op would have made
+//!   `fuse_fp8_input_quant` transform's RMSNorm made them, the codes this op would have made
 //!   of the norm's plain output), read as they are; y is rounded to `out`.
 //! - `torch_quant_nvfp4_linear(x, w, weight_scale, weight_scale_2[, bias])`: `w` E2M1 `[out,
 //!   in]` (two a byte), `weight_scale` E4M3 `[out, in / 16]` (one a block of 16 along a row),
@@ -313,4 +313,55 @@ pub fn ops() -> Vec<CustomOp> {
             ..CustomOp::built_in(NVFP4_LINEAR, 4, Outputs::Rule(Arc::new(nvfp4_rule)), no_attrs, Arc::new(nvfp4_cpu))
         },
     ]
+}
+
+/// Ops that can hand an FP8 linear its input as E4M3 codes (`quant=fp8`, the input scale their
+/// last input: `fused_add_rmsnorm`, `torch_rmsnorm`, `torch_gated_act`) share these: the
+/// attribute, the output's meta, and the codes of their plain output's values.
+pub(crate) mod codes_out {
+    use crate::dtype::DType;
+    use crate::ir::TensorMeta;
+    use crate::shape::Dim;
+    use crate::tensor::Tensor;
+
+    /// The `quant` attribute: absent, or `fp8`.
+    pub(crate) fn read(a: &mut crate::op_text::Attrs) -> crate::error::Result<bool> {
+        match a.take("quant") {
+            None => Ok(false),
+            Some("fp8") => Ok(true),
+            Some(v) => Err(a.bad("quant", v, "fp8")),
+        }
+    }
+
+    /// `, quant=fp8` or nothing, for an op's attribute text.
+    pub(crate) fn text(fp8: bool) -> &'static str {
+        if fp8 {
+            ", quant=fp8"
+        } else {
+            ""
+        }
+    }
+
+    /// The output's meta: `plain` (the op's output without `quant`), or with it f8e4m3 codes of
+    /// the same shape, `scale` then being one f32.
+    pub(crate) fn meta(fp8: bool, scale: Option<&TensorMeta>, plain: TensorMeta) -> Result<TensorMeta, String> {
+        match (fp8, scale) {
+            (false, None) => Ok(plain),
+            (true, Some(s)) if s.dtype == DType::F32 && s.shape.iter().all(|d| *d == Dim::new(1)) => {
+                Ok(TensorMeta { dtype: DType::F8E4M3, shape: plain.shape })
+            }
+            (true, Some(s)) => Err(format!("quant=fp8 input scale {s}: want one f32")),
+            (true, None) => Err("quant=fp8 takes the input scale as its last input".into()),
+            (false, Some(s)) => Err(format!("an input scale {s} without quant=fp8")),
+        }
+    }
+
+    /// The codes of `values` rounded to `plain` (the dtype the op outputs without `quant`)
+    /// divided by `scale`: saturating, ties to even, what `torch_quant_fp8_linear` makes of
+    /// that output at that input scale.
+    pub(crate) fn codes(mut values: Vec<f32>, plain: DType, scale: &Tensor, shape: &[usize]) -> Result<Tensor, String> {
+        let s = scale.to_f32()[0];
+        values.iter_mut().for_each(|e| *e = crate::cpu::round_as(plain, *e) / s);
+        Tensor::from_f32_as(DType::F8E4M3, shape.to_vec(), values).map_err(|e| e.to_string())
+    }
 }

@@ -20,6 +20,7 @@ static OPS: LazyLock<RwLock<Table>> = LazyLock::new(|| {
         .chain(crate::ops::layout::ops())
         .chain(crate::ops::gather::ops())
         .chain(crate::ops::linear::ops())
+        .chain(crate::ops::gated_act::ops())
         .chain(crate::ops::moe::ops())
         .chain(crate::ops::quant_linear::ops())
         .chain(crate::ops::collective::ops());

@@ -175,7 +175,8 @@ extern "C" __global__ void rope(const void* x, int dt, const void* cos, const vo
 
 // gate_up rows [gate (inter) | up (inter)] (or two tensors: `up` set) ->
 // out = round(round(act(gate)) * up), act as `gate_act`.
-extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, void* out, long rows, int inter, int act) {
+extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, void* out, long rows, int inter, int act,
+                                    const float* qs) {
     pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * inter) return;
@@ -188,12 +189,17 @@ extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, vo
         g = ld(gate, dt, r * 2 * inter + j);
         u = ld(gate, dt, r * 2 * inter + inter + j);
     }
-    st(out, dt, i, rnd(dt, gate_act(act, g)) * u);
+    float v = rnd(dt, gate_act(act, g)) * u;
+    if (qs)
+        ((unsigned char*)out)[i] = e4m3_code_rn(rnd(dt, v) / qs[0]);
+    else
+        st(out, dt, i, v);
 }
 
 // `silu_mul` over bf16, 8 values a thread with 16-byte loads and stores (inter % 8 == 0, every
-// pointer 16-byte aligned); the same rounding.
-extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up, bf16_t* out, long rows, int inter) {
+// pointer 16-byte aligned); the same rounding. With `qs`, 8 E4M3 codes a thread (as `silu_mul`).
+extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up, bf16_t* out, long rows, int inter,
+                                           const float* qs) {
     pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     int per_row = inter / 8;
@@ -206,6 +212,14 @@ extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up,
     bf16_t* o8 = (bf16_t*)&ov;
 #pragma unroll
     for (int k = 0; k < 8; k++) o8[k] = swiglu_value(bf16_to_f32(g8[k]), bf16_to_f32(u8[k]));
+    if (qs) {
+        float s = qs[0];
+        unsigned int q[2] = {0u, 0u};
+#pragma unroll
+        for (int k = 0; k < 8; k++) q[k / 4] |= (unsigned int)e4m3_code_rn(bf16_to_f32(o8[k]) / s) << (8 * (k % 4));
+        *(uint2*)((unsigned char*)out + r * inter + j) = make_uint2(q[0], q[1]);
+        return;
+    }
     *(uint4*)(out + r * inter + j) = ov;
 }
 

@@ -8,12 +8,14 @@ use autodeploy_core::dtype::DType;
 use autodeploy_core::error::Result;
 use autodeploy_core::ir::Graph;
 use autodeploy_core::ops::attention::CachedAttn;
-use autodeploy_core::ops::binary::ADD;
+use autodeploy_core::ops::binary::{ADD, MUL};
+use autodeploy_core::ops::gated_act::GatedAct;
 use autodeploy_core::ops::linear::{GateAct, SwiGlu};
 use autodeploy_core::ops::norm::{NormAttrs, ADD_RMSNORM, RMSNORM};
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::Op;
+use autodeploy_core::ValueId;
 use autodeploy_sdk::Stage;
 
 /// `Some(why)` when the configured compile backend does not fuse (registered without `fuses`:
@@ -181,29 +183,127 @@ impl Transform for FuseAddRmsNorm {
 
 autodeploy_core::inventory::submit! {
     TransformPlugin {
-        name: "fuse_rmsnorm_quant_fp8",
+        name: "fuse_gated_act",
+        stage: Stage::Compile,
+        order: 35,
+        enabled_by_default: false,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
+        make: || Box::new(FuseGatedAct),
+    }
+}
+
+/// A gated MLP's activation as one op (stage `compile`, for the fusing compile backends), where
+/// the MLP matchers left the MLP unfused (quantized linears): `mul(act(gate), up)`, `act`
+/// `aten.silu` or `aten.gelu` read by the product alone, becomes `torch_gated_act(gate_up)` when
+/// gate and up are the two halves of one tensor's last dim (the fused gate/up linear's output,
+/// sliced), else `torch_gated_act(gate, up)`. It rounds where those ops do (the activation to
+/// the dtype, then the product), so the numbers do not change; on CUDA it is one kernel instead
+/// of two. Off by default until a GPU run has checked it (docs/developing.md).
+pub struct FuseGatedAct;
+
+/// The gate/up tensor of which `g` is the first half and `u` the second along the last dim,
+/// both plain slices read once.
+fn halves_of(g: &Graph, producers: &[Option<usize>], uses: &[usize], gate: ValueId, up: ValueId) -> Option<ValueId> {
+    let slice = |v: ValueId| {
+        let p = producers[v.0 as usize].filter(|_| uses[v.0 as usize] == 1)?;
+        let s = g.nodes[p].op.slice_of()?;
+        let src = g.nodes[p].inputs[0];
+        let rank = g.meta(src).shape.len() as i64;
+        (s.step == 1 && (s.dim == -1 || s.dim == rank - 1)).then_some((src, s.start, s.end))
+    };
+    let ((src, g0, g1), (src_u, u0, u1)) = (slice(gate)?, slice(up)?);
+    let width = g.meta(src).shape.last()?.as_static()? as i64;
+    let u1 = u1.min(width);
+    (src == src_u && g0 == 0 && 2 * g1 == width && u0 == g1 && u1 == width).then_some(src)
+}
+
+impl Transform for FuseGatedAct {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        if let Some(skip) = not_fusing(cx, "runs a gated MLP's activation and product apart")? {
+            return Ok(skip);
+        }
+        let producers = g.producers();
+        let uses = g.use_counts();
+        let act_of = |op: &Op| match (op.name, op.attrs.as_str()) {
+            ("aten.silu", "") => Some(GateAct::Silu),
+            ("aten.gelu", "" | "approximate=none") => Some(GateAct::Gelu),
+            ("aten.gelu", "approximate=tanh") => Some(GateAct::GeluTanh),
+            _ => None,
+        };
+        // (product node, activation, inputs of the fused op).
+        let mut found = Vec::new();
+        for (j, node) in g.nodes.iter().enumerate() {
+            if !node.op.is(MUL) || node.inputs.len() != 2 {
+                continue;
+            }
+            for (a, u) in [(node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])] {
+                let Some(p) = producers[a.0 as usize].filter(|_| uses[a.0 as usize] == 1 && !g.outputs.contains(&a))
+                else {
+                    continue;
+                };
+                let Some(act) = act_of(&g.nodes[p].op) else { continue };
+                let gate = g.nodes[p].inputs[0];
+                let same = [a, u, node.outputs[0]].iter().all(|&v| g.meta(v) == g.meta(gate));
+                if !same || gate == u || !g.meta(gate).dtype.is_float() {
+                    continue;
+                }
+                let inputs = match halves_of(g, &producers, &uses, gate, u) {
+                    Some(gate_up) => vec![gate_up],
+                    None => vec![gate, u],
+                };
+                found.push((j, act, inputs));
+                break;
+            }
+        }
+        let n = found.len();
+        for (j, act, inputs) in found {
+            g.nodes[j].op = Op::gated_act(GatedAct { act, fp8_out: false });
+            g.nodes[j].inputs = inputs;
+        }
+        let removed = g.dce();
+        g.validate()?;
+        Ok(format!("made {n} gated activations one op ({removed} nodes removed)"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_fp8_input_quant",
         stage: Stage::Compile,
         order: 40,
         enabled_by_default: false,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
         origin: "built-in (fp8 plugin)",
-        make: || Box::new(FuseRmsNormQuantFp8),
+        make: || Box::new(FuseFp8InputQuant),
     }
 }
 
-/// The FP8 linears' activation quantization into the RMSNorm before them (stage `compile`, for
-/// the fusing compile backends): a `torch_rmsnorm` or `fused_add_rmsnorm` whose normalised
-/// output only FP8 linears with a static input scale read, as their input, all at equal scales
-/// (ModelOpt's q/k/v and gate/up after `fuse_gemms`), gets `quant=fp8` and that scale, and
-/// writes E4M3 codes; the linears become `torch_quant_fp8_linear(out=<dtype>)` over the codes.
-/// The codes are the ones each linear made of the norm's rounded output, so the numbers do not
-/// change; on CUDA the linears' quantizing launches go (the GEMV stages the codes, cuBLASLt
-/// reads them) and the norm writes a byte a value instead of two. Off by default until a GPU
-/// run has checked and timed it (docs/developing.md).
-pub struct FuseRmsNormQuantFp8;
+/// The FP8 linears' activation quantization into the op before them (stage `compile`, for the
+/// fusing compile backends): a `torch_rmsnorm`, `fused_add_rmsnorm` or `torch_gated_act` whose
+/// (first) output only FP8 linears with a static input scale read, as their input, all at equal
+/// scales (ModelOpt's q/k/v and gate/up after `fuse_gemms`, its down projection), gets
+/// `quant=fp8` and that scale, and writes E4M3 codes; the linears become
+/// `torch_quant_fp8_linear(out=<dtype>)` over the codes. The codes are the ones each linear made
+/// of the op's rounded output, so the numbers do not change; on CUDA the linears' quantizing
+/// launches go (the GEMV stages the codes, cuBLASLt reads them) and the op writes a byte a value
+/// instead of two. Off by default until a GPU run has checked and timed it (docs/developing.md).
+pub struct FuseFp8InputQuant;
 
-impl Transform for FuseRmsNormQuantFp8 {
+/// `op` with `quant=fp8`, if it is one that can write codes and does not yet.
+fn with_codes_out(op: &Op) -> Option<Op> {
+    for name in [RMSNORM, ADD_RMSNORM] {
+        if let Some(a) = op.norm_attrs(name).filter(|a| !a.fp8_out) {
+            let quant = NormAttrs { fp8_out: true, ..a };
+            return Some(if name == RMSNORM { Op::rmsnorm(quant) } else { Op::add_rmsnorm(quant) });
+        }
+    }
+    op.gated_act_of().filter(|a| !a.fp8_out).map(|a| Op::gated_act(GatedAct { fp8_out: true, ..a }))
+}
+
+impl Transform for FuseFp8InputQuant {
     fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
         if let Some(skip) = not_fusing(cx, "quantizes the FP8 linears' inputs in the linears")? {
             return Ok(skip);
@@ -215,19 +315,16 @@ impl Transform for FuseRmsNormQuantFp8 {
                 readers[v.0 as usize].push((j, p));
             }
         }
-        // (norm node, its plain output dtype, the input scale, the linears).
+        // (node, its op writing codes, its plain output dtype, the input scale, the linears).
         let mut folds = Vec::new();
         for (j, node) in g.nodes.iter().enumerate() {
-            let Some(attrs) = node.op.norm_attrs(RMSNORM).or_else(|| node.op.norm_attrs(ADD_RMSNORM)) else {
-                continue;
-            };
-            let normed = node.outputs[0];
-            let users = &readers[normed.0 as usize];
-            let dtype = g.meta(normed).dtype;
+            let Some(op) = with_codes_out(&node.op) else { continue };
+            let out = node.outputs[0];
+            let users = &readers[out.0 as usize];
+            let dtype = g.meta(out).dtype;
             let fp8_reader = |&(l, p): &(usize, usize)| p == 0 && g.nodes[l].op.fp8_linear_of() == Some(false);
-            if attrs.fp8_out
-                || users.is_empty()
-                || g.outputs.contains(&normed)
+            if users.is_empty()
+                || g.outputs.contains(&out)
                 || !matches!(dtype, DType::F32 | DType::BF16)
                 || !users.iter().all(fp8_reader)
             {
@@ -240,23 +337,20 @@ impl Transform for FuseRmsNormQuantFp8 {
                 same &= super::fusion::values(g, g.nodes[l].inputs[2])? == first;
             }
             if same {
-                folds.push((j, dtype, scale, users.iter().map(|u| u.0).collect::<Vec<_>>()));
+                folds.push((j, op, dtype, scale, users.iter().map(|u| u.0).collect::<Vec<_>>()));
             }
         }
-        let n = folds.len();
-        for (j, dtype, scale, linears) in folds {
-            let name = g.nodes[j].op.name;
-            if let Some(a) = g.nodes[j].op.norm_attrs(name) {
-                let quant = NormAttrs { fp8_out: true, ..a };
-                g.nodes[j].op = if name == RMSNORM { Op::rmsnorm(quant) } else { Op::add_rmsnorm(quant) };
-                g.nodes[j].inputs.push(scale);
-            }
+        let (mut norms, mut acts) = (0, 0);
+        for (j, op, dtype, scale, linears) in folds {
+            *(if op.gated_act_of().is_some() { &mut acts } else { &mut norms }) += 1;
+            g.nodes[j].op = op;
+            g.nodes[j].inputs.push(scale);
             for l in linears {
                 g.nodes[l].op = Op::fp8_linear_codes(dtype);
             }
         }
         g.reinfer()?;
         g.validate()?;
-        Ok(format!("folded the FP8 input quantization into {n} RMSNorms"))
+        Ok(format!("folded the FP8 input quantization into {norms} RMSNorms and {acts} gated activations"))
     }
 }

@@ -692,6 +692,8 @@ impl Gpu {
     }
 
     /// `out [rows, inter] = act(gate) * up`; `up = None` reads both from `gate` rows of 2·inter.
+    /// With `codes_scale = Some(s)` (one f32 on the device) `out` gets one E4M3 code a value, of
+    /// the result (rounded to `dt`) divided by `s`.
     #[allow(clippy::too_many_arguments)]
     pub fn silu_mul(
         &self,
@@ -699,21 +701,27 @@ impl Gpu {
         up: Option<Ptr>,
         dt: Dt,
         out: Ptr,
+        codes_scale: Option<Ptr>,
         rows: usize,
         inter: usize,
         act: GateAct,
     ) -> Result<(), Unavailable> {
         let (u, d, r64, i32_, a32) = (up.unwrap_or(0), dt as i32, rows as i64, inter as i32, act as i32);
+        let qs = codes_scale.unwrap_or(0);
         if act == GateAct::Silu && dt == Dt::BF16 && inter.is_multiple_of(8) && (gate | u | out).is_multiple_of(16) {
             let mut l = self.launcher(self.f.silu_mul_bf16x8);
-            l.arg(&gate).arg(&u).arg(&out).arg(&r64).arg(&i32_);
+            l.arg(&gate).arg(&u).arg(&out).arg(&r64).arg(&i32_).arg(&qs);
             // SAFETY: as below; 8 values a thread, aligned as checked.
-            return launched("silu_mul_bf16x8", unsafe { l.launch(grid(rows * inter / 8, 256)) }.map(|_| ()));
+            let name = if qs == 0 { "silu_mul_bf16x8" } else { "silu_mul_bf16x8_fp8" };
+            return launched(name, unsafe { l.launch(grid(rows * inter / 8, 256)) }.map(|_| ()));
         }
         let mut l = self.launcher(self.f.silu_mul);
-        l.arg(&gate).arg(&u).arg(&d).arg(&out).arg(&r64).arg(&i32_).arg(&a32);
-        // SAFETY: sizes as documented.
-        launched("silu_mul", unsafe { l.launch(grid(rows * inter, 256)) }.map(|_| ()))
+        l.arg(&gate).arg(&u).arg(&d).arg(&out).arg(&r64).arg(&i32_).arg(&a32).arg(&qs);
+        // SAFETY: sizes as documented (out rows × inter bytes with qs); qs one f32 or null.
+        launched(
+            if qs == 0 { "silu_mul" } else { "silu_mul_fp8" },
+            unsafe { l.launch(grid(rows * inter, 256)) }.map(|_| ()),
+        )
     }
 
     /// Rows of `row_bytes` picked by i64 ids; a bad id is recorded (id + 1) at `bad`.
