@@ -140,6 +140,24 @@ fn an_fp8_kv_cache_reads_the_checkpoints_scales_or_is_switched_off() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Which attention backends take an FP8 KV cache, decided at `cache_init` (no GPU needed): on
+/// CUDA both `flashinfer`'s kernels and `triton`'s slot kernel read one (the CUDA tests hold
+/// both to the CPU), while `triton` still refuses a sliding window, naming what it lacks.
+#[test]
+fn both_cuda_attention_backends_take_an_fp8_kv_cache() {
+    for attn in ["flashinfer", "triton"] {
+        let extra = format!("kv_cache_dtype = \"fp8\"\ndevice = \"cuda\"\nattn_backend = \"{attn}\"\n");
+        let g = graph_after("llama-fp8-kv", Stage::CacheInit, &extra).unwrap_or_else(|e| panic!("{attn}: {e}"));
+        let dump = g.dump();
+        let cached =
+            dump.lines().filter(|l| l.contains("= attention_with_kv_cache(") && l.contains("k_scale=")).count();
+        assert_eq!(cached, 2, "{attn}: both layers cached with their scales\n{dump}");
+    }
+    let window = "device = \"cuda\"\nattn_backend = \"triton\"\n";
+    let e = graph_after("qwen2-window", Stage::CacheInit, window).err().expect("triton took a window").to_string();
+    assert!(e.contains("`triton`") && e.contains("sliding window") && !e.contains("FP8"), "{e}");
+}
+
 #[test]
 fn an_fp8_checkpoint_without_its_transform_is_refused_naming_the_weight_and_transform() {
     let extra = "[transforms.quantize_fp8_linear_from_config]\nenabled = false\n";

@@ -192,9 +192,13 @@ pub struct AttentionBackendPlugin {
     /// Whether its CUDA implementation takes q/k unrotated with the cos/sin tables (a
     /// RoPE-fused op): the `fuse_rope_attention` transform fuses only for such backends.
     pub fuses_rope: bool,
-    /// Whether its CPU and its CUDA implementation honour sliding windows and soft-capping
-    /// (`Scoring`); a graph that needs them is refused at `cache_init` otherwise.
+    /// Whether its CPU and its CUDA implementation honour sliding windows, chunked attention
+    /// and soft-capping (`Scoring`); a graph that needs them is refused at `cache_init`
+    /// otherwise.
     pub scoring: Devices,
+    /// Whether they read K and V through an FP8 KV cache (`Scoring::kv_fp8`); refused at
+    /// `cache_init` otherwise.
+    pub kv_fp8: Devices,
 }
 builtin_entry!(AttentionBackendPlugin);
 
@@ -358,10 +362,27 @@ pub fn attention_backend_devices(name: &str) -> Result<(bool, bool)> {
     })
 }
 
-/// Whether attention backend `name` honours sliding windows and soft-capping on `device`
-/// (libraries do not: the sdk's attention call carries only the scale).
-pub fn attention_backend_scoring(name: &str, device: &str) -> bool {
-    matches!(ATTENTION_BACKENDS.get(name), Ok(Found::Builtin(p)) if if device == "cuda" { p.scoring.cuda } else { p.scoring.cpu })
+/// What of `scoring` attention backend `name` does not apply on `device`: "a sliding window,
+/// chunked attention or soft-capping", "an FP8 KV cache", or None when it applies all of it
+/// (libraries apply none: the sdk's attention call carries only the scale).
+pub fn attention_backend_lacks(
+    name: &str,
+    device: &str,
+    scoring: &crate::ops::attention::Scoring,
+) -> Option<&'static str> {
+    let on = |d: Devices| if device == "cuda" { d.cuda } else { d.cpu };
+    let (masks, fp8) = match ATTENTION_BACKENDS.get(name) {
+        Ok(Found::Builtin(p)) => (on(p.scoring), on(p.kv_fp8)),
+        _ => (false, false),
+    };
+    let needs_masks = scoring.window.is_some() || scoring.chunk.is_some() || scoring.softcap.is_some();
+    if needs_masks && !masks {
+        Some("a sliding window, chunked attention or soft-capping")
+    } else if scoring.kv_fp8.is_some() && !fp8 {
+        Some("an FP8 KV cache")
+    } else {
+        None
+    }
 }
 
 /// Whether attention backend `name`'s CUDA implementation takes RoPE-fused ops (libraries'

@@ -470,6 +470,15 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             rep.check("  k cache after write (FP8 values)", false, &read8(kc, ks), want_kc);
             rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), want_vc);
         }
+        // triton's slot kernel over an FP8 cache: this step's k/v read through their codes as
+        // the cached ones are, then stored as codes.
+        let (want8_t, want8_kc_t, want8_vc_t) = reference_over(&slots, &q, &deq(&k, ks), &deq(&v, vs), (&kd0, &vd0));
+        let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
+        let out = put(vec![0u8; out_bytes]);
+        gpu.slot_attention(dt, (dq, dk, dv), (kc, vc), out, &m_slots, heads, kv_heads, d, scale, kv).unwrap();
+        rep.check_scaled(&name("triton slot, FP8 cache"), bf, &read(out, out_bytes), &want8_t, 1e-5);
+        rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc_t);
+        rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc_t);
     }
     gpu.set_attn_early_u(early_u);
     gpu.set_attn_group(group);
@@ -478,7 +487,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
     let (want_t, want_kc_t, want_vc_t) = reference(&slots, &q, &k);
     let (kc, vc) = fresh_cache(&mut put);
     let out = put(vec![0u8; out_bytes]);
-    gpu.slot_attention(dt, (dq, dk, dv), (kc, vc), out, &m_slots, heads, kv_heads, d, scale).unwrap();
+    gpu.slot_attention(dt, (dq, dk, dv), (kc, vc), out, &m_slots, heads, kv_heads, d, scale, None).unwrap();
     rep.check_scaled(&name("triton slot"), bf, &read(out, out_bytes), &want_t, 1e-5);
     rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_t);
     rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_t);

@@ -11,7 +11,7 @@ __device__ void write_kv(const T* k, const T* v, C* k_cache, C* v_cache, const l
     long t = (i / d) % tokens;
     int h = i / ((long)d * tokens);
     long long pos = token_pos[t];
-    long slot = (long)page_indices[page_indptr[token_seq[t]] + pos / page_size] * page_size + pos % page_size;
+    long slot = kv_slot(page_indices + page_indptr[token_seq[t]], pos, page_size);
     long dst = (slot * kv_heads + h) * d + e;
     put_kv(k_cache, dst, load_f(k, i), ks);
     put_kv(v_cache, dst, load_f(v, i), vs);
@@ -47,7 +47,7 @@ __device__ void paged_attention(const T* q, const C* k_cache, const C* v_cache, 
     long long first = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
     if (window < 0) first = pos / -window * -window;  // chunked attention: its own chunk
     for (long long p = first + warp; p <= pos; p += WARPS) {
-        long slot = (long)pages[p / page_size] * page_size + p % page_size;
+        long slot = kv_slot(pages, p, page_size);
         long base = (slot * kv_heads + kvh) * d + lane * PER;
         float dot = 0.0f;
         if (live)
@@ -174,7 +174,7 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
             long long p = kb + r;
             uint4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
             if (p <= last) {
-                long slot = (long)pages[p / page_size] * page_size + p % page_size;
+                long slot = kv_slot(pages, p, page_size);
                 long base = (slot * kv_heads + kvh) * D + ch * 8;
                 if constexpr (is_fp8<C>::value) {
                     kv = fp8x8_as_bf16(k_cache + base);
@@ -325,7 +325,7 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
     }
     int kh = hh - heads;
     long long pos = token_pos[t];
-    long slot = (long)page_indices[page_indptr[token_seq[t]] + pos / page_size] * page_size + pos % page_size;
+    long slot = kv_slot(page_indices + page_indptr[token_seq[t]], pos, page_size);
     long dst = (slot * kv_heads + kh) * d;
     put_kv(k_cache, dst + j, lo, ks);
     put_kv(k_cache, dst + j + half, hi, ks);
@@ -361,12 +361,14 @@ ROPE_KV(bf16_t, fp8_t, bf16_fp8kv, fp8)
 // sequence's cached length come from the cache, the step's own positions straight from k/v
 // (so no block reads what another is writing); the first query head of each kv group then
 // stores the token's k/v. seq_start[s]: the step's first token of s; cached_len[s]: its
-// position. q, out [heads, tokens, D]; k, v [kv_heads, tokens, D].
-template <typename T, int D, bool G>
-__device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,
+// position. q, out [heads, tokens, D]; k, v [kv_heads, tokens, D]. Over an FP8 cache the step's
+// own positions are read as the codes they are stored as (`kv_units`), like the cached ones, and
+// k_scale / v_scale apply as in the paged kernels.
+template <typename T, typename C, int D, bool G>
+__device__ void slot_attention(const T* q, const T* k, const T* v, C* k_cache, C* v_cache, const long long* token_seq,
                                const long long* token_pos, const long long* seq_start, const long long* cached_len,
                                const long long* page_indptr, const int* page_indices, int page_size, int heads,
-                               int kv_heads, long tokens, float scale, T* out, int dd) {
+                               int kv_heads, long tokens, float scale, T* out, int dd, float ks, float vs) {
     const int d = G ? dd : D;  // as paged_attention
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
@@ -380,30 +382,25 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
     const bool live = lane * PER < d;
     float qv[PER], acc[PER];
     for (int i = 0; i < PER; i++) {
-        qv[i] = live ? load_f(q, ((long)h * tokens + t) * d + lane * PER + i) * scale : 0.0f;
+        qv[i] = live ? load_f(q, ((long)h * tokens + t) * d + lane * PER + i) * (scale * ks) : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
     for (long long p = warp; p <= pos; p += WARPS) {
-        const T *kr, *vr;
-        if (p < cached) {
-            long row = ((base + p) * kv_heads + kvh) * d;
-            kr = k_cache + row;
-            vr = v_cache + row;
-        } else {
-            long row = ((long)kvh * tokens + start + (p - cached)) * d;
-            kr = k + row;
-            vr = v + row;
-        }
+        // A row of K and V in the cache's units: cached, or this step's as they will be stored.
+        const bool in_cache = p < cached;
+        const long row = in_cache ? ((base + p) * kv_heads + kvh) * d : ((long)kvh * tokens + start + (p - cached)) * d;
+        auto kval = [&](int i) { return in_cache ? load_f(k_cache, row + i) : kv_units<C>(load_f(k, row + i), ks); };
+        auto vval = [&](int i) { return in_cache ? load_f(v_cache, row + i) : kv_units<C>(load_f(v, row + i), vs); };
         float dot = 0.0f;
         if (live)
-            for (int i = 0; i < PER; i++) dot += qv[i] * load_f(kr, lane * PER + i);
+            for (int i = 0; i < PER; i++) dot += qv[i] * kval(lane * PER + i);
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         float m2 = fmaxf(m, dot);
         float corr = __expf(m - m2), w = __expf(dot - m2);
         l = l * corr + w;
         if (live)
-            for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * load_f(vr, lane * PER + i);
+            for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * vval(lane * PER + i);
         m = m2;
     }
     __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
@@ -421,32 +418,38 @@ __device__ void slot_attention(const T* q, const T* k, const T* v, T* k_cache, T
     for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float o = 0.0f;
         for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
-        store_f(out, ((long)h * tokens + t) * d + e, o / L);
+        store_f(out, ((long)h * tokens + t) * d + e, o / L * vs);
     }
     if (h % group == 0) {
         long dst = ((base + pos) * kv_heads + kvh) * d;
         long src = ((long)kvh * tokens + t) * d;
         for (int e = threadIdx.x; e < d; e += blockDim.x) {
-            k_cache[dst + e] = k[src + e];
-            v_cache[dst + e] = v[src + e];
+            put_kv(k_cache, dst + e, load_f(k, src + e), ks);
+            put_kv(v_cache, dst + e, load_f(v, src + e), vs);
         }
     }
 }
 
-#define SLOT(T, S, D, G, P)                                                                                           \
+#define SLOT(T, C, S, D, G, P, K)                                                                                     \
     extern "C" __global__ void slot_attention_##P##D##_##S(                                                          \
-        const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const long long* token_seq,                     \
+        const T* q, const T* k, const T* v, C* k_cache, C* v_cache, const long long* token_seq,                     \
         const long long* token_pos, const long long* seq_start, const long long* cached_len,                        \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out, int d) { pdl_enter();                                                                                        \
-        slot_attention<T, D, G>(q, k, v, k_cache, v_cache, token_seq, token_pos, seq_start, cached_len, page_indptr,    \
-                             page_indices, page_size, heads, kv_heads, tokens, scale, out, d);                           \
+        float scale, T* out, int d KV_##K##_PARAMS) {                                                                \
+        pdl_enter();                                                                                                  \
+        slot_attention<T, C, D, G>(q, k, v, k_cache, v_cache, token_seq, token_pos, seq_start, cached_len,           \
+                                   page_indptr, page_indices, page_size, heads, kv_heads, tokens, scale, out, d,     \
+                                   KV_##K##_ARGS);                                                                    \
     }
-#define SLOT_INSTANTIATE(T, S)                                                                                        \
-    SLOT(T, S, 16, false, d) SLOT(T, S, 32, false, d) SLOT(T, S, 64, false, d) SLOT(T, S, 96, false, d)               \
-    SLOT(T, S, 128, false, d) SLOT(T, S, 256, false, d)                                                               \
-    SLOT(T, S, 32, true, g) SLOT(T, S, 64, true, g) SLOT(T, S, 128, true, g) SLOT(T, S, 256, true, g)
+#define SLOT_INSTANTIATE(T, C, S, K)                                                                                  \
+    SLOT(T, C, S, 16, false, d, K) SLOT(T, C, S, 32, false, d, K) SLOT(T, C, S, 64, false, d, K)                      \
+    SLOT(T, C, S, 96, false, d, K) SLOT(T, C, S, 128, false, d, K) SLOT(T, C, S, 256, false, d, K)                    \
+    SLOT(T, C, S, 32, true, g, K) SLOT(T, C, S, 64, true, g, K) SLOT(T, C, S, 128, true, g, K)                        \
+    SLOT(T, C, S, 256, true, g, K)
 #ifndef KV_FP8_BUILDS
-SLOT_INSTANTIATE(float, f32)
-SLOT_INSTANTIATE(bf16_t, bf16)
+SLOT_INSTANTIATE(float, float, f32, plain)
+SLOT_INSTANTIATE(bf16_t, bf16_t, bf16, plain)
+#else
+SLOT_INSTANTIATE(float, fp8_t, f32_fp8kv, fp8)
+SLOT_INSTANTIATE(bf16_t, fp8_t, bf16_fp8kv, fp8)
 #endif

@@ -9,6 +9,15 @@
 // Each query token t of sequence token_seq[t] at position token_pos[t] attends causally to its
 // positions 0..=token_pos[t] (ragged batches: prefill and decode tokens mixed in one step).
 
+
+// The slot of position p of a sequence whose pages are `pages` (its run of page_indices): the
+// division in 32 bits (positions stay below MAX_SEQ_LEN = 2^24 and the page size is an int),
+// as a 64-bit one is a long instruction sequence, paid for every position a kernel reads.
+__device__ __forceinline__ long kv_slot(const int* pages, long long p, int page_size) {
+    int pi = (int)p, pg = pi / page_size;
+    return (long)pages[pg] * page_size + (pi - pg * page_size);
+}
+
 //
 // The cache holds C: the model's dtype T, or fp8_t. An FP8 cache (`kv_cache_dtype = "fp8"`)
 // holds one E4M3 code a value, of x / k_scale for keys and x / v_scale for values (one scale

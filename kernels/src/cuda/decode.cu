@@ -270,7 +270,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // not two), PER values per lane in one vector load where they fit.
     float kf[U][PER], vf[U][PER];
     auto load_cached = [&](int u, long long p) {
-        long slot = (long)pages[p / page_size] * page_size + p % page_size;
+        long slot = kv_slot(pages, p, page_size);
         long base = (slot * kv_heads + kvh) * d + lane * PER;
         if (live) {
             load_row<PER>(k_cache + base, kf[u]);
@@ -364,7 +364,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     if (EARLY && writer && last_p0 >= 0 && pos >= last_p0 && pos < last_p0 + U) {
         // Token t's k (rotated) and v into its cache slot, for the steps after this one: the
         // warp whose last pass read position pos (the chunk's last) from k_new/v_new.
-        long slot = (long)pages[pos / page_size] * page_size + pos % page_size;
+        long slot = kv_slot(pages, pos, page_size);
         long base = (slot * kv_heads + kvh) * d + lane * PER;
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -516,7 +516,7 @@ __device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C
 #pragma unroll
         for (int u = 0; u < U; u++) {
             long long p = p0 + u <= hi ? p0 + u : hi;
-            long slot = (long)pages[p / page_size] * page_size + p % page_size;
+            long slot = kv_slot(pages, p, page_size);
             long base = (slot * kv_heads + kvh) * d + lane * PER;
             if (live) {
                 load_row<PER>(k_cache + base, kf[u]);
@@ -670,7 +670,7 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
                 long long p = kb + r;
                 kr[i] = vr[i] = make_uint2(0u, 0u);
                 if (p <= hi) {
-                    long slot = (long)pages[p / page_size] * page_size + p % page_size;
+                    long slot = kv_slot(pages, p, page_size);
                     long base = (slot * kv_heads + kvh) * D + ch * 8;
                     kr[i] = *(const uint2*)(k_cache + base);
                     vr[i] = *(const uint2*)(v_cache + base);
@@ -687,7 +687,7 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
             for (int i = 0; i < R; i++) {
                 int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
                 long long p = kb + r;
-                long slot = p <= hi ? (long)pages[p / page_size] * page_size + p % page_size : 0;
+                long slot = p <= hi ? kv_slot(pages, p, page_size) : 0;
                 long base = (slot * kv_heads + kvh) * D + ch * 8;
                 int bytes = p <= hi ? 16 : 0;
                 cp_async16(kt + r * RS + ch * 8, k_cache + base, bytes);

@@ -214,16 +214,6 @@ impl DeviceAttention for Triton {
                 Unavailable("its kernel takes rotated q and k (fuse_rope_attention skips it)".into()),
             ));
         }
-        if c.mods.kv_fp8.is_some() {
-            return Err(fail(
-                c,
-                "triton",
-                Unavailable(
-                    "its kernel keeps the KV cache in the model's dtype, not FP8 (use attn_backend = \"flashinfer\")"
-                        .into(),
-                ),
-            ));
-        }
         let odt: Dt = dt(c.dtype, "attention")?;
         gpu.slot_attention(
             odt,
@@ -235,6 +225,7 @@ impl DeviceAttention for Triton {
             c.kv_heads,
             c.head_dim,
             c.scale,
+            c.mods.kv_fp8,
         )
         .map_err(|e| fail(c, "triton", e))?;
         Ok(HeadRows::heads_major(c.step.tokens, c.head_dim))

@@ -23,6 +23,7 @@ autodeploy_core::inventory::submit! {
         cuda: Some(super::cuda::flashinfer),
         fuses_rope: true,
         scoring: Devices { cpu: true, cuda: true },
+        kv_fp8: Devices { cpu: true, cuda: true },
     }
 }
 
@@ -36,11 +37,12 @@ autodeploy_core::inventory::submit! {
         cuda: Some(super::cuda::flashinfer),
         fuses_rope: true,
         scoring: Devices { cpu: false, cuda: true },
+        kv_fp8: Devices { cpu: false, cuda: true },
     }
 }
 
 // AutoDeploy's triton backend's design on CUDA (plugins/src/attention/cuda.rs); no CPU
-// implementation.
+// implementation. Its kernel reads an FP8 KV cache, but applies no window or soft-cap.
 autodeploy_core::inventory::submit! {
     AttentionBackendPlugin {
         name: "triton",
@@ -50,6 +52,7 @@ autodeploy_core::inventory::submit! {
         cuda: Some(super::cuda::triton),
         fuses_rope: false,
         scoring: Devices { cpu: false, cuda: false },
+        kv_fp8: Devices { cpu: false, cuda: true },
     }
 }
 

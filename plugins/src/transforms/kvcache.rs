@@ -9,7 +9,7 @@ use autodeploy_core::ops::attention::{AttentionAttrs, SDPA};
 use autodeploy_core::ops::linear::LINEAR;
 use autodeploy_core::ops::reduce::SOFTMAX;
 use autodeploy_core::registry::TransformPlugin;
-use autodeploy_core::registry::{attention_backend_name, attention_backend_scoring};
+use autodeploy_core::registry::{attention_backend_lacks, attention_backend_name};
 use autodeploy_core::shape::{Dim, SymRange};
 use autodeploy_core::transform::{Transform, TransformContext};
 use autodeploy_core::{DType, Op};
@@ -53,18 +53,21 @@ impl Transform for InsertCachedAttention {
             );
             return Ok(format!("kept uncached: unrecognised attention at {}", blockers.join(", ")));
         }
-        // Sliding windows and soft-caps need a backend that applies them on this device.
+        // Sliding windows, soft-caps and an FP8 cache need a backend that applies them on this
+        // device.
         let device = cx.config.device.as_str();
-        if !attention_backend_scoring(backend, device) {
-            if let Some(n) = g.nodes.iter().find(|n| n.op.attention_attrs().is_some_and(|a| !a.scoring.is_plain())) {
-                return Err(Error::Msg(format!(
-                    "cache_init: attention %{} ({}) needs a sliding window, chunked attention, soft-capping or an FP8 KV cache, which attention backend \
-                     `{backend}` does not apply on device `{device}` (attn_backend = \"{}\" does)",
-                    g.value(n.outputs[0]).name,
-                    n.op.attrs,
-                    if device == "cuda" { "flashinfer" } else { "torch" }
-                )));
-            }
+        for n in &g.nodes {
+            let Some(lacks) = n.op.attention_attrs().and_then(|a| attention_backend_lacks(backend, device, &a.scoring))
+            else {
+                continue;
+            };
+            return Err(Error::Msg(format!(
+                "cache_init: attention %{} ({}) needs {lacks}, which attention backend `{backend}` does not apply on \
+                 device `{device}` (attn_backend = \"{}\" does)",
+                g.value(n.outputs[0]).name,
+                n.op.attrs,
+                if device == "cuda" { "flashinfer" } else { "torch" }
+            )));
         }
         let mut layer = 0;
         for i in 0..g.nodes.len() {

@@ -383,6 +383,8 @@ impl Gpu {
 impl Gpu {
     /// The `triton` backend's fused kernel: attention over per-sequence contiguous cache slots,
     /// this step's k/v read directly and then stored. Needs `meta.seq_start`/`meta.cached_len`.
+    /// `kv_fp8`: the cache holds E4M3 codes at these (k_scale, v_scale), the step's own k/v read
+    /// through them as stored.
     #[allow(clippy::too_many_arguments)]
     pub fn slot_attention(
         &self,
@@ -395,15 +397,19 @@ impl Gpu {
         kv_heads: usize,
         d: usize,
         scale: f32,
+        kv_fp8: Option<(f32, f32)>,
     ) -> Result<(), Unavailable> {
         let di = head_dim_index(d, "slot attention")?;
-        let f = &self.f.slot_attention[attn_dt(dt)?][di];
+        let f = &self.f.slot_attention[build(dt, kv_fp8)?][di];
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let mut l = self.launcher(*f);
         l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cache.0).arg(&cache.1).arg(&meta.token_seq).arg(&meta.token_pos);
         l.arg(&meta.seq_start).arg(&meta.cached_len).arg(&meta.page_indptr).arg(&meta.page_indices);
         let d32 = d as i32;
         l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out).arg(&d32);
+        if let Some(scales) = &kv_fp8 {
+            l.arg(&scales.0).arg(&scales.1);
+        }
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, heads as u32, 1),
             block_dim: (128, 1, 1),

@@ -57,7 +57,7 @@ pub(super) struct Funcs {
     /// The latency build at 4 positions a warp and pass.
     pub(super) paged_decode_split_early4: [Vec<Kernel>; 4],
     pub(super) rope_write_kv: [Kernel; 4],
-    pub(super) slot_attention: [Vec<Kernel>; 2],
+    pub(super) slot_attention: [Vec<Kernel>; 4],
     /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`: over a bf16 cache, over an FP8 one.
     pub(super) paged_prefill_tc: [Vec<Kernel>; 2],
     /// bf16 split-KV decode on tensor cores over a GQA group, the same builds and head dims.
@@ -182,7 +182,7 @@ impl Funcs {
             ],
             paged_decode_split_early4: by_dims("paged_decode_split_early4")?,
             rope_write_kv: builds("rope_write_kv")?,
-            slot_attention: [slot_dims("slot_attention", "f32")?, slot_dims("slot_attention", "bf16")?],
+            slot_attention: by_dims("slot_attention")?,
         })
     }
 }
