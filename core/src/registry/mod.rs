@@ -362,9 +362,10 @@ pub fn attention_backend_devices(name: &str) -> Result<(bool, bool)> {
     })
 }
 
-/// What of `scoring` attention backend `name` does not apply on `device`: "a sliding window,
-/// chunked attention or soft-capping", "an FP8 KV cache", or None when it applies all of it
-/// (libraries apply none: the sdk's attention call carries only the scale).
+/// What of `scoring` attention backend `name` does not apply on `device` (score masks or
+/// soft-capping: a sliding window, chunked attention, soft-capping; or an FP8 KV cache), in
+/// words for an error, or None when it applies all of it (libraries apply none: the sdk's
+/// attention call carries only the scale).
 pub fn attention_backend_lacks(
     name: &str,
     device: &str,
@@ -377,7 +378,7 @@ pub fn attention_backend_lacks(
     };
     let needs_masks = scoring.window.is_some() || scoring.chunk.is_some() || scoring.softcap.is_some();
     if needs_masks && !masks {
-        Some("a sliding window, chunked attention or soft-capping")
+        Some("score masks or soft-capping (a sliding window, chunked attention, soft-capping)")
     } else if scoring.kv_fp8.is_some() && !fp8 {
         Some("an FP8 KV cache")
     } else {
