@@ -401,8 +401,9 @@ fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
 /// A decode batch of 6 sequences at 150-193 positions takes the split-KV decode's tensor-core
 /// build (bf16, head dim 32, a GQA group of at most 8; its warps make several 16-position passes
 /// over the one 256-position chunk), and with `decode_tensor_cores = false` the CUDA-core
-/// grouped build: the logits of the prefill step and of three decode steps stay within bf16's
-/// tolerance of the CPU's (against f32) either way.
+/// grouped build, and with `decode_ldmatrix = true` the tensor-core build's ldmatrix fragment
+/// loads: the logits of the prefill step and of three decode steps stay within bf16's tolerance
+/// of the CPU's (against f32) each way.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn batched_bf16_decode_on_tensor_cores_matches_cpu() {
@@ -415,15 +416,16 @@ fn batched_bf16_decode_on_tensor_cores_matches_cpu() {
     let f32_base = base.replace("bfloat16", "float32");
     let truth = run_steps(&mut engine("qwen3", &format!("{f32_base}device = \"cpu\"\n")), &prompts, &decode);
     let mut failed = Vec::new();
-    for tc in [true, false] {
+    for (tc, ldsm) in [(true, false), (true, true), (false, false)] {
         let extra = format!(
-            "{base}device = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"flashinfer\"\nkernels.decode_tensor_cores = {tc}\n"
+            "{base}device = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"flashinfer\"\nkernels.decode_tensor_cores = {tc}\nkernels.decode_ldmatrix = {ldsm}\n"
         );
         let mut gpu = engine("qwen3", &extra);
         let (got, ran) = launches(|| run_steps(&mut gpu, &prompts, &decode));
-        assert_eq!(ran.contains_key("paged_decode_tc"), tc, "decode_tensor_cores = {tc}: {ran:?}");
+        let kernel = if ldsm { "paged_decode_tc_ldsm" } else { "paged_decode_tc" };
+        assert_eq!(ran.contains_key(kernel), tc, "decode_tensor_cores = {tc}, ldmatrix {ldsm}: {ran:?}");
         assert!(ran.contains_key("paged_decode_split") != tc, "decode_tensor_cores = {tc}: {ran:?}");
-        let what = format!("qwen3 bf16 decode batch of 6, decode_tensor_cores = {tc}");
+        let what = format!("qwen3 bf16 decode batch of 6, decode_tensor_cores = {tc}, decode_ldmatrix = {ldsm}");
         failed.extend(bf16_against_f32(&what, "qwen3", &truth, &reference, &got).err());
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));

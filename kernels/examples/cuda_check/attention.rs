@@ -208,23 +208,28 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
     // (several passes); the step's k/v straight from the linears, written into the cache by the
     // kernel, with and without its own RoPE of q and k; the throughput build one query head a
     // block and a GQA group's heads together; the latency build at 8 and at 4 positions a warp
-    // and pass (`Gpu::attn_early_u`).
-    let (early_u, group, decode_tc) = (gpu.attn_early_u(), gpu.attn_group(), gpu.decode_tc());
-    for (chunk, splits, early, u, grouped, tc) in [
-        (16usize, 4usize, false, 8, false, false),
-        (64, 1, false, 8, false, false),
-        (16, 4, false, 8, true, false),
-        (64, 1, false, 8, true, false),
-        (16, 4, false, 8, true, true),
-        (64, 1, false, 8, true, true),
-        (16, 4, true, 8, false, false),
-        (64, 1, true, 8, false, false),
-        (16, 4, true, 4, false, false),
-        (64, 1, true, 4, false, false),
+    // and pass (`Gpu::attn_early_u`); the tensor-core build with its plain fragment loads and with
+    // ldmatrix (`Gpu::decode_ldmatrix`).
+    let (early_u, group, decode_tc, ldsm0) =
+        (gpu.attn_early_u(), gpu.attn_group(), gpu.decode_tc(), gpu.decode_ldmatrix());
+    for (chunk, splits, early, u, grouped, tc, ldsm) in [
+        (16usize, 4usize, false, 8, false, false, false),
+        (64, 1, false, 8, false, false, false),
+        (16, 4, false, 8, true, false, false),
+        (64, 1, false, 8, true, false, false),
+        (16, 4, false, 8, true, true, false),
+        (64, 1, false, 8, true, true, false),
+        (16, 4, false, 8, true, true, true),
+        (64, 1, false, 8, true, true, true),
+        (16, 4, true, 8, false, false, false),
+        (64, 1, true, 8, false, false, false),
+        (16, 4, true, 4, false, false, false),
+        (64, 1, true, 4, false, false, false),
     ] {
         gpu.set_attn_early_u(u);
         gpu.set_attn_group(grouped);
         gpu.set_decode_tc(tc);
+        gpu.set_decode_ldmatrix(ldsm);
         if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, ScoreMods::default()) {
             continue;
         }
@@ -296,7 +301,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                 if early {
                     format!(" early u{u}")
                 } else if tc {
-                    " tensor cores".to_string()
+                    (if ldsm { " tensor cores ldmatrix" } else { " tensor cores" }).to_string()
                 } else if grouped {
                     format!(" {} heads a block", gpu.decode_heads_a_block(heads, kv_heads, d))
                 } else {
@@ -368,17 +373,19 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
             rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
         }
-        for (early, u, grouped, tc, rotate) in [
-            (false, 8, false, false, false),
-            (false, 8, true, false, true),
-            (false, 8, true, true, true),
-            (true, 8, false, false, false),
-            (true, 4, false, false, true),
-            (true, 8, false, false, true),
+        for (early, u, grouped, tc, rotate, ldsm) in [
+            (false, 8, false, false, false, false),
+            (false, 8, true, false, true, false),
+            (false, 8, true, true, true, false),
+            (false, 8, true, true, true, true),
+            (true, 8, false, false, false, false),
+            (true, 4, false, false, true, false),
+            (true, 8, false, false, true, false),
         ] {
             gpu.set_attn_early_u(u);
             gpu.set_attn_group(grouped);
             gpu.set_decode_tc(tc);
+            gpu.set_decode_ldmatrix(ldsm);
             if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, mods) {
                 continue;
             }
@@ -456,7 +463,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                 if early {
                     format!(" early u{u}")
                 } else if tc {
-                    " tensor cores".to_string()
+                    (if ldsm { " tensor cores ldmatrix" } else { " tensor cores" }).to_string()
                 } else if grouped {
                     " grouped".to_string()
                 } else {
@@ -483,6 +490,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
     gpu.set_attn_early_u(early_u);
     gpu.set_attn_group(group);
     gpu.set_decode_tc(decode_tc);
+    gpu.set_decode_ldmatrix(ldsm0);
     // triton, fused write-and-attend over slots.
     let (want_t, want_kc_t, want_vc_t) = reference(&slots, &q, &k);
     let (kc, vc) = fresh_cache(&mut put);

@@ -590,12 +590,41 @@ __device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C
                                                    KV_##K##_ARGS);                                                    \
     }
 
+// A shared-memory pointer as the 32-bit shared-window address PTX's shared instructions take.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned s;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(p));
+    return s;
+}
+
 // 16 bytes global -> shared without passing through registers (sm_80+); `bytes` 0 fills zeros.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    unsigned s;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(bytes) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// ldmatrix .x4 (sm_75+): four 8x8 matrices of 16-bit values from shared memory, lanes 8i..8i+7
+// giving matrix i's eight row addresses (16-byte aligned); lane (g, c) = (lane / 4, lane % 4)
+// gets, in r[i], matrix i's elements [g][2c], [g][2c+1], or with `.trans` [2c][g], [2c+1][g].
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16_t* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16_t* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
 #else
     __trap();
 #endif
@@ -618,8 +647,11 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // bf16 (exactly) as they are staged. Plain causal scores only (the caller sends windows and
 // soft-caps to the CUDA-core builds). Partials and the merge as `paged_decode_split_grouped`
 // (`finish_heads`), the staging tiles reused for the warps' output rows. Launched as the
-// grouped builds, grid (tokens, kv_heads, splits).
-template <int D, typename C>
+// grouped builds, grid (tokens, kv_heads, splits). LDSM: the K and Vᵀ A-fragments by one
+// `ldmatrix` each a k-step (Vᵀ's `.trans`) instead of 32-bit / 16-bit shared loads and packs
+// (`[kernels] decode_ldmatrix`; row addresses checked against the plain loads' elements in
+// NumPy, conflict-free at RS = D + 8).
+template <int D, typename C, bool LDSM>
 __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
                                 int page_size, int heads, int kv_heads, long tokens, float scale, int chunk,
@@ -700,9 +732,18 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
         float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int k = 0; k < KS; k++) {
-            const bf16_t* kr = kt + g * RS + 16 * k + 2 * c;
-            unsigned a[4] = {*(const unsigned*)kr, *(const unsigned*)(kr + 8 * RS), *(const unsigned*)(kr + 8),
-                             *(const unsigned*)(kr + 8 * RS + 8)};
+            unsigned a[4];
+            if constexpr (LDSM) {
+                // Matrices (positions 0-7 | 8-15) x (dims 16k.. | 16k + 8..): lanes 0-15 rows
+                // 0-15 at 16k, lanes 16-31 rows 0-15 at 16k + 8.
+                ldsm_x4(a, kt + (lane & 15) * RS + 16 * k + (lane >> 4) * 8);
+            } else {
+                const bf16_t* kr = kt + g * RS + 16 * k + 2 * c;
+                a[0] = *(const unsigned*)kr;
+                a[1] = *(const unsigned*)(kr + 8 * RS);
+                a[2] = *(const unsigned*)(kr + 8);
+                a[3] = *(const unsigned*)(kr + 8 * RS + 8);
+            }
             mma_bf16(st, a, qb[k][0], qb[k][1]);
         }
         bool live0 = kb + g <= hi, live1 = kb + g + 8 <= hi;
@@ -740,11 +781,18 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
         // A = Vᵀ tile k (16 dims × 16 positions): V[position][dim] read across rows.
 #pragma unroll
         for (int k = 0; k < KS; k++) {
-            const bf16_t* vc = vt + 16 * k + g;
-            unsigned a[4] = {pack_raw(vc[(2 * c) * RS], vc[(2 * c + 1) * RS]),
-                             pack_raw(vc[(2 * c) * RS + 8], vc[(2 * c + 1) * RS + 8]),
-                             pack_raw(vc[(2 * c + 8) * RS], vc[(2 * c + 9) * RS]),
-                             pack_raw(vc[(2 * c + 8) * RS + 8], vc[(2 * c + 9) * RS + 8])};
+            unsigned a[4];
+            if constexpr (LDSM) {
+                // Transposed matrices (positions 0-7 | 8-15) x (dims 16k.. | 16k + 8..): lane
+                // groups of 8 give rows 0-7 at 16k, 0-7 at 16k + 8, 8-15 at 16k, 8-15 at 16k + 8.
+                ldsm_x4_trans(a, vt + ((lane & 7) + ((lane >> 4) << 3)) * RS + 16 * k + ((lane >> 3) & 1) * 8);
+            } else {
+                const bf16_t* vc = vt + 16 * k + g;
+                a[0] = pack_raw(vc[(2 * c) * RS], vc[(2 * c + 1) * RS]);
+                a[1] = pack_raw(vc[(2 * c) * RS + 8], vc[(2 * c + 1) * RS + 8]);
+                a[2] = pack_raw(vc[(2 * c + 8) * RS], vc[(2 * c + 9) * RS]);
+                a[3] = pack_raw(vc[(2 * c + 8) * RS + 8], vc[(2 * c + 9) * RS + 8]);
+            }
             mma_bf16(o[k], a, bh0, bh1);
             mma_bf16(o[k], a, bl0, bl1);
         }
@@ -779,9 +827,11 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
                                      partial, counters, out_all, ohs, ots);
 }
 
-// Entry points with the grouped builds' parameters (the latency build's extras unused).
-#define DECODE_TC(D, C, S, K)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128, 4) paged_decode_tc_d##D##_##S(                                     \
+// Entry points with the grouped builds' parameters (the latency build's extras unused): the
+// plain fragment loads (`paged_decode_tc_`), and ldmatrix (`paged_decode_tc_ldsm_`).
+#define DECODE_TC(D, C, S, K) DECODE_TC_ENTRY(D, C, S, K, , false) DECODE_TC_ENTRY(D, C, S, K, ldsm_, true)
+#define DECODE_TC_ENTRY(D, C, S, K, N, L)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128, 4) paged_decode_tc_##N##d##D##_##S(                              \
         const bf16_t* q, const bf16_t* k_new, const bf16_t* v_new, const bf16_t* cos, const bf16_t* sin,             \
         C* k_cache, C* v_cache, const long long* token_seq, const long long* token_pos,                             \
         const long long* page_indptr, const int* page_indices, const long long* seq_start,                          \
@@ -789,9 +839,9 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
         int splits, float* partial, int* counters, bf16_t* out, long long ohs, long long ots, int window,           \
         float softcap, int d KV_##K##_PARAMS) {                                                                      \
         pdl_enter();                                                                                                  \
-        paged_decode_tc<D, C>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, heads, \
-                              kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots,              \
-                              KV_##K##_ARGS);                                                                         \
+        paged_decode_tc<D, C, L>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,   \
+                                 heads, kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots,   \
+                                 KV_##K##_ARGS);                                                                      \
     }
 #ifndef KV_FP8_BUILDS
 DECODE_TC(32, bf16_t, bf16, plain)

@@ -353,6 +353,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_decode_tc_d64_bf16",
             "paged_decode_tc_d96_bf16",
             "paged_decode_tc_d128_bf16",
+            "paged_decode_tc_ldsm_d32_bf16",
+            "paged_decode_tc_ldsm_d64_bf16",
+            "paged_decode_tc_ldsm_d96_bf16",
+            "paged_decode_tc_ldsm_d128_bf16",
         ],
     ),
     (
@@ -484,6 +488,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_decode_tc_d64_bf16_fp8kv",
             "paged_decode_tc_d96_bf16_fp8kv",
             "paged_decode_tc_d128_bf16_fp8kv",
+            "paged_decode_tc_ldsm_d32_bf16_fp8kv",
+            "paged_decode_tc_ldsm_d64_bf16_fp8kv",
+            "paged_decode_tc_ldsm_d96_bf16_fp8kv",
+            "paged_decode_tc_ldsm_d128_bf16_fp8kv",
         ],
     ),
 ];

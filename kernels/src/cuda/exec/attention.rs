@@ -108,6 +108,16 @@ impl Gpu {
         self.decode_tc.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether that tensor-core build loads its fragments by `ldmatrix`.
+    pub fn decode_ldmatrix(&self) -> bool {
+        self.decode_ldsm.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets `decode_ldmatrix` for the launches after.
+    pub fn set_decode_ldmatrix(&self, on: bool) {
+        self.decode_ldsm.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Sets `decode_tc` for the launches after (on only where the device has tensor cores).
     pub fn set_decode_tc(&self, on: bool) {
         let on = on && self.dev.cc.0 >= 8;
@@ -248,9 +258,12 @@ impl Gpu {
         if self.decode_tc_applies(dt, heads, kv_heads, d, mods) {
             // One block a kv head: the group's heads are the N side of its MMAs.
             let i = PREFILL_TC_DIMS.iter().position(|&x| x == d).unwrap_or_default();
-            let f = self.f.paged_decode_tc[usize::from(mods.kv_fp8.is_some())][i];
+            let fp8 = usize::from(mods.kv_fp8.is_some());
+            let tc = match self.decode_ldmatrix() {
+                true => (self.f.paged_decode_tc_ldsm[fp8][i], "paged_decode_tc_ldsm"),
+                false => (self.f.paged_decode_tc[fp8][i], "paged_decode_tc"),
+            };
             let hb = heads / kv_heads;
-            let tc = (f, "paged_decode_tc");
             return self.launch_split(tc, (q, 0, 0), (0, 0), cache, out, meta, shapes, (scale, mods), split, hb);
         }
         let hb = self.decode_heads_a_block(heads, kv_heads, d);

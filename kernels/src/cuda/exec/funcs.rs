@@ -62,6 +62,8 @@ pub(super) struct Funcs {
     pub(super) paged_prefill_tc: [Vec<Kernel>; 2],
     /// bf16 split-KV decode on tensor cores over a GQA group, the same builds and head dims.
     pub(super) paged_decode_tc: [Vec<Kernel>; 2],
+    /// The same with ldmatrix fragment loads (`[kernels] decode_ldmatrix`).
+    pub(super) paged_decode_tc_ldsm: [Vec<Kernel>; 2],
 }
 
 impl Funcs {
@@ -172,6 +174,7 @@ impl Funcs {
             write_kv: builds("write_kv")?,
             paged_prefill_tc: tc_dims("paged_prefill_tc")?,
             paged_decode_tc: tc_dims("paged_decode_tc")?,
+            paged_decode_tc_ldsm: tc_dims("paged_decode_tc_ldsm")?,
             paged_attention: by_dims("paged_attention")?,
             paged_decode_split: by_dims("paged_decode_split")?,
             paged_decode_split_early: by_dims("paged_decode_split_early")?,

@@ -213,6 +213,9 @@ pub struct Gpu {
     /// (`[kernels] decode_tensor_cores`, sm_80+; `Gpu::decode_tc_applies`). An atomic as
     /// `attn_group` (`set_decode_tc`).
     decode_tc: std::sync::atomic::AtomicBool,
+    /// That build's fragment loads by `ldmatrix` (`[kernels] decode_ldmatrix`). An atomic as
+    /// `decode_tc` (`set_decode_ldmatrix`).
+    decode_ldsm: std::sync::atomic::AtomicBool,
     /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, 2 or
     /// 4, the default): a smaller last wave of blocks. On an H200 the 8B decode step was
     /// 0.11-0.14 ms shorter at 4 than at 1 (BENCHMARKS.md, session 10).
@@ -379,6 +382,7 @@ impl Gpu {
         let attn_early_u = std::sync::atomic::AtomicUsize::new(k.attn_positions_per_pass);
         let attn_group = std::sync::atomic::AtomicBool::new(k.attn_group_heads);
         let decode_tc = std::sync::atomic::AtomicBool::new(dev.cc.0 >= 8 && k.decode_tensor_cores);
+        let decode_ldsm = std::sync::atomic::AtomicBool::new(k.decode_ldmatrix);
         Ok(Gpu {
             dev,
             stream,
@@ -396,6 +400,7 @@ impl Gpu {
             attn_early_u,
             attn_group,
             decode_tc,
+            decode_ldsm,
             swiglu_split,
             moe_grouped_min: k.moe_grouped_min,
             source_kernels,

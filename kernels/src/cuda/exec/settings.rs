@@ -31,6 +31,10 @@ pub struct KernelSettings {
     /// the group's heads as the N side of its MMAs (`AUTODEPLOY_DECODE_TC=0`: the CUDA-core
     /// grouped build).
     pub decode_tensor_cores: bool,
+    /// That tensor-core build loads its K and Vᵀ fragments with `ldmatrix` (one instruction a
+    /// k-step for each) instead of 32-bit and 16-bit shared loads (`AUTODEPLOY_DECODE_LDSM=1`).
+    /// Off until measured: written without a GPU at hand (docs/developing.md).
+    pub decode_ldmatrix: bool,
     /// Token-expert slots an expert, on average, from which `torch_moe` runs its grouped kernels
     /// (each chosen expert read once for all its slots) instead of one warp a slot's row
     /// (`AUTODEPLOY_MOE_GROUPED`).
@@ -61,6 +65,7 @@ impl Default for KernelSettings {
             attn_positions_per_pass: 4,
             attn_group_heads: true,
             decode_tensor_cores: true,
+            decode_ldmatrix: false,
             moe_grouped_min: 4,
             fp8_gemv_tensor_cores: true,
             fp8_gemm_cublaslt: true,
@@ -70,7 +75,7 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 12] = [
+const ENV: [(&str, &str); 13] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -79,6 +84,7 @@ const ENV: [(&str, &str); 12] = [
     ("attn_positions_per_pass", "AUTODEPLOY_ATTN_U"),
     ("attn_group_heads", "AUTODEPLOY_ATTN_GROUP"),
     ("decode_tensor_cores", "AUTODEPLOY_DECODE_TC"),
+    ("decode_ldmatrix", "AUTODEPLOY_DECODE_LDSM"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
     ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
@@ -136,6 +142,10 @@ impl KernelSettings {
                 }
                 "decode_tensor_cores" => {
                     s.decode_tensor_cores = flag;
+                    true
+                }
+                "decode_ldmatrix" => {
+                    s.decode_ldmatrix = flag;
                     true
                 }
                 "fp8_gemv_tensor_cores" => {
