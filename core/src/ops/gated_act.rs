@@ -41,16 +41,14 @@ impl GatedAct {
     }
 
     fn text(&self) -> String {
-        let act = match self.act {
-            GateAct::Silu => String::new(),
-            a => format!("act={}", gate_act_name(a)),
-        };
-        let quant = codes_out::text(self.fp8_out);
-        if act.is_empty() {
-            quant.trim_start_matches(", ").to_string()
-        } else {
-            format!("{act}{quant}")
+        let mut parts = Vec::new();
+        if self.act != GateAct::Silu {
+            parts.push(format!("act={}", gate_act_name(self.act)));
         }
+        if self.fp8_out {
+            parts.push("quant=fp8".to_string());
+        }
+        parts.join(", ")
     }
 
     /// How many of the inputs are gate/up data (1: fused, 2: apart) out of `inputs`.

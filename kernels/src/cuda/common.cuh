@@ -80,6 +80,15 @@ __device__ __forceinline__ unsigned char e4m3_code_rn(float v) {
     return v != v ? (unsigned char)0x7f : e4m3_code_of(e4m3_round(v));  // NaN: the CPU's NaN code
 }
 
+// The codes (`e4m3_code_rn`) of eight bf16 values divided by s, the lowest index in the lowest
+// byte: what the 8-wide kernels writing FP8 codes store.
+__device__ __forceinline__ uint2 e4m3x8_codes(const bf16_t* v, float s) {
+    unsigned int q[2] = {0u, 0u};
+#pragma unroll
+    for (int k = 0; k < 8; k++) q[k / 4] |= (unsigned int)e4m3_code_rn(bf16_to_f32(v[k]) / s) << (8 * (k % 4));
+    return make_uint2(q[0], q[1]);
+}
+
 // Sum over a block of `blockDim.x` threads (a multiple of 32, at most 1024); every thread gets
 // the total.
 __device__ __forceinline__ float block_sum(float v) {

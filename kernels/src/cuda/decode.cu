@@ -608,23 +608,20 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes
 
 // ldmatrix .x4 (sm_75+): four 8x8 matrices of 16-bit values from shared memory, lanes 8i..8i+7
 // giving matrix i's eight row addresses (16-byte aligned); lane (g, c) = (lane / 4, lane % 4)
-// gets, in r[i], matrix i's elements [g][2c], [g][2c+1], or with `.trans` [2c][g], [2c+1][g].
+// gets, in r[i], matrix i's elements [g][2c], [g][2c+1], or with TRANS [2c][g], [2c+1][g].
+template <bool TRANS>
 __device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16_t* p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p))
-                 : "memory");
-#else
-    __trap();
-#endif
-}
-__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16_t* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p))
-                 : "memory");
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(p))
+                     : "memory");
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_u32(p))
+                     : "memory");
 #else
     __trap();
 #endif
@@ -736,7 +733,7 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
             if constexpr (LDSM) {
                 // Matrices (positions 0-7 | 8-15) x (dims 16k.. | 16k + 8..): lanes 0-15 rows
                 // 0-15 at 16k, lanes 16-31 rows 0-15 at 16k + 8.
-                ldsm_x4(a, kt + (lane & 15) * RS + 16 * k + (lane >> 4) * 8);
+                ldsm_x4<false>(a, kt + (lane & 15) * RS + 16 * k + (lane >> 4) * 8);
             } else {
                 const bf16_t* kr = kt + g * RS + 16 * k + 2 * c;
                 a[0] = *(const unsigned*)kr;
@@ -785,7 +782,7 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
             if constexpr (LDSM) {
                 // Transposed matrices (positions 0-7 | 8-15) x (dims 16k.. | 16k + 8..): lane
                 // groups of 8 give rows 0-7 at 16k, 0-7 at 16k + 8, 8-15 at 16k, 8-15 at 16k + 8.
-                ldsm_x4_trans(a, vt + ((lane & 7) + ((lane >> 4) << 3)) * RS + 16 * k + ((lane >> 3) & 1) * 8);
+                ldsm_x4<true>(a, vt + ((lane & 7) + ((lane >> 4) << 3)) * RS + 16 * k + ((lane >> 3) & 1) * 8);
             } else {
                 const bf16_t* vc = vt + 16 * k + g;
                 a[0] = pack_raw(vc[(2 * c) * RS], vc[(2 * c + 1) * RS]);

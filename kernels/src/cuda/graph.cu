@@ -213,11 +213,7 @@ extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up,
 #pragma unroll
     for (int k = 0; k < 8; k++) o8[k] = swiglu_value(bf16_to_f32(g8[k]), bf16_to_f32(u8[k]));
     if (qs) {
-        float s = qs[0];
-        unsigned int q[2] = {0u, 0u};
-#pragma unroll
-        for (int k = 0; k < 8; k++) q[k / 4] |= (unsigned int)e4m3_code_rn(bf16_to_f32(o8[k]) / s) << (8 * (k % 4));
-        *(uint2*)((unsigned char*)out + r * inter + j) = make_uint2(q[0], q[1]);
+        *(uint2*)((unsigned char*)out + r * inter + j) = e4m3x8_codes(o8, qs[0]);
         return;
     }
     *(uint4*)(out + r * inter + j) = ov;
@@ -499,11 +495,7 @@ extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf
 #pragma unroll
     for (int j = 0; j < 8; j++) op[j] = f32_to_bf16(bf16_to_f32(wp[j]) * bf16_to_f32(f32_to_bf16(v[j] * r)));
     if (qs) {
-        float s = qs[0];
-        unsigned int q[2] = {0u, 0u};
-#pragma unroll
-        for (int j = 0; j < 8; j++) q[j / 4] |= (unsigned int)e4m3_code_rn(bf16_to_f32(op[j]) / s) << (8 * (j % 4));
-        *(uint2*)((unsigned char*)out + row * n + c * 8) = make_uint2(q[0], q[1]);
+        *(uint2*)((unsigned char*)out + row * n + c * 8) = e4m3x8_codes(op, qs[0]);
         return;
     }
     *(uint4*)(out + row * n + c * 8) = ov;
