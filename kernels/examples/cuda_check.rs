@@ -16,6 +16,9 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 #[path = "cuda_check/attention.rs"]
 mod attention;
 use attention::check_attention;
+#[path = "cuda_check/quant.rs"]
+mod quant;
+use quant::{check_fp8_codes, check_nvfp4_gemv};
 
 fn rand(n: usize, seed: u32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(2654435761).max(1);
@@ -369,6 +372,7 @@ fn main() -> ExitCode {
     }
     (gpu.gemv_split, gpu.swiglu_split) = split;
     check_fp8_codes(&gpu, &mut rep);
+    check_nvfp4_gemv(&mut gpu, &mut rep);
     for bf in [false, true] {
         // GQA ratios 1, 4, 8 and 6 (the grouped split-KV decode at 1, 4, 8 and 2 heads a block).
         for (heads, kv_heads) in [(8usize, 8usize), (8, 2), (16, 2), (12, 2)] {
@@ -536,95 +540,5 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
         );
         gpu.silu_mul(dg.ptr, Some(du.ptr), Dt::BF16, dout.ptr, None, rows, inter, GateAct::Silu).unwrap();
         rep.check(&format!("silu_mul (executor) {rows}x{inter} gate, up"), true, &down(dout.ptr, rows * inter), &want);
-    }
-}
-
-/// The kernels that hand an FP8 linear E4M3 codes (`quant=fp8`) against the same kernels'
-/// plain bf16 output quantized on the CPU (`f32_to_e4m3(v / s)`): equal code for code; and an
-/// FP8 linear over those codes (`LowBitLinear::x_codes`: the tensor-core GEMV staging them,
-/// cuBLASLt reading them) against the same linear quantizing the bf16 input itself: equal bit
-/// for bit.
-fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
-    use autodeploy_kernels::cuda::exec::{LowBitLinear, LowBitScales};
-    use autodeploy_kernels::quant::lowbit::{e4m3_to_f32, f32_to_e4m3};
-    let bytes_up = |raw: &[u8], what: &str| {
-        let b = gpu.alloc(raw.len().max(1), what).unwrap();
-        gpu.upload(b.ptr, raw).unwrap();
-        b
-    };
-    let up = |v: &[f32]| bytes_up(&v.iter().flat_map(|&x| bf16(x).to_le_bytes()).collect::<Vec<u8>>(), "codes check");
-    let get = |p: u64, n: usize| -> Vec<u8> {
-        let mut raw = vec![0u8; n];
-        gpu.download(p, &mut raw).unwrap();
-        raw
-    };
-    let as_bf16 =
-        |raw: Vec<u8>| -> Vec<f32> { raw.chunks_exact(2).map(|c| f32_of(u16::from_le_bytes([c[0], c[1]]))).collect() };
-    let values = |codes: &[u8]| -> Vec<f32> { codes.iter().map(|&c| e4m3_to_f32(c)).collect() };
-    let r = |n: usize, seed: u32| -> Vec<f32> { rand(n, seed).into_iter().map(|x| rnd(true, x * 3.0)).collect() };
-    // A scale that puts some values past 448 (saturating) and some among the subnormals.
-    let s = 0.004f32;
-    let ds = bytes_up(&s.to_le_bytes(), "codes scale");
-    let cpu_codes = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| e4m3_to_f32(f32_to_e4m3(x / s))).collect() };
-    // RMSNorm (the 8-wide bf16 kernel, plain and with the residual) at hidden 4096 and 72.
-    for n in [4096usize, 72] {
-        let rows = 5;
-        let (x, res, w) = (r(rows * n, 41), r(rows * n, 42), r(n, 43));
-        let (dx, dres, dw) = (up(&x), up(&res), up(&w));
-        for fused in [false, true] {
-            let (plain, sum, codes) =
-                (up(&vec![0.0; rows * n]), up(&vec![0.0; rows * n]), bytes_up(&vec![0; rows * n], "c"));
-            let residual = fused.then_some((dres.ptr, sum.ptr));
-            let norm = |out: u64, qs: Option<u64>| {
-                gpu.rmsnorm(
-                    (dx.ptr, Dt::BF16),
-                    residual,
-                    (dw.ptr, Dt::BF16),
-                    (out, Dt::BF16),
-                    qs,
-                    Dt::BF16,
-                    rows,
-                    n,
-                    1e-5,
-                )
-                .unwrap()
-            };
-            norm(plain.ptr, None);
-            norm(codes.ptr, Some(ds.ptr));
-            let want = cpu_codes(&as_bf16(get(plain.ptr, rows * n * 2)));
-            let what = format!("rmsnorm{} codes n={n}", if fused { "+res" } else { "" });
-            rep.exact(&what, true, &values(&get(codes.ptr, rows * n)), &want);
-        }
-    }
-    // The gated activation: the 8-wide kernel (inter 1536) and the general one (1500).
-    for (rows, inter) in [(5usize, 1536usize), (3, 1500)] {
-        let dgu = up(&r(rows * 2 * inter, 44));
-        let (plain, codes) = (up(&vec![0.0; rows * inter]), bytes_up(&vec![0; rows * inter], "c"));
-        gpu.silu_mul(dgu.ptr, None, Dt::BF16, plain.ptr, None, rows, inter, GateAct::Silu).unwrap();
-        gpu.silu_mul(dgu.ptr, None, Dt::BF16, codes.ptr, Some(ds.ptr), rows, inter, GateAct::Silu).unwrap();
-        let want = cpu_codes(&as_bf16(get(plain.ptr, rows * inter * 2)));
-        rep.exact(&format!("silu_mul codes {rows}x{inter}"), true, &values(&get(codes.ptr, rows * inter)), &want);
-    }
-    // FP8 linears over codes against the same over bf16: m = 1, 2 (tensor-core GEMV), 8 and 24
-    // (cuBLASLt where it loads, else the dequantizing path).
-    let (n, k) = (1000usize, 2048usize);
-    let wcodes: Vec<u8> = r(n * k, 45).iter().map(|&v| f32_to_e4m3(v * 40.0)).collect();
-    let (dw, dws) = (bytes_up(&wcodes, "w"), bytes_up(&0.01f32.to_le_bytes(), "w scale"));
-    for m in [1usize, 2, 8, 24] {
-        let x = r(m * k, 46);
-        let xq: Vec<u8> = x.iter().map(|&v| f32_to_e4m3(v / s)).collect();
-        let (dx, dxq) = (up(&x), bytes_up(&xq, "x codes"));
-        let scales = LowBitScales { input: ds.ptr, dynamic: false, weight: dws.ptr, per_row: false };
-        let sizes = LowBitLinear::scratch(2, m, n, k);
-        let scratch: Vec<_> = sizes.iter().map(|&b| gpu.alloc(b, "scratch").unwrap()).collect();
-        let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr];
-        let mut outs = Vec::new();
-        for (xp, x_codes) in [(dx.ptr, false), (dxq.ptr, true)] {
-            let y = up(&vec![0.0; m * n]);
-            let c = LowBitLinear { dt: Dt::BF16, m, n, k, x: xp, y: y.ptr, bias: 0, x_codes };
-            gpu.fp8_linear(&c, dw.ptr, scales, sp).unwrap();
-            outs.push(as_bf16(get(y.ptr, m * n * 2)));
-        }
-        rep.exact(&format!("fp8 linear over codes m={m}"), true, &outs[1], &outs[0]);
     }
 }

@@ -235,6 +235,9 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             ("llama-fp8", "kernels.fp8_gemv_tensor_cores = false\n"),
             ("qwen3-fp8", ""),
             ("mistral-nvfp4", ""),
+            // The NVFP4 GEMV on tensor cores (k % 64 == 0: q/k/v, o, gate/up; the down
+            // projection's k = 96 stays on the CUDA-core one).
+            ("mistral-nvfp4", "kernels.nvfp4_gemv_tensor_cores = true\n"),
             ("llama", "quantize = \"fp8\"\n"),
             // (cuBLASLt's FP8 GEMM runs the bf16 prefills above, the default.) The dequantizing
             // path for them instead.
@@ -268,6 +271,7 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
         "gemv_fp8_tc",
         "fp8_values",
         "gemv_nvfp4",
+        "gemv_nvfp4_tc",
         "nvfp4_values",
         "lowbit_epilogue",
         "e4m3_bytes_rows",

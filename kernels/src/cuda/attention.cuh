@@ -59,24 +59,7 @@ __device__ __forceinline__ void put_kv(C* p, long i, float x, float s) {
 #define KV_plain_ARGS 1.0f, 1.0f
 #define KV_fp8_PARAMS , float ks, float vs
 #define KV_fp8_ARGS ks, vs
-// Tensor-core helpers for attention.cu's prefill and decode.cu's decode (mma.sync m16n8k16,
-// bf16 in, f32 accumulate, sm_80+).
-// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): g = lane / 4, c = lane % 4. A (16×16, row):
-// regs {A[g][2c..], A[g+8][2c..], A[g][2c+8..], A[g+8][2c+8..]}, two bf16 each, lower column in
-// the low half. B (16×8, col): {B[2c..][g], B[2c+8..][g]}. C (16×8 f32): {C[g][2c], C[g][2c+1],
-// C[g+8][2c], C[g+8][2c+1]}.
-__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();  // the host launches this kernel on sm_80+ only
-#endif
-}
-
+// (mma_bf16, the m16n8k16 bf16 tensor-core step, is common.cuh's.)
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
 }

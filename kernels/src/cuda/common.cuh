@@ -131,3 +131,21 @@ __device__ __forceinline__ void prefetch_l2(const void* p, long bytes, int lane)
     for (long off = (long)lane * 128; off < bytes; off += 32 * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + off));
 }
+
+// The tensor-core step of attention.cu's prefill, decode.cu's decode and quant.cu's NVFP4 GEMV
+// (mma.sync m16n8k16, bf16 in, f32 accumulate, sm_80+).
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): g = lane / 4, c = lane % 4. A (16×16, row):
+// regs {A[g][2c..], A[g+8][2c..], A[g][2c+8..], A[g+8][2c+8..]}, two bf16 each, lower column in
+// the low half. B (16×8, col): {B[2c..][g], B[2c+8..][g]}. C (16×8 f32): {C[g][2c], C[g][2c+1],
+// C[g+8][2c], C[g+8][2c+1]}.
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host launches this kernel on sm_80+ only
+#endif
+}

@@ -481,3 +481,162 @@ GEMV_FP8_TC(bf16, bf16_t, 1)
 GEMV_FP8_TC(bf16, bf16_t, 2)
 GEMV_FP8_TC(bf16, bf16_t, 4)
 GEMV_FP8_TC(bf16, bf16_t, 8)
+
+// ---------------------------------------------------------------------------------------------
+// The NVFP4 decode GEMV on tensor cores (bf16 activations, sm_80+): y[m, n] for m <= 8
+// activation rows, E2M1 weights [n, k] two a byte (lower nibble first) with E4M3 block scales
+// [n, k / 16] and the global scale s2; k % 64 == 0. As `gemv_fp8_tc`: a block takes 16 weight
+// rows, its NVFP4_TC_WARPS warps splitting k in steps of 128 bytes (256 weights), lane (g, t) =
+// (lane / 4, lane % 4) reading 32 contiguous bytes of rows g and g + 8 at t·32 of a step (a
+// warp's two loads cover whole 128-byte lines of 16 rows) with the four block scales of those
+// 64 weights. Each code becomes its bf16 value by byte permutes (`e2m1x8_bf16`, exact), times
+// its block scale as bf16 (exact: an E2M1 value times an E4M3 one has at most 5 significant
+// bits and stays in range), and the pairs are the A operand of `mma.m16n8k16` bf16 × bf16 →
+// f32, the activation rows (read from global memory at the k the lane's weights stand for, so
+// permuted alike) the 8 columns, those past m zero. The first steps' weights and scales are
+// requested before waiting for the kernels ahead (weights are never written during a step).
+// The warps' sums meet in shared memory; y = acc · s2 + bias, rounded once. The CUDA-core
+// `gemv_nvfp4` sums each block of 16 first and then scales it: the two differ by f32 rounding.
+#ifndef NVFP4_TC_WARPS
+#define NVFP4_TC_WARPS 4
+#endif
+#ifndef NVFP4_TC_INFLIGHT
+#define NVFP4_TC_INFLIGHT 2
+#endif
+
+// Eight E2M1 codes (a 32-bit word, code i in bits 4i..4i+3) as four bf16 pairs, codes 2j and
+// 2j + 1 in p[j] (lower half first). The magnitude (3 bits) selects the high and the low byte
+// of its bf16 value from two 8-byte tables; the sign goes to the high byte's top bit.
+__device__ __forceinline__ void e2m1x8_bf16(unsigned int w, unsigned int* p) {
+    // |value| of codes 0..7: 0, 0.5, 1, 1.5, 2, 3, 4, 6 = bf16 0x0000, 3F00, 3F80, 3FC0, 4000,
+    // 4040, 4080, 40C0: high bytes 00 3F 3F 3F 40 40 40 40, low bytes 00 00 80 C0 00 40 80 C0.
+    const unsigned int h0 = 0x3F3F3F00u, h1 = 0x40404040u, l0 = 0xC0800000u, l1 = 0xC0804000u;
+    unsigned int sel_a = w & 0x7777u, sel_b = (w >> 16) & 0x7777u;  // codes 0-3, 4-7
+    // Sign bits: code 2i's (bit 8i + 3) is bit 7 of byte i of w << 4, code 2i + 1's bit 7 of
+    // byte i of w.
+    unsigned int up = w << 4;
+    unsigned int ha = __byte_perm(h0, h1, sel_a) | (__byte_perm(up, w, 0x5140) & 0x80808080u);
+    unsigned int hb = __byte_perm(h0, h1, sel_b) | (__byte_perm(up, w, 0x7362) & 0x80808080u);
+    unsigned int la = __byte_perm(l0, l1, sel_a), lb = __byte_perm(l0, l1, sel_b);
+    p[0] = __byte_perm(la, ha, 0x5140);
+    p[1] = __byte_perm(la, ha, 0x7362);
+    p[2] = __byte_perm(lb, hb, 0x5140);
+    p[3] = __byte_perm(lb, hb, 0x7362);
+}
+
+// a · b for bf16 pairs whose products are exact (so the rounding does not matter): an FMA with
+// -0 (bf16x2 multiply is sm_90+, the FMA sm_80+).
+__device__ __forceinline__ unsigned int mul_bf16x2_exact(unsigned int a, unsigned int b) {
+    unsigned int d = 0u;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+#endif
+    return d;
+}
+
+template <int M>
+__device__ void gemv_nvfp4_tc(const bf16_t* x, const unsigned char* w, const unsigned char* bs, const float* s2,
+                              const bf16_t* bias, bf16_t* y, int n, int k) {
+    __shared__ float part[NVFP4_TC_WARPS][16][8];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = blockIdx.x * 16;
+    // Rows past n (the last block of an n % 16 != 0 call) read row n - 1 and are not stored.
+    long ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);
+    long len = k / 2, nscales = k / 16;  // a row's bytes of codes and of block scales
+    const unsigned char* wa = w + ra * len + t * 32;
+    const unsigned char* wb = w + rb * len + t * 32;
+    const unsigned char* sa = bs + ra * nscales + t * 4;
+    const unsigned char* sb = bs + rb * nscales + t * 4;
+    const bf16_t* xr = x + (long)(g < M ? g : 0) * k + t * 64;
+    // len % 32 == 0 (k % 64 == 0): a lane's 32 bytes of a step are all in the row or all past it.
+    int steps = (int)((len + 127) / 128);
+    uint4 ca[NVFP4_TC_INFLIGHT][2], cb[NVFP4_TC_INFLIGHT][2];
+    unsigned int qa[NVFP4_TC_INFLIGHT], qb[NVFP4_TC_INFLIGHT];
+    int s0 = warp;
+    auto load = [&]() {
+#pragma unroll
+        for (int u = 0; u < NVFP4_TC_INFLIGHT; u++) {
+            int s = s0 + u * NVFP4_TC_WARPS;
+            bool in = s < steps && (long)s * 128 + t * 32 < len;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                ca[u][h] = in ? *(const uint4*)(wa + (long)s * 128 + 16 * h) : make_uint4(0, 0, 0, 0);
+                cb[u][h] = in ? *(const uint4*)(wb + (long)s * 128 + 16 * h) : make_uint4(0, 0, 0, 0);
+            }
+            qa[u] = in ? *(const unsigned int*)(sa + (long)s * 16) : 0u;
+            qb[u] = in ? *(const unsigned int*)(sb + (long)s * 16) : 0u;
+        }
+    };
+    load();
+    pdl_enter();
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    while (s0 < steps) {
+#pragma unroll
+        for (int u = 0; u < NVFP4_TC_INFLIGHT; u++) {
+            int s = s0 + u * NVFP4_TC_WARPS;
+            if (s >= steps) break;
+            bool xin = g < M && (long)s * 128 + t * 32 < len;
+            const bf16_t* xp = xr + (long)s * 256;
+            // The four block scales of each row as bf16 pairs (E4M3 values are exact in bf16).
+            unsigned int va[4], vb[4];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                unsigned int ea = __float_as_uint(e4m3_value((qa[u] >> (8 * b)) & 0xffu)) >> 16;
+                unsigned int eb = __float_as_uint(e4m3_value((qb[u] >> (8 * b)) & 0xffu)) >> 16;
+                va[b] = ea | (ea << 16);
+                vb[b] = eb | (eb << 16);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                // Word j of the lane's 32 bytes: its weights 8j .. 8j + 7, block j / 2.
+                uint4 a4 = ca[u][j >> 2], b4 = cb[u][j >> 2];
+                unsigned int wa_ = (j & 3) == 0 ? a4.x : (j & 3) == 1 ? a4.y : (j & 3) == 2 ? a4.z : a4.w;
+                unsigned int wb_ = (j & 3) == 0 ? b4.x : (j & 3) == 1 ? b4.y : (j & 3) == 2 ? b4.z : b4.w;
+                unsigned int pa[4], pb[4];
+                e2m1x8_bf16(wa_, pa);
+                e2m1x8_bf16(wb_, pb);
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    pa[i] = mul_bf16x2_exact(pa[i], va[j >> 1]);
+                    pb[i] = mul_bf16x2_exact(pb[i], vb[j >> 1]);
+                }
+                // The activations at the same k: 8 values, two MMAs' B fragments.
+                uint4 xv = xin ? *(const uint4*)(xp + 8 * j) : make_uint4(0, 0, 0, 0);
+                unsigned int a0[4] = {pa[0], pb[0], pa[1], pb[1]};
+                mma_bf16(acc, a0, xv.x, xv.y);
+                unsigned int a1[4] = {pa[2], pb[2], pa[3], pb[3]};
+                mma_bf16(acc, a1, xv.z, xv.w);
+            }
+        }
+        s0 += NVFP4_TC_WARPS * NVFP4_TC_INFLIGHT;
+        if (s0 >= steps) break;
+        load();
+    }
+    // acc: (row g, column 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+    part[warp][g][2 * t] = acc[0];
+    part[warp][g][2 * t + 1] = acc[1];
+    part[warp][g + 8][2 * t] = acc[2];
+    part[warp][g + 8][2 * t + 1] = acc[3];
+    __syncthreads();
+    if (threadIdx.x < 16 * M) {
+        int r = threadIdx.x % 16, i = threadIdx.x / 16, row = row0 + r;
+        if (row < n) {
+            float v = 0.0f;
+#pragma unroll
+            for (int q = 0; q < NVFP4_TC_WARPS; q++) v += part[q][r][i];
+            float b = bias ? load_f(bias, row) : 0.0f;
+            store_f(y, (long)i * n + row, v * s2[0] + b);
+        }
+    }
+}
+
+#define GEMV_NVFP4_TC(M)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * NVFP4_TC_WARPS)                                                 \
+        gemv_nvfp4_tc_m##M##_bf16(const bf16_t* x, const unsigned char* w, const unsigned char* bs, const float* s2,  \
+                                  const bf16_t* bias, bf16_t* y, int n, int k) {                                      \
+        gemv_nvfp4_tc<M>(x, w, bs, s2, bias, y, n, k);                                                                \
+    }
+GEMV_NVFP4_TC(1)
+GEMV_NVFP4_TC(2)
+GEMV_NVFP4_TC(4)
+GEMV_NVFP4_TC(8)

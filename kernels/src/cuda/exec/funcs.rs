@@ -20,6 +20,8 @@ pub(super) struct Funcs {
     /// `gemv_fp8_tc_m{1,2,4,8}` for `[f32, bf16]` (sm_89+).
     pub(super) fp8_tc_gemv: [[Kernel; 4]; 2],
     pub(super) nvfp4_gemv: [[Kernel; 4]; 2],
+    /// `gemv_nvfp4_tc_m{1,2,4,8}_bf16` (sm_80+).
+    pub(super) nvfp4_tc_gemv: [Kernel; 4],
     pub(super) copy_strided: Kernel,
     pub(super) binary: Kernel,
     pub(super) unary: Kernel,
@@ -140,6 +142,12 @@ impl Funcs {
                     g("gemv_fp8_tc_m4_bf16")?,
                     g("gemv_fp8_tc_m8_bf16")?,
                 ],
+            ],
+            nvfp4_tc_gemv: [
+                g("gemv_nvfp4_tc_m1_bf16")?,
+                g("gemv_nvfp4_tc_m2_bf16")?,
+                g("gemv_nvfp4_tc_m4_bf16")?,
+                g("gemv_nvfp4_tc_m8_bf16")?,
             ],
             nvfp4_gemv: [
                 [g("gemv_nvfp4_m1_f32")?, g("gemv_nvfp4_m2_f32")?, g("gemv_nvfp4_m4_f32")?, g("gemv_nvfp4_m8_f32")?],

@@ -193,6 +193,8 @@ pub struct Gpu {
     pub prefill_tc: bool,
     /// The FP8 decode GEMVs on tensor cores (`[kernels] fp8_gemv_tensor_cores`, sm_89+).
     pub fp8_tc: bool,
+    /// The NVFP4 decode GEMVs on tensor cores (`[kernels] nvfp4_gemv_tensor_cores`, sm_80+).
+    pub nvfp4_tc: bool,
     /// Warps a weight row in the one-row decode GEMV (`AUTODEPLOY_GEMV_SPLIT`: 1, 2, the
     /// default, or 4): more loads in flight for a short row. On an H200 two warps made the 8B
     /// decode step 21-28 µs shorter than one (BENCHMARKS.md, session 9).
@@ -377,6 +379,7 @@ impl Gpu {
         let prefetch_row = k.prefetch_row;
         let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
         let fp8_tc = dev.cc >= (8, 9) && k.fp8_gemv_tensor_cores;
+        let nvfp4_tc = dev.cc.0 >= 8 && k.nvfp4_gemv_tensor_cores;
         let source_kernels = Default::default();
         let (gemv_split, swiglu_split) = (k.gemv_split, k.swiglu_split);
         let attn_early_u = std::sync::atomic::AtomicUsize::new(k.attn_positions_per_pass);
@@ -396,6 +399,7 @@ impl Gpu {
             prefetch_row,
             prefill_tc,
             fp8_tc,
+            nvfp4_tc,
             gemv_split,
             attn_early_u,
             attn_group,

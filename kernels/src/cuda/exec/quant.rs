@@ -1,7 +1,8 @@
 //! The quantized linears' launches (`quant.cu`): FP8 (E4M3 weights and activations) and NVFP4
 //! (E2M1 weights, weight-only). Decode-sized calls (1, 2, 4 or 8 rows) run the GEMVs, which
 //! read the weights as stored (FP8 one byte a weight, NVFP4 half a byte plus a block scale per
-//! 16; FP8 on sm_89+ on tensor cores, the activations quantized inside, `Gpu::fp8_tc`); the rest
+//! 16; FP8 on sm_89+ on tensor cores, the activations quantized inside, `Gpu::fp8_tc`; NVFP4
+//! with bf16 activations on tensor cores where `Gpu::nvfp4_tc`); the rest
 //! dequantize the weight's codes into scratch (exact in the activations' dtype) and run cuBLAS
 //! with f32 output, then one epilogue applies the scales and bias; or, with bf16 activations and
 //! `[kernels] fp8_gemm_cublaslt`, the activations quantized to E4M3 bytes and cuBLASLt's FP8
@@ -200,6 +201,24 @@ impl Gpu {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
         let [_, wd, acc, _] = scratch;
+        let tc = self.nvfp4_tc
+            && c.dt == Dt::BF16
+            && c.k.is_multiple_of(64)
+            && (w | c.x).is_multiple_of(16)
+            && block_scales.is_multiple_of(4);
+        if let Some(i) = gemv_rows(c.m).filter(|_| tc) {
+            let mut l = self.launcher(self.f.nvfp4_tc_gemv[i]);
+            l.arg(&c.x).arg(&w).arg(&block_scales).arg(&s.weight).arg(&c.bias).arg(&c.y).arg(&n32).arg(&k32);
+            let cfg = super::LaunchConfig {
+                grid_dim: (c.n.div_ceil(16) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: x [m, k] bf16 and w [n, k/2] bytes with 16-byte-aligned rows (k % 64 == 0
+            // and both pointers aligned), block_scales [n, k/16] with 4-byte-aligned rows, y [m,
+            // n]; 16 weight rows a block of 4 warps (quant.cu's gemv_nvfp4_tc).
+            return launched("gemv_nvfp4_tc", unsafe { l.launch(cfg) }.map(|_| ()));
+        }
         if let Some(i) = gemv_rows(c.m).filter(|_| c.k.is_multiple_of(32) && (w | c.x).is_multiple_of(16)) {
             let pf = self.prefetch_row.min(c.k / 2) as i32;
             let mut l = self.launcher(self.f.nvfp4_gemv[di][i]);

@@ -42,6 +42,11 @@ pub struct KernelSettings {
     /// FP8 decode GEMVs on tensor cores (sm_89+), the activations quantized as they load
     /// (`AUTODEPLOY_FP8_TC=0`: the CUDA-core GEMV after a separate quantizing kernel).
     pub fp8_gemv_tensor_cores: bool,
+    /// NVFP4 decode GEMVs (1-8 rows, bf16 activations) on tensor cores (sm_80+): each code made
+    /// its bf16 value times its block scale by byte permutes, `mma.m16n8k16` bf16
+    /// (`AUTODEPLOY_NVFP4_TC=1`; off: the CUDA-core GEMV). Off until measured: written without a
+    /// GPU at hand (docs/developing.md).
+    pub nvfp4_gemv_tensor_cores: bool,
     /// FP8 linears of more than 8 rows (prefill, large batches) with bf16 activations on
     /// cuBLASLt's FP8 tensor-core GEMM (sm_89+) instead of dequantizing the weight and running a
     /// bf16 GEMM (`AUTODEPLOY_FP8_LT=0`: the dequantizing path). On an H200 the 8B FP8 offline
@@ -68,6 +73,7 @@ impl Default for KernelSettings {
             decode_ldmatrix: false,
             moe_grouped_min: 4,
             fp8_gemv_tensor_cores: true,
+            nvfp4_gemv_tensor_cores: false,
             fp8_gemm_cublaslt: true,
             fp8_gemm_cublaslt_scales: true,
         }
@@ -75,7 +81,7 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 13] = [
+const ENV: [(&str, &str); 14] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -87,6 +93,7 @@ const ENV: [(&str, &str); 13] = [
     ("decode_ldmatrix", "AUTODEPLOY_DECODE_LDSM"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
+    ("nvfp4_gemv_tensor_cores", "AUTODEPLOY_NVFP4_TC"),
     ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
     ("fp8_gemm_cublaslt_scales", "AUTODEPLOY_FP8_LT_SCALED"),
 ];
@@ -150,6 +157,10 @@ impl KernelSettings {
                 }
                 "fp8_gemv_tensor_cores" => {
                     s.fp8_gemv_tensor_cores = flag;
+                    true
+                }
+                "nvfp4_gemv_tensor_cores" => {
+                    s.nvfp4_gemv_tensor_cores = flag;
                     true
                 }
                 "fp8_gemm_cublaslt" => {
