@@ -293,7 +293,9 @@ GEMV_NVFP4(bf16, bf16_t, 8)
 // the scales and bias apply once: y = acc · s_a · s_w + bias, as `gemv_fp8`. `dynamic`: each
 // activation row's scale is max |x| / 448 (1 for a row of zeros), found by the block first, as
 // `e4m3_codes_rows`. `xc` set: the activations arrive as E4M3 codes at s_in[0] already (an
-// RMSNorm with `quant=fp8` made them; `x` unread), and the block stages them as they are.
+// RMSNorm with `quant=fp8` made them; `x` unread), and each lane reads its 16-byte pieces of
+// them from global memory (L1/L2) as it needs them: no staging and no barrier. The first
+// chunk's weight pieces are requested before the wait for the kernels ahead.
 // (benches/gpu/fp8-gemv times other warp and in-flight counts by defining these first.)
 #ifndef FP8_TC_WARPS
 #define FP8_TC_WARPS 8
@@ -376,6 +378,27 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
     // Rows past n (the last block of an n % 16 != 0 call) read row n - 1 and are not stored.
     const unsigned char* wa = w + (long)min(row0 + g, n - 1) * k + t * 32;
     const unsigned char* wb = w + (long)min(row0 + g + 8, n - 1) * k + t * 32;
+    // The weight pieces of a chunk's first steps, in flight while the activations are staged.
+    int kc = 0, len = min(FP8_TC_CHUNK, k), steps = (len + 127) / 128, s0 = warp;
+    uint4 ra[FP8_TC_INFLIGHT][2], rb[FP8_TC_INFLIGHT][2];
+    auto load = [&]() {
+#pragma unroll
+        for (int u = 0; u < FP8_TC_INFLIGHT; u++) {
+            int s = s0 + u * FP8_TC_WARPS;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                // A lane's 16-byte pieces past the chunk (k % 128 != 0: the last step's) are zeros.
+                int off = s * 128 + t * 32 + 16 * h;
+                bool in = s < steps && off < len;
+                ra[u][h] = in ? *(const uint4*)(wa + kc + off - t * 32) : make_uint4(0, 0, 0, 0);
+                rb[u][h] = in ? *(const uint4*)(wb + kc + off - t * 32) : make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    // Weights are never written during a step: the first chunk's are requested before waiting
+    // for the kernels ahead (which write x).
+    load();
+    pdl_enter();
     if (dynamic) {
         for (int i = 0; i < M; i++) {
             float a = 0.0f;
@@ -394,34 +417,24 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
     }
     __syncthreads();
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const unsigned char* xl = xs + (g < M ? g : 0) * FP8_TC_STRIDE + t * 32;
-    for (int kc = 0; kc < k; kc += FP8_TC_CHUNK) {
-        // A lane's 16-byte pieces past the chunk (k % 128 != 0: the last step's) are zeros.
-        int len = min(FP8_TC_CHUNK, k - kc), steps = (len + 127) / 128;
-        uint4 ra[FP8_TC_INFLIGHT][2], rb[FP8_TC_INFLIGHT][2];
-        int s0 = warp;
-        auto load = [&]() {
-#pragma unroll
-            for (int u = 0; u < FP8_TC_INFLIGHT; u++) {
-                int s = s0 + u * FP8_TC_WARPS;
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    int off = s * 128 + t * 32 + 16 * h;
-                    bool in = s < steps && off < len;
-                    ra[u][h] = in ? *(const uint4*)(wa + kc + off - t * 32) : make_uint4(0, 0, 0, 0);
-                    rb[u][h] = in ? *(const uint4*)(wb + kc + off - t * 32) : make_uint4(0, 0, 0, 0);
-                }
-            }
-        };
-        load();
-        // This chunk's activation codes, 16 a thread at a time, while those loads are in flight.
-        int groups = len / 16;
-        for (int j = threadIdx.x; j < M * groups; j += blockDim.x) {
-            int i = j / groups, q = j % groups;
-            long at = (long)i * k + kc + q * 16;
-            *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) = xc ? *(const uint4*)(xc + at) : e4m3_pack16(x + at, s_tok[i]);
+    // Codes from an RMSNorm or gated activation (`xc`) are read where they lie (16 bytes a
+    // lane a half-step, from L1/L2); values are quantized into shared memory a chunk at a time.
+    const long xrow = (long)(g < M ? g : 0);
+    for (; kc < k; kc += FP8_TC_CHUNK) {
+        if (kc > 0) {
+            len = min(FP8_TC_CHUNK, k - kc), steps = (len + 127) / 128, s0 = warp;
+            load();
         }
-        __syncthreads();
+        const unsigned char* xl = xc ? xc + xrow * k + kc + t * 32 : xs + xrow * FP8_TC_STRIDE + t * 32;
+        if (!xc) {
+            // This chunk's activation codes, 16 a thread at a time, while those loads are in flight.
+            int groups = len / 16;
+            for (int j = threadIdx.x; j < M * groups; j += blockDim.x) {
+                int i = j / groups, q = j % groups;
+                *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) = e4m3_pack16(x + (long)i * k + kc + q * 16, s_tok[i]);
+            }
+            __syncthreads();
+        }
         while (true) {
 #pragma unroll
             for (int u = 0; u < FP8_TC_INFLIGHT; u++) {
@@ -442,7 +455,7 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
             if (s0 >= steps) break;
             load();
         }
-        __syncthreads();
+        if (!xc) __syncthreads();
     }
     // acc: (row g, column 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
     part[warp][g][2 * t] = acc[0];
@@ -470,8 +483,7 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
         int warp = threadIdx.x >> 5, per = 16 / FP8_TC_WARPS;                                                         \
         for (int r = blockIdx.x * 16 + per * warp; r < min(n, blockIdx.x * 16 + per * (warp + 1)); r++)               \
             prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
-        pdl_enter();                                                                                                  \
-        gemv_fp8_tc<T, M>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k);                                      \
+        gemv_fp8_tc<T, M>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k); /* waits (pdl_enter) inside */       \
     }
 GEMV_FP8_TC(f32, float, 1)
 GEMV_FP8_TC(f32, float, 2)

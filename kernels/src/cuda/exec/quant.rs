@@ -9,7 +9,7 @@
 //! tensor-core GEMM (`lt.rs`), which applies the scales itself where it can. An FP8 call whose
 //! activations arrive as E4M3 codes already (`LowBitLinear::x_codes`: an RMSNorm with
 //! `quant=fp8` made them at the static input scale) skips the quantizing: the tensor-core GEMV
-//! stages the codes as they are, cuBLASLt reads them, and the other paths take their values.
+//! reads the codes where they lie, cuBLASLt reads them, and the other paths take their values.
 
 use super::lt::{LtOperands, LtOut};
 use super::{grid, launched, Dt, Gpu, Ptr};
