@@ -640,8 +640,8 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // 16 scores in the 8 lanes of one c), then Oᵀ += Vᵀ·Pᵀ (Vᵀ read from the V tile as A, Pᵀ the B
 // operand through a small shared tile, P = hi + lo as `paged_prefill_tc`). Each warp takes 16
 // positions a pass (every 4th run of 16 from the chunk's first); a bf16 cache's rows go to
-// shared memory by cp.async (no registers), an FP8 cache's codes are loaded and converted to
-// bf16 (exactly) as they are staged. Plain causal scores only (the caller sends windows and
+// shared memory by cp.async (no registers), an FP8 cache's codes are loaded into registers a
+// pass ahead and converted to bf16 (exactly) as they are staged. Plain causal scores only (the caller sends windows and
 // soft-caps to the CUDA-core builds). Partials and the merge as `paged_decode_split_grouped`
 // (`finish_heads`), the staging tiles reused for the warps' output rows. Launched as the
 // grouped builds, grid (tokens, kv_heads, splits). LDSM: the K and Vᵀ A-fragments by one
@@ -689,10 +689,12 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
     for (int k = 0; k < KS; k++) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.0f;
     float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};  // heads 2c, 2c + 1
     const float sk = scale * k_scale;
-    for (long long kb = lo + 16 * warp; kb <= hi; kb += 16 * WARPS) {
-        // K and V of positions kb .. kb + 15 (past hi: zero, masked below).
+    // An FP8 cache's codes of positions kb .. kb + 15 into registers (past hi: zero, masked
+    // below). A pass requests the next pass's right after staging its own, so those loads are
+    // in flight while it computes (bf16 rows go to shared memory by cp.async instead).
+    uint2 kr[is_fp8<C>::value ? R : 1], vr[is_fp8<C>::value ? R : 1];
+    auto load_fp8 = [&](long long kb) {
         if constexpr (is_fp8<C>::value) {
-            uint2 kr[R], vr[R];
 #pragma unroll
             for (int i = 0; i < R; i++) {
                 int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
@@ -705,12 +707,19 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
                     vr[i] = *(const uint2*)(v_cache + base);
                 }
             }
+        }
+    };
+    load_fp8(lo + 16 * warp);
+    for (long long kb = lo + 16 * warp; kb <= hi; kb += 16 * WARPS) {
+        // K and V of positions kb .. kb + 15 into the warp's tiles as bf16.
+        if constexpr (is_fp8<C>::value) {
 #pragma unroll
             for (int i = 0; i < R; i++) {
                 int piece = lane + 32 * i, r = piece / (D / 8), ch = piece % (D / 8);
                 *(uint4*)(kt + r * RS + ch * 8) = fp8x8_as_bf16(kr[i]);
                 *(uint4*)(vt + r * RS + ch * 8) = fp8x8_as_bf16(vr[i]);
             }
+            load_fp8(kb + 16 * WARPS);
         } else {
 #pragma unroll
             for (int i = 0; i < R; i++) {

@@ -48,6 +48,7 @@ impl Plan {
         (m, n, k): (usize, usize, usize),
         out: LtOut,
         workspace: usize,
+        fast_accum: bool,
     ) -> Result<Plan, Unavailable> {
         use sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F, CUDA_R_8F_E4M3};
         let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
@@ -69,6 +70,19 @@ impl Plan {
             ] {
                 lt::set_matmul_desc_attribute(plan.desc, attr, op as *const _ as *const _, std::mem::size_of_val(op))
                     .map_err(|e| err("transposes", e))?;
+            }
+        }
+        if fast_accum {
+            let on = 1i8;
+            // SAFETY: the descriptor is live; the attribute is an int8.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
+                    &on as *const i8 as *const _,
+                    1,
+                )
+                .map_err(|e| err("fast accumulation", e))?;
             }
         }
         if let LtOut::Bf16Scaled { weight_rows, input_rows } = out {
@@ -140,6 +154,9 @@ type PlanKey = (usize, usize, usize, LtOut);
 pub struct LtFp8 {
     handle: sys::cublasLtHandle_t,
     plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
+    /// cuBLASLt's fast FP8 accumulation (`CUBLASLT_MATMUL_DESC_FAST_ACCUM`): the tensor cores'
+    /// sums without its periodic promotion to f32 (`[kernels] fp8_gemm_fast_accum`).
+    fast_accum: bool,
 }
 
 // SAFETY: the handle and descriptors are used under the plans' lock or by one stream's
@@ -161,13 +178,13 @@ pub struct LtOperands {
 
 impl LtFp8 {
     /// A handle, or why there is none (no libcublasLt).
-    pub fn new() -> Result<LtFp8, Unavailable> {
+    pub fn new(fast_accum: bool) -> Result<LtFp8, Unavailable> {
         // SAFETY: only tries to dlopen the library by name.
         if !unsafe { sys::is_culib_present() } {
             return Err(Unavailable("cuBLASLt FP8 GEMM: libcublasLt could not be loaded".into()));
         }
         let handle = lt::create_handle().map_err(|e| err("handle", e))?;
-        Ok(LtFp8 { handle, plans: Mutex::new(HashMap::new()) })
+        Ok(LtFp8 { handle, plans: Mutex::new(HashMap::new()), fast_accum })
     }
 
     /// Enqueues `out[m, n] = xq[m, k] · w[n, k]ᵀ` as `kind` says on `stream`, with `workspace`
@@ -187,14 +204,16 @@ impl LtFp8 {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let plan = match plans.entry((m, n, k, kind)) {
             std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => match Plan::new(self.handle, (m, n, k), kind, workspace) {
-                Ok(p) => v.insert(Some(p)),
-                Err(e) if kind != LtOut::F32Sums => {
-                    tracing::debug!("{}; the f32 sums and the epilogue instead", e.0);
-                    v.insert(None)
+            std::collections::hash_map::Entry::Vacant(v) => {
+                match Plan::new(self.handle, (m, n, k), kind, workspace, self.fast_accum) {
+                    Ok(p) => v.insert(Some(p)),
+                    Err(e) if kind != LtOut::F32Sums => {
+                        tracing::debug!("{}; the f32 sums and the epilogue instead", e.0);
+                        v.insert(None)
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
-            },
+            }
         };
         let Some(plan) = plan.as_ref() else { return Ok(false) };
         if kind != LtOut::F32Sums {

@@ -366,7 +366,7 @@ impl Gpu {
             .map_err(|e| Unavailable(format!("cublasSetWorkspace: {e:?}")))?;
         drop(_g);
         let blas_ws = (ws_ptr, ws_bytes);
-        let fp8_lt = match (dev.cc >= (8, 9) && k.fp8_gemm_cublaslt).then(lt::LtFp8::new) {
+        let fp8_lt = match (dev.cc >= (8, 9) && k.fp8_gemm_cublaslt).then(|| lt::LtFp8::new(k.fp8_gemm_fast_accum)) {
             Some(Ok(l)) => Some(l),
             Some(Err(e)) => {
                 tracing::warn!("{}; FP8 linears dequantize their weights instead", e.0);

@@ -57,6 +57,10 @@ pub struct KernelSettings {
     /// outer-vector mode), instead of f32 sums and a separate epilogue kernel
     /// (`AUTODEPLOY_FP8_LT_SCALED=0`: always the epilogue).
     pub fp8_gemm_cublaslt_scales: bool,
+    /// On that path, cuBLASLt's fast FP8 accumulation (`CUBLASLT_MATMUL_DESC_FAST_ACCUM`: the
+    /// tensor cores' sums without periodic promotion to f32), as `torch._scaled_mm`'s
+    /// `use_fast_accum` (`AUTODEPLOY_FP8_FAST_ACCUM=1`). Off: exact f32 sums, until measured.
+    pub fp8_gemm_fast_accum: bool,
 }
 
 impl Default for KernelSettings {
@@ -76,12 +80,13 @@ impl Default for KernelSettings {
             nvfp4_gemv_tensor_cores: false,
             fp8_gemm_cublaslt: true,
             fp8_gemm_cublaslt_scales: true,
+            fp8_gemm_fast_accum: false,
         }
     }
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 14] = [
+const ENV: [(&str, &str); 15] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -96,6 +101,7 @@ const ENV: [(&str, &str); 14] = [
     ("nvfp4_gemv_tensor_cores", "AUTODEPLOY_NVFP4_TC"),
     ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
     ("fp8_gemm_cublaslt_scales", "AUTODEPLOY_FP8_LT_SCALED"),
+    ("fp8_gemm_fast_accum", "AUTODEPLOY_FP8_FAST_ACCUM"),
 ];
 
 impl KernelSettings {
@@ -169,6 +175,10 @@ impl KernelSettings {
                 }
                 "fp8_gemm_cublaslt_scales" => {
                     s.fp8_gemm_cublaslt_scales = flag;
+                    true
+                }
+                "fp8_gemm_fast_accum" => {
+                    s.fp8_gemm_fast_accum = flag;
                     true
                 }
                 "prefetch_row" => num.map(|n| s.prefetch_row = n).is_some(),
