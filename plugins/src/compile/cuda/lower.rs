@@ -78,7 +78,9 @@ impl CudaModel {
             let outv = node.outputs[0];
             let name = &g.value(outv).name;
             let out_shape = shape_of(outv)?;
-            let odt = dt_of(outv)?;
+            // (Asked only where a view needs it: an op writing E4M3 codes, `quant=fp8`, has an
+            // output dtype no executor kernel takes as a code.)
+            let odt = || dt_of(outv);
             let n_out: usize = out_shape.iter().product();
             let planned = base + self.plan[i].outs[0] as u64;
             // A view op's output in its input's memory (as its table entry says for this
@@ -144,12 +146,12 @@ impl CudaModel {
             match (&node.op, self.attn_attrs[i].as_ref()) {
                 _ if view.is_some() => match view.as_ref() {
                     Some(View::Strided { offset, strides }) => {
-                        out = inp(0) + (offset * odt.size() as i64) as u64;
+                        out = inp(0) + (offset * odt()?.size() as i64) as u64;
                         out_lay = (!is_contiguous(&out_shape, strides)).then(|| strides.clone());
                     }
                     _ => match in_lay(0) {
                         // No strides say it: the input copied here, contiguous.
-                        Some(st) => copy_contiguous(gpu, inp(0), odt, &in_shape(0)?, st, planned).map_err(fail)?,
+                        Some(st) => copy_contiguous(gpu, inp(0), odt()?, &in_shape(0)?, st, planned).map_err(fail)?,
                         None => out = inp(0),
                     },
                 },
