@@ -44,8 +44,8 @@ pub struct KernelSettings {
     pub fp8_gemv_tensor_cores: bool,
     /// NVFP4 decode GEMVs (1-8 rows, bf16 activations) on tensor cores (sm_80+): each code made
     /// its bf16 value times its block scale by byte permutes, `mma.m16n8k16` bf16
-    /// (`AUTODEPLOY_NVFP4_TC=1`; off: the CUDA-core GEMV). Off until measured: written without a
-    /// GPU at hand (docs/developing.md).
+    /// (`AUTODEPLOY_NVFP4_TC=0`: the CUDA-core GEMV). On an H200 the 8B NVFP4 batch-1 step took
+    /// 2.79 ms with it, 4.71 without (BENCHMARKS.md, session 32).
     pub nvfp4_gemv_tensor_cores: bool,
     /// FP8 linears of more than 8 rows (prefill, large batches) with bf16 activations on
     /// cuBLASLt's FP8 tensor-core GEMM (sm_89+) instead of dequantizing the weight and running a
@@ -77,7 +77,7 @@ impl Default for KernelSettings {
             decode_ldmatrix: false,
             moe_grouped_min: 4,
             fp8_gemv_tensor_cores: true,
-            nvfp4_gemv_tensor_cores: false,
+            nvfp4_gemv_tensor_cores: true,
             fp8_gemm_cublaslt: true,
             fp8_gemm_cublaslt_scales: true,
             fp8_gemm_fast_accum: false,
