@@ -367,6 +367,30 @@ __device__ __forceinline__ void mma_e4m3(const unsigned int* a, unsigned int b0,
 #endif
 }
 
+// The tensor-core GEMVs' end: each warp's sums for the block's 16 weight rows (acc in the
+// m16n8 C layout: (row g, column 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)) meet in
+// `part`, and thread r + 16·i (< 16·M) stores y[i, row0 + r] = sum · scale(i, row) + bias.
+template <typename T, int M, int WARPS, typename Scale>
+__device__ __forceinline__ void tc_gemv_store(float (*part)[16][8], const float* acc, int row0, int n, const T* bias,
+                                              T* y, Scale scale) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    part[warp][g][2 * t] = acc[0];
+    part[warp][g][2 * t + 1] = acc[1];
+    part[warp][g + 8][2 * t] = acc[2];
+    part[warp][g + 8][2 * t + 1] = acc[3];
+    __syncthreads();
+    if (threadIdx.x < 16 * M) {
+        int r = threadIdx.x % 16, i = threadIdx.x / 16, row = row0 + r;
+        if (row < n) {
+            float v = 0.0f;
+#pragma unroll
+            for (int q = 0; q < WARPS; q++) v += part[q][r][i];
+            float b = bias ? load_f(bias, row) : 0.0f;
+            store_f(y, (long)i * n + row, v * scale(i, row) + b);
+        }
+    }
+}
+
 template <typename T, int M>
 __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in, int dynamic,
                             const float* s_w, int per_row, const T* bias, T* y, int n, int k) {
@@ -457,22 +481,8 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
         }
         if (!xc) __syncthreads();
     }
-    // acc: (row g, column 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
-    part[warp][g][2 * t] = acc[0];
-    part[warp][g][2 * t + 1] = acc[1];
-    part[warp][g + 8][2 * t] = acc[2];
-    part[warp][g + 8][2 * t + 1] = acc[3];
-    __syncthreads();
-    if (threadIdx.x < 16 * M) {
-        int r = threadIdx.x % 16, i = threadIdx.x / 16, row = row0 + r;
-        if (row < n) {
-            float v = 0.0f;
-#pragma unroll
-            for (int q = 0; q < FP8_TC_WARPS; q++) v += part[q][r][i];
-            float b = bias ? load_f(bias, row) : 0.0f;
-            store_f(y, (long)i * n + row, v * (s_tok[i] * s_w[per_row ? row : 0]) + b);
-        }
-    }
+    tc_gemv_store<T, M, FP8_TC_WARPS>(part, acc, row0, n, bias, y,
+                                      [&](int i, int row) { return s_tok[i] * s_w[per_row ? row : 0]; });
 }
 
 #define GEMV_FP8_TC(S, T, M)                                                                                          \
@@ -624,22 +634,7 @@ __device__ void gemv_nvfp4_tc(const bf16_t* x, const unsigned char* w, const uns
         if (s0 >= steps) break;
         load();
     }
-    // acc: (row g, column 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
-    part[warp][g][2 * t] = acc[0];
-    part[warp][g][2 * t + 1] = acc[1];
-    part[warp][g + 8][2 * t] = acc[2];
-    part[warp][g + 8][2 * t + 1] = acc[3];
-    __syncthreads();
-    if (threadIdx.x < 16 * M) {
-        int r = threadIdx.x % 16, i = threadIdx.x / 16, row = row0 + r;
-        if (row < n) {
-            float v = 0.0f;
-#pragma unroll
-            for (int q = 0; q < NVFP4_TC_WARPS; q++) v += part[q][r][i];
-            float b = bias ? load_f(bias, row) : 0.0f;
-            store_f(y, (long)i * n + row, v * s2[0] + b);
-        }
-    }
+    tc_gemv_store<bf16_t, M, NVFP4_TC_WARPS>(part, acc, row0, n, bias, y, [&](int, int) { return s2[0]; });
 }
 
 #define GEMV_NVFP4_TC(M)                                                                                              \
