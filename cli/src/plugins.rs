@@ -10,9 +10,12 @@ use crate::{Cli, Cmd};
 /// `autodeploy plugins`: every plugin with kind, name, version and origin, the libraries refused
 /// and why, the transforms in pipeline order, and the attention backends' devices and options.
 pub fn list() {
-    println!("{:<18} {:<24} {:<8} origin", "kind", "name", "version");
-    for p in registry::list_plugins() {
-        println!("{:<18} {:<24} {:<8} {}", p.kind.as_str(), p.name, p.version, p.origin);
+    let plugins = registry::list_plugins();
+    // The name column as wide as the longest name (plugins' names are theirs to choose).
+    let w = plugins.iter().map(|p| p.name.len()).max().unwrap_or(0).max(24);
+    println!("{:<18} {:<w$} {:<8} origin", "kind", "name", "version");
+    for p in plugins {
+        println!("{:<18} {:<w$} {:<8} {}", p.kind.as_str(), p.name, p.version, p.origin);
     }
     for r in autodeploy_core::plugin_abi::refusals() {
         println!("refused: {}: {}", r.library.display(), r.reason);

@@ -56,6 +56,11 @@ pub struct DeviceAttentionCall<'a> {
     /// A RoPE-fused op's cos and sin, one `[tokens, d]` table each (rotate-half): only for a
     /// backend whose registration says it fuses RoPE (`fuses_rope`).
     pub rope: Option<(u64, u64)>,
+    /// With `rope`, a norm-fused op's q/k RMSNorms: the q and k weights (`[d]` each, the
+    /// model's dtype) and eps. Each head row of q and k is normalised before its RoPE as
+    /// `torch_rmsnorm` does with `norm_dtype` the model's dtype: `w · round(x · rsqrt(mean(x²) +
+    /// eps))`, rounded to the dtype. Only with `rope` (so only for `fuses_rope` backends).
+    pub qk_norm: Option<(u64, u64, f32)>,
     /// Room for one q (`heads × tokens × d` elements), the node's scratch, for a RoPE-fused op.
     pub scratch: u64,
     /// `[heads, tokens, d]`, or `[tokens, heads, d]` if the backend chooses that and

@@ -69,12 +69,19 @@ pub fn eval_node(
         (Some(a @ CachedAttn { rope: false, .. }), Some(b), Some(cx)) => {
             b.attend(a.layer, a.scoring.scores(a.scale as f32, true), ins[0], ins[1], ins[2], cx).map(|t| vec![t])
         }
-        // RoPE fused into the op: q and k rotated here, so every backend (plugins included) sees
-        // what the unfused graph gave it.
+        // RoPE (and the q/k norms) fused into the op: q and k normalised and rotated here, so
+        // every backend (plugins included) sees what the unfused graph gave it.
         (Some(a @ CachedAttn { rope: true, .. }), Some(b), Some(cx)) => {
             let rot = Op::rope(false);
-            cpu::eval_with(&rot, &[ins[0], ins[3], ins[4]], bind, kernels).and_then(|q| {
-                let k = cpu::eval_with(&rot, &[ins[1], ins[3], ins[4]], bind, kernels)?;
+            let prep = |x: &Tensor, w: usize| -> Result<Tensor> {
+                let normed = match a.qk_norm {
+                    Some(n) => Some(cpu::eval_with(&Op::rmsnorm(n), &[x, ins[w]], bind, kernels)?),
+                    None => None,
+                };
+                cpu::eval_with(&rot, &[normed.as_ref().unwrap_or(x), ins[3], ins[4]], bind, kernels)
+            };
+            prep(ins[0], 5).and_then(|q| {
+                let k = prep(ins[1], 6)?;
                 b.attend(a.layer, a.scoring.scores(a.scale as f32, true), &q, &k, ins[2], cx).map(|t| vec![t])
             })
         }

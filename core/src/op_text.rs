@@ -278,6 +278,7 @@ mod tests {
                 layer: 3,
                 scale: 0.125,
                 rope: false,
+                qk_norm: None,
                 scoring: Scoring::default(),
             }),
             Op::cached_attention(&CachedAttn {
@@ -285,6 +286,7 @@ mod tests {
                 layer: 0,
                 scale: 0.125,
                 rope: true,
+                qk_norm: Some(crate::ops::norm::NormAttrs::new(1e-6, crate::dtype::DType::BF16)),
                 scoring: Scoring {
                     window: Some(512),
                     chunk: None,

@@ -126,6 +126,7 @@ fn main() {
                             Dt::BF16,
                             (y.ptr, y.ptr + bytes(1, q) as u64, y.ptr + bytes(1, q + kv) as u64),
                             Some((cos.ptr, sin.ptr)),
+                            None,
                             (l.k_cache.ptr, l.v_cache.ptr),
                             (x.ptr, HeadRows::tokens_major(heads, HEAD_DIM)),
                             &meta,

@@ -203,6 +203,29 @@ fn check_family_config(family: &str, dtype: &str, extra: &str) -> Vec<String> {
     failed
 }
 
+/// `check_family_config` for each (family, extra) in f32 and bf16, a panic (an engine that did
+/// not build, a step that failed) reported as that case's failure, so one GPU run names every
+/// failing case instead of stopping at the first.
+fn check_cases(cases: &[(&str, &str)]) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (f, extra) in cases {
+        for d in ["float32", "bfloat16"] {
+            match std::panic::catch_unwind(|| check_family_config(f, d, extra)) {
+                Ok(v) => failed.extend(v),
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    failed.push(format!("{f} {d} {extra:?}: panicked: {msg}"));
+                }
+            }
+        }
+    }
+    failed
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn cuda_matches_cpu_f32() {
@@ -227,6 +250,8 @@ fn cuda_matches_cpu_bf16() {
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn quantized_checkpoints_on_cuda_match_the_cpu() {
     const FOLDS: &str = "transforms.fuse_gated_act.enabled = true\ntransforms.fuse_fp8_input_quant.enabled = true\n";
+    const EPILOGUE: &str =
+        "transforms.fuse_gated_act.enabled = true\ntransforms.fuse_quant_gated_epilogue.enabled = true\n";
     let _turn = gpu();
     let (failed, ran) = launches(|| {
         // The FP8 decode GEMV on tensor cores (the default on sm_89+), and once the CUDA-core one.
@@ -257,11 +282,19 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             ("llama-fp8", &format!("{FOLDS}kernels.fp8_gemm_cublaslt = false\n")),
             ("llama-fp8", "transforms.fuse_fp8_input_quant.enabled = true\n"),
             ("mistral-nvfp4", "transforms.fuse_gated_act.enabled = true\n"),
+            // The gated activation inside the FP8 (and NVFP4) gate/up linear: the tensor-core
+            // GEMV's gated build for decode rows, the whole output into scratch and silu_mul for prefills
+            // and for the CUDA-core GEMV; with the folds (the norms' codes into it) and over
+            // quantize = "fp8"'s per-token scales.
+            ("llama-fp8", EPILOGUE),
+            ("qwen3-fp8", EPILOGUE),
+            ("llama-fp8", &format!("{EPILOGUE}kernels.fp8_gemv_tensor_cores = false\n")),
+            ("llama-fp8", &format!("{EPILOGUE}{FOLDS}")),
+            ("llama", &format!("{EPILOGUE}quantize = \"fp8\"\n")),
+            ("mistral-nvfp4", EPILOGUE),
+            ("mistral-nvfp4", &format!("{EPILOGUE}kernels.nvfp4_gemv_tensor_cores = false\n")),
         ];
-        checkpoints
-            .iter()
-            .flat_map(|(f, extra)| ["float32", "bfloat16"].iter().flat_map(|d| check_family_config(f, d, extra)))
-            .collect::<Vec<String>>()
+        check_cases(&checkpoints)
     });
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     for k in [
@@ -284,9 +317,32 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
         "silu_mul_bf16x8_fp8",
         "silu_mul",
         "silu_mul_bf16x8",
+        "gemv_fp8_tc_gated",
+        "gemv_nvfp4_tc_gated",
     ] {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }
+}
+
+/// The q/k norms folded into the RoPE-fused attention (`fuse_qk_norm_attention`, off by
+/// default): the latency decode build normalises each head row in registers, other steps run
+/// `rope_norm_write_kv` (a warp a row) before the attention; every fixture it folds in, over a
+/// cache in the model's dtype and over an FP8 one, against the CPU (which computes the same
+/// numbers as the unfused graph, tests/transforms.rs).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn fused_qk_norms_on_cuda_match_the_cpu() {
+    const ON: &str = "transforms.fuse_qk_norm_attention.enabled = true\n";
+    let _turn = gpu();
+    let fp8 = format!("{ON}kv_cache_dtype = \"fp8\"\n");
+    let (failed, ran) = launches(|| {
+        check_cases(&[("qwen3", ON), ("qwen3_moe", ON), ("openelm", ON), ("llama4_text", ON), ("gemma3_text", ON)])
+            .into_iter()
+            .chain(check_cases(&[("qwen3-fp8", ON), ("qwen3", &fp8)]))
+            .collect::<Vec<String>>()
+    });
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert!(ran.contains_key("rope_norm_write_kv"), "rope_norm_write_kv never ran: {ran:?}");
 }
 
 /// torch.export archives whose graph after `post_load_fusion` is not the HF import's op for op

@@ -502,3 +502,43 @@ fn a_compile_stage_transform_runs_in_the_engine() {
     let e = engine("llama", &format!("[transforms.{name}]\nenabled = false"));
     assert!(e.graph.history.iter().any(|l| l == &format!("[stage=compile, transform={name}] disabled")));
 }
+
+/// `fuse_qk_norm_attention` (compile stage, off by default): every fixture whose attention
+/// RMS-normalises q and k per head before the RoPE in the model's dtype (Qwen3, Qwen3-MoE,
+/// OpenELM, Llama 4, Gemma 3 in f32) gets its two norms a layer folded into the RoPE-fused
+/// cached attention, and the logits of a ragged prefill and decode steps are the unfused
+/// graph's bit for bit in f32 and bf16; the other fixtures' graphs are left as they were.
+#[test]
+fn qk_norms_fold_into_the_rope_fused_attention_without_changing_the_numbers() {
+    let base = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+    let on = format!("{base}transforms.fuse_qk_norm_attention.enabled = true\n");
+    let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
+    let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
+    let count = |dump: &str, what: &str| dump.lines().filter(|l| l.contains(what)).count();
+    let mut folded = Vec::new();
+    for fam in FAMILIES {
+        for dtype in ["float32", "bfloat16"] {
+            let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
+            let (mut a, mut b) = (engine(fam, &with(&on)), engine(fam, &with(base)));
+            let (fused, plain) = (a.graph.dump(), b.graph.dump());
+            let n = count(&fused, "qk_norm_eps=");
+            let norms = |d: &str| count(d, "= torch_rmsnorm(");
+            assert_eq!(norms(&plain) - norms(&fused), 2 * n, "{fam} {dtype}: two norms an attention\n{fused}");
+            assert_eq!(count(&plain, "qk_norm_eps="), 0, "{fam}: folded while off");
+            if n == 0 {
+                let body = |d: &str| {
+                    d.lines().filter(|l| !l.contains("fuse_qk_norm_attention")).collect::<Vec<_>>().join("\n")
+                };
+                assert_eq!(body(&fused), body(&plain), "{fam} {dtype}: changed without folding");
+                continue;
+            }
+            folded.push(format!("{fam} {dtype}"));
+            let x = common::steps::run_paged_steps(&mut a, 4, &prompts, &decode);
+            let y = common::steps::run_paged_steps(&mut b, 4, &prompts, &decode);
+            assert!(x.len() == 4 && x == y, "{fam} {dtype}: folding the q/k norms changed the logits");
+        }
+    }
+    for want in ["qwen3 bfloat16", "qwen3_moe bfloat16", "openelm bfloat16", "gemma3_text float32"] {
+        assert!(folded.iter().any(|f| f == want), "{want} not folded: {folded:?}");
+    }
+}

@@ -18,6 +18,7 @@ use crate::dtype::DType;
 use crate::ir::TensorMeta;
 use crate::mutation::{self, Mutation};
 use crate::op_text::read_attrs;
+use crate::ops::norm::NormAttrs;
 use crate::ops::{broadcast_shapes, no_attrs, Op};
 use crate::tensor::Tensor;
 
@@ -113,7 +114,7 @@ impl Scoring {
     }
 }
 
-/// `attention_with_kv_cache(q, k, v[, cos, sin])` for layer `layer`: writes k/v of this step's
+/// `attention_with_kv_cache(q, k, v[, cos, sin[, q_norm_w, k_norm_w]])` for layer `layer`: writes k/v of this step's
 /// tokens into the paged cache, then attends each token to its sequence's cached prefix, through
 /// the attention backend `backend` (its kernels are the backend's, with the step's batch
 /// metadata and KV cache: no CPU or CUDA kernel of the op table runs it). Tokens of all
@@ -128,13 +129,29 @@ pub struct CachedAttn {
     /// `fuse_rope_attention` transform makes it, so the CUDA executor rotates, writes the cache
     /// and attends in one kernel.
     pub rope: bool,
+    /// With `rope`: `(q, k, v, cos, sin, q_norm_w, k_norm_w)`, each head row of q and k
+    /// RMS-normalised over the head dim before its RoPE, as `torch_rmsnorm` with these
+    /// attributes computes it (`qk_norm_eps=1e-6, qk_norm_dtype=bf16`; the norm's dtype is the
+    /// model's, the weights `[head_dim]` of the model's dtype). Qwen3's and Gemma 3's q/k norms;
+    /// the `fuse_qk_norm_attention` transform makes it, so the CUDA executor's fused RoPE
+    /// kernels normalise too instead of two more launches a layer.
+    pub qk_norm: Option<NormAttrs>,
     pub scoring: Scoring,
 }
 
 impl CachedAttn {
     fn text(&self) -> String {
         let r = if self.rope { ", rope=true" } else { "" };
-        format!("backend={}, layer={}, scale={:?}{r}{}", self.backend, self.layer, self.scale, self.scoring.text())
+        let n = match self.qk_norm {
+            Some(n) => format!(", qk_norm_eps={:?}, qk_norm_dtype={}", n.eps, n.norm_dtype),
+            None => String::new(),
+        };
+        format!("backend={}, layer={}, scale={:?}{r}{n}{}", self.backend, self.layer, self.scale, self.scoring.text())
+    }
+
+    /// The inputs the op takes: q, k, v; cos, sin with `rope`; the norms' weights with `qk_norm`.
+    pub fn inputs(&self) -> usize {
+        3 + 2 * usize::from(self.rope) + 2 * usize::from(self.qk_norm.is_some())
     }
 
     fn parse(text: &str) -> Result<CachedAttn, String> {
@@ -143,16 +160,37 @@ impl CachedAttn {
             let layer = a.int("layer")?;
             let layer = usize::try_from(layer).map_err(|_| a.bad("layer", &layer.to_string(), "a layer index"))?;
             let (scale, rope) = (a.f64("scale")?, a.opt_bool("rope")?.unwrap_or(false));
-            Ok(CachedAttn { backend, layer, scale, rope, scoring: Scoring::read(a)? })
+            let qk_norm = match a.opt_f64("qk_norm_eps")? {
+                Some(eps) if !rope => return Err(a.bad("qk_norm_eps", &eps.to_string(), "set without rope=true")),
+                Some(eps) if eps >= 0.0 && eps.is_finite() => Some(NormAttrs::new(eps, a.dtype("qk_norm_dtype")?)),
+                Some(eps) => return Err(a.bad("qk_norm_eps", &eps.to_string(), "a finite eps >= 0")),
+                None => None,
+            };
+            Ok(CachedAttn { backend, layer, scale, rope, qk_norm, scoring: Scoring::read(a)? })
         })
     }
 }
 
 fn cached_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
     let a = CachedAttn::parse(attrs)?;
-    let want = if a.rope { 5 } else { 3 };
+    let want = a.inputs();
     if ins.len() != want {
-        return Err(format!("takes {want} tensor inputs with rope={}, got {}", a.rope, ins.len()));
+        let n = if a.qk_norm.is_some() { " and qk_norm" } else { "" };
+        return Err(format!("takes {want} tensor inputs with rope={}{n}, got {}", a.rope, ins.len()));
+    }
+    if let Some(n) = &a.qk_norm {
+        // Each head row normalised as the unfused torch_rmsnorm would, in q's and k's own dtype.
+        for (j, w, what) in [(0, 5, "q"), (1, 6, "k")] {
+            let r = crate::custom_op::infer(
+                super::norm::RMSNORM,
+                &Op::rmsnorm(*n).attrs,
+                &[ins[j].clone(), ins[w].clone()],
+            )
+            .map_err(|e| format!("the RMSNorm of {what}: {e}"))?;
+            if r[0] != ins[j] || ins[w].dtype != ins[j].dtype {
+                return Err(format!("the RMSNorm of {what} would give {} from {} and weight {}", r[0], ins[j], ins[w]));
+            }
+        }
     }
     if a.rope {
         // cos/sin must rotate q and k as the unfused RoPE nodes would.
@@ -458,7 +496,7 @@ pub fn ops() -> Vec<CustomOp> {
         Err(crate::Error::op(CACHED_ATTENTION, "needs a KV cache: run it through a runtime step with batch metadata"))
     };
     let cached = CustomOp {
-        extra_inputs: 2,
+        extra_inputs: 4,
         ..entry(CACHED_ATTENTION, 3, |a| CachedAttn::parse(a).map(|_| ()), cached_rule, no_kernel)
     };
     vec![

@@ -104,23 +104,38 @@ fn cpu(
     let inter = *shape.last().ok_or("the output has rank 0")?;
     let g = ins[0].to_f32();
     let u = if n == 2 { Some(ins[1].to_f32()) } else { None };
-    let rnd = |x: f32| crate::cpu::round_as(dt, x);
     let total: usize = shape.iter().product();
-    let values: Vec<f32> = (0..total)
-        .map(|i| {
-            let (r, j) = (i / inter.max(1), i % inter.max(1));
-            let (gv, uv) = match &u {
-                Some(u) => (g[i], u[i]),
-                None => (g[r * 2 * inter + j], g[r * 2 * inter + inter + j]),
-            };
-            rnd(gate_act(a.act, gv)) * uv
-        })
-        .collect();
+    let values = gated_values(a.act, dt, &g, u.as_deref(), total, inter);
     let out = match a.fp8_out {
         true => codes_out::codes(values, dt, ins[n], shape)?,
         false => Tensor::from_f32_as(dt, shape.clone(), values).map_err(|e| e.to_string())?,
     };
     Ok(vec![out])
+}
+
+/// `act(gate) · up` for `total` outputs, rows of `inter`, the activation rounded to `dt` (the
+/// product not yet): from `gate` and `up` alike shaped, or (`up` None) from `gate` holding each
+/// row's gate then up halves. The values of gate and up are already `dt`'s. Also the FP8 linear's
+/// gated epilogue (`torch_quant_fp8_linear(act=..)`), over its rounded output.
+pub(crate) fn gated_values(
+    act: GateAct,
+    dt: DType,
+    gate: &[f32],
+    up: Option<&[f32]>,
+    total: usize,
+    inter: usize,
+) -> Vec<f32> {
+    let rnd = |x: f32| crate::cpu::round_as(dt, x);
+    (0..total)
+        .map(|i| {
+            let (r, j) = (i / inter.max(1), i % inter.max(1));
+            let (gv, uv) = match up {
+                Some(u) => (gate[i], u[i]),
+                None => (gate[r * 2 * inter + j], gate[r * 2 * inter + inter + j]),
+            };
+            rnd(gate_act(act, gv)) * uv
+        })
+        .collect()
 }
 
 fn cuda() -> CudaImpl {

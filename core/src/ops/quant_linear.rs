@@ -11,11 +11,16 @@
 //!   (a token) goes through E4M3 at its own scale, max |x_row| / 448 (1 for a row of zeros).
 //!   With `out=<dtype>` (static scale only) x is E4M3 codes at `input_scale` already (the
 //!   `fuse_fp8_input_quant` transform's RMSNorm made them, the codes this op would have made
-//!   of the norm's plain output), read as they are; y is rounded to `out`.
+//!   of the norm's plain output), read as they are; y is rounded to `out`. With `act=silu`
+//!   (`gelu_tanh`, `gelu`; the `fuse_quant_gated_epilogue` transform) the weight is a gated MLP's
+//!   fused gate/up (`[2·I, in]`, gate rows first) and the op outputs `torch_gated_act` of its
+//!   rounded y, `[.., I]`: on CUDA the decode GEMV computes each gate row with its up row and
+//!   writes the product (no `[.., 2·I]` tensor, no second launch).
 //! - `torch_quant_nvfp4_linear(x, w, weight_scale, weight_scale_2[, bias])`: `w` E2M1 `[out,
 //!   in]` (two a byte), `weight_scale` E4M3 `[out, in / 16]` (one a block of 16 along a row),
 //!   `weight_scale_2` one f32. Weight-only: the input as it is (Hopper has no FP4 tensor cores;
-//!   Blackwell's W4A4 would also take the checkpoint's `input_scale`).
+//!   Blackwell's W4A4 would also take the checkpoint's `input_scale`). `act=..` as the FP8
+//!   linear's.
 //!
 //! On CUDA (kernels/src/cuda/quant.cu, exec/quant.rs) the same sums: products of the codes'
 //! values (exact in f32 and bf16), f32 sums, the scales applied once at the end.
@@ -30,18 +35,37 @@ use crate::custom_op::{CudaImpl, CustomOp, DeviceTensor, KernelLauncher, Outputs
 use crate::dtype::DType;
 use crate::ir::TensorMeta;
 use crate::op_text::read_attrs;
-use crate::ops::{cuda_dt, gpu_of, no_attrs, Op};
+use crate::ops::linear::{gate_act_name, gate_act_named, GateAct};
+use crate::ops::{cuda_dt, gpu_of, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
 
 pub const FP8_LINEAR: &str = "torch_quant_fp8_linear";
 pub const NVFP4_LINEAR: &str = "torch_quant_nvfp4_linear";
 
-/// An FP8 linear's attributes: `dynamic=true`, or `out=<dtype>` (the input E4M3 codes).
+/// An FP8 linear's attributes: `dynamic=true`, or `out=<dtype>` (the input E4M3 codes); `act`
+/// (a gated epilogue).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Fp8Attrs {
     dynamic: bool,
     codes_out: Option<DType>,
+    gated: Option<GateAct>,
+}
+
+impl Fp8Attrs {
+    fn text(&self) -> String {
+        let mut parts = Vec::new();
+        if self.dynamic {
+            parts.push("dynamic=true".to_string());
+        }
+        if let Some(d) = self.codes_out {
+            parts.push(format!("out={d}"));
+        }
+        if let Some(act) = self.gated {
+            parts.push(format!("act={}", gate_act_name(act)));
+        }
+        parts.join(", ")
+    }
 }
 
 fn fp8_attrs(attrs: &str) -> Result<Fp8Attrs, String> {
@@ -55,12 +79,12 @@ fn fp8_attrs(attrs: &str) -> Result<Fp8Attrs, String> {
                 None => return Err(a.bad("out", v, "f32, bf16 or f16")),
             },
         };
-        Ok(Fp8Attrs { dynamic, codes_out })
+        let gated = match a.take("act") {
+            None => None,
+            Some(v) => Some(gate_act_named(v).ok_or_else(|| a.bad("act", v, "silu, gelu_tanh or gelu"))?),
+        };
+        Ok(Fp8Attrs { dynamic, codes_out, gated })
     })
-}
-
-fn fp8_dynamic(attrs: &str) -> Result<bool, String> {
-    fp8_attrs(attrs).map(|a| a.dynamic)
 }
 
 impl Op {
@@ -71,9 +95,21 @@ impl Op {
     pub fn fp8_linear_dynamic() -> Op {
         Op { name: FP8_LINEAR, attrs: "dynamic=true".into() }
     }
-    /// The static FP8 linear over input codes (`x` E4M3 at `input_scale`), `y` rounded to `out`.
-    pub fn fp8_linear_codes(out: DType) -> Op {
-        Op { name: FP8_LINEAR, attrs: format!("out={out}") }
+    /// This FP8 linear over input codes (`x` E4M3 at `input_scale`), `y` rounded to `out`,
+    /// otherwise as it is (a gated epilogue kept); None for another op.
+    pub fn fp8_linear_over_codes(&self, out: DType) -> Option<Op> {
+        let a = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok())?;
+        Some(Op { name: FP8_LINEAR, attrs: Fp8Attrs { codes_out: Some(out), ..a }.text() })
+    }
+    /// This FP8 (over float inputs) or NVFP4 linear without an epilogue, with `act(gate) · up` of
+    /// its output as its output (`act=..`); None for another op.
+    pub fn quant_linear_gated(&self, act: GateAct) -> Option<Op> {
+        if let Some(a) = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok()) {
+            return (a.codes_out.is_none() && a.gated.is_none())
+                .then(|| Op { name: FP8_LINEAR, attrs: Fp8Attrs { gated: Some(act), ..a }.text() });
+        }
+        let none = self.attrs_of(NVFP4_LINEAR).and_then(|a| nvfp4_gated(a).ok())?.is_none();
+        none.then(|| Op { name: NVFP4_LINEAR, attrs: format!("act={}", gate_act_name(act)) })
     }
     /// `Some(dynamic)` for an FP8 linear over float inputs (not one over codes).
     pub fn fp8_linear_of(&self) -> Option<bool> {
@@ -119,7 +155,7 @@ fn fp8_inputs(dynamic: bool) -> (Option<usize>, usize, usize) {
 }
 
 fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
-    let Fp8Attrs { dynamic, codes_out } = fp8_attrs(attrs)?;
+    let Fp8Attrs { dynamic, codes_out, gated } = fp8_attrs(attrs)?;
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
     if ins.len() < bias_at || ins.len() > bias_at + 1 {
         return Err(format!("takes {bias_at} or {} inputs with dynamic={dynamic}, got {}", bias_at + 1, ins.len()));
@@ -134,7 +170,7 @@ fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
     if s_w.dtype != DType::F32 || !(one_value(s_w) || per_row) {
         return Err(format!("weight_scale {s_w} vs weight {w}: want one f32 or one a row"));
     }
-    match (codes_out, ins[0].dtype) {
+    let y = match (codes_out, ins[0].dtype) {
         (Some(out), DType::F8E4M3) => {
             let as_float = TensorMeta { dtype: out, shape: ins[0].shape.clone() };
             let metas: Vec<TensorMeta> = std::iter::once(as_float).chain(ins[1..].iter().cloned()).collect();
@@ -142,11 +178,33 @@ fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
         }
         (Some(out), _) => Err(format!("out={out}: x {} must be f8e4m3 codes", ins[0])),
         (None, _) => linear_out(ins, DType::F8E4M3, bias_at),
+    }?;
+    if gated.is_some() {
+        return gated_out(y, w);
     }
+    Ok(y)
+}
+
+/// An NVFP4 linear's attributes: `act` (a gated epilogue) or none.
+fn nvfp4_gated(attrs: &str) -> Result<Option<GateAct>, String> {
+    read_attrs(NVFP4_LINEAR, attrs, |a| match a.take("act") {
+        None => Ok(None),
+        Some(v) => Ok(Some(gate_act_named(v).ok_or_else(|| a.bad("act", v, "silu, gelu_tanh or gelu"))?)),
+    })
+}
+
+/// A gated epilogue's output: half the rows' width (gate, then up) of the linear's.
+fn gated_out(mut y: Vec<TensorMeta>, w: &TensorMeta) -> Result<Vec<TensorMeta>, String> {
+    let last = y[0].shape.last_mut().expect("linear_out keeps x's rank");
+    match last.as_static() {
+        Some(n) if n % 2 == 0 => *last = Dim::new(n / 2),
+        _ => return Err(format!("act: weight {w} must have an even number of rows (gate, then up)")),
+    }
+    Ok(y)
 }
 
 fn nvfp4_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
-    no_attrs(attrs)?;
+    let gated = nvfp4_gated(attrs)?;
     let (w, s_b, s_2) = (&ins[1], &ins[2], &ins[3]);
     let blocks_ok = match (w.shape.get(1).and_then(Dim::as_static), s_b.shape.get(1).and_then(Dim::as_static)) {
         (Some(k), Some(b)) => k % NVFP4_BLOCK == 0 && b == k / NVFP4_BLOCK,
@@ -158,7 +216,11 @@ fn nvfp4_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String
     if s_2.dtype != DType::F32 || !one_value(s_2) {
         return Err(format!("weight_scale_2 {s_2}: want one f32"));
     }
-    linear_out(ins, DType::F4E2M1, 4)
+    let y = linear_out(ins, DType::F4E2M1, 4)?;
+    if gated.is_some() {
+        return gated_out(y, w);
+    }
+    Ok(y)
 }
 
 fn low_bit<'a>(t: &'a Tensor, what: &str) -> Result<&'a [u8], String> {
@@ -166,19 +228,24 @@ fn low_bit<'a>(t: &'a Tensor, what: &str) -> Result<&'a [u8], String> {
 }
 
 /// `y = x · Wᵀ + bias` over a low-bit W, `x` already as the format takes it, the bias input
-/// `bias_at` if there.
+/// `bias_at` if there; with `gated`, `act(gate) · up` of y rounded to the output's dtype.
 fn run(
     x: &[f32],
     w: LowBit<'_>,
     ins: &[&Tensor],
     bias_at: usize,
     out: &(DType, Vec<usize>),
+    gated: Option<GateAct>,
 ) -> Result<Vec<Tensor>, String> {
     let (n, k) = (ins[1].shape()[0], ins[1].shape()[1]);
     let m = x.len() / k.max(1);
     let bias = ins.get(bias_at).map(|b| b.to_f32());
     let mut y = vec![0f32; m * n];
     lowbit_linear(m, n, k, x, w, bias.as_deref(), &mut y)?;
+    if let Some(act) = gated {
+        y.iter_mut().for_each(|v| *v = crate::cpu::round_as(out.0, *v));
+        y = super::gated_act::gated_values(act, out.0, &y, None, m * n / 2, n / 2);
+    }
     Ok(vec![Tensor::from_f32_as(out.0, out.1.clone(), y).map_err(|e| e.to_string())?])
 }
 
@@ -188,7 +255,8 @@ fn fp8_cpu(
     outs: &[(DType, Vec<usize>)],
     _: &KernelOptions,
 ) -> Result<Vec<Tensor>, String> {
-    let (s_in_at, s_w_at, bias_at) = fp8_inputs(fp8_dynamic(attrs)?);
+    let a = fp8_attrs(attrs)?;
+    let (s_in_at, s_w_at, bias_at) = fp8_inputs(a.dynamic);
     let k = ins[1].shape()[1];
     let mut x = ins[0].to_f32().into_owned();
     let scale = ins[s_w_at].to_f32();
@@ -197,7 +265,7 @@ fn fp8_cpu(
         // Codes at the input scale: their values times it, what quantizing the float gave.
         let s = ins[s_in_at.ok_or("input codes need a static input_scale")?].to_f32()[0];
         x.iter_mut().for_each(|v| *v *= s);
-        return run(&x, w, ins, bias_at, &outs[0]);
+        return run(&x, w, ins, bias_at, &outs[0], a.gated);
     }
     for row in x.chunks_mut(k.max(1)) {
         let s = match s_in_at {
@@ -208,7 +276,7 @@ fn fp8_cpu(
             row.iter_mut().for_each(|v| *v = fake_quant_e4m3(*v, s));
         }
     }
-    run(&x, w, ins, bias_at, &outs[0])
+    run(&x, w, ins, bias_at, &outs[0], a.gated)
 }
 
 /// A row's dynamic E4M3 scale: max |x| / 448, or 1 for a row of zeros.
@@ -221,19 +289,31 @@ pub fn dynamic_scale(row: &[f32]) -> f32 {
     }
 }
 
-fn nvfp4_cpu(ins: &[&Tensor], _: &str, outs: &[(DType, Vec<usize>)], _: &KernelOptions) -> Result<Vec<Tensor>, String> {
+fn nvfp4_cpu(
+    ins: &[&Tensor],
+    attrs: &str,
+    outs: &[(DType, Vec<usize>)],
+    _: &KernelOptions,
+) -> Result<Vec<Tensor>, String> {
+    let gated = nvfp4_gated(attrs)?;
     let w = LowBit::Nvfp4 {
         packed: low_bit(ins[1], "weight")?,
         block_scales: low_bit(ins[2], "weight_scale")?,
         global: ins[3].to_f32()[0],
     };
-    run(&ins[0].to_f32(), w, ins, 4, &outs[0])
+    run(&ins[0].to_f32(), w, ins, 4, &outs[0], gated)
 }
 
-/// The call's sizes, x, y and bias (input `bias_at`) as the GPU launchers take them.
-fn cuda_call(ins: &[DeviceTensor], y: &DeviceTensor, bias_at: usize) -> Result<LowBitLinear, String> {
+/// The call's sizes, x, y and bias (input `bias_at`) as the GPU launchers take them; `gated`,
+/// the epilogue (y then `[m, n / 2]`).
+fn cuda_call(
+    ins: &[DeviceTensor],
+    y: &DeviceTensor,
+    bias_at: usize,
+    gated: Option<GateAct>,
+) -> Result<LowBitLinear, String> {
     let (n, k) = (ins[1].shape[0], ins[1].shape[1]);
-    let m = y.shape.iter().product::<usize>() / n.max(1);
+    let m = y.shape.iter().product::<usize>() / (if gated.is_some() { n / 2 } else { n }).max(1);
     let bias = ins.get(bias_at);
     if let Some(b) = bias.filter(|b| b.dtype != y.dtype) {
         return Err(format!("bias of {} with {} activations", b.dtype, y.dtype));
@@ -247,34 +327,37 @@ fn cuda_call(ins: &[DeviceTensor], y: &DeviceTensor, bias_at: usize) -> Result<L
         y: y.ptr,
         bias: bias.map_or(0, |b| b.ptr),
         x_codes: ins[0].dtype == DType::F8E4M3,
+        gated,
     })
 }
 
-fn scratch4(l: &dyn KernelLauncher) -> Result<[u64; 4], String> {
+/// The scratch regions of [`LowBitLinear::scratch`] (a gated call's fifth, its full output,
+/// 0 when not planned).
+fn scratch5(l: &dyn KernelLauncher) -> Result<[u64; 5], String> {
     let s = |i: usize| l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned"));
-    Ok([s(0)?, s(1)?, s(2)?, s(3)?])
+    Ok([s(0)?, s(1)?, s(2)?, s(3)?, l.scratch(4).unwrap_or(0)])
 }
 
 fn fp8_cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
-        let dynamic = fp8_dynamic(attrs)?;
+        let Fp8Attrs { dynamic, gated, .. } = fp8_attrs(attrs)?;
         let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
-        let c = cuda_call(ins, &outs[0], bias_at)?;
+        let c = cuda_call(ins, &outs[0], bias_at, gated)?;
         let s = LowBitScales {
             input: s_in_at.map_or(0, |i| ins[i].ptr),
             dynamic,
             weight: ins[s_w_at].ptr,
             per_row: ins[s_w_at].shape.iter().product::<usize>() > 1,
         };
-        gpu_of(l)?.fp8_linear(&c, ins[1].ptr, s, scratch4(l)?).map_err(|e| e.0)
+        gpu_of(l)?.fp8_linear(&c, ins[1].ptr, s, scratch5(l)?).map_err(|e| e.0)
     })
 }
 
 fn nvfp4_cuda() -> CudaImpl {
-    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], _: &str, l: &mut dyn KernelLauncher| {
-        let c = cuda_call(ins, &outs[0], 4)?;
+    Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
+        let c = cuda_call(ins, &outs[0], 4, nvfp4_gated(attrs)?)?;
         let s = LowBitScales { input: 0, dynamic: false, weight: ins[3].ptr, per_row: false };
-        gpu_of(l)?.nvfp4_linear(&c, ins[1].ptr, ins[2].ptr, s, scratch4(l)?).map_err(|e| e.0)
+        gpu_of(l)?.nvfp4_linear(&c, ins[1].ptr, ins[2].ptr, s, scratch5(l)?).map_err(|e| e.0)
     })
 }
 
@@ -282,11 +365,14 @@ fn nvfp4_cuda() -> CudaImpl {
 /// `out`'s).
 fn lowbit_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
     let (x_dt, xs) = &ins[0];
-    let codes_out = if *x_dt == DType::F8E4M3 { fp8_attrs(attrs).ok().and_then(|a| a.codes_out) } else { None };
+    let a = fp8_attrs(attrs).ok();
+    let codes_out = if *x_dt == DType::F8E4M3 { a.and_then(|a| a.codes_out) } else { None };
     let dt = codes_out.unwrap_or(*x_dt);
     let (n, k) = (ins[1].1[0], ins[1].1[1]);
     let m: usize = xs[..xs.len().saturating_sub(1)].iter().product();
-    LowBitLinear::scratch(dt.size_in_bytes(), m, n, k).to_vec()
+    // (Either op's `act`: FP8's attributes, or NVFP4's only one.)
+    let gated = a.is_some_and(|a| a.gated.is_some()) || nvfp4_gated(attrs).is_ok_and(|g| g.is_some());
+    LowBitLinear::scratch(dt.size_in_bytes(), m, n, k, gated)
 }
 
 /// The quantized linears as op-table entries.
@@ -310,7 +396,13 @@ pub fn ops() -> Vec<CustomOp> {
             cuda: Some(nvfp4_cuda()),
             cuda_scratch: Some(lowbit_scratch),
             origin: "built-in (nvfp4 plugin)",
-            ..CustomOp::built_in(NVFP4_LINEAR, 4, Outputs::Rule(Arc::new(nvfp4_rule)), no_attrs, Arc::new(nvfp4_cpu))
+            ..CustomOp::built_in(
+                NVFP4_LINEAR,
+                4,
+                Outputs::Rule(Arc::new(nvfp4_rule)),
+                |a| nvfp4_gated(a).map(|_| ()),
+                Arc::new(nvfp4_cpu),
+            )
         },
     ]
 }

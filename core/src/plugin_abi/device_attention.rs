@@ -64,7 +64,12 @@ impl DeviceAttention for LibraryDeviceAttention {
             |msg: String| Error::op("attention_with_kv_cache", format!("{}, layer {}: {msg}", self.what, c.layer));
         let tokens = c.step.tokens;
         let contiguous = |rows: HeadRows| rows == HeadRows::heads_major(tokens, c.head_dim);
-        if c.rope.is_some() || !contiguous(c.q.rows) || !contiguous(c.k.rows) || !contiguous(c.v.rows) {
+        if c.rope.is_some()
+            || c.qk_norm.is_some()
+            || !contiguous(c.q.rows)
+            || !contiguous(c.k.rows)
+            || !contiguous(c.v.rows)
+        {
             return Err(bad("the executor gave a library backend strided or RoPE-fused operands".into()));
         }
         if c.mods != Default::default() {

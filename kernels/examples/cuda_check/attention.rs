@@ -177,6 +177,20 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             .collect()
     };
     let (want_r, want_kc_r, want_vc_r) = reference(&scattered, &rope(&q), &rope(&k));
+    // The q/k norms fused before the RoPE (`qk_norm`): each head row RMS-normalised with its
+    // weight row, the norm's dtype the model's (`rmsnorm`'s rounding), then rotated.
+    let (qn, kn, neps) = (r(d, 28), r(d, 29), 1e-6f32);
+    let norm = |x: &[f32], w: &[f32]| -> Vec<f32> {
+        x.chunks(d)
+            .flat_map(|row| {
+                let ss = row.iter().map(|a| a * a).sum::<f32>();
+                let inv = 1.0 / (ss / d as f32 + neps).sqrt();
+                row.iter().zip(w).map(move |(a, wj)| rnd(bf, wj * rnd(bf, a * inv)))
+            })
+            .collect()
+    };
+    let (want_n, want_kc_n, want_vc_n) = reference(&scattered, &rope(&norm(&q, &qn)), &rope(&norm(&k, &kn)));
+    let (dqn, dkn) = (put(bytes(&qn)), put(bytes(&kn)));
     let (dcos, dsin) = (put(bytes(&cos)), put(bytes(&sin)));
     // flashinfer, ragged prefill kernel: one block per token on CUDA cores, and (bf16, sm_80+)
     // one warp per tile of 16 tokens on tensor cores.
@@ -233,9 +247,10 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
         if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, ScoreMods::default()) {
             continue;
         }
-        for rotate in [false, true] {
+        for (rotate, normed) in [(false, false), (true, false), (true, true)] {
             let (kc, vc) = fresh_cache(&mut put);
             let out = put(vec![0u8; out_bytes]);
+            let qk_norm = normed.then_some((dqn, dkn, neps));
             let split = Split {
                 chunk,
                 splits,
@@ -252,6 +267,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                     dt,
                     qkv,
                     tables,
+                    qk_norm,
                     (kc, vc),
                     (out, out_rows),
                     &m_scattered,
@@ -272,7 +288,8 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                         } else {
                             ((dq, dk, dv), [HeadRows::heads_major(tokens, d); 3])
                         };
-                        gpu.rope_write_kv(dt, qkv, rows, c, s, q_out, (kc, vc), &m_scattered, heads, kv_heads, d, None)
+                        let m = &m_scattered;
+                        gpu.rope_write_kv(dt, qkv, rows, (c, s), qk_norm, q_out, (kc, vc), m, heads, kv_heads, d, None)
                             .unwrap();
                         q_out
                     }
@@ -307,10 +324,13 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                 } else {
                     String::new()
                 },
-                if rotate { " +rope" } else { "" }
+                prep_label(rotate, normed)
             );
-            let (want, want_kc, want_vc) =
-                if rotate { (&want_r, &want_kc_r, &want_vc_r) } else { (&want_s, &want_kc_s, &want_vc_s) };
+            let (want, want_kc, want_vc) = match (rotate, normed) {
+                (_, true) => (&want_n, &want_kc_n, &want_vc_n),
+                (true, false) => (&want_r, &want_kc_r, &want_vc_r),
+                _ => (&want_s, &want_kc_s, &want_vc_s),
+            };
             let mut got = read(out, out_bytes);
             if grouped {
                 let tm = got.clone();
@@ -324,6 +344,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             // Written k is a copy, or (with RoPE) the rotation rounded as the reference rounds
             // it, up to the kernel's fused multiply-adds; v is always a copy.
             if rotate {
+                // (Normed: the sum of squares in another order may move a value by an ulp.)
                 rep.check("  k cache after rope write", bf, &read(kc, cache_bytes), want_kc);
             } else {
                 rep.exact("  k cache after write", bf, &read(kc, cache_bytes), want_kc);
@@ -345,6 +366,9 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
         let rk = rope(&k);
         let (want8_r, want8_kc_r, want8_vc_r) =
             reference_over(&scattered, &rope(&q), &deq(&rk, ks), &deq(&v, vs), (&kd0, &vd0));
+        let nk = rope(&norm(&k, &kn));
+        let (want8_n, want8_kc_n, want8_vc_n) =
+            reference_over(&scattered, &rope(&norm(&q, &qn)), &deq(&nk, ks), &deq(&v, vs), (&kd0, &vd0));
         let n_cache = rows * kv_heads * d;
         let read8 = |ptr: u64, s: f32| {
             let mut raw = vec![0u8; n_cache];
@@ -373,15 +397,18 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
             rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
         }
-        for (early, u, grouped, tc, rotate, ldsm) in [
-            (false, 8, false, false, false, false),
-            (false, 8, true, false, true, false),
-            (false, 8, true, true, true, false),
-            (false, 8, true, true, true, true),
-            (true, 8, false, false, false, false),
-            (true, 4, false, false, true, false),
-            (true, 8, false, false, true, false),
+        for (early, u, grouped, tc, rotate, ldsm, normed) in [
+            (false, 8, false, false, false, false, false),
+            (false, 8, true, false, true, false, false),
+            (false, 8, true, true, true, false, false),
+            (false, 8, true, true, true, true, false),
+            (true, 8, false, false, false, false, false),
+            (true, 4, false, false, true, false, false),
+            (true, 8, false, false, true, false, false),
+            (false, 8, false, false, true, false, true),
+            (true, 4, false, false, true, false, true),
         ] {
+            let qk_norm = normed.then_some((dqn, dkn, neps));
             gpu.set_attn_early_u(u);
             gpu.set_attn_group(grouped);
             gpu.set_decode_tc(tc);
@@ -406,6 +433,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                     dt,
                     qkv,
                     tables,
+                    qk_norm,
                     c,
                     (out, out_rows),
                     &m_scattered,
@@ -425,8 +453,8 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                             dt,
                             (dq, dk, dv),
                             rows3,
-                            c,
-                            s,
+                            (c, s),
+                            qk_norm,
                             q_out,
                             (kc, vc),
                             &m_scattered,
@@ -469,10 +497,13 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                 } else {
                     String::new()
                 },
-                if rotate { " +rope" } else { "" }
+                prep_label(rotate, normed)
             );
-            let (want, want_kc, want_vc) =
-                if rotate { (&want8_r, &want8_kc_r, &want8_vc_r) } else { (&want8, &want8_kc, &want8_vc) };
+            let (want, want_kc, want_vc) = match (rotate, normed) {
+                (_, true) => (&want8_n, &want8_kc_n, &want8_vc_n),
+                (true, false) => (&want8_r, &want8_kc_r, &want8_vc_r),
+                _ => (&want8, &want8_kc, &want8_vc),
+            };
             rep.check_scaled(&name(&what), bf, &read(out, out_bytes), want, 1e-5);
             rep.check("  k cache after write (FP8 values)", false, &read8(kc, ks), want_kc);
             rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), want_vc);
@@ -499,4 +530,13 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
     rep.check_scaled(&name("triton slot"), bf, &read(out, out_bytes), &want_t, 1e-5);
     rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_t);
     rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_t);
+}
+
+/// What a decode case does to the step's q and k before attending, for its label.
+fn prep_label(rotate: bool, normed: bool) -> &'static str {
+    match (rotate, normed) {
+        (_, true) => " +norm+rope",
+        (true, false) => " +rope",
+        _ => "",
+    }
 }

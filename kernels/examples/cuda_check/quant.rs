@@ -1,5 +1,5 @@
-//! cuda_check's quantized-linear checks: the kernels that hand an FP8 linear E4M3 codes, and
-//! the NVFP4 decode GEMVs (tensor-core and CUDA-core) against an f64 product of the same codes.
+//! cuda_check's quantized-linear checks: the kernels that hand an FP8 linear E4M3 codes, the
+//! FP8 linear's gated epilogue, and the NVFP4 decode GEMVs (tensor-core and CUDA-core) against an f64 product of the same codes.
 
 use super::*;
 
@@ -79,15 +79,25 @@ pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
         let xq: Vec<u8> = x.iter().map(|&v| f32_to_e4m3(v / s)).collect();
         let (dx, dxq) = (up(&x), bytes_up(&xq, "x codes"));
         let scales = LowBitScales { input: ds.ptr, dynamic: false, weight: dws.ptr, per_row: false };
-        let sizes = LowBitLinear::scratch(2, m, n, k);
+        let sizes = LowBitLinear::scratch(2, m, n, k, true);
         let scratch: Vec<_> = sizes.iter().map(|&b| gpu.alloc(b, "scratch").unwrap()).collect();
-        let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr];
+        let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr, scratch[4].ptr];
         let mut outs = Vec::new();
         for (xp, x_codes) in [(dx.ptr, false), (dxq.ptr, true)] {
             let y = up(&vec![0.0; m * n]);
-            let c = LowBitLinear { dt: Dt::BF16, m, n, k, x: xp, y: y.ptr, bias: 0, x_codes };
+            let c = LowBitLinear { dt: Dt::BF16, m, n, k, x: xp, y: y.ptr, bias: 0, x_codes, gated: None };
             gpu.fp8_linear(&c, dw.ptr, scales, sp).unwrap();
             outs.push(as_bf16(get(y.ptr, m * n * 2)));
+            // The gated epilogue (`act=..`: the tensor-core GEMV's gated build at m <= 8, else
+            // the whole output into scratch and `silu_mul`) against this linear's output through
+            // `silu_mul`: equal bit for bit (the same row sums, then the same roundings).
+            let act = if m == 2 { GateAct::GeluTanh } else { GateAct::Silu };
+            let (plain, gated) = (up(&vec![0.0; m * n / 2]), up(&vec![0.0; m * n / 2]));
+            gpu.silu_mul(y.ptr, None, Dt::BF16, plain.ptr, None, m, n / 2, act).unwrap();
+            let c = LowBitLinear { y: gated.ptr, gated: Some(act), ..c };
+            gpu.fp8_linear(&c, dw.ptr, scales, sp).unwrap();
+            let what = format!("fp8 linear gated {act:?}{} m={m}", if x_codes { " over codes" } else { "" });
+            rep.exact(&what, true, &as_bf16(get(gated.ptr, m * n)), &as_bf16(get(plain.ptr, m * n)));
         }
         rep.exact(&format!("fp8 linear over codes m={m}"), true, &outs[1], &outs[0]);
     }
@@ -148,19 +158,29 @@ pub(super) fn check_nvfp4_gemv(gpu: &mut Gpu, rep: &mut Report) {
                 })
                 .collect();
             let dx = up(gpu, &x);
-            let sizes = LowBitLinear::scratch(2, m, n, k);
+            let sizes = LowBitLinear::scratch(2, m, n, k, true);
             let scratch: Vec<_> = sizes.iter().map(|&b| gpu.alloc(b, "scratch").unwrap()).collect();
-            let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr];
+            let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr, scratch[4].ptr];
             let s = LowBitScales { input: 0, dynamic: false, weight: dg.ptr, per_row: false };
             // f32 sums of k products in another order: 1e-6 of the largest terms' magnitude, k of them.
             let atol = 1e-6 * k as f32 * 2.0 * 6.0 * 30.0 * global;
             for on in [true, false] {
                 gpu.nvfp4_tc = on && tc_capable(gpu);
                 let dy = up(gpu, &vec![0.0; m * n]);
-                let c = LowBitLinear { dt: Dt::BF16, m, n, k, x: dx.ptr, y: dy.ptr, bias: 0, x_codes: false };
+                let c =
+                    LowBitLinear { dt: Dt::BF16, m, n, k, x: dx.ptr, y: dy.ptr, bias: 0, x_codes: false, gated: None };
                 gpu.nvfp4_linear(&c, dw.ptr, ds.ptr, s, sp).unwrap();
                 let what = format!("nvfp4 gemv{} m={m} {n}x{k}", if gpu.nvfp4_tc { " tc" } else { "" });
                 rep.check_scaled(&what, true, &down(gpu, dy.ptr, m * n), &want, atol);
+                if n % 2 == 0 {
+                    // The gated epilogue against this output through `silu_mul`: bit for bit.
+                    let (plain, gated) = (up(gpu, &vec![0.0; m * n / 2]), up(gpu, &vec![0.0; m * n / 2]));
+                    gpu.silu_mul(dy.ptr, None, Dt::BF16, plain.ptr, None, m, n / 2, GateAct::Silu).unwrap();
+                    let c = LowBitLinear { y: gated.ptr, gated: Some(GateAct::Silu), ..c };
+                    gpu.nvfp4_linear(&c, dw.ptr, ds.ptr, s, sp).unwrap();
+                    let (g, p) = (down(gpu, gated.ptr, m * n / 2), down(gpu, plain.ptr, m * n / 2));
+                    rep.exact(&format!("  gated (act=silu) m={m}"), true, &g, &p);
+                }
             }
         }
     }

@@ -297,6 +297,18 @@ PREFILL_TC(128, fp8_t, bf16_fp8kv, fp8)
 // between tokens; rows contiguous): [heads, tokens, d] is (tokens·d, d), and column slices of
 // one fused q/k/v linear's [tokens, n] output need no copy. One thread per (row, j < d/2) over
 // q's heads, then k's.
+// The rotate-half pair (a, b) = (x[j], x[j + d/2]) of token t's row at table row t: lo, hi as
+// the `rope` kernel rounds them (each product, then their sum, to T).
+template <typename T>
+__device__ __forceinline__ void rope_pair(const T* cos, const T* sin, long t, int d, int j, float a, float b, float& lo,
+                                          float& hi) {
+    int half = d / 2;
+    float c1 = load_f(cos, t * d + j), s1 = load_f(sin, t * d + j);
+    float c2 = load_f(cos, t * d + j + half), s2 = load_f(sin, t * d + j + half);
+    lo = round_as(cos, round_as(cos, a * c1) + round_as(cos, -b * s1));
+    hi = round_as(cos, round_as(cos, b * c2) + round_as(cos, a * s2));
+}
+
 template <typename T, typename C>
 __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, C* k_cache,
                               C* v_cache, const long long* token_seq, const long long* token_pos,
@@ -311,12 +323,9 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
     long rest = i % per_head;
     long t = rest / half;
     int j = rest % half;
-    float c1 = load_f(cos, t * d + j), s1 = load_f(sin, t * d + j);
-    float c2 = load_f(cos, t * d + j + half), s2 = load_f(sin, t * d + j + half);
     const T* x = hh < heads ? q + hh * qhs + t * qts : k + (hh - heads) * khs + t * kts;
-    float a = load_f(x, j), b = load_f(x, j + half);
-    float lo = round_as(x, round_as(x, a * c1) + round_as(x, -b * s1));
-    float hi = round_as(x, round_as(x, b * c2) + round_as(x, a * s2));
+    float lo, hi;
+    rope_pair(cos, sin, t, d, j, load_f(x, j), load_f(x, j + half), lo, hi);
     if (hh < heads) {
         T* o = q_out + ((long)hh * tokens + t) * d;
         store_f(o, j, lo);
@@ -334,6 +343,59 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
     put_kv(v_cache, dst + j + half, load_f(vr, j + half), vs);
 }
 
+// rope_write_kv with each head row of q and k RMS-normalised before its rotation (the q/k norms
+// fused into the op, `qk_norm`; qn/kn the weights): one warp a row, q's heads × tokens then
+// k's, lanes over the pairs (j, j + d/2), j = lane, lane + 32, ..: the row's sum of squares
+// first, then each pair's norm (`rmsnorm`'s arithmetic with the norm's dtype T: round(w ·
+// round(x · rsqrt(mean(x²) + eps)))) and rotation as rope_write_kv rounds it. A k row's warp
+// also copies its v row to the cache.
+template <typename T, typename C>
+__device__ void rope_norm_write_kv(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out,
+                                   C* k_cache, C* v_cache, const long long* token_seq, const long long* token_pos,
+                                   const long long* page_indptr, const int* page_indices, int page_size, int heads,
+                                   int kv_heads, long tokens, int d, long long qhs, long long qts, long long khs,
+                                   long long kts, long long vhs, long long vts, float ks, float vs, const T* qn,
+                                   const T* kn, float eps) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= (long)(heads + kv_heads) * tokens) return;  // whole warps
+    int hh = row / tokens;
+    long t = row % tokens;
+    int half = d / 2;
+    const T* x = hh < heads ? q + hh * qhs + t * qts : k + (hh - heads) * khs + t * kts;
+    const T* w = hh < heads ? qn : kn;
+    float ss = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+        float a = load_f(x, j);
+        ss += a * a;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    float r = 1.0f / sqrtf(ss / d + eps);
+    long dst = 0;
+    if (hh >= heads) {
+        long long pos = token_pos[t];
+        long slot = kv_slot(page_indices + page_indptr[token_seq[t]], pos, page_size);
+        dst = (slot * kv_heads + (hh - heads)) * d;
+        const T* vr = v + (hh - heads) * vhs + t * vts;
+        for (int j = lane; j < d; j += 32) put_kv(v_cache, dst + j, load_f(vr, j), vs);
+    }
+    for (int j = lane; j < half; j += 32) {
+        float a = round_as(x, load_f(w, j) * round_as(x, load_f(x, j) * r));
+        float b = round_as(x, load_f(w, j + half) * round_as(x, load_f(x, j + half) * r));
+        float lo, hi;
+        rope_pair(cos, sin, t, d, j, a, b, lo, hi);
+        if (hh < heads) {
+            T* o = q_out + ((long)hh * tokens + t) * d;
+            store_f(o, j, lo);
+            store_f(o, j + half, hi);
+        } else {
+            put_kv(k_cache, dst + j, lo, ks);
+            put_kv(k_cache, dst + j + half, hi, ks);
+        }
+    }
+}
+
 #define ROPE_KV(T, C, S, K)                                                                                           \
     extern "C" __global__ void rope_write_kv_##S(const T* q, const T* k, const T* v, const T* cos, const T* sin,     \
                                                  T* q_out, C* k_cache, C* v_cache, const long long* token_seq,       \
@@ -345,6 +407,17 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
         rope_write_kv<T, C>(q, k, v, cos, sin, q_out, k_cache, v_cache, token_seq, token_pos, page_indptr,           \
                             page_indices, page_size, heads, kv_heads, tokens, d, qhs, qts, khs, kts, vhs, vts,       \
                             KV_##K##_ARGS);                                                                           \
+    }                                                                                                                 \
+    extern "C" __global__ void rope_norm_write_kv_##S(                                                                \
+        const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, C* k_cache, C* v_cache,           \
+        const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
+        const int* page_indices, int page_size, int heads, int kv_heads, long tokens, int d, long long qhs,        \
+        long long qts, long long khs, long long kts, long long vhs, long long vts KV_##K##_PARAMS, const T* qn,     \
+        const T* kn, float eps) {                                                                                     \
+        pdl_enter();                                                                                                  \
+        rope_norm_write_kv<T, C>(q, k, v, cos, sin, q_out, k_cache, v_cache, token_seq, token_pos, page_indptr,      \
+                                 page_indices, page_size, heads, kv_heads, tokens, d, qhs, qts, khs, kts, vhs, vts,  \
+                                 KV_##K##_ARGS, qn, kn, eps);                                                         \
     }
 
 #ifndef KV_FP8_BUILDS

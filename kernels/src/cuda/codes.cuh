@@ -1,6 +1,6 @@
 // Shared by the executor's kernel sources that take dtypes as run-time codes (graph.cu, moe.cu;
-// the loader prepends it after common.cuh): the codes, loads and stores by code, the gated
-// MLPs' activations, and the 16-byte bf16 chunks the decode GEMVs are built from.
+// the loader prepends it after common.cuh): the codes, loads and stores by code, and the 16-byte
+// bf16 chunks the decode GEMVs are built from.
 
 // Dtype codes, as kernels/src/cuda/exec.rs numbers them.
 #define DT_F32 0
@@ -50,13 +50,6 @@ __device__ __forceinline__ int dt_size(int dt) {
     return dt == DT_F32 ? 4 : dt == DT_I64 ? 8 : dt == DT_BOOL ? 1 : 2;
 }
 
-// A gated MLP's activation of its gate (`GateAct`): 0 silu, 1 gelu (tanh approximation), 2 gelu
-// (erf).
-__device__ __forceinline__ float gate_act(int act, float g) {
-    return act == 0   ? g / (1.0f + expf(-g))
-           : act == 1 ? 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)))
-                      : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-}
 
 // round(round(silu(round(g))) * round(u)): the unfused linear, SiLU and multiply's roundings
 // (the rounding of g and u is exact for values already bf16).

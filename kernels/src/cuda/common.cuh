@@ -121,6 +121,14 @@ __device__ __forceinline__ void pdl_enter() {
 #endif
 }
 
+// A gated MLP's activation of its gate (`GateAct`): 0 silu, 1 gelu (tanh approximation), 2 gelu
+// (erf).
+__device__ __forceinline__ float gate_act(int act, float g) {
+    return act == 0   ? g / (1.0f + expf(-g))
+           : act == 1 ? 0.5f * g * (1.0f + tanhf(0.79788456080286536f * (g + 0.044715f * g * g * g)))
+                      : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+}
+
 // Asks L2 for the first `bytes` at `p` (128-byte lines, the warp's lanes taking turns). The
 // GEMVs call it for their weight rows before `pdl_enter()`: weights are never written during a
 // step, so under programmatic dependent launch a GEMV's first weight reads are under way while

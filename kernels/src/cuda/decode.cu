@@ -186,6 +186,25 @@ __device__ __forceinline__ void rope_lanes(float* x, const T* c, const T* s, boo
     }
 }
 
+// RMSNorm of one head row of d values held across a warp, PER values a lane (lane L holds
+// elements L·PER ..), as the `rmsnorm` kernel computes it with the norm's dtype the row's:
+// x = round(w · round(x · rsqrt(mean(x²) + eps))), both roundings to T (Qwen3's and Gemma 3's
+// q/k norms fused into the attention: `qk_norm`). `w` points at the lane's elements of the
+// weight row. Every lane of the warp must call it (shuffles).
+template <typename T, int PER>
+__device__ __forceinline__ void norm_lanes(float* x, const T* w, bool live, int d, float eps) {
+    float ss = 0.0f;
+    if (live)
+#pragma unroll
+        for (int i = 0; i < PER; i++) ss += x[i] * x[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    float r = 1.0f / sqrtf(ss / d + eps);
+    if (live)
+#pragma unroll
+        for (int i = 0; i < PER; i++) x[i] = round_as(w, load_f(w, i) * round_as(w, x[i] * r));
+}
+
 // Whether this block is the last of `active` chunk blocks to finish (then it re-arms `counter`
 // for the next step): called by the whole block after it stored its partial state. The
 // block's stores are ordered before thread 0's release (the barrier, then a gpu-scope acq_rel
@@ -234,7 +253,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
                                    const long long* cached_len, int page_size, int heads, int kv_heads, long tokens,
                                    float scale, int chunk, int splits, float* partial, int* counters, T* out_all,
                                    long long ohs, long long ots, int window, float softcap, int dd, float ks,
-                                   float vs) {
+                                   float vs, const T* qn, const T* kn, float neps) {
     const int d = G ? dd : D;  // as paged_attention
     constexpr int PER = (D + 31) / 32;
     constexpr int WARPS = 4;
@@ -285,6 +304,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
             load_row<PER>(k_new + base, kr);
             load_row<PER>(v_new + base, vr);
         }
+        if (kn) norm_lanes<T, PER>(kr, kn + lane * PER, live, d, neps);
         if (cos) rope_lanes<T, PER>(kr, cos + tp * d + lane * PER, sin + tp * d + lane * PER, live, lane, d);
         // As the cache will hold them (the cached positions' units).
         if constexpr (is_fp8<C>::value) {
@@ -323,6 +343,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     float qv[PER], acc[PER];
     const long qrow = ((long)h * tokens + t) * d + lane * PER;
     if (live) load_row<PER>(q + qrow, qv);
+    if (EARLY && qn) norm_lanes<T, PER>(qv, qn + lane * PER, live, d, neps);
     if (EARLY && cos) rope_lanes<T, PER>(qv, cos + t * d + lane * PER, sin + t * d + lane * PER, live, lane, d);
     for (int i = 0; i < PER; i++) {
         qv[i] = live ? qv[i] * (scale * ks) : 0.0f;
@@ -419,13 +440,15 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out, long long ohs, long long ots, int window, float softcap, int d KV_##K##_PARAMS) {                   \
-        /* the latency build takes no window or soft-cap (constants: compiled away) */                              \
+        T* out, long long ohs, long long ots, int window, float softcap, int d KV_##K##_PARAMS, const T* qn,        \
+        const T* kn, float neps) {                                                                                    \
+        /* the latency build takes no window or soft-cap (constants: compiled away); only it */                     \
+        /* normalises (qn, kn: the q/k norms' weights, or null) */                                                   \
         paged_decode_split<T, C, D, G, EARLY, UE>(q, k_new, v_new, cos, sin, k_cache, v_cache, token_seq, token_pos, \
                                                   page_indptr, page_indices, seq_start, cached_len, page_size, heads, \
                                                   kv_heads, tokens, scale, chunk, splits, partial, counters, out,     \
                                                   ohs, ots, EARLY ? 0 : window, EARLY ? 0.0f : softcap, d,            \
-                                                  KV_##K##_ARGS);                                                     \
+                                                  KV_##K##_ARGS, EARLY ? qn : nullptr, EARLY ? kn : nullptr, neps);   \
     }
 // The end of a split-KV block over `n` query heads h0 .. h0 + n - 1 of token t, chunk s of
 // `active`: each of its WARPS warps left, for each head g, its max m, sum l and unnormalised
@@ -583,7 +606,8 @@ __device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C
         const long long* token_seq, const long long* token_pos, const long long* page_indptr,                       \
         const int* page_indices, const long long* seq_start, const long long* cached_len, int page_size,            \
         int heads, int kv_heads, long tokens, float scale, int chunk, int splits, float* partial, int* counters,     \
-        T* out, long long ohs, long long ots, int window, float softcap, int d KV_##K##_PARAMS) {                   \
+        T* out, long long ohs, long long ots, int window, float softcap, int d KV_##K##_PARAMS, const T*,           \
+        const T*, float) {                                                                                            \
         paged_decode_split_grouped<T, C, D, G, HB>(q, k_cache, v_cache, token_seq, token_pos, page_indptr,            \
                                                    page_indices, page_size, heads, kv_heads, tokens, scale, chunk,    \
                                                    splits, partial, counters, out, ohs, ots, window, softcap, d,      \
@@ -833,8 +857,9 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
                                      partial, counters, out_all, ohs, ots);
 }
 
-// Entry points with the grouped builds' parameters (the latency build's extras unused): the
-// plain fragment loads (`paged_decode_tc_`), and ldmatrix (`paged_decode_tc_ldsm_`).
+// Entry points with the grouped builds' parameters (the latency build's extras unused, the q/k
+// norms' three last ones too): the plain fragment loads (`paged_decode_tc_`), and ldmatrix
+// (`paged_decode_tc_ldsm_`).
 #define DECODE_TC(D, C, S, K) DECODE_TC_ENTRY(D, C, S, K, , false) DECODE_TC_ENTRY(D, C, S, K, ldsm_, true)
 #define DECODE_TC_ENTRY(D, C, S, K, N, L)                                                                             \
     extern "C" __global__ void __launch_bounds__(128, 4) paged_decode_tc_##N##d##D##_##S(                              \
@@ -843,7 +868,7 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
         const long long* page_indptr, const int* page_indices, const long long* seq_start,                          \
         const long long* cached_len, int page_size, int heads, int kv_heads, long tokens, float scale, int chunk,   \
         int splits, float* partial, int* counters, bf16_t* out, long long ohs, long long ots, int window,           \
-        float softcap, int d KV_##K##_PARAMS) {                                                                      \
+        float softcap, int d KV_##K##_PARAMS, const bf16_t*, const bf16_t*, float) {                                 \
         pdl_enter();                                                                                                  \
         paged_decode_tc<D, C, L>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size,   \
                                  heads, kv_heads, tokens, scale, chunk, splits, partial, counters, out, ohs, ots,   \

@@ -367,18 +367,23 @@ __device__ __forceinline__ void mma_e4m3(const unsigned int* a, unsigned int b0,
 #endif
 }
 
-// The tensor-core GEMVs' end: each warp's sums for the block's 16 weight rows (acc in the
-// m16n8 C layout: (row g, column 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)) meet in
-// `part`, and thread r + 16·i (< 16·M) stores y[i, row0 + r] = sum · scale(i, row) + bias.
-template <typename T, int M, int WARPS, typename Scale>
-__device__ __forceinline__ void tc_gemv_store(float (*part)[16][8], const float* acc, int row0, int n, const T* bias,
-                                              T* y, Scale scale) {
+// Each warp's sums for the block's 16 MMA rows (acc in the m16n8 C layout: (row g, column 2t),
+// (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)) into `part[warp]`, then a barrier.
+__device__ __forceinline__ void tc_parts(float (*part)[16][8], const float* acc) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     part[warp][g][2 * t] = acc[0];
     part[warp][g][2 * t + 1] = acc[1];
     part[warp][g + 8][2 * t] = acc[2];
     part[warp][g + 8][2 * t + 1] = acc[3];
     __syncthreads();
+}
+
+// The tensor-core GEMVs' end: the warps' sums for the block's 16 weight rows meet in `part`
+// (`tc_parts`), and thread r + 16·i (< 16·M) stores y[i, row0 + r] = sum · scale(i, row) + bias.
+template <typename T, int M, int WARPS, typename Scale>
+__device__ __forceinline__ void tc_gemv_store(float (*part)[16][8], const float* acc, int row0, int n, const T* bias,
+                                              T* y, Scale scale) {
+    tc_parts(part, acc);
     if (threadIdx.x < 16 * M) {
         int r = threadIdx.x % 16, i = threadIdx.x / 16, row = row0 + r;
         if (row < n) {
@@ -391,17 +396,42 @@ __device__ __forceinline__ void tc_gemv_store(float (*part)[16][8], const float*
     }
 }
 
-template <typename T, int M>
+// `tc_gemv_store` for a gated MLP's gate/up GEMV (`gemv_fp8_tc`'s GATED build): the block's 16
+// MMA rows are 8 gate rows row0 .. row0 + 7 (C rows 0-7) and their up rows n + row0 .. (C rows
+// 8-15) of a [2n, k] weight; thread r + 8·i (< 8·M) stores y[i, row0 + r] (y [m, n]) =
+// round(round(act(g)) · u), g and u each the row's sum · scale + bias rounded to T: what the
+// plain GEMV, then `silu_mul`, store.
+template <typename T, int M, int WARPS, typename Scale>
+__device__ __forceinline__ void tc_gemv_store_gated(float (*part)[16][8], const float* acc, int row0, int n,
+                                                    const T* bias, T* y, Scale scale, int act) {
+    tc_parts(part, acc);
+    if (threadIdx.x < 8 * M) {
+        int r = threadIdx.x % 8, i = threadIdx.x / 8, row = row0 + r;
+        if (row < n) {
+            float gs = 0.0f, us = 0.0f;
+#pragma unroll
+            for (int q = 0; q < WARPS; q++) gs += part[q][r][i], us += part[q][r + 8][i];
+            float gb = bias ? load_f(bias, row) : 0.0f, ub = bias ? load_f(bias, n + row) : 0.0f;
+            float gv = round_as(bias, gs * scale(i, row) + gb), uv = round_as(bias, us * scale(i, n + row) + ub);
+            store_f(y, (long)i * n + row, round_as(bias, gate_act(act, gv)) * uv);
+        }
+    }
+}
+
+// GATED: the weight is a gated MLP's fused gate/up [2n, k] (gate rows first) and y [m, n] gets
+// act(gate) · up (`act` as `gate_act`), 8 gate rows and their 8 up rows a block.
+template <typename T, int M, bool GATED>
 __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in, int dynamic,
-                            const float* s_w, int per_row, const T* bias, T* y, int n, int k) {
+                            const float* s_w, int per_row, const T* bias, T* y, int n, int k, int act) {
     __shared__ float s_tok[8];
     __shared__ float part[FP8_TC_WARPS][16][8];
     __shared__ __align__(16) unsigned char xs[M * FP8_TC_STRIDE];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int row0 = blockIdx.x * 16;
+    int row0 = blockIdx.x * (GATED ? 8 : 16);
     // Rows past n (the last block of an n % 16 != 0 call) read row n - 1 and are not stored.
     const unsigned char* wa = w + (long)min(row0 + g, n - 1) * k + t * 32;
-    const unsigned char* wb = w + (long)min(row0 + g + 8, n - 1) * k + t * 32;
+    const unsigned char* wb =
+        w + (GATED ? (long)n + min(row0 + g, n - 1) : (long)min(row0 + g + 8, n - 1)) * k + t * 32;
     // The weight pieces of a chunk's first steps, in flight while the activations are staged.
     int kc = 0, len = min(FP8_TC_CHUNK, k), steps = (len + 127) / 128, s0 = warp;
     uint4 ra[FP8_TC_INFLIGHT][2], rb[FP8_TC_INFLIGHT][2];
@@ -481,8 +511,11 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
         }
         if (!xc) __syncthreads();
     }
-    tc_gemv_store<T, M, FP8_TC_WARPS>(part, acc, row0, n, bias, y,
-                                      [&](int i, int row) { return s_tok[i] * s_w[per_row ? row : 0]; });
+    auto scale = [&](int i, int row) { return s_tok[i] * s_w[per_row ? row : 0]; };
+    if constexpr (GATED)
+        tc_gemv_store_gated<T, M, FP8_TC_WARPS>(part, acc, row0, n, bias, y, scale, act);
+    else
+        tc_gemv_store<T, M, FP8_TC_WARPS>(part, acc, row0, n, bias, y, scale);
 }
 
 #define GEMV_FP8_TC(S, T, M)                                                                                          \
@@ -493,7 +526,18 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
         int warp = threadIdx.x >> 5, per = 16 / FP8_TC_WARPS;                                                         \
         for (int r = blockIdx.x * 16 + per * warp; r < min(n, blockIdx.x * 16 + per * (warp + 1)); r++)               \
             prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
-        gemv_fp8_tc<T, M>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k); /* waits (pdl_enter) inside */       \
+        gemv_fp8_tc<T, M, false>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, 0); /* waits inside */         \
+    }                                                                                                                 \
+    /* The gated build: w [2n, k], y [m, n]; prefetches each row pair's heads. */                                     \
+    extern "C" __global__ void __launch_bounds__(32 * FP8_TC_WARPS)                                                   \
+        gemv_fp8_tc_gated_m##M##_##S(const T* x, const unsigned char* xc, const unsigned char* w,                      \
+                                     const float* s_in, int dynamic, const float* s_w, int per_row, const T* bias,    \
+                                     T* y, int n, int k, int prefetch, int act) {                                     \
+        for (int r = blockIdx.x * 8 + (threadIdx.x >> 5); r < min(n, blockIdx.x * 8 + 8); r += FP8_TC_WARPS) {        \
+            prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
+            prefetch_l2(w + ((long)n + r) * k, prefetch, threadIdx.x & 31);                                           \
+        }                                                                                                             \
+        gemv_fp8_tc<T, M, true>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, act); /* waits inside */        \
     }
 GEMV_FP8_TC(f32, float, 1)
 GEMV_FP8_TC(f32, float, 2)
@@ -556,14 +600,16 @@ __device__ __forceinline__ unsigned int mul_bf16x2_exact(unsigned int a, unsigne
     return d;
 }
 
-template <int M>
+// GATED: as `gemv_fp8_tc`'s (w a gated MLP's gate/up [2n, k], y [m, n] = act(gate) · up, 8 gate
+// rows and their up rows a block).
+template <int M, bool GATED>
 __device__ void gemv_nvfp4_tc(const bf16_t* x, const unsigned char* w, const unsigned char* bs, const float* s2,
-                              const bf16_t* bias, bf16_t* y, int n, int k) {
+                              const bf16_t* bias, bf16_t* y, int n, int k, int act) {
     __shared__ float part[NVFP4_TC_WARPS][16][8];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int row0 = blockIdx.x * 16;
+    int row0 = blockIdx.x * (GATED ? 8 : 16);
     // Rows past n (the last block of an n % 16 != 0 call) read row n - 1 and are not stored.
-    long ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1);
+    long ra = min(row0 + g, n - 1), rb = GATED ? n + min(row0 + g, n - 1) : min(row0 + g + 8, n - 1);
     long len = k / 2, nscales = k / 16;  // a row's bytes of codes and of block scales
     const unsigned char* wa = w + ra * len + t * 32;
     const unsigned char* wb = w + rb * len + t * 32;
@@ -634,14 +680,23 @@ __device__ void gemv_nvfp4_tc(const bf16_t* x, const unsigned char* w, const uns
         if (s0 >= steps) break;
         load();
     }
-    tc_gemv_store<bf16_t, M, NVFP4_TC_WARPS>(part, acc, row0, n, bias, y, [&](int, int) { return s2[0]; });
+    auto scale = [&](int, int) { return s2[0]; };
+    if constexpr (GATED)
+        tc_gemv_store_gated<bf16_t, M, NVFP4_TC_WARPS>(part, acc, row0, n, bias, y, scale, act);
+    else
+        tc_gemv_store<bf16_t, M, NVFP4_TC_WARPS>(part, acc, row0, n, bias, y, scale);
 }
 
 #define GEMV_NVFP4_TC(M)                                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * NVFP4_TC_WARPS)                                                 \
         gemv_nvfp4_tc_m##M##_bf16(const bf16_t* x, const unsigned char* w, const unsigned char* bs, const float* s2,  \
                                   const bf16_t* bias, bf16_t* y, int n, int k) {                                      \
-        gemv_nvfp4_tc<M>(x, w, bs, s2, bias, y, n, k);                                                                \
+        gemv_nvfp4_tc<M, false>(x, w, bs, s2, bias, y, n, k, 0);                                                      \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * NVFP4_TC_WARPS) gemv_nvfp4_tc_gated_m##M##_bf16(                \
+        const bf16_t* x, const unsigned char* w, const unsigned char* bs, const float* s2, const bf16_t* bias,        \
+        bf16_t* y, int n, int k, int act) {                                                                           \
+        gemv_nvfp4_tc<M, true>(x, w, bs, s2, bias, y, n, k, act);                                                     \
     }
 GEMV_NVFP4_TC(1)
 GEMV_NVFP4_TC(2)

@@ -123,6 +123,7 @@ impl DeviceAttention for FlashInfer {
                 odt,
                 (c.q.ptr, c.k.ptr, c.v.ptr),
                 c.rope,
+                c.qk_norm,
                 cache,
                 (c.out, out_rows),
                 meta,
@@ -136,15 +137,16 @@ impl DeviceAttention for FlashInfer {
             .map_err(fail)?;
             return Ok(out_rows);
         }
-        let q = if let Some((cos, sin)) = c.rope {
+        let q = if let Some(tables) = c.rope {
             // One kernel rotates q into the node's scratch and writes rotated k and v into the
-            // cache, reading q/k/v where they lie.
+            // cache, reading q/k/v where they lie (normalising q and k first where the q/k
+            // norms are fused too).
             gpu.rope_write_kv(
                 odt,
                 (c.q.ptr, c.k.ptr, c.v.ptr),
                 [c.q.rows, c.k.rows, c.v.rows],
-                cos,
-                sin,
+                tables,
+                c.qk_norm,
                 c.scratch,
                 cache,
                 meta,
@@ -207,7 +209,7 @@ impl DeviceAttention for Triton {
     }
 
     fn attend(&self, c: &DeviceAttentionCall, gpu: &Gpu) -> Result<HeadRows> {
-        if c.rope.is_some() {
+        if c.rope.is_some() || c.qk_norm.is_some() {
             return Err(fail(
                 c,
                 "triton",

@@ -86,6 +86,85 @@ impl Transform for FuseRopeAttention {
 
 autodeploy_core::inventory::submit! {
     TransformPlugin {
+        name: "fuse_qk_norm_attention",
+        stage: Stage::Compile,
+        order: 12,
+        enabled_by_default: false,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
+        make: || Box::new(FuseQkNormAttention),
+    }
+}
+
+/// The q/k RMSNorms into a RoPE-fused cached attention (stage `compile`, after
+/// `fuse_rope_attention`): where q and k each come from a `torch_rmsnorm` over the head dim
+/// (optionally through the transpose to heads-major), read by nothing else, with equal
+/// attributes, in the model's dtype (weights too, the norm rounded to it), the op takes the
+/// norms' inputs and weights (`qk_norm_eps`, `qk_norm_dtype`; inputs `q, k, v, cos, sin,
+/// q_norm_w, k_norm_w`) and computes the same numbers; the CUDA executor's RoPE kernels then
+/// normalise each head row too (Qwen3's and Gemma 3's q/k norms: two launches a layer fewer).
+pub struct FuseQkNormAttention;
+
+impl Transform for FuseQkNormAttention {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        if let Some(skip) = not_fusing(cx, "runs the q/k norms apart")? {
+            return Ok(skip);
+        }
+        let producers = g.producers();
+        let uses = g.use_counts();
+        let private = |v: ValueId| uses[v.0 as usize] == 1 && !g.outputs.contains(&v);
+        // The norm behind attention input `v`: (the transpose node between them, if any, the
+        // norm's input, its weight, its attributes).
+        let norm_behind = |v: ValueId| -> Option<(Option<usize>, ValueId, ValueId, NormAttrs)> {
+            let mut at = v;
+            let mut via = None;
+            let p = producers[at.0 as usize]?;
+            if let Some((a, b)) = g.nodes[p].op.transpose_dims() {
+                let rank = g.meta(v).shape.len() as i64;
+                let last = |d: i64| d == -1 || d == rank - 1;
+                if last(a) || last(b) || !private(at) {
+                    return None;
+                }
+                via = Some(p);
+                at = g.nodes[p].inputs[0];
+            }
+            let n = producers[at.0 as usize]?;
+            let attrs = g.nodes[n].op.norm_attrs(RMSNORM).filter(|a| !a.fp8_out)?;
+            let (x, w) = (g.nodes[n].inputs[0], g.nodes[n].inputs[1]);
+            let dt = g.meta(x).dtype;
+            let same = g.meta(at).dtype == dt && g.meta(w).dtype == dt && attrs.norm_dtype == dt;
+            (private(at) && same).then_some((via, x, w, attrs))
+        };
+        let mut fused = Vec::new();
+        for (j, node) in g.nodes.iter().enumerate() {
+            let Some(a @ CachedAttn { rope: true, qk_norm: None, .. }) = node.op.cached_attention_of() else {
+                continue;
+            };
+            if let (Some(q), Some(k)) = (norm_behind(node.inputs[0]), norm_behind(node.inputs[1])) {
+                if q.3 == k.3 {
+                    fused.push((j, a, q, k));
+                }
+            }
+        }
+        let n = fused.len();
+        for (j, a, q, k) in fused {
+            for (slot, (via, x, _, _)) in [(0, q), (1, k)] {
+                match via {
+                    Some(t) => g.nodes[t].inputs[0] = x,
+                    None => g.nodes[j].inputs[slot] = x,
+                }
+            }
+            g.nodes[j].inputs.extend([q.2, k.2]);
+            g.nodes[j].op = Op::cached_attention(&CachedAttn { qk_norm: Some(q.3), ..a });
+        }
+        let removed = g.dce();
+        Ok(format!("fused the q/k norms into {n} cached attentions ({removed} nodes removed)"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
         name: "fuse_swiglu_epilogue",
         stage: Stage::Compile,
         order: 20,
@@ -270,6 +349,62 @@ impl Transform for FuseGatedAct {
 
 autodeploy_core::inventory::submit! {
     TransformPlugin {
+        name: "fuse_quant_gated_epilogue",
+        stage: Stage::Compile,
+        order: 37,
+        enabled_by_default: false,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
+        make: || Box::new(FuseQuantGatedEpilogue),
+    }
+}
+
+/// A quantized MLP's activation into the FP8 or NVFP4 gate/up linear before it (stage `compile`,
+/// after `fuse_gated_act`, which makes the `torch_gated_act` it reads): where a
+/// `torch_gated_act` (no `quant`) reads the whole output of one FP8 (over float inputs) or NVFP4
+/// linear (the fused gate/up, read by nothing else),
+/// the two become that linear with `act=<act>`, which outputs `act(gate) · up` rounded as the
+/// two ops round it. On CUDA the decode GEMV computes each gate row beside its up row and writes
+/// the product: one launch, and no `[.., 2·I]` tensor, instead of two. Before
+/// `fuse_fp8_input_quant`, so the down projection then quantizes its input itself. Off by
+/// default until a GPU run has checked and timed it (docs/developing.md).
+pub struct FuseQuantGatedEpilogue;
+
+impl Transform for FuseQuantGatedEpilogue {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        if let Some(skip) = not_fusing(cx, "runs a quantized MLP's activation after its gate/up linear")? {
+            return Ok(skip);
+        }
+        let producers = g.producers();
+        let uses = g.use_counts();
+        let mut found = Vec::new();
+        for (j, node) in g.nodes.iter().enumerate() {
+            let Some(a) = node.op.gated_act_of().filter(|a| !a.fp8_out) else { continue };
+            let [gate_up] = node.inputs[..] else { continue };
+            let Some(p) = producers[gate_up.0 as usize]
+                .filter(|_| uses[gate_up.0 as usize] == 1 && !g.outputs.contains(&gate_up))
+            else {
+                continue;
+            };
+            if let Some(op) = g.nodes[p].op.quant_linear_gated(a.act) {
+                found.push((j, op, g.nodes[p].inputs.clone()));
+            }
+        }
+        let n = found.len();
+        for (j, op, inputs) in found {
+            g.nodes[j].op = op;
+            g.nodes[j].inputs = inputs;
+        }
+        let removed = g.dce();
+        g.reinfer()?;
+        g.validate()?;
+        Ok(format!("made {n} quantized gate/up linears compute their gated activation ({removed} nodes removed)"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
         name: "fuse_fp8_input_quant",
         stage: Stage::Compile,
         order: 40,
@@ -346,7 +481,9 @@ impl Transform for FuseFp8InputQuant {
             g.nodes[j].op = op;
             g.nodes[j].inputs.push(scale);
             for l in linears {
-                g.nodes[l].op = Op::fp8_linear_codes(dtype);
+                if let Some(op) = g.nodes[l].op.fp8_linear_over_codes(dtype) {
+                    g.nodes[l].op = op;
+                }
             }
         }
         g.reinfer()?;

@@ -264,7 +264,7 @@ impl Gpu {
                 false => (self.f.paged_decode_tc[fp8][i], "paged_decode_tc"),
             };
             let hb = heads / kv_heads;
-            return self.launch_split(tc, (q, 0, 0), (0, 0), cache, out, meta, shapes, (scale, mods), split, hb);
+            return self.launch_split(tc, (q, 0, 0), (0, 0), None, cache, out, meta, shapes, (scale, mods), split, hb);
         }
         let hb = self.decode_heads_a_block(heads, kv_heads, d);
         let builds = match hb {
@@ -274,13 +274,15 @@ impl Gpu {
             _ => &self.f.paged_decode_split,
         };
         let f = (split_build(builds, dt, d, mods)?, "paged_decode_split");
-        self.launch_split(f, (q, 0, 0), (0, 0), cache, out, meta, shapes, (scale, mods), split, hb)
+        self.launch_split(f, (q, 0, 0), (0, 0), None, cache, out, meta, shapes, (scale, mods), split, hb)
     }
 
     /// Split-KV decode attention, latency build (for steps of at most `SPLIT_EARLY_MAX_TOKENS`
     /// tokens), with the layer's RoPE and KV-cache write in the same launch: `qkv` are this
     /// step's q `[heads, tokens, d]` and k, v `[kv_heads, tokens, d]` as the linears left them;
-    /// with `rope` (one `[tokens, d]` cos and sin table) q and k are rotated first. The kernel
+    /// with `rope` (one `[tokens, d]` cos and sin table) q and k are rotated first, with
+    /// `qk_norm` (q's and k's norm weights `[d]`, eps) each head row RMS-normalised before
+    /// that (as the `rmsnorm` kernel, the norm's dtype `dt`). The kernel
     /// stores the step's k and v in the cache (an FP8 cache: `kv_fp8`'s scales). Otherwise as
     /// `paged_decode_split`, without a window or soft-cap (layers with them take the throughput
     /// build).
@@ -290,6 +292,7 @@ impl Gpu {
         dt: Dt,
         qkv: (Ptr, Ptr, Ptr),
         rope: Option<(Ptr, Ptr)>,
+        qk_norm: Option<(Ptr, Ptr, f32)>,
         cache: (Ptr, Ptr),
         out: (Ptr, HeadRows),
         meta: &StepMeta,
@@ -303,9 +306,13 @@ impl Gpu {
         let f =
             if self.attn_early_u() == 4 { &self.f.paged_decode_split_early4 } else { &self.f.paged_decode_split_early };
         let tables = rope.unwrap_or((0, 0));
+        if qk_norm.is_some() && rope.is_none() {
+            return Err(Unavailable("the q/k norms are fused only with the RoPE".into()));
+        }
         let plain = ScoreMods { kv_fp8, ..ScoreMods::default() };
         let f = (split_build(f, dt, d, plain)?, "paged_decode_split");
-        self.launch_split(f, qkv, tables, cache, out, meta, (heads, kv_heads, d), (scale, plain), split, 1)
+        let shapes = (heads, kv_heads, d);
+        self.launch_split(f, qkv, tables, qk_norm, cache, out, meta, shapes, (scale, plain), split, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -314,6 +321,7 @@ impl Gpu {
         (f, name): (Kernel, &'static str),
         qkv: (Ptr, Ptr, Ptr),
         (cos, sin): (Ptr, Ptr),
+        qk_norm: Option<(Ptr, Ptr, f32)>,
         cache: (Ptr, Ptr),
         (out, rows): (Ptr, HeadRows),
         meta: &StepMeta,
@@ -344,6 +352,10 @@ impl Gpu {
         if mods.kv_fp8.is_some() {
             l.arg(&scales.0).arg(&scales.1);
         }
+        // Every split build takes the q/k norms' weights and eps last (only the latency build
+        // reads them; null: no norms).
+        let (qn, kn, neps) = qk_norm.unwrap_or((0, 0, 0.0));
+        l.arg(&qn).arg(&kn).arg(&neps);
         let cfg = LaunchConfig {
             grid_dim: (meta.tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
             block_dim: (128, 1, 1),
@@ -357,15 +369,17 @@ impl Gpu {
     /// RoPE of q into `q_out` `[heads, tokens, d]` and of k into the cache, v copied to the
     /// cache: the rope and KV-write of a layer in one launch. q, k, v are read where `rows`
     /// says (`HeadRows::heads_major` for contiguous `[heads, tokens, d]`; a fused q/k/v linear's
-    /// column slices in place). An FP8 cache: `kv_fp8`'s scales.
+    /// column slices in place). An FP8 cache: `kv_fp8`'s scales. With `qk_norm` (q's and k's
+    /// norm weights `[d]`, eps) each head row of q and k is RMS-normalised before its rotation
+    /// (`rope_norm_write_kv`, a warp a row; the norm's dtype `dt`).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_write_kv(
         &self,
         dt: Dt,
         qkv: (Ptr, Ptr, Ptr),
         rows: [HeadRows; 3],
-        cos: Ptr,
-        sin: Ptr,
+        (cos, sin): (Ptr, Ptr),
+        qk_norm: Option<(Ptr, Ptr, f32)>,
         q_out: Ptr,
         cache: (Ptr, Ptr),
         meta: &StepMeta,
@@ -374,9 +388,10 @@ impl Gpu {
         d: usize,
         kv_fp8: Option<(f32, f32)>,
     ) -> Result<(), Unavailable> {
-        let f = &self.f.rope_write_kv[build(dt, kv_fp8)?];
+        let b = build(dt, kv_fp8)?;
+        let f = if qk_norm.is_some() { self.f.rope_norm_write_kv[b] } else { self.f.rope_write_kv[b] };
         let (ps, h, kvh, t, d32) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64, d as i32);
-        let mut l = self.launcher(*f);
+        let mut l = self.launcher(f);
         l.arg(&qkv.0).arg(&qkv.1).arg(&qkv.2).arg(&cos).arg(&sin).arg(&q_out).arg(&cache.0).arg(&cache.1);
         l.arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr).arg(&meta.page_indices);
         l.arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&d32);
@@ -387,9 +402,15 @@ impl Gpu {
         if kv_fp8.is_some() {
             l.arg(&scales.0).arg(&scales.1);
         }
+        let rows = (heads + kv_heads) * meta.tokens;
+        if let Some((qn, kn, eps)) = &qk_norm {
+            l.arg(qn).arg(kn).arg(eps);
+            // SAFETY: as below; qn, kn hold d elements of dt each.
+            return launched("rope_norm_write_kv", unsafe { l.launch(grid(rows * 32, 256)) }.map(|_| ()));
+        }
         // SAFETY: as write_kv; q_out [heads, tokens, d]; q, k, v rows where `rows` says (the
         // caller's views of its tensors: heads × tokens rows of d within them).
-        launched("rope_write_kv", unsafe { l.launch(grid((heads + kv_heads) * meta.tokens * d / 2, 256)) }.map(|_| ()))
+        launched("rope_write_kv", unsafe { l.launch(grid(rows * d / 2, 256)) }.map(|_| ()))
     }
 }
 

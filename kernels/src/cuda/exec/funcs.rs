@@ -19,9 +19,13 @@ pub(super) struct Funcs {
     pub(super) quant_gemv: [[Kernel; 4]; 2],
     /// `gemv_fp8_tc_m{1,2,4,8}` for `[f32, bf16]` (sm_89+).
     pub(super) fp8_tc_gemv: [[Kernel; 4]; 2],
+    /// The same over a gated MLP's gate/up weight, act(gate) · up out (`LowBitLinear::gated`).
+    pub(super) fp8_tc_gemv_gated: [[Kernel; 4]; 2],
     pub(super) nvfp4_gemv: [[Kernel; 4]; 2],
     /// `gemv_nvfp4_tc_m{1,2,4,8}_bf16` (sm_80+).
     pub(super) nvfp4_tc_gemv: [Kernel; 4],
+    /// The same over a gated MLP's gate/up weight (`LowBitLinear::gated`).
+    pub(super) nvfp4_tc_gemv_gated: [Kernel; 4],
     pub(super) copy_strided: Kernel,
     pub(super) binary: Kernel,
     pub(super) unary: Kernel,
@@ -59,6 +63,8 @@ pub(super) struct Funcs {
     /// The latency build at 4 positions a warp and pass.
     pub(super) paged_decode_split_early4: [Vec<Kernel>; 4],
     pub(super) rope_write_kv: [Kernel; 4],
+    /// The same with the q/k norms (`Gpu::rope_write_kv`'s `qk_norm`).
+    pub(super) rope_norm_write_kv: [Kernel; 4],
     pub(super) slot_attention: [Vec<Kernel>; 4],
     /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`: over a bf16 cache, over an FP8 one.
     pub(super) paged_prefill_tc: [Vec<Kernel>; 2],
@@ -143,11 +149,31 @@ impl Funcs {
                     g("gemv_fp8_tc_m8_bf16")?,
                 ],
             ],
+            fp8_tc_gemv_gated: [
+                [
+                    g("gemv_fp8_tc_gated_m1_f32")?,
+                    g("gemv_fp8_tc_gated_m2_f32")?,
+                    g("gemv_fp8_tc_gated_m4_f32")?,
+                    g("gemv_fp8_tc_gated_m8_f32")?,
+                ],
+                [
+                    g("gemv_fp8_tc_gated_m1_bf16")?,
+                    g("gemv_fp8_tc_gated_m2_bf16")?,
+                    g("gemv_fp8_tc_gated_m4_bf16")?,
+                    g("gemv_fp8_tc_gated_m8_bf16")?,
+                ],
+            ],
             nvfp4_tc_gemv: [
                 g("gemv_nvfp4_tc_m1_bf16")?,
                 g("gemv_nvfp4_tc_m2_bf16")?,
                 g("gemv_nvfp4_tc_m4_bf16")?,
                 g("gemv_nvfp4_tc_m8_bf16")?,
+            ],
+            nvfp4_tc_gemv_gated: [
+                g("gemv_nvfp4_tc_gated_m1_bf16")?,
+                g("gemv_nvfp4_tc_gated_m2_bf16")?,
+                g("gemv_nvfp4_tc_gated_m4_bf16")?,
+                g("gemv_nvfp4_tc_gated_m8_bf16")?,
             ],
             nvfp4_gemv: [
                 [g("gemv_nvfp4_m1_f32")?, g("gemv_nvfp4_m2_f32")?, g("gemv_nvfp4_m4_f32")?, g("gemv_nvfp4_m8_f32")?],
@@ -193,6 +219,7 @@ impl Funcs {
             ],
             paged_decode_split_early4: by_dims("paged_decode_split_early4")?,
             rope_write_kv: builds("rope_write_kv")?,
+            rope_norm_write_kv: builds("rope_norm_write_kv")?,
             slot_attention: by_dims("slot_attention")?,
         })
     }

@@ -12,7 +12,7 @@
 //! reads the codes where they lie, cuBLASLt reads them, and the other paths take their values.
 
 use super::lt::{LtOperands, LtOut};
-use super::{grid, launched, Dt, Gpu, Ptr};
+use super::{grid, launched, Dt, GateAct, Gpu, Ptr};
 use crate::cuda::Unavailable;
 
 /// Index of a dtype's build in the `[f32, bf16]` kernel pairs.
@@ -51,16 +51,24 @@ pub struct LowBitLinear {
     /// FP8 with a static input scale: `x` holds `[m, k]` E4M3 codes at that scale (one byte
     /// each), not values of `dt`.
     pub x_codes: bool,
+    /// W is a gated MLP's fused gate/up (`n` rows, gate first) and `y` `[m, n / 2]` gets
+    /// `act(gate) · up` of the rounded output (as `silu_mul` computes it).
+    pub gated: Option<GateAct>,
 }
 
 impl LowBitLinear {
     /// Scratch bytes of an FP8 or NVFP4 call, in the order the launchers take them: the
     /// activations' codes (FP8 only, `m·k` of `dt`), the dequantized weight (`n·k` of `dt`),
     /// the f32 sums (`m·n`) and the activation rows' scales (dynamic FP8, `m` f32), each rounded
-    /// up to 256 bytes.
-    pub fn scratch(dt_bytes: usize, m: usize, n: usize, k: usize) -> [usize; 4] {
+    /// up to 256 bytes; a `gated` call also the whole output (`m·n` of `dt`) for the paths
+    /// without the gated GEMV.
+    pub fn scratch(dt_bytes: usize, m: usize, n: usize, k: usize, gated: bool) -> Vec<usize> {
         let up = |b: usize| b.div_ceil(256) * 256;
-        [up(m * k * dt_bytes), up(n * k * dt_bytes), up(m * n * 4), up(m * 4)]
+        let mut s = vec![up(m * k * dt_bytes), up(n * k * dt_bytes), up(m * n * 4), up(m * 4)];
+        if gated {
+            s.push(up(m * n * dt_bytes));
+        }
+        s
     }
 
     fn sizes(&self) -> Result<(i64, i32, i32), Unavailable> {
@@ -84,33 +92,58 @@ fn gemv_rows(m: usize) -> Option<usize> {
 }
 
 impl Gpu {
-    /// `torch_quant_fp8_linear`: `w` E4M3 `[n, k]`; scratch as [`LowBitLinear::scratch`].
-    pub fn fp8_linear(&self, c: &LowBitLinear, w: Ptr, s: LowBitScales, scratch: [Ptr; 4]) -> Result<(), Unavailable> {
+    /// `torch_quant_fp8_linear`: `w` E4M3 `[n, k]`; scratch as [`LowBitLinear::scratch`] (the
+    /// fifth region only for a gated call).
+    pub fn fp8_linear(&self, c: &LowBitLinear, w: Ptr, s: LowBitScales, scratch: [Ptr; 5]) -> Result<(), Unavailable> {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
-        let [xq, wd, acc, rows] = scratch;
+        let [xq, wd, acc, rows, full] = scratch;
         if c.x_codes && (s.dynamic || s.input == 0) {
             return Err(Unavailable("FP8 activations as codes need a static input scale".into()));
+        }
+        if c.gated.is_some() && !c.n.is_multiple_of(2) {
+            return Err(Unavailable(format!("a gated FP8 linear needs gate and up rows: {} rows", c.n)));
         }
         if let Some(i) =
             gemv_rows(c.m).filter(|_| self.fp8_tc && c.k.is_multiple_of(16) && (w | c.x).is_multiple_of(16))
         {
             let (pf, dynamic, per_row) = (self.prefetch_row.min(c.k) as i32, s.dynamic as i32, s.per_row as i32);
             let (x, xc) = if c.x_codes { (0, c.x) } else { (c.x, 0) };
-            let mut l = self.launcher(self.f.fp8_tc_gemv[di][i]);
+            let (f, out_rows, rows_a_block) = match c.gated {
+                Some(_) => (self.f.fp8_tc_gemv_gated[di][i], c.n / 2, 8),
+                None => (self.f.fp8_tc_gemv[di][i], c.n, 16),
+            };
+            let out_rows32 = out_rows as i32;
+            let mut l = self.launcher(f);
             l.arg(&x).arg(&xc).arg(&w).arg(&s.input).arg(&dynamic).arg(&s.weight).arg(&per_row);
-            l.arg(&c.bias).arg(&c.y).arg(&n32).arg(&k32).arg(&pf);
+            l.arg(&c.bias).arg(&c.y).arg(&out_rows32).arg(&k32).arg(&pf);
+            let act = c.gated.map_or(0, |a| a as i32);
+            if c.gated.is_some() {
+                l.arg(&act);
+            }
             let cfg = super::LaunchConfig {
-                grid_dim: (c.n.div_ceil(16) as u32, 1, 1),
+                grid_dim: (out_rows.div_ceil(rows_a_block) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: x [m, k] of dt or xc [m, k] codes (rows 16-byte aligned: k % 16 == 0 and
-            // c.x aligned), w [n, k] bytes likewise, y [m, n]; s.input one f32 (unread when
-            // dynamic), s.weight one or n; 16 weight rows a block of 8 warps (quant.cu's
-            // gemv_fp8_tc).
-            let name = if c.x_codes { "gemv_fp8_tc_codes" } else { "gemv_fp8_tc" };
+            // c.x aligned), w [n, k] bytes likewise, y [m, n] ([m, n / 2] gated); s.input one
+            // f32 (unread when dynamic), s.weight one or n; 16 weight rows a block of 8 warps
+            // (quant.cu's gemv_fp8_tc; gated: 8 gate rows and their up rows).
+            let name = match (c.gated.is_some(), c.x_codes) {
+                (true, _) => "gemv_fp8_tc_gated",
+                (false, true) => "gemv_fp8_tc_codes",
+                (false, false) => "gemv_fp8_tc",
+            };
             return launched(name, unsafe { l.launch(cfg) }.map(|_| ()));
+        }
+        if let Some(act) = c.gated {
+            // The whole gate/up output into scratch by the paths below, then the activation.
+            if full == 0 {
+                return Err(Unavailable("a gated FP8 linear's output scratch was not planned".into()));
+            }
+            self.fp8_linear(&LowBitLinear { y: full, gated: None, ..*c }, w, s, [xq, wd, acc, rows, 0])?;
+            return self.silu_mul(full, None, c.dt, c.y, None, c.m, c.n / 2, act);
         }
         let lt_ok = c.dt == Dt::BF16 && c.k.is_multiple_of(16) && (w | c.x | xq).is_multiple_of(16);
         if let Some(lt) = self.fp8_lt.as_ref().filter(|_| lt_ok && gemv_rows(c.m).is_none()) {
@@ -189,35 +222,57 @@ impl Gpu {
 
     /// `torch_quant_nvfp4_linear`, weight-only: `w` E2M1 `[n, k]` two a byte, `block_scales`
     /// E4M3 `[n, k / 16]`, `s.weight` the global scale; scratch as [`LowBitLinear::scratch`]
-    /// (the first region unused).
+    /// (the first region unused; the fifth only for a gated call).
     pub fn nvfp4_linear(
         &self,
         c: &LowBitLinear,
         w: Ptr,
         block_scales: Ptr,
         s: LowBitScales,
-        scratch: [Ptr; 4],
+        scratch: [Ptr; 5],
     ) -> Result<(), Unavailable> {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
-        let [_, wd, acc, _] = scratch;
+        let [xq, wd, acc, rows, full] = scratch;
+        if c.gated.is_some() && !c.n.is_multiple_of(2) {
+            return Err(Unavailable(format!("a gated NVFP4 linear needs gate and up rows: {} rows", c.n)));
+        }
         let tc = self.nvfp4_tc
             && c.dt == Dt::BF16
             && c.k.is_multiple_of(64)
             && (w | c.x).is_multiple_of(16)
             && block_scales.is_multiple_of(4);
         if let Some(i) = gemv_rows(c.m).filter(|_| tc) {
-            let mut l = self.launcher(self.f.nvfp4_tc_gemv[i]);
-            l.arg(&c.x).arg(&w).arg(&block_scales).arg(&s.weight).arg(&c.bias).arg(&c.y).arg(&n32).arg(&k32);
+            let (f, out_rows, rows_a_block) = match c.gated {
+                Some(_) => (self.f.nvfp4_tc_gemv_gated[i], c.n / 2, 8),
+                None => (self.f.nvfp4_tc_gemv[i], c.n, 16),
+            };
+            let (out_rows32, act) = (out_rows as i32, c.gated.map_or(0, |a| a as i32));
+            let mut l = self.launcher(f);
+            l.arg(&c.x).arg(&w).arg(&block_scales).arg(&s.weight).arg(&c.bias).arg(&c.y).arg(&out_rows32).arg(&k32);
+            if c.gated.is_some() {
+                l.arg(&act);
+            }
             let cfg = super::LaunchConfig {
-                grid_dim: (c.n.div_ceil(16) as u32, 1, 1),
+                grid_dim: (out_rows.div_ceil(rows_a_block) as u32, 1, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: x [m, k] bf16 and w [n, k/2] bytes with 16-byte-aligned rows (k % 64 == 0
             // and both pointers aligned), block_scales [n, k/16] with 4-byte-aligned rows, y [m,
-            // n]; 16 weight rows a block of 4 warps (quant.cu's gemv_nvfp4_tc).
-            return launched("gemv_nvfp4_tc", unsafe { l.launch(cfg) }.map(|_| ()));
+            // n] ([m, n / 2] gated); 16 weight rows a block of 4 warps (quant.cu's
+            // gemv_nvfp4_tc; gated: 8 gate rows and their up rows).
+            let name = if c.gated.is_some() { "gemv_nvfp4_tc_gated" } else { "gemv_nvfp4_tc" };
+            return launched(name, unsafe { l.launch(cfg) }.map(|_| ()));
+        }
+        if let Some(act) = c.gated {
+            // The whole gate/up output into scratch by the paths below, then the activation.
+            if full == 0 {
+                return Err(Unavailable("a gated NVFP4 linear's output scratch was not planned".into()));
+            }
+            let plain = LowBitLinear { y: full, gated: None, ..*c };
+            self.nvfp4_linear(&plain, w, block_scales, s, [xq, wd, acc, rows, 0])?;
+            return self.silu_mul(full, None, c.dt, c.y, None, c.m, c.n / 2, act);
         }
         if let Some(i) = gemv_rows(c.m).filter(|_| c.k.is_multiple_of(32) && (w | c.x).is_multiple_of(16)) {
             let pf = self.prefetch_row.min(c.k / 2) as i32;

@@ -155,7 +155,7 @@ impl CudaModel {
                         None => out = inp(0),
                     },
                 },
-                (_, Some(CachedAttn { layer, scale, rope: fused_rope, scoring, .. })) => {
+                (_, Some(CachedAttn { layer, scale, rope: fused_rope, qk_norm, scoring, .. })) => {
                     let meta = staged.meta.as_ref().ok_or_else(|| {
                         Error::Msg("this graph has cached attention: forward needs a step context".into())
                     })?;
@@ -186,6 +186,24 @@ impl CudaModel {
                     } else {
                         None
                     };
+                    // The q/k norms fused too: their weights, one [head_dim] row each in the
+                    // model's dtype, normalised in it (what the kernels round to).
+                    let qk_norm = match qk_norm {
+                        Some(n) => {
+                            let dt = g.meta(outv).dtype;
+                            let bad = [5, 6].iter().find(|&&w| in_shape(w).ok() != Some(vec![l.head_dim]));
+                            if n.norm_dtype != dt || bad.is_some() {
+                                return Err(fail(Unavailable(format!(
+                                    "q/k norms in {} with weights {:?}, {:?}: the kernels normalise in the model's dtype ({dt}) with [head_dim] weights",
+                                    n.norm_dtype,
+                                    in_shape(5)?,
+                                    in_shape(6)?
+                                ))));
+                            }
+                            Some((inp(5), inp(6), n.eps as f32))
+                        }
+                        None => None,
+                    };
                     let call = DeviceAttentionCall {
                         layer: *layer,
                         scale: *scale as f32,
@@ -203,6 +221,7 @@ impl CudaModel {
                         k: operand(node.inputs[1])?,
                         v: operand(node.inputs[2])?,
                         rope,
+                        qk_norm,
                         scratch: if *fused_rope { scratch(0) } else { 0 },
                         out: planned,
                         tokens_major_ok: self.attn_tokens_major[i] && backend.tokens_major_out(),

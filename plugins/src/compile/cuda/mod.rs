@@ -574,6 +574,7 @@ mod tests {
                 layer: 0,
                 scale: 0.125,
                 rope,
+                qk_norm: None,
                 scoring: Default::default(),
             })
         };

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# What was written without a GPU at hand and waits for one, as one device call: the checks
+# first, then the timings that decide the settings left off by default (docs/developing.md,
+# "Transforms off by default" and the kernel knobs).
+#   bash benches/gpu/pending.sh BIN_DIR
+# BIN_DIR holds release binaries built on a development machine (the GPU machine has no Rust):
+#   autodeploy  (cargo build --release -p autodeploy)
+#   cuda_check  (cargo build --release -p autodeploy-kernels --example cuda_check)
+#   cuda-tests  (cargo test --release -p autodeploy-tests --test cuda --no-run: target/release/deps/cuda-*)
+# PARTS (default "checks suite fp8 moe long") picks parts, run in this order:
+#   checks  cuda_check whole (every kernel against the CPU), then the CUDA tests of what has
+#           not run on a GPU yet: the q/k norms fused into the attention, the FP8 folds and gated
+#           epilogue, NVFP4 on tensor cores, the tensor-core decode (the test binary's failures
+#           name each case).
+#   suite   the rest of the CUDA tests.
+#   fp8     the 8B shape at batch 1: bf16, FP8 with the folds, the gated epilogue, both, and
+#           none, NVFP4 with and without the gated epilogue; FP8 offline 1,000 x 128/128 with the defaults, the folds, epilogue and
+#           folds, cuBLASLt's fast accumulation and max_batch_size 1024; bf16 offline. Each
+#           list runs twice in the same order, so drift shows.
+#   moe     Qwen3-30B-A3B at batch 1: the defaults, the q/k norms fused into the attention, and
+#           the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP: outputs
+#           wrong; the difference is what those launches cost inside the captured step).
+#   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache;
+#           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
+# Each bench line is benches/gpu/summarize.py's summary; the JSON lines go to $OUT (default /tmp).
+set -u
+BIN=${1:?usage: pending.sh BIN_DIR}
+H=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-/tmp}
+PARTS=${PARTS:-checks suite fp8 moe long}
+B="$BIN/autodeploy"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+echo "binaries: $(cat "$BIN/BUILT" 2>/dev/null || echo unknown)"
+# Config variants live beside the originals (their model paths are relative to them).
+made=()
+variant() { # name base.toml lines...
+    local f="$H/.pending-$1.toml"
+    cp "$H/$2" "$f"
+    shift 2
+    printf '%s\n' "$@" >>"$f"
+    made+=("$f")
+    echo "$f"
+}
+trap 'rm -f "${made[@]}"' EXIT
+bench() { # label config args... (env from the caller)
+    local label=$1 cfg=$2
+    shift 2
+    printf '%-44s ' "$label"
+    timeout 600 "$B" bench --config "$cfg" "$@" 2>"$OUT/pending-last.err" | tee -a "$OUT/pending.json" |
+        python3 "$H/summarize.py" | head -1
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "(failed:)"; tail -3 "$OUT/pending-last.err"; }
+}
+off() { # label config [env]
+    printf '%-44s ' "$1"
+    timeout 600 env ${3:-} "$B" bench --config "$2" --mode offline --num-requests 1000 --isl 128 --osl 128 \
+        2>"$OUT/pending-last.err" | tee -a "$OUT/pending.json" |
+        python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ['wall_s','output_tok_per_s','steps','mean_step_ms','prefill_s','decode_only_s']})" ||
+        tail -3 "$OUT/pending-last.err"
+}
+for part in $PARTS; do
+    echo "== $part"
+    case $part in
+    checks)
+        timeout 900 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
+        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok"
+        grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
+        timeout 1500 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
+            fused_qk_norms quantized_checkpoints batched_bf16_decode 2>&1 |
+            grep -E "^test |panicked|FAILED|failed|test result" | head -60
+        ;;
+    suite)
+        timeout 2400 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
+            --skip fused_qk_norms --skip quantized_checkpoints --skip batched_bf16_decode 2>&1 |
+            grep -E "^test |panicked|FAILED|failed|test result" | head -60
+        ;;
+    fp8)
+        folds=$(variant fp8-folds llama-3.1-8b-fp8.toml "[transforms.fuse_gated_act]" "enabled = true" \
+            "[transforms.fuse_fp8_input_quant]" "enabled = true")
+        epi=$(variant fp8-epi llama-3.1-8b-fp8.toml "[transforms.fuse_gated_act]" "enabled = true" \
+            "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
+        both=$(variant fp8-epi-folds llama-3.1-8b-fp8.toml "[transforms.fuse_gated_act]" "enabled = true" \
+            "[transforms.fuse_quant_gated_epilogue]" "enabled = true" "[transforms.fuse_fp8_input_quant]" "enabled = true")
+        nepi=$(variant nvfp4-epi llama-3.1-8b-nvfp4.toml "[transforms.fuse_gated_act]" "enabled = true" \
+            "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        for _ in 1 2; do
+            bench "8B bf16 batch 1" "$H/llama-3.1-8b.toml" $lat
+            bench "8B FP8 batch 1" "$H/llama-3.1-8b-fp8.toml" $lat
+            bench "8B FP8 batch 1, folds" "$folds" $lat
+            bench "8B FP8 batch 1, gated epilogue" "$epi" $lat
+            bench "8B FP8 batch 1, epilogue + folds" "$both" $lat
+            bench "8B NVFP4 batch 1" "$H/llama-3.1-8b-nvfp4.toml" $lat
+            bench "8B NVFP4 batch 1, gated epilogue" "$nepi" $lat
+        done
+        ofolds=$(variant fp8-off-folds llama-3.1-8b-fp8-offline.toml "[transforms.fuse_gated_act]" "enabled = true" \
+            "[transforms.fuse_fp8_input_quant]" "enabled = true")
+        big=$(variant fp8-off-1024 llama-3.1-8b-fp8-offline.toml)
+        sed -i 's/^max_batch_size = .*/max_batch_size = 1024/' "$big"
+        off "FP8 offline" "$H/llama-3.1-8b-fp8-offline.toml"
+        oboth=$(variant fp8-off-all llama-3.1-8b-fp8-offline.toml "[transforms.fuse_gated_act]" "enabled = true" \
+            "[transforms.fuse_quant_gated_epilogue]" "enabled = true" "[transforms.fuse_fp8_input_quant]" "enabled = true")
+        off "FP8 offline, folds" "$ofolds"
+        off "FP8 offline, epilogue + folds" "$oboth"
+        off "FP8 offline, fast accumulation" "$H/llama-3.1-8b-fp8-offline.toml" AUTODEPLOY_FP8_FAST_ACCUM=1
+        off "FP8 offline, max_batch_size 1024" "$big"
+        off "bf16 offline" "$H/llama-3.1-8b-offline.toml"
+        off "FP8 offline (again)" "$H/llama-3.1-8b-fp8-offline.toml"
+        ;;
+    moe)
+        qk=$(variant moe-qk qwen3-30b-a3b.toml "[transforms.fuse_qk_norm_attention]" "enabled = true")
+        lat="--mode latency --batch 1 --isl 128 --osl 64"
+        for _ in 1 2; do
+            bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
+            bench "Qwen3-30B-A3B batch 1, q/k norms fused" "$qk" $lat
+        done
+        AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
+        AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \
+            "$H/qwen3-30b-a3b.toml" $lat
+        ;;
+    long)
+        for _ in 1 2; do
+            bench "8B 32 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode throughput --batch 32 --isl 2000 --osl 16
+            bench "8B 32 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode throughput --batch 32 --isl 2000 --osl 16
+        done
+        bench "8B 1 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode latency --batch 1 --isl 2000 --osl 8
+        bench "8B 1 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode latency --batch 1 --isl 2000 --osl 8
+        for _ in 1 2; do
+            bench "8B batch 64, tensor-core decode" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
+            AUTODEPLOY_DECODE_LDSM=1 bench "8B batch 64, ldmatrix" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
+        done
+        ;;
+    *) echo "unknown part $part (checks suite fp8 moe long)" ;;
+    esac
+done
