@@ -31,17 +31,17 @@ PARTS=${PARTS:-checks suite fp8 moe long}
 B="$BIN/autodeploy"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 echo "binaries: $(cat "$BIN/BUILT" 2>/dev/null || echo unknown)"
-# Config variants live beside the originals (their model paths are relative to them).
-made=()
+# Config variants live beside the originals (their model paths are relative to them), removed
+# on exit.
 variant() { # name base.toml lines...
     local f="$H/.pending-$1.toml"
     cp "$H/$2" "$f"
     shift 2
-    printf '%s\n' "$@" >>"$f"
-    made+=("$f")
+    printf '\n%s' "$@" >>"$f"
+    echo >>"$f"
     echo "$f"
 }
-trap 'rm -f "${made[@]}"' EXIT
+trap 'rm -f "$H"/.pending-*.toml' EXIT
 bench() { # label config args... (env from the caller)
     local label=$1 cfg=$2
     shift 2
