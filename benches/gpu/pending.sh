@@ -9,7 +9,8 @@
 #   cuda-tests  (cargo test --release -p autodeploy-tests --test cuda --no-run: target/release/deps/cuda-*)
 # PARTS (default "checks suite fp8 moe long") picks parts, run in this order:
 #   checks  cuda_check whole (every kernel against the CPU), then the CUDA tests of what has
-#           not run on a GPU yet: the q/k norms fused into the attention, the FP8 folds and gated
+#           not run on a GPU yet: the q/k norms fused into the attention, the MoE router fused,
+#           the FP8 folds and gated
 #           epilogue, NVFP4 on tensor cores, the tensor-core decode (the test binary's failures
 #           name each case).
 #   suite   the rest of the CUDA tests.
@@ -17,8 +18,8 @@
 #           none, NVFP4 with and without the gated epilogue; FP8 offline 1,000 x 128/128 with the defaults, the folds, epilogue and
 #           folds, cuBLASLt's fast accumulation and max_batch_size 1024; bf16 offline. Each
 #           list runs twice in the same order, so drift shows.
-#   moe     Qwen3-30B-A3B at batch 1: the defaults, the q/k norms fused into the attention, and
-#           the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP: outputs
+#   moe     Qwen3-30B-A3B at batch 1: the defaults, the q/k norms fused into the attention, the
+#           router fused into the MoE op, both, and the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP: outputs
 #           wrong; the difference is what those launches cost inside the captured step).
 #   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache;
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
@@ -65,12 +66,13 @@ for part in $PARTS; do
         echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok"
         grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
         timeout 1500 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
-            fused_qk_norms quantized_checkpoints batched_bf16_decode 2>&1 |
+            fused_qk_norms quantized_checkpoints batched_bf16_decode fused_moe_router fused_router 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     suite)
         timeout 2400 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
-            --skip fused_qk_norms --skip quantized_checkpoints --skip batched_bf16_decode 2>&1 |
+            --skip fused_qk_norms --skip quantized_checkpoints --skip batched_bf16_decode --skip fused_moe_router \
+            --skip fused_router 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     fp8)
@@ -108,10 +110,15 @@ for part in $PARTS; do
         ;;
     moe)
         qk=$(variant moe-qk qwen3-30b-a3b.toml "[transforms.fuse_qk_norm_attention]" "enabled = true")
+        router=$(variant moe-router qwen3-30b-a3b.toml "[transforms.fuse_moe_router]" "enabled = true")
+        both=$(variant moe-both qwen3-30b-a3b.toml "[transforms.fuse_qk_norm_attention]" "enabled = true" \
+            "[transforms.fuse_moe_router]" "enabled = true")
         lat="--mode latency --batch 1 --isl 128 --osl 64"
         for _ in 1 2; do
             bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
             bench "Qwen3-30B-A3B batch 1, q/k norms fused" "$qk" $lat
+            bench "Qwen3-30B-A3B batch 1, router fused" "$router" $lat
+            bench "Qwen3-30B-A3B batch 1, both" "$both" $lat
         done
         AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
         AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \

@@ -345,6 +345,20 @@ fn fused_qk_norms_on_cuda_match_the_cpu() {
     assert!(ran.contains_key("rope_norm_write_kv"), "rope_norm_write_kv never ran: {ran:?}");
 }
 
+/// The router's linear folded into the MoE op (`fuse_moe_router`, off by default): in bf16 one
+/// kernel computes each token's logits and routes it (`moe_router_route`, the last of its blocks
+/// routing), in f32 cuBLAS then `moe_route`; every MoE fixture against the CPU (which computes
+/// the unfused graph's numbers, tests/transforms.rs), under every backend pair.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn a_fused_moe_router_on_cuda_matches_the_cpu() {
+    const ON: &str = "transforms.fuse_moe_router.enabled = true\n";
+    let _turn = gpu();
+    let (failed, ran) = launches(|| check_cases(&[("qwen3_moe", ON), ("mixtral", ON), ("llama4_text", ON)]));
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert!(ran.contains_key("moe_router_route"), "moe_router_route never ran: {ran:?}");
+}
+
 /// torch.export archives whose graph after `post_load_fusion` is not the HF import's op for op
 /// (tests/pt2.rs), on CUDA against the CPU in f32, every backend pair: OpenELM's module; Llama
 /// 4's export, its interleaved RoPE made plain by `deinterleave_rope`, q/k normed after RoPE,

@@ -542,3 +542,30 @@ fn qk_norms_fold_into_the_rope_fused_attention_without_changing_the_numbers() {
         assert!(folded.iter().any(|f| f == want), "{want} not folded: {folded:?}");
     }
 }
+
+/// `fuse_moe_router` (compile stage, off by default): in every mixture-of-experts fixture
+/// (Qwen3-MoE, Mixtral, Llama 4's sigmoid router) each `torch_moe` takes its router's weight in
+/// place of the router linear's output (`router_weight=true`, the linear gone), and the logits of
+/// a ragged prefill and decode steps are the unfused graph's bit for bit in f32 and bf16.
+#[test]
+fn the_moe_router_folds_into_the_moe_op_without_changing_the_numbers() {
+    let base = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+    let on = format!("{base}transforms.fuse_moe_router.enabled = true\n");
+    let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
+    let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
+    let count = |dump: &str, what: &str| dump.lines().filter(|l| l.contains(what)).count();
+    for (fam, layers) in [("qwen3_moe", 1), ("mixtral", 2), ("llama4_text", 2)] {
+        for dtype in ["float32", "bfloat16"] {
+            let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
+            let (mut a, mut b) = (engine(fam, &with(&on)), engine(fam, &with(base)));
+            let (fused, plain) = (a.graph.dump(), b.graph.dump());
+            assert_eq!(count(&fused, "router_weight=true"), layers, "{fam} {dtype}\n{fused}");
+            assert_eq!(count(&plain, "router_weight=true"), 0, "{fam}: folded while off");
+            let linears = |d: &str| count(d, "= aten.linear(");
+            assert_eq!(linears(&plain) - linears(&fused), layers, "{fam} {dtype}: the router linears\n{fused}");
+            let x = common::steps::run_paged_steps(&mut a, 4, &prompts, &decode);
+            let y = common::steps::run_paged_steps(&mut b, 4, &prompts, &decode);
+            assert!(x.len() == 4 && x == y, "{fam} {dtype}: folding the router changed the logits");
+        }
+    }
+}

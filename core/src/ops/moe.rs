@@ -31,7 +31,7 @@ use crate::ops::linear::{gate_act, gate_act_name, gate_act_named, GateAct};
 use crate::ops::{cuda_dt, gpu_of, Op};
 use crate::shape::Dim;
 use crate::tensor::Tensor;
-use autodeploy_kernels::cuda::exec::MoeShape;
+use autodeploy_kernels::cuda::exec::{MoeShape, RouterIn};
 
 pub const MOE: &str = "torch_moe";
 
@@ -50,6 +50,10 @@ pub struct Moe {
     /// rank's share); a token's chosen experts elsewhere add nothing here (the ranks' outputs
     /// meet in an `all_reduce`). None: the weights hold every expert.
     pub expert_offset: Option<usize>,
+    /// `router_weight=true` (the `fuse_moe_router` transform): the second input is the router's
+    /// weight `[E, H]` (x's dtype) and the op computes the logits itself, as the router's
+    /// `aten.linear` would (rounded to x's dtype); on CUDA one kernel computes and routes them.
+    pub router_weight: bool,
 }
 
 /// How `torch_moe` turns router logits into experts and weights (the module doc states both).
@@ -73,6 +77,9 @@ impl Moe {
         }
         if let Some(o) = self.expert_offset {
             s.push_str(&format!(", expert_offset={o}"));
+        }
+        if self.router_weight {
+            s.push_str(", router_weight=true");
         }
         s
     }
@@ -100,13 +107,15 @@ impl Moe {
                     None => None,
                     Some(v) => Some(v.parse().map_err(|_| a.bad("expert_offset", v, "an expert index"))?),
                 },
+                router_weight: a.opt_bool("router_weight")?.unwrap_or(false),
             })
         })
     }
 }
 
 impl Op {
-    /// `torch_moe(x, router_logits, w_gate_up, w_down)`.
+    /// `torch_moe(x, router_logits, w_gate_up, w_down)` (with `router_weight`, the router's
+    /// weight in place of its logits).
     pub fn moe(a: Moe) -> Op {
         Op { name: MOE, attrs: a.text() }
     }
@@ -115,9 +124,28 @@ impl Op {
     }
 }
 
+/// The router logits' meta: the second input's, or (`router_weight`) the router linear's
+/// output over x.
+fn logits_meta(a: &Moe, x: &TensorMeta, second: &TensorMeta) -> Result<TensorMeta, String> {
+    if !a.router_weight {
+        return Ok(second.clone());
+    }
+    let ok = second.shape.len() == 2 && second.dtype == x.dtype && x.shape.last() == Some(&second.shape[1]);
+    if !ok {
+        return Err(format!("router_weight=true: the router's weight {second} must be [E, H] of x {x}'s dtype"));
+    }
+    let mut shape = x.shape.clone();
+    *shape.last_mut().expect("checked") = second.shape[0].clone();
+    Ok(TensorMeta { dtype: x.dtype, shape })
+}
+
 fn moe_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
     let a = Moe::parse(attrs)?;
-    let (x, logits, gu, down) = (&ins[0], &ins[1], &ins[2], &ins[3]);
+    if ins[0].shape.is_empty() {
+        return Err(format!("x {} needs a last dim", ins[0]));
+    }
+    let logits = &logits_meta(&a, &ins[0], &ins[1])?;
+    let (x, gu, down) = (&ins[0], &ins[2], &ins[3]);
     let bad = || {
         let all: Vec<String> = ins.iter().map(|m| m.to_string()).collect();
         format!(
@@ -194,15 +222,22 @@ fn moe_cpu(
     opts: &KernelOptions,
 ) -> Result<Vec<Tensor>, String> {
     let a = Moe::parse(attrs)?;
-    let (x, logits, gu, down) = (ins[0], ins[1], ins[2], ins[3]);
+    let (x, gu, down) = (ins[0], ins[2], ins[3]);
     let dtype = x.dtype();
     let (experts, inter, h) = (gu.shape()[0], gu.shape()[1] / 2, gu.shape()[2]);
     let tokens = x.numel() / h.max(1);
+    // The router's linear here (`router_weight`), as `aten.linear` computes and rounds it.
+    let (logits, routed) = if a.router_weight {
+        let mut l = crate::cpu::linear_f32(&x.to_f32(), tokens, h, ins[1], None, opts);
+        l.iter_mut().for_each(|v| *v = round_as(dtype, *v));
+        (l, ins[1].shape()[0])
+    } else {
+        (ins[1].to_f32().into_owned(), ins[1].shape().last().copied().unwrap_or(0))
+    };
     let none = |t: &Tensor, what: &str| format!("{what}: {} expert weights have no CPU kernel", t.dtype());
     let gu_w = gu.as_dense().ok_or_else(|| none(gu, "w_gate_up"))?;
     let down_w = down.as_dense().ok_or_else(|| none(down, "w_down"))?;
-    let routed = logits.shape().last().copied().unwrap_or(0);
-    let routes = route(&logits.to_f32(), tokens, routed, &a, dtype);
+    let routes = route(&logits, tokens, routed, &a, dtype);
     let xv = x.to_f32();
     let mut y = vec![0f32; tokens * h];
     // Only the experts the weights hold (this rank's, under expert parallelism), local index e.
@@ -247,13 +282,14 @@ fn moe_cpu(
     Ok(vec![Tensor::from_f32_as(outs[0].0, outs[0].1.clone(), y).map_err(|e| e.to_string())?])
 }
 
-/// The sizes of a call with inputs of these shapes.
-fn moe_shape(a: &Moe, x: &[usize], logits: &[usize], gate_up: &[usize]) -> MoeShape {
+/// The sizes of a call with inputs of these shapes (`second` the logits', or with
+/// `router_weight` the router weight's).
+fn moe_shape(a: &Moe, x: &[usize], second: &[usize], gate_up: &[usize]) -> MoeShape {
     let hidden = gate_up.get(2).copied().unwrap_or(1);
     MoeShape {
         tokens: x.iter().product::<usize>() / hidden.max(1),
         experts: gate_up.first().copied().unwrap_or(0),
-        routed: logits.last().copied().unwrap_or(0),
+        routed: if a.router_weight { second.first() } else { second.last() }.copied().unwrap_or(0),
         offset: a.expert_offset.unwrap_or(0),
         top_k: a.top_k,
         hidden,
@@ -276,19 +312,23 @@ fn moe_cuda() -> CudaImpl {
             ));
         }
         let shape = moe_shape(&a, &x.shape, &logits.shape, &gu.shape);
-        let mut scratch = [0; 5];
-        for (i, s) in scratch.iter_mut().enumerate() {
-            *s = l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned"))?;
-        }
-        let (d, ld) = (cuda_dt(x.dtype)?, cuda_dt(logits.dtype)?);
-        gpu_of(l)?.moe(&shape, d, x.ptr, (logits.ptr, ld), gu.ptr, down.ptr, y.ptr, scratch).map_err(|e| e.0)
+        let regions = 5 + usize::from(a.router_weight);
+        let scratch = (0..regions)
+            .map(|i| l.scratch(i).ok_or_else(|| format!("scratch region {i} was not planned")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let d = cuda_dt(x.dtype)?;
+        let router = match a.router_weight {
+            true => RouterIn::Weight(logits.ptr),
+            false => RouterIn::Logits(logits.ptr, cuda_dt(logits.dtype)?),
+        };
+        gpu_of(l)?.moe(&shape, d, x.ptr, router, gu.ptr, down.ptr, y.ptr, &scratch).map_err(|e| e.0)
     })
 }
 
 /// The routing, activations, scaled outputs and grouping (`MoeShape::scratch`).
 fn moe_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
     match Moe::parse(attrs) {
-        Ok(a) => moe_shape(&a, &ins[0].1, &ins[1].1, &ins[2].1).scratch(ins[0].0.size_in_bytes()).to_vec(),
+        Ok(a) => moe_shape(&a, &ins[0].1, &ins[1].1, &ins[2].1).scratch(ins[0].0.size_in_bytes(), a.router_weight),
         Err(_) => Vec::new(),
     }
 }
@@ -313,7 +353,15 @@ mod tests {
     use super::*;
 
     fn attrs(top_k: usize, norm: bool) -> Moe {
-        Moe { top_k, norm, act: GateAct::Silu, weights_f32: false, router: Router::Softmax, expert_offset: None }
+        Moe {
+            top_k,
+            norm,
+            act: GateAct::Silu,
+            weights_f32: false,
+            router: Router::Softmax,
+            expert_offset: None,
+            router_weight: false,
+        }
     }
 
     #[test]

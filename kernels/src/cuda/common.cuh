@@ -129,6 +129,24 @@ __device__ __forceinline__ float gate_act(int act, float g) {
                       : 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
 }
 
+// Whether this block is the last of `active` blocks to finish (then it re-arms `counter` for the
+// next launch): called by the whole block after it stored its part (decode.cu's split-KV chunks,
+// moe.cu's router rows). The
+// block's stores are ordered before thread 0's release (the barrier, then a gpu-scope acq_rel
+// atomic); the last block's acquire makes every chunk's visible to it.
+__device__ __forceinline__ bool last_to_finish(int* counter, int active) {
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int before;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+        last = before == active - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    return last;
+}
+
 // Asks L2 for the first `bytes` at `p` (128-byte lines, the warp's lanes taking turns). The
 // GEMVs call it for their weight rows before `pdl_enter()`: weights are never written during a
 // step, so under programmatic dependent launch a GEMV's first weight reads are under way while

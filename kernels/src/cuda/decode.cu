@@ -205,23 +205,6 @@ __device__ __forceinline__ void norm_lanes(float* x, const T* w, bool live, int 
         for (int i = 0; i < PER; i++) x[i] = round_as(w, load_f(w, i) * round_as(w, x[i] * r));
 }
 
-// Whether this block is the last of `active` chunk blocks to finish (then it re-arms `counter`
-// for the next step): called by the whole block after it stored its partial state. The
-// block's stores are ordered before thread 0's release (the barrier, then a gpu-scope acq_rel
-// atomic); the last block's acquire makes every chunk's visible to it.
-__device__ __forceinline__ bool last_to_finish(int* counter, int active) {
-    __shared__ int last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int before;
-        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
-        last = before == active - 1;
-        if (last) *counter = 0;
-    }
-    __syncthreads();
-    return last;
-}
-
 // Split-KV decode (FlashInfer's decode design): a query token's positions are cut into
 // `splits` chunks of `chunk`; block (t, h, s) attends over chunk s only and writes its partial
 // softmax state (max m, sum l, unnormalised output row) to `partial`; the last block of

@@ -136,6 +136,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_group",
             "moe_gate_up_grouped_bf16",
             "moe_down_grouped_bf16",
+            "moe_router_route_bf16",
         ],
     ),
     (

@@ -55,13 +55,10 @@ __device__ __forceinline__ void warp_pick(float& v, int& i) {
 #define ROUTE_HELD 8
 // Expert parallelism: the chosen experts this rank holds (`offset` .. `offset + local`) are
 // written as local indices, the others as -1 (every later kernel skips those slots).
-extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long tokens, int experts, int top_k,
-                                     int norm, int weights_f32, int sigmoid, int offset, int local, int* idx,
-                                     float* wts) {
-    pdl_enter();
-    long t = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+// Token t's routing by one whole warp (`moe_route`'s, and `moe_router_route_bf16`'s last block's).
+__device__ void route_token(const void* logits, int ldt, int dt, long t, int experts, int top_k, int norm,
+                            int weights_f32, int sigmoid, int offset, int local, int* idx, float* wts) {
     int lane = threadIdx.x & 31;
-    if (t >= tokens) return;
     long row = t * experts;
     int* chosen = idx + t * top_k;
     // The score a pick compares: the logit (sigmoid) or exp(logit - max) (softmax).
@@ -120,6 +117,55 @@ extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long t
         int e = chosen[k] - offset;
         chosen[k] = e >= 0 && e < local ? e : -1;
     }
+}
+
+extern "C" __global__ void moe_route(const void* logits, int ldt, int dt, long tokens, int experts, int top_k,
+                                     int norm, int weights_f32, int sigmoid, int offset, int local, int* idx,
+                                     float* wts) {
+    pdl_enter();
+    long t = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (t >= tokens) return;
+    route_token(logits, ldt, dt, t, experts, top_k, norm, weights_f32, sigmoid, offset, local, idx, wts);
+}
+
+// The router's linear and the routing in one launch (bf16, hidden % 8 == 0; the `fuse_moe_router`
+// transform's op): block (b, t) of 8 warps computes token t's router logits 8b .. 8b + 7, a warp
+// a row x[t] · w[e] with 16-byte loads, rounded to bf16 as the linear's output is, into
+// `logits` [tokens, experts]; the last of the token's blocks to finish (`last_to_finish` on
+// counters[t], zero before and re-armed after) reads the token's logits from L2 into shared
+// memory (at most ROUTER_MAX_EXPERTS) and routes the token with its first warp as `moe_route`
+// does. One launch a layer fewer than the router GEMV and `moe_route`.
+#define ROUTER_MAX_EXPERTS 512
+extern "C" __global__ void moe_router_route_bf16(const bf16_t* x, const bf16_t* w, bf16_t* logits, int* counters,
+                                                 long tokens, int hidden, int experts, int top_k, int norm,
+                                                 int weights_f32, int sigmoid, int offset, int local, int* idx,
+                                                 float* wts) {
+    pdl_enter();
+    long t = blockIdx.y;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, e = blockIdx.x * 8 + warp;
+    if (e < experts) {
+        const uint4* wr = (const uint4*)(w + (long)e * hidden);
+        const uint4* xr = (const uint4*)(x + t * hidden);
+        float acc = 0.0f;
+#pragma unroll 4
+        for (int c = lane; c < hidden / 8; c += 32) {
+            uint4 wv = wr[c], xv = xr[c];
+            const bf16_t *wp = (const bf16_t*)&wv, *xp = (const bf16_t*)&xv;
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc += bf16_to_f32(wp[j]) * bf16_to_f32(xp[j]);
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) logits[t * experts + e] = f32_to_bf16(acc);
+    }
+    if (!last_to_finish(counters + t, gridDim.x)) return;
+    // Other blocks wrote them: read past L1.
+    __shared__ float lg[ROUTER_MAX_EXPERTS];
+    const unsigned short* bits = (const unsigned short*)(logits + t * experts);
+    for (int i = threadIdx.x; i < experts; i += blockDim.x) lg[i] = __uint_as_float((unsigned)__ldcg(bits + i) << 16);
+    __syncthreads();
+    if (warp == 0)
+        route_token(lg, DT_F32, DT_BF16, 0, experts, top_k, norm, weights_f32, sigmoid, offset, local,
+                    idx + t * top_k, wts + t * top_k);
 }
 
 // act[s, j] = round(round(act(round(g))) * round(u)) for slot s = token * top_k + k, with g and u

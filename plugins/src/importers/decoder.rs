@@ -686,7 +686,15 @@ impl Ctx<'_> {
             let gu = self.w(&gu, &[m.num_experts, 2 * m.intermediate_size, hs]);
             let dw = self.w(&dw, &[m.num_experts, hs, m.intermediate_size]);
             let (act, top_k, norm, weights_f32) = (c.blocks.activation, m.top_k, m.norm, m.weights_f32);
-            let op = Op::moe(Moe { top_k, norm, act, weights_f32, router: m.router, expert_offset: None });
+            let op = Op::moe(Moe {
+                top_k,
+                norm,
+                act,
+                weights_f32,
+                router: m.router,
+                expert_offset: None,
+                router_weight: false,
+            });
             let routed = self.b.op(&format!("{n}.moe"), op, &[x, r, gu, dw])?;
             match m.shared {
                 // transformers: out = shared_expert(x); out.add_(routed).

@@ -10,7 +10,8 @@ use autodeploy_core::ir::Graph;
 use autodeploy_core::ops::attention::CachedAttn;
 use autodeploy_core::ops::binary::{ADD, MUL};
 use autodeploy_core::ops::gated_act::GatedAct;
-use autodeploy_core::ops::linear::{GateAct, SwiGlu};
+use autodeploy_core::ops::linear::{GateAct, SwiGlu, LINEAR};
+use autodeploy_core::ops::moe::Moe;
 use autodeploy_core::ops::norm::{NormAttrs, ADD_RMSNORM, RMSNORM};
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -160,6 +161,64 @@ impl Transform for FuseQkNormAttention {
         }
         let removed = g.dce();
         Ok(format!("fused the q/k norms into {n} cached attentions ({removed} nodes removed)"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_moe_router",
+        stage: Stage::Compile,
+        order: 15,
+        enabled_by_default: false,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in",
+        make: || Box::new(FuseMoeRouter),
+    }
+}
+
+/// The router's linear into the mixture-of-experts op (stage `compile`, for the fusing compile
+/// backends): where a `torch_moe`'s router logits are an `aten.linear` (no bias) of the op's own
+/// input, read by nothing else, the op takes the router's weight instead (`router_weight=true`)
+/// and computes the same logits; on CUDA one kernel computes and routes them (bf16), where the
+/// router GEMV and `moe_route` were two launches. Off by default until a GPU run has checked
+/// and timed it (docs/developing.md).
+pub struct FuseMoeRouter;
+
+impl Transform for FuseMoeRouter {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        if let Some(skip) = not_fusing(cx, "runs the router's linear apart")? {
+            return Ok(skip);
+        }
+        let producers = g.producers();
+        let uses = g.use_counts();
+        let mut found = Vec::new();
+        for (j, node) in g.nodes.iter().enumerate() {
+            let Some(a) = node.op.moe_of().filter(|a| !a.router_weight) else { continue };
+            let logits = node.inputs[1];
+            let Some(p) =
+                producers[logits.0 as usize].filter(|_| uses[logits.0 as usize] == 1 && !g.outputs.contains(&logits))
+            else {
+                continue;
+            };
+            let lin = &g.nodes[p];
+            let (x, w) = (node.inputs[0], lin.inputs.get(1).copied());
+            if lin.op.is(LINEAR) && lin.inputs.len() == 2 && lin.inputs[0] == x {
+                if let Some(w) =
+                    w.filter(|&w| g.meta(w).dtype == g.meta(x).dtype && g.meta(logits).dtype == g.meta(x).dtype)
+                {
+                    found.push((j, a, w));
+                }
+            }
+        }
+        let n = found.len();
+        for (j, a, w) in found {
+            g.nodes[j].op = Op::moe(Moe { router_weight: true, ..a });
+            g.nodes[j].inputs[1] = w;
+        }
+        let removed = g.dce();
+        g.validate()?;
+        Ok(format!("fused the router's linear into {n} mixture-of-experts ops ({removed} nodes removed)"))
     }
 }
 

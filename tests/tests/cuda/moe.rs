@@ -3,7 +3,7 @@
 //! and under expert parallelism two halves of the experts add up to the whole.
 
 use crate::common::gpu::{gpu, launches};
-use autodeploy_kernels::cuda::exec::{Dt, GateAct, Gpu, MoeShape, Ptr};
+use autodeploy_kernels::cuda::exec::{Dt, GateAct, Gpu, MoeShape, Ptr, RouterIn};
 
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
     v.iter()
@@ -12,6 +12,39 @@ fn bf16_bytes(v: &[f32]) -> Vec<u8> {
             (((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16).to_le_bytes()
         })
         .collect()
+}
+
+/// Values in [-0.5, 0.5) from a xorshift generator.
+fn xorshift(mut seed: u64) -> impl FnMut() -> f32 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+}
+
+/// A layer of every expert (no expert parallelism), SiLU, weights rounded to bf16.
+fn layer(
+    tokens: usize,
+    (experts, hidden, inter): (usize, usize, usize),
+    top_k: usize,
+    sigmoid: bool,
+    norm: bool,
+) -> MoeShape {
+    MoeShape {
+        tokens,
+        experts,
+        routed: experts,
+        offset: 0,
+        top_k,
+        hidden,
+        inter,
+        norm,
+        weights_f32: false,
+        act: GateAct::Silu,
+        sigmoid,
+    }
 }
 
 /// Runs `torch_moe` on the GPU over `tokens` rows of `x`/`logits` (bf16 bytes); returns y.
@@ -23,9 +56,9 @@ fn run(g: &Gpu, s: &MoeShape, x: &[u8], logits: &[u8], w: (Ptr, Ptr)) -> Vec<u8>
     };
     let (dx, dl) = (up(x, "x"), up(logits, "logits"));
     let y = g.alloc(s.tokens * s.hidden * 2, "y").unwrap();
-    let regions: Vec<_> = s.scratch(2).iter().map(|&n| g.alloc(n, "scratch").unwrap()).collect();
-    let scratch = [regions[0].ptr, regions[1].ptr, regions[2].ptr, regions[3].ptr, regions[4].ptr];
-    g.moe(s, Dt::BF16, dx.ptr, (dl.ptr, Dt::BF16), w.0, w.1, y.ptr, scratch).unwrap();
+    let regions: Vec<_> = s.scratch(2, false).iter().map(|&n| g.alloc(n, "scratch").unwrap()).collect();
+    let scratch: Vec<Ptr> = regions.iter().map(|r| r.ptr).collect();
+    g.moe(s, Dt::BF16, dx.ptr, RouterIn::Logits(dl.ptr, Dt::BF16), w.0, w.1, y.ptr, &scratch).unwrap();
     g.sync().unwrap();
     let mut out = vec![0u8; s.tokens * s.hidden * 2];
     g.download(y.ptr, &mut out).unwrap();
@@ -37,13 +70,7 @@ fn run(g: &Gpu, s: &MoeShape, x: &[u8], logits: &[u8], w: (Ptr, Ptr)) -> Vec<u8>
 fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
     let _turn = gpu();
     let g = Gpu::open(0).unwrap();
-    let mut seed = 0x9e37_79b9u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
+    let mut next = xorshift(0x9e37_79b9);
     let (experts, hidden, inter, tokens) = (16usize, 64usize, 48usize, 40usize);
     let w_gu: Vec<f32> = (0..experts * 2 * inter * hidden).map(|_| next() * 0.5).collect();
     let w_down: Vec<f32> = (0..experts * hidden * inter).map(|_| next() * 0.5).collect();
@@ -59,19 +86,7 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
     // Softmax routing with normalised weights (Qwen3-MoE), and Llama 4's sigmoid routing that
     // scales the experts' input.
     for (top_k, sigmoid, norm) in [(4usize, false, true), (2, true, false)] {
-        let shape = |tokens| MoeShape {
-            tokens,
-            experts,
-            routed: experts,
-            offset: 0,
-            top_k,
-            hidden,
-            inter,
-            norm,
-            weights_f32: false,
-            act: GateAct::Silu,
-            sigmoid,
-        };
+        let shape = |tokens| layer(tokens, (experts, hidden, inter), top_k, sigmoid, norm);
         let all = shape(tokens);
         assert!(all.grouped(g.moe_grouped_min) && !shape(1).grouped(g.moe_grouped_min));
         let (grouped, ran) = launches(|| run(&g, &all, &xb, &lb, (gu.ptr, down.ptr)));
@@ -113,6 +128,68 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
             );
             // (One token may route to one half only; 40 cannot, in practice.)
             assert!(n == 1 || (a != whole && b != whole), "{n} tokens, top_k {top_k}: a half computed every expert");
+        }
+    }
+}
+
+/// The router's linear and the routing in one kernel (`RouterIn::Weight`, bf16:
+/// `moe_router_route`): its logits (the op's sixth scratch region) are each token's x · w_e
+/// within a bf16 step of an f64 product, and the layer's output is bit for bit the one the
+/// plain path (`moe_route` over logits) gives from those same logits, for 1 token and for 40,
+/// softmax and sigmoid routing; run twice, so the counters it re-arms are found zero again.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn the_fused_router_routes_its_own_logits_as_moe_route_does() {
+    let _turn = gpu();
+    let g = Gpu::open(0).unwrap();
+    let mut next = xorshift(0x2545_f491);
+    let (experts, hidden, inter) = (24usize, 256usize, 48usize);
+    let up = |bytes: &[u8], what: &str| {
+        let b = g.alloc(bytes.len(), what).unwrap();
+        g.upload(b.ptr, bytes).unwrap();
+        b
+    };
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+    };
+    let w_gu: Vec<f32> = (0..experts * 2 * inter * hidden).map(|_| next() * 0.5).collect();
+    let w_down: Vec<f32> = (0..experts * hidden * inter).map(|_| next() * 0.5).collect();
+    let w_r: Vec<f32> = (0..experts * hidden).map(|_| next() * 0.4).collect();
+    let (gu, down, wr) =
+        (up(&bf16_bytes(&w_gu), "gate_up"), up(&bf16_bytes(&w_down), "down"), up(&bf16_bytes(&w_r), "router"));
+    let wr_v = f32s(&bf16_bytes(&w_r));
+    for (top_k, sigmoid, norm) in [(4usize, false, true), (1, true, false)] {
+        for tokens in [1usize, 40] {
+            let s = layer(tokens, (experts, hidden, inter), top_k, sigmoid, norm);
+            let xb = bf16_bytes(&(0..tokens * hidden).map(|_| next() * 4.0).collect::<Vec<_>>());
+            let dx = up(&xb, "x");
+            let regions: Vec<_> = s.scratch(2, true).iter().map(|&n| g.alloc(n, "scratch").unwrap()).collect();
+            let scratch: Vec<Ptr> = regions.iter().map(|r| r.ptr).collect();
+            let y = g.alloc(tokens * hidden * 2, "y").unwrap();
+            let read = |p: Ptr, n: usize| {
+                g.sync().unwrap();
+                let mut out = vec![0u8; n];
+                g.download(p, &mut out).unwrap();
+                out
+            };
+            for round in 0..2 {
+                let ((), ran) = launches(|| {
+                    g.moe(&s, Dt::BF16, dx.ptr, RouterIn::Weight(wr.ptr), gu.ptr, down.ptr, y.ptr, &scratch).unwrap()
+                });
+                assert!(ran.contains_key("moe_router_route") && !ran.contains_key("moe_route"), "{ran:?}");
+                let (fused, logits) = (read(y.ptr, tokens * hidden * 2), read(scratch[5], tokens * experts * 2));
+                let xv = f32s(&xb);
+                for (i, &l) in f32s(&logits).iter().enumerate() {
+                    let (t, e) = (i / experts, i % experts);
+                    let want: f64 = (0..hidden).map(|k| xv[t * hidden + k] as f64 * wr_v[e * hidden + k] as f64).sum();
+                    assert!(
+                        (l as f64 - want).abs() <= want.abs() / 128.0 + 1e-3,
+                        "round {round}, {tokens} tokens: logit ({t}, {e}) {l} against {want}"
+                    );
+                }
+                let plain = run(&g, &s, &xb, &logits, (gu.ptr, down.ptr));
+                assert_eq!(fused, plain, "round {round}: {tokens} tokens, top_k {top_k}, sigmoid {sigmoid}");
+            }
         }
     }
 }

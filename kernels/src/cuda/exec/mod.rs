@@ -24,7 +24,7 @@ pub use attention::{
     heads_a_block, kernel_head_dim, plan_tiles, tile_slots, HeadRows, ScoreMods, Split, StepMeta, ATTN_BUILDS,
     GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
 };
-pub use moe::MoeShape;
+pub use moe::{MoeShape, RouterIn, ROUTER_FUSED_MAX_EXPERTS};
 pub use quant::{LowBitLinear, LowBitScales};
 pub use settings::KernelSettings;
 
@@ -226,6 +226,10 @@ pub struct Gpu {
     /// `torch_moe` runs its grouped kernels from this many token-expert slots an expert
     /// (`MoeShape::grouped`, `AUTODEPLOY_MOE_GROUPED`).
     pub moe_grouped_min: usize,
+    /// Zeroed counters for kernels whose last block to finish does the rest (`last_to_finish`:
+    /// each re-arms its counters, and the step's kernels run in stream order, so every launch
+    /// finds them zero): `moe_router_route`'s, a token each.
+    counters: CudaSlice<i32>,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
     /// How collectives reach the other ranks, once a sharded model's compile has set it.
@@ -250,6 +254,9 @@ pub const SPLIT_MIN_CHUNK: usize = 64;
 /// 5.49-5.54 at 256 (the CUDA-core build 6.22-6.26 at 64); 1,000 × 128/128 offline 13,809
 /// output tok/s at 64 and 14,989 at 256; batch 32 at 2,000 positions 9.05 and 7.63 ms a step.
 pub const SPLIT_TC_MIN_CHUNK: usize = 256;
+
+/// Zeroed counters a GPU keeps for last-block-finishes kernels (`Gpu::counters`).
+const COUNTERS: usize = 4096;
 
 /// One kernel launch: arguments by reference, then `launch`.
 struct Launch<'a> {
@@ -376,6 +383,9 @@ impl Gpu {
             None => None,
         };
         let f = Funcs::load(&dev)?;
+        let counters = stream
+            .alloc_zeros::<i32>(COUNTERS)
+            .map_err(|e| Unavailable(format!("allocating {COUNTERS} kernel counters: {e:?}")))?;
         let pdl = dev.cc.0 >= 9 && k.pdl;
         let prefetch_row = k.prefetch_row;
         let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
@@ -408,9 +418,19 @@ impl Gpu {
             decode_ldsm,
             swiglu_split,
             moe_grouped_min: k.moe_grouped_min,
+            counters,
             source_kernels,
             collectives: Default::default(),
         })
+    }
+
+    /// The zeroed counters' address and how many there are (`Gpu::counters`).
+    fn counters_ptr(&self) -> Ptr {
+        let (p, _g) = self.counters.device_ptr(&self.stream);
+        p
+    }
+    fn counters_len(&self) -> usize {
+        COUNTERS
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {

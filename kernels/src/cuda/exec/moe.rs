@@ -26,15 +26,41 @@ pub struct MoeShape {
     pub sigmoid: bool,
 }
 
+/// What a `torch_moe` call routes from.
+#[derive(Clone, Copy, Debug)]
+pub enum RouterIn {
+    /// The router's logits `[tokens, routed]` (of that dtype), computed before the op.
+    Logits(Ptr, Dt),
+    /// The router's weight `[routed, hidden]` (the activations' dtype): the op computes the
+    /// logits (rounded to that dtype, as the router's linear) into its sixth scratch region.
+    Weight(Ptr),
+}
+
+/// The experts a token's logits may number for the router and routing in one launch
+/// (moe.cu's `ROUTER_MAX_EXPERTS`), and the tokens a call may have for it (the GPU's
+/// `counters`).
+pub const ROUTER_FUSED_MAX_EXPERTS: usize = 512;
+
 impl MoeShape {
     /// Scratch bytes, in [`Gpu::moe`]'s order: chosen experts (i32), their weights (f32), the
     /// activations (`dt`), the scaled outputs (f32), the grouping by expert (i32: offsets,
-    /// cursors, the slots in expert order), each rounded up to 256 bytes.
-    pub fn scratch(&self, dt_bytes: usize) -> [usize; 5] {
+    /// cursors, the slots in expert order), and with `router_weight` the logits (`dt`), each
+    /// rounded up to 256 bytes.
+    pub fn scratch(&self, dt_bytes: usize, router_weight: bool) -> Vec<usize> {
         let slots = self.tokens * self.top_k;
         let up = |b: usize| b.div_ceil(256) * 256;
         let group = (2 * self.experts + 1 + slots) * 4;
-        [up(slots * 4), up(slots * 4), up(slots * self.inter * dt_bytes), up(slots * self.hidden * 4), up(group)]
+        let mut r = vec![
+            up(slots * 4),
+            up(slots * 4),
+            up(slots * self.inter * dt_bytes),
+            up(slots * self.hidden * 4),
+            up(group),
+        ];
+        if router_weight {
+            r.push(up(self.tokens * self.routed * dt_bytes));
+        }
+        r
     }
 
     /// Whether the grouped kernels run: from `min_per_expert` token-expert slots an expert on
@@ -47,28 +73,30 @@ impl MoeShape {
 }
 
 impl Gpu {
-    /// `y = torch_moe(x, logits, w_gate_up, w_down)` (core's `ops::moe` states the math);
-    /// `scratch` holds the four regions of [`MoeShape::scratch`].
+    /// `y = torch_moe(x, router, w_gate_up, w_down)` (core's `ops::moe` states the math);
+    /// `scratch` holds the regions of [`MoeShape::scratch`] (the sixth only for
+    /// `RouterIn::Weight`).
     #[allow(clippy::too_many_arguments)]
     pub fn moe(
         &self,
         s: &MoeShape,
         dt: Dt,
         x: Ptr,
-        (logits, logits_dt): (Ptr, Dt),
+        router: RouterIn,
         w_gate_up: Ptr,
         w_down: Ptr,
         y: Ptr,
-        scratch: [Ptr; 5],
+        scratch: &[Ptr],
     ) -> Result<(), Unavailable> {
         let too_big = |n: usize| i32::try_from(n).is_err();
         if too_big(s.routed) || too_big(s.top_k) || too_big(s.hidden) || too_big(s.inter) {
             return Err(Unavailable(format!("torch_moe: sizes {s:?} past the kernels' 32-bit counts")));
         }
-        let [idx, wts, act, contrib, group] = scratch;
-        let (d, ld) = (dt as i32, logits_dt as i32);
-        let (t64, slots) = (s.tokens as i64, (s.tokens * s.top_k) as i64);
-        let (e32, k32, h32, i32_) = (s.experts as i32, s.top_k as i32, s.hidden as i32, s.inter as i32);
+        let Some(&[idx, wts, ..]) = scratch.get(..5) else {
+            return Err(Unavailable(format!("torch_moe: {} scratch regions, want 5 or 6", scratch.len())));
+        };
+        let (d, t64) = (dt as i32, s.tokens as i64);
+        let (e32, k32, h32) = (s.experts as i32, s.top_k as i32, s.hidden as i32);
         let (routed, offset) = (s.routed as i32, s.offset as i32);
         if s.offset + s.experts > s.routed {
             return Err(Unavailable(format!(
@@ -76,7 +104,39 @@ impl Gpu {
                 s.offset, s.experts, s.routed
             )));
         }
-        let (norm, wf32, a32, sig) = (s.norm as i32, s.weights_f32 as i32, s.act as i32, s.sigmoid as i32);
+        let (norm, wf32, sig) = (s.norm as i32, s.weights_f32 as i32, s.sigmoid as i32);
+        let (logits, logits_dt) = match router {
+            RouterIn::Logits(p, ldt) => (p, ldt),
+            RouterIn::Weight(w) => {
+                let logits = *scratch.get(5).ok_or_else(|| Unavailable("torch_moe: no logits scratch".into()))?;
+                let fused = dt == Dt::BF16
+                    && s.hidden.is_multiple_of(8)
+                    && (x | w).is_multiple_of(16)
+                    && s.routed <= ROUTER_FUSED_MAX_EXPERTS
+                    && s.tokens <= self.counters_len();
+                if fused {
+                    let counters = self.counters_ptr();
+                    let mut l = self.launcher(self.f.moe_router_route);
+                    l.arg(&x).arg(&w).arg(&logits).arg(&counters).arg(&t64).arg(&h32).arg(&routed);
+                    l.arg(&k32).arg(&norm).arg(&wf32).arg(&sig).arg(&offset).arg(&e32).arg(&idx).arg(&wts);
+                    let cfg = super::LaunchConfig {
+                        grid_dim: (s.routed.div_ceil(8) as u32, s.tokens as u32, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: x [tokens, hidden] and w [routed, hidden] bf16 with 16-byte-aligned
+                    // rows (hidden % 8 == 0, both pointers aligned), logits tokens × routed bf16
+                    // (scratch sized so), counters ≥ tokens zeroed ints the kernel re-arms; a
+                    // block of 8 warps an (8 experts, token); idx, wts as moe_route's.
+                    return launched("moe_router_route", unsafe { l.launch(cfg) }.map(|_| ()))
+                        .and_then(|_| self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch));
+                }
+                // The router's linear as the graph would run it, then the routing.
+                self.gemm(dt, dt, s.tokens, s.routed, s.hidden, x, w, logits, false)?;
+                (logits, dt)
+            }
+        };
+        let ld = logits_dt as i32;
         let mut l = self.launcher(self.f.moe[0]);
         l.arg(&logits)
             .arg(&ld)
@@ -94,6 +154,28 @@ impl Gpu {
         // SAFETY: tokens × routed logits; tokens × top_k in idx and wts (scratch sized so); one
         // warp a token; idx then holds local expert ids < experts, or -1 (skipped below).
         launched("moe_route", unsafe { l.launch(grid(s.tokens * 32, 128)) }.map(|_| ()))?;
+        self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch)
+    }
+
+    /// `torch_moe` after the routing: the chosen experts' gate/up and down, and the sum.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_experts(
+        &self,
+        s: &MoeShape,
+        dt: Dt,
+        x: Ptr,
+        w_gate_up: Ptr,
+        w_down: Ptr,
+        y: Ptr,
+        scratch: &[Ptr],
+    ) -> Result<(), Unavailable> {
+        let Some(&[idx, wts, act, contrib, group]) = scratch.get(..5) else {
+            return Err(Unavailable(format!("torch_moe: {} scratch regions, want 5 or 6", scratch.len())));
+        };
+        let d = dt as i32;
+        let (t64, slots) = (s.tokens as i64, (s.tokens * s.top_k) as i64);
+        let (e32, k32, h32, i32_) = (s.experts as i32, s.top_k as i32, s.hidden as i32, s.inter as i32);
+        let a32 = s.act as i32;
         // The 16-byte-load kernels where bf16 rows split into whole chunks at aligned addresses
         // (the weights' rows are then aligned too: their strides are the checked sizes).
         let vector = dt == Dt::BF16

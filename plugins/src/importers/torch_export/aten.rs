@@ -186,6 +186,7 @@ impl Importer<'_> {
                         }
                     },
                     expert_offset: None,
+                    router_weight: false,
                 });
                 Some((op, vec![tensor("x")?, tensor("router_logits")?, tensor("w_gate_up")?, tensor("w_down")?]))
             }
