@@ -1,34 +1,44 @@
 #!/usr/bin/env bash
-# What was written without a GPU at hand and waits for one, as one device call: the checks
-# first, then the timings that decide the settings left off by default (docs/developing.md,
-# "Transforms off by default" and the kernel knobs).
-#   bash benches/gpu/pending.sh BIN_DIR
+# What was written without a GPU at hand and waits for one: the checks first, then the timings
+# that decide the settings left off by default (docs/developing.md, "Transforms off by default"
+# and the kernel knobs). Each part fits one device call (10 minutes; the first process on a
+# fresh machine also compiles the kernels, about 200 s, cached for the calls after it on the
+# same machine): run them one call each, in this order.
+#   PARTS=checks bash benches/gpu/pending.sh BIN_DIR      (then suite, fp8, moe, long, profile)
 # BIN_DIR holds release binaries built on a development machine (the GPU machine has no Rust):
 #   autodeploy  (cargo build --release -p autodeploy)
 #   cuda_check  (cargo build --release -p autodeploy-kernels --example cuda_check)
 #   cuda-tests  (cargo test --release -p autodeploy-tests --test cuda --no-run: target/release/deps/cuda-*)
-# PARTS (default "checks suite fp8 moe long") picks parts, run in this order:
+#   BUILT       (optional: which commit they are, printed first)
+# The parts (PARTS, default all but profile, in this order):
 #   checks  cuda_check whole (every kernel against the CPU), then the CUDA tests of what has
 #           not run on a GPU yet: the q/k norms fused into the attention, the MoE router fused,
-#           the FP8 folds and gated
-#           epilogue, NVFP4 on tensor cores, the tensor-core decode (the test binary's failures
-#           name each case).
+#           the FP8 folds and gated epilogue, NVFP4 on tensor cores, the tensor-core decode (the
+#           test binary's failures name each case).
 #   suite   the rest of the CUDA tests.
 #   fp8     the 8B shape at batch 1: bf16, FP8 with the folds, the gated epilogue, both, and
-#           none, NVFP4 with and without the gated epilogue; FP8 offline 1,000 x 128/128 with the defaults, the folds, epilogue and
-#           folds, cuBLASLt's fast accumulation and max_batch_size 1024; bf16 offline. Each
-#           list runs twice in the same order, so drift shows.
+#           none, NVFP4 with and without the gated epilogue; FP8 offline 1,000 x 128/128 with
+#           the defaults, the folds, epilogue and folds, cuBLASLt's fast accumulation and
+#           max_batch_size 1024; bf16 offline. Each list runs twice in the same order, so drift
+#           shows.
 #   moe     Qwen3-30B-A3B at batch 1: the defaults, the q/k norms fused into the attention, the
-#           router fused into the MoE op, both, and the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP: outputs
-#           wrong; the difference is what those launches cost inside the captured step).
+#           router fused into the MoE op, both, and the steps with the small norm launches left
+#           out (AUTODEPLOY_PROFILE_SKIP: outputs wrong; the difference is what those launches
+#           cost inside the captured step).
 #   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache;
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
+#   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
+#           overlap: the per-kernel floor, not the step) of the FP8 8B and Qwen3-30B-A3B at
+#           batch 1 with every pending fusion on, the models cut to 4 layers; $OUT/ncu-*.csv.
 # Each bench line is benches/gpu/summarize.py's summary; the JSON lines go to $OUT (default /tmp).
 set -u
 BIN=${1:?usage: pending.sh BIN_DIR}
 H=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
 PARTS=${PARTS:-checks suite fp8 moe long}
+ALL_ON=("[transforms.fuse_qk_norm_attention]" "enabled = true" "[transforms.fuse_moe_router]" "enabled = true"
+    "[transforms.fuse_gated_act]" "enabled = true" "[transforms.fuse_quant_gated_epilogue]" "enabled = true"
+    "[transforms.fuse_fp8_input_quant]" "enabled = true")
 B="$BIN/autodeploy"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 echo "binaries: $(cat "$BIN/BUILT" 2>/dev/null || echo unknown)"
@@ -47,13 +57,13 @@ bench() { # label config args... (env from the caller)
     local label=$1 cfg=$2
     shift 2
     printf '%-44s ' "$label"
-    timeout 600 "$B" bench --config "$cfg" "$@" 2>"$OUT/pending-last.err" | tee -a "$OUT/pending.json" |
-        python3 "$H/summarize.py" | head -1
+    timeout 120 "$B" bench --config "$cfg" "$@" 2>"$OUT/pending-last.err" | tee -a "$OUT/pending.json" |
+        python3 "$H/summarize.py" 2>/dev/null | head -1
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "(failed:)"; tail -3 "$OUT/pending-last.err"; }
 }
 off() { # label config [env]
     printf '%-44s ' "$1"
-    timeout 600 env ${3:-} "$B" bench --config "$2" --mode offline --num-requests 1000 --isl 128 --osl 128 \
+    timeout 120 env ${3:-} "$B" bench --config "$2" --mode offline --num-requests 1000 --isl 128 --osl 128 \
         2>"$OUT/pending-last.err" | tee -a "$OUT/pending.json" |
         python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ['wall_s','output_tok_per_s','steps','mean_step_ms','prefill_s','decode_only_s']})" ||
         tail -3 "$OUT/pending-last.err"
@@ -62,15 +72,15 @@ for part in $PARTS; do
     echo "== $part"
     case $part in
     checks)
-        timeout 900 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
+        timeout 330 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
         echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok"
         grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
-        timeout 1500 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
+        timeout 240 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
             fused_qk_norms quantized_checkpoints batched_bf16_decode fused_moe_router fused_router 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     suite)
-        timeout 2400 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
+        timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
             --skip fused_qk_norms --skip quantized_checkpoints --skip batched_bf16_decode --skip fused_moe_router \
             --skip fused_router 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
@@ -136,6 +146,39 @@ for part in $PARTS; do
             AUTODEPLOY_DECODE_LDSM=1 bench "8B batch 64, ldmatrix" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
         done
         ;;
-    *) echo "unknown part $part (checks suite fp8 moe long)" ;;
+    profile)
+        # The model configs cut to 4 layers, beside a config naming them by absolute path.
+        for m in Llama-3.1-8B-Instruct-FP8:configs/Llama-3.1-8B-Instruct-FP8 \
+            Qwen3-30B-A3B:../tests/fixtures/model-configs/Qwen/Qwen3-30B-A3B; do
+            name=${m%%:*}
+            rm -rf "$OUT/cut-$name" && cp -r "$H/../${m#*:}" "$OUT/cut-$name"
+            python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-$name"
+        done
+        f8=$(variant prof-fp8 llama-3.1-8b-fp8.toml "${ALL_ON[@]}")
+        moe=$(variant prof-moe qwen3-30b-a3b.toml "${ALL_ON[@]}")
+        sed -i "s|^model = .*|model = \"$OUT/cut-Llama-3.1-8B-Instruct-FP8\"|" "$f8"
+        sed -i "s|^model = .*|model = \"$OUT/cut-Qwen3-30B-A3B\"|" "$moe"
+        for c in "$f8" "$moe"; do
+            tag=$(basename "$c" .toml)
+            timeout 250 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+                -k 'regex:^(?!fill)' --launch-skip 200 --launch-count 120 \
+                "$B" bench --config "$c" --compile-backend opt --mode latency --batch 1 --isl 16 --osl 8 \
+                >"$OUT/ncu-$tag.csv" 2>"$OUT/ncu-$tag.err" || tail -3 "$OUT/ncu-$tag.err"
+            python3 - "$OUT/ncu-$tag.csv" <<'PY'
+import csv, sys, collections
+# (ncu's own lines and the bench's JSON line share the file: the rows are those with an ID.)
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and (r[0] == "ID" or r[0].isdigit())]
+head, rows = rows[0], rows[1:]
+k, m, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+t = collections.defaultdict(list)
+for r in rows:
+    if r[m] == "gpu__time_duration.sum":
+        t[r[k].split("(")[0]].append(float(r[v].replace(",", "")))
+for name, xs in sorted(t.items(), key=lambda kv: -sum(kv[1])):
+    print(f"  {name[:48]:<48} {len(xs):4d} launches, mean {sum(xs) / len(xs) / 1e3:8.2f} us")
+PY
+        done
+        ;;
+    *) echo "unknown part $part (checks suite fp8 moe long profile)" ;;
     esac
 done
