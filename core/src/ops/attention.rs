@@ -114,11 +114,11 @@ impl Scoring {
     }
 }
 
-/// `attention_with_kv_cache(q, k, v[, cos, sin[, q_norm_w, k_norm_w]])` for layer `layer`: writes k/v of this step's
-/// tokens into the paged cache, then attends each token to its sequence's cached prefix, through
-/// the attention backend `backend` (its kernels are the backend's, with the step's batch
-/// metadata and KV cache: no CPU or CUDA kernel of the op table runs it). Tokens of all
-/// sequences are flattened into `seq` (batch 1).
+/// `attention_with_kv_cache(q, k, v[, cos, sin[, q_norm_w, k_norm_w]])` for layer `layer`:
+/// writes k/v of this step's tokens into the paged cache, then attends each token to its
+/// sequence's cached prefix, through the attention backend `backend` (its kernels are the
+/// backend's, with the step's batch metadata and KV cache: no CPU or CUDA kernel of the op table
+/// runs it). Tokens of all sequences are flattened into `seq` (batch 1).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CachedAttn {
     pub backend: String,
@@ -132,9 +132,10 @@ pub struct CachedAttn {
     /// With `rope`: `(q, k, v, cos, sin, q_norm_w, k_norm_w)`, each head row of q and k
     /// RMS-normalised over the head dim before its RoPE, as `torch_rmsnorm` with these
     /// attributes computes it (`qk_norm_eps=1e-6, qk_norm_dtype=bf16`; the norm's dtype is the
-    /// model's, the weights `[head_dim]` of the model's dtype). Qwen3's and Gemma 3's q/k norms;
-    /// the `fuse_qk_norm_attention` transform makes it, so the CUDA executor's fused RoPE
-    /// kernels normalise too instead of two more launches a layer.
+    /// model's, the weights `[head_dim]` of the model's dtype): the q/k norms of Qwen3,
+    /// Qwen3-MoE, OpenELM and Llama 4 (Gemma 3's where it runs in f32). The
+    /// `fuse_qk_norm_attention` transform makes it, so the CUDA executor's fused RoPE kernels
+    /// normalise too instead of two more launches a layer.
     pub qk_norm: Option<NormAttrs>,
     pub scoring: Scoring,
 }
