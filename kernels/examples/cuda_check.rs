@@ -380,6 +380,9 @@ fn main() -> ExitCode {
                 check_attention(&gpu, &mut rep, bf, heads, kv_heads, d);
             }
         }
+        // A head dim of the general builds (80 on the 128 one: lanes past it idle), with the
+        // q/k norms and RoPE over a partly filled warp.
+        check_attention(&gpu, &mut rep, bf, 8, 2, 80);
     }
 
     // cuBLAS linear (x · wᵀ) against the CPU, f32 and bf16.
