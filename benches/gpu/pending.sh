@@ -4,17 +4,18 @@
 # and the kernel knobs). Each part fits one device call (10 minutes; the first process on a
 # fresh machine also compiles the kernels, about 200 s, cached for the calls after it on the
 # same machine): run them one call each, in this order.
-#   PARTS=checks bash benches/gpu/pending.sh BIN_DIR      (then suite, fp8, moe, long, profile)
+#   PARTS=checks bash benches/gpu/pending.sh BIN_DIR      (then quant, suite, fp8, moe, long, profile)
 # BIN_DIR holds release binaries built on a development machine (the GPU machine has no Rust):
 #   autodeploy  (cargo build --release -p autodeploy)
 #   cuda_check  (cargo build --release -p autodeploy-kernels --example cuda_check)
 #   cuda-tests  (cargo test --release -p autodeploy-tests --test cuda --no-run: target/release/deps/cuda-*)
 #   BUILT       (optional: which commit they are, printed first)
 # The parts (PARTS, default all but profile, in this order):
-#   checks  cuda_check whole (every kernel against the CPU), then the CUDA tests of what has
-#           not run on a GPU yet: the q/k norms fused into the attention, the MoE router fused,
-#           the FP8 folds and gated epilogue, NVFP4 on tensor cores, the tensor-core decode (the
-#           test binary's failures name each case).
+#   checks  cuda_check whole (every kernel against the CPU), then the CUDA tests of the q/k
+#           norms fused into the attention and the MoE router fused (not yet run on a GPU).
+#   quant   the CUDA tests of the quantized checkpoints (the FP8 folds and gated epilogue, NVFP4
+#           on tensor cores: not yet run on a GPU) and of the tensor-core decode; the test
+#           binary's failures name each case.
 #   suite   the rest of the CUDA tests.
 #   fp8     the 8B shape at batch 1: bf16, FP8 with the folds, the gated epilogue, both, and
 #           none, NVFP4 with and without the gated epilogue; FP8 offline 1,000 x 128/128 with
@@ -35,7 +36,7 @@ set -u
 BIN=${1:?usage: pending.sh BIN_DIR}
 H=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
-PARTS=${PARTS:-checks suite fp8 moe long}
+PARTS=${PARTS:-checks quant suite fp8 moe long}
 ALL_ON=("[transforms.fuse_qk_norm_attention]" "enabled = true" "[transforms.fuse_moe_router]" "enabled = true"
     "[transforms.fuse_gated_act]" "enabled = true" "[transforms.fuse_quant_gated_epilogue]" "enabled = true"
     "[transforms.fuse_fp8_input_quant]" "enabled = true")
@@ -76,7 +77,12 @@ for part in $PARTS; do
         echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok"
         grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
         timeout 240 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
-            fused_qk_norms quantized_checkpoints batched_bf16_decode fused_moe_router fused_router 2>&1 |
+            fused_qk_norms fused_moe_router fused_router 2>&1 |
+            grep -E "^test |panicked|FAILED|failed|test result" | head -60
+        ;;
+    quant)
+        timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
+            quantized_checkpoints batched_bf16_decode 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     suite)
@@ -179,6 +185,6 @@ for name, xs in sorted(t.items(), key=lambda kv: -sum(kv[1])):
 PY
         done
         ;;
-    *) echo "unknown part $part (checks suite fp8 moe long profile)" ;;
+    *) echo "unknown part $part (checks quant suite fp8 moe long profile)" ;;
     esac
 done
