@@ -4,7 +4,7 @@
 # and the kernel knobs). Each part fits one device call (10 minutes; the first process on a
 # fresh machine also compiles the kernels, about 200 s, cached for the calls after it on the
 # same machine): run them one call each, in this order.
-#   PARTS=checks bash benches/gpu/pending.sh BIN_DIR      (then quant, suite, fp8, moe, long, profile)
+#   PARTS=checks bash benches/gpu/pending.sh BIN_DIR      (then quant, suite, rest, fp8, moe, long, profile)
 # BIN_DIR holds release binaries built on a development machine (the GPU machine has no Rust):
 #   autodeploy  (cargo build --release -p autodeploy)
 #   cuda_check  (cargo build --release -p autodeploy-kernels --example cuda_check)
@@ -16,7 +16,9 @@
 #   quant   the CUDA tests of the quantized checkpoints (the FP8 folds and gated epilogue, NVFP4
 #           on tensor cores: not yet run on a GPU) and of the tensor-core decode; the test
 #           binary's failures name each case.
-#   suite   the rest of the CUDA tests.
+#   suite   the CUDA tests of every fixture family against the CPU (f32 and bf16, every
+#           compile and attention backend).
+#   rest    the other CUDA tests.
 #   fp8     the 8B shape at batch 1: bf16, FP8 with the folds, the gated epilogue, both, and
 #           none, NVFP4 with and without the gated epilogue; FP8 offline 1,000 x 128/128 with
 #           the defaults, the folds, epilogue and folds, cuBLASLt's fast accumulation and
@@ -36,7 +38,7 @@ set -u
 BIN=${1:?usage: pending.sh BIN_DIR}
 H=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
-PARTS=${PARTS:-checks quant suite fp8 moe long}
+PARTS=${PARTS:-checks quant suite rest fp8 moe long}
 ALL_ON=("[transforms.fuse_qk_norm_attention]" "enabled = true" "[transforms.fuse_moe_router]" "enabled = true"
     "[transforms.fuse_gated_act]" "enabled = true" "[transforms.fuse_quant_gated_epilogue]" "enabled = true"
     "[transforms.fuse_fp8_input_quant]" "enabled = true")
@@ -86,7 +88,11 @@ for part in $PARTS; do
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     suite)
-        timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
+        timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 cuda_matches_cpu 2>&1 |
+            grep -E "^test |panicked|FAILED|failed|test result" | head -60
+        ;;
+    rest)
+        timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 --skip cuda_matches_cpu \
             --skip fused_qk_norms --skip quantized_checkpoints --skip batched_bf16_decode --skip fused_moe_router \
             --skip fused_router 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
@@ -185,6 +191,6 @@ for name, xs in sorted(t.items(), key=lambda kv: -sum(kv[1])):
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite fp8 moe long profile)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile)" ;;
     esac
 done
