@@ -104,7 +104,8 @@ autodeploy_core::inventory::submit! {
 /// attributes, in the model's dtype (weights too, the norm rounded to it), the op takes the
 /// norms' inputs and weights (`qk_norm_eps`, `qk_norm_dtype`; inputs `q, k, v, cos, sin,
 /// q_norm_w, k_norm_w`) and computes the same numbers; the CUDA executor's RoPE kernels then
-/// normalise each head row too (Qwen3's and Gemma 3's q/k norms: two launches a layer fewer).
+/// normalise each head row too (the q/k norms of Qwen3, Qwen3-MoE, OpenELM, Llama 4, and Gemma 3
+/// in f32: two launches a layer fewer).
 pub struct FuseQkNormAttention;
 
 impl Transform for FuseQkNormAttention {

@@ -424,13 +424,10 @@ impl Gpu {
         })
     }
 
-    /// The zeroed counters' address and how many there are (`Gpu::counters`).
+    /// The zeroed counters' address (`Gpu::counters`, `COUNTERS` of them).
     fn counters_ptr(&self) -> Ptr {
         let (p, _g) = self.counters.device_ptr(&self.stream);
         p
-    }
-    fn counters_len(&self) -> usize {
-        COUNTERS
     }
 
     fn launcher(&self, f: Kernel) -> Launch<'_> {

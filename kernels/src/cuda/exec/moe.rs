@@ -113,7 +113,7 @@ impl Gpu {
                     && s.hidden.is_multiple_of(8)
                     && (x | w).is_multiple_of(16)
                     && s.routed <= ROUTER_FUSED_MAX_EXPERTS
-                    && s.tokens <= self.counters_len();
+                    && s.tokens <= super::COUNTERS;
                 if fused {
                     let counters = self.counters_ptr();
                     let mut l = self.launcher(self.f.moe_router_route);
