@@ -66,25 +66,7 @@ pub fn eval_node(
     let name = &g.value(n.outputs[0]).name;
     let cached = n.op.cached_attention_of();
     let res = match (&cached, attention, step) {
-        (Some(a @ CachedAttn { rope: false, .. }), Some(b), Some(cx)) => {
-            b.attend(a.layer, a.scoring.scores(a.scale as f32, true), ins[0], ins[1], ins[2], cx).map(|t| vec![t])
-        }
-        // RoPE (and the q/k norms) fused into the op: q and k normalised and rotated here, so
-        // every backend (plugins included) sees what the unfused graph gave it.
-        (Some(a @ CachedAttn { rope: true, .. }), Some(b), Some(cx)) => {
-            let rot = Op::rope(false);
-            let prep = |x: &Tensor, w: usize| -> Result<Tensor> {
-                let normed = match a.qk_norm {
-                    Some(n) => Some(cpu::eval_with(&Op::rmsnorm(n), &[x, ins[w]], bind, kernels)?),
-                    None => None,
-                };
-                cpu::eval_with(&rot, &[normed.as_ref().unwrap_or(x), ins[3], ins[4]], bind, kernels)
-            };
-            prep(ins[0], 5).and_then(|q| {
-                let k = prep(ins[1], 6)?;
-                b.attend(a.layer, a.scoring.scores(a.scale as f32, true), &q, &k, ins[2], cx).map(|t| vec![t])
-            })
-        }
+        (Some(a), Some(b), Some(cx)) => attend_cached(a, ins, bind, kernels, b, cx).map(|t| vec![t]),
         (Some(_), _, None) => Err(Error::Msg(
             "this graph has cached attention: forward needs a step context (batch metadata and KV cache)".into(),
         )),
@@ -119,6 +101,42 @@ pub fn eval_node(
         }
     }
     Ok(out)
+}
+
+/// Cached attention `a` on its inputs through backend `b`. RoPE (and the q/k norms) fused into
+/// the op: q and k normalised and rotated here, so every backend (plugins included) sees what
+/// the unfused graph gave it; `quant=fp8`: the backend's output made the E4M3 codes the op
+/// defines.
+fn attend_cached(
+    a: &CachedAttn,
+    ins: &[&Tensor],
+    bind: &Bindings,
+    kernels: &cpu::KernelOptions,
+    b: &dyn AttentionBackend,
+    cx: &mut StepContext,
+) -> Result<Tensor> {
+    let scores = a.scoring.scores(a.scale as f32, true);
+    let out = if a.rope {
+        let rot = Op::rope(false);
+        let prep = |x: &Tensor, w: usize| -> Result<Tensor> {
+            let normed = match a.qk_norm {
+                Some(n) => Some(cpu::eval_with(&Op::rmsnorm(n), &[x, ins[w]], bind, kernels)?),
+                None => None,
+            };
+            cpu::eval_with(&rot, &[normed.as_ref().unwrap_or(x), ins[3], ins[4]], bind, kernels)
+        };
+        let (q, k) = (prep(ins[0], 5)?, prep(ins[1], 6)?);
+        b.attend(a.layer, scores, &q, &k, ins[2], cx)?
+    } else {
+        b.attend(a.layer, scores, ins[0], ins[1], ins[2], cx)?
+    };
+    match ins.last().filter(|_| a.fp8_out) {
+        Some(scale) => {
+            crate::ops::quant_linear::codes_out::codes(out.to_f32().into_owned(), out.dtype(), scale, out.shape())
+                .map_err(Error::Msg)
+        }
+        None => Ok(out),
+    }
 }
 
 /// Binds the symbols of the graph inputs' shapes from concrete inputs, checking every static

@@ -280,6 +280,7 @@ mod tests {
                 rope: false,
                 qk_norm: None,
                 scoring: Scoring::default(),
+                fp8_out: false,
             }),
             Op::cached_attention(&CachedAttn {
                 backend: "torch".into(),
@@ -293,6 +294,7 @@ mod tests {
                     softcap: Some(30.0),
                     kv_fp8: Some((0.02, 0.0234375)),
                 },
+                fp8_out: true,
             }),
         ]
     }

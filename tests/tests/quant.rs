@@ -331,6 +331,66 @@ fn gated_activations_and_fp8_input_codes_fold_without_changing_the_numbers() {
     assert!(!simple.contains("quant=fp8") && !simple.contains("torch_gated_act"));
 }
 
+/// `fuse_fp8_attention_out` (compile stage, off by default): under `opt` on the FP8 fixtures
+/// with static input scales, each layer's cached attention (RoPE fused, and Qwen3's q/k norms
+/// when `fuse_qk_norm_attention` is on too) writes the E4M3 codes its o_proj reads through the
+/// transpose and reshape (`quant=fp8` on the attention, `out=` on o_proj: 2 each), alone and
+/// with every other FP8 fold; the logits of a ragged prefill and 3 decode steps are the unfused
+/// graph's bit for bit in f32 and bf16, and generation gives the reference's tokens. The
+/// in-place FP8 (dynamic per-token scales) and NVFP4 (weight-only) have no static scale to
+/// write codes at and keep their attention as it is.
+#[test]
+fn an_attention_writes_the_fp8_codes_its_o_proj_reads_without_changing_the_numbers() {
+    let base = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+    let out = format!("{base}transforms.fuse_fp8_attention_out.enabled = true\n");
+    let all = format!(
+        "{out}transforms.fuse_fp8_input_quant.enabled = true\ntransforms.fuse_gated_act.enabled = true\n\
+         transforms.fuse_quant_gated_epilogue.enabled = true\ntransforms.fuse_qk_norm_attention.enabled = true\n"
+    );
+    let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
+    let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
+    let count = |dump: &str, op: &str, with: &str| dump.lines().filter(|l| l.contains(op) && l.contains(with)).count();
+    let cases = [
+        ("llama-fp8", "", 2),
+        ("qwen3-fp8", "", 2),
+        ("llama-fp8-kv", "", 2),
+        ("llama", "quantize = \"fp8\"\n", 0),
+        ("mistral-nvfp4", "", 0),
+    ];
+    for (name, q, want) in cases {
+        for extra in [&out, &all] {
+            let extra = format!("{extra}{q}");
+            let dump = engine(name, &extra).graph.dump();
+            let attn = count(&dump, "= attention_with_kv_cache(", "quant=fp8");
+            assert_eq!(attn, want, "{name}: attentions writing codes\n{extra}{dump}");
+            let o_proj = count(&dump, "o_proj: ", "= torch_quant_fp8_linear(%l");
+            let o_proj = o_proj.min(count(&dump, "o_proj: ", "out="));
+            assert_eq!(o_proj, want, "{name}: o_proj reading codes\n{extra}{dump}");
+            if want > 0 {
+                assert!(dump.contains("attn.flat: f8e4m3["), "{name}: the reshape moves codes\n{dump}");
+            }
+            for dtype in ["float32", "bfloat16"] {
+                let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
+                let a = common::steps::run_paged_steps(&mut engine(name, &with(&extra)), 4, &prompts, &decode);
+                let b = common::steps::run_paged_steps(
+                    &mut engine(name, &with(&format!("{base}{q}"))),
+                    4,
+                    &prompts,
+                    &decode,
+                );
+                assert!(a.len() == 4 && a == b, "{name} {dtype}: the attention's codes changed the logits\n{extra}");
+            }
+            if q.is_empty() {
+                let r = Reference::load(name);
+                let (_, prompt) = r.i64("gen_prompt_0");
+                let (_, want) = r.i64("gen_output_0");
+                let out = generate(name, &extra, &[greedy(&prompt, want.len())]);
+                assert_eq!(out[0].as_ref().unwrap().tokens, want, "{name}: generation\n{extra}");
+            }
+        }
+    }
+}
+
 /// `fuse_quant_gated_epilogue` (compile stage, off by default, after `fuse_gated_act`): under
 /// `opt` on the FP8 fixtures (static scales, and `quantize = "fp8"`'s per-token ones on llama),
 /// each layer's gated activation goes into its FP8 gate/up linear (`act=silu`: 2 linears, no

@@ -19,6 +19,7 @@ use crate::ir::TensorMeta;
 use crate::mutation::{self, Mutation};
 use crate::op_text::read_attrs;
 use crate::ops::norm::NormAttrs;
+use crate::ops::quant_linear::codes_out;
 use crate::ops::{broadcast_shapes, no_attrs, Op};
 use crate::tensor::Tensor;
 
@@ -114,7 +115,7 @@ impl Scoring {
     }
 }
 
-/// `attention_with_kv_cache(q, k, v[, cos, sin[, q_norm_w, k_norm_w]])` for layer `layer`:
+/// `attention_with_kv_cache(q, k, v[, cos, sin[, q_norm_w, k_norm_w]][, out_scale])` for layer `layer`:
 /// writes k/v of this step's tokens into the paged cache, then attends each token to its
 /// sequence's cached prefix, through the attention backend `backend` (its kernels are the
 /// backend's, with the step's batch metadata and KV cache: no CPU or CUDA kernel of the op table
@@ -138,6 +139,12 @@ pub struct CachedAttn {
     /// normalise too instead of two more launches a layer.
     pub qk_norm: Option<NormAttrs>,
     pub scoring: Scoring,
+    /// `quant=fp8`: the output as E4M3 codes (`f8e4m3`) of the value rounded to q's dtype
+    /// divided by the last input's scale (one f32), the codes `torch_quant_fp8_linear` makes of
+    /// its input at that scale. The `fuse_fp8_attention_out` transform sets it where FP8
+    /// linears alone read the output (through views: ModelOpt's o_proj), so the CUDA executor
+    /// writes a byte a value and the linear quantizes nothing.
+    pub fp8_out: bool,
 }
 
 impl CachedAttn {
@@ -147,12 +154,20 @@ impl CachedAttn {
             Some(n) => format!(", qk_norm_eps={:?}, qk_norm_dtype={}", n.eps, n.norm_dtype),
             None => String::new(),
         };
-        format!("backend={}, layer={}, scale={:?}{r}{n}{}", self.backend, self.layer, self.scale, self.scoring.text())
+        format!(
+            "backend={}, layer={}, scale={:?}{r}{n}{}{}",
+            self.backend,
+            self.layer,
+            self.scale,
+            self.scoring.text(),
+            codes_out::text(self.fp8_out)
+        )
     }
 
-    /// The inputs the op takes: q, k, v; cos, sin with `rope`; the norms' weights with `qk_norm`.
+    /// The inputs the op takes: q, k, v; cos, sin with `rope`; the norms' weights with
+    /// `qk_norm`; the output's scale with `fp8_out`, last.
     pub fn inputs(&self) -> usize {
-        3 + 2 * usize::from(self.rope) + 2 * usize::from(self.qk_norm.is_some())
+        3 + 2 * usize::from(self.rope) + 2 * usize::from(self.qk_norm.is_some()) + usize::from(self.fp8_out)
     }
 
     fn parse(text: &str) -> Result<CachedAttn, String> {
@@ -167,7 +182,8 @@ impl CachedAttn {
                 Some(eps) => return Err(a.bad("qk_norm_eps", &eps.to_string(), "a finite eps >= 0")),
                 None => None,
             };
-            Ok(CachedAttn { backend, layer, scale, rope, qk_norm, scoring: Scoring::read(a)? })
+            let scoring = Scoring::read(a)?;
+            Ok(CachedAttn { backend, layer, scale, rope, qk_norm, scoring, fp8_out: codes_out::read(a)? })
         })
     }
 }
@@ -177,7 +193,8 @@ fn cached_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, Strin
     let want = a.inputs();
     if ins.len() != want {
         let n = if a.qk_norm.is_some() { " and qk_norm" } else { "" };
-        return Err(format!("takes {want} tensor inputs with rope={}{n}, got {}", a.rope, ins.len()));
+        let q = if a.fp8_out { " and quant=fp8" } else { "" };
+        return Err(format!("takes {want} tensor inputs with rope={}{n}{q}, got {}", a.rope, ins.len()));
     }
     if let Some(n) = &a.qk_norm {
         // Each head row normalised as the unfused torch_rmsnorm would, in q's and k's own dtype.
@@ -211,7 +228,8 @@ fn cached_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, Strin
     if !ins[0].shape[0].is_one() {
         return Err(format!("expects the flattened batch [1, heads, tokens, dim], got {}", ins[0]));
     }
-    Ok(out)
+    let plain = out.into_iter().next().ok_or("attention gave no output")?;
+    Ok(vec![codes_out::meta(a.fp8_out, ins.last().filter(|_| a.fp8_out), plain)?])
 }
 
 /// `aten.scaled_dot_product_attention`'s attributes.
@@ -497,7 +515,7 @@ pub fn ops() -> Vec<CustomOp> {
         Err(crate::Error::op(CACHED_ATTENTION, "needs a KV cache: run it through a runtime step with batch metadata"))
     };
     let cached = CustomOp {
-        extra_inputs: 4,
+        extra_inputs: 5,
         ..entry(CACHED_ATTENTION, 3, |a| CachedAttn::parse(a).map(|_| ()), cached_rule, no_kernel)
     };
     vec![

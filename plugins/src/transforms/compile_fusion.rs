@@ -62,7 +62,9 @@ impl Transform for FuseRopeAttention {
         };
         let mut fused = Vec::new();
         for (j, node) in g.nodes.iter().enumerate() {
-            let Some(CachedAttn { backend, rope: false, .. }) = node.op.cached_attention_of() else { continue };
+            let Some(CachedAttn { backend, rope: false, fp8_out: false, .. }) = node.op.cached_attention_of() else {
+                continue;
+            };
             if !autodeploy_core::registry::attention_backend_fuses_rope(&backend) {
                 continue;
             }
@@ -140,7 +142,8 @@ impl Transform for FuseQkNormAttention {
         };
         let mut fused = Vec::new();
         for (j, node) in g.nodes.iter().enumerate() {
-            let Some(a @ CachedAttn { rope: true, qk_norm: None, .. }) = node.op.cached_attention_of() else {
+            let Some(a @ CachedAttn { rope: true, qk_norm: None, fp8_out: false, .. }) = node.op.cached_attention_of()
+            else {
                 continue;
             };
             if let (Some(q), Some(k)) = (norm_behind(node.inputs[0]), norm_behind(node.inputs[1])) {
@@ -549,5 +552,92 @@ impl Transform for FuseFp8InputQuant {
         g.reinfer()?;
         g.validate()?;
         Ok(format!("folded the FP8 input quantization into {norms} RMSNorms and {acts} gated activations"))
+    }
+}
+
+autodeploy_core::inventory::submit! {
+    TransformPlugin {
+        name: "fuse_fp8_attention_out",
+        stage: Stage::Compile,
+        order: 41,
+        enabled_by_default: false,
+        options: &[],
+        version: env!("CARGO_PKG_VERSION"),
+        origin: "built-in (fp8 plugin)",
+        make: || Box::new(FuseFp8AttentionOut),
+    }
+}
+
+/// FP8 output of attention where the next GEMM wants it (stage `compile`, for the fusing
+/// compile backends, after `fuse_fp8_input_quant`): a cached attention whose output reaches,
+/// through layout ops alone (`aten.transpose.int`, `aten.reshape`, `aten.view`, each read once),
+/// only FP8 linears with a static input scale as their input, all at equal scales (ModelOpt's
+/// o_proj), gets `quant=fp8` and that scale and writes E4M3 codes; the layout ops move codes and
+/// the linears become `torch_quant_fp8_linear(out=<dtype>)` over them. The codes are the ones
+/// each linear made of the attention's rounded output, so the numbers do not change; on CUDA
+/// the o_proj's quantizing launch goes (a prefill's transposing copy writes the codes) and the
+/// split-KV decode of a few tokens writes codes itself. Off by default until a GPU run has
+/// checked and timed it (docs/developing.md).
+pub struct FuseFp8AttentionOut;
+
+impl Transform for FuseFp8AttentionOut {
+    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
+        use autodeploy_core::ops::layout::{RESHAPE, TRANSPOSE, VIEW};
+        if let Some(skip) = not_fusing(cx, "quantizes the attention output in the FP8 linears")? {
+            return Ok(skip);
+        }
+        let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); g.values.len()];
+        for (j, node) in g.nodes.iter().enumerate() {
+            for (p, v) in node.inputs.iter().enumerate() {
+                readers[v.0 as usize].push((j, p));
+            }
+        }
+        let private = |v: ValueId| readers[v.0 as usize].len() == 1 && !g.outputs.contains(&v);
+        // (attention node, its op with codes out, its dtype, the scale, the linears).
+        let mut folds = Vec::new();
+        for (j, node) in g.nodes.iter().enumerate() {
+            let Some(a) = node.op.cached_attention_of().filter(|a| !a.fp8_out) else { continue };
+            let dtype = g.meta(node.outputs[0]).dtype;
+            if !matches!(dtype, DType::F32 | DType::BF16) {
+                continue;
+            }
+            // Down the chain of layout ops to the value the linears read.
+            let mut at = node.outputs[0];
+            while private(at) {
+                let (l, _) = readers[at.0 as usize][0];
+                if ![TRANSPOSE, RESHAPE, VIEW].contains(&g.nodes[l].op.name()) {
+                    break;
+                }
+                at = g.nodes[l].outputs[0];
+            }
+            let users = &readers[at.0 as usize];
+            let fp8_reader = |&(l, p): &(usize, usize)| p == 0 && g.nodes[l].op.fp8_linear_of() == Some(false);
+            if users.is_empty() || g.outputs.contains(&at) || !users.iter().all(fp8_reader) {
+                continue;
+            }
+            let scale = g.nodes[users[0].0].inputs[2];
+            let first = super::fusion::values(g, scale)?;
+            let mut same = true;
+            for &(l, _) in &users[1..] {
+                same &= super::fusion::values(g, g.nodes[l].inputs[2])? == first;
+            }
+            if same {
+                let op = Op::cached_attention(&CachedAttn { fp8_out: true, ..a });
+                folds.push((j, op, dtype, scale, users.iter().map(|u| u.0).collect::<Vec<_>>()));
+            }
+        }
+        let n = folds.len();
+        for (j, op, dtype, scale, linears) in folds {
+            g.nodes[j].op = op;
+            g.nodes[j].inputs.push(scale);
+            for l in linears {
+                if let Some(op) = g.nodes[l].op.fp8_linear_over_codes(dtype) {
+                    g.nodes[l].op = op;
+                }
+            }
+        }
+        g.reinfer()?;
+        g.validate()?;
+        Ok(format!("made {n} cached attentions write the E4M3 codes their FP8 linears read"))
     }
 }

@@ -73,8 +73,15 @@ impl Transform for InsertCachedAttention {
         for i in 0..g.nodes.len() {
             if let Some(AttentionAttrs { scale, scoring, .. }) = g.nodes[i].op.attention_attrs() {
                 let backend = backend.to_string();
-                g.nodes[i].op =
-                    Op::cached_attention(&CachedAttn { backend, layer, scale, rope: false, qk_norm: None, scoring });
+                g.nodes[i].op = Op::cached_attention(&CachedAttn {
+                    backend,
+                    layer,
+                    scale,
+                    rope: false,
+                    qk_norm: None,
+                    scoring,
+                    fp8_out: false,
+                });
                 layer += 1;
             }
         }

@@ -576,6 +576,7 @@ mod tests {
                 rope,
                 qk_norm: None,
                 scoring: Default::default(),
+                fp8_out: false,
             })
         };
         let fused = b.op("fused", attn(true), &[q, k, v, cos, sin]).unwrap();
