@@ -252,6 +252,7 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
     const FOLDS: &str = "transforms.fuse_gated_act.enabled = true\ntransforms.fuse_fp8_input_quant.enabled = true\n";
     const EPILOGUE: &str =
         "transforms.fuse_gated_act.enabled = true\ntransforms.fuse_quant_gated_epilogue.enabled = true\n";
+    const ATTN_OUT: &str = "transforms.fuse_fp8_attention_out.enabled = true\n";
     let _turn = gpu();
     let (failed, ran) = launches(|| {
         // The FP8 decode GEMV on tensor cores (the default on sm_89+), and once the CUDA-core one.
@@ -293,6 +294,15 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             ("llama", &format!("{EPILOGUE}quantize = \"fp8\"\n")),
             ("mistral-nvfp4", EPILOGUE),
             ("mistral-nvfp4", &format!("{EPILOGUE}kernels.nvfp4_gemv_tensor_cores = false\n")),
+            // The attention writing the codes its o_proj reads (`e4m3_heads` after it, whatever
+            // its layout: a prefill's heads-major rows, a decode's token-major ones); the GEMV
+            // and cuBLASLt read them, the dequantizing path takes their values; with the q/k
+            // norms fused too, every fold, and over an FP8 cache.
+            ("llama-fp8", ATTN_OUT),
+            ("llama-fp8", &format!("{ATTN_OUT}kernels.fp8_gemm_cublaslt = false\n")),
+            ("llama-fp8", &format!("{ATTN_OUT}kernels.fp8_gemv_tensor_cores = false\n")),
+            ("qwen3-fp8", &format!("{ATTN_OUT}{EPILOGUE}{FOLDS}transforms.fuse_qk_norm_attention.enabled = true\n")),
+            ("llama-fp8-kv", &format!("{ATTN_OUT}kv_cache_dtype = \"fp8\"\n")),
         ];
         check_cases(&checkpoints)
     });
@@ -319,6 +329,7 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
         "silu_mul_bf16x8",
         "gemv_fp8_tc_gated",
         "gemv_nvfp4_tc_gated",
+        "e4m3_heads",
     ] {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }

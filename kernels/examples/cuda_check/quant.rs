@@ -9,7 +9,7 @@ use super::*;
 /// cuBLASLt reading them) against the same linear quantizing the bf16 input itself: equal bit
 /// for bit.
 pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
-    use autodeploy_kernels::cuda::exec::{LowBitLinear, LowBitScales};
+    use autodeploy_kernels::cuda::exec::{HeadRows, LowBitLinear, LowBitScales};
     use autodeploy_kernels::quant::lowbit::{e4m3_to_f32, f32_to_e4m3};
     let bytes_up = |raw: &[u8], what: &str| {
         let b = gpu.alloc(raw.len().max(1), what).unwrap();
@@ -68,6 +68,29 @@ pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
         gpu.silu_mul(dgu.ptr, None, Dt::BF16, codes.ptr, Some(ds.ptr), rows, inter, GateAct::Silu).unwrap();
         let want = cpu_codes(&as_bf16(get(plain.ptr, rows * inter * 2)));
         rep.exact(&format!("silu_mul codes {rows}x{inter}"), true, &values(&get(codes.ptr, rows * inter)), &want);
+    }
+    // An attention output's codes, token-major (`e4m3_heads`), from heads-major rows (a
+    // prefill's) and token-major ones (a decode's), head dims 128 and 80.
+    for (heads, tokens, d) in [(8usize, 5usize, 128usize), (3, 7, 80)] {
+        let n = heads * tokens * d;
+        let x = r(n, 47);
+        let dx = up(&x);
+        for (layout, rows) in
+            [("heads-major", HeadRows::heads_major(tokens, d)), ("tokens-major", HeadRows::tokens_major(heads, d))]
+        {
+            let codes = bytes_up(&vec![0; n], "c");
+            gpu.e4m3_heads(dx.ptr, Dt::BF16, rows, heads, tokens, d, ds.ptr, codes.ptr).unwrap();
+            let mut want = vec![0.0f32; n];
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let at = h as i64 * rows.head + t as i64 * rows.token;
+                    let src = &x[at as usize..at as usize + d];
+                    want[(t * heads + h) * d..][..d].copy_from_slice(&cpu_codes(src));
+                }
+            }
+            let what = format!("e4m3_heads {layout} {heads}x{tokens}x{d}");
+            rep.exact(&what, true, &values(&get(codes.ptr, n)), &want);
+        }
     }
     // FP8 linears over codes against the same over bf16: m = 1, 2 (tensor-core GEMV), 8 and 24
     // (cuBLASLt where it loads, else the dequantizing path).

@@ -71,6 +71,20 @@ __device__ void lowbit_epilogue(const float* acc, const float* s_a, int a_per_ro
     }
 }
 
+// An attention output's head rows (head h of token t at x + h·hs + t·ts, d values) as the E4M3
+// codes (a byte each) of their values divided by s_in[0], written token-major, out[(t·heads +
+// h)·d + e]: what an FP8 o_proj reads (`quant=fp8` on a cached attention; the values are the
+// attention's, already rounded to T, so the codes are the ones the linear would make). One
+// block a (token, head) row.
+template <typename T>
+__device__ void e4m3_heads(const T* x, long long hs, long long ts, int heads, int d, const float* s_in,
+                           unsigned char* out) {
+    long row = blockIdx.x;
+    const T* xr = x + (row % heads) * hs + (row / heads) * ts;
+    float s = s_in[0];
+    for (int e = threadIdx.x; e < d; e += blockDim.x) out[row * d + e] = e4m3_code_rn(load_f(xr, e) / s);
+}
+
 #define LOWBIT_ELEMENTWISE(S, T)                                                                                      \
     extern "C" __global__ void e4m3_codes_##S(const T* x, const float* s_in, T* out, long n) {                        \
         pdl_enter();                                                                                                  \
@@ -79,6 +93,11 @@ __device__ void lowbit_epilogue(const float* acc, const float* s_a, int a_per_ro
     extern "C" __global__ void e4m3_codes_rows_##S(const T* x, float* s_out, T* out, int k) {                         \
         pdl_enter();                                                                                                  \
         e4m3_codes_rows<T>(x, s_out, out, k);                                                                         \
+    }                                                                                                                 \
+    extern "C" __global__ void e4m3_heads_##S(const T* x, long long hs, long long ts, int heads, int d,               \
+                                              const float* s_in, unsigned char* out) {                                \
+        pdl_enter();                                                                                                  \
+        e4m3_heads<T>(x, hs, ts, heads, d, s_in, out);                                                                \
     }                                                                                                                 \
     extern "C" __global__ void fp8_values_##S(const unsigned char* w, T* out, long n) {                               \
         pdl_enter();                                                                                                  \

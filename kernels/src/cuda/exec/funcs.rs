@@ -17,6 +17,8 @@ pub(super) struct Funcs {
     pub(super) quant_rows: [Kernel; 2],
     /// `e4m3_bytes_rows_bf16`: the cuBLASLt FP8 GEMM's input codes.
     pub(super) quant_bytes: Kernel,
+    /// `e4m3_heads` for `[f32, bf16]`: an attention output's codes, token-major.
+    pub(super) quant_heads: [Kernel; 2],
     /// `gemv_fp8_m{1,2,4,8}` and `gemv_nvfp4_m{1,2,4,8}` for `[f32, bf16]`.
     pub(super) quant_gemv: [[Kernel; 4]; 2],
     /// `gemv_fp8_tc_m{1,2,4,8}` for `[f32, bf16]` (sm_89+).
@@ -134,6 +136,7 @@ impl Funcs {
             ],
             quant_rows: [g("e4m3_codes_rows_f32")?, g("e4m3_codes_rows_bf16")?],
             quant_bytes: g("e4m3_bytes_rows_bf16")?,
+            quant_heads: [g("e4m3_heads_f32")?, g("e4m3_heads_bf16")?],
             quant_gemv: [
                 [g("gemv_fp8_m1_f32")?, g("gemv_fp8_m2_f32")?, g("gemv_fp8_m4_f32")?, g("gemv_fp8_m8_f32")?],
                 [g("gemv_fp8_m1_bf16")?, g("gemv_fp8_m2_bf16")?, g("gemv_fp8_m4_bf16")?, g("gemv_fp8_m8_bf16")?],

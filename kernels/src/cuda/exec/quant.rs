@@ -310,4 +310,37 @@ impl Gpu {
         // per_row) or null.
         launched("lowbit_epilogue", unsafe { l.launch(grid(c.m * c.n, 256)) }.map(|_| ()))
     }
+
+    /// An attention output's rows (`rows` says where head h of token t lies in `x`, `d` values
+    /// of `dt` each) as E4M3 codes at the static scale `s_in` (one f32), written token-major
+    /// `[tokens, heads, d]` to `out` (one byte each): `quant=fp8` on a cached attention, the
+    /// codes its FP8 o_proj reads.
+    #[allow(clippy::too_many_arguments)]
+    pub fn e4m3_heads(
+        &self,
+        x: Ptr,
+        dt: Dt,
+        rows: super::HeadRows,
+        heads: usize,
+        tokens: usize,
+        d: usize,
+        s_in: Ptr,
+        out: Ptr,
+    ) -> Result<(), Unavailable> {
+        let di = dt_index(dt)?;
+        let n = heads * tokens;
+        let (Ok(grid_x), Ok(h32), Ok(d32)) = (u32::try_from(n), i32::try_from(heads), i32::try_from(d)) else {
+            return Err(Unavailable(format!("attention output codes: {tokens} tokens x {heads} heads x {d}")));
+        };
+        if n == 0 || d == 0 {
+            return Ok(());
+        }
+        let mut l = self.launcher(self.f.quant_heads[di]);
+        l.arg(&x).arg(&rows.head).arg(&rows.token).arg(&h32).arg(&d32).arg(&s_in).arg(&out);
+        let block = (d.div_ceil(32) * 32).min(128) as u32;
+        let cfg = super::LaunchConfig { grid_dim: (grid_x, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x holds every (token, head) row at rows' strides, d values of dt each; out
+        // tokens·heads·d bytes; s_in one f32; one block a row.
+        launched("e4m3_heads", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
 }

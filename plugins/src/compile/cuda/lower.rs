@@ -61,6 +61,12 @@ impl CudaModel {
         gpu.memset(self.flags.ptr, 64).map_err(gpu_err)?;
         let shape_of = |v: autodeploy_core::ValueId| eval_shape(&g.meta(v).shape, bind);
         let dt_of = |v: autodeploy_core::ValueId| dt(g.meta(v).dtype, &g.value(v).name);
+        // The dtype a value's elements are copied as: E4M3 codes (`quant=fp8` outputs, and the
+        // layout ops over them) move as bytes (a copy between equal dtypes moves raw elements).
+        let copy_dt = |v: autodeploy_core::ValueId| match g.meta(v).dtype {
+            DType::F8E4M3 => Ok(Dt::Bool),
+            _ => dt_of(v),
+        };
         let base = self.arena.ptr;
         // Per-op times (synchronising after every node) when profiling and not capturing.
         let profiling = self.profile_on && !capturing;
@@ -79,8 +85,8 @@ impl CudaModel {
             let name = &g.value(outv).name;
             let out_shape = shape_of(outv)?;
             // (Asked only where a view needs it: an op writing E4M3 codes, `quant=fp8`, has an
-            // output dtype no executor kernel takes as a code.)
-            let odt = || dt_of(outv);
+            // output dtype no executor kernel takes as a code; views move them as bytes.)
+            let odt = || copy_dt(outv);
             let n_out: usize = out_shape.iter().product();
             let planned = base + self.plan[i].outs[0] as u64;
             // A view op's output in its input's memory (as its table entry says for this
@@ -117,7 +123,7 @@ impl CudaModel {
                 if lay[vi].is_none() || strided_ok(v) {
                     continue;
                 }
-                let (xs, xdt) = (shape_of(v)?, dt_of(v)?);
+                let (xs, xdt) = (shape_of(v)?, copy_dt(v)?);
                 let st = lay[vi].take().unwrap_or_default();
                 let to = home[vi];
                 if to == 0 {
@@ -155,7 +161,7 @@ impl CudaModel {
                         None => out = inp(0),
                     },
                 },
-                (_, Some(CachedAttn { layer, scale, rope: fused_rope, qk_norm, scoring, .. })) => {
+                (_, Some(CachedAttn { layer, scale, rope: fused_rope, qk_norm, scoring, fp8_out, .. })) => {
                     let meta = staged.meta.as_ref().ok_or_else(|| {
                         Error::Msg("this graph has cached attention: forward needs a step context".into())
                     })?;
@@ -188,9 +194,14 @@ impl CudaModel {
                     };
                     // The q/k norms fused too: their weights, one [head_dim] row each in the
                     // model's dtype, normalised in it (what the kernels round to).
+                    // The attention's own dtype (q's), and where its values go: the output, or
+                    // with `quant=fp8` the node's second scratch region, its codes then written
+                    // token-major to the output (what the o projection reads).
+                    let adt = g.meta(node.inputs[0]).dtype;
+                    let values_at = if *fp8_out { scratch(1) } else { planned };
                     let qk_norm = match qk_norm {
                         Some(n) => {
-                            let dt = g.meta(outv).dtype;
+                            let dt = adt;
                             let bad = [5, 6].iter().find(|&&w| in_shape(w).ok() != Some(vec![l.head_dim]));
                             if n.norm_dtype != dt || bad.is_some() {
                                 return Err(fail(Unavailable(format!(
@@ -216,21 +227,21 @@ impl CudaModel {
                         heads,
                         kv_heads: l.kv_heads,
                         head_dim: l.head_dim,
-                        dtype: g.meta(outv).dtype,
+                        dtype: adt,
                         q: operand(node.inputs[0])?,
                         k: operand(node.inputs[1])?,
                         v: operand(node.inputs[2])?,
                         rope,
                         qk_norm,
                         scratch: if *fused_rope { scratch(0) } else { 0 },
-                        out: planned,
+                        out: values_at,
                         tokens_major_ok: self.attn_tokens_major[i] && backend.tokens_major_out(),
                         k_cache: l.k.ptr,
                         v_cache: l.v.ptr,
                         step: meta,
                     };
                     if self.debug_checks {
-                        mark_unwritten(gpu, planned, g.meta(outv).dtype, n_out)?;
+                        mark_unwritten(gpu, values_at, adt, n_out)?;
                     }
                     let rows = backend
                         .attend(&call, gpu)
@@ -241,10 +252,16 @@ impl CudaModel {
                             "attention backend `{b}` ({}), layer {layer} at node `{name}`",
                             autodeploy_core::registry::attention_backend_origin(b)
                         );
-                        let vals = read_back(gpu, planned, g.meta(outv).dtype, n_out)?;
+                        let vals = read_back(gpu, values_at, adt, n_out)?;
                         autodeploy_core::custom_op::check_output(&what, &vals)?;
                     }
-                    if rows != HeadRows::heads_major(qs[2], l.head_dim) {
+                    if *fp8_out {
+                        let s_in = inp(node.inputs.len() - 1);
+                        gpu.e4m3_heads(values_at, dt(adt, name)?, rows, heads, qs[2], l.head_dim, s_in, planned)
+                            .map_err(fail)?;
+                        let st = vec![n_out as i64, l.head_dim as i64, (heads * l.head_dim) as i64, 1];
+                        out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);
+                    } else if rows != HeadRows::heads_major(qs[2], l.head_dim) {
                         // The output [1, heads, tokens, d] at the rows' strides.
                         let st = vec![n_out as i64, rows.head, rows.token, 1];
                         out_lay = (!is_contiguous(&out_shape, &st)).then_some(st);

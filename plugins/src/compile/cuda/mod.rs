@@ -445,10 +445,16 @@ impl CudaModel {
 
 /// Scratch regions a node needs besides its output, at the largest shapes.
 fn scratch_bytes(g: &Graph, node: &autodeploy_core::ir::Node, bind: &Bindings) -> Result<Vec<usize>> {
-    // The rotated q of a RoPE-fused cached attention.
-    if node.op.cached_attention_of().is_some_and(|a| a.rope) {
+    // A cached attention's: the rotated q of a RoPE-fused one; with `quant=fp8` a second
+    // region (none if the first is not needed) for its values before their codes.
+    if let Some(a) = node.op.cached_attention_of() {
         let q = g.meta(node.inputs[0]);
-        return Ok(vec![eval_shape(&q.shape, bind)?.iter().product::<usize>() * q.dtype.size_in_bytes()]);
+        let q_bytes = eval_shape(&q.shape, bind)?.iter().product::<usize>() * q.dtype.size_in_bytes();
+        return Ok(match (a.rope, a.fp8_out) {
+            (true, false) => vec![q_bytes],
+            (false, false) => vec![],
+            (rope, true) => vec![if rope { q_bytes } else { 0 }, q_bytes],
+        });
     }
     let Some(scratch) = autodeploy_core::registry::custom_op(node.op.name).and_then(|c| c.cuda_scratch) else {
         return Ok(vec![]);
