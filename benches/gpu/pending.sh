@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What was written without a GPU at hand and waits for one: the checks first, then the timings
-# that decide the settings left off by default (docs/developing.md, "Transforms off by default"
+# that decide the settings left off by default (docs/developing.md, "Fusions on and off by default"
 # and the kernel knobs). Each part fits one device call (10 minutes; the first process on a
 # fresh machine also compiles the kernels, about 200 s, cached for the calls after it on the
 # same machine): run them one call each, in this order.

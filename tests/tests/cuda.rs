@@ -249,59 +249,61 @@ fn cuda_matches_cpu_bf16() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn quantized_checkpoints_on_cuda_match_the_cpu() {
-    const FOLDS: &str = "transforms.fuse_gated_act.enabled = true\ntransforms.fuse_fp8_input_quant.enabled = true\n";
-    const EPILOGUE: &str =
-        "transforms.fuse_gated_act.enabled = true\ntransforms.fuse_quant_gated_epilogue.enabled = true\n";
+    // The folds (`fuse_gated_act`, `fuse_fp8_input_quant`) are on by default: the cases
+    // without them switch them off (each linear quantizes its own input).
+    const NO_FOLDS: &str =
+        "transforms.fuse_gated_act.enabled = false\ntransforms.fuse_fp8_input_quant.enabled = false\n";
+    const EPILOGUE: &str = "transforms.fuse_quant_gated_epilogue.enabled = true\n";
     const ATTN_OUT: &str = "transforms.fuse_fp8_attention_out.enabled = true\n";
     let _turn = gpu();
     let (failed, ran) = launches(|| {
         // The FP8 decode GEMV on tensor cores (the default on sm_89+), and once the CUDA-core one.
         let checkpoints = [
-            ("llama-fp8", ""),
-            ("llama-fp8", "kernels.fp8_gemv_tensor_cores = false\n"),
-            ("qwen3-fp8", ""),
+            ("llama-fp8", NO_FOLDS),
+            ("llama-fp8", &format!("{NO_FOLDS}kernels.fp8_gemv_tensor_cores = false\n")),
+            ("qwen3-fp8", NO_FOLDS),
             // The NVFP4 GEMV on tensor cores (the default; k % 64 == 0: q/k/v, o, gate/up; the
             // down projection's k = 96 stays on the CUDA-core one), and once the CUDA-core one.
-            ("mistral-nvfp4", ""),
-            ("mistral-nvfp4", "kernels.nvfp4_gemv_tensor_cores = false\n"),
+            ("mistral-nvfp4", NO_FOLDS),
+            ("mistral-nvfp4", &format!("{NO_FOLDS}kernels.nvfp4_gemv_tensor_cores = false\n")),
             ("llama", "quantize = \"fp8\"\n"),
             // (cuBLASLt's FP8 GEMM runs the bf16 prefills above, the default.) The dequantizing
             // path for them instead.
-            ("llama-fp8", "kernels.fp8_gemm_cublaslt = false\n"),
+            ("llama-fp8", &format!("{NO_FOLDS}kernels.fp8_gemm_cublaslt = false\n")),
             // cuBLASLt's f32 sums and the epilogue kernel, not its own scales and bf16 output.
-            ("llama-fp8", "kernels.fp8_gemm_cublaslt_scales = false\n"),
+            ("llama-fp8", &format!("{NO_FOLDS}kernels.fp8_gemm_cublaslt_scales = false\n")),
             ("llama", "quantize = \"fp8\"\nkernels.fp8_gemm_cublaslt = false\n"),
             // The FP8 KV cache (E4M3 codes at the checkpoint's k/v scales) against the CPU's
             // reference (tests/quant.rs): the logits move by up to 2.2 with it, so a cache
             // kept in the model's dtype fails here.
             ("llama-fp8-kv", "kv_cache_dtype = \"fp8\"\n"),
-            // The quantized MLPs' activation as one op, and the input quantization folded into
-            // the norms and activations (under opt): they write codes, the GEMV stages them,
-            // cuBLASLt reads them, the dequantizing path takes their values.
-            ("llama-fp8", FOLDS),
-            ("qwen3-fp8", FOLDS),
-            ("llama-fp8", &format!("{FOLDS}kernels.fp8_gemm_cublaslt = false\n")),
-            ("llama-fp8", "transforms.fuse_fp8_input_quant.enabled = true\n"),
-            ("mistral-nvfp4", "transforms.fuse_gated_act.enabled = true\n"),
+            // The defaults: the quantized MLPs' activation as one op, and the input
+            // quantization folded into the norms and activations (under opt): they write
+            // codes, the GEMV stages them, cuBLASLt reads them, the dequantizing path takes
+            // their values.
+            ("llama-fp8", ""),
+            ("qwen3-fp8", ""),
+            ("llama-fp8", "kernels.fp8_gemm_cublaslt = false\n"),
+            ("llama-fp8", "transforms.fuse_gated_act.enabled = false\n"),
+            ("mistral-nvfp4", ""),
             // The gated activation inside the FP8 (and NVFP4) gate/up linear: the tensor-core
             // GEMV's gated build for decode rows, the whole output into scratch and silu_mul for prefills
-            // and for the CUDA-core GEMV; with the folds (the norms' codes into it) and over
-            // quantize = "fp8"'s per-token scales.
-            ("llama-fp8", EPILOGUE),
+            // and for the CUDA-core GEMV; without the folds and with them (the norms' codes
+            // into it), and over quantize = "fp8"'s per-token scales.
+            ("llama-fp8", &format!("{EPILOGUE}transforms.fuse_fp8_input_quant.enabled = false\n")),
             ("qwen3-fp8", EPILOGUE),
             ("llama-fp8", &format!("{EPILOGUE}kernels.fp8_gemv_tensor_cores = false\n")),
-            ("llama-fp8", &format!("{EPILOGUE}{FOLDS}")),
             ("llama", &format!("{EPILOGUE}quantize = \"fp8\"\n")),
             ("mistral-nvfp4", EPILOGUE),
             ("mistral-nvfp4", &format!("{EPILOGUE}kernels.nvfp4_gemv_tensor_cores = false\n")),
             // The attention writing the codes its o_proj reads (`e4m3_heads` after it, whatever
             // its layout: a prefill's heads-major rows, a decode's token-major ones); the GEMV
-            // and cuBLASLt read them, the dequantizing path takes their values; with the q/k
-            // norms fused too, every fold, and over an FP8 cache.
+            // and cuBLASLt read them, the dequantizing path takes their values; with every
+            // fold, and over an FP8 cache.
             ("llama-fp8", ATTN_OUT),
             ("llama-fp8", &format!("{ATTN_OUT}kernels.fp8_gemm_cublaslt = false\n")),
             ("llama-fp8", &format!("{ATTN_OUT}kernels.fp8_gemv_tensor_cores = false\n")),
-            ("qwen3-fp8", &format!("{ATTN_OUT}{EPILOGUE}{FOLDS}transforms.fuse_qk_norm_attention.enabled = true\n")),
+            ("qwen3-fp8", &format!("{ATTN_OUT}{EPILOGUE}")),
             ("llama-fp8-kv", &format!("{ATTN_OUT}kv_cache_dtype = \"fp8\"\n")),
         ];
         check_cases(&checkpoints)
@@ -335,7 +337,7 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
     }
 }
 
-/// The q/k norms folded into the RoPE-fused attention (`fuse_qk_norm_attention`, off by
+/// The q/k norms folded into the RoPE-fused attention (`fuse_qk_norm_attention`, on by
 /// default): the latency decode build normalises each head row in registers, other steps run
 /// `rope_norm_write_kv` (a warp a row) before the attention; every fixture it folds in, over a
 /// cache in the model's dtype and over an FP8 one, against the CPU (which computes the same
@@ -483,7 +485,8 @@ fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
-/// A decode batch of 6 sequences at 150-193 positions takes the split-KV decode's tensor-core
+/// A decode batch of 6 sequences at 100-123 positions (the fixture's 128 at most) takes the
+/// split-KV decode's tensor-core
 /// build (bf16, head dim 32, a GQA group of at most 8; its warps make several 16-position passes
 /// over the one 256-position chunk), and with `decode_tensor_cores = false` the CUDA-core
 /// grouped build, and with `decode_ldmatrix = true` the tensor-core build's ldmatrix fragment
@@ -494,9 +497,9 @@ fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
 fn batched_bf16_decode_on_tensor_cores_matches_cpu() {
     let _turn = gpu();
     let prompts: Vec<Vec<i64>> =
-        (0..6).map(|r| (0..150 + 8 * r).map(|i| 1 + (i * 37 + r * 11) % 250).collect()).collect();
+        (0..6).map(|r| (0..100 + 4 * r).map(|i| 1 + (i * 37 + r * 11) % 250).collect()).collect();
     let decode: Vec<Vec<i64>> = (0..3).map(|s| (0..6).map(|r| 1 + (s * 7 + r * 13) % 250).collect()).collect();
-    let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 8\nmax_seq_len = 256\n");
+    let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 8\nmax_seq_len = 128\n");
     let reference = run_steps(&mut engine("qwen3", &format!("{base}device = \"cpu\"\n")), &prompts, &decode);
     let f32_base = base.replace("bfloat16", "float32");
     let truth = run_steps(&mut engine("qwen3", &format!("{f32_base}device = \"cpu\"\n")), &prompts, &decode);

@@ -278,21 +278,25 @@ fn quantize_fp8_where_it_cannot_apply_says_why() {
     assert!(e.contains("quantize = \"fp8\": weight `") && e.contains("set dtype = \"bfloat16\""), "{e}");
 }
 
-/// `fuse_gated_act` and `fuse_fp8_input_quant` (compile stage, off by default): under `opt` the
+/// `fuse_gated_act` and `fuse_fp8_input_quant` (compile stage, on by default): under `opt` the
 /// quantized MLPs' `mul(silu(gate), up)` (left unfused by the matchers) becomes one
 /// `torch_gated_act` over the gate/up output; and each op whose output only FP8 linears read
 /// writes E4M3 codes that they read (`out=`): in 2 layers, the input norm before q/k/v, the
 /// post-attention norm before gate/up (the residual adds fused into them first) and the gated
 /// activation before down. The logits of a ragged prefill and 3 decode steps are the unfused
-/// graph's bit for bit (the codes are the ones the linears made), in f32 and bf16, with either
-/// or both; generation still gives the reference's tokens. q/k norms and the final norm, read
-/// by other ops, stay as they are; NVFP4 (weight-only) gets the gated activation alone.
+/// graph's (both switched off) bit for bit (the codes are the ones the linears made), in f32
+/// and bf16, with either or both; generation still gives the reference's tokens. q/k norms and
+/// the final norm, read by other ops, stay as they are; NVFP4 (weight-only) gets the gated
+/// activation alone.
 #[test]
 fn gated_activations_and_fp8_input_codes_fold_without_changing_the_numbers() {
-    let base = "compile_backend = \"opt\"\nattn_page_size = 4\n";
-    let gated = format!("{base}transforms.fuse_gated_act.enabled = true\n");
-    let fold = format!("{base}transforms.fuse_fp8_input_quant.enabled = true\n");
-    let both = format!("{gated}transforms.fuse_fp8_input_quant.enabled = true\n");
+    let opt = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+    let set = |gated: bool, fold: bool| {
+        format!("{opt}transforms.fuse_gated_act.enabled = {gated}\ntransforms.fuse_fp8_input_quant.enabled = {fold}\n")
+    };
+    let (base, gated, fold) = (&set(false, false), &set(true, false), &set(false, true));
+    // The defaults: both on.
+    let both = &opt.to_string();
     let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
     let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
     let count = |dump: &str, op: &str, with: &str| dump.lines().filter(|l| l.contains(op) && l.contains(with)).count();
@@ -327,7 +331,7 @@ fn gated_activations_and_fp8_input_codes_fold_without_changing_the_numbers() {
         assert!(!plain.contains("quant=fp8") && !plain.contains("torch_gated_act"), "{name}: fused while off");
     }
     // `simple` does not fuse, enabled or not.
-    let simple = engine("llama-fp8", &both.replace(base, "")).graph.dump();
+    let simple = engine("llama-fp8", &set(true, true).replace("compile_backend = \"opt\"\n", "")).graph.dump();
     assert!(!simple.contains("quant=fp8") && !simple.contains("torch_gated_act"));
 }
 
@@ -400,11 +404,15 @@ fn an_attention_writes_the_fp8_codes_its_o_proj_reads_without_changing_the_numbe
 /// unfused graph's bit for bit in f32 and bf16, and generation gives the reference's tokens.
 #[test]
 fn an_fp8_gate_up_linear_takes_its_gated_activation_without_changing_the_numbers() {
-    let base = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+    let opt = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+    // The unfused graph: the folds (on by default) off.
+    let base =
+        &format!("{opt}transforms.fuse_gated_act.enabled = false\ntransforms.fuse_fp8_input_quant.enabled = false\n");
     let epi = format!(
-        "{base}transforms.fuse_gated_act.enabled = true\ntransforms.fuse_quant_gated_epilogue.enabled = true\n"
+        "{opt}transforms.fuse_gated_act.enabled = true\ntransforms.fuse_quant_gated_epilogue.enabled = true\n\
+         transforms.fuse_fp8_input_quant.enabled = false\n"
     );
-    let all = format!("{epi}transforms.fuse_fp8_input_quant.enabled = true\n");
+    let all = format!("{opt}transforms.fuse_quant_gated_epilogue.enabled = true\n");
     let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
     let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
     let count = |dump: &str, op: &str, with: &str| dump.lines().filter(|l| l.contains(op) && l.contains(with)).count();

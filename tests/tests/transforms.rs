@@ -503,15 +503,17 @@ fn a_compile_stage_transform_runs_in_the_engine() {
     assert!(e.graph.history.iter().any(|l| l == &format!("[stage=compile, transform={name}] disabled")));
 }
 
-/// `fuse_qk_norm_attention` (compile stage, off by default): every fixture whose attention
+/// `fuse_qk_norm_attention` (compile stage, on by default): every fixture whose attention
 /// RMS-normalises q and k per head before the RoPE in the model's dtype (Qwen3, Qwen3-MoE,
 /// OpenELM, Llama 4, Gemma 3 in f32) gets its two norms a layer folded into the RoPE-fused
 /// cached attention, and the logits of a ragged prefill and decode steps are the unfused
 /// graph's bit for bit in f32 and bf16; the other fixtures' graphs are left as they were.
 #[test]
 fn qk_norms_fold_into_the_rope_fused_attention_without_changing_the_numbers() {
-    let base = "compile_backend = \"opt\"\nattn_page_size = 4\n";
-    let on = format!("{base}transforms.fuse_qk_norm_attention.enabled = true\n");
+    let opt = "compile_backend = \"opt\"\nattn_page_size = 4\n";
+    // On by default: the plain graph switches it off.
+    let base = &format!("{opt}transforms.fuse_qk_norm_attention.enabled = false\n");
+    let on = opt.to_string();
     let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
     let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
     let count = |dump: &str, what: &str| dump.lines().filter(|l| l.contains(what)).count();

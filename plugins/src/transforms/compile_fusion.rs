@@ -92,7 +92,7 @@ autodeploy_core::inventory::submit! {
         name: "fuse_qk_norm_attention",
         stage: Stage::Compile,
         order: 12,
-        enabled_by_default: false,
+        enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
         origin: "built-in",
@@ -185,8 +185,8 @@ autodeploy_core::inventory::submit! {
 /// backends): where a `torch_moe`'s router logits are an `aten.linear` (no bias) of the op's own
 /// input, read by nothing else, the op takes the router's weight instead (`router_weight=true`)
 /// and computes the same logits; on CUDA one kernel computes and routes them (bf16), where the
-/// router GEMV and `moe_route` were two launches. Off by default until a GPU run has checked
-/// and timed it (docs/developing.md).
+/// router GEMV and `moe_route` were two launches. Off by default: checked on an H100, but the
+/// Qwen3-30B-A3B step was 1.2% slower with it (BENCHMARKS.md, session 34).
 pub struct FuseMoeRouter;
 
 impl Transform for FuseMoeRouter {
@@ -328,7 +328,7 @@ autodeploy_core::inventory::submit! {
         name: "fuse_gated_act",
         stage: Stage::Compile,
         order: 35,
-        enabled_by_default: false,
+        enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
         origin: "built-in",
@@ -342,7 +342,8 @@ autodeploy_core::inventory::submit! {
 /// gate and up are the two halves of one tensor's last dim (the fused gate/up linear's output,
 /// sliced), else `torch_gated_act(gate, up)`. It rounds where those ops do (the activation to
 /// the dtype, then the product), so the numbers do not change; on CUDA it is one kernel instead
-/// of two. Off by default until a GPU run has checked it (docs/developing.md).
+/// of two. On by default since a GPU run checked it with `fuse_fp8_input_quant` (BENCHMARKS.md,
+/// session 34).
 pub struct FuseGatedAct;
 
 /// The gate/up tensor of which `g` is the first half and `u` the second along the last dim,
@@ -431,7 +432,8 @@ autodeploy_core::inventory::submit! {
 /// two ops round it. On CUDA the decode GEMV computes each gate row beside its up row and writes
 /// the product: one launch, and no `[.., 2·I]` tensor, instead of two. Before
 /// `fuse_fp8_input_quant`, so the down projection then quantizes its input itself. Off by
-/// default until a GPU run has checked and timed it (docs/developing.md).
+/// default: checked on an H100, 2.9% faster for FP8 at batch 1 alone but not on top of the
+/// folds, and 5% slower for NVFP4 (BENCHMARKS.md, session 34).
 pub struct FuseQuantGatedEpilogue;
 
 impl Transform for FuseQuantGatedEpilogue {
@@ -471,7 +473,7 @@ autodeploy_core::inventory::submit! {
         name: "fuse_fp8_input_quant",
         stage: Stage::Compile,
         order: 40,
-        enabled_by_default: false,
+        enabled_by_default: true,
         options: &[],
         version: env!("CARGO_PKG_VERSION"),
         origin: "built-in (fp8 plugin)",
@@ -487,7 +489,8 @@ autodeploy_core::inventory::submit! {
 /// `torch_quant_fp8_linear(out=<dtype>)` over the codes. The codes are the ones each linear made
 /// of the op's rounded output, so the numbers do not change; on CUDA the linears' quantizing
 /// launches go (the GEMV stages the codes, cuBLASLt reads them) and the op writes a byte a value
-/// instead of two. Off by default until a GPU run has checked and timed it (docs/developing.md).
+/// instead of two. On by default since a GPU run checked and timed it (FP8 offline +32% on an
+/// H100, BENCHMARKS.md session 34).
 pub struct FuseFp8InputQuant;
 
 /// `op` with `quant=fp8`, if it is one that can write codes and does not yet.
@@ -575,9 +578,10 @@ autodeploy_core::inventory::submit! {
 /// o_proj), gets `quant=fp8` and that scale and writes E4M3 codes; the layout ops move codes and
 /// the linears become `torch_quant_fp8_linear(out=<dtype>)` over them. The codes are the ones
 /// each linear made of the attention's rounded output, so the numbers do not change; on CUDA
-/// the o_proj's quantizing launch goes (a prefill's transposing copy writes the codes) and the
-/// split-KV decode of a few tokens writes codes itself. Off by default until a GPU run has
-/// checked and timed it (docs/developing.md).
+/// the attention's values go to scratch and `e4m3_heads` writes their codes token-major (a
+/// prefill's transposing copy becomes that launch). Off by default: checked on an H100, but 1%
+/// slower at batch 1 and offline (BENCHMARKS.md, session 34): it pays only once the decode
+/// kernels write the codes themselves.
 pub struct FuseFp8AttentionOut;
 
 impl Transform for FuseFp8AttentionOut {
