@@ -12,36 +12,34 @@
 #   BUILT       (optional: which commit they are, printed first)
 # The parts (PARTS, default all but profile, in this order):
 #   checks  cuda_check whole (every kernel against the CPU), then the CUDA tests of the q/k
-#           norms fused into the attention and the MoE router fused (not yet run on a GPU).
-#   quant   the CUDA tests of the quantized checkpoints (the FP8 folds and gated epilogue, NVFP4
-#           on tensor cores: not yet run on a GPU) and of the tensor-core decode; the test
-#           binary's failures name each case.
+#           norms fused into the attention, the MoE router fused, and the MoE down projection
+#           and combine in one kernel (`moe_down_combine`: not yet run on a GPU).
+#   quant   the CUDA tests of the quantized checkpoints (with the folds on by default, the
+#           cases without them, the gated epilogue, the attention writing o_proj's codes) and
+#           of the tensor-core decode; the test binary's failures name each case.
 #   suite   the CUDA tests of every fixture family against the CPU (f32 and bf16, every
 #           compile and attention backend).
 #   rest    the other CUDA tests.
-#   fp8     the 8B shape at batch 1: bf16, FP8 with the folds, the gated epilogue, both, and
-#           none, NVFP4 with and without the gated epilogue; FP8 offline 1,000 x 128/128 with
-#           the defaults, the folds, epilogue and folds, cuBLASLt's fast accumulation and
-#           max_batch_size 1024; bf16 offline. Each list runs twice in the same order, so drift
-#           shows.
-#   moe     Qwen3-30B-A3B at batch 1: the defaults, the q/k norms fused into the attention, the
-#           router fused into the MoE op, both, and the steps with the small norm launches left
-#           out (AUTODEPLOY_PROFILE_SKIP: outputs wrong; the difference is what those launches
-#           cost inside the captured step).
+#   fp8     the 8B shape at batch 1: bf16, FP8 with and without the gated epilogue, NVFP4 with
+#           and without it (twice, in the same order, so drift shows); FP8 offline 1,000 x
+#           128/128 with and without it; bf16 offline.
+#   moe     Qwen3-30B-A3B at batch 1: the defaults, the down projection and combine in one
+#           kernel (AUTODEPLOY_MOE_DOWN_COMBINE=1), the router fused into the MoE op (twice);
+#           then the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP:
+#           outputs wrong; the difference is what those launches cost inside the captured step).
 #   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache;
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
 #           overlap: the per-kernel floor, not the step) of the FP8 8B and Qwen3-30B-A3B at
-#           batch 1 with every pending fusion on, the models cut to 4 layers; $OUT/ncu-*.csv.
+#           batch 1 with every fusion on, the models cut to 4 layers; $OUT/ncu-*.csv.
 # Each bench line is benches/gpu/summarize.py's summary; the JSON lines go to $OUT (default /tmp).
 set -u
 BIN=${1:?usage: pending.sh BIN_DIR}
 H=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
 PARTS=${PARTS:-checks quant suite rest fp8 moe long}
-ALL_ON=("[transforms.fuse_qk_norm_attention]" "enabled = true" "[transforms.fuse_moe_router]" "enabled = true"
-    "[transforms.fuse_gated_act]" "enabled = true" "[transforms.fuse_quant_gated_epilogue]" "enabled = true"
-    "[transforms.fuse_fp8_input_quant]" "enabled = true")
+ALL_ON=("[transforms.fuse_moe_router]" "enabled = true" "[transforms.fuse_quant_gated_epilogue]" "enabled = true"
+    "[kernels]" "moe_down_combine = true")
 B="$BIN/autodeploy"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 echo "binaries: $(cat "$BIN/BUILT" 2>/dev/null || echo unknown)"
@@ -79,7 +77,7 @@ for part in $PARTS; do
         echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok"
         grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
         timeout 240 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
-            fused_qk_norms fused_moe_router fused_router 2>&1 |
+            fused_qk_norms fused_moe_router fused_router fused_down_and_combine 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     quant)
@@ -94,53 +92,35 @@ for part in $PARTS; do
     rest)
         timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 --skip cuda_matches_cpu \
             --skip fused_qk_norms --skip quantized_checkpoints --skip batched_bf16_decode --skip fused_moe_router \
-            --skip fused_router 2>&1 |
+            --skip fused_router --skip fused_down_and_combine 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     fp8)
-        folds=$(variant fp8-folds llama-3.1-8b-fp8.toml "[transforms.fuse_gated_act]" "enabled = true" \
-            "[transforms.fuse_fp8_input_quant]" "enabled = true")
-        epi=$(variant fp8-epi llama-3.1-8b-fp8.toml "[transforms.fuse_gated_act]" "enabled = true" \
-            "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
-        both=$(variant fp8-epi-folds llama-3.1-8b-fp8.toml "[transforms.fuse_gated_act]" "enabled = true" \
-            "[transforms.fuse_quant_gated_epilogue]" "enabled = true" "[transforms.fuse_fp8_input_quant]" "enabled = true")
-        nepi=$(variant nvfp4-epi llama-3.1-8b-nvfp4.toml "[transforms.fuse_gated_act]" "enabled = true" \
-            "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
+        # (Since session 34 the folds, fuse_gated_act + fuse_fp8_input_quant, are defaults.)
+        epi=$(variant fp8-epi llama-3.1-8b-fp8.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
+        nepi=$(variant nvfp4-epi llama-3.1-8b-nvfp4.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
         lat="--mode latency --batch 1 --isl 128 --osl 128"
         for _ in 1 2; do
             bench "8B bf16 batch 1" "$H/llama-3.1-8b.toml" $lat
             bench "8B FP8 batch 1" "$H/llama-3.1-8b-fp8.toml" $lat
-            bench "8B FP8 batch 1, folds" "$folds" $lat
             bench "8B FP8 batch 1, gated epilogue" "$epi" $lat
-            bench "8B FP8 batch 1, epilogue + folds" "$both" $lat
             bench "8B NVFP4 batch 1" "$H/llama-3.1-8b-nvfp4.toml" $lat
             bench "8B NVFP4 batch 1, gated epilogue" "$nepi" $lat
         done
-        ofolds=$(variant fp8-off-folds llama-3.1-8b-fp8-offline.toml "[transforms.fuse_gated_act]" "enabled = true" \
-            "[transforms.fuse_fp8_input_quant]" "enabled = true")
-        big=$(variant fp8-off-1024 llama-3.1-8b-fp8-offline.toml)
-        sed -i 's/^max_batch_size = .*/max_batch_size = 1024/' "$big"
+        oepi=$(variant fp8-off-epi llama-3.1-8b-fp8-offline.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
         off "FP8 offline" "$H/llama-3.1-8b-fp8-offline.toml"
-        oboth=$(variant fp8-off-all llama-3.1-8b-fp8-offline.toml "[transforms.fuse_gated_act]" "enabled = true" \
-            "[transforms.fuse_quant_gated_epilogue]" "enabled = true" "[transforms.fuse_fp8_input_quant]" "enabled = true")
-        off "FP8 offline, folds" "$ofolds"
-        off "FP8 offline, epilogue + folds" "$oboth"
-        off "FP8 offline, fast accumulation" "$H/llama-3.1-8b-fp8-offline.toml" AUTODEPLOY_FP8_FAST_ACCUM=1
-        off "FP8 offline, max_batch_size 1024" "$big"
+        off "FP8 offline, gated epilogue" "$oepi"
         off "bf16 offline" "$H/llama-3.1-8b-offline.toml"
         off "FP8 offline (again)" "$H/llama-3.1-8b-fp8-offline.toml"
         ;;
     moe)
-        qk=$(variant moe-qk qwen3-30b-a3b.toml "[transforms.fuse_qk_norm_attention]" "enabled = true")
+        # (Since session 34 the q/k norms fused into the attention are a default.)
         router=$(variant moe-router qwen3-30b-a3b.toml "[transforms.fuse_moe_router]" "enabled = true")
-        both=$(variant moe-both qwen3-30b-a3b.toml "[transforms.fuse_qk_norm_attention]" "enabled = true" \
-            "[transforms.fuse_moe_router]" "enabled = true")
         lat="--mode latency --batch 1 --isl 128 --osl 64"
         for _ in 1 2; do
             bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
-            bench "Qwen3-30B-A3B batch 1, q/k norms fused" "$qk" $lat
+            AUTODEPLOY_MOE_DOWN_COMBINE=1 bench "Qwen3-30B-A3B batch 1, down + combine" "$H/qwen3-30b-a3b.toml" $lat
             bench "Qwen3-30B-A3B batch 1, router fused" "$router" $lat
-            bench "Qwen3-30B-A3B batch 1, both" "$both" $lat
         done
         AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
         AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \

@@ -273,6 +273,81 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
 }
 
+// `moe_down_bf16` then `moe_combine` in one kernel, for tokens of at most MOE_DC_MAX choices:
+// one warp a (token t, output row j) computes row j of each chosen expert's down projection of
+// that choice's activation (each sum as `moe_down_bf16` forms it: lane c takes chunks c, c + 32,
+// ... in order, then the butterfly; rounded, times the routing weight, rounded) and adds them
+// in ascending expert order, rounding each sum (as `moe_combine`): the same bits, no [slots,
+// hidden] contributions in memory and one launch fewer. A chunk's rows of every choice are
+// requested together. Another rank's expert (-1) adds nothing.
+#define MOE_DC_MAX 8
+extern "C" __global__ void moe_down_combine_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx,
+                                                 const float* wts, long tokens, int top_k, int hidden, int inter,
+                                                 bf16_t* y) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= tokens * hidden) return;
+    long t = warp / hidden;
+    int j = warp % hidden;
+    const int* ti = idx + t * top_k;
+    // The token's choices (their slots t·top_k + q) in ascending expert order.
+    int ord[MOE_DC_MAX], ex[MOE_DC_MAX];
+    int nk = 0, last = -1;
+#pragma unroll
+    for (int r = 0; r < MOE_DC_MAX; r++) {
+        ord[r] = 0;
+        ex[r] = 0;
+        if (r < top_k) {
+            int pick = -1, pe = 0x7fffffff;
+            for (int q = 0; q < top_k; q++) {
+                int e = ti[q];
+                if (e > last && e < pe) {
+                    pe = e;
+                    pick = q;
+                }
+            }
+            if (pick >= 0) {
+                ord[r] = pick;
+                ex[r] = pe;
+                last = pe;
+                nk = r + 1;
+            }
+        }
+    }
+    const uint4* wr[MOE_DC_MAX];
+    const bf16_t* xr[MOE_DC_MAX];
+#pragma unroll
+    for (int r = 0; r < MOE_DC_MAX; r++) {
+        wr[r] = (const uint4*)(w_down + (long)ex[r] * hidden * inter + (long)j * inter);
+        xr[r] = act + (t * top_k + ord[r]) * inter;
+    }
+    float part[MOE_DC_MAX][1];
+#pragma unroll
+    for (int r = 0; r < MOE_DC_MAX; r++) part[r][0] = 0.0f;
+#pragma unroll 2
+    for (int c = lane; c < inter / 8; c += 32) {
+        uint4 wv[MOE_DC_MAX];
+#pragma unroll
+        for (int r = 0; r < MOE_DC_MAX; r++)
+            if (r < nk) wv[r] = wr[r][c];
+#pragma unroll
+        for (int r = 0; r < MOE_DC_MAX; r++)
+            if (r < nk) gemv_chunk<1>(xr[r], inter, wv[r], c, part[r]);
+    }
+    float acc = 0.0f;
+#pragma unroll
+    for (int r = 0; r < MOE_DC_MAX; r++) {
+        if (r >= nk) break;
+        float d = part[r][0];
+        for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        float dr = bf16_to_f32(f32_to_bf16(d));
+        float v = wts ? bf16_to_f32(f32_to_bf16(dr * wts[t * top_k + ord[r]])) : dr;
+        acc = bf16_to_f32(f32_to_bf16(acc + v));
+    }
+    if (lane == 0) y[t * hidden + j] = f32_to_bf16(acc);
+}
+
 // ---- Grouped MoE (many tokens: from `Gpu::moe_grouped_min` slots an expert, the launcher
 // picks): the slots grouped by expert first, then one warp an (expert, row) reads that row once
 // for every slot routed to the expert, `MOE_GROUP` slots a pass, their inputs staged in shared

@@ -1,6 +1,7 @@
 //! `torch_moe`'s two CUDA paths against each other: the grouped kernels (many tokens: each
 //! chosen expert read once) give the bits the per-slot kernels (decode) give, token by token;
-//! and under expert parallelism two halves of the experts add up to the whole.
+//! and under expert parallelism two halves of the experts add up to the whole; the fused router
+//! and the fused down + combine give the plain path's bits.
 
 use crate::common::gpu::{gpu, launches};
 use autodeploy_kernels::cuda::exec::{Dt, GateAct, Gpu, MoeShape, Ptr, RouterIn};
@@ -189,6 +190,54 @@ fn the_fused_router_routes_its_own_logits_as_moe_route_does() {
                 }
                 let plain = run(&g, &s, &xb, &logits, (gu.ptr, down.ptr));
                 assert_eq!(fused, plain, "round {round}: {tokens} tokens, top_k {top_k}, sigmoid {sigmoid}");
+            }
+        }
+    }
+}
+
+/// The per-slot path's down projection and combine in one kernel (`[kernels]
+/// moe_down_combine`: `moe_down_combine_bf16`, one warp a token's output row over its chosen
+/// experts) gives the bits of `moe_down` then `moe_combine`: 1 and 3 tokens, softmax routing
+/// with 8 choices (Qwen3-MoE's) and 4, sigmoid routing with 2 (the input scaled instead), and
+/// under expert parallelism (the other half's choices skipped).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn the_fused_down_and_combine_give_the_two_kernels_bits() {
+    let _turn = gpu();
+    let g = Gpu::open(0).unwrap();
+    let mut next = xorshift(0x5bd1_e995);
+    // inter 776: a lane's last chunk partial (97 chunks of 8 over 32 lanes).
+    let (experts, hidden, inter, tokens) = (16usize, 64usize, 776usize, 3usize);
+    let w_gu: Vec<f32> = (0..experts * 2 * inter * hidden).map(|_| next() * 0.5).collect();
+    let w_down: Vec<f32> = (0..experts * hidden * inter).map(|_| next() * 0.1).collect();
+    let up = |v: &[f32], what: &str| {
+        let b = g.alloc(v.len() * 2, what).unwrap();
+        g.upload(b.ptr, &bf16_bytes(v)).unwrap();
+        b
+    };
+    let (gu, down) = (up(&w_gu, "gate_up"), up(&w_down, "down"));
+    let x: Vec<f32> = (0..tokens * hidden).map(|_| next() * 4.0).collect();
+    let logits: Vec<f32> = (0..tokens * experts).map(|_| next() * 6.0).collect();
+    let (xb, lb) = (bf16_bytes(&x), bf16_bytes(&logits));
+    let half = experts / 2;
+    for (top_k, sigmoid, norm) in [(8usize, false, true), (4, false, true), (2, true, false)] {
+        for n in [1, tokens] {
+            let whole = layer(n, (experts, hidden, inter), top_k, sigmoid, norm);
+            let ep = MoeShape { experts: half, routed: experts, offset: half, ..whole };
+            let w_ep = (gu.ptr + (half * 2 * inter * hidden * 2) as u64, down.ptr + (half * hidden * inter * 2) as u64);
+            for (s, w, what) in [(whole, (gu.ptr, down.ptr), "all experts"), (ep, w_ep, "the upper half")] {
+                assert!(!s.grouped(g.moe_grouped_min), "the per-slot path");
+                let (xs, ls) = (&xb[..n * hidden * 2], &lb[..n * experts * 2]);
+                g.set_moe_down_combine(false);
+                let (plain, ran) = launches(|| run(&g, &s, xs, ls, w));
+                assert!(ran.contains_key("moe_combine") && !ran.contains_key("moe_down_combine"), "{ran:?}");
+                g.set_moe_down_combine(true);
+                let (fused, ran) = launches(|| run(&g, &s, xs, ls, w));
+                g.set_moe_down_combine(false);
+                assert!(ran.contains_key("moe_down_combine") && !ran.contains_key("moe_combine"), "{ran:?}");
+                let nonzero = plain.chunks_exact(2).filter(|b| b != &[0, 0]).count();
+                assert!(nonzero > n * hidden / 2, "outputs mostly zero: {nonzero} of {}", n * hidden);
+                assert_eq!(fused, plain, "top_k {top_k} sigmoid {sigmoid}, {n} tokens, {what}");
             }
         }
     }

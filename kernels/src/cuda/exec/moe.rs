@@ -41,6 +41,9 @@ pub enum RouterIn {
 /// `counters`).
 pub const ROUTER_FUSED_MAX_EXPERTS: usize = 512;
 
+/// The most choices a token `moe_down_combine_bf16` takes (moe.cu's `MOE_DC_MAX`).
+const MOE_DC_MAX: usize = 8;
+
 impl MoeShape {
     /// Scratch bytes, in [`Gpu::moe`]'s order: chosen experts (i32), their weights (f32), the
     /// activations (`dt`), the scaled outputs (f32), the grouping by expert (i32: offsets,
@@ -159,6 +162,11 @@ impl Gpu {
 
     /// `torch_moe` after the routing: the chosen experts' gate/up and down, and the sum.
     #[allow(clippy::too_many_arguments)]
+    /// Sets `moe_down_combine` for the launches after.
+    pub fn set_moe_down_combine(&self, on: bool) {
+        self.moe_down_combine.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn moe_experts(
         &self,
         s: &MoeShape,
@@ -213,6 +221,15 @@ impl Gpu {
             l.arg(&scale_in).arg(&act);
             // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
             launched("moe_gate_up", unsafe { l.launch(grid(s.tokens * s.top_k * s.inter * 32, 256)) }.map(|_| ()))?;
+            if vector && s.top_k <= MOE_DC_MAX && self.moe_down_combine.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut l = self.launcher(self.f.moe_down_combine);
+                l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&t64).arg(&k32).arg(&h32).arg(&i32_).arg(&y);
+                // SAFETY: as above; y tokens × hidden bf16; one warp a (token, row).
+                return launched(
+                    "moe_down_combine",
+                    unsafe { l.launch(grid(s.tokens * s.hidden * 32, 256)) }.map(|_| ()),
+                );
+            }
             let mut l = self.launcher(self.f.moe[if vector { 5 } else { 2 }]);
             if vector {
                 l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);

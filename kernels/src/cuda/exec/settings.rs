@@ -33,12 +33,17 @@ pub struct KernelSettings {
     pub decode_tensor_cores: bool,
     /// That tensor-core build loads its K and Vᵀ fragments with `ldmatrix` (one instruction a
     /// k-step for each) instead of 32-bit and 16-bit shared loads (`AUTODEPLOY_DECODE_LDSM=1`).
-    /// Off until measured: written without a GPU at hand (docs/developing.md).
+    /// Off: no faster on an H100 (BENCHMARKS.md, session 34).
     pub decode_ldmatrix: bool,
     /// Token-expert slots an expert, on average, from which `torch_moe` runs its grouped kernels
     /// (each chosen expert read once for all its slots) instead of one warp a slot's row
     /// (`AUTODEPLOY_MOE_GROUPED`).
     pub moe_grouped_min: usize,
+    /// `torch_moe`'s per-slot path (decode) in two kernels instead of three: one warp a
+    /// (token, output row) computes the token's chosen experts' down-projection rows and adds
+    /// them in `moe_combine`'s order, the same bits (bf16, at most 8 choices a token;
+    /// `AUTODEPLOY_MOE_DOWN_COMBINE=1`). Off until measured: written without a GPU at hand.
+    pub moe_down_combine: bool,
     /// FP8 decode GEMVs on tensor cores (sm_89+), the activations quantized as they load
     /// (`AUTODEPLOY_FP8_TC=0`: the CUDA-core GEMV after a separate quantizing kernel).
     pub fp8_gemv_tensor_cores: bool,
@@ -76,6 +81,7 @@ impl Default for KernelSettings {
             decode_tensor_cores: true,
             decode_ldmatrix: false,
             moe_grouped_min: 4,
+            moe_down_combine: false,
             fp8_gemv_tensor_cores: true,
             nvfp4_gemv_tensor_cores: true,
             fp8_gemm_cublaslt: true,
@@ -86,7 +92,7 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 15] = [
+const ENV: [(&str, &str); 16] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -97,6 +103,7 @@ const ENV: [(&str, &str); 15] = [
     ("decode_tensor_cores", "AUTODEPLOY_DECODE_TC"),
     ("decode_ldmatrix", "AUTODEPLOY_DECODE_LDSM"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
+    ("moe_down_combine", "AUTODEPLOY_MOE_DOWN_COMBINE"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
     ("nvfp4_gemv_tensor_cores", "AUTODEPLOY_NVFP4_TC"),
     ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
@@ -163,6 +170,10 @@ impl KernelSettings {
                 }
                 "fp8_gemv_tensor_cores" => {
                     s.fp8_gemv_tensor_cores = flag;
+                    true
+                }
+                "moe_down_combine" => {
+                    s.moe_down_combine = flag;
                     true
                 }
                 "nvfp4_gemv_tensor_cores" => {
