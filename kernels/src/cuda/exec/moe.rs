@@ -160,13 +160,14 @@ impl Gpu {
         self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch)
     }
 
-    /// `torch_moe` after the routing: the chosen experts' gate/up and down, and the sum.
-    #[allow(clippy::too_many_arguments)]
     /// Sets `moe_down_combine` for the launches after.
     pub fn set_moe_down_combine(&self, on: bool) {
         self.moe_down_combine.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// `torch_moe` after the routing: the chosen experts' gate/up and down, and the sum (the
+    /// last two in one kernel where `moe_down_combine` is on and applies).
+    #[allow(clippy::too_many_arguments)]
     fn moe_experts(
         &self,
         s: &MoeShape,
