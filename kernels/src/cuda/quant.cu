@@ -490,24 +490,23 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
     }
     __syncthreads();
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    // Codes from an RMSNorm or gated activation (`xc`) are read where they lie (16 bytes a
-    // lane a half-step, from L1/L2); values are quantized into shared memory a chunk at a time.
+    // The activations' codes go to shared memory a chunk at a time, 16 a thread at a time, while
+    // the weight loads are in flight: copied where an RMSNorm or gated activation made them
+    // (`xc`: one round trip for the block, not one a warp and step), else quantized from x.
     const long xrow = (long)(g < M ? g : 0);
     for (; kc < k; kc += FP8_TC_CHUNK) {
         if (kc > 0) {
             len = min(FP8_TC_CHUNK, k - kc), steps = (len + 127) / 128, s0 = warp;
             load();
         }
-        const unsigned char* xl = xc ? xc + xrow * k + kc + t * 32 : xs + xrow * FP8_TC_STRIDE + t * 32;
-        if (!xc) {
-            // This chunk's activation codes, 16 a thread at a time, while those loads are in flight.
-            int groups = len / 16;
-            for (int j = threadIdx.x; j < M * groups; j += blockDim.x) {
-                int i = j / groups, q = j % groups;
-                *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) = e4m3_pack16(x + (long)i * k + kc + q * 16, s_tok[i]);
-            }
-            __syncthreads();
+        const unsigned char* xl = xs + xrow * FP8_TC_STRIDE + t * 32;
+        int groups = len / 16;
+        for (int j = threadIdx.x; j < M * groups; j += blockDim.x) {
+            int i = j / groups, q = j % groups;
+            *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) =
+                xc ? *(const uint4*)(xc + (long)i * k + kc + q * 16) : e4m3_pack16(x + (long)i * k + kc + q * 16, s_tok[i]);
         }
+        __syncthreads();
         while (true) {
 #pragma unroll
             for (int u = 0; u < FP8_TC_INFLIGHT; u++) {
@@ -528,7 +527,7 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
             if (s0 >= steps) break;
             load();
         }
-        if (!xc) __syncthreads();
+        __syncthreads();
     }
     auto scale = [&](int i, int row) { return s_tok[i] * s_w[per_row ? row : 0]; };
     if constexpr (GATED)
