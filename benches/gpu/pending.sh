@@ -20,9 +20,11 @@
 #   suite   the CUDA tests of every fixture family against the CPU (f32 and bf16, every
 #           compile and attention backend).
 #   rest    the other CUDA tests.
-#   fp8     the 8B shape at batch 1: bf16, FP8 with and without the gated epilogue, NVFP4 with
-#           and without it (twice, in the same order, so drift shows); FP8 offline 1,000 x
-#           128/128 with and without it; bf16 offline.
+#   fp8     the 8B shape at batch 1: bf16, FP8 with and without the gated epilogue and the
+#           input folds (session 34: the epilogue alone beat it with the folds; the GEMV now
+#           stages an op's codes in shared memory), NVFP4 with and without the epilogue (twice,
+#           in the same order, so drift shows); FP8 offline 1,000 x 128/128 with and without
+#           the epilogue; bf16 offline.
 #   moe     Qwen3-30B-A3B at batch 1: the defaults, the down projection and combine in one
 #           kernel (AUTODEPLOY_MOE_DOWN_COMBINE=1), the router fused into the MoE op (twice);
 #           then the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP:
@@ -98,12 +100,17 @@ for part in $PARTS; do
     fp8)
         # (Since session 34 the folds, fuse_gated_act + fuse_fp8_input_quant, are defaults.)
         epi=$(variant fp8-epi llama-3.1-8b-fp8.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
+        nofold=$(variant fp8-nofold llama-3.1-8b-fp8.toml "[transforms.fuse_fp8_input_quant]" "enabled = false")
+        epinofold=$(variant fp8-epi-nofold llama-3.1-8b-fp8.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true" \
+            "[transforms.fuse_fp8_input_quant]" "enabled = false")
         nepi=$(variant nvfp4-epi llama-3.1-8b-nvfp4.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
         lat="--mode latency --batch 1 --isl 128 --osl 128"
         for _ in 1 2; do
             bench "8B bf16 batch 1" "$H/llama-3.1-8b.toml" $lat
             bench "8B FP8 batch 1" "$H/llama-3.1-8b-fp8.toml" $lat
+            bench "8B FP8 batch 1, input folds off" "$nofold" $lat
             bench "8B FP8 batch 1, gated epilogue" "$epi" $lat
+            bench "8B FP8 batch 1, gated epilogue, input folds off" "$epinofold" $lat
             bench "8B NVFP4 batch 1" "$H/llama-3.1-8b-nvfp4.toml" $lat
             bench "8B NVFP4 batch 1, gated epilogue" "$nepi" $lat
         done
