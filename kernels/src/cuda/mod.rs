@@ -254,9 +254,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
-        // decode.cu's split-KV decode builds over a cache in the model's dtype.
+        // decode.cu's split-KV decode builds (and decode_tc.cu's tensor-core one) over a cache
+        // in the model's dtype.
         "decode",
-        concat!(include_str!("attention.cuh"), include_str!("decode.cu")),
+        concat!(include_str!("attention.cuh"), include_str!("decode.cu"), include_str!("decode_tc.cu")),
         &[
             "paged_decode_split_d16_f32",
             "paged_decode_split_d32_f32",
@@ -391,7 +392,12 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         // decode.cu's builds over an FP8 KV cache.
         "decode_fp8kv",
-        concat!("#define KV_FP8_BUILDS 1\n", include_str!("attention.cuh"), include_str!("decode.cu")),
+        concat!(
+            "#define KV_FP8_BUILDS 1\n",
+            include_str!("attention.cuh"),
+            include_str!("decode.cu"),
+            include_str!("decode_tc.cu")
+        ),
         &[
             "paged_decode_split_d16_f32_fp8kv",
             "paged_decode_split_d32_f32_fp8kv",

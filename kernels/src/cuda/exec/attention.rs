@@ -77,7 +77,7 @@ impl Gpu {
     }
 
     /// Whether the split-KV decode's throughput build runs on tensor cores
-    /// (`decode.cu`'s `paged_decode_tc`) for these shapes: on (`decode_tc`), the GQA group
+    /// (`decode_tc.cu`'s `paged_decode_tc`) for these shapes: on (`decode_tc`), the GQA group
     /// taken together (`attn_group`), bf16, a head dim of `PREFILL_TC_DIMS`, at most 8 query
     /// heads a kv head (the N side of its MMAs), plain causal scores.
     pub fn decode_tc_applies(&self, dt: Dt, heads: usize, kv_heads: usize, d: usize, mods: ScoreMods) -> bool {
