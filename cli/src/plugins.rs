@@ -27,18 +27,21 @@ pub fn list() {
 /// The transforms in the order a pipeline runs them: stage, whether on without a
 /// `[transforms.<name>]` table saying otherwise, and each option with its default.
 fn print_transforms() {
+    let transforms = registry::transforms();
+    // The name column as wide as the longest name (a library's transforms name themselves).
+    let w = transforms.iter().map(|t| t.name.len()).max().unwrap_or(0).max(28);
     println!("\ntransforms, in the order they run ([transforms.<name>] enabled = true|false, options):");
-    println!("  {:<17} {:<28} {:<8} options", "stage", "name", "default");
-    for t in registry::transforms() {
+    println!("  {:<17} {:<w$} {:<8} options", "stage", "name", "default");
+    for t in transforms {
         let on = if t.enabled_by_default { "on" } else { "off" };
         let first = t.options.first().map(|o| format!("{} = {}", o.name, o.default)).unwrap_or_else(|| "-".into());
-        println!("  {:<17} {:<28} {:<8} {first}", t.stage.as_str(), t.name, on);
+        println!("  {:<17} {:<w$} {:<8} {first}", t.stage.as_str(), t.name, on);
         for (i, o) in t.options.iter().enumerate() {
             if i > 0 {
-                println!("  {:<17} {:<28} {:<8} {} = {}", "", "", "", o.name, o.default);
+                println!("  {:<17} {:<w$} {:<8} {} = {}", "", "", "", o.name, o.default);
             }
             if !o.help.is_empty() {
-                println!("  {:<17} {:<28} {:<8}   {}", "", "", "", o.help);
+                println!("  {:<17} {:<w$} {:<8}   {}", "", "", "", o.help);
             }
         }
     }
