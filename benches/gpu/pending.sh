@@ -33,7 +33,8 @@
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
 #           overlap: the per-kernel floor, not the step) of the FP8 8B and Qwen3-30B-A3B at
-#           batch 1 with every fusion on, the models cut to 4 layers; $OUT/ncu-*.csv.
+#           batch 1 with every fusion on, and of the FP8 8B at batch 256, the models cut to 4
+#           layers; $OUT/ncu-*.csv.
 # Each bench line is benches/gpu/summarize.py's summary; the JSON lines go to $OUT (default /tmp).
 set -u
 BIN=${1:?usage: pending.sh BIN_DIR}
@@ -154,14 +155,21 @@ for part in $PARTS; do
             python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-$name"
         done
         f8=$(variant prof-fp8 llama-3.1-8b-fp8.toml "${ALL_ON[@]}")
+        f8b=$(variant prof-fp8-big llama-3.1-8b-fp8-offline.toml)
         moe=$(variant prof-moe qwen3-30b-a3b.toml "${ALL_ON[@]}")
-        sed -i "s|^model = .*|model = \"$OUT/cut-Llama-3.1-8B-Instruct-FP8\"|" "$f8"
+        sed -i "s|^model = .*|model = \"$OUT/cut-Llama-3.1-8B-Instruct-FP8\"|" "$f8" "$f8b"
         sed -i "s|^model = .*|model = \"$OUT/cut-Qwen3-30B-A3B\"|" "$moe"
-        for c in "$f8" "$moe"; do
-            tag=$(basename "$c" .toml)
+        # (label, config, bench arguments): batch 1, and the FP8 8B's decode at batch 256 (the
+        # offline run's steady state: where its 13 ms decode steps go).
+        for run in "1:$f8:--mode latency --batch 1 --isl 16 --osl 8" "1:$moe:--mode latency --batch 1 --isl 16 --osl 8" \
+            "256:$f8b:--mode throughput --batch 256 --isl 128 --osl 8"; do
+            IFS=: read -r batch c args <<<"$run"
+            tag=$(basename "$c" .toml)-b$batch
+            echo "  -- $tag"
+            # shellcheck disable=SC2086
             timeout 250 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
                 -k 'regex:^(?!fill)' --launch-skip 200 --launch-count 120 \
-                "$B" bench --config "$c" --compile-backend opt --mode latency --batch 1 --isl 16 --osl 8 \
+                "$B" bench --config "$c" --compile-backend opt $args \
                 >"$OUT/ncu-$tag.csv" 2>"$OUT/ncu-$tag.err" || tail -3 "$OUT/ncu-$tag.err"
             python3 - "$OUT/ncu-$tag.csv" <<'PY'
 import csv, sys, collections
