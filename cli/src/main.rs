@@ -593,6 +593,18 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
     // The AUTODEPLOY_* settings of this process (kernel knobs change the numbers): sorted.
     let env: std::collections::BTreeMap<String, String> =
         std::env::vars().filter(|(k, _)| k.starts_with("AUTODEPLOY_")).collect();
+    // What each transform did to this engine's graph ("disabled" where off), from its history:
+    // the defaults change between versions, and the fusions change the numbers.
+    let transforms: serde_json::Map<String, serde_json::Value> = engine
+        .graph
+        .history
+        .iter()
+        .filter_map(|line| {
+            let (head, what) = line.strip_prefix("[stage=")?.split_once("] ")?;
+            let name = head.split_once(", transform=")?.1;
+            Some((name.to_string(), serde_json::Value::String(what.to_string())))
+        })
+        .collect();
     let out = serde_json::json!({
         "config": {
             "model": cfg.model, "dtype": engine.graph.meta(engine.graph.outputs[0]).dtype.to_string(),
@@ -604,6 +616,7 @@ fn bench(cfg: &PipelineConfig, mode: &str, isl: usize, osl: usize, batch: Option
             "repeats": format!("{repeats} timed runs; the median run's numbers, every run's decode step in decode_ms_per_step_runs"),
             "env": env,
             "kernels": cfg.kernels,
+            "transforms": transforms,
         },
         "device": device,
         "build_ms": engine.build_time.as_secs_f64() * 1e3,

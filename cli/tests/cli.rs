@@ -212,6 +212,11 @@ fn bench_prints_one_json_object_with_the_floor() {
     assert!(!ok && err.contains("--repeats 0"), "{err}");
     assert!(v["device"].as_str().is_some_and(|d| d.starts_with("cpu")), "{out}");
     assert!(v["config"]["env"].as_object().is_some(), "{out}");
+    // What each transform did, by name: the matchers' counts, the fusions on or "disabled".
+    let t = &v["config"]["transforms"];
+    assert!(t["match_rmsnorm"].as_str().is_some_and(|s| s.starts_with("matched ")), "{out}");
+    assert!(t["insert_cached_attention"].as_str().is_some_and(|s| s.contains("cached attention")), "{out}");
+    assert_eq!(t["fuse_moe_router"], "disabled", "{out}");
     // The process's AUTODEPLOY_* settings are part of the configuration printed.
     let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
         .args(["bench", "--config", "examples/llama-fixture.toml", "--isl", "4", "--osl", "2"])
