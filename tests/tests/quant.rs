@@ -278,6 +278,28 @@ fn quantize_fp8_where_it_cannot_apply_says_why() {
     assert!(e.contains("quantize = \"fp8\": weight `") && e.contains("set dtype = \"bfloat16\""), "{e}");
 }
 
+/// The logits of a ragged prefill and 3 decode steps under `extra` are those under `plain` bit
+/// for bit, in f32 and bf16 (`what` names the change a failure blames).
+fn same_logits(name: &str, extra: &str, plain: &str, what: &str) {
+    let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
+    let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
+    for dtype in ["float32", "bfloat16"] {
+        let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
+        let a = common::steps::run_paged_steps(&mut engine(name, &with(extra)), 4, &prompts, &decode);
+        let b = common::steps::run_paged_steps(&mut engine(name, &with(plain)), 4, &prompts, &decode);
+        assert!(a.len() == 4 && a == b, "{name} {dtype}: {what} changed the logits\n{extra}");
+    }
+}
+
+/// Greedy generation under `extra` gives the fixture's reference tokens.
+fn generates_the_reference(name: &str, extra: &str) {
+    let r = Reference::load(name);
+    let (_, prompt) = r.i64("gen_prompt_0");
+    let (_, want) = r.i64("gen_output_0");
+    let out = generate(name, extra, &[greedy(&prompt, want.len())]);
+    assert_eq!(out[0].as_ref().unwrap().tokens, want, "{name}: generation\n{extra}");
+}
+
 /// `fuse_gated_act` and `fuse_fp8_input_quant` (compile stage, on by default): under `opt` the
 /// quantized MLPs' `mul(silu(gate), up)` (left unfused by the matchers) becomes one
 /// `torch_gated_act` over the gate/up output; and each op whose output only FP8 linears read
@@ -297,8 +319,6 @@ fn gated_activations_and_fp8_input_codes_fold_without_changing_the_numbers() {
     let (base, gated, fold) = (&set(false, false), &set(true, false), &set(false, true));
     // The defaults: both on.
     let both = &opt.to_string();
-    let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
-    let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
     let count = |dump: &str, op: &str, with: &str| dump.lines().filter(|l| l.contains(op) && l.contains(with)).count();
     for name in ["llama-fp8", "qwen3-fp8", "llama-fp8-kv", "mistral-nvfp4"] {
         let fp8 = name.contains("fp8");
@@ -315,17 +335,8 @@ fn gated_activations_and_fp8_input_codes_fold_without_changing_the_numbers() {
             if acts > 0 {
                 assert!(!dump.contains("= aten.silu("), "{name}: an activation was left\n{dump}");
             }
-            for dtype in ["float32", "bfloat16"] {
-                let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
-                let a = common::steps::run_paged_steps(&mut engine(name, &with(extra)), 4, &prompts, &decode);
-                let b = common::steps::run_paged_steps(&mut engine(name, &with(base)), 4, &prompts, &decode);
-                assert!(a.len() == 4 && a == b, "{name} {dtype}: folding changed the logits\n{extra}");
-            }
-            let r = Reference::load(name);
-            let (_, prompt) = r.i64("gen_prompt_0");
-            let (_, want) = r.i64("gen_output_0");
-            let out = generate(name, extra, &[greedy(&prompt, want.len())]);
-            assert_eq!(out[0].as_ref().unwrap().tokens, want, "{name}: generation\n{extra}");
+            same_logits(name, extra, base, "folding");
+            generates_the_reference(name, extra);
         }
         let plain = engine(name, base).graph.dump();
         assert!(!plain.contains("quant=fp8") && !plain.contains("torch_gated_act"), "{name}: fused while off");
@@ -351,8 +362,6 @@ fn an_attention_writes_the_fp8_codes_its_o_proj_reads_without_changing_the_numbe
         "{out}transforms.fuse_fp8_input_quant.enabled = true\ntransforms.fuse_gated_act.enabled = true\n\
          transforms.fuse_quant_gated_epilogue.enabled = true\ntransforms.fuse_qk_norm_attention.enabled = true\n"
     );
-    let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
-    let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
     let count = |dump: &str, op: &str, with: &str| dump.lines().filter(|l| l.contains(op) && l.contains(with)).count();
     let cases = [
         ("llama-fp8", "", 2),
@@ -373,23 +382,9 @@ fn an_attention_writes_the_fp8_codes_its_o_proj_reads_without_changing_the_numbe
             if want > 0 {
                 assert!(dump.contains("attn.flat: f8e4m3["), "{name}: the reshape moves codes\n{dump}");
             }
-            for dtype in ["float32", "bfloat16"] {
-                let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
-                let a = common::steps::run_paged_steps(&mut engine(name, &with(&extra)), 4, &prompts, &decode);
-                let b = common::steps::run_paged_steps(
-                    &mut engine(name, &with(&format!("{base}{q}"))),
-                    4,
-                    &prompts,
-                    &decode,
-                );
-                assert!(a.len() == 4 && a == b, "{name} {dtype}: the attention's codes changed the logits\n{extra}");
-            }
+            same_logits(name, &extra, &format!("{base}{q}"), "the attention's codes");
             if q.is_empty() {
-                let r = Reference::load(name);
-                let (_, prompt) = r.i64("gen_prompt_0");
-                let (_, want) = r.i64("gen_output_0");
-                let out = generate(name, &extra, &[greedy(&prompt, want.len())]);
-                assert_eq!(out[0].as_ref().unwrap().tokens, want, "{name}: generation\n{extra}");
+                generates_the_reference(name, &extra);
             }
         }
     }
@@ -413,8 +408,6 @@ fn an_fp8_gate_up_linear_takes_its_gated_activation_without_changing_the_numbers
          transforms.fuse_fp8_input_quant.enabled = false\n"
     );
     let all = format!("{opt}transforms.fuse_quant_gated_epilogue.enabled = true\n");
-    let prompts = vec![vec![1, 17, 42, 99, 5, 7, 250, 3, 11], vec![1, 200, 3]];
-    let decode = vec![vec![5, 9], vec![77, 31], vec![2, 140]];
     let count = |dump: &str, op: &str, with: &str| dump.lines().filter(|l| l.contains(op) && l.contains(with)).count();
     let cases = [
         ("llama-fp8", ""),
@@ -434,23 +427,9 @@ fn an_fp8_gate_up_linear_takes_its_gated_activation_without_changing_the_numbers
             // (The in-place FP8's dynamic scales take no folds.)
             let folded = if q.is_empty() { norms * fp8 as usize } else { 0 };
             assert_eq!(count(&dump, "rmsnorm(", "quant=fp8"), folded, "{name}: norms writing codes\n{extra}{dump}");
-            for dtype in ["float32", "bfloat16"] {
-                let with = |extra: &str| format!("{extra}dtype = \"{dtype}\"\n");
-                let a = common::steps::run_paged_steps(&mut engine(name, &with(&extra)), 4, &prompts, &decode);
-                let b = common::steps::run_paged_steps(
-                    &mut engine(name, &with(&format!("{base}{q}"))),
-                    4,
-                    &prompts,
-                    &decode,
-                );
-                assert!(a.len() == 4 && a == b, "{name} {dtype}: the epilogue changed the logits\n{extra}");
-            }
+            same_logits(name, &extra, &format!("{base}{q}"), "the epilogue");
             if q.is_empty() {
-                let r = Reference::load(name);
-                let (_, prompt) = r.i64("gen_prompt_0");
-                let (_, want) = r.i64("gen_output_0");
-                let out = generate(name, &extra, &[greedy(&prompt, want.len())]);
-                assert_eq!(out[0].as_ref().unwrap().tokens, want, "{name}: generation\n{extra}");
+                generates_the_reference(name, &extra);
             }
         }
     }

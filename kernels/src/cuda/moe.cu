@@ -273,6 +273,22 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
 }
 
+// The choice (index q < top_k into a token's `ti`) of the lowest expert id above `last`, its id
+// in `pe`; -1 when none is left (the rest are other ranks' experts, -1): walking a token's
+// choices in ascending expert order, the order `moe_combine` adds them in.
+__device__ __forceinline__ int next_choice(const int* ti, int top_k, int last, int& pe) {
+    int pick = -1;
+    pe = 0x7fffffff;
+    for (int q = 0; q < top_k; q++) {
+        int e = ti[q];
+        if (e > last && e < pe) {
+            pe = e;
+            pick = q;
+        }
+    }
+    return pick;
+}
+
 // `moe_down_bf16` then `moe_combine` in one kernel, for tokens of at most MOE_DC_MAX choices:
 // one warp a (token t, output row j) computes row j of each chosen expert's down projection of
 // that choice's activation (each sum as `moe_down_bf16` forms it: lane c takes chunks c, c + 32,
@@ -299,14 +315,8 @@ extern "C" __global__ void moe_down_combine_bf16(const bf16_t* act, const bf16_t
         ord[r] = 0;
         ex[r] = 0;
         if (r < top_k) {
-            int pick = -1, pe = 0x7fffffff;
-            for (int q = 0; q < top_k; q++) {
-                int e = ti[q];
-                if (e > last && e < pe) {
-                    pe = e;
-                    pick = q;
-                }
-            }
+            int pe;
+            int pick = next_choice(ti, top_k, last, pe);
             if (pick >= 0) {
                 ord[r] = pick;
                 ex[r] = pe;
@@ -570,15 +580,8 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
     }
     int last = -1;
     for (int k = 0; k < top_k; k++) {
-        // The next expert above `last` among the token's choices.
-        int pick = -1, pe = 0x7fffffff;
-        for (int q = 0; q < top_k; q++) {
-            int e = ti[q];
-            if (e > last && e < pe) {
-                pe = e;
-                pick = q;
-            }
-        }
+        int pe;
+        int pick = next_choice(ti, top_k, last, pe);
         if (pick < 0) break;  // the rest are other ranks' experts
         acc = rnd(dt, acc + contrib[(t * top_k + pick) * hidden + j]);
         last = pe;

@@ -504,53 +504,70 @@ fn with_codes_out(op: &Op) -> Option<Op> {
     op.gated_act_of().filter(|a| !a.fp8_out).map(|a| Op::gated_act(GatedAct { fp8_out: true, ..a }))
 }
 
+/// Readers of each value of `g`: (node, input position).
+fn readers_at(g: &Graph) -> Vec<Vec<(usize, usize)>> {
+    let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); g.values.len()];
+    for (j, node) in g.nodes.iter().enumerate() {
+        for (p, v) in node.inputs.iter().enumerate() {
+            readers[v.0 as usize].push((j, p));
+        }
+    }
+    readers
+}
+
+/// The input scale `users` share, where every one is a static-scale FP8 linear reading the
+/// value as its input and their scales hold equal values (so one set of codes serves them all).
+fn shared_fp8_scale(g: &Graph, users: &[(usize, usize)]) -> Result<Option<ValueId>> {
+    let fp8_reader = |&(l, p): &(usize, usize)| p == 0 && g.nodes[l].op.fp8_linear_of() == Some(false);
+    if users.is_empty() || !users.iter().all(fp8_reader) {
+        return Ok(None);
+    }
+    let scale = g.nodes[users[0].0].inputs[2];
+    let first = super::fusion::values(g, scale)?;
+    for &(l, _) in &users[1..] {
+        if super::fusion::values(g, g.nodes[l].inputs[2])? != first {
+            return Ok(None);
+        }
+    }
+    Ok(Some(scale))
+}
+
+/// Node `j` becomes `op` (writing codes) with `scale` as its last input, and `linears` read
+/// its codes (`out=<dtype>`, `dtype` the node's plain output dtype).
+fn write_codes(g: &mut Graph, j: usize, op: Op, dtype: DType, scale: ValueId, linears: &[(usize, usize)]) {
+    g.nodes[j].op = op;
+    g.nodes[j].inputs.push(scale);
+    for &(l, _) in linears {
+        if let Some(op) = g.nodes[l].op.fp8_linear_over_codes(dtype) {
+            g.nodes[l].op = op;
+        }
+    }
+}
+
 impl Transform for FuseFp8InputQuant {
     fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
         if let Some(skip) = not_fusing(cx, "quantizes the FP8 linears' inputs in the linears")? {
             return Ok(skip);
         }
-        // Readers of each value: (node, input position).
-        let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); g.values.len()];
-        for (j, node) in g.nodes.iter().enumerate() {
-            for (p, v) in node.inputs.iter().enumerate() {
-                readers[v.0 as usize].push((j, p));
-            }
-        }
+        let readers = readers_at(g);
         // (node, its op writing codes, its plain output dtype, the input scale, the linears).
         let mut folds = Vec::new();
         for (j, node) in g.nodes.iter().enumerate() {
             let Some(op) = with_codes_out(&node.op) else { continue };
             let out = node.outputs[0];
-            let users = &readers[out.0 as usize];
             let dtype = g.meta(out).dtype;
-            let fp8_reader = |&(l, p): &(usize, usize)| p == 0 && g.nodes[l].op.fp8_linear_of() == Some(false);
-            if users.is_empty()
-                || g.outputs.contains(&out)
-                || !matches!(dtype, DType::F32 | DType::BF16)
-                || !users.iter().all(fp8_reader)
-            {
+            if g.outputs.contains(&out) || !matches!(dtype, DType::F32 | DType::BF16) {
                 continue;
             }
-            let scale = g.nodes[users[0].0].inputs[2];
-            let first = super::fusion::values(g, scale)?;
-            let mut same = true;
-            for &(l, _) in &users[1..] {
-                same &= super::fusion::values(g, g.nodes[l].inputs[2])? == first;
-            }
-            if same {
-                folds.push((j, op, dtype, scale, users.iter().map(|u| u.0).collect::<Vec<_>>()));
+            let users = &readers[out.0 as usize];
+            if let Some(scale) = shared_fp8_scale(g, users)? {
+                folds.push((j, op, dtype, scale, users.clone()));
             }
         }
         let (mut norms, mut acts) = (0, 0);
         for (j, op, dtype, scale, linears) in folds {
             *(if op.gated_act_of().is_some() { &mut acts } else { &mut norms }) += 1;
-            g.nodes[j].op = op;
-            g.nodes[j].inputs.push(scale);
-            for l in linears {
-                if let Some(op) = g.nodes[l].op.fp8_linear_over_codes(dtype) {
-                    g.nodes[l].op = op;
-                }
-            }
+            write_codes(g, j, op, dtype, scale, &linears);
         }
         g.reinfer()?;
         g.validate()?;
@@ -590,12 +607,7 @@ impl Transform for FuseFp8AttentionOut {
         if let Some(skip) = not_fusing(cx, "quantizes the attention output in the FP8 linears")? {
             return Ok(skip);
         }
-        let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); g.values.len()];
-        for (j, node) in g.nodes.iter().enumerate() {
-            for (p, v) in node.inputs.iter().enumerate() {
-                readers[v.0 as usize].push((j, p));
-            }
-        }
+        let readers = readers_at(g);
         let private = |v: ValueId| readers[v.0 as usize].len() == 1 && !g.outputs.contains(&v);
         // (attention node, its op with codes out, its dtype, the scale, the linears).
         let mut folds = Vec::new();
@@ -614,31 +626,18 @@ impl Transform for FuseFp8AttentionOut {
                 }
                 at = g.nodes[l].outputs[0];
             }
-            let users = &readers[at.0 as usize];
-            let fp8_reader = |&(l, p): &(usize, usize)| p == 0 && g.nodes[l].op.fp8_linear_of() == Some(false);
-            if users.is_empty() || g.outputs.contains(&at) || !users.iter().all(fp8_reader) {
+            if g.outputs.contains(&at) {
                 continue;
             }
-            let scale = g.nodes[users[0].0].inputs[2];
-            let first = super::fusion::values(g, scale)?;
-            let mut same = true;
-            for &(l, _) in &users[1..] {
-                same &= super::fusion::values(g, g.nodes[l].inputs[2])? == first;
-            }
-            if same {
+            let users = &readers[at.0 as usize];
+            if let Some(scale) = shared_fp8_scale(g, users)? {
                 let op = Op::cached_attention(&CachedAttn { fp8_out: true, ..a });
-                folds.push((j, op, dtype, scale, users.iter().map(|u| u.0).collect::<Vec<_>>()));
+                folds.push((j, op, dtype, scale, users.clone()));
             }
         }
         let n = folds.len();
         for (j, op, dtype, scale, linears) in folds {
-            g.nodes[j].op = op;
-            g.nodes[j].inputs.push(scale);
-            for l in linears {
-                if let Some(op) = g.nodes[l].op.fp8_linear_over_codes(dtype) {
-                    g.nodes[l].op = op;
-                }
-            }
+            write_codes(g, j, op, dtype, scale, &linears);
         }
         g.reinfer()?;
         g.validate()?;

@@ -4,7 +4,7 @@
 //! and the fused down + combine give the plain path's bits.
 
 use crate::common::gpu::{gpu, launches};
-use autodeploy_kernels::cuda::exec::{Dt, GateAct, Gpu, MoeShape, Ptr, RouterIn};
+use autodeploy_kernels::cuda::exec::{Buffer, Dt, GateAct, Gpu, MoeShape, Ptr, RouterIn};
 
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
     v.iter()
@@ -48,6 +48,28 @@ fn layer(
     }
 }
 
+/// Random experts on the GPU (bf16: gate/up `next() * 0.5`, down `next() * down_scale`), then
+/// `tokens` rows of x and router logits as bf16 bytes, drawn from `next` in that order.
+fn random_layer(
+    g: &Gpu,
+    next: &mut impl FnMut() -> f32,
+    (experts, hidden, inter): (usize, usize, usize),
+    tokens: usize,
+    down_scale: f32,
+) -> ((Buffer, Buffer), Vec<u8>, Vec<u8>) {
+    let w_gu: Vec<f32> = (0..experts * 2 * inter * hidden).map(|_| next() * 0.5).collect();
+    let w_down: Vec<f32> = (0..experts * hidden * inter).map(|_| next() * down_scale).collect();
+    let up = |v: &[f32], what: &str| {
+        let b = g.alloc(v.len() * 2, what).unwrap();
+        g.upload(b.ptr, &bf16_bytes(v)).unwrap();
+        b
+    };
+    let weights = (up(&w_gu, "gate_up"), up(&w_down, "down"));
+    let x: Vec<f32> = (0..tokens * hidden).map(|_| next() * 4.0).collect();
+    let logits: Vec<f32> = (0..tokens * experts).map(|_| next() * 6.0).collect();
+    (weights, bf16_bytes(&x), bf16_bytes(&logits))
+}
+
 /// Runs `torch_moe` on the GPU over `tokens` rows of `x`/`logits` (bf16 bytes); returns y.
 fn run(g: &Gpu, s: &MoeShape, x: &[u8], logits: &[u8], w: (Ptr, Ptr)) -> Vec<u8> {
     let up = |bytes: &[u8], what: &str| {
@@ -73,17 +95,7 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
     let g = Gpu::open(0).unwrap();
     let mut next = xorshift(0x9e37_79b9);
     let (experts, hidden, inter, tokens) = (16usize, 64usize, 48usize, 40usize);
-    let w_gu: Vec<f32> = (0..experts * 2 * inter * hidden).map(|_| next() * 0.5).collect();
-    let w_down: Vec<f32> = (0..experts * hidden * inter).map(|_| next() * 0.5).collect();
-    let up = |v: &[f32], what: &str| {
-        let b = g.alloc(v.len() * 2, what).unwrap();
-        g.upload(b.ptr, &bf16_bytes(v)).unwrap();
-        b
-    };
-    let (gu, down) = (up(&w_gu, "gate_up"), up(&w_down, "down"));
-    let x: Vec<f32> = (0..tokens * hidden).map(|_| next() * 4.0).collect();
-    let logits: Vec<f32> = (0..tokens * experts).map(|_| next() * 6.0).collect();
-    let (xb, lb) = (bf16_bytes(&x), bf16_bytes(&logits));
+    let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.5);
     // Softmax routing with normalised weights (Qwen3-MoE), and Llama 4's sigmoid routing that
     // scales the experts' input.
     for (top_k, sigmoid, norm) in [(4usize, false, true), (2, true, false)] {
@@ -208,17 +220,7 @@ fn the_fused_down_and_combine_give_the_two_kernels_bits() {
     let mut next = xorshift(0x5bd1_e995);
     // inter 776: a lane's last chunk partial (97 chunks of 8 over 32 lanes).
     let (experts, hidden, inter, tokens) = (16usize, 64usize, 776usize, 3usize);
-    let w_gu: Vec<f32> = (0..experts * 2 * inter * hidden).map(|_| next() * 0.5).collect();
-    let w_down: Vec<f32> = (0..experts * hidden * inter).map(|_| next() * 0.1).collect();
-    let up = |v: &[f32], what: &str| {
-        let b = g.alloc(v.len() * 2, what).unwrap();
-        g.upload(b.ptr, &bf16_bytes(v)).unwrap();
-        b
-    };
-    let (gu, down) = (up(&w_gu, "gate_up"), up(&w_down, "down"));
-    let x: Vec<f32> = (0..tokens * hidden).map(|_| next() * 4.0).collect();
-    let logits: Vec<f32> = (0..tokens * experts).map(|_| next() * 6.0).collect();
-    let (xb, lb) = (bf16_bytes(&x), bf16_bytes(&logits));
+    let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.1);
     let half = experts / 2;
     for (top_k, sigmoid, norm) in [(8usize, false, true), (4, false, true), (2, true, false)] {
         for n in [1, tokens] {

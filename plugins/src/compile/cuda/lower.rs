@@ -192,20 +192,19 @@ impl CudaModel {
                     } else {
                         None
                     };
-                    // The q/k norms fused too: their weights, one [head_dim] row each in the
-                    // model's dtype, normalised in it (what the kernels round to).
                     // The attention's own dtype (q's), and where its values go: the output, or
                     // with `quant=fp8` the node's second scratch region, its codes then written
                     // token-major to the output (what the o projection reads).
                     let adt = g.meta(node.inputs[0]).dtype;
                     let values_at = if *fp8_out { scratch(1) } else { planned };
+                    // The q/k norms fused too: their weights, one [head_dim] row each in the
+                    // model's dtype, normalised in it (what the kernels round to).
                     let qk_norm = match qk_norm {
                         Some(n) => {
-                            let dt = adt;
                             let bad = [5, 6].iter().find(|&&w| in_shape(w).ok() != Some(vec![l.head_dim]));
-                            if n.norm_dtype != dt || bad.is_some() {
+                            if n.norm_dtype != adt || bad.is_some() {
                                 return Err(fail(Unavailable(format!(
-                                    "q/k norms in {} with weights {:?}, {:?}: the kernels normalise in the model's dtype ({dt}) with [head_dim] weights",
+                                    "q/k norms in {} with weights {:?}, {:?}: the kernels normalise in the model's dtype ({adt}) with [head_dim] weights",
                                     n.norm_dtype,
                                     in_shape(5)?,
                                     in_shape(6)?
