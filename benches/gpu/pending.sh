@@ -186,6 +186,35 @@ for name, xs in sorted(t.items(), key=lambda kv: -sum(kv[1])):
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile)" ;;
+    attnprof)
+        # The decode attention alone at batch 32 x 2,000 positions, bf16 cache against FP8 cache
+        # (session 35, H200: the FP8 cache 1.8% slower a step, where its KV bytes are half):
+        # each attention kernel's time and DRAM bytes, the model cut to 4 layers.
+        rm -rf "$OUT/cut-8b" && cp -r "$H/../configs/Llama-3.1-8B-Instruct" "$OUT/cut-8b"
+        python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-8b"
+        for base in llama-3.1-8b-long.toml llama-3.1-8b-long-fp8kv.toml; do
+            c=$(variant "prof-$base" "$base")
+            sed -i "s|^model = .*|model = \"$OUT/cut-8b\"|" "$c"
+            echo "  -- $base"
+            timeout 250 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+                -k 'regex:paged_decode|merge|combine' --launch-count 40 \
+                "$B" bench --config "$c" --mode throughput --batch 32 --isl 2000 --osl 4 \
+                >"$OUT/ncu-attn-$base.csv" 2>"$OUT/ncu-attn-$base.err" || tail -3 "$OUT/ncu-attn-$base.err"
+            python3 - "$OUT/ncu-attn-$base.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and (r[0] == "ID" or r[0].isdigit())]
+head, rows = rows[0], rows[1:]
+k, m, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+t = collections.defaultdict(lambda: collections.defaultdict(list))
+for r in rows:
+    t[r[k].split("(")[0]][r[m]].append(float(r[v].replace(",", "")))
+for name, ms in t.items():
+    us = sum(ms["gpu__time_duration.sum"]) / len(ms["gpu__time_duration.sum"]) / 1e3
+    gb = sum(ms["dram__bytes_read.sum"]) / len(ms["dram__bytes_read.sum"]) / 1e9
+    print(f"  {name[:48]:<48} {len(ms['gpu__time_duration.sum']):4d} launches, mean {us:8.2f} us, {gb:6.3f} GB read, {gb / us * 1e3:6.0f} GB/s")
+PY
+        done
+        ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile attnprof)" ;;
     esac
 done

@@ -128,6 +128,14 @@ impl<'a> Attrs<'a> {
         DType::parse(v).ok_or_else(|| self.bad(key, v, "a dtype (f32, bf16, f16, i64, bool)"))
     }
 
+    pub(crate) fn opt_int_list(&mut self, key: &str) -> Result<Option<Vec<i64>>> {
+        if self.keyed.iter().any(|(k, _)| *k == key) {
+            self.int_list(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     pub(crate) fn int_list(&mut self, key: &str) -> Result<Vec<i64>> {
         let v = self.take(key).ok_or_else(|| self.missing(key))?;
         let inner = v.strip_prefix('[').and_then(|s| s.strip_suffix(']')).ok_or_else(|| self.bad(key, v, "a list"))?;

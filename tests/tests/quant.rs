@@ -434,3 +434,60 @@ fn an_fp8_gate_up_linear_takes_its_gated_activation_without_changing_the_numbers
         }
     }
 }
+
+/// `fuse_gemms` on FP8 q/k/v and gate/up (each part one weight scale) gives the fused linear
+/// one scale a row and names the runs of equal rows (`scale_runs`: on CUDA each run is one
+/// GEMM that cuBLASLt scales itself where it has no per-channel algorithm); the runs are the
+/// parts' rows, the CPU kernel refuses runs the scale does not hold, and the op rule runs that
+/// do not cover the weight.
+#[test]
+fn a_fused_fp8_linear_names_the_runs_of_its_parts_scales() {
+    use autodeploy_core::DType;
+    let mut g = graph_after("llama-fp8", Stage::PostLoadFusion, "").unwrap();
+    let mut fused = 0;
+    for n in &g.nodes {
+        if n.op.name != "torch_quant_fp8_linear" || !g.value(n.inputs[1]).name.starts_with("fused[") {
+            continue;
+        }
+        let w = &g.value(n.inputs[1]).name;
+        fused += 1;
+        let parts = w.matches('+').count() + 1;
+        let runs: Vec<usize> =
+            n.op.attrs
+                .split_once("scale_runs=[")
+                .and_then(|(_, r)| r.split_once(']'))
+                .unwrap_or_else(|| panic!("{w}: no scale_runs in `{}`", n.op.attrs))
+                .0
+                .split(", ")
+                .map(|r| r.parse().unwrap())
+                .collect();
+        assert_eq!(runs.len(), parts, "{w}: one run a part, {runs:?}");
+        let scale = g.weights.load(&g.value(n.inputs[3]).name, DType::F32).unwrap().to_f32().into_owned();
+        assert_eq!(runs.iter().sum::<usize>(), scale.len(), "{w}: {runs:?}");
+        let mut start = 0;
+        let mut firsts = Vec::new();
+        for r in &runs {
+            assert!(scale[start..start + r].iter().all(|v| *v == scale[start]), "{w}: run at {start}");
+            firsts.push(scale[start]);
+            start += r;
+        }
+        assert!(firsts.windows(2).all(|p| p[0] != p[1]), "{w}: neighbouring runs of one value {firsts:?}");
+    }
+    assert_eq!(fused, 4, "q/k/v and gate/up of 2 layers");
+    // Runs the scale does not hold: the CPU kernel names the rows.
+    let i = g.nodes.iter().position(|n| n.op.attrs.contains("scale_runs=")).unwrap();
+    let rows = g.meta(g.nodes[i].inputs[1]).shape[0].as_static().unwrap();
+    g.nodes[i].op.attrs = format!("scale_runs=[{}, 8]", rows - 8);
+    let r = Reference::load("llama-fp8");
+    let (shape, ids) = r.i64("tokens_1");
+    let (b, s) = (shape[0], shape[1]);
+    let pos: Vec<i64> = (0..b).flat_map(|_| 0..s as i64).collect();
+    let t = |v: Vec<i64>| autodeploy_core::Tensor::from_i64(vec![b, s], v).unwrap();
+    let err = compile(&g).forward(&[t(ids), t(pos)], None).err().expect("runs the weight scale does not hold");
+    let err = err.to_string();
+    assert!(err.contains("are not one value"), "{err}");
+    // Runs past the weight's rows: the op rule.
+    g.nodes[i].op.attrs = format!("scale_runs=[{}]", rows + 8);
+    let err = g.validate().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("scale_runs") && err.contains("torch_quant_fp8_linear"), "{err}");
+}

@@ -27,7 +27,8 @@
 
 use std::sync::Arc;
 
-use autodeploy_kernels::cuda::exec::{LowBitLinear, LowBitScales};
+pub use autodeploy_kernels::cuda::exec::MAX_SCALE_RUNS;
+use autodeploy_kernels::cuda::exec::{LowBitLinear, LowBitScales, ScaleRuns};
 use autodeploy_kernels::quant::lowbit::{fake_quant_e4m3, lowbit_linear, LowBit, NVFP4_BLOCK};
 
 use crate::cpu::KernelOptions;
@@ -44,12 +45,14 @@ pub const FP8_LINEAR: &str = "torch_quant_fp8_linear";
 pub const NVFP4_LINEAR: &str = "torch_quant_nvfp4_linear";
 
 /// An FP8 linear's attributes: `dynamic=true`, or `out=<dtype>` (the input E4M3 codes); `act`
-/// (a gated epilogue).
+/// (a gated epilogue); `scale_runs=[..]` (a per-row weight scale that is one value over each
+/// run of rows: a fused linear's parts; at most `MAX_SCALE_RUNS`, summing to the rows).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Fp8Attrs {
     dynamic: bool,
     codes_out: Option<DType>,
     gated: Option<GateAct>,
+    runs: ScaleRuns,
 }
 
 impl Fp8Attrs {
@@ -63,6 +66,10 @@ impl Fp8Attrs {
         }
         if let Some(act) = self.gated {
             parts.push(format!("act={}", gate_act_name(act)));
+        }
+        if self.runs[0] > 0 {
+            let runs: Vec<String> = self.runs.iter().take_while(|&&r| r > 0).map(|r| r.to_string()).collect();
+            parts.push(format!("scale_runs=[{}]", runs.join(", ")));
         }
         parts.join(", ")
     }
@@ -83,13 +90,36 @@ fn fp8_attrs(attrs: &str) -> Result<Fp8Attrs, String> {
             None => None,
             Some(v) => Some(gate_act_named(v).ok_or_else(|| a.bad("act", v, "silu, gelu_tanh or gelu"))?),
         };
-        Ok(Fp8Attrs { dynamic, codes_out, gated })
+        let mut runs = [0; MAX_SCALE_RUNS];
+        if let Some(list) = a.opt_int_list("scale_runs")? {
+            if list.is_empty() || list.len() > MAX_SCALE_RUNS || list.iter().any(|&r| r <= 0) {
+                let text = format!("{list:?}");
+                return Err(a.bad("scale_runs", &text, &format!("1 to {MAX_SCALE_RUNS} positive row counts")));
+            }
+            list.iter().zip(runs.iter_mut()).for_each(|(&r, slot)| *slot = r as usize);
+        }
+        Ok(Fp8Attrs { dynamic, codes_out, gated, runs })
     })
+}
+
+/// The row counts of `runs` (`scale_runs`), none when absent.
+fn run_rows(runs: &ScaleRuns) -> impl Iterator<Item = usize> + '_ {
+    runs.iter().copied().take_while(|&r| r > 0)
 }
 
 impl Op {
     pub fn fp8_linear() -> Op {
         Op { name: FP8_LINEAR, attrs: String::new() }
+    }
+    /// The FP8 linear (static input scale) whose per-row weight scale is one value over each
+    /// of `runs` (row counts, in order: a fused linear's parts); `runs` past `MAX_SCALE_RUNS`
+    /// or empty: the plain op.
+    pub fn fp8_linear_scale_runs(runs: &[usize]) -> Op {
+        let mut r = [0; MAX_SCALE_RUNS];
+        if !runs.is_empty() && runs.len() <= MAX_SCALE_RUNS && runs.iter().all(|&x| x > 0) {
+            r[..runs.len()].copy_from_slice(runs);
+        }
+        Op { name: FP8_LINEAR, attrs: Fp8Attrs { dynamic: false, codes_out: None, gated: None, runs: r }.text() }
     }
     /// The FP8 linear with per-token activation scales: inputs `(x, w, weight_scale[, bias])`.
     pub fn fp8_linear_dynamic() -> Op {
@@ -155,7 +185,7 @@ fn fp8_inputs(dynamic: bool) -> (Option<usize>, usize, usize) {
 }
 
 fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
-    let Fp8Attrs { dynamic, codes_out, gated } = fp8_attrs(attrs)?;
+    let Fp8Attrs { dynamic, codes_out, gated, runs } = fp8_attrs(attrs)?;
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
     if ins.len() < bias_at || ins.len() > bias_at + 1 {
         return Err(format!("takes {bias_at} or {} inputs with dynamic={dynamic}, got {}", bias_at + 1, ins.len()));
@@ -169,6 +199,15 @@ fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
     let per_row = s_w.shape.len() == 1 && w.shape.first() == s_w.shape.first();
     if s_w.dtype != DType::F32 || !(one_value(s_w) || per_row) {
         return Err(format!("weight_scale {s_w} vs weight {w}: want one f32 or one a row"));
+    }
+    if runs[0] > 0 {
+        let rows = w.shape.first().and_then(Dim::as_static);
+        if !per_row || rows != Some(run_rows(&runs).sum()) {
+            return Err(format!(
+                "scale_runs {:?}: want row counts summing to weight {w}'s rows, with one scale a row",
+                run_rows(&runs).collect::<Vec<_>>()
+            ));
+        }
     }
     let y = match (codes_out, ins[0].dtype) {
         (Some(out), DType::F8E4M3) => {
@@ -260,6 +299,15 @@ fn fp8_cpu(
     let k = ins[1].shape()[1];
     let mut x = ins[0].to_f32().into_owned();
     let scale = ins[s_w_at].to_f32();
+    let mut start = 0;
+    for rows in run_rows(&a.runs) {
+        // (The CUDA GEMMs take each run's first value for all of it.)
+        let run = scale.get(start..start + rows).ok_or("scale_runs past the weight scale's rows")?;
+        if run.iter().any(|v| v.to_bits() != run[0].to_bits()) {
+            return Err(format!("scale_runs: weight_scale rows {start}..{} are not one value", start + rows));
+        }
+        start += rows;
+    }
     let w = LowBit::Fp8 { codes: low_bit(ins[1], "weight")?, scale: &scale };
     if ins[0].dtype() == DType::F8E4M3 {
         // Codes at the input scale: their values times it, what quantizing the float gave.
@@ -340,7 +388,7 @@ fn scratch5(l: &dyn KernelLauncher) -> Result<[u64; 5], String> {
 
 fn fp8_cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
-        let Fp8Attrs { dynamic, gated, .. } = fp8_attrs(attrs)?;
+        let Fp8Attrs { dynamic, gated, runs, .. } = fp8_attrs(attrs)?;
         let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
         let c = cuda_call(ins, &outs[0], bias_at, gated)?;
         let s = LowBitScales {
@@ -348,6 +396,7 @@ fn fp8_cuda() -> CudaImpl {
             dynamic,
             weight: ins[s_w_at].ptr,
             per_row: ins[s_w_at].shape.iter().product::<usize>() > 1,
+            runs,
         };
         gpu_of(l)?.fp8_linear(&c, ins[1].ptr, s, scratch5(l)?).map_err(|e| e.0)
     })
@@ -356,7 +405,8 @@ fn fp8_cuda() -> CudaImpl {
 fn nvfp4_cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
         let c = cuda_call(ins, &outs[0], 4, nvfp4_gated(attrs)?)?;
-        let s = LowBitScales { input: 0, dynamic: false, weight: ins[3].ptr, per_row: false };
+        let s =
+            LowBitScales { input: 0, dynamic: false, weight: ins[3].ptr, per_row: false, runs: [0; MAX_SCALE_RUNS] };
         gpu_of(l)?.nvfp4_linear(&c, ins[1].ptr, ins[2].ptr, s, scratch5(l)?).map_err(|e| e.0)
     })
 }

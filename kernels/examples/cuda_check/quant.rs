@@ -9,7 +9,7 @@ use super::*;
 /// cuBLASLt reading them) against the same linear quantizing the bf16 input itself: equal bit
 /// for bit.
 pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
-    use autodeploy_kernels::cuda::exec::{HeadRows, LowBitLinear, LowBitScales};
+    use autodeploy_kernels::cuda::exec::{launch_counts, HeadRows, LowBitLinear, LowBitScales};
     use autodeploy_kernels::quant::lowbit::{e4m3_to_f32, f32_to_e4m3};
     let bytes_up = |raw: &[u8], what: &str| {
         let b = gpu.alloc(raw.len().max(1), what).unwrap();
@@ -101,7 +101,7 @@ pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
         let x = r(m * k, 46);
         let xq: Vec<u8> = x.iter().map(|&v| f32_to_e4m3(v / s)).collect();
         let (dx, dxq) = (up(&x), bytes_up(&xq, "x codes"));
-        let scales = LowBitScales { input: ds.ptr, dynamic: false, weight: dws.ptr, per_row: false };
+        let scales = LowBitScales { input: ds.ptr, dynamic: false, weight: dws.ptr, per_row: false, runs: [0; 4] };
         let sizes = LowBitLinear::scratch(2, m, n, k, true);
         let scratch: Vec<_> = sizes.iter().map(|&b| gpu.alloc(b, "scratch").unwrap()).collect();
         let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr, scratch[4].ptr];
@@ -123,6 +123,42 @@ pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
             rep.exact(&what, true, &as_bf16(get(gated.ptr, m * n)), &as_bf16(get(plain.ptr, m * n)));
         }
         rep.exact(&format!("fp8 linear over codes m={m}"), true, &outs[1], &outs[0]);
+    }
+    // A fused linear's per-row weight scale, one value over each part's rows (`runs`: cuBLASLt
+    // scales each part's GEMM itself where it has no per-channel algorithm) against the same
+    // scale without its runs (a per-channel algorithm, else f32 sums and the epilogue kernel).
+    let row_scales: Vec<f32> = (0..n).map(|i| if i < 600 { 0.01 } else { 0.0275 }).collect();
+    let dws_rows = bytes_up(&row_scales.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(), "row scales");
+    for m in [24usize, 256] {
+        let x = r(m * k, 47);
+        let dx = up(&x);
+        let sizes = LowBitLinear::scratch(2, m, n, k, false);
+        let scratch: Vec<_> = sizes.iter().map(|&b| gpu.alloc(b, "scratch").unwrap()).collect();
+        let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr, 0];
+        let mut outs = Vec::new();
+        for runs in [[0; 4], [600, 400, 0, 0]] {
+            let y = up(&vec![0.0; m * n]);
+            let c = LowBitLinear { dt: Dt::BF16, m, n, k, x: dx.ptr, y: y.ptr, bias: 0, x_codes: false, gated: None };
+            let s = LowBitScales { input: ds.ptr, dynamic: false, weight: dws_rows.ptr, per_row: true, runs };
+            let before = launch_counts();
+            gpu.fp8_linear(&c, dw.ptr, s, sp).unwrap();
+            let after = launch_counts();
+            let grew = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+            outs.push(as_bf16(get(y.ptr, m * n * 2)));
+            // Where cuBLASLt ran, the runs' GEMMs scale themselves: no epilogue kernel.
+            if runs[0] > 0 && grew("cublaslt_fp8_scaled") + grew("cublaslt_fp8") > 0 {
+                let ok = grew("lowbit_epilogue") == 0 && grew("cublaslt_fp8_scaled") > 0;
+                rep.failed |= !ok;
+                println!(
+                    "{:<28} bf16  {} scaled GEMMs, {} epilogues  {}",
+                    format!("fp8 scale runs m={m} path"),
+                    grew("cublaslt_fp8_scaled"),
+                    grew("lowbit_epilogue"),
+                    if ok { "ok" } else { "FAILED" }
+                );
+            }
+        }
+        rep.check_scaled(&format!("fp8 linear scale runs m={m}"), true, &outs[1], &outs[0], 1e-2);
     }
 }
 
@@ -184,7 +220,7 @@ pub(super) fn check_nvfp4_gemv(gpu: &mut Gpu, rep: &mut Report) {
             let sizes = LowBitLinear::scratch(2, m, n, k, true);
             let scratch: Vec<_> = sizes.iter().map(|&b| gpu.alloc(b, "scratch").unwrap()).collect();
             let sp = [scratch[0].ptr, scratch[1].ptr, scratch[2].ptr, scratch[3].ptr, scratch[4].ptr];
-            let s = LowBitScales { input: 0, dynamic: false, weight: dg.ptr, per_row: false };
+            let s = LowBitScales { input: 0, dynamic: false, weight: dg.ptr, per_row: false, runs: [0; 4] };
             // f32 sums of k products in another order: 1e-6 of the largest terms' magnitude, k of them.
             let atol = 1e-6 * k as f32 * 2.0 * 6.0 * 30.0 * global;
             for on in [true, false] {

@@ -11,7 +11,7 @@ use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta, ValueId};
 use autodeploy_core::ops::layout::Slice;
 use autodeploy_core::ops::linear::{SwiGlu, LINEAR};
-use autodeploy_core::ops::quant_linear::NVFP4_LINEAR;
+use autodeploy_core::ops::quant_linear::{MAX_SCALE_RUNS, NVFP4_LINEAR};
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::shape::static_shape;
 use autodeploy_core::transform::{Transform, TransformContext};
@@ -139,10 +139,16 @@ impl FuseGemms {
         }
         let names: Vec<String> = lin.iter().map(|l| param_weight(g, l.w).expect("checked")).collect();
         let fused_name = format!("fused[{}]", names.join("+"));
+        let mut op = kind.op();
         let own = match kind {
             Kind::Float => None,
-            Kind::Fp8 { .. } => match fp8_row_scales(g, &lin, &fused_name)? {
-                Some(s) => Some(s),
+            Kind::Fp8 { dynamic } => match fp8_row_scales(g, &lin, &fused_name)? {
+                Some((s, runs)) => {
+                    if !dynamic && runs.len() <= MAX_SCALE_RUNS {
+                        op = Op::fp8_linear_scale_runs(&runs);
+                    }
+                    Some(s)
+                }
                 None => return Ok(false),
             },
             Kind::Nvfp4 => {
@@ -162,7 +168,7 @@ impl FuseGemms {
         }
         let pos = *nodes.iter().min().expect("group of two or more");
         let hint = format!("{}.fused", g.value(lin[0].out).name);
-        let y = g.insert_node(pos, &hint, kind.op(), &ins)?;
+        let y = g.insert_node(pos, &hint, op, &ins)?;
         let mut start = 0i64;
         for (k, l) in lin.iter().enumerate() {
             let width = g.meta(l.w).shape[0].as_static().expect("static weight") as i64;
@@ -196,8 +202,9 @@ fn shared_values_equal(g: &Graph, lin: &[Member]) -> Result<bool> {
 }
 
 /// An FP8 group's weight scale: one a row of the fused weight, computed here from the parts'
-/// (one value or one a row each); `None` if a part's does not fit.
-fn fp8_row_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<ValueId>> {
+/// (one value or one a row each), and the row counts of its runs of equal values (the parts
+/// with one scale each: q/k/v, gate/up); `None` if a part's does not fit.
+fn fp8_row_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<(ValueId, Vec<usize>)>> {
     let mut rows = Vec::new();
     for l in lin {
         let n = g.meta(l.w).shape[0].as_static().expect("static weight");
@@ -208,10 +215,17 @@ fn fp8_row_scales(g: &mut Graph, lin: &[Member], fused: &str) -> Result<Option<V
             _ => return Ok(None),
         }
     }
+    let mut runs: Vec<usize> = Vec::new();
+    for (i, v) in rows.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if v.to_bits() == rows[i - 1].to_bits() => *r += 1,
+            _ => runs.push(1),
+        }
+    }
     let name = format!("{fused}.weight_scale");
     let n = rows.len();
     Arc::make_mut(&mut g.weights).add_tensor(&name, autodeploy_core::Tensor::from_f32(vec![n], rows)?);
-    Ok(Some(g.add_param(&name, TensorMeta { dtype: DType::F32, shape: static_shape(&[n]) })))
+    Ok(Some((g.add_param(&name, TensorMeta { dtype: DType::F32, shape: static_shape(&[n]) }), runs)))
 }
 
 impl Transform for FuseGemms {

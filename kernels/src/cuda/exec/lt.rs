@@ -46,6 +46,7 @@ impl Plan {
     fn new(
         handle: sys::cublasLtHandle_t,
         (m, n, k): (usize, usize, usize),
+        ldd: usize,
         out: LtOut,
         workspace: usize,
         fast_accum: bool,
@@ -111,7 +112,7 @@ impl Plan {
         plan.a = lt::create_matrix_layout(CUDA_R_8F_E4M3, k64, n64, k as i64).map_err(|e| err("A layout", e))?;
         plan.b = lt::create_matrix_layout(CUDA_R_8F_E4M3, k64, m64, k as i64).map_err(|e| err("B layout", e))?;
         let d_type = if out == LtOut::F32Sums { CUDA_R_32F } else { CUDA_R_16BF };
-        plan.d = lt::create_matrix_layout(d_type, n64, m64, n as i64).map_err(|e| err("D layout", e))?;
+        plan.d = lt::create_matrix_layout(d_type, n64, m64, ldd as i64).map_err(|e| err("D layout", e))?;
         let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
         // SAFETY: every descriptor is live; the preference is destroyed after the query.
         let found = unsafe {
@@ -146,8 +147,8 @@ impl Drop for Plan {
     }
 }
 
-/// (m, n, k) and what the GEMM writes.
-type PlanKey = (usize, usize, usize, LtOut);
+/// (m, n, k), the output's row stride and what the GEMM writes.
+type PlanKey = (usize, usize, usize, usize, LtOut);
 
 /// A cuBLASLt handle and its plans by shape and output; `None`: the library has no algorithm
 /// for that one (asked once).
@@ -188,7 +189,8 @@ impl LtFp8 {
     }
 
     /// Enqueues `out[m, n] = xq[m, k] · w[n, k]ᵀ` as `kind` says on `stream`, with `workspace`
-    /// bytes at `ws`. `Ok(false)`: cuBLASLt has no algorithm for a `Bf16Scaled` kind at this
+    /// bytes at `ws`; `out`'s rows `ldd` elements apart (n: a whole output; more: these are
+    /// some columns of a wider one). `Ok(false)`: cuBLASLt has no algorithm for a `Bf16Scaled` kind at this
     /// shape (nothing enqueued; the caller takes the f32 sums and its epilogue). An f32 plan
     /// that cannot be made is an error.
     #[allow(clippy::too_many_arguments)]
@@ -196,16 +198,20 @@ impl LtFp8 {
         &self,
         stream: cudarc::driver::sys::CUstream,
         (m, n, k): (usize, usize, usize),
+        ldd: usize,
         kind: LtOut,
         o: LtOperands,
         ws: u64,
         workspace: usize,
     ) -> Result<bool, Unavailable> {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = match plans.entry((m, n, k, kind)) {
+        if ldd < n {
+            return Err(err("output", format!("row stride {ldd} under its {n} columns")));
+        }
+        let plan = match plans.entry((m, n, k, ldd, kind)) {
             std::collections::hash_map::Entry::Occupied(p) => p.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                match Plan::new(self.handle, (m, n, k), kind, workspace, self.fast_accum) {
+                match Plan::new(self.handle, (m, n, k), ldd, kind, workspace, self.fast_accum) {
                     Ok(p) => v.insert(Some(p)),
                     Err(e) if kind != LtOut::F32Sums => {
                         tracing::debug!("{}; the f32 sums and the epilogue instead", e.0);

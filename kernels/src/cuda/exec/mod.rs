@@ -25,7 +25,7 @@ pub use attention::{
     GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
 };
 pub use moe::{MoeShape, RouterIn, ROUTER_FUSED_MAX_EXPERTS};
-pub use quant::{LowBitLinear, LowBitScales};
+pub use quant::{LowBitLinear, LowBitScales, ScaleRuns, MAX_SCALE_RUNS};
 pub use settings::KernelSettings;
 
 /// A device address.

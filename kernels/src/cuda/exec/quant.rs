@@ -35,7 +35,19 @@ pub struct LowBitScales {
     /// One f32, or one a row when `per_row`.
     pub weight: Ptr,
     pub per_row: bool,
+    /// With `per_row`: where the weight's scale is one value over runs of rows (a fused
+    /// linear's parts, each with one scale: q/k/v, gate/up), the runs' row counts, 0 past the
+    /// last; all 0 where not known. cuBLASLt has no per-channel scaled FP8 algorithm on every
+    /// device (none on an H200): then each run is one scaled GEMM with its scalar scale, not
+    /// f32 sums and an epilogue kernel.
+    pub runs: ScaleRuns,
 }
+
+/// Row counts of a per-row scale's runs of equal values (`LowBitScales::runs`).
+pub type ScaleRuns = [usize; 4];
+
+/// The most runs `LowBitScales::runs` records.
+pub const MAX_SCALE_RUNS: usize = std::mem::size_of::<ScaleRuns>() / std::mem::size_of::<usize>();
 
 /// A quantized linear's call: `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)`.
 #[derive(Clone, Copy, Debug)]
@@ -78,6 +90,25 @@ impl LowBitLinear {
         }
         Ok((self.m as i64, self.n as i32, self.k as i32))
     }
+}
+
+/// `(first row, rows)` of each run of a per-row weight scale that `s.runs` says is one value
+/// there, when they cover the `n` rows and each run's output columns start 16-byte aligned
+/// (bf16 y); None otherwise (or for one scale, or per-row activation scales).
+fn scalar_runs(c: &LowBitLinear, s: &LowBitScales) -> Option<Vec<(usize, usize)>> {
+    if !s.per_row || s.dynamic {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut n0 = 0usize;
+    for &rows in s.runs.iter().take_while(|&&r| r > 0) {
+        if !n0.is_multiple_of(8) {
+            return None;
+        }
+        out.push((n0, rows));
+        n0 += rows;
+    }
+    (n0 == c.n && !out.is_empty()).then_some(out)
 }
 
 /// The GEMV build for `m` activation rows (1, 2, 4 or 8), if any.
@@ -167,15 +198,30 @@ impl Gpu {
             // Without a bias cuBLASLt applies the scales and writes y itself, where it can.
             let scaled = LtOut::Bf16Scaled { weight_rows: s.per_row, input_rows: s.dynamic };
             let o = LtOperands { xq, w, out: c.y, w_scale: s.weight, x_scale: s.input };
-            if self.fp8_lt_scaled
-                && c.bias == 0
-                && s.input != 0
-                && s.weight != 0
-                && lt.gemm(stream, shape, scaled, o, ws, ws_bytes)?
-            {
-                return Ok(());
+            if self.fp8_lt_scaled && c.bias == 0 && s.input != 0 && s.weight != 0 {
+                if lt.gemm(stream, shape, c.n, scaled, o, ws, ws_bytes)? {
+                    return Ok(());
+                }
+                if let Some(runs) = scalar_runs(c, &s) {
+                    // One GEMM a run of rows, its scale the run's first value, writing its
+                    // columns of y (leading dimension n).
+                    let one = LtOut::Bf16Scaled { weight_rows: false, input_rows: false };
+                    let mut done = true;
+                    for (n0, rows) in runs {
+                        let part = LtOperands {
+                            w: w + (n0 * c.k) as u64,
+                            out: c.y + (n0 * 2) as u64,
+                            w_scale: s.weight + (n0 * 4) as u64,
+                            ..o
+                        };
+                        done &= lt.gemm(stream, (c.m, rows, c.k), c.n, one, part, ws, ws_bytes)?;
+                    }
+                    if done {
+                        return Ok(());
+                    }
+                }
             }
-            lt.gemm(stream, shape, LtOut::F32Sums, LtOperands { out: acc, ..o }, ws, ws_bytes)?;
+            lt.gemm(stream, shape, c.n, LtOut::F32Sums, LtOperands { out: acc, ..o }, ws, ws_bytes)?;
             return self.lowbit_epilogue(di, c, s, acc, m64, n32);
         }
         let s = if c.x_codes {
