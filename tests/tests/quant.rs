@@ -483,7 +483,7 @@ fn a_fused_fp8_linear_names_the_runs_of_its_parts_scales() {
     let (b, s) = (shape[0], shape[1]);
     let pos: Vec<i64> = (0..b).flat_map(|_| 0..s as i64).collect();
     let t = |v: Vec<i64>| autodeploy_core::Tensor::from_i64(vec![b, s], v).unwrap();
-    let err = compile(&g).forward(&[t(ids), t(pos)], None).err().expect("runs the weight scale does not hold");
+    let err = compile(&g).forward(&[t(ids), t(pos)], None).expect_err("runs the weight scale does not hold");
     let err = err.to_string();
     assert!(err.contains("are not one value"), "{err}");
     // Runs past the weight's rows: the op rule.
