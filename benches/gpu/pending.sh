@@ -31,6 +31,9 @@
 #           outputs wrong; the difference is what those launches cost inside the captured step).
 #   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache;
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
+#   offline FP8 and bf16 offline 1,000 x 128/128 alone.
+#   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
+#           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
 #           overlap: the per-kernel floor, not the step) of the FP8 8B and Qwen3-30B-A3B at
 #           batch 1 with every fusion on, and of the FP8 8B at batch 256, the models cut to 4
@@ -186,6 +189,28 @@ for name, xs in sorted(t.items(), key=lambda kv: -sum(kv[1])):
 PY
         done
         ;;
+    offline)
+        # FP8 and bf16 offline 1,000 x 128/128 alone (the fp8 part's offline runs without its
+        # batch-1 list), FP8 twice.
+        off "FP8 offline" "$H/llama-3.1-8b-fp8-offline.toml"
+        off "bf16 offline" "$H/llama-3.1-8b-offline.toml"
+        off "FP8 offline (again)" "$H/llama-3.1-8b-fp8-offline.toml"
+        ;;
+    attndetail)
+        # ncu's warp-state, occupancy and memory sections for one launch of the tensor-core
+        # split-KV decode at batch 32 x 2,000, bf16 cache and FP8 cache (what bounds each).
+        rm -rf "$OUT/cut-8b" && cp -r "$H/../configs/Llama-3.1-8B-Instruct" "$OUT/cut-8b"
+        python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-8b"
+        for base in llama-3.1-8b-long.toml llama-3.1-8b-long-fp8kv.toml; do
+            c=$(variant "detail-$base" "$base")
+            sed -i "s|^model = .*|model = \"$OUT/cut-8b\"|" "$c"
+            echo "  -- $base"
+            timeout 200 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
+                -k 'regex:paged_decode_tc' --launch-skip 4 --launch-count 1 \
+                "$B" bench --config "$c" --mode throughput --batch 32 --isl 2000 --osl 4 2>&1 |
+                grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Warp Cycles|Memory Throughput|DRAM Throughput|Compute \(SM\)|Shared Memory Config|Dynamic Shared|Static Shared|Issued Warp|No Eligible|Active Warps|Eligible Warps" | head -40
+        done
+        ;;
     attnprof)
         # The decode attention alone at batch 32 x 2,000 positions, bf16 cache against FP8 cache
         # (session 35, H200: the FP8 cache 1.8% slower a step, where its KV bytes are half):
@@ -215,6 +240,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile attnprof)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline attnprof attndetail)" ;;
     esac
 done

@@ -15,7 +15,10 @@
 //!   (`gelu_tanh`, `gelu`; the `fuse_quant_gated_epilogue` transform) the weight is a gated MLP's
 //!   fused gate/up (`[2·I, in]`, gate rows first) and the op outputs `torch_gated_act` of its
 //!   rounded y, `[.., I]`: on CUDA the decode GEMV computes each gate row with its up row and
-//!   writes the product (no `[.., 2·I]` tensor, no second launch).
+//!   writes the product (no `[.., 2·I]` tensor, no second launch). With `scale_runs=[r0, r1,
+//!   ..]` (`fuse_gemms` over parts with one weight scale each) the per-row weight scale is one
+//!   value over each run of rows: the CPU kernel checks it, CUDA's cuBLASLt path scales each
+//!   run's GEMM with that value.
 //! - `torch_quant_nvfp4_linear(x, w, weight_scale, weight_scale_2[, bias])`: `w` E2M1 `[out,
 //!   in]` (two a byte), `weight_scale` E4M3 `[out, in / 16]` (one a block of 16 along a row),
 //!   `weight_scale_2` one f32. Weight-only: the input as it is (Hopper has no FP4 tensor cores;

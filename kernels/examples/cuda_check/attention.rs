@@ -206,14 +206,18 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
         if !tc {
             m.tile_slots = 0; // no tiles planned: the CUDA-core kernel
         }
-        gpu.paged_attention(dt, dq, kc, vc, out, &m, heads, kv_heads, d, scale, ScoreMods::default()).unwrap();
-        rep.check_scaled(
-            &name(if tc { "paged tensor-core" } else { "paged" }),
-            bf,
-            &read(out, out_bytes),
-            &want_s,
-            1e-5,
-        );
+        // Written token-major (the o projection's input), transposed back here; the FP8-cache
+        // runs below write heads-major.
+        let rows = HeadRows::tokens_major(heads, d);
+        gpu.paged_attention(dt, dq, kc, vc, (out, rows), &m, heads, kv_heads, d, scale, ScoreMods::default()).unwrap();
+        let tm = read(out, out_bytes);
+        let mut got = tm.clone();
+        for t in 0..tokens {
+            for h in 0..heads {
+                got[(h * tokens + t) * d..][..d].copy_from_slice(&tm[(t * heads + h) * d..][..d]);
+            }
+        }
+        rep.check_scaled(&name(if tc { "paged tensor-core" } else { "paged" }), bf, &got, &want_s, 1e-5);
         rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
         rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_s);
     }
@@ -391,7 +395,8 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             if !tc {
                 m.tile_slots = 0;
             }
-            gpu.paged_attention(dt, dq, kc, vc, out, &m, heads, kv_heads, d, scale, mods).unwrap();
+            let rows = HeadRows::heads_major(tokens, d);
+            gpu.paged_attention(dt, dq, kc, vc, (out, rows), &m, heads, kv_heads, d, scale, mods).unwrap();
             let what = if tc { "paged tensor-core, FP8 cache" } else { "paged, FP8 cache" };
             rep.check_scaled(&name(what), bf, &read(out, out_bytes), &want8, 1e-5);
             rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);

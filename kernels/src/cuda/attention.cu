@@ -26,8 +26,8 @@ __device__ void write_kv(const T* k, const T* v, C* k_cache, C* v_cache, const l
 template <typename T, typename C, int D, bool G>
 __device__ void paged_attention(const T* q, const C* k_cache, const C* v_cache, const long long* token_seq,
                                 const long long* token_pos, const long long* page_indptr, const int* page_indices,
-                                int page_size, int heads, int kv_heads, long tokens, float scale, T* out, int window,
-                                float softcap, int dd, float ks, float vs) {
+                                int page_size, int heads, int kv_heads, long tokens, float scale, T* out,
+                                long long ohs, long long ots, int window, float softcap, int dd, float ks, float vs) {
     const int d = G ? dd : D;  // the row length: D itself, or (a general build) up to D
     constexpr int PER = (D + 31) / 32;  // elements per lane; lanes past d idle
     constexpr int WARPS = 4;
@@ -79,7 +79,7 @@ __device__ void paged_attention(const T* q, const C* k_cache, const C* v_cache, 
             int e = lane * PER + i;
             float o = 0.0f;
             for (int w2 = 0; w2 < WARPS; w2++) o += sacc[w2][e] * __expf(sm[w2] - M);
-            store_f(out, ((long)h * tokens + t) * d + e, o / L * vs);
+            store_f(out, (long)h * ohs + (long)t * ots + e, o / L * vs);
         }
     }
 }
@@ -89,10 +89,10 @@ __device__ void paged_attention(const T* q, const C* k_cache, const C* v_cache, 
     extern "C" __global__ void paged_attention_##P##D##_##S(                                                         \
         const T* q, const C* k_cache, const C* v_cache, const long long* token_seq, const long long* token_pos,     \
         const long long* page_indptr, const int* page_indices, int page_size, int heads, int kv_heads, long tokens, \
-        float scale, T* out, int window, float softcap, int d KV_##K##_PARAMS) {                                    \
+        float scale, T* out, long long ohs, long long ots, int window, float softcap, int d KV_##K##_PARAMS) {      \
         pdl_enter();                                                                                                  \
         paged_attention<T, C, D, G>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, page_size, \
-                                    heads, kv_heads, tokens, scale, out, window, softcap, d, KV_##K##_ARGS);         \
+                                    heads, kv_heads, tokens, scale, out, ohs, ots, window, softcap, d, KV_##K##_ARGS); \
     }
 
 #define ATTN_INSTANTIATE(T, C, S, K)                                                                                  \
@@ -134,7 +134,8 @@ template <int D, typename C>
 __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_cache,
                                  const long long* token_seq, const long long* token_pos, const long long* page_indptr,
                                  const int* page_indices, const long long* tiles, int page_size, int heads,
-                                 int kv_heads, long tokens, float scale, bf16_t* out, float k_scale, float v_scale) {
+                                 int kv_heads, long tokens, float scale, bf16_t* out, long long ohs, long long ots,
+                                 float k_scale, float v_scale) {
     constexpr int KS = D / 16;  // k-steps of S over the head dim
     constexpr int NT = D / 8;   // 8-wide column tiles of O
     constexpr int RS = D + 8;   // shared row stride in bf16 (16-byte multiple, fewer bank conflicts)
@@ -262,7 +263,7 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
         L += __shfl_xor_sync(0xffffffffu, L, 2);
         int row = g + 8 * half;
         if (row >= cnt) continue;
-        bf16_t* orow = out + ((long)h * tokens + t0 + row) * D;
+        bf16_t* orow = out + (long)h * ohs + (long)(t0 + row) * ots;
         float inv = v_scale / L;
 #pragma unroll
         for (int n = 0; n < NT; n++)
@@ -274,10 +275,10 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
     extern "C" __global__ void paged_prefill_tc_d##D##_##S(                                                           \
         const bf16_t* q, const C* k_cache, const C* v_cache, const long long* token_seq, const long long* token_pos, \
         const long long* page_indptr, const int* page_indices, const long long* tiles, int page_size, int heads,    \
-        int kv_heads, long tokens, float scale, bf16_t* out KV_##K##_PARAMS) {                                      \
+        int kv_heads, long tokens, float scale, bf16_t* out, long long ohs, long long ots KV_##K##_PARAMS) {        \
         pdl_enter();                                                                                                  \
         paged_prefill_tc<D, C>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles,          \
-                               page_size, heads, kv_heads, tokens, scale, out, KV_##K##_ARGS);                        \
+                               page_size, heads, kv_heads, tokens, scale, out, ohs, ots, KV_##K##_ARGS);              \
     }
 #ifndef KV_FP8_BUILDS
 PREFILL_TC(32, bf16_t, bf16, plain)

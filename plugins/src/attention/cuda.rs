@@ -105,18 +105,15 @@ impl DeviceAttention for FlashInfer {
         let meta = c.step;
         let (heads, kvh, d, sc) = (c.heads, c.kv_heads, c.head_dim, c.scale);
         let cache = (c.k_cache, c.v_cache);
-        // The split-KV kernels write [tokens, heads, d] when the call allows (the o
-        // projection's input then needs no copy).
+        // Every kernel here writes [tokens, heads, d] when the call allows (the o projection's
+        // input then needs no copy).
         // Sliding windows and soft-caps: the throughput split-KV build and the ragged CUDA-core
         // kernel apply them (not the latency build or the tensor-core prefill).
         let scored = c.mods.shapes_scores();
         let kv_fp8 = c.mods.kv_fp8;
         let split_path = self.split.is_some() && meta.tokens <= self.split_tokens;
-        let out_rows = if c.tokens_major_ok && split_path {
-            HeadRows::tokens_major(heads, d)
-        } else {
-            HeadRows::heads_major(meta.tokens, d)
-        };
+        let out_rows =
+            if c.tokens_major_ok { HeadRows::tokens_major(heads, d) } else { HeadRows::heads_major(meta.tokens, d) };
         if let (Some(split), true, false) = (self.split_early, self.early(meta.tokens), scored) {
             // A few decode tokens: one kernel rotates, writes the cache and attends.
             gpu.paged_decode_split_fused(
@@ -165,10 +162,9 @@ impl DeviceAttention for FlashInfer {
             Some(split) if split_path => gpu
                 .paged_decode_split(odt, q, cache, (c.out, out_rows), meta, heads, kvh, d, sc, split, c.mods)
                 .map_err(fail)?,
-            _ => {
-                gpu.paged_attention(odt, q, cache.0, cache.1, c.out, meta, heads, kvh, d, sc, c.mods).map_err(fail)?;
-                return Ok(HeadRows::heads_major(meta.tokens, d));
-            }
+            _ => gpu
+                .paged_attention(odt, q, cache.0, cache.1, (c.out, out_rows), meta, heads, kvh, d, sc, c.mods)
+                .map_err(fail)?,
         }
         Ok(out_rows)
     }

@@ -152,7 +152,9 @@ impl Gpu {
         launched("write_kv", unsafe { l.launch(grid(kv_heads * meta.tokens * d, 256)) }.map(|_| ()))
     }
 
-    /// Paged attention of q `[heads, tokens, d]` over the cache, into out (same layout): on
+    /// Paged attention of q `[heads, tokens, d]` over the cache, into out (its rows where
+    /// `HeadRows` says: `heads_major` is q's layout; `tokens_major` the o projection's input,
+    /// no transpose after): on
     /// tensor cores (one warp per tile of 16 query tokens and head) where `prefill_tc` allows
     /// and the step has tiles, else one block per query token and head. `mods`: a sliding
     /// window and a soft-cap (those run on the CUDA-core kernel).
@@ -163,7 +165,7 @@ impl Gpu {
         q: Ptr,
         kc: Ptr,
         vc: Ptr,
-        out: Ptr,
+        (out, rows): (Ptr, HeadRows),
         meta: &StepMeta,
         heads: usize,
         kv_heads: usize,
@@ -172,12 +174,14 @@ impl Gpu {
         mods: ScoreMods,
     ) -> Result<(), Unavailable> {
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
+        let (ohs, ots) = (rows.head, rows.token);
         let tc = PREFILL_TC_DIMS.iter().position(|&x| x == d);
         let plain = !mods.shapes_scores();
         if let (true, Dt::BF16, Some(i), true, true) = (self.prefill_tc, dt, tc, meta.tile_slots > 0, plain) {
             let mut l = self.launcher(self.f.paged_prefill_tc[usize::from(mods.kv_fp8.is_some())][i]);
             l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
             l.arg(&meta.page_indices).arg(&meta.tiles).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+            l.arg(&ohs).arg(&ots);
             let scales = mods.kv_fp8.unwrap_or((1.0, 1.0));
             if mods.kv_fp8.is_some() {
                 l.arg(&scales.0).arg(&scales.1);
@@ -195,7 +199,7 @@ impl Gpu {
         let f = &self.f.paged_attention[build(dt, mods.kv_fp8)?][di];
         let mut l = self.launcher(*f);
         l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
-        l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
+        l.arg(&meta.page_indices).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out).arg(&ohs).arg(&ots);
         let (window, softcap) = mods.kernel_args()?;
         let d32 = d as i32;
         l.arg(&window).arg(&softcap).arg(&d32);
