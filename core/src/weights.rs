@@ -388,8 +388,10 @@ impl WeightStore {
                 "weight `{name}`: dim {dim} of `{of}` {s:?} does not split into {world} ranks' parts (of {blocks} block(s))"
             )));
         }
-        if dtype.is_block() || dtype.is_low_bit() {
-            return Err(Error::Msg(format!("weight `{of}` is stored as {dtype}: sharding takes float weights")));
+        if dtype.is_block() || dtype == DType::F4E2M1 {
+            return Err(Error::Msg(format!(
+                "weight `{of}` is stored as {dtype}: sharding takes float weights and FP8 (E4M3) codes"
+            )));
         }
         let mut shape = s;
         shape[dim] /= world;
@@ -440,7 +442,13 @@ impl WeightStore {
             }
             _ => {}
         }
-        WeightStore::shard_of(&self.load(of, dtype)?, d, b, r, w)
+        let t = self.load(of, dtype)?;
+        if let Some(codes) = t.as_low_bit() {
+            // E4M3 codes, one byte each: their bytes sliced as a file's are.
+            let bytes = shard_bytes(codes, t.shape(), 1, (d, b, r, w));
+            return Tensor::from_le_bytes(t.dtype(), shape.to_vec(), &bytes);
+        }
+        WeightStore::shard_of(&t, d, b, r, w)
     }
 
     /// The rows every one of `parts` has, if they all have the same.
@@ -497,19 +505,7 @@ impl WeightStore {
         let (stored, full) = self.stored_meta(of)?;
         let f = &self.files[i];
         let b = f.bytes(f.info(of).expect("checked by stored_meta"));
-        let elem = stored.size_in_bytes();
-        // Bytes of one index of `dim` (all dims after it), and how many times `dim` repeats.
-        let inner: usize = full[dim + 1..].iter().product::<usize>() * elem;
-        let outer: usize = full[..dim].iter().product();
-        let (block, part) = (full[dim] / blocks, full[dim] / blocks / world);
-        let mut out = Vec::with_capacity(shape.iter().product::<usize>() * elem);
-        for o in 0..outer {
-            let row = &b[o * full[dim] * inner..(o + 1) * full[dim] * inner];
-            for k in 0..blocks {
-                let start = (k * block + rank * part) * inner;
-                out.extend_from_slice(&row[start..start + part * inner]);
-            }
-        }
+        let out = shard_bytes(b, &full, stored.size_in_bytes(), (dim, blocks, rank, world));
         Tensor::from_le_bytes(stored, shape.to_vec(), &out)
     }
 
@@ -812,4 +808,28 @@ mod tests {
         let e = s.add_concat("ax", &["a".into(), "x".into()], DType::F32).unwrap_err().to_string();
         assert!(e.contains('x'), "{e}");
     }
+}
+
+/// Rank `rank`'s part along `dim` (of `blocks` blocks, `world` ranks) of a tensor `full` whose
+/// elements are `elem` bytes each, stored row-major in `b`: in each block, the rank's share of
+/// the indices of `dim`, every dim after it whole.
+fn shard_bytes(
+    b: &[u8],
+    full: &[usize],
+    elem: usize,
+    (dim, blocks, rank, world): (usize, usize, usize, usize),
+) -> Vec<u8> {
+    // Bytes of one index of `dim` (all dims after it), and how many times `dim` repeats.
+    let inner: usize = full[dim + 1..].iter().product::<usize>() * elem;
+    let outer: usize = full[..dim].iter().product();
+    let (block, part) = (full[dim] / blocks, full[dim] / blocks / world);
+    let mut out = Vec::with_capacity(outer * blocks * part * inner);
+    for o in 0..outer {
+        let row = &b[o * full[dim] * inner..(o + 1) * full[dim] * inner];
+        for k in 0..blocks {
+            let start = (k * block + rank * part) * inner;
+            out.extend_from_slice(&row[start..start + part * inner]);
+        }
+    }
+    out
 }

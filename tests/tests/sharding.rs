@@ -181,3 +181,99 @@ fn the_manual_override_keeps_what_it_names_whole() {
         assert!(e.contains(what), "{bad}: {e}");
     }
 }
+
+/// Quantized checkpoints over 2 ranks: FP8 linears split as float ones (their E4M3 weights by
+/// rows with a per-row scale and bias, or by columns with the scales whole), the FP8 MLPs the
+/// matchers leave as linears found through their activation and product; logits within the
+/// f32 tolerance of one rank's and the same generations. What a split would change stays whole
+/// and the summary says why: `quantize = "fp8"`'s per-token scales of o_proj and down (a rank
+/// sees only its columns), NVFP4's packed weights.
+#[test]
+fn quantized_checkpoints_split_over_ranks_or_say_why_not() {
+    let cases = [
+        ("llama-fp8", "", "2 attention (2 query heads each), 2 MLPs", None),
+        ("qwen3-fp8", "", "2 attention (", None),
+        ("llama-fp8-kv", "", "2 attention (2 query heads each), 2 MLPs", None),
+        ("llama", "quantize = \"fp8\"\n", "0 attention", Some("quantizes each token at its own scale")),
+        ("mistral-nvfp4", "", "0 attention", Some("not a float or FP8 linear")),
+    ];
+    for (name, extra, splits, why) in cases {
+        let one = logits(config(name, extra, 1, 0));
+        let one_tokens = tokens(config(name, extra, 1, 0));
+        let (whole, _) = layer_bytes_and_summary(&config(name, extra, 1, 0));
+        let (part, summary) = layer_bytes_and_summary(&config(name, extra, 2, 1));
+        println!("{name}: rank 1 holds {part} of {whole} layer weight bytes; {summary}");
+        assert!(summary.contains(splits), "{name}: {summary}");
+        match why {
+            None => {
+                assert!(!summary.contains("replicated"), "{name}: {summary}");
+                assert!(part * 10 < whole * 6, "{name}: rank 1 holds {part} of {whole} bytes");
+                let dump = pipeline::graph_after(&config(name, extra, 2, 1), Stage::Sharding).unwrap().dump();
+                assert!(dump.contains("down_proj.weight.tp1of2: f8e4m3["), "{name}\n{dump}");
+            }
+            Some(why) => assert!(summary.contains(why), "{name}: {summary}"),
+        }
+        for (rank, l) in on_ranks(name, extra, 2, logits).into_iter().enumerate() {
+            let d = common::max_abs_diff(&one, &l, name);
+            assert!(d <= common::F32_MAX_ABS, "{name} rank {rank}: logits differ by {d}");
+        }
+        assert_eq!(on_ranks(name, extra, 2, tokens).swap_remove(0), one_tokens, "{name}: generations");
+    }
+}
+
+/// An FP8 checkpoint with a scale a weight row (static input scales): split by rows, each
+/// rank's weight rows take their own scales (`llama-fp8` rewritten with each linear's one scale
+/// spread into varied per-row values); logits within the f32 tolerance of one rank's.
+#[test]
+fn per_row_fp8_scales_split_with_their_rows() {
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    let src = common::fixture("llama-fp8");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "generation_config.json", "hf_quant_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut spread = 0;
+    for (name, t) in st.tensors() {
+        let rows =
+            name.strip_suffix("weight_scale").and_then(|w| st.tensor(&format!("{w}weight")).ok()).map(|w| w.shape()[0]);
+        match rows {
+            Some(r) if t.dtype() == Dtype::F32 => {
+                let s = f32::from_le_bytes(t.data()[..4].try_into().unwrap());
+                let v: Vec<u8> = (0..r).flat_map(|i| (s * (0.8 + 0.1 * (i % 5) as f32)).to_le_bytes()).collect();
+                owned.push((name.clone(), Dtype::F32, vec![r], v));
+                spread += 1;
+            }
+            _ => owned.push((name.clone(), t.dtype(), t.shape().to_vec(), t.data().to_vec())),
+        }
+    }
+    assert_eq!(spread, 14, "every linear's weight scale");
+    let views: Vec<(String, TensorView)> =
+        owned.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let cfg = |world: usize, rank: usize| {
+        let text = format!(
+            "model = {:?}\ndtype = \"float32\"\nmax_seq_len = 128\nworld_size = {world}\n",
+            dir.path().display().to_string()
+        );
+        let mut c = PipelineConfig::from_toml_str(&text, None).unwrap();
+        c.rank = rank;
+        c.validate(std::path::Path::new("test.toml")).unwrap();
+        c
+    };
+    let one = logits(cfg(1, 0));
+    let g = pipeline::graph_after(&cfg(2, 1), Stage::Sharding).unwrap();
+    let dump = g.dump();
+    assert!(dump.contains("q_proj.weight_scale.tp1of2: f32[32]"), "{dump}");
+    assert!(dump.contains("gate_proj.weight_scale.tp1of2: f32[48]"), "{dump}");
+    // Split by columns, o_proj and down keep their scales whole.
+    assert!(dump.contains("%model.layers.0.mlp.down_proj.weight_scale)"), "{dump}");
+    for (rank, l) in common::on_ranks(vec![cfg(2, 0), cfg(2, 1)], logits).into_iter().enumerate() {
+        let d = common::max_abs_diff(&one, &l, "per-row FP8");
+        assert!(d <= common::F32_MAX_ABS, "rank {rank}: logits differ by {d}");
+    }
+    let (_, want) = (0, tokens(cfg(1, 0)));
+    assert_eq!(common::on_ranks(vec![cfg(2, 0), cfg(2, 1)], tokens).swap_remove(0), want);
+}

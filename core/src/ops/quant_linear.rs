@@ -144,6 +144,15 @@ impl Op {
         let none = self.attrs_of(NVFP4_LINEAR).and_then(|a| nvfp4_gated(a).ok())?.is_none();
         none.then(|| Op { name: NVFP4_LINEAR, attrs: format!("act={}", gate_act_name(act)) })
     }
+    /// For a plain FP8 linear (float input, no epilogue, no `scale_runs`: what the `quantize`
+    /// stage makes), where its weight scale and its bias (if it has one) are among its inputs:
+    /// `(weight_scale, bias)`. None for any other op.
+    pub fn fp8_linear_inputs(&self) -> Option<(usize, usize)> {
+        let a = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok())?;
+        let plain = a.codes_out.is_none() && a.gated.is_none() && a.runs[0] == 0;
+        let (_, s_w_at, bias_at) = fp8_inputs(a.dynamic);
+        plain.then_some((s_w_at, bias_at))
+    }
     /// `Some(dynamic)` for an FP8 linear over float inputs (not one over codes).
     pub fn fp8_linear_of(&self) -> Option<bool> {
         self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok()).filter(|a| a.codes_out.is_none()).map(|a| a.dynamic)

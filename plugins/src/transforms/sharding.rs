@@ -12,11 +12,23 @@
 //! - The LM head (a linear whose output reaches a graph output through elementwise ops, the
 //!   logits' soft-cap): by vocabulary rows, an `all_gather` of the logits' last dim after it.
 //!
+//! - MLPs the matchers left as linears (the `quantize` stage's FP8 linears with their
+//!   activation and product as separate ops): the linears whose outputs meet only through
+//!   element-wise ops (`act(gate) * up`, `act(fc)`) before one linear reads them: those by
+//!   rows, that one by columns, an `all_reduce` after.
+//!
+//! FP8 linears (`torch_quant_fp8_linear`, E4M3 weights) split as float ones: by rows with their
+//! per-row weight scale (if they have one) and bias, by columns with their scales whole (the
+//! input's scale and a one-value weight scale apply to every column; a per-row weight scale to
+//! the output rows each rank still computes whole). Not split: a linear quantizing each token at
+//! its own scale (`quantize = "fp8"`) by columns (a rank would see only its columns' maximum),
+//! nor NVFP4 linears.
+//!
 //! With fewer KV heads than ranks (`world_size` a multiple of them), each KV head stays whole on
 //! the ranks whose query heads read it (its k/v rows a `.part<i>of<kv_heads>` slice). What does
 //! not split evenly (query heads, the MLP width or the vocabulary not a multiple of
-//! `world_size`) and quantized linears stay replicated: every rank computes them whole, which
-//! is correct, only not sharded; the summary line says what was left.
+//! `world_size`) and what is not split above stays replicated: every rank computes it whole,
+//! which is correct, only not sharded; the summary line says what was left.
 //!
 //! Mixture-of-experts layers (`torch_moe`): the experts spread over `ep_size` groups of ranks
 //! (each group's ranks hold a contiguous share of the experts; the op's `expert_offset` says
@@ -36,7 +48,7 @@ use std::sync::Arc;
 use autodeploy_core::error::{Error, Result};
 use autodeploy_core::ir::{Graph, TensorMeta};
 use autodeploy_core::ops::attention::ATTENTION;
-use autodeploy_core::ops::binary::ADD;
+use autodeploy_core::ops::binary::{ADD, MUL};
 use autodeploy_core::ops::collective::Gather;
 use autodeploy_core::ops::gather::{VocabSlice, EMBEDDING};
 use autodeploy_core::ops::layout::{CAT, RESHAPE, SLICE, TO_DTYPE, TRANSPOSE, VIEW};
@@ -46,7 +58,7 @@ use autodeploy_core::ops::norm::RMSNORM;
 use autodeploy_core::ops::rope::ROPE;
 use autodeploy_core::registry::TransformPlugin;
 use autodeploy_core::transform::{Transform, TransformContext};
-use autodeploy_core::{Op, ValueId};
+use autodeploy_core::{DType, Op, ValueId};
 use autodeploy_sdk::Stage;
 
 autodeploy_core::inventory::submit! {
@@ -79,6 +91,10 @@ struct Slice {
 /// attention's output): ops that keep each head's values apart.
 const PER_HEAD: &[&str] = &[VIEW, RESHAPE, TRANSPOSE, TO_DTYPE, ROPE, RMSNORM, SLICE, CAT];
 
+/// Element-wise ops an unfused MLP's activation and product are made of (value by value, so a
+/// split of their columns computes each rank's own).
+const ELEMENTWISE: &[&str] = &["aten.silu", "aten.gelu", "aten.relu", "aten.sigmoid", "aten.tanh", TO_DTYPE, MUL];
+
 #[derive(Default)]
 struct Plan {
     slices: Vec<Slice>,
@@ -102,10 +118,44 @@ struct Plan {
     replicate: Vec<String>,
     heads: usize,
     left: Vec<String>,
+    /// Linears already split (attention projections, MLPs, the LM head).
+    planned: Vec<usize>,
 }
 
 fn is_float_param(g: &Graph, v: ValueId) -> bool {
     g.params.iter().any(|p| p.value == v) && g.meta(v).dtype.is_float()
+}
+
+/// A linear's weight: a float one, or FP8 codes (a weight `detect_sharding` can slice).
+fn is_linear_weight(g: &Graph, v: ValueId) -> bool {
+    is_float_param(g, v) || (g.params.iter().any(|p| p.value == v) && g.meta(v).dtype == DType::F8E4M3)
+}
+
+/// Where a linear-like node keeps what a split by rows slices with its weight (input 1): a
+/// scale a weight row, and its bias (the last input). `aten.linear` and plain FP8 linears.
+#[derive(Clone, Copy)]
+struct LinearIo {
+    row_scale: Option<usize>,
+    bias: Option<usize>,
+}
+
+/// An FP8 linear quantizing each token at its own scale (`dynamic=true`): its input's columns
+/// cannot be split, each rank would take the maximum of its own columns only.
+fn per_token_scales(g: &Graph, n: usize) -> bool {
+    g.nodes[n].op.fp8_linear_of() == Some(true)
+}
+
+fn linear_io(g: &Graph, n: usize) -> Option<LinearIo> {
+    let node = &g.nodes[n];
+    let has = |i: usize| (node.inputs.len() > i).then_some(i);
+    if node.op.name == LINEAR {
+        return Some(LinearIo { row_scale: None, bias: has(2) });
+    }
+    let (s_w, bias) = node.op.fp8_linear_inputs()?;
+    let rows = static_dim(g, node.inputs[1], 0);
+    let scale = g.meta(*node.inputs.get(s_w)?);
+    let per_row = scale.shape.len() == 1 && rows.is_some_and(|r| r > 1) && scale.shape[0].as_static() == rows;
+    Some(LinearIo { row_scale: per_row.then_some(s_w), bias: has(bias) })
 }
 
 fn static_dim(g: &Graph, v: ValueId, d: usize) -> Option<usize> {
@@ -130,7 +180,7 @@ impl Plan {
         for _ in 0..16 {
             let n = producers[v.0 as usize]?;
             let node = &g.nodes[n];
-            if node.op.name == LINEAR {
+            if linear_io(g, n).is_some() {
                 return Some(n);
             }
             // A norm keeps heads apart only over each head's values (q/k norms after the view
@@ -150,7 +200,7 @@ impl Plan {
         for _ in 0..16 {
             let [n] = readers[v.0 as usize][..] else { return None };
             let node = &g.nodes[n];
-            if node.op.name == LINEAR && node.inputs[0] == v {
+            if linear_io(g, n).is_some() && node.inputs[0] == v {
                 return Some(n);
             }
             if ![VIEW, RESHAPE, TRANSPOSE, TO_DTYPE].contains(&node.op.name) {
@@ -164,20 +214,22 @@ impl Plan {
     /// A linear's weight (and bias) split by rows: a column-parallel linear (`part`: see
     /// `Slice`).
     fn column(&mut self, g: &Graph, n: usize, blocks: usize, part: Option<(usize, usize)>) {
-        self.slices.push(Slice { node: n, input: 1, dim: 0, blocks, part });
-        if g.nodes[n].inputs.len() > 2 {
-            self.slices.push(Slice { node: n, input: 2, dim: 0, blocks, part });
+        let io = linear_io(g, n).expect("the callers found a linear");
+        for input in std::iter::once(1).chain(io.row_scale).chain(io.bias) {
+            self.slices.push(Slice { node: n, input, dim: 0, blocks, part });
         }
+        self.planned.push(n);
     }
 
     /// A linear's weight split by columns, its output all-reduced and its bias added after.
     fn row(&mut self, g: &Graph, n: usize) {
         self.slices.push(Slice { node: n, input: 1, dim: 1, blocks: 1, part: None });
-        let bias = g.nodes[n].inputs.get(2).copied();
+        let bias = linear_io(g, n).and_then(|io| io.bias).map(|i| g.nodes[n].inputs[i]);
         if bias.is_some() {
             self.drop_bias.push(n);
         }
         self.reduces.push((g.nodes[n].outputs[0], bias));
+        self.planned.push(n);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -212,11 +264,15 @@ impl Plan {
         let lins = [q, k, v].map(|x| Plan::linear_before(g, producers, x));
         let out = Plan::linear_after(g, readers, node.outputs[0]);
         let (Some(lq), Some(lk), Some(lv), Some(lo)) = (lins[0], lins[1], lins[2], out) else {
-            self.left.push(format!("{name}: q/k/v or the output projection is not a linear"));
+            self.left.push(format!("{name}: q/k/v or the output projection is not a float or FP8 linear"));
             return;
         };
+        if per_token_scales(g, lo) {
+            self.left.push(format!("{name}: its output projection quantizes each token at its own scale"));
+            return;
+        }
         let weights = [lq, lk, lv, lo].map(|l| g.nodes[l].inputs[1]);
-        if !weights.iter().all(|&w| is_float_param(g, w)) || lq == lk || lk == lv {
+        if !weights.iter().all(|&w| is_linear_weight(g, w)) || lq == lk || lk == lv {
             self.left.push(format!("{name}: its projections are not separate float weights"));
             return;
         }
@@ -266,6 +322,72 @@ impl Plan {
         }
         self.reduces.push((node.outputs[0], None));
         self.mlps += 1;
+    }
+
+    /// An MLP the matchers left as linears: `n` a linear whose input comes only through
+    /// element-wise ops (`act(gate) * up`, `act(fc)`) from linears that read one input. Those
+    /// split by rows, `n` by columns, an all_reduce after.
+    fn unfused_mlp(&mut self, g: &Graph, producers: &[Option<usize>], readers: &[Vec<usize>], n: usize, world: usize) {
+        let node = &g.nodes[n];
+        if self.planned.contains(&n) || readers[node.inputs[0].0 as usize].len() != 1 {
+            return;
+        }
+        let Some(ups) = Plan::linears_into(g, producers, readers, node.inputs[0], 0) else { return };
+        let x = g.nodes[ups[0]].inputs[0];
+        let mut seen = ups.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != ups.len() || ups.iter().any(|&u| g.nodes[u].inputs[0] != x || self.planned.contains(&u)) {
+            return;
+        }
+        let name = g.value(node.outputs[0]).name.clone();
+        if per_token_scales(g, n) {
+            self.left.push(format!("{name}: it quantizes each token at its own scale"));
+            return;
+        }
+        let weights: Vec<ValueId> = ups.iter().chain([&n]).map(|&l| g.nodes[l].inputs[1]).collect();
+        let even = ups.iter().all(|&u| static_dim(g, g.nodes[u].inputs[1], 0).is_some_and(|r| r % world == 0))
+            && static_dim(g, node.inputs[1], 1).is_some_and(|c| c % world == 0);
+        if !weights.iter().all(|&w| is_linear_weight(g, w)) || !even {
+            self.left.push(format!("{name}: its linears' width does not split over {world} ranks"));
+            return;
+        }
+        if self.pinned(g, &name, &weights) {
+            return;
+        }
+        for &u in &ups {
+            self.column(g, u, 1, None);
+        }
+        self.row(g, n);
+        self.mlps += 1;
+    }
+
+    /// The linears whose outputs reach `v` through element-wise ops alone, each value on the
+    /// way read only by the next op and of its shape; None where anything else does.
+    fn linears_into(
+        g: &Graph,
+        producers: &[Option<usize>],
+        readers: &[Vec<usize>],
+        v: ValueId,
+        depth: usize,
+    ) -> Option<Vec<usize>> {
+        let n = producers[v.0 as usize]?;
+        if linear_io(g, n).is_some() {
+            return Some(vec![n]);
+        }
+        let node = &g.nodes[n];
+        if depth > 8 || !ELEMENTWISE.contains(&node.op.name) {
+            return None;
+        }
+        let shape = &g.meta(node.outputs[0]).shape;
+        let mut found = Vec::new();
+        for &i in &node.inputs {
+            if readers[i.0 as usize].len() != 1 || &g.meta(i).shape != shape {
+                return None;
+            }
+            found.extend(Plan::linears_into(g, producers, readers, i, depth + 1)?);
+        }
+        Some(found)
     }
 
     /// A mixture-of-experts layer: the experts spread over `ep` groups of ranks (the group's
@@ -326,13 +448,13 @@ impl Plan {
         for _ in 0..8 {
             let Some(n) = producers[v.0 as usize] else { return };
             let node = &g.nodes[n];
-            if node.op.name == LINEAR {
+            if linear_io(g, n).is_some() {
                 let (w, name) = (node.inputs[1], g.value(node.outputs[0]).name.clone());
                 if self.pinned(g, &name, &[w]) {
                     return;
                 }
                 match static_dim(g, w, 0) {
-                    Some(vocab) if vocab % world == 0 && is_float_param(g, w) => {
+                    Some(vocab) if vocab % world == 0 && is_linear_weight(g, w) => {
                         self.column(g, n, 1, None);
                         self.gathers.push(node.outputs[0]);
                     }
@@ -372,6 +494,14 @@ impl Transform for DetectSharding {
                 MOE if moe => plan.moe(g, n, rank, world, cx.config.ep_size),
                 EMBEDDING if embedding => plan.embedding(g, n, rank, world),
                 _ => {}
+            }
+        }
+        if mlp {
+            // After the loop above: the attention projections are planned and left alone.
+            for n in 0..g.nodes.len() {
+                if linear_io(g, n).is_some() {
+                    plan.unfused_mlp(g, &producers, &readers, n, world);
+                }
             }
         }
         if over.lm_head {
