@@ -696,6 +696,30 @@ impl WeightStore {
     }
 }
 
+/// Rank `rank`'s part along `dim` (of `blocks` blocks, `world` ranks) of a tensor `full` whose
+/// elements are `elem` bytes each, stored row-major in `b`: in each block, the rank's share of
+/// the indices of `dim`, every dim after it whole.
+fn shard_bytes(
+    b: &[u8],
+    full: &[usize],
+    elem: usize,
+    (dim, blocks, rank, world): (usize, usize, usize, usize),
+) -> Vec<u8> {
+    // Bytes of one index of `dim` (all dims after it), and how many times `dim` repeats.
+    let inner: usize = full[dim + 1..].iter().product::<usize>() * elem;
+    let outer: usize = full[..dim].iter().product();
+    let (block, part) = (full[dim] / blocks, full[dim] / blocks / world);
+    let mut out = Vec::with_capacity(outer * blocks * part * inner);
+    for o in 0..outer {
+        let row = &b[o * full[dim] * inner..(o + 1) * full[dim] * inner];
+        for k in 0..blocks {
+            let start = (k * block + rank * part) * inner;
+            out.extend_from_slice(&row[start..start + part * inner]);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -808,28 +832,4 @@ mod tests {
         let e = s.add_concat("ax", &["a".into(), "x".into()], DType::F32).unwrap_err().to_string();
         assert!(e.contains('x'), "{e}");
     }
-}
-
-/// Rank `rank`'s part along `dim` (of `blocks` blocks, `world` ranks) of a tensor `full` whose
-/// elements are `elem` bytes each, stored row-major in `b`: in each block, the rank's share of
-/// the indices of `dim`, every dim after it whole.
-fn shard_bytes(
-    b: &[u8],
-    full: &[usize],
-    elem: usize,
-    (dim, blocks, rank, world): (usize, usize, usize, usize),
-) -> Vec<u8> {
-    // Bytes of one index of `dim` (all dims after it), and how many times `dim` repeats.
-    let inner: usize = full[dim + 1..].iter().product::<usize>() * elem;
-    let outer: usize = full[..dim].iter().product();
-    let (block, part) = (full[dim] / blocks, full[dim] / blocks / world);
-    let mut out = Vec::with_capacity(outer * blocks * part * inner);
-    for o in 0..outer {
-        let row = &b[o * full[dim] * inner..(o + 1) * full[dim] * inner];
-        for k in 0..blocks {
-            let start = (k * block + rank * part) * inner;
-            out.extend_from_slice(&row[start..start + part * inner]);
-        }
-    }
-    out
 }
