@@ -9,7 +9,8 @@
 #   left out of each step (AUTODEPLOY_PROFILE_SKIP=all_reduce: outputs wrong; the difference
 #   is what the all-reduces cost a step);
 # - Llama-3.3-70B at TP=2, 4 and 8 where there are that many GPUs: batch-1 decode (its fraction
-#   is of one GPU's floor: rank 0's weight bytes) and offline 1,000 x 128/128;
+#   is of one GPU's floor: rank 0's weight bytes) and offline 1,000 x 128/128; the same for its
+#   FP8 shape (ModelOpt layout), and its batch-1 decode on one GPU where it fits (an H200);
 # - the 8B server at TP=2 (benches/gpu/serve.sh, concurrency 1, 16, 64), then one started
 #   again whose second rank is killed: seconds until /health answers 503.
 set -u
@@ -40,6 +41,13 @@ if [ "$N" -ge 2 ]; then
 fi
 for tp in 2 4 8; do
     if [ "$N" -ge "$tp" ]; then lat llama-3.3-70b-tp "$tp"; off llama-3.3-70b-tp "$tp"; fi
+done
+# The FP8 70B (ModelOpt layout): on one GPU where it fits (an H200), then split.
+if nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{exit !($1 > 100000)}'; then
+    lat llama-3.3-70b-fp8-tp 1
+fi
+for tp in 2 4 8; do
+    if [ "$N" -ge "$tp" ]; then lat llama-3.3-70b-fp8-tp "$tp"; off llama-3.3-70b-fp8-tp "$tp"; fi
 done
 if [ "$N" -ge 2 ]; then
     bash "$H/serve.sh" "$B" "$H/llama-3.1-8b-serve-tp2.toml" 2>&1 | tail -8

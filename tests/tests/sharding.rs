@@ -194,6 +194,8 @@ fn quantized_checkpoints_split_over_ranks_or_say_why_not() {
         ("llama-fp8", "", "2 attention (2 query heads each), 2 MLPs", None),
         ("qwen3-fp8", "", "2 attention (", None),
         ("llama-fp8-kv", "", "2 attention (2 query heads each), 2 MLPs", None),
+        // Random weights in the checkpoint's layout (the GPU benches' dummy FP8 models).
+        ("llama-fp8", "load_format = \"dummy\"\n", "2 attention (2 query heads each), 2 MLPs", None),
         ("llama", "quantize = \"fp8\"\n", "0 attention", Some("quantizes each token at its own scale")),
         ("mistral-nvfp4", "", "0 attention", Some("not a float or FP8 linear")),
     ];
