@@ -312,9 +312,9 @@ GEMV_NVFP4(bf16, bf16_t, 8)
 // the scales and bias apply once: y = acc · s_a · s_w + bias, as `gemv_fp8`. `dynamic`: each
 // activation row's scale is max |x| / 448 (1 for a row of zeros), found by the block first, as
 // `e4m3_codes_rows`. `xc` set: the activations arrive as E4M3 codes at s_in[0] already (an
-// RMSNorm with `quant=fp8` made them; `x` unread), and each lane reads its 16-byte pieces of
-// them from global memory (L1/L2) as it needs them: no staging and no barrier. The first
-// chunk's weight pieces are requested before the wait for the kernels ahead.
+// RMSNorm with `quant=fp8` made them; `x` unread), and the block copies them into shared memory
+// a chunk at a time, as it stages the codes it quantizes itself. The first chunk's weight pieces
+// are requested before the wait for the kernels ahead.
 // (benches/gpu/fp8-gemv times other warp and in-flight counts by defining these first.)
 #ifndef FP8_TC_WARPS
 #define FP8_TC_WARPS 8
