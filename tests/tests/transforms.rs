@@ -571,3 +571,51 @@ fn the_moe_router_folds_into_the_moe_op_without_changing_the_numbers() {
         }
     }
 }
+
+/// `detect_sharding` on an MLP the matchers left as linears (`silu(x·Wgᵀ) * (x·Wuᵀ)` then a
+/// linear): gate and up split by rows, down by columns, one all_reduce; but where a value inside
+/// the MLP is read elsewhere too (here the gate's output is also a graph output), a rank would
+/// hold only its columns of it, so the MLP is not split as one (a linear producing a graph
+/// output is then split as an LM head instead; one split as part of an MLP is not also split
+/// as an LM head).
+#[test]
+fn an_mlp_left_as_linears_splits_only_when_its_values_stay_inside_it() {
+    let build = |gate_out_too: bool| {
+        let ws = [
+            ("wg", rand_tensor(DType::F32, &[16, 8], 40)),
+            ("wu", rand_tensor(DType::F32, &[16, 8], 41)),
+            ("wd", rand_tensor(DType::F32, &[8, 16], 42)),
+        ];
+        let mut b = GraphBuilder::new(store(&ws));
+        let x = b.input("x", DType::F32, vec![Dim::sym("n"), Dim::new(8)]);
+        b.symbol("n", 1, 8);
+        let [wg, wu] = ["wg", "wu"].map(|w| b.param(w, DType::F32, static_shape(&[16, 8])));
+        let wd = b.param("wd", DType::F32, static_shape(&[8, 16]));
+        let g = b.op("gate", Op::linear(), &[x, wg]).unwrap();
+        let u = b.op("up", Op::linear(), &[x, wu]).unwrap();
+        let a = b.op("act", Op::unary("aten.silu"), &[g]).unwrap();
+        let p = b.op("prod", Op::binary(MUL), &[a, u]).unwrap();
+        let y = b.op("down", Op::linear(), &[p, wd]).unwrap();
+        b.output(y);
+        if gate_out_too {
+            b.output(g);
+        }
+        b.finish().unwrap()
+    };
+    autodeploy_plugins::link();
+    let cfg = PipelineConfig::from_toml_str("model = \"unused\"\nworld_size = 2\n", None).unwrap();
+    let cx = TransformContext { config: &cfg, options: toml_table() };
+    let shard = |mut g: Graph| {
+        let t = registry::transform("detect_sharding").unwrap().instantiate();
+        let summary = t.apply(&mut g, &cx).unwrap();
+        g.validate().unwrap();
+        (summary, body(&g))
+    };
+    let (summary, dump) = shard(build(false));
+    assert!(summary.contains("1 MLPs, 0 LM head") && summary.contains("3 weights sliced, 1 all_reduce"), "{summary}");
+    assert!(dump.contains("aten.linear(%x, %wg.tp0of2)") && dump.contains("aten.linear(%prod, %wd.tp0of2)"), "{dump}");
+    // (Each output linear is then split as an LM head: by rows, gathered after.)
+    let (summary, dump) = shard(build(true));
+    assert!(summary.contains("0 MLPs"), "{summary}");
+    assert!(!dump.contains("all_reduce") && dump.contains("%down.all_gather"), "{dump}");
+}

@@ -329,7 +329,8 @@ impl Plan {
     /// split by rows, `n` by columns, an all_reduce after.
     fn unfused_mlp(&mut self, g: &Graph, producers: &[Option<usize>], readers: &[Vec<usize>], n: usize, world: usize) {
         let node = &g.nodes[n];
-        if self.planned.contains(&n) || readers[node.inputs[0].0 as usize].len() != 1 {
+        let x = node.inputs[0];
+        if self.planned.contains(&n) || readers[x.0 as usize].len() != 1 || g.outputs.contains(&x) {
             return;
         }
         let Some(ups) = Plan::linears_into(g, producers, readers, node.inputs[0], 0) else { return };
@@ -363,7 +364,8 @@ impl Plan {
     }
 
     /// The linears whose outputs reach `v` through element-wise ops alone, each value on the
-    /// way read only by the next op and of its shape; None where anything else does.
+    /// way read only by the next op (not a graph output either) and of its shape; None where
+    /// anything else does.
     fn linears_into(
         g: &Graph,
         producers: &[Option<usize>],
@@ -382,7 +384,7 @@ impl Plan {
         let shape = &g.meta(node.outputs[0]).shape;
         let mut found = Vec::new();
         for &i in &node.inputs {
-            if readers[i.0 as usize].len() != 1 || &g.meta(i).shape != shape {
+            if readers[i.0 as usize].len() != 1 || g.outputs.contains(&i) || &g.meta(i).shape != shape {
                 return None;
             }
             found.extend(Plan::linears_into(g, producers, readers, i, depth + 1)?);
@@ -450,7 +452,8 @@ impl Plan {
             let node = &g.nodes[n];
             if linear_io(g, n).is_some() {
                 let (w, name) = (node.inputs[1], g.value(node.outputs[0]).name.clone());
-                if self.pinned(g, &name, &[w]) {
+                // (A linear already split as part of a layer is not also the LM head.)
+                if self.planned.contains(&n) || self.pinned(g, &name, &[w]) {
                     return;
                 }
                 match static_dim(g, w, 0) {
