@@ -86,6 +86,44 @@ fn mpirun_expert_parallel_ranks_print_what_one_rank_prints() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An FP8 checkpoint (ModelOpt's layout) over 2 ranks: its FP8 linears split (attention and
+/// the MLPs the matchers leave as linears), and `mpirun -n 2` prints what one rank prints.
+#[test]
+fn mpirun_fp8_ranks_print_what_one_rank_prints() {
+    let Some(mpirun) = mpirun() else {
+        eprintln!("skipped: no mpirun (install Open MPI: Debian's openmpi-bin)");
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_autodeploy");
+    let dir = std::env::temp_dir().join(format!("autodeploy-mpi-fp8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("fp8.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndtype = \"float32\"\nmax_new_tokens = 8\n\
+             [[prompts]]\ntoken_ids = [1, 17, 42, 99, 5]\n[[prompts]]\ntoken_ids = [1, 200, 3]\n",
+            root().join("tests/fixtures/llama-fp8").display().to_string()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let one = Command::new(bin).args(["--config", cfg]).output().unwrap();
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    let want = completions(&one.stdout);
+    assert_eq!(want.len(), 2, "{want:?}");
+    let out = Command::new(mpirun)
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", bin, "--config", cfg, "--world-size", "2"])
+        .env("OMPI_MCA_btl", "self,vader,tcp")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("2 attention (2 query heads each), 2 MLPs"), "{err}");
+    assert_eq!(completions(&out.stdout), want, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn graph_shows_each_ranks_slice() {
     let out = Command::new(env!("CARGO_BIN_EXE_autodeploy"))
