@@ -205,10 +205,14 @@ PY
             c=$(variant "detail-$base" "$base")
             sed -i "s|^model = .*|model = \"$OUT/cut-8b\"|" "$c"
             echo "  -- $base"
+            # The stall reasons: warps stalled per issued instruction, by cause.
+            stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard \
+                short_scoreboard barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected \
+                no_instruction dispatch_stall drain membar sleeping)
             timeout 200 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
-                -k 'regex:paged_decode_tc' --launch-skip 4 --launch-count 1 \
+                --metrics "${stalls%,}" -k 'regex:paged_decode_tc' --launch-skip 4 --launch-count 1 \
                 "$B" bench --config "$c" --mode throughput --batch 32 --isl 2000 --osl 4 2>&1 |
-                grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Warp Cycles|Memory Throughput|DRAM Throughput|Compute \(SM\)|Shared Memory Config|Dynamic Shared|Static Shared|Issued Warp|No Eligible|Active Warps|Eligible Warps" | head -40
+                grep -E "Duration|Registers|Achieved Occupancy|Block Limit (Reg|Shared)|Warp Cycles Per Issued|DRAM Throughput|Compute \(SM\)|Static Shared|issue_stalled" | head -40
         done
         ;;
     attnprof)
