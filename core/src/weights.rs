@@ -388,9 +388,14 @@ impl WeightStore {
                 "weight `{name}`: dim {dim} of `{of}` {s:?} does not split into {world} ranks' parts (of {blocks} block(s))"
             )));
         }
-        if dtype.is_block() || dtype == DType::F4E2M1 {
+        if dtype.is_block() {
             return Err(Error::Msg(format!(
-                "weight `{of}` is stored as {dtype}: sharding takes float weights and FP8 (E4M3) codes"
+                "weight `{of}` is stored as {dtype}: sharding takes float and low-bit weights"
+            )));
+        }
+        if dtype == DType::F4E2M1 && (s.len() != 2 || !(s[1] / 2).is_multiple_of(if dim == 1 { parts } else { 1 })) {
+            return Err(Error::Msg(format!(
+                "weight `{name}`: `{of}` {s:?} of E2M1 codes (two a byte) does not split into {world} ranks' bytes"
             )));
         }
         let mut shape = s;
@@ -444,8 +449,12 @@ impl WeightStore {
         }
         let t = self.load(of, dtype)?;
         if let Some(codes) = t.as_low_bit() {
-            // E4M3 codes, one byte each: their bytes sliced as a file's are.
-            let bytes = shard_bytes(codes, t.shape(), 1, (d, b, r, w));
+            // Low-bit codes: their bytes sliced as a file's are (E2M1: two a byte along a row).
+            let mut bytes_shape = t.shape().to_vec();
+            if t.dtype() == DType::F4E2M1 {
+                *bytes_shape.last_mut().expect("checked by add_shard") /= 2;
+            }
+            let bytes = shard_bytes(codes, &bytes_shape, 1, (d, b, r, w));
             return Tensor::from_le_bytes(t.dtype(), shape.to_vec(), &bytes);
         }
         WeightStore::shard_of(&t, d, b, r, w)

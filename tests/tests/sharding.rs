@@ -183,11 +183,11 @@ fn the_manual_override_keeps_what_it_names_whole() {
 }
 
 /// Quantized checkpoints over 2 ranks: FP8 linears split as float ones (their E4M3 weights by
-/// rows with a per-row scale and bias, or by columns with the scales whole), the FP8 MLPs the
-/// matchers leave as linears found through their activation and product; logits within the
-/// f32 tolerance of one rank's and the same generations. What a split would change stays whole
-/// and the summary says why: `quantize = "fp8"`'s per-token scales of o_proj and down (a rank
-/// sees only its columns), NVFP4's packed weights.
+/// rows with a per-row scale and bias, or by columns with the scales whole), NVFP4 ones with
+/// their block scales (rows, or columns in whole blocks), the MLPs the matchers leave as
+/// linears found through their activation and product; logits within the f32 tolerance of one
+/// rank's and the same generations. What a split would change stays whole and the summary says
+/// why: `quantize = "fp8"`'s per-token scales of o_proj and down (a rank sees only its columns).
 #[test]
 fn quantized_checkpoints_split_over_ranks_or_say_why_not() {
     let cases = [
@@ -197,7 +197,7 @@ fn quantized_checkpoints_split_over_ranks_or_say_why_not() {
         // Random weights in the checkpoint's layout (the GPU benches' dummy FP8 models).
         ("llama-fp8", "load_format = \"dummy\"\n", "2 attention (2 query heads each), 2 MLPs", None),
         ("llama", "quantize = \"fp8\"\n", "0 attention", Some("quantizes each token at its own scale")),
-        ("mistral-nvfp4", "", "0 attention", Some("not a float or FP8 linear")),
+        ("mistral-nvfp4", "", "2 attention (2 query heads each), 2 MLPs", None),
     ];
     for (name, extra, splits, why) in cases {
         let one = logits(config(name, extra, 1, 0));
@@ -211,7 +211,8 @@ fn quantized_checkpoints_split_over_ranks_or_say_why_not() {
                 assert!(!summary.contains("replicated"), "{name}: {summary}");
                 assert!(part * 10 < whole * 6, "{name}: rank 1 holds {part} of {whole} bytes");
                 let dump = pipeline::graph_after(&config(name, extra, 2, 1), Stage::Sharding).unwrap().dump();
-                assert!(dump.contains("down_proj.weight.tp1of2: f8e4m3["), "{name}\n{dump}");
+                let codes = if name.contains("nvfp4") { "f4e2m1" } else { "f8e4m3" };
+                assert!(dump.contains(&format!("down_proj.weight.tp1of2: {codes}[")), "{name}\n{dump}");
             }
             Some(why) => assert!(summary.contains(why), "{name}: {summary}"),
         }

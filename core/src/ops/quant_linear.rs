@@ -153,6 +153,11 @@ impl Op {
         let (_, s_w_at, bias_at) = fp8_inputs(a.dynamic);
         plain.then_some((s_w_at, bias_at))
     }
+    /// Whether this is a plain NVFP4 linear (no epilogue: what the `quantize` stage makes),
+    /// inputs `(x, w, weight_scale [out, in / 16], weight_scale_2[, bias])`.
+    pub fn is_plain_nvfp4_linear(&self) -> bool {
+        self.attrs_of(NVFP4_LINEAR).and_then(|a| nvfp4_gated(a).ok()).is_some_and(|g| g.is_none())
+    }
     /// `Some(dynamic)` for an FP8 linear over float inputs (not one over codes).
     pub fn fp8_linear_of(&self) -> Option<bool> {
         self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok()).filter(|a| a.codes_out.is_none()).map(|a| a.dynamic)

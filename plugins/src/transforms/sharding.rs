@@ -20,9 +20,10 @@
 //! FP8 linears (`torch_quant_fp8_linear`, E4M3 weights) split as float ones: by rows with their
 //! per-row weight scale (if they have one) and bias, by columns with their scales whole (the
 //! input's scale and a one-value weight scale apply to every column; a per-row weight scale to
-//! the output rows each rank still computes whole). Not split: a linear quantizing each token at
-//! its own scale (`quantize = "fp8"`) by columns (a rank would see only its columns' maximum),
-//! nor NVFP4 linears.
+//! the output rows each rank still computes whole). NVFP4 linears likewise: E2M1 codes (two a
+//! byte) and their E4M3 block scales sliced together, by rows or by columns in whole blocks of
+//! 16, the global scale whole. Not split by columns: a linear quantizing each token at its own
+//! scale (`quantize = "fp8"`: a rank would see only its columns' maximum).
 //!
 //! With fewer KV heads than ranks (`world_size` a multiple of them), each KV head stays whole on
 //! the ranks whose query heads read it (its k/v rows a `.part<i>of<kv_heads>` slice). What does
@@ -126,36 +127,51 @@ fn is_float_param(g: &Graph, v: ValueId) -> bool {
     g.params.iter().any(|p| p.value == v) && g.meta(v).dtype.is_float()
 }
 
-/// A linear's weight: a float one, or FP8 codes (a weight `detect_sharding` can slice).
+/// A linear's weight: a float one, or FP8 or NVFP4 codes (a weight `detect_sharding` can slice).
 fn is_linear_weight(g: &Graph, v: ValueId) -> bool {
-    is_float_param(g, v) || (g.params.iter().any(|p| p.value == v) && g.meta(v).dtype == DType::F8E4M3)
+    is_float_param(g, v)
+        || (g.params.iter().any(|p| p.value == v) && [DType::F8E4M3, DType::F4E2M1].contains(&g.meta(v).dtype))
 }
 
-/// Where a linear-like node keeps what a split by rows slices with its weight (input 1): a
-/// scale a weight row, and its bias (the last input). `aten.linear` and plain FP8 linears.
+/// Where a linear-like node keeps what its splits slice with its weight (input 1): a scale a
+/// weight row (sliced with the rows), scales along its columns (NVFP4's block scales: sliced
+/// with the columns), and its bias (the last input). `aten.linear`, plain FP8 and NVFP4 linears.
 #[derive(Clone, Copy)]
 struct LinearIo {
     row_scale: Option<usize>,
+    col_scale: Option<usize>,
     bias: Option<usize>,
-}
-
-/// An FP8 linear quantizing each token at its own scale (`dynamic=true`): its input's columns
-/// cannot be split, each rank would take the maximum of its own columns only.
-fn per_token_scales(g: &Graph, n: usize) -> bool {
-    g.nodes[n].op.fp8_linear_of() == Some(true)
 }
 
 fn linear_io(g: &Graph, n: usize) -> Option<LinearIo> {
     let node = &g.nodes[n];
     let has = |i: usize| (node.inputs.len() > i).then_some(i);
     if node.op.name == LINEAR {
-        return Some(LinearIo { row_scale: None, bias: has(2) });
+        return Some(LinearIo { row_scale: None, col_scale: None, bias: has(2) });
+    }
+    if node.op.is_plain_nvfp4_linear() {
+        return Some(LinearIo { row_scale: Some(2), col_scale: Some(2), bias: has(4) });
     }
     let (s_w, bias) = node.op.fp8_linear_inputs()?;
     let rows = static_dim(g, node.inputs[1], 0);
     let scale = g.meta(*node.inputs.get(s_w)?);
     let per_row = scale.shape.len() == 1 && rows.is_some_and(|r| r > 1) && scale.shape[0].as_static() == rows;
-    Some(LinearIo { row_scale: per_row.then_some(s_w), bias: has(bias) })
+    Some(LinearIo { row_scale: per_row.then_some(s_w), col_scale: None, bias: has(bias) })
+}
+
+/// Why linear `n` cannot be split by columns over `world` ranks, if it cannot: an FP8 linear
+/// quantizing each token at its own scale (a rank would see only its columns' maximum), an
+/// NVFP4 one whose columns do not split in whole blocks of 16.
+fn columns_unsplittable(g: &Graph, n: usize, world: usize) -> Option<&'static str> {
+    let node = &g.nodes[n];
+    if node.op.fp8_linear_of() == Some(true) {
+        return Some("quantizes each token at its own scale");
+    }
+    let cols = static_dim(g, node.inputs[1], 1);
+    if node.op.is_plain_nvfp4_linear() && !cols.is_some_and(|k| k.is_multiple_of(16 * world)) {
+        return Some("has NVFP4 columns that do not split in blocks of 16");
+    }
+    None
 }
 
 fn static_dim(g: &Graph, v: ValueId, d: usize) -> Option<usize> {
@@ -223,8 +239,11 @@ impl Plan {
 
     /// A linear's weight split by columns, its output all-reduced and its bias added after.
     fn row(&mut self, g: &Graph, n: usize) {
-        self.slices.push(Slice { node: n, input: 1, dim: 1, blocks: 1, part: None });
-        let bias = linear_io(g, n).and_then(|io| io.bias).map(|i| g.nodes[n].inputs[i]);
+        let io = linear_io(g, n).expect("the callers found a linear");
+        for input in std::iter::once(1).chain(io.col_scale) {
+            self.slices.push(Slice { node: n, input, dim: 1, blocks: 1, part: None });
+        }
+        let bias = io.bias.map(|i| g.nodes[n].inputs[i]);
         if bias.is_some() {
             self.drop_bias.push(n);
         }
@@ -267,8 +286,8 @@ impl Plan {
             self.left.push(format!("{name}: q/k/v or the output projection is not a float or FP8 linear"));
             return;
         };
-        if per_token_scales(g, lo) {
-            self.left.push(format!("{name}: its output projection quantizes each token at its own scale"));
+        if let Some(why) = columns_unsplittable(g, lo, world) {
+            self.left.push(format!("{name}: its output projection {why}"));
             return;
         }
         let weights = [lq, lk, lv, lo].map(|l| g.nodes[l].inputs[1]);
@@ -342,8 +361,8 @@ impl Plan {
             return;
         }
         let name = g.value(node.outputs[0]).name.clone();
-        if per_token_scales(g, n) {
-            self.left.push(format!("{name}: it quantizes each token at its own scale"));
+        if let Some(why) = columns_unsplittable(g, n, world) {
+            self.left.push(format!("{name}: it {why}"));
             return;
         }
         let weights: Vec<ValueId> = ups.iter().chain([&n]).map(|&l| g.nodes[l].inputs[1]).collect();
