@@ -60,6 +60,16 @@ variant() { # name base.toml lines...
     echo "$f"
 }
 trap 'rm -f "$H"/.pending-*.toml' EXIT
+cut4() { # name model-folder (relative to benches/): a copy in $OUT/cut-<name> cut to 4 layers
+    rm -rf "$OUT/cut-$1" && cp -r "$H/../$2" "$OUT/cut-$1"
+    python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-$1"
+}
+on_cut() { # name base.toml cut-name [lines...]: a variant of base.toml reading $OUT/cut-<cut-name>
+    local f
+    f=$(variant "$1" "$2" "${@:4}")
+    sed -i "s|^model = .*|model = \"$OUT/cut-$3\"|" "$f"
+    echo "$f"
+}
 bench() { # label config args... (env from the caller)
     local label=$1 cfg=$2
     shift 2
@@ -153,15 +163,11 @@ for part in $PARTS; do
         # The model configs cut to 4 layers, beside a config naming them by absolute path.
         for m in Llama-3.1-8B-Instruct-FP8:configs/Llama-3.1-8B-Instruct-FP8 \
             Qwen3-30B-A3B:../tests/fixtures/model-configs/Qwen/Qwen3-30B-A3B; do
-            name=${m%%:*}
-            rm -rf "$OUT/cut-$name" && cp -r "$H/../${m#*:}" "$OUT/cut-$name"
-            python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-$name"
+            cut4 "${m%%:*}" "${m#*:}"
         done
-        f8=$(variant prof-fp8 llama-3.1-8b-fp8.toml "${ALL_ON[@]}")
-        f8b=$(variant prof-fp8-big llama-3.1-8b-fp8-offline.toml)
-        moe=$(variant prof-moe qwen3-30b-a3b.toml "${ALL_ON[@]}")
-        sed -i "s|^model = .*|model = \"$OUT/cut-Llama-3.1-8B-Instruct-FP8\"|" "$f8" "$f8b"
-        sed -i "s|^model = .*|model = \"$OUT/cut-Qwen3-30B-A3B\"|" "$moe"
+        f8=$(on_cut prof-fp8 llama-3.1-8b-fp8.toml Llama-3.1-8B-Instruct-FP8 "${ALL_ON[@]}")
+        f8b=$(on_cut prof-fp8-big llama-3.1-8b-fp8-offline.toml Llama-3.1-8B-Instruct-FP8)
+        moe=$(on_cut prof-moe qwen3-30b-a3b.toml Qwen3-30B-A3B "${ALL_ON[@]}")
         # (label, config, bench arguments): batch 1, and the FP8 8B's decode at batch 256 (the
         # offline run's steady state: where its 13 ms decode steps go).
         for run in "1:$f8:--mode latency --batch 1 --isl 16 --osl 8" "1:$moe:--mode latency --batch 1 --isl 16 --osl 8" \
@@ -199,11 +205,9 @@ PY
     attndetail)
         # ncu's warp-state, occupancy and memory sections for one launch of the tensor-core
         # split-KV decode at batch 32 x 2,000, bf16 cache and FP8 cache (what bounds each).
-        rm -rf "$OUT/cut-8b" && cp -r "$H/../configs/Llama-3.1-8B-Instruct" "$OUT/cut-8b"
-        python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-8b"
+        cut4 8b configs/Llama-3.1-8B-Instruct
         for base in llama-3.1-8b-long.toml llama-3.1-8b-long-fp8kv.toml; do
-            c=$(variant "detail-$base" "$base")
-            sed -i "s|^model = .*|model = \"$OUT/cut-8b\"|" "$c"
+            c=$(on_cut "detail-$base" "$base" 8b)
             echo "  -- $base"
             # The stall reasons: warps stalled per issued instruction, by cause.
             stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard \
@@ -217,13 +221,11 @@ PY
         ;;
     attnprof)
         # The decode attention alone at batch 32 x 2,000 positions, bf16 cache against FP8 cache
-        # (session 35, H200: the FP8 cache 1.8% slower a step, where its KV bytes are half):
+        # (session 35, H200: the FP8 cache 1-2% slower a step, where its KV bytes are half):
         # each attention kernel's time and DRAM bytes, the model cut to 4 layers.
-        rm -rf "$OUT/cut-8b" && cp -r "$H/../configs/Llama-3.1-8B-Instruct" "$OUT/cut-8b"
-        python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-8b"
+        cut4 8b configs/Llama-3.1-8B-Instruct
         for base in llama-3.1-8b-long.toml llama-3.1-8b-long-fp8kv.toml; do
-            c=$(variant "prof-$base" "$base")
-            sed -i "s|^model = .*|model = \"$OUT/cut-8b\"|" "$c"
+            c=$(on_cut "prof-$base" "$base" 8b)
             echo "  -- $base"
             timeout 250 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
                 -k 'regex:paged_decode|merge|combine' --launch-count 40 \

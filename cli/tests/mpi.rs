@@ -42,6 +42,42 @@ fn mpirun_ranks_print_what_one_rank_prints() {
     }
 }
 
+/// A config in `dir` running fixture `model` on the two prompts these tests send, with `extra`.
+fn two_prompts(dir: &std::path::Path, file: &str, model: &str, extra: &str) -> String {
+    let cfg = dir.join(file);
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndtype = \"float32\"\nmax_new_tokens = 8\n{extra}\
+             [[prompts]]\ntoken_ids = [1, 17, 42, 99, 5]\n[[prompts]]\ntoken_ids = [1, 200, 3]\n",
+            root().join("tests/fixtures").join(model).display().to_string()
+        ),
+    )
+    .unwrap();
+    cfg.to_str().unwrap().to_string()
+}
+
+/// What one rank prints for `cfg`: its two completions.
+fn one_rank(bin: &str, cfg: &str) -> Vec<String> {
+    let one = Command::new(bin).args(["--config", cfg]).output().unwrap();
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    let want = completions(&one.stdout);
+    assert_eq!(want.len(), 2, "{want:?}");
+    want
+}
+
+/// `mpirun -n 2` of `cfg` over 2 ranks: what rank 0 prints and the ranks' log, once it succeeded.
+fn two_ranks(mpirun: &str, bin: &str, cfg: &str, what: &str) -> (Vec<String>, String) {
+    let out = Command::new(mpirun)
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", bin, "--config", cfg, "--world-size", "2"])
+        .env("OMPI_MCA_btl", "self,vader,tcp")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{what}: {err}");
+    (completions(&out.stdout), err)
+}
+
 /// A mixture-of-experts fixture with its experts spread over the ranks (`ep_size = 2`) and
 /// with each expert split (`ep_size = 1`): `mpirun -n 2` prints what one rank prints.
 #[test]
@@ -53,35 +89,13 @@ fn mpirun_expert_parallel_ranks_print_what_one_rank_prints() {
     let bin = env!("CARGO_BIN_EXE_autodeploy");
     let dir = std::env::temp_dir().join(format!("autodeploy-mpi-moe-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let model = root().join("tests/fixtures/qwen3_moe");
     let mut want = None;
     for ep in [1, 2] {
-        let cfg = dir.join(format!("ep{ep}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "model = {:?}\ndtype = \"float32\"\nmax_new_tokens = 8\nep_size = {ep}\n\
-                 [[prompts]]\ntoken_ids = [1, 17, 42, 99, 5]\n[[prompts]]\ntoken_ids = [1, 200, 3]\n",
-                model.display().to_string()
-            ),
-        )
-        .unwrap();
-        let cfg = cfg.to_str().unwrap();
-        let want = want.get_or_insert_with(|| {
-            let one = Command::new(bin).args(["--config", cfg]).output().unwrap();
-            assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
-            completions(&one.stdout)
-        });
-        assert_eq!(want.len(), 2, "{want:?}");
-        let out = Command::new(mpirun)
-            .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", bin, "--config", cfg, "--world-size", "2"])
-            .env("OMPI_MCA_btl", "self,vader,tcp")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "ep_size = {ep}: {err}");
+        let cfg = two_prompts(&dir, &format!("ep{ep}.toml"), "qwen3_moe", &format!("ep_size = {ep}\n"));
+        let want = want.get_or_insert_with(|| one_rank(bin, &cfg));
+        let (got, err) = two_ranks(mpirun, bin, &cfg, &format!("ep_size = {ep}"));
         assert!(err.contains(if ep == 1 { "MoE (each expert split)" } else { "MoE (experts over 2 groups)" }), "{err}");
-        assert_eq!(&completions(&out.stdout), want, "ep_size = {ep}: {err}");
+        assert_eq!(&got, want, "ep_size = {ep}: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -97,30 +111,11 @@ fn mpirun_fp8_ranks_print_what_one_rank_prints() {
     let bin = env!("CARGO_BIN_EXE_autodeploy");
     let dir = std::env::temp_dir().join(format!("autodeploy-mpi-fp8-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("fp8.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "model = {:?}\ndtype = \"float32\"\nmax_new_tokens = 8\n\
-             [[prompts]]\ntoken_ids = [1, 17, 42, 99, 5]\n[[prompts]]\ntoken_ids = [1, 200, 3]\n",
-            root().join("tests/fixtures/llama-fp8").display().to_string()
-        ),
-    )
-    .unwrap();
-    let cfg = cfg.to_str().unwrap();
-    let one = Command::new(bin).args(["--config", cfg]).output().unwrap();
-    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
-    let want = completions(&one.stdout);
-    assert_eq!(want.len(), 2, "{want:?}");
-    let out = Command::new(mpirun)
-        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", bin, "--config", cfg, "--world-size", "2"])
-        .env("OMPI_MCA_btl", "self,vader,tcp")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let cfg = two_prompts(&dir, "fp8.toml", "llama-fp8", "");
+    let want = one_rank(bin, &cfg);
+    let (got, err) = two_ranks(mpirun, bin, &cfg, "llama-fp8");
     assert!(err.contains("2 attention (2 query heads each), 2 MLPs"), "{err}");
-    assert_eq!(completions(&out.stdout), want, "{err}");
+    assert_eq!(got, want, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
