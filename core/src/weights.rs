@@ -393,7 +393,7 @@ impl WeightStore {
                 "weight `{of}` is stored as {dtype}: sharding takes float and low-bit weights"
             )));
         }
-        if dtype == DType::F4E2M1 && (s.len() != 2 || !(s[1] / 2).is_multiple_of(if dim == 1 { parts } else { 1 })) {
+        if dtype == DType::F4E2M1 && (s.len() != 2 || (dim == 1 && !(s[1] / 2).is_multiple_of(parts))) {
             return Err(Error::Msg(format!(
                 "weight `{name}`: `{of}` {s:?} of E2M1 codes (two a byte) does not split into {world} ranks' bytes"
             )));

@@ -71,7 +71,7 @@ impl Fp8Attrs {
             parts.push(format!("act={}", gate_act_name(act)));
         }
         if self.runs[0] > 0 {
-            let runs: Vec<String> = self.runs.iter().take_while(|&&r| r > 0).map(|r| r.to_string()).collect();
+            let runs: Vec<String> = run_rows(&self.runs).map(|r| r.to_string()).collect();
             parts.push(format!("scale_runs=[{}]", runs.join(", ")));
         }
         parts.join(", ")

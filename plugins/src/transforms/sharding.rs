@@ -283,7 +283,7 @@ impl Plan {
         let lins = [q, k, v].map(|x| Plan::linear_before(g, producers, x));
         let out = Plan::linear_after(g, readers, node.outputs[0]);
         let (Some(lq), Some(lk), Some(lv), Some(lo)) = (lins[0], lins[1], lins[2], out) else {
-            self.left.push(format!("{name}: q/k/v or the output projection is not a float or FP8 linear"));
+            self.left.push(format!("{name}: q/k/v or the output projection is not a float, FP8 or NVFP4 linear"));
             return;
         };
         if let Some(why) = columns_unsplittable(g, lo, world) {
@@ -292,7 +292,7 @@ impl Plan {
         }
         let weights = [lq, lk, lv, lo].map(|l| g.nodes[l].inputs[1]);
         if !weights.iter().all(|&w| is_linear_weight(g, w)) || lq == lk || lk == lv {
-            self.left.push(format!("{name}: its projections are not separate float weights"));
+            self.left.push(format!("{name}: its projections are not separate float or low-bit weights"));
             return;
         }
         if self.pinned(g, name, &weights) {
@@ -348,11 +348,12 @@ impl Plan {
     /// split by rows, `n` by columns, an all_reduce after.
     fn unfused_mlp(&mut self, g: &Graph, producers: &[Option<usize>], readers: &[Vec<usize>], n: usize, world: usize) {
         let node = &g.nodes[n];
-        let x = node.inputs[0];
-        if self.planned.contains(&n) || readers[x.0 as usize].len() != 1 || g.outputs.contains(&x) {
+        let hidden = node.inputs[0];
+        if self.planned.contains(&n) || readers[hidden.0 as usize].len() != 1 || g.outputs.contains(&hidden) {
             return;
         }
-        let Some(ups) = Plan::linears_into(g, producers, readers, node.inputs[0], 0) else { return };
+        let Some(ups) = Plan::linears_into(g, producers, readers, hidden, 0) else { return };
+        // The MLP's input: what every one of `ups` reads.
         let x = g.nodes[ups[0]].inputs[0];
         let mut seen = ups.clone();
         seen.sort_unstable();
