@@ -29,7 +29,9 @@
 #           kernel (AUTODEPLOY_MOE_DOWN_COMBINE=1), the router fused into the MoE op (twice);
 #           then the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP:
 #           outputs wrong; the difference is what those launches cost inside the captured step).
-#   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache;
+#   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache (at
+#           batch 32 also the FP8 cache's tensor-core decode through bf16 tiles,
+#           AUTODEPLOY_DECODE_FP8_CODES=0);
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
 #   offline FP8 and bf16 offline 1,000 x 128/128 alone.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
@@ -151,6 +153,8 @@ for part in $PARTS; do
         for _ in 1 2; do
             bench "8B 32 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode throughput --batch 32 --isl 2000 --osl 16
             bench "8B 32 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode throughput --batch 32 --isl 2000 --osl 16
+            AUTODEPLOY_DECODE_FP8_CODES=0 bench "8B 32 x 2000, FP8 cache, bf16 tiles" "$H/llama-3.1-8b-long-fp8kv.toml" \
+                --mode throughput --batch 32 --isl 2000 --osl 16
         done
         bench "8B 1 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode latency --batch 1 --isl 2000 --osl 8
         bench "8B 1 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode latency --batch 1 --isl 2000 --osl 8

@@ -16,6 +16,10 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 #[path = "cuda_check/attention.rs"]
 mod attention;
 use attention::check_attention;
+/// The tensor-core split-KV decode over long sequences (`check_long_decode`).
+#[path = "cuda_check/decode_long.rs"]
+mod decode_long;
+use decode_long::check_long_decode;
 #[path = "cuda_check/quant.rs"]
 mod quant;
 use quant::{check_fp8_codes, check_nvfp4_gemv};
@@ -383,6 +387,10 @@ fn main() -> ExitCode {
         // A head dim of the general builds (80 on the 128 one: lanes past it idle), with the
         // q/k norms and RoPE over a partly filled warp.
         check_attention(&gpu, &mut rep, bf, 8, 2, 80);
+    }
+    // GQA groups of 4, 8, 3 and 1 at the tensor-core head dims.
+    for (heads, kv_heads, d) in [(32usize, 8usize, 128usize), (16, 2, 64), (12, 4, 96), (8, 8, 32)] {
+        check_long_decode(&gpu, &mut rep, heads, kv_heads, d);
     }
 
     // cuBLAS linear (x · wᵀ) against the CPU, f32 and bf16.

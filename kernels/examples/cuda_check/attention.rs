@@ -402,22 +402,27 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
             rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
         }
-        for (early, u, grouped, tc, rotate, ldsm, normed) in [
-            (false, 8, false, false, false, false, false),
-            (false, 8, true, false, true, false, false),
-            (false, 8, true, true, true, false, false),
-            (false, 8, true, true, true, true, false),
-            (true, 8, false, false, false, false, false),
-            (true, 4, false, false, true, false, false),
-            (true, 8, false, false, true, false, false),
-            (false, 8, false, false, true, false, true),
-            (true, 4, false, false, true, false, true),
+        // The tensor-core build three ways: fragments from the codes (`Gpu::decode_fp8_codes`),
+        // bf16 tiles with plain loads, with ldmatrix.
+        let codes0 = gpu.decode_fp8_codes();
+        for (early, u, grouped, tc, rotate, ldsm, normed, codes) in [
+            (false, 8, false, false, false, false, false, false),
+            (false, 8, true, false, true, false, false, false),
+            (false, 8, true, true, true, false, false, true),
+            (false, 8, true, true, true, false, false, false),
+            (false, 8, true, true, true, true, false, false),
+            (true, 8, false, false, false, false, false, false),
+            (true, 4, false, false, true, false, false, false),
+            (true, 8, false, false, true, false, false, false),
+            (false, 8, false, false, true, false, true, false),
+            (true, 4, false, false, true, false, true, false),
         ] {
             let qk_norm = normed.then_some((dqn, dkn, neps));
             gpu.set_attn_early_u(u);
             gpu.set_attn_group(grouped);
             gpu.set_decode_tc(tc);
             gpu.set_decode_ldmatrix(ldsm);
+            gpu.set_decode_fp8_codes(codes);
             if tc && !gpu.decode_tc_applies(dt, heads, kv_heads, d, mods) {
                 continue;
             }
@@ -495,6 +500,8 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                 "split-KV decode, FP8 cache{}{}",
                 if early {
                     format!(" early u{u}")
+                } else if tc && codes {
+                    " tensor cores from codes".to_string()
                 } else if tc {
                     (if ldsm { " tensor cores ldmatrix" } else { " tensor cores" }).to_string()
                 } else if grouped {
@@ -519,6 +526,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
         let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
         let out = put(vec![0u8; out_bytes]);
         gpu.slot_attention(dt, (dq, dk, dv), (kc, vc), out, &m_slots, heads, kv_heads, d, scale, kv).unwrap();
+        gpu.set_decode_fp8_codes(codes0);
         rep.check_scaled(&name("triton slot, FP8 cache"), bf, &read(out, out_bytes), &want8_t, 1e-5);
         rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc_t);
         rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc_t);

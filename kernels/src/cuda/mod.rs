@@ -527,6 +527,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_decode_tc_ldsm_d64_bf16_fp8kv",
             "paged_decode_tc_ldsm_d96_bf16_fp8kv",
             "paged_decode_tc_ldsm_d128_bf16_fp8kv",
+            "paged_decode_tc_codes_d32_bf16_fp8kv",
+            "paged_decode_tc_codes_d64_bf16_fp8kv",
+            "paged_decode_tc_codes_d96_bf16_fp8kv",
+            "paged_decode_tc_codes_d128_bf16_fp8kv",
         ],
     ),
 ];

@@ -118,6 +118,17 @@ impl Gpu {
         self.decode_ldsm.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether that tensor-core build, over an FP8 cache, makes its fragments straight from the
+    /// codes (`[kernels] decode_fp8_codes`; `decode_ldmatrix` then does not apply).
+    pub fn decode_fp8_codes(&self) -> bool {
+        self.decode_codes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets `decode_fp8_codes` for the launches after.
+    pub fn set_decode_fp8_codes(&self, on: bool) {
+        self.decode_codes.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Sets `decode_tc` for the launches after (on only where the device has tensor cores).
     pub fn set_decode_tc(&self, on: bool) {
         let on = on && self.dev.cc.0 >= 8;
@@ -263,9 +274,10 @@ impl Gpu {
             // One block a kv head: the group's heads are the N side of its MMAs.
             let i = PREFILL_TC_DIMS.iter().position(|&x| x == d).unwrap_or_default();
             let fp8 = usize::from(mods.kv_fp8.is_some());
-            let tc = match self.decode_ldmatrix() {
-                true => (self.f.paged_decode_tc_ldsm[fp8][i], "paged_decode_tc_ldsm"),
-                false => (self.f.paged_decode_tc[fp8][i], "paged_decode_tc"),
+            let tc = match (fp8 == 1 && self.decode_fp8_codes(), self.decode_ldmatrix()) {
+                (true, _) => (self.f.paged_decode_tc_codes[i], "paged_decode_tc_codes"),
+                (false, true) => (self.f.paged_decode_tc_ldsm[fp8][i], "paged_decode_tc_ldsm"),
+                (false, false) => (self.f.paged_decode_tc[fp8][i], "paged_decode_tc"),
             };
             let hb = heads / kv_heads;
             return self.launch_split(tc, (q, 0, 0), (0, 0), None, cache, out, meta, shapes, (scale, mods), split, hb);

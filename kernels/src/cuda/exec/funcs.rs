@@ -79,6 +79,8 @@ pub(super) struct Funcs {
     pub(super) paged_decode_tc: [Vec<Kernel>; 2],
     /// The same with ldmatrix fragment loads (`[kernels] decode_ldmatrix`).
     pub(super) paged_decode_tc_ldsm: [Vec<Kernel>; 2],
+    /// Over an FP8 cache, the fragments straight from the codes (`[kernels] decode_fp8_codes`).
+    pub(super) paged_decode_tc_codes: Vec<Kernel>,
 }
 
 impl Funcs {
@@ -219,6 +221,10 @@ impl Funcs {
             paged_prefill_tc: tc_dims("paged_prefill_tc")?,
             paged_decode_tc: tc_dims("paged_decode_tc")?,
             paged_decode_tc_ldsm: tc_dims("paged_decode_tc_ldsm")?,
+            paged_decode_tc_codes: PREFILL_TC_DIMS
+                .iter()
+                .map(|d| g(&format!("paged_decode_tc_codes_d{d}_bf16_fp8kv")))
+                .collect::<Result<_, _>>()?,
             paged_attention: by_dims("paged_attention")?,
             paged_decode_split: by_dims("paged_decode_split")?,
             paged_decode_split_early: by_dims("paged_decode_split_early")?,

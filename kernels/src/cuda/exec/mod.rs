@@ -219,6 +219,9 @@ pub struct Gpu {
     /// That build's fragment loads by `ldmatrix` (`[kernels] decode_ldmatrix`). An atomic as
     /// `decode_tc` (`set_decode_ldmatrix`).
     decode_ldsm: std::sync::atomic::AtomicBool,
+    /// Over an FP8 cache, that build's fragments straight from the codes (`[kernels]
+    /// decode_fp8_codes`). An atomic as `decode_tc` (`set_decode_fp8_codes`).
+    decode_codes: std::sync::atomic::AtomicBool,
     /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, 2 or
     /// 4, the default): a smaller last wave of blocks. On an H200 the 8B decode step was
     /// 0.11-0.14 ms shorter at 4 than at 1 (BENCHMARKS.md, session 10).
@@ -400,6 +403,7 @@ impl Gpu {
         let attn_group = std::sync::atomic::AtomicBool::new(k.attn_group_heads);
         let decode_tc = std::sync::atomic::AtomicBool::new(dev.cc.0 >= 8 && k.decode_tensor_cores);
         let decode_ldsm = std::sync::atomic::AtomicBool::new(k.decode_ldmatrix);
+        let decode_codes = std::sync::atomic::AtomicBool::new(k.decode_fp8_codes);
         Ok(Gpu {
             dev,
             stream,
@@ -419,6 +423,7 @@ impl Gpu {
             attn_group,
             decode_tc,
             decode_ldsm,
+            decode_codes,
             swiglu_split,
             moe_grouped_min: k.moe_grouped_min,
             moe_down_combine: std::sync::atomic::AtomicBool::new(k.moe_down_combine),

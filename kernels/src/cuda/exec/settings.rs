@@ -35,6 +35,11 @@ pub struct KernelSettings {
     /// k-step for each) instead of 32-bit and 16-bit shared loads (`AUTODEPLOY_DECODE_LDSM=1`).
     /// Off: no faster on an H100 (BENCHMARKS.md, session 34).
     pub decode_ldmatrix: bool,
+    /// Over an FP8 cache, that tensor-core build makes its MMA fragments straight from the
+    /// cached codes (cp.async into shared memory, two passes a warp in flight, one `cvt` to f16
+    /// for two codes, f16 MMAs) instead of converting each pass's codes to bf16 tiles
+    /// (`AUTODEPLOY_DECODE_FP8_CODES=0`: the bf16 tiles).
+    pub decode_fp8_codes: bool,
     /// Token-expert slots an expert, on average, from which `torch_moe` runs its grouped kernels
     /// (each chosen expert read once for all its slots) instead of one warp a slot's row
     /// (`AUTODEPLOY_MOE_GROUPED`).
@@ -80,6 +85,7 @@ impl Default for KernelSettings {
             attn_group_heads: true,
             decode_tensor_cores: true,
             decode_ldmatrix: false,
+            decode_fp8_codes: true,
             moe_grouped_min: 4,
             moe_down_combine: false,
             fp8_gemv_tensor_cores: true,
@@ -92,7 +98,7 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 16] = [
+const ENV: [(&str, &str); 17] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -102,6 +108,7 @@ const ENV: [(&str, &str); 16] = [
     ("attn_group_heads", "AUTODEPLOY_ATTN_GROUP"),
     ("decode_tensor_cores", "AUTODEPLOY_DECODE_TC"),
     ("decode_ldmatrix", "AUTODEPLOY_DECODE_LDSM"),
+    ("decode_fp8_codes", "AUTODEPLOY_DECODE_FP8_CODES"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
     ("moe_down_combine", "AUTODEPLOY_MOE_DOWN_COMBINE"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
@@ -166,6 +173,10 @@ impl KernelSettings {
                 }
                 "decode_ldmatrix" => {
                     s.decode_ldmatrix = flag;
+                    true
+                }
+                "decode_fp8_codes" => {
+                    s.decode_fp8_codes = flag;
                     true
                 }
                 "fp8_gemv_tensor_cores" => {
