@@ -33,7 +33,9 @@
 #           batch 32 also the FP8 cache's tensor-core decode through bf16 tiles,
 #           AUTODEPLOY_DECODE_FP8_CODES=0);
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
-#   offline FP8 and bf16 offline 1,000 x 128/128 alone.
+#   offline FP8 and bf16 offline 1,000 x 128/128 alone, and FP8 with an FP8 KV cache (the
+#           checkpoint has no kv_cache_quant_algo: scales 1).
+#   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
@@ -205,6 +207,27 @@ PY
         off "FP8 offline" "$H/llama-3.1-8b-fp8-offline.toml"
         off "bf16 offline" "$H/llama-3.1-8b-offline.toml"
         off "FP8 offline (again)" "$H/llama-3.1-8b-fp8-offline.toml"
+        f8kv=$(variant fp8-off-kv llama-3.1-8b-fp8-offline.toml 'kv_cache_dtype = "fp8"')
+        off "FP8 offline, FP8 KV cache" "$f8kv"
+        ;;
+    gemvdetail)
+        # ncu's sections for the FP8 and NVFP4 decode GEMVs at batch 1 (what bounds each: DRAM,
+        # issue, occupancy, stall reasons), the 8B cut to 4 layers: one layer's q/k/v, o, gate/up
+        # and down launches.
+        cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
+        cut4 8b-nvfp4 configs/Llama-3.1-8B-Instruct-NVFP4
+        for spec in llama-3.1-8b-fp8.toml:8b-fp8:gemv_fp8_tc llama-3.1-8b-nvfp4.toml:8b-nvfp4:gemv_nvfp4_tc; do
+            IFS=: read -r base cut kern <<<"$spec"
+            c=$(on_cut "gdetail-$cut" "$base" "$cut")
+            echo "  -- $base ($kern)"
+            stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard \
+                short_scoreboard barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected \
+                no_instruction dispatch_stall)
+            timeout 240 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
+                --metrics "${stalls%,}" -k "regex:$kern" --launch-skip 40 --launch-count 4 \
+                "$B" bench --config "$c" --mode latency --batch 1 --isl 128 --osl 16 2>&1 |
+                grep -E "gemv_|Duration|Registers Per|Achieved Occupancy|Block Limit (Reg|Shared)|Warp Cycles Per Issued|Issue Slots Busy|DRAM Throughput|Compute \(SM\)|Grid Size|issue_stalled" | head -80
+        done
         ;;
     attndetail)
         # ncu's warp-state, occupancy and memory sections for one launch of the tensor-core
@@ -250,6 +273,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline attnprof attndetail)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline attnprof attndetail gemvdetail)" ;;
     esac
 done

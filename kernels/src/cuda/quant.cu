@@ -581,11 +581,15 @@ GEMV_FP8_TC(bf16, bf16_t, 8)
 // requested before waiting for the kernels ahead (weights are never written during a step).
 // The warps' sums meet in shared memory; y = acc · s2 + bias, rounded once. The CUDA-core
 // `gemv_nvfp4` sums each block of 16 first and then scales it: the two differ by f32 rounding.
+// 8 warps, one step in flight each (the host launches 32 · NVFP4_TC_WARPS threads: exec/quant.rs's
+// constant must agree): on an H100 a layer's four 8B GEMVs 14% faster than 4 warps with two
+// (benches/gpu/fp8-gemv/nvfp4.py, session 36); the o and down projections' 256 blocks leave most
+// of the SMs' warp slots empty at 4.
 #ifndef NVFP4_TC_WARPS
-#define NVFP4_TC_WARPS 4
+#define NVFP4_TC_WARPS 8
 #endif
 #ifndef NVFP4_TC_INFLIGHT
-#define NVFP4_TC_INFLIGHT 2
+#define NVFP4_TC_INFLIGHT 1
 #endif
 
 // Eight E2M1 codes (a 32-bit word, code i in bits 4i..4i+3) as four bf16 pairs, codes 2j and

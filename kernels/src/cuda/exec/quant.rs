@@ -15,6 +15,12 @@ use super::lt::{LtOperands, LtOut};
 use super::{grid, launched, Dt, GateAct, Gpu, Ptr};
 use crate::cuda::Unavailable;
 
+/// Warps a block of the NVFP4 tensor-core GEMV (`NVFP4_TC_WARPS` in quant.cu, which must agree),
+/// splitting k. On an H100 (session 36, `benches/gpu/fp8-gemv/nvfp4.py`, 32 layers of the 8B
+/// shapes) 8 warps with one 128-byte step in flight each took a layer's four GEMVs in 64.2 us,
+/// the 4 warps with two steps of before 74.9 us (a streaming read of the bytes: 55.3 us).
+const NVFP4_TC_WARPS: u32 = 8;
+
 /// Index of a dtype's build in the `[f32, bf16]` kernel pairs.
 fn dt_index(dt: Dt) -> Result<usize, Unavailable> {
     match dt {
@@ -301,13 +307,13 @@ impl Gpu {
             }
             let cfg = super::LaunchConfig {
                 grid_dim: (out_rows.div_ceil(rows_a_block) as u32, 1, 1),
-                block_dim: (128, 1, 1),
+                block_dim: (32 * NVFP4_TC_WARPS, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: x [m, k] bf16 and w [n, k/2] bytes with 16-byte-aligned rows (k % 64 == 0
             // and both pointers aligned), block_scales [n, k/16] with 4-byte-aligned rows, y [m,
-            // n] ([m, n / 2] gated); 16 weight rows a block of 4 warps (quant.cu's
-            // gemv_nvfp4_tc; gated: 8 gate rows and their up rows).
+            // n] ([m, n / 2] gated); 16 weight rows a block of NVFP4_TC_WARPS warps (quant.cu's
+            // gemv_nvfp4_tc, built with that many; gated: 8 gate rows and their up rows).
             let name = if c.gated.is_some() { "gemv_nvfp4_tc_gated" } else { "gemv_nvfp4_tc" };
             return launched(name, unsafe { l.launch(cfg) }.map(|_| ()));
         }
