@@ -43,6 +43,8 @@
 #           batch 1 with every fusion on, and of the FP8 8B at batch 256, the models cut to 4
 #           layers; $OUT/ncu-*.csv.
 # Each bench line is benches/gpu/summarize.py's summary; the JSON lines go to $OUT (default /tmp).
+# KCACHE (a .tar.xz of an earlier call's $OUT/kcache.tar.xz, carried) skips most of a fresh
+# machine's kernel compile; see below.
 set -u
 BIN=${1:?usage: pending.sh BIN_DIR}
 H=$(cd "$(dirname "$0")" && pwd)
@@ -64,6 +66,17 @@ variant() { # name base.toml lines...
     echo "$f"
 }
 trap 'rm -f "$H"/.pending-*.toml' EXIT
+# A kernel cache carried from an earlier call (KCACHE=gpu-carry/kcache.tar.xz, carried): NVRTC's
+# PTX (AUTODEPLOY_KERNEL_CACHE, keyed by source, arch and NVRTC version) and the driver's JIT
+# cache of that PTX (CUDA_CACHE_PATH), so a fresh machine compiles only the modules whose
+# source changed; written back as $KCACHE_OUT/kcache.tar.xz (default $OUT) for the next call.
+if [ -n "${KCACHE:-}" ]; then
+    mkdir -p /tmp/kcache/ptx /tmp/kcache/jit
+    if [ -f "$KCACHE" ]; then tar xJf "$KCACHE" -C /tmp/kcache; fi
+    export AUTODEPLOY_KERNEL_CACHE=/tmp/kcache/ptx CUDA_CACHE_PATH=/tmp/kcache/jit CUDA_CACHE_MAXSIZE=4294967296
+    trap 'rm -f "$H"/.pending-*.toml; tar cJf "${KCACHE_OUT:-$OUT}/kcache.tar.xz" -C /tmp/kcache .' EXIT
+    echo "kernel cache: $(find /tmp/kcache -type f | wc -l) files from ${KCACHE}"
+fi
 cut4() { # name model-folder (relative to benches/): a copy in $OUT/cut-<name> cut to 4 layers
     rm -rf "$OUT/cut-$1" && cp -r "$H/../$2" "$OUT/cut-$1"
     python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['num_hidden_layers']=4; json.dump(c,open(p,'w'))" "$OUT/cut-$1"
@@ -93,8 +106,9 @@ for part in $PARTS; do
     echo "== $part"
     case $part in
     checks)
+        t0=$(date +%s)
         timeout 330 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
-        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok"
+        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s (kernel compile included)"
         grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
         timeout 240 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
             fused_qk_norms fused_moe_router fused_router fused_down_and_combine 2>&1 |
