@@ -34,7 +34,8 @@
 #           AUTODEPLOY_DECODE_FP8_CODES=0);
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
 #   offline FP8 and bf16 offline 1,000 x 128/128 alone, and FP8 with an FP8 KV cache (the
-#           checkpoint has no kv_cache_quant_algo: scales 1).
+#           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
+#           with both (1,024 at max_seq_len 288).
 #   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
@@ -223,6 +224,15 @@ PY
         off "FP8 offline (again)" "$H/llama-3.1-8b-fp8-offline.toml"
         f8kv=$(variant fp8-off-kv llama-3.1-8b-fp8-offline.toml 'kv_cache_dtype = "fp8"')
         off "FP8 offline, FP8 KV cache" "$f8kv"
+        # Larger batches (TensorRT-LLM's offline runs batch far more than 256 requests): the
+        # weights read once for more rows, the fixed costs of a step shared by more tokens.
+        # 1,024 sequences fit at max_seq_len 288 (128 + 128 tokens and a page to spare).
+        b512=$(variant fp8-off-512 llama-3.1-8b-fp8-offline.toml)
+        sed -i 's/^max_batch_size = .*/max_batch_size = 512/' "$b512"
+        off "FP8 offline, max_batch_size 512" "$b512"
+        b1k=$(variant fp8-off-1k llama-3.1-8b-fp8-offline.toml 'kv_cache_dtype = "fp8"')
+        sed -i 's/^max_batch_size = .*/max_batch_size = 1024/; s/^max_seq_len = .*/max_seq_len = 288/' "$b1k"
+        off "FP8 offline, FP8 KV cache, max_batch_size 1024" "$b1k"
         ;;
     gemvdetail)
         # ncu's sections for the FP8 and NVFP4 decode GEMVs at batch 1 (what bounds each: DRAM,

@@ -19,7 +19,7 @@ use crate::cuda::Unavailable;
 /// splitting k. On an H100 (session 36, `benches/gpu/fp8-gemv/nvfp4.py`, 32 layers of the 8B
 /// shapes) 8 warps with one 128-byte step in flight each took a layer's four GEMVs in 64.2 us,
 /// the 4 warps with two steps of before 74.9 us (a streaming read of the bytes: 55.3 us).
-const NVFP4_TC_WARPS: u32 = 8;
+pub(super) const NVFP4_TC_WARPS: u32 = 8;
 
 /// Index of a dtype's build in the `[f32, bf16]` kernel pairs.
 fn dt_index(dt: Dt) -> Result<usize, Unavailable> {
