@@ -280,5 +280,6 @@ mod tests {
         assert_eq!(defined(src, "MOE_DOWN_ROWS"), Some(super::MOE_DOWN_ROWS));
         let quant = include_str!("../quant.cu");
         assert_eq!(defined(quant, "NVFP4_TC_WARPS"), Some(super::super::quant::NVFP4_TC_WARPS as usize));
+        assert_eq!(defined(quant, "FP8_TC_WARPS"), Some(super::super::quant::FP8_TC_WARPS as usize));
     }
 }

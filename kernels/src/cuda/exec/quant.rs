@@ -20,6 +20,9 @@ use crate::cuda::Unavailable;
 /// shapes) 8 warps with one 128-byte step in flight each took a layer's four GEMVs in 64.2 us,
 /// the 4 warps with two steps of before 74.9 us (a streaming read of the bytes: 55.3 us).
 pub(super) const NVFP4_TC_WARPS: u32 = 8;
+/// Warps a block of the FP8 tensor-core GEMV (`FP8_TC_WARPS` in quant.cu, which must agree):
+/// 8 measured fastest on an H200 (BENCHMARKS.md, session 25; 16 slower).
+pub(super) const FP8_TC_WARPS: u32 = 8;
 
 /// Index of a dtype's build in the `[f32, bf16]` kernel pairs.
 fn dt_index(dt: Dt) -> Result<usize, Unavailable> {
@@ -160,13 +163,13 @@ impl Gpu {
             }
             let cfg = super::LaunchConfig {
                 grid_dim: (out_rows.div_ceil(rows_a_block) as u32, 1, 1),
-                block_dim: (256, 1, 1),
+                block_dim: (32 * FP8_TC_WARPS, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: x [m, k] of dt or xc [m, k] codes (rows 16-byte aligned: k % 16 == 0 and
             // c.x aligned), w [n, k] bytes likewise, y [m, n] ([m, n / 2] gated); s.input one
-            // f32 (unread when dynamic), s.weight one or n; 16 weight rows a block of 8 warps
-            // (quant.cu's gemv_fp8_tc; gated: 8 gate rows and their up rows).
+            // f32 (unread when dynamic), s.weight one or n; 16 weight rows a block of
+            // FP8_TC_WARPS warps (quant.cu's gemv_fp8_tc; gated: 8 gate rows and their up rows).
             let name = match (c.gated.is_some(), c.x_codes) {
                 (true, _) => "gemv_fp8_tc_gated",
                 (false, true) => "gemv_fp8_tc_codes",
