@@ -217,43 +217,23 @@ extern "C" __global__ void moe_down(const void* act, const void* w_down, const i
 }
 
 // `moe_gate_up` and `moe_down` over bf16 with 16-byte loads (hidden and inter multiples of 8,
-// 16-byte aligned pointers; the launcher checks): the same roundings, one warp a (slot, run of
-// MOE_GU_ROWS / MOE_DOWN_ROWS consecutive rows) reading the chosen expert's rows 8 weights a
-// lane at a time, as the dense decode GEMVs do. Each row's sum is formed as with one row a warp
-// (lane c takes chunks c, c + 32, ... in order, then the butterfly), so the run length changes
-// no bit, only how many loads a lane has in flight and how many warps the launch has
-// (benches/gpu/moe-decode/bench.py times them; exec/moe.rs's constants must agree).
-#ifndef MOE_GU_ROWS
-#define MOE_GU_ROWS 1
-#endif
-#ifndef MOE_DOWN_ROWS
-#define MOE_DOWN_ROWS 1
-#endif
+// 16-byte aligned pointers; the launcher checks): the same roundings, one warp a (slot, row)
+// reading the chosen expert's row 8 weights a lane at a time, as the dense decode GEMVs do.
 extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu, const int* idx, long slots,
                                             int top_k, int hidden, int inter, int act, const float* scale_in,
                                             bf16_t* out) {
-    constexpr int R = MOE_GU_ROWS;
     pdl_enter();
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    long runs = (inter + R - 1) / R;
-    if (warp >= slots * runs) return;
-    long s = warp / runs;
-    int j0 = (int)(warp % runs) * R;
+    if (warp >= slots * inter) return;
+    long s = warp / inter;
+    int j = warp % inter;
     if (idx[s] < 0) return;  // another rank's expert
     const bf16_t* base = w_gu + (long)idx[s] * 2 * inter * hidden;
-    const uint4* wg[R];
-    const uint4* wu[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        int j = min(j0 + r, inter - 1);  // a run past the last row reads it again, stores nothing
-        wg[r] = (const uint4*)(base + (long)j * hidden);
-        wu[r] = (const uint4*)(base + (long)(inter + j) * hidden);
-    }
+    const uint4* wg = (const uint4*)(base + (long)j * hidden);
+    const uint4* wu = (const uint4*)(base + (long)(inter + j) * hidden);
     const uint4* xr = (const uint4*)(x + (s / top_k) * hidden);
-    float g[R], u[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) g[r] = u[r] = 0.0f;
+    float g = 0.0f, u = 0.0f;
     if (scale_in) {
         float sc = scale_in[s];
         for (int c = lane; c < hidden / 8; c += 32) {
@@ -261,57 +241,36 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu,
             bf16_t* xp = (bf16_t*)&xv;
 #pragma unroll
             for (int e = 0; e < 8; e++) xp[e] = f32_to_bf16(bf16_to_f32(xp[e]) * sc);
-#pragma unroll
-            for (int r = 0; r < R; r++) swiglu_chunk(wg[r][c], wu[r][c], xv, g[r], u[r]);
+            swiglu_chunk(wg[c], wu[c], xv, g, u);
         }
     } else {
 #pragma unroll 4
-        for (int c = lane; c < hidden / 8; c += 32) {
-            uint4 xv = xr[c];
-#pragma unroll
-            for (int r = 0; r < R; r++) swiglu_chunk(wg[r][c], wu[r][c], xv, g[r], u[r]);
-        }
+        for (int c = lane; c < hidden / 8; c += 32) swiglu_chunk(wg[c], wu[c], xr[c], g, u);
     }
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        warp_sum2(g[r], u[r]);
-        if (lane == 0 && j0 + r < inter) {
-            float gr = bf16_to_f32(f32_to_bf16(g[r])), ur = bf16_to_f32(f32_to_bf16(u[r]));
-            out[s * inter + j0 + r] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gate_act(act, gr))) * ur);
-        }
+    warp_sum2(g, u);
+    if (lane == 0) {
+        float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
+        out[s * inter + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gate_act(act, gr))) * ur);
     }
 }
 
 extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts,
                                          long slots, int hidden, int inter, float* contrib) {
-    constexpr int R = MOE_DOWN_ROWS;
     pdl_enter();
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    long runs = (hidden + R - 1) / R;
-    if (warp >= slots * runs) return;
-    long s = warp / runs;
-    int j0 = (int)(warp % runs) * R;
+    if (warp >= slots * hidden) return;
+    long s = warp / hidden;
+    int j = warp % hidden;
     if (idx[s] < 0) return;  // another rank's expert: moe_combine skips it
-    const uint4* wr[R];
-#pragma unroll
-    for (int r = 0; r < R; r++)
-        wr[r] = (const uint4*)(w_down + (long)idx[s] * hidden * inter + (long)min(j0 + r, hidden - 1) * inter);
-    float acc[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    const uint4* wr = (const uint4*)(w_down + (long)idx[s] * hidden * inter + (long)j * inter);
+    float acc[1] = {0.0f};
 #pragma unroll 4
-    for (int c = lane; c < inter / 8; c += 32) {
-#pragma unroll
-        for (int r = 0; r < R; r++) gemv_chunk<1>(act + s * inter, inter, wr[r][c], c, acc + r);
-    }
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        float d = acc[r];
-        for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-        float dr = bf16_to_f32(f32_to_bf16(d));
-        if (lane == 0 && j0 + r < hidden) contrib[s * hidden + j0 + r] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
-    }
+    for (int c = lane; c < inter / 8; c += 32) gemv_chunk<1>(act + s * inter, inter, wr[c], c, acc);
+    float d = acc[0];
+    for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    float dr = bf16_to_f32(f32_to_bf16(d));
+    if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
 }
 
 // The choice (index q < top_k into a token's `ti`) of the lowest expert id above `last`, its id

@@ -5,13 +5,6 @@
 use super::{grid, launched, Dt, GateAct, Gpu, Ptr};
 use crate::cuda::Unavailable;
 
-/// Consecutive rows a warp of `moe_gate_up_bf16` and `moe_down_bf16` takes (moe.cu's
-/// `MOE_GU_ROWS`, `MOE_DOWN_ROWS`, which must agree): each row's sum is formed as at one row a
-/// warp, so only the loads a lane has in flight and the warps a launch has change, not a bit.
-/// 1 until `benches/gpu/moe-decode/bench.py` has timed the others on a GPU.
-const MOE_GU_ROWS: usize = 1;
-const MOE_DOWN_ROWS: usize = 1;
-
 /// A `torch_moe` call's sizes and routing options.
 #[derive(Clone, Copy, Debug)]
 pub struct MoeShape {
@@ -227,10 +220,8 @@ impl Gpu {
                 l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
             }
             l.arg(&scale_in).arg(&act);
-            // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row), or
-            // (bf16) a (slot, run of MOE_GU_ROWS rows).
-            let runs = if vector { s.inter.div_ceil(MOE_GU_ROWS) } else { s.inter };
-            launched("moe_gate_up", unsafe { l.launch(grid(s.tokens * s.top_k * runs * 32, 256)) }.map(|_| ()))?;
+            // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
+            launched("moe_gate_up", unsafe { l.launch(grid(s.tokens * s.top_k * s.inter * 32, 256)) }.map(|_| ()))?;
             if vector && s.top_k <= MOE_DC_MAX && self.moe_down_combine.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut l = self.launcher(self.f.moe_down_combine);
                 l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&t64).arg(&k32).arg(&h32).arg(&i32_).arg(&y);
@@ -254,32 +245,12 @@ impl Gpu {
                     .arg(&i32_)
                     .arg(&contrib);
             }
-            // SAFETY: as above (bf16: a warp a run of MOE_DOWN_ROWS rows).
-            let runs = if vector { s.hidden.div_ceil(MOE_DOWN_ROWS) } else { s.hidden };
-            launched("moe_down", unsafe { l.launch(grid(s.tokens * s.top_k * runs * 32, 256)) }.map(|_| ()))?;
+            // SAFETY: as above.
+            launched("moe_down", unsafe { l.launch(grid(s.tokens * s.top_k * s.hidden * 32, 256)) }.map(|_| ()))?;
         }
         let mut l = self.launcher(self.f.moe[3]);
         l.arg(&contrib).arg(&idx).arg(&d).arg(&t64).arg(&k32).arg(&h32).arg(&y);
         // SAFETY: tokens × hidden outputs.
         launched("moe_combine", unsafe { l.launch(grid(s.tokens * s.hidden, 256)) }.map(|_| ()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// The value of `#define NAME value` in a kernel source.
-    fn defined(src: &str, name: &str) -> Option<usize> {
-        let key = format!("#define {name} ");
-        src.lines().find_map(|l| l.trim().strip_prefix(key.as_str())).and_then(|v| v.trim().parse().ok())
-    }
-
-    #[test]
-    fn the_launches_take_the_run_lengths_the_kernels_were_built_with() {
-        let src = include_str!("../moe.cu");
-        assert_eq!(defined(src, "MOE_GU_ROWS"), Some(super::MOE_GU_ROWS));
-        assert_eq!(defined(src, "MOE_DOWN_ROWS"), Some(super::MOE_DOWN_ROWS));
-        let quant = include_str!("../quant.cu");
-        assert_eq!(defined(quant, "NVFP4_TC_WARPS"), Some(super::super::quant::NVFP4_TC_WARPS as usize));
-        assert_eq!(defined(quant, "FP8_TC_WARPS"), Some(super::super::quant::FP8_TC_WARPS as usize));
     }
 }

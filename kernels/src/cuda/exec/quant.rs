@@ -19,10 +19,10 @@ use crate::cuda::Unavailable;
 /// splitting k. On an H100 (session 36, `benches/gpu/fp8-gemv/nvfp4.py`, 32 layers of the 8B
 /// shapes) 8 warps with one 128-byte step in flight each took a layer's four GEMVs in 64.2 us,
 /// the 4 warps with two steps of before 74.9 us (a streaming read of the bytes: 55.3 us).
-pub(super) const NVFP4_TC_WARPS: u32 = 8;
+const NVFP4_TC_WARPS: u32 = 8;
 /// Warps a block of the FP8 tensor-core GEMV (`FP8_TC_WARPS` in quant.cu, which must agree):
 /// 8 measured fastest on an H200 (BENCHMARKS.md, session 25; 16 slower).
-pub(super) const FP8_TC_WARPS: u32 = 8;
+const FP8_TC_WARPS: u32 = 8;
 
 /// Index of a dtype's build in the `[f32, bf16]` kernel pairs.
 fn dt_index(dt: Dt) -> Result<usize, Unavailable> {
@@ -397,5 +397,21 @@ impl Gpu {
         // SAFETY: x holds every (token, head) row at rows' strides, d values of dt each; out
         // tokens·heads·d bytes; s_in one f32; one block a row.
         launched("e4m3_heads", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The value of `#define NAME value` in a kernel source.
+    fn defined(src: &str, name: &str) -> Option<u32> {
+        let key = format!("#define {name} ");
+        src.lines().find_map(|l| l.trim().strip_prefix(key.as_str())).and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn the_launches_take_the_warps_the_kernels_were_built_with() {
+        let quant = include_str!("../quant.cu");
+        assert_eq!(defined(quant, "NVFP4_TC_WARPS"), Some(super::NVFP4_TC_WARPS));
+        assert_eq!(defined(quant, "FP8_TC_WARPS"), Some(super::FP8_TC_WARPS));
     }
 }
