@@ -4,6 +4,7 @@
 # and checks each build's outputs against an f64 product of the same codes. Needs CuPy (the GPU
 # machine has it):   python3 benches/gpu/fp8-gemv/bench.py
 import cupy as cp, numpy as np, os
+from graph_time import us_per_layer
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
 src = "".join(open(p).read() + "\n" for p in [os.path.join(root, "kernels/src/cuda/common.cuh"),
@@ -69,20 +70,8 @@ def stream(l):
     for nm, n, k in SHAPES:
         K("stream_read")((132 * 8,), (256,), (wl(nm, l, k, n), i64(n * k // 16), sink))
 
-s = cp.cuda.Stream(non_blocking=True)
 def timed(name, f, reps=20):
-    with s:
-        for l in range(L): f(l)
-        s.synchronize()
-        s.begin_capture()
-        for l in range(L): f(l)
-        g = s.end_capture()
-        g.launch(s); s.synchronize()
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(s)
-        for _ in range(reps): g.launch(s)
-        b.record(s); b.synchronize()
-    us = cp.cuda.get_elapsed_time(a, b) * 1000 / reps / L
+    us = us_per_layer(f, L, reps)
     print(f"{name:44s} {us:8.2f} us/layer", flush=True)
     return us
 

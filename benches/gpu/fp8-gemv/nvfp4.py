@@ -6,6 +6,7 @@
 # build's (the same products summed in another order). Needs CuPy (the GPU machine has it):
 #   python3 benches/gpu/fp8-gemv/nvfp4.py
 import cupy as cp, numpy as np, os
+from graph_time import us_per_layer
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
 src = "".join(open(p).read() + "\n" for p in [os.path.join(root, "kernels/src/cuda/common.cuh"),
@@ -53,20 +54,8 @@ def stream(nm, n, k, gd, l):
     K("stream_read")((132 * 8,), (256,), (np.uint64(W[nm].data.ptr + l * nb // 2), i64(nb // 32), sink))
     K("stream_read")((132 * 8,), (256,), (np.uint64(S[nm].data.ptr + l * nb // 16), i64(nb // 256), sink))
 
-st = cp.cuda.Stream(non_blocking=True)
-def timed(f, reps=20):
-    with st:
-        for l in range(L): f(l)
-        st.synchronize()
-        st.begin_capture()
-        for l in range(L): f(l)
-        g = st.end_capture()
-        g.launch(st); st.synchronize()
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(st)
-        for _ in range(reps): g.launch(st)
-        b.record(st); b.synchronize()
-    return cp.cuda.get_elapsed_time(a, b) * 1000 / reps / L
+def timed(f):
+    return us_per_layer(f, L)
 
 total = {b: 0.0 for b in BUILDS}
 total_stream = 0.0
