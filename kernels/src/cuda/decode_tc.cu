@@ -38,10 +38,67 @@ __device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16_t* p) {
     __trap();
 #endif
 }
-__device__ __forceinline__ void cp_async_wait_all() {
+// Closes the cp.async group of this thread's copies issued since the last one.
+__device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
+}
+// Waits until at most N of this thread's cp.async groups are pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
+// One pass's online-softmax step of the tensor-core decode builds, for a lane's two heads
+// (2c + e): Sᵀ's accumulator st {position g: heads 2c, 2c + 1; position g + 8: the same}, the
+// positions past the chunk masked (live0, live1), times sk; each head's running max over its 8
+// lanes, m and this lane's share of l updated, the Oᵀ tiles rescaled; p[e] the two positions'
+// probabilities for the caller's Pᵀ tile.
+template <int KS>
+__device__ __forceinline__ void tc_softmax_step(const float* st, bool live0, bool live1, float sk, float* m, float* l,
+                                                float (*o)[4], float (*p)[2]) {
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        float s0 = live0 ? st[e] * sk : __int_as_float(0xff800000);  // -inf
+        float s1 = live1 ? st[2 + e] * sk : __int_as_float(0xff800000);
+        float mx = fmaxf(s0, s1);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        float m2 = fmaxf(m[e], mx);
+        float corr = __expf(m[e] - m2);
+        m[e] = m2;
+        p[e][0] = __expf(s0 - m2), p[e][1] = __expf(s1 - m2);
+        l[e] = l[e] * corr + p[e][0] + p[e][1];  // this lane's share; the head's 8 lanes summed at the end
+#pragma unroll
+        for (int k = 0; k < KS; k++) {
+            o[k][e] *= corr;
+            o[k][2 + e] *= corr;
+        }
+    }
+}
+
+// After a warp's passes: each of the lane's two heads' l summed over its 8 lanes, and the heads'
+// max and sum into the block's shared sm, sl [warp][head] (read by `finish_heads`).
+__device__ __forceinline__ void tc_head_states(const float* m, float* l, float (*sm)[8], float (*sl)[8]) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
+        if (g == 0) {
+            sm[warp][2 * c + e] = m[e];
+            sl[warp][2 * c + e] = l[e];
+        }
+    }
 }
 
 // Split-KV decode on tensor cores (bf16, sm_80+), for a GQA group of at most 8 query heads:
@@ -164,31 +221,16 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
             }
             mma_bf16(st, a, qb[k][0], qb[k][1]);
         }
-        bool live0 = kb + g <= hi, live1 = kb + g + 8 <= hi;
+        float p[2][2];
+        tc_softmax_step<KS>(st, kb + g <= hi, kb + g + 8 <= hi, sk, m, l, o, p);
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-            float s0 = live0 ? st[e] * sk : __int_as_float(0xff800000);  // -inf
-            float s1 = live1 ? st[2 + e] * sk : __int_as_float(0xff800000);
-            float mx = fmaxf(s0, s1);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            float m2 = fmaxf(m[e], mx);
-            float corr = __expf(m[e] - m2);
-            m[e] = m2;
-            float p0 = __expf(s0 - m2), p1 = __expf(s1 - m2);
-            l[e] = l[e] * corr + p0 + p1;  // this lane's share; the head's 8 lanes summed at the end
-#pragma unroll
-            for (int k = 0; k < KS; k++) {
-                o[k][e] *= corr;
-                o[k][2 + e] *= corr;
-            }
             // Pᵀ[head 2c + e][position g, g + 8] as hi + lo.
-            bf16_t h0b = f32_to_bf16(p0), h1b = f32_to_bf16(p1);
+            bf16_t h0b = f32_to_bf16(p[e][0]), h1b = f32_to_bf16(p[e][1]);
             pt[warp][0][2 * c + e][g] = h0b;
             pt[warp][0][2 * c + e][g + 8] = h1b;
-            pt[warp][1][2 * c + e][g] = f32_to_bf16(p0 - bf16_to_f32(h0b));
-            pt[warp][1][2 * c + e][g + 8] = f32_to_bf16(p1 - bf16_to_f32(h1b));
+            pt[warp][1][2 * c + e][g] = f32_to_bf16(p[e][0] - bf16_to_f32(h0b));
+            pt[warp][1][2 * c + e][g + 8] = f32_to_bf16(p[e][1] - bf16_to_f32(h1b));
         }
         __syncwarp();
         // B = Pᵀ (16 positions × 8 heads): head g's positions 2c, 2c + 1 and 2c + 8, 2c + 9.
@@ -216,23 +258,14 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
         }
         __syncwarp();  // the tiles are read before the next pass stages over them
     }
-    // Each head's l summed over its 8 lanes; the warps' states into shared memory (the tiles
-    // reused once every warp is past its loop).
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
-        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
-        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
-    }
+    // The warps' states into shared memory (the output rows reuse the tiles once every warp is
+    // past its loop).
+    tc_head_states(m, l, sm, sl);
     __syncthreads();
     float* sacc = (float*)smem;  // [WARPS][8][D]
 #pragma unroll
     for (int e = 0; e < 2; e++) {
         int head = 2 * c + e;
-        if (g == 0) {
-            sm[warp][head] = m[e];
-            sl[warp][head] = l[e];
-        }
         float* dst = sacc + (warp * 8 + head) * D + g;
 #pragma unroll
         for (int k = 0; k < KS; k++) {
@@ -308,17 +341,6 @@ __device__ __forceinline__ unsigned e4m3x2_f16x2(unsigned w) {
     return r;
 #else
     return f16x2_of(e4m3_value(w & 0xffu), e4m3_value((w >> 8) & 0xffu));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
 
@@ -446,28 +468,13 @@ __device__ void paged_decode_tc_codes(const bf16_t* q, const fp8_t* k_cache, con
             a[2] = e4m3x2_f16x2(r0.y >> 16), a[3] = e4m3x2_f16x2(r1.y >> 16);
             mma_f16(sa, a, qb[2 * j + 1][0], qb[2 * j + 1][1]);
         }
-        bool live0 = kb + g <= hi, live1 = kb + g + 8 <= hi;
+        float p[2][2];
+        tc_softmax_step<KS>(sa, kb + g <= hi, kb + g + 8 <= hi, sk, m, l, o, p);
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-            float s0 = live0 ? sa[e] * sk : __int_as_float(0xff800000);  // -inf
-            float s1 = live1 ? sa[2 + e] * sk : __int_as_float(0xff800000);
-            float mx = fmaxf(s0, s1);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            float m2 = fmaxf(m[e], mx);
-            float corr = __expf(m[e] - m2);
-            m[e] = m2;
-            float p0 = __expf(s0 - m2), p1 = __expf(s1 - m2);
-            l[e] = l[e] * corr + p0 + p1;  // this lane's share; the head's 8 lanes summed at the end
-#pragma unroll
-            for (int k = 0; k < KS; k++) {
-                o[k][e] *= corr;
-                o[k][2 + e] *= corr;
-            }
             // Pᵀ as hi + lo in f16 (22 significant bits, as `paged_decode_tc`'s bf16 pair).
-            unsigned ph = f16x2_of(p0, p1);
-            unsigned pl = f16x2_of(p0 - f16_lo_f32(ph), p1 - f16_lo_f32(ph >> 16));
+            unsigned ph = f16x2_of(p[e][0], p[e][1]);
+            unsigned pl = f16x2_of(p[e][0] - f16_lo_f32(ph), p[e][1] - f16_lo_f32(ph >> 16));
             pt[warp][0][2 * c + e][slot_g] = (unsigned short)(ph & 0xffffu);
             pt[warp][0][2 * c + e][slot_g + 8] = (unsigned short)(ph >> 16);
             pt[warp][1][2 * c + e][slot_g] = (unsigned short)(pl & 0xffffu);
@@ -500,21 +507,12 @@ __device__ void paged_decode_tc_codes(const bf16_t* q, const fp8_t* k_cache, con
         st ^= 1;
     }
     cp_async_wait<0>();
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
-        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
-        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
-    }
+    tc_head_states(m, l, sm, sl);
     __syncthreads();
     float* sacc = (float*)smem;  // [WARPS][8][D]
 #pragma unroll
     for (int e = 0; e < 2; e++) {
         int head = 2 * c + e;
-        if (g == 0) {
-            sm[warp][head] = m[e];
-            sl[warp][head] = l[e];
-        }
         float* dst = sacc + (warp * 8 + head) * D + 4 * g;
 #pragma unroll
         for (int j = 0; j < CH; j++)
