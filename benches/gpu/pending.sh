@@ -234,6 +234,44 @@ PY
         sed -i 's/^max_batch_size = .*/max_batch_size = 1024/; s/^max_seq_len = .*/max_seq_len = 288/' "$b1k"
         off "FP8 offline, FP8 KV cache, max_batch_size 1024" "$b1k"
         ;;
+    bigbatch)
+        # Session 37, H100: offline at max_batch_size 512 gave 11,851 tok/s against 20,435 at
+        # 256 (decode steps 34 ms against 8 ms). The decode step at batch 256 and 512, FP8 and
+        # bf16 (max_batch_size 512 for both), then each kernel's time at both batches, the FP8
+        # model cut to 4 layers (launches past the prefill).
+        f512=$(variant fp8-512 llama-3.1-8b-fp8-offline.toml)
+        sed -i 's/^max_batch_size = .*/max_batch_size = 512/' "$f512"
+        b512=$(variant bf16-512 llama-3.1-8b-offline.toml)
+        sed -i 's/^max_batch_size = .*/max_batch_size = 512/' "$b512"
+        for b in 256 512; do
+            bench "8B FP8 batch $b (max 512)" "$f512" --mode throughput --batch $b --isl 128 --osl 32
+            bench "8B bf16 batch $b (max 512)" "$b512" --mode throughput --batch $b --isl 128 --osl 32
+        done
+        cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
+        c=$(on_cut big-fp8 llama-3.1-8b-fp8-offline.toml 8b-fp8)
+        sed -i 's/^max_batch_size = .*/max_batch_size = 512/' "$c"
+        for run in 256:400 512:600; do
+            b=${run%%:*}
+            echo "  -- FP8, 4 layers, batch $b"
+            timeout 200 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum --csv \
+                -k 'regex:^(?!fill)' --launch-skip "${run#*:}" --launch-count 200 \
+                "$B" bench --config "$c" --mode throughput --batch "$b" --isl 128 --osl 8 \
+                >"$OUT/ncu-big-$b.csv" 2>"$OUT/ncu-big-$b.err" || tail -3 "$OUT/ncu-big-$b.err"
+            python3 - "$OUT/ncu-big-$b.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and (r[0] == "ID" or r[0].isdigit())]
+head, rows = rows[0], rows[1:]
+k, m, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+g = head.index("Grid Size") if "Grid Size" in head else None
+t = collections.defaultdict(list)
+for r in rows:
+    if r[m] == "gpu__time_duration.sum":
+        t[(r[k].split("(")[0], r[g] if g is not None else "")].append(float(r[v].replace(",", "")))
+for (name, grid), xs in sorted(t.items(), key=lambda kv: -sum(kv[1])):
+    print(f"  {name[:44]:<44} {grid:>16} {len(xs):4d} launches, mean {sum(xs) / len(xs) / 1e3:8.2f} us")
+PY
+        done
+        ;;
     gemvdetail)
         # ncu's sections for the FP8 and NVFP4 decode GEMVs at batch 1 (what bounds each: DRAM,
         # issue, occupancy, stall reasons), the 8B cut to 4 layers: one layer's q/k/v, o, gate/up
@@ -297,6 +335,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline attnprof attndetail gemvdetail)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline bigbatch attnprof attndetail gemvdetail)" ;;
     esac
 done

@@ -1,9 +1,10 @@
 //! The built-in attention backends on CUDA, through the same [`DeviceAttention`] interface a
 //! library's backend implements (kernels in kernels/src/cuda/attention.cu):
 //!
-//! - `flashinfer` (FlashInfer's design): a CSR page table staged once per step; decode steps of
-//!   up to 256 tokens through split-KV kernels (the latency build for steps of at most
-//!   `SPLIT_EARLY_MAX_TOKENS` tokens rotates, writes the cache and attends in one launch), longer
+//! - `flashinfer` (FlashInfer's design): a CSR page table staged once per step; steps of up to
+//!   256 tokens and decode steps of any size through split-KV kernels (the latency build for
+//!   steps of at most `SPLIT_EARLY_MAX_TOKENS` tokens rotates, writes the cache and attends in one
+//!   launch; decode steps past 256 tokens take fewer, longer chunks in the same partials), other
 //!   steps through ragged paged attention (tensor-core tiles planned per step where the head dim
 //!   allows). Takes RoPE-fused ops, reads q/k/v where they lie, may write token-major. Layers
 //!   with a sliding window or soft-cap skip the latency build and the tensor-core prefill: the
@@ -31,6 +32,8 @@ pub struct FlashInfer {
     /// same partials.
     split_early: Option<Split>,
     split_tokens: usize,
+    /// Whether this step (`begin_step`) is one token a sequence.
+    decode_only: bool,
     _buf: Option<Buffer>,
 }
 
@@ -59,12 +62,12 @@ pub fn flashinfer(setup: &DeviceAttentionSetup) -> Result<Box<dyn DeviceAttentio
         Some(hd) => {
             let (chunk, splits) = Split::plan(setup.max_len, gpu.split_throughput_min_chunk(&setup.layers));
             let (early_chunk, early_splits) = Split::plan(setup.max_len, gpu.split_min_chunk());
-            // Partials, then one counter per (token, head) (zeroed at allocation; the kernel
-            // leaves them zero).
+            // Partials, then one counter per (token, head) of the largest step (zeroed at
+            // allocation; the kernel leaves them zero).
             let parts = (split_tokens * splits).max(split_tokens.min(SPLIT_EARLY_MAX_TOKENS) * early_splits);
             let bytes = 4 * parts * (hd + 2 * heads_max);
             let buf = gpu
-                .alloc(bytes + 4 * split_tokens * heads_max, "split-KV decode partials")
+                .alloc(bytes + 4 * setup.max_tokens.max(split_tokens) * heads_max, "split-KV decode partials")
                 .map_err(|e| Error::Msg(e.0))?;
             let (partial, counters) = (buf.ptr, buf.ptr + bytes as u64);
             (
@@ -75,7 +78,7 @@ pub fn flashinfer(setup: &DeviceAttentionSetup) -> Result<Box<dyn DeviceAttentio
         }
         None => (None, None, None),
     };
-    Ok(Box::new(FlashInfer { split, split_early, split_tokens, _buf: buf }))
+    Ok(Box::new(FlashInfer { split, split_early, split_tokens, decode_only: false, _buf: buf }))
 }
 
 impl FlashInfer {
@@ -99,6 +102,11 @@ impl DeviceAttention for FlashInfer {
         true
     }
 
+    fn begin_step(&mut self, plan: &StepPlan) -> Result<()> {
+        self.decode_only = plan.token_seq.len() == plan.page_tables.len();
+        Ok(())
+    }
+
     fn attend(&self, c: &DeviceAttentionCall, gpu: &Gpu) -> Result<HeadRows> {
         let fail = |e| fail(c, "flashinfer", e);
         let odt: Dt = dt(c.dtype, "attention")?;
@@ -111,7 +119,13 @@ impl DeviceAttention for FlashInfer {
         // kernel apply them (not the latency build or the tensor-core prefill).
         let scored = c.mods.shapes_scores();
         let kv_fp8 = c.mods.kv_fp8;
-        let split_path = self.split.is_some() && meta.tokens <= self.split_tokens;
+        // A decode step past `split_tokens` tokens (a CUDA graph's bucket pads it with rows of
+        // its own) takes the split kernels in fewer chunks: the ragged prefill kernel would
+        // read each sequence's positions once for every query head.
+        let split = self
+            .split
+            .filter(|_| meta.tokens <= self.split_tokens || self.decode_only)
+            .map(|s| s.for_tokens(meta.tokens, self.split_tokens));
         let out_rows =
             if c.tokens_major_ok { HeadRows::tokens_major(heads, d) } else { HeadRows::heads_major(meta.tokens, d) };
         if let (Some(split), true, false) = (self.split_early, self.early(meta.tokens), scored) {
@@ -158,8 +172,8 @@ impl DeviceAttention for FlashInfer {
             gpu.write_kv(odt, c.k.ptr, c.v.ptr, cache.0, cache.1, meta, kvh, d, kv_fp8).map_err(fail)?;
             c.q.ptr
         };
-        match self.split {
-            Some(split) if split_path => gpu
+        match split {
+            Some(split) => gpu
                 .paged_decode_split(odt, q, cache, (c.out, out_rows), meta, heads, kvh, d, sc, split, c.mods)
                 .map_err(fail)?,
             _ => gpu
