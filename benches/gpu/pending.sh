@@ -33,6 +33,9 @@
 #           batch 32 also the FP8 cache's tensor-core decode through bf16 tiles,
 #           AUTODEPLOY_DECODE_FP8_CODES=0);
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
+#   prefill the tensor-core prefill with a GQA group's heads a block against one head a block
+#           (AUTODEPLOY_PREFILL_GROUP): prefill ms of 256 x 128 and offline 1,000 x 128/128.
+#   bigbatch the decode step at batch 256 and 512 (session 37's cliff past 256 tokens).
 #   offline FP8 and bf16 offline 1,000 x 128/128 alone, and FP8 with an FP8 KV cache (the
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
 #           with both (1,024 at max_seq_len 288).
@@ -112,7 +115,7 @@ for part in $PARTS; do
         echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s (kernel compile included)"
         grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
         timeout 240 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
-            fused_qk_norms fused_moe_router fused_router fused_down_and_combine 2>&1 |
+            fused_qk_norms fused_moe_router fused_router fused_down_and_combine a_decode_step_past_the_split 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     quant)
@@ -234,6 +237,24 @@ PY
         sed -i 's/^max_batch_size = .*/max_batch_size = 1024/; s/^max_seq_len = .*/max_seq_len = 288/' "$b1k"
         off "FP8 offline, FP8 KV cache, max_batch_size 1024" "$b1k"
         ;;
+    prefill)
+        # The tensor-core prefill with a GQA group's heads a block (`prefill_group_heads`,
+        # AUTODEPLOY_PREFILL_GROUP=1; cuda_check's "heads grouped" cases check it): the 8B's
+        # prefill of 256 x 128 tokens (throughput bench: its prefill ms) and offline 1,000 x
+        # 128/128 (FP8; FP8 with an FP8 cache at max_batch_size 1,024), alternating.
+        b1k=$(variant pf-1k llama-3.1-8b-fp8-offline.toml 'kv_cache_dtype = "fp8"')
+        sed -i 's/^max_batch_size = .*/max_batch_size = 1024/; s/^max_seq_len = .*/max_seq_len = 288/' "$b1k"
+        for _ in 1 2; do
+            for g in 0 1; do
+                AUTODEPLOY_PREFILL_GROUP=$g bench "8B FP8 256 x 128, prefill group $g" "$H/llama-3.1-8b-fp8-offline.toml" \
+                    --mode throughput --batch 256 --isl 128 --osl 4
+                AUTODEPLOY_PREFILL_GROUP=$g bench "8B bf16 256 x 128, prefill group $g" "$H/llama-3.1-8b-offline.toml" \
+                    --mode throughput --batch 256 --isl 128 --osl 4
+                off "FP8 offline, prefill group $g" "$H/llama-3.1-8b-fp8-offline.toml" AUTODEPLOY_PREFILL_GROUP=$g
+                off "FP8 offline, FP8 KV, 1,024, prefill group $g" "$b1k" AUTODEPLOY_PREFILL_GROUP=$g
+            done
+        done
+        ;;
     bigbatch)
         # Session 37, H100: offline at max_batch_size 512 gave 11,851 tok/s against 20,435 at
         # 256 (decode steps 34 ms against 8 ms). The decode step at batch 256 and 512, FP8 and
@@ -335,6 +356,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline bigbatch attnprof attndetail gemvdetail)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail)" ;;
     esac
 done

@@ -3,7 +3,9 @@
 //! and the slot kernel, against one CPU reference.
 
 use super::*;
-use autodeploy_kernels::cuda::exec::{plan_tiles, HeadRows, ScoreMods, Split, StepMeta, PREFILL_TC_DIMS};
+use autodeploy_kernels::cuda::exec::{
+    plan_tiles, prefill_heads_a_block, HeadRows, ScoreMods, Split, StepMeta, PREFILL_TC_DIMS,
+};
 
 /// One attention configuration through the three kernels; see the call in `main`.
 pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usize, kv_heads: usize, d: usize) {
@@ -193,12 +195,21 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
     let (dqn, dkn) = (put(bytes(&qn)), put(bytes(&kn)));
     let (dcos, dsin) = (put(bytes(&cos)), put(bytes(&sin)));
     // flashinfer, ragged prefill kernel: one block per token on CUDA cores, and (bf16, sm_80+)
-    // one warp per tile of 16 tokens on tensor cores.
+    // one warp per tile of 16 tokens on tensor cores, one head a block and (`prefill_group`,
+    // where the GQA group allows) a group's heads a block.
     let tc_applies = bf && gpu.dev.cc.0 >= 8 && PREFILL_TC_DIMS.contains(&d);
-    for tc in [false, true] {
-        if tc && !tc_applies {
+    let (group0, grouped) = (gpu.prefill_group(), prefill_heads_a_block(heads, kv_heads) > 1);
+    let prefill_ways = [(false, false), (true, false), (true, true)];
+    let prefill_name = |tc: bool, grp: bool| match (tc, grp) {
+        (false, _) => "paged",
+        (true, false) => "paged tensor-core",
+        (true, true) => "paged tensor-core, heads grouped",
+    };
+    for (tc, grp) in prefill_ways {
+        if tc && !tc_applies || grp && !grouped {
             continue;
         }
+        gpu.set_prefill_group(grp);
         let (kc, vc) = fresh_cache(&mut put);
         let out = put(vec![0u8; out_bytes]);
         gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, None).unwrap();
@@ -217,10 +228,11 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                 got[(h * tokens + t) * d..][..d].copy_from_slice(&tm[(t * heads + h) * d..][..d]);
             }
         }
-        rep.check_scaled(&name(if tc { "paged tensor-core" } else { "paged" }), bf, &got, &want_s, 1e-5);
+        rep.check_scaled(&name(prefill_name(tc, grp)), bf, &got, &want_s, 1e-5);
         rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
         rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_s);
     }
+    gpu.set_prefill_group(group0);
     // flashinfer, split-KV decode kernel, both builds (throughput, and latency: first K/V loads
     // before the wait): 16-position chunks (several per sequence) and one 64-position chunk
     // (several passes); the step's k/v straight from the linears, written into the cache by the
@@ -384,10 +396,11 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
         let mods = ScoreMods { kv_fp8: kv, ..ScoreMods::default() };
         // write_kv + the ragged prefill kernel, on CUDA cores and (bf16) on tensor cores, the
         // FP8 tiles converted to bf16 as they are staged.
-        for tc in [false, true] {
-            if tc && !tc_applies {
+        for (tc, grp) in prefill_ways {
+            if tc && !tc_applies || grp && !grouped {
                 continue;
             }
+            gpu.set_prefill_group(grp);
             let (kc, vc) = (put(kc8.clone()), put(vc8.clone()));
             let out = put(vec![0u8; out_bytes]);
             gpu.write_kv(dt, dk, dv, kc, vc, &m_scattered, kv_heads, d, kv).unwrap();
@@ -397,11 +410,12 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             }
             let rows = HeadRows::heads_major(tokens, d);
             gpu.paged_attention(dt, dq, kc, vc, (out, rows), &m, heads, kv_heads, d, scale, mods).unwrap();
-            let what = if tc { "paged tensor-core, FP8 cache" } else { "paged, FP8 cache" };
-            rep.check_scaled(&name(what), bf, &read(out, out_bytes), &want8, 1e-5);
+            let what = format!("{}, FP8 cache", prefill_name(tc, grp));
+            rep.check_scaled(&name(&what), bf, &read(out, out_bytes), &want8, 1e-5);
             rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
             rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);
         }
+        gpu.set_prefill_group(group0);
         // The tensor-core build three ways: fragments from the codes (`Gpu::decode_fp8_codes`),
         // bf16 tiles with plain loads, with ldmatrix.
         let codes0 = gpu.decode_fp8_codes();

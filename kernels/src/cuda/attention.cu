@@ -130,7 +130,12 @@ ATTN_INSTANTIATE(bf16_t, fp8_t, bf16_fp8kv, fp8)
 // CPU's f32 softmax does rather than bf16's 8. Output rounds once to bf16.
 // C: the cache's type (bf16_t, or fp8_t: its tiles converted to bf16 as they are staged; the
 // scales as in the other kernels, k_scale with the score scale, v_scale on the output).
-template <int D, typename C>
+// GRP: a block of W = blockDim.x / 32 warps takes W query heads of one GQA group (W divides the
+// group) for the same tile: they stage each 16 positions' K and V once for all W heads, the
+// block's threads loading them together, and each thread holds its share of the next 16
+// positions in registers while the warps compute on the current ones. Without GRP a block is
+// one warp (W = 1) and loads as it goes.
+template <int D, typename C, bool GRP>
 __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_cache,
                                  const long long* token_seq, const long long* token_pos, const long long* page_indptr,
                                  const int* page_indices, const long long* tiles, int page_size, int heads,
@@ -139,14 +144,18 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
     constexpr int KS = D / 16;  // k-steps of S over the head dim
     constexpr int NT = D / 8;   // 8-wide column tiles of O
     constexpr int RS = D + 8;   // shared row stride in bf16 (16-byte multiple, fewer bank conflicts)
+    constexpr int CH = D / 8;         // 16-byte (8-value) chunks of a row
+    constexpr int STAGE = 16 * CH;    // chunks of 16 positions' K (and as many of V)
+    constexpr int PF = GRP ? (STAGE + 63) / 64 : 1;  // a thread's share with W >= 2 warps
     __shared__ __align__(16) bf16_t ks[16 * RS];
     __shared__ __align__(16) bf16_t vs[16 * RS];
-    int tile = blockIdx.x, h = blockIdx.y;
+    int tile = blockIdx.x;
+    int h = GRP ? blockIdx.y * (int)(blockDim.x >> 5) + (int)(threadIdx.x >> 5) : blockIdx.y;
     long t0 = (long)tiles[2 * tile];
     int cnt = (int)tiles[2 * tile + 1];
-    if (cnt <= 0) return;
+    if (cnt <= 0) return;  // the whole block: its warps share the tile
     int kvh = h / (heads / kv_heads);
-    int lane = threadIdx.x, g = lane >> 2, c = lane & 3;
+    int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     long long seq = token_seq[t0], pos0 = token_pos[t0];
     long long last = pos0 + cnt - 1;  // the tile's rows sit at positions pos0 + row
     const int* pages = page_indices + page_indptr[seq];
@@ -167,28 +176,57 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
 #pragma unroll
     for (int n = 0; n < NT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m[2] = {-3.0e38f, -3.0e38f}, l[2] = {0.0f, 0.0f};  // rows g and g + 8
-    for (long long kb = 0; kb <= last; kb += 16) {
-        // K and V of positions kb .. kb + 15 (past `last`: zero, masked below).
-        __syncwarp();
-        for (int i = lane; i < 16 * (D / 8); i += 32) {
-            int r = i / (D / 8), ch = i % (D / 8);
-            long long p = kb + r;
-            uint4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
-            if (p <= last) {
-                long slot = kv_slot(pages, p, page_size);
-                long base = (slot * kv_heads + kvh) * D + ch * 8;
-                if constexpr (is_fp8<C>::value) {
-                    kv = fp8x8_as_bf16(k_cache + base);
-                    vv = fp8x8_as_bf16(v_cache + base);
-                } else {
-                    kv = *(const uint4*)(k_cache + base);
-                    vv = *(const uint4*)(v_cache + base);
-                }
-            }
-            *(uint4*)(ks + r * RS + ch * 8) = kv;
-            *(uint4*)(vs + r * RS + ch * 8) = vv;
+    // The cache's bytes of chunk i of positions kb .. kb + 15: 16 of bf16, 8 of FP8 codes (zero
+    // past `last`: masked below).
+    using Raw = typename kv_raw8<C>::type;
+    auto fetch = [&](long long kb, int i, Raw& kr, Raw& vr) {
+        int r = i / CH, ch = i % CH;
+        long long p = kb + r;
+        kr = vr = Raw{};
+        if (p <= last) {
+            long base = (kv_slot(pages, p, page_size) * kv_heads + kvh) * D + ch * 8;
+            kr = *(const Raw*)(k_cache + base);
+            vr = *(const Raw*)(v_cache + base);
         }
-        __syncwarp();
+    };
+    auto put = [&](int i, const Raw& kr, const Raw& vr) {
+        int r = i / CH, ch = i % CH;
+        if constexpr (is_fp8<C>::value) {
+            *(uint4*)(ks + r * RS + ch * 8) = fp8x8_as_bf16(kr);
+            *(uint4*)(vs + r * RS + ch * 8) = fp8x8_as_bf16(vr);
+        } else {
+            *(uint4*)(ks + r * RS + ch * 8) = kr;
+            *(uint4*)(vs + r * RS + ch * 8) = vr;
+        }
+    };
+    Raw kn[PF], vn[PF];  // GRP: this thread's chunks of the next 16 positions
+    if constexpr (GRP) {
+#pragma unroll
+        for (int j = 0; j < PF; j++)
+            if (threadIdx.x + j * blockDim.x < STAGE) fetch(0, threadIdx.x + j * blockDim.x, kn[j], vn[j]);
+    }
+    for (long long kb = 0; kb <= last; kb += 16) {
+        // K and V of positions kb .. kb + 15 into shared memory, once the block is done with
+        // the last ones.
+        __syncthreads();
+        if constexpr (GRP) {
+#pragma unroll
+            for (int j = 0; j < PF; j++)
+                if (threadIdx.x + j * blockDim.x < STAGE) put(threadIdx.x + j * blockDim.x, kn[j], vn[j]);
+        } else {
+            for (int i = lane; i < STAGE; i += 32) {
+                fetch(kb, i, kn[0], vn[0]);
+                put(i, kn[0], vn[0]);
+            }
+        }
+        __syncthreads();
+        if constexpr (GRP) {
+            if (kb + 16 <= last) {
+#pragma unroll
+                for (int j = 0; j < PF; j++)
+                    if (threadIdx.x + j * blockDim.x < STAGE) fetch(kb + 16, threadIdx.x + j * blockDim.x, kn[j], vn[j]);
+            }
+        }
         // S for keys kb + 8j + (0..8), j = 0, 1.
         float sc[2][4];
 #pragma unroll
@@ -277,8 +315,16 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
         const long long* page_indptr, const int* page_indices, const long long* tiles, int page_size, int heads,    \
         int kv_heads, long tokens, float scale, bf16_t* out, long long ohs, long long ots KV_##K##_PARAMS) {        \
         pdl_enter();                                                                                                  \
-        paged_prefill_tc<D, C>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles,          \
-                               page_size, heads, kv_heads, tokens, scale, out, ohs, ots, KV_##K##_ARGS);              \
+        paged_prefill_tc<D, C, false>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles,   \
+                                      page_size, heads, kv_heads, tokens, scale, out, ohs, ots, KV_##K##_ARGS);       \
+    }                                                                                                                 \
+    extern "C" __global__ void paged_prefill_tc_grp_d##D##_##S(                                                       \
+        const bf16_t* q, const C* k_cache, const C* v_cache, const long long* token_seq, const long long* token_pos, \
+        const long long* page_indptr, const int* page_indices, const long long* tiles, int page_size, int heads,    \
+        int kv_heads, long tokens, float scale, bf16_t* out, long long ohs, long long ots KV_##K##_PARAMS) {        \
+        pdl_enter();                                                                                                  \
+        paged_prefill_tc<D, C, true>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles,    \
+                                     page_size, heads, kv_heads, tokens, scale, out, ohs, ots, KV_##K##_ARGS);        \
     }
 #ifndef KV_FP8_BUILDS
 PREFILL_TC(32, bf16_t, bf16, plain)

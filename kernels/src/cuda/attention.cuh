@@ -37,6 +37,15 @@ template <>
 struct is_fp8<fp8_t> {
     static constexpr bool value = true;
 };
+// Eight of a cache's values as loaded: 16 bytes of bf16, 8 of E4M3 codes.
+template <typename C>
+struct kv_raw8 {
+    using type = uint4;
+};
+template <>
+struct kv_raw8<fp8_t> {
+    using type = uint2;
+};
 // A key or value in cache C's units: for E4M3 the value of the code of x / s.
 template <typename C>
 __device__ __forceinline__ float kv_units(float x, float s) {

@@ -193,6 +193,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_prefill_tc_d64_bf16",
             "paged_prefill_tc_d96_bf16",
             "paged_prefill_tc_d128_bf16",
+            "paged_prefill_tc_grp_d32_bf16",
+            "paged_prefill_tc_grp_d64_bf16",
+            "paged_prefill_tc_grp_d96_bf16",
+            "paged_prefill_tc_grp_d128_bf16",
         ],
     ),
     (
@@ -251,6 +255,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "paged_prefill_tc_d64_bf16_fp8kv",
             "paged_prefill_tc_d96_bf16_fp8kv",
             "paged_prefill_tc_d128_bf16_fp8kv",
+            "paged_prefill_tc_grp_d32_bf16_fp8kv",
+            "paged_prefill_tc_grp_d64_bf16_fp8kv",
+            "paged_prefill_tc_grp_d96_bf16_fp8kv",
+            "paged_prefill_tc_grp_d128_bf16_fp8kv",
         ],
     ),
     (

@@ -129,6 +129,17 @@ impl Gpu {
         self.decode_codes.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether the tensor-core prefill takes a GQA group's heads a block
+    /// (`prefill_heads_a_block`).
+    pub fn prefill_group(&self) -> bool {
+        self.prefill_group.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets `prefill_group` for the launches after.
+    pub fn set_prefill_group(&self, on: bool) {
+        self.prefill_group.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Sets `decode_tc` for the launches after (on only where the device has tensor cores).
     pub fn set_decode_tc(&self, on: bool) {
         let on = on && self.dev.cc.0 >= 8;
@@ -166,9 +177,10 @@ impl Gpu {
     /// Paged attention of q `[heads, tokens, d]` over the cache, into out (its rows where
     /// `HeadRows` says: `heads_major` is q's layout; `tokens_major` the o projection's input,
     /// no transpose after): on
-    /// tensor cores (one warp per tile of 16 query tokens and head) where `prefill_tc` allows
-    /// and the step has tiles, else one block per query token and head. `mods`: a sliding
-    /// window and a soft-cap (those run on the CUDA-core kernel).
+    /// tensor cores (one warp per tile of 16 query tokens and head; with `prefill_group`, a
+    /// block of `prefill_heads_a_block` such warps of one GQA group sharing the K and V they
+    /// stage) where `prefill_tc` allows and the step has tiles, else one block per query token
+    /// and head. `mods`: a sliding window and a soft-cap (those run on the CUDA-core kernel).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention(
         &self,
@@ -189,7 +201,9 @@ impl Gpu {
         let tc = PREFILL_TC_DIMS.iter().position(|&x| x == d);
         let plain = !mods.shapes_scores();
         if let (true, Dt::BF16, Some(i), true, true) = (self.prefill_tc, dt, tc, meta.tile_slots > 0, plain) {
-            let mut l = self.launcher(self.f.paged_prefill_tc[usize::from(mods.kv_fp8.is_some())][i]);
+            let w = if self.prefill_group() { prefill_heads_a_block(heads, kv_heads) } else { 1 };
+            let builds = if w > 1 { &self.f.paged_prefill_tc_grp } else { &self.f.paged_prefill_tc };
+            let mut l = self.launcher(builds[usize::from(mods.kv_fp8.is_some())][i]);
             l.arg(&q).arg(&kc).arg(&vc).arg(&meta.token_seq).arg(&meta.token_pos).arg(&meta.page_indptr);
             l.arg(&meta.page_indices).arg(&meta.tiles).arg(&ps).arg(&h).arg(&kvh).arg(&t).arg(&scale).arg(&out);
             l.arg(&ohs).arg(&ots);
@@ -198,13 +212,15 @@ impl Gpu {
                 l.arg(&scales.0).arg(&scales.1);
             }
             let cfg = LaunchConfig {
-                grid_dim: (meta.tile_slots as u32, heads as u32, 1),
-                block_dim: (32, 1, 1),
+                grid_dim: (meta.tile_slots as u32, (heads / w) as u32, 1),
+                block_dim: (32 * w as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: as write_kv; `tiles` holds tile_slots (first token, count) pairs of
-            // consecutive tokens of one sequence each (`plan_tiles`).
-            return launched("paged_prefill_tc", unsafe { l.launch(cfg) }.map(|_| ()));
+            // consecutive tokens of one sequence each (`plan_tiles`); w divides the GQA group
+            // (`prefill_heads_a_block`), so a block's heads share one KV head.
+            let name = if w > 1 { "paged_prefill_tc_grp" } else { "paged_prefill_tc" };
+            return launched(name, unsafe { l.launch(cfg) }.map(|_| ()));
         }
         let di = head_dim_index(d, "paged attention")?;
         let f = &self.f.paged_attention[build(dt, mods.kv_fp8)?][di];
@@ -567,6 +583,15 @@ pub fn heads_a_block(heads: usize, kv_heads: usize, d: usize) -> usize {
     [8, 4, 2].into_iter().find(|&hb| group.is_multiple_of(hb) && hb * per <= 32).unwrap_or(1)
 }
 
+/// Query heads of one GQA group a block of the tensor-core prefill takes together
+/// (`prefill_group`): the most of 8, 4, 2 that divides the group, else 1 (the one-warp build).
+pub fn prefill_heads_a_block(heads: usize, kv_heads: usize) -> usize {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return 1;
+    }
+    [8, 4, 2].into_iter().find(|&w| (heads / kv_heads).is_multiple_of(w)).unwrap_or(1)
+}
+
 /// Head dims the tensor-core prefill is instantiated for (larger ones take the CUDA-core
 /// kernel: their output fragments would not fit a thread's registers).
 pub const PREFILL_TC_DIMS: [usize; 4] = [32, 64, 96, 128];
@@ -632,6 +657,15 @@ pub struct StepMeta {
 #[cfg(test)]
 mod tests {
     use super::{heads_a_block, plan_tiles, tile_slots, Split};
+
+    #[test]
+    fn a_prefill_block_takes_a_divisor_of_the_gqa_group() {
+        // Llama-3.x (group 4), Qwen3-30B-A3B (32 / 4: 8), group 16 (8 a block), Qwen2.5-7B
+        // (28 / 4: 7, one warp), group 6 (2), no GQA, a group that does not divide.
+        for (heads, kv, w) in [(32, 8, 4), (32, 4, 8), (64, 4, 8), (28, 4, 1), (12, 2, 2), (16, 16, 1), (10, 4, 1)] {
+            assert_eq!(super::prefill_heads_a_block(heads, kv), w, "{heads} heads, {kv} kv heads");
+        }
+    }
 
     #[test]
     fn a_large_step_takes_fewer_chunks_within_the_partials() {

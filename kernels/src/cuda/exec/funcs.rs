@@ -75,6 +75,7 @@ pub(super) struct Funcs {
     pub(super) slot_attention: [Vec<Kernel>; 4],
     /// bf16 tensor-core prefill, head dims `PREFILL_TC_DIMS`: over a bf16 cache, over an FP8 one.
     pub(super) paged_prefill_tc: [Vec<Kernel>; 2],
+    pub(super) paged_prefill_tc_grp: [Vec<Kernel>; 2],
     /// bf16 split-KV decode on tensor cores over a GQA group, the same builds and head dims.
     pub(super) paged_decode_tc: [Vec<Kernel>; 2],
     /// The same with ldmatrix fragment loads (`[kernels] decode_ldmatrix`).
@@ -219,6 +220,7 @@ impl Funcs {
             sample_rows: g("sample_rows")?,
             write_kv: builds("write_kv")?,
             paged_prefill_tc: tc_dims("paged_prefill_tc")?,
+            paged_prefill_tc_grp: tc_dims("paged_prefill_tc_grp")?,
             paged_decode_tc: tc_dims("paged_decode_tc")?,
             paged_decode_tc_ldsm: tc_dims("paged_decode_tc_ldsm")?,
             paged_decode_tc_codes: PREFILL_TC_DIMS

@@ -21,8 +21,8 @@ mod quant;
 mod settings;
 
 pub use attention::{
-    heads_a_block, kernel_head_dim, plan_tiles, tile_slots, HeadRows, ScoreMods, Split, StepMeta, ATTN_BUILDS,
-    GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
+    heads_a_block, kernel_head_dim, plan_tiles, prefill_heads_a_block, tile_slots, HeadRows, ScoreMods, Split,
+    StepMeta, ATTN_BUILDS, GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
 };
 pub use moe::{MoeShape, RouterIn, ROUTER_FUSED_MAX_EXPERTS};
 pub use quant::{LowBitLinear, LowBitScales, ScaleRuns, MAX_SCALE_RUNS};
@@ -222,6 +222,9 @@ pub struct Gpu {
     /// Over an FP8 cache, that build's fragments straight from the codes (`[kernels]
     /// decode_fp8_codes`). An atomic as `decode_tc` (`set_decode_fp8_codes`).
     decode_codes: std::sync::atomic::AtomicBool,
+    /// The tensor-core prefill takes a GQA group's heads a block (`[kernels]
+    /// prefill_group_heads`). An atomic as `decode_tc` (`set_prefill_group`).
+    prefill_group: std::sync::atomic::AtomicBool,
     /// Warps an output in the fused gate/up + SwiGLU GEMV (`AUTODEPLOY_SWIGLU_SPLIT`: 1, 2 or
     /// 4, the default): a smaller last wave of blocks. On an H200 the 8B decode step was
     /// 0.11-0.14 ms shorter at 4 than at 1 (BENCHMARKS.md, session 10).
@@ -395,6 +398,7 @@ impl Gpu {
         let pdl = dev.cc.0 >= 9 && k.pdl;
         let prefetch_row = k.prefetch_row;
         let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
+        let prefill_group = std::sync::atomic::AtomicBool::new(k.prefill_group_heads);
         let fp8_tc = dev.cc >= (8, 9) && k.fp8_gemv_tensor_cores;
         let nvfp4_tc = dev.cc.0 >= 8 && k.nvfp4_gemv_tensor_cores;
         let source_kernels = Default::default();
@@ -423,6 +427,7 @@ impl Gpu {
             attn_group,
             decode_tc,
             decode_ldsm,
+            prefill_group,
             decode_codes,
             swiglu_split,
             moe_grouped_min: k.moe_grouped_min,

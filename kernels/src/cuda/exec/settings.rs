@@ -16,6 +16,11 @@ pub struct KernelSettings {
     pub prefetch_row: usize,
     /// Prefill attention on tensor cores where it applies (`AUTODEPLOY_PREFILL_TC=0`: CUDA cores).
     pub prefill_tensor_cores: bool,
+    /// That tensor-core prefill takes a GQA group's query heads together: a block of up to 8
+    /// warps, one a head, stages each 16 positions' K and V once for all of them and loads the
+    /// next 16 while they compute (`AUTODEPLOY_PREFILL_GROUP=1`). Off until measured: written
+    /// without a GPU at hand.
+    pub prefill_group_heads: bool,
     /// Warps a weight row in the one-row decode GEMV: 1, 2 or 4 (`AUTODEPLOY_GEMV_SPLIT`).
     pub gemv_split: usize,
     /// Warps an output in the fused gate/up + SwiGLU GEMV: 1, 2 or 4 (`AUTODEPLOY_SWIGLU_SPLIT`).
@@ -79,6 +84,7 @@ impl Default for KernelSettings {
             pdl: true,
             prefetch_row: 1024,
             prefill_tensor_cores: true,
+            prefill_group_heads: false,
             gemv_split: 2,
             swiglu_split: 4,
             attn_positions_per_pass: 4,
@@ -98,10 +104,11 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 17] = [
+const ENV: [(&str, &str); 18] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
+    ("prefill_group_heads", "AUTODEPLOY_PREFILL_GROUP"),
     ("gemv_split", "AUTODEPLOY_GEMV_SPLIT"),
     ("swiglu_split", "AUTODEPLOY_SWIGLU_SPLIT"),
     ("attn_positions_per_pass", "AUTODEPLOY_ATTN_U"),
@@ -161,6 +168,10 @@ impl KernelSettings {
                 }
                 "prefill_tensor_cores" => {
                     s.prefill_tensor_cores = flag;
+                    true
+                }
+                "prefill_group_heads" => {
+                    s.prefill_group_heads = flag;
                     true
                 }
                 "attn_group_heads" => {
