@@ -34,7 +34,9 @@
 #           AUTODEPLOY_DECODE_FP8_CODES=0);
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
 #   prefill the tensor-core prefill with a GQA group's heads a block against one head a block
-#           (AUTODEPLOY_PREFILL_GROUP): prefill ms of 256 x 128 and offline 1,000 x 128/128.
+#           (AUTODEPLOY_PREFILL_GROUP), together with a mixed step's decodes through the
+#           split-KV decode (AUTODEPLOY_MIXED_SPLIT): prefill ms of 256 x 128 and offline
+#           1,000 x 128/128; then each alone offline.
 #   bigbatch the decode step at batch 256 and 512 (session 37's cliff past 256 tokens).
 #   offline FP8 and bf16 offline 1,000 x 128/128 alone, and FP8 with an FP8 KV cache (the
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
@@ -115,7 +117,8 @@ for part in $PARTS; do
         echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s (kernel compile included)"
         grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
         timeout 240 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
-            fused_qk_norms fused_moe_router fused_router fused_down_and_combine a_decode_step_past_the_split 2>&1 |
+            fused_qk_norms fused_moe_router fused_router fused_down_and_combine a_decode_step_past_the_split \
+            a_mixed_steps_decodes 2>&1 |
             grep -E "^test |panicked|FAILED|failed|test result" | head -60
         ;;
     quant)
@@ -246,6 +249,8 @@ PY
         sed -i 's/^max_batch_size = .*/max_batch_size = 1024/; s/^max_seq_len = .*/max_seq_len = 288/' "$b1k"
         for _ in 1 2; do
             for g in 0 1; do
+                # (With the group, also a mixed step's decodes through split-KV: AUTODEPLOY_MIXED_SPLIT.)
+                export AUTODEPLOY_MIXED_SPLIT=$g
                 AUTODEPLOY_PREFILL_GROUP=$g bench "8B FP8 256 x 128, prefill group $g" "$H/llama-3.1-8b-fp8-offline.toml" \
                     --mode throughput --batch 256 --isl 128 --osl 4
                 AUTODEPLOY_PREFILL_GROUP=$g bench "8B bf16 256 x 128, prefill group $g" "$H/llama-3.1-8b-offline.toml" \
@@ -254,6 +259,10 @@ PY
                 off "FP8 offline, FP8 KV, 1,024, prefill group $g" "$b1k" AUTODEPLOY_PREFILL_GROUP=$g
             done
         done
+        unset AUTODEPLOY_MIXED_SPLIT
+        # Each alone, offline at 1,024.
+        off "FP8 offline, FP8 KV, 1,024, prefill group alone" "$b1k" AUTODEPLOY_PREFILL_GROUP=1
+        off "FP8 offline, FP8 KV, 1,024, mixed split alone" "$b1k" AUTODEPLOY_MIXED_SPLIT=1
         ;;
     bigbatch)
         # Session 37, H100: offline at max_batch_size 512 gave 11,851 tok/s against 20,435 at

@@ -92,6 +92,7 @@ fn main() {
         cached_len: cached.ptr,
         tiles: 0,
         tile_slots: 0,
+        decode_prefix: 0,
     };
     let (chunk, splits) = Split::plan(MAX_LEN, gpu.split_min_chunk());
     let partial = gpu.alloc(4 * splits * heads * (HEAD_DIM + 2) + 4 * heads, "split-KV partials").unwrap();

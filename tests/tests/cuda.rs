@@ -550,6 +550,46 @@ fn a_decode_step_past_the_split_partials_stays_split() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
+/// A mixed step as the in-flight runtime makes them: four decodes queued first, then three
+/// prompts of 90 tokens (274 tokens: past the split-KV decode's 256). bf16, `flashinfer`: with
+/// `mixed_step_split_decodes` the decodes take the split-KV decode and the prompts alone the
+/// tensor-core prefill; without, every token the prefill. The logits of the first prompts, the
+/// mixed step and a decode step of all seven stay within bf16's tolerance of the CPU's (against
+/// f32) both ways, and the split-KV decode runs in the mixed step only with the setting.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn a_mixed_steps_decodes_take_the_split_kv_decode() {
+    let _turn = gpu();
+    let prompt = |r: usize, n: usize| -> Vec<i64> { (0..n).map(|i| 1 + ((i * 37 + r * 11) % 250) as i64).collect() };
+    let first: Vec<(usize, Vec<i64>)> = (0..4).map(|r| (r, prompt(r, 40 + 5 * r))).collect();
+    let mut mixed: Vec<(usize, Vec<i64>)> = (0..4).map(|r| (r, vec![3 + r as i64])).collect();
+    mixed.extend((4..7).map(|r| (r, prompt(r, 90))));
+    let last: Vec<(usize, Vec<i64>)> = (0..7).map(|r| (r, vec![9 + 2 * r as i64])).collect();
+    let schedule = [first, mixed, last];
+    let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 8\nmax_seq_len = 128\n");
+    let run = |e: &mut Engine| common::steps::run_paged_schedule(e, PAGE, &schedule);
+    let reference = run(&mut engine("qwen3", &format!("{base}device = \"cpu\"\n")));
+    let truth = run(&mut engine("qwen3", &format!("{}device = \"cpu\"\n", base.replace("bfloat16", "float32"))));
+    let mut failed = Vec::new();
+    let mut decodes = Vec::new();
+    for on in [false, true] {
+        let extra = format!(
+            "{base}device = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"flashinfer\"\nkernels.mixed_step_split_decodes = {on}\n"
+        );
+        let mut gpu = engine("qwen3", &extra);
+        let (got, ran) = launches(|| run(&mut gpu));
+        assert!(
+            ran.contains_key("paged_prefill_tc"),
+            "mixed_step_split_decodes = {on}: no tensor-core prefill: {ran:?}"
+        );
+        decodes.push(ran.iter().filter(|(k, _)| k.starts_with("paged_decode")).map(|(_, &v)| v).sum::<u64>());
+        let what = format!("qwen3 bf16 mixed step, mixed_step_split_decodes = {on}");
+        failed.extend(bf16_against_f32(&what, "qwen3", &truth, &reference, &got).err());
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert!(decodes[1] > decodes[0], "split-KV decode launches off/on: {decodes:?}: the mixed step did not split");
+}
+
 /// Dummy weights made on the GPU (`fill_uniform`, `fill_const`) are the values the CPU makes
 /// for the same `Synthetic` and casts to the same dtype, bit for bit: f32, bf16 and f16, a
 /// length that ends inside a chunk.

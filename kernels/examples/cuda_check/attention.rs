@@ -4,7 +4,7 @@
 
 use super::*;
 use autodeploy_kernels::cuda::exec::{
-    plan_tiles, prefill_heads_a_block, HeadRows, ScoreMods, Split, StepMeta, PREFILL_TC_DIMS,
+    decode_prefix_count, plan_tiles, prefill_heads_a_block, HeadRows, ScoreMods, Split, StepMeta, PREFILL_TC_DIMS,
 };
 
 /// One attention configuration through the three kernels; see the call in `main`.
@@ -102,6 +102,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             cached_len: cl,
             tiles: dtiles,
             tile_slots: tiles.len() / 2,
+            decode_prefix: decode_prefix_count(&tseq),
         }
     };
     let m_scattered = meta_for(&mut put, &scattered);
@@ -198,14 +199,35 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
     // one warp per tile of 16 tokens on tensor cores, one head a block and (`prefill_group`,
     // where the GQA group allows) a group's heads a block.
     let tc_applies = bf && gpu.dev.cc.0 >= 8 && PREFILL_TC_DIMS.contains(&d);
+    // Also the way `flashinfer` runs a mixed step with `mixed_step_split_decodes`: its decode
+    // prefix (sequence 0's one token) through the split-KV decode, the tiles after it on
+    // tensor cores.
     let (group0, grouped) = (gpu.prefill_group(), prefill_heads_a_block(heads, kv_heads) > 1);
-    let prefill_ways = [(false, false), (true, false), (true, true)];
-    let prefill_name = |tc: bool, grp: bool| match (tc, grp) {
-        (false, _) => "paged",
-        (true, false) => "paged tensor-core",
-        (true, true) => "paged tensor-core, heads grouped",
+    let prefill_ways = [(false, false, false), (true, false, false), (true, true, false), (true, false, true)];
+    let prefill_name = |tc: bool, grp: bool, mixed: bool| match (tc, grp, mixed) {
+        (false, ..) => "paged",
+        (true, _, true) => "paged tensor-core after a split-KV decode prefix",
+        (true, false, _) => "paged tensor-core",
+        (true, true, _) => "paged tensor-core, heads grouped",
     };
-    for (tc, grp) in prefill_ways {
+    assert_eq!(m_scattered.decode_prefix, 1, "the step's decode prefix");
+    // (Counters zeroed once: the kernel leaves them zero.)
+    let prefix_split = Split {
+        chunk: 16,
+        splits: 4,
+        partial: put(vec![0u8; tokens * heads * 4 * (d + 2) * 4]),
+        counters: put(vec![0u8; tokens * heads * 4]),
+    };
+    let prefill = |m: &StepMeta, q: u64, (kc, vc): (u64, u64), out: (u64, HeadRows), mods: ScoreMods, mixed: bool| {
+        if mixed {
+            let split = prefix_split;
+            gpu.paged_decode_split_prefix(dt, q, (kc, vc), out, m, heads, kv_heads, d, scale, split, mods).unwrap();
+            gpu.paged_attention(dt, q, kc, vc, out, &m.after_decode_prefix(), heads, kv_heads, d, scale, mods).unwrap();
+        } else {
+            gpu.paged_attention(dt, q, kc, vc, out, m, heads, kv_heads, d, scale, mods).unwrap();
+        }
+    };
+    for (tc, grp, mixed) in prefill_ways {
         if tc && !tc_applies || grp && !grouped {
             continue;
         }
@@ -220,7 +242,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
         // Written token-major (the o projection's input), transposed back here; the FP8-cache
         // runs below write heads-major.
         let rows = HeadRows::tokens_major(heads, d);
-        gpu.paged_attention(dt, dq, kc, vc, (out, rows), &m, heads, kv_heads, d, scale, ScoreMods::default()).unwrap();
+        prefill(&m, dq, (kc, vc), (out, rows), ScoreMods::default(), mixed);
         let tm = read(out, out_bytes);
         let mut got = tm.clone();
         for t in 0..tokens {
@@ -228,7 +250,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                 got[(h * tokens + t) * d..][..d].copy_from_slice(&tm[(t * heads + h) * d..][..d]);
             }
         }
-        rep.check_scaled(&name(prefill_name(tc, grp)), bf, &got, &want_s, 1e-5);
+        rep.check_scaled(&name(prefill_name(tc, grp, mixed)), bf, &got, &want_s, 1e-5);
         rep.exact("  k cache after write", bf, &read(kc, cache_bytes), &want_kc_s);
         rep.exact("  v cache after write", bf, &read(vc, cache_bytes), &want_vc_s);
     }
@@ -396,7 +418,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
         let mods = ScoreMods { kv_fp8: kv, ..ScoreMods::default() };
         // write_kv + the ragged prefill kernel, on CUDA cores and (bf16) on tensor cores, the
         // FP8 tiles converted to bf16 as they are staged.
-        for (tc, grp) in prefill_ways {
+        for (tc, grp, mixed) in prefill_ways {
             if tc && !tc_applies || grp && !grouped {
                 continue;
             }
@@ -409,8 +431,8 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
                 m.tile_slots = 0;
             }
             let rows = HeadRows::heads_major(tokens, d);
-            gpu.paged_attention(dt, dq, kc, vc, (out, rows), &m, heads, kv_heads, d, scale, mods).unwrap();
-            let what = format!("{}, FP8 cache", prefill_name(tc, grp));
+            prefill(&m, dq, (kc, vc), (out, rows), mods, mixed);
+            let what = format!("{}, FP8 cache", prefill_name(tc, grp, mixed));
             rep.check_scaled(&name(&what), bf, &read(out, out_bytes), &want8, 1e-5);
             rep.exact("  k cache after write (FP8 values)", false, &read8(kc, ks), &want8_kc);
             rep.exact("  v cache after write (FP8 values)", false, &read8(vc, vs), &want8_vc);

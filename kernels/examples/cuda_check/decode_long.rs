@@ -91,6 +91,7 @@ pub(crate) fn check_long_decode(gpu: &Gpu, rep: &mut Report, heads: usize, kv_he
         cached_len: put(i64s(&pos)),
         tiles: ts,
         tile_slots: 0,
+        decode_prefix: 0,
     };
     let dq = put(bf_bytes(&q));
     let caches = [(put(bf_bytes(&kc)), put(bf_bytes(&vc))), (put(k8), put(v8))];

@@ -6,7 +6,8 @@
 //!   steps of at most `SPLIT_EARLY_MAX_TOKENS` tokens rotates, writes the cache and attends in one
 //!   launch; decode steps past 256 tokens take fewer, longer chunks in the same partials), other
 //!   steps through ragged paged attention (tensor-core tiles planned per step where the head dim
-//!   allows). Takes RoPE-fused ops, reads q/k/v where they lie, may write token-major. Layers
+//!   allows; with `mixed_step_split_decodes`, a mixed step's decodes through split-KV and its
+//!   prompt chunks alone on tensor cores). Takes RoPE-fused ops, reads q/k/v where they lie, may write token-major. Layers
 //!   with a sliding window or soft-cap skip the latency build and the tensor-core prefill: the
 //!   throughput split-KV build and the ragged CUDA-core kernel apply them.
 //! - `triton` (AutoDeploy's triton backend's design): each sequence in one run of consecutive
@@ -172,13 +173,30 @@ impl DeviceAttention for FlashInfer {
             gpu.write_kv(odt, c.k.ptr, c.v.ptr, cache.0, cache.1, meta, kvh, d, kv_fp8).map_err(fail)?;
             c.q.ptr
         };
-        match split {
-            Some(split) => gpu
-                .paged_decode_split(odt, q, cache, (c.out, out_rows), meta, heads, kvh, d, sc, split, c.mods)
-                .map_err(fail)?,
-            _ => gpu
-                .paged_attention(odt, q, cache.0, cache.1, (c.out, out_rows), meta, heads, kvh, d, sc, c.mods)
-                .map_err(fail)?,
+        // A mixed step (`mixed_step_split_decodes`): its decodes, queued first, through the
+        // split-KV decode, its prompt chunks' tiles after them on tensor cores (a decode would
+        // be a tile of one row there, reading its sequence once for every query head).
+        let prefix = meta.decode_prefix;
+        let mixed = self.split.filter(|_| {
+            gpu.mixed_split_decodes()
+                && prefix > 0
+                && prefix < meta.tokens
+                && gpu.prefill_tc_applies(odt, d, c.mods, meta)
+        });
+        let out = (c.out, out_rows);
+        match (split, mixed) {
+            (Some(split), _) => {
+                gpu.paged_decode_split(odt, q, cache, out, meta, heads, kvh, d, sc, split, c.mods).map_err(fail)?
+            }
+            (None, Some(s)) => {
+                let s = s.for_tokens(prefix, self.split_tokens);
+                gpu.paged_decode_split_prefix(odt, q, cache, out, meta, heads, kvh, d, sc, s, c.mods).map_err(fail)?;
+                let rest = meta.after_decode_prefix();
+                gpu.paged_attention(odt, q, cache.0, cache.1, out, &rest, heads, kvh, d, sc, c.mods).map_err(fail)?
+            }
+            (None, None) => {
+                gpu.paged_attention(odt, q, cache.0, cache.1, out, meta, heads, kvh, d, sc, c.mods).map_err(fail)?
+            }
         }
         Ok(out_rows)
     }

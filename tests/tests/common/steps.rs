@@ -13,20 +13,29 @@ pub fn input_index(e: &Engine, name: &str) -> usize {
 /// the caller) through the engine's cached forward with pages of `page` positions (the engine's
 /// `attn_page_size`), as the runtime would; returns each step's logits rows.
 pub fn run_paged_steps(e: &mut Engine, page: usize, prompts: &[Vec<i64>], decode: &[Vec<i64>]) -> Vec<Vec<Vec<f32>>> {
+    let mut steps = vec![prompts.iter().cloned().enumerate().collect::<Vec<_>>()];
+    steps.extend(decode.iter().map(|d| d.iter().map(|&t| vec![t]).enumerate().collect()));
+    run_paged_schedule(e, page, &steps)
+}
+
+/// As `run_paged_steps`, each step a list of (sequence, its new tokens) in the step's order
+/// (a sequence's first appearance starts it): mixed steps, decodes beside prompt chunks, as the
+/// in-flight runtime makes them. Returns each step's logits rows (a sequence's last token's).
+pub fn run_paged_schedule(e: &mut Engine, page: usize, steps: &[Vec<(usize, Vec<i64>)>]) -> Vec<Vec<Vec<f32>>> {
     let spec = e.cache.clone().expect("fixtures get a KV cache");
     let mut cache = PagedKvCache::new(spec, page);
     let mut pool = PagePool::new(e.kv_pages);
-    let mut seqs: Vec<(Vec<i64>, usize, Vec<u32>)> = prompts.iter().map(|p| (p.clone(), 0, vec![])).collect();
+    let mut seqs: Vec<(Vec<i64>, usize, Vec<u32>)> = Vec::new();
     let mut out = Vec::new();
-    for step in 0..=decode.len() {
-        if step > 0 {
-            for (s, &t) in seqs.iter_mut().zip(&decode[step - 1]) {
-                s.0.push(t);
-            }
-        }
+    for step in steps {
         let mut meta = BatchMetadata::default();
         let (mut ids, mut pos, mut gather) = (vec![], vec![], vec![]);
-        for s in seqs.iter_mut() {
+        for (i, new) in step {
+            if *i >= seqs.len() {
+                seqs.resize(i + 1, (vec![], 0, vec![]));
+            }
+            let s = &mut seqs[*i];
+            s.0.extend_from_slice(new);
             // A backend with per-sequence slots gets its slot whole, as the runtime does.
             if let (Some(n), true) = (e.model.kv_pages_per_sequence(), s.2.is_empty()) {
                 s.2 = pool.alloc_run(n).unwrap();

@@ -146,6 +146,22 @@ impl Gpu {
         self.decode_tc.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether `paged_attention` runs on tensor cores for this layer and step: bf16, a head dim
+    /// of `PREFILL_TC_DIMS`, plain causal scores, sm_80+ (`prefill_tc`), tiles planned.
+    pub fn prefill_tc_applies(&self, dt: Dt, d: usize, mods: ScoreMods, meta: &StepMeta) -> bool {
+        self.prefill_tc
+            && dt == Dt::BF16
+            && PREFILL_TC_DIMS.contains(&d)
+            && !mods.shapes_scores()
+            && meta.tile_slots > 0
+    }
+
+    /// Whether `flashinfer` runs a mixed step's decode prefix through the split-KV decode and
+    /// the rest through the tensor-core prefill (`[kernels] mixed_step_split_decodes`).
+    pub fn mixed_split_decodes(&self) -> bool {
+        self.mixed_split
+    }
+
     /// Writes this step's k/v `[kv_heads, tokens, d]` into their cache slots (an FP8 cache:
     /// `kv_fp8`'s scales).
     #[allow(clippy::too_many_arguments)]
@@ -198,9 +214,9 @@ impl Gpu {
     ) -> Result<(), Unavailable> {
         let (ps, h, kvh, t) = (meta.page_size as i32, heads as i32, kv_heads as i32, meta.tokens as i64);
         let (ohs, ots) = (rows.head, rows.token);
-        let tc = PREFILL_TC_DIMS.iter().position(|&x| x == d);
-        let plain = !mods.shapes_scores();
-        if let (true, Dt::BF16, Some(i), true, true) = (self.prefill_tc, dt, tc, meta.tile_slots > 0, plain) {
+        if let (true, Some(i)) =
+            (self.prefill_tc_applies(dt, d, mods, meta), PREFILL_TC_DIMS.iter().position(|&x| x == d))
+        {
             let w = if self.prefill_group() { prefill_heads_a_block(heads, kv_heads) } else { 1 };
             let builds = if w > 1 { &self.f.paged_prefill_tc_grp } else { &self.f.paged_prefill_tc };
             let mut l = self.launcher(builds[usize::from(mods.kv_fp8.is_some())][i]);
@@ -285,6 +301,46 @@ impl Gpu {
         split: Split,
         mods: ScoreMods,
     ) -> Result<(), Unavailable> {
+        self.decode_split_over(meta.tokens, dt, q, cache, out, meta, (heads, kv_heads, d), scale, split, mods)
+    }
+
+    /// `paged_decode_split` of the step's decode prefix alone (`meta.decode_prefix` tokens; q
+    /// and out as for the whole step): a mixed step's decodes, the tensor-core prefill taking
+    /// the tiles after them (`StepMeta::after_decode_prefix`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_split_prefix(
+        &self,
+        dt: Dt,
+        q: Ptr,
+        cache: (Ptr, Ptr),
+        out: (Ptr, HeadRows),
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        scale: f32,
+        split: Split,
+        mods: ScoreMods,
+    ) -> Result<(), Unavailable> {
+        let n = meta.decode_prefix.min(meta.tokens);
+        self.decode_split_over(n, dt, q, cache, out, meta, (heads, kv_heads, d), scale, split, mods)
+    }
+
+    /// The split-KV decode's throughput build over the step's first `n` tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_split_over(
+        &self,
+        n: usize,
+        dt: Dt,
+        q: Ptr,
+        cache: (Ptr, Ptr),
+        out: (Ptr, HeadRows),
+        meta: &StepMeta,
+        (heads, kv_heads, d): (usize, usize, usize),
+        scale: f32,
+        split: Split,
+        mods: ScoreMods,
+    ) -> Result<(), Unavailable> {
         let shapes = (heads, kv_heads, d);
         if self.decode_tc_applies(dt, heads, kv_heads, d, mods) {
             // One block a kv head: the group's heads are the N side of its MMAs.
@@ -296,7 +352,19 @@ impl Gpu {
                 (false, false) => (self.f.paged_decode_tc[fp8][i], "paged_decode_tc"),
             };
             let hb = heads / kv_heads;
-            return self.launch_split(tc, (q, 0, 0), (0, 0), None, cache, out, meta, shapes, (scale, mods), split, hb);
+            return self.launch_split(
+                tc,
+                (q, 0, 0),
+                (0, 0),
+                None,
+                cache,
+                out,
+                (meta, n),
+                shapes,
+                (scale, mods),
+                split,
+                hb,
+            );
         }
         let hb = self.decode_heads_a_block(heads, kv_heads, d);
         let builds = match hb {
@@ -306,7 +374,7 @@ impl Gpu {
             _ => &self.f.paged_decode_split,
         };
         let f = (split_build(builds, dt, d, mods)?, "paged_decode_split");
-        self.launch_split(f, (q, 0, 0), (0, 0), None, cache, out, meta, shapes, (scale, mods), split, hb)
+        self.launch_split(f, (q, 0, 0), (0, 0), None, cache, out, (meta, n), shapes, (scale, mods), split, hb)
     }
 
     /// Split-KV decode attention, latency build (for steps of at most `SPLIT_EARLY_MAX_TOKENS`
@@ -344,7 +412,7 @@ impl Gpu {
         let plain = ScoreMods { kv_fp8, ..ScoreMods::default() };
         let f = (split_build(f, dt, d, plain)?, "paged_decode_split");
         let shapes = (heads, kv_heads, d);
-        self.launch_split(f, qkv, tables, qk_norm, cache, out, meta, shapes, (scale, plain), split, 1)
+        self.launch_split(f, qkv, tables, qk_norm, cache, out, (meta, meta.tokens), shapes, (scale, plain), split, 1)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -356,7 +424,7 @@ impl Gpu {
         qk_norm: Option<(Ptr, Ptr, f32)>,
         cache: (Ptr, Ptr),
         (out, rows): (Ptr, HeadRows),
-        meta: &StepMeta,
+        (meta, grid_tokens): (&StepMeta, usize),
         (heads, kv_heads, d): (usize, usize, usize),
         (scale, mods): (f32, ScoreMods),
         split: Split,
@@ -389,12 +457,14 @@ impl Gpu {
         let (qn, kn, neps) = qk_norm.unwrap_or((0, 0, 0.0));
         l.arg(&qn).arg(&kn).arg(&neps);
         let cfg = LaunchConfig {
-            grid_dim: (meta.tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
+            grid_dim: (grid_tokens as u32, (heads / heads_a_block) as u32, split.splits as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as paged_attention; the step's tokens index q/k/v and cos/sin; `partial` holds
-        // tokens × heads × splits × (d + 2) floats, `counters` tokens × heads zeroed ints.
+        // SAFETY: as paged_attention; the step's first `grid_tokens` tokens (at most
+        // meta.tokens) index q/k/v and cos/sin, whose rows span meta.tokens; `partial` holds
+        // grid_tokens × heads × splits × (d + 2) floats, `counters` grid_tokens × heads zeroed
+        // ints.
         launched(name, unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
@@ -440,9 +510,24 @@ impl Gpu {
             // SAFETY: as below; qn, kn hold d elements of dt each.
             return launched("rope_norm_write_kv", unsafe { l.launch(grid(rows * 32, 256)) }.map(|_| ()));
         }
+        // Four pairs a thread, a head a grid row, 32-bit indices in the kernel.
+        let quads = meta.tokens * d / 8;
+        if !d.is_multiple_of(8) || quads >= 1 << 31 || heads + kv_heads > 65_535 {
+            return Err(Unavailable(format!(
+                "rope_write_kv takes a head dim that is a multiple of 8, fewer than 2^31 / (d / 8) tokens and at most 65,535 heads: d {d}, {} tokens, {} heads",
+                meta.tokens,
+                heads + kv_heads
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (quads.div_ceil(256) as u32, (heads + kv_heads) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: as write_kv; q_out [heads, tokens, d]; q, k, v rows where `rows` says (the
-        // caller's views of its tensors: heads × tokens rows of d within them).
-        launched("rope_write_kv", unsafe { l.launch(grid(rows * d / 2, 256)) }.map(|_| ()))
+        // caller's views of its tensors: heads × tokens rows of d within them); one thread a
+        // token's four pairs of one head (d % 8 == 0, the index within 32 bits: checked above).
+        launched("rope_write_kv", unsafe { l.launch(cfg) }.map(|_| ()))
     }
 }
 
@@ -652,11 +737,62 @@ pub struct StepMeta {
     /// planned (the CUDA-core kernel runs).
     pub tiles: Ptr,
     pub tile_slots: usize,
+    /// Leading tokens that are each their sequence's only token in this step (the runtime
+    /// queues a step's decodes before its prefill chunks): `tiles`' first `decode_prefix` pairs
+    /// are theirs, one a token (`decode_prefix_count`).
+    pub decode_prefix: usize,
+}
+
+impl StepMeta {
+    /// This step past its decode prefix, for the tensor-core prefill after a split-KV decode of
+    /// the prefix (`Gpu::paged_decode_split_prefix`): the tiles after the prefix's.
+    pub fn after_decode_prefix(&self) -> StepMeta {
+        let skip = self.decode_prefix.min(self.tile_slots);
+        StepMeta { tiles: self.tiles + 16 * skip as u64, tile_slots: self.tile_slots - skip, decode_prefix: 0, ..*self }
+    }
+}
+
+/// The leading tokens of a step (`token_seq`, each sequence's tokens consecutive) that are
+/// each their sequence's only token.
+pub fn decode_prefix_count(token_seq: &[i64]) -> usize {
+    let alone = |t: usize| token_seq.get(t + 1) != Some(&token_seq[t]);
+    (0..token_seq.len()).take_while(|&t| alone(t)).count()
 }
 
 #[cfg(test)]
 mod tests {
     use super::{heads_a_block, plan_tiles, tile_slots, Split};
+
+    #[test]
+    fn a_steps_decode_prefix_is_its_leading_lone_tokens_and_their_tiles() {
+        // Three decodes, a prompt chunk of 20, a decode after it (not leading): 3.
+        let seq = [0i64, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4];
+        let pos: Vec<i64> = [9i64, 4, 30].into_iter().chain(0..20).chain([7]).collect();
+        assert_eq!(super::decode_prefix_count(&seq), 3);
+        let tiles = plan_tiles(&seq, &pos, 5);
+        // The prefix's tiles first, one token each.
+        assert_eq!(&tiles[..6], &[0, 1, 1, 1, 2, 1]);
+        assert_eq!(&tiles[6..8], &[3, 16]);
+        // A prompt first: no prefix; decodes only: all of them; nothing: 0.
+        assert_eq!(super::decode_prefix_count(&[0, 0, 1]), 0);
+        assert_eq!(super::decode_prefix_count(&[0, 1, 2]), 3);
+        assert_eq!(super::decode_prefix_count(&[]), 0);
+        let meta = super::StepMeta {
+            tokens: seq.len(),
+            page_size: 16,
+            token_seq: 0,
+            token_pos: 0,
+            page_indptr: 0,
+            page_indices: 0,
+            seq_start: 0,
+            cached_len: 0,
+            tiles: 1000,
+            tile_slots: tiles.len() / 2,
+            decode_prefix: 3,
+        };
+        let after = meta.after_decode_prefix();
+        assert_eq!((after.tiles, after.tile_slots, after.decode_prefix), (1048, tiles.len() / 2 - 3, 0));
+    }
 
     #[test]
     fn a_prefill_block_takes_a_divisor_of_the_gqa_group() {

@@ -21,8 +21,8 @@ mod quant;
 mod settings;
 
 pub use attention::{
-    heads_a_block, kernel_head_dim, plan_tiles, prefill_heads_a_block, tile_slots, HeadRows, ScoreMods, Split,
-    StepMeta, ATTN_BUILDS, GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
+    decode_prefix_count, heads_a_block, kernel_head_dim, plan_tiles, prefill_heads_a_block, tile_slots, HeadRows,
+    ScoreMods, Split, StepMeta, ATTN_BUILDS, GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
 };
 pub use moe::{MoeShape, RouterIn, ROUTER_FUSED_MAX_EXPERTS};
 pub use quant::{LowBitLinear, LowBitScales, ScaleRuns, MAX_SCALE_RUNS};
@@ -192,6 +192,8 @@ pub struct Gpu {
     /// `PREFILL_TC_DIMS`, sm_80+, a step with planned tiles); `AUTODEPLOY_PREFILL_TC=0`: the
     /// CUDA-core kernel everywhere.
     pub prefill_tc: bool,
+    /// `[kernels] mixed_step_split_decodes` (`Gpu::mixed_split_decodes`).
+    mixed_split: bool,
     /// The FP8 decode GEMVs on tensor cores (`[kernels] fp8_gemv_tensor_cores`, sm_89+).
     pub fp8_tc: bool,
     /// The NVFP4 decode GEMVs on tensor cores (`[kernels] nvfp4_gemv_tensor_cores`, sm_80+).
@@ -398,6 +400,7 @@ impl Gpu {
         let pdl = dev.cc.0 >= 9 && k.pdl;
         let prefetch_row = k.prefetch_row;
         let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
+        let mixed_split = k.mixed_step_split_decodes;
         let prefill_group = std::sync::atomic::AtomicBool::new(k.prefill_group_heads);
         let fp8_tc = dev.cc >= (8, 9) && k.fp8_gemv_tensor_cores;
         let nvfp4_tc = dev.cc.0 >= 8 && k.nvfp4_gemv_tensor_cores;
@@ -420,6 +423,7 @@ impl Gpu {
             pdl,
             prefetch_row,
             prefill_tc,
+            mixed_split,
             fp8_tc,
             nvfp4_tc,
             gemv_split,

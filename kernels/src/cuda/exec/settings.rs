@@ -21,6 +21,11 @@ pub struct KernelSettings {
     /// next 16 while they compute (`AUTODEPLOY_PREFILL_GROUP=1`). Off until measured: written
     /// without a GPU at hand.
     pub prefill_group_heads: bool,
+    /// `flashinfer` runs a mixed step's decodes (the runtime queues them first) through the
+    /// split-KV decode and its prompt chunks through the tensor-core prefill, instead of every
+    /// token through the prefill, where a decode is a tile of one row
+    /// (`AUTODEPLOY_MIXED_SPLIT=1`). Off until measured: written without a GPU at hand.
+    pub mixed_step_split_decodes: bool,
     /// Warps a weight row in the one-row decode GEMV: 1, 2 or 4 (`AUTODEPLOY_GEMV_SPLIT`).
     pub gemv_split: usize,
     /// Warps an output in the fused gate/up + SwiGLU GEMV: 1, 2 or 4 (`AUTODEPLOY_SWIGLU_SPLIT`).
@@ -85,6 +90,7 @@ impl Default for KernelSettings {
             prefetch_row: 1024,
             prefill_tensor_cores: true,
             prefill_group_heads: false,
+            mixed_step_split_decodes: false,
             gemv_split: 2,
             swiglu_split: 4,
             attn_positions_per_pass: 4,
@@ -104,11 +110,12 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 18] = [
+const ENV: [(&str, &str); 19] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
     ("prefill_group_heads", "AUTODEPLOY_PREFILL_GROUP"),
+    ("mixed_step_split_decodes", "AUTODEPLOY_MIXED_SPLIT"),
     ("gemv_split", "AUTODEPLOY_GEMV_SPLIT"),
     ("swiglu_split", "AUTODEPLOY_SWIGLU_SPLIT"),
     ("attn_positions_per_pass", "AUTODEPLOY_ATTN_U"),
@@ -172,6 +179,10 @@ impl KernelSettings {
                 }
                 "prefill_group_heads" => {
                     s.prefill_group_heads = flag;
+                    true
+                }
+                "mixed_step_split_decodes" => {
+                    s.mixed_step_split_decodes = flag;
                     true
                 }
                 "attn_group_heads" => {

@@ -27,7 +27,9 @@ use autodeploy_core::sampling::RowDraw;
 use autodeploy_core::shape::{eval_shape, Bindings};
 use autodeploy_core::{DType, Graph, Op, Tensor};
 use autodeploy_kernels::cuda::cudarc::driver::sys::CUstreamCaptureMode;
-use autodeploy_kernels::cuda::exec::{plan_tiles, Buffer, Dt, Gpu, HeadRows, Ptr, RowSampling, StepMeta, Strided};
+use autodeploy_kernels::cuda::exec::{
+    decode_prefix_count, plan_tiles, Buffer, Dt, Gpu, HeadRows, Ptr, RowSampling, StepMeta, Strided,
+};
 use autodeploy_kernels::cuda::Unavailable;
 
 mod graphs;

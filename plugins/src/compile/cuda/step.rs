@@ -101,6 +101,7 @@ impl CudaModel {
                 cached_len: base + cl as u64,
                 tiles: base + tl as u64,
                 tile_slots: tiles.len() / 2,
+                decode_prefix: decode_prefix_count(&seq),
             });
         }
         if host.len() > self.staging.bytes() {
