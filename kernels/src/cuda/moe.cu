@@ -219,23 +219,18 @@ extern "C" __global__ void moe_down(const void* act, const void* w_down, const i
 // `moe_gate_up` and `moe_down` over bf16 with 16-byte loads (hidden and inter multiples of 8,
 // 16-byte aligned pointers; the launcher checks): the same roundings, one warp a (slot, row)
 // reading the chosen expert's row 8 weights a lane at a time, as the dense decode GEMVs do.
-extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu, const int* idx, long slots,
-                                            int top_k, int hidden, int inter, int act, const float* scale_in,
-                                            bf16_t* out) {
-    pdl_enter();
-    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+// Row j of slot s's activation, its chosen expert `ex` (local id; the caller skips -1), `sc` the
+// input's scale where `scaled` (sigmoid routing): one warp.
+__device__ __forceinline__ void gate_up_row_bf16(const bf16_t* x, const bf16_t* w_gu, int ex, long s, int j, int top_k,
+                                                 int hidden, int inter, int act, bool scaled, float sc,
+                                                 bf16_t* out) {
     int lane = threadIdx.x & 31;
-    if (warp >= slots * inter) return;
-    long s = warp / inter;
-    int j = warp % inter;
-    if (idx[s] < 0) return;  // another rank's expert
-    const bf16_t* base = w_gu + (long)idx[s] * 2 * inter * hidden;
+    const bf16_t* base = w_gu + (long)ex * 2 * inter * hidden;
     const uint4* wg = (const uint4*)(base + (long)j * hidden);
     const uint4* wu = (const uint4*)(base + (long)(inter + j) * hidden);
     const uint4* xr = (const uint4*)(x + (s / top_k) * hidden);
     float g = 0.0f, u = 0.0f;
-    if (scale_in) {
-        float sc = scale_in[s];
+    if (scaled) {
         for (int c = lane; c < hidden / 8; c += 32) {
             uint4 xv = xr[c];
             bf16_t* xp = (bf16_t*)&xv;
@@ -252,6 +247,52 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu,
         float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
         out[s * inter + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gate_act(act, gr))) * ur);
     }
+}
+
+extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu, const int* idx, long slots,
+                                            int top_k, int hidden, int inter, int act, const float* scale_in,
+                                            bf16_t* out) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= slots * inter) return;
+    long s = warp / inter;
+    if (idx[s] < 0) return;  // another rank's expert
+    gate_up_row_bf16(x, w_gu, idx[s], s, (int)(warp % inter), top_k, hidden, inter, act, scale_in != nullptr,
+                     scale_in ? scale_in[s] : 1.0f, out);
+}
+
+// `moe_route` and `moe_gate_up_bf16` in one launch (`[kernels] moe_route_in_gate_up`; decode's
+// per-slot path, inter % 8 == 0 so a block's 8 warps share one slot): each block routes its
+// token from the logits (read into shared memory as f32, exact, at most ROUTER_MAX_EXPERTS)
+// with its first warp as `moe_route` does, the block of the token's first row writes the
+// routing (idx, wts) for `moe_down` and `moe_combine`, and every warp computes its row of its
+// slot's chosen expert: the same bits, one launch a layer fewer.
+#define ROUTE_GU_MAX_K 32
+extern "C" __global__ void moe_route_gate_up_bf16(const void* logits, int ldt, int dt, int routed, int top_k,
+                                                  int norm, int weights_f32, int sigmoid, int offset, int local,
+                                                  int* idx, float* wts, const bf16_t* x, const bf16_t* w_gu,
+                                                  long slots, int hidden, int inter, int act, bf16_t* out) {
+    pdl_enter();
+    __shared__ float lg[ROUTER_MAX_EXPERTS];
+    __shared__ int chosen[ROUTE_GU_MAX_K];
+    __shared__ float weight[ROUTE_GU_MAX_K];
+    long warp0 = (long)blockIdx.x * (blockDim.x >> 5);
+    long s = warp0 / inter;  // the block's slot
+    if (s >= slots) return;
+    long t = s / top_k;
+    for (int i = threadIdx.x; i < routed; i += blockDim.x) lg[i] = ld(logits, ldt, t * routed + i);
+    __syncthreads();
+    if (threadIdx.x < 32)
+        route_token(lg, DT_F32, dt, 0, routed, top_k, norm, weights_f32, sigmoid, offset, local, chosen, weight);
+    __syncthreads();
+    if (s % top_k == 0 && warp0 % inter == 0 && threadIdx.x < top_k) {
+        idx[t * top_k + threadIdx.x] = chosen[threadIdx.x];
+        wts[t * top_k + threadIdx.x] = weight[threadIdx.x];
+    }
+    long warp = warp0 + (threadIdx.x >> 5);
+    int k = (int)(s % top_k), e = chosen[k];
+    if (warp >= slots * inter || e < 0) return;  // past the slots; another rank's expert
+    gate_up_row_bf16(x, w_gu, e, s, (int)(warp % inter), top_k, hidden, inter, act, sigmoid != 0, weight[k], out);
 }
 
 extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts,

@@ -244,3 +244,43 @@ fn the_fused_down_and_combine_give_the_two_kernels_bits() {
         }
     }
 }
+
+/// The routing inside the per-slot gate/up kernel (`[kernels] moe_route_in_gate_up`:
+/// `moe_route_gate_up_bf16`, each block routing its token in shared memory) gives the bits of
+/// `moe_route` then `moe_gate_up_bf16` (and of what `moe_down` and `moe_combine` make from the
+/// routing it writes): 1 and 3 tokens, softmax routing with 8 choices (Qwen3-MoE's) and 4,
+/// sigmoid routing with 2 (the input scaled by the weight), and under expert parallelism (the
+/// other half's choices skipped).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn the_routing_inside_the_gate_up_gives_the_separate_kernels_bits() {
+    let _turn = gpu();
+    let g = Gpu::open(0).unwrap();
+    let mut next = xorshift(0x2545_f491);
+    // inter 776: a multiple of 8 (a block's warps share a slot), 97 chunks over 32 lanes.
+    let (experts, hidden, inter, tokens) = (16usize, 64usize, 776usize, 3usize);
+    let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.1);
+    let half = experts / 2;
+    for (top_k, sigmoid, norm) in [(8usize, false, true), (4, false, true), (2, true, false)] {
+        for n in [1, tokens] {
+            let whole = layer(n, (experts, hidden, inter), top_k, sigmoid, norm);
+            let ep = MoeShape { experts: half, routed: experts, offset: half, ..whole };
+            let w_ep = (gu.ptr + (half * 2 * inter * hidden * 2) as u64, down.ptr + (half * hidden * inter * 2) as u64);
+            for (s, w, what) in [(whole, (gu.ptr, down.ptr), "all experts"), (ep, w_ep, "the upper half")] {
+                assert!(!s.grouped(g.moe_grouped_min), "the per-slot path");
+                let (xs, ls) = (&xb[..n * hidden * 2], &lb[..n * experts * 2]);
+                g.set_moe_route_in_gate_up(false);
+                let (plain, ran) = launches(|| run(&g, &s, xs, ls, w));
+                assert!(ran.contains_key("moe_route") && !ran.contains_key("moe_route_gate_up"), "{ran:?}");
+                g.set_moe_route_in_gate_up(true);
+                let (fused, ran) = launches(|| run(&g, &s, xs, ls, w));
+                g.set_moe_route_in_gate_up(false);
+                let apart = ran.contains_key("moe_route") || ran.contains_key("moe_gate_up");
+                assert!(ran.contains_key("moe_route_gate_up") && !apart, "{ran:?}");
+                let nonzero = plain.chunks_exact(2).filter(|b| b != &[0, 0]).count();
+                assert!(nonzero > n * hidden / 2, "outputs mostly zero: {nonzero} of {}", n * hidden);
+                assert_eq!(fused, plain, "top_k {top_k} sigmoid {sigmoid}, {n} tokens, {what}");
+            }
+        }
+    }
+}
