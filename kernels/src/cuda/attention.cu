@@ -224,7 +224,8 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
             if (kb + 16 <= last) {
 #pragma unroll
                 for (int j = 0; j < PF; j++)
-                    if (threadIdx.x + j * blockDim.x < STAGE) fetch(kb + 16, threadIdx.x + j * blockDim.x, kn[j], vn[j]);
+                    if (threadIdx.x + j * blockDim.x < STAGE)
+                        fetch(kb + 16, threadIdx.x + j * blockDim.x, kn[j], vn[j]);
             }
         }
         // S for keys kb + 8j + (0..8), j = 0, 1.
