@@ -239,17 +239,14 @@ PY
         b512=$(variant fp8-off-512 llama-3.1-8b-fp8-offline.toml)
         sed -i 's/^max_batch_size = .*/max_batch_size = 512/' "$b512"
         off "FP8 offline, max_batch_size 512" "$b512"
-        b1k=$(variant fp8-off-1k llama-3.1-8b-fp8-offline.toml 'kv_cache_dtype = "fp8"')
-        sed -i 's/^max_batch_size = .*/max_batch_size = 1024/; s/^max_seq_len = .*/max_seq_len = 288/' "$b1k"
-        off "FP8 offline, FP8 KV cache, max_batch_size 1024" "$b1k"
+        off "FP8 offline, FP8 KV cache, max_batch_size 1024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
         ;;
     prefill)
         # The tensor-core prefill with a GQA group's heads a block (`prefill_group_heads`,
         # AUTODEPLOY_PREFILL_GROUP=1; cuda_check's "heads grouped" cases check it): the 8B's
         # prefill of 256 x 128 tokens (throughput bench: its prefill ms) and offline 1,000 x
         # 128/128 (FP8; FP8 with an FP8 cache at max_batch_size 1,024), alternating.
-        b1k=$(variant pf-1k llama-3.1-8b-fp8-offline.toml 'kv_cache_dtype = "fp8"')
-        sed -i 's/^max_batch_size = .*/max_batch_size = 1024/; s/^max_seq_len = .*/max_seq_len = 288/' "$b1k"
+        b1k=$H/llama-3.1-8b-fp8-offline-1k.toml
         for _ in 1 2; do
             for g in 0 1; do
                 # (With the group, also a mixed step's decodes through split-KV: AUTODEPLOY_MIXED_SPLIT.)
@@ -284,8 +281,7 @@ PY
         # max_batch_size 1,024), short prompts so most launches are decode steps; the summary
         # keys each kernel by its grid, so decode and prefill launches list apart.
         cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
-        c=$(on_cut big-fp8 llama-3.1-8b-fp8-offline.toml 8b-fp8 'kv_cache_dtype = "fp8"')
-        sed -i 's/^max_batch_size = .*/max_batch_size = 1024/; s/^max_seq_len = .*/max_seq_len = 288/' "$c"
+        c=$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)
         for b in 256 1024; do
             echo "  -- FP8, FP8 cache, 4 layers, batch $b"
             timeout 200 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum --csv \
