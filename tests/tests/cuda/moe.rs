@@ -207,18 +207,16 @@ fn the_fused_router_routes_its_own_logits_as_moe_route_does() {
     }
 }
 
-/// The per-slot path's down projection and combine in one kernel (`[kernels]
-/// moe_down_combine`: `moe_down_combine_bf16`, one warp a token's output row over its chosen
-/// experts) gives the bits of `moe_down` then `moe_combine`: 1 and 3 tokens, softmax routing
-/// with 8 choices (Qwen3-MoE's) and 4, sigmoid routing with 2 (the input scaled instead), and
-/// under expert parallelism (the other half's choices skipped).
-#[test]
-#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
-fn the_fused_down_and_combine_give_the_two_kernels_bits() {
+/// Runs the per-slot path with `set` off, then on, and holds the two to the same bits: 1 and 3
+/// tokens, softmax routing with 8 choices (Qwen3-MoE's) and 4, sigmoid routing with 2 (the input
+/// scaled instead), and under expert parallelism (the other half's choices skipped). Off, the
+/// launches include `plain` and not `fused`; on, `fused` and none of `gone`.
+fn fused_against_plain(seed: u64, set: fn(&Gpu, bool), plain: &str, fused: &str, gone: &[&str]) {
     let _turn = gpu();
     let g = Gpu::open(0).unwrap();
-    let mut next = xorshift(0x5bd1_e995);
-    // inter 776: a lane's last chunk partial (97 chunks of 8 over 32 lanes).
+    let mut next = xorshift(seed);
+    // inter 776: a multiple of 8 (a block's warps share a slot where one routes), a lane's last
+    // chunk partial (97 chunks of 8 over 32 lanes).
     let (experts, hidden, inter, tokens) = (16usize, 64usize, 776usize, 3usize);
     let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.1);
     let half = experts / 2;
@@ -230,57 +228,37 @@ fn the_fused_down_and_combine_give_the_two_kernels_bits() {
             for (s, w, what) in [(whole, (gu.ptr, down.ptr), "all experts"), (ep, w_ep, "the upper half")] {
                 assert!(!s.grouped(g.moe_grouped_min), "the per-slot path");
                 let (xs, ls) = (&xb[..n * hidden * 2], &lb[..n * experts * 2]);
-                g.set_moe_down_combine(false);
-                let (plain, ran) = launches(|| run(&g, &s, xs, ls, w));
-                assert!(ran.contains_key("moe_combine") && !ran.contains_key("moe_down_combine"), "{ran:?}");
-                g.set_moe_down_combine(true);
-                let (fused, ran) = launches(|| run(&g, &s, xs, ls, w));
-                g.set_moe_down_combine(false);
-                assert!(ran.contains_key("moe_down_combine") && !ran.contains_key("moe_combine"), "{ran:?}");
-                let nonzero = plain.chunks_exact(2).filter(|b| b != &[0, 0]).count();
+                set(&g, false);
+                let (apart, ran) = launches(|| run(&g, &s, xs, ls, w));
+                assert!(ran.contains_key(plain) && !ran.contains_key(fused), "{ran:?}");
+                set(&g, true);
+                let (together, ran) = launches(|| run(&g, &s, xs, ls, w));
+                set(&g, false);
+                assert!(ran.contains_key(fused) && !gone.iter().any(|k| ran.contains_key(k)), "{ran:?}");
+                let nonzero = apart.chunks_exact(2).filter(|b| b != &[0, 0]).count();
                 assert!(nonzero > n * hidden / 2, "outputs mostly zero: {nonzero} of {}", n * hidden);
-                assert_eq!(fused, plain, "top_k {top_k} sigmoid {sigmoid}, {n} tokens, {what}");
+                assert_eq!(together, apart, "{fused}: top_k {top_k} sigmoid {sigmoid}, {n} tokens, {what}");
             }
         }
     }
 }
 
+/// The per-slot path's down projection and combine in one kernel (`[kernels]
+/// moe_down_combine`: `moe_down_combine_bf16`, one warp a token's output row over its chosen
+/// experts) gives the bits of `moe_down` then `moe_combine` (`fused_against_plain`'s cases).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn the_fused_down_and_combine_give_the_two_kernels_bits() {
+    fused_against_plain(0x5bd1_e995, Gpu::set_moe_down_combine, "moe_combine", "moe_down_combine", &["moe_combine"]);
+}
+
 /// The routing inside the per-slot gate/up kernel (`[kernels] moe_route_in_gate_up`:
 /// `moe_route_gate_up_bf16`, each block routing its token in shared memory) gives the bits of
 /// `moe_route` then `moe_gate_up_bf16` (and of what `moe_down` and `moe_combine` make from the
-/// routing it writes): 1 and 3 tokens, softmax routing with 8 choices (Qwen3-MoE's) and 4,
-/// sigmoid routing with 2 (the input scaled by the weight), and under expert parallelism (the
-/// other half's choices skipped).
+/// routing it writes), `fused_against_plain`'s cases.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn the_routing_inside_the_gate_up_gives_the_separate_kernels_bits() {
-    let _turn = gpu();
-    let g = Gpu::open(0).unwrap();
-    let mut next = xorshift(0x2545_f491);
-    // inter 776: a multiple of 8 (a block's warps share a slot), 97 chunks over 32 lanes.
-    let (experts, hidden, inter, tokens) = (16usize, 64usize, 776usize, 3usize);
-    let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.1);
-    let half = experts / 2;
-    for (top_k, sigmoid, norm) in [(8usize, false, true), (4, false, true), (2, true, false)] {
-        for n in [1, tokens] {
-            let whole = layer(n, (experts, hidden, inter), top_k, sigmoid, norm);
-            let ep = MoeShape { experts: half, routed: experts, offset: half, ..whole };
-            let w_ep = (gu.ptr + (half * 2 * inter * hidden * 2) as u64, down.ptr + (half * hidden * inter * 2) as u64);
-            for (s, w, what) in [(whole, (gu.ptr, down.ptr), "all experts"), (ep, w_ep, "the upper half")] {
-                assert!(!s.grouped(g.moe_grouped_min), "the per-slot path");
-                let (xs, ls) = (&xb[..n * hidden * 2], &lb[..n * experts * 2]);
-                g.set_moe_route_in_gate_up(false);
-                let (plain, ran) = launches(|| run(&g, &s, xs, ls, w));
-                assert!(ran.contains_key("moe_route") && !ran.contains_key("moe_route_gate_up"), "{ran:?}");
-                g.set_moe_route_in_gate_up(true);
-                let (fused, ran) = launches(|| run(&g, &s, xs, ls, w));
-                g.set_moe_route_in_gate_up(false);
-                let apart = ran.contains_key("moe_route") || ran.contains_key("moe_gate_up");
-                assert!(ran.contains_key("moe_route_gate_up") && !apart, "{ran:?}");
-                let nonzero = plain.chunks_exact(2).filter(|b| b != &[0, 0]).count();
-                assert!(nonzero > n * hidden / 2, "outputs mostly zero: {nonzero} of {}", n * hidden);
-                assert_eq!(fused, plain, "top_k {top_k} sigmoid {sigmoid}, {n} tokens, {what}");
-            }
-        }
-    }
+    let gone = ["moe_route", "moe_gate_up"];
+    fused_against_plain(0x2545_f491, Gpu::set_moe_route_in_gate_up, "moe_route", "moe_route_gate_up", &gone);
 }
