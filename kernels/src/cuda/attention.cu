@@ -310,23 +310,19 @@ __device__ void paged_prefill_tc(const bf16_t* q, const C* k_cache, const C* v_c
     }
 }
 
-#define PREFILL_TC(D, C, S, K)                                                                                        \
-    extern "C" __global__ void paged_prefill_tc_d##D##_##S(                                                           \
+// An entry point NAME of paged_prefill_tc<D, C, GRP>.
+#define PREFILL_TC_ENTRY(NAME, D, C, K, GRP)                                                                          \
+    extern "C" __global__ void NAME(                                                                                  \
         const bf16_t* q, const C* k_cache, const C* v_cache, const long long* token_seq, const long long* token_pos, \
         const long long* page_indptr, const int* page_indices, const long long* tiles, int page_size, int heads,    \
         int kv_heads, long tokens, float scale, bf16_t* out, long long ohs, long long ots KV_##K##_PARAMS) {        \
         pdl_enter();                                                                                                  \
-        paged_prefill_tc<D, C, false>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles,   \
-                                      page_size, heads, kv_heads, tokens, scale, out, ohs, ots, KV_##K##_ARGS);       \
-    }                                                                                                                 \
-    extern "C" __global__ void paged_prefill_tc_grp_d##D##_##S(                                                       \
-        const bf16_t* q, const C* k_cache, const C* v_cache, const long long* token_seq, const long long* token_pos, \
-        const long long* page_indptr, const int* page_indices, const long long* tiles, int page_size, int heads,    \
-        int kv_heads, long tokens, float scale, bf16_t* out, long long ohs, long long ots KV_##K##_PARAMS) {        \
-        pdl_enter();                                                                                                  \
-        paged_prefill_tc<D, C, true>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles,    \
-                                     page_size, heads, kv_heads, tokens, scale, out, ohs, ots, KV_##K##_ARGS);        \
+        paged_prefill_tc<D, C, GRP>(q, k_cache, v_cache, token_seq, token_pos, page_indptr, page_indices, tiles,     \
+                                    page_size, heads, kv_heads, tokens, scale, out, ohs, ots, KV_##K##_ARGS);         \
     }
+#define PREFILL_TC(D, C, S, K)                                     \
+    PREFILL_TC_ENTRY(paged_prefill_tc_d##D##_##S, D, C, K, false) \
+    PREFILL_TC_ENTRY(paged_prefill_tc_grp_d##D##_##S, D, C, K, true)
 #ifndef KV_FP8_BUILDS
 PREFILL_TC(32, bf16_t, bf16, plain)
 PREFILL_TC(64, bf16_t, bf16, plain)
