@@ -43,6 +43,8 @@
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
 #           with both (1,024 at max_seq_len 288).
 #   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
+#   moedetail  ncu's sections and stall reasons for Qwen3-30B-A3B's MoE and attention kernels
+#           at batch 1.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
@@ -81,7 +83,7 @@ if [ -n "${KCACHE:-}" ]; then
     mkdir -p /tmp/kcache/ptx /tmp/kcache/jit
     if [ -f "$KCACHE" ]; then tar xJf "$KCACHE" -C /tmp/kcache; fi
     export AUTODEPLOY_KERNEL_CACHE=/tmp/kcache/ptx CUDA_CACHE_PATH=/tmp/kcache/jit CUDA_CACHE_MAXSIZE=4294967296
-    trap 'rm -f "$H"/.pending-*.toml; tar cJf "${KCACHE_OUT:-$OUT}/kcache.tar.xz" -C /tmp/kcache .' EXIT
+    trap 'rm -f "$H"/.pending-*.toml; XZ_OPT=-9 tar cJf "${KCACHE_OUT:-$OUT}/kcache.tar.xz" -C /tmp/kcache .' EXIT
     echo "kernel cache: $(find /tmp/kcache -type f | wc -l) files from ${KCACHE}"
 fi
 cut4() { # name model-folder (relative to benches/): a copy in $OUT/cut-<name> cut to 4 layers
@@ -322,6 +324,20 @@ PY
                 grep -E "gemv_|Duration|Registers Per|Achieved Occupancy|Block Limit (Reg|Shared)|Warp Cycles Per Issued|Issue Slots Busy|DRAM Throughput|Compute \(SM\)|Grid Size|issue_stalled" | head -80
         done
         ;;
+    moedetail)
+        # ncu's sections and stall reasons for the MoE decode kernels of Qwen3-30B-A3B at batch 1
+        # (cut to 4 layers): what bounds the per-slot gate/up and down GEMVs (rows of 2,048 and
+        # 768 values: short, so latency and waves more than bytes) and the routing.
+        cut4 moe ../tests/fixtures/model-configs/Qwen/Qwen3-30B-A3B
+        c=$(on_cut moedetail qwen3-30b-a3b.toml moe)
+        stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard \
+            short_scoreboard barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected \
+            no_instruction dispatch_stall)
+        timeout 240 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
+            --metrics "${stalls%,}" -k 'regex:moe_|paged_decode' --launch-skip 40 --launch-count 10 \
+            "$B" bench --config "$c" --mode latency --batch 1 --isl 128 --osl 16 2>&1 |
+            grep -E "moe_|paged_decode|Duration|Registers Per|Achieved Occupancy|Block Limit (Reg|Shared)|Warp Cycles Per Issued|DRAM Throughput|Grid Size|Waves Per SM|issue_stalled" | head -120
+        ;;
     attndetail)
         # ncu's warp-state, occupancy and memory sections for one launch of the tensor-core
         # split-KV decode at batch 32 x 2,000, bf16 cache and FP8 cache (what bounds each).
@@ -366,6 +382,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail)" ;;
     esac
 done
