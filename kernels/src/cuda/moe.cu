@@ -295,16 +295,11 @@ extern "C" __global__ void moe_route_gate_up_bf16(const void* logits, int ldt, i
     gate_up_row_bf16(x, w_gu, e, s, (int)(warp % inter), top_k, hidden, inter, act, sigmoid != 0, weight[k], out);
 }
 
-extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts,
-                                         long slots, int hidden, int inter, float* contrib) {
-    pdl_enter();
-    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+// contrib[s, j] of `moe_down_bf16`: one warp, slot s's chosen expert `ex` (local id).
+__device__ __forceinline__ void down_row_bf16(const bf16_t* act, const bf16_t* w_down, int ex, const float* wts, long s,
+                                              int j, int hidden, int inter, float* contrib) {
     int lane = threadIdx.x & 31;
-    if (warp >= slots * hidden) return;
-    long s = warp / hidden;
-    int j = warp % hidden;
-    if (idx[s] < 0) return;  // another rank's expert: moe_combine skips it
-    const uint4* wr = (const uint4*)(w_down + (long)idx[s] * hidden * inter + (long)j * inter);
+    const uint4* wr = (const uint4*)(w_down + (long)ex * hidden * inter + (long)j * inter);
     float acc[1] = {0.0f};
 #pragma unroll 4
     for (int c = lane; c < inter / 8; c += 32) gemv_chunk<1>(act + s * inter, inter, wr[c], c, acc);
@@ -312,6 +307,16 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
     float dr = bf16_to_f32(f32_to_bf16(d));
     if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
+}
+
+extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts,
+                                         long slots, int hidden, int inter, float* contrib) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= slots * hidden) return;
+    long s = warp / hidden;
+    if (idx[s] < 0) return;  // another rank's expert: moe_combine skips it
+    down_row_bf16(act, w_down, idx[s], wts, s, (int)(warp % hidden), hidden, inter, contrib);
 }
 
 // The choice (index q < top_k into a token's `ti`) of the lowest expert id above `last`, its id
@@ -328,75 +333,6 @@ __device__ __forceinline__ int next_choice(const int* ti, int top_k, int last, i
         }
     }
     return pick;
-}
-
-// `moe_down_bf16` then `moe_combine` in one kernel, for tokens of at most MOE_DC_MAX choices:
-// one warp a (token t, output row j) computes row j of each chosen expert's down projection of
-// that choice's activation (each sum as `moe_down_bf16` forms it: lane c takes chunks c, c + 32,
-// ... in order, then the butterfly; rounded, times the routing weight, rounded) and adds them
-// in ascending expert order, rounding each sum (as `moe_combine`): the same bits, no [slots,
-// hidden] contributions in memory and one launch fewer. A chunk's rows of every choice are
-// requested together. Another rank's expert (-1) adds nothing.
-#define MOE_DC_MAX 8
-extern "C" __global__ void moe_down_combine_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx,
-                                                 const float* wts, long tokens, int top_k, int hidden, int inter,
-                                                 bf16_t* y) {
-    pdl_enter();
-    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= tokens * hidden) return;
-    long t = warp / hidden;
-    int j = warp % hidden;
-    const int* ti = idx + t * top_k;
-    // The token's choices (their slots t·top_k + q) in ascending expert order.
-    int ord[MOE_DC_MAX], ex[MOE_DC_MAX];
-    int nk = 0, last = -1;
-#pragma unroll
-    for (int r = 0; r < MOE_DC_MAX; r++) {
-        ord[r] = 0;
-        ex[r] = 0;
-        if (r < top_k) {
-            int pe;
-            int pick = next_choice(ti, top_k, last, pe);
-            if (pick >= 0) {
-                ord[r] = pick;
-                ex[r] = pe;
-                last = pe;
-                nk = r + 1;
-            }
-        }
-    }
-    const uint4* wr[MOE_DC_MAX];
-    const bf16_t* xr[MOE_DC_MAX];
-#pragma unroll
-    for (int r = 0; r < MOE_DC_MAX; r++) {
-        wr[r] = (const uint4*)(w_down + (long)ex[r] * hidden * inter + (long)j * inter);
-        xr[r] = act + (t * top_k + ord[r]) * inter;
-    }
-    float part[MOE_DC_MAX][1];
-#pragma unroll
-    for (int r = 0; r < MOE_DC_MAX; r++) part[r][0] = 0.0f;
-#pragma unroll 2
-    for (int c = lane; c < inter / 8; c += 32) {
-        uint4 wv[MOE_DC_MAX];
-#pragma unroll
-        for (int r = 0; r < MOE_DC_MAX; r++)
-            if (r < nk) wv[r] = wr[r][c];
-#pragma unroll
-        for (int r = 0; r < MOE_DC_MAX; r++)
-            if (r < nk) gemv_chunk<1>(xr[r], inter, wv[r], c, part[r]);
-    }
-    float acc = 0.0f;
-#pragma unroll
-    for (int r = 0; r < MOE_DC_MAX; r++) {
-        if (r >= nk) break;
-        float d = part[r][0];
-        for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-        float dr = bf16_to_f32(f32_to_bf16(d));
-        float v = wts ? bf16_to_f32(f32_to_bf16(dr * wts[t * top_k + ord[r]])) : dr;
-        acc = bf16_to_f32(f32_to_bf16(acc + v));
-    }
-    if (lane == 0) y[t * hidden + j] = f32_to_bf16(acc);
 }
 
 // ---- Grouped MoE (many tokens: from `Gpu::moe_grouped_min` slots an expert, the launcher
@@ -582,13 +518,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_grouped_bf16(const bf
 // are distinct) and its contribution are loaded first, all loads in flight together; more
 // choices find the next expert by search, one load at a time.
 #define COMBINE_HELD 16
-extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int dt, long tokens, int top_k, int hidden,
-                                       void* y) {
-    pdl_enter();
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= tokens * hidden) return;
-    long t = i / hidden;
-    int j = i % hidden;
+__device__ float combine_at(const float* contrib, const int* idx, int dt, long t, int top_k, int hidden, int j) {
     const int* ti = idx + t * top_k;
     float acc = 0.0f;
     if (top_k <= COMBINE_HELD) {
@@ -616,8 +546,7 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
             for (int q = 0; q < COMBINE_HELD; q++) v = rank[q] == r ? c[q] : v;
             acc = rnd(dt, acc + v);
         }
-        st(y, dt, i, acc);
-        return;
+        return acc;
     }
     int last = -1;
     for (int k = 0; k < top_k; k++) {
@@ -627,5 +556,38 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
         acc = rnd(dt, acc + contrib[(t * top_k + pick) * hidden + j]);
         last = pe;
     }
-    st(y, dt, i, acc);
+    return acc;
+}
+
+extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int dt, long tokens, int top_k, int hidden,
+                                       void* y) {
+    pdl_enter();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= tokens * hidden) return;
+    st(y, dt, i, combine_at(contrib, idx, dt, i / hidden, top_k, hidden, (int)(i % hidden)));
+}
+
+// `moe_down_bf16` then `moe_combine` in one launch (`[kernels] moe_down_combine`): a block of 8
+// warps computes 8 rows j0 .. j0 + 7 of one slot's contributions as `moe_down_bf16` does
+// (hidden % 8 == 0, so a block never straddles two slots), and the last of the blocks covering
+// the same `rows` output rows of a token (top_k · rows / 8 of them: counter t · hidden / rows +
+// j0 / rows, zero before and re-armed after) adds those rows up as `moe_combine` does, reading
+// the contributions back from L2: the same bits, one launch a layer fewer. (Session 35's first
+// fused build, one warp a (token, row) over every chosen expert, left too few bytes in flight.)
+extern "C" __global__ void moe_down_combine_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx,
+                                                 const float* wts, long slots, int top_k, int hidden, int inter,
+                                                 int rows, float* contrib, int* counters, bf16_t* y) {
+    pdl_enter();
+    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long s = warp / hidden;
+    if (s >= slots) return;  // (whole blocks: the grid is slots · hidden warps)
+    // Another rank's expert computes nothing but still counts as done.
+    if (idx[s] >= 0) down_row_bf16(act, w_down, idx[s], wts, s, (int)(warp % hidden), hidden, inter, contrib);
+    long t = s / top_k;
+    int group = (int)(((long)blockIdx.x * (blockDim.x >> 5)) % hidden) / rows;
+    if (!last_to_finish(counters + t * (hidden / rows) + group, top_k * (rows / 8))) return;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        int j = group * rows + r;
+        y[t * hidden + j] = f32_to_bf16(combine_at(contrib, idx, DT_BF16, t, top_k, hidden, j));
+    }
 }

@@ -207,17 +207,17 @@ fn the_fused_router_routes_its_own_logits_as_moe_route_does() {
     }
 }
 
-/// Runs the per-slot path with `set` off, then on, and holds the two to the same bits: 1 and 3
-/// tokens, softmax routing with 8 choices (Qwen3-MoE's) and 4, sigmoid routing with 2 (the input
+/// Runs the per-slot path with `set` off, then on, and holds the two to the same bits (a layer
+/// of width `hidden`, a multiple of 8): 1 and 3 tokens, softmax routing with 8 choices (Qwen3-MoE's) and 4, sigmoid routing with 2 (the input
 /// scaled instead), and under expert parallelism (the other half's choices skipped). Off, the
 /// launches include `plain` and not `fused`; on, `fused` and none of `gone`.
-fn fused_against_plain(seed: u64, set: fn(&Gpu, bool), plain: &str, fused: &str, gone: &[&str]) {
+fn fused_against_plain(seed: u64, hidden: usize, set: fn(&Gpu, bool), plain: &str, fused: &str, gone: &[&str]) {
     let _turn = gpu();
     let g = Gpu::open(0).unwrap();
     let mut next = xorshift(seed);
     // inter 776: a multiple of 8 (a block's warps share a slot where one routes), a lane's last
     // chunk partial (97 chunks of 8 over 32 lanes).
-    let (experts, hidden, inter, tokens) = (16usize, 64usize, 776usize, 3usize);
+    let (experts, inter, tokens) = (16usize, 776usize, 3usize);
     let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.1);
     let half = experts / 2;
     for (top_k, sigmoid, norm) in [(8usize, false, true), (4, false, true), (2, true, false)] {
@@ -244,12 +244,22 @@ fn fused_against_plain(seed: u64, set: fn(&Gpu, bool), plain: &str, fused: &str,
 }
 
 /// The per-slot path's down projection and combine in one kernel (`[kernels]
-/// moe_down_combine`: `moe_down_combine_bf16`, one warp a token's output row over its chosen
-/// experts) gives the bits of `moe_down` then `moe_combine` (`fused_against_plain`'s cases).
+/// moe_down_combine`: `moe_down_combine_bf16`, the last block of a token's output rows adding
+/// them up) gives the bits of `moe_down` then `moe_combine` (`fused_against_plain`'s cases), at
+/// a width of 64 (one group of 64 rows a token) and of 72 (nine groups of 8).
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn the_fused_down_and_combine_give_the_two_kernels_bits() {
-    fused_against_plain(0x5bd1_e995, Gpu::set_moe_down_combine, "moe_combine", "moe_down_combine", &["moe_combine"]);
+    for hidden in [64, 72] {
+        fused_against_plain(
+            0x5bd1_e995,
+            hidden,
+            Gpu::set_moe_down_combine,
+            "moe_combine",
+            "moe_down_combine",
+            &["moe_combine"],
+        );
+    }
 }
 
 /// The routing inside the per-slot gate/up kernel (`[kernels] moe_route_in_gate_up`:
@@ -260,5 +270,5 @@ fn the_fused_down_and_combine_give_the_two_kernels_bits() {
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn the_routing_inside_the_gate_up_gives_the_separate_kernels_bits() {
     let gone = ["moe_route", "moe_gate_up"];
-    fused_against_plain(0x2545_f491, Gpu::set_moe_route_in_gate_up, "moe_route", "moe_route_gate_up", &gone);
+    fused_against_plain(0x2545_f491, 64, Gpu::set_moe_route_in_gate_up, "moe_route", "moe_route_gate_up", &gone);
 }

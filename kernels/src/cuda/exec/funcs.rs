@@ -8,7 +8,7 @@ pub(super) struct Funcs {
     /// `moe_route`, `moe_gate_up`, `moe_down`, `moe_combine`, `moe_gate_up_bf16`,
     /// `moe_down_bf16` (exec/moe.rs).
     pub(super) moe: [Kernel; 9],
-    /// `moe_down_combine_bf16`: the per-slot path's down projection and combine in one
+    /// `moe_down_combine_bf16`: the per-slot path's down projection and combine in one launch
     /// (`[kernels] moe_down_combine`).
     pub(super) moe_down_combine: Kernel,
     /// `moe_route_gate_up_bf16`: the routing and the per-slot gate/up in one launch (`[kernels]

@@ -41,9 +41,6 @@ pub enum RouterIn {
 /// `counters`).
 pub const ROUTER_FUSED_MAX_EXPERTS: usize = 512;
 
-/// The most choices a token `moe_down_combine_bf16` takes (moe.cu's `MOE_DC_MAX`).
-const MOE_DC_MAX: usize = 8;
-
 /// The most choices a token `moe_route_gate_up_bf16` routes (moe.cu's `ROUTE_GU_MAX_K`).
 const ROUTE_GU_MAX_K: usize = 32;
 
@@ -258,13 +255,23 @@ impl Gpu {
                 let cfg = grid(s.tokens * s.top_k * s.inter * 32, 256);
                 launched("moe_gate_up", unsafe { l.launch(cfg) }.map(|_| ()))?;
             }
-            if vector && s.top_k <= MOE_DC_MAX && self.moe_down_combine.load(std::sync::atomic::Ordering::Relaxed) {
+            // The combine inside the down projection's launch: each token's output rows in
+            // groups of `rows`, a counter a group (`Gpu::counters`).
+            let rows = if s.hidden.is_multiple_of(64) { 64 } else { 8 };
+            let fused_combine = vector
+                && s.tokens * (s.hidden / rows) <= super::COUNTERS
+                && self.moe_down_combine.load(std::sync::atomic::Ordering::Relaxed);
+            if fused_combine {
+                let (counters, r32) = (self.counters_ptr(), rows as i32);
                 let mut l = self.launcher(self.f.moe_down_combine);
-                l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&t64).arg(&k32).arg(&h32).arg(&i32_).arg(&y);
-                // SAFETY: as above; y tokens × hidden bf16; one warp a (token, row).
+                l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&slots).arg(&k32).arg(&h32).arg(&i32_);
+                l.arg(&r32).arg(&contrib).arg(&counters).arg(&y);
+                // SAFETY: as moe_down_bf16 below (hidden % 8 == 0: whole blocks of one slot);
+                // counters: tokens × hidden / rows of the zeroed ones (checked), re-armed by the
+                // kernel; y tokens × hidden bf16.
                 return launched(
                     "moe_down_combine",
-                    unsafe { l.launch(grid(s.tokens * s.hidden * 32, 256)) }.map(|_| ()),
+                    unsafe { l.launch(grid(s.tokens * s.top_k * s.hidden * 32, 256)) }.map(|_| ()),
                 );
             }
             let mut l = self.launcher(self.f.moe[if vector { 5 } else { 2 }]);
