@@ -43,6 +43,8 @@
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
 #           with both (1,024 at max_seq_len 288).
 #   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
+#   fp8cost the FP8 8B at batch 1 without its norms, without its attention (wrong outputs: what
+#           they cost inside the step's graph).
 #   moedetail  ncu's sections and stall reasons for Qwen3-30B-A3B's MoE and attention kernels
 #           at batch 1.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
@@ -176,6 +178,19 @@ for part in $PARTS; do
         AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
         AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \
             "$H/qwen3-30b-a3b.toml" $lat
+        ;;
+    fp8cost)
+        # What the FP8 8B's batch-1 step spends inside its CUDA graph on the launches besides
+        # the GEMVs: the step without the norms, without the attention (wrong outputs; the
+        # difference is their cost in the step, overlap included), twice.
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        for _ in 1 2; do
+            bench "8B FP8 batch 1" "$H/llama-3.1-8b-fp8.toml" $lat
+            AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm,fused_add_rmsnorm bench "  without the norms (wrong outputs)" \
+                "$H/llama-3.1-8b-fp8.toml" $lat
+            AUTODEPLOY_PROFILE_SKIP=attention_with_kv_cache bench "  without the attention (wrong outputs)" \
+                "$H/llama-3.1-8b-fp8.toml" $lat
+        done
         ;;
     long)
         for _ in 1 2; do
@@ -382,6 +397,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost)" ;;
     esac
 done
