@@ -452,13 +452,17 @@ fn long_prefill_matches_cpu() {
         assert_eq!(t(gpu), cpu, "{backend} {attn}");
         let kernel = if *attn == "triton" { "slot_attention" } else { "paged_attention" };
         assert!(ran.contains_key(kernel), "{backend} {attn}: the 300-token step did not run {kernel}: {ran:?}");
-        assert!(!ran.contains_key("paged_prefill_tc"), "{backend} {attn}: f32 took the tensor-core kernel: {ran:?}");
+        assert!(
+            !ran.keys().any(|k| k.starts_with("paged_prefill_tc")),
+            "{backend} {attn}: f32 took the tensor-core kernel: {ran:?}"
+        );
     }
 }
 
 /// bf16 prompts of 100 tokens, three in one 300-token step, take the ragged kernel on tensor
-/// cores (head dim 32, sm_80+; f32 keeps the CUDA-core kernel): the logits of that step and of
-/// a decode step after it stay within bf16's tolerance of the CPU's.
+/// cores (head dim 32, sm_80+; f32 keeps the CUDA-core kernel), one warp a block and a GQA
+/// group's heads a block (`[kernels] prefill_group_heads`): the logits of that step and of a
+/// decode step after it stay within bf16's tolerance of the CPU's.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
@@ -471,14 +475,17 @@ fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
     let f32_base = base.replace("bfloat16", "float32");
     let truth = run_steps(&mut engine("qwen3", &format!("{f32_base}device = \"cpu\"\n")), &prompts, &decode);
     let mut failed = Vec::new();
-    for backend in ["simple", "opt"] {
-        let extra =
-            format!("{base}device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"flashinfer\"\n");
+    for (backend, group) in [("simple", false), ("opt", false), ("simple", true), ("opt", true)] {
+        let extra = format!(
+            "{base}device = \"cuda\"\ncompile_backend = \"{backend}\"\nattn_backend = \"flashinfer\"\n\
+             kernels.prefill_group_heads = {group}\n"
+        );
         let mut gpu = engine("qwen3", &extra);
         let (got, ran) = launches(|| run_steps(&mut gpu, &prompts, &decode));
-        assert!(ran.contains_key("paged_prefill_tc"), "{backend}: the tensor-core kernel did not run: {ran:?}");
+        let kernel = if group { "paged_prefill_tc_grp" } else { "paged_prefill_tc" };
+        assert!(ran.contains_key(kernel), "{backend}: {kernel} did not run: {ran:?}");
         let (d, m, mean) = max_diff(&reference, &got);
-        let what = format!("qwen3 bf16 300-token prefill, {backend}");
+        let what = format!("qwen3 bf16 300-token prefill, {backend}, {kernel}");
         eprintln!("{what}: against the CPU's bf16 max {d:.3e} mean {mean:.3e} (max |logit| {m:.2})");
         failed.extend(bf16_against_f32(&what, "qwen3", &truth, &reference, &got).err());
     }
@@ -579,7 +586,7 @@ fn a_mixed_steps_decodes_take_the_split_kv_decode() {
         let mut gpu = engine("qwen3", &extra);
         let (got, ran) = launches(|| run(&mut gpu));
         assert!(
-            ran.contains_key("paged_prefill_tc"),
+            ran.keys().any(|k| k.starts_with("paged_prefill_tc")),
             "mixed_step_split_decodes = {on}: no tensor-core prefill: {ran:?}"
         );
         decodes.push(ran.iter().filter(|(k, _)| k.starts_with("paged_decode")).map(|(_, &v)| v).sum::<u64>());

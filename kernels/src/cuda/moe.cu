@@ -574,7 +574,8 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
 // j0 / rows, zero before and re-armed after) adds those rows up as `moe_combine` does, reading
 // the contributions back from L2: the same bits, one launch a layer fewer. (Session 35's first
 // fused build, one warp a (token, row) over every chosen expert, left too few bytes in flight.)
-extern "C" __global__ void moe_down_combine_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx,
+#define MOE_DCL_MAX_K 64
+extern "C" __global__ void __launch_bounds__(256) moe_down_combine_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx,
                                                  const float* wts, long slots, int top_k, int hidden, int inter,
                                                  int rows, float* contrib, int* counters, bf16_t* y) {
     pdl_enter();
@@ -586,8 +587,22 @@ extern "C" __global__ void moe_down_combine_bf16(const bf16_t* act, const bf16_t
     long t = s / top_k;
     int group = (int)(((long)blockIdx.x * (blockDim.x >> 5)) % hidden) / rows;
     if (!last_to_finish(counters + t * (hidden / rows) + group, top_k * (rows / 8))) return;
+    // The sum walks the token's choices in ascending expert order (`next_choice`, as
+    // `combine_at`'s search: the same additions), its choices staged in shared memory, so the
+    // rarely taken tail adds few registers to the down rows every block runs.
+    __shared__ int ti[MOE_DCL_MAX_K];
+    for (int q = threadIdx.x; q < top_k; q += blockDim.x) ti[q] = idx[t * top_k + q];
+    __syncthreads();
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        int j = group * rows + r;
-        y[t * hidden + j] = f32_to_bf16(combine_at(contrib, idx, DT_BF16, t, top_k, hidden, j));
+        int j = group * rows + r, last = -1;
+        float acc = 0.0f;
+        for (int k = 0; k < top_k; k++) {
+            int pe;
+            int pick = next_choice(ti, top_k, last, pe);
+            if (pick < 0) break;  // the rest are other ranks' experts
+            acc = bf16_to_f32(f32_to_bf16(acc + contrib[(t * top_k + pick) * hidden + j]));
+            last = pe;
+        }
+        y[t * hidden + j] = f32_to_bf16(acc);
     }
 }

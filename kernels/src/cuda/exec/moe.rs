@@ -41,6 +41,9 @@ pub enum RouterIn {
 /// `counters`).
 pub const ROUTER_FUSED_MAX_EXPERTS: usize = 512;
 
+/// The most choices a token `moe_down_combine_bf16` adds up (moe.cu's `MOE_DCL_MAX_K`).
+const MOE_DCL_MAX_K: usize = 64;
+
 /// The most choices a token `moe_route_gate_up_bf16` routes (moe.cu's `ROUTE_GU_MAX_K`).
 const ROUTE_GU_MAX_K: usize = 32;
 
@@ -259,6 +262,7 @@ impl Gpu {
             // groups of `rows`, a counter a group (`Gpu::counters`).
             let rows = if s.hidden.is_multiple_of(64) { 64 } else { 8 };
             let fused_combine = vector
+                && s.top_k <= MOE_DCL_MAX_K
                 && s.tokens * (s.hidden / rows) <= super::COUNTERS
                 && self.moe_down_combine.load(std::sync::atomic::Ordering::Relaxed);
             if fused_combine {
