@@ -278,8 +278,9 @@ PY
         done
         unset AUTODEPLOY_MIXED_SPLIT
         # Each alone, offline at 1,024.
-        off "FP8 offline, FP8 KV, 1,024, prefill group alone" "$b1k" AUTODEPLOY_PREFILL_GROUP=1
-        off "FP8 offline, FP8 KV, 1,024, mixed split alone" "$b1k" AUTODEPLOY_MIXED_SPLIT=1
+        # (Both on by default since session 38: each alone sets the other off.)
+        off "FP8 offline, FP8 KV, 1,024, prefill group alone" "$b1k" "AUTODEPLOY_PREFILL_GROUP=1 AUTODEPLOY_MIXED_SPLIT=0"
+        off "FP8 offline, FP8 KV, 1,024, mixed split alone" "$b1k" "AUTODEPLOY_MIXED_SPLIT=1 AUTODEPLOY_PREFILL_GROUP=0"
         ;;
     bigbatch)
         # Session 37, H100: offline at max_batch_size 512 gave 11,851 tok/s against 20,435 at

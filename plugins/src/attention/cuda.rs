@@ -6,7 +6,7 @@
 //!   steps of at most `SPLIT_EARLY_MAX_TOKENS` tokens rotates, writes the cache and attends in one
 //!   launch; decode steps past 256 tokens take fewer, longer chunks in the same partials), other
 //!   steps through ragged paged attention (tensor-core tiles planned per step where the head dim
-//!   allows; with `mixed_step_split_decodes`, a mixed step's decodes through split-KV and its
+//!   allows; with `mixed_step_split_decodes` (the default), a mixed step's decodes through split-KV and its
 //!   prompt chunks alone on tensor cores). Takes RoPE-fused ops, reads q/k/v where they lie,
 //!   may write token-major. Layers with a sliding window or soft-cap skip the latency build and
 //!   the tensor-core prefill: the throughput split-KV build and the ragged CUDA-core kernel apply
