@@ -26,8 +26,7 @@
 #           in the same order, so drift shows); FP8 offline 1,000 x 128/128 with and without
 #           the epilogue; bf16 offline.
 #   moe     Qwen3-30B-A3B at batch 1: the defaults, the down projection and combine in one
-#           kernel (AUTODEPLOY_MOE_DOWN_COMBINE=1), the router fused into the MoE op, the routing
-#           inside the gate/up kernel (AUTODEPLOY_MOE_ROUTE_IN_GATE_UP=1) (twice);
+#           kernel (AUTODEPLOY_MOE_DOWN_COMBINE=1), the router fused into the MoE op (twice);
 #           then the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP:
 #           outputs wrong; the difference is what those launches cost inside the captured step).
 #   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache (at
@@ -173,8 +172,6 @@ for part in $PARTS; do
             bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
             AUTODEPLOY_MOE_DOWN_COMBINE=1 bench "Qwen3-30B-A3B batch 1, down + combine" "$H/qwen3-30b-a3b.toml" $lat
             bench "Qwen3-30B-A3B batch 1, router fused" "$router" $lat
-            AUTODEPLOY_MOE_ROUTE_IN_GATE_UP=1 bench "Qwen3-30B-A3B batch 1, routing in the gate/up" \
-                "$H/qwen3-30b-a3b.toml" $lat
         done
         AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
         AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \

@@ -138,7 +138,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_down_grouped_bf16",
             "moe_router_route_bf16",
             "moe_down_combine_bf16",
-            "moe_route_gate_up_bf16",
         ],
     ),
     (

@@ -261,40 +261,6 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu,
                      scale_in ? scale_in[s] : 1.0f, out);
 }
 
-// `moe_route` and `moe_gate_up_bf16` in one launch (`[kernels] moe_route_in_gate_up`; decode's
-// per-slot path, inter % 8 == 0 so a block's 8 warps share one slot): each block routes its
-// token from the logits (read into shared memory as f32, exact, at most ROUTER_MAX_EXPERTS)
-// with its first warp as `moe_route` does, the block of the token's first row writes the
-// routing (idx, wts) for `moe_down` and `moe_combine`, and every warp computes its row of its
-// slot's chosen expert: the same bits, one launch a layer fewer.
-#define ROUTE_GU_MAX_K 32
-extern "C" __global__ void moe_route_gate_up_bf16(const void* logits, int ldt, int dt, int routed, int top_k,
-                                                  int norm, int weights_f32, int sigmoid, int offset, int local,
-                                                  int* idx, float* wts, const bf16_t* x, const bf16_t* w_gu,
-                                                  long slots, int hidden, int inter, int act, bf16_t* out) {
-    pdl_enter();
-    __shared__ float lg[ROUTER_MAX_EXPERTS];
-    __shared__ int chosen[ROUTE_GU_MAX_K];
-    __shared__ float weight[ROUTE_GU_MAX_K];
-    long warp0 = (long)blockIdx.x * (blockDim.x >> 5);
-    long s = warp0 / inter;  // the block's slot
-    if (s >= slots) return;
-    long t = s / top_k;
-    for (int i = threadIdx.x; i < routed; i += blockDim.x) lg[i] = ld(logits, ldt, t * routed + i);
-    __syncthreads();
-    if (threadIdx.x < 32)
-        route_token(lg, DT_F32, dt, 0, routed, top_k, norm, weights_f32, sigmoid, offset, local, chosen, weight);
-    __syncthreads();
-    if (s % top_k == 0 && warp0 % inter == 0 && threadIdx.x < top_k) {
-        idx[t * top_k + threadIdx.x] = chosen[threadIdx.x];
-        wts[t * top_k + threadIdx.x] = weight[threadIdx.x];
-    }
-    long warp = warp0 + (threadIdx.x >> 5);
-    int k = (int)(s % top_k), e = chosen[k];
-    if (warp >= slots * inter || e < 0) return;  // past the slots; another rank's expert
-    gate_up_row_bf16(x, w_gu, e, s, (int)(warp % inter), top_k, hidden, inter, act, sigmoid != 0, weight[k], out);
-}
-
 // contrib[s, j] of `moe_down_bf16`: one warp, slot s's chosen expert `ex` (local id).
 __device__ __forceinline__ void down_row_bf16(const bf16_t* act, const bf16_t* w_down, int ex, const float* wts, long s,
                                               int j, int hidden, int inter, float* contrib) {

@@ -215,7 +215,7 @@ fn fused_against_plain(seed: u64, hidden: usize, set: fn(&Gpu, bool), plain: &st
     let _turn = gpu();
     let g = Gpu::open(0).unwrap();
     let mut next = xorshift(seed);
-    // inter 776: a multiple of 8 (a block's warps share a slot where one routes), a lane's last
+    // inter 776: a multiple of 8 (a block's warps share a slot), a lane's last
     // chunk partial (97 chunks of 8 over 32 lanes).
     let (experts, inter, tokens) = (16usize, 776usize, 3usize);
     let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.1);
@@ -260,15 +260,4 @@ fn the_fused_down_and_combine_give_the_two_kernels_bits() {
             &["moe_combine"],
         );
     }
-}
-
-/// The routing inside the per-slot gate/up kernel (`[kernels] moe_route_in_gate_up`:
-/// `moe_route_gate_up_bf16`, each block routing its token in shared memory) gives the bits of
-/// `moe_route` then `moe_gate_up_bf16` (and of what `moe_down` and `moe_combine` make from the
-/// routing it writes), `fused_against_plain`'s cases.
-#[test]
-#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
-fn the_routing_inside_the_gate_up_gives_the_separate_kernels_bits() {
-    let gone = ["moe_route", "moe_gate_up"];
-    fused_against_plain(0x2545_f491, 64, Gpu::set_moe_route_in_gate_up, "moe_route", "moe_route_gate_up", &gone);
 }

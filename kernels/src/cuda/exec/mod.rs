@@ -237,9 +237,6 @@ pub struct Gpu {
     /// `torch_moe`'s per-slot path ends in `moe_down_combine` (`[kernels] moe_down_combine`).
     /// An atomic as `decode_tc` (`set_moe_down_combine`).
     moe_down_combine: std::sync::atomic::AtomicBool,
-    /// `torch_moe`'s per-slot path routes inside its gate/up kernel (`[kernels]
-    /// moe_route_in_gate_up`). An atomic as `moe_down_combine` (`set_moe_route_in_gate_up`).
-    moe_route_gate_up: std::sync::atomic::AtomicBool,
     /// Zeroed counters for kernels whose last block to finish does the rest (`last_to_finish`:
     /// each re-arms its counters, and the step's kernels run in stream order, so every launch
     /// finds them zero): `moe_router_route`'s, a token each.
@@ -439,7 +436,6 @@ impl Gpu {
             swiglu_split,
             moe_grouped_min: k.moe_grouped_min,
             moe_down_combine: std::sync::atomic::AtomicBool::new(k.moe_down_combine),
-            moe_route_gate_up: std::sync::atomic::AtomicBool::new(k.moe_route_in_gate_up),
             counters,
             source_kernels,
             collectives: Default::default(),

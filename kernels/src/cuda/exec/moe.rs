@@ -44,9 +44,6 @@ pub const ROUTER_FUSED_MAX_EXPERTS: usize = 512;
 /// The most choices a token `moe_down_combine_bf16` adds up (moe.cu's `MOE_DCL_MAX_K`).
 const MOE_DCL_MAX_K: usize = 64;
 
-/// The most choices a token `moe_route_gate_up_bf16` routes (moe.cu's `ROUTE_GU_MAX_K`).
-const ROUTE_GU_MAX_K: usize = 32;
-
 impl MoeShape {
     /// Scratch bytes, in [`Gpu::moe`]'s order: chosen experts (i32), their weights (f32), the
     /// activations (`dt`), the scaled outputs (f32), the grouping by expert (i32: offsets,
@@ -135,7 +132,7 @@ impl Gpu {
                     // (scratch sized so), counters ≥ tokens zeroed ints the kernel re-arms; a
                     // block of 8 warps an (8 experts, token); idx, wts as moe_route's.
                     return launched("moe_router_route", unsafe { l.launch(cfg) }.map(|_| ()))
-                        .and_then(|_| self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch, false));
+                        .and_then(|_| self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch));
                 }
                 // The router's linear as the graph would run it, then the routing.
                 self.gemm(dt, dt, s.tokens, s.routed, s.hidden, x, w, logits, false)?;
@@ -143,29 +140,6 @@ impl Gpu {
             }
         };
         let ld = logits_dt as i32;
-        let act = scratch[2];
-        let route_in_gate_up = self.moe_route_gate_up.load(std::sync::atomic::Ordering::Relaxed)
-            && dt == Dt::BF16
-            && !s.grouped(self.moe_grouped_min)
-            && s.hidden.is_multiple_of(8)
-            && s.inter.is_multiple_of(8)
-            && (x | w_gate_up | act).is_multiple_of(16)
-            && s.routed <= ROUTER_FUSED_MAX_EXPERTS
-            && s.top_k <= ROUTE_GU_MAX_K;
-        if route_in_gate_up {
-            let (slots, h32, i32_, a32) = ((s.tokens * s.top_k) as i64, s.hidden as i32, s.inter as i32, s.act as i32);
-            let mut l = self.launcher(self.f.moe_route_gate_up);
-            l.arg(&logits).arg(&ld).arg(&d).arg(&routed).arg(&k32).arg(&norm).arg(&wf32).arg(&sig);
-            l.arg(&offset).arg(&e32).arg(&idx).arg(&wts).arg(&x).arg(&w_gate_up).arg(&slots).arg(&h32);
-            l.arg(&i32_).arg(&a32).arg(&act);
-            // SAFETY: tokens × routed logits (routed within the kernel's shared array); idx and
-            // wts tokens × top_k (top_k within its shared arrays), act slots × inter bf16; x,
-            // w_gate_up and act 16-byte aligned, hidden and inter multiples of 8 (so a block's 8
-            // warps share one slot); one warp a (slot, row), as moe_gate_up_bf16.
-            let cfg = grid(s.tokens * s.top_k * s.inter * 32, 256);
-            launched("moe_route_gate_up", unsafe { l.launch(cfg) }.map(|_| ()))?;
-            return self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch, true);
-        }
         let mut l = self.launcher(self.f.moe[0]);
         l.arg(&logits)
             .arg(&ld)
@@ -183,12 +157,7 @@ impl Gpu {
         // SAFETY: tokens × routed logits; tokens × top_k in idx and wts (scratch sized so); one
         // warp a token; idx then holds local expert ids < experts, or -1 (skipped below).
         launched("moe_route", unsafe { l.launch(grid(s.tokens * 32, 128)) }.map(|_| ()))?;
-        self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch, false)
-    }
-
-    /// Sets `moe_route_in_gate_up` for the launches after.
-    pub fn set_moe_route_in_gate_up(&self, on: bool) {
-        self.moe_route_gate_up.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch)
     }
 
     /// Sets `moe_down_combine` for the launches after.
@@ -197,8 +166,7 @@ impl Gpu {
     }
 
     /// `torch_moe` after the routing: the chosen experts' gate/up and down, and the sum (the
-    /// last two in one kernel where `moe_down_combine` is on and applies). `gate_up_done`: the
-    /// routing's launch computed the per-slot path's gate/up too (`moe_route_gate_up_bf16`).
+    /// last two in one kernel where `moe_down_combine` is on and applies).
     #[allow(clippy::too_many_arguments)]
     fn moe_experts(
         &self,
@@ -209,7 +177,6 @@ impl Gpu {
         w_down: Ptr,
         y: Ptr,
         scratch: &[Ptr],
-        gate_up_done: bool,
     ) -> Result<(), Unavailable> {
         let Some(&[idx, wts, act, contrib, group]) = scratch.get(..5) else {
             return Err(Unavailable(format!("torch_moe: {} scratch regions, want 5 or 6", scratch.len())));
@@ -246,18 +213,16 @@ impl Gpu {
             // SAFETY: as above.
             launched("moe_down_grouped", unsafe { l.launch(grid(blocks(s.hidden), 256)) }.map(|_| ()))?;
         } else {
-            if !gate_up_done {
-                let mut l = self.launcher(self.f.moe[if vector { 4 } else { 1 }]);
-                if vector {
-                    l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
-                } else {
-                    l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
-                }
-                l.arg(&scale_in).arg(&act);
-                // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
-                let cfg = grid(s.tokens * s.top_k * s.inter * 32, 256);
-                launched("moe_gate_up", unsafe { l.launch(cfg) }.map(|_| ()))?;
+            let mut l = self.launcher(self.f.moe[if vector { 4 } else { 1 }]);
+            if vector {
+                l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
+            } else {
+                l.arg(&x).arg(&w_gate_up).arg(&idx).arg(&d).arg(&slots).arg(&k32).arg(&h32).arg(&i32_).arg(&a32);
             }
+            l.arg(&scale_in).arg(&act);
+            // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
+            let cfg = grid(s.tokens * s.top_k * s.inter * 32, 256);
+            launched("moe_gate_up", unsafe { l.launch(cfg) }.map(|_| ()))?;
             // The combine inside the down projection's launch: each token's output rows in
             // groups of `rows`, a counter a group (`Gpu::counters`).
             let rows = if s.hidden.is_multiple_of(64) { 64 } else { 8 };

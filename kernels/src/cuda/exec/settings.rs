@@ -54,16 +54,11 @@ pub struct KernelSettings {
     /// (each chosen expert read once for all its slots) instead of one warp a slot's row
     /// (`AUTODEPLOY_MOE_GROUPED`).
     pub moe_grouped_min: usize,
-    /// `torch_moe`'s per-slot path (decode) in two kernels instead of three: one warp a
-    /// (token, output row) computes the token's chosen experts' down-projection rows and adds
-    /// them in `moe_combine`'s order, the same bits (bf16, at most 8 choices a token;
-    /// `AUTODEPLOY_MOE_DOWN_COMBINE=1`). Off until measured: written without a GPU at hand.
+    /// `torch_moe`'s per-slot path (decode) in two kernels instead of three: the down
+    /// projection's launch also adds each token's contributions up (its last block to finish a
+    /// group of output rows, in `moe_combine`'s order: the same bits; bf16;
+    /// `AUTODEPLOY_MOE_DOWN_COMBINE=1`). Off: measured slower (developing.md).
     pub moe_down_combine: bool,
-    /// `torch_moe`'s per-slot path (decode; bf16, at most 32 choices of at most 512 experts,
-    /// hidden and MLP widths multiples of 8) routes inside its gate/up kernel: each block routes
-    /// its token in shared memory, the same bits, one launch a layer fewer
-    /// (`AUTODEPLOY_MOE_ROUTE_IN_GATE_UP=1`). Off until measured: written without a GPU at hand.
-    pub moe_route_in_gate_up: bool,
     /// FP8 decode GEMVs on tensor cores (sm_89+), the activations quantized as they load
     /// (`AUTODEPLOY_FP8_TC=0`: the CUDA-core GEMV after a separate quantizing kernel).
     pub fp8_gemv_tensor_cores: bool,
@@ -105,7 +100,6 @@ impl Default for KernelSettings {
             decode_fp8_codes: true,
             moe_grouped_min: 4,
             moe_down_combine: false,
-            moe_route_in_gate_up: false,
             fp8_gemv_tensor_cores: true,
             nvfp4_gemv_tensor_cores: true,
             fp8_gemm_cublaslt: true,
@@ -116,7 +110,7 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 20] = [
+const ENV: [(&str, &str); 19] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -131,7 +125,6 @@ const ENV: [(&str, &str); 20] = [
     ("decode_fp8_codes", "AUTODEPLOY_DECODE_FP8_CODES"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
     ("moe_down_combine", "AUTODEPLOY_MOE_DOWN_COMBINE"),
-    ("moe_route_in_gate_up", "AUTODEPLOY_MOE_ROUTE_IN_GATE_UP"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
     ("nvfp4_gemv_tensor_cores", "AUTODEPLOY_NVFP4_TC"),
     ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
@@ -214,10 +207,6 @@ impl KernelSettings {
                 }
                 "moe_down_combine" => {
                     s.moe_down_combine = flag;
-                    true
-                }
-                "moe_route_in_gate_up" => {
-                    s.moe_route_in_gate_up = flag;
                     true
                 }
                 "nvfp4_gemv_tensor_cores" => {
