@@ -43,6 +43,8 @@
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
 #           with both (1,024 at max_seq_len 288).
 #   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
+#   verify38  session 38's changes after its last call: their CUDA tests, the FP8 offline target
+#           run at 1,024 sequences, Qwen3-30B-A3B with and without moe_down_combine.
 #   fp8cost the FP8 8B at batch 1 without its norms, without its attention (wrong outputs: what
 #           they cost inside the step's graph).
 #   moedetail  ncu's sections and stall reasons for Qwen3-30B-A3B's MoE and attention kernels
@@ -176,6 +178,22 @@ for part in $PARTS; do
         AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
         AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \
             "$H/qwen3-30b-a3b.toml" $lat
+        ;;
+    verify38)
+        # What session 38 changed after its last GPU call: the tensor-core prefill test over both
+        # builds, the mixed-step test with the grouped prefill on by default, the down projection
+        # and combine in one launch (its sum now from shared memory): their tests, then the
+        # offline target's run with the prefill knobs on (twice) and Qwen3-30B-A3B at batch 1
+        # with and without `moe_down_combine`, alternating.
+        timeout 200 "$BIN/cuda-tests" --include-ignored --test-threads 1 long_bf16_prefill a_mixed_steps \
+            the_fused_down_and_combine 2>&1 | grep -E "^test |panicked|against the CPU|test result" | head -30
+        off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
+        off "FP8 offline, FP8 KV, 1,024 (again)" "$H/llama-3.1-8b-fp8-offline-1k.toml"
+        lat="--mode latency --batch 1 --isl 128 --osl 64"
+        for _ in 1 2; do
+            bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
+            AUTODEPLOY_MOE_DOWN_COMBINE=1 bench "Qwen3-30B-A3B batch 1, down + combine" "$H/qwen3-30b-a3b.toml" $lat
+        done
         ;;
     fp8cost)
         # What the FP8 8B's batch-1 step spends inside its CUDA graph on the launches besides
@@ -399,6 +417,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38)" ;;
     esac
 done
