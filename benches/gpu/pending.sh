@@ -82,12 +82,19 @@ trap 'rm -f "$H"/.pending-*.toml' EXIT
 # A kernel cache carried from an earlier call (KCACHE=gpu-carry/kcache.tar.xz, carried): NVRTC's
 # PTX (AUTODEPLOY_KERNEL_CACHE, keyed by source, arch and NVRTC version) and the driver's JIT
 # cache of that PTX (CUDA_CACHE_PATH), so a fresh machine compiles only the modules whose
-# source changed; written back as $KCACHE_OUT/kcache.tar.xz (default $OUT) for the next call.
+# source changed; written back as $KCACHE_OUT/kcache.tar.xz (default $OUT) for the next call,
+# without the entries this call neither read nor wrote (older sources' modules: the carry is
+# limited, session 38's cache had grown to 13 MB compressed). A file read has its access time
+# moved past the marker (relatime: it was not after the modification time tar restored); on a
+# noatime mount every carried file would go, and the next call compiles everything again.
 if [ -n "${KCACHE:-}" ]; then
     mkdir -p /tmp/kcache/ptx /tmp/kcache/jit
     if [ -f "$KCACHE" ]; then tar xJf "$KCACHE" -C /tmp/kcache; fi
+    touch /tmp/kcache/.marker
     export AUTODEPLOY_KERNEL_CACHE=/tmp/kcache/ptx CUDA_CACHE_PATH=/tmp/kcache/jit CUDA_CACHE_MAXSIZE=4294967296
-    trap 'rm -f "$H"/.pending-*.toml; XZ_OPT=-9 tar cJf "${KCACHE_OUT:-$OUT}/kcache.tar.xz" -C /tmp/kcache .' EXIT
+    trap 'rm -f "$H"/.pending-*.toml
+        find /tmp/kcache -type f ! -name .marker ! -anewer /tmp/kcache/.marker ! -newer /tmp/kcache/.marker -delete
+        XZ_OPT=-9 tar cJf "${KCACHE_OUT:-$OUT}/kcache.tar.xz" -C /tmp/kcache .' EXIT
     echo "kernel cache: $(find /tmp/kcache -type f | wc -l) files from ${KCACHE}"
 fi
 cut4() { # name model-folder (relative to benches/): a copy in $OUT/cut-<name> cut to 4 layers
