@@ -17,14 +17,16 @@ mod linear;
 mod lt;
 mod moe;
 mod norm;
+mod plan;
 mod quant;
 mod settings;
 
-pub use attention::{
-    decode_prefix_count, heads_a_block, kernel_head_dim, plan_tiles, prefill_heads_a_block, tile_slots, HeadRows,
-    ScoreMods, Split, StepMeta, ATTN_BUILDS, GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
-};
+pub use attention::{HeadRows, ScoreMods};
 pub use moe::{MoeShape, RouterIn, ROUTER_FUSED_MAX_EXPERTS};
+pub use plan::{
+    decode_prefix_count, heads_a_block, kernel_head_dim, plan_tiles, prefill_heads_a_block, tile_slots, Split,
+    StepMeta, ATTN_BUILDS, GENERAL_DIMS, HEAD_DIMS, PREFILL_TC_DIMS,
+};
 pub use quant::{LowBitLinear, LowBitScales, ScaleRuns, MAX_SCALE_RUNS};
 pub use settings::KernelSettings;
 
