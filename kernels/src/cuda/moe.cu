@@ -484,6 +484,20 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_grouped_bf16(const bf
 // are distinct) and its contribution are loaded first, all loads in flight together; more
 // choices find the next expert by search, one load at a time.
 #define COMBINE_HELD 16
+// The search: the token's choices `ti` walked in ascending expert order by `next_choice`.
+__device__ float combine_by_search(const float* contrib, const int* ti, int dt, long t, int top_k, int hidden, int j) {
+    float acc = 0.0f;
+    int last = -1;
+    for (int k = 0; k < top_k; k++) {
+        int pe;
+        int pick = next_choice(ti, top_k, last, pe);
+        if (pick < 0) break;  // the rest are other ranks' experts
+        acc = rnd(dt, acc + contrib[(t * top_k + pick) * hidden + j]);
+        last = pe;
+    }
+    return acc;
+}
+
 __device__ float combine_at(const float* contrib, const int* idx, int dt, long t, int top_k, int hidden, int j) {
     const int* ti = idx + t * top_k;
     float acc = 0.0f;
@@ -514,15 +528,7 @@ __device__ float combine_at(const float* contrib, const int* idx, int dt, long t
         }
         return acc;
     }
-    int last = -1;
-    for (int k = 0; k < top_k; k++) {
-        int pe;
-        int pick = next_choice(ti, top_k, last, pe);
-        if (pick < 0) break;  // the rest are other ranks' experts
-        acc = rnd(dt, acc + contrib[(t * top_k + pick) * hidden + j]);
-        last = pe;
-    }
-    return acc;
+    return combine_by_search(contrib, ti, dt, t, top_k, hidden, j);
 }
 
 extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int dt, long tokens, int top_k, int hidden,
@@ -541,9 +547,9 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
 // the contributions back from L2: the same bits, one launch a layer fewer. (Session 35's first
 // fused build, one warp a (token, row) over every chosen expert, left too few bytes in flight.)
 #define MOE_DCL_MAX_K 64
-extern "C" __global__ void __launch_bounds__(256) moe_down_combine_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx,
-                                                 const float* wts, long slots, int top_k, int hidden, int inter,
-                                                 int rows, float* contrib, int* counters, bf16_t* y) {
+extern "C" __global__ void __launch_bounds__(256)
+    moe_down_combine_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts, long slots,
+                          int top_k, int hidden, int inter, int rows, float* contrib, int* counters, bf16_t* y) {
     pdl_enter();
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long s = warp / hidden;
@@ -553,22 +559,14 @@ extern "C" __global__ void __launch_bounds__(256) moe_down_combine_bf16(const bf
     long t = s / top_k;
     int group = (int)(((long)blockIdx.x * (blockDim.x >> 5)) % hidden) / rows;
     if (!last_to_finish(counters + t * (hidden / rows) + group, top_k * (rows / 8))) return;
-    // The sum walks the token's choices in ascending expert order (`next_choice`, as
-    // `combine_at`'s search: the same additions), its choices staged in shared memory, so the
-    // rarely taken tail adds few registers to the down rows every block runs.
+    // The sum by `combine_at`'s search (the same additions as its held path), the choices
+    // staged in shared memory, so the rarely taken tail adds few registers to the down rows
+    // every block runs.
     __shared__ int ti[MOE_DCL_MAX_K];
     for (int q = threadIdx.x; q < top_k; q += blockDim.x) ti[q] = idx[t * top_k + q];
     __syncthreads();
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        int j = group * rows + r, last = -1;
-        float acc = 0.0f;
-        for (int k = 0; k < top_k; k++) {
-            int pe;
-            int pick = next_choice(ti, top_k, last, pe);
-            if (pick < 0) break;  // the rest are other ranks' experts
-            acc = bf16_to_f32(f32_to_bf16(acc + contrib[(t * top_k + pick) * hidden + j]));
-            last = pe;
-        }
-        y[t * hidden + j] = f32_to_bf16(acc);
+        int j = group * rows + r;
+        y[t * hidden + j] = f32_to_bf16(combine_by_search(contrib, ti, DT_BF16, t, top_k, hidden, j));
     }
 }

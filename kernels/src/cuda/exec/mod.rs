@@ -241,7 +241,8 @@ pub struct Gpu {
     moe_down_combine: std::sync::atomic::AtomicBool,
     /// Zeroed counters for kernels whose last block to finish does the rest (`last_to_finish`:
     /// each re-arms its counters, and the step's kernels run in stream order, so every launch
-    /// finds them zero): `moe_router_route`'s, a token each.
+    /// finds them zero): `moe_router_route`'s, a token each; `moe_down_combine_bf16`'s, a group of
+    /// a token's output rows each.
     counters: CudaSlice<i32>,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
