@@ -107,6 +107,12 @@ on_cut() { # name base.toml cut-name [lines...]: a variant of base.toml reading 
     sed -i "s|^model = .*|model = \"$OUT/cut-$3\"|" "$f"
     echo "$f"
 }
+stall_metrics() { # [extra causes...]: ncu's warps stalled per issued instruction, by cause
+    local m
+    m=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard short_scoreboard \
+        barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected no_instruction dispatch_stall "$@")
+    echo "${m%,}"
+}
 bench() { # label config args... (env from the caller)
     local label=$1 cfg=$2
     shift 2
@@ -357,11 +363,9 @@ PY
             IFS=: read -r base cut kern <<<"$spec"
             c=$(on_cut "gdetail-$cut" "$base" "$cut")
             echo "  -- $base ($kern)"
-            stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard \
-                short_scoreboard barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected \
-                no_instruction dispatch_stall)
+            stalls=$(stall_metrics)
             timeout 240 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
-                --metrics "${stalls%,}" -k "regex:$kern" --launch-skip 40 --launch-count 4 \
+                --metrics "$stalls" -k "regex:$kern" --launch-skip 40 --launch-count 4 \
                 "$B" bench --config "$c" --mode latency --batch 1 --isl 128 --osl 16 2>&1 |
                 grep -E "gemv_|Duration|Registers Per|Achieved Occupancy|Block Limit (Reg|Shared)|Warp Cycles Per Issued|Issue Slots Busy|DRAM Throughput|Compute \(SM\)|Grid Size|issue_stalled" | head -80
         done
@@ -372,11 +376,9 @@ PY
         # 768 values: short, so latency and waves more than bytes) and the routing.
         cut4 moe ../tests/fixtures/model-configs/Qwen/Qwen3-30B-A3B
         c=$(on_cut moedetail qwen3-30b-a3b.toml moe)
-        stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard \
-            short_scoreboard barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected \
-            no_instruction dispatch_stall)
+        stalls=$(stall_metrics)
         timeout 240 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
-            --metrics "${stalls%,}" -k 'regex:moe_|paged_decode' --launch-skip 40 --launch-count 10 \
+            --metrics "$stalls" -k 'regex:moe_|paged_decode' --launch-skip 40 --launch-count 10 \
             "$B" bench --config "$c" --mode latency --batch 1 --isl 128 --osl 16 2>&1 |
             grep -E "moe_|paged_decode|Duration|Registers Per|Achieved Occupancy|Block Limit (Reg|Shared)|Warp Cycles Per Issued|DRAM Throughput|Grid Size|Waves Per SM|issue_stalled" | head -120
         ;;
@@ -387,12 +389,9 @@ PY
         for base in llama-3.1-8b-long.toml llama-3.1-8b-long-fp8kv.toml; do
             c=$(on_cut "detail-$base" "$base" 8b)
             echo "  -- $base"
-            # The stall reasons: warps stalled per issued instruction, by cause.
-            stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard \
-                short_scoreboard barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected \
-                no_instruction dispatch_stall drain membar sleeping)
+            stalls=$(stall_metrics drain membar sleeping)
             timeout 200 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
-                --metrics "${stalls%,}" -k 'regex:paged_decode_tc' --launch-skip 4 --launch-count 1 \
+                --metrics "$stalls" -k 'regex:paged_decode_tc' --launch-skip 4 --launch-count 1 \
                 "$B" bench --config "$c" --mode throughput --batch 32 --isl 2000 --osl 4 2>&1 |
                 grep -E "Duration|Registers|Achieved Occupancy|Block Limit (Reg|Shared)|Warp Cycles Per Issued|DRAM Throughput|Compute \(SM\)|Static Shared|issue_stalled" | head -40
         done
