@@ -7,6 +7,14 @@ use crate::common::{self, engine, greedy};
 use crate::{bf16_against_f32, max_diff, run_steps, ATTENTION, BACKENDS, F32_TOL, PAGE};
 use autodeploy_core::pipeline::Engine;
 
+/// What `run` gives on the CPU for qwen3 under a bf16 config `base` (the reference), and under
+/// the same config in f32 (the truth `bf16_against_f32` measures both against).
+fn on_the_cpu<T>(base: &str, run: impl Fn(&mut Engine) -> T) -> (T, T) {
+    let reference = run(&mut engine("qwen3", &format!("{base}device = \"cpu\"\n")));
+    let f32_base = base.replace("bfloat16", "float32");
+    (reference, run(&mut engine("qwen3", &format!("{f32_base}device = \"cpu\"\n"))))
+}
+
 /// A prefill of more than 256 tokens runs the ragged paged kernel (shorter steps take the
 /// split-KV one; `triton` its own): greedy tokens still equal the CPU's.
 #[test]
@@ -44,10 +52,7 @@ fn long_bf16_prefill_on_tensor_cores_matches_cpu() {
     let prompts: Vec<Vec<i64>> = (0..3).map(|r| (0..100).map(|i| 1 + (i * 37 + r * 11) % 250).collect()).collect();
     let decode = [vec![5, 6, 7]];
     let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\nmax_seq_len = 256\n");
-    let mut cpu = engine("qwen3", &format!("{base}device = \"cpu\"\n"));
-    let reference = run_steps(&mut cpu, &prompts, &decode);
-    let f32_base = base.replace("bfloat16", "float32");
-    let truth = run_steps(&mut engine("qwen3", &format!("{f32_base}device = \"cpu\"\n")), &prompts, &decode);
+    let (reference, truth) = on_the_cpu(&base, |e| run_steps(e, &prompts, &decode));
     let mut failed = Vec::new();
     for (backend, group) in [("simple", false), ("opt", false), ("simple", true), ("opt", true)] {
         let extra = format!(
@@ -81,9 +86,7 @@ fn batched_bf16_decode_on_tensor_cores_matches_cpu() {
         (0..6).map(|r| (0..100 + 4 * r).map(|i| 1 + (i * 37 + r * 11) % 250).collect()).collect();
     let decode: Vec<Vec<i64>> = (0..3).map(|s| (0..6).map(|r| 1 + (s * 7 + r * 13) % 250).collect()).collect();
     let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 8\nmax_seq_len = 128\n");
-    let reference = run_steps(&mut engine("qwen3", &format!("{base}device = \"cpu\"\n")), &prompts, &decode);
-    let f32_base = base.replace("bfloat16", "float32");
-    let truth = run_steps(&mut engine("qwen3", &format!("{f32_base}device = \"cpu\"\n")), &prompts, &decode);
+    let (reference, truth) = on_the_cpu(&base, |e| run_steps(e, &prompts, &decode));
     let mut failed = Vec::new();
     for (tc, ldsm) in [(true, false), (true, true), (false, false)] {
         let extra = format!(
@@ -149,8 +152,7 @@ fn a_mixed_steps_decodes_take_the_split_kv_decode() {
     let schedule = [first, mixed, last];
     let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 8\nmax_seq_len = 128\n");
     let run = |e: &mut Engine| common::steps::run_paged_schedule(e, PAGE, &schedule);
-    let reference = run(&mut engine("qwen3", &format!("{base}device = \"cpu\"\n")));
-    let truth = run(&mut engine("qwen3", &format!("{}device = \"cpu\"\n", base.replace("bfloat16", "float32"))));
+    let (reference, truth) = on_the_cpu(&base, run);
     let mut failed = Vec::new();
     let mut decodes = Vec::new();
     for on in [false, true] {
