@@ -38,7 +38,8 @@
 #           split-KV decode (AUTODEPLOY_MIXED_SPLIT): prefill ms of 256 x 128 and offline
 #           1,000 x 128/128; then each alone offline.
 #   bigbatch the decode step at batch 256 and 512 (session 37's cliff past 256 tokens); ncu of
-#           each kernel at decode batches 256 and 1,024 and in a 8,192-token prefill step.
+#           each kernel at decode batch 256 (short prompts) and in the offline run's shape
+#           (1,024 x 128: its 8,192-token prefill steps, then decode steps at ~130 positions).
 #   offline FP8 and bf16 offline 1,000 x 128/128 alone, and FP8 with an FP8 KV cache (the
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
 #           with both (1,024 at max_seq_len 288).
@@ -329,13 +330,14 @@ PY
         # keys each kernel by its grid, so decode and prefill launches list apart.
         cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
         c=$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)
-        # (batch:prompt length): decode steps at 256 and 1,024 after short prompts, and one
-        # 8,192-token prefill step of 64 x 128 (the offline run's prompt steps).
-        for run in 256:16 1024:16 64:128; do
-            IFS=: read -r b isl <<<"$run"
+        # (batch:prompt length:launches): decode steps at 256 after short prompts; the offline
+        # run's shape, 1,024 x 128: its sixteen 8,192-token prefill steps, then decode steps at
+        # 128-136 positions (the summary keys launches by grid, so the two list apart).
+        for run in 256:16:700 1024:128:1500; do
+            IFS=: read -r b isl n <<<"$run"
             echo "  -- FP8, FP8 cache, 4 layers, batch $b, prompts of $isl"
-            timeout 200 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum --csv \
-                -k 'regex:^(?!fill)' --launch-count 700 \
+            timeout 240 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum --csv \
+                -k 'regex:^(?!fill)' --launch-count "$n" \
                 "$B" bench --config "$c" --mode throughput --batch "$b" --isl "$isl" --osl 8 \
                 >"$OUT/ncu-big-$b.csv" 2>"$OUT/ncu-big-$b.err" || tail -3 "$OUT/ncu-big-$b.err"
             python3 - "$OUT/ncu-big-$b.csv" <<'PY'
