@@ -336,7 +336,8 @@ PY
         for run in 256:16:700 1024:128:1500; do
             IFS=: read -r b isl n <<<"$run"
             echo "  -- FP8, FP8 cache, 4 layers, batch $b, prompts of $isl"
-            timeout 240 ncu --print-units base --clock-control none --metrics gpu__time_duration.sum --csv \
+            timeout 240 ncu --print-units base --clock-control none --csv \
+                --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
                 -k 'regex:^(?!fill)' --launch-count "$n" \
                 "$B" bench --config "$c" --mode throughput --batch "$b" --isl "$isl" --osl 8 \
                 >"$OUT/ncu-big-$b.csv" 2>"$OUT/ncu-big-$b.err" || tail -3 "$OUT/ncu-big-$b.err"
@@ -346,12 +347,21 @@ rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and (r[0] == "ID
 head, rows = rows[0], rows[1:]
 k, m, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
 g = head.index("Grid Size") if "Grid Size" in head else None
-t = collections.defaultdict(list)
+# Per launch (ID): its time (ns) and DRAM bytes; then per (kernel, grid): launches, mean time,
+# DRAM GB/s over its launches.
+per = collections.defaultdict(dict)
 for r in rows:
-    if r[m] == "gpu__time_duration.sum":
-        t[(r[k].split("(")[0], r[g] if g is not None else "")].append(float(r[v].replace(",", "")))
-for (name, grid), xs in sorted(t.items(), key=lambda kv: -sum(kv[1])):
-    print(f"  {name[:44]:<44} {grid:>16} {len(xs):4d} launches, mean {sum(xs) / len(xs) / 1e3:8.2f} us")
+    per[(r[0], r[k].split("(")[0], r[g] if g is not None else "")][r[m]] = float(r[v].replace(",", ""))
+t = collections.defaultdict(lambda: [0, 0.0, 0.0])
+for (_, name, grid), ms in per.items():
+    a = t[(name, grid)]
+    a[0] += 1
+    a[1] += ms.get("gpu__time_duration.sum", 0.0)
+    a[2] += ms.get("dram__bytes_read.sum", 0.0) + ms.get("dram__bytes_write.sum", 0.0)
+total = sum(a[1] for a in t.values()) or 1.0
+for (name, grid), (n, ns, by) in sorted(t.items(), key=lambda kv: -kv[1][1]):
+    print(f"  {name[:44]:<44} {grid:>16} {n:4d} launches, mean {ns / n / 1e3:8.2f} us, "
+          f"{by / max(ns, 1.0):7.0f} GB/s, {100 * ns / total:5.1f}% of the time")
 PY
         done
         ;;
