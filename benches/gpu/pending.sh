@@ -44,6 +44,10 @@
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
 #           with both (1,024 at max_seq_len 288).
 #   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
+#   s39     cuda_check whole, session 38's unrun CUDA tests, the FP8 offline target run and
+#           ncu of each kernel in its shape (1,024 x 128, 4 layers).
+#   s39b    Qwen3-30B-A3B batch 1 with and without moe_down_combine; the FP8 KV cache against
+#           bf16 at 2,000 positions (batch 32 and 1).
 #   verify38  session 38's changes after its last call: their CUDA tests, the FP8 offline target
 #           run at 1,024 sequences, Qwen3-30B-A3B with and without moe_down_combine.
 #   fp8cost the FP8 8B at batch 1 without its norms, without its attention (wrong outputs: what
@@ -113,6 +117,39 @@ stall_metrics() { # [extra causes...]: ncu's warps stalled per issued instructio
     m=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard short_scoreboard \
         barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected no_instruction dispatch_stall "$@")
     echo "${m%,}"
+}
+ncu_kernels() { # config batch prompt-length launches: each kernel's mean time, DRAM GB/s and
+    # share of the time (ncu, one launch at a time) in `bench --mode throughput` of that shape,
+    # keyed by grid (a step's prefill and decode launches list apart)
+    local c=$1 b=$2 isl=$3 n=$4
+    echo "  -- $(basename "$c" .toml), batch $b, prompts of $isl"
+    timeout 240 ncu --print-units base --clock-control none --csv \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+        -k 'regex:^(?!fill)' --launch-count "$n" \
+        "$B" bench --config "$c" --mode throughput --batch "$b" --isl "$isl" --osl 8 \
+        >"$OUT/ncu-big-$b.csv" 2>"$OUT/ncu-big-$b.err" || tail -3 "$OUT/ncu-big-$b.err"
+    python3 - "$OUT/ncu-big-$b.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and (r[0] == "ID" or r[0].isdigit())]
+head, rows = rows[0], rows[1:]
+k, m, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+g = head.index("Grid Size") if "Grid Size" in head else None
+# Per launch (ID): its time (ns) and DRAM bytes; then per (kernel, grid): launches, mean time,
+# DRAM GB/s over its launches.
+per = collections.defaultdict(dict)
+for r in rows:
+    per[(r[0], r[k].split("(")[0], r[g] if g is not None else "")][r[m]] = float(r[v].replace(",", ""))
+t = collections.defaultdict(lambda: [0, 0.0, 0.0])
+for (_, name, grid), ms in per.items():
+    a = t[(name, grid)]
+    a[0] += 1
+    a[1] += ms.get("gpu__time_duration.sum", 0.0)
+    a[2] += ms.get("dram__bytes_read.sum", 0.0) + ms.get("dram__bytes_write.sum", 0.0)
+total = sum(a[1] for a in t.values()) or 1.0
+for (name, grid), (n, ns, by) in sorted(t.items(), key=lambda kv: -kv[1][1]):
+    print(f"  {name[:44]:<44} {grid:>16} {n:4d} launches, mean {ns / n / 1e3:8.2f} us, "
+          f"{by / max(ns, 1.0):7.0f} GB/s, {100 * ns / total:5.1f}% of the time")
+PY
 }
 bench() { # label config args... (env from the caller)
     local label=$1 cfg=$2
@@ -192,6 +229,37 @@ for part in $PARTS; do
         AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
         AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \
             "$H/qwen3-30b-a3b.toml" $lat
+        ;;
+    s39)
+        # Session 39's first call: cuda_check whole (the 8-wide `silu_mul`'s grid of rows, past
+        # 65,535 rows too), session 38's unrun CUDA tests, the offline target run with the
+        # prefill knobs on by default, and each kernel of the offline run's shape (the FP8 8B
+        # cut to 4 layers, 1,024 x 128: prefill steps, then decode steps).
+        t0=$(date +%s)
+        timeout 330 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
+        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s"
+        grep -E "FAILED|all kernels|error|silu_mul \(executor\)" "$OUT/cuda_check.log" | head -12
+        timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads 1 long_bf16_prefill a_mixed_steps \
+            the_fused_down_and_combine 2>&1 | grep -E "^test |panicked|test result" | head -20
+        off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
+        cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
+        ncu_kernels "$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)" 1024 128 1500
+        ;;
+    s39b)
+        # Then: Qwen3-30B-A3B at batch 1 with and without `moe_down_combine` (its sum from
+        # shared memory since session 38's timing), alternating; the FP8 KV cache against bf16
+        # at 2,000 positions (issue 25's point) at batch 32 and 1.
+        lat="--mode latency --batch 1 --isl 128 --osl 64"
+        for _ in 1 2; do
+            bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
+            AUTODEPLOY_MOE_DOWN_COMBINE=1 bench "Qwen3-30B-A3B batch 1, down + combine" "$H/qwen3-30b-a3b.toml" $lat
+        done
+        for _ in 1 2; do
+            bench "8B 32 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode throughput --batch 32 --isl 2000 --osl 16
+            bench "8B 32 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode throughput --batch 32 --isl 2000 --osl 16
+        done
+        bench "8B 1 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode latency --batch 1 --isl 2000 --osl 8
+        bench "8B 1 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode latency --batch 1 --isl 2000 --osl 8
         ;;
     verify38)
         # What session 38 changed after its last GPU call: the tensor-core prefill test over both
@@ -333,37 +401,8 @@ PY
         # (batch:prompt length:launches): decode steps at 256 after short prompts; the offline
         # run's shape, 1,024 x 128: its sixteen 8,192-token prefill steps, then decode steps at
         # 128-136 positions (the summary keys launches by grid, so the two list apart).
-        for run in 256:16:700 1024:128:1500; do
-            IFS=: read -r b isl n <<<"$run"
-            echo "  -- FP8, FP8 cache, 4 layers, batch $b, prompts of $isl"
-            timeout 240 ncu --print-units base --clock-control none --csv \
-                --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-                -k 'regex:^(?!fill)' --launch-count "$n" \
-                "$B" bench --config "$c" --mode throughput --batch "$b" --isl "$isl" --osl 8 \
-                >"$OUT/ncu-big-$b.csv" 2>"$OUT/ncu-big-$b.err" || tail -3 "$OUT/ncu-big-$b.err"
-            python3 - "$OUT/ncu-big-$b.csv" <<'PY'
-import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and (r[0] == "ID" or r[0].isdigit())]
-head, rows = rows[0], rows[1:]
-k, m, v = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
-g = head.index("Grid Size") if "Grid Size" in head else None
-# Per launch (ID): its time (ns) and DRAM bytes; then per (kernel, grid): launches, mean time,
-# DRAM GB/s over its launches.
-per = collections.defaultdict(dict)
-for r in rows:
-    per[(r[0], r[k].split("(")[0], r[g] if g is not None else "")][r[m]] = float(r[v].replace(",", ""))
-t = collections.defaultdict(lambda: [0, 0.0, 0.0])
-for (_, name, grid), ms in per.items():
-    a = t[(name, grid)]
-    a[0] += 1
-    a[1] += ms.get("gpu__time_duration.sum", 0.0)
-    a[2] += ms.get("dram__bytes_read.sum", 0.0) + ms.get("dram__bytes_write.sum", 0.0)
-total = sum(a[1] for a in t.values()) or 1.0
-for (name, grid), (n, ns, by) in sorted(t.items(), key=lambda kv: -kv[1][1]):
-    print(f"  {name[:44]:<44} {grid:>16} {n:4d} launches, mean {ns / n / 1e3:8.2f} us, "
-          f"{by / max(ns, 1.0):7.0f} GB/s, {100 * ns / total:5.1f}% of the time")
-PY
-        done
+        ncu_kernels "$c" 256 16 700
+        ncu_kernels "$c" 1024 128 1500
         ;;
     gemvdetail)
         # ncu's sections for the FP8 and NVFP4 decode GEMVs at batch 1 (what bounds each: DRAM,
@@ -435,6 +474,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38 s39 s39b)" ;;
     esac
 done

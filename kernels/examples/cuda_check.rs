@@ -528,8 +528,9 @@ fn check_gemv(gpu: &Gpu, rep: &mut Report) {
         rep.check_scaled(&format!("gemv_swiglu/{} {n}x{k}", gpu.swiglu_split), true, &down(dout.ptr, n), &want, atol);
     }
     // The executor's SiLU-mul over bf16 rows: gate and up in one [rows, 2·inter] tensor or two,
-    // at an inter the 8-wide kernel takes and one it does not.
-    for (rows, inter) in [(5usize, 1536usize), (3, 1500)] {
+    // at an inter the 8-wide kernel takes and one it does not, and more rows than a grid's y
+    // dimension holds (the 8-wide kernel strides past 65,535).
+    for (rows, inter) in [(5usize, 1536usize), (3, 1500), (70_000, 8)] {
         let gu = r(rows * 2 * inter, 34);
         let want: Vec<f32> = (0..rows * inter)
             .map(|i| {

@@ -198,25 +198,26 @@ extern "C" __global__ void silu_mul(const void* gate, const void* up, int dt, vo
 
 // `silu_mul` over bf16, 8 values a thread with 16-byte loads and stores (inter % 8 == 0, every
 // pointer 16-byte aligned); the same rounding. With `qs`, 8 E4M3 codes a thread (as `silu_mul`).
+// Grid (x: a row's 8-value pieces, y: rows, striding past 65,535), so no thread divides.
 extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up, bf16_t* out, long rows, int inter,
                                            const float* qs) {
     pdl_enter();
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    int per_row = inter / 8;
-    if (i >= rows * per_row) return;
-    long r = i / per_row, j = (i % per_row) * 8;
-    const bf16_t* gp = up ? gate + r * inter + j : gate + r * 2 * inter + j;
-    const bf16_t* upp = up ? up + r * inter + j : gate + r * 2 * inter + inter + j;
-    uint4 gv = *(const uint4*)gp, uv = *(const uint4*)upp, ov;
-    const bf16_t *g8 = (const bf16_t*)&gv, *u8 = (const bf16_t*)&uv;
-    bf16_t* o8 = (bf16_t*)&ov;
+    int j = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (j >= inter) return;
+    float s = qs ? qs[0] : 1.0f;
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const bf16_t* gp = up ? gate + r * inter + j : gate + r * 2 * inter + j;
+        const bf16_t* upp = up ? up + r * inter + j : gate + r * 2 * inter + inter + j;
+        uint4 gv = *(const uint4*)gp, uv = *(const uint4*)upp, ov;
+        const bf16_t *g8 = (const bf16_t*)&gv, *u8 = (const bf16_t*)&uv;
+        bf16_t* o8 = (bf16_t*)&ov;
 #pragma unroll
-    for (int k = 0; k < 8; k++) o8[k] = swiglu_value(bf16_to_f32(g8[k]), bf16_to_f32(u8[k]));
-    if (qs) {
-        *(uint2*)((unsigned char*)out + r * inter + j) = e4m3x8_codes(o8, qs[0]);
-        return;
+        for (int k = 0; k < 8; k++) o8[k] = swiglu_value(bf16_to_f32(g8[k]), bf16_to_f32(u8[k]));
+        if (qs)
+            *(uint2*)((unsigned char*)out + r * inter + j) = e4m3x8_codes(o8, s);
+        else
+            *(uint4*)(out + r * inter + j) = ov;
     }
-    *(uint4*)(out + r * inter + j) = ov;
 }
 
 // out[t] = weight[ids[t]], rows of `row_bytes`; an id outside [0, rows) writes zeros and sets

@@ -142,12 +142,26 @@ impl Gpu {
     ) -> Result<(), Unavailable> {
         let (u, d, r64, i32_, a32) = (up.unwrap_or(0), dt as i32, rows as i64, inter as i32, act as i32);
         let qs = codes_scale.unwrap_or(0);
-        if act == GateAct::Silu && dt == Dt::BF16 && inter.is_multiple_of(8) && (gate | u | out).is_multiple_of(16) {
+        if act == GateAct::Silu
+            && dt == Dt::BF16
+            && inter > 0
+            && inter.is_multiple_of(8)
+            && (gate | u | out).is_multiple_of(16)
+        {
             let mut l = self.launcher(self.f.silu_mul_bf16x8);
             l.arg(&gate).arg(&u).arg(&out).arg(&r64).arg(&i32_).arg(&qs);
+            // x: a row's 8-value pieces (blocks of up to 256 threads), y: rows (the kernel
+            // strides past 65,535).
+            let pieces = (inter / 8) as u32;
+            let block = pieces.min(256).next_multiple_of(32);
+            let cfg = LaunchConfig {
+                grid_dim: (pieces.div_ceil(block), rows.clamp(1, 65_535) as u32, 1),
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: as below; 8 values a thread, aligned as checked.
             let name = if qs == 0 { "silu_mul_bf16x8" } else { "silu_mul_bf16x8_fp8" };
-            return launched(name, unsafe { l.launch(grid(rows * inter / 8, 256)) }.map(|_| ()));
+            return launched(name, unsafe { l.launch(cfg) }.map(|_| ()));
         }
         let mut l = self.launcher(self.f.silu_mul);
         l.arg(&gate).arg(&u).arg(&d).arg(&out).arg(&r64).arg(&i32_).arg(&a32).arg(&qs);
