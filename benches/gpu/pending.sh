@@ -231,19 +231,19 @@ for part in $PARTS; do
             "$H/qwen3-30b-a3b.toml" $lat
         ;;
     s39)
-        # Session 39's first call: cuda_check whole (the 8-wide `silu_mul`'s grid of rows, past
-        # 65,535 rows too), session 38's unrun CUDA tests, the offline target run with the
-        # prefill knobs on by default, and each kernel of the offline run's shape (the FP8 8B
-        # cut to 4 layers, 1,024 x 128: prefill steps, then decode steps).
-        t0=$(date +%s)
-        timeout 330 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
-        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s"
-        grep -E "FAILED|all kernels|error|silu_mul \(executor\)" "$OUT/cuda_check.log" | head -12
-        timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads 1 long_bf16_prefill a_mixed_steps \
-            the_fused_down_and_combine 2>&1 | grep -E "^test |panicked|test result" | head -20
+        # Session 39's first call: the offline target run with the prefill knobs on by default,
+        # each kernel of its shape (the FP8 8B cut to 4 layers, 1,024 x 128: prefill steps, then
+        # decode steps), cuda_check whole (the 8-wide `silu_mul`'s grid of rows, past 65,535
+        # rows too) and session 38's unrun CUDA tests.
         off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
         cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
         ncu_kernels "$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)" 1024 128 1500
+        t0=$(date +%s)
+        timeout 200 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
+        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s"
+        grep -E "FAILED|all kernels|error|silu_mul \(executor\)" "$OUT/cuda_check.log" | head -12
+        timeout 100 "$BIN/cuda-tests" --include-ignored --test-threads 1 long_bf16_prefill a_mixed_steps \
+            the_fused_down_and_combine 2>&1 | grep -E "^test |panicked|test result" | head -20
         ;;
     s39b)
         # Then: Qwen3-30B-A3B at batch 1 with and without `moe_down_combine` (its sum from
