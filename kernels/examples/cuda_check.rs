@@ -8,7 +8,7 @@
 //! `x·r` then rounds one bf16 ulp away, and the weight multiplies that step (|w| up to 2 here).
 use std::process::ExitCode;
 
-use autodeploy_kernels::cuda::exec::{Dt, GateAct, Gpu};
+use autodeploy_kernels::cuda::exec::{bad_index, Dt, GateAct, Gpu};
 use autodeploy_kernels::cuda::Device;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -375,6 +375,7 @@ fn main() -> ExitCode {
         check_gemv(&gpu, &mut rep);
     }
     (gpu.gemv_split, gpu.swiglu_split) = split;
+    check_embedding(&gpu, &mut rep);
     check_fp8_codes(&gpu, &mut rep);
     check_nvfp4_gemv(&mut gpu, &mut rep);
     for bf in [false, true] {
@@ -491,6 +492,68 @@ fn main() -> ExitCode {
 /// The executor's decode GEMVs (bf16, one row of activations): plain, accumulating into y, and
 /// the gate/up + SwiGLU one, against the CPU on the same bf16-rounded inputs; rows not a
 /// multiple of the kernel's block, k from 896 to 14336.
+/// The executor's embedding gather (`Gpu::embedding`) against the rows it should copy, byte for
+/// byte: 16-byte rows and rows of other lengths, a rank's slice of the table (other rows zero),
+/// more tokens than a grid's y dimension holds, and ids outside the table flagged.
+fn check_embedding(gpu: &Gpu, rep: &mut Report) {
+    let up = |b: &[u8]| {
+        let d = gpu.alloc(b.len().max(16), "embedding check").unwrap();
+        gpu.upload(d.ptr, b).unwrap();
+        d
+    };
+    // (table rows, row bytes, slice start, slice rows, tokens)
+    for (vocab, row_bytes, start, rows, tokens) in [
+        (1000usize, 1152usize, 0usize, 1000usize, 37usize),
+        (1000, 6, 0, 1000, 29),
+        (1000, 1152, 250, 300, 41),
+        (64, 16, 0, 64, 70_000),
+    ] {
+        let table: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 7 + i / row_bytes * 13) as u8).collect();
+        let ids: Vec<i64> = (0..tokens).map(|t| ((t * 131 + 7) % vocab) as i64).collect();
+        let want: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| {
+                let local = id as usize;
+                if (start..start + rows).contains(&local) {
+                    table[(local - start) * row_bytes..(local - start + 1) * row_bytes].to_vec()
+                } else {
+                    vec![0u8; row_bytes]
+                }
+            })
+            .collect();
+        let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+        let (dw, dids, dout, dbad) = (up(&table), up(&id_bytes), up(&vec![0xa5; tokens * row_bytes]), up(&[0u8; 8]));
+        gpu.embedding(dw.ptr, dids.ptr, dout.ptr, tokens, row_bytes, (rows, start, vocab), dbad.ptr).unwrap();
+        let mut got = vec![0u8; tokens * row_bytes];
+        gpu.download(dout.ptr, &mut got).unwrap();
+        let mut flag = [0u8; 8];
+        gpu.download(dbad.ptr, &mut flag).unwrap();
+        let ok = got == want && flag == [0u8; 8];
+        rep.failed |= !ok;
+        let what = format!("embedding (executor) {tokens} x {row_bytes} B, rows {start}..{} of {vocab}", start + rows);
+        println!("{what:<60} {}", if ok { "ok" } else { "FAILED" });
+        // An id past the table and a negative one: flagged (`bad_index` gives them back), their
+        // rows zero.
+        for wrong in [vocab as i64, -1] {
+            let ids: Vec<u8> = [3i64, wrong, 5].iter().flat_map(|i| i.to_le_bytes()).collect();
+            let (dids, dbad) = (up(&ids), up(&[0u8; 8]));
+            gpu.embedding(dw.ptr, dids.ptr, dout.ptr, 3, row_bytes, (rows, start, vocab), dbad.ptr).unwrap();
+            let mut got = vec![0u8; 3 * row_bytes];
+            gpu.download(dout.ptr, &mut got).unwrap();
+            let mut flag = [0u8; 8];
+            gpu.download(dbad.ptr, &mut flag).unwrap();
+            let read = bad_index(i64::from_le_bytes(flag));
+            let ok = read == Some(wrong) && got[row_bytes..2 * row_bytes].iter().all(|&b| b == 0);
+            rep.failed |= !ok;
+            println!(
+                "{:<60} {}",
+                format!("embedding (executor) id {wrong} of {vocab}: flagged as {read:?}"),
+                if ok { "ok" } else { "FAILED" }
+            );
+        }
+    }
+}
+
 fn check_gemv(gpu: &Gpu, rep: &mut Report) {
     let up = |v: &[f32]| {
         let raw: Vec<u8> = v.iter().flat_map(|&x| bf16(x).to_le_bytes()).collect();

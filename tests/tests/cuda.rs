@@ -421,14 +421,21 @@ fn cudagraph_buckets_pad_and_fall_back() {
     }
 }
 
-/// Bad token ids on the GPU fail the request with the op named, not the process.
+/// Bad token ids on the GPU (past the vocabulary, negative) fail their request with the op
+/// named, not the process.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn bad_token_id_is_an_error_on_cuda() {
     let _turn = gpu();
-    let r = common::generate("llama", "device = \"cuda\"\n", &[greedy(&[1, 99999, 3], 4), greedy(&[1, 2, 3], 4)]);
+    let r = common::generate(
+        "llama",
+        "device = \"cuda\"\n",
+        &[greedy(&[1, 99999, 3], 4), greedy(&[1, 2, 3], 4), greedy(&[1, -1, 3], 4)],
+    );
     let e = r[0].as_ref().unwrap_err().to_string();
     assert!(e.contains("out of range") && e.contains("99999"), "{e}");
+    let e = r[2].as_ref().unwrap_err().to_string();
+    assert!(e.contains("out of range") && e.contains("-1"), "{e}");
     // The good request beside it completes with the CPU's tokens.
     let cpu = common::generate("llama", "device = \"cpu\"\n", &[greedy(&[1, 2, 3], 4)]).remove(0).unwrap();
     let good = r[1].as_ref().unwrap_or_else(|e| panic!("the good request failed too: {e}"));

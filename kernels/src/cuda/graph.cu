@@ -220,29 +220,40 @@ extern "C" __global__ void silu_mul_bf16x8(const bf16_t* gate, const bf16_t* up,
     }
 }
 
-// out[t] = weight[ids[t]], rows of `row_bytes`; an id outside [0, rows) writes zeros and sets
-// *bad to the id + 1 (the host reports it).
-// out[t, :] = the row of ids[t] in a table of `vocab` rows of which `weight` holds rows
-// start .. start + rows (the whole table: start 0, vocab = rows); a token whose row another rank
-// holds gets zeros, an id outside the table sets *bad.
+// Records a bad index v in *bad for the host (`exec::bad_index` reads it back): v + 1 for one
+// past the end, v itself when negative, so that no bad index leaves the flag 0.
+__device__ __forceinline__ void flag_bad_index(long long* bad, long long v) {
+    atomicExch((unsigned long long*)bad, (unsigned long long)(v < 0 ? v : v + 1));
+}
+
+// out[t, :] = the row of ids[t] in a table of `vocab` rows of `row_bytes` of which `weight`
+// holds rows start .. start + rows (the whole table: start 0, vocab = rows); a token whose row
+// another rank holds gets zeros, an id outside the table writes zeros and is flagged in *bad. A thread copies 16 bytes of a row: one 16-byte load and store where
+// `vec` (row_bytes % 16 == 0, both pointers 16-byte aligned), else byte by byte. Grid (x: a
+// row's 16-byte spans, y: tokens, striding past 65,535), so no thread divides.
 extern "C" __global__ void embedding_rows(const unsigned char* weight, const long long* ids, unsigned char* out,
                                           long tokens, long row_bytes, long rows, long start, long vocab,
-                                          long long* bad) { pdl_enter();
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= tokens * row_bytes) return;
-    long t = i / row_bytes, j = i % row_bytes;
-    long long id = ids[t];
-    if (id < 0 || id >= vocab) {
-        if (j == 0) atomicExch((unsigned long long*)bad, (unsigned long long)(id + 1));
-        out[i] = 0;
-        return;
+                                          long long* bad, int vec) {
+    pdl_enter();
+    long j = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 16;
+    if (j >= row_bytes) return;
+    for (long t = blockIdx.y; t < tokens; t += gridDim.y) {
+        long long id = ids[t];
+        bool known = id >= 0 && id < vocab;
+        if (!known && j == 0) flag_bad_index(bad, id);
+        long long local = id - start;
+        const unsigned char* src = known && local >= 0 && local < rows ? weight + local * row_bytes + j : nullptr;
+        unsigned char* dst = out + t * row_bytes + j;
+        if (vec) {
+            *(uint4*)dst = src ? *(const uint4*)src : make_uint4(0u, 0u, 0u, 0u);
+        } else {
+            for (long b = 0; b < 16 && j + b < row_bytes; b++) dst[b] = src ? src[b] : 0;
+        }
     }
-    long long local = id - start;
-    out[i] = (local >= 0 && local < rows) ? weight[local * row_bytes + j] : 0;
 }
 
 // out[o, k, :] = x[o, idx[k], :] for x [outer, len, inner] (elements of `esize` bytes);
-// a bad index sets *bad.
+// a bad index is flagged in *bad.
 extern "C" __global__ void index_select(const unsigned char* x, const long long* idx, unsigned char* out, long outer,
                                         long nidx, long len, long inner_bytes, long long* bad) { pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -250,7 +261,7 @@ extern "C" __global__ void index_select(const unsigned char* x, const long long*
     long b = i % inner_bytes, k = (i / inner_bytes) % nidx, o = i / (inner_bytes * nidx);
     long long j = idx[k];
     if (j < 0 || j >= len) {
-        if (b == 0) atomicExch((unsigned long long*)bad, (unsigned long long)(j + 1));
+        if (b == 0) flag_bad_index(bad, j);
         out[i] = 0;
         return;
     }

@@ -172,11 +172,9 @@ impl Gpu {
         )
     }
 
-    /// Rows of `row_bytes` picked by i64 ids; a bad id is recorded (id + 1) at `bad`.
-    #[allow(clippy::too_many_arguments)]
     /// `out[t] = weight[ids[t] - start]` for a slice of `rows` rows of a `vocab`-row table
-    /// (the whole table: start 0, vocab = rows); ids of other ranks' rows give zeros, ids
-    /// outside the table set `bad`.
+    /// (the whole table: start 0, vocab = rows); ids of other ranks' rows give zeros, an id
+    /// outside the table is flagged in the i64 at `bad` (`bad_index` reads it).
     #[allow(clippy::too_many_arguments)]
     pub fn embedding(
         &self,
@@ -188,13 +186,29 @@ impl Gpu {
         (rows, start, vocab): (usize, usize, usize),
         bad: Ptr,
     ) -> Result<(), Unavailable> {
+        if tokens == 0 || row_bytes == 0 {
+            return Ok(());
+        }
         let (t64, rb, r64, s64, v64) = (tokens as i64, row_bytes as i64, rows as i64, start as i64, vocab as i64);
+        let vec = i32::from(row_bytes.is_multiple_of(16) && (weight | out).is_multiple_of(16));
         let mut l = self.launcher(self.f.embedding_rows);
-        l.arg(&weight).arg(&ids).arg(&out).arg(&t64).arg(&rb).arg(&r64).arg(&s64).arg(&v64).arg(&bad);
-        // SAFETY: ids are checked in the kernel against `vocab`, rows read only inside the slice.
-        launched("embedding", unsafe { l.launch(grid(tokens * row_bytes, 256)) }.map(|_| ()))
+        l.arg(&weight).arg(&ids).arg(&out).arg(&t64).arg(&rb).arg(&r64).arg(&s64).arg(&v64).arg(&bad).arg(&vec);
+        // x: a row's 16-byte spans (blocks of up to 256 threads), y: tokens (the kernel strides
+        // past 65,535).
+        let spans = row_bytes.div_ceil(16) as u32;
+        let block = spans.min(256).next_multiple_of(32);
+        let cfg = LaunchConfig {
+            grid_dim: (spans.div_ceil(block), tokens.min(65_535) as u32, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: ids are checked in the kernel against `vocab`, rows read only inside the slice;
+        // 16-byte accesses only where `vec` says both pointers and the row length allow them.
+        launched("embedding", unsafe { l.launch(cfg) }.map(|_| ()))
     }
 
+    /// `out[o, k, :] = x[o, idx[k], :]` for x `[outer, len, inner]`; an index outside
+    /// `0..len` is flagged in the i64 at `bad` (`bad_index` reads it).
     #[allow(clippy::too_many_arguments)]
     pub fn index_select(
         &self,
@@ -267,5 +281,31 @@ impl Gpu {
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: rows × vocab logits, rows `RowSampling` params, rows i64 ids out.
         launched("sample_rows", unsafe { l.launch(cfg) }.map(|_| ()))
+    }
+}
+
+/// The bad index an error flag of `Gpu::embedding` or `Gpu::index_select` holds after a step
+/// (the i64 at `bad`), or None where every index was in range: the kernels store a bad index
+/// plus one past the end and a negative one as it is, so no bad index reads as 0.
+pub fn bad_index(flag: i64) -> Option<i64> {
+    match flag {
+        0 => None,
+        v if v < 0 => Some(v),
+        v => Some(v - 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bad_index;
+
+    /// Every bad index reads back, negative ones included (stored as they are, so -1 does not
+    /// read as "no error").
+    #[test]
+    fn every_bad_index_reads_back_from_its_flag() {
+        assert_eq!(bad_index(0), None);
+        for (flag, id) in [(1i64, 0i64), (32_001, 32_000), (-1, -1), (-9, -9), (i64::MIN, i64::MIN)] {
+            assert_eq!(bad_index(flag), Some(id), "flag {flag}");
+        }
     }
 }

@@ -22,6 +22,7 @@ mod quant;
 mod settings;
 
 pub use attention::{HeadRows, ScoreMods};
+pub use elementwise::bad_index;
 pub use moe::{MoeShape, RouterIn, ROUTER_FUSED_MAX_EXPERTS};
 pub use plan::{
     decode_prefix_count, heads_a_block, kernel_head_dim, plan_tiles, prefill_heads_a_block, tile_slots, Split,

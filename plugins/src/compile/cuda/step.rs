@@ -129,12 +129,12 @@ impl CudaModel {
             let at = e.offset() as usize;
             i64::from_le_bytes(f[at..at + 8].try_into().expect("8 bytes"))
         };
-        let (emb, gat) = (flag(ErrorFlag::Embedding), flag(ErrorFlag::Gather));
-        if emb != 0 {
-            return Err(Error::op(EMBEDDING, format!("token id {} is out of range for the vocabulary", emb - 1)));
+        use autodeploy_kernels::cuda::exec::bad_index;
+        if let Some(id) = bad_index(flag(ErrorFlag::Embedding)) {
+            return Err(Error::op(EMBEDDING, format!("token id {id} is out of range for the vocabulary")));
         }
-        if gat != 0 {
-            return Err(Error::op(INDEX_SELECT, format!("index {} is out of range", gat - 1)));
+        if let Some(i) = bad_index(flag(ErrorFlag::Gather)) {
+            return Err(Error::op(INDEX_SELECT, format!("index {i} is out of range")));
         }
         Ok(())
     }
