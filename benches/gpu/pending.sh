@@ -44,6 +44,10 @@
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
 #           with both (1,024 at max_seq_len 288).
 #   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
+#   s40     cuda_check whole and the CUDA tests session 39's last kernels touch (fresh machine:
+#           every module compiles).
+#   s40b    the FP8 offline target run twice; ncu of its prefill steps and, past them, its
+#           decode steps at 1,016 sequences.
 #   s39     cuda_check whole, session 38's unrun CUDA tests, the FP8 offline target run and
 #           ncu of each kernel in its shape (1,024 x 128, 4 layers).
 #   s39b    Qwen3-30B-A3B batch 1 with and without moe_down_combine; the FP8 KV cache against
@@ -118,14 +122,15 @@ stall_metrics() { # [extra causes...]: ncu's warps stalled per issued instructio
         barrier wait math_pipe_throttle mio_throttle lg_throttle not_selected no_instruction dispatch_stall "$@")
     echo "${m%,}"
 }
-ncu_kernels() { # config batch prompt-length launches: each kernel's mean time, DRAM GB/s and
-    # share of the time (ncu, one launch at a time) in `bench --mode throughput` of that shape,
-    # keyed by grid (a step's prefill and decode launches list apart)
-    local c=$1 b=$2 isl=$3 n=$4
-    echo "  -- $(basename "$c" .toml), batch $b, prompts of $isl"
+ncu_kernels() { # config batch prompt-length launches [skip]: each kernel's mean time, DRAM GB/s
+    # and share of the time (ncu, one launch at a time) in `bench --mode throughput` of that
+    # shape, keyed by grid (a step's prefill and decode launches list apart), the first `skip`
+    # launches (default 0) not profiled
+    local c=$1 b=$2 isl=$3 n=$4 skip=${5:-0}
+    echo "  -- $(basename "$c" .toml), batch $b, prompts of $isl, launches $skip.. +$n"
     timeout 240 ncu --print-units base --clock-control none --csv \
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-        -k 'regex:^(?!fill)' --launch-count "$n" \
+        -k 'regex:^(?!fill)' --launch-skip "$skip" --launch-count "$n" \
         "$B" bench --config "$c" --mode throughput --batch "$b" --isl "$isl" --osl 8 \
         >"$OUT/ncu-big-$b.csv" 2>"$OUT/ncu-big-$b.err" || tail -3 "$OUT/ncu-big-$b.err"
     python3 - "$OUT/ncu-big-$b.csv" <<'PY'
@@ -229,6 +234,28 @@ for part in $PARTS; do
         AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
         AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \
             "$H/qwen3-30b-a3b.toml" $lat
+        ;;
+    s40)
+        # Session 39's kernels after its last call, on a fresh machine (common.cuh changed: every
+        # module compiles): cuda_check whole (the fast SiLU, `rope_write_kv`'s vector rows, the
+        # 16-byte embedding gather and its flags), then the CUDA tests they touch.
+        t0=$(date +%s)
+        timeout 420 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
+        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s (kernel compile included)"
+        grep -E "FAILED|all kernels|error|embedding \(executor\)" "$OUT/cuda_check.log" | head -16
+        timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads 1 bad_token_id cuda_matches_cpu \
+            quantized_checkpoints_on_cuda 2>&1 | grep -E "^test |panicked|test result" | head -20
+        ;;
+    s40b)
+        # Then the offline target run twice, and ncu of its shape: the prefill steps (silu_mul,
+        # rope_write_kv and the embedding against session 39's 313.8, 144.8 and 318 us) and,
+        # past them, decode steps at 1,016 sequences.
+        off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
+        off "FP8 offline, FP8 KV, 1,024 (again)" "$H/llama-3.1-8b-fp8-offline-1k.toml"
+        cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
+        c=$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)
+        ncu_kernels "$c" 1024 128 1200
+        ncu_kernels "$c" 1024 128 400 1500
         ;;
     s39)
         # Session 39's first call: the offline target run with the prefill knobs on by default,
@@ -474,6 +501,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38 s39 s39b)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38 s39 s39b s40 s40b)" ;;
     esac
 done

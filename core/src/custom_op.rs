@@ -77,12 +77,13 @@ pub trait KernelLauncher {
 }
 
 /// The step's error flags: a kernel that finds an index out of range sets its flag instead of
-/// reading past a buffer; the executor reads them after the step and fails it, naming the op.
+/// reading past a buffer; the executor reads them after the step and fails it, naming the op
+/// and the index (`autodeploy_kernels::cuda::exec::bad_index` decodes a flag).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorFlag {
-    /// `aten.embedding`: a token id past the table.
+    /// `aten.embedding`: a token id outside the table (past it, or negative).
     Embedding,
-    /// `aten.index_select`: an index past the dim.
+    /// `aten.index_select`: an index outside the dim.
     Gather,
 }
 

@@ -355,12 +355,15 @@ __device__ __forceinline__ void rope_pair(const T* cos, const T* sin, long t, in
     hi = round_as(cos, round_as(cos, b * c2) + round_as(cos, a * s2));
 }
 
+// VEC: every row start (q, k, v, cos, sin, q_out at their strides) 16-byte aligned, so a
+// thread's four consecutive values of a row are one 8-byte (bf16) or 16-byte (f32) load or
+// store (the host checks); else element by element. The same roundings either way.
 template <typename T, typename C>
 __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, C* k_cache,
                               C* v_cache, const long long* token_seq, const long long* token_pos,
                               const long long* page_indptr, const int* page_indices, int page_size, int heads,
                               int kv_heads, long tokens, int d, long long qhs, long long qts, long long khs,
-                              long long kts, long long vhs, long long vts, float ks, float vs) {
+                              long long kts, long long vhs, long long vts, float ks, float vs, bool vec) {
     int half = d / 2, quads = d / 8;
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (unsigned)tokens * (unsigned)quads) return;
@@ -369,11 +372,31 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
     int hh = blockIdx.y;
     const T* x = hh < heads ? q + hh * qhs + t * qts : k + (hh - heads) * khs + t * kts;
     float lo[4], hi[4];
+    if (vec) {
+        float a[4], b[4], c1[4], s1[4], c2[4], s2[4];
+        load_row<4>(x + j0, a);
+        load_row<4>(x + j0 + half, b);
+        load_row<4>(cos + t * d + j0, c1);
+        load_row<4>(sin + t * d + j0, s1);
+        load_row<4>(cos + t * d + j0 + half, c2);
+        load_row<4>(sin + t * d + j0 + half, s2);
 #pragma unroll
-    for (int u = 0; u < 4; u++)
-        rope_pair(cos, sin, t, d, j0 + u, load_f(x, j0 + u), load_f(x, j0 + u + half), lo[u], hi[u]);
+        for (int u = 0; u < 4; u++) {
+            lo[u] = round_as(cos, round_as(cos, a[u] * c1[u]) + round_as(cos, -b[u] * s1[u]));
+            hi[u] = round_as(cos, round_as(cos, b[u] * c2[u]) + round_as(cos, a[u] * s2[u]));
+        }
+    } else {
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+            rope_pair(cos, sin, t, d, j0 + u, load_f(x, j0 + u), load_f(x, j0 + u + half), lo[u], hi[u]);
+    }
     if (hh < heads) {
         T* o = q_out + ((long)hh * tokens + t) * d;
+        if (vec) {
+            store_row4(o + j0, lo);
+            store_row4(o + j0 + half, hi);
+            return;
+        }
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             store_f(o, j0 + u, lo[u]);
@@ -386,12 +409,20 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
     long slot = kv_slot(page_indices + page_indptr[token_seq[t]], pos, page_size);
     long dst = (slot * kv_heads + kh) * d;
     const T* vr = v + kh * vhs + t * vts;
+    float va[4], vb[4];
+    if (vec) {
+        load_row<4>(vr + j0, va);
+        load_row<4>(vr + j0 + half, vb);
+    } else {
+#pragma unroll
+        for (int u = 0; u < 4; u++) va[u] = load_f(vr, j0 + u), vb[u] = load_f(vr, j0 + u + half);
+    }
 #pragma unroll
     for (int u = 0; u < 4; u++) {
         put_kv(k_cache, dst + j0 + u, lo[u], ks);
         put_kv(k_cache, dst + j0 + u + half, hi[u], ks);
-        put_kv(v_cache, dst + j0 + u, load_f(vr, j0 + u), vs);
-        put_kv(v_cache, dst + j0 + u + half, load_f(vr, j0 + u + half), vs);
+        put_kv(v_cache, dst + j0 + u, va[u], vs);
+        put_kv(v_cache, dst + j0 + u + half, vb[u], vs);
     }
 }
 
@@ -454,11 +485,12 @@ __device__ void rope_norm_write_kv(const T* q, const T* k, const T* v, const T* 
                                                  const long long* token_pos, const long long* page_indptr,           \
                                                  const int* page_indices, int page_size, int heads, int kv_heads,    \
                                                  long tokens, int d, long long qhs, long long qts, long long khs,    \
-                                                 long long kts, long long vhs, long long vts KV_##K##_PARAMS) {      \
+                                                 long long kts, long long vhs, long long vts KV_##K##_PARAMS,        \
+                                                 int vec) {                                                           \
         pdl_enter();                                                                                                  \
         rope_write_kv<T, C>(q, k, v, cos, sin, q_out, k_cache, v_cache, token_seq, token_pos, page_indptr,           \
                             page_indices, page_size, heads, kv_heads, tokens, d, qhs, qts, khs, kts, vhs, vts,       \
-                            KV_##K##_ARGS);                                                                           \
+                            KV_##K##_ARGS, vec != 0);                                                                 \
     }                                                                                                                 \
     extern "C" __global__ void rope_norm_write_kv_##S(                                                                \
         const T* q, const T* k, const T* v, const T* cos, const T* sin, T* q_out, C* k_cache, C* v_cache,           \

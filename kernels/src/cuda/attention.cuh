@@ -62,6 +62,67 @@ template <typename C>
 __device__ __forceinline__ void put_kv(C* p, long i, float x, float s) {
     put_units(p, i, kv_units<C>(x, s));
 }
+// `N` consecutive values (a lane's share of a head row) as f32: one 8- or 16-byte load for
+// bf16 rows of 4 or 8, one 16-byte load for f32 rows of 4, else element by element. Callers'
+// offsets are multiples of N (rows start at multiples of the head dim). (The decode builds'
+// lanes and `rope_write_kv`'s 16-byte-aligned rows.)
+template <int N>
+__device__ __forceinline__ void load_row(const bf16_t* p, float* out) {
+    if constexpr (N == 4) {
+        uint2 v = *(const uint2*)p;
+        const bf16_t* h = (const bf16_t*)&v;
+#pragma unroll
+        for (int i = 0; i < 4; i++) out[i] = bf16_to_f32(h[i]);
+    } else if constexpr (N == 8) {
+        uint4 v = *(const uint4*)p;
+        const bf16_t* h = (const bf16_t*)&v;
+#pragma unroll
+        for (int i = 0; i < 8; i++) out[i] = bf16_to_f32(h[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++) out[i] = bf16_to_f32(p[i]);
+    }
+}
+template <int N>
+__device__ __forceinline__ void load_row(const float* p, float* out) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            float4 v = *(const float4*)(p + i);
+            out[i] = v.x;
+            out[i + 1] = v.y;
+            out[i + 2] = v.z;
+            out[i + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++) out[i] = p[i];
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void load_row(const fp8_t* p, float* out) {
+    const unsigned char* b = (const unsigned char*)p;
+    if constexpr (N % 4 == 0) {
+        // Four codes a word, converted by the hardware on sm_89+ (`e4m3x4`).
+#pragma unroll
+        for (int i = 0; i < N; i += 4) e4m3x4(*(const unsigned int*)(b + i), out + i);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++) out[i] = e4m3_value(b[i]);
+    }
+}
+
+// Four consecutive values at p (4-element aligned: one 8-byte store for bf16, 16 for f32),
+// each rounded to T.
+__device__ __forceinline__ void store_row4(bf16_t* p, const float* v) {
+    uint2 w;
+    w.x = (unsigned)f32_to_bf16(v[0]) | ((unsigned)f32_to_bf16(v[1]) << 16);
+    w.y = (unsigned)f32_to_bf16(v[2]) | ((unsigned)f32_to_bf16(v[3]) << 16);
+    *(uint2*)p = w;
+}
+__device__ __forceinline__ void store_row4(float* p, const float* v) { *(float4*)p = make_float4(v[0], v[1], v[2], v[3]); }
+
 // The entry points' extra parameters for each cache: none for the model's dtype (scales 1),
 // the layer's k_scale and v_scale for an FP8 cache.
 #define KV_plain_PARAMS

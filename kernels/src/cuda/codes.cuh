@@ -55,7 +55,7 @@ __device__ __forceinline__ int dt_size(int dt) {
 // (the rounding of g and u is exact for values already bf16).
 __device__ __forceinline__ bf16_t swiglu_value(float g, float u) {
     float gr = bf16_to_f32(f32_to_bf16(g)), ur = bf16_to_f32(f32_to_bf16(u));
-    float s = bf16_to_f32(f32_to_bf16(gr / (1.0f + expf(-gr))));
+    float s = bf16_to_f32(f32_to_bf16(gate_act(0, gr)));
     return f32_to_bf16(s * ur);
 }
 

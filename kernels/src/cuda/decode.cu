@@ -2,56 +2,6 @@
 // FP8 cache's helpers, the MMA helpers). Compiled as its own modules, beside attention.cu's,
 // so NVRTC builds them in parallel.
 
-// `N` consecutive values (a lane's share of a head row) as f32: one 8- or 16-byte load for
-// bf16 rows of 4 or 8, one 16-byte load for f32 rows of 4, else element by element. Callers'
-// offsets are multiples of N (rows start at multiples of the head dim).
-template <int N>
-__device__ __forceinline__ void load_row(const bf16_t* p, float* out) {
-    if constexpr (N == 4) {
-        uint2 v = *(const uint2*)p;
-        const bf16_t* h = (const bf16_t*)&v;
-#pragma unroll
-        for (int i = 0; i < 4; i++) out[i] = bf16_to_f32(h[i]);
-    } else if constexpr (N == 8) {
-        uint4 v = *(const uint4*)p;
-        const bf16_t* h = (const bf16_t*)&v;
-#pragma unroll
-        for (int i = 0; i < 8; i++) out[i] = bf16_to_f32(h[i]);
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; i++) out[i] = bf16_to_f32(p[i]);
-    }
-}
-template <int N>
-__device__ __forceinline__ void load_row(const float* p, float* out) {
-    if constexpr (N % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < N; i += 4) {
-            float4 v = *(const float4*)(p + i);
-            out[i] = v.x;
-            out[i + 1] = v.y;
-            out[i + 2] = v.z;
-            out[i + 3] = v.w;
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; i++) out[i] = p[i];
-    }
-}
-
-template <int N>
-__device__ __forceinline__ void load_row(const fp8_t* p, float* out) {
-    const unsigned char* b = (const unsigned char*)p;
-    if constexpr (N % 4 == 0) {
-        // Four codes a word, converted by the hardware on sm_89+ (`e4m3x4`).
-#pragma unroll
-        for (int i = 0; i < N; i += 4) e4m3x4(*(const unsigned int*)(b + i), out + i);
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; i++) out[i] = e4m3_value(b[i]);
-    }
-}
-
 // The merge weights of lane L's chunks L and L + 32 (of `splits`, at most 64; rows of d values,
 // then m and l): w[j] = exp(m - M), M the largest m of all chunks, 0 past `splits`. Returns the
 // sum of l · w over all chunks, on every lane. Called by a whole warp (reads bypass L1: other

@@ -505,6 +505,11 @@ impl Gpu {
         if kv_fp8.is_some() {
             l.arg(&scales.0).arg(&scales.1);
         }
+        // `rope_write_kv` loads four values at once where every row starts 16-byte aligned
+        // (d % 8 == 0 keeps a thread's offsets at multiples of 4 values).
+        let aligned = [qkv.0, qkv.1, qkv.2, cos, sin, q_out].iter().all(|p| p.is_multiple_of(16))
+            && rows.iter().all(|r| r.head % 4 == 0 && r.token % 4 == 0);
+        let vec = i32::from(aligned);
         let rows = (heads + kv_heads) * meta.tokens;
         if let Some((qn, kn, eps)) = &qk_norm {
             l.arg(qn).arg(kn).arg(eps);
@@ -520,6 +525,7 @@ impl Gpu {
                 heads + kv_heads
             )));
         }
+        l.arg(&vec);
         let cfg = LaunchConfig {
             grid_dim: (quads.div_ceil(256) as u32, (heads + kv_heads) as u32, 1),
             block_dim: (256, 1, 1),
@@ -527,7 +533,8 @@ impl Gpu {
         };
         // SAFETY: as write_kv; q_out [heads, tokens, d]; q, k, v rows where `rows` says (the
         // caller's views of its tensors: heads × tokens rows of d within them); one thread a
-        // token's four pairs of one head (d % 8 == 0, the index within 32 bits: checked above).
+        // token's four pairs of one head (d % 8 == 0, the index within 32 bits: checked above);
+        // vector accesses only where `aligned` holds.
         launched("rope_write_kv", unsafe { l.launch(cfg) }.map(|_| ()))
     }
 }
