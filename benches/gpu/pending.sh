@@ -156,6 +156,20 @@ for (name, grid), (n, ns, by) in sorted(t.items(), key=lambda kv: -kv[1][1]):
           f"{by / max(ns, 1.0):7.0f} GB/s, {100 * ns / total:5.1f}% of the time")
 PY
 }
+cuda_check_all() { # seconds [pattern]: cuda_check whole; its exit, count and time, then its
+    # failures and the lines the pattern picks
+    local t0
+    t0=$(date +%s)
+    timeout "$1" "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
+    echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s (kernel compile included)"
+    grep -E "FAILED|all kernels|error${2:+|$2}" "$OUT/cuda_check.log" | head -20
+}
+cuda_tests() { # seconds filters-and-flags...: the CUDA tests (ignored ones included), a line each
+    local secs=$1
+    shift
+    timeout "$secs" "$BIN/cuda-tests" --include-ignored --test-threads 1 "$@" 2>&1 |
+        grep -E "^test |panicked|FAILED|failed|test result" | head -60
+}
 bench() { # label config args... (env from the caller)
     local label=$1 cfg=$2
     shift 2
@@ -175,29 +189,19 @@ for part in $PARTS; do
     echo "== $part"
     case $part in
     checks)
-        t0=$(date +%s)
-        timeout 330 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
-        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s (kernel compile included)"
-        grep -E "FAILED|all kernels|error|device copy" "$OUT/cuda_check.log" | head -20
-        timeout 240 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
-            fused_qk_norms fused_moe_router fused_router fused_down_and_combine a_decode_step_past_the_split \
-            a_mixed_steps_decodes 2>&1 |
-            grep -E "^test |panicked|FAILED|failed|test result" | head -60
+        cuda_check_all 330 "device copy"
+        cuda_tests 240 fused_qk_norms fused_moe_router fused_router fused_down_and_combine \
+            a_decode_step_past_the_split a_mixed_steps_decodes
         ;;
     quant)
-        timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 \
-            quantized_checkpoints batched_bf16_decode 2>&1 |
-            grep -E "^test |panicked|FAILED|failed|test result" | head -60
+        cuda_tests 560 quantized_checkpoints batched_bf16_decode
         ;;
     suite)
-        timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 cuda_matches_cpu 2>&1 |
-            grep -E "^test |panicked|FAILED|failed|test result" | head -60
+        cuda_tests 560 cuda_matches_cpu
         ;;
     rest)
-        timeout 560 "$BIN/cuda-tests" --include-ignored --test-threads 1 --skip cuda_matches_cpu \
-            --skip fused_qk_norms --skip quantized_checkpoints --skip batched_bf16_decode --skip fused_moe_router \
-            --skip fused_router --skip fused_down_and_combine 2>&1 |
-            grep -E "^test |panicked|FAILED|failed|test result" | head -60
+        cuda_tests 560 --skip cuda_matches_cpu --skip fused_qk_norms --skip quantized_checkpoints \
+            --skip batched_bf16_decode --skip fused_moe_router --skip fused_router --skip fused_down_and_combine
         ;;
     fp8)
         # (Since session 34 the folds, fuse_gated_act + fuse_fp8_input_quant, are defaults.)
@@ -239,12 +243,8 @@ for part in $PARTS; do
         # Session 39's kernels after its last call, on a fresh machine (common.cuh changed: every
         # module compiles): cuda_check whole (the fast SiLU, `rope_write_kv`'s vector rows, the
         # 16-byte embedding gather and its flags), then the CUDA tests they touch.
-        t0=$(date +%s)
-        timeout 420 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
-        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s (kernel compile included)"
-        grep -E "FAILED|all kernels|error|embedding \(executor\)" "$OUT/cuda_check.log" | head -16
-        timeout 150 "$BIN/cuda-tests" --include-ignored --test-threads 1 bad_token_id cuda_matches_cpu \
-            quantized_checkpoints_on_cuda 2>&1 | grep -E "^test |panicked|test result" | head -20
+        cuda_check_all 420 "embedding \(executor\)"
+        cuda_tests 150 bad_token_id cuda_matches_cpu quantized_checkpoints_on_cuda
         ;;
     s40b)
         # Then the offline target run twice, and ncu of its shape: the prefill steps (silu_mul,
@@ -265,12 +265,8 @@ for part in $PARTS; do
         off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
         cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
         ncu_kernels "$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)" 1024 128 1500
-        t0=$(date +%s)
-        timeout 200 "$BIN/cuda_check" >"$OUT/cuda_check.log" 2>&1
-        echo "cuda_check exit $?: $(grep -c ' ok$' "$OUT/cuda_check.log") checks ok in $(($(date +%s) - t0)) s"
-        grep -E "FAILED|all kernels|error|silu_mul \(executor\)" "$OUT/cuda_check.log" | head -12
-        timeout 100 "$BIN/cuda-tests" --include-ignored --test-threads 1 long_bf16_prefill a_mixed_steps \
-            the_fused_down_and_combine 2>&1 | grep -E "^test |panicked|test result" | head -20
+        cuda_check_all 200 "silu_mul \(executor\)"
+        cuda_tests 100 long_bf16_prefill a_mixed_steps the_fused_down_and_combine
         ;;
     s39b)
         # Then: Qwen3-30B-A3B at batch 1 with and without `moe_down_combine` (its sum from
@@ -294,8 +290,7 @@ for part in $PARTS; do
         # and combine in one launch (its sum now from shared memory): their tests, then the
         # offline target's run with the prefill knobs on (twice) and Qwen3-30B-A3B at batch 1
         # with and without `moe_down_combine`, alternating.
-        timeout 200 "$BIN/cuda-tests" --include-ignored --test-threads 1 long_bf16_prefill a_mixed_steps \
-            the_fused_down_and_combine 2>&1 | grep -E "^test |panicked|against the CPU|test result" | head -30
+        cuda_tests 200 long_bf16_prefill a_mixed_steps the_fused_down_and_combine
         off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
         off "FP8 offline, FP8 KV, 1,024 (again)" "$H/llama-3.1-8b-fp8-offline-1k.toml"
         lat="--mode latency --batch 1 --isl 128 --osl 64"
