@@ -489,9 +489,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The executor's decode GEMVs (bf16, one row of activations): plain, accumulating into y, and
-/// the gate/up + SwiGLU one, against the CPU on the same bf16-rounded inputs; rows not a
-/// multiple of the kernel's block, k from 896 to 14336.
 /// The executor's embedding gather (`Gpu::embedding`) against the rows it should copy, byte for
 /// byte: 16-byte rows and rows of other lengths, a rank's slice of the table (other rows zero),
 /// more tokens than a grid's y dimension holds, and ids outside the table flagged.
@@ -554,6 +551,9 @@ fn check_embedding(gpu: &Gpu, rep: &mut Report) {
     }
 }
 
+/// The executor's decode GEMVs (bf16, one row of activations): plain, accumulating into y, and
+/// the gate/up + SwiGLU one, against the CPU on the same bf16-rounded inputs; rows not a
+/// multiple of the kernel's block, k from 896 to 14336.
 fn check_gemv(gpu: &Gpu, rep: &mut Report) {
     let up = |v: &[f32]| {
         let raw: Vec<u8> = v.iter().flat_map(|&x| bf16(x).to_le_bytes()).collect();

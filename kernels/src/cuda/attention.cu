@@ -343,16 +343,22 @@ PREFILL_TC(128, fp8_t, bf16_fp8kv, fp8)
 // a thread four consecutive pairs (j, j + d/2) of one token's row (d a multiple of 8), its
 // indices in 32 bits (session 37, H100: one thread a pair with 64-bit divisions took 194 µs
 // for an 8B prefill step of 8,192 tokens, 1 TB/s).
-// The rotate-half pair (a, b) = (x[j], x[j + d/2]) of token t's row at table row t: lo, hi as
-// the `rope` kernel rounds them (each product, then their sum, to T).
+// The rotate-half pair (a, b) = (x[j], x[j + d/2]) rotated by its table values (c1, s1 at j,
+// c2, s2 at j + d/2): lo, hi as the `rope` kernel rounds them (each product, then their sum,
+// to T).
+template <typename T>
+__device__ __forceinline__ void rope_rotate(const T* like, float a, float b, float c1, float s1, float c2, float s2,
+                                            float& lo, float& hi) {
+    lo = round_as(like, round_as(like, a * c1) + round_as(like, -b * s1));
+    hi = round_as(like, round_as(like, b * c2) + round_as(like, a * s2));
+}
+// The same for token t's row, the table values read at table row t.
 template <typename T>
 __device__ __forceinline__ void rope_pair(const T* cos, const T* sin, long t, int d, int j, float a, float b, float& lo,
                                           float& hi) {
     int half = d / 2;
-    float c1 = load_f(cos, t * d + j), s1 = load_f(sin, t * d + j);
-    float c2 = load_f(cos, t * d + j + half), s2 = load_f(sin, t * d + j + half);
-    lo = round_as(cos, round_as(cos, a * c1) + round_as(cos, -b * s1));
-    hi = round_as(cos, round_as(cos, b * c2) + round_as(cos, a * s2));
+    rope_rotate(cos, a, b, load_f(cos, t * d + j), load_f(sin, t * d + j), load_f(cos, t * d + j + half),
+                load_f(sin, t * d + j + half), lo, hi);
 }
 
 // VEC: every row start (q, k, v, cos, sin, q_out at their strides) 16-byte aligned, so a
@@ -381,10 +387,7 @@ __device__ void rope_write_kv(const T* q, const T* k, const T* v, const T* cos, 
         load_row<4>(cos + t * d + j0 + half, c2);
         load_row<4>(sin + t * d + j0 + half, s2);
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            lo[u] = round_as(cos, round_as(cos, a[u] * c1[u]) + round_as(cos, -b[u] * s1[u]));
-            hi[u] = round_as(cos, round_as(cos, b[u] * c2[u]) + round_as(cos, a[u] * s2[u]));
-        }
+        for (int u = 0; u < 4; u++) rope_rotate(cos, a[u], b[u], c1[u], s1[u], c2[u], s2[u], lo[u], hi[u]);
     } else {
 #pragma unroll
         for (int u = 0; u < 4; u++)
