@@ -46,6 +46,8 @@
 #   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
 #   s40     cuda_check whole and the CUDA tests session 39's last kernels touch (fresh machine:
 #           every module compiles).
+#   s41     cuda_check whole (the gated FP8 GEMV writing codes), then the 8B FP8 at batch 1 and 8
+#           with and without the gated epilogue, alternating.
 #   s40b    the FP8 offline target run twice; ncu of its prefill steps and, past them, its
 #           decode steps at 1,016 sequences.
 #   s39     cuda_check whole, session 38's unrun CUDA tests, the FP8 offline target run and
@@ -245,6 +247,19 @@ for part in $PARTS; do
         # 16-byte embedding gather and its flags), then the CUDA tests they touch.
         cuda_check_all 420 "embedding \(executor\)"
         cuda_tests 150 bad_token_id cuda_matches_cpu quantized_checkpoints_on_cuda
+        ;;
+    s41)
+        # Session 40's gated FP8 gate/up GEMV writing the down projection's input codes
+        # (`quant=fp8` on it: no silu_mul launch): cuda_check whole (quant.cu changed), then the
+        # 8B FP8 at batch 1 and 8, defaults against the gated epilogue, alternating, twice.
+        cuda_check_all 300 "fp8 linear gated"
+        epi=$(variant fp8-epi llama-3.1-8b-fp8.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
+        for _ in 1 2; do
+            for b in 1 8; do
+                bench "8B FP8 batch $b" "$H/llama-3.1-8b-fp8.toml" --mode latency --batch $b --isl 128 --osl 128
+                bench "8B FP8 batch $b, gated epilogue" "$epi" --mode latency --batch $b --isl 128 --osl 128
+            done
+        done
         ;;
     s40b)
         # Then the offline target run twice, and ncu of its shape: the prefill steps (silu_mul,
@@ -496,6 +511,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38 s39 s39b s40 s40b)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38 s39 s39b s40 s40b s41)" ;;
     esac
 done

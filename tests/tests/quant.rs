@@ -393,8 +393,9 @@ fn an_attention_writes_the_fp8_codes_its_o_proj_reads_without_changing_the_numbe
 /// `fuse_quant_gated_epilogue` (compile stage, off by default, after `fuse_gated_act`): under
 /// `opt` on the FP8 fixtures (static scales, and `quantize = "fp8"`'s per-token ones on llama),
 /// each layer's gated activation goes into its FP8 gate/up linear (`act=silu`: 2 linears, no
-/// `torch_gated_act` left), alone and with `fuse_fp8_input_quant` after it (the norms still
-/// write codes for q/k/v and gate/up; down quantizes its own input), and likewise each NVFP4
+/// `torch_gated_act` left), alone and with `fuse_fp8_input_quant` after it (the norms write
+/// codes for q/k/v and gate/up, and with static scales the gated linears write down's input
+/// codes: `quant=fp8` on them, `out=` on down), and likewise each NVFP4
 /// gate/up linear of mistral-nvfp4; the logits of a ragged prefill and 3 decode steps are the
 /// unfused graph's bit for bit in f32 and bf16, and generation gives the reference's tokens.
 #[test]
@@ -427,6 +428,11 @@ fn an_fp8_gate_up_linear_takes_its_gated_activation_without_changing_the_numbers
             // (The in-place FP8's dynamic scales take no folds.)
             let folded = if q.is_empty() { norms * fp8 as usize } else { 0 };
             assert_eq!(count(&dump, "rmsnorm(", "quant=fp8"), folded, "{name}: norms writing codes\n{extra}{dump}");
+            let epi_codes = folded / 2;
+            let writing = count(&dump, "= torch_quant_fp8_linear(", "quant=fp8");
+            assert_eq!(writing, epi_codes, "{name}: gated linears writing codes\n{extra}{dump}");
+            let readers = count(&dump, "= torch_quant_fp8_linear(", "out=");
+            assert_eq!(readers, folded + epi_codes, "{name}: linears reading codes\n{extra}{dump}");
             same_logits(name, &extra, &format!("{base}{q}"), "the epilogue");
             if q.is_empty() {
                 generates_the_reference(name, &extra);
@@ -490,4 +496,8 @@ fn a_fused_fp8_linear_names_the_runs_of_its_parts_scales() {
     g.nodes[i].op.attrs = format!("scale_runs=[{}]", rows + 8);
     let err = g.validate().err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("scale_runs") && err.contains("torch_quant_fp8_linear"), "{err}");
+    // Codes out (`quant=fp8`) without a gated epilogue: the op's attributes refuse it.
+    g.nodes[i].op.attrs = "quant=fp8".into();
+    let err = g.validate().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("quant") && err.contains("act="), "{err}");
 }

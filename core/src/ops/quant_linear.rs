@@ -15,7 +15,11 @@
 //!   (`gelu_tanh`, `gelu`; the `fuse_quant_gated_epilogue` transform) the weight is a gated MLP's
 //!   fused gate/up (`[2·I, in]`, gate rows first) and the op outputs `torch_gated_act` of its
 //!   rounded y, `[.., I]`: on CUDA the decode GEMV computes each gate row with its up row and
-//!   writes the product (no `[.., 2·I]` tensor, no second launch). With `scale_runs=[r0, r1,
+//!   writes the product (no `[.., 2·I]` tensor, no second launch); with `act` also `quant=fp8`
+//!   (the `fuse_fp8_input_quant` transform, where FP8 linears alone read that product at one
+//!   static input scale): one more input, that scale, last, and the output is the E4M3 codes of
+//!   the rounded product / scale, the codes the down projection would have made itself (the
+//!   decode GEMV writes them; no `silu_mul` launch). With `scale_runs=[r0, r1,
 //!   ..]` (`fuse_gemms` over parts with one weight scale each) the per-row weight scale is one
 //!   value over each run of rows: the CPU kernel checks it, CUDA's cuBLASLt path scales each
 //!   run's GEMM with that value.
@@ -48,13 +52,15 @@ pub const FP8_LINEAR: &str = "torch_quant_fp8_linear";
 pub const NVFP4_LINEAR: &str = "torch_quant_nvfp4_linear";
 
 /// An FP8 linear's attributes: `dynamic=true`, or `out=<dtype>` (the input E4M3 codes); `act`
-/// (a gated epilogue); `scale_runs=[..]` (a per-row weight scale that is one value over each
+/// (a gated epilogue) and with it `quant=fp8` (its output as E4M3 codes); `scale_runs=[..]` (a per-row weight scale that is one value over each
 /// run of rows: a fused linear's parts; at most `MAX_SCALE_RUNS`, summing to the rows).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Fp8Attrs {
     dynamic: bool,
     codes_out: Option<DType>,
     gated: Option<GateAct>,
+    /// `quant=fp8`: the gated output as E4M3 codes at the last input's scale.
+    fp8_out: bool,
     runs: ScaleRuns,
 }
 
@@ -69,6 +75,9 @@ impl Fp8Attrs {
         }
         if let Some(act) = self.gated {
             parts.push(format!("act={}", gate_act_name(act)));
+        }
+        if self.fp8_out {
+            parts.push("quant=fp8".to_string());
         }
         if self.runs[0] > 0 {
             let runs: Vec<String> = run_rows(&self.runs).map(|r| r.to_string()).collect();
@@ -93,6 +102,10 @@ fn fp8_attrs(attrs: &str) -> Result<Fp8Attrs, String> {
             None => None,
             Some(v) => Some(gate_act_named(v).ok_or_else(|| a.bad("act", v, "silu, gelu_tanh or gelu"))?),
         };
+        let fp8_out = codes_out::read(a)?;
+        if fp8_out && gated.is_none() {
+            return Err(a.bad("quant", "fp8", "set with act=.. (only a gated epilogue writes codes)"));
+        }
         let mut runs = [0; MAX_SCALE_RUNS];
         if let Some(list) = a.opt_int_list("scale_runs")? {
             if list.is_empty() || list.len() > MAX_SCALE_RUNS || list.iter().any(|&r| r <= 0) {
@@ -101,7 +114,7 @@ fn fp8_attrs(attrs: &str) -> Result<Fp8Attrs, String> {
             }
             list.iter().zip(runs.iter_mut()).for_each(|(&r, slot)| *slot = r as usize);
         }
-        Ok(Fp8Attrs { dynamic, codes_out, gated, runs })
+        Ok(Fp8Attrs { dynamic, codes_out, gated, fp8_out, runs })
     })
 }
 
@@ -122,7 +135,8 @@ impl Op {
         if !runs.is_empty() && runs.len() <= MAX_SCALE_RUNS && runs.iter().all(|&x| x > 0) {
             r[..runs.len()].copy_from_slice(runs);
         }
-        Op { name: FP8_LINEAR, attrs: Fp8Attrs { dynamic: false, codes_out: None, gated: None, runs: r }.text() }
+        let a = Fp8Attrs { dynamic: false, codes_out: None, gated: None, fp8_out: false, runs: r };
+        Op { name: FP8_LINEAR, attrs: a.text() }
     }
     /// The FP8 linear with per-token activation scales: inputs `(x, w, weight_scale[, bias])`.
     pub fn fp8_linear_dynamic() -> Op {
@@ -133,6 +147,13 @@ impl Op {
     pub fn fp8_linear_over_codes(&self, out: DType) -> Option<Op> {
         let a = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok())?;
         Some(Op { name: FP8_LINEAR, attrs: Fp8Attrs { codes_out: Some(out), ..a }.text() })
+    }
+    /// This FP8 linear with a gated epilogue writing values, writing E4M3 codes instead
+    /// (`quant=fp8`, the scale then its last input); None for another op.
+    pub fn fp8_linear_gated_codes(&self) -> Option<Op> {
+        let a = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok())?;
+        (a.gated.is_some() && !a.fp8_out && !a.dynamic)
+            .then(|| Op { name: FP8_LINEAR, attrs: Fp8Attrs { fp8_out: true, ..a }.text() })
     }
     /// This FP8 (over float inputs) or NVFP4 linear without an epilogue, with `act(gate) · up` of
     /// its output as its output (`act=..`); None for another op.
@@ -202,10 +223,16 @@ fn fp8_inputs(dynamic: bool) -> (Option<usize>, usize, usize) {
 }
 
 fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
-    let Fp8Attrs { dynamic, codes_out, gated, runs } = fp8_attrs(attrs)?;
+    let Fp8Attrs { dynamic, codes_out, gated, fp8_out, runs } = fp8_attrs(attrs)?;
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
+    // With quant=fp8 the codes' scale comes last, after the optional bias.
+    let (ins, codes_scale) = match fp8_out {
+        true => ins.split_last().map(|(s, rest)| (rest, Some(s))).ok_or("quant=fp8 takes the codes' scale last")?,
+        false => (ins, None),
+    };
     if ins.len() < bias_at || ins.len() > bias_at + 1 {
-        return Err(format!("takes {bias_at} or {} inputs with dynamic={dynamic}, got {}", bias_at + 1, ins.len()));
+        let (lo, hi) = (bias_at + fp8_out as usize, bias_at + 1 + fp8_out as usize);
+        return Err(format!("takes {lo} or {hi} inputs with dynamic={dynamic}, got {}", ins.len() + fp8_out as usize));
     }
     let (s_w, w) = (&ins[s_w_at], &ins[1]);
     if let Some(s_in) = s_in_at.map(|i| &ins[i]) {
@@ -236,7 +263,8 @@ fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
         (None, _) => linear_out(ins, DType::F8E4M3, bias_at),
     }?;
     if gated.is_some() {
-        return gated_out(y, w);
+        let plain = gated_out(y, w)?.remove(0);
+        return Ok(vec![codes_out::meta(fp8_out, codes_scale, plain)?]);
     }
     Ok(y)
 }
@@ -309,9 +337,16 @@ fn fp8_cpu(
     ins: &[&Tensor],
     attrs: &str,
     outs: &[(DType, Vec<usize>)],
-    _: &KernelOptions,
+    opts: &KernelOptions,
 ) -> Result<Vec<Tensor>, String> {
     let a = fp8_attrs(attrs)?;
+    if a.fp8_out {
+        // The gated values in the dtype the op writes without quant=fp8, then their codes.
+        let (scale, ins) = ins.split_last().ok_or("quant=fp8 takes the codes' scale last")?;
+        let plain = a.codes_out.unwrap_or(ins[0].dtype());
+        let values = fp8_cpu(ins, &Fp8Attrs { fp8_out: false, ..a }.text(), &[(plain, outs[0].1.clone())], opts)?;
+        return Ok(vec![codes_out::codes(values[0].to_f32().into_owned(), plain, scale, &outs[0].1)?]);
+    }
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(a.dynamic);
     let k = ins[1].shape()[1];
     let mut x = ins[0].to_f32().into_owned();
@@ -371,20 +406,22 @@ fn nvfp4_cpu(
 
 /// The call's sizes, x, y and bias (input `bias_at`) as the GPU launchers take them; `gated`,
 /// the epilogue (y then `[m, n / 2]`).
+/// `dt`: the dtype of the values (y's, or for codes out the one the values are rounded to).
 fn cuda_call(
     ins: &[DeviceTensor],
     y: &DeviceTensor,
+    dt: DType,
     bias_at: usize,
     gated: Option<GateAct>,
 ) -> Result<LowBitLinear, String> {
     let (n, k) = (ins[1].shape[0], ins[1].shape[1]);
     let m = y.shape.iter().product::<usize>() / (if gated.is_some() { n / 2 } else { n }).max(1);
     let bias = ins.get(bias_at);
-    if let Some(b) = bias.filter(|b| b.dtype != y.dtype) {
-        return Err(format!("bias of {} with {} activations", b.dtype, y.dtype));
+    if let Some(b) = bias.filter(|b| b.dtype != dt) {
+        return Err(format!("bias of {} with {dt} activations", b.dtype));
     }
     Ok(LowBitLinear {
-        dt: cuda_dt(y.dtype)?,
+        dt: cuda_dt(dt)?,
         m,
         n,
         k,
@@ -393,6 +430,7 @@ fn cuda_call(
         bias: bias.map_or(0, |b| b.ptr),
         x_codes: ins[0].dtype == DType::F8E4M3,
         gated,
+        y_codes_scale: 0,
     })
 }
 
@@ -405,9 +443,14 @@ fn scratch5(l: &dyn KernelLauncher) -> Result<[u64; 5], String> {
 
 fn fp8_cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
-        let Fp8Attrs { dynamic, gated, runs, .. } = fp8_attrs(attrs)?;
+        let Fp8Attrs { dynamic, codes_out, gated, fp8_out, runs } = fp8_attrs(attrs)?;
         let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
-        let c = cuda_call(ins, &outs[0], bias_at, gated)?;
+        let (ins, codes_scale) = match fp8_out {
+            true => ins.split_last().map(|(s, rest)| (rest, s.ptr)).ok_or("quant=fp8 takes the codes' scale last")?,
+            false => (ins, 0),
+        };
+        let dt = if fp8_out { codes_out.unwrap_or(ins[0].dtype) } else { outs[0].dtype };
+        let c = LowBitLinear { y_codes_scale: codes_scale, ..cuda_call(ins, &outs[0], dt, bias_at, gated)? };
         let s = LowBitScales {
             input: s_in_at.map_or(0, |i| ins[i].ptr),
             dynamic,
@@ -421,7 +464,7 @@ fn fp8_cuda() -> CudaImpl {
 
 fn nvfp4_cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
-        let c = cuda_call(ins, &outs[0], 4, nvfp4_gated(attrs)?)?;
+        let c = cuda_call(ins, &outs[0], outs[0].dtype, 4, nvfp4_gated(attrs)?)?;
         let s =
             LowBitScales { input: 0, dynamic: false, weight: ins[3].ptr, per_row: false, runs: [0; MAX_SCALE_RUNS] };
         gpu_of(l)?.nvfp4_linear(&c, ins[1].ptr, ins[2].ptr, s, scratch5(l)?).map_err(|e| e.0)
@@ -446,7 +489,8 @@ fn lowbit_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
 pub fn ops() -> Vec<CustomOp> {
     vec![
         CustomOp {
-            extra_inputs: 2,
+            // (dynamic=true has no input scale; bias; quant=fp8's codes scale.)
+            extra_inputs: 3,
             cuda: Some(fp8_cuda()),
             cuda_scratch: Some(lowbit_scratch),
             origin: "built-in (fp8 plugin)",

@@ -108,7 +108,18 @@ pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
         let mut outs = Vec::new();
         for (xp, x_codes) in [(dx.ptr, false), (dxq.ptr, true)] {
             let y = up(&vec![0.0; m * n]);
-            let c = LowBitLinear { dt: Dt::BF16, m, n, k, x: xp, y: y.ptr, bias: 0, x_codes, gated: None };
+            let c = LowBitLinear {
+                dt: Dt::BF16,
+                m,
+                n,
+                k,
+                x: xp,
+                y: y.ptr,
+                bias: 0,
+                x_codes,
+                gated: None,
+                y_codes_scale: 0,
+            };
             gpu.fp8_linear(&c, dw.ptr, scales, sp).unwrap();
             outs.push(as_bf16(get(y.ptr, m * n * 2)));
             // The gated epilogue (`act=..`: the tensor-core GEMV's gated build at m <= 8, else
@@ -121,6 +132,14 @@ pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
             gpu.fp8_linear(&c, dw.ptr, scales, sp).unwrap();
             let what = format!("fp8 linear gated {act:?}{} m={m}", if x_codes { " over codes" } else { "" });
             rep.exact(&what, true, &as_bf16(get(gated.ptr, m * n)), &as_bf16(get(plain.ptr, m * n)));
+            // Its output as E4M3 codes (the down projection's input scale) against `silu_mul`'s
+            // codes of the same product.
+            let (want, got) = (bytes_up(&vec![0; m * n / 2], "c"), bytes_up(&vec![0; m * n / 2], "c"));
+            gpu.silu_mul(y.ptr, None, Dt::BF16, want.ptr, Some(ds.ptr), m, n / 2, act).unwrap();
+            let c = LowBitLinear { y: got.ptr, y_codes_scale: ds.ptr, ..c };
+            gpu.fp8_linear(&c, dw.ptr, scales, sp).unwrap();
+            let what = format!("{what} as codes");
+            rep.exact(&what, true, &values(&get(got.ptr, m * n / 2)), &values(&get(want.ptr, m * n / 2)));
         }
         rep.exact(&format!("fp8 linear over codes m={m}"), true, &outs[1], &outs[0]);
     }
@@ -138,7 +157,18 @@ pub(super) fn check_fp8_codes(gpu: &Gpu, rep: &mut Report) {
         let mut outs = Vec::new();
         for runs in [[0; 4], [600, 400, 0, 0]] {
             let y = up(&vec![0.0; m * n]);
-            let c = LowBitLinear { dt: Dt::BF16, m, n, k, x: dx.ptr, y: y.ptr, bias: 0, x_codes: false, gated: None };
+            let c = LowBitLinear {
+                dt: Dt::BF16,
+                m,
+                n,
+                k,
+                x: dx.ptr,
+                y: y.ptr,
+                bias: 0,
+                x_codes: false,
+                gated: None,
+                y_codes_scale: 0,
+            };
             let s = LowBitScales { input: ds.ptr, dynamic: false, weight: dws_rows.ptr, per_row: true, runs };
             let before = launch_counts();
             gpu.fp8_linear(&c, dw.ptr, s, sp).unwrap();
@@ -226,8 +256,18 @@ pub(super) fn check_nvfp4_gemv(gpu: &mut Gpu, rep: &mut Report) {
             for on in [true, false] {
                 gpu.nvfp4_tc = on && tc_capable(gpu);
                 let dy = up(gpu, &vec![0.0; m * n]);
-                let c =
-                    LowBitLinear { dt: Dt::BF16, m, n, k, x: dx.ptr, y: dy.ptr, bias: 0, x_codes: false, gated: None };
+                let c = LowBitLinear {
+                    dt: Dt::BF16,
+                    m,
+                    n,
+                    k,
+                    x: dx.ptr,
+                    y: dy.ptr,
+                    bias: 0,
+                    x_codes: false,
+                    gated: None,
+                    y_codes_scale: 0,
+                };
                 gpu.nvfp4_linear(&c, dw.ptr, ds.ptr, s, sp).unwrap();
                 let what = format!("nvfp4 gemv{} m={m} {n}x{k}", if gpu.nvfp4_tc { " tc" } else { "" });
                 rep.check_scaled(&what, true, &down(gpu, dy.ptr, m * n), &want, atol);

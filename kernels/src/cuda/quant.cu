@@ -419,10 +419,11 @@ __device__ __forceinline__ void tc_gemv_store(float (*part)[16][8], const float*
 // MMA rows are 8 gate rows row0 .. row0 + 7 (C rows 0-7) and their up rows n + row0 .. (C rows
 // 8-15) of a [2n, k] weight; thread r + 8·i (< 8·M) stores y[i, row0 + r] (y [m, n]) =
 // round(round(act(g)) · u), g and u each the row's sum · scale + bias rounded to T: what the
-// plain GEMV, then `silu_mul`, store.
+// plain GEMV, then `silu_mul`, store. With `qs` (one f32: the next FP8 linear's input scale) y
+// is bytes and gets the E4M3 code of that value / qs[0] instead (`silu_mul`'s codes).
 template <typename T, int M, int WARPS, typename Scale>
 __device__ __forceinline__ void tc_gemv_store_gated(float (*part)[16][8], const float* acc, int row0, int n,
-                                                    const T* bias, T* y, Scale scale, int act) {
+                                                    const T* bias, T* y, Scale scale, int act, const float* qs) {
     tc_parts(part, acc);
     if (threadIdx.x < 8 * M) {
         int r = threadIdx.x % 8, i = threadIdx.x / 8, row = row0 + r;
@@ -432,16 +433,22 @@ __device__ __forceinline__ void tc_gemv_store_gated(float (*part)[16][8], const 
             for (int q = 0; q < WARPS; q++) gs += part[q][r][i], us += part[q][r + 8][i];
             float gb = bias ? load_f(bias, row) : 0.0f, ub = bias ? load_f(bias, n + row) : 0.0f;
             float gv = round_as(bias, gs * scale(i, row) + gb), uv = round_as(bias, us * scale(i, n + row) + ub);
-            store_f(y, (long)i * n + row, round_as(bias, gate_act(act, gv)) * uv);
+            float v = round_as(bias, gate_act(act, gv)) * uv;
+            if (qs)
+                ((unsigned char*)y)[(long)i * n + row] = e4m3_code_rn(round_as(bias, v) / qs[0]);
+            else
+                store_f(y, (long)i * n + row, v);
         }
     }
 }
 
 // GATED: the weight is a gated MLP's fused gate/up [2n, k] (gate rows first) and y [m, n] gets
-// act(gate) · up (`act` as `gate_act`), 8 gate rows and their 8 up rows a block.
+// act(gate) · up (`act` as `gate_act`), 8 gate rows and their 8 up rows a block; with `qs`, as
+// E4M3 codes at that scale (`tc_gemv_store_gated`).
 template <typename T, int M, bool GATED>
 __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in, int dynamic,
-                            const float* s_w, int per_row, const T* bias, T* y, int n, int k, int act) {
+                            const float* s_w, int per_row, const T* bias, T* y, int n, int k, int act,
+                            const float* qs) {
     __shared__ float s_tok[8];
     __shared__ float part[FP8_TC_WARPS][16][8];
     __shared__ __align__(16) unsigned char xs[M * FP8_TC_STRIDE];
@@ -531,31 +538,31 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
     }
     auto scale = [&](int i, int row) { return s_tok[i] * s_w[per_row ? row : 0]; };
     if constexpr (GATED)
-        tc_gemv_store_gated<T, M, FP8_TC_WARPS>(part, acc, row0, n, bias, y, scale, act);
+        tc_gemv_store_gated<T, M, FP8_TC_WARPS>(part, acc, row0, n, bias, y, scale, act, qs);
     else
         tc_gemv_store<T, M, FP8_TC_WARPS>(part, acc, row0, n, bias, y, scale);
 }
 
 #define GEMV_FP8_TC(S, T, M)                                                                                          \
     extern "C" __global__ void __launch_bounds__(32 * FP8_TC_WARPS)                                                   \
-        gemv_fp8_tc_m##M##_##S(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in,         \
+        gemv_fp8_tc_m##M##_##S(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in,        \
                                int dynamic, const float* s_w, int per_row, const T* bias, T* y, int n, int k,         \
                                int prefetch) {                                                                        \
         int warp = threadIdx.x >> 5, per = 16 / FP8_TC_WARPS;                                                         \
         for (int r = blockIdx.x * 16 + per * warp; r < min(n, blockIdx.x * 16 + per * (warp + 1)); r++)               \
             prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
-        gemv_fp8_tc<T, M, false>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, 0); /* waits inside */         \
+        gemv_fp8_tc<T, M, false>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, 0, nullptr);                   \
     }                                                                                                                 \
     /* The gated build: w [2n, k], y [m, n]; prefetches each row pair's heads. */                                     \
     extern "C" __global__ void __launch_bounds__(32 * FP8_TC_WARPS)                                                   \
-        gemv_fp8_tc_gated_m##M##_##S(const T* x, const unsigned char* xc, const unsigned char* w,                      \
+        gemv_fp8_tc_gated_m##M##_##S(const T* x, const unsigned char* xc, const unsigned char* w,                     \
                                      const float* s_in, int dynamic, const float* s_w, int per_row, const T* bias,    \
-                                     T* y, int n, int k, int prefetch, int act) {                                     \
+                                     T* y, int n, int k, int prefetch, int act, const float* qs) {                    \
         for (int r = blockIdx.x * 8 + (threadIdx.x >> 5); r < min(n, blockIdx.x * 8 + 8); r += FP8_TC_WARPS) {        \
             prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
             prefetch_l2(w + ((long)n + r) * k, prefetch, threadIdx.x & 31);                                           \
         }                                                                                                             \
-        gemv_fp8_tc<T, M, true>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, act); /* waits inside */        \
+        gemv_fp8_tc<T, M, true>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, act, qs); /* waits */           \
     }
 GEMV_FP8_TC(f32, float, 1)
 GEMV_FP8_TC(f32, float, 2)
@@ -704,7 +711,7 @@ __device__ void gemv_nvfp4_tc(const bf16_t* x, const unsigned char* w, const uns
     }
     auto scale = [&](int, int) { return s2[0]; };
     if constexpr (GATED)
-        tc_gemv_store_gated<bf16_t, M, NVFP4_TC_WARPS>(part, acc, row0, n, bias, y, scale, act);
+        tc_gemv_store_gated<bf16_t, M, NVFP4_TC_WARPS>(part, acc, row0, n, bias, y, scale, act, nullptr);
     else
         tc_gemv_store<bf16_t, M, NVFP4_TC_WARPS>(part, acc, row0, n, bias, y, scale);
 }

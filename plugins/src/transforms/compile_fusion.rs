@@ -431,7 +431,8 @@ autodeploy_core::inventory::submit! {
 /// the two become that linear with `act=<act>`, which outputs `act(gate) · up` rounded as the
 /// two ops round it. On CUDA the decode GEMV computes each gate row beside its up row and writes
 /// the product: one launch, and no `[.., 2·I]` tensor, instead of two. Before
-/// `fuse_fp8_input_quant`, so the down projection then quantizes its input itself. Off by
+/// `fuse_fp8_input_quant`, which then has an FP8 gate/up linear write the down projection's
+/// input codes itself (`quant=fp8`: before, the down projection quantized its input). Off by
 /// default: checked on an H100, 2.9% faster for FP8 at batch 1 alone but not on top of the
 /// folds, and 5% slower for NVFP4 (BENCHMARKS.md, session 34).
 pub struct FuseQuantGatedEpilogue;
@@ -482,7 +483,8 @@ autodeploy_core::inventory::submit! {
 }
 
 /// The FP8 linears' activation quantization into the op before them (stage `compile`, for the
-/// fusing compile backends): a `torch_rmsnorm`, `fused_add_rmsnorm` or `torch_gated_act` whose
+/// fusing compile backends): a `torch_rmsnorm`, `fused_add_rmsnorm`, `torch_gated_act` or FP8
+/// gate/up linear with a gated epilogue (`fuse_quant_gated_epilogue`'s) whose
 /// (first) output only FP8 linears with a static input scale read, as their input, all at equal
 /// scales (ModelOpt's q/k/v and gate/up after `fuse_gemms`, its down projection), gets
 /// `quant=fp8` and that scale, and writes E4M3 codes; the linears become
@@ -501,7 +503,10 @@ fn with_codes_out(op: &Op) -> Option<Op> {
             return Some(if name == RMSNORM { Op::rmsnorm(quant) } else { Op::add_rmsnorm(quant) });
         }
     }
-    op.gated_act_of().filter(|a| !a.fp8_out).map(|a| Op::gated_act(GatedAct { fp8_out: true, ..a }))
+    if let Some(a) = op.gated_act_of().filter(|a| !a.fp8_out) {
+        return Some(Op::gated_act(GatedAct { fp8_out: true, ..a }));
+    }
+    op.fp8_linear_gated_codes()
 }
 
 /// Readers of each value of `g`: (node, input position).
@@ -550,10 +555,12 @@ impl Transform for FuseFp8InputQuant {
             return Ok(skip);
         }
         let readers = readers_at(g);
-        // (node, its op writing codes, its plain output dtype, the input scale, the linears).
+        // (node, its plain output dtype, the input scale, the linears).
         let mut folds = Vec::new();
         for (j, node) in g.nodes.iter().enumerate() {
-            let Some(op) = with_codes_out(&node.op) else { continue };
+            if with_codes_out(&node.op).is_none() {
+                continue;
+            }
             let out = node.outputs[0];
             let dtype = g.meta(out).dtype;
             if g.outputs.contains(&out) || !matches!(dtype, DType::F32 | DType::BF16) {
@@ -561,17 +568,28 @@ impl Transform for FuseFp8InputQuant {
             }
             let users = &readers[out.0 as usize];
             if let Some(scale) = shared_fp8_scale(g, users)? {
-                folds.push((j, op, dtype, scale, users.clone()));
+                folds.push((j, dtype, scale, users.clone()));
             }
         }
-        let (mut norms, mut acts) = (0, 0);
-        for (j, op, dtype, scale, linears) in folds {
-            *(if op.gated_act_of().is_some() { &mut acts } else { &mut norms }) += 1;
+        let (mut norms, mut acts, mut epilogues) = (0, 0, 0);
+        for (j, dtype, scale, linears) in folds {
+            // From the node's op as it is now: a gated gate/up linear may have become one over
+            // its norm's codes (`out=`) since the list was made.
+            let Some(op) = with_codes_out(&g.nodes[j].op) else { continue };
+            let count = match op {
+                _ if op.gated_act_of().is_some() => &mut acts,
+                _ if op.norm_attrs(RMSNORM).is_some() || op.norm_attrs(ADD_RMSNORM).is_some() => &mut norms,
+                _ => &mut epilogues,
+            };
+            *count += 1;
             write_codes(g, j, op, dtype, scale, &linears);
         }
         g.reinfer()?;
         g.validate()?;
-        Ok(format!("folded the FP8 input quantization into {norms} RMSNorms and {acts} gated activations"))
+        Ok(format!(
+            "folded the FP8 input quantization into {norms} RMSNorms, {acts} gated activations and {epilogues} \
+             gated FP8 linears"
+        ))
     }
 }
 

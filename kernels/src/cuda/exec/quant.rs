@@ -75,6 +75,9 @@ pub struct LowBitLinear {
     /// W is a gated MLP's fused gate/up (`n` rows, gate first) and `y` `[m, n / 2]` gets
     /// `act(gate) · up` of the rounded output (as `silu_mul` computes it).
     pub gated: Option<GateAct>,
+    /// With `gated`: one f32 (the next FP8 linear's input scale), `y` then `[m, n / 2]` E4M3
+    /// codes of those values at it (as `silu_mul` with its codes scale writes them); 0: values.
+    pub y_codes_scale: Ptr,
 }
 
 impl LowBitLinear {
@@ -144,6 +147,9 @@ impl Gpu {
         if c.gated.is_some() && !c.n.is_multiple_of(2) {
             return Err(Unavailable(format!("a gated FP8 linear needs gate and up rows: {} rows", c.n)));
         }
+        if c.y_codes_scale != 0 && c.gated.is_none() {
+            return Err(Unavailable("an FP8 linear writes codes only from its gated epilogue".into()));
+        }
         if let Some(i) =
             gemv_rows(c.m).filter(|_| self.fp8_tc && c.k.is_multiple_of(16) && (w | c.x).is_multiple_of(16))
         {
@@ -159,7 +165,7 @@ impl Gpu {
             l.arg(&c.bias).arg(&c.y).arg(&out_rows32).arg(&k32).arg(&pf);
             let act = c.gated.map_or(0, |a| a as i32);
             if c.gated.is_some() {
-                l.arg(&act);
+                l.arg(&act).arg(&c.y_codes_scale);
             }
             let cfg = super::LaunchConfig {
                 grid_dim: (out_rows.div_ceil(rows_a_block) as u32, 1, 1),
@@ -167,9 +173,10 @@ impl Gpu {
                 shared_mem_bytes: 0,
             };
             // SAFETY: x [m, k] of dt or xc [m, k] codes (rows 16-byte aligned: k % 16 == 0 and
-            // c.x aligned), w [n, k] bytes likewise, y [m, n] ([m, n / 2] gated); s.input one
-            // f32 (unread when dynamic), s.weight one or n; 16 weight rows a block of
-            // FP8_TC_WARPS warps (quant.cu's gemv_fp8_tc; gated: 8 gate rows and their up rows).
+            // c.x aligned), w [n, k] bytes likewise, y [m, n] ([m, n / 2] gated, bytes with
+            // y_codes_scale, one f32 or null); s.input one f32 (unread when dynamic), s.weight
+            // one or n; 16 weight rows a block of FP8_TC_WARPS warps (quant.cu's gemv_fp8_tc;
+            // gated: 8 gate rows and their up rows).
             let name = match (c.gated.is_some(), c.x_codes) {
                 (true, _) => "gemv_fp8_tc_gated",
                 (false, true) => "gemv_fp8_tc_codes",
@@ -182,8 +189,10 @@ impl Gpu {
             if full == 0 {
                 return Err(Unavailable("a gated FP8 linear's output scratch was not planned".into()));
             }
-            self.fp8_linear(&LowBitLinear { y: full, gated: None, ..*c }, w, s, [xq, wd, acc, rows, 0])?;
-            return self.silu_mul(full, None, c.dt, c.y, None, c.m, c.n / 2, act);
+            let plain = LowBitLinear { y: full, gated: None, y_codes_scale: 0, ..*c };
+            self.fp8_linear(&plain, w, s, [xq, wd, acc, rows, 0])?;
+            let codes = (c.y_codes_scale != 0).then_some(c.y_codes_scale);
+            return self.silu_mul(full, None, c.dt, c.y, codes, c.m, c.n / 2, act);
         }
         let lt_ok = c.dt == Dt::BF16 && c.k.is_multiple_of(16) && (w | c.x | xq).is_multiple_of(16);
         if let Some(lt) = self.fp8_lt.as_ref().filter(|_| lt_ok && gemv_rows(c.m).is_none()) {
@@ -292,6 +301,9 @@ impl Gpu {
         if c.gated.is_some() && !c.n.is_multiple_of(2) {
             return Err(Unavailable(format!("a gated NVFP4 linear needs gate and up rows: {} rows", c.n)));
         }
+        if c.y_codes_scale != 0 {
+            return Err(Unavailable("an NVFP4 linear writes values, not codes".into()));
+        }
         let tc = self.nvfp4_tc
             && c.dt == Dt::BF16
             && c.k.is_multiple_of(64)
@@ -325,7 +337,7 @@ impl Gpu {
             if full == 0 {
                 return Err(Unavailable("a gated NVFP4 linear's output scratch was not planned".into()));
             }
-            let plain = LowBitLinear { y: full, gated: None, ..*c };
+            let plain = LowBitLinear { y: full, gated: None, y_codes_scale: 0, ..*c };
             self.nvfp4_linear(&plain, w, block_scales, s, [xq, wd, acc, rows, 0])?;
             return self.silu_mul(full, None, c.dt, c.y, None, c.m, c.n / 2, act);
         }
