@@ -47,7 +47,7 @@
 #   s40     cuda_check whole and the CUDA tests session 39's last kernels touch (fresh machine:
 #           every module compiles).
 #   s41     cuda_check whole (the gated FP8 GEMV writing codes), then the 8B FP8 at batch 1 and 8
-#           with and without the gated epilogue, alternating.
+#           and NVFP4 at batch 1, with and without the gated epilogue, alternating.
 #   s40b    the FP8 offline target run twice; ncu of its prefill steps and, past them, its
 #           decode steps at 1,016 sequences.
 #   s39     cuda_check whole, session 38's unrun CUDA tests, the FP8 offline target run and
@@ -254,12 +254,21 @@ for part in $PARTS; do
         # 8B FP8 at batch 1 and 8, defaults against the gated epilogue, alternating, twice.
         cuda_check_all 300 "fp8 linear gated"
         epi=$(variant fp8-epi llama-3.1-8b-fp8.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
+        nepi=$(variant nvfp4-epi llama-3.1-8b-nvfp4.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
         for _ in 1 2; do
             for b in 1 8; do
                 bench "8B FP8 batch $b" "$H/llama-3.1-8b-fp8.toml" --mode latency --batch $b --isl 128 --osl 128
                 bench "8B FP8 batch $b, gated epilogue" "$epi" --mode latency --batch $b --isl 128 --osl 128
             done
+            bench "8B NVFP4 batch 1" "$H/llama-3.1-8b-nvfp4.toml" --mode latency --batch 1 --isl 128 --osl 128
+            bench "8B NVFP4 batch 1, gated epilogue" "$nepi" --mode latency --batch 1 --isl 128 --osl 128
         done
+        ;;
+    s41b)
+        # The offline shape's decode steps (past the warm-up's and first run's prefills).
+        cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
+        c=$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)
+        ncu_kernels "$c" 1024 128 300 1750
         ;;
     s40b)
         # Then the offline target run twice, and ncu of its shape: the prefill steps (silu_mul,
@@ -511,6 +520,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38 s39 s39b s40 s40b s41)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38 s39 s39b s40 s40b s41 s41b)" ;;
     esac
 done
