@@ -12,8 +12,7 @@
 #   BUILT       (optional: which commit they are, printed first)
 # The parts (PARTS, default all but profile, in this order):
 #   checks  cuda_check whole (every kernel against the CPU), then the CUDA tests of the q/k
-#           norms fused into the attention, the MoE router fused, and the MoE down projection
-#           and combine in one kernel (`moe_down_combine`: not yet run on a GPU).
+#           norms fused into the attention, the MoE router fused, the split-KV decode's steps.
 #   quant   the CUDA tests of the quantized checkpoints (with the folds on by default, the
 #           cases without them, the gated epilogue, the attention writing o_proj's codes) and
 #           of the tensor-core decode; the test binary's failures name each case.
@@ -25,8 +24,7 @@
 #           stages an op's codes in shared memory), NVFP4 with and without the epilogue (twice,
 #           in the same order, so drift shows); FP8 offline 1,000 x 128/128 with and without
 #           the epilogue; bf16 offline.
-#   moe     Qwen3-30B-A3B at batch 1: the defaults, the down projection and combine in one
-#           kernel (AUTODEPLOY_MOE_DOWN_COMBINE=1), the router fused into the MoE op (twice);
+#   moe     Qwen3-30B-A3B at batch 1: the defaults and the router fused into the MoE op (twice);
 #           then the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP:
 #           outputs wrong; the difference is what those launches cost inside the captured step).
 #   long    the 8B at 2,000 positions, batch 32 and batch 1, bf16 cache against FP8 cache (at
@@ -44,18 +42,10 @@
 #           checkpoint has no kv_cache_quant_algo: scales 1), with max_batch_size 512, and
 #           with both (1,024 at max_seq_len 288).
 #   gemvdetail  ncu's sections and stall reasons for the FP8 and NVFP4 decode GEMVs at batch 1.
-#   s40     cuda_check whole and the CUDA tests session 39's last kernels touch (fresh machine:
-#           every module compiles).
-#   s41     cuda_check whole (the gated FP8 GEMV writing codes), then the 8B FP8 at batch 1 and 8
-#           and NVFP4 at batch 1, with and without the gated epilogue, alternating.
-#   s40b    the FP8 offline target run twice; ncu of its prefill steps and, past them, its
-#           decode steps at 1,016 sequences.
-#   s39     cuda_check whole, session 38's unrun CUDA tests, the FP8 offline target run and
-#           ncu of each kernel in its shape (1,024 x 128, 4 layers).
-#   s39b    Qwen3-30B-A3B batch 1 with and without moe_down_combine; the FP8 KV cache against
-#           bf16 at 2,000 positions (batch 32 and 1).
-#   verify38  session 38's changes after its last call: their CUDA tests, the FP8 offline target
-#           run at 1,024 sequences, Qwen3-30B-A3B with and without moe_down_combine.
+#   offprof the FP8 offline target run (FP8 KV, 1,024 sequences) twice; ncu of each kernel in
+#           its shape (the 8B cut to 4 layers, 1,024 x 128 through `bench --mode throughput`):
+#           the 8,192-token prefill steps (the first 1,200 launches), then past the warm-up's
+#           and first run's prefills (from launch 1,750) the steps that carry decodes.
 #   fp8cost the FP8 8B at batch 1 without its norms, without its attention (wrong outputs: what
 #           they cost inside the step's graph).
 #   moedetail  ncu's sections and stall reasons for Qwen3-30B-A3B's MoE and attention kernels
@@ -74,8 +64,7 @@ BIN=${1:?usage: pending.sh BIN_DIR}
 H=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
 PARTS=${PARTS:-checks quant suite rest fp8 moe long}
-ALL_ON=("[transforms.fuse_moe_router]" "enabled = true" "[transforms.fuse_quant_gated_epilogue]" "enabled = true"
-    "[kernels]" "moe_down_combine = true")
+ALL_ON=("[transforms.fuse_moe_router]" "enabled = true" "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
 B="$BIN/autodeploy"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 echo "binaries: $(cat "$BIN/BUILT" 2>/dev/null || echo unknown)"
@@ -192,8 +181,8 @@ for part in $PARTS; do
     case $part in
     checks)
         cuda_check_all 330 "device copy"
-        cuda_tests 240 fused_qk_norms fused_moe_router fused_router fused_down_and_combine \
-            a_decode_step_past_the_split a_mixed_steps_decodes
+        cuda_tests 240 fused_qk_norms fused_moe_router fused_router a_decode_step_past_the_split \
+            a_mixed_steps_decodes
         ;;
     quant)
         cuda_tests 560 quantized_checkpoints batched_bf16_decode
@@ -203,7 +192,7 @@ for part in $PARTS; do
         ;;
     rest)
         cuda_tests 560 --skip cuda_matches_cpu --skip fused_qk_norms --skip quantized_checkpoints \
-            --skip batched_bf16_decode --skip fused_moe_router --skip fused_router --skip fused_down_and_combine
+            --skip batched_bf16_decode --skip fused_moe_router --skip fused_router
         ;;
     fp8)
         # (Since session 34 the folds, fuse_gated_act + fuse_fp8_input_quant, are defaults.)
@@ -234,94 +223,19 @@ for part in $PARTS; do
         lat="--mode latency --batch 1 --isl 128 --osl 64"
         for _ in 1 2; do
             bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
-            AUTODEPLOY_MOE_DOWN_COMBINE=1 bench "Qwen3-30B-A3B batch 1, down + combine" "$H/qwen3-30b-a3b.toml" $lat
             bench "Qwen3-30B-A3B batch 1, router fused" "$router" $lat
         done
         AUTODEPLOY_PROFILE_SKIP=torch_rmsnorm bench "  without torch_rmsnorm (wrong outputs)" "$H/qwen3-30b-a3b.toml" $lat
         AUTODEPLOY_PROFILE_SKIP=fused_add_rmsnorm bench "  without fused_add_rmsnorm (wrong outputs)" \
             "$H/qwen3-30b-a3b.toml" $lat
         ;;
-    s40)
-        # Session 39's kernels after its last call, on a fresh machine (common.cuh changed: every
-        # module compiles): cuda_check whole (the fast SiLU, `rope_write_kv`'s vector rows, the
-        # 16-byte embedding gather and its flags), then the CUDA tests they touch.
-        cuda_check_all 420 "embedding \(executor\)"
-        cuda_tests 150 bad_token_id cuda_matches_cpu quantized_checkpoints_on_cuda
-        ;;
-    s41)
-        # Session 40's gated FP8 gate/up GEMV writing the down projection's input codes
-        # (`quant=fp8` on it: no silu_mul launch): cuda_check whole (quant.cu changed), then the
-        # 8B FP8 at batch 1 and 8, defaults against the gated epilogue, alternating, twice.
-        cuda_check_all 300 "fp8 linear gated"
-        epi=$(variant fp8-epi llama-3.1-8b-fp8.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
-        nepi=$(variant nvfp4-epi llama-3.1-8b-nvfp4.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
-        for _ in 1 2; do
-            for b in 1 8; do
-                bench "8B FP8 batch $b" "$H/llama-3.1-8b-fp8.toml" --mode latency --batch $b --isl 128 --osl 128
-                bench "8B FP8 batch $b, gated epilogue" "$epi" --mode latency --batch $b --isl 128 --osl 128
-            done
-            bench "8B NVFP4 batch 1" "$H/llama-3.1-8b-nvfp4.toml" --mode latency --batch 1 --isl 128 --osl 128
-            bench "8B NVFP4 batch 1, gated epilogue" "$nepi" --mode latency --batch 1 --isl 128 --osl 128
-        done
-        ;;
-    s41b)
-        # The offline shape's decode steps (past the warm-up's and first run's prefills).
-        cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
-        c=$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)
-        ncu_kernels "$c" 1024 128 300 1750
-        ;;
-    s40b)
-        # Then the offline target run twice, and ncu of its shape: the prefill steps (silu_mul,
-        # rope_write_kv and the embedding against session 39's 313.8, 144.8 and 318 us) and,
-        # past them, decode steps at 1,016 sequences.
+    offprof)
         off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
         off "FP8 offline, FP8 KV, 1,024 (again)" "$H/llama-3.1-8b-fp8-offline-1k.toml"
         cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
         c=$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)
         ncu_kernels "$c" 1024 128 1200
-        ncu_kernels "$c" 1024 128 400 1500
-        ;;
-    s39)
-        # Session 39's first call: the offline target run with the prefill knobs on by default,
-        # each kernel of its shape (the FP8 8B cut to 4 layers, 1,024 x 128: prefill steps, then
-        # decode steps), cuda_check whole (the 8-wide `silu_mul`'s grid of rows, past 65,535
-        # rows too) and session 38's unrun CUDA tests.
-        off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
-        cut4 8b-fp8 configs/Llama-3.1-8B-Instruct-FP8
-        ncu_kernels "$(on_cut big-fp8 llama-3.1-8b-fp8-offline-1k.toml 8b-fp8)" 1024 128 1500
-        cuda_check_all 200 "silu_mul \(executor\)"
-        cuda_tests 100 long_bf16_prefill a_mixed_steps the_fused_down_and_combine
-        ;;
-    s39b)
-        # Then: Qwen3-30B-A3B at batch 1 with and without `moe_down_combine` (its sum from
-        # shared memory since session 38's timing), alternating; the FP8 KV cache against bf16
-        # at 2,000 positions (issue 25's point) at batch 32 and 1.
-        lat="--mode latency --batch 1 --isl 128 --osl 64"
-        for _ in 1 2; do
-            bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
-            AUTODEPLOY_MOE_DOWN_COMBINE=1 bench "Qwen3-30B-A3B batch 1, down + combine" "$H/qwen3-30b-a3b.toml" $lat
-        done
-        for _ in 1 2; do
-            bench "8B 32 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode throughput --batch 32 --isl 2000 --osl 16
-            bench "8B 32 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode throughput --batch 32 --isl 2000 --osl 16
-        done
-        bench "8B 1 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode latency --batch 1 --isl 2000 --osl 8
-        bench "8B 1 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode latency --batch 1 --isl 2000 --osl 8
-        ;;
-    verify38)
-        # What session 38 changed after its last GPU call: the tensor-core prefill test over both
-        # builds, the mixed-step test with the grouped prefill on by default, the down projection
-        # and combine in one launch (its sum now from shared memory): their tests, then the
-        # offline target's run with the prefill knobs on (twice) and Qwen3-30B-A3B at batch 1
-        # with and without `moe_down_combine`, alternating.
-        cuda_tests 200 long_bf16_prefill a_mixed_steps the_fused_down_and_combine
-        off "FP8 offline, FP8 KV, 1,024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
-        off "FP8 offline, FP8 KV, 1,024 (again)" "$H/llama-3.1-8b-fp8-offline-1k.toml"
-        lat="--mode latency --batch 1 --isl 128 --osl 64"
-        for _ in 1 2; do
-            bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" $lat
-            AUTODEPLOY_MOE_DOWN_COMBINE=1 bench "Qwen3-30B-A3B batch 1, down + combine" "$H/qwen3-30b-a3b.toml" $lat
-        done
+        ncu_kernels "$c" 1024 128 300 1750
         ;;
     fp8cost)
         # What the FP8 8B's batch-1 step spends inside its CUDA graph on the launches besides
@@ -520,6 +434,6 @@ for name, ms in t.items():
 PY
         done
         ;;
-    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost verify38 s39 s39b s40 s40b s41 s41b)" ;;
+    *) echo "unknown part $part (checks quant suite rest fp8 moe long profile offline prefill bigbatch attnprof attndetail gemvdetail moedetail fp8cost offprof)" ;;
     esac
 done

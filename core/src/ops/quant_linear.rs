@@ -337,16 +337,22 @@ fn fp8_cpu(
     ins: &[&Tensor],
     attrs: &str,
     outs: &[(DType, Vec<usize>)],
-    opts: &KernelOptions,
+    _: &KernelOptions,
 ) -> Result<Vec<Tensor>, String> {
     let a = fp8_attrs(attrs)?;
-    if a.fp8_out {
-        // The gated values in the dtype the op writes without quant=fp8, then their codes.
-        let (scale, ins) = ins.split_last().ok_or("quant=fp8 takes the codes' scale last")?;
-        let plain = a.codes_out.unwrap_or(ins[0].dtype());
-        let values = fp8_cpu(ins, &Fp8Attrs { fp8_out: false, ..a }.text(), &[(plain, outs[0].1.clone())], opts)?;
-        return Ok(vec![codes_out::codes(values[0].to_f32().into_owned(), plain, scale, &outs[0].1)?]);
+    if !a.fp8_out {
+        return fp8_values(ins, &a, &outs[0]);
     }
+    // The gated values in the dtype the op writes without quant=fp8, then their codes.
+    let (scale, ins) = ins.split_last().ok_or("quant=fp8 takes the codes' scale last")?;
+    let plain = a.codes_out.unwrap_or(ins[0].dtype());
+    let values = fp8_values(ins, &a, &(plain, outs[0].1.clone()))?;
+    Ok(vec![codes_out::codes(values[0].to_f32().into_owned(), plain, scale, &outs[0].1)?])
+}
+
+/// The FP8 linear's output values (its gated epilogue's, with `act`) in `out`'s dtype; `ins`
+/// without `quant=fp8`'s scale.
+fn fp8_values(ins: &[&Tensor], a: &Fp8Attrs, out: &(DType, Vec<usize>)) -> Result<Vec<Tensor>, String> {
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(a.dynamic);
     let k = ins[1].shape()[1];
     let mut x = ins[0].to_f32().into_owned();
@@ -365,7 +371,7 @@ fn fp8_cpu(
         // Codes at the input scale: their values times it, what quantizing the float gave.
         let s = ins[s_in_at.ok_or("input codes need a static input_scale")?].to_f32()[0];
         x.iter_mut().for_each(|v| *v *= s);
-        return run(&x, w, ins, bias_at, &outs[0], a.gated);
+        return run(&x, w, ins, bias_at, out, a.gated);
     }
     for row in x.chunks_mut(k.max(1)) {
         let s = match s_in_at {
@@ -376,7 +382,7 @@ fn fp8_cpu(
             row.iter_mut().for_each(|v| *v = fake_quant_e4m3(*v, s));
         }
     }
-    run(&x, w, ins, bias_at, &outs[0], a.gated)
+    run(&x, w, ins, bias_at, out, a.gated)
 }
 
 /// A row's dynamic E4M3 scale: max |x| / 448, or 1 for a row of zeros.

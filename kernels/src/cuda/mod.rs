@@ -137,7 +137,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_gate_up_grouped_bf16",
             "moe_down_grouped_bf16",
             "moe_router_route_bf16",
-            "moe_down_combine_bf16",
         ],
     ),
     (

@@ -538,35 +538,3 @@ extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int
     if (i >= tokens * hidden) return;
     st(y, dt, i, combine_at(contrib, idx, dt, i / hidden, top_k, hidden, (int)(i % hidden)));
 }
-
-// `moe_down_bf16` then `moe_combine` in one launch (`[kernels] moe_down_combine`): a block of 8
-// warps computes 8 rows j0 .. j0 + 7 of one slot's contributions as `moe_down_bf16` does
-// (hidden % 8 == 0, so a block never straddles two slots), and the last of the blocks covering
-// the same `rows` output rows of a token (top_k · rows / 8 of them: counter t · hidden / rows +
-// j0 / rows, zero before and re-armed after) adds those rows up as `moe_combine` does, reading
-// the contributions back from L2: the same bits, one launch a layer fewer. (Session 35's first
-// fused build, one warp a (token, row) over every chosen expert, left too few bytes in flight.)
-#define MOE_DCL_MAX_K 64
-extern "C" __global__ void __launch_bounds__(256)
-    moe_down_combine_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts, long slots,
-                          int top_k, int hidden, int inter, int rows, float* contrib, int* counters, bf16_t* y) {
-    pdl_enter();
-    long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    long s = warp / hidden;
-    if (s >= slots) return;  // (whole blocks: the grid is slots · hidden warps)
-    // Another rank's expert computes nothing but still counts as done.
-    if (idx[s] >= 0) down_row_bf16(act, w_down, idx[s], wts, s, (int)(warp % hidden), hidden, inter, contrib);
-    long t = s / top_k;
-    int group = (int)(((long)blockIdx.x * (blockDim.x >> 5)) % hidden) / rows;
-    if (!last_to_finish(counters + t * (hidden / rows) + group, top_k * (rows / 8))) return;
-    // The sum by `combine_at`'s search (the same additions as its held path), the choices
-    // staged in shared memory, so the rarely taken tail adds few registers to the down rows
-    // every block runs.
-    __shared__ int ti[MOE_DCL_MAX_K];
-    for (int q = threadIdx.x; q < top_k; q += blockDim.x) ti[q] = idx[t * top_k + q];
-    __syncthreads();
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        int j = group * rows + r;
-        y[t * hidden + j] = f32_to_bf16(combine_by_search(contrib, ti, DT_BF16, t, top_k, hidden, j));
-    }
-}

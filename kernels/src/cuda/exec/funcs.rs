@@ -8,9 +8,6 @@ pub(super) struct Funcs {
     /// `moe_route`, `moe_gate_up`, `moe_down`, `moe_combine`, `moe_gate_up_bf16`,
     /// `moe_down_bf16` (exec/moe.rs).
     pub(super) moe: [Kernel; 9],
-    /// `moe_down_combine_bf16`: the per-slot path's down projection and combine in one launch
-    /// (`[kernels] moe_down_combine`).
-    pub(super) moe_down_combine: Kernel,
     /// The router's linear and the routing in one launch (exec/moe.rs, `RouterIn::Weight`).
     pub(super) moe_router_route: Kernel,
     /// `quant.cu`: `e4m3_codes`, `fp8_values`, `nvfp4_values`, `lowbit_epilogue`, each
@@ -119,7 +116,6 @@ impl Funcs {
         };
         Ok(Funcs {
             moe_router_route: g("moe_router_route_bf16")?,
-            moe_down_combine: g("moe_down_combine_bf16")?,
             moe: [
                 g("moe_route")?,
                 g("moe_gate_up")?,

@@ -237,13 +237,9 @@ pub struct Gpu {
     /// `torch_moe` runs its grouped kernels from this many token-expert slots an expert
     /// (`MoeShape::grouped`, `AUTODEPLOY_MOE_GROUPED`).
     pub moe_grouped_min: usize,
-    /// `torch_moe`'s per-slot path ends in `moe_down_combine` (`[kernels] moe_down_combine`).
-    /// An atomic as `decode_tc` (`set_moe_down_combine`).
-    moe_down_combine: std::sync::atomic::AtomicBool,
     /// Zeroed counters for kernels whose last block to finish does the rest (`last_to_finish`:
     /// each re-arms its counters, and the step's kernels run in stream order, so every launch
-    /// finds them zero): `moe_router_route`'s, a token each; `moe_down_combine_bf16`'s, a group of
-    /// a token's output rows each.
+    /// finds them zero): `moe_router_route`'s, a token each.
     counters: CudaSlice<i32>,
     /// Kernels of outside CUDA source (plugin ops), by a hash of source and entry point.
     source_kernels: std::sync::Mutex<std::collections::HashMap<u64, Kernel>>,
@@ -439,7 +435,6 @@ impl Gpu {
             decode_codes,
             swiglu_split,
             moe_grouped_min: k.moe_grouped_min,
-            moe_down_combine: std::sync::atomic::AtomicBool::new(k.moe_down_combine),
             counters,
             source_kernels,
             collectives: Default::default(),

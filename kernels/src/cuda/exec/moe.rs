@@ -41,9 +41,6 @@ pub enum RouterIn {
 /// `counters`).
 pub const ROUTER_FUSED_MAX_EXPERTS: usize = 512;
 
-/// The most choices a token `moe_down_combine_bf16` adds up (moe.cu's `MOE_DCL_MAX_K`).
-const MOE_DCL_MAX_K: usize = 64;
-
 impl MoeShape {
     /// Scratch bytes, in [`Gpu::moe`]'s order: chosen experts (i32), their weights (f32), the
     /// activations (`dt`), the scaled outputs (f32), the grouping by expert (i32: offsets,
@@ -160,13 +157,7 @@ impl Gpu {
         self.moe_experts(s, dt, x, w_gate_up, w_down, y, scratch)
     }
 
-    /// Sets `moe_down_combine` for the launches after.
-    pub fn set_moe_down_combine(&self, on: bool) {
-        self.moe_down_combine.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// `torch_moe` after the routing: the chosen experts' gate/up and down, and the sum (the
-    /// last two in one kernel where `moe_down_combine` is on and applies).
+    /// `torch_moe` after the routing: the chosen experts' gate/up and down, and the sum.
     #[allow(clippy::too_many_arguments)]
     fn moe_experts(
         &self,
@@ -223,26 +214,6 @@ impl Gpu {
             // SAFETY: expert ids < experts (routing picks among them); one warp a (slot, row).
             let cfg = grid(s.tokens * s.top_k * s.inter * 32, 256);
             launched("moe_gate_up", unsafe { l.launch(cfg) }.map(|_| ()))?;
-            // The combine inside the down projection's launch: each token's output rows in
-            // groups of `rows`, a counter a group (`Gpu::counters`).
-            let rows = if s.hidden.is_multiple_of(64) { 64 } else { 8 };
-            let fused_combine = vector
-                && s.top_k <= MOE_DCL_MAX_K
-                && s.tokens * (s.hidden / rows) <= super::COUNTERS
-                && self.moe_down_combine.load(std::sync::atomic::Ordering::Relaxed);
-            if fused_combine {
-                let (counters, r32) = (self.counters_ptr(), rows as i32);
-                let mut l = self.launcher(self.f.moe_down_combine);
-                l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&slots).arg(&k32).arg(&h32).arg(&i32_);
-                l.arg(&r32).arg(&contrib).arg(&counters).arg(&y);
-                // SAFETY: as moe_down_bf16 below (hidden % 8 == 0: whole blocks of one slot);
-                // counters: tokens × hidden / rows of the zeroed ones (checked), re-armed by the
-                // kernel; y tokens × hidden bf16.
-                return launched(
-                    "moe_down_combine",
-                    unsafe { l.launch(grid(s.tokens * s.top_k * s.hidden * 32, 256)) }.map(|_| ()),
-                );
-            }
             let mut l = self.launcher(self.f.moe[if vector { 5 } else { 2 }]);
             if vector {
                 l.arg(&act).arg(&w_down).arg(&idx).arg(&scale_out).arg(&slots).arg(&h32).arg(&i32_).arg(&contrib);

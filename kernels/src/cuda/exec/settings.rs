@@ -54,11 +54,6 @@ pub struct KernelSettings {
     /// (each chosen expert read once for all its slots) instead of one warp a slot's row
     /// (`AUTODEPLOY_MOE_GROUPED`).
     pub moe_grouped_min: usize,
-    /// `torch_moe`'s per-slot path (decode) in two kernels instead of three: the down
-    /// projection's launch also adds each token's contributions up (its last block to finish a
-    /// group of output rows, in `moe_combine`'s order: the same bits; bf16;
-    /// `AUTODEPLOY_MOE_DOWN_COMBINE=1`). Off: measured slower (developing.md).
-    pub moe_down_combine: bool,
     /// FP8 decode GEMVs on tensor cores (sm_89+), the activations quantized as they load
     /// (`AUTODEPLOY_FP8_TC=0`: the CUDA-core GEMV after a separate quantizing kernel).
     pub fp8_gemv_tensor_cores: bool,
@@ -99,7 +94,6 @@ impl Default for KernelSettings {
             decode_ldmatrix: false,
             decode_fp8_codes: true,
             moe_grouped_min: 4,
-            moe_down_combine: false,
             fp8_gemv_tensor_cores: true,
             nvfp4_gemv_tensor_cores: true,
             fp8_gemm_cublaslt: true,
@@ -110,7 +104,7 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 19] = [
+const ENV: [(&str, &str); 18] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -124,7 +118,6 @@ const ENV: [(&str, &str); 19] = [
     ("decode_ldmatrix", "AUTODEPLOY_DECODE_LDSM"),
     ("decode_fp8_codes", "AUTODEPLOY_DECODE_FP8_CODES"),
     ("moe_grouped_min", "AUTODEPLOY_MOE_GROUPED"),
-    ("moe_down_combine", "AUTODEPLOY_MOE_DOWN_COMBINE"),
     ("fp8_gemv_tensor_cores", "AUTODEPLOY_FP8_TC"),
     ("nvfp4_gemv_tensor_cores", "AUTODEPLOY_NVFP4_TC"),
     ("fp8_gemm_cublaslt", "AUTODEPLOY_FP8_LT"),
@@ -203,10 +196,6 @@ impl KernelSettings {
                 }
                 "fp8_gemv_tensor_cores" => {
                     s.fp8_gemv_tensor_cores = flag;
-                    true
-                }
-                "moe_down_combine" => {
-                    s.moe_down_combine = flag;
                     true
                 }
                 "nvfp4_gemv_tensor_cores" => {
