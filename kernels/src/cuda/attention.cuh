@@ -100,13 +100,28 @@ __device__ __forceinline__ void load_row(const float* p, float* out) {
     }
 }
 
+// Four E4M3 codes of a word (lowest byte first) as f32 by integer operations: a code's byte to
+// the top of a word, an arithmetic shift by 4 (its sign to bit 31, exponent and mantissa under
+// f32's at bits 26..20), a mask: `e4m3_value`'s bits, then its times 2^120 (subnormal codes
+// through f32 subnormals). Two or three integer instructions and a multiply a value, where the
+// hardware's `e4m3x4` takes one and a half conversions a value, which sm_90 runs at a quarter
+// of its integer rate; the decode builds convert every cached K and V value they read, once a
+// query head. The same values (NaN codes aside: a cache holds none, its writes saturate).
+__device__ __forceinline__ void e4m3x4_int(unsigned int w, float* out) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        unsigned int bits = (unsigned int)((int)(w << (24 - 8 * j)) >> 4) & 0x87f00000u;
+        out[j] = __uint_as_float(bits) * 1.329227995784916e36f;  // 2^120
+    }
+}
+
 template <int N>
 __device__ __forceinline__ void load_row(const fp8_t* p, float* out) {
     const unsigned char* b = (const unsigned char*)p;
     if constexpr (N % 4 == 0) {
-        // Four codes a word, converted by the hardware on sm_89+ (`e4m3x4`).
+        // Four codes a word (`e4m3x4_int`).
 #pragma unroll
-        for (int i = 0; i < N; i += 4) e4m3x4(*(const unsigned int*)(b + i), out + i);
+        for (int i = 0; i < N; i += 4) e4m3x4_int(*(const unsigned int*)(b + i), out + i);
     } else {
 #pragma unroll
         for (int i = 0; i < N; i++) out[i] = e4m3_value(b[i]);
