@@ -12,7 +12,8 @@
 #   BUILT       (optional: which commit they are, printed first)
 # The parts (PARTS, default all but profile, in this order):
 #   checks  cuda_check whole (every kernel against the CPU), then the CUDA tests of the q/k
-#           norms fused into the attention, the MoE router fused, the split-KV decode's steps.
+#           norms fused into the attention, the MoE router fused, the split-KV decode's steps
+#           (small ones through either build: `decode_latency_build`).
 #   quant   the CUDA tests of the quantized checkpoints (with the folds on by default, the
 #           cases without them, the gated epilogue, the attention writing o_proj's codes) and
 #           of the tensor-core decode; the test binary's failures name each case.
@@ -27,7 +28,8 @@
 #   moe     Qwen3-30B-A3B at batch 1: the defaults and the router fused into the MoE op (twice);
 #           then the steps with the small norm launches left out (AUTODEPLOY_PROFILE_SKIP:
 #           outputs wrong; the difference is what those launches cost inside the captured step).
-#   long    the 8B at 2,000 positions, batch 32 and batch 1 (twice each), bf16 cache against FP8 cache (at
+#   long    the 8B at 2,000 positions, batch 32 and batch 1 (twice each; batch 1 also through the
+#           throughput build, AUTODEPLOY_DECODE_LATENCY=0), bf16 cache against FP8 cache (at
 #           batch 32 also the FP8 cache's tensor-core decode through bf16 tiles,
 #           AUTODEPLOY_DECODE_FP8_CODES=0);
 #           the tensor-core decode's ldmatrix fragment loads off/on at batch 64.
@@ -182,7 +184,7 @@ for part in $PARTS; do
     checks)
         cuda_check_all 330 "device copy"
         cuda_tests 240 fused_qk_norms fused_moe_router fused_router a_decode_step_past_the_split \
-            a_mixed_steps_decodes
+            a_mixed_steps_decodes small_decode_steps
         ;;
     quant)
         cuda_tests 560 quantized_checkpoints batched_bf16_decode
@@ -259,9 +261,14 @@ for part in $PARTS; do
         done
         # (Batch 1 runs the latency build, which reads the FP8 cache's codes on CUDA cores:
         # since session 40 by integer operations, `e4m3x4_int`.)
+        # And both through rope_write_kv + the throughput build (tensor cores, a GQA group a
+        # block) instead (AUTODEPLOY_DECODE_LATENCY=0).
         for _ in 1 2; do
-            bench "8B 1 x 2000, bf16 cache" "$H/llama-3.1-8b-long.toml" --mode latency --batch 1 --isl 2000 --osl 8
-            bench "8B 1 x 2000, FP8 cache" "$H/llama-3.1-8b-long-fp8kv.toml" --mode latency --batch 1 --isl 2000 --osl 8
+            for c in llama-3.1-8b-long llama-3.1-8b-long-fp8kv; do
+                bench "8B 1 x 2000, $c" "$H/$c.toml" --mode latency --batch 1 --isl 2000 --osl 8
+                AUTODEPLOY_DECODE_LATENCY=0 bench "8B 1 x 2000, $c, throughput build" "$H/$c.toml" \
+                    --mode latency --batch 1 --isl 2000 --osl 8
+            done
         done
         for _ in 1 2; do
             bench "8B batch 64, tensor-core decode" "$H/llama-3.1-8b.toml" --mode throughput --batch 64

@@ -74,7 +74,12 @@ pub fn flashinfer(setup: &DeviceAttentionSetup) -> Result<Box<dyn DeviceAttentio
             let (partial, counters) = (buf.ptr, buf.ptr + bytes as u64);
             (
                 Some(Split { chunk, splits, partial, counters }),
-                Some(Split { chunk: early_chunk, splits: early_splits, partial, counters }),
+                gpu.decode_latency_build().then_some(Split {
+                    chunk: early_chunk,
+                    splits: early_splits,
+                    partial,
+                    counters,
+                }),
                 Some(buf),
             )
         }

@@ -103,6 +103,35 @@ fn batched_bf16_decode_on_tensor_cores_matches_cpu() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
+/// Decode steps of 2 sequences (at most 4 tokens) take the split-KV decode's latency build
+/// (`paged_decode_split`: RoPE, the KV write and attention in one launch) by default, and with
+/// `decode_latency_build = false` `rope_write_kv` and the throughput build on tensor cores
+/// (`paged_decode_tc`) instead; the logits of the prefill step and three decode steps stay
+/// within bf16's tolerance of the CPU's (against f32) each way.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
+fn small_decode_steps_run_either_decode_build() {
+    let _turn = gpu();
+    let prompts: Vec<Vec<i64>> =
+        (0..2).map(|r| (0..90 + 7 * r).map(|i| 1 + (i * 29 + r * 17) % 250).collect()).collect();
+    let decode: Vec<Vec<i64>> = (0..3).map(|s| (0..2).map(|r| 1 + (s * 5 + r * 19) % 250).collect()).collect();
+    let base = format!("dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\nmax_seq_len = 128\n");
+    let (reference, truth) = on_the_cpu(&base, |e| run_steps(e, &prompts, &decode));
+    let mut failed = Vec::new();
+    for latency in [true, false] {
+        let extra = format!(
+            "{base}device = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"flashinfer\"\nkernels.decode_latency_build = {latency}\n"
+        );
+        let mut gpu = engine("qwen3", &extra);
+        let (got, ran) = launches(|| run_steps(&mut gpu, &prompts, &decode));
+        assert_eq!(ran.contains_key("paged_decode_split"), latency, "decode_latency_build = {latency}: {ran:?}");
+        assert_eq!(ran.contains_key("paged_decode_tc"), !latency, "decode_latency_build = {latency}: {ran:?}");
+        let what = format!("qwen3 bf16 decode of 2, decode_latency_build = {latency}");
+        failed.extend(bf16_against_f32(&what, "qwen3", &truth, &reference, &got).err());
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
 /// Decode steps of 300 sequences (past the split-KV decode's 256 tokens of partials) take the
 /// split kernels in fewer chunks, not the ragged prefill kernel (session 37: the 8B's decode step
 /// at batch 512 was 3.4 times the step at 256 through it); `opt` replays them in the CUDA graph

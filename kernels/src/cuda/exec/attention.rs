@@ -163,6 +163,12 @@ impl Gpu {
         self.mixed_split
     }
 
+    /// Whether steps of a few decode tokens take the split-KV decode's latency build (`[kernels]
+    /// decode_latency_build`), not `rope_write_kv` and the throughput build.
+    pub fn decode_latency_build(&self) -> bool {
+        self.decode_latency
+    }
+
     /// Writes this step's k/v `[kv_heads, tokens, d]` into their cache slots (an FP8 cache:
     /// `kv_fp8`'s scales).
     #[allow(clippy::too_many_arguments)]

@@ -197,6 +197,8 @@ pub struct Gpu {
     pub prefill_tc: bool,
     /// `[kernels] mixed_step_split_decodes` (`Gpu::mixed_split_decodes`).
     mixed_split: bool,
+    /// `[kernels] decode_latency_build` (`Gpu::decode_latency_build`).
+    decode_latency: bool,
     /// The FP8 decode GEMVs on tensor cores (`[kernels] fp8_gemv_tensor_cores`, sm_89+).
     pub fp8_tc: bool,
     /// The NVFP4 decode GEMVs on tensor cores (`[kernels] nvfp4_gemv_tensor_cores`, sm_80+).
@@ -400,7 +402,7 @@ impl Gpu {
         let pdl = dev.cc.0 >= 9 && k.pdl;
         let prefetch_row = k.prefetch_row;
         let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
-        let mixed_split = k.mixed_step_split_decodes;
+        let (mixed_split, decode_latency) = (k.mixed_step_split_decodes, k.decode_latency_build);
         let prefill_group = std::sync::atomic::AtomicBool::new(k.prefill_group_heads);
         let fp8_tc = dev.cc >= (8, 9) && k.fp8_gemv_tensor_cores;
         let nvfp4_tc = dev.cc.0 >= 8 && k.nvfp4_gemv_tensor_cores;
@@ -424,6 +426,7 @@ impl Gpu {
             prefetch_row,
             prefill_tc,
             mixed_split,
+            decode_latency,
             fp8_tc,
             nvfp4_tc,
             gemv_split,

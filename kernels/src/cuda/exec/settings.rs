@@ -33,6 +33,11 @@ pub struct KernelSettings {
     /// Positions a warp takes a pass in the split-KV decode's latency build: 4 or 8
     /// (`AUTODEPLOY_ATTN_U`).
     pub attn_positions_per_pass: usize,
+    /// `flashinfer` runs steps of at most 4 decode tokens through the split-KV decode's latency
+    /// build (RoPE, the KV write and attention in one launch, CUDA cores, a block a query head)
+    /// (`AUTODEPLOY_DECODE_LATENCY=0`: through `rope_write_kv` and the throughput build, on
+    /// tensor cores where it applies, a GQA group a block, as larger steps run).
+    pub decode_latency_build: bool,
     /// The split-KV decode's throughput build takes a GQA group's query heads together
     /// (`AUTODEPLOY_ATTN_GROUP=0`: one head a block).
     pub attn_group_heads: bool,
@@ -89,6 +94,7 @@ impl Default for KernelSettings {
             gemv_split: 2,
             swiglu_split: 4,
             attn_positions_per_pass: 4,
+            decode_latency_build: true,
             attn_group_heads: true,
             decode_tensor_cores: true,
             decode_ldmatrix: false,
@@ -104,7 +110,7 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 18] = [
+const ENV: [(&str, &str); 19] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
@@ -113,6 +119,7 @@ const ENV: [(&str, &str); 18] = [
     ("gemv_split", "AUTODEPLOY_GEMV_SPLIT"),
     ("swiglu_split", "AUTODEPLOY_SWIGLU_SPLIT"),
     ("attn_positions_per_pass", "AUTODEPLOY_ATTN_U"),
+    ("decode_latency_build", "AUTODEPLOY_DECODE_LATENCY"),
     ("attn_group_heads", "AUTODEPLOY_ATTN_GROUP"),
     ("decode_tensor_cores", "AUTODEPLOY_DECODE_TC"),
     ("decode_ldmatrix", "AUTODEPLOY_DECODE_LDSM"),
@@ -182,6 +189,10 @@ impl KernelSettings {
                     s.attn_group_heads = flag;
                     true
                 }
+                "decode_latency_build" => {
+                    s.decode_latency_build = flag;
+                    true
+                }
                 "decode_tensor_cores" => {
                     s.decode_tensor_cores = flag;
                     true
@@ -244,10 +255,12 @@ mod tests {
             "AUTODEPLOY_PDL" => Some("0".to_string()),
             "AUTODEPLOY_GEMV_SPLIT" => Some("4".to_string()),
             "AUTODEPLOY_SWIGLU_SPLIT" => Some("3".to_string()), // not a value it takes: ignored
+            "AUTODEPLOY_DECODE_LATENCY" => Some("0".to_string()),
             _ => None,
         };
         let s = d.with_overrides(env);
         assert_eq!((s.pdl, s.gemv_split, s.swiglu_split, s.prefetch_row), (false, 4, 4, 1024));
+        assert!(d.decode_latency_build && !s.decode_latency_build);
         // From TOML, by the names the config uses; unknown keys are refused.
         let t: KernelSettings = toml::from_str("gemv_split = 1\nattn_group_heads = false").unwrap();
         assert_eq!((t.gemv_split, t.attn_group_heads, t.swiglu_split), (1, false, 4));
