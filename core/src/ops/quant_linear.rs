@@ -52,8 +52,9 @@ pub const FP8_LINEAR: &str = "torch_quant_fp8_linear";
 pub const NVFP4_LINEAR: &str = "torch_quant_nvfp4_linear";
 
 /// An FP8 linear's attributes: `dynamic=true`, or `out=<dtype>` (the input E4M3 codes); `act`
-/// (a gated epilogue) and with it `quant=fp8` (its output as E4M3 codes); `scale_runs=[..]` (a per-row weight scale that is one value over each
-/// run of rows: a fused linear's parts; at most `MAX_SCALE_RUNS`, summing to the rows).
+/// (a gated epilogue) and with it `quant=fp8` (its output as E4M3 codes); `scale_runs=[..]` (a
+/// per-row weight scale that is one value over each run of rows: a fused linear's parts; at
+/// most `MAX_SCALE_RUNS`, summing to the rows).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Fp8Attrs {
     dynamic: bool,
@@ -213,6 +214,17 @@ fn linear_out(ins: &[TensorMeta], w_dtype: DType, bias_at: usize) -> Result<Vec<
     Ok(vec![TensorMeta { dtype: x.dtype, shape }])
 }
 
+/// An FP8 linear's inputs without `quant=fp8`'s codes scale, and that scale (its last input).
+fn split_codes_scale<T>(ins: &[T], fp8_out: bool) -> Result<(&[T], Option<&T>), String> {
+    match fp8_out {
+        true => ins
+            .split_last()
+            .map(|(s, rest)| (rest, Some(s)))
+            .ok_or_else(|| "quant=fp8 takes the codes' scale last".into()),
+        false => Ok((ins, None)),
+    }
+}
+
 /// Where an FP8 linear's inputs are: (input scale, weight scale, bias).
 fn fp8_inputs(dynamic: bool) -> (Option<usize>, usize, usize) {
     if dynamic {
@@ -226,10 +238,7 @@ fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
     let Fp8Attrs { dynamic, codes_out, gated, fp8_out, runs } = fp8_attrs(attrs)?;
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
     // With quant=fp8 the codes' scale comes last, after the optional bias.
-    let (ins, codes_scale) = match fp8_out {
-        true => ins.split_last().map(|(s, rest)| (rest, Some(s))).ok_or("quant=fp8 takes the codes' scale last")?,
-        false => (ins, None),
-    };
+    let (ins, codes_scale) = split_codes_scale(ins, fp8_out)?;
     if ins.len() < bias_at || ins.len() > bias_at + 1 {
         let (lo, hi) = (bias_at + fp8_out as usize, bias_at + 1 + fp8_out as usize);
         return Err(format!("takes {lo} or {hi} inputs with dynamic={dynamic}, got {}", ins.len() + fp8_out as usize));
@@ -340,11 +349,10 @@ fn fp8_cpu(
     _: &KernelOptions,
 ) -> Result<Vec<Tensor>, String> {
     let a = fp8_attrs(attrs)?;
-    if !a.fp8_out {
+    let (ins, Some(scale)) = split_codes_scale(ins, a.fp8_out)? else {
         return fp8_values(ins, &a, &outs[0]);
-    }
+    };
     // The gated values in the dtype the op writes without quant=fp8, then their codes.
-    let (scale, ins) = ins.split_last().ok_or("quant=fp8 takes the codes' scale last")?;
     let plain = a.codes_out.unwrap_or(ins[0].dtype());
     let values = fp8_values(ins, &a, &(plain, outs[0].1.clone()))?;
     Ok(vec![codes_out::codes(values[0].to_f32().into_owned(), plain, scale, &outs[0].1)?])
@@ -411,8 +419,8 @@ fn nvfp4_cpu(
 }
 
 /// The call's sizes, x, y and bias (input `bias_at`) as the GPU launchers take them; `gated`,
-/// the epilogue (y then `[m, n / 2]`).
-/// `dt`: the dtype of the values (y's, or for codes out the one the values are rounded to).
+/// the epilogue (y then `[m, n / 2]`); `dt`, the dtype of the values (y's, or with codes out the
+/// one the values are rounded to).
 fn cuda_call(
     ins: &[DeviceTensor],
     y: &DeviceTensor,
@@ -451,12 +459,10 @@ fn fp8_cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
         let Fp8Attrs { dynamic, codes_out, gated, fp8_out, runs } = fp8_attrs(attrs)?;
         let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
-        let (ins, codes_scale) = match fp8_out {
-            true => ins.split_last().map(|(s, rest)| (rest, s.ptr)).ok_or("quant=fp8 takes the codes' scale last")?,
-            false => (ins, 0),
-        };
+        let (ins, codes_scale) = split_codes_scale(ins, fp8_out)?;
         let dt = if fp8_out { codes_out.unwrap_or(ins[0].dtype) } else { outs[0].dtype };
-        let c = LowBitLinear { y_codes_scale: codes_scale, ..cuda_call(ins, &outs[0], dt, bias_at, gated)? };
+        let y_codes_scale = codes_scale.map_or(0, |s| s.ptr);
+        let c = LowBitLinear { y_codes_scale, ..cuda_call(ins, &outs[0], dt, bias_at, gated)? };
         let s = LowBitScales {
             input: s_in_at.map_or(0, |i| ins[i].ptr),
             dynamic,
