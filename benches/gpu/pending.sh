@@ -54,6 +54,7 @@
 #           at batch 1.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
+#   longprof each kernel's time and DRAM bytes at batch 1 x 2,000, bf16 against FP8 cache.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
 #           overlap: the per-kernel floor, not the step) of the FP8 8B and Qwen3-30B-A3B at
 #           batch 1 with every fusion on, and of the FP8 8B at batch 256, the models cut to 4
@@ -273,6 +274,16 @@ for part in $PARTS; do
         for _ in 1 2; do
             bench "8B batch 64, tensor-core decode" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
             AUTODEPLOY_DECODE_LDSM=1 bench "8B batch 64, ldmatrix" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
+        done
+        ;;
+    longprof)
+        # Where the FP8 cache's batch-1 decode at 2,000 positions loses to the bf16 cache's
+        # (session 41: 5.96-5.98 against 5.74-5.75 ms/step, either decode build): each kernel's
+        # time and DRAM bytes in both, the 8B cut to 4 layers (decode launches keyed apart from
+        # the prefill's by grid).
+        cut4 8b configs/Llama-3.1-8B-Instruct
+        for c in llama-3.1-8b-long llama-3.1-8b-long-fp8kv; do
+            ncu_kernels "$(on_cut "prof-$c" "$c.toml" 8b)" 1 2000 400
         done
         ;;
     profile)
