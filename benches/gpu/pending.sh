@@ -52,6 +52,7 @@
 #           they cost inside the step's graph).
 #   moedetail  ncu's sections and stall reasons for Qwen3-30B-A3B's MoE and attention kernels
 #           at batch 1.
+#   longdetail  the same sections for the latency build at batch 1 x 2,000.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
 #   longprof each kernel's time and DRAM bytes at batch 1 x 2,000, bf16 against FP8 cache.
@@ -149,6 +150,20 @@ for (name, grid), (n, ns, by) in sorted(t.items(), key=lambda kv: -kv[1][1]):
     print(f"  {name[:44]:<44} {grid:>16} {n:4d} launches, mean {ns / n / 1e3:8.2f} us, "
           f"{by / max(ns, 1.0):7.0f} GB/s, {100 * ns / total:5.1f}% of the time")
 PY
+}
+ncu_detail() { # kernel-regex mode batch: ncu's sections for one launch of the kernel in the 8B
+    # (cut to 4 layers) at `batch` x 2,000 positions, bf16 cache and FP8 cache
+    cut4 8b configs/Llama-3.1-8B-Instruct
+    local base c stalls
+    for base in llama-3.1-8b-long.toml llama-3.1-8b-long-fp8kv.toml; do
+        c=$(on_cut "detail-$base" "$base" 8b)
+        echo "  -- $base"
+        stalls=$(stall_metrics drain membar sleeping),smsp__sass_inst_executed_op_local_ld.sum,smsp__sass_inst_executed_op_local_st.sum
+        timeout 200 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
+            --metrics "$stalls" -k "regex:$1" --launch-skip 6 --launch-count 1 \
+            "$B" bench --config "$c" --mode "$2" --batch "$3" --isl 2000 --osl 4 2>&1 |
+            grep -E "Duration|Registers|Occupancy|Block Limit (Reg|Shared)|Waves|Warp Cycles Per Issued|DRAM Throughput|Compute \(SM\)|Static Shared|issue_stalled|local_" | head -40
+    done
 }
 cuda_check_all() { # seconds [pattern]: cuda_check whole; its exit, count and time, then its
     # failures and the lines the pattern picks
@@ -418,16 +433,12 @@ PY
     attndetail)
         # ncu's warp-state, occupancy and memory sections for one launch of the tensor-core
         # split-KV decode at batch 32 x 2,000, bf16 cache and FP8 cache (what bounds each).
-        cut4 8b configs/Llama-3.1-8B-Instruct
-        for base in llama-3.1-8b-long.toml llama-3.1-8b-long-fp8kv.toml; do
-            c=$(on_cut "detail-$base" "$base" 8b)
-            echo "  -- $base"
-            stalls=$(stall_metrics drain membar sleeping)
-            timeout 200 ncu --section WarpStateStats --section Occupancy --section LaunchStats --section SpeedOfLight \
-                --metrics "$stalls" -k 'regex:paged_decode_tc' --launch-skip 4 --launch-count 1 \
-                "$B" bench --config "$c" --mode throughput --batch 32 --isl 2000 --osl 4 2>&1 |
-                grep -E "Duration|Registers|Achieved Occupancy|Block Limit (Reg|Shared)|Warp Cycles Per Issued|DRAM Throughput|Compute \(SM\)|Static Shared|issue_stalled" | head -40
-        done
+        ncu_detail paged_decode_tc throughput 32
+        ;;
+    longdetail)
+        # The same for the latency build at batch 1 x 2,000 (session 41: 26 us a layer with the
+        # bf16 cache, 34 with the FP8 cache, where it reads 8 and 4 MB).
+        ncu_detail paged_decode_split_early latency 1
         ;;
     attnprof)
         # The decode attention alone at batch 32 x 2,000 positions, bf16 cache against FP8 cache
