@@ -55,6 +55,7 @@
 #   longdetail  the same sections for the latency build at batch 1 x 2,000.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
+#   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
 #   longprof each kernel's time and DRAM bytes at batch 1 x 2,000, bf16 against FP8 cache.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
 #           overlap: the per-kernel floor, not the step) of the FP8 8B and Qwen3-30B-A3B at
@@ -289,6 +290,17 @@ for part in $PARTS; do
         for _ in 1 2; do
             bench "8B batch 64, tensor-core decode" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
             AUTODEPLOY_DECODE_LDSM=1 bench "8B batch 64, ldmatrix" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
+        done
+        ;;
+    longcheck)
+        # The decode builds after session 41's rewrite of their loop (the step's own positions
+        # after the cached ones, one copy of their code): cuda_check whole, then the 8B at batch
+        # 1 x 2,000 over either cache (twice, alternating).
+        cuda_check_all 330 "device copy"
+        for _ in 1 2; do
+            for c in llama-3.1-8b-long llama-3.1-8b-long-fp8kv; do
+                bench "8B 1 x 2000, $c" "$H/$c.toml" --mode latency --batch 1 --isl 2000 --osl 8
+            done
         done
         ;;
     longprof)

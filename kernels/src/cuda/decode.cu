@@ -221,13 +221,24 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // K and V of all U positions are requested together (one memory latency per iteration,
     // not two), PER values per lane in one vector load where they fit.
     float kf[U][PER], vf[U][PER];
-    auto load_cached = [&](int u, long long p) {
-        long slot = kv_slot(pages, p, page_size);
+    auto load_slot = [&](int u, long slot) {
         long base = (slot * kv_heads + kvh) * d + lane * PER;
         if (live) {
             load_row<PER>(k_cache + base, kf[u]);
             load_row<PER>(v_cache + base, vf[u]);
         }
+    };
+    // Cached positions p0 .. p0 + U - 1 (none past `last`): one page lookup (a division, a
+    // dependent load) a pass where they share a page, as they do unless the pass crosses one,
+    // else one a position.
+    auto load_cached = [&](long long p0, long long last) {
+        if (p0 > last) return;  // (nor is p0's page the sequence's to read)
+        int pi = (int)p0, pg = pi / page_size, off = pi - pg * page_size;
+        const bool one_page = off + U <= page_size;
+        const long first_slot = (long)pages[pg] * page_size + off;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (p0 + u <= last) load_slot(u, one_page ? first_slot + u : kv_slot(pages, p0 + u, page_size));
     };
     // Position p of this step: its token's row of k_new/v_new, k rotated.
     auto load_new = [&](float* kr, float* vr, long long p) {
@@ -248,30 +259,17 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
             }
         }
     };
-    auto load = [&](long long p0, long long last) {
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            long long p = p0 + u <= last ? p0 + u : last;
-            if (!EARLY || p <= ready)
-                load_cached(u, p);
-            else
-                load_new(kf[u], vf[u], p);
-        }
-    };
+    // The chunk's positions the cache holds (all of them for the throughput build; for the
+    // latency build those written before this step), WARPS · U a pass; this step's own
+    // positions (the latency build's, at most a few, the chunk's last) after them, one at a time.
+    const long long cached_hi = EARLY && ready < hi ? ready : hi;
     long long first = lo + warp * U;
+    // Cached positions were written by earlier steps: the latency build requests its first
+    // pass's before waiting for the kernels ahead (the step metadata is uploaded before the
+    // step, too).
     if constexpr (EARLY) {
-        // Cached positions were written by earlier steps: the first pass's are requested before
-        // waiting for the kernels ahead (the step metadata is uploaded before the step, too).
-        long long lim = ready < hi ? ready : hi;
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (first + u <= lim) load_cached(u, first + u);
+        load_cached(first, cached_hi);
         pdl_enter();
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            long long p = first + u;
-            if (p > ready && p <= hi) load_new(kf[u], vf[u], p);
-        }
     }
     float qv[PER], acc[PER];
     const long qrow = ((long)h * tokens + t) * d + lane * PER;
@@ -283,11 +281,20 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
-    long long last_p0 = -1;  // the warp's last pass: kf/vf hold its positions after the loop
-    for (long long p0 = first; p0 <= hi; p0 += WARPS * U) {
-        last_p0 = p0;
+    // One position's score (reduced over the warp) into the running softmax state.
+    auto attend = [&](float dot, const float* vr) {
+        if (softcap > 0.0f) dot = softcap * tanhf(dot / softcap);
+        float m2 = fmaxf(m, dot);
+        float corr = __expf(m - m2), w = __expf(dot - m2);
+        l = l * corr + w;
+        if (live)
+#pragma unroll
+            for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * vr[i];
+        m = m2;
+    };
+    for (long long p0 = first; p0 <= cached_hi; p0 += WARPS * U) {
         float dot[U];
-        if (!EARLY || p0 != first) load(p0, hi);
+        if (!EARLY || p0 != first) load_cached(p0, cached_hi);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             float d = 0.0f;
@@ -300,34 +307,39 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
             for (int u = 0; u < U; u++) dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], o);
-        if (softcap > 0.0f)
-#pragma unroll
-            for (int u = 0; u < U; u++) dot[u] = softcap * tanhf(dot[u] / softcap);
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            if (p0 + u > hi) break;
-            float m2 = fmaxf(m, dot[u]);
-            float corr = __expf(m - m2), w = __expf(dot[u] - m2);
-            l = l * corr + w;
-            if (live)
-#pragma unroll
-                for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * vf[u][i];
-            m = m2;
+            if (p0 + u > cached_hi) break;
+            attend(dot[u], vf[u]);
         }
     }
-    if (EARLY && writer && last_p0 >= 0 && pos >= last_p0 && pos < last_p0 + U) {
-        // Token t's k (rotated) and v into its cache slot, for the steps after this one: the
-        // warp whose last pass read position pos (the chunk's last) from k_new/v_new.
-        long slot = kv_slot(pages, pos, page_size);
-        long base = (slot * kv_heads + kvh) * d + lane * PER;
+    if constexpr (EARLY) {
+        // This step's positions in the chunk, a warp each in turn (one copy of `load_new` in
+        // the code: unrolled a pass, the FP8 cache's division and rounding filled the
+        // instruction cache). Block (t, first q head of the group, last chunk) stores token t's
+        // k (rotated) and v in its cache slot for the steps after, from the registers they were
+        // read into.
+        const long long step_lo = cached_hi + 1 > lo ? cached_hi + 1 : lo;
+#pragma unroll 1
+        for (long long p = step_lo + warp; p <= hi; p += WARPS) {
+            float kr[PER], vr[PER];
+            load_new(kr, vr, p);
+            float dot = 0.0f;
+            if (live)
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (last_p0 + u == pos && live)
+                for (int i = 0; i < PER; i++) dot += qv[i] * kr[i];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            attend(dot, vr);
+            if (writer && p == pos && live) {
+                long base = (kv_slot(pages, pos, page_size) * kv_heads + kvh) * d + lane * PER;
 #pragma unroll
                 for (int i = 0; i < PER; i++) {
-                    put_units(k_cache, base + i, kf[u][i]);
-                    put_units(v_cache, base + i, vf[u][i]);
+                    put_units(k_cache, base + i, kr[i]);
+                    put_units(v_cache, base + i, vr[i]);
                 }
+            }
+        }
     }
     __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
     if (lane == 0) {
