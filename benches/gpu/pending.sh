@@ -63,7 +63,9 @@
 #           layers; $OUT/ncu-*.csv.
 # Each bench line is benches/gpu/summarize.py's summary; the JSON lines go to $OUT (default /tmp).
 # KCACHE (a .tar.xz of an earlier call's $OUT/kcache.tar.xz, carried) skips most of a fresh
-# machine's kernel compile; see below.
+# machine's kernel compile; see below. A binary started by hand after this script on the same
+# machine finds that cache only through AUTODEPLOY_KERNEL_CACHE=/tmp/kcache/ptx
+# CUDA_CACHE_PATH=/tmp/kcache/jit; without them it compiles every module cold (~270 s).
 set -u
 BIN=${1:?usage: pending.sh BIN_DIR}
 H=$(cd "$(dirname "$0")" && pwd)
