@@ -172,6 +172,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p, long bytes, int lane)
         asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + off));
 }
 
+// Asks this SM's L1 for the line holding `p` (a hint: no register waits on it).
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
 // The tensor-core step of attention.cu's prefill, decode.cu's decode and quant.cu's NVFP4 GEMV
 // (mma.sync m16n8k16, bf16 in, f32 accumulate, sm_80+).
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): g = lane / 4, c = lane % 4. A (16×16, row):

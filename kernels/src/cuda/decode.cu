@@ -267,9 +267,24 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // Cached positions were written by earlier steps: the latency build requests its first
     // pass's before waiting for the kernels ahead (the step metadata is uploaded before the
     // step, too).
+    // This step's positions follow the cached ones (before them, their registers beside the
+    // first pass's made the build spill): the first one a warp takes has its k/v rows and RoPE
+    // tables asked into L1 as soon as the kernels ahead have written them, so the tail does
+    // not wait on L2 after the loop.
+    const long long step_lo = cached_hi + 1 > lo ? cached_hi + 1 : lo;
     if constexpr (EARLY) {
         load_cached(first, cached_hi);
         pdl_enter();
+        if (step_lo + warp <= hi && live) {
+            long tp = first_tok + (step_lo + warp - cached);
+            long base = ((long)kvh * tokens + tp) * d + lane * PER;
+            prefetch_l1(k_new + base);
+            prefetch_l1(v_new + base);
+            if (cos) {
+                prefetch_l1(cos + tp * d + lane * PER);
+                prefetch_l1(sin + tp * d + lane * PER);
+            }
+        }
     }
     float qv[PER], acc[PER];
     const long qrow = ((long)h * tokens + t) * d + lane * PER;
@@ -319,7 +334,6 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         // instruction cache). Block (t, first q head of the group, last chunk) stores token t's
         // k (rotated) and v in its cache slot for the steps after, from the registers they were
         // read into.
-        const long long step_lo = cached_hi + 1 > lo ? cached_hi + 1 : lo;
 #pragma unroll 1
         for (long long p = step_lo + warp; p <= hi; p += WARPS) {
             float kr[PER], vr[PER];
