@@ -55,6 +55,11 @@
 #   longdetail  the same sections for the latency build at batch 1 x 2,000.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
+#   ab      the batch-1 decodes (8B bf16/FP8/NVFP4 at 128 positions, 8B 1 x 2,000 over either
+#           cache, Qwen3-30B-A3B) against BASE_BIN's binaries, alternating. BASE_BIN: another
+#           commit's `autodeploy` (git worktree add /tmp/base COMMIT; cargo build --release
+#           -p autodeploy there with CARGO_TARGET_DIR set apart), stripped, with its BUILT,
+#           in the same carried archive.
 #   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
 #   longprof each kernel's time and DRAM bytes at batch 1 x 2,000, bf16 against FP8 cache.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
@@ -292,6 +297,26 @@ for part in $PARTS; do
         for _ in 1 2; do
             bench "8B batch 64, tensor-core decode" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
             AUTODEPLOY_DECODE_LDSM=1 bench "8B batch 64, ldmatrix" "$H/llama-3.1-8b.toml" --mode throughput --batch 64
+        done
+        ;;
+    ab)
+        # The batch-1 decode steps the latency build runs, these binaries against BASE_BIN's
+        # (another commit's release binaries, carried beside; without it, these alone), each
+        # pair alternating, twice: the 8B in bf16, FP8 and NVFP4 at 128 positions, the 8B at
+        # 2,000 positions over either cache, Qwen3-30B-A3B. (Session 41: d6e8cf8's L1 prefetch
+        # of this step's position against 9c94972, measured at 2,000 only.)
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        long="--mode latency --batch 1 --isl 2000 --osl 8"
+        for run in "8B bf16:llama-3.1-8b:$lat" "8B FP8:llama-3.1-8b-fp8:$lat" "8B NVFP4:llama-3.1-8b-nvfp4:$lat" \
+            "8B 1 x 2000 bf16 cache:llama-3.1-8b-long:$long" "8B 1 x 2000 FP8 cache:llama-3.1-8b-long-fp8kv:$long" \
+            "Qwen3-30B-A3B:qwen3-30b-a3b:--mode latency --batch 1 --isl 128 --osl 64"; do
+            IFS=: read -r label c args <<<"$run"
+            for _ in 1 2; do
+                # shellcheck disable=SC2086
+                bench "$label" "$H/$c.toml" $args
+                # shellcheck disable=SC2086
+                [ -n "${BASE_BIN:-}" ] && B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$H/$c.toml" $args
+            done
         done
         ;;
     longcheck)
