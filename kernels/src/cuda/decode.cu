@@ -240,10 +240,16 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         for (int u = 0; u < U; u++)
             if (p0 + u <= last) load_slot(u, one_page ? first_slot + u : kv_slot(pages, p0 + u, page_size));
     };
+    // This step's position p: its token's index in the step (tp) and the lane's offset into that
+    // token's k_new/v_new rows (base).
+    auto step_row = [&](long long p, long& tp, long& base) {
+        tp = first_tok + (p - cached);
+        base = ((long)kvh * tokens + tp) * d + lane * PER;
+    };
     // Position p of this step: its token's row of k_new/v_new, k rotated.
     auto load_new = [&](float* kr, float* vr, long long p) {
-        long tp = first_tok + (p - cached);
-        long base = ((long)kvh * tokens + tp) * d + lane * PER;
+        long tp, base;
+        step_row(p, tp, base);
         if (live) {
             load_row<PER>(k_new + base, kr);
             load_row<PER>(v_new + base, vr);
@@ -264,20 +270,19 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // positions (the latency build's, at most a few, the chunk's last) after them, one at a time.
     const long long cached_hi = EARLY && ready < hi ? ready : hi;
     long long first = lo + warp * U;
-    // Cached positions were written by earlier steps: the latency build requests its first
-    // pass's before waiting for the kernels ahead (the step metadata is uploaded before the
-    // step, too).
-    // This step's positions follow the cached ones (before them, their registers beside the
-    // first pass's made the build spill): the first one a warp takes has its k/v rows and RoPE
-    // tables asked into L1 as soon as the kernels ahead have written them, so the tail does
-    // not wait on L2 after the loop.
     const long long step_lo = cached_hi + 1 > lo ? cached_hi + 1 : lo;
     if constexpr (EARLY) {
+        // Cached positions were written by earlier steps: the first pass's are requested before
+        // waiting for the kernels ahead (the step metadata is uploaded before the step, too).
         load_cached(first, cached_hi);
         pdl_enter();
+        // This step's positions follow the cached ones (before them, their registers beside the
+        // first pass's made the build spill): the first one a warp takes has its k/v rows and
+        // RoPE tables asked into L1 as soon as the kernels ahead have written them, so the tail
+        // does not wait on L2 after the loop.
         if (step_lo + warp <= hi && live) {
-            long tp = first_tok + (step_lo + warp - cached);
-            long base = ((long)kvh * tokens + tp) * d + lane * PER;
+            long tp, base;
+            step_row(step_lo + warp, tp, base);
             prefetch_l1(k_new + base);
             prefetch_l1(v_new + base);
             if (cos) {

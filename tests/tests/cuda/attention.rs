@@ -106,8 +106,9 @@ fn batched_bf16_decode_on_tensor_cores_matches_cpu() {
 /// Decode steps of 2 sequences (at most 4 tokens) take the split-KV decode's latency build
 /// (`paged_decode_split`: RoPE, the KV write and attention in one launch) by default, and with
 /// `decode_latency_build = false` `rope_write_kv` and the throughput build on tensor cores
-/// (`paged_decode_tc`, which the prefill step runs either way) instead; the logits of the prefill step and three decode steps stay
-/// within bf16's tolerance of the CPU's (against f32) each way.
+/// (`paged_decode_tc`, which the prefill step runs either way) instead; the logits of the
+/// prefill step and three decode steps stay within bf16's tolerance of the CPU's (against f32)
+/// each way.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
 fn small_decode_steps_run_either_decode_build() {
