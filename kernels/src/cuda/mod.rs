@@ -573,9 +573,68 @@ pub fn nvrtc_version() -> Result<(i32, i32), Unavailable> {
     Ok((major, minor))
 }
 
-/// The full source NVRTC compiles for `module`.
-pub fn full_source(src: &str) -> String {
-    format!("{COMMON}\n{src}")
+/// The full source NVRTC compiles for `module`: the experiment defines of that module (if any),
+/// common.cuh, the module's own source.
+pub fn full_source(module: &str, src: &str) -> String {
+    format!("{}{COMMON}\n{src}", experiment_defines(module))
+}
+
+/// Compile-time constants of the kernels that an experiment may set without a rebuild
+/// (`AUTODEPLOY_KERNEL_DEFINES="FP8_TC_INFLIGHT=4,NVFP4_TC_INFLIGHT=2"`), each with the values
+/// it takes: only constants the kernels read through `#ifndef` and no host code depends on
+/// (the warps a block are launch sizes the host must agree with, so they are not here), and the
+/// module that reads each. The defines are part of that module's source, so of its kernel cache
+/// key: the other modules stay cached.
+const DEFINABLE: [(&str, &str, u32, u32); 2] =
+    [("quant", "FP8_TC_INFLIGHT", 1, 8), ("quant", "NVFP4_TC_INFLIGHT", 1, 4)];
+
+fn experiment_defines(module: &str) -> String {
+    defines_for(module, all_experiment_defines())
+}
+
+/// The lines of `defines` (`parse_defines`' text) that `module` reads.
+fn defines_for(module: &str, defines: &str) -> String {
+    let mine = |line: &&str| DEFINABLE.iter().any(|&(m, n, ..)| m == module && line.split(' ').nth(1) == Some(n));
+    defines.lines().filter(mine).map(|l| format!("{l}\n")).collect()
+}
+
+fn all_experiment_defines() -> &'static str {
+    static DEFINES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DEFINES.get_or_init(|| {
+        let Ok(v) = std::env::var("AUTODEPLOY_KERNEL_DEFINES") else { return String::new() };
+        let (text, refused) = parse_defines(&v);
+        for r in refused {
+            tracing::warn!(
+                "AUTODEPLOY_KERNEL_DEFINES: `{r}` ignored: not NAME=VALUE with NAME and VALUE one of {DEFINABLE:?}"
+            );
+        }
+        if !text.is_empty() {
+            tracing::warn!("AUTODEPLOY_KERNEL_DEFINES: kernels compiled with {}", text.trim().replace('\n', "; "));
+        }
+        text
+    })
+}
+
+/// `#define` lines for the `NAME=VALUE` items of a comma-separated list that `DEFINABLE`
+/// allows, and the items it does not.
+fn parse_defines(v: &str) -> (String, Vec<String>) {
+    let mut text = String::new();
+    let mut refused = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let ok = item.split_once('=').and_then(|(name, val)| {
+            let val: u32 = val.trim().parse().ok()?;
+            let name = name.trim();
+            DEFINABLE
+                .iter()
+                .any(|&(_, n, lo, hi)| n == name && (lo..=hi).contains(&val))
+                .then(|| format!("#define {name} {val}\n"))
+        });
+        match ok {
+            Some(line) => text.push_str(&line),
+            None => refused.push(item.to_string()),
+        }
+    }
+    (text, refused)
 }
 
 fn cache_dir() -> PathBuf {
@@ -605,7 +664,7 @@ fn fnv(parts: &[&[u8]]) -> u64 {
 /// and the NVRTC version).
 fn ptx_path(module: &str, src: &str, arch: &str) -> Result<std::path::PathBuf, Unavailable> {
     let (major, minor) = nvrtc_version()?;
-    let key = fnv(&[full_source(src).as_bytes(), arch.as_bytes(), format!("{major}.{minor}").as_bytes()]);
+    let key = fnv(&[full_source(module, src).as_bytes(), arch.as_bytes(), format!("{major}.{minor}").as_bytes()]);
     Ok(cache_dir().join(format!("{module}-{arch}-{key:016x}.ptx")))
 }
 
@@ -645,7 +704,7 @@ pub fn compile_all(arch: &'static str, done: &(dyn Fn(&str, bool) + Sync)) -> Re
 /// under `module` (a file-name-safe label).
 pub fn compile_labeled(module: &str, what: &str, src: &str, arch: &'static str) -> Result<(Ptx, bool), Unavailable> {
     let path = ptx_path(module, src, arch)?;
-    let full = full_source(src);
+    let full = full_source(module, src);
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok((Ptx::from_src(text), true));
     }
@@ -837,5 +896,24 @@ impl Device {
             }
         }
         Err(Unavailable(format!("no kernel named `{name}`")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_defines;
+
+    #[test]
+    fn experiment_defines_take_only_the_listed_constants_in_range() {
+        let (text, refused) = parse_defines("FP8_TC_INFLIGHT=4, NVFP4_TC_INFLIGHT=2");
+        assert_eq!(text, "#define FP8_TC_INFLIGHT 4\n#define NVFP4_TC_INFLIGHT 2\n");
+        assert!(refused.is_empty());
+        // Only the module that reads them gets them (the others keep their cached kernels).
+        assert_eq!(super::defines_for("quant", &text), text);
+        assert_eq!(super::defines_for("decode", &text), "");
+        // A launch size the host must agree with, a value out of range, not a number, no value.
+        let (text, refused) = parse_defines("FP8_TC_WARPS=4,FP8_TC_INFLIGHT=9,NVFP4_TC_INFLIGHT=x,FP8_TC_INFLIGHT,");
+        assert_eq!(text, "");
+        assert_eq!(refused, ["FP8_TC_WARPS=4", "FP8_TC_INFLIGHT=9", "NVFP4_TC_INFLIGHT=x", "FP8_TC_INFLIGHT"]);
     }
 }
