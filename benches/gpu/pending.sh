@@ -60,8 +60,9 @@
 #           commit's `autodeploy` (git worktree add /tmp/base COMMIT; cargo build --release
 #           -p autodeploy there with CARGO_TARGET_DIR set apart), stripped, with its BUILT,
 #           in the same carried archive.
-#   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (AUTODEPLOY_KERNEL_DEFINES)
-#           timed in the whole 8B batch-1 step.
+#   inflight PDL_TRIGGER_FIRST and the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight
+#           (AUTODEPLOY_KERNEL_DEFINES) timed in the whole batch-1 step (8B FP8, NVFP4,
+#           Qwen3-30B-A3B).
 #   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
 #   longprof each kernel's time and DRAM bytes at batch 1 x 2,000, bf16 against FP8 cache.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
@@ -322,25 +323,32 @@ for part in $PARTS; do
         done
         ;;
     inflight)
-        # The quantized tensor-core GEMVs' weight steps in flight a warp (the first ones are
-        # requested before the PDL wait, while the norm or attention ahead runs) timed in the
-        # whole batch-1 step, where benches/gpu/fp8-gemv times the GEMVs back to back without
-        # those kernels between: FP8 at 2 (default), 4 and 1; NVFP4 at 1 (default) and 2.
-        # AUTODEPLOY_KERNEL_DEFINES recompiles the quant module once a value (not timed: the
-        # first run of each builds it).
+        # Kernel constants set through AUTODEPLOY_KERNEL_DEFINES, timed in the whole batch-1
+        # step (benches/gpu/fp8-gemv times the GEMVs back to back, without the norm and
+        # attention kernels between): PDL_TRIGGER_FIRST (each kernel lets the next launch before
+        # its wait), alone and with the quantized tensor-core GEMVs' weight steps in flight
+        # raised (FP8 4, default 2; NVFP4 2, default 1: the first are requested before the
+        # wait). Each define set compiles once first (not timed; PDL_TRIGGER_FIRST recompiles
+        # every module).
         lat="--mode latency --batch 1 --isl 128 --osl 128"
-        for d in FP8_TC_INFLIGHT=4 FP8_TC_INFLIGHT=1 NVFP4_TC_INFLIGHT=2; do
+        TF=PDL_TRIGGER_FIRST=1 IF=PDL_TRIGGER_FIRST=1,FP8_TC_INFLIGHT=4,NVFP4_TC_INFLIGHT=2
+        for d in "" $TF $IF; do
             # shellcheck disable=SC2086
-            AUTODEPLOY_KERNEL_DEFINES=$d "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 >/dev/null 2>&1
+            AUTODEPLOY_KERNEL_DEFINES=$d timeout 300 "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 \
+                >/dev/null 2>&1 || echo "(compile run with $d failed)"
         done
         for _ in 1 2; do
-            for d in "" FP8_TC_INFLIGHT=4 FP8_TC_INFLIGHT=1; do
+            for d in "" $TF $IF; do
                 # shellcheck disable=SC2086
                 AUTODEPLOY_KERNEL_DEFINES=$d bench "8B FP8 ${d:-defaults}" "$H/llama-3.1-8b-fp8.toml" $lat
             done
-            for d in "" NVFP4_TC_INFLIGHT=2; do
+            for d in "" $TF $IF; do
                 # shellcheck disable=SC2086
                 AUTODEPLOY_KERNEL_DEFINES=$d bench "8B NVFP4 ${d:-defaults}" "$H/llama-3.1-8b-nvfp4.toml" $lat
+            done
+            for d in "" $TF; do
+                AUTODEPLOY_KERNEL_DEFINES=$d bench "Qwen3-30B-A3B ${d:-defaults}" "$H/qwen3-30b-a3b.toml" \
+                    --mode latency --batch 1 --isl 128 --osl 64
             done
         done
         ;;

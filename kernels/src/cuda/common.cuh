@@ -125,10 +125,19 @@ __device__ __forceinline__ float block_sum(float v) {
 // kernel may only read memory that nothing in the step writes (weights, the KV cache below each
 // sequence's cached length, the step metadata uploaded before the step) and write nothing. A
 // no-op before sm_90 and for ordinary launches.
+// PDL_TRIGGER_FIRST (an experiment define, AUTODEPLOY_KERNEL_DEFINES): let the next kernel
+// launch before waiting, so it can start once every block of this one has started, and its own
+// pre-wait weight loads overlap this kernel's predecessor too. Still correct: a kernel cannot
+// complete before its own wait returned, so each wait still covers every kernel before it.
 __device__ __forceinline__ void pdl_enter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef PDL_TRIGGER_FIRST
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#else
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 #endif
 }
 

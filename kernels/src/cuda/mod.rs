@@ -585,8 +585,10 @@ pub fn full_source(module: &str, src: &str) -> String {
 /// (the warps a block are launch sizes the host must agree with, so they are not here), and the
 /// module that reads each. The defines are part of that module's source, so of its kernel cache
 /// key: the other modules stay cached.
-const DEFINABLE: [(&str, &str, u32, u32); 2] =
-    [("quant", "FP8_TC_INFLIGHT", 1, 8), ("quant", "NVFP4_TC_INFLIGHT", 1, 4)];
+/// `PDL_TRIGGER_FIRST=1` (common.cuh's `pdl_enter`: every module, `*`) lets each kernel's
+/// successor launch before its wait rather than after.
+const DEFINABLE: [(&str, &str, u32, u32); 3] =
+    [("quant", "FP8_TC_INFLIGHT", 1, 8), ("quant", "NVFP4_TC_INFLIGHT", 1, 4), ("*", "PDL_TRIGGER_FIRST", 1, 1)];
 
 fn experiment_defines(module: &str) -> String {
     defines_for(module, all_experiment_defines())
@@ -594,7 +596,9 @@ fn experiment_defines(module: &str) -> String {
 
 /// The lines of `defines` (`parse_defines`' text) that `module` reads.
 fn defines_for(module: &str, defines: &str) -> String {
-    let mine = |line: &&str| DEFINABLE.iter().any(|&(m, n, ..)| m == module && line.split(' ').nth(1) == Some(n));
+    let mine = |line: &&str| {
+        DEFINABLE.iter().any(|&(m, n, ..)| (m == module || m == "*") && line.split(' ').nth(1) == Some(n))
+    };
     defines.lines().filter(mine).map(|l| format!("{l}\n")).collect()
 }
 
@@ -911,6 +915,9 @@ mod tests {
         // Only the module that reads them gets them (the others keep their cached kernels).
         assert_eq!(super::defines_for("quant", &text), text);
         assert_eq!(super::defines_for("decode", &text), "");
+        let (text, _) = parse_defines("PDL_TRIGGER_FIRST=1,FP8_TC_INFLIGHT=4");
+        assert_eq!(super::defines_for("decode", &text), "#define PDL_TRIGGER_FIRST 1\n");
+        assert_eq!(super::defines_for("quant", &text), text);
         // A launch size the host must agree with, a value out of range, not a number, no value.
         let (text, refused) = parse_defines("FP8_TC_WARPS=4,FP8_TC_INFLIGHT=9,NVFP4_TC_INFLIGHT=x,FP8_TC_INFLIGHT,");
         assert_eq!(text, "");
