@@ -332,24 +332,30 @@ for part in $PARTS; do
         # every module).
         lat="--mode latency --batch 1 --isl 128 --osl 128"
         TF=PDL_TRIGGER_FIRST=1 IF=PDL_TRIGGER_FIRST=1,FP8_TC_INFLIGHT=4,NVFP4_TC_INFLIGHT=2
-        for d in "" $TF $IF; do
+        precompile() {
             # shellcheck disable=SC2086
-            AUTODEPLOY_KERNEL_DEFINES=$d timeout 300 "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 \
-                >/dev/null 2>&1 || echo "(compile run with $d failed)"
-        done
-        for _ in 1 2; do
-            for d in "" $TF $IF; do
+            AUTODEPLOY_KERNEL_DEFINES=$1 timeout 300 "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 \
+                >/dev/null 2>&1 || echo "(compile run with ${1:-no defines} failed)"
+        }
+        precompile ""
+        precompile $TF
+        for round in 1 2; do
+            for d in "" $TF; do
                 # shellcheck disable=SC2086
                 AUTODEPLOY_KERNEL_DEFINES=$d bench "8B FP8 ${d:-defaults}" "$H/llama-3.1-8b-fp8.toml" $lat
-            done
-            for d in "" $TF $IF; do
                 # shellcheck disable=SC2086
                 AUTODEPLOY_KERNEL_DEFINES=$d bench "8B NVFP4 ${d:-defaults}" "$H/llama-3.1-8b-nvfp4.toml" $lat
             done
+            [ $round = 2 ] && break
             for d in "" $TF; do
                 AUTODEPLOY_KERNEL_DEFINES=$d bench "Qwen3-30B-A3B ${d:-defaults}" "$H/qwen3-30b-a3b.toml" \
                     --mode latency --batch 1 --isl 128 --osl 64
             done
+        done
+        precompile $IF
+        for c in fp8 nvfp4; do
+            # shellcheck disable=SC2086
+            AUTODEPLOY_KERNEL_DEFINES=$IF bench "8B $c $IF" "$H/llama-3.1-8b-$c.toml" $lat
         done
         ;;
     longcheck)
