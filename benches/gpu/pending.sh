@@ -351,6 +351,9 @@ for part in $PARTS; do
                 AUTODEPLOY_KERNEL_DEFINES=$d bench "Qwen3-30B-A3B ${d:-defaults}" "$H/qwen3-30b-a3b.toml" \
                     --mode latency --batch 1 --isl 128 --osl 64
             done
+            # Every kernel against the CPU with the successors launching early (its modules
+            # compiled above).
+            AUTODEPLOY_KERNEL_DEFINES=$TF cuda_check_all 200 "device copy"
         done
         precompile $IF
         for c in fp8 nvfp4; do
