@@ -63,6 +63,7 @@
 #   inflight PDL_TRIGGER_FIRST and the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight
 #           (AUTODEPLOY_KERNEL_DEFINES) timed in the whole batch-1 step (8B FP8, NVFP4,
 #           Qwen3-30B-A3B).
+#   tf      PDL_TRIGGER_FIRST alone against BASE_BIN (the same kernels without it), few runs.
 #   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
 #   longprof each kernel's time and DRAM bytes at batch 1 x 2,000, bf16 against FP8 cache.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
@@ -359,6 +360,27 @@ for part in $PARTS; do
         for c in fp8 nvfp4; do
             # shellcheck disable=SC2086
             AUTODEPLOY_KERNEL_DEFINES=$IF bench "8B $c $IF" "$H/llama-3.1-8b-$c.toml" $lat
+        done
+        ;;
+    tf)
+        # PDL_TRIGGER_FIRST alone, in the fewest runs (one call's last device minutes): these
+        # binaries with it against BASE_BIN's (3cef215: the same kernels without the define,
+        # already in the carried kernel cache), alternating: the 8B FP8 and NVFP4 at batch 1,
+        # Qwen3-30B-A3B, twice while time lasts. The define's modules compile first (not timed).
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        TF=PDL_TRIGGER_FIRST=1
+        # shellcheck disable=SC2086
+        AUTODEPLOY_KERNEL_DEFINES=$TF timeout 300 "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 \
+            >/dev/null 2>&1 || echo "(compile run failed)"
+        for _ in 1 2; do
+            for run in "8B FP8:llama-3.1-8b-fp8:$lat" "8B NVFP4:llama-3.1-8b-nvfp4:$lat" \
+                "Qwen3-30B-A3B:qwen3-30b-a3b:--mode latency --batch 1 --isl 128 --osl 64"; do
+                IFS=: read -r label c args <<<"$run"
+                # shellcheck disable=SC2086
+                AUTODEPLOY_KERNEL_DEFINES=$TF bench "$label $TF" "$H/$c.toml" $args
+                # shellcheck disable=SC2086
+                B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$H/$c.toml" $args
+            done
         done
         ;;
     longcheck)
