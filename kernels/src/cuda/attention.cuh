@@ -107,11 +107,47 @@ __device__ __forceinline__ void load_row(const float* p, float* out) {
 // hardware's `e4m3x4` takes one and a half conversions a value, which sm_90 runs at a quarter
 // of its integer rate; the decode builds convert every cached K and V value they read, once a
 // query head. The same values (NaN codes aside: a cache holds none, its writes saturate).
+// Code j of word w (lowest byte first) as those bits: its value times 2^-120.
+__device__ __forceinline__ float e4m3_raw(unsigned int w, int j) {
+    return __uint_as_float((unsigned int)((int)(w << (24 - 8 * j)) >> 4) & 0x87f00000u);
+}
 __device__ __forceinline__ void e4m3x4_int(unsigned int w, float* out) {
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        unsigned int bits = (unsigned int)((int)(w << (24 - 8 * j)) >> 4) & 0x87f00000u;
-        out[j] = __uint_as_float(bits) * 1.329227995784916e36f;  // 2^120
+    for (int j = 0; j < 4; j++) out[j] = e4m3_raw(w, j) * 1.329227995784916e36f;  // 2^120
+}
+
+// `paged_decode_split`'s cached values in raw units: an FP8 cache's E4M3 codes as `e4m3x4_int`'s
+// bits without its multiply (each value times 2^-120, exact: subnormal codes become f32
+// subnormals, which NVRTC keeps: no flush to zero), other caches as `load_row`. The kernel
+// scales q and the softmax weights by `RawUnits<C>::pre` and the dot products and output by
+// `post` instead: powers of two, so every product and sum rounds as in units (bar terms under
+// 2^-70 of the result), one multiply a position where there was one a value.
+template <typename C>
+struct RawUnits {
+    static constexpr float pre = 1.0f, post = 1.0f, unit = 1.0f;
+};
+template <>
+struct RawUnits<fp8_t> {
+    // 2^64 before, 2^56 after: 2^64 · 2^-120 · 2^56 = 1.
+    static constexpr float pre = 1.8446744073709552e19f, post = 7.205759403792794e16f, unit = 7.52316384526264e-37f;
+};
+template <int N, typename C>
+__device__ __forceinline__ void load_row_raw(const C* p, float* out) {
+    load_row<N>(p, out);
+}
+template <int N>
+__device__ __forceinline__ void load_row_raw(const fp8_t* p, float* out) {
+    const unsigned char* b = (const unsigned char*)p;
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            unsigned int w = *(const unsigned int*)(b + i);
+#pragma unroll
+            for (int j = 0; j < 4; j++) out[i + j] = e4m3_raw(w, j);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++) out[i] = e4m3_value(b[i]) * RawUnits<fp8_t>::unit;
     }
 }
 

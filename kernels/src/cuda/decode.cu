@@ -221,11 +221,14 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     // K and V of all U positions are requested together (one memory latency per iteration,
     // not two), PER values per lane in one vector load where they fit.
     float kf[U][PER], vf[U][PER];
+    // (In raw units: `RawUnits`; q, the dot products, the softmax weights and the output are
+    // scaled to match.)
+    using Raw = RawUnits<C>;
     auto load_slot = [&](int u, long slot) {
         long base = (slot * kv_heads + kvh) * d + lane * PER;
         if (live) {
-            load_row<PER>(k_cache + base, kf[u]);
-            load_row<PER>(v_cache + base, vf[u]);
+            load_row_raw<PER>(k_cache + base, kf[u]);
+            load_row_raw<PER>(v_cache + base, vf[u]);
         }
     };
     // Cached positions p0 .. p0 + U - 1 (none past `last`): one page lookup (a division, a
@@ -297,19 +300,21 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     if (EARLY && qn) norm_lanes<T, PER>(qv, qn + lane * PER, live, d, neps);
     if (EARLY && cos) rope_lanes<T, PER>(qv, cos + t * d + lane * PER, sin + t * d + lane * PER, live, lane, d);
     for (int i = 0; i < PER; i++) {
-        qv[i] = live ? qv[i] * (scale * ks) : 0.0f;
+        qv[i] = live ? qv[i] * (scale * ks) * Raw::pre : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -3.0e38f, l = 0.0f;
-    // One position's score (reduced over the warp) into the running softmax state.
+    // One position's score (reduced over the warp, in raw units) into the running softmax
+    // state; vr in raw units.
     auto attend = [&](float dot, const float* vr) {
+        dot *= Raw::post;
         if (softcap > 0.0f) dot = softcap * tanhf(dot / softcap);
         float m2 = fmaxf(m, dot);
-        float corr = __expf(m - m2), w = __expf(dot - m2);
+        float corr = __expf(m - m2), w = __expf(dot - m2), wr = w * Raw::pre;
         l = l * corr + w;
         if (live)
 #pragma unroll
-            for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + w * vr[i];
+            for (int i = 0; i < PER; i++) acc[i] = acc[i] * corr + wr * vr[i];
         m = m2;
     };
     for (long long p0 = first; p0 <= cached_hi; p0 += WARPS * U) {
@@ -341,15 +346,18 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         // read into.
 #pragma unroll 1
         for (long long p = step_lo + warp; p <= hi; p += WARPS) {
-            float kr[PER], vr[PER];
+            float kr[PER], vr[PER], vraw[PER];
             load_new(kr, vr, p);
             float dot = 0.0f;
             if (live)
 #pragma unroll
-                for (int i = 0; i < PER; i++) dot += qv[i] * kr[i];
+                for (int i = 0; i < PER; i++) {
+                    dot += qv[i] * (kr[i] * Raw::unit);
+                    vraw[i] = vr[i] * Raw::unit;
+                }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-            attend(dot, vr);
+            attend(dot, vraw);
             if (writer && p == pos && live) {
                 long base = (kv_slot(pages, pos, page_size) * kv_heads + kvh) * d + lane * PER;
 #pragma unroll
@@ -366,7 +374,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
         sl[warp] = l;
     }
     if (live)
-        for (int i = 0; i < PER; i++) sacc[warp][lane * PER + i] = acc[i] * vs;
+        for (int i = 0; i < PER; i++) sacc[warp][lane * PER + i] = acc[i] * (vs * Raw::post);
     __syncthreads();
     float M = sm[0];
     for (int w2 = 1; w2 < WARPS; w2++) M = fmaxf(M, sm[w2]);
