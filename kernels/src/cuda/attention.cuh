@@ -100,28 +100,23 @@ __device__ __forceinline__ void load_row(const float* p, float* out) {
     }
 }
 
-// Four E4M3 codes of a word (lowest byte first) as f32 by integer operations: a code's byte to
+// Code j of a word of E4M3 codes (lowest byte first) as f32 by integer operations: its byte to
 // the top of a word, an arithmetic shift by 4 (its sign to bit 31, exponent and mantissa under
-// f32's at bits 26..20), a mask: `e4m3_value`'s bits, then its times 2^120 (subnormal codes
-// through f32 subnormals). Two or three integer instructions and a multiply a value, where the
-// hardware's `e4m3x4` takes one and a half conversions a value, which sm_90 runs at a quarter
-// of its integer rate; the decode builds convert every cached K and V value they read, once a
-// query head. The same values (NaN codes aside: a cache holds none, its writes saturate).
-// Code j of word w (lowest byte first) as those bits: its value times 2^-120.
+// f32's at bits 26..20), a mask: `e4m3_value`'s bits, i.e. its value times 2^-120 (subnormal
+// codes through f32 subnormals, which NVRTC keeps: no flush to zero). Two or three integer
+// instructions a value, where the hardware's `e4m3x4` takes one and a half conversions a value,
+// which sm_90 runs at a quarter of its integer rate; the decode builds convert every cached K
+// and V value they read, once a query head. The same values (NaN codes aside: a cache holds
+// none, its writes saturate).
 __device__ __forceinline__ float e4m3_raw(unsigned int w, int j) {
     return __uint_as_float((unsigned int)((int)(w << (24 - 8 * j)) >> 4) & 0x87f00000u);
 }
-__device__ __forceinline__ void e4m3x4_int(unsigned int w, float* out) {
-#pragma unroll
-    for (int j = 0; j < 4; j++) out[j] = e4m3_raw(w, j) * 1.329227995784916e36f;  // 2^120
-}
 
-// `paged_decode_split`'s cached values in raw units: an FP8 cache's E4M3 codes as `e4m3x4_int`'s
-// bits without its multiply (each value times 2^-120, exact: subnormal codes become f32
-// subnormals, which NVRTC keeps: no flush to zero), other caches as `load_row`. The kernel
-// scales q and the softmax weights by `RawUnits<C>::pre` and the dot products and output by
-// `post` instead: powers of two, so every product and sum rounds as in units (bar terms under
-// 2^-70 of the result), one multiply a position where there was one a value.
+// Raw units: `paged_decode_split` reads an FP8 cache's codes as `e4m3_raw`'s bits (value times
+// 2^-120: no multiply a value) and scales q and the softmax weights by `RawUnits<C>::pre` and
+// the dot products and output by `post` instead: powers of two, so every product and sum rounds
+// as in units (bar products under 2^-70, which now round as f32 subnormals), one multiply a
+// position where there was one a value. Other caches' units are their values.
 template <typename C>
 struct RawUnits {
     static constexpr float pre = 1.0f, post = 1.0f, unit = 1.0f;
@@ -131,37 +126,38 @@ struct RawUnits<fp8_t> {
     // 2^64 before, 2^56 after: 2^64 · 2^-120 · 2^56 = 1.
     static constexpr float pre = 1.8446744073709552e19f, post = 7.205759403792794e16f, unit = 7.52316384526264e-37f;
 };
-template <int N, typename C>
-__device__ __forceinline__ void load_row_raw(const C* p, float* out) {
-    load_row<N>(p, out);
-}
-template <int N>
-__device__ __forceinline__ void load_row_raw(const fp8_t* p, float* out) {
+
+// N codes as f32: their values, or (RAW) in raw units. Four codes a word (`e4m3_raw`) where N
+// allows.
+template <int N, bool RAW>
+__device__ __forceinline__ void load_fp8_row(const fp8_t* p, float* out) {
     const unsigned char* b = (const unsigned char*)p;
     if constexpr (N % 4 == 0) {
 #pragma unroll
         for (int i = 0; i < N; i += 4) {
             unsigned int w = *(const unsigned int*)(b + i);
 #pragma unroll
-            for (int j = 0; j < 4; j++) out[i + j] = e4m3_raw(w, j);
+            for (int j = 0; j < 4; j++)
+                out[i + j] = RAW ? e4m3_raw(w, j) : e4m3_raw(w, j) * 1.329227995784916e36f;  // 2^120
         }
     } else {
 #pragma unroll
-        for (int i = 0; i < N; i++) out[i] = e4m3_value(b[i]) * RawUnits<fp8_t>::unit;
+        for (int i = 0; i < N; i++)
+            out[i] = RAW ? e4m3_value(b[i]) * RawUnits<fp8_t>::unit : e4m3_value(b[i]);
     }
 }
-
 template <int N>
 __device__ __forceinline__ void load_row(const fp8_t* p, float* out) {
-    const unsigned char* b = (const unsigned char*)p;
-    if constexpr (N % 4 == 0) {
-        // Four codes a word (`e4m3x4_int`).
-#pragma unroll
-        for (int i = 0; i < N; i += 4) e4m3x4_int(*(const unsigned int*)(b + i), out + i);
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; i++) out[i] = e4m3_value(b[i]);
-    }
+    load_fp8_row<N, false>(p, out);
+}
+// `load_row` in raw units (`RawUnits`).
+template <int N, typename C>
+__device__ __forceinline__ void load_row_raw(const C* p, float* out) {
+    load_row<N>(p, out);
+}
+template <int N>
+__device__ __forceinline__ void load_row_raw(const fp8_t* p, float* out) {
+    load_fp8_row<N, true>(p, out);
 }
 
 // Four consecutive values at p (4-element aligned: one 8-byte store for bf16, 16 for f32),
