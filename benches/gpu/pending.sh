@@ -60,10 +60,10 @@
 #           commit's `autodeploy` (git worktree add /tmp/base COMMIT; cargo build --release
 #           -p autodeploy there with CARGO_TARGET_DIR set apart), stripped, with its BUILT,
 #           in the same carried archive.
-#   inflight PDL_TRIGGER_FIRST and the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight
-#           (AUTODEPLOY_KERNEL_DEFINES) timed in the whole batch-1 step (8B FP8, NVFP4,
-#           Qwen3-30B-A3B).
-#   tf      PDL_TRIGGER_FIRST alone against BASE_BIN (the same kernels without it), few runs.
+#   tf      PDL_TRIGGER_FIRST (AUTODEPLOY_KERNEL_DEFINES) against BASE_BIN (the same kernels
+#           without it) at batch 1 (8B FP8, NVFP4, Qwen3-30B-A3B), then cuda_check with it.
+#   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
+#           timed in the whole 8B batch-1 step.
 #   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
 #   longprof each kernel's time and DRAM bytes at batch 1 x 2,000, bf16 against FP8 cache.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
@@ -324,42 +324,23 @@ for part in $PARTS; do
         done
         ;;
     inflight)
-        # Kernel constants set through AUTODEPLOY_KERNEL_DEFINES, timed in the whole batch-1
-        # step (benches/gpu/fp8-gemv times the GEMVs back to back, without the norm and
-        # attention kernels between): PDL_TRIGGER_FIRST (each kernel lets the next launch before
-        # its wait), alone and with the quantized tensor-core GEMVs' weight steps in flight
-        # raised (FP8 4, default 2; NVFP4 2, default 1: the first are requested before the
-        # wait). Each define set compiles once first (not timed; PDL_TRIGGER_FIRST recompiles
-        # every module).
+        # The quantized tensor-core GEMVs' weight steps in flight (AUTODEPLOY_KERNEL_DEFINES:
+        # FP8 4, default 2; NVFP4 2, default 1; the first are requested before the PDL wait)
+        # timed in the whole batch-1 step, where benches/gpu/fp8-gemv times the GEMVs back to
+        # back without the norm and attention kernels between; alternating, twice. The define
+        # set's quant module compiles first (not timed).
         lat="--mode latency --batch 1 --isl 128 --osl 128"
-        TF=PDL_TRIGGER_FIRST=1 IF=PDL_TRIGGER_FIRST=1,FP8_TC_INFLIGHT=4,NVFP4_TC_INFLIGHT=2
-        precompile() {
-            # shellcheck disable=SC2086
-            AUTODEPLOY_KERNEL_DEFINES=$1 timeout 300 "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 \
-                >/dev/null 2>&1 || echo "(compile run with ${1:-no defines} failed)"
-        }
-        precompile ""
-        precompile $TF
-        for round in 1 2; do
-            for d in "" $TF; do
-                # shellcheck disable=SC2086
-                AUTODEPLOY_KERNEL_DEFINES=$d bench "8B FP8 ${d:-defaults}" "$H/llama-3.1-8b-fp8.toml" $lat
-                # shellcheck disable=SC2086
-                AUTODEPLOY_KERNEL_DEFINES=$d bench "8B NVFP4 ${d:-defaults}" "$H/llama-3.1-8b-nvfp4.toml" $lat
+        IF=FP8_TC_INFLIGHT=4,NVFP4_TC_INFLIGHT=2
+        # shellcheck disable=SC2086
+        AUTODEPLOY_KERNEL_DEFINES=$IF timeout 300 "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 \
+            >/dev/null 2>&1 || echo "(compile run failed)"
+        for _ in 1 2; do
+            for c in fp8 nvfp4; do
+                for d in "" $IF; do
+                    # shellcheck disable=SC2086
+                    AUTODEPLOY_KERNEL_DEFINES=$d bench "8B $c ${d:-defaults}" "$H/llama-3.1-8b-$c.toml" $lat
+                done
             done
-            [ $round = 2 ] && break
-            for d in "" $TF; do
-                AUTODEPLOY_KERNEL_DEFINES=$d bench "Qwen3-30B-A3B ${d:-defaults}" "$H/qwen3-30b-a3b.toml" \
-                    --mode latency --batch 1 --isl 128 --osl 64
-            done
-            # Every kernel against the CPU with the successors launching early (its modules
-            # compiled above).
-            AUTODEPLOY_KERNEL_DEFINES=$TF cuda_check_all 200 "device copy"
-        done
-        precompile $IF
-        for c in fp8 nvfp4; do
-            # shellcheck disable=SC2086
-            AUTODEPLOY_KERNEL_DEFINES=$IF bench "8B $c $IF" "$H/llama-3.1-8b-$c.toml" $lat
         done
         ;;
     tf)
@@ -382,6 +363,9 @@ for part in $PARTS; do
                 B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$H/$c.toml" $args
             done
         done
+        # Every kernel against the CPU with the successors launching early (its modules
+        # compiled above).
+        AUTODEPLOY_KERNEL_DEFINES=$TF cuda_check_all 200 "device copy"
         ;;
     longcheck)
         # The decode builds after session 41's rewrite of their loop (the step's own positions
