@@ -62,6 +62,7 @@
 #           in the same carried archive.
 #   tf      PDL_TRIGGER_FIRST (AUTODEPLOY_KERNEL_DEFINES) against BASE_BIN (the same kernels
 #           without it) at batch 1 (8B FP8, NVFP4, Qwen3-30B-A3B), then cuda_check with it.
+#   moeab   Qwen3-30B-A3B at batch 1 against BASE_BIN's binaries, alternating, three times.
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
 #   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
@@ -321,6 +322,16 @@ for part in $PARTS; do
                 # shellcheck disable=SC2086
                 [ -n "${BASE_BIN:-}" ] && B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$H/$c.toml" $args
             done
+        done
+        ;;
+    moeab)
+        # Qwen3-30B-A3B at batch 1 against BASE_BIN's binaries (session 43: moe_down_bf16
+        # reading its expert ids and first weight chunks before its wait), alternating, three
+        # times.
+        for _ in 1 2 3; do
+            bench "Qwen3-30B-A3B" "$H/qwen3-30b-a3b.toml" --mode latency --batch 1 --isl 128 --osl 64
+            B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$H/qwen3-30b-a3b.toml" \
+                --mode latency --batch 1 --isl 128 --osl 64
         done
         ;;
     inflight)

@@ -59,6 +59,17 @@ __device__ __forceinline__ bf16_t swiglu_value(float g, float u) {
     return f32_to_bf16(s * ur);
 }
 
+// 8 weights (as f32) against a 16-byte chunk of an activation row (8 bf16), added into acc in
+// element order: every bf16 GEMV's sum.
+__device__ __forceinline__ void dot_chunk_f(const float* wf, uint4 xv, float& acc) {
+    const bf16_t* xp = (const bf16_t*)&xv;
+    float xf[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) xf[j] = bf16_to_f32(xp[j]);
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc += wf[j] * xf[j];
+}
+
 // One 16-byte chunk c of a weight row (8 weights) against the M activation rows, into acc.
 template <int M>
 __device__ __forceinline__ void gemv_chunk(const bf16_t* x, int k, uint4 wv, int c, float* acc) {
@@ -67,15 +78,16 @@ __device__ __forceinline__ void gemv_chunk(const bf16_t* x, int k, uint4 wv, int
 #pragma unroll
     for (int j = 0; j < 8; j++) wf[j] = bf16_to_f32(wp[j]);
 #pragma unroll
-    for (int i = 0; i < M; i++) {
-        float xf[8];
-        uint4 xv = *(const uint4*)(x + (long)i * k + c * 8);
-        const bf16_t* xp = (const bf16_t*)&xv;
+    for (int i = 0; i < M; i++) dot_chunk_f(wf, *(const uint4*)(x + (long)i * k + c * 8), acc[i]);
+}
+
+// One 16-byte weight chunk against one activation chunk, as `gemv_chunk<1>` adds them.
+__device__ __forceinline__ void dot_chunk(uint4 wv, uint4 xv, float& acc) {
+    const bf16_t* wp = (const bf16_t*)&wv;
+    float wf[8];
 #pragma unroll
-        for (int j = 0; j < 8; j++) xf[j] = bf16_to_f32(xp[j]);
-#pragma unroll
-        for (int j = 0; j < 8; j++) acc[i] += wf[j] * xf[j];
-    }
+    for (int j = 0; j < 8; j++) wf[j] = bf16_to_f32(wp[j]);
+    dot_chunk_f(wf, xv, acc);
 }
 
 // One 16-byte chunk of the gate and up rows against the same chunk of x, into g and u.

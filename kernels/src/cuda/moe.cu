@@ -261,28 +261,65 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu,
                      scale_in ? scale_in[s] : 1.0f, out);
 }
 
-// contrib[s, j] of `moe_down_bf16`: one warp, slot s's chosen expert `ex` (local id).
-__device__ __forceinline__ void down_row_bf16(const bf16_t* act, const bf16_t* w_down, int ex, const float* wts, long s,
-                                              int j, int hidden, int inter, float* contrib) {
+// contrib[s, j] of `moe_down_bf16`: one warp, slot s's chosen expert row `wr` of `inter / 8`
+// 16-byte chunks, lane l's first DOWN_HELD of them (l, l + 32, ...) already loaded into `held`
+// (the rest are read here), added in the order the plain loop adds them.
+#define DOWN_HELD 4
+__device__ __forceinline__ void down_row_bf16(const bf16_t* act, const uint4* wr, const uint4* held, const float* wts,
+                                              long s, int j, int hidden, int inter, float* contrib) {
     int lane = threadIdx.x & 31;
-    const uint4* wr = (const uint4*)(w_down + (long)ex * hidden * inter + (long)j * inter);
+    const uint4* ar = (const uint4*)(act + s * inter);
+    uint4 xa[DOWN_HELD];
+#pragma unroll
+    for (int i = 0; i < DOWN_HELD; i++)
+        if (lane + 32 * i < inter / 8) xa[i] = ar[lane + 32 * i];
     float acc[1] = {0.0f};
+#pragma unroll
+    for (int i = 0; i < DOWN_HELD; i++)
+        if (lane + 32 * i < inter / 8) dot_chunk(held[i], xa[i], acc[0]);
 #pragma unroll 4
-    for (int c = lane; c < inter / 8; c += 32) gemv_chunk<1>(act + s * inter, inter, wr[c], c, acc);
+    for (int c = lane + 32 * DOWN_HELD; c < inter / 8; c += 32) gemv_chunk<1>(act + s * inter, inter, wr[c], c, acc);
     float d = acc[0];
     for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
     float dr = bf16_to_f32(f32_to_bf16(d));
     if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
 }
 
+// A load that L1 cannot answer from an older copy (gpu-scope relaxed: the value in L2).
+__device__ __forceinline__ int load_int_gpu(const int* p) {
+    int v;
+    asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// The expert ids come from the routing two launches ahead (`moe_route` or the fused router,
+// then `moe_gate_up_bf16`): that gate/up kernel let this one launch only after its own
+// `pdl_enter()` wait, so the routing has finished and its ids are in L2 before this kernel
+// starts. A warp therefore reads its slot's expert id and its first weight chunks before its
+// wait, and those loads overlap the gate/up kernel's last rows (the activations it reads after
+// the wait). Under the PDL_TRIGGER_FIRST experiment a launch no longer implies that, and every
+// read waits.
 extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts,
                                          long slots, int hidden, int inter, float* contrib) {
-    pdl_enter();
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (warp >= slots * hidden) return;
-    long s = warp / hidden;
-    if (idx[s] < 0) return;  // another rank's expert: moe_combine skips it
-    down_row_bf16(act, w_down, idx[s], wts, s, (int)(warp % hidden), hidden, inter, contrib);
+    int lane = threadIdx.x & 31;
+    bool live = warp < slots * hidden;
+    long s = live ? warp / hidden : 0;
+    int j = (int)(warp % hidden);
+#ifdef PDL_TRIGGER_FIRST
+    pdl_enter();
+#endif
+    int ex = live ? load_int_gpu(idx + s) : -1;
+    const uint4* wr = (const uint4*)(w_down + (long)(ex < 0 ? 0 : ex) * hidden * inter + (long)j * inter);
+    uint4 held[DOWN_HELD];
+#pragma unroll
+    for (int i = 0; i < DOWN_HELD; i++)
+        if (ex >= 0 && lane + 32 * i < inter / 8) held[i] = wr[lane + 32 * i];
+#ifndef PDL_TRIGGER_FIRST
+    pdl_enter();
+#endif
+    if (ex < 0) return;  // past the last slot, or another rank's expert: moe_combine skips it
+    down_row_bf16(act, wr, held, wts, s, j, hidden, inter, contrib);
 }
 
 // The choice (index q < top_k into a token's `ti`) of the lowest expert id above `last`, its id

@@ -94,11 +94,14 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
     let _turn = gpu();
     let g = Gpu::open(0).unwrap();
     let mut next = xorshift(0x9e37_79b9);
-    let (experts, hidden, inter, tokens) = (16usize, 64usize, 48usize, 40usize);
-    let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.5);
-    // Softmax routing with normalised weights (Qwen3-MoE), and Llama 4's sigmoid routing that
-    // scales the experts' input.
-    for (top_k, sigmoid, norm) in [(4usize, false, true), (2, true, false)] {
+    let (experts, hidden, tokens) = (16usize, 64usize, 40usize);
+    // An expert's down row of 48 (every lane's chunks held before the kernel's wait) and of
+    // 1,096 (137 chunks: past the held ones, not a whole number of warp passes). The grouped
+    // kernels add each lane's chunks in the same order, so any chunk dropped or added twice
+    // by either shows.
+    for (inter, top_k, sigmoid, norm) in [(48usize, 4usize, false, true), (48, 2, true, false), (1096, 4, false, true)]
+    {
+        let ((gu, down), xb, lb) = random_layer(&g, &mut next, (experts, hidden, inter), tokens, 0.5);
         let shape = |tokens| layer(tokens, (experts, hidden, inter), top_k, sigmoid, norm);
         let all = shape(tokens);
         assert!(all.grouped(g.moe_grouped_min) && !shape(1).grouped(g.moe_grouped_min));
@@ -113,7 +116,7 @@ fn grouped_moe_kernels_give_the_per_slot_kernels_bits() {
             assert_eq!(
                 &grouped[t * hidden * 2..(t + 1) * hidden * 2],
                 &one[..],
-                "top_k {top_k} sigmoid {sigmoid}: token {t}'s output, grouped against alone"
+                "inter {inter} top_k {top_k} sigmoid {sigmoid}: token {t}'s output, grouped against alone"
             );
         }
         let nonzero = grouped.chunks_exact(2).filter(|b| b != &[0, 0]).count();
