@@ -125,15 +125,15 @@ __device__ __forceinline__ float block_sum(float v) {
 // kernel may only read memory that nothing in the step writes (weights, the KV cache below each
 // sequence's cached length, the step metadata uploaded before the step), or what a kernel two
 // or more launches ahead wrote (the launch just before let this one start only after its own
-// wait, so every kernel before that one has finished: `moe_down_bf16`'s expert ids, read by
-// a gpu-scope load so no stale L1 copy answers), and write nothing. A no-op before sm_90 and
+// wait, so every kernel before that one has finished: the MoE down and combine kernels'
+// expert ids, read by gpu-scope loads so no stale L1 copy answers), and write nothing. A no-op before sm_90 and
 // for ordinary launches.
 // PDL_TRIGGER_FIRST (an experiment define, AUTODEPLOY_KERNEL_DEFINES): let the next kernel
 // launch before waiting, so it can start once every block of this one has started, and its own
 // pre-wait weight loads overlap this kernel's predecessor too. Still correct: a kernel cannot
 // complete before its own wait returned, so each wait still covers every kernel before it; but
 // a launch no longer implies that the kernel two ahead has finished, so the kernels that read
-// its output before their wait wait first under it.
+// its output before their wait wait first under it (`pdl_enter_before_upstream`).
 __device__ __forceinline__ void pdl_enter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #ifdef PDL_TRIGGER_FIRST
@@ -143,6 +143,20 @@ __device__ __forceinline__ void pdl_enter() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+#endif
+}
+
+// Around a kernel's reads of what a kernel two or more launches ahead wrote (see `pdl_enter`):
+// with the default order they go between these two, before the wait; under PDL_TRIGGER_FIRST,
+// where a launch no longer implies those kernels finished, after it.
+__device__ __forceinline__ void pdl_enter_before_upstream() {
+#ifdef PDL_TRIGGER_FIRST
+    pdl_enter();
+#endif
+}
+__device__ __forceinline__ void pdl_enter_after_upstream() {
+#ifndef PDL_TRIGGER_FIRST
+    pdl_enter();
 #endif
 }
 

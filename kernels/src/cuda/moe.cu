@@ -297,8 +297,7 @@ __device__ __forceinline__ int load_int_gpu(const int* p) {
 // `pdl_enter()` wait, so the routing has finished and its ids are in L2 before this kernel
 // starts. A warp therefore reads its slot's expert id and its first weight chunks before its
 // wait, and those loads overlap the gate/up kernel's last rows (the activations it reads after
-// the wait). Under the PDL_TRIGGER_FIRST experiment a launch no longer implies that, and every
-// read waits.
+// the wait).
 extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down, const int* idx, const float* wts,
                                          long slots, int hidden, int inter, float* contrib) {
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -306,18 +305,14 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     bool live = warp < slots * hidden;
     long s = live ? warp / hidden : 0;
     int j = (int)(warp % hidden);
-#ifdef PDL_TRIGGER_FIRST
-    pdl_enter();
-#endif
+    pdl_enter_before_upstream();
     int ex = live ? load_int_gpu(idx + s) : -1;
     const uint4* wr = (const uint4*)(w_down + (long)(ex < 0 ? 0 : ex) * hidden * inter + (long)j * inter);
     uint4 held[DOWN_HELD];
 #pragma unroll
     for (int i = 0; i < DOWN_HELD; i++)
         if (ex >= 0 && lane + 32 * i < inter / 8) held[i] = wr[lane + 32 * i];
-#ifndef PDL_TRIGGER_FIRST
-    pdl_enter();
-#endif
+    pdl_enter_after_upstream();
     if (ex < 0) return;  // past the last slot, or another rank's expert: moe_combine skips it
     down_row_bf16(act, wr, held, wts, s, j, hidden, inter, contrib);
 }
@@ -535,43 +530,56 @@ __device__ float combine_by_search(const float* contrib, const int* ti, int dt, 
     return acc;
 }
 
-__device__ float combine_at(const float* contrib, const int* idx, int dt, long t, int top_k, int hidden, int j) {
-    const int* ti = idx + t * top_k;
-    float acc = 0.0f;
-    if (top_k <= COMBINE_HELD) {
-        int e[COMBINE_HELD];
-        float c[COMBINE_HELD];
+// A token's choices `ti` (top_k <= COMBINE_HELD) as the sum walks them: each one's expert id
+// (past top_k none, INT_MAX) and its rank, how many of the others hold a lower id (the experts a
+// token chose are distinct). The ids by gpu-scope loads: `moe_combine` reads them before its wait.
+__device__ __forceinline__ void combine_order(const int* ti, int top_k, int* e, int* rank) {
 #pragma unroll
-        for (int q = 0; q < COMBINE_HELD; q++) {
-            e[q] = q < top_k ? ti[q] : 0x7fffffff;
-            // Another rank's expert (-1) adds nothing.
-            c[q] = q < top_k && e[q] >= 0 ? contrib[(t * top_k + q) * hidden + j] : 0.0f;
-        }
-        // Choice q's rank: how many of the others hold a lower expert id.
-        int rank[COMBINE_HELD];
+    for (int q = 0; q < COMBINE_HELD; q++) e[q] = q < top_k ? load_int_gpu(ti + q) : 0x7fffffff;
 #pragma unroll
-        for (int q = 0; q < COMBINE_HELD; q++) {
-            rank[q] = 0;
+    for (int q = 0; q < COMBINE_HELD; q++) {
+        rank[q] = 0;
 #pragma unroll
-            for (int p = 0; p < COMBINE_HELD; p++) rank[q] += e[p] < e[q];
-        }
-#pragma unroll
-        for (int r = 0; r < COMBINE_HELD; r++) {
-            if (r >= top_k) break;
-            float v = 0.0f;
-#pragma unroll
-            for (int q = 0; q < COMBINE_HELD; q++) v = rank[q] == r ? c[q] : v;
-            acc = rnd(dt, acc + v);
-        }
-        return acc;
+        for (int p = 0; p < COMBINE_HELD; p++) rank[q] += e[p] < e[q];
     }
-    return combine_by_search(contrib, ti, dt, t, top_k, hidden, j);
 }
 
+// The sum over choices held by `combine_order`: every contribution loaded first, all loads in
+// flight together, then added in rank order.
+__device__ __forceinline__ float combine_held(const float* contrib, const int* e, const int* rank, int dt, long t,
+                                              int top_k, int hidden, int j) {
+    float c[COMBINE_HELD];
+#pragma unroll
+    for (int q = 0; q < COMBINE_HELD; q++)
+        // Another rank's expert (-1) adds nothing.
+        c[q] = q < top_k && e[q] >= 0 ? contrib[(t * top_k + q) * hidden + j] : 0.0f;
+    float acc = 0.0f;
+#pragma unroll
+    for (int r = 0; r < COMBINE_HELD; r++) {
+        if (r >= top_k) break;
+        float v = 0.0f;
+#pragma unroll
+        for (int q = 0; q < COMBINE_HELD; q++) v = rank[q] == r ? c[q] : v;
+        acc = rnd(dt, acc + v);
+    }
+    return acc;
+}
+
+// The expert ids come from the routing three launches ahead (then gate/up and down), so a
+// token's order is worked out before the wait (common.cuh's `pdl_enter`: what a kernel two or
+// more launches ahead wrote); the contributions, the launch just before's, after it.
 extern "C" __global__ void moe_combine(const float* contrib, const int* idx, int dt, long tokens, int top_k, int hidden,
                                        void* y) {
-    pdl_enter();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= tokens * hidden) return;
-    st(y, dt, i, combine_at(contrib, idx, dt, i / hidden, top_k, hidden, (int)(i % hidden)));
+    bool live = i < tokens * hidden, held = top_k <= COMBINE_HELD;
+    long t = live ? i / hidden : 0;
+    int e[COMBINE_HELD], rank[COMBINE_HELD];
+    pdl_enter_before_upstream();
+    if (live && held) combine_order(idx + t * top_k, top_k, e, rank);
+    pdl_enter_after_upstream();
+    if (!live) return;
+    int j = (int)(i % hidden);
+    float v = held ? combine_held(contrib, e, rank, dt, t, top_k, hidden, j)
+                   : combine_by_search(contrib, idx + t * top_k, dt, t, top_k, hidden, j);
+    st(y, dt, i, v);
 }
