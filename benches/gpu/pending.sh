@@ -326,7 +326,8 @@ for part in $PARTS; do
         ;;
     moeab)
         # Qwen3-30B-A3B at batch 1 against BASE_BIN's binaries (session 43: moe_down_bf16
-        # reading its expert ids and first weight chunks before its wait), alternating, three
+        # reading its expert ids and first weight chunks and moe_combine its token's expert order
+        # before their wait), alternating, three
         # times. BASE_BIN's own modules compile first (not timed).
         timeout 300 "$BASE_BIN/autodeploy" bench --config "$H/qwen3-30b-a3b.toml" --mode latency --batch 1 \
             --isl 16 --osl 2 >/dev/null 2>&1 || echo "(base compile run failed)"
