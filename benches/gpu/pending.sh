@@ -62,6 +62,9 @@
 #           in the same carried archive.
 #   tf      PDL_TRIGGER_FIRST (AUTODEPLOY_KERNEL_DEFINES) against BASE_BIN (the same kernels
 #           without it) at batch 1 (8B FP8, NVFP4, Qwen3-30B-A3B), then cuda_check with it.
+#   moechecks cuda_check whole, then the CUDA tests of the MoE kernels.
+#   held    weight chunks loaded before the PDL wait (DOWN_HELD, GEMV_HELD) on and off at
+#           batch 1: Qwen3-30B-A3B and the 8B bf16.
 #   moeab   Qwen3-30B-A3B at batch 1 against BASE_BIN's binaries, alternating, three times.
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
@@ -321,6 +324,34 @@ for part in $PARTS; do
                 bench "$label" "$H/$c.toml" $args
                 # shellcheck disable=SC2086
                 [ -n "${BASE_BIN:-}" ] && B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$H/$c.toml" $args
+            done
+        done
+        ;;
+    moechecks)
+        # cuda_check whole, then the CUDA tests of the MoE kernels (the fused router against
+        # the CPU on the qwen3_moe fixture, the router's own routing, grouped against per slot).
+        cuda_check_all 330 "device copy"
+        cuda_tests 200 fused_moe_router fused_router grouped_moe
+        ;;
+    held)
+        # Weight chunks loaded before the PDL wait (AUTODEPLOY_KERNEL_DEFINES): the MoE down
+        # rows' (DOWN_HELD, default 4; 0 = none) and the one-row bf16 split GEMV's (GEMV_HELD,
+        # default 0): Qwen3-30B-A3B and the 8B bf16 at batch 1, alternating, twice. Each define
+        # set's module compiles first (not timed).
+        q="--mode latency --batch 1 --isl 128 --osl 64"
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        for d in GEMV_HELD=4 DOWN_HELD=0; do
+            AUTODEPLOY_KERNEL_DEFINES=$d timeout 300 "$B" bench --config "$H/qwen3-30b-a3b.toml" --mode latency \
+                --batch 1 --isl 16 --osl 2 >/dev/null 2>&1 || echo "(compile run $d failed)"
+        done
+        for _ in 1 2; do
+            for d in "" DOWN_HELD=0 GEMV_HELD=4; do
+                # shellcheck disable=SC2086
+                AUTODEPLOY_KERNEL_DEFINES=$d bench "Qwen3-30B-A3B ${d:-defaults}" "$H/qwen3-30b-a3b.toml" $q
+            done
+            for d in "" GEMV_HELD=4; do
+                # shellcheck disable=SC2086
+                AUTODEPLOY_KERNEL_DEFINES=$d bench "8B bf16 ${d:-defaults}" "$H/llama-3.1-8b.toml" $lat
             done
         done
         ;;

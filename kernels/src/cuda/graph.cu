@@ -427,8 +427,27 @@ GEMV(8)
 // of a row reads its chunks part, part + S, ... (lane-interleaved as above), so a short row
 // (q/k/v, o: k = 4096, 16 chunks a lane) has S times the loads in flight; the S partial sums
 // meet in shared memory and the row's first warp stores. Blocks of 256 threads: 8 / S rows.
+// A lane's first GEMV_HELD chunks (an experiment define, AUTODEPLOY_KERNEL_DEFINES; 0 by
+// default) are loaded before the kernel's wait into `held` and added first, in the loop's order.
+#ifndef GEMV_HELD
+#define GEMV_HELD 0
+#endif
 template <int S>
-__device__ void gemv_bf16_split(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, int accumulate) {
+__device__ __forceinline__ void gemv_held_loads(const bf16_t* w, int n, int k, uint4* held) {
+#if GEMV_HELD > 0
+    int row = blockIdx.x * (8 / S) + (threadIdx.x >> 5) / S, part = (threadIdx.x >> 5) % S;
+    const uint4* wr = (const uint4*)(w + (long)(row < n ? row : 0) * k);
+#pragma unroll
+    for (int i = 0; i < GEMV_HELD; i++) {
+        int c = (threadIdx.x & 31) + 32 * part + 32 * S * i;
+        if (row < n && c < k / 8) held[i] = wr[c];
+    }
+#endif
+}
+
+template <int S>
+__device__ void gemv_bf16_split(const bf16_t* x, const bf16_t* w, const uint4* held, bf16_t* y, int n, int k,
+                                int accumulate) {
     __shared__ float part_sum[8];
     int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int row = blockIdx.x * (8 / S) + wib / S, part = wib % S;
@@ -436,8 +455,19 @@ __device__ void gemv_bf16_split(const bf16_t* x, const bf16_t* w, bf16_t* y, int
     if (row < n) {
         const uint4* wr = (const uint4*)(w + (long)row * k);
         int chunks = k / 8;
+#if GEMV_HELD > 0
+        uint4 xa[GEMV_HELD];
+#pragma unroll
+        for (int i = 0; i < GEMV_HELD; i++) {
+            int c = lane + 32 * part + 32 * S * i;
+            if (c < chunks) xa[i] = ((const uint4*)x)[c];
+        }
+#pragma unroll
+        for (int i = 0; i < GEMV_HELD; i++)
+            if (lane + 32 * part + 32 * S * i < chunks) dot_chunk(held[i], xa[i], acc[0]);
+#endif
 #pragma unroll 4
-        for (int c = lane + 32 * part; c < chunks; c += 32 * S) gemv_chunk<1>(x, k, wr[c], c, acc);
+        for (int c = lane + 32 * part + 32 * S * GEMV_HELD; c < chunks; c += 32 * S) gemv_chunk<1>(x, k, wr[c], c, acc);
     }
     float v = acc[0];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -457,8 +487,10 @@ __device__ void gemv_bf16_split(const bf16_t* x, const bf16_t* w, bf16_t* y, int
                                                  int accumulate, int prefetch) {                                      \
         int row = blockIdx.x * (8 / S) + (threadIdx.x >> 5) / S;                                                      \
         if (row < n && (threadIdx.x >> 5) % S == 0) prefetch_l2(w + (long)row * k, prefetch, threadIdx.x & 31);       \
+        uint4 held[GEMV_HELD > 0 ? GEMV_HELD : 1];                                                                    \
+        gemv_held_loads<S>(w, n, k, held);                                                                            \
         pdl_enter();                                                                                                  \
-        gemv_bf16_split<S>(x, w, y, n, k, accumulate);                                                                \
+        gemv_bf16_split<S>(x, w, held, y, n, k, accumulate);                                                          \
     }
 GEMV_SPLIT(2)
 GEMV_SPLIT(4)

@@ -586,9 +586,16 @@ pub fn full_source(module: &str, src: &str) -> String {
 /// module that reads each. The defines are part of that module's source, so of its kernel cache
 /// key: the other modules stay cached.
 /// `PDL_TRIGGER_FIRST=1` (common.cuh's `pdl_enter`: every module, `*`) lets each kernel's
-/// successor launch before its wait rather than after.
-const DEFINABLE: [(&str, &str, u32, u32); 3] =
-    [("quant", "FP8_TC_INFLIGHT", 1, 8), ("quant", "NVFP4_TC_INFLIGHT", 1, 4), ("*", "PDL_TRIGGER_FIRST", 1, 1)];
+/// successor launch before its wait rather than after. `GEMV_HELD` (the one-row bf16 split
+/// GEMV) and `DOWN_HELD` (the MoE down rows): how many 16-byte weight chunks a lane loads
+/// before its wait.
+const DEFINABLE: [(&str, &str, u32, u32); 5] = [
+    ("quant", "FP8_TC_INFLIGHT", 1, 8),
+    ("quant", "NVFP4_TC_INFLIGHT", 1, 4),
+    ("*", "PDL_TRIGGER_FIRST", 1, 1),
+    ("graph", "GEMV_HELD", 0, 8),
+    ("moe", "DOWN_HELD", 0, 8),
+];
 
 fn experiment_defines(module: &str) -> String {
     defines_for(module, all_experiment_defines())
@@ -918,6 +925,11 @@ mod tests {
         let (text, _) = parse_defines("PDL_TRIGGER_FIRST=1,FP8_TC_INFLIGHT=4");
         assert_eq!(super::defines_for("decode", &text), "#define PDL_TRIGGER_FIRST 1\n");
         assert_eq!(super::defines_for("quant", &text), text);
+        // Zero where the range starts there (held chunks: none), each in its own module.
+        let (text, refused) = parse_defines("DOWN_HELD=0,GEMV_HELD=4,GEMV_HELD=9");
+        assert_eq!(refused, ["GEMV_HELD=9"]);
+        assert_eq!(super::defines_for("moe", &text), "#define DOWN_HELD 0\n");
+        assert_eq!(super::defines_for("graph", &text), "#define GEMV_HELD 4\n");
         // A launch size the host must agree with, a value out of range, not a number, no value.
         let (text, refused) = parse_defines("FP8_TC_WARPS=4,FP8_TC_INFLIGHT=9,NVFP4_TC_INFLIGHT=x,FP8_TC_INFLIGHT,");
         assert_eq!(text, "");

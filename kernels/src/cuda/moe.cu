@@ -263,13 +263,16 @@ extern "C" __global__ void moe_gate_up_bf16(const bf16_t* x, const bf16_t* w_gu,
 
 // contrib[s, j] of `moe_down_bf16`: one warp, slot s's chosen expert row `wr` of `inter / 8`
 // 16-byte chunks, lane l's first DOWN_HELD of them (l, l + 32, ...) already loaded into `held`
-// (the rest are read here), added in the order the plain loop adds them.
+// (the rest are read here), added in the order the plain loop adds them. DOWN_HELD: 4 unless
+// an experiment sets it (AUTODEPLOY_KERNEL_DEFINES; 0 reads every chunk after the wait).
+#ifndef DOWN_HELD
 #define DOWN_HELD 4
+#endif
 __device__ __forceinline__ void down_row_bf16(const bf16_t* act, const uint4* wr, const uint4* held, const float* wts,
                                               long s, int j, int hidden, int inter, float* contrib) {
     int lane = threadIdx.x & 31;
     const uint4* ar = (const uint4*)(act + s * inter);
-    uint4 xa[DOWN_HELD];
+    uint4 xa[DOWN_HELD > 0 ? DOWN_HELD : 1];
 #pragma unroll
     for (int i = 0; i < DOWN_HELD; i++)
         if (lane + 32 * i < inter / 8) xa[i] = ar[lane + 32 * i];
@@ -308,7 +311,7 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     pdl_enter_before_upstream();
     int ex = live ? load_int_gpu(idx + s) : -1;
     const uint4* wr = (const uint4*)(w_down + (long)(ex < 0 ? 0 : ex) * hidden * inter + (long)j * inter);
-    uint4 held[DOWN_HELD];
+    uint4 held[DOWN_HELD > 0 ? DOWN_HELD : 1];
 #pragma unroll
     for (int i = 0; i < DOWN_HELD; i++)
         if (ex >= 0 && lane + 32 * i < inter / 8) held[i] = wr[lane + 32 * i];
