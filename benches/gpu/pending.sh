@@ -66,6 +66,8 @@
 #   held    weight chunks loaded before the PDL wait (DOWN_HELD, GEMV_HELD) on and off at
 #           batch 1: Qwen3-30B-A3B and the 8B bf16.
 #   moeab   Qwen3-30B-A3B at batch 1 against BASE_BIN's binaries, alternating, three times.
+#   tfmod   PDL_TRIGGER_FIRST in one module at a time (PDL_TRIGGER_FIRST@MODULE=1) at batch 1:
+#           the FP8 8B (graph, quant, decode), the NVFP4 8B (quant), Qwen3-30B-A3B (moe, graph).
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
 #   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
@@ -411,6 +413,31 @@ for part in $PARTS; do
         # Every kernel against the CPU with the successors launching early (its modules
         # compiled above).
         AUTODEPLOY_KERNEL_DEFINES=$TF cuda_check_all 200 "device copy"
+        ;;
+    tfmod)
+        # PDL_TRIGGER_FIRST in one module at a time (session 43: in all of them the FP8 8B
+        # gained 2.7%, the NVFP4 8B and Qwen3-30B-A3B lost 8% and 6%): the FP8 8B with it in the
+        # norms' module (graph), the FP8 GEMVs' (quant), the decode attention's; then the
+        # NVFP4 8B and Qwen3-30B-A3B with it in quant and moe; alternating with the defaults,
+        # twice. Each define set's module compiles first (not timed).
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        q="--mode latency --batch 1 --isl 128 --osl 64"
+        for run in "8B FP8:llama-3.1-8b-fp8:$lat:graph quant decode" "8B NVFP4:llama-3.1-8b-nvfp4:$lat:quant" \
+            "Qwen3-30B-A3B:qwen3-30b-a3b:$q:moe graph"; do
+            IFS=: read -r label c args mods <<<"$run"
+            for m in $mods; do
+                AUTODEPLOY_KERNEL_DEFINES=PDL_TRIGGER_FIRST@$m=1 timeout 300 "$B" bench --config "$H/$c.toml" \
+                    --mode latency --batch 1 --isl 16 --osl 2 >/dev/null 2>&1 || echo "(compile run $m failed)"
+            done
+            for _ in 1 2; do
+                # shellcheck disable=SC2086
+                bench "$label defaults" "$H/$c.toml" $args
+                for m in $mods; do
+                    # shellcheck disable=SC2086
+                    AUTODEPLOY_KERNEL_DEFINES=PDL_TRIGGER_FIRST@$m=1 bench "$label trigger first in $m" "$H/$c.toml" $args
+                done
+            done
+        done
         ;;
     longcheck)
         # The decode builds after session 41's rewrite of their loop (the step's own positions

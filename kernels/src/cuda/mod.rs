@@ -588,7 +588,8 @@ pub fn full_source(module: &str, src: &str) -> String {
 /// `PDL_TRIGGER_FIRST=1` (common.cuh's `pdl_enter`: every module, `*`) lets each kernel's
 /// successor launch before its wait rather than after. `GEMV_HELD` (the one-row bf16 split
 /// GEMV) and `DOWN_HELD` (the MoE down rows): how many 16-byte weight chunks a lane loads
-/// before its wait.
+/// before its wait. A constant of every module may be set in one alone:
+/// `PDL_TRIGGER_FIRST@quant=1` (`NAME@module`, a module of `RAW_MODULES`).
 const DEFINABLE: [(&str, &str, u32, u32); 5] = [
     ("quant", "FP8_TC_INFLIGHT", 1, 8),
     ("quant", "NVFP4_TC_INFLIGHT", 1, 4),
@@ -601,12 +602,19 @@ fn experiment_defines(module: &str) -> String {
     defines_for(module, all_experiment_defines())
 }
 
-/// The lines of `defines` (`parse_defines`' text) that `module` reads.
+/// The lines of `defines` (`parse_defines`' text) that `module` reads: those of its constants
+/// and of every module's, less those meant for another module alone (`@module #define ...`).
 fn defines_for(module: &str, defines: &str) -> String {
-    let mine = |line: &&str| {
-        DEFINABLE.iter().any(|&(m, n, ..)| (m == module || m == "*") && line.split(' ').nth(1) == Some(n))
+    let mine = |line: &str| -> Option<String> {
+        let (only, def) = match line.strip_prefix('@').and_then(|l| l.split_once(' ')) {
+            Some((m, def)) => (Some(m), def),
+            None => (None, line),
+        };
+        let name = def.split(' ').nth(1)?;
+        let listed = DEFINABLE.iter().any(|&(m, n, ..)| (m == module || m == "*") && n == name);
+        (listed && only.is_none_or(|m| m == module)).then(|| format!("{def}\n"))
     };
-    defines.lines().filter(mine).map(|l| format!("{l}\n")).collect()
+    defines.lines().filter_map(mine).collect()
 }
 
 fn all_experiment_defines() -> &'static str {
@@ -616,7 +624,7 @@ fn all_experiment_defines() -> &'static str {
         let (text, refused) = parse_defines(&v);
         for r in refused {
             tracing::warn!(
-                "AUTODEPLOY_KERNEL_DEFINES: `{r}` ignored: not NAME=VALUE with NAME and VALUE one of {DEFINABLE:?}"
+                "AUTODEPLOY_KERNEL_DEFINES: `{r}` ignored: not NAME=VALUE or NAME@MODULE=VALUE with NAME, VALUE and MODULE one of {DEFINABLE:?}"
             );
         }
         if !text.is_empty() {
@@ -634,11 +642,20 @@ fn parse_defines(v: &str) -> (String, Vec<String>) {
     for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let ok = item.split_once('=').and_then(|(name, val)| {
             let val: u32 = val.trim().parse().ok()?;
-            let name = name.trim();
-            DEFINABLE
-                .iter()
-                .any(|&(_, n, lo, hi)| n == name && (lo..=hi).contains(&val))
-                .then(|| format!("#define {name} {val}\n"))
+            // `NAME@module`: that module alone (one that reads it).
+            let (name, only) = match name.trim().split_once('@') {
+                Some((n, m)) => (n, Some(m)),
+                None => (name.trim(), None),
+            };
+            let fits = |&&(m, n, lo, hi): &&(&str, &str, u32, u32)| {
+                n == name
+                    && (lo..=hi).contains(&val)
+                    && only.is_none_or(|o| RAW_MODULES.contains(&o) && (m == "*" || m == o))
+            };
+            DEFINABLE.iter().any(|d| fits(&d)).then(|| match only {
+                Some(o) => format!("@{o} #define {name} {val}\n"),
+                None => format!("#define {name} {val}\n"),
+            })
         });
         match ok {
             Some(line) => text.push_str(&line),
@@ -930,6 +947,16 @@ mod tests {
         assert_eq!(refused, ["GEMV_HELD=9"]);
         assert_eq!(super::defines_for("moe", &text), "#define DOWN_HELD 0\n");
         assert_eq!(super::defines_for("graph", &text), "#define GEMV_HELD 4\n");
+        // An every-module constant in named modules alone; a module that is not one, or one
+        // that does not read the constant, is refused.
+        let (text, refused) = parse_defines(
+            "PDL_TRIGGER_FIRST@decode=1,PDL_TRIGGER_FIRST@quant=1,PDL_TRIGGER_FIRST@nope=1,GEMV_HELD@moe=2",
+        );
+        assert_eq!(refused, ["PDL_TRIGGER_FIRST@nope=1", "GEMV_HELD@moe=2"]);
+        assert_eq!(super::defines_for("decode", &text), "#define PDL_TRIGGER_FIRST 1\n");
+        assert_eq!(super::defines_for("quant", &text), "#define PDL_TRIGGER_FIRST 1\n");
+        assert_eq!(super::defines_for("decode_fp8kv", &text), "");
+        assert_eq!(super::defines_for("graph", &text), "");
         // A launch size the host must agree with, a value out of range, not a number, no value.
         let (text, refused) = parse_defines("FP8_TC_WARPS=4,FP8_TC_INFLIGHT=9,NVFP4_TC_INFLIGHT=x,FP8_TC_INFLIGHT,");
         assert_eq!(text, "");
