@@ -126,8 +126,8 @@ __device__ __forceinline__ float block_sum(float v) {
 // sequence's cached length, the step metadata uploaded before the step), or what a kernel two
 // or more launches ahead wrote (the launch just before let this one start only after its own
 // wait, so every kernel before that one has finished: the MoE down and combine kernels'
-// expert ids, read by gpu-scope loads so no stale L1 copy answers), and write nothing. A no-op before sm_90 and
-// for ordinary launches.
+// expert ids, read from L2 by `__ldcg` so no stale L1 copy answers), and write nothing. A
+// no-op before sm_90 and for ordinary launches.
 // PDL_TRIGGER_FIRST (an experiment define, AUTODEPLOY_KERNEL_DEFINES): let the next kernel
 // launch before waiting, so it can start once every block of this one has started, and its own
 // pre-wait weight loads overlap this kernel's predecessor too. Still correct: a kernel cannot

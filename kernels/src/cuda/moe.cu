@@ -288,13 +288,6 @@ __device__ __forceinline__ void down_row_bf16(const bf16_t* act, const uint4* wr
     if (lane == 0) contrib[s * hidden + j] = wts ? bf16_to_f32(f32_to_bf16(dr * wts[s])) : dr;
 }
 
-// A load that L1 cannot answer from an older copy (gpu-scope relaxed: the value in L2).
-__device__ __forceinline__ int load_int_gpu(const int* p) {
-    int v;
-    asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
 // The expert ids come from the routing two launches ahead (`moe_route` or the fused router,
 // then `moe_gate_up_bf16`): that gate/up kernel let this one launch only after its own
 // `pdl_enter()` wait, so the routing has finished and its ids are in L2 before this kernel
@@ -309,7 +302,7 @@ extern "C" __global__ void moe_down_bf16(const bf16_t* act, const bf16_t* w_down
     long s = live ? warp / hidden : 0;
     int j = (int)(warp % hidden);
     pdl_enter_before_upstream();
-    int ex = live ? load_int_gpu(idx + s) : -1;
+    int ex = live ? __ldcg(idx + s) : -1;  // from L2: no older L1 copy
     const uint4* wr = (const uint4*)(w_down + (long)(ex < 0 ? 0 : ex) * hidden * inter + (long)j * inter);
     uint4 held[DOWN_HELD > 0 ? DOWN_HELD : 1];
 #pragma unroll
@@ -535,10 +528,10 @@ __device__ float combine_by_search(const float* contrib, const int* ti, int dt, 
 
 // A token's choices `ti` (top_k <= COMBINE_HELD) as the sum walks them: each one's expert id
 // (past top_k none, INT_MAX) and its rank, how many of the others hold a lower id (the experts a
-// token chose are distinct). The ids by gpu-scope loads: `moe_combine` reads them before its wait.
+// token chose are distinct). The ids from L2 (`__ldcg`): `moe_combine` reads them before its wait.
 __device__ __forceinline__ void combine_order(const int* ti, int top_k, int* e, int* rank) {
 #pragma unroll
-    for (int q = 0; q < COMBINE_HELD; q++) e[q] = q < top_k ? load_int_gpu(ti + q) : 0x7fffffff;
+    for (int q = 0; q < COMBINE_HELD; q++) e[q] = q < top_k ? __ldcg(ti + q) : 0x7fffffff;
 #pragma unroll
     for (int q = 0; q < COMBINE_HELD; q++) {
         rank[q] = 0;
