@@ -205,6 +205,11 @@ bench() { # label config args... (env from the caller)
         python3 "$H/summarize.py" 2>/dev/null | head -1
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "(failed:)"; tail -3 "$OUT/pending-last.err"; }
 }
+precompile() { # defines config [binary]: a short run that compiles the modules this define set
+    # changes (NVRTC, not timed), so the timed runs after it find them cached
+    AUTODEPLOY_KERNEL_DEFINES=$1 timeout 300 "${3:-$B}" bench --config "$2" --mode latency --batch 1 --isl 16 \
+        --osl 2 >/dev/null 2>&1 || echo "(compile run with ${1:-no defines} failed)"
+}
 off() { # label config [env]
     printf '%-44s ' "$1"
     timeout 120 env ${3:-} "$B" bench --config "$2" --mode offline --num-requests 1000 --isl 128 --osl 128 \
@@ -342,10 +347,7 @@ for part in $PARTS; do
         # set's module compiles first (not timed).
         q="--mode latency --batch 1 --isl 128 --osl 64"
         lat="--mode latency --batch 1 --isl 128 --osl 128"
-        for d in GEMV_HELD=4 DOWN_HELD=0; do
-            AUTODEPLOY_KERNEL_DEFINES=$d timeout 300 "$B" bench --config "$H/qwen3-30b-a3b.toml" --mode latency \
-                --batch 1 --isl 16 --osl 2 >/dev/null 2>&1 || echo "(compile run $d failed)"
-        done
+        for d in GEMV_HELD=4 DOWN_HELD=0; do precompile $d "$H/qwen3-30b-a3b.toml"; done
         for _ in 1 2; do
             for d in "" DOWN_HELD=0 GEMV_HELD=4; do
                 # shellcheck disable=SC2086
@@ -360,10 +362,8 @@ for part in $PARTS; do
     moeab)
         # Qwen3-30B-A3B at batch 1 against BASE_BIN's binaries (session 43: moe_down_bf16
         # reading its expert ids and first weight chunks and moe_combine its token's expert order
-        # before their wait), alternating, three
-        # times. BASE_BIN's own modules compile first (not timed).
-        timeout 300 "$BASE_BIN/autodeploy" bench --config "$H/qwen3-30b-a3b.toml" --mode latency --batch 1 \
-            --isl 16 --osl 2 >/dev/null 2>&1 || echo "(base compile run failed)"
+        # before their wait), alternating, three times. BASE_BIN's own modules compile first.
+        precompile "" "$H/qwen3-30b-a3b.toml" "$BASE_BIN/autodeploy"
         for _ in 1 2 3; do
             bench "Qwen3-30B-A3B" "$H/qwen3-30b-a3b.toml" --mode latency --batch 1 --isl 128 --osl 64
             B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$H/qwen3-30b-a3b.toml" \
@@ -378,9 +378,7 @@ for part in $PARTS; do
         # set's quant module compiles first (not timed).
         lat="--mode latency --batch 1 --isl 128 --osl 128"
         IF=FP8_TC_INFLIGHT=4,NVFP4_TC_INFLIGHT=2
-        # shellcheck disable=SC2086
-        AUTODEPLOY_KERNEL_DEFINES=$IF timeout 300 "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 \
-            >/dev/null 2>&1 || echo "(compile run failed)"
+        precompile $IF "$H/llama-3.1-8b-nvfp4.toml"
         for _ in 1 2; do
             for c in fp8 nvfp4; do
                 for d in "" $IF; do
@@ -392,14 +390,12 @@ for part in $PARTS; do
         ;;
     tf)
         # PDL_TRIGGER_FIRST alone, in the fewest runs (one call's last device minutes): these
-        # binaries with it against BASE_BIN's (3cef215: the same kernels without the define,
-        # already in the carried kernel cache), alternating: the 8B FP8 and NVFP4 at batch 1,
+        # binaries with it against BASE_BIN's (the same kernels without the define: session 43
+        # passed BASE_BIN=/tmp/newbin, these binaries), alternating: the 8B FP8 and NVFP4 at batch 1,
         # Qwen3-30B-A3B, twice while time lasts. The define's modules compile first (not timed).
         lat="--mode latency --batch 1 --isl 128 --osl 128"
         TF=PDL_TRIGGER_FIRST=1
-        # shellcheck disable=SC2086
-        AUTODEPLOY_KERNEL_DEFINES=$TF timeout 300 "$B" bench --config "$H/llama-3.1-8b-nvfp4.toml" $lat --osl 2 \
-            >/dev/null 2>&1 || echo "(compile run failed)"
+        precompile $TF "$H/llama-3.1-8b-nvfp4.toml"
         for _ in 1 2; do
             for run in "8B FP8:llama-3.1-8b-fp8:$lat" "8B NVFP4:llama-3.1-8b-nvfp4:$lat" \
                 "Qwen3-30B-A3B:qwen3-30b-a3b:--mode latency --batch 1 --isl 128 --osl 64"; do
@@ -425,10 +421,7 @@ for part in $PARTS; do
         for run in "8B FP8:llama-3.1-8b-fp8:$lat:graph quant decode" "8B NVFP4:llama-3.1-8b-nvfp4:$lat:quant" \
             "Qwen3-30B-A3B:qwen3-30b-a3b:$q:moe graph"; do
             IFS=: read -r label c args mods <<<"$run"
-            for m in $mods; do
-                AUTODEPLOY_KERNEL_DEFINES=PDL_TRIGGER_FIRST@$m=1 timeout 300 "$B" bench --config "$H/$c.toml" \
-                    --mode latency --batch 1 --isl 16 --osl 2 >/dev/null 2>&1 || echo "(compile run $m failed)"
-            done
+            for m in $mods; do precompile "PDL_TRIGGER_FIRST@$m=1" "$H/$c.toml"; done
             for _ in 1 2; do
                 # shellcheck disable=SC2086
                 bench "$label defaults" "$H/$c.toml" $args
