@@ -67,9 +67,12 @@
 #           batch 1: Qwen3-30B-A3B and the 8B bf16.
 #   moeab   Qwen3-30B-A3B at batch 1 against BASE_BIN's binaries, alternating, three times.
 #   tfmod   PDL_TRIGGER_FIRST in one module at a time (PDL_TRIGGER_FIRST@MODULE=1) at batch 1:
-#           the FP8 8B (graph, quant, decode), the NVFP4 8B (quant), Qwen3-30B-A3B (moe, graph).
+#           the FP8 8B (graph, quant, decode), the NVFP4 8B (quant), Qwen3-30B-A3B (moe, graph);
+#           TFMOD_CONFIGS="llama-3.1-8b-fp8 ..." keeps only those configs (a call's time limit).
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
+#   targets the batch-1 targets at the defaults (8B bf16, FP8, NVFP4; Qwen3-30B-A3B), twice.
+#   targets2 the FP8-cache (8B at 2,000 positions, batch 32 and 1) and offline targets.
 #   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
 #   longprof each kernel's time and DRAM bytes at batch 1 x 2,000, bf16 against FP8 cache.
 #   profile each kernel's time in one decode step (ncu, kernels run one at a time, so no
@@ -421,6 +424,7 @@ for part in $PARTS; do
         for run in "8B FP8:llama-3.1-8b-fp8:$lat:graph quant decode" "8B NVFP4:llama-3.1-8b-nvfp4:$lat:quant" \
             "Qwen3-30B-A3B:qwen3-30b-a3b:$q:moe graph"; do
             IFS=: read -r label c args mods <<<"$run"
+            [[ " ${TFMOD_CONFIGS:-$c} " == *" $c "* ]] || continue
             for m in $mods; do precompile "PDL_TRIGGER_FIRST@$m=1" "$H/$c.toml"; done
             for _ in 1 2; do
                 # shellcheck disable=SC2086
@@ -431,6 +435,33 @@ for part in $PARTS; do
                 done
             done
         done
+        ;;
+    targets)
+        # Issue 24's and 25's batch-1 targets at HEAD's defaults on whatever card came (they are
+        # stated for an H200): the 8B bf16, FP8, NVFP4 at 128 positions and Qwen3-30B-A3B,
+        # twice, alternating.
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        for _ in 1 2; do
+            bench "8B bf16 batch 1" "$H/llama-3.1-8b.toml" $lat
+            bench "8B FP8 batch 1" "$H/llama-3.1-8b-fp8.toml" $lat
+            bench "8B NVFP4 batch 1" "$H/llama-3.1-8b-nvfp4.toml" $lat
+            bench "Qwen3-30B-A3B batch 1" "$H/qwen3-30b-a3b.toml" --mode latency --batch 1 --isl 128 --osl 64
+        done
+        ;;
+    targets2)
+        # Issue 25's FP8-cache and offline targets: the 8B at 2,000 positions (batch 32, then
+        # batch 1) over either cache, alternating; FP8 offline 1,000 x 128/128 at the defaults
+        # and with an FP8 cache at max_batch_size 1,024.
+        for _ in 1 2; do
+            for c in llama-3.1-8b-long llama-3.1-8b-long-fp8kv; do
+                bench "8B 32 x 2000, $c" "$H/$c.toml" --mode throughput --batch 32 --isl 2000 --osl 16
+            done
+        done
+        for c in llama-3.1-8b-long llama-3.1-8b-long-fp8kv; do
+            bench "8B 1 x 2000, $c" "$H/$c.toml" --mode latency --batch 1 --isl 2000 --osl 8
+        done
+        off "FP8 offline" "$H/llama-3.1-8b-fp8-offline.toml"
+        off "FP8 offline, FP8 KV cache, max_batch_size 1024" "$H/llama-3.1-8b-fp8-offline-1k.toml"
         ;;
     longcheck)
         # The decode builds after session 41's rewrite of their loop (the step's own positions
