@@ -101,6 +101,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "unary",
             "fill_uniform",
             "fill_const",
+            "l2_prefetch",
             "mean_last",
             "rmsnorm",
             "layer_norm",

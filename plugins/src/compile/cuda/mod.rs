@@ -129,6 +129,10 @@ pub struct CudaModel {
     table: Vec<Option<Arc<CustomOp>>>,
     /// Each cached attention node's attributes, read once.
     attn_attrs: Vec<Option<CachedAttn>>,
+    /// `[kernels] attn_l2_prefetch_mb`: for the first node after each cached attention that
+    /// reads a weight, that weight's address and the bytes of it (up to the setting) an
+    /// `l2_prefetch` launch just before the node asks L2 for.
+    l2_before: Vec<Option<(Ptr, usize)>>,
     /// `AUTODEPLOY_PROFILE`: time per op name (calls, total), printed when the model drops.
     profile_on: bool,
     profile: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>,
@@ -137,6 +141,36 @@ pub struct CudaModel {
     /// `AUTODEPLOY_PROFILE_SKIP=op,op`: for timing only, nodes of these ops are not run (the
     /// outputs are wrong): how much a step's time drops without them is what they cost it.
     skip_ops: Vec<String>,
+}
+
+/// `CudaModel::l2_before`: after each cached attention, the first node reading a weight (the
+/// o projection), its largest weight, at most `cap` bytes of it (0: none anywhere). Weights are
+/// never written during a step, so asking L2 for them early changes no result.
+fn l2_prefetch_plan(graph: &Graph, param_ptr: &HashMap<usize, Ptr>, cap: usize) -> Vec<Option<(Ptr, usize)>> {
+    let mut plan = vec![None; graph.nodes.len()];
+    if cap == 0 {
+        return plan;
+    }
+    let weight_bytes = |v: autodeploy_core::ValueId| {
+        let m = graph.meta(v);
+        let n: usize = m.shape.iter().map(|d| d.as_static().unwrap_or(0)).product();
+        param_ptr.get(&(v.0 as usize)).map(|&p| (p, m.dtype.bytes_for(n)))
+    };
+    let mut after_attention = false;
+    for (i, node) in graph.nodes.iter().enumerate() {
+        if node.op.cached_attention_of().is_some() {
+            after_attention = true;
+            continue;
+        }
+        if !after_attention {
+            continue;
+        }
+        if let Some((p, bytes)) = node.inputs.iter().filter_map(|&v| weight_bytes(v)).max_by_key(|&(_, b)| b) {
+            plan[i] = (bytes > 0).then_some((p, bytes.min(cap)));
+            after_attention = false;
+        }
+    }
+    plan
 }
 
 impl Drop for CudaModel {
@@ -398,11 +432,13 @@ impl CudaModel {
             opts.cuda_graph_batch_sizes.iter().copied().filter(|&b| b >= 1 && b <= max_tokens).collect();
         buckets.sort_unstable();
         buckets.dedup();
+        let l2_before = l2_prefetch_plan(graph, &param_ptr, gpu.attn_l2_prefetch);
         Ok(CudaModel {
             gpu,
             graph: graph.clone(),
             table,
             attn_attrs: graph.nodes.iter().map(|n| n.op.cached_attention_of()).collect(),
+            l2_before,
             mode,
             _params: params,
             param_ptr,
