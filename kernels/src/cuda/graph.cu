@@ -374,7 +374,7 @@ extern "C" __global__ void fill_const(void* out, int dt, long n, float v) {
 }
 
 // Asks L2 for the `bytes` at `p` (a weight the next kernel reads: `[kernels]
-// attn_l2_prefetch_mb`), every thread of the grid a share of its 128-byte lines, while the kernel
+// l2_prefetch_mb`), every thread of the grid a share of its 128-byte lines, while the kernel
 // ahead (a latency-bound attention) runs. Under programmatic dependent launch it lets the next
 // kernel launch first and waits last: it completes only after the kernels ahead did, so the
 // next kernel's wait still covers them. The next kernel must read nothing but weights before

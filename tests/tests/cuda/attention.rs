@@ -135,14 +135,14 @@ fn small_decode_steps_run_either_decode_build() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
-/// `[kernels] attn_l2_prefetch_mb`: a launch before each o projection asks L2 for its weight
-/// while the attention runs, and lets the projection launch first (it triggers before its own
-/// wait). It must change no bit of any step's logits (a weight read earlier is the same weight;
-/// a broken wait order would let a projection read an attention output not yet written), in
-/// the prefill step and the decode steps replayed from CUDA graphs.
+/// `[kernels] l2_prefetch_mb`: a launch before a linear asks L2 for its weight while the kernel
+/// ahead runs (the attention; with `l2_prefetch_all` a norm too), and lets the linear launch
+/// first (it triggers before its own wait). It must change no bit of any step's logits (a weight
+/// read earlier is the same weight; a broken wait order would let a linear read an input not
+/// yet written), in the prefill step and the decode steps replayed from CUDA graphs.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --include-ignored on a GPU machine"]
-fn the_attention_l2_prefetch_changes_no_bit() {
+fn the_l2_prefetch_changes_no_bit() {
     let _turn = gpu();
     let prompts: Vec<Vec<i64>> =
         (0..2).map(|r| (0..40 + 11 * r).map(|i| 1 + (i * 31 + r * 13) % 250).collect()).collect();
@@ -151,17 +151,24 @@ fn the_attention_l2_prefetch_changes_no_bit() {
         "dtype = \"bfloat16\"\nattn_page_size = {PAGE}\nmax_batch_size = 4\nmax_seq_len = 128\ndevice = \"cuda\"\ncompile_backend = \"opt\"\nattn_backend = \"flashinfer\"\n"
     );
     let mut got = Vec::new();
-    for mb in [0, 16] {
-        let mut e = engine("qwen3", &format!("{base}kernels.attn_l2_prefetch_mb = {mb}\n"));
+    for (mb, all) in [(0, false), (16, false), (16, true)] {
+        let cfg = format!("{base}kernels.l2_prefetch_mb = {mb}\nkernels.l2_prefetch_all = {all}\n");
+        let mut e = engine("qwen3", &cfg);
         let (logits, ran) = launches(|| run_steps(&mut e, &prompts, &decode));
-        assert_eq!(ran.contains_key("l2_prefetch"), mb > 0, "attn_l2_prefetch_mb = {mb}: {ran:?}");
-        got.push(logits);
+        let n = ran.get("l2_prefetch").copied().unwrap_or(0);
+        assert_eq!(n > 0, mb > 0, "l2_prefetch_mb = {mb}, all = {all}: {ran:?}");
+        got.push((logits, n));
     }
-    assert_eq!((got[0].len(), got[1].len()), (1 + decode.len(), 1 + decode.len()), "steps");
-    for (step, (a, b)) in got[0].iter().zip(&got[1]).enumerate() {
-        for (row, (x, y)) in a.iter().zip(b).enumerate() {
-            let same = x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
-            assert!(same, "step {step}, row {row}: logits differ with the L2 prefetch");
+    // A layer's o projection after its attention; with `all` its q/k/v and gate/up after their
+    // norms too, and the LM head: more launches.
+    assert!(got[2].1 > got[1].1, "l2_prefetch launches: {} with all, {} without", got[2].1, got[1].1);
+    for (i, (logits, _)) in got.iter().enumerate().skip(1) {
+        assert_eq!((logits.len(), got[0].0.len()), (1 + decode.len(), 1 + decode.len()), "steps");
+        for (step, (a, b)) in got[0].0.iter().zip(logits).enumerate() {
+            for (row, (x, y)) in a.iter().zip(b).enumerate() {
+                let same = x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "run {i}, step {step}, row {row}: logits differ with the L2 prefetch");
+            }
         }
     }
 }

@@ -129,9 +129,8 @@ pub struct CudaModel {
     table: Vec<Option<Arc<CustomOp>>>,
     /// Each cached attention node's attributes, read once.
     attn_attrs: Vec<Option<CachedAttn>>,
-    /// `[kernels] attn_l2_prefetch_mb`: for the first node after each cached attention that
-    /// reads a weight, that weight's address and the bytes of it (up to the setting) an
-    /// `l2_prefetch` launch just before the node asks L2 for.
+    /// `[kernels] l2_prefetch_mb`: for each linear `l2_prefetch_plan` picks, its weight's
+    /// address and the bytes of it an `l2_prefetch` launch just before the node asks L2 for.
     l2_before: Vec<Option<(Ptr, usize)>>,
     /// `AUTODEPLOY_PROFILE`: time per op name (calls, total), printed when the model drops.
     profile_on: bool,
@@ -143,32 +142,52 @@ pub struct CudaModel {
     skip_ops: Vec<String>,
 }
 
-/// `CudaModel::l2_before`: after each cached attention, the first node reading a weight (the
-/// o projection), its largest weight, at most `cap` bytes of it (0: none anywhere). Weights are
-/// never written during a step, so asking L2 for them early changes no result.
-fn l2_prefetch_plan(graph: &Graph, param_ptr: &HashMap<usize, Ptr>, cap: usize) -> Vec<Option<(Ptr, usize)>> {
+/// `CudaModel::l2_before`: the linears (ops that read their whole weight) whose nearest
+/// node ahead that launches a kernel (views left aside: `is_view`) is a cached attention, or
+/// with `all` any node reading no weight of 1 MiB or more (a norm: latency-bound at decode, so
+/// DRAM idles under it); for each, its largest weight and at most `cap` bytes of it (0: none).
+/// Weights are never written during a step, so asking L2 for them early changes no result.
+fn l2_prefetch_plan(
+    graph: &Graph,
+    param_ptr: &HashMap<usize, Ptr>,
+    is_view: impl Fn(usize) -> bool,
+    cap: usize,
+    all: bool,
+) -> Vec<Option<(Ptr, usize)>> {
+    use autodeploy_core::ops::{linear, quant_linear};
+    const LARGE: usize = 1 << 20;
     let mut plan = vec![None; graph.nodes.len()];
     if cap == 0 {
         return plan;
     }
-    let weight_bytes = |v: autodeploy_core::ValueId| {
-        let m = graph.meta(v);
-        let n: usize = m.shape.iter().map(|d| d.as_static().unwrap_or(0)).product();
-        param_ptr.get(&(v.0 as usize)).map(|&p| (p, m.dtype.bytes_for(n)))
+    let largest_weight = |i: usize| {
+        graph.nodes[i]
+            .inputs
+            .iter()
+            .filter_map(|&v| {
+                let m = graph.meta(v);
+                let n: usize = m.shape.iter().map(|d| d.as_static().unwrap_or(0)).product();
+                param_ptr.get(&(v.0 as usize)).map(|&p| (p, m.dtype.bytes_for(n)))
+            })
+            .max_by_key(|&(_, b)| b)
     };
-    let mut after_attention = false;
+    let reads_whole =
+        [linear::LINEAR, linear::SWIGLU, linear::MLP, quant_linear::FP8_LINEAR, quant_linear::NVFP4_LINEAR];
+    // The nearest node ahead that launches a kernel: (a cached attention, reads no large weight).
+    let mut ahead: Option<(bool, bool)> = None;
     for (i, node) in graph.nodes.iter().enumerate() {
-        if node.op.cached_attention_of().is_some() {
-            after_attention = true;
+        if is_view(i) {
             continue;
         }
-        if !after_attention {
-            continue;
+        let largest = largest_weight(i);
+        if let (true, Some((p, bytes)), Some((attention, small))) =
+            (reads_whole.contains(&node.op.name()), largest, ahead)
+        {
+            if bytes > 0 && (attention || (all && small)) {
+                plan[i] = Some((p, bytes.min(cap)));
+            }
         }
-        if let Some((p, bytes)) = node.inputs.iter().filter_map(|&v| weight_bytes(v)).max_by_key(|&(_, b)| b) {
-            plan[i] = (bytes > 0).then_some((p, bytes.min(cap)));
-            after_attention = false;
-        }
+        ahead = Some((node.op.cached_attention_of().is_some(), largest.is_none_or(|(_, b)| b < LARGE)));
     }
     plan
 }
@@ -432,7 +451,13 @@ impl CudaModel {
             opts.cuda_graph_batch_sizes.iter().copied().filter(|&b| b >= 1 && b <= max_tokens).collect();
         buckets.sort_unstable();
         buckets.dedup();
-        let l2_before = l2_prefetch_plan(graph, &param_ptr, gpu.attn_l2_prefetch);
+        let l2_before = l2_prefetch_plan(
+            graph,
+            &param_ptr,
+            |i| table[i].as_ref().is_some_and(|c| c.view.is_some()),
+            gpu.l2_prefetch,
+            gpu.l2_prefetch_all,
+        );
         Ok(CudaModel {
             gpu,
             graph: graph.clone(),
