@@ -666,6 +666,56 @@ mod tests {
         assert!(e.contains("RoPE of q"), "{e}");
     }
 
+    /// `l2_prefetch_plan`: the linear after an attention (views between left aside) gets its
+    /// weight's address and bytes up to the cap; with `all` also a linear after a norm, but never
+    /// one whose kernel ahead reads a weight of 1 MiB or more (a linear), nor anything when off.
+    #[test]
+    fn the_l2_prefetch_goes_before_linears_after_latency_bound_kernels() {
+        use autodeploy_core::ops::norm::NormAttrs;
+        let mut b = GraphBuilder::new(std::sync::Arc::new(autodeploy_core::weights::WeightStore::new("test")));
+        let q = b.input("q", DType::BF16, static_shape(&[1, 8, 5, 64]));
+        let k = b.input("k", DType::BF16, static_shape(&[1, 2, 5, 64]));
+        let v = b.input("v", DType::BF16, static_shape(&[1, 2, 5, 64]));
+        let a = CachedAttn {
+            backend: "flashinfer".into(),
+            layer: 0,
+            scale: 0.125,
+            rope: false,
+            qk_norm: None,
+            scoring: Default::default(),
+            fp8_out: false,
+        };
+        let attn = b.op("attn", Op::cached_attention(&a), &[q, k, v]).unwrap();
+        let seen = b.op("seen", Op::transpose(1, 2), &[attn]).unwrap();
+        let w_o = b.param("o.weight", DType::BF16, static_shape(&[64, 64]));
+        let o = b.op("o", Op::linear(), &[seen, w_o]).unwrap();
+        let w_n = b.param("norm.weight", DType::BF16, static_shape(&[64]));
+        let n = b.op("norm", Op::rmsnorm(NormAttrs::new(1e-5, DType::BF16)), &[o, w_n]).unwrap();
+        let w_up = b.param("up.weight", DType::BF16, static_shape(&[8192, 64]));
+        let up = b.op("up", Op::linear(), &[n, w_up]).unwrap();
+        let w_down = b.param("down.weight", DType::BF16, static_shape(&[64, 8192]));
+        let down = b.op("down", Op::linear(), &[up, w_down]).unwrap();
+        b.output(down);
+        let g = b.finish().unwrap();
+        let ptrs: HashMap<usize, Ptr> =
+            [w_o, w_n, w_up, w_down].iter().map(|v| (v.0 as usize, 1000 * v.0 as u64)).collect();
+        let at = |name: &str| g.nodes.iter().position(|n| g.value(n.outputs[0]).name == name).unwrap();
+        let is_view = |i: usize| g.nodes[i].op.name() == autodeploy_core::ops::layout::TRANSPOSE;
+        let plan = |cap, all| l2_prefetch_plan(&g, &ptrs, is_view, cap, all);
+        let o_pf = Some((1000 * w_o.0 as u64, 64 * 64 * 2));
+        let want = |up_pf| {
+            let mut w = vec![None; g.nodes.len()];
+            w[at("o")] = o_pf;
+            w[at("up")] = up_pf;
+            w
+        };
+        assert_eq!(plan(16 << 20, false), want(None));
+        assert_eq!(plan(16 << 20, true), want(Some((1000 * w_up.0 as u64, 8192 * 64 * 2))));
+        // The cap bounds the bytes; 0 is off.
+        assert_eq!(plan(4096, true)[at("up")], Some((1000 * w_up.0 as u64, 4096)));
+        assert!(plan(0, true).iter().all(Option::is_none));
+    }
+
     /// What the CUDA build refuses before it opens a GPU, from the op table: an entry's
     /// `cuda_attrs` (interleaved RoPE, a mean over another dim than the last), an entry without
     /// a CUDA side, and uncached attention naming the stage that caches it.
