@@ -69,6 +69,8 @@
 #   tfmod   PDL_TRIGGER_FIRST in one module at a time (PDL_TRIGGER_FIRST@MODULE=1) at batch 1:
 #           the FP8 8B (graph, quant, decode), the NVFP4 8B (quant), Qwen3-30B-A3B (moe, graph);
 #           TFMOD_CONFIGS="llama-3.1-8b-fp8 ..." keeps only those configs (a call's time limit).
+#   normtf  the RMSNorm writing FP8 codes triggering first (NORM_CODES_TRIGGER_FIRST=1) on
+#           and off at batch 1: FP8 8B (twice), NVFP4 8B.
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
 #   l2pf    linears' weights asked into L2 during the latency-bound kernel ahead (l2_prefetch_mb,
@@ -373,6 +375,20 @@ for part in $PARTS; do
             bench "Qwen3-30B-A3B" "$H/qwen3-30b-a3b.toml" --mode latency --batch 1 --isl 128 --osl 64
             B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$H/qwen3-30b-a3b.toml" \
                 --mode latency --batch 1 --isl 128 --osl 64
+        done
+        ;;
+    normtf)
+        # The RMSNorm writing FP8 codes triggering its successor (the FP8 GEMV) before its wait
+        # (NORM_CODES_TRIGGER_FIRST=1; session 44: all of graph.cu triggering first made the FP8
+        # 8B 2.0% faster, the NVFP4 8B 8% slower): the FP8 8B with and without it, alternating,
+        # twice; then the NVFP4 8B (norms writing bf16: the define changes nothing) once each.
+        precompile "NORM_CODES_TRIGGER_FIRST=1" "$H/llama-3.1-8b-fp8.toml"
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        for c in llama-3.1-8b-fp8 llama-3.1-8b-fp8 llama-3.1-8b-nvfp4; do
+            # shellcheck disable=SC2086
+            bench "$c" "$H/$c.toml" $lat
+            # shellcheck disable=SC2086
+            AUTODEPLOY_KERNEL_DEFINES=NORM_CODES_TRIGGER_FIRST=1 bench "$c, codes norm triggering first" "$H/$c.toml" $lat
         done
         ;;
     inflight)

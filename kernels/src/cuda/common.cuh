@@ -146,6 +146,21 @@ __device__ __forceinline__ void pdl_enter() {
 #endif
 }
 
+// `pdl_enter` with the trigger first where `first` (uniform across the grid): the next kernel
+// may launch once every block of this one has started, before this one waits. Correct for the
+// same reason as PDL_TRIGGER_FIRST, provided the next kernel reads nothing but weights before
+// its own wait (a GEMV): `rmsnorm_bf16x8` writing FP8 codes for the FP8 GEMV after it.
+__device__ __forceinline__ void pdl_enter_trigger_first(bool first) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (first) {
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        return;
+    }
+#endif
+    pdl_enter();
+}
+
 // Around a kernel's reads of what a kernel two or more launches ahead wrote (see `pdl_enter`):
 // with the default order they go between these two, before the wait; under PDL_TRIGGER_FIRST,
 // where a launch no longer implies those kernels finished, after it.

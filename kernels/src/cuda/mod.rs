@@ -589,10 +589,13 @@ pub fn full_source(module: &str, src: &str) -> String {
 /// `PDL_TRIGGER_FIRST=1` (common.cuh's `pdl_enter`: every module, `*`) lets each kernel's
 /// successor launch before its wait rather than after. `GEMV_HELD` (the one-row bf16 split
 /// GEMV) and `DOWN_HELD` (the MoE down rows): how many 16-byte weight chunks a lane loads
-/// before its wait. A constant of every module may be set in one alone:
+/// before its wait. `NORM_CODES_TRIGGER_FIRST=1`: graph.cu's `rmsnorm_bf16x8` writing FP8
+/// codes lets its successor launch before its wait. A constant of every module may be set in
+/// one alone:
 /// `PDL_TRIGGER_FIRST@quant=1` (`NAME@module`, a module of `RAW_MODULES`).
-const DEFINABLE: [(&str, &str, u32, u32); 5] = [
+const DEFINABLE: [(&str, &str, u32, u32); 6] = [
     ("quant", "FP8_TC_INFLIGHT", 1, 8),
+    ("graph", "NORM_CODES_TRIGGER_FIRST", 0, 1),
     ("quant", "NVFP4_TC_INFLIGHT", 1, 4),
     ("*", "PDL_TRIGGER_FIRST", 1, 1),
     ("graph", "GEMV_HELD", 0, 8),
