@@ -73,8 +73,6 @@
 #           and off at batch 1: FP8 8B (twice), NVFP4 8B.
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
-#   l2pf    linears' weights asked into L2 during the latency-bound kernel ahead (l2_prefetch_mb,
-#           l2_prefetch_all) checked (its CUDA test) and timed at batch 1: 8B FP8, Qwen3-30B-A3B.
 #   targets the batch-1 targets at the defaults (8B bf16, FP8, NVFP4; Qwen3-30B-A3B), twice.
 #   targets2 the FP8-cache (8B at 2,000 positions, batch 32 and 1) and offline targets.
 #   longcheck cuda_check whole, then the 8B at batch 1 x 2,000 over either cache.
@@ -450,27 +448,6 @@ for part in $PARTS; do
                 for m in $mods; do
                     # shellcheck disable=SC2086
                     AUTODEPLOY_KERNEL_DEFINES=PDL_TRIGGER_FIRST@$m=1 bench "$label trigger first in $m" "$H/$c.toml" $args
-                done
-            done
-        done
-        ;;
-    l2pf)
-        # `[kernels] l2_prefetch_mb` (a launch before a linear asks L2 for its weight while the
-        # latency-bound kernel ahead runs): its CUDA test (no bit changes), then at batch 1
-        # off, 16 MiB before each o projection (after the attention), and 16 MiB before every
-        # linear after a norm or attention (l2_prefetch_all), alternating, twice: the 8B FP8
-        # (L2PF_CONFIGS may add llama-3.1-8b, the bf16 one), Qwen3-30B-A3B.
-        cuda_tests 200 the_l2_prefetch_changes_no_bit
-        lat="--mode latency --batch 1 --isl 128 --osl 128"
-        for run in "8B bf16:llama-3.1-8b:$lat" "8B FP8:llama-3.1-8b-fp8:$lat" \
-            "Qwen3-30B-A3B:qwen3-30b-a3b:--mode latency --batch 1 --isl 128 --osl 64"; do
-            IFS=: read -r label c args <<<"$run"
-            [[ " ${L2PF_CONFIGS:-llama-3.1-8b-fp8 qwen3-30b-a3b} " == *" $c "* ]] || continue
-            for _ in 1 2; do
-                for m in 0:0 16:0 16:1; do
-                    # shellcheck disable=SC2086
-                    AUTODEPLOY_L2_PREFETCH_MB=${m%:*} AUTODEPLOY_L2_PREFETCH_ALL=${m#*:} \
-                        bench "$label, L2 prefetch ${m%:*} MiB, all ${m#*:}" "$H/$c.toml" $args
                 done
             done
         done

@@ -373,24 +373,6 @@ extern "C" __global__ void fill_const(void* out, int dt, long n, float v) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) st(out, dt, i, v);
 }
 
-// Asks L2 for the `bytes` at `p` (a weight the next kernel reads: `[kernels]
-// l2_prefetch_mb`), every thread of the grid a share of its 128-byte lines, while the kernel
-// ahead (a latency-bound attention) runs. Under programmatic dependent launch it lets the next
-// kernel launch first and waits last: it completes only after the kernels ahead did, so the
-// next kernel's wait still covers them. The next kernel must read nothing but weights before
-// its wait (the launcher puts it just before a linear): this launch triggered before waiting.
-extern "C" __global__ void l2_prefetch(const char* p, long bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-    long step = (long)gridDim.x * blockDim.x * 128;
-    for (long off = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < bytes; off += step)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // Decode-sized linear layers (m <= 8 rows of activations), bf16: y[m, n] = x[m, k] · w[n, k]ᵀ
 // (+ y when `accumulate`), f32 accumulation, one warp per output row reading the weight row
 // 16 bytes per lane at a time (the activations are small and stay in cache). Rows of 8 weights

@@ -101,7 +101,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "unary",
             "fill_uniform",
             "fill_const",
-            "l2_prefetch",
             "mean_last",
             "rmsnorm",
             "layer_norm",
@@ -951,6 +950,10 @@ mod tests {
         assert_eq!(refused, ["GEMV_HELD=9"]);
         assert_eq!(super::defines_for("moe", &text), "#define DOWN_HELD 0\n");
         assert_eq!(super::defines_for("graph", &text), "#define GEMV_HELD 4\n");
+        let (text, refused) = parse_defines("NORM_CODES_TRIGGER_FIRST=1,NORM_CODES_TRIGGER_FIRST=2");
+        assert_eq!(refused, ["NORM_CODES_TRIGGER_FIRST=2"]);
+        assert_eq!(super::defines_for("graph", &text), "#define NORM_CODES_TRIGGER_FIRST 1\n");
+        assert_eq!(super::defines_for("quant", &text), "");
         // An every-module constant in named modules alone; a module that is not one, or one
         // that does not read the constant, is refused.
         let (text, refused) = parse_defines(

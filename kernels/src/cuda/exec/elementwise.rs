@@ -89,18 +89,6 @@ impl Gpu {
         launched("fill_const", unsafe { l.launch(grid(n.min(1 << 24), 256)) }.map(|_| ()))
     }
 
-    /// Queues `l2_prefetch` (graph.cu) of `bytes` at `p`: 32 blocks of 256 threads, which ask
-    /// L2 for the bytes while the kernel ahead runs and let the next kernel launch at once.
-    /// Put it only just before a kernel that reads nothing but weights before its wait.
-    pub fn l2_prefetch(&self, p: Ptr, bytes: usize) -> Result<(), Unavailable> {
-        let n = bytes as i64;
-        let mut l = self.launcher(self.f.l2_prefetch);
-        l.arg(&p).arg(&n);
-        let cfg = LaunchConfig { grid_dim: (32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: prefetches read nothing into registers; p .. p + bytes is one allocation.
-        launched("l2_prefetch", unsafe { l.launch(cfg) }.map(|_| ()))
-    }
-
     pub fn mean_last(
         &self,
         input: Ptr,

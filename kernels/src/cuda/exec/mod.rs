@@ -191,11 +191,6 @@ pub struct Gpu {
     /// (`AUTODEPLOY_PREFETCH_ROW`, default 1024; on an H200, 0 to 1024 gave the same 8B step
     /// and 2048 slower GEMVs in `gemv_bench`, see BENCHMARKS.md).
     pub prefetch_row: usize,
-    /// `[kernels] l2_prefetch_mb` in bytes, 0 without programmatic dependent launch (the
-    /// prefetch would run after the kernel ahead, not beside it): see `Gpu::l2_prefetch`.
-    pub l2_prefetch: usize,
-    /// `[kernels] l2_prefetch_all`.
-    pub l2_prefetch_all: bool,
     /// Prefill attention on tensor cores where it applies (bf16, head dim in
     /// `PREFILL_TC_DIMS`, sm_80+, a step with planned tiles); `AUTODEPLOY_PREFILL_TC=0`: the
     /// CUDA-core kernel everywhere.
@@ -406,7 +401,6 @@ impl Gpu {
             .map_err(|e| Unavailable(format!("allocating {COUNTERS} kernel counters: {e:?}")))?;
         let pdl = dev.cc.0 >= 9 && k.pdl;
         let prefetch_row = k.prefetch_row;
-        let l2_prefetch = if pdl { k.l2_prefetch_mb << 20 } else { 0 };
         let prefill_tc = dev.cc.0 >= 8 && k.prefill_tensor_cores;
         let (mixed_split, decode_latency) = (k.mixed_step_split_decodes, k.decode_latency_build);
         let prefill_group = std::sync::atomic::AtomicBool::new(k.prefill_group_heads);
@@ -430,8 +424,6 @@ impl Gpu {
             f,
             pdl,
             prefetch_row,
-            l2_prefetch,
-            l2_prefetch_all: k.l2_prefetch_all,
             prefill_tc,
             mixed_split,
             decode_latency,

@@ -14,15 +14,6 @@ pub struct KernelSettings {
     pub pdl: bool,
     /// Bytes of each weight row the decode GEMVs ask L2 for ahead (`AUTODEPLOY_PREFETCH_ROW`).
     pub prefetch_row: usize,
-    /// MiB of a linear's weight that a small launch just before the linear asks L2 for while
-    /// the kernel ahead of it runs: after each cached attention (at batch 1 latency-bound, DRAM
-    /// idle), the o projection reads those bytes from L2. 0: off (`AUTODEPLOY_L2_PREFETCH_MB`).
-    /// At most 64.
-    pub l2_prefetch_mb: usize,
-    /// With `l2_prefetch_mb`: before every linear whose nearest kernel ahead reads no weight of
-    /// 1 MiB or more (a norm, an attention), not only after attention
-    /// (`AUTODEPLOY_L2_PREFETCH_ALL=1`).
-    pub l2_prefetch_all: bool,
     /// Prefill attention on tensor cores where it applies (`AUTODEPLOY_PREFILL_TC=0`: CUDA cores).
     pub prefill_tensor_cores: bool,
     /// That tensor-core prefill takes a GQA group's query heads together: a block of up to 8
@@ -97,8 +88,6 @@ impl Default for KernelSettings {
         KernelSettings {
             pdl: true,
             prefetch_row: 1024,
-            l2_prefetch_mb: 0,
-            l2_prefetch_all: false,
             prefill_tensor_cores: true,
             prefill_group_heads: true,
             mixed_step_split_decodes: true,
@@ -121,11 +110,9 @@ impl Default for KernelSettings {
 }
 
 /// Each setting, its environment override, and the values it takes.
-const ENV: [(&str, &str); 21] = [
+const ENV: [(&str, &str); 19] = [
     ("pdl", "AUTODEPLOY_PDL"),
     ("prefetch_row", "AUTODEPLOY_PREFETCH_ROW"),
-    ("l2_prefetch_mb", "AUTODEPLOY_L2_PREFETCH_MB"),
-    ("l2_prefetch_all", "AUTODEPLOY_L2_PREFETCH_ALL"),
     ("prefill_tensor_cores", "AUTODEPLOY_PREFILL_TC"),
     ("prefill_group_heads", "AUTODEPLOY_PREFILL_GROUP"),
     ("mixed_step_split_decodes", "AUTODEPLOY_MIXED_SPLIT"),
@@ -163,9 +150,6 @@ impl KernelSettings {
         }
         if self.prefetch_row > 1 << 16 {
             return Err(("kernels.prefetch_row".into(), format!("{} bytes; at most 65536", self.prefetch_row)));
-        }
-        if self.l2_prefetch_mb > 64 {
-            return Err(("kernels.l2_prefetch_mb".into(), format!("{} MiB; at most 64", self.l2_prefetch_mb)));
         }
         Ok(())
     }
@@ -242,11 +226,6 @@ impl KernelSettings {
                     true
                 }
                 "prefetch_row" => num.map(|n| s.prefetch_row = n).is_some(),
-                "l2_prefetch_mb" => num.filter(|&n| n <= 64).map(|n| s.l2_prefetch_mb = n).is_some(),
-                "l2_prefetch_all" => {
-                    s.l2_prefetch_all = flag;
-                    true
-                }
                 "gemv_split" => split.map(|n| s.gemv_split = n).is_some(),
                 "swiglu_split" => split.map(|n| s.swiglu_split = n).is_some(),
                 "moe_grouped_min" => num.filter(|n| (1..=1024).contains(n)).map(|n| s.moe_grouped_min = n).is_some(),
@@ -277,15 +256,11 @@ mod tests {
             "AUTODEPLOY_GEMV_SPLIT" => Some("4".to_string()),
             "AUTODEPLOY_SWIGLU_SPLIT" => Some("3".to_string()), // not a value it takes: ignored
             "AUTODEPLOY_DECODE_LATENCY" => Some("0".to_string()),
-            "AUTODEPLOY_L2_PREFETCH_MB" => Some("16".to_string()),
             _ => None,
         };
         let s = d.with_overrides(env);
         assert_eq!((s.pdl, s.gemv_split, s.swiglu_split, s.prefetch_row), (false, 4, 4, 1024));
         assert!(d.decode_latency_build && !s.decode_latency_build);
-        assert_eq!((d.l2_prefetch_mb, s.l2_prefetch_mb, s.l2_prefetch_all), (0, 16, false));
-        let big = KernelSettings { l2_prefetch_mb: 65, ..d.clone() };
-        assert_eq!(big.check().unwrap_err().0, "kernels.l2_prefetch_mb");
         // From TOML, by the names the config uses; unknown keys are refused.
         let t: KernelSettings = toml::from_str("gemv_split = 1\nattn_group_heads = false").unwrap();
         assert_eq!((t.gemv_split, t.attn_group_heads, t.swiglu_split), (1, false, 4));

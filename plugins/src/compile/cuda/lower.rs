@@ -81,9 +81,6 @@ impl CudaModel {
                 ptr[node.outputs[0].0 as usize] = base + self.plan[i].outs[0] as u64;
                 continue;
             }
-            if let Some((p, bytes)) = self.l2_before[i] {
-                gpu.l2_prefetch(p, bytes).map_err(|e| Error::Op { op: node.op.name().into(), msg: e.0 })?;
-            }
             let outv = node.outputs[0];
             let name = &g.value(outv).name;
             let out_shape = shape_of(outv)?;

@@ -129,9 +129,6 @@ pub struct CudaModel {
     table: Vec<Option<Arc<CustomOp>>>,
     /// Each cached attention node's attributes, read once.
     attn_attrs: Vec<Option<CachedAttn>>,
-    /// `[kernels] l2_prefetch_mb`: for each linear `l2_prefetch_plan` picks, its weight's
-    /// address and the bytes of it an `l2_prefetch` launch just before the node asks L2 for.
-    l2_before: Vec<Option<(Ptr, usize)>>,
     /// `AUTODEPLOY_PROFILE`: time per op name (calls, total), printed when the model drops.
     profile_on: bool,
     profile: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>,
@@ -140,56 +137,6 @@ pub struct CudaModel {
     /// `AUTODEPLOY_PROFILE_SKIP=op,op`: for timing only, nodes of these ops are not run (the
     /// outputs are wrong): how much a step's time drops without them is what they cost it.
     skip_ops: Vec<String>,
-}
-
-/// `CudaModel::l2_before`: the linears (ops that read their whole weight) whose nearest
-/// node ahead that launches a kernel (views left aside: `is_view`) is a cached attention, or
-/// with `all` any node reading no weight of 1 MiB or more (a norm: latency-bound at decode, so
-/// DRAM idles under it); for each, its largest weight and at most `cap` bytes of it (0: none).
-/// Weights are never written during a step, so asking L2 for them early changes no result.
-fn l2_prefetch_plan(
-    graph: &Graph,
-    param_ptr: &HashMap<usize, Ptr>,
-    is_view: impl Fn(usize) -> bool,
-    cap: usize,
-    all: bool,
-) -> Vec<Option<(Ptr, usize)>> {
-    use autodeploy_core::ops::{linear, quant_linear};
-    const LARGE: usize = 1 << 20;
-    let mut plan = vec![None; graph.nodes.len()];
-    if cap == 0 {
-        return plan;
-    }
-    let largest_weight = |i: usize| {
-        graph.nodes[i]
-            .inputs
-            .iter()
-            .filter_map(|&v| {
-                let m = graph.meta(v);
-                let n: usize = m.shape.iter().map(|d| d.as_static().unwrap_or(0)).product();
-                param_ptr.get(&(v.0 as usize)).map(|&p| (p, m.dtype.bytes_for(n)))
-            })
-            .max_by_key(|&(_, b)| b)
-    };
-    let reads_whole =
-        [linear::LINEAR, linear::SWIGLU, linear::MLP, quant_linear::FP8_LINEAR, quant_linear::NVFP4_LINEAR];
-    // The nearest node ahead that launches a kernel: (a cached attention, reads no large weight).
-    let mut ahead: Option<(bool, bool)> = None;
-    for (i, node) in graph.nodes.iter().enumerate() {
-        if is_view(i) {
-            continue;
-        }
-        let largest = largest_weight(i);
-        if let (true, Some((p, bytes)), Some((attention, small))) =
-            (reads_whole.contains(&node.op.name()), largest, ahead)
-        {
-            if bytes > 0 && (attention || (all && small)) {
-                plan[i] = Some((p, bytes.min(cap)));
-            }
-        }
-        ahead = Some((node.op.cached_attention_of().is_some(), largest.is_none_or(|(_, b)| b < LARGE)));
-    }
-    plan
 }
 
 impl Drop for CudaModel {
@@ -451,19 +398,11 @@ impl CudaModel {
             opts.cuda_graph_batch_sizes.iter().copied().filter(|&b| b >= 1 && b <= max_tokens).collect();
         buckets.sort_unstable();
         buckets.dedup();
-        let l2_before = l2_prefetch_plan(
-            graph,
-            &param_ptr,
-            |i| table[i].as_ref().is_some_and(|c| c.view.is_some()),
-            gpu.l2_prefetch,
-            gpu.l2_prefetch_all,
-        );
         Ok(CudaModel {
             gpu,
             graph: graph.clone(),
             table,
             attn_attrs: graph.nodes.iter().map(|n| n.op.cached_attention_of()).collect(),
-            l2_before,
             mode,
             _params: params,
             param_ptr,
@@ -664,56 +603,6 @@ mod tests {
         let short = b.input("cos", DType::BF16, static_shape(&[1, 1, 5, 32]));
         let e = b.op("bad", attn(true), &[q, k, v, short, short]).unwrap_err().to_string();
         assert!(e.contains("RoPE of q"), "{e}");
-    }
-
-    /// `l2_prefetch_plan`: the linear after an attention (views between left aside) gets its
-    /// weight's address and bytes up to the cap; with `all` also a linear after a norm, but never
-    /// one whose kernel ahead reads a weight of 1 MiB or more (a linear), nor anything when off.
-    #[test]
-    fn the_l2_prefetch_goes_before_linears_after_latency_bound_kernels() {
-        use autodeploy_core::ops::norm::NormAttrs;
-        let mut b = GraphBuilder::new(std::sync::Arc::new(autodeploy_core::weights::WeightStore::new("test")));
-        let q = b.input("q", DType::BF16, static_shape(&[1, 8, 5, 64]));
-        let k = b.input("k", DType::BF16, static_shape(&[1, 2, 5, 64]));
-        let v = b.input("v", DType::BF16, static_shape(&[1, 2, 5, 64]));
-        let a = CachedAttn {
-            backend: "flashinfer".into(),
-            layer: 0,
-            scale: 0.125,
-            rope: false,
-            qk_norm: None,
-            scoring: Default::default(),
-            fp8_out: false,
-        };
-        let attn = b.op("attn", Op::cached_attention(&a), &[q, k, v]).unwrap();
-        let seen = b.op("seen", Op::transpose(1, 2), &[attn]).unwrap();
-        let w_o = b.param("o.weight", DType::BF16, static_shape(&[64, 64]));
-        let o = b.op("o", Op::linear(), &[seen, w_o]).unwrap();
-        let w_n = b.param("norm.weight", DType::BF16, static_shape(&[64]));
-        let n = b.op("norm", Op::rmsnorm(NormAttrs::new(1e-5, DType::BF16)), &[o, w_n]).unwrap();
-        let w_up = b.param("up.weight", DType::BF16, static_shape(&[8192, 64]));
-        let up = b.op("up", Op::linear(), &[n, w_up]).unwrap();
-        let w_down = b.param("down.weight", DType::BF16, static_shape(&[64, 8192]));
-        let down = b.op("down", Op::linear(), &[up, w_down]).unwrap();
-        b.output(down);
-        let g = b.finish().unwrap();
-        let ptrs: HashMap<usize, Ptr> =
-            [w_o, w_n, w_up, w_down].iter().map(|v| (v.0 as usize, 1000 * v.0 as u64)).collect();
-        let at = |name: &str| g.nodes.iter().position(|n| g.value(n.outputs[0]).name == name).unwrap();
-        let is_view = |i: usize| g.nodes[i].op.name() == autodeploy_core::ops::layout::TRANSPOSE;
-        let plan = |cap, all| l2_prefetch_plan(&g, &ptrs, is_view, cap, all);
-        let o_pf = Some((1000 * w_o.0 as u64, 64 * 64 * 2));
-        let want = |up_pf| {
-            let mut w = vec![None; g.nodes.len()];
-            w[at("o")] = o_pf;
-            w[at("up")] = up_pf;
-            w
-        };
-        assert_eq!(plan(16 << 20, false), want(None));
-        assert_eq!(plan(16 << 20, true), want(Some((1000 * w_up.0 as u64, 8192 * 64 * 2))));
-        // The cap bounds the bytes; 0 is off.
-        assert_eq!(plan(4096, true)[at("up")], Some((1000 * w_up.0 as u64, 4096)));
-        assert!(plan(0, true).iter().all(Option::is_none));
     }
 
     /// What the CUDA build refuses before it opens a GPU, from the op table: an entry's
