@@ -70,7 +70,7 @@
 #           the FP8 8B (graph, quant, decode), the NVFP4 8B (quant), Qwen3-30B-A3B (moe, graph);
 #           TFMOD_CONFIGS="llama-3.1-8b-fp8 ..." keeps only those configs (a call's time limit).
 #   normtf  the RMSNorm writing FP8 codes triggering first (NORM_CODES_TRIGGER_FIRST=1) on
-#           and off at batch 1: FP8 8B (twice), NVFP4 8B.
+#           and off at batch 1: FP8 8B (twice), NVFP4 8B; the bf16 8B with PDL_TRIGGER_FIRST@graph.
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
 #   targets the batch-1 targets at the defaults (8B bf16, FP8, NVFP4; Qwen3-30B-A3B), twice.
@@ -387,6 +387,15 @@ for part in $PARTS; do
             bench "$c" "$H/$c.toml" $lat
             # shellcheck disable=SC2086
             AUTODEPLOY_KERNEL_DEFINES=NORM_CODES_TRIGGER_FIRST=1 bench "$c, codes norm triggering first" "$H/$c.toml" $lat
+        done
+        # The bf16 8B (its norms and GEMVs all graph.cu's) with all of graph.cu triggering first.
+        precompile "PDL_TRIGGER_FIRST@graph=1" "$H/llama-3.1-8b.toml"
+        for _ in 1 2; do
+            # shellcheck disable=SC2086
+            bench "8B bf16" "$H/llama-3.1-8b.toml" $lat
+            # shellcheck disable=SC2086
+            AUTODEPLOY_KERNEL_DEFINES=PDL_TRIGGER_FIRST@graph=1 bench "8B bf16, graph.cu triggering first" \
+                "$H/llama-3.1-8b.toml" $lat
         done
         ;;
     inflight)
