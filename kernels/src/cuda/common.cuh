@@ -134,31 +134,27 @@ __device__ __forceinline__ float block_sum(float v) {
 // complete before its own wait returned, so each wait still covers every kernel before it; but
 // a launch no longer implies that the kernel two ahead has finished, so the kernels that read
 // its output before their wait wait first under it (`pdl_enter_before_upstream`).
-__device__ __forceinline__ void pdl_enter() {
+// The wait and the trigger in the order `trigger_first` says (uniform across the grid).
+__device__ __forceinline__ void pdl_sequence(bool trigger_first) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#ifdef PDL_TRIGGER_FIRST
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (trigger_first) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#else
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    if (!trigger_first) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+#ifdef PDL_TRIGGER_FIRST
+#define PDL_ALWAYS_TRIGGER_FIRST true
+#else
+#define PDL_ALWAYS_TRIGGER_FIRST false
+#endif
+__device__ __forceinline__ void pdl_enter() { pdl_sequence(PDL_ALWAYS_TRIGGER_FIRST); }
 
 // `pdl_enter` with the trigger first where `first` (uniform across the grid): the next kernel
 // may launch once every block of this one has started, before this one waits. Correct for the
 // same reason as PDL_TRIGGER_FIRST, provided the next kernel reads nothing but weights before
 // its own wait (a GEMV): `rmsnorm_bf16x8` writing FP8 codes for the FP8 GEMV after it.
 __device__ __forceinline__ void pdl_enter_trigger_first(bool first) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (first) {
-        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-        return;
-    }
-#endif
-    pdl_enter();
+    pdl_sequence(first || PDL_ALWAYS_TRIGGER_FIRST);
 }
 
 // Around a kernel's reads of what a kernel two or more launches ahead wrote (see `pdl_enter`):
