@@ -498,12 +498,14 @@ GEMV_SPLIT(4)
 // RMSNorm of bf16 rows (bf16 weight, output and norm dtype: the HF Llama family), the row held
 // in registers: each thread loads 8 values with one 16-byte load (n % 8 == 0, n <= 8 * 1024),
 // one block reduction, one store. Same rounding as `rmsnorm`; with `qs`, 8 E4M3 codes a thread
-// out (one 8-byte store), as `rmsnorm`'s; with NORM_CODES_TRIGGER_FIRST=1 (an experiment
-// define, 0 until measured) the FP8 GEMV that reads those codes may launch before this kernel
-// waits (`pdl_enter_trigger_first`). Session 44, H100, batch 1: every graph.cu kernel triggering
-// first made the FP8 8B step 2.0% faster and the NVFP4 8B's (norms writing bf16) 8% slower.
+// out (one 8-byte store), as `rmsnorm`'s, and then the FP8 GEMV that reads those codes may
+// launch before this kernel waits (`pdl_enter_trigger_first`), so its first weight loads overlap
+// the kernel ahead of this one (NORM_CODES_TRIGGER_FIRST, an experiment define: 0 waits first).
+// H100, batch 1 (sessions 44-45): every graph.cu kernel triggering first made the FP8 8B step
+// 2.0% faster and the NVFP4 8B's 8% slower; this kernel alone, with codes, 1.9% faster on the
+// FP8 8B, the NVFP4 8B (norms writing bf16) unchanged.
 #ifndef NORM_CODES_TRIGGER_FIRST
-#define NORM_CODES_TRIGGER_FIRST 0
+#define NORM_CODES_TRIGGER_FIRST 1
 #endif
 extern "C" __global__ void rmsnorm_bf16x8(const bf16_t* x, const bf16_t* res, bf16_t* res_out, const bf16_t* w,
                                           bf16_t* out, int n, float eps, const float* qs) {

@@ -588,8 +588,8 @@ pub fn full_source(module: &str, src: &str) -> String {
 /// `PDL_TRIGGER_FIRST=1` (common.cuh's `pdl_enter`: every module, `*`) lets each kernel's
 /// successor launch before its wait rather than after. `GEMV_HELD` (the one-row bf16 split
 /// GEMV) and `DOWN_HELD` (the MoE down rows): how many 16-byte weight chunks a lane loads
-/// before its wait. `NORM_CODES_TRIGGER_FIRST=1`: graph.cu's `rmsnorm_bf16x8` writing FP8
-/// codes lets its successor launch before its wait. A constant of every module may be set in
+/// before its wait. `NORM_CODES_TRIGGER_FIRST` (default 1; 0 waits first): graph.cu's
+/// `rmsnorm_bf16x8` writing FP8 codes lets its successor launch before its wait. A constant of every module may be set in
 /// one alone:
 /// `PDL_TRIGGER_FIRST@quant=1` (`NAME@module`, a module of `RAW_MODULES`).
 const DEFINABLE: [(&str, &str, u32, u32); 6] = [
