@@ -73,6 +73,9 @@
 #           and off at batch 1: FP8 8B (twice), NVFP4 8B; the bf16 8B with PDL_TRIGGER_FIRST@graph.
 #   gatedin the FP8 down projection staging its gated activation (fuse_gated_act_into_fp8_linear)
 #           against the default at batch 1 and 8; the quantized CUDA tests, cuda_check.
+#   timeline nsys's timeline of the 8B batch-1 decode step (FP8, NVFP4, bf16): each kernel's
+#           share of the step in the order they ran (timeline.py); $OUT/tl-*.csv.
+#   epiab   the FP8 gated epilogue on top of the defaults, batch 1.
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
 #   targets the batch-1 targets at the defaults (8B bf16, FP8, NVFP4; Qwen3-30B-A3B), twice.
@@ -415,6 +418,35 @@ for part in $PARTS; do
         done
         cuda_tests 200 quantized_checkpoints
         cuda_check_all 330 "gated input"
+        ;;
+    timeline)
+        # nsys's timeline of the 8B batch-1 decode steps (CUDA graphs traced node by node), each
+        # kernel's share of the step (timeline.py): FP8, NVFP4, bf16. $OUT/tl-*.csv.
+        NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys \
+            /usr/local/cuda*/nsight-systems*/bin/nsys 2>/dev/null | head -1)
+        [ -n "$NSYS" ] || { echo "no nsys on this machine"; exit 0; }
+        for c in llama-3.1-8b-fp8 llama-3.1-8b-nvfp4 llama-3.1-8b; do
+            echo "  -- $c"
+            timeout 200 "$NSYS" profile --cuda-graph-trace=node --trace=cuda --sample=none --cpuctxsw=none \
+                --force-overwrite=true -o "$OUT/tl-$c" "$B" bench --config "$H/$c.toml" --mode latency --batch 1 \
+                --isl 128 --osl 32 >"$OUT/tl-$c.log" 2>&1 || tail -3 "$OUT/tl-$c.log"
+            timeout 120 "$NSYS" stats --report cuda_gpu_trace --format csv --force-export=true \
+                -o "$OUT/tl-$c" "$OUT/tl-$c.nsys-rep" >/dev/null 2>"$OUT/tl-$c.err" || tail -3 "$OUT/tl-$c.err"
+            rm -f "$OUT/tl-$c.nsys-rep" "$OUT/tl-$c.sqlite"
+            python3 "$H/timeline.py" "$OUT"/tl-"$c"*cuda_gpu_trace*.csv | head -24
+        done
+        ;;
+    epiab)
+        # The FP8 gate/up GEMV writing the down projection's codes (fuse_quant_gated_epilogue)
+        # on top of the defaults, alternating, twice (session 34: no faster than the folds).
+        v=$(variant epiab llama-3.1-8b-fp8.toml "[transforms.fuse_quant_gated_epilogue]" "enabled = true")
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        for _ in 1 2; do
+            # shellcheck disable=SC2086
+            bench "FP8 8B" "$H/llama-3.1-8b-fp8.toml" $lat
+            # shellcheck disable=SC2086
+            bench "FP8 8B, gated epilogue" "$v" $lat
+        done
         ;;
     inflight)
         # The quantized tensor-core GEMVs' weight steps in flight (AUTODEPLOY_KERNEL_DEFINES:
