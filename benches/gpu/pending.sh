@@ -71,8 +71,6 @@
 #           TFMOD_CONFIGS="llama-3.1-8b-fp8 ..." keeps only those configs (a call's time limit).
 #   normtf  the RMSNorm writing FP8 codes triggering first (NORM_CODES_TRIGGER_FIRST=1) on
 #           and off at batch 1: FP8 8B (twice), NVFP4 8B; the bf16 8B with PDL_TRIGGER_FIRST@graph.
-#   gatedin the FP8 down projection staging its gated activation (fuse_gated_act_into_fp8_linear)
-#           against the default at batch 1 and 8; the quantized CUDA tests, cuda_check.
 #   timeline nsys's timeline of the 8B batch-1 decode step (FP8, NVFP4, bf16): each kernel's
 #           share of the step in the order they ran (timeline.py); $OUT/tl-*.csv.
 #   epiab   the FP8 gated epilogue on top of the defaults, batch 1.
@@ -402,22 +400,6 @@ for part in $PARTS; do
             AUTODEPLOY_KERNEL_DEFINES=PDL_TRIGGER_FIRST@graph=1 bench "8B bf16, graph.cu triggering first" \
                 "$H/llama-3.1-8b.toml" $lat
         done
-        ;;
-    gatedin)
-        # The FP8 down projection staging its gated activation's codes itself
-        # (`fuse_gated_act_into_fp8_linear`) against the default (a silu_mul launch a layer
-        # before it), alternating: batch 1 twice, batch 8 once; then the quantized CUDA tests
-        # and cuda_check (its `fp8 linear gated input` cases).
-        v=$(variant gatedin llama-3.1-8b-fp8.toml "[transforms.fuse_gated_act_into_fp8_linear]" "enabled = true")
-        for b in 1 1 8; do
-            lat="--mode latency --batch $b --isl 128 --osl 128"
-            # shellcheck disable=SC2086
-            bench "FP8 8B batch $b" "$H/llama-3.1-8b-fp8.toml" $lat
-            # shellcheck disable=SC2086
-            bench "FP8 8B batch $b, gated input" "$v" $lat
-        done
-        cuda_tests 200 quantized_checkpoints
-        cuda_check_all 330 "gated input"
         ;;
     timeline)
         # nsys's timeline of the 8B batch-1 decode steps (CUDA graphs traced node by node), each

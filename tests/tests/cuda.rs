@@ -257,7 +257,6 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
         "transforms.fuse_gated_act.enabled = false\ntransforms.fuse_fp8_input_quant.enabled = false\n";
     const EPILOGUE: &str = "transforms.fuse_quant_gated_epilogue.enabled = true\n";
     const ATTN_OUT: &str = "transforms.fuse_fp8_attention_out.enabled = true\n";
-    const GATED_IN: &str = "transforms.fuse_gated_act_into_fp8_linear.enabled = true\n";
     let _turn = gpu();
     let (failed, ran) = launches(|| {
         // The FP8 decode GEMV on tensor cores (the default on sm_89+), and once the CUDA-core one.
@@ -308,13 +307,6 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
             ("llama-fp8", &format!("{ATTN_OUT}kernels.fp8_gemv_tensor_cores = false\n")),
             ("qwen3-fp8", &format!("{ATTN_OUT}{EPILOGUE}")),
             ("llama-fp8-kv", &format!("{ATTN_OUT}kv_cache_dtype = \"fp8\"\n")),
-            // The gated activation inside the FP8 down projection (`input_act`): the
-            // tensor-core GEMV stages act(gate) · up's codes for decode rows, prefills (and the
-            // CUDA-core GEMV) take silu_mul's codes from scratch; with the folds and without.
-            ("llama-fp8", GATED_IN),
-            ("qwen3-fp8", &format!("{GATED_IN}transforms.fuse_fp8_input_quant.enabled = false\n")),
-            ("llama-fp8", &format!("{GATED_IN}kernels.fp8_gemm_cublaslt = false\n")),
-            ("llama-fp8", &format!("{GATED_IN}kernels.fp8_gemv_tensor_cores = false\n")),
         ];
         check_cases(&checkpoints)
     });
@@ -342,7 +334,6 @@ fn quantized_checkpoints_on_cuda_match_the_cpu() {
         "gemv_fp8_tc_gated",
         "gemv_nvfp4_tc_gated",
         "e4m3_heads",
-        "gemv_fp8_tc_gated_input",
     ] {
         assert!(ran.contains_key(k), "{k} never ran: {ran:?}");
     }

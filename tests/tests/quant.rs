@@ -441,47 +441,6 @@ fn an_fp8_gate_up_linear_takes_its_gated_activation_without_changing_the_numbers
     }
 }
 
-/// `fuse_gated_act_into_fp8_linear` (compile stage, off by default, after `fuse_gated_act`):
-/// under `opt` on the FP8 fixtures with static input scales each layer's gated activation goes
-/// into the FP8 down projection reading it (`input_act=silu` on 2 linears over the gate/up
-/// output, no `torch_gated_act` left), alone and with the folds after it (the norms still write
-/// the q/k/v and gate/up codes: 4); the logits of a ragged prefill and 3 decode steps are the
-/// unfused graph's bit for bit in f32 and bf16, and generation gives the reference's tokens. The
-/// in-place FP8 (dynamic scales) and NVFP4 keep their activation op.
-#[test]
-fn an_fp8_down_projection_takes_its_gated_activation_without_changing_the_numbers() {
-    let opt = "compile_backend = \"opt\"\nattn_page_size = 4\n";
-    let base =
-        &format!("{opt}transforms.fuse_gated_act.enabled = false\ntransforms.fuse_fp8_input_quant.enabled = false\n");
-    let on = "transforms.fuse_gated_act_into_fp8_linear.enabled = true\n";
-    let alone = format!("{opt}{on}transforms.fuse_fp8_input_quant.enabled = false\n");
-    let all = format!("{opt}{on}");
-    let count = |dump: &str, op: &str, with: &str| dump.lines().filter(|l| l.contains(op) && l.contains(with)).count();
-    let cases = [
-        ("llama-fp8", "", true),
-        ("qwen3-fp8", "", true),
-        ("llama-fp8-kv", "", true),
-        ("llama", "quantize = \"fp8\"\n", false),
-        ("mistral-nvfp4", "", false),
-    ];
-    for (name, q, applies) in cases {
-        for (extra, folds) in [(&alone, false), (&all, true)] {
-            let extra = format!("{extra}{q}");
-            let dump = engine(name, &extra).graph.dump();
-            let down = count(&dump, "= torch_quant_fp8_linear(", "input_act=silu");
-            assert_eq!(down, 2 * applies as usize, "{name}: down projections over gate/up\n{extra}{dump}");
-            let acts = count(&dump, "= torch_gated_act(", "");
-            assert_eq!(acts, 2 * !applies as usize, "{name}: activation ops left\n{extra}{dump}");
-            let norms = if folds && applies { 4 } else { 0 };
-            assert_eq!(count(&dump, "rmsnorm(", "quant=fp8"), norms, "{name}: norms writing codes\n{extra}{dump}");
-            same_logits(name, &extra, &format!("{base}{q}"), "the gated input");
-            if q.is_empty() {
-                generates_the_reference(name, &extra);
-            }
-        }
-    }
-}
-
 /// `fuse_gemms` on FP8 q/k/v and gate/up (each part one weight scale) gives the fused linear
 /// one scale a row and names the runs of equal rows (`scale_runs`: on CUDA each run is one
 /// GEMM that cuBLASLt scales itself where it has no per-channel algorithm); the runs are the

@@ -63,7 +63,7 @@ def tc(m, dt, dynamic=False, variant=None):
     def f(l):
         for nm, n, k in SHAPES:
             get(f"gemv_fp8_tc_m{m}_{dt}")(((n + 15) // 16,), (threads,), (x[nm], null, wl(nm, l, k, n), s_in, i32(dynamic), s_w[nm],
-                i32(1), null, Y[nm], i32(n), i32(k), i32(0), i32(0)))
+                i32(1), null, Y[nm], i32(n), i32(k), i32(0)))
     return f
 
 def stream(l):
@@ -99,7 +99,7 @@ def one(nm, n, k, what):
         else:
             get = VARIANTS[what].get_function if what != "tc" else K
             get("gemv_fp8_tc_m1_bf16")(((n + 15) // 16,), (32 * (what[0] if what != "tc" else 8),), (X[nm], null, w, s_in,
-                i32(0), s_w[nm], i32(1), null, Y[nm], i32(n), i32(k), i32(0), i32(0)))
+                i32(0), s_w[nm], i32(1), null, Y[nm], i32(n), i32(k), i32(0)))
     return f
 for nm, n, k in SHAPES:
     for what in ["stream", "old", "tc", (8, 4), (16, 1), (16, 2), "bf16"]:
@@ -143,7 +143,7 @@ for m in (1, 8):
                         s_w[nm], i32(1), null, Y[nm], i32(n), i32(k), i32(0)))
                 else:
                     K(f"gemv_fp8_tc_m{m}_{dt}")(((n + 15) // 16,), (256,), (x[nm], null, wl(nm, 0, k, n), s_in, i32(0),
-                        s_w[nm], i32(1), null, Y[nm], i32(n), i32(k), i32(0), i32(0)))
+                        s_w[nm], i32(1), null, Y[nm], i32(n), i32(k), i32(0)))
                 y = Y[nm].get()
                 if dt == "bf16":
                     y = (y.view(np.uint16)[: m * n].astype(np.uint32) << 16).view(np.float32)

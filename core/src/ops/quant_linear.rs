@@ -62,8 +62,6 @@ struct Fp8Attrs {
     gated: Option<GateAct>,
     /// `quant=fp8`: the gated output as E4M3 codes at the last input's scale.
     fp8_out: bool,
-    /// `input_act`: x is a gated MLP's gate/up output and the input `act(gate) · up` of it.
-    input_act: Option<GateAct>,
     runs: ScaleRuns,
 }
 
@@ -81,9 +79,6 @@ impl Fp8Attrs {
         }
         if self.fp8_out {
             parts.push("quant=fp8".to_string());
-        }
-        if let Some(act) = self.input_act {
-            parts.push(format!("input_act={}", gate_act_name(act)));
         }
         if self.runs[0] > 0 {
             let runs: Vec<String> = run_rows(&self.runs).map(|r| r.to_string()).collect();
@@ -112,17 +107,6 @@ fn fp8_attrs(attrs: &str) -> Result<Fp8Attrs, String> {
         if fp8_out && gated.is_none() {
             return Err(a.bad("quant", "fp8", "set with act=.. (only a gated epilogue writes codes)"));
         }
-        let input_act = match a.take("input_act") {
-            None => None,
-            Some(v) => {
-                let act = gate_act_named(v).ok_or_else(|| a.bad("input_act", v, "silu, gelu_tanh or gelu"))?;
-                if dynamic || codes_out.is_some() || gated.is_some() {
-                    let why = "set with a static input scale over float inputs and no act=.. only";
-                    return Err(a.bad("input_act", v, why));
-                }
-                Some(act)
-            }
-        };
         let mut runs = [0; MAX_SCALE_RUNS];
         if let Some(list) = a.opt_int_list("scale_runs")? {
             if list.is_empty() || list.len() > MAX_SCALE_RUNS || list.iter().any(|&r| r <= 0) {
@@ -131,7 +115,7 @@ fn fp8_attrs(attrs: &str) -> Result<Fp8Attrs, String> {
             }
             list.iter().zip(runs.iter_mut()).for_each(|(&r, slot)| *slot = r as usize);
         }
-        Ok(Fp8Attrs { dynamic, codes_out, gated, fp8_out, input_act, runs })
+        Ok(Fp8Attrs { dynamic, codes_out, gated, fp8_out, runs })
     })
 }
 
@@ -152,7 +136,7 @@ impl Op {
         if !runs.is_empty() && runs.len() <= MAX_SCALE_RUNS && runs.iter().all(|&x| x > 0) {
             r[..runs.len()].copy_from_slice(runs);
         }
-        let a = Fp8Attrs { dynamic: false, codes_out: None, gated: None, fp8_out: false, input_act: None, runs: r };
+        let a = Fp8Attrs { dynamic: false, codes_out: None, gated: None, fp8_out: false, runs: r };
         Op { name: FP8_LINEAR, attrs: a.text() }
     }
     /// The FP8 linear with per-token activation scales: inputs `(x, w, weight_scale[, bias])`.
@@ -172,19 +156,11 @@ impl Op {
         (a.gated.is_some() && !a.fp8_out && !a.dynamic)
             .then(|| Op { name: FP8_LINEAR, attrs: Fp8Attrs { fp8_out: true, ..a }.text() })
     }
-    /// This static-scale FP8 linear over float inputs without an epilogue, reading a gated MLP's
-    /// gate/up output and taking `act(gate) · up` of it as its input (`input_act=..`); None for
-    /// another op.
-    pub fn fp8_linear_gated_input(&self, act: GateAct) -> Option<Op> {
-        let a = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok())?;
-        let plain = !a.dynamic && a.codes_out.is_none() && a.gated.is_none() && a.input_act.is_none();
-        plain.then(|| Op { name: FP8_LINEAR, attrs: Fp8Attrs { input_act: Some(act), ..a }.text() })
-    }
     /// This FP8 (over float inputs) or NVFP4 linear without an epilogue, with `act(gate) · up` of
     /// its output as its output (`act=..`); None for another op.
     pub fn quant_linear_gated(&self, act: GateAct) -> Option<Op> {
         if let Some(a) = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok()) {
-            return (a.codes_out.is_none() && a.gated.is_none() && a.input_act.is_none())
+            return (a.codes_out.is_none() && a.gated.is_none())
                 .then(|| Op { name: FP8_LINEAR, attrs: Fp8Attrs { gated: Some(act), ..a }.text() });
         }
         let none = self.attrs_of(NVFP4_LINEAR).and_then(|a| nvfp4_gated(a).ok())?.is_none();
@@ -195,7 +171,7 @@ impl Op {
     /// `(weight_scale, bias)`. None for any other op.
     pub fn fp8_linear_inputs(&self) -> Option<(usize, usize)> {
         let a = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok())?;
-        let plain = a.codes_out.is_none() && a.gated.is_none() && a.input_act.is_none() && a.runs[0] == 0;
+        let plain = a.codes_out.is_none() && a.gated.is_none() && a.runs[0] == 0;
         let (_, s_w_at, bias_at) = fp8_inputs(a.dynamic);
         plain.then_some((s_w_at, bias_at))
     }
@@ -206,8 +182,7 @@ impl Op {
     }
     /// `Some(dynamic)` for an FP8 linear over float inputs (not one over codes).
     pub fn fp8_linear_of(&self) -> Option<bool> {
-        let a = self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok());
-        a.filter(|a| a.codes_out.is_none() && a.input_act.is_none()).map(|a| a.dynamic)
+        self.attrs_of(FP8_LINEAR).and_then(|a| fp8_attrs(a).ok()).filter(|a| a.codes_out.is_none()).map(|a| a.dynamic)
     }
     pub fn nvfp4_linear() -> Op {
         Op { name: NVFP4_LINEAR, attrs: String::new() }
@@ -260,7 +235,7 @@ fn fp8_inputs(dynamic: bool) -> (Option<usize>, usize, usize) {
 }
 
 fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> {
-    let Fp8Attrs { dynamic, codes_out, gated, fp8_out, input_act, runs } = fp8_attrs(attrs)?;
+    let Fp8Attrs { dynamic, codes_out, gated, fp8_out, runs } = fp8_attrs(attrs)?;
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
     // With quant=fp8 the codes' scale comes last, after the optional bias.
     let (ins, codes_scale) = split_codes_scale(ins, fp8_out)?;
@@ -294,17 +269,6 @@ fn fp8_rule(ins: &[TensorMeta], attrs: &str) -> Result<Vec<TensorMeta>, String> 
             linear_out(&metas, DType::F8E4M3, bias_at)
         }
         (Some(out), _) => Err(format!("out={out}: x {} must be f8e4m3 codes", ins[0])),
-        (None, _) if input_act.is_some() => {
-            // x [.., 2·in]: the gated activation's input, gate then up.
-            let mut gated_x = ins[0].clone();
-            let last = gated_x.shape.last_mut().ok_or_else(|| format!("input_act: x {} has no last dim", ins[0]))?;
-            match last.as_static() {
-                Some(w2) if w2 % 2 == 0 => *last = Dim::new(w2 / 2),
-                _ => return Err(format!("input_act: x {} must be gate/up halves (an even last dim)", ins[0])),
-            }
-            let metas: Vec<TensorMeta> = std::iter::once(gated_x).chain(ins[1..].iter().cloned()).collect();
-            linear_out(&metas, DType::F8E4M3, bias_at)
-        }
         (None, _) => linear_out(ins, DType::F8E4M3, bias_at),
     }?;
     if gated.is_some() {
@@ -400,12 +364,6 @@ fn fp8_values(ins: &[&Tensor], a: &Fp8Attrs, out: &(DType, Vec<usize>)) -> Resul
     let (s_in_at, s_w_at, bias_at) = fp8_inputs(a.dynamic);
     let k = ins[1].shape()[1];
     let mut x = ins[0].to_f32().into_owned();
-    if let Some(act) = a.input_act {
-        // act(gate) · up rounded to x's dtype: what `torch_gated_act` would have handed on.
-        let dt = ins[0].dtype();
-        x = super::gated_act::gated_values(act, dt, &x, None, x.len() / 2, k);
-        x.iter_mut().for_each(|v| *v = crate::cpu::round_as(dt, *v));
-    }
     let scale = ins[s_w_at].to_f32();
     let mut start = 0;
     for rows in run_rows(&a.runs) {
@@ -487,7 +445,6 @@ fn cuda_call(
         x_codes: ins[0].dtype == DType::F8E4M3,
         gated,
         y_codes_scale: 0,
-        x_gated: None,
     })
 }
 
@@ -500,12 +457,12 @@ fn scratch5(l: &dyn KernelLauncher) -> Result<[u64; 5], String> {
 
 fn fp8_cuda() -> CudaImpl {
     Arc::new(|ins: &[DeviceTensor], outs: &[DeviceTensor], attrs: &str, l: &mut dyn KernelLauncher| {
-        let Fp8Attrs { dynamic, codes_out, gated, fp8_out, input_act, runs } = fp8_attrs(attrs)?;
+        let Fp8Attrs { dynamic, codes_out, gated, fp8_out, runs } = fp8_attrs(attrs)?;
         let (s_in_at, s_w_at, bias_at) = fp8_inputs(dynamic);
         let (ins, codes_scale) = split_codes_scale(ins, fp8_out)?;
         let dt = if fp8_out { codes_out.unwrap_or(ins[0].dtype) } else { outs[0].dtype };
         let y_codes_scale = codes_scale.map_or(0, |s| s.ptr);
-        let c = LowBitLinear { y_codes_scale, x_gated: input_act, ..cuda_call(ins, &outs[0], dt, bias_at, gated)? };
+        let c = LowBitLinear { y_codes_scale, ..cuda_call(ins, &outs[0], dt, bias_at, gated)? };
         let s = LowBitScales {
             input: s_in_at.map_or(0, |i| ins[i].ptr),
             dynamic,
@@ -537,9 +494,6 @@ fn lowbit_scratch(ins: &[(DType, Vec<usize>)], attrs: &str) -> Vec<usize> {
     let m: usize = xs[..xs.len().saturating_sub(1)].iter().product();
     // (Either op's `act`: FP8's attributes, or NVFP4's only one.)
     let gated = a.is_some_and(|a| a.gated.is_some()) || nvfp4_gated(attrs).is_ok_and(|g| g.is_some());
-    if a.is_some_and(|a| a.input_act.is_some()) {
-        return LowBitLinear::scratch_gated_input(dt.size_in_bytes(), m, n, k);
-    }
     LowBitLinear::scratch(dt.size_in_bytes(), m, n, k, gated)
 }
 

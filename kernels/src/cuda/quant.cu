@@ -313,10 +313,7 @@ GEMV_NVFP4(bf16, bf16_t, 8)
 // activation row's scale is max |x| / 448 (1 for a row of zeros), found by the block first, as
 // `e4m3_codes_rows`. `xc` set: the activations arrive as E4M3 codes at s_in[0] already (an
 // RMSNorm with `quant=fp8` made them; `x` unread), and the block copies them into shared memory
-// a chunk at a time, as it stages the codes it quantizes itself. `in_act` (act + 1, 0 none; the
-// static scale only): x is a gated MLP's gate/up output [m, 2k] (gate first) and the block
-// stages the codes of act(gate) · up (`e4m3_pack16_gated`, the codes `silu_mul` writes), so the
-// down projection needs no activation launch before it. The first chunk's weight pieces
+// a chunk at a time, as it stages the codes it quantizes itself. The first chunk's weight pieces
 // are requested before the wait for the kernels ahead.
 // (benches/gpu/fp8-gemv times other warp and in-flight counts by defining these first.)
 #ifndef FP8_TC_WARPS
@@ -330,8 +327,12 @@ GEMV_NVFP4(bf16, bf16_t, 8)
 // warp reads in one step fall in different banks.
 #define FP8_TC_STRIDE (FP8_TC_CHUNK + 64)
 
-// 16 values at scale s as E4M3 codes, lowest k in the lowest byte.
-__device__ __forceinline__ uint4 e4m3_pack16_values(const float* v, float s) {
+// 16 activations (16-byte-aligned) at scale s as E4M3 codes, lowest k in the lowest byte.
+template <typename T>
+__device__ __forceinline__ uint4 e4m3_pack16(const T* x, float s) {
+    float v[16];
+    load8(x, v);
+    load8(x + 8, v + 8);
     unsigned int wd[4];
 #pragma unroll
     for (int q = 0; q < 4; q++) {
@@ -343,30 +344,6 @@ __device__ __forceinline__ uint4 e4m3_pack16_values(const float* v, float s) {
         wd[q] = (unsigned int)lo | ((unsigned int)hi << 16);
     }
     return make_uint4(wd[0], wd[1], wd[2], wd[3]);
-}
-
-// 16 activations (16-byte-aligned) at scale s as E4M3 codes, lowest k in the lowest byte.
-template <typename T>
-__device__ __forceinline__ uint4 e4m3_pack16(const T* x, float s) {
-    float v[16];
-    load8(x, v);
-    load8(x + 8, v + 8);
-    return e4m3_pack16_values(v, s);
-}
-
-// The codes of 16 gated activations act(gate) · up (gate and up 16-byte aligned, act as
-// `gate_act`) at scale s, rounded as `silu_mul` rounds them before its codes (the activation to
-// T, then the product): the codes `silu_mul` with a codes scale writes.
-template <typename T>
-__device__ __forceinline__ uint4 e4m3_pack16_gated(const T* gate, const T* up, float s, int act) {
-    float v[16], u[16];
-    load8(gate, v);
-    load8(gate + 8, v + 8);
-    load8(up, u);
-    load8(up + 8, u + 8);
-#pragma unroll
-    for (int j = 0; j < 16; j++) v[j] = round_as(gate, round_as(gate, gate_act(act, v[j])) * u[j]);
-    return e4m3_pack16_values(v, s);
 }
 
 // The FP8 GEMM's input as bytes (cuBLASLt reads E4M3 codes): each bf16 activation row's codes
@@ -471,7 +448,7 @@ __device__ __forceinline__ void tc_gemv_store_gated(float (*part)[16][8], const 
 template <typename T, int M, bool GATED>
 __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in, int dynamic,
                             const float* s_w, int per_row, const T* bias, T* y, int n, int k, int act,
-                            const float* qs, int in_act) {
+                            const float* qs) {
     __shared__ float s_tok[8];
     __shared__ float part[FP8_TC_WARPS][16][8];
     __shared__ __align__(16) unsigned char xs[M * FP8_TC_STRIDE];
@@ -533,15 +510,8 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
         int groups = len / 16;
         for (int j = threadIdx.x; j < M * groups; j += blockDim.x) {
             int i = j / groups, q = j % groups;
-            uint4 codes;
-            if (xc)
-                codes = *(const uint4*)(xc + (long)i * k + kc + q * 16);
-            else if (in_act) {
-                const T* gate = x + (long)i * 2 * k + kc + q * 16;
-                codes = e4m3_pack16_gated(gate, gate + k, s_tok[i], in_act - 1);
-            } else
-                codes = e4m3_pack16(x + (long)i * k + kc + q * 16, s_tok[i]);
-            *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) = codes;
+            *(uint4*)(xs + i * FP8_TC_STRIDE + q * 16) =
+                xc ? *(const uint4*)(xc + (long)i * k + kc + q * 16) : e4m3_pack16(x + (long)i * k + kc + q * 16, s_tok[i]);
         }
         __syncthreads();
         while (true) {
@@ -577,11 +547,11 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
     extern "C" __global__ void __launch_bounds__(32 * FP8_TC_WARPS)                                                   \
         gemv_fp8_tc_m##M##_##S(const T* x, const unsigned char* xc, const unsigned char* w, const float* s_in,        \
                                int dynamic, const float* s_w, int per_row, const T* bias, T* y, int n, int k,         \
-                               int prefetch, int in_act) {                                                            \
+                               int prefetch) {                                                                        \
         int warp = threadIdx.x >> 5, per = 16 / FP8_TC_WARPS;                                                         \
         for (int r = blockIdx.x * 16 + per * warp; r < min(n, blockIdx.x * 16 + per * (warp + 1)); r++)               \
             prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
-        gemv_fp8_tc<T, M, false>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, 0, nullptr, in_act);           \
+        gemv_fp8_tc<T, M, false>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, 0, nullptr);                   \
     }                                                                                                                 \
     /* The gated build: w [2n, k], y [m, n]; prefetches each row pair's heads. */                                     \
     extern "C" __global__ void __launch_bounds__(32 * FP8_TC_WARPS)                                                   \
@@ -592,7 +562,7 @@ __device__ void gemv_fp8_tc(const T* x, const unsigned char* xc, const unsigned 
             prefetch_l2(w + (long)r * k, prefetch, threadIdx.x & 31);                                                 \
             prefetch_l2(w + ((long)n + r) * k, prefetch, threadIdx.x & 31);                                           \
         }                                                                                                             \
-        gemv_fp8_tc<T, M, true>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, act, qs, 0); /* waits */        \
+        gemv_fp8_tc<T, M, true>(x, xc, w, s_in, dynamic, s_w, per_row, bias, y, n, k, act, qs); /* waits */           \
     }
 GEMV_FP8_TC(f32, float, 1)
 GEMV_FP8_TC(f32, float, 2)

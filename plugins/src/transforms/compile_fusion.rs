@@ -471,60 +471,6 @@ impl Transform for FuseQuantGatedEpilogue {
 
 autodeploy_core::inventory::submit! {
     TransformPlugin {
-        name: "fuse_gated_act_into_fp8_linear",
-        stage: Stage::Compile,
-        order: 38,
-        enabled_by_default: false,
-        options: &[],
-        version: env!("CARGO_PKG_VERSION"),
-        origin: "built-in (fp8 plugin)",
-        make: || Box::new(FuseGatedActIntoFp8Linear),
-    }
-}
-
-/// A quantized MLP's activation into the FP8 down projection after it (stage `compile`, after
-/// `fuse_gated_act` and `fuse_quant_gated_epilogue`, before `fuse_fp8_input_quant`): where a
-/// `torch_gated_act(gate_up)` (no `quant`) is read by one static-scale FP8 linear alone, as its
-/// input, that linear reads the gate/up output itself with `input_act=<act>` and takes
-/// `act(gate) · up`, rounded as the activation op rounds it, as its input. On CUDA the decode
-/// GEMV stages the product's E4M3 codes itself while its first weight loads are in flight: one
-/// launch a layer fewer (the gate/up GEMV stays the plain one; `fuse_quant_gated_epilogue`'s
-/// gated GEMV was slower). Other batch sizes run the activation's codes into scratch first.
-pub struct FuseGatedActIntoFp8Linear;
-
-impl Transform for FuseGatedActIntoFp8Linear {
-    fn apply(&self, g: &mut Graph, cx: &TransformContext) -> Result<String> {
-        if let Some(skip) = not_fusing(cx, "runs a quantized MLP's activation before its down projection")? {
-            return Ok(skip);
-        }
-        let readers = readers_at(g);
-        // (down linear, its op with the gated input, the gate/up value).
-        let mut found = Vec::new();
-        for node in &g.nodes {
-            let Some(a) = node.op.gated_act_of().filter(|a| !a.fp8_out) else { continue };
-            let (&[gate_up], &[out]) = (&node.inputs[..], &node.outputs[..]) else { continue };
-            if g.outputs.contains(&out) || !matches!(g.meta(gate_up).dtype, DType::F32 | DType::BF16) {
-                continue;
-            }
-            let [(l, 0)] = readers[out.0 as usize][..] else { continue };
-            if let Some(op) = g.nodes[l].op.fp8_linear_gated_input(a.act) {
-                found.push((l, op, gate_up));
-            }
-        }
-        let n = found.len();
-        for (l, op, gate_up) in found {
-            g.nodes[l].op = op;
-            g.nodes[l].inputs[0] = gate_up;
-        }
-        let removed = g.dce();
-        g.reinfer()?;
-        g.validate()?;
-        Ok(format!("made {n} FP8 linears take their gated activation as their input ({removed} nodes removed)"))
-    }
-}
-
-autodeploy_core::inventory::submit! {
-    TransformPlugin {
         name: "fuse_fp8_input_quant",
         stage: Stage::Compile,
         order: 40,

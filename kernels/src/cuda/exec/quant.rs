@@ -78,11 +78,6 @@ pub struct LowBitLinear {
     /// With `gated`: one f32 (the next FP8 linear's input scale), `y` then `[m, n / 2]` E4M3
     /// codes of those values at it (as `silu_mul` with its codes scale writes them); 0: values.
     pub y_codes_scale: Ptr,
-    /// FP8 with a static input scale: `x` is a gated MLP's gate/up output `[m, 2·k]` of `dt`
-    /// (gate first) and the linear's input is `act(gate) · up` rounded as `silu_mul` rounds it:
-    /// the tensor-core GEMV stages its codes itself, the other paths run `silu_mul` with the
-    /// codes scale into scratch first.
-    pub x_gated: Option<GateAct>,
 }
 
 impl LowBitLinear {
@@ -97,14 +92,6 @@ impl LowBitLinear {
         if gated {
             s.push(up(m * n * dt_bytes));
         }
-        s
-    }
-
-    /// [`LowBitLinear::scratch`] of an FP8 call with `x_gated`: the fifth region holds the
-    /// input's codes (`m·k` bytes) for the paths without the tensor-core GEMV.
-    pub fn scratch_gated_input(dt_bytes: usize, m: usize, n: usize, k: usize) -> Vec<usize> {
-        let mut s = Self::scratch(dt_bytes, m, n, k, false);
-        s.push((m * k).div_ceil(256) * 256);
         s
     }
 
@@ -163,25 +150,9 @@ impl Gpu {
         if c.y_codes_scale != 0 && c.gated.is_none() {
             return Err(Unavailable("an FP8 linear writes codes only from its gated epilogue".into()));
         }
-        let tc_rows = gemv_rows(c.m).filter(|_| self.fp8_tc && c.k.is_multiple_of(16) && (w | c.x).is_multiple_of(16));
-        if let Some(act) = c.x_gated {
-            if s.dynamic || s.input == 0 || c.x_codes || c.gated.is_some() {
-                return Err(Unavailable(
-                    "a gated input needs a static input scale, float activations and no gated epilogue".into(),
-                ));
-            }
-            if tc_rows.is_none() {
-                // The input's codes into scratch (the ones the GEMV would stage), then the call
-                // over codes.
-                if full == 0 {
-                    return Err(Unavailable("a gated-input FP8 linear's codes scratch was not planned".into()));
-                }
-                self.silu_mul(c.x, None, c.dt, full, Some(s.input), c.m, c.k, act)?;
-                let codes = LowBitLinear { x: full, x_codes: true, x_gated: None, ..*c };
-                return self.fp8_linear(&codes, w, s, [xq, wd, acc, rows, 0]);
-            }
-        }
-        if let Some(i) = tc_rows {
+        if let Some(i) =
+            gemv_rows(c.m).filter(|_| self.fp8_tc && c.k.is_multiple_of(16) && (w | c.x).is_multiple_of(16))
+        {
             let (pf, dynamic, per_row) = (self.prefetch_row.min(c.k) as i32, s.dynamic as i32, s.per_row as i32);
             let (x, xc) = if c.x_codes { (0, c.x) } else { (c.x, 0) };
             let (f, out_rows, rows_a_block) = match c.gated {
@@ -193,27 +164,23 @@ impl Gpu {
             l.arg(&x).arg(&xc).arg(&w).arg(&s.input).arg(&dynamic).arg(&s.weight).arg(&per_row);
             l.arg(&c.bias).arg(&c.y).arg(&out_rows32).arg(&k32).arg(&pf);
             let act = c.gated.map_or(0, |a| a as i32);
-            let in_act = c.x_gated.map_or(0, |a| a as i32 + 1);
             if c.gated.is_some() {
                 l.arg(&act).arg(&c.y_codes_scale);
-            } else {
-                l.arg(&in_act);
             }
             let cfg = super::LaunchConfig {
                 grid_dim: (out_rows.div_ceil(rows_a_block) as u32, 1, 1),
                 block_dim: (32 * FP8_TC_WARPS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: x [m, k] of dt ([m, 2k] with x_gated) or xc [m, k] codes (rows 16-byte
-            // aligned: k % 16 == 0 and c.x aligned), w [n, k] bytes likewise, y [m, n] ([m, n / 2] gated, bytes with
+            // SAFETY: x [m, k] of dt or xc [m, k] codes (rows 16-byte aligned: k % 16 == 0 and
+            // c.x aligned), w [n, k] bytes likewise, y [m, n] ([m, n / 2] gated, bytes with
             // y_codes_scale, one f32 or null); s.input one f32 (unread when dynamic), s.weight
             // one or n; 16 weight rows a block of FP8_TC_WARPS warps (quant.cu's gemv_fp8_tc;
             // gated: 8 gate rows and their up rows).
-            let name = match (c.gated.is_some(), c.x_codes, c.x_gated.is_some()) {
-                (true, _, _) => "gemv_fp8_tc_gated",
-                (false, true, _) => "gemv_fp8_tc_codes",
-                (false, false, true) => "gemv_fp8_tc_gated_input",
-                (false, false, false) => "gemv_fp8_tc",
+            let name = match (c.gated.is_some(), c.x_codes) {
+                (true, _) => "gemv_fp8_tc_gated",
+                (false, true) => "gemv_fp8_tc_codes",
+                (false, false) => "gemv_fp8_tc",
             };
             return launched(name, unsafe { l.launch(cfg) }.map(|_| ()));
         }
@@ -331,9 +298,6 @@ impl Gpu {
         let di = dt_index(c.dt)?;
         let (m64, n32, k32) = c.sizes()?;
         let [xq, wd, acc, rows, full] = scratch;
-        if c.x_gated.is_some() {
-            return Err(Unavailable("an NVFP4 linear takes its input as it is, not a gated input".into()));
-        }
         if c.gated.is_some() && !c.n.is_multiple_of(2) {
             return Err(Unavailable(format!("a gated NVFP4 linear needs gate and up rows: {} rows", c.n)));
         }
