@@ -71,8 +71,6 @@
 #           TFMOD_CONFIGS="llama-3.1-8b-fp8 ..." keeps only those configs (a call's time limit).
 #   normtf  the RMSNorm writing FP8 codes triggering first (NORM_CODES_TRIGGER_FIRST=1) on
 #           and off at batch 1: FP8 8B (twice), NVFP4 8B; the bf16 8B with PDL_TRIGGER_FIRST@graph.
-#   timeline nsys's timeline of the 8B batch-1 decode step (FP8, NVFP4, bf16): each kernel's
-#           share of the step in the order they ran (timeline.py); $OUT/tl-*.csv.
 #   ablate  the FP8 and NVFP4 8B batch-1 step with one op kind skipped (AUTODEPLOY_PROFILE_SKIP):
 #           each kind's cost inside the step.
 #   ablate2 the FP8 8B batch-1 step's parts outside the GEMVs, by skipping (as ablate).
@@ -403,66 +401,6 @@ for part in $PARTS; do
             # shellcheck disable=SC2086
             AUTODEPLOY_KERNEL_DEFINES=PDL_TRIGGER_FIRST@graph=1 bench "8B bf16, graph.cu triggering first" \
                 "$H/llama-3.1-8b.toml" $lat
-        done
-        ;;
-    timeline)
-        # nsys's timeline of the 8B batch-1 decode steps (CUDA graphs traced node by node), each
-        # kernel's share of the step (timeline.py): FP8, NVFP4, bf16. $OUT/tl-*.csv.
-        NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys \
-            /usr/local/cuda*/nsight-systems*/bin/nsys 2>/dev/null | head -1)
-        [ -n "$NSYS" ] || { echo "no nsys on this machine"; exit 0; }
-        for c in llama-3.1-8b-fp8 llama-3.1-8b-nvfp4 llama-3.1-8b; do
-            echo "  -- $c"
-            timeout 200 "$NSYS" profile --cuda-graph-trace=node --trace=cuda --sample=none --cpuctxsw=none \
-                --force-overwrite=true -o "$OUT/tl-$c" "$B" bench --config "$H/$c.toml" --mode latency --batch 1 \
-                --isl 128 --osl 32 >"$OUT/tl-$c.log" 2>&1 || tail -3 "$OUT/tl-$c.log"
-            timeout 120 "$NSYS" stats --report cuda_gpu_trace --format csv --force-export=true \
-                -o "$OUT/tl-$c" "$OUT/tl-$c.nsys-rep" >/dev/null 2>"$OUT/tl-$c.err" || tail -3 "$OUT/tl-$c.err"
-            rm -f "$OUT/tl-$c.nsys-rep" "$OUT/tl-$c.sqlite"
-            python3 "$H/timeline.py" "$OUT"/tl-"$c"*cuda_gpu_trace*.csv | head -24
-        done
-        ;;
-    ablate)
-        # Where the batch-1 step goes without a timeline (no nsys on these machines): the step
-        # with one op kind not run at all (AUTODEPLOY_PROFILE_SKIP; wrong outputs, timing only),
-        # so the difference from the full step is that kind's cost inside the step, overlap
-        # included. The FP8 8B, then the NVFP4 8B.
-        lat="--mode latency --batch 1 --isl 128 --osl 64"
-        for spec in "llama-3.1-8b-fp8:torch_quant_fp8_linear" "llama-3.1-8b-nvfp4:torch_quant_nvfp4_linear"; do
-            c=${spec%%:*}
-            for skip in "" "${spec#*:}" "fused_add_rmsnorm,torch_rmsnorm" "torch_gated_act" "attention_with_kv_cache" \
-                "aten.linear"; do
-                # shellcheck disable=SC2086
-                AUTODEPLOY_PROFILE_SKIP=$skip bench "$c, skipping ${skip:-nothing}" "$H/$c.toml" $lat
-            done
-        done
-        ;;
-    ablate2)
-        # The FP8 8B batch-1 step's parts outside the layers' GEMVs, by skipping
-        # (AUTODEPLOY_PROFILE_SKIP, as ablate): every op (what is left is the host, the graph
-        # launch and the argmax), the RoPE tables' element-wise ops, the views, the embedding
-        # and the logits' row gather, and everything but the linears.
-        lat="--mode latency --batch 1 --isl 128 --osl 64"
-        rope="aten._to_copy,aten.cat,aten.cos,aten.mul.Tensor,aten.sin"
-        views="aten.reshape,aten.transpose.int,aten.slice.Tensor,aten.view,aten.unsqueeze"
-        rest="aten.embedding,aten.index_select,attention_with_kv_cache,fused_add_rmsnorm,torch_gated_act,torch_rmsnorm"
-        for skip in "" "$rope,$views,$rest,aten.linear,torch_quant_fp8_linear" "$rope" "$views" \
-            "aten.embedding,aten.index_select" "$rope,$views,$rest"; do
-            # shellcheck disable=SC2086
-            AUTODEPLOY_PROFILE_SKIP=$skip bench "skipping ${skip:-nothing}" "$H/llama-3.1-8b-fp8.toml" $lat
-        done
-        ;;
-    ablate3)
-        # Qwen3-30B-A3B's batch-1 step by skipping (as ablate): the MoE op, the norms, the
-        # attention; only the MoE ops run; only the linears (q/k/v, o, router, LM head) run.
-        lat="--mode latency --batch 1 --isl 128 --osl 64"
-        small="aten._to_copy,aten.cat,aten.cos,aten.mul.Tensor,aten.sin,aten.embedding,aten.index_select"
-        views="aten.reshape,aten.transpose.int,aten.slice.Tensor,aten.view,aten.unsqueeze"
-        norms="fused_add_rmsnorm,torch_rmsnorm"
-        for skip in "" "torch_moe" "$norms" "attention_with_kv_cache" \
-            "$small,$views,$norms,attention_with_kv_cache,aten.linear" "$small,$views,$norms,attention_with_kv_cache,torch_moe"; do
-            # shellcheck disable=SC2086
-            AUTODEPLOY_PROFILE_SKIP=$skip bench "skipping ${skip:-nothing}" "$H/qwen3-30b-a3b.toml" $lat
         done
         ;;
     epiab)
