@@ -459,12 +459,13 @@ for part in $PARTS; do
         # PDL_TRIGGER_FIRST in one module at a time (session 43: in all of them the FP8 8B
         # gained 2.7%, the NVFP4 8B and Qwen3-30B-A3B lost 8% and 6%): the FP8 8B with it in the
         # norms' module (graph), the FP8 GEMVs' (quant), the decode attention's; then the
-        # NVFP4 8B and Qwen3-30B-A3B with it in quant and moe; alternating with the defaults,
-        # twice. Each define set's module compiles first (not timed).
+        # NVFP4 8B with it in quant, Qwen3-30B-A3B in moe, graph and decode (its attention
+        # costs 7.4 us a layer in the step, session 45); alternating with the defaults, twice.
+        # Each define set's module compiles first (not timed).
         lat="--mode latency --batch 1 --isl 128 --osl 128"
         q="--mode latency --batch 1 --isl 128 --osl 64"
         for run in "8B FP8:llama-3.1-8b-fp8:$lat:graph quant decode" "8B NVFP4:llama-3.1-8b-nvfp4:$lat:quant" \
-            "Qwen3-30B-A3B:qwen3-30b-a3b:$q:moe graph"; do
+            "Qwen3-30B-A3B:qwen3-30b-a3b:$q:moe graph decode"; do
             IFS=: read -r label c args mods <<<"$run"
             [[ " ${TFMOD_CONFIGS:-$c} " == *" $c "* ]] || continue
             for m in $mods; do precompile "PDL_TRIGGER_FIRST@$m=1" "$H/$c.toml"; done
