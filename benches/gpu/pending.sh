@@ -75,6 +75,7 @@
 #           each kind's cost inside the step.
 #   ablate2 the FP8 8B batch-1 step's parts outside the GEMVs, by skipping (as ablate).
 #   ablate3 Qwen3-30B-A3B's batch-1 step by skipping (as ablate): MoE, norms, attention.
+#   qattn   Qwen3-30B-A3B at batch 1 with the latency attention at 8 positions a pass.
 #   epiab   the FP8 gated epilogue on top of the defaults, batch 1.
 #   inflight the FP8 and NVFP4 tensor-core GEMVs' weight steps in flight (the same variable)
 #           timed in the whole 8B batch-1 step.
@@ -401,6 +402,18 @@ for part in $PARTS; do
             # shellcheck disable=SC2086
             AUTODEPLOY_KERNEL_DEFINES=PDL_TRIGGER_FIRST@graph=1 bench "8B bf16, graph.cu triggering first" \
                 "$H/llama-3.1-8b.toml" $lat
+        done
+        ;;
+    qattn)
+        # Qwen3-30B-A3B's attention (7.4 us a layer in the batch-1 step, the FP8 8B's 4.0:
+        # session 45's ablate3): the latency build at 8 positions a warp and pass (chunks of 32,
+        # half the partial states to merge) against the default 4, alternating, twice.
+        q="--mode latency --batch 1 --isl 128 --osl 64"
+        for _ in 1 2; do
+            # shellcheck disable=SC2086
+            bench "Qwen3-30B-A3B" "$H/qwen3-30b-a3b.toml" $q
+            # shellcheck disable=SC2086
+            AUTODEPLOY_ATTN_U=8 bench "Qwen3-30B-A3B, 8 positions a pass" "$H/qwen3-30b-a3b.toml" $q
         done
         ;;
     epiab)
