@@ -589,9 +589,9 @@ pub fn full_source(module: &str, src: &str) -> String {
 /// successor launch before its wait rather than after. `GEMV_HELD` (the one-row bf16 split
 /// GEMV) and `DOWN_HELD` (the MoE down rows): how many 16-byte weight chunks a lane loads
 /// before its wait. `NORM_CODES_TRIGGER_FIRST` (default 1; 0 waits first): graph.cu's
-/// `rmsnorm_bf16x8` writing FP8 codes lets its successor launch before its wait. A constant of every module may be set in
-/// one alone:
-/// `PDL_TRIGGER_FIRST@quant=1` (`NAME@module`, a module of `RAW_MODULES`).
+/// `rmsnorm_bf16x8` writing FP8 codes lets its successor launch before its wait. A constant
+/// of every module may be set in one alone: `PDL_TRIGGER_FIRST@quant=1` (`NAME@module`, a
+/// module of `RAW_MODULES`).
 const DEFINABLE: [(&str, &str, u32, u32); 6] = [
     ("quant", "FP8_TC_INFLIGHT", 1, 8),
     ("graph", "NORM_CODES_TRIGGER_FIRST", 0, 1),
