@@ -55,6 +55,10 @@
 #   longdetail  the same sections for the latency build at batch 1 x 2,000.
 #   attnprof, attndetail  the tensor-core split-KV decode at batch 32 x 2,000, bf16 against FP8
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
+#   cudacheck  cuda_check whole (the first step of `checks`).
+#   chunkab the split-KV decode's chunks as `Split::plan` and the kernels' `token_chunk` cut them
+#           (the least chunk worth a block, lengthened only past what 32 cover) against
+#           BASE_BIN's (max_seq_len / 32): Qwen3-30B-A3B, the 8B at max_seq_len 4,096.
 #   ab      the batch-1 decodes (8B bf16/FP8/NVFP4 at 128 positions, 8B 1 x 2,000 over either
 #           cache, Qwen3-30B-A3B) against BASE_BIN's binaries, alternating. BASE_BIN: another
 #           commit's `autodeploy` (git worktree add /tmp/base COMMIT; cargo build --release
@@ -232,6 +236,9 @@ off() { # label config [env]
 for part in $PARTS; do
     echo "== $part"
     case $part in
+    cudacheck)
+        cuda_check_all 330 "device copy"
+        ;;
     checks)
         cuda_check_all 330 "device copy"
         cuda_tests 240 fused_qk_norms fused_moe_router fused_router a_decode_step_past_the_split \
@@ -346,6 +353,31 @@ for part in $PARTS; do
             done
         done
         ;;
+    chunkab)
+        # Split-KV chunks planned at the least chunk worth a block and lengthened by the kernel
+        # only past what 32 of them cover (`token_chunk`), these binaries against BASE_BIN's
+        # (planned at max_seq_len / 32), alternating, CHUNKAB_REPS times (default 2): batch 1 at
+        # 128 positions for Qwen3-30B-A3B (max_seq_len 1,024: chunks of 16 against 32), the 8B
+        # bf16 and FP8 at max_seq_len 4,096 (as the serving configs have it: 16 against 128);
+        # the 8B bf16 at batch 32 there (the tensor-core throughput build: 64 against 128).
+        lat="--mode latency --batch 1 --isl 128 --osl 128"
+        for c in llama-3.1-8b llama-3.1-8b-fp8; do
+            sed 's/^max_seq_len = 512$/max_seq_len = 4096/' "$H/$c.toml" >"$H/.pending-$c-4k.toml"
+            grep -q '^max_seq_len = 4096$' "$H/.pending-$c-4k.toml" || echo "chunkab: no max_seq_len = 512 in $c.toml"
+        done
+        for run in "Qwen3-30B-A3B:$H/qwen3-30b-a3b.toml:--mode latency --batch 1 --isl 128 --osl 64" \
+            "8B bf16 max_seq_len 4096:$H/.pending-llama-3.1-8b-4k.toml:$lat" \
+            "8B FP8 max_seq_len 4096:$H/.pending-llama-3.1-8b-fp8-4k.toml:$lat" \
+            "8B bf16 max_seq_len 4096 batch 32:$H/.pending-llama-3.1-8b-4k.toml:--mode throughput --batch 32 --isl 128 --osl 32"; do
+            IFS=: read -r label cfg args <<<"$run"
+            for _ in $(seq "${CHUNKAB_REPS:-2}"); do
+                # shellcheck disable=SC2086
+                bench "$label" "$cfg" $args
+                # shellcheck disable=SC2086
+                B="$BASE_BIN/autodeploy" bench "  (base: $(cat "$BASE_BIN/BUILT" 2>/dev/null))" "$cfg" $args
+            done
+        done
+        ;;
     moechecks)
         # cuda_check whole, then the CUDA tests of the MoE kernels (the fused router against
         # the CPU on the qwen3_moe fixture, the router's own routing, grouped against per slot).
@@ -408,13 +440,20 @@ for part in $PARTS; do
     qattn)
         # Qwen3-30B-A3B's attention (7.4 us a layer in the batch-1 step, the FP8 8B's 4.0:
         # session 45's ablate3): the latency build at 8 positions a warp and pass (chunks of 32,
-        # half the partial states to merge) against the default 4, alternating, twice.
+        # half the partial states to merge) against the default 4; and at max_seq_len 512 (its
+        # config has 1,024: chunks of 32 positions, two passes of the four warps, where the 8B
+        # configs' 512 give chunks of 16, one pass: `Split::plan`), alternating, twice.
         q="--mode latency --batch 1 --isl 128 --osl 64"
+        v="$H/.pending-qchunk.toml"
+        sed 's/^max_seq_len = 1024$/max_seq_len = 512/' "$H/qwen3-30b-a3b.toml" >"$v"
+        grep -q '^max_seq_len = 512$' "$v" || echo "qattn: no max_seq_len = 1024 in qwen3-30b-a3b.toml"
         for _ in 1 2; do
             # shellcheck disable=SC2086
             bench "Qwen3-30B-A3B" "$H/qwen3-30b-a3b.toml" $q
             # shellcheck disable=SC2086
             AUTODEPLOY_ATTN_U=8 bench "Qwen3-30B-A3B, 8 positions a pass" "$H/qwen3-30b-a3b.toml" $q
+            # shellcheck disable=SC2086
+            bench "Qwen3-30B-A3B, max_seq_len 512 (chunks of 16)" "$v" $q
         done
         ;;
     epiab)

@@ -277,6 +277,14 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
         (64, 1, true, 8, false, false, false),
         (16, 4, true, 4, false, false, false),
         (64, 1, true, 4, false, false, false),
+        // Two chunks of 8 cover 16 positions: the kernels lengthen a longer sequence's chunks
+        // (position 37: two of 24; 19: two of 16), as an engine planned for sequences longer
+        // than 32 chunks of its least chunk runs them (`token_chunk`).
+        (8, 2, false, 8, false, false, false),
+        (8, 2, false, 8, true, false, false),
+        (8, 2, false, 8, true, true, false),
+        (8, 2, true, 8, false, false, false),
+        (8, 2, true, 4, false, false, false),
     ] {
         gpu.set_attn_early_u(u);
         gpu.set_attn_group(grouped);
@@ -352,7 +360,7 @@ pub(crate) fn check_attention(gpu: &Gpu, rep: &mut Report, bf: bool, heads: usiz
             }
             .unwrap();
             let what = format!(
-                "split-KV decode{}{} /{chunk}",
+                "split-KV decode{}{} /{chunk}x{splits}",
                 if early {
                     format!(" early u{u}")
                 } else if tc {

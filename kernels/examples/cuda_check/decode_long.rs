@@ -108,8 +108,9 @@ pub(crate) fn check_long_decode(gpu: &Gpu, rep: &mut Report, heads: usize, kv_he
         if !gpu.decode_tc_applies(Dt::BF16, heads, kv_heads, d, mods) {
             continue;
         }
-        for chunk in [64usize, 200, 1024] {
-            let splits = longest.div_ceil(chunk);
+        // The last: 4 chunks of 64 cover 256 positions, so the kernel lengthens the longer
+        // sequences' chunks (700 positions: 4 of 192; 300: 4 of 128).
+        for (chunk, splits) in [64usize, 200, 1024].map(|c| (c, longest.div_ceil(c))).into_iter().chain([(64, 4)]) {
             let out = put(vec![0u8; out_bytes]);
             let split = Split {
                 chunk,
@@ -131,7 +132,7 @@ pub(crate) fn check_long_decode(gpu: &Gpu, rep: &mut Report, heads: usize, kv_he
                 (true, false) => "FP8 cache from codes",
                 (true, true) => "FP8 cache bf16 tiles",
             };
-            let what = format!("long decode {build} g{}d{d} /{chunk}", heads / kv_heads);
+            let what = format!("long decode {build} g{}d{d} /{chunk}x{splits}", heads / kv_heads);
             rep.check_scaled(&what, true, &got, if fp8 { &want8 } else { &want }, 1e-5);
         }
     }

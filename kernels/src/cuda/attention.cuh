@@ -18,6 +18,16 @@ __device__ __forceinline__ long kv_slot(const int* pages, long long p, int page_
     return (long)pages[pg] * page_size + (pi - pg * page_size);
 }
 
+// The chunk of the split-KV decode's `splits` for a token at position `pos`: the planned
+// `chunk` (`Split::plan`: the fewest positions worth a block) while chunk · splits positions
+// cover the token's, else the least multiple of it that does. The grid (splits blocks a head)
+// stays fixed, so a captured graph replays as sequences grow, and a short sequence is cut as
+// finely as a long one allows, whatever the longest sequence the engine was planned for.
+__device__ __forceinline__ int token_chunk(int chunk, int splits, long long pos) {
+    long long span = (long long)chunk * splits;
+    return chunk * (int)(pos / span + 1);
+}
+
 //
 // The cache holds C: the model's dtype T, or fp8_t. An FP8 cache (`kv_cache_dtype = "fp8"`)
 // holds one E4M3 code a value, of x / k_scale for keys and x / v_scale for values (one scale

@@ -198,6 +198,7 @@ __device__ void paged_decode_split(const T* q, const T* k_new, const T* v_new, c
     int kvh = h / group;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     long long seq = token_seq[t], pos = token_pos[t];
+    chunk = token_chunk(chunk, splits, pos);
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
     // A sliding window: positions before pos + 1 - window are skipped (a chunk wholly before it
@@ -486,6 +487,7 @@ __device__ void paged_decode_split_grouped(const T* q, const C* k_cache, const C
     int kvh = h0 / (heads / kv_heads);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     long long seq = token_seq[t], pos = token_pos[t];
+    chunk = token_chunk(chunk, splits, pos);
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
     if (window > 0 && lo < pos + 1 - window) lo = pos + 1 - window;  // as paged_decode_split

@@ -137,6 +137,7 @@ __device__ void paged_decode_tc(const bf16_t* q, const C* k_cache, const C* v_ca
     int group = heads / kv_heads, h0 = kvh * group;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     long long seq = token_seq[t], pos = token_pos[t];
+    chunk = token_chunk(chunk, splits, pos);
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
     int active = (int)(pos / chunk) + 1;
@@ -386,6 +387,7 @@ __device__ void paged_decode_tc_codes(const bf16_t* q, const fp8_t* k_cache, con
     int group = heads / kv_heads, h0 = kvh * group;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     long long seq = token_seq[t], pos = token_pos[t];
+    chunk = token_chunk(chunk, splits, pos);
     long long lo = (long long)s * chunk, hi = lo + chunk - 1;
     if (hi > pos) hi = pos;
     int active = (int)(pos / chunk) + 1;
