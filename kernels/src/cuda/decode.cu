@@ -156,7 +156,7 @@ __device__ __forceinline__ void norm_lanes(float* x, const T* w, bool live, int 
 }
 
 // Split-KV decode (FlashInfer's decode design): a query token's positions are cut into
-// `splits` chunks of `chunk`; block (t, h, s) attends over chunk s only and writes its partial
+// `splits` chunks of `chunk` (lengthened for this token where they do not cover it: `token_chunk`); block (t, h, s) attends over chunk s only and writes its partial
 // softmax state (max m, sum l, unnormalised output row) to `partial`; the last block of
 // (t, h) to finish (an atomic counter per (t, h) in `counters`, zero between steps) combines
 // the chunks into out (a token whose positions fit one chunk writes out directly). More blocks than (tokens × heads) keep the GPU busy when a decode batch is small,
