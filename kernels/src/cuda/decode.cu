@@ -156,12 +156,14 @@ __device__ __forceinline__ void norm_lanes(float* x, const T* w, bool live, int 
 }
 
 // Split-KV decode (FlashInfer's decode design): a query token's positions are cut into
-// `splits` chunks of `chunk` (lengthened for this token where they do not cover it: `token_chunk`); block (t, h, s) attends over chunk s only and writes its partial
-// softmax state (max m, sum l, unnormalised output row) to `partial`; the last block of
-// (t, h) to finish (an atomic counter per (t, h) in `counters`, zero between steps) combines
-// the chunks into out (a token whose positions fit one chunk writes out directly). More blocks than (tokens × heads) keep the GPU busy when a decode batch is small,
-// and each warp keeps four positions in flight. The grid is fixed by `splits` (chunks past a
-// sequence's length exit at once), so a captured CUDA graph replays as the sequence grows.
+// `splits` chunks of `chunk` (lengthened for this token where they do not cover it:
+// `token_chunk`); block (t, h, s) attends over chunk s only and writes its partial softmax state
+// (max m, sum l, unnormalised output row) to `partial`; the last block of (t, h) to finish (an
+// atomic counter per (t, h) in `counters`, zero between steps) combines the chunks into out (a
+// token whose positions fit one chunk writes out directly). More blocks than (tokens × heads)
+// keep the GPU busy when a decode batch is small, and each warp keeps four positions in flight.
+// The grid is fixed by `splits` (chunks past a sequence's length exit at once), so a captured
+// CUDA graph replays as the sequence grows.
 // partial layout: [tokens, heads, splits, D + 2] floats. The output row of (t, h) is at
 // out + h·ohs + t·ots: [heads, tokens, D] is (tokens·D, D), [tokens, heads, D] (what the o
 // projection reads, so no transposing copy) is (D, heads·D).
