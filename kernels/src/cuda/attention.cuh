@@ -23,9 +23,10 @@ __device__ __forceinline__ long kv_slot(const int* pages, long long p, int page_
 // cover the token's, else the least multiple of it that does. The grid (splits blocks a head)
 // stays fixed, so a captured graph replays as sequences grow, and a short sequence is cut as
 // finely as a long one allows, whatever the longest sequence the engine was planned for.
+// (In 32 bits, as `kv_slot` divides: positions stay below 2^24, and chunk · splits covers
+// at most that and a chunk.)
 __device__ __forceinline__ int token_chunk(int chunk, int splits, long long pos) {
-    long long span = (long long)chunk * splits;
-    return chunk * (int)(pos / span + 1);
+    return chunk * ((int)pos / (chunk * splits) + 1);
 }
 
 //
