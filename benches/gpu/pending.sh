@@ -57,9 +57,8 @@
 #           cache: each launch's time and DRAM bytes; ncu's warp-state and occupancy sections.
 #   cudacheck  cuda_check whole (the first step of `checks`).
 #   chunkab the split-KV decode's chunks planned at the least chunk worth a block, the kernels'
-#           `token_chunk` lengthening them only past what 32 cover (binaries built with that
-#           plan: plan.rs) against BASE_BIN's (max_seq_len / 32): Qwen3-30B-A3B, the 8B at
-#           max_seq_len 4,096.
+#           `token_chunk` lengthening them only past what 32 cover, against BASE_BIN's
+#           (07462a7's or older: max_seq_len / 32): Qwen3-30B-A3B, the 8B at max_seq_len 4,096.
 #   ab      the batch-1 decodes (8B bf16/FP8/NVFP4 at 128 positions, 8B 1 x 2,000 over either
 #           cache, Qwen3-30B-A3B) against BASE_BIN's binaries, alternating. BASE_BIN: another
 #           commit's `autodeploy` (git worktree add /tmp/base COMMIT; cargo build --release
@@ -356,9 +355,9 @@ for part in $PARTS; do
         ;;
     chunkab)
         # Split-KV chunks planned at the least chunk worth a block and lengthened by the kernel
-        # only past what 32 of them cover (`token_chunk`), these binaries (built with
-        # `Split::plan` so: plan.rs says how) against BASE_BIN's (planned at max_seq_len / 32),
-        # alternating, CHUNKAB_REPS times (default 2): batch 1 at
+        # only past what 32 of them cover (`token_chunk`), these binaries against BASE_BIN's
+        # (07462a7's or older: planned at max_seq_len / 32), alternating, CHUNKAB_REPS times
+        # (default 2): batch 1 at
         # 128 positions for Qwen3-30B-A3B (max_seq_len 1,024: chunks of 16 against 32), the 8B
         # bf16 and FP8 at max_seq_len 4,096 (as the serving configs have it: 16 against 128).
         # (The tensor-core throughput build's plan is the same both ways up to 8,192 positions:

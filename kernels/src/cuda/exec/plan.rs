@@ -15,25 +15,23 @@ pub struct Split {
 }
 
 impl Split {
-    /// Chunks for sequences of up to `max_len` positions: at least `min_chunk` positions each
-    /// (`Gpu::split_min_chunk`: what the latency build's four warps take in one pass), at most 32
-    /// chunks. On an H200 longer chunks (at least 64, 128, 256 positions) made the 8B decode
-    /// step slower: 4.43, 4.75, 5.08 ms against 4.22 at 32 (fewer blocks, more passes in each);
-    /// up to 64 chunks for long sequences (measured with a page-index preload in the kernels,
-    /// since removed) made the 8B step at 2000 positions no faster (4.816 ms against 4.846) and
-    /// the 1B's slower (1.188 against 1.113).
-    ///
-    /// So an engine planned for long sequences cuts a short one coarsely (`max_seq_len` 4,096:
-    /// chunks of 128, a batch-1 decode at 128 positions through one chunk a head). The kernels
-    /// already lengthen a token's chunks where `chunk × splits` positions do not cover it
-    /// (`token_chunk` in attention.cuh: the least multiple of `chunk` that does), which this
-    /// plan never needs; planning at `min_chunk` itself, at most 32 chunks, would keep short
-    /// sequences finely cut at any `max_seq_len`. Written, not yet run on a GPU (session 46: no
-    /// machine came): cuda_check's cases of lengthened chunks and `pending.sh` part `chunkab`
-    /// first.
+    /// Chunks for sequences of up to `max_len` positions: `min_chunk` positions each
+    /// (`Gpu::split_min_chunk`: what the latency build's four warps take in one pass), at most
+    /// 32 of them. The kernels lengthen a token's chunks to the least multiple of `min_chunk`
+    /// whose 32 chunks cover its positions (`token_chunk` in attention.cuh), so a short
+    /// sequence is cut into chunks of `min_chunk` whatever `max_len` is. Until session 46 the
+    /// plan was `max_len / 32` a chunk: an engine built for the default 2,048 positions ran a
+    /// batch-1 decode at 128 positions through 3 chunks of 64 a head, one built for 4,096
+    /// through 2 of 128. On an H200 longer chunks (at least 64, 128, 256 positions) made the 8B
+    /// decode step at short sequences slower: 4.43, 4.75, 5.08 ms against 4.22 at 32 (fewer
+    /// blocks, more passes in each; session 23); up to 64 chunks for long sequences (measured
+    /// with a page-index preload in the kernels, since removed) made the 8B step at 2000
+    /// positions no faster (4.816 ms against 4.846) and the 1B's slower (1.188 against 1.113).
+    /// cuda_check's lengthened cases (`/8x2`, `/64x4`) passed on an H100 (session 46); the
+    /// steps' times against the old plan wait for `pending.sh` part `chunkab`.
     pub fn plan(max_len: usize, min_chunk: usize) -> (usize, usize) {
-        let chunk = max_len.div_ceil(32).max(min_chunk.max(1));
-        (chunk, max_len.div_ceil(chunk).max(1))
+        let chunk = min_chunk.max(1);
+        (chunk, max_len.div_ceil(chunk).clamp(1, 32))
     }
 
     /// This plan for a step of `tokens` tokens where the partials hold `budget` tokens' worth of
@@ -274,10 +272,12 @@ mod tests {
     }
 
     #[test]
-    fn split_chunks_cover_the_longest_sequence_in_at_most_32() {
+    fn split_chunks_are_the_least_worth_a_block_at_most_32() {
         assert_eq!(Split::plan(512, 64), (64, 8));
         assert_eq!(Split::plan(512, 16), (16, 32));
-        assert_eq!(Split::plan(2048, 16), (64, 32));
+        // Longer sequences than 32 chunks cover: the kernels lengthen them (`token_chunk`).
+        assert_eq!(Split::plan(2048, 16), (16, 32));
+        assert_eq!(Split::plan(1 << 24, 256), (256, 32));
         assert_eq!(Split::plan(100, 64), (64, 2));
         assert_eq!(Split::plan(0, 0), (1, 1));
     }
