@@ -438,6 +438,49 @@ for part in $PARTS; do
                 "$H/llama-3.1-8b.toml" $lat
         done
         ;;
+    ablate)
+        # Where the batch-1 step goes without a timeline (no nsys on these machines): the step
+        # with one op kind not run at all (AUTODEPLOY_PROFILE_SKIP; wrong outputs, timing only),
+        # so the difference from the full step is that kind's cost inside the step, overlap
+        # included. The FP8 8B, then the NVFP4 8B.
+        lat="--mode latency --batch 1 --isl 128 --osl 64"
+        for spec in "llama-3.1-8b-fp8:torch_quant_fp8_linear" "llama-3.1-8b-nvfp4:torch_quant_nvfp4_linear"; do
+            c=${spec%%:*}
+            for skip in "" "${spec#*:}" "fused_add_rmsnorm,torch_rmsnorm" "torch_gated_act" "attention_with_kv_cache" \
+                "aten.linear"; do
+                # shellcheck disable=SC2086
+                AUTODEPLOY_PROFILE_SKIP=$skip bench "$c, skipping ${skip:-nothing}" "$H/$c.toml" $lat
+            done
+        done
+        ;;
+    ablate2)
+        # The FP8 8B batch-1 step's parts outside the layers' GEMVs, by skipping
+        # (AUTODEPLOY_PROFILE_SKIP, as ablate): every op (what is left is the host, the graph
+        # launch and the argmax), the RoPE tables' element-wise ops, the views, the embedding
+        # and the logits' row gather, and everything but the linears.
+        lat="--mode latency --batch 1 --isl 128 --osl 64"
+        rope="aten._to_copy,aten.cat,aten.cos,aten.mul.Tensor,aten.sin"
+        views="aten.reshape,aten.transpose.int,aten.slice.Tensor,aten.view,aten.unsqueeze"
+        rest="aten.embedding,aten.index_select,attention_with_kv_cache,fused_add_rmsnorm,torch_gated_act,torch_rmsnorm"
+        for skip in "" "$rope,$views,$rest,aten.linear,torch_quant_fp8_linear" "$rope" "$views" \
+            "aten.embedding,aten.index_select" "$rope,$views,$rest"; do
+            # shellcheck disable=SC2086
+            AUTODEPLOY_PROFILE_SKIP=$skip bench "skipping ${skip:-nothing}" "$H/llama-3.1-8b-fp8.toml" $lat
+        done
+        ;;
+    ablate3)
+        # Qwen3-30B-A3B's batch-1 step by skipping (as ablate): the MoE op, the norms, the
+        # attention; only the MoE ops run; only the linears (q/k/v, o, router, LM head) run.
+        lat="--mode latency --batch 1 --isl 128 --osl 64"
+        small="aten._to_copy,aten.cat,aten.cos,aten.mul.Tensor,aten.sin,aten.embedding,aten.index_select"
+        views="aten.reshape,aten.transpose.int,aten.slice.Tensor,aten.view,aten.unsqueeze"
+        norms="fused_add_rmsnorm,torch_rmsnorm"
+        for skip in "" "torch_moe" "$norms" "attention_with_kv_cache" \
+            "$small,$views,$norms,attention_with_kv_cache,aten.linear" "$small,$views,$norms,attention_with_kv_cache,torch_moe"; do
+            # shellcheck disable=SC2086
+            AUTODEPLOY_PROFILE_SKIP=$skip bench "skipping ${skip:-nothing}" "$H/qwen3-30b-a3b.toml" $lat
+        done
+        ;;
     qattn)
         # Qwen3-30B-A3B's attention (7.4 us a layer in the batch-1 step, the FP8 8B's 4.0:
         # session 45's ablate3): the latency build at 8 positions a warp and pass (chunks of 32,
