@@ -485,8 +485,9 @@ for part in $PARTS; do
         # Qwen3-30B-A3B's attention (7.4 us a layer in the batch-1 step, the FP8 8B's 4.0:
         # session 45's ablate3): the latency build at 8 positions a warp and pass (chunks of 32,
         # half the partial states to merge) against the default 4; and at max_seq_len 512 (its
-        # config has 1,024: chunks of 32 positions, two passes of the four warps, where the 8B
-        # configs' 512 give chunks of 16, one pass: `Split::plan`), alternating, twice.
+        # config has 1,024: before session 46's `Split::plan` that gave chunks of 32, two passes
+        # of the four warps, where 512 gives 16, one pass; now both give 16, so the two should
+        # time alike), alternating, twice.
         q="--mode latency --batch 1 --isl 128 --osl 64"
         v="$H/.pending-qchunk.toml"
         sed 's/^max_seq_len = 1024$/max_seq_len = 512/' "$H/qwen3-30b-a3b.toml" >"$v"
